@@ -1,0 +1,921 @@
+/* mha.h - multi-head attention in one C header.                     v0.1.0
+
+   Scaled dot-product and multi-head attention with the weight layout and
+   mask semantics of PyTorch's torch.nn.MultiheadAttention, a cache-blocked
+   matrix multiply, and no dependencies beyond the C standard library.
+
+   BUILD
+     In exactly one C or C++ file:
+         #define MHA_IMPLEMENTATION
+         #include "mha.h"
+     Everywhere else include "mha.h" alone.  The header is C99 and C++ clean.
+
+   USAGE (copy the tensors of a PyTorch state_dict in as they are)
+       mha_module m = {0};
+       m.embed_dim = 512;  m.num_heads = 8;
+       m.in_proj_weight  = w_in;    // state_dict["in_proj_weight"]   [3E, E]
+       m.in_proj_bias    = b_in;    // state_dict["in_proj_bias"]     [3E]
+       m.out_proj_weight = w_out;   // state_dict["out_proj.weight"]  [E, E]
+       m.out_proj_bias   = b_out;   // state_dict["out_proj.bias"]    [E]
+
+       mha_options opt = {0};       // zero = defaults: no mask, scale 1/sqrt(E/H)
+       opt.causal = 1;              // query i sees keys 0..i
+       // x: [B, L, E] batch-first; out: [B, L, E]; weights: [B, L, L] head average
+       mha_status s = mha_forward(&m, B, L, L, x, x, x, &opt, out, weights, NULL, 0);
+       if (s != MHA_OK) fprintf(stderr, "mha: %s\n", mha_status_string(s));
+
+   THE MATH  (X: [L, E]; W: [E_out, E_in] as PyTorch stores Linear weights)
+       Q = X_q Wq^T + bq     K = X_k Wk^T + bk     V = X_v Wv^T + bv
+       split E into H heads of D = E/H columns:  Q_h = Q[:, h*D:(h+1)*D]
+       A_h = softmax(Q_h K_h^T * scale + mask)     scale = 1/sqrt(D)
+       O   = concat_h(A_h V_h) Wo^T + bo
+
+   CONFIGURATION (define before the implementation include)
+       MHA_STATIC          make every function static (private to one file)
+       MHA_NO_SIMD         use the portable scalar kernels even where AVX2/NEON exist
+       MHA_MALLOC(sz) / MHA_FREE(p)   allocator for the convenience paths
+                           (define both or neither)
+       MHA_ASSERT(x)       internal invariant checks (default: assert.h)
+     SIMD is chosen at compile time: AVX2 when __AVX2__ and __FMA__ are defined
+     (-mavx2 -mfma or -march=native), NEON when __ARM_NEON is.  There is no
+     run-time CPU detection.  Threads come from OpenMP when built with -fopenmp.
+
+   ERRORS
+     Every call returns an mha_status; mha_status_string() describes it.
+     On any status other than MHA_OK no output has been written.
+
+   MASKS (nn.MultiheadAttention semantics, see docs/api.md for the full table)
+     bool masks:  nonzero = this key is NOT allowed    (MHA_MASK_BOOL)
+                  nonzero = this key takes part        (MHA_MASK_BOOL_KEEP,
+                                                        like F.scaled_dot_product_attention)
+     float masks: added to the scores; -inf blocks the key (MHA_MASK_FLOAT)
+     A query whose keys are all blocked gets zero weights and a zero context
+     vector (PyTorch gives NaN there).  Blocked keys are skipped, never
+     multiplied, so a NaN or Inf in a blocked key or value cannot leak.
+
+   VERSION 0.1.0 (MHA_VERSION_MAJOR/MINOR/PATCH)
+   LICENSE  at the end of this file (MIT or public domain, your choice)
+*/
+#ifndef MHA_H
+#define MHA_H
+
+#include <stddef.h>
+
+#define MHA_VERSION_MAJOR 0
+#define MHA_VERSION_MINOR 1
+#define MHA_VERSION_PATCH 0
+
+#ifndef MHADEF
+#ifdef MHA_STATIC
+#if defined(__GNUC__) || defined(__clang__)
+#define MHADEF static __attribute__((unused))
+#else
+#define MHADEF static
+#endif
+#else
+#define MHADEF extern
+#endif
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------- status */
+
+/* One list makes both the enum and the messages, so they cannot drift. */
+#define MHA_STATUS_LIST(X)                                                             \
+    X(MHA_OK,                      "success")                                          \
+    X(MHA_ERR_NULL_POINTER,        "a required pointer argument is NULL")              \
+    X(MHA_ERR_INVALID_SIZE,        "a size argument is zero or negative")              \
+    X(MHA_ERR_HEADS_DIVIDE,        "embed_dim is not divisible by num_heads")          \
+    X(MHA_ERR_OVERFLOW,            "the sizes are too large: a size product overflows")\
+    X(MHA_ERR_MASK_SHAPE,          "a mask's shape does not fit the attention shape")  \
+    X(MHA_ERR_INVALID_ARGUMENT,    "an argument has an invalid value (enum, flag or weight combination)") \
+    X(MHA_ERR_WORKSPACE_TOO_SMALL, "the workspace is smaller than the *_workspace_size call asked for") \
+    X(MHA_ERR_OUT_OF_MEMORY,       "MHA_MALLOC returned NULL")
+
+typedef enum mha_status {
+#define MHA__ENUM(name, msg) name,
+    MHA_STATUS_LIST(MHA__ENUM)
+#undef MHA__ENUM
+    MHA_STATUS_COUNT
+} mha_status;
+
+/* A readable sentence for a status; never NULL, also for unknown values. */
+MHADEF const char *mha_status_string(mha_status s);
+
+/* ---------------------------------------------------------------- matmul */
+
+typedef enum mha_trans { MHA_NO_TRANS = 0, MHA_TRANS = 1 } mha_trans;
+
+/* C = alpha * op(A) * op(B) + beta * C, row-major, op(A) is M x K, op(B) is K x N.
+   A is stored M x K (lda >= K) when ta == MHA_NO_TRANS, K x M (lda >= M) when MHA_TRANS;
+   B likewise K x N (ldb >= N) or N x K (ldb >= K); C is M x N (ldc >= N).
+   When beta == 0, C is never read (NaN in C does not propagate).
+   workspace: packing buffers of mha_gemm_workspace_size() bytes, or NULL to
+   let the call allocate them through MHA_MALLOC.  */
+MHADEF size_t mha_gemm_workspace_size(int M, int N, int K);
+MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, float alpha,
+                           const float *A, int lda, const float *B, int ldb, float beta,
+                           float *C, int ldc, void *workspace, size_t workspace_bytes);
+
+/* ---------------------------------------------------------------- masks */
+
+typedef enum mha_mask_kind {
+    MHA_MASK_NONE = 0,   /* no mask (the zero default) */
+    MHA_MASK_BOOL,       /* unsigned char, nonzero = blocked (nn.MultiheadAttention) */
+    MHA_MASK_BOOL_KEEP,  /* unsigned char, nonzero = allowed (F.scaled_dot_product_attention) */
+    MHA_MASK_FLOAT       /* float, added to the scaled scores; -inf = blocked */
+} mha_mask_kind;
+
+/* A mask tensor and its PyTorch shape.  Accepted shapes:
+     attn_mask:        [Lq, Lk] (shared by all batches and heads), [B*H, Lq, Lk]
+                       (index b*H + h, as nn.MultiheadAttention), or [B, H, Lq, Lk]
+     key_padding_mask: [B, Lk]
+   Any other shape is MHA_ERR_MASK_SHAPE.  Data is dense and row-major.  */
+typedef struct mha_mask {
+    mha_mask_kind kind;
+    const void   *data;      /* unsigned char[] for the bool kinds, float[] for FLOAT */
+    int           ndim;      /* 2, 3 or 4 */
+    int           shape[4];
+} mha_mask;
+
+typedef enum mha_causal_align {
+    MHA_CAUSAL_TOP_LEFT = 0,   /* query i sees keys j <= i            (PyTorch SDPA) */
+    MHA_CAUSAL_BOTTOM_RIGHT    /* query i sees keys j <= i + Lk - Lq  (decoding with a cache) */
+} mha_causal_align;
+
+/* Options shared by mha_sdpa and mha_forward.  All-zero is the default. */
+typedef struct mha_options {
+    mha_mask         attn_mask;        /* see mha_mask for shapes */
+    mha_mask         key_padding_mask; /* [B, Lk]; BOOL: nonzero = ignore that key */
+    int              causal;           /* nonzero: apply a causal mask (combined with the masks) */
+    mha_causal_align causal_align;
+    float            scale;            /* 0 = 1/sqrt(head_dim) */
+    int              per_head_weights; /* attn_weights as [B,H,Lq,Lk] instead of the head
+                                          average [B,Lq,Lk] (nn.MHA average_attn_weights=False) */
+    int              num_threads;      /* 0 = OpenMP's default; ignored without OpenMP */
+} mha_options;
+
+/* ---------------------------------------------------------------- SDPA */
+
+/* Scaled dot-product attention on heads that are already projected:
+     q [B,H,Lq,D], k [B,H,Lk,D], v [B,H,Lk,Dv]  ->  out [B,H,Lq,Dv]
+     attn_weights: NULL, or [B,H,Lq,Lk] (per_head_weights ignored here).
+   opt may be NULL.  workspace: mha_sdpa_workspace_size() bytes or NULL.  */
+MHADEF mha_status mha_sdpa_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
+                                          const mha_options *opt, int need_weights,
+                                          size_t *bytes);
+MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
+                           const float *q, const float *k, const float *v,
+                           const mha_options *opt, float *out, float *attn_weights,
+                           void *workspace, size_t workspace_bytes);
+
+/* ---------------------------------------------------------------- module */
+
+/* An nn.MultiheadAttention (batch_first=True).  Pointers are borrowed, in the
+   state_dict layout, so tensors can be copied in unchanged.  A NULL bias means
+   bias=False.  Either in_proj_weight (kdim == vdim == embed_dim) or the three
+   q/k/v_proj_weight must be set.  */
+typedef struct mha_module {
+    int embed_dim;                 /* E */
+    int num_heads;                 /* H, E % H == 0, head_dim D = E / H */
+    int kdim, vdim;                /* 0 = E */
+    int add_zero_attn;             /* append a zero key and value after the head split */
+    const float *in_proj_weight;   /* [3E, E]: rows Wq, then Wk, then Wv */
+    const float *q_proj_weight;    /* [E, E]    (used when in_proj_weight is NULL) */
+    const float *k_proj_weight;    /* [E, kdim] */
+    const float *v_proj_weight;    /* [E, vdim] */
+    const float *in_proj_bias;     /* [3E] or NULL */
+    const float *out_proj_weight;  /* [E, E] */
+    const float *out_proj_bias;    /* [E] or NULL */
+    const float *bias_k, *bias_v;  /* [E] each (add_bias_kv=True), or both NULL */
+} mha_module;
+
+/* query [B,Lq,E], key [B,Lk,kdim], value [B,Lk,vdim]  ->  out [B,Lq,E].
+   attn_weights: NULL, or [B,Lq,Lk'] (head average) / [B,H,Lq,Lk'] (per head),
+   where Lk' = Lk + (bias_k != NULL) + add_zero_attn, as PyTorch returns them.
+   Masks are given for the Lk real keys; the appended keys are never masked
+   (PyTorch pads the masks with zeros the same way).  */
+MHADEF mha_status mha_forward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
+                                             const mha_options *opt, int need_weights,
+                                             size_t *bytes);
+MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
+                              const float *query, const float *key, const float *value,
+                              const mha_options *opt, float *out, float *attn_weights,
+                              void *workspace, size_t workspace_bytes);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MHA_H */
+
+/* ======================================================================== */
+/*                              IMPLEMENTATION                              */
+/* ======================================================================== */
+#ifdef MHA_IMPLEMENTATION
+#ifndef MHA_IMPLEMENTATION_DONE
+#define MHA_IMPLEMENTATION_DONE
+
+#include <math.h>
+#include <string.h>
+#include <stdint.h>
+#include <limits.h>
+
+#if defined(MHA_MALLOC) != defined(MHA_FREE)
+#error "mha.h: define both MHA_MALLOC and MHA_FREE, or neither"
+#endif
+#ifndef MHA_MALLOC
+#include <stdlib.h>
+#define MHA_MALLOC(sz) malloc(sz)
+#define MHA_FREE(p) free(p)
+#endif
+#ifndef MHA_ASSERT
+#include <assert.h>
+#define MHA_ASSERT(x) assert(x)
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifdef __cplusplus
+#define MHA__CAST(T, x) static_cast<T>(x)
+#else
+#define MHA__CAST(T, x) ((T)(x))
+#endif
+
+MHADEF const char *mha_status_string(mha_status s)
+{
+    switch (s) {
+#define MHA__MSG(name, msg) case name: return msg;
+        MHA_STATUS_LIST(MHA__MSG)
+#undef MHA__MSG
+    default: return "unknown mha_status value";
+    }
+}
+
+/* -------------------------------------------------- size arithmetic */
+
+/* a*b into *r; returns 0 when the product does not fit in size_t. */
+static int mha__mul(size_t a, size_t b, size_t *r)
+{
+    if (a != 0 && b > SIZE_MAX / a) return 0;
+    *r = a * b;
+    return 1;
+}
+static int mha__mul3(size_t a, size_t b, size_t c, size_t *r)
+{
+    size_t t;
+    return mha__mul(a, b, &t) && mha__mul(t, c, r);
+}
+static int mha__add(size_t a, size_t b, size_t *r)
+{
+    if (b > SIZE_MAX - a) return 0;
+    *r = a + b;
+    return 1;
+}
+
+static int mha__max_threads(const mha_options *opt)
+{
+#ifdef _OPENMP
+    if (opt && opt->num_threads > 0) return opt->num_threads;
+    return omp_get_max_threads();
+#else
+    (void)opt;
+    return 1;
+#endif
+}
+
+/* Float offsets inside a workspace; every region starts on a 64-byte line. */
+#define MHA__ALIGN_FLOATS 16
+static int mha__region(size_t *cursor, size_t nfloats, size_t *offset)
+{
+    size_t padded;
+    if (!mha__add(nfloats, MHA__ALIGN_FLOATS - 1, &padded)) return 0;
+    padded -= padded % MHA__ALIGN_FLOATS;
+    *offset = *cursor;
+    return mha__add(*cursor, padded, cursor);
+}
+
+/* =====================================================================
+   SCALAR REFERENCE
+   The readable definition of each operation.  The SIMD layer below
+   computes the same thing faster; tests compare the two.
+   ===================================================================== */
+
+/* y += alpha * x over n floats */
+static void mha__axpy_ref(float *y, float alpha, const float *x, int n)
+{
+    int i;
+    for (i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+/* C = alpha op(A) op(B) + beta C, straight from the definition. */
+static void mha__gemm_ref(int ta, int tb, int M, int N, int K, float alpha,
+                          const float *A, size_t lda, const float *B, size_t ldb,
+                          float beta, float *C, size_t ldc)
+{
+    int i, j, p;
+    for (i = 0; i < M; ++i) {
+        for (j = 0; j < N; ++j) {
+            float acc = 0.0f;
+            for (p = 0; p < K; ++p) {
+                float a = ta ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
+                float b = tb ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j];
+                acc += a * b;
+            }
+            C[(size_t)i * ldc + j] = alpha * acc + (beta == 0.0f ? 0.0f : beta * C[(size_t)i * ldc + j]);
+        }
+    }
+}
+
+/* Softmax over one row of scores, in place, skipping blocked keys.
+   A blocked key has score -inf (the masking step writes it; it never adds it).
+       m = max_j s_j over allowed j;   p_j = exp(s_j - m) / sum_k exp(s_k - m)
+   Subtracting m keeps exp() in range for any finite logits.  A row with no
+   allowed key becomes all zeros.  Returns 1 if some key was allowed.  */
+static int mha__softmax_row_ref(float *s, int n)
+{
+    float m = -INFINITY, sum = 0.0f, inv;
+    int j, any = 0;
+    for (j = 0; j < n; ++j)
+        if (s[j] != -INFINITY) { any = 1; if (!(s[j] <= m)) m = s[j]; }
+    if (!any) {
+        for (j = 0; j < n; ++j) s[j] = 0.0f;
+        return 0;
+    }
+    for (j = 0; j < n; ++j) {
+        float e = (s[j] == -INFINITY) ? 0.0f : expf(s[j] - m);
+        s[j] = e;
+        sum += e;
+    }
+    inv = 1.0f / sum;
+    for (j = 0; j < n; ++j) s[j] *= inv;
+    return 1;
+}
+
+/* =====================================================================
+   SIMD LAYER
+   (the scalar reference is used until the vector kernels land)
+   ===================================================================== */
+
+#define mha__axpy mha__axpy_ref
+#define mha__softmax_row mha__softmax_row_ref
+
+/* =====================================================================
+   GEMM
+   ===================================================================== */
+
+/* Packing-buffer floats one single-threaded GEMM call of this shape needs. */
+static size_t mha__gemm_ws_floats(int M, int N, int K)
+{
+    (void)M; (void)N; (void)K;
+    return 0;
+}
+
+/* Single-threaded GEMM into caller memory; never allocates. */
+static void mha__gemm(int ta, int tb, int M, int N, int K, float alpha,
+                      const float *A, size_t lda, const float *B, size_t ldb,
+                      float beta, float *C, size_t ldc, float *ws)
+{
+    (void)ws;
+    mha__gemm_ref(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+MHADEF size_t mha_gemm_workspace_size(int M, int N, int K)
+{
+    size_t f;
+    if (M <= 0 || N <= 0 || K <= 0) return 0;
+    f = mha__gemm_ws_floats(M, N, K);
+    return f ? (f + MHA__ALIGN_FLOATS) * sizeof(float) : 0;
+}
+
+MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, float alpha,
+                           const float *A, int lda, const float *B, int ldb, float beta,
+                           float *C, int ldc, void *workspace, size_t workspace_bytes)
+{
+    size_t need, tmp;
+    void *owned = NULL;
+    float *ws;
+    if (!A || !B || !C) return MHA_ERR_NULL_POINTER;
+    if (M <= 0 || N <= 0 || K <= 0) return MHA_ERR_INVALID_SIZE;
+    if ((ta != MHA_NO_TRANS && ta != MHA_TRANS) || (tb != MHA_NO_TRANS && tb != MHA_TRANS))
+        return MHA_ERR_INVALID_ARGUMENT;
+    if (lda < (ta ? M : K) || ldb < (tb ? K : N) || ldc < N) return MHA_ERR_INVALID_SIZE;
+    if (!mha__mul((size_t)(ta ? K : M), (size_t)lda, &tmp) || !mha__mul(tmp, sizeof(float), &tmp) ||
+        !mha__mul((size_t)(tb ? N : K), (size_t)ldb, &tmp) || !mha__mul(tmp, sizeof(float), &tmp) ||
+        !mha__mul((size_t)M, (size_t)ldc, &tmp) || !mha__mul(tmp, sizeof(float), &tmp))
+        return MHA_ERR_OVERFLOW;
+    need = mha_gemm_workspace_size(M, N, K);
+    if (need && workspace && workspace_bytes < need) return MHA_ERR_WORKSPACE_TOO_SMALL;
+    if (need && !workspace) {
+        owned = MHA_MALLOC(need);
+        if (!owned) return MHA_ERR_OUT_OF_MEMORY;
+        workspace = owned;
+    }
+    /* align the packing buffers to a cache line */
+    ws = MHA__CAST(float *, workspace);
+    if (ws) ws += (MHA__ALIGN_FLOATS - ((uintptr_t)ws / sizeof(float)) % MHA__ALIGN_FLOATS) % MHA__ALIGN_FLOATS;
+    mha__gemm(ta, tb, M, N, K, alpha, A, (size_t)lda, B, (size_t)ldb, beta, C, (size_t)ldc, ws);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+/* =====================================================================
+   ATTENTION
+   ===================================================================== */
+
+/* A strided view of [B, H, L, D] activations: element (b,h,i,d) lives at
+   p[b*bs + h*hs + i*rs + d].  SDPA inputs are dense [B,H,L,D]; the module's
+   projected activations are [B, L, H*D] with heads side by side.  */
+typedef struct mha__view {
+    const float *p;
+    size_t bs, hs, rs;
+} mha__view;
+
+/* Everything one attention call needs, after validation. */
+typedef struct mha__attn {
+    int B, H, Lq, Lk, Lk_eff, D, Dv;   /* Lk_eff: Lk plus appended keys (bias_k, zero) */
+    mha__view q, k, v;
+    float *o; size_t o_bs, o_hs, o_rs;
+    float scale;
+    const mha_mask *attn_mask, *kpm;   /* NULL when kind is NONE */
+    int causal; ptrdiff_t causal_off;  /* key j allowed iff j <= i + causal_off */
+    float *weights; int per_head;      /* weights output or NULL */
+    int nthreads;
+} mha__attn;
+
+static int mha__mask_bool_blocks(mha_mask_kind kind, unsigned char v)
+{
+    return kind == MHA_MASK_BOOL ? v != 0 : v == 0;
+}
+
+/* Mask one row of scaled scores s[0..Lk_eff) of query i in (b, h):
+   blocked keys get -inf written over whatever the score was (so NaN from a
+   blocked key is discarded); float masks are added.  Keys j >= Lk are the
+   appended bias/zero keys and are never masked.  */
+static void mha__mask_row(const mha__attn *a, int b, int h, int i, float *s)
+{
+    int j, Lk = a->Lk;
+    if (a->attn_mask) {
+        const mha_mask *m = a->attn_mask;
+        size_t row = (m->ndim == 2) ? (size_t)i
+                                    : ((size_t)b * a->H + h) * a->Lq + i;
+        if (m->kind == MHA_MASK_FLOAT) {
+            const float *f = MHA__CAST(const float *, m->data) + row * Lk;
+            for (j = 0; j < Lk; ++j) s[j] = (f[j] == -INFINITY) ? -INFINITY : s[j] + f[j];
+        } else {
+            const unsigned char *u = MHA__CAST(const unsigned char *, m->data) + row * Lk;
+            for (j = 0; j < Lk; ++j) if (mha__mask_bool_blocks(m->kind, u[j])) s[j] = -INFINITY;
+        }
+    }
+    if (a->kpm) {
+        const mha_mask *m = a->kpm;
+        if (m->kind == MHA_MASK_FLOAT) {
+            const float *f = MHA__CAST(const float *, m->data) + (size_t)b * Lk;
+            for (j = 0; j < Lk; ++j) s[j] = (f[j] == -INFINITY) ? -INFINITY : s[j] + f[j];
+        } else {
+            const unsigned char *u = MHA__CAST(const unsigned char *, m->data) + (size_t)b * Lk;
+            for (j = 0; j < Lk; ++j) if (mha__mask_bool_blocks(m->kind, u[j])) s[j] = -INFINITY;
+        }
+    }
+    if (a->causal) {
+        ptrdiff_t first = (ptrdiff_t)i + a->causal_off + 1;   /* first blocked key */
+        if (first < 0) first = 0;
+        for (j = (int)(first < Lk ? first : Lk); j < Lk; ++j) s[j] = -INFINITY;
+    }
+}
+
+static int mha__all_finite(const float *x, int n)
+{
+    int i;
+    for (i = 0; i < n; ++i) if (!(x[i] - x[i] == 0.0f)) return 0;
+    return 1;
+}
+
+/* One (batch, head): the unfused path.  S = scale Q K^T; mask; softmax; O = P V.
+   s: Lq*Lk_eff floats of scratch.  */
+static void mha__attend_head(const mha__attn *a, int b, int h, float *s, float *gws)
+{
+    const float *q = a->q.p + (size_t)b * a->q.bs + (size_t)h * a->q.hs;
+    const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)h * a->k.hs;
+    const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)h * a->v.hs;
+    float *o = a->o + (size_t)b * a->o_bs + (size_t)h * a->o_hs;
+    int Lq = a->Lq, Lk = a->Lk_eff, Dv = a->Dv, i, j, v_finite = 1;
+
+    /* 1. scores S[i,j] = scale * q_i . k_j */
+    mha__gemm(0, 1, Lq, Lk, a->D, a->scale, q, a->q.rs, k, a->k.rs, 0.0f, s, (size_t)Lk, gws);
+
+    /* 2. mask and softmax, row by row */
+    for (i = 0; i < Lq; ++i) {
+        float *row = s + (size_t)i * Lk;
+        mha__mask_row(a, b, h, i, row);
+        mha__softmax_row(row, Lk);
+    }
+
+    /* 3. O = P V.  A zero weight times a NaN/Inf value would be NaN, so when
+       some value row is not finite, sum over the keys with nonzero weight only. */
+    for (j = 0; j < Lk && v_finite; ++j) v_finite = mha__all_finite(v + (size_t)j * a->v.rs, Dv);
+    if (v_finite) {
+        mha__gemm(0, 0, Lq, Dv, Lk, 1.0f, s, (size_t)Lk, v, a->v.rs, 0.0f, o, a->o_rs, gws);
+    } else {
+        for (i = 0; i < Lq; ++i) {
+            float *oi = o + (size_t)i * a->o_rs;
+            const float *pi = s + (size_t)i * Lk;
+            for (j = 0; j < Dv; ++j) oi[j] = 0.0f;
+            for (j = 0; j < Lk; ++j)
+                if (pi[j] != 0.0f) mha__axpy(oi, pi[j], v + (size_t)j * a->v.rs, Dv);
+        }
+    }
+
+    /* 4. hand the weights out: per head, or summed here and averaged later */
+    if (a->weights) {
+        size_t n = (size_t)Lq * Lk;
+        if (a->per_head) {
+            memcpy(a->weights + ((size_t)b * a->H + h) * n, s, n * sizeof(float));
+        } else {
+            float *w = a->weights + (size_t)b * n;
+            float inv_h = 1.0f / (float)a->H;
+            size_t t;
+            if (h == 0) for (t = 0; t < n; ++t) w[t] = s[t] * inv_h;
+            else        for (t = 0; t < n; ++t) w[t] += s[t] * inv_h;
+        }
+    }
+}
+
+/* Scratch floats of one attention call: per thread, a score block and GEMM packing. */
+static int mha__attn_scratch_floats(int Lq, int Lk_eff, int D, int Dv, int nthreads,
+                                    size_t *per_thread, size_t *total)
+{
+    size_t s, g1, g2, g;
+    if (!mha__mul((size_t)Lq, (size_t)Lk_eff, &s)) return 0;
+    g1 = mha__gemm_ws_floats(Lq, Lk_eff, D);
+    g2 = mha__gemm_ws_floats(Lq, Dv, Lk_eff);
+    g = g1 > g2 ? g1 : g2;
+    if (!mha__add(s, g, per_thread) || !mha__add(*per_thread, 2 * MHA__ALIGN_FLOATS, per_thread))
+        return 0;
+    return mha__mul(*per_thread, (size_t)nthreads, total);
+}
+
+/* Run every (b, h) of a validated call.  ws holds the per-thread scratch.
+   Heads of one batch run in order, so the head average is summed in a fixed
+   order and the result does not depend on the thread count.  */
+static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
+{
+    int b;
+    for (b = 0; b < a->B; ++b) {
+        int h;
+        for (h = 0; h < a->H; ++h) {
+            float *s = ws;
+            float *gws = s + (((size_t)a->Lq * a->Lk_eff + MHA__ALIGN_FLOATS - 1) / MHA__ALIGN_FLOATS) * MHA__ALIGN_FLOATS;
+            (void)per_thread;
+            mha__attend_head(a, b, h, s, gws);
+        }
+    }
+}
+
+/* ------------------------------------------------- validation helpers */
+
+static mha_status mha__check_mask_kind(const mha_mask *m)
+{
+    if (m->kind == MHA_MASK_NONE) return MHA_OK;
+    if (m->kind != MHA_MASK_BOOL && m->kind != MHA_MASK_BOOL_KEEP && m->kind != MHA_MASK_FLOAT)
+        return MHA_ERR_INVALID_ARGUMENT;
+    if (!m->data) return MHA_ERR_NULL_POINTER;
+    return MHA_OK;
+}
+
+static mha_status mha__check_masks(const mha_options *opt, int B, int H, int Lq, int Lk)
+{
+    mha_status st;
+    const mha_mask *am = &opt->attn_mask, *kp = &opt->key_padding_mask;
+    if ((st = mha__check_mask_kind(am)) != MHA_OK) return st;
+    if ((st = mha__check_mask_kind(kp)) != MHA_OK) return st;
+    if (am->kind != MHA_MASK_NONE) {
+        int ok = 0;
+        if (am->ndim == 2)
+            ok = am->shape[0] == Lq && am->shape[1] == Lk;
+        else if (am->ndim == 3)
+            ok = (size_t)am->shape[0] == (size_t)B * (size_t)H && am->shape[1] == Lq && am->shape[2] == Lk;
+        else if (am->ndim == 4)
+            ok = am->shape[0] == B && am->shape[1] == H && am->shape[2] == Lq && am->shape[3] == Lk;
+        if (!ok) return MHA_ERR_MASK_SHAPE;
+    }
+    if (kp->kind != MHA_MASK_NONE) {
+        if (!(kp->ndim == 2 && kp->shape[0] == B && kp->shape[1] == Lk)) return MHA_ERR_MASK_SHAPE;
+    }
+    if (opt->causal && opt->causal_align != MHA_CAUSAL_TOP_LEFT &&
+        opt->causal_align != MHA_CAUSAL_BOTTOM_RIGHT)
+        return MHA_ERR_INVALID_ARGUMENT;
+    if (!(opt->scale >= 0.0f) || opt->scale == INFINITY || opt->num_threads < 0)
+        return MHA_ERR_INVALID_ARGUMENT;
+    return MHA_OK;
+}
+
+/* Fill the validated pieces shared by SDPA and the module. */
+static void mha__attn_common(mha__attn *a, const mha_options *opt, int B, int H, int Lq, int Lk,
+                             int Lk_eff, int D, int Dv)
+{
+    a->B = B; a->H = H; a->Lq = Lq; a->Lk = Lk; a->Lk_eff = Lk_eff; a->D = D; a->Dv = Dv;
+    a->scale = opt->scale > 0.0f ? opt->scale : 1.0f / sqrtf((float)D);
+    a->attn_mask = opt->attn_mask.kind != MHA_MASK_NONE ? &opt->attn_mask : NULL;
+    a->kpm = opt->key_padding_mask.kind != MHA_MASK_NONE ? &opt->key_padding_mask : NULL;
+    a->causal = opt->causal != 0;
+    a->causal_off = opt->causal_align == MHA_CAUSAL_BOTTOM_RIGHT ? (ptrdiff_t)Lk - Lq : 0;
+    a->nthreads = mha__max_threads(opt);
+}
+
+static float *mha__align_ws(void *ws)
+{
+    float *f = MHA__CAST(float *, ws);
+    return f + (MHA__ALIGN_FLOATS - ((uintptr_t)f / sizeof(float)) % MHA__ALIGN_FLOATS) % MHA__ALIGN_FLOATS;
+}
+
+/* Take the caller's workspace, or allocate one: 0 on failure. */
+static mha_status mha__get_ws(void *workspace, size_t have, size_t need, void **owned, float **ws)
+{
+    *owned = NULL;
+    if (workspace) {
+        if (have < need) return MHA_ERR_WORKSPACE_TOO_SMALL;
+    } else {
+        workspace = *owned = MHA_MALLOC(need);
+        if (!workspace) return MHA_ERR_OUT_OF_MEMORY;
+    }
+    *ws = mha__align_ws(workspace);
+    return MHA_OK;
+}
+
+/* ------------------------------------------------------------- SDPA */
+
+static mha_status mha__sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
+                                 const mha_options *opt, int need_weights,
+                                 size_t *per_thread, size_t *bytes)
+{
+    size_t total, n;
+    mha_status st;
+    (void)need_weights;
+    if (B <= 0 || H <= 0 || Lq <= 0 || Lk <= 0 || D <= 0 || Dv <= 0) return MHA_ERR_INVALID_SIZE;
+    /* every tensor's byte count must fit */
+    if (!mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)(D > Dv ? D : Dv), &n) ||
+        !mha__mul3((size_t)B * (size_t)H, (size_t)Lk, (size_t)(D > Dv ? D : Dv), &n) ||
+        !mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)Lk, &n) ||
+        !mha__mul(n, sizeof(float), &n))
+        return MHA_ERR_OVERFLOW;
+    if ((st = mha__check_masks(opt, B, H, Lq, Lk)) != MHA_OK) return st;
+    if (!mha__attn_scratch_floats(Lq, Lk, D, Dv, mha__max_threads(opt), per_thread, &total) ||
+        !mha__add(total, MHA__ALIGN_FLOATS, &total) || !mha__mul(total, sizeof(float), bytes))
+        return MHA_ERR_OVERFLOW;
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_sdpa_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
+                                          const mha_options *opt, int need_weights,
+                                          size_t *bytes)
+{
+    mha_options zero;
+    size_t per_thread;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    return mha__sdpa_plan(B, H, Lq, Lk, D, Dv, opt, need_weights, &per_thread, bytes);
+}
+
+MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
+                           const float *q, const float *k, const float *v,
+                           const mha_options *opt, float *out, float *attn_weights,
+                           void *workspace, size_t workspace_bytes)
+{
+    mha_options zero;
+    mha__attn a;
+    size_t per_thread, need;
+    void *owned;
+    float *ws;
+    mha_status st;
+    if (!q || !k || !v || !out) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    st = mha__sdpa_plan(B, H, Lq, Lk, D, Dv, opt, attn_weights != NULL, &per_thread, &need);
+    if (st != MHA_OK) return st;
+    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+
+    mha__attn_common(&a, opt, B, H, Lq, Lk, Lk, D, Dv);
+    a.q.p = q; a.q.rs = (size_t)D;  a.q.hs = (size_t)Lq * D;  a.q.bs = (size_t)H * Lq * D;
+    a.k.p = k; a.k.rs = (size_t)D;  a.k.hs = (size_t)Lk * D;  a.k.bs = (size_t)H * Lk * D;
+    a.v.p = v; a.v.rs = (size_t)Dv; a.v.hs = (size_t)Lk * Dv; a.v.bs = (size_t)H * Lk * Dv;
+    a.o = out; a.o_rs = (size_t)Dv; a.o_hs = (size_t)Lq * Dv; a.o_bs = (size_t)H * Lq * Dv;
+    a.weights = attn_weights; a.per_head = 1;
+    mha__attend_all(&a, ws, per_thread);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+/* ----------------------------------------------------------- module */
+
+/* Workspace layout of one mha_forward call (shared by the size query and the
+   call, so the two cannot disagree).  Offsets are in floats.  */
+typedef struct mha__fwd_layout {
+    int E, H, D, kdim, vdim, Lk_eff;
+    size_t qp, kp, vp, ctx, scratch, per_thread, total_floats;
+} mha__fwd_layout;
+
+static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
+                                const mha_options *opt, int need_weights, mha__fwd_layout *L)
+{
+    size_t n, cur = 0, scratch;
+    mha_status st;
+    (void)need_weights;
+    if (!m) return MHA_ERR_NULL_POINTER;
+    if (m->embed_dim <= 0 || m->num_heads <= 0 || m->kdim < 0 || m->vdim < 0 ||
+        B <= 0 || Lq <= 0 || Lk <= 0)
+        return MHA_ERR_INVALID_SIZE;
+    if (m->embed_dim % m->num_heads != 0) return MHA_ERR_HEADS_DIVIDE;
+    L->E = m->embed_dim; L->H = m->num_heads; L->D = L->E / L->H;
+    L->kdim = m->kdim ? m->kdim : L->E;
+    L->vdim = m->vdim ? m->vdim : L->E;
+    if (!m->out_proj_weight) return MHA_ERR_NULL_POINTER;
+    if (m->in_proj_weight) {
+        if (L->kdim != L->E || L->vdim != L->E) return MHA_ERR_INVALID_ARGUMENT;
+    } else if (!m->q_proj_weight || !m->k_proj_weight || !m->v_proj_weight) {
+        return MHA_ERR_NULL_POINTER;
+    }
+    if ((m->bias_k == NULL) != (m->bias_v == NULL)) return MHA_ERR_INVALID_ARGUMENT;
+    if (m->add_zero_attn != 0 && m->add_zero_attn != 1) return MHA_ERR_INVALID_ARGUMENT;
+    if (Lk > INT_MAX - 2) return MHA_ERR_OVERFLOW;
+    L->Lk_eff = Lk + (m->bias_k != NULL) + m->add_zero_attn;
+
+    /* GEMM row counts (B*L) are ints; tensor byte counts must fit size_t */
+    if ((size_t)B * (size_t)Lq > INT_MAX || (size_t)B * (size_t)L->Lk_eff > INT_MAX)
+        return MHA_ERR_OVERFLOW;
+    {
+        int widest = L->E;
+        if (L->kdim > widest) widest = L->kdim;
+        if (L->vdim > widest) widest = L->vdim;
+        if (!mha__mul3((size_t)B, (size_t)L->Lk_eff + Lq, (size_t)widest, &n) ||
+            !mha__mul(n, 4 * sizeof(float), &n) ||
+            !mha__mul3((size_t)B * (size_t)L->H, (size_t)Lq, (size_t)L->Lk_eff, &n) ||
+            !mha__mul(n, sizeof(float), &n) ||
+            !mha__mul3((size_t)3 * L->E, (size_t)widest, sizeof(float), &n))
+            return MHA_ERR_OVERFLOW;
+    }
+    if ((st = mha__check_masks(opt, B, L->H, Lq, Lk)) != MHA_OK) return st;
+
+    if (!mha__region(&cur, (size_t)B * Lq * L->E, &L->qp) ||
+        !mha__region(&cur, (size_t)B * L->Lk_eff * L->E, &L->kp) ||
+        !mha__region(&cur, (size_t)B * L->Lk_eff * L->E, &L->vp) ||
+        !mha__region(&cur, (size_t)B * Lq * L->E, &L->ctx) ||
+        !mha__attn_scratch_floats(Lq, L->Lk_eff, L->D, L->D, mha__max_threads(opt),
+                                  &L->per_thread, &scratch) ||
+        !mha__region(&cur, scratch, &L->scratch))
+        return MHA_ERR_OVERFLOW;
+    /* projection GEMMs run on the scratch area too */
+    {
+        size_t g = mha__gemm_ws_floats(B * Lq, L->E, L->E);
+        size_t g2 = mha__gemm_ws_floats(B * L->Lk_eff, L->E, L->kdim > L->vdim ? L->kdim : L->vdim);
+        if (g2 > g) g = g2;
+        if (g > scratch && !mha__add(cur, g - scratch, &cur)) return MHA_ERR_OVERFLOW;
+    }
+    if (!mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats)) return MHA_ERR_OVERFLOW;
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_forward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
+                                             const mha_options *opt, int need_weights,
+                                             size_t *bytes)
+{
+    mha_options zero;
+    mha__fwd_layout L;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__fwd_plan(m, B, Lq, Lk, opt, need_weights, &L)) != MHA_OK) return st;
+    if (!mha__mul(L.total_floats, sizeof(float), bytes)) return MHA_ERR_OVERFLOW;
+    return MHA_OK;
+}
+
+/* Y[rows, E] = X[rows, in] W^T + bias, W is [E, in] as PyTorch stores it. */
+static void mha__linear(int rows, int in, int E, const float *X, const float *W,
+                        const float *bias, float *Y, float *gws)
+{
+    if (bias) {
+        int r;
+        for (r = 0; r < rows; ++r) memcpy(Y + (size_t)r * E, bias, (size_t)E * sizeof(float));
+    }
+    mha__gemm(0, 1, rows, E, in, 1.0f, X, (size_t)in, W, (size_t)in, bias ? 1.0f : 0.0f,
+              Y, (size_t)E, gws);
+}
+
+MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
+                              const float *query, const float *key, const float *value,
+                              const mha_options *opt, float *out, float *attn_weights,
+                              void *workspace, size_t workspace_bytes)
+{
+    mha_options zero;
+    mha__fwd_layout L;
+    mha__attn a;
+    void *owned;
+    float *ws, *qp, *kp, *vp, *ctx, *scratch;
+    const float *wq, *wk, *wv, *bq, *bk, *bv;
+    size_t need;
+    int E, b, extra;
+    mha_status st;
+
+    if (!query || !key || !value || !out) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__fwd_plan(m, B, Lq, Lk, opt, attn_weights != NULL, &L)) != MHA_OK) return st;
+    if (!mha__mul(L.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
+    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+
+    E = L.E;
+    qp = ws + L.qp; kp = ws + L.kp; vp = ws + L.vp; ctx = ws + L.ctx; scratch = ws + L.scratch;
+    if (m->in_proj_weight) {
+        wq = m->in_proj_weight;
+        wk = wq + (size_t)E * E;
+        wv = wk + (size_t)E * E;
+    } else {
+        wq = m->q_proj_weight; wk = m->k_proj_weight; wv = m->v_proj_weight;
+    }
+    bq = m->in_proj_bias;
+    bk = bq ? bq + E : NULL;
+    bv = bq ? bq + 2 * E : NULL;
+
+    /* 1. projections: Q = Xq Wq^T + bq (all batches at once, [B*Lq, E]).
+       K and V hold Lk_eff rows per batch: the Lk projected keys, then bias_k,
+       then a zero row (add_zero_attn: zeros after the head split are zero
+       columns in every head, i.e. one zero row before the split). */
+    mha__linear(B * Lq, E, E, query, wq, bq, qp, scratch);
+    extra = L.Lk_eff - Lk;
+    if (extra == 0) {
+        mha__linear(B * Lk, L.kdim, E, key, wk, bk, kp, scratch);
+        mha__linear(B * Lk, L.vdim, E, value, wv, bv, vp, scratch);
+    } else {
+        for (b = 0; b < B; ++b) {
+            float *kb = kp + (size_t)b * L.Lk_eff * E, *vb = vp + (size_t)b * L.Lk_eff * E;
+            int r = Lk;
+            mha__linear(Lk, L.kdim, E, key + (size_t)b * Lk * L.kdim, wk, bk, kb, scratch);
+            mha__linear(Lk, L.vdim, E, value + (size_t)b * Lk * L.vdim, wv, bv, vb, scratch);
+            if (m->bias_k) {
+                memcpy(kb + (size_t)r * E, m->bias_k, (size_t)E * sizeof(float));
+                memcpy(vb + (size_t)r * E, m->bias_v, (size_t)E * sizeof(float));
+                ++r;
+            }
+            if (m->add_zero_attn) {
+                memset(kb + (size_t)r * E, 0, (size_t)E * sizeof(float));
+                memset(vb + (size_t)r * E, 0, (size_t)E * sizeof(float));
+            }
+        }
+    }
+
+    /* 2. attention per (batch, head) on the head-interleaved [B, L, E] layout */
+    mha__attn_common(&a, opt, B, L.H, Lq, Lk, L.Lk_eff, L.D, L.D);
+    a.q.p = qp; a.q.rs = (size_t)E; a.q.hs = (size_t)L.D; a.q.bs = (size_t)Lq * E;
+    a.k.p = kp; a.k.rs = (size_t)E; a.k.hs = (size_t)L.D; a.k.bs = (size_t)L.Lk_eff * E;
+    a.v.p = vp; a.v.rs = (size_t)E; a.v.hs = (size_t)L.D; a.v.bs = (size_t)L.Lk_eff * E;
+    a.o = ctx;  a.o_rs = (size_t)E; a.o_hs = (size_t)L.D; a.o_bs = (size_t)Lq * E;
+    a.weights = attn_weights; a.per_head = opt->per_head_weights != 0;
+    mha__attend_all(&a, scratch, L.per_thread);
+
+    /* 3. output projection: out = concat_h(O_h) Wo^T + bo */
+    mha__linear(B * Lq, E, E, ctx, m->out_proj_weight, m->out_proj_bias, out, scratch);
+
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+#endif /* MHA_IMPLEMENTATION_DONE */
+#endif /* MHA_IMPLEMENTATION */
+
+/*
+------------------------------------------------------------------------------
+This software is available under 2 licenses -- choose whichever you prefer.
+------------------------------------------------------------------------------
+ALTERNATIVE A - MIT License
+Copyright (c) 2026 the mha.h authors
+Permission is hereby granted, free of charge, to any person obtaining a copy of
+this software and associated documentation files (the "Software"), to deal in
+the Software without restriction, including without limitation the rights to
+use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies
+of the Software, and to permit persons to whom the Software is furnished to do
+so, subject to the following conditions:
+The above copyright notice and this permission notice shall be included in all
+copies or substantial portions of the Software.
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+SOFTWARE.
+------------------------------------------------------------------------------
+ALTERNATIVE B - Public Domain (www.unlicense.org)
+This is free and unencumbered software released into the public domain.
+Anyone is free to copy, modify, publish, use, compile, sell, or distribute this
+software, either in source code form or as a compiled binary, for any purpose,
+commercial or non-commercial, and by any means.
+In jurisdictions that recognize copyright laws, the author or authors of this
+software dedicate any and all copyright interest in the software to the public
+domain. We make this dedication in favor of the public domain and the benefit of
+our heirs. The software is distributed in the hope that it will be useful, but
+WITHOUT ANY WARRANTY; for the purpose of the interpretation of the law, this
+license applies to all software and its derivatives.
+------------------------------------------------------------------------------
+*/

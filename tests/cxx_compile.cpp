@@ -1,0 +1,27 @@
+// The header compiled as C++ (C++11, -Wall -Wextra -Wpedantic -Werror) and used.
+#define MHA_IMPLEMENTATION
+#include "mha.h"
+#include <cstdio>
+#include <vector>
+
+int main()
+{
+    const int E = 6, H = 3, L = 5;
+    std::vector<float> w_in(3 * E * E), w_out(E * E), x(L * E), out(L * E), w(L * L);
+    for (size_t i = 0; i < w_in.size(); ++i) w_in[i] = 0.05f * float(int(i % 11) - 5);
+    for (size_t i = 0; i < w_out.size(); ++i) w_out[i] = (i % (E + 1) == 0) ? 1.0f : 0.0f;
+    for (size_t i = 0; i < x.size(); ++i) x[i] = 0.1f * float(i % 7);
+    mha_module m = {};
+    m.embed_dim = E;
+    m.num_heads = H;
+    m.in_proj_weight = w_in.data();
+    m.out_proj_weight = w_out.data();
+    mha_options opt = {};
+    opt.causal = 1;
+    mha_status s = mha_forward(&m, 1, L, L, x.data(), x.data(), x.data(), &opt, out.data(), w.data(), nullptr, 0);
+    int pass = 0, fail = 0;
+    (s == MHA_OK ? pass : fail)++;
+    (w[0] == 1.0f && w[1] == 0.0f ? pass : fail)++;   // causal: first query sees only key 0
+    std::printf("cxx: %d passed, %d failed\n", pass, fail);
+    return fail != 0;
+}
