@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 OUT=build/tests
 mkdir -p "$OUT"
 WARN="-Wall -Wextra -Wpedantic -Werror"
-STB="-I/usr/include/stb"
+STB="-isystem /usr/include/stb"
 total_pass=0
 total_fail=0
 
