@@ -5,7 +5,7 @@ STB_INC := /usr/include/stb
 BUILD   := build
 
 # Debian packages each target needs; `make deps` installs the missing ones.
-DEPS_TEST  := gcc clang gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user libstb-dev libomp-dev
+DEPS_TEST  := gcc g++ clang libclang-rt-14-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user libstb-dev libomp-dev
 DEPS_DEMO  := gcc libstb-dev
 DEPS_BENCH := libopenblas-dev python3-torch python3-numpy
 DEPS_GOLD  := python3-torch python3-numpy

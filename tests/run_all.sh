@@ -7,7 +7,7 @@
 # Configurations: scalar (gcc, MHA_NO_SIMD), avx2 (gcc, AVX2+FMA, OpenMP),
 # clang (clang, AVX2+FMA), sanitize (clang ASan+UBSan, AVX2 and scalar),
 # neon (aarch64 cross-compiler, run under qemu-aarch64), cxx (C++ compile of the
-# header + the two-translation-unit link test).
+# header + the two-translation-unit link test), fuzz (bounded libFuzzer run).
 set -u
 cd "$(dirname "$0")/.."
 OUT=build/tests
@@ -62,7 +62,7 @@ build_and_run() {
 have_avx2() { grep -q ' avx2 ' /proc/cpuinfo && grep -q ' fma ' /proc/cpuinfo; }
 
 configs=("$@")
-[ ${#configs[@]} -eq 0 ] && configs=(scalar avx2 clang sanitize neon cxx)
+[ ${#configs[@]} -eq 0 ] && configs=(scalar avx2 clang sanitize neon cxx fuzz)
 
 for cfg in "${configs[@]}"; do
     case $cfg in
@@ -98,6 +98,16 @@ for cfg in "${configs[@]}"; do
         if gcc -std=c99 $WARN -O1 -I. -DMHA_STATIC tests/link_a.c tests/link_b.c -o "$OUT/cxx/link_static" -lm 2>"$OUT/cxx/link_static.log"; then
             run_prog link-static "$OUT/cxx/link_static"
         else fail_one "[link-static] MHA_STATIC build does not link:"; head -20 "$OUT/cxx/link_static.log"; fi ;;
+    fuzz)
+        # bounded libFuzzer run of tests/fuzz_forward.c (random sizes, masks, NaN/Inf)
+        mkdir -p "$OUT/fuzz/corpus"
+        if clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all $WARN -I. \
+             tests/fuzz_forward.c -o "$OUT/fuzz/fuzz_forward" -lm 2>"$OUT/fuzz/build.log"; then
+            if "$OUT/fuzz/fuzz_forward" -seed=1 -runs="${MHA_FUZZ_RUNS:-60000}" -max_len=4096 \
+                 "$OUT/fuzz/corpus" >"$OUT/fuzz/run.log" 2>&1; then
+                total_pass=$((total_pass + 1)); note "[fuzz] $(grep -E '^Done' "$OUT/fuzz/run.log"): 1 passed, 0 failed"
+            else fail_one "[fuzz] crash or sanitizer report:"; grep -E 'ERROR|SUMMARY|crash-' "$OUT/fuzz/run.log" | head; fi
+        else fail_one "[fuzz] build failed:"; head -20 "$OUT/fuzz/build.log"; fi ;;
     *) fail_one "unknown configuration $cfg" ;;
     esac
 done
