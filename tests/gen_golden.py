@@ -29,9 +29,9 @@ FILE FORMAT (all integers and floats little-endian; tests/golden.h reads it)
     p[5]  E (module) or D (sdpa)       p[6] kdim (module) or Dv (sdpa)
     p[7]  vdim (module)
     p[8]  add_zero_attn (module)
-    p[9]  causal        0 = none, 1 = top-left, 2 = bottom-right (set opt.causal,
-                        no attn_mask array: the golden was computed with the
-                        equivalent explicit mask)
+    p[9]  causal        0 = none, 1 = top-left, 2 = bottom-right (set opt.causal;
+                        an "attn_mask" array, if any, holds only the other mask:
+                        the golden was computed with the triangle merged in)
     p[10] per_head_weights  1: "weights" is [B,H,Lq,Lk'], 0: head average [B,Lq,Lk']
     p[11] attn_mask kind    mha_mask_kind of the "attn_mask" array (1 BOOL,
                             2 BOOL_KEEP, 3 FLOAT), 0 = no attn_mask
@@ -181,9 +181,11 @@ def module_case(name, seed, B, H, Lq, Lk, E, kdim=None, vdim=None, bias=True,
     float32), or None.  causal: the golden uses the explicit triangular mask
     (torch 1.13's MHA has no is_causal); the C side sets opt.causal.
     merge_kpm: PyTorch 1.13 cannot combine a float key_padding_mask with a
-    float attn_mask (masked_fill needs a bool mask); both are documented as
-    added to the scores, so for that combination the generator adds the two
-    into one [B*H,Lq,Lk] float mask and gives PyTorch that."""
+    float attn_mask (masked_fill needs a bool mask), and with a bool
+    attn_mask it logical_or's the float key_padding_mask, treating any
+    nonzero value as "blocked".  PyTorch 2.x and mha.h instead turn bool masks
+    into -inf and add every float mask.  For these combinations the generator
+    builds that sum as one [B*H,Lq,Lk] float mask and gives PyTorch that."""
     draw = Draw(seed)
     kdim = kdim or E
     vdim = vdim or E
@@ -221,15 +223,22 @@ def module_case(name, seed, B, H, Lq, Lk, E, kdim=None, vdim=None, bias=True,
 
     t_am = am
     if causal != CAUSAL_NONE:
-        assert am is None
-        t_am = causal_block(Lq, Lk, causal)
+        tri = causal_block(Lq, Lk, causal)
+        if am is None:
+            t_am = tri
+        elif am.is_floating_point():
+            t_am = am.masked_fill(tri, NINF)        # broadcasts over a 3-D mask
+        else:
+            t_am = am | tri
     if t_am is not None and t_am.is_floating_point():
         t_am = t_am.double()
     t_kp = kp
     if t_kp is not None and t_kp.is_floating_point():
         t_kp = t_kp.double()
     if merge_kpm:
-        assert t_am is not None and t_am.is_floating_point() and t_kp.is_floating_point()
+        assert t_am is not None and t_kp.is_floating_point()
+        if not t_am.is_floating_point():
+            t_am = torch.zeros(t_am.shape, dtype=torch.float64).masked_fill(t_am, NINF)
         am3 = t_am.expand(B * H, Lq, Lk) if t_am.dim() == 2 else t_am
         t_am = am3 + t_kp.reshape(B, 1, 1, Lk).expand(B, H, Lq, Lk).reshape(B * H, Lq, Lk)
         t_kp = None
@@ -426,6 +435,9 @@ def cases():
                self_attn=True, per_head=True,
                attn_mask=lambda d: float_mask(d, (2 * 12, 7, 7)),
                kpm=lambda d: float_mask(d, (2, 7)), merge_kpm=True))
+    C.append(M("bool2d_kpmfloat_B2_Lq7_Lk17_E24_H12_perhead", 76, B=2, H=12, Lq=7, Lk=17,
+               E=24, per_head=True, attn_mask=lambda d: d.bools(7, 17, p=0.3),
+               kpm=lambda d: float_mask(d, (2, 17)), merge_kpm=True))
     # -- causal (opt.causal in C, the explicit triangle for PyTorch)
     C.append(M("causal_self_B2_L17_E24_H12", 80, B=2, H=12, Lq=17, Lk=17, E=24,
                self_attn=True, causal=CAUSAL_TOP_LEFT, per_head=True))
@@ -439,6 +451,13 @@ def cases():
                causal=CAUSAL_BOTTOM_RIGHT))
     C.append(M("causal_kpmbool_B3_L17_E24_H12", 85, B=3, H=12, Lq=17, Lk=17, E=24,
                self_attn=True, causal=CAUSAL_TOP_LEFT, kpm=lambda d: d.bools(3, 17, p=0.2)))
+    C.append(M("causal_float2d_kpmbool_B2_L17_E36_H12", 87, B=2, H=12, Lq=17, Lk=17, E=36,
+               self_attn=True, causal=CAUSAL_TOP_LEFT,
+               attn_mask=lambda d: float_mask(d, (17, 17), p_block=0.1),
+               kpm=lambda d: d.bools(2, 17, p=0.2)))
+    C.append(M("causal_br_bool3d_B2_Lq7_Lk17_E24_H12_perhead", 88, B=2, H=12, Lq=7, Lk=17,
+               E=24, causal=CAUSAL_BOTTOM_RIGHT, per_head=True,
+               attn_mask=lambda d: d.bools(2 * 12, 7, 17, p=0.2)))
     C.append(M("causal_biaskv_zeroattn_B2_L7_E24_H12", 86, B=2, H=12, Lq=7, Lk=7, E=24,
                causal=CAUSAL_TOP_LEFT, add_bias_kv=True, add_zero_attn=True, per_head=True))
 
