@@ -11,7 +11,8 @@
    reports (an implementation may take a different path when no weights are
    wanted; both must match PyTorch).  A query whose keys are all masked must
    get exactly zero weights, and if it is blocked in every head, an output row
-   equal to out_proj.bias (or 0 without bias).  */
+   equal to out_proj.bias (or 0 without bias).
+   GOLD_VERBOSE=1 in the environment prints every case's errors.  */
 #define MHA_IMPLEMENTATION
 #include "mha.h"
 #include "testutil.h"
@@ -24,6 +25,7 @@
 #define TOL 1e-5
 
 static double worst_out = 0, worst_w = 0;
+static int verbose;               /* GOLD_VERBOSE=1: one line per comparison */
 static char worst_out_case[64] = "-", worst_w_case[64] = "-";
 
 static const float *f32_or_null(const gold_case *c, const char *name)
@@ -65,6 +67,7 @@ static void compare(const gold_case *c, const char *what, const float *got, cons
     if (!want || want->dtype != GOLD_F64 || want->count != n) return;
     CHECK(all_finite(got, n), "%s: %s has NaN/Inf", c->name, what);
     e = tu_rel_err(got, want->f64, n);
+    if (verbose) printf("  %-50s %-17s %.2e\n", c->name, what, e);
     if (!(e <= *worst) || e != e) {
         *worst = e;
         snprintf(worst_case, 64, "%s", c->name);
@@ -232,6 +235,7 @@ int main(void)
     gold_file g;
     char err[256];
     int i, nmod = 0, nsdpa = 0, nfixed = 0;
+    verbose = getenv("GOLD_VERBOSE") != NULL;
     if (!gold_load(GOLD_PATH, &g, err, sizeof err)) {
         CHECK(0, "golden vectors: %s", err);
         return tu_finish("golden");
