@@ -21,7 +21,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifndef GOLD_PATH
 #define GOLD_PATH "tests/golden/golden.bin"
+#endif
 #define TOL 1e-5
 
 static double worst_out = 0, worst_w = 0;
