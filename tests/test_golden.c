@@ -9,7 +9,8 @@
    Each case runs twice: with attention weights and a NULL workspace, and
    without weights in a caller workspace of the size the *_workspace_size call
    reports (an implementation may take a different path when no weights are
-   wanted; both must match PyTorch).  A query whose keys are all masked must
+   wanted; both must match PyTorch), and cases with a packed in_proj_weight
+   run a third time with it passed as q/k/v_proj_weight.  A query whose keys are all masked must
    get exactly zero weights, and if it is blocked in every head, an output row
    equal to out_proj.bias (or 0 without bias).
    GOLD_VERBOSE=1 in the environment prints every case's errors.  */
@@ -180,6 +181,22 @@ static void run_module(const gold_case *c)
             compare(c, "out (no weights)", out2, gout, n_out, &worst_out, worst_out_case);
             if (gw->count == n_w)
                 check_empty_rows(c, w, gw->f64, B, G, Lq, Lk_eff, out2, m.out_proj_bias, E);
+        }
+    }
+
+    /* 3. the packed in_proj_weight given as three separate [E,E] weights
+       (mha_module allows either form when kdim == vdim == E) */
+    if (m.in_proj_weight) {
+        mha_module s = m;
+        s.q_proj_weight = m.in_proj_weight;
+        s.k_proj_weight = m.in_proj_weight + (size_t)E * E;
+        s.v_proj_weight = m.in_proj_weight + (size_t)2 * E * E;
+        s.in_proj_weight = NULL;
+        st = mha_forward(&s, B, Lq, Lk, query, key, value, &opt, out2, w, NULL, 0);
+        CHECK(st == MHA_OK, "%s: mha_forward (split weights): %s", c->name, mha_status_string(st));
+        if (st == MHA_OK) {
+            compare(c, "out (split q/k/v)", out2, gout, n_out, &worst_out, worst_out_case);
+            compare(c, "weights (split)", w, gw, n_w, &worst_w, worst_w_case);
         }
     }
     free(ws); free(out); free(out2); free(w);
