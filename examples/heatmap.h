@@ -543,12 +543,25 @@ enum {
     MHA_HM__GAP = 6,          /* labels to map */
     MHA_HM__PANEL_GAP_X = 28, /* between grid panels */
     MHA_HM__PANEL_GAP_Y = 20,
-    MHA_HM__TITLE_SCALE = 2,
+    MHA_HM__TITLE_SCALE = 3,  /* the image title */
+    MHA_HM__HEAD_SCALE = 2,   /* head titles, colour bar */
     MHA_HM__BAR_W = 18,
     MHA_HM__BAR_GAP = 24,
     MHA_HM__TICK = 5,
     MHA_HM__FONT_H = 9        /* glyph box height in font units */
 };
+
+/* The colour bar's ticks: multiples of *step from *first up to vmax, at most
+   one per 3 lines of text and never more than 8 intervals. */
+static void mha_hm__ticks(float vmin, float vmax, int bar_h, double *first, double *step, int *dec)
+{
+    int n = bar_h / (MHA_HM__FONT_H * 2 * 3);
+    if (n > 8) n = 8;
+    if (n < 2) n = 2;
+    *step = mha_hm__tick_step((double)vmax - vmin, n);
+    *dec = mha_hm__decimals(*step);
+    *first = ceil(vmin / *step - 1e-9) * *step;
+}
 
 static int mha_hm__heads(const mha_heatmap *hm) { return hm->heads > 0 ? hm->heads : 1; }
 
@@ -622,12 +635,13 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,
     H = mha_hm__heads(hm);
     mha_hm__range(hm, st, &L->vmin, &L->vmax);
 
-    /* 1. cell size: about 480 pixels for the longer side, 4..40 a cell */
+    /* 1. cell size: about 480 pixels for the longer side (320 in a grid), 4..40 a cell */
     if (st->cell > 0) {
         cell = st->cell;
     } else {
         int longest = hm->Lq > hm->Lk ? hm->Lq : hm->Lk;
-        cell = 480 / longest;
+        int target = (hm->heads > 1) ? 320 : 480;  /* a grid: smaller maps */
+        cell = target / longest;
         if (cell > 40) cell = 40;
         if (cell < 4) cell = 4;
     }
@@ -647,16 +661,16 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,
 
     /* 3. one panel: [head title] [caption] key labels / query labels | cells */
     if (H == 1) {
-        cap_top = text_h + 4;
-        cap_left = text_h + 4;
+        cap_top = text_h + 6;
+        cap_left = text_h + 12;
     } else {
         for (h = 0; h < H; ++h) {
             int t;
             mha_hm__head_title(buf, hm, h);
-            t = mha_heatmap_text_width(buf, MHA_HM__TITLE_SCALE);
+            t = mha_heatmap_text_width(buf, MHA_HM__HEAD_SCALE);
             if (t > head_w) head_w = t;
         }
-        head_h = MHA_HM__FONT_H * MHA_HM__TITLE_SCALE + 8;
+        head_h = MHA_HM__FONT_H * MHA_HM__HEAD_SCALE + 8;
     }
     if ((size_t)hm->Lk * cell > MHA_HEATMAP_MAX_SIDE || (size_t)hm->Lq * cell > MHA_HEATMAP_MAX_SIDE)
         return MHA_HEATMAP_ERR_TOO_LARGE;
@@ -693,7 +707,7 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,
         L->title.y = MHA_HM__MARGIN;
         L->title.w = title_w;
         L->title.h = title_h;
-        title_h += 14;
+        title_h += 18;
     }
     {
         int ox = MHA_HM__MARGIN, oy = MHA_HM__MARGIN + title_h;
@@ -713,7 +727,7 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,
             L->head_title.x = ox;
             L->head_title.y = oy;
             L->head_title.w = head_w;
-            L->head_title.h = MHA_HM__FONT_H * MHA_HM__TITLE_SCALE;
+            L->head_title.h = MHA_HM__FONT_H * MHA_HM__HEAD_SCALE;
         }
         bottom = oy + grid_h;
         bar_right = ox + grid_w;
@@ -722,18 +736,16 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,
     /* 6. the colour bar beside the grid, from the first row's map top to the
           last row's map bottom, at least 120 pixels */
     if (!st->no_colorbar) {
-        int bh = (L->rows - 1) * L->panel_dy + cells_h, tw, n, k, dec, bar_s = 2;
-        double step, v;
+        int bh = (L->rows - 1) * L->panel_dy + cells_h, tw, k, dec, bar_s = MHA_HM__HEAD_SCALE;
+        double step, v, first;
         if (bh < 120) bh = 120;
         L->colorbar.x = bar_right + MHA_HM__BAR_GAP;
         L->colorbar.y = L->cells.y;
         L->colorbar.w = MHA_HM__BAR_W;
         L->colorbar.h = bh;
-        n = bh / (MHA_HM__FONT_H * bar_s * 3);
-        step = mha_hm__tick_step((double)L->vmax - L->vmin, n < 2 ? 2 : n);
-        dec = mha_hm__decimals(step);
+        mha_hm__ticks(L->vmin, L->vmax, bh, &first, &step, &dec);
         tw = 0;
-        for (k = 0, v = ceil(L->vmin / step - 1e-9) * step; v <= L->vmax + step * 1e-9 && k < 64;
+        for (k = 0, v = first; v <= L->vmax + step * 1e-9 && k < 64;
              ++k, v += step) {
             int t;
             mha_hm__tick_text(buf, v, dec);
@@ -869,13 +881,13 @@ static void mha_hm__panel(mha_hm__img *im, const mha_heatmap *hm, const mha_heat
     if (mha_hm__heads(hm) > 1) {
         mha_heatmap_rect ht = mha_heatmap_panel(L, h, MHA_HEATMAP_HEAD_TITLE);
         mha_hm__head_title(buf, hm, h);
-        mha_heatmap_text(im->p, im->w, im->h, ht.x, ht.y, buf, MHA_HM__TITLE_SCALE, 0, mha_hm__ink);
+        mha_heatmap_text(im->p, im->w, im->h, ht.x, ht.y, buf, MHA_HM__HEAD_SCALE, 0, mha_hm__ink);
     } else {
         int tw = mha_heatmap_text_width(mha_hm__cap_keys, s);
         mha_heatmap_text(im->p, im->w, im->h, cells.x + (cells.w - tw) / 2,
-                         kl.y - 4 - text_h, mha_hm__cap_keys, s, 0, mha_hm__soft);
+                         kl.y - 6 - text_h, mha_hm__cap_keys, s, 0, mha_hm__soft);
         tw = mha_heatmap_text_width(mha_hm__cap_queries, s);
-        mha_heatmap_text(im->p, im->w, im->h, ql.x - 4 - text_h,
+        mha_heatmap_text(im->p, im->w, im->h, ql.x - 12 - text_h,
                          cells.y + (cells.h + tw) / 2, mha_hm__cap_queries, s, 1, mha_hm__soft);
     }
 }
@@ -906,8 +918,8 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_render(const mha_heatmap *hm,
     if (L.colorbar.w) {
         /* the gradient: top row is vmax, bottom row vmin */
         mha_heatmap_rect b = L.colorbar;
-        int y, k, dec, bar_s = 2, n = b.h / (MHA_HM__FONT_H * 2 * 3);
-        double step, v;
+        int y, k, dec, bar_s = MHA_HM__HEAD_SCALE;
+        double step, v, first;
         char buf[64];
         for (y = 0; y < b.h; ++y) {
             unsigned char c[3];
@@ -915,9 +927,8 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_render(const mha_heatmap *hm,
             mha_hm__fill(&im, b.x, b.y + y, b.x + b.w, b.y + y + 1, c);
         }
         mha_hm__frame(&im, b, mha_hm__line);
-        step = mha_hm__tick_step((double)L.vmax - L.vmin, n < 2 ? 2 : n);
-        dec = mha_hm__decimals(step);
-        for (k = 0, v = ceil(L.vmin / step - 1e-9) * step; v <= L.vmax + step * 1e-9 && k < 64;
+        mha_hm__ticks(L.vmin, L.vmax, b.h, &first, &step, &dec);
+        for (k = 0, v = first; v <= L.vmax + step * 1e-9 && k < 64;
              ++k, v += step) {
             /* the row whose colour is v */
             int ty = b.y + (int)floor((1.0 - (v - L.vmin) / ((double)L.vmax - L.vmin)) * (b.h - 1) + 0.5);
