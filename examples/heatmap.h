@@ -423,17 +423,34 @@ static void mha_hm__hatch(mha_hm__img *im, int x0, int y0, int x1, int y1, int p
    a time, so its vertex buffer stays small, and fill each quad scaled. */
 static int mha_hm__char_ok(int c) { return c >= 32 && c < 127; }
 
+/* The right edge of a glyph's ink, in font units (its advance adds spacing). */
+static int mha_hm__ink_right(int c)
+{
+    float vb[64 * 16];
+    char one[2];
+    int n, k, right = 0;
+    one[0] = (char)c; one[1] = 0;
+    n = stb_easy_font_print(0, 0, one, NULL, vb, (int)sizeof vb);
+    for (k = 0; k < 4 * n; ++k)
+        if ((int)vb[4 * k] > right) right = (int)vb[4 * k];
+    return right;
+}
+
 MHA_HEATMAP_DEF int mha_heatmap_text_width(const char *text, int scale)
 {
-    int w = 0;
+    int w = 0, last = 0;
     if (!text) return 0;
     for (; *text; ++text) {
         int c = (unsigned char)*text;
         if (!mha_hm__char_ok(c)) c = '?';
         w += stb_easy_font_charinfo[c - 32].advance & 15;
+        last = c;
     }
-    /* the last advance includes one unit of spacing after the glyph */
-    return w > 0 ? (w - 1) * scale : 0;
+    if (!last) return 0;
+    /* all advances but the last, then the last glyph's own ink */
+    w -= stb_easy_font_charinfo[last - 32].advance & 15;
+    w += last == ' ' ? 0 : mha_hm__ink_right(last);
+    return w * scale;
 }
 
 MHA_HEATMAP_DEF void mha_heatmap_text(unsigned char *rgb, int width, int height, int x, int y,
