@@ -856,19 +856,22 @@ static void mha_hm__panel(mha_hm__img *im, const mha_heatmap *hm, const mha_heat
             mha_heatmap_color(st->cmap, (v - L->vmin) / span, c);
             mha_hm__fill(im, x0, y0, x0 + cell, y0 + cell, c);
             if (st->show_values) {
-                /* ".42": the leading zero dropped so it fits small cells */
-                int tw;
+                /* ".42": the leading zero dropped so it fits small cells;
+                   twice the size when that fits too */
+                int tw, vs;
                 unsigned char ink[3];
                 sprintf(buf, "%.2f", (double)v);
                 if (buf[0] == '0' && buf[1] == '.') memmove(buf, buf + 1, strlen(buf));
                 if (strcmp(buf, "1.00") == 0) strcpy(buf, "1");
-                tw = mha_heatmap_text_width(buf, 1);
-                if (tw + 2 <= cell && MHA_HM__FONT_H + 2 <= cell) {
+                if (strcmp(buf, ".00") == 0 && v == 0) strcpy(buf, "0");
+                vs = mha_heatmap_text_width(buf, 2) + 6 <= cell && 14 + 6 <= cell ? 2 : 1;
+                tw = mha_heatmap_text_width(buf, vs);
+                if (tw + 2 <= cell && 7 * vs + 2 <= cell) {
                     /* dark text on light cells, light on dark (Rec. 709 luma) */
                     int luma = (2126 * c[0] + 7152 * c[1] + 722 * c[2]) / 10000;
                     ink[0] = ink[1] = ink[2] = MHA_HM__CAST(unsigned char, luma > 128 ? 20 : 240);
                     mha_heatmap_text(im->p, im->w, im->h, x0 + (cell - tw) / 2,
-                                     y0 + (cell - 7) / 2, buf, 1, 0, ink);
+                                     y0 + (cell - 7 * vs) / 2, buf, vs, 0, ink);
                 }
             }
         }
