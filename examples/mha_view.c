@@ -112,6 +112,16 @@ static int mha_view_read_labels(const char *path, mha_view_labels *l, char *err,
     return 0;
 }
 
+static int mha_view_takes_value(const char *o)
+{
+    static const char *const with_value[] = {"-o", "--labels", "--qlabels", "--klabels", "--title",
+                                             "--cmap", "--range", "--batch", "--cell"};
+    size_t k;
+    for (k = 0; k < sizeof with_value / sizeof with_value[0]; ++k)
+        if (!strcmp(o, with_value[k])) return 1;
+    return 0;
+}
+
 static int mha_view_parse_int(const char *s, int lo, int hi, int *out)
 {
     char *end;
@@ -161,7 +171,7 @@ static int mha_view_main(int argc, char **argv)
         if (!strcmp(o, "-h") || !strcmp(o, "--help")) { fputs(mha_view_usage, stdout); return 0; }
         else if (!strcmp(o, "--causal")) { causal = 1; takes = 0; }
         else if (!strcmp(o, "--values")) { st.show_values = 1; takes = 0; }
-        else if (o[0] == '-' && o[1] && !v) {
+        else if (mha_view_takes_value(o) && !v) {
             fprintf(stderr, "mha_view: %s needs a value\n%s", o, mha_view_usage);
             return 2;
         }
@@ -207,7 +217,8 @@ static int mha_view_main(int argc, char **argv)
         return 1;
     }
     if (a.ndim < 2 || a.ndim > 4) {
-        fprintf(stderr, "mha_view: %s: %d dimensions; expected [Lq,Lk], [H,Lq,Lk] or [B,H,Lq,Lk]\n", in, a.ndim);
+        fprintf(stderr, "mha_view: %s: a %d-dimensional array; expected [Lq,Lk], [H,Lq,Lk] or [B,H,Lq,Lk]\n",
+                in, a.ndim);
         status = 1;
         goto done;
     }
