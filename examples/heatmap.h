@@ -109,7 +109,7 @@ typedef struct mha_heatmap_style {
     mha_heatmap_cmap  cmap;
     mha_heatmap_range range;
     float vmin, vmax;      /* RANGE_FIXED only */
-    int   cell;            /* pixels per cell side; 0 = automatic (about 480 px per map, 4..40) */
+    int   cell;            /* pixels per cell side; 0 = automatic (map about 640x480, 4..40) */
     int   cols;            /* panels per grid row; 0 = automatic */
     int   show_values;     /* nonzero: print each weight in its cell where it fits */
     int   no_colorbar;     /* nonzero: leave the colour bar out */
@@ -652,13 +652,13 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,
     H = mha_hm__heads(hm);
     mha_hm__range(hm, st, &L->vmin, &L->vmax);
 
-    /* 1. cell size: about 480 pixels for the longer side (320 in a grid), 4..40 a cell */
+    /* 1. cell size: the map fits about 640 x 480 pixels (400 x 320 in a
+          grid), 4..40 pixels a cell */
     if (st->cell > 0) {
         cell = st->cell;
     } else {
-        int longest = hm->Lq > hm->Lk ? hm->Lq : hm->Lk;
-        int target = (hm->heads > 1) ? 320 : 480;  /* a grid: smaller maps */
-        cell = target / longest;
+        int grid = hm->heads > 1, cw = (grid ? 400 : 640) / hm->Lk, ch = (grid ? 320 : 480) / hm->Lq;
+        cell = cw < ch ? cw : ch;
         if (cell > 40) cell = 40;
         if (cell < 4) cell = 4;
     }
@@ -703,12 +703,17 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,
     if (st->cols > 0) {
         L->cols = st->cols < H ? st->cols : H;
     } else {
-        /* the squarest grid, or one column wider if that leaves fewer holes */
-        int c = 1, r1, r2;
-        while (c * c < H) ++c;
-        r1 = (H + c - 1) / c;
-        r2 = (H + c) / (c + 1);
-        L->cols = (c + 1) * r2 - H < c * r1 - H && c + 1 <= H ? c + 1 : c;
+        /* the column count whose grid is closest to 4:3, each empty slot
+           counting as much as a 28% stretch: square maps go 2x2, 4x2, 4x3,
+           wide cross-attention maps stack in one column */
+        double best = 1e30;
+        int c;
+        for (c = 1; c <= H; ++c) {
+            int rows = (H + c - 1) / c;
+            double aspect = (double)(c * panel_w) / (double)(rows * panel_h);
+            double score = fabs(log(aspect / (4.0 / 3.0))) + 0.25 * (c * rows - H);
+            if (score < best) { best = score; L->cols = c; }
+        }
     }
     L->rows = (H + L->cols - 1) / L->cols;
     L->panel_dx = panel_w + MHA_HM__PANEL_GAP_X;

@@ -508,8 +508,35 @@ static void test_long_sequence(void)
     free(im.p);
 }
 
+/* Layout choices: wide cross-attention maps stack in one column, square
+   ones make a 2x2 grid of four; long labels are cut to MHA_HEATMAP_MAX_LABEL. */
+static void test_layout_choices(void)
+{
+    static float w[4 * 3 * 30];
+    static const char *const longk[2] = {"short", "a_label_far_longer_than_sixteen_characters"};
+    static const char *const cut[2] = {"short", "a_label_far_lo.."};
+    mha_heatmap hm;
+    mha_heatmap_style st;
+    mha_heatmap_layout lay, lay2;
+    memset(&hm, 0, sizeof hm);
+    memset(&st, 0, sizeof st);
+    hm.weights = w; hm.heads = 3; hm.Lq = 3; hm.Lk = 30;
+    CHECK(mha_heatmap_measure(&hm, &st, &lay) == MHA_HEATMAP_OK && lay.cols == 1 && lay.rows == 3,
+          "3 wide maps: %dx%d", lay.cols, lay.rows);
+    hm.heads = 4; hm.Lq = 8; hm.Lk = 8;
+    CHECK(mha_heatmap_measure(&hm, &st, &lay) == MHA_HEATMAP_OK && lay.cols == 2 && lay.rows == 2,
+          "4 square maps: %dx%d", lay.cols, lay.rows);
+    hm.heads = 1; hm.Lq = 2; hm.Lk = 2;
+    hm.k_labels = longk;
+    CHECK(mha_heatmap_measure(&hm, &st, &lay) == MHA_HEATMAP_OK, "long label");
+    hm.k_labels = cut;
+    CHECK(mha_heatmap_measure(&hm, &st, &lay2) == MHA_HEATMAP_OK && lay.k_labels.h == lay2.k_labels.h &&
+          lay.rotated_keys, "a long label takes the room of its first %d characters", MHA_HEATMAP_MAX_LABEL);
+}
+
 int main(void)
 {
+    test_layout_choices();
     test_colormaps();
     test_two_by_two();
     test_causal();
