@@ -660,6 +660,8 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,
         int grid = hm->heads > 1, cw = (grid ? 400 : 640) / hm->Lk, ch = (grid ? 320 : 480) / hm->Lq;
         cell = cw < ch ? cw : ch;
         if (cell > 40) cell = 40;
+        /* printed values need room: up to 24 tokens get full-size cells */
+        if (st->show_values && hm->Lq <= 24 && hm->Lk <= 24) cell = 40;
         if (cell < 4) cell = 4;
     }
     if (cell > MHA_HEATMAP_MAX_SIDE) return MHA_HEATMAP_ERR_TOO_LARGE;
@@ -869,7 +871,7 @@ static void mha_hm__panel(mha_hm__img *im, const mha_heatmap *hm, const mha_heat
                 if (buf[0] == '0' && buf[1] == '.') memmove(buf, buf + 1, strlen(buf));
                 if (strcmp(buf, "1.00") == 0) strcpy(buf, "1");
                 if (strcmp(buf, ".00") == 0 && v == 0) strcpy(buf, "0");
-                vs = mha_heatmap_text_width(buf, 2) + 6 <= cell && 14 + 6 <= cell ? 2 : 1;
+                vs = mha_heatmap_text_width(buf, 2) + 10 <= cell && 14 + 10 <= cell ? 2 : 1;
                 tw = mha_heatmap_text_width(buf, vs);
                 if (tw + 2 <= cell && 7 * vs + 2 <= cell) {
                     /* dark text on light cells, light on dark (Rec. 709 luma) */
