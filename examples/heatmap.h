@@ -87,6 +87,8 @@ typedef enum mha_heatmap_result {
 #define MHA_HEATMAP_MAX_SIDE 16384
 /* Labels longer than this many characters are cut and end in "..". */
 #define MHA_HEATMAP_MAX_LABEL 16
+/* Titles likewise (the image title and each head's). */
+#define MHA_HEATMAP_MAX_TITLE 100
 
 /* Perceptually uniform colour maps (matplotlib's, sampled at 33 points and
    interpolated linearly; within 2/255 of the originals, cividis 6/255). */
@@ -582,17 +584,20 @@ static void mha_hm__ticks(float vmin, float vmax, int bar_h, double *first, doub
 
 static int mha_hm__heads(const mha_heatmap *hm) { return hm->heads > 0 ? hm->heads : 1; }
 
+/* Copy a title into buf (MHA_HEATMAP_MAX_TITLE + 1 bytes), cut with "..". */
+static void mha_hm__title(char *buf, const char *t)
+{
+    size_t n = strlen(t);
+    if (n <= MHA_HEATMAP_MAX_TITLE) { memcpy(buf, t, n + 1); return; }
+    memcpy(buf, t, MHA_HEATMAP_MAX_TITLE - 2);
+    memcpy(buf + MHA_HEATMAP_MAX_TITLE - 2, "..", 3);
+}
+
 static void mha_hm__head_title(char *buf, const mha_heatmap *hm, int h)
 {
     const char *t = hm->head_titles ? hm->head_titles[h] : NULL;
-    if (t) {
-        size_t n = strlen(t);
-        if (n > 63) n = 63;
-        memcpy(buf, t, n);
-        buf[n] = 0;
-    } else {
-        sprintf(buf, "head %d", h);
-    }
+    if (t) mha_hm__title(buf, t);
+    else sprintf(buf, "head %d", h);
 }
 
 /* Is any cell masked, by the mask or by a NaN? */
@@ -639,7 +644,7 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,
     int H, cell, s, text_h, qw, kw, kh, cap_top = 0, cap_left = 0, head_h = 0, head_w = 0, h;
     int title_w = 0, title_h = 0, grid_w, grid_h, cells_w, cells_h, panel_w, panel_h, x_cells, y_cells;
     int bar_right = 0, bottom;
-    char buf[96];
+    char buf[MHA_HEATMAP_MAX_TITLE + 32];
 
     if (!hm || !L || !hm->weights || hm->Lq <= 0 || hm->Lk <= 0 || hm->heads < 0)
         return MHA_HEATMAP_ERR_ARGUMENT;
@@ -725,7 +730,8 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,
 
     /* 5. title, then everything placed from the top-left */
     if (hm->title && hm->title[0]) {
-        title_w = mha_heatmap_text_width(hm->title, MHA_HM__TITLE_SCALE);
+        mha_hm__title(buf, hm->title);
+        title_w = mha_heatmap_text_width(buf, MHA_HM__TITLE_SCALE);
         title_h = MHA_HM__FONT_H * MHA_HM__TITLE_SCALE;
         L->title.x = MHA_HM__MARGIN;
         L->title.y = MHA_HM__MARGIN;
@@ -848,7 +854,7 @@ static void mha_hm__panel(mha_hm__img *im, const mha_heatmap *hm, const mha_heat
     const float *w = hm->weights + (size_t)h * hm->Lq * hm->Lk;
     int s = L->label_scale, cell = L->cell, i, j, text_h = MHA_HM__FONT_H * L->label_scale;
     float span = L->vmax - L->vmin;
-    char buf[MHA_HEATMAP_MAX_LABEL + 24];
+    char buf[MHA_HEATMAP_MAX_TITLE + 32]; /* labels, values, head titles */
 
     /* the cells: colour(t), t = (w - vmin) / (vmax - vmin) */
     for (i = 0; i < hm->Lq; ++i)
@@ -930,6 +936,7 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_render(const mha_heatmap *hm,
     mha_heatmap_result r;
     mha_hm__img im;
     int h;
+    char title[MHA_HEATMAP_MAX_TITLE + 1];
 
     if (!rgb) return MHA_HEATMAP_ERR_ARGUMENT;
     r = mha_heatmap_measure(hm, st, &L);
@@ -938,8 +945,11 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_render(const mha_heatmap *hm,
     im.p = rgb; im.w = width; im.h = height;
     mha_hm__fill(&im, 0, 0, width, height, white);
 
-    if (L.title.h) mha_heatmap_text(rgb, width, height, L.title.x, L.title.y, hm->title,
-                                    MHA_HM__TITLE_SCALE, 0, mha_hm__ink);
+    if (L.title.h) {
+        mha_hm__title(title, hm->title);
+        mha_heatmap_text(rgb, width, height, L.title.x, L.title.y, title, MHA_HM__TITLE_SCALE, 0,
+                         mha_hm__ink);
+    }
     for (h = 0; h < mha_hm__heads(hm); ++h) mha_hm__panel(&im, hm, st, &L, h);
 
     if (L.colorbar.w) {

@@ -24,6 +24,7 @@
 #define STB_IMAGE_WRITE_IMPLEMENTATION
 #include "heatmap.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,6 +45,7 @@ static const char mha_view_usage[] =
     "  --range R         unit (0..1, default), data (min..max), or LO:HI\n"
     "  --batch N         which batch entry of a 4-D array (default 0)\n"
     "  --causal          hatch the cells where the key comes after the query\n"
+    "  --zeros-masked    hatch cells whose weight is exactly 0 (what -inf mask entries leave)\n"
     "  --title TEXT      title (default: the file name)\n"
     "  --values          print each weight in its cell\n"
     "  --cell N          pixels per cell (default: automatic)\n"
@@ -149,7 +151,7 @@ static int mha_view_main(int argc, char **argv)
 {
     const char *in = NULL, *prefix_arg = NULL, *labels_path = NULL, *q_path = NULL, *k_path = NULL;
     const char *title_arg = NULL;
-    int batch = 0, causal = 0, i, status = 0;
+    int batch = 0, causal = 0, zeros_masked = 0, i, status = 0;
     int B, H, Lq, Lk, h;
     char err[512], prefix[1024], path[1200], title[512];
     mha_heatmap_style st;
@@ -170,6 +172,7 @@ static int mha_view_main(int argc, char **argv)
         int takes = 1;
         if (!strcmp(o, "-h") || !strcmp(o, "--help")) { fputs(mha_view_usage, stdout); return 0; }
         else if (!strcmp(o, "--causal")) { causal = 1; takes = 0; }
+        else if (!strcmp(o, "--zeros-masked")) { zeros_masked = 1; takes = 0; }
         else if (!strcmp(o, "--values")) { st.show_values = 1; takes = 0; }
         else if (mha_view_takes_value(o) && !v) {
             fprintf(stderr, "mha_view: %s needs a value\n%s", o, mha_view_usage);
@@ -292,6 +295,13 @@ static int mha_view_main(int argc, char **argv)
 
     /* 4. draw */
     w = a.data + (size_t)batch * H * Lq * Lk;
+    if (zeros_masked) {
+        /* a key blocked with -inf leaves exactly 0 after the softmax; NaN
+           is how heatmap.h marks a masked cell of one head */
+        size_t k, n = (size_t)H * Lq * Lk;
+        for (k = 0; k < n; ++k)
+            if (a.data[(size_t)batch * H * Lq * Lk + k] == 0.0f) a.data[(size_t)batch * H * Lq * Lk + k] = (float)NAN;
+    }
     if (causal) {
         mask = (unsigned char *)malloc((size_t)Lq * Lk);
         if (!mask) { fprintf(stderr, "mha_view: out of memory\n"); status = 1; goto done; }

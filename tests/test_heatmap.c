@@ -532,6 +532,17 @@ static void test_layout_choices(void)
     hm.k_labels = cut;
     CHECK(mha_heatmap_measure(&hm, &st, &lay2) == MHA_HEATMAP_OK && lay.k_labels.h == lay2.k_labels.h &&
           lay.rotated_keys, "a long label takes the room of its first %d characters", MHA_HEATMAP_MAX_LABEL);
+    {
+        /* a 5000-character title is cut, not turned into a 90000-pixel image */
+        static char title[5001], cut_title[MHA_HEATMAP_MAX_TITLE + 1];
+        memset(title, 'W', 5000);
+        memset(cut_title, 'W', MHA_HEATMAP_MAX_TITLE - 2);
+        strcpy(cut_title + MHA_HEATMAP_MAX_TITLE - 2, "..");
+        hm.title = title;
+        CHECK(mha_heatmap_measure(&hm, &st, &lay) == MHA_HEATMAP_OK && lay.width < 2500 &&
+              lay.title.w == mha_heatmap_text_width(cut_title, 3),
+              "long title: image %d wide, title %d", lay.width, lay.title.w);
+    }
 }
 
 int main(void)

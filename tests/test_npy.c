@@ -267,6 +267,40 @@ static void test_viewer(void)
     remove(TMP "view_torch_grid.png");
     CHECK(png_size(TMP "view_torch_average.png", &w, &h), "average written");
     remove(TMP "view_torch_average.png");
+    /* exact zeros (the causal triangle of the torch file) drawn masked */
+    CHECK(view(DATA "torch_causal_f4.npy", "--zeros-masked", "-o", TMP "view_zm", NULL) == 0, "--zeros-masked");
+    {
+        int n;
+        unsigned char *p = stbi_load(TMP "view_zm_head0.png", &w, &h, &n, 3);
+        mha_heatmap_layout lay;
+        mha_heatmap hm;
+        mha_npy a;
+        char err[256];
+        CHECK(p != NULL, "zeros-masked png");
+        /* find the upper-right cell with the same layout the viewer used */
+        if (p && mha_npy_load(DATA "torch_causal_f4.npy", &a, err, sizeof err) == 0) {
+            memset(&hm, 0, sizeof hm);
+            hm.weights = a.data; hm.Lq = 5; hm.Lk = 5; hm.title = "torch_causal_f4.npy, batch 0, head 0";
+            a.data[4] = (float)NAN; /* so the legend, and so the layout, match */
+            if (mha_heatmap_measure(&hm, NULL, &lay) == MHA_HEATMAP_OK && lay.width == w && lay.height == h) {
+                mha_heatmap_rect c = mha_heatmap_cell(&lay, 0, 0, 4), d = mha_heatmap_cell(&lay, 0, 4, 0);
+                const unsigned char *m = p + ((size_t)(c.y + 1) * w + c.x + 2) * 3;
+                const unsigned char *o = p + ((size_t)(d.y + 1) * w + d.x + 2) * 3;
+                CHECK(m[0] == MHA_HEATMAP_MASK_R || m[0] == MHA_HEATMAP_HATCH_R, "future cell hatched");
+                CHECK(o[0] != MHA_HEATMAP_MASK_R && o[0] != MHA_HEATMAP_HATCH_R, "past cell coloured");
+            } else {
+                CHECK(0, "layout of the viewer's image not reproduced (%dx%d)", w, h);
+            }
+            mha_npy_free(&a);
+        }
+        if (p) stbi_image_free(p);
+    }
+    for (k = 0; k < 2; ++k) {
+        snprintf(path, sizeof path, TMP "view_zm_head%d.png", k);
+        remove(path);
+    }
+    remove(TMP "view_zm_grid.png");
+    remove(TMP "view_zm_average.png");
     /* 2-D float64 -> one PNG */
     CHECK(view(DATA "ramp_f8.npy", "-o", TMP "view_ramp", "--range", "data", "--cmap", "magma", NULL) == 0, "float64 [2,3,4]");
     CHECK(view(DATA "ramp_2d.npy", "-o", TMP "view_2d", "--values", NULL, NULL, NULL) == 0, "2-D file");
