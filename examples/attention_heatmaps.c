@@ -134,6 +134,38 @@ static void build_weights(float *w_in, float *b_in, float *w_out)
         }
 }
 
+/* The model and its input: the words of the sentence (pointers into
+   `words`, 256 bytes), x [L, E] and the layer m, whose weights live in the
+   static arrays here.  Returns L.  The tests build the same model. */
+static int build_demo(char *words, const char **tok, float *x, mha_module *m)
+{
+    static float w_in[3 * E * E], b_in[3 * E], w_out[E * E], b_out[E];
+    int L = 0, i;
+    char *p;
+
+    /* 1. word-level tokens: split at spaces */
+    strcpy(words, sentence);
+    for (p = strtok(words, " "); p && L < MAXL; p = strtok(NULL, " ")) tok[L++] = p;
+
+    /* 2. x_i = [word(t_i) ; pos(i)] */
+    for (i = 0; i < L; ++i) {
+        word_vector(tok[i], x + i * E);
+        position_vector(i, x + i * E + HALF);
+    }
+
+    /* 3. the hand-made layer */
+    build_weights(w_in, b_in, w_out);
+    memset(m, 0, sizeof *m);
+    m->embed_dim = E;
+    m->num_heads = H;
+    m->in_proj_weight = w_in;
+    m->in_proj_bias = b_in;
+    m->out_proj_weight = w_out;
+    m->out_proj_bias = b_out;
+    return L;
+}
+
+#ifndef ATTENTION_HEATMAPS_NO_MAIN /* tests/test_demo_heads.c uses the model only */
 static int save(const char *dir, const char *name, const mha_heatmap *hm, const mha_heatmap_style *st)
 {
     char path[1024];
@@ -193,7 +225,6 @@ static int draw_all(const char *dir, const char *prefix, const char *what, const
 
 int main(int argc, char **argv)
 {
-    static float w_in[3 * E * E], b_in[3 * E], w_out[E * E], b_out[E];
     static float x[MAXL * E], out[MAXL * E], weights[H * MAXL * MAXL];
     static unsigned char causal[MAXL * MAXL];
     static char words[256];
@@ -203,8 +234,7 @@ int main(int argc, char **argv)
     mha_module m;
     mha_options opt;
     mha_status s;
-    int L = 0, i, bad = 0;
-    char *p;
+    int L, bad = 0;
 
     memset(&st, 0, sizeof st);
     if (argc > 2) {
@@ -215,26 +245,7 @@ int main(int argc, char **argv)
         }
         st.cmap = (mha_heatmap_cmap)c;
     }
-
-    /* 1. word-level tokens: split at spaces */
-    strcpy(words, sentence);
-    for (p = strtok(words, " "); p && L < MAXL; p = strtok(NULL, " ")) tok[L++] = p;
-
-    /* 2. x_i = [word(t_i) ; pos(i)] */
-    for (i = 0; i < L; ++i) {
-        word_vector(tok[i], x + i * E);
-        position_vector(i, x + i * E + HALF);
-    }
-
-    /* 3. the hand-made layer */
-    build_weights(w_in, b_in, w_out);
-    memset(&m, 0, sizeof m);
-    m.embed_dim = E;
-    m.num_heads = H;
-    m.in_proj_weight = w_in;
-    m.in_proj_bias = b_in;
-    m.out_proj_weight = w_out;
-    m.out_proj_bias = b_out;
+    L = build_demo(words, tok, x, &m);
 
     make_dir(dir); /* fine if it exists; a real failure shows when writing */
     printf("sentence: \"%s\" (%d words, E = %d, %d heads)\n", sentence, L, E, H);
@@ -256,3 +267,4 @@ int main(int argc, char **argv)
     bad |= draw_all(dir, "causal", "causal", weights, L, tok, causal, &st);
     return bad;
 }
+#endif
