@@ -424,6 +424,7 @@ static void mha_hm__hatch(mha_hm__img *im, int x0, int y0, int x1, int y1, int p
    (capitals 7 units high, descenders to 9).  We ask it for one character at
    a time, so its vertex buffer stays small, and fill each quad scaled. */
 static int mha_hm__char_ok(int c) { return c >= 32 && c < 127; }
+/* Anything else is drawn as '?': the font has printable ASCII only. */
 
 /* The right edge of a glyph's ink, in font units (its advance adds spacing). */
 static int mha_hm__ink_right(int c)
@@ -444,6 +445,7 @@ MHA_HEATMAP_DEF int mha_heatmap_text_width(const char *text, int scale)
     if (!text) return 0;
     for (; *text; ++text) {
         int c = (unsigned char)*text;
+        if (c >= 0x80 && c < 0xC0) continue; /* UTF-8 continuation: one '?' per character */
         if (!mha_hm__char_ok(c)) c = '?';
         w += stb_easy_font_charinfo[c - 32].advance & 15;
         last = c;
@@ -467,6 +469,7 @@ MHA_HEATMAP_DEF void mha_heatmap_text(unsigned char *rgb, int width, int height,
     for (; *text; ++text) {
         char one[2];
         int c = (unsigned char)*text, n, q;
+        if (c >= 0x80 && c < 0xC0) continue; /* UTF-8 continuation: one '?' per character */
         if (!mha_hm__char_ok(c)) c = '?';
         one[0] = (char)c; one[1] = 0;
         n = stb_easy_font_print(0, 0, one, NULL, vb, (int)sizeof vb);

@@ -394,7 +394,8 @@ static void test_text(void)
     CHECK(x0 == 10 && x1 + 1 - x0 == 14, "rotated: glyph height across, x %d..%d", x0, x1);
     CHECK(y1 == 99 && y1 + 1 - y0 == w2, "rotated: text runs up from the origin, y %d..%d", y0, y1);
     /* bytes outside printable ASCII draw as '?', never read outside the font */
-    CHECK(mha_heatmap_text_width("\xc3\xa9", 1) == mha_heatmap_text_width("??", 1), "UTF-8 bytes as two question marks");
+    CHECK(mha_heatmap_text_width("caf\xc3\xa9", 1) == mha_heatmap_text_width("caf?", 1), "a UTF-8 character is one '?'");
+    CHECK(mha_heatmap_text_width("\t\x7f", 1) == mha_heatmap_text_width("??", 1), "control bytes are '?'");
     mha_heatmap_text(rgb, W, Hh, -50, -50, "clipped", 3, 0, black); /* off the image: no crash */
     mha_heatmap_text(rgb, W, Hh, W - 5, Hh - 5, "clipped", 3, 1, black);
 }
