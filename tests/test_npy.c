@@ -288,6 +288,24 @@ static void test_viewer(void)
                 const unsigned char *o = p + ((size_t)(d.y + 1) * w + d.x + 2) * 3;
                 CHECK(m[0] == MHA_HEATMAP_MASK_R || m[0] == MHA_HEATMAP_HATCH_R, "future cell hatched");
                 CHECK(o[0] != MHA_HEATMAP_MASK_R && o[0] != MHA_HEATMAP_HATCH_R, "past cell coloured");
+                /* end to end: every visible cell of the PNG has the colour of
+                   the weight torch wrote (the file is read again, unmasked) */
+                {
+                    mha_npy b;
+                    int i, j, wrong = 0;
+                    if (mha_npy_load(DATA "torch_causal_f4.npy", &b, err, sizeof err) == 0) {
+                        for (i = 0; i < 5; ++i)
+                            for (j = 0; j <= i; ++j) {
+                                unsigned char want[3];
+                                mha_heatmap_rect r = mha_heatmap_cell(&lay, 0, i, j);
+                                const unsigned char *got = p + ((size_t)(r.y + r.h / 2) * w + r.x + r.w / 2) * 3;
+                                mha_heatmap_color(MHA_HEATMAP_VIRIDIS, b.data[i * 5 + j], want);
+                                wrong += got[0] != want[0] || got[1] != want[1] || got[2] != want[2];
+                            }
+                        mha_npy_free(&b);
+                    }
+                    CHECK(wrong == 0, "%d of 15 visible cells have the wrong colour", wrong);
+                }
             } else {
                 CHECK(0, "layout of the viewer's image not reproduced (%dx%d)", w, h);
             }
