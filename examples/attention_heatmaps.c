@@ -26,9 +26,10 @@
      cos((i - j) w_k), largest when i = j.  So with q_i = b * pos(i) and
      k_j = pos(j) the score b * sum_k cos((i - j) w_k) peaks on the diagonal
      (head 0).  Rotating each pair of the query by -w_k gives pos(i - 1), and
-     the peak moves one word back (head 1).  Only slow frequencies and a small
-     b give a wide, soft peak (head 2).  A query that ignores x and is the
-     constant b * pos(0) (a bias) peaks at key 0 for every word (head 3).
+     the peak moves one word back (head 1).  Leaving out the two fastest
+     frequencies gives a wider, softer peak (head 2).  A query that ignores
+     x and is the constant b * pos(0) (a bias) peaks at key 0 for every word
+     (head 3).
      Each head has D = 16 dimensions: 8 (sin, cos) pairs.
 */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
@@ -62,8 +63,9 @@ static const char *const head_jobs[H] = {"self", "previous word", "local window"
    fastest ones (k = 0..7) make the sharpest peaks; the local window starts
    two slower (k = 2..9), so its peak is wider */
 static const int first_pair[H] = {0, 0, 2, 0};
-/* sharpness b of each head's scores; with these a word keeps about 0.6 of
-   its weight on the word its head is after, the window 0.3 / 0.2 / 0.1 */
+/* sharpness b of each head's scores; with these a word gives about 0.7 of
+   its weight to the word its head is after (0.8 to the first word), and
+   the window spreads 0.3 / 0.2 / 0.1 over the word and two either side */
 static const float sharpness[H] = {2.5f, 2.5f, 4.0f, 2.0f};
 
 static double omega(int k) { return pow(10000.0, -2.0 * k / HALF); }
@@ -125,7 +127,8 @@ static void build_weights(float *w_in, float *b_in, float *w_out)
             }
         }
     }
-    /* values and output: a fixed pseudo-random mix, small enough to read */
+    /* values: a fixed pseudo-random mix, output projection the identity;
+       they shape the layer's output, not the pictures */
     for (r = 0; r < E; ++r)
         for (c = 0; c < E; ++c) {
             s ^= s >> 12; s ^= s << 25; s ^= s >> 27;
