@@ -658,7 +658,6 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,
         return MHA_HEATMAP_ERR_TOO_LARGE;
     memset(L, 0, sizeof *L);
     H = mha_hm__heads(hm);
-    mha_hm__range(hm, st, &L->vmin, &L->vmax);
 
     /* 1. cell size: the map fits about 640 x 480 pixels (400 x 320 in a
           grid), 4..40 pixels a cell */
@@ -730,6 +729,10 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,
     L->panel_dy = panel_h + MHA_HM__PANEL_GAP_Y;
     grid_w = L->cols * panel_w + (L->cols - 1) * MHA_HM__PANEL_GAP_X;
     grid_h = L->rows * panel_h + (L->rows - 1) * MHA_HM__PANEL_GAP_Y;
+    /* every later loop over the weights is bounded by the image size:
+       at least 4 x 4 pixels a cell */
+    if (grid_w > MHA_HEATMAP_MAX_SIDE || grid_h > MHA_HEATMAP_MAX_SIDE) return MHA_HEATMAP_ERR_TOO_LARGE;
+    mha_hm__range(hm, st, &L->vmin, &L->vmax);
 
     /* 5. title, then everything placed from the top-left */
     if (hm->title && hm->title[0]) {
