@@ -10,12 +10,13 @@ DEPS_DEMO  := gcc libstb-dev
 DEPS_BENCH := libopenblas-dev python3-torch python3-numpy
 DEPS_GOLD  := python3-torch python3-numpy
 
-.PHONY: all help test demo bench deps deps-demo deps-bench golden clean
+.PHONY: all help test demo view bench deps deps-demo deps-bench golden clean
 
 all: demo
 
 help:
 	@echo "make demo   - build and run the example (writes heatmap PNGs)"
+	@echo "make view   - build the .npy viewer; make view NPY=attn.npy VIEWFLAGS='--labels tok.txt' runs it"
 	@echo "make test   - every test under scalar, AVX2, clang, ASan+UBSan, NEON (qemu), C++"
 	@echo "make bench  - GEMM and attention benchmarks against OpenBLAS and PyTorch"
 	@echo "make deps   - install the Debian packages the tests need (root, apt-get)"
@@ -44,11 +45,26 @@ deps-bench:
 test: deps
 	bash tests/run_all.sh
 
-demo: deps-demo $(BUILD)/demo_print
+# The heatmap example writes PNGs into $(OUT) and prints their paths.
+OUT := out
+
+demo: deps-demo $(BUILD)/demo_print $(BUILD)/attention_heatmaps
 	./$(BUILD)/demo_print
+	./$(BUILD)/attention_heatmaps $(OUT)
 
 $(BUILD)/demo_print: examples/print_forward.c mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) -I. $< -o $@ -lm
+
+$(BUILD)/attention_heatmaps: examples/attention_heatmaps.c examples/heatmap.h mha.h | $(BUILD)
+	$(CC) -std=c99 $(CFLAGS) -I. -isystem $(STB_INC) $< -o $@ -lm
+
+# Attention weights saved with numpy.save -> PNGs (docs/visualisation.md).
+view: deps-demo $(BUILD)/mha_view
+	@if [ -n "$(NPY)" ]; then ./$(BUILD)/mha_view $(NPY) $(VIEWFLAGS); \
+	else echo "built $(BUILD)/mha_view; run: $(BUILD)/mha_view WEIGHTS.npy [--labels tokens.txt] [--causal] (--help lists all)"; fi
+
+$(BUILD)/mha_view: examples/mha_view.c examples/npy.h examples/heatmap.h | $(BUILD)
+	$(CC) -std=c99 $(CFLAGS) -isystem $(STB_INC) $< -o $@ -lm
 
 golden:
 	$(call need_pkgs,$(DEPS_GOLD))
