@@ -439,7 +439,7 @@ typedef struct mha__view {
 typedef struct mha__attn {
     int B, H, Lq, Lk, Lk_eff, D, Dv;   /* Lk_eff: Lk plus appended keys (bias_k, zero) */
     mha__view q, k, v;
-    float *o; size_t o_bs, o_hs, o_rs;
+    float *o; size_t o_bs, o_hs, o_rs; /* may alias q: each tile reads its rows first */
     float scale;
     const mha_mask *attn_mask, *kpm;   /* NULL when kind is NONE */
     int causal; ptrdiff_t causal_off;  /* key j allowed iff j <= i + causal_off */
@@ -447,44 +447,64 @@ typedef struct mha__attn {
     int nthreads;
 } mha__attn;
 
+/* Tile sizes.  Fused path: a query tile of MHA__BR rows meets key tiles of
+   MHA__BC keys; per thread it keeps S [BR, BC], the context accumulator
+   [BR, Dv] and the running max and sum, so its memory does not grow with L.
+   Unfused path (weights requested): MHA__BR_W query rows at a time against
+   all Lk_eff keys, i.e. a [BR_W, Lk_eff] score block per thread.  */
+#ifndef MHA__BR
+#define MHA__BR 64
+#endif
+#ifndef MHA__BC
+#define MHA__BC 128
+#endif
+#define MHA__BR_W 32
+
+static size_t mha__round_up(size_t n)
+{
+    return (n + MHA__ALIGN_FLOATS - 1) / MHA__ALIGN_FLOATS * MHA__ALIGN_FLOATS;
+}
+
 static int mha__mask_bool_blocks(mha_mask_kind kind, unsigned char v)
 {
     return kind == MHA_MASK_BOOL ? v != 0 : v == 0;
 }
 
-/* Mask one row of scaled scores s[0..Lk_eff) of query i in (b, h):
+/* Mask the scaled scores s[0..n) of query i in (b, h) against keys j0..j0+n:
    blocked keys get -inf written over whatever the score was (so NaN from a
    blocked key is discarded); float masks are added.  Keys j >= Lk are the
    appended bias/zero keys and are never masked.  */
-static void mha__mask_row(const mha__attn *a, int b, int h, int i, float *s)
+static void mha__mask_cols(const mha__attn *a, int b, int h, int i, int j0, int n, float *s)
 {
-    int j, Lk = a->Lk;
+    int j, Lk = a->Lk, jend = j0 + n < Lk ? j0 + n : Lk;
+    s -= j0;                            /* s[j] is key j from here on */
+    if (j0 >= Lk) return;
     if (a->attn_mask) {
         const mha_mask *m = a->attn_mask;
         size_t row = (m->ndim == 2) ? (size_t)i
                                     : ((size_t)b * a->H + h) * a->Lq + i;
         if (m->kind == MHA_MASK_FLOAT) {
             const float *f = MHA__CAST(const float *, m->data) + row * Lk;
-            for (j = 0; j < Lk; ++j) s[j] = (f[j] == -INFINITY) ? -INFINITY : s[j] + f[j];
+            for (j = j0; j < jend; ++j) s[j] = (f[j] == -INFINITY) ? -INFINITY : s[j] + f[j];
         } else {
             const unsigned char *u = MHA__CAST(const unsigned char *, m->data) + row * Lk;
-            for (j = 0; j < Lk; ++j) if (mha__mask_bool_blocks(m->kind, u[j])) s[j] = -INFINITY;
+            for (j = j0; j < jend; ++j) if (mha__mask_bool_blocks(m->kind, u[j])) s[j] = -INFINITY;
         }
     }
     if (a->kpm) {
         const mha_mask *m = a->kpm;
         if (m->kind == MHA_MASK_FLOAT) {
             const float *f = MHA__CAST(const float *, m->data) + (size_t)b * Lk;
-            for (j = 0; j < Lk; ++j) s[j] = (f[j] == -INFINITY) ? -INFINITY : s[j] + f[j];
+            for (j = j0; j < jend; ++j) s[j] = (f[j] == -INFINITY) ? -INFINITY : s[j] + f[j];
         } else {
             const unsigned char *u = MHA__CAST(const unsigned char *, m->data) + (size_t)b * Lk;
-            for (j = 0; j < Lk; ++j) if (mha__mask_bool_blocks(m->kind, u[j])) s[j] = -INFINITY;
+            for (j = j0; j < jend; ++j) if (mha__mask_bool_blocks(m->kind, u[j])) s[j] = -INFINITY;
         }
     }
     if (a->causal) {
         ptrdiff_t first = (ptrdiff_t)i + a->causal_off + 1;   /* first blocked key */
-        if (first < 0) first = 0;
-        for (j = (int)(first < Lk ? first : Lk); j < Lk; ++j) s[j] = -INFINITY;
+        if (first < j0) first = j0;
+        for (j = (int)(first < jend ? first : jend); j < jend; ++j) s[j] = -INFINITY;
     }
 }
 
@@ -495,83 +515,228 @@ static int mha__all_finite(const float *x, int n)
     return 1;
 }
 
-/* One (batch, head): the unfused path.  S = scale Q K^T; mask; softmax; O = P V.
-   s: Lq*Lk_eff floats of scratch.  */
-static void mha__attend_head(const mha__attn *a, int b, int h, float *s, float *gws)
+/* O[r, :] (+)= sum_j P[r, j] V[j, :] over nc keys.  A zero weight times a
+   NaN/Inf value would be NaN, so when some value row is not finite, sum over
+   the keys with nonzero weight only.  beta is 0 (overwrite) or 1 (accumulate).  */
+static void mha__pv(int nr, int nc, int Dv, const float *p, size_t ldp, const float *v,
+                    size_t ldv, float beta, float *o, size_t ldo, float *gws)
 {
-    const float *q = a->q.p + (size_t)b * a->q.bs + (size_t)h * a->q.hs;
-    const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)h * a->k.hs;
-    const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)h * a->v.hs;
-    float *o = a->o + (size_t)b * a->o_bs + (size_t)h * a->o_hs;
-    int Lq = a->Lq, Lk = a->Lk_eff, Dv = a->Dv, i, j, v_finite = 1;
-
-    /* 1. scores S[i,j] = scale * q_i . k_j */
-    mha__gemm(0, 1, Lq, Lk, a->D, a->scale, q, a->q.rs, k, a->k.rs, 0.0f, s, (size_t)Lk, gws);
-
-    /* 2. mask and softmax, row by row */
-    for (i = 0; i < Lq; ++i) {
-        float *row = s + (size_t)i * Lk;
-        mha__mask_row(a, b, h, i, row);
-        mha__softmax_row(row, Lk);
-    }
-
-    /* 3. O = P V.  A zero weight times a NaN/Inf value would be NaN, so when
-       some value row is not finite, sum over the keys with nonzero weight only. */
-    for (j = 0; j < Lk && v_finite; ++j) v_finite = mha__all_finite(v + (size_t)j * a->v.rs, Dv);
+    int i, j, v_finite = 1;
+    for (j = 0; j < nc && v_finite; ++j) v_finite = mha__all_finite(v + (size_t)j * ldv, Dv);
     if (v_finite) {
-        mha__gemm(0, 0, Lq, Dv, Lk, 1.0f, s, (size_t)Lk, v, a->v.rs, 0.0f, o, a->o_rs, gws);
-    } else {
-        for (i = 0; i < Lq; ++i) {
-            float *oi = o + (size_t)i * a->o_rs;
-            const float *pi = s + (size_t)i * Lk;
-            for (j = 0; j < Dv; ++j) oi[j] = 0.0f;
-            for (j = 0; j < Lk; ++j)
-                if (pi[j] != 0.0f) mha__axpy(oi, pi[j], v + (size_t)j * a->v.rs, Dv);
-        }
+        mha__gemm(0, 0, nr, Dv, nc, 1.0f, p, ldp, v, ldv, beta, o, ldo, gws);
+        return;
     }
+    for (i = 0; i < nr; ++i) {
+        float *oi = o + (size_t)i * ldo;
+        const float *pi = p + (size_t)i * ldp;
+        if (beta == 0.0f) for (j = 0; j < Dv; ++j) oi[j] = 0.0f;
+        for (j = 0; j < nc; ++j)
+            if (pi[j] != 0.0f) mha__axpy(oi, pi[j], v + (size_t)j * ldv, Dv);
+    }
+}
 
-    /* 4. hand the weights out: per head, or summed here and averaged later */
-    if (a->weights) {
-        size_t n = (size_t)Lq * Lk;
+/* ---- unfused path: the weights are wanted, so every score is kept */
+
+/* Rows i0..i0+nr of batch b, every head in order h = 0..H-1:
+   S = scale Q K^T; mask; softmax; O = P V; hand out the weights.
+   s: nr*Lk_eff floats of scratch.  Summing the head average in this item,
+   head by head, fixes its order whatever the thread count.  */
+static void mha__attend_rows(const mha__attn *a, int b, int i0, int nr, float *s, float *gws)
+{
+    int Lk = a->Lk_eff, h, r;
+    size_t n = (size_t)nr * Lk, t;
+    for (h = 0; h < a->H; ++h) {
+        const float *q = a->q.p + (size_t)b * a->q.bs + (size_t)h * a->q.hs + (size_t)i0 * a->q.rs;
+        const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)h * a->k.hs;
+        const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)h * a->v.hs;
+        float *o = a->o + (size_t)b * a->o_bs + (size_t)h * a->o_hs + (size_t)i0 * a->o_rs;
+
+        /* 1. scores S[i,j] = scale * q_i . k_j */
+        mha__gemm(0, 1, nr, Lk, a->D, a->scale, q, a->q.rs, k, a->k.rs, 0.0f, s, (size_t)Lk, gws);
+
+        /* 2. mask and softmax, row by row */
+        for (r = 0; r < nr; ++r) {
+            float *row = s + (size_t)r * Lk;
+            mha__mask_cols(a, b, h, i0 + r, 0, Lk, row);
+            mha__softmax_row(row, Lk);
+        }
+
+        /* 3. O = P V (q is fully read above, so o may alias it) */
+        mha__pv(nr, Lk, a->Dv, s, (size_t)Lk, v, a->v.rs, 0.0f, o, a->o_rs, gws);
+
+        /* 4. the weights: per head, or the head average w = sum_h P_h / H */
         if (a->per_head) {
-            memcpy(a->weights + ((size_t)b * a->H + h) * n, s, n * sizeof(float));
+            float *w = a->weights + (((size_t)b * a->H + h) * a->Lq + i0) * Lk;
+            memcpy(w, s, n * sizeof(float));
         } else {
-            float *w = a->weights + (size_t)b * n;
+            float *w = a->weights + ((size_t)b * a->Lq + i0) * Lk;
             float inv_h = 1.0f / (float)a->H;
-            size_t t;
             if (h == 0) for (t = 0; t < n; ++t) w[t] = s[t] * inv_h;
             else        for (t = 0; t < n; ++t) w[t] += s[t] * inv_h;
         }
     }
 }
 
-/* Scratch floats of one attention call: per thread, a score block and GEMM packing. */
+/* ---- fused path: online softmax over key tiles (FlashAttention)
+
+   For one query row with running max m, running sum l and context o, a new
+   tile of scores s_j does
+       m' = max(m, max_j s_j)          c = exp(m - m')
+       p_j = exp(s_j - m')             l' = c l + sum_j p_j
+       o'  = c o + sum_j p_j v_j
+   and at the end o / l is softmax(s) V over all keys seen.  Blocked keys
+   (s_j = -inf) get p_j = 0 exactly and are skipped in o when V is not finite.  */
+
+/* Turn one masked score row into p in place and rescale (o, l); returns the
+   number of allowed keys in the row (0: p is all zero, m, l, o unchanged). */
+static int mha__online_row(float *s, int n, float *m, float *l, float *o, int Dv)
+{
+    float mt = -INFINITY, mnew, sum = 0.0f;
+    int j, any = 0;
+    for (j = 0; j < n; ++j)
+        if (s[j] != -INFINITY) { ++any; if (!(s[j] <= mt)) mt = s[j]; }
+    if (!any) {
+        for (j = 0; j < n; ++j) s[j] = 0.0f;
+        return 0;
+    }
+    mnew = (*m == -INFINITY || !(mt <= *m)) ? mt : *m;
+    if (*m != -INFINITY && mnew != *m) {
+        float c = expf(*m - mnew);
+        *l *= c;
+        for (j = 0; j < Dv; ++j) o[j] *= c;
+    }
+    for (j = 0; j < n; ++j) {
+        float e = (s[j] == -INFINITY) ? 0.0f : expf(s[j] - mnew);
+        s[j] = e;
+        sum += e;
+    }
+    *l += sum;
+    *m = mnew;
+    return any;
+}
+
+/* Scratch floats of one fused tile: S, the accumulator O, m, l (each aligned). */
+static size_t mha__fused_tile_floats(int Dv)
+{
+    return mha__round_up((size_t)MHA__BR * MHA__BC) + (size_t)MHA__BR * mha__round_up((size_t)Dv) +
+           2 * mha__round_up(MHA__BR);
+}
+
+/* Query rows i0..i0+nr of (b, h), fused.  sc: mha__fused_tile_floats(Dv)
+   floats of scratch, gws: GEMM packing space after it.  */
+static void mha__attend_fused(const mha__attn *a, int b, int h, int i0, int nr, float *sc, float *gws)
+{
+    const float *q = a->q.p + (size_t)b * a->q.bs + (size_t)h * a->q.hs + (size_t)i0 * a->q.rs;
+    const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)h * a->k.hs;
+    const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)h * a->v.hs;
+    float *out = a->o + (size_t)b * a->o_bs + (size_t)h * a->o_hs + (size_t)i0 * a->o_rs;
+    int Dv = a->Dv, Lk = a->Lk, r, d, seg;
+    size_t ldo = mha__round_up((size_t)Dv);
+    float *S = sc;
+    float *O = S + mha__round_up((size_t)MHA__BR * MHA__BC);
+    float *m = O + (size_t)MHA__BR * ldo;
+    float *l = m + mha__round_up(MHA__BR);
+    /* key segments: the real keys a causal mask leaves to the last row of
+       this tile (later key tiles are blocked for every row and never
+       computed), then the appended keys, which no mask blocks */
+    int seg_lo[2], seg_hi[2];
+    seg_lo[0] = 0; seg_hi[0] = Lk;
+    if (a->causal) {
+        ptrdiff_t last = (ptrdiff_t)i0 + nr - 1 + a->causal_off + 1;
+        seg_hi[0] = last < 0 ? 0 : (last < Lk ? (int)last : Lk);
+    }
+    seg_lo[1] = Lk; seg_hi[1] = a->Lk_eff;
+
+    for (r = 0; r < nr; ++r) { m[r] = -INFINITY; l[r] = 0.0f; }
+    for (r = 0; r < nr * (int)ldo; ++r) O[r] = 0.0f;
+
+    for (seg = 0; seg < 2; ++seg) {
+        int j0;
+        for (j0 = seg_lo[seg]; j0 < seg_hi[seg]; j0 += MHA__BC) {
+            int nc = seg_hi[seg] - j0 < MHA__BC ? seg_hi[seg] - j0 : MHA__BC, live = 0;
+            /* 1. S = scale Q_tile K_tile^T   [nr, nc] */
+            mha__gemm(0, 1, nr, nc, a->D, a->scale, q, a->q.rs, k + (size_t)j0 * a->k.rs, a->k.rs,
+                      0.0f, S, MHA__BC, gws);
+            /* 2. mask, then the online softmax update of each row */
+            for (r = 0; r < nr; ++r) {
+                float *row = S + (size_t)r * MHA__BC;
+                mha__mask_cols(a, b, h, i0 + r, j0, nc, row);
+                live += mha__online_row(row, nc, m + r, l + r, O + (size_t)r * ldo, Dv);
+            }
+            /* 3. O += P V_tile */
+            if (live)
+                mha__pv(nr, nc, Dv, S, MHA__BC, v + (size_t)j0 * a->v.rs, a->v.rs, 1.0f, O, ldo, gws);
+        }
+    }
+
+    /* 4. o = O / l; a row that met no allowed key has l = 0 and gets zeros */
+    for (r = 0; r < nr; ++r) {
+        float *orow = out + (size_t)r * a->o_rs;
+        const float *arow = O + (size_t)r * ldo;
+        if (l[r] != 0.0f) {
+            float inv = 1.0f / l[r];
+            for (d = 0; d < Dv; ++d) orow[d] = arow[d] * inv;
+        } else {
+            for (d = 0; d < Dv; ++d) orow[d] = 0.0f;
+        }
+    }
+}
+
+/* Scratch floats of one attention call: per thread, a score block (fused
+   tiles, or BR_W rows of all keys) and GEMM packing.  */
 static int mha__attn_scratch_floats(int Lq, int Lk_eff, int D, int Dv, int nthreads,
-                                    size_t *per_thread, size_t *total)
+                                    int need_weights, size_t *per_thread, size_t *total)
 {
     size_t s, g1, g2, g;
-    if (!mha__mul((size_t)Lq, (size_t)Lk_eff, &s)) return 0;
-    g1 = mha__gemm_ws_floats(Lq, Lk_eff, D);
-    g2 = mha__gemm_ws_floats(Lq, Dv, Lk_eff);
+    int br = need_weights ? (Lq < MHA__BR_W ? Lq : MHA__BR_W) : (Lq < MHA__BR ? Lq : MHA__BR);
+    if (need_weights) {
+        if (!mha__mul((size_t)br, (size_t)Lk_eff, &s)) return 0;
+        s = mha__round_up(s);
+        g1 = mha__gemm_ws_floats(br, Lk_eff, D);
+        g2 = mha__gemm_ws_floats(br, Dv, Lk_eff);
+    } else {
+        int bc = Lk_eff < MHA__BC ? Lk_eff : MHA__BC;
+        s = mha__fused_tile_floats(Dv);
+        g1 = mha__gemm_ws_floats(br, bc, D);
+        g2 = mha__gemm_ws_floats(br, Dv, bc);
+    }
     g = g1 > g2 ? g1 : g2;
     if (!mha__add(s, g, per_thread) || !mha__add(*per_thread, 2 * MHA__ALIGN_FLOATS, per_thread))
         return 0;
+    *per_thread = mha__round_up(*per_thread);
     return mha__mul(*per_thread, (size_t)nthreads, total);
 }
 
-/* Run every (b, h) of a validated call.  ws holds the per-thread scratch.
-   Heads of one batch run in order, so the head average is summed in a fixed
-   order and the result does not depend on the thread count.  */
+/* Run a validated call.  Work items are independent tiles: (b, h, query
+   tile) in the fused path, (b, query tile) with heads inside in the unfused
+   path.  Each thread takes its scratch from ws by omp_get_thread_num().
+   An item's result depends only on the item, never on which thread or how
+   many threads ran it, so outputs are bit-identical for any thread count.  */
 static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
 {
-    int b;
-    for (b = 0; b < a->B; ++b) {
-        int h;
-        for (h = 0; h < a->H; ++h) {
-            float *s = ws;
-            float *gws = s + (((size_t)a->Lq * a->Lk_eff + MHA__ALIGN_FLOATS - 1) / MHA__ALIGN_FLOATS) * MHA__ALIGN_FLOATS;
-            (void)per_thread;
-            mha__attend_head(a, b, h, s, gws);
+    int fused = a->weights == NULL;
+    int br = fused ? MHA__BR : MHA__BR_W;
+    int nqt = (a->Lq + br - 1) / br;
+    long items = (long)a->B * (fused ? a->H : 1) * nqt, t;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(a->nthreads)
+#endif
+    for (t = 0; t < items; ++t) {
+        int tid = 0, qt = (int)(t % nqt), i0 = qt * br;
+        int nr = a->Lq - i0 < br ? a->Lq - i0 : br;
+        float *sc;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        sc = ws + (size_t)tid * per_thread;
+        if (fused) {
+            long bh = t / nqt;
+            mha__attend_fused(a, (int)(bh / a->H), (int)(bh % a->H), i0, nr, sc,
+                              sc + mha__fused_tile_floats(a->Dv));
+        } else {
+            mha__attend_rows(a, (int)(t / nqt), i0, nr, sc,
+                             sc + mha__round_up((size_t)nr * a->Lk_eff));
         }
     }
 }
@@ -655,7 +820,6 @@ static mha_status mha__sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
 {
     size_t total, n;
     mha_status st;
-    (void)need_weights;
     if (B <= 0 || H <= 0 || Lq <= 0 || Lk <= 0 || D <= 0 || Dv <= 0) return MHA_ERR_INVALID_SIZE;
     /* every tensor's byte count must fit */
     if (!mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)(D > Dv ? D : Dv), &n) ||
@@ -664,7 +828,8 @@ static mha_status mha__sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
         !mha__mul(n, sizeof(float), &n))
         return MHA_ERR_OVERFLOW;
     if ((st = mha__check_masks(opt, B, H, Lq, Lk)) != MHA_OK) return st;
-    if (!mha__attn_scratch_floats(Lq, Lk, D, Dv, mha__max_threads(opt), per_thread, &total) ||
+    if (!mha__attn_scratch_floats(Lq, Lk, D, Dv, mha__max_threads(opt), need_weights,
+                                  per_thread, &total) ||
         !mha__add(total, MHA__ALIGN_FLOATS, &total) || !mha__mul(total, sizeof(float), bytes))
         return MHA_ERR_OVERFLOW;
     return MHA_OK;
@@ -715,7 +880,7 @@ MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
    call, so the two cannot disagree).  Offsets are in floats.  */
 typedef struct mha__fwd_layout {
     int E, H, D, kdim, vdim, Lk_eff;
-    size_t qp, kp, vp, ctx, scratch, per_thread, total_floats;
+    size_t qp, kp, vp, scratch, per_thread, total_floats;
 } mha__fwd_layout;
 
 static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
@@ -723,7 +888,6 @@ static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
 {
     size_t n, cur = 0, scratch;
     mha_status st;
-    (void)need_weights;
     if (!m) return MHA_ERR_NULL_POINTER;
     if (m->embed_dim <= 0 || m->num_heads <= 0 || m->kdim < 0 || m->vdim < 0 ||
         B <= 0 || Lq <= 0 || Lk <= 0)
@@ -762,9 +926,8 @@ static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
     if (!mha__region(&cur, (size_t)B * Lq * L->E, &L->qp) ||
         !mha__region(&cur, (size_t)B * L->Lk_eff * L->E, &L->kp) ||
         !mha__region(&cur, (size_t)B * L->Lk_eff * L->E, &L->vp) ||
-        !mha__region(&cur, (size_t)B * Lq * L->E, &L->ctx) ||
         !mha__attn_scratch_floats(Lq, L->Lk_eff, L->D, L->D, mha__max_threads(opt),
-                                  &L->per_thread, &scratch) ||
+                                  need_weights, &L->per_thread, &scratch) ||
         !mha__region(&cur, scratch, &L->scratch))
         return MHA_ERR_OVERFLOW;
     /* projection GEMMs run on the scratch area too */
@@ -813,7 +976,7 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
     mha__fwd_layout L;
     mha__attn a;
     void *owned;
-    float *ws, *qp, *kp, *vp, *ctx, *scratch;
+    float *ws, *qp, *kp, *vp, *scratch;
     const float *wq, *wk, *wv, *bq, *bk, *bv;
     size_t need;
     int E, b, extra;
@@ -826,7 +989,7 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
     if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
 
     E = L.E;
-    qp = ws + L.qp; kp = ws + L.kp; vp = ws + L.vp; ctx = ws + L.ctx; scratch = ws + L.scratch;
+    qp = ws + L.qp; kp = ws + L.kp; vp = ws + L.vp; scratch = ws + L.scratch;
     if (m->in_proj_weight) {
         wq = m->in_proj_weight;
         wk = wq + (size_t)E * E;
@@ -865,17 +1028,19 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
         }
     }
 
-    /* 2. attention per (batch, head) on the head-interleaved [B, L, E] layout */
+    /* 2. attention per (batch, head) on the head-interleaved [B, L, E] layout;
+       the context of each head overwrites that head's Q columns, which its
+       tile has finished reading, so no further [B, L, E] buffer is needed */
     mha__attn_common(&a, opt, B, L.H, Lq, Lk, L.Lk_eff, L.D, L.D);
     a.q.p = qp; a.q.rs = (size_t)E; a.q.hs = (size_t)L.D; a.q.bs = (size_t)Lq * E;
     a.k.p = kp; a.k.rs = (size_t)E; a.k.hs = (size_t)L.D; a.k.bs = (size_t)L.Lk_eff * E;
     a.v.p = vp; a.v.rs = (size_t)E; a.v.hs = (size_t)L.D; a.v.bs = (size_t)L.Lk_eff * E;
-    a.o = ctx;  a.o_rs = (size_t)E; a.o_hs = (size_t)L.D; a.o_bs = (size_t)Lq * E;
+    a.o = qp;   a.o_rs = (size_t)E; a.o_hs = (size_t)L.D; a.o_bs = (size_t)Lq * E;
     a.weights = attn_weights; a.per_head = opt->per_head_weights != 0;
     mha__attend_all(&a, scratch, L.per_thread);
 
     /* 3. output projection: out = concat_h(O_h) Wo^T + bo */
-    mha__linear(B * Lq, E, E, ctx, m->out_proj_weight, m->out_proj_bias, out, scratch);
+    mha__linear(B * Lq, E, E, qp, m->out_proj_weight, m->out_proj_bias, out, scratch);
 
     if (owned) MHA_FREE(owned);
     return MHA_OK;
