@@ -435,9 +435,13 @@ typedef struct mha__view {
     size_t bs, hs, rs;
 } mha__view;
 
-/* Everything one attention call needs, after validation. */
+/* Everything one attention call needs, after validation.  A call may cover
+   a slice of the queries: batches b0..b0+nb and rows q0..q0+nq of each; the
+   views q, k, v, o then start at (b0, q0) and (b0, key 0), while masks,
+   causal and weights use the global indices b0 + b and q0 + i.  */
 typedef struct mha__attn {
     int B, H, Lq, Lk, Lk_eff, D, Dv;   /* Lk_eff: Lk plus appended keys (bias_k, zero) */
+    int b0, nb, q0, nq;                /* the slice this call computes */
     mha__view q, k, v;
     float *o; size_t o_bs, o_hs, o_rs; /* may alias q: each tile reads its rows first */
     float scale;
@@ -544,7 +548,7 @@ static void mha__pv(int nr, int nc, int Dv, const float *p, size_t ldp, const fl
    head by head, fixes its order whatever the thread count.  */
 static void mha__attend_rows(const mha__attn *a, int b, int i0, int nr, float *s, float *gws)
 {
-    int Lk = a->Lk_eff, h, r;
+    int Lk = a->Lk_eff, h, r, gb = a->b0 + b, gi = a->q0 + i0;   /* global batch, row */
     size_t n = (size_t)nr * Lk, t;
     for (h = 0; h < a->H; ++h) {
         const float *q = a->q.p + (size_t)b * a->q.bs + (size_t)h * a->q.hs + (size_t)i0 * a->q.rs;
@@ -558,7 +562,7 @@ static void mha__attend_rows(const mha__attn *a, int b, int i0, int nr, float *s
         /* 2. mask and softmax, row by row */
         for (r = 0; r < nr; ++r) {
             float *row = s + (size_t)r * Lk;
-            mha__mask_cols(a, b, h, i0 + r, 0, Lk, row);
+            mha__mask_cols(a, gb, h, gi + r, 0, Lk, row);
             mha__softmax_row(row, Lk);
         }
 
@@ -567,10 +571,10 @@ static void mha__attend_rows(const mha__attn *a, int b, int i0, int nr, float *s
 
         /* 4. the weights: per head, or the head average w = sum_h P_h / H */
         if (a->per_head) {
-            float *w = a->weights + (((size_t)b * a->H + h) * a->Lq + i0) * Lk;
+            float *w = a->weights + (((size_t)gb * a->H + h) * a->Lq + gi) * Lk;
             memcpy(w, s, n * sizeof(float));
         } else {
-            float *w = a->weights + ((size_t)b * a->Lq + i0) * Lk;
+            float *w = a->weights + ((size_t)gb * a->Lq + gi) * Lk;
             float inv_h = 1.0f / (float)a->H;
             if (h == 0) for (t = 0; t < n; ++t) w[t] = s[t] * inv_h;
             else        for (t = 0; t < n; ++t) w[t] += s[t] * inv_h;
@@ -631,7 +635,7 @@ static void mha__attend_fused(const mha__attn *a, int b, int h, int i0, int nr, 
     const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)h * a->k.hs;
     const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)h * a->v.hs;
     float *out = a->o + (size_t)b * a->o_bs + (size_t)h * a->o_hs + (size_t)i0 * a->o_rs;
-    int Dv = a->Dv, Lk = a->Lk, r, d, seg;
+    int Dv = a->Dv, Lk = a->Lk, r, d, seg, gb = a->b0 + b, gi = a->q0 + i0;   /* global batch, row */
     size_t ldo = mha__round_up((size_t)Dv);
     float *S = sc;
     float *O = S + mha__round_up((size_t)MHA__BR * MHA__BC);
@@ -643,7 +647,7 @@ static void mha__attend_fused(const mha__attn *a, int b, int h, int i0, int nr, 
     int seg_lo[2], seg_hi[2];
     seg_lo[0] = 0; seg_hi[0] = Lk;
     if (a->causal) {
-        ptrdiff_t last = (ptrdiff_t)i0 + nr - 1 + a->causal_off + 1;
+        ptrdiff_t last = (ptrdiff_t)gi + nr - 1 + a->causal_off + 1;
         seg_hi[0] = last < 0 ? 0 : (last < Lk ? (int)last : Lk);
     }
     seg_lo[1] = Lk; seg_hi[1] = a->Lk_eff;
@@ -661,7 +665,7 @@ static void mha__attend_fused(const mha__attn *a, int b, int h, int i0, int nr, 
             /* 2. mask, then the online softmax update of each row */
             for (r = 0; r < nr; ++r) {
                 float *row = S + (size_t)r * MHA__BC;
-                mha__mask_cols(a, b, h, i0 + r, j0, nc, row);
+                mha__mask_cols(a, gb, h, gi + r, j0, nc, row);
                 live += mha__online_row(row, nc, m + r, l + r, O + (size_t)r * ldo, Dv);
             }
             /* 3. O += P V_tile */
@@ -717,14 +721,14 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
 {
     int fused = a->weights == NULL;
     int br = fused ? MHA__BR : MHA__BR_W;
-    int nqt = (a->Lq + br - 1) / br;
-    long items = (long)a->B * (fused ? a->H : 1) * nqt, t;
+    int nqt = (a->nq + br - 1) / br;
+    long items = (long)a->nb * (fused ? a->H : 1) * nqt, t;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(a->nthreads)
 #endif
     for (t = 0; t < items; ++t) {
         int tid = 0, qt = (int)(t % nqt), i0 = qt * br;
-        int nr = a->Lq - i0 < br ? a->Lq - i0 : br;
+        int nr = a->nq - i0 < br ? a->nq - i0 : br;
         float *sc;
 #ifdef _OPENMP
         tid = omp_get_thread_num();
@@ -784,6 +788,7 @@ static void mha__attn_common(mha__attn *a, const mha_options *opt, int B, int H,
                              int Lk_eff, int D, int Dv)
 {
     a->B = B; a->H = H; a->Lq = Lq; a->Lk = Lk; a->Lk_eff = Lk_eff; a->D = D; a->Dv = Dv;
+    a->b0 = 0; a->nb = B; a->q0 = 0; a->nq = Lq;
     a->scale = opt->scale > 0.0f ? opt->scale : 1.0f / sqrtf((float)D);
     a->attn_mask = opt->attn_mask.kind != MHA_MASK_NONE ? &opt->attn_mask : NULL;
     a->kpm = opt->key_padding_mask.kind != MHA_MASK_NONE ? &opt->key_padding_mask : NULL;
@@ -880,8 +885,24 @@ MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
    call, so the two cannot disagree).  Offsets are in floats.  */
 typedef struct mha__fwd_layout {
     int E, H, D, kdim, vdim, Lk_eff;
+    int chunk_b, chunk_q;              /* queries go through chunk_b batches x chunk_q rows at a time */
     size_t qp, kp, vp, scratch, per_thread, total_floats;
 } mha__fwd_layout;
+
+/* Query rows per chunk of the fused forward: every key and value is needed by
+   every query, but a query row is needed only while its chunk is projected,
+   attended and projected out, so Q takes a chunk of rows, not [B, Lq, E].
+   Chunks start at a multiple of the query tile, so they change no result.  */
+#ifndef MHA__QCHUNK
+#define MHA__QCHUNK 1024
+#endif
+static void mha__fwd_chunks(int B, int Lq, int need_weights, int *chunk_b, int *chunk_q)
+{
+    if (need_weights) { *chunk_b = B; *chunk_q = Lq; return; }   /* weights are O(L^2) anyway */
+    if (Lq >= MHA__QCHUNK) { *chunk_b = 1; *chunk_q = MHA__QCHUNK; return; }
+    *chunk_q = Lq;
+    *chunk_b = MHA__QCHUNK / Lq < B ? MHA__QCHUNK / Lq : B;
+}
 
 static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
                                 const mha_options *opt, int need_weights, mha__fwd_layout *L)
@@ -923,7 +944,8 @@ static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
     }
     if ((st = mha__check_masks(opt, B, L->H, Lq, Lk)) != MHA_OK) return st;
 
-    if (!mha__region(&cur, (size_t)B * Lq * L->E, &L->qp) ||
+    mha__fwd_chunks(B, Lq, need_weights, &L->chunk_b, &L->chunk_q);
+    if (!mha__region(&cur, (size_t)L->chunk_b * L->chunk_q * L->E, &L->qp) ||
         !mha__region(&cur, (size_t)B * L->Lk_eff * L->E, &L->kp) ||
         !mha__region(&cur, (size_t)B * L->Lk_eff * L->E, &L->vp) ||
         !mha__attn_scratch_floats(Lq, L->Lk_eff, L->D, L->D, mha__max_threads(opt),
@@ -1001,11 +1023,10 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
     bk = bq ? bq + E : NULL;
     bv = bq ? bq + 2 * E : NULL;
 
-    /* 1. projections: Q = Xq Wq^T + bq (all batches at once, [B*Lq, E]).
+    /* 1. key and value projections, K = Xk Wk^T + bk, for all batches.
        K and V hold Lk_eff rows per batch: the Lk projected keys, then bias_k,
        then a zero row (add_zero_attn: zeros after the head split are zero
        columns in every head, i.e. one zero row before the split). */
-    mha__linear(B * Lq, E, E, query, wq, bq, qp, scratch);
     extra = L.Lk_eff - Lk;
     if (extra == 0) {
         mha__linear(B * Lk, L.kdim, E, key, wk, bk, kp, scratch);
@@ -1028,19 +1049,40 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
         }
     }
 
-    /* 2. attention per (batch, head) on the head-interleaved [B, L, E] layout;
-       the context of each head overwrites that head's Q columns, which its
-       tile has finished reading, so no further [B, L, E] buffer is needed */
+    /* The queries go through in chunks of nb batches x nq rows (all of them
+       at once when the weights are wanted); a chunk's rows are contiguous
+       in query and out because nb > 1 only when nq == Lq. */
     mha__attn_common(&a, opt, B, L.H, Lq, Lk, L.Lk_eff, L.D, L.D);
-    a.q.p = qp; a.q.rs = (size_t)E; a.q.hs = (size_t)L.D; a.q.bs = (size_t)Lq * E;
-    a.k.p = kp; a.k.rs = (size_t)E; a.k.hs = (size_t)L.D; a.k.bs = (size_t)L.Lk_eff * E;
-    a.v.p = vp; a.v.rs = (size_t)E; a.v.hs = (size_t)L.D; a.v.bs = (size_t)L.Lk_eff * E;
-    a.o = qp;   a.o_rs = (size_t)E; a.o_hs = (size_t)L.D; a.o_bs = (size_t)Lq * E;
     a.weights = attn_weights; a.per_head = opt->per_head_weights != 0;
-    mha__attend_all(&a, scratch, L.per_thread);
+    for (b = 0; b < B; b += L.chunk_b) {
+        int q0;
+        a.b0 = b;
+        a.nb = B - b < L.chunk_b ? B - b : L.chunk_b;
+        for (q0 = 0; q0 < Lq; q0 += L.chunk_q) {
+            size_t first = ((size_t)b * Lq + q0) * E;   /* offset of the chunk in query/out */
+            int rows;
+            a.q0 = q0;
+            a.nq = Lq - q0 < L.chunk_q ? Lq - q0 : L.chunk_q;
+            rows = a.nb * a.nq;
 
-    /* 3. output projection: out = concat_h(O_h) Wo^T + bo */
-    mha__linear(B * Lq, E, E, qp, m->out_proj_weight, m->out_proj_bias, out, scratch);
+            /* 2. Q = Xq Wq^T + bq for the chunk's rows */
+            mha__linear(rows, E, E, query + first, wq, bq, qp, scratch);
+
+            /* 3. attention per (batch, head) on the head-interleaved [rows, E]
+               layout; each head's context overwrites that head's Q columns,
+               which its tile has finished reading, so no context buffer */
+            a.q.p = qp; a.q.rs = (size_t)E; a.q.hs = (size_t)L.D; a.q.bs = (size_t)a.nq * E;
+            a.k.p = kp + (size_t)b * L.Lk_eff * E;
+            a.k.rs = (size_t)E; a.k.hs = (size_t)L.D; a.k.bs = (size_t)L.Lk_eff * E;
+            a.v.p = vp + (size_t)b * L.Lk_eff * E;
+            a.v.rs = (size_t)E; a.v.hs = (size_t)L.D; a.v.bs = (size_t)L.Lk_eff * E;
+            a.o = qp;   a.o_rs = (size_t)E; a.o_hs = (size_t)L.D; a.o_bs = (size_t)a.nq * E;
+            mha__attend_all(&a, scratch, L.per_thread);
+
+            /* 4. output projection: out = concat_h(O_h) Wo^T + bo */
+            mha__linear(rows, E, E, qp, m->out_proj_weight, m->out_proj_bias, out + first, scratch);
+        }
+    }
 
     if (owned) MHA_FREE(owned);
     return MHA_OK;

@@ -397,6 +397,10 @@ int main(void)
     run_module_case(2, 130, 300, 24, 3, 1, 1, 1, MHA_CAUSAL_BOTTOM_RIGHT, MHA_MASK_FLOAT, 3);
     run_module_case(1, 300, 7, 8, 2, 1, 1, 1, MHA_CAUSAL_TOP_LEFT, MHA_MASK_BOOL_KEEP, 4);
     run_module_case(2, 1, 3, 8, 1, 0, 0, 0, MHA_CAUSAL_TOP_LEFT, MHA_MASK_NONE, 5);
+    /* the fused forward takes the queries in chunks: several batches per
+       chunk, and several chunks per batch */
+    run_module_case(9, 130, 40, 8, 2, 0, 0, 1, MHA_CAUSAL_TOP_LEFT, MHA_MASK_BOOL, 6);
+    run_module_case(2, 1100, 300, 8, 2, 1, 0, 1, MHA_CAUSAL_BOTTOM_RIGHT, MHA_MASK_BOOL, 7);
 
     printf("worst relative error: fused %.3g, unfused %.3g, fused vs unfused %.3g\n",
            worst_fused, worst_unfused, worst_pair);
