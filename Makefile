@@ -10,7 +10,7 @@ DEPS_DEMO  := gcc libstb-dev
 DEPS_BENCH := libopenblas-dev python3-torch python3-numpy
 DEPS_GOLD  := python3-torch python3-numpy
 
-.PHONY: all help test demo bench deps deps-demo deps-bench golden clean
+.PHONY: all help test demo bench bench-mha deps deps-demo deps-bench golden clean
 
 all: demo
 
@@ -49,6 +49,16 @@ demo: deps-demo $(BUILD)/demo_print
 
 $(BUILD)/demo_print: examples/print_forward.c mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) -I. $< -o $@ -lm
+
+# MHA forward / attention-core tables and the PyTorch comparison (bench/bench_mha.c,
+# bench/torch_mha.py); `bench` runs it after whatever else it runs.
+BENCH_CFLAGS ?= -O2 -march=native -fopenmp
+bench: bench-mha
+bench-mha: deps-bench $(BUILD)/bench_mha
+	./$(BUILD)/bench_mha
+
+$(BUILD)/bench_mha: bench/bench_mha.c mha.h | $(BUILD)
+	$(CC) -std=c99 $(BENCH_CFLAGS) -I. $< -o $@ -lm
 
 golden:
 	$(call need_pkgs,$(DEPS_GOLD))

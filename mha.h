@@ -826,32 +826,42 @@ static void mha__attend_rows(const mha__attn *a, int b, int i0, int nr, float *s
    and at the end o / l is softmax(s) V over all keys seen.  Blocked keys
    (s_j = -inf) get p_j = 0 exactly and are skipped in o when V is not finite.  */
 
-/* Turn one masked score row into p in place and rescale (o, l); returns the
-   number of allowed keys in the row (0: p is all zero, m, l, o unchanged). */
+/* Turn one masked score row into p in place and rescale (o, l); returns 1
+   if the row has an allowed key, else 0 (p is all zero, m, l, o unchanged).
+   s has room for a whole number of vectors (the tile stride is MHA__BC);
+   the lanes past n are set to -inf and so become p = 0.  */
 static int mha__online_row(float *s, int n, float *m, float *l, float *o, int Dv)
 {
-    float mt = -INFINITY, mnew, sum = 0.0f;
-    int j, any = 0;
-    for (j = 0; j < n; ++j)
-        if (s[j] != -INFINITY) { ++any; if (!(s[j] <= mt)) mt = s[j]; }
-    if (!any) {
+    mha__vf vm = mha__vset1(-INFINITY), vsum = mha__vzero();
+    float mt, mnew;
+    int j, nr = (n + MHA__VW - 1) / MHA__VW * MHA__VW;
+    for (j = n; j < nr; ++j) s[j] = -INFINITY;
+    /* 1. m' = max(m, max_j s_j) */
+    for (j = 0; j < nr; j += MHA__VW) vm = mha__vmax(vm, mha__vload(s + j));
+    mt = mha__vhmax(vm);
+    if (mt == -INFINITY) {
         for (j = 0; j < n; ++j) s[j] = 0.0f;
         return 0;
     }
     mnew = (*m == -INFINITY || !(mt <= *m)) ? mt : *m;
+    /* 2. rescale what was summed under the old max: c = exp(m - m') */
     if (*m != -INFINITY && mnew != *m) {
         float c = expf(*m - mnew);
+        mha__vf vc = mha__vset1(c);
         *l *= c;
-        for (j = 0; j < Dv; ++j) o[j] *= c;
+        for (j = 0; j + MHA__VW <= Dv; j += MHA__VW) mha__vstore(o + j, mha__vmul(mha__vload(o + j), vc));
+        for (; j < Dv; ++j) o[j] *= c;
     }
-    for (j = 0; j < n; ++j) {
-        float e = (s[j] == -INFINITY) ? 0.0f : expf(s[j] - mnew);
-        s[j] = e;
-        sum += e;
+    /* 3. p_j = exp(s_j - m'), l' = c l + sum_j p_j; exp(-inf) = 0 */
+    vm = mha__vset1(mnew);
+    for (j = 0; j < nr; j += MHA__VW) {
+        mha__vf e = mha__vexp(mha__vsub(mha__vload(s + j), vm));
+        mha__vstore(s + j, e);
+        vsum = mha__vadd(vsum, e);
     }
-    *l += sum;
+    *l += mha__vhsum(vsum);
     *m = mnew;
-    return any;
+    return 1;
 }
 
 /* Scratch floats of one fused tile: S, the accumulator O, m, l (each aligned). */
@@ -900,7 +910,7 @@ static void mha__attend_fused(const mha__attn *a, int b, int h, int i0, int nr, 
             for (r = 0; r < nr; ++r) {
                 float *row = S + (size_t)r * MHA__BC;
                 mha__mask_cols(a, gb, h, gi + r, j0, nc, row);
-                live += mha__online_row(row, nc, m + r, l + r, O + (size_t)r * ldo, Dv);
+                live |= mha__online_row(row, nc, m + r, l + r, O + (size_t)r * ldo, Dv);
             }
             /* 3. O += P V_tile */
             if (live)
