@@ -826,6 +826,36 @@ static void mha__attend_rows(const mha__attn *a, int b, int i0, int nr, float *s
    and at the end o / l is softmax(s) V over all keys seen.  Blocked keys
    (s_j = -inf) get p_j = 0 exactly and are skipped in o when V is not finite.  */
 
+/* exp(x) for the arguments the online softmax makes: x = s - m <= 0, -inf
+   (a blocked key) or NaN; cheaper than mha__vexp because nothing can
+   overflow.  Same reduction and polynomial as mha__vexp, so its error bound
+   (2e-7 relative) holds wherever exp(x) is a normal float.  The clamp at
+   MHA__EXP_ZERO makes n = -127, whose 2^n has exponent field 0, i.e. the
+   result is exactly 0 there: -inf (a blocked key) and everything below
+   -88 give p = 0 with no compare and select, and exp(x) < 2^-126 for
+   x < -87.34 is lost only as an absolute error below 1.2e-38.  NaN passes
+   max() as the second operand and stays NaN.  */
+#define MHA__EXP_ZERO (-88.0f)
+static inline mha__vf mha__vexp_nonpos(mha__vf x)
+{
+    mha__vf xc = mha__vmax(mha__vset1(MHA__EXP_ZERO), x), n, r, p;
+    n = mha__vround(mha__vmul(xc, mha__vset1(1.44269502f)));
+    r = mha__vfma(xc, n, mha__vset1(-0.693359375f));
+    r = mha__vfma(r, n, mha__vset1(2.12194442e-4f));
+    p = mha__vset1(1.98412701e-4f);
+    p = mha__vfma(mha__vset1(1.38888892e-3f), p, r);
+    p = mha__vfma(mha__vset1(8.33333377e-3f), p, r);
+    p = mha__vfma(mha__vset1(4.16666679e-2f), p, r);
+    p = mha__vfma(mha__vset1(1.66666672e-1f), p, r);
+    p = mha__vfma(mha__vset1(0.5f), p, r);
+    p = mha__vfma(mha__vset1(1.0f), p, r);
+    p = mha__vfma(mha__vset1(1.0f), p, r);
+#ifdef MHA__SIMD_SCALAR
+    if (n != n) n = 0.0f;   /* a NaN to int cast is undefined in C; p is NaN already */
+#endif
+    return mha__vmul(p, mha__vpow2i(n));
+}
+
 /* Turn one masked score row into p in place and rescale (o, l); returns 1
    if the row has an allowed key, else 0 (p is all zero, m, l, o unchanged).
    s has room for a whole number of vectors (the tile stride is MHA__BC);
@@ -855,7 +885,7 @@ static int mha__online_row(float *s, int n, float *m, float *l, float *o, int Dv
     /* 3. p_j = exp(s_j - m'), l' = c l + sum_j p_j; exp(-inf) = 0 */
     vm = mha__vset1(mnew);
     for (j = 0; j < nr; j += MHA__VW) {
-        mha__vf e = mha__vexp(mha__vsub(mha__vload(s + j), vm));
+        mha__vf e = mha__vexp_nonpos(mha__vsub(mha__vload(s + j), vm));
         mha__vstore(s + j, e);
         vsum = mha__vadd(vsum, e);
     }

@@ -341,12 +341,45 @@ static void run_module_case(int B, int Lq, int Lk, int E, int H, int bias_kv, in
     free(x); free(kv); free(of); free(ou); free(w); free(ro);
 }
 
+/* The online softmax's exp: 2e-7 relative where exp(x) is normal, exactly
+   0 for blocked keys (-inf) and far below, NaN kept. */
+static float exp_nonpos(float x)
+{
+    float o[MHA__VW];
+    mha__vstore(o, mha__vexp_nonpos(mha__vset1(x)));
+    return o[0];
+}
+
+static void check_exp_nonpos(void)
+{
+    double worst = 0;
+    float x, o;
+    int bad_zero = 0;
+    for (x = MHA__EXP_LO; x <= 0.0f; x += 0.000377f) {
+        double e = exp((double)x), r;
+        o = exp_nonpos(x);
+        r = fabs((double)o - e) / e;
+        if (r > worst) worst = r;
+    }
+    o = exp_nonpos(0.0f);
+    CHECK(o == 1.0f, "exp(0) = %.9g", o);
+    o = exp_nonpos(-INFINITY); bad_zero |= o != 0.0f;
+    o = exp_nonpos(-88.0f);    bad_zero |= o != 0.0f;
+    o = exp_nonpos(-1e30f);    bad_zero |= o != 0.0f;
+    CHECK(!bad_zero, "exp of -inf / far-negative is not exactly 0");
+    o = exp_nonpos(NAN);
+    CHECK(o != o, "exp(NaN) = %g", o);
+    CHECK(worst <= 2e-7, "mha__vexp_nonpos relative error %.3g > 2e-7", worst);
+}
+
 int main(void)
 {
     static const int sizes[] = {1, 3, 7, 17, 130, 300};
     static const mha_mask_kind kinds[] = {MHA_MASK_NONE, MHA_MASK_BOOL, MHA_MASK_BOOL_KEEP, MHA_MASK_FLOAT};
     int a, b, n = 0;
     cfg c;
+
+    check_exp_nonpos();
 
     /* every (Lq, Lk) pair; the mask setup rotates so each kind meets odd sizes */
     for (a = 0; a < 6; ++a)
