@@ -734,14 +734,6 @@ static size_t mha__gemm_ws_floats(int M, int N, int K)
     if (M <= 0 || N <= 0 || K <= 0) return 0;
     return mha__gemm_b_floats(N, K) + mha__gemm_a_floats(M, K);
 }
-/* ... and a call of mha__gemm_mt with nthreads threads. */
-static size_t mha__gemm_ws_floats_mt(int M, int N, int K, int nthreads)
-{
-    if (M <= 0 || N <= 0 || K <= 0) return 0;
-    if (nthreads < 1) nthreads = 1;
-    return mha__gemm_b_floats(N, K) + (size_t)nthreads * mha__gemm_a_floats(M, K);
-}
-
 /* Pack rows i0..i0+mr of op(A), columns p0..p0+kc, as one sliver:
    dst[p*MR + i] = op(A)[i0+i, p0+p], zero for i >= mr.  */
 static void mha__pack_a(int ta, const float *A, size_t lda, int i0, int mr, int p0, int kc,
@@ -898,60 +890,71 @@ static void mha__gemm(int ta, int tb, int M, int N, int K, float alpha,
    starting a team costs more than it saves. */
 #define MHA__GEMM_MT_MIN_FMAS (1 << 21)
 
+/* How mha__gemm_mt splits C: into blocks of whole MR-row tiles (split_m)
+   or whole NR-column slivers, along the longer side, so the packing that
+   every block repeats (B when rows are split, A when columns are) is the
+   smaller one.  About 4 blocks per thread, handed out dynamically, so a
+   thread the OS delays (a shared machine) leaves its blocks to the others.
+   Returns the thread count actually used; *nblk blocks of *step rows/columns. */
+static int mha__gemm_split(int M, int N, int K, int nthreads, int *split_m, int *step, int *nblk)
+{
+    int tiles, per;
+    if (nthreads <= 1 || (double)M * N * K < (double)MHA__GEMM_MT_MIN_FMAS) return 1;
+    *split_m = M >= N;
+    tiles = *split_m ? (M + MHA__MR - 1) / MHA__MR : (N + MHA__NR - 1) / MHA__NR;
+    if (nthreads > tiles) nthreads = tiles;
+    if (nthreads <= 1) return 1;
+    *nblk = 4 * nthreads < tiles ? 4 * nthreads : tiles;
+    per = (tiles + *nblk - 1) / *nblk;
+    *nblk = (tiles + per - 1) / per;
+    *step = per * (*split_m ? MHA__MR : MHA__NR);
+    return nthreads;
+}
+
+/* ... and a call of mha__gemm_mt with nthreads threads: one private
+   single-thread workspace per thread (each sized for the whole problem,
+   which bounds its block's). */
+static size_t mha__gemm_ws_floats_mt(int M, int N, int K, int nthreads)
+{
+    int split_m = 0, step = 0, nblk = 0;
+    return (size_t)mha__gemm_split(M, N, K, nthreads, &split_m, &step, &nblk) *
+           mha__gemm_ws_floats(M, N, K);
+}
+
 /* mha__gemm on nthreads OpenMP threads (one thread without -fopenmp).
-   ws: mha__gemm_ws_floats_mt(M, N, K, nthreads) floats.  The threads share
-   the packed B panel (each packs some of its slivers) and split the rows of
-   C into MR-aligned blocks, each with its own packed A.  MR-aligned row
-   blocks keep the tile decomposition, hence every sum, the same as with
-   one thread.  */
+   ws: mha__gemm_ws_floats_mt(M, N, K, nthreads) floats.  Each block of C
+   is the single-thread GEMM with the packing buffers of the thread that
+   runs it: no barrier inside but the final join.  The blocks start on tile boundaries and K is blocked as
+   before, so every C element is summed in the same order as with one
+   thread: the result is bit-identical for any thread count.  */
 static void mha__gemm_mt(int ta, int tb, int M, int N, int K, float alpha,
                          const float *A, size_t lda, const float *B, size_t ldb,
                          float beta, float *C, size_t ldc, float *ws, int nthreads)
 {
 #ifdef _OPENMP
-    float *pb = ws;
-    size_t a_floats = mha__gemm_a_floats(M, K);
-    int kcb = mha__gemm_kc(K), nblk, mc;
-    if (nthreads > (M + MHA__MR - 1) / MHA__MR) nthreads = (M + MHA__MR - 1) / MHA__MR;
-    if (nthreads <= 1 || (double)M * N * K < (double)MHA__GEMM_MT_MIN_FMAS) {
-        mha__gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ws);
-        return;
-    }
-    /* row blocks: at most MC rows, a multiple of nthreads of them, MR-aligned */
-    nblk = (M + MHA__MC - 1) / MHA__MC;
-    nblk = (nblk + nthreads - 1) / nthreads * nthreads;
-    mc = (int)mha__round_up((size_t)((M + nblk - 1) / nblk), MHA__MR);
-    nblk = (M + mc - 1) / mc;
-#pragma omp parallel num_threads(nthreads)
-    {
-        float *pa = ws + mha__gemm_b_floats(N, K) + (size_t)omp_get_thread_num() * a_floats;
-        int jc, pc, s, blk;
-        for (jc = 0; jc < N; jc += MHA__NC) {
-            int nc = mha__imin(MHA__NC, N - jc);
-            int nsliver = (nc + MHA__NR - 1) / MHA__NR;
-            for (pc = 0; pc < K; pc += kcb) {
-                int kc = mha__imin(kcb, K - pc);
-                float beta_pc = pc == 0 ? beta : 1.0f;
-#pragma omp for schedule(static)
-                for (s = 0; s < nsliver; ++s)
-                    mha__pack_b(tb, B, ldb, pc, kc, jc + s * MHA__NR,
-                                mha__imin(MHA__NR, nc - s * MHA__NR), pb + (size_t)s * MHA__NR * kc);
-                /* (implied barrier: the panel is complete before anyone uses it) */
-#pragma omp for schedule(static)
-                for (blk = 0; blk < nblk; ++blk) {
-                    int ic = blk * mc, m = mha__imin(mc, M - ic);
-                    mha__pack_a_block(ta, A, lda, ic, m, pc, kc, pa);
-                    mha__macro_kernel(m, nc, kc, alpha, beta_pc, pa, pb,
-                                      C + (size_t)ic * ldc + jc, ldc);
-                }
-                /* (implied barrier: nobody repacks the panel while it is in use) */
+    int split_m = 0, step = 0, nblk = 0, t;
+    size_t per = mha__gemm_ws_floats(M, N, K);
+    nthreads = mha__gemm_split(M, N, K, nthreads, &split_m, &step, &nblk);
+    if (nthreads > 1) {
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+        for (t = 0; t < nblk; ++t) {
+            int lo = t * step, hi = lo + step, n = split_m ? M : N;
+            float *w = ws + (size_t)omp_get_thread_num() * per;
+            if (hi > n) hi = n;
+            if (lo >= hi) continue;
+            if (split_m) {    /* rows lo..hi of op(A) and C */
+                const float *a = ta ? A + lo : A + (size_t)lo * lda;
+                mha__gemm(ta, tb, hi - lo, N, K, alpha, a, lda, B, ldb, beta, C + (size_t)lo * ldc, ldc, w);
+            } else {          /* columns lo..hi of op(B) and C */
+                const float *b = tb ? B + (size_t)lo * ldb : B + lo;
+                mha__gemm(ta, tb, M, hi - lo, K, alpha, A, lda, b, ldb, beta, C + lo, ldc, w);
             }
         }
+        return;
     }
-#else
+#endif
     (void)nthreads;
     mha__gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ws);
-#endif
 }
 
 MHADEF size_t mha_gemm_workspace_size(int M, int N, int K)

@@ -126,9 +126,9 @@ static void test_workspace_and_errors(void)
    every thread count (without OpenMP this runs the same code three times). */
 static void test_threads(void)
 {
-    static const int shapes[][5] = {{200, 150, 100, 0, 1}, {131, 77, 260, 1, 0}, {600, 40, 90, 0, 0}};
+    static const int shapes[][5] = {{200, 150, 100, 0, 1}, {77, 131, 260, 1, 0}, {40, 600, 90, 0, 0}, {600, 40, 90, 1, 1}};
     int s, t;
-    for (s = 0; s < 3; ++s) {
+    for (s = 0; s < 4; ++s) {
         int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2], ta = shapes[s][3], tb = shapes[s][4];
         size_t nA = (size_t)M * K, nB = (size_t)K * N, nC = (size_t)M * N;
         float *A = (float *)malloc(nA * 4), *B = (float *)malloc(nB * 4);
