@@ -33,10 +33,12 @@
    CONFIGURATION (define before the implementation include)
        MHA_STATIC          make every function static (private to one file)
        MHA_NO_SIMD         use the portable scalar kernels even where AVX2/NEON exist
+       MHA_NO_AVX512       use the AVX2 kernels even where AVX-512F is enabled
        MHA_MALLOC(sz) / MHA_FREE(p)   allocator for the convenience paths
                            (define both or neither)
        MHA_ASSERT(x)       internal invariant checks (default: assert.h)
-     SIMD is chosen at compile time: AVX2 when __AVX2__ and __FMA__ are defined
+     SIMD is chosen at compile time: AVX-512 when __AVX512F__ is defined,
+     else AVX2 when __AVX2__ and __FMA__ are defined
      (-mavx2 -mfma or -march=native), NEON when __ARM_NEON is.  There is no
      run-time CPU detection.  Threads come from OpenMP when built with -fopenmp.
 
@@ -366,13 +368,16 @@ static MHA__UNUSED int mha__softmax_row_ref(float *s, int n)
 /* =====================================================================
    SIMD LAYER
    One thin vector type so each kernel is written once (the ggml idea).
-   mha__vf holds MHA__VW floats:  AVX2+FMA 8 lanes, NEON 4 lanes, scalar 1.
+   mha__vf holds MHA__VW floats:  AVX-512 16 lanes, AVX2+FMA 8 lanes,
+   NEON 4 lanes, scalar 1.
    Loads and stores are unaligned.  mha__vfma(acc, a, b) = acc + a*b.
    mha__vm is a lane mask from a comparison, used only by mha__vsel.
    The choice is made once, here, at compile time; MHA_NO_SIMD wins.
    ===================================================================== */
 
-#if !defined(MHA_NO_SIMD) && defined(__AVX2__) && defined(__FMA__)
+#if !defined(MHA_NO_SIMD) && !defined(MHA_NO_AVX512) && defined(__AVX512F__)
+#define MHA__SIMD_AVX512 1
+#elif !defined(MHA_NO_SIMD) && defined(__AVX2__) && defined(__FMA__)
 #define MHA__SIMD_AVX2 1
 #elif !defined(MHA_NO_SIMD) && defined(__ARM_NEON) && defined(__aarch64__)
 #define MHA__SIMD_NEON 1
@@ -380,7 +385,42 @@ static MHA__UNUSED int mha__softmax_row_ref(float *s, int n)
 #define MHA__SIMD_SCALAR 1
 #endif
 
-#if defined(MHA__SIMD_AVX2)
+#if defined(MHA__SIMD_AVX512)
+/* 16 lanes; chosen over AVX2 where the compiler enables AVX-512F
+   (-march=native on a core with it), since cores with two 512-bit FMA
+   pipes do twice the work per instruction.  MHA_NO_AVX512 opts out.  */
+#include <immintrin.h>
+#define MHA__SIMD_NAME "avx512"
+#define MHA__VW 16
+typedef __m512 mha__vf;
+typedef __mmask16 mha__vm;
+static inline mha__vf mha__vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline void mha__vstore(float *p, mha__vf v) { _mm512_storeu_ps(p, v); }
+static inline mha__vf mha__vset1(float x) { return _mm512_set1_ps(x); }
+static inline mha__vf mha__vzero(void) { return _mm512_setzero_ps(); }
+static inline mha__vf mha__vadd(mha__vf a, mha__vf b) { return _mm512_add_ps(a, b); }
+static inline mha__vf mha__vsub(mha__vf a, mha__vf b) { return _mm512_sub_ps(a, b); }
+static inline mha__vf mha__vmul(mha__vf a, mha__vf b) { return _mm512_mul_ps(a, b); }
+static inline mha__vf mha__vmax(mha__vf a, mha__vf b) { return _mm512_max_ps(a, b); }
+static inline mha__vf mha__vmin(mha__vf a, mha__vf b) { return _mm512_min_ps(a, b); }
+static inline mha__vf mha__vfma(mha__vf acc, mha__vf a, mha__vf b) { return _mm512_fmadd_ps(a, b, acc); }
+static inline float mha__vhsum(mha__vf v) { return _mm512_reduce_add_ps(v); }
+static inline float mha__vhmax(mha__vf v) { return _mm512_reduce_max_ps(v); }
+static inline mha__vf mha__vround(mha__vf v)
+{
+    return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+static inline mha__vf mha__vpow2i(mha__vf n)
+{
+    __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+}
+static inline mha__vm mha__vlt(mha__vf a, mha__vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+static inline mha__vm mha__visnan(mha__vf a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
+static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return _mm512_mask_blend_ps(m, b, a); }
+
+#elif defined(MHA__SIMD_AVX2)
 #include <immintrin.h>
 #define MHA__SIMD_NAME "avx2"
 #define MHA__VW 8
@@ -600,39 +640,339 @@ static int mha__softmax_row(float *s, int n)
 
 /* =====================================================================
    GEMM
+   C = alpha op(A) op(B) + beta C, in the BLIS structure: five loops around
+   an MR x NR register micro-kernel.
+
+     for jc in steps of NC          columns of C and B      (B panel -> L3)
+       for pc in steps of KC        the shared dimension    (pack B: KC x NC)
+         for ic in steps of MC      rows of C and A         (pack A: MC x KC -> L2)
+           for jr in steps of NR    one NR-wide sliver of packed B  (-> L1)
+             for ir in steps of MR  one MR-tall sliver of packed A
+               C[ir:+MR, jr:+NR] (=|+=) alpha * sum_p A~[:, p] B~[p, :]
+
+   Packing copies op(A) and op(B) into slivers laid out in the order the
+   micro-kernel reads them (A~: MR floats per k, B~: NR floats per k), so
+   every transpose costs only a different copy loop and the kernel is one.
+   Slivers at the matrix edge are zero-padded; their tile is computed into
+   a local MR x NR block and only the valid part is copied out.
+   beta is applied with the first KC block (pc = 0) and then 1 is used, so
+   it is applied exactly once; beta == 0 writes C without reading it.
+   Every C element is summed over k in the same order whatever the thread
+   count, so the threaded GEMM gives bit-identical results.
    ===================================================================== */
 
+/* Register tile MR x NR (NR = NRV vectors) and cache blocking per ISA.
+   MHA__FOR_I / MHA__FOR_J list the rows and vector columns of the tile so
+   the micro-kernel below is spelled out in full, with its accumulators in
+   named registers, at any optimisation level. */
+#if defined(MHA__SIMD_AVX512)
+/* 12 x 32: 24 zmm accumulators + 2 for B; A is broadcast from memory */
+#define MHA__MR 12
+#define MHA__NRV 2
+#define MHA__FOR_I(X, Y) X(Y,0) X(Y,1) X(Y,2) X(Y,3) X(Y,4) X(Y,5) X(Y,6) X(Y,7) X(Y,8) X(Y,9) X(Y,10) X(Y,11)
+#define MHA__FOR_J(X, i) X(i,0) X(i,1)
+#define MHA__KC 256    /* KC x NR sliver of B: 32 KiB of the 48 KiB L1 */
+#define MHA__MC 144    /* MC x KC block of A: 144 KiB, stays in L2 */
+#define MHA__NC 4096   /* KC x NC panel of B: 4 MiB, lives in L3 */
+#elif defined(MHA__SIMD_AVX2)
+/* 6 x 16: 12 ymm accumulators + 2 for B + 1 broadcast of A = 15 of 16 */
+#define MHA__MR 6
+#define MHA__NRV 2
+#define MHA__FOR_I(X, Y) X(Y,0) X(Y,1) X(Y,2) X(Y,3) X(Y,4) X(Y,5)
+#define MHA__FOR_J(X, i) X(i,0) X(i,1)
+#define MHA__KC 256    /* KC x NR sliver of B: 16 KiB, stays in L1 */
+#define MHA__MC 144    /* MC x KC block of A: 144 KiB, stays in L2 */
+#define MHA__NC 4080   /* KC x NC panel of B: 4 MiB, lives in L3 */
+#elif defined(MHA__SIMD_NEON)
+/* 8 x 12: 24 of the 32 q registers accumulate, 3 hold B */
+#define MHA__MR 8
+#define MHA__NRV 3
+#define MHA__FOR_I(X, Y) X(Y,0) X(Y,1) X(Y,2) X(Y,3) X(Y,4) X(Y,5) X(Y,6) X(Y,7)
+#define MHA__FOR_J(X, i) X(i,0) X(i,1) X(i,2)
+#define MHA__KC 256
+#define MHA__MC 128
+#define MHA__NC 4080
+#else
+/* 4 x 4 scalars: 16 accumulators */
+#define MHA__MR 4
+#define MHA__NRV 4
+#define MHA__FOR_I(X, Y) X(Y,0) X(Y,1) X(Y,2) X(Y,3)
+#define MHA__FOR_J(X, i) X(i,0) X(i,1) X(i,2) X(i,3)
+#define MHA__KC 256
+#define MHA__MC 128
+#define MHA__NC 2048
+#endif
+#define MHA__NR (MHA__NRV * MHA__VW)
+/* X(i, j) for every accumulator of the tile */
+#define MHA__ROW_J(X, i) MHA__FOR_J(X, i)
+#define MHA__FOR_IJ(X) MHA__FOR_I(MHA__ROW_J, X)
+
+static size_t mha__round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+static int mha__imin(int a, int b) { return a < b ? a : b; }
+
+/* K is cut into equal blocks of at most KC (300 -> 150 + 150, not 256 + 44). */
+static int mha__gemm_kc(int K)
+{
+    int nblk = (K + MHA__KC - 1) / MHA__KC;
+    return nblk ? (K + nblk - 1) / nblk : 1;
+}
+
+/* Workspace floats: one packed B panel, then nthreads packed A blocks. */
+static size_t mha__gemm_b_floats(int N, int K)
+{
+    size_t nc = mha__round_up((size_t)mha__imin(N, MHA__NC), MHA__NR);
+    return mha__round_up(nc * (size_t)mha__gemm_kc(K), MHA__ALIGN_FLOATS);
+}
+static size_t mha__gemm_a_floats(int M, int K)
+{
+    size_t mc = mha__round_up((size_t)mha__imin(M, MHA__MC), MHA__MR);
+    return mha__round_up(mc * (size_t)mha__gemm_kc(K), MHA__ALIGN_FLOATS);
+}
 /* Packing-buffer floats one single-threaded GEMM call of this shape needs. */
 static size_t mha__gemm_ws_floats(int M, int N, int K)
 {
-    (void)M; (void)N; (void)K;
-    return 0;
+    if (M <= 0 || N <= 0 || K <= 0) return 0;
+    return mha__gemm_b_floats(N, K) + mha__gemm_a_floats(M, K);
+}
+/* Pack rows i0..i0+mr of op(A), columns p0..p0+kc, as one sliver:
+   dst[p*MR + i] = op(A)[i0+i, p0+p], zero for i >= mr.  */
+static void mha__pack_a(int ta, const float *A, size_t lda, int i0, int mr, int p0, int kc,
+                        float *dst)
+{
+    int i, p;
+    if (ta) {   /* A stored K x M: the MR values of one k are adjacent */
+        for (p = 0; p < kc; ++p) {
+            const float *src = A + (size_t)(p0 + p) * lda + i0;
+            float *d = dst + (size_t)p * MHA__MR;
+            for (i = 0; i < mr; ++i) d[i] = src[i];
+            for (; i < MHA__MR; ++i) d[i] = 0.0f;
+        }
+    } else {    /* A stored M x K: walk each row, write with stride MR */
+        for (i = 0; i < mr; ++i) {
+            const float *src = A + (size_t)(i0 + i) * lda + p0;
+            for (p = 0; p < kc; ++p) dst[(size_t)p * MHA__MR + i] = src[p];
+        }
+        for (; i < MHA__MR; ++i)
+            for (p = 0; p < kc; ++p) dst[(size_t)p * MHA__MR + i] = 0.0f;
+    }
 }
 
-/* Single-threaded GEMM into caller memory; never allocates. */
+/* Pack rows p0..p0+kc of op(B), columns j0..j0+nr, as one sliver:
+   dst[p*NR + j] = op(B)[p0+p, j0+j], zero for j >= nr.  */
+static void mha__pack_b(int tb, const float *B, size_t ldb, int p0, int kc, int j0, int nr,
+                        float *dst)
+{
+    int j, p;
+    if (!tb) {  /* B stored K x N: the NR values of one k are adjacent */
+        for (p = 0; p < kc; ++p) {
+            const float *src = B + (size_t)(p0 + p) * ldb + j0;
+            float *d = dst + (size_t)p * MHA__NR;
+            if (nr == MHA__NR) {
+                for (j = 0; j < MHA__NR; j += MHA__VW) mha__vstore(d + j, mha__vload(src + j));
+            } else {
+                for (j = 0; j < nr; ++j) d[j] = src[j];
+                for (; j < MHA__NR; ++j) d[j] = 0.0f;
+            }
+        }
+    } else {    /* B stored N x K (X W^T, Q K^T): walk each row of the stored B */
+        for (j = 0; j < nr; ++j) {
+            const float *src = B + (size_t)(j0 + j) * ldb + p0;
+            for (p = 0; p < kc; ++p) dst[(size_t)p * MHA__NR + j] = src[p];
+        }
+        for (; j < MHA__NR; ++j)
+            for (p = 0; p < kc; ++p) dst[(size_t)p * MHA__NR + j] = 0.0f;
+    }
+}
+
+/* The micro-kernel: one MR x NR tile of C from a packed A sliver a and a
+   packed B sliver b, both kc long.
+       acc[i][j] = sum_p a[p*MR + i] * b[p*NR + j]          (p in order)
+       C[i][j]   = alpha acc[i][j] + beta C[i][j]            (beta == 0: no read)
+   acc_i_j is vector column j of row i.  Each k step loads the NRV vectors of
+   B once, broadcasts the MR values of A and issues MR*NRV independent fused
+   multiply-adds: enough to keep both FMA pipes busy through their latency. */
+#define MHA__K_ZERO(i, j) mha__vf acc##i##_##j = mha__vzero();
+#define MHA__K_LOADB(u, j) const mha__vf b##j = mha__vload(b + (u) * MHA__NR + (j) * MHA__VW);
+#define MHA__K_FMA(i, j) acc##i##_##j = mha__vfma(acc##i##_##j, a##i, b##j);
+#define MHA__K_ROW(u, i) { const mha__vf a##i = mha__vset1(a[(u) * MHA__MR + (i)]); MHA__FOR_J(MHA__K_FMA, i) }
+#define MHA__K_STEP(u) { MHA__FOR_J(MHA__K_LOADB, u) MHA__FOR_I(MHA__K_ROW, u) }
+#define MHA__K_STORE0(i, j) \
+    mha__vstore(c + (i) * ldc + (j) * MHA__VW, mha__vmul(va, acc##i##_##j));
+#define MHA__K_STORE1(i, j) \
+    mha__vstore(c + (i) * ldc + (j) * MHA__VW, \
+                mha__vfma(mha__vmul(va, acc##i##_##j), vb, mha__vload(c + (i) * ldc + (j) * MHA__VW)));
+static void mha__kernel(int kc, const float *a, const float *b, float *c, size_t ldc,
+                        float alpha, float beta)
+{
+    const mha__vf va = mha__vset1(alpha), vb = mha__vset1(beta);
+    int p = 0;
+    MHA__FOR_IJ(MHA__K_ZERO)
+    for (; p + 4 <= kc; p += 4) {    /* unrolled by 4: less loop overhead per FMA */
+        MHA__K_STEP(0) MHA__K_STEP(1) MHA__K_STEP(2) MHA__K_STEP(3)
+        a += 4 * MHA__MR;
+        b += 4 * MHA__NR;
+    }
+    for (; p < kc; ++p) {
+        MHA__K_STEP(0)
+        a += MHA__MR;
+        b += MHA__NR;
+    }
+    if (beta == 0.0f) { MHA__FOR_IJ(MHA__K_STORE0) }
+    else              { MHA__FOR_IJ(MHA__K_STORE1) }
+}
+
+/* The two inner loops over one packed A block (mc x kc) and B panel (kc x nc). */
+static void mha__macro_kernel(int mc, int nc, int kc, float alpha, float beta,
+                              const float *pa, const float *pb, float *C, size_t ldc)
+{
+    int ir, jr;
+    for (jr = 0; jr < nc; jr += MHA__NR) {
+        int nr = mha__imin(MHA__NR, nc - jr);
+        const float *b = pb + (size_t)jr * kc;
+        for (ir = 0; ir < mc; ir += MHA__MR) {
+            int mr = mha__imin(MHA__MR, mc - ir);
+            const float *a = pa + (size_t)ir * kc;
+            float *c = C + (size_t)ir * ldc + jr;
+            if (mr == MHA__MR && nr == MHA__NR) {
+                mha__kernel(kc, a, b, c, ldc, alpha, beta);
+            } else {    /* edge: full tile into t, copy out the valid mr x nr part */
+                float t[MHA__MR * MHA__NR];
+                int i, j;
+                mha__kernel(kc, a, b, t, MHA__NR, alpha, 0.0f);
+                for (i = 0; i < mr; ++i) {
+                    float *ci = c + (size_t)i * ldc;
+                    const float *ti = t + i * MHA__NR;
+                    if (beta == 0.0f) for (j = 0; j < nr; ++j) ci[j] = ti[j];
+                    else              for (j = 0; j < nr; ++j) ci[j] = ti[j] + beta * ci[j];
+                }
+            }
+        }
+    }
+}
+
+/* Pack an mc x kc block of op(A) (rows ic.., columns pc..) as MR slivers. */
+static void mha__pack_a_block(int ta, const float *A, size_t lda, int ic, int mc, int pc, int kc,
+                              float *pa)
+{
+    int ir;
+    for (ir = 0; ir < mc; ir += MHA__MR)
+        mha__pack_a(ta, A, lda, ic + ir, mha__imin(MHA__MR, mc - ir), pc, kc, pa + (size_t)ir * kc);
+}
+
+/* Single-threaded GEMM into caller memory; never allocates.
+   ws: mha__gemm_ws_floats(M, N, K) floats, 64-byte aligned.  */
 static void mha__gemm(int ta, int tb, int M, int N, int K, float alpha,
                       const float *A, size_t lda, const float *B, size_t ldb,
                       float beta, float *C, size_t ldc, float *ws)
 {
-    (void)ws;
-    mha__gemm_ref(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    float *pb = ws, *pa = ws + mha__gemm_b_floats(N, K);
+    int kcb = mha__gemm_kc(K), jc, pc, ic, jr;
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    for (jc = 0; jc < N; jc += MHA__NC) {
+        int nc = mha__imin(MHA__NC, N - jc);
+        for (pc = 0; pc < K; pc += kcb) {
+            int kc = mha__imin(kcb, K - pc);
+            float beta_pc = pc == 0 ? beta : 1.0f;
+            for (jr = 0; jr < nc; jr += MHA__NR)
+                mha__pack_b(tb, B, ldb, pc, kc, jc + jr, mha__imin(MHA__NR, nc - jr),
+                            pb + (size_t)jr * kc);
+            for (ic = 0; ic < M; ic += MHA__MC) {
+                int mc = mha__imin(MHA__MC, M - ic);
+                mha__pack_a_block(ta, A, lda, ic, mc, pc, kc, pa);
+                mha__macro_kernel(mc, nc, kc, alpha, beta_pc, pa, pb,
+                                  C + (size_t)ic * ldc + jc, ldc);
+            }
+        }
+    }
+}
+
+/* Below this many multiply-adds a GEMM runs on the calling thread alone:
+   starting a team costs more than it saves. */
+#define MHA__GEMM_MT_MIN_FMAS (1 << 21)
+
+/* How mha__gemm_mt splits C: into blocks of whole MR-row tiles (split_m)
+   or whole NR-column slivers, along the longer side, so the packing that
+   every block repeats (B when rows are split, A when columns are) is the
+   smaller one.  About 4 blocks per thread, handed out dynamically, so a
+   thread the OS delays (a shared machine) leaves its blocks to the others.
+   Returns the thread count actually used; *nblk blocks of *step rows/columns. */
+static int mha__gemm_split(int M, int N, int K, int nthreads, int *split_m, int *step, int *nblk)
+{
+    int tiles, per;
+    if (nthreads <= 1 || (double)M * N * K < (double)MHA__GEMM_MT_MIN_FMAS) return 1;
+    *split_m = M >= N;
+    tiles = *split_m ? (M + MHA__MR - 1) / MHA__MR : (N + MHA__NR - 1) / MHA__NR;
+    if (nthreads > tiles) nthreads = tiles;
+    if (nthreads <= 1) return 1;
+    *nblk = 4 * nthreads < tiles ? 4 * nthreads : tiles;
+    per = (tiles + *nblk - 1) / *nblk;
+    *nblk = (tiles + per - 1) / per;
+    *step = per * (*split_m ? MHA__MR : MHA__NR);
+    return nthreads;
+}
+
+/* ... and a call of mha__gemm_mt with nthreads threads: one private
+   single-thread workspace per thread (each sized for the whole problem,
+   which bounds its block's). */
+static size_t mha__gemm_ws_floats_mt(int M, int N, int K, int nthreads)
+{
+    int split_m = 0, step = 0, nblk = 0;
+    return (size_t)mha__gemm_split(M, N, K, nthreads, &split_m, &step, &nblk) *
+           mha__gemm_ws_floats(M, N, K);
+}
+
+/* mha__gemm on nthreads OpenMP threads (one thread without -fopenmp).
+   ws: mha__gemm_ws_floats_mt(M, N, K, nthreads) floats.  Each block of C
+   is the single-thread GEMM with the packing buffers of the thread that
+   runs it: no barrier inside but the final join.  The blocks start on tile boundaries and K is blocked as
+   before, so every C element is summed in the same order as with one
+   thread: the result is bit-identical for any thread count.  */
+static void mha__gemm_mt(int ta, int tb, int M, int N, int K, float alpha,
+                         const float *A, size_t lda, const float *B, size_t ldb,
+                         float beta, float *C, size_t ldc, float *ws, int nthreads)
+{
+#ifdef _OPENMP
+    int split_m = 0, step = 0, nblk = 0, t;
+    size_t per = mha__gemm_ws_floats(M, N, K);
+    nthreads = mha__gemm_split(M, N, K, nthreads, &split_m, &step, &nblk);
+    if (nthreads > 1) {
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+        for (t = 0; t < nblk; ++t) {
+            int lo = t * step, hi = lo + step, n = split_m ? M : N;
+            float *w = ws + (size_t)omp_get_thread_num() * per;
+            if (hi > n) hi = n;
+            if (lo >= hi) continue;
+            if (split_m) {    /* rows lo..hi of op(A) and C */
+                const float *a = ta ? A + lo : A + (size_t)lo * lda;
+                mha__gemm(ta, tb, hi - lo, N, K, alpha, a, lda, B, ldb, beta, C + (size_t)lo * ldc, ldc, w);
+            } else {          /* columns lo..hi of op(B) and C */
+                const float *b = tb ? B + (size_t)lo * ldb : B + lo;
+                mha__gemm(ta, tb, M, hi - lo, K, alpha, A, lda, b, ldb, beta, C + lo, ldc, w);
+            }
+        }
+        return;
+    }
+#endif
+    (void)nthreads;
+    mha__gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ws);
 }
 
 MHADEF size_t mha_gemm_workspace_size(int M, int N, int K)
 {
     size_t f;
     if (M <= 0 || N <= 0 || K <= 0) return 0;
-    f = mha__gemm_ws_floats(M, N, K);
-    return f ? (f + MHA__ALIGN_FLOATS) * sizeof(float) : 0;
+    f = mha__gemm_ws_floats_mt(M, N, K, mha__max_threads(NULL));
+    return (f + MHA__ALIGN_FLOATS) * sizeof(float);
 }
 
 MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, float alpha,
                            const float *A, int lda, const float *B, int ldb, float beta,
                            float *C, int ldc, void *workspace, size_t workspace_bytes)
 {
-    size_t need, tmp;
+    size_t tmp;
     void *owned = NULL;
     float *ws;
+    int nthreads = mha__max_threads(NULL);
     if (!A || !B || !C) return MHA_ERR_NULL_POINTER;
     if (M <= 0 || N <= 0 || K <= 0) return MHA_ERR_INVALID_SIZE;
     if ((ta != MHA_NO_TRANS && ta != MHA_TRANS) || (tb != MHA_NO_TRANS && tb != MHA_TRANS))
@@ -642,17 +982,23 @@ MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, floa
         !mha__mul((size_t)(tb ? N : K), (size_t)ldb, &tmp) || !mha__mul(tmp, sizeof(float), &tmp) ||
         !mha__mul((size_t)M, (size_t)ldc, &tmp) || !mha__mul(tmp, sizeof(float), &tmp))
         return MHA_ERR_OVERFLOW;
-    need = mha_gemm_workspace_size(M, N, K);
-    if (need && workspace && workspace_bytes < need) return MHA_ERR_WORKSPACE_TOO_SMALL;
-    if (need && !workspace) {
-        owned = MHA_MALLOC(need);
+    if (workspace) {
+        /* a workspace sized for fewer threads than are available runs on fewer */
+        while (nthreads > 1 &&
+               (mha__gemm_ws_floats_mt(M, N, K, nthreads) + MHA__ALIGN_FLOATS) * sizeof(float) > workspace_bytes)
+            --nthreads;
+        if ((mha__gemm_ws_floats(M, N, K) + MHA__ALIGN_FLOATS) * sizeof(float) > workspace_bytes)
+            return MHA_ERR_WORKSPACE_TOO_SMALL;
+    } else {
+        owned = MHA_MALLOC(mha_gemm_workspace_size(M, N, K));
         if (!owned) return MHA_ERR_OUT_OF_MEMORY;
         workspace = owned;
     }
     /* align the packing buffers to a cache line */
     ws = MHA__CAST(float *, workspace);
-    if (ws) ws += (MHA__ALIGN_FLOATS - ((uintptr_t)ws / sizeof(float)) % MHA__ALIGN_FLOATS) % MHA__ALIGN_FLOATS;
-    mha__gemm(ta, tb, M, N, K, alpha, A, (size_t)lda, B, (size_t)ldb, beta, C, (size_t)ldc, ws);
+    ws += (MHA__ALIGN_FLOATS - ((uintptr_t)ws / sizeof(float)) % MHA__ALIGN_FLOATS) % MHA__ALIGN_FLOATS;
+    mha__gemm_mt(ta, tb, M, N, K, alpha, A, (size_t)lda, B, (size_t)ldb, beta, C, (size_t)ldc,
+                 ws, nthreads);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
@@ -698,7 +1044,8 @@ typedef struct mha__attn {
 #endif
 #define MHA__BR_W 32
 
-static size_t mha__round_up(size_t n)
+/* n floats rounded up to whole 64-byte lines */
+static size_t mha__round_floats(size_t n)
 {
     return (n + MHA__ALIGN_FLOATS - 1) / MHA__ALIGN_FLOATS * MHA__ALIGN_FLOATS;
 }
@@ -897,8 +1244,8 @@ static int mha__online_row(float *s, int n, float *m, float *l, float *o, int Dv
 /* Scratch floats of one fused tile: S, the accumulator O, m, l (each aligned). */
 static size_t mha__fused_tile_floats(int Dv)
 {
-    return mha__round_up((size_t)MHA__BR * MHA__BC) + (size_t)MHA__BR * mha__round_up((size_t)Dv) +
-           2 * mha__round_up(MHA__BR);
+    return mha__round_floats((size_t)MHA__BR * MHA__BC) + (size_t)MHA__BR * mha__round_floats((size_t)Dv) +
+           2 * mha__round_floats(MHA__BR);
 }
 
 /* Query rows i0..i0+nr of (b, h), fused.  sc: mha__fused_tile_floats(Dv)
@@ -910,11 +1257,11 @@ static void mha__attend_fused(const mha__attn *a, int b, int h, int i0, int nr, 
     const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)h * a->v.hs;
     float *out = a->o + (size_t)b * a->o_bs + (size_t)h * a->o_hs + (size_t)i0 * a->o_rs;
     int Dv = a->Dv, Lk = a->Lk, r, d, seg, gb = a->b0 + b, gi = a->q0 + i0;   /* global batch, row */
-    size_t ldo = mha__round_up((size_t)Dv);
+    size_t ldo = mha__round_floats((size_t)Dv);
     float *S = sc;
-    float *O = S + mha__round_up((size_t)MHA__BR * MHA__BC);
+    float *O = S + mha__round_floats((size_t)MHA__BR * MHA__BC);
     float *m = O + (size_t)MHA__BR * ldo;
-    float *l = m + mha__round_up(MHA__BR);
+    float *l = m + mha__round_floats(MHA__BR);
     /* key segments: the real keys a causal mask leaves to the last row of
        this tile (later key tiles are blocked for every row and never
        computed), then the appended keys, which no mask blocks */
@@ -970,7 +1317,7 @@ static int mha__attn_scratch_floats(int Lq, int Lk_eff, int D, int Dv, int nthre
     int br = need_weights ? (Lq < MHA__BR_W ? Lq : MHA__BR_W) : (Lq < MHA__BR ? Lq : MHA__BR);
     if (need_weights) {
         if (!mha__mul((size_t)br, (size_t)Lk_eff, &s)) return 0;
-        s = mha__round_up(s);
+        s = mha__round_floats(s);
         g1 = mha__gemm_ws_floats(br, Lk_eff, D);
         g2 = mha__gemm_ws_floats(br, Dv, Lk_eff);
     } else {
@@ -982,7 +1329,7 @@ static int mha__attn_scratch_floats(int Lq, int Lk_eff, int D, int Dv, int nthre
     g = g1 > g2 ? g1 : g2;
     if (!mha__add(s, g, per_thread) || !mha__add(*per_thread, 2 * MHA__ALIGN_FLOATS, per_thread))
         return 0;
-    *per_thread = mha__round_up(*per_thread);
+    *per_thread = mha__round_floats(*per_thread);
     return mha__mul(*per_thread, (size_t)nthreads, total);
 }
 
@@ -1014,7 +1361,7 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
                               sc + mha__fused_tile_floats(a->Dv));
         } else {
             mha__attend_rows(a, (int)(t / nqt), i0, nr, sc,
-                             sc + mha__round_up((size_t)nr * a->Lk_eff));
+                             sc + mha__round_floats((size_t)nr * a->Lk_eff));
         }
     }
 }
@@ -1228,8 +1575,9 @@ static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
         return MHA_ERR_OVERFLOW;
     /* projection GEMMs run on the scratch area too */
     {
-        size_t g = mha__gemm_ws_floats(B * Lq, L->E, L->E);
-        size_t g2 = mha__gemm_ws_floats(B * L->Lk_eff, L->E, L->kdim > L->vdim ? L->kdim : L->vdim);
+        int nt = mha__max_threads(opt);
+        size_t g = mha__gemm_ws_floats_mt(B * Lq, L->E, L->E, nt);
+        size_t g2 = mha__gemm_ws_floats_mt(B * L->Lk_eff, L->E, L->kdim > L->vdim ? L->kdim : L->vdim, nt);
         if (g2 > g) g = g2;
         if (g > scratch && !mha__add(cur, g - scratch, &cur)) return MHA_ERR_OVERFLOW;
     }
@@ -1251,16 +1599,17 @@ MHADEF mha_status mha_forward_workspace_size(const mha_module *m, int B, int Lq,
     return MHA_OK;
 }
 
-/* Y[rows, E] = X[rows, in] W^T + bias, W is [E, in] as PyTorch stores it. */
+/* Y[rows, E] = X[rows, in] W^T + bias, W is [E, in] as PyTorch stores it.
+   gws: mha__gemm_ws_floats_mt(rows, E, in, nthreads) floats. */
 static void mha__linear(int rows, int in, int E, const float *X, const float *W,
-                        const float *bias, float *Y, float *gws)
+                        const float *bias, float *Y, float *gws, int nthreads)
 {
     if (bias) {
         int r;
         for (r = 0; r < rows; ++r) memcpy(Y + (size_t)r * E, bias, (size_t)E * sizeof(float));
     }
-    mha__gemm(0, 1, rows, E, in, 1.0f, X, (size_t)in, W, (size_t)in, bias ? 1.0f : 0.0f,
-              Y, (size_t)E, gws);
+    mha__gemm_mt(0, 1, rows, E, in, 1.0f, X, (size_t)in, W, (size_t)in, bias ? 1.0f : 0.0f,
+                 Y, (size_t)E, gws, nthreads);
 }
 
 MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
@@ -1303,14 +1652,14 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
        columns in every head, i.e. one zero row before the split). */
     extra = L.Lk_eff - Lk;
     if (extra == 0) {
-        mha__linear(B * Lk, L.kdim, E, key, wk, bk, kp, scratch);
-        mha__linear(B * Lk, L.vdim, E, value, wv, bv, vp, scratch);
+        mha__linear(B * Lk, L.kdim, E, key, wk, bk, kp, scratch, mha__max_threads(opt));
+        mha__linear(B * Lk, L.vdim, E, value, wv, bv, vp, scratch, mha__max_threads(opt));
     } else {
         for (b = 0; b < B; ++b) {
             float *kb = kp + (size_t)b * L.Lk_eff * E, *vb = vp + (size_t)b * L.Lk_eff * E;
             int r = Lk;
-            mha__linear(Lk, L.kdim, E, key + (size_t)b * Lk * L.kdim, wk, bk, kb, scratch);
-            mha__linear(Lk, L.vdim, E, value + (size_t)b * Lk * L.vdim, wv, bv, vb, scratch);
+            mha__linear(Lk, L.kdim, E, key + (size_t)b * Lk * L.kdim, wk, bk, kb, scratch, mha__max_threads(opt));
+            mha__linear(Lk, L.vdim, E, value + (size_t)b * Lk * L.vdim, wv, bv, vb, scratch, mha__max_threads(opt));
             if (m->bias_k) {
                 memcpy(kb + (size_t)r * E, m->bias_k, (size_t)E * sizeof(float));
                 memcpy(vb + (size_t)r * E, m->bias_v, (size_t)E * sizeof(float));
@@ -1340,7 +1689,7 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
             rows = a.nb * a.nq;
 
             /* 2. Q = Xq Wq^T + bq for the chunk's rows */
-            mha__linear(rows, E, E, query + first, wq, bq, qp, scratch);
+            mha__linear(rows, E, E, query + first, wq, bq, qp, scratch, a.nthreads);
 
             /* 3. attention per (batch, head) on the head-interleaved [rows, E]
                layout; each head's context overwrites that head's Q columns,
@@ -1354,7 +1703,8 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
             mha__attend_all(&a, scratch, L.per_thread);
 
             /* 4. output projection: out = concat_h(O_h) Wo^T + bo */
-            mha__linear(rows, E, E, qp, m->out_proj_weight, m->out_proj_bias, out + first, scratch);
+            mha__linear(rows, E, E, qp, m->out_proj_weight, m->out_proj_bias, out + first, scratch,
+                        a.nthreads);
         }
     }
 

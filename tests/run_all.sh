@@ -5,6 +5,7 @@
 #   tests/run_all.sh [config ...]      default: all configurations
 #
 # Configurations: scalar (gcc, MHA_NO_SIMD), avx2 (gcc, AVX2+FMA, OpenMP),
+# avx512 (gcc, AVX-512F, OpenMP; skipped on CPUs without it),
 # clang (clang, AVX2+FMA), sanitize (clang ASan+UBSan, AVX2 and scalar),
 # neon (aarch64 cross-compiler, run under qemu-aarch64), cxx (C++ compile of the
 # header + the two-translation-unit link test).
@@ -62,7 +63,7 @@ build_and_run() {
 have_avx2() { grep -q ' avx2 ' /proc/cpuinfo && grep -q ' fma ' /proc/cpuinfo; }
 
 configs=("$@")
-[ ${#configs[@]} -eq 0 ] && configs=(scalar avx2 clang sanitize neon cxx)
+[ ${#configs[@]} -eq 0 ] && configs=(scalar avx2 avx512 clang sanitize neon cxx)
 
 for cfg in "${configs[@]}"; do
     case $cfg in
@@ -72,6 +73,10 @@ for cfg in "${configs[@]}"; do
         if have_avx2; then
             OMP_NUM_THREADS=2 build_and_run avx2 gcc "-std=c99 -O2 -mavx2 -mfma -fopenmp $WARN" "-lm"
         else note "NOTE avx2: this CPU has no AVX2+FMA; configuration skipped"; fi ;;
+    avx512)
+        if grep -q ' avx512f ' /proc/cpuinfo; then
+            OMP_NUM_THREADS=2 build_and_run avx512 gcc "-std=c99 -O2 -mavx512f -mavx2 -mfma -fopenmp $WARN" "-lm"
+        else note "NOTE avx512: this CPU has no AVX-512F; configuration skipped"; fi ;;
     clang)
         if have_avx2; then
             build_and_run clang clang "-std=c99 -O2 -mavx2 -mfma $WARN" "-lm"
