@@ -1031,17 +1031,9 @@ typedef struct mha__attn {
     int nthreads;
 } mha__attn;
 
-/* Tile sizes.  Fused path: a query tile of MHA__BR rows meets key tiles of
-   MHA__BC keys; per thread it keeps S [BR, BC], the context accumulator
-   [BR, Dv] and the running max and sum, so its memory does not grow with L.
-   Unfused path (weights requested): MHA__BR_W query rows at a time against
-   all Lk_eff keys, i.e. a [BR_W, Lk_eff] score block per thread.  */
-#ifndef MHA__BR
-#define MHA__BR 64
-#endif
-#ifndef MHA__BC
-#define MHA__BC 128
-#endif
+/* Unfused path (weights requested): MHA__BR_W query rows at a time against
+   all Lk_eff keys, i.e. a [BR_W, Lk_eff] score block per thread.  The fused
+   path's tile sizes are with its code below.  */
 #define MHA__BR_W 32
 
 /* n floats rounded up to whole 64-byte lines */
@@ -1171,7 +1163,17 @@ static void mha__attend_rows(const mha__attn *a, int b, int i0, int nr, float *s
        p_j = exp(s_j - m')             l' = c l + sum_j p_j
        o'  = c o + sum_j p_j v_j
    and at the end o / l is softmax(s) V over all keys seen.  Blocked keys
-   (s_j = -inf) get p_j = 0 exactly and are skipped in o when V is not finite.  */
+   (s_j = -inf) get p_j = 0 exactly and are skipped in o when V is not finite.
+
+   Layout.  The tile is computed transposed, keys down and queries across:
+       S^T = K_t Q_t^T   [nc keys, nr queries]      O^T += V_t^T P^T   [Dv, nr]
+   so the softmax runs down the columns with one query per vector lane (no
+   horizontal reductions), and S^T, stored as NR-wide column slivers, is
+   already the packed B operand of the GEMM micro-kernel for O^T: nothing is
+   packed per tile.  K_t (as the packed A of S^T) and V_t^T (the packed A of
+   O^T) are packed once per (b, h) into a buffer all threads share, Q_t^T
+   once per query tile.  These are the GEMM section's panel formats and its
+   macro-kernel, called directly.  */
 
 /* exp(x) for the arguments the online softmax makes: x = s - m <= 0, -inf
    (a blocked key) or NaN; cheaper than mha__vexp because nothing can
@@ -1203,165 +1205,294 @@ static inline mha__vf mha__vexp_nonpos(mha__vf x)
     return mha__vmul(p, mha__vpow2i(n));
 }
 
-/* Turn one masked score row into p in place and rescale (o, l); returns 1
-   if the row has an allowed key, else 0 (p is all zero, m, l, o unchanged).
-   s has room for a whole number of vectors (the tile stride is MHA__BC);
-   the lanes past n are set to -inf and so become p = 0.  */
-static int mha__online_row(float *s, int n, float *m, float *l, float *o, int Dv)
+/* Sizes of the fused path's buffers, in floats.  Key tiles hold MHA__FBC
+   keys (a multiple of MR, so packed K tiles have no ragged sliver), query
+   tiles MHA__FBR queries (a multiple of NR, whole slivers).  */
+#define MHA__FBC ((128 + MHA__MR - 1) / MHA__MR * MHA__MR)
+#define MHA__FBR ((64 + MHA__NR - 1) / MHA__NR * MHA__NR)
+
+typedef struct mha__fused_dims {
+    int ntiles;        /* key tiles: ceil(Lk / FBC) real ones, + 1 for appended keys */
+    size_t dvp;        /* Dv rounded up to MR: rows of packed V^T */
+    size_t k_tile, v_tile;   /* floats of one packed K tile, one packed V^T tile */
+    size_t shared;     /* packed K and V^T of one (b, h), plus a finite flag per tile */
+    size_t per_thread; /* Q^T slivers, S^T, O^T, m, l */
+} mha__fused_dims;
+
+static int mha__fused_sizes(int Lk, int Lk_eff, int D, int Dv, mha__fused_dims *f)
 {
-    mha__vf vm = mha__vset1(-INFINITY), vsum = mha__vzero();
-    float mt, mnew;
-    int j, nr = (n + MHA__VW - 1) / MHA__VW * MHA__VW;
-    for (j = n; j < nr; ++j) s[j] = -INFINITY;
-    /* 1. m' = max(m, max_j s_j) */
-    for (j = 0; j < nr; j += MHA__VW) vm = mha__vmax(vm, mha__vload(s + j));
-    mt = mha__vhmax(vm);
-    if (mt == -INFINITY) {
-        for (j = 0; j < n; ++j) s[j] = 0.0f;
+    size_t t, s;
+    f->ntiles = (Lk + MHA__FBC - 1) / MHA__FBC + (Lk_eff > Lk);
+    f->dvp = ((size_t)Dv + MHA__MR - 1) / MHA__MR * MHA__MR;
+    if (!mha__mul((size_t)MHA__FBC, (size_t)D, &f->k_tile) ||
+        !mha__mul((size_t)MHA__FBC, f->dvp, &f->v_tile) ||
+        !mha__add(f->k_tile, f->v_tile, &t) || !mha__mul(t, (size_t)f->ntiles, &s) ||
+        !mha__add(s, (size_t)f->ntiles, &s))
         return 0;
-    }
-    mnew = (*m == -INFINITY || !(mt <= *m)) ? mt : *m;
-    /* 2. rescale what was summed under the old max: c = exp(m - m') */
-    if (*m != -INFINITY && mnew != *m) {
-        float c = expf(*m - mnew);
-        mha__vf vc = mha__vset1(c);
-        *l *= c;
-        for (j = 0; j + MHA__VW <= Dv; j += MHA__VW) mha__vstore(o + j, mha__vmul(mha__vload(o + j), vc));
-        for (; j < Dv; ++j) o[j] *= c;
-    }
-    /* 3. p_j = exp(s_j - m'), l' = c l + sum_j p_j; exp(-inf) = 0 */
-    vm = mha__vset1(mnew);
-    for (j = 0; j < nr; j += MHA__VW) {
-        mha__vf e = mha__vexp_nonpos(mha__vsub(mha__vload(s + j), vm));
-        mha__vstore(s + j, e);
-        vsum = mha__vadd(vsum, e);
-    }
-    *l += mha__vhsum(vsum);
-    *m = mnew;
+    f->shared = mha__round_floats(s);
+    f->per_thread = mha__round_floats((size_t)MHA__FBR * D) +            /* Q^T slivers */
+                    mha__round_floats((size_t)MHA__FBC * MHA__FBR) +     /* S^T */
+                    mha__round_floats(f->dvp * MHA__FBR) +               /* O^T */
+                    2 * mha__round_floats(MHA__FBR);                     /* m, l */
     return 1;
 }
 
-/* Scratch floats of one fused tile: S, the accumulator O, m, l (each aligned). */
-static size_t mha__fused_tile_floats(int Dv)
+/* Pack key tile t of (b, h): K rows j0..j0+nc as MR slivers (A of S^T),
+   V rows j0..j0+nc transposed as MR slivers of Dv (A of O^T), and whether
+   every V value of the tile is finite.  Tile ntiles-1 holds the appended
+   keys when there are any.  */
+static void mha__fused_pack(const mha__attn *a, const mha__fused_dims *f, int b, int h, int t,
+                            float *shared)
 {
-    return mha__round_floats((size_t)MHA__BR * MHA__BC) + (size_t)MHA__BR * mha__round_floats((size_t)Dv) +
-           2 * mha__round_floats(MHA__BR);
-}
-
-/* Query rows i0..i0+nr of (b, h), fused.  sc: mha__fused_tile_floats(Dv)
-   floats of scratch, gws: GEMM packing space after it.  */
-static void mha__attend_fused(const mha__attn *a, int b, int h, int i0, int nr, float *sc, float *gws)
-{
-    const float *q = a->q.p + (size_t)b * a->q.bs + (size_t)h * a->q.hs + (size_t)i0 * a->q.rs;
     const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)h * a->k.hs;
     const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)h * a->v.hs;
-    float *out = a->o + (size_t)b * a->o_bs + (size_t)h * a->o_hs + (size_t)i0 * a->o_rs;
-    int Dv = a->Dv, Lk = a->Lk, r, d, seg, gb = a->b0 + b, gi = a->q0 + i0;   /* global batch, row */
-    size_t ldo = mha__round_floats((size_t)Dv);
-    float *S = sc;
-    float *O = S + mha__round_floats((size_t)MHA__BR * MHA__BC);
-    float *m = O + (size_t)MHA__BR * ldo;
-    float *l = m + mha__round_floats(MHA__BR);
-    /* key segments: the real keys a causal mask leaves to the last row of
-       this tile (later key tiles are blocked for every row and never
-       computed), then the appended keys, which no mask blocks */
-    int seg_lo[2], seg_hi[2];
-    seg_lo[0] = 0; seg_hi[0] = Lk;
-    if (a->causal) {
-        ptrdiff_t last = (ptrdiff_t)gi + nr - 1 + a->causal_off + 1;
-        seg_hi[0] = last < 0 ? 0 : (last < Lk ? (int)last : Lk);
+    float *pk = shared + (size_t)t * f->k_tile, *pv = shared + (size_t)f->ntiles * f->k_tile + t * f->v_tile;
+    float *flag = shared + (size_t)f->ntiles * (f->k_tile + f->v_tile) + t;
+    int appended = a->Lk_eff > a->Lk && t == f->ntiles - 1;
+    int j0 = appended ? a->Lk : t * MHA__FBC;
+    int nc = appended ? a->Lk_eff - a->Lk : (a->Lk - j0 < MHA__FBC ? a->Lk - j0 : MHA__FBC), j;
+    mha__vf acc = mha__vzero();
+    mha__pack_a_block(0, k + (size_t)j0 * a->k.rs, a->k.rs, 0, nc, 0, a->D, pk);
+    mha__pack_a_block(1, v + (size_t)j0 * a->v.rs, a->v.rs, 0, a->Dv, 0, nc, pv);
+    /* x - x is 0 for finite x and NaN otherwise; one NaN makes the sum NaN */
+    for (j = 0; j < nc; ++j) {
+        const float *vr = v + (size_t)(j0 + j) * a->v.rs;
+        int d = 0;
+        float s = 0.0f;
+        for (; d + MHA__VW <= a->Dv; d += MHA__VW) {
+            mha__vf x = mha__vload(vr + d);
+            acc = mha__vadd(acc, mha__vsub(x, x));
+        }
+        for (; d < a->Dv; ++d) s += vr[d] - vr[d];
+        acc = mha__vadd(acc, mha__vset1(s));
     }
-    seg_lo[1] = Lk; seg_hi[1] = a->Lk_eff;
+    *flag = mha__vhsum(acc) == 0.0f ? 1.0f : 0.0f;
+}
 
-    for (r = 0; r < nr; ++r) { m[r] = -INFINITY; l[r] = 0.0f; }
-    for (r = 0; r < nr * (int)ldo; ++r) O[r] = 0.0f;
-
-    for (seg = 0; seg < 2; ++seg) {
-        int j0;
-        for (j0 = seg_lo[seg]; j0 < seg_hi[seg]; j0 += MHA__BC) {
-            int nc = seg_hi[seg] - j0 < MHA__BC ? seg_hi[seg] - j0 : MHA__BC, live = 0;
-            /* 1. S = scale Q_tile K_tile^T   [nr, nc] */
-            mha__gemm(0, 1, nr, nc, a->D, a->scale, q, a->q.rs, k + (size_t)j0 * a->k.rs, a->k.rs,
-                      0.0f, S, MHA__BC, gws);
-            /* 2. mask, then the online softmax update of each row */
-            for (r = 0; r < nr; ++r) {
-                float *row = S + (size_t)r * MHA__BC;
-                mha__mask_cols(a, gb, h, gi + r, j0, nc, row);
-                live |= mha__online_row(row, nc, m + r, l + r, O + (size_t)r * ldo, Dv);
+/* Masks on a transposed score tile: st holds key p, query i of the tile at
+   st[(i / NR) * NR * nc + p * NR + i % NR].  Same rules as mha__mask_cols. */
+#define MHA__ST(st, nc, p, i) ((st)[(size_t)((i) / MHA__NR) * MHA__NR * (nc) + (size_t)(p) * MHA__NR + (i) % MHA__NR])
+static void mha__mask_tile_t(const mha__attn *a, int gb, int h, int gi, int nr, int j0, int nc, float *st)
+{
+    int Lk = a->Lk, jend = j0 + nc < Lk ? j0 + nc : Lk, i, j;
+    if (j0 >= Lk) return;               /* appended keys are never masked */
+    if (a->attn_mask) {
+        const mha_mask *m = a->attn_mask;
+        for (i = 0; i < nr; ++i) {
+            size_t row = (m->ndim == 2) ? (size_t)(gi + i) : ((size_t)gb * a->H + h) * a->Lq + gi + i;
+            if (m->kind == MHA_MASK_FLOAT) {
+                const float *fm = MHA__CAST(const float *, m->data) + row * Lk;
+                for (j = j0; j < jend; ++j) {
+                    float *s = &MHA__ST(st, nc, j - j0, i);
+                    *s = (fm[j] == -INFINITY) ? -INFINITY : *s + fm[j];
+                }
+            } else {
+                const unsigned char *u = MHA__CAST(const unsigned char *, m->data) + row * Lk;
+                for (j = j0; j < jend; ++j)
+                    if (mha__mask_bool_blocks(m->kind, u[j])) MHA__ST(st, nc, j - j0, i) = -INFINITY;
             }
-            /* 3. O += P V_tile */
-            if (live)
-                mha__pv(nr, nc, Dv, S, MHA__BC, v + (size_t)j0 * a->v.rs, a->v.rs, 1.0f, O, ldo, gws);
         }
     }
-
-    /* 4. o = O / l; a row that met no allowed key has l = 0 and gets zeros */
-    for (r = 0; r < nr; ++r) {
-        float *orow = out + (size_t)r * a->o_rs;
-        const float *arow = O + (size_t)r * ldo;
-        if (l[r] != 0.0f) {
-            float inv = 1.0f / l[r];
-            for (d = 0; d < Dv; ++d) orow[d] = arow[d] * inv;
-        } else {
-            for (d = 0; d < Dv; ++d) orow[d] = 0.0f;
+    if (a->kpm) {                       /* one decision per key: a whole row of st */
+        const mha_mask *m = a->kpm;
+        for (j = j0; j < jend; ++j) {
+            float add = 0.0f;
+            int blocked;
+            if (m->kind == MHA_MASK_FLOAT) {
+                add = MHA__CAST(const float *, m->data)[(size_t)gb * Lk + j];
+                blocked = add == -INFINITY;
+            } else {
+                blocked = mha__mask_bool_blocks(m->kind, MHA__CAST(const unsigned char *, m->data)[(size_t)gb * Lk + j]);
+            }
+            if (blocked) for (i = 0; i < nr; ++i) MHA__ST(st, nc, j - j0, i) = -INFINITY;
+            else if (add != 0.0f) for (i = 0; i < nr; ++i) MHA__ST(st, nc, j - j0, i) += add;
+        }
+    }
+    if (a->causal) {                    /* key j is blocked for queries i < j - causal_off */
+        for (j = j0; j < jend; ++j) {
+            ptrdiff_t first_ok = (ptrdiff_t)j - a->causal_off - gi;   /* first tile query allowed */
+            int n = first_ok <= 0 ? 0 : (first_ok < nr ? (int)first_ok : nr);
+            for (i = 0; i < n; ++i) MHA__ST(st, nc, j - j0, i) = -INFINITY;
         }
     }
 }
 
-/* Scratch floats of one attention call: per thread, a score block (fused
-   tiles, or BR_W rows of all keys) and GEMM packing.  */
-static int mha__attn_scratch_floats(int Lq, int Lk_eff, int D, int Dv, int nthreads,
+/* Query rows i0..i0+nr (local) of (b, h) against the packed keys. */
+static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int b, int h, int i0,
+                              int nr, const float *shared, float *sc)
+{
+    const float *q = a->q.p + (size_t)b * a->q.bs + (size_t)h * a->q.hs + (size_t)i0 * a->q.rs;
+    const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)h * a->v.hs;
+    float *out = a->o + (size_t)b * a->o_bs + (size_t)h * a->o_hs + (size_t)i0 * a->o_rs;
+    const float *pk = shared, *pv = shared + (size_t)f->ntiles * f->k_tile;
+    const float *flags = pv + (size_t)f->ntiles * f->v_tile;
+    int Dv = a->Dv, D = a->D, Lk = a->Lk, gb = a->b0 + b, gi = a->q0 + i0;
+    int nrp = (nr + MHA__NR - 1) / MHA__NR * MHA__NR;   /* whole slivers */
+    int masked = a->attn_mask || a->kpm, t, t_end, i, j, p, d;
+    float *qt = sc;
+    float *st = qt + mha__round_floats((size_t)MHA__FBR * D);
+    float *ot = st + mha__round_floats((size_t)MHA__FBC * MHA__FBR);
+    float *m = ot + mha__round_floats(f->dvp * MHA__FBR);
+    float *l = m + mha__round_floats(MHA__FBR);
+    const size_t ldo = MHA__FBR;
+
+    /* Q^T as NR slivers (zero-padded past nr), O^T = 0, m = -inf, l = 0 */
+    for (j = 0; j < nr; j += MHA__NR)
+        mha__pack_b(1, q, a->q.rs, 0, D, j, nr - j < MHA__NR ? nr - j : MHA__NR, qt + (size_t)j * D);
+    for (i = 0; i < nrp; ++i) { m[i] = -INFINITY; l[i] = 0.0f; }
+    memset(ot, 0, f->dvp * ldo * sizeof(float));
+    memset(st, 0, (size_t)MHA__FBC * nrp * sizeof(float));   /* lanes past nr stay finite */
+
+    /* real key tiles up to the causal limit of the tile's last query, then
+       the appended-keys tile */
+    t_end = (Lk + MHA__FBC - 1) / MHA__FBC;
+    if (a->causal) {
+        ptrdiff_t last = (ptrdiff_t)gi + nr - 1 + a->causal_off + 1;   /* keys < last allowed */
+        last = last < 0 ? 0 : (last < Lk ? last : Lk);
+        t_end = (int)((last + MHA__FBC - 1) / MHA__FBC);
+    }
+    for (t = 0; t < f->ntiles; ++t) {
+        int appended = a->Lk_eff > Lk && t == f->ntiles - 1;
+        int j0 = appended ? Lk : t * MHA__FBC;
+        int nc = appended ? a->Lk_eff - Lk : (Lk - j0 < MHA__FBC ? Lk - j0 : MHA__FBC);
+        const float *pkt = pk + (size_t)t * f->k_tile, *pvt = pv + (size_t)t * f->v_tile;
+        if (!appended && t >= t_end) continue;
+
+        /* 1. S^T = scale K_t Q^T, one NR-wide sliver of queries at a time */
+        for (j = 0; j < nr; j += MHA__NR)
+            mha__macro_kernel(nc, nr - j < MHA__NR ? nr - j : MHA__NR, D, a->scale, 0.0f, pkt,
+                              qt + (size_t)j * D, st + (size_t)j * nc, MHA__NR);
+
+        /* 2. masks; causal only where the tile reaches past the diagonal */
+        if (masked || (a->causal && !appended && (ptrdiff_t)j0 + nc - 1 > (ptrdiff_t)gi + a->causal_off))
+            mha__mask_tile_t(a, gb, h, gi, nr, j0, nc, st);
+
+        /* 3. online softmax, one vector of queries at a time, down the keys */
+        for (i = 0; i < nrp; i += MHA__VW) {
+            float *col = st + (size_t)(i / MHA__NR) * MHA__NR * nc + i % MHA__NR;
+            mha__vf vmax = mha__vset1(-INFINITY), mold = mha__vload(m + i), mnew, mref, c, sum = mha__vzero();
+            for (p = 0; p < nc; ++p) vmax = mha__vmax(vmax, mha__vload(col + (size_t)p * MHA__NR));
+            mnew = mha__vmax(mold, vmax);
+            /* a query with no allowed key yet keeps m = -inf; exp against 0 then */
+            mref = mha__vsel(mha__vgt(mnew, mha__vset1(-INFINITY)), mnew, mha__vzero());
+            c = mha__vexp_nonpos(mha__vsub(mold, mref));           /* exp(m - m'), 0 if m = -inf */
+            for (p = 0; p < nc; ++p) {
+                float *s = col + (size_t)p * MHA__NR;
+                mha__vf e = mha__vexp_nonpos(mha__vsub(mha__vload(s), mref));
+                mha__vstore(s, e);
+                sum = mha__vadd(sum, e);
+            }
+            mha__vstore(l + i, mha__vfma(sum, mha__vload(l + i), c));
+            mha__vstore(m + i, mnew);
+            for (d = 0; d < Dv; ++d) {
+                float *o = ot + (size_t)d * ldo + i;
+                mha__vstore(o, mha__vmul(mha__vload(o), c));
+            }
+        }
+
+        /* 4. O^T += V_t^T P^T; a zero weight times a NaN/Inf value would be
+           NaN, so a tile whose V is not finite sums nonzero weights only */
+        if (flags[t] != 0.0f) {
+            mha__macro_kernel(Dv, nr, nc, 1.0f, 1.0f, pvt, st, ot, ldo);
+        } else {
+            for (p = 0; p < nc; ++p) {
+                const float *vr = v + (size_t)(j0 + p) * a->v.rs;
+                for (i = 0; i < nr; ++i) {
+                    float w = MHA__ST(st, nc, p, i);
+                    if (w != 0.0f) for (d = 0; d < Dv; ++d) ot[(size_t)d * ldo + i] += w * vr[d];
+                }
+            }
+        }
+    }
+
+    /* 5. o = O / l; a row that met no allowed key has l = 0 and gets zeros */
+    for (i = 0; i < nr; ++i) {
+        float *orow = out + (size_t)i * a->o_rs;
+        float inv = l[i] != 0.0f ? 1.0f / l[i] : 0.0f;
+        for (d = 0; d < Dv; ++d) orow[d] = ot[(size_t)d * ldo + i] * inv;
+    }
+}
+
+/* Scratch floats of one attention call.  Fused: per thread the tile
+   buffers, shared the packed K/V of one (b, h).  Unfused: per thread a
+   [BR_W, Lk_eff] score block and GEMM packing.  *per_thread and *shared
+   are what mha__attend_all is given. */
+static int mha__attn_scratch_floats(int Lq, int Lk, int Lk_eff, int D, int Dv, int nthreads,
                                     int need_weights, size_t *per_thread, size_t *total)
 {
     size_t s, g1, g2, g;
-    int br = need_weights ? (Lq < MHA__BR_W ? Lq : MHA__BR_W) : (Lq < MHA__BR ? Lq : MHA__BR);
     if (need_weights) {
+        int br = Lq < MHA__BR_W ? Lq : MHA__BR_W;
         if (!mha__mul((size_t)br, (size_t)Lk_eff, &s)) return 0;
         s = mha__round_floats(s);
         g1 = mha__gemm_ws_floats(br, Lk_eff, D);
         g2 = mha__gemm_ws_floats(br, Dv, Lk_eff);
+        g = g1 > g2 ? g1 : g2;
+        if (!mha__add(s, g, per_thread) || !mha__add(*per_thread, 2 * MHA__ALIGN_FLOATS, per_thread))
+            return 0;
+        *per_thread = mha__round_floats(*per_thread);
+        return mha__mul(*per_thread, (size_t)nthreads, total);
     } else {
-        int bc = Lk_eff < MHA__BC ? Lk_eff : MHA__BC;
-        s = mha__fused_tile_floats(Dv);
-        g1 = mha__gemm_ws_floats(br, bc, D);
-        g2 = mha__gemm_ws_floats(br, Dv, bc);
+        mha__fused_dims f;
+        if (!mha__fused_sizes(Lk, Lk_eff, D, Dv, &f)) return 0;
+        *per_thread = f.per_thread;
+        return mha__mul(*per_thread, (size_t)nthreads, total) && mha__add(*total, f.shared, total);
     }
-    g = g1 > g2 ? g1 : g2;
-    if (!mha__add(s, g, per_thread) || !mha__add(*per_thread, 2 * MHA__ALIGN_FLOATS, per_thread))
-        return 0;
-    *per_thread = mha__round_floats(*per_thread);
-    return mha__mul(*per_thread, (size_t)nthreads, total);
 }
 
-/* Run a validated call.  Work items are independent tiles: (b, h, query
-   tile) in the fused path, (b, query tile) with heads inside in the unfused
-   path.  Each thread takes its scratch from ws by omp_get_thread_num().
-   An item's result depends only on the item, never on which thread or how
-   many threads ran it, so outputs are bit-identical for any thread count.  */
+/* Run a validated call; ws holds the scratch of mha__attn_scratch_floats.
+   Unfused: independent items (b, query tile), all heads inside, so the head
+   average is summed head by head in a fixed order.  Fused: (b, h) one after
+   the other; for each, the threads pack its key tiles, then share out its
+   query tiles.  Each thread takes its scratch by omp_get_thread_num().
+   What an item computes depends only on the item, never on which or how
+   many threads run, so results are bit-identical for any thread count.  */
 static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
 {
-    int fused = a->weights == NULL;
-    int br = fused ? MHA__BR : MHA__BR_W;
-    int nqt = (a->nq + br - 1) / br;
-    long items = (long)a->nb * (fused ? a->H : 1) * nqt, t;
+    if (a->weights) {
+        int nqt = (a->nq + MHA__BR_W - 1) / MHA__BR_W;
+        long items = (long)a->nb * nqt, t;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(a->nthreads)
 #endif
-    for (t = 0; t < items; ++t) {
-        int tid = 0, qt = (int)(t % nqt), i0 = qt * br;
-        int nr = a->nq - i0 < br ? a->nq - i0 : br;
-        float *sc;
+        for (t = 0; t < items; ++t) {
+            int tid = 0, i0 = (int)(t % nqt) * MHA__BR_W;
+            int nr = a->nq - i0 < MHA__BR_W ? a->nq - i0 : MHA__BR_W;
+            float *sc;
 #ifdef _OPENMP
-        tid = omp_get_thread_num();
+            tid = omp_get_thread_num();
 #endif
-        sc = ws + (size_t)tid * per_thread;
-        if (fused) {
-            long bh = t / nqt;
-            mha__attend_fused(a, (int)(bh / a->H), (int)(bh % a->H), i0, nr, sc,
-                              sc + mha__fused_tile_floats(a->Dv));
-        } else {
-            mha__attend_rows(a, (int)(t / nqt), i0, nr, sc,
-                             sc + mha__round_floats((size_t)nr * a->Lk_eff));
+            sc = ws + (size_t)tid * per_thread;
+            mha__attend_rows(a, (int)(t / nqt), i0, nr, sc, sc + mha__round_floats((size_t)nr * a->Lk_eff));
+        }
+    } else {
+        mha__fused_dims f;
+        float *shared = ws + (size_t)a->nthreads * per_thread;
+        int nqt = (a->nq + MHA__FBR - 1) / MHA__FBR;
+        (void)mha__fused_sizes(a->Lk, a->Lk_eff, a->D, a->Dv, &f);   /* checked by the plan */
+#ifdef _OPENMP
+#pragma omp parallel num_threads(a->nthreads)
+#endif
+        {
+            int bh, t, tid = 0;
+#ifdef _OPENMP
+            tid = omp_get_thread_num();
+#endif
+            for (bh = 0; bh < a->nb * a->H; ++bh) {
+                int b = bh / a->H, h = bh % a->H;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+                for (t = 0; t < f.ntiles; ++t) mha__fused_pack(a, &f, b, h, t, shared);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+                for (t = 0; t < nqt; ++t) {
+                    int i0 = t * MHA__FBR;
+                    mha__attend_fused(a, &f, b, h, i0, a->nq - i0 < MHA__FBR ? a->nq - i0 : MHA__FBR,
+                                      shared, ws + (size_t)tid * per_thread);
+                }
+            }
         }
     }
 }
@@ -1454,7 +1585,7 @@ static mha_status mha__sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
         !mha__mul(n, sizeof(float), &n))
         return MHA_ERR_OVERFLOW;
     if ((st = mha__check_masks(opt, B, H, Lq, Lk)) != MHA_OK) return st;
-    if (!mha__attn_scratch_floats(Lq, Lk, D, Dv, mha__max_threads(opt), need_weights,
+    if (!mha__attn_scratch_floats(Lq, Lk, Lk, D, Dv, mha__max_threads(opt), need_weights,
                                   per_thread, &total) ||
         !mha__add(total, MHA__ALIGN_FLOATS, &total) || !mha__mul(total, sizeof(float), bytes))
         return MHA_ERR_OVERFLOW;
@@ -1569,7 +1700,7 @@ static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
     if (!mha__region(&cur, (size_t)L->chunk_b * L->chunk_q * L->E, &L->qp) ||
         !mha__region(&cur, (size_t)B * L->Lk_eff * L->E, &L->kp) ||
         !mha__region(&cur, (size_t)B * L->Lk_eff * L->E, &L->vp) ||
-        !mha__attn_scratch_floats(Lq, L->Lk_eff, L->D, L->D, mha__max_threads(opt),
+        !mha__attn_scratch_floats(Lq, Lk, L->Lk_eff, L->D, L->D, mha__max_threads(opt),
                                   need_weights, &L->per_thread, &scratch) ||
         !mha__region(&cur, scratch, &L->scratch))
         return MHA_ERR_OVERFLOW;

@@ -219,19 +219,21 @@ static void run_sdpa_case(const cfg *c, unsigned seed)
           c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, c->am_kind, c->am_ndim, c->kp_kind,
           c->causal, c->align, c->poison, e1, e2, e3, e4);
     CHECK(!has_nonfinite(of, no) && !has_nonfinite(ou, no), "non-finite output (poison %d)", c->poison);
-    /* the fused workspace is per-thread tiles: it stops growing once the
-       sizes pass one tile, while the unfused score rows grow with Lk */
+    /* the fused workspace is per-thread tiles plus the packed keys and
+       values of one (b, h): independent of Lq, linear in Lk; the unfused
+       score rows grow with Lk too, and there is no Lq x Lk block in either */
     {
         mha_options o = m.opt;
-        size_t big_fused = 0, big_unfused = 0;
+        size_t big_q = 0, big_k = 0, big_unfused = 0;
         memset(&o.attn_mask, 0, sizeof o.attn_mask); memset(&o.key_padding_mask, 0, sizeof o.key_padding_mask);
         mha_sdpa_workspace_size(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, &o, 0, &ws_fused);
         mha_sdpa_workspace_size(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, &o, 1, &ws_unfused);
-        mha_sdpa_workspace_size(c->B, c->H, 16 * c->Lq, 16 * c->Lk, c->D, c->Dv, &o, 0, &big_fused);
-        mha_sdpa_workspace_size(c->B, c->H, 16 * c->Lq, 16 * c->Lk, c->D, c->Dv, &o, 1, &big_unfused);
-        CHECK(ws_fused > 0 && ws_fused <= big_fused && (c->Lq < 64 || c->Lk < 128 || big_fused == ws_fused) &&
-              big_unfused > ws_unfused, "workspace fused %zu -> %zu, unfused %zu -> %zu",
-              ws_fused, big_fused, ws_unfused, big_unfused);
+        mha_sdpa_workspace_size(c->B, c->H, 16 * c->Lq, c->Lk, c->D, c->Dv, &o, 0, &big_q);
+        mha_sdpa_workspace_size(c->B, c->H, c->Lq, 16 * c->Lk, c->D, c->Dv, &o, 0, &big_k);
+        mha_sdpa_workspace_size(c->B, c->H, c->Lq, 16 * c->Lk, c->D, c->Dv, &o, 1, &big_unfused);
+        CHECK(ws_fused > 0 && big_q == ws_fused && big_k <= 16 * ws_fused && big_unfused > ws_unfused,
+              "workspace fused %zu (16 Lq: %zu, 16 Lk: %zu), unfused %zu -> %zu",
+              ws_fused, big_q, big_k, ws_unfused, big_unfused);
     }
     free_masks(&m);
     free(q); free(k); free(v); free(of); free(ou); free(w); free(ro); free(rw);

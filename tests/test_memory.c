@@ -1,7 +1,8 @@
 /* Memory of the fused path: workspace sizes only (nothing this large is run
    here; bench/bench_mha.c measures the peak RSS of real runs).
    Without weights the forward workspace must grow like B*L*E, never L^2:
-   the projected K and V, one chunk of Q and per-thread tiles. */
+   the projected K and V, one chunk of Q, one head's packed K and V and
+   per-thread tiles. */
 #include <string.h>
 #define MHA_IMPLEMENTATION
 #include "mha.h"
@@ -34,18 +35,24 @@ int main(void)
         CHECK(fused <= 5 * ble / 2, "fused workspace %zu bytes > 2.5 x B*L*E floats (%zu)", fused, ble);
         CHECK(fused < unfused, "fused %zu not below unfused %zu", fused, unfused);
     }
-    /* the fused workspace is alpha L + beta, alpha at most two rows of E floats (K, V) */
+    /* the fused workspace is alpha L + beta (up to a key tile of rounding),
+       alpha: K and V rows of E floats, one head's packed K and V (D + Dv
+       rounded up, under 3 D floats) */
     {
         size_t a = fwd_ws(1, 8192, 512, 8, 0), b = fwd_ws(1, 16384, 512, 8, 0);
-        size_t c = fwd_ws(1, 32768, 512, 8, 0);
-        CHECK(c - b == 2 * (b - a) && b - a <= (size_t)2 * 8192 * 512 * sizeof(float) + 4096,
+        size_t c = fwd_ws(1, 32768, 512, 8, 0), slack = 4 * 256 * 64 * sizeof(float);
+        size_t per_key = (2 * 512 + 3 * 64) * sizeof(float);
+        CHECK(c - b + slack >= 2 * (b - a) && c - b <= 2 * (b - a) + slack && b - a <= 8192 * per_key,
               "fused workspace not linear in L: %zu %zu %zu", a, b, c);
     }
-    /* L = 65536 with one head of 64: the scores alone would be 16 GiB */
+    /* L = 65536 with one head of 64: the scores alone would be 16 GiB; the
+       workspace is K and V, their packed copy for the head, a Q chunk */
     {
         size_t ble = (size_t)65536 * 64 * sizeof(float);
         size_t fused = fwd_ws(1, 65536, 64, 1, 0);
-        CHECK(fused <= 3 * ble, "L=65536 H=1 fused workspace %zu > 3 x B*L*E floats (%zu)", fused, ble);
+        printf("L=65536 E=64 H=1: fused workspace %.1f MiB (%.2f x B*L*E floats)\n",
+               fused / 1048576.0, (double)fused / ble);
+        CHECK(fused <= 9 * ble / 2, "L=65536 H=1 fused workspace %zu > 4.5 x B*L*E floats (%zu)", fused, ble);
     }
     /* batches: the Q chunk does not scale with B, K and V do */
     {
@@ -54,7 +61,9 @@ int main(void)
         CHECK(four - one <= 3 * kv + 4096, "B=4 adds %zu bytes, more than 3 more K/V pairs (%zu)",
               four - one, 3 * kv);
     }
-    /* SDPA without weights: per-thread tiles only, independent of L */
+    /* SDPA without weights: per-thread tiles and one head's packed K and V:
+       linear in L (16x the keys: at most 16x the bytes), below 3 rows of D
+       floats per key */
     {
         size_t s1 = 0, s2 = 0;
         mha_options opt;
@@ -62,7 +71,8 @@ int main(void)
         opt.num_threads = 2;
         CHECK(mha_sdpa_workspace_size(1, 8, 16384, 16384, 64, 64, &opt, 0, &s1) == MHA_OK, "sdpa size");
         CHECK(mha_sdpa_workspace_size(1, 8, 1024, 1024, 64, 64, &opt, 0, &s2) == MHA_OK, "sdpa size");
-        CHECK(s1 == s2 && s1 < (size_t)1 << 20, "sdpa fused workspace %zu (L=16384) vs %zu (L=1024)", s1, s2);
+        CHECK(s1 <= 16 * s2 && s1 < (size_t)3 * 16384 * 64 * sizeof(float),
+              "sdpa fused workspace %zu (L=16384) vs %zu (L=1024)", s1, s2);
     }
     return tu_finish("memory");
 }
