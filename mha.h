@@ -1018,10 +1018,13 @@ typedef struct mha__view {
 /* Everything one attention call needs, after validation.  A call may cover
    a slice of the queries: batches b0..b0+nb and rows q0..q0+nq of each; the
    views q, k, v, o then start at (b0, q0) and (b0, key 0), while masks,
-   causal and weights use the global indices b0 + b and q0 + i.  */
+   causal and weights use the global indices b0 + b and q0 + i.  The fused
+   path may also take heads h0..h0+nh only; masks then see head h0 + h.  */
 typedef struct mha__attn {
     int B, H, Lq, Lk, Lk_eff, D, Dv;   /* Lk_eff: Lk plus appended keys (bias_k, zero) */
     int b0, nb, q0, nq;                /* the slice this call computes */
+    int h0, nh;                        /* fused path: heads h0..h0+nh (views start at h0) */
+    int shared_pack;                   /* fused path: one packed K/V for all threads */
     mha__view q, k, v;
     float *o; size_t o_bs, o_hs, o_rs; /* may alias q: each tile reads its rows first */
     float scale;
@@ -1171,7 +1174,7 @@ static void mha__attend_rows(const mha__attn *a, int b, int i0, int nr, float *s
    horizontal reductions), and S^T, stored as NR-wide column slivers, is
    already the packed B operand of the GEMM micro-kernel for O^T: nothing is
    packed per tile.  K_t (as the packed A of S^T) and V_t^T (the packed A of
-   O^T) are packed once per (b, h) into a buffer all threads share, Q_t^T
+   O^T) are packed once per (b, h) by each thread that works on it, Q_t^T
    once per query tile.  These are the GEMM section's panel formats and its
    macro-kernel, called directly.  */
 
@@ -1215,8 +1218,8 @@ typedef struct mha__fused_dims {
     int ntiles;        /* key tiles: ceil(Lk / FBC) real ones, + 1 for appended keys */
     size_t dvp;        /* Dv rounded up to MR: rows of packed V^T */
     size_t k_tile, v_tile;   /* floats of one packed K tile, one packed V^T tile */
-    size_t shared;     /* packed K and V^T of one (b, h), plus a finite flag per tile */
-    size_t per_thread; /* Q^T slivers, S^T, O^T, m, l */
+    size_t packed;     /* packed K and V^T of one (b, h), plus a finite flag per tile */
+    size_t tiles;      /* Q^T slivers, S^T, O^T, m, l */
 } mha__fused_dims;
 
 static int mha__fused_sizes(int Lk, int Lk_eff, int D, int Dv, mha__fused_dims *f)
@@ -1229,11 +1232,11 @@ static int mha__fused_sizes(int Lk, int Lk_eff, int D, int Dv, mha__fused_dims *
         !mha__add(f->k_tile, f->v_tile, &t) || !mha__mul(t, (size_t)f->ntiles, &s) ||
         !mha__add(s, (size_t)f->ntiles, &s))
         return 0;
-    f->shared = mha__round_floats(s);
-    f->per_thread = mha__round_floats((size_t)MHA__FBR * D) +            /* Q^T slivers */
-                    mha__round_floats((size_t)MHA__FBC * MHA__FBR) +     /* S^T */
-                    mha__round_floats(f->dvp * MHA__FBR) +               /* O^T */
-                    2 * mha__round_floats(MHA__FBR);                     /* m, l */
+    f->packed = mha__round_floats(s);
+    f->tiles = mha__round_floats((size_t)MHA__FBR * D) +            /* Q^T slivers */
+               mha__round_floats((size_t)MHA__FBC * MHA__FBR) +     /* S^T */
+               mha__round_floats(f->dvp * MHA__FBR) +               /* O^T */
+               2 * mha__round_floats(MHA__FBR);                     /* m, l */
     return 1;
 }
 
@@ -1317,7 +1320,8 @@ static void mha__mask_tile_t(const mha__attn *a, int gb, int h, int gi, int nr, 
     }
 }
 
-/* Query rows i0..i0+nr (local) of (b, h) against the packed keys. */
+/* Query rows i0..i0+nr (local) of (b, h) against its packed keys, shared;
+   sc: the tile buffers.  */
 static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int b, int h, int i0,
                               int nr, const float *shared, float *sc)
 {
@@ -1365,7 +1369,7 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
 
         /* 2. masks; causal only where the tile reaches past the diagonal */
         if (masked || (a->causal && !appended && (ptrdiff_t)j0 + nc - 1 > (ptrdiff_t)gi + a->causal_off))
-            mha__mask_tile_t(a, gb, h, gi, nr, j0, nc, st);
+            mha__mask_tile_t(a, gb, a->h0 + h, gi, nr, j0, nc, st);
 
         /* 3. online softmax, one vector of queries at a time, down the keys */
         for (i = 0; i < nrp; i += MHA__VW) {
@@ -1414,11 +1418,12 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
 }
 
 /* Scratch floats of one attention call.  Fused: per thread the tile
-   buffers, shared the packed K/V of one (b, h).  Unfused: per thread a
-   [BR_W, Lk_eff] score block and GEMM packing.  *per_thread and *shared
-   are what mha__attend_all is given. */
+   buffers and, unless shared_pack, one (b, h)'s packed K and V; with
+   shared_pack one packed K and V after the threads' parts.  Unfused: per
+   thread a [BR_W, Lk_eff] score block and GEMM packing.  */
 static int mha__attn_scratch_floats(int Lq, int Lk, int Lk_eff, int D, int Dv, int nthreads,
-                                    int need_weights, size_t *per_thread, size_t *total)
+                                    int need_weights, int shared_pack, size_t *per_thread,
+                                    size_t *total)
 {
     size_t s, g1, g2, g;
     if (need_weights) {
@@ -1435,18 +1440,26 @@ static int mha__attn_scratch_floats(int Lq, int Lk, int Lk_eff, int D, int Dv, i
     } else {
         mha__fused_dims f;
         if (!mha__fused_sizes(Lk, Lk_eff, D, Dv, &f)) return 0;
-        *per_thread = f.per_thread;
-        return mha__mul(*per_thread, (size_t)nthreads, total) && mha__add(*total, f.shared, total);
+        *per_thread = shared_pack ? f.tiles : f.tiles + f.packed;
+        return mha__mul(*per_thread, (size_t)nthreads, total) &&
+               mha__add(*total, shared_pack ? f.packed : 0, total);
     }
 }
 
 /* Run a validated call; ws holds the scratch of mha__attn_scratch_floats.
-   Unfused: independent items (b, query tile), all heads inside, so the head
-   average is summed head by head in a fixed order.  Fused: (b, h) one after
-   the other; for each, the threads pack its key tiles, then share out its
-   query tiles.  Each thread takes its scratch by omp_get_thread_num().
-   What an item computes depends only on the item, never on which or how
-   many threads run, so results are bit-identical for any thread count.  */
+   Work items are independent, handed out dynamically, with no barrier but
+   the final join (a barrier per head costs dearly when the cores are
+   shared).  Unfused: (b, query tile), all heads inside, so the head average
+   is summed head by head in a fixed order.  Fused: (b, h, query tile); a
+   thread packs the keys and values of (b, h) into its own scratch when its
+   previous item was another head (with dynamic scheduling that is about
+   once per head and thread).  Fused with shared_pack (fewer heads than
+   threads, where per-thread copies would cost memory and heads are few):
+   per (b, h) the threads pack its key tiles into one buffer, then share out
+   its query tiles.  Each thread takes its scratch by
+   omp_get_thread_num().  What an item computes depends only on the item,
+   never on which or how many threads run, so results are bit-identical
+   for any thread count.  */
 static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
 {
     if (a->weights) {
@@ -1465,7 +1478,7 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
             sc = ws + (size_t)tid * per_thread;
             mha__attend_rows(a, (int)(t / nqt), i0, nr, sc, sc + mha__round_floats((size_t)nr * a->Lk_eff));
         }
-    } else {
+    } else if (a->shared_pack) {
         mha__fused_dims f;
         float *shared = ws + (size_t)a->nthreads * per_thread;
         int nqt = (a->nq + MHA__FBR - 1) / MHA__FBR;
@@ -1478,8 +1491,8 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
 #ifdef _OPENMP
             tid = omp_get_thread_num();
 #endif
-            for (bh = 0; bh < a->nb * a->H; ++bh) {
-                int b = bh / a->H, h = bh % a->H;
+            for (bh = 0; bh < a->nb * a->nh; ++bh) {
+                int b = bh / a->nh, h = bh % a->nh;
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
@@ -1492,6 +1505,33 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
                     mha__attend_fused(a, &f, b, h, i0, a->nq - i0 < MHA__FBR ? a->nq - i0 : MHA__FBR,
                                       shared, ws + (size_t)tid * per_thread);
                 }
+            }
+        }
+    } else {
+        mha__fused_dims f;
+        int nqt = (a->nq + MHA__FBR - 1) / MHA__FBR, nbh = a->nb * a->nh;
+        long t;
+        (void)mha__fused_sizes(a->Lk, a->Lk_eff, a->D, a->Dv, &f);   /* checked by the plan */
+#ifdef _OPENMP
+#pragma omp parallel num_threads(a->nthreads)
+#endif
+        {
+            long packed_bh = -1;
+            int tid = 0;
+#ifdef _OPENMP
+            tid = omp_get_thread_num();
+#pragma omp for schedule(dynamic, 1)
+#endif
+            for (t = 0; t < (long)nbh * nqt; ++t) {
+                long bh = t / nqt;
+                int b = (int)(bh / a->nh), h = (int)(bh % a->nh), kt, i0 = (int)(t % nqt) * MHA__FBR;
+                float *sc = ws + (size_t)tid * per_thread;
+                if (bh != packed_bh) {
+                    for (kt = 0; kt < f.ntiles; ++kt) mha__fused_pack(a, &f, b, h, kt, sc);
+                    packed_bh = bh;
+                }
+                mha__attend_fused(a, &f, b, h, i0, a->nq - i0 < MHA__FBR ? a->nq - i0 : MHA__FBR,
+                                  sc, sc + f.packed);
             }
         }
     }
@@ -1540,7 +1580,7 @@ static void mha__attn_common(mha__attn *a, const mha_options *opt, int B, int H,
                              int Lk_eff, int D, int Dv)
 {
     a->B = B; a->H = H; a->Lq = Lq; a->Lk = Lk; a->Lk_eff = Lk_eff; a->D = D; a->Dv = Dv;
-    a->b0 = 0; a->nb = B; a->q0 = 0; a->nq = Lq;
+    a->b0 = 0; a->nb = B; a->q0 = 0; a->nq = Lq; a->h0 = 0; a->nh = H; a->shared_pack = 0;
     a->scale = opt->scale > 0.0f ? opt->scale : 1.0f / sqrtf((float)D);
     a->attn_mask = opt->attn_mask.kind != MHA_MASK_NONE ? &opt->attn_mask : NULL;
     a->kpm = opt->key_padding_mask.kind != MHA_MASK_NONE ? &opt->key_padding_mask : NULL;
@@ -1586,7 +1626,7 @@ static mha_status mha__sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
         return MHA_ERR_OVERFLOW;
     if ((st = mha__check_masks(opt, B, H, Lq, Lk)) != MHA_OK) return st;
     if (!mha__attn_scratch_floats(Lq, Lk, Lk, D, Dv, mha__max_threads(opt), need_weights,
-                                  per_thread, &total) ||
+                                  (size_t)B * H < (size_t)mha__max_threads(opt), per_thread, &total) ||
         !mha__add(total, MHA__ALIGN_FLOATS, &total) || !mha__mul(total, sizeof(float), bytes))
         return MHA_ERR_OVERFLOW;
     return MHA_OK;
@@ -1626,6 +1666,7 @@ MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
     a.v.p = v; a.v.rs = (size_t)Dv; a.v.hs = (size_t)Lk * Dv; a.v.bs = (size_t)H * Lk * Dv;
     a.o = out; a.o_rs = (size_t)Dv; a.o_hs = (size_t)Lq * Dv; a.o_bs = (size_t)H * Lq * Dv;
     a.weights = attn_weights; a.per_head = 1;
+    a.shared_pack = B * H < a.nthreads;
     mha__attend_all(&a, ws, per_thread);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
@@ -1638,8 +1679,20 @@ MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
 typedef struct mha__fwd_layout {
     int E, H, D, kdim, vdim, Lk_eff;
     int chunk_b, chunk_q;              /* queries go through chunk_b batches x chunk_q rows at a time */
+    int by_head;                       /* long sequences: one head at a time (mha__forward_by_head) */
     size_t qp, kp, vp, scratch, per_thread, total_floats;
 } mha__fwd_layout;
+
+/* Without weights, a forward whose Q, K and V would take at least this many
+   floats (32 MiB) goes one head at a time: Q, K, V of one head, [B, L, D],
+   and the output projection summed head by head,
+       out = bo + sum_h O_h Wo[:, hD:(h+1)D]^T,
+   so the workspace is about 3 B L D floats instead of 2 B L E.  The price is
+   H narrower projection GEMMs (N = D), which long sequences do not notice:
+   their time is in the attention, O(L^2).  */
+#ifndef MHA__BY_HEAD_FLOATS
+#define MHA__BY_HEAD_FLOATS ((size_t)1 << 23)
+#endif
 
 /* Query rows per chunk of the fused forward: every key and value is needed by
    every query, but a query row is needed only while its chunk is projected,
@@ -1697,11 +1750,29 @@ static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
     if ((st = mha__check_masks(opt, B, L->H, Lq, Lk)) != MHA_OK) return st;
 
     mha__fwd_chunks(B, Lq, need_weights, &L->chunk_b, &L->chunk_q);
+    L->by_head = !need_weights &&
+                 (double)B * ((double)Lq + 2.0 * L->Lk_eff) * L->E >= (double)MHA__BY_HEAD_FLOATS;
+    if (L->by_head) {
+        int nt = mha__max_threads(opt), widest = L->kdim > L->vdim ? L->kdim : L->vdim;
+        size_t g = mha__gemm_ws_floats_mt(B * Lq, L->D, L->E, nt), g2;
+        g2 = mha__gemm_ws_floats_mt(B * L->Lk_eff, L->D, widest, nt); if (g2 > g) g = g2;
+        g2 = mha__gemm_ws_floats_mt(B * Lq, L->E, L->D, nt);          if (g2 > g) g = g2;
+        if (!mha__region(&cur, (size_t)B * Lq * L->D, &L->qp) ||
+            !mha__region(&cur, (size_t)B * L->Lk_eff * L->D, &L->kp) ||
+            !mha__region(&cur, (size_t)B * L->Lk_eff * L->D, &L->vp) ||
+            !mha__attn_scratch_floats(Lq, Lk, L->Lk_eff, L->D, L->D, nt, 0, B < nt, &L->per_thread,
+                                      &scratch) ||
+            !mha__region(&cur, scratch > g ? scratch : g, &L->scratch) ||
+            !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
+            return MHA_ERR_OVERFLOW;
+        return MHA_OK;
+    }
     if (!mha__region(&cur, (size_t)L->chunk_b * L->chunk_q * L->E, &L->qp) ||
         !mha__region(&cur, (size_t)B * L->Lk_eff * L->E, &L->kp) ||
         !mha__region(&cur, (size_t)B * L->Lk_eff * L->E, &L->vp) ||
         !mha__attn_scratch_floats(Lq, Lk, L->Lk_eff, L->D, L->D, mha__max_threads(opt),
-                                  need_weights, &L->per_thread, &scratch) ||
+                                  need_weights, L->H < mha__max_threads(opt), &L->per_thread,
+                                  &scratch) ||
         !mha__region(&cur, scratch, &L->scratch))
         return MHA_ERR_OVERFLOW;
     /* projection GEMMs run on the scratch area too */
@@ -1743,6 +1814,69 @@ static void mha__linear(int rows, int in, int E, const float *X, const float *W,
                  Y, (size_t)E, gws, nthreads);
 }
 
+/* The long-sequence forward (see MHA__BY_HEAD_FLOATS): for each head h,
+   project Q_h, K_h, V_h ([B, L, D]), attend (fused), and add O_h's share of
+   the output projection to out.  */
+static void mha__forward_by_head(const mha_module *m, const mha__fwd_layout *L, int B, int Lq, int Lk,
+                                 const float *query, const float *key, const float *value,
+                                 const mha_options *opt, float *out, float *qp, float *kp, float *vp,
+                                 float *scratch, const float *wq, const float *wk, const float *wv,
+                                 const float *bq, const float *bk, const float *bv)
+{
+    mha__attn a;
+    int E = L->E, D = L->D, Lke = L->Lk_eff, h, b, r;
+    int nt = mha__max_threads(opt);
+
+    /* out = bo, then each head adds O_h Wo_h^T */
+    for (r = 0; r < B * Lq; ++r) {
+        if (m->out_proj_bias) memcpy(out + (size_t)r * E, m->out_proj_bias, (size_t)E * sizeof(float));
+        else memset(out + (size_t)r * E, 0, (size_t)E * sizeof(float));
+    }
+    mha__attn_common(&a, opt, B, L->H, Lq, Lk, Lke, D, D);
+    a.weights = NULL; a.per_head = 0;
+    a.nh = 1;
+    a.shared_pack = B < a.nthreads;
+    a.q.p = qp; a.q.rs = (size_t)D; a.q.hs = 0; a.q.bs = (size_t)Lq * D;
+    a.k.p = kp; a.k.rs = (size_t)D; a.k.hs = 0; a.k.bs = (size_t)Lke * D;
+    a.v.p = vp; a.v.rs = (size_t)D; a.v.hs = 0; a.v.bs = (size_t)Lke * D;
+    a.o = qp;   a.o_rs = (size_t)D; a.o_hs = 0; a.o_bs = (size_t)Lq * D;
+    for (h = 0; h < L->H; ++h) {
+        const float *bqh = bq ? bq + (size_t)h * D : NULL, *bkh = bk ? bk + (size_t)h * D : NULL;
+        const float *bvh = bv ? bv + (size_t)h * D : NULL;
+        /* 1. Q_h = Xq Wq[hD:(h+1)D, :]^T + bq_h; K_h, V_h likewise, with the
+              appended bias_k / zero rows after each batch's Lk keys */
+        mha__linear(B * Lq, E, D, query, wq + (size_t)h * D * E, bqh, qp, scratch, nt);
+        if (Lke == Lk) {
+            mha__linear(B * Lk, L->kdim, D, key, wk + (size_t)h * D * L->kdim, bkh, kp, scratch, nt);
+            mha__linear(B * Lk, L->vdim, D, value, wv + (size_t)h * D * L->vdim, bvh, vp, scratch, nt);
+        } else {
+            for (b = 0; b < B; ++b) {
+                float *kb = kp + (size_t)b * Lke * D, *vb = vp + (size_t)b * Lke * D;
+                r = Lk;
+                mha__linear(Lk, L->kdim, D, key + (size_t)b * Lk * L->kdim, wk + (size_t)h * D * L->kdim,
+                            bkh, kb, scratch, nt);
+                mha__linear(Lk, L->vdim, D, value + (size_t)b * Lk * L->vdim, wv + (size_t)h * D * L->vdim,
+                            bvh, vb, scratch, nt);
+                if (m->bias_k) {
+                    memcpy(kb + (size_t)r * D, m->bias_k + (size_t)h * D, (size_t)D * sizeof(float));
+                    memcpy(vb + (size_t)r * D, m->bias_v + (size_t)h * D, (size_t)D * sizeof(float));
+                    ++r;
+                }
+                if (m->add_zero_attn) {
+                    memset(kb + (size_t)r * D, 0, (size_t)D * sizeof(float));
+                    memset(vb + (size_t)r * D, 0, (size_t)D * sizeof(float));
+                }
+            }
+        }
+        /* 2. O_h over Q_h, fused */
+        a.h0 = h;
+        mha__attend_all(&a, scratch, L->per_thread);
+        /* 3. out += O_h Wo[:, hD:(h+1)D]^T */
+        mha__gemm_mt(0, 1, B * Lq, E, D, 1.0f, qp, (size_t)D, m->out_proj_weight + (size_t)h * D,
+                     (size_t)E, 1.0f, out, (size_t)E, scratch, nt);
+    }
+}
+
 MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
                               const float *query, const float *key, const float *value,
                               const mha_options *opt, float *out, float *attn_weights,
@@ -1777,6 +1911,13 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
     bk = bq ? bq + E : NULL;
     bv = bq ? bq + 2 * E : NULL;
 
+    if (L.by_head) {
+        mha__forward_by_head(m, &L, B, Lq, Lk, query, key, value, opt, out, qp, kp, vp, scratch,
+                             wq, wk, wv, bq, bk, bv);
+        if (owned) MHA_FREE(owned);
+        return MHA_OK;
+    }
+
     /* 1. key and value projections, K = Xk Wk^T + bk, for all batches.
        K and V hold Lk_eff rows per batch: the Lk projected keys, then bias_k,
        then a zero row (add_zero_attn: zeros after the head split are zero
@@ -1808,6 +1949,7 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
        in query and out because nb > 1 only when nq == Lq. */
     mha__attn_common(&a, opt, B, L.H, Lq, Lk, L.Lk_eff, L.D, L.D);
     a.weights = attn_weights; a.per_head = opt->per_head_weights != 0;
+    a.shared_pack = L.H < a.nthreads;
     for (b = 0; b < B; b += L.chunk_b) {
         int q0;
         a.b0 = b;

@@ -26,33 +26,35 @@ static size_t fwd_ws(int B, int L, int E, int H, int need_weights)
 
 int main(void)
 {
-    /* L = 16384, E = 512, H = 8, one batch: K and V are 2 * 32 MiB */
+    /* L = 16384, E = 512, H = 8, one batch: K and V would be 2 * 32 MiB;
+       going head by head the whole workspace stays under one [B, L, E] */
     {
         size_t ble = (size_t)16384 * 512 * sizeof(float);
         size_t fused = fwd_ws(1, 16384, 512, 8, 0), unfused = fwd_ws(1, 16384, 512, 8, 1);
         printf("L=16384 E=512 H=8: fused workspace %.1f MiB (%.2f x B*L*E floats), unfused %.1f MiB\n",
                fused / 1048576.0, (double)fused / ble, unfused / 1048576.0);
-        CHECK(fused <= 5 * ble / 2, "fused workspace %zu bytes > 2.5 x B*L*E floats (%zu)", fused, ble);
+        CHECK(fused <= ble, "fused workspace %zu bytes > B*L*E floats (%zu)", fused, ble);
         CHECK(fused < unfused, "fused %zu not below unfused %zu", fused, unfused);
     }
     /* the fused workspace is alpha L + beta (up to a key tile of rounding),
-       alpha: K and V rows of E floats, one head's packed K and V (D + Dv
-       rounded up, under 3 D floats) */
+       alpha at most: K and V rows of E floats and per thread one head's
+       packed K and V (D + Dv rounded up, under 3 D floats) */
     {
         size_t a = fwd_ws(1, 8192, 512, 8, 0), b = fwd_ws(1, 16384, 512, 8, 0);
         size_t c = fwd_ws(1, 32768, 512, 8, 0), slack = 4 * 256 * 64 * sizeof(float);
-        size_t per_key = (2 * 512 + 3 * 64) * sizeof(float);
+        size_t per_key = (2 * 512 + 2 * 3 * 64) * sizeof(float);
         CHECK(c - b + slack >= 2 * (b - a) && c - b <= 2 * (b - a) + slack && b - a <= 8192 * per_key,
               "fused workspace not linear in L: %zu %zu %zu", a, b, c);
     }
     /* L = 65536 with one head of 64: the scores alone would be 16 GiB; the
-       workspace is K and V, their packed copy for the head, a Q chunk */
+       workspace is Q, K, V and the packed K and V (the forward goes head
+       by head, see MHA__BY_HEAD_FLOATS, and with one head that is all) */
     {
         size_t ble = (size_t)65536 * 64 * sizeof(float);
         size_t fused = fwd_ws(1, 65536, 64, 1, 0);
         printf("L=65536 E=64 H=1: fused workspace %.1f MiB (%.2f x B*L*E floats)\n",
                fused / 1048576.0, (double)fused / ble);
-        CHECK(fused <= 9 * ble / 2, "L=65536 H=1 fused workspace %zu > 4.5 x B*L*E floats (%zu)", fused, ble);
+        CHECK(fused <= 11 * ble / 2, "L=65536 H=1 fused workspace %zu > 5.5 x B*L*E floats (%zu)", fused, ble);
     }
     /* batches: the Q chunk does not scale with B, K and V do */
     {
@@ -61,9 +63,9 @@ int main(void)
         CHECK(four - one <= 3 * kv + 4096, "B=4 adds %zu bytes, more than 3 more K/V pairs (%zu)",
               four - one, 3 * kv);
     }
-    /* SDPA without weights: per-thread tiles and one head's packed K and V:
-       linear in L (16x the keys: at most 16x the bytes), below 3 rows of D
-       floats per key */
+    /* SDPA without weights: per thread the tiles and one head's packed K and
+       V: linear in L (16x the keys: at most 16x the bytes), below 3 rows of
+       D floats per key and thread */
     {
         size_t s1 = 0, s2 = 0;
         mha_options opt;
@@ -71,7 +73,7 @@ int main(void)
         opt.num_threads = 2;
         CHECK(mha_sdpa_workspace_size(1, 8, 16384, 16384, 64, 64, &opt, 0, &s1) == MHA_OK, "sdpa size");
         CHECK(mha_sdpa_workspace_size(1, 8, 1024, 1024, 64, 64, &opt, 0, &s2) == MHA_OK, "sdpa size");
-        CHECK(s1 <= 16 * s2 && s1 < (size_t)3 * 16384 * 64 * sizeof(float),
+        CHECK(s1 <= 16 * s2 && s1 < (size_t)2 * 3 * 16384 * 64 * sizeof(float),
               "sdpa fused workspace %zu (L=16384) vs %zu (L=1024)", s1, s2);
     }
     return tu_finish("memory");
