@@ -127,8 +127,8 @@ static result run_job(const job *jb)
         if (i >= 0) times[r.reps++] = t1 - t0;
         if (i < 0) t_start = t1;
         if (r.reps >= 3 && t1 - t_start >= jb->min_time) break;
-        if (jb->max_reps == 0) break;   /* one untimed run only: time the warm-up */
-        if (i < 0 && t1 - t0 > 2 * jb->min_time) { times[r.reps++] = t1 - t0; break; }
+        /* max_reps 0: one run, the warm-up is the measurement */
+        if (i < 0 && jb->max_reps == 0) { times[r.reps++] = t1 - t0; break; }
     }
     qsort(times, (size_t)r.reps, sizeof(double), cmp_double);
     r.ms = r.reps ? 1e3 * (r.reps % 2 ? times[r.reps / 2] : 0.5 * (times[r.reps / 2 - 1] + times[r.reps / 2])) : 0;
