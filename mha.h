@@ -703,6 +703,9 @@ static int mha__softmax_row(float *s, int n)
 #define MHA__NC 2048
 #endif
 #define MHA__NR (MHA__NRV * MHA__VW)
+#ifndef MHA__KPF
+#define MHA__KPF 16   /* prefetch packed A this many k steps ahead */
+#endif
 /* X(i, j) for every accumulator of the tile */
 #define MHA__ROW_J(X, i) MHA__FOR_J(X, i)
 #define MHA__FOR_IJ(X) MHA__FOR_I(MHA__ROW_J, X)
@@ -747,13 +750,13 @@ static void mha__pack_a(int ta, const float *A, size_t lda, int i0, int mr, int 
             for (i = 0; i < mr; ++i) d[i] = src[i];
             for (; i < MHA__MR; ++i) d[i] = 0.0f;
         }
-    } else {    /* A stored M x K: walk each row, write with stride MR */
-        for (i = 0; i < mr; ++i) {
-            const float *src = A + (size_t)(i0 + i) * lda + p0;
-            for (p = 0; p < kc; ++p) dst[(size_t)p * MHA__MR + i] = src[p];
+    } else {    /* A stored M x K: read mr rows side by side, write each k's MR at once */
+        const float *src = A + (size_t)i0 * lda + p0;
+        for (p = 0; p < kc; ++p) {
+            float *d = dst + (size_t)p * MHA__MR;
+            for (i = 0; i < mr; ++i) d[i] = src[(size_t)i * lda + p];
+            for (; i < MHA__MR; ++i) d[i] = 0.0f;
         }
-        for (; i < MHA__MR; ++i)
-            for (p = 0; p < kc; ++p) dst[(size_t)p * MHA__MR + i] = 0.0f;
     }
 }
 
@@ -774,13 +777,13 @@ static void mha__pack_b(int tb, const float *B, size_t ldb, int p0, int kc, int 
                 for (; j < MHA__NR; ++j) d[j] = 0.0f;
             }
         }
-    } else {    /* B stored N x K (X W^T, Q K^T): walk each row of the stored B */
-        for (j = 0; j < nr; ++j) {
-            const float *src = B + (size_t)(j0 + j) * ldb + p0;
-            for (p = 0; p < kc; ++p) dst[(size_t)p * MHA__NR + j] = src[p];
+    } else {    /* B stored N x K (X W^T, Q K^T): read nr rows side by side */
+        const float *src = B + (size_t)j0 * ldb + p0;
+        for (p = 0; p < kc; ++p) {
+            float *d = dst + (size_t)p * MHA__NR;
+            for (j = 0; j < nr; ++j) d[j] = src[(size_t)j * ldb + p];
+            for (; j < MHA__NR; ++j) d[j] = 0.0f;
         }
-        for (; j < MHA__NR; ++j)
-            for (p = 0; p < kc; ++p) dst[(size_t)p * MHA__NR + j] = 0.0f;
     }
 }
 
@@ -801,13 +804,21 @@ static void mha__pack_b(int tb, const float *B, size_t ldb, int p0, int kc, int 
 #define MHA__K_STORE1(i, j) \
     mha__vstore(c + (i) * ldc + (j) * MHA__VW, \
                 mha__vfma(mha__vmul(va, acc##i##_##j), vb, mha__vload(c + (i) * ldc + (j) * MHA__VW)));
+#if defined(__GNUC__) || defined(__clang__)
+#define MHA__PREFETCH(p) __builtin_prefetch(p)
+#else
+#define MHA__PREFETCH(p) ((void)0)
+#endif
+#define MHA__K_PREFETCH_C(u, i) MHA__PREFETCH(c + (i) * ldc); MHA__PREFETCH(c + (i) * ldc + MHA__NR - 1);
 static void mha__kernel(int kc, const float *a, const float *b, float *c, size_t ldc,
                         float alpha, float beta)
 {
     const mha__vf va = mha__vset1(alpha), vb = mha__vset1(beta);
     int p = 0;
+    MHA__FOR_I(MHA__K_PREFETCH_C, 0)    /* the C tile arrives while the sums run */
     MHA__FOR_IJ(MHA__K_ZERO)
     for (; p + 4 <= kc; p += 4) {    /* unrolled by 4: less loop overhead per FMA */
+        MHA__PREFETCH(a + MHA__KPF * MHA__MR);
         MHA__K_STEP(0) MHA__K_STEP(1) MHA__K_STEP(2) MHA__K_STEP(3)
         a += 4 * MHA__MR;
         b += 4 * MHA__NR;
