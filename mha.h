@@ -671,9 +671,12 @@ static int mha__softmax_row(float *s, int n)
 #define MHA__NRV 2
 #define MHA__FOR_I(X, Y) X(Y,0) X(Y,1) X(Y,2) X(Y,3) X(Y,4) X(Y,5) X(Y,6) X(Y,7) X(Y,8) X(Y,9) X(Y,10) X(Y,11)
 #define MHA__FOR_J(X, i) X(i,0) X(i,1)
-#define MHA__KC 256    /* KC x NR sliver of B: 32 KiB of the 48 KiB L1 */
-#define MHA__MC 144    /* MC x KC block of A: 144 KiB, stays in L2 */
-#define MHA__NC 4096   /* KC x NC panel of B: 4 MiB, lives in L3 */
+/* Measured best on a 48 KiB L1 / 2 MiB L2 core (see docs/performance.md):
+   a deep K block and a short A block, so the A block (96 KiB) and the
+   B sliver being used (64 KiB) both sit in L2 and the kernel streams them. */
+#define MHA__KC 512    /* KC x NR sliver of B: 64 KiB */
+#define MHA__MC 48     /* MC x KC block of A: 96 KiB, stays in L2 */
+#define MHA__NC 4096   /* KC x NC panel of B: 8 MiB, lives in L3 */
 #elif defined(MHA__SIMD_AVX2)
 /* 6 x 16: 12 ymm accumulators + 2 for B + 1 broadcast of A = 15 of 16 */
 #define MHA__MR 6
@@ -797,7 +800,7 @@ static void mha__pack_b(int tb, const float *B, size_t ldb, int p0, int kc, int 
 #define MHA__K_ZERO(i, j) mha__vf acc##i##_##j = mha__vzero();
 #define MHA__K_LOADB(u, j) const mha__vf b##j = mha__vload(b + (u) * MHA__NR + (j) * MHA__VW);
 #define MHA__K_FMA(i, j) acc##i##_##j = mha__vfma(acc##i##_##j, a##i, b##j);
-#define MHA__K_ROW(u, i) { const mha__vf a##i = mha__vset1(a[(u) * MHA__MR + (i)]); MHA__FOR_J(MHA__K_FMA, i) }
+#define MHA__K_ROW(u, i) { const mha__vf a##i = mha__vset1(MHA__K_A(u, i)); MHA__FOR_J(MHA__K_FMA, i) }
 #define MHA__K_STEP(u) { MHA__FOR_J(MHA__K_LOADB, u) MHA__FOR_I(MHA__K_ROW, u) }
 #define MHA__K_STORE0(i, j) \
     mha__vstore(c + (i) * ldc + (j) * MHA__VW, mha__vmul(va, acc##i##_##j));
@@ -810,6 +813,7 @@ static void mha__pack_b(int tb, const float *B, size_t ldb, int p0, int kc, int 
 #define MHA__PREFETCH(p) ((void)0)
 #endif
 #define MHA__K_PREFETCH_C(u, i) MHA__PREFETCH(c + (i) * ldc); MHA__PREFETCH(c + (i) * ldc + MHA__NR - 1);
+#define MHA__K_A(u, i) a[(u) * MHA__MR + (i)]     /* packed: MR values per k */
 static void mha__kernel(int kc, const float *a, const float *b, float *c, size_t ldc,
                         float alpha, float beta)
 {
@@ -831,10 +835,41 @@ static void mha__kernel(int kc, const float *a, const float *b, float *c, size_t
     if (beta == 0.0f) { MHA__FOR_IJ(MHA__K_STORE0) }
     else              { MHA__FOR_IJ(MHA__K_STORE1) }
 }
+#undef MHA__K_A
 
-/* The two inner loops over one packed A block (mc x kc) and B panel (kc x nc). */
+/* The same micro-kernel reading A unpacked: MR rows of a row-major A, lda
+   apart (no copy when each A value meets only a few B slivers, as in
+   P V with its 64 columns).  Same sums in the same order as mha__kernel. */
+#define MHA__K_A(u, i) ar##i[p + (u)]
+#define MHA__K_AROW(u, i) const float *ar##i = a + (size_t)(i) * lda;
+static void mha__kernel_rows(int kc, const float *a, size_t lda, const float *b, float *c,
+                             size_t ldc, float alpha, float beta)
+{
+    const mha__vf va = mha__vset1(alpha), vb = mha__vset1(beta);
+    int p = 0;
+    MHA__FOR_I(MHA__K_AROW, 0)
+    MHA__FOR_I(MHA__K_PREFETCH_C, 0)
+    MHA__FOR_IJ(MHA__K_ZERO)
+    for (; p + 4 <= kc; p += 4) {
+        MHA__K_STEP(0) MHA__K_STEP(1) MHA__K_STEP(2) MHA__K_STEP(3)
+        b += 4 * MHA__NR;
+    }
+    for (; p < kc; ++p) {
+        MHA__K_STEP(0)
+        b += MHA__NR;
+    }
+    if (beta == 0.0f) { MHA__FOR_IJ(MHA__K_STORE0) }
+    else              { MHA__FOR_IJ(MHA__K_STORE1) }
+}
+#undef MHA__K_A
+
+/* The two inner loops over one A block (mc x kc) and packed B panel (kc x nc).
+   A is packed (lda_rows == 0), or the rows of a row-major A themselves,
+   lda_rows apart; then a partial sliver at the bottom edge is packed into
+   edge (MR x kc floats) so no row past the end is read.  */
 static void mha__macro_kernel(int mc, int nc, int kc, float alpha, float beta,
-                              const float *pa, const float *pb, float *C, size_t ldc)
+                              const float *pa, size_t lda_rows, float *edge,
+                              const float *pb, float *C, size_t ldc)
 {
     int ir, jr;
     for (jr = 0; jr < nc; jr += MHA__NR) {
@@ -842,14 +877,22 @@ static void mha__macro_kernel(int mc, int nc, int kc, float alpha, float beta,
         const float *b = pb + (size_t)jr * kc;
         for (ir = 0; ir < mc; ir += MHA__MR) {
             int mr = mha__imin(MHA__MR, mc - ir);
-            const float *a = pa + (size_t)ir * kc;
+            const float *a = lda_rows ? pa + (size_t)ir * lda_rows : pa + (size_t)ir * kc;
             float *c = C + (size_t)ir * ldc + jr;
             if (mr == MHA__MR && nr == MHA__NR) {
-                mha__kernel(kc, a, b, c, ldc, alpha, beta);
+                if (lda_rows) mha__kernel_rows(kc, a, lda_rows, b, c, ldc, alpha, beta);
+                else          mha__kernel(kc, a, b, c, ldc, alpha, beta);
             } else {    /* edge: full tile into t, copy out the valid mr x nr part */
                 float t[MHA__MR * MHA__NR];
                 int i, j;
-                mha__kernel(kc, a, b, t, MHA__NR, alpha, 0.0f);
+                if (!lda_rows) {
+                    mha__kernel(kc, a, b, t, MHA__NR, alpha, 0.0f);
+                } else if (mr == MHA__MR) {
+                    mha__kernel_rows(kc, a, lda_rows, b, t, MHA__NR, alpha, 0.0f);
+                } else {
+                    mha__pack_a(0, a, lda_rows, 0, mr, 0, kc, edge);
+                    mha__kernel(kc, edge, b, t, MHA__NR, alpha, 0.0f);
+                }
                 for (i = 0; i < mr; ++i) {
                     float *ci = c + (size_t)i * ldc;
                     const float *ti = t + i * MHA__NR;
@@ -878,6 +921,9 @@ static void mha__gemm(int ta, int tb, int M, int N, int K, float alpha,
 {
     float *pb = ws, *pa = ws + mha__gemm_b_floats(N, K);
     int kcb = mha__gemm_kc(K), jc, pc, ic, jr;
+    /* a row-major A that meets at most 4 B slivers is read in place: packing
+       it would cost about as much as the multiply-adds it feeds */
+    int direct_a = !ta && N <= 4 * MHA__NR;
     if (M <= 0 || N <= 0 || K <= 0) return;
     for (jc = 0; jc < N; jc += MHA__NC) {
         int nc = mha__imin(MHA__NC, N - jc);
@@ -889,9 +935,14 @@ static void mha__gemm(int ta, int tb, int M, int N, int K, float alpha,
                             pb + (size_t)jr * kc);
             for (ic = 0; ic < M; ic += MHA__MC) {
                 int mc = mha__imin(MHA__MC, M - ic);
-                mha__pack_a_block(ta, A, lda, ic, mc, pc, kc, pa);
-                mha__macro_kernel(mc, nc, kc, alpha, beta_pc, pa, pb,
-                                  C + (size_t)ic * ldc + jc, ldc);
+                float *c = C + (size_t)ic * ldc + jc;
+                if (direct_a) {
+                    mha__macro_kernel(mc, nc, kc, alpha, beta_pc, A + (size_t)ic * lda + pc, lda,
+                                      pa, pb, c, ldc);
+                } else {
+                    mha__pack_a_block(ta, A, lda, ic, mc, pc, kc, pa);
+                    mha__macro_kernel(mc, nc, kc, alpha, beta_pc, pa, 0, pa, pb, c, ldc);
+                }
             }
         }
     }
