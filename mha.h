@@ -372,6 +372,7 @@ static MHA__UNUSED int mha__softmax_row_ref(float *s, int n)
    NEON 4 lanes, scalar 1.
    Loads and stores are unaligned.  mha__vfma(acc, a, b) = acc + a*b.
    mha__vm is a lane mask from a comparison, used only by mha__vsel.
+   mha__vtranspose(r) transposes the MHA__VW x MHA__VW block held in r[].
    The choice is made once, here, at compile time; MHA_NO_SIMD wins.
    ===================================================================== */
 
@@ -419,6 +420,31 @@ static inline mha__vm mha__vlt(mha__vf a, mha__vf b) { return _mm512_cmp_ps_mask
 static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
 static inline mha__vm mha__visnan(mha__vf a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
 static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return _mm512_mask_blend_ps(m, b, a); }
+/* r[0..15] := its transpose (r[i] lane j becomes r[j] lane i): 4x4
+   transposes inside each 128-bit lane, then a 4x4 transpose of the lanes */
+static inline void mha__vtranspose(mha__vf *r)
+{
+    __m512 t[16], u[16];
+    int g, c;
+    for (g = 0; g < 4; ++g) {
+        __m512 a0 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]), a1 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+        __m512 a2 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]), a3 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+        t[4 * g + 0] = _mm512_shuffle_ps(a0, a2, 0x44);   /* column 4L+0 of rows 4g.. */
+        t[4 * g + 1] = _mm512_shuffle_ps(a0, a2, 0xEE);
+        t[4 * g + 2] = _mm512_shuffle_ps(a1, a3, 0x44);
+        t[4 * g + 3] = _mm512_shuffle_ps(a1, a3, 0xEE);
+    }
+    for (c = 0; c < 4; ++c) {   /* output rows 4L+c gather lane L of t[4g+c], g = 0..3 */
+        u[0] = _mm512_shuffle_f32x4(t[c], t[4 + c], 0x44);
+        u[1] = _mm512_shuffle_f32x4(t[c], t[4 + c], 0xEE);
+        u[2] = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], 0x44);
+        u[3] = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], 0xEE);
+        r[0 + c] = _mm512_shuffle_f32x4(u[0], u[2], 0x88);
+        r[4 + c] = _mm512_shuffle_f32x4(u[0], u[2], 0xDD);
+        r[8 + c] = _mm512_shuffle_f32x4(u[1], u[3], 0x88);
+        r[12 + c] = _mm512_shuffle_f32x4(u[1], u[3], 0xDD);
+    }
+}
 
 #elif defined(MHA__SIMD_AVX2)
 #include <immintrin.h>
@@ -466,6 +492,24 @@ static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return _mm256_cmp_ps(a, b
 static inline mha__vm mha__visnan(mha__vf a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
 /* m ? a : b, lane by lane */
 static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return _mm256_blendv_ps(b, a, m); }
+/* r[0..7] := its transpose: 4x4 transposes in each 128-bit half, then swap halves */
+static inline void mha__vtranspose(mha__vf *r)
+{
+    __m256 t[8];
+    int g;
+    for (g = 0; g < 2; ++g) {
+        __m256 a0 = _mm256_unpacklo_ps(r[4 * g], r[4 * g + 1]), a1 = _mm256_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+        __m256 a2 = _mm256_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]), a3 = _mm256_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+        t[4 * g + 0] = _mm256_shuffle_ps(a0, a2, 0x44);
+        t[4 * g + 1] = _mm256_shuffle_ps(a0, a2, 0xEE);
+        t[4 * g + 2] = _mm256_shuffle_ps(a1, a3, 0x44);
+        t[4 * g + 3] = _mm256_shuffle_ps(a1, a3, 0xEE);
+    }
+    for (g = 0; g < 4; ++g) {
+        r[g] = _mm256_permute2f128_ps(t[g], t[4 + g], 0x20);
+        r[4 + g] = _mm256_permute2f128_ps(t[g], t[4 + g], 0x31);
+    }
+}
 
 #elif defined(MHA__SIMD_NEON)
 #include <arm_neon.h>
@@ -495,6 +539,14 @@ static inline mha__vm mha__vlt(mha__vf a, mha__vf b) { return vcltq_f32(a, b); }
 static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return vcgtq_f32(a, b); }
 static inline mha__vm mha__visnan(mha__vf a) { return vmvnq_u32(vceqq_f32(a, a)); }
 static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return vbslq_f32(m, a, b); }
+static inline void mha__vtranspose(mha__vf *r)
+{
+    float32x4x2_t p01 = vtrnq_f32(r[0], r[1]), p23 = vtrnq_f32(r[2], r[3]);
+    r[0] = vcombine_f32(vget_low_f32(p01.val[0]), vget_low_f32(p23.val[0]));
+    r[1] = vcombine_f32(vget_low_f32(p01.val[1]), vget_low_f32(p23.val[1]));
+    r[2] = vcombine_f32(vget_high_f32(p01.val[0]), vget_high_f32(p23.val[0]));
+    r[3] = vcombine_f32(vget_high_f32(p01.val[1]), vget_high_f32(p23.val[1]));
+}
 
 #else /* scalar: one lane, plain C */
 #define MHA__SIMD_NAME "scalar"
@@ -530,6 +582,7 @@ static inline mha__vm mha__vlt(mha__vf a, mha__vf b) { return a < b; }
 static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return a > b; }
 static inline mha__vm mha__visnan(mha__vf a) { return a != a; }
 static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return m ? a : b; }
+static inline void mha__vtranspose(mha__vf *r) { (void)r; }   /* 1 x 1 */
 #endif
 
 /* exp(x), lane by lane.
@@ -782,7 +835,18 @@ static void mha__pack_b(int tb, const float *B, size_t ldb, int p0, int kc, int 
         }
     } else {    /* B stored N x K (X W^T, Q K^T): read nr rows side by side */
         const float *src = B + (size_t)j0 * ldb + p0;
-        for (p = 0; p < kc; ++p) {
+        p = 0;
+        if (nr == MHA__NR) {   /* VW x VW blocks through registers, transposed */
+            mha__vf r[MHA__VW];
+            int t, jv;
+            for (; p + MHA__VW <= kc; p += MHA__VW)
+                for (jv = 0; jv < MHA__NR; jv += MHA__VW) {
+                    for (t = 0; t < MHA__VW; ++t) r[t] = mha__vload(src + (size_t)(jv + t) * ldb + p);
+                    mha__vtranspose(r);
+                    for (t = 0; t < MHA__VW; ++t) mha__vstore(dst + (size_t)(p + t) * MHA__NR + jv, r[t]);
+                }
+        }
+        for (; p < kc; ++p) {
             float *d = dst + (size_t)p * MHA__NR;
             for (j = 0; j < nr; ++j) d[j] = src[(size_t)j * ldb + p];
             for (; j < MHA__NR; ++j) d[j] = 0.0f;
