@@ -759,6 +759,15 @@ static int mha__softmax_row(float *s, int n)
 #define MHA__NC 2048
 #endif
 #define MHA__NR (MHA__NRV * MHA__VW)
+/* k steps per loop trip.  With 16 registers (AVX2) a second copy of the
+   step makes GCC spill accumulators, so only the 32-register ISAs unroll. */
+#if defined(MHA__SIMD_AVX512) || defined(MHA__SIMD_NEON)
+#define MHA__KU 4
+#define MHA__K_UNROLLED MHA__K_STEP(0) MHA__K_STEP(1) MHA__K_STEP(2) MHA__K_STEP(3)
+#else
+#define MHA__KU 1
+#define MHA__K_UNROLLED MHA__K_STEP(0)
+#endif
 #ifndef MHA__KPF
 #define MHA__KPF 16   /* prefetch packed A this many k steps ahead */
 #endif
@@ -881,23 +890,25 @@ static void mha__pack_b(int tb, const float *B, size_t ldb, int p0, int kc, int 
 static void mha__kernel(int kc, const float *a, const float *b, float *c, size_t ldc,
                         float alpha, float beta)
 {
-    const mha__vf va = mha__vset1(alpha), vb = mha__vset1(beta);
     int p = 0;
     MHA__FOR_I(MHA__K_PREFETCH_C, 0)    /* the C tile arrives while the sums run */
     MHA__FOR_IJ(MHA__K_ZERO)
-    for (; p + 4 <= kc; p += 4) {    /* unrolled by 4: less loop overhead per FMA */
+    for (; p + MHA__KU <= kc; p += MHA__KU) {    /* unrolled: less loop overhead per FMA */
         MHA__PREFETCH(a + MHA__KPF * MHA__MR);
-        MHA__K_STEP(0) MHA__K_STEP(1) MHA__K_STEP(2) MHA__K_STEP(3)
-        a += 4 * MHA__MR;
-        b += 4 * MHA__NR;
+        MHA__K_UNROLLED
+        a += MHA__KU * MHA__MR;
+        b += MHA__KU * MHA__NR;
     }
     for (; p < kc; ++p) {
         MHA__K_STEP(0)
         a += MHA__MR;
         b += MHA__NR;
     }
-    if (beta == 0.0f) { MHA__FOR_IJ(MHA__K_STORE0) }
-    else              { MHA__FOR_IJ(MHA__K_STORE1) }
+    {   /* alpha and beta enter only now: no register is held for them in the loop */
+        const mha__vf va = mha__vset1(alpha), vb = mha__vset1(beta);
+        if (beta == 0.0f) { MHA__FOR_IJ(MHA__K_STORE0) }
+        else              { MHA__FOR_IJ(MHA__K_STORE1) }
+    }
 }
 #undef MHA__K_A
 
@@ -909,21 +920,23 @@ static void mha__kernel(int kc, const float *a, const float *b, float *c, size_t
 static void mha__kernel_rows(int kc, const float *a, size_t lda, const float *b, float *c,
                              size_t ldc, float alpha, float beta)
 {
-    const mha__vf va = mha__vset1(alpha), vb = mha__vset1(beta);
     int p = 0;
     MHA__FOR_I(MHA__K_AROW, 0)
     MHA__FOR_I(MHA__K_PREFETCH_C, 0)
     MHA__FOR_IJ(MHA__K_ZERO)
-    for (; p + 4 <= kc; p += 4) {
-        MHA__K_STEP(0) MHA__K_STEP(1) MHA__K_STEP(2) MHA__K_STEP(3)
-        b += 4 * MHA__NR;
+    for (; p + MHA__KU <= kc; p += MHA__KU) {
+        MHA__K_UNROLLED
+        b += MHA__KU * MHA__NR;
     }
     for (; p < kc; ++p) {
         MHA__K_STEP(0)
         b += MHA__NR;
     }
-    if (beta == 0.0f) { MHA__FOR_IJ(MHA__K_STORE0) }
-    else              { MHA__FOR_IJ(MHA__K_STORE1) }
+    {   /* alpha and beta enter only now: no register is held for them in the loop */
+        const mha__vf va = mha__vset1(alpha), vb = mha__vset1(beta);
+        if (beta == 0.0f) { MHA__FOR_IJ(MHA__K_STORE0) }
+        else              { MHA__FOR_IJ(MHA__K_STORE1) }
+    }
 }
 #undef MHA__K_A
 
