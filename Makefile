@@ -50,15 +50,31 @@ demo: deps-demo $(BUILD)/demo_print
 $(BUILD)/demo_print: examples/print_forward.c mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) -I. $< -o $@ -lm
 
-# MHA forward / attention-core tables and the PyTorch comparison (bench/bench_mha.c,
-# bench/torch_mha.py); `bench` runs it after whatever else it runs.
-BENCH_CFLAGS ?= -O2 -march=native -fopenmp
+# `make bench`: tuned build of bench/bench.c; OpenBLAS is timed side by side
+# when <cblas.h> and -lopenblas link (libopenblas-dev), else the bench runs alone.
+# `make bench BENCH_ARCH="-mavx2 -mfma"` measures the AVX2 kernels instead of
+# what -march=native selects (AVX-512 where the CPU has it).
+BENCH_ARCH    ?= -march=native
+BENCH_CFLAGS  ?= -std=c99 -O3 $(BENCH_ARCH) -fopenmp
+HAVE_OPENBLAS  = $(shell printf '\043include <cblas.h>\nint main(void){openblas_set_num_threads(1);return 0;}\n' | \
+                   $(CC) -x c - -o /dev/null -lopenblas 2>/dev/null && echo 1)
+BENCH_DEFS     = $(if $(HAVE_OPENBLAS),-DMHA_BENCH_OPENBLAS)
+BENCH_LIBS     = $(if $(HAVE_OPENBLAS),-lopenblas) -lm
+
+bench: $(BUILD)/bench
+	./$(BUILD)/bench
+
+$(BUILD)/bench: bench/bench.c mha.h Makefile | $(BUILD)
+	$(CC) $(BENCH_CFLAGS) $(BENCH_DEFS) -I. $< -o $@ $(BENCH_LIBS)
+
+# MHA forward / attention-core tables and the PyTorch comparison
+# (bench/bench_mha.c, which runs bench/torch_mha.py); part of `make bench`.
 bench: bench-mha
 bench-mha: deps-bench $(BUILD)/bench_mha
 	./$(BUILD)/bench_mha
 
-$(BUILD)/bench_mha: bench/bench_mha.c mha.h | $(BUILD)
-	$(CC) -std=c99 $(BENCH_CFLAGS) -I. $< -o $@ -lm
+$(BUILD)/bench_mha: bench/bench_mha.c mha.h Makefile | $(BUILD)
+	$(CC) $(BENCH_CFLAGS) -I. $< -o $@ -lm
 
 golden:
 	$(call need_pkgs,$(DEPS_GOLD))

@@ -372,6 +372,7 @@ static MHA__UNUSED int mha__softmax_row_ref(float *s, int n)
    NEON 4 lanes, scalar 1.
    Loads and stores are unaligned.  mha__vfma(acc, a, b) = acc + a*b.
    mha__vm is a lane mask from a comparison, used only by mha__vsel.
+   mha__vtranspose(r) transposes the MHA__VW x MHA__VW block held in r[].
    The choice is made once, here, at compile time; MHA_NO_SIMD wins.
    ===================================================================== */
 
@@ -419,6 +420,31 @@ static inline mha__vm mha__vlt(mha__vf a, mha__vf b) { return _mm512_cmp_ps_mask
 static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
 static inline mha__vm mha__visnan(mha__vf a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
 static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return _mm512_mask_blend_ps(m, b, a); }
+/* r[0..15] := its transpose (r[i] lane j becomes r[j] lane i): 4x4
+   transposes inside each 128-bit lane, then a 4x4 transpose of the lanes */
+static inline void mha__vtranspose(mha__vf *r)
+{
+    __m512 t[16], u[16];
+    int g, c;
+    for (g = 0; g < 4; ++g) {
+        __m512 a0 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]), a1 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+        __m512 a2 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]), a3 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+        t[4 * g + 0] = _mm512_shuffle_ps(a0, a2, 0x44);   /* column 4L+0 of rows 4g.. */
+        t[4 * g + 1] = _mm512_shuffle_ps(a0, a2, 0xEE);
+        t[4 * g + 2] = _mm512_shuffle_ps(a1, a3, 0x44);
+        t[4 * g + 3] = _mm512_shuffle_ps(a1, a3, 0xEE);
+    }
+    for (c = 0; c < 4; ++c) {   /* output rows 4L+c gather lane L of t[4g+c], g = 0..3 */
+        u[0] = _mm512_shuffle_f32x4(t[c], t[4 + c], 0x44);
+        u[1] = _mm512_shuffle_f32x4(t[c], t[4 + c], 0xEE);
+        u[2] = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], 0x44);
+        u[3] = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], 0xEE);
+        r[0 + c] = _mm512_shuffle_f32x4(u[0], u[2], 0x88);
+        r[4 + c] = _mm512_shuffle_f32x4(u[0], u[2], 0xDD);
+        r[8 + c] = _mm512_shuffle_f32x4(u[1], u[3], 0x88);
+        r[12 + c] = _mm512_shuffle_f32x4(u[1], u[3], 0xDD);
+    }
+}
 
 #elif defined(MHA__SIMD_AVX2)
 #include <immintrin.h>
@@ -466,6 +492,24 @@ static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return _mm256_cmp_ps(a, b
 static inline mha__vm mha__visnan(mha__vf a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
 /* m ? a : b, lane by lane */
 static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return _mm256_blendv_ps(b, a, m); }
+/* r[0..7] := its transpose: 4x4 transposes in each 128-bit half, then swap halves */
+static inline void mha__vtranspose(mha__vf *r)
+{
+    __m256 t[8];
+    int g;
+    for (g = 0; g < 2; ++g) {
+        __m256 a0 = _mm256_unpacklo_ps(r[4 * g], r[4 * g + 1]), a1 = _mm256_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+        __m256 a2 = _mm256_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]), a3 = _mm256_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+        t[4 * g + 0] = _mm256_shuffle_ps(a0, a2, 0x44);
+        t[4 * g + 1] = _mm256_shuffle_ps(a0, a2, 0xEE);
+        t[4 * g + 2] = _mm256_shuffle_ps(a1, a3, 0x44);
+        t[4 * g + 3] = _mm256_shuffle_ps(a1, a3, 0xEE);
+    }
+    for (g = 0; g < 4; ++g) {
+        r[g] = _mm256_permute2f128_ps(t[g], t[4 + g], 0x20);
+        r[4 + g] = _mm256_permute2f128_ps(t[g], t[4 + g], 0x31);
+    }
+}
 
 #elif defined(MHA__SIMD_NEON)
 #include <arm_neon.h>
@@ -495,6 +539,14 @@ static inline mha__vm mha__vlt(mha__vf a, mha__vf b) { return vcltq_f32(a, b); }
 static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return vcgtq_f32(a, b); }
 static inline mha__vm mha__visnan(mha__vf a) { return vmvnq_u32(vceqq_f32(a, a)); }
 static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return vbslq_f32(m, a, b); }
+static inline void mha__vtranspose(mha__vf *r)
+{
+    float32x4x2_t p01 = vtrnq_f32(r[0], r[1]), p23 = vtrnq_f32(r[2], r[3]);
+    r[0] = vcombine_f32(vget_low_f32(p01.val[0]), vget_low_f32(p23.val[0]));
+    r[1] = vcombine_f32(vget_low_f32(p01.val[1]), vget_low_f32(p23.val[1]));
+    r[2] = vcombine_f32(vget_high_f32(p01.val[0]), vget_high_f32(p23.val[0]));
+    r[3] = vcombine_f32(vget_high_f32(p01.val[1]), vget_high_f32(p23.val[1]));
+}
 
 #else /* scalar: one lane, plain C */
 #define MHA__SIMD_NAME "scalar"
@@ -530,6 +582,7 @@ static inline mha__vm mha__vlt(mha__vf a, mha__vf b) { return a < b; }
 static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return a > b; }
 static inline mha__vm mha__visnan(mha__vf a) { return a != a; }
 static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return m ? a : b; }
+static inline void mha__vtranspose(mha__vf *r) { (void)r; }   /* 1 x 1 */
 #endif
 
 /* exp(x), lane by lane.
@@ -671,9 +724,12 @@ static int mha__softmax_row(float *s, int n)
 #define MHA__NRV 2
 #define MHA__FOR_I(X, Y) X(Y,0) X(Y,1) X(Y,2) X(Y,3) X(Y,4) X(Y,5) X(Y,6) X(Y,7) X(Y,8) X(Y,9) X(Y,10) X(Y,11)
 #define MHA__FOR_J(X, i) X(i,0) X(i,1)
-#define MHA__KC 256    /* KC x NR sliver of B: 32 KiB of the 48 KiB L1 */
-#define MHA__MC 144    /* MC x KC block of A: 144 KiB, stays in L2 */
-#define MHA__NC 4096   /* KC x NC panel of B: 4 MiB, lives in L3 */
+/* Measured best on a 48 KiB L1 / 2 MiB L2 core (see docs/performance.md):
+   a deep K block and a short A block, so the A block (96 KiB) and the
+   B sliver being used (64 KiB) both sit in L2 and the kernel streams them. */
+#define MHA__KC 512    /* KC x NR sliver of B: 64 KiB */
+#define MHA__MC 48     /* MC x KC block of A: 96 KiB, stays in L2 */
+#define MHA__NC 4096   /* KC x NC panel of B: 8 MiB, lives in L3 */
 #elif defined(MHA__SIMD_AVX2)
 /* 6 x 16: 12 ymm accumulators + 2 for B + 1 broadcast of A = 15 of 16 */
 #define MHA__MR 6
@@ -703,6 +759,18 @@ static int mha__softmax_row(float *s, int n)
 #define MHA__NC 2048
 #endif
 #define MHA__NR (MHA__NRV * MHA__VW)
+/* k steps per loop trip.  With 16 registers (AVX2) a second copy of the
+   step makes GCC spill accumulators, so only the 32-register ISAs unroll. */
+#if defined(MHA__SIMD_AVX512) || defined(MHA__SIMD_NEON)
+#define MHA__KU 4
+#define MHA__K_UNROLLED MHA__K_STEP(0) MHA__K_STEP(1) MHA__K_STEP(2) MHA__K_STEP(3)
+#else
+#define MHA__KU 1
+#define MHA__K_UNROLLED MHA__K_STEP(0)
+#endif
+#ifndef MHA__KPF
+#define MHA__KPF 16   /* prefetch packed A this many k steps ahead */
+#endif
 /* X(i, j) for every accumulator of the tile */
 #define MHA__ROW_J(X, i) MHA__FOR_J(X, i)
 #define MHA__FOR_IJ(X) MHA__FOR_I(MHA__ROW_J, X)
@@ -747,13 +815,13 @@ static void mha__pack_a(int ta, const float *A, size_t lda, int i0, int mr, int 
             for (i = 0; i < mr; ++i) d[i] = src[i];
             for (; i < MHA__MR; ++i) d[i] = 0.0f;
         }
-    } else {    /* A stored M x K: walk each row, write with stride MR */
-        for (i = 0; i < mr; ++i) {
-            const float *src = A + (size_t)(i0 + i) * lda + p0;
-            for (p = 0; p < kc; ++p) dst[(size_t)p * MHA__MR + i] = src[p];
+    } else {    /* A stored M x K: read mr rows side by side, write each k's MR at once */
+        const float *src = A + (size_t)i0 * lda + p0;
+        for (p = 0; p < kc; ++p) {
+            float *d = dst + (size_t)p * MHA__MR;
+            for (i = 0; i < mr; ++i) d[i] = src[(size_t)i * lda + p];
+            for (; i < MHA__MR; ++i) d[i] = 0.0f;
         }
-        for (; i < MHA__MR; ++i)
-            for (p = 0; p < kc; ++p) dst[(size_t)p * MHA__MR + i] = 0.0f;
     }
 }
 
@@ -774,13 +842,24 @@ static void mha__pack_b(int tb, const float *B, size_t ldb, int p0, int kc, int 
                 for (; j < MHA__NR; ++j) d[j] = 0.0f;
             }
         }
-    } else {    /* B stored N x K (X W^T, Q K^T): walk each row of the stored B */
-        for (j = 0; j < nr; ++j) {
-            const float *src = B + (size_t)(j0 + j) * ldb + p0;
-            for (p = 0; p < kc; ++p) dst[(size_t)p * MHA__NR + j] = src[p];
+    } else {    /* B stored N x K (X W^T, Q K^T): read nr rows side by side */
+        const float *src = B + (size_t)j0 * ldb + p0;
+        p = 0;
+        if (nr == MHA__NR) {   /* VW x VW blocks through registers, transposed */
+            mha__vf r[MHA__VW];
+            int t, jv;
+            for (; p + MHA__VW <= kc; p += MHA__VW)
+                for (jv = 0; jv < MHA__NR; jv += MHA__VW) {
+                    for (t = 0; t < MHA__VW; ++t) r[t] = mha__vload(src + (size_t)(jv + t) * ldb + p);
+                    mha__vtranspose(r);
+                    for (t = 0; t < MHA__VW; ++t) mha__vstore(dst + (size_t)(p + t) * MHA__NR + jv, r[t]);
+                }
         }
-        for (; j < MHA__NR; ++j)
-            for (p = 0; p < kc; ++p) dst[(size_t)p * MHA__NR + j] = 0.0f;
+        for (; p < kc; ++p) {
+            float *d = dst + (size_t)p * MHA__NR;
+            for (j = 0; j < nr; ++j) d[j] = src[(size_t)j * ldb + p];
+            for (; j < MHA__NR; ++j) d[j] = 0.0f;
+        }
     }
 }
 
@@ -794,36 +873,80 @@ static void mha__pack_b(int tb, const float *B, size_t ldb, int p0, int kc, int 
 #define MHA__K_ZERO(i, j) mha__vf acc##i##_##j = mha__vzero();
 #define MHA__K_LOADB(u, j) const mha__vf b##j = mha__vload(b + (u) * MHA__NR + (j) * MHA__VW);
 #define MHA__K_FMA(i, j) acc##i##_##j = mha__vfma(acc##i##_##j, a##i, b##j);
-#define MHA__K_ROW(u, i) { const mha__vf a##i = mha__vset1(a[(u) * MHA__MR + (i)]); MHA__FOR_J(MHA__K_FMA, i) }
+#define MHA__K_ROW(u, i) { const mha__vf a##i = mha__vset1(MHA__K_A(u, i)); MHA__FOR_J(MHA__K_FMA, i) }
 #define MHA__K_STEP(u) { MHA__FOR_J(MHA__K_LOADB, u) MHA__FOR_I(MHA__K_ROW, u) }
 #define MHA__K_STORE0(i, j) \
     mha__vstore(c + (i) * ldc + (j) * MHA__VW, mha__vmul(va, acc##i##_##j));
 #define MHA__K_STORE1(i, j) \
     mha__vstore(c + (i) * ldc + (j) * MHA__VW, \
                 mha__vfma(mha__vmul(va, acc##i##_##j), vb, mha__vload(c + (i) * ldc + (j) * MHA__VW)));
+#if defined(__GNUC__) || defined(__clang__)
+#define MHA__PREFETCH(p) __builtin_prefetch(p)
+#else
+#define MHA__PREFETCH(p) ((void)0)
+#endif
+#define MHA__K_PREFETCH_C(u, i) MHA__PREFETCH(c + (i) * ldc); MHA__PREFETCH(c + (i) * ldc + MHA__NR - 1);
+#define MHA__K_A(u, i) a[(u) * MHA__MR + (i)]     /* packed: MR values per k */
 static void mha__kernel(int kc, const float *a, const float *b, float *c, size_t ldc,
                         float alpha, float beta)
 {
-    const mha__vf va = mha__vset1(alpha), vb = mha__vset1(beta);
     int p = 0;
+    MHA__FOR_I(MHA__K_PREFETCH_C, 0)    /* the C tile arrives while the sums run */
     MHA__FOR_IJ(MHA__K_ZERO)
-    for (; p + 4 <= kc; p += 4) {    /* unrolled by 4: less loop overhead per FMA */
-        MHA__K_STEP(0) MHA__K_STEP(1) MHA__K_STEP(2) MHA__K_STEP(3)
-        a += 4 * MHA__MR;
-        b += 4 * MHA__NR;
+    for (; p + MHA__KU <= kc; p += MHA__KU) {    /* unrolled: less loop overhead per FMA */
+        MHA__PREFETCH(a + MHA__KPF * MHA__MR);
+        MHA__K_UNROLLED
+        a += MHA__KU * MHA__MR;
+        b += MHA__KU * MHA__NR;
     }
     for (; p < kc; ++p) {
         MHA__K_STEP(0)
         a += MHA__MR;
         b += MHA__NR;
     }
-    if (beta == 0.0f) { MHA__FOR_IJ(MHA__K_STORE0) }
-    else              { MHA__FOR_IJ(MHA__K_STORE1) }
+    {   /* alpha and beta enter only now: no register is held for them in the loop */
+        const mha__vf va = mha__vset1(alpha), vb = mha__vset1(beta);
+        if (beta == 0.0f) { MHA__FOR_IJ(MHA__K_STORE0) }
+        else              { MHA__FOR_IJ(MHA__K_STORE1) }
+    }
 }
+#undef MHA__K_A
 
-/* The two inner loops over one packed A block (mc x kc) and B panel (kc x nc). */
+/* The same micro-kernel reading A unpacked: MR rows of a row-major A, lda
+   apart (no copy when each A value meets only a few B slivers, as in
+   P V with its 64 columns).  Same sums in the same order as mha__kernel. */
+#define MHA__K_A(u, i) ar##i[p + (u)]
+#define MHA__K_AROW(u, i) const float *ar##i = a + (size_t)(i) * lda;
+static void mha__kernel_rows(int kc, const float *a, size_t lda, const float *b, float *c,
+                             size_t ldc, float alpha, float beta)
+{
+    int p = 0;
+    MHA__FOR_I(MHA__K_AROW, 0)
+    MHA__FOR_I(MHA__K_PREFETCH_C, 0)
+    MHA__FOR_IJ(MHA__K_ZERO)
+    for (; p + MHA__KU <= kc; p += MHA__KU) {
+        MHA__K_UNROLLED
+        b += MHA__KU * MHA__NR;
+    }
+    for (; p < kc; ++p) {
+        MHA__K_STEP(0)
+        b += MHA__NR;
+    }
+    {   /* alpha and beta enter only now: no register is held for them in the loop */
+        const mha__vf va = mha__vset1(alpha), vb = mha__vset1(beta);
+        if (beta == 0.0f) { MHA__FOR_IJ(MHA__K_STORE0) }
+        else              { MHA__FOR_IJ(MHA__K_STORE1) }
+    }
+}
+#undef MHA__K_A
+
+/* The two inner loops over one A block (mc x kc) and packed B panel (kc x nc).
+   A is packed (lda_rows == 0), or the rows of a row-major A themselves,
+   lda_rows apart; then a partial sliver at the bottom edge is packed into
+   edge (MR x kc floats) so no row past the end is read.  */
 static void mha__macro_kernel(int mc, int nc, int kc, float alpha, float beta,
-                              const float *pa, const float *pb, float *C, size_t ldc)
+                              const float *pa, size_t lda_rows, float *edge,
+                              const float *pb, float *C, size_t ldc)
 {
     int ir, jr;
     for (jr = 0; jr < nc; jr += MHA__NR) {
@@ -831,14 +954,22 @@ static void mha__macro_kernel(int mc, int nc, int kc, float alpha, float beta,
         const float *b = pb + (size_t)jr * kc;
         for (ir = 0; ir < mc; ir += MHA__MR) {
             int mr = mha__imin(MHA__MR, mc - ir);
-            const float *a = pa + (size_t)ir * kc;
+            const float *a = lda_rows ? pa + (size_t)ir * lda_rows : pa + (size_t)ir * kc;
             float *c = C + (size_t)ir * ldc + jr;
             if (mr == MHA__MR && nr == MHA__NR) {
-                mha__kernel(kc, a, b, c, ldc, alpha, beta);
+                if (lda_rows) mha__kernel_rows(kc, a, lda_rows, b, c, ldc, alpha, beta);
+                else          mha__kernel(kc, a, b, c, ldc, alpha, beta);
             } else {    /* edge: full tile into t, copy out the valid mr x nr part */
                 float t[MHA__MR * MHA__NR];
                 int i, j;
-                mha__kernel(kc, a, b, t, MHA__NR, alpha, 0.0f);
+                if (!lda_rows) {
+                    mha__kernel(kc, a, b, t, MHA__NR, alpha, 0.0f);
+                } else if (mr == MHA__MR) {
+                    mha__kernel_rows(kc, a, lda_rows, b, t, MHA__NR, alpha, 0.0f);
+                } else {
+                    mha__pack_a(0, a, lda_rows, 0, mr, 0, kc, edge);
+                    mha__kernel(kc, edge, b, t, MHA__NR, alpha, 0.0f);
+                }
                 for (i = 0; i < mr; ++i) {
                     float *ci = c + (size_t)i * ldc;
                     const float *ti = t + i * MHA__NR;
@@ -867,6 +998,9 @@ static void mha__gemm(int ta, int tb, int M, int N, int K, float alpha,
 {
     float *pb = ws, *pa = ws + mha__gemm_b_floats(N, K);
     int kcb = mha__gemm_kc(K), jc, pc, ic, jr;
+    /* a row-major A that meets at most 4 B slivers is read in place: packing
+       it would cost about as much as the multiply-adds it feeds */
+    int direct_a = !ta && N <= 4 * MHA__NR;
     if (M <= 0 || N <= 0 || K <= 0) return;
     for (jc = 0; jc < N; jc += MHA__NC) {
         int nc = mha__imin(MHA__NC, N - jc);
@@ -878,9 +1012,14 @@ static void mha__gemm(int ta, int tb, int M, int N, int K, float alpha,
                             pb + (size_t)jr * kc);
             for (ic = 0; ic < M; ic += MHA__MC) {
                 int mc = mha__imin(MHA__MC, M - ic);
-                mha__pack_a_block(ta, A, lda, ic, mc, pc, kc, pa);
-                mha__macro_kernel(mc, nc, kc, alpha, beta_pc, pa, pb,
-                                  C + (size_t)ic * ldc + jc, ldc);
+                float *c = C + (size_t)ic * ldc + jc;
+                if (direct_a) {
+                    mha__macro_kernel(mc, nc, kc, alpha, beta_pc, A + (size_t)ic * lda + pc, lda,
+                                      pa, pb, c, ldc);
+                } else {
+                    mha__pack_a_block(ta, A, lda, ic, mc, pc, kc, pa);
+                    mha__macro_kernel(mc, nc, kc, alpha, beta_pc, pa, 0, pa, pb, c, ldc);
+                }
             }
         }
     }
@@ -1364,8 +1503,8 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
 
         /* 1. S^T = scale K_t Q^T, one NR-wide sliver of queries at a time */
         for (j = 0; j < nr; j += MHA__NR)
-            mha__macro_kernel(nc, nr - j < MHA__NR ? nr - j : MHA__NR, D, a->scale, 0.0f, pkt,
-                              qt + (size_t)j * D, st + (size_t)j * nc, MHA__NR);
+            mha__macro_kernel(nc, nr - j < MHA__NR ? nr - j : MHA__NR, D, a->scale, 0.0f, pkt, 0,
+                              NULL, qt + (size_t)j * D, st + (size_t)j * nc, MHA__NR);
 
         /* 2. masks; causal only where the tile reaches past the diagonal */
         if (masked || (a->causal && !appended && (ptrdiff_t)j0 + nc - 1 > (ptrdiff_t)gi + a->causal_off))
@@ -1397,7 +1536,7 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
         /* 4. O^T += V_t^T P^T; a zero weight times a NaN/Inf value would be
            NaN, so a tile whose V is not finite sums nonzero weights only */
         if (flags[t] != 0.0f) {
-            mha__macro_kernel(Dv, nr, nc, 1.0f, 1.0f, pvt, st, ot, ldo);
+            mha__macro_kernel(Dv, nr, nc, 1.0f, 1.0f, pvt, 0, NULL, st, ot, ldo);
         } else {
             for (p = 0; p < nc; ++p) {
                 const float *vr = v + (size_t)(j0 + p) * a->v.rs;

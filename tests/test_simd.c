@@ -127,6 +127,17 @@ static void test_layer(void)
     for (i = 0; i < MHA__VW; ++i) CHECK(c[i] == 10.0f + a[i] * b[i], "fma lane %d", i);
     mha__vstore(c, mha__vsub(mha__vmax(mha__vload(a), mha__vzero()), mha__vload(b)));
     for (i = 0; i < MHA__VW; ++i) CHECK(c[i] == (a[i] > 0 ? a[i] : 0.0f) - b[i], "max/sub lane %d", i);
+    {   /* transpose of a VW x VW block: element (r, l) moves to (l, r) */
+        float m[MHA__VW * MHA__VW], t[MHA__VW * MHA__VW];
+        mha__vf r[MHA__VW];
+        int k, bad = 0;
+        for (k = 0; k < MHA__VW * MHA__VW; ++k) m[k] = (float)k;
+        for (k = 0; k < MHA__VW; ++k) r[k] = mha__vload(m + k * MHA__VW);
+        mha__vtranspose(r);
+        for (k = 0; k < MHA__VW; ++k) mha__vstore(t + k * MHA__VW, r[k]);
+        for (k = 0; k < MHA__VW * MHA__VW; ++k) bad += t[k] != m[(k % MHA__VW) * MHA__VW + k / MHA__VW];
+        CHECK(bad == 0, "vtranspose: %d elements misplaced", bad);
+    }
 }
 
 static void test_dot_axpy(void)
