@@ -1836,16 +1836,19 @@ typedef struct mha__fwd_layout {
 /* Query rows per chunk of the fused forward: every key and value is needed by
    every query, but a query row is needed only while its chunk is projected,
    attended and projected out, so Q takes a chunk of rows, not [B, Lq, E].
-   Chunks start at a multiple of the query tile, so they change no result.  */
+   Each chunk packs the keys and values again, so chunks are long.  Chunks
+   start at a multiple of the query tile, so they change no result.  */
 #ifndef MHA__QCHUNK
-#define MHA__QCHUNK 1024
+#define MHA__QCHUNK 4096
 #endif
 static void mha__fwd_chunks(int B, int Lq, int need_weights, int *chunk_b, int *chunk_q)
 {
+    int rows = MHA__QCHUNK / MHA__FBR * MHA__FBR;
+    if (rows < MHA__FBR) rows = MHA__FBR;
     if (need_weights) { *chunk_b = B; *chunk_q = Lq; return; }   /* weights are O(L^2) anyway */
-    if (Lq >= MHA__QCHUNK) { *chunk_b = 1; *chunk_q = MHA__QCHUNK; return; }
+    if (Lq >= rows) { *chunk_b = 1; *chunk_q = rows; return; }
     *chunk_q = Lq;
-    *chunk_b = MHA__QCHUNK / Lq < B ? MHA__QCHUNK / Lq : B;
+    *chunk_b = rows / Lq < B ? rows / Lq : B;
 }
 
 static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,

@@ -7,6 +7,7 @@
 #ifndef TEST_NAME
 #define TEST_NAME "fused"
 #endif
+#define MHA__QCHUNK 1024   /* query chunks of the fused forward: small enough to test */
 #define MHA_IMPLEMENTATION
 #include "mha.h"
 #include "testutil.h"
