@@ -10,6 +10,9 @@
      3. long sequences: L = 16384 (E 512, H 8) and L = 65536 (one head of 64):
         peak RSS against the bytes of the inputs and outputs.
 
+   Times: 1 thread = CPU time of the process, 2 threads = wall clock (the
+   torch script does the same), so a busy machine slows only the 2-thread rows.
+
    usage: bench_mha [--quick] [--no-torch]
      --quick     skip table 3
      --no-torch  do not run bench/torch_mha.py
@@ -29,10 +32,13 @@
 #define E_DIM 512
 #define N_HEADS 8
 
-static double now_s(void)
+/* Single-thread runs are timed by the process's CPU time, which other
+   programs on a shared machine do not inflate; threaded runs by the wall
+   clock (their CPU time would hide a slow thread). */
+static double now_s(int threads)
 {
     struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
+    clock_gettime(threads == 1 ? CLOCK_PROCESS_CPUTIME_ID : CLOCK_MONOTONIC, &t);
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
@@ -116,13 +122,13 @@ static result run_job(const job *jb)
     }
     ws = malloc(wsb);
     if (!x || !out || (nw && !w) || !ws || (jb->sdpa && (!k || !v))) return r;
-    t_start = now_s();
+    t_start = now_s(jb->threads);
     for (i = -1; i < jb->max_reps && i < 64; ++i) {   /* i = -1: warm-up, not timed */
-        double t0 = now_s();
+        double t0 = now_s(jb->threads);
         mha_status s = jb->sdpa
             ? mha_sdpa(B, H, L, L, D, D, x, k, v, &opt, out, w, ws, wsb)
             : mha_forward(&m, B, L, L, x, x, x, &opt, out, w, ws, wsb);
-        double t1 = now_s();
+        double t1 = now_s(jb->threads);
         if (s != MHA_OK) { fprintf(stderr, "bench: %s\n", mha_status_string(s)); return r; }
         if (i >= 0) times[r.reps++] = t1 - t0;
         if (i < 0) t_start = t1;
@@ -218,14 +224,16 @@ int main(int argc, char **argv)
     printf("\n== MHA forward, E=%d, H=%d, self attention; median ms; ratio = torch ms / mha.h ms\n",
            E_DIM, N_HEADS);
     printf("   fused = no weights (torch need_weights=False), unfused = averaged weights (need_weights=True)\n");
-    printf("%-9s %-7s %3s %9s %8s %9s %9s %7s\n", "B,L", "path", "thr", "ms", "GFLOP/s", "peak MiB",
-           "torch ms", "ratio");
+    printf("   1 thread: CPU time, 2 threads: wall clock; 2t/1t = speed-up of the 2-thread row\n");
+    printf("%-9s %-7s %3s %9s %8s %6s %9s %9s %7s\n", "B,L", "path", "thr", "ms", "GFLOP/s", "2t/1t",
+           "peak MiB", "torch ms", "ratio");
     for (s = 0; s < NSHAPES; ++s)
-        for (f = 1; f >= 0; --f)
+        for (f = 1; f >= 0; --f) {
+            double ms1 = 0;
             for (t = 1; t <= 2; ++t) {
                 job jb;
                 result r;
-                char shape[32];
+                char shape[32], speedup[16];
                 double tm = torch_ms[s][t - 1][!f];
                 memset(&jb, 0, sizeof jb);
                 jb.B = shapes[s][0]; jb.L = shapes[s][1]; jb.E = E_DIM; jb.H = N_HEADS;
@@ -233,19 +241,23 @@ int main(int argc, char **argv)
                 r = run_forked(&jb);
                 snprintf(shape, sizeof shape, "%d,%d", jb.B, jb.L);
                 if (!r.ok) { printf("%-9s %-7s %3d  failed\n", shape, f ? "fused" : "unfused", t); continue; }
-                printf("%-9s %-7s %3d %9.3f %8.1f %9.1f", shape, f ? "fused" : "unfused", t, r.ms,
-                       mha_flops(jb.B, jb.L, jb.E) / (r.ms * 1e6), r.rss_mib);
+                if (t == 1) { ms1 = r.ms; snprintf(speedup, sizeof speedup, "-"); }
+                else snprintf(speedup, sizeof speedup, "%.2fx", ms1 / r.ms);
+                printf("%-9s %-7s %3d %9.3f %8.1f %6s %9.1f", shape, f ? "fused" : "unfused", t, r.ms,
+                       mha_flops(jb.B, jb.L, jb.E) / (r.ms * 1e6), speedup, r.rss_mib);
                 if (tm > 0) printf(" %9.3f %6.2fx\n", tm, tm / r.ms);
                 else printf(" %9s %7s\n", "-", "-");
             }
+        }
 
     printf("\n== attention core alone: mha_sdpa, B=1, H=8, D=64, no mask, fused\n");
     printf("   FLOPs 4 H L^2 D (QK^T and PV)\n");
-    printf("%-6s %3s %9s %8s\n", "L", "thr", "ms", "GFLOP/s");
+    printf("%-6s %3s %9s %8s %6s\n", "L", "thr", "ms", "GFLOP/s", "2t/1t");
     {
         static const int ls[] = {512, 1024, 2048, 4096};
         int i;
-        for (i = 0; i < 4; ++i)
+        for (i = 0; i < 4; ++i) {
+            double ms1 = 0;
             for (t = 1; t <= 2; ++t) {
                 job jb;
                 result r;
@@ -254,9 +266,11 @@ int main(int argc, char **argv)
                 jb.threads = t; jb.fused = 1; jb.min_time = 0.5; jb.max_reps = 30;
                 r = run_forked(&jb);
                 if (!r.ok) { printf("%-6d %3d  failed\n", ls[i], t); continue; }
-                printf("%-6d %3d %9.3f %8.1f\n", ls[i], t, r.ms,
-                       4.0 * 8 * (double)ls[i] * ls[i] * 64 / (r.ms * 1e6));
+                printf("%-6d %3d %9.3f %8.1f", ls[i], t, r.ms, 4.0 * 8 * (double)ls[i] * ls[i] * 64 / (r.ms * 1e6));
+                if (t == 1) { ms1 = r.ms; printf(" %6s\n", "-"); }
+                else printf(" %5.2fx\n", ms1 / r.ms);
             }
+        }
     }
 
     if (!quick) {

@@ -8,6 +8,8 @@ attention mha(x, x, x).  Prints one line per shape and weights setting:
     torch B L threads need_weights median_ms
 need_weights=0 is PyTorch's fused fast path (no weights returned);
 need_weights=1 returns the head-averaged weights like mha.h's unfused path.
+With one thread the time is the process's CPU time (a shared machine does
+not inflate it), with more the wall clock: the same clocks as bench_mha.
 bench/bench_mha.c runs this script and prints the ratios.
 """
 import os
@@ -23,14 +25,14 @@ def median(xs):
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
-def time_call(fn, min_reps=5, max_reps=50, budget=1.0):
+def time_call(fn, clock, min_reps=5, max_reps=50, budget=1.0):
     fn()  # warm up
     times = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget):
-        t0 = time.perf_counter()
+    start = clock()
+    while len(times) < max_reps and (len(times) < min_reps or clock() - start < budget):
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return median(times)
 
 
@@ -49,11 +51,12 @@ def main():
     torch.manual_seed(0)
     E, H = 512, 8
     mha = torch.nn.MultiheadAttention(E, H, batch_first=True).eval()
+    clock = time.process_time if threads == 1 else time.perf_counter
     with torch.inference_mode():
         for B, L in shapes:
             x = torch.randn(B, L, E)
             for need in (0, 1):
-                ms = 1e3 * time_call(lambda: mha(x, x, x, need_weights=bool(need)))
+                ms = 1e3 * time_call(lambda: mha(x, x, x, need_weights=bool(need)), clock)
                 print(f"torch {B} {L} {threads} {need} {ms:.4f}", flush=True)
 
 
