@@ -45,6 +45,15 @@ static double now(void)
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 static const char *clock_name(void) { return cpu_clock ? "cpu" : "wall"; }
+static double wall_now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+/* A sample ends early when it runs far over its budget (threads that the
+   OS keeps waiting on a busy machine would otherwise stretch it to minutes). */
+static int over_budget(double wall0) { return wall_now() - wall0 > 4.0 * SAMPLE_SECONDS; }
 #ifdef MHA_BENCH_OPENBLAS
 static void pause_ms(int ms)   /* lets the other library's idle threads go to sleep */
 {
@@ -165,22 +174,28 @@ static void fill(float *x, size_t n, unsigned seed)
 static double time_mha(const shape *s, const float *A, const float *B, float *C, void *ws,
                        size_t wsb, int reps)
 {
-    double t0 = now();
-    int r;
-    for (r = 0; r < reps; ++r)
+    double t0 = now(), w0 = wall_now();
+    int r = 0;
+    while (r < reps) {
         mha_gemm((mha_trans)s->ta, (mha_trans)s->tb, s->M, s->N, s->K, 1.0f, A, s->ta ? s->M : s->K,
                  B, s->tb ? s->K : s->N, 0.0f, C, s->N, ws, wsb);
-    return (now() - t0) / reps;
+        ++r;
+        if (over_budget(w0)) break;
+    }
+    return (now() - t0) / r;
 }
 #ifdef MHA_BENCH_OPENBLAS
 static double time_blas(const shape *s, const float *A, const float *B, float *C, int reps)
 {
-    double t0 = now();
-    int r;
-    for (r = 0; r < reps; ++r)
+    double t0 = now(), w0 = wall_now();
+    int r = 0;
+    while (r < reps) {
         cblas_sgemm(CblasRowMajor, s->ta ? CblasTrans : CblasNoTrans, s->tb ? CblasTrans : CblasNoTrans,
                     s->M, s->N, s->K, 1.0f, A, s->ta ? s->M : s->K, B, s->tb ? s->K : s->N, 0.0f, C, s->N);
-    return (now() - t0) / reps;
+        ++r;
+        if (over_budget(w0)) break;
+    }
+    return (now() - t0) / r;
 }
 #endif
 
