@@ -102,7 +102,11 @@ for cfg in "${configs[@]}"; do
         else fail_one "[link] two translation units do not link:"; head -20 "$OUT/cxx/link.log"; fi
         if gcc -std=c99 $WARN -O1 -I. -DMHA_STATIC tests/link_a.c tests/link_b.c -o "$OUT/cxx/link_static" -lm 2>"$OUT/cxx/link_static.log"; then
             run_prog link-static "$OUT/cxx/link_static"
-        else fail_one "[link-static] MHA_STATIC build does not link:"; head -20 "$OUT/cxx/link_static.log"; fi ;;
+        else fail_one "[link-static] MHA_STATIC build does not link:"; head -20 "$OUT/cxx/link_static.log"; fi
+        # the benchmark is not run here, only kept compiling (without OpenBLAS)
+        if gcc -std=c99 $WARN -O1 -fopenmp -I. bench/bench.c -o "$OUT/cxx/bench" -lm 2>"$OUT/cxx/bench.log"; then
+            note "[bench] bench/bench.c compiles"
+        else fail_one "[bench] bench/bench.c does not compile:"; head -20 "$OUT/cxx/bench.log"; fi ;;
     *) fail_one "unknown configuration $cfg" ;;
     esac
 done
