@@ -284,7 +284,8 @@ static void gemm_table(void)
    peak_gflops[t], peak_sample(), SAMPLES.  */
 static void mha_forward_rows(void)
 {
-    printf("\n## MHA forward\n\n(not measured by this build: the rows come with the fused-attention work)\n");
+    printf("\n## MHA forward\n\n(measured by build/bench_mha, bench/bench_mha.c: each configuration in its own\n"
+           "process for its peak RSS, PyTorch side by side; `make bench` runs it too)\n");
 }
 
 int main(int argc, char **argv)
