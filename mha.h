@@ -1174,10 +1174,16 @@ typedef struct mha__attn {
     int nthreads;
 } mha__attn;
 
-/* Unfused path (weights requested): MHA__BR_W query rows at a time against
-   all Lk_eff keys, i.e. a [BR_W, Lk_eff] score block per thread.  The fused
-   path's tile sizes are with its code below.  */
-#define MHA__BR_W 32
+/* Unfused path (weights requested): blocks of query rows against all Lk_eff
+   keys, i.e. a [rows, Lk_eff] score block per thread.  Long blocks keep the
+   GEMM from repacking K and V for every few rows (32-row blocks ran at half
+   the speed at L = 2048); a quarter of Lq keeps 4 blocks per batch for the
+   threads.  The size depends on Lq only, never on the thread count.  */
+static int mha__unfused_rows(int Lq)
+{
+    int r = Lq / 4 / 32 * 32;
+    return r < 32 ? (Lq < 32 ? Lq : 32) : (r > 256 ? 256 : r);
+}
 
 /* n floats rounded up to whole 64-byte lines */
 static size_t mha__round_floats(size_t n)
@@ -1560,14 +1566,14 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
 /* Scratch floats of one attention call.  Fused: per thread the tile
    buffers and, unless shared_pack, one (b, h)'s packed K and V; with
    shared_pack one packed K and V after the threads' parts.  Unfused: per
-   thread a [BR_W, Lk_eff] score block and GEMM packing.  */
+   thread a [mha__unfused_rows(Lq), Lk_eff] score block and GEMM packing.  */
 static int mha__attn_scratch_floats(int Lq, int Lk, int Lk_eff, int D, int Dv, int nthreads,
                                     int need_weights, int shared_pack, size_t *per_thread,
                                     size_t *total)
 {
     size_t s, g1, g2, g;
     if (need_weights) {
-        int br = Lq < MHA__BR_W ? Lq : MHA__BR_W;
+        int br = mha__unfused_rows(Lq);
         if (!mha__mul((size_t)br, (size_t)Lk_eff, &s)) return 0;
         s = mha__round_floats(s);
         g1 = mha__gemm_ws_floats(br, Lk_eff, D);
@@ -1603,14 +1609,14 @@ static int mha__attn_scratch_floats(int Lq, int Lk, int Lk_eff, int D, int Dv, i
 static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
 {
     if (a->weights) {
-        int nqt = (a->nq + MHA__BR_W - 1) / MHA__BR_W;
+        int br = mha__unfused_rows(a->Lq), nqt = (a->nq + br - 1) / br;
         long items = (long)a->nb * nqt, t;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(a->nthreads)
 #endif
         for (t = 0; t < items; ++t) {
-            int tid = 0, i0 = (int)(t % nqt) * MHA__BR_W;
-            int nr = a->nq - i0 < MHA__BR_W ? a->nq - i0 : MHA__BR_W;
+            int tid = 0, i0 = (int)(t % nqt) * br;
+            int nr = a->nq - i0 < br ? a->nq - i0 : br;
             float *sc;
 #ifdef _OPENMP
             tid = omp_get_thread_num();
