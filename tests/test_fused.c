@@ -424,6 +424,12 @@ int main(void)
             c.causal = 1; c.align = a ? MHA_CAUSAL_BOTTOM_RIGHT : MHA_CAUSAL_TOP_LEFT;
             run_sdpa_case(&c, (unsigned)n++);
         }
+    /* wide heads: D and Dv longer than a vector block and not multiples of
+       any tile size, D != Dv */
+    memset(&c, 0, sizeof c);
+    c.B = 1; c.H = 2; c.Lq = 70; c.Lk = 150; c.D = 200; c.Dv = 131;
+    c.kp_kind = MHA_MASK_BOOL; c.causal = 1; c.align = MHA_CAUSAL_BOTTOM_RIGHT;
+    run_sdpa_case(&c, (unsigned)n++);
     /* NaN / Inf in every key and value row that no query may see */
     for (a = 0; a < 3; ++a) {
         memset(&c, 0, sizeof c);
