@@ -116,7 +116,11 @@ typedef enum mha_trans { MHA_NO_TRANS = 0, MHA_TRANS = 1 } mha_trans;
    B likewise K x N (ldb >= N) or N x K (ldb >= K); C is M x N (ldc >= N).
    When beta == 0, C is never read (NaN in C does not propagate).
    workspace: packing buffers of mha_gemm_workspace_size() bytes, or NULL to
-   let the call allocate them through MHA_MALLOC.  */
+   let the call allocate them through MHA_MALLOC.  The size covers one set of
+   buffers per OpenMP thread (omp_get_max_threads() at the time of the query);
+   a smaller workspace runs on as many threads as it holds, and below the
+   one-thread size the call returns MHA_ERR_WORKSPACE_TOO_SMALL.  The result
+   is bit-identical for any number of threads.  */
 MHADEF size_t mha_gemm_workspace_size(int M, int N, int K);
 MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, float alpha,
                            const float *A, int lda, const float *B, int ldb, float beta,
