@@ -40,7 +40,9 @@
      SIMD is chosen at compile time: AVX-512 when __AVX512F__ is defined,
      else AVX2 when __AVX2__ and __FMA__ are defined
      (-mavx2 -mfma or -march=native), NEON when __ARM_NEON is.  There is no
-     run-time CPU detection.  Threads come from OpenMP when built with -fopenmp.
+     run-time CPU detection.  Threads come from OpenMP when built with -fopenmp;
+     on a machine shared with other jobs run with OMP_WAIT_POLICY=passive
+     (a waiting thread that spins on the core of a working one stalls it).
 
    ERRORS
      Every call returns an mha_status; mha_status_string() describes it.
