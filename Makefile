@@ -61,11 +61,10 @@ HAVE_OPENBLAS  = $(shell printf '\043include <cblas.h>\nint main(void){openblas_
 BENCH_DEFS     = $(if $(HAVE_OPENBLAS),-DMHA_BENCH_OPENBLAS)
 BENCH_LIBS     = $(if $(HAVE_OPENBLAS),-lopenblas) -lm
 
-bench: $(BUILD)/bench
+# (always rebuilt: the flags, not only the sources, decide what it measures)
+bench: | $(BUILD)
+	$(CC) $(BENCH_CFLAGS) $(BENCH_DEFS) -I. bench/bench.c -o $(BUILD)/bench $(BENCH_LIBS)
 	./$(BUILD)/bench
-
-$(BUILD)/bench: bench/bench.c mha.h Makefile | $(BUILD)
-	$(CC) $(BENCH_CFLAGS) $(BENCH_DEFS) -I. $< -o $@ $(BENCH_LIBS)
 
 golden:
 	$(call need_pkgs,$(DEPS_GOLD))
@@ -76,8 +75,3 @@ $(BUILD):
 
 clean:
 	rm -rf $(BUILD)
-
-# The bench binary is rebuilt on every `make bench`: the flags (BENCH_ARCH),
-# not only the sources, decide what it measures.
-$(BUILD)/bench: FORCE
-FORCE:

@@ -279,13 +279,12 @@ static void gemm_table(void)
 /* ------------------------------------------------------- MHA forward
    MHA FORWARD ROWS: the table of issue 3 (E = 512, H = 8, (B, L) =
    (1,128), (8,128), (1,512), (1,2048), (4,1024); ms, GFLOP/s, peak memory;
-   fused vs unfused; 1 and 2 threads) belongs to the fused-attention work:
-   add the rows here, or point here to the program that prints them.
-   Helpers above: now(), median(), set_threads(), peak_gflops[t],
-   peak_sample(), SAMPLES.  */
+   fused vs unfused; 1 and 2 threads) belongs to the fused-attention work and
+   is added here.  Helpers above: now(), median(), set_threads(),
+   peak_gflops[t], peak_sample(), SAMPLES.  */
 static void mha_forward_rows(void)
 {
-    printf("\n## MHA forward\n\n(printed by the fused-attention benchmark, not by this program)\n");
+    printf("\n## MHA forward\n\n(not measured by this build: the rows come with the fused-attention work)\n");
 }
 
 int main(int argc, char **argv)
