@@ -40,7 +40,9 @@
      SIMD is chosen at compile time: AVX-512 when __AVX512F__ is defined,
      else AVX2 when __AVX2__ and __FMA__ are defined
      (-mavx2 -mfma or -march=native), NEON when __ARM_NEON is.  There is no
-     run-time CPU detection.  Threads come from OpenMP when built with -fopenmp.
+     run-time CPU detection.  Threads come from OpenMP when built with -fopenmp;
+     on a machine shared with other jobs run with OMP_WAIT_POLICY=passive
+     (a waiting thread that spins on the core of a working one stalls it).
 
    ERRORS
      Every call returns an mha_status; mha_status_string() describes it.
@@ -116,7 +118,11 @@ typedef enum mha_trans { MHA_NO_TRANS = 0, MHA_TRANS = 1 } mha_trans;
    B likewise K x N (ldb >= N) or N x K (ldb >= K); C is M x N (ldc >= N).
    When beta == 0, C is never read (NaN in C does not propagate).
    workspace: packing buffers of mha_gemm_workspace_size() bytes, or NULL to
-   let the call allocate them through MHA_MALLOC.  */
+   let the call allocate them through MHA_MALLOC.  The size covers one set of
+   buffers per OpenMP thread (omp_get_max_threads() at the time of the query);
+   a smaller workspace runs on as many threads as it holds, and below the
+   one-thread size the call returns MHA_ERR_WORKSPACE_TOO_SMALL.  The result
+   is bit-identical for any number of threads.  */
 MHADEF size_t mha_gemm_workspace_size(int M, int N, int K);
 MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, float alpha,
                            const float *A, int lda, const float *B, int ldb, float beta,
@@ -720,16 +726,19 @@ static int mha__softmax_row(float *s, int n)
    the micro-kernel below is spelled out in full, with its accumulators in
    named registers, at any optimisation level. */
 #if defined(MHA__SIMD_AVX512)
-/* 12 x 32: 24 zmm accumulators + 2 for B; A is broadcast from memory */
-#define MHA__MR 12
+/* 8 x 32: 16 zmm accumulators (twice the 4-cycle x 2-pipe FMA latency) + 2
+   for B.  As fast as 12 x 32 on large products and without the partial row
+   tile that 12 leaves on the 32- and 64-row blocks of attention (measured
+   1.1-1.4x faster there). */
+#define MHA__MR 8
 #define MHA__NRV 2
-#define MHA__FOR_I(X, Y) X(Y,0) X(Y,1) X(Y,2) X(Y,3) X(Y,4) X(Y,5) X(Y,6) X(Y,7) X(Y,8) X(Y,9) X(Y,10) X(Y,11)
+#define MHA__FOR_I(X, Y) X(Y,0) X(Y,1) X(Y,2) X(Y,3) X(Y,4) X(Y,5) X(Y,6) X(Y,7)
 #define MHA__FOR_J(X, i) X(i,0) X(i,1)
 /* Measured best on a 48 KiB L1 / 2 MiB L2 core (see docs/performance.md):
-   a deep K block and a short A block, so the A block (96 KiB) and the
+   a deep K block and a short A block, so the A block (128 KiB) and the
    B sliver being used (64 KiB) both sit in L2 and the kernel streams them. */
 #define MHA__KC 512    /* KC x NR sliver of B: 64 KiB */
-#define MHA__MC 48     /* MC x KC block of A: 96 KiB, stays in L2 */
+#define MHA__MC 64     /* MC x KC block of A: 128 KiB, stays in L2 */
 #define MHA__NC 4096   /* KC x NC panel of B: 8 MiB, lives in L3 */
 #elif defined(MHA__SIMD_AVX2)
 /* 6 x 16: 12 ymm accumulators + 2 for B + 1 broadcast of A = 15 of 16 */
