@@ -68,11 +68,12 @@ bench: | $(BUILD)
 
 # MHA forward / attention-core tables and the PyTorch comparison
 # (bench/bench_mha.c, which runs bench/torch_mha.py); part of `make bench`,
-# always rebuilt like bench/bench.c.
+# always rebuilt like bench/bench.c.  OpenMP threads wait passively unless
+# OMP_WAIT_POLICY says otherwise (mha.h and PyTorch alike; see docs/performance.md).
 bench: bench-mha
 bench-mha: deps-bench | $(BUILD)
 	$(CC) $(BENCH_CFLAGS) -I. bench/bench_mha.c -o $(BUILD)/bench_mha -lm
-	./$(BUILD)/bench_mha
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/bench_mha
 
 golden:
 	$(call need_pkgs,$(DEPS_GOLD))

@@ -208,14 +208,14 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[a], "--no-torch")) torch = 0;
         else { fprintf(stderr, "usage: %s [--quick] [--no-torch]\n", argv[0]); return 2; }
     }
-    printf("mha.h %d.%d.%d, SIMD: %s, OpenMP: %s\n", MHA_VERSION_MAJOR, MHA_VERSION_MINOR,
-           MHA_VERSION_PATCH, MHA__SIMD_NAME,
+    printf("mha.h %d.%d.%d, SIMD: %s, OpenMP: %s, OMP_WAIT_POLICY=%s\n", MHA_VERSION_MAJOR,
+           MHA_VERSION_MINOR, MHA_VERSION_PATCH, MHA__SIMD_NAME,
 #ifdef _OPENMP
-           "yes"
+           "yes",
 #else
-           "no (thread counts are ignored)"
+           "no (thread counts are ignored)",
 #endif
-    );
+           getenv("OMP_WAIT_POLICY") ? getenv("OMP_WAIT_POLICY") : "(unset)");
     if (torch) {
         printf("running bench/torch_mha.py (PyTorch nn.MultiheadAttention, 1 and 2 threads)...\n");
         run_torch();
