@@ -1328,10 +1328,11 @@ static void mha__attend_rows(const mha__attn *a, int b, int i0, int nr, float *s
    so the softmax runs down the columns with one query per vector lane (no
    horizontal reductions), and S^T, stored as NR-wide column slivers, is
    already the packed B operand of the GEMM micro-kernel for O^T: nothing is
-   packed per tile.  K_t (as the packed A of S^T) and V_t^T (the packed A of
-   O^T) are packed once per (b, h) by each thread that works on it, Q_t^T
-   once per query tile.  These are the GEMM section's panel formats and its
-   macro-kernel, called directly.  */
+   packed per tile.  K_t is the A of S^T as it stands (the macro-kernel reads
+   the rows of a row-major A in place), V_t^T (the A of O^T) is packed once
+   per (b, h) by each thread that works on it, Q_t^T once per query tile.
+   These are the GEMM section's panel formats and its macro-kernel, called
+   directly.  */
 
 /* exp(x) for the arguments the online softmax makes: x = s - m <= 0, -inf
    (a blocked key) or NaN; cheaper than mha__vexp because nothing can
@@ -1364,7 +1365,7 @@ static inline mha__vf mha__vexp_nonpos(mha__vf x)
 }
 
 /* Sizes of the fused path's buffers, in floats.  Key tiles hold MHA__FBC
-   keys (a multiple of MR, so packed K tiles have no ragged sliver), query
+   keys (a multiple of MR: only the last tile has a ragged sliver), query
    tiles MHA__FBR queries (a multiple of NR, whole slivers).  */
 #define MHA__FBC ((128 + MHA__MR - 1) / MHA__MR * MHA__MR)
 #define MHA__FBR ((64 + MHA__NR - 1) / MHA__NR * MHA__NR)
@@ -1372,9 +1373,9 @@ static inline mha__vf mha__vexp_nonpos(mha__vf x)
 typedef struct mha__fused_dims {
     int ntiles;        /* key tiles: ceil(Lk / FBC) real ones, + 1 for appended keys */
     size_t dvp;        /* Dv rounded up to MR: rows of packed V^T */
-    size_t k_tile, v_tile;   /* floats of one packed K tile, one packed V^T tile */
-    size_t packed;     /* packed K and V^T of one (b, h), plus a finite flag per tile */
-    size_t tiles;      /* Q^T slivers, S^T, O^T, m, l */
+    size_t v_tile;     /* floats of one packed V^T tile */
+    size_t packed;     /* packed V^T of one (b, h), plus a finite flag per tile */
+    size_t tiles;      /* Q^T slivers, S^T, O^T, m, l, the ragged K sliver */
 } mha__fused_dims;
 
 static int mha__fused_sizes(int Lk, int Lk_eff, int D, int Dv, mha__fused_dims *f)
@@ -1382,35 +1383,31 @@ static int mha__fused_sizes(int Lk, int Lk_eff, int D, int Dv, mha__fused_dims *
     size_t t, s;
     f->ntiles = (Lk + MHA__FBC - 1) / MHA__FBC + (Lk_eff > Lk);
     f->dvp = ((size_t)Dv + MHA__MR - 1) / MHA__MR * MHA__MR;
-    if (!mha__mul((size_t)MHA__FBC, (size_t)D, &f->k_tile) ||
-        !mha__mul((size_t)MHA__FBC, f->dvp, &f->v_tile) ||
-        !mha__add(f->k_tile, f->v_tile, &t) || !mha__mul(t, (size_t)f->ntiles, &s) ||
-        !mha__add(s, (size_t)f->ntiles, &s))
+    if (!mha__mul((size_t)MHA__FBC, f->dvp, &f->v_tile) ||
+        !mha__mul(f->v_tile, (size_t)f->ntiles, &s) || !mha__add(s, (size_t)f->ntiles, &s) ||
+        !mha__mul((size_t)MHA__MR, (size_t)D, &t))
         return 0;
     f->packed = mha__round_floats(s);
     f->tiles = mha__round_floats((size_t)MHA__FBR * D) +            /* Q^T slivers */
                mha__round_floats((size_t)MHA__FBC * MHA__FBR) +     /* S^T */
                mha__round_floats(f->dvp * MHA__FBR) +               /* O^T */
-               2 * mha__round_floats(MHA__FBR);                     /* m, l */
+               2 * mha__round_floats(MHA__FBR) +                    /* m, l */
+               mha__round_floats(t);                                /* K edge sliver */
     return 1;
 }
 
-/* Pack key tile t of (b, h): K rows j0..j0+nc as MR slivers (A of S^T),
-   V rows j0..j0+nc transposed as MR slivers of Dv (A of O^T), and whether
-   every V value of the tile is finite.  Tile ntiles-1 holds the appended
-   keys when there are any.  */
+/* Pack key tile t of (b, h): V rows j0..j0+nc transposed as MR slivers of
+   Dv (A of O^T), and whether every V value of the tile is finite.  Tile
+   ntiles-1 holds the appended keys when there are any.  */
 static void mha__fused_pack(const mha__attn *a, const mha__fused_dims *f, int b, int h, int t,
                             float *shared)
 {
-    const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)h * a->k.hs;
     const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)h * a->v.hs;
-    float *pk = shared + (size_t)t * f->k_tile, *pv = shared + (size_t)f->ntiles * f->k_tile + t * f->v_tile;
-    float *flag = shared + (size_t)f->ntiles * (f->k_tile + f->v_tile) + t;
+    float *pv = shared + (size_t)t * f->v_tile, *flag = shared + (size_t)f->ntiles * f->v_tile + t;
     int appended = a->Lk_eff > a->Lk && t == f->ntiles - 1;
     int j0 = appended ? a->Lk : t * MHA__FBC;
     int nc = appended ? a->Lk_eff - a->Lk : (a->Lk - j0 < MHA__FBC ? a->Lk - j0 : MHA__FBC), j;
     mha__vf acc = mha__vzero();
-    mha__pack_a_block(0, k + (size_t)j0 * a->k.rs, a->k.rs, 0, nc, 0, a->D, pk);
     mha__pack_a_block(1, v + (size_t)j0 * a->v.rs, a->v.rs, 0, a->Dv, 0, nc, pv);
     /* x - x is 0 for finite x and NaN otherwise; one NaN makes the sum NaN */
     for (j = 0; j < nc; ++j) {
@@ -1481,10 +1478,10 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
                               int nr, const float *shared, float *sc)
 {
     const float *q = a->q.p + (size_t)b * a->q.bs + (size_t)h * a->q.hs + (size_t)i0 * a->q.rs;
+    const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)h * a->k.hs;
     const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)h * a->v.hs;
     float *out = a->o + (size_t)b * a->o_bs + (size_t)h * a->o_hs + (size_t)i0 * a->o_rs;
-    const float *pk = shared, *pv = shared + (size_t)f->ntiles * f->k_tile;
-    const float *flags = pv + (size_t)f->ntiles * f->v_tile;
+    const float *pv = shared, *flags = pv + (size_t)f->ntiles * f->v_tile;
     int Dv = a->Dv, D = a->D, Lk = a->Lk, gb = a->b0 + b, gi = a->q0 + i0;
     int nrp = (nr + MHA__NR - 1) / MHA__NR * MHA__NR;   /* whole slivers */
     int masked = a->attn_mask || a->kpm, t, t_end, i, j, p, d;
@@ -1493,6 +1490,7 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
     float *ot = st + mha__round_floats((size_t)MHA__FBC * MHA__FBR);
     float *m = ot + mha__round_floats(f->dvp * MHA__FBR);
     float *l = m + mha__round_floats(MHA__FBR);
+    float *kedge = l + mha__round_floats(MHA__FBR);
     const size_t ldo = MHA__FBR;
 
     /* Q^T as NR slivers (zero-padded past nr), O^T = 0, m = -inf, l = 0 */
@@ -1514,13 +1512,15 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
         int appended = a->Lk_eff > Lk && t == f->ntiles - 1;
         int j0 = appended ? Lk : t * MHA__FBC;
         int nc = appended ? a->Lk_eff - Lk : (Lk - j0 < MHA__FBC ? Lk - j0 : MHA__FBC);
-        const float *pkt = pk + (size_t)t * f->k_tile, *pvt = pv + (size_t)t * f->v_tile;
+        const float *pvt = pv + (size_t)t * f->v_tile;
         if (!appended && t >= t_end) continue;
 
-        /* 1. S^T = scale K_t Q^T, one NR-wide sliver of queries at a time */
+        /* 1. S^T = scale K_t Q^T, one NR-wide sliver of queries at a time;
+              K's rows are read where they are */
         for (j = 0; j < nr; j += MHA__NR)
-            mha__macro_kernel(nc, nr - j < MHA__NR ? nr - j : MHA__NR, D, a->scale, 0.0f, pkt, 0,
-                              NULL, qt + (size_t)j * D, st + (size_t)j * nc, MHA__NR);
+            mha__macro_kernel(nc, nr - j < MHA__NR ? nr - j : MHA__NR, D, a->scale, 0.0f,
+                              k + (size_t)j0 * a->k.rs, a->k.rs, kedge, qt + (size_t)j * D,
+                              st + (size_t)j * nc, MHA__NR);
 
         /* 2. masks; causal only where the tile reaches past the diagonal */
         if (masked || (a->causal && !appended && (ptrdiff_t)j0 + nc - 1 > (ptrdiff_t)gi + a->causal_off))
@@ -1542,11 +1542,14 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
                 sum = mha__vadd(sum, e);
             }
             mha__vstore(l + i, mha__vfma(sum, mha__vload(l + i), c));
+            /* O^T *= c, unless c = 1 in every lane (no max moved); 1 - c is
+               in [0, 1] and exact near 1, so its maximum is 0 just then */
+            if (mha__vhmax(mha__vsub(mha__vset1(1.0f), c)) != 0.0f)
+                for (d = 0; d < Dv; ++d) {
+                    float *o = ot + (size_t)d * ldo + i;
+                    mha__vstore(o, mha__vmul(mha__vload(o), c));
+                }
             mha__vstore(m + i, mnew);
-            for (d = 0; d < Dv; ++d) {
-                float *o = ot + (size_t)d * ldo + i;
-                mha__vstore(o, mha__vmul(mha__vload(o), c));
-            }
         }
 
         /* 4. O^T += V_t^T P^T; a zero weight times a NaN/Inf value would be
