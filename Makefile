@@ -10,7 +10,7 @@ DEPS_DEMO  := gcc libstb-dev
 DEPS_BENCH := libopenblas-dev python3-torch python3-numpy
 DEPS_GOLD  := python3-torch python3-numpy
 
-.PHONY: all help test demo view bench deps deps-demo deps-bench golden clean
+.PHONY: all help test demo view bench bench-mha deps deps-demo deps-bench golden clean
 
 all: demo
 
@@ -65,6 +65,31 @@ view: deps-demo $(BUILD)/mha_view
 
 $(BUILD)/mha_view: examples/mha_view.c examples/npy.h examples/heatmap.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) -isystem $(STB_INC) $< -o $@ -lm
+
+# `make bench`: tuned build of bench/bench.c; OpenBLAS is timed side by side
+# when <cblas.h> and -lopenblas link (libopenblas-dev), else the bench runs alone.
+# `make bench BENCH_ARCH="-mavx2 -mfma"` measures the AVX2 kernels instead of
+# what -march=native selects (AVX-512 where the CPU has it).
+BENCH_ARCH    ?= -march=native
+BENCH_CFLAGS  ?= -std=c99 -O3 $(BENCH_ARCH) -fopenmp
+HAVE_OPENBLAS  = $(shell printf '\043include <cblas.h>\nint main(void){openblas_set_num_threads(1);return 0;}\n' | \
+                   $(CC) -x c - -o /dev/null -lopenblas 2>/dev/null && echo 1)
+BENCH_DEFS     = $(if $(HAVE_OPENBLAS),-DMHA_BENCH_OPENBLAS)
+BENCH_LIBS     = $(if $(HAVE_OPENBLAS),-lopenblas) -lm
+
+# (always rebuilt: the flags, not only the sources, decide what it measures)
+bench: | $(BUILD)
+	$(CC) $(BENCH_CFLAGS) $(BENCH_DEFS) -I. bench/bench.c -o $(BUILD)/bench $(BENCH_LIBS)
+	./$(BUILD)/bench
+
+# MHA forward / attention-core tables and the PyTorch comparison
+# (bench/bench_mha.c, which runs bench/torch_mha.py); part of `make bench`,
+# always rebuilt like bench/bench.c.  OpenMP threads wait passively unless
+# OMP_WAIT_POLICY says otherwise (mha.h and PyTorch alike; see docs/performance.md).
+bench: bench-mha
+bench-mha: deps-bench | $(BUILD)
+	$(CC) $(BENCH_CFLAGS) -I. bench/bench_mha.c -o $(BUILD)/bench_mha -lm
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/bench_mha
 
 golden:
 	$(call need_pkgs,$(DEPS_GOLD))

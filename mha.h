@@ -33,12 +33,16 @@
    CONFIGURATION (define before the implementation include)
        MHA_STATIC          make every function static (private to one file)
        MHA_NO_SIMD         use the portable scalar kernels even where AVX2/NEON exist
+       MHA_NO_AVX512       use the AVX2 kernels even where AVX-512F is enabled
        MHA_MALLOC(sz) / MHA_FREE(p)   allocator for the convenience paths
                            (define both or neither)
        MHA_ASSERT(x)       internal invariant checks (default: assert.h)
-     SIMD is chosen at compile time: AVX2 when __AVX2__ and __FMA__ are defined
+     SIMD is chosen at compile time: AVX-512 when __AVX512F__ is defined,
+     else AVX2 when __AVX2__ and __FMA__ are defined
      (-mavx2 -mfma or -march=native), NEON when __ARM_NEON is.  There is no
-     run-time CPU detection.  Threads come from OpenMP when built with -fopenmp.
+     run-time CPU detection.  Threads come from OpenMP when built with -fopenmp;
+     on a machine shared with other jobs run with OMP_WAIT_POLICY=passive
+     (a waiting thread that spins on the core of a working one stalls it).
 
    ERRORS
      Every call returns an mha_status; mha_status_string() describes it.
@@ -114,7 +118,11 @@ typedef enum mha_trans { MHA_NO_TRANS = 0, MHA_TRANS = 1 } mha_trans;
    B likewise K x N (ldb >= N) or N x K (ldb >= K); C is M x N (ldc >= N).
    When beta == 0, C is never read (NaN in C does not propagate).
    workspace: packing buffers of mha_gemm_workspace_size() bytes, or NULL to
-   let the call allocate them through MHA_MALLOC.  */
+   let the call allocate them through MHA_MALLOC.  The size covers one set of
+   buffers per OpenMP thread (omp_get_max_threads() at the time of the query);
+   a smaller workspace runs on as many threads as it holds, and below the
+   one-thread size the call returns MHA_ERR_WORKSPACE_TOO_SMALL.  The result
+   is bit-identical for any number of threads.  */
 MHADEF size_t mha_gemm_workspace_size(int M, int N, int K);
 MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, float alpha,
                            const float *A, int lda, const float *B, int ldb, float beta,
@@ -240,6 +248,13 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
 #include <omp.h>
 #endif
 
+/* the scalar references stay compiled even where a faster version is used */
+#if defined(__GNUC__) || defined(__clang__)
+#define MHA__UNUSED __attribute__((unused))
+#else
+#define MHA__UNUSED
+#endif
+
 #ifdef __cplusplus
 #define MHA__CAST(T, x) static_cast<T>(x)
 #else
@@ -306,14 +321,14 @@ static int mha__region(size_t *cursor, size_t nfloats, size_t *offset)
    ===================================================================== */
 
 /* y += alpha * x over n floats */
-static void mha__axpy_ref(float *y, float alpha, const float *x, int n)
+static MHA__UNUSED void mha__axpy_ref(float *y, float alpha, const float *x, int n)
 {
     int i;
     for (i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
 /* C = alpha op(A) op(B) + beta C, straight from the definition. */
-static void mha__gemm_ref(int ta, int tb, int M, int N, int K, float alpha,
+static MHA__UNUSED void mha__gemm_ref(int ta, int tb, int M, int N, int K, float alpha,
                           const float *A, size_t lda, const float *B, size_t ldb,
                           float beta, float *C, size_t ldc)
 {
@@ -336,7 +351,7 @@ static void mha__gemm_ref(int ta, int tb, int M, int N, int K, float alpha,
        m = max_j s_j over allowed j;   p_j = exp(s_j - m) / sum_k exp(s_k - m)
    Subtracting m keeps exp() in range for any finite logits.  A row with no
    allowed key becomes all zeros.  Returns 1 if some key was allowed.  */
-static int mha__softmax_row_ref(float *s, int n)
+static MHA__UNUSED int mha__softmax_row_ref(float *s, int n)
 {
     float m = -INFINITY, sum = 0.0f, inv;
     int j, any = 0;
@@ -358,47 +373,755 @@ static int mha__softmax_row_ref(float *s, int n)
 
 /* =====================================================================
    SIMD LAYER
-   (the scalar reference is used until the vector kernels land)
+   One thin vector type so each kernel is written once (the ggml idea).
+   mha__vf holds MHA__VW floats:  AVX-512 16 lanes, AVX2+FMA 8 lanes,
+   NEON 4 lanes, scalar 1.
+   Loads and stores are unaligned.  mha__vfma(acc, a, b) = acc + a*b.
+   mha__vm is a lane mask from a comparison, used only by mha__vsel.
+   mha__vtranspose(r) transposes the MHA__VW x MHA__VW block held in r[].
+   The choice is made once, here, at compile time; MHA_NO_SIMD wins.
    ===================================================================== */
 
-#define mha__axpy mha__axpy_ref
-#define mha__softmax_row mha__softmax_row_ref
+#if !defined(MHA_NO_SIMD) && !defined(MHA_NO_AVX512) && defined(__AVX512F__)
+#define MHA__SIMD_AVX512 1
+#elif !defined(MHA_NO_SIMD) && defined(__AVX2__) && defined(__FMA__)
+#define MHA__SIMD_AVX2 1
+#elif !defined(MHA_NO_SIMD) && defined(__ARM_NEON) && defined(__aarch64__)
+#define MHA__SIMD_NEON 1
+#else
+#define MHA__SIMD_SCALAR 1
+#endif
+
+#if defined(MHA__SIMD_AVX512)
+/* 16 lanes; chosen over AVX2 where the compiler enables AVX-512F
+   (-march=native on a core with it), since cores with two 512-bit FMA
+   pipes do twice the work per instruction.  MHA_NO_AVX512 opts out.  */
+#include <immintrin.h>
+#define MHA__SIMD_NAME "avx512"
+#define MHA__VW 16
+typedef __m512 mha__vf;
+typedef __mmask16 mha__vm;
+static inline mha__vf mha__vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline void mha__vstore(float *p, mha__vf v) { _mm512_storeu_ps(p, v); }
+static inline mha__vf mha__vset1(float x) { return _mm512_set1_ps(x); }
+static inline mha__vf mha__vzero(void) { return _mm512_setzero_ps(); }
+static inline mha__vf mha__vadd(mha__vf a, mha__vf b) { return _mm512_add_ps(a, b); }
+static inline mha__vf mha__vsub(mha__vf a, mha__vf b) { return _mm512_sub_ps(a, b); }
+static inline mha__vf mha__vmul(mha__vf a, mha__vf b) { return _mm512_mul_ps(a, b); }
+static inline mha__vf mha__vmax(mha__vf a, mha__vf b) { return _mm512_max_ps(a, b); }
+static inline mha__vf mha__vmin(mha__vf a, mha__vf b) { return _mm512_min_ps(a, b); }
+static inline mha__vf mha__vfma(mha__vf acc, mha__vf a, mha__vf b) { return _mm512_fmadd_ps(a, b, acc); }
+static inline float mha__vhsum(mha__vf v) { return _mm512_reduce_add_ps(v); }
+static inline float mha__vhmax(mha__vf v) { return _mm512_reduce_max_ps(v); }
+static inline mha__vf mha__vround(mha__vf v)
+{
+    return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+static inline mha__vf mha__vpow2i(mha__vf n)
+{
+    __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+}
+static inline mha__vm mha__vlt(mha__vf a, mha__vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+static inline mha__vm mha__visnan(mha__vf a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
+static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return _mm512_mask_blend_ps(m, b, a); }
+/* r[0..15] := its transpose (r[i] lane j becomes r[j] lane i): 4x4
+   transposes inside each 128-bit lane, then a 4x4 transpose of the lanes */
+static inline void mha__vtranspose(mha__vf *r)
+{
+    __m512 t[16], u[16];
+    int g, c;
+    for (g = 0; g < 4; ++g) {
+        __m512 a0 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]), a1 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+        __m512 a2 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]), a3 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+        t[4 * g + 0] = _mm512_shuffle_ps(a0, a2, 0x44);   /* column 4L+0 of rows 4g.. */
+        t[4 * g + 1] = _mm512_shuffle_ps(a0, a2, 0xEE);
+        t[4 * g + 2] = _mm512_shuffle_ps(a1, a3, 0x44);
+        t[4 * g + 3] = _mm512_shuffle_ps(a1, a3, 0xEE);
+    }
+    for (c = 0; c < 4; ++c) {   /* output rows 4L+c gather lane L of t[4g+c], g = 0..3 */
+        u[0] = _mm512_shuffle_f32x4(t[c], t[4 + c], 0x44);
+        u[1] = _mm512_shuffle_f32x4(t[c], t[4 + c], 0xEE);
+        u[2] = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], 0x44);
+        u[3] = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], 0xEE);
+        r[0 + c] = _mm512_shuffle_f32x4(u[0], u[2], 0x88);
+        r[4 + c] = _mm512_shuffle_f32x4(u[0], u[2], 0xDD);
+        r[8 + c] = _mm512_shuffle_f32x4(u[1], u[3], 0x88);
+        r[12 + c] = _mm512_shuffle_f32x4(u[1], u[3], 0xDD);
+    }
+}
+
+#elif defined(MHA__SIMD_AVX2)
+#include <immintrin.h>
+#define MHA__SIMD_NAME "avx2"
+#define MHA__VW 8
+typedef __m256 mha__vf;
+typedef __m256 mha__vm;
+static inline mha__vf mha__vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline void mha__vstore(float *p, mha__vf v) { _mm256_storeu_ps(p, v); }
+static inline mha__vf mha__vset1(float x) { return _mm256_set1_ps(x); }
+static inline mha__vf mha__vzero(void) { return _mm256_setzero_ps(); }
+static inline mha__vf mha__vadd(mha__vf a, mha__vf b) { return _mm256_add_ps(a, b); }
+static inline mha__vf mha__vsub(mha__vf a, mha__vf b) { return _mm256_sub_ps(a, b); }
+static inline mha__vf mha__vmul(mha__vf a, mha__vf b) { return _mm256_mul_ps(a, b); }
+static inline mha__vf mha__vmax(mha__vf a, mha__vf b) { return _mm256_max_ps(a, b); }
+static inline mha__vf mha__vmin(mha__vf a, mha__vf b) { return _mm256_min_ps(a, b); }
+static inline mha__vf mha__vfma(mha__vf acc, mha__vf a, mha__vf b) { return _mm256_fmadd_ps(a, b, acc); }
+static inline float mha__vhsum(mha__vf v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline float mha__vhmax(mha__vf v)
+{
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+/* round to nearest integer (ties to even) */
+static inline mha__vf mha__vround(mha__vf v)
+{
+    return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+/* 2^n for integer-valued n in [-126, 127]: n + 127 is the biased exponent */
+static inline mha__vf mha__vpow2i(mha__vf n)
+{
+    __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+}
+static inline mha__vm mha__vlt(mha__vf a, mha__vf b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+static inline mha__vm mha__visnan(mha__vf a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
+/* m ? a : b, lane by lane */
+static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return _mm256_blendv_ps(b, a, m); }
+/* r[0..7] := its transpose: 4x4 transposes in each 128-bit half, then swap halves */
+static inline void mha__vtranspose(mha__vf *r)
+{
+    __m256 t[8];
+    int g;
+    for (g = 0; g < 2; ++g) {
+        __m256 a0 = _mm256_unpacklo_ps(r[4 * g], r[4 * g + 1]), a1 = _mm256_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+        __m256 a2 = _mm256_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]), a3 = _mm256_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+        t[4 * g + 0] = _mm256_shuffle_ps(a0, a2, 0x44);
+        t[4 * g + 1] = _mm256_shuffle_ps(a0, a2, 0xEE);
+        t[4 * g + 2] = _mm256_shuffle_ps(a1, a3, 0x44);
+        t[4 * g + 3] = _mm256_shuffle_ps(a1, a3, 0xEE);
+    }
+    for (g = 0; g < 4; ++g) {
+        r[g] = _mm256_permute2f128_ps(t[g], t[4 + g], 0x20);
+        r[4 + g] = _mm256_permute2f128_ps(t[g], t[4 + g], 0x31);
+    }
+}
+
+#elif defined(MHA__SIMD_NEON)
+#include <arm_neon.h>
+#define MHA__SIMD_NAME "neon"
+#define MHA__VW 4
+typedef float32x4_t mha__vf;
+typedef uint32x4_t mha__vm;
+static inline mha__vf mha__vload(const float *p) { return vld1q_f32(p); }
+static inline void mha__vstore(float *p, mha__vf v) { vst1q_f32(p, v); }
+static inline mha__vf mha__vset1(float x) { return vdupq_n_f32(x); }
+static inline mha__vf mha__vzero(void) { return vdupq_n_f32(0.0f); }
+static inline mha__vf mha__vadd(mha__vf a, mha__vf b) { return vaddq_f32(a, b); }
+static inline mha__vf mha__vsub(mha__vf a, mha__vf b) { return vsubq_f32(a, b); }
+static inline mha__vf mha__vmul(mha__vf a, mha__vf b) { return vmulq_f32(a, b); }
+static inline mha__vf mha__vmax(mha__vf a, mha__vf b) { return vmaxq_f32(a, b); }
+static inline mha__vf mha__vmin(mha__vf a, mha__vf b) { return vminq_f32(a, b); }
+static inline mha__vf mha__vfma(mha__vf acc, mha__vf a, mha__vf b) { return vfmaq_f32(acc, a, b); }
+static inline float mha__vhsum(mha__vf v) { return vaddvq_f32(v); }
+static inline float mha__vhmax(mha__vf v) { return vmaxvq_f32(v); }
+static inline mha__vf mha__vround(mha__vf v) { return vrndnq_f32(v); }
+static inline mha__vf mha__vpow2i(mha__vf n)
+{
+    int32x4_t e = vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127));
+    return vreinterpretq_f32_s32(vshlq_n_s32(e, 23));
+}
+static inline mha__vm mha__vlt(mha__vf a, mha__vf b) { return vcltq_f32(a, b); }
+static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return vcgtq_f32(a, b); }
+static inline mha__vm mha__visnan(mha__vf a) { return vmvnq_u32(vceqq_f32(a, a)); }
+static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return vbslq_f32(m, a, b); }
+static inline void mha__vtranspose(mha__vf *r)
+{
+    float32x4x2_t p01 = vtrnq_f32(r[0], r[1]), p23 = vtrnq_f32(r[2], r[3]);
+    r[0] = vcombine_f32(vget_low_f32(p01.val[0]), vget_low_f32(p23.val[0]));
+    r[1] = vcombine_f32(vget_low_f32(p01.val[1]), vget_low_f32(p23.val[1]));
+    r[2] = vcombine_f32(vget_high_f32(p01.val[0]), vget_high_f32(p23.val[0]));
+    r[3] = vcombine_f32(vget_high_f32(p01.val[1]), vget_high_f32(p23.val[1]));
+}
+
+#else /* scalar: one lane, plain C */
+#define MHA__SIMD_NAME "scalar"
+#define MHA__VW 1
+typedef float mha__vf;
+typedef int mha__vm;
+static inline mha__vf mha__vload(const float *p) { return *p; }
+static inline void mha__vstore(float *p, mha__vf v) { *p = v; }
+static inline mha__vf mha__vset1(float x) { return x; }
+static inline mha__vf mha__vzero(void) { return 0.0f; }
+static inline mha__vf mha__vadd(mha__vf a, mha__vf b) { return a + b; }
+static inline mha__vf mha__vsub(mha__vf a, mha__vf b) { return a - b; }
+static inline mha__vf mha__vmul(mha__vf a, mha__vf b) { return a * b; }
+static inline mha__vf mha__vmax(mha__vf a, mha__vf b) { return a > b ? a : b; }
+static inline mha__vf mha__vmin(mha__vf a, mha__vf b) { return a < b ? a : b; }
+static inline mha__vf mha__vfma(mha__vf acc, mha__vf a, mha__vf b) { return acc + a * b; }
+static inline float mha__vhsum(mha__vf v) { return v; }
+static inline float mha__vhmax(mha__vf v) { return v; }
+/* |v| < 2^22 here: adding 1.5*2^23 pushes the fraction bits out, rounding to nearest */
+static inline mha__vf mha__vround(mha__vf v)
+{
+    volatile float big = 12582912.0f;   /* volatile: keep the add and subtract */
+    return (v + big) - big;
+}
+static inline mha__vf mha__vpow2i(mha__vf n)
+{
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+static inline mha__vm mha__vlt(mha__vf a, mha__vf b) { return a < b; }
+static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return a > b; }
+static inline mha__vm mha__visnan(mha__vf a) { return a != a; }
+static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return m ? a : b; }
+static inline void mha__vtranspose(mha__vf *r) { (void)r; }   /* 1 x 1 */
+#endif
+
+/* exp(x), lane by lane.
+       n = round(x / ln 2),  r = x - n ln 2  (|r| <= ln2/2),  exp(x) = 2^n exp(r)
+   ln 2 is split in two (C1 has 9 significant bits, so n*C1 is exact and
+   x - n*C1 loses nothing); exp(r) is its Taylor series to r^7, whose
+   truncation error is below 0.347^8/8! < 6e-9.  2^n is applied as
+   2^floor(n/2) * 2^(n - floor(n/2)) so that n = -126 and n = 128 both work.
+   ERROR BOUND (tests/test_simd.c checks it on every configuration):
+       |vexp(x) - exp(x)| <= 2e-7 * exp(x)  for  MHA__EXP_LO <= x <= MHA__EXP_HI,
+   the range where exp(x) is a normal float.  Measured over every float of
+   that range (test_simd --exhaustive): 7.9e-8 with FMA (AVX-512, AVX2; NEON
+   matches on the sampled test), 1.03e-7 with the separate multiply and add
+   of the scalar build; under one ulp either way.
+   Below MHA__EXP_LO (the result would be subnormal) the result is exactly 0,
+   so exp(-inf) = 0; above MHA__EXP_HI it is +inf; NaN gives NaN.  */
+#define MHA__EXP_LO (-87.3365402f)   /* smallest float with exp(x) >= FLT_MIN */
+#define MHA__EXP_HI 88.7228317f      /* largest float with exp(x) <= FLT_MAX  */
+static inline mha__vf mha__vexp(mha__vf x)
+{
+    const mha__vf lo = mha__vset1(MHA__EXP_LO), hi = mha__vset1(MHA__EXP_HI);
+    mha__vf xc, n, r, p, half;
+    xc = mha__vmax(mha__vmin(x, hi), lo);                 /* keep the arithmetic finite */
+    n = mha__vround(mha__vmul(xc, mha__vset1(1.44269502f)));   /* x * log2(e) */
+    r = mha__vfma(xc, n, mha__vset1(-0.693359375f));          /* x - n*C1, exact */
+    r = mha__vfma(r, n, mha__vset1(2.12194442e-4f));          /* - n*C2, C1 + C2 = ln 2 */
+    p = mha__vset1(1.98412701e-4f);                            /* 1/7! */
+    p = mha__vfma(mha__vset1(1.38888892e-3f), p, r);           /* 1/6! */
+    p = mha__vfma(mha__vset1(8.33333377e-3f), p, r);           /* 1/5! */
+    p = mha__vfma(mha__vset1(4.16666679e-2f), p, r);           /* 1/4! */
+    p = mha__vfma(mha__vset1(1.66666672e-1f), p, r);           /* 1/3! */
+    p = mha__vfma(mha__vset1(0.5f), p, r);                     /* 1/2! */
+    p = mha__vfma(mha__vset1(1.0f), p, r);
+    p = mha__vfma(mha__vset1(1.0f), p, r);                     /* 1 + r + r^2/2 + ... */
+    half = mha__vround(mha__vmul(n, mha__vset1(0.5f)));
+    half = mha__vsel(mha__vgt(half, mha__vmul(n, mha__vset1(0.5f))),
+                     mha__vsub(half, mha__vset1(1.0f)), half);  /* floor(n/2) */
+    p = mha__vmul(mha__vmul(p, mha__vpow2i(half)), mha__vpow2i(mha__vsub(n, half)));
+    p = mha__vsel(mha__vlt(x, lo), mha__vzero(), p);
+    p = mha__vsel(mha__vgt(x, hi), mha__vset1(INFINITY), p);
+    return mha__vsel(mha__visnan(x), x, p);
+}
+
+/* sum_i a[i] b[i] */
+static inline float mha__dot(const float *a, const float *b, int n)
+{
+    mha__vf acc0 = mha__vzero(), acc1 = mha__vzero();
+    float s;
+    int i = 0;
+    for (; i + 2 * MHA__VW <= n; i += 2 * MHA__VW) {
+        acc0 = mha__vfma(acc0, mha__vload(a + i), mha__vload(b + i));
+        acc1 = mha__vfma(acc1, mha__vload(a + i + MHA__VW), mha__vload(b + i + MHA__VW));
+    }
+    for (; i + MHA__VW <= n; i += MHA__VW)
+        acc0 = mha__vfma(acc0, mha__vload(a + i), mha__vload(b + i));
+    s = mha__vhsum(mha__vadd(acc0, acc1));
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+/* y += alpha * x over n floats (mha__axpy_ref) */
+static inline void mha__axpy(float *y, float alpha, const float *x, int n)
+{
+    const mha__vf va = mha__vset1(alpha);
+    int i = 0;
+    for (; i + MHA__VW <= n; i += MHA__VW)
+        mha__vstore(y + i, mha__vfma(mha__vload(y + i), va, mha__vload(x + i)));
+    for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+/* Softmax of one row in place (mha__softmax_row_ref is the definition).
+   A blocked key is -inf, so exp(-inf - m) = 0 gives it weight 0 with no
+   branch.  The last partial vector is done in a small buffer padded with
+   -inf, so every element goes through the same vexp.  */
+static int mha__softmax_row(float *s, int n)
+{
+    float tail[MHA__VW], m, inv;
+    mha__vf vm = mha__vset1(-INFINITY), vsum = mha__vzero(), vinv;
+    int i = 0, t, nt = n % MHA__VW, nv = n - nt;
+
+    /* 1. m = max_j s_j  (-inf: every key blocked, or NaN about: use the reference) */
+    for (i = 0; i < nv; i += MHA__VW) vm = mha__vmax(vm, mha__vload(s + i));
+    m = mha__vhmax(vm);
+    for (t = 0; t < nt; ++t) if (s[nv + t] > m) m = s[nv + t];
+    if (m == -INFINITY) return mha__softmax_row_ref(s, n);
+    vm = mha__vset1(m);
+
+    /* 2. p_j = exp(s_j - m), sum them */
+    for (i = 0; i < nv; i += MHA__VW) {
+        mha__vf e = mha__vexp(mha__vsub(mha__vload(s + i), vm));
+        mha__vstore(s + i, e);
+        vsum = mha__vadd(vsum, e);
+    }
+    if (nt) {
+        mha__vf e;
+        for (t = 0; t < MHA__VW; ++t) tail[t] = t < nt ? s[nv + t] : -INFINITY;
+        e = mha__vexp(mha__vsub(mha__vload(tail), vm));
+        mha__vstore(tail, e);
+        vsum = mha__vadd(vsum, e);
+    }
+
+    /* 3. p_j /= sum */
+    inv = 1.0f / mha__vhsum(vsum);
+    vinv = mha__vset1(inv);
+    for (i = 0; i < nv; i += MHA__VW) mha__vstore(s + i, mha__vmul(mha__vload(s + i), vinv));
+    for (t = 0; t < nt; ++t) s[nv + t] = tail[t] * inv;
+    return 1;
+}
 
 /* =====================================================================
    GEMM
+   C = alpha op(A) op(B) + beta C, in the BLIS structure: five loops around
+   an MR x NR register micro-kernel.
+
+     for jc in steps of NC          columns of C and B      (B panel -> L3)
+       for pc in steps of KC        the shared dimension    (pack B: KC x NC)
+         for ic in steps of MC      rows of C and A         (pack A: MC x KC -> L2)
+           for jr in steps of NR    one NR-wide sliver of packed B  (-> L1)
+             for ir in steps of MR  one MR-tall sliver of packed A
+               C[ir:+MR, jr:+NR] (=|+=) alpha * sum_p A~[:, p] B~[p, :]
+
+   Packing copies op(A) and op(B) into slivers laid out in the order the
+   micro-kernel reads them (A~: MR floats per k, B~: NR floats per k), so
+   every transpose costs only a different copy loop and the kernel is one.
+   Slivers at the matrix edge are zero-padded; their tile is computed into
+   a local MR x NR block and only the valid part is copied out.
+   beta is applied with the first KC block (pc = 0) and then 1 is used, so
+   it is applied exactly once; beta == 0 writes C without reading it.
+   Every C element is summed over k in the same order whatever the thread
+   count, so the threaded GEMM gives bit-identical results.
    ===================================================================== */
 
+/* Register tile MR x NR (NR = NRV vectors) and cache blocking per ISA.
+   MHA__FOR_I / MHA__FOR_J list the rows and vector columns of the tile so
+   the micro-kernel below is spelled out in full, with its accumulators in
+   named registers, at any optimisation level. */
+#if defined(MHA__SIMD_AVX512)
+/* 8 x 32: 16 zmm accumulators (twice the 4-cycle x 2-pipe FMA latency) + 2
+   for B.  As fast as 12 x 32 on large products and without the partial row
+   tile that 12 leaves on the 32- and 64-row blocks of attention (measured
+   1.1-1.4x faster there). */
+#define MHA__MR 8
+#define MHA__NRV 2
+#define MHA__FOR_I(X, Y) X(Y,0) X(Y,1) X(Y,2) X(Y,3) X(Y,4) X(Y,5) X(Y,6) X(Y,7)
+#define MHA__FOR_J(X, i) X(i,0) X(i,1)
+/* Measured best on a 48 KiB L1 / 2 MiB L2 core (see docs/performance.md):
+   a deep K block and a short A block, so the A block (128 KiB) and the
+   B sliver being used (64 KiB) both sit in L2 and the kernel streams them. */
+#define MHA__KC 512    /* KC x NR sliver of B: 64 KiB */
+#define MHA__MC 64     /* MC x KC block of A: 128 KiB, stays in L2 */
+#define MHA__NC 4096   /* KC x NC panel of B: 8 MiB, lives in L3 */
+#elif defined(MHA__SIMD_AVX2)
+/* 6 x 16: 12 ymm accumulators + 2 for B + 1 broadcast of A = 15 of 16 */
+#define MHA__MR 6
+#define MHA__NRV 2
+#define MHA__FOR_I(X, Y) X(Y,0) X(Y,1) X(Y,2) X(Y,3) X(Y,4) X(Y,5)
+#define MHA__FOR_J(X, i) X(i,0) X(i,1)
+#define MHA__KC 256    /* KC x NR sliver of B: 16 KiB, stays in L1 */
+#define MHA__MC 144    /* MC x KC block of A: 144 KiB, stays in L2 */
+#define MHA__NC 4080   /* KC x NC panel of B: 4 MiB, lives in L3 */
+#elif defined(MHA__SIMD_NEON)
+/* 8 x 12: 24 of the 32 q registers accumulate, 3 hold B */
+#define MHA__MR 8
+#define MHA__NRV 3
+#define MHA__FOR_I(X, Y) X(Y,0) X(Y,1) X(Y,2) X(Y,3) X(Y,4) X(Y,5) X(Y,6) X(Y,7)
+#define MHA__FOR_J(X, i) X(i,0) X(i,1) X(i,2)
+#define MHA__KC 256
+#define MHA__MC 128
+#define MHA__NC 4080
+#else
+/* 4 x 4 scalars: 16 accumulators */
+#define MHA__MR 4
+#define MHA__NRV 4
+#define MHA__FOR_I(X, Y) X(Y,0) X(Y,1) X(Y,2) X(Y,3)
+#define MHA__FOR_J(X, i) X(i,0) X(i,1) X(i,2) X(i,3)
+#define MHA__KC 256
+#define MHA__MC 128
+#define MHA__NC 2048
+#endif
+#define MHA__NR (MHA__NRV * MHA__VW)
+/* k steps per loop trip.  With 16 registers (AVX2) a second copy of the
+   step makes GCC spill accumulators, so only the 32-register ISAs unroll. */
+#if defined(MHA__SIMD_AVX512) || defined(MHA__SIMD_NEON)
+#define MHA__KU 4
+#define MHA__K_UNROLLED MHA__K_STEP(0) MHA__K_STEP(1) MHA__K_STEP(2) MHA__K_STEP(3)
+#else
+#define MHA__KU 1
+#define MHA__K_UNROLLED MHA__K_STEP(0)
+#endif
+#ifndef MHA__KPF
+#define MHA__KPF 16   /* prefetch packed A this many k steps ahead */
+#endif
+/* X(i, j) for every accumulator of the tile */
+#define MHA__ROW_J(X, i) MHA__FOR_J(X, i)
+#define MHA__FOR_IJ(X) MHA__FOR_I(MHA__ROW_J, X)
+
+static size_t mha__round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+static int mha__imin(int a, int b) { return a < b ? a : b; }
+
+/* K is cut into equal blocks of at most KC (300 -> 150 + 150, not 256 + 44). */
+static int mha__gemm_kc(int K)
+{
+    int nblk = (K + MHA__KC - 1) / MHA__KC;
+    return nblk ? (K + nblk - 1) / nblk : 1;
+}
+
+/* Workspace floats: one packed B panel, then nthreads packed A blocks. */
+static size_t mha__gemm_b_floats(int N, int K)
+{
+    size_t nc = mha__round_up((size_t)mha__imin(N, MHA__NC), MHA__NR);
+    return mha__round_up(nc * (size_t)mha__gemm_kc(K), MHA__ALIGN_FLOATS);
+}
+static size_t mha__gemm_a_floats(int M, int K)
+{
+    size_t mc = mha__round_up((size_t)mha__imin(M, MHA__MC), MHA__MR);
+    return mha__round_up(mc * (size_t)mha__gemm_kc(K), MHA__ALIGN_FLOATS);
+}
 /* Packing-buffer floats one single-threaded GEMM call of this shape needs. */
 static size_t mha__gemm_ws_floats(int M, int N, int K)
 {
-    (void)M; (void)N; (void)K;
-    return 0;
+    if (M <= 0 || N <= 0 || K <= 0) return 0;
+    return mha__gemm_b_floats(N, K) + mha__gemm_a_floats(M, K);
+}
+/* Pack rows i0..i0+mr of op(A), columns p0..p0+kc, as one sliver:
+   dst[p*MR + i] = op(A)[i0+i, p0+p], zero for i >= mr.  */
+static void mha__pack_a(int ta, const float *A, size_t lda, int i0, int mr, int p0, int kc,
+                        float *dst)
+{
+    int i, p;
+    if (ta) {   /* A stored K x M: the MR values of one k are adjacent */
+        for (p = 0; p < kc; ++p) {
+            const float *src = A + (size_t)(p0 + p) * lda + i0;
+            float *d = dst + (size_t)p * MHA__MR;
+            for (i = 0; i < mr; ++i) d[i] = src[i];
+            for (; i < MHA__MR; ++i) d[i] = 0.0f;
+        }
+    } else {    /* A stored M x K: read mr rows side by side, write each k's MR at once */
+        const float *src = A + (size_t)i0 * lda + p0;
+        for (p = 0; p < kc; ++p) {
+            float *d = dst + (size_t)p * MHA__MR;
+            for (i = 0; i < mr; ++i) d[i] = src[(size_t)i * lda + p];
+            for (; i < MHA__MR; ++i) d[i] = 0.0f;
+        }
+    }
 }
 
-/* Single-threaded GEMM into caller memory; never allocates. */
+/* Pack rows p0..p0+kc of op(B), columns j0..j0+nr, as one sliver:
+   dst[p*NR + j] = op(B)[p0+p, j0+j], zero for j >= nr.  */
+static void mha__pack_b(int tb, const float *B, size_t ldb, int p0, int kc, int j0, int nr,
+                        float *dst)
+{
+    int j, p;
+    if (!tb) {  /* B stored K x N: the NR values of one k are adjacent */
+        for (p = 0; p < kc; ++p) {
+            const float *src = B + (size_t)(p0 + p) * ldb + j0;
+            float *d = dst + (size_t)p * MHA__NR;
+            if (nr == MHA__NR) {
+                for (j = 0; j < MHA__NR; j += MHA__VW) mha__vstore(d + j, mha__vload(src + j));
+            } else {
+                for (j = 0; j < nr; ++j) d[j] = src[j];
+                for (; j < MHA__NR; ++j) d[j] = 0.0f;
+            }
+        }
+    } else {    /* B stored N x K (X W^T, Q K^T): read nr rows side by side */
+        const float *src = B + (size_t)j0 * ldb + p0;
+        p = 0;
+        if (nr == MHA__NR) {   /* VW x VW blocks through registers, transposed */
+            mha__vf r[MHA__VW];
+            int t, jv;
+            for (; p + MHA__VW <= kc; p += MHA__VW)
+                for (jv = 0; jv < MHA__NR; jv += MHA__VW) {
+                    for (t = 0; t < MHA__VW; ++t) r[t] = mha__vload(src + (size_t)(jv + t) * ldb + p);
+                    mha__vtranspose(r);
+                    for (t = 0; t < MHA__VW; ++t) mha__vstore(dst + (size_t)(p + t) * MHA__NR + jv, r[t]);
+                }
+        }
+        for (; p < kc; ++p) {
+            float *d = dst + (size_t)p * MHA__NR;
+            for (j = 0; j < nr; ++j) d[j] = src[(size_t)j * ldb + p];
+            for (; j < MHA__NR; ++j) d[j] = 0.0f;
+        }
+    }
+}
+
+/* The micro-kernel: one MR x NR tile of C from a packed A sliver a and a
+   packed B sliver b, both kc long.
+       acc[i][j] = sum_p a[p*MR + i] * b[p*NR + j]          (p in order)
+       C[i][j]   = alpha acc[i][j] + beta C[i][j]            (beta == 0: no read)
+   acc_i_j is vector column j of row i.  Each k step loads the NRV vectors of
+   B once, broadcasts the MR values of A and issues MR*NRV independent fused
+   multiply-adds: enough to keep both FMA pipes busy through their latency. */
+#define MHA__K_ZERO(i, j) mha__vf acc##i##_##j = mha__vzero();
+#define MHA__K_LOADB(u, j) const mha__vf b##j = mha__vload(b + (u) * MHA__NR + (j) * MHA__VW);
+#define MHA__K_FMA(i, j) acc##i##_##j = mha__vfma(acc##i##_##j, a##i, b##j);
+#define MHA__K_ROW(u, i) { const mha__vf a##i = mha__vset1(MHA__K_A(u, i)); MHA__FOR_J(MHA__K_FMA, i) }
+#define MHA__K_STEP(u) { MHA__FOR_J(MHA__K_LOADB, u) MHA__FOR_I(MHA__K_ROW, u) }
+#define MHA__K_STORE0(i, j) \
+    mha__vstore(c + (i) * ldc + (j) * MHA__VW, mha__vmul(va, acc##i##_##j));
+#define MHA__K_STORE1(i, j) \
+    mha__vstore(c + (i) * ldc + (j) * MHA__VW, \
+                mha__vfma(mha__vmul(va, acc##i##_##j), vb, mha__vload(c + (i) * ldc + (j) * MHA__VW)));
+#if defined(__GNUC__) || defined(__clang__)
+#define MHA__PREFETCH(p) __builtin_prefetch(p)
+#else
+#define MHA__PREFETCH(p) ((void)0)
+#endif
+#define MHA__K_PREFETCH_C(u, i) MHA__PREFETCH(c + (i) * ldc); MHA__PREFETCH(c + (i) * ldc + MHA__NR - 1);
+#define MHA__K_A(u, i) a[(u) * MHA__MR + (i)]     /* packed: MR values per k */
+static void mha__kernel(int kc, const float *a, const float *b, float *c, size_t ldc,
+                        float alpha, float beta)
+{
+    int p = 0;
+    MHA__FOR_I(MHA__K_PREFETCH_C, 0)    /* the C tile arrives while the sums run */
+    MHA__FOR_IJ(MHA__K_ZERO)
+    for (; p + MHA__KU <= kc; p += MHA__KU) {    /* unrolled: less loop overhead per FMA */
+        MHA__PREFETCH(a + MHA__KPF * MHA__MR);
+        MHA__K_UNROLLED
+        a += MHA__KU * MHA__MR;
+        b += MHA__KU * MHA__NR;
+    }
+    for (; p < kc; ++p) {
+        MHA__K_STEP(0)
+        a += MHA__MR;
+        b += MHA__NR;
+    }
+    {   /* alpha and beta enter only now: no register is held for them in the loop */
+        const mha__vf va = mha__vset1(alpha), vb = mha__vset1(beta);
+        if (beta == 0.0f) { MHA__FOR_IJ(MHA__K_STORE0) }
+        else              { MHA__FOR_IJ(MHA__K_STORE1) }
+    }
+}
+#undef MHA__K_A
+
+/* The same micro-kernel reading A unpacked: MR rows of a row-major A, lda
+   apart (no copy when each A value meets only a few B slivers, as in
+   P V with its 64 columns).  Same sums in the same order as mha__kernel. */
+#define MHA__K_A(u, i) ar##i[p + (u)]
+#define MHA__K_AROW(u, i) const float *ar##i = a + (size_t)(i) * lda;
+static void mha__kernel_rows(int kc, const float *a, size_t lda, const float *b, float *c,
+                             size_t ldc, float alpha, float beta)
+{
+    int p = 0;
+    MHA__FOR_I(MHA__K_AROW, 0)
+    MHA__FOR_I(MHA__K_PREFETCH_C, 0)
+    MHA__FOR_IJ(MHA__K_ZERO)
+    for (; p + MHA__KU <= kc; p += MHA__KU) {
+        MHA__K_UNROLLED
+        b += MHA__KU * MHA__NR;
+    }
+    for (; p < kc; ++p) {
+        MHA__K_STEP(0)
+        b += MHA__NR;
+    }
+    {   /* alpha and beta enter only now: no register is held for them in the loop */
+        const mha__vf va = mha__vset1(alpha), vb = mha__vset1(beta);
+        if (beta == 0.0f) { MHA__FOR_IJ(MHA__K_STORE0) }
+        else              { MHA__FOR_IJ(MHA__K_STORE1) }
+    }
+}
+#undef MHA__K_A
+
+/* The two inner loops over one A block (mc x kc) and packed B panel (kc x nc).
+   A is packed (lda_rows == 0), or the rows of a row-major A themselves,
+   lda_rows apart; then a partial sliver at the bottom edge is packed into
+   edge (MR x kc floats) so no row past the end is read.  */
+static void mha__macro_kernel(int mc, int nc, int kc, float alpha, float beta,
+                              const float *pa, size_t lda_rows, float *edge,
+                              const float *pb, float *C, size_t ldc)
+{
+    int ir, jr;
+    for (jr = 0; jr < nc; jr += MHA__NR) {
+        int nr = mha__imin(MHA__NR, nc - jr);
+        const float *b = pb + (size_t)jr * kc;
+        for (ir = 0; ir < mc; ir += MHA__MR) {
+            int mr = mha__imin(MHA__MR, mc - ir);
+            const float *a = lda_rows ? pa + (size_t)ir * lda_rows : pa + (size_t)ir * kc;
+            float *c = C + (size_t)ir * ldc + jr;
+            if (mr == MHA__MR && nr == MHA__NR) {
+                if (lda_rows) mha__kernel_rows(kc, a, lda_rows, b, c, ldc, alpha, beta);
+                else          mha__kernel(kc, a, b, c, ldc, alpha, beta);
+            } else {    /* edge: full tile into t, copy out the valid mr x nr part */
+                float t[MHA__MR * MHA__NR];
+                int i, j;
+                if (!lda_rows) {
+                    mha__kernel(kc, a, b, t, MHA__NR, alpha, 0.0f);
+                } else if (mr == MHA__MR) {
+                    mha__kernel_rows(kc, a, lda_rows, b, t, MHA__NR, alpha, 0.0f);
+                } else {
+                    mha__pack_a(0, a, lda_rows, 0, mr, 0, kc, edge);
+                    mha__kernel(kc, edge, b, t, MHA__NR, alpha, 0.0f);
+                }
+                for (i = 0; i < mr; ++i) {
+                    float *ci = c + (size_t)i * ldc;
+                    const float *ti = t + i * MHA__NR;
+                    if (beta == 0.0f) for (j = 0; j < nr; ++j) ci[j] = ti[j];
+                    else              for (j = 0; j < nr; ++j) ci[j] = ti[j] + beta * ci[j];
+                }
+            }
+        }
+    }
+}
+
+/* Pack an mc x kc block of op(A) (rows ic.., columns pc..) as MR slivers. */
+static void mha__pack_a_block(int ta, const float *A, size_t lda, int ic, int mc, int pc, int kc,
+                              float *pa)
+{
+    int ir;
+    for (ir = 0; ir < mc; ir += MHA__MR)
+        mha__pack_a(ta, A, lda, ic + ir, mha__imin(MHA__MR, mc - ir), pc, kc, pa + (size_t)ir * kc);
+}
+
+/* Single-threaded GEMM into caller memory; never allocates.
+   ws: mha__gemm_ws_floats(M, N, K) floats, 64-byte aligned.  */
 static void mha__gemm(int ta, int tb, int M, int N, int K, float alpha,
                       const float *A, size_t lda, const float *B, size_t ldb,
                       float beta, float *C, size_t ldc, float *ws)
 {
-    (void)ws;
-    mha__gemm_ref(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    float *pb = ws, *pa = ws + mha__gemm_b_floats(N, K);
+    int kcb = mha__gemm_kc(K), jc, pc, ic, jr;
+    /* a row-major A that meets at most 4 B slivers is read in place: packing
+       it would cost about as much as the multiply-adds it feeds */
+    int direct_a = !ta && N <= 4 * MHA__NR;
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    for (jc = 0; jc < N; jc += MHA__NC) {
+        int nc = mha__imin(MHA__NC, N - jc);
+        for (pc = 0; pc < K; pc += kcb) {
+            int kc = mha__imin(kcb, K - pc);
+            float beta_pc = pc == 0 ? beta : 1.0f;
+            for (jr = 0; jr < nc; jr += MHA__NR)
+                mha__pack_b(tb, B, ldb, pc, kc, jc + jr, mha__imin(MHA__NR, nc - jr),
+                            pb + (size_t)jr * kc);
+            for (ic = 0; ic < M; ic += MHA__MC) {
+                int mc = mha__imin(MHA__MC, M - ic);
+                float *c = C + (size_t)ic * ldc + jc;
+                if (direct_a) {
+                    mha__macro_kernel(mc, nc, kc, alpha, beta_pc, A + (size_t)ic * lda + pc, lda,
+                                      pa, pb, c, ldc);
+                } else {
+                    mha__pack_a_block(ta, A, lda, ic, mc, pc, kc, pa);
+                    mha__macro_kernel(mc, nc, kc, alpha, beta_pc, pa, 0, pa, pb, c, ldc);
+                }
+            }
+        }
+    }
+}
+
+/* Below this many multiply-adds a GEMM runs on the calling thread alone:
+   starting a team costs more than it saves. */
+#define MHA__GEMM_MT_MIN_FMAS (1 << 21)
+
+/* How mha__gemm_mt splits C: into blocks of whole MR-row tiles (split_m)
+   or whole NR-column slivers, along the longer side, so the packing that
+   every block repeats (B when rows are split, A when columns are) is the
+   smaller one.  About 4 blocks per thread, handed out dynamically, so a
+   thread the OS delays (a shared machine) leaves its blocks to the others.
+   Returns the thread count actually used; *nblk blocks of *step rows/columns. */
+static int mha__gemm_split(int M, int N, int K, int nthreads, int *split_m, int *step, int *nblk)
+{
+    int tiles, per;
+    if (nthreads <= 1 || (double)M * N * K < (double)MHA__GEMM_MT_MIN_FMAS) return 1;
+    *split_m = M >= N;
+    tiles = *split_m ? (M + MHA__MR - 1) / MHA__MR : (N + MHA__NR - 1) / MHA__NR;
+    if (nthreads > tiles) nthreads = tiles;
+    if (nthreads <= 1) return 1;
+    *nblk = 4 * nthreads < tiles ? 4 * nthreads : tiles;
+    per = (tiles + *nblk - 1) / *nblk;
+    *nblk = (tiles + per - 1) / per;
+    *step = per * (*split_m ? MHA__MR : MHA__NR);
+    return nthreads;
+}
+
+/* ... and a call of mha__gemm_mt with nthreads threads: one private
+   single-thread workspace per thread (each sized for the whole problem,
+   which bounds its block's). */
+static size_t mha__gemm_ws_floats_mt(int M, int N, int K, int nthreads)
+{
+    int split_m = 0, step = 0, nblk = 0;
+    return (size_t)mha__gemm_split(M, N, K, nthreads, &split_m, &step, &nblk) *
+           mha__gemm_ws_floats(M, N, K);
+}
+
+/* mha__gemm on nthreads OpenMP threads (one thread without -fopenmp).
+   ws: mha__gemm_ws_floats_mt(M, N, K, nthreads) floats.  Each block of C
+   is the single-thread GEMM with the packing buffers of the thread that
+   runs it: no barrier inside but the final join.  The blocks start on tile boundaries and K is blocked as
+   before, so every C element is summed in the same order as with one
+   thread: the result is bit-identical for any thread count.  */
+static void mha__gemm_mt(int ta, int tb, int M, int N, int K, float alpha,
+                         const float *A, size_t lda, const float *B, size_t ldb,
+                         float beta, float *C, size_t ldc, float *ws, int nthreads)
+{
+#ifdef _OPENMP
+    int split_m = 0, step = 0, nblk = 0, t;
+    size_t per = mha__gemm_ws_floats(M, N, K);
+    nthreads = mha__gemm_split(M, N, K, nthreads, &split_m, &step, &nblk);
+    if (nthreads > 1) {
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+        for (t = 0; t < nblk; ++t) {
+            int lo = t * step, hi = lo + step, n = split_m ? M : N;
+            float *w = ws + (size_t)omp_get_thread_num() * per;
+            if (hi > n) hi = n;
+            if (lo >= hi) continue;
+            if (split_m) {    /* rows lo..hi of op(A) and C */
+                const float *a = ta ? A + lo : A + (size_t)lo * lda;
+                mha__gemm(ta, tb, hi - lo, N, K, alpha, a, lda, B, ldb, beta, C + (size_t)lo * ldc, ldc, w);
+            } else {          /* columns lo..hi of op(B) and C */
+                const float *b = tb ? B + (size_t)lo * ldb : B + lo;
+                mha__gemm(ta, tb, M, hi - lo, K, alpha, A, lda, b, ldb, beta, C + lo, ldc, w);
+            }
+        }
+        return;
+    }
+#endif
+    (void)nthreads;
+    mha__gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ws);
 }
 
 MHADEF size_t mha_gemm_workspace_size(int M, int N, int K)
 {
     size_t f;
     if (M <= 0 || N <= 0 || K <= 0) return 0;
-    f = mha__gemm_ws_floats(M, N, K);
-    return f ? (f + MHA__ALIGN_FLOATS) * sizeof(float) : 0;
+    f = mha__gemm_ws_floats_mt(M, N, K, mha__max_threads(NULL));
+    return (f + MHA__ALIGN_FLOATS) * sizeof(float);
 }
 
 MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, float alpha,
                            const float *A, int lda, const float *B, int ldb, float beta,
                            float *C, int ldc, void *workspace, size_t workspace_bytes)
 {
-    size_t need, tmp;
+    size_t tmp;
     void *owned = NULL;
     float *ws;
+    int nthreads = mha__max_threads(NULL);
     if (!A || !B || !C) return MHA_ERR_NULL_POINTER;
     if (M <= 0 || N <= 0 || K <= 0) return MHA_ERR_INVALID_SIZE;
     if ((ta != MHA_NO_TRANS && ta != MHA_TRANS) || (tb != MHA_NO_TRANS && tb != MHA_TRANS))
@@ -408,17 +1131,23 @@ MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, floa
         !mha__mul((size_t)(tb ? N : K), (size_t)ldb, &tmp) || !mha__mul(tmp, sizeof(float), &tmp) ||
         !mha__mul((size_t)M, (size_t)ldc, &tmp) || !mha__mul(tmp, sizeof(float), &tmp))
         return MHA_ERR_OVERFLOW;
-    need = mha_gemm_workspace_size(M, N, K);
-    if (need && workspace && workspace_bytes < need) return MHA_ERR_WORKSPACE_TOO_SMALL;
-    if (need && !workspace) {
-        owned = MHA_MALLOC(need);
+    if (workspace) {
+        /* a workspace sized for fewer threads than are available runs on fewer */
+        while (nthreads > 1 &&
+               (mha__gemm_ws_floats_mt(M, N, K, nthreads) + MHA__ALIGN_FLOATS) * sizeof(float) > workspace_bytes)
+            --nthreads;
+        if ((mha__gemm_ws_floats(M, N, K) + MHA__ALIGN_FLOATS) * sizeof(float) > workspace_bytes)
+            return MHA_ERR_WORKSPACE_TOO_SMALL;
+    } else {
+        owned = MHA_MALLOC(mha_gemm_workspace_size(M, N, K));
         if (!owned) return MHA_ERR_OUT_OF_MEMORY;
         workspace = owned;
     }
     /* align the packing buffers to a cache line */
     ws = MHA__CAST(float *, workspace);
-    if (ws) ws += (MHA__ALIGN_FLOATS - ((uintptr_t)ws / sizeof(float)) % MHA__ALIGN_FLOATS) % MHA__ALIGN_FLOATS;
-    mha__gemm(ta, tb, M, N, K, alpha, A, (size_t)lda, B, (size_t)ldb, beta, C, (size_t)ldc, ws);
+    ws += (MHA__ALIGN_FLOATS - ((uintptr_t)ws / sizeof(float)) % MHA__ALIGN_FLOATS) % MHA__ALIGN_FLOATS;
+    mha__gemm_mt(ta, tb, M, N, K, alpha, A, (size_t)lda, B, (size_t)ldb, beta, C, (size_t)ldc,
+                 ws, nthreads);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
@@ -435,11 +1164,18 @@ typedef struct mha__view {
     size_t bs, hs, rs;
 } mha__view;
 
-/* Everything one attention call needs, after validation. */
+/* Everything one attention call needs, after validation.  A call may cover
+   a slice of the queries: batches b0..b0+nb and rows q0..q0+nq of each; the
+   views q, k, v, o then start at (b0, q0) and (b0, key 0), while masks,
+   causal and weights use the global indices b0 + b and q0 + i.  The fused
+   path may also take heads h0..h0+nh only; masks then see head h0 + h.  */
 typedef struct mha__attn {
     int B, H, Lq, Lk, Lk_eff, D, Dv;   /* Lk_eff: Lk plus appended keys (bias_k, zero) */
+    int b0, nb, q0, nq;                /* the slice this call computes */
+    int h0, nh;                        /* fused path: heads h0..h0+nh (views start at h0) */
+    int shared_pack;                   /* fused path: one packed K/V for all threads */
     mha__view q, k, v;
-    float *o; size_t o_bs, o_hs, o_rs;
+    float *o; size_t o_bs, o_hs, o_rs; /* may alias q: each tile reads its rows first */
     float scale;
     const mha_mask *attn_mask, *kpm;   /* NULL when kind is NONE */
     int causal; ptrdiff_t causal_off;  /* key j allowed iff j <= i + causal_off */
@@ -447,44 +1183,63 @@ typedef struct mha__attn {
     int nthreads;
 } mha__attn;
 
+/* Unfused path (weights requested): blocks of query rows against all Lk_eff
+   keys, i.e. a [rows, Lk_eff] score block per thread.  Long blocks keep the
+   GEMM from repacking K and V for every few rows (32-row blocks ran at half
+   the speed at L = 2048); a quarter of Lq keeps 4 blocks per batch for the
+   threads.  The size depends on Lq only, never on the thread count.  */
+static int mha__unfused_rows(int Lq)
+{
+    int r = Lq / 4 / 32 * 32;
+    return r < 32 ? (Lq < 32 ? Lq : 32) : (r > 256 ? 256 : r);
+}
+
+/* n floats rounded up to whole 64-byte lines */
+static size_t mha__round_floats(size_t n)
+{
+    return (n + MHA__ALIGN_FLOATS - 1) / MHA__ALIGN_FLOATS * MHA__ALIGN_FLOATS;
+}
+
 static int mha__mask_bool_blocks(mha_mask_kind kind, unsigned char v)
 {
     return kind == MHA_MASK_BOOL ? v != 0 : v == 0;
 }
 
-/* Mask one row of scaled scores s[0..Lk_eff) of query i in (b, h):
+/* Mask the scaled scores s[0..n) of query i in (b, h) against keys j0..j0+n:
    blocked keys get -inf written over whatever the score was (so NaN from a
    blocked key is discarded); float masks are added.  Keys j >= Lk are the
    appended bias/zero keys and are never masked.  */
-static void mha__mask_row(const mha__attn *a, int b, int h, int i, float *s)
+static void mha__mask_cols(const mha__attn *a, int b, int h, int i, int j0, int n, float *s)
 {
-    int j, Lk = a->Lk;
+    int j, Lk = a->Lk, jend = j0 + n < Lk ? j0 + n : Lk;
+    s -= j0;                            /* s[j] is key j from here on */
+    if (j0 >= Lk) return;
     if (a->attn_mask) {
         const mha_mask *m = a->attn_mask;
         size_t row = (m->ndim == 2) ? (size_t)i
                                     : ((size_t)b * a->H + h) * a->Lq + i;
         if (m->kind == MHA_MASK_FLOAT) {
             const float *f = MHA__CAST(const float *, m->data) + row * Lk;
-            for (j = 0; j < Lk; ++j) s[j] = (f[j] == -INFINITY) ? -INFINITY : s[j] + f[j];
+            for (j = j0; j < jend; ++j) s[j] = (f[j] == -INFINITY) ? -INFINITY : s[j] + f[j];
         } else {
             const unsigned char *u = MHA__CAST(const unsigned char *, m->data) + row * Lk;
-            for (j = 0; j < Lk; ++j) if (mha__mask_bool_blocks(m->kind, u[j])) s[j] = -INFINITY;
+            for (j = j0; j < jend; ++j) if (mha__mask_bool_blocks(m->kind, u[j])) s[j] = -INFINITY;
         }
     }
     if (a->kpm) {
         const mha_mask *m = a->kpm;
         if (m->kind == MHA_MASK_FLOAT) {
             const float *f = MHA__CAST(const float *, m->data) + (size_t)b * Lk;
-            for (j = 0; j < Lk; ++j) s[j] = (f[j] == -INFINITY) ? -INFINITY : s[j] + f[j];
+            for (j = j0; j < jend; ++j) s[j] = (f[j] == -INFINITY) ? -INFINITY : s[j] + f[j];
         } else {
             const unsigned char *u = MHA__CAST(const unsigned char *, m->data) + (size_t)b * Lk;
-            for (j = 0; j < Lk; ++j) if (mha__mask_bool_blocks(m->kind, u[j])) s[j] = -INFINITY;
+            for (j = j0; j < jend; ++j) if (mha__mask_bool_blocks(m->kind, u[j])) s[j] = -INFINITY;
         }
     }
     if (a->causal) {
         ptrdiff_t first = (ptrdiff_t)i + a->causal_off + 1;   /* first blocked key */
-        if (first < 0) first = 0;
-        for (j = (int)(first < Lk ? first : Lk); j < Lk; ++j) s[j] = -INFINITY;
+        if (first < j0) first = j0;
+        for (j = (int)(first < jend ? first : jend); j < jend; ++j) s[j] = -INFINITY;
     }
 }
 
@@ -495,83 +1250,447 @@ static int mha__all_finite(const float *x, int n)
     return 1;
 }
 
-/* One (batch, head): the unfused path.  S = scale Q K^T; mask; softmax; O = P V.
-   s: Lq*Lk_eff floats of scratch.  */
-static void mha__attend_head(const mha__attn *a, int b, int h, float *s, float *gws)
+/* O[r, :] (+)= sum_j P[r, j] V[j, :] over nc keys.  A zero weight times a
+   NaN/Inf value would be NaN, so when some value row is not finite, sum over
+   the keys with nonzero weight only.  beta is 0 (overwrite) or 1 (accumulate).  */
+static void mha__pv(int nr, int nc, int Dv, const float *p, size_t ldp, const float *v,
+                    size_t ldv, float beta, float *o, size_t ldo, float *gws)
 {
-    const float *q = a->q.p + (size_t)b * a->q.bs + (size_t)h * a->q.hs;
-    const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)h * a->k.hs;
-    const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)h * a->v.hs;
-    float *o = a->o + (size_t)b * a->o_bs + (size_t)h * a->o_hs;
-    int Lq = a->Lq, Lk = a->Lk_eff, Dv = a->Dv, i, j, v_finite = 1;
-
-    /* 1. scores S[i,j] = scale * q_i . k_j */
-    mha__gemm(0, 1, Lq, Lk, a->D, a->scale, q, a->q.rs, k, a->k.rs, 0.0f, s, (size_t)Lk, gws);
-
-    /* 2. mask and softmax, row by row */
-    for (i = 0; i < Lq; ++i) {
-        float *row = s + (size_t)i * Lk;
-        mha__mask_row(a, b, h, i, row);
-        mha__softmax_row(row, Lk);
-    }
-
-    /* 3. O = P V.  A zero weight times a NaN/Inf value would be NaN, so when
-       some value row is not finite, sum over the keys with nonzero weight only. */
-    for (j = 0; j < Lk && v_finite; ++j) v_finite = mha__all_finite(v + (size_t)j * a->v.rs, Dv);
+    int i, j, v_finite = 1;
+    for (j = 0; j < nc && v_finite; ++j) v_finite = mha__all_finite(v + (size_t)j * ldv, Dv);
     if (v_finite) {
-        mha__gemm(0, 0, Lq, Dv, Lk, 1.0f, s, (size_t)Lk, v, a->v.rs, 0.0f, o, a->o_rs, gws);
-    } else {
-        for (i = 0; i < Lq; ++i) {
-            float *oi = o + (size_t)i * a->o_rs;
-            const float *pi = s + (size_t)i * Lk;
-            for (j = 0; j < Dv; ++j) oi[j] = 0.0f;
-            for (j = 0; j < Lk; ++j)
-                if (pi[j] != 0.0f) mha__axpy(oi, pi[j], v + (size_t)j * a->v.rs, Dv);
-        }
+        mha__gemm(0, 0, nr, Dv, nc, 1.0f, p, ldp, v, ldv, beta, o, ldo, gws);
+        return;
     }
+    for (i = 0; i < nr; ++i) {
+        float *oi = o + (size_t)i * ldo;
+        const float *pi = p + (size_t)i * ldp;
+        if (beta == 0.0f) for (j = 0; j < Dv; ++j) oi[j] = 0.0f;
+        for (j = 0; j < nc; ++j)
+            if (pi[j] != 0.0f) mha__axpy(oi, pi[j], v + (size_t)j * ldv, Dv);
+    }
+}
 
-    /* 4. hand the weights out: per head, or summed here and averaged later */
-    if (a->weights) {
-        size_t n = (size_t)Lq * Lk;
+/* ---- unfused path: the weights are wanted, so every score is kept */
+
+/* Rows i0..i0+nr of batch b, every head in order h = 0..H-1:
+   S = scale Q K^T; mask; softmax; O = P V; hand out the weights.
+   s: nr*Lk_eff floats of scratch.  Summing the head average in this item,
+   head by head, fixes its order whatever the thread count.  */
+static void mha__attend_rows(const mha__attn *a, int b, int i0, int nr, float *s, float *gws)
+{
+    int Lk = a->Lk_eff, h, r, gb = a->b0 + b, gi = a->q0 + i0;   /* global batch, row */
+    size_t n = (size_t)nr * Lk, t;
+    for (h = 0; h < a->H; ++h) {
+        const float *q = a->q.p + (size_t)b * a->q.bs + (size_t)h * a->q.hs + (size_t)i0 * a->q.rs;
+        const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)h * a->k.hs;
+        const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)h * a->v.hs;
+        float *o = a->o + (size_t)b * a->o_bs + (size_t)h * a->o_hs + (size_t)i0 * a->o_rs;
+
+        /* 1. scores S[i,j] = scale * q_i . k_j */
+        mha__gemm(0, 1, nr, Lk, a->D, a->scale, q, a->q.rs, k, a->k.rs, 0.0f, s, (size_t)Lk, gws);
+
+        /* 2. mask and softmax, row by row */
+        for (r = 0; r < nr; ++r) {
+            float *row = s + (size_t)r * Lk;
+            mha__mask_cols(a, gb, h, gi + r, 0, Lk, row);
+            mha__softmax_row(row, Lk);
+        }
+
+        /* 3. O = P V (q is fully read above, so o may alias it) */
+        mha__pv(nr, Lk, a->Dv, s, (size_t)Lk, v, a->v.rs, 0.0f, o, a->o_rs, gws);
+
+        /* 4. the weights: per head, or the head average w = sum_h P_h / H */
         if (a->per_head) {
-            memcpy(a->weights + ((size_t)b * a->H + h) * n, s, n * sizeof(float));
+            float *w = a->weights + (((size_t)gb * a->H + h) * a->Lq + gi) * Lk;
+            memcpy(w, s, n * sizeof(float));
         } else {
-            float *w = a->weights + (size_t)b * n;
+            float *w = a->weights + ((size_t)gb * a->Lq + gi) * Lk;
             float inv_h = 1.0f / (float)a->H;
-            size_t t;
             if (h == 0) for (t = 0; t < n; ++t) w[t] = s[t] * inv_h;
             else        for (t = 0; t < n; ++t) w[t] += s[t] * inv_h;
         }
     }
 }
 
-/* Scratch floats of one attention call: per thread, a score block and GEMM packing. */
-static int mha__attn_scratch_floats(int Lq, int Lk_eff, int D, int Dv, int nthreads,
-                                    size_t *per_thread, size_t *total)
+/* ---- fused path: online softmax over key tiles (FlashAttention)
+
+   For one query row with running max m, running sum l and context o, a new
+   tile of scores s_j does
+       m' = max(m, max_j s_j)          c = exp(m - m')
+       p_j = exp(s_j - m')             l' = c l + sum_j p_j
+       o'  = c o + sum_j p_j v_j
+   and at the end o / l is softmax(s) V over all keys seen.  Blocked keys
+   (s_j = -inf) get p_j = 0 exactly and are skipped in o when V is not finite.
+
+   Layout.  The tile is computed transposed, keys down and queries across:
+       S^T = K_t Q_t^T   [nc keys, nr queries]      O^T += V_t^T P^T   [Dv, nr]
+   so the softmax runs down the columns with one query per vector lane (no
+   horizontal reductions), and S^T, stored as NR-wide column slivers, is
+   already the packed B operand of the GEMM micro-kernel for O^T: nothing is
+   packed per tile.  K_t is the A of S^T as it stands (the macro-kernel reads
+   the rows of a row-major A in place), V_t^T (the A of O^T) is packed once
+   per (b, h) by each thread that works on it, Q_t^T once per query tile.
+   These are the GEMM section's panel formats and its macro-kernel, called
+   directly.  */
+
+/* exp(x) for the arguments the online softmax makes: x = s - m <= 0, -inf
+   (a blocked key) or NaN; cheaper than mha__vexp because nothing can
+   overflow.  Same reduction and polynomial as mha__vexp, so its error bound
+   (2e-7 relative) holds wherever exp(x) is a normal float.  The clamp at
+   MHA__EXP_ZERO makes n = -127, whose 2^n has exponent field 0, i.e. the
+   result is exactly 0 there: -inf (a blocked key) and everything below
+   -88 give p = 0 with no compare and select, and exp(x) < 2^-126 for
+   x < -87.34 is lost only as an absolute error below 1.2e-38.  NaN passes
+   max() as the second operand and stays NaN.  */
+#define MHA__EXP_ZERO (-88.0f)
+static inline mha__vf mha__vexp_nonpos(mha__vf x)
 {
-    size_t s, g1, g2, g;
-    if (!mha__mul((size_t)Lq, (size_t)Lk_eff, &s)) return 0;
-    g1 = mha__gemm_ws_floats(Lq, Lk_eff, D);
-    g2 = mha__gemm_ws_floats(Lq, Dv, Lk_eff);
-    g = g1 > g2 ? g1 : g2;
-    if (!mha__add(s, g, per_thread) || !mha__add(*per_thread, 2 * MHA__ALIGN_FLOATS, per_thread))
-        return 0;
-    return mha__mul(*per_thread, (size_t)nthreads, total);
+    mha__vf xc = mha__vmax(mha__vset1(MHA__EXP_ZERO), x), n, r, p;
+    n = mha__vround(mha__vmul(xc, mha__vset1(1.44269502f)));
+    r = mha__vfma(xc, n, mha__vset1(-0.693359375f));
+    r = mha__vfma(r, n, mha__vset1(2.12194442e-4f));
+    p = mha__vset1(1.98412701e-4f);
+    p = mha__vfma(mha__vset1(1.38888892e-3f), p, r);
+    p = mha__vfma(mha__vset1(8.33333377e-3f), p, r);
+    p = mha__vfma(mha__vset1(4.16666679e-2f), p, r);
+    p = mha__vfma(mha__vset1(1.66666672e-1f), p, r);
+    p = mha__vfma(mha__vset1(0.5f), p, r);
+    p = mha__vfma(mha__vset1(1.0f), p, r);
+    p = mha__vfma(mha__vset1(1.0f), p, r);
+#ifdef MHA__SIMD_SCALAR
+    if (n != n) n = 0.0f;   /* a NaN to int cast is undefined in C; p is NaN already */
+#endif
+    return mha__vmul(p, mha__vpow2i(n));
 }
 
-/* Run every (b, h) of a validated call.  ws holds the per-thread scratch.
-   Heads of one batch run in order, so the head average is summed in a fixed
-   order and the result does not depend on the thread count.  */
+/* Sizes of the fused path's buffers, in floats.  Key tiles hold MHA__FBC
+   keys (a multiple of MR: only the last tile has a ragged sliver), query
+   tiles MHA__FBR queries (a multiple of NR, whole slivers).  */
+#define MHA__FBC ((128 + MHA__MR - 1) / MHA__MR * MHA__MR)
+#define MHA__FBR ((64 + MHA__NR - 1) / MHA__NR * MHA__NR)
+
+typedef struct mha__fused_dims {
+    int ntiles;        /* key tiles: ceil(Lk / FBC) real ones, + 1 for appended keys */
+    size_t dvp;        /* Dv rounded up to MR: rows of packed V^T */
+    size_t v_tile;     /* floats of one packed V^T tile */
+    size_t packed;     /* packed V^T of one (b, h), plus a finite flag per tile */
+    size_t tiles;      /* Q^T slivers, S^T, O^T, m, l, the ragged K sliver */
+} mha__fused_dims;
+
+static int mha__fused_sizes(int Lk, int Lk_eff, int D, int Dv, mha__fused_dims *f)
+{
+    size_t t, s;
+    f->ntiles = (Lk + MHA__FBC - 1) / MHA__FBC + (Lk_eff > Lk);
+    f->dvp = ((size_t)Dv + MHA__MR - 1) / MHA__MR * MHA__MR;
+    if (!mha__mul((size_t)MHA__FBC, f->dvp, &f->v_tile) ||
+        !mha__mul(f->v_tile, (size_t)f->ntiles, &s) || !mha__add(s, (size_t)f->ntiles, &s) ||
+        !mha__mul((size_t)MHA__MR, (size_t)D, &t))
+        return 0;
+    f->packed = mha__round_floats(s);
+    f->tiles = mha__round_floats((size_t)MHA__FBR * D) +            /* Q^T slivers */
+               mha__round_floats((size_t)MHA__FBC * MHA__FBR) +     /* S^T */
+               mha__round_floats(f->dvp * MHA__FBR) +               /* O^T */
+               2 * mha__round_floats(MHA__FBR) +                    /* m, l */
+               mha__round_floats(t);                                /* K edge sliver */
+    return 1;
+}
+
+/* Pack key tile t of (b, h): V rows j0..j0+nc transposed as MR slivers of
+   Dv (A of O^T), and whether every V value of the tile is finite.  Tile
+   ntiles-1 holds the appended keys when there are any.  */
+static void mha__fused_pack(const mha__attn *a, const mha__fused_dims *f, int b, int h, int t,
+                            float *shared)
+{
+    const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)h * a->v.hs;
+    float *pv = shared + (size_t)t * f->v_tile, *flag = shared + (size_t)f->ntiles * f->v_tile + t;
+    int appended = a->Lk_eff > a->Lk && t == f->ntiles - 1;
+    int j0 = appended ? a->Lk : t * MHA__FBC;
+    int nc = appended ? a->Lk_eff - a->Lk : (a->Lk - j0 < MHA__FBC ? a->Lk - j0 : MHA__FBC), j;
+    mha__vf acc = mha__vzero();
+    mha__pack_a_block(1, v + (size_t)j0 * a->v.rs, a->v.rs, 0, a->Dv, 0, nc, pv);
+    /* x - x is 0 for finite x and NaN otherwise; one NaN makes the sum NaN */
+    for (j = 0; j < nc; ++j) {
+        const float *vr = v + (size_t)(j0 + j) * a->v.rs;
+        int d = 0;
+        float s = 0.0f;
+        for (; d + MHA__VW <= a->Dv; d += MHA__VW) {
+            mha__vf x = mha__vload(vr + d);
+            acc = mha__vadd(acc, mha__vsub(x, x));
+        }
+        for (; d < a->Dv; ++d) s += vr[d] - vr[d];
+        acc = mha__vadd(acc, mha__vset1(s));
+    }
+    *flag = mha__vhsum(acc) == 0.0f ? 1.0f : 0.0f;
+}
+
+/* Masks on a transposed score tile: st holds key p, query i of the tile at
+   st[(i / NR) * NR * nc + p * NR + i % NR].  Same rules as mha__mask_cols. */
+#define MHA__ST(st, nc, p, i) ((st)[(size_t)((i) / MHA__NR) * MHA__NR * (nc) + (size_t)(p) * MHA__NR + (i) % MHA__NR])
+static void mha__mask_tile_t(const mha__attn *a, int gb, int h, int gi, int nr, int j0, int nc, float *st)
+{
+    int Lk = a->Lk, jend = j0 + nc < Lk ? j0 + nc : Lk, i, j;
+    if (j0 >= Lk) return;               /* appended keys are never masked */
+    if (a->attn_mask) {
+        const mha_mask *m = a->attn_mask;
+        for (i = 0; i < nr; ++i) {
+            size_t row = (m->ndim == 2) ? (size_t)(gi + i) : ((size_t)gb * a->H + h) * a->Lq + gi + i;
+            if (m->kind == MHA_MASK_FLOAT) {
+                const float *fm = MHA__CAST(const float *, m->data) + row * Lk;
+                for (j = j0; j < jend; ++j) {
+                    float *s = &MHA__ST(st, nc, j - j0, i);
+                    *s = (fm[j] == -INFINITY) ? -INFINITY : *s + fm[j];
+                }
+            } else {
+                const unsigned char *u = MHA__CAST(const unsigned char *, m->data) + row * Lk;
+                for (j = j0; j < jend; ++j)
+                    if (mha__mask_bool_blocks(m->kind, u[j])) MHA__ST(st, nc, j - j0, i) = -INFINITY;
+            }
+        }
+    }
+    if (a->kpm) {                       /* one decision per key: a whole row of st */
+        const mha_mask *m = a->kpm;
+        for (j = j0; j < jend; ++j) {
+            float add = 0.0f;
+            int blocked;
+            if (m->kind == MHA_MASK_FLOAT) {
+                add = MHA__CAST(const float *, m->data)[(size_t)gb * Lk + j];
+                blocked = add == -INFINITY;
+            } else {
+                blocked = mha__mask_bool_blocks(m->kind, MHA__CAST(const unsigned char *, m->data)[(size_t)gb * Lk + j]);
+            }
+            if (blocked) for (i = 0; i < nr; ++i) MHA__ST(st, nc, j - j0, i) = -INFINITY;
+            else if (add != 0.0f) for (i = 0; i < nr; ++i) MHA__ST(st, nc, j - j0, i) += add;
+        }
+    }
+    if (a->causal) {                    /* key j is blocked for queries i < j - causal_off */
+        for (j = j0; j < jend; ++j) {
+            ptrdiff_t first_ok = (ptrdiff_t)j - a->causal_off - gi;   /* first tile query allowed */
+            int n = first_ok <= 0 ? 0 : (first_ok < nr ? (int)first_ok : nr);
+            for (i = 0; i < n; ++i) MHA__ST(st, nc, j - j0, i) = -INFINITY;
+        }
+    }
+}
+
+/* Query rows i0..i0+nr (local) of (b, h) against its packed keys, shared;
+   sc: the tile buffers.  */
+static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int b, int h, int i0,
+                              int nr, const float *shared, float *sc)
+{
+    const float *q = a->q.p + (size_t)b * a->q.bs + (size_t)h * a->q.hs + (size_t)i0 * a->q.rs;
+    const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)h * a->k.hs;
+    const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)h * a->v.hs;
+    float *out = a->o + (size_t)b * a->o_bs + (size_t)h * a->o_hs + (size_t)i0 * a->o_rs;
+    const float *pv = shared, *flags = pv + (size_t)f->ntiles * f->v_tile;
+    int Dv = a->Dv, D = a->D, Lk = a->Lk, gb = a->b0 + b, gi = a->q0 + i0;
+    int nrp = (nr + MHA__NR - 1) / MHA__NR * MHA__NR;   /* whole slivers */
+    int masked = a->attn_mask || a->kpm, t, t_end, i, j, p, d;
+    float *qt = sc;
+    float *st = qt + mha__round_floats((size_t)MHA__FBR * D);
+    float *ot = st + mha__round_floats((size_t)MHA__FBC * MHA__FBR);
+    float *m = ot + mha__round_floats(f->dvp * MHA__FBR);
+    float *l = m + mha__round_floats(MHA__FBR);
+    float *kedge = l + mha__round_floats(MHA__FBR);
+    const size_t ldo = MHA__FBR;
+
+    /* Q^T as NR slivers (zero-padded past nr), O^T = 0, m = -inf, l = 0 */
+    for (j = 0; j < nr; j += MHA__NR)
+        mha__pack_b(1, q, a->q.rs, 0, D, j, nr - j < MHA__NR ? nr - j : MHA__NR, qt + (size_t)j * D);
+    for (i = 0; i < nrp; ++i) { m[i] = -INFINITY; l[i] = 0.0f; }
+    memset(ot, 0, f->dvp * ldo * sizeof(float));
+    memset(st, 0, (size_t)MHA__FBC * nrp * sizeof(float));   /* lanes past nr stay finite */
+
+    /* real key tiles up to the causal limit of the tile's last query, then
+       the appended-keys tile */
+    t_end = (Lk + MHA__FBC - 1) / MHA__FBC;
+    if (a->causal) {
+        ptrdiff_t last = (ptrdiff_t)gi + nr - 1 + a->causal_off + 1;   /* keys < last allowed */
+        last = last < 0 ? 0 : (last < Lk ? last : Lk);
+        t_end = (int)((last + MHA__FBC - 1) / MHA__FBC);
+    }
+    for (t = 0; t < f->ntiles; ++t) {
+        int appended = a->Lk_eff > Lk && t == f->ntiles - 1;
+        int j0 = appended ? Lk : t * MHA__FBC;
+        int nc = appended ? a->Lk_eff - Lk : (Lk - j0 < MHA__FBC ? Lk - j0 : MHA__FBC);
+        const float *pvt = pv + (size_t)t * f->v_tile;
+        if (!appended && t >= t_end) continue;
+
+        /* 1. S^T = scale K_t Q^T, one NR-wide sliver of queries at a time;
+              K's rows are read where they are */
+        for (j = 0; j < nr; j += MHA__NR)
+            mha__macro_kernel(nc, nr - j < MHA__NR ? nr - j : MHA__NR, D, a->scale, 0.0f,
+                              k + (size_t)j0 * a->k.rs, a->k.rs, kedge, qt + (size_t)j * D,
+                              st + (size_t)j * nc, MHA__NR);
+
+        /* 2. masks; causal only where the tile reaches past the diagonal */
+        if (masked || (a->causal && !appended && (ptrdiff_t)j0 + nc - 1 > (ptrdiff_t)gi + a->causal_off))
+            mha__mask_tile_t(a, gb, a->h0 + h, gi, nr, j0, nc, st);
+
+        /* 3. online softmax, one vector of queries at a time, down the keys */
+        for (i = 0; i < nrp; i += MHA__VW) {
+            float *col = st + (size_t)(i / MHA__NR) * MHA__NR * nc + i % MHA__NR;
+            mha__vf vmax = mha__vset1(-INFINITY), mold = mha__vload(m + i), mnew, mref, c, sum = mha__vzero();
+            for (p = 0; p < nc; ++p) vmax = mha__vmax(vmax, mha__vload(col + (size_t)p * MHA__NR));
+            mnew = mha__vmax(mold, vmax);
+            /* a query with no allowed key yet keeps m = -inf; exp against 0 then */
+            mref = mha__vsel(mha__vgt(mnew, mha__vset1(-INFINITY)), mnew, mha__vzero());
+            c = mha__vexp_nonpos(mha__vsub(mold, mref));           /* exp(m - m'), 0 if m = -inf */
+            for (p = 0; p < nc; ++p) {
+                float *s = col + (size_t)p * MHA__NR;
+                mha__vf e = mha__vexp_nonpos(mha__vsub(mha__vload(s), mref));
+                mha__vstore(s, e);
+                sum = mha__vadd(sum, e);
+            }
+            mha__vstore(l + i, mha__vfma(sum, mha__vload(l + i), c));
+            /* O^T *= c, unless c = 1 in every lane (no max moved); 1 - c is
+               in [0, 1] and exact near 1, so its maximum is 0 just then */
+            if (mha__vhmax(mha__vsub(mha__vset1(1.0f), c)) != 0.0f)
+                for (d = 0; d < Dv; ++d) {
+                    float *o = ot + (size_t)d * ldo + i;
+                    mha__vstore(o, mha__vmul(mha__vload(o), c));
+                }
+            mha__vstore(m + i, mnew);
+        }
+
+        /* 4. O^T += V_t^T P^T; a zero weight times a NaN/Inf value would be
+           NaN, so a tile whose V is not finite sums nonzero weights only */
+        if (flags[t] != 0.0f) {
+            mha__macro_kernel(Dv, nr, nc, 1.0f, 1.0f, pvt, 0, NULL, st, ot, ldo);
+        } else {
+            for (p = 0; p < nc; ++p) {
+                const float *vr = v + (size_t)(j0 + p) * a->v.rs;
+                for (i = 0; i < nr; ++i) {
+                    float w = MHA__ST(st, nc, p, i);
+                    if (w != 0.0f) for (d = 0; d < Dv; ++d) ot[(size_t)d * ldo + i] += w * vr[d];
+                }
+            }
+        }
+    }
+
+    /* 5. o = O / l; a row that met no allowed key has l = 0 and gets zeros */
+    for (i = 0; i < nr; ++i) {
+        float *orow = out + (size_t)i * a->o_rs;
+        float inv = l[i] != 0.0f ? 1.0f / l[i] : 0.0f;
+        for (d = 0; d < Dv; ++d) orow[d] = ot[(size_t)d * ldo + i] * inv;
+    }
+}
+
+/* Scratch floats of one attention call.  Fused: per thread the tile
+   buffers and, unless shared_pack, one (b, h)'s packed K and V; with
+   shared_pack one packed K and V after the threads' parts.  Unfused: per
+   thread a [mha__unfused_rows(Lq), Lk_eff] score block and GEMM packing.  */
+static int mha__attn_scratch_floats(int Lq, int Lk, int Lk_eff, int D, int Dv, int nthreads,
+                                    int need_weights, int shared_pack, size_t *per_thread,
+                                    size_t *total)
+{
+    size_t s, g1, g2, g;
+    if (need_weights) {
+        int br = mha__unfused_rows(Lq);
+        if (!mha__mul((size_t)br, (size_t)Lk_eff, &s)) return 0;
+        s = mha__round_floats(s);
+        g1 = mha__gemm_ws_floats(br, Lk_eff, D);
+        g2 = mha__gemm_ws_floats(br, Dv, Lk_eff);
+        g = g1 > g2 ? g1 : g2;
+        if (!mha__add(s, g, per_thread) || !mha__add(*per_thread, 2 * MHA__ALIGN_FLOATS, per_thread))
+            return 0;
+        *per_thread = mha__round_floats(*per_thread);
+        return mha__mul(*per_thread, (size_t)nthreads, total);
+    } else {
+        mha__fused_dims f;
+        if (!mha__fused_sizes(Lk, Lk_eff, D, Dv, &f)) return 0;
+        *per_thread = shared_pack ? f.tiles : f.tiles + f.packed;
+        return mha__mul(*per_thread, (size_t)nthreads, total) &&
+               mha__add(*total, shared_pack ? f.packed : 0, total);
+    }
+}
+
+/* Run a validated call; ws holds the scratch of mha__attn_scratch_floats.
+   Work items are independent, handed out dynamically, with no barrier but
+   the final join (a barrier per head costs dearly when the cores are
+   shared).  Unfused: (b, query tile), all heads inside, so the head average
+   is summed head by head in a fixed order.  Fused: (b, h, query tile); a
+   thread packs the keys and values of (b, h) into its own scratch when its
+   previous item was another head (with dynamic scheduling that is about
+   once per head and thread).  Fused with shared_pack (fewer heads than
+   threads, where per-thread copies would cost memory and heads are few):
+   per (b, h) the threads pack its key tiles into one buffer, then share out
+   its query tiles.  Each thread takes its scratch by
+   omp_get_thread_num().  What an item computes depends only on the item,
+   never on which or how many threads run, so results are bit-identical
+   for any thread count.  */
 static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
 {
-    int b;
-    for (b = 0; b < a->B; ++b) {
-        int h;
-        for (h = 0; h < a->H; ++h) {
-            float *s = ws;
-            float *gws = s + (((size_t)a->Lq * a->Lk_eff + MHA__ALIGN_FLOATS - 1) / MHA__ALIGN_FLOATS) * MHA__ALIGN_FLOATS;
-            (void)per_thread;
-            mha__attend_head(a, b, h, s, gws);
+    if (a->weights) {
+        int br = mha__unfused_rows(a->Lq), nqt = (a->nq + br - 1) / br;
+        long items = (long)a->nb * nqt, t;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(a->nthreads)
+#endif
+        for (t = 0; t < items; ++t) {
+            int tid = 0, i0 = (int)(t % nqt) * br;
+            int nr = a->nq - i0 < br ? a->nq - i0 : br;
+            float *sc;
+#ifdef _OPENMP
+            tid = omp_get_thread_num();
+#endif
+            sc = ws + (size_t)tid * per_thread;
+            mha__attend_rows(a, (int)(t / nqt), i0, nr, sc, sc + mha__round_floats((size_t)nr * a->Lk_eff));
+        }
+    } else if (a->shared_pack) {
+        mha__fused_dims f;
+        float *shared = ws + (size_t)a->nthreads * per_thread;
+        int nqt = (a->nq + MHA__FBR - 1) / MHA__FBR;
+        (void)mha__fused_sizes(a->Lk, a->Lk_eff, a->D, a->Dv, &f);   /* checked by the plan */
+#ifdef _OPENMP
+#pragma omp parallel num_threads(a->nthreads)
+#endif
+        {
+            int bh, t, tid = 0;
+#ifdef _OPENMP
+            tid = omp_get_thread_num();
+#endif
+            for (bh = 0; bh < a->nb * a->nh; ++bh) {
+                int b = bh / a->nh, h = bh % a->nh;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+                for (t = 0; t < f.ntiles; ++t) mha__fused_pack(a, &f, b, h, t, shared);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+                for (t = 0; t < nqt; ++t) {
+                    int i0 = t * MHA__FBR;
+                    mha__attend_fused(a, &f, b, h, i0, a->nq - i0 < MHA__FBR ? a->nq - i0 : MHA__FBR,
+                                      shared, ws + (size_t)tid * per_thread);
+                }
+            }
+        }
+    } else {
+        mha__fused_dims f;
+        int nqt = (a->nq + MHA__FBR - 1) / MHA__FBR, nbh = a->nb * a->nh;
+        long t;
+        (void)mha__fused_sizes(a->Lk, a->Lk_eff, a->D, a->Dv, &f);   /* checked by the plan */
+#ifdef _OPENMP
+#pragma omp parallel num_threads(a->nthreads)
+#endif
+        {
+            long packed_bh = -1;
+            int tid = 0;
+#ifdef _OPENMP
+            tid = omp_get_thread_num();
+#pragma omp for schedule(dynamic, 1)
+#endif
+            for (t = 0; t < (long)nbh * nqt; ++t) {
+                long bh = t / nqt;
+                int b = (int)(bh / a->nh), h = (int)(bh % a->nh), kt, i0 = (int)(t % nqt) * MHA__FBR;
+                float *sc = ws + (size_t)tid * per_thread;
+                if (bh != packed_bh) {
+                    for (kt = 0; kt < f.ntiles; ++kt) mha__fused_pack(a, &f, b, h, kt, sc);
+                    packed_bh = bh;
+                }
+                mha__attend_fused(a, &f, b, h, i0, a->nq - i0 < MHA__FBR ? a->nq - i0 : MHA__FBR,
+                                  sc, sc + f.packed);
+            }
         }
     }
 }
@@ -619,6 +1738,7 @@ static void mha__attn_common(mha__attn *a, const mha_options *opt, int B, int H,
                              int Lk_eff, int D, int Dv)
 {
     a->B = B; a->H = H; a->Lq = Lq; a->Lk = Lk; a->Lk_eff = Lk_eff; a->D = D; a->Dv = Dv;
+    a->b0 = 0; a->nb = B; a->q0 = 0; a->nq = Lq; a->h0 = 0; a->nh = H; a->shared_pack = 0;
     a->scale = opt->scale > 0.0f ? opt->scale : 1.0f / sqrtf((float)D);
     a->attn_mask = opt->attn_mask.kind != MHA_MASK_NONE ? &opt->attn_mask : NULL;
     a->kpm = opt->key_padding_mask.kind != MHA_MASK_NONE ? &opt->key_padding_mask : NULL;
@@ -655,7 +1775,6 @@ static mha_status mha__sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
 {
     size_t total, n;
     mha_status st;
-    (void)need_weights;
     if (B <= 0 || H <= 0 || Lq <= 0 || Lk <= 0 || D <= 0 || Dv <= 0) return MHA_ERR_INVALID_SIZE;
     /* every tensor's byte count must fit */
     if (!mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)(D > Dv ? D : Dv), &n) ||
@@ -664,7 +1783,8 @@ static mha_status mha__sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
         !mha__mul(n, sizeof(float), &n))
         return MHA_ERR_OVERFLOW;
     if ((st = mha__check_masks(opt, B, H, Lq, Lk)) != MHA_OK) return st;
-    if (!mha__attn_scratch_floats(Lq, Lk, D, Dv, mha__max_threads(opt), per_thread, &total) ||
+    if (!mha__attn_scratch_floats(Lq, Lk, Lk, D, Dv, mha__max_threads(opt), need_weights,
+                                  (size_t)B * H < (size_t)mha__max_threads(opt), per_thread, &total) ||
         !mha__add(total, MHA__ALIGN_FLOATS, &total) || !mha__mul(total, sizeof(float), bytes))
         return MHA_ERR_OVERFLOW;
     return MHA_OK;
@@ -704,6 +1824,7 @@ MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
     a.v.p = v; a.v.rs = (size_t)Dv; a.v.hs = (size_t)Lk * Dv; a.v.bs = (size_t)H * Lk * Dv;
     a.o = out; a.o_rs = (size_t)Dv; a.o_hs = (size_t)Lq * Dv; a.o_bs = (size_t)H * Lq * Dv;
     a.weights = attn_weights; a.per_head = 1;
+    a.shared_pack = B * H < a.nthreads;
     mha__attend_all(&a, ws, per_thread);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
@@ -715,15 +1836,45 @@ MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
    call, so the two cannot disagree).  Offsets are in floats.  */
 typedef struct mha__fwd_layout {
     int E, H, D, kdim, vdim, Lk_eff;
-    size_t qp, kp, vp, ctx, scratch, per_thread, total_floats;
+    int chunk_b, chunk_q;              /* queries go through chunk_b batches x chunk_q rows at a time */
+    int by_head;                       /* long sequences: one head at a time (mha__forward_by_head) */
+    size_t qp, kp, vp, scratch, per_thread, total_floats;
 } mha__fwd_layout;
+
+/* Without weights, a forward whose Q, K and V would take at least this many
+   floats (32 MiB) goes one head at a time: Q, K, V of one head, [B, L, D],
+   and the output projection summed head by head,
+       out = bo + sum_h O_h Wo[:, hD:(h+1)D]^T,
+   so the workspace is about 3 B L D floats instead of 2 B L E.  The price is
+   H narrower projection GEMMs (N = D), which long sequences do not notice:
+   their time is in the attention, O(L^2).  */
+#ifndef MHA__BY_HEAD_FLOATS
+#define MHA__BY_HEAD_FLOATS ((size_t)1 << 23)
+#endif
+
+/* Query rows per chunk of the fused forward: every key and value is needed by
+   every query, but a query row is needed only while its chunk is projected,
+   attended and projected out, so Q takes a chunk of rows, not [B, Lq, E].
+   Each chunk packs the keys and values again, so chunks are long.  Chunks
+   start at a multiple of the query tile, so they change no result.  */
+#ifndef MHA__QCHUNK
+#define MHA__QCHUNK 4096
+#endif
+static void mha__fwd_chunks(int B, int Lq, int need_weights, int *chunk_b, int *chunk_q)
+{
+    int rows = MHA__QCHUNK / MHA__FBR * MHA__FBR;
+    if (rows < MHA__FBR) rows = MHA__FBR;
+    if (need_weights) { *chunk_b = B; *chunk_q = Lq; return; }   /* weights are O(L^2) anyway */
+    if (Lq >= rows) { *chunk_b = 1; *chunk_q = rows; return; }
+    *chunk_q = Lq;
+    *chunk_b = rows / Lq < B ? rows / Lq : B;
+}
 
 static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
                                 const mha_options *opt, int need_weights, mha__fwd_layout *L)
 {
     size_t n, cur = 0, scratch;
     mha_status st;
-    (void)need_weights;
     if (!m) return MHA_ERR_NULL_POINTER;
     if (m->embed_dim <= 0 || m->num_heads <= 0 || m->kdim < 0 || m->vdim < 0 ||
         B <= 0 || Lq <= 0 || Lk <= 0)
@@ -759,18 +1910,37 @@ static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
     }
     if ((st = mha__check_masks(opt, B, L->H, Lq, Lk)) != MHA_OK) return st;
 
-    if (!mha__region(&cur, (size_t)B * Lq * L->E, &L->qp) ||
+    mha__fwd_chunks(B, Lq, need_weights, &L->chunk_b, &L->chunk_q);
+    L->by_head = !need_weights &&
+                 (double)B * ((double)Lq + 2.0 * L->Lk_eff) * L->E >= (double)MHA__BY_HEAD_FLOATS;
+    if (L->by_head) {
+        int nt = mha__max_threads(opt), widest = L->kdim > L->vdim ? L->kdim : L->vdim;
+        size_t g = mha__gemm_ws_floats_mt(B * Lq, L->D, L->E, nt), g2;
+        g2 = mha__gemm_ws_floats_mt(B * L->Lk_eff, L->D, widest, nt); if (g2 > g) g = g2;
+        g2 = mha__gemm_ws_floats_mt(B * Lq, L->E, L->D, nt);          if (g2 > g) g = g2;
+        if (!mha__region(&cur, (size_t)B * Lq * L->D, &L->qp) ||
+            !mha__region(&cur, (size_t)B * L->Lk_eff * L->D, &L->kp) ||
+            !mha__region(&cur, (size_t)B * L->Lk_eff * L->D, &L->vp) ||
+            !mha__attn_scratch_floats(Lq, Lk, L->Lk_eff, L->D, L->D, nt, 0, B < nt, &L->per_thread,
+                                      &scratch) ||
+            !mha__region(&cur, scratch > g ? scratch : g, &L->scratch) ||
+            !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
+            return MHA_ERR_OVERFLOW;
+        return MHA_OK;
+    }
+    if (!mha__region(&cur, (size_t)L->chunk_b * L->chunk_q * L->E, &L->qp) ||
         !mha__region(&cur, (size_t)B * L->Lk_eff * L->E, &L->kp) ||
         !mha__region(&cur, (size_t)B * L->Lk_eff * L->E, &L->vp) ||
-        !mha__region(&cur, (size_t)B * Lq * L->E, &L->ctx) ||
-        !mha__attn_scratch_floats(Lq, L->Lk_eff, L->D, L->D, mha__max_threads(opt),
-                                  &L->per_thread, &scratch) ||
+        !mha__attn_scratch_floats(Lq, Lk, L->Lk_eff, L->D, L->D, mha__max_threads(opt),
+                                  need_weights, L->H < mha__max_threads(opt), &L->per_thread,
+                                  &scratch) ||
         !mha__region(&cur, scratch, &L->scratch))
         return MHA_ERR_OVERFLOW;
     /* projection GEMMs run on the scratch area too */
     {
-        size_t g = mha__gemm_ws_floats(B * Lq, L->E, L->E);
-        size_t g2 = mha__gemm_ws_floats(B * L->Lk_eff, L->E, L->kdim > L->vdim ? L->kdim : L->vdim);
+        int nt = mha__max_threads(opt);
+        size_t g = mha__gemm_ws_floats_mt(B * Lq, L->E, L->E, nt);
+        size_t g2 = mha__gemm_ws_floats_mt(B * L->Lk_eff, L->E, L->kdim > L->vdim ? L->kdim : L->vdim, nt);
         if (g2 > g) g = g2;
         if (g > scratch && !mha__add(cur, g - scratch, &cur)) return MHA_ERR_OVERFLOW;
     }
@@ -792,16 +1962,80 @@ MHADEF mha_status mha_forward_workspace_size(const mha_module *m, int B, int Lq,
     return MHA_OK;
 }
 
-/* Y[rows, E] = X[rows, in] W^T + bias, W is [E, in] as PyTorch stores it. */
+/* Y[rows, E] = X[rows, in] W^T + bias, W is [E, in] as PyTorch stores it.
+   gws: mha__gemm_ws_floats_mt(rows, E, in, nthreads) floats. */
 static void mha__linear(int rows, int in, int E, const float *X, const float *W,
-                        const float *bias, float *Y, float *gws)
+                        const float *bias, float *Y, float *gws, int nthreads)
 {
     if (bias) {
         int r;
         for (r = 0; r < rows; ++r) memcpy(Y + (size_t)r * E, bias, (size_t)E * sizeof(float));
     }
-    mha__gemm(0, 1, rows, E, in, 1.0f, X, (size_t)in, W, (size_t)in, bias ? 1.0f : 0.0f,
-              Y, (size_t)E, gws);
+    mha__gemm_mt(0, 1, rows, E, in, 1.0f, X, (size_t)in, W, (size_t)in, bias ? 1.0f : 0.0f,
+                 Y, (size_t)E, gws, nthreads);
+}
+
+/* The long-sequence forward (see MHA__BY_HEAD_FLOATS): for each head h,
+   project Q_h, K_h, V_h ([B, L, D]), attend (fused), and add O_h's share of
+   the output projection to out.  */
+static void mha__forward_by_head(const mha_module *m, const mha__fwd_layout *L, int B, int Lq, int Lk,
+                                 const float *query, const float *key, const float *value,
+                                 const mha_options *opt, float *out, float *qp, float *kp, float *vp,
+                                 float *scratch, const float *wq, const float *wk, const float *wv,
+                                 const float *bq, const float *bk, const float *bv)
+{
+    mha__attn a;
+    int E = L->E, D = L->D, Lke = L->Lk_eff, h, b, r;
+    int nt = mha__max_threads(opt);
+
+    /* out = bo, then each head adds O_h Wo_h^T */
+    for (r = 0; r < B * Lq; ++r) {
+        if (m->out_proj_bias) memcpy(out + (size_t)r * E, m->out_proj_bias, (size_t)E * sizeof(float));
+        else memset(out + (size_t)r * E, 0, (size_t)E * sizeof(float));
+    }
+    mha__attn_common(&a, opt, B, L->H, Lq, Lk, Lke, D, D);
+    a.weights = NULL; a.per_head = 0;
+    a.nh = 1;
+    a.shared_pack = B < a.nthreads;
+    a.q.p = qp; a.q.rs = (size_t)D; a.q.hs = 0; a.q.bs = (size_t)Lq * D;
+    a.k.p = kp; a.k.rs = (size_t)D; a.k.hs = 0; a.k.bs = (size_t)Lke * D;
+    a.v.p = vp; a.v.rs = (size_t)D; a.v.hs = 0; a.v.bs = (size_t)Lke * D;
+    a.o = qp;   a.o_rs = (size_t)D; a.o_hs = 0; a.o_bs = (size_t)Lq * D;
+    for (h = 0; h < L->H; ++h) {
+        const float *bqh = bq ? bq + (size_t)h * D : NULL, *bkh = bk ? bk + (size_t)h * D : NULL;
+        const float *bvh = bv ? bv + (size_t)h * D : NULL;
+        /* 1. Q_h = Xq Wq[hD:(h+1)D, :]^T + bq_h; K_h, V_h likewise, with the
+              appended bias_k / zero rows after each batch's Lk keys */
+        mha__linear(B * Lq, E, D, query, wq + (size_t)h * D * E, bqh, qp, scratch, nt);
+        if (Lke == Lk) {
+            mha__linear(B * Lk, L->kdim, D, key, wk + (size_t)h * D * L->kdim, bkh, kp, scratch, nt);
+            mha__linear(B * Lk, L->vdim, D, value, wv + (size_t)h * D * L->vdim, bvh, vp, scratch, nt);
+        } else {
+            for (b = 0; b < B; ++b) {
+                float *kb = kp + (size_t)b * Lke * D, *vb = vp + (size_t)b * Lke * D;
+                r = Lk;
+                mha__linear(Lk, L->kdim, D, key + (size_t)b * Lk * L->kdim, wk + (size_t)h * D * L->kdim,
+                            bkh, kb, scratch, nt);
+                mha__linear(Lk, L->vdim, D, value + (size_t)b * Lk * L->vdim, wv + (size_t)h * D * L->vdim,
+                            bvh, vb, scratch, nt);
+                if (m->bias_k) {
+                    memcpy(kb + (size_t)r * D, m->bias_k + (size_t)h * D, (size_t)D * sizeof(float));
+                    memcpy(vb + (size_t)r * D, m->bias_v + (size_t)h * D, (size_t)D * sizeof(float));
+                    ++r;
+                }
+                if (m->add_zero_attn) {
+                    memset(kb + (size_t)r * D, 0, (size_t)D * sizeof(float));
+                    memset(vb + (size_t)r * D, 0, (size_t)D * sizeof(float));
+                }
+            }
+        }
+        /* 2. O_h over Q_h, fused */
+        a.h0 = h;
+        mha__attend_all(&a, scratch, L->per_thread);
+        /* 3. out += O_h Wo[:, hD:(h+1)D]^T */
+        mha__gemm_mt(0, 1, B * Lq, E, D, 1.0f, qp, (size_t)D, m->out_proj_weight + (size_t)h * D,
+                     (size_t)E, 1.0f, out, (size_t)E, scratch, nt);
+    }
 }
 
 MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
@@ -813,7 +2047,7 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
     mha__fwd_layout L;
     mha__attn a;
     void *owned;
-    float *ws, *qp, *kp, *vp, *ctx, *scratch;
+    float *ws, *qp, *kp, *vp, *scratch;
     const float *wq, *wk, *wv, *bq, *bk, *bv;
     size_t need;
     int E, b, extra;
@@ -826,7 +2060,7 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
     if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
 
     E = L.E;
-    qp = ws + L.qp; kp = ws + L.kp; vp = ws + L.vp; ctx = ws + L.ctx; scratch = ws + L.scratch;
+    qp = ws + L.qp; kp = ws + L.kp; vp = ws + L.vp; scratch = ws + L.scratch;
     if (m->in_proj_weight) {
         wq = m->in_proj_weight;
         wk = wq + (size_t)E * E;
@@ -838,21 +2072,27 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
     bk = bq ? bq + E : NULL;
     bv = bq ? bq + 2 * E : NULL;
 
-    /* 1. projections: Q = Xq Wq^T + bq (all batches at once, [B*Lq, E]).
+    if (L.by_head) {
+        mha__forward_by_head(m, &L, B, Lq, Lk, query, key, value, opt, out, qp, kp, vp, scratch,
+                             wq, wk, wv, bq, bk, bv);
+        if (owned) MHA_FREE(owned);
+        return MHA_OK;
+    }
+
+    /* 1. key and value projections, K = Xk Wk^T + bk, for all batches.
        K and V hold Lk_eff rows per batch: the Lk projected keys, then bias_k,
        then a zero row (add_zero_attn: zeros after the head split are zero
        columns in every head, i.e. one zero row before the split). */
-    mha__linear(B * Lq, E, E, query, wq, bq, qp, scratch);
     extra = L.Lk_eff - Lk;
     if (extra == 0) {
-        mha__linear(B * Lk, L.kdim, E, key, wk, bk, kp, scratch);
-        mha__linear(B * Lk, L.vdim, E, value, wv, bv, vp, scratch);
+        mha__linear(B * Lk, L.kdim, E, key, wk, bk, kp, scratch, mha__max_threads(opt));
+        mha__linear(B * Lk, L.vdim, E, value, wv, bv, vp, scratch, mha__max_threads(opt));
     } else {
         for (b = 0; b < B; ++b) {
             float *kb = kp + (size_t)b * L.Lk_eff * E, *vb = vp + (size_t)b * L.Lk_eff * E;
             int r = Lk;
-            mha__linear(Lk, L.kdim, E, key + (size_t)b * Lk * L.kdim, wk, bk, kb, scratch);
-            mha__linear(Lk, L.vdim, E, value + (size_t)b * Lk * L.vdim, wv, bv, vb, scratch);
+            mha__linear(Lk, L.kdim, E, key + (size_t)b * Lk * L.kdim, wk, bk, kb, scratch, mha__max_threads(opt));
+            mha__linear(Lk, L.vdim, E, value + (size_t)b * Lk * L.vdim, wv, bv, vb, scratch, mha__max_threads(opt));
             if (m->bias_k) {
                 memcpy(kb + (size_t)r * E, m->bias_k, (size_t)E * sizeof(float));
                 memcpy(vb + (size_t)r * E, m->bias_v, (size_t)E * sizeof(float));
@@ -865,17 +2105,42 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
         }
     }
 
-    /* 2. attention per (batch, head) on the head-interleaved [B, L, E] layout */
+    /* The queries go through in chunks of nb batches x nq rows (all of them
+       at once when the weights are wanted); a chunk's rows are contiguous
+       in query and out because nb > 1 only when nq == Lq. */
     mha__attn_common(&a, opt, B, L.H, Lq, Lk, L.Lk_eff, L.D, L.D);
-    a.q.p = qp; a.q.rs = (size_t)E; a.q.hs = (size_t)L.D; a.q.bs = (size_t)Lq * E;
-    a.k.p = kp; a.k.rs = (size_t)E; a.k.hs = (size_t)L.D; a.k.bs = (size_t)L.Lk_eff * E;
-    a.v.p = vp; a.v.rs = (size_t)E; a.v.hs = (size_t)L.D; a.v.bs = (size_t)L.Lk_eff * E;
-    a.o = ctx;  a.o_rs = (size_t)E; a.o_hs = (size_t)L.D; a.o_bs = (size_t)Lq * E;
     a.weights = attn_weights; a.per_head = opt->per_head_weights != 0;
-    mha__attend_all(&a, scratch, L.per_thread);
+    a.shared_pack = L.H < a.nthreads;
+    for (b = 0; b < B; b += L.chunk_b) {
+        int q0;
+        a.b0 = b;
+        a.nb = B - b < L.chunk_b ? B - b : L.chunk_b;
+        for (q0 = 0; q0 < Lq; q0 += L.chunk_q) {
+            size_t first = ((size_t)b * Lq + q0) * E;   /* offset of the chunk in query/out */
+            int rows;
+            a.q0 = q0;
+            a.nq = Lq - q0 < L.chunk_q ? Lq - q0 : L.chunk_q;
+            rows = a.nb * a.nq;
 
-    /* 3. output projection: out = concat_h(O_h) Wo^T + bo */
-    mha__linear(B * Lq, E, E, ctx, m->out_proj_weight, m->out_proj_bias, out, scratch);
+            /* 2. Q = Xq Wq^T + bq for the chunk's rows */
+            mha__linear(rows, E, E, query + first, wq, bq, qp, scratch, a.nthreads);
+
+            /* 3. attention per (batch, head) on the head-interleaved [rows, E]
+               layout; each head's context overwrites that head's Q columns,
+               which its tile has finished reading, so no context buffer */
+            a.q.p = qp; a.q.rs = (size_t)E; a.q.hs = (size_t)L.D; a.q.bs = (size_t)a.nq * E;
+            a.k.p = kp + (size_t)b * L.Lk_eff * E;
+            a.k.rs = (size_t)E; a.k.hs = (size_t)L.D; a.k.bs = (size_t)L.Lk_eff * E;
+            a.v.p = vp + (size_t)b * L.Lk_eff * E;
+            a.v.rs = (size_t)E; a.v.hs = (size_t)L.D; a.v.bs = (size_t)L.Lk_eff * E;
+            a.o = qp;   a.o_rs = (size_t)E; a.o_hs = (size_t)L.D; a.o_bs = (size_t)a.nq * E;
+            mha__attend_all(&a, scratch, L.per_thread);
+
+            /* 4. output projection: out = concat_h(O_h) Wo^T + bo */
+            mha__linear(rows, E, E, qp, m->out_proj_weight, m->out_proj_bias, out + first, scratch,
+                        a.nthreads);
+        }
+    }
 
     if (owned) MHA_FREE(owned);
     return MHA_OK;

@@ -5,6 +5,7 @@
 #   tests/run_all.sh [config ...]      default: all configurations
 #
 # Configurations: scalar (gcc, MHA_NO_SIMD), avx2 (gcc, AVX2+FMA, OpenMP),
+# avx512 (gcc, AVX-512F, OpenMP; skipped on CPUs without it),
 # clang (clang, AVX2+FMA), sanitize (clang ASan+UBSan, AVX2 and scalar),
 # neon (aarch64 cross-compiler, run under qemu-aarch64), cxx (C++ compile of the
 # header + the two-translation-unit link test), fuzz (bounded libFuzzer run).
@@ -62,7 +63,7 @@ build_and_run() {
 have_avx2() { grep -q ' avx2 ' /proc/cpuinfo && grep -q ' fma ' /proc/cpuinfo; }
 
 configs=("$@")
-[ ${#configs[@]} -eq 0 ] && configs=(scalar avx2 clang sanitize neon cxx fuzz)
+[ ${#configs[@]} -eq 0 ] && configs=(scalar avx2 avx512 clang sanitize neon cxx fuzz)
 
 for cfg in "${configs[@]}"; do
     case $cfg in
@@ -72,6 +73,10 @@ for cfg in "${configs[@]}"; do
         if have_avx2; then
             OMP_NUM_THREADS=2 build_and_run avx2 gcc "-std=c99 -O2 -mavx2 -mfma -fopenmp $WARN" "-lm"
         else note "NOTE avx2: this CPU has no AVX2+FMA; configuration skipped"; fi ;;
+    avx512)
+        if grep -q ' avx512f ' /proc/cpuinfo; then
+            OMP_NUM_THREADS=2 build_and_run avx512 gcc "-std=c99 -O2 -mavx512f -mavx2 -mfma -fopenmp $WARN" "-lm"
+        else note "NOTE avx512: this CPU has no AVX-512F; configuration skipped"; fi ;;
     clang)
         if have_avx2; then
             build_and_run clang clang "-std=c99 -O2 -mavx2 -mfma $WARN" "-lm"
@@ -97,7 +102,11 @@ for cfg in "${configs[@]}"; do
         else fail_one "[link] two translation units do not link:"; head -20 "$OUT/cxx/link.log"; fi
         if gcc -std=c99 $WARN -O1 -I. -DMHA_STATIC tests/link_a.c tests/link_b.c -o "$OUT/cxx/link_static" -lm 2>"$OUT/cxx/link_static.log"; then
             run_prog link-static "$OUT/cxx/link_static"
-        else fail_one "[link-static] MHA_STATIC build does not link:"; head -20 "$OUT/cxx/link_static.log"; fi ;;
+        else fail_one "[link-static] MHA_STATIC build does not link:"; head -20 "$OUT/cxx/link_static.log"; fi
+        # the benchmark is not run here, only kept compiling (without OpenBLAS)
+        if gcc -std=c99 $WARN -O1 -fopenmp -I. bench/bench.c -o "$OUT/cxx/bench" -lm 2>"$OUT/cxx/bench.log"; then
+            note "[bench] bench/bench.c compiles"
+        else fail_one "[bench] bench/bench.c does not compile:"; head -20 "$OUT/cxx/bench.log"; fi ;;
     fuzz)
         # bounded libFuzzer run of tests/fuzz_forward.c (random sizes, masks, NaN/Inf)
         mkdir -p "$OUT/fuzz/corpus"

@@ -1,0 +1,297 @@
+/* bench/bench_mha.c - multi-head attention timings for `make bench`.
+
+   Tables (medians of repeated runs, each configuration in its own forked
+   process so its peak RSS is its own):
+     1. mha_forward, E = 512, H = 8, self attention, (B, L) as in the speed
+        issue: fused (no weights) and unfused (head-averaged weights), 1 and
+        2 threads; ms, GFLOP/s, peak RSS, and PyTorch's time for the same
+        call (bench/torch_mha.py) as a ratio torch_ms / mha_ms.
+     2. the attention core alone (mha_sdpa, 8 heads of 64, fused).
+     3. long sequences: L = 16384 (E 512, H 8) and L = 65536 (one head of 64):
+        peak RSS against the bytes of the inputs and outputs.
+
+   Times: 1 thread = CPU time of the process, 2 threads = wall clock (the
+   torch script does the same), so a busy machine slows only the 2-thread rows.
+
+   usage: bench_mha [--quick] [--no-torch]
+     --quick     skip table 3
+     --no-torch  do not run bench/torch_mha.py
+   FLOPs counted: projections 4 x 2 B L E^2, attention 2 x 2 B H Lq Lk D
+   (QK^T and PV); softmax and masking are not counted.  */
+#define _POSIX_C_SOURCE 200809L
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#define MHA_IMPLEMENTATION
+#include "mha.h"
+
+#define E_DIM 512
+#define N_HEADS 8
+
+/* Single-thread runs are timed by the process's CPU time, which other
+   programs on a shared machine do not inflate; threaded runs by the wall
+   clock (their CPU time would hide a slow thread). */
+static double now_s(int threads)
+{
+    struct timespec t;
+    clock_gettime(threads == 1 ? CLOCK_PROCESS_CPUTIME_ID : CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static double peak_rss_mib(void)
+{
+    struct rusage u;
+    getrusage(RUSAGE_SELF, &u);
+    return (double)u.ru_maxrss / 1024.0;   /* ru_maxrss is KiB on Linux */
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static void fill(float *x, size_t n, unsigned seed, float amp)
+{
+    size_t i;
+    unsigned s = seed * 2654435761u + 12345u;
+    for (i = 0; i < n; ++i) {
+        s = s * 1664525u + 1013904223u;
+        x[i] = amp * ((float)(s >> 8) * (2.0f / 16777216.0f) - 1.0f);
+    }
+}
+
+typedef struct result {
+    double ms;        /* median of the timed runs */
+    double rss_mib;   /* peak RSS of the process that ran them */
+    double base_mib;  /* RSS before any tensor was allocated */
+    double io_mib;    /* inputs (x, weights) + outputs (out, weights if any) */
+    int reps, ok;
+} result;
+
+typedef struct job {
+    int sdpa;               /* 1: mha_sdpa on [B,H,L,D]; 0: mha_forward */
+    int B, L, E, H, threads, fused;
+    double min_time;        /* seconds of timed runs to aim for */
+    int max_reps;
+} job;
+
+/* Time fn-style work in this process; called in the child. */
+static result run_job(const job *jb)
+{
+    result r;
+    double times[64];
+    int E = jb->E, B = jb->B, L = jb->L, H = jb->H, D = E / H, i;
+    size_t nx = (size_t)B * L * E, nw = jb->fused ? 0 : (size_t)B * (jb->sdpa ? H : 1) * L * L;
+    size_t wsb = 0;
+    float *x, *k = NULL, *v = NULL, *out, *w = NULL, *w_in = NULL, *b_in = NULL, *w_out = NULL, *b_out = NULL;
+    void *ws;
+    mha_module m;
+    mha_options opt;
+    double t_start;
+    memset(&r, 0, sizeof r);
+    r.base_mib = peak_rss_mib();
+    memset(&opt, 0, sizeof opt);
+    opt.num_threads = jb->threads;
+    memset(&m, 0, sizeof m);
+    x = (float *)malloc(nx * sizeof(float));
+    out = (float *)malloc(nx * sizeof(float));
+    if (nw) w = (float *)malloc(nw * sizeof(float));
+    fill(x, nx, 1, 1.0f);
+    if (jb->sdpa) {
+        k = (float *)malloc(nx * sizeof(float));
+        v = (float *)malloc(nx * sizeof(float));
+        fill(k, nx, 2, 1.0f); fill(v, nx, 3, 1.0f);
+        if (mha_sdpa_workspace_size(B, H, L, L, D, D, &opt, !jb->fused, &wsb) != MHA_OK) return r;
+        r.io_mib = (3.0 * nx + nx + nw) * sizeof(float) / 1048576.0;
+    } else {
+        w_in = (float *)malloc((size_t)3 * E * E * sizeof(float));
+        b_in = (float *)malloc((size_t)3 * E * sizeof(float));
+        w_out = (float *)malloc((size_t)E * E * sizeof(float));
+        b_out = (float *)malloc((size_t)E * sizeof(float));
+        fill(w_in, (size_t)3 * E * E, 4, 0.05f); fill(b_in, (size_t)3 * E, 5, 0.1f);
+        fill(w_out, (size_t)E * E, 6, 0.05f); fill(b_out, (size_t)E, 7, 0.1f);
+        m.embed_dim = E; m.num_heads = H;
+        m.in_proj_weight = w_in; m.in_proj_bias = b_in; m.out_proj_weight = w_out; m.out_proj_bias = b_out;
+        if (mha_forward_workspace_size(&m, B, L, L, &opt, !jb->fused, &wsb) != MHA_OK) return r;
+        r.io_mib = ((double)nx + nx + nw + 4.0 * E * E + 4.0 * E) * sizeof(float) / 1048576.0;
+    }
+    ws = malloc(wsb);
+    if (!x || !out || (nw && !w) || !ws || (jb->sdpa && (!k || !v))) return r;
+    t_start = now_s(jb->threads);
+    for (i = -1; i < jb->max_reps && i < 64; ++i) {   /* i = -1: warm-up, not timed */
+        double t0 = now_s(jb->threads);
+        mha_status s = jb->sdpa
+            ? mha_sdpa(B, H, L, L, D, D, x, k, v, &opt, out, w, ws, wsb)
+            : mha_forward(&m, B, L, L, x, x, x, &opt, out, w, ws, wsb);
+        double t1 = now_s(jb->threads);
+        if (s != MHA_OK) { fprintf(stderr, "bench: %s\n", mha_status_string(s)); return r; }
+        if (i >= 0) times[r.reps++] = t1 - t0;
+        if (i < 0) t_start = t1;
+        if (r.reps >= 3 && t1 - t_start >= jb->min_time) break;
+        /* max_reps 0: one run, the warm-up is the measurement */
+        if (i < 0 && jb->max_reps == 0) { times[r.reps++] = t1 - t0; break; }
+    }
+    qsort(times, (size_t)r.reps, sizeof(double), cmp_double);
+    r.ms = r.reps ? 1e3 * (r.reps % 2 ? times[r.reps / 2] : 0.5 * (times[r.reps / 2 - 1] + times[r.reps / 2])) : 0;
+    r.rss_mib = peak_rss_mib();
+    r.ok = r.reps > 0;
+    return r;
+}
+
+/* Run a job in a child process and collect its result through a pipe. */
+static result run_forked(const job *jb)
+{
+    result r;
+    int fd[2], status;
+    pid_t pid;
+    memset(&r, 0, sizeof r);
+    fflush(stdout);
+    if (pipe(fd) != 0) return r;
+    pid = fork();
+    if (pid == 0) {
+        result c = run_job(jb);
+        ssize_t n;
+        close(fd[0]);
+        n = write(fd[1], &c, sizeof c);
+        _exit(n == (ssize_t)sizeof c ? 0 : 1);
+    }
+    close(fd[1]);
+    if (pid < 0 || read(fd[0], &r, sizeof r) != (ssize_t)sizeof r) memset(&r, 0, sizeof r);
+    close(fd[0]);
+    waitpid(pid, &status, 0);
+    return r;
+}
+
+static double mha_flops(int B, int L, int E)
+{
+    return 8.0 * B * L * (double)E * E + 4.0 * B * (double)L * L * E;
+}
+
+/* PyTorch's medians, read from bench/torch_mha.py: [shape][threads-1][need_weights] */
+static const int shapes[][2] = {{1, 128}, {8, 128}, {1, 512}, {1, 2048}, {4, 1024}};
+#define NSHAPES (int)(sizeof shapes / sizeof shapes[0])
+static double torch_ms[NSHAPES][2][2];
+
+static void run_torch(void)
+{
+    int t;
+    for (t = 1; t <= 2; ++t) {
+        char cmd[256], line[256];
+        FILE *p;
+        snprintf(cmd, sizeof cmd,
+                 "OPENBLAS_NUM_THREADS=%d OMP_NUM_THREADS=%d MKL_NUM_THREADS=%d "
+                 "/usr/bin/python3 bench/torch_mha.py --threads %d 2>/dev/null", t, t, t, t);
+        p = popen(cmd, "r");
+        if (!p) return;
+        while (fgets(line, sizeof line, p)) {
+            int B, L, th, need, s;
+            double ms;
+            if (sscanf(line, "torch %d %d %d %d %lf", &B, &L, &th, &need, &ms) != 5) continue;
+            for (s = 0; s < NSHAPES; ++s)
+                if (shapes[s][0] == B && shapes[s][1] == L && th >= 1 && th <= 2 && (need == 0 || need == 1))
+                    torch_ms[s][th - 1][need] = ms;
+        }
+        pclose(p);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    int quick = 0, torch = 1, a, s, t, f;
+    for (a = 1; a < argc; ++a) {
+        if (!strcmp(argv[a], "--quick")) quick = 1;
+        else if (!strcmp(argv[a], "--no-torch")) torch = 0;
+        else { fprintf(stderr, "usage: %s [--quick] [--no-torch]\n", argv[0]); return 2; }
+    }
+    printf("mha.h %d.%d.%d, SIMD: %s, OpenMP: %s, OMP_WAIT_POLICY=%s\n", MHA_VERSION_MAJOR,
+           MHA_VERSION_MINOR, MHA_VERSION_PATCH, MHA__SIMD_NAME,
+#ifdef _OPENMP
+           "yes",
+#else
+           "no (thread counts are ignored)",
+#endif
+           getenv("OMP_WAIT_POLICY") ? getenv("OMP_WAIT_POLICY") : "(unset)");
+    if (torch) {
+        printf("running bench/torch_mha.py (PyTorch nn.MultiheadAttention, 1 and 2 threads)...\n");
+        run_torch();
+    }
+
+    printf("\n== MHA forward, E=%d, H=%d, self attention; median ms; ratio = torch ms / mha.h ms\n",
+           E_DIM, N_HEADS);
+    printf("   fused = no weights (torch need_weights=False), unfused = averaged weights (need_weights=True)\n");
+    printf("   1 thread: CPU time, 2 threads: wall clock; 2t/1t = speed-up of the 2-thread row\n");
+    printf("%-9s %-7s %3s %9s %8s %6s %9s %9s %7s\n", "B,L", "path", "thr", "ms", "GFLOP/s", "2t/1t",
+           "peak MiB", "torch ms", "ratio");
+    for (s = 0; s < NSHAPES; ++s)
+        for (f = 1; f >= 0; --f) {
+            double ms1 = 0;
+            for (t = 1; t <= 2; ++t) {
+                job jb;
+                result r;
+                char shape[32], speedup[16];
+                double tm = torch_ms[s][t - 1][!f];
+                memset(&jb, 0, sizeof jb);
+                jb.B = shapes[s][0]; jb.L = shapes[s][1]; jb.E = E_DIM; jb.H = N_HEADS;
+                jb.threads = t; jb.fused = f; jb.min_time = 0.5; jb.max_reps = 30;
+                r = run_forked(&jb);
+                snprintf(shape, sizeof shape, "%d,%d", jb.B, jb.L);
+                if (!r.ok) { printf("%-9s %-7s %3d  failed\n", shape, f ? "fused" : "unfused", t); continue; }
+                if (t == 1) { ms1 = r.ms; snprintf(speedup, sizeof speedup, "-"); }
+                else snprintf(speedup, sizeof speedup, "%.2fx", ms1 / r.ms);
+                printf("%-9s %-7s %3d %9.3f %8.1f %6s %9.1f", shape, f ? "fused" : "unfused", t, r.ms,
+                       mha_flops(jb.B, jb.L, jb.E) / (r.ms * 1e6), speedup, r.rss_mib);
+                if (tm > 0) printf(" %9.3f %6.2fx\n", tm, tm / r.ms);
+                else printf(" %9s %7s\n", "-", "-");
+            }
+        }
+
+    printf("\n== attention core alone: mha_sdpa, B=1, H=8, D=64, no mask, fused\n");
+    printf("   FLOPs 4 H L^2 D (QK^T and PV)\n");
+    printf("%-6s %3s %9s %8s %6s\n", "L", "thr", "ms", "GFLOP/s", "2t/1t");
+    {
+        static const int ls[] = {512, 1024, 2048, 4096};
+        int i;
+        for (i = 0; i < 4; ++i) {
+            double ms1 = 0;
+            for (t = 1; t <= 2; ++t) {
+                job jb;
+                result r;
+                memset(&jb, 0, sizeof jb);
+                jb.sdpa = 1; jb.B = 1; jb.L = ls[i]; jb.E = 512; jb.H = 8;
+                jb.threads = t; jb.fused = 1; jb.min_time = 0.5; jb.max_reps = 30;
+                r = run_forked(&jb);
+                if (!r.ok) { printf("%-6d %3d  failed\n", ls[i], t); continue; }
+                printf("%-6d %3d %9.3f %8.1f", ls[i], t, r.ms, 4.0 * 8 * (double)ls[i] * ls[i] * 64 / (r.ms * 1e6));
+                if (t == 1) { ms1 = r.ms; printf(" %6s\n", "-"); }
+                else printf(" %5.2fx\n", ms1 / r.ms);
+            }
+        }
+    }
+
+    if (!quick) {
+        static const int cfg[2][3] = {{16384, 512, 8}, {65536, 64, 1}};
+        int i;
+        printf("\n== long sequences, fused, B=1, 2 threads, one timed run each\n");
+        printf("   in+out = x, weights and out; ratio = peak RSS / in+out (target <= 2)\n");
+        printf("%-6s %4s %2s %10s %9s %9s %9s %6s\n", "L", "E", "H", "ms", "GFLOP/s", "peak MiB",
+               "in+out", "ratio");
+        for (i = 0; i < 2; ++i) {
+            job jb;
+            result r;
+            memset(&jb, 0, sizeof jb);
+            jb.B = 1; jb.L = cfg[i][0]; jb.E = cfg[i][1]; jb.H = cfg[i][2];
+            jb.threads = 2; jb.fused = 1; jb.min_time = 0; jb.max_reps = 0;
+            r = run_forked(&jb);
+            if (!r.ok) { printf("%-6d %4d %2d  failed\n", jb.L, jb.E, jb.H); continue; }
+            printf("%-6d %4d %2d %10.1f %9.1f %9.1f %9.1f %6.2f   (process RSS before tensors %.1f MiB)\n",
+                   jb.L, jb.E, jb.H, r.ms, mha_flops(1, jb.L, jb.E) / (r.ms * 1e6), r.rss_mib,
+                   r.io_mib, r.rss_mib / r.io_mib, r.base_mib);
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,195 @@
+/* GEMM against a float64 reference: every transpose, odd and prime sizes,
+   alpha/beta (beta = 0 must not read C), leading dimensions above the
+   minimum, the workspace contract, argument errors, and bit-identical
+   results for any thread count. */
+#define MHA_IMPLEMENTATION
+#include "mha.h"
+#include "testutil.h"
+#include <stdlib.h>
+#include <string.h>
+
+/* C = alpha op(A) op(B) + beta C0 in double; C0 is ignored when beta == 0 */
+static void ref_gemm(int ta, int tb, int M, int N, int K, double alpha, const float *A, int lda,
+                     const float *B, int ldb, double beta, const float *C0, int ldc, double *R)
+{
+    int i, j, p;
+    for (i = 0; i < M; ++i)
+        for (j = 0; j < N; ++j) {
+            double acc = 0.0;
+            for (p = 0; p < K; ++p) {
+                double a = ta ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
+                double b = tb ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j];
+                acc += a * b;
+            }
+            R[(size_t)i * N + j] = alpha * acc + (beta == 0.0 ? 0.0 : beta * C0[(size_t)i * ldc + j]);
+        }
+}
+
+static tu_rng rng = {0x9e3779b97f4a7c15ULL};
+static double worst = 0.0;
+
+/* One call of the public mha_gemm checked against the reference.  pad: extra
+   leading-dimension floats; the padding of C must be left alone. */
+static void check(int ta, int tb, int M, int N, int K, float alpha, float beta, int pad)
+{
+    int lda = (ta ? M : K) + pad, ldb = (tb ? K : N) + pad, ldc = N + pad;
+    size_t na = (size_t)(ta ? K : M) * lda, nb = (size_t)(tb ? N : K) * ldb, nc = (size_t)M * ldc;
+    float *A = (float *)malloc(na * sizeof(float)), *B = (float *)malloc(nb * sizeof(float));
+    float *C = (float *)malloc(nc * sizeof(float)), *C0 = (float *)malloc(nc * sizeof(float));
+    float *got = (float *)malloc((size_t)M * N * sizeof(float));
+    double *R = (double *)malloc((size_t)M * N * sizeof(double));
+    size_t i;
+    int r, ok_pad = 1, finite = 1;
+    double e;
+    tu_fill(&rng, A, na, 1.0f);
+    tu_fill(&rng, B, nb, 1.0f);
+    tu_fill(&rng, C, nc, 1.0f);
+    if (beta == 0.0f) for (i = 0; i < nc; i += 3) C[i] = NAN;   /* must never be read */
+    for (r = 0; r < M; ++r) for (i = (size_t)N; i < (size_t)ldc; ++i) C[(size_t)r * ldc + i] = 1234.5f;
+    memcpy(C0, C, nc * sizeof(float));
+    ref_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C0, ldc, R);
+    CHECK(mha_gemm((mha_trans)ta, (mha_trans)tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, NULL, 0) == MHA_OK,
+          "mha_gemm status");
+    for (r = 0; r < M; ++r) {
+        memcpy(got + (size_t)r * N, C + (size_t)r * ldc, (size_t)N * sizeof(float));
+        for (i = (size_t)N; i < (size_t)ldc; ++i) ok_pad &= C[(size_t)r * ldc + i] == 1234.5f;
+    }
+    for (i = 0; i < (size_t)M * N; ++i) finite &= got[i] - got[i] == 0.0f;
+    e = tu_rel_err(got, R, (size_t)M * N);
+    if (e > worst) worst = e;
+    CHECK(e <= 1e-5, "ta=%d tb=%d M=%d N=%d K=%d alpha=%g beta=%g pad=%d: rel err %.3g",
+          ta, tb, M, N, K, alpha, beta, pad, e);
+    CHECK(finite, "non-finite output (beta=%g read C?) M=%d N=%d K=%d", beta, M, N, K);
+    CHECK(ok_pad, "wrote into C's leading-dimension padding, M=%d N=%d K=%d", M, N, K);
+    free(A); free(B); free(C); free(C0); free(got); free(R);
+}
+
+static void test_shapes(void)
+{
+    static const int small[] = {1, 2, 3, 5, 7, 13, 17, 31};
+    static const int big[][3] = {
+        {64, 64, 64}, {127, 130, 257}, {257, 127, 130}, {130, 257, 31}, {31, 130, 257},
+        {64, 130, 64}, {130, 64, 130}, {300, 20, 600},   /* M > MC, K split in two */
+        {3, 4200, 7},                                     /* N > NC */
+    };
+    const int ns = (int)(sizeof small / sizeof small[0]);
+    int ta, tb, x, y, z, t;
+    for (ta = 0; ta < 2; ++ta)
+        for (tb = 0; tb < 2; ++tb) {
+            for (x = 0; x < ns; ++x)
+                for (y = 0; y < ns; ++y)
+                    for (z = 0; z < ns; z += 2)
+                        check(ta, tb, small[x], small[y], small[(z + x) % ns], 1.0f, 0.0f, (x + y) % 3);
+            for (t = 0; t < (int)(sizeof big / sizeof big[0]); ++t)
+                check(ta, tb, big[t][0], big[t][1], big[t][2], 1.0f, 0.0f, t % 2);
+            /* alpha and beta: once on tiles, once across a full register tile and an edge */
+            check(ta, tb, 7, 5, 3, -1.5f, 0.25f, 1);
+            check(ta, tb, 31, 37, 29, 0.5f, 0.0f, 2);
+            check(ta, tb, 31, 37, 29, 1.0f, 1.0f, 0);
+            check(ta, tb, 31, 37, 29, 2.0f, -1.0f, 3);
+            check(ta, tb, 19, 40, 300, 0.75f, 0.5f, 1);   /* beta once though K has two blocks */
+        }
+    printf("NOTE gemm (%s, MR=%d NR=%d): worst relative error %.3g\n", MHA__SIMD_NAME, MHA__MR, MHA__NR, worst);
+}
+
+static void test_workspace_and_errors(void)
+{
+    float A[6 * 5], B[5 * 4], C[6 * 4], C2[6 * 4];
+    size_t need = mha_gemm_workspace_size(6, 4, 5), one = (mha__gemm_ws_floats(6, 4, 5) + MHA__ALIGN_FLOATS) * sizeof(float);
+    void *ws = malloc(need);
+    int i;
+    tu_fill(&rng, A, 30, 1.0f);
+    tu_fill(&rng, B, 20, 1.0f);
+    for (i = 0; i < 24; ++i) C[i] = C2[i] = (float)i;
+    CHECK(need >= one && one > 0, "workspace size %zu (one thread %zu)", need, one);
+    CHECK(mha_gemm_workspace_size(0, 4, 5) == 0 && mha_gemm_workspace_size(6, 4, -1) == 0, "size of empty");
+    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, ws, one - 1) == MHA_ERR_WORKSPACE_TOO_SMALL,
+          "short workspace accepted");
+    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, ws, 1) == MHA_ERR_WORKSPACE_TOO_SMALL,
+          "1-byte workspace accepted");
+    CHECK(memcmp(C, C2, sizeof C) == 0, "C written on error");
+    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, ws, need) == MHA_OK, "exact workspace");
+    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C2, 4, ws, one) == MHA_OK, "one-thread workspace");
+    CHECK(memcmp(C, C2, sizeof C) == 0, "result depends on the workspace size");
+    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 0, 4, 5, 1, A, 5, B, 4, 0, C, 4, NULL, 0) == MHA_ERR_INVALID_SIZE, "M=0");
+    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 4, B, 4, 0, C, 4, NULL, 0) == MHA_ERR_INVALID_SIZE, "lda<K");
+    CHECK(mha_gemm(MHA_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, NULL, 0) == MHA_ERR_INVALID_SIZE, "lda<M");
+    CHECK(mha_gemm(MHA_NO_TRANS, MHA_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, NULL, 0) == MHA_ERR_INVALID_SIZE, "ldb<K");
+    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 3, NULL, 0) == MHA_ERR_INVALID_SIZE, "ldc<N");
+    CHECK(mha_gemm((mha_trans)2, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, NULL, 0) == MHA_ERR_INVALID_ARGUMENT, "ta=2");
+    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, NULL, 5, B, 4, 0, C, 4, NULL, 0) == MHA_ERR_NULL_POINTER, "A NULL");
+    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, NULL, 4, NULL, 0) == MHA_ERR_NULL_POINTER, "C NULL");
+    free(ws);
+}
+
+/* The threaded GEMM must give the same bits as the single-threaded one for
+   every thread count (without OpenMP this runs the same code three times). */
+static void test_threads(void)
+{
+    static const int shapes[][5] = {{200, 150, 100, 0, 1}, {77, 131, 260, 1, 0}, {40, 600, 90, 0, 0}, {600, 40, 90, 1, 1}};
+    int s, t;
+    for (s = 0; s < 4; ++s) {
+        int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2], ta = shapes[s][3], tb = shapes[s][4];
+        size_t nA = (size_t)M * K, nB = (size_t)K * N, nC = (size_t)M * N;
+        float *A = (float *)malloc(nA * 4), *B = (float *)malloc(nB * 4);
+        float *C1 = (float *)malloc(nC * 4), *Ct = (float *)malloc(nC * 4);
+        float *ws = (float *)malloc(mha__gemm_ws_floats_mt(M, N, K, 3) * 4 + 64);
+        float *w = ws + (16 - ((uintptr_t)ws / 4) % 16) % 16;
+        tu_fill(&rng, A, nA, 1.0f);
+        tu_fill(&rng, B, nB, 1.0f);
+        tu_fill(&rng, C1, nC, 1.0f);
+        memcpy(Ct, C1, nC * 4);
+        mha__gemm(ta, tb, M, N, K, 0.5f, A, ta ? M : K, B, tb ? K : N, 0.25f, C1, N, w);
+        for (t = 1; t <= 3; ++t) {
+            float *Cn = (float *)malloc(nC * 4);
+            memcpy(Cn, Ct, nC * 4);
+            mha__gemm_mt(ta, tb, M, N, K, 0.5f, A, ta ? M : K, B, tb ? K : N, 0.25f, Cn, N, w, t);
+            CHECK(memcmp(Cn, C1, nC * 4) == 0, "%d threads differ from 1 (M=%d N=%d K=%d)", t, M, N, K);
+            free(Cn);
+        }
+        free(A); free(B); free(C1); free(Ct); free(ws);
+    }
+}
+
+/* The projection helper: Y = X W^T + bias through the threaded GEMM, against
+   float64, and the same bits for 1, 2 and 3 threads. */
+static void test_linear(void)
+{
+    const int rows = 300, in = 100, E = 96;   /* 2.9M multiply-adds: above the threading threshold */
+    float *X = (float *)malloc((size_t)rows * in * 4), *W = (float *)malloc((size_t)E * in * 4);
+    float *bias = (float *)malloc((size_t)E * 4), *Y1 = (float *)malloc((size_t)rows * E * 4);
+    float *Yt = (float *)malloc((size_t)rows * E * 4);
+    double *R = (double *)malloc((size_t)rows * E * sizeof(double));
+    float *ws = (float *)malloc(mha__gemm_ws_floats_mt(rows, E, in, 3) * 4 + 64);
+    float *w = ws + (16 - ((uintptr_t)ws / 4) % 16) % 16;
+    int i, j, p, t;
+    tu_fill(&rng, X, (size_t)rows * in, 1.0f);
+    tu_fill(&rng, W, (size_t)E * in, 0.3f);
+    tu_fill(&rng, bias, (size_t)E, 1.0f);
+    for (i = 0; i < rows; ++i)
+        for (j = 0; j < E; ++j) {
+            double acc = bias[j];
+            for (p = 0; p < in; ++p) acc += (double)X[(size_t)i * in + p] * W[(size_t)j * in + p];
+            R[(size_t)i * E + j] = acc;
+        }
+    mha__linear(rows, in, E, X, W, bias, Y1, w, 1);
+    CHECK(tu_rel_err(Y1, R, (size_t)rows * E) <= 1e-5, "linear: rel err %.3g", tu_rel_err(Y1, R, (size_t)rows * E));
+    for (t = 2; t <= 3; ++t) {
+        mha__linear(rows, in, E, X, W, bias, Yt, w, t);
+        CHECK(memcmp(Yt, Y1, (size_t)rows * E * 4) == 0, "linear: %d threads differ from 1", t);
+    }
+    mha__linear(rows, in, E, X, W, NULL, Yt, w, 2);   /* no bias: beta = 0, Y never read */
+    for (i = 0; i < rows; ++i)
+        for (j = 0; j < E; ++j) R[(size_t)i * E + j] -= bias[j];
+    CHECK(tu_rel_err(Yt, R, (size_t)rows * E) <= 1e-5, "linear without bias");
+    free(X); free(W); free(bias); free(Y1); free(Yt); free(R); free(ws);
+}
+
+int main(void)
+{
+    test_shapes();
+    test_workspace_and_errors();
+    test_threads();
+    test_linear();
+    return tu_finish("gemm");
+}

@@ -1,0 +1,130 @@
+/* Results must not depend on the thread count: 1, 2 and 3 OpenMP threads
+   give bit-identical outputs and weights (fused and unfused paths, head
+   average and per head, SDPA and the module).  Without -fopenmp every run
+   is single-threaded and the comparison holds trivially; the avx2
+   configuration of tests/run_all.sh builds this with OpenMP. */
+#include <stdlib.h>
+#include <string.h>
+#define MHA_IMPLEMENTATION
+#include "mha.h"
+#include "testutil.h"
+
+static float *rnd(tu_rng *r, size_t n, float amp)
+{
+    float *x = (float *)malloc(n * sizeof(float));
+    tu_fill(r, x, n, amp);
+    return x;
+}
+
+/* forward with num_threads = t; out and w (may be NULL) are written */
+static mha_status fwd(const mha_module *m, int B, int Lq, int Lk, const float *x, const float *kv,
+                      mha_options opt, int t, float *out, float *w)
+{
+    opt.num_threads = t;
+    return mha_forward(m, B, Lq, Lk, x, kv, kv, &opt, out, w, NULL, 0);
+}
+
+static void module_case(int B, int Lq, int Lk, int E, int H, int causal, int per_head, int with_kpm,
+                        unsigned seed)
+{
+    tu_rng r;
+    mha_module m;
+    mha_options opt;
+    size_t no = (size_t)B * Lq * E, nw = (size_t)B * (per_head ? H : 1) * Lq * Lk, t;
+    float *w_in, *b_in, *w_out, *x, *kv, *o[3], *w[3];
+    unsigned char *kpm = (unsigned char *)calloc((size_t)B * Lk, 1);
+    int i, fused;
+    r.s = 0x853c49e6748fea9bULL + seed;
+    w_in = rnd(&r, (size_t)3 * E * E, 0.3f); b_in = rnd(&r, (size_t)3 * E, 0.1f);
+    w_out = rnd(&r, (size_t)E * E, 0.3f);
+    x = rnd(&r, no, 1.0f); kv = rnd(&r, (size_t)B * Lk * E, 1.0f);
+    for (t = 0; t < (size_t)B * Lk; ++t) kpm[t] = (tu_next(&r) % 5) == 0;
+    memset(&m, 0, sizeof m);
+    m.embed_dim = E; m.num_heads = H; m.in_proj_weight = w_in; m.in_proj_bias = b_in;
+    m.out_proj_weight = w_out;
+    memset(&opt, 0, sizeof opt);
+    opt.causal = causal; opt.causal_align = MHA_CAUSAL_BOTTOM_RIGHT; opt.per_head_weights = per_head;
+    if (with_kpm) {
+        opt.key_padding_mask.kind = MHA_MASK_BOOL; opt.key_padding_mask.data = kpm;
+        opt.key_padding_mask.ndim = 2; opt.key_padding_mask.shape[0] = B; opt.key_padding_mask.shape[1] = Lk;
+    }
+    for (fused = 0; fused < 2; ++fused) {
+        for (i = 0; i < 3; ++i) {
+            o[i] = (float *)malloc(no * sizeof(float));
+            w[i] = fused ? NULL : (float *)malloc(nw * sizeof(float));
+            CHECK(fwd(&m, B, Lq, Lk, x, kv, opt, i + 1, o[i], w[i]) == MHA_OK, "forward %d threads", i + 1);
+        }
+        for (i = 1; i < 3; ++i) {
+            CHECK(memcmp(o[0], o[i], no * sizeof(float)) == 0,
+                  "module out differs, 1 vs %d threads (B%d Lq%d Lk%d H%d fused%d per_head%d)",
+                  i + 1, B, Lq, Lk, H, fused, per_head);
+            if (!fused)
+                CHECK(memcmp(w[0], w[i], nw * sizeof(float)) == 0,
+                      "module weights differ, 1 vs %d threads (B%d Lq%d Lk%d H%d per_head%d)",
+                      i + 1, B, Lq, Lk, H, per_head);
+        }
+        for (i = 0; i < 3; ++i) { free(o[i]); free(w[i]); }
+    }
+    free(w_in); free(b_in); free(w_out); free(x); free(kv); free(kpm);
+}
+
+static void sdpa_case(int B, int H, int Lq, int Lk, int D, int causal, unsigned seed)
+{
+    tu_rng r;
+    mha_options opt;
+    size_t nq = (size_t)B * H * Lq * D, nk = (size_t)B * H * Lk * D, nw = (size_t)B * H * Lq * Lk;
+    float *q, *k, *v, *o1, *o2, *w1, *w2;
+    r.s = 0xda3e39cb94b95bdbULL + seed;
+    q = rnd(&r, nq, 2.0f); k = rnd(&r, nk, 2.0f); v = rnd(&r, nk, 1.0f);
+    o1 = (float *)malloc(nq * sizeof(float)); o2 = (float *)malloc(nq * sizeof(float));
+    w1 = (float *)malloc(nw * sizeof(float)); w2 = (float *)malloc(nw * sizeof(float));
+    memset(&opt, 0, sizeof opt);
+    opt.causal = causal;
+    opt.num_threads = 1;
+    CHECK(mha_sdpa(B, H, Lq, Lk, D, D, q, k, v, &opt, o1, NULL, NULL, 0) == MHA_OK, "sdpa");
+    opt.num_threads = 2;
+    CHECK(mha_sdpa(B, H, Lq, Lk, D, D, q, k, v, &opt, o2, NULL, NULL, 0) == MHA_OK, "sdpa");
+    CHECK(memcmp(o1, o2, nq * sizeof(float)) == 0, "sdpa fused out differs (B%d H%d Lq%d Lk%d)", B, H, Lq, Lk);
+    opt.num_threads = 1;
+    CHECK(mha_sdpa(B, H, Lq, Lk, D, D, q, k, v, &opt, o1, w1, NULL, 0) == MHA_OK, "sdpa");
+    opt.num_threads = 2;
+    CHECK(mha_sdpa(B, H, Lq, Lk, D, D, q, k, v, &opt, o2, w2, NULL, 0) == MHA_OK, "sdpa");
+    CHECK(memcmp(o1, o2, nq * sizeof(float)) == 0 && memcmp(w1, w2, nw * sizeof(float)) == 0,
+          "sdpa unfused out/weights differ (B%d H%d Lq%d Lk%d)", B, H, Lq, Lk);
+    free(q); free(k); free(v); free(o1); free(o2); free(w1); free(w2);
+}
+
+int main(void)
+{
+    /* per-thread scratch: a workspace sized for one thread is too small for two */
+    {
+        mha_options opt;
+        size_t one = 0, two = 0;
+        static float buf[1];
+        memset(&opt, 0, sizeof opt);
+        opt.num_threads = 1;
+        CHECK(mha_sdpa_workspace_size(1, 2, 300, 300, 16, 16, &opt, 0, &one) == MHA_OK, "size");
+        opt.num_threads = 2;
+        CHECK(mha_sdpa_workspace_size(1, 2, 300, 300, 16, 16, &opt, 0, &two) == MHA_OK, "size");
+#ifdef _OPENMP
+        CHECK(two > one, "workspace for 2 threads (%zu) not larger than for 1 (%zu)", two, one);
+        CHECK(mha_sdpa(1, 2, 300, 300, 16, 16, buf, buf, buf, &opt, buf, NULL, buf, one) ==
+              MHA_ERR_WORKSPACE_TOO_SMALL, "2-thread call accepted a 1-thread workspace");
+#else
+        (void)buf;
+        CHECK(two == one, "without OpenMP the thread count must not change the size");
+#endif
+    }
+    /* few (b, h) pairs: the query tiles carry the parallelism */
+    module_case(1, 300, 300, 16, 1, 0, 0, 1, 1);
+    module_case(1, 257, 130, 32, 2, 1, 0, 0, 2);
+    /* many heads, head-average weights summed across heads in a fixed order */
+    module_case(3, 130, 70, 48, 8, 0, 0, 1, 3);
+    module_case(2, 65, 129, 24, 6, 1, 1, 1, 4);
+    sdpa_case(1, 1, 300, 257, 8, 1, 5);
+    sdpa_case(2, 5, 70, 130, 16, 0, 6);
+#ifndef _OPENMP
+    printf("NOTE threads: built without OpenMP, every run used one thread\n");
+#endif
+    return tu_finish("threads");
+}
