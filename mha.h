@@ -206,6 +206,154 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
                               const mha_options *opt, float *out, float *attn_weights,
                               void *workspace, size_t workspace_bytes);
 
+/* ======================================================================
+   TRAINING: backward passes, a Transformer encoder layer, and the small
+   pieces a training loop needs (embedding, positional encoding,
+   cross-entropy, SGD, AdamW, a seeded RNG).  See docs/theory.md for the
+   formulas and docs/training.md for a worked example.
+
+   Every *_backward call ADDS its gradients into the buffers it is given,
+   the way PyTorch accumulates .grad: zero them before the first call of a
+   step.  A NULL gradient pointer means "not needed" (its work is skipped
+   where that is possible).  Backward calls take the same inputs as the
+   forward call and recompute what they need, so no activations have to be
+   kept between the two; nothing of size L*L is stored beyond one
+   (batch, head) at a time.  The backward paths run on one thread.
+   ====================================================================== */
+
+/* SDPA backward.  Same shapes as mha_sdpa; dout [B,H,Lq,Dv] is dLoss/dout.
+     dq [B,H,Lq,D] += dLoss/dq,  dk [B,H,Lk,D] += ...,  dv [B,H,Lk,Dv] += ...
+   Masks and causal as in mha_sdpa (mask values get no gradient).  */
+MHADEF mha_status mha_sdpa_backward_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
+                                                   const mha_options *opt, size_t *bytes);
+MHADEF mha_status mha_sdpa_backward(int B, int H, int Lq, int Lk, int D, int Dv,
+                                    const float *q, const float *k, const float *v,
+                                    const float *dout, const mha_options *opt,
+                                    float *dq, float *dk, float *dv,
+                                    void *workspace, size_t workspace_bytes);
+
+/* Gradients of an mha_module's weights, in the same (state_dict) layout.
+   Fields may be NULL when that gradient is not wanted; the two biases must
+   be NULL when the module has no bias.  */
+typedef struct mha_module_grad {
+    float *in_proj_weight;   /* [3E, E] */
+    float *in_proj_bias;     /* [3E]    */
+    float *out_proj_weight;  /* [E, E]  */
+    float *out_proj_bias;    /* [E]     */
+} mha_module_grad;
+
+/* Backward of mha_forward.  Supported: in_proj_weight (kdim == vdim == E),
+   no bias_k/bias_v, no add_zero_attn; anything else is
+   MHA_ERR_INVALID_ARGUMENT.  dout [B,Lq,E];  dquery [B,Lq,E], dkey and
+   dvalue [B,Lk,E] (each may be NULL) and grad (may be NULL) are added to.
+   For self-attention pass the same x three times and the same dx three
+   times: the three contributions add up in dx, as they should.  */
+MHADEF mha_status mha_backward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
+                                              const mha_options *opt, size_t *bytes);
+MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
+                               const float *query, const float *key, const float *value,
+                               const float *dout, const mha_options *opt,
+                               float *dquery, float *dkey, float *dvalue, mha_module_grad *grad,
+                               void *workspace, size_t workspace_bytes);
+
+/* y[rows, out] = x[rows, in] W^T + b   (nn.Linear; W [out, in], b [out] or NULL).
+   Backward: dx += dy W,  dW += dy^T x,  db += sum over rows of dy.  */
+MHADEF size_t mha_linear_workspace_size(int rows, int in, int out);
+MHADEF mha_status mha_linear_forward(int rows, int in, int out, const float *x, const float *W,
+                                     const float *b, float *y, void *workspace, size_t workspace_bytes);
+MHADEF mha_status mha_linear_backward(int rows, int in, int out, const float *x, const float *W,
+                                      const float *dy, float *dx, float *dW, float *db,
+                                      void *workspace, size_t workspace_bytes);
+
+/* y[rows, E] = (x - mean) / sqrt(var + eps) * w + b per row (nn.LayerNorm, biased var).
+   eps 0 = 1e-5.  Backward adds into dx, dw, db (each may be NULL).  */
+MHADEF mha_status mha_layernorm_forward(int rows, int E, const float *x, const float *w,
+                                        const float *b, float eps, float *y);
+MHADEF mha_status mha_layernorm_backward(int rows, int E, const float *x, const float *w,
+                                         float eps, const float *dy, float *dx, float *dw, float *db);
+
+typedef enum mha_activation {
+    MHA_ACT_RELU = 0,   /* max(0, x) (the zero default, as in PyTorch) */
+    MHA_ACT_GELU        /* exact: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) */
+} mha_activation;
+
+/* An nn.TransformerEncoderLayer(batch_first=True) in eval mode (no dropout).
+   Pointer fields follow its state_dict names: self_attn.* go into self_attn,
+   linear1.weight -> linear1_weight, and so on.
+     post-norm (norm_first = 0):  h = LN1(x + SA(x));   y = LN2(h + FF(h))
+     pre-norm  (norm_first = 1):  h = x + SA(LN1(x));   y = h + FF(LN2(h))
+     FF(z) = linear2(act(linear1(z)))                                       */
+typedef struct mha_encoder_layer {
+    mha_module     self_attn;        /* embed_dim = d_model, num_heads = nhead */
+    int            dim_feedforward;  /* F */
+    mha_activation activation;
+    int            norm_first;
+    float          layer_norm_eps;   /* 0 = 1e-5 */
+    const float *linear1_weight, *linear1_bias;   /* [F, E], [F] (bias may be NULL) */
+    const float *linear2_weight, *linear2_bias;   /* [E, F], [E] */
+    const float *norm1_weight, *norm1_bias;       /* [E], [E] */
+    const float *norm2_weight, *norm2_bias;       /* [E], [E] */
+} mha_encoder_layer;
+
+typedef struct mha_encoder_layer_grad {
+    mha_module_grad self_attn;
+    float *linear1_weight, *linear1_bias, *linear2_weight, *linear2_bias;
+    float *norm1_weight, *norm1_bias, *norm2_weight, *norm2_bias;
+} mha_encoder_layer_grad;
+
+/* x, y, dy, dx: [B, L, E].  opt carries src_mask (attn_mask), src_key_padding_mask
+   and is_causal (causal).  attn_weights: NULL or as in mha_forward.
+   One workspace size serves both calls.  */
+MHADEF mha_status mha_encoder_workspace_size(const mha_encoder_layer *layer, int B, int L,
+                                             const mha_options *opt, size_t *bytes);
+MHADEF mha_status mha_encoder_forward(const mha_encoder_layer *layer, int B, int L,
+                                      const float *x, const mha_options *opt, float *y,
+                                      float *attn_weights, void *workspace, size_t workspace_bytes);
+MHADEF mha_status mha_encoder_backward(const mha_encoder_layer *layer, int B, int L,
+                                       const float *x, const mha_options *opt, const float *dy,
+                                       float *dx, mha_encoder_layer_grad *grad,
+                                       void *workspace, size_t workspace_bytes);
+
+/* Sinusoidal positional encoding, pe [L, d]:
+     PE[pos, 2i] = sin(pos / 10000^(2i/d)),  PE[pos, 2i+1] = cos(pos / 10000^(2i/d))  */
+MHADEF mha_status mha_positional_encoding(int L, int d, float *pe);
+
+/* Embedding lookup (nn.Embedding): out[n, d] = table[tokens[n], :], table [vocab, d].
+   Backward: dtable[tokens[n], :] += dout[n, :].  A token outside [0, vocab) is
+   MHA_ERR_INVALID_ARGUMENT.  */
+MHADEF mha_status mha_embedding_forward(int n, int vocab, int d, const int *tokens,
+                                        const float *table, float *out);
+MHADEF mha_status mha_embedding_backward(int n, int vocab, int d, const int *tokens,
+                                         const float *dout, float *dtable);
+
+/* Mean cross-entropy of logits [n, V] against targets [n] (nn.CrossEntropyLoss):
+     loss = -(1/N) sum_r log softmax(logits_r)[target_r],  N = rows with target >= 0
+   Rows with a negative target are ignored (ignore_index).  dlogits (may be NULL)
+   is written, not added: dlogits_r = (softmax(logits_r) - onehot(target_r)) / N.
+   correct (may be NULL) receives how many counted rows have argmax == target.  */
+MHADEF mha_status mha_cross_entropy(int n, int V, const float *logits, const int *targets,
+                                    float *loss, float *dlogits, int *correct);
+
+/* Plain SGD: p -= lr * (g + weight_decay * p).  */
+MHADEF mha_status mha_sgd_step(size_t n, float *p, const float *g, float lr, float weight_decay);
+
+/* AdamW (torch.optim.AdamW).  Zero fields take PyTorch's defaults:
+   lr 1e-3, beta1 0.9, beta2 0.999, eps 1e-8, weight_decay 0.01.
+   step is the 1-based step count (for bias correction); m and v are the
+   caller's moment buffers of n floats, zero before the first step.  */
+typedef struct mha_adamw {
+    float lr, beta1, beta2, eps, weight_decay;
+} mha_adamw;
+MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, float *p,
+                                 const float *g, float *m, float *v);
+
+/* A small seeded generator (xorshift64*): same stream on every platform. */
+typedef struct mha_rng { unsigned long long state; } mha_rng;
+MHADEF void     mha_rng_seed(mha_rng *r, unsigned long long seed);
+MHADEF unsigned mha_rng_u32(mha_rng *r);
+MHADEF float    mha_rng_uniform(mha_rng *r);                  /* [0, 1) */
+MHADEF void     mha_rng_fill(mha_rng *r, float *x, size_t n, float a);  /* U(-a, a) */
+
 #ifdef __cplusplus
 }
 #endif
@@ -876,6 +1024,383 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
 
     /* 3. output projection: out = concat_h(O_h) Wo^T + bo */
     mha__linear(B * Lq, E, E, ctx, m->out_proj_weight, m->out_proj_bias, out, scratch);
+
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+/* =====================================================================
+   TRAINING
+   Backward passes, the encoder layer and the training pieces.  Each stage
+   has a forward and a backward function; the math sits above its loop.
+   Shapes: B batch, H heads, L / Lq / Lk sequence lengths, E model width,
+   D = E / H head width, F feed-forward width, N = B * L rows.
+   ===================================================================== */
+
+/* ------------------------------------------------ attention backward */
+
+/* Backward of one (batch, head), recomputing the probabilities so that only
+   one Lq x Lk block is ever stored.
+   Forward:   S = scale Q K^T (+ mask);   P = softmax_row(S);   O = P V
+   Backward, given dO:
+     dV    = P^T dO                                   [Lk, Dv]
+     dP    = dO V^T                                   [Lq, Lk]
+     dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik)          softmax Jacobian, per row
+     dQ    = scale dS K                               [Lq, D]
+     dK    = scale dS^T Q                             [Lk, D]
+   dout is strided like the output (a->o_*), dq/dk/dv like q/k/v; the three
+   gradients are added to.  When a->o is set, O is written there (the module
+   needs it for the output projection's weight gradient).
+   p, dp: Lq * Lk_eff floats each;  gws: GEMM workspace.  */
+static void mha__attend_head_backward(const mha__attn *a, int b, int h, const float *dout,
+                                      float *dq, float *dk, float *dv,
+                                      float *p, float *dp, float *gws)
+{
+    size_t qo = (size_t)b * a->q.bs + (size_t)h * a->q.hs;
+    size_t ko = (size_t)b * a->k.bs + (size_t)h * a->k.hs;
+    size_t vo = (size_t)b * a->v.bs + (size_t)h * a->v.hs;
+    size_t oo = (size_t)b * a->o_bs + (size_t)h * a->o_hs;
+    const float *qh = a->q.p + qo, *kh = a->k.p + ko, *vh = a->v.p + vo, *doh = dout + oo;
+    int Lq = a->Lq, Lk = a->Lk_eff, D = a->D, Dv = a->Dv, i, j;
+
+    /* 1. recompute P: S = scale Q K^T, mask, softmax row by row */
+    mha__gemm(0, 1, Lq, Lk, D, a->scale, qh, a->q.rs, kh, a->k.rs, 0.0f, p, (size_t)Lk, gws);
+    for (i = 0; i < Lq; ++i) {
+        float *row = p + (size_t)i * Lk;
+        mha__mask_row(a, b, h, i, row);
+        mha__softmax_row(row, Lk);
+    }
+
+    /* 2. O = P V, when the caller wants it */
+    if (a->o)
+        mha__gemm(0, 0, Lq, Dv, Lk, 1.0f, p, (size_t)Lk, vh, a->v.rs, 0.0f,
+                  a->o + oo, a->o_rs, gws);
+
+    /* 3. dV += P^T dO */
+    if (dv)
+        mha__gemm(1, 0, Lk, Dv, Lq, 1.0f, p, (size_t)Lk, doh, a->o_rs, 1.0f,
+                  dv + vo, a->v.rs, gws);
+    if (!dq && !dk) return;
+
+    /* 4. dP = dO V^T, then through the softmax: dS = P * (dP - rowsum(P * dP)).
+       A blocked key has P = 0, so it gets dS = 0 and passes no gradient on. */
+    mha__gemm(0, 1, Lq, Lk, Dv, 1.0f, doh, a->o_rs, vh, a->v.rs, 0.0f, dp, (size_t)Lk, gws);
+    for (i = 0; i < Lq; ++i) {
+        const float *pi = p + (size_t)i * Lk;
+        float *di = dp + (size_t)i * Lk;
+        double c = 0.0;
+        for (j = 0; j < Lk; ++j) c += (double)pi[j] * di[j];
+        for (j = 0; j < Lk; ++j) di[j] = pi[j] == 0.0f ? 0.0f : pi[j] * (di[j] - (float)c);
+    }
+
+    /* 5. dQ += scale dS K,   dK += scale dS^T Q */
+    if (dq)
+        mha__gemm(0, 0, Lq, D, Lk, a->scale, dp, (size_t)Lk, kh, a->k.rs, 1.0f,
+                  dq + qo, a->q.rs, gws);
+    if (dk)
+        mha__gemm(1, 0, Lk, D, Lq, a->scale, dp, (size_t)Lk, qh, a->q.rs, 1.0f,
+                  dk + ko, a->k.rs, gws);
+}
+
+/* GEMM workspace floats the head backward needs (the largest of its five products). */
+static size_t mha__head_backward_gws(int Lq, int Lk, int D, int Dv)
+{
+    size_t g = mha__gemm_ws_floats(Lq, Lk, D), t;
+    t = mha__gemm_ws_floats(Lq, Dv, Lk); if (t > g) g = t;
+    t = mha__gemm_ws_floats(Lk, Dv, Lq); if (t > g) g = t;
+    t = mha__gemm_ws_floats(Lq, Lk, Dv); if (t > g) g = t;
+    t = mha__gemm_ws_floats(Lq, D, Lk);  if (t > g) g = t;
+    t = mha__gemm_ws_floats(Lk, D, Lq);  if (t > g) g = t;
+    return g;
+}
+
+/* Workspace of one SDPA backward: P and dP of one head, and GEMM packing. */
+typedef struct mha__sdpa_bwd_layout { size_t p, dp, gws, total_floats; } mha__sdpa_bwd_layout;
+
+static mha_status mha__sdpa_bwd_plan(int B, int H, int Lq, int Lk, int D, int Dv,
+                                     const mha_options *opt, mha__sdpa_bwd_layout *L)
+{
+    size_t n, cur = 0;
+    mha_status st;
+    if (B <= 0 || H <= 0 || Lq <= 0 || Lk <= 0 || D <= 0 || Dv <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)(D > Dv ? D : Dv), &n) ||
+        !mha__mul(n, sizeof(float), &n) ||
+        !mha__mul3((size_t)B * (size_t)H, (size_t)Lk, (size_t)(D > Dv ? D : Dv), &n) ||
+        !mha__mul(n, sizeof(float), &n) ||
+        !mha__mul3((size_t)Lq, (size_t)Lk, 2 * sizeof(float), &n))
+        return MHA_ERR_OVERFLOW;
+    if ((st = mha__check_masks(opt, B, H, Lq, Lk)) != MHA_OK) return st;
+    if (!mha__region(&cur, (size_t)Lq * Lk, &L->p) ||
+        !mha__region(&cur, (size_t)Lq * Lk, &L->dp) ||
+        !mha__region(&cur, mha__head_backward_gws(Lq, Lk, D, Dv), &L->gws) ||
+        !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
+        return MHA_ERR_OVERFLOW;
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_sdpa_backward_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
+                                                   const mha_options *opt, size_t *bytes)
+{
+    mha_options zero;
+    mha__sdpa_bwd_layout L;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__sdpa_bwd_plan(B, H, Lq, Lk, D, Dv, opt, &L)) != MHA_OK) return st;
+    return mha__mul(L.total_floats, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+}
+
+MHADEF mha_status mha_sdpa_backward(int B, int H, int Lq, int Lk, int D, int Dv,
+                                    const float *q, const float *k, const float *v,
+                                    const float *dout, const mha_options *opt,
+                                    float *dq, float *dk, float *dv,
+                                    void *workspace, size_t workspace_bytes)
+{
+    mha_options zero;
+    mha__sdpa_bwd_layout L;
+    mha__attn a;
+    void *owned;
+    float *ws;
+    size_t need;
+    int b, h;
+    mha_status st;
+    if (!q || !k || !v || !dout) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__sdpa_bwd_plan(B, H, Lq, Lk, D, Dv, opt, &L)) != MHA_OK) return st;
+    if (!mha__mul(L.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
+    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+
+    mha__attn_common(&a, opt, B, H, Lq, Lk, Lk, D, Dv);
+    a.q.p = q; a.q.rs = (size_t)D;  a.q.hs = (size_t)Lq * D;  a.q.bs = (size_t)H * Lq * D;
+    a.k.p = k; a.k.rs = (size_t)D;  a.k.hs = (size_t)Lk * D;  a.k.bs = (size_t)H * Lk * D;
+    a.v.p = v; a.v.rs = (size_t)Dv; a.v.hs = (size_t)Lk * Dv; a.v.bs = (size_t)H * Lk * Dv;
+    a.o = NULL; a.o_rs = (size_t)Dv; a.o_hs = (size_t)Lq * Dv; a.o_bs = (size_t)H * Lq * Dv;
+    a.weights = NULL; a.per_head = 1;
+    for (b = 0; b < B; ++b)
+        for (h = 0; h < H; ++h)
+            mha__attend_head_backward(&a, b, h, dout, dq, dk, dv, ws + L.p, ws + L.dp, ws + L.gws);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+/* ------------------------------------------------------ linear */
+
+/* GEMM workspace floats of a Linear's forward and backward products. */
+static size_t mha__linear_gws(int rows, int in, int out)
+{
+    size_t g = mha__gemm_ws_floats(rows, out, in), t;
+    t = mha__gemm_ws_floats(rows, in, out); if (t > g) g = t;
+    t = mha__gemm_ws_floats(out, in, rows); if (t > g) g = t;
+    return g;
+}
+
+/* Backward of Y[rows, out] = X[rows, in] W^T + b   (W [out, in]):
+     dX += dY W          [rows, in]
+     dW += dY^T X        [out, in]
+     db += sum_r dY[r]   [out]
+   Any of dX, dW, db may be NULL.  */
+static void mha__linear_backward(int rows, int in, int out, const float *X, const float *W,
+                                 const float *dY, float *dX, float *dW, float *db, float *gws)
+{
+    if (dX)
+        mha__gemm(0, 0, rows, in, out, 1.0f, dY, (size_t)out, W, (size_t)in, 1.0f,
+                  dX, (size_t)in, gws);
+    if (dW)
+        mha__gemm(1, 0, out, in, rows, 1.0f, dY, (size_t)out, X, (size_t)in, 1.0f,
+                  dW, (size_t)in, gws);
+    if (db) {
+        int r, j;
+        for (r = 0; r < rows; ++r)
+            for (j = 0; j < out; ++j) db[j] += dY[(size_t)r * out + j];
+    }
+}
+
+static int mha__linear_sizes_ok(int rows, int in, int out)
+{
+    size_t n;
+    return mha__mul3((size_t)rows, (size_t)(in > out ? in : out), sizeof(float), &n) &&
+           mha__mul3((size_t)in, (size_t)out, sizeof(float), &n);
+}
+
+MHADEF size_t mha_linear_workspace_size(int rows, int in, int out)
+{
+    size_t f;
+    if (rows <= 0 || in <= 0 || out <= 0 || !mha__linear_sizes_ok(rows, in, out)) return 0;
+    f = mha__linear_gws(rows, in, out);
+    return f ? (f + MHA__ALIGN_FLOATS) * sizeof(float) : 0;
+}
+
+MHADEF mha_status mha_linear_forward(int rows, int in, int out, const float *x, const float *W,
+                                     const float *b, float *y, void *workspace, size_t workspace_bytes)
+{
+    void *owned = NULL;
+    float *ws = NULL;
+    size_t need;
+    mha_status st;
+    if (!x || !W || !y) return MHA_ERR_NULL_POINTER;
+    if (rows <= 0 || in <= 0 || out <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__linear_sizes_ok(rows, in, out)) return MHA_ERR_OVERFLOW;
+    need = mha_linear_workspace_size(rows, in, out);
+    if (need && (st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+    mha__linear(rows, in, out, x, W, b, y, ws);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_linear_backward(int rows, int in, int out, const float *x, const float *W,
+                                      const float *dy, float *dx, float *dW, float *db,
+                                      void *workspace, size_t workspace_bytes)
+{
+    void *owned = NULL;
+    float *ws = NULL;
+    size_t need;
+    mha_status st;
+    if (!x || !W || !dy) return MHA_ERR_NULL_POINTER;
+    if (rows <= 0 || in <= 0 || out <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__linear_sizes_ok(rows, in, out)) return MHA_ERR_OVERFLOW;
+    need = mha_linear_workspace_size(rows, in, out);
+    if (need && (st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+    mha__linear_backward(rows, in, out, x, W, dy, dx, dW, db, ws);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+/* --------------------------------------------------- module backward */
+
+/* Workspace of one mha_backward call (offsets in floats). */
+typedef struct mha__bwd_layout {
+    int E, H, D;
+    size_t qp, kp, vp, ctx, dctx, dqp, dkp, dvp, p, dp, gws, total_floats;
+} mha__bwd_layout;
+
+static mha_status mha__bwd_plan(const mha_module *m, int B, int Lq, int Lk,
+                                const mha_options *opt, mha__bwd_layout *L)
+{
+    size_t n, cur = 0, g, t;
+    mha_status st;
+    if (!m) return MHA_ERR_NULL_POINTER;
+    if (m->embed_dim <= 0 || m->num_heads <= 0 || m->kdim < 0 || m->vdim < 0 ||
+        B <= 0 || Lq <= 0 || Lk <= 0)
+        return MHA_ERR_INVALID_SIZE;
+    if (m->embed_dim % m->num_heads != 0) return MHA_ERR_HEADS_DIVIDE;
+    if (!m->in_proj_weight || !m->out_proj_weight) return MHA_ERR_NULL_POINTER;
+    L->E = m->embed_dim; L->H = m->num_heads; L->D = L->E / L->H;
+    if ((m->kdim && m->kdim != L->E) || (m->vdim && m->vdim != L->E) ||
+        m->bias_k || m->bias_v || m->add_zero_attn)
+        return MHA_ERR_INVALID_ARGUMENT;
+    if ((size_t)B * (size_t)Lq > INT_MAX || (size_t)B * (size_t)Lk > INT_MAX ||
+        !mha__mul3((size_t)B * (size_t)(Lq > Lk ? Lq : Lk), (size_t)L->E, 8 * sizeof(float), &n) ||
+        !mha__mul3((size_t)Lq, (size_t)Lk, 2 * sizeof(float), &n) ||
+        !mha__mul3((size_t)3 * L->E, (size_t)L->E, sizeof(float), &n))
+        return MHA_ERR_OVERFLOW;
+    if ((st = mha__check_masks(opt, B, L->H, Lq, Lk)) != MHA_OK) return st;
+    g = mha__linear_gws(B * Lq, L->E, L->E);
+    t = mha__linear_gws(B * Lk, L->E, L->E);        if (t > g) g = t;
+    t = mha__head_backward_gws(Lq, Lk, L->D, L->D); if (t > g) g = t;
+    if (!mha__region(&cur, (size_t)B * Lq * L->E, &L->qp) ||
+        !mha__region(&cur, (size_t)B * Lk * L->E, &L->kp) ||
+        !mha__region(&cur, (size_t)B * Lk * L->E, &L->vp) ||
+        !mha__region(&cur, (size_t)B * Lq * L->E, &L->ctx) ||
+        !mha__region(&cur, (size_t)B * Lq * L->E, &L->dctx) ||
+        !mha__region(&cur, (size_t)B * Lq * L->E, &L->dqp) ||
+        !mha__region(&cur, (size_t)B * Lk * L->E, &L->dkp) ||
+        !mha__region(&cur, (size_t)B * Lk * L->E, &L->dvp) ||
+        !mha__region(&cur, (size_t)Lq * Lk, &L->p) ||
+        !mha__region(&cur, (size_t)Lq * Lk, &L->dp) ||
+        !mha__region(&cur, g, &L->gws) ||
+        !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
+        return MHA_ERR_OVERFLOW;
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_backward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
+                                              const mha_options *opt, size_t *bytes)
+{
+    mha_options zero;
+    mha__bwd_layout L;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__bwd_plan(m, B, Lq, Lk, opt, &L)) != MHA_OK) return st;
+    return mha__mul(L.total_floats, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+}
+
+/* Backward of the module, in the reverse order of the forward:
+     forward:  Q = Xq Wq^T + bq,  K = ..,  V = ..           [B*L, E]
+               C_h = softmax(scale Q_h K_h^T + mask) V_h     per head
+               Y = C Wo^T + bo
+     backward: dC = dY Wo;   dWo += dY^T C;   dbo += colsum dY
+               dQ_h, dK_h, dV_h from the head backward
+               dXq += dQ Wq;  dWq += dQ^T Xq;  dbq += colsum dQ   (and K, V)  */
+MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
+                               const float *query, const float *key, const float *value,
+                               const float *dout, const mha_options *opt,
+                               float *dquery, float *dkey, float *dvalue, mha_module_grad *grad,
+                               void *workspace, size_t workspace_bytes)
+{
+    mha_options zero;
+    mha_module_grad nog;
+    mha__bwd_layout L;
+    mha__attn a;
+    void *owned;
+    float *ws, *qp, *kp, *vp, *ctx, *dctx, *dqp, *dkp, *dvp, *gws;
+    const float *wq, *wk, *wv, *bq, *bk, *bv;
+    float *gwq, *gwk, *gwv, *gbq, *gbk, *gbv;
+    size_t need, nq, nk;
+    int E, b, h;
+    mha_status st;
+
+    if (!query || !key || !value || !dout) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if (!grad) { memset(&nog, 0, sizeof nog); grad = &nog; }
+    if ((st = mha__bwd_plan(m, B, Lq, Lk, opt, &L)) != MHA_OK) return st;
+    if (!mha__mul(L.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
+    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+
+    E = L.E;
+    nq = (size_t)B * Lq * E; nk = (size_t)B * Lk * E;
+    qp = ws + L.qp; kp = ws + L.kp; vp = ws + L.vp; ctx = ws + L.ctx; dctx = ws + L.dctx;
+    dqp = ws + L.dqp; dkp = ws + L.dkp; dvp = ws + L.dvp; gws = ws + L.gws;
+    wq = m->in_proj_weight; wk = wq + (size_t)E * E; wv = wk + (size_t)E * E;
+    bq = m->in_proj_bias; bk = bq ? bq + E : NULL; bv = bq ? bq + 2 * E : NULL;
+    gwq = grad->in_proj_weight;
+    gwk = gwq ? gwq + (size_t)E * E : NULL;
+    gwv = gwq ? gwq + (size_t)2 * E * E : NULL;
+    gbq = bq ? grad->in_proj_bias : NULL;
+    gbk = gbq ? gbq + E : NULL;
+    gbv = gbq ? gbq + 2 * E : NULL;
+
+    /* 1. recompute the projections Q, K, V */
+    mha__linear(B * Lq, E, E, query, wq, bq, qp, gws);
+    mha__linear(B * Lk, E, E, key, wk, bk, kp, gws);
+    mha__linear(B * Lk, E, E, value, wv, bv, vp, gws);
+
+    /* 2. through the output projection: dC = dY Wo   [B*Lq, E] */
+    mha__gemm(0, 0, B * Lq, E, E, 1.0f, dout, (size_t)E, m->out_proj_weight, (size_t)E, 0.0f,
+              dctx, (size_t)E, gws);
+
+    /* 3. attention, head by head: C (for step 4) and dQ, dK, dV */
+    memset(dqp, 0, nq * sizeof(float));
+    memset(dkp, 0, nk * sizeof(float));
+    memset(dvp, 0, nk * sizeof(float));
+    mha__attn_common(&a, opt, B, L.H, Lq, Lk, Lk, L.D, L.D);
+    a.q.p = qp; a.q.rs = (size_t)E; a.q.hs = (size_t)L.D; a.q.bs = (size_t)Lq * E;
+    a.k.p = kp; a.k.rs = (size_t)E; a.k.hs = (size_t)L.D; a.k.bs = (size_t)Lk * E;
+    a.v.p = vp; a.v.rs = (size_t)E; a.v.hs = (size_t)L.D; a.v.bs = (size_t)Lk * E;
+    a.o = ctx;  a.o_rs = (size_t)E; a.o_hs = (size_t)L.D; a.o_bs = (size_t)Lq * E;
+    a.weights = NULL; a.per_head = 0;
+    for (b = 0; b < B; ++b)
+        for (h = 0; h < L.H; ++h)
+            mha__attend_head_backward(&a, b, h, dctx, dqp, dkp, dvp, ws + L.p, ws + L.dp, gws);
+
+    /* 4. output projection weights: dWo += dY^T C,  dbo += colsum dY */
+    mha__linear_backward(B * Lq, E, E, ctx, m->out_proj_weight, dout, NULL,
+                         grad->out_proj_weight, m->out_proj_bias ? grad->out_proj_bias : NULL, gws);
+
+    /* 5. input projections: dX += dQ Wq,  dWq += dQ^T X,  dbq += colsum dQ (K, V alike) */
+    mha__linear_backward(B * Lq, E, E, query, wq, dqp, dquery, gwq, gbq, gws);
+    mha__linear_backward(B * Lk, E, E, key,   wk, dkp, dkey,   gwk, gbk, gws);
+    mha__linear_backward(B * Lk, E, E, value, wv, dvp, dvalue, gwv, gbv, gws);
 
     if (owned) MHA_FREE(owned);
     return MHA_OK;

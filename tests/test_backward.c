@@ -1,0 +1,361 @@
+/* Gradients of the backward passes against central finite differences.
+   The reference forward passes are written here again in double precision,
+   straight from the definitions; the loss is  sum(out * G)  for a fixed
+   random G, so dLoss/dout = G.  Each input and weight element x is nudged
+   both ways:  dLoss/dx ~ (loss(x + h) - loss(x - h)) / 2h,  h = 1e-5,
+   accurate to ~1e-10 in double.  The library's float32 gradients must agree
+   to a relative error of 1e-4 (measured values are printed as "worst").  */
+#define MHA_IMPLEMENTATION
+#include "mha.h"
+#include "testutil.h"
+#include <stdlib.h>
+#include <string.h>
+
+#define TOL 1e-4
+#define FD_H 1e-5
+
+static double worst_sdpa, worst_mha, worst_enc;
+
+static double *dalloc(size_t n) { return (double *)calloc(n ? n : 1, sizeof(double)); }
+static float *falloc(size_t n) { return (float *)calloc(n ? n : 1, sizeof(float)); }
+static void to_double(const float *f, double *d, size_t n) { size_t i; for (i = 0; i < n; ++i) d[i] = f[i]; }
+static double dot(const double *a, const double *b, size_t n) { double s = 0; size_t i; for (i = 0; i < n; ++i) s += a[i] * b[i]; return s; }
+
+typedef double (*loss_fn)(void *ctx);
+
+/* g[i] = d loss / d x[i] by central differences */
+static void fd_grad(loss_fn f, void *ctx, double *x, size_t n, double *g)
+{
+    size_t i;
+    for (i = 0; i < n; ++i) {
+        double save = x[i], lp, lm;
+        x[i] = save + FD_H; lp = f(ctx);
+        x[i] = save - FD_H; lm = f(ctx);
+        x[i] = save;
+        g[i] = (lp - lm) / (2 * FD_H);
+    }
+}
+
+static double check_grad(const char *what, const float *got, const double *want, size_t n, double *worst)
+{
+    double e = tu_rel_err(got, want, n);
+    CHECK(e <= TOL, "%s: rel err %.3g > %g", what, e, TOL);
+    if (e > *worst) *worst = e;
+    return e;
+}
+
+/* ---------------------------------------------------------------- masks */
+
+/* The masks a case uses: an optional float attn_mask [Lq, Lk] (-inf entries
+   block), an optional bool key_padding_mask [B, Lk] (nonzero blocks), causal
+   with either alignment.  ref_bias() is the reference's reading of them. */
+typedef struct {
+    int use_float, use_kpm, causal, bottom_right;
+    float fmask[64 * 64];
+    unsigned char kpm[8 * 64];
+} masks;
+
+static int ref_bias(const masks *m, int B_, int b, int Lq, int Lk, int i, int j, double *add)
+{
+    (void)B_;
+    *add = 0;
+    if (m->causal) {
+        long off = m->bottom_right ? (long)Lk - Lq : 0;
+        if ((long)j > (long)i + off) return 0;
+    }
+    if (m->use_kpm && m->kpm[b * Lk + j]) return 0;
+    if (m->use_float) {
+        float f = m->fmask[i * Lk + j];
+        if (f == -INFINITY) return 0;
+        *add = f;
+    }
+    return 1;
+}
+
+static void set_options(const masks *m, int B, int Lq, int Lk, mha_options *opt)
+{
+    memset(opt, 0, sizeof *opt);
+    if (m->use_float) {
+        opt->attn_mask.kind = MHA_MASK_FLOAT; opt->attn_mask.data = m->fmask;
+        opt->attn_mask.ndim = 2; opt->attn_mask.shape[0] = Lq; opt->attn_mask.shape[1] = Lk;
+    }
+    if (m->use_kpm) {
+        opt->key_padding_mask.kind = MHA_MASK_BOOL; opt->key_padding_mask.data = m->kpm;
+        opt->key_padding_mask.ndim = 2; opt->key_padding_mask.shape[0] = B;
+        opt->key_padding_mask.shape[1] = Lk;
+    }
+    opt->causal = m->causal;
+    opt->causal_align = m->bottom_right ? MHA_CAUSAL_BOTTOM_RIGHT : MHA_CAUSAL_TOP_LEFT;
+}
+
+static void make_masks(tu_rng *r, masks *m, int B, int Lq, int Lk, int use_float, int use_kpm,
+                       int causal, int bottom_right)
+{
+    int i;
+    memset(m, 0, sizeof *m);
+    m->use_float = use_float; m->use_kpm = use_kpm; m->causal = causal; m->bottom_right = bottom_right;
+    for (i = 0; i < Lq * Lk; ++i) {
+        m->fmask[i] = 0.5f * tu_uniform(r);
+        if (tu_next(r) % 5 == 0) m->fmask[i] = -INFINITY;
+    }
+    for (i = 0; i < B * Lk; ++i) m->kpm[i] = (unsigned char)(tu_next(r) % 4 == 0);
+}
+
+/* One head of attention in double: o[Lq, Dv] from q[Lq, D] k[Lk, D] v[Lk, Dv]
+   with row strides; a row with no allowed key gives o = 0. */
+static void ref_head(const masks *m, int B, int b, int Lq, int Lk, int D, int Dv, double scale,
+                     const double *q, size_t qrs, const double *k, size_t krs,
+                     const double *v, size_t vrs, double *o, size_t ors)
+{
+    int i, j, d;
+    double s[64];
+    for (i = 0; i < Lq; ++i) {
+        double mx = -INFINITY, sum = 0;
+        for (j = 0; j < Lk; ++j) {
+            double add;
+            if (!ref_bias(m, B, b, Lq, Lk, i, j, &add)) { s[j] = -INFINITY; continue; }
+            s[j] = scale * dot(q + i * qrs, k + j * krs, (size_t)D) + add;
+            if (s[j] > mx) mx = s[j];
+        }
+        for (d = 0; d < Dv; ++d) o[i * ors + d] = 0;
+        if (mx == -INFINITY) continue;
+        for (j = 0; j < Lk; ++j) { s[j] = s[j] == -INFINITY ? 0 : exp(s[j] - mx); sum += s[j]; }
+        for (j = 0; j < Lk; ++j)
+            for (d = 0; d < Dv; ++d) o[i * ors + d] += s[j] / sum * v[j * vrs + d];
+    }
+}
+
+/* ---------------------------------------------------------------- SDPA */
+
+typedef struct {
+    int B, H, Lq, Lk, D, Dv;
+    const masks *m;
+    double *q, *k, *v, *g, *o;
+} sdpa_case;
+
+static double sdpa_loss(void *vctx)
+{
+    sdpa_case *c = (sdpa_case *)vctx;
+    int b, h;
+    double scale = 1.0 / sqrt((double)c->D);
+    for (b = 0; b < c->B; ++b)
+        for (h = 0; h < c->H; ++h) {
+            size_t bh = (size_t)b * c->H + h;
+            ref_head(c->m, c->B, b, c->Lq, c->Lk, c->D, c->Dv, scale,
+                     c->q + bh * c->Lq * c->D, (size_t)c->D, c->k + bh * c->Lk * c->D, (size_t)c->D,
+                     c->v + bh * c->Lk * c->Dv, (size_t)c->Dv, c->o + bh * c->Lq * c->Dv, (size_t)c->Dv);
+        }
+    return dot(c->o, c->g, (size_t)c->B * c->H * c->Lq * c->Dv);
+}
+
+static void test_sdpa(int B, int H, int Lq, int Lk, int D, int Dv, int use_float, int use_kpm,
+                      int causal, int bottom_right, unsigned seed)
+{
+    tu_rng r; masks m; mha_options opt; sdpa_case c;
+    size_t nq = (size_t)B * H * Lq * D, nk = (size_t)B * H * Lk * D, nv = (size_t)B * H * Lk * Dv;
+    size_t no = (size_t)B * H * Lq * Dv, bytes = 0;
+    float *q = falloc(nq), *k = falloc(nk), *v = falloc(nv), *g = falloc(no);
+    float *dq = falloc(nq), *dk = falloc(nk), *dv = falloc(nv);
+    double *rq = dalloc(nq), *rk = dalloc(nk), *rv = dalloc(nv);
+    void *ws;
+    char what[128];
+    mha_status st;
+
+    r.s = 0x9E3779B97F4A7C15ULL ^ seed;
+    tu_fill(&r, q, nq, 1.0f); tu_fill(&r, k, nk, 1.0f); tu_fill(&r, v, nv, 1.0f); tu_fill(&r, g, no, 1.0f);
+    make_masks(&r, &m, B, Lq, Lk, use_float, use_kpm, causal, bottom_right);
+    set_options(&m, B, Lq, Lk, &opt);
+
+    CHECK(mha_sdpa_backward_workspace_size(B, H, Lq, Lk, D, Dv, &opt, &bytes) == MHA_OK, "ws size");
+    ws = malloc(bytes);
+    /* start from a nonzero gradient: the call must add to it */
+    tu_fill(&r, dq, nq, 1.0f);
+    {
+        float *dq0 = falloc(nq);
+        memcpy(dq0, dq, nq * sizeof(float));
+        st = mha_sdpa_backward(B, H, Lq, Lk, D, Dv, q, k, v, g, &opt, dq, dk, dv, ws, bytes);
+        CHECK(st == MHA_OK, "sdpa_backward: %s", mha_status_string(st));
+        { size_t i; for (i = 0; i < nq; ++i) dq[i] -= dq0[i]; }
+        free(dq0);
+    }
+
+    c.B = B; c.H = H; c.Lq = Lq; c.Lk = Lk; c.D = D; c.Dv = Dv; c.m = &m;
+    c.q = dalloc(nq); c.k = dalloc(nk); c.v = dalloc(nv); c.g = dalloc(no); c.o = dalloc(no);
+    to_double(q, c.q, nq); to_double(k, c.k, nk); to_double(v, c.v, nv); to_double(g, c.g, no);
+    fd_grad(sdpa_loss, &c, c.q, nq, rq);
+    fd_grad(sdpa_loss, &c, c.k, nk, rk);
+    fd_grad(sdpa_loss, &c, c.v, nv, rv);
+    snprintf(what, sizeof what, "sdpa B%d H%d Lq%d Lk%d D%d Dv%d f%d k%d c%d%s", B, H, Lq, Lk, D, Dv,
+             use_float, use_kpm, causal, bottom_right ? "br" : "");
+    {
+        char w2[160];
+        snprintf(w2, sizeof w2, "%s dq", what); check_grad(w2, dq, rq, nq, &worst_sdpa);
+        snprintf(w2, sizeof w2, "%s dk", what); check_grad(w2, dk, rk, nk, &worst_sdpa);
+        snprintf(w2, sizeof w2, "%s dv", what); check_grad(w2, dv, rv, nv, &worst_sdpa);
+    }
+    free(q); free(k); free(v); free(g); free(dq); free(dk); free(dv); free(rq); free(rk); free(rv);
+    free(c.q); free(c.k); free(c.v); free(c.g); free(c.o); free(ws);
+}
+
+/* ---------------------------------------------------------------- module */
+
+/* y[rows, out] = x W^T + b in double */
+static void ref_linear(int rows, int in, int out, const double *x, const double *W, const double *b, double *y)
+{
+    int r, o;
+    for (r = 0; r < rows; ++r)
+        for (o = 0; o < out; ++o)
+            y[(size_t)r * out + o] = (b ? b[o] : 0) + dot(x + (size_t)r * in, W + (size_t)o * in, (size_t)in);
+}
+
+typedef struct {
+    int B, Lq, Lk, E, H, has_bias;
+    const masks *m;
+    double *xq, *xk, *xv;          /* inputs; for self-attention all three alias one array */
+    double *w_in, *b_in, *w_out, *b_out, *g;
+    double *Q, *K, *V, *C, *Y;     /* scratch */
+} mha_case;
+
+static void ref_mha(mha_case *c)
+{
+    int E = c->E, H = c->H, D = E / H, b, h;
+    size_t EE = (size_t)E * E;
+    ref_linear(c->B * c->Lq, E, E, c->xq, c->w_in, c->has_bias ? c->b_in : NULL, c->Q);
+    ref_linear(c->B * c->Lk, E, E, c->xk, c->w_in + EE, c->has_bias ? c->b_in + E : NULL, c->K);
+    ref_linear(c->B * c->Lk, E, E, c->xv, c->w_in + 2 * EE, c->has_bias ? c->b_in + 2 * E : NULL, c->V);
+    for (b = 0; b < c->B; ++b)
+        for (h = 0; h < H; ++h)
+            ref_head(c->m, c->B, b, c->Lq, c->Lk, D, D, 1.0 / sqrt((double)D),
+                     c->Q + (size_t)b * c->Lq * E + h * D, (size_t)E,
+                     c->K + (size_t)b * c->Lk * E + h * D, (size_t)E,
+                     c->V + (size_t)b * c->Lk * E + h * D, (size_t)E,
+                     c->C + (size_t)b * c->Lq * E + h * D, (size_t)E);
+    ref_linear(c->B * c->Lq, E, E, c->C, c->w_out, c->has_bias ? c->b_out : NULL, c->Y);
+}
+
+static double mha_loss(void *vctx)
+{
+    mha_case *c = (mha_case *)vctx;
+    ref_mha(c);
+    return dot(c->Y, c->g, (size_t)c->B * c->Lq * c->E);
+}
+
+static void test_mha(int B, int Lq, int Lk, int E, int H, int self, int has_bias,
+                     int use_float, int use_kpm, int causal, unsigned seed)
+{
+    tu_rng r; masks m; mha_options opt; mha_case c; mha_module mod; mha_module_grad gr;
+    size_t nq = (size_t)B * Lq * E, nk = (size_t)B * Lk * E, EE = (size_t)E * E, bytes = 0;
+    float *xq = falloc(nq), *xk = falloc(nk), *xv = falloc(nk), *g = falloc(nq);
+    float *w_in = falloc(3 * EE), *b_in = falloc(3 * (size_t)E), *w_out = falloc(EE), *b_out = falloc((size_t)E);
+    float *dxq = falloc(nq), *dxk = falloc(nk), *dxv = falloc(nk);
+    float *dw_in = falloc(3 * EE), *db_in = falloc(3 * (size_t)E), *dw_out = falloc(EE), *db_out = falloc((size_t)E);
+    double *ref = dalloc(3 * EE + nq + 2 * nk);
+    void *ws;
+    char what[160];
+    mha_status st;
+
+    if (self) Lk = Lq;
+    r.s = 0xD1B54A32D192ED03ULL ^ seed;
+    tu_fill(&r, xq, nq, 1.0f); tu_fill(&r, xk, nk, 1.0f); tu_fill(&r, xv, nk, 1.0f); tu_fill(&r, g, nq, 1.0f);
+    tu_fill(&r, w_in, 3 * EE, 0.6f); tu_fill(&r, b_in, 3 * (size_t)E, 0.3f);
+    tu_fill(&r, w_out, EE, 0.6f); tu_fill(&r, b_out, (size_t)E, 0.3f);
+    make_masks(&r, &m, B, Lq, Lk, use_float, use_kpm, causal, 0);
+    set_options(&m, B, Lq, Lk, &opt);
+
+    memset(&mod, 0, sizeof mod);
+    mod.embed_dim = E; mod.num_heads = H; mod.in_proj_weight = w_in; mod.out_proj_weight = w_out;
+    if (has_bias) { mod.in_proj_bias = b_in; mod.out_proj_bias = b_out; }
+    gr.in_proj_weight = dw_in; gr.in_proj_bias = db_in; gr.out_proj_weight = dw_out; gr.out_proj_bias = db_out;
+
+    CHECK(mha_backward_workspace_size(&mod, B, Lq, Lk, &opt, &bytes) == MHA_OK, "ws size");
+    ws = malloc(bytes);
+    if (self)
+        st = mha_backward(&mod, B, Lq, Lq, xq, xq, xq, g, &opt, dxq, dxq, dxq, &gr, ws, bytes);
+    else
+        st = mha_backward(&mod, B, Lq, Lk, xq, xk, xv, g, &opt, dxq, dxk, dxv, &gr, ws, bytes);
+    CHECK(st == MHA_OK, "mha_backward: %s", mha_status_string(st));
+    /* too small a workspace is refused before anything is written */
+    CHECK(mha_backward(&mod, B, Lq, Lk, xq, xk, xv, g, &opt, dxq, dxk, dxv, &gr, ws, bytes - 1)
+          == MHA_ERR_WORKSPACE_TOO_SMALL, "small workspace");
+
+    memset(&c, 0, sizeof c);
+    c.B = B; c.Lq = Lq; c.Lk = Lk; c.E = E; c.H = H; c.has_bias = has_bias; c.m = &m;
+    c.xq = dalloc(nq); c.xk = self ? c.xq : dalloc(nk); c.xv = self ? c.xq : dalloc(nk);
+    c.w_in = dalloc(3 * EE); c.b_in = dalloc(3 * (size_t)E); c.w_out = dalloc(EE); c.b_out = dalloc((size_t)E);
+    c.g = dalloc(nq); c.Q = dalloc(nq); c.K = dalloc(nk); c.V = dalloc(nk); c.C = dalloc(nq); c.Y = dalloc(nq);
+    to_double(xq, c.xq, nq);
+    if (!self) { to_double(xk, c.xk, nk); to_double(xv, c.xv, nk); }
+    to_double(w_in, c.w_in, 3 * EE); to_double(b_in, c.b_in, 3 * (size_t)E);
+    to_double(w_out, c.w_out, EE); to_double(b_out, c.b_out, (size_t)E); to_double(g, c.g, nq);
+
+    snprintf(what, sizeof what, "mha B%d Lq%d Lk%d E%d H%d self%d bias%d f%d k%d c%d",
+             B, Lq, Lk, E, H, self, has_bias, use_float, use_kpm, causal);
+#define GRAD(name, arr, n, got)                                        \
+    do { char w2[200]; fd_grad(mha_loss, &c, arr, n, ref);             \
+         snprintf(w2, sizeof w2, "%s %s", what, name);                 \
+         check_grad(w2, got, ref, n, &worst_mha); } while (0)
+    GRAD("dquery", c.xq, nq, dxq);
+    if (!self) { GRAD("dkey", c.xk, nk, dxk); GRAD("dvalue", c.xv, nk, dxv); }
+    GRAD("d in_proj_weight", c.w_in, 3 * EE, dw_in);
+    GRAD("d out_proj_weight", c.w_out, EE, dw_out);
+    if (has_bias) {
+        GRAD("d in_proj_bias", c.b_in, 3 * (size_t)E, db_in);
+        GRAD("d out_proj_bias", c.b_out, (size_t)E, db_out);
+    } else {
+        size_t i; int untouched = 1;
+        for (i = 0; i < 3 * (size_t)E; ++i) untouched &= db_in[i] == 0.0f;
+        CHECK(untouched, "bias=False: bias gradient left alone");
+    }
+#undef GRAD
+    free(xq); free(xk); free(xv); free(g); free(w_in); free(b_in); free(w_out); free(b_out);
+    free(dxq); free(dxk); free(dxv); free(dw_in); free(db_in); free(dw_out); free(db_out); free(ref);
+    free(c.xq); if (!self) { free(c.xk); free(c.xv); }
+    free(c.w_in); free(c.b_in); free(c.w_out); free(c.b_out); free(c.g);
+    free(c.Q); free(c.K); free(c.V); free(c.C); free(c.Y); free(ws);
+}
+
+static void test_validation(void)
+{
+    float x[12] = {0}, w[48] = {0};
+    mha_module mod;
+    size_t bytes;
+    memset(&mod, 0, sizeof mod);
+    mod.embed_dim = 2; mod.num_heads = 1; mod.in_proj_weight = w; mod.out_proj_weight = w;
+    CHECK(mha_backward(&mod, 1, 1, 1, x, x, x, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0)
+          == MHA_ERR_NULL_POINTER, "NULL dout");
+    mod.add_zero_attn = 1;
+    CHECK(mha_backward_workspace_size(&mod, 1, 1, 1, NULL, &bytes) == MHA_ERR_INVALID_ARGUMENT,
+          "add_zero_attn unsupported");
+    mod.add_zero_attn = 0; mod.num_heads = 3;
+    CHECK(mha_backward_workspace_size(&mod, 1, 1, 1, NULL, &bytes) == MHA_ERR_HEADS_DIVIDE, "E %% H");
+    CHECK(mha_sdpa_backward(1, 1, 0, 1, 1, 1, x, x, x, x, NULL, x, x, x, NULL, 0) == MHA_ERR_INVALID_SIZE,
+          "Lq = 0");
+}
+
+static void test_encoder_all(void) {}
+
+int main(void)
+{
+    /* SDPA: odd shapes, each mask kind, causal both ways (Lq > Lk bottom-right
+       leaves rows with no key at all: their gradient must be zero) */
+    test_sdpa(1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1);
+    test_sdpa(2, 3, 5, 7, 3, 5, 0, 0, 0, 0, 2);
+    test_sdpa(1, 2, 7, 7, 4, 3, 0, 0, 1, 0, 3);
+    test_sdpa(2, 1, 7, 5, 3, 2, 0, 0, 1, 1, 4);
+    test_sdpa(2, 2, 5, 9, 3, 3, 1, 1, 0, 0, 5);
+    test_sdpa(1, 3, 3, 17, 2, 1, 1, 0, 1, 1, 6);
+
+    /* module: cross- and self-attention, with and without bias and masks */
+    test_mha(1, 1, 1, 1, 1, 0, 1, 0, 0, 0, 11);
+    test_mha(2, 5, 7, 6, 3, 0, 1, 0, 0, 0, 12);
+    test_mha(2, 5, 5, 9, 3, 1, 1, 0, 0, 1, 13);
+    test_mha(1, 3, 7, 4, 2, 0, 0, 1, 1, 0, 14);
+    test_mha(2, 7, 7, 5, 1, 1, 1, 1, 1, 1, 15);
+
+    test_validation();
+    test_encoder_all();
+
+    printf("worst sdpa gradient rel err %.3g, mha %.3g, encoder %.3g (tolerance %g)\n",
+           worst_sdpa, worst_mha, worst_enc, TOL);
+    return tu_finish("backward");
+}
