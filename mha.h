@@ -1406,6 +1406,505 @@ MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
     return MHA_OK;
 }
 
+/* -------------------------------------------------------- layer norm */
+
+/* Mean and 1/sqrt(var + eps) of one row (biased variance, as nn.LayerNorm),
+   summed in double so long rows keep their precision. */
+static void mha__row_stats(const float *x, int E, float eps, float *mean, float *rstd)
+{
+    double s = 0, ss = 0, m;
+    int j;
+    for (j = 0; j < E; ++j) s += x[j];
+    m = s / E;
+    for (j = 0; j < E; ++j) ss += ((double)x[j] - m) * ((double)x[j] - m);
+    *mean = (float)m;
+    *rstd = (float)(1.0 / sqrt(ss / E + (double)eps));
+}
+
+/* y = xhat * w + b,   xhat = (x - mean) * rstd      (w, b NULL = 1, 0) */
+static void mha__layernorm_forward(int rows, int E, const float *x, const float *w,
+                                   const float *b, float eps, float *y)
+{
+    int r, j;
+    for (r = 0; r < rows; ++r) {
+        const float *xr = x + (size_t)r * E;
+        float *yr = y + (size_t)r * E, mean, rstd;
+        mha__row_stats(xr, E, eps, &mean, &rstd);
+        for (j = 0; j < E; ++j) {
+            float xhat = (xr[j] - mean) * rstd;
+            yr[j] = xhat * (w ? w[j] : 1.0f) + (b ? b[j] : 0.0f);
+        }
+    }
+}
+
+/* Backward, recomputing mean and rstd from x.  With g = dy * w:
+     dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+     dw += dy * xhat,   db += dy                     (all added to)  */
+static void mha__layernorm_backward(int rows, int E, const float *x, const float *w, float eps,
+                                    const float *dy, float *dx, float *dw, float *db)
+{
+    int r, j;
+    for (r = 0; r < rows; ++r) {
+        const float *xr = x + (size_t)r * E, *dyr = dy + (size_t)r * E;
+        float mean, rstd;
+        double mg = 0, mgx = 0;
+        mha__row_stats(xr, E, eps, &mean, &rstd);
+        for (j = 0; j < E; ++j) {
+            float xhat = (xr[j] - mean) * rstd, g = dyr[j] * (w ? w[j] : 1.0f);
+            mg += g;
+            mgx += (double)g * xhat;
+            if (dw) dw[j] += dyr[j] * xhat;
+            if (db) db[j] += dyr[j];
+        }
+        mg /= E; mgx /= E;
+        if (dx) {
+            float *dxr = dx + (size_t)r * E;
+            for (j = 0; j < E; ++j) {
+                float xhat = (xr[j] - mean) * rstd, g = dyr[j] * (w ? w[j] : 1.0f);
+                dxr[j] += rstd * (g - (float)mg - xhat * (float)mgx);
+            }
+        }
+    }
+}
+
+static mha_status mha__layernorm_check(int rows, int E, float eps)
+{
+    size_t n;
+    if (rows <= 0 || E <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!(eps >= 0.0f) || eps == INFINITY) return MHA_ERR_INVALID_ARGUMENT;
+    return mha__mul3((size_t)rows, (size_t)E, sizeof(float), &n) ? MHA_OK : MHA_ERR_OVERFLOW;
+}
+
+MHADEF mha_status mha_layernorm_forward(int rows, int E, const float *x, const float *w,
+                                        const float *b, float eps, float *y)
+{
+    mha_status st;
+    if (!x || !y) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__layernorm_check(rows, E, eps)) != MHA_OK) return st;
+    mha__layernorm_forward(rows, E, x, w, b, eps > 0.0f ? eps : 1e-5f, y);
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_layernorm_backward(int rows, int E, const float *x, const float *w,
+                                         float eps, const float *dy, float *dx, float *dw, float *db)
+{
+    mha_status st;
+    if (!x || !dy) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__layernorm_check(rows, E, eps)) != MHA_OK) return st;
+    mha__layernorm_backward(rows, E, x, w, eps > 0.0f ? eps : 1e-5f, dy, dx, dw, db);
+    return MHA_OK;
+}
+
+/* -------------------------------------------------------- activations */
+
+/* g = act(z):  ReLU max(0, z);   GELU z * Phi(z) = 0.5 z (1 + erf(z / sqrt 2)) */
+static void mha__activation_forward(mha_activation act, size_t n, const float *z, float *g)
+{
+    size_t i;
+    if (act == MHA_ACT_RELU)
+        for (i = 0; i < n; ++i) g[i] = z[i] > 0.0f ? z[i] : 0.0f;
+    else
+        for (i = 0; i < n; ++i) g[i] = 0.5f * z[i] * (1.0f + erff(z[i] * 0.70710678118654752f));
+}
+
+/* dz = dg * act'(z), in place over dg:
+     ReLU' = [z > 0];   GELU' = Phi(z) + z phi(z),  phi(z) = exp(-z^2/2) / sqrt(2 pi) */
+static void mha__activation_backward(mha_activation act, size_t n, const float *z, float *dg)
+{
+    size_t i;
+    if (act == MHA_ACT_RELU) {
+        for (i = 0; i < n; ++i) if (!(z[i] > 0.0f)) dg[i] = 0.0f;
+    } else {
+        for (i = 0; i < n; ++i) {
+            float cdf = 0.5f * (1.0f + erff(z[i] * 0.70710678118654752f));
+            float pdf = 0.39894228040143268f * expf(-0.5f * z[i] * z[i]);
+            dg[i] *= cdf + z[i] * pdf;
+        }
+    }
+}
+
+/* ------------------------------------------------------ encoder layer */
+
+/* Workspace of the encoder layer (offsets in floats), shared by forward and
+   backward.  N = B*L rows.
+     a   [N,E] attention output          t1  [N,E] x + a (post) / LN1(x) (pre)
+     h   [N,E] after the first residual  z   [N,F] linear1 output
+     g   [N,F] act(z)                    t2  [N,E] h + f (post) / LN2(h) (pre)
+     d1, d2 [N,E], dg [N,F]: backward only
+     sub: the self-attention's own workspace (forward or backward, whichever is larger) */
+typedef struct mha__enc_layout {
+    int E, F, N;
+    size_t a, t1, h, z, g, t2, d1, d2, dg, gws, sub, sub_bytes, total_floats;
+} mha__enc_layout;
+
+static mha_status mha__enc_plan(const mha_encoder_layer *ly, int B, int L,
+                                const mha_options *opt, mha__enc_layout *P)
+{
+    size_t cur = 0, n, fb = 0, bb = 0, g, t;
+    mha_status st;
+    if (!ly) return MHA_ERR_NULL_POINTER;
+    if (!ly->linear1_weight || !ly->linear2_weight) return MHA_ERR_NULL_POINTER;
+    if (ly->dim_feedforward <= 0 || B <= 0 || L <= 0) return MHA_ERR_INVALID_SIZE;
+    if ((ly->activation != MHA_ACT_RELU && ly->activation != MHA_ACT_GELU) ||
+        (ly->norm_first != 0 && ly->norm_first != 1) ||
+        !(ly->layer_norm_eps >= 0.0f) || ly->layer_norm_eps == INFINITY)
+        return MHA_ERR_INVALID_ARGUMENT;
+    /* the backward's limits (in_proj_weight, no bias_k / zero attn) apply to both calls */
+    if ((st = mha_backward_workspace_size(&ly->self_attn, B, L, L, opt, &bb)) != MHA_OK) return st;
+    if ((st = mha_forward_workspace_size(&ly->self_attn, B, L, L, opt, 1, &fb)) != MHA_OK) return st;
+    P->E = ly->self_attn.embed_dim; P->F = ly->dim_feedforward; P->N = B * L;
+    if (!mha__mul3((size_t)P->N, (size_t)P->F, sizeof(float), &n) ||
+        !mha__mul3((size_t)P->F, (size_t)P->E, sizeof(float), &n) || P->F > INT_MAX / 2)
+        return MHA_ERR_OVERFLOW;
+    P->sub_bytes = fb > bb ? fb : bb;
+    g = mha__linear_gws(P->N, P->E, P->F);
+    t = mha__linear_gws(P->N, P->F, P->E); if (t > g) g = t;
+    if (!mha__region(&cur, (size_t)P->N * P->E, &P->a) ||
+        !mha__region(&cur, (size_t)P->N * P->E, &P->t1) ||
+        !mha__region(&cur, (size_t)P->N * P->E, &P->h) ||
+        !mha__region(&cur, (size_t)P->N * P->F, &P->z) ||
+        !mha__region(&cur, (size_t)P->N * P->F, &P->g) ||
+        !mha__region(&cur, (size_t)P->N * P->E, &P->t2) ||
+        !mha__region(&cur, (size_t)P->N * P->E, &P->d1) ||
+        !mha__region(&cur, (size_t)P->N * P->E, &P->d2) ||
+        !mha__region(&cur, (size_t)P->N * P->F, &P->dg) ||
+        !mha__region(&cur, g, &P->gws) ||
+        !mha__region(&cur, P->sub_bytes / sizeof(float) + 1, &P->sub) ||
+        !mha__add(cur, MHA__ALIGN_FLOATS, &P->total_floats))
+        return MHA_ERR_OVERFLOW;
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_encoder_workspace_size(const mha_encoder_layer *layer, int B, int L,
+                                             const mha_options *opt, size_t *bytes)
+{
+    mha_options zero;
+    mha__enc_layout P;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__enc_plan(layer, B, L, opt, &P)) != MHA_OK) return st;
+    return mha__mul(P.total_floats, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+}
+
+/* The forward pass, leaving every intermediate in the workspace for the backward.
+     post-norm:  a = SA(x);  t1 = x + a;  h = LN1(t1);  z = h W1^T + b1;  g = act(z);
+                 f = g W2^T + b2;  t2 = h + f;  y = LN2(t2)
+     pre-norm:   t1 = LN1(x);  a = SA(t1);  h = x + a;  t2 = LN2(h);  z = t2 W1^T + b1;
+                 g = act(z);  f = g W2^T + b2;  y = h + f                          */
+static mha_status mha__enc_forward(const mha_encoder_layer *ly, int B, int L, const float *x,
+                                   const mha_options *opt, float *y, float *attn_weights,
+                                   const mha__enc_layout *P, float *ws)
+{
+    int E = P->E, F = P->F, N = P->N;
+    size_t ne = (size_t)N * E, i;
+    float eps = ly->layer_norm_eps > 0.0f ? ly->layer_norm_eps : 1e-5f;
+    float *a = ws + P->a, *t1 = ws + P->t1, *h = ws + P->h, *z = ws + P->z, *g = ws + P->g;
+    float *t2 = ws + P->t2, *gws = ws + P->gws;
+    const float *ffin;
+    mha_status st;
+
+    /* 1. self-attention block */
+    if (!ly->norm_first) {
+        st = mha_forward(&ly->self_attn, B, L, L, x, x, x, opt, a, attn_weights,
+                         ws + P->sub, P->sub_bytes);
+        if (st != MHA_OK) return st;
+        for (i = 0; i < ne; ++i) t1[i] = x[i] + a[i];
+        mha__layernorm_forward(N, E, t1, ly->norm1_weight, ly->norm1_bias, eps, h);
+        ffin = h;
+    } else {
+        mha__layernorm_forward(N, E, x, ly->norm1_weight, ly->norm1_bias, eps, t1);
+        st = mha_forward(&ly->self_attn, B, L, L, t1, t1, t1, opt, a, attn_weights,
+                         ws + P->sub, P->sub_bytes);
+        if (st != MHA_OK) return st;
+        for (i = 0; i < ne; ++i) h[i] = x[i] + a[i];
+        mha__layernorm_forward(N, E, h, ly->norm2_weight, ly->norm2_bias, eps, t2);
+        ffin = t2;
+    }
+
+    /* 2. feed-forward block: f = act(in W1^T + b1) W2^T + b2, f goes into y */
+    mha__linear(N, E, F, ffin, ly->linear1_weight, ly->linear1_bias, z, gws);
+    mha__activation_forward(ly->activation, (size_t)N * F, z, g);
+    mha__linear(N, F, E, g, ly->linear2_weight, ly->linear2_bias, y, gws);
+
+    /* 3. second residual (and norm) */
+    if (!ly->norm_first) {
+        for (i = 0; i < ne; ++i) t2[i] = h[i] + y[i];
+        mha__layernorm_forward(N, E, t2, ly->norm2_weight, ly->norm2_bias, eps, y);
+    } else {
+        for (i = 0; i < ne; ++i) y[i] += h[i];
+    }
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_encoder_forward(const mha_encoder_layer *layer, int B, int L,
+                                      const float *x, const mha_options *opt, float *y,
+                                      float *attn_weights, void *workspace, size_t workspace_bytes)
+{
+    mha_options zero;
+    mha__enc_layout P;
+    void *owned;
+    float *ws;
+    size_t need;
+    mha_status st;
+    if (!x || !y) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__enc_plan(layer, B, L, opt, &P)) != MHA_OK) return st;
+    if (!mha__mul(P.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
+    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+    st = mha__enc_forward(layer, B, L, x, opt, y, attn_weights, &P, ws);
+    if (owned) MHA_FREE(owned);
+    return st;
+}
+
+/* Backward: recompute the forward (into the workspace), then walk it in reverse.
+     post-norm:  dt2 = LN2'(dy);  dh = dt2;  df = dt2;  dg = df W2;  dz = dg act'(z);
+                 dh += dz W1;  dt1 = LN1'(dh);  dx += dt1;  dx += SA'(dt1)
+     pre-norm:   dh = dy;  df = dy;  dg = df W2;  dz = dg act'(z);  dt2 = dz W1;
+                 dh += LN2'(dt2);  dx += dh;  dt1 = SA'(dh);  dx += LN1'(dt1)
+   (LN' and SA' are the layer norm's and the self-attention's backward; the
+   weight gradients are added on the way.)  */
+MHADEF mha_status mha_encoder_backward(const mha_encoder_layer *layer, int B, int L,
+                                       const float *x, const mha_options *opt, const float *dy,
+                                       float *dx, mha_encoder_layer_grad *grad,
+                                       void *workspace, size_t workspace_bytes)
+{
+    const mha_encoder_layer *ly = layer;
+    mha_options zero;
+    mha_encoder_layer_grad nog;
+    mha__enc_layout P;
+    void *owned;
+    float *ws, *t1, *h, *z, *g, *t2, *d1, *d2, *dg, *gws, *y, eps;
+    size_t need, ne, nf, i;
+    int E, F, N;
+    mha_status st;
+
+    if (!x || !dy) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if (!grad) { memset(&nog, 0, sizeof nog); grad = &nog; }
+    if ((st = mha__enc_plan(layer, B, L, opt, &P)) != MHA_OK) return st;
+    if (!mha__mul(P.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
+    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+    E = P.E; F = P.F; N = P.N; ne = (size_t)N * E; nf = (size_t)N * F;
+    eps = ly->layer_norm_eps > 0.0f ? ly->layer_norm_eps : 1e-5f;
+    t1 = ws + P.t1; h = ws + P.h; z = ws + P.z; g = ws + P.g; t2 = ws + P.t2;
+    d1 = ws + P.d1; d2 = ws + P.d2; dg = ws + P.dg; gws = ws + P.gws;
+
+    /* 1. recompute; y itself is not needed, d1 holds it for now */
+    y = d1;
+    if ((st = mha__enc_forward(ly, B, L, x, opt, y, NULL, &P, ws)) != MHA_OK) goto done;
+    memset(d2, 0, ne * sizeof(float));
+    memset(dg, 0, nf * sizeof(float));
+
+    if (!ly->norm_first) {
+        /* 2. dt2 = LN2'(dy) -> d1; it flows into both h and f */
+        memset(d1, 0, ne * sizeof(float));
+        mha__layernorm_backward(N, E, t2, ly->norm2_weight, eps, dy, d1,
+                                ly->norm2_weight ? grad->norm2_weight : NULL,
+                                ly->norm2_bias ? grad->norm2_bias : NULL);
+        /* 3. feed-forward: dg = df W2, dz = dg act'(z), dh += dz W1 (d1 is dh now) */
+        mha__linear_backward(N, F, E, g, ly->linear2_weight, d1, dg, grad->linear2_weight,
+                             ly->linear2_bias ? grad->linear2_bias : NULL, gws);
+        mha__activation_backward(ly->activation, nf, z, dg);
+        mha__linear_backward(N, E, F, h, ly->linear1_weight, dg, d1, grad->linear1_weight,
+                             ly->linear1_bias ? grad->linear1_bias : NULL, gws);
+        /* 4. dt1 = LN1'(dh) -> d2; the residual passes it to x, the attention too */
+        mha__layernorm_backward(N, E, t1, ly->norm1_weight, eps, d1, d2,
+                                ly->norm1_weight ? grad->norm1_weight : NULL,
+                                ly->norm1_bias ? grad->norm1_bias : NULL);
+        if (dx) for (i = 0; i < ne; ++i) dx[i] += d2[i];
+        st = mha_backward(&ly->self_attn, B, L, L, x, x, x, d2, opt, dx, dx, dx,
+                          &grad->self_attn, ws + P.sub, P.sub_bytes);
+    } else {
+        /* 2. feed-forward on t2 = LN2(h): dg = dy W2, dz, dt2 = dz W1 -> d2 */
+        mha__linear_backward(N, F, E, g, ly->linear2_weight, dy, dg, grad->linear2_weight,
+                             ly->linear2_bias ? grad->linear2_bias : NULL, gws);
+        mha__activation_backward(ly->activation, nf, z, dg);
+        mha__linear_backward(N, E, F, t2, ly->linear1_weight, dg, d2, grad->linear1_weight,
+                             ly->linear1_bias ? grad->linear1_bias : NULL, gws);
+        /* 3. dh = dy + LN2'(dt2) -> d1 */
+        memcpy(d1, dy, ne * sizeof(float));
+        mha__layernorm_backward(N, E, h, ly->norm2_weight, eps, d2, d1,
+                                ly->norm2_weight ? grad->norm2_weight : NULL,
+                                ly->norm2_bias ? grad->norm2_bias : NULL);
+        /* 4. the residual passes dh to x; the attention's input t1 = LN1(x) gets dt1 -> d2 */
+        if (dx) for (i = 0; i < ne; ++i) dx[i] += d1[i];
+        memset(d2, 0, ne * sizeof(float));
+        st = mha_backward(&ly->self_attn, B, L, L, t1, t1, t1, d1, opt, d2, d2, d2,
+                          &grad->self_attn, ws + P.sub, P.sub_bytes);
+        if (st == MHA_OK)
+            mha__layernorm_backward(N, E, x, ly->norm1_weight, eps, d2, dx,
+                                    ly->norm1_weight ? grad->norm1_weight : NULL,
+                                    ly->norm1_bias ? grad->norm1_bias : NULL);
+    }
+done:
+    if (owned) MHA_FREE(owned);
+    return st;
+}
+
+/* ------------------------------------------------ training pieces */
+
+/* PE[pos, 2i] = sin(pos * w_i),  PE[pos, 2i+1] = cos(pos * w_i),  w_i = 10000^(-2i/d).
+   Even and odd columns share the frequency of their pair; computed in double. */
+MHADEF mha_status mha_positional_encoding(int L, int d, float *pe)
+{
+    int pos, c;
+    size_t n;
+    if (!pe) return MHA_ERR_NULL_POINTER;
+    if (L <= 0 || d <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__mul3((size_t)L, (size_t)d, sizeof(float), &n)) return MHA_ERR_OVERFLOW;
+    for (pos = 0; pos < L; ++pos)
+        for (c = 0; c < d; ++c) {
+            double w = pow(10000.0, -(double)(c - c % 2) / d);
+            pe[(size_t)pos * d + c] = (float)(c % 2 == 0 ? sin(pos * w) : cos(pos * w));
+        }
+    return MHA_OK;
+}
+
+static mha_status mha__embedding_check(int n, int vocab, int d, const int *tokens)
+{
+    size_t t;
+    int i;
+    if (n <= 0 || vocab <= 0 || d <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__mul3((size_t)n, (size_t)d, sizeof(float), &t) ||
+        !mha__mul3((size_t)vocab, (size_t)d, sizeof(float), &t))
+        return MHA_ERR_OVERFLOW;
+    for (i = 0; i < n; ++i)
+        if (tokens[i] < 0 || tokens[i] >= vocab) return MHA_ERR_INVALID_ARGUMENT;
+    return MHA_OK;
+}
+
+/* out[i, :] = table[tokens[i], :] */
+MHADEF mha_status mha_embedding_forward(int n, int vocab, int d, const int *tokens,
+                                        const float *table, float *out)
+{
+    mha_status st;
+    int i;
+    if (!tokens || !table || !out) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__embedding_check(n, vocab, d, tokens)) != MHA_OK) return st;
+    for (i = 0; i < n; ++i)
+        memcpy(out + (size_t)i * d, table + (size_t)tokens[i] * d, (size_t)d * sizeof(float));
+    return MHA_OK;
+}
+
+/* dtable[tokens[i], :] += dout[i, :]  (a token seen twice collects both) */
+MHADEF mha_status mha_embedding_backward(int n, int vocab, int d, const int *tokens,
+                                         const float *dout, float *dtable)
+{
+    mha_status st;
+    int i;
+    if (!tokens || !dout || !dtable) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__embedding_check(n, vocab, d, tokens)) != MHA_OK) return st;
+    for (i = 0; i < n; ++i) mha__axpy(dtable + (size_t)tokens[i] * d, 1.0f, dout + (size_t)i * d, d);
+    return MHA_OK;
+}
+
+/* Per row r with target t:  loss_r = logsumexp(z_r) - z_r[t],
+   d loss_r / d z_r = softmax(z_r) - onehot(t);  the mean divides both by N. */
+MHADEF mha_status mha_cross_entropy(int n, int V, const float *logits, const int *targets,
+                                    float *loss, float *dlogits, int *correct)
+{
+    double total = 0;
+    size_t t;
+    int r, j, counted = 0, right = 0;
+    if (!logits || !targets || !loss) return MHA_ERR_NULL_POINTER;
+    if (n <= 0 || V <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__mul3((size_t)n, (size_t)V, sizeof(float), &t)) return MHA_ERR_OVERFLOW;
+    for (r = 0; r < n; ++r) {
+        if (targets[r] >= V) return MHA_ERR_INVALID_ARGUMENT;
+        if (targets[r] >= 0) ++counted;
+    }
+    for (r = 0; r < n; ++r) {
+        const float *z = logits + (size_t)r * V;
+        float *dz = dlogits ? dlogits + (size_t)r * V : NULL;
+        double sum = 0, lse;
+        float mx = z[0];
+        int arg = 0;
+        if (targets[r] < 0) {                       /* ignored row: no loss, no gradient */
+            if (dz) for (j = 0; j < V; ++j) dz[j] = 0.0f;
+            continue;
+        }
+        for (j = 1; j < V; ++j) if (z[j] > mx) { mx = z[j]; arg = j; }
+        for (j = 0; j < V; ++j) sum += exp((double)z[j] - mx);
+        lse = mx + log(sum);
+        total += lse - z[targets[r]];
+        right += arg == targets[r];
+        if (dz) {
+            for (j = 0; j < V; ++j) dz[j] = (float)(exp((double)z[j] - lse) / counted);
+            dz[targets[r]] -= 1.0f / (float)counted;
+        }
+    }
+    *loss = counted ? (float)(total / counted) : 0.0f;
+    if (correct) *correct = right;
+    return MHA_OK;
+}
+
+/* p -= lr * (g + weight_decay * p) */
+MHADEF mha_status mha_sgd_step(size_t n, float *p, const float *g, float lr, float weight_decay)
+{
+    size_t i;
+    if (!p || !g) return MHA_ERR_NULL_POINTER;
+    for (i = 0; i < n; ++i) p[i] -= lr * (g[i] + weight_decay * p[i]);
+    return MHA_OK;
+}
+
+/* torch.optim.AdamW, step t = 1, 2, ...:
+     p  *= 1 - lr * wd                       (decoupled weight decay)
+     m   = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
+     p  -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)          */
+MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, float *p,
+                                 const float *g, float *m, float *v)
+{
+    float lr, b1, b2, eps, wd, c1, c2;
+    size_t i;
+    if (!opt || !p || !g || !m || !v) return MHA_ERR_NULL_POINTER;
+    lr = opt->lr > 0.0f ? opt->lr : 1e-3f;
+    b1 = opt->beta1 > 0.0f ? opt->beta1 : 0.9f;
+    b2 = opt->beta2 > 0.0f ? opt->beta2 : 0.999f;
+    eps = opt->eps > 0.0f ? opt->eps : 1e-8f;
+    wd = opt->weight_decay;
+    if (step < 1 || !(b1 < 1.0f) || !(b2 < 1.0f) || !(wd >= 0.0f) || !(opt->lr >= 0.0f))
+        return MHA_ERR_INVALID_ARGUMENT;
+    c1 = (float)(1.0 - pow((double)b1, (double)step));
+    c2 = (float)(1.0 - pow((double)b2, (double)step));
+    for (i = 0; i < n; ++i) {
+        p[i] *= 1.0f - lr * wd;
+        m[i] = b1 * m[i] + (1.0f - b1) * g[i];
+        v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
+        p[i] -= lr * (m[i] / c1) / (sqrtf(v[i] / c2) + eps);
+    }
+    return MHA_OK;
+}
+
+/* xorshift64*, seeded through splitmix64 so that nearby seeds give unrelated streams */
+MHADEF void mha_rng_seed(mha_rng *r, unsigned long long seed)
+{
+    unsigned long long z = seed + 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    r->state = z ? z : 1;   /* xorshift must not start at 0 */
+}
+
+MHADEF unsigned mha_rng_u32(mha_rng *r)
+{
+    unsigned long long s = r->state;
+    s ^= s >> 12; s ^= s << 25; s ^= s >> 27;
+    r->state = s;
+    return (unsigned)(((s * 2685821657736338717ULL) >> 32) & 0xFFFFFFFFu);
+}
+
+MHADEF float mha_rng_uniform(mha_rng *r)
+{
+    return (float)(mha_rng_u32(r) >> 8) * (1.0f / 16777216.0f);
+}
+
+MHADEF void mha_rng_fill(mha_rng *r, float *x, size_t n, float a)
+{
+    size_t i;
+    for (i = 0; i < n; ++i) x[i] = a * (2.0f * mha_rng_uniform(r) - 1.0f);
+}
+
 #endif /* MHA_IMPLEMENTATION_DONE */
 #endif /* MHA_IMPLEMENTATION */
 

@@ -332,7 +332,168 @@ static void test_validation(void)
           "Lq = 0");
 }
 
-static void test_encoder_all(void) {}
+/* ---------------------------------------------------------------- encoder */
+
+static void ref_layernorm(int rows, int E, const double *x, const double *w, const double *b, double *y)
+{
+    int r, j;
+    for (r = 0; r < rows; ++r) {
+        const double *xr = x + (size_t)r * E;
+        double m = 0, v = 0;
+        for (j = 0; j < E; ++j) m += xr[j];
+        m /= E;
+        for (j = 0; j < E; ++j) v += (xr[j] - m) * (xr[j] - m);
+        v /= E;
+        for (j = 0; j < E; ++j) y[(size_t)r * E + j] = (xr[j] - m) / sqrt(v + 1e-5) * w[j] + b[j];
+    }
+}
+
+static double ref_act(int gelu, double z) { return gelu ? 0.5 * z * (1 + erf(z / sqrt(2.0))) : (z > 0 ? z : 0); }
+
+typedef struct {
+    mha_case sa;                    /* self-attention; its xq is set per call */
+    int F, gelu, norm_first;
+    double *x, *w1, *b1, *w2, *b2, *n1w, *n1b, *n2w, *n2b, *g;
+    double *t1, *h, *z, *t2, *y;    /* scratch */
+} enc_case;
+
+static void ref_encoder(enc_case *c)
+{
+    int N = c->sa.B * c->sa.Lq, E = c->sa.E, F = c->F;
+    size_t ne = (size_t)N * E, i;
+    if (!c->norm_first) {
+        c->sa.xq = c->sa.xk = c->sa.xv = c->x;
+        ref_mha(&c->sa);
+        for (i = 0; i < ne; ++i) c->t1[i] = c->x[i] + c->sa.Y[i];
+        ref_layernorm(N, E, c->t1, c->n1w, c->n1b, c->h);
+        ref_linear(N, E, F, c->h, c->w1, c->b1, c->z);
+        for (i = 0; i < (size_t)N * F; ++i) c->z[i] = ref_act(c->gelu, c->z[i]);
+        ref_linear(N, F, E, c->z, c->w2, c->b2, c->t2);
+        for (i = 0; i < ne; ++i) c->t2[i] += c->h[i];
+        ref_layernorm(N, E, c->t2, c->n2w, c->n2b, c->y);
+    } else {
+        ref_layernorm(N, E, c->x, c->n1w, c->n1b, c->t1);
+        c->sa.xq = c->sa.xk = c->sa.xv = c->t1;
+        ref_mha(&c->sa);
+        for (i = 0; i < ne; ++i) c->h[i] = c->x[i] + c->sa.Y[i];
+        ref_layernorm(N, E, c->h, c->n2w, c->n2b, c->t2);
+        ref_linear(N, E, F, c->t2, c->w1, c->b1, c->z);
+        for (i = 0; i < (size_t)N * F; ++i) c->z[i] = ref_act(c->gelu, c->z[i]);
+        ref_linear(N, F, E, c->z, c->w2, c->b2, c->y);
+        for (i = 0; i < ne; ++i) c->y[i] += c->h[i];
+    }
+}
+
+static double enc_loss(void *vctx)
+{
+    enc_case *c = (enc_case *)vctx;
+    ref_encoder(c);
+    return dot(c->y, c->g, (size_t)c->sa.B * c->sa.Lq * c->sa.E);
+}
+
+/* a float tensor of n values and its double copy */
+typedef struct { float *f; double *d; float *grad; size_t n; } param;
+static void param_make(param *p, tu_rng *r, size_t n, float amp, float offset)
+{
+    size_t i;
+    p->n = n; p->f = falloc(n); p->d = dalloc(n); p->grad = falloc(n);
+    tu_fill(r, p->f, n, amp);
+    for (i = 0; i < n; ++i) { p->f[i] += offset; p->d[i] = p->f[i]; }
+}
+static void param_free(param *p) { free(p->f); free(p->d); free(p->grad); }
+
+static void test_encoder(int B, int L, int E, int H, int F, int gelu, int norm_first,
+                         int causal, int use_kpm, unsigned seed)
+{
+    enum { X, WIN, BIN, WOUT, BOUT, W1, B1, W2, B2, N1W, N1B, N2W, N2B, NP };
+    static const char *names[NP] = {"dx", "d self_attn.in_proj_weight", "d self_attn.in_proj_bias",
+        "d self_attn.out_proj.weight", "d self_attn.out_proj.bias", "d linear1.weight",
+        "d linear1.bias", "d linear2.weight", "d linear2.bias", "d norm1.weight", "d norm1.bias",
+        "d norm2.weight", "d norm2.bias"};
+    tu_rng r; masks m; mha_options opt; enc_case c; param p[NP];
+    mha_encoder_layer ly; mha_encoder_layer_grad gr;
+    size_t N = (size_t)B * L, ne = N * E, bytes = 0, k;
+    float *g = falloc(ne), *y = falloc(ne);
+    double *ref;
+    void *ws;
+    mha_status st;
+    int i;
+
+    r.s = 0xA0761D6478BD642FULL ^ seed;
+    param_make(&p[X], &r, ne, 1.0f, 0.0f);
+    param_make(&p[WIN], &r, 3 * (size_t)E * E, 0.6f, 0.0f);
+    param_make(&p[BIN], &r, 3 * (size_t)E, 0.3f, 0.0f);
+    param_make(&p[WOUT], &r, (size_t)E * E, 0.6f, 0.0f);
+    param_make(&p[BOUT], &r, (size_t)E, 0.3f, 0.0f);
+    param_make(&p[W1], &r, (size_t)F * E, 0.6f, 0.0f);
+    param_make(&p[B1], &r, (size_t)F, 0.3f, 0.0f);
+    param_make(&p[W2], &r, (size_t)E * F, 0.6f, 0.0f);
+    param_make(&p[B2], &r, (size_t)E, 0.3f, 0.0f);
+    param_make(&p[N1W], &r, (size_t)E, 0.3f, 1.0f);
+    param_make(&p[N1B], &r, (size_t)E, 0.3f, 0.0f);
+    param_make(&p[N2W], &r, (size_t)E, 0.3f, 1.0f);
+    param_make(&p[N2B], &r, (size_t)E, 0.3f, 0.0f);
+    tu_fill(&r, g, ne, 1.0f);
+    make_masks(&r, &m, B, L, L, 0, use_kpm, causal, 0);
+    set_options(&m, B, L, L, &opt);
+
+    memset(&ly, 0, sizeof ly);
+    ly.self_attn.embed_dim = E; ly.self_attn.num_heads = H;
+    ly.self_attn.in_proj_weight = p[WIN].f; ly.self_attn.in_proj_bias = p[BIN].f;
+    ly.self_attn.out_proj_weight = p[WOUT].f; ly.self_attn.out_proj_bias = p[BOUT].f;
+    ly.dim_feedforward = F; ly.activation = gelu ? MHA_ACT_GELU : MHA_ACT_RELU; ly.norm_first = norm_first;
+    ly.linear1_weight = p[W1].f; ly.linear1_bias = p[B1].f; ly.linear2_weight = p[W2].f; ly.linear2_bias = p[B2].f;
+    ly.norm1_weight = p[N1W].f; ly.norm1_bias = p[N1B].f; ly.norm2_weight = p[N2W].f; ly.norm2_bias = p[N2B].f;
+    gr.self_attn.in_proj_weight = p[WIN].grad; gr.self_attn.in_proj_bias = p[BIN].grad;
+    gr.self_attn.out_proj_weight = p[WOUT].grad; gr.self_attn.out_proj_bias = p[BOUT].grad;
+    gr.linear1_weight = p[W1].grad; gr.linear1_bias = p[B1].grad;
+    gr.linear2_weight = p[W2].grad; gr.linear2_bias = p[B2].grad;
+    gr.norm1_weight = p[N1W].grad; gr.norm1_bias = p[N1B].grad;
+    gr.norm2_weight = p[N2W].grad; gr.norm2_bias = p[N2B].grad;
+
+    CHECK(mha_encoder_workspace_size(&ly, B, L, &opt, &bytes) == MHA_OK, "encoder ws size");
+    ws = malloc(bytes);
+    st = mha_encoder_forward(&ly, B, L, p[X].f, &opt, y, NULL, ws, bytes);
+    CHECK(st == MHA_OK, "encoder forward: %s", mha_status_string(st));
+    st = mha_encoder_backward(&ly, B, L, p[X].f, &opt, g, p[X].grad, &gr, ws, bytes);
+    CHECK(st == MHA_OK, "encoder backward: %s", mha_status_string(st));
+
+    memset(&c, 0, sizeof c);
+    c.sa.B = B; c.sa.Lq = c.sa.Lk = L; c.sa.E = E; c.sa.H = H; c.sa.has_bias = 1; c.sa.m = &m;
+    c.sa.w_in = p[WIN].d; c.sa.b_in = p[BIN].d; c.sa.w_out = p[WOUT].d; c.sa.b_out = p[BOUT].d;
+    c.sa.Q = dalloc(ne); c.sa.K = dalloc(ne); c.sa.V = dalloc(ne); c.sa.C = dalloc(ne); c.sa.Y = dalloc(ne);
+    c.F = F; c.gelu = gelu; c.norm_first = norm_first;
+    c.x = p[X].d; c.w1 = p[W1].d; c.b1 = p[B1].d; c.w2 = p[W2].d; c.b2 = p[B2].d;
+    c.n1w = p[N1W].d; c.n1b = p[N1B].d; c.n2w = p[N2W].d; c.n2b = p[N2B].d;
+    c.g = dalloc(ne); to_double(g, c.g, ne);
+    c.t1 = dalloc(ne); c.h = dalloc(ne); c.z = dalloc(N * F); c.t2 = dalloc(ne); c.y = dalloc(ne);
+
+    ref_encoder(&c);
+    CHECK(tu_rel_err(y, c.y, ne) <= 1e-5, "encoder forward rel err %.3g", tu_rel_err(y, c.y, ne));
+
+    ref = dalloc(3 * (size_t)E * E + ne + (size_t)F * E);
+    for (i = 0; i < NP; ++i) {
+        char what[200];
+        fd_grad(enc_loss, &c, p[i].d, p[i].n, ref);
+        snprintf(what, sizeof what, "encoder B%d L%d E%d H%d F%d %s %s c%d k%d: %s", B, L, E, H, F,
+                 gelu ? "gelu" : "relu", norm_first ? "pre" : "post", causal, use_kpm, names[i]);
+        check_grad(what, p[i].grad, ref, p[i].n, &worst_enc);
+    }
+    free(ref);
+    for (k = 0; k < NP; ++k) param_free(&p[k]);
+    free(g); free(y); free(ws);
+    free(c.sa.Q); free(c.sa.K); free(c.sa.V); free(c.sa.C); free(c.sa.Y); free(c.g);
+    free(c.t1); free(c.h); free(c.z); free(c.t2); free(c.y);
+}
+
+static void test_encoder_all(void)
+{
+    test_encoder(1, 1, 3, 1, 3, 0, 0, 0, 0, 21);  /* E = 2 is degenerate: LN of two values is +-1 */
+    test_encoder(2, 5, 6, 3, 7, 0, 0, 0, 0, 22);
+    test_encoder(2, 5, 6, 2, 7, 1, 0, 1, 1, 23);
+    test_encoder(1, 7, 9, 3, 5, 0, 1, 1, 0, 24);
+    test_encoder(2, 3, 4, 4, 11, 1, 1, 0, 1, 25);
+}
 
 int main(void)
 {
