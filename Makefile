@@ -53,6 +53,7 @@ $(BUILD)/demo_print: examples/print_forward.c mha.h | $(BUILD)
 golden:
 	$(call need_pkgs,$(DEPS_GOLD))
 	/usr/bin/python3 tests/gen_golden.py
+	/usr/bin/python3 tests/gen_golden_train.py
 
 $(BUILD):
 	mkdir -p $@
