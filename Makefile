@@ -44,11 +44,18 @@ deps-bench:
 test: deps
 	bash tests/run_all.sh
 
-demo: deps-demo $(BUILD)/demo_print
+# The heatmap example writes PNGs into $(OUT) and prints their paths.
+OUT := out
+
+demo: deps-demo $(BUILD)/demo_print $(BUILD)/attention_heatmaps
 	./$(BUILD)/demo_print
+	./$(BUILD)/attention_heatmaps $(OUT)
 
 $(BUILD)/demo_print: examples/print_forward.c mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) -I. $< -o $@ -lm
+
+$(BUILD)/attention_heatmaps: examples/attention_heatmaps.c examples/heatmap.h mha.h | $(BUILD)
+	$(CC) -std=c99 $(CFLAGS) -I. -Iexamples -isystem $(STB_INC) $< -o $@ -lm
 
 golden:
 	$(call need_pkgs,$(DEPS_GOLD))
