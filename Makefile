@@ -47,14 +47,18 @@ test: deps
 # The heatmap example writes PNGs into $(OUT) and prints their paths.
 OUT := out
 
-demo: deps-demo $(BUILD)/demo_print $(BUILD)/attention_heatmaps
+demo: deps-demo $(BUILD)/demo_print $(BUILD)/attention_heatmaps $(BUILD)/train_reverse
 	./$(BUILD)/demo_print
 	./$(BUILD)/attention_heatmaps $(OUT)
+	./$(BUILD)/train_reverse $(OUT)
 
 $(BUILD)/demo_print: examples/print_forward.c mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) -I. $< -o $@ -lm
 
 $(BUILD)/attention_heatmaps: examples/attention_heatmaps.c examples/heatmap.h mha.h | $(BUILD)
+	$(CC) -std=c99 $(CFLAGS) -I. -Iexamples -isystem $(STB_INC) $< -o $@ -lm
+
+$(BUILD)/train_reverse: examples/train_reverse.c examples/heatmap.h mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) -I. -Iexamples -isystem $(STB_INC) $< -o $@ -lm
 
 golden:
