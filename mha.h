@@ -1185,6 +1185,18 @@ MHADEF mha_status mha_sdpa_backward(int B, int H, int Lq, int Lk, int D, int Dv,
 
 /* ------------------------------------------------------ linear */
 
+/* Y[rows, out] = X[rows, in] W^T + b   (W [out, in], b [out] or NULL) */
+static void mha__linear_forward(int rows, int in, int out, const float *X, const float *W,
+                                const float *b, float *Y, float *gws)
+{
+    if (b) {
+        int r;
+        for (r = 0; r < rows; ++r) memcpy(Y + (size_t)r * out, b, (size_t)out * sizeof(float));
+    }
+    mha__gemm(0, 1, rows, out, in, 1.0f, X, (size_t)in, W, (size_t)in, b ? 1.0f : 0.0f,
+              Y, (size_t)out, gws);
+}
+
 /* GEMM workspace floats of a Linear's forward and backward products. */
 static size_t mha__linear_gws(int rows, int in, int out)
 {
@@ -1242,7 +1254,7 @@ MHADEF mha_status mha_linear_forward(int rows, int in, int out, const float *x, 
     if (!mha__linear_sizes_ok(rows, in, out)) return MHA_ERR_OVERFLOW;
     need = mha_linear_workspace_size(rows, in, out);
     if (need && (st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
-    mha__linear(rows, in, out, x, W, b, y, ws);
+    mha__linear_forward(rows, in, out, x, W, b, y, ws);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
@@ -1371,9 +1383,9 @@ MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
     gbv = gbq ? gbq + 2 * E : NULL;
 
     /* 1. recompute the projections Q, K, V */
-    mha__linear(B * Lq, E, E, query, wq, bq, qp, gws);
-    mha__linear(B * Lk, E, E, key, wk, bk, kp, gws);
-    mha__linear(B * Lk, E, E, value, wv, bv, vp, gws);
+    mha__linear_forward(B * Lq, E, E, query, wq, bq, qp, gws);
+    mha__linear_forward(B * Lk, E, E, key, wk, bk, kp, gws);
+    mha__linear_forward(B * Lk, E, E, value, wv, bv, vp, gws);
 
     /* 2. through the output projection: dC = dY Wo   [B*Lq, E] */
     mha__gemm(0, 0, B * Lq, E, E, 1.0f, dout, (size_t)E, m->out_proj_weight, (size_t)E, 0.0f,
@@ -1623,9 +1635,9 @@ static mha_status mha__enc_forward(const mha_encoder_layer *ly, int B, int L, co
     }
 
     /* 2. feed-forward block: f = act(in W1^T + b1) W2^T + b2, f goes into y */
-    mha__linear(N, E, F, ffin, ly->linear1_weight, ly->linear1_bias, z, gws);
+    mha__linear_forward(N, E, F, ffin, ly->linear1_weight, ly->linear1_bias, z, gws);
     mha__activation_forward(ly->activation, (size_t)N * F, z, g);
-    mha__linear(N, F, E, g, ly->linear2_weight, ly->linear2_bias, y, gws);
+    mha__linear_forward(N, F, E, g, ly->linear2_weight, ly->linear2_bias, y, gws);
 
     /* 3. second residual (and norm) */
     if (!ly->norm_first) {
