@@ -1552,7 +1552,7 @@ typedef struct mha__enc_layout {
 static mha_status mha__enc_plan(const mha_encoder_layer *ly, int B, int L,
                                 const mha_options *opt, mha__enc_layout *P)
 {
-    size_t cur = 0, n, fb = 0, bb = 0, g, t;
+    size_t cur = 0, n, fb = 0, fw = 0, bb = 0, g, t;
     mha_status st;
     if (!ly) return MHA_ERR_NULL_POINTER;
     if (!ly->linear1_weight || !ly->linear2_weight) return MHA_ERR_NULL_POINTER;
@@ -1563,7 +1563,10 @@ static mha_status mha__enc_plan(const mha_encoder_layer *ly, int B, int L,
         return MHA_ERR_INVALID_ARGUMENT;
     /* the backward's limits (in_proj_weight, no bias_k / zero attn) apply to both calls */
     if ((st = mha_backward_workspace_size(&ly->self_attn, B, L, L, opt, &bb)) != MHA_OK) return st;
-    if ((st = mha_forward_workspace_size(&ly->self_attn, B, L, L, opt, 1, &fb)) != MHA_OK) return st;
+    /* the forward's need can differ with and without weights: take the larger */
+    if ((st = mha_forward_workspace_size(&ly->self_attn, B, L, L, opt, 0, &fb)) != MHA_OK) return st;
+    if ((st = mha_forward_workspace_size(&ly->self_attn, B, L, L, opt, 1, &fw)) != MHA_OK) return st;
+    if (fw > fb) fb = fw;
     P->E = ly->self_attn.embed_dim; P->F = ly->dim_feedforward; P->N = B * L;
     if (!mha__mul3((size_t)P->N, (size_t)P->F, sizeof(float), &n) ||
         !mha__mul3((size_t)P->F, (size_t)P->E, sizeof(float), &n) || P->F > INT_MAX / 2)

@@ -56,6 +56,15 @@ enum {
     SEED = 1234
 };
 
+/* Every mha.h call returns a status; a teaching example stops at the first error. */
+static void check(mha_status s, const char *what)
+{
+    if (s != MHA_OK) {
+        fprintf(stderr, "%s: %s\n", what, mha_status_string(s));
+        exit(2);
+    }
+}
+
 /* ---------------------------------------------------------- parameters */
 
 /* Every tensor is a slice of one array, so the optimizer is one call and the
@@ -170,11 +179,12 @@ static void forward(model *M, int n, const int *tokens, float *attn)
     int s, i;
     memset(&opt, 0, sizeof opt);
     opt.per_head_weights = 1;
-    mha_embedding_forward(n * L, V, E, tokens, M->p + M->o.emb, M->x);
+    check(mha_embedding_forward(n * L, V, E, tokens, M->p + M->o.emb, M->x), "embedding");
     for (s = 0; s < n; ++s)
         for (i = 0; i < L * E; ++i) M->x[(size_t)s * L * E + i] += M->pe[i];
-    mha_encoder_forward(&ly, n, L, M->x, &opt, M->h, attn, M->ws, M->ws_bytes);
-    mha_linear_forward(n * L, E, V, M->h, M->p + M->o.head_w, M->p + M->o.head_b, M->logits, NULL, 0);
+    check(mha_encoder_forward(&ly, n, L, M->x, &opt, M->h, attn, M->ws, M->ws_bytes), "encoder");
+    check(mha_linear_forward(n * L, E, V, M->h, M->p + M->o.head_w, M->p + M->o.head_b, M->logits,
+                             NULL, 0), "output layer");
 }
 
 /* The same path backwards; dlogits is already filled by the loss. */
@@ -185,11 +195,12 @@ static void backward(model *M, int n, const int *tokens)
     memset(M->g, 0, M->o.total * sizeof(float));
     memset(M->dh, 0, (size_t)n * L * E * sizeof(float));
     memset(M->dx, 0, (size_t)n * L * E * sizeof(float));
-    mha_linear_backward(n * L, E, V, M->h, M->p + M->o.head_w, M->dlogits, M->dh,
-                        M->g + M->o.head_w, M->g + M->o.head_b, NULL, 0);
-    mha_encoder_backward(&ly, n, L, M->x, NULL, M->dh, M->dx, &gr, M->ws, M->ws_bytes);
+    check(mha_linear_backward(n * L, E, V, M->h, M->p + M->o.head_w, M->dlogits, M->dh,
+                              M->g + M->o.head_w, M->g + M->o.head_b, NULL, 0), "output layer backward");
+    check(mha_encoder_backward(&ly, n, L, M->x, NULL, M->dh, M->dx, &gr, M->ws, M->ws_bytes),
+          "encoder backward");
     /* PE is a constant: the gradient of x goes to the embedding rows only */
-    mha_embedding_backward(n * L, V, E, tokens, M->dx, M->g + M->o.emb);
+    check(mha_embedding_backward(n * L, V, E, tokens, M->dx, M->g + M->o.emb), "embedding backward");
 }
 
 static float evaluate(model *M, const int *tokens, const int *targets, int n)
@@ -199,7 +210,8 @@ static float evaluate(model *M, const int *tokens, const int *targets, int n)
         int cnt = n - done < B ? n - done : B, correct;
         float loss;
         forward(M, cnt, tokens + done * L, NULL);
-        mha_cross_entropy(cnt * L, V, M->logits, targets + done * L, &loss, NULL, &correct);
+        check(mha_cross_entropy(cnt * L, V, M->logits, targets + done * L, &loss, NULL, &correct),
+              "loss");
         correct_total += correct;
     }
     return (float)correct_total / (float)(n * L);
@@ -278,13 +290,16 @@ int main(int argc, char **argv)
     M.dx = (float *)malloc(B * L * E * sizeof(float));
     M.logits = (float *)malloc(B * L * V * sizeof(float));
     M.dlogits = (float *)malloc(B * L * V * sizeof(float));
-    mha_positional_encoding(L, E, M.pe);
+    check(mha_positional_encoding(L, E, M.pe), "positional encoding");
 
     mha_rng_seed(&rng, SEED);
     init_params(&M.o, M.p, &rng);
     ly = layer_view(&M.o, M.p);
-    if (mha_encoder_workspace_size(&ly, B, L, NULL, &M.ws_bytes) != MHA_OK) return 1;
+    check(mha_encoder_workspace_size(&ly, B, L, NULL, &M.ws_bytes), "workspace size");
     M.ws = malloc(M.ws_bytes);
+    if (!M.p || !M.g || !M.m || !M.v || !M.pe || !M.x || !M.h || !M.dh || !M.dx || !M.logits ||
+        !M.dlogits || !M.ws)
+        check(MHA_ERR_OUT_OF_MEMORY, "malloc");
     mha_rng_seed(&eval_rng, SEED + 1);
     make_batch(&eval_rng, EVAL_N, 1, eval_tok, eval_tgt);
     make_dir(dir);
@@ -308,9 +323,9 @@ int main(int argc, char **argv)
         int correct;
         make_batch(&rng, B, 0, tok, tgt);
         forward(&M, B, tok, NULL);
-        mha_cross_entropy(B * L, V, M.logits, tgt, &loss, M.dlogits, &correct);
+        check(mha_cross_entropy(B * L, V, M.logits, tgt, &loss, M.dlogits, &correct), "loss");
         backward(&M, B, tok);
-        mha_adamw_step(&adam, step, M.o.total, M.p, M.g, M.m, M.v);
+        check(mha_adamw_step(&adam, step, M.o.total, M.p, M.g, M.m, M.v), "AdamW");
         if (step % 100 == 0 || step == 1) {
             acc = evaluate(&M, eval_tok, eval_tgt, EVAL_N);
             printf("step %5d  loss %.4f  batch acc %5.1f%%  held-out acc %6.2f%%  %.1fs\n", step, loss,
