@@ -233,21 +233,25 @@ MHADEF mha_status mha_sdpa_backward(int B, int H, int Lq, int Lk, int D, int Dv,
                                     void *workspace, size_t workspace_bytes);
 
 /* Gradients of an mha_module's weights, in the same (state_dict) layout.
-   Fields may be NULL when that gradient is not wanted; the two biases must
-   be NULL when the module has no bias.  */
+   Any field may be NULL when that gradient is not wanted; fields whose
+   weight the module does not have are ignored.  */
 typedef struct mha_module_grad {
-    float *in_proj_weight;   /* [3E, E] */
-    float *in_proj_bias;     /* [3E]    */
-    float *out_proj_weight;  /* [E, E]  */
-    float *out_proj_bias;    /* [E]     */
+    float *in_proj_weight;   /* [3E, E]   (module with in_proj_weight) */
+    float *in_proj_bias;     /* [3E]      */
+    float *out_proj_weight;  /* [E, E]    */
+    float *out_proj_bias;    /* [E]       */
+    float *q_proj_weight;    /* [E, E]    (module with separate q/k/v weights) */
+    float *k_proj_weight;    /* [E, kdim] */
+    float *v_proj_weight;    /* [E, vdim] */
+    float *bias_k, *bias_v;  /* [E] each  (add_bias_kv) */
 } mha_module_grad;
 
-/* Backward of mha_forward.  Supported: in_proj_weight (kdim == vdim == E),
-   no bias_k/bias_v, no add_zero_attn; anything else is
-   MHA_ERR_INVALID_ARGUMENT.  dout [B,Lq,E];  dquery [B,Lq,E], dkey and
-   dvalue [B,Lk,E] (each may be NULL) and grad (may be NULL) are added to.
-   For self-attention pass the same x three times and the same dx three
-   times: the three contributions add up in dx, as they should.  */
+/* Backward of mha_forward, for every module mha_forward accepts (packed or
+   separate projection weights, kdim/vdim, bias_k/bias_v, add_zero_attn).
+   dout [B,Lq,E];  dquery [B,Lq,E], dkey [B,Lk,kdim], dvalue [B,Lk,vdim] (each
+   may be NULL) and grad (may be NULL) are added to.  For self-attention pass
+   the same x three times and the same dx three times: the three
+   contributions add up in dx, as they should.  */
 MHADEF mha_status mha_backward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
                                               const mha_options *opt, size_t *bytes);
 MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
@@ -1279,46 +1283,62 @@ MHADEF mha_status mha_linear_backward(int rows, int in, int out, const float *x,
 
 /* --------------------------------------------------- module backward */
 
-/* Workspace of one mha_backward call (offsets in floats). */
+/* Workspace of one mha_backward call (offsets in floats).  K and V hold
+   Lk_eff = Lk (+1 with bias_k) (+1 with add_zero_attn) rows per batch. */
 typedef struct mha__bwd_layout {
-    int E, H, D;
+    int E, H, D, kdim, vdim, Lk_eff;
     size_t qp, kp, vp, ctx, dctx, dqp, dkp, dvp, p, dp, gws, total_floats;
 } mha__bwd_layout;
 
 static mha_status mha__bwd_plan(const mha_module *m, int B, int Lq, int Lk,
                                 const mha_options *opt, mha__bwd_layout *L)
 {
-    size_t n, cur = 0, g, t;
+    size_t n, cur = 0, g, t, nk;
+    int widest;
     mha_status st;
     if (!m) return MHA_ERR_NULL_POINTER;
     if (m->embed_dim <= 0 || m->num_heads <= 0 || m->kdim < 0 || m->vdim < 0 ||
         B <= 0 || Lq <= 0 || Lk <= 0)
         return MHA_ERR_INVALID_SIZE;
     if (m->embed_dim % m->num_heads != 0) return MHA_ERR_HEADS_DIVIDE;
-    if (!m->in_proj_weight || !m->out_proj_weight) return MHA_ERR_NULL_POINTER;
     L->E = m->embed_dim; L->H = m->num_heads; L->D = L->E / L->H;
-    if ((m->kdim && m->kdim != L->E) || (m->vdim && m->vdim != L->E) ||
-        m->bias_k || m->bias_v || m->add_zero_attn)
-        return MHA_ERR_INVALID_ARGUMENT;
-    if ((size_t)B * (size_t)Lq > INT_MAX || (size_t)B * (size_t)Lk > INT_MAX ||
-        !mha__mul3((size_t)B * (size_t)(Lq > Lk ? Lq : Lk), (size_t)L->E, 8 * sizeof(float), &n) ||
-        !mha__mul3((size_t)Lq, (size_t)Lk, 2 * sizeof(float), &n) ||
-        !mha__mul3((size_t)3 * L->E, (size_t)L->E, sizeof(float), &n))
+    L->kdim = m->kdim ? m->kdim : L->E;
+    L->vdim = m->vdim ? m->vdim : L->E;
+    if (!m->out_proj_weight) return MHA_ERR_NULL_POINTER;
+    if (m->in_proj_weight) {
+        if (L->kdim != L->E || L->vdim != L->E) return MHA_ERR_INVALID_ARGUMENT;
+    } else if (!m->q_proj_weight || !m->k_proj_weight || !m->v_proj_weight) {
+        return MHA_ERR_NULL_POINTER;
+    }
+    if ((m->bias_k == NULL) != (m->bias_v == NULL)) return MHA_ERR_INVALID_ARGUMENT;
+    if (m->add_zero_attn != 0 && m->add_zero_attn != 1) return MHA_ERR_INVALID_ARGUMENT;
+    if (Lk > INT_MAX - 2) return MHA_ERR_OVERFLOW;
+    L->Lk_eff = Lk + (m->bias_k != NULL) + m->add_zero_attn;
+    widest = L->E;
+    if (L->kdim > widest) widest = L->kdim;
+    if (L->vdim > widest) widest = L->vdim;
+    if ((size_t)B * (size_t)Lq > INT_MAX || (size_t)B * (size_t)L->Lk_eff > INT_MAX ||
+        !mha__mul3((size_t)B * (size_t)(Lq > L->Lk_eff ? Lq : L->Lk_eff), (size_t)widest,
+                   8 * sizeof(float), &n) ||
+        !mha__mul3((size_t)Lq, (size_t)L->Lk_eff, 2 * sizeof(float), &n) ||
+        !mha__mul3((size_t)3 * L->E, (size_t)widest, sizeof(float), &n))
         return MHA_ERR_OVERFLOW;
     if ((st = mha__check_masks(opt, B, L->H, Lq, Lk)) != MHA_OK) return st;
     g = mha__linear_gws(B * Lq, L->E, L->E);
-    t = mha__linear_gws(B * Lk, L->E, L->E);        if (t > g) g = t;
-    t = mha__head_backward_gws(Lq, Lk, L->D, L->D); if (t > g) g = t;
+    t = mha__linear_gws(B * Lk, L->kdim, L->E);                  if (t > g) g = t;
+    t = mha__linear_gws(B * Lk, L->vdim, L->E);                  if (t > g) g = t;
+    t = mha__head_backward_gws(Lq, L->Lk_eff, L->D, L->D);       if (t > g) g = t;
+    nk = (size_t)B * L->Lk_eff * L->E;
     if (!mha__region(&cur, (size_t)B * Lq * L->E, &L->qp) ||
-        !mha__region(&cur, (size_t)B * Lk * L->E, &L->kp) ||
-        !mha__region(&cur, (size_t)B * Lk * L->E, &L->vp) ||
+        !mha__region(&cur, nk, &L->kp) ||
+        !mha__region(&cur, nk, &L->vp) ||
         !mha__region(&cur, (size_t)B * Lq * L->E, &L->ctx) ||
         !mha__region(&cur, (size_t)B * Lq * L->E, &L->dctx) ||
         !mha__region(&cur, (size_t)B * Lq * L->E, &L->dqp) ||
-        !mha__region(&cur, (size_t)B * Lk * L->E, &L->dkp) ||
-        !mha__region(&cur, (size_t)B * Lk * L->E, &L->dvp) ||
-        !mha__region(&cur, (size_t)Lq * Lk, &L->p) ||
-        !mha__region(&cur, (size_t)Lq * Lk, &L->dp) ||
+        !mha__region(&cur, nk, &L->dkp) ||
+        !mha__region(&cur, nk, &L->dvp) ||
+        !mha__region(&cur, (size_t)Lq * L->Lk_eff, &L->p) ||
+        !mha__region(&cur, (size_t)Lq * L->Lk_eff, &L->dp) ||
         !mha__region(&cur, g, &L->gws) ||
         !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
         return MHA_ERR_OVERFLOW;
@@ -1335,6 +1355,39 @@ MHADEF mha_status mha_backward_workspace_size(const mha_module *m, int B, int Lq
     if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
     if ((st = mha__bwd_plan(m, B, Lq, Lk, opt, &L)) != MHA_OK) return st;
     return mha__mul(L.total_floats, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+}
+
+/* K or V of every batch, Lk_eff rows each: X W^T + b for the Lk real keys, then
+   the bias_k/bias_v row, then a zero row (add_zero_attn), as the forward builds them. */
+static void mha__kv_project(int B, int Lk, int Lk_eff, int in, int E, const float *X,
+                            const float *W, const float *b, const float *extra, int zero_row,
+                            float *Y, float *gws)
+{
+    int bb;
+    if (Lk_eff == Lk) { mha__linear_forward(B * Lk, in, E, X, W, b, Y, gws); return; }
+    for (bb = 0; bb < B; ++bb) {
+        float *Yb = Y + (size_t)bb * Lk_eff * E;
+        int r = Lk;
+        mha__linear_forward(Lk, in, E, X + (size_t)bb * Lk * in, W, b, Yb, gws);
+        if (extra) memcpy(Yb + (size_t)r++ * E, extra, (size_t)E * sizeof(float));
+        if (zero_row) memset(Yb + (size_t)r * E, 0, (size_t)E * sizeof(float));
+    }
+}
+
+/* ... and its backward: the real rows go through the Linear, the bias_k/bias_v
+   row's gradient is summed over the batches into dextra, the zero row has none. */
+static void mha__kv_project_backward(int B, int Lk, int Lk_eff, int in, int E, const float *X,
+                                     const float *W, const float *dY, float *dX, float *dW,
+                                     float *db, int has_extra, float *dextra, float *gws)
+{
+    int bb;
+    if (Lk_eff == Lk) { mha__linear_backward(B * Lk, in, E, X, W, dY, dX, dW, db, gws); return; }
+    for (bb = 0; bb < B; ++bb) {
+        const float *dYb = dY + (size_t)bb * Lk_eff * E;
+        mha__linear_backward(Lk, in, E, X + (size_t)bb * Lk * in, W, dYb,
+                             dX ? dX + (size_t)bb * Lk * in : NULL, dW, db, gws);
+        if (has_extra && dextra) mha__axpy(dextra, 1.0f, dYb + (size_t)Lk * E, E);
+    }
 }
 
 /* Backward of the module, in the reverse order of the forward:
@@ -1370,22 +1423,27 @@ MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
     if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
 
     E = L.E;
-    nq = (size_t)B * Lq * E; nk = (size_t)B * Lk * E;
+    nq = (size_t)B * Lq * E; nk = (size_t)B * L.Lk_eff * E;
     qp = ws + L.qp; kp = ws + L.kp; vp = ws + L.vp; ctx = ws + L.ctx; dctx = ws + L.dctx;
     dqp = ws + L.dqp; dkp = ws + L.dkp; dvp = ws + L.dvp; gws = ws + L.gws;
-    wq = m->in_proj_weight; wk = wq + (size_t)E * E; wv = wk + (size_t)E * E;
+    if (m->in_proj_weight) {
+        wq = m->in_proj_weight; wk = wq + (size_t)E * E; wv = wk + (size_t)E * E;
+        gwq = grad->in_proj_weight;
+        gwk = gwq ? gwq + (size_t)E * E : NULL;
+        gwv = gwq ? gwq + (size_t)2 * E * E : NULL;
+    } else {
+        wq = m->q_proj_weight; wk = m->k_proj_weight; wv = m->v_proj_weight;
+        gwq = grad->q_proj_weight; gwk = grad->k_proj_weight; gwv = grad->v_proj_weight;
+    }
     bq = m->in_proj_bias; bk = bq ? bq + E : NULL; bv = bq ? bq + 2 * E : NULL;
-    gwq = grad->in_proj_weight;
-    gwk = gwq ? gwq + (size_t)E * E : NULL;
-    gwv = gwq ? gwq + (size_t)2 * E * E : NULL;
     gbq = bq ? grad->in_proj_bias : NULL;
     gbk = gbq ? gbq + E : NULL;
     gbv = gbq ? gbq + 2 * E : NULL;
 
-    /* 1. recompute the projections Q, K, V */
+    /* 1. recompute the projections Q, K, V (K and V with their appended rows) */
     mha__linear_forward(B * Lq, E, E, query, wq, bq, qp, gws);
-    mha__linear_forward(B * Lk, E, E, key, wk, bk, kp, gws);
-    mha__linear_forward(B * Lk, E, E, value, wv, bv, vp, gws);
+    mha__kv_project(B, Lk, L.Lk_eff, L.kdim, E, key, wk, bk, m->bias_k, m->add_zero_attn, kp, gws);
+    mha__kv_project(B, Lk, L.Lk_eff, L.vdim, E, value, wv, bv, m->bias_v, m->add_zero_attn, vp, gws);
 
     /* 2. through the output projection: dC = dY Wo   [B*Lq, E] */
     mha__gemm(0, 0, B * Lq, E, E, 1.0f, dout, (size_t)E, m->out_proj_weight, (size_t)E, 0.0f,
@@ -1395,10 +1453,10 @@ MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
     memset(dqp, 0, nq * sizeof(float));
     memset(dkp, 0, nk * sizeof(float));
     memset(dvp, 0, nk * sizeof(float));
-    mha__attn_common(&a, opt, B, L.H, Lq, Lk, Lk, L.D, L.D);
+    mha__attn_common(&a, opt, B, L.H, Lq, Lk, L.Lk_eff, L.D, L.D);
     a.q.p = qp; a.q.rs = (size_t)E; a.q.hs = (size_t)L.D; a.q.bs = (size_t)Lq * E;
-    a.k.p = kp; a.k.rs = (size_t)E; a.k.hs = (size_t)L.D; a.k.bs = (size_t)Lk * E;
-    a.v.p = vp; a.v.rs = (size_t)E; a.v.hs = (size_t)L.D; a.v.bs = (size_t)Lk * E;
+    a.k.p = kp; a.k.rs = (size_t)E; a.k.hs = (size_t)L.D; a.k.bs = (size_t)L.Lk_eff * E;
+    a.v.p = vp; a.v.rs = (size_t)E; a.v.hs = (size_t)L.D; a.v.bs = (size_t)L.Lk_eff * E;
     a.o = ctx;  a.o_rs = (size_t)E; a.o_hs = (size_t)L.D; a.o_bs = (size_t)Lq * E;
     a.weights = NULL; a.per_head = 0;
     for (b = 0; b < B; ++b)
@@ -1409,10 +1467,13 @@ MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
     mha__linear_backward(B * Lq, E, E, ctx, m->out_proj_weight, dout, NULL,
                          grad->out_proj_weight, m->out_proj_bias ? grad->out_proj_bias : NULL, gws);
 
-    /* 5. input projections: dX += dQ Wq,  dWq += dQ^T X,  dbq += colsum dQ (K, V alike) */
+    /* 5. input projections: dX += dQ Wq,  dWq += dQ^T X,  dbq += colsum dQ (K, V alike;
+          the bias_k / bias_v rows collect their own gradient) */
     mha__linear_backward(B * Lq, E, E, query, wq, dqp, dquery, gwq, gbq, gws);
-    mha__linear_backward(B * Lk, E, E, key,   wk, dkp, dkey,   gwk, gbk, gws);
-    mha__linear_backward(B * Lk, E, E, value, wv, dvp, dvalue, gwv, gbv, gws);
+    mha__kv_project_backward(B, Lk, L.Lk_eff, L.kdim, E, key, wk, dkp, dkey, gwk, gbk,
+                             m->bias_k != NULL, grad->bias_k, gws);
+    mha__kv_project_backward(B, Lk, L.Lk_eff, L.vdim, E, value, wv, dvp, dvalue, gwv, gbv,
+                             m->bias_v != NULL, grad->bias_v, gws);
 
     if (owned) MHA_FREE(owned);
     return MHA_OK;

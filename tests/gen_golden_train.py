@@ -19,8 +19,10 @@ FILE FORMAT (little-endian)
 
     p[0] kind: 0 nn.MultiheadAttention, 1 nn.TransformerEncoderLayer,
                2 cross-entropy, 3 AdamW
-    kind 0/1:  p[1] B  p[2] Lq  p[3] Lk  p[4] E  p[5] H  p[6] F (dim_feedforward)
-               p[7] activation (0 relu, 1 gelu)  p[8] norm_first
+    kind 0/1:  p[1] B  p[2] Lq  p[3] Lk  p[4] E  p[5] H
+               kind 0: p[6] kdim  p[7] vdim  p[8] add_bias_kv + 2 * add_zero_attn
+               kind 1: p[6] F (dim_feedforward)  p[7] activation (0 relu, 1 gelu)
+                       p[8] norm_first
                p[9] attn_mask: 0 none, 1 bool [Lq,Lk] (nonzero = blocked), 3 float [Lq,Lk]
                p[10] key_padding_mask: 0 none, 1 bool [B,Lk]   p[11] bias (1/0)
     kind 2:    p[1] rows  p[2] V           arrays logits, targets (int32, -100 = ignore),
@@ -93,14 +95,17 @@ def mask_arrays(am, kpm):
     return out
 
 
-def mha_case(name, B, Lq, Lk, E, H, self_attn, attn_kind=0, kpm_kind=0, bias=True):
-    m = nn.MultiheadAttention(E, H, bias=bias, batch_first=True)
+def mha_case(name, B, Lq, Lk, E, H, self_attn, attn_kind=0, kpm_kind=0, bias=True,
+             kdim=None, vdim=None, add_bias_kv=False, add_zero_attn=False):
+    m = nn.MultiheadAttention(E, H, bias=bias, batch_first=True, kdim=kdim, vdim=vdim,
+                              add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
     sd = {k: draw(*v.shape, amp=0.5) for k, v in m.state_dict().items()}
     m.load_state_dict(sd)
     m.double()
+    kdim, vdim = kdim or E, vdim or E
     q = draw(B, Lq, E)
-    k = q if self_attn else draw(B, Lk, E)
-    v = q if self_attn else draw(B, Lk, E)
+    k = q if self_attn else draw(B, Lk, kdim)
+    v = q if self_attn else draw(B, Lk, vdim)
     am, kpm = make_masks(B, Lq, Lk, attn_kind, kpm_kind)
     dout = draw(B, Lq, E)
     if self_attn:   # one leaf used three times: its gradient is the sum of all three uses
@@ -117,7 +122,8 @@ def mha_case(name, B, Lq, Lk, E, H, self_attn, attn_kind=0, kpm_kind=0, bias=Tru
     if not self_attn:
         arrays += [("grad.key", f64(kd.grad)), ("grad.value", f64(vd.grad))]
     arrays += [("grad." + n, f64(t.grad)) for n, t in m.named_parameters()]
-    return case(name, [0, B, Lq, Lk, E, H, 0, 0, 0, attn_kind, kpm_kind, int(bias)], arrays)
+    flags = int(add_bias_kv) + 2 * int(add_zero_attn)
+    return case(name, [0, B, Lq, Lk, E, H, kdim, vdim, flags, attn_kind, kpm_kind, int(bias)], arrays)
 
 
 def encoder_case(name, B, L, E, H, Fd, gelu, norm_first, attn_kind=0, kpm_kind=0):
@@ -177,6 +183,10 @@ def main():
         mha_case("mha cross kpm B2 Lq3 Lk7 E8 H2", 2, 3, 7, 8, 2, False, kpm_kind=1),
         mha_case("mha causal B1 L17 E12 H4", 1, 17, 17, 12, 4, True, attn_kind=1),
         mha_case("mha float mask nobias B3 L7 E9", 3, 7, 7, 9, 3, True, attn_kind=3, bias=False),
+        mha_case("mha kdim vdim B2 Lq4 Lk6 E6", 2, 4, 6, 6, 2, False, kdim=5, vdim=3),
+        mha_case("mha bias_kv zero_attn kpm", 2, 5, 7, 8, 4, False, kpm_kind=1, kdim=3, vdim=10,
+                 add_bias_kv=True, add_zero_attn=True),
+        mha_case("mha self bias_kv causal", 1, 6, 6, 6, 3, True, attn_kind=1, add_bias_kv=True),
         encoder_case("enc post relu B2 L5 E8 H2", 2, 5, 8, 2, 16, False, False),
         encoder_case("enc post gelu causal B2 L7 E6", 2, 7, 6, 3, 10, True, False, attn_kind=1),
         encoder_case("enc pre relu kpm B3 L4 E12 H4", 3, 4, 12, 4, 24, False, True, kpm_kind=1),

@@ -103,7 +103,7 @@ static void make_masks(tu_rng *r, masks *m, int B, int Lq, int Lk, int use_float
 
 /* One head of attention in double: o[Lq, Dv] from q[Lq, D] k[Lk, D] v[Lk, Dv]
    with row strides; a row with no allowed key gives o = 0. */
-static void ref_head(const masks *m, int B, int b, int Lq, int Lk, int D, int Dv, double scale,
+static void ref_head(const masks *m, int B, int b, int Lq, int Lk, int Lk_real, int D, int Dv, double scale,
                      const double *q, size_t qrs, const double *k, size_t krs,
                      const double *v, size_t vrs, double *o, size_t ors)
 {
@@ -113,7 +113,8 @@ static void ref_head(const masks *m, int B, int b, int Lq, int Lk, int D, int Dv
         double mx = -INFINITY, sum = 0;
         for (j = 0; j < Lk; ++j) {
             double add;
-            if (!ref_bias(m, B, b, Lq, Lk, i, j, &add)) { s[j] = -INFINITY; continue; }
+            if (j < Lk_real && !ref_bias(m, B, b, Lq, Lk_real, i, j, &add)) { s[j] = -INFINITY; continue; }
+            if (j >= Lk_real) add = 0;
             s[j] = scale * dot(q + i * qrs, k + j * krs, (size_t)D) + add;
             if (s[j] > mx) mx = s[j];
         }
@@ -141,7 +142,7 @@ static double sdpa_loss(void *vctx)
     for (b = 0; b < c->B; ++b)
         for (h = 0; h < c->H; ++h) {
             size_t bh = (size_t)b * c->H + h;
-            ref_head(c->m, c->B, b, c->Lq, c->Lk, c->D, c->Dv, scale,
+            ref_head(c->m, c->B, b, c->Lq, c->Lk, c->Lk, c->D, c->Dv, scale,
                      c->q + bh * c->Lq * c->D, (size_t)c->D, c->k + bh * c->Lk * c->D, (size_t)c->D,
                      c->v + bh * c->Lk * c->Dv, (size_t)c->Dv, c->o + bh * c->Lq * c->Dv, (size_t)c->Dv);
         }
@@ -225,7 +226,7 @@ static void ref_mha(mha_case *c)
     ref_linear(c->B * c->Lk, E, E, c->xv, c->w_in + 2 * EE, c->has_bias ? c->b_in + 2 * E : NULL, c->V);
     for (b = 0; b < c->B; ++b)
         for (h = 0; h < H; ++h)
-            ref_head(c->m, c->B, b, c->Lq, c->Lk, D, D, 1.0 / sqrt((double)D),
+            ref_head(c->m, c->B, b, c->Lq, c->Lk, c->Lk, D, D, 1.0 / sqrt((double)D),
                      c->Q + (size_t)b * c->Lq * E + h * D, (size_t)E,
                      c->K + (size_t)b * c->Lk * E + h * D, (size_t)E,
                      c->V + (size_t)b * c->Lk * E + h * D, (size_t)E,
@@ -314,6 +315,121 @@ static void test_mha(int B, int Lq, int Lk, int E, int H, int self, int has_bias
     free(c.Q); free(c.K); free(c.V); free(c.C); free(c.Y); free(ws);
 }
 
+/* The module in its other configurations: separate q/k/v weights with kdim and
+   vdim, bias_k/bias_v, add_zero_attn.  Reference in double, as above. */
+typedef struct {
+    int B, Lq, Lk, E, H, kdim, vdim, bias_kv, zero_attn;
+    const masks *m;
+    double *xq, *xk, *xv, *wq, *wk, *wv, *b_in, *bias_k, *bias_v, *w_out, *b_out, *g;
+    double *Q, *K, *V, *C, *Y;
+} mha2_case;
+
+static double mha2_loss(void *vctx)
+{
+    mha2_case *c = (mha2_case *)vctx;
+    int E = c->E, H = c->H, D = E / H, Lke = c->Lk + c->bias_kv + c->zero_attn, b, h, r, e;
+    ref_linear(c->B * c->Lq, E, E, c->xq, c->wq, c->b_in, c->Q);
+    for (b = 0; b < c->B; ++b) {
+        double *Kb = c->K + (size_t)b * Lke * E, *Vb = c->V + (size_t)b * Lke * E;
+        ref_linear(c->Lk, c->kdim, E, c->xk + (size_t)b * c->Lk * c->kdim, c->wk, c->b_in + E, Kb);
+        ref_linear(c->Lk, c->vdim, E, c->xv + (size_t)b * c->Lk * c->vdim, c->wv, c->b_in + 2 * E, Vb);
+        r = c->Lk;
+        if (c->bias_kv) {
+            for (e = 0; e < E; ++e) { Kb[r * E + e] = c->bias_k[e]; Vb[r * E + e] = c->bias_v[e]; }
+            ++r;
+        }
+        if (c->zero_attn) for (e = 0; e < E; ++e) Kb[r * E + e] = Vb[r * E + e] = 0;
+    }
+    for (b = 0; b < c->B; ++b)
+        for (h = 0; h < H; ++h)
+            ref_head(c->m, c->B, b, c->Lq, Lke, c->Lk, D, D, 1.0 / sqrt((double)D),
+                     c->Q + (size_t)b * c->Lq * E + h * D, (size_t)E,
+                     c->K + (size_t)b * Lke * E + h * D, (size_t)E,
+                     c->V + (size_t)b * Lke * E + h * D, (size_t)E,
+                     c->C + (size_t)b * c->Lq * E + h * D, (size_t)E);
+    ref_linear(c->B * c->Lq, E, E, c->C, c->w_out, c->b_out, c->Y);
+    return dot(c->Y, c->g, (size_t)c->B * c->Lq * E);
+}
+
+static void test_mha_general(int B, int Lq, int Lk, int E, int H, int kdim, int vdim, int bias_kv,
+                             int zero_attn, int use_kpm, int causal, unsigned seed)
+{
+    enum { XQ, XK, XV, WQ, WK, WV, BIN, BK, BV, WOUT, BOUT, NP };
+    static const char *names[NP] = {"dquery", "dkey", "dvalue", "d q_proj_weight", "d k_proj_weight",
+        "d v_proj_weight", "d in_proj_bias", "d bias_k", "d bias_v", "d out_proj.weight", "d out_proj.bias"};
+    size_t sz[NP];
+    float *f[NP], *gr[NP], *g;
+    double *d[NP], *ref;
+    tu_rng r; masks m; mha_options opt; mha_module mod; mha_module_grad mg; mha2_case c;
+    int Lke = Lk + bias_kv + zero_attn, i;
+    size_t nq = (size_t)B * Lq * E, maxn = 0;
+    mha_status st;
+
+    sz[XQ] = nq; sz[XK] = (size_t)B * Lk * kdim; sz[XV] = (size_t)B * Lk * vdim;
+    sz[WQ] = (size_t)E * E; sz[WK] = (size_t)E * kdim; sz[WV] = (size_t)E * vdim;
+    sz[BIN] = 3 * (size_t)E; sz[BK] = sz[BV] = (size_t)E; sz[WOUT] = (size_t)E * E; sz[BOUT] = (size_t)E;
+    r.s = 0x5851F42D4C957F2DULL ^ seed;
+    for (i = 0; i < NP; ++i) {
+        f[i] = falloc(sz[i]); gr[i] = falloc(sz[i]); d[i] = dalloc(sz[i]);
+        tu_fill(&r, f[i], sz[i], i < WQ ? 1.0f : 0.6f);
+        to_double(f[i], d[i], sz[i]);
+        if (sz[i] > maxn) maxn = sz[i];
+    }
+    g = falloc(nq);
+    tu_fill(&r, g, nq, 1.0f);
+    make_masks(&r, &m, B, Lq, Lk, 0, use_kpm, causal, 0);
+    set_options(&m, B, Lq, Lk, &opt);
+
+    memset(&mod, 0, sizeof mod);
+    mod.embed_dim = E; mod.num_heads = H; mod.kdim = kdim; mod.vdim = vdim;
+    mod.q_proj_weight = f[WQ]; mod.k_proj_weight = f[WK]; mod.v_proj_weight = f[WV];
+    mod.in_proj_bias = f[BIN]; mod.out_proj_weight = f[WOUT]; mod.out_proj_bias = f[BOUT];
+    if (bias_kv) { mod.bias_k = f[BK]; mod.bias_v = f[BV]; }
+    mod.add_zero_attn = zero_attn;
+    memset(&mg, 0, sizeof mg);
+    mg.q_proj_weight = gr[WQ]; mg.k_proj_weight = gr[WK]; mg.v_proj_weight = gr[WV];
+    mg.in_proj_bias = gr[BIN]; mg.out_proj_weight = gr[WOUT]; mg.out_proj_bias = gr[BOUT];
+    mg.bias_k = gr[BK]; mg.bias_v = gr[BV];
+    mg.in_proj_weight = gr[WQ];   /* ignored: this module has separate weights */
+
+    st = mha_backward(&mod, B, Lq, Lk, f[XQ], f[XK], f[XV], g, &opt, gr[XQ], gr[XK], gr[XV], &mg, NULL, 0);
+    CHECK(st == MHA_OK, "mha_backward (general): %s", mha_status_string(st));
+    {
+        /* the forward of the library agrees with the reference */
+        float *out = falloc(nq);
+        double *yd;
+        memset(&c, 0, sizeof c);
+        c.B = B; c.Lq = Lq; c.Lk = Lk; c.E = E; c.H = H; c.kdim = kdim; c.vdim = vdim;
+        c.bias_kv = bias_kv; c.zero_attn = zero_attn; c.m = &m;
+        c.xq = d[XQ]; c.xk = d[XK]; c.xv = d[XV]; c.wq = d[WQ]; c.wk = d[WK]; c.wv = d[WV];
+        c.b_in = d[BIN]; c.bias_k = d[BK]; c.bias_v = d[BV]; c.w_out = d[WOUT]; c.b_out = d[BOUT];
+        c.g = dalloc(nq); to_double(g, c.g, nq);
+        c.Q = dalloc(nq); c.K = dalloc((size_t)B * Lke * E); c.V = dalloc((size_t)B * Lke * E);
+        c.C = dalloc(nq); c.Y = dalloc(nq);
+        CHECK(mha_forward(&mod, B, Lq, Lk, f[XQ], f[XK], f[XV], &opt, out, NULL, NULL, 0) == MHA_OK, "fwd");
+        mha2_loss(&c);
+        yd = c.Y;
+        CHECK(tu_rel_err(out, yd, nq) <= 1e-5, "general forward rel err %.3g", tu_rel_err(out, yd, nq));
+        free(out);
+    }
+    ref = dalloc(maxn);
+    for (i = 0; i < NP; ++i) {
+        char what[200];
+        if (!bias_kv && (i == BK || i == BV)) {
+            size_t k; int untouched = 1;
+            for (k = 0; k < sz[i]; ++k) untouched &= gr[i][k] == 0.0f;
+            CHECK(untouched, "no bias_k: its gradient is left alone");
+            continue;
+        }
+        fd_grad(mha2_loss, &c, d[i], sz[i], ref);
+        snprintf(what, sizeof what, "mha B%d Lq%d Lk%d E%d H%d kdim%d vdim%d bias_kv%d zero%d k%d c%d %s",
+                 B, Lq, Lk, E, H, kdim, vdim, bias_kv, zero_attn, use_kpm, causal, names[i]);
+        check_grad(what, gr[i], ref, sz[i], &worst_mha);
+    }
+    for (i = 0; i < NP; ++i) { free(f[i]); free(gr[i]); free(d[i]); }
+    free(g); free(ref); free(c.g); free(c.Q); free(c.K); free(c.V); free(c.C); free(c.Y);
+}
+
 static void test_validation(void)
 {
     float x[12] = {0}, w[48] = {0};
@@ -323,10 +439,16 @@ static void test_validation(void)
     mod.embed_dim = 2; mod.num_heads = 1; mod.in_proj_weight = w; mod.out_proj_weight = w;
     CHECK(mha_backward(&mod, 1, 1, 1, x, x, x, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0)
           == MHA_ERR_NULL_POINTER, "NULL dout");
-    mod.add_zero_attn = 1;
+    mod.add_zero_attn = 2;
     CHECK(mha_backward_workspace_size(&mod, 1, 1, 1, NULL, &bytes) == MHA_ERR_INVALID_ARGUMENT,
-          "add_zero_attn unsupported");
-    mod.add_zero_attn = 0; mod.num_heads = 3;
+          "add_zero_attn is 0 or 1");
+    mod.add_zero_attn = 0; mod.bias_k = w;
+    CHECK(mha_backward_workspace_size(&mod, 1, 1, 1, NULL, &bytes) == MHA_ERR_INVALID_ARGUMENT,
+          "bias_k without bias_v");
+    mod.bias_k = NULL; mod.kdim = 3;
+    CHECK(mha_backward_workspace_size(&mod, 1, 1, 1, NULL, &bytes) == MHA_ERR_INVALID_ARGUMENT,
+          "kdim != E with in_proj_weight");
+    mod.kdim = 0; mod.num_heads = 3;
     CHECK(mha_backward_workspace_size(&mod, 1, 1, 1, NULL, &bytes) == MHA_ERR_HEADS_DIVIDE, "E %% H");
     CHECK(mha_sdpa_backward(1, 1, 0, 1, 1, 1, x, x, x, x, NULL, x, x, x, NULL, 0) == MHA_ERR_INVALID_SIZE,
           "Lq = 0");
@@ -512,6 +634,11 @@ int main(void)
     test_mha(2, 5, 5, 9, 3, 1, 1, 0, 0, 1, 13);
     test_mha(1, 3, 7, 4, 2, 0, 0, 1, 1, 0, 14);
     test_mha(2, 7, 7, 5, 1, 1, 1, 1, 1, 1, 15);
+
+    test_mha_general(2, 3, 5, 6, 2, 4, 7, 0, 0, 0, 0, 16);
+    test_mha_general(2, 4, 5, 6, 3, 6, 6, 1, 0, 1, 0, 17);
+    test_mha_general(1, 5, 5, 4, 2, 3, 5, 1, 1, 0, 1, 18);
+    test_mha_general(3, 2, 3, 3, 1, 5, 2, 0, 1, 1, 0, 19);
 
     test_validation();
     test_encoder_all();

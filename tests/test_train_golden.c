@@ -102,23 +102,44 @@ static void set_masks(const gcase *c, int B, int Lq, int Lk, mha_options *opt)
 static void run_mha(const gcase *c)
 {
     int B = c->p[1], Lq = c->p[2], Lk = c->p[3], E = c->p[4], H = c->p[5], bias = c->p[11];
-    size_t nq = (size_t)B * Lq * E, nk = (size_t)B * Lk * E, EE = (size_t)E * E;
-    const float *q = getf(c, "query", nq), *k = getf(c, "key", nk), *v = getf(c, "value", nk);
+    int kdim = c->p[6], vdim = c->p[7], bias_kv = c->p[8] & 1, zero_attn = (c->p[8] >> 1) & 1;
+    int packed = kdim == E && vdim == E;
+    size_t nq = (size_t)B * Lq * E, nk = (size_t)B * Lk * kdim, nv = (size_t)B * Lk * vdim, EE = (size_t)E * E;
+    const float *q = getf(c, "query", nq), *k = getf(c, "key", nk), *v = getf(c, "value", nv);
     const float *dout = getf(c, "dout", nq);
-    float *out = zeros(nq), *dq = zeros(nq), *dk = zeros(nk), *dv = zeros(nk);
+    float *out = zeros(nq), *dq = zeros(nq), *dk = zeros(nk), *dv = zeros(nv);
     float *dwin = zeros(3 * EE), *dbin = zeros(3 * (size_t)E), *dwout = zeros(EE), *dbout = zeros((size_t)E);
+    float *dwk = zeros((size_t)E * kdim), *dwv = zeros((size_t)E * vdim);
+    float *dbk = zeros((size_t)E), *dbv = zeros((size_t)E);
     mha_module m; mha_module_grad g; mha_options opt;
     int self = get(c, "grad.key", 2, 0) == NULL;   /* self-attention: one input, one gradient */
+    int have;
 
-    memset(&m, 0, sizeof m);
-    m.embed_dim = E; m.num_heads = H;
-    m.in_proj_weight = getf(c, "in_proj_weight", 3 * EE);
+    memset(&m, 0, sizeof m); memset(&g, 0, sizeof g);
+    m.embed_dim = E; m.num_heads = H; m.add_zero_attn = zero_attn;
+    if (packed) {
+        m.in_proj_weight = getf(c, "in_proj_weight", 3 * EE);
+        g.in_proj_weight = dwin;
+    } else {
+        m.kdim = kdim; m.vdim = vdim;
+        m.q_proj_weight = getf(c, "q_proj_weight", EE);
+        m.k_proj_weight = getf(c, "k_proj_weight", (size_t)E * kdim);
+        m.v_proj_weight = getf(c, "v_proj_weight", (size_t)E * vdim);
+        g.q_proj_weight = dwin; g.k_proj_weight = dwk; g.v_proj_weight = dwv;
+    }
+    if (bias_kv) {
+        m.bias_k = getf(c, "bias_k", (size_t)E); m.bias_v = getf(c, "bias_v", (size_t)E);
+        g.bias_k = dbk; g.bias_v = dbv;
+    }
     m.out_proj_weight = getf(c, "out_proj.weight", EE);
     if (bias) { m.in_proj_bias = getf(c, "in_proj_bias", 3 * (size_t)E); m.out_proj_bias = getf(c, "out_proj.bias", (size_t)E); }
-    g.in_proj_weight = dwin; g.in_proj_bias = dbin; g.out_proj_weight = dwout; g.out_proj_bias = dbout;
+    g.in_proj_bias = dbin; g.out_proj_weight = dwout; g.out_proj_bias = dbout;
     set_masks(c, B, Lq, Lk, &opt);
-    CHECK(q && k && v && dout && m.in_proj_weight && m.out_proj_weight, "%s: arrays missing", c->name);
-    if (!(q && k && v && dout && m.in_proj_weight && m.out_proj_weight)) return;
+    have = q && k && v && dout && m.out_proj_weight &&
+           (packed ? m.in_proj_weight != NULL : (m.q_proj_weight && m.k_proj_weight && m.v_proj_weight)) &&
+           (!bias_kv || (m.bias_k && m.bias_v));
+    CHECK(have, "%s: arrays missing", c->name);
+    if (!have) return;
 
     CHECK(mha_forward(&m, B, Lq, Lk, q, k, v, &opt, out, NULL, NULL, 0) == MHA_OK, "%s: forward", c->name);
     compare(c, "out", out, "out", nq, TOL_FWD, &worst_fwd);
@@ -132,15 +153,26 @@ static void run_mha(const gcase *c)
     compare(c, "grad.query", dq, "grad.query", nq, TOL_GRAD, &worst_grad);
     if (!self) {
         compare(c, "grad.key", dk, "grad.key", nk, TOL_GRAD, &worst_grad);
-        compare(c, "grad.value", dv, "grad.value", nk, TOL_GRAD, &worst_grad);
+        compare(c, "grad.value", dv, "grad.value", nv, TOL_GRAD, &worst_grad);
     }
-    compare(c, "grad.in_proj_weight", dwin, "grad.in_proj_weight", 3 * EE, TOL_GRAD, &worst_grad);
+    if (packed) {
+        compare(c, "grad.in_proj_weight", dwin, "grad.in_proj_weight", 3 * EE, TOL_GRAD, &worst_grad);
+    } else {
+        compare(c, "grad.q_proj_weight", dwin, "grad.q_proj_weight", EE, TOL_GRAD, &worst_grad);
+        compare(c, "grad.k_proj_weight", dwk, "grad.k_proj_weight", (size_t)E * kdim, TOL_GRAD, &worst_grad);
+        compare(c, "grad.v_proj_weight", dwv, "grad.v_proj_weight", (size_t)E * vdim, TOL_GRAD, &worst_grad);
+    }
+    if (bias_kv) {
+        compare(c, "grad.bias_k", dbk, "grad.bias_k", (size_t)E, TOL_GRAD, &worst_grad);
+        compare(c, "grad.bias_v", dbv, "grad.bias_v", (size_t)E, TOL_GRAD, &worst_grad);
+    }
     compare(c, "grad.out_proj.weight", dwout, "grad.out_proj.weight", EE, TOL_GRAD, &worst_grad);
     if (bias) {
         compare(c, "grad.in_proj_bias", dbin, "grad.in_proj_bias", 3 * (size_t)E, TOL_GRAD, &worst_grad);
         compare(c, "grad.out_proj.bias", dbout, "grad.out_proj.bias", (size_t)E, TOL_GRAD, &worst_grad);
     }
     free(out); free(dq); free(dk); free(dv); free(dwin); free(dbin); free(dwout); free(dbout);
+    free(dwk); free(dwv); free(dbk); free(dbv);
 }
 
 static void run_encoder(const gcase *c)
@@ -239,7 +271,7 @@ int main(void)
     if (!f) return tu_finish("train_golden");
     CHECK(rd(f, magic, 8) && memcmp(magic, "MHATRAIN", 8) == 0 && rd(f, nb, 4), "bad header");
     ncases = le32(nb);
-    CHECK(ncases >= 10, "only %u cases", ncases);
+    CHECK(ncases >= 13, "only %u cases", ncases);
     for (i = 0; i < ncases; ++i) {
         gcase c;
         int ok = read_case(f, &c);
