@@ -246,7 +246,12 @@ static void draw(model *M, const int *tokens, const char *dir, const char *name,
     mha_heatmap_style st;
     mha_heatmap_result r;
     int i;
+    float anti = 0.0f;
     forward(M, 1, tokens, attn);
+    /* how much of each row sits where reversal needs it: key L-1-i for query i */
+    for (i = 0; i < H * L; ++i) anti += attn[i * L + (L - 1 - i % L)];
+    printf("%s: attention on the anti-diagonal %.0f%% (uniform would be %.0f%%)\n", when,
+           100.0f * anti / (H * L), 100.0f / L);
     for (i = 0; i < L; ++i) {
         /* rows: output position i and the digit it must produce; columns: the input digits */
         snprintf(qbuf[i], sizeof qbuf[i], "out%d=%d", i, tokens[L - 1 - i]);
