@@ -524,8 +524,10 @@ static void param_make(param *p, tu_rng *r, size_t n, float amp, float offset)
 }
 static void param_free(param *p) { free(p->f); free(p->d); free(p->grad); }
 
+/* affine = 0: the layer norms have no weight or bias (elementwise_affine=False,
+   NULL pointers) and the linear layers no bias; the reference uses w = 1, b = 0. */
 static void test_encoder(int B, int L, int E, int H, int F, int gelu, int norm_first,
-                         int causal, int use_kpm, unsigned seed)
+                         int causal, int use_kpm, int affine, unsigned seed)
 {
     enum { X, WIN, BIN, WOUT, BOUT, W1, B1, W2, B2, N1W, N1B, N2W, N2B, NP };
     static const char *names[NP] = {"dx", "d self_attn.in_proj_weight", "d self_attn.in_proj_bias",
@@ -556,6 +558,11 @@ static void test_encoder(int B, int L, int E, int H, int F, int gelu, int norm_f
     param_make(&p[N2W], &r, (size_t)E, 0.3f, 1.0f);
     param_make(&p[N2B], &r, (size_t)E, 0.3f, 0.0f);
     tu_fill(&r, g, ne, 1.0f);
+    if (!affine) {
+        static const int off[6] = {B1, B2, N1B, N2B, N1W, N2W};
+        for (i = 0; i < 6; ++i)
+            for (k = 0; k < p[off[i]].n; ++k) p[off[i]].d[k] = p[off[i]].f[k] = i < 4 ? 0.0f : 1.0f;
+    }
     make_masks(&r, &m, B, L, L, 0, use_kpm, causal, 0);
     set_options(&m, B, L, L, &opt);
 
@@ -566,6 +573,11 @@ static void test_encoder(int B, int L, int E, int H, int F, int gelu, int norm_f
     ly.dim_feedforward = F; ly.activation = gelu ? MHA_ACT_GELU : MHA_ACT_RELU; ly.norm_first = norm_first;
     ly.linear1_weight = p[W1].f; ly.linear1_bias = p[B1].f; ly.linear2_weight = p[W2].f; ly.linear2_bias = p[B2].f;
     ly.norm1_weight = p[N1W].f; ly.norm1_bias = p[N1B].f; ly.norm2_weight = p[N2W].f; ly.norm2_bias = p[N2B].f;
+    if (!affine) {
+        ly.linear1_bias = ly.linear2_bias = NULL;
+        ly.norm1_weight = ly.norm1_bias = ly.norm2_weight = ly.norm2_bias = NULL;
+    }
+    memset(&gr, 0, sizeof gr);
     gr.self_attn.in_proj_weight = p[WIN].grad; gr.self_attn.in_proj_bias = p[BIN].grad;
     gr.self_attn.out_proj_weight = p[WOUT].grad; gr.self_attn.out_proj_bias = p[BOUT].grad;
     gr.linear1_weight = p[W1].grad; gr.linear1_bias = p[B1].grad;
@@ -596,9 +608,15 @@ static void test_encoder(int B, int L, int E, int H, int F, int gelu, int norm_f
     ref = dalloc(3 * (size_t)E * E + ne + (size_t)F * E);
     for (i = 0; i < NP; ++i) {
         char what[200];
+        if (!affine && (i == B1 || i == B2 || i >= N1W)) {
+            int untouched = 1;
+            for (k = 0; k < p[i].n; ++k) untouched &= p[i].grad[k] == 0.0f;
+            CHECK(untouched, "absent weight %s: gradient left alone", names[i]);
+            continue;
+        }
         fd_grad(enc_loss, &c, p[i].d, p[i].n, ref);
-        snprintf(what, sizeof what, "encoder B%d L%d E%d H%d F%d %s %s c%d k%d: %s", B, L, E, H, F,
-                 gelu ? "gelu" : "relu", norm_first ? "pre" : "post", causal, use_kpm, names[i]);
+        snprintf(what, sizeof what, "encoder B%d L%d E%d H%d F%d %s %s c%d k%d affine%d: %s", B, L, E, H,
+                 F, gelu ? "gelu" : "relu", norm_first ? "pre" : "post", causal, use_kpm, affine, names[i]);
         check_grad(what, p[i].grad, ref, p[i].n, &worst_enc);
     }
     free(ref);
@@ -610,11 +628,13 @@ static void test_encoder(int B, int L, int E, int H, int F, int gelu, int norm_f
 
 static void test_encoder_all(void)
 {
-    test_encoder(1, 1, 3, 1, 3, 0, 0, 0, 0, 21);  /* E = 2 is degenerate: LN of two values is +-1 */
-    test_encoder(2, 5, 6, 3, 7, 0, 0, 0, 0, 22);
-    test_encoder(2, 5, 6, 2, 7, 1, 0, 1, 1, 23);
-    test_encoder(1, 7, 9, 3, 5, 0, 1, 1, 0, 24);
-    test_encoder(2, 3, 4, 4, 11, 1, 1, 0, 1, 25);
+    test_encoder(1, 1, 3, 1, 3, 0, 0, 0, 0, 1, 21);  /* E = 2 is degenerate: LN of two values is +-1 */
+    test_encoder(2, 5, 6, 3, 7, 0, 0, 0, 0, 1, 22);
+    test_encoder(2, 5, 6, 2, 7, 1, 0, 1, 1, 1, 23);
+    test_encoder(1, 7, 9, 3, 5, 0, 1, 1, 0, 1, 24);
+    test_encoder(2, 3, 4, 4, 11, 1, 1, 0, 1, 1, 25);
+    test_encoder(2, 4, 5, 1, 6, 0, 0, 0, 0, 0, 26);
+    test_encoder(1, 5, 6, 2, 9, 1, 1, 1, 0, 0, 27);
 }
 
 int main(void)
