@@ -219,6 +219,8 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
    forward call and recompute what they need, so no activations have to be
    kept between the two; nothing of size L*L is stored beyond one
    (batch, head) at a time.  The backward paths run on one thread.
+   Unlike the forward, the backward does not shield the result from a NaN or
+   Inf inside a blocked key or value: keep those finite when training.
    ====================================================================== */
 
 /* SDPA backward.  Same shapes as mha_sdpa; dout [B,H,Lq,Dv] is dLoss/dout.
@@ -1093,7 +1095,7 @@ static void mha__attend_head_backward(const mha__attn *a, int b, int h, const fl
         const float *pi = p + (size_t)i * Lk;
         float *di = dp + (size_t)i * Lk;
         double c = 0.0;
-        for (j = 0; j < Lk; ++j) c += (double)pi[j] * di[j];
+        for (j = 0; j < Lk; ++j) if (pi[j] != 0.0f) c += (double)pi[j] * di[j];
         for (j = 0; j < Lk; ++j) di[j] = pi[j] == 0.0f ? 0.0f : pi[j] * (di[j] - (float)c);
     }
 
