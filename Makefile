@@ -48,9 +48,10 @@ test: deps
 # The heatmap example writes PNGs into $(OUT) and prints their paths.
 OUT := out
 
-demo: deps-demo $(BUILD)/demo_print $(BUILD)/attention_heatmaps
+demo: deps-demo $(BUILD)/demo_print $(BUILD)/attention_heatmaps $(BUILD)/train_reverse
 	./$(BUILD)/demo_print
 	./$(BUILD)/attention_heatmaps $(OUT)
+	./$(BUILD)/train_reverse $(OUT)
 
 $(BUILD)/demo_print: examples/print_forward.c mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) -I. $< -o $@ -lm
@@ -91,9 +92,13 @@ bench-mha: deps-bench | $(BUILD)
 	$(CC) $(BENCH_CFLAGS) -I. bench/bench_mha.c -o $(BUILD)/bench_mha -lm
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/bench_mha
 
+$(BUILD)/train_reverse: examples/train_reverse.c examples/heatmap.h mha.h | $(BUILD)
+	$(CC) -std=c99 $(CFLAGS) -I. -Iexamples -isystem $(STB_INC) $< -o $@ -lm
+
 golden:
 	$(call need_pkgs,$(DEPS_GOLD))
 	/usr/bin/python3 tests/gen_golden.py
+	/usr/bin/python3 tests/gen_golden_train.py
 
 $(BUILD):
 	mkdir -p $@

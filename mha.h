@@ -214,6 +214,160 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
                               const mha_options *opt, float *out, float *attn_weights,
                               void *workspace, size_t workspace_bytes);
 
+/* ======================================================================
+   TRAINING: backward passes, a Transformer encoder layer, and the small
+   pieces a training loop needs (embedding, positional encoding,
+   cross-entropy, SGD, AdamW, a seeded RNG).  See docs/theory.md for the
+   formulas and docs/training.md for a worked example.
+
+   Every *_backward call ADDS its gradients into the buffers it is given,
+   the way PyTorch accumulates .grad: zero them before the first call of a
+   step.  A NULL gradient pointer means "not needed" (its work is skipped
+   where that is possible).  Backward calls take the same inputs as the
+   forward call and recompute what they need, so no activations have to be
+   kept between the two; nothing of size L*L is stored beyond one
+   (batch, head) at a time.  The backward paths run on one thread.
+   Unlike the forward, the backward does not shield the result from a NaN or
+   Inf inside a blocked key or value: keep those finite when training.
+   ====================================================================== */
+
+/* SDPA backward.  Same shapes as mha_sdpa; dout [B,H,Lq,Dv] is dLoss/dout.
+     dq [B,H,Lq,D] += dLoss/dq,  dk [B,H,Lk,D] += ...,  dv [B,H,Lk,Dv] += ...
+   Masks and causal as in mha_sdpa (mask values get no gradient).  */
+MHADEF mha_status mha_sdpa_backward_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
+                                                   const mha_options *opt, size_t *bytes);
+MHADEF mha_status mha_sdpa_backward(int B, int H, int Lq, int Lk, int D, int Dv,
+                                    const float *q, const float *k, const float *v,
+                                    const float *dout, const mha_options *opt,
+                                    float *dq, float *dk, float *dv,
+                                    void *workspace, size_t workspace_bytes);
+
+/* Gradients of an mha_module's weights, in the same (state_dict) layout.
+   Any field may be NULL when that gradient is not wanted; fields whose
+   weight the module does not have are ignored.  */
+typedef struct mha_module_grad {
+    float *in_proj_weight;   /* [3E, E]   (module with in_proj_weight) */
+    float *in_proj_bias;     /* [3E]      */
+    float *out_proj_weight;  /* [E, E]    */
+    float *out_proj_bias;    /* [E]       */
+    float *q_proj_weight;    /* [E, E]    (module with separate q/k/v weights) */
+    float *k_proj_weight;    /* [E, kdim] */
+    float *v_proj_weight;    /* [E, vdim] */
+    float *bias_k, *bias_v;  /* [E] each  (add_bias_kv) */
+} mha_module_grad;
+
+/* Backward of mha_forward, for every module mha_forward accepts (packed or
+   separate projection weights, kdim/vdim, bias_k/bias_v, add_zero_attn).
+   dout [B,Lq,E];  dquery [B,Lq,E], dkey [B,Lk,kdim], dvalue [B,Lk,vdim] (each
+   may be NULL) and grad (may be NULL) are added to.  For self-attention pass
+   the same x three times and the same dx three times: the three
+   contributions add up in dx, as they should.  */
+MHADEF mha_status mha_backward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
+                                              const mha_options *opt, size_t *bytes);
+MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
+                               const float *query, const float *key, const float *value,
+                               const float *dout, const mha_options *opt,
+                               float *dquery, float *dkey, float *dvalue, mha_module_grad *grad,
+                               void *workspace, size_t workspace_bytes);
+
+/* y[rows, out] = x[rows, in] W^T + b   (nn.Linear; W [out, in], b [out] or NULL).
+   Backward: dx += dy W,  dW += dy^T x,  db += sum over rows of dy.  */
+MHADEF size_t mha_linear_workspace_size(int rows, int in, int out);
+MHADEF mha_status mha_linear_forward(int rows, int in, int out, const float *x, const float *W,
+                                     const float *b, float *y, void *workspace, size_t workspace_bytes);
+MHADEF mha_status mha_linear_backward(int rows, int in, int out, const float *x, const float *W,
+                                      const float *dy, float *dx, float *dW, float *db,
+                                      void *workspace, size_t workspace_bytes);
+
+/* y[rows, E] = (x - mean) / sqrt(var + eps) * w + b per row (nn.LayerNorm, biased var).
+   eps 0 = 1e-5.  Backward adds into dx, dw, db (each may be NULL).  */
+MHADEF mha_status mha_layernorm_forward(int rows, int E, const float *x, const float *w,
+                                        const float *b, float eps, float *y);
+MHADEF mha_status mha_layernorm_backward(int rows, int E, const float *x, const float *w,
+                                         float eps, const float *dy, float *dx, float *dw, float *db);
+
+typedef enum mha_activation {
+    MHA_ACT_RELU = 0,   /* max(0, x) (the zero default, as in PyTorch) */
+    MHA_ACT_GELU        /* exact: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) */
+} mha_activation;
+
+/* An nn.TransformerEncoderLayer(batch_first=True) in eval mode (no dropout).
+   Pointer fields follow its state_dict names: self_attn.* go into self_attn,
+   linear1.weight -> linear1_weight, and so on.
+     post-norm (norm_first = 0):  h = LN1(x + SA(x));   y = LN2(h + FF(h))
+     pre-norm  (norm_first = 1):  h = x + SA(LN1(x));   y = h + FF(LN2(h))
+     FF(z) = linear2(act(linear1(z)))                                       */
+typedef struct mha_encoder_layer {
+    mha_module     self_attn;        /* embed_dim = d_model, num_heads = nhead */
+    int            dim_feedforward;  /* F */
+    mha_activation activation;
+    int            norm_first;
+    float          layer_norm_eps;   /* 0 = 1e-5 */
+    const float *linear1_weight, *linear1_bias;   /* [F, E], [F] (bias may be NULL) */
+    const float *linear2_weight, *linear2_bias;   /* [E, F], [E] */
+    const float *norm1_weight, *norm1_bias;       /* [E], [E] */
+    const float *norm2_weight, *norm2_bias;       /* [E], [E] */
+} mha_encoder_layer;
+
+typedef struct mha_encoder_layer_grad {
+    mha_module_grad self_attn;
+    float *linear1_weight, *linear1_bias, *linear2_weight, *linear2_bias;
+    float *norm1_weight, *norm1_bias, *norm2_weight, *norm2_bias;
+} mha_encoder_layer_grad;
+
+/* x, y, dy, dx: [B, L, E].  opt carries src_mask (attn_mask), src_key_padding_mask
+   and is_causal (causal).  attn_weights: NULL or as in mha_forward.
+   One workspace size serves both calls.  */
+MHADEF mha_status mha_encoder_workspace_size(const mha_encoder_layer *layer, int B, int L,
+                                             const mha_options *opt, size_t *bytes);
+MHADEF mha_status mha_encoder_forward(const mha_encoder_layer *layer, int B, int L,
+                                      const float *x, const mha_options *opt, float *y,
+                                      float *attn_weights, void *workspace, size_t workspace_bytes);
+MHADEF mha_status mha_encoder_backward(const mha_encoder_layer *layer, int B, int L,
+                                       const float *x, const mha_options *opt, const float *dy,
+                                       float *dx, mha_encoder_layer_grad *grad,
+                                       void *workspace, size_t workspace_bytes);
+
+/* Sinusoidal positional encoding, pe [L, d]:
+     PE[pos, 2i] = sin(pos / 10000^(2i/d)),  PE[pos, 2i+1] = cos(pos / 10000^(2i/d))  */
+MHADEF mha_status mha_positional_encoding(int L, int d, float *pe);
+
+/* Embedding lookup (nn.Embedding): out[n, d] = table[tokens[n], :], table [vocab, d].
+   Backward: dtable[tokens[n], :] += dout[n, :].  A token outside [0, vocab) is
+   MHA_ERR_INVALID_ARGUMENT.  */
+MHADEF mha_status mha_embedding_forward(int n, int vocab, int d, const int *tokens,
+                                        const float *table, float *out);
+MHADEF mha_status mha_embedding_backward(int n, int vocab, int d, const int *tokens,
+                                         const float *dout, float *dtable);
+
+/* Mean cross-entropy of logits [n, V] against targets [n] (nn.CrossEntropyLoss):
+     loss = -(1/N) sum_r log softmax(logits_r)[target_r],  N = rows with target >= 0
+   Rows with a negative target are ignored (ignore_index).  dlogits (may be NULL)
+   is written, not added: dlogits_r = (softmax(logits_r) - onehot(target_r)) / N.
+   correct (may be NULL) receives how many counted rows have argmax == target.  */
+MHADEF mha_status mha_cross_entropy(int n, int V, const float *logits, const int *targets,
+                                    float *loss, float *dlogits, int *correct);
+
+/* Plain SGD: p -= lr * (g + weight_decay * p).  */
+MHADEF mha_status mha_sgd_step(size_t n, float *p, const float *g, float lr, float weight_decay);
+
+/* AdamW (torch.optim.AdamW).  Zero fields take PyTorch's defaults:
+   lr 1e-3, beta1 0.9, beta2 0.999, eps 1e-8, weight_decay 0.01.
+   step is the 1-based step count (for bias correction); m and v are the
+   caller's moment buffers of n floats, zero before the first step.  */
+typedef struct mha_adamw {
+    float lr, beta1, beta2, eps, weight_decay;
+} mha_adamw;
+MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, float *p,
+                                 const float *g, float *m, float *v);
+
+/* A small seeded generator (xorshift64*): same stream on every platform. */
+typedef struct mha_rng { unsigned long long state; } mha_rng;
+MHADEF void     mha_rng_seed(mha_rng *r, unsigned long long seed);
+MHADEF unsigned mha_rng_u32(mha_rng *r);
+MHADEF float    mha_rng_uniform(mha_rng *r);                  /* [0, 1) */
+MHADEF void     mha_rng_fill(mha_rng *r, float *x, size_t n, float a);  /* U(-a, a) */
+
 #ifdef __cplusplus
 }
 #endif
@@ -2144,6 +2298,954 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
 
     if (owned) MHA_FREE(owned);
     return MHA_OK;
+}
+
+/* =====================================================================
+   TRAINING
+   Backward passes, the encoder layer and the training pieces.  Each stage
+   has a forward and a backward function; the math sits above its loop.
+   Shapes: B batch, H heads, L / Lq / Lk sequence lengths, E model width,
+   D = E / H head width, F feed-forward width, N = B * L rows.
+   ===================================================================== */
+
+/* ------------------------------------------------ attention backward */
+
+/* Backward of one (batch, head), recomputing the probabilities so that only
+   one Lq x Lk block is ever stored.
+   Forward:   S = scale Q K^T (+ mask);   P = softmax_row(S);   O = P V
+   Backward, given dO:
+     dV    = P^T dO                                   [Lk, Dv]
+     dP    = dO V^T                                   [Lq, Lk]
+     dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik)          softmax Jacobian, per row
+     dQ    = scale dS K                               [Lq, D]
+     dK    = scale dS^T Q                             [Lk, D]
+   dout is strided like the output (a->o_*), dq/dk/dv like q/k/v; the three
+   gradients are added to.  When a->o is set, O is written there (the module
+   needs it for the output projection's weight gradient).
+   p, dp: Lq * Lk_eff floats each;  gws: GEMM workspace.  */
+static void mha__attend_head_backward(const mha__attn *a, int b, int h, const float *dout,
+                                      float *dq, float *dk, float *dv,
+                                      float *p, float *dp, float *gws)
+{
+    size_t qo = (size_t)b * a->q.bs + (size_t)h * a->q.hs;
+    size_t ko = (size_t)b * a->k.bs + (size_t)h * a->k.hs;
+    size_t vo = (size_t)b * a->v.bs + (size_t)h * a->v.hs;
+    size_t oo = (size_t)b * a->o_bs + (size_t)h * a->o_hs;
+    const float *qh = a->q.p + qo, *kh = a->k.p + ko, *vh = a->v.p + vo, *doh = dout + oo;
+    int Lq = a->Lq, Lk = a->Lk_eff, D = a->D, Dv = a->Dv, i, j;
+
+    /* 1. recompute P: S = scale Q K^T, mask, softmax row by row */
+    mha__gemm(0, 1, Lq, Lk, D, a->scale, qh, a->q.rs, kh, a->k.rs, 0.0f, p, (size_t)Lk, gws);
+    for (i = 0; i < Lq; ++i) {
+        float *row = p + (size_t)i * Lk;
+        mha__mask_row(a, b, h, i, row);
+        mha__softmax_row(row, Lk);
+    }
+
+    /* 2. O = P V, when the caller wants it */
+    if (a->o)
+        mha__gemm(0, 0, Lq, Dv, Lk, 1.0f, p, (size_t)Lk, vh, a->v.rs, 0.0f,
+                  a->o + oo, a->o_rs, gws);
+
+    /* 3. dV += P^T dO */
+    if (dv)
+        mha__gemm(1, 0, Lk, Dv, Lq, 1.0f, p, (size_t)Lk, doh, a->o_rs, 1.0f,
+                  dv + vo, a->v.rs, gws);
+    if (!dq && !dk) return;
+
+    /* 4. dP = dO V^T, then through the softmax: dS = P * (dP - rowsum(P * dP)).
+       A blocked key has P = 0, so it gets dS = 0 and passes no gradient on. */
+    mha__gemm(0, 1, Lq, Lk, Dv, 1.0f, doh, a->o_rs, vh, a->v.rs, 0.0f, dp, (size_t)Lk, gws);
+    for (i = 0; i < Lq; ++i) {
+        const float *pi = p + (size_t)i * Lk;
+        float *di = dp + (size_t)i * Lk;
+        double c = 0.0;
+        for (j = 0; j < Lk; ++j) if (pi[j] != 0.0f) c += (double)pi[j] * di[j];
+        for (j = 0; j < Lk; ++j) di[j] = pi[j] == 0.0f ? 0.0f : pi[j] * (di[j] - (float)c);
+    }
+
+    /* 5. dQ += scale dS K,   dK += scale dS^T Q */
+    if (dq)
+        mha__gemm(0, 0, Lq, D, Lk, a->scale, dp, (size_t)Lk, kh, a->k.rs, 1.0f,
+                  dq + qo, a->q.rs, gws);
+    if (dk)
+        mha__gemm(1, 0, Lk, D, Lq, a->scale, dp, (size_t)Lk, qh, a->q.rs, 1.0f,
+                  dk + ko, a->k.rs, gws);
+}
+
+/* GEMM workspace floats the head backward needs (the largest of its five products). */
+static size_t mha__head_backward_gws(int Lq, int Lk, int D, int Dv)
+{
+    size_t g = mha__gemm_ws_floats(Lq, Lk, D), t;
+    t = mha__gemm_ws_floats(Lq, Dv, Lk); if (t > g) g = t;
+    t = mha__gemm_ws_floats(Lk, Dv, Lq); if (t > g) g = t;
+    t = mha__gemm_ws_floats(Lq, Lk, Dv); if (t > g) g = t;
+    t = mha__gemm_ws_floats(Lq, D, Lk);  if (t > g) g = t;
+    t = mha__gemm_ws_floats(Lk, D, Lq);  if (t > g) g = t;
+    return g;
+}
+
+/* Workspace of one SDPA backward: P and dP of one head, and GEMM packing. */
+typedef struct mha__sdpa_bwd_layout { size_t p, dp, gws, total_floats; } mha__sdpa_bwd_layout;
+
+static mha_status mha__sdpa_bwd_plan(int B, int H, int Lq, int Lk, int D, int Dv,
+                                     const mha_options *opt, mha__sdpa_bwd_layout *L)
+{
+    size_t n, cur = 0;
+    mha_status st;
+    if (B <= 0 || H <= 0 || Lq <= 0 || Lk <= 0 || D <= 0 || Dv <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)(D > Dv ? D : Dv), &n) ||
+        !mha__mul(n, sizeof(float), &n) ||
+        !mha__mul3((size_t)B * (size_t)H, (size_t)Lk, (size_t)(D > Dv ? D : Dv), &n) ||
+        !mha__mul(n, sizeof(float), &n) ||
+        !mha__mul3((size_t)Lq, (size_t)Lk, 2 * sizeof(float), &n))
+        return MHA_ERR_OVERFLOW;
+    if ((st = mha__check_masks(opt, B, H, Lq, Lk)) != MHA_OK) return st;
+    if (!mha__region(&cur, (size_t)Lq * Lk, &L->p) ||
+        !mha__region(&cur, (size_t)Lq * Lk, &L->dp) ||
+        !mha__region(&cur, mha__head_backward_gws(Lq, Lk, D, Dv), &L->gws) ||
+        !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
+        return MHA_ERR_OVERFLOW;
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_sdpa_backward_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
+                                                   const mha_options *opt, size_t *bytes)
+{
+    mha_options zero;
+    mha__sdpa_bwd_layout L;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__sdpa_bwd_plan(B, H, Lq, Lk, D, Dv, opt, &L)) != MHA_OK) return st;
+    return mha__mul(L.total_floats, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+}
+
+MHADEF mha_status mha_sdpa_backward(int B, int H, int Lq, int Lk, int D, int Dv,
+                                    const float *q, const float *k, const float *v,
+                                    const float *dout, const mha_options *opt,
+                                    float *dq, float *dk, float *dv,
+                                    void *workspace, size_t workspace_bytes)
+{
+    mha_options zero;
+    mha__sdpa_bwd_layout L;
+    mha__attn a;
+    void *owned;
+    float *ws;
+    size_t need;
+    int b, h;
+    mha_status st;
+    if (!q || !k || !v || !dout) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__sdpa_bwd_plan(B, H, Lq, Lk, D, Dv, opt, &L)) != MHA_OK) return st;
+    if (!mha__mul(L.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
+    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+
+    mha__attn_common(&a, opt, B, H, Lq, Lk, Lk, D, Dv);
+    a.q.p = q; a.q.rs = (size_t)D;  a.q.hs = (size_t)Lq * D;  a.q.bs = (size_t)H * Lq * D;
+    a.k.p = k; a.k.rs = (size_t)D;  a.k.hs = (size_t)Lk * D;  a.k.bs = (size_t)H * Lk * D;
+    a.v.p = v; a.v.rs = (size_t)Dv; a.v.hs = (size_t)Lk * Dv; a.v.bs = (size_t)H * Lk * Dv;
+    a.o = NULL; a.o_rs = (size_t)Dv; a.o_hs = (size_t)Lq * Dv; a.o_bs = (size_t)H * Lq * Dv;
+    a.weights = NULL; a.per_head = 1;
+    for (b = 0; b < B; ++b)
+        for (h = 0; h < H; ++h)
+            mha__attend_head_backward(&a, b, h, dout, dq, dk, dv, ws + L.p, ws + L.dp, ws + L.gws);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+/* ------------------------------------------------------ linear */
+
+/* Y[rows, out] = X[rows, in] W^T + b   (W [out, in], b [out] or NULL) */
+static void mha__linear_forward(int rows, int in, int out, const float *X, const float *W,
+                                const float *b, float *Y, float *gws)
+{
+    if (b) {
+        int r;
+        for (r = 0; r < rows; ++r) memcpy(Y + (size_t)r * out, b, (size_t)out * sizeof(float));
+    }
+    mha__gemm(0, 1, rows, out, in, 1.0f, X, (size_t)in, W, (size_t)in, b ? 1.0f : 0.0f,
+              Y, (size_t)out, gws);
+}
+
+/* GEMM workspace floats of a Linear's forward and backward products. */
+static size_t mha__linear_gws(int rows, int in, int out)
+{
+    size_t g = mha__gemm_ws_floats(rows, out, in), t;
+    t = mha__gemm_ws_floats(rows, in, out); if (t > g) g = t;
+    t = mha__gemm_ws_floats(out, in, rows); if (t > g) g = t;
+    return g;
+}
+
+/* Backward of Y[rows, out] = X[rows, in] W^T + b   (W [out, in]):
+     dX += dY W          [rows, in]
+     dW += dY^T X        [out, in]
+     db += sum_r dY[r]   [out]
+   Any of dX, dW, db may be NULL.  */
+static void mha__linear_backward(int rows, int in, int out, const float *X, const float *W,
+                                 const float *dY, float *dX, float *dW, float *db, float *gws)
+{
+    if (dX)
+        mha__gemm(0, 0, rows, in, out, 1.0f, dY, (size_t)out, W, (size_t)in, 1.0f,
+                  dX, (size_t)in, gws);
+    if (dW)
+        mha__gemm(1, 0, out, in, rows, 1.0f, dY, (size_t)out, X, (size_t)in, 1.0f,
+                  dW, (size_t)in, gws);
+    if (db) {
+        int r, j;
+        for (r = 0; r < rows; ++r)
+            for (j = 0; j < out; ++j) db[j] += dY[(size_t)r * out + j];
+    }
+}
+
+static int mha__linear_sizes_ok(int rows, int in, int out)
+{
+    size_t n;
+    return mha__mul3((size_t)rows, (size_t)(in > out ? in : out), sizeof(float), &n) &&
+           mha__mul3((size_t)in, (size_t)out, sizeof(float), &n);
+}
+
+MHADEF size_t mha_linear_workspace_size(int rows, int in, int out)
+{
+    size_t f;
+    if (rows <= 0 || in <= 0 || out <= 0 || !mha__linear_sizes_ok(rows, in, out)) return 0;
+    f = mha__linear_gws(rows, in, out);
+    return f ? (f + MHA__ALIGN_FLOATS) * sizeof(float) : 0;
+}
+
+MHADEF mha_status mha_linear_forward(int rows, int in, int out, const float *x, const float *W,
+                                     const float *b, float *y, void *workspace, size_t workspace_bytes)
+{
+    void *owned = NULL;
+    float *ws = NULL;
+    size_t need;
+    mha_status st;
+    if (!x || !W || !y) return MHA_ERR_NULL_POINTER;
+    if (rows <= 0 || in <= 0 || out <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__linear_sizes_ok(rows, in, out)) return MHA_ERR_OVERFLOW;
+    need = mha_linear_workspace_size(rows, in, out);
+    if (need && (st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+    mha__linear_forward(rows, in, out, x, W, b, y, ws);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_linear_backward(int rows, int in, int out, const float *x, const float *W,
+                                      const float *dy, float *dx, float *dW, float *db,
+                                      void *workspace, size_t workspace_bytes)
+{
+    void *owned = NULL;
+    float *ws = NULL;
+    size_t need;
+    mha_status st;
+    if (!x || !W || !dy) return MHA_ERR_NULL_POINTER;
+    if (rows <= 0 || in <= 0 || out <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__linear_sizes_ok(rows, in, out)) return MHA_ERR_OVERFLOW;
+    need = mha_linear_workspace_size(rows, in, out);
+    if (need && (st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+    mha__linear_backward(rows, in, out, x, W, dy, dx, dW, db, ws);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+/* --------------------------------------------------- module backward */
+
+/* Workspace of one mha_backward call (offsets in floats).  K and V hold
+   Lk_eff = Lk (+1 with bias_k) (+1 with add_zero_attn) rows per batch. */
+typedef struct mha__bwd_layout {
+    int E, H, D, kdim, vdim, Lk_eff;
+    size_t qp, kp, vp, ctx, dctx, dqp, dkp, dvp, p, dp, gws, total_floats;
+} mha__bwd_layout;
+
+static mha_status mha__bwd_plan(const mha_module *m, int B, int Lq, int Lk,
+                                const mha_options *opt, mha__bwd_layout *L)
+{
+    size_t n, cur = 0, g, t, nk;
+    int widest;
+    mha_status st;
+    if (!m) return MHA_ERR_NULL_POINTER;
+    if (m->embed_dim <= 0 || m->num_heads <= 0 || m->kdim < 0 || m->vdim < 0 ||
+        B <= 0 || Lq <= 0 || Lk <= 0)
+        return MHA_ERR_INVALID_SIZE;
+    if (m->embed_dim % m->num_heads != 0) return MHA_ERR_HEADS_DIVIDE;
+    L->E = m->embed_dim; L->H = m->num_heads; L->D = L->E / L->H;
+    L->kdim = m->kdim ? m->kdim : L->E;
+    L->vdim = m->vdim ? m->vdim : L->E;
+    if (!m->out_proj_weight) return MHA_ERR_NULL_POINTER;
+    if (m->in_proj_weight) {
+        if (L->kdim != L->E || L->vdim != L->E) return MHA_ERR_INVALID_ARGUMENT;
+    } else if (!m->q_proj_weight || !m->k_proj_weight || !m->v_proj_weight) {
+        return MHA_ERR_NULL_POINTER;
+    }
+    if ((m->bias_k == NULL) != (m->bias_v == NULL)) return MHA_ERR_INVALID_ARGUMENT;
+    if (m->add_zero_attn != 0 && m->add_zero_attn != 1) return MHA_ERR_INVALID_ARGUMENT;
+    if (Lk > INT_MAX - 2) return MHA_ERR_OVERFLOW;
+    L->Lk_eff = Lk + (m->bias_k != NULL) + m->add_zero_attn;
+    widest = L->E;
+    if (L->kdim > widest) widest = L->kdim;
+    if (L->vdim > widest) widest = L->vdim;
+    if ((size_t)B * (size_t)Lq > INT_MAX || (size_t)B * (size_t)L->Lk_eff > INT_MAX ||
+        !mha__mul3((size_t)B * (size_t)(Lq > L->Lk_eff ? Lq : L->Lk_eff), (size_t)widest,
+                   8 * sizeof(float), &n) ||
+        !mha__mul3((size_t)Lq, (size_t)L->Lk_eff, 2 * sizeof(float), &n) ||
+        !mha__mul3((size_t)3 * L->E, (size_t)widest, sizeof(float), &n))
+        return MHA_ERR_OVERFLOW;
+    if ((st = mha__check_masks(opt, B, L->H, Lq, Lk)) != MHA_OK) return st;
+    g = mha__linear_gws(B * Lq, L->E, L->E);
+    t = mha__linear_gws(B * Lk, L->kdim, L->E);                  if (t > g) g = t;
+    t = mha__linear_gws(B * Lk, L->vdim, L->E);                  if (t > g) g = t;
+    t = mha__head_backward_gws(Lq, L->Lk_eff, L->D, L->D);       if (t > g) g = t;
+    nk = (size_t)B * L->Lk_eff * L->E;
+    if (!mha__region(&cur, (size_t)B * Lq * L->E, &L->qp) ||
+        !mha__region(&cur, nk, &L->kp) ||
+        !mha__region(&cur, nk, &L->vp) ||
+        !mha__region(&cur, (size_t)B * Lq * L->E, &L->ctx) ||
+        !mha__region(&cur, (size_t)B * Lq * L->E, &L->dctx) ||
+        !mha__region(&cur, (size_t)B * Lq * L->E, &L->dqp) ||
+        !mha__region(&cur, nk, &L->dkp) ||
+        !mha__region(&cur, nk, &L->dvp) ||
+        !mha__region(&cur, (size_t)Lq * L->Lk_eff, &L->p) ||
+        !mha__region(&cur, (size_t)Lq * L->Lk_eff, &L->dp) ||
+        !mha__region(&cur, g, &L->gws) ||
+        !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
+        return MHA_ERR_OVERFLOW;
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_backward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
+                                              const mha_options *opt, size_t *bytes)
+{
+    mha_options zero;
+    mha__bwd_layout L;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__bwd_plan(m, B, Lq, Lk, opt, &L)) != MHA_OK) return st;
+    return mha__mul(L.total_floats, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+}
+
+/* K or V of every batch, Lk_eff rows each: X W^T + b for the Lk real keys, then
+   the bias_k/bias_v row, then a zero row (add_zero_attn), as the forward builds them. */
+static void mha__kv_project(int B, int Lk, int Lk_eff, int in, int E, const float *X,
+                            const float *W, const float *b, const float *extra, int zero_row,
+                            float *Y, float *gws)
+{
+    int bb;
+    if (Lk_eff == Lk) { mha__linear_forward(B * Lk, in, E, X, W, b, Y, gws); return; }
+    for (bb = 0; bb < B; ++bb) {
+        float *Yb = Y + (size_t)bb * Lk_eff * E;
+        int r = Lk;
+        mha__linear_forward(Lk, in, E, X + (size_t)bb * Lk * in, W, b, Yb, gws);
+        if (extra) memcpy(Yb + (size_t)r++ * E, extra, (size_t)E * sizeof(float));
+        if (zero_row) memset(Yb + (size_t)r * E, 0, (size_t)E * sizeof(float));
+    }
+}
+
+/* ... and its backward: the real rows go through the Linear, the bias_k/bias_v
+   row's gradient is summed over the batches into dextra, the zero row has none. */
+static void mha__kv_project_backward(int B, int Lk, int Lk_eff, int in, int E, const float *X,
+                                     const float *W, const float *dY, float *dX, float *dW,
+                                     float *db, int has_extra, float *dextra, float *gws)
+{
+    int bb;
+    if (Lk_eff == Lk) { mha__linear_backward(B * Lk, in, E, X, W, dY, dX, dW, db, gws); return; }
+    for (bb = 0; bb < B; ++bb) {
+        const float *dYb = dY + (size_t)bb * Lk_eff * E;
+        mha__linear_backward(Lk, in, E, X + (size_t)bb * Lk * in, W, dYb,
+                             dX ? dX + (size_t)bb * Lk * in : NULL, dW, db, gws);
+        if (has_extra && dextra) mha__axpy(dextra, 1.0f, dYb + (size_t)Lk * E, E);
+    }
+}
+
+/* Backward of the module, in the reverse order of the forward:
+     forward:  Q = Xq Wq^T + bq,  K = ..,  V = ..           [B*L, E]
+               C_h = softmax(scale Q_h K_h^T + mask) V_h     per head
+               Y = C Wo^T + bo
+     backward: dC = dY Wo;   dWo += dY^T C;   dbo += colsum dY
+               dQ_h, dK_h, dV_h from the head backward
+               dXq += dQ Wq;  dWq += dQ^T Xq;  dbq += colsum dQ   (and K, V)  */
+MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
+                               const float *query, const float *key, const float *value,
+                               const float *dout, const mha_options *opt,
+                               float *dquery, float *dkey, float *dvalue, mha_module_grad *grad,
+                               void *workspace, size_t workspace_bytes)
+{
+    mha_options zero;
+    mha_module_grad nog;
+    mha__bwd_layout L;
+    mha__attn a;
+    void *owned;
+    float *ws, *qp, *kp, *vp, *ctx, *dctx, *dqp, *dkp, *dvp, *gws;
+    const float *wq, *wk, *wv, *bq, *bk, *bv;
+    float *gwq, *gwk, *gwv, *gbq, *gbk, *gbv;
+    size_t need, nq, nk;
+    int E, b, h;
+    mha_status st;
+
+    if (!query || !key || !value || !dout) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if (!grad) { memset(&nog, 0, sizeof nog); grad = &nog; }
+    if ((st = mha__bwd_plan(m, B, Lq, Lk, opt, &L)) != MHA_OK) return st;
+    if (!mha__mul(L.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
+    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+
+    E = L.E;
+    nq = (size_t)B * Lq * E; nk = (size_t)B * L.Lk_eff * E;
+    qp = ws + L.qp; kp = ws + L.kp; vp = ws + L.vp; ctx = ws + L.ctx; dctx = ws + L.dctx;
+    dqp = ws + L.dqp; dkp = ws + L.dkp; dvp = ws + L.dvp; gws = ws + L.gws;
+    if (m->in_proj_weight) {
+        wq = m->in_proj_weight; wk = wq + (size_t)E * E; wv = wk + (size_t)E * E;
+        gwq = grad->in_proj_weight;
+        gwk = gwq ? gwq + (size_t)E * E : NULL;
+        gwv = gwq ? gwq + (size_t)2 * E * E : NULL;
+    } else {
+        wq = m->q_proj_weight; wk = m->k_proj_weight; wv = m->v_proj_weight;
+        gwq = grad->q_proj_weight; gwk = grad->k_proj_weight; gwv = grad->v_proj_weight;
+    }
+    bq = m->in_proj_bias; bk = bq ? bq + E : NULL; bv = bq ? bq + 2 * E : NULL;
+    gbq = bq ? grad->in_proj_bias : NULL;
+    gbk = gbq ? gbq + E : NULL;
+    gbv = gbq ? gbq + 2 * E : NULL;
+
+    /* 1. recompute the projections Q, K, V (K and V with their appended rows) */
+    mha__linear_forward(B * Lq, E, E, query, wq, bq, qp, gws);
+    mha__kv_project(B, Lk, L.Lk_eff, L.kdim, E, key, wk, bk, m->bias_k, m->add_zero_attn, kp, gws);
+    mha__kv_project(B, Lk, L.Lk_eff, L.vdim, E, value, wv, bv, m->bias_v, m->add_zero_attn, vp, gws);
+
+    /* 2. through the output projection: dC = dY Wo   [B*Lq, E] */
+    mha__gemm(0, 0, B * Lq, E, E, 1.0f, dout, (size_t)E, m->out_proj_weight, (size_t)E, 0.0f,
+              dctx, (size_t)E, gws);
+
+    /* 3. attention, head by head: C (for step 4) and dQ, dK, dV */
+    memset(dqp, 0, nq * sizeof(float));
+    memset(dkp, 0, nk * sizeof(float));
+    memset(dvp, 0, nk * sizeof(float));
+    mha__attn_common(&a, opt, B, L.H, Lq, Lk, L.Lk_eff, L.D, L.D);
+    a.q.p = qp; a.q.rs = (size_t)E; a.q.hs = (size_t)L.D; a.q.bs = (size_t)Lq * E;
+    a.k.p = kp; a.k.rs = (size_t)E; a.k.hs = (size_t)L.D; a.k.bs = (size_t)L.Lk_eff * E;
+    a.v.p = vp; a.v.rs = (size_t)E; a.v.hs = (size_t)L.D; a.v.bs = (size_t)L.Lk_eff * E;
+    a.o = ctx;  a.o_rs = (size_t)E; a.o_hs = (size_t)L.D; a.o_bs = (size_t)Lq * E;
+    a.weights = NULL; a.per_head = 0;
+    for (b = 0; b < B; ++b)
+        for (h = 0; h < L.H; ++h)
+            mha__attend_head_backward(&a, b, h, dctx, dqp, dkp, dvp, ws + L.p, ws + L.dp, gws);
+
+    /* 4. output projection weights: dWo += dY^T C,  dbo += colsum dY */
+    mha__linear_backward(B * Lq, E, E, ctx, m->out_proj_weight, dout, NULL,
+                         grad->out_proj_weight, m->out_proj_bias ? grad->out_proj_bias : NULL, gws);
+
+    /* 5. input projections: dX += dQ Wq,  dWq += dQ^T X,  dbq += colsum dQ (K, V alike;
+          the bias_k / bias_v rows collect their own gradient) */
+    mha__linear_backward(B * Lq, E, E, query, wq, dqp, dquery, gwq, gbq, gws);
+    mha__kv_project_backward(B, Lk, L.Lk_eff, L.kdim, E, key, wk, dkp, dkey, gwk, gbk,
+                             m->bias_k != NULL, grad->bias_k, gws);
+    mha__kv_project_backward(B, Lk, L.Lk_eff, L.vdim, E, value, wv, dvp, dvalue, gwv, gbv,
+                             m->bias_v != NULL, grad->bias_v, gws);
+
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+/* -------------------------------------------------------- layer norm */
+
+/* Mean and 1/sqrt(var + eps) of one row (biased variance, as nn.LayerNorm),
+   summed in double so long rows keep their precision. */
+static void mha__row_stats(const float *x, int E, float eps, float *mean, float *rstd)
+{
+    double s = 0, ss = 0, m;
+    int j;
+    for (j = 0; j < E; ++j) s += x[j];
+    m = s / E;
+    for (j = 0; j < E; ++j) ss += ((double)x[j] - m) * ((double)x[j] - m);
+    *mean = (float)m;
+    *rstd = (float)(1.0 / sqrt(ss / E + (double)eps));
+}
+
+/* y = xhat * w + b,   xhat = (x - mean) * rstd      (w, b NULL = 1, 0) */
+static void mha__layernorm_forward(int rows, int E, const float *x, const float *w,
+                                   const float *b, float eps, float *y)
+{
+    int r, j;
+    for (r = 0; r < rows; ++r) {
+        const float *xr = x + (size_t)r * E;
+        float *yr = y + (size_t)r * E, mean, rstd;
+        mha__row_stats(xr, E, eps, &mean, &rstd);
+        for (j = 0; j < E; ++j) {
+            float xhat = (xr[j] - mean) * rstd;
+            yr[j] = xhat * (w ? w[j] : 1.0f) + (b ? b[j] : 0.0f);
+        }
+    }
+}
+
+/* Backward, recomputing mean and rstd from x.  With g = dy * w:
+     dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+     dw += dy * xhat,   db += dy                     (all added to)  */
+static void mha__layernorm_backward(int rows, int E, const float *x, const float *w, float eps,
+                                    const float *dy, float *dx, float *dw, float *db)
+{
+    int r, j;
+    for (r = 0; r < rows; ++r) {
+        const float *xr = x + (size_t)r * E, *dyr = dy + (size_t)r * E;
+        float mean, rstd;
+        double mg = 0, mgx = 0;
+        mha__row_stats(xr, E, eps, &mean, &rstd);
+        for (j = 0; j < E; ++j) {
+            float xhat = (xr[j] - mean) * rstd, g = dyr[j] * (w ? w[j] : 1.0f);
+            mg += g;
+            mgx += (double)g * xhat;
+            if (dw) dw[j] += dyr[j] * xhat;
+            if (db) db[j] += dyr[j];
+        }
+        mg /= E; mgx /= E;
+        if (dx) {
+            float *dxr = dx + (size_t)r * E;
+            for (j = 0; j < E; ++j) {
+                float xhat = (xr[j] - mean) * rstd, g = dyr[j] * (w ? w[j] : 1.0f);
+                dxr[j] += rstd * (g - (float)mg - xhat * (float)mgx);
+            }
+        }
+    }
+}
+
+static mha_status mha__layernorm_check(int rows, int E, float eps)
+{
+    size_t n;
+    if (rows <= 0 || E <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!(eps >= 0.0f) || eps == INFINITY) return MHA_ERR_INVALID_ARGUMENT;
+    return mha__mul3((size_t)rows, (size_t)E, sizeof(float), &n) ? MHA_OK : MHA_ERR_OVERFLOW;
+}
+
+MHADEF mha_status mha_layernorm_forward(int rows, int E, const float *x, const float *w,
+                                        const float *b, float eps, float *y)
+{
+    mha_status st;
+    if (!x || !y) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__layernorm_check(rows, E, eps)) != MHA_OK) return st;
+    mha__layernorm_forward(rows, E, x, w, b, eps > 0.0f ? eps : 1e-5f, y);
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_layernorm_backward(int rows, int E, const float *x, const float *w,
+                                         float eps, const float *dy, float *dx, float *dw, float *db)
+{
+    mha_status st;
+    if (!x || !dy) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__layernorm_check(rows, E, eps)) != MHA_OK) return st;
+    mha__layernorm_backward(rows, E, x, w, eps > 0.0f ? eps : 1e-5f, dy, dx, dw, db);
+    return MHA_OK;
+}
+
+/* -------------------------------------------------------- activations */
+
+/* g = act(z):  ReLU max(0, z);   GELU z * Phi(z) = 0.5 z (1 + erf(z / sqrt 2)) */
+static void mha__activation_forward(mha_activation act, size_t n, const float *z, float *g)
+{
+    size_t i;
+    if (act == MHA_ACT_RELU)
+        for (i = 0; i < n; ++i) g[i] = z[i] > 0.0f ? z[i] : 0.0f;
+    else
+        for (i = 0; i < n; ++i) g[i] = 0.5f * z[i] * (1.0f + erff(z[i] * 0.70710678118654752f));
+}
+
+/* dz = dg * act'(z), in place over dg:
+     ReLU' = [z > 0];   GELU' = Phi(z) + z phi(z),  phi(z) = exp(-z^2/2) / sqrt(2 pi) */
+static void mha__activation_backward(mha_activation act, size_t n, const float *z, float *dg)
+{
+    size_t i;
+    if (act == MHA_ACT_RELU) {
+        for (i = 0; i < n; ++i) if (!(z[i] > 0.0f)) dg[i] = 0.0f;
+    } else {
+        for (i = 0; i < n; ++i) {
+            float cdf = 0.5f * (1.0f + erff(z[i] * 0.70710678118654752f));
+            float pdf = 0.39894228040143268f * expf(-0.5f * z[i] * z[i]);
+            dg[i] *= cdf + z[i] * pdf;
+        }
+    }
+}
+
+/* ------------------------------------------------------ encoder layer */
+
+/* Workspace of the encoder layer (offsets in floats), shared by forward and
+   backward.  N = B*L rows.
+     a   [N,E] attention output          t1  [N,E] x + a (post) / LN1(x) (pre)
+     h   [N,E] after the first residual  z   [N,F] linear1 output
+     g   [N,F] act(z)                    t2  [N,E] h + f (post) / LN2(h) (pre)
+     d1, d2 [N,E], dg [N,F]: backward only
+     sub: the self-attention's own workspace (forward or backward, whichever is larger) */
+typedef struct mha__enc_layout {
+    int E, F, N;
+    size_t a, t1, h, z, g, t2, d1, d2, dg, gws, sub, sub_bytes, total_floats;
+} mha__enc_layout;
+
+static mha_status mha__enc_plan(const mha_encoder_layer *ly, int B, int L,
+                                const mha_options *opt, mha__enc_layout *P)
+{
+    size_t cur = 0, n, fb = 0, fw = 0, bb = 0, g, t;
+    mha_status st;
+    if (!ly) return MHA_ERR_NULL_POINTER;
+    if (!ly->linear1_weight || !ly->linear2_weight) return MHA_ERR_NULL_POINTER;
+    if (ly->dim_feedforward <= 0 || B <= 0 || L <= 0) return MHA_ERR_INVALID_SIZE;
+    if ((ly->activation != MHA_ACT_RELU && ly->activation != MHA_ACT_GELU) ||
+        (ly->norm_first != 0 && ly->norm_first != 1) ||
+        !(ly->layer_norm_eps >= 0.0f) || ly->layer_norm_eps == INFINITY)
+        return MHA_ERR_INVALID_ARGUMENT;
+    /* the backward's limits (in_proj_weight, no bias_k / zero attn) apply to both calls */
+    if ((st = mha_backward_workspace_size(&ly->self_attn, B, L, L, opt, &bb)) != MHA_OK) return st;
+    /* the forward's need can differ with and without weights: take the larger */
+    if ((st = mha_forward_workspace_size(&ly->self_attn, B, L, L, opt, 0, &fb)) != MHA_OK) return st;
+    if ((st = mha_forward_workspace_size(&ly->self_attn, B, L, L, opt, 1, &fw)) != MHA_OK) return st;
+    if (fw > fb) fb = fw;
+    P->E = ly->self_attn.embed_dim; P->F = ly->dim_feedforward; P->N = B * L;
+    if (!mha__mul3((size_t)P->N, (size_t)P->F, sizeof(float), &n) ||
+        !mha__mul3((size_t)P->F, (size_t)P->E, sizeof(float), &n) || P->F > INT_MAX / 2)
+        return MHA_ERR_OVERFLOW;
+    P->sub_bytes = fb > bb ? fb : bb;
+    g = mha__linear_gws(P->N, P->E, P->F);
+    t = mha__linear_gws(P->N, P->F, P->E); if (t > g) g = t;
+    if (!mha__region(&cur, (size_t)P->N * P->E, &P->a) ||
+        !mha__region(&cur, (size_t)P->N * P->E, &P->t1) ||
+        !mha__region(&cur, (size_t)P->N * P->E, &P->h) ||
+        !mha__region(&cur, (size_t)P->N * P->F, &P->z) ||
+        !mha__region(&cur, (size_t)P->N * P->F, &P->g) ||
+        !mha__region(&cur, (size_t)P->N * P->E, &P->t2) ||
+        !mha__region(&cur, (size_t)P->N * P->E, &P->d1) ||
+        !mha__region(&cur, (size_t)P->N * P->E, &P->d2) ||
+        !mha__region(&cur, (size_t)P->N * P->F, &P->dg) ||
+        !mha__region(&cur, g, &P->gws) ||
+        !mha__region(&cur, P->sub_bytes / sizeof(float) + 1, &P->sub) ||
+        !mha__add(cur, MHA__ALIGN_FLOATS, &P->total_floats))
+        return MHA_ERR_OVERFLOW;
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_encoder_workspace_size(const mha_encoder_layer *layer, int B, int L,
+                                             const mha_options *opt, size_t *bytes)
+{
+    mha_options zero;
+    mha__enc_layout P;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__enc_plan(layer, B, L, opt, &P)) != MHA_OK) return st;
+    return mha__mul(P.total_floats, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+}
+
+/* The forward pass, leaving every intermediate in the workspace for the backward.
+     post-norm:  a = SA(x);  t1 = x + a;  h = LN1(t1);  z = h W1^T + b1;  g = act(z);
+                 f = g W2^T + b2;  t2 = h + f;  y = LN2(t2)
+     pre-norm:   t1 = LN1(x);  a = SA(t1);  h = x + a;  t2 = LN2(h);  z = t2 W1^T + b1;
+                 g = act(z);  f = g W2^T + b2;  y = h + f                          */
+static mha_status mha__enc_forward(const mha_encoder_layer *ly, int B, int L, const float *x,
+                                   const mha_options *opt, float *y, float *attn_weights,
+                                   const mha__enc_layout *P, float *ws)
+{
+    int E = P->E, F = P->F, N = P->N;
+    size_t ne = (size_t)N * E, i;
+    float eps = ly->layer_norm_eps > 0.0f ? ly->layer_norm_eps : 1e-5f;
+    float *a = ws + P->a, *t1 = ws + P->t1, *h = ws + P->h, *z = ws + P->z, *g = ws + P->g;
+    float *t2 = ws + P->t2, *gws = ws + P->gws;
+    const float *ffin;
+    mha_status st;
+
+    /* 1. self-attention block */
+    if (!ly->norm_first) {
+        st = mha_forward(&ly->self_attn, B, L, L, x, x, x, opt, a, attn_weights,
+                         ws + P->sub, P->sub_bytes);
+        if (st != MHA_OK) return st;
+        for (i = 0; i < ne; ++i) t1[i] = x[i] + a[i];
+        mha__layernorm_forward(N, E, t1, ly->norm1_weight, ly->norm1_bias, eps, h);
+        ffin = h;
+    } else {
+        mha__layernorm_forward(N, E, x, ly->norm1_weight, ly->norm1_bias, eps, t1);
+        st = mha_forward(&ly->self_attn, B, L, L, t1, t1, t1, opt, a, attn_weights,
+                         ws + P->sub, P->sub_bytes);
+        if (st != MHA_OK) return st;
+        for (i = 0; i < ne; ++i) h[i] = x[i] + a[i];
+        mha__layernorm_forward(N, E, h, ly->norm2_weight, ly->norm2_bias, eps, t2);
+        ffin = t2;
+    }
+
+    /* 2. feed-forward block: f = act(in W1^T + b1) W2^T + b2, f goes into y */
+    mha__linear_forward(N, E, F, ffin, ly->linear1_weight, ly->linear1_bias, z, gws);
+    mha__activation_forward(ly->activation, (size_t)N * F, z, g);
+    mha__linear_forward(N, F, E, g, ly->linear2_weight, ly->linear2_bias, y, gws);
+
+    /* 3. second residual (and norm) */
+    if (!ly->norm_first) {
+        for (i = 0; i < ne; ++i) t2[i] = h[i] + y[i];
+        mha__layernorm_forward(N, E, t2, ly->norm2_weight, ly->norm2_bias, eps, y);
+    } else {
+        for (i = 0; i < ne; ++i) y[i] += h[i];
+    }
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_encoder_forward(const mha_encoder_layer *layer, int B, int L,
+                                      const float *x, const mha_options *opt, float *y,
+                                      float *attn_weights, void *workspace, size_t workspace_bytes)
+{
+    mha_options zero;
+    mha__enc_layout P;
+    void *owned;
+    float *ws;
+    size_t need;
+    mha_status st;
+    if (!x || !y) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__enc_plan(layer, B, L, opt, &P)) != MHA_OK) return st;
+    if (!mha__mul(P.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
+    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+    st = mha__enc_forward(layer, B, L, x, opt, y, attn_weights, &P, ws);
+    if (owned) MHA_FREE(owned);
+    return st;
+}
+
+/* Backward: recompute the forward (into the workspace), then walk it in reverse.
+     post-norm:  dt2 = LN2'(dy);  dh = dt2;  df = dt2;  dg = df W2;  dz = dg act'(z);
+                 dh += dz W1;  dt1 = LN1'(dh);  dx += dt1;  dx += SA'(dt1)
+     pre-norm:   dh = dy;  df = dy;  dg = df W2;  dz = dg act'(z);  dt2 = dz W1;
+                 dh += LN2'(dt2);  dx += dh;  dt1 = SA'(dh);  dx += LN1'(dt1)
+   (LN' and SA' are the layer norm's and the self-attention's backward; the
+   weight gradients are added on the way.)  */
+MHADEF mha_status mha_encoder_backward(const mha_encoder_layer *layer, int B, int L,
+                                       const float *x, const mha_options *opt, const float *dy,
+                                       float *dx, mha_encoder_layer_grad *grad,
+                                       void *workspace, size_t workspace_bytes)
+{
+    const mha_encoder_layer *ly = layer;
+    mha_options zero;
+    mha_encoder_layer_grad nog;
+    mha__enc_layout P;
+    void *owned;
+    float *ws, *t1, *h, *z, *g, *t2, *d1, *d2, *dg, *gws, *y, eps;
+    size_t need, ne, nf, i;
+    int E, F, N;
+    mha_status st;
+
+    if (!x || !dy) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if (!grad) { memset(&nog, 0, sizeof nog); grad = &nog; }
+    if ((st = mha__enc_plan(layer, B, L, opt, &P)) != MHA_OK) return st;
+    if (!mha__mul(P.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
+    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+    E = P.E; F = P.F; N = P.N; ne = (size_t)N * E; nf = (size_t)N * F;
+    eps = ly->layer_norm_eps > 0.0f ? ly->layer_norm_eps : 1e-5f;
+    t1 = ws + P.t1; h = ws + P.h; z = ws + P.z; g = ws + P.g; t2 = ws + P.t2;
+    d1 = ws + P.d1; d2 = ws + P.d2; dg = ws + P.dg; gws = ws + P.gws;
+
+    /* 1. recompute; y itself is not needed, d1 holds it for now */
+    y = d1;
+    if ((st = mha__enc_forward(ly, B, L, x, opt, y, NULL, &P, ws)) != MHA_OK) goto done;
+    memset(d2, 0, ne * sizeof(float));
+    memset(dg, 0, nf * sizeof(float));
+
+    if (!ly->norm_first) {
+        /* 2. dt2 = LN2'(dy) -> d1; it flows into both h and f */
+        memset(d1, 0, ne * sizeof(float));
+        mha__layernorm_backward(N, E, t2, ly->norm2_weight, eps, dy, d1,
+                                ly->norm2_weight ? grad->norm2_weight : NULL,
+                                ly->norm2_bias ? grad->norm2_bias : NULL);
+        /* 3. feed-forward: dg = df W2, dz = dg act'(z), dh += dz W1 (d1 is dh now) */
+        mha__linear_backward(N, F, E, g, ly->linear2_weight, d1, dg, grad->linear2_weight,
+                             ly->linear2_bias ? grad->linear2_bias : NULL, gws);
+        mha__activation_backward(ly->activation, nf, z, dg);
+        mha__linear_backward(N, E, F, h, ly->linear1_weight, dg, d1, grad->linear1_weight,
+                             ly->linear1_bias ? grad->linear1_bias : NULL, gws);
+        /* 4. dt1 = LN1'(dh) -> d2; the residual passes it to x, the attention too */
+        mha__layernorm_backward(N, E, t1, ly->norm1_weight, eps, d1, d2,
+                                ly->norm1_weight ? grad->norm1_weight : NULL,
+                                ly->norm1_bias ? grad->norm1_bias : NULL);
+        if (dx) for (i = 0; i < ne; ++i) dx[i] += d2[i];
+        st = mha_backward(&ly->self_attn, B, L, L, x, x, x, d2, opt, dx, dx, dx,
+                          &grad->self_attn, ws + P.sub, P.sub_bytes);
+    } else {
+        /* 2. feed-forward on t2 = LN2(h): dg = dy W2, dz, dt2 = dz W1 -> d2 */
+        mha__linear_backward(N, F, E, g, ly->linear2_weight, dy, dg, grad->linear2_weight,
+                             ly->linear2_bias ? grad->linear2_bias : NULL, gws);
+        mha__activation_backward(ly->activation, nf, z, dg);
+        mha__linear_backward(N, E, F, t2, ly->linear1_weight, dg, d2, grad->linear1_weight,
+                             ly->linear1_bias ? grad->linear1_bias : NULL, gws);
+        /* 3. dh = dy + LN2'(dt2) -> d1 */
+        memcpy(d1, dy, ne * sizeof(float));
+        mha__layernorm_backward(N, E, h, ly->norm2_weight, eps, d2, d1,
+                                ly->norm2_weight ? grad->norm2_weight : NULL,
+                                ly->norm2_bias ? grad->norm2_bias : NULL);
+        /* 4. the residual passes dh to x; the attention's input t1 = LN1(x) gets dt1 -> d2 */
+        if (dx) for (i = 0; i < ne; ++i) dx[i] += d1[i];
+        memset(d2, 0, ne * sizeof(float));
+        st = mha_backward(&ly->self_attn, B, L, L, t1, t1, t1, d1, opt, d2, d2, d2,
+                          &grad->self_attn, ws + P.sub, P.sub_bytes);
+        if (st == MHA_OK)
+            mha__layernorm_backward(N, E, x, ly->norm1_weight, eps, d2, dx,
+                                    ly->norm1_weight ? grad->norm1_weight : NULL,
+                                    ly->norm1_bias ? grad->norm1_bias : NULL);
+    }
+done:
+    if (owned) MHA_FREE(owned);
+    return st;
+}
+
+/* ------------------------------------------------ training pieces */
+
+/* PE[pos, 2i] = sin(pos * w_i),  PE[pos, 2i+1] = cos(pos * w_i),  w_i = 10000^(-2i/d).
+   Even and odd columns share the frequency of their pair; computed in double. */
+MHADEF mha_status mha_positional_encoding(int L, int d, float *pe)
+{
+    int pos, c;
+    size_t n;
+    if (!pe) return MHA_ERR_NULL_POINTER;
+    if (L <= 0 || d <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__mul3((size_t)L, (size_t)d, sizeof(float), &n)) return MHA_ERR_OVERFLOW;
+    for (pos = 0; pos < L; ++pos)
+        for (c = 0; c < d; ++c) {
+            double w = pow(10000.0, -(double)(c - c % 2) / d);
+            pe[(size_t)pos * d + c] = (float)(c % 2 == 0 ? sin(pos * w) : cos(pos * w));
+        }
+    return MHA_OK;
+}
+
+static mha_status mha__embedding_check(int n, int vocab, int d, const int *tokens)
+{
+    size_t t;
+    int i;
+    if (n <= 0 || vocab <= 0 || d <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__mul3((size_t)n, (size_t)d, sizeof(float), &t) ||
+        !mha__mul3((size_t)vocab, (size_t)d, sizeof(float), &t))
+        return MHA_ERR_OVERFLOW;
+    for (i = 0; i < n; ++i)
+        if (tokens[i] < 0 || tokens[i] >= vocab) return MHA_ERR_INVALID_ARGUMENT;
+    return MHA_OK;
+}
+
+/* out[i, :] = table[tokens[i], :] */
+MHADEF mha_status mha_embedding_forward(int n, int vocab, int d, const int *tokens,
+                                        const float *table, float *out)
+{
+    mha_status st;
+    int i;
+    if (!tokens || !table || !out) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__embedding_check(n, vocab, d, tokens)) != MHA_OK) return st;
+    for (i = 0; i < n; ++i)
+        memcpy(out + (size_t)i * d, table + (size_t)tokens[i] * d, (size_t)d * sizeof(float));
+    return MHA_OK;
+}
+
+/* dtable[tokens[i], :] += dout[i, :]  (a token seen twice collects both) */
+MHADEF mha_status mha_embedding_backward(int n, int vocab, int d, const int *tokens,
+                                         const float *dout, float *dtable)
+{
+    mha_status st;
+    int i;
+    if (!tokens || !dout || !dtable) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__embedding_check(n, vocab, d, tokens)) != MHA_OK) return st;
+    for (i = 0; i < n; ++i) mha__axpy(dtable + (size_t)tokens[i] * d, 1.0f, dout + (size_t)i * d, d);
+    return MHA_OK;
+}
+
+/* Per row r with target t:  loss_r = logsumexp(z_r) - z_r[t],
+   d loss_r / d z_r = softmax(z_r) - onehot(t);  the mean divides both by N. */
+MHADEF mha_status mha_cross_entropy(int n, int V, const float *logits, const int *targets,
+                                    float *loss, float *dlogits, int *correct)
+{
+    double total = 0;
+    size_t t;
+    int r, j, counted = 0, right = 0;
+    if (!logits || !targets || !loss) return MHA_ERR_NULL_POINTER;
+    if (n <= 0 || V <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__mul3((size_t)n, (size_t)V, sizeof(float), &t)) return MHA_ERR_OVERFLOW;
+    for (r = 0; r < n; ++r) {
+        if (targets[r] >= V) return MHA_ERR_INVALID_ARGUMENT;
+        if (targets[r] >= 0) ++counted;
+    }
+    for (r = 0; r < n; ++r) {
+        const float *z = logits + (size_t)r * V;
+        float *dz = dlogits ? dlogits + (size_t)r * V : NULL;
+        double sum = 0, lse;
+        float mx = z[0];
+        int arg = 0;
+        if (targets[r] < 0) {                       /* ignored row: no loss, no gradient */
+            if (dz) for (j = 0; j < V; ++j) dz[j] = 0.0f;
+            continue;
+        }
+        for (j = 1; j < V; ++j) if (z[j] > mx) { mx = z[j]; arg = j; }
+        for (j = 0; j < V; ++j) sum += exp((double)z[j] - mx);
+        lse = mx + log(sum);
+        total += lse - z[targets[r]];
+        right += arg == targets[r];
+        if (dz) {
+            for (j = 0; j < V; ++j) dz[j] = (float)(exp((double)z[j] - lse) / counted);
+            dz[targets[r]] -= 1.0f / (float)counted;
+        }
+    }
+    *loss = counted ? (float)(total / counted) : 0.0f;
+    if (correct) *correct = right;
+    return MHA_OK;
+}
+
+/* p -= lr * (g + weight_decay * p) */
+MHADEF mha_status mha_sgd_step(size_t n, float *p, const float *g, float lr, float weight_decay)
+{
+    size_t i;
+    if (!p || !g) return MHA_ERR_NULL_POINTER;
+    for (i = 0; i < n; ++i) p[i] -= lr * (g[i] + weight_decay * p[i]);
+    return MHA_OK;
+}
+
+/* torch.optim.AdamW, step t = 1, 2, ...:
+     p  *= 1 - lr * wd                       (decoupled weight decay)
+     m   = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
+     p  -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)          */
+MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, float *p,
+                                 const float *g, float *m, float *v)
+{
+    float lr, b1, b2, eps, wd, c1, c2;
+    size_t i;
+    if (!opt || !p || !g || !m || !v) return MHA_ERR_NULL_POINTER;
+    lr = opt->lr > 0.0f ? opt->lr : 1e-3f;
+    b1 = opt->beta1 > 0.0f ? opt->beta1 : 0.9f;
+    b2 = opt->beta2 > 0.0f ? opt->beta2 : 0.999f;
+    eps = opt->eps > 0.0f ? opt->eps : 1e-8f;
+    wd = opt->weight_decay;
+    if (step < 1 || !(b1 < 1.0f) || !(b2 < 1.0f) || !(wd >= 0.0f) || !(opt->lr >= 0.0f))
+        return MHA_ERR_INVALID_ARGUMENT;
+    c1 = (float)(1.0 - pow((double)b1, (double)step));
+    c2 = (float)(1.0 - pow((double)b2, (double)step));
+    for (i = 0; i < n; ++i) {
+        p[i] *= 1.0f - lr * wd;
+        m[i] = b1 * m[i] + (1.0f - b1) * g[i];
+        v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
+        p[i] -= lr * (m[i] / c1) / (sqrtf(v[i] / c2) + eps);
+    }
+    return MHA_OK;
+}
+
+/* xorshift64*, seeded through splitmix64 so that nearby seeds give unrelated streams */
+MHADEF void mha_rng_seed(mha_rng *r, unsigned long long seed)
+{
+    unsigned long long z = seed + 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    r->state = z ? z : 1;   /* xorshift must not start at 0 */
+}
+
+MHADEF unsigned mha_rng_u32(mha_rng *r)
+{
+    unsigned long long s = r->state;
+    s ^= s >> 12; s ^= s << 25; s ^= s >> 27;
+    r->state = s;
+    return (unsigned)(((s * 2685821657736338717ULL) >> 32) & 0xFFFFFFFFu);
+}
+
+MHADEF float mha_rng_uniform(mha_rng *r)
+{
+    return (float)(mha_rng_u32(r) >> 8) * (1.0f / 16777216.0f);
+}
+
+MHADEF void mha_rng_fill(mha_rng *r, float *x, size_t n, float a)
+{
+    size_t i;
+    for (i = 0; i < n; ++i) x[i] = a * (2.0f * mha_rng_uniform(r) - 1.0f);
 }
 
 #endif /* MHA_IMPLEMENTATION_DONE */
