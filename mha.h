@@ -2338,7 +2338,7 @@ static void mha__attend_head_backward(const mha__attn *a, int b, int h, const fl
     mha__gemm(0, 1, Lq, Lk, D, a->scale, qh, a->q.rs, kh, a->k.rs, 0.0f, p, (size_t)Lk, gws);
     for (i = 0; i < Lq; ++i) {
         float *row = p + (size_t)i * Lk;
-        mha__mask_row(a, b, h, i, row);
+        mha__mask_cols(a, b, h, i, 0, Lk, row);
         mha__softmax_row(row, Lk);
     }
 
