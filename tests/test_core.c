@@ -501,17 +501,18 @@ static void test_nan_in_masked_key(void)
     memset(&o, 0, sizeof o);
     o.key_padding_mask.kind = MHA_MASK_BOOL; o.key_padding_mask.data = kpm; o.key_padding_mask.ndim = 2;
     o.key_padding_mask.shape[0] = 1; o.key_padding_mask.shape[1] = 3;
-    /* clean runs of both paths (with and without weights): each path must give
-       bit for bit the same result once NaN/Inf sit in the masked key */
+    /* clean runs of both paths (with and without weights).  With a non-finite
+       value row a path may switch to summing only nonzero weights, which rounds
+       differently from the GEMM, so "no leak" means finite and within 1e-6. */
     CHECK(mha_forward(&t.m, 1, 3, 3, x, kv, kv, &o, out_ref, NULL, NULL, 0) == MHA_OK, "clean");
     CHECK(mha_forward(&t.m, 1, 3, 3, x, kv, kv, &o, out_ref_w, w, NULL, 0) == MHA_OK, "clean, weights");
     kv[8] = NAN; kv[9] = INFINITY; kv[11] = -INFINITY;
     CHECK(mha_forward(&t.m, 1, 3, 3, x, kv, kv, &o, out, w, NULL, 0) == MHA_OK, "nan key");
-    CHECK(all_finite(out, 12) && memcmp(out, out_ref_w, sizeof out) == 0,
+    CHECK(all_finite(out, 12) && tu_rel_err_ff(out, out_ref_w, 12) <= 1e-6,
           "NaN/Inf in a masked key and value do not leak (weights path)");
     CHECK(w[2] == 0 && w[5] == 0 && w[8] == 0, "masked key has weight 0");
     CHECK(mha_forward(&t.m, 1, 3, 3, x, kv, kv, &o, out, NULL, NULL, 0) == MHA_OK &&
-          all_finite(out, 12) && memcmp(out, out_ref, sizeof out) == 0,
+          all_finite(out, 12) && tu_rel_err_ff(out, out_ref, 12) <= 1e-6,
           "NaN/Inf in a masked key and value do not leak (no-weights path)");
     /* the documented other half: NaN in an unmasked key reaches the rows that see it */
     kpm[2] = 0;
