@@ -714,7 +714,8 @@ static int mha__softmax_row(float *s, int n)
    micro-kernel reads them (A~: MR floats per k, B~: NR floats per k), so
    every transpose costs only a different copy loop and the kernel is one.
    Slivers at the matrix edge are zero-padded; their tile is computed into
-   a local MR x NR block and only the valid part is copied out.
+   a local MR x NR block and only the valid part is copied out.  A row-major
+   A that meets only a few B slivers (P V, 64 columns) is read in place.
    beta is applied with the first KC block (pc = 0) and then 1 is used, so
    it is applied exactly once; beta == 0 writes C without reading it.
    Every C element is summed over k in the same order whatever the thread
