@@ -701,7 +701,8 @@ static int mha__softmax_row(float *s, int n)
 /* =====================================================================
    GEMM
    C = alpha op(A) op(B) + beta C, in the BLIS structure: five loops around
-   an MR x NR register micro-kernel.
+   an MR x NR register micro-kernel (the B panel's columns are walked once
+   more in L2-sized chunks, jj, inside the fifth).
 
      for jc in steps of NC          columns of C and B      (B panel -> L3)
        for pc in steps of KC        the shared dimension    (pack B: KC x NC)
