@@ -44,6 +44,14 @@
      on a machine shared with other jobs run with OMP_WAIT_POLICY=passive
      (a waiting thread that spins on the core of a working one stalls it).
 
+   MEMORY
+     Called without attn_weights (NULL), attention is fused: an online
+     softmax over tiles of keys, so the workspace grows with L*E, never with
+     L^2 (mha_forward at L = 16384, E = 512, H = 8: about 16 MiB).  Asking
+     for the weights costs their [B, Lq, Lk] output and rows of scores per
+     thread.  Both paths agree to float32 rounding, and no result depends on
+     the thread count.
+
    ERRORS
      Every call returns an mha_status; mha_status_string() describes it.
      On any status other than MHA_OK no output has been written.
