@@ -44,6 +44,14 @@
      on a machine shared with other jobs run with OMP_WAIT_POLICY=passive
      (a waiting thread that spins on the core of a working one stalls it).
 
+   MEMORY
+     Called without attn_weights (NULL), attention is fused: an online
+     softmax over tiles of keys, so the workspace grows with L*E, never with
+     L^2 (mha_forward at L = 16384, E = 512, H = 8: about 16 MiB).  Asking
+     for the weights costs their [B, Lq, Lk] output and rows of scores per
+     thread.  Both paths agree to float32 rounding, and no result depends on
+     the thread count.
+
    ERRORS
      Every call returns an mha_status; mha_status_string() describes it.
      On any status other than MHA_OK no output has been written.
@@ -855,20 +863,23 @@ static int mha__softmax_row(float *s, int n)
 /* =====================================================================
    GEMM
    C = alpha op(A) op(B) + beta C, in the BLIS structure: five loops around
-   an MR x NR register micro-kernel.
+   an MR x NR register micro-kernel (the B panel's columns are walked once
+   more in L2-sized chunks, jj, inside the fifth).
 
      for jc in steps of NC          columns of C and B      (B panel -> L3)
        for pc in steps of KC        the shared dimension    (pack B: KC x NC)
          for ic in steps of MC      rows of C and A         (pack A: MC x KC -> L2)
-           for jr in steps of NR    one NR-wide sliver of packed B  (-> L1)
-             for ir in steps of MR  one MR-tall sliver of packed A
-               C[ir:+MR, jr:+NR] (=|+=) alpha * sum_p A~[:, p] B~[p, :]
+           for jj in steps of NC2   a chunk of the B panel  (-> L2)
+             for ir in steps of MR  one MR-tall sliver of packed A  (-> L1)
+               for jr in steps of NR  one NR-wide sliver of the chunk
+                 C[ir:+MR, jr:+NR] (=|+=) alpha * sum_p A~[:, p] B~[p, :]
 
    Packing copies op(A) and op(B) into slivers laid out in the order the
    micro-kernel reads them (A~: MR floats per k, B~: NR floats per k), so
    every transpose costs only a different copy loop and the kernel is one.
    Slivers at the matrix edge are zero-padded; their tile is computed into
-   a local MR x NR block and only the valid part is copied out.
+   a local MR x NR block and only the valid part is copied out.  A row-major
+   A that meets only a few B slivers (P V, 64 columns) is read in place.
    beta is applied with the first KC block (pc = 0) and then 1 is used, so
    it is applied exactly once; beta == 0 writes C without reading it.
    Every C element is summed over k in the same order whatever the thread
@@ -888,12 +899,16 @@ static int mha__softmax_row(float *s, int n)
 #define MHA__NRV 2
 #define MHA__FOR_I(X, Y) X(Y,0) X(Y,1) X(Y,2) X(Y,3) X(Y,4) X(Y,5) X(Y,6) X(Y,7)
 #define MHA__FOR_J(X, i) X(i,0) X(i,1)
-/* Measured best on a 48 KiB L1 / 2 MiB L2 core (see docs/performance.md):
-   a deep K block and a short A block, so the A block (128 KiB) and the
-   B sliver being used (64 KiB) both sit in L2 and the kernel streams them. */
+/* Measured on a 48 KiB L1 / 2 MiB L2 core (see docs/performance.md): a
+   deep K block (fewer passes over C); the A block and one NC2 chunk of the
+   B panel share L2, an A sliver (16 KiB) stays in L1 while it meets the
+   chunk's B slivers. */
 #define MHA__KC 512    /* KC x NR sliver of B: 64 KiB */
-#define MHA__MC 64     /* MC x KC block of A: 128 KiB, stays in L2 */
+#define MHA__MC 256    /* MC x KC block of A: 512 KiB, stays in L2 */
 #define MHA__NC 4096   /* KC x NC panel of B: 8 MiB, lives in L3 */
+#ifndef MHA__NC2
+#define MHA__NC2 256   /* KC x NC2 chunk of the panel: 512 KiB, stays in L2 */
+#endif
 #elif defined(MHA__SIMD_AVX2)
 /* 6 x 16: 12 ymm accumulators + 2 for B + 1 broadcast of A = 15 of 16 */
 #define MHA__MR 6
@@ -903,6 +918,7 @@ static int mha__softmax_row(float *s, int n)
 #define MHA__KC 256    /* KC x NR sliver of B: 16 KiB, stays in L1 */
 #define MHA__MC 144    /* MC x KC block of A: 144 KiB, stays in L2 */
 #define MHA__NC 4080   /* KC x NC panel of B: 4 MiB, lives in L3 */
+#define MHA__NC2 1024  /* KC x NC2 chunk of the panel: 1 MiB, stays in L2 */
 #elif defined(MHA__SIMD_NEON)
 /* 8 x 12: 24 of the 32 q registers accumulate, 3 hold B */
 #define MHA__MR 8
@@ -912,6 +928,7 @@ static int mha__softmax_row(float *s, int n)
 #define MHA__KC 256
 #define MHA__MC 128
 #define MHA__NC 4080
+#define MHA__NC2 504
 #else
 /* 4 x 4 scalars: 16 accumulators */
 #define MHA__MR 4
@@ -921,6 +938,7 @@ static int mha__softmax_row(float *s, int n)
 #define MHA__KC 256
 #define MHA__MC 128
 #define MHA__NC 2048
+#define MHA__NC2 512
 #endif
 #define MHA__NR (MHA__NRV * MHA__VW)
 /* k steps per loop trip.  With 16 registers (AVX2) a second copy of the
@@ -1104,7 +1122,7 @@ static void mha__kernel_rows(int kc, const float *a, size_t lda, const float *b,
 }
 #undef MHA__K_A
 
-/* The two inner loops over one A block (mc x kc) and packed B panel (kc x nc).
+/* The inner loops over one A block (mc x kc) and packed B panel (kc x nc).
    A is packed (lda_rows == 0), or the rows of a row-major A themselves,
    lda_rows apart; then a partial sliver at the bottom edge is packed into
    edge (MR x kc floats) so no row past the end is read.  */
@@ -1112,33 +1130,36 @@ static void mha__macro_kernel(int mc, int nc, int kc, float alpha, float beta,
                               const float *pa, size_t lda_rows, float *edge,
                               const float *pb, float *C, size_t ldc)
 {
-    int ir, jr;
-    for (jr = 0; jr < nc; jr += MHA__NR) {
-        int nr = mha__imin(MHA__NR, nc - jr);
-        const float *b = pb + (size_t)jr * kc;
-        for (ir = 0; ir < mc; ir += MHA__MR) {
+    int ir, jr, jj;
+    for (jj = 0; jj < nc; jj += MHA__NC2) {            /* a chunk of B that stays in L2 */
+        int jend = mha__imin(nc, jj + MHA__NC2);
+        for (ir = 0; ir < mc; ir += MHA__MR) {         /* one A sliver, kept in L1 */
             int mr = mha__imin(MHA__MR, mc - ir);
             const float *a = lda_rows ? pa + (size_t)ir * lda_rows : pa + (size_t)ir * kc;
-            float *c = C + (size_t)ir * ldc + jr;
-            if (mr == MHA__MR && nr == MHA__NR) {
-                if (lda_rows) mha__kernel_rows(kc, a, lda_rows, b, c, ldc, alpha, beta);
-                else          mha__kernel(kc, a, b, c, ldc, alpha, beta);
-            } else {    /* edge: full tile into t, copy out the valid mr x nr part */
-                float t[MHA__MR * MHA__NR];
-                int i, j;
-                if (!lda_rows) {
-                    mha__kernel(kc, a, b, t, MHA__NR, alpha, 0.0f);
-                } else if (mr == MHA__MR) {
-                    mha__kernel_rows(kc, a, lda_rows, b, t, MHA__NR, alpha, 0.0f);
-                } else {
-                    mha__pack_a(0, a, lda_rows, 0, mr, 0, kc, edge);
-                    mha__kernel(kc, edge, b, t, MHA__NR, alpha, 0.0f);
-                }
-                for (i = 0; i < mr; ++i) {
-                    float *ci = c + (size_t)i * ldc;
-                    const float *ti = t + i * MHA__NR;
-                    if (beta == 0.0f) for (j = 0; j < nr; ++j) ci[j] = ti[j];
-                    else              for (j = 0; j < nr; ++j) ci[j] = ti[j] + beta * ci[j];
+            size_t rows = lda_rows;
+            if (lda_rows && mr < MHA__MR) {             /* partial in-place sliver: pack it */
+                mha__pack_a(0, a, lda_rows, 0, mr, 0, kc, edge);
+                a = edge;
+                rows = 0;
+            }
+            for (jr = jj; jr < jend; jr += MHA__NR) {
+                int nr = mha__imin(MHA__NR, nc - jr);
+                const float *b = pb + (size_t)jr * kc;
+                float *c = C + (size_t)ir * ldc + jr;
+                if (mr == MHA__MR && nr == MHA__NR) {
+                    if (rows) mha__kernel_rows(kc, a, rows, b, c, ldc, alpha, beta);
+                    else      mha__kernel(kc, a, b, c, ldc, alpha, beta);
+                } else {    /* edge: full tile into t, copy out the valid mr x nr part */
+                    float t[MHA__MR * MHA__NR];
+                    int i, j;
+                    if (rows) mha__kernel_rows(kc, a, rows, b, t, MHA__NR, alpha, 0.0f);
+                    else      mha__kernel(kc, a, b, t, MHA__NR, alpha, 0.0f);
+                    for (i = 0; i < mr; ++i) {
+                        float *ci = c + (size_t)i * ldc;
+                        const float *ti = t + i * MHA__NR;
+                        if (beta == 0.0f) for (j = 0; j < nr; ++j) ci[j] = ti[j];
+                        else              for (j = 0; j < nr; ++j) ci[j] = ti[j] + beta * ci[j];
+                    }
                 }
             }
         }
