@@ -741,7 +741,12 @@ static inline mha__vf mha__vround(mha__vf v)
 }
 static inline mha__vf mha__vpow2i(mha__vf n)
 {
-    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    uint32_t bits;
+    /* a float-to-int cast of a value outside int (or of NaN) is undefined in C;
+       2^-127 encodes as 0 and 2^128 as +inf, so clamping keeps every result */
+    if (!(n >= -127.0f)) n = -127.0f;
+    if (n > 128.0f) n = 128.0f;
+    bits = (uint32_t)((int32_t)n + 127) << 23;
     float f;
     memcpy(&f, &bits, sizeof f);
     return f;
