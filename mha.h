@@ -52,6 +52,15 @@
      thread.  Both paths agree to float32 rounding, and no result depends on
      the thread count.
 
+   TRAINING (backward passes, docs/theory.md and docs/training.md)
+     mha_sdpa_backward / mha_backward give the gradients of the inputs and of
+     every weight in state_dict layout (mha_module_grad), recomputing the
+     attention probabilities instead of storing them.  mha_encoder_forward /
+     _backward implement nn.TransformerEncoderLayer (post- or pre-norm, ReLU or
+     GELU); plus layer norm, linear, embedding, positional encoding, cross-
+     entropy, SGD and AdamW steps, and a seeded RNG.  Backward calls ADD into
+     their gradient buffers, so zero them before a step.
+
    ERRORS
      Every call returns an mha_status; mha_status_string() describes it.
      On any status other than MHA_OK no output has been written.
