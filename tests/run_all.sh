@@ -103,6 +103,15 @@ for cfg in "${configs[@]}"; do
         if gcc -std=c99 $WARN -O1 -I. -DMHA_STATIC tests/link_a.c tests/link_b.c -o "$OUT/cxx/link_static" -lm 2>"$OUT/cxx/link_static.log"; then
             run_prog link-static "$OUT/cxx/link_static"
         else fail_one "[link-static] MHA_STATIC build does not link:"; head -20 "$OUT/cxx/link_static.log"; fi
+        # the examples must build warning-free with both compilers (make demo runs them)
+        for cc in gcc clang; do
+            for ex in examples/*.c; do
+                if $cc -std=c99 $WARN -O1 -I. $STB -fsyntax-only "$ex" 2>"$OUT/cxx/example.log"; then
+                    total_pass=$((total_pass + 1))
+                else fail_one "[examples] $cc: $ex does not build warning-free:"; head -10 "$OUT/cxx/example.log"; fi
+            done
+        done
+        note "[examples] examples/*.c build with gcc and clang, $WARN"
         # the benchmark is not run here, only kept compiling (without OpenBLAS)
         if gcc -std=c99 $WARN -O1 -fopenmp -I. bench/bench.c -o "$OUT/cxx/bench" -lm 2>"$OUT/cxx/bench.log"; then
             note "[bench] bench/bench.c compiles"
