@@ -50,7 +50,9 @@
      L^2 (mha_forward at L = 16384, E = 512, H = 8: about 16 MiB).  Asking
      for the weights costs their [B, Lq, Lk] output and rows of scores per
      thread.  Both paths agree to float32 rounding, and no result depends on
-     the thread count.
+     the thread count.  A module run many times can have its projection
+     weights packed once (mha_module_pack, m.packed): same results, and the
+     short sequences skip the per-call copy of Wq, Wk, Wv and Wo.
 
    TRAINING (backward passes, docs/theory.md and docs/training.md)
      mha_sdpa_backward / mha_backward give the gradients of the inputs and of
