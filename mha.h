@@ -1251,17 +1251,18 @@ static const float *mha__prepacked_at(const float *pp, int Ntot, int K, int col,
    pp: NULL, or B prepacked (mha__prepack_b of a W [Ntot, K], tb == 1); this
    call then multiplies by its columns col0..col0+N (col0 a multiple of NR)
    and packs no B.  Column blocks end where the prepacked ones do (multiples
-   of NC from column 0 of W), so each block is one contiguous panel.  */
+   of NC from column 0 of W), so each block is one contiguous panel.
+   rows_a: read a row-major A in place whatever N (see mha__linear).  */
 static void mha__gemm_pp(int ta, int tb, int M, int N, int K, float alpha,
                          const float *A, size_t lda, const float *B, size_t ldb,
                          float beta, float *C, size_t ldc, float *ws,
-                         const float *pp, int col0, int Ntot)
+                         const float *pp, int col0, int Ntot, int rows_a)
 {
     float *pb = ws, *pa = ws + mha__gemm_b_floats(N, K);
     int kcb = mha__gemm_kc(K), jc, pc, ic, jr, nc;
     /* a row-major A that meets at most 4 B slivers is read in place: packing
        it would cost about as much as the multiply-adds it feeds */
-    int direct_a = !ta && N <= 4 * MHA__NR;
+    int direct_a = !ta && (N <= 4 * MHA__NR || rows_a);
     if (M <= 0 || N <= 0 || K <= 0) return;
     for (jc = 0; jc < N; jc += nc) {
         nc = mha__imin(MHA__NC - (col0 + jc) % MHA__NC, N - jc);
@@ -1294,7 +1295,7 @@ static void mha__gemm(int ta, int tb, int M, int N, int K, float alpha,
                       const float *A, size_t lda, const float *B, size_t ldb,
                       float beta, float *C, size_t ldc, float *ws)
 {
-    mha__gemm_pp(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ws, NULL, 0, N);
+    mha__gemm_pp(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ws, NULL, 0, N, 0);
 }
 
 /* Below this many multiply-adds a GEMM runs on the calling thread alone:
@@ -1341,7 +1342,7 @@ static size_t mha__gemm_ws_floats_mt(int M, int N, int K, int nthreads)
 static void mha__gemm_mt_pp(int ta, int tb, int M, int N, int K, float alpha,
                             const float *A, size_t lda, const float *B, size_t ldb,
                             float beta, float *C, size_t ldc, float *ws, int nthreads,
-                            const float *pp)
+                            const float *pp, int rows_a)
 {
 #ifdef _OPENMP
     int split_m = 0, step = 0, nblk = 0, t;
@@ -1357,24 +1358,24 @@ static void mha__gemm_mt_pp(int ta, int tb, int M, int N, int K, float alpha,
             if (split_m) {    /* rows lo..hi of op(A) and C */
                 const float *a = ta ? A + lo : A + (size_t)lo * lda;
                 mha__gemm_pp(ta, tb, hi - lo, N, K, alpha, a, lda, B, ldb, beta,
-                             C + (size_t)lo * ldc, ldc, w, pp, 0, N);
+                             C + (size_t)lo * ldc, ldc, w, pp, 0, N, rows_a);
             } else {          /* columns lo..hi of op(B) and C (lo: a multiple of NR) */
                 const float *b = tb ? B + (size_t)lo * ldb : B + lo;
                 mha__gemm_pp(ta, tb, M, hi - lo, K, alpha, A, lda, b, ldb, beta, C + lo, ldc, w,
-                             pp, lo, N);
+                             pp, lo, N, rows_a);
             }
         }
         return;
     }
 #endif
     (void)nthreads;
-    mha__gemm_pp(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ws, pp, 0, N);
+    mha__gemm_pp(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ws, pp, 0, N, rows_a);
 }
 static void mha__gemm_mt(int ta, int tb, int M, int N, int K, float alpha,
                          const float *A, size_t lda, const float *B, size_t ldb,
                          float beta, float *C, size_t ldc, float *ws, int nthreads)
 {
-    mha__gemm_mt_pp(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ws, nthreads, NULL);
+    mha__gemm_mt_pp(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ws, nthreads, NULL, 0);
 }
 
 MHADEF size_t mha_gemm_workspace_size(int M, int N, int K)
@@ -2381,7 +2382,11 @@ static mha_status mha__packed_get(const mha_module *m, const float **pq, const f
 
 /* Y[rows, E] = X[rows, in] W^T + bias, W is [E, in] as PyTorch stores it.
    gws: mha__gemm_ws_floats_mt(rows, E, in, nthreads) floats.
-   pw: NULL, or W prepacked (mha__prepack_b of this whole W). */
+   pw: NULL, or W prepacked (mha__prepack_b of this whole W).
+   X is read in place, not packed: an MR-row sliver of it (MR x KC floats)
+   stays in L1 while it meets all E/NR slivers of W, and skipping its copy
+   made the forward at L = 128..512, E = 512 4-9% faster (AVX-512, measured
+   for docs/performance.md); the sums are the same as with a packed X.  */
 static void mha__linear(int rows, int in, int E, const float *X, const float *W,
                         const float *bias, float *Y, float *gws, int nthreads, const float *pw)
 {
@@ -2390,7 +2395,7 @@ static void mha__linear(int rows, int in, int E, const float *X, const float *W,
         for (r = 0; r < rows; ++r) memcpy(Y + (size_t)r * E, bias, (size_t)E * sizeof(float));
     }
     mha__gemm_mt_pp(0, 1, rows, E, in, 1.0f, X, (size_t)in, W, (size_t)in, bias ? 1.0f : 0.0f,
-                    Y, (size_t)E, gws, nthreads, pw);
+                    Y, (size_t)E, gws, nthreads, pw, 1);
 }
 
 /* The long-sequence forward (see MHA__BY_HEAD_FLOATS): for each head h,

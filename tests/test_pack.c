@@ -180,7 +180,7 @@ static void gemm_case(void)
     mha__gemm(0, 1, M, N, K, 0.5f, A, (size_t)K, W, (size_t)K, 0.25f, C0, (size_t)N, mha__align_ws(ws));
     for (i = 0; i < 2; ++i)
         mha__gemm_pp(0, 1, M, cut[i + 1] - cut[i], K, 0.5f, A, (size_t)K, W + (size_t)cut[i] * K,
-                     (size_t)K, 0.25f, C1 + cut[i], (size_t)N, mha__align_ws(ws), pw, cut[i], N);
+                     (size_t)K, 0.25f, C1 + cut[i], (size_t)N, mha__align_ws(ws), pw, cut[i], N, i);
     CHECK(memcmp(C0, C1, (size_t)M * N * sizeof(float)) == 0,
           "prepacked GEMM differs on column ranges (N %d, K %d)", N, K);
     free(A); free(W); free(C0); free(C1); free(pw); free(ws);
