@@ -2387,8 +2387,8 @@ static mha_status mha__packed_get(const mha_module *m, const float **pq, const f
    stays in L1 while it meets all E/NR slivers of W, and skipping its copy
    made the forward at L = 128..512, E = 512 4-9% faster (AVX-512, measured
    for docs/performance.md); the sums are the same as with a packed X.  */
-static void mha__linear(int rows, int in, int E, const float *X, const float *W,
-                        const float *bias, float *Y, float *gws, int nthreads, const float *pw)
+static void mha__linear_pp(int rows, int in, int E, const float *X, const float *W,
+                           const float *bias, float *Y, float *gws, int nthreads, const float *pw)
 {
     if (bias) {
         int r;
@@ -2396,6 +2396,11 @@ static void mha__linear(int rows, int in, int E, const float *X, const float *W,
     }
     mha__gemm_mt_pp(0, 1, rows, E, in, 1.0f, X, (size_t)in, W, (size_t)in, bias ? 1.0f : 0.0f,
                     Y, (size_t)E, gws, nthreads, pw, 1);
+}
+static void mha__linear(int rows, int in, int E, const float *X, const float *W,
+                        const float *bias, float *Y, float *gws, int nthreads)
+{
+    mha__linear_pp(rows, in, E, X, W, bias, Y, gws, nthreads, NULL);
 }
 
 /* The long-sequence forward (see MHA__BY_HEAD_FLOATS): for each head h,
@@ -2429,18 +2434,18 @@ static void mha__forward_by_head(const mha_module *m, const mha__fwd_layout *L, 
         const float *bvh = bv ? bv + (size_t)h * D : NULL;
         /* 1. Q_h = Xq Wq[hD:(h+1)D, :]^T + bq_h; K_h, V_h likewise, with the
               appended bias_k / zero rows after each batch's Lk keys */
-        mha__linear(B * Lq, E, D, query, wq + (size_t)h * D * E, bqh, qp, scratch, nt, NULL);
+        mha__linear(B * Lq, E, D, query, wq + (size_t)h * D * E, bqh, qp, scratch, nt);
         if (Lke == Lk) {
-            mha__linear(B * Lk, L->kdim, D, key, wk + (size_t)h * D * L->kdim, bkh, kp, scratch, nt, NULL);
-            mha__linear(B * Lk, L->vdim, D, value, wv + (size_t)h * D * L->vdim, bvh, vp, scratch, nt, NULL);
+            mha__linear(B * Lk, L->kdim, D, key, wk + (size_t)h * D * L->kdim, bkh, kp, scratch, nt);
+            mha__linear(B * Lk, L->vdim, D, value, wv + (size_t)h * D * L->vdim, bvh, vp, scratch, nt);
         } else {
             for (b = 0; b < B; ++b) {
                 float *kb = kp + (size_t)b * Lke * D, *vb = vp + (size_t)b * Lke * D;
                 r = Lk;
                 mha__linear(Lk, L->kdim, D, key + (size_t)b * Lk * L->kdim, wk + (size_t)h * D * L->kdim,
-                            bkh, kb, scratch, nt, NULL);
+                            bkh, kb, scratch, nt);
                 mha__linear(Lk, L->vdim, D, value + (size_t)b * Lk * L->vdim, wv + (size_t)h * D * L->vdim,
-                            bvh, vb, scratch, nt, NULL);
+                            bvh, vb, scratch, nt);
                 if (m->bias_k) {
                     memcpy(kb + (size_t)r * D, m->bias_k + (size_t)h * D, (size_t)D * sizeof(float));
                     memcpy(vb + (size_t)r * D, m->bias_v + (size_t)h * D, (size_t)D * sizeof(float));
@@ -2510,16 +2515,16 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
        columns in every head, i.e. one zero row before the split). */
     extra = L.Lk_eff - Lk;
     if (extra == 0) {
-        mha__linear(B * Lk, L.kdim, E, key, wk, bk, kp, scratch, mha__max_threads(opt), pk);
-        mha__linear(B * Lk, L.vdim, E, value, wv, bv, vp, scratch, mha__max_threads(opt), pv);
+        mha__linear_pp(B * Lk, L.kdim, E, key, wk, bk, kp, scratch, mha__max_threads(opt), pk);
+        mha__linear_pp(B * Lk, L.vdim, E, value, wv, bv, vp, scratch, mha__max_threads(opt), pv);
     } else {
         for (b = 0; b < B; ++b) {
             float *kb = kp + (size_t)b * L.Lk_eff * E, *vb = vp + (size_t)b * L.Lk_eff * E;
             int r = Lk;
-            mha__linear(Lk, L.kdim, E, key + (size_t)b * Lk * L.kdim, wk, bk, kb, scratch,
-                        mha__max_threads(opt), pk);
-            mha__linear(Lk, L.vdim, E, value + (size_t)b * Lk * L.vdim, wv, bv, vb, scratch,
-                        mha__max_threads(opt), pv);
+            mha__linear_pp(Lk, L.kdim, E, key + (size_t)b * Lk * L.kdim, wk, bk, kb, scratch,
+                           mha__max_threads(opt), pk);
+            mha__linear_pp(Lk, L.vdim, E, value + (size_t)b * Lk * L.vdim, wv, bv, vb, scratch,
+                           mha__max_threads(opt), pv);
             if (m->bias_k) {
                 memcpy(kb + (size_t)r * E, m->bias_k, (size_t)E * sizeof(float));
                 memcpy(vb + (size_t)r * E, m->bias_v, (size_t)E * sizeof(float));
@@ -2550,7 +2555,7 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
             rows = a.nb * a.nq;
 
             /* 2. Q = Xq Wq^T + bq for the chunk's rows */
-            mha__linear(rows, E, E, query + first, wq, bq, qp, scratch, a.nthreads, pq);
+            mha__linear_pp(rows, E, E, query + first, wq, bq, qp, scratch, a.nthreads, pq);
 
             /* 3. attention per (batch, head) on the head-interleaved [rows, E]
                layout; each head's context overwrites that head's Q columns,
@@ -2564,8 +2569,8 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
             mha__attend_all(&a, scratch, L.per_thread);
 
             /* 4. output projection: out = concat_h(O_h) Wo^T + bo */
-            mha__linear(rows, E, E, qp, m->out_proj_weight, m->out_proj_bias, out + first, scratch,
-                        a.nthreads, po);
+            mha__linear_pp(rows, E, E, qp, m->out_proj_weight, m->out_proj_bias, out + first, scratch,
+                           a.nthreads, po);
         }
     }
 
