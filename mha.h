@@ -2385,8 +2385,8 @@ static mha_status mha__packed_get(const mha_module *m, const float **pq, const f
    pw: NULL, or W prepacked (mha__prepack_b of this whole W).
    X is read in place, not packed: an MR-row sliver of it (MR x KC floats)
    stays in L1 while it meets all E/NR slivers of W, and skipping its copy
-   made the forward at L = 128..512, E = 512 4-9% faster (AVX-512, measured
-   for docs/performance.md); the sums are the same as with a packed X.  */
+   made the forward at L = 128..512, E = 512 2-5% faster (AVX-512, one
+   thread, CPU time, alternating runs); the sums are those of a packed X.  */
 static void mha__linear_pp(int rows, int in, int E, const float *X, const float *W,
                            const float *bias, float *Y, float *gws, int nthreads, const float *pw)
 {
