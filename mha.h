@@ -235,8 +235,9 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
                               void *workspace, size_t workspace_bytes);
 
 /* Prepacked weights (optional).  mha_forward multiplies by Wq, Wk, Wv and Wo
-   through the GEMM's packed panels; normally it packs them on every call, which
-   at L <= 512 is a sixth of the time.  mha_module_pack stores them once, in
+   through the GEMM's packed panels; normally it packs them on every call
+   (at E = 512 about 9% of a forward at L = 128, 1-2% at 1024 query rows and
+   more; see docs/performance.md).  mha_module_pack stores them once, in
    the panel order of this build's micro-kernel, into the caller's buffer of
    mha_module_pack_size bytes (any address aligned for float; malloc is fine).
    Set m->packed = buf, and mha_forward reads the panels instead of packing:
