@@ -5,7 +5,9 @@
      1. mha_forward, E = 512, H = 8, self attention, (B, L) as in the speed
         issue: fused (no weights) and unfused (head-averaged weights), 1 and
         2 threads; ms, GFLOP/s, peak RSS, and PyTorch's time for the same
-        call (bench/torch_mha.py) as a ratio torch_ms / mha_ms.
+        call (bench/torch_mha.py) as a ratio torch_ms / mha_ms.  Rows
+        "+packed" run the same call on a module whose weights were packed
+        once beforehand (mha_module_pack, not timed).
      2. the attention core alone (mha_sdpa, 8 heads of 64, fused).
      3. long sequences: L = 16384 (E 512, H 8) and L = 65536 (one head of 64):
         peak RSS against the bytes of the inputs and outputs.
@@ -76,6 +78,7 @@ typedef struct result {
 typedef struct job {
     int sdpa;               /* 1: mha_sdpa on [B,H,L,D]; 0: mha_forward */
     int B, L, E, H, threads, fused;
+    int packed;             /* mha_forward on a module packed with mha_module_pack */
     double min_time;        /* seconds of timed runs to aim for */
     int max_reps;
 } job;
@@ -89,7 +92,7 @@ static result run_job(const job *jb)
     size_t nx = (size_t)B * L * E, nw = jb->fused ? 0 : (size_t)B * (jb->sdpa ? H : 1) * L * L;
     size_t wsb = 0;
     float *x, *k = NULL, *v = NULL, *out, *w = NULL, *w_in = NULL, *b_in = NULL, *w_out = NULL, *b_out = NULL;
-    void *ws;
+    void *ws, *pk = NULL;
     mha_module m;
     mha_options opt;
     double t_start;
@@ -118,6 +121,13 @@ static result run_job(const job *jb)
         m.embed_dim = E; m.num_heads = H;
         m.in_proj_weight = w_in; m.in_proj_bias = b_in; m.out_proj_weight = w_out; m.out_proj_bias = b_out;
         if (mha_forward_workspace_size(&m, B, L, L, &opt, !jb->fused, &wsb) != MHA_OK) return r;
+        if (jb->packed) {   /* once, like a model that is loaded once and run many times */
+            size_t pkb = 0;
+            if (mha_module_pack_size(&m, &pkb) != MHA_OK || !(pk = malloc(pkb)) ||
+                mha_module_pack(&m, pk, pkb) != MHA_OK)
+                return r;
+            m.packed = pk;
+        }
         r.io_mib = ((double)nx + nx + nw + 4.0 * E * E + 4.0 * E) * sizeof(float) / 1048576.0;
     }
     ws = malloc(wsb);
@@ -225,25 +235,26 @@ int main(int argc, char **argv)
            E_DIM, N_HEADS);
     printf("   fused = no weights (torch need_weights=False), unfused = averaged weights (need_weights=True)\n");
     printf("   1 thread: CPU time, 2 threads: wall clock; 2t/1t = speed-up of the 2-thread row\n");
-    printf("%-9s %-7s %3s %9s %8s %6s %9s %9s %7s\n", "B,L", "path", "thr", "ms", "GFLOP/s", "2t/1t",
+    printf("%-9s %-14s %3s %9s %8s %6s %9s %9s %7s\n", "B,L", "path", "thr", "ms", "GFLOP/s", "2t/1t",
            "peak MiB", "torch ms", "ratio");
     for (s = 0; s < NSHAPES; ++s)
-        for (f = 1; f >= 0; --f) {
+        for (f = 3; f >= 0; --f) {   /* fused+packed, fused, unfused+packed, unfused */
             double ms1 = 0;
+            const char *path = f == 3 ? "fused+packed" : f == 2 ? "fused" : f == 1 ? "unfused+packed" : "unfused";
             for (t = 1; t <= 2; ++t) {
                 job jb;
                 result r;
                 char shape[32], speedup[16];
-                double tm = torch_ms[s][t - 1][!f];
+                double tm = torch_ms[s][t - 1][f < 2];
                 memset(&jb, 0, sizeof jb);
                 jb.B = shapes[s][0]; jb.L = shapes[s][1]; jb.E = E_DIM; jb.H = N_HEADS;
-                jb.threads = t; jb.fused = f; jb.min_time = 0.5; jb.max_reps = 30;
+                jb.threads = t; jb.fused = f >= 2; jb.packed = f % 2; jb.min_time = 0.5; jb.max_reps = 30;
                 r = run_forked(&jb);
                 snprintf(shape, sizeof shape, "%d,%d", jb.B, jb.L);
-                if (!r.ok) { printf("%-9s %-7s %3d  failed\n", shape, f ? "fused" : "unfused", t); continue; }
+                if (!r.ok) { printf("%-9s %-14s %3d  failed\n", shape, path, t); continue; }
                 if (t == 1) { ms1 = r.ms; snprintf(speedup, sizeof speedup, "-"); }
                 else snprintf(speedup, sizeof speedup, "%.2fx", ms1 / r.ms);
-                printf("%-9s %-7s %3d %9.3f %8.1f %6s %9.1f", shape, f ? "fused" : "unfused", t, r.ms,
+                printf("%-9s %-14s %3d %9.3f %8.1f %6s %9.1f", shape, path, t, r.ms,
                        mha_flops(jb.B, jb.L, jb.E) / (r.ms * 1e6), speedup, r.rss_mib);
                 if (tm > 0) printf(" %9.3f %6.2fx\n", tm, tm / r.ms);
                 else printf(" %9s %7s\n", "-", "-");
