@@ -2143,29 +2143,40 @@ static void mha__fwd_chunks(int B, int Lq, int need_weights, int *chunk_b, int *
     *chunk_b = rows / Lq < B ? rows / Lq : B;
 }
 
-static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
-                                const mha_options *opt, int need_weights, mha__fwd_layout *L)
+/* The checks every module call shares (forward and backward): pointers,
+   sizes, E % H, the weight combination; fills E, H, D = E/H, kdim and vdim
+   (0 means E) and Lk_eff = Lk + appended keys.  */
+static mha_status mha__check_module(const mha_module *m, int B, int Lq, int Lk, int *E, int *H,
+                                    int *D, int *kdim, int *vdim, int *Lk_eff)
 {
-    size_t n, cur = 0, scratch;
-    mha_status st;
     if (!m) return MHA_ERR_NULL_POINTER;
     if (m->embed_dim <= 0 || m->num_heads <= 0 || m->kdim < 0 || m->vdim < 0 ||
         B <= 0 || Lq <= 0 || Lk <= 0)
         return MHA_ERR_INVALID_SIZE;
     if (m->embed_dim % m->num_heads != 0) return MHA_ERR_HEADS_DIVIDE;
-    L->E = m->embed_dim; L->H = m->num_heads; L->D = L->E / L->H;
-    L->kdim = m->kdim ? m->kdim : L->E;
-    L->vdim = m->vdim ? m->vdim : L->E;
+    *E = m->embed_dim; *H = m->num_heads; *D = *E / *H;
+    *kdim = m->kdim ? m->kdim : *E;
+    *vdim = m->vdim ? m->vdim : *E;
     if (!m->out_proj_weight) return MHA_ERR_NULL_POINTER;
     if (m->in_proj_weight) {
-        if (L->kdim != L->E || L->vdim != L->E) return MHA_ERR_INVALID_ARGUMENT;
+        if (*kdim != *E || *vdim != *E) return MHA_ERR_INVALID_ARGUMENT;
     } else if (!m->q_proj_weight || !m->k_proj_weight || !m->v_proj_weight) {
         return MHA_ERR_NULL_POINTER;
     }
     if ((m->bias_k == NULL) != (m->bias_v == NULL)) return MHA_ERR_INVALID_ARGUMENT;
     if (m->add_zero_attn != 0 && m->add_zero_attn != 1) return MHA_ERR_INVALID_ARGUMENT;
     if (Lk > INT_MAX - 2) return MHA_ERR_OVERFLOW;
-    L->Lk_eff = Lk + (m->bias_k != NULL) + m->add_zero_attn;
+    *Lk_eff = Lk + (m->bias_k != NULL) + m->add_zero_attn;
+    return MHA_OK;
+}
+
+static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
+                                const mha_options *opt, int need_weights, mha__fwd_layout *L)
+{
+    size_t n, cur = 0, scratch;
+    mha_status st;
+    st = mha__check_module(m, B, Lq, Lk, &L->E, &L->H, &L->D, &L->kdim, &L->vdim, &L->Lk_eff);
+    if (st != MHA_OK) return st;
 
     /* GEMM row counts (B*L) are ints; tensor byte counts must fit size_t */
     if ((size_t)B * (size_t)Lq > INT_MAX || (size_t)B * (size_t)L->Lk_eff > INT_MAX)
@@ -2842,24 +2853,8 @@ static mha_status mha__bwd_plan(const mha_module *m, int B, int Lq, int Lk,
     size_t n, cur = 0, g, t, nk;
     int widest;
     mha_status st;
-    if (!m) return MHA_ERR_NULL_POINTER;
-    if (m->embed_dim <= 0 || m->num_heads <= 0 || m->kdim < 0 || m->vdim < 0 ||
-        B <= 0 || Lq <= 0 || Lk <= 0)
-        return MHA_ERR_INVALID_SIZE;
-    if (m->embed_dim % m->num_heads != 0) return MHA_ERR_HEADS_DIVIDE;
-    L->E = m->embed_dim; L->H = m->num_heads; L->D = L->E / L->H;
-    L->kdim = m->kdim ? m->kdim : L->E;
-    L->vdim = m->vdim ? m->vdim : L->E;
-    if (!m->out_proj_weight) return MHA_ERR_NULL_POINTER;
-    if (m->in_proj_weight) {
-        if (L->kdim != L->E || L->vdim != L->E) return MHA_ERR_INVALID_ARGUMENT;
-    } else if (!m->q_proj_weight || !m->k_proj_weight || !m->v_proj_weight) {
-        return MHA_ERR_NULL_POINTER;
-    }
-    if ((m->bias_k == NULL) != (m->bias_v == NULL)) return MHA_ERR_INVALID_ARGUMENT;
-    if (m->add_zero_attn != 0 && m->add_zero_attn != 1) return MHA_ERR_INVALID_ARGUMENT;
-    if (Lk > INT_MAX - 2) return MHA_ERR_OVERFLOW;
-    L->Lk_eff = Lk + (m->bias_k != NULL) + m->add_zero_attn;
+    st = mha__check_module(m, B, Lq, Lk, &L->E, &L->H, &L->D, &L->kdim, &L->vdim, &L->Lk_eff);
+    if (st != MHA_OK) return st;
     widest = L->E;
     if (L->kdim > widest) widest = L->kdim;
     if (L->vdim > widest) widest = L->vdim;
