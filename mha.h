@@ -803,11 +803,11 @@ static inline void mha__vtranspose(mha__vf *r) { (void)r; }   /* 1 x 1 */
    so exp(-inf) = 0; above MHA__EXP_HI it is +inf; NaN gives NaN.  */
 #define MHA__EXP_LO (-87.3365402f)   /* smallest float with exp(x) >= FLT_MIN */
 #define MHA__EXP_HI 88.7228317f      /* largest float with exp(x) <= FLT_MAX  */
-static inline mha__vf mha__vexp(mha__vf x)
+/* The shared core: for a finite xc, returns exp(r) and sets *n, where
+   xc = n ln2 + r.  Both exp variants below are this plus their own 2^n. */
+static inline mha__vf mha__vexp_core(mha__vf xc, mha__vf *n_out)
 {
-    const mha__vf lo = mha__vset1(MHA__EXP_LO), hi = mha__vset1(MHA__EXP_HI);
-    mha__vf xc, n, r, p, half;
-    xc = mha__vmax(mha__vmin(x, hi), lo);                 /* keep the arithmetic finite */
+    mha__vf n, r, p;
     n = mha__vround(mha__vmul(xc, mha__vset1(1.44269502f)));   /* x * log2(e) */
     r = mha__vfma(xc, n, mha__vset1(-0.693359375f));          /* x - n*C1, exact */
     r = mha__vfma(r, n, mha__vset1(2.12194442e-4f));          /* - n*C2, C1 + C2 = ln 2 */
@@ -819,6 +819,14 @@ static inline mha__vf mha__vexp(mha__vf x)
     p = mha__vfma(mha__vset1(0.5f), p, r);                     /* 1/2! */
     p = mha__vfma(mha__vset1(1.0f), p, r);
     p = mha__vfma(mha__vset1(1.0f), p, r);                     /* 1 + r + r^2/2 + ... */
+    *n_out = n;
+    return p;
+}
+static inline mha__vf mha__vexp(mha__vf x)
+{
+    const mha__vf lo = mha__vset1(MHA__EXP_LO), hi = mha__vset1(MHA__EXP_HI);
+    mha__vf n, p, half;
+    p = mha__vexp_core(mha__vmax(mha__vmin(x, hi), lo), &n);   /* clamped: arithmetic stays finite */
     half = mha__vround(mha__vmul(n, mha__vset1(0.5f)));
     half = mha__vsel(mha__vgt(half, mha__vmul(n, mha__vset1(0.5f))),
                      mha__vsub(half, mha__vset1(1.0f)), half);  /* floor(n/2) */
@@ -1619,22 +1627,8 @@ static void mha__attend_rows(const mha__attn *a, int b, int i0, int nr, float *s
 #define MHA__EXP_ZERO (-88.0f)
 static inline mha__vf mha__vexp_nonpos(mha__vf x)
 {
-    mha__vf xc = mha__vmax(mha__vset1(MHA__EXP_ZERO), x), n, r, p;
-    n = mha__vround(mha__vmul(xc, mha__vset1(1.44269502f)));
-    r = mha__vfma(xc, n, mha__vset1(-0.693359375f));
-    r = mha__vfma(r, n, mha__vset1(2.12194442e-4f));
-    p = mha__vset1(1.98412701e-4f);
-    p = mha__vfma(mha__vset1(1.38888892e-3f), p, r);
-    p = mha__vfma(mha__vset1(8.33333377e-3f), p, r);
-    p = mha__vfma(mha__vset1(4.16666679e-2f), p, r);
-    p = mha__vfma(mha__vset1(1.66666672e-1f), p, r);
-    p = mha__vfma(mha__vset1(0.5f), p, r);
-    p = mha__vfma(mha__vset1(1.0f), p, r);
-    p = mha__vfma(mha__vset1(1.0f), p, r);
-#ifdef MHA__SIMD_SCALAR
-    if (n != n) n = 0.0f;   /* a NaN to int cast is undefined in C; p is NaN already */
-#endif
-    return mha__vmul(p, mha__vpow2i(n));
+    mha__vf n, p = mha__vexp_core(mha__vmax(mha__vset1(MHA__EXP_ZERO), x), &n);
+    return mha__vmul(p, mha__vpow2i(n));   /* (the scalar vpow2i clamps NaN/inf n) */
 }
 
 /* Sizes of the fused path's buffers, in floats.  Key tiles hold MHA__FBC

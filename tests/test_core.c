@@ -158,8 +158,7 @@ static void ref_mha(const mha_module *m, int B, int Lq, int Lk, const float *que
 typedef struct {
     float *w_in, *b_in, *wq, *wk, *wv, *w_out, *b_out, *bias_k, *bias_v;
     float *query, *key, *value;
-    unsigned char *am_bool, *kpm_bool;
-    float *am_float, *kpm_float;
+    void *am, *kpm;   /* mask data: unsigned char[] or float[] by kind */
 } case_bufs;
 
 static float *alloc_fill(tu_rng *r, size_t n, float amp)
@@ -173,7 +172,7 @@ static void free_bufs(case_bufs *c)
 {
     free(c->w_in); free(c->b_in); free(c->wq); free(c->wk); free(c->wv); free(c->w_out);
     free(c->b_out); free(c->bias_k); free(c->bias_v); free(c->query); free(c->key); free(c->value);
-    free(c->am_bool); free(c->kpm_bool); free(c->am_float); free(c->kpm_float);
+    free(c->am); free(c->kpm);
     memset(c, 0, sizeof *c);
 }
 
@@ -192,6 +191,20 @@ static void fill_float_mask(tu_rng *r, float *m, size_t n)
     for (i = 0; i < n; ++i) {
         unsigned v = tu_next(r) % 10;
         m[i] = v == 0 ? -INFINITY : tu_uniform(r) * 2.0f;
+    }
+}
+
+/* n mask entries of the given kind (bool: density_pct % blocked), malloc'ed */
+static void *random_mask(tu_rng *r, int kind, size_t n, int density_pct)
+{
+    if (kind == MHA_MASK_FLOAT) {
+        float *f = (float *)malloc(n * sizeof(float));
+        fill_float_mask(r, f, n);
+        return f;
+    } else {
+        unsigned char *u = (unsigned char *)malloc(n);
+        fill_bool_mask(r, u, n, kind == MHA_MASK_BOOL_KEEP, density_pct);
+        return u;
     }
 }
 
@@ -253,30 +266,14 @@ static void run_case(tu_rng *r, int B, int Lq, int Lk, int E, int H, int kdim, i
         if (am_ndim == 2) { o.attn_mask.shape[0] = Lq; o.attn_mask.shape[1] = Lk; }
         else if (am_ndim == 3) { o.attn_mask.shape[0] = B * H; o.attn_mask.shape[1] = Lq; o.attn_mask.shape[2] = Lk; }
         else { o.attn_mask.shape[0] = B; o.attn_mask.shape[1] = H; o.attn_mask.shape[2] = Lq; o.attn_mask.shape[3] = Lk; }
-        if (am_kind == MHA_MASK_FLOAT) {
-            c.am_float = (float *)malloc(n * sizeof(float));
-            fill_float_mask(r, c.am_float, n);
-            o.attn_mask.data = c.am_float;
-        } else {
-            c.am_bool = (unsigned char *)malloc(n);
-            fill_bool_mask(r, c.am_bool, n, am_kind == MHA_MASK_BOOL_KEEP, 25);
-            o.attn_mask.data = c.am_bool;
-        }
+        o.attn_mask.data = c.am = random_mask(r, am_kind, n, 25);
     }
     if (kpm_kind != MHA_MASK_NONE) {
         size_t n = (size_t)B * Lk;
         o.key_padding_mask.kind = (mha_mask_kind)kpm_kind;
         o.key_padding_mask.ndim = 2;
         o.key_padding_mask.shape[0] = B; o.key_padding_mask.shape[1] = Lk;
-        if (kpm_kind == MHA_MASK_FLOAT) {
-            c.kpm_float = (float *)malloc(n * sizeof(float));
-            fill_float_mask(r, c.kpm_float, n);
-            o.key_padding_mask.data = c.kpm_float;
-        } else {
-            c.kpm_bool = (unsigned char *)malloc(n);
-            fill_bool_mask(r, c.kpm_bool, n, kpm_kind == MHA_MASK_BOOL_KEEP, 20);
-            o.key_padding_mask.data = c.kpm_bool;
-        }
+        o.key_padding_mask.data = c.kpm = random_mask(r, kpm_kind, n, 20);
     }
     o.causal = causal;
     o.causal_align = (mha_causal_align)align;
@@ -385,14 +382,7 @@ static void test_random_sdpa(void)
             opt.attn_mask.ndim = four ? 4 : 2;
             if (four) { opt.attn_mask.shape[0] = B; opt.attn_mask.shape[1] = H; opt.attn_mask.shape[2] = Lq; opt.attn_mask.shape[3] = Lk; }
             else { opt.attn_mask.shape[0] = Lq; opt.attn_mask.shape[1] = Lk; }
-            if (opt.attn_mask.kind == MHA_MASK_FLOAT) {
-                mask = malloc(nm * sizeof(float));
-                fill_float_mask(&r, (float *)mask, nm);
-            } else {
-                mask = malloc(nm);
-                fill_bool_mask(&r, (unsigned char *)mask, nm, opt.attn_mask.kind == MHA_MASK_BOOL_KEEP, 30);
-            }
-            opt.attn_mask.data = mask;
+            opt.attn_mask.data = mask = random_mask(&r, opt.attn_mask.kind, nm, 30);
         }
         opt.causal = (tu_next(&r) % 3) == 0;
         opt.causal_align = (mha_causal_align)(tu_next(&r) & 1);

@@ -35,6 +35,20 @@ static int is_mask(const unsigned char *c)
            (c[0] == MHA_HEATMAP_HATCH_R && c[1] == MHA_HEATMAP_HATCH_G && c[2] == MHA_HEATMAP_HATCH_B);
 }
 static int is_white(const unsigned char *c) { return c[0] == 255 && c[1] == 255 && c[2] == 255; }
+/* bounding box of every non-white pixel (x1 < x0 when there is none) */
+static void ink_box(const image *im, int *x0, int *x1, int *y0, int *y1)
+{
+    int x, y;
+    *x0 = im->w; *x1 = -1; *y0 = im->h; *y1 = -1;
+    for (y = 0; y < im->h; ++y)
+        for (x = 0; x < im->w; ++x)
+            if (!is_white(px(im, x, y))) {
+                if (x < *x0) *x0 = x;
+                if (x > *x1) *x1 = x;
+                if (y < *y0) *y0 = y;
+                if (y > *y1) *y1 = y;
+            }
+}
 /* text ink is dark grey; nothing else the renderer draws on white is that dark and neutral */
 static int is_ink(const unsigned char *c) { return c[0] < 128 && c[0] == c[1] && c[1] == c[2]; }
 
@@ -366,31 +380,16 @@ static void test_text(void)
     static unsigned char rgb[W * Hh * 3];
     static const unsigned char black[3] = {0, 0, 0};
     image im = {rgb, W, Hh};
-    int x, y, x0 = W, x1 = -1, y0 = Hh, y1 = -1, w2 = mha_heatmap_text_width("HH", 2);
+    int x0, x1, y0, y1, w2 = mha_heatmap_text_width("HH", 2);
     memset(rgb, 255, sizeof rgb);
     mha_heatmap_text(rgb, W, Hh, 10, 20, "HH", 2, 0, black);
-    for (y = 0; y < Hh; ++y)
-        for (x = 0; x < W; ++x)
-            if (!is_white(px(&im, x, y))) {
-                if (x < x0) x0 = x;
-                if (x > x1) x1 = x;
-                if (y < y0) y0 = y;
-                if (y > y1) y1 = y;
-            }
+    ink_box(&im, &x0, &x1, &y0, &y1);
     CHECK(x0 == 10 && y0 == 20, "text starts at its origin: %d,%d", x0, y0);
     CHECK(x1 + 1 - x0 == w2, "ink width %d, reported %d", x1 + 1 - x0, w2);
     CHECK(y1 + 1 - y0 == 14, "capitals are 7 units high: %d", y1 + 1 - y0);
     memset(rgb, 255, sizeof rgb);
-    x0 = W; x1 = -1; y0 = Hh; y1 = -1;
     mha_heatmap_text(rgb, W, Hh, 10, 100, "HH", 2, 1, black);
-    for (y = 0; y < Hh; ++y)
-        for (x = 0; x < W; ++x)
-            if (!is_white(px(&im, x, y))) {
-                if (x < x0) x0 = x;
-                if (x > x1) x1 = x;
-                if (y < y0) y0 = y;
-                if (y > y1) y1 = y;
-            }
+    ink_box(&im, &x0, &x1, &y0, &y1);
     CHECK(x0 == 10 && x1 + 1 - x0 == 14, "rotated: glyph height across, x %d..%d", x0, x1);
     CHECK(y1 == 99 && y1 + 1 - y0 == w2, "rotated: text runs up from the origin, y %d..%d", y0, y1);
     /* bytes outside printable ASCII draw as '?', never read outside the font */
