@@ -111,12 +111,18 @@ extern "C" {
     X(MHA_OK,                      "success")                                          \
     X(MHA_ERR_NULL_POINTER,        "a required pointer argument is NULL")              \
     X(MHA_ERR_INVALID_SIZE,        "a size argument is zero or negative")              \
-    X(MHA_ERR_HEADS_DIVIDE,        "embed_dim is not divisible by num_heads")          \
+    X(MHA_ERR_HEADS_DIVIDE,        "embed_dim is not divisible by num_heads, or num_heads by num_kv_heads") \
     X(MHA_ERR_OVERFLOW,            "the sizes are too large: a size product overflows")\
     X(MHA_ERR_MASK_SHAPE,          "a mask's shape does not fit the attention shape")  \
     X(MHA_ERR_INVALID_ARGUMENT,    "an argument has an invalid value (enum, flag or weight combination)") \
     X(MHA_ERR_WORKSPACE_TOO_SMALL, "the workspace is smaller than the *_workspace_size call asked for") \
-    X(MHA_ERR_OUT_OF_MEMORY,       "MHA_MALLOC returned NULL")
+    X(MHA_ERR_OUT_OF_MEMORY,       "MHA_MALLOC returned NULL")                         \
+    X(MHA_ERR_PACK_MISMATCH,       "the packed buffer was made for another module shape, layout or build") \
+    X(MHA_ERR_STALE,               "the weights changed after the plan or pack was made: make it again") \
+    X(MHA_ERR_BAD_ENUM,            "an enum argument holds a value outside its range") \
+    X(MHA_ERR_MISALIGNED,          "a buffer is not aligned as the call requires")    \
+    X(MHA_ERR_EXCEEDS_PLAN,        "the run's sizes exceed what its plan was made for") \
+    X(MHA_ERR_CAPACITY,            "the KV cache has no room for the tokens being appended")
 
 typedef enum mha_status {
 #define MHA__ENUM(name, msg) name,
