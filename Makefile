@@ -20,7 +20,7 @@ help:
 	@echo "make test   - every test under scalar, AVX2, clang, ASan+UBSan, NEON (qemu), C++"
 	@echo "make bench  - GEMM and attention benchmarks against OpenBLAS and PyTorch"
 	@echo "make deps   - install the Debian packages the tests need (root, apt-get)"
-	@echo "make golden - regenerate tests/golden/*.bin with PyTorch (python3-torch)"
+	@echo "make golden - regenerate tests/golden/*.bin and tests/data/safetensors with PyTorch (python3-torch)"
 
 # Install what is missing; as non-root, print the exact command instead.
 define need_pkgs
@@ -99,6 +99,7 @@ golden:
 	$(call need_pkgs,$(DEPS_GOLD))
 	/usr/bin/python3 tests/gen_golden.py
 	/usr/bin/python3 tests/gen_golden_train.py
+	/usr/bin/python3 tests/gen_safetensors.py
 
 $(BUILD):
 	mkdir -p $@

@@ -1,0 +1,936 @@
+/* safetensors.h - read PyTorch weights saved as .safetensors.      v0.1.0
+
+   A companion of mha.h: open a .safetensors file (from memory, or a file
+   that is memory-mapped where the system allows it), find tensors by their
+   state_dict name, convert F32, F16, BF16 and F64 to float32 (or float64),
+   and fill an mha_module or mha_encoder_layer from a state_dict prefix.
+   Strict: every way a file can be wrong is refused with its own message.
+
+   BUILD
+     In exactly one C or C++ file, after (or instead of) mha.h's own include:
+         #define MHA_ST_IMPLEMENTATION
+         #include "safetensors.h"      (installed: <mha/safetensors.h>)
+     It includes "mha.h" for the module types; compile with -I pointing at
+     the directory that holds mha.h.
+
+   USAGE
+       mha_st_file f;
+       mha_encoder_layer layer = {0};
+       char err[256];
+       if (mha_st_open("model.safetensors", &f, err, sizeof err) != 0 ||
+           mha_st_encoder_layer(&f, "layers.0.", 8, &layer, err, sizeof err) != 0) {
+           fprintf(stderr, "model.safetensors: %s\n", err);
+           ...
+       }
+       // layer points into f: run mha_encoder_forward, then
+       mha_st_close(&f);
+
+   THE FORMAT (as Hugging Face's safetensors defines it)
+       8 bytes     N, the header length, unsigned 64-bit little-endian
+       N bytes     a JSON object (UTF-8), may end with spaces:
+                     {"name": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]},
+                      ..., "__metadata__": {"key": "string value", ...}}
+       the rest    the data section: raw little-endian values, C order;
+                   data_offsets are [begin, end) byte offsets into it
+   WHAT IS CHECKED (each gets its own error message)
+     the file is at least 8 bytes; N is at most MHA_ST_MAX_HEADER and fits
+     in the file; the header is valid UTF-8 and valid JSON (a single object,
+     only spaces after it); every tensor has exactly the fields dtype, shape
+     and data_offsets; dtype is a safetensors dtype; shape holds at most
+     MHA_ST_MAX_DIMS non-negative integers; begin <= end; end - begin =
+     product(shape) * dtype size; the tensors lie inside the data section,
+     do not overlap, leave no hole and cover it to its end (as the format
+     requires); no name appears twice; __metadata__ maps strings to strings.
+     Tensors of other dtypes (I64, BOOL, ...) are listed, their bytes checked,
+     but converting them is an error.
+
+   LIMITS  MHA_ST_MAX_HEADER (100 MB, as the reference reader), MHA_ST_MAX_DIMS 8.
+   CONFIG  MHA_ST_MALLOC / MHA_ST_FREE (both or neither), MHA_ST_STATIC,
+           MHA_ST_NO_MMAP (always read the file into memory).
+   LICENSE MIT or public domain, as mha.h.
+*/
+#ifndef MHA_ST_H
+#define MHA_ST_H
+
+#include <stddef.h>
+#include "mha.h"
+
+#ifndef MHA_ST_DEF
+#ifdef MHA_ST_STATIC
+#if defined(__GNUC__) || defined(__clang__)
+#define MHA_ST_DEF static __attribute__((unused))
+#else
+#define MHA_ST_DEF static
+#endif
+#else
+#define MHA_ST_DEF extern
+#endif
+#endif
+
+#define MHA_ST_MAX_DIMS 8
+#define MHA_ST_MAX_HEADER 100000000u
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Every dtype the format names; the first four are read. */
+typedef enum mha_st_dtype {
+    MHA_ST_F32 = 0, MHA_ST_F16, MHA_ST_BF16, MHA_ST_F64,
+    MHA_ST_BOOL, MHA_ST_U8, MHA_ST_I8, MHA_ST_I16, MHA_ST_U16, MHA_ST_I32, MHA_ST_U32,
+    MHA_ST_I64, MHA_ST_U64, MHA_ST_F8_E4M3, MHA_ST_F8_E5M2,
+    MHA_ST_DTYPE_COUNT
+} mha_st_dtype;
+
+typedef struct mha_st_tensor {
+    const char *name;                 /* the state_dict key, NUL-terminated */
+    mha_st_dtype dtype;
+    int ndim;                         /* 0 for a scalar */
+    size_t shape[MHA_ST_MAX_DIMS];
+    size_t count;                     /* product of the shape */
+    size_t begin, end;                /* byte range in the data section */
+    const unsigned char *raw;         /* its bytes (little-endian, maybe unaligned) */
+} mha_st_tensor;
+
+typedef struct mha_st_file {
+    int count;                        /* tensors, sorted by name */
+    mha_st_tensor *tensors;
+    int meta_count;                   /* __metadata__ pairs: meta[2i] key, meta[2i+1] value */
+    const char **meta;
+    /* private */
+    char *strings;                    /* decoded names and metadata */
+    float **f32;                      /* converted copies, made on demand */
+    const unsigned char *bytes;       /* the whole file */
+    size_t size;
+    void *owned;                      /* read into memory: freed at close */
+    void *map;                        /* mmap'd: unmapped at close */
+} mha_st_file;
+
+/* Open a .safetensors held in memory (buf must outlive f), or a file
+   (mmap'd where possible; mha_st_open_read always reads it into memory).
+   0 on success; otherwise a sentence in err, f zeroed, and -1. */
+MHA_ST_DEF int mha_st_open_mem(const void *buf, size_t n, mha_st_file *f, char *err, size_t errlen);
+MHA_ST_DEF int mha_st_open(const char *path, mha_st_file *f, char *err, size_t errlen);
+MHA_ST_DEF int mha_st_open_read(const char *path, mha_st_file *f, char *err, size_t errlen);
+/* Frees everything; every pointer taken from f dies.  Safe on a zeroed f. */
+MHA_ST_DEF void mha_st_close(mha_st_file *f);
+
+/* The tensor of that name, or NULL (binary search). */
+MHA_ST_DEF const mha_st_tensor *mha_st_find(const mha_st_file *f, const char *name);
+/* A __metadata__ value, or NULL. */
+MHA_ST_DEF const char *mha_st_metadata(const mha_st_file *f, const char *key);
+/* "F32", "BF16", ... */
+MHA_ST_DEF const char *mha_st_dtype_name(mha_st_dtype d);
+
+/* Convert a tensor of a read dtype into dst (count values): 0, or -1 with err. */
+MHA_ST_DEF int mha_st_read_f32(const mha_st_tensor *t, float *dst, size_t count, char *err, size_t errlen);
+MHA_ST_DEF int mha_st_read_f64(const mha_st_tensor *t, double *dst, size_t count, char *err, size_t errlen);
+
+/* The tensor `name` as float32, converted once and kept until mha_st_close.
+   ndim/shape: the expected shape (ndim < 0: any).  NULL with err naming the
+   tensor when it is missing, misshaped or of a dtype that is not read. */
+MHA_ST_DEF const float *mha_st_floats(mha_st_file *f, const char *name, int ndim, const size_t *shape,
+                                      char *err, size_t errlen);
+
+/* Fill m from the state_dict of an nn.MultiheadAttention under prefix
+   ("" or e.g. "layers.0.self_attn."): embed_dim from out_proj.weight,
+   in_proj_weight or q/k/v_proj_weight (kdim, vdim from their shapes),
+   optional in_proj_bias, out_proj.bias, bias_k/bias_v.  num_heads is not in
+   a state_dict: pass it.  add_zero_attn and packed are left as they were.
+   On error m is untouched and err names the missing or misshaped tensor. */
+MHA_ST_DEF int mha_st_module(mha_st_file *f, const char *prefix, int num_heads, mha_module *m,
+                             char *err, size_t errlen);
+/* Fill an nn.TransformerEncoderLayer's tensors (self_attn.*, linear1/2, norm1/2)
+   under prefix (e.g. "layers.0.").  activation, norm_first, layer_norm_eps
+   and self_attn.add_zero_attn are not in the state_dict and are left as
+   they were.  On error layer is untouched. */
+MHA_ST_DEF int mha_st_encoder_layer(mha_st_file *f, const char *prefix, int nhead,
+                                    mha_encoder_layer *layer, char *err, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MHA_ST_H */
+
+#ifdef MHA_ST_IMPLEMENTATION
+#ifndef MHA_ST_IMPLEMENTATION_DONE
+#define MHA_ST_IMPLEMENTATION_DONE
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(MHA_ST_MALLOC) != defined(MHA_ST_FREE)
+#error "safetensors.h: define both MHA_ST_MALLOC and MHA_ST_FREE, or neither"
+#endif
+#ifndef MHA_ST_MALLOC
+#define MHA_ST_MALLOC(sz) malloc(sz)
+#define MHA_ST_FREE(p) free(p)
+#endif
+
+#if !defined(MHA_ST_NO_MMAP) && (defined(__unix__) || defined(__APPLE__))
+#define MHA_ST__MMAP 1
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#endif
+
+#ifdef __cplusplus
+#define MHA_ST__CAST(T, x) static_cast<T>(x)
+#else
+#define MHA_ST__CAST(T, x) ((T)(x))
+#endif
+
+static int mha_st__fail(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+    if (err && errlen) {
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return -1;
+}
+
+static const char *const mha_st__dtype_names[MHA_ST_DTYPE_COUNT] = {
+    "F32", "F16", "BF16", "F64", "BOOL", "U8", "I8", "I16", "U16", "I32", "U32",
+    "I64", "U64", "F8_E4M3", "F8_E5M2"};
+static const unsigned char mha_st__dtype_size[MHA_ST_DTYPE_COUNT] = {
+    4, 2, 2, 8, 1, 1, 1, 2, 2, 4, 4, 8, 8, 1, 1};
+
+MHA_ST_DEF const char *mha_st_dtype_name(mha_st_dtype d)
+{
+    return (unsigned)d < MHA_ST_DTYPE_COUNT ? mha_st__dtype_names[d] : "?";
+}
+
+/* ---- UTF-8: the header must be valid (no overlong forms, no surrogates) */
+static size_t mha_st__bad_utf8(const unsigned char *s, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        unsigned c = s[i], need, cp, k;
+        if (c < 0x80) { ++i; continue; }
+        if (c >= 0xC2 && c <= 0xDF) { need = 1; cp = c & 0x1F; }
+        else if (c >= 0xE0 && c <= 0xEF) { need = 2; cp = c & 0x0F; }
+        else if (c >= 0xF0 && c <= 0xF4) { need = 3; cp = c & 0x07; }
+        else return i + 1;
+        if (n - i <= need) return i + 1;
+        for (k = 1; k <= need; ++k) {
+            if ((s[i + k] & 0xC0) != 0x80) return i + 1;
+            cp = cp << 6 | (s[i + k] & 0x3F);
+        }
+        if ((need == 2 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) ||
+            (need == 3 && (cp < 0x10000 || cp > 0x10FFFF)))
+            return i + 1;
+        i += need + 1;
+    }
+    return 0;
+}
+
+/* ---- a JSON reader for exactly the shapes a header has */
+typedef struct {
+    const char *p, *begin, *end;
+    char *out;       /* decoded strings are appended here */
+    char *err;
+    size_t errlen;
+} mha_st__json;
+
+static int mha_st__jfail(mha_st__json *j, const char *what)
+{
+    return mha_st__fail(j->err, j->errlen, "JSON syntax error in the header at byte %lu: %s",
+                        (unsigned long)(j->p - j->begin), what);
+}
+static void mha_st__ws(mha_st__json *j)
+{
+    while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r')) ++j->p;
+}
+static int mha_st__eat(mha_st__json *j, char c)
+{
+    mha_st__ws(j);
+    if (j->p < j->end && *j->p == c) { ++j->p; return 1; }
+    return 0;
+}
+static int mha_st__hex4(mha_st__json *j, unsigned *v)
+{
+    int k;
+    *v = 0;
+    if (j->end - j->p < 4) return 0;
+    for (k = 0; k < 4; ++k) {
+        char c = *j->p++;
+        unsigned d;
+        if (c >= '0' && c <= '9') d = (unsigned)(c - '0');
+        else if (c >= 'a' && c <= 'f') d = (unsigned)(c - 'a' + 10);
+        else if (c >= 'A' && c <= 'F') d = (unsigned)(c - 'A' + 10);
+        else return 0;
+        *v = *v << 4 | d;
+    }
+    return 1;
+}
+/* A string, decoded (escapes, \u with surrogate pairs -> UTF-8) and
+   NUL-terminated at j->out; *s points at it.  A JSON string is never
+   shorter than its decoding plus a NUL, so out never outgrows the header. */
+static int mha_st__string(mha_st__json *j, const char **s)
+{
+    char *o = j->out;
+    mha_st__ws(j);
+    if (j->p >= j->end || *j->p != '"') return mha_st__jfail(j, "expected a string");
+    ++j->p;
+    for (;;) {
+        unsigned char c;
+        if (j->p >= j->end) return mha_st__jfail(j, "unterminated string");
+        c = (unsigned char)*j->p++;
+        if (c == '"') break;
+        if (c < 0x20) return mha_st__jfail(j, "control character inside a string");
+        if (c != '\\') { *o++ = (char)c; continue; }
+        if (j->p >= j->end) return mha_st__jfail(j, "unterminated string");
+        c = (unsigned char)*j->p++;
+        switch (c) {
+        case '"': case '\\': case '/': *o++ = (char)c; break;
+        case 'b': *o++ = '\b'; break;
+        case 'f': *o++ = '\f'; break;
+        case 'n': *o++ = '\n'; break;
+        case 'r': *o++ = '\r'; break;
+        case 't': *o++ = '\t'; break;
+        case 'u': {
+            unsigned cp, lo;
+            if (!mha_st__hex4(j, &cp)) return mha_st__jfail(j, "bad \\u escape");
+            if (cp >= 0xDC00 && cp <= 0xDFFF) return mha_st__jfail(j, "lone low surrogate in \\u escape");
+            if (cp >= 0xD800 && cp <= 0xDBFF) {
+                if (j->end - j->p < 6 || j->p[0] != '\\' || j->p[1] != 'u')
+                    return mha_st__jfail(j, "high surrogate without its low half");
+                j->p += 2;
+                if (!mha_st__hex4(j, &lo) || lo < 0xDC00 || lo > 0xDFFF)
+                    return mha_st__jfail(j, "high surrogate without its low half");
+                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+            }
+            if (cp == 0) return mha_st__jfail(j, "\\u0000 inside a string");
+            if (cp < 0x80) *o++ = (char)cp;
+            else if (cp < 0x800) { *o++ = (char)(0xC0 | cp >> 6); *o++ = (char)(0x80 | (cp & 0x3F)); }
+            else if (cp < 0x10000) {
+                *o++ = (char)(0xE0 | cp >> 12); *o++ = (char)(0x80 | ((cp >> 6) & 0x3F));
+                *o++ = (char)(0x80 | (cp & 0x3F));
+            } else {
+                *o++ = (char)(0xF0 | cp >> 18); *o++ = (char)(0x80 | ((cp >> 12) & 0x3F));
+                *o++ = (char)(0x80 | ((cp >> 6) & 0x3F)); *o++ = (char)(0x80 | (cp & 0x3F));
+            }
+            break;
+        }
+        default: return mha_st__jfail(j, "unknown escape in a string");
+        }
+    }
+    *o++ = 0;
+    *s = j->out;
+    j->out = o;
+    return 0;
+}
+/* A non-negative JSON integer (no sign, fraction, exponent or leading zero). */
+static int mha_st__uint(mha_st__json *j, size_t *v, const char *what)
+{
+    size_t x = 0;
+    int digits = 0;
+    mha_st__ws(j);
+    if (j->p < j->end && *j->p == '-')
+        return mha_st__fail(j->err, j->errlen, "%s holds a negative number", what);
+    while (j->p < j->end && *j->p >= '0' && *j->p <= '9') {
+        size_t d = (size_t)(*j->p - '0');
+        if (digits == 1 && x == 0) return mha_st__jfail(j, "number with a leading zero");
+        if (x > (SIZE_MAX - d) / 10)
+            return mha_st__fail(j->err, j->errlen, "%s holds a number too large for this machine", what);
+        x = x * 10 + d;
+        ++digits;
+        ++j->p;
+    }
+    if (!digits) return mha_st__jfail(j, "expected a non-negative integer");
+    if (j->p < j->end && (*j->p == '.' || *j->p == 'e' || *j->p == 'E'))
+        return mha_st__fail(j->err, j->errlen, "%s holds a number that is not an integer", what);
+    *v = x;
+    return 0;
+}
+/* [n, n, ...] into v (at most cap values); *count gets how many */
+static int mha_st__uint_array(mha_st__json *j, size_t *v, int cap, int *count, const char *what)
+{
+    int n = 0;
+    if (!mha_st__eat(j, '[')) return mha_st__jfail(j, "expected '['");
+    if (!mha_st__eat(j, ']')) {
+        for (;;) {
+            size_t x = 0;
+            if (mha_st__uint(j, &x, what)) return -1;
+            if (n >= cap) return mha_st__fail(j->err, j->errlen, "%s has more than %d entries", what, cap);
+            v[n++] = x;
+            if (mha_st__eat(j, ']')) break;
+            if (!mha_st__eat(j, ',')) return mha_st__jfail(j, "expected ',' or ']'");
+        }
+    }
+    *count = n;
+    return 0;
+}
+
+/* {"dtype": "F32", "shape": [...], "data_offsets": [b, e]} */
+static int mha_st__tensor_info(mha_st__json *j, mha_st_tensor *t)
+{
+    int have_dtype = 0, have_shape = 0, have_off = 0;
+    char what[160];
+    snprintf(what, sizeof what, "tensor '%.100s'", t->name);
+    if (!mha_st__eat(j, '{')) return mha_st__jfail(j, "a tensor entry must be an object");
+    if (mha_st__eat(j, '}')) goto done;
+    for (;;) {
+        const char *key, *val;
+        char *mark = j->out;
+        if (mha_st__string(j, &key)) return -1;
+        if (!mha_st__eat(j, ':')) return mha_st__jfail(j, "expected ':'");
+        if (strcmp(key, "dtype") == 0) {
+            int d;
+            if (have_dtype++) return mha_st__fail(j->err, j->errlen, "%s: dtype given twice", what);
+            if (mha_st__string(j, &val)) return -1;
+            for (d = 0; d < MHA_ST_DTYPE_COUNT; ++d)
+                if (strcmp(val, mha_st__dtype_names[d]) == 0) break;
+            if (d == MHA_ST_DTYPE_COUNT)
+                return mha_st__fail(j->err, j->errlen, "%s: unknown dtype '%.20s'", what, val);
+            t->dtype = (mha_st_dtype)d;
+        } else if (strcmp(key, "shape") == 0) {
+            char w[200];
+            if (have_shape++) return mha_st__fail(j->err, j->errlen, "%s: shape given twice", what);
+            snprintf(w, sizeof w, "%s: shape", what);
+            if (mha_st__uint_array(j, t->shape, MHA_ST_MAX_DIMS, &t->ndim, w)) return -1;
+        } else if (strcmp(key, "data_offsets") == 0) {
+            size_t off[2];
+            int n;
+            char w[200];
+            if (have_off++) return mha_st__fail(j->err, j->errlen, "%s: data_offsets given twice", what);
+            snprintf(w, sizeof w, "%s: data_offsets", what);
+            if (mha_st__uint_array(j, off, 2, &n, w)) return -1;
+            if (n != 2) return mha_st__fail(j->err, j->errlen, "%s: data_offsets must be [begin, end]", what);
+            t->begin = off[0];
+            t->end = off[1];
+        } else {
+            return mha_st__fail(j->err, j->errlen, "%s: unknown field '%.40s'", what, key);
+        }
+        j->out = mark;   /* keys and the dtype string are not kept */
+        if (mha_st__eat(j, '}')) break;
+        if (!mha_st__eat(j, ',')) return mha_st__jfail(j, "expected ',' or '}'");
+    }
+done:
+    if (!have_dtype || !have_shape || !have_off)
+        return mha_st__fail(j->err, j->errlen, "%s: missing %s", what,
+                            !have_dtype ? "dtype" : !have_shape ? "shape" : "data_offsets");
+    return 0;
+}
+
+static int mha_st__by_name(const void *a, const void *b)
+{
+    return strcmp(MHA_ST__CAST(const mha_st_tensor *, a)->name, MHA_ST__CAST(const mha_st_tensor *, b)->name);
+}
+static int mha_st__by_begin(const void *a, const void *b)
+{
+    const mha_st_tensor *x = *MHA_ST__CAST(const mha_st_tensor *const *, a);
+    const mha_st_tensor *y = *MHA_ST__CAST(const mha_st_tensor *const *, b);
+    if (x->begin != y->begin) return x->begin < y->begin ? -1 : 1;
+    return x->end < y->end ? -1 : x->end > y->end;
+}
+
+/* Grow an array of `size`-byte items from cap to 2*cap (no realloc hook). */
+static void *mha_st__grow(void *old, size_t used, size_t size, size_t *cap)
+{
+    size_t nc = *cap ? *cap * 2 : 16;
+    void *p = MHA_ST_MALLOC(nc * size);
+    if (!p) return NULL;
+    if (used) memcpy(p, old, used * size);
+    MHA_ST_FREE(old);
+    *cap = nc;
+    return p;
+}
+
+/* The header and the layout of the data section.  f->bytes/size are set. */
+static int mha_st__parse(mha_st_file *f, char *err, size_t errlen)
+{
+    const unsigned char *b = f->bytes;
+    size_t n = f->size, cap = 0, meta_cap = 0, i, bad, data_size;
+    unsigned long long hlen = 0;
+    const mha_st_tensor **order = NULL;
+    int k, seen_meta = 0;
+    mha_st__json j;
+
+    if (n < 8) return mha_st__fail(err, errlen, "truncated: %lu bytes, fewer than the 8 of the header length",
+                                   (unsigned long)n);
+    for (k = 7; k >= 0; --k) hlen = hlen << 8 | b[k];
+    if (hlen > MHA_ST_MAX_HEADER)
+        return mha_st__fail(err, errlen, "header length %llu is larger than the %u allowed",
+                            hlen, (unsigned)MHA_ST_MAX_HEADER);
+    if (hlen > n - 8)
+        return mha_st__fail(err, errlen, "header length %llu runs past the end of the file (%lu bytes after it)",
+                            hlen, (unsigned long)(n - 8));
+    if (hlen < 2 || b[8] != '{')
+        return mha_st__fail(err, errlen, "the header does not start with '{': not a safetensors file");
+    bad = mha_st__bad_utf8(b + 8, (size_t)hlen);
+    if (bad) return mha_st__fail(err, errlen, "the header is not valid UTF-8 (byte %lu)", (unsigned long)(bad - 1));
+    data_size = n - 8 - (size_t)hlen;
+
+    f->strings = MHA_ST__CAST(char *, MHA_ST_MALLOC((size_t)hlen));
+    if (!f->strings) return mha_st__fail(err, errlen, "out of memory");
+    j.begin = j.p = MHA_ST__CAST(const char *, MHA_ST__CAST(const void *, b + 8));
+    j.end = j.p + hlen;
+    j.out = f->strings;
+    j.err = err;
+    j.errlen = errlen;
+
+    if (!mha_st__eat(&j, '{')) return mha_st__jfail(&j, "expected '{'");
+    if (!mha_st__eat(&j, '}')) {
+        for (;;) {
+            const char *name;
+            char *mark = j.out;
+            if (mha_st__string(&j, &name)) return -1;
+            if (!mha_st__eat(&j, ':')) return mha_st__jfail(&j, "expected ':' after a name");
+            if (strcmp(name, "__metadata__") == 0) {
+                j.out = mark;   /* the name itself is not kept */
+                if (seen_meta++) return mha_st__fail(err, errlen, "duplicate name '__metadata__'");
+                if (!mha_st__eat(&j, '{')) return mha_st__fail(err, errlen, "__metadata__ is not an object");
+                if (!mha_st__eat(&j, '}')) {
+                    for (;;) {
+                        const char *key, *val;
+                        if ((size_t)f->meta_count + 2 > meta_cap) {
+                            const char **m = MHA_ST__CAST(const char **,
+                                mha_st__grow((void *)f->meta, (size_t)f->meta_count, sizeof *f->meta, &meta_cap));
+                            if (!m) return mha_st__fail(err, errlen, "out of memory");
+                            f->meta = m;
+                        }
+                        if (mha_st__string(&j, &key)) return -1;
+                        if (!mha_st__eat(&j, ':')) return mha_st__jfail(&j, "expected ':'");
+                        mha_st__ws(&j);
+                        if (j.p < j.end && *j.p != '"')
+                            return mha_st__fail(err, errlen, "__metadata__ value of '%.60s' is not a string", key);
+                        if (mha_st__string(&j, &val)) return -1;
+                        f->meta[f->meta_count] = key;
+                        f->meta[f->meta_count + 1] = val;
+                        f->meta_count += 2;
+                        if (mha_st__eat(&j, '}')) break;
+                        if (!mha_st__eat(&j, ',')) return mha_st__jfail(&j, "expected ',' or '}'");
+                    }
+                }
+                f->meta_count /= 2;   /* counted strings while parsing; now pairs */
+            } else {
+                mha_st_tensor *t;
+                if ((size_t)f->count >= cap) {
+                    mha_st_tensor *nt = MHA_ST__CAST(mha_st_tensor *,
+                        mha_st__grow(f->tensors, (size_t)f->count, sizeof *nt, &cap));
+                    if (!nt) return mha_st__fail(err, errlen, "out of memory");
+                    f->tensors = nt;
+                }
+                t = &f->tensors[f->count++];
+                memset(t, 0, sizeof *t);
+                t->name = name;
+                if (mha_st__tensor_info(&j, t)) return -1;
+            }
+            if (mha_st__eat(&j, '}')) break;
+            if (!mha_st__eat(&j, ',')) return mha_st__jfail(&j, "expected ',' or '}'");
+        }
+    }
+    mha_st__ws(&j);
+    if (j.p != j.end) return mha_st__jfail(&j, "bytes after the closing '}'");
+
+    /* names: sorted, so duplicates are neighbours and lookup is a bisection */
+    if (f->count > 1) qsort(f->tensors, (size_t)f->count, sizeof *f->tensors, mha_st__by_name);
+    for (k = 1; k < f->count; ++k)
+        if (strcmp(f->tensors[k - 1].name, f->tensors[k].name) == 0)
+            return mha_st__fail(err, errlen, "duplicate name '%.100s'", f->tensors[k].name);
+
+    /* each tensor: offsets in order, inside the data, the size its dtype and shape give */
+    for (k = 0; k < f->count; ++k) {
+        mha_st_tensor *t = &f->tensors[k];
+        size_t count = 1, bytes;
+        int d;
+        for (d = 0; d < t->ndim; ++d) {
+            if (t->shape[d] && count > SIZE_MAX / t->shape[d])
+                return mha_st__fail(err, errlen, "tensor '%.100s': the shape's product overflows", t->name);
+            count *= t->shape[d];
+        }
+        if (count > SIZE_MAX / mha_st__dtype_size[t->dtype])
+            return mha_st__fail(err, errlen, "tensor '%.100s': the shape's byte size overflows", t->name);
+        bytes = count * mha_st__dtype_size[t->dtype];
+        t->count = count;
+        if (t->begin > t->end)
+            return mha_st__fail(err, errlen, "tensor '%.100s': data_offsets [%lu, %lu] end before they begin",
+                                t->name, (unsigned long)t->begin, (unsigned long)t->end);
+        if (t->end > data_size)
+            return mha_st__fail(err, errlen, "tensor '%.100s': data_offsets [%lu, %lu] run past the data "
+                                "section (%lu bytes)", t->name, (unsigned long)t->begin,
+                                (unsigned long)t->end, (unsigned long)data_size);
+        if (t->end - t->begin != bytes)
+            return mha_st__fail(err, errlen, "tensor '%.100s': data_offsets span %lu bytes, but %s x %lu "
+                                "values need %lu", t->name, (unsigned long)(t->end - t->begin),
+                                mha_st__dtype_names[t->dtype], (unsigned long)count, (unsigned long)bytes);
+        t->raw = b + 8 + hlen + t->begin;
+    }
+    /* the data section: tensors back to back from 0 to its end */
+    if (f->count > 0) {
+        size_t at = 0;
+        order = MHA_ST__CAST(const mha_st_tensor **, MHA_ST_MALLOC((size_t)f->count * sizeof *order));
+        if (!order) return mha_st__fail(err, errlen, "out of memory");
+        for (k = 0; k < f->count; ++k) order[k] = &f->tensors[k];
+        qsort(order, (size_t)f->count, sizeof *order, mha_st__by_begin);
+        for (i = 0; i < (size_t)f->count; ++i) {
+            const mha_st_tensor *t = order[i];
+            if (t->begin < at) {
+                mha_st__fail(err, errlen, "tensor '%.100s' overlaps tensor '%.100s' in the data section",
+                             t->name, order[i - 1]->name);
+                MHA_ST_FREE(order);
+                return -1;
+            }
+            if (t->begin > at) {
+                mha_st__fail(err, errlen, "a hole of %lu bytes before tensor '%.100s': the data section "
+                             "must be covered without gaps", (unsigned long)(t->begin - at), t->name);
+                MHA_ST_FREE(order);
+                return -1;
+            }
+            at = t->end;
+        }
+        MHA_ST_FREE(order);
+        if (at != data_size)
+            return mha_st__fail(err, errlen, "%lu bytes after the last tensor's data: the data section must "
+                                "be covered to its end", (unsigned long)(data_size - at));
+    } else if (data_size) {
+        return mha_st__fail(err, errlen, "%lu bytes of data but no tensors", (unsigned long)data_size);
+    }
+    f->f32 = MHA_ST__CAST(float **, MHA_ST_MALLOC((size_t)(f->count ? f->count : 1) * sizeof *f->f32));
+    if (!f->f32) return mha_st__fail(err, errlen, "out of memory");
+    for (k = 0; k < f->count; ++k) f->f32[k] = NULL;
+    return 0;
+}
+
+MHA_ST_DEF void mha_st_close(mha_st_file *f)
+{
+    int k;
+    if (!f) return;
+    if (f->f32)
+        for (k = 0; k < f->count; ++k) MHA_ST_FREE(f->f32[k]);
+    MHA_ST_FREE(f->f32);
+    MHA_ST_FREE(f->tensors);
+    MHA_ST_FREE((void *)f->meta);
+    MHA_ST_FREE(f->strings);
+    MHA_ST_FREE(f->owned);
+#ifdef MHA_ST__MMAP
+    if (f->map) munmap(f->map, f->size);
+#endif
+    memset(f, 0, sizeof *f);
+}
+
+MHA_ST_DEF int mha_st_open_mem(const void *buf, size_t n, mha_st_file *f, char *err, size_t errlen)
+{
+    if (!f) return mha_st__fail(err, errlen, "internal: NULL file");
+    memset(f, 0, sizeof *f);
+    if (!buf) return mha_st__fail(err, errlen, "internal: NULL buffer");
+    f->bytes = MHA_ST__CAST(const unsigned char *, buf);
+    f->size = n;
+    if (mha_st__parse(f, err, errlen) != 0) {
+        mha_st_close(f);
+        return -1;
+    }
+    return 0;
+}
+
+MHA_ST_DEF int mha_st_open_read(const char *path, mha_st_file *f, char *err, size_t errlen)
+{
+    FILE *fp;
+    long len;
+    unsigned char *buf;
+    int rc;
+    if (!f) return mha_st__fail(err, errlen, "internal: NULL file");
+    memset(f, 0, sizeof *f);
+    if (!path) return mha_st__fail(err, errlen, "internal: NULL path");
+    fp = fopen(path, "rb");
+    if (!fp) return mha_st__fail(err, errlen, "cannot open the file");
+    if (fseek(fp, 0, SEEK_END) != 0 || (len = ftell(fp)) < 0 || fseek(fp, 0, SEEK_SET) != 0) {
+        fclose(fp);
+        return mha_st__fail(err, errlen, "cannot find the file's size");
+    }
+    buf = MHA_ST__CAST(unsigned char *, MHA_ST_MALLOC(len ? (size_t)len : 1));
+    if (!buf) { fclose(fp); return mha_st__fail(err, errlen, "out of memory for %ld bytes", len); }
+    if (fread(buf, 1, (size_t)len, fp) != (size_t)len) {
+        fclose(fp);
+        MHA_ST_FREE(buf);
+        return mha_st__fail(err, errlen, "read error");
+    }
+    fclose(fp);
+    rc = mha_st_open_mem(buf, (size_t)len, f, err, errlen);
+    if (rc != 0) { MHA_ST_FREE(buf); return -1; }
+    f->owned = buf;
+    return 0;
+}
+
+MHA_ST_DEF int mha_st_open(const char *path, mha_st_file *f, char *err, size_t errlen)
+{
+#ifdef MHA_ST__MMAP
+    int fd;
+    struct stat st;
+    void *p;
+    if (!f) return mha_st__fail(err, errlen, "internal: NULL file");
+    memset(f, 0, sizeof *f);
+    if (!path) return mha_st__fail(err, errlen, "internal: NULL path");
+    fd = open(path, O_RDONLY);
+    if (fd < 0) return mha_st__fail(err, errlen, "cannot open the file");
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size == 0) {
+        close(fd);
+        return mha_st_open_read(path, f, err, errlen);   /* empty, a pipe, ...: read it */
+    }
+    p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (p == MAP_FAILED) return mha_st_open_read(path, f, err, errlen);
+    if (mha_st_open_mem(p, (size_t)st.st_size, f, err, errlen) != 0) {
+        munmap(p, (size_t)st.st_size);
+        return -1;
+    }
+    f->map = p;
+    return 0;
+#else
+    return mha_st_open_read(path, f, err, errlen);
+#endif
+}
+
+MHA_ST_DEF const mha_st_tensor *mha_st_find(const mha_st_file *f, const char *name)
+{
+    int lo = 0, hi;
+    if (!f || !name) return NULL;
+    hi = f->count;
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2, c = strcmp(f->tensors[mid].name, name);
+        if (c == 0) return &f->tensors[mid];
+        if (c < 0) lo = mid + 1; else hi = mid;
+    }
+    return NULL;
+}
+
+MHA_ST_DEF const char *mha_st_metadata(const mha_st_file *f, const char *key)
+{
+    int k;
+    if (!f || !key) return NULL;
+    for (k = 0; k < f->meta_count; ++k)
+        if (strcmp(f->meta[2 * k], key) == 0) return f->meta[2 * k + 1];
+    return NULL;
+}
+
+/* ---- little-endian values to double (exact for every read dtype) */
+static double mha_st__value(const mha_st_tensor *t, size_t i)
+{
+    const unsigned char *p = t->raw + i * mha_st__dtype_size[t->dtype];
+    uint32_t u;
+    uint64_t w;
+    float fl;
+    double db;
+    int k;
+    switch (t->dtype) {
+    case MHA_ST_F32:
+        u = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+        memcpy(&fl, &u, 4);
+        return fl;
+    case MHA_ST_BF16:   /* the upper half of a float32 */
+        u = ((uint32_t)p[0] | (uint32_t)p[1] << 8) << 16;
+        memcpy(&fl, &u, 4);
+        return fl;
+    case MHA_ST_F16: {  /* 1 sign, 5 exponent (bias 15), 10 mantissa bits */
+        unsigned h = (unsigned)p[0] | (unsigned)p[1] << 8, e = (h >> 10) & 31, m = h & 1023;
+        double v;
+        if (e == 0) v = ldexp((double)m, -24);                        /* zero, subnormal */
+        else if (e == 31) v = m ? (double)NAN : (double)INFINITY;
+        else v = ldexp((double)(m | 1024), (int)e - 25);               /* 1.m * 2^(e-15) */
+        return (h & 0x8000) ? -v : v;
+    }
+    case MHA_ST_F64:
+        w = 0;
+        for (k = 7; k >= 0; --k) w = w << 8 | p[k];
+        memcpy(&db, &w, 8);
+        return db;
+    default:
+        return 0;
+    }
+}
+
+static int mha_st__check_read(const mha_st_tensor *t, size_t count, char *err, size_t errlen)
+{
+    if (!t) return mha_st__fail(err, errlen, "internal: NULL tensor");
+    if (t->dtype > MHA_ST_F64)
+        return mha_st__fail(err, errlen, "tensor '%.100s' has dtype %s; only F32, F16, BF16 and F64 are read",
+                            t->name, mha_st__dtype_names[t->dtype]);
+    if (count != t->count)
+        return mha_st__fail(err, errlen, "tensor '%.100s' has %lu values, not %lu", t->name,
+                            (unsigned long)t->count, (unsigned long)count);
+    return 0;
+}
+
+MHA_ST_DEF int mha_st_read_f32(const mha_st_tensor *t, float *dst, size_t count, char *err, size_t errlen)
+{
+    size_t i;
+    if (mha_st__check_read(t, count, err, errlen)) return -1;
+    if (!dst && count) return mha_st__fail(err, errlen, "internal: NULL destination");
+    for (i = 0; i < count; ++i) dst[i] = (float)mha_st__value(t, i);
+    return 0;
+}
+
+MHA_ST_DEF int mha_st_read_f64(const mha_st_tensor *t, double *dst, size_t count, char *err, size_t errlen)
+{
+    size_t i;
+    if (mha_st__check_read(t, count, err, errlen)) return -1;
+    if (!dst && count) return mha_st__fail(err, errlen, "internal: NULL destination");
+    for (i = 0; i < count; ++i) dst[i] = mha_st__value(t, i);
+    return 0;
+}
+
+/* "[3, 4]" into buf */
+static void mha_st__shape_str(char *buf, size_t cap, int ndim, const size_t *shape)
+{
+    size_t used = 0;
+    int d;
+    buf[0] = 0;
+    for (d = 0; d < ndim && used + 1 < cap; ++d)
+        used += (size_t)snprintf(buf + used, cap - used, "%s%lu", d ? ", " : "", (unsigned long)shape[d]);
+}
+
+MHA_ST_DEF const float *mha_st_floats(mha_st_file *f, const char *name, int ndim, const size_t *shape,
+                                      char *err, size_t errlen)
+{
+    const mha_st_tensor *t;
+    int d, k;
+    float *p;
+    if (!f || !name) { mha_st__fail(err, errlen, "internal: NULL argument"); return NULL; }
+    t = mha_st_find(f, name);
+    if (!t) { mha_st__fail(err, errlen, "tensor '%.100s' is missing", name); return NULL; }
+    if (ndim >= 0) {
+        int same = t->ndim == ndim;
+        for (d = 0; same && d < ndim; ++d) same = t->shape[d] == shape[d];
+        if (!same) {
+            char want[128], got[128];
+            mha_st__shape_str(want, sizeof want, ndim, shape);
+            mha_st__shape_str(got, sizeof got, t->ndim, t->shape);
+            mha_st__fail(err, errlen, "tensor '%.100s' has shape [%s], expected [%s]", name, got, want);
+            return NULL;
+        }
+    }
+    if (mha_st__check_read(t, t->count, err, errlen)) return NULL;
+    k = (int)(t - f->tensors);
+    if (!f->f32[k]) {
+        p = MHA_ST__CAST(float *, MHA_ST_MALLOC(t->count ? t->count * sizeof(float) : 1));
+        if (!p) { mha_st__fail(err, errlen, "out of memory"); return NULL; }
+        mha_st_read_f32(t, p, t->count, err, errlen);
+        f->f32[k] = p;
+    }
+    return f->f32[k];
+}
+
+/* prefix + name, checked against its expected shape; NULL with err when
+   it is absent (optional: err untouched) or wrong. */
+static const float *mha_st__get(mha_st_file *f, const char *prefix, const char *name, int optional,
+                                int ndim, size_t d0, size_t d1, size_t d2, int *failed,
+                                char *err, size_t errlen)
+{
+    char key[512];
+    size_t shape[3];
+    const float *p;
+    if (*failed) return NULL;
+    shape[0] = d0; shape[1] = d1; shape[2] = d2;
+    if ((size_t)snprintf(key, sizeof key, "%s%s", prefix, name) >= sizeof key) {
+        *failed = mha_st__fail(err, errlen, "the prefix '%.100s' is too long", prefix);
+        return NULL;
+    }
+    if (optional && !mha_st_find(f, key)) return NULL;
+    p = mha_st_floats(f, key, ndim, shape, err, errlen);
+    if (!p) *failed = -1;
+    return p;
+}
+
+MHA_ST_DEF int mha_st_module(mha_st_file *f, const char *prefix, int num_heads, mha_module *m,
+                             char *err, size_t errlen)
+{
+    const mha_st_tensor *t;
+    char key[512];
+    mha_module r;
+    size_t E;
+    int bad = 0;
+    if (!f || !m) return mha_st__fail(err, errlen, "internal: NULL argument");
+    if (!prefix) prefix = "";
+    snprintf(key, sizeof key, "%sout_proj.weight", prefix);
+    t = mha_st_find(f, key);
+    if (!t) return mha_st__fail(err, errlen, "tensor '%.100s' is missing", key);
+    if (t->ndim != 2 || t->shape[0] != t->shape[1] || t->shape[0] == 0 || t->shape[0] > INT32_MAX)
+        return mha_st__fail(err, errlen, "tensor '%.100s' is not a square [E, E] matrix", key);
+    E = t->shape[0];
+    if (num_heads <= 0 || E % (size_t)num_heads)
+        return mha_st__fail(err, errlen, "num_heads %d does not divide embed_dim %lu (from '%.100s')",
+                            num_heads, (unsigned long)E, key);
+    r = *m;
+    r.embed_dim = (int)E;
+    r.num_heads = num_heads;
+    r.kdim = r.vdim = 0;
+    r.in_proj_weight = r.q_proj_weight = r.k_proj_weight = r.v_proj_weight = NULL;
+    r.out_proj_weight = mha_st__get(f, prefix, "out_proj.weight", 0, 2, E, E, 0, &bad, err, errlen);
+    r.out_proj_bias = mha_st__get(f, prefix, "out_proj.bias", 1, 1, E, 0, 0, &bad, err, errlen);
+    snprintf(key, sizeof key, "%sin_proj_weight", prefix);
+    if (mha_st_find(f, key)) {
+        r.in_proj_weight = mha_st__get(f, prefix, "in_proj_weight", 0, 2, 3 * E, E, 0, &bad, err, errlen);
+    } else {
+        const mha_st_tensor *tk, *tv;
+        snprintf(key, sizeof key, "%sk_proj_weight", prefix);
+        tk = mha_st_find(f, key);
+        snprintf(key, sizeof key, "%sv_proj_weight", prefix);
+        tv = mha_st_find(f, key);
+        if (!tk || !tv) {
+            snprintf(key, sizeof key, "%s%s", prefix, tk ? "v_proj_weight" : "k_proj_weight");
+            return mha_st__fail(err, errlen, "tensor '%.100sin_proj_weight' is missing, and so is '%.100s'",
+                                prefix, key);
+        }
+        if (tk->ndim == 2 && tk->shape[1] > 0 && tk->shape[1] <= INT32_MAX) r.kdim = (int)tk->shape[1];
+        if (tv->ndim == 2 && tv->shape[1] > 0 && tv->shape[1] <= INT32_MAX) r.vdim = (int)tv->shape[1];
+        r.q_proj_weight = mha_st__get(f, prefix, "q_proj_weight", 0, 2, E, E, 0, &bad, err, errlen);
+        r.k_proj_weight = mha_st__get(f, prefix, "k_proj_weight", 0, 2, E, (size_t)r.kdim, 0, &bad, err, errlen);
+        r.v_proj_weight = mha_st__get(f, prefix, "v_proj_weight", 0, 2, E, (size_t)r.vdim, 0, &bad, err, errlen);
+    }
+    r.in_proj_bias = mha_st__get(f, prefix, "in_proj_bias", 1, 1, 3 * E, 0, 0, &bad, err, errlen);
+    r.bias_k = mha_st__get(f, prefix, "bias_k", 1, 3, 1, 1, E, &bad, err, errlen);
+    r.bias_v = mha_st__get(f, prefix, "bias_v", 1, 3, 1, 1, E, &bad, err, errlen);
+    if (bad) return -1;
+    if (!r.bias_k != !r.bias_v)
+        return mha_st__fail(err, errlen, "tensor '%.100s%s' is missing (bias_k and bias_v come together)",
+                            prefix, r.bias_k ? "bias_v" : "bias_k");
+    *m = r;
+    return 0;
+}
+
+MHA_ST_DEF int mha_st_encoder_layer(mha_st_file *f, const char *prefix, int nhead,
+                                    mha_encoder_layer *layer, char *err, size_t errlen)
+{
+    char sa[512];
+    const mha_st_tensor *t;
+    mha_encoder_layer r;
+    size_t E, F;
+    int bad = 0;
+    if (!f || !layer) return mha_st__fail(err, errlen, "internal: NULL argument");
+    if (!prefix) prefix = "";
+    if ((size_t)snprintf(sa, sizeof sa, "%sself_attn.", prefix) >= sizeof sa)
+        return mha_st__fail(err, errlen, "the prefix '%.100s' is too long", prefix);
+    r = *layer;
+    if (mha_st_module(f, sa, nhead, &r.self_attn, err, errlen)) return -1;
+    E = (size_t)r.self_attn.embed_dim;
+    snprintf(sa, sizeof sa, "%slinear1.weight", prefix);
+    t = mha_st_find(f, sa);
+    if (!t) return mha_st__fail(err, errlen, "tensor '%.100s' is missing", sa);
+    if (t->ndim != 2 || t->shape[1] != E || t->shape[0] == 0 || t->shape[0] > INT32_MAX)
+        return mha_st__fail(err, errlen, "tensor '%.100s' is not a [dim_feedforward, %lu] matrix", sa,
+                            (unsigned long)E);
+    F = t->shape[0];
+    r.dim_feedforward = (int)F;
+    r.linear1_weight = mha_st__get(f, prefix, "linear1.weight", 0, 2, F, E, 0, &bad, err, errlen);
+    r.linear1_bias = mha_st__get(f, prefix, "linear1.bias", 1, 1, F, 0, 0, &bad, err, errlen);
+    r.linear2_weight = mha_st__get(f, prefix, "linear2.weight", 0, 2, E, F, 0, &bad, err, errlen);
+    r.linear2_bias = mha_st__get(f, prefix, "linear2.bias", 1, 1, E, 0, 0, &bad, err, errlen);
+    r.norm1_weight = mha_st__get(f, prefix, "norm1.weight", 0, 1, E, 0, 0, &bad, err, errlen);
+    r.norm1_bias = mha_st__get(f, prefix, "norm1.bias", 0, 1, E, 0, 0, &bad, err, errlen);
+    r.norm2_weight = mha_st__get(f, prefix, "norm2.weight", 0, 1, E, 0, 0, &bad, err, errlen);
+    r.norm2_bias = mha_st__get(f, prefix, "norm2.bias", 0, 1, E, 0, 0, &bad, err, errlen);
+    if (bad) return -1;
+    *layer = r;
+    return 0;
+}
+
+#endif /* MHA_ST_IMPLEMENTATION_DONE */
+#endif /* MHA_ST_IMPLEMENTATION */
