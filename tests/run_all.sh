@@ -8,7 +8,8 @@
 # avx512 (gcc, AVX-512F, OpenMP; skipped on CPUs without it),
 # clang (clang, AVX2+FMA), sanitize (clang ASan+UBSan, AVX2 and scalar),
 # neon (aarch64 cross-compiler, run under qemu-aarch64), cxx (C++ compile of the
-# header + the two-translation-unit link test), fuzz (bounded libFuzzer run).
+# header + the two-translation-unit link test), fuzz (bounded libFuzzer runs
+# of the four tests/fuzz_*.c harnesses).
 set -u
 cd "$(dirname "$0")/.."
 OUT=build/tests
@@ -58,6 +59,21 @@ build_and_run() {
         fi
         run_prog "$cfg" "$OUT/$cfg/$name" "$@"
     done
+}
+
+# fuzz_one NAME RUNS "EXTRA_CFLAGS" [libFuzzer args / seed dirs...]: build
+# tests/fuzz_NAME.c with libFuzzer + ASan + UBSan, run RUNS inputs from seed 1
+fuzz_one() {
+    local name=$1 runs=$2 extra=$3 dir="$OUT/fuzz"; shift 3
+    mkdir -p "$dir/corpus_$name"
+    if clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all $extra $WARN -I. \
+         "tests/fuzz_$name.c" -o "$dir/fuzz_$name" -lm 2>"$dir/build_$name.log"; then
+        if OMP_NUM_THREADS=3 "$dir/fuzz_$name" -seed=1 -runs="$runs" "$dir/corpus_$name" "$@" \
+             >"$dir/run_$name.log" 2>&1; then
+            total_pass=$((total_pass + 1))
+            note "[fuzz] fuzz_$name: $(grep -E '^Done' "$dir/run_$name.log"): 1 passed, 0 failed"
+        else fail_one "[fuzz] fuzz_$name: crash or sanitizer report:"; grep -E 'ERROR|SUMMARY|crash-|fuzz_' "$dir/run_$name.log" | head; fi
+    else fail_one "[fuzz] fuzz_$name: build failed:"; head -20 "$dir/build_$name.log"; fi
 }
 
 have_avx2() { grep -q ' avx2 ' /proc/cpuinfo && grep -q ' fma ' /proc/cpuinfo; }
@@ -117,15 +133,14 @@ for cfg in "${configs[@]}"; do
             note "[bench] bench/bench.c compiles"
         else fail_one "[bench] bench/bench.c does not compile:"; head -20 "$OUT/cxx/bench.log"; fi ;;
     fuzz)
-        # bounded libFuzzer run of tests/fuzz_forward.c (random sizes, masks, NaN/Inf)
-        mkdir -p "$OUT/fuzz/corpus"
-        if clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all $WARN -I. \
-             tests/fuzz_forward.c -o "$OUT/fuzz/fuzz_forward" -lm 2>"$OUT/fuzz/build.log"; then
-            if "$OUT/fuzz/fuzz_forward" -seed=1 -runs="${MHA_FUZZ_RUNS:-60000}" -max_len=4096 \
-                 "$OUT/fuzz/corpus" >"$OUT/fuzz/run.log" 2>&1; then
-                total_pass=$((total_pass + 1)); note "[fuzz] $(grep -E '^Done' "$OUT/fuzz/run.log"): 1 passed, 0 failed"
-            else fail_one "[fuzz] crash or sanitizer report:"; grep -E 'ERROR|SUMMARY|crash-' "$OUT/fuzz/run.log" | head; fi
-        else fail_one "[fuzz] build failed:"; head -20 "$OUT/fuzz/build.log"; fi ;;
+        # bounded libFuzzer runs (docs/robustness.md has the long ones):
+        # fuzz_forward (random sizes, masks, NaN/Inf), fuzz_diff (fused vs
+        # unfused vs a float64 reference), and the two file readers seeded
+        # with the test files
+        fuzz_one forward "${MHA_FUZZ_RUNS:-60000}" "" -max_len=4096
+        fuzz_one diff "${MHA_FUZZ_DIFF_RUNS:-6000}" "-fopenmp $(have_avx2 && echo -mavx2 -mfma)" -max_len=4096
+        fuzz_one npy 100000 "" -max_len=4096 tests/data/npy
+        fuzz_one safetensors 100000 "" -max_len=8192 -dict=tests/fuzz_safetensors.dict tests/data/safetensors ;;
     *) fail_one "unknown configuration $cfg" ;;
     esac
 done
