@@ -1517,7 +1517,8 @@ static void mha__mask_cols(const mha__attn *a, int b, int h, int i, int j0, int 
         const mha_mask *m = a->kpm;
         if (m->kind == MHA_MASK_FLOAT) {
             const float *f = MHA__CAST(const float *, m->data) + (size_t)b * Lk;
-            for (j = j0; j < jend; ++j) s[j] = (f[j] == -INFINITY) ? -INFINITY : s[j] + f[j];
+            /* a key the attention mask blocked stays blocked: -inf + NaN/+inf would be NaN */
+            for (j = j0; j < jend; ++j) s[j] = (f[j] == -INFINITY || s[j] == -INFINITY) ? -INFINITY : s[j] + f[j];
         } else {
             const unsigned char *u = MHA__CAST(const unsigned char *, m->data) + (size_t)b * Lk;
             for (j = j0; j < jend; ++j) if (mha__mask_bool_blocks(m->kind, u[j])) s[j] = -INFINITY;
@@ -1733,7 +1734,9 @@ static void mha__mask_tile_t(const mha__attn *a, int gb, int h, int gi, int nr, 
                 blocked = mha__mask_bool_blocks(m->kind, MHA__CAST(const unsigned char *, m->data)[(size_t)gb * Lk + j]);
             }
             if (blocked) for (i = 0; i < nr; ++i) MHA__ST(st, nc, j - j0, i) = -INFINITY;
-            else if (add != 0.0f) for (i = 0; i < nr; ++i) MHA__ST(st, nc, j - j0, i) += add;
+            else if (add != 0.0f)       /* keys the attention mask blocked stay -inf */
+                for (i = 0; i < nr; ++i)
+                    if (MHA__ST(st, nc, j - j0, i) != -INFINITY) MHA__ST(st, nc, j - j0, i) += add;
         }
     }
     if (a->causal) {                    /* key j is blocked for queries i < j - causal_off */

@@ -147,7 +147,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     void *am = NULL, *kp = NULL;
     size_t nq, nk, nv, no, nw, n;
     int big, npoison, t, b, h, i, j, d;
-    double ref[64], rw[512], bound;
+    double ref[16], rw[160], bound;
     mha_status s1, s2, s3;
 
     s.p = data; s.n = size;
@@ -155,8 +155,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     big = take(&s) % 8 == 0;   /* more than one key and query tile of the fused path */
     P.B = big ? 1 : 1 + (int)(take(&s) % 3);
     P.H = big ? 1 : 1 + (int)(take(&s) % 3);
-    P.Lq = 1 + (int)(take(&s) % (big ? 140 : 17));
-    P.Lk = 1 + (int)(take(&s) % (big ? 300 : 17));
+    P.Lq = 1 + (int)(take(&s) % (big ? 80 : 17));
+    P.Lk = 1 + (int)(take(&s) % (big ? 160 : 17));
     P.D = 1 + (int)(take(&s) % 9);
     P.Dv = 1 + (int)(take(&s) % 9);
     {
