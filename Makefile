@@ -5,12 +5,12 @@ STB_INC := /usr/include/stb
 BUILD   := build
 
 # Debian packages each target needs; `make deps` installs the missing ones.
-DEPS_TEST  := gcc g++ clang libclang-rt-14-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user libstb-dev libomp-dev
+DEPS_TEST  := gcc g++ clang libclang-rt-14-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user libstb-dev libomp-dev cmake pkg-config valgrind
 DEPS_DEMO  := gcc libstb-dev
 DEPS_BENCH := libopenblas-dev python3-torch python3-numpy
 DEPS_GOLD  := python3-torch python3-numpy
 
-.PHONY: all help test demo view bench bench-mha deps deps-demo deps-bench golden clean
+.PHONY: all help test demo view bench bench-mha deps deps-demo deps-bench golden install uninstall clean
 
 all: demo
 
@@ -19,6 +19,7 @@ help:
 	@echo "make view   - build the .npy viewer; make view NPY=attn.npy VIEWFLAGS='--labels tok.txt' runs it"
 	@echo "make test   - every test under scalar, AVX2, clang, ASan+UBSan, NEON (qemu), C++"
 	@echo "make bench  - GEMM and attention benchmarks against OpenBLAS and PyTorch"
+	@echo "make install PREFIX=/usr/local [DESTDIR=...] - mha.h, mha/*.h, mha.pc, CMake config (uninstall too)"
 	@echo "make deps   - install the Debian packages the tests need (root, apt-get)"
 	@echo "make golden - regenerate tests/golden/*.bin and tests/data/safetensors with PyTorch (python3-torch)"
 
@@ -100,6 +101,31 @@ golden:
 	/usr/bin/python3 tests/gen_golden.py
 	/usr/bin/python3 tests/gen_golden_train.py
 	/usr/bin/python3 tests/gen_safetensors.py
+
+# `make install`: headers under $(PREFIX)/include (mha.h, and the companion
+# headers as mha/safetensors.h, mha/npy.h, mha/heatmap.h), pkg-config's mha.pc
+# and CMake's mhaConfig.cmake under $(PREFIX)/share.  DESTDIR stages the tree.
+# CMakeLists.txt installs the same files (cmake --install).
+PREFIX     ?= /usr/local
+INCLUDEDIR  = $(DESTDIR)$(PREFIX)/include
+DATADIR     = $(DESTDIR)$(PREFIX)/share
+COMPANIONS := examples/safetensors.h examples/npy.h examples/heatmap.h
+MHA_V       = $(shell sed -n 's/^\#define MHA_VERSION_$(1) \([0-9]*\).*/\1/p' mha.h)
+SUBST       = sed -e 's/@MHA_VERSION@/$(call MHA_V,MAJOR).$(call MHA_V,MINOR).$(call MHA_V,PATCH)/' \
+                  -e 's/@MHA_VERSION_MAJOR@/$(call MHA_V,MAJOR)/' -e 's/@MHA_VERSION_MINOR@/$(call MHA_V,MINOR)/'
+
+install:
+	install -d $(INCLUDEDIR)/mha $(DATADIR)/pkgconfig $(DATADIR)/cmake/mha
+	install -m 644 mha.h $(INCLUDEDIR)/mha.h
+	install -m 644 $(COMPANIONS) $(INCLUDEDIR)/mha/
+	$(SUBST) cmake/mha.pc.in > $(DATADIR)/pkgconfig/mha.pc
+	$(SUBST) cmake/mhaConfigVersion.cmake.in > $(DATADIR)/cmake/mha/mhaConfigVersion.cmake
+	install -m 644 cmake/mhaConfig.cmake $(DATADIR)/cmake/mha/
+
+uninstall:
+	rm -f $(INCLUDEDIR)/mha.h $(addprefix $(INCLUDEDIR)/mha/,$(notdir $(COMPANIONS))) \
+	      $(DATADIR)/pkgconfig/mha.pc $(DATADIR)/cmake/mha/mhaConfig.cmake $(DATADIR)/cmake/mha/mhaConfigVersion.cmake
+	-rmdir $(INCLUDEDIR)/mha $(DATADIR)/cmake/mha 2>/dev/null
 
 $(BUILD):
 	mkdir -p $@

@@ -9,7 +9,8 @@
 # clang (clang, AVX2+FMA), sanitize (clang ASan+UBSan, AVX2 and scalar),
 # neon (aarch64 cross-compiler, run under qemu-aarch64), cxx (C++ compile of the
 # header + the two-translation-unit link test), fuzz (bounded libFuzzer runs
-# of the four tests/fuzz_*.c harnesses).
+# of the four tests/fuzz_*.c harnesses), install (make install + consumer
+# builds with pkg-config and CMake).
 set -u
 cd "$(dirname "$0")/.."
 OUT=build/tests
@@ -68,7 +69,7 @@ fuzz_one() {
     mkdir -p "$dir/corpus_$name"
     if clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all $extra $WARN -I. \
          "tests/fuzz_$name.c" -o "$dir/fuzz_$name" -lm 2>"$dir/build_$name.log"; then
-        if OMP_NUM_THREADS=3 "$dir/fuzz_$name" -seed=1 -runs="$runs" "$dir/corpus_$name" "$@" \
+        if OMP_NUM_THREADS=3 OMP_WAIT_POLICY=passive "$dir/fuzz_$name" -seed=1 -runs="$runs" "$dir/corpus_$name" "$@" \
              >"$dir/run_$name.log" 2>&1; then
             total_pass=$((total_pass + 1))
             note "[fuzz] fuzz_$name: $(grep -E '^Done' "$dir/run_$name.log"): 1 passed, 0 failed"
@@ -76,10 +77,50 @@ fuzz_one() {
     else fail_one "[fuzz] fuzz_$name: build failed:"; head -20 "$dir/build_$name.log"; fi
 }
 
+# pass/fail one step of the install configuration, with its log on failure
+install_step() {
+    local what=$1 log=$2; shift 2
+    if "$@" >"$log" 2>&1; then total_pass=$((total_pass + 1))
+    else fail_one "[install] $what:"; tail -15 "$log"; fi
+}
+test_install() {
+    local dir="$OUT/install" how
+    local abs; abs="$(pwd)/$dir"
+    local model="tests/data/safetensors/encoder.safetensors"
+    local cflags="-Wall -Wextra -Wpedantic -Werror"
+    rm -rf "$dir" && mkdir -p "$dir"
+    install_step "make install PREFIX=..." "$dir/make_install.log" make -s install PREFIX="$abs/prefix"
+    export PKG_CONFIG_PATH="$abs/prefix/share/pkgconfig"
+    install_step "pkg-config --modversion" "$dir/pc.log" pkg-config --exact-version="$(sed -n 's/^#define MHA_VERSION_MAJOR //p' mha.h).$(sed -n 's/^#define MHA_VERSION_MINOR //p' mha.h).$(sed -n 's/^#define MHA_VERSION_PATCH //p' mha.h)" mha
+    # shellcheck disable=SC2046
+    if gcc -std=c99 $cflags $(pkg-config --cflags mha) tests/consumer/consumer.c -o "$dir/consumer_pc" \
+         $(pkg-config --libs mha) 2>"$dir/consumer_pc.log" &&
+       g++ -std=c++11 $cflags $(pkg-config --cflags mha) tests/consumer/consumer_cxx.cpp -o "$dir/consumer_pc_cxx" \
+         $(pkg-config --libs mha) 2>>"$dir/consumer_pc.log"; then
+        run_prog pkg-config "$dir/consumer_pc" env "MHA_MODEL=$model" && run_prog pkg-config-c++ "$dir/consumer_pc_cxx"
+    else fail_one "[install] consumer with pkg-config --cflags does not build:"; head -20 "$dir/consumer_pc.log"; fi
+    unset PKG_CONFIG_PATH
+    for how in find_package subdirectory fetchcontent; do
+        if cmake -S tests/consumer -B "$dir/cmake_$how" -DMHA_HOW="$how" -DMHA_SOURCE_DIR="$(pwd)" \
+             -DCMAKE_PREFIX_PATH="$abs/prefix" -DCMAKE_C_FLAGS="$cflags" -DCMAKE_CXX_FLAGS="$cflags" \
+             >"$dir/cmake_$how.log" 2>&1 && cmake --build "$dir/cmake_$how" >>"$dir/cmake_$how.log" 2>&1; then
+            run_prog "cmake-$how" "$dir/cmake_$how/consumer" env "MHA_MODEL=$model"
+            run_prog "cmake-$how-c++" "$dir/cmake_$how/consumer_cxx"
+        else fail_one "[install] consumer with CMake ($how) does not build:"; tail -20 "$dir/cmake_$how.log"; fi
+    done
+    install_step "cmake --install lays out what make install does" "$dir/cmake_self.log" \
+        sh -c "cmake -S . -B '$dir/self' && cmake --install '$dir/self' --prefix '$abs/prefix2' && diff -r '$abs/prefix' '$abs/prefix2'"
+    install_step "DESTDIR staging and uninstall" "$dir/destdir.log" sh -c \
+        "make -s install DESTDIR='$abs/stage' PREFIX=/usr && test -f '$abs/stage/usr/include/mha/safetensors.h' &&
+         test -f '$abs/stage/usr/share/cmake/mha/mhaConfigVersion.cmake' &&
+         make -s uninstall DESTDIR='$abs/stage' PREFIX=/usr && test -z \"\$(find '$abs/stage' -type f)\""
+    note "[install] make install, pkg-config, CMake find_package/add_subdirectory/FetchContent, DESTDIR"
+}
+
 have_avx2() { grep -q ' avx2 ' /proc/cpuinfo && grep -q ' fma ' /proc/cpuinfo; }
 
 configs=("$@")
-[ ${#configs[@]} -eq 0 ] && configs=(scalar avx2 avx512 clang sanitize neon cxx fuzz)
+[ ${#configs[@]} -eq 0 ] && configs=(scalar avx2 avx512 clang sanitize neon cxx install fuzz)
 
 for cfg in "${configs[@]}"; do
     case $cfg in
@@ -138,9 +179,17 @@ for cfg in "${configs[@]}"; do
         # unfused vs a float64 reference), and the two file readers seeded
         # with the test files
         fuzz_one forward "${MHA_FUZZ_RUNS:-60000}" "" -max_len=4096
-        fuzz_one diff "${MHA_FUZZ_DIFF_RUNS:-6000}" "-fopenmp $(have_avx2 && echo -mavx2 -mfma)" -max_len=4096
+        fuzz_one diff "${MHA_FUZZ_DIFF_RUNS:-6000}" "-fopenmp $(have_avx2 && echo -mavx2 -mfma)" -max_len=4096 tests/data/fuzz/diff
         fuzz_one npy 100000 "" -max_len=4096 tests/data/npy
         fuzz_one safetensors 100000 "" -max_len=8192 -dict=tests/fuzz_safetensors.dict tests/data/safetensors ;;
+    install)
+        # `make install` into a temporary prefix, then tests/consumer built
+        # against it with pkg-config and with CMake (find_package), and from
+        # the source tree (add_subdirectory, FetchContent); cmake --install
+        # must lay out the same files; DESTDIR stages and uninstall removes.
+        if command -v cmake >/dev/null && command -v pkg-config >/dev/null; then
+            test_install
+        else fail_one "install: cmake or pkg-config missing (make deps installs them)"; fi ;;
     *) fail_one "unknown configuration $cfg" ;;
     esac
 done

@@ -1,0 +1,20 @@
+// consumer_cxx.cpp - the installed headers compiled as C++ (implementations included).
+#define MHA_IMPLEMENTATION
+#include <mha.h>
+#define MHA_ST_IMPLEMENTATION
+#include <mha/safetensors.h>
+#define MHA_NPY_IMPLEMENTATION
+#include <mha/npy.h>
+#include <cstdio>
+
+int main()
+{
+#define OK(c) ((c) ? ++pass : ++fail)
+    int pass = 0, fail = 0;
+    mha_st_file f;
+    char err[128];
+    OK(mha_st_open_mem("\0\0\0\0\0\0\0\0", 8, &f, err, sizeof err) == -1);
+    OK(mha_status_string(MHA_OK) != nullptr);
+    std::printf("consumer (C++): %d passed, %d failed\n", pass, fail);
+    return fail != 0;
+}
