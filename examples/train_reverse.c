@@ -2,7 +2,7 @@
      make demo
    or by hand:
      cc -std=c99 -O2 -I. -Iexamples -isystem /usr/include/stb examples/train_reverse.c -o train_reverse -lm
-     ./train_reverse [out-folder]
+     ./train_reverse [out-folder [steps]]      (steps: 1500 by default)
 
    THE TASK   input  3 1 4 1 5 9 2 6   ->   output  6 2 9 5 1 4 1 3
    Each output position i must copy the digit at position L-1-i.  The digit
@@ -272,6 +272,7 @@ static void draw(model *M, const int *tokens, const char *dir, const char *name,
 int main(int argc, char **argv)
 {
     const char *dir = argc > 1 ? argv[1] : "out";
+    const int steps = argc > 2 && atoi(argv[2]) > 0 ? atoi(argv[2]) : STEPS;
     static int tok[B * L], tgt[B * L], eval_tok[EVAL_N * L], eval_tgt[EVAL_N * L];
     model M;
     mha_rng rng, eval_rng;
@@ -323,7 +324,7 @@ int main(int argc, char **argv)
 
     memset(&adam, 0, sizeof adam);
     adam.lr = 3e-3f;
-    for (step = 1; step <= STEPS; ++step) {
+    for (step = 1; step <= steps; ++step) {
         float loss;
         int correct;
         make_batch(&rng, B, 0, tok, tgt);
@@ -339,7 +340,7 @@ int main(int argc, char **argv)
     }
     acc = evaluate(&M, eval_tok, eval_tgt, EVAL_N);
     printf("held-out token accuracy %.2f%% on %d sequences (%d tokens) after %d steps, %.1f s\n",
-           100.0f * acc, EVAL_N, EVAL_N * L, STEPS, (double)(clock() - t0) / CLOCKS_PER_SEC);
+           100.0f * acc, EVAL_N, EVAL_N * L, steps, (double)(clock() - t0) / CLOCKS_PER_SEC);
     print_example(&M, pic);
     draw(&M, pic, dir, "reverse_after.png", "after training");
 

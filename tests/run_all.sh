@@ -10,7 +10,8 @@
 # neon (aarch64 cross-compiler, run under qemu-aarch64), cxx (C++ compile of the
 # header + the two-translation-unit link test), fuzz (bounded libFuzzer runs
 # of the four tests/fuzz_*.c harnesses), install (make install + consumer
-# builds with pkg-config and CMake).
+# builds with pkg-config and CMake), valgrind (memcheck of every example
+# and of tests/memcheck_fwd_bwd.c).
 set -u
 cd "$(dirname "$0")/.."
 OUT=build/tests
@@ -117,10 +118,41 @@ test_install() {
     note "[install] make install, pkg-config, CMake find_package/add_subdirectory/FetchContent, DESTDIR"
 }
 
+# vg_run NAME MAXRC BINARY ARGS...: memcheck one program, which must exit with
+# at most MAXRC (1 for train_reverse: cut to two steps it misses its accuracy
+# goal) and without a valgrind report
+vg_run() {
+    local name=$1 maxrc=$2 log="$OUT/valgrind/$1.vg.log"; shift 2
+    valgrind -q --error-exitcode=99 --leak-check=full --show-leak-kinds=all --errors-for-leak-kinds=all \
+        "$@" >"$log" 2>&1
+    local rc=$?
+    if [ $rc -ne 99 ] && [ $rc -le "$maxrc" ] && ! grep -q '^==[0-9]*==' "$log"; then
+        total_pass=$((total_pass + 1)); note "[valgrind] $name: clean"
+    else fail_one "[valgrind] $name (exit $rc):"; grep '^==' "$log" | head -20; fi
+}
+test_valgrind() {
+    local dir="$OUT/valgrind" ex arch=""
+    have_avx2 && arch="-mavx2 -mfma"
+    rm -rf "$dir" && mkdir -p "$dir"
+    for ex in examples/*.c tests/memcheck_fwd_bwd.c; do
+        if ! gcc -std=c99 -O1 -g $arch $WARN -I. -Iexamples -Itests $STB "$ex" -o "$dir/$(basename "$ex" .c)" -lm \
+               2>"$dir/build.log"; then
+            fail_one "[valgrind] $ex: build failed:"; head -10 "$dir/build.log"
+        fi
+    done
+    vg_run print_forward 0 "$dir/print_forward"
+    vg_run attention_heatmaps 0 "$dir/attention_heatmaps" "$dir"
+    vg_run train_reverse 1 "$dir/train_reverse" "$dir" 2
+    vg_run mha_view 0 "$dir/mha_view" tests/data/npy/torch_causal_f4.npy --labels tests/data/npy/tokens5.txt -o "$dir/view"
+    vg_run mha_view_bad_file 1 "$dir/mha_view" tests/data/npy/bad_fortran.npy -o "$dir/view"
+    vg_run memcheck_fwd_bwd 0 "$dir/memcheck_fwd_bwd"
+    [ "$(ls "$dir"/*.png 2>/dev/null | wc -l)" -ge 6 ] || fail_one "[valgrind] the examples wrote fewer PNGs than expected"
+}
+
 have_avx2() { grep -q ' avx2 ' /proc/cpuinfo && grep -q ' fma ' /proc/cpuinfo; }
 
 configs=("$@")
-[ ${#configs[@]} -eq 0 ] && configs=(scalar avx2 avx512 clang sanitize neon cxx install fuzz)
+[ ${#configs[@]} -eq 0 ] && configs=(scalar avx2 avx512 clang sanitize neon cxx install valgrind fuzz)
 
 for cfg in "${configs[@]}"; do
     case $cfg in
@@ -190,6 +222,13 @@ for cfg in "${configs[@]}"; do
         if command -v cmake >/dev/null && command -v pkg-config >/dev/null; then
             test_install
         else fail_one "install: cmake or pkg-config missing (make deps installs them)"; fi ;;
+    valgrind)
+        # memcheck: no error and no leak of any kind (definite, indirect,
+        # possible, still reachable) in every example, run small, and in a
+        # forward + backward program.  Built without OpenMP (its thread pool
+        # stays allocated at exit) and without AVX-512 (valgrind lacks it).
+        if command -v valgrind >/dev/null; then test_valgrind
+        else note "NOTE valgrind: not installed (make deps installs it); configuration skipped"; fi ;;
     *) fail_one "unknown configuration $cfg" ;;
     esac
 done
