@@ -17,7 +17,7 @@ all: demo
 help:
 	@echo "make demo   - build and run the example (writes heatmap PNGs)"
 	@echo "make view   - build the .npy viewer; make view NPY=attn.npy VIEWFLAGS='--labels tok.txt' runs it"
-	@echo "make test   - every test under scalar, AVX2, clang, ASan+UBSan, NEON (qemu), C++"
+	@echo "make test   - every test under scalar, AVX2, clang, ASan+UBSan, NEON (qemu), C++; install, valgrind, fuzz"
 	@echo "make bench  - GEMM and attention benchmarks against OpenBLAS and PyTorch"
 	@echo "make install PREFIX=/usr/local [DESTDIR=...] - mha.h, mha/*.h, mha.pc, CMake config (uninstall too)"
 	@echo "make deps   - install the Debian packages the tests need (root, apt-get)"
