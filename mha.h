@@ -67,6 +67,10 @@
      Every call returns an mha_status; mha_status_string() describes it.
      On any status other than MHA_OK no output has been written.
 
+   WORKSPACES
+     A workspace may start at any byte address: each *_workspace_size
+     includes 64 bytes of slack, and the call aligns inside it.
+
    MASKS (nn.MultiheadAttention semantics, see docs/api.md for the full table)
      bool masks:  nonzero = this key is NOT allowed    (MHA_MASK_BOOL)
                   nonzero = this key takes part        (MHA_MASK_BOOL_KEEP,
@@ -341,7 +345,9 @@ typedef enum mha_activation {
      pre-norm  (norm_first = 1):  h = x + SA(LN1(x));   y = h + FF(LN2(h))
      FF(z) = linear2(act(linear1(z)))                                       */
 typedef struct mha_encoder_layer {
-    mha_module     self_attn;        /* embed_dim = d_model, num_heads = nhead */
+    mha_module     self_attn;        /* embed_dim = d_model, num_heads = nhead; kdim and vdim
+                                        0 or d_model (x is the key and value: anything else
+                                        is MHA_ERR_INVALID_ARGUMENT) */
     int            dim_feedforward;  /* F */
     mha_activation activation;
     int            norm_first;
@@ -502,6 +508,16 @@ static int mha__max_threads(const mha_options *opt)
 
 /* Float offsets inside a workspace; every region starts on a 64-byte line. */
 #define MHA__ALIGN_FLOATS 16
+
+/* The first 64-byte boundary at or after ws.  A caller's workspace may start
+   at any byte address: every size adds MHA__ALIGN_FLOATS floats (64 bytes)
+   of slack, and the step is counted in bytes, so at most 63 are skipped. */
+static float *mha__align_ws(void *ws)
+{
+    const size_t line = MHA__ALIGN_FLOATS * sizeof(float);
+    size_t skip = (line - (size_t)((uintptr_t)ws % line)) % line;
+    return MHA__CAST(float *, (void *)(MHA__CAST(unsigned char *, ws) + skip));
+}
 static int mha__region(size_t *cursor, size_t nfloats, size_t *offset)
 {
     size_t padded;
@@ -1430,9 +1446,7 @@ MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, floa
         if (!owned) return MHA_ERR_OUT_OF_MEMORY;
         workspace = owned;
     }
-    /* align the packing buffers to a cache line */
-    ws = MHA__CAST(float *, workspace);
-    ws += (MHA__ALIGN_FLOATS - ((uintptr_t)ws / sizeof(float)) % MHA__ALIGN_FLOATS) % MHA__ALIGN_FLOATS;
+    ws = mha__align_ws(workspace);   /* the packing buffers start on a cache line */
     mha__gemm_mt(ta, tb, M, N, K, alpha, A, (size_t)lda, B, (size_t)ldb, beta, C, (size_t)ldc,
                  ws, nthreads);
     if (owned) MHA_FREE(owned);
@@ -2020,11 +2034,6 @@ static void mha__attn_common(mha__attn *a, const mha_options *opt, int B, int H,
     a->nthreads = mha__max_threads(opt);
 }
 
-static float *mha__align_ws(void *ws)
-{
-    float *f = MHA__CAST(float *, ws);
-    return f + (MHA__ALIGN_FLOATS - ((uintptr_t)f / sizeof(float)) % MHA__ALIGN_FLOATS) % MHA__ALIGN_FLOATS;
-}
 
 /* Take the caller's workspace, or allocate one: 0 on failure. */
 static mha_status mha__get_ws(void *workspace, size_t have, size_t need, void **owned, float **ws)
@@ -3165,6 +3174,10 @@ static mha_status mha__enc_plan(const mha_encoder_layer *ly, int B, int L,
         return MHA_ERR_INVALID_ARGUMENT;
     /* the backward's limits (in_proj_weight, no bias_k / zero attn) apply to both calls */
     if ((st = mha_backward_workspace_size(&ly->self_attn, B, L, L, opt, &bb)) != MHA_OK) return st;
+    /* x [B, L, E] is the key and the value too: kdim and vdim must be E */
+    if ((ly->self_attn.kdim != 0 && ly->self_attn.kdim != ly->self_attn.embed_dim) ||
+        (ly->self_attn.vdim != 0 && ly->self_attn.vdim != ly->self_attn.embed_dim))
+        return MHA_ERR_INVALID_ARGUMENT;
     /* the forward's need can differ with and without weights: take the larger */
     if ((st = mha_forward_workspace_size(&ly->self_attn, B, L, L, opt, 0, &fb)) != MHA_OK) return st;
     if ((st = mha_forward_workspace_size(&ly->self_attn, B, L, L, opt, 1, &fw)) != MHA_OK) return st;
