@@ -495,6 +495,29 @@ static int mha__add(size_t a, size_t b, size_t *r)
     return 1;
 }
 
+/* Int audit.  Sizes arrive as int; every tensor and workspace size is
+   computed in size_t above (MHA_ERR_OVERFLOW when it does not fit).  The
+   int values the code forms from them, and why each fits:
+   - every dimension (B, H, L*, E, kdim, vdim, D, Dv, F, GEMM M/N/K, Linear
+     rows/in/out) is at most MHA__INT_LIMIT, checked by each entry, so a
+     dimension plus a block size (MC, NC, KC, query chunks: all < 2^16) or
+     plus another dimension cannot overflow in the blocked loops;
+   - B*H, the (batch, head) count of SDPA's work items: checked against
+     MHA__INT_LIMIT (it overflowed at B = 65536, H = 32768 and the call
+     returned OK having done nothing);
+   - B*Lq and B*Lk' (B*L in the encoder), the rows of the module's
+     projection GEMMs: checked against MHA__INT_LIMIT by the module's plans,
+     which the encoder runs before it forms N = B*L;
+   - the module's fused (batch, head) count nb*H: the fused module path
+     runs only below MHA__BY_HEAD_FLOATS = B (Lq + 2 Lk') E, so it is under
+     2^23; the by-head path has one head at a time;
+   - work-item counts B*ceil(Lq/rows) and B*H*ceil(Lq/tile) are long:
+     both are at most B*H*Lq, checked against LONG_MAX (32-bit long);
+   - everything else that is multiplied (offsets, strides, mask rows, the
+     GEMM's split and the by-head threshold) is size_t, ptrdiff_t or double. */
+#define MHA__INT_LIMIT (INT_MAX / 2)
+static int mha__dim_ok(int n) { return n <= MHA__INT_LIMIT; }
+
 static int mha__max_threads(const mha_options *opt)
 {
 #ifdef _OPENMP
@@ -1430,6 +1453,7 @@ MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, floa
     if ((ta != MHA_NO_TRANS && ta != MHA_TRANS) || (tb != MHA_NO_TRANS && tb != MHA_TRANS))
         return MHA_ERR_INVALID_ARGUMENT;
     if (lda < (ta ? M : K) || ldb < (tb ? K : N) || ldc < N) return MHA_ERR_INVALID_SIZE;
+    if (!mha__dim_ok(M) || !mha__dim_ok(N) || !mha__dim_ok(K)) return MHA_ERR_OVERFLOW;
     if (!mha__mul((size_t)(ta ? K : M), (size_t)lda, &tmp) || !mha__mul(tmp, sizeof(float), &tmp) ||
         !mha__mul((size_t)(tb ? N : K), (size_t)ldb, &tmp) || !mha__mul(tmp, sizeof(float), &tmp) ||
         !mha__mul((size_t)M, (size_t)ldc, &tmp) || !mha__mul(tmp, sizeof(float), &tmp))
@@ -2064,6 +2088,10 @@ static mha_status mha__sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
         !mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)Lk, &n) ||
         !mha__mul(n, sizeof(float), &n))
         return MHA_ERR_OVERFLOW;
+    /* the int and long counts of the int audit (size arithmetic, above) */
+    if ((size_t)B * (size_t)H > MHA__INT_LIMIT || (size_t)B * (size_t)H * (size_t)Lq > LONG_MAX ||
+        !mha__dim_ok(Lq) || !mha__dim_ok(Lk) || !mha__dim_ok(D) || !mha__dim_ok(Dv))
+        return MHA_ERR_OVERFLOW;
     if ((st = mha__check_masks(opt, B, H, Lq, Lk)) != MHA_OK) return st;
     if (!mha__attn_scratch_floats(Lq, Lk, Lk, D, Dv, mha__max_threads(opt), need_weights,
                                   (size_t)B * H < (size_t)mha__max_threads(opt), per_thread, &total) ||
@@ -2106,7 +2134,7 @@ MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
     a.v.p = v; a.v.rs = (size_t)Dv; a.v.hs = (size_t)Lk * Dv; a.v.bs = (size_t)H * Lk * Dv;
     a.o = out; a.o_rs = (size_t)Dv; a.o_hs = (size_t)Lq * Dv; a.o_bs = (size_t)H * Lq * Dv;
     a.weights = attn_weights; a.per_head = 1;
-    a.shared_pack = B * H < a.nthreads;
+    a.shared_pack = (size_t)B * H < (size_t)a.nthreads;
     mha__attend_all(&a, ws, per_thread);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
@@ -2174,7 +2202,9 @@ static mha_status mha__check_module(const mha_module *m, int B, int Lq, int Lk, 
     }
     if ((m->bias_k == NULL) != (m->bias_v == NULL)) return MHA_ERR_INVALID_ARGUMENT;
     if (m->add_zero_attn != 0 && m->add_zero_attn != 1) return MHA_ERR_INVALID_ARGUMENT;
-    if (Lk > INT_MAX - 2) return MHA_ERR_OVERFLOW;
+    if (!mha__dim_ok(Lq) || !mha__dim_ok(Lk) || !mha__dim_ok(*E) || !mha__dim_ok(*kdim) ||
+        !mha__dim_ok(*vdim))
+        return MHA_ERR_OVERFLOW;
     *Lk_eff = Lk + (m->bias_k != NULL) + m->add_zero_attn;
     return MHA_OK;
 }
@@ -2187,8 +2217,9 @@ static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
     st = mha__check_module(m, B, Lq, Lk, &L->E, &L->H, &L->D, &L->kdim, &L->vdim, &L->Lk_eff);
     if (st != MHA_OK) return st;
 
-    /* GEMM row counts (B*L) are ints; tensor byte counts must fit size_t */
-    if ((size_t)B * (size_t)Lq > INT_MAX || (size_t)B * (size_t)L->Lk_eff > INT_MAX)
+    /* GEMM row counts (B*L) are ints (the int audit); tensor byte counts must fit size_t */
+    if ((size_t)B * (size_t)Lq > MHA__INT_LIMIT || (size_t)B * (size_t)L->Lk_eff > MHA__INT_LIMIT ||
+        (size_t)B * (size_t)L->H * (size_t)Lq > LONG_MAX)
         return MHA_ERR_OVERFLOW;
     {
         int widest = L->E;
@@ -2697,7 +2728,8 @@ static mha_status mha__sdpa_bwd_plan(int B, int H, int Lq, int Lk, int D, int Dv
         !mha__mul(n, sizeof(float), &n) ||
         !mha__mul3((size_t)B * (size_t)H, (size_t)Lk, (size_t)(D > Dv ? D : Dv), &n) ||
         !mha__mul(n, sizeof(float), &n) ||
-        !mha__mul3((size_t)Lq, (size_t)Lk, 2 * sizeof(float), &n))
+        !mha__mul3((size_t)Lq, (size_t)Lk, 2 * sizeof(float), &n) ||
+        !mha__dim_ok(Lq) || !mha__dim_ok(Lk) || !mha__dim_ok(D) || !mha__dim_ok(Dv))
         return MHA_ERR_OVERFLOW;
     if ((st = mha__check_masks(opt, B, H, Lq, Lk)) != MHA_OK) return st;
     if (!mha__region(&cur, (size_t)Lq * Lk, &L->p) ||
@@ -2800,7 +2832,8 @@ static void mha__linear_backward(int rows, int in, int out, const float *X, cons
 static int mha__linear_sizes_ok(int rows, int in, int out)
 {
     size_t n;
-    return mha__mul3((size_t)rows, (size_t)(in > out ? in : out), sizeof(float), &n) &&
+    return mha__dim_ok(rows) && mha__dim_ok(in) && mha__dim_ok(out) &&
+           mha__mul3((size_t)rows, (size_t)(in > out ? in : out), sizeof(float), &n) &&
            mha__mul3((size_t)in, (size_t)out, sizeof(float), &n);
 }
 
@@ -2867,7 +2900,7 @@ static mha_status mha__bwd_plan(const mha_module *m, int B, int Lq, int Lk,
     widest = L->E;
     if (L->kdim > widest) widest = L->kdim;
     if (L->vdim > widest) widest = L->vdim;
-    if ((size_t)B * (size_t)Lq > INT_MAX || (size_t)B * (size_t)L->Lk_eff > INT_MAX ||
+    if ((size_t)B * (size_t)Lq > MHA__INT_LIMIT || (size_t)B * (size_t)L->Lk_eff > MHA__INT_LIMIT ||
         !mha__mul3((size_t)B * (size_t)(Lq > L->Lk_eff ? Lq : L->Lk_eff), (size_t)widest,
                    8 * sizeof(float), &n) ||
         !mha__mul3((size_t)Lq, (size_t)L->Lk_eff, 2 * sizeof(float), &n) ||
