@@ -200,7 +200,8 @@ typedef struct mha_options {
 /* Scaled dot-product attention on heads that are already projected:
      q [B,H,Lq,D], k [B,H,Lk,D], v [B,H,Lk,Dv]  ->  out [B,H,Lq,Dv]
      attn_weights: NULL, or [B,H,Lq,Lk] (per_head_weights ignored here).
-   opt may be NULL.  workspace: mha_sdpa_workspace_size() bytes or NULL.  */
+   opt may be NULL.  workspace: mha_sdpa_workspace_size() bytes or NULL.
+   out may be q when D == Dv (in place); it must not overlap k or v.  */
 MHADEF mha_status mha_sdpa_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
                                           const mha_options *opt, int need_weights,
                                           size_t *bytes);
@@ -235,7 +236,10 @@ typedef struct mha_module {
    attn_weights: NULL, or [B,Lq,Lk'] (head average) / [B,H,Lq,Lk'] (per head),
    where Lk' = Lk + (bias_k != NULL) + add_zero_attn, as PyTorch returns them.
    Masks are given for the Lk real keys; the appended keys are never masked
-   (PyTorch pads the masks with zeros the same way).  */
+   (PyTorch pads the masks with zeros the same way).
+   out may be the same buffer as query, key and/or value (in place), with the
+   same result; on the long-sequence path (head by head) an input that
+   overlaps out is then copied through MHA_MALLOC (docs/api.md, Aliasing).  */
 MHADEF mha_status mha_forward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
                                              const mha_options *opt, int need_weights,
                                              size_t *bytes);
@@ -2518,6 +2522,43 @@ static void mha__forward_by_head(const mha_module *m, const mha__fwd_layout *L, 
     }
 }
 
+/* Whether n1 floats at a and n2 floats at b share memory. */
+static int mha__overlap(const float *a, size_t n1, const float *b, size_t n2)
+{
+    uintptr_t pa = (uintptr_t)a, pb = (uintptr_t)b;
+    return pa < pb + n2 * sizeof(float) && pb < pa + n1 * sizeof(float);
+}
+
+/* The by-head path writes out from its first head on, and every head reads
+   query, key and value again: each of the inputs x[0..2] (n[i] floats) that
+   overlaps out (nout floats) is copied, and x[i] pointed at the copy.  An
+   input given twice (self-attention) is copied once.  *copy: the one
+   allocation, for the caller to free (NULL when nothing overlaps).  */
+static mha_status mha__copy_aliased(const float *out, size_t nout, const float **x, const size_t *n,
+                                    void **copy)
+{
+    size_t off[3], total = 0;
+    int i, j, src[3];
+    float *c;
+    *copy = NULL;
+    for (i = 0; i < 3; ++i) {
+        src[i] = -1;   /* -1: read in place; i: copy it; j < i: share x[j]'s copy */
+        if (!mha__overlap(out, nout, x[i], n[i])) continue;
+        src[i] = i;
+        for (j = 0; j < i; ++j) if (src[j] == j && x[j] == x[i] && n[j] == n[i]) src[i] = j;
+        if (src[i] == i) { off[i] = total; total += n[i]; }
+    }
+    if (total == 0) return MHA_OK;
+    *copy = MHA_MALLOC(total * sizeof(float));
+    if (!*copy) return MHA_ERR_OUT_OF_MEMORY;
+    c = MHA__CAST(float *, *copy);
+    for (i = 0; i < 3; ++i)
+        if (src[i] == i) memcpy(c + off[i], x[i], n[i] * sizeof(float));
+    for (i = 0; i < 3; ++i)
+        if (src[i] >= 0) x[i] = c + off[src[i]];
+    return MHA_OK;
+}
+
 MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
                               const float *query, const float *key, const float *value,
                               const mha_options *opt, float *out, float *attn_weights,
@@ -2555,8 +2596,18 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
     bv = bq ? bq + 2 * E : NULL;
 
     if (L.by_head) {
-        mha__forward_by_head(m, &L, B, Lq, Lk, query, key, value, opt, out, qp, kp, vp, scratch,
+        const float *x[3];
+        size_t n[3];
+        void *copy;
+        x[0] = query; x[1] = key; x[2] = value;
+        n[0] = (size_t)B * Lq * E; n[1] = (size_t)B * Lk * L.kdim; n[2] = (size_t)B * Lk * L.vdim;
+        if ((st = mha__copy_aliased(out, n[0], x, n, &copy)) != MHA_OK) {
+            if (owned) MHA_FREE(owned);
+            return st;
+        }
+        mha__forward_by_head(m, &L, B, Lq, Lk, x[0], x[1], x[2], opt, out, qp, kp, vp, scratch,
                              wq, wk, wv, bq, bk, bv);
+        if (copy) MHA_FREE(copy);
         if (owned) MHA_FREE(owned);
         return MHA_OK;
     }
