@@ -397,20 +397,30 @@ MHADEF mha_status mha_embedding_backward(int n, int vocab, int d, const int *tok
      loss = -(1/N) sum_r log softmax(logits_r)[target_r],  N = rows with target >= 0
    Rows with a negative target are ignored (ignore_index).  dlogits (may be NULL)
    is written, not added: dlogits_r = (softmax(logits_r) - onehot(target_r)) / N.
-   correct (may be NULL) receives how many counted rows have argmax == target.  */
+   correct (may be NULL) receives how many counted rows have argmax == target.
+   With every target ignored (N = 0) the loss is 0 and dlogits all zero, so
+   such a batch changes nothing; PyTorch's mean returns NaN there.  */
 MHADEF mha_status mha_cross_entropy(int n, int V, const float *logits, const int *targets,
                                     float *loss, float *dlogits, int *correct);
 
-/* Plain SGD: p -= lr * (g + weight_decay * p).  */
+/* Plain SGD (torch.optim.SGD without momentum): p -= lr * (g + weight_decay * p).
+   lr and weight_decay must be finite and >= 0: else MHA_ERR_INVALID_ARGUMENT,
+   p untouched.  */
 MHADEF mha_status mha_sgd_step(size_t n, float *p, const float *g, float lr, float weight_decay);
 
-/* AdamW (torch.optim.AdamW).  Zero fields take PyTorch's defaults:
-   lr 1e-3, beta1 0.9, beta2 0.999, eps 1e-8, weight_decay 0.01.
+/* AdamW (torch.optim.AdamW).  Every field means exactly its value, zero
+   included (beta1 = 0 or weight_decay = 0 is what it says): start from
+   mha_adamw_defaults(), PyTorch's lr 1e-3, betas (0.9, 0.999), eps 1e-8,
+   weight_decay 0.01, and change what differs:
+       mha_adamw opt = mha_adamw_defaults();  opt.lr = 3e-3f;
+   Every field must be finite, with lr, eps, weight_decay >= 0 and beta1,
+   beta2 in [0, 1): else MHA_ERR_INVALID_ARGUMENT and nothing is written.
    step is the 1-based step count (for bias correction); m and v are the
    caller's moment buffers of n floats, zero before the first step.  */
 typedef struct mha_adamw {
     float lr, beta1, beta2, eps, weight_decay;
 } mha_adamw;
+MHADEF mha_adamw  mha_adamw_defaults(void);
 MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, float *p,
                                  const float *g, float *m, float *v);
 
@@ -3553,11 +3563,16 @@ MHADEF mha_status mha_cross_entropy(int n, int V, const float *logits, const int
     return MHA_OK;
 }
 
+/* x - x is 0 exactly for finite x (NaN for NaN and +-Inf) */
+static int mha__finite(float x) { return x - x == 0.0f; }
+
 /* p -= lr * (g + weight_decay * p) */
 MHADEF mha_status mha_sgd_step(size_t n, float *p, const float *g, float lr, float weight_decay)
 {
     size_t i;
     if (!p || !g) return MHA_ERR_NULL_POINTER;
+    if (!mha__finite(lr) || !mha__finite(weight_decay) || lr < 0.0f || weight_decay < 0.0f)
+        return MHA_ERR_INVALID_ARGUMENT;
     for (i = 0; i < n; ++i) p[i] -= lr * (g[i] + weight_decay * p[i]);
     return MHA_OK;
 }
@@ -3566,18 +3581,24 @@ MHADEF mha_status mha_sgd_step(size_t n, float *p, const float *g, float lr, flo
      p  *= 1 - lr * wd                       (decoupled weight decay)
      m   = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
      p  -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)          */
+MHADEF mha_adamw mha_adamw_defaults(void)
+{
+    mha_adamw d;
+    d.lr = 1e-3f; d.beta1 = 0.9f; d.beta2 = 0.999f; d.eps = 1e-8f; d.weight_decay = 1e-2f;
+    return d;
+}
+
 MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, float *p,
                                  const float *g, float *m, float *v)
 {
     float lr, b1, b2, eps, wd, c1, c2;
     size_t i;
     if (!opt || !p || !g || !m || !v) return MHA_ERR_NULL_POINTER;
-    lr = opt->lr > 0.0f ? opt->lr : 1e-3f;
-    b1 = opt->beta1 > 0.0f ? opt->beta1 : 0.9f;
-    b2 = opt->beta2 > 0.0f ? opt->beta2 : 0.999f;
-    eps = opt->eps > 0.0f ? opt->eps : 1e-8f;
-    wd = opt->weight_decay;
-    if (step < 1 || !(b1 < 1.0f) || !(b2 < 1.0f) || !(wd >= 0.0f) || !(opt->lr >= 0.0f))
+    lr = opt->lr; b1 = opt->beta1; b2 = opt->beta2; eps = opt->eps; wd = opt->weight_decay;
+    /* as torch.optim.AdamW checks them (NaN fails every comparison) */
+    if (step < 1 || !mha__finite(lr) || !mha__finite(eps) || !mha__finite(wd) ||
+        !(lr >= 0.0f) || !(eps >= 0.0f) || !(wd >= 0.0f) ||
+        !(b1 >= 0.0f && b1 < 1.0f) || !(b2 >= 0.0f && b2 < 1.0f))
         return MHA_ERR_INVALID_ARGUMENT;
     c1 = (float)(1.0 - pow((double)b1, (double)step));
     c2 = (float)(1.0 - pow((double)b2, (double)step));
