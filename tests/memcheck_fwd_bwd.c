@@ -120,7 +120,7 @@ static void encoder_pass(tu_rng *r, const char *path)
     mha_adamw adam;
     memset(&ly, 0, sizeof ly);
     memset(&g, 0, sizeof g);
-    memset(&adam, 0, sizeof adam);
+    adam = mha_adamw_defaults();
     layer_ok = mha_st_open(path, &f, err, sizeof err) == 0 && mha_st_encoder_layer(&f, "layers.0.", 4, &ly, err, sizeof err) == 0;
     CHECK(layer_ok, "encoder layer from %s: %s", path, layer_ok ? "" : err);
     if (!layer_ok) return;
