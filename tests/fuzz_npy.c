@@ -4,7 +4,7 @@
    succeeds must describe exactly the bytes it was given.
 
      clang -g -O1 -fsanitize=fuzzer,address,undefined -I. tests/fuzz_npy.c
-     ./a.out -runs=1000000 tests/data/npy                                      */
+     ./a.out -runs=1000000 -dict=tests/fuzz_npy.dict tests/data/npy              */
 #define MHA_NPY_IMPLEMENTATION
 #include "../examples/npy.h"
 #include <stdint.h>

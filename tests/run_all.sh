@@ -92,7 +92,7 @@ test_install() {
     rm -rf "$dir" && mkdir -p "$dir"
     install_step "make install PREFIX=..." "$dir/make_install.log" make -s install PREFIX="$abs/prefix"
     export PKG_CONFIG_PATH="$abs/prefix/share/pkgconfig"
-    install_step "pkg-config --modversion" "$dir/pc.log" pkg-config --exact-version="$(sed -n 's/^#define MHA_VERSION_MAJOR //p' mha.h).$(sed -n 's/^#define MHA_VERSION_MINOR //p' mha.h).$(sed -n 's/^#define MHA_VERSION_PATCH //p' mha.h)" mha
+    install_step "pkg-config --exact-version (mha.h's version)" "$dir/pc.log" pkg-config --exact-version="$(sed -n 's/^#define MHA_VERSION_MAJOR //p' mha.h).$(sed -n 's/^#define MHA_VERSION_MINOR //p' mha.h).$(sed -n 's/^#define MHA_VERSION_PATCH //p' mha.h)" mha
     # shellcheck disable=SC2046
     if gcc -std=c99 $cflags $(pkg-config --cflags mha) tests/consumer/consumer.c -o "$dir/consumer_pc" \
          $(pkg-config --libs mha) 2>"$dir/consumer_pc.log" &&
@@ -212,7 +212,7 @@ for cfg in "${configs[@]}"; do
         # with the test files
         fuzz_one forward "${MHA_FUZZ_RUNS:-60000}" "" -max_len=4096
         fuzz_one diff "${MHA_FUZZ_DIFF_RUNS:-6000}" "-fopenmp $(have_avx2 && echo -mavx2 -mfma)" -max_len=4096 tests/data/fuzz/diff
-        fuzz_one npy 100000 "" -max_len=4096 tests/data/npy
+        fuzz_one npy 100000 "" -max_len=4096 -dict=tests/fuzz_npy.dict tests/data/npy
         fuzz_one safetensors 100000 "" -max_len=8192 -dict=tests/fuzz_safetensors.dict tests/data/safetensors ;;
     install)
         # `make install` into a temporary prefix, then tests/consumer built
