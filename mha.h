@@ -214,6 +214,8 @@ typedef struct mha_options {
     float       *lse;            /* output, NULL or [B, H, Lq]: log sum_j exp(s_ij) of each row
                                     over its allowed keys and the sink (-inf: none) */
     float       *sinks_grad;     /* backward calls: NULL or [H], += dLoss/dsinks */
+    int          position_offset;/* the module's RoPE: key j is at position offset + j, query i
+                                    at offset + i' (>= 0; negative: MHA_ERR_INVALID_ARGUMENT) */
 } mha_options;
 
 /* The ALiBi slopes of the paper (Press et al.) for H heads, into slopes[H]:
@@ -247,6 +249,36 @@ MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
 MHADEF mha_status mha_attn_merge(int nparts, size_t rows, int Dv, const float *const *outs,
                                  const float *const *lses, float *out, float *lse);
 
+/* ---------------------------------------------------------------- RoPE */
+
+/* Rotary position embedding (Su et al.).  The first R = rotary_dim features
+   of each head form R/2 pairs (a_m, b_m); pair m of a token at position p
+   turns by the angle p * theta^(-2m/R):
+       a' = a cos - b sin,    b' = b cos + a sin
+   The pairs are (x[m], x[m + R/2]) for MHA_ROPE_HALF (rotate_half: GPT-NeoX,
+   llama) and (x[2m], x[2m+1]) for MHA_ROPE_INTERLEAVED (GPT-J, RoFormer).
+   Features past R pass unchanged.  Angles are computed in double.  */
+typedef enum mha_rope_kind {
+    MHA_ROPE_NONE = 0,       /* no rotation (the zero default) */
+    MHA_ROPE_HALF,
+    MHA_ROPE_INTERLEAVED
+} mha_rope_kind;
+
+typedef struct mha_rope {
+    mha_rope_kind kind;      /* outside the enum: MHA_ERR_BAD_ENUM */
+    int   rotary_dim;        /* R: 0 = D; must be even and <= D (else MHA_ERR_INVALID_ARGUMENT) */
+    float theta;             /* base: 0 = 10000; negative or not finite: invalid */
+} mha_rope;
+
+/* x [B, H, L, D] (the mha_sdpa layout) rotated in place: token l of batch b
+   sits at position pos0 + l, or positions[b*L + l] when positions is not
+   NULL (ragged batches); positions must be >= 0.  The backward turns dx
+   by the opposite angles (the rotation's transpose), in place.  */
+MHADEF mha_status mha_rope_forward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
+                                   const int *positions, float *x);
+MHADEF mha_status mha_rope_backward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
+                                    const int *positions, float *dx);
+
 /* ---------------------------------------------------------------- module */
 
 /* An nn.MultiheadAttention (batch_first=True).  Pointers are borrowed, in the
@@ -273,6 +305,8 @@ typedef struct mha_module {
                                       (rows Wq, Wk, Wv) with in_proj_bias [E + 2Ekv], and
                                       bias_k, bias_v [Ekv].  Query head h reads KV head
                                       h / (H / Hkv).  Not with m.packed. */
+    mha_rope rope;                 /* RoPE on Q and K after their projections (kind 0 = none);
+                                      positions from mha_options.position_offset */
 } mha_module;
 
 /* query [B,Lq,E], key [B,Lk,kdim], value [B,Lk,vdim]  ->  out [B,Lq,E].
@@ -2252,12 +2286,27 @@ static void mha__attn_common(mha__attn *a, const mha_options *opt, int B, int H,
     a->sinks_grad = opt->sinks_grad;
 }
 
-/* The decoder options (checked where the masks are): Hkv divides H; window
-   sides >= -1; softcap >= 0 and finite; caller slopes finite; sink logits
-   finite or -inf.  Hkv: the KV heads in use (the module's, or opt's). */
-static mha_status mha__check_decode(const mha_options *opt, int H, int Hkv)
+/* RoPE settings: kind in the enum, rotary_dim even and <= D, theta >= 0 finite. */
+static mha_status mha__check_rope(const mha_rope *r, int D)
+{
+    if (r->kind != MHA_ROPE_NONE && r->kind != MHA_ROPE_HALF && r->kind != MHA_ROPE_INTERLEAVED)
+        return MHA_ERR_BAD_ENUM;
+    if (r->rotary_dim < 0 || r->rotary_dim % 2 != 0 || r->rotary_dim > D) return MHA_ERR_INVALID_ARGUMENT;
+    if (r->kind != MHA_ROPE_NONE && r->rotary_dim == 0 && D % 2 != 0) return MHA_ERR_INVALID_ARGUMENT;
+    if (!(r->theta >= 0.0f) || r->theta == INFINITY) return MHA_ERR_INVALID_ARGUMENT;
+    return MHA_OK;
+}
+
+/* The decoder options (checked where the masks are): the module's RoPE
+   (rope NULL for SDPA); position_offset >= 0; Hkv divides H; window sides
+   >= -1; softcap >= 0 and finite; caller slopes finite; sink logits finite
+   or -inf.  Hkv: the KV heads in use (the module's, or opt's). */
+static mha_status mha__check_decode(const mha_options *opt, int H, int Hkv, const mha_rope *rope, int D)
 {
     int h;
+    mha_status st;
+    if (rope && (st = mha__check_rope(rope, D)) != MHA_OK) return st;
+    if (opt->position_offset < 0) return MHA_ERR_INVALID_ARGUMENT;
     if (Hkv < 0) return MHA_ERR_INVALID_SIZE;
     if (Hkv == 0) Hkv = H;
     if (Hkv > H || H % Hkv != 0) return MHA_ERR_HEADS_DIVIDE;
@@ -2315,7 +2364,7 @@ static mha_status mha__sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
         !mha__mul(n, sizeof(float), &n))
         return MHA_ERR_OVERFLOW;
     if ((st = mha__check_masks(opt, B, H, Lq, Lk)) != MHA_OK) return st;
-    if ((st = mha__check_decode(opt, H, opt->num_kv_heads)) != MHA_OK) return st;
+    if ((st = mha__check_decode(opt, H, opt->num_kv_heads, NULL, D)) != MHA_OK) return st;
     if (!mha__attn_scratch_floats(Lq, Lk, Lk, D, Dv, mha__max_threads(opt), need_weights,
                                   (size_t)B * H < (size_t)mha__max_threads(opt), per_thread, &total) ||
         !mha__add(total, MHA__ALIGN_FLOATS, &total) || !mha__mul(total, sizeof(float), bytes))
@@ -2394,6 +2443,80 @@ MHADEF mha_status mha_attn_merge(int nparts, size_t rows, int Dv, const float *c
         if (lse) lse[r] = (float)total;
     }
     return MHA_OK;
+}
+
+/* ------------------------------------------------------------- RoPE */
+
+/* Rotate tokens in place: token t of batch b, head h at
+   x + b*bs + t*ts + h*hs (D features), position positions[b*L + t] or
+   pos0 + t; sign -1 turns backwards (the backward pass).  The angles of a
+   token are made once, 64 pairs at a time, for all its heads.  */
+static void mha__rope_apply(const mha_rope *r, int D, int B, int L, int nh, size_t bs, size_t ts,
+                            size_t hs, int pos0, const int *positions, float sign, float *x)
+{
+    int R = r->rotary_dim ? r->rotary_dim : D, half = R / 2, b, t, h, m0, m;
+    double lnb = log(r->theta > 0.0f ? (double)r->theta : 10000.0);
+    float cs[64], sn[64];
+    if (r->kind == MHA_ROPE_NONE) return;
+    for (b = 0; b < B; ++b)
+        for (t = 0; t < L; ++t) {
+            double pos = positions ? positions[(size_t)b * L + t] : (double)pos0 + t;
+            for (m0 = 0; m0 < half; m0 += 64) {
+                int nm = half - m0 < 64 ? half - m0 : 64;
+                for (m = 0; m < nm; ++m) {   /* angle = pos * theta^(-2m/R) */
+                    double ang = pos * exp(-2.0 * (m0 + m) / R * lnb);
+                    cs[m] = (float)cos(ang);
+                    sn[m] = sign * (float)sin(ang);
+                }
+                for (h = 0; h < nh; ++h) {
+                    float *xh = x + (size_t)b * bs + (size_t)t * ts + (size_t)h * hs;
+                    /* pair m: (x[m], x[m + R/2]) half-split, (x[2m], x[2m+1]) interleaved */
+                    float *pa = r->kind == MHA_ROPE_HALF ? xh + m0 : xh + 2 * m0;
+                    float *pb = r->kind == MHA_ROPE_HALF ? xh + m0 + half : xh + 2 * m0 + 1;
+                    int step = r->kind == MHA_ROPE_HALF ? 1 : 2;
+                    for (m = 0; m < nm; ++m) {
+                        float a = pa[m * step], bb = pb[m * step];
+                        pa[m * step] = a * cs[m] - bb * sn[m];
+                        pb[m * step] = bb * cs[m] + a * sn[m];
+                    }
+                }
+            }
+        }
+}
+
+/* The module's RoPE position of query 0: offset + i' at i = 0 (the alignment). */
+static int mha__query_pos0(const mha_options *opt, int Lq, int Lk)
+{
+    int off = opt->causal_align == MHA_CAUSAL_BOTTOM_RIGHT ? Lk - Lq : 0;
+    return opt->position_offset + (off > 0 ? off : 0);
+}
+
+static mha_status mha__rope_public(const mha_rope *rope, int B, int H, int L, int D, int pos0,
+                                   const int *positions, float *x, float sign)
+{
+    mha_status st;
+    size_t n, i;
+    if (!rope || !x) return MHA_ERR_NULL_POINTER;
+    if (B <= 0 || H <= 0 || L <= 0 || D <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__mul3((size_t)B * (size_t)H, (size_t)L, (size_t)D, &n) || !mha__mul(n, sizeof(float), &n))
+        return MHA_ERR_OVERFLOW;
+    if ((st = mha__check_rope(rope, D)) != MHA_OK) return st;
+    if (pos0 < 0 || (!positions && pos0 > INT_MAX - L)) return MHA_ERR_INVALID_ARGUMENT;
+    for (i = 0; positions && i < (size_t)B * L; ++i) if (positions[i] < 0) return MHA_ERR_INVALID_ARGUMENT;
+    mha__rope_apply(rope, D, B, L, H, (size_t)H * L * D, (size_t)D, (size_t)L * D, pos0, positions, sign, x);
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_rope_forward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
+                                   const int *positions, float *x)
+{
+    return mha__rope_public(rope, B, H, L, D, pos0, positions, x, 1.0f);
+}
+
+MHADEF mha_status mha_rope_backward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
+                                    const int *positions, float *dx)
+{
+    return mha__rope_public(rope, B, H, L, D, pos0, positions, dx, -1.0f);
 }
 
 /* ----------------------------------------------------------- module */
@@ -2487,7 +2610,7 @@ static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
             return MHA_ERR_OVERFLOW;
     }
     if ((st = mha__check_masks(opt, B, L->H, Lq, Lk)) != MHA_OK) return st;
-    if ((st = mha__check_decode(opt, L->H, m->num_kv_heads)) != MHA_OK) return st;
+    if ((st = mha__check_decode(opt, L->H, m->num_kv_heads, &m->rope, L->D)) != MHA_OK) return st;
     L->Hkv = m->num_kv_heads ? m->num_kv_heads : L->H;
     L->Ekv = L->Hkv * L->D;
 
@@ -2748,6 +2871,8 @@ static void mha__forward_by_head(const mha_module *m, const mha__fwd_layout *L, 
               (once per group), with the appended bias_k / zero rows after
               each batch's Lk keys */
         mha__linear(B * Lq, E, D, query, wq + (size_t)h * D * E, bqh, qp, scratch, nt);
+        mha__rope_apply(&m->rope, D, B, Lq, 1, (size_t)Lq * D, (size_t)D, 0, mha__query_pos0(opt, Lq, Lk),
+                        NULL, 1.0f, qp);
         if (h % a.group != 0) {
             /* the group's K and V are in place */
         } else if (Lke == Lk) {
@@ -2772,6 +2897,9 @@ static void mha__forward_by_head(const mha_module *m, const mha__fwd_layout *L, 
                 }
             }
         }
+        if (h % a.group == 0)
+            mha__rope_apply(&m->rope, D, B, Lk, 1, (size_t)Lke * D, (size_t)D, 0, opt->position_offset,
+                            NULL, 1.0f, kp);
         /* 2. O_h over Q_h, fused */
         a.h0 = h;
         mha__attend_all(&a, scratch, L->per_thread);
@@ -2852,6 +2980,11 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
         }
     }
 
+    /* RoPE on the Lk real keys of every batch (not on appended rows), key j at
+       position offset + j; the queries below at offset + i' */
+    mha__rope_apply(&m->rope, L.D, B, Lk, L.Hkv, (size_t)L.Lk_eff * Ekv, (size_t)Ekv, (size_t)L.D,
+                    opt->position_offset, NULL, 1.0f, kp);
+
     /* The queries go through in chunks of nb batches x nq rows (all of them
        at once when the weights are wanted); a chunk's rows are contiguous
        in query and out because nb > 1 only when nq == Lq. */
@@ -2872,6 +3005,8 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
 
             /* 2. Q = Xq Wq^T + bq for the chunk's rows */
             mha__linear_pp(rows, E, E, query + first, wq, bq, qp, scratch, a.nthreads, pq);
+            mha__rope_apply(&m->rope, L.D, a.nb, a.nq, L.H, (size_t)a.nq * E, (size_t)E, (size_t)L.D,
+                            mha__query_pos0(opt, Lq, Lk) + q0, NULL, 1.0f, qp);
 
             /* 3. attention per (batch, head) on the head-interleaved [rows, E]
                layout; each head's context overwrites that head's Q columns,
@@ -3012,7 +3147,7 @@ static mha_status mha__sdpa_bwd_plan(int B, int H, int Lq, int Lk, int D, int Dv
         !mha__mul3((size_t)Lq, (size_t)Lk, 2 * sizeof(float), &n))
         return MHA_ERR_OVERFLOW;
     if ((st = mha__check_masks(opt, B, H, Lq, Lk)) != MHA_OK) return st;
-    if ((st = mha__check_decode(opt, H, opt->num_kv_heads)) != MHA_OK) return st;
+    if ((st = mha__check_decode(opt, H, opt->num_kv_heads, NULL, D)) != MHA_OK) return st;
     if (!mha__region(&cur, (size_t)Lq * Lk, &L->p) ||
         !mha__region(&cur, (size_t)Lq * Lk, &L->dp) ||
         !mha__region(&cur, opt->softcap > 0.0f ? (size_t)Lq * Lk : 0, &L->capped) ||
@@ -3191,7 +3326,7 @@ static mha_status mha__bwd_plan(const mha_module *m, int B, int Lq, int Lk,
         !mha__mul3((size_t)3 * L->E, (size_t)widest, sizeof(float), &n))
         return MHA_ERR_OVERFLOW;
     if ((st = mha__check_masks(opt, B, L->H, Lq, Lk)) != MHA_OK) return st;
-    if ((st = mha__check_decode(opt, L->H, m->num_kv_heads)) != MHA_OK) return st;
+    if ((st = mha__check_decode(opt, L->H, m->num_kv_heads, &m->rope, L->D)) != MHA_OK) return st;
     L->Hkv = m->num_kv_heads ? m->num_kv_heads : L->H;
     L->Ekv = L->Hkv * L->D;
     g = mha__linear_gws(B * Lq, L->E, L->E);
@@ -3316,6 +3451,10 @@ MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
     mha__linear_forward(B * Lq, E, E, query, wq, bq, qp, gws);
     mha__kv_project(B, Lk, L.Lk_eff, L.kdim, Ekv, key, wk, bk, m->bias_k, m->add_zero_attn, kp, gws);
     mha__kv_project(B, Lk, L.Lk_eff, L.vdim, Ekv, value, wv, bv, m->bias_v, m->add_zero_attn, vp, gws);
+    mha__rope_apply(&m->rope, L.D, B, Lq, L.H, (size_t)Lq * E, (size_t)E, (size_t)L.D,
+                    mha__query_pos0(opt, Lq, Lk), NULL, 1.0f, qp);
+    mha__rope_apply(&m->rope, L.D, B, Lk, L.Hkv, (size_t)L.Lk_eff * Ekv, (size_t)Ekv, (size_t)L.D,
+                    opt->position_offset, NULL, 1.0f, kp);
 
     /* 2. through the output projection: dC = dY Wo   [B*Lq, E] */
     mha__gemm(0, 0, B * Lq, E, E, 1.0f, dout, (size_t)E, m->out_proj_weight, (size_t)E, 0.0f,
@@ -3336,6 +3475,12 @@ MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
         for (h = 0; h < L.H; ++h)
             mha__attend_head_backward(&a, b, h, dctx, dqp, dkp, dvp, ws + L.p, ws + L.dp,
                                       ws + L.capped, ws + L.psink, gws);
+
+    /* RoPE backward: the rotated Q and K's gradients turn back (the transpose) */
+    mha__rope_apply(&m->rope, L.D, B, Lq, L.H, (size_t)Lq * E, (size_t)E, (size_t)L.D,
+                    mha__query_pos0(opt, Lq, Lk), NULL, -1.0f, dqp);
+    mha__rope_apply(&m->rope, L.D, B, Lk, L.Hkv, (size_t)L.Lk_eff * Ekv, (size_t)Ekv, (size_t)L.D,
+                    opt->position_offset, NULL, -1.0f, dkp);
 
     /* 4. output projection weights: dWo += dY^T C,  dbo += colsum dY */
     mha__linear_backward(B * Lq, E, E, ctx, m->out_proj_weight, dout, NULL,

@@ -23,6 +23,16 @@ values in float64.  The file has the layout of tests/golden/golden.bin
     p[11] alibi: 0 none, 1 the paper's slopes, 2 the "slopes" array
     p[12] sinks (0/1, the "sinks" array)
     p[13] gradients stored (dq, dk, dv, dsinks for the "dout" array)
+    p[14] kind: 0 attention (above), 1 RoPE alone, 2 a decoder module
+    p[15] RoPE kind (1 half-split / rotate_half, 2 interleaved)
+
+RoPE cases (kind 1): p[0..3] = B, H, L, D; p[4] rotary_dim; p[5] pos0; the
+float32 "theta" [1]; arrays x [B,H,L,D], dout; expected "out" and "dx".
+Module cases (kind 2): p[0..6] = B, H, Hkv, L, E, rotary_dim, position
+offset; causal (p[7]) as above with Lq = Lk = L; weights q_proj_weight [E,E],
+k_proj_weight, v_proj_weight [Hkv*E/H, E], in_proj_bias [E + 2 Hkv E/H],
+out_proj.weight, out_proj.bias, "theta"; input x [B,L,E], dout; expected
+"out", "dx" and the weight gradients "d" + name.
 
 Arrays: q [B,H,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv] (float32); softcap [1]
 (float32, 0 = off); slopes [H], sinks [H], dout [B,H,Lq,Dv] (float32); out,
@@ -85,6 +95,76 @@ def attend(q, k, v, H, Hkv, causal, window, left, right, cap, scale, slopes, sin
     return torch.matmul(p, v), lse, p
 
 
+def rope(x, kind, R, theta, pos):
+    """float64 RoPE on x [..., L, D] at positions pos [L]: rotate_half for
+    kind 1, pairs (2m, 2m+1) for kind 2; features past R unchanged."""
+    inv = theta ** (-torch.arange(0, R, 2, dtype=torch.float64) / R)     # [R/2]
+    ang = pos.view(-1, 1).double() * inv.view(1, -1)                     # [L, R/2]
+    xr, rest = x[..., :R], x[..., R:]
+    if kind == 1:
+        cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+        x1, x2 = xr[..., : R // 2], xr[..., R // 2:]
+        rot = torch.cat([-x2, x1], -1)                                   # rotate_half
+    else:
+        cos, sin = ang.cos().repeat_interleave(2, -1), ang.sin().repeat_interleave(2, -1)
+        rot = torch.stack([-xr[..., 1::2], xr[..., 0::2]], -1).flatten(-2)
+    return torch.cat([xr * cos + rot * sin, rest], -1)
+
+
+def header(name, p, scale, arrays):
+    p = list(p) + [0] * (16 - len(p))
+    assert len(name) < 48, name
+    body = struct.pack("<48s16ifI", name.encode(), *p, scale, len(arrays))
+    return body + b"".join(pack_array(n, a) for n, a in arrays)
+
+
+def rope_case(name, seed, B, H, L, D, kind, R, theta, pos0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, H, L, D, generator=g) * 2 - 1
+    dout = torch.rand(B, H, L, D, generator=g) * 2 - 1
+    xd = x.double().requires_grad_(True)
+    out = rope(xd, kind, R, theta, torch.arange(pos0, pos0 + L))
+    (out * dout.double()).sum().backward()
+    arrays = [("x", x.numpy()), ("dout", dout.numpy()),
+              ("theta", torch.tensor([theta], dtype=torch.float32).numpy()),
+              ("out", out.detach().numpy()), ("dx", xd.grad.numpy())]
+    return header(name, [B, H, L, D, R, pos0, 0, 0, 0, 0, 0, 0, 0, 1, 1, kind], 0.0, arrays)
+
+
+def module_case(name, seed, B, H, Hkv, L, E, kind, R, theta, offset, causal):
+    """A decoder layer's attention: GQA projections, RoPE on Q and K, causal
+    softmax attention, output projection."""
+    g = torch.Generator().manual_seed(seed)
+    D = E // H
+    Ekv = Hkv * D
+
+    def draw(*shape, amp=1.0):
+        return (torch.rand(*shape, generator=g) * 2 - 1) * amp
+
+    w = {"q_proj_weight": draw(E, E, amp=0.4), "k_proj_weight": draw(Ekv, E, amp=0.4),
+         "v_proj_weight": draw(Ekv, E, amp=0.4), "in_proj_bias": draw(E + 2 * Ekv, amp=0.2),
+         "out_proj.weight": draw(E, E, amp=0.3), "out_proj.bias": draw(E, amp=0.1)}
+    x, dout = draw(B, L, E), draw(B, L, E)
+    wd = {k: v.double().requires_grad_(True) for k, v in w.items()}
+    xd = x.double().requires_grad_(True)
+    bq, bk, bv = wd["in_proj_bias"][:E], wd["in_proj_bias"][E:E + Ekv], wd["in_proj_bias"][E + Ekv:]
+    q = (xd @ wd["q_proj_weight"].T + bq).view(B, L, H, D).transpose(1, 2)
+    k = (xd @ wd["k_proj_weight"].T + bk).view(B, L, Hkv, D).transpose(1, 2)
+    v = (xd @ wd["v_proj_weight"].T + bv).view(B, L, Hkv, D).transpose(1, 2)
+    pos = torch.arange(offset, offset + L)
+    q, k = rope(q, kind, R, theta, pos), rope(k, kind, R, theta, pos)
+    o, _, _ = attend(q, k, v, H, Hkv, causal, 0, -1, -1, 0.0, 1.0 / math.sqrt(D), None, None)
+    out = o.transpose(1, 2).reshape(B, L, E) @ wd["out_proj.weight"].T + wd["out_proj.bias"]
+    (out * dout.double()).sum().backward()
+    arrays = [(k_, v_.numpy()) for k_, v_ in w.items()]
+    arrays += [("x", x.numpy()), ("dout", dout.numpy()),
+               ("theta", torch.tensor([theta], dtype=torch.float32).numpy()),
+               ("out", out.detach().numpy()), ("dx", xd.grad.numpy())]
+    arrays += [("d" + k_, v_.grad.numpy()) for k_, v_ in wd.items()]
+    return header(name, [B, H, Hkv, L, E, R, offset, causal, 0, 0, 0, 0, 0, 1, 2, kind], 0.0,
+                  arrays)
+
+
 def case(name, seed, B, H, Hkv, Lq, Lk, D, Dv, causal=0, window=0, left=-1, right=-1, cap=0.0,
          alibi=0, sinks=False, grad=True, scale=0.0):
     g = torch.Generator().manual_seed(seed)
@@ -143,6 +223,13 @@ def cases():
     yield case("decode_long_Lk300", 14, 1, 8, 2, 1, 300, 32, 32, causal=2, window=1, left=200,
                right=0, sinks=True, grad=False)
     yield case("odd_D1_Lk1", 15, 1, 3, 1, 1, 1, 1, 1, sinks=True)
+    yield rope_case("rope_half_llama", 20, 2, 3, 7, 8, 1, 8, 10000.0, 0)
+    yield rope_case("rope_interleaved_gptj", 21, 1, 2, 5, 6, 2, 6, 10000.0, 3)
+    yield rope_case("rope_partial_R4_D10_theta500", 22, 1, 2, 9, 10, 1, 4, 500.0, 17)
+    yield rope_case("rope_interleaved_partial_pos1000", 23, 2, 1, 3, 12, 2, 8, 1e6, 1000)
+    yield module_case("module_gqa_rope_half", 30, 2, 4, 2, 6, 16, 1, 4, 10000.0, 0, 1)
+    yield module_case("module_mqa_rope_interleaved", 31, 1, 6, 1, 9, 24, 2, 4, 100.0, 5, 2)
+    yield module_case("module_mha_rope_partial", 32, 2, 2, 2, 5, 12, 1, 4, 10000.0, 2, 1)
 
 
 def main():

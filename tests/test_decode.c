@@ -505,10 +505,113 @@ static void errors(void)
     prob_free(&p);
 }
 
+/* ------------------------------------------------ RoPE */
+
+/* float64 RoPE of one D-vector at position pos (the definition, plainly) */
+static void ref_rope(const mha_rope *r, int D, double pos, const float *x, double *y)
+{
+    int R = r->rotary_dim ? r->rotary_dim : D, m, d;
+    double theta = r->theta > 0 ? r->theta : 10000.0;
+    for (d = 0; d < D; ++d) y[d] = x[d];
+    for (m = 0; r->kind != MHA_ROPE_NONE && m < R / 2; ++m) {
+        double ang = pos * pow(theta, -2.0 * m / R), c = cos(ang), sn = sin(ang);
+        int ia = r->kind == MHA_ROPE_HALF ? m : 2 * m, ib = r->kind == MHA_ROPE_HALF ? m + R / 2 : 2 * m + 1;
+        y[ia] = x[ia] * c - x[ib] * sn;
+        y[ib] = x[ib] * c + x[ia] * sn;
+    }
+}
+
+static void rope_tests(void)
+{
+    static const int conf[][4] = {   /* kind, R, D, pos0 */
+        { MHA_ROPE_HALF, 0, 8, 0 }, { MHA_ROPE_HALF, 4, 10, 5 }, { MHA_ROPE_INTERLEAVED, 0, 6, 0 },
+        { MHA_ROPE_INTERLEAVED, 2, 3, 100 }, { MHA_ROPE_HALF, 128, 128, 32000 }, { MHA_ROPE_NONE, 0, 5, 3 },
+    };
+    int ci;
+    tu_rng rg = { 42 };
+    for (ci = 0; ci < (int)(sizeof conf / sizeof conf[0]); ++ci) {
+        mha_rope r;
+        int B = 2, H = 3, L = 9, D = conf[ci][2], pos0 = conf[ci][3], b, h, l, big = 40;
+        size_t n = (size_t)B * H * L * D, t;
+        float *x = malloc(n * sizeof(float)), *y = malloc(n * sizeof(float)), *z = malloc(n * sizeof(float));
+        float *xl = malloc((size_t)B * H * big * D * sizeof(float));
+        double *ref = malloc(n * sizeof(double)), e, dot1 = 0, dot2 = 0;
+        int *pos = malloc((size_t)B * L * sizeof(int));
+        r.kind = (mha_rope_kind)conf[ci][0]; r.rotary_dim = conf[ci][1]; r.theta = ci == 1 ? 500.0f : 0.0f;
+        tu_fill(&rg, x, n, 1.0f);
+        for (b = 0; b < B; ++b) for (h = 0; h < H; ++h) for (l = 0; l < L; ++l) {
+            size_t o = (((size_t)b * H + h) * L + l) * D;
+            ref_rope(&r, D, (double)pos0 + l, x + o, ref + o);
+        }
+        memcpy(y, x, n * sizeof(float));
+        CHECK(mha_rope_forward(&r, B, H, L, D, pos0, NULL, y) == MHA_OK, "rope status");
+        e = tu_rel_err(y, ref, n);
+        CHECK(e <= 1e-6, "rope %d vs float64 reference: %.3g", ci, e);
+        if (e > worst_fwd) worst_fwd = e;
+        /* backward is the transpose: <R x, z> = <x, R^T z> */
+        tu_fill(&rg, z, n, 1.0f);
+        for (t = 0; t < n; ++t) dot1 += (double)y[t] * z[t];
+        CHECK(mha_rope_backward(&r, B, H, L, D, pos0, NULL, z) == MHA_OK, "rope bwd status");
+        for (t = 0; t < n; ++t) dot2 += (double)x[t] * z[t];
+        CHECK(fabs(dot1 - dot2) <= 1e-5 * (fabs(dot1) + 1), "rope backward is the transpose: %g vs %g", dot1, dot2);
+        /* and undoes the forward */
+        memcpy(z, y, n * sizeof(float));
+        mha_rope_backward(&r, B, H, L, D, pos0, NULL, z);
+        CHECK(tu_rel_err_ff(z, x, n) <= 1e-6, "rope backward(forward(x)) == x: %.3g", tu_rel_err_ff(z, x, n));
+        /* offset p == a sequence that starts p tokens in (rows pos0.. of a longer one
+           rotated from position 0), when pos0 fits */
+        if (pos0 + L <= big) {
+            for (b = 0; b < B; ++b) for (h = 0; h < H; ++h) for (l = 0; l < big; ++l) {
+                float *dst = xl + (((size_t)b * H + h) * big + l) * D;
+                if (l >= pos0 && l < pos0 + L) memcpy(dst, x + (((size_t)b * H + h) * L + l - pos0) * D, (size_t)D * sizeof(float));
+                else memset(dst, 0, (size_t)D * sizeof(float));
+            }
+            mha_rope_forward(&r, B, H, big, D, 0, NULL, xl);
+            for (b = 0, t = 0; b < B; ++b) for (h = 0; h < H; ++h) for (l = 0; l < L; ++l)
+                t += memcmp(xl + (((size_t)b * H + h) * big + pos0 + l) * D, y + (((size_t)b * H + h) * L + l) * D,
+                            (size_t)D * sizeof(float)) != 0;
+            CHECK(t == 0, "rope at offset %d == rope of a sequence starting %d in (%d rows differ)", pos0, pos0, (int)t);
+        }
+        /* per-token positions (ragged batches): positions[b*L + l] */
+        for (b = 0; b < B; ++b) for (l = 0; l < L; ++l) pos[b * L + l] = pos0 + l + 3 * b;
+        memcpy(z, x, n * sizeof(float));
+        mha_rope_forward(&r, B, H, L, D, 0, pos, z);
+        for (b = 0; b < B; ++b) for (h = 0; h < H; ++h) for (l = 0; l < L; ++l) {
+            size_t o = (((size_t)b * H + h) * L + l) * D;
+            ref_rope(&r, D, (double)pos0 + l + 3 * b, x + o, ref + o);
+        }
+        CHECK(tu_rel_err(z, ref, n) <= 1e-6, "rope with positions[]: %.3g", tu_rel_err(z, ref, n));
+        free(x); free(y); free(z); free(xl); free(ref); free(pos);
+    }
+    /* bad values: a status, nothing written */
+    {
+        mha_rope r;
+        float x[24];
+        int pos[2] = { 0, -1 }, i, ok = 1;
+        for (i = 0; i < 24; ++i) x[i] = 1.0f;
+        r.kind = MHA_ROPE_HALF; r.rotary_dim = 3; r.theta = 0;
+        CHECK(mha_rope_forward(&r, 1, 2, 2, 6, 0, NULL, x) == MHA_ERR_INVALID_ARGUMENT, "odd rotary dim");
+        r.rotary_dim = 8;
+        CHECK(mha_rope_forward(&r, 1, 2, 2, 6, 0, NULL, x) == MHA_ERR_INVALID_ARGUMENT, "rotary dim > D");
+        r.rotary_dim = 0;
+        CHECK(mha_rope_forward(&r, 1, 2, 2, 5, 0, NULL, x) == MHA_ERR_INVALID_ARGUMENT, "odd D, full rotary");
+        CHECK(mha_rope_forward(&r, 1, 2, 2, 6, -1, NULL, x) == MHA_ERR_INVALID_ARGUMENT, "negative pos0");
+        CHECK(mha_rope_forward(&r, 1, 2, 2, 6, 0, pos, x) == MHA_ERR_INVALID_ARGUMENT, "negative position");
+        r.theta = -2.0f;
+        CHECK(mha_rope_backward(&r, 1, 2, 2, 6, 0, NULL, x) == MHA_ERR_INVALID_ARGUMENT, "negative theta");
+        r.theta = 0.0f; r.kind = (mha_rope_kind)9;
+        CHECK(mha_rope_forward(&r, 1, 2, 2, 6, 0, NULL, x) == MHA_ERR_BAD_ENUM, "bad rope kind");
+        CHECK(mha_rope_forward(NULL, 1, 2, 2, 6, 0, NULL, x) == MHA_ERR_NULL_POINTER, "NULL rope");
+        for (i = 0; i < 24; ++i) ok &= x[i] == 1.0f;
+        CHECK(ok, "rope errors wrote nothing");
+    }
+}
+
 /* ------------------------------------------------ PyTorch goldens */
 
 enum { DG_B = 0, DG_H, DG_HKV, DG_LQ, DG_LK, DG_D, DG_DV, DG_CAUSAL, DG_WINDOW, DG_LEFT, DG_RIGHT,
-       DG_ALIBI, DG_SINKS, DG_GRAD };
+       DG_ALIBI, DG_SINKS, DG_GRAD, DG_KIND, DG_ROPE };
+enum { DG_KIND_ATTN = 0, DG_KIND_ROPE = 1, DG_KIND_MODULE = 2 };
 
 static const float *gf(const gold_case *g, const char *name)
 {
@@ -519,6 +622,88 @@ static const double *gd(const gold_case *g, const char *name)
 {
     const gold_array *a = gold_find(g, name);
     return a && a->dtype == GOLD_F64 ? a->f64 : NULL;
+}
+
+/* RoPE alone: forward and backward against rotate_half / GPT-J pairs in float64 torch */
+static void golden_rope(const gold_case *g)
+{
+    int B = g->p[0], H = g->p[1], L = g->p[2], D = g->p[3];
+    size_t n = (size_t)B * H * L * D;
+    const float *x = gf(g, "x"), *dout = gf(g, "dout"), *th = gf(g, "theta");
+    const double *rout = gd(g, "out"), *rdx = gd(g, "dx");
+    float *y = malloc(n * sizeof(float)), *dx = malloc(n * sizeof(float));
+    mha_rope r;
+    double e1, e2;
+    if (!x || !dout || !th || !rout || !rdx) { CHECK(0, "%s: arrays missing", g->name); free(y); free(dx); return; }
+    r.kind = (mha_rope_kind)g->p[DG_ROPE]; r.rotary_dim = g->p[4]; r.theta = th[0];
+    memcpy(y, x, n * sizeof(float)); memcpy(dx, dout, n * sizeof(float));
+    CHECK(mha_rope_forward(&r, B, H, L, D, g->p[5], NULL, y) == MHA_OK, "%s: rope status", g->name);
+    CHECK(mha_rope_backward(&r, B, H, L, D, g->p[5], NULL, dx) == MHA_OK, "%s: rope bwd status", g->name);
+    e1 = tu_rel_err(y, rout, n); e2 = tu_rel_err(dx, rdx, n);
+    CHECK(e1 <= TOL && e2 <= TOL_GRAD, "%s: rope out %.3g dx %.3g", g->name, e1, e2);
+    if (e1 > worst_gold) worst_gold = e1;
+    if (e2 > worst_gold_grad) worst_gold_grad = e2;
+    free(y); free(dx);
+}
+
+/* A decoder module (GQA projections, RoPE on Q and K, causal): mha_forward
+   and mha_backward against float64 torch ops with autograd */
+static void golden_module(const gold_case *g)
+{
+    int B = g->p[0], H = g->p[1], Hkv = g->p[2], L = g->p[3], E = g->p[4], pass;
+    size_t n = (size_t)B * L * E;
+    static const char *wn[] = { "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                                "out_proj.weight", "out_proj.bias" };
+    const float *x = gf(g, "x"), *dout = gf(g, "dout"), *th = gf(g, "theta"), *w[6];
+    const double *rout = gd(g, "out"), *rdx = gd(g, "dx");
+    float *out = malloc(n * sizeof(float)), *dx = calloc(n, sizeof(float)), *gw[6];
+    mha_module m;
+    mha_module_grad mg;
+    mha_options o;
+    int i;
+    for (i = 0; i < 6; ++i) {
+        const gold_array *a = gold_find(g, wn[i]);
+        w[i] = gf(g, wn[i]);
+        gw[i] = calloc(a ? a->count : 1, sizeof(float));
+    }
+    memset(&m, 0, sizeof m); memset(&mg, 0, sizeof mg); memset(&o, 0, sizeof o);
+    m.embed_dim = E; m.num_heads = H; m.num_kv_heads = Hkv;
+    m.q_proj_weight = w[0]; m.k_proj_weight = w[1]; m.v_proj_weight = w[2]; m.in_proj_bias = w[3];
+    m.out_proj_weight = w[4]; m.out_proj_bias = w[5];
+    m.rope.kind = (mha_rope_kind)g->p[DG_ROPE]; m.rope.rotary_dim = g->p[5]; m.rope.theta = th ? th[0] : 0.0f;
+    o.position_offset = g->p[6];
+    o.causal = 1; o.causal_align = g->p[7] == 2 ? MHA_CAUSAL_BOTTOM_RIGHT : MHA_CAUSAL_TOP_LEFT;
+    if (!x || !dout || !rout || !rdx) { CHECK(0, "%s: arrays missing", g->name); return; }
+    for (pass = 0; pass < 2; ++pass) {
+        float *wts = pass ? malloc((size_t)B * L * L * sizeof(float)) : NULL;
+        double e;
+        CHECK(mha_forward(&m, B, L, L, x, x, x, &o, out, wts, NULL, 0) == MHA_OK, "%s: status", g->name);
+        e = tu_rel_err(out, rout, n);
+        CHECK(e <= TOL, "%s (%s): out %.3g", g->name, pass ? "unfused" : "fused", e);
+        if (e > worst_gold) worst_gold = e;
+        free(wts);
+    }
+    mg.q_proj_weight = gw[0]; mg.k_proj_weight = gw[1]; mg.v_proj_weight = gw[2]; mg.in_proj_bias = gw[3];
+    mg.out_proj_weight = gw[4]; mg.out_proj_bias = gw[5];
+    CHECK(mha_backward(&m, B, L, L, x, x, x, dout, &o, dx, dx, dx, &mg, NULL, 0) == MHA_OK, "%s: bwd", g->name);
+    {
+        double e = tu_rel_err(dx, rdx, n);
+        CHECK(e <= TOL_GRAD, "%s: dx %.3g", g->name, e);
+        if (e > worst_gold_grad) worst_gold_grad = e;
+    }
+    for (i = 0; i < 6; ++i) {
+        char nm[40];
+        const gold_array *a;
+        double e;
+        snprintf(nm, sizeof nm, "d%s", wn[i]);
+        a = gold_find(g, nm);
+        if (!a || a->dtype != GOLD_F64) { CHECK(0, "%s: %s missing", g->name, nm); continue; }
+        e = tu_rel_err(gw[i], a->f64, a->count);
+        CHECK(e <= TOL_GRAD, "%s: %s %.3g", g->name, nm, e);
+        if (e > worst_gold_grad) worst_gold_grad = e;
+    }
+    for (i = 0; i < 6; ++i) free(gw[i]);
+    free(out); free(dx);
 }
 
 static void golden(void)
@@ -533,6 +718,9 @@ static void golden(void)
     CHECK(gfile.ncases >= 10, "decode goldens: %d cases", gfile.ncases);
     for (ci = 0; ci < gfile.ncases; ++ci) {
         const gold_case *g = &gfile.cases[ci];
+        if (g->p[DG_KIND] == DG_KIND_ROPE) { golden_rope(g); continue; }
+        if (g->p[DG_KIND] == DG_KIND_MODULE) { golden_module(g); continue; }
+        {
         cfg c = base(g->p[DG_B], g->p[DG_H], g->p[DG_HKV], g->p[DG_LQ], g->p[DG_LK], g->p[DG_D], g->p[DG_DV]);
         const float *q = gf(g, "q"), *k = gf(g, "k"), *v = gf(g, "v"), *cap = gf(g, "softcap");
         const float *slopes = gf(g, "slopes"), *sinks = gf(g, "sinks"), *dout = gf(g, "dout");
@@ -592,6 +780,7 @@ static void golden(void)
             free(dq); free(dk); free(dv); free(ds);
         }
         free(out); free(lse); free(w);
+        }
     }
     gold_free(&gfile);
 }
@@ -603,6 +792,7 @@ int main(void)
     properties();
     merge_property();
     errors();
+    rope_tests();
     golden();
     printf("worst rel err vs float64 reference: out %.3g, lse %.3g, weights %.3g, grads (finite diff) %.3g\n",
            worst_fwd, worst_lse, worst_w, worst_grad);

@@ -14,6 +14,8 @@
 #include <string.h>
 
 static double worst_fwd, worst_grad;
+static mha_rope g_rope;        /* RoPE of the cases run while it is set */
+static int g_offset;           /* their position_offset */
 
 typedef struct gqa_mod {
     int E, H, Hkv, D, Ekv, packed_in;
@@ -95,6 +97,7 @@ static mha_module mod_view(const gqa_mod *g, int full, int bias_kv)
     m.in_proj_bias = full ? g->bias_full : g->bias;
     m.out_proj_weight = g->wo; m.out_proj_bias = g->bo;
     if (bias_kv) { m.bias_k = full ? g->bk_full : g->bk; m.bias_v = full ? g->bv_full : g->bv; }
+    m.rope = g_rope;
     return m;
 }
 
@@ -108,7 +111,7 @@ static void one_case(int B, int Lq, int Lk, int E, int H, int Hkv, int packed_in
     mha_module_grad gg, gf;
     size_t nq = (size_t)B * Lq * E, nk = (size_t)B * Lk * E;
     float *xq = malloc(nq * 4), *xk = malloc(nk * 4), *xv = malloc(nk * 4), *dout = malloc(nq * 4);
-    float *o1 = malloc(nq * 4), *o2 = malloc(nq * 4);
+    float *o1 = malloc(nq * 4), *o2 = malloc(nq * 4), *o3 = malloc(nq * 4);
     int Lke = Lk + (bias_kv ? 1 : 0);
     float *w1 = malloc((size_t)B * H * Lq * Lke * 4), *w2 = malloc((size_t)B * H * Lq * Lke * 4);
     double *ref, e;
@@ -119,14 +122,18 @@ static void one_case(int B, int Lq, int Lk, int E, int H, int Hkv, int packed_in
     mg = mod_view(&g, 0, bias_kv); mf = mod_view(&g, 1, bias_kv);
     memset(&o, 0, sizeof o);
     o.causal = causal; o.causal_align = MHA_CAUSAL_BOTTOM_RIGHT; o.per_head_weights = 1;
+    o.position_offset = g_offset;
     for (pass = 0; pass < 2; ++pass) {   /* weights (unfused), then fused (or head by head) */
         CHECK(mha_forward(&mg, B, Lq, Lk, xq, xk, xv, &o, o1, pass ? NULL : w1, NULL, 0) == MHA_OK, "gqa forward");
-        CHECK(mha_forward(&mf, B, Lq, Lk, xq, xk, xv, &o, o2, pass ? NULL : w2, NULL, 0) == MHA_OK, "mha forward");
-        e = tu_rel_err_ff(o1, o2, nq);
+        CHECK(mha_forward(&mf, B, Lq, Lk, xq, xk, xv, &o, o3, pass ? NULL : w2, NULL, 0) == MHA_OK, "mha forward");
+        e = tu_rel_err_ff(o1, o3, nq);
         CHECK(e <= 1e-6, "GQA module == MHA module on expanded K/V rows: %.3g (B%d Lq%d Lk%d E%d H%d Hkv%d in%d)",
               e, B, Lq, Lk, E, H, Hkv, packed_in);
         if (e > worst_fwd) worst_fwd = e;
         if (!pass) CHECK(tu_rel_err_ff(w1, w2, (size_t)B * H * Lq * Lke) <= 1e-6, "GQA module weights");
+        /* the unfused (weights) and the fused / head-by-head outputs agree */
+        if (!pass) memcpy(o2, o1, nq * sizeof(float));
+        else CHECK(tu_rel_err_ff(o1, o2, nq) <= 1e-5, "fused or by-head == unfused: %.3g", tu_rel_err_ff(o1, o2, nq));
     }
     /* backward: dX equal; dWk, dWv, dbk, dbv of the GQA module = MHA's summed over each group */
     {
@@ -177,7 +184,7 @@ static void one_case(int B, int Lq, int Lk, int E, int H, int Hkv, int packed_in
         free(gq1); free(gk1); free(gv1); free(gq2); free(gk2); free(gv2); free(gb1); free(gb2);
         free(gbk1); free(gbv1); free(gbk2); free(gbv2);
     }
-    free(xq); free(xk); free(xv); free(dout); free(o1); free(o2); free(w1); free(w2);
+    free(xq); free(xk); free(xv); free(dout); free(o1); free(o2); free(o3); free(w1); free(w2);
     mod_free(&g);
 }
 
@@ -213,6 +220,14 @@ int main(void)
     one_case(1, 70, 130, 32, 8, 4, 0, 0, 1, 4); /* crosses the fused tiles */
     one_case(2, 300, 300, 16, 4, 2, 0, 0, 1, 5);/* B (Lq + 2 Lk) E >= MHA__BY_HEAD_FLOATS: head by head */
     one_case(1, 300, 300, 24, 6, 3, 1, 1, 1, 6);/* head by head with appended rows */
+    /* the same with RoPE on Q and K (bias_k rows are not rotated) */
+    g_rope.kind = MHA_ROPE_HALF; g_offset = 3;
+    one_case(2, 5, 7, 24, 6, 2, 0, 1, 1, 7);
+    one_case(2, 300, 300, 16, 4, 2, 0, 0, 1, 8);
+    g_rope.kind = MHA_ROPE_INTERLEAVED; g_rope.rotary_dim = 2; g_rope.theta = 500.0f; g_offset = 0;
+    one_case(1, 70, 130, 32, 8, 4, 1, 0, 1, 9);
+    one_case(1, 300, 300, 24, 6, 3, 1, 1, 1, 10);
+    memset(&g_rope, 0, sizeof g_rope);
     errors();
     printf("worst GQA module vs MHA-equivalent rel err: forward %.3g, grads %.3g\n", worst_fwd, worst_grad);
     return tu_finish("decode_module");
