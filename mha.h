@@ -279,6 +279,38 @@ MHADEF mha_status mha_rope_forward(const mha_rope *rope, int B, int H, int L, in
 MHADEF mha_status mha_rope_backward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
                                     const int *positions, float *dx);
 
+/* ---------------------------------------------------------------- KV cache */
+
+/* A caller-owned cache of projected keys and values (after RoPE), for
+   decoding.  Layout, plain memory that another engine can fill:
+       k, v   [B, Hkv, capacity, D]:  token t of batch row b, KV head g at
+              k[((b * Hkv + g) * capacity + t) * D]
+       len    [B]: the tokens row b holds, 0..capacity (rows may differ: ragged)
+   One batch row is itself a cache of B = 1 at k + b*Hkv*capacity*D, len + b.
+   Appending past capacity returns MHA_ERR_CAPACITY and writes nothing.  */
+typedef struct mha_kv_cache {
+    int B, Hkv, D, capacity;
+    float *k, *v;
+    int *len;
+} mha_kv_cache;
+
+/* Append n tokens to every row: k_new, v_new [B, Hkv, n, D] (mha_sdpa layout,
+   RoPE already applied), written at slots len[b]..len[b]+n-1; len += n.  */
+MHADEF mha_status mha_kv_cache_append(mha_kv_cache *c, int n, const float *k_new, const float *v_new);
+
+/* Attention of q [B, H, Lq, D], the newest Lq tokens of each row (appended
+   already), against the cache: row b sees its len[b] keys with bottom-right
+   alignment, query i at position len[b] - Lq + i, whatever opt->causal_align
+   says.  opt as for mha_sdpa (causal, window, softcap, ALiBi, sinks, lse,
+   scale, threads); H % Hkv == 0 (opt->num_kv_heads is ignored: the cache's
+   Hkv counts); masks are not accepted here (MHA_ERR_INVALID_ARGUMENT).
+   out [B, H, Lq, D].  workspace: the size query's bytes, or NULL.  */
+MHADEF mha_status mha_kv_cache_attend_workspace_size(const mha_kv_cache *c, int H, int Lq,
+                                                     const mha_options *opt, size_t *bytes);
+MHADEF mha_status mha_kv_cache_attend(const mha_kv_cache *c, int H, int Lq, const float *q,
+                                      const mha_options *opt, float *out,
+                                      void *workspace, size_t workspace_bytes);
+
 /* ---------------------------------------------------------------- module */
 
 /* An nn.MultiheadAttention (batch_first=True).  Pointers are borrowed, in the
@@ -321,6 +353,22 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
                               const float *query, const float *key, const float *value,
                               const mha_options *opt, float *out, float *attn_weights,
                               void *workspace, size_t workspace_bytes);
+
+/* One decoding step of a self-attention module with its KV cache (B = c->B
+   rows): x [B, Lq, E] holds the next Lq tokens of every row.  Their keys and
+   values are projected (Hkv heads), turned by m->rope at positions
+   opt->position_offset + len[b] + i, appended to the cache, and the queries
+   (same positions) attend to the whole cache through mha_kv_cache_attend
+   (bottom-right alignment; set opt->causal for a prefill chunk, Lq > 1).
+   out [B, Lq, E].  Decode is Lq = 1.  The cache needs Hkv = the module's KV
+   heads and D = E / H; kdim = vdim = E; no bias_k / add_zero_attn; m->packed
+   is not read.  A row without room for Lq more tokens: MHA_ERR_CAPACITY,
+   and nothing is written, neither cache nor out.  */
+MHADEF mha_status mha_forward_cached_workspace_size(const mha_module *m, const mha_kv_cache *c, int Lq,
+                                                    const mha_options *opt, size_t *bytes);
+MHADEF mha_status mha_forward_cached(const mha_module *m, mha_kv_cache *c, int Lq, const float *x,
+                                     const mha_options *opt, float *out,
+                                     void *workspace, size_t workspace_bytes);
 
 /* Prepacked weights (optional).  mha_forward multiplies by Wq, Wk, Wv and Wo
    through the GEMM's packed panels; normally it packs them on every call
@@ -3025,6 +3073,243 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
         }
     }
 
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+/* --------------------------------------------------------- KV cache */
+
+static mha_status mha__check_cache(const mha_kv_cache *c)
+{
+    size_t n;
+    int b;
+    if (!c || !c->k || !c->v || !c->len) return MHA_ERR_NULL_POINTER;
+    if (c->B <= 0 || c->Hkv <= 0 || c->D <= 0 || c->capacity <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__mul3((size_t)c->B * (size_t)c->Hkv, (size_t)c->capacity, (size_t)c->D, &n) ||
+        !mha__mul(n, sizeof(float), &n))
+        return MHA_ERR_OVERFLOW;
+    for (b = 0; b < c->B; ++b) if (c->len[b] < 0 || c->len[b] > c->capacity) return MHA_ERR_INVALID_ARGUMENT;
+    return MHA_OK;
+}
+
+/* Room for n more tokens in every row? */
+static mha_status mha__cache_room(const mha_kv_cache *c, int n)
+{
+    int b;
+    for (b = 0; b < c->B; ++b) if (n > c->capacity - c->len[b]) return MHA_ERR_CAPACITY;
+    return MHA_OK;
+}
+
+/* Copy n tokens of every row into the cache at len[b]; token t of row b, KV
+   head g is at k + b*bs + g*hs + t*ts.  len += n.  */
+static void mha__cache_write(mha_kv_cache *c, int n, const float *k, const float *v, size_t bs, size_t hs,
+                             size_t ts)
+{
+    int b, g, t, D = c->D;
+    for (b = 0; b < c->B; ++b) {
+        for (g = 0; g < c->Hkv; ++g)
+            for (t = 0; t < n; ++t) {
+                size_t dst = (((size_t)b * c->Hkv + g) * c->capacity + c->len[b] + t) * D;
+                size_t src = (size_t)b * bs + (size_t)g * hs + (size_t)t * ts;
+                memcpy(c->k + dst, k + src, (size_t)D * sizeof(float));
+                memcpy(c->v + dst, v + src, (size_t)D * sizeof(float));
+            }
+        c->len[b] += n;
+    }
+}
+
+MHADEF mha_status mha_kv_cache_append(mha_kv_cache *c, int n, const float *k_new, const float *v_new)
+{
+    mha_status st;
+    if ((st = mha__check_cache(c)) != MHA_OK) return st;
+    if (!k_new || !v_new) return MHA_ERR_NULL_POINTER;
+    if (n <= 0) return MHA_ERR_INVALID_SIZE;
+    if ((st = mha__cache_room(c, n)) != MHA_OK) return st;
+    mha__cache_write(c, n, k_new, v_new, (size_t)c->Hkv * n * c->D, (size_t)n * c->D, (size_t)c->D);
+    return MHA_OK;
+}
+
+/* Checks and scratch of an attention over the cache: one row at a time, with
+   keys up to capacity.  */
+static mha_status mha__cache_attend_plan(const mha_kv_cache *c, int H, int Lq, const mha_options *opt,
+                                         size_t *per_thread, size_t *total_floats)
+{
+    mha_status st;
+    int b, nt = mha__max_threads(opt);
+    if ((st = mha__check_cache(c)) != MHA_OK) return st;
+    if (H <= 0 || Lq <= 0) return MHA_ERR_INVALID_SIZE;
+    if (opt->attn_mask.kind != MHA_MASK_NONE || opt->key_padding_mask.kind != MHA_MASK_NONE)
+        return MHA_ERR_INVALID_ARGUMENT;
+    if ((st = mha__check_masks(opt, c->B, H, Lq, c->capacity)) != MHA_OK) return st;
+    if ((st = mha__check_decode(opt, H, c->Hkv, NULL, c->D)) != MHA_OK) return st;
+    for (b = 0; b < c->B; ++b) if (c->len[b] < 1) return MHA_ERR_INVALID_ARGUMENT;   /* no key */
+    if (!mha__attn_scratch_floats(Lq, c->capacity, c->capacity, c->D, c->D, nt, 0, H < nt, per_thread,
+                                  total_floats) ||
+        !mha__add(*total_floats, MHA__ALIGN_FLOATS, total_floats))
+        return MHA_ERR_OVERFLOW;
+    return MHA_OK;
+}
+
+/* Run it: queries and outputs as views (b, h, i) -> p + b*bs + h*hs + i*rs */
+static void mha__cache_attend_run(const mha_kv_cache *c, int H, int Lq, const mha_options *opt,
+                                  const mha__view *q, float *o, size_t o_bs, size_t o_hs, size_t o_rs,
+                                  float *ws, size_t per_thread)
+{
+    mha_options ob = *opt;
+    int b, D = c->D;
+    ob.causal_align = MHA_CAUSAL_BOTTOM_RIGHT;
+    for (b = 0; b < c->B; ++b) {       /* each row has its own Lk = len[b] */
+        mha__attn a;
+        int Lk = c->len[b];
+        mha__attn_common(&a, &ob, 1, H, Lq, Lk, Lk, D, D);
+        a.Hkv = c->Hkv; a.group = H / c->Hkv;
+        a.q.p = q->p + (size_t)b * q->bs; a.q.bs = 0; a.q.hs = q->hs; a.q.rs = q->rs;
+        a.k.p = c->k + (size_t)b * c->Hkv * c->capacity * D;
+        a.v.p = c->v + (size_t)b * c->Hkv * c->capacity * D;
+        a.k.bs = a.v.bs = 0; a.k.hs = a.v.hs = (size_t)c->capacity * D; a.k.rs = a.v.rs = (size_t)D;
+        a.o = o + (size_t)b * o_bs; a.o_bs = 0; a.o_hs = o_hs; a.o_rs = o_rs;
+        a.weights = NULL; a.per_head = 1;
+        a.lse = opt->lse ? opt->lse + (size_t)b * H * Lq : NULL;
+        a.shared_pack = H < a.nthreads;
+        mha__attend_all(&a, ws, per_thread);
+    }
+}
+
+MHADEF mha_status mha_kv_cache_attend_workspace_size(const mha_kv_cache *c, int H, int Lq,
+                                                     const mha_options *opt, size_t *bytes)
+{
+    mha_options zero;
+    size_t per_thread, total;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__cache_attend_plan(c, H, Lq, opt, &per_thread, &total)) != MHA_OK) return st;
+    return mha__mul(total, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+}
+
+MHADEF mha_status mha_kv_cache_attend(const mha_kv_cache *c, int H, int Lq, const float *q,
+                                      const mha_options *opt, float *out,
+                                      void *workspace, size_t workspace_bytes)
+{
+    mha_options zero;
+    mha__view qv;
+    size_t per_thread, total, need;
+    void *owned;
+    float *ws;
+    mha_status st;
+    int D;
+    if (!q || !out) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__cache_attend_plan(c, H, Lq, opt, &per_thread, &total)) != MHA_OK) return st;
+    if (!mha__mul(total, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
+    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+    D = c->D;
+    qv.p = q; qv.bs = (size_t)H * Lq * D; qv.hs = (size_t)Lq * D; qv.rs = (size_t)D;
+    mha__cache_attend_run(c, H, Lq, opt, &qv, out, (size_t)H * Lq * D, (size_t)Lq * D, (size_t)D, ws, per_thread);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+/* Workspace of mha_forward_cached: Q (then the context) [B*Lq, E], the new
+   K and V [B*Lq, Ekv], then scratch for the attention and the GEMMs.  */
+typedef struct mha__cached_layout {
+    int E, H, D, Ekv;
+    size_t qp, kn, vn, scratch, per_thread, total_floats;
+} mha__cached_layout;
+
+static mha_status mha__cached_plan(const mha_module *m, const mha_kv_cache *c, int Lq, const mha_options *opt,
+                                   mha__cached_layout *L)
+{
+    int kdim, vdim, Lk_eff, B, nt = mha__max_threads(opt);
+    size_t attn, g, g2, cur = 0;
+    mha_status st;
+    if ((st = mha__check_cache(c)) != MHA_OK) return st;
+    B = c->B;
+    if ((st = mha__check_module(m, B, Lq, Lq, &L->E, &L->H, &L->D, &kdim, &vdim, &Lk_eff)) != MHA_OK) return st;
+    if (kdim != L->E || vdim != L->E || Lk_eff != Lq) return MHA_ERR_INVALID_ARGUMENT;
+    if (opt->attn_mask.kind != MHA_MASK_NONE || opt->key_padding_mask.kind != MHA_MASK_NONE)
+        return MHA_ERR_INVALID_ARGUMENT;
+    if ((st = mha__check_masks(opt, B, L->H, Lq, Lq)) != MHA_OK) return st;
+    if ((st = mha__check_decode(opt, L->H, m->num_kv_heads, &m->rope, L->D)) != MHA_OK) return st;
+    if ((m->num_kv_heads ? m->num_kv_heads : L->H) != c->Hkv || L->D != c->D) return MHA_ERR_INVALID_ARGUMENT;
+    if ((size_t)B * (size_t)Lq > INT_MAX) return MHA_ERR_OVERFLOW;
+    L->Ekv = c->Hkv * L->D;
+    if ((st = mha__cache_room(c, Lq)) != MHA_OK) return st;
+    if (!mha__attn_scratch_floats(Lq, c->capacity, c->capacity, L->D, L->D, nt, 0, L->H < nt, &L->per_thread,
+                                  &attn))
+        return MHA_ERR_OVERFLOW;
+    g = mha__gemm_ws_floats_mt(B * Lq, L->E, L->E, nt);
+    g2 = mha__gemm_ws_floats_mt(B * Lq, L->Ekv, L->E, nt); if (g2 > g) g = g2;
+    if (!mha__region(&cur, (size_t)B * Lq * L->E, &L->qp) ||
+        !mha__region(&cur, (size_t)B * Lq * L->Ekv, &L->kn) ||
+        !mha__region(&cur, (size_t)B * Lq * L->Ekv, &L->vn) ||
+        !mha__region(&cur, attn > g ? attn : g, &L->scratch) ||
+        !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
+        return MHA_ERR_OVERFLOW;
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_forward_cached_workspace_size(const mha_module *m, const mha_kv_cache *c, int Lq,
+                                                    const mha_options *opt, size_t *bytes)
+{
+    mha_options zero;
+    mha__cached_layout L;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__cached_plan(m, c, Lq, opt, &L)) != MHA_OK) return st;
+    return mha__mul(L.total_floats, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+}
+
+MHADEF mha_status mha_forward_cached(const mha_module *m, mha_kv_cache *c, int Lq, const float *x,
+                                     const mha_options *opt, float *out,
+                                     void *workspace, size_t workspace_bytes)
+{
+    mha_options zero;
+    mha__cached_layout L;
+    mha__view qv;
+    void *owned;
+    float *ws, *qp, *kn, *vn, *scratch;
+    const float *wq, *wk, *wv, *bq, *bk, *bv;
+    size_t need;
+    int E, Ekv, B, b, nt;
+    mha_status st;
+    if (!x || !out) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__cached_plan(m, c, Lq, opt, &L)) != MHA_OK) return st;
+    if (!mha__mul(L.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
+    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+    E = L.E; Ekv = L.Ekv; B = c->B; nt = mha__max_threads(opt);
+    qp = ws + L.qp; kn = ws + L.kn; vn = ws + L.vn; scratch = ws + L.scratch;
+    if (m->in_proj_weight) {
+        wq = m->in_proj_weight; wk = wq + (size_t)E * E; wv = wk + (size_t)Ekv * E;
+    } else {
+        wq = m->q_proj_weight; wk = m->k_proj_weight; wv = m->v_proj_weight;
+    }
+    bq = m->in_proj_bias; bk = bq ? bq + E : NULL; bv = bq ? bq + E + Ekv : NULL;
+
+    /* 1. Q, K, V of the new tokens: [B*Lq, E], [B*Lq, Ekv] */
+    mha__linear(B * Lq, E, E, x, wq, bq, qp, scratch, nt);
+    mha__linear(B * Lq, E, Ekv, x, wk, bk, kn, scratch, nt);
+    mha__linear(B * Lq, E, Ekv, x, wv, bv, vn, scratch, nt);
+
+    /* 2. RoPE at positions offset + len[b] + i, then append K and V */
+    for (b = 0; b < B; ++b) {
+        int pos0 = opt->position_offset + c->len[b];
+        mha__rope_apply(&m->rope, L.D, 1, Lq, L.H, 0, (size_t)E, (size_t)L.D, pos0, NULL, 1.0f,
+                        qp + (size_t)b * Lq * E);
+        mha__rope_apply(&m->rope, L.D, 1, Lq, c->Hkv, 0, (size_t)Ekv, (size_t)L.D, pos0, NULL, 1.0f,
+                        kn + (size_t)b * Lq * Ekv);
+    }
+    mha__cache_write(c, Lq, kn, vn, (size_t)Lq * Ekv, (size_t)L.D, (size_t)Ekv);
+
+    /* 3. attention over the cache; the context overwrites Q in place */
+    qv.p = qp; qv.bs = (size_t)Lq * E; qv.hs = (size_t)L.D; qv.rs = (size_t)E;
+    mha__cache_attend_run(c, L.H, Lq, opt, &qv, qp, (size_t)Lq * E, (size_t)L.D, (size_t)E, scratch,
+                          L.per_thread);
+
+    /* 4. out = C Wo^T + bo */
+    mha__linear(B * Lq, E, E, qp, m->out_proj_weight, m->out_proj_bias, out, scratch, nt);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }

@@ -188,6 +188,175 @@ static void one_case(int B, int Lq, int Lk, int E, int H, int Hkv, int packed_in
     mod_free(&g);
 }
 
+/* ------------------------------------------------ KV cache */
+
+static double worst_cache;
+
+/* Decoding token by token through the cache equals one causal forward over
+   the whole sequence: rows with prompts of plen[b] tokens (ragged: each row
+   is prefilled through its own B = 1 view of the cache), then all rows
+   decode together, one token per step, until each has L tokens... rows
+   that started shorter decode longer.  x [B, L, E].  */
+static void cache_matches_forward(int B, int L, const int *plen, int E, int H, int Hkv, mha_rope_kind rk,
+                                  const mha_options *extra, unsigned long long seed)
+{
+    tu_rng r = { seed };
+    gqa_mod g;
+    mha_module m;
+    mha_options o;
+    mha_kv_cache c, row;
+    int D = E / H, cap = L + 2, b, t, step, minp = L;
+    size_t nx = (size_t)B * L * E, kvn = (size_t)B * Hkv * cap * D;
+    float *x = malloc(nx * 4), *full = malloc(nx * 4), *got = malloc(nx * 4), *xs = malloc((size_t)B * E * 4);
+    float *os = malloc((size_t)B * E * 4);
+    int *len = calloc((size_t)B, sizeof(int));
+    double e;
+    mod_make(&g, E, H, Hkv, 0, &r);
+    tu_fill(&r, x, nx, 1.0f);
+    m = mod_view(&g, 0, 0);
+    m.rope.kind = rk;
+    o = *extra;
+    o.causal = 1;
+    /* the reference: each row's whole sequence in one causal forward */
+    for (b = 0; b < B; ++b)
+        CHECK(mha_forward(&m, 1, L, L, x + (size_t)b * L * E, x + (size_t)b * L * E, x + (size_t)b * L * E, &o,
+                          full + (size_t)b * L * E, NULL, NULL, 0) == MHA_OK, "full forward");
+    c.B = B; c.Hkv = Hkv; c.D = D; c.capacity = cap;
+    c.k = malloc(kvn * 4); c.v = malloc(kvn * 4); c.len = len;
+    /* prefill each row with its prompt: one chunk of plen[b] tokens */
+    for (b = 0; b < B; ++b) {
+        row = c; row.B = 1;
+        row.k = c.k + (size_t)b * Hkv * cap * D; row.v = c.v + (size_t)b * Hkv * cap * D; row.len = len + b;
+        CHECK(mha_forward_cached(&m, &row, plen[b], x + (size_t)b * L * E, &o, got + (size_t)b * L * E, NULL, 0)
+              == MHA_OK, "prefill row %d", b);
+        if (plen[b] < minp) minp = plen[b];
+    }
+    /* decode: every row takes its next token; rows already at L re-run nothing:
+       only steps where all rows have a token left, then the rest row by row */
+    for (step = minp; step < L; ++step) {
+        int all = 1;
+        for (b = 0; b < B; ++b) all &= len[b] < L;
+        if (all) {
+            for (b = 0; b < B; ++b) memcpy(xs + (size_t)b * E, x + ((size_t)b * L + len[b]) * E, (size_t)E * 4);
+            for (b = 0; b < B; ++b) os[b] = (float)len[b];   /* remember where each row's token goes */
+            {
+                int pos[64];
+                for (b = 0; b < B; ++b) pos[b] = len[b];
+                CHECK(mha_forward_cached(&m, &c, 1, xs, &o, os, NULL, 0) == MHA_OK, "decode step");
+                for (b = 0; b < B; ++b) memcpy(got + ((size_t)b * L + pos[b]) * E, os + (size_t)b * E, (size_t)E * 4);
+            }
+        }
+        for (b = 0; b < B; ++b) {   /* rows left behind catch up alone */
+            while (!all && len[b] < L && len[b] <= step) {
+                int at = len[b];
+                row = c; row.B = 1;
+                row.k = c.k + (size_t)b * Hkv * cap * D; row.v = c.v + (size_t)b * Hkv * cap * D; row.len = len + b;
+                CHECK(mha_forward_cached(&m, &row, 1, x + ((size_t)b * L + at) * E, &o,
+                                         got + ((size_t)b * L + at) * E, NULL, 0) == MHA_OK, "catch-up");
+            }
+        }
+    }
+    for (b = 0; b < B; ++b) CHECK(len[b] == L, "row %d holds %d tokens", b, len[b]);
+    for (t = 0; t < B; ++t) {
+        e = tu_rel_err_ff(got + (size_t)t * L * E, full + (size_t)t * L * E, (size_t)L * E);
+        CHECK(e <= 1e-6, "cache decode == one causal forward, row %d: %.3g (L%d E%d H%d Hkv%d rope%d)",
+              t, e, L, E, H, Hkv, (int)rk);
+        if (e > worst_cache) worst_cache = e;
+    }
+    free(x); free(full); free(got); free(xs); free(os); free(len); free(c.k); free(c.v);
+    mod_free(&g);
+}
+
+static void cache_tests(void)
+{
+    mha_options o;
+    int same[2] = { 4, 4 }, ragged[3] = { 1, 6, 3 }, one[1] = { 9 };
+    memset(&o, 0, sizeof o);
+    cache_matches_forward(2, 11, same, 24, 6, 2, MHA_ROPE_HALF, &o, 1);
+    cache_matches_forward(3, 12, ragged, 32, 8, 2, MHA_ROPE_INTERLEAVED, &o, 2);
+    cache_matches_forward(1, 140, one, 16, 4, 1, MHA_ROPE_HALF, &o, 3);   /* crosses a key tile */
+    o.window = 1; o.window_left = 4; o.window_right = 0;
+    o.softcap = 2.0f; o.alibi = 1;
+    cache_matches_forward(3, 12, ragged, 24, 6, 3, MHA_ROPE_HALF, &o, 4);
+    {   /* sinks */
+        float sinks[6] = { 0.5f, -1.0f, 2.0f, 0.0f, 1.0f, -3.0f };
+        memset(&o, 0, sizeof o); o.sinks = sinks;
+        cache_matches_forward(2, 10, same, 24, 6, 2, MHA_ROPE_NONE, &o, 5);
+    }
+    /* past capacity: MHA_ERR_CAPACITY, nothing written */
+    {
+        tu_rng r = { 9 };
+        gqa_mod g;
+        mha_module m;
+        mha_kv_cache c;
+        float k[2 * 2 * 4 * 2], v[2 * 2 * 4 * 2], x[2 * 3 * 8], out[2 * 3 * 8], kn[2 * 2 * 3 * 2];
+        int len[2] = { 3, 1 }, i, same_k = 1;
+        size_t bytes;
+        mod_make(&g, 8, 4, 2, 0, &r);
+        m = mod_view(&g, 0, 0);
+        c.B = 2; c.Hkv = 2; c.D = 2; c.capacity = 4; c.k = k; c.v = v; c.len = len;
+        for (i = 0; i < 32; ++i) k[i] = v[i] = 5.0f;
+        for (i = 0; i < 48; ++i) out[i] = 7.0f;
+        tu_fill(&r, x, 48, 1.0f); tu_fill(&r, kn, 24, 1.0f);
+        CHECK(mha_forward_cached(&m, &c, 2, x, NULL, out, NULL, 0) == MHA_ERR_CAPACITY, "capacity (module)");
+        CHECK(mha_forward_cached_workspace_size(&m, &c, 2, NULL, &bytes) == MHA_ERR_CAPACITY, "capacity (ws)");
+        CHECK(mha_kv_cache_append(&c, 2, kn, kn) == MHA_ERR_CAPACITY, "capacity (append)");
+        for (i = 0; i < 32; ++i) same_k &= k[i] == 5.0f && v[i] == 5.0f;
+        for (i = 0; i < 48; ++i) same_k &= out[i] == 7.0f;
+        CHECK(same_k && len[0] == 3 && len[1] == 1, "nothing written past capacity");
+        CHECK(mha_forward_cached(&m, &c, 1, x, NULL, out, NULL, 0) == MHA_OK && len[0] == 4 && len[1] == 2,
+              "one more token fits");
+        len[0] = 5;
+        CHECK(mha_kv_cache_append(&c, 1, kn, kn) == MHA_ERR_INVALID_ARGUMENT, "len > capacity");
+        len[0] = 1; c.Hkv = 4;
+        CHECK(mha_forward_cached(&m, &c, 1, x, NULL, out, NULL, 0) == MHA_ERR_INVALID_ARGUMENT, "cache Hkv != module");
+        mod_free(&g);
+    }
+}
+
+/* The SDPA-level cache: append K/V, attend; equals mha_sdpa with bottom-right
+   causal over the same keys, per row (ragged lengths) */
+static void cache_sdpa(void)
+{
+    tu_rng r = { 11 };
+    const int B = 2, H = 4, Hkv = 2, D = 8, cap = 40, Lq = 3;
+    int len[2] = { 0, 0 }, pre[2] = { 20, 33 }, b, g, t;
+    mha_kv_cache c;
+    mha_options o;
+    float *k = malloc((size_t)B * Hkv * cap * D * 4), *v = malloc((size_t)B * Hkv * cap * D * 4);
+    float *q = malloc((size_t)B * H * Lq * D * 4), *out = malloc((size_t)B * H * Lq * D * 4);
+    float *ref = malloc((size_t)H * Lq * D * 4), *kk = malloc((size_t)Hkv * cap * D * 4), *vv = malloc((size_t)Hkv * cap * D * 4);
+    float lse[2 * 4 * 3], lse_ref[4 * 3];
+    tu_fill(&r, k, (size_t)B * Hkv * cap * D, 1.0f); tu_fill(&r, v, (size_t)B * Hkv * cap * D, 1.0f);
+    tu_fill(&r, q, (size_t)B * H * Lq * D, 1.0f);
+    c.B = B; c.Hkv = Hkv; c.D = D; c.capacity = cap; c.k = k; c.v = v; c.len = len;
+    len[0] = pre[0]; len[1] = pre[1];   /* filled "by another engine": the random k, v */
+    memset(&o, 0, sizeof o);
+    o.causal = 1; o.lse = lse; o.softcap = 3.0f;
+    CHECK(mha_kv_cache_attend(&c, H, Lq, q, &o, out, NULL, 0) == MHA_OK, "cache attend");
+    for (b = 0; b < B; ++b) {
+        int Lk = len[b];
+        double e;
+        for (g = 0; g < Hkv; ++g)
+            for (t = 0; t < Lk; ++t) {
+                memcpy(kk + ((size_t)g * Lk + t) * D, k + (((size_t)b * Hkv + g) * cap + t) * D, (size_t)D * 4);
+                memcpy(vv + ((size_t)g * Lk + t) * D, v + (((size_t)b * Hkv + g) * cap + t) * D, (size_t)D * 4);
+            }
+        o.num_kv_heads = Hkv; o.causal_align = MHA_CAUSAL_BOTTOM_RIGHT; o.lse = lse_ref;
+        CHECK(mha_sdpa(1, H, Lq, Lk, D, D, q + (size_t)b * H * Lq * D, kk, vv, &o, ref, NULL, NULL, 0) == MHA_OK, "sdpa");
+        e = tu_rel_err_ff(out + (size_t)b * H * Lq * D, ref, (size_t)H * Lq * D);
+        CHECK(e == 0.0, "cache attend == sdpa on the row's keys, row %d: %.3g", b, e);
+        CHECK(memcmp(lse + (size_t)b * H * Lq, lse_ref, sizeof lse_ref) == 0, "cache lse row %d", b);
+        o.num_kv_heads = 0; o.causal_align = MHA_CAUSAL_TOP_LEFT; o.lse = lse;
+    }
+    /* append then attend: the new keys are the last ones */
+    len[0] = 0; len[1] = 5;
+    CHECK(mha_kv_cache_append(&c, 3, k, v) == MHA_OK && len[0] == 3 && len[1] == 8, "append");
+    len[0] = 0;
+    CHECK(mha_kv_cache_attend(&c, H, Lq, q, &o, out, NULL, 0) == MHA_ERR_INVALID_ARGUMENT, "a row with no key");
+    free(k); free(v); free(q); free(out); free(ref); free(kk); free(vv);
+}
+
 static void errors(void)
 {
     tu_rng r = { 3 };
@@ -229,6 +398,9 @@ int main(void)
     one_case(1, 300, 300, 24, 6, 3, 1, 1, 1, 10);
     memset(&g_rope, 0, sizeof g_rope);
     errors();
+    cache_tests();
+    cache_sdpa();
     printf("worst GQA module vs MHA-equivalent rel err: forward %.3g, grads %.3g\n", worst_fwd, worst_grad);
+    printf("worst cache decode vs one causal forward rel err: %.3g\n", worst_cache);
     return tu_finish("decode_module");
 }
