@@ -54,6 +54,15 @@
      weights packed once (mha_module_pack, m.packed): same results, and the
      short sequences skip the per-call copy of Wq, Wk, Wv and Wo.
 
+   DECODING (docs/decoding.md)
+     Options for decoder models, all off when zero: grouped-query attention
+     (num_kv_heads; query head h reads KV head h / (H / Hkv)), sliding
+     window, soft-capping, ALiBi, sink logits, the log-sum-exp of every row
+     and mha_attn_merge for attention split over key ranges.  mha_rope_*
+     (half-split or interleaved RoPE) and mha_module.rope; a caller-owned
+     KV cache (mha_kv_cache, [B, Hkv, capacity, D]) with mha_forward_cached
+     for prefill and one-token decode steps (examples/decode.c).
+
    TRAINING (backward passes, docs/theory.md and docs/training.md)
      mha_sdpa_backward / mha_backward give the gradients of the inputs and of
      every weight in state_dict layout (mha_module_grad), recomputing the
