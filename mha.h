@@ -605,19 +605,44 @@ static inline mha__vf mha__vzero(void) { return _mm512_setzero_ps(); }
 static inline mha__vf mha__vadd(mha__vf a, mha__vf b) { return _mm512_add_ps(a, b); }
 static inline mha__vf mha__vsub(mha__vf a, mha__vf b) { return _mm512_sub_ps(a, b); }
 static inline mha__vf mha__vmul(mha__vf a, mha__vf b) { return _mm512_mul_ps(a, b); }
-static inline mha__vf mha__vmax(mha__vf a, mha__vf b) { return _mm512_max_ps(a, b); }
-static inline mha__vf mha__vmin(mha__vf a, mha__vf b) { return _mm512_min_ps(a, b); }
+/* GCC 12's unmasked forms of several intrinsics below pass an undefined
+   vector (`__m512 __Y = __Y`) as the merge source, which -Wmaybe-uninitialized
+   reports once inlined into C++ -O2 code; the zero-masking forms with every
+   lane selected are the same instruction with a defined source. */
+#define MHA__ALL16 ((__mmask16)0xFFFF)
+static inline mha__vf mha__vmax(mha__vf a, mha__vf b) { return _mm512_maskz_max_ps(MHA__ALL16, a, b); }
+static inline mha__vf mha__vmin(mha__vf a, mha__vf b) { return _mm512_maskz_min_ps(MHA__ALL16, a, b); }
 static inline mha__vf mha__vfma(mha__vf acc, mha__vf a, mha__vf b) { return _mm512_fmadd_ps(a, b, acc); }
-static inline float mha__vhsum(mha__vf v) { return _mm512_reduce_add_ps(v); }
-static inline float mha__vhmax(mha__vf v) { return _mm512_reduce_max_ps(v); }
+/* the halves 256, 128, 64, 32 bits wide added in turn (_mm512_reduce_add_ps's order) */
+static inline __m128 mha__vhalves(mha__vf v, int is_max)
+{
+    __m256 hi = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd((__mmask8)0xFF, _mm512_castps_pd(v), 1));
+    __m256 lo = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd((__mmask8)0xFF, _mm512_castps_pd(v), 0));
+    __m256 s8 = is_max ? _mm256_max_ps(hi, lo) : _mm256_add_ps(hi, lo);
+    __m128 h4 = _mm256_extractf128_ps(s8, 1), l4 = _mm256_castps256_ps128(s8);
+    __m128 s4 = is_max ? _mm_max_ps(h4, l4) : _mm_add_ps(h4, l4);
+    __m128 sw = _mm_shuffle_ps(s4, s4, 0x4E);   /* lanes 2, 3, 0, 1 */
+    return is_max ? _mm_max_ps(s4, sw) : _mm_add_ps(s4, sw);
+}
+static inline float mha__vhsum(mha__vf v)
+{
+    __m128 s = mha__vhalves(v, 0);
+    return _mm_cvtss_f32(s) + _mm_cvtss_f32(_mm_shuffle_ps(s, s, 0x55));
+}
+static inline float mha__vhmax(mha__vf v)
+{
+    __m128 s = mha__vhalves(v, 1);
+    float a = _mm_cvtss_f32(s), b = _mm_cvtss_f32(_mm_shuffle_ps(s, s, 0x55));
+    return a > b ? a : b;
+}
 static inline mha__vf mha__vround(mha__vf v)
 {
-    return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_maskz_roundscale_ps(MHA__ALL16, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 static inline mha__vf mha__vpow2i(mha__vf n)
 {
-    __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+    __m512i e = _mm512_add_epi32(_mm512_maskz_cvtps_epi32(MHA__ALL16, n), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(MHA__ALL16, e, 23));
 }
 static inline mha__vm mha__vlt(mha__vf a, mha__vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
 static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
@@ -630,22 +655,24 @@ static inline void mha__vtranspose(mha__vf *r)
     __m512 t[16], u[16];
     int g, c;
     for (g = 0; g < 4; ++g) {
-        __m512 a0 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]), a1 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
-        __m512 a2 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]), a3 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+        __m512 a0 = _mm512_maskz_unpacklo_ps(MHA__ALL16, r[4 * g], r[4 * g + 1]);
+        __m512 a1 = _mm512_maskz_unpackhi_ps(MHA__ALL16, r[4 * g], r[4 * g + 1]);
+        __m512 a2 = _mm512_maskz_unpacklo_ps(MHA__ALL16, r[4 * g + 2], r[4 * g + 3]);
+        __m512 a3 = _mm512_maskz_unpackhi_ps(MHA__ALL16, r[4 * g + 2], r[4 * g + 3]);
         t[4 * g + 0] = _mm512_shuffle_ps(a0, a2, 0x44);   /* column 4L+0 of rows 4g.. */
         t[4 * g + 1] = _mm512_shuffle_ps(a0, a2, 0xEE);
         t[4 * g + 2] = _mm512_shuffle_ps(a1, a3, 0x44);
         t[4 * g + 3] = _mm512_shuffle_ps(a1, a3, 0xEE);
     }
     for (c = 0; c < 4; ++c) {   /* output rows 4L+c gather lane L of t[4g+c], g = 0..3 */
-        u[0] = _mm512_shuffle_f32x4(t[c], t[4 + c], 0x44);
-        u[1] = _mm512_shuffle_f32x4(t[c], t[4 + c], 0xEE);
-        u[2] = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], 0x44);
-        u[3] = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], 0xEE);
-        r[0 + c] = _mm512_shuffle_f32x4(u[0], u[2], 0x88);
-        r[4 + c] = _mm512_shuffle_f32x4(u[0], u[2], 0xDD);
-        r[8 + c] = _mm512_shuffle_f32x4(u[1], u[3], 0x88);
-        r[12 + c] = _mm512_shuffle_f32x4(u[1], u[3], 0xDD);
+        u[0] = _mm512_maskz_shuffle_f32x4(MHA__ALL16, t[c], t[4 + c], 0x44);
+        u[1] = _mm512_maskz_shuffle_f32x4(MHA__ALL16, t[c], t[4 + c], 0xEE);
+        u[2] = _mm512_maskz_shuffle_f32x4(MHA__ALL16, t[8 + c], t[12 + c], 0x44);
+        u[3] = _mm512_maskz_shuffle_f32x4(MHA__ALL16, t[8 + c], t[12 + c], 0xEE);
+        r[0 + c] = _mm512_maskz_shuffle_f32x4(MHA__ALL16, u[0], u[2], 0x88);
+        r[4 + c] = _mm512_maskz_shuffle_f32x4(MHA__ALL16, u[0], u[2], 0xDD);
+        r[8 + c] = _mm512_maskz_shuffle_f32x4(MHA__ALL16, u[1], u[3], 0x88);
+        r[12 + c] = _mm512_maskz_shuffle_f32x4(MHA__ALL16, u[1], u[3], 0xDD);
     }
 }
 
