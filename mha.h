@@ -24,6 +24,17 @@
        mha_status s = mha_forward(&m, B, L, L, x, x, x, &opt, out, weights, NULL, 0);
        if (s != MHA_OK) fprintf(stderr, "mha: %s\n", mha_status_string(s));
 
+   PLANS (the same, made once and run many times; docs/api.md)
+       mha_plan *p;                 // B, the longest Lq and Lk, options, threads, flags
+       s = mha_module_plan(&m, B, Lmax, Lmax, &opt, MHA_PLAN_PACK, NULL, 0, &p);
+       size_t n = mha_plan_workspace_size(p);   // every run fits in n bytes
+       void *ws = malloc(n);        // one per thread: a plan runs from many at once
+       s = mha_module_forward(p, L, L, x, x, x, NULL, NULL, out, NULL, ws, n);  // L <= Lmax
+       mha_plan_destroy(p);
+     Plans exist for mha_gemm, mha_sdpa (forward, backward), the module
+     (forward, backward) and the encoder layer; every one-shot call above is
+     a plan made for that call and run once.
+
    THE MATH  (X: [L, E]; W: [E_out, E_in] as PyTorch stores Linear weights)
        Q = X_q Wq^T + bq     K = X_k Wk^T + bk     V = X_v Wv^T + bv
        split E into H heads of D = E/H columns:  Q_h = Q[:, h*D:(h+1)*D]
@@ -51,8 +62,11 @@
      for the weights costs their [B, Lq, Lk] output and rows of scores per
      thread.  Both paths agree to float32 rounding, and no result depends on
      the thread count.  A module run many times can have its projection
-     weights packed once (mha_module_pack, m.packed): same results, and the
-     short sequences skip the per-call copy of Wq, Wk, Wv and Wo.
+     weights packed once (MHA_PLAN_PACK, or the older mha_module_pack and
+     m.packed): same results, and the short sequences skip the per-call copy
+     of Wq, Wk, Wv and Wo.  An encoder plan without MHA_PLAN_TRAINING sizes
+     for inference only: L*E, as the attention (training keeps [L, F] and
+     the attention's backward needs L^2).
 
    DECODING (docs/decoding.md)
      Options for decoder models, all off when zero: grouped-query attention
@@ -156,11 +170,10 @@ typedef enum mha_trans { MHA_NO_TRANS = 0, MHA_TRANS = 1 } mha_trans;
    B likewise K x N (ldb >= N) or N x K (ldb >= K); C is M x N (ldc >= N).
    When beta == 0, C is never read (NaN in C does not propagate).
    workspace: packing buffers of mha_gemm_workspace_size() bytes, or NULL to
-   let the call allocate them through MHA_MALLOC.  The size covers one set of
-   buffers per OpenMP thread (omp_get_max_threads() at the time of the query);
-   a smaller workspace runs on as many threads as it holds, and below the
-   one-thread size the call returns MHA_ERR_WORKSPACE_TOO_SMALL.  The result
-   is bit-identical for any number of threads.  */
+   let the call allocate them through MHA_MALLOC.  The call runs on
+   omp_get_max_threads() threads, and the size is for that many: a smaller
+   workspace is MHA_ERR_WORKSPACE_TOO_SMALL (mha_gemm_plan fixes the thread
+   count instead).  The result is bit-identical for any number of threads.  */
 MHADEF size_t mha_gemm_workspace_size(int M, int N, int K);
 MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, float alpha,
                            const float *A, int lda, const float *B, int ldb, float beta,
@@ -235,6 +248,11 @@ typedef struct mha_options {
    with n = the largest power of two <= H, head h < n gets 2^(-8 (h+1) / n) and
    head n + m gets 2^(-4 (2m+1) / n) (every other slope of the 2n recipe).  */
 MHADEF mha_status mha_alibi_slopes(int H, float *slopes);
+
+/* The defaults, written out: PyTorch's (no mask, scale 1/sqrt(D), head-
+   averaged weights, OpenMP's threads).  All-zero means the same; start
+   from this when you prefer every value spelled out. */
+MHADEF mha_options mha_options_defaults(void);
 
 /* ---------------------------------------------------------------- SDPA */
 
@@ -398,9 +416,12 @@ MHADEF mha_status mha_forward_cached(const mha_module *m, mha_kv_cache *c, int L
    The buffer starts with a header (format version, E, H, kdim, vdim, weight
    layout, and the kernel's NR, KC and NC), checked by every mha_forward:
    a buffer packed for another module shape, layout, or by a build with other
-   kernels is MHA_ERR_INVALID_ARGUMENT.  The values are not checked: after
-   changing the weights, pack again.  The weight pointers stay required:
-   mha_backward and the long-sequence (head by head) forward read them.  */
+   kernels, or for the weights of another module, is MHA_ERR_PACK_MISMATCH;
+   a buffer whose weights changed since (a sample of their values is kept)
+   is MHA_ERR_STALE: pack again.  The weight pointers stay required: the
+   backward's weight products and the long-sequence (head by head) forward
+   read them.  Superseded by plans: mha_module_plan with MHA_PLAN_PACK owns
+   its pack, checked once when made.  */
 MHADEF mha_status mha_module_pack_size(const mha_module *m, size_t *bytes);
 MHADEF mha_status mha_module_pack(const mha_module *m, void *buf, size_t bytes);
 
@@ -416,7 +437,8 @@ MHADEF mha_status mha_module_pack(const mha_module *m, void *buf, size_t bytes);
    where that is possible).  Backward calls take the same inputs as the
    forward call and recompute what they need, so no activations have to be
    kept between the two; nothing of size L*L is stored beyond one
-   (batch, head) at a time.  The backward paths run on one thread.
+   (batch, head) at a time.  The backward's projections run on the plan's
+   (or OpenMP's) threads, its attention one (batch, head) at a time.
    Unlike the forward, the backward does not shield the result from a NaN or
    Inf inside a blocked key or value: keep those finite when training.
    ====================================================================== */
@@ -500,6 +522,11 @@ typedef struct mha_encoder_layer {
     const float *norm1_weight, *norm1_bias;       /* [E], [E] */
     const float *norm2_weight, *norm2_bias;       /* [E], [E] */
 } mha_encoder_layer;
+
+/* nn.TransformerEncoderLayer's defaults for what is not a weight:
+   dim_feedforward 2048, ReLU, post-norm, layer_norm_eps 1e-5.  (A zero
+   layer_norm_eps also means 1e-5: an eps of 0 divides a constant row by 0.) */
+MHADEF mha_encoder_layer mha_encoder_layer_defaults(void);
 
 typedef struct mha_encoder_layer_grad {
     mha_module_grad self_attn;
@@ -4653,6 +4680,24 @@ MHADEF mha_status mha_forward_cached(const mha_module *m, mha_kv_cache *c, int L
 
 
 /* ------------------------------------------------- one-shot calls */
+
+MHADEF mha_options mha_options_defaults(void)
+{
+    mha_options o;
+    memset(&o, 0, sizeof o);   /* every default is the zero value */
+    return o;
+}
+
+MHADEF mha_encoder_layer mha_encoder_layer_defaults(void)
+{
+    mha_encoder_layer ly;
+    memset(&ly, 0, sizeof ly);
+    ly.dim_feedforward = 2048;
+    ly.activation = MHA_ACT_RELU;
+    ly.norm_first = 0;
+    ly.layer_norm_eps = 1e-5f;
+    return ly;
+}
 
 /* Each makes the plan of its one call on the stack (no PACK, so the plan
    needs no memory beyond its struct) and runs it: the size query and the

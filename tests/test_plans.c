@@ -609,9 +609,21 @@ static void encoder_memory(void)
     }
 }
 
+/* The defaults functions spell out what zero means. */
+static void defaults(void)
+{
+    mha_options o = mha_options_defaults(), z;
+    mha_encoder_layer ly = mha_encoder_layer_defaults();
+    memset(&z, 0, sizeof z);
+    CHECK(memcmp(&o, &z, sizeof o) == 0, "mha_options_defaults is the zero options");
+    CHECK(ly.dim_feedforward == 2048 && ly.activation == MHA_ACT_RELU && ly.norm_first == 0 &&
+          ly.layer_norm_eps == 1e-5f && !ly.linear1_weight, "mha_encoder_layer_defaults");
+}
+
 int main(void)
 {
     int i;
+    defaults();
     for (i = 0; i < 60; ++i) sdpa_case();
     for (i = 0; i < 80; ++i) module_case();
     for (i = 0; i < 25; ++i) encoder_case();
