@@ -780,8 +780,11 @@ static int mha__add(size_t a, size_t b, size_t *r)
      MHA__INT_LIMIT (it overflowed at B = 65536, H = 32768 and the call
      returned OK having done nothing);
    - B*Lq and B*Lk' (B*L in the encoder), the rows of the module's
-     projection GEMMs: checked against MHA__INT_LIMIT by the module's plans,
-     which the encoder runs before it forms N = B*L;
+     projection GEMMs: checked against MHA__INT_LIMIT by the module's plans
+     (mha_forward_cached's too), which the encoder runs before it forms
+     N = B*L;
+   - the KV cache: capacity and D are dimensions (checked with the cache),
+     an attention over it runs one batch row at a time (H heads, nb = 1);
    - the module's fused (batch, head) count nb*H: the fused module path
      runs only below MHA__BY_HEAD_FLOATS = B (Lq + 2 Lk') E, so it is under
      2^23; the by-head path has one head at a time;
@@ -4452,7 +4455,7 @@ static mha_status mha__check_cache(const mha_kv_cache *c)
     if (!c || !c->k || !c->v || !c->len) return MHA_ERR_NULL_POINTER;
     if (c->B <= 0 || c->Hkv <= 0 || c->D <= 0 || c->capacity <= 0) return MHA_ERR_INVALID_SIZE;
     if (!mha__mul3((size_t)c->B * (size_t)c->Hkv, (size_t)c->capacity, (size_t)c->D, &n) ||
-        !mha__mul(n, sizeof(float), &n))
+        !mha__mul(n, sizeof(float), &n) || !mha__dim_ok(c->capacity) || !mha__dim_ok(c->D))
         return MHA_ERR_OVERFLOW;
     for (b = 0; b < c->B; ++b) if (c->len[b] < 0 || c->len[b] > c->capacity) return MHA_ERR_INVALID_ARGUMENT;
     return MHA_OK;
@@ -4504,6 +4507,7 @@ static mha_status mha__cache_attend_plan(const mha_kv_cache *c, int H, int Lq, c
     int b, nt = mha__max_threads(opt);
     if ((st = mha__check_cache(c)) != MHA_OK) return st;
     if (H <= 0 || Lq <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__dim_ok(H) || !mha__dim_ok(Lq) || (size_t)H * (size_t)Lq > LONG_MAX) return MHA_ERR_OVERFLOW;
     if (opt->attn_mask.kind != MHA_MASK_NONE || opt->key_padding_mask.kind != MHA_MASK_NONE)
         return MHA_ERR_INVALID_ARGUMENT;
     if ((st = mha__check_masks(opt, c->B, H, Lq, c->capacity)) != MHA_OK) return st;
@@ -4602,7 +4606,7 @@ static mha_status mha__cached_plan(const mha_module *m, const mha_kv_cache *c, i
     if ((st = mha__check_masks(opt, B, L->H, Lq, Lq)) != MHA_OK) return st;
     if ((st = mha__check_decode(opt, L->H, m->num_kv_heads, &m->rope, L->D)) != MHA_OK) return st;
     if ((m->num_kv_heads ? m->num_kv_heads : L->H) != c->Hkv || L->D != c->D) return MHA_ERR_INVALID_ARGUMENT;
-    if ((size_t)B * (size_t)Lq > INT_MAX) return MHA_ERR_OVERFLOW;
+    if ((size_t)B * (size_t)Lq > MHA__INT_LIMIT) return MHA_ERR_OVERFLOW;   /* GEMM rows (int audit) */
     L->Ekv = c->Hkv * L->D;
     if ((st = mha__cache_room(c, Lq)) != MHA_OK) return st;
     if (!mha__attn_scratch_floats(Lq, c->capacity, c->capacity, L->D, L->D, nt, 0, L->H < nt, &L->per_thread,
