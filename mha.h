@@ -1990,7 +1990,17 @@ static void mha__fused_pack(const mha__attn *a, const mha__fused_dims *f, int b,
    gi + c % nr.  Grouped heads share every K tile and packed V tile.  */
 typedef struct mha__tileq {
     int gb, gh0, ng, gi, nr;
+    int narrow;        /* at most MHA__NARROW columns: vector products, no packing (decoding) */
+    int t_lo, t_hi;    /* the real key tiles of this item (split-K), t_hi = -1: all */
+    float *partial;    /* split-K: NULL, or [ncol][Dv + 2] for unnormalised O, m and l */
 } mha__tileq;
+
+/* Tiles with at most this many query columns (a decode step: Lq = 1 times
+   the heads of a group) take the narrow path: S = K q and O += p V as dot
+   products and axpys on K and V where they lie, so each key and value row
+   is read once for all the group's heads and V is never packed; the GEMM
+   micro-kernel would compute NR columns (16-48) for these few.  */
+#define MHA__NARROW 8
 
 /* Masks on a transposed score tile: st holds key p, column c of the tile at
    st[(c / NR) * NR * nc + p * NR + c % NR].  Same rules as mha__mask_cols. */
@@ -2055,16 +2065,19 @@ static void mha__mask_tile_t(const mha__attn *a, const mha__tileq *tq, int j0, i
 }
 
 /* The columns of query tile tq of (b, local KV head kvh) against its packed
-   keys, shared; sc: the tile buffers.  */
+   keys, shared (not read on the narrow path); sc: the tile buffers.  With
+   tq->partial the item covers key tiles t_lo..t_hi-1 only and leaves its
+   unnormalised O, m and l there for mha__merge_partials.  */
 static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int b, int kvh,
                               const mha__tileq *tq, const float *shared, float *sc)
 {
     const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)kvh * a->k.hs;
     const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)kvh * a->v.hs;
-    const float *pv = shared, *flags = pv + (size_t)f->ntiles * f->v_tile;
-    int Dv = a->Dv, D = a->D, Lk = a->Lk, nr = tq->nr, gi = tq->gi;
+    const float *pv = shared, *flags = pv ? pv + (size_t)f->ntiles * f->v_tile : NULL;
+    int Dv = a->Dv, D = a->D, Lk = a->Lk, nr = tq->nr, gi = tq->gi, narrow = tq->narrow;
     int ncol = tq->ng * nr;                                 /* tile columns */
     int nrp = (ncol + MHA__NR - 1) / MHA__NR * MHA__NR;     /* whole slivers */
+    int nvp = (ncol + MHA__VW - 1) / MHA__VW * MHA__VW;     /* whole vectors */
     int masked = a->attn_mask || a->kpm || a->alibi, t, t_begin, t_end, c, i, j, p, d;
     ptrdiff_t lo_first, hi_first, lo_last, hi_last;
     float *qt = sc;
@@ -2073,15 +2086,21 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
     float *m = ot + mha__round_floats(f->dvp * MHA__FBR);
     float *l = m + mha__round_floats(MHA__FBR);
     float *kedge = l + mha__round_floats(MHA__FBR);
+    const float *qrow[MHA__NARROW];
     const size_t ldo = MHA__FBR;
+    /* O^T column c, feature d: ot[d * ldo + c]; narrow: row c, ot[c * Dv + d] */
+#define MHA__OT(c, d) (narrow ? ot + (size_t)(c) * Dv + (d) : ot + (size_t)(d) * ldo + (c))
 #define MHA__QROW(c) (a->q.p + (size_t)b * a->q.bs + (size_t)(tq->gh0 + (c) / nr - a->h0) * a->q.hs + \
                       (size_t)(gi + (c) % nr - a->q0) * a->q.rs)
 #define MHA__OROW(c) (a->o + (size_t)b * a->o_bs + (size_t)(tq->gh0 + (c) / nr - a->h0) * a->o_hs + \
                       (size_t)(gi + (c) % nr - a->q0) * a->o_rs)
 
-    /* Q^T as NR slivers (zero-padded past ncol); O^T = 0; m = sink, l = 1 (the
-       sink is a first key with score sink_h and a zero value), else m = -inf, l = 0 */
-    if (tq->ng == 1) {
+    /* Q^T as NR slivers (zero-padded past ncol), or the rows in place when
+       narrow; O^T = 0; m = sink, l = 1 (the sink is a first key with score
+       sink_h and a zero value), else m = -inf, l = 0 */
+    if (narrow) {
+        for (c = 0; c < ncol; ++c) qrow[c] = MHA__QROW(c);
+    } else if (tq->ng == 1) {
         for (j = 0; j < nr; j += MHA__NR)
             mha__pack_b(1, MHA__QROW(0), a->q.rs, 0, D, j, nr - j < MHA__NR ? nr - j : MHA__NR,
                         qt + (size_t)j * D);
@@ -2093,7 +2112,8 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
         }
     }
     for (c = 0; c < nrp; ++c) {
-        int has_sink = a->sinks && c < ncol && a->sinks[tq->gh0 + c / nr] != -INFINITY;
+        int has_sink = a->sinks && c < ncol && a->sinks[tq->gh0 + c / nr] != -INFINITY &&
+                       (!tq->partial || tq->t_lo == 0);     /* split-K: the first part has it */
         m[c] = has_sink ? a->sinks[tq->gh0 + c / nr] : -INFINITY;
         l[c] = has_sink ? 1.0f : 0.0f;
     }
@@ -2106,19 +2126,31 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
     mha__key_range(a, gi + nr - 1, &lo_last, &hi_last);
     t_begin = (int)(lo_first / MHA__FBC);
     t_end = hi_last < lo_first ? 0 : (int)((hi_last + MHA__FBC) / MHA__FBC);
+    if (tq->t_hi >= 0) {
+        if (t_begin < tq->t_lo) t_begin = tq->t_lo;
+        if (t_end > tq->t_hi) t_end = tq->t_hi;
+    }
     for (t = 0; t < f->ntiles; ++t) {
         int appended = a->Lk_eff > Lk && t == f->ntiles - 1;
         int j0 = appended ? Lk : t * MHA__FBC;
         int nc = appended ? a->Lk_eff - Lk : (Lk - j0 < MHA__FBC ? Lk - j0 : MHA__FBC);
-        const float *pvt = pv + (size_t)t * f->v_tile;
-        if (!appended && (t < t_begin || t >= t_end)) continue;
+        if (appended ? tq->t_hi >= 0 && tq->t_hi < f->ntiles - (a->Lk_eff > Lk) : (t < t_begin || t >= t_end))
+            continue;   /* (split-K: the appended keys belong to the last part) */
 
         /* 1. S^T = scale K_t Q^T, one NR-wide sliver of queries at a time;
-              K's rows are read where they are; soft-capped */
-        for (j = 0; j < ncol; j += MHA__NR)
-            mha__macro_kernel(nc, ncol - j < MHA__NR ? ncol - j : MHA__NR, D, a->scale, 0.0f,
-                              k + (size_t)j0 * a->k.rs, a->k.rs, kedge, qt + (size_t)j * D,
-                              st + (size_t)j * nc, MHA__NR);
+              K's rows are read where they are (narrow: one dot product per
+              key and column); soft-capped */
+        if (narrow) {
+            for (p = 0; p < nc; ++p) {
+                const float *kr = k + (size_t)(j0 + p) * a->k.rs;
+                for (c = 0; c < ncol; ++c) MHA__ST(st, nc, p, c) = a->scale * mha__dot(kr, qrow[c], D);
+            }
+        } else {
+            for (j = 0; j < ncol; j += MHA__NR)
+                mha__macro_kernel(nc, ncol - j < MHA__NR ? ncol - j : MHA__NR, D, a->scale, 0.0f,
+                                  k + (size_t)j0 * a->k.rs, a->k.rs, kedge, qt + (size_t)j * D,
+                                  st + (size_t)j * nc, MHA__NR);
+        }
         if (a->softcap > 0.0f) mha__softcap(a->softcap, st, (size_t)nrp * nc);
 
         /* 2. masks and ALiBi; causal and window only where the tile is not
@@ -2126,8 +2158,9 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
         if (!appended && (masked || (mha__limits(a) && (j0 < lo_last || j0 + nc - 1 > hi_first))))
             mha__mask_tile_t(a, tq, j0, nc, st);
 
-        /* 3. online softmax, one vector of queries at a time, down the keys */
-        for (i = 0; i < nrp; i += MHA__VW) {
+        /* 3. online softmax, one vector of queries at a time, down the keys
+              (lanes past the last whole vector of columns keep zero scores) */
+        for (i = 0; i < nvp; i += MHA__VW) {
             float *col = st + (size_t)(i / MHA__NR) * MHA__NR * nc + i % MHA__NR;
             mha__vf vmax = mha__vset1(-INFINITY), mold = mha__vload(m + i), mnew, mref, cc, sum = mha__vzero();
             for (p = 0; p < nc; ++p) vmax = mha__vmax(vmax, mha__vload(col + (size_t)p * MHA__NR));
@@ -2144,18 +2177,36 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
             mha__vstore(l + i, mha__vfma(sum, mha__vload(l + i), cc));
             /* O^T *= c, unless c = 1 in every lane (no max moved); 1 - c is
                in [0, 1] and exact near 1, so its maximum is 0 just then */
-            if (mha__vhmax(mha__vsub(mha__vset1(1.0f), cc)) != 0.0f)
-                for (d = 0; d < Dv; ++d) {
-                    float *o = ot + (size_t)d * ldo + i;
-                    mha__vstore(o, mha__vmul(mha__vload(o), cc));
+            if (mha__vhmax(mha__vsub(mha__vset1(1.0f), cc)) != 0.0f) {
+                if (narrow) {
+                    float cl[MHA__VW];
+                    int u;
+                    mha__vstore(cl, cc);
+                    for (u = 0; u < MHA__VW && i + u < ncol; ++u)
+                        for (d = 0; d < Dv; ++d) *MHA__OT(i + u, d) *= cl[u];
+                } else {
+                    for (d = 0; d < Dv; ++d) {
+                        float *o = ot + (size_t)d * ldo + i;
+                        mha__vstore(o, mha__vmul(mha__vload(o), cc));
+                    }
                 }
+            }
             mha__vstore(m + i, mnew);
         }
 
         /* 4. O^T += V_t^T P^T; a zero weight times a NaN/Inf value would be
-           NaN, so a tile whose V is not finite sums nonzero weights only */
-        if (flags[t] != 0.0f) {
-            mha__macro_kernel(Dv, ncol, nc, 1.0f, 1.0f, pvt, 0, NULL, st, ot, ldo);
+           NaN, so the narrow path and a tile whose V is not finite sum
+           nonzero weights only */
+        if (narrow) {
+            for (p = 0; p < nc; ++p) {
+                const float *vr = v + (size_t)(j0 + p) * a->v.rs;
+                for (c = 0; c < ncol; ++c) {
+                    float w = MHA__ST(st, nc, p, c);
+                    if (w != 0.0f) mha__axpy(MHA__OT(c, 0), w, vr, Dv);
+                }
+            }
+        } else if (flags[t] != 0.0f) {
+            mha__macro_kernel(Dv, ncol, nc, 1.0f, 1.0f, pv + (size_t)t * f->v_tile, 0, NULL, st, ot, ldo);
         } else {
             for (p = 0; p < nc; ++p) {
                 const float *vr = v + (size_t)(j0 + p) * a->v.rs;
@@ -2168,17 +2219,77 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
     }
 
     /* 5. o = O / l; a row that met no allowed key (and no sink) has l = 0 and
-          gets zeros; its log-sum-exp is m + log l (-inf then) */
+          gets zeros; its log-sum-exp is m + log l (-inf then).  Split-K:
+          O, m and l as they are, for the merge */
     for (c = 0; c < ncol; ++c) {
-        float *orow = MHA__OROW(c);
-        float inv = l[c] != 0.0f ? 1.0f / l[c] : 0.0f;
-        for (d = 0; d < Dv; ++d) orow[d] = ot[(size_t)d * ldo + c] * inv;
-        if (a->lse)
-            a->lse[((size_t)tq->gb * a->H + tq->gh0 + c / nr) * a->Lq + gi + c % nr] =
-                l[c] != 0.0f ? m[c] + logf(l[c]) : -INFINITY;
+        if (tq->partial) {
+            float *pr = tq->partial + (size_t)c * (Dv + 2);
+            for (d = 0; d < Dv; ++d) pr[d] = *MHA__OT(c, d);
+            pr[Dv] = m[c]; pr[Dv + 1] = l[c];
+        } else {
+            float *orow = MHA__OROW(c);
+            float inv = l[c] != 0.0f ? 1.0f / l[c] : 0.0f;
+            for (d = 0; d < Dv; ++d) orow[d] = *MHA__OT(c, d) * inv;
+            if (a->lse)
+                a->lse[((size_t)tq->gb * a->H + tq->gh0 + c / nr) * a->Lq + gi + c % nr] =
+                    l[c] != 0.0f ? m[c] + logf(l[c]) : -INFINITY;
+        }
     }
+#undef MHA__OT
 #undef MHA__QROW
 #undef MHA__OROW
+}
+
+/* Split-K: the nparts partial results of tile tq (each [ncol][Dv + 2]: O, m,
+   l) merged in part order into its output rows and lse:
+       M = max_p m_p,  L = sum_p exp(m_p - M) l_p,  o = sum_p exp(m_p - M) O_p / L  */
+static void mha__merge_partials(const mha__attn *a, int b, const mha__tileq *tq, int nparts,
+                                const float *parts, size_t part_floats)
+{
+    int nr = tq->nr, ncol = tq->ng * nr, c, p, d, Dv = a->Dv;
+    for (c = 0; c < ncol; ++c) {
+        float *orow = a->o + (size_t)b * a->o_bs + (size_t)(tq->gh0 + c / nr - a->h0) * a->o_hs +
+                      (size_t)(tq->gi + c % nr - a->q0) * a->o_rs;
+        float M = -INFINITY, L = 0.0f, inv;
+        for (p = 0; p < nparts; ++p) {
+            float mp = parts[(size_t)p * part_floats + (size_t)c * (Dv + 2) + Dv];
+            if (mp > M) M = mp;
+        }
+        for (d = 0; d < Dv; ++d) orow[d] = 0.0f;
+        for (p = 0; p < nparts; ++p) {
+            const float *pr = parts + (size_t)p * part_floats + (size_t)c * (Dv + 2);
+            float w;
+            if (pr[Dv + 1] == 0.0f) continue;            /* the part saw no allowed key */
+            w = expf(pr[Dv] - M);
+            L += w * pr[Dv + 1];
+            mha__axpy(orow, w, pr, Dv);
+        }
+        inv = L != 0.0f ? 1.0f / L : 0.0f;
+        for (d = 0; d < Dv; ++d) orow[d] *= inv;
+        if (a->lse)
+            a->lse[((size_t)tq->gb * a->H + tq->gh0 + c / nr) * a->Lq + tq->gi + c % nr] =
+                L != 0.0f ? M + logf(L) : -INFINITY;
+    }
+}
+
+/* Split-K decoding.  A narrow item (a decode step: few query columns) whose
+   tile is the only query tile of its head block has its keys split into
+   parts of MHA__SPLIT_TILES key tiles (about 2048 keys), which the threads
+   share out; the parts' partial results are then merged in part order
+   (mha__merge_partials).  The split depends on Lk alone, never on the
+   thread count, so neither does the result.  Returns the number of parts
+   (1: no split).  */
+#define MHA__SPLIT_TILES 16
+static int mha__split_parts(int Lk, int narrow, int nqt)
+{
+    int real = (Lk + MHA__FBC - 1) / MHA__FBC;
+    if (!narrow || nqt != 1) return 1;
+    return (real + MHA__SPLIT_TILES - 1) / MHA__SPLIT_TILES;
+}
+/* floats of one part's partial result: FBR columns of Dv + 2 (O, m, l) */
+static size_t mha__part_floats(int Dv)
+{
+    return mha__round_floats((size_t)MHA__FBR * ((size_t)Dv + 2));
 }
 
 /* Scratch floats of one attention call.  Fused: per thread the tile
@@ -2203,10 +2314,13 @@ static int mha__attn_scratch_floats(int Lq, int Lk, int Lk_eff, int D, int Dv, i
         return mha__mul(*per_thread, (size_t)nthreads, total);
     } else {
         mha__fused_dims f;
+        size_t parts;
         if (!mha__fused_sizes(Lk, Lk_eff, D, Dv, &f)) return 0;
         *per_thread = shared_pack ? f.tiles : f.tiles + f.packed;
+        /* split-K partial results after the shared pack (mha__split_parts) */
+        if (!mha__mul((size_t)mha__split_parts(Lk, 1, 1), mha__part_floats(Dv), &parts)) return 0;
         return mha__mul(*per_thread, (size_t)nthreads, total) &&
-               mha__add(*total, shared_pack ? f.packed : 0, total);
+               mha__add(*total, shared_pack ? f.packed : 0, total) && mha__add(*total, parts, total);
     }
 }
 
@@ -2266,8 +2380,45 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
         int per_group, gmax, nblk = mha__head_blocks(a, &per_group, &gmax);
         int rows = MHA__FBR / gmax;                            /* query rows per tile */
         int nqt = (a->nq + rows - 1) / rows;
+        int narrow = (a->nq < rows ? a->nq : rows) * gmax <= MHA__NARROW;
+        int nparts = mha__split_parts(a->Lk, narrow, nqt);
         (void)mha__fused_sizes(a->Lk, a->Lk_eff, a->D, a->Dv, &f);   /* checked by the plan */
-        if (a->shared_pack) {
+        if (nparts > 1) {
+            /* per (b, head block): the threads share out the key parts, then one merges */
+            size_t pf = mha__part_floats(a->Dv);
+            float *parts = ws + (size_t)a->nthreads * per_thread + (a->shared_pack ? f.packed : 0);
+            int nreal = (a->Lk + MHA__FBC - 1) / MHA__FBC;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(a->nthreads)
+#endif
+            {
+                int bk, pt, tid = 0;
+#ifdef _OPENMP
+                tid = omp_get_thread_num();
+#endif
+                for (bk = 0; bk < a->nb * nblk; ++bk) {
+                    int b = bk / nblk;
+                    mha__tileq tq;
+                    mha__head_block(a, bk % nblk, per_group, gmax, &tq.gh0, &tq.ng);
+                    tq.gb = a->b0 + b; tq.gi = a->q0; tq.nr = a->nq; tq.narrow = 1;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+                    for (pt = 0; pt < nparts; ++pt) {
+                        mha__tileq q = tq;
+                        q.t_lo = pt * MHA__SPLIT_TILES;
+                        q.t_hi = q.t_lo + MHA__SPLIT_TILES < nreal ? q.t_lo + MHA__SPLIT_TILES : nreal;
+                        q.partial = parts + (size_t)pt * pf;
+                        mha__attend_fused(a, &f, b, mha__kvh(a, tq.gh0 - a->h0), &q, NULL,
+                                          ws + (size_t)tid * per_thread);
+                    }
+#ifdef _OPENMP
+#pragma omp single
+#endif
+                    mha__merge_partials(a, b, &tq, nparts, parts, pf);
+                }
+            }
+        } else if (a->shared_pack) {
             float *shared = ws + (size_t)a->nthreads * per_thread;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(a->nthreads)
@@ -2283,8 +2434,8 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
                     mha__head_block(a, bk % nblk, per_group, gmax, &tq.gh0, &tq.ng);
                     kvh = mha__kvh(a, tq.gh0 - a->h0);
                     kv_key = b * a->Hkv + kvh;
-                    tq.gb = a->b0 + b;
-                    if (kv_key != kv_prev) {   /* the heads of a group share the packed V */
+                    tq.gb = a->b0 + b; tq.narrow = narrow; tq.t_lo = 0; tq.t_hi = -1; tq.partial = NULL;
+                    if (kv_key != kv_prev && !narrow) {   /* the heads of a group share the packed V */
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
@@ -2323,7 +2474,8 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
                     kvh = mha__kvh(a, q.gh0 - a->h0);
                     q.gb = a->b0 + b; q.gi = a->q0 + i0;
                     q.nr = a->nq - i0 < rows ? a->nq - i0 : rows;
-                    if ((long)b * a->Hkv + kvh != packed) {
+                    q.narrow = narrow; q.t_lo = 0; q.t_hi = -1; q.partial = NULL;
+                    if ((long)b * a->Hkv + kvh != packed && !narrow) {
                         for (kt = 0; kt < f.ntiles; ++kt) mha__fused_pack(a, &f, b, kvh, kt, sc);
                         packed = (long)b * a->Hkv + kvh;
                     }

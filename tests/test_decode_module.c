@@ -275,6 +275,10 @@ static void cache_tests(void)
     cache_matches_forward(2, 11, same, 24, 6, 2, MHA_ROPE_HALF, &o, 1);
     cache_matches_forward(3, 12, ragged, 32, 8, 2, MHA_ROPE_INTERLEAVED, &o, 2);
     cache_matches_forward(1, 140, one, 16, 4, 1, MHA_ROPE_HALF, &o, 3);   /* crosses a key tile */
+    {   /* decode steps past 2048 keys: split-K through the cache */
+        int longp[2] = { 2120, 2101 };
+        cache_matches_forward(2, 2130, longp, 16, 4, 1, MHA_ROPE_HALF, &o, 33);
+    }
     o.window = 1; o.window_left = 4; o.window_right = 0;
     o.softcap = 2.0f; o.alibi = 1;
     cache_matches_forward(3, 12, ragged, 24, 6, 3, MHA_ROPE_HALF, &o, 4);
