@@ -301,11 +301,23 @@ MHADEF mha_status mha_rope_backward(const mha_rope *rope, int B, int H, int L, i
               k[((b * Hkv + g) * capacity + t) * D]
        len    [B]: the tokens row b holds, 0..capacity (rows may differ: ragged)
    One batch row is itself a cache of B = 1 at k + b*Hkv*capacity*D, len + b.
-   Appending past capacity returns MHA_ERR_CAPACITY and writes nothing.  */
+   Appending past capacity returns MHA_ERR_CAPACITY and writes nothing.
+   Rolling buffer (ring = 1, for sliding-window models; StreamingLLM with
+   n_keep > 0): len[b] counts every token appended (the next position), and
+   token t lives in slot t for t < n_keep, else in slot
+   n_keep + (t - n_keep) % (capacity - n_keep); a full row overwrites its
+   oldest tokens after the first n_keep.  Attention sees the tokens held
+   (the first n_keep and the last capacity - n_keep), masked by their true
+   positions.  A chunk that wraps and is longer than capacity - n_keep is
+   MHA_ERR_CAPACITY.  Prefill chunks that wrap hide from their first queries
+   the tokens the chunk overwrote: size the ring as window + chunk.
+   Zero the struct before filling it (ring and n_keep: 0 = off).  */
 typedef struct mha_kv_cache {
     int B, Hkv, D, capacity;
     float *k, *v;
     int *len;
+    int ring;          /* nonzero: rolling buffer */
+    int n_keep;        /* ring: tokens 0..n_keep-1 are never overwritten; 0 <= n_keep < capacity */
 } mha_kv_cache;
 
 /* Append n tokens to every row: k_new, v_new [B, Hkv, n, D] (mha_sdpa layout,
@@ -3350,15 +3362,28 @@ static mha_status mha__check_cache(const mha_kv_cache *c)
     if (!mha__mul3((size_t)c->B * (size_t)c->Hkv, (size_t)c->capacity, (size_t)c->D, &n) ||
         !mha__mul(n, sizeof(float), &n))
         return MHA_ERR_OVERFLOW;
-    for (b = 0; b < c->B; ++b) if (c->len[b] < 0 || c->len[b] > c->capacity) return MHA_ERR_INVALID_ARGUMENT;
+    if (c->ring && (c->n_keep < 0 || c->n_keep >= c->capacity)) return MHA_ERR_INVALID_ARGUMENT;
+    for (b = 0; b < c->B; ++b)
+        if (c->len[b] < 0 || (!c->ring && c->len[b] > c->capacity)) return MHA_ERR_INVALID_ARGUMENT;
     return MHA_OK;
+}
+
+/* The slot of token t (the ring's rule; t itself without a ring) */
+static int mha__cache_slot(const mha_kv_cache *c, int t)
+{
+    if (!c->ring || t < c->n_keep) return t;
+    return c->n_keep + (t - c->n_keep) % (c->capacity - c->n_keep);
 }
 
 /* Room for n more tokens in every row? */
 static mha_status mha__cache_room(const mha_kv_cache *c, int n)
 {
     int b;
-    for (b = 0; b < c->B; ++b) if (n > c->capacity - c->len[b]) return MHA_ERR_CAPACITY;
+    for (b = 0; b < c->B; ++b) if (c->len[b] > INT_MAX - n) return MHA_ERR_OVERFLOW;
+    /* a ring takes any chunk that fits, or one that wraps but is no longer
+       than its rolling part (else the chunk would overwrite itself) */
+    for (b = 0; b < c->B; ++b)
+        if (n > c->capacity - c->len[b] && (!c->ring || n > c->capacity - c->n_keep)) return MHA_ERR_CAPACITY;
     return MHA_OK;
 }
 
@@ -3371,7 +3396,7 @@ static void mha__cache_write(mha_kv_cache *c, int n, const float *k, const float
     for (b = 0; b < c->B; ++b) {
         for (g = 0; g < c->Hkv; ++g)
             for (t = 0; t < n; ++t) {
-                size_t dst = (((size_t)b * c->Hkv + g) * c->capacity + c->len[b] + t) * D;
+                size_t dst = (((size_t)b * c->Hkv + g) * c->capacity + mha__cache_slot(c, c->len[b] + t)) * D;
                 size_t src = (size_t)b * bs + (size_t)g * hs + (size_t)t * ts;
                 memcpy(c->k + dst, k + src, (size_t)D * sizeof(float));
                 memcpy(c->v + dst, v + src, (size_t)D * sizeof(float));
@@ -3393,6 +3418,14 @@ MHADEF mha_status mha_kv_cache_append(mha_kv_cache *c, int n, const float *k_new
 
 /* Checks and scratch of an attention over the cache: one row at a time, with
    keys up to capacity.  */
+/* A ring row is attended in up to three runs of slots with consecutive
+   positions, merged by their log-sum-exp: [H, Lq, D] outputs and [H, Lq]
+   lse of each, after the attention scratch.  */
+static size_t mha__ring_floats(const mha_kv_cache *c, int H, int Lq)
+{
+    return c->ring ? 3 * mha__round_floats((size_t)H * Lq * ((size_t)c->D + 1)) : 0;
+}
+
 static mha_status mha__cache_attend_plan(const mha_kv_cache *c, int H, int Lq, const mha_options *opt,
                                          size_t *per_thread, size_t *total_floats)
 {
@@ -3405,35 +3438,83 @@ static mha_status mha__cache_attend_plan(const mha_kv_cache *c, int H, int Lq, c
     if ((st = mha__check_masks(opt, c->B, H, Lq, c->capacity)) != MHA_OK) return st;
     if ((st = mha__check_decode(opt, H, c->Hkv, NULL, c->D)) != MHA_OK) return st;
     for (b = 0; b < c->B; ++b) if (c->len[b] < 1) return MHA_ERR_INVALID_ARGUMENT;   /* no key */
+    for (b = 0; c->ring && b < c->B; ++b)   /* the newest Lq tokens must all be held */
+        if (c->len[b] > c->capacity && Lq > c->capacity - c->n_keep) return MHA_ERR_CAPACITY;
     if (!mha__attn_scratch_floats(Lq, c->capacity, c->capacity, c->D, c->D, nt, 0, H < nt, per_thread,
                                   total_floats) ||
+        !mha__add(*total_floats, mha__ring_floats(c, H, Lq), total_floats) ||
         !mha__add(*total_floats, MHA__ALIGN_FLOATS, total_floats))
         return MHA_ERR_OVERFLOW;
     return MHA_OK;
 }
 
-/* Run it: queries and outputs as views (b, h, i) -> p + b*bs + h*hs + i*rs */
+/* Attention of row b's queries against its slots s0..s0+n-1, which hold
+   consecutive positions p0..p0+n-1; query i is at position qpos0 + i, so
+   key j is allowed as j <= i + (qpos0 - p0) says (causal_off), and ALiBi
+   and the window measure the same distance.  */
+static void mha__cache_run_part(const mha_kv_cache *c, int b, int H, int Lq, const mha_options *opt,
+                                const mha__view *q, float *o, size_t o_hs, size_t o_rs, float *lse,
+                                int s0, int n, int p0, int qpos0, int with_sinks, float *ws, size_t per_thread)
+{
+    mha__attn a;
+    int D = c->D;
+    mha__attn_common(&a, opt, 1, H, Lq, n, n, D, D);
+    a.causal_off = (ptrdiff_t)qpos0 - p0;
+    a.Hkv = c->Hkv; a.group = H / c->Hkv;
+    a.q.p = q->p + (size_t)b * q->bs; a.q.bs = 0; a.q.hs = q->hs; a.q.rs = q->rs;
+    a.k.p = c->k + ((size_t)b * c->Hkv * c->capacity + s0) * D;
+    a.v.p = c->v + ((size_t)b * c->Hkv * c->capacity + s0) * D;
+    a.k.bs = a.v.bs = 0; a.k.hs = a.v.hs = (size_t)c->capacity * D; a.k.rs = a.v.rs = (size_t)D;
+    a.o = o; a.o_bs = 0; a.o_hs = o_hs; a.o_rs = o_rs;
+    a.weights = NULL; a.per_head = 1;
+    a.lse = lse;
+    if (!with_sinks) a.sinks = NULL;
+    a.shared_pack = H < a.nthreads;
+    mha__attend_all(&a, ws, per_thread);
+}
+
+/* Run it: queries and outputs as views (b, h, i) -> p + b*bs + h*hs + i*rs.
+   Each row has its own Lk = len[b] (bottom-right: query i at len[b] - Lq + i).
+   A ring row that has wrapped holds its positions in up to three runs of
+   slots (the kept first tokens, then the rolling part in two pieces),
+   attended one by one into ring and merged by their log-sum-exp (the sink
+   goes with the first).  */
 static void mha__cache_attend_run(const mha_kv_cache *c, int H, int Lq, const mha_options *opt,
                                   const mha__view *q, float *o, size_t o_bs, size_t o_hs, size_t o_rs,
-                                  float *ws, size_t per_thread)
+                                  float *ws, size_t per_thread, float *ring)
 {
-    mha_options ob = *opt;
     int b, D = c->D;
-    ob.causal_align = MHA_CAUSAL_BOTTOM_RIGHT;
-    for (b = 0; b < c->B; ++b) {       /* each row has its own Lk = len[b] */
-        mha__attn a;
-        int Lk = c->len[b];
-        mha__attn_common(&a, &ob, 1, H, Lq, Lk, Lk, D, D);
-        a.Hkv = c->Hkv; a.group = H / c->Hkv;
-        a.q.p = q->p + (size_t)b * q->bs; a.q.bs = 0; a.q.hs = q->hs; a.q.rs = q->rs;
-        a.k.p = c->k + (size_t)b * c->Hkv * c->capacity * D;
-        a.v.p = c->v + (size_t)b * c->Hkv * c->capacity * D;
-        a.k.bs = a.v.bs = 0; a.k.hs = a.v.hs = (size_t)c->capacity * D; a.k.rs = a.v.rs = (size_t)D;
-        a.o = o + (size_t)b * o_bs; a.o_bs = 0; a.o_hs = o_hs; a.o_rs = o_rs;
-        a.weights = NULL; a.per_head = 1;
-        a.lse = opt->lse ? opt->lse + (size_t)b * H * Lq : NULL;
-        a.shared_pack = H < a.nthreads;
-        mha__attend_all(&a, ws, per_thread);
+    for (b = 0; b < c->B; ++b) {
+        int T = c->len[b], W = c->capacity - c->n_keep, np = 0, s_old, i, h, p;
+        size_t part = mha__round_floats((size_t)H * Lq * ((size_t)D + 1));
+        float *lse = opt->lse ? opt->lse + (size_t)b * H * Lq : NULL, *outs[3], *lses[3];
+        if (!c->ring || T <= c->capacity) {
+            mha__cache_run_part(c, b, H, Lq, opt, q, o + (size_t)b * o_bs, o_hs, o_rs, lse, 0, T, 0, T - Lq, 1,
+                                ws, per_thread);
+            continue;
+        }
+        for (p = 0; p < 3; ++p) { outs[p] = ring + (size_t)p * part; lses[p] = outs[p] + (size_t)H * Lq * D; }
+        if (c->n_keep > 0) {           /* the kept first tokens: slots = positions 0..n_keep-1 */
+            mha__cache_run_part(c, b, H, Lq, opt, q, outs[np], (size_t)Lq * D, (size_t)D, lses[np], 0,
+                                c->n_keep, 0, T - Lq, 1, ws, per_thread);
+            ++np;
+        }
+        /* the rolling part holds positions T-W..T-1, the oldest at slot s_old */
+        s_old = mha__cache_slot(c, T - W);
+        mha__cache_run_part(c, b, H, Lq, opt, q, outs[np], (size_t)Lq * D, (size_t)D, lses[np], s_old,
+                            c->capacity - s_old, T - W, T - Lq, np == 0, ws, per_thread);
+        ++np;
+        if (s_old > c->n_keep) {
+            mha__cache_run_part(c, b, H, Lq, opt, q, outs[np], (size_t)Lq * D, (size_t)D, lses[np], c->n_keep,
+                                s_old - c->n_keep, T - W + (c->capacity - s_old), T - Lq, 0, ws, per_thread);
+            ++np;
+        }
+        (void)mha_attn_merge(np, (size_t)H * Lq, D, (const float *const *)outs, (const float *const *)lses,
+                             outs[0], lse);
+        for (h = 0; h < H; ++h)
+            for (i = 0; i < Lq; ++i)
+                memcpy(o + (size_t)b * o_bs + (size_t)h * o_hs + (size_t)i * o_rs,
+                       outs[0] + ((size_t)h * Lq + i) * D, (size_t)D * sizeof(float));
     }
 }
 
@@ -3467,7 +3548,8 @@ MHADEF mha_status mha_kv_cache_attend(const mha_kv_cache *c, int H, int Lq, cons
     if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
     D = c->D;
     qv.p = q; qv.bs = (size_t)H * Lq * D; qv.hs = (size_t)Lq * D; qv.rs = (size_t)D;
-    mha__cache_attend_run(c, H, Lq, opt, &qv, out, (size_t)H * Lq * D, (size_t)Lq * D, (size_t)D, ws, per_thread);
+    mha__cache_attend_run(c, H, Lq, opt, &qv, out, (size_t)H * Lq * D, (size_t)Lq * D, (size_t)D, ws, per_thread,
+                          ws + total - MHA__ALIGN_FLOATS - mha__ring_floats(c, H, Lq));
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
@@ -3476,7 +3558,7 @@ MHADEF mha_status mha_kv_cache_attend(const mha_kv_cache *c, int H, int Lq, cons
    K and V [B*Lq, Ekv], then scratch for the attention and the GEMMs.  */
 typedef struct mha__cached_layout {
     int E, H, D, Ekv;
-    size_t qp, kn, vn, scratch, per_thread, total_floats;
+    size_t qp, kn, vn, ring, scratch, per_thread, total_floats;
 } mha__cached_layout;
 
 static mha_status mha__cached_plan(const mha_module *m, const mha_kv_cache *c, int Lq, const mha_options *opt,
@@ -3505,6 +3587,7 @@ static mha_status mha__cached_plan(const mha_module *m, const mha_kv_cache *c, i
     if (!mha__region(&cur, (size_t)B * Lq * L->E, &L->qp) ||
         !mha__region(&cur, (size_t)B * Lq * L->Ekv, &L->kn) ||
         !mha__region(&cur, (size_t)B * Lq * L->Ekv, &L->vn) ||
+        !mha__region(&cur, mha__ring_floats(c, L->H, Lq), &L->ring) ||
         !mha__region(&cur, attn > g ? attn : g, &L->scratch) ||
         !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
         return MHA_ERR_OVERFLOW;
@@ -3568,7 +3651,7 @@ MHADEF mha_status mha_forward_cached(const mha_module *m, mha_kv_cache *c, int L
     /* 3. attention over the cache; the context overwrites Q in place */
     qv.p = qp; qv.bs = (size_t)Lq * E; qv.hs = (size_t)L.D; qv.rs = (size_t)E;
     mha__cache_attend_run(c, L.H, Lq, opt, &qv, qp, (size_t)Lq * E, (size_t)L.D, (size_t)E, scratch,
-                          L.per_thread);
+                          L.per_thread, ws + L.ring);
 
     /* 4. out = C Wo^T + bo */
     mha__linear(B * Lq, E, E, qp, m->out_proj_weight, m->out_proj_bias, out, scratch, nt);

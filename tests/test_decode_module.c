@@ -221,6 +221,7 @@ static void cache_matches_forward(int B, int L, const int *plen, int E, int H, i
     for (b = 0; b < B; ++b)
         CHECK(mha_forward(&m, 1, L, L, x + (size_t)b * L * E, x + (size_t)b * L * E, x + (size_t)b * L * E, &o,
                           full + (size_t)b * L * E, NULL, NULL, 0) == MHA_OK, "full forward");
+    memset(&c, 0, sizeof c);
     c.B = B; c.Hkv = Hkv; c.D = D; c.capacity = cap;
     c.k = malloc(kvn * 4); c.v = malloc(kvn * 4); c.len = len;
     /* prefill each row with its prompt: one chunk of plen[b] tokens */
@@ -267,6 +268,65 @@ static void cache_matches_forward(int B, int L, const int *plen, int E, int H, i
     mod_free(&g);
 }
 
+/* A rolling cache of capacity C keeping the first n_keep tokens, decoded
+   token by token past C, equals one causal forward in which query i sees
+   keys j < n_keep and i - (C - n_keep) < j <= i (a bool attn_mask), i.e. a
+   sliding window of C - n_keep with n_keep sink tokens (StreamingLLM).  */
+static void ring_matches_forward(int B, int L, int C, int n_keep, int P, unsigned long long seed)
+{
+    tu_rng r = { seed };
+    gqa_mod g;
+    mha_module m;
+    mha_options o;
+    mha_kv_cache c;
+    int E = 24, H = 6, Hkv = 2, D = E / H, W = C - n_keep, b, i, j, t;
+    size_t nx = (size_t)B * L * E;
+    float *x = malloc(nx * 4), *full = malloc(nx * 4), *got = malloc(nx * 4), *xs = malloc((size_t)B * E * 4);
+    float *os = malloc((size_t)B * E * 4), *k = malloc((size_t)B * Hkv * C * D * 4), *v = malloc((size_t)B * Hkv * C * D * 4);
+    unsigned char *mask = malloc((size_t)L * L);
+    int *len = calloc((size_t)B, sizeof(int));
+    double e;
+    mod_make(&g, E, H, Hkv, 0, &r);
+    tu_fill(&r, x, nx, 1.0f);
+    m = mod_view(&g, 0, 0);
+    m.rope.kind = MHA_ROPE_HALF;
+    for (i = 0; i < L; ++i)
+        for (j = 0; j < L; ++j) mask[i * L + j] = !(j <= i && (j < n_keep || j > i - W));
+    memset(&o, 0, sizeof o);
+    o.causal = 1;
+    o.attn_mask.kind = MHA_MASK_BOOL; o.attn_mask.data = mask; o.attn_mask.ndim = 2;
+    o.attn_mask.shape[0] = L; o.attn_mask.shape[1] = L;
+    for (b = 0; b < B; ++b)
+        CHECK(mha_forward(&m, 1, L, L, x + (size_t)b * L * E, x + (size_t)b * L * E, x + (size_t)b * L * E, &o,
+                          full + (size_t)b * L * E, NULL, NULL, 0) == MHA_OK, "ring reference");
+    memset(&o, 0, sizeof o);
+    o.causal = 1;
+    memset(&c, 0, sizeof c);
+    c.B = B; c.Hkv = Hkv; c.D = D; c.capacity = C; c.k = k; c.v = v; c.len = len; c.ring = 1; c.n_keep = n_keep;
+    /* a prompt that fits, in one chunk per row (rows as B = 1 views would do too) */
+    {
+        float *xp = malloc((size_t)B * P * E * 4), *op = malloc((size_t)B * P * E * 4);
+        for (b = 0; b < B; ++b) memcpy(xp + (size_t)b * P * E, x + (size_t)b * L * E, (size_t)P * E * 4);
+        CHECK(mha_forward_cached(&m, &c, P, xp, &o, op, NULL, 0) == MHA_OK, "ring prefill");
+        for (b = 0; b < B; ++b) memcpy(got + (size_t)b * L * E, op + (size_t)b * P * E, (size_t)P * E * 4);
+        free(xp); free(op);
+    }
+    for (t = P; t < L; ++t) {
+        for (b = 0; b < B; ++b) memcpy(xs + (size_t)b * E, x + ((size_t)b * L + t) * E, (size_t)E * 4);
+        CHECK(mha_forward_cached(&m, &c, 1, xs, &o, os, NULL, 0) == MHA_OK, "ring decode step %d", t);
+        for (b = 0; b < B; ++b) memcpy(got + ((size_t)b * L + t) * E, os + (size_t)b * E, (size_t)E * 4);
+    }
+    CHECK(len[0] == L, "ring len counts every token: %d", len[0]);
+    e = tu_rel_err_ff(got, full, nx);
+    CHECK(e <= 1e-6, "ring cache (C %d, keep %d) == causal forward with window + kept tokens: %.3g", C, n_keep, e);
+    if (e > worst_cache) worst_cache = e;
+    /* a chunk longer than the rolling part: MHA_ERR_CAPACITY */
+    CHECK(mha_forward_cached(&m, &c, W + 1, x, &o, got, NULL, 0) == MHA_ERR_CAPACITY || W + 1 > L,
+          "ring chunk longer than capacity - n_keep");
+    free(x); free(full); free(got); free(xs); free(os); free(k); free(v); free(mask); free(len);
+    mod_free(&g);
+}
+
 static void cache_tests(void)
 {
     mha_options o;
@@ -287,6 +347,9 @@ static void cache_tests(void)
         memset(&o, 0, sizeof o); o.sinks = sinks;
         cache_matches_forward(2, 10, same, 24, 6, 2, MHA_ROPE_NONE, &o, 5);
     }
+    ring_matches_forward(2, 30, 8, 0, 5, 40);    /* pure sliding window of 8 */
+    ring_matches_forward(1, 40, 10, 3, 10, 41);  /* 3 sink tokens + 7 rolling */
+    ring_matches_forward(2, 300, 140, 4, 100, 42);
     /* past capacity: MHA_ERR_CAPACITY, nothing written */
     {
         tu_rng r = { 9 };
@@ -298,6 +361,7 @@ static void cache_tests(void)
         size_t bytes;
         mod_make(&g, 8, 4, 2, 0, &r);
         m = mod_view(&g, 0, 0);
+        memset(&c, 0, sizeof c);
         c.B = 2; c.Hkv = 2; c.D = 2; c.capacity = 4; c.k = k; c.v = v; c.len = len;
         for (i = 0; i < 32; ++i) k[i] = v[i] = 5.0f;
         for (i = 0; i < 48; ++i) out[i] = 7.0f;
@@ -333,6 +397,7 @@ static void cache_sdpa(void)
     float lse[2 * 4 * 3], lse_ref[4 * 3];
     tu_fill(&r, k, (size_t)B * Hkv * cap * D, 1.0f); tu_fill(&r, v, (size_t)B * Hkv * cap * D, 1.0f);
     tu_fill(&r, q, (size_t)B * H * Lq * D, 1.0f);
+    memset(&c, 0, sizeof c);
     c.B = B; c.Hkv = Hkv; c.D = D; c.capacity = cap; c.k = k; c.v = v; c.len = len;
     len[0] = pre[0]; len[1] = pre[1];   /* filled "by another engine": the random k, v */
     memset(&o, 0, sizeof o);
