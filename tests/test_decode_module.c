@@ -447,6 +447,29 @@ static void errors(void)
     CHECK(i == 72, "nothing written on error");
     m.num_kv_heads = 2;
     CHECK(mha_module_pack_size(&m, &bytes) == MHA_ERR_INVALID_ARGUMENT, "no packing with GQA (yet)");
+    /* RoPE and positions: bad values get their status, nothing written */
+    {
+        mha_options o;
+        memset(&o, 0, sizeof o);
+        m.rope.kind = (mha_rope_kind)5;
+        CHECK(mha_forward(&m, 2, 3, 3, x, x, x, NULL, out, NULL, NULL, 0) == MHA_ERR_BAD_ENUM, "module rope kind");
+        m.rope.kind = MHA_ROPE_HALF; m.rope.rotary_dim = 3;
+        CHECK(mha_forward(&m, 2, 3, 3, x, x, x, NULL, out, NULL, NULL, 0) == MHA_ERR_INVALID_ARGUMENT, "odd rotary dim");
+        m.rope.rotary_dim = 4; m.rope.theta = -1.0f;
+        CHECK(mha_backward_workspace_size(&m, 2, 3, 3, NULL, &bytes) == MHA_ERR_INVALID_ARGUMENT, "negative theta");
+        m.rope.theta = 0.0f;
+        o.position_offset = -1;
+        CHECK(mha_forward(&m, 2, 3, 3, x, x, x, &o, out, NULL, NULL, 0) == MHA_ERR_INVALID_ARGUMENT, "negative position");
+        o.position_offset = 0; o.window = 1; o.window_left = -3;
+        CHECK(mha_forward(&m, 2, 3, 3, x, x, x, &o, out, NULL, NULL, 0) == MHA_ERR_INVALID_ARGUMENT, "module window");
+        o.window = 0; o.softcap = -2.0f;
+        CHECK(mha_forward(&m, 2, 3, 3, x, x, x, &o, out, NULL, NULL, 0) == MHA_ERR_INVALID_ARGUMENT, "module softcap");
+        for (i = 0; i < 72; ++i) if (out[i] != 7.0f) break;
+        CHECK(i == 72, "nothing written on a bad RoPE / decoder option");
+        o.softcap = 0.0f;
+        CHECK(mha_forward(&m, 2, 3, 3, x, x, x, &o, out, NULL, NULL, 0) == MHA_OK, "and then valid");
+        m.rope.kind = MHA_ROPE_NONE;
+    }
     mod_free(&g);
 }
 
