@@ -455,7 +455,9 @@ static void errors(void)
         CHECK(mha_forward(&m, 2, 3, 3, x, x, x, NULL, out, NULL, NULL, 0) == MHA_ERR_BAD_ENUM, "module rope kind");
         m.rope.kind = MHA_ROPE_HALF; m.rope.rotary_dim = 3;
         CHECK(mha_forward(&m, 2, 3, 3, x, x, x, NULL, out, NULL, NULL, 0) == MHA_ERR_INVALID_ARGUMENT, "odd rotary dim");
-        m.rope.rotary_dim = 4; m.rope.theta = -1.0f;
+        m.rope.rotary_dim = 4;   /* D = 3 here */
+        CHECK(mha_forward(&m, 2, 3, 3, x, x, x, NULL, out, NULL, NULL, 0) == MHA_ERR_INVALID_ARGUMENT, "rotary dim > D");
+        m.rope.rotary_dim = 2; m.rope.theta = -1.0f;
         CHECK(mha_backward_workspace_size(&m, 2, 3, 3, NULL, &bytes) == MHA_ERR_INVALID_ARGUMENT, "negative theta");
         m.rope.theta = 0.0f;
         o.position_offset = -1;
