@@ -104,13 +104,13 @@ golden:
 	/usr/bin/python3 tests/gen_safetensors.py
 
 # `make install`: headers under $(PREFIX)/include (mha.h, and the companion
-# headers as mha/safetensors.h, mha/npy.h, mha/heatmap.h), pkg-config's mha.pc
+# headers as mha/safetensors.h, mha/npy.h, mha/heatmap.h, mha/attn_inspect.h), pkg-config's mha.pc
 # and CMake's mhaConfig.cmake under $(PREFIX)/share.  DESTDIR stages the tree.
 # CMakeLists.txt installs the same files (cmake --install).
 PREFIX     ?= /usr/local
 INCLUDEDIR  = $(DESTDIR)$(PREFIX)/include
 DATADIR     = $(DESTDIR)$(PREFIX)/share
-COMPANIONS := examples/safetensors.h examples/npy.h examples/heatmap.h
+COMPANIONS := examples/safetensors.h examples/npy.h examples/heatmap.h examples/attn_inspect.h
 MHA_V       = $(shell sed -n 's/^\#define MHA_VERSION_$(1) \([0-9]*\).*/\1/p' mha.h)
 SUBST       = sed -e 's/@MHA_VERSION@/$(call MHA_V,MAJOR).$(call MHA_V,MINOR).$(call MHA_V,PATCH)/' \
                   -e 's/@MHA_VERSION_MAJOR@/$(call MHA_V,MAJOR)/' -e 's/@MHA_VERSION_MINOR@/$(call MHA_V,MINOR)/'

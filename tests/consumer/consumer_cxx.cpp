@@ -5,6 +5,8 @@
 #include <mha/safetensors.h>
 #define MHA_NPY_IMPLEMENTATION
 #include <mha/npy.h>
+#define MHA_INSPECT_IMPLEMENTATION
+#include <mha/attn_inspect.h>
 #include <cstdio>
 
 int main()
