@@ -145,6 +145,8 @@ test_valgrind() {
     vg_run train_reverse 1 "$dir/train_reverse" "$dir" 2
     vg_run mha_view 0 "$dir/mha_view" tests/data/npy/torch_causal_f4.npy --labels tests/data/npy/tokens5.txt -o "$dir/view"
     vg_run mha_view_bad_file 1 "$dir/mha_view" tests/data/npy/bad_fortran.npy -o "$dir/view"
+    vg_run decode 0 "$dir/decode" 8 3
+    vg_run decoding_masks 0 "$dir/decoding_masks" "$dir"
     vg_run memcheck_fwd_bwd 0 "$dir/memcheck_fwd_bwd"
     [ "$(ls "$dir"/*.png 2>/dev/null | wc -l)" -ge 6 ] || fail_one "[valgrind] the examples wrote fewer PNGs than expected"
 }
