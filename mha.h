@@ -319,11 +319,23 @@ MHADEF mha_status mha_rope_backward(const mha_rope *rope, int B, int H, int L, i
               k[((b * Hkv + g) * capacity + t) * D]
        len    [B]: the tokens row b holds, 0..capacity (rows may differ: ragged)
    One batch row is itself a cache of B = 1 at k + b*Hkv*capacity*D, len + b.
-   Appending past capacity returns MHA_ERR_CAPACITY and writes nothing.  */
+   Appending past capacity returns MHA_ERR_CAPACITY and writes nothing.
+   Rolling buffer (ring = 1, for sliding-window models; StreamingLLM with
+   n_keep > 0): len[b] counts every token appended (the next position), and
+   token t lives in slot t for t < n_keep, else in slot
+   n_keep + (t - n_keep) % (capacity - n_keep); a full row overwrites its
+   oldest tokens after the first n_keep.  Attention sees the tokens held
+   (the first n_keep and the last capacity - n_keep), masked by their true
+   positions.  A chunk that wraps and is longer than capacity - n_keep is
+   MHA_ERR_CAPACITY.  Prefill chunks that wrap hide from their first queries
+   the tokens the chunk overwrote: size the ring as window + chunk.
+   Zero the struct before filling it (ring and n_keep: 0 = off).  */
 typedef struct mha_kv_cache {
     int B, Hkv, D, capacity;
     float *k, *v;
     int *len;
+    int ring;          /* nonzero: rolling buffer */
+    int n_keep;        /* ring: tokens 0..n_keep-1 are never overwritten; 0 <= n_keep < capacity */
 } mha_kv_cache;
 
 /* Append n tokens to every row: k_new, v_new [B, Hkv, n, D] (mha_sdpa layout,
@@ -780,8 +792,11 @@ static int mha__add(size_t a, size_t b, size_t *r)
      MHA__INT_LIMIT (it overflowed at B = 65536, H = 32768 and the call
      returned OK having done nothing);
    - B*Lq and B*Lk' (B*L in the encoder), the rows of the module's
-     projection GEMMs: checked against MHA__INT_LIMIT by the module's plans,
-     which the encoder runs before it forms N = B*L;
+     projection GEMMs: checked against MHA__INT_LIMIT by the module's plans
+     (mha_forward_cached's too), which the encoder runs before it forms
+     N = B*L;
+   - the KV cache: capacity and D are dimensions (checked with the cache),
+     an attention over it runs one batch row at a time (H heads, nb = 1);
    - the module's fused (batch, head) count nb*H: the fused module path
      runs only below MHA__BY_HEAD_FLOATS = B (Lq + 2 Lk') E, so it is under
      2^23; the by-head path has one head at a time;
@@ -2093,7 +2108,17 @@ static void mha__fused_pack(const mha__attn *a, const mha__fused_dims *f, int b,
    gi + c % nr.  Grouped heads share every K tile and packed V tile.  */
 typedef struct mha__tileq {
     int gb, gh0, ng, gi, nr;
+    int narrow;        /* at most MHA__NARROW columns: vector products, no packing (decoding) */
+    int t_lo, t_hi;    /* the real key tiles of this item (split-K), t_hi = -1: all */
+    float *partial;    /* split-K: NULL, or [ncol][Dv + 2] for unnormalised O, m and l */
 } mha__tileq;
+
+/* Tiles with at most this many query columns (a decode step: Lq = 1 times
+   the heads of a group) take the narrow path: S = K q and O += p V as dot
+   products and axpys on K and V where they lie, so each key and value row
+   is read once for all the group's heads and V is never packed; the GEMM
+   micro-kernel would compute NR columns (16-48) for these few.  */
+#define MHA__NARROW 8
 
 /* Masks on a transposed score tile: st holds key p, column c of the tile at
    st[(c / NR) * NR * nc + p * NR + c % NR].  Same rules as mha__mask_cols. */
@@ -2158,16 +2183,19 @@ static void mha__mask_tile_t(const mha__attn *a, const mha__tileq *tq, int j0, i
 }
 
 /* The columns of query tile tq of (b, local KV head kvh) against its packed
-   keys, shared; sc: the tile buffers.  */
+   keys, shared (not read on the narrow path); sc: the tile buffers.  With
+   tq->partial the item covers key tiles t_lo..t_hi-1 only and leaves its
+   unnormalised O, m and l there for mha__merge_partials.  */
 static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int b, int kvh,
                               const mha__tileq *tq, const float *shared, float *sc)
 {
     const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)kvh * a->k.hs;
     const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)kvh * a->v.hs;
-    const float *pv = shared, *flags = pv + (size_t)f->ntiles * f->v_tile;
-    int Dv = a->Dv, D = a->D, Lk = a->Lk, nr = tq->nr, gi = tq->gi;
+    const float *pv = shared, *flags = pv ? pv + (size_t)f->ntiles * f->v_tile : NULL;
+    int Dv = a->Dv, D = a->D, Lk = a->Lk, nr = tq->nr, gi = tq->gi, narrow = tq->narrow;
     int ncol = tq->ng * nr;                                 /* tile columns */
     int nrp = (ncol + MHA__NR - 1) / MHA__NR * MHA__NR;     /* whole slivers */
+    int nvp = (ncol + MHA__VW - 1) / MHA__VW * MHA__VW;     /* whole vectors */
     int masked = a->attn_mask || a->kpm || a->alibi, t, t_begin, t_end, c, i, j, p, d;
     ptrdiff_t lo_first, hi_first, lo_last, hi_last;
     float *qt = sc;
@@ -2176,15 +2204,21 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
     float *m = ot + mha__round_floats(f->dvp * MHA__FBR);
     float *l = m + mha__round_floats(MHA__FBR);
     float *kedge = l + mha__round_floats(MHA__FBR);
+    const float *qrow[MHA__NARROW];
     const size_t ldo = MHA__FBR;
+    /* O^T column c, feature d: ot[d * ldo + c]; narrow: row c, ot[c * Dv + d] */
+#define MHA__OT(c, d) (narrow ? ot + (size_t)(c) * Dv + (d) : ot + (size_t)(d) * ldo + (c))
 #define MHA__QROW(c) (a->q.p + (size_t)b * a->q.bs + (size_t)(tq->gh0 + (c) / nr - a->h0) * a->q.hs + \
                       (size_t)(gi + (c) % nr - a->q0) * a->q.rs)
 #define MHA__OROW(c) (a->o + (size_t)b * a->o_bs + (size_t)(tq->gh0 + (c) / nr - a->h0) * a->o_hs + \
                       (size_t)(gi + (c) % nr - a->q0) * a->o_rs)
 
-    /* Q^T as NR slivers (zero-padded past ncol); O^T = 0; m = sink, l = 1 (the
-       sink is a first key with score sink_h and a zero value), else m = -inf, l = 0 */
-    if (tq->ng == 1) {
+    /* Q^T as NR slivers (zero-padded past ncol), or the rows in place when
+       narrow; O^T = 0; m = sink, l = 1 (the sink is a first key with score
+       sink_h and a zero value), else m = -inf, l = 0 */
+    if (narrow) {
+        for (c = 0; c < ncol; ++c) qrow[c] = MHA__QROW(c);
+    } else if (tq->ng == 1) {
         for (j = 0; j < nr; j += MHA__NR)
             mha__pack_b(1, MHA__QROW(0), a->q.rs, 0, D, j, nr - j < MHA__NR ? nr - j : MHA__NR,
                         qt + (size_t)j * D);
@@ -2196,7 +2230,8 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
         }
     }
     for (c = 0; c < nrp; ++c) {
-        int has_sink = a->sinks && c < ncol && a->sinks[tq->gh0 + c / nr] != -INFINITY;
+        int has_sink = a->sinks && c < ncol && a->sinks[tq->gh0 + c / nr] != -INFINITY &&
+                       (!tq->partial || tq->t_lo == 0);     /* split-K: the first part has it */
         m[c] = has_sink ? a->sinks[tq->gh0 + c / nr] : -INFINITY;
         l[c] = has_sink ? 1.0f : 0.0f;
     }
@@ -2209,19 +2244,31 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
     mha__key_range(a, gi + nr - 1, &lo_last, &hi_last);
     t_begin = (int)(lo_first / MHA__FBC);
     t_end = hi_last < lo_first ? 0 : (int)((hi_last + MHA__FBC) / MHA__FBC);
+    if (tq->t_hi >= 0) {
+        if (t_begin < tq->t_lo) t_begin = tq->t_lo;
+        if (t_end > tq->t_hi) t_end = tq->t_hi;
+    }
     for (t = 0; t < f->ntiles; ++t) {
         int appended = a->Lk_eff > Lk && t == f->ntiles - 1;
         int j0 = appended ? Lk : t * MHA__FBC;
         int nc = appended ? a->Lk_eff - Lk : (Lk - j0 < MHA__FBC ? Lk - j0 : MHA__FBC);
-        const float *pvt = pv + (size_t)t * f->v_tile;
-        if (!appended && (t < t_begin || t >= t_end)) continue;
+        if (appended ? tq->t_hi >= 0 && tq->t_hi < f->ntiles - (a->Lk_eff > Lk) : (t < t_begin || t >= t_end))
+            continue;   /* (split-K: the appended keys belong to the last part) */
 
         /* 1. S^T = scale K_t Q^T, one NR-wide sliver of queries at a time;
-              K's rows are read where they are; soft-capped */
-        for (j = 0; j < ncol; j += MHA__NR)
-            mha__macro_kernel(nc, ncol - j < MHA__NR ? ncol - j : MHA__NR, D, a->scale, 0.0f,
-                              k + (size_t)j0 * a->k.rs, a->k.rs, kedge, qt + (size_t)j * D,
-                              st + (size_t)j * nc, MHA__NR);
+              K's rows are read where they are (narrow: one dot product per
+              key and column); soft-capped */
+        if (narrow) {
+            for (p = 0; p < nc; ++p) {
+                const float *kr = k + (size_t)(j0 + p) * a->k.rs;
+                for (c = 0; c < ncol; ++c) MHA__ST(st, nc, p, c) = a->scale * mha__dot(kr, qrow[c], D);
+            }
+        } else {
+            for (j = 0; j < ncol; j += MHA__NR)
+                mha__macro_kernel(nc, ncol - j < MHA__NR ? ncol - j : MHA__NR, D, a->scale, 0.0f,
+                                  k + (size_t)j0 * a->k.rs, a->k.rs, kedge, qt + (size_t)j * D,
+                                  st + (size_t)j * nc, MHA__NR);
+        }
         if (a->softcap > 0.0f) mha__softcap(a->softcap, st, (size_t)nrp * nc);
 
         /* 2. masks and ALiBi; causal and window only where the tile is not
@@ -2229,8 +2276,9 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
         if (!appended && (masked || (mha__limits(a) && (j0 < lo_last || j0 + nc - 1 > hi_first))))
             mha__mask_tile_t(a, tq, j0, nc, st);
 
-        /* 3. online softmax, one vector of queries at a time, down the keys */
-        for (i = 0; i < nrp; i += MHA__VW) {
+        /* 3. online softmax, one vector of queries at a time, down the keys
+              (lanes past the last whole vector of columns keep zero scores) */
+        for (i = 0; i < nvp; i += MHA__VW) {
             float *col = st + (size_t)(i / MHA__NR) * MHA__NR * nc + i % MHA__NR;
             mha__vf vmax = mha__vset1(-INFINITY), mold = mha__vload(m + i), mnew, mref, cc, sum = mha__vzero();
             for (p = 0; p < nc; ++p) vmax = mha__vmax(vmax, mha__vload(col + (size_t)p * MHA__NR));
@@ -2247,18 +2295,36 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
             mha__vstore(l + i, mha__vfma(sum, mha__vload(l + i), cc));
             /* O^T *= c, unless c = 1 in every lane (no max moved); 1 - c is
                in [0, 1] and exact near 1, so its maximum is 0 just then */
-            if (mha__vhmax(mha__vsub(mha__vset1(1.0f), cc)) != 0.0f)
-                for (d = 0; d < Dv; ++d) {
-                    float *o = ot + (size_t)d * ldo + i;
-                    mha__vstore(o, mha__vmul(mha__vload(o), cc));
+            if (mha__vhmax(mha__vsub(mha__vset1(1.0f), cc)) != 0.0f) {
+                if (narrow) {
+                    float cl[MHA__VW];
+                    int u;
+                    mha__vstore(cl, cc);
+                    for (u = 0; u < MHA__VW && i + u < ncol; ++u)
+                        for (d = 0; d < Dv; ++d) *MHA__OT(i + u, d) *= cl[u];
+                } else {
+                    for (d = 0; d < Dv; ++d) {
+                        float *o = ot + (size_t)d * ldo + i;
+                        mha__vstore(o, mha__vmul(mha__vload(o), cc));
+                    }
                 }
+            }
             mha__vstore(m + i, mnew);
         }
 
         /* 4. O^T += V_t^T P^T; a zero weight times a NaN/Inf value would be
-           NaN, so a tile whose V is not finite sums nonzero weights only */
-        if (flags[t] != 0.0f) {
-            mha__macro_kernel(Dv, ncol, nc, 1.0f, 1.0f, pvt, 0, NULL, st, ot, ldo);
+           NaN, so the narrow path and a tile whose V is not finite sum
+           nonzero weights only */
+        if (narrow) {
+            for (p = 0; p < nc; ++p) {
+                const float *vr = v + (size_t)(j0 + p) * a->v.rs;
+                for (c = 0; c < ncol; ++c) {
+                    float w = MHA__ST(st, nc, p, c);
+                    if (w != 0.0f) mha__axpy(MHA__OT(c, 0), w, vr, Dv);
+                }
+            }
+        } else if (flags[t] != 0.0f) {
+            mha__macro_kernel(Dv, ncol, nc, 1.0f, 1.0f, pv + (size_t)t * f->v_tile, 0, NULL, st, ot, ldo);
         } else {
             for (p = 0; p < nc; ++p) {
                 const float *vr = v + (size_t)(j0 + p) * a->v.rs;
@@ -2271,17 +2337,77 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
     }
 
     /* 5. o = O / l; a row that met no allowed key (and no sink) has l = 0 and
-          gets zeros; its log-sum-exp is m + log l (-inf then) */
+          gets zeros; its log-sum-exp is m + log l (-inf then).  Split-K:
+          O, m and l as they are, for the merge */
     for (c = 0; c < ncol; ++c) {
-        float *orow = MHA__OROW(c);
-        float inv = l[c] != 0.0f ? 1.0f / l[c] : 0.0f;
-        for (d = 0; d < Dv; ++d) orow[d] = ot[(size_t)d * ldo + c] * inv;
-        if (a->lse)
-            a->lse[((size_t)tq->gb * a->H + tq->gh0 + c / nr) * a->Lq + gi + c % nr] =
-                l[c] != 0.0f ? m[c] + logf(l[c]) : -INFINITY;
+        if (tq->partial) {
+            float *pr = tq->partial + (size_t)c * (Dv + 2);
+            for (d = 0; d < Dv; ++d) pr[d] = *MHA__OT(c, d);
+            pr[Dv] = m[c]; pr[Dv + 1] = l[c];
+        } else {
+            float *orow = MHA__OROW(c);
+            float inv = l[c] != 0.0f ? 1.0f / l[c] : 0.0f;
+            for (d = 0; d < Dv; ++d) orow[d] = *MHA__OT(c, d) * inv;
+            if (a->lse)
+                a->lse[((size_t)tq->gb * a->H + tq->gh0 + c / nr) * a->Lq + gi + c % nr] =
+                    l[c] != 0.0f ? m[c] + logf(l[c]) : -INFINITY;
+        }
     }
+#undef MHA__OT
 #undef MHA__QROW
 #undef MHA__OROW
+}
+
+/* Split-K: the nparts partial results of tile tq (each [ncol][Dv + 2]: O, m,
+   l) merged in part order into its output rows and lse:
+       M = max_p m_p,  L = sum_p exp(m_p - M) l_p,  o = sum_p exp(m_p - M) O_p / L  */
+static void mha__merge_partials(const mha__attn *a, int b, const mha__tileq *tq, int nparts,
+                                const float *parts, size_t part_floats)
+{
+    int nr = tq->nr, ncol = tq->ng * nr, c, p, d, Dv = a->Dv;
+    for (c = 0; c < ncol; ++c) {
+        float *orow = a->o + (size_t)b * a->o_bs + (size_t)(tq->gh0 + c / nr - a->h0) * a->o_hs +
+                      (size_t)(tq->gi + c % nr - a->q0) * a->o_rs;
+        float M = -INFINITY, L = 0.0f, inv;
+        for (p = 0; p < nparts; ++p) {
+            float mp = parts[(size_t)p * part_floats + (size_t)c * (Dv + 2) + Dv];
+            if (mp > M) M = mp;
+        }
+        for (d = 0; d < Dv; ++d) orow[d] = 0.0f;
+        for (p = 0; p < nparts; ++p) {
+            const float *pr = parts + (size_t)p * part_floats + (size_t)c * (Dv + 2);
+            float w;
+            if (pr[Dv + 1] == 0.0f) continue;            /* the part saw no allowed key */
+            w = expf(pr[Dv] - M);
+            L += w * pr[Dv + 1];
+            mha__axpy(orow, w, pr, Dv);
+        }
+        inv = L != 0.0f ? 1.0f / L : 0.0f;
+        for (d = 0; d < Dv; ++d) orow[d] *= inv;
+        if (a->lse)
+            a->lse[((size_t)tq->gb * a->H + tq->gh0 + c / nr) * a->Lq + tq->gi + c % nr] =
+                L != 0.0f ? M + logf(L) : -INFINITY;
+    }
+}
+
+/* Split-K decoding.  A narrow item (a decode step: few query columns) whose
+   tile is the only query tile of its head block has its keys split into
+   parts of MHA__SPLIT_TILES key tiles (about 2048 keys), which the threads
+   share out; the parts' partial results are then merged in part order
+   (mha__merge_partials).  The split depends on Lk alone, never on the
+   thread count, so neither does the result.  Returns the number of parts
+   (1: no split).  */
+#define MHA__SPLIT_TILES 16
+static int mha__split_parts(int Lk, int narrow, int nqt)
+{
+    int real = (Lk + MHA__FBC - 1) / MHA__FBC;
+    if (!narrow || nqt != 1) return 1;
+    return (real + MHA__SPLIT_TILES - 1) / MHA__SPLIT_TILES;
+}
+/* floats of one part's partial result: FBR columns of Dv + 2 (O, m, l) */
+static size_t mha__part_floats(int Dv)
+{
+    return mha__round_floats((size_t)MHA__FBR * ((size_t)Dv + 2));
 }
 
 /* Scratch floats of one attention call.  Fused: per thread the tile
@@ -2306,10 +2432,13 @@ static int mha__attn_scratch_floats(int Lq, int Lk, int Lk_eff, int D, int Dv, i
         return mha__mul(*per_thread, (size_t)nthreads, total);
     } else {
         mha__fused_dims f;
+        size_t parts;
         if (!mha__fused_sizes(Lk, Lk_eff, D, Dv, &f)) return 0;
         *per_thread = shared_pack ? f.tiles : f.tiles + f.packed;
+        /* split-K partial results after the shared pack (mha__split_parts) */
+        if (!mha__mul((size_t)mha__split_parts(Lk, 1, 1), mha__part_floats(Dv), &parts)) return 0;
         return mha__mul(*per_thread, (size_t)nthreads, total) &&
-               mha__add(*total, shared_pack ? f.packed : 0, total);
+               mha__add(*total, shared_pack ? f.packed : 0, total) && mha__add(*total, parts, total);
     }
 }
 
@@ -2369,8 +2498,45 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
         int per_group, gmax, nblk = mha__head_blocks(a, &per_group, &gmax);
         int rows = MHA__FBR / gmax;                            /* query rows per tile */
         int nqt = (a->nq + rows - 1) / rows;
+        int narrow = (a->nq < rows ? a->nq : rows) * gmax <= MHA__NARROW;
+        int nparts = mha__split_parts(a->Lk, narrow, nqt);
         (void)mha__fused_sizes(a->Lk, a->Lk_eff, a->D, a->Dv, &f);   /* checked by the plan */
-        if (a->shared_pack) {
+        if (nparts > 1) {
+            /* per (b, head block): the threads share out the key parts, then one merges */
+            size_t pf = mha__part_floats(a->Dv);
+            float *parts = ws + (size_t)a->nthreads * per_thread + (a->shared_pack ? f.packed : 0);
+            int nreal = (a->Lk + MHA__FBC - 1) / MHA__FBC;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(a->nthreads)
+#endif
+            {
+                int bk, pt, tid = 0;
+#ifdef _OPENMP
+                tid = omp_get_thread_num();
+#endif
+                for (bk = 0; bk < a->nb * nblk; ++bk) {
+                    int b = bk / nblk;
+                    mha__tileq tq;
+                    mha__head_block(a, bk % nblk, per_group, gmax, &tq.gh0, &tq.ng);
+                    tq.gb = a->b0 + b; tq.gi = a->q0; tq.nr = a->nq; tq.narrow = 1;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+                    for (pt = 0; pt < nparts; ++pt) {
+                        mha__tileq q = tq;
+                        q.t_lo = pt * MHA__SPLIT_TILES;
+                        q.t_hi = q.t_lo + MHA__SPLIT_TILES < nreal ? q.t_lo + MHA__SPLIT_TILES : nreal;
+                        q.partial = parts + (size_t)pt * pf;
+                        mha__attend_fused(a, &f, b, mha__kvh(a, tq.gh0 - a->h0), &q, NULL,
+                                          ws + (size_t)tid * per_thread);
+                    }
+#ifdef _OPENMP
+#pragma omp single
+#endif
+                    mha__merge_partials(a, b, &tq, nparts, parts, pf);
+                }
+            }
+        } else if (a->shared_pack) {
             float *shared = ws + (size_t)a->nthreads * per_thread;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(a->nthreads)
@@ -2386,8 +2552,8 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
                     mha__head_block(a, bk % nblk, per_group, gmax, &tq.gh0, &tq.ng);
                     kvh = mha__kvh(a, tq.gh0 - a->h0);
                     kv_key = b * a->Hkv + kvh;
-                    tq.gb = a->b0 + b;
-                    if (kv_key != kv_prev) {   /* the heads of a group share the packed V */
+                    tq.gb = a->b0 + b; tq.narrow = narrow; tq.t_lo = 0; tq.t_hi = -1; tq.partial = NULL;
+                    if (kv_key != kv_prev && !narrow) {   /* the heads of a group share the packed V */
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
@@ -2426,7 +2592,8 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
                     kvh = mha__kvh(a, q.gh0 - a->h0);
                     q.gb = a->b0 + b; q.gi = a->q0 + i0;
                     q.nr = a->nq - i0 < rows ? a->nq - i0 : rows;
-                    if ((long)b * a->Hkv + kvh != packed) {
+                    q.narrow = narrow; q.t_lo = 0; q.t_hi = -1; q.partial = NULL;
+                    if ((long)b * a->Hkv + kvh != packed && !narrow) {
                         for (kt = 0; kt < f.ntiles; ++kt) mha__fused_pack(a, &f, b, kvh, kt, sc);
                         packed = (long)b * a->Hkv + kvh;
                     }
@@ -4452,17 +4619,30 @@ static mha_status mha__check_cache(const mha_kv_cache *c)
     if (!c || !c->k || !c->v || !c->len) return MHA_ERR_NULL_POINTER;
     if (c->B <= 0 || c->Hkv <= 0 || c->D <= 0 || c->capacity <= 0) return MHA_ERR_INVALID_SIZE;
     if (!mha__mul3((size_t)c->B * (size_t)c->Hkv, (size_t)c->capacity, (size_t)c->D, &n) ||
-        !mha__mul(n, sizeof(float), &n))
+        !mha__mul(n, sizeof(float), &n) || !mha__dim_ok(c->capacity) || !mha__dim_ok(c->D))
         return MHA_ERR_OVERFLOW;
-    for (b = 0; b < c->B; ++b) if (c->len[b] < 0 || c->len[b] > c->capacity) return MHA_ERR_INVALID_ARGUMENT;
+    if (c->ring && (c->n_keep < 0 || c->n_keep >= c->capacity)) return MHA_ERR_INVALID_ARGUMENT;
+    for (b = 0; b < c->B; ++b)
+        if (c->len[b] < 0 || (!c->ring && c->len[b] > c->capacity)) return MHA_ERR_INVALID_ARGUMENT;
     return MHA_OK;
+}
+
+/* The slot of token t (the ring's rule; t itself without a ring) */
+static int mha__cache_slot(const mha_kv_cache *c, int t)
+{
+    if (!c->ring || t < c->n_keep) return t;
+    return c->n_keep + (t - c->n_keep) % (c->capacity - c->n_keep);
 }
 
 /* Room for n more tokens in every row? */
 static mha_status mha__cache_room(const mha_kv_cache *c, int n)
 {
     int b;
-    for (b = 0; b < c->B; ++b) if (n > c->capacity - c->len[b]) return MHA_ERR_CAPACITY;
+    for (b = 0; b < c->B; ++b) if (c->len[b] > INT_MAX - n) return MHA_ERR_OVERFLOW;
+    /* a ring takes any chunk that fits, or one that wraps but is no longer
+       than its rolling part (else the chunk would overwrite itself) */
+    for (b = 0; b < c->B; ++b)
+        if (n > c->capacity - c->len[b] && (!c->ring || n > c->capacity - c->n_keep)) return MHA_ERR_CAPACITY;
     return MHA_OK;
 }
 
@@ -4475,7 +4655,7 @@ static void mha__cache_write(mha_kv_cache *c, int n, const float *k, const float
     for (b = 0; b < c->B; ++b) {
         for (g = 0; g < c->Hkv; ++g)
             for (t = 0; t < n; ++t) {
-                size_t dst = (((size_t)b * c->Hkv + g) * c->capacity + c->len[b] + t) * D;
+                size_t dst = (((size_t)b * c->Hkv + g) * c->capacity + mha__cache_slot(c, c->len[b] + t)) * D;
                 size_t src = (size_t)b * bs + (size_t)g * hs + (size_t)t * ts;
                 memcpy(c->k + dst, k + src, (size_t)D * sizeof(float));
                 memcpy(c->v + dst, v + src, (size_t)D * sizeof(float));
@@ -4497,6 +4677,14 @@ MHADEF mha_status mha_kv_cache_append(mha_kv_cache *c, int n, const float *k_new
 
 /* Checks and scratch of an attention over the cache: one row at a time, with
    keys up to capacity.  */
+/* A ring row is attended in up to three runs of slots with consecutive
+   positions, merged by their log-sum-exp: [H, Lq, D] outputs and [H, Lq]
+   lse of each, after the attention scratch.  */
+static size_t mha__ring_floats(const mha_kv_cache *c, int H, int Lq)
+{
+    return c->ring ? 3 * mha__round_floats((size_t)H * Lq * ((size_t)c->D + 1)) : 0;
+}
+
 static mha_status mha__cache_attend_plan(const mha_kv_cache *c, int H, int Lq, const mha_options *opt,
                                          size_t *per_thread, size_t *total_floats)
 {
@@ -4504,40 +4692,89 @@ static mha_status mha__cache_attend_plan(const mha_kv_cache *c, int H, int Lq, c
     int b, nt = mha__max_threads(opt);
     if ((st = mha__check_cache(c)) != MHA_OK) return st;
     if (H <= 0 || Lq <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__dim_ok(H) || !mha__dim_ok(Lq) || (size_t)H * (size_t)Lq > LONG_MAX) return MHA_ERR_OVERFLOW;
     if (opt->attn_mask.kind != MHA_MASK_NONE || opt->key_padding_mask.kind != MHA_MASK_NONE)
         return MHA_ERR_INVALID_ARGUMENT;
     if ((st = mha__check_masks(opt, c->B, H, Lq, c->capacity)) != MHA_OK) return st;
     if ((st = mha__check_decode(opt, H, c->Hkv, NULL, c->D)) != MHA_OK) return st;
     for (b = 0; b < c->B; ++b) if (c->len[b] < 1) return MHA_ERR_INVALID_ARGUMENT;   /* no key */
+    for (b = 0; c->ring && b < c->B; ++b)   /* the newest Lq tokens must all be held */
+        if (c->len[b] > c->capacity && Lq > c->capacity - c->n_keep) return MHA_ERR_CAPACITY;
     if (!mha__attn_scratch_floats(Lq, c->capacity, c->capacity, c->D, c->D, nt, 0, H < nt, per_thread,
                                   total_floats) ||
+        !mha__add(*total_floats, mha__ring_floats(c, H, Lq), total_floats) ||
         !mha__add(*total_floats, MHA__ALIGN_FLOATS, total_floats))
         return MHA_ERR_OVERFLOW;
     return MHA_OK;
 }
 
-/* Run it: queries and outputs as views (b, h, i) -> p + b*bs + h*hs + i*rs */
+/* Attention of row b's queries against its slots s0..s0+n-1, which hold
+   consecutive positions p0..p0+n-1; query i is at position qpos0 + i, so
+   key j is allowed as j <= i + (qpos0 - p0) says (causal_off), and ALiBi
+   and the window measure the same distance.  */
+static void mha__cache_run_part(const mha_kv_cache *c, int b, int H, int Lq, const mha_options *opt,
+                                const mha__view *q, float *o, size_t o_hs, size_t o_rs, float *lse,
+                                int s0, int n, int p0, int qpos0, int with_sinks, float *ws, size_t per_thread)
+{
+    mha__attn a;
+    int D = c->D;
+    mha__attn_common(&a, opt, 1, H, Lq, n, n, D, D);
+    a.causal_off = (ptrdiff_t)qpos0 - p0;
+    a.Hkv = c->Hkv; a.group = H / c->Hkv;
+    a.q.p = q->p + (size_t)b * q->bs; a.q.bs = 0; a.q.hs = q->hs; a.q.rs = q->rs;
+    a.k.p = c->k + ((size_t)b * c->Hkv * c->capacity + s0) * D;
+    a.v.p = c->v + ((size_t)b * c->Hkv * c->capacity + s0) * D;
+    a.k.bs = a.v.bs = 0; a.k.hs = a.v.hs = (size_t)c->capacity * D; a.k.rs = a.v.rs = (size_t)D;
+    a.o = o; a.o_bs = 0; a.o_hs = o_hs; a.o_rs = o_rs;
+    a.weights = NULL; a.per_head = 1;
+    a.lse = lse;
+    if (!with_sinks) a.sinks = NULL;
+    a.shared_pack = H < a.nthreads;
+    mha__attend_all(&a, ws, per_thread);
+}
+
+/* Run it: queries and outputs as views (b, h, i) -> p + b*bs + h*hs + i*rs.
+   Each row has its own Lk = len[b] (bottom-right: query i at len[b] - Lq + i).
+   A ring row that has wrapped holds its positions in up to three runs of
+   slots (the kept first tokens, then the rolling part in two pieces),
+   attended one by one into ring and merged by their log-sum-exp (the sink
+   goes with the first).  */
 static void mha__cache_attend_run(const mha_kv_cache *c, int H, int Lq, const mha_options *opt,
                                   const mha__view *q, float *o, size_t o_bs, size_t o_hs, size_t o_rs,
-                                  float *ws, size_t per_thread)
+                                  float *ws, size_t per_thread, float *ring)
 {
-    mha_options ob = *opt;
     int b, D = c->D;
-    ob.causal_align = MHA_CAUSAL_BOTTOM_RIGHT;
-    for (b = 0; b < c->B; ++b) {       /* each row has its own Lk = len[b] */
-        mha__attn a;
-        int Lk = c->len[b];
-        mha__attn_common(&a, &ob, 1, H, Lq, Lk, Lk, D, D);
-        a.Hkv = c->Hkv; a.group = H / c->Hkv;
-        a.q.p = q->p + (size_t)b * q->bs; a.q.bs = 0; a.q.hs = q->hs; a.q.rs = q->rs;
-        a.k.p = c->k + (size_t)b * c->Hkv * c->capacity * D;
-        a.v.p = c->v + (size_t)b * c->Hkv * c->capacity * D;
-        a.k.bs = a.v.bs = 0; a.k.hs = a.v.hs = (size_t)c->capacity * D; a.k.rs = a.v.rs = (size_t)D;
-        a.o = o + (size_t)b * o_bs; a.o_bs = 0; a.o_hs = o_hs; a.o_rs = o_rs;
-        a.weights = NULL; a.per_head = 1;
-        a.lse = opt->lse ? opt->lse + (size_t)b * H * Lq : NULL;
-        a.shared_pack = H < a.nthreads;
-        mha__attend_all(&a, ws, per_thread);
+    for (b = 0; b < c->B; ++b) {
+        int T = c->len[b], W = c->capacity - c->n_keep, np = 0, s_old, i, h, p;
+        size_t part = mha__round_floats((size_t)H * Lq * ((size_t)D + 1));
+        float *lse = opt->lse ? opt->lse + (size_t)b * H * Lq : NULL, *outs[3], *lses[3];
+        if (!c->ring || T <= c->capacity) {
+            mha__cache_run_part(c, b, H, Lq, opt, q, o + (size_t)b * o_bs, o_hs, o_rs, lse, 0, T, 0, T - Lq, 1,
+                                ws, per_thread);
+            continue;
+        }
+        for (p = 0; p < 3; ++p) { outs[p] = ring + (size_t)p * part; lses[p] = outs[p] + (size_t)H * Lq * D; }
+        if (c->n_keep > 0) {           /* the kept first tokens: slots = positions 0..n_keep-1 */
+            mha__cache_run_part(c, b, H, Lq, opt, q, outs[np], (size_t)Lq * D, (size_t)D, lses[np], 0,
+                                c->n_keep, 0, T - Lq, 1, ws, per_thread);
+            ++np;
+        }
+        /* the rolling part holds positions T-W..T-1, the oldest at slot s_old */
+        s_old = mha__cache_slot(c, T - W);
+        mha__cache_run_part(c, b, H, Lq, opt, q, outs[np], (size_t)Lq * D, (size_t)D, lses[np], s_old,
+                            c->capacity - s_old, T - W, T - Lq, np == 0, ws, per_thread);
+        ++np;
+        if (s_old > c->n_keep) {
+            mha__cache_run_part(c, b, H, Lq, opt, q, outs[np], (size_t)Lq * D, (size_t)D, lses[np], c->n_keep,
+                                s_old - c->n_keep, T - W + (c->capacity - s_old), T - Lq, 0, ws, per_thread);
+            ++np;
+        }
+        (void)mha_attn_merge(np, (size_t)H * Lq, D, (const float *const *)outs, (const float *const *)lses,
+                             outs[0], lse);
+        for (h = 0; h < H; ++h)
+            for (i = 0; i < Lq; ++i)
+                memcpy(o + (size_t)b * o_bs + (size_t)h * o_hs + (size_t)i * o_rs,
+                       outs[0] + ((size_t)h * Lq + i) * D, (size_t)D * sizeof(float));
     }
 }
 
@@ -4571,7 +4808,8 @@ MHADEF mha_status mha_kv_cache_attend(const mha_kv_cache *c, int H, int Lq, cons
     if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
     D = c->D;
     qv.p = q; qv.bs = (size_t)H * Lq * D; qv.hs = (size_t)Lq * D; qv.rs = (size_t)D;
-    mha__cache_attend_run(c, H, Lq, opt, &qv, out, (size_t)H * Lq * D, (size_t)Lq * D, (size_t)D, ws, per_thread);
+    mha__cache_attend_run(c, H, Lq, opt, &qv, out, (size_t)H * Lq * D, (size_t)Lq * D, (size_t)D, ws, per_thread,
+                          ws + total - MHA__ALIGN_FLOATS - mha__ring_floats(c, H, Lq));
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
@@ -4581,7 +4819,7 @@ MHADEF mha_status mha_kv_cache_attend(const mha_kv_cache *c, int H, int Lq, cons
 typedef struct mha__cached_layout {
     mha__mod r;                        /* the module, weights resolved */
     int E, H, D, Ekv;
-    size_t qp, kn, vn, scratch, per_thread, total_floats;
+    size_t qp, kn, vn, ring, scratch, per_thread, total_floats;
 } mha__cached_layout;
 
 static mha_status mha__cached_plan(const mha_module *m, const mha_kv_cache *c, int Lq, const mha_options *opt,
@@ -4602,7 +4840,7 @@ static mha_status mha__cached_plan(const mha_module *m, const mha_kv_cache *c, i
     if ((st = mha__check_masks(opt, B, L->H, Lq, Lq)) != MHA_OK) return st;
     if ((st = mha__check_decode(opt, L->H, m->num_kv_heads, &m->rope, L->D)) != MHA_OK) return st;
     if ((m->num_kv_heads ? m->num_kv_heads : L->H) != c->Hkv || L->D != c->D) return MHA_ERR_INVALID_ARGUMENT;
-    if ((size_t)B * (size_t)Lq > INT_MAX) return MHA_ERR_OVERFLOW;
+    if ((size_t)B * (size_t)Lq > MHA__INT_LIMIT) return MHA_ERR_OVERFLOW;   /* GEMM rows (int audit) */
     L->Ekv = c->Hkv * L->D;
     if ((st = mha__cache_room(c, Lq)) != MHA_OK) return st;
     if (!mha__attn_scratch_floats(Lq, c->capacity, c->capacity, L->D, L->D, nt, 0, L->H < nt, &L->per_thread,
@@ -4613,6 +4851,7 @@ static mha_status mha__cached_plan(const mha_module *m, const mha_kv_cache *c, i
     if (!mha__region(&cur, (size_t)B * Lq * L->E, &L->qp) ||
         !mha__region(&cur, (size_t)B * Lq * L->Ekv, &L->kn) ||
         !mha__region(&cur, (size_t)B * Lq * L->Ekv, &L->vn) ||
+        !mha__region(&cur, mha__ring_floats(c, L->H, Lq), &L->ring) ||
         !mha__region(&cur, attn > g ? attn : g, &L->scratch) ||
         !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
         return MHA_ERR_OVERFLOW;
@@ -4670,7 +4909,7 @@ MHADEF mha_status mha_forward_cached(const mha_module *m, mha_kv_cache *c, int L
     /* 3. attention over the cache; the context overwrites Q in place */
     qv.p = qp; qv.bs = (size_t)Lq * E; qv.hs = (size_t)L.D; qv.rs = (size_t)E;
     mha__cache_attend_run(c, L.H, Lq, opt, &qv, qp, (size_t)Lq * E, (size_t)L.D, (size_t)E, scratch,
-                          L.per_thread);
+                          L.per_thread, ws + L.ring);
 
     /* 4. out = C Wo^T + bo */
     mha__linear(B * Lq, E, E, qp, r->wo, r->bo, out, scratch, nt);

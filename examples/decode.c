@@ -34,7 +34,7 @@ int main(int argc, char **argv)
     int cap, step, i, len = 0;
     float *wq, *wk, *wv, *wo, *x, *y, *ck, *cv;
     mha_module m = {0};
-    mha_kv_cache cache;
+    mha_kv_cache cache = {0};
     mha_options opt = {0};
     mha_rng rng;
     mha_status s;

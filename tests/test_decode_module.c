@@ -221,6 +221,7 @@ static void cache_matches_forward(int B, int L, const int *plen, int E, int H, i
     for (b = 0; b < B; ++b)
         CHECK(mha_forward(&m, 1, L, L, x + (size_t)b * L * E, x + (size_t)b * L * E, x + (size_t)b * L * E, &o,
                           full + (size_t)b * L * E, NULL, NULL, 0) == MHA_OK, "full forward");
+    memset(&c, 0, sizeof c);
     c.B = B; c.Hkv = Hkv; c.D = D; c.capacity = cap;
     c.k = malloc(kvn * 4); c.v = malloc(kvn * 4); c.len = len;
     /* prefill each row with its prompt: one chunk of plen[b] tokens */
@@ -267,6 +268,65 @@ static void cache_matches_forward(int B, int L, const int *plen, int E, int H, i
     mod_free(&g);
 }
 
+/* A rolling cache of capacity C keeping the first n_keep tokens, decoded
+   token by token past C, equals one causal forward in which query i sees
+   keys j < n_keep and i - (C - n_keep) < j <= i (a bool attn_mask), i.e. a
+   sliding window of C - n_keep with n_keep sink tokens (StreamingLLM).  */
+static void ring_matches_forward(int B, int L, int C, int n_keep, int P, unsigned long long seed)
+{
+    tu_rng r = { seed };
+    gqa_mod g;
+    mha_module m;
+    mha_options o;
+    mha_kv_cache c;
+    int E = 24, H = 6, Hkv = 2, D = E / H, W = C - n_keep, b, i, j, t;
+    size_t nx = (size_t)B * L * E;
+    float *x = malloc(nx * 4), *full = malloc(nx * 4), *got = malloc(nx * 4), *xs = malloc((size_t)B * E * 4);
+    float *os = malloc((size_t)B * E * 4), *k = malloc((size_t)B * Hkv * C * D * 4), *v = malloc((size_t)B * Hkv * C * D * 4);
+    unsigned char *mask = malloc((size_t)L * L);
+    int *len = calloc((size_t)B, sizeof(int));
+    double e;
+    mod_make(&g, E, H, Hkv, 0, &r);
+    tu_fill(&r, x, nx, 1.0f);
+    m = mod_view(&g, 0, 0);
+    m.rope.kind = MHA_ROPE_HALF;
+    for (i = 0; i < L; ++i)
+        for (j = 0; j < L; ++j) mask[i * L + j] = !(j <= i && (j < n_keep || j > i - W));
+    memset(&o, 0, sizeof o);
+    o.causal = 1;
+    o.attn_mask.kind = MHA_MASK_BOOL; o.attn_mask.data = mask; o.attn_mask.ndim = 2;
+    o.attn_mask.shape[0] = L; o.attn_mask.shape[1] = L;
+    for (b = 0; b < B; ++b)
+        CHECK(mha_forward(&m, 1, L, L, x + (size_t)b * L * E, x + (size_t)b * L * E, x + (size_t)b * L * E, &o,
+                          full + (size_t)b * L * E, NULL, NULL, 0) == MHA_OK, "ring reference");
+    memset(&o, 0, sizeof o);
+    o.causal = 1;
+    memset(&c, 0, sizeof c);
+    c.B = B; c.Hkv = Hkv; c.D = D; c.capacity = C; c.k = k; c.v = v; c.len = len; c.ring = 1; c.n_keep = n_keep;
+    /* a prompt that fits, in one chunk per row (rows as B = 1 views would do too) */
+    {
+        float *xp = malloc((size_t)B * P * E * 4), *op = malloc((size_t)B * P * E * 4);
+        for (b = 0; b < B; ++b) memcpy(xp + (size_t)b * P * E, x + (size_t)b * L * E, (size_t)P * E * 4);
+        CHECK(mha_forward_cached(&m, &c, P, xp, &o, op, NULL, 0) == MHA_OK, "ring prefill");
+        for (b = 0; b < B; ++b) memcpy(got + (size_t)b * L * E, op + (size_t)b * P * E, (size_t)P * E * 4);
+        free(xp); free(op);
+    }
+    for (t = P; t < L; ++t) {
+        for (b = 0; b < B; ++b) memcpy(xs + (size_t)b * E, x + ((size_t)b * L + t) * E, (size_t)E * 4);
+        CHECK(mha_forward_cached(&m, &c, 1, xs, &o, os, NULL, 0) == MHA_OK, "ring decode step %d", t);
+        for (b = 0; b < B; ++b) memcpy(got + ((size_t)b * L + t) * E, os + (size_t)b * E, (size_t)E * 4);
+    }
+    CHECK(len[0] == L, "ring len counts every token: %d", len[0]);
+    e = tu_rel_err_ff(got, full, nx);
+    CHECK(e <= 1e-6, "ring cache (C %d, keep %d) == causal forward with window + kept tokens: %.3g", C, n_keep, e);
+    if (e > worst_cache) worst_cache = e;
+    /* a chunk longer than the rolling part: MHA_ERR_CAPACITY */
+    CHECK(mha_forward_cached(&m, &c, W + 1, x, &o, got, NULL, 0) == MHA_ERR_CAPACITY || W + 1 > L,
+          "ring chunk longer than capacity - n_keep");
+    free(x); free(full); free(got); free(xs); free(os); free(k); free(v); free(mask); free(len);
+    mod_free(&g);
+}
+
 static void cache_tests(void)
 {
     mha_options o;
@@ -275,6 +335,10 @@ static void cache_tests(void)
     cache_matches_forward(2, 11, same, 24, 6, 2, MHA_ROPE_HALF, &o, 1);
     cache_matches_forward(3, 12, ragged, 32, 8, 2, MHA_ROPE_INTERLEAVED, &o, 2);
     cache_matches_forward(1, 140, one, 16, 4, 1, MHA_ROPE_HALF, &o, 3);   /* crosses a key tile */
+    {   /* decode steps past 2048 keys: split-K through the cache */
+        int longp[2] = { 2120, 2101 };
+        cache_matches_forward(2, 2130, longp, 16, 4, 1, MHA_ROPE_HALF, &o, 33);
+    }
     o.window = 1; o.window_left = 4; o.window_right = 0;
     o.softcap = 2.0f; o.alibi = 1;
     cache_matches_forward(3, 12, ragged, 24, 6, 3, MHA_ROPE_HALF, &o, 4);
@@ -283,6 +347,9 @@ static void cache_tests(void)
         memset(&o, 0, sizeof o); o.sinks = sinks;
         cache_matches_forward(2, 10, same, 24, 6, 2, MHA_ROPE_NONE, &o, 5);
     }
+    ring_matches_forward(2, 30, 8, 0, 5, 40);    /* pure sliding window of 8 */
+    ring_matches_forward(1, 40, 10, 3, 10, 41);  /* 3 sink tokens + 7 rolling */
+    ring_matches_forward(2, 300, 140, 4, 100, 42);
     /* past capacity: MHA_ERR_CAPACITY, nothing written */
     {
         tu_rng r = { 9 };
@@ -294,6 +361,7 @@ static void cache_tests(void)
         size_t bytes;
         mod_make(&g, 8, 4, 2, 0, &r);
         m = mod_view(&g, 0, 0);
+        memset(&c, 0, sizeof c);
         c.B = 2; c.Hkv = 2; c.D = 2; c.capacity = 4; c.k = k; c.v = v; c.len = len;
         for (i = 0; i < 32; ++i) k[i] = v[i] = 5.0f;
         for (i = 0; i < 48; ++i) out[i] = 7.0f;
@@ -329,6 +397,7 @@ static void cache_sdpa(void)
     float lse[2 * 4 * 3], lse_ref[4 * 3];
     tu_fill(&r, k, (size_t)B * Hkv * cap * D, 1.0f); tu_fill(&r, v, (size_t)B * Hkv * cap * D, 1.0f);
     tu_fill(&r, q, (size_t)B * H * Lq * D, 1.0f);
+    memset(&c, 0, sizeof c);
     c.B = B; c.Hkv = Hkv; c.D = D; c.capacity = cap; c.k = k; c.v = v; c.len = len;
     len[0] = pre[0]; len[1] = pre[1];   /* filled "by another engine": the random k, v */
     memset(&o, 0, sizeof o);
@@ -378,6 +447,31 @@ static void errors(void)
     CHECK(i == 72, "nothing written on error");
     m.num_kv_heads = 2;
     CHECK(mha_module_pack_size(&m, &bytes) == MHA_ERR_INVALID_ARGUMENT, "no packing with GQA (yet)");
+    /* RoPE and positions: bad values get their status, nothing written */
+    {
+        mha_options o;
+        memset(&o, 0, sizeof o);
+        m.rope.kind = (mha_rope_kind)5;
+        CHECK(mha_forward(&m, 2, 3, 3, x, x, x, NULL, out, NULL, NULL, 0) == MHA_ERR_BAD_ENUM, "module rope kind");
+        m.rope.kind = MHA_ROPE_HALF; m.rope.rotary_dim = 3;
+        CHECK(mha_forward(&m, 2, 3, 3, x, x, x, NULL, out, NULL, NULL, 0) == MHA_ERR_INVALID_ARGUMENT, "odd rotary dim");
+        m.rope.rotary_dim = 4;   /* D = 3 here */
+        CHECK(mha_forward(&m, 2, 3, 3, x, x, x, NULL, out, NULL, NULL, 0) == MHA_ERR_INVALID_ARGUMENT, "rotary dim > D");
+        m.rope.rotary_dim = 2; m.rope.theta = -1.0f;
+        CHECK(mha_backward_workspace_size(&m, 2, 3, 3, NULL, &bytes) == MHA_ERR_INVALID_ARGUMENT, "negative theta");
+        m.rope.theta = 0.0f;
+        o.position_offset = -1;
+        CHECK(mha_forward(&m, 2, 3, 3, x, x, x, &o, out, NULL, NULL, 0) == MHA_ERR_INVALID_ARGUMENT, "negative position");
+        o.position_offset = 0; o.window = 1; o.window_left = -3;
+        CHECK(mha_forward(&m, 2, 3, 3, x, x, x, &o, out, NULL, NULL, 0) == MHA_ERR_INVALID_ARGUMENT, "module window");
+        o.window = 0; o.softcap = -2.0f;
+        CHECK(mha_forward(&m, 2, 3, 3, x, x, x, &o, out, NULL, NULL, 0) == MHA_ERR_INVALID_ARGUMENT, "module softcap");
+        for (i = 0; i < 72; ++i) if (out[i] != 7.0f) break;
+        CHECK(i == 72, "nothing written on a bad RoPE / decoder option");
+        o.softcap = 0.0f;
+        CHECK(mha_forward(&m, 2, 3, 3, x, x, x, &o, out, NULL, NULL, 0) == MHA_OK, "and then valid");
+        m.rope.kind = MHA_ROPE_NONE;
+    }
     mod_free(&g);
 }
 
