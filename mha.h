@@ -3646,7 +3646,7 @@ static mha_status mha__gemm_plan_make(mha_trans ta, mha_trans tb, int M, int N, 
         !mha__mul3((size_t)K, (size_t)N, sizeof(float), &t) ||
         !mha__mul3((size_t)M, (size_t)N, sizeof(float), &t))
         return MHA_ERR_OVERFLOW;
-    mha__plan_begin(p, MHA__PLAN_GEMM, &o, 0, 0, 1, 1, 1, 1);
+    (void)mha__plan_begin(p, MHA__PLAN_GEMM, &o, 0, 0, 1, 1, 1, 1);   /* zero options: cannot fail */
     p->ta = ta; p->tb = tb; p->M = M; p->N = N; p->K = K;
     return mha__plan_ws(p, mha__gemm_ws_floats_mt(M, N, K, p->nthreads) + MHA__ALIGN_FLOATS);
 }
@@ -3948,8 +3948,8 @@ MHADEF void mha_plan_destroy(mha_plan *plan)
 
 /* The start of every run: the plan is one of this kind; the lengths fit;
    the options are the plan's with this run's mask data (NULL: the pointer
-   the plan was made with) and mask shapes for its lengths; the workspace is
-   the caller's (at least the plan's size) or, NULL, allocated (*owned).  */
+   the plan was made with) and mask shapes for its lengths; packed weights
+   still match their source.  (The workspace: mha__run_ws.)  */
 static mha_status mha__run_begin(const mha_plan *p, int kind, int Lq, int Lk, const void *attn_mask,
                                  const void *kpm, mha_options *o)
 {
