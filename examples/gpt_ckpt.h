@@ -227,7 +227,8 @@ GPT__FN gpt_ckpt_status gpt_ckpt_save(const char *path, const gpt_config *c, uns
         }
     gpt__put(hdr + 56, h, 8);
 
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    memcpy(tmp, path, strlen(path));
+    memcpy(tmp + strlen(path), ".tmp", 5);
     f = fopen(tmp, "wb");
     if (!f) return GPT_CKPT_ERR_OPEN;
     ok = fwrite(hdr, 1, sizeof hdr, f) == sizeof hdr;

@@ -3,7 +3,7 @@
    backward, AdamW step, and sampling.
 
    Include it after mha.h in the file that defines MHA_IMPLEMENTATION (it calls
-   mha.h; every function here is static).  tests/test_gpt_train.c includes it to
+   mha.h; every function here is static, as in gpt_ckpt.h).  tests/test_gpt_train.c includes it to
    run a short training in `make test`.
 
    THE MODEL  (B sequences of T bytes, N = B*T rows, d = d_model, V = 256)
@@ -40,7 +40,7 @@ typedef struct gpt_model {
 } gpt_model;
 
 /* layer l of the flat array p as an nn.TransformerEncoderLayer */
-static mha_encoder_layer gpt_layer(const gpt_model *M, const float *p, int l)
+GPT__FN mha_encoder_layer gpt_layer(const gpt_model *M, const float *p, int l)
 {
     const gpt_layout *o = &M->o;
     const float *q = p + o->layer0 + (size_t)l * o->layer_stride;
@@ -60,7 +60,7 @@ static mha_encoder_layer gpt_layer(const gpt_model *M, const float *p, int l)
     return ly;
 }
 
-static mha_encoder_layer_grad gpt_layer_grad(const gpt_model *M, float *g, int l)
+GPT__FN mha_encoder_layer_grad gpt_layer_grad(const gpt_model *M, float *g, int l)
 {
     const gpt_layout *o = &M->o;
     float *q = g + o->layer0 + (size_t)l * o->layer_stride;
@@ -75,7 +75,7 @@ static mha_encoder_layer_grad gpt_layer_grad(const gpt_model *M, float *g, int l
     return gr;
 }
 
-static mha_options gpt_causal(void)
+GPT__FN mha_options gpt_causal(void)
 {
     mha_options opt;
     memset(&opt, 0, sizeof opt);
@@ -84,7 +84,7 @@ static mha_options gpt_causal(void)
     return opt;
 }
 
-static void gpt_free(gpt_model *M)
+GPT__FN void gpt_free(gpt_model *M)
 {
     free(M->p); free(M->g); free(M->m); free(M->v); free(M->res); free(M->xf);
     free(M->dxf); free(M->dx); free(M->dy); free(M->logits); free(M->dlogits); free(M->ws);
@@ -93,7 +93,7 @@ static void gpt_free(gpt_model *M)
 
 /* Allocate a model for up to max_batch sequences of c->ctx bytes; parameters zero,
    training buffers (g, m, v) only when training is nonzero. */
-static mha_status gpt_alloc(gpt_model *M, const gpt_config *c, int max_batch, int training)
+GPT__FN mha_status gpt_alloc(gpt_model *M, const gpt_config *c, int max_batch, int training)
 {
     size_t rows, nd, nv;
     mha_encoder_layer ly;
@@ -134,7 +134,7 @@ static mha_status gpt_alloc(gpt_model *M, const gpt_config *c, int max_batch, in
 /* GPT-2's initialisation with uniform draws of the same spread: weights
    std 0.02 (U(-a, a), a = 0.02 sqrt 3), the two projections that write into
    the residual stream scaled by 1/sqrt(2 n_layer), biases 0, layer norms 1 and 0. */
-static void gpt_init(gpt_model *M, mha_rng *r)
+GPT__FN void gpt_init(gpt_model *M, mha_rng *r)
 {
     const gpt_layout *o = &M->o;
     size_t d = (size_t)M->c.d_model, F = (size_t)M->c.d_ff, i;
@@ -157,7 +157,7 @@ static void gpt_init(gpt_model *M, mha_rng *r)
 /* Forward of B sequences of T <= ctx bytes.  targets (may be NULL): next bytes,
    giving *loss and, when M has training buffers, dlogits for the backward.
    attn (may be NULL): n_layer pointers, each NULL or [B, H, T, T] per-head weights. */
-static mha_status gpt_forward(gpt_model *M, int B, int T, const int *tokens, const int *targets,
+GPT__FN mha_status gpt_forward(gpt_model *M, int B, int T, const int *tokens, const int *targets,
                               float *loss, float *const *attn)
 {
     const gpt_layout *o = &M->o;
@@ -192,7 +192,7 @@ static mha_status gpt_forward(gpt_model *M, int B, int T, const int *tokens, con
 }
 
 /* Gradients of the last gpt_forward (with targets) into M->g, zeroed first. */
-static mha_status gpt_backward(gpt_model *M, int B, int T, const int *tokens)
+GPT__FN mha_status gpt_backward(gpt_model *M, int B, int T, const int *tokens)
 {
     const gpt_layout *o = &M->o;
     int d = M->c.d_model, V = M->c.vocab, N = B * T, b, t, l;
@@ -233,7 +233,7 @@ static mha_status gpt_backward(gpt_model *M, int B, int T, const int *tokens)
 }
 
 /* Scale the gradient so its global L2 norm is at most clip; returns the norm before. */
-static float gpt_clip_grad(gpt_model *M, float clip)
+GPT__FN float gpt_clip_grad(gpt_model *M, float clip)
 {
     double s = 0;
     size_t i;
@@ -248,7 +248,7 @@ static float gpt_clip_grad(gpt_model *M, float clip)
 }
 
 /* Linear warm-up over `warmup` steps, then cosine decay to lr_min at `total`. */
-static float gpt_lr(long step, long warmup, long total, float lr_max, float lr_min)
+GPT__FN float gpt_lr(long step, long warmup, long total, float lr_max, float lr_min)
 {
     double t;
     if (step <= warmup) return lr_max * (float)step / (float)warmup;
@@ -258,7 +258,7 @@ static float gpt_lr(long step, long warmup, long total, float lr_max, float lr_m
 }
 
 /* B random windows of T + 1 bytes from text[0..n): inputs and next-byte targets. */
-static void gpt_batch(const unsigned char *text, size_t n, int B, int T, mha_rng *r, int *tok, int *tgt)
+GPT__FN void gpt_batch(const unsigned char *text, size_t n, int B, int T, mha_rng *r, int *tok, int *tgt)
 {
     int b, t;
     for (b = 0; b < B; ++b) {
@@ -273,7 +273,7 @@ static void gpt_batch(const unsigned char *text, size_t n, int B, int T, mha_rng
 
 /* One optimisation step on a batch: forward, backward, clip, AdamW.  *loss gets the
    batch loss (before the update). */
-static mha_status gpt_train_step(gpt_model *M, const mha_adamw *opt, long step, int B, int T,
+GPT__FN mha_status gpt_train_step(gpt_model *M, const mha_adamw *opt, long step, int B, int T,
                                  const int *tok, const int *tgt, float clip, float *loss)
 {
     mha_status st;
@@ -285,7 +285,7 @@ static mha_status gpt_train_step(gpt_model *M, const mha_adamw *opt, long step, 
 
 /* Mean loss over the whole of text[0..n) cut into windows of T + 1 bytes,
    at most max_windows of them (evenly spread), B windows per forward. */
-static mha_status gpt_eval(gpt_model *M, const unsigned char *text, size_t n, int B, int T,
+GPT__FN mha_status gpt_eval(gpt_model *M, const unsigned char *text, size_t n, int B, int T,
                            int max_windows, int *tok, int *tgt, double *loss)
 {
     size_t windows = (n - 1) / (size_t)T, stride, w;
@@ -311,7 +311,7 @@ static mha_status gpt_eval(gpt_model *M, const unsigned char *text, size_t n, in
 /* The logits of the byte that follows ctx[0..n): here by recomputing the whole
    causal forward over the last min(n, ctx) bytes.  This is the one function a
    KV cache replaces (append the new byte's K and V, attend from one query). */
-static mha_status gpt_next_logits(gpt_model *M, const int *ctx, int n, float *logits)
+GPT__FN mha_status gpt_next_logits(gpt_model *M, const int *ctx, int n, float *logits)
 {
     int T = n < M->c.ctx ? n : M->c.ctx;
     mha_status st;
@@ -323,7 +323,7 @@ static mha_status gpt_next_logits(gpt_model *M, const int *ctx, int n, float *lo
 
 /* Sample from softmax(logits / temperature) restricted to the top_k largest
    (top_k <= 0 or >= V: all).  temperature <= 0 picks the argmax. */
-static int gpt_sample(const float *logits, int V, float temperature, int top_k, mha_rng *r)
+GPT__FN int gpt_sample(const float *logits, int V, float temperature, int top_k, mha_rng *r)
 {
     double sum = 0, u;
     float thresh, mx;
