@@ -456,6 +456,169 @@ static int cmd_sample(const args *a)
     return 0;
 }
 
+/* ---------------------------------------------------------- views */
+
+/* One byte as a short label: printable ASCII as itself, space as '_',
+   newline as "\n", anything else as its hex value. */
+static void byte_label(int b, char out[8])
+{
+    if (b == ' ') strcpy(out, "_");
+    else if (b == '\n') strcpy(out, "\\n");
+    else if (b > 32 && b < 127) { out[0] = (char)b; out[1] = 0; }
+    else snprintf(out, 8, "x%02X", (unsigned)b & 0xFFu);
+}
+
+/* Every layer's per-head weights for one sequence: attn [n_layer, H, T, T]. */
+static float *attention_of(gpt_model *M, const int *tok, int T)
+{
+    size_t per = (size_t)M->c.n_head * T * T;
+    float *attn = (float *)malloc(per * (size_t)M->c.n_layer * sizeof(float));
+    float *ptr[256];
+    int l;
+    if (!attn) check(MHA_ERR_OUT_OF_MEMORY, "attention weights");
+    for (l = 0; l < M->c.n_layer; ++l) ptr[l] = attn + (size_t)l * per;
+    check(gpt_forward(M, 1, T, tok, NULL, NULL, ptr), "forward with weights");
+    return attn;
+}
+
+static void write_png(const char *path, const mha_heatmap *hm, const mha_heatmap_style *st)
+{
+    mha_heatmap_result r = mha_heatmap_write_png(path, hm, st);
+    if (r != MHA_HEATMAP_OK) fprintf(stderr, "tiny_gpt: %s: %s\n", path, mha_heatmap_result_string(r));
+    else printf("wrote %s\n", path);
+}
+
+/* Labels for T bytes: lab[i] holds the text, labels[i] points at it. */
+typedef struct {
+    char (*lab)[8];
+    const char **labels;
+    unsigned char *mask;     /* [T, T] causal: the cells the model never looks at */
+} byte_labels;
+
+static byte_labels make_labels(const int *tok, int T)
+{
+    byte_labels b;
+    int i;
+    b.lab = (char (*)[8])malloc((size_t)T * 8);
+    b.labels = (const char **)malloc((size_t)T * sizeof(char *));
+    b.mask = (unsigned char *)malloc((size_t)T * T);
+    if (!b.lab || !b.labels || !b.mask) check(MHA_ERR_OUT_OF_MEMORY, "labels");
+    for (i = 0; i < T; ++i) { byte_label(tok[i], b.lab[i]); b.labels[i] = b.lab[i]; }
+    mha_heatmap_causal_mask(T, T, 0, b.mask);
+    return b;
+}
+
+static void free_labels(byte_labels *b) { free(b->lab); free(b->labels); free(b->mask); }
+
+/* The layers x heads grid of one sequence (bertviz's model view): panel
+   (l, h) is layer l's head h, rows are queries, columns keys, the causal
+   triangle hatched.  attn [n_layer, H, T, T]. */
+static void draw_model_view(const gpt_model *M, const int *tok, int T, const float *attn,
+                            const char *path, const char *title)
+{
+    int L = M->c.n_layer, H = M->c.n_head, l, h;
+    char (*ht)[40] = (char (*)[40])malloc((size_t)L * H * 40);
+    const char **head_titles = (const char **)malloc((size_t)L * H * sizeof(char *));
+    byte_labels bl = make_labels(tok, T);
+    mha_heatmap hm;
+    mha_heatmap_style st;
+    if (!ht || !head_titles) check(MHA_ERR_OUT_OF_MEMORY, "titles");
+    for (l = 0; l < L; ++l)
+        for (h = 0; h < H; ++h) {
+            snprintf(ht[l * H + h], 40, "layer %d head %d", l, h);
+            head_titles[l * H + h] = ht[l * H + h];
+        }
+    memset(&hm, 0, sizeof hm);
+    memset(&st, 0, sizeof st);
+    hm.weights = attn; hm.heads = L * H; hm.Lq = T; hm.Lk = T; hm.mask = bl.mask;
+    hm.q_labels = bl.labels; hm.k_labels = bl.labels; hm.title = title; hm.head_titles = head_titles;
+    st.cols = H;   /* one row of panels per layer */
+    st.cell = 5;   /* thumbnails */
+    write_png(path, &hm, &st);
+    free(ht); free(head_titles); free_labels(&bl);
+}
+
+/* One PNG per head, every byte labelled: <dir>/<prefix>_L<l>H<h>.png */
+static void draw_heads(const gpt_model *M, const int *tok, int T, const float *attn, const char *dir,
+                       const char *prefix)
+{
+    int l, h;
+    byte_labels bl = make_labels(tok, T);
+    char path[1024], title[64];
+    mha_heatmap hm;
+    mha_heatmap_style st;
+    memset(&hm, 0, sizeof hm);
+    memset(&st, 0, sizeof st);
+    hm.heads = 1; hm.Lq = T; hm.Lk = T; hm.mask = bl.mask;
+    hm.q_labels = bl.labels; hm.k_labels = bl.labels; hm.title = title;
+    st.cell = 12;  /* large enough for a label on every byte */
+    for (l = 0; l < M->c.n_layer; ++l)
+        for (h = 0; h < M->c.n_head; ++h) {
+            hm.weights = attn + ((size_t)l * M->c.n_head + h) * T * T;
+            snprintf(title, sizeof title, "layer %d, head %d", l, h);
+            snprintf(path, sizeof path, "%s/%s_L%dH%d.png", dir, prefix, l, h);
+            write_png(path, &hm, &st);
+        }
+    free_labels(&bl);
+}
+
+/* ---------------------------------------------------------- demo */
+
+static int cmd_demo(const args *a)
+{
+    static const char sentence[] = "Whenever you find yourself on the side of the majority, pause.";
+    bytes train = {NULL, 0, 0}, val = {NULL, 0, 0};
+    gpt_model M;
+    mha_rng r;
+    int B = 8, *tok, *tgt, T, i;
+    double vloss;
+    float *attn;
+    char title[160], path[1024];
+
+    if (load_fortunes(a->data, &train, &val) != 0) return 1;
+    if (load_model(a->ckpt, &M, B) != 0) return 1;
+    T = M.c.ctx;
+    tok = (int *)malloc((size_t)B * T * sizeof(int));
+    tgt = (int *)malloc((size_t)B * T * sizeof(int));
+    if (!tok || !tgt) check(MHA_ERR_OUT_OF_MEMORY, "batch");
+    make_dirs(a->out);
+
+    /* 1. validation loss on a slice of the held-out fortunes */
+    check(gpt_eval(&M, val.p, val.n, B, T, 64, tok, tgt, &vloss), "validation");
+    printf("validation loss %.4f nats/byte (%.3f bits/byte) on %d windows of %d bytes "
+           "(a uniform guess: ln 256 = 5.545)\n", vloss, vloss / log(2.0), 64, T);
+
+    /* 2. a sample */
+    printf("--- sample: temperature %.2f, top-k %d, seed %llu ---\n", a->temp, a->top_k, a->seed);
+    generate(&M, a->prompt, a->len, a->temp, a->top_k, a->seed);
+    printf("---\n");
+
+    /* 3. the model view of a sentence, and one PNG per head */
+    T = (int)strlen(sentence);
+    for (i = 0; i < T; ++i) tok[i] = (unsigned char)sentence[i];
+    attn = attention_of(&M, tok, T);
+    snprintf(path, sizeof path, "%s/gpt_model_view.png", a->out);
+    draw_model_view(&M, tok, T, attn, path, "every layer (rows) and head (columns)");
+    draw_heads(&M, tok, T, attn, a->out, "gpt_head");
+    free(attn);
+
+    /* 4. the induction prompt: 24 random letters, then the same 24 again.  On the
+          second copy an induction head attends to the letter after the earlier
+          copy of the current letter: a stripe 23 cells left of the diagonal. */
+    mha_rng_seed(&r, 2024);
+    T = 48;
+    for (i = 0; i < 24; ++i) tok[i] = tok[i + 24] = 'a' + (int)(mha_rng_u32(&r) % 26);
+    attn = attention_of(&M, tok, T);
+    snprintf(title, sizeof title, "a random string repeated: induction heads light up on the second copy");
+    snprintf(path, sizeof path, "%s/gpt_induction.png", a->out);
+    draw_model_view(&M, tok, T, attn, path, title);
+    free(attn);
+
+    free(tok); free(tgt); free(train.p); free(val.p);
+    gpt_free(&M);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     args a;
@@ -465,6 +628,7 @@ int main(int argc, char **argv)
     }
     if (!strcmp(a.cmd, "train")) return cmd_train(&a);
     if (!strcmp(a.cmd, "sample")) return cmd_sample(&a);
+    if (!strcmp(a.cmd, "demo")) return cmd_demo(&a);
     usage();
     return 1;
 }
