@@ -13,6 +13,7 @@ static unsigned char *slurp(const char *path, size_t *n)
     FILE *f = fopen(path, "rb");
     unsigned char *b;
     long len;
+    *n = 0;
     if (!f) return NULL;
     fseek(f, 0, SEEK_END);
     len = ftell(f);
@@ -76,7 +77,7 @@ int main(int argc, char **argv)
     const gpt_config c = {2, 2, 8, 17, 5, 7};   /* odd sizes on purpose */
     gpt_config other = c;
     gpt_layout o = gpt_layout_make(&c);
-    size_t n = gpt_param_count(&c), len, i, cut;
+    size_t n = gpt_param_count(&c), len = 0, i, cut;
     size_t d = 8, F = 17, per_layer = 3 * d * d + 3 * d + d * d + d + F * d + F + d * F + d + 4 * d;
     float *p = (float *)malloc(n * sizeof(float)), *m = (float *)malloc(n * sizeof(float));
     float *v = (float *)malloc(n * sizeof(float));
