@@ -67,6 +67,10 @@
      Every call returns an mha_status; mha_status_string() describes it.
      On any status other than MHA_OK no output has been written.
 
+   WORKSPACES
+     A workspace may start at any byte address: each *_workspace_size
+     includes 64 bytes of slack, and the call aligns inside it.
+
    MASKS (nn.MultiheadAttention semantics, see docs/api.md for the full table)
      bool masks:  nonzero = this key is NOT allowed    (MHA_MASK_BOOL)
                   nonzero = this key takes part        (MHA_MASK_BOOL_KEEP,
@@ -196,7 +200,8 @@ typedef struct mha_options {
 /* Scaled dot-product attention on heads that are already projected:
      q [B,H,Lq,D], k [B,H,Lk,D], v [B,H,Lk,Dv]  ->  out [B,H,Lq,Dv]
      attn_weights: NULL, or [B,H,Lq,Lk] (per_head_weights ignored here).
-   opt may be NULL.  workspace: mha_sdpa_workspace_size() bytes or NULL.  */
+   opt may be NULL.  workspace: mha_sdpa_workspace_size() bytes or NULL.
+   out may be q when D == Dv (in place); it must not overlap k or v.  */
 MHADEF mha_status mha_sdpa_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
                                           const mha_options *opt, int need_weights,
                                           size_t *bytes);
@@ -231,7 +236,10 @@ typedef struct mha_module {
    attn_weights: NULL, or [B,Lq,Lk'] (head average) / [B,H,Lq,Lk'] (per head),
    where Lk' = Lk + (bias_k != NULL) + add_zero_attn, as PyTorch returns them.
    Masks are given for the Lk real keys; the appended keys are never masked
-   (PyTorch pads the masks with zeros the same way).  */
+   (PyTorch pads the masks with zeros the same way).
+   out may be the same buffer as query, key and/or value (in place), with the
+   same result; on the long-sequence path (head by head) an input that
+   overlaps out is then copied through MHA_MALLOC (docs/api.md, Aliasing).  */
 MHADEF mha_status mha_forward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
                                              const mha_options *opt, int need_weights,
                                              size_t *bytes);
@@ -341,7 +349,9 @@ typedef enum mha_activation {
      pre-norm  (norm_first = 1):  h = x + SA(LN1(x));   y = h + FF(LN2(h))
      FF(z) = linear2(act(linear1(z)))                                       */
 typedef struct mha_encoder_layer {
-    mha_module     self_attn;        /* embed_dim = d_model, num_heads = nhead */
+    mha_module     self_attn;        /* embed_dim = d_model, num_heads = nhead; kdim and vdim
+                                        0 or d_model (x is the key and value: anything else
+                                        is MHA_ERR_INVALID_ARGUMENT) */
     int            dim_feedforward;  /* F */
     mha_activation activation;
     int            norm_first;
@@ -387,20 +397,30 @@ MHADEF mha_status mha_embedding_backward(int n, int vocab, int d, const int *tok
      loss = -(1/N) sum_r log softmax(logits_r)[target_r],  N = rows with target >= 0
    Rows with a negative target are ignored (ignore_index).  dlogits (may be NULL)
    is written, not added: dlogits_r = (softmax(logits_r) - onehot(target_r)) / N.
-   correct (may be NULL) receives how many counted rows have argmax == target.  */
+   correct (may be NULL) receives how many counted rows have argmax == target.
+   With every target ignored (N = 0) the loss is 0 and dlogits all zero, so
+   such a batch changes nothing; PyTorch's mean returns NaN there.  */
 MHADEF mha_status mha_cross_entropy(int n, int V, const float *logits, const int *targets,
                                     float *loss, float *dlogits, int *correct);
 
-/* Plain SGD: p -= lr * (g + weight_decay * p).  */
+/* Plain SGD (torch.optim.SGD without momentum): p -= lr * (g + weight_decay * p).
+   lr and weight_decay must be finite and >= 0: else MHA_ERR_INVALID_ARGUMENT,
+   p untouched.  */
 MHADEF mha_status mha_sgd_step(size_t n, float *p, const float *g, float lr, float weight_decay);
 
-/* AdamW (torch.optim.AdamW).  Zero fields take PyTorch's defaults:
-   lr 1e-3, beta1 0.9, beta2 0.999, eps 1e-8, weight_decay 0.01.
+/* AdamW (torch.optim.AdamW).  Every field means exactly its value, zero
+   included (beta1 = 0 or weight_decay = 0 is what it says): start from
+   mha_adamw_defaults(), PyTorch's lr 1e-3, betas (0.9, 0.999), eps 1e-8,
+   weight_decay 0.01, and change what differs:
+       mha_adamw opt = mha_adamw_defaults();  opt.lr = 3e-3f;
+   Every field must be finite, with lr, eps, weight_decay >= 0 and beta1,
+   beta2 in [0, 1): else MHA_ERR_INVALID_ARGUMENT and nothing is written.
    step is the 1-based step count (for bias correction); m and v are the
    caller's moment buffers of n floats, zero before the first step.  */
 typedef struct mha_adamw {
     float lr, beta1, beta2, eps, weight_decay;
 } mha_adamw;
+MHADEF mha_adamw  mha_adamw_defaults(void);
 MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, float *p,
                                  const float *g, float *m, float *v);
 
@@ -489,6 +509,29 @@ static int mha__add(size_t a, size_t b, size_t *r)
     return 1;
 }
 
+/* Int audit.  Sizes arrive as int; every tensor and workspace size is
+   computed in size_t above (MHA_ERR_OVERFLOW when it does not fit).  The
+   int values the code forms from them, and why each fits:
+   - every dimension (B, H, L*, E, kdim, vdim, D, Dv, F, GEMM M/N/K, Linear
+     rows/in/out) is at most MHA__INT_LIMIT, checked by each entry, so a
+     dimension plus a block size (MC, NC, KC, query chunks: all < 2^16) or
+     plus another dimension cannot overflow in the blocked loops;
+   - B*H, the (batch, head) count of SDPA's work items: checked against
+     MHA__INT_LIMIT (it overflowed at B = 65536, H = 32768 and the call
+     returned OK having done nothing);
+   - B*Lq and B*Lk' (B*L in the encoder), the rows of the module's
+     projection GEMMs: checked against MHA__INT_LIMIT by the module's plans,
+     which the encoder runs before it forms N = B*L;
+   - the module's fused (batch, head) count nb*H: the fused module path
+     runs only below MHA__BY_HEAD_FLOATS = B (Lq + 2 Lk') E, so it is under
+     2^23; the by-head path has one head at a time;
+   - work-item counts B*ceil(Lq/rows) and B*H*ceil(Lq/tile) are long:
+     both are at most B*H*Lq, checked against LONG_MAX (32-bit long);
+   - everything else that is multiplied (offsets, strides, mask rows, the
+     GEMM's split and the by-head threshold) is size_t, ptrdiff_t or double. */
+#define MHA__INT_LIMIT (INT_MAX / 2)
+static int mha__dim_ok(int n) { return n <= MHA__INT_LIMIT; }
+
 static int mha__max_threads(const mha_options *opt)
 {
 #ifdef _OPENMP
@@ -502,6 +545,16 @@ static int mha__max_threads(const mha_options *opt)
 
 /* Float offsets inside a workspace; every region starts on a 64-byte line. */
 #define MHA__ALIGN_FLOATS 16
+
+/* The first 64-byte boundary at or after ws.  A caller's workspace may start
+   at any byte address: every size adds MHA__ALIGN_FLOATS floats (64 bytes)
+   of slack, and the step is counted in bytes, so at most 63 are skipped. */
+static float *mha__align_ws(void *ws)
+{
+    const size_t line = MHA__ALIGN_FLOATS * sizeof(float);
+    size_t skip = (line - (size_t)((uintptr_t)ws % line)) % line;
+    return MHA__CAST(float *, (void *)(MHA__CAST(unsigned char *, ws) + skip));
+}
 static int mha__region(size_t *cursor, size_t nfloats, size_t *offset)
 {
     size_t padded;
@@ -1414,6 +1467,7 @@ MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, floa
     if ((ta != MHA_NO_TRANS && ta != MHA_TRANS) || (tb != MHA_NO_TRANS && tb != MHA_TRANS))
         return MHA_ERR_INVALID_ARGUMENT;
     if (lda < (ta ? M : K) || ldb < (tb ? K : N) || ldc < N) return MHA_ERR_INVALID_SIZE;
+    if (!mha__dim_ok(M) || !mha__dim_ok(N) || !mha__dim_ok(K)) return MHA_ERR_OVERFLOW;
     if (!mha__mul((size_t)(ta ? K : M), (size_t)lda, &tmp) || !mha__mul(tmp, sizeof(float), &tmp) ||
         !mha__mul((size_t)(tb ? N : K), (size_t)ldb, &tmp) || !mha__mul(tmp, sizeof(float), &tmp) ||
         !mha__mul((size_t)M, (size_t)ldc, &tmp) || !mha__mul(tmp, sizeof(float), &tmp))
@@ -1430,9 +1484,7 @@ MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, floa
         if (!owned) return MHA_ERR_OUT_OF_MEMORY;
         workspace = owned;
     }
-    /* align the packing buffers to a cache line */
-    ws = MHA__CAST(float *, workspace);
-    ws += (MHA__ALIGN_FLOATS - ((uintptr_t)ws / sizeof(float)) % MHA__ALIGN_FLOATS) % MHA__ALIGN_FLOATS;
+    ws = mha__align_ws(workspace);   /* the packing buffers start on a cache line */
     mha__gemm_mt(ta, tb, M, N, K, alpha, A, (size_t)lda, B, (size_t)ldb, beta, C, (size_t)ldc,
                  ws, nthreads);
     if (owned) MHA_FREE(owned);
@@ -2020,11 +2072,6 @@ static void mha__attn_common(mha__attn *a, const mha_options *opt, int B, int H,
     a->nthreads = mha__max_threads(opt);
 }
 
-static float *mha__align_ws(void *ws)
-{
-    float *f = MHA__CAST(float *, ws);
-    return f + (MHA__ALIGN_FLOATS - ((uintptr_t)f / sizeof(float)) % MHA__ALIGN_FLOATS) % MHA__ALIGN_FLOATS;
-}
 
 /* Take the caller's workspace, or allocate one: 0 on failure. */
 static mha_status mha__get_ws(void *workspace, size_t have, size_t need, void **owned, float **ws)
@@ -2054,6 +2101,10 @@ static mha_status mha__sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
         !mha__mul3((size_t)B * (size_t)H, (size_t)Lk, (size_t)(D > Dv ? D : Dv), &n) ||
         !mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)Lk, &n) ||
         !mha__mul(n, sizeof(float), &n))
+        return MHA_ERR_OVERFLOW;
+    /* the int and long counts of the int audit (size arithmetic, above) */
+    if ((size_t)B * (size_t)H > MHA__INT_LIMIT || (size_t)B * (size_t)H * (size_t)Lq > LONG_MAX ||
+        !mha__dim_ok(Lq) || !mha__dim_ok(Lk) || !mha__dim_ok(D) || !mha__dim_ok(Dv))
         return MHA_ERR_OVERFLOW;
     if ((st = mha__check_masks(opt, B, H, Lq, Lk)) != MHA_OK) return st;
     if (!mha__attn_scratch_floats(Lq, Lk, Lk, D, Dv, mha__max_threads(opt), need_weights,
@@ -2097,7 +2148,7 @@ MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
     a.v.p = v; a.v.rs = (size_t)Dv; a.v.hs = (size_t)Lk * Dv; a.v.bs = (size_t)H * Lk * Dv;
     a.o = out; a.o_rs = (size_t)Dv; a.o_hs = (size_t)Lq * Dv; a.o_bs = (size_t)H * Lq * Dv;
     a.weights = attn_weights; a.per_head = 1;
-    a.shared_pack = B * H < a.nthreads;
+    a.shared_pack = (size_t)B * H < (size_t)a.nthreads;
     mha__attend_all(&a, ws, per_thread);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
@@ -2165,7 +2216,9 @@ static mha_status mha__check_module(const mha_module *m, int B, int Lq, int Lk, 
     }
     if ((m->bias_k == NULL) != (m->bias_v == NULL)) return MHA_ERR_INVALID_ARGUMENT;
     if (m->add_zero_attn != 0 && m->add_zero_attn != 1) return MHA_ERR_INVALID_ARGUMENT;
-    if (Lk > INT_MAX - 2) return MHA_ERR_OVERFLOW;
+    if (!mha__dim_ok(Lq) || !mha__dim_ok(Lk) || !mha__dim_ok(*E) || !mha__dim_ok(*kdim) ||
+        !mha__dim_ok(*vdim))
+        return MHA_ERR_OVERFLOW;
     *Lk_eff = Lk + (m->bias_k != NULL) + m->add_zero_attn;
     return MHA_OK;
 }
@@ -2178,8 +2231,9 @@ static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
     st = mha__check_module(m, B, Lq, Lk, &L->E, &L->H, &L->D, &L->kdim, &L->vdim, &L->Lk_eff);
     if (st != MHA_OK) return st;
 
-    /* GEMM row counts (B*L) are ints; tensor byte counts must fit size_t */
-    if ((size_t)B * (size_t)Lq > INT_MAX || (size_t)B * (size_t)L->Lk_eff > INT_MAX)
+    /* GEMM row counts (B*L) are ints (the int audit); tensor byte counts must fit size_t */
+    if ((size_t)B * (size_t)Lq > MHA__INT_LIMIT || (size_t)B * (size_t)L->Lk_eff > MHA__INT_LIMIT ||
+        (size_t)B * (size_t)L->H * (size_t)Lq > LONG_MAX)
         return MHA_ERR_OVERFLOW;
     {
         int widest = L->E;
@@ -2478,6 +2532,43 @@ static void mha__forward_by_head(const mha_module *m, const mha__fwd_layout *L, 
     }
 }
 
+/* Whether n1 floats at a and n2 floats at b share memory. */
+static int mha__overlap(const float *a, size_t n1, const float *b, size_t n2)
+{
+    uintptr_t pa = (uintptr_t)a, pb = (uintptr_t)b;
+    return pa < pb + n2 * sizeof(float) && pb < pa + n1 * sizeof(float);
+}
+
+/* The by-head path writes out from its first head on, and every head reads
+   query, key and value again: each of the inputs x[0..2] (n[i] floats) that
+   overlaps out (nout floats) is copied, and x[i] pointed at the copy.  An
+   input given twice (self-attention) is copied once.  *copy: the one
+   allocation, for the caller to free (NULL when nothing overlaps).  */
+static mha_status mha__copy_aliased(const float *out, size_t nout, const float **x, const size_t *n,
+                                    void **copy)
+{
+    size_t off[3], total = 0;
+    int i, j, src[3];
+    float *c;
+    *copy = NULL;
+    for (i = 0; i < 3; ++i) {
+        src[i] = -1;   /* -1: read in place; i: copy it; j < i: share x[j]'s copy */
+        if (!mha__overlap(out, nout, x[i], n[i])) continue;
+        src[i] = i;
+        for (j = 0; j < i; ++j) if (src[j] == j && x[j] == x[i] && n[j] == n[i]) src[i] = j;
+        if (src[i] == i) { off[i] = total; total += n[i]; }
+    }
+    if (total == 0) return MHA_OK;
+    *copy = MHA_MALLOC(total * sizeof(float));
+    if (!*copy) return MHA_ERR_OUT_OF_MEMORY;
+    c = MHA__CAST(float *, *copy);
+    for (i = 0; i < 3; ++i)
+        if (src[i] == i) memcpy(c + off[i], x[i], n[i] * sizeof(float));
+    for (i = 0; i < 3; ++i)
+        if (src[i] >= 0) x[i] = c + off[src[i]];
+    return MHA_OK;
+}
+
 MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
                               const float *query, const float *key, const float *value,
                               const mha_options *opt, float *out, float *attn_weights,
@@ -2515,8 +2606,18 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
     bv = bq ? bq + 2 * E : NULL;
 
     if (L.by_head) {
-        mha__forward_by_head(m, &L, B, Lq, Lk, query, key, value, opt, out, qp, kp, vp, scratch,
+        const float *x[3];
+        size_t n[3];
+        void *copy;
+        x[0] = query; x[1] = key; x[2] = value;
+        n[0] = (size_t)B * Lq * E; n[1] = (size_t)B * Lk * L.kdim; n[2] = (size_t)B * Lk * L.vdim;
+        if ((st = mha__copy_aliased(out, n[0], x, n, &copy)) != MHA_OK) {
+            if (owned) MHA_FREE(owned);
+            return st;
+        }
+        mha__forward_by_head(m, &L, B, Lq, Lk, x[0], x[1], x[2], opt, out, qp, kp, vp, scratch,
                              wq, wk, wv, bq, bk, bv);
+        if (copy) MHA_FREE(copy);
         if (owned) MHA_FREE(owned);
         return MHA_OK;
     }
@@ -2688,7 +2789,8 @@ static mha_status mha__sdpa_bwd_plan(int B, int H, int Lq, int Lk, int D, int Dv
         !mha__mul(n, sizeof(float), &n) ||
         !mha__mul3((size_t)B * (size_t)H, (size_t)Lk, (size_t)(D > Dv ? D : Dv), &n) ||
         !mha__mul(n, sizeof(float), &n) ||
-        !mha__mul3((size_t)Lq, (size_t)Lk, 2 * sizeof(float), &n))
+        !mha__mul3((size_t)Lq, (size_t)Lk, 2 * sizeof(float), &n) ||
+        !mha__dim_ok(Lq) || !mha__dim_ok(Lk) || !mha__dim_ok(D) || !mha__dim_ok(Dv))
         return MHA_ERR_OVERFLOW;
     if ((st = mha__check_masks(opt, B, H, Lq, Lk)) != MHA_OK) return st;
     if (!mha__region(&cur, (size_t)Lq * Lk, &L->p) ||
@@ -2791,7 +2893,8 @@ static void mha__linear_backward(int rows, int in, int out, const float *X, cons
 static int mha__linear_sizes_ok(int rows, int in, int out)
 {
     size_t n;
-    return mha__mul3((size_t)rows, (size_t)(in > out ? in : out), sizeof(float), &n) &&
+    return mha__dim_ok(rows) && mha__dim_ok(in) && mha__dim_ok(out) &&
+           mha__mul3((size_t)rows, (size_t)(in > out ? in : out), sizeof(float), &n) &&
            mha__mul3((size_t)in, (size_t)out, sizeof(float), &n);
 }
 
@@ -2858,7 +2961,7 @@ static mha_status mha__bwd_plan(const mha_module *m, int B, int Lq, int Lk,
     widest = L->E;
     if (L->kdim > widest) widest = L->kdim;
     if (L->vdim > widest) widest = L->vdim;
-    if ((size_t)B * (size_t)Lq > INT_MAX || (size_t)B * (size_t)L->Lk_eff > INT_MAX ||
+    if ((size_t)B * (size_t)Lq > MHA__INT_LIMIT || (size_t)B * (size_t)L->Lk_eff > MHA__INT_LIMIT ||
         !mha__mul3((size_t)B * (size_t)(Lq > L->Lk_eff ? Lq : L->Lk_eff), (size_t)widest,
                    8 * sizeof(float), &n) ||
         !mha__mul3((size_t)Lq, (size_t)L->Lk_eff, 2 * sizeof(float), &n) ||
@@ -3165,6 +3268,10 @@ static mha_status mha__enc_plan(const mha_encoder_layer *ly, int B, int L,
         return MHA_ERR_INVALID_ARGUMENT;
     /* the backward's limits (in_proj_weight, no bias_k / zero attn) apply to both calls */
     if ((st = mha_backward_workspace_size(&ly->self_attn, B, L, L, opt, &bb)) != MHA_OK) return st;
+    /* x [B, L, E] is the key and the value too: kdim and vdim must be E */
+    if ((ly->self_attn.kdim != 0 && ly->self_attn.kdim != ly->self_attn.embed_dim) ||
+        (ly->self_attn.vdim != 0 && ly->self_attn.vdim != ly->self_attn.embed_dim))
+        return MHA_ERR_INVALID_ARGUMENT;
     /* the forward's need can differ with and without weights: take the larger */
     if ((st = mha_forward_workspace_size(&ly->self_attn, B, L, L, opt, 0, &fb)) != MHA_OK) return st;
     if ((st = mha_forward_workspace_size(&ly->self_attn, B, L, L, opt, 1, &fw)) != MHA_OK) return st;
@@ -3456,11 +3563,16 @@ MHADEF mha_status mha_cross_entropy(int n, int V, const float *logits, const int
     return MHA_OK;
 }
 
+/* x - x is 0 exactly for finite x (NaN for NaN and +-Inf) */
+static int mha__finite(float x) { return x - x == 0.0f; }
+
 /* p -= lr * (g + weight_decay * p) */
 MHADEF mha_status mha_sgd_step(size_t n, float *p, const float *g, float lr, float weight_decay)
 {
     size_t i;
     if (!p || !g) return MHA_ERR_NULL_POINTER;
+    if (!mha__finite(lr) || !mha__finite(weight_decay) || lr < 0.0f || weight_decay < 0.0f)
+        return MHA_ERR_INVALID_ARGUMENT;
     for (i = 0; i < n; ++i) p[i] -= lr * (g[i] + weight_decay * p[i]);
     return MHA_OK;
 }
@@ -3469,18 +3581,24 @@ MHADEF mha_status mha_sgd_step(size_t n, float *p, const float *g, float lr, flo
      p  *= 1 - lr * wd                       (decoupled weight decay)
      m   = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2
      p  -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)          */
+MHADEF mha_adamw mha_adamw_defaults(void)
+{
+    mha_adamw d;
+    d.lr = 1e-3f; d.beta1 = 0.9f; d.beta2 = 0.999f; d.eps = 1e-8f; d.weight_decay = 1e-2f;
+    return d;
+}
+
 MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, float *p,
                                  const float *g, float *m, float *v)
 {
     float lr, b1, b2, eps, wd, c1, c2;
     size_t i;
     if (!opt || !p || !g || !m || !v) return MHA_ERR_NULL_POINTER;
-    lr = opt->lr > 0.0f ? opt->lr : 1e-3f;
-    b1 = opt->beta1 > 0.0f ? opt->beta1 : 0.9f;
-    b2 = opt->beta2 > 0.0f ? opt->beta2 : 0.999f;
-    eps = opt->eps > 0.0f ? opt->eps : 1e-8f;
-    wd = opt->weight_decay;
-    if (step < 1 || !(b1 < 1.0f) || !(b2 < 1.0f) || !(wd >= 0.0f) || !(opt->lr >= 0.0f))
+    lr = opt->lr; b1 = opt->beta1; b2 = opt->beta2; eps = opt->eps; wd = opt->weight_decay;
+    /* as torch.optim.AdamW checks them (NaN fails every comparison) */
+    if (step < 1 || !mha__finite(lr) || !mha__finite(eps) || !mha__finite(wd) ||
+        !(lr >= 0.0f) || !(eps >= 0.0f) || !(wd >= 0.0f) ||
+        !(b1 >= 0.0f && b1 < 1.0f) || !(b2 >= 0.0f && b2 < 1.0f))
         return MHA_ERR_INVALID_ARGUMENT;
     c1 = (float)(1.0 - pow((double)b1, (double)step));
     c2 = (float)(1.0 - pow((double)b2, (double)step));

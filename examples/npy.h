@@ -23,7 +23,9 @@
      format versions 1.0, 2.0 and 3.0 (3.0 only differs in the header's text encoding)
      dtype '<f4' or '<f8' ('=' or '|' in place of '<' on this little-endian reading)
      fortran_order False; 1 to MHA_NPY_MAX_DIMS dimensions, every one >= 1
-     exactly shape-product * itemsize bytes of data after the header
+     exactly shape-product * itemsize bytes of data after the header, checked
+     against the file's size before the data is allocated
+     header strings without NUL or other control bytes
    Everything is read as little-endian whatever the machine, and float64 is
    rounded to float32.
 
@@ -130,7 +132,9 @@ static int mha_npy__eat(mha_npy__cur *c, char ch)
     if (c->p < c->end && *c->p == ch) { ++c->p; return 1; }
     return 0;
 }
-/* 'text' or "text" into out (at most cap-1 chars); 0 on a malformed string */
+/* 'text' or "text" into out (at most cap-1 chars); 0 on a malformed string,
+   -1 on a NUL or other control byte inside it (as C text '<f4\0' would read
+   as '<f4') */
 static int mha_npy__string(mha_npy__cur *c, char *out, size_t cap)
 {
     char q;
@@ -139,6 +143,7 @@ static int mha_npy__string(mha_npy__cur *c, char *out, size_t cap)
     if (c->p >= c->end || (*c->p != '\'' && *c->p != '"')) return 0;
     q = *c->p++;
     while (c->p < c->end && *c->p != q) {
+        if ((unsigned char)*c->p < 0x20) return -1;
         if (n + 1 >= cap) return 0;
         out[n++] = *c->p++;
     }
@@ -160,7 +165,7 @@ MHA_NPY_DEF int mha_npy_parse_header(const unsigned char *buf, size_t n, mha_npy
 {
     static const unsigned char magic[6] = {0x93, 'N', 'U', 'M', 'P', 'Y'};
     size_t hlen, start, total = 1;
-    int major, have_descr = 0, have_order = 0, have_shape = 0, d;
+    int major, have_descr = 0, have_order = 0, have_shape = 0, d, str;
     mha_npy__cur c;
     char key[32], descr[16];
 
@@ -198,10 +203,14 @@ MHA_NPY_DEF int mha_npy_parse_header(const unsigned char *buf, size_t n, mha_npy
     if (!mha_npy__eat(&c, '{')) return mha_npy__fail(err, errlen, "malformed header: no '{'");
     for (;;) {
         if (mha_npy__eat(&c, '}')) break;
-        if (!mha_npy__string(&c, key, sizeof key) || !mha_npy__eat(&c, ':'))
+        if ((str = mha_npy__string(&c, key, sizeof key)) < 0)
+            return mha_npy__fail(err, errlen, "malformed header: a key holds a NUL or control byte");
+        if (!str || !mha_npy__eat(&c, ':'))
             return mha_npy__fail(err, errlen, "malformed header: expected 'key': value");
         if (strcmp(key, "descr") == 0) {
-            if (!mha_npy__string(&c, descr, sizeof descr))
+            if ((str = mha_npy__string(&c, descr, sizeof descr)) < 0)
+                return mha_npy__fail(err, errlen, "malformed header: descr holds a NUL or control byte");
+            if (!str)
                 return mha_npy__fail(err, errlen, "malformed header: descr is not a simple type string "
                                                   "(structured arrays are not supported)");
             have_descr = 1;
@@ -318,15 +327,29 @@ MHA_NPY_DEF int mha_npy_load_mem(const unsigned char *buf, size_t n, mha_npy *a,
     return mha_npy__convert(buf + off, a, err, errlen);
 }
 
+/* The file's size into *size, keeping the read position at pos: 1, or 0
+   when the stream has no size (a pipe), -1 when the position is lost. */
+static int mha_npy__file_size(FILE *f, size_t pos, size_t *size)
+{
+    long end;
+    if (fseek(f, 0, SEEK_END) != 0) return 0;
+    end = ftell(f);
+    if (fseek(f, (long)pos, SEEK_SET) != 0) return -1;
+    if (end < 0) return 0;
+    *size = (size_t)end;
+    return 1;
+}
+
 MHA_NPY_DEF int mha_npy_load(const char *path, mha_npy *a, char *err, size_t errlen)
 {
     /* First the preamble and the longest header allowed, then exactly the
        data the header describes plus one byte to notice trailing garbage:
-       nothing sized by the file is allocated before the header is checked. */
+       nothing sized by the header is allocated before the header is checked,
+       and, where the file has a size, before the file is known to hold it. */
     const size_t first = 12 + MHA_NPY_MAX_HEADER;
     unsigned char *head = NULL, *data = NULL;
-    size_t got, off = 0, need = 0, have, more;
-    int rc;
+    size_t got, off = 0, need = 0, have, more, size = 0;
+    int rc, sized;
     FILE *f;
     if (!path || !a) return mha_npy__fail(err, errlen, "internal: NULL argument");
     memset(a, 0, sizeof *a);
@@ -338,6 +361,14 @@ MHA_NPY_DEF int mha_npy_load(const char *path, mha_npy *a, char *err, size_t err
     rc = mha_npy_parse_header(head, got, a, &off, err, errlen);
     if (rc == 0) {
         need = a->count * (size_t)a->itemsize;
+        sized = mha_npy__file_size(f, got, &size);
+        if (sized < 0)
+            rc = mha_npy__fail(err, errlen, "cannot seek back in the file after measuring it");
+        else if (sized > 0 && size - off < need)
+            rc = mha_npy__fail(err, errlen, "truncated: the shape needs %lu bytes of data, the file has %lu",
+                               (unsigned long)need, (unsigned long)(size - off));
+    }
+    if (rc == 0) {
         data = (unsigned char *)MHA_NPY_MALLOC(need + 1);
         if (!data) rc = mha_npy__fail(err, errlen, "out of memory for %lu bytes", (unsigned long)need);
     }

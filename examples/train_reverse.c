@@ -321,8 +321,9 @@ int main(int argc, char **argv)
            L, E, H, F, M.o.total, B);
     draw(&M, pic, dir, "reverse_before.png", "before training");
 
-    memset(&adam, 0, sizeof adam);
+    adam = mha_adamw_defaults();
     adam.lr = 3e-3f;
+    adam.weight_decay = 0.0f;
     for (step = 1; step <= STEPS; ++step) {
         float loss;
         int correct;

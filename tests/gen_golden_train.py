@@ -18,7 +18,7 @@ FILE FORMAT (little-endian)
              u32 count      data[count]        (shapes follow from p)
 
     p[0] kind: 0 nn.MultiheadAttention, 1 nn.TransformerEncoderLayer,
-               2 cross-entropy, 3 AdamW
+               2 cross-entropy, 3 AdamW, 4 SGD
     kind 0/1:  p[1] B  p[2] Lq  p[3] Lk  p[4] E  p[5] H
                kind 0: p[6] kdim  p[7] vdim  p[8] add_bias_kv + 2 * add_zero_attn
                kind 1: p[6] F (dim_feedforward)  p[7] activation (0 relu, 1 gelu)
@@ -28,7 +28,10 @@ FILE FORMAT (little-endian)
     kind 2:    p[1] rows  p[2] V           arrays logits, targets (int32, -100 = ignore),
                                            expected loss [1], dlogits
     kind 3:    p[1] n     p[2] steps       arrays hyper (f64: lr, beta1, beta2, eps,
-                                           weight_decay), p0, grads [steps*n], expected p
+               p[3] 1: hyper are PyTorch's       weight_decay), p0, grads [steps*n], expected p
+                    defaults (mha_adamw_defaults() must equal them)
+    kind 4:    p[1] n     p[2] steps       arrays hyper (f64: lr, weight_decay), p0, grads,
+                                           expected p (torch.optim.SGD, no momentum)
     Arrays of kind 0/1 are named as in the module's state_dict; "x"/"query"/
     "key"/"value" are inputs (self-attention: one tensor used three times,
     so "grad.query" is its whole gradient and there is no "grad.key"/"grad.value"), "dout" is dLoss/dout (the loss is sum(out * dout)),
@@ -163,16 +166,34 @@ def xent_case(name, n, V):
                                   ("loss", f64(loss).reshape(1)), ("dlogits", f64(z.grad))])
 
 
-def adamw_case(name, n, steps, lr, wd):
+def adamw_case(name, n, steps, lr, wd, betas=(0.9, 0.999), eps=1e-8, defaults=False):
     p0 = draw(n)
     grads = draw(steps, n, amp=2.0)
     p = nn.Parameter(p0.double().clone())
-    opt = torch.optim.AdamW([p], lr=lr, weight_decay=wd)
+    if defaults:   # the optimizer exactly as torch.optim.AdamW([p]) makes it
+        opt = torch.optim.AdamW([p])
+        g = opt.param_groups[0]
+        lr, wd, betas, eps = g["lr"], g["weight_decay"], g["betas"], g["eps"]
+    else:
+        opt = torch.optim.AdamW([p], lr=lr, betas=betas, eps=eps, weight_decay=wd)
     for s in range(steps):
         p.grad = grads[s].double().clone()
         opt.step()
-    hyper = np.array([lr, 0.9, 0.999, 1e-8, wd], dtype=np.float64)
-    return case(name, [3, n, steps], [("hyper", hyper), ("p0", f32(p0)), ("grads", f32(grads)),
+    hyper = np.array([lr, betas[0], betas[1], eps, wd], dtype=np.float64)
+    return case(name, [3, n, steps, int(defaults)], [("hyper", hyper), ("p0", f32(p0)),
+                                                     ("grads", f32(grads)), ("p", f64(p))])
+
+
+def sgd_case(name, n, steps, lr, wd):
+    p0 = draw(n)
+    grads = draw(steps, n, amp=2.0)
+    p = nn.Parameter(p0.double().clone())
+    opt = torch.optim.SGD([p], lr=lr, weight_decay=wd)
+    for s in range(steps):
+        p.grad = grads[s].double().clone()
+        opt.step()
+    hyper = np.array([lr, wd], dtype=np.float64)
+    return case(name, [4, n, steps], [("hyper", hyper), ("p0", f32(p0)), ("grads", f32(grads)),
                                       ("p", f64(p))])
 
 
@@ -193,6 +214,14 @@ def main():
         encoder_case("enc pre gelu fmask B1 L9 E10", 1, 9, 10, 5, 7, True, True, attn_kind=3),
         xent_case("cross-entropy 13x7", 13, 7),
         adamw_case("adamw n37 3 steps", 37, 3, 0.01, 0.1),
+        # appended after the cases above, so their bytes stay as they were
+        adamw_case("adamw defaults n7 1 step", 7, 1, 0, 0, defaults=True),
+        adamw_case("adamw defaults n29 6 steps", 29, 6, 0, 0, defaults=True),
+        adamw_case("adamw beta1 0 n23 4 steps", 23, 4, 0.01, 0.05, betas=(0.0, 0.99)),
+        adamw_case("adamw wd 0 n17 5 steps", 17, 5, 0.003, 0.0, betas=(0.8, 0.95), eps=1e-6),
+        adamw_case("adamw beta1 0 wd 0 n3 1 step", 3, 1, 0.02, 0.0, betas=(0.0, 0.5)),
+        sgd_case("sgd wd n19 3 steps", 19, 3, 0.05, 0.1),
+        sgd_case("sgd n5 1 step", 5, 1, 0.3, 0.0),
     ]
     data = b"MHATRAIN" + struct.pack("<I", len(cases)) + b"".join(cases)
     os.makedirs(os.path.dirname(OUT), exist_ok=True)

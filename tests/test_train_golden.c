@@ -11,11 +11,12 @@
 #define GOLDEN "tests/golden/train_golden.bin"
 #define TOL_FWD 1e-5
 #define TOL_GRAD 1e-4
+#define TOL_OPT 1e-5    /* optimizer steps: float32 arithmetic against float64 PyTorch */
 
 typedef struct { char name[33]; unsigned dtype, count; void *data; } garray;
 typedef struct { char name[33]; int p[12]; unsigned n; garray *a; } gcase;
 
-static double worst_fwd, worst_grad;
+static double worst_fwd, worst_grad, worst_opt;
 
 static int rd(FILE *f, void *dst, size_t n) { return fread(dst, 1, n, f) == n; }
 static uint32_t le32(const unsigned char *b) { return b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24; }
@@ -248,17 +249,37 @@ static void run_adamw(const gcase *c)
     const double *hy = getd(c, "hyper", 5);
     const float *p0 = getf(c, "p0", (size_t)n), *gr = getf(c, "grads", (size_t)steps * n);
     float *p = zeros((size_t)n), *m = zeros((size_t)n), *v = zeros((size_t)n);
-    mha_adamw opt;
+    mha_adamw opt = mha_adamw_defaults();
     if (hy && p0 && gr) {
-        memset(&opt, 0, sizeof opt);
-        opt.lr = (float)hy[0]; opt.beta1 = (float)hy[1]; opt.beta2 = (float)hy[2];
-        opt.eps = (float)hy[3]; opt.weight_decay = (float)hy[4];
+        if (c->p[3])   /* PyTorch's defaults: mha_adamw_defaults() as it stands */
+            CHECK(opt.lr == (float)hy[0] && opt.beta1 == (float)hy[1] && opt.beta2 == (float)hy[2] &&
+                  opt.eps == (float)hy[3] && opt.weight_decay == (float)hy[4],
+                  "%s: mha_adamw_defaults() differs from torch.optim.AdamW's", c->name);
+        else {
+            opt.lr = (float)hy[0]; opt.beta1 = (float)hy[1]; opt.beta2 = (float)hy[2];
+            opt.eps = (float)hy[3]; opt.weight_decay = (float)hy[4];
+        }
         memcpy(p, p0, (size_t)n * sizeof(float));
         for (s = 0; s < steps; ++s)
             CHECK(mha_adamw_step(&opt, s + 1, (size_t)n, p, gr + (size_t)s * n, m, v) == MHA_OK, "adamw");
-        compare(c, "p after AdamW", p, "p", (size_t)n, TOL_GRAD, &worst_grad);
+        compare(c, "p after AdamW", p, "p", (size_t)n, TOL_OPT, &worst_opt);
     }
     free(p); free(m); free(v);
+}
+
+static void run_sgd(const gcase *c)
+{
+    int n = c->p[1], steps = c->p[2], s;
+    const double *hy = getd(c, "hyper", 2);
+    const float *p0 = getf(c, "p0", (size_t)n), *gr = getf(c, "grads", (size_t)steps * n);
+    float *p = zeros((size_t)n);
+    if (hy && p0 && gr) {
+        memcpy(p, p0, (size_t)n * sizeof(float));
+        for (s = 0; s < steps; ++s)
+            CHECK(mha_sgd_step((size_t)n, p, gr + (size_t)s * n, (float)hy[0], (float)hy[1]) == MHA_OK, "sgd");
+        compare(c, "p after SGD", p, "p", (size_t)n, TOL_OPT, &worst_opt);
+    }
+    free(p);
 }
 
 int main(void)
@@ -271,7 +292,7 @@ int main(void)
     if (!f) return tu_finish("train_golden");
     CHECK(rd(f, magic, 8) && memcmp(magic, "MHATRAIN", 8) == 0 && rd(f, nb, 4), "bad header");
     ncases = le32(nb);
-    CHECK(ncases >= 13, "only %u cases", ncases);
+    CHECK(ncases >= 20, "only %u cases", ncases);
     for (i = 0; i < ncases; ++i) {
         gcase c;
         int ok = read_case(f, &c);
@@ -282,12 +303,13 @@ int main(void)
         case 1: run_encoder(&c); break;
         case 2: run_xent(&c); break;
         case 3: run_adamw(&c); break;
+        case 4: run_sgd(&c); break;
         default: CHECK(0, "%s: unknown kind %d", c.name, c.p[0]);
         }
         free_case(&c);
     }
     fclose(f);
-    printf("worst train golden rel err: forward %.3g (tol %g), gradients %.3g (tol %g)\n",
-           worst_fwd, TOL_FWD, worst_grad, TOL_GRAD);
+    printf("worst train golden rel err: forward %.3g (tol %g), gradients %.3g (tol %g), "
+           "optimizer steps %.3g (tol %g)\n", worst_fwd, TOL_FWD, worst_grad, TOL_GRAD, worst_opt, TOL_OPT);
     return tu_finish("train_golden");
 }

@@ -169,18 +169,18 @@ static void test_linear_layernorm(void)
 static void test_optimizers(void)
 {
     float p[3] = {1, -2, 3}, g[3] = {0.5f, 0.5f, -1}, m[3] = {0}, v[3] = {0};
-    mha_adamw zero;
+    mha_adamw d = mha_adamw_defaults();
     CHECK(mha_sgd_step(3, p, g, 0.1f, 0.0f) == MHA_OK, "sgd");
     CHECK(fabsf(p[0] - 0.95f) < 1e-6f && fabsf(p[1] + 2.05f) < 1e-6f && fabsf(p[2] - 3.1f) < 1e-6f,
           "sgd values %g %g %g", p[0], p[1], p[2]);
-    /* AdamW's first step with defaults moves every weight by lr = 1e-3 against
-       its gradient's sign (m/sqrt(v) = sign g after bias correction) */
-    memset(&zero, 0, sizeof zero);
+    /* AdamW's first step without weight decay moves every weight by lr = 1e-3
+       against its gradient's sign (m/sqrt(v) = sign g after bias correction) */
+    d.weight_decay = 0.0f;
     p[0] = 1; p[1] = -2; p[2] = 3;
-    CHECK(mha_adamw_step(&zero, 1, 3, p, g, m, v) == MHA_OK, "adamw defaults");
+    CHECK(mha_adamw_step(&d, 1, 3, p, g, m, v) == MHA_OK, "adamw defaults, no weight decay");
     CHECK(fabsf(p[0] - (1.0f - 1e-3f)) < 1e-6f && fabsf(p[2] - (3.0f + 1e-3f)) < 1e-6f,
           "adamw first step %g %g", p[0], p[2]);
-    CHECK(mha_adamw_step(&zero, 0, 3, p, g, m, v) == MHA_ERR_INVALID_ARGUMENT, "step 0");
+    CHECK(mha_adamw_step(&d, 0, 3, p, g, m, v) == MHA_ERR_INVALID_ARGUMENT, "step 0");
 }
 
 static void test_rng(void)
