@@ -344,8 +344,10 @@ static int cmd_train(const args *a)
                ck.adam_m ? "" : " (no AdamW moments in it: they restart at zero)");
         gpt_ckpt_free(&ck);
     }
-    /* every field set: the same run whatever mha_adamw's zero-field rule is */
-    opt.lr = a->lr; opt.beta1 = 0.9f; opt.beta2 = 0.95f; opt.eps = 1e-8f; opt.weight_decay = 0.01f;
+    /* PyTorch's defaults, with beta2 0.95 as GPT training commonly uses */
+    opt = mha_adamw_defaults();
+    opt.lr = a->lr;
+    opt.beta2 = 0.95f;
     printf("model: %d layers, %d heads, d=%d, ff=%d, context %d, vocab %d: %zu parameters\n",
            c.n_layer, c.n_head, c.d_model, c.d_ff, c.ctx, c.vocab, M.o.total);
     printf("training: batch %d x %d bytes, AdamW lr %.1e (warm-up %ld, cosine to %ld), "

@@ -109,7 +109,9 @@ int main(int argc, char **argv)
     }
 
     /* 2. 60 steps of training */
-    opt.lr = 1e-2f; opt.beta1 = 0.9f; opt.beta2 = 0.99f; opt.eps = 1e-8f; opt.weight_decay = 0.01f;
+    opt = mha_adamw_defaults();
+    opt.lr = 1e-2f;
+    opt.beta2 = 0.99f;
     for (s = 1; s <= 60; ++s) {
         gpt_batch(text, n, B, T, &data, tok, tgt);
         CHECK(gpt_train_step(&M, &opt, s, B, T, tok, tgt, 1.0f, &loss) == MHA_OK, "step %d", s);
