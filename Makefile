@@ -113,6 +113,7 @@ golden:
 	$(call need_pkgs,$(DEPS_GOLD))
 	/usr/bin/python3 tests/gen_golden.py
 	/usr/bin/python3 tests/gen_golden_train.py
+	/usr/bin/python3 tests/gen_golden_decode.py
 
 $(BUILD):
 	mkdir -p $@

@@ -54,6 +54,15 @@
      weights packed once (mha_module_pack, m.packed): same results, and the
      short sequences skip the per-call copy of Wq, Wk, Wv and Wo.
 
+   DECODING (docs/decoding.md)
+     Options for decoder models, all off when zero: grouped-query attention
+     (num_kv_heads; query head h reads KV head h / (H / Hkv)), sliding
+     window, soft-capping, ALiBi, sink logits, the log-sum-exp of every row
+     and mha_attn_merge for attention split over key ranges.  mha_rope_*
+     (half-split or interleaved RoPE) and mha_module.rope; a caller-owned
+     KV cache (mha_kv_cache, [B, Hkv, capacity, D]) with mha_forward_cached
+     for prefill and one-token decode steps (examples/decode.c).
+
    TRAINING (backward passes, docs/theory.md and docs/training.md)
      mha_sdpa_backward / mha_backward give the gradients of the inputs and of
      every weight in state_dict layout (mha_module_grad), recomputing the
@@ -193,7 +202,39 @@ typedef struct mha_options {
     int              per_head_weights; /* attn_weights as [B,H,Lq,Lk] instead of the head
                                           average [B,Lq,Lk] (nn.MHA average_attn_weights=False) */
     int              num_threads;      /* 0 = OpenMP's default; ignored without OpenMP */
+
+    /* Decoder attention (docs/decoding.md).  Zero = off; i' below is the
+       query's position on the key axis: i' = i (TOP_LEFT) or i + Lk - Lq
+       (BOTTOM_RIGHT), the alignment causal_align picks (also without causal).
+       The module's appended keys (bias_k, add_zero_attn) get no window,
+       ALiBi or mask.  */
+    int          num_kv_heads;   /* mha_sdpa: k, v are [B, Hkv, Lk, D]; 0 = H; H % Hkv == 0
+                                    (else MHA_ERR_HEADS_DIVIDE).  Query head h reads KV head
+                                    h / (H / Hkv): PyTorch's repeat_interleave grouping.  The
+                                    module takes mha_module.num_kv_heads instead. */
+    int          window;         /* nonzero: sliding window, query i sees key j only when
+                                    i' - window_left <= j <= i' + window_right */
+    int          window_left;    /* -1 = unbounded (other negatives: MHA_ERR_INVALID_ARGUMENT) */
+    int          window_right;   /* -1 = unbounded; with causal the causal limit also holds */
+    float        softcap;        /* > 0: s -> softcap * tanh(s / softcap) on the scaled scores,
+                                    before masks and ALiBi (Gemma-2); negative: invalid */
+    int          alibi;          /* nonzero: add slope_h * (j - i') to the scores */
+    const float *alibi_slopes;   /* [H] per-head slopes, or NULL: the paper's recipe
+                                    (mha_alibi_slopes), also for H not a power of two */
+    const float *sinks;          /* [H] sink logit per head, or NULL: joins each row's softmax
+                                    denominator with no value (gpt-oss); the weights of a row
+                                    then sum to 1 - exp(sink_h - lse) */
+    float       *lse;            /* output, NULL or [B, H, Lq]: log sum_j exp(s_ij) of each row
+                                    over its allowed keys and the sink (-inf: none) */
+    float       *sinks_grad;     /* backward calls: NULL or [H], += dLoss/dsinks */
+    int          position_offset;/* the module's RoPE: key j is at position offset + j, query i
+                                    at offset + i' (>= 0; negative: MHA_ERR_INVALID_ARGUMENT) */
 } mha_options;
+
+/* The ALiBi slopes of the paper (Press et al.) for H heads, into slopes[H]:
+   with n = the largest power of two <= H, head h < n gets 2^(-8 (h+1) / n) and
+   head n + m gets 2^(-4 (2m+1) / n) (every other slope of the 2n recipe).  */
+MHADEF mha_status mha_alibi_slopes(int H, float *slopes);
 
 /* ---------------------------------------------------------------- SDPA */
 
@@ -209,6 +250,80 @@ MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
                            const float *q, const float *k, const float *v,
                            const mha_options *opt, float *out, float *attn_weights,
                            void *workspace, size_t workspace_bytes);
+
+/* Merge attention results computed over disjoint sets of keys (flash-
+   decoding's split-K, xformers' merge_attentions).  Part p gives out_p
+   [rows, Dv] and lse_p [rows] (opt.lse of its call); the result over the
+   union of the keys is
+       lse = log sum_p exp(lse_p),     out = sum_p exp(lse_p - lse) out_p
+   For mha_sdpa outputs rows = B*H*Lq.  A row whose parts all have lse = -inf
+   (no key anywhere) gets zeros and -inf.  Sinks belong to one part only.
+   out may be outs[0] and lse any of lses[] (in place).  The parts are summed in order
+   p = 0, 1, ..., so a fixed split gives a fixed result.  */
+MHADEF mha_status mha_attn_merge(int nparts, size_t rows, int Dv, const float *const *outs,
+                                 const float *const *lses, float *out, float *lse);
+
+/* ---------------------------------------------------------------- RoPE */
+
+/* Rotary position embedding (Su et al.).  The first R = rotary_dim features
+   of each head form R/2 pairs (a_m, b_m); pair m of a token at position p
+   turns by the angle p * theta^(-2m/R):
+       a' = a cos - b sin,    b' = b cos + a sin
+   The pairs are (x[m], x[m + R/2]) for MHA_ROPE_HALF (rotate_half: GPT-NeoX,
+   llama) and (x[2m], x[2m+1]) for MHA_ROPE_INTERLEAVED (GPT-J, RoFormer).
+   Features past R pass unchanged.  Angles are computed in double.  */
+typedef enum mha_rope_kind {
+    MHA_ROPE_NONE = 0,       /* no rotation (the zero default) */
+    MHA_ROPE_HALF,
+    MHA_ROPE_INTERLEAVED
+} mha_rope_kind;
+
+typedef struct mha_rope {
+    mha_rope_kind kind;      /* outside the enum: MHA_ERR_BAD_ENUM */
+    int   rotary_dim;        /* R: 0 = D; must be even and <= D (else MHA_ERR_INVALID_ARGUMENT) */
+    float theta;             /* base: 0 = 10000; negative or not finite: invalid */
+} mha_rope;
+
+/* x [B, H, L, D] (the mha_sdpa layout) rotated in place: token l of batch b
+   sits at position pos0 + l, or positions[b*L + l] when positions is not
+   NULL (ragged batches); positions must be >= 0.  The backward turns dx
+   by the opposite angles (the rotation's transpose), in place.  */
+MHADEF mha_status mha_rope_forward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
+                                   const int *positions, float *x);
+MHADEF mha_status mha_rope_backward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
+                                    const int *positions, float *dx);
+
+/* ---------------------------------------------------------------- KV cache */
+
+/* A caller-owned cache of projected keys and values (after RoPE), for
+   decoding.  Layout, plain memory that another engine can fill:
+       k, v   [B, Hkv, capacity, D]:  token t of batch row b, KV head g at
+              k[((b * Hkv + g) * capacity + t) * D]
+       len    [B]: the tokens row b holds, 0..capacity (rows may differ: ragged)
+   One batch row is itself a cache of B = 1 at k + b*Hkv*capacity*D, len + b.
+   Appending past capacity returns MHA_ERR_CAPACITY and writes nothing.  */
+typedef struct mha_kv_cache {
+    int B, Hkv, D, capacity;
+    float *k, *v;
+    int *len;
+} mha_kv_cache;
+
+/* Append n tokens to every row: k_new, v_new [B, Hkv, n, D] (mha_sdpa layout,
+   RoPE already applied), written at slots len[b]..len[b]+n-1; len += n.  */
+MHADEF mha_status mha_kv_cache_append(mha_kv_cache *c, int n, const float *k_new, const float *v_new);
+
+/* Attention of q [B, H, Lq, D], the newest Lq tokens of each row (appended
+   already), against the cache: row b sees its len[b] keys with bottom-right
+   alignment, query i at position len[b] - Lq + i, whatever opt->causal_align
+   says.  opt as for mha_sdpa (causal, window, softcap, ALiBi, sinks, lse,
+   scale, threads); H % Hkv == 0 (opt->num_kv_heads is ignored: the cache's
+   Hkv counts); masks are not accepted here (MHA_ERR_INVALID_ARGUMENT).
+   out [B, H, Lq, D].  workspace: the size query's bytes, or NULL.  */
+MHADEF mha_status mha_kv_cache_attend_workspace_size(const mha_kv_cache *c, int H, int Lq,
+                                                     const mha_options *opt, size_t *bytes);
+MHADEF mha_status mha_kv_cache_attend(const mha_kv_cache *c, int H, int Lq, const float *q,
+                                      const mha_options *opt, float *out,
+                                      void *workspace, size_t workspace_bytes);
 
 /* ---------------------------------------------------------------- module */
 
@@ -230,6 +345,14 @@ typedef struct mha_module {
     const float *out_proj_bias;    /* [E] or NULL */
     const float *bias_k, *bias_v;  /* [E] each (add_bias_kv=True), or both NULL */
     const void  *packed;           /* NULL, or a buffer filled by mha_module_pack */
+    int num_kv_heads;              /* GQA/MQA: Hkv, 0 = H; H % Hkv == 0.  The K and V projections
+                                      then have Ekv = Hkv*D rows: k_proj_weight [Ekv, kdim],
+                                      v_proj_weight [Ekv, vdim], or in_proj_weight [E + 2Ekv, E]
+                                      (rows Wq, Wk, Wv) with in_proj_bias [E + 2Ekv], and
+                                      bias_k, bias_v [Ekv].  Query head h reads KV head
+                                      h / (H / Hkv).  Not with m.packed. */
+    mha_rope rope;                 /* RoPE on Q and K after their projections (kind 0 = none);
+                                      positions from mha_options.position_offset */
 } mha_module;
 
 /* query [B,Lq,E], key [B,Lk,kdim], value [B,Lk,vdim]  ->  out [B,Lq,E].
@@ -247,6 +370,22 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
                               const float *query, const float *key, const float *value,
                               const mha_options *opt, float *out, float *attn_weights,
                               void *workspace, size_t workspace_bytes);
+
+/* One decoding step of a self-attention module with its KV cache (B = c->B
+   rows): x [B, Lq, E] holds the next Lq tokens of every row.  Their keys and
+   values are projected (Hkv heads), turned by m->rope at positions
+   opt->position_offset + len[b] + i, appended to the cache, and the queries
+   (same positions) attend to the whole cache through mha_kv_cache_attend
+   (bottom-right alignment; set opt->causal for a prefill chunk, Lq > 1).
+   out [B, Lq, E].  Decode is Lq = 1.  The cache needs Hkv = the module's KV
+   heads and D = E / H; kdim = vdim = E; no bias_k / add_zero_attn; m->packed
+   is not read.  A row without room for Lq more tokens: MHA_ERR_CAPACITY,
+   and nothing is written, neither cache nor out.  */
+MHADEF mha_status mha_forward_cached_workspace_size(const mha_module *m, const mha_kv_cache *c, int Lq,
+                                                    const mha_options *opt, size_t *bytes);
+MHADEF mha_status mha_forward_cached(const mha_module *m, mha_kv_cache *c, int Lq, const float *x,
+                                     const mha_options *opt, float *out,
+                                     void *workspace, size_t workspace_bytes);
 
 /* Prepacked weights (optional).  mha_forward multiplies by Wq, Wk, Wv and Wo
    through the GEMM's packed panels; normally it packs them on every call
@@ -658,6 +797,7 @@ static inline mha__vf mha__vzero(void) { return _mm512_setzero_ps(); }
 static inline mha__vf mha__vadd(mha__vf a, mha__vf b) { return _mm512_add_ps(a, b); }
 static inline mha__vf mha__vsub(mha__vf a, mha__vf b) { return _mm512_sub_ps(a, b); }
 static inline mha__vf mha__vmul(mha__vf a, mha__vf b) { return _mm512_mul_ps(a, b); }
+static inline mha__vf mha__vdiv(mha__vf a, mha__vf b) { return _mm512_div_ps(a, b); }
 static inline mha__vf mha__vmax(mha__vf a, mha__vf b) { return _mm512_max_ps(a, b); }
 static inline mha__vf mha__vmin(mha__vf a, mha__vf b) { return _mm512_min_ps(a, b); }
 static inline mha__vf mha__vfma(mha__vf acc, mha__vf a, mha__vf b) { return _mm512_fmadd_ps(a, b, acc); }
@@ -715,6 +855,7 @@ static inline mha__vf mha__vzero(void) { return _mm256_setzero_ps(); }
 static inline mha__vf mha__vadd(mha__vf a, mha__vf b) { return _mm256_add_ps(a, b); }
 static inline mha__vf mha__vsub(mha__vf a, mha__vf b) { return _mm256_sub_ps(a, b); }
 static inline mha__vf mha__vmul(mha__vf a, mha__vf b) { return _mm256_mul_ps(a, b); }
+static inline mha__vf mha__vdiv(mha__vf a, mha__vf b) { return _mm256_div_ps(a, b); }
 static inline mha__vf mha__vmax(mha__vf a, mha__vf b) { return _mm256_max_ps(a, b); }
 static inline mha__vf mha__vmin(mha__vf a, mha__vf b) { return _mm256_min_ps(a, b); }
 static inline mha__vf mha__vfma(mha__vf acc, mha__vf a, mha__vf b) { return _mm256_fmadd_ps(a, b, acc); }
@@ -780,6 +921,7 @@ static inline mha__vf mha__vzero(void) { return vdupq_n_f32(0.0f); }
 static inline mha__vf mha__vadd(mha__vf a, mha__vf b) { return vaddq_f32(a, b); }
 static inline mha__vf mha__vsub(mha__vf a, mha__vf b) { return vsubq_f32(a, b); }
 static inline mha__vf mha__vmul(mha__vf a, mha__vf b) { return vmulq_f32(a, b); }
+static inline mha__vf mha__vdiv(mha__vf a, mha__vf b) { return vdivq_f32(a, b); }
 static inline mha__vf mha__vmax(mha__vf a, mha__vf b) { return vmaxq_f32(a, b); }
 static inline mha__vf mha__vmin(mha__vf a, mha__vf b) { return vminq_f32(a, b); }
 static inline mha__vf mha__vfma(mha__vf acc, mha__vf a, mha__vf b) { return vfmaq_f32(acc, a, b); }
@@ -816,6 +958,7 @@ static inline mha__vf mha__vzero(void) { return 0.0f; }
 static inline mha__vf mha__vadd(mha__vf a, mha__vf b) { return a + b; }
 static inline mha__vf mha__vsub(mha__vf a, mha__vf b) { return a - b; }
 static inline mha__vf mha__vmul(mha__vf a, mha__vf b) { return a * b; }
+static inline mha__vf mha__vdiv(mha__vf a, mha__vf b) { return a / b; }
 static inline mha__vf mha__vmax(mha__vf a, mha__vf b) { return a > b ? a : b; }
 static inline mha__vf mha__vmin(mha__vf a, mha__vf b) { return a < b ? a : b; }
 static inline mha__vf mha__vfma(mha__vf acc, mha__vf a, mha__vf b) { return acc + a * b; }
@@ -895,6 +1038,26 @@ static inline mha__vf mha__vexp(mha__vf x)
     return mha__vsel(mha__visnan(x), x, p);
 }
 
+/* tanh(x), lane by lane, for soft-capping.
+       |x| < 0.3:  x - x^3/3 + 2x^5/15 - 17x^7/315 + 62x^9/2835 (next term < 2e-8 relative)
+       else:       sign(x) (1 - 2 / (exp(2|x|) + 1))   (|2x| clamped to 40: tanh = 1 there)
+   The series avoids the cancellation of 1 - 2/(e+1) near 0; above 0.3 that
+   form is within 5e-7 relative of tanh.  NaN gives NaN.  */
+static inline mha__vf mha__vtanh(mha__vf x)
+{
+    mha__vf ax = mha__vmax(x, mha__vsub(mha__vzero(), x)), x2 = mha__vmul(x, x), p, e, t;
+    p = mha__vset1(62.0f / 2835.0f);
+    p = mha__vfma(mha__vset1(-17.0f / 315.0f), p, x2);
+    p = mha__vfma(mha__vset1(2.0f / 15.0f), p, x2);
+    p = mha__vfma(mha__vset1(-1.0f / 3.0f), p, x2);
+    p = mha__vfma(x, mha__vmul(p, x2), x);                          /* x + x^3 (...) */
+    e = mha__vexp(mha__vmin(mha__vadd(ax, ax), mha__vset1(40.0f)));
+    t = mha__vsub(mha__vset1(1.0f), mha__vdiv(mha__vset1(2.0f), mha__vadd(e, mha__vset1(1.0f))));
+    t = mha__vsel(mha__vlt(x, mha__vzero()), mha__vsub(mha__vzero(), t), t);
+    t = mha__vsel(mha__vlt(ax, mha__vset1(0.3f)), p, t);
+    return mha__vsel(mha__visnan(x), x, t);
+}
+
 /* sum_i a[i] b[i] */
 static inline float mha__dot(const float *a, const float *b, int n)
 {
@@ -922,21 +1085,27 @@ static inline void mha__axpy(float *y, float alpha, const float *x, int n)
     for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
-/* Softmax of one row in place (mha__softmax_row_ref is the definition).
-   A blocked key is -inf, so exp(-inf - m) = 0 gives it weight 0 with no
-   branch.  The last partial vector is done in a small buffer padded with
-   -inf, so every element goes through the same vexp.  */
-static int mha__softmax_row(float *s, int n)
+/* Softmax of one row in place (mha__softmax_row_ref is the definition),
+   with a sink logit (-inf: none) that joins the
+   denominator and gets no column:
+       m = max(max_j s_j, sink),  p_j = exp(s_j - m) / (sum_k exp(s_k - m) + exp(sink - m))
+   Returns the log-sum-exp m + log(sum): -inf for a row with no allowed key
+   and no sink, which becomes all zeros.  A blocked key is -inf, so
+   exp(-inf - m) = 0 gives it weight 0 with no branch.  The last partial
+   vector is done in a small buffer padded with -inf, so every element goes
+   through the same vexp.  */
+static float mha__softmax_row_lse(float *s, int n, float sink)
 {
-    float tail[MHA__VW], m, inv;
+    float tail[MHA__VW], m, inv, sum;
     mha__vf vm = mha__vset1(-INFINITY), vsum = mha__vzero(), vinv;
     int i = 0, t, nt = n % MHA__VW, nv = n - nt;
 
-    /* 1. m = max_j s_j  (-inf: every key blocked, or NaN about: use the reference) */
+    /* 1. m = max(max_j s_j, sink)  (-inf: nothing allowed; NaN about: the reference) */
     for (i = 0; i < nv; i += MHA__VW) vm = mha__vmax(vm, mha__vload(s + i));
     m = mha__vhmax(vm);
     for (t = 0; t < nt; ++t) if (s[nv + t] > m) m = s[nv + t];
-    if (m == -INFINITY) return mha__softmax_row_ref(s, n);
+    if (m == -INFINITY && sink == -INFINITY) return mha__softmax_row_ref(s, n) ? NAN : -INFINITY;
+    if (sink > m) m = sink;
     vm = mha__vset1(m);
 
     /* 2. p_j = exp(s_j - m), sum them */
@@ -954,11 +1123,19 @@ static int mha__softmax_row(float *s, int n)
     }
 
     /* 3. p_j /= sum */
-    inv = 1.0f / mha__vhsum(vsum);
+    sum = mha__vhsum(vsum) + (sink == -INFINITY ? 0.0f : expf(sink - m));
+    inv = 1.0f / sum;
     vinv = mha__vset1(inv);
     for (i = 0; i < nv; i += MHA__VW) mha__vstore(s + i, mha__vmul(mha__vload(s + i), vinv));
     for (t = 0; t < nt; ++t) s[nv + t] = tail[t] * inv;
-    return 1;
+    return m + logf(sum);
+}
+
+/* Softmax of one row in place (mha__softmax_row_ref is the definition), no
+   sink.  Returns 1 if some key was allowed.  */
+static MHA__UNUSED int mha__softmax_row(float *s, int n)
+{
+    return mha__softmax_row_lse(s, n, -INFINITY) != -INFINITY;
 }
 
 /* =====================================================================
@@ -1520,7 +1697,46 @@ typedef struct mha__attn {
     int causal; ptrdiff_t causal_off;  /* key j allowed iff j <= i + causal_off */
     float *weights; int per_head;      /* weights output or NULL */
     int nthreads;
+    int Hkv, group;                    /* KV heads; global query head h reads KV head h / group */
+    int window, win_left, win_right;   /* key j allowed iff i + causal_off - left <= j <=
+                                          i + causal_off + right (-1 = unbounded) */
+    float softcap;                     /* 0 = off */
+    int alibi; const float *slopes;    /* slopes NULL: the paper's */
+    const float *sinks;                /* [H] or NULL */
+    float *lse;                        /* [B, H, Lq] output or NULL */
+    float *sinks_grad;                 /* backward: [H] or NULL */
 } mha__attn;
+
+/* KV head (local to the views) of local query head h */
+static int mha__kvh(const mha__attn *a, int h)
+{
+    return (a->h0 + h) / a->group - a->h0 / a->group;
+}
+
+/* ALiBi slope of global query head h (mha_alibi_slopes is the definition) */
+static float mha__alibi_slope(int H, int h)
+{
+    int n = 1;
+    while (n * 2 <= H) n *= 2;
+    return h < n ? (float)pow(2.0, -8.0 * (h + 1) / n) : (float)pow(2.0, -4.0 * (2 * (h - n) + 1) / n);
+}
+
+/* Keys row i (global) may see by causal and window: [*lo, *hi], clipped to
+   the real keys 0..Lk-1 (empty when *hi < *lo). */
+static void mha__key_range(const mha__attn *a, ptrdiff_t i, ptrdiff_t *lo, ptrdiff_t *hi)
+{
+    ptrdiff_t l = 0, h = a->Lk - 1, c = i + a->causal_off;
+    if (a->causal && c < h) h = c;
+    if (a->window && a->win_right >= 0 && c + a->win_right < h) h = c + a->win_right;
+    if (a->window && a->win_left >= 0 && c - a->win_left > l) l = c - a->win_left;
+    *lo = l; *hi = h;
+}
+
+/* Does anything but the GEMM touch the scores?  (causal, window, ALiBi, masks) */
+static int mha__limits(const mha__attn *a)
+{
+    return a->causal || a->window;
+}
 
 /* Unfused path (weights requested): blocks of query rows against all Lk_eff
    keys, i.e. a [rows, Lk_eff] score block per thread.  Long blocks keep the
@@ -1544,15 +1760,32 @@ static int mha__mask_bool_blocks(mha_mask_kind kind, unsigned char v)
     return kind == MHA_MASK_BOOL ? v != 0 : v == 0;
 }
 
-/* Mask the scaled scores s[0..n) of query i in (b, h) against keys j0..j0+n:
-   blocked keys get -inf written over whatever the score was (so NaN from a
-   blocked key is discarded); float masks are added.  Keys j >= Lk are the
-   appended bias/zero keys and are never masked.  */
+/* Soft-capping of n scores: s = cap tanh(s / cap), before any mask (Gemma-2). */
+static void mha__softcap(float cap, float *s, size_t n)
+{
+    const mha__vf vc = mha__vset1(cap), vi = mha__vset1(1.0f / cap);
+    size_t j = 0;
+    for (; j + MHA__VW <= n; j += MHA__VW)
+        mha__vstore(s + j, mha__vmul(vc, mha__vtanh(mha__vmul(mha__vload(s + j), vi))));
+    for (; j < n; ++j) s[j] = cap * tanhf(s[j] / cap);
+}
+
+/* Mask the scaled (and capped) scores s[0..n) of query i in (b, h) against
+   keys j0..j0+n: blocked keys get -inf written over whatever the score was
+   (so NaN from a blocked key is discarded); float masks and the ALiBi bias
+   slope_h (j - i') are added; keys outside the causal / window range are
+   blocked.  Keys j >= Lk are the appended bias/zero keys and are never
+   masked.  */
 static void mha__mask_cols(const mha__attn *a, int b, int h, int i, int j0, int n, float *s)
 {
     int j, Lk = a->Lk, jend = j0 + n < Lk ? j0 + n : Lk;
     s -= j0;                            /* s[j] is key j from here on */
     if (j0 >= Lk) return;
+    if (a->alibi) {
+        float slope = a->slopes ? a->slopes[h] : mha__alibi_slope(a->H, h);
+        ptrdiff_t ip = (ptrdiff_t)i + a->causal_off;
+        for (j = j0; j < jend; ++j) s[j] += slope * (float)((ptrdiff_t)j - ip);
+    }
     if (a->attn_mask) {
         const mha_mask *m = a->attn_mask;
         size_t row = (m->ndim == 2) ? (size_t)i
@@ -1575,10 +1808,10 @@ static void mha__mask_cols(const mha__attn *a, int b, int h, int i, int j0, int 
             for (j = j0; j < jend; ++j) if (mha__mask_bool_blocks(m->kind, u[j])) s[j] = -INFINITY;
         }
     }
-    if (a->causal) {
-        ptrdiff_t first = (ptrdiff_t)i + a->causal_off + 1;   /* first blocked key */
-        if (first < j0) first = j0;
-        for (j = (int)(first < jend ? first : jend); j < jend; ++j) s[j] = -INFINITY;
+    if (mha__limits(a)) {               /* keys outside [lo, hi] are blocked */
+        ptrdiff_t lo, hi;
+        mha__key_range(a, i, &lo, &hi);
+        for (j = j0; j < jend; ++j) if ((ptrdiff_t)j < lo || (ptrdiff_t)j > hi) s[j] = -INFINITY;
     }
 }
 
@@ -1622,18 +1855,21 @@ static void mha__attend_rows(const mha__attn *a, int b, int i0, int nr, float *s
     size_t n = (size_t)nr * Lk, t;
     for (h = 0; h < a->H; ++h) {
         const float *q = a->q.p + (size_t)b * a->q.bs + (size_t)h * a->q.hs + (size_t)i0 * a->q.rs;
-        const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)h * a->k.hs;
-        const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)h * a->v.hs;
+        const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)mha__kvh(a, h) * a->k.hs;
+        const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)mha__kvh(a, h) * a->v.hs;
         float *o = a->o + (size_t)b * a->o_bs + (size_t)h * a->o_hs + (size_t)i0 * a->o_rs;
+        float sink = a->sinks ? a->sinks[h] : -INFINITY;
 
-        /* 1. scores S[i,j] = scale * q_i . k_j */
+        /* 1. scores S[i,j] = scale * q_i . k_j, soft-capped */
         mha__gemm(0, 1, nr, Lk, a->D, a->scale, q, a->q.rs, k, a->k.rs, 0.0f, s, (size_t)Lk, gws);
+        if (a->softcap > 0.0f) mha__softcap(a->softcap, s, n);
 
-        /* 2. mask and softmax, row by row */
+        /* 2. mask and softmax (with the sink), row by row */
         for (r = 0; r < nr; ++r) {
-            float *row = s + (size_t)r * Lk;
+            float *row = s + (size_t)r * Lk, lse;
             mha__mask_cols(a, gb, h, gi + r, 0, Lk, row);
-            mha__softmax_row(row, Lk);
+            lse = mha__softmax_row_lse(row, Lk, sink);
+            if (a->lse) a->lse[((size_t)gb * a->H + h) * a->Lq + gi + r] = lse;
         }
 
         /* 3. O = P V (q is fully read above, so o may alias it) */
@@ -1721,13 +1957,13 @@ static int mha__fused_sizes(int Lk, int Lk_eff, int D, int Dv, mha__fused_dims *
     return 1;
 }
 
-/* Pack key tile t of (b, h): V rows j0..j0+nc transposed as MR slivers of
-   Dv (A of O^T), and whether every V value of the tile is finite.  Tile
-   ntiles-1 holds the appended keys when there are any.  */
-static void mha__fused_pack(const mha__attn *a, const mha__fused_dims *f, int b, int h, int t,
+/* Pack key tile t of (b, KV head kvh): V rows j0..j0+nc transposed as MR
+   slivers of Dv (A of O^T), and whether every V value of the tile is
+   finite.  Tile ntiles-1 holds the appended keys when there are any.  */
+static void mha__fused_pack(const mha__attn *a, const mha__fused_dims *f, int b, int kvh, int t,
                             float *shared)
 {
-    const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)h * a->v.hs;
+    const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)kvh * a->v.hs;
     float *pv = shared + (size_t)t * f->v_tile, *flag = shared + (size_t)f->ntiles * f->v_tile + t;
     int appended = a->Lk_eff > a->Lk && t == f->ntiles - 1;
     int j0 = appended ? a->Lk : t * MHA__FBC;
@@ -1749,67 +1985,88 @@ static void mha__fused_pack(const mha__attn *a, const mha__fused_dims *f, int b,
     *flag = mha__vhsum(acc) == 0.0f ? 1.0f : 0.0f;
 }
 
-/* Masks on a transposed score tile: st holds key p, query i of the tile at
-   st[(i / NR) * NR * nc + p * NR + i % NR].  Same rules as mha__mask_cols. */
+/* The queries of one fused tile: ng heads gh0.. (global, one KV group) times
+   nr rows gi.. (global) each; tile column c is head gh0 + c / nr, row
+   gi + c % nr.  Grouped heads share every K tile and packed V tile.  */
+typedef struct mha__tileq {
+    int gb, gh0, ng, gi, nr;
+} mha__tileq;
+
+/* Masks on a transposed score tile: st holds key p, column c of the tile at
+   st[(c / NR) * NR * nc + p * NR + c % NR].  Same rules as mha__mask_cols. */
 #define MHA__ST(st, nc, p, i) ((st)[(size_t)((i) / MHA__NR) * MHA__NR * (nc) + (size_t)(p) * MHA__NR + (i) % MHA__NR])
-static void mha__mask_tile_t(const mha__attn *a, int gb, int h, int gi, int nr, int j0, int nc, float *st)
+static void mha__mask_tile_t(const mha__attn *a, const mha__tileq *tq, int j0, int nc, float *st)
 {
-    int Lk = a->Lk, jend = j0 + nc < Lk ? j0 + nc : Lk, i, j;
+    int Lk = a->Lk, jend = j0 + nc < Lk ? j0 + nc : Lk, nr = tq->nr, g, i, j;
     if (j0 >= Lk) return;               /* appended keys are never masked */
-    if (a->attn_mask) {
-        const mha_mask *m = a->attn_mask;
-        for (i = 0; i < nr; ++i) {
-            size_t row = (m->ndim == 2) ? (size_t)(gi + i) : ((size_t)gb * a->H + h) * a->Lq + gi + i;
-            if (m->kind == MHA_MASK_FLOAT) {
-                const float *fm = MHA__CAST(const float *, m->data) + row * Lk;
-                for (j = j0; j < jend; ++j) {
-                    float *s = &MHA__ST(st, nc, j - j0, i);
-                    *s = (fm[j] == -INFINITY) ? -INFINITY : *s + fm[j];
+    for (g = 0; g < tq->ng; ++g) {
+        int h = tq->gh0 + g, c0 = g * nr;
+        if (a->alibi) {                 /* + slope_h (j - i') */
+            float slope = a->slopes ? a->slopes[h] : mha__alibi_slope(a->H, h);
+            for (j = j0; j < jend; ++j)
+                for (i = 0; i < nr; ++i)
+                    MHA__ST(st, nc, j - j0, c0 + i) +=
+                        slope * (float)((ptrdiff_t)j - (ptrdiff_t)(tq->gi + i) - a->causal_off);
+        }
+        if (a->attn_mask) {
+            const mha_mask *m = a->attn_mask;
+            for (i = 0; i < nr; ++i) {
+                size_t row = (m->ndim == 2) ? (size_t)(tq->gi + i)
+                                            : ((size_t)tq->gb * a->H + h) * a->Lq + tq->gi + i;
+                if (m->kind == MHA_MASK_FLOAT) {
+                    const float *fm = MHA__CAST(const float *, m->data) + row * Lk;
+                    for (j = j0; j < jend; ++j) {
+                        float *s = &MHA__ST(st, nc, j - j0, c0 + i);
+                        *s = (fm[j] == -INFINITY) ? -INFINITY : *s + fm[j];
+                    }
+                } else {
+                    const unsigned char *u = MHA__CAST(const unsigned char *, m->data) + row * Lk;
+                    for (j = j0; j < jend; ++j)
+                        if (mha__mask_bool_blocks(m->kind, u[j])) MHA__ST(st, nc, j - j0, c0 + i) = -INFINITY;
                 }
-            } else {
-                const unsigned char *u = MHA__CAST(const unsigned char *, m->data) + row * Lk;
-                for (j = j0; j < jend; ++j)
-                    if (mha__mask_bool_blocks(m->kind, u[j])) MHA__ST(st, nc, j - j0, i) = -INFINITY;
             }
         }
     }
     if (a->kpm) {                       /* one decision per key: a whole row of st */
         const mha_mask *m = a->kpm;
+        int ncol = tq->ng * nr;
         for (j = j0; j < jend; ++j) {
             float add = 0.0f;
             int blocked;
             if (m->kind == MHA_MASK_FLOAT) {
-                add = MHA__CAST(const float *, m->data)[(size_t)gb * Lk + j];
+                add = MHA__CAST(const float *, m->data)[(size_t)tq->gb * Lk + j];
                 blocked = add == -INFINITY;
             } else {
-                blocked = mha__mask_bool_blocks(m->kind, MHA__CAST(const unsigned char *, m->data)[(size_t)gb * Lk + j]);
+                blocked = mha__mask_bool_blocks(m->kind, MHA__CAST(const unsigned char *, m->data)[(size_t)tq->gb * Lk + j]);
             }
-            if (blocked) for (i = 0; i < nr; ++i) MHA__ST(st, nc, j - j0, i) = -INFINITY;
-            else if (add != 0.0f) for (i = 0; i < nr; ++i) MHA__ST(st, nc, j - j0, i) += add;
+            if (blocked) for (i = 0; i < ncol; ++i) MHA__ST(st, nc, j - j0, i) = -INFINITY;
+            else if (add != 0.0f) for (i = 0; i < ncol; ++i) MHA__ST(st, nc, j - j0, i) += add;
         }
     }
-    if (a->causal) {                    /* key j is blocked for queries i < j - causal_off */
-        for (j = j0; j < jend; ++j) {
-            ptrdiff_t first_ok = (ptrdiff_t)j - a->causal_off - gi;   /* first tile query allowed */
-            int n = first_ok <= 0 ? 0 : (first_ok < nr ? (int)first_ok : nr);
-            for (i = 0; i < n; ++i) MHA__ST(st, nc, j - j0, i) = -INFINITY;
+    if (mha__limits(a)) {               /* causal and window: keys outside [lo, hi] of row i */
+        for (i = 0; i < nr; ++i) {
+            ptrdiff_t lo, hi;
+            mha__key_range(a, tq->gi + i, &lo, &hi);
+            for (j = j0; j < jend; ++j)
+                if ((ptrdiff_t)j < lo || (ptrdiff_t)j > hi)
+                    for (g = 0; g < tq->ng; ++g) MHA__ST(st, nc, j - j0, g * nr + i) = -INFINITY;
         }
     }
 }
 
-/* Query rows i0..i0+nr (local) of (b, h) against its packed keys, shared;
-   sc: the tile buffers.  */
-static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int b, int h, int i0,
-                              int nr, const float *shared, float *sc)
+/* The columns of query tile tq of (b, local KV head kvh) against its packed
+   keys, shared; sc: the tile buffers.  */
+static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int b, int kvh,
+                              const mha__tileq *tq, const float *shared, float *sc)
 {
-    const float *q = a->q.p + (size_t)b * a->q.bs + (size_t)h * a->q.hs + (size_t)i0 * a->q.rs;
-    const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)h * a->k.hs;
-    const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)h * a->v.hs;
-    float *out = a->o + (size_t)b * a->o_bs + (size_t)h * a->o_hs + (size_t)i0 * a->o_rs;
+    const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)kvh * a->k.hs;
+    const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)kvh * a->v.hs;
     const float *pv = shared, *flags = pv + (size_t)f->ntiles * f->v_tile;
-    int Dv = a->Dv, D = a->D, Lk = a->Lk, gb = a->b0 + b, gi = a->q0 + i0;
-    int nrp = (nr + MHA__NR - 1) / MHA__NR * MHA__NR;   /* whole slivers */
-    int masked = a->attn_mask || a->kpm, t, t_end, i, j, p, d;
+    int Dv = a->Dv, D = a->D, Lk = a->Lk, nr = tq->nr, gi = tq->gi;
+    int ncol = tq->ng * nr;                                 /* tile columns */
+    int nrp = (ncol + MHA__NR - 1) / MHA__NR * MHA__NR;     /* whole slivers */
+    int masked = a->attn_mask || a->kpm || a->alibi, t, t_begin, t_end, c, i, j, p, d;
+    ptrdiff_t lo_first, hi_first, lo_last, hi_last;
     float *qt = sc;
     float *st = qt + mha__round_floats((size_t)MHA__FBR * D);
     float *ot = st + mha__round_floats((size_t)MHA__FBC * MHA__FBR);
@@ -1817,62 +2074,80 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
     float *l = m + mha__round_floats(MHA__FBR);
     float *kedge = l + mha__round_floats(MHA__FBR);
     const size_t ldo = MHA__FBR;
+#define MHA__QROW(c) (a->q.p + (size_t)b * a->q.bs + (size_t)(tq->gh0 + (c) / nr - a->h0) * a->q.hs + \
+                      (size_t)(gi + (c) % nr - a->q0) * a->q.rs)
+#define MHA__OROW(c) (a->o + (size_t)b * a->o_bs + (size_t)(tq->gh0 + (c) / nr - a->h0) * a->o_hs + \
+                      (size_t)(gi + (c) % nr - a->q0) * a->o_rs)
 
-    /* Q^T as NR slivers (zero-padded past nr), O^T = 0, m = -inf, l = 0 */
-    for (j = 0; j < nr; j += MHA__NR)
-        mha__pack_b(1, q, a->q.rs, 0, D, j, nr - j < MHA__NR ? nr - j : MHA__NR, qt + (size_t)j * D);
-    for (i = 0; i < nrp; ++i) { m[i] = -INFINITY; l[i] = 0.0f; }
-    memset(ot, 0, f->dvp * ldo * sizeof(float));
-    memset(st, 0, (size_t)MHA__FBC * nrp * sizeof(float));   /* lanes past nr stay finite */
-
-    /* real key tiles up to the causal limit of the tile's last query, then
-       the appended-keys tile */
-    t_end = (Lk + MHA__FBC - 1) / MHA__FBC;
-    if (a->causal) {
-        ptrdiff_t last = (ptrdiff_t)gi + nr - 1 + a->causal_off + 1;   /* keys < last allowed */
-        last = last < 0 ? 0 : (last < Lk ? last : Lk);
-        t_end = (int)((last + MHA__FBC - 1) / MHA__FBC);
+    /* Q^T as NR slivers (zero-padded past ncol); O^T = 0; m = sink, l = 1 (the
+       sink is a first key with score sink_h and a zero value), else m = -inf, l = 0 */
+    if (tq->ng == 1) {
+        for (j = 0; j < nr; j += MHA__NR)
+            mha__pack_b(1, MHA__QROW(0), a->q.rs, 0, D, j, nr - j < MHA__NR ? nr - j : MHA__NR,
+                        qt + (size_t)j * D);
+    } else {
+        for (c = 0; c < nrp; ++c) {
+            float *dst = qt + (size_t)(c / MHA__NR) * MHA__NR * D + c % MHA__NR;
+            const float *qr = c < ncol ? MHA__QROW(c) : NULL;
+            for (d = 0; d < D; ++d) dst[(size_t)d * MHA__NR] = qr ? qr[d] : 0.0f;
+        }
     }
+    for (c = 0; c < nrp; ++c) {
+        int has_sink = a->sinks && c < ncol && a->sinks[tq->gh0 + c / nr] != -INFINITY;
+        m[c] = has_sink ? a->sinks[tq->gh0 + c / nr] : -INFINITY;
+        l[c] = has_sink ? 1.0f : 0.0f;
+    }
+    memset(ot, 0, f->dvp * ldo * sizeof(float));
+    memset(st, 0, (size_t)MHA__FBC * nrp * sizeof(float));   /* lanes past ncol stay finite */
+
+    /* the real key tiles that some row may see (causal, window: the first
+       row has the lowest limits, the last the highest), then the appended-keys tile */
+    mha__key_range(a, gi, &lo_first, &hi_first);
+    mha__key_range(a, gi + nr - 1, &lo_last, &hi_last);
+    t_begin = (int)(lo_first / MHA__FBC);
+    t_end = hi_last < lo_first ? 0 : (int)((hi_last + MHA__FBC) / MHA__FBC);
     for (t = 0; t < f->ntiles; ++t) {
         int appended = a->Lk_eff > Lk && t == f->ntiles - 1;
         int j0 = appended ? Lk : t * MHA__FBC;
         int nc = appended ? a->Lk_eff - Lk : (Lk - j0 < MHA__FBC ? Lk - j0 : MHA__FBC);
         const float *pvt = pv + (size_t)t * f->v_tile;
-        if (!appended && t >= t_end) continue;
+        if (!appended && (t < t_begin || t >= t_end)) continue;
 
         /* 1. S^T = scale K_t Q^T, one NR-wide sliver of queries at a time;
-              K's rows are read where they are */
-        for (j = 0; j < nr; j += MHA__NR)
-            mha__macro_kernel(nc, nr - j < MHA__NR ? nr - j : MHA__NR, D, a->scale, 0.0f,
+              K's rows are read where they are; soft-capped */
+        for (j = 0; j < ncol; j += MHA__NR)
+            mha__macro_kernel(nc, ncol - j < MHA__NR ? ncol - j : MHA__NR, D, a->scale, 0.0f,
                               k + (size_t)j0 * a->k.rs, a->k.rs, kedge, qt + (size_t)j * D,
                               st + (size_t)j * nc, MHA__NR);
+        if (a->softcap > 0.0f) mha__softcap(a->softcap, st, (size_t)nrp * nc);
 
-        /* 2. masks; causal only where the tile reaches past the diagonal */
-        if (masked || (a->causal && !appended && (ptrdiff_t)j0 + nc - 1 > (ptrdiff_t)gi + a->causal_off))
-            mha__mask_tile_t(a, gb, a->h0 + h, gi, nr, j0, nc, st);
+        /* 2. masks and ALiBi; causal and window only where the tile is not
+              wholly inside every row's key range */
+        if (!appended && (masked || (mha__limits(a) && (j0 < lo_last || j0 + nc - 1 > hi_first))))
+            mha__mask_tile_t(a, tq, j0, nc, st);
 
         /* 3. online softmax, one vector of queries at a time, down the keys */
         for (i = 0; i < nrp; i += MHA__VW) {
             float *col = st + (size_t)(i / MHA__NR) * MHA__NR * nc + i % MHA__NR;
-            mha__vf vmax = mha__vset1(-INFINITY), mold = mha__vload(m + i), mnew, mref, c, sum = mha__vzero();
+            mha__vf vmax = mha__vset1(-INFINITY), mold = mha__vload(m + i), mnew, mref, cc, sum = mha__vzero();
             for (p = 0; p < nc; ++p) vmax = mha__vmax(vmax, mha__vload(col + (size_t)p * MHA__NR));
             mnew = mha__vmax(mold, vmax);
             /* a query with no allowed key yet keeps m = -inf; exp against 0 then */
             mref = mha__vsel(mha__vgt(mnew, mha__vset1(-INFINITY)), mnew, mha__vzero());
-            c = mha__vexp_nonpos(mha__vsub(mold, mref));           /* exp(m - m'), 0 if m = -inf */
+            cc = mha__vexp_nonpos(mha__vsub(mold, mref));          /* exp(m - m'), 0 if m = -inf */
             for (p = 0; p < nc; ++p) {
                 float *s = col + (size_t)p * MHA__NR;
                 mha__vf e = mha__vexp_nonpos(mha__vsub(mha__vload(s), mref));
                 mha__vstore(s, e);
                 sum = mha__vadd(sum, e);
             }
-            mha__vstore(l + i, mha__vfma(sum, mha__vload(l + i), c));
+            mha__vstore(l + i, mha__vfma(sum, mha__vload(l + i), cc));
             /* O^T *= c, unless c = 1 in every lane (no max moved); 1 - c is
                in [0, 1] and exact near 1, so its maximum is 0 just then */
-            if (mha__vhmax(mha__vsub(mha__vset1(1.0f), c)) != 0.0f)
+            if (mha__vhmax(mha__vsub(mha__vset1(1.0f), cc)) != 0.0f)
                 for (d = 0; d < Dv; ++d) {
                     float *o = ot + (size_t)d * ldo + i;
-                    mha__vstore(o, mha__vmul(mha__vload(o), c));
+                    mha__vstore(o, mha__vmul(mha__vload(o), cc));
                 }
             mha__vstore(m + i, mnew);
         }
@@ -1880,24 +2155,30 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
         /* 4. O^T += V_t^T P^T; a zero weight times a NaN/Inf value would be
            NaN, so a tile whose V is not finite sums nonzero weights only */
         if (flags[t] != 0.0f) {
-            mha__macro_kernel(Dv, nr, nc, 1.0f, 1.0f, pvt, 0, NULL, st, ot, ldo);
+            mha__macro_kernel(Dv, ncol, nc, 1.0f, 1.0f, pvt, 0, NULL, st, ot, ldo);
         } else {
             for (p = 0; p < nc; ++p) {
                 const float *vr = v + (size_t)(j0 + p) * a->v.rs;
-                for (i = 0; i < nr; ++i) {
-                    float w = MHA__ST(st, nc, p, i);
-                    if (w != 0.0f) for (d = 0; d < Dv; ++d) ot[(size_t)d * ldo + i] += w * vr[d];
+                for (c = 0; c < ncol; ++c) {
+                    float w = MHA__ST(st, nc, p, c);
+                    if (w != 0.0f) for (d = 0; d < Dv; ++d) ot[(size_t)d * ldo + c] += w * vr[d];
                 }
             }
         }
     }
 
-    /* 5. o = O / l; a row that met no allowed key has l = 0 and gets zeros */
-    for (i = 0; i < nr; ++i) {
-        float *orow = out + (size_t)i * a->o_rs;
-        float inv = l[i] != 0.0f ? 1.0f / l[i] : 0.0f;
-        for (d = 0; d < Dv; ++d) orow[d] = ot[(size_t)d * ldo + i] * inv;
+    /* 5. o = O / l; a row that met no allowed key (and no sink) has l = 0 and
+          gets zeros; its log-sum-exp is m + log l (-inf then) */
+    for (c = 0; c < ncol; ++c) {
+        float *orow = MHA__OROW(c);
+        float inv = l[c] != 0.0f ? 1.0f / l[c] : 0.0f;
+        for (d = 0; d < Dv; ++d) orow[d] = ot[(size_t)d * ldo + c] * inv;
+        if (a->lse)
+            a->lse[((size_t)tq->gb * a->H + tq->gh0 + c / nr) * a->Lq + gi + c % nr] =
+                l[c] != 0.0f ? m[c] + logf(l[c]) : -INFINITY;
     }
+#undef MHA__QROW
+#undef MHA__OROW
 }
 
 /* Scratch floats of one attention call.  Fused: per thread the tile
@@ -1927,6 +2208,25 @@ static int mha__attn_scratch_floats(int Lq, int Lk, int Lk_eff, int D, int Dv, i
         return mha__mul(*per_thread, (size_t)nthreads, total) &&
                mha__add(*total, shared_pack ? f.packed : 0, total);
     }
+}
+
+/* Fused work items take the query heads in blocks: up to gmax = min(G, FBR)
+   heads of one KV group (G = H / Hkv), so one K tile and one packed V tile
+   serve them all; a tile then holds FBR / gmax query rows of each.  The
+   head-by-head forward (nh = 1) has blocks of one head.  Returns the number
+   of blocks; block k is heads *gh0.. (global), *ng of them.  */
+static int mha__head_blocks(const mha__attn *a, int *per_group, int *gmax)
+{
+    int G = a->nh == 1 ? 1 : a->group;
+    *gmax = G < MHA__FBR ? G : MHA__FBR;
+    *per_group = (G + *gmax - 1) / *gmax;
+    return a->nh / G * *per_group;
+}
+static void mha__head_block(const mha__attn *a, int k, int per_group, int gmax, int *gh0, int *ng)
+{
+    int G = a->nh == 1 ? 1 : a->group, in = (k % per_group) * gmax;
+    *gh0 = a->h0 + (k / per_group) * G + in;
+    *ng = G - in < gmax ? G - in : gmax;
 }
 
 /* Run a validated call; ws holds the scratch of mha__attn_scratch_floats.
@@ -1961,60 +2261,74 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
             sc = ws + (size_t)tid * per_thread;
             mha__attend_rows(a, (int)(t / nqt), i0, nr, sc, sc + mha__round_floats((size_t)nr * a->Lk_eff));
         }
-    } else if (a->shared_pack) {
+    } else {
         mha__fused_dims f;
-        float *shared = ws + (size_t)a->nthreads * per_thread;
-        int nqt = (a->nq + MHA__FBR - 1) / MHA__FBR;
+        int per_group, gmax, nblk = mha__head_blocks(a, &per_group, &gmax);
+        int rows = MHA__FBR / gmax;                            /* query rows per tile */
+        int nqt = (a->nq + rows - 1) / rows;
         (void)mha__fused_sizes(a->Lk, a->Lk_eff, a->D, a->Dv, &f);   /* checked by the plan */
+        if (a->shared_pack) {
+            float *shared = ws + (size_t)a->nthreads * per_thread;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(a->nthreads)
 #endif
-        {
-            int bh, t, tid = 0;
+            {
+                int bk, t, tid = 0, kv_prev = -1;
 #ifdef _OPENMP
-            tid = omp_get_thread_num();
+                tid = omp_get_thread_num();
 #endif
-            for (bh = 0; bh < a->nb * a->nh; ++bh) {
-                int b = bh / a->nh, h = bh % a->nh;
+                for (bk = 0; bk < a->nb * nblk; ++bk) {
+                    int b = bk / nblk, kvh, kv_key;
+                    mha__tileq tq;
+                    mha__head_block(a, bk % nblk, per_group, gmax, &tq.gh0, &tq.ng);
+                    kvh = mha__kvh(a, tq.gh0 - a->h0);
+                    kv_key = b * a->Hkv + kvh;
+                    tq.gb = a->b0 + b;
+                    if (kv_key != kv_prev) {   /* the heads of a group share the packed V */
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-                for (t = 0; t < f.ntiles; ++t) mha__fused_pack(a, &f, b, h, t, shared);
+                        for (t = 0; t < f.ntiles; ++t) mha__fused_pack(a, &f, b, kvh, t, shared);
+                        kv_prev = kv_key;
+                    }
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
-                for (t = 0; t < nqt; ++t) {
-                    int i0 = t * MHA__FBR;
-                    mha__attend_fused(a, &f, b, h, i0, a->nq - i0 < MHA__FBR ? a->nq - i0 : MHA__FBR,
-                                      shared, ws + (size_t)tid * per_thread);
+                    for (t = 0; t < nqt; ++t) {
+                        mha__tileq q = tq;
+                        q.gi = a->q0 + t * rows;
+                        q.nr = a->nq - t * rows < rows ? a->nq - t * rows : rows;
+                        mha__attend_fused(a, &f, b, kvh, &q, shared, ws + (size_t)tid * per_thread);
+                    }
                 }
             }
-        }
-    } else {
-        mha__fused_dims f;
-        int nqt = (a->nq + MHA__FBR - 1) / MHA__FBR, nbh = a->nb * a->nh;
-        long t;
-        (void)mha__fused_sizes(a->Lk, a->Lk_eff, a->D, a->Dv, &f);   /* checked by the plan */
+        } else {
+            long t;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(a->nthreads)
 #endif
-        {
-            long packed_bh = -1;
-            int tid = 0;
+            {
+                long packed = -1;
+                int tid = 0;
 #ifdef _OPENMP
-            tid = omp_get_thread_num();
+                tid = omp_get_thread_num();
 #pragma omp for schedule(dynamic, 1)
 #endif
-            for (t = 0; t < (long)nbh * nqt; ++t) {
-                long bh = t / nqt;
-                int b = (int)(bh / a->nh), h = (int)(bh % a->nh), kt, i0 = (int)(t % nqt) * MHA__FBR;
-                float *sc = ws + (size_t)tid * per_thread;
-                if (bh != packed_bh) {
-                    for (kt = 0; kt < f.ntiles; ++kt) mha__fused_pack(a, &f, b, h, kt, sc);
-                    packed_bh = bh;
+                for (t = 0; t < (long)a->nb * nblk * nqt; ++t) {
+                    long bk = t / nqt;
+                    int b = (int)(bk / nblk), kvh, kt, i0 = (int)(t % nqt) * rows;
+                    float *sc = ws + (size_t)tid * per_thread;
+                    mha__tileq q;
+                    mha__head_block(a, (int)(bk % nblk), per_group, gmax, &q.gh0, &q.ng);
+                    kvh = mha__kvh(a, q.gh0 - a->h0);
+                    q.gb = a->b0 + b; q.gi = a->q0 + i0;
+                    q.nr = a->nq - i0 < rows ? a->nq - i0 : rows;
+                    if ((long)b * a->Hkv + kvh != packed) {
+                        for (kt = 0; kt < f.ntiles; ++kt) mha__fused_pack(a, &f, b, kvh, kt, sc);
+                        packed = (long)b * a->Hkv + kvh;
+                    }
+                    mha__attend_fused(a, &f, b, kvh, &q, sc, sc + f.packed);
                 }
-                mha__attend_fused(a, &f, b, h, i0, a->nq - i0 < MHA__FBR ? a->nq - i0 : MHA__FBR,
-                                  sc, sc + f.packed);
             }
         }
     }
@@ -2070,6 +2384,48 @@ static void mha__attn_common(mha__attn *a, const mha_options *opt, int B, int H,
     a->causal = opt->causal != 0;
     a->causal_off = opt->causal_align == MHA_CAUSAL_BOTTOM_RIGHT ? (ptrdiff_t)Lk - Lq : 0;
     a->nthreads = mha__max_threads(opt);
+    a->Hkv = opt->num_kv_heads > 0 ? opt->num_kv_heads : H;   /* the module sets its own */
+    a->group = H / a->Hkv;
+    a->window = opt->window != 0;
+    a->win_left = opt->window_left; a->win_right = opt->window_right;
+    a->softcap = opt->softcap;
+    a->alibi = opt->alibi != 0; a->slopes = opt->alibi_slopes;
+    a->sinks = opt->sinks;
+    a->lse = opt->lse;
+    a->sinks_grad = opt->sinks_grad;
+}
+
+/* RoPE settings: kind in the enum, rotary_dim even and <= D, theta >= 0 finite. */
+static mha_status mha__check_rope(const mha_rope *r, int D)
+{
+    if (r->kind != MHA_ROPE_NONE && r->kind != MHA_ROPE_HALF && r->kind != MHA_ROPE_INTERLEAVED)
+        return MHA_ERR_BAD_ENUM;
+    if (r->rotary_dim < 0 || r->rotary_dim % 2 != 0 || r->rotary_dim > D) return MHA_ERR_INVALID_ARGUMENT;
+    if (r->kind != MHA_ROPE_NONE && r->rotary_dim == 0 && D % 2 != 0) return MHA_ERR_INVALID_ARGUMENT;
+    if (!(r->theta >= 0.0f) || r->theta == INFINITY) return MHA_ERR_INVALID_ARGUMENT;
+    return MHA_OK;
+}
+
+/* The decoder options (checked where the masks are): the module's RoPE
+   (rope NULL for SDPA); position_offset >= 0; Hkv divides H; window sides
+   >= -1; softcap >= 0 and finite; caller slopes finite; sink logits finite
+   or -inf.  Hkv: the KV heads in use (the module's, or opt's). */
+static mha_status mha__check_decode(const mha_options *opt, int H, int Hkv, const mha_rope *rope, int D)
+{
+    int h;
+    mha_status st;
+    if (rope && (st = mha__check_rope(rope, D)) != MHA_OK) return st;
+    if (opt->position_offset < 0) return MHA_ERR_INVALID_ARGUMENT;
+    if (Hkv < 0) return MHA_ERR_INVALID_SIZE;
+    if (Hkv == 0) Hkv = H;
+    if (Hkv > H || H % Hkv != 0) return MHA_ERR_HEADS_DIVIDE;
+    if (opt->window && (opt->window_left < -1 || opt->window_right < -1)) return MHA_ERR_INVALID_ARGUMENT;
+    if (!(opt->softcap >= 0.0f) || opt->softcap == INFINITY) return MHA_ERR_INVALID_ARGUMENT;
+    for (h = 0; opt->alibi && opt->alibi_slopes && h < H; ++h)
+        if (!(opt->alibi_slopes[h] - opt->alibi_slopes[h] == 0.0f)) return MHA_ERR_INVALID_ARGUMENT;
+    for (h = 0; opt->sinks && h < H; ++h)
+        if (!(opt->sinks[h] < INFINITY)) return MHA_ERR_INVALID_ARGUMENT;   /* NaN, +inf */
+    return MHA_OK;
 }
 
 
@@ -2084,6 +2440,15 @@ static mha_status mha__get_ws(void *workspace, size_t have, size_t need, void **
         if (!workspace) return MHA_ERR_OUT_OF_MEMORY;
     }
     *ws = mha__align_ws(workspace);
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_alibi_slopes(int H, float *slopes)
+{
+    int h;
+    if (!slopes) return MHA_ERR_NULL_POINTER;
+    if (H <= 0) return MHA_ERR_INVALID_SIZE;
+    for (h = 0; h < H; ++h) slopes[h] = mha__alibi_slope(H, h);
     return MHA_OK;
 }
 
@@ -2107,6 +2472,7 @@ static mha_status mha__sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
         !mha__dim_ok(Lq) || !mha__dim_ok(Lk) || !mha__dim_ok(D) || !mha__dim_ok(Dv))
         return MHA_ERR_OVERFLOW;
     if ((st = mha__check_masks(opt, B, H, Lq, Lk)) != MHA_OK) return st;
+    if ((st = mha__check_decode(opt, H, opt->num_kv_heads, NULL, D)) != MHA_OK) return st;
     if (!mha__attn_scratch_floats(Lq, Lk, Lk, D, Dv, mha__max_threads(opt), need_weights,
                                   (size_t)B * H < (size_t)mha__max_threads(opt), per_thread, &total) ||
         !mha__add(total, MHA__ALIGN_FLOATS, &total) || !mha__mul(total, sizeof(float), bytes))
@@ -2144,8 +2510,8 @@ MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
 
     mha__attn_common(&a, opt, B, H, Lq, Lk, Lk, D, Dv);
     a.q.p = q; a.q.rs = (size_t)D;  a.q.hs = (size_t)Lq * D;  a.q.bs = (size_t)H * Lq * D;
-    a.k.p = k; a.k.rs = (size_t)D;  a.k.hs = (size_t)Lk * D;  a.k.bs = (size_t)H * Lk * D;
-    a.v.p = v; a.v.rs = (size_t)Dv; a.v.hs = (size_t)Lk * Dv; a.v.bs = (size_t)H * Lk * Dv;
+    a.k.p = k; a.k.rs = (size_t)D;  a.k.hs = (size_t)Lk * D;  a.k.bs = (size_t)a.Hkv * Lk * D;
+    a.v.p = v; a.v.rs = (size_t)Dv; a.v.hs = (size_t)Lk * Dv; a.v.bs = (size_t)a.Hkv * Lk * Dv;
     a.o = out; a.o_rs = (size_t)Dv; a.o_hs = (size_t)Lq * Dv; a.o_bs = (size_t)H * Lq * Dv;
     a.weights = attn_weights; a.per_head = 1;
     a.shared_pack = (size_t)B * H < (size_t)a.nthreads;
@@ -2154,12 +2520,120 @@ MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
     return MHA_OK;
 }
 
+MHADEF mha_status mha_attn_merge(int nparts, size_t rows, int Dv, const float *const *outs,
+                                 const float *const *lses, float *out, float *lse)
+{
+    size_t r;
+    int p, d;
+    if (!outs || !lses || !out) return MHA_ERR_NULL_POINTER;
+    if (nparts <= 0 || Dv <= 0) return MHA_ERR_INVALID_SIZE;
+    for (p = 0; p < nparts; ++p) if (!outs[p] || !lses[p]) return MHA_ERR_NULL_POINTER;
+    for (r = 0; r < rows; ++r) {
+        /* m = max_p lse_p;  lse = m + log sum_p exp(lse_p - m);  w_p = exp(lse_p - lse) */
+        double m = -INFINITY, sum = 0.0, total;
+        float *o = out + r * Dv;
+        for (p = 0; p < nparts; ++p) if (lses[p][r] > m) m = lses[p][r];
+        if (m == -INFINITY) {
+            for (d = 0; d < Dv; ++d) o[d] = 0.0f;
+            if (lse) lse[r] = -INFINITY;
+            continue;
+        }
+        for (p = 0; p < nparts; ++p) sum += exp((double)lses[p][r] - m);
+        total = m + log(sum);
+        /* part 0 first, so out may be outs[0]; a part with weight 0 is skipped
+           (its out is zeros or, with no key at all, never read) */
+        for (p = 0; p < nparts; ++p) {
+            const float *op = outs[p] + r * Dv;
+            float w = (float)exp((double)lses[p][r] - total);
+            if (p == 0) for (d = 0; d < Dv; ++d) o[d] = w != 0.0f ? w * op[d] : 0.0f;
+            else if (w != 0.0f) for (d = 0; d < Dv; ++d) o[d] += w * op[d];
+        }
+        if (lse) lse[r] = (float)total;
+    }
+    return MHA_OK;
+}
+
+/* ------------------------------------------------------------- RoPE */
+
+/* Rotate tokens in place: token t of batch b, head h at
+   x + b*bs + t*ts + h*hs (D features), position positions[b*L + t] or
+   pos0 + t; sign -1 turns backwards (the backward pass).  The angles of a
+   token are made once, 64 pairs at a time, for all its heads.  */
+static void mha__rope_apply(const mha_rope *r, int D, int B, int L, int nh, size_t bs, size_t ts,
+                            size_t hs, int pos0, const int *positions, float sign, float *x)
+{
+    int R = r->rotary_dim ? r->rotary_dim : D, half = R / 2, b, t, h, m0, m;
+    double lnb = log(r->theta > 0.0f ? (double)r->theta : 10000.0);
+    float cs[64], sn[64];
+    if (r->kind == MHA_ROPE_NONE) return;
+    for (b = 0; b < B; ++b)
+        for (t = 0; t < L; ++t) {
+            double pos = positions ? positions[(size_t)b * L + t] : (double)pos0 + t;
+            for (m0 = 0; m0 < half; m0 += 64) {
+                int nm = half - m0 < 64 ? half - m0 : 64;
+                for (m = 0; m < nm; ++m) {   /* angle = pos * theta^(-2m/R) */
+                    double ang = pos * exp(-2.0 * (m0 + m) / R * lnb);
+                    cs[m] = (float)cos(ang);
+                    sn[m] = sign * (float)sin(ang);
+                }
+                for (h = 0; h < nh; ++h) {
+                    float *xh = x + (size_t)b * bs + (size_t)t * ts + (size_t)h * hs;
+                    /* pair m: (x[m], x[m + R/2]) half-split, (x[2m], x[2m+1]) interleaved */
+                    float *pa = r->kind == MHA_ROPE_HALF ? xh + m0 : xh + 2 * m0;
+                    float *pb = r->kind == MHA_ROPE_HALF ? xh + m0 + half : xh + 2 * m0 + 1;
+                    int step = r->kind == MHA_ROPE_HALF ? 1 : 2;
+                    for (m = 0; m < nm; ++m) {
+                        float a = pa[m * step], bb = pb[m * step];
+                        pa[m * step] = a * cs[m] - bb * sn[m];
+                        pb[m * step] = bb * cs[m] + a * sn[m];
+                    }
+                }
+            }
+        }
+}
+
+/* The module's RoPE position of query 0: offset + i' at i = 0 (the alignment). */
+static int mha__query_pos0(const mha_options *opt, int Lq, int Lk)
+{
+    int off = opt->causal_align == MHA_CAUSAL_BOTTOM_RIGHT ? Lk - Lq : 0;
+    return opt->position_offset + (off > 0 ? off : 0);
+}
+
+static mha_status mha__rope_public(const mha_rope *rope, int B, int H, int L, int D, int pos0,
+                                   const int *positions, float *x, float sign)
+{
+    mha_status st;
+    size_t n, i;
+    if (!rope || !x) return MHA_ERR_NULL_POINTER;
+    if (B <= 0 || H <= 0 || L <= 0 || D <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__mul3((size_t)B * (size_t)H, (size_t)L, (size_t)D, &n) || !mha__mul(n, sizeof(float), &n))
+        return MHA_ERR_OVERFLOW;
+    if ((st = mha__check_rope(rope, D)) != MHA_OK) return st;
+    if (pos0 < 0 || (!positions && pos0 > INT_MAX - L)) return MHA_ERR_INVALID_ARGUMENT;
+    for (i = 0; positions && i < (size_t)B * L; ++i) if (positions[i] < 0) return MHA_ERR_INVALID_ARGUMENT;
+    mha__rope_apply(rope, D, B, L, H, (size_t)H * L * D, (size_t)D, (size_t)L * D, pos0, positions, sign, x);
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_rope_forward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
+                                   const int *positions, float *x)
+{
+    return mha__rope_public(rope, B, H, L, D, pos0, positions, x, 1.0f);
+}
+
+MHADEF mha_status mha_rope_backward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
+                                    const int *positions, float *dx)
+{
+    return mha__rope_public(rope, B, H, L, D, pos0, positions, dx, -1.0f);
+}
+
 /* ----------------------------------------------------------- module */
 
 /* Workspace layout of one mha_forward call (shared by the size query and the
    call, so the two cannot disagree).  Offsets are in floats.  */
 typedef struct mha__fwd_layout {
     int E, H, D, kdim, vdim, Lk_eff;
+    int Hkv, Ekv;                      /* KV heads and their width Hkv * D */
     int chunk_b, chunk_q;              /* queries go through chunk_b batches x chunk_q rows at a time */
     int by_head;                       /* long sequences: one head at a time (mha__forward_by_head) */
     size_t qp, kp, vp, scratch, per_thread, total_floats;
@@ -2247,6 +2721,9 @@ static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
             return MHA_ERR_OVERFLOW;
     }
     if ((st = mha__check_masks(opt, B, L->H, Lq, Lk)) != MHA_OK) return st;
+    if ((st = mha__check_decode(opt, L->H, m->num_kv_heads, &m->rope, L->D)) != MHA_OK) return st;
+    L->Hkv = m->num_kv_heads ? m->num_kv_heads : L->H;
+    L->Ekv = L->Hkv * L->D;
 
     mha__fwd_chunks(B, Lq, need_weights, &L->chunk_b, &L->chunk_q);
     L->by_head = !need_weights &&
@@ -2267,8 +2744,8 @@ static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
         return MHA_OK;
     }
     if (!mha__region(&cur, (size_t)L->chunk_b * L->chunk_q * L->E, &L->qp) ||
-        !mha__region(&cur, (size_t)B * L->Lk_eff * L->E, &L->kp) ||
-        !mha__region(&cur, (size_t)B * L->Lk_eff * L->E, &L->vp) ||
+        !mha__region(&cur, (size_t)B * L->Lk_eff * L->Ekv, &L->kp) ||
+        !mha__region(&cur, (size_t)B * L->Lk_eff * L->Ekv, &L->vp) ||
         !mha__attn_scratch_floats(Lq, Lk, L->Lk_eff, L->D, L->D, mha__max_threads(opt),
                                   need_weights, L->H < mha__max_threads(opt), &L->per_thread,
                                   &scratch) ||
@@ -2340,6 +2817,7 @@ static mha_status mha__pack_plan(const mha_module *m, mha__pack_layout *P)
     if (m->embed_dim <= 0 || m->num_heads <= 0 || m->kdim < 0 || m->vdim < 0)
         return MHA_ERR_INVALID_SIZE;
     if (m->embed_dim % m->num_heads != 0) return MHA_ERR_HEADS_DIVIDE;
+    if (m->num_kv_heads != 0 && m->num_kv_heads != m->num_heads) return MHA_ERR_INVALID_ARGUMENT;
     E = m->embed_dim;
     kdim = m->kdim ? m->kdim : E;
     vdim = m->vdim ? m->vdim : E;
@@ -2488,6 +2966,7 @@ static void mha__forward_by_head(const mha_module *m, const mha__fwd_layout *L, 
         else memset(out + (size_t)r * E, 0, (size_t)E * sizeof(float));
     }
     mha__attn_common(&a, opt, B, L->H, Lq, Lk, Lke, D, D);
+    a.Hkv = L->Hkv; a.group = L->H / L->Hkv;
     a.weights = NULL; a.per_head = 0;
     a.nh = 1;
     a.shared_pack = B < a.nthreads;
@@ -2496,25 +2975,31 @@ static void mha__forward_by_head(const mha_module *m, const mha__fwd_layout *L, 
     a.v.p = vp; a.v.rs = (size_t)D; a.v.hs = 0; a.v.bs = (size_t)Lke * D;
     a.o = qp;   a.o_rs = (size_t)D; a.o_hs = 0; a.o_bs = (size_t)Lq * D;
     for (h = 0; h < L->H; ++h) {
-        const float *bqh = bq ? bq + (size_t)h * D : NULL, *bkh = bk ? bk + (size_t)h * D : NULL;
-        const float *bvh = bv ? bv + (size_t)h * D : NULL;
-        /* 1. Q_h = Xq Wq[hD:(h+1)D, :]^T + bq_h; K_h, V_h likewise, with the
-              appended bias_k / zero rows after each batch's Lk keys */
+        int g = h / a.group;   /* the KV head */
+        const float *bqh = bq ? bq + (size_t)h * D : NULL, *bkh = bk ? bk + (size_t)g * D : NULL;
+        const float *bvh = bv ? bv + (size_t)g * D : NULL;
+        /* 1. Q_h = Xq Wq[hD:(h+1)D, :]^T + bq_h; K_g, V_g of its KV head g likewise
+              (once per group), with the appended bias_k / zero rows after
+              each batch's Lk keys */
         mha__linear(B * Lq, E, D, query, wq + (size_t)h * D * E, bqh, qp, scratch, nt);
-        if (Lke == Lk) {
-            mha__linear(B * Lk, L->kdim, D, key, wk + (size_t)h * D * L->kdim, bkh, kp, scratch, nt);
-            mha__linear(B * Lk, L->vdim, D, value, wv + (size_t)h * D * L->vdim, bvh, vp, scratch, nt);
+        mha__rope_apply(&m->rope, D, B, Lq, 1, (size_t)Lq * D, (size_t)D, 0, mha__query_pos0(opt, Lq, Lk),
+                        NULL, 1.0f, qp);
+        if (h % a.group != 0) {
+            /* the group's K and V are in place */
+        } else if (Lke == Lk) {
+            mha__linear(B * Lk, L->kdim, D, key, wk + (size_t)g * D * L->kdim, bkh, kp, scratch, nt);
+            mha__linear(B * Lk, L->vdim, D, value, wv + (size_t)g * D * L->vdim, bvh, vp, scratch, nt);
         } else {
             for (b = 0; b < B; ++b) {
                 float *kb = kp + (size_t)b * Lke * D, *vb = vp + (size_t)b * Lke * D;
                 r = Lk;
-                mha__linear(Lk, L->kdim, D, key + (size_t)b * Lk * L->kdim, wk + (size_t)h * D * L->kdim,
+                mha__linear(Lk, L->kdim, D, key + (size_t)b * Lk * L->kdim, wk + (size_t)g * D * L->kdim,
                             bkh, kb, scratch, nt);
-                mha__linear(Lk, L->vdim, D, value + (size_t)b * Lk * L->vdim, wv + (size_t)h * D * L->vdim,
+                mha__linear(Lk, L->vdim, D, value + (size_t)b * Lk * L->vdim, wv + (size_t)g * D * L->vdim,
                             bvh, vb, scratch, nt);
                 if (m->bias_k) {
-                    memcpy(kb + (size_t)r * D, m->bias_k + (size_t)h * D, (size_t)D * sizeof(float));
-                    memcpy(vb + (size_t)r * D, m->bias_v + (size_t)h * D, (size_t)D * sizeof(float));
+                    memcpy(kb + (size_t)r * D, m->bias_k + (size_t)g * D, (size_t)D * sizeof(float));
+                    memcpy(vb + (size_t)r * D, m->bias_v + (size_t)g * D, (size_t)D * sizeof(float));
                     ++r;
                 }
                 if (m->add_zero_attn) {
@@ -2523,6 +3008,9 @@ static void mha__forward_by_head(const mha_module *m, const mha__fwd_layout *L, 
                 }
             }
         }
+        if (h % a.group == 0)
+            mha__rope_apply(&m->rope, D, B, Lk, 1, (size_t)Lke * D, (size_t)D, 0, opt->position_offset,
+                            NULL, 1.0f, kp);
         /* 2. O_h over Q_h, fused */
         a.h0 = h;
         mha__attend_all(&a, scratch, L->per_thread);
@@ -2582,7 +3070,7 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
     const float *wq, *wk, *wv, *bq, *bk, *bv;
     const float *pq, *pk, *pv, *po;   /* prepacked panels, or NULL: pack per call */
     size_t need;
-    int E, b, extra;
+    int E, Ekv, b, extra;
     mha_status st;
 
     if (!query || !key || !value || !out) return MHA_ERR_NULL_POINTER;
@@ -2592,18 +3080,18 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
     if (!mha__mul(L.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
     if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
 
-    E = L.E;
+    E = L.E; Ekv = L.Ekv;
     qp = ws + L.qp; kp = ws + L.kp; vp = ws + L.vp; scratch = ws + L.scratch;
     if (m->in_proj_weight) {
         wq = m->in_proj_weight;
         wk = wq + (size_t)E * E;
-        wv = wk + (size_t)E * E;
+        wv = wk + (size_t)Ekv * E;
     } else {
         wq = m->q_proj_weight; wk = m->k_proj_weight; wv = m->v_proj_weight;
     }
     bq = m->in_proj_bias;
     bk = bq ? bq + E : NULL;
-    bv = bq ? bq + 2 * E : NULL;
+    bv = bq ? bq + E + Ekv : NULL;
 
     if (L.by_head) {
         const float *x[3];
@@ -2628,32 +3116,38 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
        columns in every head, i.e. one zero row before the split). */
     extra = L.Lk_eff - Lk;
     if (extra == 0) {
-        mha__linear_pp(B * Lk, L.kdim, E, key, wk, bk, kp, scratch, mha__max_threads(opt), pk);
-        mha__linear_pp(B * Lk, L.vdim, E, value, wv, bv, vp, scratch, mha__max_threads(opt), pv);
+        mha__linear_pp(B * Lk, L.kdim, Ekv, key, wk, bk, kp, scratch, mha__max_threads(opt), pk);
+        mha__linear_pp(B * Lk, L.vdim, Ekv, value, wv, bv, vp, scratch, mha__max_threads(opt), pv);
     } else {
         for (b = 0; b < B; ++b) {
-            float *kb = kp + (size_t)b * L.Lk_eff * E, *vb = vp + (size_t)b * L.Lk_eff * E;
+            float *kb = kp + (size_t)b * L.Lk_eff * Ekv, *vb = vp + (size_t)b * L.Lk_eff * Ekv;
             int r = Lk;
-            mha__linear_pp(Lk, L.kdim, E, key + (size_t)b * Lk * L.kdim, wk, bk, kb, scratch,
+            mha__linear_pp(Lk, L.kdim, Ekv, key + (size_t)b * Lk * L.kdim, wk, bk, kb, scratch,
                            mha__max_threads(opt), pk);
-            mha__linear_pp(Lk, L.vdim, E, value + (size_t)b * Lk * L.vdim, wv, bv, vb, scratch,
+            mha__linear_pp(Lk, L.vdim, Ekv, value + (size_t)b * Lk * L.vdim, wv, bv, vb, scratch,
                            mha__max_threads(opt), pv);
             if (m->bias_k) {
-                memcpy(kb + (size_t)r * E, m->bias_k, (size_t)E * sizeof(float));
-                memcpy(vb + (size_t)r * E, m->bias_v, (size_t)E * sizeof(float));
+                memcpy(kb + (size_t)r * Ekv, m->bias_k, (size_t)Ekv * sizeof(float));
+                memcpy(vb + (size_t)r * Ekv, m->bias_v, (size_t)Ekv * sizeof(float));
                 ++r;
             }
             if (m->add_zero_attn) {
-                memset(kb + (size_t)r * E, 0, (size_t)E * sizeof(float));
-                memset(vb + (size_t)r * E, 0, (size_t)E * sizeof(float));
+                memset(kb + (size_t)r * Ekv, 0, (size_t)Ekv * sizeof(float));
+                memset(vb + (size_t)r * Ekv, 0, (size_t)Ekv * sizeof(float));
             }
         }
     }
+
+    /* RoPE on the Lk real keys of every batch (not on appended rows), key j at
+       position offset + j; the queries below at offset + i' */
+    mha__rope_apply(&m->rope, L.D, B, Lk, L.Hkv, (size_t)L.Lk_eff * Ekv, (size_t)Ekv, (size_t)L.D,
+                    opt->position_offset, NULL, 1.0f, kp);
 
     /* The queries go through in chunks of nb batches x nq rows (all of them
        at once when the weights are wanted); a chunk's rows are contiguous
        in query and out because nb > 1 only when nq == Lq. */
     mha__attn_common(&a, opt, B, L.H, Lq, Lk, L.Lk_eff, L.D, L.D);
+    a.Hkv = L.Hkv; a.group = L.H / L.Hkv;
     a.weights = attn_weights; a.per_head = opt->per_head_weights != 0;
     a.shared_pack = L.H < a.nthreads;
     for (b = 0; b < B; b += L.chunk_b) {
@@ -2669,15 +3163,17 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
 
             /* 2. Q = Xq Wq^T + bq for the chunk's rows */
             mha__linear_pp(rows, E, E, query + first, wq, bq, qp, scratch, a.nthreads, pq);
+            mha__rope_apply(&m->rope, L.D, a.nb, a.nq, L.H, (size_t)a.nq * E, (size_t)E, (size_t)L.D,
+                            mha__query_pos0(opt, Lq, Lk) + q0, NULL, 1.0f, qp);
 
             /* 3. attention per (batch, head) on the head-interleaved [rows, E]
                layout; each head's context overwrites that head's Q columns,
                which its tile has finished reading, so no context buffer */
             a.q.p = qp; a.q.rs = (size_t)E; a.q.hs = (size_t)L.D; a.q.bs = (size_t)a.nq * E;
-            a.k.p = kp + (size_t)b * L.Lk_eff * E;
-            a.k.rs = (size_t)E; a.k.hs = (size_t)L.D; a.k.bs = (size_t)L.Lk_eff * E;
-            a.v.p = vp + (size_t)b * L.Lk_eff * E;
-            a.v.rs = (size_t)E; a.v.hs = (size_t)L.D; a.v.bs = (size_t)L.Lk_eff * E;
+            a.k.p = kp + (size_t)b * L.Lk_eff * Ekv;
+            a.k.rs = (size_t)Ekv; a.k.hs = (size_t)L.D; a.k.bs = (size_t)L.Lk_eff * Ekv;
+            a.v.p = vp + (size_t)b * L.Lk_eff * Ekv;
+            a.v.rs = (size_t)Ekv; a.v.hs = (size_t)L.D; a.v.bs = (size_t)L.Lk_eff * Ekv;
             a.o = qp;   a.o_rs = (size_t)E; a.o_hs = (size_t)L.D; a.o_bs = (size_t)a.nq * E;
             mha__attend_all(&a, scratch, L.per_thread);
 
@@ -2687,6 +3183,243 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
         }
     }
 
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+/* --------------------------------------------------------- KV cache */
+
+static mha_status mha__check_cache(const mha_kv_cache *c)
+{
+    size_t n;
+    int b;
+    if (!c || !c->k || !c->v || !c->len) return MHA_ERR_NULL_POINTER;
+    if (c->B <= 0 || c->Hkv <= 0 || c->D <= 0 || c->capacity <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__mul3((size_t)c->B * (size_t)c->Hkv, (size_t)c->capacity, (size_t)c->D, &n) ||
+        !mha__mul(n, sizeof(float), &n))
+        return MHA_ERR_OVERFLOW;
+    for (b = 0; b < c->B; ++b) if (c->len[b] < 0 || c->len[b] > c->capacity) return MHA_ERR_INVALID_ARGUMENT;
+    return MHA_OK;
+}
+
+/* Room for n more tokens in every row? */
+static mha_status mha__cache_room(const mha_kv_cache *c, int n)
+{
+    int b;
+    for (b = 0; b < c->B; ++b) if (n > c->capacity - c->len[b]) return MHA_ERR_CAPACITY;
+    return MHA_OK;
+}
+
+/* Copy n tokens of every row into the cache at len[b]; token t of row b, KV
+   head g is at k + b*bs + g*hs + t*ts.  len += n.  */
+static void mha__cache_write(mha_kv_cache *c, int n, const float *k, const float *v, size_t bs, size_t hs,
+                             size_t ts)
+{
+    int b, g, t, D = c->D;
+    for (b = 0; b < c->B; ++b) {
+        for (g = 0; g < c->Hkv; ++g)
+            for (t = 0; t < n; ++t) {
+                size_t dst = (((size_t)b * c->Hkv + g) * c->capacity + c->len[b] + t) * D;
+                size_t src = (size_t)b * bs + (size_t)g * hs + (size_t)t * ts;
+                memcpy(c->k + dst, k + src, (size_t)D * sizeof(float));
+                memcpy(c->v + dst, v + src, (size_t)D * sizeof(float));
+            }
+        c->len[b] += n;
+    }
+}
+
+MHADEF mha_status mha_kv_cache_append(mha_kv_cache *c, int n, const float *k_new, const float *v_new)
+{
+    mha_status st;
+    if ((st = mha__check_cache(c)) != MHA_OK) return st;
+    if (!k_new || !v_new) return MHA_ERR_NULL_POINTER;
+    if (n <= 0) return MHA_ERR_INVALID_SIZE;
+    if ((st = mha__cache_room(c, n)) != MHA_OK) return st;
+    mha__cache_write(c, n, k_new, v_new, (size_t)c->Hkv * n * c->D, (size_t)n * c->D, (size_t)c->D);
+    return MHA_OK;
+}
+
+/* Checks and scratch of an attention over the cache: one row at a time, with
+   keys up to capacity.  */
+static mha_status mha__cache_attend_plan(const mha_kv_cache *c, int H, int Lq, const mha_options *opt,
+                                         size_t *per_thread, size_t *total_floats)
+{
+    mha_status st;
+    int b, nt = mha__max_threads(opt);
+    if ((st = mha__check_cache(c)) != MHA_OK) return st;
+    if (H <= 0 || Lq <= 0) return MHA_ERR_INVALID_SIZE;
+    if (opt->attn_mask.kind != MHA_MASK_NONE || opt->key_padding_mask.kind != MHA_MASK_NONE)
+        return MHA_ERR_INVALID_ARGUMENT;
+    if ((st = mha__check_masks(opt, c->B, H, Lq, c->capacity)) != MHA_OK) return st;
+    if ((st = mha__check_decode(opt, H, c->Hkv, NULL, c->D)) != MHA_OK) return st;
+    for (b = 0; b < c->B; ++b) if (c->len[b] < 1) return MHA_ERR_INVALID_ARGUMENT;   /* no key */
+    if (!mha__attn_scratch_floats(Lq, c->capacity, c->capacity, c->D, c->D, nt, 0, H < nt, per_thread,
+                                  total_floats) ||
+        !mha__add(*total_floats, MHA__ALIGN_FLOATS, total_floats))
+        return MHA_ERR_OVERFLOW;
+    return MHA_OK;
+}
+
+/* Run it: queries and outputs as views (b, h, i) -> p + b*bs + h*hs + i*rs */
+static void mha__cache_attend_run(const mha_kv_cache *c, int H, int Lq, const mha_options *opt,
+                                  const mha__view *q, float *o, size_t o_bs, size_t o_hs, size_t o_rs,
+                                  float *ws, size_t per_thread)
+{
+    mha_options ob = *opt;
+    int b, D = c->D;
+    ob.causal_align = MHA_CAUSAL_BOTTOM_RIGHT;
+    for (b = 0; b < c->B; ++b) {       /* each row has its own Lk = len[b] */
+        mha__attn a;
+        int Lk = c->len[b];
+        mha__attn_common(&a, &ob, 1, H, Lq, Lk, Lk, D, D);
+        a.Hkv = c->Hkv; a.group = H / c->Hkv;
+        a.q.p = q->p + (size_t)b * q->bs; a.q.bs = 0; a.q.hs = q->hs; a.q.rs = q->rs;
+        a.k.p = c->k + (size_t)b * c->Hkv * c->capacity * D;
+        a.v.p = c->v + (size_t)b * c->Hkv * c->capacity * D;
+        a.k.bs = a.v.bs = 0; a.k.hs = a.v.hs = (size_t)c->capacity * D; a.k.rs = a.v.rs = (size_t)D;
+        a.o = o + (size_t)b * o_bs; a.o_bs = 0; a.o_hs = o_hs; a.o_rs = o_rs;
+        a.weights = NULL; a.per_head = 1;
+        a.lse = opt->lse ? opt->lse + (size_t)b * H * Lq : NULL;
+        a.shared_pack = H < a.nthreads;
+        mha__attend_all(&a, ws, per_thread);
+    }
+}
+
+MHADEF mha_status mha_kv_cache_attend_workspace_size(const mha_kv_cache *c, int H, int Lq,
+                                                     const mha_options *opt, size_t *bytes)
+{
+    mha_options zero;
+    size_t per_thread, total;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__cache_attend_plan(c, H, Lq, opt, &per_thread, &total)) != MHA_OK) return st;
+    return mha__mul(total, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+}
+
+MHADEF mha_status mha_kv_cache_attend(const mha_kv_cache *c, int H, int Lq, const float *q,
+                                      const mha_options *opt, float *out,
+                                      void *workspace, size_t workspace_bytes)
+{
+    mha_options zero;
+    mha__view qv;
+    size_t per_thread, total, need;
+    void *owned;
+    float *ws;
+    mha_status st;
+    int D;
+    if (!q || !out) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__cache_attend_plan(c, H, Lq, opt, &per_thread, &total)) != MHA_OK) return st;
+    if (!mha__mul(total, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
+    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+    D = c->D;
+    qv.p = q; qv.bs = (size_t)H * Lq * D; qv.hs = (size_t)Lq * D; qv.rs = (size_t)D;
+    mha__cache_attend_run(c, H, Lq, opt, &qv, out, (size_t)H * Lq * D, (size_t)Lq * D, (size_t)D, ws, per_thread);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+/* Workspace of mha_forward_cached: Q (then the context) [B*Lq, E], the new
+   K and V [B*Lq, Ekv], then scratch for the attention and the GEMMs.  */
+typedef struct mha__cached_layout {
+    int E, H, D, Ekv;
+    size_t qp, kn, vn, scratch, per_thread, total_floats;
+} mha__cached_layout;
+
+static mha_status mha__cached_plan(const mha_module *m, const mha_kv_cache *c, int Lq, const mha_options *opt,
+                                   mha__cached_layout *L)
+{
+    int kdim, vdim, Lk_eff, B, nt = mha__max_threads(opt);
+    size_t attn, g, g2, cur = 0;
+    mha_status st;
+    if ((st = mha__check_cache(c)) != MHA_OK) return st;
+    B = c->B;
+    if ((st = mha__check_module(m, B, Lq, Lq, &L->E, &L->H, &L->D, &kdim, &vdim, &Lk_eff)) != MHA_OK) return st;
+    if (kdim != L->E || vdim != L->E || Lk_eff != Lq) return MHA_ERR_INVALID_ARGUMENT;
+    if (opt->attn_mask.kind != MHA_MASK_NONE || opt->key_padding_mask.kind != MHA_MASK_NONE)
+        return MHA_ERR_INVALID_ARGUMENT;
+    if ((st = mha__check_masks(opt, B, L->H, Lq, Lq)) != MHA_OK) return st;
+    if ((st = mha__check_decode(opt, L->H, m->num_kv_heads, &m->rope, L->D)) != MHA_OK) return st;
+    if ((m->num_kv_heads ? m->num_kv_heads : L->H) != c->Hkv || L->D != c->D) return MHA_ERR_INVALID_ARGUMENT;
+    if ((size_t)B * (size_t)Lq > INT_MAX) return MHA_ERR_OVERFLOW;
+    L->Ekv = c->Hkv * L->D;
+    if ((st = mha__cache_room(c, Lq)) != MHA_OK) return st;
+    if (!mha__attn_scratch_floats(Lq, c->capacity, c->capacity, L->D, L->D, nt, 0, L->H < nt, &L->per_thread,
+                                  &attn))
+        return MHA_ERR_OVERFLOW;
+    g = mha__gemm_ws_floats_mt(B * Lq, L->E, L->E, nt);
+    g2 = mha__gemm_ws_floats_mt(B * Lq, L->Ekv, L->E, nt); if (g2 > g) g = g2;
+    if (!mha__region(&cur, (size_t)B * Lq * L->E, &L->qp) ||
+        !mha__region(&cur, (size_t)B * Lq * L->Ekv, &L->kn) ||
+        !mha__region(&cur, (size_t)B * Lq * L->Ekv, &L->vn) ||
+        !mha__region(&cur, attn > g ? attn : g, &L->scratch) ||
+        !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
+        return MHA_ERR_OVERFLOW;
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_forward_cached_workspace_size(const mha_module *m, const mha_kv_cache *c, int Lq,
+                                                    const mha_options *opt, size_t *bytes)
+{
+    mha_options zero;
+    mha__cached_layout L;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__cached_plan(m, c, Lq, opt, &L)) != MHA_OK) return st;
+    return mha__mul(L.total_floats, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+}
+
+MHADEF mha_status mha_forward_cached(const mha_module *m, mha_kv_cache *c, int Lq, const float *x,
+                                     const mha_options *opt, float *out,
+                                     void *workspace, size_t workspace_bytes)
+{
+    mha_options zero;
+    mha__cached_layout L;
+    mha__view qv;
+    void *owned;
+    float *ws, *qp, *kn, *vn, *scratch;
+    const float *wq, *wk, *wv, *bq, *bk, *bv;
+    size_t need;
+    int E, Ekv, B, b, nt;
+    mha_status st;
+    if (!x || !out) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__cached_plan(m, c, Lq, opt, &L)) != MHA_OK) return st;
+    if (!mha__mul(L.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
+    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+    E = L.E; Ekv = L.Ekv; B = c->B; nt = mha__max_threads(opt);
+    qp = ws + L.qp; kn = ws + L.kn; vn = ws + L.vn; scratch = ws + L.scratch;
+    if (m->in_proj_weight) {
+        wq = m->in_proj_weight; wk = wq + (size_t)E * E; wv = wk + (size_t)Ekv * E;
+    } else {
+        wq = m->q_proj_weight; wk = m->k_proj_weight; wv = m->v_proj_weight;
+    }
+    bq = m->in_proj_bias; bk = bq ? bq + E : NULL; bv = bq ? bq + E + Ekv : NULL;
+
+    /* 1. Q, K, V of the new tokens: [B*Lq, E], [B*Lq, Ekv] */
+    mha__linear(B * Lq, E, E, x, wq, bq, qp, scratch, nt);
+    mha__linear(B * Lq, E, Ekv, x, wk, bk, kn, scratch, nt);
+    mha__linear(B * Lq, E, Ekv, x, wv, bv, vn, scratch, nt);
+
+    /* 2. RoPE at positions offset + len[b] + i, then append K and V */
+    for (b = 0; b < B; ++b) {
+        int pos0 = opt->position_offset + c->len[b];
+        mha__rope_apply(&m->rope, L.D, 1, Lq, L.H, 0, (size_t)E, (size_t)L.D, pos0, NULL, 1.0f,
+                        qp + (size_t)b * Lq * E);
+        mha__rope_apply(&m->rope, L.D, 1, Lq, c->Hkv, 0, (size_t)Ekv, (size_t)L.D, pos0, NULL, 1.0f,
+                        kn + (size_t)b * Lq * Ekv);
+    }
+    mha__cache_write(c, Lq, kn, vn, (size_t)Lq * Ekv, (size_t)L.D, (size_t)Ekv);
+
+    /* 3. attention over the cache; the context overwrites Q in place */
+    qv.p = qp; qv.bs = (size_t)Lq * E; qv.hs = (size_t)L.D; qv.rs = (size_t)E;
+    mha__cache_attend_run(c, L.H, Lq, opt, &qv, qp, (size_t)Lq * E, (size_t)L.D, (size_t)E, scratch,
+                          L.per_thread);
+
+    /* 4. out = C Wo^T + bo */
+    mha__linear(B * Lq, E, E, qp, m->out_proj_weight, m->out_proj_bias, out, scratch, nt);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
@@ -2703,34 +3436,46 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
 
 /* Backward of one (batch, head), recomputing the probabilities so that only
    one Lq x Lk block is ever stored.
-   Forward:   S = scale Q K^T (+ mask);   P = softmax_row(S);   O = P V
+   Forward:   R = scale Q K^T;  S = cap tanh(R / cap) (softcap) + bias + mask;
+              P = softmax_row(S, sink);   O = P V
    Backward, given dO:
      dV    = P^T dO                                   [Lk, Dv]
      dP    = dO V^T                                   [Lq, Lk]
-     dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik)          softmax Jacobian, per row
-     dQ    = scale dS K                               [Lq, D]
-     dK    = scale dS^T Q                             [Lk, D]
-   dout is strided like the output (a->o_*), dq/dk/dv like q/k/v; the three
-   gradients are added to.  When a->o is set, O is written there (the module
-   needs it for the output projection's weight gradient).
-   p, dp: Lq * Lk_eff floats each;  gws: GEMM workspace.  */
+     c_i   = sum_k P_ik dP_ik;   dS_ij = P_ij (dP_ij - c_i)   softmax Jacobian
+     dR    = dS (1 - (S_cap / cap)^2)                 softcap (dR = dS without)
+     dQ    = scale dR K                               [Lq, D]
+     dK    = scale dR^T Q                             [Lk, D]
+     dsink = -sum_i P_sink,i c_i,  P_sink,i = exp(sink - lse_i)  (no value: dP = 0)
+   With GQA, K, V, dK and dV are those of head h's KV head.  dout is strided
+   like the output (a->o_*), dq/dk/dv like q/k/v; the gradients are added to.
+   When a->o is set, O is written there (the module needs it for the output
+   projection's weight gradient).
+   p, dp: Lq * Lk_eff floats each; capped: Lq * Lk_eff floats (softcap only);
+   psink: Lq floats; gws: GEMM workspace.  */
 static void mha__attend_head_backward(const mha__attn *a, int b, int h, const float *dout,
                                       float *dq, float *dk, float *dv,
-                                      float *p, float *dp, float *gws)
+                                      float *p, float *dp, float *capped, float *psink, float *gws)
 {
     size_t qo = (size_t)b * a->q.bs + (size_t)h * a->q.hs;
-    size_t ko = (size_t)b * a->k.bs + (size_t)h * a->k.hs;
-    size_t vo = (size_t)b * a->v.bs + (size_t)h * a->v.hs;
+    size_t ko = (size_t)b * a->k.bs + (size_t)mha__kvh(a, h) * a->k.hs;
+    size_t vo = (size_t)b * a->v.bs + (size_t)mha__kvh(a, h) * a->v.hs;
     size_t oo = (size_t)b * a->o_bs + (size_t)h * a->o_hs;
     const float *qh = a->q.p + qo, *kh = a->k.p + ko, *vh = a->v.p + vo, *doh = dout + oo;
     int Lq = a->Lq, Lk = a->Lk_eff, D = a->D, Dv = a->Dv, i, j;
+    float sink = a->sinks ? a->sinks[h] : -INFINITY;
+    size_t n = (size_t)Lq * Lk, t;
 
-    /* 1. recompute P: S = scale Q K^T, mask, softmax row by row */
+    /* 1. recompute P: S = scale Q K^T, soft-cap (kept), mask, softmax row by row */
     mha__gemm(0, 1, Lq, Lk, D, a->scale, qh, a->q.rs, kh, a->k.rs, 0.0f, p, (size_t)Lk, gws);
+    if (a->softcap > 0.0f) {
+        mha__softcap(a->softcap, p, n);
+        memcpy(capped, p, n * sizeof(float));
+    }
     for (i = 0; i < Lq; ++i) {
-        float *row = p + (size_t)i * Lk;
+        float *row = p + (size_t)i * Lk, lse;
         mha__mask_cols(a, b, h, i, 0, Lk, row);
-        mha__softmax_row(row, Lk);
+        lse = mha__softmax_row_lse(row, Lk, sink);
+        psink[i] = sink == -INFINITY ? 0.0f : expf(sink - lse);
     }
 
     /* 2. O = P V, when the caller wants it */
@@ -2742,7 +3487,7 @@ static void mha__attend_head_backward(const mha__attn *a, int b, int h, const fl
     if (dv)
         mha__gemm(1, 0, Lk, Dv, Lq, 1.0f, p, (size_t)Lk, doh, a->o_rs, 1.0f,
                   dv + vo, a->v.rs, gws);
-    if (!dq && !dk) return;
+    if (!dq && !dk && !a->sinks_grad) return;
 
     /* 4. dP = dO V^T, then through the softmax: dS = P * (dP - rowsum(P * dP)).
        A blocked key has P = 0, so it gets dS = 0 and passes no gradient on. */
@@ -2753,6 +3498,11 @@ static void mha__attend_head_backward(const mha__attn *a, int b, int h, const fl
         double c = 0.0;
         for (j = 0; j < Lk; ++j) if (pi[j] != 0.0f) c += (double)pi[j] * di[j];
         for (j = 0; j < Lk; ++j) di[j] = pi[j] == 0.0f ? 0.0f : pi[j] * (di[j] - (float)c);
+        if (a->sinks_grad) a->sinks_grad[h] -= psink[i] * (float)c;
+    }
+    if (a->softcap > 0.0f) {            /* d cap tanh(r / cap) / dr = 1 - tanh^2 */
+        float inv = 1.0f / a->softcap;
+        for (t = 0; t < n; ++t) dp[t] *= 1.0f - (capped[t] * inv) * (capped[t] * inv);
     }
 
     /* 5. dQ += scale dS K,   dK += scale dS^T Q */
@@ -2777,7 +3527,7 @@ static size_t mha__head_backward_gws(int Lq, int Lk, int D, int Dv)
 }
 
 /* Workspace of one SDPA backward: P and dP of one head, and GEMM packing. */
-typedef struct mha__sdpa_bwd_layout { size_t p, dp, gws, total_floats; } mha__sdpa_bwd_layout;
+typedef struct mha__sdpa_bwd_layout { size_t p, dp, capped, psink, gws, total_floats; } mha__sdpa_bwd_layout;
 
 static mha_status mha__sdpa_bwd_plan(int B, int H, int Lq, int Lk, int D, int Dv,
                                      const mha_options *opt, mha__sdpa_bwd_layout *L)
@@ -2793,8 +3543,11 @@ static mha_status mha__sdpa_bwd_plan(int B, int H, int Lq, int Lk, int D, int Dv
         !mha__dim_ok(Lq) || !mha__dim_ok(Lk) || !mha__dim_ok(D) || !mha__dim_ok(Dv))
         return MHA_ERR_OVERFLOW;
     if ((st = mha__check_masks(opt, B, H, Lq, Lk)) != MHA_OK) return st;
+    if ((st = mha__check_decode(opt, H, opt->num_kv_heads, NULL, D)) != MHA_OK) return st;
     if (!mha__region(&cur, (size_t)Lq * Lk, &L->p) ||
         !mha__region(&cur, (size_t)Lq * Lk, &L->dp) ||
+        !mha__region(&cur, opt->softcap > 0.0f ? (size_t)Lq * Lk : 0, &L->capped) ||
+        !mha__region(&cur, (size_t)Lq, &L->psink) ||
         !mha__region(&cur, mha__head_backward_gws(Lq, Lk, D, Dv), &L->gws) ||
         !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
         return MHA_ERR_OVERFLOW;
@@ -2835,13 +3588,14 @@ MHADEF mha_status mha_sdpa_backward(int B, int H, int Lq, int Lk, int D, int Dv,
 
     mha__attn_common(&a, opt, B, H, Lq, Lk, Lk, D, Dv);
     a.q.p = q; a.q.rs = (size_t)D;  a.q.hs = (size_t)Lq * D;  a.q.bs = (size_t)H * Lq * D;
-    a.k.p = k; a.k.rs = (size_t)D;  a.k.hs = (size_t)Lk * D;  a.k.bs = (size_t)H * Lk * D;
-    a.v.p = v; a.v.rs = (size_t)Dv; a.v.hs = (size_t)Lk * Dv; a.v.bs = (size_t)H * Lk * Dv;
+    a.k.p = k; a.k.rs = (size_t)D;  a.k.hs = (size_t)Lk * D;  a.k.bs = (size_t)a.Hkv * Lk * D;
+    a.v.p = v; a.v.rs = (size_t)Dv; a.v.hs = (size_t)Lk * Dv; a.v.bs = (size_t)a.Hkv * Lk * Dv;
     a.o = NULL; a.o_rs = (size_t)Dv; a.o_hs = (size_t)Lq * Dv; a.o_bs = (size_t)H * Lq * Dv;
     a.weights = NULL; a.per_head = 1;
     for (b = 0; b < B; ++b)
         for (h = 0; h < H; ++h)
-            mha__attend_head_backward(&a, b, h, dout, dq, dk, dv, ws + L.p, ws + L.dp, ws + L.gws);
+            mha__attend_head_backward(&a, b, h, dout, dq, dk, dv, ws + L.p, ws + L.dp,
+                                      ws + L.capped, ws + L.psink, ws + L.gws);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
@@ -2947,7 +3701,8 @@ MHADEF mha_status mha_linear_backward(int rows, int in, int out, const float *x,
    Lk_eff = Lk (+1 with bias_k) (+1 with add_zero_attn) rows per batch. */
 typedef struct mha__bwd_layout {
     int E, H, D, kdim, vdim, Lk_eff;
-    size_t qp, kp, vp, ctx, dctx, dqp, dkp, dvp, p, dp, gws, total_floats;
+    int Hkv, Ekv;
+    size_t qp, kp, vp, ctx, dctx, dqp, dkp, dvp, p, dp, capped, psink, gws, total_floats;
 } mha__bwd_layout;
 
 static mha_status mha__bwd_plan(const mha_module *m, int B, int Lq, int Lk,
@@ -2968,11 +3723,14 @@ static mha_status mha__bwd_plan(const mha_module *m, int B, int Lq, int Lk,
         !mha__mul3((size_t)3 * L->E, (size_t)widest, sizeof(float), &n))
         return MHA_ERR_OVERFLOW;
     if ((st = mha__check_masks(opt, B, L->H, Lq, Lk)) != MHA_OK) return st;
+    if ((st = mha__check_decode(opt, L->H, m->num_kv_heads, &m->rope, L->D)) != MHA_OK) return st;
+    L->Hkv = m->num_kv_heads ? m->num_kv_heads : L->H;
+    L->Ekv = L->Hkv * L->D;
     g = mha__linear_gws(B * Lq, L->E, L->E);
     t = mha__linear_gws(B * Lk, L->kdim, L->E);                  if (t > g) g = t;
     t = mha__linear_gws(B * Lk, L->vdim, L->E);                  if (t > g) g = t;
     t = mha__head_backward_gws(Lq, L->Lk_eff, L->D, L->D);       if (t > g) g = t;
-    nk = (size_t)B * L->Lk_eff * L->E;
+    nk = (size_t)B * L->Lk_eff * L->Ekv;
     if (!mha__region(&cur, (size_t)B * Lq * L->E, &L->qp) ||
         !mha__region(&cur, nk, &L->kp) ||
         !mha__region(&cur, nk, &L->vp) ||
@@ -2983,6 +3741,8 @@ static mha_status mha__bwd_plan(const mha_module *m, int B, int Lq, int Lk,
         !mha__region(&cur, nk, &L->dvp) ||
         !mha__region(&cur, (size_t)Lq * L->Lk_eff, &L->p) ||
         !mha__region(&cur, (size_t)Lq * L->Lk_eff, &L->dp) ||
+        !mha__region(&cur, opt->softcap > 0.0f ? (size_t)Lq * L->Lk_eff : 0, &L->capped) ||
+        !mha__region(&cur, (size_t)Lq, &L->psink) ||
         !mha__region(&cur, g, &L->gws) ||
         !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
         return MHA_ERR_OVERFLOW;
@@ -3056,7 +3816,7 @@ MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
     const float *wq, *wk, *wv, *bq, *bk, *bv;
     float *gwq, *gwk, *gwv, *gbq, *gbk, *gbv;
     size_t need, nq, nk;
-    int E, b, h;
+    int E, Ekv, b, h;
     mha_status st;
 
     if (!query || !key || !value || !dout) return MHA_ERR_NULL_POINTER;
@@ -3066,28 +3826,32 @@ MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
     if (!mha__mul(L.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
     if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
 
-    E = L.E;
-    nq = (size_t)B * Lq * E; nk = (size_t)B * L.Lk_eff * E;
+    E = L.E; Ekv = L.Ekv;
+    nq = (size_t)B * Lq * E; nk = (size_t)B * L.Lk_eff * Ekv;
     qp = ws + L.qp; kp = ws + L.kp; vp = ws + L.vp; ctx = ws + L.ctx; dctx = ws + L.dctx;
     dqp = ws + L.dqp; dkp = ws + L.dkp; dvp = ws + L.dvp; gws = ws + L.gws;
     if (m->in_proj_weight) {
-        wq = m->in_proj_weight; wk = wq + (size_t)E * E; wv = wk + (size_t)E * E;
+        wq = m->in_proj_weight; wk = wq + (size_t)E * E; wv = wk + (size_t)Ekv * E;
         gwq = grad->in_proj_weight;
         gwk = gwq ? gwq + (size_t)E * E : NULL;
-        gwv = gwq ? gwq + (size_t)2 * E * E : NULL;
+        gwv = gwq ? gwq + (size_t)(E + Ekv) * E : NULL;
     } else {
         wq = m->q_proj_weight; wk = m->k_proj_weight; wv = m->v_proj_weight;
         gwq = grad->q_proj_weight; gwk = grad->k_proj_weight; gwv = grad->v_proj_weight;
     }
-    bq = m->in_proj_bias; bk = bq ? bq + E : NULL; bv = bq ? bq + 2 * E : NULL;
+    bq = m->in_proj_bias; bk = bq ? bq + E : NULL; bv = bq ? bq + E + Ekv : NULL;
     gbq = bq ? grad->in_proj_bias : NULL;
     gbk = gbq ? gbq + E : NULL;
-    gbv = gbq ? gbq + 2 * E : NULL;
+    gbv = gbq ? gbq + E + Ekv : NULL;
 
     /* 1. recompute the projections Q, K, V (K and V with their appended rows) */
     mha__linear_forward(B * Lq, E, E, query, wq, bq, qp, gws);
-    mha__kv_project(B, Lk, L.Lk_eff, L.kdim, E, key, wk, bk, m->bias_k, m->add_zero_attn, kp, gws);
-    mha__kv_project(B, Lk, L.Lk_eff, L.vdim, E, value, wv, bv, m->bias_v, m->add_zero_attn, vp, gws);
+    mha__kv_project(B, Lk, L.Lk_eff, L.kdim, Ekv, key, wk, bk, m->bias_k, m->add_zero_attn, kp, gws);
+    mha__kv_project(B, Lk, L.Lk_eff, L.vdim, Ekv, value, wv, bv, m->bias_v, m->add_zero_attn, vp, gws);
+    mha__rope_apply(&m->rope, L.D, B, Lq, L.H, (size_t)Lq * E, (size_t)E, (size_t)L.D,
+                    mha__query_pos0(opt, Lq, Lk), NULL, 1.0f, qp);
+    mha__rope_apply(&m->rope, L.D, B, Lk, L.Hkv, (size_t)L.Lk_eff * Ekv, (size_t)Ekv, (size_t)L.D,
+                    opt->position_offset, NULL, 1.0f, kp);
 
     /* 2. through the output projection: dC = dY Wo   [B*Lq, E] */
     mha__gemm(0, 0, B * Lq, E, E, 1.0f, dout, (size_t)E, m->out_proj_weight, (size_t)E, 0.0f,
@@ -3098,14 +3862,22 @@ MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
     memset(dkp, 0, nk * sizeof(float));
     memset(dvp, 0, nk * sizeof(float));
     mha__attn_common(&a, opt, B, L.H, Lq, Lk, L.Lk_eff, L.D, L.D);
+    a.Hkv = L.Hkv; a.group = L.H / L.Hkv;
     a.q.p = qp; a.q.rs = (size_t)E; a.q.hs = (size_t)L.D; a.q.bs = (size_t)Lq * E;
-    a.k.p = kp; a.k.rs = (size_t)E; a.k.hs = (size_t)L.D; a.k.bs = (size_t)L.Lk_eff * E;
-    a.v.p = vp; a.v.rs = (size_t)E; a.v.hs = (size_t)L.D; a.v.bs = (size_t)L.Lk_eff * E;
+    a.k.p = kp; a.k.rs = (size_t)Ekv; a.k.hs = (size_t)L.D; a.k.bs = (size_t)L.Lk_eff * Ekv;
+    a.v.p = vp; a.v.rs = (size_t)Ekv; a.v.hs = (size_t)L.D; a.v.bs = (size_t)L.Lk_eff * Ekv;
     a.o = ctx;  a.o_rs = (size_t)E; a.o_hs = (size_t)L.D; a.o_bs = (size_t)Lq * E;
     a.weights = NULL; a.per_head = 0;
     for (b = 0; b < B; ++b)
         for (h = 0; h < L.H; ++h)
-            mha__attend_head_backward(&a, b, h, dctx, dqp, dkp, dvp, ws + L.p, ws + L.dp, gws);
+            mha__attend_head_backward(&a, b, h, dctx, dqp, dkp, dvp, ws + L.p, ws + L.dp,
+                                      ws + L.capped, ws + L.psink, gws);
+
+    /* RoPE backward: the rotated Q and K's gradients turn back (the transpose) */
+    mha__rope_apply(&m->rope, L.D, B, Lq, L.H, (size_t)Lq * E, (size_t)E, (size_t)L.D,
+                    mha__query_pos0(opt, Lq, Lk), NULL, -1.0f, dqp);
+    mha__rope_apply(&m->rope, L.D, B, Lk, L.Hkv, (size_t)L.Lk_eff * Ekv, (size_t)Ekv, (size_t)L.D,
+                    opt->position_offset, NULL, -1.0f, dkp);
 
     /* 4. output projection weights: dWo += dY^T C,  dbo += colsum dY */
     mha__linear_backward(B * Lq, E, E, ctx, m->out_proj_weight, dout, NULL,
@@ -3114,9 +3886,9 @@ MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
     /* 5. input projections: dX += dQ Wq,  dWq += dQ^T X,  dbq += colsum dQ (K, V alike;
           the bias_k / bias_v rows collect their own gradient) */
     mha__linear_backward(B * Lq, E, E, query, wq, dqp, dquery, gwq, gbq, gws);
-    mha__kv_project_backward(B, Lk, L.Lk_eff, L.kdim, E, key, wk, dkp, dkey, gwk, gbk,
+    mha__kv_project_backward(B, Lk, L.Lk_eff, L.kdim, Ekv, key, wk, dkp, dkey, gwk, gbk,
                              m->bias_k != NULL, grad->bias_k, gws);
-    mha__kv_project_backward(B, Lk, L.Lk_eff, L.vdim, E, value, wv, dvp, dvalue, gwv, gbv,
+    mha__kv_project_backward(B, Lk, L.Lk_eff, L.vdim, Ekv, value, wv, dvp, dvalue, gwv, gbv,
                              m->bias_v != NULL, grad->bias_v, gws);
 
     if (owned) MHA_FREE(owned);

@@ -11,13 +11,22 @@
      2. the attention core alone (mha_sdpa, 8 heads of 64, fused).
      3. long sequences: L = 16384 (E 512, H 8) and L = 65536 (one head of 64):
         peak RSS against the bytes of the inputs and outputs.
+     4. decoding (issue 9): one decode step (Lq = 1) of mha_sdpa with H = 32,
+        Hkv = 8, D = 128 against an fp32 cache of Lk = 4096 and 32768 keys:
+        K+V bytes read per second against a STREAM-like read of as many
+        bytes measured in the same run, and against a plain per-head C loop
+        of the kind llama2.c uses; prefill with GQA (L = 2048, H = 8, Hkv = 2,
+        D = 64) against the MHA core at the same shape; a sliding window
+        W = 256 at L = 16384 (one head of 64, causal) against full causal
+        attention, with the goal 1.3 W / L.
 
    Times: 1 thread = CPU time of the process, 2 threads = wall clock (the
    torch script does the same), so a busy machine slows only the 2-thread rows.
 
-   usage: bench_mha [--quick] [--no-torch]
+   usage: bench_mha [--quick] [--no-torch] [--decode]
      --quick     skip table 3
      --no-torch  do not run bench/torch_mha.py
+     --decode    only table 4
    FLOPs counted: projections 4 x 2 B L E^2, attention 2 x 2 B H Lq Lk D
    (QK^T and PV); softmax and masking are not counted.  */
 #define _POSIX_C_SOURCE 200809L
@@ -75,13 +84,101 @@ typedef struct result {
     int reps, ok;
 } result;
 
+enum { JOB_MHA = 0, JOB_DECODE, JOB_STREAM, JOB_NAIVE_DECODE, JOB_GQA_PREFILL, JOB_WINDOW };
+
 typedef struct job {
+    int kind;               /* JOB_MHA: tables 1-3; the others: table 4 (run_decode_job) */
+    int Lk, Hkv, D, window; /* table 4 shapes; window: left size (0 = full causal) */
     int sdpa;               /* 1: mha_sdpa on [B,H,L,D]; 0: mha_forward */
     int B, L, E, H, threads, fused;
     int packed;             /* mha_forward on a module packed with mha_module_pack */
     double min_time;        /* seconds of timed runs to aim for */
     int max_reps;
 } job;
+
+/* A plain decode step, one head at a time, as llama2.c writes it:
+   scores, softmax, weighted sum of values; query head h reads KV head h / G. */
+static void naive_decode(int H, int Hkv, int Lk, int D, const float *q, const float *k, const float *v,
+                         float *att, float *out, int threads)
+{
+    int h, G = H / Hkv;
+    float scale = 1.0f / sqrtf((float)D);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads)
+#endif
+    for (h = 0; h < H; ++h) {
+        const float *qh = q + (size_t)h * D, *kh = k + (size_t)(h / G) * Lk * D, *vh = v + (size_t)(h / G) * Lk * D;
+        float *a = att + (size_t)h * Lk, *o = out + (size_t)h * D, mx = -INFINITY, sum = 0.0f;
+        int t, d;
+        for (t = 0; t < Lk; ++t) {
+            float s = 0.0f;
+            for (d = 0; d < D; ++d) s += qh[d] * kh[(size_t)t * D + d];
+            a[t] = s * scale;
+            if (a[t] > mx) mx = a[t];
+        }
+        for (t = 0; t < Lk; ++t) { a[t] = expf(a[t] - mx); sum += a[t]; }
+        for (d = 0; d < D; ++d) o[d] = 0.0f;
+        for (t = 0; t < Lk; ++t) {
+            float w = a[t] / sum;
+            for (d = 0; d < D; ++d) o[d] += w * vh[(size_t)t * D + d];
+        }
+    }
+    (void)threads;
+}
+
+/* Table 4's jobs: median ms of repeated runs in this process. */
+static result run_decode_job(const job *jb)
+{
+    result r;
+    double times[64], t_start;
+    int i, H = jb->H, Hkv = jb->Hkv, D = jb->D, Lk = jb->Lk, Lq = jb->kind == JOB_DECODE ||
+                                                                  jb->kind == JOB_NAIVE_DECODE ? 1 : Lk;
+    size_t nkv = (size_t)Hkv * Lk * D, nq = (size_t)H * Lq * D, wsb = 0;
+    float *q, *k, *v, *out, *att = NULL;
+    volatile float sink = 0.0f;
+    void *ws = NULL;
+    mha_options opt;
+    memset(&r, 0, sizeof r);
+    memset(&opt, 0, sizeof opt);
+    opt.num_threads = jb->threads;
+    opt.num_kv_heads = Hkv;
+    opt.causal = jb->kind == JOB_WINDOW || jb->kind == JOB_DECODE;
+    opt.causal_align = MHA_CAUSAL_BOTTOM_RIGHT;
+    if (jb->kind == JOB_WINDOW && jb->window > 0) { opt.window = 1; opt.window_left = jb->window; opt.window_right = 0; }
+    q = (float *)malloc(nq * sizeof(float)); out = (float *)malloc(nq * sizeof(float));
+    k = (float *)malloc(nkv * sizeof(float)); v = (float *)malloc(nkv * sizeof(float));
+    if (!q || !out || !k || !v) return r;
+    fill(q, nq, 1, 1.0f); fill(k, nkv, 2, 1.0f); fill(v, nkv, 3, 1.0f);
+    if (jb->kind == JOB_NAIVE_DECODE && !(att = (float *)malloc((size_t)H * Lk * sizeof(float)))) return r;
+    if (jb->kind != JOB_STREAM && jb->kind != JOB_NAIVE_DECODE) {
+        if (mha_sdpa_workspace_size(1, H, Lq, Lk, D, D, &opt, 0, &wsb) != MHA_OK || !(ws = malloc(wsb))) return r;
+    }
+    t_start = now_s(jb->threads);
+    for (i = -1; i < jb->max_reps && i < 64; ++i) {
+        double t0 = now_s(jb->threads), t1;
+        if (jb->kind == JOB_STREAM) {            /* read K and V once: the bandwidth bound */
+            float acc[16] = {0};
+            size_t j;
+            int u;
+            for (j = 0; j + 16 <= nkv; j += 16) for (u = 0; u < 16; ++u) acc[u] += k[j + u] + v[j + u];
+            for (u = 0; u < 16; ++u) sink += acc[u];
+        } else if (jb->kind == JOB_NAIVE_DECODE) {
+            naive_decode(H, Hkv, Lk, D, q, k, v, att, out, jb->threads);
+        } else if (mha_sdpa(1, H, Lq, Lk, D, D, q, k, v, &opt, out, NULL, ws, wsb) != MHA_OK) {
+            return r;
+        }
+        t1 = now_s(jb->threads);
+        if (i >= 0) times[r.reps++] = t1 - t0;
+        else t_start = t1;
+        if (r.reps >= 3 && t1 - t_start >= jb->min_time) break;
+    }
+    qsort(times, (size_t)r.reps, sizeof(double), cmp_double);
+    r.ms = 1e3 * times[r.reps / 2];
+    r.rss_mib = peak_rss_mib();
+    r.ok = r.reps > 0;
+    free(q); free(out); free(k); free(v); free(att); free(ws);
+    return r;
+}
 
 /* Time fn-style work in this process; called in the child. */
 static result run_job(const job *jb)
@@ -96,6 +193,7 @@ static result run_job(const job *jb)
     mha_module m;
     mha_options opt;
     double t_start;
+    if (jb->kind != JOB_MHA) return run_decode_job(jb);
     memset(&r, 0, sizeof r);
     r.base_mib = peak_rss_mib();
     memset(&opt, 0, sizeof opt);
@@ -210,13 +308,64 @@ static void run_torch(void)
     }
 }
 
+/* Table 4: decoding, prefill with GQA, sliding window. */
+static result decode_row(int kind, int H, int Hkv, int Lk, int D, int window, int threads, double min_time)
+{
+    job jb;
+    memset(&jb, 0, sizeof jb);
+    jb.kind = kind; jb.H = H; jb.Hkv = Hkv; jb.Lk = Lk; jb.D = D; jb.window = window;
+    jb.threads = threads; jb.min_time = min_time; jb.max_reps = 30;
+    return run_forked(&jb);
+}
+
+static void decode_table(void)
+{
+    static const int lks[] = {4096, 32768};
+    int i, t;
+    printf("\n== decoding: one step, Lq = 1, H = 32, Hkv = 8, D = 128, fp32 K/V cache (mha_sdpa, GQA)\n");
+    printf("   GB/s = K+V bytes / time; stream = a plain read of as many bytes, this run;\n");
+    printf("   llama2.c = a plain per-head C loop (scores, softmax, weighted sum)\n");
+    printf("%-6s %3s %9s %8s %9s %7s %12s %8s\n", "Lk", "thr", "ms", "GB/s", "stream", "%bw",
+           "llama2.c ms", "speed-up");
+    for (i = 0; i < 2; ++i)
+        for (t = 1; t <= 2; ++t) {
+            double bytes = 2.0 * 8 * lks[i] * 128 * sizeof(float);
+            result m = decode_row(JOB_DECODE, 32, 8, lks[i], 128, 0, t, 0.5);
+            result st = decode_row(JOB_STREAM, 32, 8, lks[i], 128, 0, 1, 0.3);
+            result nv = decode_row(JOB_NAIVE_DECODE, 32, 8, lks[i], 128, 0, t, 0.5);
+            if (!m.ok || !st.ok || !nv.ok) { printf("%-6d %3d  failed\n", lks[i], t); continue; }
+            printf("%-6d %3d %9.3f %8.2f %9.2f %6.0f%% %12.3f %7.2fx\n", lks[i], t, m.ms, bytes / (m.ms * 1e6),
+                   bytes / (st.ms * 1e6), 100.0 * st.ms / m.ms, nv.ms, nv.ms / m.ms);
+        }
+    printf("\n== prefill with GQA: mha_sdpa L = 2048, H = 8, D = 64, no mask; GFLOP/s = 4 H L^2 D / time\n");
+    printf("%-10s %3s %9s %8s\n", "Hkv", "thr", "ms", "GFLOP/s");
+    for (i = 0; i < 2; ++i)
+        for (t = 1; t <= 2; ++t) {
+            int hkv = i == 0 ? 8 : 2;
+            result m = decode_row(JOB_GQA_PREFILL, 8, hkv, 2048, 64, 0, t, 0.5);
+            if (!m.ok) { printf("%-10d %3d  failed\n", hkv, t); continue; }
+            printf("%-10s %3d %9.3f %8.1f\n", i == 0 ? "8 (MHA)" : "2 (GQA)", t, m.ms,
+                   4.0 * 8 * 2048.0 * 2048 * 64 / (m.ms * 1e6));
+        }
+    printf("\n== sliding window: mha_sdpa causal, L = 16384, one head of 64, 1 thread\n");
+    {
+        result full = decode_row(JOB_WINDOW, 1, 1, 16384, 64, 0, 1, 0.0);
+        result win = decode_row(JOB_WINDOW, 1, 1, 16384, 64, 256, 1, 0.3);
+        if (full.ok && win.ok)
+            printf("full causal %.1f ms, window W = 256 %.2f ms: %.4f of full (goal <= 1.3 W / L = %.4f)\n",
+                   full.ms, win.ms, win.ms / full.ms, 1.3 * 256 / 16384);
+        else printf("failed\n");
+    }
+}
+
 int main(int argc, char **argv)
 {
     int quick = 0, torch = 1, a, s, t, f;
     for (a = 1; a < argc; ++a) {
         if (!strcmp(argv[a], "--quick")) quick = 1;
         else if (!strcmp(argv[a], "--no-torch")) torch = 0;
-        else { fprintf(stderr, "usage: %s [--quick] [--no-torch]\n", argv[0]); return 2; }
+        else if (!strcmp(argv[a], "--decode")) { decode_table(); return 0; }
+        else { fprintf(stderr, "usage: %s [--quick] [--no-torch] [--decode]\n", argv[0]); return 2; }
     }
     printf("mha.h %d.%d.%d, SIMD: %s, OpenMP: %s, OMP_WAIT_POLICY=%s\n", MHA_VERSION_MAJOR,
            MHA_VERSION_MINOR, MHA_VERSION_PATCH, MHA__SIMD_NAME,
@@ -304,5 +453,6 @@ int main(int argc, char **argv)
                    r.io_mib, r.rss_mib / r.io_mib, r.base_mib);
         }
     }
+    decode_table();
     return 0;
 }
