@@ -18,6 +18,8 @@
 
    THE MODEL  examples/tiny_gpt.h (4 pre-norm causal blocks, 4 heads, d = 128,
    context 128, tied LM head); the checkpoint format is in examples/gpt_ckpt.h.
+   Text is generated through mha.h's KV cache (one mha_kv_cache per layer,
+   mha_forward_cached), with temperature and top-k sampling.
 */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200809L /* mkdir, opendir, clock_gettime */
@@ -424,27 +426,25 @@ static int load_model(const char *path, gpt_model *M, int max_batch)
     return 0;
 }
 
-/* Print the prompt and n sampled bytes after it. */
+/* Print the prompt and n bytes sampled after it (KV-cache decoding). */
 static void generate(gpt_model *M, const char *prompt, int n, float temp, int top_k, unsigned long long seed)
 {
     size_t np = strlen(prompt);
-    int *ctx = (int *)malloc((np + (size_t)n + 1) * sizeof(int)), len = 0, i;
+    int *seq = (int *)malloc((np + (size_t)n + 1) * sizeof(int)), len = 0, i;
     float *logits = (float *)malloc((size_t)M->c.vocab * sizeof(float));
+    gpt_decoder D;
     mha_rng r;
-    if (!ctx || !logits) check(MHA_ERR_OUT_OF_MEMORY, "generation");
+    if (!seq || !logits) check(MHA_ERR_OUT_OF_MEMORY, "generation");
+    check(gpt_decoder_init(&D, M), "KV caches");
     mha_rng_seed(&r, seed);
-    if (np == 0) ctx[len++] = '\n';
-    for (i = 0; i < (int)np; ++i) ctx[len++] = (unsigned char)prompt[i];
+    if (np == 0) seq[len++] = '\n';
+    for (i = 0; i < (int)np; ++i) seq[len++] = (unsigned char)prompt[i];
+    check(gpt_generate(&D, seq, len, n, temp, top_k, &r, logits), "generation");
     fputs(prompt, stdout);
-    for (i = 0; i < n; ++i) {
-        int next;
-        check(gpt_next_logits(M, ctx, len, logits), "next_logits");
-        next = gpt_sample(logits, M->c.vocab, temp, top_k, &r);
-        ctx[len++] = next;
-        putchar(next);
-    }
+    for (i = len; i < len + n; ++i) putchar(seq[i]);
     putchar('\n');
-    free(ctx);
+    gpt_decoder_free(&D);
+    free(seq);
     free(logits);
 }
 

@@ -1,6 +1,6 @@
 /* tiny_gpt.h - the model core of examples/tiny_gpt.c: a decoder-only, causal,
    byte-level Transformer (GPT) built from mha.h's pieces, with its forward,
-   backward, AdamW step, and sampling.
+   backward, AdamW step, KV-cache decoding and sampling.
 
    Include it after mha.h in the file that defines MHA_IMPLEMENTATION (it calls
    mha.h; every function here is static, as in gpt_ckpt.h).  tests/test_gpt_train.c includes it to
@@ -26,6 +26,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include "gpt_ckpt.h"
+
+#define GPT_MAX_LAYERS 64   /* the decoder keeps one KV cache per layer in a fixed array */
 
 typedef struct gpt_model {
     gpt_config c;
@@ -308,9 +310,9 @@ GPT__FN mha_status gpt_eval(gpt_model *M, const unsigned char *text, size_t n, i
     return MHA_OK;
 }
 
-/* The logits of the byte that follows ctx[0..n): here by recomputing the whole
-   causal forward over the last min(n, ctx) bytes.  This is the one function a
-   KV cache replaces (append the new byte's K and V, attend from one query). */
+/* The logits of the byte that follows ctx[0..n), by recomputing the whole
+   causal forward over the last min(n, ctx) bytes: the reference that the
+   KV-cache decoder below is tested against (tests/test_gpt_train.c). */
 GPT__FN mha_status gpt_next_logits(gpt_model *M, const int *ctx, int n, float *logits)
 {
     int T = n < M->c.ctx ? n : M->c.ctx;
@@ -319,6 +321,112 @@ GPT__FN mha_status gpt_next_logits(gpt_model *M, const int *ctx, int n, float *l
     if ((st = gpt_forward(M, 1, T, ctx + (n - T), NULL, NULL, NULL)) != MHA_OK) return st;
     memcpy(logits, M->logits + (size_t)(T - 1) * M->c.vocab, (size_t)M->c.vocab * sizeof(float));
     return MHA_OK;
+}
+
+/* ---------------------------------------------------------- KV-cache decoding
+
+   One mha_kv_cache per layer (B = 1, Hkv = H, D = d/H, capacity = ctx) holds
+   the keys and values of every byte seen so far; gpt_decoder_feed runs only
+   the new bytes through the blocks, their queries attending to the cache
+   (mha_forward_cached).  The block is the same pre-norm block as
+   mha_encoder_forward computes, written out per row:
+       t = LN1(x);  x = x + SA_cached(t);  t = LN2(x);  x = x + W2 relu(W1 t + b1) + b2
+   The position table ends at ctx: when the cache is full, gpt_generate starts
+   it again from the last ctx/2 bytes (a prefill), so each byte still sees at
+   least ctx/2 bytes of context.  */
+typedef struct gpt_decoder {
+    gpt_model *M;
+    mha_kv_cache cache[GPT_MAX_LAYERS];
+    int len[GPT_MAX_LAYERS];
+    float *kv;                   /* every layer's K and V: n_layer * 2 * ctx * d */
+    float *x, *t, *a, *z;        /* [ctx, d] x3, [ctx, F] */
+    void *ws;
+    size_t ws_bytes;
+    int pos;                     /* bytes in the cache */
+} gpt_decoder;
+
+GPT__FN void gpt_decoder_free(gpt_decoder *D)
+{
+    free(D->kv); free(D->x); free(D->t); free(D->a); free(D->z); free(D->ws);
+    memset(D, 0, sizeof *D);
+}
+
+GPT__FN void gpt_decoder_reset(gpt_decoder *D)
+{
+    int l;
+    for (l = 0; l < D->M->c.n_layer; ++l) D->len[l] = 0;
+    D->pos = 0;
+}
+
+GPT__FN mha_status gpt_decoder_init(gpt_decoder *D, gpt_model *M)
+{
+    int T = M->c.ctx, d = M->c.d_model, l;
+    size_t per = (size_t)T * d;
+    mha_options opt = gpt_causal();
+    mha_encoder_layer ly = gpt_layer(M, M->p, 0);
+    mha_status st;
+    memset(D, 0, sizeof *D);
+    if (M->c.n_layer > GPT_MAX_LAYERS) return MHA_ERR_INVALID_SIZE;
+    D->M = M;
+    D->kv = (float *)malloc(per * 2 * (size_t)M->c.n_layer * sizeof(float));
+    D->x = (float *)malloc(per * sizeof(float));
+    D->t = (float *)malloc(per * sizeof(float));
+    D->a = (float *)malloc(per * sizeof(float));
+    D->z = (float *)malloc((size_t)T * M->c.d_ff * sizeof(float));
+    for (l = 0; l < M->c.n_layer; ++l) {
+        mha_kv_cache *c = &D->cache[l];
+        c->B = 1; c->Hkv = M->c.n_head; c->D = d / M->c.n_head; c->capacity = T;
+        c->k = D->kv + (size_t)(2 * l) * per;
+        c->v = D->kv + (size_t)(2 * l + 1) * per;
+        c->len = &D->len[l];
+    }
+    gpt_decoder_reset(D);
+    /* the largest call: a prefill of ctx bytes */
+    st = mha_forward_cached_workspace_size(&ly.self_attn, &D->cache[0], T, &opt, &D->ws_bytes);
+    if (st == MHA_OK) D->ws = malloc(D->ws_bytes);
+    if (st == MHA_OK && (!D->kv || !D->x || !D->t || !D->a || !D->z || !D->ws)) st = MHA_ERR_OUT_OF_MEMORY;
+    if (st != MHA_OK) gpt_decoder_free(D);
+    return st;
+}
+
+/* Append n bytes (a prefill when n > 1) and write the logits of the byte after
+   the last one.  MHA_ERR_CAPACITY when they do not fit (pos + n > ctx). */
+GPT__FN mha_status gpt_decoder_feed(gpt_decoder *D, const int *tok, int n, float *logits)
+{
+    gpt_model *M = D->M;
+    const gpt_layout *o = &M->o;
+    int d = M->c.d_model, F = M->c.d_ff, l, i;
+    size_t nd = (size_t)n * d, k;
+    mha_options opt = gpt_causal();
+    mha_status st;
+    if (n < 1 || !tok || !logits) return MHA_ERR_INVALID_SIZE;
+    if (D->pos + n > M->c.ctx) return MHA_ERR_CAPACITY;
+    opt.causal = n > 1;   /* a prefill chunk sees itself causally; one byte sees the whole cache */
+    if (n == 1) opt.num_threads = 1;   /* one row: too little work to share out */
+    if ((st = mha_embedding_forward(n, M->c.vocab, d, tok, M->p + o->wte, D->x)) != MHA_OK) return st;
+    for (i = 0; i < n; ++i)
+        for (k = 0; k < (size_t)d; ++k) D->x[(size_t)i * d + k] += M->p[o->wpe + (size_t)(D->pos + i) * d + k];
+    for (l = 0; l < M->c.n_layer; ++l) {
+        mha_encoder_layer ly = gpt_layer(M, M->p, l);
+        if ((st = mha_layernorm_forward(n, d, D->x, ly.norm1_weight, ly.norm1_bias, 0.0f, D->t)) != MHA_OK)
+            return st;
+        st = mha_forward_cached(&ly.self_attn, &D->cache[l], n, D->t, &opt, D->a, D->ws, D->ws_bytes);
+        if (st != MHA_OK) return st;
+        for (k = 0; k < nd; ++k) D->x[k] += D->a[k];
+        if ((st = mha_layernorm_forward(n, d, D->x, ly.norm2_weight, ly.norm2_bias, 0.0f, D->t)) != MHA_OK)
+            return st;
+        st = mha_linear_forward(n, d, F, D->t, ly.linear1_weight, ly.linear1_bias, D->z, NULL, 0);
+        if (st != MHA_OK) return st;
+        for (k = 0; k < (size_t)n * F; ++k) D->z[k] = D->z[k] > 0.0f ? D->z[k] : 0.0f;
+        st = mha_linear_forward(n, F, d, D->z, ly.linear2_weight, ly.linear2_bias, D->a, NULL, 0);
+        if (st != MHA_OK) return st;
+        for (k = 0; k < nd; ++k) D->x[k] += D->a[k];
+    }
+    D->pos += n;
+    /* only the last row needs the final norm and the LM head */
+    st = mha_layernorm_forward(1, d, D->x + nd - d, M->p + o->lnf_w, M->p + o->lnf_b, 0.0f, D->t);
+    if (st != MHA_OK) return st;
+    return mha_linear_forward(1, d, M->c.vocab, D->t, M->p + o->wte, NULL, logits, NULL, 0);
 }
 
 /* Sample from softmax(logits / temperature) restricted to the top_k largest
@@ -352,6 +460,34 @@ GPT__FN int gpt_sample(const float *logits, int V, float temperature, int top_k,
         if (u <= 0) return j;
     }
     return best;
+}
+
+/* seq[0..len) is the prompt (len >= 1); append n sampled bytes at seq[len..len+n).
+   logits: scratch of vocab floats.  With the cache: the prompt's last
+   min(len, ctx) bytes are one prefill, then one byte per step; a full cache
+   restarts from the last ctx/2 bytes. */
+GPT__FN mha_status gpt_generate(gpt_decoder *D, int *seq, int len, int n, float temperature, int top_k,
+                                mha_rng *r, float *logits)
+{
+    int ctx = D->M->c.ctx, keep, i;
+    mha_status st;
+    if (len < 1) return MHA_ERR_INVALID_SIZE;
+    keep = len < ctx ? len : ctx;
+    gpt_decoder_reset(D);
+    if ((st = gpt_decoder_feed(D, seq + len - keep, keep, logits)) != MHA_OK) return st;
+    for (i = 0; i < n; ++i) {
+        seq[len] = gpt_sample(logits, D->M->c.vocab, temperature, top_k, r);
+        ++len;
+        if (i + 1 == n) break;
+        if (D->pos == ctx) {
+            gpt_decoder_reset(D);
+            st = gpt_decoder_feed(D, seq + len - ctx / 2, ctx / 2, logits);
+        } else {
+            st = gpt_decoder_feed(D, seq + len - 1, 1, logits);
+        }
+        if (st != MHA_OK) return st;
+    }
+    return MHA_OK;
 }
 
 #endif /* TINY_GPT_H */
