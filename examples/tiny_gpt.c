@@ -611,7 +611,7 @@ static int cmd_demo(const args *a)
     T = 48;
     for (i = 0; i < 24; ++i) tok[i] = tok[i + 24] = 'a' + (int)(mha_rng_u32(&r) % 26);
     attn = attention_of(&M, tok, T);
-    snprintf(title, sizeof title, "a random string repeated: induction heads light up on the second copy");
+    snprintf(title, sizeof title, "24 random letters twice: an induction head lights a stripe 23 left of the diagonal");
     snprintf(path, sizeof path, "%s/gpt_induction.png", a->out);
     draw_model_view(&M, tok, T, attn, path, title);
     free(attn);
