@@ -24,6 +24,17 @@
        mha_status s = mha_forward(&m, B, L, L, x, x, x, &opt, out, weights, NULL, 0);
        if (s != MHA_OK) fprintf(stderr, "mha: %s\n", mha_status_string(s));
 
+   PLANS (the same, made once and run many times; docs/api.md)
+       mha_plan *p;                 // B, the longest Lq and Lk, options, threads, flags
+       s = mha_module_plan(&m, B, Lmax, Lmax, &opt, MHA_PLAN_PACK, NULL, 0, &p);
+       size_t n = mha_plan_workspace_size(p);   // every run fits in n bytes
+       void *ws = malloc(n);        // one per thread: a plan runs from many at once
+       s = mha_module_forward(p, L, L, x, x, x, NULL, NULL, out, NULL, ws, n);  // L <= Lmax
+       mha_plan_destroy(p);
+     Plans exist for mha_gemm, mha_sdpa (forward, backward), the module
+     (forward, backward) and the encoder layer; every one-shot call above is
+     a plan made for that call and run once.
+
    THE MATH  (X: [L, E]; W: [E_out, E_in] as PyTorch stores Linear weights)
        Q = X_q Wq^T + bq     K = X_k Wk^T + bk     V = X_v Wv^T + bv
        split E into H heads of D = E/H columns:  Q_h = Q[:, h*D:(h+1)*D]
@@ -51,8 +62,11 @@
      for the weights costs their [B, Lq, Lk] output and rows of scores per
      thread.  Both paths agree to float32 rounding, and no result depends on
      the thread count.  A module run many times can have its projection
-     weights packed once (mha_module_pack, m.packed): same results, and the
-     short sequences skip the per-call copy of Wq, Wk, Wv and Wo.
+     weights packed once (MHA_PLAN_PACK, or the older mha_module_pack and
+     m.packed): same results, and the short sequences skip the per-call copy
+     of Wq, Wk, Wv and Wo.  An encoder plan without MHA_PLAN_TRAINING sizes
+     for inference only: L*E, as the attention (training keeps [L, F] and
+     the attention's backward needs L^2).
 
    DECODING (docs/decoding.md)
      Options for decoder models, all off when zero: grouped-query attention
@@ -127,14 +141,14 @@ extern "C" {
     X(MHA_ERR_HEADS_DIVIDE,        "embed_dim is not divisible by num_heads, or num_heads by num_kv_heads") \
     X(MHA_ERR_OVERFLOW,            "the sizes are too large: a size product overflows")\
     X(MHA_ERR_MASK_SHAPE,          "a mask's shape does not fit the attention shape")  \
-    X(MHA_ERR_INVALID_ARGUMENT,    "an argument has an invalid value (enum, flag or weight combination)") \
-    X(MHA_ERR_WORKSPACE_TOO_SMALL, "the workspace is smaller than the *_workspace_size call asked for") \
+    X(MHA_ERR_INVALID_ARGUMENT,    "an argument has an invalid value (flag, number or weight combination)") \
+    X(MHA_ERR_WORKSPACE_TOO_SMALL, "a workspace or buffer is smaller than its size query asked for") \
     X(MHA_ERR_OUT_OF_MEMORY,       "MHA_MALLOC returned NULL")                         \
     X(MHA_ERR_PACK_MISMATCH,       "the packed buffer was made for another module shape, layout or build") \
     X(MHA_ERR_STALE,               "the weights changed after the plan or pack was made: make it again") \
     X(MHA_ERR_BAD_ENUM,            "an enum argument holds a value outside its range") \
     X(MHA_ERR_MISALIGNED,          "a buffer is not aligned as the call requires")    \
-    X(MHA_ERR_EXCEEDS_PLAN,        "the run's sizes exceed what its plan was made for") \
+    X(MHA_ERR_EXCEEDS_PLAN,        "the run asks for more than its plan was made for (lengths, weights, masks or a backward)") \
     X(MHA_ERR_CAPACITY,            "the KV cache has no room for the tokens being appended")
 
 typedef enum mha_status {
@@ -156,11 +170,10 @@ typedef enum mha_trans { MHA_NO_TRANS = 0, MHA_TRANS = 1 } mha_trans;
    B likewise K x N (ldb >= N) or N x K (ldb >= K); C is M x N (ldc >= N).
    When beta == 0, C is never read (NaN in C does not propagate).
    workspace: packing buffers of mha_gemm_workspace_size() bytes, or NULL to
-   let the call allocate them through MHA_MALLOC.  The size covers one set of
-   buffers per OpenMP thread (omp_get_max_threads() at the time of the query);
-   a smaller workspace runs on as many threads as it holds, and below the
-   one-thread size the call returns MHA_ERR_WORKSPACE_TOO_SMALL.  The result
-   is bit-identical for any number of threads.  */
+   let the call allocate them through MHA_MALLOC.  The call runs on
+   omp_get_max_threads() threads, and the size is for that many: a smaller
+   workspace is MHA_ERR_WORKSPACE_TOO_SMALL (mha_gemm_plan fixes the thread
+   count instead).  The result is bit-identical for any number of threads.  */
 MHADEF size_t mha_gemm_workspace_size(int M, int N, int K);
 MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, float alpha,
                            const float *A, int lda, const float *B, int ldb, float beta,
@@ -235,6 +248,11 @@ typedef struct mha_options {
    with n = the largest power of two <= H, head h < n gets 2^(-8 (h+1) / n) and
    head n + m gets 2^(-4 (2m+1) / n) (every other slope of the 2n recipe).  */
 MHADEF mha_status mha_alibi_slopes(int H, float *slopes);
+
+/* The defaults, written out: PyTorch's (no mask, scale 1/sqrt(D), head-
+   averaged weights, OpenMP's threads).  All-zero means the same; start
+   from this when you prefer every value spelled out. */
+MHADEF mha_options mha_options_defaults(void);
 
 /* ---------------------------------------------------------------- SDPA */
 
@@ -398,9 +416,12 @@ MHADEF mha_status mha_forward_cached(const mha_module *m, mha_kv_cache *c, int L
    The buffer starts with a header (format version, E, H, kdim, vdim, weight
    layout, and the kernel's NR, KC and NC), checked by every mha_forward:
    a buffer packed for another module shape, layout, or by a build with other
-   kernels is MHA_ERR_INVALID_ARGUMENT.  The values are not checked: after
-   changing the weights, pack again.  The weight pointers stay required:
-   mha_backward and the long-sequence (head by head) forward read them.  */
+   kernels, or for the weights of another module, is MHA_ERR_PACK_MISMATCH;
+   a buffer whose weights changed since (a sample of their values is kept)
+   is MHA_ERR_STALE: pack again.  The weight pointers stay required: the
+   backward's weight products and the long-sequence (head by head) forward
+   read them.  Superseded by plans: mha_module_plan with MHA_PLAN_PACK owns
+   its pack, checked once when made.  */
 MHADEF mha_status mha_module_pack_size(const mha_module *m, size_t *bytes);
 MHADEF mha_status mha_module_pack(const mha_module *m, void *buf, size_t bytes);
 
@@ -416,7 +437,8 @@ MHADEF mha_status mha_module_pack(const mha_module *m, void *buf, size_t bytes);
    where that is possible).  Backward calls take the same inputs as the
    forward call and recompute what they need, so no activations have to be
    kept between the two; nothing of size L*L is stored beyond one
-   (batch, head) at a time.  The backward paths run on one thread.
+   (batch, head) at a time.  The backward's projections run on the plan's
+   (or OpenMP's) threads, its attention one (batch, head) at a time.
    Unlike the forward, the backward does not shield the result from a NaN or
    Inf inside a blocked key or value: keep those finite when training.
    ====================================================================== */
@@ -501,6 +523,11 @@ typedef struct mha_encoder_layer {
     const float *norm2_weight, *norm2_bias;       /* [E], [E] */
 } mha_encoder_layer;
 
+/* nn.TransformerEncoderLayer's defaults for what is not a weight:
+   dim_feedforward 2048, ReLU, post-norm, layer_norm_eps 1e-5.  (A zero
+   layer_norm_eps also means 1e-5: an eps of 0 divides a constant row by 0.) */
+MHADEF mha_encoder_layer mha_encoder_layer_defaults(void);
+
 typedef struct mha_encoder_layer_grad {
     mha_module_grad self_attn;
     float *linear1_weight, *linear1_bias, *linear2_weight, *linear2_bias;
@@ -569,6 +596,100 @@ MHADEF void     mha_rng_seed(mha_rng *r, unsigned long long seed);
 MHADEF unsigned mha_rng_u32(mha_rng *r);
 MHADEF float    mha_rng_uniform(mha_rng *r);                  /* [0, 1) */
 MHADEF void     mha_rng_fill(mha_rng *r, float *x, size_t n, float a);  /* U(-a, a) */
+
+
+/* ======================================================================
+   PLANS: state fixed once, then run (FFTW, cuDNN and miniaudio style).
+   A plan is made once from the shapes (B and the largest Lq, Lk), the
+   options (mask kinds and shapes, causal, scale), the thread count
+   (opt->num_threads; 0 = OpenMP's default, read now and fixed) and flags;
+   making it validates everything, resolves (and with MHA_PLAN_PACK packs)
+   the weights and computes the exact workspace.  A run takes tensors and a
+   workspace of mha_plan_workspace_size() bytes and nothing else:
+     - any Lq <= planned Lq and Lk <= planned Lk (more: MHA_ERR_EXCEEDS_PLAN),
+       with the masks' data for those lengths ([Lq, Lk] / [B, Lk] dense);
+       a NULL mask pointer means the one in the options the plan was made with;
+     - exactly the plan's threads; results are bit-identical for any count,
+       and equal, bit for bit, to the one-shot call of the same lengths
+       (a module plan whose maxima chose the head-by-head path keeps it for
+       shorter runs: see docs/api.md);
+     - a run never writes the plan: one plan may run from many threads at
+       once, each with its own workspace.
+   Memory: *_plan_size gives the bytes; pass mem (8-byte aligned, that many
+   bytes) to build the plan there, or mem = NULL to have it allocated with
+   MHA_MALLOC.  mha_plan_destroy frees an allocated plan (and does nothing to
+   one in caller memory).  A plan borrows the weight and mask pointers it was
+   made with: keep them alive while it is used.  The workspace of a run may
+   be NULL: it is then allocated and freed by the run.
+   The one-shot calls above (mha_gemm, mha_sdpa, mha_forward, ...) are thin
+   wrappers: a plan on the stack, one run.
+   ====================================================================== */
+typedef struct mha_plan mha_plan;
+
+#define MHA_PLAN_WEIGHTS  1u  /* runs may ask for the attention weights */
+#define MHA_PLAN_TRAINING 2u  /* the backward runs too (the workspace covers both) */
+#define MHA_PLAN_PACK     4u  /* module/encoder: pack Wq, Wk, Wv, Wo into the plan's memory;
+                                 a run whose weights changed since is MHA_ERR_STALE */
+
+MHADEF mha_status mha_gemm_plan_size(mha_trans ta, mha_trans tb, int M, int N, int K,
+                                     int num_threads, size_t *plan_bytes);
+MHADEF mha_status mha_gemm_plan(mha_trans ta, mha_trans tb, int M, int N, int K, int num_threads,
+                                void *mem, size_t mem_bytes, mha_plan **plan);
+MHADEF mha_status mha_gemm_run(const mha_plan *plan, float alpha, const float *A, int lda,
+                               const float *B, int ldb, float beta, float *C, int ldc,
+                               void *workspace, size_t workspace_bytes);
+
+MHADEF mha_status mha_sdpa_plan_size(int B, int H, int Lq, int Lk, int D, int Dv,
+                                     const mha_options *opt, unsigned flags, size_t *plan_bytes);
+MHADEF mha_status mha_sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
+                                const mha_options *opt, unsigned flags,
+                                void *mem, size_t mem_bytes, mha_plan **plan);
+MHADEF mha_status mha_sdpa_run(const mha_plan *plan, int Lq, int Lk,
+                               const float *q, const float *k, const float *v,
+                               const void *attn_mask, const void *key_padding_mask,
+                               float *out, float *attn_weights, void *workspace, size_t workspace_bytes);
+MHADEF mha_status mha_sdpa_run_backward(const mha_plan *plan, int Lq, int Lk,
+                                        const float *q, const float *k, const float *v,
+                                        const float *dout, const void *attn_mask,
+                                        const void *key_padding_mask, float *dq, float *dk, float *dv,
+                                        void *workspace, size_t workspace_bytes);
+
+MHADEF mha_status mha_module_plan_size(const mha_module *m, int B, int Lq, int Lk,
+                                       const mha_options *opt, unsigned flags, size_t *plan_bytes);
+MHADEF mha_status mha_module_plan(const mha_module *m, int B, int Lq, int Lk,
+                                  const mha_options *opt, unsigned flags,
+                                  void *mem, size_t mem_bytes, mha_plan **plan);
+MHADEF mha_status mha_module_forward(const mha_plan *plan, int Lq, int Lk,
+                                     const float *query, const float *key, const float *value,
+                                     const void *attn_mask, const void *key_padding_mask,
+                                     float *out, float *attn_weights,
+                                     void *workspace, size_t workspace_bytes);
+MHADEF mha_status mha_module_backward(const mha_plan *plan, int Lq, int Lk,
+                                      const float *query, const float *key, const float *value,
+                                      const float *dout, const void *attn_mask,
+                                      const void *key_padding_mask, float *dquery, float *dkey,
+                                      float *dvalue, mha_module_grad *grad,
+                                      void *workspace, size_t workspace_bytes);
+
+/* Without MHA_PLAN_TRAINING an encoder plan sizes for inference only: the
+   feed-forward block runs a few rows at a time, so its workspace grows with
+   L*E (never L*F or L^2).  x and y must not overlap. */
+MHADEF mha_status mha_encoder_plan_size(const mha_encoder_layer *layer, int B, int L,
+                                        const mha_options *opt, unsigned flags, size_t *plan_bytes);
+MHADEF mha_status mha_encoder_plan(const mha_encoder_layer *layer, int B, int L,
+                                   const mha_options *opt, unsigned flags,
+                                   void *mem, size_t mem_bytes, mha_plan **plan);
+MHADEF mha_status mha_encoder_run(const mha_plan *plan, int L, const float *x,
+                                  const void *attn_mask, const void *key_padding_mask,
+                                  float *y, float *attn_weights, void *workspace, size_t workspace_bytes);
+MHADEF mha_status mha_encoder_run_backward(const mha_plan *plan, int L, const float *x, const float *dy,
+                                           const void *attn_mask, const void *key_padding_mask,
+                                           float *dx, mha_encoder_layer_grad *grad,
+                                           void *workspace, size_t workspace_bytes);
+
+/* Bytes of workspace every run of the plan needs (0 for a NULL plan). */
+MHADEF size_t mha_plan_workspace_size(const mha_plan *plan);
+MHADEF void   mha_plan_destroy(mha_plan *plan);
 
 #ifdef __cplusplus
 }
@@ -659,8 +780,11 @@ static int mha__add(size_t a, size_t b, size_t *r)
      MHA__INT_LIMIT (it overflowed at B = 65536, H = 32768 and the call
      returned OK having done nothing);
    - B*Lq and B*Lk' (B*L in the encoder), the rows of the module's
-     projection GEMMs: checked against MHA__INT_LIMIT by the module's plans,
-     which the encoder runs before it forms N = B*L;
+     projection GEMMs: checked against MHA__INT_LIMIT by the module's plans
+     (mha_forward_cached's too), which the encoder runs before it forms
+     N = B*L;
+   - the KV cache: capacity and D are dimensions (checked with the cache),
+     an attention over it runs one batch row at a time (H heads, nb = 1);
    - the module's fused (batch, head) count nb*H: the fused module path
      runs only below MHA__BY_HEAD_FLOATS = B (Lq + 2 Lk') E, so it is under
      2^23; the by-head path has one head at a time;
@@ -797,20 +921,45 @@ static inline mha__vf mha__vzero(void) { return _mm512_setzero_ps(); }
 static inline mha__vf mha__vadd(mha__vf a, mha__vf b) { return _mm512_add_ps(a, b); }
 static inline mha__vf mha__vsub(mha__vf a, mha__vf b) { return _mm512_sub_ps(a, b); }
 static inline mha__vf mha__vmul(mha__vf a, mha__vf b) { return _mm512_mul_ps(a, b); }
+/* GCC 12's unmasked forms of several intrinsics below pass an undefined
+   vector (`__m512 __Y = __Y`) as the merge source, which -Wmaybe-uninitialized
+   reports once inlined into C++ -O2 code; the zero-masking forms with every
+   lane selected are the same instruction with a defined source. */
+#define MHA__ALL16 ((__mmask16)0xFFFF)
 static inline mha__vf mha__vdiv(mha__vf a, mha__vf b) { return _mm512_div_ps(a, b); }
-static inline mha__vf mha__vmax(mha__vf a, mha__vf b) { return _mm512_max_ps(a, b); }
-static inline mha__vf mha__vmin(mha__vf a, mha__vf b) { return _mm512_min_ps(a, b); }
+static inline mha__vf mha__vmax(mha__vf a, mha__vf b) { return _mm512_maskz_max_ps(MHA__ALL16, a, b); }
+static inline mha__vf mha__vmin(mha__vf a, mha__vf b) { return _mm512_maskz_min_ps(MHA__ALL16, a, b); }
 static inline mha__vf mha__vfma(mha__vf acc, mha__vf a, mha__vf b) { return _mm512_fmadd_ps(a, b, acc); }
-static inline float mha__vhsum(mha__vf v) { return _mm512_reduce_add_ps(v); }
-static inline float mha__vhmax(mha__vf v) { return _mm512_reduce_max_ps(v); }
+/* the halves 256, 128, 64, 32 bits wide added in turn (_mm512_reduce_add_ps's order) */
+static inline __m128 mha__vhalves(mha__vf v, int is_max)
+{
+    __m256 hi = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd((__mmask8)0xFF, _mm512_castps_pd(v), 1));
+    __m256 lo = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd((__mmask8)0xFF, _mm512_castps_pd(v), 0));
+    __m256 s8 = is_max ? _mm256_max_ps(hi, lo) : _mm256_add_ps(hi, lo);
+    __m128 h4 = _mm256_extractf128_ps(s8, 1), l4 = _mm256_castps256_ps128(s8);
+    __m128 s4 = is_max ? _mm_max_ps(h4, l4) : _mm_add_ps(h4, l4);
+    __m128 sw = _mm_shuffle_ps(s4, s4, 0x4E);   /* lanes 2, 3, 0, 1 */
+    return is_max ? _mm_max_ps(s4, sw) : _mm_add_ps(s4, sw);
+}
+static inline float mha__vhsum(mha__vf v)
+{
+    __m128 s = mha__vhalves(v, 0);
+    return _mm_cvtss_f32(s) + _mm_cvtss_f32(_mm_shuffle_ps(s, s, 0x55));
+}
+static inline float mha__vhmax(mha__vf v)
+{
+    __m128 s = mha__vhalves(v, 1);
+    float a = _mm_cvtss_f32(s), b = _mm_cvtss_f32(_mm_shuffle_ps(s, s, 0x55));
+    return a > b ? a : b;
+}
 static inline mha__vf mha__vround(mha__vf v)
 {
-    return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_maskz_roundscale_ps(MHA__ALL16, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 static inline mha__vf mha__vpow2i(mha__vf n)
 {
-    __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+    __m512i e = _mm512_add_epi32(_mm512_maskz_cvtps_epi32(MHA__ALL16, n), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(MHA__ALL16, e, 23));
 }
 static inline mha__vm mha__vlt(mha__vf a, mha__vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
 static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
@@ -823,22 +972,24 @@ static inline void mha__vtranspose(mha__vf *r)
     __m512 t[16], u[16];
     int g, c;
     for (g = 0; g < 4; ++g) {
-        __m512 a0 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]), a1 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
-        __m512 a2 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]), a3 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+        __m512 a0 = _mm512_maskz_unpacklo_ps(MHA__ALL16, r[4 * g], r[4 * g + 1]);
+        __m512 a1 = _mm512_maskz_unpackhi_ps(MHA__ALL16, r[4 * g], r[4 * g + 1]);
+        __m512 a2 = _mm512_maskz_unpacklo_ps(MHA__ALL16, r[4 * g + 2], r[4 * g + 3]);
+        __m512 a3 = _mm512_maskz_unpackhi_ps(MHA__ALL16, r[4 * g + 2], r[4 * g + 3]);
         t[4 * g + 0] = _mm512_shuffle_ps(a0, a2, 0x44);   /* column 4L+0 of rows 4g.. */
         t[4 * g + 1] = _mm512_shuffle_ps(a0, a2, 0xEE);
         t[4 * g + 2] = _mm512_shuffle_ps(a1, a3, 0x44);
         t[4 * g + 3] = _mm512_shuffle_ps(a1, a3, 0xEE);
     }
     for (c = 0; c < 4; ++c) {   /* output rows 4L+c gather lane L of t[4g+c], g = 0..3 */
-        u[0] = _mm512_shuffle_f32x4(t[c], t[4 + c], 0x44);
-        u[1] = _mm512_shuffle_f32x4(t[c], t[4 + c], 0xEE);
-        u[2] = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], 0x44);
-        u[3] = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], 0xEE);
-        r[0 + c] = _mm512_shuffle_f32x4(u[0], u[2], 0x88);
-        r[4 + c] = _mm512_shuffle_f32x4(u[0], u[2], 0xDD);
-        r[8 + c] = _mm512_shuffle_f32x4(u[1], u[3], 0x88);
-        r[12 + c] = _mm512_shuffle_f32x4(u[1], u[3], 0xDD);
+        u[0] = _mm512_maskz_shuffle_f32x4(MHA__ALL16, t[c], t[4 + c], 0x44);
+        u[1] = _mm512_maskz_shuffle_f32x4(MHA__ALL16, t[c], t[4 + c], 0xEE);
+        u[2] = _mm512_maskz_shuffle_f32x4(MHA__ALL16, t[8 + c], t[12 + c], 0x44);
+        u[3] = _mm512_maskz_shuffle_f32x4(MHA__ALL16, t[8 + c], t[12 + c], 0xEE);
+        r[0 + c] = _mm512_maskz_shuffle_f32x4(MHA__ALL16, u[0], u[2], 0x88);
+        r[4 + c] = _mm512_maskz_shuffle_f32x4(MHA__ALL16, u[0], u[2], 0xDD);
+        r[8 + c] = _mm512_maskz_shuffle_f32x4(MHA__ALL16, u[1], u[3], 0x88);
+        r[12 + c] = _mm512_maskz_shuffle_f32x4(MHA__ALL16, u[1], u[3], 0xDD);
     }
 }
 
@@ -1623,51 +1774,6 @@ static void mha__gemm_mt(int ta, int tb, int M, int N, int K, float alpha,
     mha__gemm_mt_pp(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ws, nthreads, NULL, 0);
 }
 
-MHADEF size_t mha_gemm_workspace_size(int M, int N, int K)
-{
-    size_t f;
-    if (M <= 0 || N <= 0 || K <= 0) return 0;
-    f = mha__gemm_ws_floats_mt(M, N, K, mha__max_threads(NULL));
-    return (f + MHA__ALIGN_FLOATS) * sizeof(float);
-}
-
-MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, float alpha,
-                           const float *A, int lda, const float *B, int ldb, float beta,
-                           float *C, int ldc, void *workspace, size_t workspace_bytes)
-{
-    size_t tmp;
-    void *owned = NULL;
-    float *ws;
-    int nthreads = mha__max_threads(NULL);
-    if (!A || !B || !C) return MHA_ERR_NULL_POINTER;
-    if (M <= 0 || N <= 0 || K <= 0) return MHA_ERR_INVALID_SIZE;
-    if ((ta != MHA_NO_TRANS && ta != MHA_TRANS) || (tb != MHA_NO_TRANS && tb != MHA_TRANS))
-        return MHA_ERR_INVALID_ARGUMENT;
-    if (lda < (ta ? M : K) || ldb < (tb ? K : N) || ldc < N) return MHA_ERR_INVALID_SIZE;
-    if (!mha__dim_ok(M) || !mha__dim_ok(N) || !mha__dim_ok(K)) return MHA_ERR_OVERFLOW;
-    if (!mha__mul((size_t)(ta ? K : M), (size_t)lda, &tmp) || !mha__mul(tmp, sizeof(float), &tmp) ||
-        !mha__mul((size_t)(tb ? N : K), (size_t)ldb, &tmp) || !mha__mul(tmp, sizeof(float), &tmp) ||
-        !mha__mul((size_t)M, (size_t)ldc, &tmp) || !mha__mul(tmp, sizeof(float), &tmp))
-        return MHA_ERR_OVERFLOW;
-    if (workspace) {
-        /* a workspace sized for fewer threads than are available runs on fewer */
-        while (nthreads > 1 &&
-               (mha__gemm_ws_floats_mt(M, N, K, nthreads) + MHA__ALIGN_FLOATS) * sizeof(float) > workspace_bytes)
-            --nthreads;
-        if ((mha__gemm_ws_floats(M, N, K) + MHA__ALIGN_FLOATS) * sizeof(float) > workspace_bytes)
-            return MHA_ERR_WORKSPACE_TOO_SMALL;
-    } else {
-        owned = MHA_MALLOC(mha_gemm_workspace_size(M, N, K));
-        if (!owned) return MHA_ERR_OUT_OF_MEMORY;
-        workspace = owned;
-    }
-    ws = mha__align_ws(workspace);   /* the packing buffers start on a cache line */
-    mha__gemm_mt(ta, tb, M, N, K, alpha, A, (size_t)lda, B, (size_t)ldb, beta, C, (size_t)ldc,
-                 ws, nthreads);
-    if (owned) MHA_FREE(owned);
-    return MHA_OK;
-}
-
 /* =====================================================================
    ATTENTION
    ===================================================================== */
@@ -2336,15 +2442,17 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
 
 /* ------------------------------------------------- validation helpers */
 
+/* Mask data pointers are checked by each run (a plan may be made before the
+   masks exist); kinds, shapes and the other options here, once per plan. */
 static mha_status mha__check_mask_kind(const mha_mask *m)
 {
     if (m->kind == MHA_MASK_NONE) return MHA_OK;
     if (m->kind != MHA_MASK_BOOL && m->kind != MHA_MASK_BOOL_KEEP && m->kind != MHA_MASK_FLOAT)
-        return MHA_ERR_INVALID_ARGUMENT;
-    if (!m->data) return MHA_ERR_NULL_POINTER;
+        return MHA_ERR_BAD_ENUM;
     return MHA_OK;
 }
 
+/* Every planner validates its options here, against the planned maxima. */
 static mha_status mha__check_masks(const mha_options *opt, int B, int H, int Lq, int Lk)
 {
     mha_status st;
@@ -2366,7 +2474,7 @@ static mha_status mha__check_masks(const mha_options *opt, int B, int H, int Lq,
     }
     if (opt->causal && opt->causal_align != MHA_CAUSAL_TOP_LEFT &&
         opt->causal_align != MHA_CAUSAL_BOTTOM_RIGHT)
-        return MHA_ERR_INVALID_ARGUMENT;
+        return MHA_ERR_BAD_ENUM;
     if (!(opt->scale >= 0.0f) || opt->scale == INFINITY || opt->num_threads < 0)
         return MHA_ERR_INVALID_ARGUMENT;
     return MHA_OK;
@@ -2429,19 +2537,6 @@ static mha_status mha__check_decode(const mha_options *opt, int H, int Hkv, cons
 }
 
 
-/* Take the caller's workspace, or allocate one: 0 on failure. */
-static mha_status mha__get_ws(void *workspace, size_t have, size_t need, void **owned, float **ws)
-{
-    *owned = NULL;
-    if (workspace) {
-        if (have < need) return MHA_ERR_WORKSPACE_TOO_SMALL;
-    } else {
-        workspace = *owned = MHA_MALLOC(need);
-        if (!workspace) return MHA_ERR_OUT_OF_MEMORY;
-    }
-    *ws = mha__align_ws(workspace);
-    return MHA_OK;
-}
 
 MHADEF mha_status mha_alibi_slopes(int H, float *slopes)
 {
@@ -2452,73 +2547,6 @@ MHADEF mha_status mha_alibi_slopes(int H, float *slopes)
     return MHA_OK;
 }
 
-/* ------------------------------------------------------------- SDPA */
-
-static mha_status mha__sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
-                                 const mha_options *opt, int need_weights,
-                                 size_t *per_thread, size_t *bytes)
-{
-    size_t total, n;
-    mha_status st;
-    if (B <= 0 || H <= 0 || Lq <= 0 || Lk <= 0 || D <= 0 || Dv <= 0) return MHA_ERR_INVALID_SIZE;
-    /* every tensor's byte count must fit */
-    if (!mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)(D > Dv ? D : Dv), &n) ||
-        !mha__mul3((size_t)B * (size_t)H, (size_t)Lk, (size_t)(D > Dv ? D : Dv), &n) ||
-        !mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)Lk, &n) ||
-        !mha__mul(n, sizeof(float), &n))
-        return MHA_ERR_OVERFLOW;
-    /* the int and long counts of the int audit (size arithmetic, above) */
-    if ((size_t)B * (size_t)H > MHA__INT_LIMIT || (size_t)B * (size_t)H * (size_t)Lq > LONG_MAX ||
-        !mha__dim_ok(Lq) || !mha__dim_ok(Lk) || !mha__dim_ok(D) || !mha__dim_ok(Dv))
-        return MHA_ERR_OVERFLOW;
-    if ((st = mha__check_masks(opt, B, H, Lq, Lk)) != MHA_OK) return st;
-    if ((st = mha__check_decode(opt, H, opt->num_kv_heads, NULL, D)) != MHA_OK) return st;
-    if (!mha__attn_scratch_floats(Lq, Lk, Lk, D, Dv, mha__max_threads(opt), need_weights,
-                                  (size_t)B * H < (size_t)mha__max_threads(opt), per_thread, &total) ||
-        !mha__add(total, MHA__ALIGN_FLOATS, &total) || !mha__mul(total, sizeof(float), bytes))
-        return MHA_ERR_OVERFLOW;
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_sdpa_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
-                                          const mha_options *opt, int need_weights,
-                                          size_t *bytes)
-{
-    mha_options zero;
-    size_t per_thread;
-    if (!bytes) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
-    return mha__sdpa_plan(B, H, Lq, Lk, D, Dv, opt, need_weights, &per_thread, bytes);
-}
-
-MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
-                           const float *q, const float *k, const float *v,
-                           const mha_options *opt, float *out, float *attn_weights,
-                           void *workspace, size_t workspace_bytes)
-{
-    mha_options zero;
-    mha__attn a;
-    size_t per_thread, need;
-    void *owned;
-    float *ws;
-    mha_status st;
-    if (!q || !k || !v || !out) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
-    st = mha__sdpa_plan(B, H, Lq, Lk, D, Dv, opt, attn_weights != NULL, &per_thread, &need);
-    if (st != MHA_OK) return st;
-    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
-
-    mha__attn_common(&a, opt, B, H, Lq, Lk, Lk, D, Dv);
-    a.q.p = q; a.q.rs = (size_t)D;  a.q.hs = (size_t)Lq * D;  a.q.bs = (size_t)H * Lq * D;
-    a.k.p = k; a.k.rs = (size_t)D;  a.k.hs = (size_t)Lk * D;  a.k.bs = (size_t)a.Hkv * Lk * D;
-    a.v.p = v; a.v.rs = (size_t)Dv; a.v.hs = (size_t)Lk * Dv; a.v.bs = (size_t)a.Hkv * Lk * Dv;
-    a.o = out; a.o_rs = (size_t)Dv; a.o_hs = (size_t)Lq * Dv; a.o_bs = (size_t)H * Lq * Dv;
-    a.weights = attn_weights; a.per_head = 1;
-    a.shared_pack = (size_t)B * H < (size_t)a.nthreads;
-    mha__attend_all(&a, ws, per_thread);
-    if (owned) MHA_FREE(owned);
-    return MHA_OK;
-}
 
 MHADEF mha_status mha_attn_merge(int nparts, size_t rows, int Dv, const float *const *outs,
                                  const float *const *lses, float *out, float *lse)
@@ -2627,398 +2655,6 @@ MHADEF mha_status mha_rope_backward(const mha_rope *rope, int B, int H, int L, i
     return mha__rope_public(rope, B, H, L, D, pos0, positions, dx, -1.0f);
 }
 
-/* ----------------------------------------------------------- module */
-
-/* Workspace layout of one mha_forward call (shared by the size query and the
-   call, so the two cannot disagree).  Offsets are in floats.  */
-typedef struct mha__fwd_layout {
-    int E, H, D, kdim, vdim, Lk_eff;
-    int Hkv, Ekv;                      /* KV heads and their width Hkv * D */
-    int chunk_b, chunk_q;              /* queries go through chunk_b batches x chunk_q rows at a time */
-    int by_head;                       /* long sequences: one head at a time (mha__forward_by_head) */
-    size_t qp, kp, vp, scratch, per_thread, total_floats;
-} mha__fwd_layout;
-
-/* Without weights, a forward whose Q, K and V would take at least this many
-   floats (32 MiB) goes one head at a time: Q, K, V of one head, [B, L, D],
-   and the output projection summed head by head,
-       out = bo + sum_h O_h Wo[:, hD:(h+1)D]^T,
-   so the workspace is about 3 B L D floats instead of 2 B L E.  The price is
-   H narrower projection GEMMs (N = D), which long sequences do not notice:
-   their time is in the attention, O(L^2).  */
-#ifndef MHA__BY_HEAD_FLOATS
-#define MHA__BY_HEAD_FLOATS ((size_t)1 << 23)
-#endif
-
-/* Query rows per chunk of the fused forward: every key and value is needed by
-   every query, but a query row is needed only while its chunk is projected,
-   attended and projected out, so Q takes a chunk of rows, not [B, Lq, E].
-   Each chunk packs the keys and values again, so chunks are long.  Chunks
-   start at a multiple of the query tile, so they change no result.  */
-#ifndef MHA__QCHUNK
-#define MHA__QCHUNK 4096
-#endif
-static void mha__fwd_chunks(int B, int Lq, int need_weights, int *chunk_b, int *chunk_q)
-{
-    int rows = MHA__QCHUNK / MHA__FBR * MHA__FBR;
-    if (rows < MHA__FBR) rows = MHA__FBR;
-    if (need_weights) { *chunk_b = B; *chunk_q = Lq; return; }   /* weights are O(L^2) anyway */
-    if (Lq >= rows) { *chunk_b = 1; *chunk_q = rows; return; }
-    *chunk_q = Lq;
-    *chunk_b = rows / Lq < B ? rows / Lq : B;
-}
-
-/* The checks every module call shares (forward and backward): pointers,
-   sizes, E % H, the weight combination; fills E, H, D = E/H, kdim and vdim
-   (0 means E) and Lk_eff = Lk + appended keys.  */
-static mha_status mha__check_module(const mha_module *m, int B, int Lq, int Lk, int *E, int *H,
-                                    int *D, int *kdim, int *vdim, int *Lk_eff)
-{
-    if (!m) return MHA_ERR_NULL_POINTER;
-    if (m->embed_dim <= 0 || m->num_heads <= 0 || m->kdim < 0 || m->vdim < 0 ||
-        B <= 0 || Lq <= 0 || Lk <= 0)
-        return MHA_ERR_INVALID_SIZE;
-    if (m->embed_dim % m->num_heads != 0) return MHA_ERR_HEADS_DIVIDE;
-    *E = m->embed_dim; *H = m->num_heads; *D = *E / *H;
-    *kdim = m->kdim ? m->kdim : *E;
-    *vdim = m->vdim ? m->vdim : *E;
-    if (!m->out_proj_weight) return MHA_ERR_NULL_POINTER;
-    if (m->in_proj_weight) {
-        if (*kdim != *E || *vdim != *E) return MHA_ERR_INVALID_ARGUMENT;
-    } else if (!m->q_proj_weight || !m->k_proj_weight || !m->v_proj_weight) {
-        return MHA_ERR_NULL_POINTER;
-    }
-    if ((m->bias_k == NULL) != (m->bias_v == NULL)) return MHA_ERR_INVALID_ARGUMENT;
-    if (m->add_zero_attn != 0 && m->add_zero_attn != 1) return MHA_ERR_INVALID_ARGUMENT;
-    if (!mha__dim_ok(Lq) || !mha__dim_ok(Lk) || !mha__dim_ok(*E) || !mha__dim_ok(*kdim) ||
-        !mha__dim_ok(*vdim))
-        return MHA_ERR_OVERFLOW;
-    *Lk_eff = Lk + (m->bias_k != NULL) + m->add_zero_attn;
-    return MHA_OK;
-}
-
-static mha_status mha__fwd_plan(const mha_module *m, int B, int Lq, int Lk,
-                                const mha_options *opt, int need_weights, mha__fwd_layout *L)
-{
-    size_t n, cur = 0, scratch;
-    mha_status st;
-    st = mha__check_module(m, B, Lq, Lk, &L->E, &L->H, &L->D, &L->kdim, &L->vdim, &L->Lk_eff);
-    if (st != MHA_OK) return st;
-
-    /* GEMM row counts (B*L) are ints (the int audit); tensor byte counts must fit size_t */
-    if ((size_t)B * (size_t)Lq > MHA__INT_LIMIT || (size_t)B * (size_t)L->Lk_eff > MHA__INT_LIMIT ||
-        (size_t)B * (size_t)L->H * (size_t)Lq > LONG_MAX)
-        return MHA_ERR_OVERFLOW;
-    {
-        int widest = L->E;
-        if (L->kdim > widest) widest = L->kdim;
-        if (L->vdim > widest) widest = L->vdim;
-        if (!mha__mul3((size_t)B, (size_t)L->Lk_eff + Lq, (size_t)widest, &n) ||
-            !mha__mul(n, 4 * sizeof(float), &n) ||
-            !mha__mul3((size_t)B * (size_t)L->H, (size_t)Lq, (size_t)L->Lk_eff, &n) ||
-            !mha__mul(n, sizeof(float), &n) ||
-            !mha__mul3((size_t)3 * L->E, (size_t)widest, sizeof(float), &n))
-            return MHA_ERR_OVERFLOW;
-    }
-    if ((st = mha__check_masks(opt, B, L->H, Lq, Lk)) != MHA_OK) return st;
-    if ((st = mha__check_decode(opt, L->H, m->num_kv_heads, &m->rope, L->D)) != MHA_OK) return st;
-    L->Hkv = m->num_kv_heads ? m->num_kv_heads : L->H;
-    L->Ekv = L->Hkv * L->D;
-
-    mha__fwd_chunks(B, Lq, need_weights, &L->chunk_b, &L->chunk_q);
-    L->by_head = !need_weights &&
-                 (double)B * ((double)Lq + 2.0 * L->Lk_eff) * L->E >= (double)MHA__BY_HEAD_FLOATS;
-    if (L->by_head) {
-        int nt = mha__max_threads(opt), widest = L->kdim > L->vdim ? L->kdim : L->vdim;
-        size_t g = mha__gemm_ws_floats_mt(B * Lq, L->D, L->E, nt), g2;
-        g2 = mha__gemm_ws_floats_mt(B * L->Lk_eff, L->D, widest, nt); if (g2 > g) g = g2;
-        g2 = mha__gemm_ws_floats_mt(B * Lq, L->E, L->D, nt);          if (g2 > g) g = g2;
-        if (!mha__region(&cur, (size_t)B * Lq * L->D, &L->qp) ||
-            !mha__region(&cur, (size_t)B * L->Lk_eff * L->D, &L->kp) ||
-            !mha__region(&cur, (size_t)B * L->Lk_eff * L->D, &L->vp) ||
-            !mha__attn_scratch_floats(Lq, Lk, L->Lk_eff, L->D, L->D, nt, 0, B < nt, &L->per_thread,
-                                      &scratch) ||
-            !mha__region(&cur, scratch > g ? scratch : g, &L->scratch) ||
-            !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
-            return MHA_ERR_OVERFLOW;
-        return MHA_OK;
-    }
-    if (!mha__region(&cur, (size_t)L->chunk_b * L->chunk_q * L->E, &L->qp) ||
-        !mha__region(&cur, (size_t)B * L->Lk_eff * L->Ekv, &L->kp) ||
-        !mha__region(&cur, (size_t)B * L->Lk_eff * L->Ekv, &L->vp) ||
-        !mha__attn_scratch_floats(Lq, Lk, L->Lk_eff, L->D, L->D, mha__max_threads(opt),
-                                  need_weights, L->H < mha__max_threads(opt), &L->per_thread,
-                                  &scratch) ||
-        !mha__region(&cur, scratch, &L->scratch))
-        return MHA_ERR_OVERFLOW;
-    /* projection GEMMs run on the scratch area too */
-    {
-        int nt = mha__max_threads(opt);
-        size_t g = mha__gemm_ws_floats_mt(B * Lq, L->E, L->E, nt);
-        size_t g2 = mha__gemm_ws_floats_mt(B * L->Lk_eff, L->E, L->kdim > L->vdim ? L->kdim : L->vdim, nt);
-        if (g2 > g) g = g2;
-        if (g > scratch && !mha__add(cur, g - scratch, &cur)) return MHA_ERR_OVERFLOW;
-    }
-    if (!mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats)) return MHA_ERR_OVERFLOW;
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_forward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
-                                             const mha_options *opt, int need_weights,
-                                             size_t *bytes)
-{
-    mha_options zero;
-    mha__fwd_layout L;
-    mha_status st;
-    if (!bytes) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
-    if ((st = mha__fwd_plan(m, B, Lq, Lk, opt, need_weights, &L)) != MHA_OK) return st;
-    if (!mha__mul(L.total_floats, sizeof(float), bytes)) return MHA_ERR_OVERFLOW;
-    return MHA_OK;
-}
-
-/* ------------------------------------------------ prepacked weights */
-
-/* The buffer of mha_module_pack: a header of MHA__PK_WORDS 32-bit words
-   (64 bytes), then, from the first 64-byte boundary after it (the offset is
-   stored, so a copy of the buffer at another address still works, only its
-   loads may straddle cache lines), the four matrices prepacked as op(B) = W^T
-   (mha__prepack_b): Wq [E, E], Wk [E, kdim], Wv [E, vdim], Wo [E, E], each
-   starting on a 64-byte line relative to the data start.  */
-#define MHA__PK_MAGIC   0x5041484du   /* "MHAP" in a little-endian dump */
-#define MHA__PK_VERSION 1u
-#define MHA__PK_WORDS   16
-#define MHA__PK_BYTES   (MHA__PK_WORDS * 4)
-enum { MHA__PK_W_MAGIC, MHA__PK_W_VERSION, MHA__PK_W_E, MHA__PK_W_H, MHA__PK_W_KDIM,
-       MHA__PK_W_VDIM, MHA__PK_W_LAYOUT, MHA__PK_W_NR, MHA__PK_W_KC, MHA__PK_W_NC,
-       MHA__PK_W_DATA, MHA__PK_W_CHECK };
-#define MHA__PK_IN_PROJ  1u   /* Wq, Wk, Wv came from in_proj_weight */
-#define MHA__PK_SEPARATE 2u   /* ... from q/k/v_proj_weight */
-
-typedef struct mha__pack_layout {
-    uint32_t hdr[MHA__PK_WORDS];     /* the header this module gets (DATA left 0) */
-    size_t wq, wk, wv, wo, floats;   /* float offsets from the data start, total floats */
-} mha__pack_layout;
-
-/* FNV-1a over the words before CHECK: a torn or overwritten header fails. */
-static uint32_t mha__pk_check(const uint32_t *w)
-{
-    uint32_t h = 2166136261u;
-    int i;
-    for (i = 0; i < MHA__PK_W_CHECK; ++i) { h ^= w[i]; h *= 16777619u; }
-    return h;
-}
-
-static mha_status mha__pack_plan(const mha_module *m, mha__pack_layout *P)
-{
-    int E, kdim, vdim, widest;
-    size_t cur = 0, t;
-    if (!m) return MHA_ERR_NULL_POINTER;
-    if (m->embed_dim <= 0 || m->num_heads <= 0 || m->kdim < 0 || m->vdim < 0)
-        return MHA_ERR_INVALID_SIZE;
-    if (m->embed_dim % m->num_heads != 0) return MHA_ERR_HEADS_DIVIDE;
-    if (m->num_kv_heads != 0 && m->num_kv_heads != m->num_heads) return MHA_ERR_INVALID_ARGUMENT;
-    E = m->embed_dim;
-    kdim = m->kdim ? m->kdim : E;
-    vdim = m->vdim ? m->vdim : E;
-    if (!m->out_proj_weight) return MHA_ERR_NULL_POINTER;
-    if (m->in_proj_weight) {
-        if (kdim != E || vdim != E) return MHA_ERR_INVALID_ARGUMENT;
-    } else if (!m->q_proj_weight || !m->k_proj_weight || !m->v_proj_weight) {
-        return MHA_ERR_NULL_POINTER;
-    }
-    /* a packed matrix holds at most (E + NR) K floats: bound all four in bytes */
-    widest = E > kdim ? E : kdim;
-    if (vdim > widest) widest = vdim;
-    if (!mha__mul3((size_t)E + MHA__NR, (size_t)widest, 4 * sizeof(float), &t))
-        return MHA_ERR_OVERFLOW;
-    if (!mha__region(&cur, mha__prepacked_floats(E, E), &P->wq) ||
-        !mha__region(&cur, mha__prepacked_floats(E, kdim), &P->wk) ||
-        !mha__region(&cur, mha__prepacked_floats(E, vdim), &P->wv) ||
-        !mha__region(&cur, mha__prepacked_floats(E, E), &P->wo))
-        return MHA_ERR_OVERFLOW;
-    P->floats = cur;
-    memset(P->hdr, 0, sizeof P->hdr);
-    P->hdr[MHA__PK_W_MAGIC] = MHA__PK_MAGIC;
-    P->hdr[MHA__PK_W_VERSION] = MHA__PK_VERSION;
-    P->hdr[MHA__PK_W_E] = (uint32_t)E;
-    P->hdr[MHA__PK_W_H] = (uint32_t)m->num_heads;
-    P->hdr[MHA__PK_W_KDIM] = (uint32_t)kdim;
-    P->hdr[MHA__PK_W_VDIM] = (uint32_t)vdim;
-    P->hdr[MHA__PK_W_LAYOUT] = m->in_proj_weight ? MHA__PK_IN_PROJ : MHA__PK_SEPARATE;
-    P->hdr[MHA__PK_W_NR] = MHA__NR;
-    P->hdr[MHA__PK_W_KC] = MHA__KC;
-    P->hdr[MHA__PK_W_NC] = MHA__NC;
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_module_pack_size(const mha_module *m, size_t *bytes)
-{
-    mha__pack_layout P;
-    mha_status st;
-    if (!bytes) return MHA_ERR_NULL_POINTER;
-    if ((st = mha__pack_plan(m, &P)) != MHA_OK) return st;
-    /* header, up to 64 bytes to reach a line boundary, the panels */
-    if (!mha__mul(P.floats, sizeof(float), bytes) || !mha__add(*bytes, 2 * MHA__PK_BYTES, bytes))
-        return MHA_ERR_OVERFLOW;
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_module_pack(const mha_module *m, void *buf, size_t bytes)
-{
-    mha__pack_layout P;
-    mha_status st;
-    size_t need;
-    uintptr_t data;
-    float *d;
-    const float *wq, *wk, *wv;
-    if (!buf) return MHA_ERR_NULL_POINTER;
-    if ((st = mha_module_pack_size(m, &need)) != MHA_OK) return st;
-    if (bytes < need) return MHA_ERR_WORKSPACE_TOO_SMALL;
-    if ((uintptr_t)buf % sizeof(float) != 0) return MHA_ERR_INVALID_ARGUMENT;
-    mha__pack_plan(m, &P);
-    data = (uintptr_t)buf + MHA__PK_BYTES;
-    data += (64 - data % 64) % 64;
-    P.hdr[MHA__PK_W_DATA] = (uint32_t)(data - (uintptr_t)buf);
-    P.hdr[MHA__PK_W_CHECK] = mha__pk_check(P.hdr);
-    memcpy(buf, P.hdr, sizeof P.hdr);   /* memcpy: buf need not be aligned for uint32_t words */
-    d = MHA__CAST(float *, (void *)data);
-    if (m->in_proj_weight) {
-        wq = m->in_proj_weight;
-        wk = wq + (size_t)m->embed_dim * m->embed_dim;
-        wv = wk + (size_t)m->embed_dim * m->embed_dim;
-    } else {
-        wq = m->q_proj_weight; wk = m->k_proj_weight; wv = m->v_proj_weight;
-    }
-    mha__prepack_b(wq, m->embed_dim, m->embed_dim, d + P.wq);
-    mha__prepack_b(wk, m->embed_dim, (int)P.hdr[MHA__PK_W_KDIM], d + P.wk);
-    mha__prepack_b(wv, m->embed_dim, (int)P.hdr[MHA__PK_W_VDIM], d + P.wv);
-    mha__prepack_b(m->out_proj_weight, m->embed_dim, m->embed_dim, d + P.wo);
-    return MHA_OK;
-}
-
-/* The panels of m->packed, after checking that its header is the one this
-   module and this build would write; MHA_ERR_INVALID_ARGUMENT otherwise.  */
-static mha_status mha__packed_get(const mha_module *m, const float **pq, const float **pk,
-                                  const float **pv, const float **po)
-{
-    mha__pack_layout P;
-    uint32_t hdr[MHA__PK_WORDS];
-    const char *data;
-    mha_status st;
-    *pq = *pk = *pv = *po = NULL;
-    if (!m->packed) return MHA_OK;
-    if ((st = mha__pack_plan(m, &P)) != MHA_OK) return st;
-    memcpy(hdr, m->packed, sizeof hdr);
-    P.hdr[MHA__PK_W_DATA] = hdr[MHA__PK_W_DATA];
-    P.hdr[MHA__PK_W_CHECK] = mha__pk_check(P.hdr);
-    if (memcmp(hdr, P.hdr, sizeof hdr) != 0 ||
-        hdr[MHA__PK_W_DATA] < MHA__PK_BYTES || hdr[MHA__PK_W_DATA] >= 2 * MHA__PK_BYTES)
-        return MHA_ERR_INVALID_ARGUMENT;
-    data = MHA__CAST(const char *, m->packed) + hdr[MHA__PK_W_DATA];
-    if ((uintptr_t)data % sizeof(float) != 0) return MHA_ERR_INVALID_ARGUMENT;
-    *pq = MHA__CAST(const float *, (const void *)data) + P.wq;
-    *pk = MHA__CAST(const float *, (const void *)data) + P.wk;
-    *pv = MHA__CAST(const float *, (const void *)data) + P.wv;
-    *po = MHA__CAST(const float *, (const void *)data) + P.wo;
-    return MHA_OK;
-}
-
-/* Y[rows, E] = X[rows, in] W^T + bias, W is [E, in] as PyTorch stores it.
-   gws: mha__gemm_ws_floats_mt(rows, E, in, nthreads) floats.
-   pw: NULL, or W prepacked (mha__prepack_b of this whole W).
-   X is read in place, not packed: an MR-row sliver of it (MR x KC floats)
-   stays in L1 while it meets all E/NR slivers of W, and skipping its copy
-   made the forward at L = 128..512, E = 512 2-5% faster (AVX-512, one
-   thread, CPU time, alternating runs); the sums are those of a packed X.  */
-static void mha__linear_pp(int rows, int in, int E, const float *X, const float *W,
-                           const float *bias, float *Y, float *gws, int nthreads, const float *pw)
-{
-    if (bias) {
-        int r;
-        for (r = 0; r < rows; ++r) memcpy(Y + (size_t)r * E, bias, (size_t)E * sizeof(float));
-    }
-    mha__gemm_mt_pp(0, 1, rows, E, in, 1.0f, X, (size_t)in, W, (size_t)in, bias ? 1.0f : 0.0f,
-                    Y, (size_t)E, gws, nthreads, pw, 1);
-}
-static void mha__linear(int rows, int in, int E, const float *X, const float *W,
-                        const float *bias, float *Y, float *gws, int nthreads)
-{
-    mha__linear_pp(rows, in, E, X, W, bias, Y, gws, nthreads, NULL);
-}
-
-/* The long-sequence forward (see MHA__BY_HEAD_FLOATS): for each head h,
-   project Q_h, K_h, V_h ([B, L, D]), attend (fused), and add O_h's share of
-   the output projection to out.  */
-static void mha__forward_by_head(const mha_module *m, const mha__fwd_layout *L, int B, int Lq, int Lk,
-                                 const float *query, const float *key, const float *value,
-                                 const mha_options *opt, float *out, float *qp, float *kp, float *vp,
-                                 float *scratch, const float *wq, const float *wk, const float *wv,
-                                 const float *bq, const float *bk, const float *bv)
-{
-    mha__attn a;
-    int E = L->E, D = L->D, Lke = L->Lk_eff, h, b, r;
-    int nt = mha__max_threads(opt);
-
-    /* out = bo, then each head adds O_h Wo_h^T */
-    for (r = 0; r < B * Lq; ++r) {
-        if (m->out_proj_bias) memcpy(out + (size_t)r * E, m->out_proj_bias, (size_t)E * sizeof(float));
-        else memset(out + (size_t)r * E, 0, (size_t)E * sizeof(float));
-    }
-    mha__attn_common(&a, opt, B, L->H, Lq, Lk, Lke, D, D);
-    a.Hkv = L->Hkv; a.group = L->H / L->Hkv;
-    a.weights = NULL; a.per_head = 0;
-    a.nh = 1;
-    a.shared_pack = B < a.nthreads;
-    a.q.p = qp; a.q.rs = (size_t)D; a.q.hs = 0; a.q.bs = (size_t)Lq * D;
-    a.k.p = kp; a.k.rs = (size_t)D; a.k.hs = 0; a.k.bs = (size_t)Lke * D;
-    a.v.p = vp; a.v.rs = (size_t)D; a.v.hs = 0; a.v.bs = (size_t)Lke * D;
-    a.o = qp;   a.o_rs = (size_t)D; a.o_hs = 0; a.o_bs = (size_t)Lq * D;
-    for (h = 0; h < L->H; ++h) {
-        int g = h / a.group;   /* the KV head */
-        const float *bqh = bq ? bq + (size_t)h * D : NULL, *bkh = bk ? bk + (size_t)g * D : NULL;
-        const float *bvh = bv ? bv + (size_t)g * D : NULL;
-        /* 1. Q_h = Xq Wq[hD:(h+1)D, :]^T + bq_h; K_g, V_g of its KV head g likewise
-              (once per group), with the appended bias_k / zero rows after
-              each batch's Lk keys */
-        mha__linear(B * Lq, E, D, query, wq + (size_t)h * D * E, bqh, qp, scratch, nt);
-        mha__rope_apply(&m->rope, D, B, Lq, 1, (size_t)Lq * D, (size_t)D, 0, mha__query_pos0(opt, Lq, Lk),
-                        NULL, 1.0f, qp);
-        if (h % a.group != 0) {
-            /* the group's K and V are in place */
-        } else if (Lke == Lk) {
-            mha__linear(B * Lk, L->kdim, D, key, wk + (size_t)g * D * L->kdim, bkh, kp, scratch, nt);
-            mha__linear(B * Lk, L->vdim, D, value, wv + (size_t)g * D * L->vdim, bvh, vp, scratch, nt);
-        } else {
-            for (b = 0; b < B; ++b) {
-                float *kb = kp + (size_t)b * Lke * D, *vb = vp + (size_t)b * Lke * D;
-                r = Lk;
-                mha__linear(Lk, L->kdim, D, key + (size_t)b * Lk * L->kdim, wk + (size_t)g * D * L->kdim,
-                            bkh, kb, scratch, nt);
-                mha__linear(Lk, L->vdim, D, value + (size_t)b * Lk * L->vdim, wv + (size_t)g * D * L->vdim,
-                            bvh, vb, scratch, nt);
-                if (m->bias_k) {
-                    memcpy(kb + (size_t)r * D, m->bias_k + (size_t)g * D, (size_t)D * sizeof(float));
-                    memcpy(vb + (size_t)r * D, m->bias_v + (size_t)g * D, (size_t)D * sizeof(float));
-                    ++r;
-                }
-                if (m->add_zero_attn) {
-                    memset(kb + (size_t)r * D, 0, (size_t)D * sizeof(float));
-                    memset(vb + (size_t)r * D, 0, (size_t)D * sizeof(float));
-                }
-            }
-        }
-        if (h % a.group == 0)
-            mha__rope_apply(&m->rope, D, B, Lk, 1, (size_t)Lke * D, (size_t)D, 0, opt->position_offset,
-                            NULL, 1.0f, kp);
-        /* 2. O_h over Q_h, fused */
-        a.h0 = h;
-        mha__attend_all(&a, scratch, L->per_thread);
-        /* 3. out += O_h Wo[:, hD:(h+1)D]^T */
-        mha__gemm_mt(0, 1, B * Lq, E, D, 1.0f, qp, (size_t)D, m->out_proj_weight + (size_t)h * D,
-                     (size_t)E, 1.0f, out, (size_t)E, scratch, nt);
-    }
-}
 
 /* Whether n1 floats at a and n2 floats at b share memory. */
 static int mha__overlap(const float *a, size_t n1, const float *b, size_t n2)
@@ -3057,372 +2693,6 @@ static mha_status mha__copy_aliased(const float *out, size_t nout, const float *
     return MHA_OK;
 }
 
-MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
-                              const float *query, const float *key, const float *value,
-                              const mha_options *opt, float *out, float *attn_weights,
-                              void *workspace, size_t workspace_bytes)
-{
-    mha_options zero;
-    mha__fwd_layout L;
-    mha__attn a;
-    void *owned;
-    float *ws, *qp, *kp, *vp, *scratch;
-    const float *wq, *wk, *wv, *bq, *bk, *bv;
-    const float *pq, *pk, *pv, *po;   /* prepacked panels, or NULL: pack per call */
-    size_t need;
-    int E, Ekv, b, extra;
-    mha_status st;
-
-    if (!query || !key || !value || !out) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
-    if ((st = mha__fwd_plan(m, B, Lq, Lk, opt, attn_weights != NULL, &L)) != MHA_OK) return st;
-    if ((st = mha__packed_get(m, &pq, &pk, &pv, &po)) != MHA_OK) return st;
-    if (!mha__mul(L.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
-    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
-
-    E = L.E; Ekv = L.Ekv;
-    qp = ws + L.qp; kp = ws + L.kp; vp = ws + L.vp; scratch = ws + L.scratch;
-    if (m->in_proj_weight) {
-        wq = m->in_proj_weight;
-        wk = wq + (size_t)E * E;
-        wv = wk + (size_t)Ekv * E;
-    } else {
-        wq = m->q_proj_weight; wk = m->k_proj_weight; wv = m->v_proj_weight;
-    }
-    bq = m->in_proj_bias;
-    bk = bq ? bq + E : NULL;
-    bv = bq ? bq + E + Ekv : NULL;
-
-    if (L.by_head) {
-        const float *x[3];
-        size_t n[3];
-        void *copy;
-        x[0] = query; x[1] = key; x[2] = value;
-        n[0] = (size_t)B * Lq * E; n[1] = (size_t)B * Lk * L.kdim; n[2] = (size_t)B * Lk * L.vdim;
-        if ((st = mha__copy_aliased(out, n[0], x, n, &copy)) != MHA_OK) {
-            if (owned) MHA_FREE(owned);
-            return st;
-        }
-        mha__forward_by_head(m, &L, B, Lq, Lk, x[0], x[1], x[2], opt, out, qp, kp, vp, scratch,
-                             wq, wk, wv, bq, bk, bv);
-        if (copy) MHA_FREE(copy);
-        if (owned) MHA_FREE(owned);
-        return MHA_OK;
-    }
-
-    /* 1. key and value projections, K = Xk Wk^T + bk, for all batches.
-       K and V hold Lk_eff rows per batch: the Lk projected keys, then bias_k,
-       then a zero row (add_zero_attn: zeros after the head split are zero
-       columns in every head, i.e. one zero row before the split). */
-    extra = L.Lk_eff - Lk;
-    if (extra == 0) {
-        mha__linear_pp(B * Lk, L.kdim, Ekv, key, wk, bk, kp, scratch, mha__max_threads(opt), pk);
-        mha__linear_pp(B * Lk, L.vdim, Ekv, value, wv, bv, vp, scratch, mha__max_threads(opt), pv);
-    } else {
-        for (b = 0; b < B; ++b) {
-            float *kb = kp + (size_t)b * L.Lk_eff * Ekv, *vb = vp + (size_t)b * L.Lk_eff * Ekv;
-            int r = Lk;
-            mha__linear_pp(Lk, L.kdim, Ekv, key + (size_t)b * Lk * L.kdim, wk, bk, kb, scratch,
-                           mha__max_threads(opt), pk);
-            mha__linear_pp(Lk, L.vdim, Ekv, value + (size_t)b * Lk * L.vdim, wv, bv, vb, scratch,
-                           mha__max_threads(opt), pv);
-            if (m->bias_k) {
-                memcpy(kb + (size_t)r * Ekv, m->bias_k, (size_t)Ekv * sizeof(float));
-                memcpy(vb + (size_t)r * Ekv, m->bias_v, (size_t)Ekv * sizeof(float));
-                ++r;
-            }
-            if (m->add_zero_attn) {
-                memset(kb + (size_t)r * Ekv, 0, (size_t)Ekv * sizeof(float));
-                memset(vb + (size_t)r * Ekv, 0, (size_t)Ekv * sizeof(float));
-            }
-        }
-    }
-
-    /* RoPE on the Lk real keys of every batch (not on appended rows), key j at
-       position offset + j; the queries below at offset + i' */
-    mha__rope_apply(&m->rope, L.D, B, Lk, L.Hkv, (size_t)L.Lk_eff * Ekv, (size_t)Ekv, (size_t)L.D,
-                    opt->position_offset, NULL, 1.0f, kp);
-
-    /* The queries go through in chunks of nb batches x nq rows (all of them
-       at once when the weights are wanted); a chunk's rows are contiguous
-       in query and out because nb > 1 only when nq == Lq. */
-    mha__attn_common(&a, opt, B, L.H, Lq, Lk, L.Lk_eff, L.D, L.D);
-    a.Hkv = L.Hkv; a.group = L.H / L.Hkv;
-    a.weights = attn_weights; a.per_head = opt->per_head_weights != 0;
-    a.shared_pack = L.H < a.nthreads;
-    for (b = 0; b < B; b += L.chunk_b) {
-        int q0;
-        a.b0 = b;
-        a.nb = B - b < L.chunk_b ? B - b : L.chunk_b;
-        for (q0 = 0; q0 < Lq; q0 += L.chunk_q) {
-            size_t first = ((size_t)b * Lq + q0) * E;   /* offset of the chunk in query/out */
-            int rows;
-            a.q0 = q0;
-            a.nq = Lq - q0 < L.chunk_q ? Lq - q0 : L.chunk_q;
-            rows = a.nb * a.nq;
-
-            /* 2. Q = Xq Wq^T + bq for the chunk's rows */
-            mha__linear_pp(rows, E, E, query + first, wq, bq, qp, scratch, a.nthreads, pq);
-            mha__rope_apply(&m->rope, L.D, a.nb, a.nq, L.H, (size_t)a.nq * E, (size_t)E, (size_t)L.D,
-                            mha__query_pos0(opt, Lq, Lk) + q0, NULL, 1.0f, qp);
-
-            /* 3. attention per (batch, head) on the head-interleaved [rows, E]
-               layout; each head's context overwrites that head's Q columns,
-               which its tile has finished reading, so no context buffer */
-            a.q.p = qp; a.q.rs = (size_t)E; a.q.hs = (size_t)L.D; a.q.bs = (size_t)a.nq * E;
-            a.k.p = kp + (size_t)b * L.Lk_eff * Ekv;
-            a.k.rs = (size_t)Ekv; a.k.hs = (size_t)L.D; a.k.bs = (size_t)L.Lk_eff * Ekv;
-            a.v.p = vp + (size_t)b * L.Lk_eff * Ekv;
-            a.v.rs = (size_t)Ekv; a.v.hs = (size_t)L.D; a.v.bs = (size_t)L.Lk_eff * Ekv;
-            a.o = qp;   a.o_rs = (size_t)E; a.o_hs = (size_t)L.D; a.o_bs = (size_t)a.nq * E;
-            mha__attend_all(&a, scratch, L.per_thread);
-
-            /* 4. output projection: out = concat_h(O_h) Wo^T + bo */
-            mha__linear_pp(rows, E, E, qp, m->out_proj_weight, m->out_proj_bias, out + first, scratch,
-                           a.nthreads, po);
-        }
-    }
-
-    if (owned) MHA_FREE(owned);
-    return MHA_OK;
-}
-
-/* --------------------------------------------------------- KV cache */
-
-static mha_status mha__check_cache(const mha_kv_cache *c)
-{
-    size_t n;
-    int b;
-    if (!c || !c->k || !c->v || !c->len) return MHA_ERR_NULL_POINTER;
-    if (c->B <= 0 || c->Hkv <= 0 || c->D <= 0 || c->capacity <= 0) return MHA_ERR_INVALID_SIZE;
-    if (!mha__mul3((size_t)c->B * (size_t)c->Hkv, (size_t)c->capacity, (size_t)c->D, &n) ||
-        !mha__mul(n, sizeof(float), &n))
-        return MHA_ERR_OVERFLOW;
-    for (b = 0; b < c->B; ++b) if (c->len[b] < 0 || c->len[b] > c->capacity) return MHA_ERR_INVALID_ARGUMENT;
-    return MHA_OK;
-}
-
-/* Room for n more tokens in every row? */
-static mha_status mha__cache_room(const mha_kv_cache *c, int n)
-{
-    int b;
-    for (b = 0; b < c->B; ++b) if (n > c->capacity - c->len[b]) return MHA_ERR_CAPACITY;
-    return MHA_OK;
-}
-
-/* Copy n tokens of every row into the cache at len[b]; token t of row b, KV
-   head g is at k + b*bs + g*hs + t*ts.  len += n.  */
-static void mha__cache_write(mha_kv_cache *c, int n, const float *k, const float *v, size_t bs, size_t hs,
-                             size_t ts)
-{
-    int b, g, t, D = c->D;
-    for (b = 0; b < c->B; ++b) {
-        for (g = 0; g < c->Hkv; ++g)
-            for (t = 0; t < n; ++t) {
-                size_t dst = (((size_t)b * c->Hkv + g) * c->capacity + c->len[b] + t) * D;
-                size_t src = (size_t)b * bs + (size_t)g * hs + (size_t)t * ts;
-                memcpy(c->k + dst, k + src, (size_t)D * sizeof(float));
-                memcpy(c->v + dst, v + src, (size_t)D * sizeof(float));
-            }
-        c->len[b] += n;
-    }
-}
-
-MHADEF mha_status mha_kv_cache_append(mha_kv_cache *c, int n, const float *k_new, const float *v_new)
-{
-    mha_status st;
-    if ((st = mha__check_cache(c)) != MHA_OK) return st;
-    if (!k_new || !v_new) return MHA_ERR_NULL_POINTER;
-    if (n <= 0) return MHA_ERR_INVALID_SIZE;
-    if ((st = mha__cache_room(c, n)) != MHA_OK) return st;
-    mha__cache_write(c, n, k_new, v_new, (size_t)c->Hkv * n * c->D, (size_t)n * c->D, (size_t)c->D);
-    return MHA_OK;
-}
-
-/* Checks and scratch of an attention over the cache: one row at a time, with
-   keys up to capacity.  */
-static mha_status mha__cache_attend_plan(const mha_kv_cache *c, int H, int Lq, const mha_options *opt,
-                                         size_t *per_thread, size_t *total_floats)
-{
-    mha_status st;
-    int b, nt = mha__max_threads(opt);
-    if ((st = mha__check_cache(c)) != MHA_OK) return st;
-    if (H <= 0 || Lq <= 0) return MHA_ERR_INVALID_SIZE;
-    if (opt->attn_mask.kind != MHA_MASK_NONE || opt->key_padding_mask.kind != MHA_MASK_NONE)
-        return MHA_ERR_INVALID_ARGUMENT;
-    if ((st = mha__check_masks(opt, c->B, H, Lq, c->capacity)) != MHA_OK) return st;
-    if ((st = mha__check_decode(opt, H, c->Hkv, NULL, c->D)) != MHA_OK) return st;
-    for (b = 0; b < c->B; ++b) if (c->len[b] < 1) return MHA_ERR_INVALID_ARGUMENT;   /* no key */
-    if (!mha__attn_scratch_floats(Lq, c->capacity, c->capacity, c->D, c->D, nt, 0, H < nt, per_thread,
-                                  total_floats) ||
-        !mha__add(*total_floats, MHA__ALIGN_FLOATS, total_floats))
-        return MHA_ERR_OVERFLOW;
-    return MHA_OK;
-}
-
-/* Run it: queries and outputs as views (b, h, i) -> p + b*bs + h*hs + i*rs */
-static void mha__cache_attend_run(const mha_kv_cache *c, int H, int Lq, const mha_options *opt,
-                                  const mha__view *q, float *o, size_t o_bs, size_t o_hs, size_t o_rs,
-                                  float *ws, size_t per_thread)
-{
-    mha_options ob = *opt;
-    int b, D = c->D;
-    ob.causal_align = MHA_CAUSAL_BOTTOM_RIGHT;
-    for (b = 0; b < c->B; ++b) {       /* each row has its own Lk = len[b] */
-        mha__attn a;
-        int Lk = c->len[b];
-        mha__attn_common(&a, &ob, 1, H, Lq, Lk, Lk, D, D);
-        a.Hkv = c->Hkv; a.group = H / c->Hkv;
-        a.q.p = q->p + (size_t)b * q->bs; a.q.bs = 0; a.q.hs = q->hs; a.q.rs = q->rs;
-        a.k.p = c->k + (size_t)b * c->Hkv * c->capacity * D;
-        a.v.p = c->v + (size_t)b * c->Hkv * c->capacity * D;
-        a.k.bs = a.v.bs = 0; a.k.hs = a.v.hs = (size_t)c->capacity * D; a.k.rs = a.v.rs = (size_t)D;
-        a.o = o + (size_t)b * o_bs; a.o_bs = 0; a.o_hs = o_hs; a.o_rs = o_rs;
-        a.weights = NULL; a.per_head = 1;
-        a.lse = opt->lse ? opt->lse + (size_t)b * H * Lq : NULL;
-        a.shared_pack = H < a.nthreads;
-        mha__attend_all(&a, ws, per_thread);
-    }
-}
-
-MHADEF mha_status mha_kv_cache_attend_workspace_size(const mha_kv_cache *c, int H, int Lq,
-                                                     const mha_options *opt, size_t *bytes)
-{
-    mha_options zero;
-    size_t per_thread, total;
-    mha_status st;
-    if (!bytes) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
-    if ((st = mha__cache_attend_plan(c, H, Lq, opt, &per_thread, &total)) != MHA_OK) return st;
-    return mha__mul(total, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
-}
-
-MHADEF mha_status mha_kv_cache_attend(const mha_kv_cache *c, int H, int Lq, const float *q,
-                                      const mha_options *opt, float *out,
-                                      void *workspace, size_t workspace_bytes)
-{
-    mha_options zero;
-    mha__view qv;
-    size_t per_thread, total, need;
-    void *owned;
-    float *ws;
-    mha_status st;
-    int D;
-    if (!q || !out) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
-    if ((st = mha__cache_attend_plan(c, H, Lq, opt, &per_thread, &total)) != MHA_OK) return st;
-    if (!mha__mul(total, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
-    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
-    D = c->D;
-    qv.p = q; qv.bs = (size_t)H * Lq * D; qv.hs = (size_t)Lq * D; qv.rs = (size_t)D;
-    mha__cache_attend_run(c, H, Lq, opt, &qv, out, (size_t)H * Lq * D, (size_t)Lq * D, (size_t)D, ws, per_thread);
-    if (owned) MHA_FREE(owned);
-    return MHA_OK;
-}
-
-/* Workspace of mha_forward_cached: Q (then the context) [B*Lq, E], the new
-   K and V [B*Lq, Ekv], then scratch for the attention and the GEMMs.  */
-typedef struct mha__cached_layout {
-    int E, H, D, Ekv;
-    size_t qp, kn, vn, scratch, per_thread, total_floats;
-} mha__cached_layout;
-
-static mha_status mha__cached_plan(const mha_module *m, const mha_kv_cache *c, int Lq, const mha_options *opt,
-                                   mha__cached_layout *L)
-{
-    int kdim, vdim, Lk_eff, B, nt = mha__max_threads(opt);
-    size_t attn, g, g2, cur = 0;
-    mha_status st;
-    if ((st = mha__check_cache(c)) != MHA_OK) return st;
-    B = c->B;
-    if ((st = mha__check_module(m, B, Lq, Lq, &L->E, &L->H, &L->D, &kdim, &vdim, &Lk_eff)) != MHA_OK) return st;
-    if (kdim != L->E || vdim != L->E || Lk_eff != Lq) return MHA_ERR_INVALID_ARGUMENT;
-    if (opt->attn_mask.kind != MHA_MASK_NONE || opt->key_padding_mask.kind != MHA_MASK_NONE)
-        return MHA_ERR_INVALID_ARGUMENT;
-    if ((st = mha__check_masks(opt, B, L->H, Lq, Lq)) != MHA_OK) return st;
-    if ((st = mha__check_decode(opt, L->H, m->num_kv_heads, &m->rope, L->D)) != MHA_OK) return st;
-    if ((m->num_kv_heads ? m->num_kv_heads : L->H) != c->Hkv || L->D != c->D) return MHA_ERR_INVALID_ARGUMENT;
-    if ((size_t)B * (size_t)Lq > INT_MAX) return MHA_ERR_OVERFLOW;
-    L->Ekv = c->Hkv * L->D;
-    if ((st = mha__cache_room(c, Lq)) != MHA_OK) return st;
-    if (!mha__attn_scratch_floats(Lq, c->capacity, c->capacity, L->D, L->D, nt, 0, L->H < nt, &L->per_thread,
-                                  &attn))
-        return MHA_ERR_OVERFLOW;
-    g = mha__gemm_ws_floats_mt(B * Lq, L->E, L->E, nt);
-    g2 = mha__gemm_ws_floats_mt(B * Lq, L->Ekv, L->E, nt); if (g2 > g) g = g2;
-    if (!mha__region(&cur, (size_t)B * Lq * L->E, &L->qp) ||
-        !mha__region(&cur, (size_t)B * Lq * L->Ekv, &L->kn) ||
-        !mha__region(&cur, (size_t)B * Lq * L->Ekv, &L->vn) ||
-        !mha__region(&cur, attn > g ? attn : g, &L->scratch) ||
-        !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
-        return MHA_ERR_OVERFLOW;
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_forward_cached_workspace_size(const mha_module *m, const mha_kv_cache *c, int Lq,
-                                                    const mha_options *opt, size_t *bytes)
-{
-    mha_options zero;
-    mha__cached_layout L;
-    mha_status st;
-    if (!bytes) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
-    if ((st = mha__cached_plan(m, c, Lq, opt, &L)) != MHA_OK) return st;
-    return mha__mul(L.total_floats, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
-}
-
-MHADEF mha_status mha_forward_cached(const mha_module *m, mha_kv_cache *c, int Lq, const float *x,
-                                     const mha_options *opt, float *out,
-                                     void *workspace, size_t workspace_bytes)
-{
-    mha_options zero;
-    mha__cached_layout L;
-    mha__view qv;
-    void *owned;
-    float *ws, *qp, *kn, *vn, *scratch;
-    const float *wq, *wk, *wv, *bq, *bk, *bv;
-    size_t need;
-    int E, Ekv, B, b, nt;
-    mha_status st;
-    if (!x || !out) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
-    if ((st = mha__cached_plan(m, c, Lq, opt, &L)) != MHA_OK) return st;
-    if (!mha__mul(L.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
-    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
-    E = L.E; Ekv = L.Ekv; B = c->B; nt = mha__max_threads(opt);
-    qp = ws + L.qp; kn = ws + L.kn; vn = ws + L.vn; scratch = ws + L.scratch;
-    if (m->in_proj_weight) {
-        wq = m->in_proj_weight; wk = wq + (size_t)E * E; wv = wk + (size_t)Ekv * E;
-    } else {
-        wq = m->q_proj_weight; wk = m->k_proj_weight; wv = m->v_proj_weight;
-    }
-    bq = m->in_proj_bias; bk = bq ? bq + E : NULL; bv = bq ? bq + E + Ekv : NULL;
-
-    /* 1. Q, K, V of the new tokens: [B*Lq, E], [B*Lq, Ekv] */
-    mha__linear(B * Lq, E, E, x, wq, bq, qp, scratch, nt);
-    mha__linear(B * Lq, E, Ekv, x, wk, bk, kn, scratch, nt);
-    mha__linear(B * Lq, E, Ekv, x, wv, bv, vn, scratch, nt);
-
-    /* 2. RoPE at positions offset + len[b] + i, then append K and V */
-    for (b = 0; b < B; ++b) {
-        int pos0 = opt->position_offset + c->len[b];
-        mha__rope_apply(&m->rope, L.D, 1, Lq, L.H, 0, (size_t)E, (size_t)L.D, pos0, NULL, 1.0f,
-                        qp + (size_t)b * Lq * E);
-        mha__rope_apply(&m->rope, L.D, 1, Lq, c->Hkv, 0, (size_t)Ekv, (size_t)L.D, pos0, NULL, 1.0f,
-                        kn + (size_t)b * Lq * Ekv);
-    }
-    mha__cache_write(c, Lq, kn, vn, (size_t)Lq * Ekv, (size_t)L.D, (size_t)Ekv);
-
-    /* 3. attention over the cache; the context overwrites Q in place */
-    qv.p = qp; qv.bs = (size_t)Lq * E; qv.hs = (size_t)L.D; qv.rs = (size_t)E;
-    mha__cache_attend_run(c, L.H, Lq, opt, &qv, qp, (size_t)Lq * E, (size_t)L.D, (size_t)E, scratch,
-                          L.per_thread);
-
-    /* 4. out = C Wo^T + bo */
-    mha__linear(B * Lq, E, E, qp, m->out_proj_weight, m->out_proj_bias, out, scratch, nt);
-    if (owned) MHA_FREE(owned);
-    return MHA_OK;
-}
 
 /* =====================================================================
    TRAINING
@@ -3524,375 +2794,6 @@ static size_t mha__head_backward_gws(int Lq, int Lk, int D, int Dv)
     t = mha__gemm_ws_floats(Lq, D, Lk);  if (t > g) g = t;
     t = mha__gemm_ws_floats(Lk, D, Lq);  if (t > g) g = t;
     return g;
-}
-
-/* Workspace of one SDPA backward: P and dP of one head, and GEMM packing. */
-typedef struct mha__sdpa_bwd_layout { size_t p, dp, capped, psink, gws, total_floats; } mha__sdpa_bwd_layout;
-
-static mha_status mha__sdpa_bwd_plan(int B, int H, int Lq, int Lk, int D, int Dv,
-                                     const mha_options *opt, mha__sdpa_bwd_layout *L)
-{
-    size_t n, cur = 0;
-    mha_status st;
-    if (B <= 0 || H <= 0 || Lq <= 0 || Lk <= 0 || D <= 0 || Dv <= 0) return MHA_ERR_INVALID_SIZE;
-    if (!mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)(D > Dv ? D : Dv), &n) ||
-        !mha__mul(n, sizeof(float), &n) ||
-        !mha__mul3((size_t)B * (size_t)H, (size_t)Lk, (size_t)(D > Dv ? D : Dv), &n) ||
-        !mha__mul(n, sizeof(float), &n) ||
-        !mha__mul3((size_t)Lq, (size_t)Lk, 2 * sizeof(float), &n) ||
-        !mha__dim_ok(Lq) || !mha__dim_ok(Lk) || !mha__dim_ok(D) || !mha__dim_ok(Dv))
-        return MHA_ERR_OVERFLOW;
-    if ((st = mha__check_masks(opt, B, H, Lq, Lk)) != MHA_OK) return st;
-    if ((st = mha__check_decode(opt, H, opt->num_kv_heads, NULL, D)) != MHA_OK) return st;
-    if (!mha__region(&cur, (size_t)Lq * Lk, &L->p) ||
-        !mha__region(&cur, (size_t)Lq * Lk, &L->dp) ||
-        !mha__region(&cur, opt->softcap > 0.0f ? (size_t)Lq * Lk : 0, &L->capped) ||
-        !mha__region(&cur, (size_t)Lq, &L->psink) ||
-        !mha__region(&cur, mha__head_backward_gws(Lq, Lk, D, Dv), &L->gws) ||
-        !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
-        return MHA_ERR_OVERFLOW;
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_sdpa_backward_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
-                                                   const mha_options *opt, size_t *bytes)
-{
-    mha_options zero;
-    mha__sdpa_bwd_layout L;
-    mha_status st;
-    if (!bytes) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
-    if ((st = mha__sdpa_bwd_plan(B, H, Lq, Lk, D, Dv, opt, &L)) != MHA_OK) return st;
-    return mha__mul(L.total_floats, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
-}
-
-MHADEF mha_status mha_sdpa_backward(int B, int H, int Lq, int Lk, int D, int Dv,
-                                    const float *q, const float *k, const float *v,
-                                    const float *dout, const mha_options *opt,
-                                    float *dq, float *dk, float *dv,
-                                    void *workspace, size_t workspace_bytes)
-{
-    mha_options zero;
-    mha__sdpa_bwd_layout L;
-    mha__attn a;
-    void *owned;
-    float *ws;
-    size_t need;
-    int b, h;
-    mha_status st;
-    if (!q || !k || !v || !dout) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
-    if ((st = mha__sdpa_bwd_plan(B, H, Lq, Lk, D, Dv, opt, &L)) != MHA_OK) return st;
-    if (!mha__mul(L.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
-    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
-
-    mha__attn_common(&a, opt, B, H, Lq, Lk, Lk, D, Dv);
-    a.q.p = q; a.q.rs = (size_t)D;  a.q.hs = (size_t)Lq * D;  a.q.bs = (size_t)H * Lq * D;
-    a.k.p = k; a.k.rs = (size_t)D;  a.k.hs = (size_t)Lk * D;  a.k.bs = (size_t)a.Hkv * Lk * D;
-    a.v.p = v; a.v.rs = (size_t)Dv; a.v.hs = (size_t)Lk * Dv; a.v.bs = (size_t)a.Hkv * Lk * Dv;
-    a.o = NULL; a.o_rs = (size_t)Dv; a.o_hs = (size_t)Lq * Dv; a.o_bs = (size_t)H * Lq * Dv;
-    a.weights = NULL; a.per_head = 1;
-    for (b = 0; b < B; ++b)
-        for (h = 0; h < H; ++h)
-            mha__attend_head_backward(&a, b, h, dout, dq, dk, dv, ws + L.p, ws + L.dp,
-                                      ws + L.capped, ws + L.psink, ws + L.gws);
-    if (owned) MHA_FREE(owned);
-    return MHA_OK;
-}
-
-/* ------------------------------------------------------ linear */
-
-/* Y[rows, out] = X[rows, in] W^T + b   (W [out, in], b [out] or NULL) */
-static void mha__linear_forward(int rows, int in, int out, const float *X, const float *W,
-                                const float *b, float *Y, float *gws)
-{
-    if (b) {
-        int r;
-        for (r = 0; r < rows; ++r) memcpy(Y + (size_t)r * out, b, (size_t)out * sizeof(float));
-    }
-    mha__gemm(0, 1, rows, out, in, 1.0f, X, (size_t)in, W, (size_t)in, b ? 1.0f : 0.0f,
-              Y, (size_t)out, gws);
-}
-
-/* GEMM workspace floats of a Linear's forward and backward products. */
-static size_t mha__linear_gws(int rows, int in, int out)
-{
-    size_t g = mha__gemm_ws_floats(rows, out, in), t;
-    t = mha__gemm_ws_floats(rows, in, out); if (t > g) g = t;
-    t = mha__gemm_ws_floats(out, in, rows); if (t > g) g = t;
-    return g;
-}
-
-/* Backward of Y[rows, out] = X[rows, in] W^T + b   (W [out, in]):
-     dX += dY W          [rows, in]
-     dW += dY^T X        [out, in]
-     db += sum_r dY[r]   [out]
-   Any of dX, dW, db may be NULL.  */
-static void mha__linear_backward(int rows, int in, int out, const float *X, const float *W,
-                                 const float *dY, float *dX, float *dW, float *db, float *gws)
-{
-    if (dX)
-        mha__gemm(0, 0, rows, in, out, 1.0f, dY, (size_t)out, W, (size_t)in, 1.0f,
-                  dX, (size_t)in, gws);
-    if (dW)
-        mha__gemm(1, 0, out, in, rows, 1.0f, dY, (size_t)out, X, (size_t)in, 1.0f,
-                  dW, (size_t)in, gws);
-    if (db) {
-        int r, j;
-        for (r = 0; r < rows; ++r)
-            for (j = 0; j < out; ++j) db[j] += dY[(size_t)r * out + j];
-    }
-}
-
-static int mha__linear_sizes_ok(int rows, int in, int out)
-{
-    size_t n;
-    return mha__dim_ok(rows) && mha__dim_ok(in) && mha__dim_ok(out) &&
-           mha__mul3((size_t)rows, (size_t)(in > out ? in : out), sizeof(float), &n) &&
-           mha__mul3((size_t)in, (size_t)out, sizeof(float), &n);
-}
-
-MHADEF size_t mha_linear_workspace_size(int rows, int in, int out)
-{
-    size_t f;
-    if (rows <= 0 || in <= 0 || out <= 0 || !mha__linear_sizes_ok(rows, in, out)) return 0;
-    f = mha__linear_gws(rows, in, out);
-    return f ? (f + MHA__ALIGN_FLOATS) * sizeof(float) : 0;
-}
-
-MHADEF mha_status mha_linear_forward(int rows, int in, int out, const float *x, const float *W,
-                                     const float *b, float *y, void *workspace, size_t workspace_bytes)
-{
-    void *owned = NULL;
-    float *ws = NULL;
-    size_t need;
-    mha_status st;
-    if (!x || !W || !y) return MHA_ERR_NULL_POINTER;
-    if (rows <= 0 || in <= 0 || out <= 0) return MHA_ERR_INVALID_SIZE;
-    if (!mha__linear_sizes_ok(rows, in, out)) return MHA_ERR_OVERFLOW;
-    need = mha_linear_workspace_size(rows, in, out);
-    if (need && (st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
-    mha__linear_forward(rows, in, out, x, W, b, y, ws);
-    if (owned) MHA_FREE(owned);
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_linear_backward(int rows, int in, int out, const float *x, const float *W,
-                                      const float *dy, float *dx, float *dW, float *db,
-                                      void *workspace, size_t workspace_bytes)
-{
-    void *owned = NULL;
-    float *ws = NULL;
-    size_t need;
-    mha_status st;
-    if (!x || !W || !dy) return MHA_ERR_NULL_POINTER;
-    if (rows <= 0 || in <= 0 || out <= 0) return MHA_ERR_INVALID_SIZE;
-    if (!mha__linear_sizes_ok(rows, in, out)) return MHA_ERR_OVERFLOW;
-    need = mha_linear_workspace_size(rows, in, out);
-    if (need && (st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
-    mha__linear_backward(rows, in, out, x, W, dy, dx, dW, db, ws);
-    if (owned) MHA_FREE(owned);
-    return MHA_OK;
-}
-
-/* --------------------------------------------------- module backward */
-
-/* Workspace of one mha_backward call (offsets in floats).  K and V hold
-   Lk_eff = Lk (+1 with bias_k) (+1 with add_zero_attn) rows per batch. */
-typedef struct mha__bwd_layout {
-    int E, H, D, kdim, vdim, Lk_eff;
-    int Hkv, Ekv;
-    size_t qp, kp, vp, ctx, dctx, dqp, dkp, dvp, p, dp, capped, psink, gws, total_floats;
-} mha__bwd_layout;
-
-static mha_status mha__bwd_plan(const mha_module *m, int B, int Lq, int Lk,
-                                const mha_options *opt, mha__bwd_layout *L)
-{
-    size_t n, cur = 0, g, t, nk;
-    int widest;
-    mha_status st;
-    st = mha__check_module(m, B, Lq, Lk, &L->E, &L->H, &L->D, &L->kdim, &L->vdim, &L->Lk_eff);
-    if (st != MHA_OK) return st;
-    widest = L->E;
-    if (L->kdim > widest) widest = L->kdim;
-    if (L->vdim > widest) widest = L->vdim;
-    if ((size_t)B * (size_t)Lq > MHA__INT_LIMIT || (size_t)B * (size_t)L->Lk_eff > MHA__INT_LIMIT ||
-        !mha__mul3((size_t)B * (size_t)(Lq > L->Lk_eff ? Lq : L->Lk_eff), (size_t)widest,
-                   8 * sizeof(float), &n) ||
-        !mha__mul3((size_t)Lq, (size_t)L->Lk_eff, 2 * sizeof(float), &n) ||
-        !mha__mul3((size_t)3 * L->E, (size_t)widest, sizeof(float), &n))
-        return MHA_ERR_OVERFLOW;
-    if ((st = mha__check_masks(opt, B, L->H, Lq, Lk)) != MHA_OK) return st;
-    if ((st = mha__check_decode(opt, L->H, m->num_kv_heads, &m->rope, L->D)) != MHA_OK) return st;
-    L->Hkv = m->num_kv_heads ? m->num_kv_heads : L->H;
-    L->Ekv = L->Hkv * L->D;
-    g = mha__linear_gws(B * Lq, L->E, L->E);
-    t = mha__linear_gws(B * Lk, L->kdim, L->E);                  if (t > g) g = t;
-    t = mha__linear_gws(B * Lk, L->vdim, L->E);                  if (t > g) g = t;
-    t = mha__head_backward_gws(Lq, L->Lk_eff, L->D, L->D);       if (t > g) g = t;
-    nk = (size_t)B * L->Lk_eff * L->Ekv;
-    if (!mha__region(&cur, (size_t)B * Lq * L->E, &L->qp) ||
-        !mha__region(&cur, nk, &L->kp) ||
-        !mha__region(&cur, nk, &L->vp) ||
-        !mha__region(&cur, (size_t)B * Lq * L->E, &L->ctx) ||
-        !mha__region(&cur, (size_t)B * Lq * L->E, &L->dctx) ||
-        !mha__region(&cur, (size_t)B * Lq * L->E, &L->dqp) ||
-        !mha__region(&cur, nk, &L->dkp) ||
-        !mha__region(&cur, nk, &L->dvp) ||
-        !mha__region(&cur, (size_t)Lq * L->Lk_eff, &L->p) ||
-        !mha__region(&cur, (size_t)Lq * L->Lk_eff, &L->dp) ||
-        !mha__region(&cur, opt->softcap > 0.0f ? (size_t)Lq * L->Lk_eff : 0, &L->capped) ||
-        !mha__region(&cur, (size_t)Lq, &L->psink) ||
-        !mha__region(&cur, g, &L->gws) ||
-        !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
-        return MHA_ERR_OVERFLOW;
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_backward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
-                                              const mha_options *opt, size_t *bytes)
-{
-    mha_options zero;
-    mha__bwd_layout L;
-    mha_status st;
-    if (!bytes) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
-    if ((st = mha__bwd_plan(m, B, Lq, Lk, opt, &L)) != MHA_OK) return st;
-    return mha__mul(L.total_floats, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
-}
-
-/* K or V of every batch, Lk_eff rows each: X W^T + b for the Lk real keys, then
-   the bias_k/bias_v row, then a zero row (add_zero_attn), as the forward builds them. */
-static void mha__kv_project(int B, int Lk, int Lk_eff, int in, int E, const float *X,
-                            const float *W, const float *b, const float *extra, int zero_row,
-                            float *Y, float *gws)
-{
-    int bb;
-    if (Lk_eff == Lk) { mha__linear_forward(B * Lk, in, E, X, W, b, Y, gws); return; }
-    for (bb = 0; bb < B; ++bb) {
-        float *Yb = Y + (size_t)bb * Lk_eff * E;
-        int r = Lk;
-        mha__linear_forward(Lk, in, E, X + (size_t)bb * Lk * in, W, b, Yb, gws);
-        if (extra) memcpy(Yb + (size_t)r++ * E, extra, (size_t)E * sizeof(float));
-        if (zero_row) memset(Yb + (size_t)r * E, 0, (size_t)E * sizeof(float));
-    }
-}
-
-/* ... and its backward: the real rows go through the Linear, the bias_k/bias_v
-   row's gradient is summed over the batches into dextra, the zero row has none. */
-static void mha__kv_project_backward(int B, int Lk, int Lk_eff, int in, int E, const float *X,
-                                     const float *W, const float *dY, float *dX, float *dW,
-                                     float *db, int has_extra, float *dextra, float *gws)
-{
-    int bb;
-    if (Lk_eff == Lk) { mha__linear_backward(B * Lk, in, E, X, W, dY, dX, dW, db, gws); return; }
-    for (bb = 0; bb < B; ++bb) {
-        const float *dYb = dY + (size_t)bb * Lk_eff * E;
-        mha__linear_backward(Lk, in, E, X + (size_t)bb * Lk * in, W, dYb,
-                             dX ? dX + (size_t)bb * Lk * in : NULL, dW, db, gws);
-        if (has_extra && dextra) mha__axpy(dextra, 1.0f, dYb + (size_t)Lk * E, E);
-    }
-}
-
-/* Backward of the module, in the reverse order of the forward:
-     forward:  Q = Xq Wq^T + bq,  K = ..,  V = ..           [B*L, E]
-               C_h = softmax(scale Q_h K_h^T + mask) V_h     per head
-               Y = C Wo^T + bo
-     backward: dC = dY Wo;   dWo += dY^T C;   dbo += colsum dY
-               dQ_h, dK_h, dV_h from the head backward
-               dXq += dQ Wq;  dWq += dQ^T Xq;  dbq += colsum dQ   (and K, V)  */
-MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
-                               const float *query, const float *key, const float *value,
-                               const float *dout, const mha_options *opt,
-                               float *dquery, float *dkey, float *dvalue, mha_module_grad *grad,
-                               void *workspace, size_t workspace_bytes)
-{
-    mha_options zero;
-    mha_module_grad nog;
-    mha__bwd_layout L;
-    mha__attn a;
-    void *owned;
-    float *ws, *qp, *kp, *vp, *ctx, *dctx, *dqp, *dkp, *dvp, *gws;
-    const float *wq, *wk, *wv, *bq, *bk, *bv;
-    float *gwq, *gwk, *gwv, *gbq, *gbk, *gbv;
-    size_t need, nq, nk;
-    int E, Ekv, b, h;
-    mha_status st;
-
-    if (!query || !key || !value || !dout) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
-    if (!grad) { memset(&nog, 0, sizeof nog); grad = &nog; }
-    if ((st = mha__bwd_plan(m, B, Lq, Lk, opt, &L)) != MHA_OK) return st;
-    if (!mha__mul(L.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
-    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
-
-    E = L.E; Ekv = L.Ekv;
-    nq = (size_t)B * Lq * E; nk = (size_t)B * L.Lk_eff * Ekv;
-    qp = ws + L.qp; kp = ws + L.kp; vp = ws + L.vp; ctx = ws + L.ctx; dctx = ws + L.dctx;
-    dqp = ws + L.dqp; dkp = ws + L.dkp; dvp = ws + L.dvp; gws = ws + L.gws;
-    if (m->in_proj_weight) {
-        wq = m->in_proj_weight; wk = wq + (size_t)E * E; wv = wk + (size_t)Ekv * E;
-        gwq = grad->in_proj_weight;
-        gwk = gwq ? gwq + (size_t)E * E : NULL;
-        gwv = gwq ? gwq + (size_t)(E + Ekv) * E : NULL;
-    } else {
-        wq = m->q_proj_weight; wk = m->k_proj_weight; wv = m->v_proj_weight;
-        gwq = grad->q_proj_weight; gwk = grad->k_proj_weight; gwv = grad->v_proj_weight;
-    }
-    bq = m->in_proj_bias; bk = bq ? bq + E : NULL; bv = bq ? bq + E + Ekv : NULL;
-    gbq = bq ? grad->in_proj_bias : NULL;
-    gbk = gbq ? gbq + E : NULL;
-    gbv = gbq ? gbq + E + Ekv : NULL;
-
-    /* 1. recompute the projections Q, K, V (K and V with their appended rows) */
-    mha__linear_forward(B * Lq, E, E, query, wq, bq, qp, gws);
-    mha__kv_project(B, Lk, L.Lk_eff, L.kdim, Ekv, key, wk, bk, m->bias_k, m->add_zero_attn, kp, gws);
-    mha__kv_project(B, Lk, L.Lk_eff, L.vdim, Ekv, value, wv, bv, m->bias_v, m->add_zero_attn, vp, gws);
-    mha__rope_apply(&m->rope, L.D, B, Lq, L.H, (size_t)Lq * E, (size_t)E, (size_t)L.D,
-                    mha__query_pos0(opt, Lq, Lk), NULL, 1.0f, qp);
-    mha__rope_apply(&m->rope, L.D, B, Lk, L.Hkv, (size_t)L.Lk_eff * Ekv, (size_t)Ekv, (size_t)L.D,
-                    opt->position_offset, NULL, 1.0f, kp);
-
-    /* 2. through the output projection: dC = dY Wo   [B*Lq, E] */
-    mha__gemm(0, 0, B * Lq, E, E, 1.0f, dout, (size_t)E, m->out_proj_weight, (size_t)E, 0.0f,
-              dctx, (size_t)E, gws);
-
-    /* 3. attention, head by head: C (for step 4) and dQ, dK, dV */
-    memset(dqp, 0, nq * sizeof(float));
-    memset(dkp, 0, nk * sizeof(float));
-    memset(dvp, 0, nk * sizeof(float));
-    mha__attn_common(&a, opt, B, L.H, Lq, Lk, L.Lk_eff, L.D, L.D);
-    a.Hkv = L.Hkv; a.group = L.H / L.Hkv;
-    a.q.p = qp; a.q.rs = (size_t)E; a.q.hs = (size_t)L.D; a.q.bs = (size_t)Lq * E;
-    a.k.p = kp; a.k.rs = (size_t)Ekv; a.k.hs = (size_t)L.D; a.k.bs = (size_t)L.Lk_eff * Ekv;
-    a.v.p = vp; a.v.rs = (size_t)Ekv; a.v.hs = (size_t)L.D; a.v.bs = (size_t)L.Lk_eff * Ekv;
-    a.o = ctx;  a.o_rs = (size_t)E; a.o_hs = (size_t)L.D; a.o_bs = (size_t)Lq * E;
-    a.weights = NULL; a.per_head = 0;
-    for (b = 0; b < B; ++b)
-        for (h = 0; h < L.H; ++h)
-            mha__attend_head_backward(&a, b, h, dctx, dqp, dkp, dvp, ws + L.p, ws + L.dp,
-                                      ws + L.capped, ws + L.psink, gws);
-
-    /* RoPE backward: the rotated Q and K's gradients turn back (the transpose) */
-    mha__rope_apply(&m->rope, L.D, B, Lq, L.H, (size_t)Lq * E, (size_t)E, (size_t)L.D,
-                    mha__query_pos0(opt, Lq, Lk), NULL, -1.0f, dqp);
-    mha__rope_apply(&m->rope, L.D, B, Lk, L.Hkv, (size_t)L.Lk_eff * Ekv, (size_t)Ekv, (size_t)L.D,
-                    opt->position_offset, NULL, -1.0f, dkp);
-
-    /* 4. output projection weights: dWo += dY^T C,  dbo += colsum dY */
-    mha__linear_backward(B * Lq, E, E, ctx, m->out_proj_weight, dout, NULL,
-                         grad->out_proj_weight, m->out_proj_bias ? grad->out_proj_bias : NULL, gws);
-
-    /* 5. input projections: dX += dQ Wq,  dWq += dQ^T X,  dbq += colsum dQ (K, V alike;
-          the bias_k / bias_v rows collect their own gradient) */
-    mha__linear_backward(B * Lq, E, E, query, wq, dqp, dquery, gwq, gbq, gws);
-    mha__kv_project_backward(B, Lk, L.Lk_eff, L.kdim, Ekv, key, wk, dkp, dkey, gwk, gbk,
-                             m->bias_k != NULL, grad->bias_k, gws);
-    mha__kv_project_backward(B, Lk, L.Lk_eff, L.vdim, Ekv, value, wv, dvp, dvalue, gwv, gbv,
-                             m->bias_v != NULL, grad->bias_v, gws);
-
-    if (owned) MHA_FREE(owned);
-    return MHA_OK;
 }
 
 /* -------------------------------------------------------- layer norm */
@@ -4012,145 +2913,1445 @@ static void mha__activation_backward(mha_activation act, size_t n, const float *
     }
 }
 
-/* ------------------------------------------------------ encoder layer */
+/* =====================================================================
+   PLANS
+   A plan fixes once what every run of it shares: the shapes (B and the
+   largest Lq, Lk), the options, the thread count, what the runs may ask for
+   (weights, a backward) and, for a module, its weights resolved and maybe
+   packed.  Making it validates everything and computes the exact
+   workspace; a run then only checks its lengths against the plan and reads
+   it, so one plan may run from many threads at once, each with its own
+   workspace.  The one-shot calls (mha_sdpa, mha_forward, ...) make a plan
+   on the stack and run it once.
+   ===================================================================== */
 
-/* Workspace of the encoder layer (offsets in floats), shared by forward and
-   backward.  N = B*L rows.
-     a   [N,E] attention output          t1  [N,E] x + a (post) / LN1(x) (pre)
-     h   [N,E] after the first residual  z   [N,F] linear1 output
-     g   [N,F] act(z)                    t2  [N,E] h + f (post) / LN2(h) (pre)
-     d1, d2 [N,E], dg [N,F]: backward only
-     sub: the self-attention's own workspace (forward or backward, whichever is larger) */
-typedef struct mha__enc_layout {
-    int E, F, N;
-    size_t a, t1, h, z, g, t2, d1, d2, dg, gws, sub, sub_bytes, total_floats;
-} mha__enc_layout;
+/* ------------------------------------------------------ linear */
 
-static mha_status mha__enc_plan(const mha_encoder_layer *ly, int B, int L,
-                                const mha_options *opt, mha__enc_layout *P)
+/* Y[rows, out] = X[rows, in] W^T + b  (nn.Linear; W [out, in] as PyTorch
+   stores it, b [out] or NULL) on nthreads threads: the one Linear of the
+   forward and backward passes.
+   gws: mha__linear_gws(rows, in, out, nthreads) floats.
+   pw: NULL, or W prepacked (mha__prepack_b of this whole W).
+   X is read in place, not packed: an MR-row sliver of it (MR x KC floats)
+   stays in L1 while it meets all out/NR slivers of W, and skipping its copy
+   made the forward at L = 128..512, E = 512 2-5% faster (AVX-512, one
+   thread, CPU time, alternating runs); the sums are those of a packed X.  */
+static void mha__linear_pp(int rows, int in, int out, const float *X, const float *W,
+                           const float *b, float *Y, float *gws, int nthreads, const float *pw)
 {
-    size_t cur = 0, n, fb = 0, fw = 0, bb = 0, g, t;
-    mha_status st;
-    if (!ly) return MHA_ERR_NULL_POINTER;
-    if (!ly->linear1_weight || !ly->linear2_weight) return MHA_ERR_NULL_POINTER;
-    if (ly->dim_feedforward <= 0 || B <= 0 || L <= 0) return MHA_ERR_INVALID_SIZE;
-    if ((ly->activation != MHA_ACT_RELU && ly->activation != MHA_ACT_GELU) ||
-        (ly->norm_first != 0 && ly->norm_first != 1) ||
-        !(ly->layer_norm_eps >= 0.0f) || ly->layer_norm_eps == INFINITY)
-        return MHA_ERR_INVALID_ARGUMENT;
-    /* the backward's limits (in_proj_weight, no bias_k / zero attn) apply to both calls */
-    if ((st = mha_backward_workspace_size(&ly->self_attn, B, L, L, opt, &bb)) != MHA_OK) return st;
-    /* x [B, L, E] is the key and the value too: kdim and vdim must be E */
-    if ((ly->self_attn.kdim != 0 && ly->self_attn.kdim != ly->self_attn.embed_dim) ||
-        (ly->self_attn.vdim != 0 && ly->self_attn.vdim != ly->self_attn.embed_dim))
-        return MHA_ERR_INVALID_ARGUMENT;
-    /* the forward's need can differ with and without weights: take the larger */
-    if ((st = mha_forward_workspace_size(&ly->self_attn, B, L, L, opt, 0, &fb)) != MHA_OK) return st;
-    if ((st = mha_forward_workspace_size(&ly->self_attn, B, L, L, opt, 1, &fw)) != MHA_OK) return st;
-    if (fw > fb) fb = fw;
-    P->E = ly->self_attn.embed_dim; P->F = ly->dim_feedforward; P->N = B * L;
-    if (!mha__mul3((size_t)P->N, (size_t)P->F, sizeof(float), &n) ||
-        !mha__mul3((size_t)P->F, (size_t)P->E, sizeof(float), &n) || P->F > INT_MAX / 2)
+    if (b) {
+        int r;
+        for (r = 0; r < rows; ++r) memcpy(Y + (size_t)r * out, b, (size_t)out * sizeof(float));
+    }
+    mha__gemm_mt_pp(0, 1, rows, out, in, 1.0f, X, (size_t)in, W, (size_t)in, b ? 1.0f : 0.0f,
+                    Y, (size_t)out, gws, nthreads, pw, 1);
+}
+static void mha__linear(int rows, int in, int out, const float *X, const float *W,
+                        const float *b, float *Y, float *gws, int nthreads)
+{
+    mha__linear_pp(rows, in, out, X, W, b, Y, gws, nthreads, NULL);
+}
+
+/* Backward of Y[rows, out] = X[rows, in] W^T + b   (W [out, in]):
+     dX += dY W          [rows, in]
+     dW += dY^T X        [out, in]
+     db += sum_r dY[r]   [out]
+   Any of dX, dW, db may be NULL.  */
+static void mha__linear_backward(int rows, int in, int out, const float *X, const float *W,
+                                 const float *dY, float *dX, float *dW, float *db, float *gws,
+                                 int nthreads)
+{
+    if (dX)
+        mha__gemm_mt(0, 0, rows, in, out, 1.0f, dY, (size_t)out, W, (size_t)in, 1.0f,
+                     dX, (size_t)in, gws, nthreads);
+    if (dW)
+        mha__gemm_mt(1, 0, out, in, rows, 1.0f, dY, (size_t)out, X, (size_t)in, 1.0f,
+                     dW, (size_t)in, gws, nthreads);
+    if (db) {
+        int r, j;
+        for (r = 0; r < rows; ++r)
+            for (j = 0; j < out; ++j) db[j] += dY[(size_t)r * out + j];
+    }
+}
+
+/* GEMM workspace floats of a Linear's forward and backward products. */
+static size_t mha__linear_gws(int rows, int in, int out, int nthreads)
+{
+    size_t g = mha__gemm_ws_floats_mt(rows, out, in, nthreads), t;
+    t = mha__gemm_ws_floats_mt(rows, in, out, nthreads); if (t > g) g = t;
+    t = mha__gemm_ws_floats_mt(out, in, rows, nthreads); if (t > g) g = t;
+    return g;
+}
+
+/* K or V of every batch, Lk + extra rows each: X W^T + b for the Lk real
+   keys, then the appended row app (bias_k or bias_v), then a zero row
+   (add_zero_attn; zeros after the head split are one zero row before it),
+   as nn.MultiheadAttention builds them.  width is E, or D for one head's
+   columns (W, b and app then start at that head).  */
+static void mha__kv_project(int B, int Lk, int in, int width, const float *X, const float *W,
+                            const float *b, const float *app, int zero_row, float *Y, float *gws,
+                            int nthreads, const float *pw)
+{
+    int extra = (app != NULL) + zero_row, bb;
+    if (!extra) { mha__linear_pp(B * Lk, in, width, X, W, b, Y, gws, nthreads, pw); return; }
+    for (bb = 0; bb < B; ++bb) {
+        float *Yb = Y + (size_t)bb * (Lk + extra) * width;
+        int r = Lk;
+        mha__linear_pp(Lk, in, width, X + (size_t)bb * Lk * in, W, b, Yb, gws, nthreads, pw);
+        if (app) memcpy(Yb + (size_t)r++ * width, app, (size_t)width * sizeof(float));
+        if (zero_row) memset(Yb + (size_t)r * width, 0, (size_t)width * sizeof(float));
+    }
+}
+
+/* ... and its backward: the real rows go through the Linear, the appended
+   row's gradient is summed over the batches into dapp, the zero row has none. */
+static void mha__kv_project_backward(int B, int Lk, int extra, int in, int E, const float *X,
+                                     const float *W, const float *dY, float *dX, float *dW,
+                                     float *db, float *dapp, float *gws, int nthreads)
+{
+    int bb;
+    if (!extra) { mha__linear_backward(B * Lk, in, E, X, W, dY, dX, dW, db, gws, nthreads); return; }
+    for (bb = 0; bb < B; ++bb) {
+        const float *dYb = dY + (size_t)bb * (Lk + extra) * E;
+        mha__linear_backward(Lk, in, E, X + (size_t)bb * Lk * in, W, dYb,
+                             dX ? dX + (size_t)bb * Lk * in : NULL, dW, db, gws, nthreads);
+        if (dapp) mha__axpy(dapp, 1.0f, dYb + (size_t)Lk * E, E);
+    }
+}
+
+/* ------------------------------------------------------ the module */
+
+/* A module after its checks, every weight resolved once: the projections
+   whether they came from in_proj_* or q/k/v_proj_*, the appended keys, and
+   the prepacked panels when there are some.  */
+typedef struct mha__mod {
+    int E, H, D, kdim, vdim;
+    int Hkv, Ekv;                       /* KV heads (GQA) and their width Hkv * D */
+    mha_rope rope;                      /* on Q and K after their projections */
+    int extra;                          /* appended keys: (bias_k) + (add_zero_attn) */
+    int in_proj;                        /* Wq, Wk, Wv are rows of in_proj_weight */
+    const float *wq, *wk, *wv, *wo;     /* [E,E], [Ekv,kdim], [Ekv,vdim], [E,E] */
+    const float *bq, *bk, *bv, *bo;     /* [E], [Ekv], [Ekv], [E], or NULL */
+    const float *bias_k, *bias_v;       /* the appended key and value row, or NULL */
+    int zero_attn;                      /* then a zero key and value */
+    const float *pq, *pk, *pv, *po;     /* W^T panels (mha__prepack_b), or NULL: pack per GEMM */
+    uint32_t values;                    /* mha__weights_sample when the panels were made */
+} mha__mod;
+
+static mha_status mha__check_module(const mha_module *m, mha__mod *r)
+{
+    size_t n;
+    int E, widest;
+    if (!m) return MHA_ERR_NULL_POINTER;
+    if (m->embed_dim <= 0 || m->num_heads <= 0 || m->kdim < 0 || m->vdim < 0)
+        return MHA_ERR_INVALID_SIZE;
+    if (m->embed_dim % m->num_heads != 0) return MHA_ERR_HEADS_DIVIDE;
+    memset(r, 0, sizeof *r);
+    E = r->E = m->embed_dim; r->H = m->num_heads; r->D = E / r->H;
+    r->kdim = m->kdim ? m->kdim : E;
+    r->vdim = m->vdim ? m->vdim : E;
+    if (!m->out_proj_weight) return MHA_ERR_NULL_POINTER;
+    if (m->in_proj_weight) {
+        if (r->kdim != E || r->vdim != E) return MHA_ERR_INVALID_ARGUMENT;
+    } else if (!m->q_proj_weight || !m->k_proj_weight || !m->v_proj_weight) {
+        return MHA_ERR_NULL_POINTER;
+    }
+    if ((m->bias_k == NULL) != (m->bias_v == NULL)) return MHA_ERR_INVALID_ARGUMENT;
+    if (m->add_zero_attn != 0 && m->add_zero_attn != 1) return MHA_ERR_INVALID_ARGUMENT;
+    if (!mha__dim_ok(E) || !mha__dim_ok(r->kdim) || !mha__dim_ok(r->vdim)) return MHA_ERR_OVERFLOW;
+    /* the KV heads are checked with the options (mha__check_decode); here only
+       what the weight offsets need */
+    if (m->num_kv_heads < 0) return MHA_ERR_INVALID_SIZE;
+    r->Hkv = m->num_kv_heads ? m->num_kv_heads : r->H;
+    if (r->Hkv > r->H || r->H % r->Hkv != 0) return MHA_ERR_HEADS_DIVIDE;
+    r->Ekv = r->Hkv * r->D;
+    r->rope = m->rope;
+    widest = r->kdim > r->vdim ? r->kdim : r->vdim;
+    if (E > widest) widest = E;
+    /* every weight's bytes, and a packed matrix's (at most (E + NR) x widest) */
+    if (!mha__mul3((size_t)E + MHA__NR, (size_t)widest, 4 * sizeof(float), &n))
         return MHA_ERR_OVERFLOW;
-    P->sub_bytes = fb > bb ? fb : bb;
-    g = mha__linear_gws(P->N, P->E, P->F);
-    t = mha__linear_gws(P->N, P->F, P->E); if (t > g) g = t;
-    if (!mha__region(&cur, (size_t)P->N * P->E, &P->a) ||
-        !mha__region(&cur, (size_t)P->N * P->E, &P->t1) ||
-        !mha__region(&cur, (size_t)P->N * P->E, &P->h) ||
-        !mha__region(&cur, (size_t)P->N * P->F, &P->z) ||
-        !mha__region(&cur, (size_t)P->N * P->F, &P->g) ||
-        !mha__region(&cur, (size_t)P->N * P->E, &P->t2) ||
-        !mha__region(&cur, (size_t)P->N * P->E, &P->d1) ||
-        !mha__region(&cur, (size_t)P->N * P->E, &P->d2) ||
-        !mha__region(&cur, (size_t)P->N * P->F, &P->dg) ||
-        !mha__region(&cur, g, &P->gws) ||
-        !mha__region(&cur, P->sub_bytes / sizeof(float) + 1, &P->sub) ||
-        !mha__add(cur, MHA__ALIGN_FLOATS, &P->total_floats))
+    r->in_proj = m->in_proj_weight != NULL;
+    if (r->in_proj) {
+        r->wq = m->in_proj_weight;
+        r->wk = r->wq + (size_t)E * E;
+        r->wv = r->wk + (size_t)r->Ekv * E;
+    } else {
+        r->wq = m->q_proj_weight; r->wk = m->k_proj_weight; r->wv = m->v_proj_weight;
+    }
+    r->wo = m->out_proj_weight;
+    r->bq = m->in_proj_bias;
+    r->bk = r->bq ? r->bq + E : NULL;
+    r->bv = r->bq ? r->bq + E + r->Ekv : NULL;
+    r->bo = m->out_proj_bias;
+    r->bias_k = m->bias_k; r->bias_v = m->bias_v;
+    r->zero_attn = m->add_zero_attn;
+    r->extra = (m->bias_k != NULL) + m->add_zero_attn;
+    return MHA_OK;
+}
+
+/* ------------------------------------------------ prepacked weights */
+
+/* The buffer of mha_module_pack: a header of MHA__PK_WORDS 32-bit words
+   (64 bytes), then, from the first 64-byte boundary after it (the offset is
+   stored, so a copy of the buffer at another address still works, only its
+   loads may straddle cache lines), the four matrices prepacked as op(B) = W^T
+   (mha__prepack_b): Wq [E, E], Wk [E, kdim], Wv [E, vdim], Wo [E, E], each
+   starting on a 64-byte line relative to the data start.  The header names
+   the module (shape, layout, where its weights live), the build (the
+   kernel's NR, KC, NC) and holds a sample of the weight values.  */
+#define MHA__PK_MAGIC   0x5041484du   /* "MHAP" in a little-endian dump */
+#define MHA__PK_VERSION 2u
+#define MHA__PK_WORDS   16
+#define MHA__PK_BYTES   (MHA__PK_WORDS * 4)
+enum { MHA__PK_W_MAGIC, MHA__PK_W_VERSION, MHA__PK_W_E, MHA__PK_W_H, MHA__PK_W_KDIM,
+       MHA__PK_W_VDIM, MHA__PK_W_LAYOUT, MHA__PK_W_NR, MHA__PK_W_KC, MHA__PK_W_NC,
+       MHA__PK_W_DATA, MHA__PK_W_WHERE, MHA__PK_W_VALUES, MHA__PK_W_CHECK };
+#define MHA__PK_IN_PROJ  1u   /* Wq, Wk, Wv came from in_proj_weight */
+#define MHA__PK_SEPARATE 2u   /* ... from q/k/v_proj_weight */
+
+typedef struct mha__pack_layout {
+    uint32_t hdr[MHA__PK_WORDS];     /* the header this module gets (DATA, VALUES left 0) */
+    size_t wq, wk, wv, wo, floats;   /* float offsets from the data start, total floats */
+} mha__pack_layout;
+
+static uint32_t mha__fnv(uint32_t h, uint32_t w) { return (h ^ w) * 16777619u; }
+
+/* FNV-1a over the words before CHECK: a torn or overwritten header fails. */
+static uint32_t mha__pk_check(const uint32_t *w)
+{
+    uint32_t h = 2166136261u;
+    int i;
+    for (i = 0; i < MHA__PK_W_CHECK; ++i) h = mha__fnv(h, w[i]);
+    return h;
+}
+
+/* Where the four weight matrices live: a pack made for another module's
+   weights (or before they moved) is told apart from this module's. */
+static uint32_t mha__weights_where(const mha__mod *r)
+{
+    const float *w[4];
+    uint32_t h = 2166136261u;
+    int i;
+    w[0] = r->wq; w[1] = r->wk; w[2] = r->wv; w[3] = r->wo;
+    for (i = 0; i < 4; ++i) {
+        unsigned long long a = (unsigned long long)(uintptr_t)w[i];
+        h = mha__fnv(mha__fnv(h, (uint32_t)a), (uint32_t)(a >> 16 >> 16));
+    }
+    return h;
+}
+
+/* A sample of the weight values: MHA__SAMPLES of each matrix, evenly spread
+   (first and last included), their bits hashed.  Packed panels are a copy,
+   so a weight update after packing (a training step changes every value)
+   makes them stale; a sample catches that for a few cache lines per run.
+   A change to a few values can go unseen: after editing weights by hand,
+   pack or plan again.  */
+#define MHA__SAMPLES 16
+static uint32_t mha__weights_sample(const mha__mod *r)
+{
+    const float *w[4];
+    size_t n[4];
+    uint32_t h = 2166136261u, bits;
+    int i, s;
+    w[0] = r->wq; w[1] = r->wk; w[2] = r->wv; w[3] = r->wo;
+    n[0] = n[3] = (size_t)r->E * r->E; n[1] = (size_t)r->E * r->kdim; n[2] = (size_t)r->E * r->vdim;
+    for (i = 0; i < 4; ++i)
+        for (s = 0; s < MHA__SAMPLES; ++s) {
+            size_t at = (size_t)((unsigned long long)s * (n[i] - 1) / (MHA__SAMPLES - 1));
+            memcpy(&bits, w[i] + at, sizeof bits);
+            h = mha__fnv(h, bits);
+        }
+    return h;
+}
+
+static mha_status mha__pack_lay(const mha__mod *r, mha__pack_layout *P)
+{
+    size_t cur = 0;
+    if (r->Hkv != r->H) return MHA_ERR_INVALID_ARGUMENT;   /* packs hold [E, .] projections */
+    if (!mha__region(&cur, mha__prepacked_floats(r->E, r->E), &P->wq) ||
+        !mha__region(&cur, mha__prepacked_floats(r->E, r->kdim), &P->wk) ||
+        !mha__region(&cur, mha__prepacked_floats(r->E, r->vdim), &P->wv) ||
+        !mha__region(&cur, mha__prepacked_floats(r->E, r->E), &P->wo))
+        return MHA_ERR_OVERFLOW;
+    P->floats = cur;
+    memset(P->hdr, 0, sizeof P->hdr);
+    P->hdr[MHA__PK_W_MAGIC] = MHA__PK_MAGIC;
+    P->hdr[MHA__PK_W_VERSION] = MHA__PK_VERSION;
+    P->hdr[MHA__PK_W_E] = (uint32_t)r->E;
+    P->hdr[MHA__PK_W_H] = (uint32_t)r->H;
+    P->hdr[MHA__PK_W_KDIM] = (uint32_t)r->kdim;
+    P->hdr[MHA__PK_W_VDIM] = (uint32_t)r->vdim;
+    P->hdr[MHA__PK_W_LAYOUT] = r->in_proj ? MHA__PK_IN_PROJ : MHA__PK_SEPARATE;
+    P->hdr[MHA__PK_W_NR] = MHA__NR;
+    P->hdr[MHA__PK_W_KC] = MHA__KC;
+    P->hdr[MHA__PK_W_NC] = MHA__NC;
+    P->hdr[MHA__PK_W_WHERE] = mha__weights_where(r);
+    return MHA_OK;
+}
+
+/* Bytes of a pack: the header, up to 64 bytes to reach a line, the panels. */
+static mha_status mha__pack_bytes(const mha__mod *r, mha__pack_layout *P, size_t *bytes)
+{
+    mha_status st;
+    if ((st = mha__pack_lay(r, P)) != MHA_OK) return st;
+    if (!mha__mul(P->floats, sizeof(float), bytes) || !mha__add(*bytes, 2 * MHA__PK_BYTES, bytes))
         return MHA_ERR_OVERFLOW;
     return MHA_OK;
 }
 
-MHADEF mha_status mha_encoder_workspace_size(const mha_encoder_layer *layer, int B, int L,
-                                             const mha_options *opt, size_t *bytes)
+/* Point r's panels into buf, a pack of P's layout. */
+static void mha__pack_point(mha__mod *r, const mha__pack_layout *P, const void *buf, uint32_t data)
 {
-    mha_options zero;
-    mha__enc_layout P;
-    mha_status st;
-    if (!bytes) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
-    if ((st = mha__enc_plan(layer, B, L, opt, &P)) != MHA_OK) return st;
-    return mha__mul(P.total_floats, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+    const float *d = MHA__CAST(const float *, (const void *)(MHA__CAST(const char *, buf) + data));
+    r->pq = d + P->wq; r->pk = d + P->wk; r->pv = d + P->wv; r->po = d + P->wo;
 }
 
-/* The forward pass, leaving every intermediate in the workspace for the backward.
+/* Write the pack of r into buf (aligned for float, mha__pack_bytes long) and
+   point r's panels at it. */
+static void mha__pack_write(mha__mod *r, mha__pack_layout *P, void *buf)
+{
+    uintptr_t data = (uintptr_t)buf + MHA__PK_BYTES;
+    float *d;
+    data += (64 - data % 64) % 64;
+    d = MHA__CAST(float *, (void *)data);
+    mha__prepack_b(r->wq, r->E, r->E, d + P->wq);
+    mha__prepack_b(r->wk, r->E, r->kdim, d + P->wk);
+    mha__prepack_b(r->wv, r->E, r->vdim, d + P->wv);
+    mha__prepack_b(r->wo, r->E, r->E, d + P->wo);
+    P->hdr[MHA__PK_W_DATA] = (uint32_t)(data - (uintptr_t)buf);
+    P->hdr[MHA__PK_W_VALUES] = r->values = mha__weights_sample(r);
+    P->hdr[MHA__PK_W_CHECK] = mha__pk_check(P->hdr);
+    memcpy(buf, P->hdr, sizeof P->hdr);   /* memcpy: buf need not be aligned for uint32_t words */
+    mha__pack_point(r, P, buf, P->hdr[MHA__PK_W_DATA]);
+}
+
+/* Use m->packed after checking that its header is the one this module and
+   this build would write (else MHA_ERR_PACK_MISMATCH) and that the weights
+   still match its sample (else MHA_ERR_STALE).  */
+static mha_status mha__packed_use(mha__mod *r, const void *packed)
+{
+    mha__pack_layout P;
+    uint32_t hdr[MHA__PK_WORDS];
+    mha_status st;
+    if (!packed) return MHA_OK;
+    if ((uintptr_t)packed % sizeof(float) != 0) return MHA_ERR_MISALIGNED;
+    if ((st = mha__pack_lay(r, &P)) != MHA_OK) return st;
+    memcpy(hdr, packed, sizeof hdr);
+    P.hdr[MHA__PK_W_DATA] = hdr[MHA__PK_W_DATA];
+    P.hdr[MHA__PK_W_VALUES] = hdr[MHA__PK_W_VALUES];
+    P.hdr[MHA__PK_W_CHECK] = mha__pk_check(P.hdr);
+    if (memcmp(hdr, P.hdr, sizeof hdr) != 0 ||
+        hdr[MHA__PK_W_DATA] < MHA__PK_BYTES || hdr[MHA__PK_W_DATA] >= 2 * MHA__PK_BYTES ||
+        hdr[MHA__PK_W_DATA] % sizeof(float) != 0)
+        return MHA_ERR_PACK_MISMATCH;
+    r->values = hdr[MHA__PK_W_VALUES];
+    if (mha__weights_sample(r) != r->values) return MHA_ERR_STALE;
+    mha__pack_point(r, &P, packed, hdr[MHA__PK_W_DATA]);
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_module_pack_size(const mha_module *m, size_t *bytes)
+{
+    mha__mod r;
+    mha__pack_layout P;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__check_module(m, &r)) != MHA_OK) return st;
+    return mha__pack_bytes(&r, &P, bytes);
+}
+
+MHADEF mha_status mha_module_pack(const mha_module *m, void *buf, size_t bytes)
+{
+    mha__mod r;
+    mha__pack_layout P;
+    mha_status st;
+    size_t need;
+    if (!buf) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__check_module(m, &r)) != MHA_OK) return st;
+    if ((st = mha__pack_bytes(&r, &P, &need)) != MHA_OK) return st;
+    if (bytes < need) return MHA_ERR_WORKSPACE_TOO_SMALL;
+    if ((uintptr_t)buf % sizeof(float) != 0) return MHA_ERR_MISALIGNED;
+    mha__pack_write(&r, &P, buf);
+    return MHA_OK;
+}
+
+/* ------------------------------------------------ workspace layouts */
+
+/* Each run lays its workspace out for its own lengths with the layout
+   functions below, and its plan took the same functions at the planned
+   maxima: every region grows with Lq and Lk, so a run never needs more than
+   its plan said.  Offsets are in floats from the aligned start. */
+
+/* The module forward.  Queries go through chunk_b batches x chunk_q rows
+   at a time (mha__fwd_chunks); qp, kp, vp hold the projections, scratch the
+   attention's per-thread buffers and the projection GEMMs' packing. */
+typedef struct mha__fwd_layout {
+    int chunk_b, chunk_q;
+    size_t qp, kp, vp, scratch, per_thread, total_floats;
+} mha__fwd_layout;
+
+/* Without weights, a forward whose Q, K and V would take at least this many
+   floats (32 MiB) goes one head at a time: Q, K, V of one head, [B, L, D],
+   and the output projection summed head by head,
+       out = bo + sum_h O_h Wo[:, hD:(h+1)D]^T,
+   so the workspace is about 3 B L D floats instead of 2 B L E.  The price is
+   H narrower projection GEMMs (N = D), which long sequences do not notice:
+   their time is in the attention, O(L^2).  A plan decides this once, from
+   its maxima, so its shorter runs keep the path (and its rounding).  */
+#ifndef MHA__BY_HEAD_FLOATS
+#define MHA__BY_HEAD_FLOATS ((size_t)1 << 23)
+#endif
+
+/* Query rows per chunk of the fused forward: every key and value is needed by
+   every query, but a query row is needed only while its chunk is projected,
+   attended and projected out, so Q takes a chunk of rows, not [B, Lq, E].
+   Each chunk packs the keys and values again, so chunks are long.  Chunks
+   start at a multiple of the query tile, so they change no result.  */
+#ifndef MHA__QCHUNK
+#define MHA__QCHUNK 4096
+#endif
+static void mha__fwd_chunks(int B, int Lq, int need_weights, int *chunk_b, int *chunk_q)
+{
+    int rows = MHA__QCHUNK / MHA__FBR * MHA__FBR;
+    if (rows < MHA__FBR) rows = MHA__FBR;
+    if (need_weights) { *chunk_b = B; *chunk_q = Lq; return; }   /* weights are O(L^2) anyway */
+    if (Lq >= rows) { *chunk_b = 1; *chunk_q = rows; return; }
+    *chunk_q = Lq;
+    *chunk_b = rows / Lq < B ? rows / Lq : B;
+}
+
+static int mha__fwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int weights, int by_head,
+                              int nt, mha__fwd_layout *L)
+{
+    size_t cur = 0, scratch, g, g2;
+    int Lke = Lk + r->extra, E = r->E, D = r->D, widest = r->kdim > r->vdim ? r->kdim : r->vdim;
+    mha__fwd_chunks(B, Lq, weights, &L->chunk_b, &L->chunk_q);
+    if (by_head && !weights) {
+        g = mha__gemm_ws_floats_mt(B * Lq, D, E, nt);
+        g2 = mha__gemm_ws_floats_mt(B * Lke, D, widest, nt); if (g2 > g) g = g2;
+        g2 = mha__gemm_ws_floats_mt(B * Lq, E, D, nt);       if (g2 > g) g = g2;
+        return mha__region(&cur, (size_t)B * Lq * D, &L->qp) &&
+               mha__region(&cur, (size_t)B * Lke * D, &L->kp) &&
+               mha__region(&cur, (size_t)B * Lke * D, &L->vp) &&
+               mha__attn_scratch_floats(Lq, Lk, Lke, D, D, nt, 0, B < nt, &L->per_thread, &scratch) &&
+               mha__region(&cur, scratch > g ? scratch : g, &L->scratch) &&
+               mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
+    }
+    /* the projection GEMMs run on the scratch area too */
+    g = mha__gemm_ws_floats_mt(B * Lq, E, E, nt);
+    g2 = mha__gemm_ws_floats_mt(B * Lke, E, widest, nt); if (g2 > g) g = g2;
+    return mha__region(&cur, (size_t)L->chunk_b * L->chunk_q * E, &L->qp) &&
+           mha__region(&cur, (size_t)B * Lke * r->Ekv, &L->kp) &&
+           mha__region(&cur, (size_t)B * Lke * r->Ekv, &L->vp) &&
+           mha__attn_scratch_floats(Lq, Lk, Lke, D, D, nt, weights, r->H < nt, &L->per_thread,
+                                    &scratch) &&
+           mha__region(&cur, scratch > g ? scratch : g, &L->scratch) &&
+           mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
+}
+
+/* The module backward.  K and V hold Lk + extra rows per batch. */
+typedef struct mha__bwd_layout {
+    size_t qp, kp, vp, ctx, dctx, dqp, dkp, dvp, p, dp, capped, psink, gws, total_floats;
+} mha__bwd_layout;
+
+static int mha__bwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int softcap, int nt,
+                              mha__bwd_layout *L)
+{
+    size_t cur = 0, g, t, nq = (size_t)B * Lq * r->E, nk;
+    int Lke = Lk + r->extra;
+    nk = (size_t)B * Lke * r->Ekv;
+    g = mha__linear_gws(B * Lq, r->E, r->E, nt);
+    t = mha__linear_gws(B * Lk, r->kdim, r->E, nt);       if (t > g) g = t;
+    t = mha__linear_gws(B * Lk, r->vdim, r->E, nt);       if (t > g) g = t;
+    t = mha__head_backward_gws(Lq, Lke, r->D, r->D);      if (t > g) g = t;
+    return mha__region(&cur, nq, &L->qp) && mha__region(&cur, nk, &L->kp) &&
+           mha__region(&cur, nk, &L->vp) && mha__region(&cur, nq, &L->ctx) &&
+           mha__region(&cur, nq, &L->dctx) && mha__region(&cur, nq, &L->dqp) &&
+           mha__region(&cur, nk, &L->dkp) && mha__region(&cur, nk, &L->dvp) &&
+           mha__region(&cur, (size_t)Lq * Lke, &L->p) && mha__region(&cur, (size_t)Lq * Lke, &L->dp) &&
+           mha__region(&cur, softcap ? (size_t)Lq * Lke : 0, &L->capped) &&
+           mha__region(&cur, (size_t)Lq, &L->psink) && mha__region(&cur, g, &L->gws) && mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
+}
+
+/* SDPA forward (per-thread scratch) and backward (P and dP of one head). */
+static int mha__sdpa_fwd_floats(int B, int H, int Lq, int Lk, int D, int Dv, int weights, int nt,
+                                size_t *per_thread, size_t *total)
+{
+    return mha__attn_scratch_floats(Lq, Lk, Lk, D, Dv, nt, weights, (size_t)B * H < (size_t)nt,
+                                    per_thread, total) &&
+           mha__add(*total, MHA__ALIGN_FLOATS, total);
+}
+typedef struct mha__sdpa_bwd_layout { size_t p, dp, capped, psink, gws, total_floats; } mha__sdpa_bwd_layout;
+static int mha__sdpa_bwd_layout_at(int Lq, int Lk, int D, int Dv, int softcap, mha__sdpa_bwd_layout *L)
+{
+    size_t cur = 0;
+    return mha__region(&cur, (size_t)Lq * Lk, &L->p) &&
+           mha__region(&cur, (size_t)Lq * Lk, &L->dp) &&
+           mha__region(&cur, softcap ? (size_t)Lq * Lk : 0, &L->capped) &&
+           mha__region(&cur, (size_t)Lq, &L->psink) &&
+           mha__region(&cur, mha__head_backward_gws(Lq, Lk, D, Dv), &L->gws) &&
+           mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
+}
+
+/* The encoder layer, N = B*L rows.  Training keeps every intermediate for
+   the backward:
+     a   [N,E] attention output          t1  [N,E] x + a (post) / LN1(x) (pre)
+     h   [N,E] after the first residual  z   [N,F] linear1 output
+     g   [N,F] act(z)                    t2  [N,E] h + f (post) / LN2(h) (pre)
+     d1, d2 [N,E], dg [N,F]: backward only
+   Inference keeps only a (then h in place) and runs the feed-forward block
+   on MHA__FF_ROWS rows at a time: zc [rows,F], tc and fc [rows,E].
+   sub: the self-attention's workspace (what its plan allows). */
+#ifndef MHA__FF_ROWS
+#define MHA__FF_ROWS 256
+#endif
+typedef struct mha__enc_layout {
+    size_t a, t1, h, z, g, t2, d1, d2, dg, gws, sub, total_floats;
+    size_t zc, tc, fc, rows;                /* inference */
+} mha__enc_layout;
+
+/* ------------------------------------------------------------ plans */
+
+#define MHA__PLAN_MAGIC 0x4e4c504du   /* "MPLN" */
+enum { MHA__PLAN_GEMM = 1, MHA__PLAN_SDPA, MHA__PLAN_MODULE, MHA__PLAN_ENCODER };
+
+struct mha_plan {
+    uint32_t magic;
+    int kind;
+    unsigned flags;             /* MHA_PLAN_* */
+    int nthreads;               /* every run uses exactly this many */
+    int owned;                  /* made by MHA_MALLOC: mha_plan_destroy frees it */
+    size_t ws_bytes;            /* the workspace every run needs */
+    int B, H, Lq, Lk, D, Dv;    /* the planned maxima; module: H, D of the module */
+    int by_head;                /* module: long sequences go one head at a time */
+    mha_trans ta, tb;           /* GEMM: op(A) M x K, op(B) K x N */
+    int M, N, K;
+    mha_options opt;            /* the caller's, num_threads resolved */
+    mha__mod mod;               /* module and encoder */
+    mha_encoder_layer enc;      /* encoder (pointers borrowed) */
+    size_t mod_floats;          /* encoder: the self-attention's part of the workspace */
+};
+
+static size_t mha__plan_struct_bytes(void)
+{
+    return (sizeof(struct mha_plan) + 63) / 64 * 64;
+}
+
+/* Copy and check the options; resolve the thread count. */
+static mha_status mha__plan_begin(mha_plan *p, int kind, const mha_options *opt, unsigned flags,
+                                  unsigned allowed, int B, int H, int Lq, int Lk)
+{
+    mha_status st;
+    memset(p, 0, sizeof *p);
+    p->magic = MHA__PLAN_MAGIC;
+    p->kind = kind;
+    p->flags = flags;
+    if (opt) p->opt = *opt;
+    if (flags & ~allowed) return MHA_ERR_INVALID_ARGUMENT;
+    if ((st = mha__check_masks(&p->opt, B, H, Lq, Lk)) != MHA_OK) return st;
+    p->nthreads = mha__max_threads(&p->opt);
+    p->opt.num_threads = p->nthreads;
+    p->B = B; p->H = H; p->Lq = Lq; p->Lk = Lk;
+    return MHA_OK;
+}
+
+/* The plan's workspace in bytes: floats plus room to align the start. */
+static mha_status mha__plan_ws(mha_plan *p, size_t floats)
+{
+    return mha__mul(floats, sizeof(float), &p->ws_bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+}
+
+static mha_status mha__gemm_plan_make(mha_trans ta, mha_trans tb, int M, int N, int K,
+                                      int num_threads, mha_plan *p)
+{
+    mha_options o;
+    size_t t;
+    memset(&o, 0, sizeof o);
+    o.num_threads = num_threads;
+    memset(p, 0, sizeof *p);
+    if (M <= 0 || N <= 0 || K <= 0) return MHA_ERR_INVALID_SIZE;
+    if (num_threads < 0) return MHA_ERR_INVALID_ARGUMENT;
+    if ((ta != MHA_NO_TRANS && ta != MHA_TRANS) || (tb != MHA_NO_TRANS && tb != MHA_TRANS))
+        return MHA_ERR_BAD_ENUM;
+    if (!mha__dim_ok(M) || !mha__dim_ok(N) || !mha__dim_ok(K) ||
+        !mha__mul3((size_t)M, (size_t)K, sizeof(float), &t) ||
+        !mha__mul3((size_t)K, (size_t)N, sizeof(float), &t) ||
+        !mha__mul3((size_t)M, (size_t)N, sizeof(float), &t))
+        return MHA_ERR_OVERFLOW;
+    mha__plan_begin(p, MHA__PLAN_GEMM, &o, 0, 0, 1, 1, 1, 1);
+    p->ta = ta; p->tb = tb; p->M = M; p->N = N; p->K = K;
+    return mha__plan_ws(p, mha__gemm_ws_floats_mt(M, N, K, p->nthreads) + MHA__ALIGN_FLOATS);
+}
+
+static mha_status mha__sdpa_plan_make(int B, int H, int Lq, int Lk, int D, int Dv,
+                                      const mha_options *opt, unsigned flags, mha_plan *p)
+{
+    size_t n, per_thread, f, f1;
+    mha__sdpa_bwd_layout L;
+    mha_status st;
+    memset(p, 0, sizeof *p);
+    if (B <= 0 || H <= 0 || Lq <= 0 || Lk <= 0 || D <= 0 || Dv <= 0) return MHA_ERR_INVALID_SIZE;
+    /* every tensor's byte count must fit */
+    if (!mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)(D > Dv ? D : Dv), &n) ||
+        !mha__mul3((size_t)B * (size_t)H, (size_t)Lk, (size_t)(D > Dv ? D : Dv), &n) ||
+        !mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)Lk, &n) ||
+        !mha__mul(n, sizeof(float), &n) || !mha__mul3((size_t)Lq, (size_t)Lk, 2 * sizeof(float), &n))
+        return MHA_ERR_OVERFLOW;
+    /* the int and long counts of the int audit (size arithmetic, above) */
+    if ((size_t)B * (size_t)H > MHA__INT_LIMIT || (size_t)B * (size_t)H * (size_t)Lq > LONG_MAX ||
+        !mha__dim_ok(Lq) || !mha__dim_ok(Lk) || !mha__dim_ok(D) || !mha__dim_ok(Dv))
+        return MHA_ERR_OVERFLOW;
+    st = mha__plan_begin(p, MHA__PLAN_SDPA, opt, flags, MHA_PLAN_WEIGHTS | MHA_PLAN_TRAINING,
+                         B, H, Lq, Lk);
+    if (st != MHA_OK) return st;
+    if ((st = mha__check_decode(&p->opt, H, p->opt.num_kv_heads, NULL, D)) != MHA_OK) return st;
+    p->D = D; p->Dv = Dv;
+    if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 0, p->nthreads, &per_thread, &f))
+        return MHA_ERR_OVERFLOW;
+    if (flags & MHA_PLAN_WEIGHTS) {
+        if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 1, p->nthreads, &per_thread, &f1))
+            return MHA_ERR_OVERFLOW;
+        if (f1 > f) f = f1;
+    }
+    if (flags & MHA_PLAN_TRAINING) {
+        if (!mha__sdpa_bwd_layout_at(Lq, Lk, D, Dv, p->opt.softcap > 0.0f, &L)) return MHA_ERR_OVERFLOW;
+        if (L.total_floats > f) f = L.total_floats;
+    }
+    return mha__plan_ws(p, f);
+}
+
+/* Floats of the module's workspace at these lengths, for what plan p allows. */
+static int mha__module_floats(const mha_plan *p, int Lq, int Lk, size_t *floats)
+{
+    mha__fwd_layout F;
+    mha__bwd_layout W;
+    if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 0, p->by_head, p->nthreads, &F)) return 0;
+    *floats = F.total_floats;
+    if (p->flags & MHA_PLAN_WEIGHTS) {
+        if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 1, 0, p->nthreads, &F)) return 0;
+        if (F.total_floats > *floats) *floats = F.total_floats;
+    }
+    if (p->flags & MHA_PLAN_TRAINING) {
+        if (!mha__bwd_layout_at(&p->mod, p->B, Lq, Lk, p->opt.softcap > 0.0f, p->nthreads, &W)) return 0;
+        if (W.total_floats > *floats) *floats = W.total_floats;
+    }
+    return 1;
+}
+
+/* Everything of a module plan but its memory: checks, weights, layout.
+   *extra_bytes: what the plan needs after its struct (the packed panels). */
+static mha_status mha__module_plan_make(const mha_module *m, int B, int Lq, int Lk,
+                                        const mha_options *opt, unsigned flags, int kind,
+                                        mha_plan *p, size_t *extra_bytes)
+{
+    mha__mod r;
+    mha__pack_layout P;
+    size_t n, f;
+    int widest, Lke;
+    mha_status st;
+    *extra_bytes = 0;
+    memset(p, 0, sizeof *p);
+    if ((st = mha__check_module(m, &r)) != MHA_OK) return st;
+    if (B <= 0 || Lq <= 0 || Lk <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__dim_ok(Lk)) return MHA_ERR_OVERFLOW;
+    Lke = Lk + r.extra;
+    /* GEMM row counts (B*L) are ints; tensor byte counts must fit size_t */
+    widest = r.kdim > r.vdim ? r.kdim : r.vdim;
+    if (r.E > widest) widest = r.E;
+    if ((size_t)B * (size_t)Lq > MHA__INT_LIMIT || (size_t)B * (size_t)Lke > MHA__INT_LIMIT ||
+        (size_t)B * (size_t)r.H * (size_t)Lq > LONG_MAX || !mha__dim_ok(Lq) || !mha__dim_ok(Lk) ||
+        !mha__mul3((size_t)B, (size_t)Lke + Lq, (size_t)widest, &n) ||
+        !mha__mul(n, 8 * sizeof(float), &n) ||
+        !mha__mul3((size_t)B * (size_t)r.H, (size_t)Lq, (size_t)Lke, &n) ||
+        !mha__mul(n, sizeof(float), &n) ||
+        !mha__mul3((size_t)Lq, (size_t)Lke, 2 * sizeof(float), &n))
+        return MHA_ERR_OVERFLOW;
+    st = mha__plan_begin(p, kind, opt, flags, MHA_PLAN_WEIGHTS | MHA_PLAN_TRAINING | MHA_PLAN_PACK,
+                         B, r.H, Lq, Lk);
+    if (st != MHA_OK) return st;
+    if ((st = mha__check_decode(&p->opt, r.H, m->num_kv_heads, &m->rope, r.D)) != MHA_OK) return st;
+    p->D = p->Dv = r.D;
+    if (flags & MHA_PLAN_PACK) {
+        if ((st = mha__pack_bytes(&r, &P, extra_bytes)) != MHA_OK) return st;
+    } else if ((st = mha__packed_use(&r, m->packed)) != MHA_OK) {
+        return st;
+    }
+    p->mod = r;
+    p->by_head = (double)B * ((double)Lq + 2.0 * Lke) * r.E >= (double)MHA__BY_HEAD_FLOATS;
+    if (!mha__module_floats(p, Lq, Lk, &f)) return MHA_ERR_OVERFLOW;
+    p->mod_floats = f;
+    return mha__plan_ws(p, f);
+}
+
+static int mha__enc_layout_at(const mha_plan *p, int L, int train, mha__enc_layout *P)
+{
+    size_t cur = 0, ne, nf, g, t, sub;
+    int E = p->mod.E, F = p->enc.dim_feedforward, N = p->B * L;
+    ne = (size_t)N * E; nf = (size_t)N * F;
+    if (!mha__module_floats(p, L, L, &sub)) return 0;
+    if (!train) {
+        int rows = N < MHA__FF_ROWS ? N : MHA__FF_ROWS;
+        P->rows = (size_t)rows;
+        g = mha__linear_gws(rows, E, F, p->nthreads);
+        t = mha__linear_gws(rows, F, E, p->nthreads); if (t > g) g = t;
+        return mha__region(&cur, ne, &P->a) && mha__region(&cur, sub, &P->sub) &&
+               mha__region(&cur, (size_t)rows * F, &P->zc) && mha__region(&cur, (size_t)rows * E, &P->tc) &&
+               mha__region(&cur, (size_t)rows * E, &P->fc) && mha__region(&cur, g, &P->gws) &&
+               mha__add(cur, MHA__ALIGN_FLOATS, &P->total_floats);
+    }
+    g = mha__linear_gws(N, E, F, p->nthreads);
+    t = mha__linear_gws(N, F, E, p->nthreads); if (t > g) g = t;
+    return mha__region(&cur, ne, &P->a) && mha__region(&cur, ne, &P->t1) &&
+           mha__region(&cur, ne, &P->h) && mha__region(&cur, nf, &P->z) &&
+           mha__region(&cur, nf, &P->g) && mha__region(&cur, ne, &P->t2) &&
+           mha__region(&cur, ne, &P->d1) && mha__region(&cur, ne, &P->d2) &&
+           mha__region(&cur, nf, &P->dg) && mha__region(&cur, g, &P->gws) &&
+           mha__region(&cur, sub, &P->sub) && mha__add(cur, MHA__ALIGN_FLOATS, &P->total_floats);
+}
+
+static mha_status mha__encoder_plan_make(const mha_encoder_layer *ly, int B, int L,
+                                         const mha_options *opt, unsigned flags, mha_plan *p,
+                                         size_t *extra_bytes)
+{
+    mha__enc_layout P;
+    size_t n, f;
+    mha_status st;
+    *extra_bytes = 0;
+    memset(p, 0, sizeof *p);
+    if (!ly) return MHA_ERR_NULL_POINTER;
+    if (!ly->linear1_weight || !ly->linear2_weight) return MHA_ERR_NULL_POINTER;
+    if (ly->dim_feedforward <= 0 || B <= 0 || L <= 0) return MHA_ERR_INVALID_SIZE;
+    if (ly->activation != MHA_ACT_RELU && ly->activation != MHA_ACT_GELU) return MHA_ERR_BAD_ENUM;
+    if ((ly->norm_first != 0 && ly->norm_first != 1) ||
+        !(ly->layer_norm_eps >= 0.0f) || ly->layer_norm_eps == INFINITY)
+        return MHA_ERR_INVALID_ARGUMENT;
+    /* x [B, L, E] is the key and the value too: kdim and vdim must be E */
+    if ((ly->self_attn.kdim != 0 && ly->self_attn.kdim != ly->self_attn.embed_dim) ||
+        (ly->self_attn.vdim != 0 && ly->self_attn.vdim != ly->self_attn.embed_dim))
+        return MHA_ERR_INVALID_ARGUMENT;
+    st = mha__module_plan_make(&ly->self_attn, B, L, L, opt, flags, MHA__PLAN_ENCODER, p, extra_bytes);
+    if (st != MHA_OK) return st;
+    if (!mha__mul3((size_t)p->B * L, (size_t)ly->dim_feedforward, sizeof(float), &n) ||
+        !mha__mul3((size_t)ly->dim_feedforward, (size_t)p->mod.E, sizeof(float), &n) ||
+        ly->dim_feedforward > INT_MAX / 2)
+        return MHA_ERR_OVERFLOW;
+    p->enc = *ly;
+    if (!mha__enc_layout_at(p, L, 0, &P)) return MHA_ERR_OVERFLOW;
+    f = P.total_floats;
+    if (flags & MHA_PLAN_TRAINING) {
+        if (!mha__enc_layout_at(p, L, 1, &P)) return MHA_ERR_OVERFLOW;
+        if (P.total_floats > f) f = P.total_floats;
+    }
+    return mha__plan_ws(p, f);
+}
+
+/* Plan memory: the caller's mem (aligned for the struct, at least need bytes),
+   or MHA_MALLOC's.  The plan made on the stack is copied in; with PACK the
+   panels are written after it.  */
+#define MHA__PLAN_ALIGN 8
+static mha_status mha__plan_place(mha_plan *tmp, size_t extra, void *mem, size_t mem_bytes,
+                                   mha_plan **plan)
+{
+    size_t need;
+    mha_plan *p;
+    if (!plan) return MHA_ERR_NULL_POINTER;
+    if (!mha__add(mha__plan_struct_bytes(), extra, &need)) return MHA_ERR_OVERFLOW;
+    if (mem) {
+        if (mem_bytes < need) return MHA_ERR_WORKSPACE_TOO_SMALL;
+        if ((uintptr_t)mem % MHA__PLAN_ALIGN != 0) return MHA_ERR_MISALIGNED;
+        tmp->owned = 0;
+    } else {
+        mem = MHA_MALLOC(need);
+        if (!mem) return MHA_ERR_OUT_OF_MEMORY;
+        tmp->owned = 1;
+    }
+    p = MHA__CAST(mha_plan *, mem);
+    *p = *tmp;
+    if (extra) {
+        mha__pack_layout P;
+        (void)mha__pack_lay(&p->mod, &P);   /* checked by the plan */
+        mha__pack_write(&p->mod, &P, MHA__CAST(char *, mem) + mha__plan_struct_bytes());
+    }
+    *plan = p;
+    return MHA_OK;
+}
+
+/* The end of every planner: the status of its make, then the bytes of the
+   plan (plan_bytes, the *_plan_size calls) or the plan placed in memory. */
+static mha_status mha__plan_out(mha_status st, mha_plan *tmp, const size_t *extra, void *mem,
+                                size_t mem_bytes, mha_plan **plan, size_t *plan_bytes)
+{
+    size_t x = extra ? *extra : 0;   /* read after the make (st) has set it */
+    if (st != MHA_OK) return st;
+    if (plan_bytes)
+        return mha__add(mha__plan_struct_bytes(), x, plan_bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+    return mha__plan_place(tmp, x, mem, mem_bytes, plan);
+}
+
+MHADEF mha_status mha_gemm_plan_size(mha_trans ta, mha_trans tb, int M, int N, int K,
+                                     int num_threads, size_t *plan_bytes)
+{
+    mha_plan p;
+    if (!plan_bytes) return MHA_ERR_NULL_POINTER;
+    return mha__plan_out(mha__gemm_plan_make(ta, tb, M, N, K, num_threads, &p), &p, NULL, NULL, 0,
+                         NULL, plan_bytes);
+}
+MHADEF mha_status mha_gemm_plan(mha_trans ta, mha_trans tb, int M, int N, int K, int num_threads,
+                                void *mem, size_t mem_bytes, mha_plan **plan)
+{
+    mha_plan p;
+    if (!plan) return MHA_ERR_NULL_POINTER;
+    return mha__plan_out(mha__gemm_plan_make(ta, tb, M, N, K, num_threads, &p), &p, NULL, mem,
+                         mem_bytes, plan, NULL);
+}
+
+MHADEF mha_status mha_sdpa_plan_size(int B, int H, int Lq, int Lk, int D, int Dv,
+                                     const mha_options *opt, unsigned flags, size_t *plan_bytes)
+{
+    mha_plan p;
+    if (!plan_bytes) return MHA_ERR_NULL_POINTER;
+    return mha__plan_out(mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, flags, &p), &p, NULL, NULL, 0,
+                         NULL, plan_bytes);
+}
+MHADEF mha_status mha_sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
+                                const mha_options *opt, unsigned flags,
+                                void *mem, size_t mem_bytes, mha_plan **plan)
+{
+    mha_plan p;
+    if (!plan) return MHA_ERR_NULL_POINTER;
+    return mha__plan_out(mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, flags, &p), &p, NULL, mem,
+                         mem_bytes, plan, NULL);
+}
+
+MHADEF mha_status mha_module_plan_size(const mha_module *m, int B, int Lq, int Lk,
+                                       const mha_options *opt, unsigned flags, size_t *plan_bytes)
+{
+    mha_plan p;
+    size_t extra;
+    if (!plan_bytes) return MHA_ERR_NULL_POINTER;
+    return mha__plan_out(mha__module_plan_make(m, B, Lq, Lk, opt, flags, MHA__PLAN_MODULE, &p, &extra),
+                         &p, &extra, NULL, 0, NULL, plan_bytes);
+}
+MHADEF mha_status mha_module_plan(const mha_module *m, int B, int Lq, int Lk,
+                                  const mha_options *opt, unsigned flags,
+                                  void *mem, size_t mem_bytes, mha_plan **plan)
+{
+    mha_plan p;
+    size_t extra;
+    if (!plan) return MHA_ERR_NULL_POINTER;
+    return mha__plan_out(mha__module_plan_make(m, B, Lq, Lk, opt, flags, MHA__PLAN_MODULE, &p, &extra),
+                         &p, &extra, mem, mem_bytes, plan, NULL);
+}
+
+MHADEF mha_status mha_encoder_plan_size(const mha_encoder_layer *layer, int B, int L,
+                                        const mha_options *opt, unsigned flags, size_t *plan_bytes)
+{
+    mha_plan p;
+    size_t extra;
+    if (!plan_bytes) return MHA_ERR_NULL_POINTER;
+    return mha__plan_out(mha__encoder_plan_make(layer, B, L, opt, flags, &p, &extra), &p, &extra,
+                         NULL, 0, NULL, plan_bytes);
+}
+MHADEF mha_status mha_encoder_plan(const mha_encoder_layer *layer, int B, int L,
+                                   const mha_options *opt, unsigned flags,
+                                   void *mem, size_t mem_bytes, mha_plan **plan)
+{
+    mha_plan p;
+    size_t extra;
+    if (!plan) return MHA_ERR_NULL_POINTER;
+    return mha__plan_out(mha__encoder_plan_make(layer, B, L, opt, flags, &p, &extra), &p, &extra,
+                         mem, mem_bytes, plan, NULL);
+}
+
+MHADEF size_t mha_plan_workspace_size(const mha_plan *plan)
+{
+    return plan && plan->magic == MHA__PLAN_MAGIC ? plan->ws_bytes : 0;
+}
+
+MHADEF void mha_plan_destroy(mha_plan *plan)
+{
+    if (plan && plan->magic == MHA__PLAN_MAGIC && plan->owned) {
+        plan->magic = 0;
+        MHA_FREE(plan);
+    }
+}
+
+/* ------------------------------------------------------------- runs */
+
+/* The start of every run: the plan is one of this kind; the lengths fit;
+   the options are the plan's with this run's mask data (NULL: the pointer
+   the plan was made with) and mask shapes for its lengths; the workspace is
+   the caller's (at least the plan's size) or, NULL, allocated (*owned).  */
+static mha_status mha__run_begin(const mha_plan *p, int kind, int Lq, int Lk, const void *attn_mask,
+                                 const void *kpm, mha_options *o)
+{
+    mha_mask *am = &o->attn_mask, *kp = &o->key_padding_mask;
+    if (!p) return MHA_ERR_NULL_POINTER;
+    if (p->magic != MHA__PLAN_MAGIC || p->kind != kind) return MHA_ERR_INVALID_ARGUMENT;
+    *o = p->opt;
+    if (Lq <= 0 || Lk <= 0) return MHA_ERR_INVALID_SIZE;
+    if (Lq > p->Lq || Lk > p->Lk) return MHA_ERR_EXCEEDS_PLAN;
+    if ((attn_mask && am->kind == MHA_MASK_NONE) || (kpm && kp->kind == MHA_MASK_NONE))
+        return MHA_ERR_EXCEEDS_PLAN;
+    if (attn_mask) am->data = attn_mask;
+    if (kpm) kp->data = kpm;
+    if ((am->kind != MHA_MASK_NONE && !am->data) || (kp->kind != MHA_MASK_NONE && !kp->data))
+        return MHA_ERR_NULL_POINTER;
+    /* attn_mask ends in [Lq, Lk], key_padding_mask is [B, Lk] */
+    if (am->kind != MHA_MASK_NONE) { am->shape[am->ndim - 2] = Lq; am->shape[am->ndim - 1] = Lk; }
+    if (kp->kind != MHA_MASK_NONE) kp->shape[1] = Lk;
+    /* packed panels are a copy of the weights: they must still be theirs */
+    if (p->mod.pq && mha__weights_sample(&p->mod) != p->mod.values) return MHA_ERR_STALE;
+    return MHA_OK;
+}
+
+/* The caller's workspace (at least need bytes), or an allocated one. */
+static mha_status mha__get_ws(void *workspace, size_t have, size_t need, void **owned, float **ws)
+{
+    *owned = NULL;
+    if (workspace) {
+        if (have < need) return MHA_ERR_WORKSPACE_TOO_SMALL;
+    } else {
+        workspace = *owned = MHA_MALLOC(need);
+        if (!workspace) return MHA_ERR_OUT_OF_MEMORY;
+    }
+    *ws = mha__align_ws(workspace);
+    return MHA_OK;
+}
+/* A run's workspace: what this run needs (need_floats at its lengths, at
+   most the plan's size), from the caller or allocated. */
+static mha_status mha__run_ws(const mha_plan *p, void *workspace, size_t have, size_t need_floats,
+                              void **owned, float **ws)
+{
+    if (need_floats > p->ws_bytes / sizeof(float)) return MHA_ERR_EXCEEDS_PLAN;   /* cannot happen */
+    return mha__get_ws(workspace, have, need_floats * sizeof(float), owned, ws);
+}
+
+MHADEF mha_status mha_gemm_run(const mha_plan *p, float alpha, const float *A, int lda,
+                               const float *B, int ldb, float beta, float *C, int ldc,
+                               void *workspace, size_t workspace_bytes)
+{
+    size_t tmp;
+    void *owned;
+    float *ws;
+    mha_status st;
+    if (!p || !A || !B || !C) return MHA_ERR_NULL_POINTER;
+    if (p->magic != MHA__PLAN_MAGIC || p->kind != MHA__PLAN_GEMM) return MHA_ERR_INVALID_ARGUMENT;
+    if (lda < (p->ta ? p->M : p->K) || ldb < (p->tb ? p->K : p->N) || ldc < p->N) return MHA_ERR_INVALID_SIZE;
+    if (!mha__mul((size_t)(p->ta ? p->K : p->M), (size_t)lda, &tmp) || !mha__mul(tmp, sizeof(float), &tmp) ||
+        !mha__mul((size_t)(p->tb ? p->N : p->K), (size_t)ldb, &tmp) || !mha__mul(tmp, sizeof(float), &tmp) ||
+        !mha__mul((size_t)p->M, (size_t)ldc, &tmp) || !mha__mul(tmp, sizeof(float), &tmp))
+        return MHA_ERR_OVERFLOW;
+    if ((st = mha__run_ws(p, workspace, workspace_bytes, p->ws_bytes / sizeof(float), &owned, &ws)) != MHA_OK)
+        return st;
+    mha__gemm_mt(p->ta, p->tb, p->M, p->N, p->K, alpha, A, (size_t)lda, B, (size_t)ldb, beta, C,
+                 (size_t)ldc, ws, p->nthreads);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+/* The attention of SDPA's dense [B, H, L, D] tensors. */
+static void mha__attn_dense(mha__attn *a, const mha_options *o, int B, int H, int Lq, int Lk, int D,
+                            int Dv, const float *q, const float *k, const float *v, float *out)
+{
+    mha__attn_common(a, o, B, H, Lq, Lk, Lk, D, Dv);
+    a->q.p = q; a->q.rs = (size_t)D;  a->q.hs = (size_t)Lq * D;  a->q.bs = (size_t)H * Lq * D;
+    a->k.p = k; a->k.rs = (size_t)D;  a->k.hs = (size_t)Lk * D;  a->k.bs = (size_t)a->Hkv * Lk * D;
+    a->v.p = v; a->v.rs = (size_t)Dv; a->v.hs = (size_t)Lk * Dv; a->v.bs = (size_t)a->Hkv * Lk * Dv;
+    a->o = out; a->o_rs = (size_t)Dv; a->o_hs = (size_t)Lq * Dv; a->o_bs = (size_t)H * Lq * Dv;
+    a->weights = NULL; a->per_head = 1;
+    a->shared_pack = (size_t)B * H < (size_t)a->nthreads;
+}
+
+MHADEF mha_status mha_sdpa_run(const mha_plan *p, int Lq, int Lk,
+                               const float *q, const float *k, const float *v,
+                               const void *attn_mask, const void *key_padding_mask,
+                               float *out, float *attn_weights, void *workspace, size_t workspace_bytes)
+{
+    mha_options o;
+    mha__attn a;
+    size_t per_thread, total;
+    void *owned;
+    float *ws;
+    mha_status st;
+    if ((st = mha__run_begin(p, MHA__PLAN_SDPA, Lq, Lk, attn_mask, key_padding_mask, &o)) != MHA_OK)
+        return st;
+    if (!q || !k || !v || !out) return MHA_ERR_NULL_POINTER;
+    if (attn_weights && !(p->flags & MHA_PLAN_WEIGHTS)) return MHA_ERR_EXCEEDS_PLAN;
+    (void)mha__sdpa_fwd_floats(p->B, p->H, Lq, Lk, p->D, p->Dv, attn_weights != NULL, p->nthreads,
+                               &per_thread, &total);   /* within the plan's */
+    if ((st = mha__run_ws(p, workspace, workspace_bytes, total, &owned, &ws)) != MHA_OK) return st;
+    mha__attn_dense(&a, &o, p->B, p->H, Lq, Lk, p->D, p->Dv, q, k, v, out);
+    a.weights = attn_weights;
+    mha__attend_all(&a, ws, per_thread);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
+                                        const float *q, const float *k, const float *v,
+                                        const float *dout, const void *attn_mask,
+                                        const void *key_padding_mask, float *dq, float *dk, float *dv,
+                                        void *workspace, size_t workspace_bytes)
+{
+    mha_options o;
+    mha__sdpa_bwd_layout L;
+    mha__attn a;
+    void *owned;
+    float *ws;
+    int b, h;
+    mha_status st;
+    if ((st = mha__run_begin(p, MHA__PLAN_SDPA, Lq, Lk, attn_mask, key_padding_mask, &o)) != MHA_OK)
+        return st;
+    if (!q || !k || !v || !dout) return MHA_ERR_NULL_POINTER;
+    if (!(p->flags & MHA_PLAN_TRAINING)) return MHA_ERR_EXCEEDS_PLAN;
+    (void)mha__sdpa_bwd_layout_at(Lq, Lk, p->D, p->Dv, p->opt.softcap > 0.0f, &L);   /* within the plan's */
+    if ((st = mha__run_ws(p, workspace, workspace_bytes, L.total_floats, &owned, &ws)) != MHA_OK) return st;
+    mha__attn_dense(&a, &o, p->B, p->H, Lq, Lk, p->D, p->Dv, q, k, v, NULL);
+    for (b = 0; b < p->B; ++b)
+        for (h = 0; h < p->H; ++h)
+            mha__attend_head_backward(&a, b, h, dout, dq, dk, dv, ws + L.p, ws + L.dp,
+                                      ws + L.capped, ws + L.psink, ws + L.gws);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+/* One run of a module plan, forward or backward: the one context its
+   internal stages share. */
+typedef struct mha__run {
+    const mha_plan *p;
+    const mha__mod *r;
+    const mha_options *o;              /* the plan's, with this run's masks */
+    int B, Lq, Lk, Lke;
+    const float *query, *key, *value;  /* [B,Lq,E], [B,Lk,kdim], [B,Lk,vdim] */
+    const float *dout;                 /* backward: [B,Lq,E] */
+    float *out, *weights;              /* forward */
+    float *dquery, *dkey, *dvalue;     /* backward, added to (each may be NULL) */
+    const mha_module_grad *grad;       /* backward, added to */
+    float *ws;
+} mha__run;
+
+/* The long-sequence forward (see MHA__BY_HEAD_FLOATS): for each head h,
+   project Q_h, K_h, V_h ([B, L, D]), attend (fused), and add O_h's share of
+   the output projection to out.  */
+static void mha__forward_by_head(const mha__run *c, const mha__fwd_layout *L)
+{
+    const mha__mod *r = c->r;
+    mha__attn a;
+    int E = r->E, D = r->D, B = c->B, Lq = c->Lq, Lke = c->Lke, nt = c->p->nthreads, h, i;
+    float *qp = c->ws + L->qp, *kp = c->ws + L->kp, *vp = c->ws + L->vp, *scratch = c->ws + L->scratch;
+
+    /* out = bo, then each head adds O_h Wo_h^T */
+    for (i = 0; i < B * Lq; ++i) {
+        if (r->bo) memcpy(c->out + (size_t)i * E, r->bo, (size_t)E * sizeof(float));
+        else memset(c->out + (size_t)i * E, 0, (size_t)E * sizeof(float));
+    }
+    mha__attn_common(&a, c->o, B, r->H, Lq, c->Lk, Lke, D, D);
+    a.Hkv = r->Hkv; a.group = r->H / r->Hkv;
+    a.weights = NULL; a.per_head = 0;
+    a.nh = 1;
+    a.shared_pack = B < a.nthreads;
+    a.q.p = qp; a.q.rs = (size_t)D; a.q.hs = 0; a.q.bs = (size_t)Lq * D;
+    a.k.p = kp; a.k.rs = (size_t)D; a.k.hs = 0; a.k.bs = (size_t)Lke * D;
+    a.v.p = vp; a.v.rs = (size_t)D; a.v.hs = 0; a.v.bs = (size_t)Lke * D;
+    a.o = qp;   a.o_rs = (size_t)D; a.o_hs = 0; a.o_bs = (size_t)Lq * D;
+    for (h = 0; h < r->H; ++h) {
+        size_t hd = (size_t)h * D, gd = (size_t)(h / a.group) * D;   /* gd: its KV head's columns */
+        /* 1. Q_h = Xq Wq[hD:(h+1)D, :]^T + bq_h, turned by RoPE; K_g, V_g of its
+              KV head g likewise (once per group), with the appended rows
+              after each batch's Lk keys */
+        mha__linear(B * Lq, E, D, c->query, r->wq + hd * E, r->bq ? r->bq + hd : NULL, qp, scratch, nt);
+        mha__rope_apply(&r->rope, D, B, Lq, 1, (size_t)Lq * D, (size_t)D, 0,
+                        mha__query_pos0(c->o, Lq, c->Lk), NULL, 1.0f, qp);
+        if (h % a.group == 0) {
+            mha__kv_project(B, c->Lk, r->kdim, D, c->key, r->wk + gd * r->kdim, r->bk ? r->bk + gd : NULL,
+                            r->bias_k ? r->bias_k + gd : NULL, r->zero_attn, kp, scratch, nt, NULL);
+            mha__kv_project(B, c->Lk, r->vdim, D, c->value, r->wv + gd * r->vdim, r->bv ? r->bv + gd : NULL,
+                            r->bias_v ? r->bias_v + gd : NULL, r->zero_attn, vp, scratch, nt, NULL);
+            mha__rope_apply(&r->rope, D, B, c->Lk, 1, (size_t)Lke * D, (size_t)D, 0,
+                            c->o->position_offset, NULL, 1.0f, kp);
+        }
+        /* 2. O_h over Q_h, fused */
+        a.h0 = h;
+        mha__attend_all(&a, scratch, L->per_thread);
+        /* 3. out += O_h Wo[:, hD:(h+1)D]^T */
+        mha__gemm_mt(0, 1, B * Lq, E, D, 1.0f, qp, (size_t)D, r->wo + hd, (size_t)E, 1.0f, c->out,
+                     (size_t)E, scratch, nt);
+    }
+}
+
+/* The forward of every other length: K and V once, then the queries in
+   chunks (all of them at once when the weights are wanted).  */
+static void mha__forward_chunks(const mha__run *c, const mha__fwd_layout *L)
+{
+    const mha__mod *r = c->r;
+    mha__attn a;
+    int E = r->E, Ekv = r->Ekv, B = c->B, Lq = c->Lq, Lke = c->Lke, nt = c->p->nthreads, b;
+    float *qp = c->ws + L->qp, *kp = c->ws + L->kp, *vp = c->ws + L->vp, *scratch = c->ws + L->scratch;
+
+    /* 1. key and value projections, K = Xk Wk^T + bk, for all batches,
+          Lke rows per batch (the appended keys after the Lk projected ones) */
+    mha__kv_project(B, c->Lk, r->kdim, Ekv, c->key, r->wk, r->bk, r->bias_k, r->zero_attn, kp, scratch,
+                    nt, r->pk);
+    mha__kv_project(B, c->Lk, r->vdim, Ekv, c->value, r->wv, r->bv, r->bias_v, r->zero_attn, vp, scratch,
+                    nt, r->pv);
+    /* RoPE on the Lk real keys of every batch (not on appended rows), key j at
+       position offset + j; the queries below at offset + i' */
+    mha__rope_apply(&r->rope, r->D, B, c->Lk, r->Hkv, (size_t)Lke * Ekv, (size_t)Ekv, (size_t)r->D,
+                    c->o->position_offset, NULL, 1.0f, kp);
+
+    /* A chunk's rows are contiguous in query and out because nb > 1 only
+       when nq == Lq. */
+    mha__attn_common(&a, c->o, B, r->H, Lq, c->Lk, Lke, r->D, r->D);
+    a.Hkv = r->Hkv; a.group = r->H / r->Hkv;
+    a.weights = c->weights; a.per_head = c->o->per_head_weights != 0;
+    a.shared_pack = r->H < a.nthreads;
+    for (b = 0; b < B; b += L->chunk_b) {
+        int q0;
+        a.b0 = b;
+        a.nb = B - b < L->chunk_b ? B - b : L->chunk_b;
+        for (q0 = 0; q0 < Lq; q0 += L->chunk_q) {
+            size_t first = ((size_t)b * Lq + q0) * E;   /* offset of the chunk in query/out */
+            int rows;
+            a.q0 = q0;
+            a.nq = Lq - q0 < L->chunk_q ? Lq - q0 : L->chunk_q;
+            rows = a.nb * a.nq;
+
+            /* 2. Q = Xq Wq^T + bq for the chunk's rows */
+            mha__linear_pp(rows, E, E, c->query + first, r->wq, r->bq, qp, scratch, nt, r->pq);
+            mha__rope_apply(&r->rope, r->D, a.nb, a.nq, r->H, (size_t)a.nq * E, (size_t)E, (size_t)r->D,
+                            mha__query_pos0(c->o, Lq, c->Lk) + q0, NULL, 1.0f, qp);
+
+            /* 3. attention per (batch, head) on the head-interleaved [rows, E]
+               layout; each head's context overwrites that head's Q columns,
+               which its tile has finished reading, so no context buffer */
+            a.q.p = qp; a.q.rs = (size_t)E; a.q.hs = (size_t)r->D; a.q.bs = (size_t)a.nq * E;
+            a.k.p = kp + (size_t)b * Lke * Ekv;
+            a.k.rs = (size_t)Ekv; a.k.hs = (size_t)r->D; a.k.bs = (size_t)Lke * Ekv;
+            a.v.p = vp + (size_t)b * Lke * Ekv;
+            a.v.rs = (size_t)Ekv; a.v.hs = (size_t)r->D; a.v.bs = (size_t)Lke * Ekv;
+            a.o = qp;   a.o_rs = (size_t)E; a.o_hs = (size_t)r->D; a.o_bs = (size_t)a.nq * E;
+            mha__attend_all(&a, scratch, L->per_thread);
+
+            /* 4. output projection: out = concat_h(O_h) Wo^T + bo */
+            mha__linear_pp(rows, E, E, qp, r->wo, r->bo, c->out + first, scratch, nt, r->po);
+        }
+    }
+}
+
+/* The layout of this run's lengths and path (within the plan's). */
+static void mha__fwd_layout_run(const mha__run *c, mha__fwd_layout *L)
+{
+    (void)mha__fwd_layout_at(c->r, c->B, c->Lq, c->Lk, c->weights != NULL, c->p->by_head,
+                             c->p->nthreads, L);
+}
+static void mha__module_forward(const mha__run *c)
+{
+    mha__fwd_layout L;
+    mha__fwd_layout_run(c, &L);
+    if (c->p->by_head && !c->weights) mha__forward_by_head(c, &L);
+    else mha__forward_chunks(c, &L);
+}
+
+/* Backward of the module, in the reverse order of the forward:
+     forward:  Q = Xq Wq^T + bq,  K = ..,  V = ..           [B*L, E]
+               C_h = softmax(scale Q_h K_h^T + mask) V_h     per head
+               Y = C Wo^T + bo
+     backward: dC = dY Wo;   dWo += dY^T C;   dbo += colsum dY
+               dQ_h, dK_h, dV_h from the head backward
+               dXq += dQ Wq;  dWq += dQ^T Xq;  dbq += colsum dQ   (and K, V)  */
+static void mha__module_backward(const mha__run *c)
+{
+    const mha__mod *r = c->r;
+    const mha_module_grad *grad = c->grad;
+    mha__bwd_layout L;
+    mha__attn a;
+    float *ws = c->ws, *qp, *kp, *vp, *ctx, *dctx, *dqp, *dkp, *dvp, *gws;
+    float *gwq, *gwk, *gwv, *gbq, *gbk, *gbv;
+    size_t nq, nk;
+    int E = r->E, Ekv = r->Ekv, B = c->B, Lq = c->Lq, Lk = c->Lk, Lke = c->Lke, nt = c->p->nthreads, b, h;
+
+    (void)mha__bwd_layout_at(r, B, Lq, Lk, c->o->softcap > 0.0f, nt, &L);
+    nq = (size_t)B * Lq * E; nk = (size_t)B * Lke * Ekv;
+    qp = ws + L.qp; kp = ws + L.kp; vp = ws + L.vp; ctx = ws + L.ctx; dctx = ws + L.dctx;
+    dqp = ws + L.dqp; dkp = ws + L.dkp; dvp = ws + L.dvp; gws = ws + L.gws;
+    /* the gradients in the layout the weights came in */
+    if (r->in_proj) {
+        gwq = grad->in_proj_weight;
+        gwk = gwq ? gwq + (size_t)E * E : NULL;
+        gwv = gwq ? gwq + (size_t)(E + Ekv) * E : NULL;
+    } else {
+        gwq = grad->q_proj_weight; gwk = grad->k_proj_weight; gwv = grad->v_proj_weight;
+    }
+    gbq = r->bq ? grad->in_proj_bias : NULL;
+    gbk = gbq ? gbq + E : NULL;
+    gbv = gbq ? gbq + E + Ekv : NULL;
+
+    /* 1. recompute the projections Q, K, V (K and V with their appended rows), RoPE */
+    mha__linear_pp(B * Lq, E, E, c->query, r->wq, r->bq, qp, gws, nt, r->pq);
+    mha__kv_project(B, Lk, r->kdim, Ekv, c->key, r->wk, r->bk, r->bias_k, r->zero_attn, kp, gws, nt, r->pk);
+    mha__kv_project(B, Lk, r->vdim, Ekv, c->value, r->wv, r->bv, r->bias_v, r->zero_attn, vp, gws, nt, r->pv);
+    mha__rope_apply(&r->rope, r->D, B, Lq, r->H, (size_t)Lq * E, (size_t)E, (size_t)r->D,
+                    mha__query_pos0(c->o, Lq, Lk), NULL, 1.0f, qp);
+    mha__rope_apply(&r->rope, r->D, B, Lk, r->Hkv, (size_t)Lke * Ekv, (size_t)Ekv, (size_t)r->D,
+                    c->o->position_offset, NULL, 1.0f, kp);
+
+    /* 2. through the output projection: dC = dY Wo   [B*Lq, E] */
+    mha__gemm_mt(0, 0, B * Lq, E, E, 1.0f, c->dout, (size_t)E, r->wo, (size_t)E, 0.0f,
+                 dctx, (size_t)E, gws, nt);
+
+    /* 3. attention, head by head: C (for step 4) and dQ, dK, dV */
+    memset(dqp, 0, nq * sizeof(float));
+    memset(dkp, 0, nk * sizeof(float));
+    memset(dvp, 0, nk * sizeof(float));
+    mha__attn_common(&a, c->o, B, r->H, Lq, Lk, Lke, r->D, r->D);
+    a.Hkv = r->Hkv; a.group = r->H / r->Hkv;
+    a.q.p = qp; a.q.rs = (size_t)E; a.q.hs = (size_t)r->D; a.q.bs = (size_t)Lq * E;
+    a.k.p = kp; a.k.rs = (size_t)Ekv; a.k.hs = (size_t)r->D; a.k.bs = (size_t)Lke * Ekv;
+    a.v.p = vp; a.v.rs = (size_t)Ekv; a.v.hs = (size_t)r->D; a.v.bs = (size_t)Lke * Ekv;
+    a.o = ctx;  a.o_rs = (size_t)E; a.o_hs = (size_t)r->D; a.o_bs = (size_t)Lq * E;
+    a.weights = NULL; a.per_head = 0;
+    for (b = 0; b < B; ++b)
+        for (h = 0; h < r->H; ++h)
+            mha__attend_head_backward(&a, b, h, dctx, dqp, dkp, dvp, ws + L.p, ws + L.dp,
+                                      ws + L.capped, ws + L.psink, gws);
+
+    /* RoPE backward: the rotated Q and K's gradients turn back (the transpose) */
+    mha__rope_apply(&r->rope, r->D, B, Lq, r->H, (size_t)Lq * E, (size_t)E, (size_t)r->D,
+                    mha__query_pos0(c->o, Lq, Lk), NULL, -1.0f, dqp);
+    mha__rope_apply(&r->rope, r->D, B, Lk, r->Hkv, (size_t)Lke * Ekv, (size_t)Ekv, (size_t)r->D,
+                    c->o->position_offset, NULL, -1.0f, dkp);
+
+    /* 4. output projection weights: dWo += dY^T C,  dbo += colsum dY */
+    mha__linear_backward(B * Lq, E, E, ctx, r->wo, c->dout, NULL, grad->out_proj_weight,
+                         r->bo ? grad->out_proj_bias : NULL, gws, nt);
+
+    /* 5. input projections: dX += dQ Wq,  dWq += dQ^T X,  dbq += colsum dQ (K, V alike;
+          the bias_k / bias_v rows collect their own gradient) */
+    mha__linear_backward(B * Lq, E, E, c->query, r->wq, dqp, c->dquery, gwq, gbq, gws, nt);
+    mha__kv_project_backward(B, Lk, r->extra, r->kdim, Ekv, c->key, r->wk, dkp, c->dkey, gwk, gbk,
+                             r->bias_k ? grad->bias_k : NULL, gws, nt);
+    mha__kv_project_backward(B, Lk, r->extra, r->vdim, Ekv, c->value, r->wv, dvp, c->dvalue, gwv, gbv,
+                             r->bias_v ? grad->bias_v : NULL, gws, nt);
+}
+
+/* Module runs start here: plan, lengths, masks, inputs (kind is MODULE or,
+   inside an encoder run, ENCODER). */
+static mha_status mha__module_run_begin(const mha_plan *p, int kind, int Lq, int Lk,
+                                        const float *query, const float *key, const float *value,
+                                        const void *attn_mask, const void *kpm, mha_options *o,
+                                        mha__run *c)
+{
+    mha_status st;
+    memset(c, 0, sizeof *c);
+    if ((st = mha__run_begin(p, kind, Lq, Lk, attn_mask, kpm, o)) != MHA_OK) return st;
+    if (!query || !key || !value) return MHA_ERR_NULL_POINTER;
+    c->p = p; c->r = &p->mod; c->o = o;
+    c->B = p->B; c->Lq = Lq; c->Lk = Lk; c->Lke = Lk + p->mod.extra;
+    c->query = query; c->key = key; c->value = value;
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_module_forward(const mha_plan *p, int Lq, int Lk,
+                                     const float *query, const float *key, const float *value,
+                                     const void *attn_mask, const void *key_padding_mask,
+                                     float *out, float *attn_weights,
+                                     void *workspace, size_t workspace_bytes)
+{
+    mha_options o;
+    mha__fwd_layout L;
+    mha__run c;
+    void *owned, *copy = NULL;
+    mha_status st;
+    st = mha__module_run_begin(p, MHA__PLAN_MODULE, Lq, Lk, query, key, value, attn_mask,
+                               key_padding_mask, &o, &c);
+    if (st != MHA_OK) return st;
+    if (!out) return MHA_ERR_NULL_POINTER;
+    if (attn_weights && !(p->flags & MHA_PLAN_WEIGHTS)) return MHA_ERR_EXCEEDS_PLAN;
+    c.out = out; c.weights = attn_weights;
+    mha__fwd_layout_run(&c, &L);
+    if ((st = mha__run_ws(p, workspace, workspace_bytes, L.total_floats, &owned, &c.ws)) != MHA_OK)
+        return st;
+    if (p->by_head && !attn_weights) {   /* out is written before the inputs are read */
+        const float *x[3];
+        size_t n[3];
+        x[0] = query; x[1] = key; x[2] = value;
+        n[0] = (size_t)p->B * Lq * p->mod.E;
+        n[1] = (size_t)p->B * Lk * p->mod.kdim; n[2] = (size_t)p->B * Lk * p->mod.vdim;
+        if ((st = mha__copy_aliased(out, n[0], x, n, &copy)) != MHA_OK) {
+            if (owned) MHA_FREE(owned);
+            return st;
+        }
+        c.query = x[0]; c.key = x[1]; c.value = x[2];
+    }
+    mha__module_forward(&c);
+    if (copy) MHA_FREE(copy);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_module_backward(const mha_plan *p, int Lq, int Lk,
+                                      const float *query, const float *key, const float *value,
+                                      const float *dout, const void *attn_mask,
+                                      const void *key_padding_mask, float *dquery, float *dkey,
+                                      float *dvalue, mha_module_grad *grad,
+                                      void *workspace, size_t workspace_bytes)
+{
+    mha_options o;
+    mha_module_grad nog;
+    mha__bwd_layout L;
+    mha__run c;
+    void *owned;
+    mha_status st;
+    st = mha__module_run_begin(p, MHA__PLAN_MODULE, Lq, Lk, query, key, value, attn_mask,
+                               key_padding_mask, &o, &c);
+    if (st != MHA_OK) return st;
+    if (!dout) return MHA_ERR_NULL_POINTER;
+    if (!(p->flags & MHA_PLAN_TRAINING)) return MHA_ERR_EXCEEDS_PLAN;
+    if (!grad) { memset(&nog, 0, sizeof nog); grad = &nog; }
+    (void)mha__bwd_layout_at(&p->mod, p->B, Lq, Lk, p->opt.softcap > 0.0f, p->nthreads, &L);   /* within the plan's */
+    if ((st = mha__run_ws(p, workspace, workspace_bytes, L.total_floats, &owned, &c.ws)) != MHA_OK)
+        return st;
+    c.dout = dout; c.dquery = dquery; c.dkey = dkey; c.dvalue = dvalue; c.grad = grad;
+    mha__module_backward(&c);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+/* ------------------------------------------------------ encoder layer */
+
+/* The feed-forward block on rows rows: f = act(in W1^T + b1) W2^T + b2
+   (z = in W1^T + b1, g = act(z); g may be z). */
+static void mha__enc_ff(const mha_encoder_layer *ly, int rows, int E, const float *in, float *z,
+                        float *g, float *f, float *gws, int nt)
+{
+    int F = ly->dim_feedforward;
+    mha__linear(rows, E, F, in, ly->linear1_weight, ly->linear1_bias, z, gws, nt);
+    mha__activation_forward(ly->activation, (size_t)rows * F, z, g);
+    mha__linear(rows, F, E, g, ly->linear2_weight, ly->linear2_bias, f, gws, nt);
+}
+/* The second residual: y = LN2(h + f) (post-norm; t holds h + f, t may be
+   f) or y = h + f (pre-norm; f may be y). */
+static void mha__enc_residual2(const mha_encoder_layer *ly, int rows, int E, float eps,
+                               const float *h, const float *f, float *t, float *y)
+{
+    size_t n = (size_t)rows * E, i;
+    if (!ly->norm_first) {
+        for (i = 0; i < n; ++i) t[i] = h[i] + f[i];
+        mha__layernorm_forward(rows, E, t, ly->norm2_weight, ly->norm2_bias, eps, y);
+    } else {
+        for (i = 0; i < n; ++i) y[i] = h[i] + f[i];
+    }
+}
+
+/* Inference: the feed-forward block runs on a few rows at a time, so no
+   [N, F] buffer exists and the workspace grows with L E, as the attention's.
+     post-norm:  a = SA(x);  h = LN1(x + a) (in a);  per rows:
+                 f = act(h W1^T + b1) W2^T + b2;  y = LN2(h + f)
+     pre-norm:   y = LN1(x) (y holds it until the rows are reached);
+                 a = SA(y);  h = x + a (in a);  per rows:
+                 t = LN2(h);  f = act(t W1^T + b1) W2^T + b2;  y = h + f      */
+static void mha__enc_infer(const mha_plan *p, const mha__run *c0, const float *x, float *y,
+                           const mha__enc_layout *P)
+{
+    const mha_encoder_layer *ly = &p->enc;
+    mha__run c = *c0;
+    int E = p->mod.E, N = c.B * c.Lq, nt = p->nthreads, r0;
+    size_t ne = (size_t)N * E, i;
+    float eps = ly->layer_norm_eps > 0.0f ? ly->layer_norm_eps : 1e-5f;
+    float *a = c0->ws + P->a, *zc = c0->ws + P->zc, *tc = c0->ws + P->tc, *fc = c0->ws + P->fc;
+    float *gws = c0->ws + P->gws;
+
+    /* 1. self-attention block, h into a */
+    c.ws = c0->ws + P->sub;
+    c.out = a;
+    if (!ly->norm_first) {
+        c.query = c.key = c.value = x;
+        mha__module_forward(&c);
+        for (i = 0; i < ne; ++i) a[i] += x[i];
+        mha__layernorm_forward(N, E, a, ly->norm1_weight, ly->norm1_bias, eps, a);
+    } else {
+        mha__layernorm_forward(N, E, x, ly->norm1_weight, ly->norm1_bias, eps, y);
+        c.query = c.key = c.value = y;
+        mha__module_forward(&c);
+        for (i = 0; i < ne; ++i) a[i] += x[i];
+    }
+    /* 2. feed-forward and the second residual, rows r0.. at a time */
+    for (r0 = 0; r0 < N; r0 += (int)P->rows) {
+        int rows = N - r0 < (int)P->rows ? N - r0 : (int)P->rows;
+        const float *h = a + (size_t)r0 * E, *ffin = h;
+        if (ly->norm_first) {
+            mha__layernorm_forward(rows, E, h, ly->norm2_weight, ly->norm2_bias, eps, tc);
+            ffin = tc;
+        }
+        mha__enc_ff(ly, rows, E, ffin, zc, zc, fc, gws, nt);
+        mha__enc_residual2(ly, rows, E, eps, h, fc, fc, y + (size_t)r0 * E);
+    }
+}
+
+/* Training: the forward pass, leaving every intermediate in the workspace.
      post-norm:  a = SA(x);  t1 = x + a;  h = LN1(t1);  z = h W1^T + b1;  g = act(z);
                  f = g W2^T + b2;  t2 = h + f;  y = LN2(t2)
      pre-norm:   t1 = LN1(x);  a = SA(t1);  h = x + a;  t2 = LN2(h);  z = t2 W1^T + b1;
                  g = act(z);  f = g W2^T + b2;  y = h + f                          */
-static mha_status mha__enc_forward(const mha_encoder_layer *ly, int B, int L, const float *x,
-                                   const mha_options *opt, float *y, float *attn_weights,
-                                   const mha__enc_layout *P, float *ws)
+static void mha__enc_forward(const mha_plan *p, const mha__run *c0, const float *x, float *y,
+                             const mha__enc_layout *P)
 {
-    int E = P->E, F = P->F, N = P->N;
+    const mha_encoder_layer *ly = &p->enc;
+    mha__run c = *c0;
+    int E = p->mod.E, N = c.B * c.Lq, nt = p->nthreads;
     size_t ne = (size_t)N * E, i;
     float eps = ly->layer_norm_eps > 0.0f ? ly->layer_norm_eps : 1e-5f;
-    float *a = ws + P->a, *t1 = ws + P->t1, *h = ws + P->h, *z = ws + P->z, *g = ws + P->g;
-    float *t2 = ws + P->t2, *gws = ws + P->gws;
+    float *ws = c0->ws, *a = ws + P->a, *t1 = ws + P->t1, *h = ws + P->h, *z = ws + P->z;
+    float *g = ws + P->g, *t2 = ws + P->t2, *gws = ws + P->gws;
     const float *ffin;
-    mha_status st;
 
     /* 1. self-attention block */
+    c.ws = ws + P->sub;
+    c.out = a;
+    c.weights = NULL;
     if (!ly->norm_first) {
-        st = mha_forward(&ly->self_attn, B, L, L, x, x, x, opt, a, attn_weights,
-                         ws + P->sub, P->sub_bytes);
-        if (st != MHA_OK) return st;
+        c.query = c.key = c.value = x;
+        mha__module_forward(&c);
         for (i = 0; i < ne; ++i) t1[i] = x[i] + a[i];
         mha__layernorm_forward(N, E, t1, ly->norm1_weight, ly->norm1_bias, eps, h);
         ffin = h;
     } else {
         mha__layernorm_forward(N, E, x, ly->norm1_weight, ly->norm1_bias, eps, t1);
-        st = mha_forward(&ly->self_attn, B, L, L, t1, t1, t1, opt, a, attn_weights,
-                         ws + P->sub, P->sub_bytes);
-        if (st != MHA_OK) return st;
+        c.query = c.key = c.value = t1;
+        mha__module_forward(&c);
         for (i = 0; i < ne; ++i) h[i] = x[i] + a[i];
         mha__layernorm_forward(N, E, h, ly->norm2_weight, ly->norm2_bias, eps, t2);
         ffin = t2;
     }
 
-    /* 2. feed-forward block: f = act(in W1^T + b1) W2^T + b2, f goes into y */
-    mha__linear_forward(N, E, F, ffin, ly->linear1_weight, ly->linear1_bias, z, gws);
-    mha__activation_forward(ly->activation, (size_t)N * F, z, g);
-    mha__linear_forward(N, F, E, g, ly->linear2_weight, ly->linear2_bias, y, gws);
-
-    /* 3. second residual (and norm) */
-    if (!ly->norm_first) {
-        for (i = 0; i < ne; ++i) t2[i] = h[i] + y[i];
-        mha__layernorm_forward(N, E, t2, ly->norm2_weight, ly->norm2_bias, eps, y);
-    } else {
-        for (i = 0; i < ne; ++i) y[i] += h[i];
-    }
-    return MHA_OK;
+    /* 2. feed-forward block, f into y; 3. second residual (and norm) */
+    mha__enc_ff(ly, N, E, ffin, z, g, y, gws, nt);
+    mha__enc_residual2(ly, N, E, eps, h, y, t2, y);
 }
 
-MHADEF mha_status mha_encoder_forward(const mha_encoder_layer *layer, int B, int L,
-                                      const float *x, const mha_options *opt, float *y,
-                                      float *attn_weights, void *workspace, size_t workspace_bytes)
+MHADEF mha_status mha_encoder_run(const mha_plan *p, int L, const float *x,
+                                  const void *attn_mask, const void *key_padding_mask,
+                                  float *y, float *attn_weights, void *workspace, size_t workspace_bytes)
 {
-    mha_options zero;
+    mha_options o;
     mha__enc_layout P;
+    mha__run c;
     void *owned;
-    float *ws;
-    size_t need;
     mha_status st;
-    if (!x || !y) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
-    if ((st = mha__enc_plan(layer, B, L, opt, &P)) != MHA_OK) return st;
-    if (!mha__mul(P.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
-    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
-    st = mha__enc_forward(layer, B, L, x, opt, y, attn_weights, &P, ws);
+    if ((st = mha__module_run_begin(p, MHA__PLAN_ENCODER, L, L, x, x, x, attn_mask, key_padding_mask,
+                                    &o, &c)) != MHA_OK)
+        return st;
+    if (!y) return MHA_ERR_NULL_POINTER;
+    if (attn_weights && !(p->flags & MHA_PLAN_WEIGHTS)) return MHA_ERR_EXCEEDS_PLAN;
+    (void)mha__enc_layout_at(p, L, 0, &P);   /* within the plan's */
+    if ((st = mha__run_ws(p, workspace, workspace_bytes, P.total_floats, &owned, &c.ws)) != MHA_OK)
+        return st;
+    c.weights = attn_weights;
+    mha__enc_infer(p, &c, x, y, &P);
     if (owned) MHA_FREE(owned);
-    return st;
+    return MHA_OK;
 }
 
 /* Backward: recompute the forward (into the workspace), then walk it in reverse.
@@ -4160,37 +4361,45 @@ MHADEF mha_status mha_encoder_forward(const mha_encoder_layer *layer, int B, int
                  dh += LN2'(dt2);  dx += dh;  dt1 = SA'(dh);  dx += LN1'(dt1)
    (LN' and SA' are the layer norm's and the self-attention's backward; the
    weight gradients are added on the way.)  */
-MHADEF mha_status mha_encoder_backward(const mha_encoder_layer *layer, int B, int L,
-                                       const float *x, const mha_options *opt, const float *dy,
-                                       float *dx, mha_encoder_layer_grad *grad,
-                                       void *workspace, size_t workspace_bytes)
+MHADEF mha_status mha_encoder_run_backward(const mha_plan *p, int L, const float *x, const float *dy,
+                                           const void *attn_mask, const void *key_padding_mask,
+                                           float *dx, mha_encoder_layer_grad *grad,
+                                           void *workspace, size_t workspace_bytes)
 {
-    const mha_encoder_layer *ly = layer;
-    mha_options zero;
+    const mha_encoder_layer *ly;
+    mha_options o;
     mha_encoder_layer_grad nog;
     mha__enc_layout P;
+    mha__run c;
     void *owned;
-    float *ws, *t1, *h, *z, *g, *t2, *d1, *d2, *dg, *gws, *y, eps;
-    size_t need, ne, nf, i;
-    int E, F, N;
+    float *ws, *t1, *h, *z, *g, *t2, *d1, *d2, *dg, *gws, eps;
+    size_t ne, nf, i;
+    int E, F, N, nt;
     mha_status st;
 
-    if (!x || !dy) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__module_run_begin(p, MHA__PLAN_ENCODER, L, L, x, x, x, attn_mask, key_padding_mask,
+                                    &o, &c)) != MHA_OK)
+        return st;
+    if (!dy) return MHA_ERR_NULL_POINTER;
+    if (!(p->flags & MHA_PLAN_TRAINING)) return MHA_ERR_EXCEEDS_PLAN;
     if (!grad) { memset(&nog, 0, sizeof nog); grad = &nog; }
-    if ((st = mha__enc_plan(layer, B, L, opt, &P)) != MHA_OK) return st;
-    if (!mha__mul(P.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
-    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
-    E = P.E; F = P.F; N = P.N; ne = (size_t)N * E; nf = (size_t)N * F;
+    (void)mha__enc_layout_at(p, L, 1, &P);   /* within the plan's */
+    if ((st = mha__run_ws(p, workspace, workspace_bytes, P.total_floats, &owned, &ws)) != MHA_OK)
+        return st;
+    ly = &p->enc;
+    E = p->mod.E; F = ly->dim_feedforward; N = p->B * L; nt = p->nthreads;
+    ne = (size_t)N * E; nf = (size_t)N * F;
     eps = ly->layer_norm_eps > 0.0f ? ly->layer_norm_eps : 1e-5f;
     t1 = ws + P.t1; h = ws + P.h; z = ws + P.z; g = ws + P.g; t2 = ws + P.t2;
     d1 = ws + P.d1; d2 = ws + P.d2; dg = ws + P.dg; gws = ws + P.gws;
 
     /* 1. recompute; y itself is not needed, d1 holds it for now */
-    y = d1;
-    if ((st = mha__enc_forward(ly, B, L, x, opt, y, NULL, &P, ws)) != MHA_OK) goto done;
+    c.ws = ws;
+    mha__enc_forward(p, &c, x, d1, &P);
     memset(d2, 0, ne * sizeof(float));
     memset(dg, 0, nf * sizeof(float));
+    c.ws = ws + P.sub;
+    c.grad = &grad->self_attn;
 
     if (!ly->norm_first) {
         /* 2. dt2 = LN2'(dy) -> d1; it flows into both h and f */
@@ -4200,24 +4409,24 @@ MHADEF mha_status mha_encoder_backward(const mha_encoder_layer *layer, int B, in
                                 ly->norm2_bias ? grad->norm2_bias : NULL);
         /* 3. feed-forward: dg = df W2, dz = dg act'(z), dh += dz W1 (d1 is dh now) */
         mha__linear_backward(N, F, E, g, ly->linear2_weight, d1, dg, grad->linear2_weight,
-                             ly->linear2_bias ? grad->linear2_bias : NULL, gws);
+                             ly->linear2_bias ? grad->linear2_bias : NULL, gws, nt);
         mha__activation_backward(ly->activation, nf, z, dg);
         mha__linear_backward(N, E, F, h, ly->linear1_weight, dg, d1, grad->linear1_weight,
-                             ly->linear1_bias ? grad->linear1_bias : NULL, gws);
+                             ly->linear1_bias ? grad->linear1_bias : NULL, gws, nt);
         /* 4. dt1 = LN1'(dh) -> d2; the residual passes it to x, the attention too */
         mha__layernorm_backward(N, E, t1, ly->norm1_weight, eps, d1, d2,
                                 ly->norm1_weight ? grad->norm1_weight : NULL,
                                 ly->norm1_bias ? grad->norm1_bias : NULL);
         if (dx) for (i = 0; i < ne; ++i) dx[i] += d2[i];
-        st = mha_backward(&ly->self_attn, B, L, L, x, x, x, d2, opt, dx, dx, dx,
-                          &grad->self_attn, ws + P.sub, P.sub_bytes);
+        c.dout = d2; c.dquery = c.dkey = c.dvalue = dx;
+        mha__module_backward(&c);
     } else {
         /* 2. feed-forward on t2 = LN2(h): dg = dy W2, dz, dt2 = dz W1 -> d2 */
         mha__linear_backward(N, F, E, g, ly->linear2_weight, dy, dg, grad->linear2_weight,
-                             ly->linear2_bias ? grad->linear2_bias : NULL, gws);
+                             ly->linear2_bias ? grad->linear2_bias : NULL, gws, nt);
         mha__activation_backward(ly->activation, nf, z, dg);
         mha__linear_backward(N, E, F, t2, ly->linear1_weight, dg, d2, grad->linear1_weight,
-                             ly->linear1_bias ? grad->linear1_bias : NULL, gws);
+                             ly->linear1_bias ? grad->linear1_bias : NULL, gws, nt);
         /* 3. dh = dy + LN2'(dt2) -> d1 */
         memcpy(d1, dy, ne * sizeof(float));
         mha__layernorm_backward(N, E, h, ly->norm2_weight, eps, d2, d1,
@@ -4226,16 +4435,515 @@ MHADEF mha_status mha_encoder_backward(const mha_encoder_layer *layer, int B, in
         /* 4. the residual passes dh to x; the attention's input t1 = LN1(x) gets dt1 -> d2 */
         if (dx) for (i = 0; i < ne; ++i) dx[i] += d1[i];
         memset(d2, 0, ne * sizeof(float));
-        st = mha_backward(&ly->self_attn, B, L, L, t1, t1, t1, d1, opt, d2, d2, d2,
-                          &grad->self_attn, ws + P.sub, P.sub_bytes);
-        if (st == MHA_OK)
-            mha__layernorm_backward(N, E, x, ly->norm1_weight, eps, d2, dx,
-                                    ly->norm1_weight ? grad->norm1_weight : NULL,
-                                    ly->norm1_bias ? grad->norm1_bias : NULL);
+        c.query = c.key = c.value = t1;
+        c.dout = d1; c.dquery = c.dkey = c.dvalue = d2;
+        mha__module_backward(&c);
+        mha__layernorm_backward(N, E, x, ly->norm1_weight, eps, d2, dx,
+                                ly->norm1_weight ? grad->norm1_weight : NULL,
+                                ly->norm1_bias ? grad->norm1_bias : NULL);
     }
-done:
     if (owned) MHA_FREE(owned);
-    return st;
+    return MHA_OK;
+}
+
+/* --------------------------------------------------------- KV cache */
+
+static mha_status mha__check_cache(const mha_kv_cache *c)
+{
+    size_t n;
+    int b;
+    if (!c || !c->k || !c->v || !c->len) return MHA_ERR_NULL_POINTER;
+    if (c->B <= 0 || c->Hkv <= 0 || c->D <= 0 || c->capacity <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__mul3((size_t)c->B * (size_t)c->Hkv, (size_t)c->capacity, (size_t)c->D, &n) ||
+        !mha__mul(n, sizeof(float), &n) || !mha__dim_ok(c->capacity) || !mha__dim_ok(c->D))
+        return MHA_ERR_OVERFLOW;
+    for (b = 0; b < c->B; ++b) if (c->len[b] < 0 || c->len[b] > c->capacity) return MHA_ERR_INVALID_ARGUMENT;
+    return MHA_OK;
+}
+
+/* Room for n more tokens in every row? */
+static mha_status mha__cache_room(const mha_kv_cache *c, int n)
+{
+    int b;
+    for (b = 0; b < c->B; ++b) if (n > c->capacity - c->len[b]) return MHA_ERR_CAPACITY;
+    return MHA_OK;
+}
+
+/* Copy n tokens of every row into the cache at len[b]; token t of row b, KV
+   head g is at k + b*bs + g*hs + t*ts.  len += n.  */
+static void mha__cache_write(mha_kv_cache *c, int n, const float *k, const float *v, size_t bs, size_t hs,
+                             size_t ts)
+{
+    int b, g, t, D = c->D;
+    for (b = 0; b < c->B; ++b) {
+        for (g = 0; g < c->Hkv; ++g)
+            for (t = 0; t < n; ++t) {
+                size_t dst = (((size_t)b * c->Hkv + g) * c->capacity + c->len[b] + t) * D;
+                size_t src = (size_t)b * bs + (size_t)g * hs + (size_t)t * ts;
+                memcpy(c->k + dst, k + src, (size_t)D * sizeof(float));
+                memcpy(c->v + dst, v + src, (size_t)D * sizeof(float));
+            }
+        c->len[b] += n;
+    }
+}
+
+MHADEF mha_status mha_kv_cache_append(mha_kv_cache *c, int n, const float *k_new, const float *v_new)
+{
+    mha_status st;
+    if ((st = mha__check_cache(c)) != MHA_OK) return st;
+    if (!k_new || !v_new) return MHA_ERR_NULL_POINTER;
+    if (n <= 0) return MHA_ERR_INVALID_SIZE;
+    if ((st = mha__cache_room(c, n)) != MHA_OK) return st;
+    mha__cache_write(c, n, k_new, v_new, (size_t)c->Hkv * n * c->D, (size_t)n * c->D, (size_t)c->D);
+    return MHA_OK;
+}
+
+/* Checks and scratch of an attention over the cache: one row at a time, with
+   keys up to capacity.  */
+static mha_status mha__cache_attend_plan(const mha_kv_cache *c, int H, int Lq, const mha_options *opt,
+                                         size_t *per_thread, size_t *total_floats)
+{
+    mha_status st;
+    int b, nt = mha__max_threads(opt);
+    if ((st = mha__check_cache(c)) != MHA_OK) return st;
+    if (H <= 0 || Lq <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__dim_ok(H) || !mha__dim_ok(Lq) || (size_t)H * (size_t)Lq > LONG_MAX) return MHA_ERR_OVERFLOW;
+    if (opt->attn_mask.kind != MHA_MASK_NONE || opt->key_padding_mask.kind != MHA_MASK_NONE)
+        return MHA_ERR_INVALID_ARGUMENT;
+    if ((st = mha__check_masks(opt, c->B, H, Lq, c->capacity)) != MHA_OK) return st;
+    if ((st = mha__check_decode(opt, H, c->Hkv, NULL, c->D)) != MHA_OK) return st;
+    for (b = 0; b < c->B; ++b) if (c->len[b] < 1) return MHA_ERR_INVALID_ARGUMENT;   /* no key */
+    if (!mha__attn_scratch_floats(Lq, c->capacity, c->capacity, c->D, c->D, nt, 0, H < nt, per_thread,
+                                  total_floats) ||
+        !mha__add(*total_floats, MHA__ALIGN_FLOATS, total_floats))
+        return MHA_ERR_OVERFLOW;
+    return MHA_OK;
+}
+
+/* Run it: queries and outputs as views (b, h, i) -> p + b*bs + h*hs + i*rs */
+static void mha__cache_attend_run(const mha_kv_cache *c, int H, int Lq, const mha_options *opt,
+                                  const mha__view *q, float *o, size_t o_bs, size_t o_hs, size_t o_rs,
+                                  float *ws, size_t per_thread)
+{
+    mha_options ob = *opt;
+    int b, D = c->D;
+    ob.causal_align = MHA_CAUSAL_BOTTOM_RIGHT;
+    for (b = 0; b < c->B; ++b) {       /* each row has its own Lk = len[b] */
+        mha__attn a;
+        int Lk = c->len[b];
+        mha__attn_common(&a, &ob, 1, H, Lq, Lk, Lk, D, D);
+        a.Hkv = c->Hkv; a.group = H / c->Hkv;
+        a.q.p = q->p + (size_t)b * q->bs; a.q.bs = 0; a.q.hs = q->hs; a.q.rs = q->rs;
+        a.k.p = c->k + (size_t)b * c->Hkv * c->capacity * D;
+        a.v.p = c->v + (size_t)b * c->Hkv * c->capacity * D;
+        a.k.bs = a.v.bs = 0; a.k.hs = a.v.hs = (size_t)c->capacity * D; a.k.rs = a.v.rs = (size_t)D;
+        a.o = o + (size_t)b * o_bs; a.o_bs = 0; a.o_hs = o_hs; a.o_rs = o_rs;
+        a.weights = NULL; a.per_head = 1;
+        a.lse = opt->lse ? opt->lse + (size_t)b * H * Lq : NULL;
+        a.shared_pack = H < a.nthreads;
+        mha__attend_all(&a, ws, per_thread);
+    }
+}
+
+MHADEF mha_status mha_kv_cache_attend_workspace_size(const mha_kv_cache *c, int H, int Lq,
+                                                     const mha_options *opt, size_t *bytes)
+{
+    mha_options zero;
+    size_t per_thread, total;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__cache_attend_plan(c, H, Lq, opt, &per_thread, &total)) != MHA_OK) return st;
+    return mha__mul(total, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+}
+
+MHADEF mha_status mha_kv_cache_attend(const mha_kv_cache *c, int H, int Lq, const float *q,
+                                      const mha_options *opt, float *out,
+                                      void *workspace, size_t workspace_bytes)
+{
+    mha_options zero;
+    mha__view qv;
+    size_t per_thread, total, need;
+    void *owned;
+    float *ws;
+    mha_status st;
+    int D;
+    if (!q || !out) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__cache_attend_plan(c, H, Lq, opt, &per_thread, &total)) != MHA_OK) return st;
+    if (!mha__mul(total, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
+    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+    D = c->D;
+    qv.p = q; qv.bs = (size_t)H * Lq * D; qv.hs = (size_t)Lq * D; qv.rs = (size_t)D;
+    mha__cache_attend_run(c, H, Lq, opt, &qv, out, (size_t)H * Lq * D, (size_t)Lq * D, (size_t)D, ws, per_thread);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+/* Workspace of mha_forward_cached: Q (then the context) [B*Lq, E], the new
+   K and V [B*Lq, Ekv], then scratch for the attention and the GEMMs.  */
+typedef struct mha__cached_layout {
+    mha__mod r;                        /* the module, weights resolved */
+    int E, H, D, Ekv;
+    size_t qp, kn, vn, scratch, per_thread, total_floats;
+} mha__cached_layout;
+
+static mha_status mha__cached_plan(const mha_module *m, const mha_kv_cache *c, int Lq, const mha_options *opt,
+                                   mha__cached_layout *L)
+{
+    int B, nt = mha__max_threads(opt);
+    size_t attn, g, g2, cur = 0;
+    mha_status st;
+    if ((st = mha__check_cache(c)) != MHA_OK) return st;
+    B = c->B;
+    if ((st = mha__check_module(m, &L->r)) != MHA_OK) return st;
+    if (Lq <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__dim_ok(Lq)) return MHA_ERR_OVERFLOW;
+    L->E = L->r.E; L->H = L->r.H; L->D = L->r.D;
+    if (L->r.kdim != L->E || L->r.vdim != L->E || L->r.extra) return MHA_ERR_INVALID_ARGUMENT;
+    if (opt->attn_mask.kind != MHA_MASK_NONE || opt->key_padding_mask.kind != MHA_MASK_NONE)
+        return MHA_ERR_INVALID_ARGUMENT;
+    if ((st = mha__check_masks(opt, B, L->H, Lq, Lq)) != MHA_OK) return st;
+    if ((st = mha__check_decode(opt, L->H, m->num_kv_heads, &m->rope, L->D)) != MHA_OK) return st;
+    if ((m->num_kv_heads ? m->num_kv_heads : L->H) != c->Hkv || L->D != c->D) return MHA_ERR_INVALID_ARGUMENT;
+    if ((size_t)B * (size_t)Lq > MHA__INT_LIMIT) return MHA_ERR_OVERFLOW;   /* GEMM rows (int audit) */
+    L->Ekv = c->Hkv * L->D;
+    if ((st = mha__cache_room(c, Lq)) != MHA_OK) return st;
+    if (!mha__attn_scratch_floats(Lq, c->capacity, c->capacity, L->D, L->D, nt, 0, L->H < nt, &L->per_thread,
+                                  &attn))
+        return MHA_ERR_OVERFLOW;
+    g = mha__gemm_ws_floats_mt(B * Lq, L->E, L->E, nt);
+    g2 = mha__gemm_ws_floats_mt(B * Lq, L->Ekv, L->E, nt); if (g2 > g) g = g2;
+    if (!mha__region(&cur, (size_t)B * Lq * L->E, &L->qp) ||
+        !mha__region(&cur, (size_t)B * Lq * L->Ekv, &L->kn) ||
+        !mha__region(&cur, (size_t)B * Lq * L->Ekv, &L->vn) ||
+        !mha__region(&cur, attn > g ? attn : g, &L->scratch) ||
+        !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
+        return MHA_ERR_OVERFLOW;
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_forward_cached_workspace_size(const mha_module *m, const mha_kv_cache *c, int Lq,
+                                                    const mha_options *opt, size_t *bytes)
+{
+    mha_options zero;
+    mha__cached_layout L;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__cached_plan(m, c, Lq, opt, &L)) != MHA_OK) return st;
+    return mha__mul(L.total_floats, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+}
+
+MHADEF mha_status mha_forward_cached(const mha_module *m, mha_kv_cache *c, int Lq, const float *x,
+                                     const mha_options *opt, float *out,
+                                     void *workspace, size_t workspace_bytes)
+{
+    mha_options zero;
+    mha__cached_layout L;
+    mha__view qv;
+    void *owned;
+    float *ws, *qp, *kn, *vn, *scratch;
+    const mha__mod *r = &L.r;
+    size_t need;
+    int E, Ekv, B, b, nt;
+    mha_status st;
+    if (!x || !out) return MHA_ERR_NULL_POINTER;
+    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
+    if ((st = mha__cached_plan(m, c, Lq, opt, &L)) != MHA_OK) return st;
+    if (!mha__mul(L.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
+    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
+    E = L.E; Ekv = L.Ekv; B = c->B; nt = mha__max_threads(opt);
+    qp = ws + L.qp; kn = ws + L.kn; vn = ws + L.vn; scratch = ws + L.scratch;
+
+    /* 1. Q, K, V of the new tokens: [B*Lq, E], [B*Lq, Ekv] */
+    mha__linear(B * Lq, E, E, x, r->wq, r->bq, qp, scratch, nt);
+    mha__linear(B * Lq, E, Ekv, x, r->wk, r->bk, kn, scratch, nt);
+    mha__linear(B * Lq, E, Ekv, x, r->wv, r->bv, vn, scratch, nt);
+
+    /* 2. RoPE at positions offset + len[b] + i, then append K and V */
+    for (b = 0; b < B; ++b) {
+        int pos0 = opt->position_offset + c->len[b];
+        mha__rope_apply(&m->rope, L.D, 1, Lq, L.H, 0, (size_t)E, (size_t)L.D, pos0, NULL, 1.0f,
+                        qp + (size_t)b * Lq * E);
+        mha__rope_apply(&m->rope, L.D, 1, Lq, c->Hkv, 0, (size_t)Ekv, (size_t)L.D, pos0, NULL, 1.0f,
+                        kn + (size_t)b * Lq * Ekv);
+    }
+    mha__cache_write(c, Lq, kn, vn, (size_t)Lq * Ekv, (size_t)L.D, (size_t)Ekv);
+
+    /* 3. attention over the cache; the context overwrites Q in place */
+    qv.p = qp; qv.bs = (size_t)Lq * E; qv.hs = (size_t)L.D; qv.rs = (size_t)E;
+    mha__cache_attend_run(c, L.H, Lq, opt, &qv, qp, (size_t)Lq * E, (size_t)L.D, (size_t)E, scratch,
+                          L.per_thread);
+
+    /* 4. out = C Wo^T + bo */
+    mha__linear(B * Lq, E, E, qp, r->wo, r->bo, out, scratch, nt);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+
+/* ------------------------------------------------- one-shot calls */
+
+MHADEF mha_options mha_options_defaults(void)
+{
+    mha_options o;
+    memset(&o, 0, sizeof o);   /* every default is the zero value */
+    return o;
+}
+
+MHADEF mha_encoder_layer mha_encoder_layer_defaults(void)
+{
+    mha_encoder_layer ly;
+    memset(&ly, 0, sizeof ly);
+    ly.dim_feedforward = 2048;
+    ly.activation = MHA_ACT_RELU;
+    ly.norm_first = 0;
+    ly.layer_norm_eps = 1e-5f;
+    return ly;
+}
+
+/* Each makes the plan of its one call on the stack (no PACK, so the plan
+   needs no memory beyond its struct) and runs it: the size query and the
+   call share the plan, so they cannot disagree.  */
+
+MHADEF size_t mha_gemm_workspace_size(int M, int N, int K)
+{
+    mha_plan p;
+    if (mha__gemm_plan_make(MHA_NO_TRANS, MHA_NO_TRANS, M, N, K, 0, &p) != MHA_OK) return 0;
+    return mha_plan_workspace_size(&p);
+}
+
+MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, float alpha,
+                           const float *A, int lda, const float *B, int ldb, float beta,
+                           float *C, int ldc, void *workspace, size_t workspace_bytes)
+{
+    mha_plan p;
+    mha_status st;
+    if (!A || !B || !C) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__gemm_plan_make(ta, tb, M, N, K, 0, &p)) != MHA_OK) return st;
+    return mha_gemm_run(&p, alpha, A, lda, B, ldb, beta, C, ldc, workspace, workspace_bytes);
+}
+
+MHADEF mha_status mha_sdpa_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
+                                          const mha_options *opt, int need_weights,
+                                          size_t *bytes)
+{
+    mha_plan p;
+    size_t per_thread, total;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    st = mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, need_weights ? MHA_PLAN_WEIGHTS : 0, &p);
+    if (st != MHA_OK) return st;
+    (void)mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, need_weights != 0, p.nthreads, &per_thread, &total);
+    *bytes = total * sizeof(float);   /* what the call with (or without) weights needs */
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
+                           const float *q, const float *k, const float *v,
+                           const mha_options *opt, float *out, float *attn_weights,
+                           void *workspace, size_t workspace_bytes)
+{
+    mha_plan p;
+    mha_status st;
+    if (!q || !k || !v || !out) return MHA_ERR_NULL_POINTER;
+    st = mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, attn_weights ? MHA_PLAN_WEIGHTS : 0, &p);
+    if (st != MHA_OK) return st;
+    return mha_sdpa_run(&p, Lq, Lk, q, k, v, NULL, NULL, out, attn_weights, workspace, workspace_bytes);
+}
+
+MHADEF mha_status mha_sdpa_backward_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
+                                                   const mha_options *opt, size_t *bytes)
+{
+    mha_plan p;
+    mha_status st;
+    mha__sdpa_bwd_layout L;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, MHA_PLAN_TRAINING, &p)) != MHA_OK) return st;
+    (void)mha__sdpa_bwd_layout_at(Lq, Lk, D, Dv, p.opt.softcap > 0.0f, &L);
+    *bytes = L.total_floats * sizeof(float);   /* what the backward call needs */
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_sdpa_backward(int B, int H, int Lq, int Lk, int D, int Dv,
+                                    const float *q, const float *k, const float *v,
+                                    const float *dout, const mha_options *opt,
+                                    float *dq, float *dk, float *dv,
+                                    void *workspace, size_t workspace_bytes)
+{
+    mha_plan p;
+    mha_status st;
+    if (!q || !k || !v || !dout) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, MHA_PLAN_TRAINING, &p)) != MHA_OK) return st;
+    return mha_sdpa_run_backward(&p, Lq, Lk, q, k, v, dout, NULL, NULL, dq, dk, dv, workspace,
+                                 workspace_bytes);
+}
+
+MHADEF mha_status mha_forward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
+                                             const mha_options *opt, int need_weights,
+                                             size_t *bytes)
+{
+    mha_plan p;
+    mha__fwd_layout L;
+    size_t extra;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    st = mha__module_plan_make(m, B, Lq, Lk, opt, need_weights ? MHA_PLAN_WEIGHTS : 0,
+                               MHA__PLAN_MODULE, &p, &extra);
+    if (st != MHA_OK) return st;
+    /* what the call with (or without) weights needs */
+    (void)mha__fwd_layout_at(&p.mod, B, Lq, Lk, need_weights != 0, p.by_head, p.nthreads, &L);
+    *bytes = L.total_floats * sizeof(float);
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
+                              const float *query, const float *key, const float *value,
+                              const mha_options *opt, float *out, float *attn_weights,
+                              void *workspace, size_t workspace_bytes)
+{
+    mha_plan p;
+    size_t extra;
+    mha_status st;
+    if (!query || !key || !value || !out) return MHA_ERR_NULL_POINTER;
+    st = mha__module_plan_make(m, B, Lq, Lk, opt, attn_weights ? MHA_PLAN_WEIGHTS : 0,
+                               MHA__PLAN_MODULE, &p, &extra);
+    if (st != MHA_OK) return st;
+    return mha_module_forward(&p, Lq, Lk, query, key, value, NULL, NULL, out, attn_weights,
+                              workspace, workspace_bytes);
+}
+
+MHADEF mha_status mha_backward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
+                                              const mha_options *opt, size_t *bytes)
+{
+    mha_plan p;
+    size_t extra;
+    mha_status st;
+    mha__bwd_layout L;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    st = mha__module_plan_make(m, B, Lq, Lk, opt, MHA_PLAN_TRAINING, MHA__PLAN_MODULE, &p, &extra);
+    if (st != MHA_OK) return st;
+    (void)mha__bwd_layout_at(&p.mod, B, Lq, Lk, p.opt.softcap > 0.0f, p.nthreads, &L);
+    *bytes = L.total_floats * sizeof(float);   /* what the backward call needs */
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
+                               const float *query, const float *key, const float *value,
+                               const float *dout, const mha_options *opt,
+                               float *dquery, float *dkey, float *dvalue, mha_module_grad *grad,
+                               void *workspace, size_t workspace_bytes)
+{
+    mha_plan p;
+    size_t extra;
+    mha_status st;
+    if (!query || !key || !value || !dout) return MHA_ERR_NULL_POINTER;
+    st = mha__module_plan_make(m, B, Lq, Lk, opt, MHA_PLAN_TRAINING, MHA__PLAN_MODULE, &p, &extra);
+    if (st != MHA_OK) return st;
+    return mha_module_backward(&p, Lq, Lk, query, key, value, dout, NULL, NULL, dquery, dkey, dvalue,
+                               grad, workspace, workspace_bytes);
+}
+
+/* The one size serves both encoder calls: it is the training plan's, which
+   holds the forward's. */
+MHADEF mha_status mha_encoder_workspace_size(const mha_encoder_layer *layer, int B, int L,
+                                             const mha_options *opt, size_t *bytes)
+{
+    mha_plan p;
+    size_t extra;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    st = mha__encoder_plan_make(layer, B, L, opt, MHA_PLAN_TRAINING | MHA_PLAN_WEIGHTS, &p, &extra);
+    if (st != MHA_OK) return st;
+    *bytes = mha_plan_workspace_size(&p);
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_encoder_forward(const mha_encoder_layer *layer, int B, int L,
+                                      const float *x, const mha_options *opt, float *y,
+                                      float *attn_weights, void *workspace, size_t workspace_bytes)
+{
+    mha_plan p;
+    size_t extra;
+    mha_status st;
+    if (!x || !y) return MHA_ERR_NULL_POINTER;
+    st = mha__encoder_plan_make(layer, B, L, opt, attn_weights ? MHA_PLAN_WEIGHTS : 0, &p, &extra);
+    if (st != MHA_OK) return st;
+    return mha_encoder_run(&p, L, x, NULL, NULL, y, attn_weights, workspace, workspace_bytes);
+}
+
+MHADEF mha_status mha_encoder_backward(const mha_encoder_layer *layer, int B, int L,
+                                       const float *x, const mha_options *opt, const float *dy,
+                                       float *dx, mha_encoder_layer_grad *grad,
+                                       void *workspace, size_t workspace_bytes)
+{
+    mha_plan p;
+    size_t extra;
+    mha_status st;
+    if (!x || !dy) return MHA_ERR_NULL_POINTER;
+    st = mha__encoder_plan_make(layer, B, L, opt, MHA_PLAN_TRAINING, &p, &extra);
+    if (st != MHA_OK) return st;
+    return mha_encoder_run_backward(&p, L, x, dy, NULL, NULL, dx, grad, workspace, workspace_bytes);
+}
+
+/* ------------------------------------------------------ public linear */
+
+static int mha__linear_sizes_ok(int rows, int in, int out)
+{
+    size_t n;
+    return mha__dim_ok(rows) && mha__dim_ok(in) && mha__dim_ok(out) &&
+           mha__mul3((size_t)rows, (size_t)(in > out ? in : out), sizeof(float), &n) &&
+           mha__mul3((size_t)in, (size_t)out, sizeof(float), &n);
+}
+
+MHADEF size_t mha_linear_workspace_size(int rows, int in, int out)
+{
+    size_t f;
+    if (rows <= 0 || in <= 0 || out <= 0 || !mha__linear_sizes_ok(rows, in, out)) return 0;
+    f = mha__linear_gws(rows, in, out, 1);
+    return f ? (f + MHA__ALIGN_FLOATS) * sizeof(float) : 0;
+}
+
+/* The checks and the workspace both public Linear calls share. */
+static mha_status mha__linear_begin(int rows, int in, int out, void *workspace, size_t have,
+                                    void **owned, float **ws)
+{
+    size_t need;
+    *owned = NULL; *ws = NULL;
+    if (rows <= 0 || in <= 0 || out <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__linear_sizes_ok(rows, in, out)) return MHA_ERR_OVERFLOW;
+    need = mha_linear_workspace_size(rows, in, out);
+    return need ? mha__get_ws(workspace, have, need, owned, ws) : MHA_OK;
+}
+
+MHADEF mha_status mha_linear_forward(int rows, int in, int out, const float *x, const float *W,
+                                     const float *b, float *y, void *workspace, size_t workspace_bytes)
+{
+    void *owned;
+    float *ws;
+    mha_status st;
+    if (!x || !W || !y) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__linear_begin(rows, in, out, workspace, workspace_bytes, &owned, &ws)) != MHA_OK)
+        return st;
+    mha__linear(rows, in, out, x, W, b, y, ws, 1);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_linear_backward(int rows, int in, int out, const float *x, const float *W,
+                                      const float *dy, float *dx, float *dW, float *db,
+                                      void *workspace, size_t workspace_bytes)
+{
+    void *owned;
+    float *ws;
+    mha_status st;
+    if (!x || !W || !dy) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__linear_begin(rows, in, out, workspace, workspace_bytes, &owned, &ws)) != MHA_OK)
+        return st;
+    mha__linear_backward(rows, in, out, x, W, dy, dx, dW, db, ws, 1);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
 }
 
 /* ------------------------------------------------ training pieces */

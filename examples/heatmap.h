@@ -169,6 +169,12 @@ MHA_HEATMAP_DEF void mha_heatmap_color(mha_heatmap_cmap cmap, float t, unsigned 
 MHA_HEATMAP_DEF const char *mha_heatmap_cmap_name(mha_heatmap_cmap cmap);
 MHA_HEATMAP_DEF int mha_heatmap_cmap_parse(const char *name);
 
+/* The values that the two ends of the colour map stand for under st->range
+   (the colour bar's scale): what a renderer of its own, a terminal one for
+   instance, needs to colour the cells as the PNG does. */
+MHA_HEATMAP_DEF void mha_heatmap_value_range(const mha_heatmap *hm, const mha_heatmap_style *st,
+                                             float *lo, float *hi);
+
 /* out[i*Lk + j] = mean over h of w[(h*Lq + i)*Lk + j]; a NaN stays NaN (masked). */
 MHA_HEATMAP_DEF void mha_heatmap_average(const float *w, int heads, int Lq, int Lk, float *out);
 /* mask[i*Lk + j] = 1 where key j is after query i (j > i + Lk - Lq when
@@ -636,6 +642,12 @@ static void mha_hm__range(const mha_heatmap *hm, const mha_heatmap_style *st, fl
     if (!(a == a) || !(b == b) || a - a != 0 || b - b != 0) { a = 0; b = 1; }
     if (!(b > a)) b = a + 1;  /* a constant map: one colour, a valid scale */
     *lo = a; *hi = b;
+}
+
+MHA_HEATMAP_DEF void mha_heatmap_value_range(const mha_heatmap *hm, const mha_heatmap_style *st,
+                                             float *lo, float *hi)
+{
+    mha_hm__range(hm, st, lo, hi);
 }
 
 MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,

@@ -17,6 +17,9 @@
                      PREFIX_average.png
    Each path is printed.  A file that cannot be read gets one line on stderr
    saying why, and exit status 1; a wrong command line gets status 2.
+   With --ansi nothing is written: each map is printed to the terminal as
+   coloured cells (24-bit colour when COLORTERM is truecolor or 24bit, the
+   xterm 256-colour palette otherwise), for a look over ssh.
 */
 #define MHA_NPY_IMPLEMENTATION
 #include "npy.h"
@@ -49,6 +52,7 @@ static const char mha_view_usage[] =
     "  --title TEXT      title (default: the file name)\n"
     "  --values          print each weight in its cell\n"
     "  --cell N          pixels per cell (default: automatic)\n"
+    "  --ansi            print the maps to the terminal in colour instead of writing PNGs\n"
     "NaN weights are drawn as masked cells.\n";
 
 typedef struct mha_view_labels {
@@ -146,12 +150,138 @@ static int mha_view_save(const char *path, const mha_heatmap *hm, const mha_heat
     return 0;
 }
 
+/* ---- the terminal view (--ansi) */
+
+/* 24-bit colour when COLORTERM says the terminal has it, else 256 colours. */
+static int mha_view_truecolor(const char *colorterm)
+{
+    return colorterm && (!strcmp(colorterm, "truecolor") || !strcmp(colorterm, "24bit"));
+}
+
+/* The xterm 256-colour index nearest rgb: the 6x6x6 cube (16 + 36r + 6g + b,
+   channel levels 0, 95, 135, 175, 215, 255) or the grey ramp (232 + k, grey
+   8 + 10k), whichever is closer in squared distance. */
+static int mha_view_xterm256(const unsigned char rgb[3])
+{
+    static const int level[6] = {0, 95, 135, 175, 215, 255};
+    int c[3], k, d_cube = 0, d_grey = 0, avg, g;
+    for (k = 0; k < 3; ++k) {
+        int v = rgb[k];
+        c[k] = v < 48 ? 0 : v < 115 ? 1 : (v - 35) / 40;
+        d_cube += (v - level[c[k]]) * (v - level[c[k]]);
+    }
+    avg = (rgb[0] + rgb[1] + rgb[2]) / 3;
+    g = avg < 8 ? 0 : (avg - 3) / 10;
+    if (g > 23) g = 23;
+    for (k = 0; k < 3; ++k) d_grey += (rgb[k] - (8 + 10 * g)) * (rgb[k] - (8 + 10 * g));
+    return d_grey < d_cube ? 232 + g : 16 + 36 * c[0] + 6 * c[1] + c[2];
+}
+
+static void mha_view_ansi_bg(FILE *out, const unsigned char rgb[3], int truecolor)
+{
+    if (truecolor) fprintf(out, "\033[48;2;%d;%d;%dm", rgb[0], rgb[1], rgb[2]);
+    else fprintf(out, "\033[48;5;%dm", mha_view_xterm256(rgb));
+}
+
+/* A label byte as printed: control bytes (an escape in a token must not
+   drive the terminal) become '?', and so does any non-ASCII byte when the
+   label is spelled one byte per line (a cut UTF-8 sequence). */
+static char mha_view_label_char(unsigned char c, int ascii_only)
+{
+    if (c < 0x20 || c == 0x7f || (ascii_only && c >= 0x80)) return '?';
+    return (char)c;
+}
+
+/* Columns a label takes (UTF-8: continuation bytes take none), cut at
+   MHA_HEATMAP_MAX_LABEL bytes. */
+static int mha_view_label_width(const char *s)
+{
+    int w = 0, n = 0;
+    for (; s[n] && n < MHA_HEATMAP_MAX_LABEL; ++n) w += ((unsigned char)s[n] & 0xC0) != 0x80;
+    return w;
+}
+
+#define MHA_VIEW_ANSI_KEY_LINES 8   /* key labels are spelled downwards over at most 8 lines */
+
+/* One map (hm->heads == 1) as text: a title line, the key labels written
+   downwards above their columns, one line per query (its label, then one
+   cell per key: two spaces on the colour of the weight; masked or NaN
+   cells "//" on the PNG's mask grey), and a colour bar with its two ends.  */
+static void mha_view_ansi(FILE *out, const mha_heatmap *hm, const mha_heatmap_style *st, int truecolor)
+{
+    static const unsigned char masked[3] = {MHA_HEATMAP_MASK_R, MHA_HEATMAP_MASK_G, MHA_HEATMAP_MASK_B};
+    float lo, hi;
+    int i, j, r, lw = 1, kl = 1;
+    char idx[16];
+    unsigned char rgb[3];
+    mha_heatmap_value_range(hm, st, &lo, &hi);
+    for (i = 0; i < hm->Lq; ++i) {
+        int w;
+        if (hm->q_labels) w = mha_view_label_width(hm->q_labels[i]);
+        else w = snprintf(idx, sizeof idx, "%d", i);
+        if (w > lw) lw = w;
+    }
+    for (j = 0; j < hm->Lk; ++j) {
+        int n = hm->k_labels ? (int)strlen(hm->k_labels[j]) : snprintf(idx, sizeof idx, "%d", j);
+        if (n > kl) kl = n;
+    }
+    if (kl > MHA_VIEW_ANSI_KEY_LINES) kl = MHA_VIEW_ANSI_KEY_LINES;
+    if (hm->title) {
+        for (i = 0; hm->title[i] && i < MHA_HEATMAP_MAX_TITLE; ++i)
+            fputc(mha_view_label_char((unsigned char)hm->title[i], 0), out);
+        fputc('\n', out);
+    }
+    for (r = 0; r < kl; ++r) {             /* key labels, one character per line */
+        fprintf(out, "%*s ", lw, "");
+        for (j = 0; j < hm->Lk; ++j) {
+            const char *k = idx;
+            if (hm->k_labels) k = hm->k_labels[j];
+            else snprintf(idx, sizeof idx, "%d", j);
+            fputc((int)strlen(k) > r ? mha_view_label_char((unsigned char)k[r], 1) : ' ', out);
+            fputc(' ', out);
+        }
+        fputc('\n', out);
+    }
+    for (i = 0; i < hm->Lq; ++i) {
+        const float *row = hm->weights + (size_t)i * hm->Lk;
+        int w;
+        if (hm->q_labels) {
+            const char *q = hm->q_labels[i];
+            int n;
+            w = mha_view_label_width(q);
+            for (n = 0; q[n] && n < MHA_HEATMAP_MAX_LABEL; ++n) fputc(mha_view_label_char((unsigned char)q[n], 0), out);
+        } else {
+            w = fprintf(out, "%d", i);
+        }
+        fprintf(out, "%*s ", lw - w, "");
+        for (j = 0; j < hm->Lk; ++j) {
+            float v = row[j];
+            if ((hm->mask && hm->mask[(size_t)i * hm->Lk + j]) || v != v) {
+                mha_view_ansi_bg(out, masked, truecolor);
+                fputs("//", out);
+            } else {
+                mha_heatmap_color(st->cmap, (v - lo) / (hi - lo), rgb);
+                mha_view_ansi_bg(out, rgb, truecolor);
+                fputs("  ", out);
+            }
+        }
+        fputs("\033[0m\n", out);
+    }
+    fprintf(out, "%*s %-6.3g ", lw, "", lo);   /* the colour bar: 16 steps from lo to hi */
+    for (j = 0; j < 16; ++j) {
+        mha_heatmap_color(st->cmap, (float)j / 15.0f, rgb);
+        mha_view_ansi_bg(out, rgb, truecolor);
+        fputc(' ', out);
+    }
+    fprintf(out, "\033[0m %.3g\n", hi);
+}
+
 /* The viewer as a function, so the tests can call it; returns the exit status. */
 static int mha_view_main(int argc, char **argv)
 {
     const char *in = NULL, *prefix_arg = NULL, *labels_path = NULL, *q_path = NULL, *k_path = NULL;
     const char *title_arg = NULL;
-    int batch = 0, causal = 0, zeros_masked = 0, i, status = 0;
+    int batch = 0, causal = 0, zeros_masked = 0, ansi = 0, i, status = 0;
     int B, H, Lq, Lk, h;
     char err[512], prefix[1024], path[1200], title[512];
     mha_heatmap_style st;
@@ -174,6 +304,7 @@ static int mha_view_main(int argc, char **argv)
         else if (!strcmp(o, "--causal")) { causal = 1; takes = 0; }
         else if (!strcmp(o, "--zeros-masked")) { zeros_masked = 1; takes = 0; }
         else if (!strcmp(o, "--values")) { st.show_values = 1; takes = 0; }
+        else if (!strcmp(o, "--ansi")) { ansi = 1; takes = 0; }
         else if (mha_view_takes_value(o) && !v) {
             fprintf(stderr, "mha_view: %s needs a value\n%s", o, mha_view_usage);
             return 2;
@@ -315,6 +446,18 @@ static int mha_view_main(int argc, char **argv)
     hm.q_labels = ql.n ? ql.line : NULL;
     hm.k_labels = kl.n ? kl.line : NULL;
     hm.heads = 1;
+    if (ansi) {   /* the terminal: each head after the other, nothing written */
+        int truecolor = mha_view_truecolor(getenv("COLORTERM"));
+        char t[600];
+        hm.title = t;
+        for (h = 0; h < H; ++h) {
+            hm.weights = w + (size_t)h * Lq * Lk;
+            if (a.ndim == 2) snprintf(t, sizeof t, "%s", title);
+            else snprintf(t, sizeof t, "%s, head %d", title, h);
+            mha_view_ansi(stdout, &hm, &st, truecolor);
+        }
+        goto done;
+    }
     if (a.ndim == 2) {
         hm.weights = w;
         hm.title = title;

@@ -22,6 +22,19 @@ int main()
     int pass = 0, fail = 0;
     (s == MHA_OK ? pass : fail)++;
     (w[0] == 1.0f && w[1] == 0.0f ? pass : fail)++;   // causal: first query sees only key 0
+    // the same through a plan (caller memory for the plan, a workspace per run)
+    size_t plan_bytes = 0;
+    mha_module_plan_size(&m, 1, L, L, &opt, MHA_PLAN_PACK | MHA_PLAN_WEIGHTS, &plan_bytes);
+    std::vector<double> mem(plan_bytes / sizeof(double) + 1);
+    mha_plan *p = nullptr;
+    std::vector<float> out2(L * E), w2(L * L);
+    s = mha_module_plan(&m, 1, L, L, &opt, MHA_PLAN_PACK | MHA_PLAN_WEIGHTS, mem.data(), plan_bytes, &p);
+    std::vector<char> ws(mha_plan_workspace_size(p));
+    if (s == MHA_OK)
+        s = mha_module_forward(p, L, L, x.data(), x.data(), x.data(), nullptr, nullptr, out2.data(), w2.data(),
+                               ws.data(), ws.size());
+    (s == MHA_OK && out2 == out && w2 == w ? pass : fail)++;   // bit for bit
+    mha_plan_destroy(p);
     std::printf("cxx: %d passed, %d failed\n", pass, fail);
     return fail != 0;
 }

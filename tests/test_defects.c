@@ -123,6 +123,34 @@ static void test_int_overflow(void)
     }
 }
 
+/* The KV cache entries (mha_kv_cache_attend, mha_forward_cached) under the
+   same int audit: a capacity or query count next to INT_MAX, B*Lq rows past
+   INT_MAX/2.  Only sizes are asked or refused: no tensor is that large. */
+static void test_int_overflow_cache(void)
+{
+    static float k[4], v[4], q[4], out[4], w[8];
+    int len[2] = {1, 1};
+    size_t bytes = 7;
+    mha_kv_cache c;
+    mha_module m;
+    fill_const(out, 4, 7.0f);
+    memset(&c, 0, sizeof c);
+    c.B = 1; c.Hkv = 1; c.D = 1; c.capacity = INT_MAX; c.k = k; c.v = v; c.len = len;
+    CHECK(mha_kv_cache_attend_workspace_size(&c, 1, 1, NULL, &bytes) == MHA_ERR_OVERFLOW && bytes == 7,
+          "cache capacity INT_MAX");
+    CHECK(mha_kv_cache_attend(&c, 1, 1, q, NULL, out, NULL, 0) == MHA_ERR_OVERFLOW, "cache attend capacity INT_MAX");
+    c.capacity = 4;
+    CHECK(mha_kv_cache_attend_workspace_size(&c, 1, INT_MAX, NULL, &bytes) == MHA_ERR_OVERFLOW && bytes == 7,
+          "cache attend Lq INT_MAX");
+    CHECK(all_equal(out, 4, 7.0f), "cache attend output untouched");
+    /* mha_forward_cached: B * Lq = 2^31 - 2 rows fits an int but not the GEMM's loops */
+    memset(&m, 0, sizeof m);
+    m.embed_dim = 1; m.num_heads = 1; m.in_proj_weight = w; m.out_proj_weight = w;
+    c.B = 2; c.capacity = (1 << 30) - 1; len[0] = len[1] = 0;
+    CHECK(mha_forward_cached_workspace_size(&m, &c, (1 << 30) - 1, NULL, &bytes) == MHA_ERR_OVERFLOW &&
+          bytes == 7, "forward_cached B*Lq = 2^31 - 2");
+}
+
 /* ---- defect 3: out == query gives the out-of-place result on every path */
 typedef struct { int B, Lq, Lk, E, H, bias_kv, zero_attn, self; } alias_case;
 
@@ -322,6 +350,7 @@ int main(void)
     setvbuf(stdout, NULL, _IONBF, 0);   /* every line out before a crash */
     test_encoder_kdim();
     test_int_overflow();
+    test_int_overflow_cache();
     test_in_place_module();
     test_in_place_sdpa();
     test_misaligned_workspace();

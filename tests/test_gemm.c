@@ -116,7 +116,7 @@ static void test_workspace_and_errors(void)
     CHECK(mha_gemm(MHA_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, NULL, 0) == MHA_ERR_INVALID_SIZE, "lda<M");
     CHECK(mha_gemm(MHA_NO_TRANS, MHA_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, NULL, 0) == MHA_ERR_INVALID_SIZE, "ldb<K");
     CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 3, NULL, 0) == MHA_ERR_INVALID_SIZE, "ldc<N");
-    CHECK(mha_gemm((mha_trans)2, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, NULL, 0) == MHA_ERR_INVALID_ARGUMENT, "ta=2");
+    CHECK(mha_gemm((mha_trans)2, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, NULL, 0) == MHA_ERR_BAD_ENUM, "ta=2");
     CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, NULL, 5, B, 4, 0, C, 4, NULL, 0) == MHA_ERR_NULL_POINTER, "A NULL");
     CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, NULL, 4, NULL, 0) == MHA_ERR_NULL_POINTER, "C NULL");
     free(ws);

@@ -210,7 +210,7 @@ static void errors(void)
     CHECK(mha_module_pack(&p.m, NULL, n) == MHA_ERR_NULL_POINTER, "pack(NULL buffer)");
     CHECK(mha_module_pack(&p.m, buf, n - 1) == MHA_ERR_WORKSPACE_TOO_SMALL, "pack(too small)");
     CHECK(mha_module_pack(&p.m, buf, 0) == MHA_ERR_WORKSPACE_TOO_SMALL, "pack(0 bytes)");
-    CHECK(mha_module_pack(&p.m, (char *)buf + 1, n) == MHA_ERR_INVALID_ARGUMENT, "pack(unaligned)");
+    CHECK(mha_module_pack(&p.m, (char *)buf + 1, n) == MHA_ERR_MISALIGNED, "pack(unaligned)");
     mp = p.m; mp.num_heads = 5;
     CHECK(mha_module_pack_size(&mp, &n) == MHA_ERR_HEADS_DIVIDE, "pack_size(E %% H != 0)");
     mp = p.m; mp.k_proj_weight = NULL;
@@ -233,7 +233,7 @@ static void errors(void)
         make_module(&c, &r, &o);
         o.m.packed = buf;
         st = mha_forward(&o.m, 2, 5, 6, q, k, k, NULL, out, NULL, NULL, 0);
-        CHECK(st == MHA_ERR_INVALID_ARGUMENT, "mismatched packed buffer (case %d) accepted: %s", i,
+        CHECK(st == MHA_ERR_PACK_MISMATCH, "mismatched packed buffer (case %d) accepted: %s", i,
               mha_status_string(st));
         free_module(&o);
     }
@@ -241,13 +241,13 @@ static void errors(void)
     hdr = (char *)buf;
     for (i = 0; i < 64; ++i) {
         hdr[i] ^= 0x10;
-        CHECK(mha_forward(&mp, 2, 5, 6, q, k, k, NULL, out, NULL, NULL, 0) == MHA_ERR_INVALID_ARGUMENT,
+        CHECK(mha_forward(&mp, 2, 5, 6, q, k, k, NULL, out, NULL, NULL, 0) == MHA_ERR_PACK_MISMATCH,
               "corrupted header byte %d accepted", i);
         hdr[i] ^= 0x10;
     }
     CHECK(mha_forward(&mp, 2, 5, 6, q, k, k, NULL, out, NULL, NULL, 0) == MHA_OK, "restored header");
     memset(buf, 0, n);
-    CHECK(mha_forward(&mp, 2, 5, 6, q, k, k, NULL, out, NULL, NULL, 0) == MHA_ERR_INVALID_ARGUMENT,
+    CHECK(mha_forward(&mp, 2, 5, 6, q, k, k, NULL, out, NULL, NULL, 0) == MHA_ERR_PACK_MISMATCH,
           "zeroed buffer accepted");
     free(buf);
     free_module(&p);
