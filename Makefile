@@ -64,7 +64,7 @@ train-gpt: deps-demo $(BUILD)/tiny_gpt
 	OMP_NUM_THREADS=1 ./$(BUILD)/tiny_gpt train --out $(OUT)/gpt
 	./$(BUILD)/tiny_gpt demo --ckpt $(OUT)/gpt/tiny_gpt_weights.ckpt --out $(OUT)/gpt --len 200
 
-$(BUILD)/tiny_gpt: examples/tiny_gpt.c examples/tiny_gpt.h examples/gpt_ckpt.h examples/heatmap.h mha.h | $(BUILD)
+$(BUILD)/tiny_gpt: examples/tiny_gpt.c examples/tiny_gpt.h examples/gpt_ckpt.h examples/heatmap.h examples/attn_inspect.h mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) $(GPT_ARCH) -fopenmp -I. -Iexamples -isystem $(STB_INC) $< -o $@ -lm
 
 $(BUILD)/demo_print: examples/print_forward.c mha.h | $(BUILD)

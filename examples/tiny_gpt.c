@@ -29,6 +29,8 @@
 #define MHA_HEATMAP_IMPLEMENTATION
 #define STB_IMAGE_WRITE_IMPLEMENTATION
 #include "heatmap.h"
+#define MHA_INSPECT_IMPLEMENTATION
+#include "attn_inspect.h"
 #include "tiny_gpt.h"
 
 #include <dirent.h>
@@ -564,6 +566,69 @@ static void draw_heads(const gpt_model *M, const int *tok, int T, const float *a
     free_labels(&bl);
 }
 
+/* The detector scores of every head (examples/attn_inspect.h) on one
+   sequence: printed as a table and drawn as five layers x heads maps, the
+   entropy divided by ln T so that every map reads 0..1. */
+static void detect_heads(const gpt_model *M, const int *tok, int T, const float *attn, const char *path)
+{
+    static const char *const names[5] = {"previous token", "duplicate token", "induction",
+                                         "first token (sink)", "entropy / ln T"};
+    static const char *const rows[] = {"L0", "L1", "L2", "L3", "L4", "L5", "L6", "L7"};
+    static const char *const cols[] = {"H0", "H1", "H2", "H3", "H4", "H5", "H6", "H7"};
+    int L = M->c.n_layer, H = M->c.n_head, n = L * H, l, h, k;
+    mha_inspect_scores *sc = (mha_inspect_scores *)malloc((size_t)n * sizeof *sc);
+    float *maps = (float *)malloc((size_t)5 * n * sizeof(float));
+    mha_heatmap hm;
+    mha_heatmap_style st;
+    if (!sc || !maps) check(MHA_ERR_OUT_OF_MEMORY, "detector scores");
+    printf("head scores (attn_inspect.h) on the repeated string:\n"
+           "layer head  prev-token  duplicate  induction  first-token  entropy(nats)\n");
+    for (l = 0; l < L; ++l) {
+        mha_inspect_heads(attn + (size_t)l * H * T * T, H, T, tok, sc + l * H);
+        for (h = 0; h < H; ++h) {
+            const mha_inspect_scores *s = &sc[l * H + h];
+            const double v[5] = {s->prev_token, s->duplicate_token, s->induction, s->first_token,
+                                 s->entropy / log((double)T)};
+            printf("%5d %4d  %10.3f %10.3f %10.3f %12.3f %14.3f\n", l, h, s->prev_token,
+                   s->duplicate_token, s->induction, s->first_token, s->entropy);
+            for (k = 0; k < 5; ++k) maps[(size_t)k * n + l * H + h] = (float)v[k];
+        }
+    }
+    if (L <= 8 && H <= 8) {   /* the row and column names above */
+        memset(&hm, 0, sizeof hm);
+        memset(&st, 0, sizeof st);
+        hm.weights = maps; hm.heads = 5; hm.Lq = L; hm.Lk = H;
+        hm.q_labels = rows; hm.k_labels = cols; hm.head_titles = names;
+        hm.title = "head detectors on 24 random letters repeated (rows: layers, columns: heads)";
+        st.cell = 40; st.show_values = 1; st.cols = 5;
+        write_png(path, &hm, &st);
+    }
+    free(sc);
+    free(maps);
+}
+
+/* Attention rollout (Abnar & Zuidema 2020) through all layers, one map [T, T]. */
+static void draw_rollout(const gpt_model *M, const int *tok, int T, const float *attn, const char *path)
+{
+    float *R = (float *)malloc((size_t)T * T * sizeof(float));
+    float *work = (float *)malloc((size_t)2 * T * T * sizeof(float));
+    byte_labels bl = make_labels(tok, T);
+    mha_heatmap hm;
+    mha_heatmap_style st;
+    if (!R || !work) check(MHA_ERR_OUT_OF_MEMORY, "rollout");
+    if (mha_inspect_rollout(M->c.n_layer, M->c.n_head, T, attn, R, work) != 0)
+        check(MHA_ERR_INVALID_ARGUMENT, "rollout");
+    memset(&hm, 0, sizeof hm);
+    memset(&st, 0, sizeof st);
+    hm.weights = R; hm.heads = 1; hm.Lq = T; hm.Lk = T; hm.mask = bl.mask;
+    hm.q_labels = bl.labels; hm.k_labels = bl.labels;
+    hm.title = "attention rollout through the 4 layers: how much of byte j reaches position i";
+    st.cell = 12;
+    st.range = MHA_HEATMAP_RANGE_DATA;
+    write_png(path, &hm, &st);
+    free(R); free(work); free_labels(&bl);
+}
+
 /* ---------------------------------------------------------- demo */
 
 static int cmd_demo(const args *a)
@@ -602,6 +667,8 @@ static int cmd_demo(const args *a)
     snprintf(path, sizeof path, "%s/gpt_model_view.png", a->out);
     draw_model_view(&M, tok, T, attn, path, "every layer (rows) and head (columns)");
     draw_heads(&M, tok, T, attn, a->out, "gpt_head");
+    snprintf(path, sizeof path, "%s/gpt_rollout.png", a->out);
+    draw_rollout(&M, tok, T, attn, path);
     free(attn);
 
     /* 4. the induction prompt: 24 random letters, then the same 24 again.  On the
@@ -614,6 +681,8 @@ static int cmd_demo(const args *a)
     snprintf(title, sizeof title, "24 random letters twice: an induction head lights a stripe 23 left of the diagonal");
     snprintf(path, sizeof path, "%s/gpt_induction.png", a->out);
     draw_model_view(&M, tok, T, attn, path, title);
+    snprintf(path, sizeof path, "%s/gpt_detectors.png", a->out);
+    detect_heads(&M, tok, T, attn, path);
     free(attn);
 
     free(tok); free(tgt); free(train.p); free(val.p);
