@@ -5,17 +5,18 @@ STB_INC := /usr/include/stb
 BUILD   := build
 
 # Debian packages each target needs; `make deps` installs the missing ones.
-DEPS_TEST  := gcc g++ clang libclang-rt-14-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user libstb-dev libomp-dev cmake pkg-config valgrind
-DEPS_DEMO  := gcc libstb-dev
+DEPS_TEST  := gcc g++ clang libclang-rt-14-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user libstb-dev libomp-dev cmake pkg-config valgrind fortunes
+DEPS_DEMO  := gcc libstb-dev fortunes
 DEPS_BENCH := libopenblas-dev python3-torch python3-numpy
 DEPS_GOLD  := python3-torch python3-numpy
 
-.PHONY: all help test demo view bench bench-mha deps deps-demo deps-bench golden install uninstall clean
+.PHONY: all help test demo view bench bench-mha deps deps-demo deps-bench golden install uninstall clean train-gpt
 
 all: demo
 
 help:
-	@echo "make demo   - build and run the example (writes heatmap PNGs)"
+	@echo "make demo   - build and run the examples (heatmap PNGs, the trained tiny GPT's views and a sample)"
+	@echo "make train-gpt - train the tiny GPT from scratch on the fortunes text (5 CPU-minutes)"
 	@echo "make view   - build the .npy viewer; make view NPY=attn.npy VIEWFLAGS='--labels tok.txt' runs it"
 	@echo "make test   - every test under scalar, AVX2, clang, ASan+UBSan, NEON (qemu), C++; install, valgrind, fuzz"
 	@echo "make bench  - GEMM and attention benchmarks against OpenBLAS and PyTorch"
@@ -49,10 +50,23 @@ test: deps
 # The heatmap example writes PNGs into $(OUT) and prints their paths.
 OUT := out
 
-demo: deps-demo $(BUILD)/demo_print $(BUILD)/attention_heatmaps $(BUILD)/train_reverse
+demo: deps-demo $(BUILD)/demo_print $(BUILD)/attention_heatmaps $(BUILD)/train_reverse $(BUILD)/tiny_gpt
 	./$(BUILD)/demo_print
 	./$(BUILD)/attention_heatmaps $(OUT)
 	./$(BUILD)/train_reverse $(OUT)
+	OMP_WAIT_POLICY=passive ./$(BUILD)/tiny_gpt demo --ckpt $(GPT_CKPT) --out $(OUT)/gpt --len 200
+
+# The tiny GPT (examples/tiny_gpt.c, docs/training.md): `make demo` loads the
+# committed checkpoint; `make train-gpt` trains from scratch into $(OUT)/gpt
+# (the time limit counts CPU time, so a busy machine does the same work).
+GPT_CKPT  := examples/data/tiny_gpt.ckpt
+GPT_ARCH  ?= -march=native
+train-gpt: deps-demo $(BUILD)/tiny_gpt
+	OMP_NUM_THREADS=1 ./$(BUILD)/tiny_gpt train --out $(OUT)/gpt
+	./$(BUILD)/tiny_gpt demo --ckpt $(OUT)/gpt/tiny_gpt_weights.ckpt --out $(OUT)/gpt --len 200
+
+$(BUILD)/tiny_gpt: examples/tiny_gpt.c examples/tiny_gpt.h examples/gpt_ckpt.h examples/heatmap.h examples/attn_inspect.h mha.h | $(BUILD)
+	$(CC) -std=c99 $(CFLAGS) $(GPT_ARCH) -fopenmp -I. -Iexamples -isystem $(STB_INC) $< -o $@ -lm
 
 $(BUILD)/demo_print: examples/print_forward.c mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) -I. $< -o $@ -lm

@@ -1,0 +1,493 @@
+/* tiny_gpt.h - the model core of examples/tiny_gpt.c: a decoder-only, causal,
+   byte-level Transformer (GPT) built from mha.h's pieces, with its forward,
+   backward, AdamW step, KV-cache decoding and sampling.
+
+   Include it after mha.h in the file that defines MHA_IMPLEMENTATION (it calls
+   mha.h; every function here is static, as in gpt_ckpt.h).  tests/test_gpt_train.c includes it to
+   run a short training in `make test`.
+
+   THE MODEL  (B sequences of T bytes, N = B*T rows, d = d_model, V = 256)
+     x0     = wte[tok] + wpe[pos]                       [N, d]
+     x(l+1) = block_l(x(l)),  l = 0..n_layer-1          [N, d]
+              block = nn.TransformerEncoderLayer(norm_first = True, ReLU, causal):
+                h = x + SA(LN1(x));   y = h + FF(LN2(h))     (the GPT-2 block)
+     xf     = LN_f(x(n_layer))                          [N, d]
+     logits = xf wte^T                                  [N, V]  (tied LM head)
+     loss   = mean cross-entropy(logits, next byte)     nats per byte
+   The residual streams x(0..n_layer) are kept for the backward; every block's
+   backward recomputes its own insides (mha_encoder_backward), so one encoder
+   workspace serves all layers.
+*/
+#ifndef TINY_GPT_H
+#define TINY_GPT_H
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "gpt_ckpt.h"
+
+#define GPT_MAX_LAYERS 64   /* the decoder keeps one KV cache per layer in a fixed array */
+
+typedef struct gpt_model {
+    gpt_config c;
+    gpt_layout o;
+    float *p, *g, *m, *v;    /* parameters, gradients, AdamW moments: o.total each */
+    int cap;                 /* rows (B*T) the activation buffers hold */
+    float *res;              /* n_layer + 1 residual streams, [cap, d] each */
+    float *xf, *dxf, *dx, *dy;                   /* [cap, d] */
+    float *logits, *dlogits;                     /* [cap, V] */
+    void *ws;                                    /* encoder workspace */
+    size_t ws_bytes;
+} gpt_model;
+
+/* layer l of the flat array p as an nn.TransformerEncoderLayer */
+GPT__FN mha_encoder_layer gpt_layer(const gpt_model *M, const float *p, int l)
+{
+    const gpt_layout *o = &M->o;
+    const float *q = p + o->layer0 + (size_t)l * o->layer_stride;
+    mha_encoder_layer ly;
+    memset(&ly, 0, sizeof ly);
+    ly.self_attn.embed_dim = M->c.d_model;
+    ly.self_attn.num_heads = M->c.n_head;
+    ly.self_attn.in_proj_weight = q + o->in_w;   ly.self_attn.in_proj_bias = q + o->in_b;
+    ly.self_attn.out_proj_weight = q + o->out_w; ly.self_attn.out_proj_bias = q + o->out_b;
+    ly.dim_feedforward = M->c.d_ff;
+    ly.activation = MHA_ACT_RELU;
+    ly.norm_first = 1;
+    ly.linear1_weight = q + o->l1_w; ly.linear1_bias = q + o->l1_b;
+    ly.linear2_weight = q + o->l2_w; ly.linear2_bias = q + o->l2_b;
+    ly.norm1_weight = q + o->n1_w;   ly.norm1_bias = q + o->n1_b;
+    ly.norm2_weight = q + o->n2_w;   ly.norm2_bias = q + o->n2_b;
+    return ly;
+}
+
+GPT__FN mha_encoder_layer_grad gpt_layer_grad(const gpt_model *M, float *g, int l)
+{
+    const gpt_layout *o = &M->o;
+    float *q = g + o->layer0 + (size_t)l * o->layer_stride;
+    mha_encoder_layer_grad gr;
+    memset(&gr, 0, sizeof gr);
+    gr.self_attn.in_proj_weight = q + o->in_w;   gr.self_attn.in_proj_bias = q + o->in_b;
+    gr.self_attn.out_proj_weight = q + o->out_w; gr.self_attn.out_proj_bias = q + o->out_b;
+    gr.linear1_weight = q + o->l1_w; gr.linear1_bias = q + o->l1_b;
+    gr.linear2_weight = q + o->l2_w; gr.linear2_bias = q + o->l2_b;
+    gr.norm1_weight = q + o->n1_w;   gr.norm1_bias = q + o->n1_b;
+    gr.norm2_weight = q + o->n2_w;   gr.norm2_bias = q + o->n2_b;
+    return gr;
+}
+
+GPT__FN mha_options gpt_causal(void)
+{
+    mha_options opt;
+    memset(&opt, 0, sizeof opt);
+    opt.causal = 1;            /* square L x L: top-left and bottom-right agree */
+    opt.per_head_weights = 1;  /* when weights are asked for: [B, H, L, L] */
+    return opt;
+}
+
+GPT__FN void gpt_free(gpt_model *M)
+{
+    free(M->p); free(M->g); free(M->m); free(M->v); free(M->res); free(M->xf);
+    free(M->dxf); free(M->dx); free(M->dy); free(M->logits); free(M->dlogits); free(M->ws);
+    memset(M, 0, sizeof *M);
+}
+
+/* Allocate a model for up to max_batch sequences of c->ctx bytes; parameters zero,
+   training buffers (g, m, v) only when training is nonzero. */
+GPT__FN mha_status gpt_alloc(gpt_model *M, const gpt_config *c, int max_batch, int training)
+{
+    size_t rows, nd, nv;
+    mha_encoder_layer ly;
+    mha_options opt = gpt_causal();
+    mha_status st;
+    memset(M, 0, sizeof *M);
+    if (!gpt_config_valid(c) || max_batch < 1) return MHA_ERR_INVALID_SIZE;
+    M->c = *c;
+    M->o = gpt_layout_make(c);
+    M->cap = max_batch * c->ctx;
+    rows = (size_t)M->cap;
+    nd = rows * (size_t)c->d_model;
+    nv = rows * (size_t)c->vocab;
+    M->p = (float *)calloc(M->o.total, sizeof(float));
+    M->res = (float *)malloc(nd * (size_t)(c->n_layer + 1) * sizeof(float));
+    M->xf = (float *)malloc(nd * sizeof(float));
+    M->logits = (float *)malloc(nv * sizeof(float));
+    if (training) {
+        M->g = (float *)calloc(M->o.total, sizeof(float));
+        M->m = (float *)calloc(M->o.total, sizeof(float));
+        M->v = (float *)calloc(M->o.total, sizeof(float));
+        M->dxf = (float *)malloc(nd * sizeof(float));
+        M->dx = (float *)malloc(nd * sizeof(float));
+        M->dy = (float *)malloc(nd * sizeof(float));
+        M->dlogits = (float *)malloc(nv * sizeof(float));
+    }
+    ly = gpt_layer(M, M->p, 0);
+    st = mha_encoder_workspace_size(&ly, max_batch, c->ctx, &opt, &M->ws_bytes);
+    if (st == MHA_OK) M->ws = malloc(M->ws_bytes);
+    if (st == MHA_OK && (!M->p || !M->res || !M->xf || !M->logits || !M->ws ||
+                         (training && (!M->g || !M->m || !M->v || !M->dxf || !M->dx || !M->dy ||
+                                       !M->dlogits))))
+        st = MHA_ERR_OUT_OF_MEMORY;
+    if (st != MHA_OK) gpt_free(M);
+    return st;
+}
+
+/* GPT-2's initialisation with uniform draws of the same spread: weights
+   std 0.02 (U(-a, a), a = 0.02 sqrt 3), the two projections that write into
+   the residual stream scaled by 1/sqrt(2 n_layer), biases 0, layer norms 1 and 0. */
+GPT__FN void gpt_init(gpt_model *M, mha_rng *r)
+{
+    const gpt_layout *o = &M->o;
+    size_t d = (size_t)M->c.d_model, F = (size_t)M->c.d_ff, i;
+    float a = 0.02f * sqrtf(3.0f), ar = a / sqrtf(2.0f * (float)M->c.n_layer);
+    int l;
+    memset(M->p, 0, o->total * sizeof(float));
+    mha_rng_fill(r, M->p + o->wte, (size_t)M->c.vocab * d, a);
+    mha_rng_fill(r, M->p + o->wpe, (size_t)M->c.ctx * d, a);
+    for (l = 0; l < M->c.n_layer; ++l) {
+        float *q = M->p + o->layer0 + (size_t)l * o->layer_stride;
+        mha_rng_fill(r, q + o->in_w, 3 * d * d, a);
+        mha_rng_fill(r, q + o->out_w, d * d, ar);
+        mha_rng_fill(r, q + o->l1_w, F * d, a);
+        mha_rng_fill(r, q + o->l2_w, d * F, ar);
+        for (i = 0; i < d; ++i) q[o->n1_w + i] = q[o->n2_w + i] = 1.0f;
+    }
+    for (i = 0; i < d; ++i) M->p[o->lnf_w + i] = 1.0f;
+}
+
+/* Forward of B sequences of T <= ctx bytes.  targets (may be NULL): next bytes,
+   giving *loss and, when M has training buffers, dlogits for the backward.
+   attn (may be NULL): n_layer pointers, each NULL or [B, H, T, T] per-head weights. */
+GPT__FN mha_status gpt_forward(gpt_model *M, int B, int T, const int *tokens, const int *targets,
+                              float *loss, float *const *attn)
+{
+    const gpt_layout *o = &M->o;
+    int d = M->c.d_model, V = M->c.vocab, N = B * T, b, t, l;
+    size_t nd = (size_t)N * d;
+    mha_options opt = gpt_causal();
+    mha_status st;
+    if (B < 1 || T < 1 || T > M->c.ctx || N > M->cap) return MHA_ERR_INVALID_SIZE;
+    /* x0 = wte[tok] + wpe[pos] */
+    if ((st = mha_embedding_forward(N, V, d, tokens, M->p + o->wte, M->res)) != MHA_OK) return st;
+    for (b = 0; b < B; ++b)
+        for (t = 0; t < T; ++t) {
+            float *x = M->res + ((size_t)b * T + t) * d;
+            const float *pe = M->p + o->wpe + (size_t)t * d;
+            int i;
+            for (i = 0; i < d; ++i) x[i] += pe[i];
+        }
+    for (l = 0; l < M->c.n_layer; ++l) {
+        mha_encoder_layer ly = gpt_layer(M, M->p, l);
+        st = mha_encoder_forward(&ly, B, T, M->res + l * nd, &opt, M->res + (l + 1) * nd,
+                                 attn ? attn[l] : NULL, M->ws, M->ws_bytes);
+        if (st != MHA_OK) return st;
+    }
+    st = mha_layernorm_forward(N, d, M->res + M->c.n_layer * nd, M->p + o->lnf_w, M->p + o->lnf_b,
+                               0.0f, M->xf);
+    if (st != MHA_OK) return st;
+    if ((st = mha_linear_forward(N, d, V, M->xf, M->p + o->wte, NULL, M->logits, NULL, 0)) != MHA_OK)
+        return st;
+    if (targets && loss)
+        st = mha_cross_entropy(N, V, M->logits, targets, loss, M->g ? M->dlogits : NULL, NULL);
+    return st;
+}
+
+/* Gradients of the last gpt_forward (with targets) into M->g, zeroed first. */
+GPT__FN mha_status gpt_backward(gpt_model *M, int B, int T, const int *tokens)
+{
+    const gpt_layout *o = &M->o;
+    int d = M->c.d_model, V = M->c.vocab, N = B * T, b, t, l;
+    size_t nd = (size_t)N * d;
+    mha_options opt = gpt_causal();
+    mha_status st;
+    float *dx = M->dx, *dy = M->dy, *swap;
+    if (!M->g) return MHA_ERR_NULL_POINTER;
+    memset(M->g, 0, o->total * sizeof(float));
+    memset(M->dxf, 0, nd * sizeof(float));
+    memset(dy, 0, nd * sizeof(float));
+    /* logits = xf wte^T:  dxf = dlogits wte,  dwte += dlogits^T xf */
+    st = mha_linear_backward(N, d, V, M->xf, M->p + o->wte, M->dlogits, M->dxf, M->g + o->wte,
+                             NULL, NULL, 0);
+    if (st != MHA_OK) return st;
+    st = mha_layernorm_backward(N, d, M->res + M->c.n_layer * nd, M->p + o->lnf_w, 0.0f, M->dxf, dy,
+                                M->g + o->lnf_w, M->g + o->lnf_b);
+    if (st != MHA_OK) return st;
+    /* dy holds dLoss/dx(l+1); each block's backward adds dLoss/dx(l) into dx */
+    for (l = M->c.n_layer - 1; l >= 0; --l) {
+        mha_encoder_layer ly = gpt_layer(M, M->p, l);
+        mha_encoder_layer_grad gr = gpt_layer_grad(M, M->g, l);
+        memset(dx, 0, nd * sizeof(float));
+        st = mha_encoder_backward(&ly, B, T, M->res + l * nd, &opt, dy, dx, &gr, M->ws, M->ws_bytes);
+        if (st != MHA_OK) return st;
+        swap = dx; dx = dy; dy = swap;
+    }
+    /* x0 = wte[tok] + wpe[pos]: both tables receive dLoss/dx0 */
+    if ((st = mha_embedding_backward(N, V, d, tokens, dy, M->g + o->wte)) != MHA_OK) return st;
+    for (b = 0; b < B; ++b)
+        for (t = 0; t < T; ++t) {
+            const float *gx = dy + ((size_t)b * T + t) * d;
+            float *gp = M->g + o->wpe + (size_t)t * d;
+            int i;
+            for (i = 0; i < d; ++i) gp[i] += gx[i];
+        }
+    return MHA_OK;
+}
+
+/* Scale the gradient so its global L2 norm is at most clip; returns the norm before. */
+GPT__FN float gpt_clip_grad(gpt_model *M, float clip)
+{
+    double s = 0;
+    size_t i;
+    float norm;
+    for (i = 0; i < M->o.total; ++i) s += (double)M->g[i] * M->g[i];
+    norm = (float)sqrt(s);
+    if (clip > 0.0f && norm > clip) {
+        float k = clip / norm;
+        for (i = 0; i < M->o.total; ++i) M->g[i] *= k;
+    }
+    return norm;
+}
+
+/* Linear warm-up over `warmup` steps, then cosine decay to lr_min at `total`. */
+GPT__FN float gpt_lr(long step, long warmup, long total, float lr_max, float lr_min)
+{
+    double t;
+    if (step <= warmup) return lr_max * (float)step / (float)warmup;
+    if (step >= total) return lr_min;
+    t = (double)(step - warmup) / (double)(total - warmup);
+    return lr_min + (lr_max - lr_min) * 0.5f * (float)(1.0 + cos(3.14159265358979 * t));
+}
+
+/* B random windows of T + 1 bytes from text[0..n): inputs and next-byte targets. */
+GPT__FN void gpt_batch(const unsigned char *text, size_t n, int B, int T, mha_rng *r, int *tok, int *tgt)
+{
+    int b, t;
+    for (b = 0; b < B; ++b) {
+        size_t s = (size_t)(((unsigned long long)mha_rng_u32(r) << 32 | mha_rng_u32(r)) %
+                            (unsigned long long)(n - (size_t)T));
+        for (t = 0; t < T; ++t) {
+            tok[b * T + t] = text[s + t];
+            tgt[b * T + t] = text[s + t + 1];
+        }
+    }
+}
+
+/* One optimisation step on a batch: forward, backward, clip, AdamW.  *loss gets the
+   batch loss (before the update). */
+GPT__FN mha_status gpt_train_step(gpt_model *M, const mha_adamw *opt, long step, int B, int T,
+                                 const int *tok, const int *tgt, float clip, float *loss)
+{
+    mha_status st;
+    if ((st = gpt_forward(M, B, T, tok, tgt, loss, NULL)) != MHA_OK) return st;
+    if ((st = gpt_backward(M, B, T, tok)) != MHA_OK) return st;
+    gpt_clip_grad(M, clip);
+    return mha_adamw_step(opt, step, M->o.total, M->p, M->g, M->m, M->v);
+}
+
+/* Mean loss over the whole of text[0..n) cut into windows of T + 1 bytes,
+   at most max_windows of them (evenly spread), B windows per forward. */
+GPT__FN mha_status gpt_eval(gpt_model *M, const unsigned char *text, size_t n, int B, int T,
+                           int max_windows, int *tok, int *tgt, double *loss)
+{
+    size_t windows = (n - 1) / (size_t)T, stride, w;
+    double total = 0;
+    int b, t, count = 0;
+    mha_status st;
+    if (windows == 0) return MHA_ERR_INVALID_SIZE;
+    stride = windows > (size_t)max_windows ? windows / (size_t)max_windows : 1;
+    for (w = 0; w < windows && count < max_windows;) {
+        float l;
+        for (b = 0; b < B && w < windows && count < max_windows; ++b, w += stride, ++count)
+            for (t = 0; t < T; ++t) {
+                tok[b * T + t] = text[w * T + t];
+                tgt[b * T + t] = text[w * T + t + 1];
+            }
+        if ((st = gpt_forward(M, b, T, tok, tgt, &l, NULL)) != MHA_OK) return st;
+        total += (double)l * b;
+    }
+    *loss = total / count;
+    return MHA_OK;
+}
+
+/* The logits of the byte that follows ctx[0..n), by recomputing the whole
+   causal forward over the last min(n, ctx) bytes: the reference that the
+   KV-cache decoder below is tested against (tests/test_gpt_train.c). */
+GPT__FN mha_status gpt_next_logits(gpt_model *M, const int *ctx, int n, float *logits)
+{
+    int T = n < M->c.ctx ? n : M->c.ctx;
+    mha_status st;
+    if (n < 1) return MHA_ERR_INVALID_SIZE;
+    if ((st = gpt_forward(M, 1, T, ctx + (n - T), NULL, NULL, NULL)) != MHA_OK) return st;
+    memcpy(logits, M->logits + (size_t)(T - 1) * M->c.vocab, (size_t)M->c.vocab * sizeof(float));
+    return MHA_OK;
+}
+
+/* ---------------------------------------------------------- KV-cache decoding
+
+   One mha_kv_cache per layer (B = 1, Hkv = H, D = d/H, capacity = ctx) holds
+   the keys and values of every byte seen so far; gpt_decoder_feed runs only
+   the new bytes through the blocks, their queries attending to the cache
+   (mha_forward_cached).  The block is the same pre-norm block as
+   mha_encoder_forward computes, written out per row:
+       t = LN1(x);  x = x + SA_cached(t);  t = LN2(x);  x = x + W2 relu(W1 t + b1) + b2
+   The position table ends at ctx: when the cache is full, gpt_generate starts
+   it again from the last ctx/2 bytes (a prefill), so each byte still sees at
+   least ctx/2 bytes of context.  */
+typedef struct gpt_decoder {
+    gpt_model *M;
+    mha_kv_cache cache[GPT_MAX_LAYERS];
+    int len[GPT_MAX_LAYERS];
+    float *kv;                   /* every layer's K and V: n_layer * 2 * ctx * d */
+    float *x, *t, *a, *z;        /* [ctx, d] x3, [ctx, F] */
+    void *ws;
+    size_t ws_bytes;
+    int pos;                     /* bytes in the cache */
+} gpt_decoder;
+
+GPT__FN void gpt_decoder_free(gpt_decoder *D)
+{
+    free(D->kv); free(D->x); free(D->t); free(D->a); free(D->z); free(D->ws);
+    memset(D, 0, sizeof *D);
+}
+
+GPT__FN void gpt_decoder_reset(gpt_decoder *D)
+{
+    int l;
+    for (l = 0; l < D->M->c.n_layer; ++l) D->len[l] = 0;
+    D->pos = 0;
+}
+
+GPT__FN mha_status gpt_decoder_init(gpt_decoder *D, gpt_model *M)
+{
+    int T = M->c.ctx, d = M->c.d_model, l;
+    size_t per = (size_t)T * d;
+    mha_options opt = gpt_causal();
+    mha_encoder_layer ly = gpt_layer(M, M->p, 0);
+    mha_status st;
+    memset(D, 0, sizeof *D);
+    if (M->c.n_layer > GPT_MAX_LAYERS) return MHA_ERR_INVALID_SIZE;
+    D->M = M;
+    D->kv = (float *)malloc(per * 2 * (size_t)M->c.n_layer * sizeof(float));
+    D->x = (float *)malloc(per * sizeof(float));
+    D->t = (float *)malloc(per * sizeof(float));
+    D->a = (float *)malloc(per * sizeof(float));
+    D->z = (float *)malloc((size_t)T * M->c.d_ff * sizeof(float));
+    for (l = 0; l < M->c.n_layer; ++l) {
+        mha_kv_cache *c = &D->cache[l];
+        c->B = 1; c->Hkv = M->c.n_head; c->D = d / M->c.n_head; c->capacity = T;
+        c->k = D->kv + (size_t)(2 * l) * per;
+        c->v = D->kv + (size_t)(2 * l + 1) * per;
+        c->len = &D->len[l];
+    }
+    gpt_decoder_reset(D);
+    /* the largest call: a prefill of ctx bytes */
+    st = mha_forward_cached_workspace_size(&ly.self_attn, &D->cache[0], T, &opt, &D->ws_bytes);
+    if (st == MHA_OK) D->ws = malloc(D->ws_bytes);
+    if (st == MHA_OK && (!D->kv || !D->x || !D->t || !D->a || !D->z || !D->ws)) st = MHA_ERR_OUT_OF_MEMORY;
+    if (st != MHA_OK) gpt_decoder_free(D);
+    return st;
+}
+
+/* Append n bytes (a prefill when n > 1) and write the logits of the byte after
+   the last one.  MHA_ERR_CAPACITY when they do not fit (pos + n > ctx). */
+GPT__FN mha_status gpt_decoder_feed(gpt_decoder *D, const int *tok, int n, float *logits)
+{
+    gpt_model *M = D->M;
+    const gpt_layout *o = &M->o;
+    int d = M->c.d_model, F = M->c.d_ff, l, i;
+    size_t nd = (size_t)n * d, k;
+    mha_options opt = gpt_causal();
+    mha_status st;
+    if (n < 1 || !tok || !logits) return MHA_ERR_INVALID_SIZE;
+    if (D->pos + n > M->c.ctx) return MHA_ERR_CAPACITY;
+    opt.causal = n > 1;   /* a prefill chunk sees itself causally; one byte sees the whole cache */
+    if (n == 1) opt.num_threads = 1;   /* one row: too little work to share out */
+    if ((st = mha_embedding_forward(n, M->c.vocab, d, tok, M->p + o->wte, D->x)) != MHA_OK) return st;
+    for (i = 0; i < n; ++i)
+        for (k = 0; k < (size_t)d; ++k) D->x[(size_t)i * d + k] += M->p[o->wpe + (size_t)(D->pos + i) * d + k];
+    for (l = 0; l < M->c.n_layer; ++l) {
+        mha_encoder_layer ly = gpt_layer(M, M->p, l);
+        if ((st = mha_layernorm_forward(n, d, D->x, ly.norm1_weight, ly.norm1_bias, 0.0f, D->t)) != MHA_OK)
+            return st;
+        st = mha_forward_cached(&ly.self_attn, &D->cache[l], n, D->t, &opt, D->a, D->ws, D->ws_bytes);
+        if (st != MHA_OK) return st;
+        for (k = 0; k < nd; ++k) D->x[k] += D->a[k];
+        if ((st = mha_layernorm_forward(n, d, D->x, ly.norm2_weight, ly.norm2_bias, 0.0f, D->t)) != MHA_OK)
+            return st;
+        st = mha_linear_forward(n, d, F, D->t, ly.linear1_weight, ly.linear1_bias, D->z, NULL, 0);
+        if (st != MHA_OK) return st;
+        for (k = 0; k < (size_t)n * F; ++k) D->z[k] = D->z[k] > 0.0f ? D->z[k] : 0.0f;
+        st = mha_linear_forward(n, F, d, D->z, ly.linear2_weight, ly.linear2_bias, D->a, NULL, 0);
+        if (st != MHA_OK) return st;
+        for (k = 0; k < nd; ++k) D->x[k] += D->a[k];
+    }
+    D->pos += n;
+    /* only the last row needs the final norm and the LM head */
+    st = mha_layernorm_forward(1, d, D->x + nd - d, M->p + o->lnf_w, M->p + o->lnf_b, 0.0f, D->t);
+    if (st != MHA_OK) return st;
+    return mha_linear_forward(1, d, M->c.vocab, D->t, M->p + o->wte, NULL, logits, NULL, 0);
+}
+
+/* Sample from softmax(logits / temperature) restricted to the top_k largest
+   (top_k <= 0 or >= V: all).  temperature <= 0 picks the argmax. */
+GPT__FN int gpt_sample(const float *logits, int V, float temperature, int top_k, mha_rng *r)
+{
+    double sum = 0, u;
+    float thresh, mx;
+    int j, best = 0;
+    for (j = 1; j < V; ++j) if (logits[j] > logits[best]) best = j;
+    if (temperature <= 0.0f) return best;
+    mx = logits[best];
+    /* the k-th largest value by repeated selection: V is small (256) */
+    thresh = -INFINITY;
+    if (top_k > 0 && top_k < V) {
+        float prev = INFINITY;
+        int k;
+        for (k = 0; k < top_k; ++k) {
+            float next = -INFINITY;
+            for (j = 0; j < V; ++j) if (logits[j] < prev && logits[j] > next) next = logits[j];
+            prev = next;
+        }
+        thresh = prev;
+    }
+    for (j = 0; j < V; ++j)
+        if (logits[j] >= thresh) sum += exp((double)(logits[j] - mx) / temperature);
+    u = mha_rng_uniform(r) * sum;
+    for (j = 0; j < V; ++j) {
+        if (logits[j] < thresh) continue;
+        u -= exp((double)(logits[j] - mx) / temperature);
+        if (u <= 0) return j;
+    }
+    return best;
+}
+
+/* seq[0..len) is the prompt (len >= 1); append n sampled bytes at seq[len..len+n).
+   logits: scratch of vocab floats.  With the cache: the prompt's last
+   min(len, ctx) bytes are one prefill, then one byte per step; a full cache
+   restarts from the last ctx/2 bytes. */
+GPT__FN mha_status gpt_generate(gpt_decoder *D, int *seq, int len, int n, float temperature, int top_k,
+                                mha_rng *r, float *logits)
+{
+    int ctx = D->M->c.ctx, keep, i;
+    mha_status st;
+    if (len < 1) return MHA_ERR_INVALID_SIZE;
+    keep = len < ctx ? len : ctx;
+    gpt_decoder_reset(D);
+    if ((st = gpt_decoder_feed(D, seq + len - keep, keep, logits)) != MHA_OK) return st;
+    for (i = 0; i < n; ++i) {
+        seq[len] = gpt_sample(logits, D->M->c.vocab, temperature, top_k, r);
+        ++len;
+        if (i + 1 == n) break;
+        if (D->pos == ctx) {
+            gpt_decoder_reset(D);
+            st = gpt_decoder_feed(D, seq + len - ctx / 2, ctx / 2, logits);
+        } else {
+            st = gpt_decoder_feed(D, seq + len - 1, 1, logits);
+        }
+        if (st != MHA_OK) return st;
+    }
+    return MHA_OK;
+}
+
+#endif /* TINY_GPT_H */

@@ -1,0 +1,203 @@
+/* The tiny_gpt checkpoint (examples/gpt_ckpt.h): a round trip keeps every bit,
+   and each way a file can be broken (missing, truncated anywhere, longer,
+   wrong magic, wrong version, sizes out of range or inconsistent, another
+   shape than asked for, a flipped bit in the header or the payload) gets its
+   own status, never a crash, and leaves the caller's structure untouched. */
+#include "testutil.h"
+#include "examples/gpt_ckpt.h"
+
+static const char *g_path;  /* a scratch file next to the test binary */
+
+static unsigned char *slurp(const char *path, size_t *n)
+{
+    FILE *f = fopen(path, "rb");
+    unsigned char *b;
+    long len;
+    *n = 0;
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    len = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    b = (unsigned char *)malloc((size_t)len + 1);
+    if (b && fread(b, 1, (size_t)len, f) != (size_t)len) { free(b); b = NULL; }
+    fclose(f);
+    *n = (size_t)len;
+    return b;
+}
+
+static void spit(const char *path, const unsigned char *b, size_t n)
+{
+    FILE *f = fopen(path, "wb");
+    if (!f) return;
+    if (n) fwrite(b, 1, n, f);
+    fclose(f);
+}
+
+/* Load g_path and check the status; on an error, the output must be unchanged. */
+static void expect(gpt_ckpt_status want, const gpt_config *shape, const char *what)
+{
+    gpt_ckpt ck;
+    gpt_ckpt_status st;
+    memset(&ck, 0xAB, sizeof ck);
+    st = gpt_ckpt_load(g_path, shape, &ck);
+    CHECK(st == want, "%s: got '%s', want '%s'", what, gpt_ckpt_status_string(st),
+          gpt_ckpt_status_string(want));
+    if (st == GPT_CKPT_OK) {
+        gpt_ckpt_free(&ck);
+    } else {
+        gpt_ckpt sentinel;
+        memset(&sentinel, 0xAB, sizeof sentinel);
+        CHECK(memcmp(&ck, &sentinel, sizeof ck) == 0, "%s: output written on error", what);
+    }
+}
+
+/* Write a modified copy of the good file and load it. */
+static void expect_mod(const unsigned char *good, size_t n, size_t keep, size_t at, unsigned char x,
+                       gpt_ckpt_status want, const char *what)
+{
+    unsigned char *b = (unsigned char *)malloc(n + 1);
+    memcpy(b, good, n);
+    b[n] = 0;
+    if (at < n + 1) b[at] ^= x;
+    spit(g_path, b, keep);
+    expect(want, NULL, what);
+    free(b);
+}
+
+/* store a little-endian u32 / u64 field, the checksum recomputed so only the field is wrong */
+static void set_field(unsigned char *b, size_t n, size_t at, unsigned long long v, int bytes)
+{
+    gpt__put(b + at, v, bytes);
+    gpt__put(b + 56, gpt_fnv1a(gpt_fnv1a(GPT_FNV_INIT, b, 56), b + 64, n - 64), 8);
+}
+
+int main(int argc, char **argv)
+{
+    static char path[1024];
+    const gpt_config c = {2, 2, 8, 17, 5, 7};   /* odd sizes on purpose */
+    gpt_config other = c;
+    gpt_layout o = gpt_layout_make(&c);
+    size_t n = gpt_param_count(&c), len = 0, i, cut;
+    size_t d = 8, F = 17, per_layer = 3 * d * d + 3 * d + d * d + d + F * d + F + d * F + d + 4 * d;
+    float *p = (float *)malloc(n * sizeof(float)), *m = (float *)malloc(n * sizeof(float));
+    float *v = (float *)malloc(n * sizeof(float));
+    unsigned char *good, *b;
+    gpt_ckpt ck;
+    gpt_ckpt_status st;
+    tu_rng r = {12345};
+    (void)argc;
+    snprintf(path, sizeof path, "%s.ckpt", argv[0]);
+    g_path = path;
+
+    /* the layout, counted by hand: wte, wpe, 2 layers, final norm */
+    CHECK(n == 7 * d + 5 * d + 2 * per_layer + 2 * d, "param count %zu", n);
+    CHECK(o.layer0 == 12 * d && o.layer_stride == per_layer && o.lnf_b + d == n, "layout offsets");
+    CHECK(gpt_param_count(&(gpt_config){4, 4, 128, 512, 128, 256}) == 842496, "default model size");
+    CHECK(!gpt_config_valid(&(gpt_config){2, 3, 8, 17, 5, 7}), "heads must divide d_model");
+    CHECK(!gpt_config_valid(&(gpt_config){0, 2, 8, 17, 5, 7}), "zero layers refused");
+
+    tu_fill(&r, p, n, 3.0f); tu_fill(&r, m, n, 1.0f); tu_fill(&r, v, n, 1.0f);
+    p[0] = -0.0f; p[1] = 1e-40f; /* sign of zero and a subnormal survive */
+
+    /* round trip with and without the AdamW moments */
+    st = gpt_ckpt_save(path, &c, 1234567890123ULL, p, m, v);
+    CHECK(st == GPT_CKPT_OK, "save: %s", gpt_ckpt_status_string(st));
+    st = gpt_ckpt_load(path, &c, &ck);
+    CHECK(st == GPT_CKPT_OK, "load: %s", gpt_ckpt_status_string(st));
+    if (st == GPT_CKPT_OK) {
+        CHECK(memcmp(&ck.cfg, &c, sizeof c) == 0 && ck.step == 1234567890123ULL && ck.n_params == n,
+              "header fields");
+        CHECK(memcmp(ck.params, p, n * 4) == 0 && ck.adam_m && ck.adam_v &&
+                  memcmp(ck.adam_m, m, n * 4) == 0 && memcmp(ck.adam_v, v, n * 4) == 0,
+              "every bit of params, m, v");
+        gpt_ckpt_free(&ck);
+    }
+    good = slurp(path, &len);
+    CHECK(good && len == 64 + 12 * n, "file size %zu", len);
+    CHECK(good && memcmp(good, "MHAGPTck", 8) == 0 && good[8] == 1 && good[12] == 2, "little-endian header");
+    st = gpt_ckpt_save(path, &c, 7, p, NULL, NULL);
+    st = st == GPT_CKPT_OK ? gpt_ckpt_load(path, NULL, &ck) : st;
+    CHECK(st == GPT_CKPT_OK && !ck.adam_m && !ck.adam_v && ck.step == 7 &&
+              memcmp(ck.params, p, n * 4) == 0, "parameters-only checkpoint");
+    if (st == GPT_CKPT_OK) gpt_ckpt_free(&ck);
+    if (!good) return tu_finish("test_ckpt");
+
+    /* the shape the caller asks for */
+    spit(path, good, len);
+    expect(GPT_CKPT_OK, &c, "matching shape");
+    other.d_ff = 16;
+    expect(GPT_CKPT_ERR_SHAPE, &other, "another d_ff asked for");
+
+    /* missing file, and bad arguments */
+    remove(path);
+    expect(GPT_CKPT_ERR_OPEN, NULL, "missing file");
+    CHECK(gpt_ckpt_load(NULL, NULL, &ck) == GPT_CKPT_ERR_ARGUMENT, "NULL path");
+    CHECK(gpt_ckpt_save(path, &(gpt_config){2, 3, 8, 17, 5, 7}, 0, p, NULL, NULL) == GPT_CKPT_ERR_ARGUMENT,
+          "save refuses an invalid shape");
+    CHECK(gpt_ckpt_save("no/such/folder/x.ckpt", &c, 0, p, NULL, NULL) == GPT_CKPT_ERR_OPEN,
+          "save into a missing folder");
+
+    /* truncated: inside the header, at its end, inside each part, one byte short */
+    {
+        const size_t cuts[] = {0, 1, 8, 40, 63, 64, 65, 64 + 4 * n - 1, 64 + 4 * n, 64 + 8 * n + 2, 0};
+        char what[64];
+        for (i = 0; i < sizeof cuts / sizeof cuts[0]; ++i) {
+            cut = i + 1 == sizeof cuts / sizeof cuts[0] ? len - 1 : cuts[i];
+            snprintf(what, sizeof what, "truncated to %zu bytes", cut);
+            expect_mod(good, len, cut, len, 0, GPT_CKPT_ERR_TRUNCATED, what);
+        }
+    }
+    expect_mod(good, len, len + 1, len, 0x5A, GPT_CKPT_ERR_TRAILING, "one byte too many");
+    expect_mod(good, len, len, 0, 0x01, GPT_CKPT_ERR_MAGIC, "wrong magic");
+    expect_mod(good, len, len, 8, 0x02, GPT_CKPT_ERR_VERSION, "version 3");
+
+    /* flipped bits: the step (header), a parameter, the last byte of v */
+    expect_mod(good, len, len, 41, 0x10, GPT_CKPT_ERR_CHECKSUM, "flipped bit in the step field");
+    expect_mod(good, len, len, 64 + 17, 0x04, GPT_CKPT_ERR_CHECKSUM, "flipped bit in a parameter");
+    expect_mod(good, len, len, len - 1, 0x80, GPT_CKPT_ERR_CHECKSUM, "flipped bit in the last byte");
+    expect_mod(good, len, len, 60, 0x01, GPT_CKPT_ERR_CHECKSUM, "flipped bit in the checksum");
+
+    /* sizes: each wrong on its own, with a checksum that matches */
+    b = (unsigned char *)malloc(len);
+    {
+        const struct { size_t at; unsigned long long val; int bytes; const char *what; } bad[] = {
+            {12, 0, 4, "zero layers"},
+            {16, 3, 4, "heads do not divide d_model"},
+            {20, 0xFFFFFFFFull, 4, "d_model 2^32-1"},
+            {24, GPT_MAX_DIM + 1, 4, "d_ff above the bound"},
+            {28, 6, 4, "ctx 6 but the parameter count of ctx 5"},
+            {36, 2, 4, "unknown flag"},
+            {48, 0, 8, "n_params 0"},
+            {48, 0xFFFFFFFFFFFFFFFFull, 8, "n_params 2^64-1"},
+        };
+        for (i = 0; i < sizeof bad / sizeof bad[0]; ++i) {
+            memcpy(b, good, len);
+            set_field(b, len, bad[i].at, bad[i].val, bad[i].bytes);
+            spit(path, b, len);
+            expect(GPT_CKPT_ERR_SIZES, NULL, bad[i].what);
+        }
+        /* the moments flag cleared: the header now says 4n payload bytes, the file has 12n */
+        memcpy(b, good, len);
+        set_field(b, len, 36, 0, 4);
+        spit(path, b, len);
+        expect(GPT_CKPT_ERR_TRAILING, NULL, "moments flag cleared");
+    }
+    /* the step is free: a changed step with a matching checksum loads */
+    memcpy(b, good, len);
+    set_field(b, len, 40, 99, 8);
+    spit(path, b, len);
+    expect(GPT_CKPT_OK, NULL, "another step, checksum recomputed");
+
+    /* every status has its own sentence */
+    for (i = 0; i < GPT_CKPT_STATUS_COUNT; ++i) {
+        size_t j;
+        for (j = 0; j < i; ++j)
+            CHECK(strcmp(gpt_ckpt_status_string((gpt_ckpt_status)i),
+                         gpt_ckpt_status_string((gpt_ckpt_status)j)) != 0, "messages %zu and %zu", i, j);
+    }
+    CHECK(gpt_ckpt_status_string((gpt_ckpt_status)99) != NULL, "unknown status string");
+
+    remove(path);
+    free(b); free(good); free(p); free(m); free(v);
+    return tu_finish("test_ckpt");
+}

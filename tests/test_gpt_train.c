@@ -1,0 +1,252 @@
+/* The tiny GPT of examples/tiny_gpt.c, small enough for every test configuration:
+     - its hand-written backward (tied LM head, position table, residual stream)
+       against central differences of its own forward;
+     - a 60-step training run on synthetic sentences: the loss starts at
+       ln 256 and falls;
+     - resuming from a checkpoint (with the AdamW moments) continues bit for bit;
+     - gpt_next_logits equals the last row of the full forward, also past the
+       context length, and the KV-cache decoder (gpt_decoder_feed, one prefill
+       then one byte at a time) equals gpt_next_logits to 1e-5; greedy text
+       from the cache and from the recomputation is the same;
+     - gpt_sample: temperature 0 and top-k 1 give the argmax, top-k never
+       leaves the k largest, and the draws follow the softmax. */
+#define MHA_IMPLEMENTATION
+#include "mha.h"
+#include "testutil.h"
+#include "examples/tiny_gpt.h"
+
+#define B 4
+#define T 16
+
+/* sentences from a small grammar: the model can learn the words and their order */
+static size_t make_text(unsigned char *out, size_t cap, mha_rng *r)
+{
+    static const char *const subj[] = {"the cat", "a dog", "my friend", "the old man"};
+    static const char *const verb[] = {" sat", " ran", " ate", " slept"};
+    static const char *const tail[] = {" on the mat. ", " in the park. ", " at home. ", " all day. "};
+    size_t n = 0;
+    while (n + 64 < cap) {
+        const char *parts[3];
+        int k;
+        parts[0] = subj[mha_rng_u32(r) % 4];
+        parts[1] = verb[mha_rng_u32(r) % 4];
+        parts[2] = tail[mha_rng_u32(r) % 4];
+        for (k = 0; k < 3; ++k) {
+            size_t len = strlen(parts[k]);
+            memcpy(out + n, parts[k], len);
+            n += len;
+        }
+    }
+    return n;
+}
+
+static double loss_at(gpt_model *M, const int *tok, const int *tgt)
+{
+    float l = 0.0f;
+    mha_status st = gpt_forward(M, B, T, tok, tgt, &l, NULL);
+    CHECK(st == MHA_OK, "forward: %s", mha_status_string(st));
+    return l;
+}
+
+int main(int argc, char **argv)
+{
+    static unsigned char text[20000];
+    const gpt_config c = {2, 2, 16, 24, 16, 256};
+    gpt_model M, R;
+    mha_rng rng, data;
+    mha_adamw opt;
+    int tok[B * T], tgt[B * T], s;
+    size_t n, i;
+    float first = 0.0f, last10 = 0.0f, loss;
+    (void)argc;
+
+    mha_rng_seed(&data, 7);
+    n = make_text(text, sizeof text, &data);
+    CHECK(gpt_alloc(&M, &c, B, 1) == MHA_OK, "alloc");
+    mha_rng_seed(&rng, 1);
+    gpt_init(&M, &rng);
+
+    /* 1. the backward against central differences of the forward (double-sided, h
+          along the gradient and along single coordinates), on larger weights so the
+          differences stand above float32 rounding; the steps are small enough that
+          the curvature error stays below a percent) */
+    {
+        float *g = (float *)malloc(M.o.total * sizeof(float)), *p0 = (float *)malloc(M.o.total * sizeof(float));
+        double gg = 0, dd, h = 1e-3, worst = 0;
+        const size_t probe[] = {M.o.wte + 'a' * 16 + 3, M.o.wpe + 2 * 16 + 7,
+                                M.o.layer0 + M.o.in_w + 40, M.o.layer0 + M.o.layer_stride + M.o.l2_w + 9,
+                                M.o.layer0 + M.o.n1_w + 1, M.o.lnf_b + 3, M.o.lnf_w + 11};
+        for (i = 0; i < M.o.total; ++i) M.p[i] *= 3.0f;
+        gpt_batch(text, n, B, T, &data, tok, tgt);
+        loss_at(&M, tok, tgt);
+        CHECK(gpt_backward(&M, B, T, tok) == MHA_OK, "backward");
+        memcpy(g, M.g, M.o.total * sizeof(float));
+        memcpy(p0, M.p, M.o.total * sizeof(float));
+        for (i = 0; i < M.o.total; ++i) gg += (double)g[i] * g[i];
+        /* directional derivative along g: (L(p + h g/|g|) - L(p - h g/|g|)) / 2h = |g| */
+        for (i = 0; i < M.o.total; ++i) M.p[i] = p0[i] + (float)(h * g[i] / sqrt(gg));
+        dd = loss_at(&M, tok, tgt);
+        for (i = 0; i < M.o.total; ++i) M.p[i] = p0[i] - (float)(h * g[i] / sqrt(gg));
+        dd = (dd - loss_at(&M, tok, tgt)) / (2 * h);
+        CHECK(fabs(dd - sqrt(gg)) <= 5e-3 * sqrt(gg), "directional derivative %.6g vs |g| %.6g", dd,
+              sqrt(gg));
+        for (i = 0; i < sizeof probe / sizeof probe[0]; ++i) {
+            double up, dn, fd, err;
+            memcpy(M.p, p0, M.o.total * sizeof(float));
+            M.p[probe[i]] = p0[probe[i]] + (float)(h);
+            up = loss_at(&M, tok, tgt);
+            M.p[probe[i]] = p0[probe[i]] - (float)(h);
+            dn = loss_at(&M, tok, tgt);
+            fd = (up - dn) / (2 * h);
+            err = fabs(fd - g[probe[i]]) / (fabs(fd) + 1e-3);
+            if (err > worst) worst = err;
+            CHECK(err <= 4e-2, "d loss / d p[%zu]: backward %.6g, differences %.6g", probe[i],
+                  (double)g[probe[i]], fd);
+        }
+        printf("worst single-coordinate gradient error vs differences %.2e\n", worst);
+        free(g);
+        free(p0);
+        mha_rng_seed(&rng, 1);
+        gpt_init(&M, &rng);
+    }
+
+    /* 2. 60 steps of training */
+    opt = mha_adamw_defaults();
+    opt.lr = 1e-2f;
+    opt.beta2 = 0.99f;
+    for (s = 1; s <= 60; ++s) {
+        gpt_batch(text, n, B, T, &data, tok, tgt);
+        CHECK(gpt_train_step(&M, &opt, s, B, T, tok, tgt, 1.0f, &loss) == MHA_OK, "step %d", s);
+        if (s == 1) first = loss;
+        if (s > 50) last10 += loss / 10.0f;
+    }
+    printf("loss: step 1 %.4f, mean of steps 51-60 %.4f (ln 256 = %.4f)\n", first, last10, log(256.0));
+    CHECK(fabsf(first - logf(256.0f)) < 0.05f, "the first loss %.4f is ln 256 (small initial weights)",
+          first);
+    CHECK(last10 < 0.6f * first, "the loss falls: %.4f -> %.4f", first, last10);
+
+    /* 3. save with the moments after step 60, run 5 more steps; then load into a
+          fresh model and run the same 5: identical bits */
+    {
+        char path[1024];
+        gpt_ckpt ck;
+        gpt_ckpt_status cs;
+        mha_rng again = data;
+        snprintf(path, sizeof path, "%s.ckpt", argv[0]);   /* next to the test binary */
+        cs = gpt_ckpt_save(path, &c, 60, M.p, M.m, M.v);
+        CHECK(cs == GPT_CKPT_OK, "save: %s", gpt_ckpt_status_string(cs));
+        for (s = 61; s <= 65; ++s) {
+            gpt_batch(text, n, B, T, &data, tok, tgt);
+            gpt_train_step(&M, &opt, s, B, T, tok, tgt, 1.0f, &loss);
+        }
+        CHECK(gpt_alloc(&R, &c, B, 1) == MHA_OK, "alloc resumed");
+        cs = gpt_ckpt_load(path, &c, &ck);
+        CHECK(cs == GPT_CKPT_OK && ck.step == 60 && ck.adam_m, "load: %s", gpt_ckpt_status_string(cs));
+        if (cs == GPT_CKPT_OK) {
+            memcpy(R.p, ck.params, R.o.total * sizeof(float));
+            memcpy(R.m, ck.adam_m, R.o.total * sizeof(float));
+            memcpy(R.v, ck.adam_v, R.o.total * sizeof(float));
+            for (s = (int)ck.step + 1; s <= 65; ++s) {
+                gpt_batch(text, n, B, T, &again, tok, tgt);
+                gpt_train_step(&R, &opt, s, B, T, tok, tgt, 1.0f, &loss);
+            }
+            CHECK(memcmp(R.p, M.p, M.o.total * sizeof(float)) == 0, "resumed run differs");
+            gpt_ckpt_free(&ck);
+        }
+        gpt_free(&R);
+        remove(path);
+    }
+
+    /* 4. next_logits = last row of the full forward; past ctx it sees the last ctx bytes */
+    {
+        int ctx[40];
+        float a[256], *full = (float *)malloc((size_t)T * 256 * sizeof(float));
+        double ref[256];
+        for (i = 0; i < 40; ++i) ctx[i] = text[100 + i];
+        CHECK(gpt_next_logits(&M, ctx, 9, a) == MHA_OK, "next_logits");
+        gpt_forward(&M, 1, 9, ctx, NULL, NULL, NULL);
+        for (i = 0; i < 256; ++i) ref[i] = M.logits[8 * 256 + i];
+        CHECK(tu_rel_err(a, ref, 256) == 0.0, "next_logits = forward's last row");
+        gpt_forward(&M, 1, T, ctx + 40 - T, NULL, NULL, NULL);
+        memcpy(full, M.logits, (size_t)T * 256 * sizeof(float));
+        CHECK(gpt_next_logits(&M, ctx, 40, a) == MHA_OK, "next_logits past ctx");
+        for (i = 0; i < 256; ++i) ref[i] = full[(T - 1) * 256 + i];
+        CHECK(tu_rel_err(a, ref, 256) == 0.0, "next_logits crops to the last ctx bytes");
+        CHECK(gpt_next_logits(&M, ctx, 0, a) == MHA_ERR_INVALID_SIZE, "empty context refused");
+        free(full);
+    }
+
+    /* 5. KV-cache decoding against the recomputed forward, within the context */
+    {
+        gpt_decoder D;
+        int seq[64], greedy[64], k;
+        float a[256], b[256];
+        double ref[256], worst = 0, e;
+        mha_rng gr;
+        CHECK(gpt_decoder_init(&D, &M) == MHA_OK, "decoder init");
+        for (i = 0; i < 64; ++i) seq[i] = text[300 + i];
+        /* a prefill of 5 bytes, then one byte at a time up to ctx */
+        CHECK(gpt_decoder_feed(&D, seq, 5, a) == MHA_OK, "prefill");
+        for (k = 5;; ++k) {
+            gpt_next_logits(&M, seq, k, b);
+            for (i = 0; i < 256; ++i) ref[i] = b[i];
+            e = tu_rel_err(a, ref, 256);
+            if (e > worst) worst = e;
+            CHECK(e <= 1e-5, "cached logits after %d bytes: rel err %.2e", k, e);
+            if (k == T) break;
+            CHECK(gpt_decoder_feed(&D, seq + k, 1, a) == MHA_OK, "feed byte %d", k);
+        }
+        printf("KV-cache decoding vs recomputed forward: worst rel err %.2e over %d steps\n", worst, T - 4);
+        CHECK(gpt_decoder_feed(&D, seq + T, 1, a) == MHA_ERR_CAPACITY && D.pos == T,
+              "a full cache refuses one more byte");
+        /* one prefill of 12 bytes = twelve single steps */
+        gpt_decoder_reset(&D);
+        CHECK(gpt_decoder_feed(&D, seq, 12, a) == MHA_OK, "prefill 12");
+        gpt_decoder_reset(&D);
+        for (k = 0; k < 12; ++k) gpt_decoder_feed(&D, seq + k, 1, b);
+        for (i = 0; i < 256; ++i) ref[i] = b[i];
+        CHECK(tu_rel_err(a, ref, 256) <= 1e-5, "prefill vs steps: %.2e", tu_rel_err(a, ref, 256));
+        /* greedy generation: the cache and the recomputation pick the same bytes */
+        memcpy(greedy, seq, sizeof seq);
+        mha_rng_seed(&gr, 5);
+        CHECK(gpt_generate(&D, seq, 4, T - 4, 0.0f, 0, &gr, a) == MHA_OK, "generate");
+        for (k = 4; k < T; ++k) {
+            gpt_next_logits(&M, greedy, k, b);
+            greedy[k] = gpt_sample(b, 256, 0.0f, 0, &gr);
+        }
+        CHECK(memcmp(seq, greedy, T * sizeof(int)) == 0, "cached and recomputed greedy text differ");
+        /* past the context: the cache restarts from the last ctx/2 bytes and goes on */
+        CHECK(gpt_generate(&D, seq, 4, 50, 0.9f, 5, &gr, a) == MHA_OK, "generate past ctx");
+        for (k = 0, i = 4; i < 54; ++i) k += seq[i] < 0 || seq[i] > 255;
+        CHECK(k == 0, "generated bytes in range");
+        gpt_decoder_free(&D);
+    }
+
+    /* 6. sampling */
+    {
+        float z[8] = {0.5f, 2.0f, -1.0f, 1.5f, 0.0f, 1.9f, -3.0f, 1.0f};
+        int counts[8] = {0}, bad = 0;
+        double p[8], zs = 0, chi = 0;
+        mha_rng sr;
+        mha_rng_seed(&sr, 3);
+        CHECK(gpt_sample(z, 8, 0.0f, 0, &sr) == 1, "temperature 0 is the argmax");
+        for (s = 0; s < 100; ++s) bad += gpt_sample(z, 8, 1.5f, 1, &sr) != 1;
+        CHECK(bad == 0, "top-k 1 is the argmax (%d others)", bad);
+        for (s = 0; s < 2000; ++s) {
+            int j = gpt_sample(z, 8, 1.0f, 3, &sr);
+            bad += j != 1 && j != 5 && j != 3;
+        }
+        CHECK(bad == 0, "top-k 3 left the three largest %d times", bad);
+        for (s = 0; s < 20000; ++s) counts[gpt_sample(z, 8, 0.7f, 0, &sr)]++;
+        for (i = 0; i < 8; ++i) zs += p[i] = exp(z[i] / 0.7);
+        for (i = 0; i < 8; ++i) {
+            double e = 20000 * p[i] / zs;
+            chi += (counts[i] - e) * (counts[i] - e) / e;
+        }
+        /* 7 degrees of freedom: P(chi^2 > 24.3) = 0.001 */
+        CHECK(chi < 24.3, "draws at temperature 0.7 follow the softmax (chi^2 %.1f)", chi);
+    }
+
+    gpt_free(&M);
+    return tu_finish("test_gpt_train");
+}
