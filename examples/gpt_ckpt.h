@@ -246,10 +246,11 @@ GPT__FN gpt_ckpt_status gpt_ckpt_save(const char *path, const gpt_config *c, uns
     return GPT_CKPT_OK;
 }
 
-/* Load a checkpoint into *out (allocated; gpt_ckpt_free releases it).
-   want: NULL, or the shape the caller needs (GPT_CKPT_ERR_SHAPE otherwise).
-   *out is untouched unless the status is GPT_CKPT_OK. */
-GPT__FN gpt_ckpt_status gpt_ckpt_load(const char *path, const gpt_config *want, gpt_ckpt *out)
+/* Read a checkpoint from an open stream positioned at its first byte
+   (a file, or fmemopen'ed memory).  The stream's length is checked against
+   the header before anything is allocated, so a short file that claims a huge
+   model is "truncated", never "out of memory".  want and *out as below. */
+GPT__FN gpt_ckpt_status gpt_ckpt_read(FILE *f, const gpt_config *want, gpt_ckpt *out)
 {
     unsigned char hdr[GPT_CKPT_HEADER], buf[4 * GPT__CHUNK];
     gpt_ckpt ck;
@@ -257,21 +258,20 @@ GPT__FN gpt_ckpt_status gpt_ckpt_load(const char *path, const gpt_config *want, 
     unsigned long long h, flags, n64;
     float *parts[3];
     size_t n, k, i;
+    long start, end;
     int p, nparts;
-    FILE *f;
-    if (!path || !out) return GPT_CKPT_ERR_ARGUMENT;
+    if (!f || !out) return GPT_CKPT_ERR_ARGUMENT;
     memset(&ck, 0, sizeof ck);
-    f = fopen(path, "rb");
-    if (!f) return GPT_CKPT_ERR_OPEN;
-    if (fread(hdr, 1, sizeof hdr, f) != sizeof hdr) { fclose(f); return GPT_CKPT_ERR_TRUNCATED; }
-    if (memcmp(hdr, "MHAGPTck", 8) != 0) { fclose(f); return GPT_CKPT_ERR_MAGIC; }
-    if (gpt__get(hdr + 8, 4) != GPT_CKPT_VERSION) { fclose(f); return GPT_CKPT_ERR_VERSION; }
+    start = ftell(f);
+    if (fread(hdr, 1, sizeof hdr, f) != sizeof hdr) return GPT_CKPT_ERR_TRUNCATED;
+    if (memcmp(hdr, "MHAGPTck", 8) != 0) return GPT_CKPT_ERR_MAGIC;
+    if (gpt__get(hdr + 8, 4) != GPT_CKPT_VERSION) return GPT_CKPT_ERR_VERSION;
     {
         /* read as unsigned and bound before the int conversion */
         unsigned long long fld[6];
         for (i = 0; i < 6; ++i) {
             fld[i] = gpt__get(hdr + 12 + 4 * i, 4);
-            if (fld[i] > GPT_MAX_DIM) { fclose(f); return GPT_CKPT_ERR_SIZES; }
+            if (fld[i] > GPT_MAX_DIM) return GPT_CKPT_ERR_SIZES;
         }
         ck.cfg.n_layer = (int)fld[0]; ck.cfg.n_head = (int)fld[1]; ck.cfg.d_model = (int)fld[2];
         ck.cfg.d_ff = (int)fld[3];    ck.cfg.ctx = (int)fld[4];    ck.cfg.vocab = (int)fld[5];
@@ -279,13 +279,21 @@ GPT__FN gpt_ckpt_status gpt_ckpt_load(const char *path, const gpt_config *want, 
     flags = gpt__get(hdr + 36, 4);
     ck.step = gpt__get(hdr + 40, 8);
     n64 = gpt__get(hdr + 48, 8);
-    if (!gpt_config_valid(&ck.cfg) || flags > 1 || n64 != (unsigned long long)gpt_param_count(&ck.cfg)) {
-        fclose(f);
+    if (!gpt_config_valid(&ck.cfg) || flags > 1 || n64 != (unsigned long long)gpt_param_count(&ck.cfg))
         return GPT_CKPT_ERR_SIZES;
-    }
-    if (want && memcmp(want, &ck.cfg, sizeof ck.cfg) != 0) { fclose(f); return GPT_CKPT_ERR_SHAPE; }
+    if (want && memcmp(want, &ck.cfg, sizeof ck.cfg) != 0) return GPT_CKPT_ERR_SHAPE;
     n = ck.n_params = (size_t)n64;
     nparts = flags ? 3 : 1;
+
+    /* the payload is 4 * n * nparts bytes: compare with what the stream holds
+       (when it can seek) before allocating that much */
+    if (start >= 0 && fseek(f, 0, SEEK_END) == 0 && (end = ftell(f)) >= 0) {
+        unsigned long long have = (unsigned long long)(end - start) - GPT_CKPT_HEADER;
+        unsigned long long need = 4ull * n64 * (unsigned long long)nparts;
+        if (have < need) return GPT_CKPT_ERR_TRUNCATED;
+        if (have > need) return GPT_CKPT_ERR_TRAILING;
+        if (fseek(f, start + GPT_CKPT_HEADER, SEEK_SET) != 0) return GPT_CKPT_ERR_TRUNCATED;
+    }
 
     ck.params = (float *)malloc(n * sizeof(float));
     if (nparts == 3) {
@@ -304,13 +312,27 @@ GPT__FN gpt_ckpt_status gpt_ckpt_load(const char *path, const gpt_config *want, 
         }
     if (st == GPT_CKPT_OK && fgetc(f) != EOF) st = GPT_CKPT_ERR_TRAILING;
     if (st == GPT_CKPT_OK && h != gpt__get(hdr + 56, 8)) st = GPT_CKPT_ERR_CHECKSUM;
-    fclose(f);
     if (st != GPT_CKPT_OK) {
         gpt_ckpt_free(&ck);
         return st;
     }
     *out = ck;
     return GPT_CKPT_OK;
+}
+
+/* Load a checkpoint into *out (allocated; gpt_ckpt_free releases it).
+   want: NULL, or the shape the caller needs (GPT_CKPT_ERR_SHAPE otherwise).
+   *out is untouched unless the status is GPT_CKPT_OK. */
+GPT__FN gpt_ckpt_status gpt_ckpt_load(const char *path, const gpt_config *want, gpt_ckpt *out)
+{
+    gpt_ckpt_status st;
+    FILE *f;
+    if (!path || !out) return GPT_CKPT_ERR_ARGUMENT;
+    f = fopen(path, "rb");
+    if (!f) return GPT_CKPT_ERR_OPEN;
+    st = gpt_ckpt_read(f, want, out);
+    fclose(f);
+    return st;
 }
 
 #endif /* GPT_CKPT_H */

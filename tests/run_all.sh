@@ -222,7 +222,8 @@ for cfg in "${configs[@]}"; do
         fuzz_one forward "${MHA_FUZZ_RUNS:-60000}" "" -max_len=4096
         fuzz_one diff "${MHA_FUZZ_DIFF_RUNS:-6000}" "-fopenmp $(have_avx2 && echo -mavx2 -mfma)" -max_len=4096 tests/data/fuzz/diff
         fuzz_one npy 100000 "" -max_len=4096 -dict=tests/fuzz_npy.dict tests/data/npy
-        fuzz_one safetensors 100000 "" -max_len=8192 -dict=tests/fuzz_safetensors.dict tests/data/safetensors ;;
+        fuzz_one safetensors 100000 "" -max_len=8192 -dict=tests/fuzz_safetensors.dict tests/data/safetensors
+        fuzz_one ckpt 100000 "" -max_len=4096 tests/data/ckpt ;;
     install)
         # `make install` into a temporary prefix, then tests/consumer built
         # against it with pkg-config and with CMake (find_package), and from

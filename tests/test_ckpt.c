@@ -182,6 +182,22 @@ int main(int argc, char **argv)
         spit(path, b, len);
         expect(GPT_CKPT_ERR_TRAILING, NULL, "moments flag cleared");
     }
+    /* a bare 64-byte header that claims a huge valid model (256 layers of
+       d = 65536: about 1.3e13 parameters) is truncated, found from the file's
+       length before anything is allocated (it used to say out of memory) */
+    {
+        gpt_config huge = {256, 1, 65536, 65536, 65536, 65536};
+        unsigned char h[64];
+        memcpy(h, good, 64);
+        gpt__put(h + 12, 256, 4); gpt__put(h + 16, 1, 4); gpt__put(h + 20, 65536, 4);
+        gpt__put(h + 24, 65536, 4); gpt__put(h + 28, 65536, 4); gpt__put(h + 32, 65536, 4);
+        gpt__put(h + 36, 1, 4);
+        gpt__put(h + 48, gpt_param_count(&huge), 8);
+        gpt__put(h + 56, gpt_fnv1a(GPT_FNV_INIT, h, 56), 8);
+        spit(path, h, 64);
+        expect(GPT_CKPT_ERR_TRUNCATED, NULL, "a header claiming 1.3e13 parameters, no payload");
+    }
+
     /* the step is free: a changed step with a matching checksum loads */
     memcpy(b, good, len);
     set_field(b, len, 40, 99, 8);
