@@ -1639,6 +1639,20 @@ static const float *mha__prepacked_at(const float *pp, int Ntot, int K, int col,
     return pp + (size_t)jcg * K + ncr * pc + (size_t)(col - jcg) * kc;
 }
 
+/* One ic block of a packed panel: C[ic:+mc, j0:+nc] (=|+=) op(A)[ic:+mc, pc:+kc] B~,
+   with A packed into pa first unless it is read in place (direct_a). */
+static void mha__gemm_block(int ta, const float *A, size_t lda, int direct_a, int ic, int mc,
+                            int pc, int kc, int nc, float alpha, float beta, const float *b,
+                            float *c, size_t ldc, float *pa)
+{
+    if (direct_a) {
+        mha__macro_kernel(mc, nc, kc, alpha, beta, A + (size_t)ic * lda + pc, lda, pa, b, c, ldc);
+    } else {
+        mha__pack_a_block(ta, A, lda, ic, mc, pc, kc, pa);
+        mha__macro_kernel(mc, nc, kc, alpha, beta, pa, 0, pa, b, c, ldc);
+    }
+}
+
 /* Single-threaded GEMM into caller memory; never allocates.
    ws: mha__gemm_ws_floats(M, N, K) floats, 64-byte aligned.
    pp: NULL, or B prepacked (mha__prepack_b of a W [Ntot, K], tb == 1); this
@@ -1661,7 +1675,6 @@ static void mha__gemm_pp(int ta, int tb, int M, int N, int K, float alpha,
         nc = mha__imin(MHA__NC - (col0 + jc) % MHA__NC, N - jc);
         for (pc = 0; pc < K; pc += kcb) {
             int kc = mha__imin(kcb, K - pc);
-            float beta_pc = pc == 0 ? beta : 1.0f;
             const float *b = pb;
             if (pp) {
                 b = mha__prepacked_at(pp, Ntot, K, col0 + jc, pc, kc);
@@ -1670,17 +1683,9 @@ static void mha__gemm_pp(int ta, int tb, int M, int N, int K, float alpha,
                     mha__pack_b(tb, B, ldb, pc, kc, jc + jr, mha__imin(MHA__NR, nc - jr),
                                 pb + (size_t)jr * kc);
             }
-            for (ic = 0; ic < M; ic += MHA__MC) {
-                int mc = mha__imin(MHA__MC, M - ic);
-                float *c = C + (size_t)ic * ldc + jc;
-                if (direct_a) {
-                    mha__macro_kernel(mc, nc, kc, alpha, beta_pc, A + (size_t)ic * lda + pc, lda,
-                                      pa, b, c, ldc);
-                } else {
-                    mha__pack_a_block(ta, A, lda, ic, mc, pc, kc, pa);
-                    mha__macro_kernel(mc, nc, kc, alpha, beta_pc, pa, 0, pa, b, c, ldc);
-                }
-            }
+            for (ic = 0; ic < M; ic += MHA__MC)
+                mha__gemm_block(ta, A, lda, direct_a, ic, mha__imin(MHA__MC, M - ic), pc, kc, nc,
+                                alpha, pc == 0 ? beta : 1.0f, b, C + (size_t)ic * ldc + jc, ldc, pa);
         }
     }
 }
@@ -1695,67 +1700,91 @@ static void mha__gemm(int ta, int tb, int M, int N, int K, float alpha,
    starting a team costs more than it saves. */
 #define MHA__GEMM_MT_MIN_FMAS (1 << 21)
 
-/* How mha__gemm_mt splits C: into blocks of whole MR-row tiles (split_m)
-   or whole NR-column slivers, along the longer side, so the packing that
-   every block repeats (B when rows are split, A when columns are) is the
-   smaller one.  About 4 blocks per thread, handed out dynamically, so a
-   thread the OS delays (a shared machine) leaves its blocks to the others.
-   Returns the thread count actually used; *nblk blocks of *step rows/columns. */
-static int mha__gemm_split(int M, int N, int K, int nthreads, int *split_m, int *step, int *nblk)
+/* The threads a GEMM of this shape runs on: at most one per MR x NR tile of C. */
+static int mha__gemm_threads(int M, int N, int K, int nthreads)
 {
-    int tiles, per;
+    double tiles;
     if (nthreads <= 1 || (double)M * N * K < (double)MHA__GEMM_MT_MIN_FMAS) return 1;
-    *split_m = M >= N;
-    tiles = *split_m ? (M + MHA__MR - 1) / MHA__MR : (N + MHA__NR - 1) / MHA__NR;
-    if (nthreads > tiles) nthreads = tiles;
-    if (nthreads <= 1) return 1;
-    *nblk = 4 * nthreads < tiles ? 4 * nthreads : tiles;
-    per = (tiles + *nblk - 1) / *nblk;
-    *nblk = (tiles + per - 1) / per;
-    *step = per * (*split_m ? MHA__MR : MHA__NR);
-    return nthreads;
+    tiles = (double)((M + MHA__MR - 1) / MHA__MR) * (double)((N + MHA__NR - 1) / MHA__NR);
+    return tiles < nthreads ? (int)tiles : nthreads;
 }
 
-/* ... and a call of mha__gemm_mt with nthreads threads: one private
-   single-thread workspace per thread (each sized for the whole problem,
-   which bounds its block's). */
+/* Workspace floats of mha__gemm_mt with nthreads threads, the BLIS layout:
+   the packed B panel is shared (two of them when there is more than one
+   panel, so the next one is packed while a slow thread still reads the
+   last: one barrier per panel), then one packed A block per thread. */
 static size_t mha__gemm_ws_floats_mt(int M, int N, int K, int nthreads)
 {
-    int split_m = 0, step = 0, nblk = 0;
-    return (size_t)mha__gemm_split(M, N, K, nthreads, &split_m, &step, &nblk) *
-           mha__gemm_ws_floats(M, N, K);
+    int nt = mha__gemm_threads(M, N, K, nthreads);
+    size_t panels;
+    if (nt <= 1) return mha__gemm_ws_floats(M, N, K);
+    panels = (size_t)((N + MHA__NC - 1) / MHA__NC) * (size_t)((K + mha__gemm_kc(K) - 1) / mha__gemm_kc(K));
+    return (panels > 1 ? 2 : 1) * mha__gemm_b_floats(N, K) + (size_t)nt * mha__gemm_a_floats(M, K);
 }
 
-/* mha__gemm(_pp) on nthreads OpenMP threads (one thread without -fopenmp).
-   ws: mha__gemm_ws_floats_mt(M, N, K, nthreads) floats.  Each block of C
-   is the single-thread GEMM with the packing buffers of the thread that
-   runs it: no barrier inside but the final join.  The blocks start on tile boundaries and K is blocked as
-   before, so every C element is summed in the same order as with one
-   thread: the result is bit-identical for any thread count.  */
+/* mha__gemm(_pp) on nthreads OpenMP threads (one thread without -fopenmp),
+   BLIS-style.  ws: mha__gemm_ws_floats_mt(M, N, K, nthreads) floats.
+   For each panel (jc, pc) of op(B):
+     1. the threads pack its NR slivers together, each a static share,
+        into the shared buffer pb[panel % 2]; one barrier;
+     2. the ic loop is cut into row chunks of whole MR tiles (and, when there
+        are fewer than two chunks per thread, the panel's columns into whole
+        NR slivers too), handed out dynamically: a thread packs the A block of
+        its chunk into its own buffer and runs the macro-kernel.
+   No barrier after step 2: the next panel is packed into the other buffer,
+   and no thread can pass the next barrier (and so touch the C rows this
+   panel updates) before every thread has finished this panel.  Each C
+   element is summed over the same K blocks in the same order by the same
+   micro-kernel whatever thread computes it: bit-identical for any count. */
 static void mha__gemm_mt_pp(int ta, int tb, int M, int N, int K, float alpha,
                             const float *A, size_t lda, const float *B, size_t ldb,
                             float beta, float *C, size_t ldc, float *ws, int nthreads,
                             const float *pp, int rows_a)
 {
 #ifdef _OPENMP
-    int split_m = 0, step = 0, nblk = 0, t;
-    size_t per = mha__gemm_ws_floats(M, N, K);
-    nthreads = mha__gemm_split(M, N, K, nthreads, &split_m, &step, &nblk);
-    if (nthreads > 1) {
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-        for (t = 0; t < nblk; ++t) {
-            int lo = t * step, hi = lo + step, n = split_m ? M : N;
-            float *w = ws + (size_t)omp_get_thread_num() * per;
-            if (hi > n) hi = n;
-            if (lo >= hi) continue;
-            if (split_m) {    /* rows lo..hi of op(A) and C */
-                const float *a = ta ? A + lo : A + (size_t)lo * lda;
-                mha__gemm_pp(ta, tb, hi - lo, N, K, alpha, a, lda, B, ldb, beta,
-                             C + (size_t)lo * ldc, ldc, w, pp, 0, N, rows_a);
-            } else {          /* columns lo..hi of op(B) and C (lo: a multiple of NR) */
-                const float *b = tb ? B + (size_t)lo * ldb : B + lo;
-                mha__gemm_pp(ta, tb, M, hi - lo, K, alpha, A, lda, b, ldb, beta, C + lo, ldc, w,
-                             pp, lo, N, rows_a);
+    int nt = mha__gemm_threads(M, N, K, nthreads);
+    if (nt > 1) {
+        const int kcb = mha__gemm_kc(K), direct_a = !ta && (N <= 4 * MHA__NR || rows_a);
+        const size_t bfl = mha__gemm_b_floats(N, K);
+        const size_t panels = (size_t)((N + MHA__NC - 1) / MHA__NC) * (size_t)((K + kcb - 1) / kcb);
+        float *pa0 = ws + (panels > 1 ? 2 : 1) * bfl;
+        /* row chunks: about two per thread, whole MR tiles, at most MC rows */
+        int mcs = (int)mha__round_up((size_t)((M + 2 * nt - 1) / (2 * nt)), MHA__MR);
+        int nrc;
+        if (mcs > MHA__MC) mcs = MHA__MC;
+        nrc = (M + mcs - 1) / mcs;
+#pragma omp parallel num_threads(nt)
+        {
+            float *pa = pa0 + (size_t)omp_get_thread_num() * mha__gemm_a_floats(M, K);
+            int jc, pc, nc, s, it, npanel = 0;
+            for (jc = 0; jc < N; jc += nc) {
+                nc = mha__imin(MHA__NC, N - jc);
+                for (pc = 0; pc < K; pc += kcb, ++npanel) {
+                    const int kc = mha__imin(kcb, K - pc), nsl = (nc + MHA__NR - 1) / MHA__NR;
+                    const float beta_pc = pc == 0 ? beta : 1.0f;
+                    float *pb = ws + (size_t)(npanel & 1) * bfl;
+                    const float *b = pb;
+                    /* column chunks (whole slivers) when the rows alone give too few items */
+                    int ncc = nrc >= 2 * nt ? 1 : mha__imin((2 * nt + nrc - 1) / nrc, nsl);
+                    int ncs = (nsl + ncc - 1) / ncc * MHA__NR;
+                    ncc = (nc + ncs - 1) / ncs;
+                    if (pp) {
+                        b = mha__prepacked_at(pp, N, K, jc, pc, kc);
+                    } else {
+#pragma omp for schedule(static) nowait
+                        for (s = 0; s < nsl; ++s)
+                            mha__pack_b(tb, B, ldb, pc, kc, jc + s * MHA__NR,
+                                        mha__imin(MHA__NR, nc - s * MHA__NR), pb + (size_t)s * MHA__NR * kc);
+                    }
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 1) nowait
+                    for (it = 0; it < nrc * ncc; ++it) {
+                        const int ic = (it / ncc) * mcs, j0 = (it % ncc) * ncs;
+                        mha__gemm_block(ta, A, lda, direct_a, ic, mha__imin(mcs, M - ic), pc, kc,
+                                        mha__imin(ncs, nc - j0), alpha, beta_pc, b + (size_t)j0 * kc,
+                                        C + (size_t)ic * ldc + jc + j0, ldc, pa);
+                    }
+                }
             }
         }
         return;
