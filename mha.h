@@ -65,8 +65,8 @@
      weights packed once (MHA_PLAN_PACK, or the older mha_module_pack and
      m.packed): same results, and the short sequences skip the per-call copy
      of Wq, Wk, Wv and Wo.  An encoder plan without MHA_PLAN_TRAINING sizes
-     for inference only: L*E, as the attention (training keeps [L, F] and
-     the attention's backward needs L^2).
+     for inference only: L*E, as the attention (training keeps [L, F]; the
+     attention's backward is fused too and needs tiles only, never L^2).
 
    DECODING (docs/decoding.md)
      Options for decoder models, all off when zero: grouped-query attention
@@ -448,11 +448,13 @@ MHADEF mha_status mha_module_pack(const mha_module *m, void *buf, size_t bytes);
    step.  A NULL gradient pointer means "not needed" (its work is skipped
    where that is possible).  Backward calls take the same inputs as the
    forward call and recompute what they need, so no activations have to be
-   kept between the two; nothing of size L*L is stored beyond one
-   (batch, head) at a time.  The backward's projections run on the plan's
-   (or OpenMP's) threads, its attention one (batch, head) at a time.
-   Unlike the forward, the backward does not shield the result from a NaN or
-   Inf inside a blocked key or value: keep those finite when training.
+   kept between the two; the attention's backward is fused (FlashAttention-2:
+   P recomputed tile by tile from each row's log-sum-exp), so nothing of
+   size L*L is stored.  The backward runs on the plan's (or OpenMP's)
+   threads: the projections through the threaded GEMM, the attention over
+   (batch, KV head) pairs; the gradients do not depend on the thread count.
+   As in the forward, a NaN or Inf inside a blocked key or value does not
+   reach any gradient.
    ====================================================================== */
 
 /* SDPA backward.  Same shapes as mha_sdpa; dout [B,H,Lq,Dv] is dLoss/dout.
@@ -1654,6 +1656,20 @@ static const float *mha__prepacked_at(const float *pp, int Ntot, int K, int col,
     return pp + (size_t)jcg * K + ncr * pc + (size_t)(col - jcg) * kc;
 }
 
+/* One ic block of a packed panel: C[ic:+mc, j0:+nc] (=|+=) op(A)[ic:+mc, pc:+kc] B~,
+   with A packed into pa first unless it is read in place (direct_a). */
+static void mha__gemm_block(int ta, const float *A, size_t lda, int direct_a, int ic, int mc,
+                            int pc, int kc, int nc, float alpha, float beta, const float *b,
+                            float *c, size_t ldc, float *pa)
+{
+    if (direct_a) {
+        mha__macro_kernel(mc, nc, kc, alpha, beta, A + (size_t)ic * lda + pc, lda, pa, b, c, ldc);
+    } else {
+        mha__pack_a_block(ta, A, lda, ic, mc, pc, kc, pa);
+        mha__macro_kernel(mc, nc, kc, alpha, beta, pa, 0, pa, b, c, ldc);
+    }
+}
+
 /* Single-threaded GEMM into caller memory; never allocates.
    ws: mha__gemm_ws_floats(M, N, K) floats, 64-byte aligned.
    pp: NULL, or B prepacked (mha__prepack_b of a W [Ntot, K], tb == 1); this
@@ -1676,7 +1692,6 @@ static void mha__gemm_pp(int ta, int tb, int M, int N, int K, float alpha,
         nc = mha__imin(MHA__NC - (col0 + jc) % MHA__NC, N - jc);
         for (pc = 0; pc < K; pc += kcb) {
             int kc = mha__imin(kcb, K - pc);
-            float beta_pc = pc == 0 ? beta : 1.0f;
             const float *b = pb;
             if (pp) {
                 b = mha__prepacked_at(pp, Ntot, K, col0 + jc, pc, kc);
@@ -1685,17 +1700,9 @@ static void mha__gemm_pp(int ta, int tb, int M, int N, int K, float alpha,
                     mha__pack_b(tb, B, ldb, pc, kc, jc + jr, mha__imin(MHA__NR, nc - jr),
                                 pb + (size_t)jr * kc);
             }
-            for (ic = 0; ic < M; ic += MHA__MC) {
-                int mc = mha__imin(MHA__MC, M - ic);
-                float *c = C + (size_t)ic * ldc + jc;
-                if (direct_a) {
-                    mha__macro_kernel(mc, nc, kc, alpha, beta_pc, A + (size_t)ic * lda + pc, lda,
-                                      pa, b, c, ldc);
-                } else {
-                    mha__pack_a_block(ta, A, lda, ic, mc, pc, kc, pa);
-                    mha__macro_kernel(mc, nc, kc, alpha, beta_pc, pa, 0, pa, b, c, ldc);
-                }
-            }
+            for (ic = 0; ic < M; ic += MHA__MC)
+                mha__gemm_block(ta, A, lda, direct_a, ic, mha__imin(MHA__MC, M - ic), pc, kc, nc,
+                                alpha, pc == 0 ? beta : 1.0f, b, C + (size_t)ic * ldc + jc, ldc, pa);
         }
     }
 }
@@ -1710,67 +1717,91 @@ static void mha__gemm(int ta, int tb, int M, int N, int K, float alpha,
    starting a team costs more than it saves. */
 #define MHA__GEMM_MT_MIN_FMAS (1 << 21)
 
-/* How mha__gemm_mt splits C: into blocks of whole MR-row tiles (split_m)
-   or whole NR-column slivers, along the longer side, so the packing that
-   every block repeats (B when rows are split, A when columns are) is the
-   smaller one.  About 4 blocks per thread, handed out dynamically, so a
-   thread the OS delays (a shared machine) leaves its blocks to the others.
-   Returns the thread count actually used; *nblk blocks of *step rows/columns. */
-static int mha__gemm_split(int M, int N, int K, int nthreads, int *split_m, int *step, int *nblk)
+/* The threads a GEMM of this shape runs on: at most one per MR x NR tile of C. */
+static int mha__gemm_threads(int M, int N, int K, int nthreads)
 {
-    int tiles, per;
+    double tiles;
     if (nthreads <= 1 || (double)M * N * K < (double)MHA__GEMM_MT_MIN_FMAS) return 1;
-    *split_m = M >= N;
-    tiles = *split_m ? (M + MHA__MR - 1) / MHA__MR : (N + MHA__NR - 1) / MHA__NR;
-    if (nthreads > tiles) nthreads = tiles;
-    if (nthreads <= 1) return 1;
-    *nblk = 4 * nthreads < tiles ? 4 * nthreads : tiles;
-    per = (tiles + *nblk - 1) / *nblk;
-    *nblk = (tiles + per - 1) / per;
-    *step = per * (*split_m ? MHA__MR : MHA__NR);
-    return nthreads;
+    tiles = (double)((M + MHA__MR - 1) / MHA__MR) * (double)((N + MHA__NR - 1) / MHA__NR);
+    return tiles < nthreads ? (int)tiles : nthreads;
 }
 
-/* ... and a call of mha__gemm_mt with nthreads threads: one private
-   single-thread workspace per thread (each sized for the whole problem,
-   which bounds its block's). */
+/* Workspace floats of mha__gemm_mt with nthreads threads, the BLIS layout:
+   the packed B panel is shared (two of them when there is more than one
+   panel, so the next one is packed while a slow thread still reads the
+   last: one barrier per panel), then one packed A block per thread. */
 static size_t mha__gemm_ws_floats_mt(int M, int N, int K, int nthreads)
 {
-    int split_m = 0, step = 0, nblk = 0;
-    return (size_t)mha__gemm_split(M, N, K, nthreads, &split_m, &step, &nblk) *
-           mha__gemm_ws_floats(M, N, K);
+    int nt = mha__gemm_threads(M, N, K, nthreads);
+    size_t panels;
+    if (nt <= 1) return mha__gemm_ws_floats(M, N, K);
+    panels = (size_t)((N + MHA__NC - 1) / MHA__NC) * (size_t)((K + mha__gemm_kc(K) - 1) / mha__gemm_kc(K));
+    return (panels > 1 ? 2 : 1) * mha__gemm_b_floats(N, K) + (size_t)nt * mha__gemm_a_floats(M, K);
 }
 
-/* mha__gemm(_pp) on nthreads OpenMP threads (one thread without -fopenmp).
-   ws: mha__gemm_ws_floats_mt(M, N, K, nthreads) floats.  Each block of C
-   is the single-thread GEMM with the packing buffers of the thread that
-   runs it: no barrier inside but the final join.  The blocks start on tile boundaries and K is blocked as
-   before, so every C element is summed in the same order as with one
-   thread: the result is bit-identical for any thread count.  */
+/* mha__gemm(_pp) on nthreads OpenMP threads (one thread without -fopenmp),
+   BLIS-style.  ws: mha__gemm_ws_floats_mt(M, N, K, nthreads) floats.
+   For each panel (jc, pc) of op(B):
+     1. the threads pack its NR slivers together, each a static share,
+        into the shared buffer pb[panel % 2]; one barrier;
+     2. the ic loop is cut into row chunks of whole MR tiles (and, when there
+        are fewer than two chunks per thread, the panel's columns into whole
+        NR slivers too), handed out dynamically: a thread packs the A block of
+        its chunk into its own buffer and runs the macro-kernel.
+   No barrier after step 2: the next panel is packed into the other buffer,
+   and no thread can pass the next barrier (and so touch the C rows this
+   panel updates) before every thread has finished this panel.  Each C
+   element is summed over the same K blocks in the same order by the same
+   micro-kernel whatever thread computes it: bit-identical for any count. */
 static void mha__gemm_mt_pp(int ta, int tb, int M, int N, int K, float alpha,
                             const float *A, size_t lda, const float *B, size_t ldb,
                             float beta, float *C, size_t ldc, float *ws, int nthreads,
                             const float *pp, int rows_a)
 {
 #ifdef _OPENMP
-    int split_m = 0, step = 0, nblk = 0, t;
-    size_t per = mha__gemm_ws_floats(M, N, K);
-    nthreads = mha__gemm_split(M, N, K, nthreads, &split_m, &step, &nblk);
-    if (nthreads > 1) {
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-        for (t = 0; t < nblk; ++t) {
-            int lo = t * step, hi = lo + step, n = split_m ? M : N;
-            float *w = ws + (size_t)omp_get_thread_num() * per;
-            if (hi > n) hi = n;
-            if (lo >= hi) continue;
-            if (split_m) {    /* rows lo..hi of op(A) and C */
-                const float *a = ta ? A + lo : A + (size_t)lo * lda;
-                mha__gemm_pp(ta, tb, hi - lo, N, K, alpha, a, lda, B, ldb, beta,
-                             C + (size_t)lo * ldc, ldc, w, pp, 0, N, rows_a);
-            } else {          /* columns lo..hi of op(B) and C (lo: a multiple of NR) */
-                const float *b = tb ? B + (size_t)lo * ldb : B + lo;
-                mha__gemm_pp(ta, tb, M, hi - lo, K, alpha, A, lda, b, ldb, beta, C + lo, ldc, w,
-                             pp, lo, N, rows_a);
+    int nt = mha__gemm_threads(M, N, K, nthreads);
+    if (nt > 1) {
+        const int kcb = mha__gemm_kc(K), direct_a = !ta && (N <= 4 * MHA__NR || rows_a);
+        const size_t bfl = mha__gemm_b_floats(N, K);
+        const size_t panels = (size_t)((N + MHA__NC - 1) / MHA__NC) * (size_t)((K + kcb - 1) / kcb);
+        float *pa0 = ws + (panels > 1 ? 2 : 1) * bfl;
+        /* row chunks: about two per thread, whole MR tiles, at most MC rows */
+        int mcs = (int)mha__round_up((size_t)((M + 2 * nt - 1) / (2 * nt)), MHA__MR);
+        int nrc;
+        if (mcs > MHA__MC) mcs = MHA__MC;
+        nrc = (M + mcs - 1) / mcs;
+#pragma omp parallel num_threads(nt)
+        {
+            float *pa = pa0 + (size_t)omp_get_thread_num() * mha__gemm_a_floats(M, K);
+            int jc, pc, nc, s, it, npanel = 0;
+            for (jc = 0; jc < N; jc += nc) {
+                nc = mha__imin(MHA__NC, N - jc);
+                for (pc = 0; pc < K; pc += kcb, ++npanel) {
+                    const int kc = mha__imin(kcb, K - pc), nsl = (nc + MHA__NR - 1) / MHA__NR;
+                    const float beta_pc = pc == 0 ? beta : 1.0f;
+                    float *pb = ws + (size_t)(npanel & 1) * bfl;
+                    const float *b = pb;
+                    /* column chunks (whole slivers) when the rows alone give too few items */
+                    int ncc = nrc >= 2 * nt ? 1 : mha__imin((2 * nt + nrc - 1) / nrc, nsl);
+                    int ncs = (nsl + ncc - 1) / ncc * MHA__NR;
+                    ncc = (nc + ncs - 1) / ncs;
+                    if (pp) {
+                        b = mha__prepacked_at(pp, N, K, jc, pc, kc);
+                    } else {
+#pragma omp for schedule(static) nowait
+                        for (s = 0; s < nsl; ++s)
+                            mha__pack_b(tb, B, ldb, pc, kc, jc + s * MHA__NR,
+                                        mha__imin(MHA__NR, nc - s * MHA__NR), pb + (size_t)s * MHA__NR * kc);
+                    }
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 1) nowait
+                    for (it = 0; it < nrc * ncc; ++it) {
+                        const int ic = (it / ncc) * mcs, j0 = (it % ncc) * ncs;
+                        mha__gemm_block(ta, A, lda, direct_a, ic, mha__imin(mcs, M - ic), pc, kc,
+                                        mha__imin(ncs, nc - j0), alpha, beta_pc, b + (size_t)j0 * kc,
+                                        C + (size_t)ic * ldc + jc + j0, ldc, pa);
+                    }
+                }
             }
         }
         return;
@@ -2871,8 +2902,9 @@ static mha_status mha__copy_aliased(const float *out, size_t nout, const float *
 
 /* ------------------------------------------------ attention backward */
 
-/* Backward of one (batch, head), recomputing the probabilities so that only
-   one Lq x Lk block is ever stored.
+/* Backward of one (batch, head) with its whole Lq x Lk P and dP in memory:
+   the readable definition, which the fused backward below (the one the
+   calls use) is tested against (tests/test_fused_backward.c).
    Forward:   R = scale Q K^T;  S = cap tanh(R / cap) (softcap) + bias + mask;
               P = softmax_row(S, sink);   O = P V
    Backward, given dO:
@@ -2889,7 +2921,7 @@ static mha_status mha__copy_aliased(const float *out, size_t nout, const float *
    projection's weight gradient).
    p, dp: Lq * Lk_eff floats each; capped: Lq * Lk_eff floats (softcap only);
    psink: Lq floats; gws: GEMM workspace.  */
-static void mha__attend_head_backward(const mha__attn *a, int b, int h, const float *dout,
+static MHA__UNUSED void mha__attend_head_backward(const mha__attn *a, int b, int h, const float *dout,
                                       float *dq, float *dk, float *dv,
                                       float *p, float *dp, float *capped, float *psink, float *gws)
 {
@@ -2961,6 +2993,219 @@ static size_t mha__head_backward_gws(int Lq, int Lk, int D, int Dv)
     t = mha__gemm_ws_floats(Lq, D, Lk);  if (t > g) g = t;
     t = mha__gemm_ws_floats(Lk, D, Lq);  if (t > g) g = t;
     return g;
+}
+
+/* ---- fused backward (FlashAttention-2): no Lq x Lk buffer
+
+   Per (b, h) and query tile Q_t of FBWR rows, against key tiles K_j, V_j of
+   FBWC keys (tiles outside every row's causal / window range are skipped):
+     pass 1 (the forward, online softmax, as in the fused forward):
+         m, l, O over the key tiles; then with the sink
+         lse_i = log(sum_j exp(s_ij) + exp(sink)),  O_i = sum_j P_ij V_j
+         delta_i = dO_i . O_i  ( = sum_j P_ij dP_ij, the softmax's row term)
+         dsink  -= exp(sink - lse_i) delta_i
+     pass 2, per key tile, P recomputed exactly from the log-sum-exp:
+         P   = exp(S - lse)                  (a blocked key: S = -inf, P = 0)
+         dV_j += P^T dO_t
+         dP  = dO_t V_j^T
+         dS  = P (dP - delta)   (0 where P = 0, so a blocked key's NaN in V
+               never passes)    then x (1 - (S_cap / cap)^2) with softcap
+         dQ_t += scale dS K_j   (a NaN K row of a blocked key is skipped)
+         dK_j += scale dS^T Q_t
+   Work items are (b, KV head): the item runs the heads of its group in
+   order, so dK and dV of a KV head are summed over its query heads and
+   tiles in one fixed order, and dQ of each head is written by one item
+   only.  The sink gradient is summed per (b, h) into sinkp and then over b
+   in order.  No atomics, nothing depends on the thread: results are
+   bit-identical for any thread count.  */
+#ifndef MHA__FBWR
+#define MHA__FBWR 64
+#endif
+#ifndef MHA__FBWC
+#define MHA__FBWC 64
+#endif
+
+/* p_j = exp(s_j - m) for n scores in place; returns their sum. */
+static float mha__exp_shift(float *s, int n, float m)
+{
+    const mha__vf vm = mha__vset1(m);
+    mha__vf vsum = mha__vzero();
+    float tail[MHA__VW];
+    int i = 0, t, nt = n % MHA__VW;
+    for (; i + MHA__VW <= n; i += MHA__VW) {
+        mha__vf e = mha__vexp_nonpos(mha__vsub(mha__vload(s + i), vm));
+        mha__vstore(s + i, e);
+        vsum = mha__vadd(vsum, e);
+    }
+    if (nt) {
+        for (t = 0; t < MHA__VW; ++t) tail[t] = t < nt ? s[i + t] : -INFINITY;
+        mha__vstore(tail, mha__vexp_nonpos(mha__vsub(mha__vload(tail), vm)));
+        for (t = 0; t < nt; ++t) s[i + t] = tail[t];
+        vsum = mha__vadd(vsum, mha__vload(tail));
+    }
+    return mha__vhsum(vsum);
+}
+
+/* Scratch floats of one thread of the fused backward. */
+static size_t mha__fbwd_thread_floats(int Lq, int Lk, int D, int Dv)
+{
+    int br = mha__imin(MHA__FBWR, Lq), bc = mha__imin(MHA__FBWC, Lk);
+    size_t tile = mha__round_floats((size_t)br * bc);
+    return 3 * tile + mha__round_floats((size_t)br * Dv) + 4 * mha__round_floats((size_t)br) +
+           mha__round_floats(mha__head_backward_gws(br, bc, D, Dv));
+}
+/* ... and of a call on nthreads threads: one scratch per thread that can
+   get an item, then the sink partial sums [B, H]. */
+static size_t mha__fbwd_floats(int B, int H, int Hkv, int Lq, int Lk, int D, int Dv, int nthreads)
+{
+    size_t items = (size_t)B * Hkv, nt = nthreads < 1 ? 1 : (size_t)nthreads;
+    if (Lq <= 0 || Lk <= 0) return mha__round_floats((size_t)B * H);
+    return (items < nt ? items : nt) * mha__fbwd_thread_floats(Lq, Lk, D, Dv) +
+           mha__round_floats((size_t)B * H);
+}
+
+/* S = scale Q_t K_j^T [br, bc], capped (kept in cap), masked */
+static void mha__fbwd_scores(const mha__attn *a, int b, int h, int i0, int br, int j0, int bc,
+                             const float *qt, const float *kj, float *s, float *cap, float *gws)
+{
+    int r;
+    mha__gemm(0, 1, br, bc, a->D, a->scale, qt, a->q.rs, kj, a->k.rs, 0.0f, s, (size_t)bc, gws);
+    if (a->softcap > 0.0f) {
+        mha__softcap(a->softcap, s, (size_t)br * bc);
+        if (cap) memcpy(cap, s, (size_t)br * bc * sizeof(float));
+    }
+    for (r = 0; r < br; ++r) mha__mask_cols(a, b, h, i0 + r, j0, bc, s + (size_t)r * bc);
+}
+
+/* Is key tile [j0, j0+bc) outside the causal / window range of rows i0..i1? */
+static int mha__fbwd_skip(const mha__attn *a, int i0, int i1, int j0, int bc)
+{
+    ptrdiff_t lo, hi, l2, h2;
+    if (!mha__limits(a) || j0 + bc > a->Lk) return 0;   /* appended keys are never blocked */
+    mha__key_range(a, i0, &lo, &h2);                    /* lo and hi grow with the row */
+    mha__key_range(a, i1, &l2, &hi);
+    return j0 + bc - 1 < lo || j0 > hi;
+}
+
+/* Query tile rows i0..i0+br of head h in batch b (see above). */
+static void mha__fbwd_tile(const mha__attn *a, int b, int h, int i0, int br, const float *dout,
+                           float *dq, float *dk, float *dv, float *sinkp, float *ws)
+{
+    const int Lk = a->Lk_eff, D = a->D, Dv = a->Dv, bcm = mha__imin(MHA__FBWC, Lk);
+    const int brm = mha__imin(MHA__FBWR, a->Lq);
+    const size_t tile = mha__round_floats((size_t)brm * bcm);
+    size_t qo = (size_t)b * a->q.bs + (size_t)h * a->q.hs + (size_t)i0 * a->q.rs;
+    size_t ko = (size_t)b * a->k.bs + (size_t)mha__kvh(a, h) * a->k.hs;
+    size_t vo = (size_t)b * a->v.bs + (size_t)mha__kvh(a, h) * a->v.hs;
+    size_t oo = (size_t)b * a->o_bs + (size_t)h * a->o_hs + (size_t)i0 * a->o_rs;
+    const float *qt = a->q.p + qo, *kh = a->k.p + ko, *vh = a->v.p + vo, *dot = dout + oo;
+    float *s = ws, *dp = s + tile, *cap = dp + tile, *o = cap + tile;
+    float *m = o + mha__round_floats((size_t)brm * Dv), *l = m + mha__round_floats((size_t)brm);
+    float *lse = l + mha__round_floats((size_t)brm), *delta = lse + mha__round_floats((size_t)brm);
+    float *gws = delta + mha__round_floats((size_t)brm);
+    float sink = a->sinks ? a->sinks[h] : -INFINITY;
+    int r, j0, bc, c;
+
+    /* pass 1: m, l and O with the online softmax */
+    for (r = 0; r < br; ++r) { m[r] = -INFINITY; l[r] = 0.0f; }
+    memset(o, 0, (size_t)br * Dv * sizeof(float));
+    for (j0 = 0; j0 < Lk; j0 += bc) {
+        bc = mha__imin(bcm, Lk - j0);
+        if (mha__fbwd_skip(a, i0, i0 + br - 1, j0, bc)) continue;
+        mha__fbwd_scores(a, b, h, i0, br, j0, bc, qt, kh + (size_t)j0 * a->k.rs, s, NULL, gws);
+        for (r = 0; r < br; ++r) {
+            float *sr = s + (size_t)r * bc, mt = m[r], corr;
+            for (c = 0; c < bc; ++c) if (sr[c] > mt) mt = sr[c];
+            if (mt == -INFINITY) { memset(sr, 0, (size_t)bc * sizeof(float)); continue; }
+            corr = m[r] == -INFINITY ? 0.0f : expf(m[r] - mt);
+            l[r] = l[r] * corr + mha__exp_shift(sr, bc, mt);
+            if (corr != 1.0f) for (c = 0; c < Dv; ++c) o[(size_t)r * Dv + c] *= corr;
+            m[r] = mt;
+        }
+        mha__pv(br, bc, Dv, s, (size_t)bc, vh + (size_t)j0 * a->v.rs, a->v.rs, 1.0f, o, (size_t)Dv, gws);
+    }
+    for (r = 0; r < br; ++r) {     /* the sink joins the sum; normalise; delta */
+        float mm = m[r] > sink ? m[r] : sink, f, sum;
+        float *orow = o + (size_t)r * Dv;
+        const float *dor = dot + (size_t)r * a->o_rs;
+        double d = 0.0;
+        if (mm == -INFINITY) {     /* nothing allowed: P = 0, O = 0 */
+            lse[r] = -INFINITY;
+            f = 0.0f;
+        } else {
+            f = m[r] == -INFINITY ? 0.0f : expf(m[r] - mm);
+            sum = l[r] * f + (sink == -INFINITY ? 0.0f : expf(sink - mm));
+            lse[r] = mm + logf(sum);
+            f /= sum;
+        }
+        for (c = 0; c < Dv; ++c) { orow[c] *= f; d += (double)dor[c] * orow[c]; }
+        delta[r] = (float)d;
+        if (a->o) memcpy(a->o + oo + (size_t)r * a->o_rs, orow, (size_t)Dv * sizeof(float));
+        if (sink != -INFINITY && lse[r] != -INFINITY) *sinkp -= expf(sink - lse[r]) * delta[r];
+    }
+    if (!dv && !dq && !dk) return;
+
+    /* pass 2: P from the log-sum-exp, then the gradients tile by tile */
+    for (j0 = 0; j0 < Lk; j0 += bc) {
+        const float *kj = kh + (size_t)j0 * a->k.rs, *vj = vh + (size_t)j0 * a->v.rs;
+        bc = mha__imin(bcm, Lk - j0);
+        if (mha__fbwd_skip(a, i0, i0 + br - 1, j0, bc)) continue;
+        mha__fbwd_scores(a, b, h, i0, br, j0, bc, qt, kj, s, cap, gws);
+        for (r = 0; r < br; ++r) {
+            float *sr = s + (size_t)r * bc;
+            if (lse[r] == -INFINITY) memset(sr, 0, (size_t)bc * sizeof(float));
+            else (void)mha__exp_shift(sr, bc, lse[r]);
+        }
+        if (dv)     /* dV_j += P^T dO_t */
+            mha__gemm(1, 0, bc, Dv, br, 1.0f, s, (size_t)bc, dot, a->o_rs, 1.0f,
+                      dv + vo + (size_t)j0 * a->v.rs, a->v.rs, gws);
+        if (!dq && !dk) continue;
+        /* dP = dO_t V_j^T;  dS = scale P (dP - delta) (x the softcap's derivative) */
+        mha__gemm(0, 1, br, bc, Dv, 1.0f, dot, a->o_rs, vj, a->v.rs, 0.0f, dp, (size_t)bc, gws);
+        for (r = 0; r < br; ++r) {
+            const float *pr = s + (size_t)r * bc;
+            float *dr = dp + (size_t)r * bc;
+            for (c = 0; c < bc; ++c) dr[c] = pr[c] == 0.0f ? 0.0f : a->scale * pr[c] * (dr[c] - delta[r]);
+            if (a->softcap > 0.0f) {   /* d cap tanh(x / cap) / dx = 1 - tanh^2 (P = 0: a NaN cap stays out) */
+                const float inv = 1.0f / a->softcap, *cr = cap + (size_t)r * bc;
+                for (c = 0; c < bc; ++c) if (pr[c] != 0.0f) dr[c] *= 1.0f - (cr[c] * inv) * (cr[c] * inv);
+            }
+        }
+        if (dq) mha__pv(br, bc, D, dp, (size_t)bc, kj, a->k.rs, 1.0f, dq + qo, a->q.rs, gws);
+        if (dk)
+            mha__gemm(1, 0, bc, D, br, 1.0f, dp, (size_t)bc, qt, a->q.rs, 1.0f,
+                      dk + ko + (size_t)j0 * a->k.rs, a->k.rs, gws);
+    }
+}
+
+/* The fused backward of a dense (unsliced) call on a->nthreads threads:
+   dq, dk, dv are added to (each may be NULL); O is written to a->o when set;
+   a->sinks_grad[h] -= its sum.  ws: mha__fbwd_floats(...) floats. */
+static void mha__attend_backward_fused(const mha__attn *a, const float *dout, float *dq, float *dk,
+                                       float *dv, float *ws)
+{
+    const int items = a->B * a->Hkv, nt = mha__imin(items, a->nthreads < 1 ? 1 : a->nthreads);
+    const size_t per = mha__fbwd_thread_floats(a->Lq, a->Lk_eff, a->D, a->Dv);
+    float *sinkp = ws + (size_t)nt * per;   /* thread t's scratch: ws + t per, t < nt */
+    int it, b, h;
+    if (a->Lq <= 0 || a->Lk_eff <= 0) return;
+    for (it = 0; it < a->B * a->H; ++it) sinkp[it] = 0.0f;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+#endif
+    for (it = 0; it < items; ++it) {
+        int tid = 0, hh, i0, kvh = it % a->Hkv, bb = it / a->Hkv;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        for (hh = kvh * a->group; hh < (kvh + 1) * a->group; ++hh)
+            for (i0 = 0; i0 < a->Lq; i0 += MHA__FBWR)
+                mha__fbwd_tile(a, bb, hh, i0, mha__imin(MHA__FBWR, a->Lq - i0), dout, dq, dk, dv,
+                               sinkp + (size_t)bb * a->H + hh, ws + (size_t)tid * per);
+    }
+    if (a->sinks_grad)
+        for (h = 0; h < a->H; ++h)
+            for (b = 0; b < a->B; ++b) a->sinks_grad[h] += sinkp[(size_t)b * a->H + h];
 }
 
 /* -------------------------------------------------------- layer norm */
@@ -3519,10 +3764,12 @@ static int mha__fwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int weig
 
 /* The module backward.  K and V hold Lk + extra rows per batch. */
 typedef struct mha__bwd_layout {
-    size_t qp, kp, vp, ctx, dctx, dqp, dkp, dvp, p, dp, capped, psink, gws, total_floats;
+    size_t qp, kp, vp, ctx, dctx, dqp, dkp, dvp, gws, total_floats;
 } mha__bwd_layout;
 
-static int mha__bwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int softcap, int nt,
+/* gws: the projections' GEMM workspace, and the fused attention backward's
+   scratch (the two are never in use at once). */
+static int mha__bwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int nt,
                               mha__bwd_layout *L)
 {
     size_t cur = 0, g, t, nq = (size_t)B * Lq * r->E, nk;
@@ -3531,14 +3778,12 @@ static int mha__bwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int soft
     g = mha__linear_gws(B * Lq, r->E, r->E, nt);
     t = mha__linear_gws(B * Lk, r->kdim, r->E, nt);       if (t > g) g = t;
     t = mha__linear_gws(B * Lk, r->vdim, r->E, nt);       if (t > g) g = t;
-    t = mha__head_backward_gws(Lq, Lke, r->D, r->D);      if (t > g) g = t;
+    t = mha__fbwd_floats(B, r->H, r->Hkv, Lq, Lke, r->D, r->D, nt); if (t > g) g = t;
     return mha__region(&cur, nq, &L->qp) && mha__region(&cur, nk, &L->kp) &&
            mha__region(&cur, nk, &L->vp) && mha__region(&cur, nq, &L->ctx) &&
            mha__region(&cur, nq, &L->dctx) && mha__region(&cur, nq, &L->dqp) &&
            mha__region(&cur, nk, &L->dkp) && mha__region(&cur, nk, &L->dvp) &&
-           mha__region(&cur, (size_t)Lq * Lke, &L->p) && mha__region(&cur, (size_t)Lq * Lke, &L->dp) &&
-           mha__region(&cur, softcap ? (size_t)Lq * Lke : 0, &L->capped) &&
-           mha__region(&cur, (size_t)Lq, &L->psink) && mha__region(&cur, g, &L->gws) && mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
+           mha__region(&cur, g, &L->gws) && mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
 }
 
 /* SDPA forward (per-thread scratch) and backward (P and dP of one head). */
@@ -3549,16 +3794,10 @@ static int mha__sdpa_fwd_floats(int B, int H, int Lq, int Lk, int D, int Dv, int
                                     per_thread, total) &&
            mha__add(*total, MHA__ALIGN_FLOATS, total);
 }
-typedef struct mha__sdpa_bwd_layout { size_t p, dp, capped, psink, gws, total_floats; } mha__sdpa_bwd_layout;
-static int mha__sdpa_bwd_layout_at(int Lq, int Lk, int D, int Dv, int softcap, mha__sdpa_bwd_layout *L)
+static int mha__sdpa_bwd_floats(int B, int H, int Hkv, int Lq, int Lk, int D, int Dv, int nt,
+                                size_t *total)
 {
-    size_t cur = 0;
-    return mha__region(&cur, (size_t)Lq * Lk, &L->p) &&
-           mha__region(&cur, (size_t)Lq * Lk, &L->dp) &&
-           mha__region(&cur, softcap ? (size_t)Lq * Lk : 0, &L->capped) &&
-           mha__region(&cur, (size_t)Lq, &L->psink) &&
-           mha__region(&cur, mha__head_backward_gws(Lq, Lk, D, Dv), &L->gws) &&
-           mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
+    return mha__add(mha__fbwd_floats(B, H, Hkv, Lq, Lk, D, Dv, nt), MHA__ALIGN_FLOATS, total);
 }
 
 /* The encoder layer, N = B*L rows.  Training keeps every intermediate for
@@ -3655,7 +3894,6 @@ static mha_status mha__sdpa_plan_make(int B, int H, int Lq, int Lk, int D, int D
                                       const mha_options *opt, unsigned flags, mha_plan *p)
 {
     size_t n, per_thread, f, f1;
-    mha__sdpa_bwd_layout L;
     mha_status st;
     memset(p, 0, sizeof *p);
     if (B <= 0 || H <= 0 || Lq <= 0 || Lk <= 0 || D <= 0 || Dv <= 0) return MHA_ERR_INVALID_SIZE;
@@ -3682,8 +3920,9 @@ static mha_status mha__sdpa_plan_make(int B, int H, int Lq, int Lk, int D, int D
         if (f1 > f) f = f1;
     }
     if (flags & MHA_PLAN_TRAINING) {
-        if (!mha__sdpa_bwd_layout_at(Lq, Lk, D, Dv, p->opt.softcap > 0.0f, &L)) return MHA_ERR_OVERFLOW;
-        if (L.total_floats > f) f = L.total_floats;
+        if (!mha__sdpa_bwd_floats(B, H, p->opt.num_kv_heads ? p->opt.num_kv_heads : H, Lq, Lk, D, Dv,
+                                  p->nthreads, &f1)) return MHA_ERR_OVERFLOW;
+        if (f1 > f) f = f1;
     }
     return mha__plan_ws(p, f);
 }
@@ -3700,7 +3939,7 @@ static int mha__module_floats(const mha_plan *p, int Lq, int Lk, size_t *floats)
         if (F.total_floats > *floats) *floats = F.total_floats;
     }
     if (p->flags & MHA_PLAN_TRAINING) {
-        if (!mha__bwd_layout_at(&p->mod, p->B, Lq, Lk, p->opt.softcap > 0.0f, p->nthreads, &W)) return 0;
+        if (!mha__bwd_layout_at(&p->mod, p->B, Lq, Lk, p->nthreads, &W)) return 0;
         if (W.total_floats > *floats) *floats = W.total_floats;
     }
     return 1;
@@ -4063,23 +4302,21 @@ MHADEF mha_status mha_sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
                                         void *workspace, size_t workspace_bytes)
 {
     mha_options o;
-    mha__sdpa_bwd_layout L;
     mha__attn a;
     void *owned;
     float *ws;
-    int b, h;
+    size_t f = 0;
     mha_status st;
     if ((st = mha__run_begin(p, MHA__PLAN_SDPA, Lq, Lk, attn_mask, key_padding_mask, &o)) != MHA_OK)
         return st;
     if (!q || !k || !v || !dout) return MHA_ERR_NULL_POINTER;
     if (!(p->flags & MHA_PLAN_TRAINING)) return MHA_ERR_EXCEEDS_PLAN;
-    (void)mha__sdpa_bwd_layout_at(Lq, Lk, p->D, p->Dv, p->opt.softcap > 0.0f, &L);   /* within the plan's */
-    if ((st = mha__run_ws(p, workspace, workspace_bytes, L.total_floats, &owned, &ws)) != MHA_OK) return st;
+    (void)mha__sdpa_bwd_floats(p->B, p->H, o.num_kv_heads ? o.num_kv_heads : p->H, Lq, Lk, p->D,
+                               p->Dv, p->nthreads, &f);   /* within the plan's */
+    if ((st = mha__run_ws(p, workspace, workspace_bytes, f, &owned, &ws)) != MHA_OK) return st;
     mha__attn_dense(&a, &o, p->B, p->H, Lq, Lk, p->D, p->Dv, q, k, v, NULL);
-    for (b = 0; b < p->B; ++b)
-        for (h = 0; h < p->H; ++h)
-            mha__attend_head_backward(&a, b, h, dout, dq, dk, dv, ws + L.p, ws + L.dp,
-                                      ws + L.capped, ws + L.psink, ws + L.gws);
+    a.nthreads = p->nthreads;
+    mha__attend_backward_fused(&a, dout, dq, dk, dv, ws);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
@@ -4237,9 +4474,9 @@ static void mha__module_backward(const mha__run *c)
     float *ws = c->ws, *qp, *kp, *vp, *ctx, *dctx, *dqp, *dkp, *dvp, *gws;
     float *gwq, *gwk, *gwv, *gbq, *gbk, *gbv;
     size_t nq, nk;
-    int E = r->E, Ekv = r->Ekv, B = c->B, Lq = c->Lq, Lk = c->Lk, Lke = c->Lke, nt = c->p->nthreads, b, h;
+    int E = r->E, Ekv = r->Ekv, B = c->B, Lq = c->Lq, Lk = c->Lk, Lke = c->Lke, nt = c->p->nthreads;
 
-    (void)mha__bwd_layout_at(r, B, Lq, Lk, c->o->softcap > 0.0f, nt, &L);
+    (void)mha__bwd_layout_at(r, B, Lq, Lk, nt, &L);
     nq = (size_t)B * Lq * E; nk = (size_t)B * Lke * Ekv;
     qp = ws + L.qp; kp = ws + L.kp; vp = ws + L.vp; ctx = ws + L.ctx; dctx = ws + L.dctx;
     dqp = ws + L.dqp; dkp = ws + L.dkp; dvp = ws + L.dvp; gws = ws + L.gws;
@@ -4279,10 +4516,8 @@ static void mha__module_backward(const mha__run *c)
     a.v.p = vp; a.v.rs = (size_t)Ekv; a.v.hs = (size_t)r->D; a.v.bs = (size_t)Lke * Ekv;
     a.o = ctx;  a.o_rs = (size_t)E; a.o_hs = (size_t)r->D; a.o_bs = (size_t)Lq * E;
     a.weights = NULL; a.per_head = 0;
-    for (b = 0; b < B; ++b)
-        for (h = 0; h < r->H; ++h)
-            mha__attend_head_backward(&a, b, h, dctx, dqp, dkp, dvp, ws + L.p, ws + L.dp,
-                                      ws + L.capped, ws + L.psink, gws);
+    a.nthreads = nt;
+    mha__attend_backward_fused(&a, dctx, dqp, dkp, dvp, gws);
 
     /* RoPE backward: the rotated Q and K's gradients turn back (the transpose) */
     mha__rope_apply(&r->rope, r->D, B, Lq, r->H, (size_t)Lq * E, (size_t)E, (size_t)r->D,
@@ -4377,7 +4612,7 @@ MHADEF mha_status mha_module_backward(const mha_plan *p, int Lq, int Lk,
     if (!dout) return MHA_ERR_NULL_POINTER;
     if (!(p->flags & MHA_PLAN_TRAINING)) return MHA_ERR_EXCEEDS_PLAN;
     if (!grad) { memset(&nog, 0, sizeof nog); grad = &nog; }
-    (void)mha__bwd_layout_at(&p->mod, p->B, Lq, Lk, p->opt.softcap > 0.0f, p->nthreads, &L);   /* within the plan's */
+    (void)mha__bwd_layout_at(&p->mod, p->B, Lq, Lk, p->nthreads, &L);   /* within the plan's */
     if ((st = mha__run_ws(p, workspace, workspace_bytes, L.total_floats, &owned, &c.ws)) != MHA_OK)
         return st;
     c.dout = dout; c.dquery = dquery; c.dkey = dkey; c.dvalue = dvalue; c.grad = grad;
@@ -4996,11 +5231,12 @@ MHADEF mha_status mha_sdpa_backward_workspace_size(int B, int H, int Lq, int Lk,
 {
     mha_plan p;
     mha_status st;
-    mha__sdpa_bwd_layout L;
+    size_t f = 0;
     if (!bytes) return MHA_ERR_NULL_POINTER;
     if ((st = mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, MHA_PLAN_TRAINING, &p)) != MHA_OK) return st;
-    (void)mha__sdpa_bwd_layout_at(Lq, Lk, D, Dv, p.opt.softcap > 0.0f, &L);
-    *bytes = L.total_floats * sizeof(float);   /* what the backward call needs */
+    (void)mha__sdpa_bwd_floats(B, H, p.opt.num_kv_heads ? p.opt.num_kv_heads : H, Lq, Lk, D, Dv,
+                               p.nthreads, &f);
+    *bytes = f * sizeof(float);   /* what the backward call needs */
     return MHA_OK;
 }
 
@@ -5062,7 +5298,7 @@ MHADEF mha_status mha_backward_workspace_size(const mha_module *m, int B, int Lq
     if (!bytes) return MHA_ERR_NULL_POINTER;
     st = mha__module_plan_make(m, B, Lq, Lk, opt, MHA_PLAN_TRAINING, MHA__PLAN_MODULE, &p, &extra);
     if (st != MHA_OK) return st;
-    (void)mha__bwd_layout_at(&p.mod, B, Lq, Lk, p.opt.softcap > 0.0f, p.nthreads, &L);
+    (void)mha__bwd_layout_at(&p.mod, B, Lq, Lk, p.nthreads, &L);
     *bytes = L.total_floats * sizeof(float);   /* what the backward call needs */
     return MHA_OK;
 }
@@ -5137,7 +5373,7 @@ static int mha__linear_sizes_ok(int rows, int in, int out)
 
 MHADEF size_t mha_linear_workspace_size(int rows, int in, int out)
 {
-    size_t f;
+    size_t f = 0;
     if (rows <= 0 || in <= 0 || out <= 0 || !mha__linear_sizes_ok(rows, in, out)) return 0;
     f = mha__linear_gws(rows, in, out, 1);
     return f ? (f + MHA__ALIGN_FLOATS) * sizeof(float) : 0;

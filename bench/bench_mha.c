@@ -23,10 +23,17 @@
    Times: 1 thread = CPU time of the process, 2 threads = wall clock (the
    torch script does the same), so a busy machine slows only the 2-thread rows.
 
-   usage: bench_mha [--quick] [--no-torch] [--decode]
+     5. training: mha_forward + mha_backward (E 512, H 8) against PyTorch
+        autograd, and one encoder-layer step (forward + backward + AdamW,
+        B 8, L 128, d 512, F 2048) against nn.TransformerEncoderLayer +
+        torch.optim.AdamW; each row with its % of the FMA peak measured by
+        a loop of independent FMAs in the same run.
+
+   usage: bench_mha [--quick] [--no-torch] [--decode] [--train]
      --quick     skip table 3
      --no-torch  do not run bench/torch_mha.py
      --decode    only table 4
+     --train     only table 5
    FLOPs counted: projections 4 x 2 B L E^2, attention 2 x 2 B H Lq Lk D
    (QK^T and PV); softmax and masking are not counted.  */
 #define _POSIX_C_SOURCE 200809L
@@ -84,7 +91,8 @@ typedef struct result {
     int reps, ok;
 } result;
 
-enum { JOB_MHA = 0, JOB_DECODE, JOB_STREAM, JOB_NAIVE_DECODE, JOB_GQA_PREFILL, JOB_WINDOW };
+enum { JOB_MHA = 0, JOB_DECODE, JOB_STREAM, JOB_NAIVE_DECODE, JOB_GQA_PREFILL, JOB_WINDOW,
+       JOB_PEAK, JOB_FWDBWD, JOB_ENCSTEP };
 
 typedef struct job {
     int kind;               /* JOB_MHA: tables 1-3; the others: table 4 (run_decode_job) */
@@ -95,6 +103,15 @@ typedef struct job {
     double min_time;        /* seconds of timed runs to aim for */
     int max_reps;
 } job;
+
+/* r->reps timed runs in times: their median, the peak RSS so far */
+static void median_result(result *r, double *times)
+{
+    qsort(times, (size_t)r->reps, sizeof(double), cmp_double);
+    r->ms = 1e3 * times[r->reps / 2];
+    r->rss_mib = peak_rss_mib();
+    r->ok = r->reps > 0;
+}
 
 /* A plain decode step, one head at a time, as llama2.c writes it:
    scores, softmax, weighted sum of values; query head h reads KV head h / G. */
@@ -172,11 +189,131 @@ static result run_decode_job(const job *jb)
         else t_start = t1;
         if (r.reps >= 3 && t1 - t_start >= jb->min_time) break;
     }
-    qsort(times, (size_t)r.reps, sizeof(double), cmp_double);
-    r.ms = 1e3 * times[r.reps / 2];
-    r.rss_mib = peak_rss_mib();
-    r.ok = r.reps > 0;
+    median_result(&r, times);
     free(q); free(out); free(k); free(v); free(att); free(ws);
+    return r;
+}
+
+/* ---- table 5: training (forward + backward), against the FMA peak of this run */
+
+/* The FMA peak: 12 independent chains of vector fused multiply-adds per
+   thread (more than latency x pipes on current cores), GFLOP/s. */
+static float fma_chains(long n, float s)
+{
+    mha__vf c[12];
+    const mha__vf m = mha__vset1(0.9999999f), a = mha__vset1(1e-7f);
+    long i;
+    int u;
+    for (u = 0; u < 12; ++u) c[u] = mha__vset1(s + (float)u);
+    for (i = 0; i < n; ++i)
+        for (u = 0; u < 12; ++u) c[u] = mha__vfma(a, c[u], m);
+    for (u = 1; u < 12; ++u) c[0] = mha__vadd(c[0], c[u]);
+    return mha__vhsum(c[0]);
+}
+static result run_peak_job(const job *jb)
+{
+    result r;
+    double times[16];
+    const long n = 4000000L;
+    volatile float keep = 0.0f;
+    memset(&r, 0, sizeof r);
+    for (r.reps = 0; r.reps < 7; ++r.reps) {
+        double t0 = now_s(jb->threads);
+        float acc = 0.0f;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(jb->threads) reduction(+ : acc)
+        acc += fma_chains(n, (float)omp_get_thread_num());
+#else
+        acc = fma_chains(n, 0.0f);
+#endif
+        keep += acc;
+        times[r.reps] = now_s(jb->threads) - t0;
+    }
+    qsort(times, (size_t)r.reps, sizeof(double), cmp_double);
+    /* reported as the ms of a nominal 1 GFLOP, so GFLOP/s = 1e3 / ms */
+    r.ms = 1e3 * times[r.reps / 2] / (24.0 * MHA__VW * (double)n * jb->threads * 1e-9);
+    r.ok = 1;
+    return r;
+}
+
+/* One training step's compute, in this process: the module's forward +
+   backward (all weight gradients and dx), or the encoder layer's forward +
+   backward + AdamW on all its parameters. */
+static result run_train_job(const job *jb)
+{
+    result r;
+    double times[64], t_start;
+    const int B = jb->B, L = jb->L, E = jb->E, H = jb->H, F = 4 * jb->E;
+    const size_t nx = (size_t)B * L * E;
+    /* parameters, one buffer: in_proj [3E,E]+[3E], out [E,E]+[E], then (encoder)
+       linear1 [F,E]+[F], linear2 [E,F]+[E], norm1, norm2 [E]+[E] each */
+    const size_t n_attn = 4 * (size_t)E * E + 4 * (size_t)E;
+    const size_t n_par = n_attn + (jb->kind == JOB_ENCSTEP ? 2 * (size_t)F * E + F + 5 * (size_t)E : 0);
+    float *x = malloc(nx * 4), *y = malloc(nx * 4), *dy = malloc(nx * 4), *dx = malloc(nx * 4);
+    float *par = malloc(n_par * 4), *g = malloc(n_par * 4), *am = calloc(n_par, 4), *av = calloc(n_par, 4);
+    mha_encoder_layer enc = mha_encoder_layer_defaults();
+    mha_encoder_layer_grad eg;
+    mha_module *m = &enc.self_attn;
+    mha_module_grad *mg = &eg.self_attn;
+    mha_adamw aw = mha_adamw_defaults();
+    mha_options opt = mha_options_defaults();
+    size_t wsb = 0, wsb2 = 0;
+    void *ws = NULL;
+    float *q;
+    int i;
+    memset(&r, 0, sizeof r);
+    memset(&eg, 0, sizeof eg);
+    if (!x || !y || !dy || !dx || !par || !g || !am || !av) return r;
+    fill(x, nx, 1, 1.0f); fill(dy, nx, 2, 1.0f); fill(par, n_par, 3, 0.05f);
+    opt.num_threads = jb->threads;
+    q = par;   g[0] = 0.0f;
+    m->embed_dim = E; m->num_heads = H;
+    m->in_proj_weight = q; mg->in_proj_weight = g + (q - par); q += 3 * (size_t)E * E;
+    m->in_proj_bias = q;   mg->in_proj_bias = g + (q - par);   q += 3 * (size_t)E;
+    m->out_proj_weight = q; mg->out_proj_weight = g + (q - par); q += (size_t)E * E;
+    m->out_proj_bias = q;   mg->out_proj_bias = g + (q - par);   q += E;
+    if (jb->kind == JOB_ENCSTEP) {
+        enc.dim_feedforward = F;
+        enc.linear1_weight = q; eg.linear1_weight = g + (q - par); q += (size_t)F * E;
+        enc.linear1_bias = q;   eg.linear1_bias = g + (q - par);   q += F;
+        enc.linear2_weight = q; eg.linear2_weight = g + (q - par); q += (size_t)E * F;
+        enc.linear2_bias = q;   eg.linear2_bias = g + (q - par);   q += E;
+        for (i = 0; i < E; ++i) q[i] = 1.0f;   /* LayerNorm weights 1, biases as filled */
+        enc.norm1_weight = q; eg.norm1_weight = g + (q - par); q += E;
+        enc.norm1_bias = q;   eg.norm1_bias = g + (q - par);   q += E;
+        for (i = 0; i < E; ++i) q[i] = 1.0f;
+        enc.norm2_weight = q; eg.norm2_weight = g + (q - par); q += E;
+        enc.norm2_bias = q;   eg.norm2_bias = g + (q - par);
+        if (mha_encoder_workspace_size(&enc, B, L, &opt, &wsb) != MHA_OK) return r;
+    } else {
+        if (mha_forward_workspace_size(m, B, L, L, &opt, 0, &wsb) != MHA_OK ||
+            mha_backward_workspace_size(m, B, L, L, &opt, &wsb2) != MHA_OK) return r;
+        if (wsb2 > wsb) wsb = wsb2;
+    }
+    if (!(ws = malloc(wsb))) return r;
+    t_start = now_s(jb->threads);
+    for (i = -1; i < jb->max_reps && i < 64; ++i) {   /* i = -1: warm-up */
+        double t0 = now_s(jb->threads), t1;
+        mha_status st;
+        memset(g, 0, n_par * 4);
+        memset(dx, 0, nx * 4);
+        if (jb->kind == JOB_ENCSTEP) {
+            st = mha_encoder_forward(&enc, B, L, x, &opt, y, NULL, ws, wsb);
+            if (st == MHA_OK) st = mha_encoder_backward(&enc, B, L, x, &opt, dy, dx, &eg, ws, wsb);
+            if (st == MHA_OK) st = mha_adamw_step(&aw, i + 2, n_par, par, g, am, av);
+        } else {
+            st = mha_forward(m, B, L, L, x, x, x, &opt, y, NULL, ws, wsb);
+            if (st == MHA_OK)
+                st = mha_backward(m, B, L, L, x, x, x, dy, &opt, dx, dx, dx, mg, ws, wsb);
+        }
+        t1 = now_s(jb->threads);
+        if (st != MHA_OK) { fprintf(stderr, "bench: %s\n", mha_status_string(st)); return r; }
+        if (i >= 0) times[r.reps++] = t1 - t0;
+        else t_start = t1;
+        if (r.reps >= 3 && t1 - t_start >= jb->min_time) break;
+    }
+    median_result(&r, times);
+    free(x); free(y); free(dy); free(dx); free(par); free(g); free(am); free(av); free(ws);
     return r;
 }
 
@@ -193,6 +330,8 @@ static result run_job(const job *jb)
     mha_module m;
     mha_options opt;
     double t_start;
+    if (jb->kind == JOB_PEAK) return run_peak_job(jb);
+    if (jb->kind == JOB_FWDBWD || jb->kind == JOB_ENCSTEP) return run_train_job(jb);
     if (jb->kind != JOB_MHA) return run_decode_job(jb);
     memset(&r, 0, sizeof r);
     r.base_mib = peak_rss_mib();
@@ -308,6 +447,90 @@ static void run_torch(void)
     }
 }
 
+/* Table 5: PyTorch's training medians (bench/torch_mha.py --train):
+   [shape][threads-1]; shape NTRAIN is the encoder step. */
+static const int train_shapes[][2] = {{1, 128}, {8, 128}, {1, 512}, {1, 2048}};
+#define NTRAIN (int)(sizeof train_shapes / sizeof train_shapes[0])
+static double torch_train_ms[NTRAIN + 1][2];
+
+static void run_torch_train(void)
+{
+    int t;
+    for (t = 1; t <= 2; ++t) {
+        char cmd[256], line[256], what[16];
+        FILE *p;
+        snprintf(cmd, sizeof cmd,
+                 "OPENBLAS_NUM_THREADS=%d OMP_NUM_THREADS=%d MKL_NUM_THREADS=%d "
+                 "/usr/bin/python3 bench/torch_mha.py --threads %d --train 2>/dev/null", t, t, t, t);
+        if (!(p = popen(cmd, "r"))) return;
+        while (fgets(line, sizeof line, p)) {
+            int B, L, th, s;
+            double ms;
+            if (sscanf(line, "torchtrain %15s %d %d %d %lf", what, &B, &L, &th, &ms) != 5 || th < 1 || th > 2)
+                continue;
+            if (!strcmp(what, "encstep")) torch_train_ms[NTRAIN][th - 1] = ms;
+            else
+                for (s = 0; s < NTRAIN; ++s)
+                    if (train_shapes[s][0] == B && train_shapes[s][1] == L) torch_train_ms[s][th - 1] = ms;
+        }
+        pclose(p);
+    }
+}
+
+/* One row of table 5: mha.h's median, GFLOP/s, % of the peak of this run,
+   PyTorch's median and the ratio. */
+static void train_row(const char *name, int kind, int B, int L, int t, double flops,
+                      const double *peak, double torch_ms_t)
+{
+    job jb;
+    result r;
+    char shape[32];
+    memset(&jb, 0, sizeof jb);
+    jb.kind = kind; jb.B = B; jb.L = L; jb.E = E_DIM; jb.H = N_HEADS;
+    jb.threads = t; jb.min_time = 0.5; jb.max_reps = 20;
+    r = run_forked(&jb);
+    snprintf(shape, sizeof shape, "%d,%d", B, L);
+    if (!r.ok) { printf("%-9s %-16s %3d  failed\n", shape, name, t); return; }
+    printf("%-9s %-16s %3d %9.3f %8.1f %6.0f%%", shape, name, t, r.ms, flops / (r.ms * 1e6),
+           100.0 * flops / (r.ms * 1e6) / peak[t - 1]);
+    if (torch_ms_t > 0) printf(" %9.3f %6.2fx\n", torch_ms_t, torch_ms_t / r.ms);
+    else printf(" %9s %7s\n", "-", "-");
+}
+
+static void train_table(int torch)
+{
+    double peak[2];
+    int s, t;
+    if (torch) {
+        printf("running bench/torch_mha.py --train (autograd, 1 and 2 threads)...\n");
+        run_torch_train();
+    }
+    for (t = 1; t <= 2; ++t) {
+        job jb;
+        result r;
+        memset(&jb, 0, sizeof jb);
+        jb.kind = JOB_PEAK; jb.threads = t;
+        r = run_forked(&jb);
+        peak[t - 1] = r.ok ? 1e3 / r.ms : 0.0;
+    }
+    printf("\n== training, E=%d, H=%d (%s build): FMA peak of this run %.1f GFLOP/s (1 thread), %.1f (2)\n",
+           E_DIM, N_HEADS, MHA__SIMD_NAME, peak[0], peak[1]);
+    printf("   fwd+bwd = mha_forward + mha_backward (dx, all weight gradients) vs torch autograd;\n");
+    printf("   enc step = encoder layer F=%d forward + backward + AdamW vs nn.TransformerEncoderLayer\n", 4 * E_DIM);
+    printf("   + torch.optim.AdamW.  FLOPs = 3 x the forward's (AdamW not counted); ratio = torch / mha.h\n");
+    printf("%-9s %-16s %3s %9s %8s %7s %9s %7s\n", "B,L", "what", "thr", "ms", "GFLOP/s", "%peak",
+           "torch ms", "ratio");
+    for (s = 0; s < NTRAIN; ++s)
+        for (t = 1; t <= 2; ++t)
+            train_row("fwd+bwd", JOB_FWDBWD, train_shapes[s][0], train_shapes[s][1], t,
+                      3.0 * mha_flops(train_shapes[s][0], train_shapes[s][1], E_DIM), peak,
+                      torch_train_ms[s][t - 1]);
+    for (t = 1; t <= 2; ++t)
+        train_row("enc step", JOB_ENCSTEP, 8, 128, t,
+                  3.0 * (mha_flops(8, 128, E_DIM) + 4.0 * 8 * 128 * (double)E_DIM * 4 * E_DIM), peak,
+                  torch_train_ms[NTRAIN][t - 1]);
+}
+
 /* Table 4: decoding, prefill with GQA, sliding window. */
 static result decode_row(int kind, int H, int Hkv, int Lk, int D, int window, int threads, double min_time)
 {
@@ -360,12 +583,13 @@ static void decode_table(void)
 
 int main(int argc, char **argv)
 {
-    int quick = 0, torch = 1, a, s, t, f;
+    int quick = 0, torch = 1, train_only = 0, a, s, t, f;
     for (a = 1; a < argc; ++a) {
         if (!strcmp(argv[a], "--quick")) quick = 1;
         else if (!strcmp(argv[a], "--no-torch")) torch = 0;
         else if (!strcmp(argv[a], "--decode")) { decode_table(); return 0; }
-        else { fprintf(stderr, "usage: %s [--quick] [--no-torch] [--decode]\n", argv[0]); return 2; }
+        else if (!strcmp(argv[a], "--train")) train_only = 1;
+        else { fprintf(stderr, "usage: %s [--quick] [--no-torch] [--decode] [--train]\n", argv[0]); return 2; }
     }
     printf("mha.h %d.%d.%d, SIMD: %s, OpenMP: %s, OMP_WAIT_POLICY=%s\n", MHA_VERSION_MAJOR,
            MHA_VERSION_MINOR, MHA_VERSION_PATCH, MHA__SIMD_NAME,
@@ -375,6 +599,7 @@ int main(int argc, char **argv)
            "no (thread counts are ignored)",
 #endif
            getenv("OMP_WAIT_POLICY") ? getenv("OMP_WAIT_POLICY") : "(unset)");
+    if (train_only) { train_table(torch); return 0; }
     if (torch) {
         printf("running bench/torch_mha.py (PyTorch nn.MultiheadAttention, 1 and 2 threads)...\n");
         run_torch();
@@ -453,6 +678,7 @@ int main(int argc, char **argv)
                    r.io_mib, r.rss_mib / r.io_mib, r.base_mib);
         }
     }
+    train_table(torch);
     decode_table();
     return 0;
 }

@@ -122,32 +122,53 @@ static void test_workspace_and_errors(void)
     free(ws);
 }
 
-/* The threaded GEMM must give the same bits as the single-threaded one for
-   every thread count (without OpenMP this runs the same code three times). */
+/* The threaded GEMM (one shared packed B panel, row chunks handed out per
+   panel) must give the same bits as the single-threaded one for 1-4 threads:
+   odd shapes, every transpose, more than one K block and more than one NC
+   column block (two B buffers), a few rows and many columns (the panel's
+   columns are cut too), and prepacked B.  Each run gets exactly the planned
+   workspace, with a guard band behind it that must stay untouched, and the
+   shared layout is never larger than one private workspace per thread. */
 static void test_threads(void)
 {
-    static const int shapes[][5] = {{200, 150, 100, 0, 1}, {77, 131, 260, 1, 0}, {40, 600, 90, 0, 0}, {600, 40, 90, 1, 1}};
-    int s, t;
-    for (s = 0; s < 4; ++s) {
+    static const int shapes[][5] = {
+        {200, 150, 100, 0, 1}, {77, 131, 260, 1, 0}, {40, 600, 90, 0, 0}, {600, 40, 90, 1, 1},
+        {3, 700, 1100, 0, 1}, {1030, 37, 520, 1, 0}, {17, MHA__NC + 104, 40, 0, 0},
+        {131, 97, 2 * MHA__KC + 7, 0, 1}, {9, 3000, 130, 1, 1}};
+    const int ns = (int)(sizeof shapes / sizeof shapes[0]);
+    int s, t, pre;
+    for (s = 0; s < ns; ++s) {
         int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2], ta = shapes[s][3], tb = shapes[s][4];
         size_t nA = (size_t)M * K, nB = (size_t)K * N, nC = (size_t)M * N;
         float *A = (float *)malloc(nA * 4), *B = (float *)malloc(nB * 4);
-        float *C1 = (float *)malloc(nC * 4), *Ct = (float *)malloc(nC * 4);
-        float *ws = (float *)malloc(mha__gemm_ws_floats_mt(M, N, K, 3) * 4 + 64);
+        float *C1 = (float *)malloc(nC * 4), *Ct = (float *)malloc(nC * 4), *Cn = (float *)malloc(nC * 4);
+        float *pw = (float *)malloc(mha__prepacked_floats(N, K) * 4);
+        size_t wmax = mha__gemm_ws_floats_mt(M, N, K, 4);
+        float *ws = (float *)malloc((wmax + 16 + 64) * 4);
         float *w = ws + (16 - ((uintptr_t)ws / 4) % 16) % 16;
+        int i;
         tu_fill(&rng, A, nA, 1.0f);
         tu_fill(&rng, B, nB, 1.0f);
         tu_fill(&rng, C1, nC, 1.0f);
         memcpy(Ct, C1, nC * 4);
         mha__gemm(ta, tb, M, N, K, 0.5f, A, ta ? M : K, B, tb ? K : N, 0.25f, C1, N, w);
-        for (t = 1; t <= 3; ++t) {
-            float *Cn = (float *)malloc(nC * 4);
-            memcpy(Cn, Ct, nC * 4);
-            mha__gemm_mt(ta, tb, M, N, K, 0.5f, A, ta ? M : K, B, tb ? K : N, 0.25f, Cn, N, w, t);
-            CHECK(memcmp(Cn, C1, nC * 4) == 0, "%d threads differ from 1 (M=%d N=%d K=%d)", t, M, N, K);
-            free(Cn);
-        }
-        free(A); free(B); free(C1); free(Ct); free(ws);
+        if (tb) mha__prepack_b(B, N, K, pw);
+        for (pre = 0; pre <= tb; ++pre)
+            for (t = 1; t <= 4; ++t) {
+                size_t need = mha__gemm_ws_floats_mt(M, N, K, t);
+                int guard_ok = 1;
+                CHECK(need <= (size_t)t * mha__gemm_ws_floats(M, N, K),
+                      "%d threads: workspace %zu above %d private ones (M=%d N=%d K=%d)", t, need, t, M, N, K);
+                for (i = 0; i < 64; ++i) w[need + (size_t)i] = -7.0f;
+                memcpy(Cn, Ct, nC * 4);
+                mha__gemm_mt_pp(ta, tb, M, N, K, 0.5f, A, ta ? M : K, B, tb ? K : N, 0.25f, Cn, N, w, t,
+                                pre ? pw : NULL, 0);
+                CHECK(memcmp(Cn, C1, nC * 4) == 0, "%d threads%s differ from 1 (M=%d N=%d K=%d)", t,
+                      pre ? " (prepacked B)" : "", M, N, K);
+                for (i = 0; i < 64; ++i) guard_ok &= w[need + (size_t)i] == -7.0f;
+                CHECK(guard_ok, "%d threads wrote past the workspace (M=%d N=%d K=%d)", t, M, N, K);
+            }
+        free(A); free(B); free(C1); free(Ct); free(Cn); free(pw); free(ws);
     }
 }
 
@@ -179,7 +200,7 @@ static void test_vs_reference(void)
 }
 
 /* The projection helper: Y = X W^T + bias through the threaded GEMM, against
-   float64, and the same bits for 1, 2 and 3 threads. */
+   float64, and the same bits for 1-4 threads. */
 static void test_linear(void)
 {
     const int rows = 300, in = 100, E = 96;   /* 2.9M multiply-adds: above the threading threshold */
@@ -187,7 +208,7 @@ static void test_linear(void)
     float *bias = (float *)malloc((size_t)E * 4), *Y1 = (float *)malloc((size_t)rows * E * 4);
     float *Yt = (float *)malloc((size_t)rows * E * 4);
     double *R = (double *)malloc((size_t)rows * E * sizeof(double));
-    float *ws = (float *)malloc(mha__gemm_ws_floats_mt(rows, E, in, 3) * 4 + 64);
+    float *ws = (float *)malloc(mha__gemm_ws_floats_mt(rows, E, in, 4) * 4 + 64);
     float *w = ws + (16 - ((uintptr_t)ws / 4) % 16) % 16;
     int i, j, p, t;
     tu_fill(&rng, X, (size_t)rows * in, 1.0f);
@@ -201,7 +222,7 @@ static void test_linear(void)
         }
     mha__linear(rows, in, E, X, W, bias, Y1, w, 1);
     CHECK(tu_rel_err(Y1, R, (size_t)rows * E) <= 1e-5, "linear: rel err %.3g", tu_rel_err(Y1, R, (size_t)rows * E));
-    for (t = 2; t <= 3; ++t) {
+    for (t = 2; t <= 4; ++t) {
         mha__linear(rows, in, E, X, W, bias, Yt, w, t);
         CHECK(memcmp(Yt, Y1, (size_t)rows * E * 4) == 0, "linear: %d threads differ from 1", t);
     }

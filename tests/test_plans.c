@@ -11,7 +11,7 @@
       BAD_ENUM, MISALIGNED), reached on purpose, leaves the outputs as they were.
    4. The encoder's inference plan at L = 16384, E = 512: plan plus workspace
       within the size of its input and output (peak <= 2 x inputs and
-      outputs), where the training size is L^2; a run at L = 2048 through a
+      outputs), where training keeps [L, F] activations; a run at L = 2048 through a
       counting MHA_MALLOC allocates no more than that.
    5. The chunked feed-forward of the inference encoder equals the layer
       composed from the public pieces, bit for bit, at N > MHA__FF_ROWS. */
