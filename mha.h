@@ -5208,7 +5208,8 @@ MHADEF mha_status mha_sdpa_workspace_size(int B, int H, int Lq, int Lk, int D, i
     if (!bytes) return MHA_ERR_NULL_POINTER;
     st = mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, need_weights ? MHA_PLAN_WEIGHTS : 0, &p);
     if (st != MHA_OK) return st;
-    (void)mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, need_weights != 0, p.nthreads, &per_thread, &total);
+    if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, need_weights != 0, p.nthreads, &per_thread, &total))
+        return MHA_ERR_OVERFLOW;   /* (the plan checked it: kept so no path reads an unset size) */
     *bytes = total * sizeof(float);   /* what the call with (or without) weights needs */
     return MHA_OK;
 }
@@ -5234,8 +5235,9 @@ MHADEF mha_status mha_sdpa_backward_workspace_size(int B, int H, int Lq, int Lk,
     size_t f = 0;
     if (!bytes) return MHA_ERR_NULL_POINTER;
     if ((st = mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, MHA_PLAN_TRAINING, &p)) != MHA_OK) return st;
-    (void)mha__sdpa_bwd_floats(B, H, p.opt.num_kv_heads ? p.opt.num_kv_heads : H, Lq, Lk, D, Dv,
-                               p.nthreads, &f);
+    if (!mha__sdpa_bwd_floats(B, H, p.opt.num_kv_heads ? p.opt.num_kv_heads : H, Lq, Lk, D, Dv,
+                              p.nthreads, &f))
+        return MHA_ERR_OVERFLOW;
     *bytes = f * sizeof(float);   /* what the backward call needs */
     return MHA_OK;
 }
@@ -5267,7 +5269,8 @@ MHADEF mha_status mha_forward_workspace_size(const mha_module *m, int B, int Lq,
                                MHA__PLAN_MODULE, &p, &extra);
     if (st != MHA_OK) return st;
     /* what the call with (or without) weights needs */
-    (void)mha__fwd_layout_at(&p.mod, B, Lq, Lk, need_weights != 0, p.by_head, p.nthreads, &L);
+    if (!mha__fwd_layout_at(&p.mod, B, Lq, Lk, need_weights != 0, p.by_head, p.nthreads, &L))
+        return MHA_ERR_OVERFLOW;
     *bytes = L.total_floats * sizeof(float);
     return MHA_OK;
 }
@@ -5298,7 +5301,7 @@ MHADEF mha_status mha_backward_workspace_size(const mha_module *m, int B, int Lq
     if (!bytes) return MHA_ERR_NULL_POINTER;
     st = mha__module_plan_make(m, B, Lq, Lk, opt, MHA_PLAN_TRAINING, MHA__PLAN_MODULE, &p, &extra);
     if (st != MHA_OK) return st;
-    (void)mha__bwd_layout_at(&p.mod, B, Lq, Lk, p.nthreads, &L);
+    if (!mha__bwd_layout_at(&p.mod, B, Lq, Lk, p.nthreads, &L)) return MHA_ERR_OVERFLOW;
     *bytes = L.total_floats * sizeof(float);   /* what the backward call needs */
     return MHA_OK;
 }

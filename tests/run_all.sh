@@ -187,13 +187,22 @@ for cfg in "${configs[@]}"; do
             if $cxx -x c++ -std=c++11 $WARN -c tests/cxx_compile.cpp -I. -o "$OUT/cxx/cxx_$cxx.o" 2>"$OUT/cxx/$cxx.log"; then
                 $cxx -std=c++11 "$OUT/cxx/cxx_$cxx.o" -o "$OUT/cxx/cxx_$cxx" && run_prog "cxx-$cxx" "$OUT/cxx/cxx_$cxx"
             else fail_one "[cxx] $cxx could not compile mha.h as C++:"; head -20 "$OUT/cxx/$cxx.log"; fi
-            # the AVX-512 layer as C++: -march=native (on this CPU) and -mavx512f (anywhere)
-            for arch in -march=native -mavx512f; do
-                if $cxx -x c++ -std=c++11 $WARN -O2 $arch -c tests/cxx_compile.cpp -I. \
-                     -o "$OUT/cxx/cxx_$cxx$arch.o" 2>"$OUT/cxx/$cxx$arch.log"; then
-                    total_pass=$((total_pass + 1)); note "[cxx] $cxx -O2 $arch: 1 passed, 0 failed"
-                else fail_one "[cxx] $cxx -O2 $arch does not compile mha.h warning-free:"; head -20 "$OUT/cxx/$cxx$arch.log"; fi
+            # the AVX-512 layer as C++: -march=native (on this CPU) and -mavx512f (anywhere),
+            # at -O2 and -O3 (GCC's -Wmaybe-uninitialized looks deeper at -O3)
+            for olev in -O2 -O3; do
+                for arch in -march=native -mavx512f; do
+                    if $cxx -x c++ -std=c++11 $WARN $olev $arch -c tests/cxx_compile.cpp -I. \
+                         -o "$OUT/cxx/cxx_$cxx$arch.o" 2>"$OUT/cxx/$cxx$arch.log"; then
+                        total_pass=$((total_pass + 1)); note "[cxx] $cxx $olev $arch: 1 passed, 0 failed"
+                    else fail_one "[cxx] $cxx $olev $arch does not compile mha.h warning-free:"; head -20 "$OUT/cxx/$cxx$arch.log"; fi
+                done
             done
+        done
+        # the header as C at -O3 with every SIMD layer, as a drop-in user builds it
+        for arch in -march=native "-mavx2 -mfma -fopenmp" -DMHA_NO_SIMD; do
+            if gcc -std=c99 $WARN -O3 $arch -I. -c tests/link_a.c -o "$OUT/cxx/o3.o" 2>"$OUT/cxx/o3.log"; then
+                total_pass=$((total_pass + 1)); note "[c] gcc -O3 $arch: 1 passed, 0 failed"
+            else fail_one "[c] gcc -O3 $arch does not compile mha.h warning-free:"; head -20 "$OUT/cxx/o3.log"; fi
         done
         if gcc -std=c99 $WARN -O1 -I. tests/link_a.c tests/link_b.c -o "$OUT/cxx/link" -lm 2>"$OUT/cxx/link.log"; then
             run_prog link "$OUT/cxx/link"
