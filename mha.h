@@ -170,10 +170,14 @@ typedef enum mha_trans { MHA_NO_TRANS = 0, MHA_TRANS = 1 } mha_trans;
    B likewise K x N (ldb >= N) or N x K (ldb >= K); C is M x N (ldc >= N).
    When beta == 0, C is never read (NaN in C does not propagate).
    workspace: packing buffers of mha_gemm_workspace_size() bytes, or NULL to
-   let the call allocate them through MHA_MALLOC.  The call runs on
-   omp_get_max_threads() threads, and the size is for that many: a smaller
-   workspace is MHA_ERR_WORKSPACE_TOO_SMALL (mha_gemm_plan fixes the thread
-   count instead).  The result is bit-identical for any number of threads.  */
+   let the call allocate them through MHA_MALLOC.  The size is for
+   omp_get_max_threads() threads at the time of the query; the call runs on
+   OpenMP's count at its own time, or on fewer when the workspace holds
+   fewer (OpenMP's count may have grown in between), and a workspace too
+   small for one thread is MHA_ERR_WORKSPACE_TOO_SMALL.  mha_gemm_plan fixes
+   the thread count instead.  The result is bit-identical for any number of
+   threads.  The other one-shot calls (mha_sdpa, mha_forward, ...) follow the
+   same rule when their options' num_threads is 0.  */
 MHADEF size_t mha_gemm_workspace_size(int M, int N, int K);
 MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, float alpha,
                            const float *A, int lda, const float *B, int ldb, float beta,
@@ -5178,7 +5182,23 @@ MHADEF mha_encoder_layer mha_encoder_layer_defaults(void)
 
 /* Each makes the plan of its one call on the stack (no PACK, so the plan
    needs no memory beyond its struct) and runs it: the size query and the
-   call share the plan, so they cannot disagree.  */
+   call share the plan's layout.
+
+   One thing can still differ between a size query and a later one-shot call:
+   with num_threads 0 each takes OpenMP's thread count at its own time, and
+   that count may have grown in between.  Rather than fail, such a call runs
+   on as many threads as the caller's workspace holds; the result does not
+   depend on the thread count.  An explicit num_threads is kept as given, and
+   a plan always runs on exactly its own count.  mha__oneshot_fewer says
+   whether to plan again with one thread fewer (and fills *o for that).  */
+static int mha__oneshot_fewer(const mha_options *opt, int nthreads, const void *workspace,
+                              size_t have, size_t need, mha_options *o)
+{
+    if (!workspace || need <= have || nthreads <= 1 || (opt && opt->num_threads != 0)) return 0;
+    if (opt) *o = *opt; else memset(o, 0, sizeof *o);
+    o->num_threads = nthreads - 1;
+    return 1;
+}
 
 MHADEF size_t mha_gemm_workspace_size(int M, int N, int K)
 {
@@ -5192,26 +5212,39 @@ MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, floa
                            float *C, int ldc, void *workspace, size_t workspace_bytes)
 {
     mha_plan p;
+    mha_options o;
     mha_status st;
+    int t = 0;
     if (!A || !B || !C) return MHA_ERR_NULL_POINTER;
-    if ((st = mha__gemm_plan_make(ta, tb, M, N, K, 0, &p)) != MHA_OK) return st;
+    while ((st = mha__gemm_plan_make(ta, tb, M, N, K, t, &p)) == MHA_OK &&
+           mha__oneshot_fewer(NULL, p.nthreads, workspace, workspace_bytes, mha_plan_workspace_size(&p), &o))
+        t = o.num_threads;
+    if (st != MHA_OK) return st;
     return mha_gemm_run(&p, alpha, A, lda, B, ldb, beta, C, ldc, workspace, workspace_bytes);
+}
+
+/* The plan of one mha_sdpa call and the bytes that call needs. */
+static mha_status mha__sdpa_need(int B, int H, int Lq, int Lk, int D, int Dv, const mha_options *opt,
+                                 int need_weights, mha_plan *pp, size_t *bytes)
+{
+    mha_plan p;
+    size_t per_thread, total;
+    mha_status st;
+    st = mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, need_weights ? MHA_PLAN_WEIGHTS : 0, &p);
+    if (st != MHA_OK) return st;
+    if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, need_weights != 0, p.nthreads, &per_thread, &total))
+        return MHA_ERR_OVERFLOW;   /* (the plan checked it: kept so no path reads an unset size) */
+    *bytes = total * sizeof(float);   /* what the call with (or without) weights needs */
+    if (pp) *pp = p;
+    return MHA_OK;
 }
 
 MHADEF mha_status mha_sdpa_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
                                           const mha_options *opt, int need_weights,
                                           size_t *bytes)
 {
-    mha_plan p;
-    size_t per_thread, total;
-    mha_status st;
     if (!bytes) return MHA_ERR_NULL_POINTER;
-    st = mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, need_weights ? MHA_PLAN_WEIGHTS : 0, &p);
-    if (st != MHA_OK) return st;
-    if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, need_weights != 0, p.nthreads, &per_thread, &total))
-        return MHA_ERR_OVERFLOW;   /* (the plan checked it: kept so no path reads an unset size) */
-    *bytes = total * sizeof(float);   /* what the call with (or without) weights needs */
-    return MHA_OK;
+    return mha__sdpa_need(B, H, Lq, Lk, D, Dv, opt, need_weights, NULL, bytes);
 }
 
 MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
@@ -5220,26 +5253,38 @@ MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
                            void *workspace, size_t workspace_bytes)
 {
     mha_plan p;
+    mha_options o;
+    const mha_options *use = opt;
+    size_t need;
     mha_status st;
     if (!q || !k || !v || !out) return MHA_ERR_NULL_POINTER;
-    st = mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, attn_weights ? MHA_PLAN_WEIGHTS : 0, &p);
+    while ((st = mha__sdpa_need(B, H, Lq, Lk, D, Dv, use, attn_weights != NULL, &p, &need)) == MHA_OK &&
+           mha__oneshot_fewer(opt, p.nthreads, workspace, workspace_bytes, need, &o))
+        use = &o;
     if (st != MHA_OK) return st;
     return mha_sdpa_run(&p, Lq, Lk, q, k, v, NULL, NULL, out, attn_weights, workspace, workspace_bytes);
 }
 
-MHADEF mha_status mha_sdpa_backward_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
-                                                   const mha_options *opt, size_t *bytes)
+static mha_status mha__sdpa_bwd_need(int B, int H, int Lq, int Lk, int D, int Dv, const mha_options *opt,
+                                     mha_plan *pp, size_t *bytes)
 {
     mha_plan p;
     mha_status st;
     size_t f = 0;
-    if (!bytes) return MHA_ERR_NULL_POINTER;
     if ((st = mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, MHA_PLAN_TRAINING, &p)) != MHA_OK) return st;
     if (!mha__sdpa_bwd_floats(B, H, p.opt.num_kv_heads ? p.opt.num_kv_heads : H, Lq, Lk, D, Dv,
                               p.nthreads, &f))
         return MHA_ERR_OVERFLOW;
     *bytes = f * sizeof(float);   /* what the backward call needs */
+    if (pp) *pp = p;
     return MHA_OK;
+}
+
+MHADEF mha_status mha_sdpa_backward_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
+                                                   const mha_options *opt, size_t *bytes)
+{
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    return mha__sdpa_bwd_need(B, H, Lq, Lk, D, Dv, opt, NULL, bytes);
 }
 
 MHADEF mha_status mha_sdpa_backward(int B, int H, int Lq, int Lk, int D, int Dv,
@@ -5249,22 +5294,26 @@ MHADEF mha_status mha_sdpa_backward(int B, int H, int Lq, int Lk, int D, int Dv,
                                     void *workspace, size_t workspace_bytes)
 {
     mha_plan p;
+    mha_options o;
+    const mha_options *use = opt;
+    size_t need;
     mha_status st;
     if (!q || !k || !v || !dout) return MHA_ERR_NULL_POINTER;
-    if ((st = mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, MHA_PLAN_TRAINING, &p)) != MHA_OK) return st;
+    while ((st = mha__sdpa_bwd_need(B, H, Lq, Lk, D, Dv, use, &p, &need)) == MHA_OK &&
+           mha__oneshot_fewer(opt, p.nthreads, workspace, workspace_bytes, need, &o))
+        use = &o;
+    if (st != MHA_OK) return st;
     return mha_sdpa_run_backward(&p, Lq, Lk, q, k, v, dout, NULL, NULL, dq, dk, dv, workspace,
                                  workspace_bytes);
 }
 
-MHADEF mha_status mha_forward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
-                                             const mha_options *opt, int need_weights,
-                                             size_t *bytes)
+static mha_status mha__forward_need(const mha_module *m, int B, int Lq, int Lk, const mha_options *opt,
+                                    int need_weights, mha_plan *pp, size_t *bytes)
 {
     mha_plan p;
     mha__fwd_layout L;
     size_t extra;
     mha_status st;
-    if (!bytes) return MHA_ERR_NULL_POINTER;
     st = mha__module_plan_make(m, B, Lq, Lk, opt, need_weights ? MHA_PLAN_WEIGHTS : 0,
                                MHA__PLAN_MODULE, &p, &extra);
     if (st != MHA_OK) return st;
@@ -5272,7 +5321,16 @@ MHADEF mha_status mha_forward_workspace_size(const mha_module *m, int B, int Lq,
     if (!mha__fwd_layout_at(&p.mod, B, Lq, Lk, need_weights != 0, p.by_head, p.nthreads, &L))
         return MHA_ERR_OVERFLOW;
     *bytes = L.total_floats * sizeof(float);
+    if (pp) *pp = p;
     return MHA_OK;
+}
+
+MHADEF mha_status mha_forward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
+                                             const mha_options *opt, int need_weights,
+                                             size_t *bytes)
+{
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    return mha__forward_need(m, B, Lq, Lk, opt, need_weights, NULL, bytes);
 }
 
 MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
@@ -5281,29 +5339,39 @@ MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
                               void *workspace, size_t workspace_bytes)
 {
     mha_plan p;
-    size_t extra;
+    mha_options o;
+    const mha_options *use = opt;
+    size_t need;
     mha_status st;
     if (!query || !key || !value || !out) return MHA_ERR_NULL_POINTER;
-    st = mha__module_plan_make(m, B, Lq, Lk, opt, attn_weights ? MHA_PLAN_WEIGHTS : 0,
-                               MHA__PLAN_MODULE, &p, &extra);
+    while ((st = mha__forward_need(m, B, Lq, Lk, use, attn_weights != NULL, &p, &need)) == MHA_OK &&
+           mha__oneshot_fewer(opt, p.nthreads, workspace, workspace_bytes, need, &o))
+        use = &o;
     if (st != MHA_OK) return st;
     return mha_module_forward(&p, Lq, Lk, query, key, value, NULL, NULL, out, attn_weights,
                               workspace, workspace_bytes);
 }
 
-MHADEF mha_status mha_backward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
-                                              const mha_options *opt, size_t *bytes)
+static mha_status mha__backward_need(const mha_module *m, int B, int Lq, int Lk, const mha_options *opt,
+                                     mha_plan *pp, size_t *bytes)
 {
     mha_plan p;
     size_t extra;
     mha_status st;
     mha__bwd_layout L;
-    if (!bytes) return MHA_ERR_NULL_POINTER;
     st = mha__module_plan_make(m, B, Lq, Lk, opt, MHA_PLAN_TRAINING, MHA__PLAN_MODULE, &p, &extra);
     if (st != MHA_OK) return st;
     if (!mha__bwd_layout_at(&p.mod, B, Lq, Lk, p.nthreads, &L)) return MHA_ERR_OVERFLOW;
     *bytes = L.total_floats * sizeof(float);   /* what the backward call needs */
+    if (pp) *pp = p;
     return MHA_OK;
+}
+
+MHADEF mha_status mha_backward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
+                                              const mha_options *opt, size_t *bytes)
+{
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    return mha__backward_need(m, B, Lq, Lk, opt, NULL, bytes);
 }
 
 MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
@@ -5313,10 +5381,14 @@ MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
                                void *workspace, size_t workspace_bytes)
 {
     mha_plan p;
-    size_t extra;
+    mha_options o;
+    const mha_options *use = opt;
+    size_t need;
     mha_status st;
     if (!query || !key || !value || !dout) return MHA_ERR_NULL_POINTER;
-    st = mha__module_plan_make(m, B, Lq, Lk, opt, MHA_PLAN_TRAINING, MHA__PLAN_MODULE, &p, &extra);
+    while ((st = mha__backward_need(m, B, Lq, Lk, use, &p, &need)) == MHA_OK &&
+           mha__oneshot_fewer(opt, p.nthreads, workspace, workspace_bytes, need, &o))
+        use = &o;
     if (st != MHA_OK) return st;
     return mha_module_backward(&p, Lq, Lk, query, key, value, dout, NULL, NULL, dquery, dkey, dvalue,
                                grad, workspace, workspace_bytes);
@@ -5342,10 +5414,15 @@ MHADEF mha_status mha_encoder_forward(const mha_encoder_layer *layer, int B, int
                                       float *attn_weights, void *workspace, size_t workspace_bytes)
 {
     mha_plan p;
+    mha_options o;
+    const mha_options *use = opt;
     size_t extra;
     mha_status st;
     if (!x || !y) return MHA_ERR_NULL_POINTER;
-    st = mha__encoder_plan_make(layer, B, L, opt, attn_weights ? MHA_PLAN_WEIGHTS : 0, &p, &extra);
+    while ((st = mha__encoder_plan_make(layer, B, L, use, attn_weights ? MHA_PLAN_WEIGHTS : 0, &p,
+                                        &extra)) == MHA_OK &&
+           mha__oneshot_fewer(opt, p.nthreads, workspace, workspace_bytes, mha_plan_workspace_size(&p), &o))
+        use = &o;
     if (st != MHA_OK) return st;
     return mha_encoder_run(&p, L, x, NULL, NULL, y, attn_weights, workspace, workspace_bytes);
 }
@@ -5356,10 +5433,14 @@ MHADEF mha_status mha_encoder_backward(const mha_encoder_layer *layer, int B, in
                                        void *workspace, size_t workspace_bytes)
 {
     mha_plan p;
+    mha_options o;
+    const mha_options *use = opt;
     size_t extra;
     mha_status st;
     if (!x || !dy) return MHA_ERR_NULL_POINTER;
-    st = mha__encoder_plan_make(layer, B, L, opt, MHA_PLAN_TRAINING, &p, &extra);
+    while ((st = mha__encoder_plan_make(layer, B, L, use, MHA_PLAN_TRAINING, &p, &extra)) == MHA_OK &&
+           mha__oneshot_fewer(opt, p.nthreads, workspace, workspace_bytes, mha_plan_workspace_size(&p), &o))
+        use = &o;
     if (st != MHA_OK) return st;
     return mha_encoder_run_backward(&p, L, x, dy, NULL, NULL, dx, grad, workspace, workspace_bytes);
 }

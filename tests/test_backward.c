@@ -275,9 +275,17 @@ static void test_mha(int B, int Lq, int Lk, int E, int H, int self, int has_bias
     else
         st = mha_backward(&mod, B, Lq, Lk, xq, xk, xv, g, &opt, dxq, dxk, dxv, &gr, ws, bytes);
     CHECK(st == MHA_OK, "mha_backward: %s", mha_status_string(st));
-    /* too small a workspace is refused before anything is written */
-    CHECK(mha_backward(&mod, B, Lq, Lk, xq, xk, xv, g, &opt, dxq, dxk, dxv, &gr, ws, bytes - 1)
-          == MHA_ERR_WORKSPACE_TOO_SMALL, "small workspace");
+    /* too small a workspace is refused before anything is written (on one
+       thread, explicitly: with num_threads 0 a one-shot call would run on
+       fewer threads when the workspace holds fewer) */
+    {
+        mha_options one = opt;
+        size_t b1 = 0;
+        one.num_threads = 1;
+        CHECK(mha_backward_workspace_size(&mod, B, Lq, Lk, &one, &b1) == MHA_OK && b1 <= bytes, "1-thread size");
+        CHECK(mha_backward(&mod, B, Lq, Lk, xq, xk, xv, g, &one, dxq, dxk, dxv, &gr, ws, b1 - 1)
+              == MHA_ERR_WORKSPACE_TOO_SMALL, "small workspace");
+    }
 
     memset(&c, 0, sizeof c);
     c.B = B; c.Lq = Lq; c.Lk = Lk; c.E = E; c.H = H; c.has_bias = has_bias; c.m = &m;

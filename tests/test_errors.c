@@ -255,6 +255,7 @@ static void test_workspace_and_memory(void)
     void *buf;
     mha_status st;
     setup(&m, &o);
+    o.num_threads = 1;   /* explicit: with 0 a one-shot call may run on fewer threads to fit */
     CHECK(mha_forward_workspace_size(&m, B, L, L, &o, 1, &need) == MHA_OK && need > 0, "workspace size");
     buf = malloc(need);
     poison();
@@ -271,9 +272,11 @@ static void test_workspace_and_memory(void)
     st = mha_sdpa(1, 2, L, L, 3, 3, x, x, x, NULL, out, w, NULL, 0);
     CHECK(st == MHA_ERR_OUT_OF_MEMORY && untouched(), "sdpa: MHA_MALLOC fails (%s)", mha_status_string(st));
     fail_alloc = 0;
-    CHECK(mha_sdpa_workspace_size(1, 2, L, L, 3, 3, NULL, 1, &need) == MHA_OK, "sdpa size");
+    memset(&o, 0, sizeof o);
+    o.num_threads = 1;
+    CHECK(mha_sdpa_workspace_size(1, 2, L, L, 3, 3, &o, 1, &need) == MHA_OK, "sdpa size");
     poison();
-    CHECK(mha_sdpa(1, 2, L, L, 3, 3, x, x, x, NULL, out, w, buf, need - 1) == MHA_ERR_WORKSPACE_TOO_SMALL && untouched(),
+    CHECK(mha_sdpa(1, 2, L, L, 3, 3, x, x, x, &o, out, w, buf, need - 1) == MHA_ERR_WORKSPACE_TOO_SMALL && untouched(),
           "sdpa: workspace too small");
     free(buf);
     CHECK(live_allocs == 0, "every MHA_MALLOC was matched by MHA_FREE (%zu live)", live_allocs);

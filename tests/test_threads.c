@@ -94,6 +94,65 @@ static void sdpa_case(int B, int H, int Lq, int Lk, int D, int causal, unsigned 
     free(q); free(k); free(v); free(o1); free(o2); free(w1); free(w2);
 }
 
+#ifdef _OPENMP
+#include <omp.h>
+/* Issue 8's first defect: a workspace sized while OpenMP had 1 thread, then a
+   one-shot call with OpenMP at 2 threads (num_threads 0).  The call must not
+   fail for lack of space: it runs on as many threads as the workspace holds,
+   and the result equals the call that allocates its own workspace, bit for
+   bit.  (An explicit num_threads is kept: see the check in main.)  */
+static void size_then_more_threads(void)
+{
+    const int B = 2, L = 300, E = 32, H = 2, D = E / H;
+    tu_rng r;
+    mha_module m;
+    size_t nx = (size_t)B * L * E, bs, bf, bfw, bb, bg;
+    float *w_in, *w_out, *x, *o1, *o2, *w1, *w2, *g1, *g2, *dout, *C1, *C2;
+    void *ws;
+    int saved = omp_get_max_threads();
+    r.s = 0x9e3779b97f4a7c15ULL;
+    memset(&m, 0, sizeof m);
+    m.embed_dim = E; m.num_heads = H;
+    w_in = rnd(&r, (size_t)3 * E * E, 0.3f); w_out = rnd(&r, (size_t)E * E, 0.3f);
+    m.in_proj_weight = w_in; m.out_proj_weight = w_out;
+    x = rnd(&r, nx, 1.0f); dout = rnd(&r, nx, 1.0f);
+    o1 = (float *)malloc(nx * sizeof(float)); o2 = (float *)malloc(nx * sizeof(float));
+    w1 = (float *)malloc((size_t)B * L * L * sizeof(float)); w2 = (float *)malloc((size_t)B * L * L * sizeof(float));
+    g1 = (float *)calloc(nx, sizeof(float)); g2 = (float *)calloc(nx, sizeof(float));
+    C1 = (float *)malloc((size_t)L * L * sizeof(float)); C2 = (float *)malloc((size_t)L * L * sizeof(float));
+
+    omp_set_num_threads(1);
+    CHECK(mha_sdpa_workspace_size(B, H, L, L, D, D, NULL, 0, &bs) == MHA_OK &&
+          mha_forward_workspace_size(&m, B, L, L, NULL, 0, &bf) == MHA_OK &&
+          mha_forward_workspace_size(&m, B, L, L, NULL, 1, &bfw) == MHA_OK &&
+          mha_backward_workspace_size(&m, B, L, L, NULL, &bb) == MHA_OK, "sizes at 1 thread");
+    bg = mha_gemm_workspace_size(L, L, E);
+    omp_set_num_threads(2);
+    ws = malloc(bfw > bb ? (bfw > bs ? bfw : bs) : (bb > bs ? bb : bs));
+    if (bg > bfw) { free(ws); ws = malloc(bg); }
+
+    CHECK(mha_sdpa(B, H, L, L, D, D, x, x, x, NULL, o1, NULL, ws, bs) == MHA_OK &&
+          mha_sdpa(B, H, L, L, D, D, x, x, x, NULL, o2, NULL, NULL, 0) == MHA_OK &&
+          memcmp(o1, o2, nx * sizeof(float)) == 0, "sdpa: 1-thread workspace at 2 threads, same bits");
+    CHECK(mha_forward(&m, B, L, L, x, x, x, NULL, o1, NULL, ws, bf) == MHA_OK &&
+          mha_forward(&m, B, L, L, x, x, x, NULL, o2, NULL, NULL, 0) == MHA_OK &&
+          memcmp(o1, o2, nx * sizeof(float)) == 0, "forward: 1-thread workspace at 2 threads, same bits");
+    CHECK(mha_forward(&m, B, L, L, x, x, x, NULL, o1, w1, ws, bfw) == MHA_OK &&
+          mha_forward(&m, B, L, L, x, x, x, NULL, o2, w2, NULL, 0) == MHA_OK &&
+          memcmp(o1, o2, nx * sizeof(float)) == 0 && memcmp(w1, w2, (size_t)B * L * L * sizeof(float)) == 0,
+          "forward with weights: 1-thread workspace at 2 threads, same bits");
+    CHECK(mha_backward(&m, B, L, L, x, x, x, dout, NULL, g1, NULL, NULL, NULL, ws, bb) == MHA_OK &&
+          mha_backward(&m, B, L, L, x, x, x, dout, NULL, g2, NULL, NULL, NULL, NULL, 0) == MHA_OK &&
+          memcmp(g1, g2, nx * sizeof(float)) == 0, "backward: 1-thread workspace at 2 threads, same bits");
+    CHECK(mha_gemm(MHA_NO_TRANS, MHA_TRANS, L, L, E, 1.0f, x, E, x, E, 0.0f, C1, L, ws, bg) == MHA_OK &&
+          mha_gemm(MHA_NO_TRANS, MHA_TRANS, L, L, E, 1.0f, x, E, x, E, 0.0f, C2, L, NULL, 0) == MHA_OK &&
+          memcmp(C1, C2, (size_t)L * L * sizeof(float)) == 0, "gemm: 1-thread workspace at 2 threads, same bits");
+    omp_set_num_threads(saved);
+    free(ws); free(w_in); free(w_out); free(x); free(dout); free(o1); free(o2); free(w1); free(w2);
+    free(g1); free(g2); free(C1); free(C2);
+}
+#endif
+
 int main(void)
 {
     /* per-thread scratch: a workspace sized for one thread is too small for two */
@@ -115,6 +174,9 @@ int main(void)
         CHECK(two == one, "without OpenMP the thread count must not change the size");
 #endif
     }
+#ifdef _OPENMP
+    size_then_more_threads();
+#endif
     /* few (b, h) pairs: the query tiles carry the parallelism */
     module_case(1, 300, 300, 16, 1, 0, 0, 1, 1);
     module_case(1, 257, 130, 32, 2, 1, 0, 0, 2);
