@@ -3,6 +3,7 @@
 # "N passed, N failed" lines and closes with the total.  Used by `make test`.
 #
 #   tests/run_all.sh [config ...]      default: all configurations, in two lanes at once
+#   TESTS="test_x test_y" tests/run_all.sh scalar neon    only those programs
 #
 # Configurations: scalar (gcc, MHA_NO_SIMD), avx2 (gcc, AVX2+FMA, OpenMP),
 # avx512 (gcc, AVX-512F, OpenMP; skipped on CPUs without it),
@@ -54,6 +55,8 @@ build_and_run() {
     local src name
     for src in tests/test_*.c; do
         name=$(basename "$src" .c)
+        # TESTS="test_a test_b" limits a run to those programs (while developing)
+        if [ -n "${TESTS:-}" ] && ! grep -qw -- "$name" <<<"$TESTS"; then continue; fi
         if ! $cc $flags $STB -Itests -I. "$src" -o "$OUT/$cfg/$name" $libs 2>"$OUT/$cfg/$name.build.log"; then
             fail_one "[$cfg] $name: build failed:"
             head -20 "$OUT/$cfg/$name.build.log"
