@@ -10,7 +10,7 @@ DEPS_DEMO  := gcc libstb-dev fortunes
 DEPS_BENCH := libopenblas-dev python3-torch python3-numpy
 DEPS_GOLD  := python3-torch python3-numpy
 
-.PHONY: all help test demo view bench bench-mha deps deps-demo deps-bench golden install uninstall clean train-gpt
+.PHONY: all help test demo view bench bench-mha profile-attn deps deps-demo deps-bench golden install uninstall clean train-gpt
 
 all: demo
 
@@ -110,6 +110,15 @@ bench-mha: deps-bench | $(BUILD)
 	$(CC) -std=c99 -O3 -mavx2 -mfma -fopenmp -I. bench/bench_mha.c -o $(BUILD)/bench_mha_avx2 -lm
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/bench_mha
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/bench_mha_avx2 --train
+
+# Where the fused attention core's cycles go, phase by phase (bench/profile_attn.c,
+# issue 12): the AVX-512 (or -march=native) build, then the AVX2 one.
+bench: profile-attn
+profile-attn: | $(BUILD)
+	$(CC) -std=c99 -O3 $(BENCH_ARCH) -I. bench/profile_attn.c -o $(BUILD)/profile_attn -lm
+	$(CC) -std=c99 -O3 -mavx2 -mfma -I. bench/profile_attn.c -o $(BUILD)/profile_attn_avx2 -lm
+	./$(BUILD)/profile_attn
+	./$(BUILD)/profile_attn_avx2
 
 $(BUILD)/train_reverse: examples/train_reverse.c examples/heatmap.h mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) -I. -Iexamples -isystem $(STB_INC) $< -o $@ -lm

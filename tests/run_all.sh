@@ -242,10 +242,14 @@ for cfg in "${configs[@]}"; do
             done
         done
         note "[examples] examples/*.c build with gcc and clang, $WARN"
-        # the benchmark is not run here, only kept compiling (without OpenBLAS)
-        if gcc -std=c99 $WARN -O1 -fopenmp -I. bench/bench.c -o "$OUT/cxx/bench" -lm 2>"$OUT/cxx/bench.log"; then
-            note "[bench] bench/bench.c compiles"
-        else fail_one "[bench] bench/bench.c does not compile:"; head -20 "$OUT/cxx/bench.log"; fi ;;
+        # the benchmarks are not run here, only kept compiling (without OpenBLAS)
+        for bn in bench bench_mha profile_attn callgrind_backward; do
+            if gcc -std=c99 $WARN -O1 -fopenmp $(have_avx2 && echo -mavx2 -mfma) -I. "bench/$bn.c" \
+                   -o "$OUT/cxx/$bn" -lm 2>"$OUT/cxx/$bn.log"; then
+                total_pass=$((total_pass + 1))
+            else fail_one "[bench] bench/$bn.c does not compile:"; head -20 "$OUT/cxx/$bn.log"; fi
+        done
+        note "[bench] bench/*.c compile, $WARN" ;;
     fuzz)
         # bounded libFuzzer runs (docs/robustness.md has the long ones):
         # fuzz_forward (random sizes, masks, NaN/Inf), fuzz_diff (fused vs
