@@ -1978,10 +1978,11 @@ static void mha__mask_cols(const mha__attn *a, int b, int h, int i, int j0, int 
             for (j = j0; j < jend; ++j) if (mha__mask_bool_blocks(m->kind, u[j])) s[j] = -INFINITY;
         }
     }
-    if (mha__limits(a)) {               /* keys outside [lo, hi] are blocked */
+    if (mha__limits(a)) {               /* keys outside [lo, hi] are blocked: two runs */
         ptrdiff_t lo, hi;
         mha__key_range(a, i, &lo, &hi);
-        for (j = j0; j < jend; ++j) if ((ptrdiff_t)j < lo || (ptrdiff_t)j > hi) s[j] = -INFINITY;
+        for (j = j0; j < jend && (ptrdiff_t)j < lo; ++j) s[j] = -INFINITY;
+        for (j = hi + 1 > (ptrdiff_t)j0 ? (int)(hi + 1) : j0; j < jend; ++j) s[j] = -INFINITY;
     }
 }
 
