@@ -3091,9 +3091,12 @@ static int mha__fbwd_skip(const mha__attn *a, int i0, int i1, int j0, int bc)
     return j0 + bc - 1 < lo || j0 > hi;
 }
 
-/* Query tile rows i0..i0+br of head h in batch b (see above). */
+/* Query tile rows i0..i0+br of head h in batch b (see above).  lse_in:
+   NULL, or the forward's log-sum-exp of these rows, with their O in a->o:
+   pass 1 then only forms delta from them (a saved forward). */
 static void mha__fbwd_tile(const mha__attn *a, int b, int h, int i0, int br, const float *dout,
-                           float *dq, float *dk, float *dv, float *sinkp, float *ws)
+                           const float *lse_in, float *dq, float *dk, float *dv, float *sinkp,
+                           float *ws)
 {
     const int Lk = a->Lk_eff, D = a->D, Dv = a->Dv, bcm = mha__imin(MHA__FBWC, Lk);
     const int brm = mha__imin(MHA__FBWR, a->Lq);
@@ -3110,42 +3113,52 @@ static void mha__fbwd_tile(const mha__attn *a, int b, int h, int i0, int br, con
     float sink = a->sinks ? a->sinks[h] : -INFINITY;
     int r, j0, bc, c;
 
-    /* pass 1: m, l and O with the online softmax */
-    for (r = 0; r < br; ++r) { m[r] = -INFINITY; l[r] = 0.0f; }
-    memset(o, 0, (size_t)br * Dv * sizeof(float));
-    for (j0 = 0; j0 < Lk; j0 += bc) {
-        bc = mha__imin(bcm, Lk - j0);
-        if (mha__fbwd_skip(a, i0, i0 + br - 1, j0, bc)) continue;
-        mha__fbwd_scores(a, b, h, i0, br, j0, bc, qt, kh + (size_t)j0 * a->k.rs, s, NULL, gws);
+    if (lse_in) {  /* pass 1 from the saved forward: delta_i = dO_i . O_i, the sink's share */
         for (r = 0; r < br; ++r) {
-            float *sr = s + (size_t)r * bc, mt = m[r], corr;
-            for (c = 0; c < bc; ++c) if (sr[c] > mt) mt = sr[c];
-            if (mt == -INFINITY) { memset(sr, 0, (size_t)bc * sizeof(float)); continue; }
-            corr = m[r] == -INFINITY ? 0.0f : expf(m[r] - mt);
-            l[r] = l[r] * corr + mha__exp_shift(sr, bc, mt);
-            if (corr != 1.0f) for (c = 0; c < Dv; ++c) o[(size_t)r * Dv + c] *= corr;
-            m[r] = mt;
+            const float *orow = a->o + oo + (size_t)r * a->o_rs, *dor = dot + (size_t)r * a->o_rs;
+            double d = 0.0;
+            for (c = 0; c < Dv; ++c) d += (double)dor[c] * orow[c];
+            lse[r] = lse_in[r];
+            delta[r] = (float)d;
+            if (sink != -INFINITY && lse[r] != -INFINITY) *sinkp -= expf(sink - lse[r]) * delta[r];
         }
-        mha__pv(br, bc, Dv, s, (size_t)bc, vh + (size_t)j0 * a->v.rs, a->v.rs, 1.0f, o, (size_t)Dv, gws);
-    }
-    for (r = 0; r < br; ++r) {     /* the sink joins the sum; normalise; delta */
-        float mm = m[r] > sink ? m[r] : sink, f, sum;
-        float *orow = o + (size_t)r * Dv;
-        const float *dor = dot + (size_t)r * a->o_rs;
-        double d = 0.0;
-        if (mm == -INFINITY) {     /* nothing allowed: P = 0, O = 0 */
-            lse[r] = -INFINITY;
-            f = 0.0f;
-        } else {
-            f = m[r] == -INFINITY ? 0.0f : expf(m[r] - mm);
-            sum = l[r] * f + (sink == -INFINITY ? 0.0f : expf(sink - mm));
-            lse[r] = mm + logf(sum);
-            f /= sum;
+    } else {       /* pass 1: m, l and O with the online softmax */
+        for (r = 0; r < br; ++r) { m[r] = -INFINITY; l[r] = 0.0f; }
+        memset(o, 0, (size_t)br * Dv * sizeof(float));
+        for (j0 = 0; j0 < Lk; j0 += bc) {
+            bc = mha__imin(bcm, Lk - j0);
+            if (mha__fbwd_skip(a, i0, i0 + br - 1, j0, bc)) continue;
+            mha__fbwd_scores(a, b, h, i0, br, j0, bc, qt, kh + (size_t)j0 * a->k.rs, s, NULL, gws);
+            for (r = 0; r < br; ++r) {
+                float *sr = s + (size_t)r * bc, mt = m[r], corr;
+                for (c = 0; c < bc; ++c) if (sr[c] > mt) mt = sr[c];
+                if (mt == -INFINITY) { memset(sr, 0, (size_t)bc * sizeof(float)); continue; }
+                corr = m[r] == -INFINITY ? 0.0f : expf(m[r] - mt);
+                l[r] = l[r] * corr + mha__exp_shift(sr, bc, mt);
+                if (corr != 1.0f) for (c = 0; c < Dv; ++c) o[(size_t)r * Dv + c] *= corr;
+                m[r] = mt;
+            }
+            mha__pv(br, bc, Dv, s, (size_t)bc, vh + (size_t)j0 * a->v.rs, a->v.rs, 1.0f, o, (size_t)Dv, gws);
         }
-        for (c = 0; c < Dv; ++c) { orow[c] *= f; d += (double)dor[c] * orow[c]; }
-        delta[r] = (float)d;
-        if (a->o) memcpy(a->o + oo + (size_t)r * a->o_rs, orow, (size_t)Dv * sizeof(float));
-        if (sink != -INFINITY && lse[r] != -INFINITY) *sinkp -= expf(sink - lse[r]) * delta[r];
+        for (r = 0; r < br; ++r) {     /* the sink joins the sum; normalise; delta */
+            float mm = m[r] > sink ? m[r] : sink, f, sum;
+            float *orow = o + (size_t)r * Dv;
+            const float *dor = dot + (size_t)r * a->o_rs;
+            double d = 0.0;
+            if (mm == -INFINITY) {     /* nothing allowed: P = 0, O = 0 */
+                lse[r] = -INFINITY;
+                f = 0.0f;
+            } else {
+                f = m[r] == -INFINITY ? 0.0f : expf(m[r] - mm);
+                sum = l[r] * f + (sink == -INFINITY ? 0.0f : expf(sink - mm));
+                lse[r] = mm + logf(sum);
+                f /= sum;
+            }
+            for (c = 0; c < Dv; ++c) { orow[c] *= f; d += (double)dor[c] * orow[c]; }
+            delta[r] = (float)d;
+            if (a->o) memcpy(a->o + oo + (size_t)r * a->o_rs, orow, (size_t)Dv * sizeof(float));
+            if (sink != -INFINITY && lse[r] != -INFINITY) *sinkp -= expf(sink - lse[r]) * delta[r];
+        }
     }
     if (!dv && !dq && !dk) return;
 
@@ -3183,10 +3196,12 @@ static void mha__fbwd_tile(const mha__attn *a, int b, int h, int i0, int br, con
 }
 
 /* The fused backward of a dense (unsliced) call on a->nthreads threads:
-   dq, dk, dv are added to (each may be NULL); O is written to a->o when set;
-   a->sinks_grad[h] -= its sum.  ws: mha__fbwd_floats(...) floats. */
-static void mha__attend_backward_fused(const mha__attn *a, const float *dout, float *dq, float *dk,
-                                       float *dv, float *ws)
+   dq, dk, dv are added to (each may be NULL); a->sinks_grad[h] -= its sum.
+   lse_saved NULL: the forward is recomputed and O written to a->o when set;
+   else lse_saved [B, H, Lq] and O in a->o are the forward's (read only).
+   ws: mha__fbwd_floats(...) floats. */
+static void mha__attend_backward_fused(const mha__attn *a, const float *dout, const float *lse_saved,
+                                       float *dq, float *dk, float *dv, float *ws)
 {
     const int items = a->B * a->Hkv, nt = mha__imin(items, a->nthreads < 1 ? 1 : a->nthreads);
     const size_t per = mha__fbwd_thread_floats(a->Lq, a->Lk_eff, a->D, a->Dv);
@@ -3204,8 +3219,9 @@ static void mha__attend_backward_fused(const mha__attn *a, const float *dout, fl
 #endif
         for (hh = kvh * a->group; hh < (kvh + 1) * a->group; ++hh)
             for (i0 = 0; i0 < a->Lq; i0 += MHA__FBWR)
-                mha__fbwd_tile(a, bb, hh, i0, mha__imin(MHA__FBWR, a->Lq - i0), dout, dq, dk, dv,
-                               sinkp + (size_t)bb * a->H + hh, ws + (size_t)tid * per);
+                mha__fbwd_tile(a, bb, hh, i0, mha__imin(MHA__FBWR, a->Lq - i0), dout,
+                               lse_saved ? lse_saved + ((size_t)bb * a->H + hh) * a->Lq + i0 : NULL,
+                               dq, dk, dv, sinkp + (size_t)bb * a->H + hh, ws + (size_t)tid * per);
     }
     if (a->sinks_grad)
         for (h = 0; h < a->H; ++h)
@@ -3571,7 +3587,7 @@ static uint32_t mha__weights_sample(const mha__mod *r)
     uint32_t h = 2166136261u, bits;
     int i, s;
     w[0] = r->wq; w[1] = r->wk; w[2] = r->wv; w[3] = r->wo;
-    n[0] = n[3] = (size_t)r->E * r->E; n[1] = (size_t)r->E * r->kdim; n[2] = (size_t)r->E * r->vdim;
+    n[0] = n[3] = (size_t)r->E * r->E; n[1] = (size_t)r->Ekv * r->kdim; n[2] = (size_t)r->Ekv * r->vdim;
     for (i = 0; i < 4; ++i)
         for (s = 0; s < MHA__SAMPLES; ++s) {
             size_t at = (size_t)((unsigned long long)s * (n[i] - 1) / (MHA__SAMPLES - 1));
@@ -3699,13 +3715,32 @@ MHADEF mha_status mha_module_pack(const mha_module *m, void *buf, size_t bytes)
    maxima: every region grows with Lq and Lk, so a run never needs more than
    its plan said.  Offsets are in floats from the aligned start. */
 
+/* The saved forward's header (magic, key): floats at the workspace's start
+   (see "saved forward" below). */
+#define MHA__SAVED_MAGIC 0x53415645444d4841ull   /* "AHMDEVAS" */
+#define MHA__SAVED_HDR 16
+
 /* The module forward.  Queries go through chunk_b batches x chunk_q rows
    at a time (mha__fwd_chunks); qp, kp, vp hold the projections, scratch the
    attention's per-thread buffers and the projection GEMMs' packing. */
 typedef struct mha__fwd_layout {
     int chunk_b, chunk_q;
     size_t qp, kp, vp, scratch, per_thread, total_floats;
+    size_t ctx, lse;            /* saves: the context and the lse (Q is then [B*Lq, E]) */
 } mha__fwd_layout;
+
+/* A training module plan's saved forward (p->saves), at the start of its
+   workspace for the forward and the backward alike: the header, Q
+   [B*Lq, E], K and V [B*Lke, Ekv] (after RoPE, appended rows included),
+   the context C [B*Lq, E] and the lse [B, H, Lq].  */
+static int mha__mod_saved_at(const mha__mod *r, int B, int Lq, int Lk, size_t *cur, size_t *qp,
+                             size_t *kp, size_t *vp, size_t *ctx, size_t *lse)
+{
+    size_t hdr, nq = (size_t)B * Lq * r->E, nk = (size_t)B * (Lk + r->extra) * r->Ekv;
+    return mha__region(cur, MHA__SAVED_HDR, &hdr) && mha__region(cur, nq, qp) &&
+           mha__region(cur, nk, kp) && mha__region(cur, nk, vp) && mha__region(cur, nq, ctx) &&
+           mha__region(cur, (size_t)B * r->H * Lq, lse);
+}
 
 /* Without weights, a forward whose Q, K and V would take at least this many
    floats (32 MiB) goes one head at a time: Q, K, V of one head, [B, L, D],
@@ -3738,7 +3773,7 @@ static void mha__fwd_chunks(int B, int Lq, int need_weights, int *chunk_b, int *
 }
 
 static int mha__fwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int weights, int by_head,
-                              int nt, mha__fwd_layout *L)
+                              int nt, int saves, mha__fwd_layout *L)
 {
     size_t cur = 0, scratch, g, g2;
     int Lke = Lk + r->extra, E = r->E, D = r->D, widest = r->kdim > r->vdim ? r->kdim : r->vdim;
@@ -3757,6 +3792,13 @@ static int mha__fwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int weig
     /* the projection GEMMs run on the scratch area too */
     g = mha__gemm_ws_floats_mt(B * Lq, E, E, nt);
     g2 = mha__gemm_ws_floats_mt(B * Lke, E, widest, nt); if (g2 > g) g = g2;
+    L->ctx = L->lse = 0;
+    if (saves)
+        return mha__mod_saved_at(r, B, Lq, Lk, &cur, &L->qp, &L->kp, &L->vp, &L->ctx, &L->lse) &&
+               mha__attn_scratch_floats(Lq, Lk, Lke, D, D, nt, weights, r->H < nt, &L->per_thread,
+                                        &scratch) &&
+               mha__region(&cur, scratch > g ? scratch : g, &L->scratch) &&
+               mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
     return mha__region(&cur, (size_t)L->chunk_b * L->chunk_q * E, &L->qp) &&
            mha__region(&cur, (size_t)B * Lke * r->Ekv, &L->kp) &&
            mha__region(&cur, (size_t)B * Lke * r->Ekv, &L->vp) &&
@@ -3768,12 +3810,12 @@ static int mha__fwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int weig
 
 /* The module backward.  K and V hold Lk + extra rows per batch. */
 typedef struct mha__bwd_layout {
-    size_t qp, kp, vp, ctx, dctx, dqp, dkp, dvp, gws, total_floats;
+    size_t qp, kp, vp, ctx, lse, dctx, dqp, dkp, dvp, gws, total_floats;
 } mha__bwd_layout;
 
 /* gws: the projections' GEMM workspace, and the fused attention backward's
    scratch (the two are never in use at once). */
-static int mha__bwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int nt,
+static int mha__bwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int nt, int saves,
                               mha__bwd_layout *L)
 {
     size_t cur = 0, g, t, nq = (size_t)B * Lq * r->E, nk;
@@ -3783,8 +3825,10 @@ static int mha__bwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int nt,
     t = mha__linear_gws(B * Lk, r->kdim, r->E, nt);       if (t > g) g = t;
     t = mha__linear_gws(B * Lk, r->vdim, r->E, nt);       if (t > g) g = t;
     t = mha__fbwd_floats(B, r->H, r->Hkv, Lq, Lke, r->D, r->D, nt); if (t > g) g = t;
-    return mha__region(&cur, nq, &L->qp) && mha__region(&cur, nk, &L->kp) &&
-           mha__region(&cur, nk, &L->vp) && mha__region(&cur, nq, &L->ctx) &&
+    L->lse = 0;
+    return (saves ? mha__mod_saved_at(r, B, Lq, Lk, &cur, &L->qp, &L->kp, &L->vp, &L->ctx, &L->lse)
+                  : mha__region(&cur, nq, &L->qp) && mha__region(&cur, nk, &L->kp) &&
+                    mha__region(&cur, nk, &L->vp) && mha__region(&cur, nq, &L->ctx)) &&
            mha__region(&cur, nq, &L->dctx) && mha__region(&cur, nq, &L->dqp) &&
            mha__region(&cur, nk, &L->dkp) && mha__region(&cur, nk, &L->dvp) &&
            mha__region(&cur, g, &L->gws) && mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
@@ -3802,6 +3846,16 @@ static int mha__sdpa_bwd_floats(int B, int H, int Hkv, int Lq, int Lk, int D, in
                                 size_t *total)
 {
     return mha__add(mha__fbwd_floats(B, H, Hkv, Lq, Lk, D, Dv, nt), MHA__ALIGN_FLOATS, total);
+}
+/* A training SDPA plan's saved forward, at the start of the workspace:
+   header, lse [B, H, Lq], O [B, H, Lq, Dv]; the scratch follows. */
+static int mha__sdpa_saved_floats(int B, int H, int Lq, int Dv, size_t *lse, size_t *o, size_t *total)
+{
+    size_t rows = (size_t)B * H * Lq, no;
+    if (!mha__mul(rows, (size_t)Dv, &no)) return 0;
+    *lse = MHA__SAVED_HDR;
+    *o = *lse + mha__round_floats(rows);
+    return mha__add(*o, mha__round_floats(no), total);
 }
 
 /* The encoder layer, N = B*L rows.  Training keeps every intermediate for
@@ -3841,6 +3895,8 @@ struct mha_plan {
     mha__mod mod;               /* module and encoder */
     mha_encoder_layer enc;      /* encoder (pointers borrowed) */
     size_t mod_floats;          /* encoder: the self-attention's part of the workspace */
+    int saves;                  /* training: the forward run leaves the saved forward in the
+                                   workspace for the backward (mha__saved_key) */
 };
 
 static size_t mha__plan_struct_bytes(void)
@@ -3924,9 +3980,13 @@ static mha_status mha__sdpa_plan_make(int B, int H, int Lq, int Lk, int D, int D
         if (f1 > f) f = f1;
     }
     if (flags & MHA_PLAN_TRAINING) {
+        size_t at_lse, at_o, saved;
         if (!mha__sdpa_bwd_floats(B, H, p->opt.num_kv_heads ? p->opt.num_kv_heads : H, Lq, Lk, D, Dv,
                                   p->nthreads, &f1)) return MHA_ERR_OVERFLOW;
         if (f1 > f) f = f1;
+        if (!mha__sdpa_saved_floats(B, H, Lq, Dv, &at_lse, &at_o, &saved) || !mha__add(f, saved, &f))
+            return MHA_ERR_OVERFLOW;
+        p->saves = 1;
     }
     return mha__plan_ws(p, f);
 }
@@ -3936,14 +3996,14 @@ static int mha__module_floats(const mha_plan *p, int Lq, int Lk, size_t *floats)
 {
     mha__fwd_layout F;
     mha__bwd_layout W;
-    if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 0, p->by_head, p->nthreads, &F)) return 0;
+    if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 0, p->by_head, p->nthreads, p->saves, &F)) return 0;
     *floats = F.total_floats;
     if (p->flags & MHA_PLAN_WEIGHTS) {
-        if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 1, 0, p->nthreads, &F)) return 0;
+        if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 1, 0, p->nthreads, p->saves, &F)) return 0;
         if (F.total_floats > *floats) *floats = F.total_floats;
     }
     if (p->flags & MHA_PLAN_TRAINING) {
-        if (!mha__bwd_layout_at(&p->mod, p->B, Lq, Lk, p->nthreads, &W)) return 0;
+        if (!mha__bwd_layout_at(&p->mod, p->B, Lq, Lk, p->nthreads, p->saves, &W)) return 0;
         if (W.total_floats > *floats) *floats = W.total_floats;
     }
     return 1;
@@ -3989,6 +4049,7 @@ static mha_status mha__module_plan_make(const mha_module *m, int B, int Lq, int 
     }
     p->mod = r;
     p->by_head = (double)B * ((double)Lq + 2.0 * Lke) * r.E >= (double)MHA__BY_HEAD_FLOATS;
+    p->saves = (flags & MHA_PLAN_TRAINING) && !p->by_head;   /* head by head: Q, K, V do not fit */
     if (!mha__module_floats(p, Lq, Lk, &f)) return MHA_ERR_OVERFLOW;
     p->mod_floats = f;
     return mha__plan_ws(p, f);
@@ -4187,6 +4248,149 @@ MHADEF void mha_plan_destroy(mha_plan *plan)
     }
 }
 
+/* ------------------------------------------------------ saved forward
+
+   A training plan's forward run leaves in the caller's workspace what its
+   backward needs, so the backward does not compute the forward again:
+     SDPA      the log-sum-exp of every row [B, H, Lq] and O [B, H, Lq, Dv]
+     module    the projected Q, K, V (after RoPE), the context C and the lse
+     encoder   the module's, and the layer's activations (a, t1, h, z, g, t2)
+   The region starts with a header of MHA__SAVED_HDR floats: a magic number
+   and a 64-bit key of everything the forward's results depend on (the plan,
+   the lengths, the input and mask pointers and contents, sinks, ALiBi
+   slopes, a sample of the weights).  A backward run keys its own arguments
+   the same way and uses the saved forward only when the keys agree;
+   otherwise it recomputes the forward, as a one-shot backward does.  Runs
+   that write the region otherwise clear the header first.  */
+
+/* A 64-bit hash of n bytes, continuing from h: four lanes of
+   xor-multiply-xorshift over 8-byte words (a change to any bit of a word
+   changes its lane), then the lanes folded with the length. */
+static uint64_t mha__hash(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *c = MHA__CAST(const unsigned char *, p);
+    uint64_t a[4], w;
+    size_t i = 0;
+    int l;
+    for (l = 0; l < 4; ++l) a[l] = h + (uint64_t)(l + 1) * 0x9e3779b97f4a7c15ull;
+    for (; i + 32 <= n; i += 32)
+        for (l = 0; l < 4; ++l) {
+            memcpy(&w, c + i + 8 * l, 8);
+            a[l] = (a[l] ^ w) * 0xff51afd7ed558ccdull;
+            a[l] ^= a[l] >> 32;
+        }
+    for (; i < n; ++i) a[0] = (a[0] ^ c[i]) * 0xc4ceb9fe1a85ec53ull;
+    h = (uint64_t)n;
+    for (l = 0; l < 4; ++l) { h = (h ^ a[l]) * 0xff51afd7ed558ccdull; h ^= h >> 29; }
+    return h;
+}
+
+static size_t mha__mask_bytes(const mha_mask *m)
+{
+    size_t n = m->kind == MHA_MASK_FLOAT ? sizeof(float) : 1;
+    int d;
+    for (d = 0; d < m->ndim; ++d) n *= (size_t)m->shape[d];
+    return n;
+}
+
+/* The key of a run of plan p at lengths Lq, Lk with options o (the run's
+   masks) and inputs x[0..nx) of n[] floats (an input equal to the one
+   before it, e.g. self-attention's x, is hashed once).  */
+static uint64_t mha__saved_key(const mha_plan *p, const mha_options *o, int Lq, int Lk,
+                               const float *const *x, const size_t *n, int nx)
+{
+    const mha__mod *r = &p->mod;
+    const mha_encoder_layer *e = &p->enc;
+    int iv[32];
+    float fv[4];
+    const void *pv[24];
+    uint64_t h = MHA__SAVED_MAGIC;
+    int i, ni = 0, np = 0;
+    iv[ni++] = p->kind; iv[ni++] = (int)p->flags; iv[ni++] = p->B; iv[ni++] = p->H;
+    iv[ni++] = p->D; iv[ni++] = p->Dv; iv[ni++] = p->by_head; iv[ni++] = Lq; iv[ni++] = Lk;
+    iv[ni++] = o->causal; iv[ni++] = (int)o->causal_align; iv[ni++] = o->num_kv_heads;
+    iv[ni++] = o->window; iv[ni++] = o->window_left; iv[ni++] = o->window_right;
+    iv[ni++] = o->alibi; iv[ni++] = o->position_offset;
+    iv[ni++] = (int)o->attn_mask.kind; iv[ni++] = (int)o->key_padding_mask.kind;
+    iv[ni++] = r->E; iv[ni++] = r->kdim; iv[ni++] = r->vdim; iv[ni++] = r->Hkv; iv[ni++] = r->extra;
+    iv[ni++] = (int)r->rope.kind; iv[ni++] = r->rope.rotary_dim;
+    iv[ni++] = e->dim_feedforward; iv[ni++] = (int)e->activation; iv[ni++] = e->norm_first;
+    iv[ni++] = p->kind == MHA__PLAN_SDPA ? 0 : (int)mha__weights_sample(r);
+    fv[0] = o->scale; fv[1] = o->softcap; fv[2] = r->rope.theta; fv[3] = e->layer_norm_eps;
+    pv[np++] = p; pv[np++] = o->attn_mask.data; pv[np++] = o->key_padding_mask.data;
+    pv[np++] = o->alibi_slopes; pv[np++] = o->sinks;
+    pv[np++] = r->wq; pv[np++] = r->wk; pv[np++] = r->wv; pv[np++] = r->wo;
+    pv[np++] = r->bq; pv[np++] = r->bk; pv[np++] = r->bv; pv[np++] = r->bo;
+    pv[np++] = r->bias_k; pv[np++] = r->bias_v;
+    pv[np++] = e->linear1_weight; pv[np++] = e->linear1_bias; pv[np++] = e->linear2_weight;
+    pv[np++] = e->linear2_bias; pv[np++] = e->norm1_weight; pv[np++] = e->norm1_bias;
+    pv[np++] = e->norm2_weight; pv[np++] = e->norm2_bias;
+    h = mha__hash(h, iv, (size_t)ni * sizeof iv[0]);
+    h = mha__hash(h, fv, sizeof fv);
+    h = mha__hash(h, pv, (size_t)np * sizeof pv[0]);
+    for (i = 0; i < nx; ++i) {
+        h = mha__hash(h, &x[i], sizeof x[i]);
+        if (i == 0 || x[i] != x[i - 1] || n[i] != n[i - 1]) h = mha__hash(h, x[i], n[i] * sizeof(float));
+    }
+    if (o->attn_mask.kind != MHA_MASK_NONE) h = mha__hash(h, o->attn_mask.data, mha__mask_bytes(&o->attn_mask));
+    if (o->key_padding_mask.kind != MHA_MASK_NONE)
+        h = mha__hash(h, o->key_padding_mask.data, mha__mask_bytes(&o->key_padding_mask));
+    if (o->sinks) h = mha__hash(h, o->sinks, (size_t)p->H * sizeof(float));
+    if (o->alibi && o->alibi_slopes) h = mha__hash(h, o->alibi_slopes, (size_t)p->H * sizeof(float));
+    return h;
+}
+
+/* A check sum of the saved forward itself, its k regions of n[i] floats at
+   ws + at[i]: per lane of 8-byte words a running sum and a sum of running
+   sums (Fletcher), so a region written over since the forward (a workspace
+   freed, reused by other allocations and handed out again) no longer
+   matches its header.  Two adds a word: cheap next to the key's hash.  */
+static uint64_t mha__saved_sum(const float *ws, const size_t *at, const size_t *n, int k)
+{
+    uint64_t s1[4] = {0, 0, 0, 0}, s2[4] = {0, 0, 0, 0}, w, h = 0;
+    uint32_t u;
+    int i, l;
+    for (i = 0; i < k; ++i) {
+        const unsigned char *c = MHA__CAST(const unsigned char *, ws + at[i]);
+        size_t bytes = n[i] * sizeof(float), j = 0;
+        for (; j + 32 <= bytes; j += 32)
+            for (l = 0; l < 4; ++l) {
+                memcpy(&w, c + j + 8 * l, 8);
+                s1[l] += w;
+                s2[l] += s1[l];
+            }
+        for (; j < bytes; j += 4) {
+            memcpy(&u, c + j, 4);
+            s1[0] += u;
+            s2[0] += s1[0];
+        }
+    }
+    for (l = 0; l < 4; ++l) {
+        h = (h ^ s1[l]) * 0xff51afd7ed558ccdull;
+        h = (h ^ s2[l]) * 0xff51afd7ed558ccdull;
+    }
+    return h;
+}
+
+/* The header at hdr: mark the saved forward as made for key (after the
+   forward has written it; key combines the arguments' key and the saved
+   data's sum), clear it (before anything else writes the region), or ask
+   whether it holds key. */
+static void mha__saved_stamp(float *hdr, uint64_t key)
+{
+    uint64_t m = MHA__SAVED_MAGIC;
+    memcpy(hdr, &m, 8);
+    memcpy(hdr + 2, &key, 8);
+}
+static void mha__saved_clear(float *hdr) { memset(hdr, 0, 16); }
+static int mha__saved_holds(const float *hdr, uint64_t key)
+{
+    uint64_t m, k;
+    memcpy(&m, hdr, 8);
+    memcpy(&k, hdr + 2, 8);
+    return m == MHA__SAVED_MAGIC && k == key;
+}
+
 /* ------------------------------------------------------------- runs */
 
 /* The start of every run: the plan is one of this kind; the lengths fit;
@@ -4274,6 +4478,28 @@ static void mha__attn_dense(mha__attn *a, const mha_options *o, int B, int H, in
     a->shared_pack = (size_t)B * H < (size_t)a->nthreads;
 }
 
+/* The sum of an SDPA plan's saved forward at these lengths. */
+static uint64_t mha__sdpa_saved_sum(const mha_plan *p, int Lq, const float *ws)
+{
+    size_t at[2], n[2], total;
+    (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at[0], &at[1], &total);
+    n[0] = (size_t)p->B * p->H * Lq;
+    n[1] = n[0] * p->Dv;
+    return mha__saved_sum(ws, at, n, 2);
+}
+
+/* The saved-forward key of an SDPA run. */
+static uint64_t mha__sdpa_key(const mha_plan *p, const mha_options *o, int Lq, int Lk,
+                              const float *q, const float *k, const float *v)
+{
+    const float *x[3];
+    size_t n[3], rows = (size_t)p->B * p->H * Lq;
+    size_t keys = (size_t)p->B * (o->num_kv_heads ? o->num_kv_heads : p->H) * Lk;
+    x[0] = q; x[1] = k; x[2] = v;
+    n[0] = rows * p->D; n[1] = keys * p->D; n[2] = keys * p->Dv;
+    return mha__saved_key(p, o, Lq, Lk, x, n, 3);
+}
+
 MHADEF mha_status mha_sdpa_run(const mha_plan *p, int Lq, int Lk,
                                const float *q, const float *k, const float *v,
                                const void *attn_mask, const void *key_padding_mask,
@@ -4281,9 +4507,10 @@ MHADEF mha_status mha_sdpa_run(const mha_plan *p, int Lq, int Lk,
 {
     mha_options o;
     mha__attn a;
-    size_t per_thread, total;
+    size_t per_thread, total, at_lse = 0, at_o = 0, saved = 0;
     void *owned;
     float *ws;
+    uint64_t key = 0;
     mha_status st;
     if ((st = mha__run_begin(p, MHA__PLAN_SDPA, Lq, Lk, attn_mask, key_padding_mask, &o)) != MHA_OK)
         return st;
@@ -4291,10 +4518,26 @@ MHADEF mha_status mha_sdpa_run(const mha_plan *p, int Lq, int Lk,
     if (attn_weights && !(p->flags & MHA_PLAN_WEIGHTS)) return MHA_ERR_EXCEEDS_PLAN;
     (void)mha__sdpa_fwd_floats(p->B, p->H, Lq, Lk, p->D, p->Dv, attn_weights != NULL, p->nthreads,
                                &per_thread, &total);   /* within the plan's */
-    if ((st = mha__run_ws(p, workspace, workspace_bytes, total, &owned, &ws)) != MHA_OK) return st;
+    if (p->saves) (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at_lse, &at_o, &saved);
+    if ((st = mha__run_ws(p, workspace, workspace_bytes, saved + total, &owned, &ws)) != MHA_OK)
+        return st;
     mha__attn_dense(&a, &o, p->B, p->H, Lq, Lk, p->D, p->Dv, q, k, v, out);
     a.weights = attn_weights;
-    mha__attend_all(&a, ws, per_thread);
+    if (saved) {   /* the saved forward: lse there (and copied to o.lse), O copied after;
+                      keyed before out (which may be q) is written */
+        mha__saved_clear(ws);
+        a.lse = ws + at_lse;
+        if (!owned) key = mha__sdpa_key(p, &o, Lq, Lk, q, k, v);
+    }
+    mha__attend_all(&a, ws + saved, per_thread);
+    if (saved) {
+        size_t rows = (size_t)p->B * p->H * Lq;
+        if (o.lse) memcpy(o.lse, ws + at_lse, rows * sizeof(float));
+        if (!owned) {
+            memcpy(ws + at_o, out, rows * p->Dv * sizeof(float));
+            mha__saved_stamp(ws, key ^ mha__sdpa_saved_sum(p, Lq, ws));
+        }
+    }
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
@@ -4309,7 +4552,8 @@ MHADEF mha_status mha_sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
     mha__attn a;
     void *owned;
     float *ws;
-    size_t f = 0;
+    size_t f = 0, at_lse = 0, at_o = 0, saved = 0;
+    int use = 0;
     mha_status st;
     if ((st = mha__run_begin(p, MHA__PLAN_SDPA, Lq, Lk, attn_mask, key_padding_mask, &o)) != MHA_OK)
         return st;
@@ -4317,10 +4561,14 @@ MHADEF mha_status mha_sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
     if (!(p->flags & MHA_PLAN_TRAINING)) return MHA_ERR_EXCEEDS_PLAN;
     (void)mha__sdpa_bwd_floats(p->B, p->H, o.num_kv_heads ? o.num_kv_heads : p->H, Lq, Lk, p->D,
                                p->Dv, p->nthreads, &f);   /* within the plan's */
-    if ((st = mha__run_ws(p, workspace, workspace_bytes, f, &owned, &ws)) != MHA_OK) return st;
+    if (p->saves) (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at_lse, &at_o, &saved);
+    if ((st = mha__run_ws(p, workspace, workspace_bytes, saved + f, &owned, &ws)) != MHA_OK) return st;
     mha__attn_dense(&a, &o, p->B, p->H, Lq, Lk, p->D, p->Dv, q, k, v, NULL);
     a.nthreads = p->nthreads;
-    mha__attend_backward_fused(&a, dout, dq, dk, dv, ws);
+    if (saved && !owned)   /* the forward of these very arguments left lse and O here? */
+        use = mha__saved_holds(ws, mha__sdpa_key(p, &o, Lq, Lk, q, k, v) ^ mha__sdpa_saved_sum(p, Lq, ws));
+    if (use) a.o = ws + at_o;
+    mha__attend_backward_fused(&a, dout, use ? ws + at_lse : NULL, dq, dk, dv, ws + saved);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
@@ -4338,6 +4586,7 @@ typedef struct mha__run {
     float *dquery, *dkey, *dvalue;     /* backward, added to (each may be NULL) */
     const mha_module_grad *grad;       /* backward, added to */
     float *ws;
+    int use_saved;                     /* backward: ws holds the saved forward of these inputs */
 } mha__run;
 
 /* The long-sequence forward (see MHA__BY_HEAD_FLOATS): for each head h,
@@ -4396,7 +4645,9 @@ static void mha__forward_chunks(const mha__run *c, const mha__fwd_layout *L)
     const mha__mod *r = c->r;
     mha__attn a;
     int E = r->E, Ekv = r->Ekv, B = c->B, Lq = c->Lq, Lke = c->Lke, nt = c->p->nthreads, b;
+    int saves = c->p->saves;
     float *qp = c->ws + L->qp, *kp = c->ws + L->kp, *vp = c->ws + L->vp, *scratch = c->ws + L->scratch;
+    float *ctx = saves ? c->ws + L->ctx : NULL;
 
     /* 1. key and value projections, K = Xk Wk^T + bk, for all batches,
           Lke rows per batch (the appended keys after the Lk projected ones) */
@@ -4415,6 +4666,7 @@ static void mha__forward_chunks(const mha__run *c, const mha__fwd_layout *L)
     a.Hkv = r->Hkv; a.group = r->H / r->Hkv;
     a.weights = c->weights; a.per_head = c->o->per_head_weights != 0;
     a.shared_pack = r->H < a.nthreads;
+    if (saves) a.lse = c->ws + L->lse;   /* (copied to the caller's o->lse at the end) */
     for (b = 0; b < B; b += L->chunk_b) {
         int q0;
         a.b0 = b;
@@ -4422,37 +4674,41 @@ static void mha__forward_chunks(const mha__run *c, const mha__fwd_layout *L)
         for (q0 = 0; q0 < Lq; q0 += L->chunk_q) {
             size_t first = ((size_t)b * Lq + q0) * E;   /* offset of the chunk in query/out */
             int rows;
+            /* saving: Q and C of every row stay, each chunk at its rows */
+            float *qc = saves ? c->ws + L->qp + first : qp, *oc = saves ? ctx + first : qc;
             a.q0 = q0;
             a.nq = Lq - q0 < L->chunk_q ? Lq - q0 : L->chunk_q;
             rows = a.nb * a.nq;
 
             /* 2. Q = Xq Wq^T + bq for the chunk's rows */
-            mha__linear_pp(rows, E, E, c->query + first, r->wq, r->bq, qp, scratch, nt, r->pq);
+            mha__linear_pp(rows, E, E, c->query + first, r->wq, r->bq, qc, scratch, nt, r->pq);
             mha__rope_apply(&r->rope, r->D, a.nb, a.nq, r->H, (size_t)a.nq * E, (size_t)E, (size_t)r->D,
-                            mha__query_pos0(c->o, Lq, c->Lk) + q0, NULL, 1.0f, qp);
+                            mha__query_pos0(c->o, Lq, c->Lk) + q0, NULL, 1.0f, qc);
 
             /* 3. attention per (batch, head) on the head-interleaved [rows, E]
                layout; each head's context overwrites that head's Q columns,
-               which its tile has finished reading, so no context buffer */
-            a.q.p = qp; a.q.rs = (size_t)E; a.q.hs = (size_t)r->D; a.q.bs = (size_t)a.nq * E;
+               which its tile has finished reading, so no context buffer
+               (unless the forward is saved: then C has its own) */
+            a.q.p = qc; a.q.rs = (size_t)E; a.q.hs = (size_t)r->D; a.q.bs = (size_t)a.nq * E;
             a.k.p = kp + (size_t)b * Lke * Ekv;
             a.k.rs = (size_t)Ekv; a.k.hs = (size_t)r->D; a.k.bs = (size_t)Lke * Ekv;
             a.v.p = vp + (size_t)b * Lke * Ekv;
             a.v.rs = (size_t)Ekv; a.v.hs = (size_t)r->D; a.v.bs = (size_t)Lke * Ekv;
-            a.o = qp;   a.o_rs = (size_t)E; a.o_hs = (size_t)r->D; a.o_bs = (size_t)a.nq * E;
+            a.o = oc;   a.o_rs = (size_t)E; a.o_hs = (size_t)r->D; a.o_bs = (size_t)a.nq * E;
             mha__attend_all(&a, scratch, L->per_thread);
 
             /* 4. output projection: out = concat_h(O_h) Wo^T + bo */
-            mha__linear_pp(rows, E, E, qp, r->wo, r->bo, c->out + first, scratch, nt, r->po);
+            mha__linear_pp(rows, E, E, oc, r->wo, r->bo, c->out + first, scratch, nt, r->po);
         }
     }
+    if (saves && c->o->lse) memcpy(c->o->lse, a.lse, (size_t)B * r->H * Lq * sizeof(float));
 }
 
 /* The layout of this run's lengths and path (within the plan's). */
 static void mha__fwd_layout_run(const mha__run *c, mha__fwd_layout *L)
 {
     (void)mha__fwd_layout_at(c->r, c->B, c->Lq, c->Lk, c->weights != NULL, c->p->by_head,
-                             c->p->nthreads, L);
+                             c->p->nthreads, c->p->saves, L);
 }
 static void mha__module_forward(const mha__run *c)
 {
@@ -4480,7 +4736,7 @@ static void mha__module_backward(const mha__run *c)
     size_t nq, nk;
     int E = r->E, Ekv = r->Ekv, B = c->B, Lq = c->Lq, Lk = c->Lk, Lke = c->Lke, nt = c->p->nthreads;
 
-    (void)mha__bwd_layout_at(r, B, Lq, Lk, nt, &L);
+    (void)mha__bwd_layout_at(r, B, Lq, Lk, nt, c->p->saves, &L);
     nq = (size_t)B * Lq * E; nk = (size_t)B * Lke * Ekv;
     qp = ws + L.qp; kp = ws + L.kp; vp = ws + L.vp; ctx = ws + L.ctx; dctx = ws + L.dctx;
     dqp = ws + L.dqp; dkp = ws + L.dkp; dvp = ws + L.dvp; gws = ws + L.gws;
@@ -4496,20 +4752,23 @@ static void mha__module_backward(const mha__run *c)
     gbk = gbq ? gbq + E : NULL;
     gbv = gbq ? gbq + E + Ekv : NULL;
 
-    /* 1. recompute the projections Q, K, V (K and V with their appended rows), RoPE */
-    mha__linear_pp(B * Lq, E, E, c->query, r->wq, r->bq, qp, gws, nt, r->pq);
-    mha__kv_project(B, Lk, r->kdim, Ekv, c->key, r->wk, r->bk, r->bias_k, r->zero_attn, kp, gws, nt, r->pk);
-    mha__kv_project(B, Lk, r->vdim, Ekv, c->value, r->wv, r->bv, r->bias_v, r->zero_attn, vp, gws, nt, r->pv);
-    mha__rope_apply(&r->rope, r->D, B, Lq, r->H, (size_t)Lq * E, (size_t)E, (size_t)r->D,
-                    mha__query_pos0(c->o, Lq, Lk), NULL, 1.0f, qp);
-    mha__rope_apply(&r->rope, r->D, B, Lk, r->Hkv, (size_t)Lke * Ekv, (size_t)Ekv, (size_t)r->D,
-                    c->o->position_offset, NULL, 1.0f, kp);
+    /* 1. the projections Q, K, V (K and V with their appended rows), RoPE:
+          saved by the forward, or recomputed */
+    if (!c->use_saved) {
+        mha__linear_pp(B * Lq, E, E, c->query, r->wq, r->bq, qp, gws, nt, r->pq);
+        mha__kv_project(B, Lk, r->kdim, Ekv, c->key, r->wk, r->bk, r->bias_k, r->zero_attn, kp, gws, nt, r->pk);
+        mha__kv_project(B, Lk, r->vdim, Ekv, c->value, r->wv, r->bv, r->bias_v, r->zero_attn, vp, gws, nt, r->pv);
+        mha__rope_apply(&r->rope, r->D, B, Lq, r->H, (size_t)Lq * E, (size_t)E, (size_t)r->D,
+                        mha__query_pos0(c->o, Lq, Lk), NULL, 1.0f, qp);
+        mha__rope_apply(&r->rope, r->D, B, Lk, r->Hkv, (size_t)Lke * Ekv, (size_t)Ekv, (size_t)r->D,
+                        c->o->position_offset, NULL, 1.0f, kp);
+    }
 
     /* 2. through the output projection: dC = dY Wo   [B*Lq, E] */
     mha__gemm_mt(0, 0, B * Lq, E, E, 1.0f, c->dout, (size_t)E, r->wo, (size_t)E, 0.0f,
                  dctx, (size_t)E, gws, nt);
 
-    /* 3. attention, head by head: C (for step 4) and dQ, dK, dV */
+    /* 3. attention, head by head: C (for step 4; saved: read) and dQ, dK, dV */
     memset(dqp, 0, nq * sizeof(float));
     memset(dkp, 0, nk * sizeof(float));
     memset(dvp, 0, nk * sizeof(float));
@@ -4521,7 +4780,7 @@ static void mha__module_backward(const mha__run *c)
     a.o = ctx;  a.o_rs = (size_t)E; a.o_hs = (size_t)r->D; a.o_bs = (size_t)Lq * E;
     a.weights = NULL; a.per_head = 0;
     a.nthreads = nt;
-    mha__attend_backward_fused(&a, dctx, dqp, dkp, dvp, gws);
+    mha__attend_backward_fused(&a, dctx, c->use_saved ? ws + L.lse : NULL, dqp, dkp, dvp, gws);
 
     /* RoPE backward: the rotated Q and K's gradients turn back (the transpose) */
     mha__rope_apply(&r->rope, r->D, B, Lq, r->H, (size_t)Lq * E, (size_t)E, (size_t)r->D,
@@ -4559,6 +4818,28 @@ static mha_status mha__module_run_begin(const mha_plan *p, int kind, int Lq, int
     return MHA_OK;
 }
 
+/* The sum of a module run's saved forward (mha__mod_saved_at). */
+static uint64_t mha__module_saved_sum(const mha__run *c)
+{
+    size_t at[5], n[5], cur = 0;
+    const mha__mod *r = c->r;
+    (void)mha__mod_saved_at(r, c->B, c->Lq, c->Lk, &cur, &at[0], &at[1], &at[2], &at[3], &at[4]);
+    n[0] = n[3] = (size_t)c->B * c->Lq * r->E;
+    n[1] = n[2] = (size_t)c->B * c->Lke * r->Ekv;
+    n[4] = (size_t)c->B * r->H * c->Lq;
+    return mha__saved_sum(c->ws, at, n, 5);
+}
+
+/* The saved-forward key of a module run: its plan, lengths, options, inputs. */
+static uint64_t mha__module_key(const mha__run *c)
+{
+    const float *x[3];
+    size_t n[3], rows = (size_t)c->B * c->Lq, keys = (size_t)c->B * c->Lk;
+    x[0] = c->query; x[1] = c->key; x[2] = c->value;
+    n[0] = rows * c->r->E; n[1] = keys * c->r->kdim; n[2] = keys * c->r->vdim;
+    return mha__saved_key(c->p, c->o, c->Lq, c->Lk, x, n, 3);
+}
+
 MHADEF mha_status mha_module_forward(const mha_plan *p, int Lq, int Lk,
                                      const float *query, const float *key, const float *value,
                                      const void *attn_mask, const void *key_padding_mask,
@@ -4569,6 +4850,7 @@ MHADEF mha_status mha_module_forward(const mha_plan *p, int Lq, int Lk,
     mha__fwd_layout L;
     mha__run c;
     void *owned, *copy = NULL;
+    uint64_t skey = 0;
     mha_status st;
     st = mha__module_run_begin(p, MHA__PLAN_MODULE, Lq, Lk, query, key, value, attn_mask,
                                key_padding_mask, &o, &c);
@@ -4591,7 +4873,12 @@ MHADEF mha_status mha_module_forward(const mha_plan *p, int Lq, int Lk,
         }
         c.query = x[0]; c.key = x[1]; c.value = x[2];
     }
+    if (p->saves) {   /* keyed before out (which may be an input) is written */
+        mha__saved_clear(c.ws);
+        skey = owned ? 0 : mha__module_key(&c);
+    }
     mha__module_forward(&c);
+    if (p->saves && !owned) mha__saved_stamp(c.ws, skey ^ mha__module_saved_sum(&c));
     if (copy) MHA_FREE(copy);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
@@ -4616,10 +4903,14 @@ MHADEF mha_status mha_module_backward(const mha_plan *p, int Lq, int Lk,
     if (!dout) return MHA_ERR_NULL_POINTER;
     if (!(p->flags & MHA_PLAN_TRAINING)) return MHA_ERR_EXCEEDS_PLAN;
     if (!grad) { memset(&nog, 0, sizeof nog); grad = &nog; }
-    (void)mha__bwd_layout_at(&p->mod, p->B, Lq, Lk, p->nthreads, &L);   /* within the plan's */
+    (void)mha__bwd_layout_at(&p->mod, p->B, Lq, Lk, p->nthreads, p->saves, &L);   /* within the plan's */
     if ((st = mha__run_ws(p, workspace, workspace_bytes, L.total_floats, &owned, &c.ws)) != MHA_OK)
         return st;
     c.dout = dout; c.dquery = dquery; c.dkey = dkey; c.dvalue = dvalue; c.grad = grad;
+    if (p->saves && !owned) {   /* the saved forward of these inputs, or recompute over it */
+        c.use_saved = mha__saved_holds(c.ws, mha__module_key(&c) ^ mha__module_saved_sum(&c));
+        if (!c.use_saved) mha__saved_clear(c.ws);
+    }
     mha__module_backward(&c);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
@@ -5272,6 +5563,7 @@ static mha_status mha__sdpa_bwd_need(int B, int H, int Lq, int Lk, int D, int Dv
     mha_status st;
     size_t f = 0;
     if ((st = mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, MHA_PLAN_TRAINING, &p)) != MHA_OK) return st;
+    p.saves = 0;   /* a one-shot backward has no forward before it: it recomputes */
     if (!mha__sdpa_bwd_floats(B, H, p.opt.num_kv_heads ? p.opt.num_kv_heads : H, Lq, Lk, D, Dv,
                               p.nthreads, &f))
         return MHA_ERR_OVERFLOW;
@@ -5318,7 +5610,7 @@ static mha_status mha__forward_need(const mha_module *m, int B, int Lq, int Lk, 
                                MHA__PLAN_MODULE, &p, &extra);
     if (st != MHA_OK) return st;
     /* what the call with (or without) weights needs */
-    if (!mha__fwd_layout_at(&p.mod, B, Lq, Lk, need_weights != 0, p.by_head, p.nthreads, &L))
+    if (!mha__fwd_layout_at(&p.mod, B, Lq, Lk, need_weights != 0, p.by_head, p.nthreads, 0, &L))
         return MHA_ERR_OVERFLOW;
     *bytes = L.total_floats * sizeof(float);
     if (pp) *pp = p;
@@ -5361,7 +5653,8 @@ static mha_status mha__backward_need(const mha_module *m, int B, int Lq, int Lk,
     mha__bwd_layout L;
     st = mha__module_plan_make(m, B, Lq, Lk, opt, MHA_PLAN_TRAINING, MHA__PLAN_MODULE, &p, &extra);
     if (st != MHA_OK) return st;
-    if (!mha__bwd_layout_at(&p.mod, B, Lq, Lk, p.nthreads, &L)) return MHA_ERR_OVERFLOW;
+    p.saves = 0;   /* a one-shot backward has no forward before it: it recomputes */
+    if (!mha__bwd_layout_at(&p.mod, B, Lq, Lk, p.nthreads, 0, &L)) return MHA_ERR_OVERFLOW;
     *bytes = L.total_floats * sizeof(float);   /* what the backward call needs */
     if (pp) *pp = p;
     return MHA_OK;
