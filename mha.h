@@ -3871,7 +3871,7 @@ static int mha__sdpa_saved_floats(int B, int H, int Lq, int Dv, size_t *lse, siz
 #define MHA__FF_ROWS 256
 #endif
 typedef struct mha__enc_layout {
-    size_t a, t1, h, z, g, t2, d1, d2, dg, gws, sub, total_floats;
+    size_t hdr, a, t1, h, z, g, t2, d1, d2, dg, gws, sub, total_floats;   /* hdr: saved forward */
     size_t zc, tc, fc, rows;                /* inference */
 } mha__enc_layout;
 
@@ -4073,7 +4073,8 @@ static int mha__enc_layout_at(const mha_plan *p, int L, int train, mha__enc_layo
     }
     g = mha__linear_gws(N, E, F, p->nthreads);
     t = mha__linear_gws(N, F, E, p->nthreads); if (t > g) g = t;
-    return mha__region(&cur, ne, &P->a) && mha__region(&cur, ne, &P->t1) &&
+    return mha__region(&cur, MHA__SAVED_HDR, &P->hdr) &&
+           mha__region(&cur, ne, &P->a) && mha__region(&cur, ne, &P->t1) &&
            mha__region(&cur, ne, &P->h) && mha__region(&cur, nf, &P->z) &&
            mha__region(&cur, nf, &P->g) && mha__region(&cur, ne, &P->t2) &&
            mha__region(&cur, ne, &P->d1) && mha__region(&cur, ne, &P->d2) &&
@@ -4293,6 +4294,18 @@ static size_t mha__mask_bytes(const mha_mask *m)
     return n;
 }
 
+/* h continued by MHA__SAMPLES evenly spread values of w[0..n) (n > 0), or
+   all of them when n is small; w may be NULL */
+static uint64_t mha__hash_sample(uint64_t h, const float *w, size_t n)
+{
+    float v[MHA__SAMPLES];
+    int s;
+    if (!w) return h;
+    if (n <= 4 * MHA__SAMPLES) return mha__hash(h, w, n * sizeof(float));
+    for (s = 0; s < MHA__SAMPLES; ++s) v[s] = w[(size_t)((unsigned long long)s * (n - 1) / (MHA__SAMPLES - 1))];
+    return mha__hash(h, v, sizeof v);
+}
+
 /* The key of a run of plan p at lengths Lq, Lk with options o (the run's
    masks) and inputs x[0..nx) of n[] floats (an input equal to the one
    before it, e.g. self-attention's x, is hashed once).  */
@@ -4337,6 +4350,14 @@ static uint64_t mha__saved_key(const mha_plan *p, const mha_options *o, int Lq, 
         h = mha__hash(h, o->key_padding_mask.data, mha__mask_bytes(&o->key_padding_mask));
     if (o->sinks) h = mha__hash(h, o->sinks, (size_t)p->H * sizeof(float));
     if (o->alibi && o->alibi_slopes) h = mha__hash(h, o->alibi_slopes, (size_t)p->H * sizeof(float));
+    if (p->kind == MHA__PLAN_ENCODER) {   /* the feed-forward and norm weights, sampled too */
+        size_t ef = (size_t)r->E * e->dim_feedforward;
+        h = mha__hash_sample(h, e->linear1_weight, ef); h = mha__hash_sample(h, e->linear2_weight, ef);
+        h = mha__hash_sample(h, e->linear1_bias, (size_t)e->dim_feedforward);
+        h = mha__hash_sample(h, e->linear2_bias, (size_t)r->E);
+        h = mha__hash_sample(h, e->norm1_weight, (size_t)r->E); h = mha__hash_sample(h, e->norm1_bias, (size_t)r->E);
+        h = mha__hash_sample(h, e->norm2_weight, (size_t)r->E); h = mha__hash_sample(h, e->norm2_bias, (size_t)r->E);
+    }
     return h;
 }
 
@@ -5004,10 +5025,9 @@ static void mha__enc_forward(const mha_plan *p, const mha__run *c0, const float 
     float *g = ws + P->g, *t2 = ws + P->t2, *gws = ws + P->gws;
     const float *ffin;
 
-    /* 1. self-attention block */
+    /* 1. self-attention block (the weights when the run asks: c0's) */
     c.ws = ws + P->sub;
     c.out = a;
-    c.weights = NULL;
     if (!ly->norm_first) {
         c.query = c.key = c.value = x;
         mha__module_forward(&c);
@@ -5028,6 +5048,23 @@ static void mha__enc_forward(const mha_plan *p, const mha__run *c0, const float 
     mha__enc_residual2(ly, N, E, eps, h, y, t2, y);
 }
 
+/* The saved-forward key of an encoder run (x is every input), and the sum
+   of its saved activations: t1, h, z, g, t2 and the self-attention's. */
+static uint64_t mha__enc_key(const mha__run *c, const float *x)
+{
+    size_t n = (size_t)c->B * c->Lq * c->r->E;
+    return mha__saved_key(c->p, c->o, c->Lq, c->Lk, &x, &n, 1);
+}
+static uint64_t mha__enc_saved_sum(const mha__run *c, const mha__enc_layout *P)
+{
+    mha__run sub = *c;
+    size_t at[5], n[5], ne = (size_t)c->B * c->Lq * c->r->E, nf = (size_t)c->B * c->Lq * c->p->enc.dim_feedforward;
+    at[0] = P->t1; at[1] = P->h; at[2] = P->z; at[3] = P->g; at[4] = P->t2;
+    n[0] = n[1] = n[4] = ne; n[2] = n[3] = nf;
+    sub.ws = c->ws + P->sub;
+    return mha__saved_sum(c->ws, at, n, 5) ^ mha__module_saved_sum(&sub);
+}
+
 MHADEF mha_status mha_encoder_run(const mha_plan *p, int L, const float *x,
                                   const void *attn_mask, const void *key_padding_mask,
                                   float *y, float *attn_weights, void *workspace, size_t workspace_bytes)
@@ -5042,11 +5079,20 @@ MHADEF mha_status mha_encoder_run(const mha_plan *p, int L, const float *x,
         return st;
     if (!y) return MHA_ERR_NULL_POINTER;
     if (attn_weights && !(p->flags & MHA_PLAN_WEIGHTS)) return MHA_ERR_EXCEEDS_PLAN;
-    (void)mha__enc_layout_at(p, L, 0, &P);   /* within the plan's */
+    (void)mha__enc_layout_at(p, L, p->saves, &P);   /* within the plan's */
     if ((st = mha__run_ws(p, workspace, workspace_bytes, P.total_floats, &owned, &c.ws)) != MHA_OK)
         return st;
     c.weights = attn_weights;
-    mha__enc_infer(p, &c, x, y, &P);
+    if (p->saves && !owned) {   /* training: keep every activation for the backward */
+        uint64_t key;
+        mha__saved_clear(c.ws + P.hdr);
+        key = mha__enc_key(&c, x);
+        mha__enc_forward(p, &c, x, y, &P);
+        mha__saved_stamp(c.ws + P.hdr, key ^ mha__enc_saved_sum(&c, &P));
+    } else {
+        if (p->saves) (void)mha__enc_layout_at(p, L, 0, &P);   /* (nothing to keep: inference's) */
+        mha__enc_infer(p, &c, x, y, &P);
+    }
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
@@ -5090,9 +5136,15 @@ MHADEF mha_status mha_encoder_run_backward(const mha_plan *p, int L, const float
     t1 = ws + P.t1; h = ws + P.h; z = ws + P.z; g = ws + P.g; t2 = ws + P.t2;
     d1 = ws + P.d1; d2 = ws + P.d2; dg = ws + P.dg; gws = ws + P.gws;
 
-    /* 1. recompute; y itself is not needed, d1 holds it for now */
+    /* 1. the forward's activations: saved by the forward run in this
+          workspace (for this x), or recomputed (y itself is not needed, d1
+          holds it for now) */
     c.ws = ws;
-    mha__enc_forward(p, &c, x, d1, &P);
+    if (p->saves && !owned) {
+        c.use_saved = mha__saved_holds(ws + P.hdr, mha__enc_key(&c, x) ^ mha__enc_saved_sum(&c, &P));
+        if (!c.use_saved) mha__saved_clear(ws + P.hdr);
+    }
+    if (!c.use_saved) mha__enc_forward(p, &c, x, d1, &P);
     memset(d2, 0, ne * sizeof(float));
     memset(dg, 0, nf * sizeof(float));
     c.ws = ws + P.sub;
@@ -5735,6 +5787,7 @@ MHADEF mha_status mha_encoder_backward(const mha_encoder_layer *layer, int B, in
            mha__oneshot_fewer(opt, p.nthreads, workspace, workspace_bytes, mha_plan_workspace_size(&p), &o))
         use = &o;
     if (st != MHA_OK) return st;
+    p.saves = 0;   /* a one-shot backward has no forward before it: it recomputes */
     return mha_encoder_run_backward(&p, L, x, dy, NULL, NULL, dx, grad, workspace, workspace_bytes);
 }
 

@@ -518,6 +518,115 @@ static void module_case(const mcase *c)
     mdata_free(c, &s);
 }
 
+/* ---------------------------------------------------------- encoder */
+
+typedef struct ecase { int E, H, F, B, L, pre, gelu, causal, kpm; } ecase;
+
+static void encoder_case(const ecase *c)
+{
+    mcase mc;
+    mdata s;
+    mha_encoder_layer ly = mha_encoder_layer_defaults();
+    float *w[8], *x, *dy, *y, *y_ref, *kpm;
+    size_t n = (size_t)c->B * c->L * c->E, nf = (size_t)c->F * c->E, ng, i;
+    size_t wn[8];
+    float *ref, *g[4];
+    mha_options o;
+    mha_plan *p;
+    void *ws;
+    size_t wsb;
+    int t, kind;
+    char d[160];
+    snprintf(d, sizeof d, "encoder E%d H%d F%d B%d L%d pre%d gelu%d causal%d kpm%d", c->E, c->H, c->F, c->B,
+             c->L, c->pre, c->gelu, c->causal, c->kpm);
+    memset(&mc, 0, sizeof mc);
+    mc.E = c->E; mc.H = mc.Hkv = c->H; mc.B = c->B; mc.Lq = mc.Lk = c->L; mc.kd = mc.vd = c->E; mc.bias = 1;
+    mdata_make(&mc, &s);
+    ly.self_attn = s.m;
+    ly.dim_feedforward = c->F;
+    ly.activation = c->gelu ? MHA_ACT_GELU : MHA_ACT_RELU;
+    ly.norm_first = c->pre;
+    wn[0] = wn[2] = nf; wn[1] = (size_t)c->F; wn[3] = wn[4] = wn[5] = wn[6] = wn[7] = (size_t)c->E;
+    for (i = 0; i < 8; ++i) w[i] = rnd(wn[i], i < 4 ? 0.3f : 0.5f);
+    for (i = 4; i < 8; i += 2) { size_t j; for (j = 0; j < (size_t)c->E; ++j) w[i][j] += 1.0f; }
+    ly.linear1_weight = w[0]; ly.linear1_bias = w[1]; ly.linear2_weight = w[2]; ly.linear2_bias = w[3];
+    ly.norm1_weight = w[4]; ly.norm1_bias = w[5]; ly.norm2_weight = w[6]; ly.norm2_bias = w[7];
+    x = rnd(n, 1.0f); dy = rnd(n, 1.0f); y = zeros(n); y_ref = zeros(n);
+    kpm = (float *)malloc((size_t)c->B * c->L * sizeof(float));
+    for (i = 0; i < (size_t)c->B * c->L; ++i) kpm[i] = i % 5 == 3 ? -INFINITY : 0.0f;
+    /* every gradient in one buffer: dx, then the layer's weights in their order */
+    ng = n + 2 * nf + (size_t)c->F + 5 * (size_t)c->E + s.nwin + s.nb + s.nwo + (size_t)c->E;
+    ref = zeros(ng);
+#define GRADS(buf, gr) do { float *at_ = (buf) + n; memset(&(gr), 0, sizeof(gr)); \
+        (gr).linear1_weight = at_; at_ += nf; (gr).linear2_weight = at_; at_ += nf;          \
+        (gr).linear1_bias = at_; at_ += c->F; (gr).linear2_bias = at_; at_ += c->E;            \
+        (gr).norm1_weight = at_; at_ += c->E; (gr).norm1_bias = at_; at_ += c->E;              \
+        (gr).norm2_weight = at_; at_ += c->E; (gr).norm2_bias = at_; at_ += c->E;              \
+        (gr).self_attn.in_proj_weight = at_; at_ += s.nwin; (gr).self_attn.in_proj_bias = at_; \
+        at_ += s.nb; (gr).self_attn.out_proj_weight = at_; at_ += s.nwo;                       \
+        (gr).self_attn.out_proj_bias = at_; } while (0)
+    memset(&o, 0, sizeof o);
+    o.causal = c->causal;
+    set_masks(&o, c->B, c->L, c->L, c->kpm ? kpm : NULL, NULL);
+    {
+        mha_encoder_layer_grad gr;
+        o.num_threads = 1;
+        GRADS(ref, gr);
+        CHECK(mha_encoder_backward(&ly, c->B, c->L, x, &o, dy, ref, &gr, NULL, 0) == MHA_OK, "%s: one-shot", d);
+        CHECK(mha_encoder_forward(&ly, c->B, c->L, x, &o, y_ref, NULL, NULL, 0) == MHA_OK, "%s: one-shot fwd", d);
+    }
+    for (t = 1; t <= 3; ++t) {
+        mha_encoder_layer_grad gr;
+        mha_status st;
+        double e;
+        o.num_threads = t;
+        g[t] = zeros(ng);
+        GRADS(g[t], gr);
+        st = mha_encoder_plan(&ly, c->B, c->L, &o, MHA_PLAN_TRAINING, NULL, 0, &p);
+        CHECK(st == MHA_OK, "%s: plan: %s", d, mha_status_string(st));
+        if (st != MHA_OK) continue;
+        wsb = mha_plan_workspace_size(p);
+        ws = malloc(wsb);
+        st = mha_encoder_run(p, c->L, x, NULL, NULL, y, NULL, ws, wsb);
+        e = rel(y, y_ref, n);
+        CHECK(st == MHA_OK && e <= TOL, "%s: training forward vs one-shot rel err %.3g", d, e);
+        CHECK(has_saved(ws), "%s: no saved forward", d);
+        st = mha_encoder_run_backward(p, c->L, x, dy, NULL, NULL, g[t], &gr, ws, wsb);
+        e = rel(g[t], ref, ng);
+        CHECK(st == MHA_OK && e <= TOL, "%s: saved backward vs one-shot rel err %.3g (threads %d)", d, e, t);
+        if (t > 1) CHECK(same(g[t], g[1], ng), "%s: threads %d != 1 thread", d, t);
+        mha_plan_destroy(p);
+        free(ws);
+    }
+    /* stale: 0 x changed in place, 1 linear1's weights changed: recompute */
+    for (kind = 0; kind < 2; ++kind) {
+        mha_encoder_layer_grad gr;
+        float *gs = zeros(ng), *r2 = zeros(ng);
+        o.num_threads = 2;
+        if (mha_encoder_plan(&ly, c->B, c->L, &o, MHA_PLAN_TRAINING, NULL, 0, &p) != MHA_OK) continue;
+        wsb = mha_plan_workspace_size(p);
+        ws = malloc(wsb);
+        (void)mha_encoder_run(p, c->L, x, NULL, NULL, y, NULL, ws, wsb);
+        if (kind == 0) x[n / 2] += 0.5f;
+        else for (i = 0; i < nf; ++i) w[0][i] *= 0.99f;
+        GRADS(gs, gr);
+        (void)mha_encoder_run_backward(p, c->L, x, dy, NULL, NULL, gs, &gr, ws, wsb);
+        GRADS(r2, gr);
+        o.num_threads = 1;
+        (void)mha_encoder_backward(&ly, c->B, c->L, x, &o, dy, r2, &gr, NULL, 0);
+        CHECK(same(gs, r2, ng), "%s: stale use %d did not recompute", d, kind);
+        if (kind == 0) x[n / 2] -= 0.5f;
+        free(gs); free(r2);
+        mha_plan_destroy(p);
+        free(ws);
+    }
+#undef GRADS
+    for (t = 1; t <= 3; ++t) free(g[t]);
+    for (i = 0; i < 8; ++i) free(w[i]);
+    free(ref); free(x); free(dy); free(y); free(y_ref); free(kpm);
+    mdata_free(&mc, &s);
+}
+
 int main(void)
 {
     static const scase cases[] = {
@@ -541,7 +650,15 @@ int main(void)
         {16, 4, 1, 3, 17, 130, 1, 7, 3, 0, 0, 1, 1, 0, 0, 1, 0, 0},
         {16, 2, 2, 2, 130, 7, 0, 16, 16, 1, 1, 0, 0, 0, 1, 0, 0, 1},
     };
+    static const ecase ecases[] = {
+        /* E  H  F  B  L   pre gelu causal kpm */
+        {8, 2, 24, 1, 1,   0, 0, 0, 0},
+        {16, 4, 37, 3, 7,  1, 1, 0, 1},
+        {16, 2, 24, 2, 17, 0, 1, 1, 0},
+        {12, 3, 17, 1, 130, 1, 0, 1, 1},
+    };
     size_t i;
+    for (i = 0; i < sizeof ecases / sizeof ecases[0]; ++i) encoder_case(&ecases[i]);
     for (i = 0; i < sizeof cases / sizeof cases[0]; ++i) sdpa_case(&cases[i]);
     for (i = 0; i < sizeof mcases / sizeof mcases[0]; ++i) module_case(&mcases[i]);
     printf("worst saved vs recomputed backward rel err %.3g (tolerance %g)\n", worst, TOL);
