@@ -80,7 +80,10 @@
    TRAINING (backward passes, docs/theory.md and docs/training.md)
      mha_sdpa_backward / mha_backward give the gradients of the inputs and of
      every weight in state_dict layout (mha_module_grad), recomputing the
-     attention probabilities instead of storing them.  mha_encoder_forward /
+     attention probabilities instead of storing them.  A training plan's
+     forward run keeps what its backward needs in the workspace (the saved
+     forward: lse, O, the projections, the encoder's activations), so the
+     backward run on that workspace does not run the forward again.  mha_encoder_forward /
      _backward implement nn.TransformerEncoderLayer (post- or pre-norm, ReLU or
      GELU); plus layer norm, linear, embedding, positional encoding, cross-
      entropy, SGD and AdamW steps, and a seeded RNG.  Backward calls ADD into
@@ -451,10 +454,12 @@ MHADEF mha_status mha_module_pack(const mha_module *m, void *buf, size_t bytes);
    the way PyTorch accumulates .grad: zero them before the first call of a
    step.  A NULL gradient pointer means "not needed" (its work is skipped
    where that is possible).  Backward calls take the same inputs as the
-   forward call and recompute what they need, so no activations have to be
-   kept between the two; the attention's backward is fused (FlashAttention-2:
-   P recomputed tile by tile from each row's log-sum-exp), so nothing of
-   size L*L is stored.  The backward runs on the plan's (or OpenMP's)
+   forward call.  The one-shot backward calls recompute the forward, so no
+   activations have to be kept between the two; the runs of a training plan
+   use the saved forward that the plan's forward run left in the same
+   workspace (see PLANS).  The attention's backward is fused
+   (FlashAttention-2: P recomputed tile by tile from each row's
+   log-sum-exp), so nothing of size L*L is stored.  The backward runs on the plan's (or OpenMP's)
    threads: the projections through the threaded GEMM, the attention over
    (batch, KV head) pairs; the gradients do not depend on the thread count.
    As in the forward, a NaN or Inf inside a blocked key or value does not
@@ -633,6 +638,20 @@ MHADEF void     mha_rng_fill(mha_rng *r, float *x, size_t n, float a);  /* U(-a,
        shorter runs: see docs/api.md);
      - a run never writes the plan: one plan may run from many threads at
        once, each with its own workspace.
+   Saved forward (MHA_PLAN_TRAINING): a forward run given a workspace leaves
+   there what the backward needs (SDPA: each row's log-sum-exp and O;
+   module: Q, K, V after RoPE, the context, the lse; encoder: those and the
+   layer's activations), stamped with a key of the plan, the lengths, the
+   input and mask pointers and contents, sinks, ALiBi slopes, a sample of
+   the weights, and a check sum of the saved data.  A backward run of the
+   same plan on the same workspace uses it when the key of its own
+   arguments matches, so it skips the forward's recomputation (its results
+   then agree with the one-shot backward to float32 rounding, not to the
+   bit); otherwise it recomputes the forward and equals the one-shot
+   backward bit for bit.  Either way the status is MHA_OK.  Change no input
+   or weight between the two (an optimizer step goes after the backward),
+   and run nothing else in the workspace in between.  The module's
+   head-by-head path (very long sequences) saves nothing.
    Memory: *_plan_size gives the bytes; pass mem (8-byte aligned, that many
    bytes) to build the plan there, or mem = NULL to have it allocated with
    MHA_MALLOC.  mha_plan_destroy frees an allocated plan (and does nothing to
@@ -645,7 +664,8 @@ MHADEF void     mha_rng_fill(mha_rng *r, float *x, size_t n, float a);  /* U(-a,
 typedef struct mha_plan mha_plan;
 
 #define MHA_PLAN_WEIGHTS  1u  /* runs may ask for the attention weights */
-#define MHA_PLAN_TRAINING 2u  /* the backward runs too (the workspace covers both) */
+#define MHA_PLAN_TRAINING 2u  /* the backward runs too (the workspace covers both); the forward
+                                 run saves what the backward needs in the workspace */
 #define MHA_PLAN_PACK     4u  /* module/encoder: pack Wq, Wk, Wv, Wo into the plan's memory;
                                  a run whose weights changed since is MHA_ERR_STALE */
 
