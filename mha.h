@@ -3070,13 +3070,21 @@ static float mha__exp_shift(float *s, int n, float m)
     return mha__vhsum(vsum);
 }
 
-/* Scratch floats of one thread of the fused backward. */
+/* Scratch floats of one thread of the fused backward: the tiles, then the
+   finite flags of the item's key tiles (K and V), then GEMM packing. */
 static size_t mha__fbwd_thread_floats(int Lq, int Lk, int D, int Dv)
 {
     int br = mha__imin(MHA__FBWR, Lq), bc = mha__imin(MHA__FBWC, Lk);
     size_t tile = mha__round_floats((size_t)br * bc);
     return 3 * tile + mha__round_floats((size_t)br * Dv) + 4 * mha__round_floats((size_t)br) +
+           mha__round_floats(2 * (size_t)((Lk + bc - 1) / bc)) +
            mha__round_floats(mha__head_backward_gws(br, bc, D, Dv));
+}
+static size_t mha__fbwd_flags_at(int Lq, int Lk, int Dv)
+{
+    int br = mha__imin(MHA__FBWR, Lq), bc = mha__imin(MHA__FBWC, Lk);
+    return 3 * mha__round_floats((size_t)br * bc) + mha__round_floats((size_t)br * Dv) +
+           4 * mha__round_floats((size_t)br);
 }
 /* ... and of a call on nthreads threads: one scratch per thread that can
    get an item, then the sink partial sums [B, H]. */
@@ -3129,7 +3137,9 @@ static void mha__fbwd_tile(const mha__attn *a, int b, int h, int i0, int br, con
     float *s = ws, *dp = s + tile, *cap = dp + tile, *o = cap + tile;
     float *m = o + mha__round_floats((size_t)brm * Dv), *l = m + mha__round_floats((size_t)brm);
     float *lse = l + mha__round_floats((size_t)brm), *delta = lse + mha__round_floats((size_t)brm);
-    float *gws = delta + mha__round_floats((size_t)brm);
+    const int ntk = (Lk + bcm - 1) / bcm;
+    const float *kfin = delta + mha__round_floats((size_t)brm), *vfin = kfin + ntk;   /* per key tile */
+    float *gws = delta + mha__round_floats((size_t)brm) + mha__round_floats(2 * (size_t)ntk);
     float sink = a->sinks ? a->sinks[h] : -INFINITY;
     int r, j0, bc, c;
 
@@ -3158,7 +3168,11 @@ static void mha__fbwd_tile(const mha__attn *a, int b, int h, int i0, int br, con
                 if (corr != 1.0f) for (c = 0; c < Dv; ++c) o[(size_t)r * Dv + c] *= corr;
                 m[r] = mt;
             }
-            mha__pv(br, bc, Dv, s, (size_t)bc, vh + (size_t)j0 * a->v.rs, a->v.rs, 1.0f, o, (size_t)Dv, gws);
+            if (vfin[j0 / bcm] != 0.0f)
+                mha__gemm(0, 0, br, Dv, bc, 1.0f, s, (size_t)bc, vh + (size_t)j0 * a->v.rs, a->v.rs, 1.0f,
+                          o, (size_t)Dv, gws);
+            else
+                mha__pv(br, bc, Dv, s, (size_t)bc, vh + (size_t)j0 * a->v.rs, a->v.rs, 1.0f, o, (size_t)Dv, gws);
         }
         for (r = 0; r < br; ++r) {     /* the sink joins the sum; normalise; delta */
             float mm = m[r] > sink ? m[r] : sink, f, sum;
@@ -3208,7 +3222,10 @@ static void mha__fbwd_tile(const mha__attn *a, int b, int h, int i0, int br, con
                 for (c = 0; c < bc; ++c) if (pr[c] != 0.0f) dr[c] *= 1.0f - (cr[c] * inv) * (cr[c] * inv);
             }
         }
-        if (dq) mha__pv(br, bc, D, dp, (size_t)bc, kj, a->k.rs, 1.0f, dq + qo, a->q.rs, gws);
+        if (dq && kfin[j0 / bcm] != 0.0f)   /* (a NaN K row of a blocked key: mha__pv skips it) */
+            mha__gemm(0, 0, br, D, bc, 1.0f, dp, (size_t)bc, kj, a->k.rs, 1.0f, dq + qo, a->q.rs, gws);
+        else if (dq)
+            mha__pv(br, bc, D, dp, (size_t)bc, kj, a->k.rs, 1.0f, dq + qo, a->q.rs, gws);
         if (dk)
             mha__gemm(1, 0, bc, D, br, 1.0f, dp, (size_t)bc, qt, a->q.rs, 1.0f,
                       dk + ko + (size_t)j0 * a->k.rs, a->k.rs, gws);
@@ -3237,6 +3254,21 @@ static void mha__attend_backward_fused(const mha__attn *a, const float *dout, co
 #ifdef _OPENMP
         tid = omp_get_thread_num();
 #endif
+        {   /* which key tiles of this KV head have only finite K (V) rows, once per item */
+            const int bcm = mha__imin(MHA__FBWC, a->Lk_eff), ntk = (a->Lk_eff + bcm - 1) / bcm;
+            float *fin = ws + (size_t)tid * per + mha__fbwd_flags_at(a->Lq, a->Lk_eff, a->Dv);
+            const float *kh = a->k.p + (size_t)bb * a->k.bs + (size_t)kvh * a->k.hs;
+            const float *vh = a->v.p + (size_t)bb * a->v.bs + (size_t)kvh * a->v.hs;
+            int t, j;
+            for (t = 0; t < ntk; ++t) {
+                int kf = 1, vf = 1;
+                for (j = t * bcm; j < mha__imin((t + 1) * bcm, a->Lk_eff); ++j) {
+                    kf = kf && mha__all_finite(kh + (size_t)j * a->k.rs, a->D);
+                    vf = vf && mha__all_finite(vh + (size_t)j * a->v.rs, a->Dv);
+                }
+                fin[t] = (float)kf; fin[ntk + t] = (float)vf;
+            }
+        }
         for (hh = kvh * a->group; hh < (kvh + 1) * a->group; ++hh)
             for (i0 = 0; i0 < a->Lq; i0 += MHA__FBWR)
                 mha__fbwd_tile(a, bb, hh, i0, mha__imin(MHA__FBWR, a->Lq - i0), dout,
