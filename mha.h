@@ -4504,6 +4504,12 @@ static void mha__saved_stamp(float *hdr, uint64_t key)
     memcpy(hdr + 2, &key, 8);
 }
 static void mha__saved_clear(float *hdr) { memset(hdr, 0, 16); }
+static int mha__saved_magic(const float *hdr)   /* (checked first: keying costs O(L E)) */
+{
+    uint64_t m;
+    memcpy(&m, hdr, 8);
+    return m == MHA__SAVED_MAGIC;
+}
 static int mha__saved_holds(const float *hdr, uint64_t key)
 {
     uint64_t m, k;
@@ -4686,7 +4692,8 @@ MHADEF mha_status mha_sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
     if ((st = mha__run_ws(p, workspace, workspace_bytes, saved + f, &owned, &ws)) != MHA_OK) return st;
     mha__attn_dense(&a, &o, p->B, p->H, Lq, Lk, p->D, p->Dv, q, k, v, NULL);
     a.nthreads = p->nthreads;
-    if (saved && !owned)   /* the forward of these very arguments left lse and O here? */
+    /* did the forward of these very arguments leave lse and O here? */
+    if (saved && !owned && mha__saved_magic(ws))
         use = mha__saved_holds(ws, mha__sdpa_key(p, &o, Lq, Lk, q, k, v) ^ mha__sdpa_saved_sum(p, Lq, ws));
     if (use) a.o = ws + at_o;
     mha__attend_backward_fused(&a, dout, use ? ws + at_lse : NULL, dq, dk, dv, ws + saved);
@@ -5029,7 +5036,8 @@ MHADEF mha_status mha_module_backward(const mha_plan *p, int Lq, int Lk,
         return st;
     c.dout = dout; c.dquery = dquery; c.dkey = dkey; c.dvalue = dvalue; c.grad = grad;
     if (p->saves && !owned) {   /* the saved forward of these inputs, or recompute over it */
-        c.use_saved = mha__saved_holds(c.ws, mha__module_key(&c) ^ mha__module_saved_sum(&c));
+        c.use_saved = mha__saved_magic(c.ws) &&
+                      mha__saved_holds(c.ws, mha__module_key(&c) ^ mha__module_saved_sum(&c));
         if (!c.use_saved) mha__saved_clear(c.ws);
     }
     mha__module_backward(&c);
@@ -5241,7 +5249,8 @@ MHADEF mha_status mha_encoder_run_backward(const mha_plan *p, int L, const float
           holds it for now) */
     c.ws = ws;
     if (p->saves && !owned) {
-        c.use_saved = mha__saved_holds(ws + P.hdr, mha__enc_key(&c, x) ^ mha__enc_saved_sum(&c, &P));
+        c.use_saved = mha__saved_magic(ws + P.hdr) &&
+                      mha__saved_holds(ws + P.hdr, mha__enc_key(&c, x) ^ mha__enc_saved_sum(&c, &P));
         if (!c.use_saved) mha__saved_clear(ws + P.hdr);
     }
     if (!c.use_saved) mha__enc_forward(p, &c, x, d1, &P);
