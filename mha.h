@@ -86,9 +86,9 @@
      attention probabilities instead of storing them.  A training plan's
      forward run keeps what its backward needs in the workspace (the saved
      forward: lse, O, the projections, the encoder's activations), so the
-     backward run on that workspace does not run the forward again.  mha_encoder_forward /
-     _backward implement nn.TransformerEncoderLayer (post- or pre-norm, ReLU or
-     GELU); plus layer norm, linear, embedding, positional encoding, cross-
+     backward run on that workspace does not run the forward again.
+     mha_encoder_forward / _backward implement nn.TransformerEncoderLayer
+     (post- or pre-norm, ReLU or GELU); plus layer norm, linear, embedding, positional encoding, cross-
      entropy, SGD and AdamW steps, and a seeded RNG.  Backward calls ADD into
      their gradient buffers, so zero them before a step.
 
@@ -462,9 +462,10 @@ MHADEF mha_status mha_module_pack(const mha_module *m, void *buf, size_t bytes);
    use the saved forward that the plan's forward run left in the same
    workspace (see PLANS).  The attention's backward is fused
    (FlashAttention-2: P recomputed tile by tile from each row's
-   log-sum-exp), so nothing of size L*L is stored.  The backward runs on the plan's (or OpenMP's)
-   threads: the projections through the threaded GEMM, the attention over
-   (batch, KV head) pairs; the gradients do not depend on the thread count.
+   log-sum-exp), so nothing of size L*L is stored.  The backward runs on
+   the plan's (or OpenMP's) threads: the projections through the threaded
+   GEMM, the attention over (batch, KV head) pairs; the gradients do not
+   depend on the thread count.
    As in the forward, a NaN or Inf inside a blocked key or value does not
    reach any gradient.
    ====================================================================== */
@@ -3220,7 +3221,8 @@ static void mha__fbwd_tile(const mha__attn *a, int b, int h, int i0, int br, con
                 mha__gemm(0, 0, br, Dv, bc, 1.0f, s, (size_t)bc, vh + (size_t)j0 * a->v.rs, a->v.rs, 1.0f,
                           o, (size_t)Dv, gws);
             else
-                mha__pv(br, bc, Dv, s, (size_t)bc, vh + (size_t)j0 * a->v.rs, a->v.rs, 1.0f, o, (size_t)Dv, gws);
+                mha__pv(br, bc, Dv, s, (size_t)bc, vh + (size_t)j0 * a->v.rs, a->v.rs, 1.0f, o,
+                        (size_t)Dv, gws);
         }
         for (r = 0; r < br; ++r) {     /* the sink joins the sum; normalise; delta */
             float mm = m[r] > sink ? m[r] : sink, f, sum;
@@ -4402,7 +4404,8 @@ static uint64_t mha__hash_sample(uint64_t h, const float *w, size_t n)
     int s;
     if (!w) return h;
     if (n <= 4 * MHA__SAMPLES) return mha__hash(h, w, n * sizeof(float));
-    for (s = 0; s < MHA__SAMPLES; ++s) v[s] = w[(size_t)((unsigned long long)s * (n - 1) / (MHA__SAMPLES - 1))];
+    for (s = 0; s < MHA__SAMPLES; ++s)
+        v[s] = w[(size_t)((unsigned long long)s * (n - 1) / (MHA__SAMPLES - 1))];
     return mha__hash(h, v, sizeof v);
 }
 
