@@ -16,7 +16,8 @@
       changed sinks; a second backward reuses the saved forward.
    3. The module (packed or separate projection weights, kdim/vdim, biases,
       bias_k/bias_v, add_zero_attn, GQA, RoPE, masks, causal, self-attention
-      with one x): as 1; weights changed after the forward (an optimizer
+      with one x; also after a forward that returns the attention weights,
+      the unfused path): as 1; weights changed after the forward (an optimizer
       step) recompute; an input changed recomputes.
    4. The encoder layer (post- and pre-norm, ReLU and GELU, masks): a
       training plan's run keeps the activations; forward then backward
@@ -430,8 +431,8 @@ static void module_oneshot(const mcase *c, const mdata *s, mgrad *g)
 static void module_case(const mcase *c)
 {
     mdata s;
-    mgrad ref, g[4], x;
-    float *out, *out_ref;
+    mgrad ref, g[5], x;
+    float *out, *out_ref, *attw;
     mha_options o;
     mha_plan *p;
     size_t wsb;
@@ -445,30 +446,34 @@ static void module_case(const mcase *c)
     mgrad_make(c, &s, &ref);
     module_oneshot(c, &s, &ref);
     out = zeros(s.nq); out_ref = zeros(s.nq);
+    attw = zeros((size_t)c->B * c->Lq * (c->Lk + c->bkv + c->zero));
     o = mopts(c, &s, 1);
     CHECK(mha_forward(&s.m, c->B, c->Lq, c->Lk, s.q, s.k, s.v, &o, out_ref, NULL, NULL, 0) == MHA_OK,
           "one-shot forward");
 
-    /* 1. forward then backward on 1, 2, 3 threads */
-    for (t = 1; t <= 3; ++t) {
+    /* 1. forward then backward on 1, 2, 3 threads; 4: on 2 threads, a
+          forward that also returns the attention weights (the unfused path,
+          equal to the fused one to float32 rounding, saves too) */
+    for (t = 1; t <= 4; ++t) {
         mha_status st;
         double e;
-        o = mopts(c, &s, t);
+        o = mopts(c, &s, t < 4 ? t : 2);
         mgrad_make(c, &s, &g[t]);
-        st = mha_module_plan(&s.m, c->B, c->Lq, c->Lk, &o, MHA_PLAN_TRAINING | (c->pack ? MHA_PLAN_PACK : 0),
-                             NULL, 0, &p);
+        st = mha_module_plan(&s.m, c->B, c->Lq, c->Lk, &o, MHA_PLAN_TRAINING | (c->pack ? MHA_PLAN_PACK : 0) |
+                             (t == 4 ? MHA_PLAN_WEIGHTS : 0), NULL, 0, &p);
         CHECK(st == MHA_OK, "%s: plan: %s", d, mha_status_string(st));
         if (st != MHA_OK) continue;
         wsb = mha_plan_workspace_size(p);
         ws = malloc(wsb);
-        st = mha_module_forward(p, c->Lq, c->Lk, s.q, s.k, s.v, NULL, NULL, out, NULL, ws, wsb);
-        CHECK(st == MHA_OK && same(out, out_ref, s.nq), "%s: training forward != one-shot (threads %d)", d, t);
+        st = mha_module_forward(p, c->Lq, c->Lk, s.q, s.k, s.v, NULL, NULL, out, t == 4 ? attw : NULL, ws, wsb);
+        if (t < 4) CHECK(st == MHA_OK && same(out, out_ref, s.nq), "%s: training forward != one-shot (threads %d)", d, t);
+        else CHECK(st == MHA_OK && rel(out, out_ref, s.nq) <= TOL, "%s: forward with weights vs one-shot", d);
         CHECK(has_saved(ws), "%s: no saved forward", d);
         st = mha_module_backward(p, c->Lq, c->Lk, s.q, s.k, s.v, s.dout, NULL, NULL, g[t].dq, g[t].dk,
                                  g[t].dv, &g[t].g, ws, wsb);
         e = rel(g[t].buf, ref.buf, ref.n);
         CHECK(st == MHA_OK && e <= TOL, "%s: saved backward vs one-shot rel err %.3g (threads %d)", d, e, t);
-        if (t > 1) CHECK(same(g[t].buf, g[1].buf, ref.n), "%s: threads %d != 1 thread", d, t);
+        if (t > 1 && t < 4) CHECK(same(g[t].buf, g[1].buf, ref.n), "%s: threads %d != 1 thread", d, t);
         mha_plan_destroy(p);
         free(ws);
     }
@@ -512,8 +517,8 @@ static void module_case(const mcase *c)
         mha_plan_destroy(p);
         free(ws);
     }
-    for (t = 1; t <= 3; ++t) free(g[t].buf);
-    free(ref.buf); free(out); free(out_ref);
+    for (t = 1; t <= 4; ++t) free(g[t].buf);
+    free(ref.buf); free(out); free(out_ref); free(attw);
     mdata_free(c, &s);
 }
 
