@@ -4475,7 +4475,8 @@ static uint64_t mha__saved_sum(const float *ws, const size_t *at, const size_t *
     uint32_t u;
     int i, l;
     for (i = 0; i < k; ++i) {
-        const unsigned char *c = MHA__CAST(const unsigned char *, ws + at[i]);
+        const void *region = ws + at[i];
+        const unsigned char *c = MHA__CAST(const unsigned char *, region);
         size_t bytes = n[i] * sizeof(float), j = 0;
         for (; j + 32 <= bytes; j += 32)
             for (l = 0; l < 4; ++l) {
