@@ -83,9 +83,12 @@
    TRAINING (backward passes, docs/theory.md and docs/training.md)
      mha_sdpa_backward / mha_backward give the gradients of the inputs and of
      every weight in state_dict layout (mha_module_grad), recomputing the
-     attention probabilities instead of storing them.  mha_encoder_forward /
-     _backward implement nn.TransformerEncoderLayer (post- or pre-norm, ReLU or
-     GELU); plus layer norm, linear, embedding, positional encoding, cross-
+     attention probabilities instead of storing them.  A training plan's
+     forward run keeps what its backward needs in the workspace (the saved
+     forward: lse, O, the projections, the encoder's activations), so the
+     backward run on that workspace does not run the forward again.
+     mha_encoder_forward / _backward implement nn.TransformerEncoderLayer
+     (post- or pre-norm, ReLU or GELU); plus layer norm, linear, embedding, positional encoding, cross-
      entropy, SGD and AdamW steps, and a seeded RNG.  Backward calls ADD into
      their gradient buffers, so zero them before a step.
 
@@ -454,12 +457,15 @@ MHADEF mha_status mha_module_pack(const mha_module *m, void *buf, size_t bytes);
    the way PyTorch accumulates .grad: zero them before the first call of a
    step.  A NULL gradient pointer means "not needed" (its work is skipped
    where that is possible).  Backward calls take the same inputs as the
-   forward call and recompute what they need, so no activations have to be
-   kept between the two; the attention's backward is fused (FlashAttention-2:
-   P recomputed tile by tile from each row's log-sum-exp), so nothing of
-   size L*L is stored.  The backward runs on the plan's (or OpenMP's)
-   threads: the projections through the threaded GEMM, the attention over
-   (batch, KV head) pairs; the gradients do not depend on the thread count.
+   forward call.  The one-shot backward calls recompute the forward, so no
+   activations have to be kept between the two; the runs of a training plan
+   use the saved forward that the plan's forward run left in the same
+   workspace (see PLANS).  The attention's backward is fused
+   (FlashAttention-2: P recomputed tile by tile from each row's
+   log-sum-exp), so nothing of size L*L is stored.  The backward runs on
+   the plan's (or OpenMP's) threads: the projections through the threaded
+   GEMM, the attention over (batch, KV head) pairs; the gradients do not
+   depend on the thread count.
    As in the forward, a NaN or Inf inside a blocked key or value does not
    reach any gradient.
    ====================================================================== */
@@ -636,6 +642,20 @@ MHADEF void     mha_rng_fill(mha_rng *r, float *x, size_t n, float a);  /* U(-a,
        shorter runs: see docs/api.md);
      - a run never writes the plan: one plan may run from many threads at
        once, each with its own workspace.
+   Saved forward (MHA_PLAN_TRAINING): a forward run given a workspace leaves
+   there what the backward needs (SDPA: each row's log-sum-exp and O;
+   module: Q, K, V after RoPE, the context, the lse; encoder: those and the
+   layer's activations), stamped with a key of the plan, the lengths, the
+   input and mask pointers and contents, sinks, ALiBi slopes, a sample of
+   the weights, and a check sum of the saved data.  A backward run of the
+   same plan on the same workspace uses it when the key of its own
+   arguments matches, so it skips the forward's recomputation (its results
+   then agree with the one-shot backward to float32 rounding, not to the
+   bit); otherwise it recomputes the forward and equals the one-shot
+   backward bit for bit.  Either way the status is MHA_OK.  Change no input
+   or weight between the two (an optimizer step goes after the backward),
+   and run nothing else in the workspace in between.  The module's
+   head-by-head path (very long sequences) saves nothing.
    Memory: *_plan_size gives the bytes; pass mem (8-byte aligned, that many
    bytes) to build the plan there, or mem = NULL to have it allocated with
    MHA_MALLOC.  mha_plan_destroy frees an allocated plan (and does nothing to
@@ -648,7 +668,8 @@ MHADEF void     mha_rng_fill(mha_rng *r, float *x, size_t n, float a);  /* U(-a,
 typedef struct mha_plan mha_plan;
 
 #define MHA_PLAN_WEIGHTS  1u  /* runs may ask for the attention weights */
-#define MHA_PLAN_TRAINING 2u  /* the backward runs too (the workspace covers both) */
+#define MHA_PLAN_TRAINING 2u  /* the backward runs too (the workspace covers both); the forward
+                                 run saves what the backward needs in the workspace */
 #define MHA_PLAN_PACK     4u  /* module/encoder: pack Wq, Wk, Wv, Wo into the plan's memory;
                                  a run whose weights changed since is MHA_ERR_STALE */
 
@@ -3088,7 +3109,8 @@ static size_t mha__head_backward_gws(int Lq, int Lk, int D, int Dv)
    in order.  No atomics, nothing depends on the thread: results are
    bit-identical for any thread count.  */
 #ifndef MHA__FBWR
-#define MHA__FBWR 64
+#define MHA__FBWR 64    /* 128: 5% fewer instructions without a mask, 12% more causal
+                                 (callgrind, docs/performance.md) */
 #endif
 #ifndef MHA__FBWC
 #define MHA__FBWC 64
@@ -3115,13 +3137,21 @@ static float mha__exp_shift(float *s, int n, float m)
     return mha__vhsum(vsum);
 }
 
-/* Scratch floats of one thread of the fused backward. */
+/* Scratch floats of one thread of the fused backward: the tiles, then the
+   finite flags of the item's key tiles (K and V), then GEMM packing. */
 static size_t mha__fbwd_thread_floats(int Lq, int Lk, int D, int Dv)
 {
     int br = mha__imin(MHA__FBWR, Lq), bc = mha__imin(MHA__FBWC, Lk);
     size_t tile = mha__round_floats((size_t)br * bc);
     return 3 * tile + mha__round_floats((size_t)br * Dv) + 4 * mha__round_floats((size_t)br) +
+           mha__round_floats(2 * (size_t)((Lk + bc - 1) / bc)) +
            mha__round_floats(mha__head_backward_gws(br, bc, D, Dv));
+}
+static size_t mha__fbwd_flags_at(int Lq, int Lk, int Dv)
+{
+    int br = mha__imin(MHA__FBWR, Lq), bc = mha__imin(MHA__FBWC, Lk);
+    return 3 * mha__round_floats((size_t)br * bc) + mha__round_floats((size_t)br * Dv) +
+           4 * mha__round_floats((size_t)br);
 }
 /* ... and of a call on nthreads threads: one scratch per thread that can
    get an item, then the sink partial sums [B, H]. */
@@ -3156,9 +3186,12 @@ static int mha__fbwd_skip(const mha__attn *a, int i0, int i1, int j0, int bc)
     return j0 + bc - 1 < lo || j0 > hi;
 }
 
-/* Query tile rows i0..i0+br of head h in batch b (see above). */
+/* Query tile rows i0..i0+br of head h in batch b (see above).  lse_in:
+   NULL, or the forward's log-sum-exp of these rows, with their O in a->o:
+   pass 1 then only forms delta from them (a saved forward). */
 static void mha__fbwd_tile(const mha__attn *a, int b, int h, int i0, int br, const float *dout,
-                           float *dq, float *dk, float *dv, float *sinkp, float *ws)
+                           const float *lse_in, float *dq, float *dk, float *dv, float *sinkp,
+                           float *ws)
 {
     const int Lk = a->Lk_eff, D = a->D, Dv = a->Dv, bcm = mha__imin(MHA__FBWC, Lk);
     const int brm = mha__imin(MHA__FBWR, a->Lq);
@@ -3171,46 +3204,63 @@ static void mha__fbwd_tile(const mha__attn *a, int b, int h, int i0, int br, con
     float *s = ws, *dp = s + tile, *cap = dp + tile, *o = cap + tile;
     float *m = o + mha__round_floats((size_t)brm * Dv), *l = m + mha__round_floats((size_t)brm);
     float *lse = l + mha__round_floats((size_t)brm), *delta = lse + mha__round_floats((size_t)brm);
-    float *gws = delta + mha__round_floats((size_t)brm);
+    const int ntk = (Lk + bcm - 1) / bcm;
+    const float *kfin = delta + mha__round_floats((size_t)brm), *vfin = kfin + ntk;   /* per key tile */
+    float *gws = delta + mha__round_floats((size_t)brm) + mha__round_floats(2 * (size_t)ntk);
     float sink = a->sinks ? a->sinks[h] : -INFINITY;
     int r, j0, bc, c;
 
-    /* pass 1: m, l and O with the online softmax */
-    for (r = 0; r < br; ++r) { m[r] = -INFINITY; l[r] = 0.0f; }
-    memset(o, 0, (size_t)br * Dv * sizeof(float));
-    for (j0 = 0; j0 < Lk; j0 += bc) {
-        bc = mha__imin(bcm, Lk - j0);
-        if (mha__fbwd_skip(a, i0, i0 + br - 1, j0, bc)) continue;
-        mha__fbwd_scores(a, b, h, i0, br, j0, bc, qt, kh + (size_t)j0 * a->k.rs, s, NULL, gws);
+    if (lse_in) {  /* pass 1 from the saved forward: delta_i = dO_i . O_i, the sink's share */
         for (r = 0; r < br; ++r) {
-            float *sr = s + (size_t)r * bc, mt = m[r], corr;
-            for (c = 0; c < bc; ++c) if (sr[c] > mt) mt = sr[c];
-            if (mt == -INFINITY) { memset(sr, 0, (size_t)bc * sizeof(float)); continue; }
-            corr = m[r] == -INFINITY ? 0.0f : expf(m[r] - mt);
-            l[r] = l[r] * corr + mha__exp_shift(sr, bc, mt);
-            if (corr != 1.0f) for (c = 0; c < Dv; ++c) o[(size_t)r * Dv + c] *= corr;
-            m[r] = mt;
+            const float *orow = a->o + oo + (size_t)r * a->o_rs, *dor = dot + (size_t)r * a->o_rs;
+            double d = 0.0;
+            for (c = 0; c < Dv; ++c) d += (double)dor[c] * orow[c];
+            lse[r] = lse_in[r];
+            delta[r] = (float)d;
+            if (sink != -INFINITY && lse[r] != -INFINITY) *sinkp -= expf(sink - lse[r]) * delta[r];
         }
-        mha__pv(br, bc, Dv, s, (size_t)bc, vh + (size_t)j0 * a->v.rs, a->v.rs, 1.0f, o, (size_t)Dv, gws);
-    }
-    for (r = 0; r < br; ++r) {     /* the sink joins the sum; normalise; delta */
-        float mm = m[r] > sink ? m[r] : sink, f, sum;
-        float *orow = o + (size_t)r * Dv;
-        const float *dor = dot + (size_t)r * a->o_rs;
-        double d = 0.0;
-        if (mm == -INFINITY) {     /* nothing allowed: P = 0, O = 0 */
-            lse[r] = -INFINITY;
-            f = 0.0f;
-        } else {
-            f = m[r] == -INFINITY ? 0.0f : expf(m[r] - mm);
-            sum = l[r] * f + (sink == -INFINITY ? 0.0f : expf(sink - mm));
-            lse[r] = mm + logf(sum);
-            f /= sum;
+    } else {       /* pass 1: m, l and O with the online softmax */
+        for (r = 0; r < br; ++r) { m[r] = -INFINITY; l[r] = 0.0f; }
+        memset(o, 0, (size_t)br * Dv * sizeof(float));
+        for (j0 = 0; j0 < Lk; j0 += bc) {
+            bc = mha__imin(bcm, Lk - j0);
+            if (mha__fbwd_skip(a, i0, i0 + br - 1, j0, bc)) continue;
+            mha__fbwd_scores(a, b, h, i0, br, j0, bc, qt, kh + (size_t)j0 * a->k.rs, s, NULL, gws);
+            for (r = 0; r < br; ++r) {
+                float *sr = s + (size_t)r * bc, mt = m[r], corr;
+                for (c = 0; c < bc; ++c) if (sr[c] > mt) mt = sr[c];
+                if (mt == -INFINITY) { memset(sr, 0, (size_t)bc * sizeof(float)); continue; }
+                corr = m[r] == -INFINITY ? 0.0f : expf(m[r] - mt);
+                l[r] = l[r] * corr + mha__exp_shift(sr, bc, mt);
+                if (corr != 1.0f) for (c = 0; c < Dv; ++c) o[(size_t)r * Dv + c] *= corr;
+                m[r] = mt;
+            }
+            if (vfin[j0 / bcm] != 0.0f)
+                mha__gemm(0, 0, br, Dv, bc, 1.0f, s, (size_t)bc, vh + (size_t)j0 * a->v.rs, a->v.rs, 1.0f,
+                          o, (size_t)Dv, gws);
+            else
+                mha__pv(br, bc, Dv, s, (size_t)bc, vh + (size_t)j0 * a->v.rs, a->v.rs, 1.0f, o,
+                        (size_t)Dv, gws);
         }
-        for (c = 0; c < Dv; ++c) { orow[c] *= f; d += (double)dor[c] * orow[c]; }
-        delta[r] = (float)d;
-        if (a->o) memcpy(a->o + oo + (size_t)r * a->o_rs, orow, (size_t)Dv * sizeof(float));
-        if (sink != -INFINITY && lse[r] != -INFINITY) *sinkp -= expf(sink - lse[r]) * delta[r];
+        for (r = 0; r < br; ++r) {     /* the sink joins the sum; normalise; delta */
+            float mm = m[r] > sink ? m[r] : sink, f, sum;
+            float *orow = o + (size_t)r * Dv;
+            const float *dor = dot + (size_t)r * a->o_rs;
+            double d = 0.0;
+            if (mm == -INFINITY) {     /* nothing allowed: P = 0, O = 0 */
+                lse[r] = -INFINITY;
+                f = 0.0f;
+            } else {
+                f = m[r] == -INFINITY ? 0.0f : expf(m[r] - mm);
+                sum = l[r] * f + (sink == -INFINITY ? 0.0f : expf(sink - mm));
+                lse[r] = mm + logf(sum);
+                f /= sum;
+            }
+            for (c = 0; c < Dv; ++c) { orow[c] *= f; d += (double)dor[c] * orow[c]; }
+            delta[r] = (float)d;
+            if (a->o) memcpy(a->o + oo + (size_t)r * a->o_rs, orow, (size_t)Dv * sizeof(float));
+            if (sink != -INFINITY && lse[r] != -INFINITY) *sinkp -= expf(sink - lse[r]) * delta[r];
+        }
     }
     if (!dv && !dq && !dk) return;
 
@@ -3240,7 +3290,10 @@ static void mha__fbwd_tile(const mha__attn *a, int b, int h, int i0, int br, con
                 for (c = 0; c < bc; ++c) if (pr[c] != 0.0f) dr[c] *= 1.0f - (cr[c] * inv) * (cr[c] * inv);
             }
         }
-        if (dq) mha__pv(br, bc, D, dp, (size_t)bc, kj, a->k.rs, 1.0f, dq + qo, a->q.rs, gws);
+        if (dq && kfin[j0 / bcm] != 0.0f)   /* (a NaN K row of a blocked key: mha__pv skips it) */
+            mha__gemm(0, 0, br, D, bc, 1.0f, dp, (size_t)bc, kj, a->k.rs, 1.0f, dq + qo, a->q.rs, gws);
+        else if (dq)
+            mha__pv(br, bc, D, dp, (size_t)bc, kj, a->k.rs, 1.0f, dq + qo, a->q.rs, gws);
         if (dk)
             mha__gemm(1, 0, bc, D, br, 1.0f, dp, (size_t)bc, qt, a->q.rs, 1.0f,
                       dk + ko + (size_t)j0 * a->k.rs, a->k.rs, gws);
@@ -3248,10 +3301,12 @@ static void mha__fbwd_tile(const mha__attn *a, int b, int h, int i0, int br, con
 }
 
 /* The fused backward of a dense (unsliced) call on a->nthreads threads:
-   dq, dk, dv are added to (each may be NULL); O is written to a->o when set;
-   a->sinks_grad[h] -= its sum.  ws: mha__fbwd_floats(...) floats. */
-static void mha__attend_backward_fused(const mha__attn *a, const float *dout, float *dq, float *dk,
-                                       float *dv, float *ws)
+   dq, dk, dv are added to (each may be NULL); a->sinks_grad[h] -= its sum.
+   lse_saved NULL: the forward is recomputed and O written to a->o when set;
+   else lse_saved [B, H, Lq] and O in a->o are the forward's (read only).
+   ws: mha__fbwd_floats(...) floats. */
+static void mha__attend_backward_fused(const mha__attn *a, const float *dout, const float *lse_saved,
+                                       float *dq, float *dk, float *dv, float *ws)
 {
     const int items = a->B * a->Hkv, nt = mha__imin(items, a->nthreads < 1 ? 1 : a->nthreads);
     const size_t per = mha__fbwd_thread_floats(a->Lq, a->Lk_eff, a->D, a->Dv);
@@ -3267,10 +3322,26 @@ static void mha__attend_backward_fused(const mha__attn *a, const float *dout, fl
 #ifdef _OPENMP
         tid = omp_get_thread_num();
 #endif
+        {   /* which key tiles of this KV head have only finite K (V) rows, once per item */
+            const int bcm = mha__imin(MHA__FBWC, a->Lk_eff), ntk = (a->Lk_eff + bcm - 1) / bcm;
+            float *fin = ws + (size_t)tid * per + mha__fbwd_flags_at(a->Lq, a->Lk_eff, a->Dv);
+            const float *kh = a->k.p + (size_t)bb * a->k.bs + (size_t)kvh * a->k.hs;
+            const float *vh = a->v.p + (size_t)bb * a->v.bs + (size_t)kvh * a->v.hs;
+            int t, j;
+            for (t = 0; t < ntk; ++t) {
+                int kf = 1, vf = 1;
+                for (j = t * bcm; j < mha__imin((t + 1) * bcm, a->Lk_eff); ++j) {
+                    kf = kf && mha__all_finite(kh + (size_t)j * a->k.rs, a->D);
+                    vf = vf && mha__all_finite(vh + (size_t)j * a->v.rs, a->Dv);
+                }
+                fin[t] = (float)kf; fin[ntk + t] = (float)vf;
+            }
+        }
         for (hh = kvh * a->group; hh < (kvh + 1) * a->group; ++hh)
             for (i0 = 0; i0 < a->Lq; i0 += MHA__FBWR)
-                mha__fbwd_tile(a, bb, hh, i0, mha__imin(MHA__FBWR, a->Lq - i0), dout, dq, dk, dv,
-                               sinkp + (size_t)bb * a->H + hh, ws + (size_t)tid * per);
+                mha__fbwd_tile(a, bb, hh, i0, mha__imin(MHA__FBWR, a->Lq - i0), dout,
+                               lse_saved ? lse_saved + ((size_t)bb * a->H + hh) * a->Lq + i0 : NULL,
+                               dq, dk, dv, sinkp + (size_t)bb * a->H + hh, ws + (size_t)tid * per);
     }
     if (a->sinks_grad)
         for (h = 0; h < a->H; ++h)
@@ -3636,7 +3707,7 @@ static uint32_t mha__weights_sample(const mha__mod *r)
     uint32_t h = 2166136261u, bits;
     int i, s;
     w[0] = r->wq; w[1] = r->wk; w[2] = r->wv; w[3] = r->wo;
-    n[0] = n[3] = (size_t)r->E * r->E; n[1] = (size_t)r->E * r->kdim; n[2] = (size_t)r->E * r->vdim;
+    n[0] = n[3] = (size_t)r->E * r->E; n[1] = (size_t)r->Ekv * r->kdim; n[2] = (size_t)r->Ekv * r->vdim;
     for (i = 0; i < 4; ++i)
         for (s = 0; s < MHA__SAMPLES; ++s) {
             size_t at = (size_t)((unsigned long long)s * (n[i] - 1) / (MHA__SAMPLES - 1));
@@ -3764,13 +3835,32 @@ MHADEF mha_status mha_module_pack(const mha_module *m, void *buf, size_t bytes)
    maxima: every region grows with Lq and Lk, so a run never needs more than
    its plan said.  Offsets are in floats from the aligned start. */
 
+/* The saved forward's header (magic, key): floats at the workspace's start
+   (see "saved forward" below). */
+#define MHA__SAVED_MAGIC 0x53415645444d4841ull   /* "AHMDEVAS" */
+#define MHA__SAVED_HDR 16
+
 /* The module forward.  Queries go through chunk_b batches x chunk_q rows
    at a time (mha__fwd_chunks); qp, kp, vp hold the projections, scratch the
    attention's per-thread buffers and the projection GEMMs' packing. */
 typedef struct mha__fwd_layout {
     int chunk_b, chunk_q;
     size_t qp, kp, vp, scratch, per_thread, total_floats;
+    size_t ctx, lse;            /* saves: the context and the lse (Q is then [B*Lq, E]) */
 } mha__fwd_layout;
+
+/* A training module plan's saved forward (p->saves), at the start of its
+   workspace for the forward and the backward alike: the header, Q
+   [B*Lq, E], K and V [B*Lke, Ekv] (after RoPE, appended rows included),
+   the context C [B*Lq, E] and the lse [B, H, Lq].  */
+static int mha__mod_saved_at(const mha__mod *r, int B, int Lq, int Lk, size_t *cur, size_t *qp,
+                             size_t *kp, size_t *vp, size_t *ctx, size_t *lse)
+{
+    size_t hdr, nq = (size_t)B * Lq * r->E, nk = (size_t)B * (Lk + r->extra) * r->Ekv;
+    return mha__region(cur, MHA__SAVED_HDR, &hdr) && mha__region(cur, nq, qp) &&
+           mha__region(cur, nk, kp) && mha__region(cur, nk, vp) && mha__region(cur, nq, ctx) &&
+           mha__region(cur, (size_t)B * r->H * Lq, lse);
+}
 
 /* Without weights, a forward whose Q, K and V would take at least this many
    floats (32 MiB) goes one head at a time: Q, K, V of one head, [B, L, D],
@@ -3803,7 +3893,7 @@ static void mha__fwd_chunks(int B, int Lq, int need_weights, int *chunk_b, int *
 }
 
 static int mha__fwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int weights, int by_head,
-                              int nt, mha__fwd_layout *L)
+                              int nt, int saves, mha__fwd_layout *L)
 {
     size_t cur = 0, scratch, g, g2;
     int Lke = Lk + r->extra, E = r->E, D = r->D, widest = r->kdim > r->vdim ? r->kdim : r->vdim;
@@ -3822,6 +3912,13 @@ static int mha__fwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int weig
     /* the projection GEMMs run on the scratch area too */
     g = mha__gemm_ws_floats_mt(B * Lq, E, E, nt);
     g2 = mha__gemm_ws_floats_mt(B * Lke, E, widest, nt); if (g2 > g) g = g2;
+    L->ctx = L->lse = 0;
+    if (saves)
+        return mha__mod_saved_at(r, B, Lq, Lk, &cur, &L->qp, &L->kp, &L->vp, &L->ctx, &L->lse) &&
+               mha__attn_scratch_floats(Lq, Lk, Lke, D, D, nt, weights, r->H < nt, &L->per_thread,
+                                        &scratch) &&
+               mha__region(&cur, scratch > g ? scratch : g, &L->scratch) &&
+               mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
     return mha__region(&cur, (size_t)L->chunk_b * L->chunk_q * E, &L->qp) &&
            mha__region(&cur, (size_t)B * Lke * r->Ekv, &L->kp) &&
            mha__region(&cur, (size_t)B * Lke * r->Ekv, &L->vp) &&
@@ -3833,12 +3930,12 @@ static int mha__fwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int weig
 
 /* The module backward.  K and V hold Lk + extra rows per batch. */
 typedef struct mha__bwd_layout {
-    size_t qp, kp, vp, ctx, dctx, dqp, dkp, dvp, gws, total_floats;
+    size_t qp, kp, vp, ctx, lse, dctx, dqp, dkp, dvp, gws, total_floats;
 } mha__bwd_layout;
 
 /* gws: the projections' GEMM workspace, and the fused attention backward's
    scratch (the two are never in use at once). */
-static int mha__bwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int nt,
+static int mha__bwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int nt, int saves,
                               mha__bwd_layout *L)
 {
     size_t cur = 0, g, t, nq = (size_t)B * Lq * r->E, nk;
@@ -3848,8 +3945,10 @@ static int mha__bwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int nt,
     t = mha__linear_gws(B * Lk, r->kdim, r->E, nt);       if (t > g) g = t;
     t = mha__linear_gws(B * Lk, r->vdim, r->E, nt);       if (t > g) g = t;
     t = mha__fbwd_floats(B, r->H, r->Hkv, Lq, Lke, r->D, r->D, nt); if (t > g) g = t;
-    return mha__region(&cur, nq, &L->qp) && mha__region(&cur, nk, &L->kp) &&
-           mha__region(&cur, nk, &L->vp) && mha__region(&cur, nq, &L->ctx) &&
+    L->lse = 0;
+    return (saves ? mha__mod_saved_at(r, B, Lq, Lk, &cur, &L->qp, &L->kp, &L->vp, &L->ctx, &L->lse)
+                  : mha__region(&cur, nq, &L->qp) && mha__region(&cur, nk, &L->kp) &&
+                    mha__region(&cur, nk, &L->vp) && mha__region(&cur, nq, &L->ctx)) &&
            mha__region(&cur, nq, &L->dctx) && mha__region(&cur, nq, &L->dqp) &&
            mha__region(&cur, nk, &L->dkp) && mha__region(&cur, nk, &L->dvp) &&
            mha__region(&cur, g, &L->gws) && mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
@@ -3868,6 +3967,16 @@ static int mha__sdpa_bwd_floats(int B, int H, int Hkv, int Lq, int Lk, int D, in
 {
     return mha__add(mha__fbwd_floats(B, H, Hkv, Lq, Lk, D, Dv, nt), MHA__ALIGN_FLOATS, total);
 }
+/* A training SDPA plan's saved forward, at the start of the workspace:
+   header, lse [B, H, Lq], O [B, H, Lq, Dv]; the scratch follows. */
+static int mha__sdpa_saved_floats(int B, int H, int Lq, int Dv, size_t *lse, size_t *o, size_t *total)
+{
+    size_t rows = (size_t)B * H * Lq, no;
+    if (!mha__mul(rows, (size_t)Dv, &no)) return 0;
+    *lse = MHA__SAVED_HDR;
+    *o = *lse + mha__round_floats(rows);
+    return mha__add(*o, mha__round_floats(no), total);
+}
 
 /* The encoder layer, N = B*L rows.  Training keeps every intermediate for
    the backward:
@@ -3882,7 +3991,7 @@ static int mha__sdpa_bwd_floats(int B, int H, int Hkv, int Lq, int Lk, int D, in
 #define MHA__FF_ROWS 256
 #endif
 typedef struct mha__enc_layout {
-    size_t a, t1, h, z, g, t2, d1, d2, dg, gws, sub, total_floats;
+    size_t hdr, a, t1, h, z, g, t2, d1, d2, dg, gws, sub, total_floats;   /* hdr: saved forward */
     size_t zc, tc, fc, rows;                /* inference */
 } mha__enc_layout;
 
@@ -3906,6 +4015,8 @@ struct mha_plan {
     mha__mod mod;               /* module and encoder */
     mha_encoder_layer enc;      /* encoder (pointers borrowed) */
     size_t mod_floats;          /* encoder: the self-attention's part of the workspace */
+    int saves;                  /* training: the forward run leaves the saved forward in the
+                                   workspace for the backward (mha__saved_key) */
 };
 
 static size_t mha__plan_struct_bytes(void)
@@ -3989,9 +4100,13 @@ static mha_status mha__sdpa_plan_make(int B, int H, int Lq, int Lk, int D, int D
         if (f1 > f) f = f1;
     }
     if (flags & MHA_PLAN_TRAINING) {
+        size_t at_lse, at_o, saved;
         if (!mha__sdpa_bwd_floats(B, H, p->opt.num_kv_heads ? p->opt.num_kv_heads : H, Lq, Lk, D, Dv,
                                   p->nthreads, &f1)) return MHA_ERR_OVERFLOW;
         if (f1 > f) f = f1;
+        if (!mha__sdpa_saved_floats(B, H, Lq, Dv, &at_lse, &at_o, &saved) || !mha__add(f, saved, &f))
+            return MHA_ERR_OVERFLOW;
+        p->saves = 1;
     }
     return mha__plan_ws(p, f);
 }
@@ -4001,14 +4116,14 @@ static int mha__module_floats(const mha_plan *p, int Lq, int Lk, size_t *floats)
 {
     mha__fwd_layout F;
     mha__bwd_layout W;
-    if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 0, p->by_head, p->nthreads, &F)) return 0;
+    if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 0, p->by_head, p->nthreads, p->saves, &F)) return 0;
     *floats = F.total_floats;
     if (p->flags & MHA_PLAN_WEIGHTS) {
-        if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 1, 0, p->nthreads, &F)) return 0;
+        if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 1, 0, p->nthreads, p->saves, &F)) return 0;
         if (F.total_floats > *floats) *floats = F.total_floats;
     }
     if (p->flags & MHA_PLAN_TRAINING) {
-        if (!mha__bwd_layout_at(&p->mod, p->B, Lq, Lk, p->nthreads, &W)) return 0;
+        if (!mha__bwd_layout_at(&p->mod, p->B, Lq, Lk, p->nthreads, p->saves, &W)) return 0;
         if (W.total_floats > *floats) *floats = W.total_floats;
     }
     return 1;
@@ -4054,6 +4169,7 @@ static mha_status mha__module_plan_make(const mha_module *m, int B, int Lq, int 
     }
     p->mod = r;
     p->by_head = (double)B * ((double)Lq + 2.0 * Lke) * r.E >= (double)MHA__BY_HEAD_FLOATS;
+    p->saves = (flags & MHA_PLAN_TRAINING) && !p->by_head;   /* head by head: Q, K, V do not fit */
     if (!mha__module_floats(p, Lq, Lk, &f)) return MHA_ERR_OVERFLOW;
     p->mod_floats = f;
     return mha__plan_ws(p, f);
@@ -4077,7 +4193,8 @@ static int mha__enc_layout_at(const mha_plan *p, int L, int train, mha__enc_layo
     }
     g = mha__linear_gws(N, E, F, p->nthreads);
     t = mha__linear_gws(N, F, E, p->nthreads); if (t > g) g = t;
-    return mha__region(&cur, ne, &P->a) && mha__region(&cur, ne, &P->t1) &&
+    return mha__region(&cur, MHA__SAVED_HDR, &P->hdr) &&
+           mha__region(&cur, ne, &P->a) && mha__region(&cur, ne, &P->t1) &&
            mha__region(&cur, ne, &P->h) && mha__region(&cur, nf, &P->z) &&
            mha__region(&cur, nf, &P->g) && mha__region(&cur, ne, &P->t2) &&
            mha__region(&cur, ne, &P->d1) && mha__region(&cur, ne, &P->d2) &&
@@ -4252,6 +4369,177 @@ MHADEF void mha_plan_destroy(mha_plan *plan)
     }
 }
 
+/* ------------------------------------------------------ saved forward
+
+   A training plan's forward run leaves in the caller's workspace what its
+   backward needs, so the backward does not compute the forward again:
+     SDPA      the log-sum-exp of every row [B, H, Lq] and O [B, H, Lq, Dv]
+     module    the projected Q, K, V (after RoPE), the context C and the lse
+     encoder   the module's, and the layer's activations (a, t1, h, z, g, t2)
+   The region starts with a header of MHA__SAVED_HDR floats: a magic number
+   and a 64-bit key of everything the forward's results depend on (the plan,
+   the lengths, the input and mask pointers and contents, sinks, ALiBi
+   slopes, a sample of the weights).  A backward run keys its own arguments
+   the same way and uses the saved forward only when the keys agree;
+   otherwise it recomputes the forward, as a one-shot backward does.  Runs
+   that write the region otherwise clear the header first.  */
+
+/* A 64-bit hash of n bytes, continuing from h: four lanes of
+   xor-multiply-xorshift over 8-byte words (a change to any bit of a word
+   changes its lane), then the lanes folded with the length. */
+static uint64_t mha__hash(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *c = MHA__CAST(const unsigned char *, p);
+    uint64_t a[4], w;
+    size_t i = 0;
+    int l;
+    for (l = 0; l < 4; ++l) a[l] = h + (uint64_t)(l + 1) * 0x9e3779b97f4a7c15ull;
+    for (; i + 32 <= n; i += 32)
+        for (l = 0; l < 4; ++l) {
+            memcpy(&w, c + i + 8 * l, 8);
+            a[l] = (a[l] ^ w) * 0xff51afd7ed558ccdull;
+            a[l] ^= a[l] >> 32;
+        }
+    for (; i < n; ++i) a[0] = (a[0] ^ c[i]) * 0xc4ceb9fe1a85ec53ull;
+    h = (uint64_t)n;
+    for (l = 0; l < 4; ++l) { h = (h ^ a[l]) * 0xff51afd7ed558ccdull; h ^= h >> 29; }
+    return h;
+}
+
+static size_t mha__mask_bytes(const mha_mask *m)
+{
+    size_t n = m->kind == MHA_MASK_FLOAT ? sizeof(float) : 1;
+    int d;
+    for (d = 0; d < m->ndim; ++d) n *= (size_t)m->shape[d];
+    return n;
+}
+
+/* h continued by MHA__SAMPLES evenly spread values of w[0..n) (n > 0), or
+   all of them when n is small; w may be NULL */
+static uint64_t mha__hash_sample(uint64_t h, const float *w, size_t n)
+{
+    float v[MHA__SAMPLES];
+    int s;
+    if (!w) return h;
+    if (n <= 4 * MHA__SAMPLES) return mha__hash(h, w, n * sizeof(float));
+    for (s = 0; s < MHA__SAMPLES; ++s)
+        v[s] = w[(size_t)((unsigned long long)s * (n - 1) / (MHA__SAMPLES - 1))];
+    return mha__hash(h, v, sizeof v);
+}
+
+/* The key of a run of plan p at lengths Lq, Lk with options o (the run's
+   masks) and inputs x[0..nx) of n[] floats (an input equal to the one
+   before it, e.g. self-attention's x, is hashed once).  */
+static uint64_t mha__saved_key(const mha_plan *p, const mha_options *o, int Lq, int Lk,
+                               const float *const *x, const size_t *n, int nx)
+{
+    const mha__mod *r = &p->mod;
+    const mha_encoder_layer *e = &p->enc;
+    int iv[32];
+    float fv[4];
+    const void *pv[24];
+    uint64_t h = MHA__SAVED_MAGIC;
+    int i, ni = 0, np = 0;
+    iv[ni++] = p->kind; iv[ni++] = (int)p->flags; iv[ni++] = p->B; iv[ni++] = p->H;
+    iv[ni++] = p->D; iv[ni++] = p->Dv; iv[ni++] = p->by_head; iv[ni++] = Lq; iv[ni++] = Lk;
+    iv[ni++] = o->causal; iv[ni++] = (int)o->causal_align; iv[ni++] = o->num_kv_heads;
+    iv[ni++] = o->window; iv[ni++] = o->window_left; iv[ni++] = o->window_right;
+    iv[ni++] = o->alibi; iv[ni++] = o->position_offset;
+    iv[ni++] = (int)o->attn_mask.kind; iv[ni++] = (int)o->key_padding_mask.kind;
+    iv[ni++] = r->E; iv[ni++] = r->kdim; iv[ni++] = r->vdim; iv[ni++] = r->Hkv; iv[ni++] = r->extra;
+    iv[ni++] = (int)r->rope.kind; iv[ni++] = r->rope.rotary_dim;
+    iv[ni++] = e->dim_feedforward; iv[ni++] = (int)e->activation; iv[ni++] = e->norm_first;
+    iv[ni++] = p->kind == MHA__PLAN_SDPA ? 0 : (int)mha__weights_sample(r);
+    fv[0] = o->scale; fv[1] = o->softcap; fv[2] = r->rope.theta; fv[3] = e->layer_norm_eps;
+    pv[np++] = p; pv[np++] = o->attn_mask.data; pv[np++] = o->key_padding_mask.data;
+    pv[np++] = o->alibi_slopes; pv[np++] = o->sinks;
+    pv[np++] = r->wq; pv[np++] = r->wk; pv[np++] = r->wv; pv[np++] = r->wo;
+    pv[np++] = r->bq; pv[np++] = r->bk; pv[np++] = r->bv; pv[np++] = r->bo;
+    pv[np++] = r->bias_k; pv[np++] = r->bias_v;
+    pv[np++] = e->linear1_weight; pv[np++] = e->linear1_bias; pv[np++] = e->linear2_weight;
+    pv[np++] = e->linear2_bias; pv[np++] = e->norm1_weight; pv[np++] = e->norm1_bias;
+    pv[np++] = e->norm2_weight; pv[np++] = e->norm2_bias;
+    h = mha__hash(h, iv, (size_t)ni * sizeof iv[0]);
+    h = mha__hash(h, fv, sizeof fv);
+    h = mha__hash(h, pv, (size_t)np * sizeof pv[0]);
+    for (i = 0; i < nx; ++i) {
+        h = mha__hash(h, &x[i], sizeof x[i]);
+        if (i == 0 || x[i] != x[i - 1] || n[i] != n[i - 1]) h = mha__hash(h, x[i], n[i] * sizeof(float));
+    }
+    if (o->attn_mask.kind != MHA_MASK_NONE) h = mha__hash(h, o->attn_mask.data, mha__mask_bytes(&o->attn_mask));
+    if (o->key_padding_mask.kind != MHA_MASK_NONE)
+        h = mha__hash(h, o->key_padding_mask.data, mha__mask_bytes(&o->key_padding_mask));
+    if (o->sinks) h = mha__hash(h, o->sinks, (size_t)p->H * sizeof(float));
+    if (o->alibi && o->alibi_slopes) h = mha__hash(h, o->alibi_slopes, (size_t)p->H * sizeof(float));
+    if (p->kind == MHA__PLAN_ENCODER) {   /* the feed-forward and norm weights, sampled too */
+        size_t ef = (size_t)r->E * e->dim_feedforward;
+        h = mha__hash_sample(h, e->linear1_weight, ef); h = mha__hash_sample(h, e->linear2_weight, ef);
+        h = mha__hash_sample(h, e->linear1_bias, (size_t)e->dim_feedforward);
+        h = mha__hash_sample(h, e->linear2_bias, (size_t)r->E);
+        h = mha__hash_sample(h, e->norm1_weight, (size_t)r->E); h = mha__hash_sample(h, e->norm1_bias, (size_t)r->E);
+        h = mha__hash_sample(h, e->norm2_weight, (size_t)r->E); h = mha__hash_sample(h, e->norm2_bias, (size_t)r->E);
+    }
+    return h;
+}
+
+/* A check sum of the saved forward itself, its k regions of n[i] floats at
+   ws + at[i]: per lane of 8-byte words a running sum and a sum of running
+   sums (Fletcher), so a region written over since the forward (a workspace
+   freed, reused by other allocations and handed out again) no longer
+   matches its header.  Two adds a word: cheap next to the key's hash.  */
+static uint64_t mha__saved_sum(const float *ws, const size_t *at, const size_t *n, int k)
+{
+    uint64_t s1[4] = {0, 0, 0, 0}, s2[4] = {0, 0, 0, 0}, w, h = 0;
+    uint32_t u;
+    int i, l;
+    for (i = 0; i < k; ++i) {
+        const void *region = ws + at[i];
+        const unsigned char *c = MHA__CAST(const unsigned char *, region);
+        size_t bytes = n[i] * sizeof(float), j = 0;
+        for (; j + 32 <= bytes; j += 32)
+            for (l = 0; l < 4; ++l) {
+                memcpy(&w, c + j + 8 * l, 8);
+                s1[l] += w;
+                s2[l] += s1[l];
+            }
+        for (; j < bytes; j += 4) {
+            memcpy(&u, c + j, 4);
+            s1[0] += u;
+            s2[0] += s1[0];
+        }
+    }
+    for (l = 0; l < 4; ++l) {
+        h = (h ^ s1[l]) * 0xff51afd7ed558ccdull;
+        h = (h ^ s2[l]) * 0xff51afd7ed558ccdull;
+    }
+    return h;
+}
+
+/* The header at hdr: mark the saved forward as made for key (after the
+   forward has written it; key combines the arguments' key and the saved
+   data's sum), clear it (before anything else writes the region), or ask
+   whether it holds key. */
+static void mha__saved_stamp(float *hdr, uint64_t key)
+{
+    uint64_t m = MHA__SAVED_MAGIC;
+    memcpy(hdr, &m, 8);
+    memcpy(hdr + 2, &key, 8);
+}
+static void mha__saved_clear(float *hdr) { memset(hdr, 0, 16); }
+static int mha__saved_magic(const float *hdr)   /* (checked first: keying costs O(L E)) */
+{
+    uint64_t m;
+    memcpy(&m, hdr, 8);
+    return m == MHA__SAVED_MAGIC;
+}
+static int mha__saved_holds(const float *hdr, uint64_t key)
+{
+    uint64_t m, k;
+    memcpy(&m, hdr, 8);
+    memcpy(&k, hdr + 2, 8);
+    return m == MHA__SAVED_MAGIC && k == key;
+}
+
 /* ------------------------------------------------------------- runs */
 
 /* The start of every run: the plan is one of this kind; the lengths fit;
@@ -4339,6 +4627,28 @@ static void mha__attn_dense(mha__attn *a, const mha_options *o, int B, int H, in
     a->shared_pack = (size_t)B * H < (size_t)a->nthreads;
 }
 
+/* The sum of an SDPA plan's saved forward at these lengths. */
+static uint64_t mha__sdpa_saved_sum(const mha_plan *p, int Lq, const float *ws)
+{
+    size_t at[2], n[2], total;
+    (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at[0], &at[1], &total);
+    n[0] = (size_t)p->B * p->H * Lq;
+    n[1] = n[0] * p->Dv;
+    return mha__saved_sum(ws, at, n, 2);
+}
+
+/* The saved-forward key of an SDPA run. */
+static uint64_t mha__sdpa_key(const mha_plan *p, const mha_options *o, int Lq, int Lk,
+                              const float *q, const float *k, const float *v)
+{
+    const float *x[3];
+    size_t n[3], rows = (size_t)p->B * p->H * Lq;
+    size_t keys = (size_t)p->B * (o->num_kv_heads ? o->num_kv_heads : p->H) * Lk;
+    x[0] = q; x[1] = k; x[2] = v;
+    n[0] = rows * p->D; n[1] = keys * p->D; n[2] = keys * p->Dv;
+    return mha__saved_key(p, o, Lq, Lk, x, n, 3);
+}
+
 MHADEF mha_status mha_sdpa_run(const mha_plan *p, int Lq, int Lk,
                                const float *q, const float *k, const float *v,
                                const void *attn_mask, const void *key_padding_mask,
@@ -4346,9 +4656,10 @@ MHADEF mha_status mha_sdpa_run(const mha_plan *p, int Lq, int Lk,
 {
     mha_options o;
     mha__attn a;
-    size_t per_thread, total;
+    size_t per_thread, total, at_lse = 0, at_o = 0, saved = 0;
     void *owned;
     float *ws;
+    uint64_t key = 0;
     mha_status st;
     if ((st = mha__run_begin(p, MHA__PLAN_SDPA, Lq, Lk, attn_mask, key_padding_mask, &o)) != MHA_OK)
         return st;
@@ -4356,10 +4667,26 @@ MHADEF mha_status mha_sdpa_run(const mha_plan *p, int Lq, int Lk,
     if (attn_weights && !(p->flags & MHA_PLAN_WEIGHTS)) return MHA_ERR_EXCEEDS_PLAN;
     (void)mha__sdpa_fwd_floats(p->B, p->H, Lq, Lk, p->D, p->Dv, attn_weights != NULL, p->nthreads,
                                &per_thread, &total);   /* within the plan's */
-    if ((st = mha__run_ws(p, workspace, workspace_bytes, total, &owned, &ws)) != MHA_OK) return st;
+    if (p->saves) (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at_lse, &at_o, &saved);
+    if ((st = mha__run_ws(p, workspace, workspace_bytes, saved + total, &owned, &ws)) != MHA_OK)
+        return st;
     mha__attn_dense(&a, &o, p->B, p->H, Lq, Lk, p->D, p->Dv, q, k, v, out);
     a.weights = attn_weights;
-    mha__attend_all(&a, ws, per_thread);
+    if (saved) {   /* the saved forward: lse there (and copied to o.lse), O copied after;
+                      keyed before out (which may be q) is written */
+        mha__saved_clear(ws);
+        a.lse = ws + at_lse;
+        if (!owned) key = mha__sdpa_key(p, &o, Lq, Lk, q, k, v);
+    }
+    mha__attend_all(&a, ws + saved, per_thread);
+    if (saved) {
+        size_t rows = (size_t)p->B * p->H * Lq;
+        if (o.lse) memcpy(o.lse, ws + at_lse, rows * sizeof(float));
+        if (!owned) {
+            memcpy(ws + at_o, out, rows * p->Dv * sizeof(float));
+            mha__saved_stamp(ws, key ^ mha__sdpa_saved_sum(p, Lq, ws));
+        }
+    }
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
@@ -4374,7 +4701,8 @@ MHADEF mha_status mha_sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
     mha__attn a;
     void *owned;
     float *ws;
-    size_t f = 0;
+    size_t f = 0, at_lse = 0, at_o = 0, saved = 0;
+    int use = 0;
     mha_status st;
     if ((st = mha__run_begin(p, MHA__PLAN_SDPA, Lq, Lk, attn_mask, key_padding_mask, &o)) != MHA_OK)
         return st;
@@ -4382,10 +4710,15 @@ MHADEF mha_status mha_sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
     if (!(p->flags & MHA_PLAN_TRAINING)) return MHA_ERR_EXCEEDS_PLAN;
     (void)mha__sdpa_bwd_floats(p->B, p->H, o.num_kv_heads ? o.num_kv_heads : p->H, Lq, Lk, p->D,
                                p->Dv, p->nthreads, &f);   /* within the plan's */
-    if ((st = mha__run_ws(p, workspace, workspace_bytes, f, &owned, &ws)) != MHA_OK) return st;
+    if (p->saves) (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at_lse, &at_o, &saved);
+    if ((st = mha__run_ws(p, workspace, workspace_bytes, saved + f, &owned, &ws)) != MHA_OK) return st;
     mha__attn_dense(&a, &o, p->B, p->H, Lq, Lk, p->D, p->Dv, q, k, v, NULL);
     a.nthreads = p->nthreads;
-    mha__attend_backward_fused(&a, dout, dq, dk, dv, ws);
+    /* did the forward of these very arguments leave lse and O here? */
+    if (saved && !owned && mha__saved_magic(ws))
+        use = mha__saved_holds(ws, mha__sdpa_key(p, &o, Lq, Lk, q, k, v) ^ mha__sdpa_saved_sum(p, Lq, ws));
+    if (use) a.o = ws + at_o;
+    mha__attend_backward_fused(&a, dout, use ? ws + at_lse : NULL, dq, dk, dv, ws + saved);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
@@ -4403,6 +4736,7 @@ typedef struct mha__run {
     float *dquery, *dkey, *dvalue;     /* backward, added to (each may be NULL) */
     const mha_module_grad *grad;       /* backward, added to */
     float *ws;
+    int use_saved;                     /* backward: ws holds the saved forward of these inputs */
 } mha__run;
 
 /* The long-sequence forward (see MHA__BY_HEAD_FLOATS): for each head h,
@@ -4461,7 +4795,9 @@ static void mha__forward_chunks(const mha__run *c, const mha__fwd_layout *L)
     const mha__mod *r = c->r;
     mha__attn a;
     int E = r->E, Ekv = r->Ekv, B = c->B, Lq = c->Lq, Lke = c->Lke, nt = c->p->nthreads, b;
+    int saves = c->p->saves;
     float *qp = c->ws + L->qp, *kp = c->ws + L->kp, *vp = c->ws + L->vp, *scratch = c->ws + L->scratch;
+    float *ctx = saves ? c->ws + L->ctx : NULL;
 
     /* 1. key and value projections, K = Xk Wk^T + bk, for all batches,
           Lke rows per batch (the appended keys after the Lk projected ones) */
@@ -4480,6 +4816,7 @@ static void mha__forward_chunks(const mha__run *c, const mha__fwd_layout *L)
     a.Hkv = r->Hkv; a.group = r->H / r->Hkv;
     a.weights = c->weights; a.per_head = c->o->per_head_weights != 0;
     a.shared_pack = r->H < a.nthreads;
+    if (saves) a.lse = c->ws + L->lse;   /* (copied to the caller's o->lse at the end) */
     for (b = 0; b < B; b += L->chunk_b) {
         int q0;
         a.b0 = b;
@@ -4487,37 +4824,41 @@ static void mha__forward_chunks(const mha__run *c, const mha__fwd_layout *L)
         for (q0 = 0; q0 < Lq; q0 += L->chunk_q) {
             size_t first = ((size_t)b * Lq + q0) * E;   /* offset of the chunk in query/out */
             int rows;
+            /* saving: Q and C of every row stay, each chunk at its rows */
+            float *qc = saves ? c->ws + L->qp + first : qp, *oc = saves ? ctx + first : qc;
             a.q0 = q0;
             a.nq = Lq - q0 < L->chunk_q ? Lq - q0 : L->chunk_q;
             rows = a.nb * a.nq;
 
             /* 2. Q = Xq Wq^T + bq for the chunk's rows */
-            mha__linear_pp(rows, E, E, c->query + first, r->wq, r->bq, qp, scratch, nt, r->pq);
+            mha__linear_pp(rows, E, E, c->query + first, r->wq, r->bq, qc, scratch, nt, r->pq);
             mha__rope_apply(&r->rope, r->D, a.nb, a.nq, r->H, (size_t)a.nq * E, (size_t)E, (size_t)r->D,
-                            mha__query_pos0(c->o, Lq, c->Lk) + q0, NULL, 1.0f, qp);
+                            mha__query_pos0(c->o, Lq, c->Lk) + q0, NULL, 1.0f, qc);
 
             /* 3. attention per (batch, head) on the head-interleaved [rows, E]
                layout; each head's context overwrites that head's Q columns,
-               which its tile has finished reading, so no context buffer */
-            a.q.p = qp; a.q.rs = (size_t)E; a.q.hs = (size_t)r->D; a.q.bs = (size_t)a.nq * E;
+               which its tile has finished reading, so no context buffer
+               (unless the forward is saved: then C has its own) */
+            a.q.p = qc; a.q.rs = (size_t)E; a.q.hs = (size_t)r->D; a.q.bs = (size_t)a.nq * E;
             a.k.p = kp + (size_t)b * Lke * Ekv;
             a.k.rs = (size_t)Ekv; a.k.hs = (size_t)r->D; a.k.bs = (size_t)Lke * Ekv;
             a.v.p = vp + (size_t)b * Lke * Ekv;
             a.v.rs = (size_t)Ekv; a.v.hs = (size_t)r->D; a.v.bs = (size_t)Lke * Ekv;
-            a.o = qp;   a.o_rs = (size_t)E; a.o_hs = (size_t)r->D; a.o_bs = (size_t)a.nq * E;
+            a.o = oc;   a.o_rs = (size_t)E; a.o_hs = (size_t)r->D; a.o_bs = (size_t)a.nq * E;
             mha__attend_all(&a, scratch, L->per_thread);
 
             /* 4. output projection: out = concat_h(O_h) Wo^T + bo */
-            mha__linear_pp(rows, E, E, qp, r->wo, r->bo, c->out + first, scratch, nt, r->po);
+            mha__linear_pp(rows, E, E, oc, r->wo, r->bo, c->out + first, scratch, nt, r->po);
         }
     }
+    if (saves && c->o->lse) memcpy(c->o->lse, a.lse, (size_t)B * r->H * Lq * sizeof(float));
 }
 
 /* The layout of this run's lengths and path (within the plan's). */
 static void mha__fwd_layout_run(const mha__run *c, mha__fwd_layout *L)
 {
     (void)mha__fwd_layout_at(c->r, c->B, c->Lq, c->Lk, c->weights != NULL, c->p->by_head,
-                             c->p->nthreads, L);
+                             c->p->nthreads, c->p->saves, L);
 }
 static void mha__module_forward(const mha__run *c)
 {
@@ -4545,7 +4886,7 @@ static void mha__module_backward(const mha__run *c)
     size_t nq, nk;
     int E = r->E, Ekv = r->Ekv, B = c->B, Lq = c->Lq, Lk = c->Lk, Lke = c->Lke, nt = c->p->nthreads;
 
-    (void)mha__bwd_layout_at(r, B, Lq, Lk, nt, &L);
+    (void)mha__bwd_layout_at(r, B, Lq, Lk, nt, c->p->saves, &L);
     nq = (size_t)B * Lq * E; nk = (size_t)B * Lke * Ekv;
     qp = ws + L.qp; kp = ws + L.kp; vp = ws + L.vp; ctx = ws + L.ctx; dctx = ws + L.dctx;
     dqp = ws + L.dqp; dkp = ws + L.dkp; dvp = ws + L.dvp; gws = ws + L.gws;
@@ -4561,20 +4902,23 @@ static void mha__module_backward(const mha__run *c)
     gbk = gbq ? gbq + E : NULL;
     gbv = gbq ? gbq + E + Ekv : NULL;
 
-    /* 1. recompute the projections Q, K, V (K and V with their appended rows), RoPE */
-    mha__linear_pp(B * Lq, E, E, c->query, r->wq, r->bq, qp, gws, nt, r->pq);
-    mha__kv_project(B, Lk, r->kdim, Ekv, c->key, r->wk, r->bk, r->bias_k, r->zero_attn, kp, gws, nt, r->pk);
-    mha__kv_project(B, Lk, r->vdim, Ekv, c->value, r->wv, r->bv, r->bias_v, r->zero_attn, vp, gws, nt, r->pv);
-    mha__rope_apply(&r->rope, r->D, B, Lq, r->H, (size_t)Lq * E, (size_t)E, (size_t)r->D,
-                    mha__query_pos0(c->o, Lq, Lk), NULL, 1.0f, qp);
-    mha__rope_apply(&r->rope, r->D, B, Lk, r->Hkv, (size_t)Lke * Ekv, (size_t)Ekv, (size_t)r->D,
-                    c->o->position_offset, NULL, 1.0f, kp);
+    /* 1. the projections Q, K, V (K and V with their appended rows), RoPE:
+          saved by the forward, or recomputed */
+    if (!c->use_saved) {
+        mha__linear_pp(B * Lq, E, E, c->query, r->wq, r->bq, qp, gws, nt, r->pq);
+        mha__kv_project(B, Lk, r->kdim, Ekv, c->key, r->wk, r->bk, r->bias_k, r->zero_attn, kp, gws, nt, r->pk);
+        mha__kv_project(B, Lk, r->vdim, Ekv, c->value, r->wv, r->bv, r->bias_v, r->zero_attn, vp, gws, nt, r->pv);
+        mha__rope_apply(&r->rope, r->D, B, Lq, r->H, (size_t)Lq * E, (size_t)E, (size_t)r->D,
+                        mha__query_pos0(c->o, Lq, Lk), NULL, 1.0f, qp);
+        mha__rope_apply(&r->rope, r->D, B, Lk, r->Hkv, (size_t)Lke * Ekv, (size_t)Ekv, (size_t)r->D,
+                        c->o->position_offset, NULL, 1.0f, kp);
+    }
 
     /* 2. through the output projection: dC = dY Wo   [B*Lq, E] */
     mha__gemm_mt(0, 0, B * Lq, E, E, 1.0f, c->dout, (size_t)E, r->wo, (size_t)E, 0.0f,
                  dctx, (size_t)E, gws, nt);
 
-    /* 3. attention, head by head: C (for step 4) and dQ, dK, dV */
+    /* 3. attention, head by head: C (for step 4; saved: read) and dQ, dK, dV */
     memset(dqp, 0, nq * sizeof(float));
     memset(dkp, 0, nk * sizeof(float));
     memset(dvp, 0, nk * sizeof(float));
@@ -4586,7 +4930,7 @@ static void mha__module_backward(const mha__run *c)
     a.o = ctx;  a.o_rs = (size_t)E; a.o_hs = (size_t)r->D; a.o_bs = (size_t)Lq * E;
     a.weights = NULL; a.per_head = 0;
     a.nthreads = nt;
-    mha__attend_backward_fused(&a, dctx, dqp, dkp, dvp, gws);
+    mha__attend_backward_fused(&a, dctx, c->use_saved ? ws + L.lse : NULL, dqp, dkp, dvp, gws);
 
     /* RoPE backward: the rotated Q and K's gradients turn back (the transpose) */
     mha__rope_apply(&r->rope, r->D, B, Lq, r->H, (size_t)Lq * E, (size_t)E, (size_t)r->D,
@@ -4624,6 +4968,28 @@ static mha_status mha__module_run_begin(const mha_plan *p, int kind, int Lq, int
     return MHA_OK;
 }
 
+/* The sum of a module run's saved forward (mha__mod_saved_at). */
+static uint64_t mha__module_saved_sum(const mha__run *c)
+{
+    size_t at[5], n[5], cur = 0;
+    const mha__mod *r = c->r;
+    (void)mha__mod_saved_at(r, c->B, c->Lq, c->Lk, &cur, &at[0], &at[1], &at[2], &at[3], &at[4]);
+    n[0] = n[3] = (size_t)c->B * c->Lq * r->E;
+    n[1] = n[2] = (size_t)c->B * c->Lke * r->Ekv;
+    n[4] = (size_t)c->B * r->H * c->Lq;
+    return mha__saved_sum(c->ws, at, n, 5);
+}
+
+/* The saved-forward key of a module run: its plan, lengths, options, inputs. */
+static uint64_t mha__module_key(const mha__run *c)
+{
+    const float *x[3];
+    size_t n[3], rows = (size_t)c->B * c->Lq, keys = (size_t)c->B * c->Lk;
+    x[0] = c->query; x[1] = c->key; x[2] = c->value;
+    n[0] = rows * c->r->E; n[1] = keys * c->r->kdim; n[2] = keys * c->r->vdim;
+    return mha__saved_key(c->p, c->o, c->Lq, c->Lk, x, n, 3);
+}
+
 MHADEF mha_status mha_module_forward(const mha_plan *p, int Lq, int Lk,
                                      const float *query, const float *key, const float *value,
                                      const void *attn_mask, const void *key_padding_mask,
@@ -4634,6 +5000,7 @@ MHADEF mha_status mha_module_forward(const mha_plan *p, int Lq, int Lk,
     mha__fwd_layout L;
     mha__run c;
     void *owned, *copy = NULL;
+    uint64_t skey = 0;
     mha_status st;
     st = mha__module_run_begin(p, MHA__PLAN_MODULE, Lq, Lk, query, key, value, attn_mask,
                                key_padding_mask, &o, &c);
@@ -4656,7 +5023,12 @@ MHADEF mha_status mha_module_forward(const mha_plan *p, int Lq, int Lk,
         }
         c.query = x[0]; c.key = x[1]; c.value = x[2];
     }
+    if (p->saves) {   /* keyed before out (which may be an input) is written */
+        mha__saved_clear(c.ws);
+        skey = owned ? 0 : mha__module_key(&c);
+    }
     mha__module_forward(&c);
+    if (p->saves && !owned) mha__saved_stamp(c.ws, skey ^ mha__module_saved_sum(&c));
     if (copy) MHA_FREE(copy);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
@@ -4681,10 +5053,15 @@ MHADEF mha_status mha_module_backward(const mha_plan *p, int Lq, int Lk,
     if (!dout) return MHA_ERR_NULL_POINTER;
     if (!(p->flags & MHA_PLAN_TRAINING)) return MHA_ERR_EXCEEDS_PLAN;
     if (!grad) { memset(&nog, 0, sizeof nog); grad = &nog; }
-    (void)mha__bwd_layout_at(&p->mod, p->B, Lq, Lk, p->nthreads, &L);   /* within the plan's */
+    (void)mha__bwd_layout_at(&p->mod, p->B, Lq, Lk, p->nthreads, p->saves, &L);   /* within the plan's */
     if ((st = mha__run_ws(p, workspace, workspace_bytes, L.total_floats, &owned, &c.ws)) != MHA_OK)
         return st;
     c.dout = dout; c.dquery = dquery; c.dkey = dkey; c.dvalue = dvalue; c.grad = grad;
+    if (p->saves && !owned) {   /* the saved forward of these inputs, or recompute over it */
+        c.use_saved = mha__saved_magic(c.ws) &&
+                      mha__saved_holds(c.ws, mha__module_key(&c) ^ mha__module_saved_sum(&c));
+        if (!c.use_saved) mha__saved_clear(c.ws);
+    }
     mha__module_backward(&c);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
@@ -4778,10 +5155,9 @@ static void mha__enc_forward(const mha_plan *p, const mha__run *c0, const float 
     float *g = ws + P->g, *t2 = ws + P->t2, *gws = ws + P->gws;
     const float *ffin;
 
-    /* 1. self-attention block */
+    /* 1. self-attention block (the weights when the run asks: c0's) */
     c.ws = ws + P->sub;
     c.out = a;
-    c.weights = NULL;
     if (!ly->norm_first) {
         c.query = c.key = c.value = x;
         mha__module_forward(&c);
@@ -4802,6 +5178,23 @@ static void mha__enc_forward(const mha_plan *p, const mha__run *c0, const float 
     mha__enc_residual2(ly, N, E, eps, h, y, t2, y);
 }
 
+/* The saved-forward key of an encoder run (x is every input), and the sum
+   of its saved activations: t1, h, z, g, t2 and the self-attention's. */
+static uint64_t mha__enc_key(const mha__run *c, const float *x)
+{
+    size_t n = (size_t)c->B * c->Lq * c->r->E;
+    return mha__saved_key(c->p, c->o, c->Lq, c->Lk, &x, &n, 1);
+}
+static uint64_t mha__enc_saved_sum(const mha__run *c, const mha__enc_layout *P)
+{
+    mha__run sub = *c;
+    size_t at[5], n[5], ne = (size_t)c->B * c->Lq * c->r->E, nf = (size_t)c->B * c->Lq * c->p->enc.dim_feedforward;
+    at[0] = P->t1; at[1] = P->h; at[2] = P->z; at[3] = P->g; at[4] = P->t2;
+    n[0] = n[1] = n[4] = ne; n[2] = n[3] = nf;
+    sub.ws = c->ws + P->sub;
+    return mha__saved_sum(c->ws, at, n, 5) ^ mha__module_saved_sum(&sub);
+}
+
 MHADEF mha_status mha_encoder_run(const mha_plan *p, int L, const float *x,
                                   const void *attn_mask, const void *key_padding_mask,
                                   float *y, float *attn_weights, void *workspace, size_t workspace_bytes)
@@ -4816,11 +5209,20 @@ MHADEF mha_status mha_encoder_run(const mha_plan *p, int L, const float *x,
         return st;
     if (!y) return MHA_ERR_NULL_POINTER;
     if (attn_weights && !(p->flags & MHA_PLAN_WEIGHTS)) return MHA_ERR_EXCEEDS_PLAN;
-    (void)mha__enc_layout_at(p, L, 0, &P);   /* within the plan's */
+    (void)mha__enc_layout_at(p, L, p->saves, &P);   /* within the plan's */
     if ((st = mha__run_ws(p, workspace, workspace_bytes, P.total_floats, &owned, &c.ws)) != MHA_OK)
         return st;
     c.weights = attn_weights;
-    mha__enc_infer(p, &c, x, y, &P);
+    if (p->saves && !owned) {   /* training: keep every activation for the backward */
+        uint64_t key;
+        mha__saved_clear(c.ws + P.hdr);
+        key = mha__enc_key(&c, x);
+        mha__enc_forward(p, &c, x, y, &P);
+        mha__saved_stamp(c.ws + P.hdr, key ^ mha__enc_saved_sum(&c, &P));
+    } else {
+        if (p->saves) (void)mha__enc_layout_at(p, L, 0, &P);   /* (nothing to keep: inference's) */
+        mha__enc_infer(p, &c, x, y, &P);
+    }
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
@@ -4864,9 +5266,16 @@ MHADEF mha_status mha_encoder_run_backward(const mha_plan *p, int L, const float
     t1 = ws + P.t1; h = ws + P.h; z = ws + P.z; g = ws + P.g; t2 = ws + P.t2;
     d1 = ws + P.d1; d2 = ws + P.d2; dg = ws + P.dg; gws = ws + P.gws;
 
-    /* 1. recompute; y itself is not needed, d1 holds it for now */
+    /* 1. the forward's activations: saved by the forward run in this
+          workspace (for this x), or recomputed (y itself is not needed, d1
+          holds it for now) */
     c.ws = ws;
-    mha__enc_forward(p, &c, x, d1, &P);
+    if (p->saves && !owned) {
+        c.use_saved = mha__saved_magic(ws + P.hdr) &&
+                      mha__saved_holds(ws + P.hdr, mha__enc_key(&c, x) ^ mha__enc_saved_sum(&c, &P));
+        if (!c.use_saved) mha__saved_clear(ws + P.hdr);
+    }
+    if (!c.use_saved) mha__enc_forward(p, &c, x, d1, &P);
     memset(d2, 0, ne * sizeof(float));
     memset(dg, 0, nf * sizeof(float));
     c.ws = ws + P.sub;
@@ -5337,6 +5746,7 @@ static mha_status mha__sdpa_bwd_need(int B, int H, int Lq, int Lk, int D, int Dv
     mha_status st;
     size_t f = 0;
     if ((st = mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, MHA_PLAN_TRAINING, &p)) != MHA_OK) return st;
+    p.saves = 0;   /* a one-shot backward has no forward before it: it recomputes */
     if (!mha__sdpa_bwd_floats(B, H, p.opt.num_kv_heads ? p.opt.num_kv_heads : H, Lq, Lk, D, Dv,
                               p.nthreads, &f))
         return MHA_ERR_OVERFLOW;
@@ -5383,7 +5793,7 @@ static mha_status mha__forward_need(const mha_module *m, int B, int Lq, int Lk, 
                                MHA__PLAN_MODULE, &p, &extra);
     if (st != MHA_OK) return st;
     /* what the call with (or without) weights needs */
-    if (!mha__fwd_layout_at(&p.mod, B, Lq, Lk, need_weights != 0, p.by_head, p.nthreads, &L))
+    if (!mha__fwd_layout_at(&p.mod, B, Lq, Lk, need_weights != 0, p.by_head, p.nthreads, 0, &L))
         return MHA_ERR_OVERFLOW;
     *bytes = L.total_floats * sizeof(float);
     if (pp) *pp = p;
@@ -5426,7 +5836,8 @@ static mha_status mha__backward_need(const mha_module *m, int B, int Lq, int Lk,
     mha__bwd_layout L;
     st = mha__module_plan_make(m, B, Lq, Lk, opt, MHA_PLAN_TRAINING, MHA__PLAN_MODULE, &p, &extra);
     if (st != MHA_OK) return st;
-    if (!mha__bwd_layout_at(&p.mod, B, Lq, Lk, p.nthreads, &L)) return MHA_ERR_OVERFLOW;
+    p.saves = 0;   /* a one-shot backward has no forward before it: it recomputes */
+    if (!mha__bwd_layout_at(&p.mod, B, Lq, Lk, p.nthreads, 0, &L)) return MHA_ERR_OVERFLOW;
     *bytes = L.total_floats * sizeof(float);   /* what the backward call needs */
     if (pp) *pp = p;
     return MHA_OK;
@@ -5507,6 +5918,7 @@ MHADEF mha_status mha_encoder_backward(const mha_encoder_layer *layer, int B, in
            mha__oneshot_fewer(opt, p.nthreads, workspace, workspace_bytes, mha_plan_workspace_size(&p), &o))
         use = &o;
     if (st != MHA_OK) return st;
+    p.saves = 0;   /* a one-shot backward has no forward before it: it recomputes */
     return mha_encoder_run_backward(&p, L, x, dy, NULL, NULL, dx, grad, workspace, workspace_bytes);
 }
 

@@ -23,7 +23,8 @@
    Times: 1 thread = CPU time of the process, 2 threads = wall clock (the
    torch script does the same), so a busy machine slows only the 2-thread rows.
 
-     5. training: mha_forward + mha_backward (E 512, H 8) against PyTorch
+     5. training: the module's forward + backward (E 512, H 8; a training
+        plan, so the backward uses the saved forward) against PyTorch
         autograd, and one encoder-layer step (forward + backward + AdamW,
         B 8, L 128, d 512, F 2048) against nn.TransformerEncoderLayer +
         torch.optim.AdamW; each row with its % of the FMA peak measured by
@@ -238,7 +239,9 @@ static result run_peak_job(const job *jb)
 
 /* One training step's compute, in this process: the module's forward +
    backward (all weight gradients and dx), or the encoder layer's forward +
-   backward + AdamW on all its parameters. */
+   backward + AdamW on all its parameters.  Through a training plan made
+   once (as PyTorch's modules are): its forward run leaves the saved forward
+   in the workspace, and the backward run uses it (docs/api.md). */
 static result run_train_job(const job *jb)
 {
     result r;
@@ -257,8 +260,9 @@ static result run_train_job(const job *jb)
     mha_module_grad *mg = &eg.self_attn;
     mha_adamw aw = mha_adamw_defaults();
     mha_options opt = mha_options_defaults();
-    size_t wsb = 0, wsb2 = 0;
+    size_t wsb = 0;
     void *ws = NULL;
+    mha_plan *plan = NULL;
     float *q;
     int i;
     memset(&r, 0, sizeof r);
@@ -284,12 +288,11 @@ static result run_train_job(const job *jb)
         for (i = 0; i < E; ++i) q[i] = 1.0f;
         enc.norm2_weight = q; eg.norm2_weight = g + (q - par); q += E;
         enc.norm2_bias = q;   eg.norm2_bias = g + (q - par);
-        if (mha_encoder_workspace_size(&enc, B, L, &opt, &wsb) != MHA_OK) return r;
+        if (mha_encoder_plan(&enc, B, L, &opt, MHA_PLAN_TRAINING, NULL, 0, &plan) != MHA_OK) return r;
     } else {
-        if (mha_forward_workspace_size(m, B, L, L, &opt, 0, &wsb) != MHA_OK ||
-            mha_backward_workspace_size(m, B, L, L, &opt, &wsb2) != MHA_OK) return r;
-        if (wsb2 > wsb) wsb = wsb2;
+        if (mha_module_plan(m, B, L, L, &opt, MHA_PLAN_TRAINING, NULL, 0, &plan) != MHA_OK) return r;
     }
+    wsb = mha_plan_workspace_size(plan);
     if (!(ws = malloc(wsb))) return r;
     t_start = now_s(jb->threads);
     for (i = -1; i < jb->max_reps && i < 64; ++i) {   /* i = -1: warm-up */
@@ -298,13 +301,13 @@ static result run_train_job(const job *jb)
         memset(g, 0, n_par * 4);
         memset(dx, 0, nx * 4);
         if (jb->kind == JOB_ENCSTEP) {
-            st = mha_encoder_forward(&enc, B, L, x, &opt, y, NULL, ws, wsb);
-            if (st == MHA_OK) st = mha_encoder_backward(&enc, B, L, x, &opt, dy, dx, &eg, ws, wsb);
+            st = mha_encoder_run(plan, L, x, NULL, NULL, y, NULL, ws, wsb);
+            if (st == MHA_OK) st = mha_encoder_run_backward(plan, L, x, dy, NULL, NULL, dx, &eg, ws, wsb);
             if (st == MHA_OK) st = mha_adamw_step(&aw, i + 2, n_par, par, g, am, av);
         } else {
-            st = mha_forward(m, B, L, L, x, x, x, &opt, y, NULL, ws, wsb);
+            st = mha_module_forward(plan, L, L, x, x, x, NULL, NULL, y, NULL, ws, wsb);
             if (st == MHA_OK)
-                st = mha_backward(m, B, L, L, x, x, x, dy, &opt, dx, dx, dx, mg, ws, wsb);
+                st = mha_module_backward(plan, L, L, x, x, x, dy, NULL, NULL, dx, dx, dx, mg, ws, wsb);
         }
         t1 = now_s(jb->threads);
         if (st != MHA_OK) { fprintf(stderr, "bench: %s\n", mha_status_string(st)); return r; }
@@ -314,6 +317,7 @@ static result run_train_job(const job *jb)
     }
     median_result(&r, times);
     free(x); free(y); free(dy); free(dx); free(par); free(g); free(am); free(av); free(ws);
+    mha_plan_destroy(plan);
     return r;
 }
 
@@ -522,7 +526,8 @@ static void train_table(int torch)
     measure_peak(peak);
     printf("\n== training, E=%d, H=%d (%s build): FMA peak of this run %.1f GFLOP/s (1 thread), %.1f (2)\n",
            E_DIM, N_HEADS, MHA__SIMD_NAME, peak[0], peak[1]);
-    printf("   fwd+bwd = mha_forward + mha_backward (dx, all weight gradients) vs torch autograd;\n");
+    printf("   fwd+bwd = training plan: mha_module_forward + mha_module_backward (dx, all weight gradients,\n"
+           "             the saved forward) vs torch autograd;\n");
     printf("   enc step = encoder layer F=%d forward + backward + AdamW vs nn.TransformerEncoderLayer\n", 4 * E_DIM);
     printf("   + torch.optim.AdamW.  FLOPs = 3 x the forward's (AdamW not counted); ratio = torch / mha.h\n");
     printf("%-9s %-16s %3s %9s %8s %7s %9s %7s\n", "B,L", "what", "thr", "ms", "GFLOP/s", "%peak",

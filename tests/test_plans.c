@@ -132,7 +132,9 @@ static void sdpa_case(void)
         make_masks(&mk, am_on, kp_on, B, Lq, Lk);
         st = mha_sdpa_run(p, Lq, Lk, q, k, v, mk.am, mk.kp, o_p, w_p, ws, wsb);
         CHECK(st == MHA_OK, "sdpa run Lq %d/%d Lk %d/%d: %s", Lq, Lqm, Lk, Lkm, mha_status_string(st));
-        st = mha_sdpa_run_backward(p, Lq, Lk, q, k, v, dout, mk.am, mk.kp, dq_p, dk_p, dv_p, ws, wsb);
+        /* no workspace: the backward recomputes the forward, as the one-shot does
+           (after the forward in ws it would use the saved forward: test_saved.c) */
+        st = mha_sdpa_run_backward(p, Lq, Lk, q, k, v, dout, mk.am, mk.kp, dq_p, dk_p, dv_p, NULL, 0);
         CHECK(st == MHA_OK, "sdpa run backward: %s", mha_status_string(st));
         o1 = o; o1.num_threads = 1;
         set_masks(&o1, &mk, B, Lq, Lk);
@@ -234,7 +236,8 @@ static void module_case(void)
         make_masks(&mk, am_on, kp_on, B, Lq, Lk);
         st = mha_module_forward(p, Lq, Lk, q, k, v, mk.am, mk.kp, o_p, w_p, ws, wsb);
         CHECK(st == MHA_OK, "module run Lq %d/%d Lk %d/%d: %s", Lq, Lqm, Lk, Lkm, mha_status_string(st));
-        st = mha_module_backward(p, Lq, Lk, q, k, v, dout, mk.am, mk.kp, dq_p, dk_p, dv_p, &g_p, ws, wsb);
+        /* no workspace: recompute, as the one-shot (the saved forward: test_saved.c) */
+        st = mha_module_backward(p, Lq, Lk, q, k, v, dout, mk.am, mk.kp, dq_p, dk_p, dv_p, &g_p, NULL, 0);
         CHECK(st == MHA_OK, "module run backward: %s", mha_status_string(st));
         o1 = o; o1.num_threads = 1;
         set_masks(&o1, &mk, B, Lq, Lk);
@@ -313,7 +316,8 @@ static void encoder_case(void)
     make_masks(&mk, 0, kp_on, B, L, L);
     st = mha_encoder_run(p, L, x, NULL, mk.kp, y_p, NULL, ws, mha_plan_workspace_size(p));
     CHECK(st == MHA_OK, "encoder run: %s", mha_status_string(st));
-    st = mha_encoder_run_backward(p, L, x, dy, NULL, mk.kp, dx_p, &g_p, ws, mha_plan_workspace_size(p));
+    /* no workspace: recompute, as the one-shot (the saved forward: test_saved.c) */
+    st = mha_encoder_run_backward(p, L, x, dy, NULL, mk.kp, dx_p, &g_p, NULL, 0);
     CHECK(st == MHA_OK, "encoder run backward: %s", mha_status_string(st));
     o1 = o; o1.num_threads = 1;
     set_masks(&o1, &mk, B, L, L);
