@@ -259,22 +259,83 @@ GPT__FN float gpt_lr(long step, long warmup, long total, float lr_max, float lr_
     return lr_min + (lr_max - lr_min) * 0.5f * (float)(1.0 + cos(3.14159265358979 * t));
 }
 
-/* B random windows of T + 1 bytes from text[0..n): inputs and next-byte targets. */
-GPT__FN void gpt_batch(const unsigned char *text, size_t n, int B, int T, mha_rng *r, int *tok, int *tgt)
+/* The same shape against the fraction of the budget used, progress in 0..1
+   (a run limited by time does not know its step count in advance):
+     lr = min(1, step / warmup) * (lr_min + (lr_max - lr_min) (1 + cos(pi progress)) / 2) */
+GPT__FN float gpt_lr_progress(long step, long warmup, double progress, float lr_max, float lr_min)
+{
+    double p = progress < 0 ? 0 : progress > 1 ? 1 : progress;
+    float w = step < warmup ? (float)step / (float)warmup : 1.0f;
+    return w * (lr_min + (lr_max - lr_min) * 0.5f * (float)(1.0 + cos(3.14159265358979 * p)));
+}
+
+/* B random windows of T + 1 bytes from text[0..n): inputs and next-byte targets.
+   A fraction `copy` of them (0..1) has a stretch of its own bytes written a
+   second time further on (the stretch 8..T/2 bytes long, both copies inside
+   the window): real text that repeats, so that predicting the second copy
+   rewards looking back at what followed the first (an induction head). */
+GPT__FN void gpt_batch_copy(const unsigned char *text, size_t n, int B, int T, double copy, mha_rng *r,
+                            int *tok, int *tgt)
 {
     int b, t;
     for (b = 0; b < B; ++b) {
-        size_t s = (size_t)(((unsigned long long)mha_rng_u32(r) << 32 | mha_rng_u32(r)) %
-                            (unsigned long long)(n - (size_t)T));
-        for (t = 0; t < T; ++t) {
-            tok[b * T + t] = text[s + t];
-            tgt[b * T + t] = text[s + t + 1];
+        const unsigned char *w = text + (size_t)(((unsigned long long)mha_rng_u32(r) << 32 | mha_rng_u32(r)) %
+                                                 (unsigned long long)(n - (size_t)T));
+        int S = 0, i = 0, j = 0;
+        if (copy > 0 && T >= 16 && mha_rng_uniform(r) < copy) {
+            /* bytes j..j+S-1 of the window become bytes i..i+S-1 again: i + S <= j, j + S <= T + 1 */
+            S = 8 + (int)(mha_rng_u32(r) % (unsigned)(T / 2 - 7));
+            i = (int)(mha_rng_u32(r) % (unsigned)(T + 2 - 2 * S));
+            j = i + S + (int)(mha_rng_u32(r) % (unsigned)(T + 2 - 2 * S - i));
+        }
+        for (t = 0; t <= T; ++t) {
+            int v = t >= j && t < j + S ? w[i + t - j] : w[t];
+            if (t < T) tok[b * T + t] = v;
+            if (t > 0) tgt[b * T + t - 1] = v;
         }
     }
 }
 
-/* One optimisation step on a batch: forward, backward, clip, AdamW.  *loss gets the
-   batch loss (before the update). */
+/* B random windows of T + 1 bytes from text[0..n), as they are. */
+GPT__FN void gpt_batch(const unsigned char *text, size_t n, int B, int T, mha_rng *r, int *tok, int *tgt)
+{
+    gpt_batch_copy(text, n, B, T, 0.0, r, tok, tgt);
+}
+
+/* AdamW over the whole parameter array, the weight decay applied to the
+   matrices only (wte, wpe and each layer's four weight matrices), not to
+   biases and layer-norm gains, as GPT training does. */
+GPT__FN mha_status gpt_adamw_step(gpt_model *M, const mha_adamw *opt, long step)
+{
+    const gpt_layout *o = &M->o;
+    size_t d = (size_t)M->c.d_model, F = (size_t)M->c.d_ff, at = 0, k;
+    /* per layer, in layout order: (offset, length, decayed) */
+    const size_t lay[4][2] = {{o->in_w, 3 * d * d}, {o->out_w, d * d}, {o->l1_w, F * d}, {o->l2_w, d * F}};
+    mha_adamw nd = *opt;
+    mha_status st;
+    int l, i;
+    nd.weight_decay = 0.0f;
+    /* one call per run of equal decay: [wte, wpe] decayed, then per layer */
+    if ((st = mha_adamw_step(opt, step, o->layer0, M->p, M->g, M->m, M->v)) != MHA_OK) return st;
+    at = o->layer0;
+    for (l = 0; l < M->c.n_layer; ++l) {
+        size_t base = o->layer0 + (size_t)l * o->layer_stride;
+        for (i = 0; i < 4; ++i) {
+            k = base + lay[i][0];
+            if (k > at && (st = mha_adamw_step(&nd, step, k - at, M->p + at, M->g + at, M->m + at,
+                                               M->v + at)) != MHA_OK)
+                return st;
+            if ((st = mha_adamw_step(opt, step, lay[i][1], M->p + k, M->g + k, M->m + k,
+                                     M->v + k)) != MHA_OK)
+                return st;
+            at = k + lay[i][1];
+        }
+    }
+    return mha_adamw_step(&nd, step, o->total - at, M->p + at, M->g + at, M->m + at, M->v + at);
+}
+
+/* One optimisation step on a batch: forward, backward, clip, AdamW (decay on
+   the matrices).  *loss gets the batch loss (before the update). */
 GPT__FN mha_status gpt_train_step(gpt_model *M, const mha_adamw *opt, long step, int B, int T,
                                  const int *tok, const int *tgt, float clip, float *loss)
 {
@@ -282,7 +343,7 @@ GPT__FN mha_status gpt_train_step(gpt_model *M, const mha_adamw *opt, long step,
     if ((st = gpt_forward(M, B, T, tok, tgt, loss, NULL)) != MHA_OK) return st;
     if ((st = gpt_backward(M, B, T, tok)) != MHA_OK) return st;
     gpt_clip_grad(M, clip);
-    return mha_adamw_step(opt, step, M->o.total, M->p, M->g, M->m, M->v);
+    return gpt_adamw_step(M, opt, step);
 }
 
 /* Mean loss over the whole of text[0..n) cut into windows of T + 1 bytes,
