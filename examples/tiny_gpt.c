@@ -246,8 +246,8 @@ typedef struct {
     const char *cmd, *data, *out, *ckpt, *resume, *prompt;
     long steps, warmup;
     double minutes, save_every, copy;
-    int len, top_k, batch, cpu_clock;
-    float temp, lr, beta2, wd;
+    int len, top_k, batch, cpu_clock, sin_pos;
+    float temp, lr, beta2, wd, qk_std;
     gpt_config shape;
     unsigned long long seed;
 } args;
@@ -263,7 +263,9 @@ static void usage(void)
            "         --lr X (default 3e-3)  --warmup N (steps, default 100)  --beta2 X (default 0.95)\n"
            "         --wd X (weight decay on matrices, default 0.01)  --copy F (fraction of\n"
            "         windows with a repeated stretch, default 0)  --save-every M (minutes)\n"
-           "         --layers N --heads N --d N --ff N --ctx N (the shape)  --resume FILE\n"
+           "         --pos sin|random (the position table's start)  --qk-std X (std of the\n"
+           "         query and key weights at the start; default 0.02 as the others)  --resume FILE\n"
+           "         --layers N --heads N --d N --ff N --ctx N (the shape)\n"
            "  sample: --prompt TEXT  --len N (default 400)  --temp T (default 0.8)\n"
            "          --top-k K (default 40)  --seed S\n");
 }
@@ -299,6 +301,11 @@ static int parse_args(int argc, char **argv, args *a)
         else if (!strcmp(k, "--beta2")) a->beta2 = (float)atof(v);
         else if (!strcmp(k, "--wd")) a->wd = (float)atof(v);
         else if (!strcmp(k, "--copy")) a->copy = atof(v);
+        else if (!strcmp(k, "--qk-std")) a->qk_std = (float)atof(v);
+        else if (!strcmp(k, "--pos")) {
+            if (strcmp(v, "sin") && strcmp(v, "random")) return -1;
+            a->sin_pos = !strcmp(v, "sin");
+        }
         else if (!strcmp(k, "--save-every")) a->save_every = atof(v);
         else if (!strcmp(k, "--clock")) {
             if (strcmp(v, "cpu") && strcmp(v, "wall")) return -1;
@@ -370,6 +377,8 @@ static int cmd_train(const args *a)
     memset(&cv, 0, sizeof cv);
     mha_rng_seed(&rng, a->seed);
     gpt_init(&M, &rng);
+    if (a->sin_pos) check(gpt_init_positions(&M), "position table");
+    if (a->qk_std > 0.0f) gpt_init_qk(&M, &rng, a->qk_std);
     if (a->resume) {
         gpt_ckpt ck;
         gpt_ckpt_status cs = gpt_ckpt_load(a->resume, &c, &ck);

@@ -156,6 +156,74 @@ GPT__FN void gpt_init(gpt_model *M, mha_rng *r)
     for (i = 0; i < d; ++i) M->p[o->lnf_w + i] = 1.0f;
 }
 
+/* Redraw every layer's query and key projections (the first 2d rows of
+   in_proj_weight) as U(-a, a) with a = std sqrt 3.  The attention logits are
+   products of the two: from std 0.02 they start near 0, every head attends
+   uniformly, and the gradient of each factor is proportional to the other,
+   so the heads take hundreds of steps to leave the uniform start (the
+   plateau at the pair-frequency loss, docs/training.md).  PyTorch's own
+   nn.MultiheadAttention draws in_proj_weight with Xavier's bound,
+   std sqrt(2 / (d + 3d)) = 0.0625 at d = 128. */
+GPT__FN void gpt_init_qk(gpt_model *M, mha_rng *r, float std)
+{
+    size_t d = (size_t)M->c.d_model;
+    int l;
+    for (l = 0; l < M->c.n_layer; ++l)
+        mha_rng_fill(r, M->p + M->o.layer0 + (size_t)l * M->o.layer_stride + M->o.in_w, 2 * d * d,
+                     std * sqrtf(3.0f));
+}
+
+/* Start the position table from the sinusoids of "Attention Is All You Need"
+   (mha_positional_encoding), scaled to the same spread as the other tables
+   (each sin/cos pair has unit norm, so sqrt 2 * 0.02 gives an RMS of 0.02).
+   They stay trainable.  Offsets between positions are then linear maps of the
+   sinusoids from the first step, which a previous-token head needs; learned
+   from U(-a, a) alone the model sits longer on the pair-frequency plateau
+   (docs/training.md). */
+GPT__FN mha_status gpt_init_positions(gpt_model *M)
+{
+    size_t n = (size_t)M->c.ctx * M->c.d_model, i;
+    float *pe = M->p + M->o.wpe;
+    mha_status st = mha_positional_encoding(M->c.ctx, M->c.d_model, pe);
+    if (st != MHA_OK) return st;
+    for (i = 0; i < n; ++i) pe[i] *= 0.02f * sqrtf(2.0f);
+    return MHA_OK;
+}
+
+/* Mean cross-entropy of n rows, and (dlogits not NULL) its gradient, in
+   fixed chunks of GPT_CE_ROWS rows shared among the OpenMP threads: the
+   exp of every logit is a good part of a step, and the chunks (not the
+   thread count) fix the result.  Each chunk's mha_cross_entropy is the mean
+   over its own rows; the chunk's share of the whole mean is rows / n.
+   Every target must be a byte (0..V-1): no ignored rows. */
+#define GPT_CE_ROWS 128
+GPT__FN mha_status gpt_cross_entropy(int n, int V, const float *logits, const int *targets, float *loss,
+                                     float *dlogits)
+{
+    int chunks = (n + GPT_CE_ROWS - 1) / GPT_CE_ROWS, c, bad = 0;
+    double total = 0;
+    float part[64];
+    if (chunks > 64) return mha_cross_entropy(n, V, logits, targets, loss, dlogits, NULL);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) reduction(+ : bad)
+#endif
+    for (c = 0; c < chunks; ++c) {
+        int r0 = c * GPT_CE_ROWS, rows = n - r0 < GPT_CE_ROWS ? n - r0 : GPT_CE_ROWS;
+        size_t at = (size_t)r0 * V, k;
+        float *dz = dlogits ? dlogits + at : NULL;
+        if (mha_cross_entropy(rows, V, logits + at, targets + r0, &part[c], dz, NULL) != MHA_OK) ++bad;
+        else if (dz && rows != n)
+            for (k = 0; k < (size_t)rows * V; ++k) dz[k] *= (float)rows / (float)n;
+    }
+    if (bad) return MHA_ERR_INVALID_ARGUMENT;
+    for (c = 0; c < chunks; ++c) {
+        int rows = n - c * GPT_CE_ROWS < GPT_CE_ROWS ? n - c * GPT_CE_ROWS : GPT_CE_ROWS;
+        total += (double)part[c] * rows;
+    }
+    *loss = (float)(total / n);
+    return MHA_OK;
+}
+
 /* Forward of B sequences of T <= ctx bytes.  targets (may be NULL): next bytes,
    giving *loss and, when M has training buffers, dlogits for the backward.
    attn (may be NULL): n_layer pointers, each NULL or [B, H, T, T] per-head weights. */
@@ -186,10 +254,11 @@ GPT__FN mha_status gpt_forward(gpt_model *M, int B, int T, const int *tokens, co
     st = mha_layernorm_forward(N, d, M->res + M->c.n_layer * nd, M->p + o->lnf_w, M->p + o->lnf_b,
                                0.0f, M->xf);
     if (st != MHA_OK) return st;
-    if ((st = mha_linear_forward(N, d, V, M->xf, M->p + o->wte, NULL, M->logits, NULL, 0)) != MHA_OK)
-        return st;
-    if (targets && loss)
-        st = mha_cross_entropy(N, V, M->logits, targets, loss, M->g ? M->dlogits : NULL, NULL);
+    /* logits = xf wte^T, on OpenMP's threads (mha_linear_forward runs on one) */
+    st = mha_gemm(MHA_NO_TRANS, MHA_TRANS, N, V, d, 1.0f, M->xf, d, M->p + o->wte, d, 0.0f, M->logits, V,
+                  NULL, 0);
+    if (st != MHA_OK) return st;
+    if (targets && loss) st = gpt_cross_entropy(N, V, M->logits, targets, loss, M->g ? M->dlogits : NULL);
     return st;
 }
 
@@ -204,11 +273,13 @@ GPT__FN mha_status gpt_backward(gpt_model *M, int B, int T, const int *tokens)
     float *dx = M->dx, *dy = M->dy, *swap;
     if (!M->g) return MHA_ERR_NULL_POINTER;
     memset(M->g, 0, o->total * sizeof(float));
-    memset(M->dxf, 0, nd * sizeof(float));
     memset(dy, 0, nd * sizeof(float));
-    /* logits = xf wte^T:  dxf = dlogits wte,  dwte += dlogits^T xf */
-    st = mha_linear_backward(N, d, V, M->xf, M->p + o->wte, M->dlogits, M->dxf, M->g + o->wte,
-                             NULL, NULL, 0);
+    /* logits = xf wte^T:  dxf = dlogits wte,  dwte = dlogits^T xf (the first gradient into wte) */
+    st = mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, N, d, V, 1.0f, M->dlogits, V, M->p + o->wte, d, 0.0f, M->dxf, d,
+                  NULL, 0);
+    if (st == MHA_OK)
+        st = mha_gemm(MHA_TRANS, MHA_NO_TRANS, V, d, N, 1.0f, M->dlogits, V, M->xf, d, 0.0f, M->g + o->wte, d,
+                      NULL, 0);
     if (st != MHA_OK) return st;
     st = mha_layernorm_backward(N, d, M->res + M->c.n_layer * nd, M->p + o->lnf_w, 0.0f, M->dxf, dy,
                                 M->g + o->lnf_w, M->g + o->lnf_b);

@@ -4,6 +4,7 @@
      - a 60-step training run on synthetic sentences: the loss starts at
        ln 256 and falls;
      - resuming from a checkpoint (with the AdamW moments) continues bit for bit;
+     - the chunked cross-entropy (gpt_cross_entropy) equals mha_cross_entropy;
      - the training pieces of the example: windows with a repeated stretch
        (gpt_batch_copy) hold one exactly when asked, AdamW decays the
        matrices only (gpt_adamw_step), the time-based schedule (gpt_lr_progress);
@@ -238,6 +239,24 @@ int main(int argc, char **argv)
         gpt_free(&R);
         free(p0);
         free(is_mat);
+    }
+    {
+        /* 300 rows: two full chunks of GPT_CE_ROWS and a short one */
+        enum { NR = 300, NV = 37 };
+        static float z[NR * NV], d1[NR * NV], d2[NR * NV];
+        static int y[NR];
+        double ref[NR * NV];
+        float l1, l2;
+        mha_rng_seed(&rng, 9);
+        for (i = 0; i < NR * NV; ++i) z[i] = 4.0f * (mha_rng_uniform(&rng) - 0.5f);
+        for (i = 0; i < NR; ++i) y[i] = (int)(mha_rng_u32(&rng) % NV);
+        CHECK(mha_cross_entropy(NR, NV, z, y, &l1, d1, NULL) == MHA_OK, "cross-entropy");
+        CHECK(gpt_cross_entropy(NR, NV, z, y, &l2, d2) == MHA_OK, "chunked cross-entropy");
+        for (i = 0; i < NR * NV; ++i) ref[i] = d1[i];
+        CHECK(fabsf(l1 - l2) <= 1e-6f * l1 && tu_rel_err(d2, ref, NR * NV) <= 1e-6,
+              "chunked loss %.7f vs %.7f, gradient rel err %.2e", l2, l1, tu_rel_err(d2, ref, NR * NV));
+        y[NR - 1] = NV;
+        CHECK(gpt_cross_entropy(NR, NV, z, y, &l2, d2) == MHA_ERR_INVALID_ARGUMENT, "a target out of range");
     }
     CHECK(gpt_lr_progress(5, 10, 0.0, 1.0f, 0.1f) == 0.5f && gpt_lr_progress(10, 10, 0.0, 1.0f, 0.1f) == 1.0f,
           "linear warm-up");
