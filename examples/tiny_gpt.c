@@ -247,7 +247,7 @@ typedef struct {
     const char *cmd, *data, *out, *ckpt, *resume, *prompt;
     long steps, warmup;
     double minutes, save_every, copy;
-    int len, top_k, batch, cpu_clock, sin_pos;
+    int len, top_k, batch, cpu_clock, sin_pos, window;
     float temp, lr, beta2, wd, qk_std;
     gpt_config shape;
     unsigned long long seed;
@@ -267,6 +267,7 @@ static void usage(void)
            "         --pos sin|random (the position table's start)  --qk-std X (std of the\n"
            "         query and key weights at the start; default 0.02 as the others)  --resume FILE\n"
            "         --layers N --heads N --d N --ff N --ctx N (the shape)\n"
+           "         --window N (train on windows of N < ctx bytes; validation uses ctx)\n"
            "  sample: --prompt TEXT  --len N (default 400)  --temp T (default 0.8)\n"
            "          --top-k K (default 40)  --seed S\n");
 }
@@ -304,6 +305,7 @@ static int parse_args(int argc, char **argv, args *a)
         else if (!strcmp(k, "--wd")) a->wd = (float)atof(v);
         else if (!strcmp(k, "--copy")) a->copy = atof(v);
         else if (!strcmp(k, "--qk-std")) a->qk_std = (float)atof(v);
+        else if (!strcmp(k, "--window")) a->window = atoi(v);
         else if (!strcmp(k, "--pos")) {
             if (strcmp(v, "sin") && strcmp(v, "random")) return -1;
             a->sin_pos = !strcmp(v, "sin");
@@ -364,7 +366,7 @@ static int cmd_train(const args *a)
     mha_rng rng;
     mha_adamw opt;
     curve cv;
-    int B = a->batch, T = c.ctx, *tok, *tgt;
+    int B = a->batch, T = a->window > 0 && a->window < c.ctx ? a->window : c.ctx, *tok, *tgt;
     long step, first = 1;
     double t0, c0, wall = 0, cpu = 0, used = 0, budget = a->minutes * 60.0, vloss = 0, tokens = 0;
     double next_save = a->save_every > 0 ? a->save_every * 60.0 : 1e300;
@@ -373,8 +375,8 @@ static int cmd_train(const args *a)
 
     if (load_fortunes(a->data, &train, &val) != 0) return 1;
     check(gpt_alloc(&M, &c, B, 1), "allocating the model");
-    tok = (int *)malloc((size_t)B * T * sizeof(int));
-    tgt = (int *)malloc((size_t)B * T * sizeof(int));
+    tok = (int *)malloc((size_t)B * c.ctx * sizeof(int));   /* validation windows are ctx long */
+    tgt = (int *)malloc((size_t)B * c.ctx * sizeof(int));
     if (!tok || !tgt) check(MHA_ERR_OUT_OF_MEMORY, "batch");
     memset(&cv, 0, sizeof cv);
     mha_rng_seed(&rng, a->seed);
@@ -431,7 +433,7 @@ static int cmd_train(const args *a)
             float v = NAN;
             if (step % 100 == 0 || last) {
                 /* the same 64 windows (8 KB) of the validation split every time */
-                check(gpt_eval(&M, val.p, val.n, B, T, 64, tok, tgt, &vloss), "validation");
+                check(gpt_eval(&M, val.p, val.n, B, c.ctx, 64, tok, tgt, &vloss), "validation");
                 v = (float)vloss;
                 printf("step %5ld  loss %.4f  val %.4f  lr %.2e  %6.0f tok/s  %6.1f s wall  %6.1f s CPU\n",
                        step, smooth, v, opt.lr, tokens / wall, wall, cpu);
@@ -447,7 +449,7 @@ static int cmd_train(const args *a)
     }
     if (step > a->steps) step = a->steps;
     /* the whole validation split once at the end */
-    check(gpt_eval(&M, val.p, val.n, B, T, 1 << 30, tok, tgt, &vloss), "validation");
+    check(gpt_eval(&M, val.p, val.n, B, c.ctx, 1 << 30, tok, tgt, &vloss), "validation");
     printf("done: %ld steps, %.0f tokens in %.1f s wall (%.0f tokens/s), %.1f s CPU; validation loss "
            "%.4f nats/byte (%.3f bits/byte) on all %zu val bytes\n", step, tokens, wall, tokens / wall,
            cpu, vloss, vloss / log(2.0), val.n);
