@@ -625,14 +625,15 @@ static void draw_heads(const gpt_model *M, const int *tok, int T, const float *a
 /* The detector scores of every head (examples/attn_inspect.h) on one
    sequence: printed as a table and drawn as five layers x heads maps, the
    entropy divided by ln T so that every map reads 0..1.  Returns the index
-   l * H + h of the head with the highest induction score. */
+   l * H + h of the head with the highest induction score past layer 0. */
 static int detect_heads(const gpt_model *M, const int *tok, int T, const float *attn, const char *path)
 {
     static const char *const names[5] = {"previous token", "duplicate token", "induction",
                                          "first token (sink)", "entropy / ln T"};
     static const char *const rows[] = {"L0", "L1", "L2", "L3", "L4", "L5", "L6", "L7"};
     static const char *const cols[] = {"H0", "H1", "H2", "H3", "H4", "H5", "H6", "H7"};
-    int L = M->c.n_layer, H = M->c.n_head, n = L * H, l, h, k, best = 0;
+    int L = M->c.n_layer, H = M->c.n_head, n = L * H, l, h, k;
+    int first = L > 1 ? H : 0, best = first;
     mha_inspect_scores *sc = (mha_inspect_scores *)malloc((size_t)n * sizeof *sc);
     float *maps = (float *)malloc((size_t)5 * n * sizeof(float));
     mha_heatmap hm;
@@ -649,7 +650,8 @@ static int detect_heads(const gpt_model *M, const int *tok, int T, const float *
             printf("%5d %4d  %10.3f %10.3f %10.3f %12.3f %14.3f\n", l, h, s->prev_token,
                    s->duplicate_token, s->induction, s->first_token, s->entropy);
             for (k = 0; k < 5; ++k) maps[(size_t)k * n + l * H + h] = (float)v[k];
-            if (s->induction > sc[best].induction) best = l * H + h;
+            /* an induction head reads a previous-token head's output: layer 1 or later */
+            if (l * H + h > first && s->induction > sc[best].induction) best = l * H + h;
         }
     }
     if (L <= 8 && H <= 8) {   /* the row and column names above */
@@ -750,7 +752,7 @@ static int cmd_demo(const args *a)
         mha_heatmap_style st;
         memset(&hm, 0, sizeof hm);
         memset(&st, 0, sizeof st);
-        snprintf(title, sizeof title, "layer %d head %d: the strongest induction head (score %.2f)", l, h,
+        snprintf(title, sizeof title, "layer %d head %d: the highest induction score (%.2f)", l, h,
                  mha_inspect_induction(attn + (size_t)i * T * T, T, tok));
         hm.weights = attn + (size_t)i * T * T; hm.heads = 1; hm.Lq = T; hm.Lk = T; hm.mask = bl.mask;
         hm.q_labels = bl.labels; hm.k_labels = bl.labels; hm.title = title;
