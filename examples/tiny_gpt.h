@@ -157,13 +157,12 @@ GPT__FN void gpt_init(gpt_model *M, mha_rng *r)
 }
 
 /* Redraw every layer's query and key projections (the first 2d rows of
-   in_proj_weight) as U(-a, a) with a = std sqrt 3.  The attention logits are
-   products of the two: from std 0.02 they start near 0, every head attends
-   uniformly, and the gradient of each factor is proportional to the other,
-   so the heads take hundreds of steps to leave the uniform start (the
-   plateau at the pair-frequency loss, docs/training.md).  PyTorch's own
-   nn.MultiheadAttention draws in_proj_weight with Xavier's bound,
-   std sqrt(2 / (d + 3d)) = 0.0625 at d = 128. */
+   in_proj_weight) as U(-a, a) with a = std sqrt 3 (tiny_gpt train --qk-std).
+   The attention logits are products of the two: from std 0.02 they start
+   near 0 and every head attends almost uniformly.  PyTorch's own
+   nn.MultiheadAttention draws in_proj_weight with Xavier's bound, std
+   sqrt(2 / (d + 3d)) = 0.0625 at d = 128.  Tried against the early plateau
+   at the pair-frequency loss; it did not shorten it (docs/training.md). */
 GPT__FN void gpt_init_qk(gpt_model *M, mha_rng *r, float std)
 {
     size_t d = (size_t)M->c.d_model;
@@ -175,11 +174,11 @@ GPT__FN void gpt_init_qk(gpt_model *M, mha_rng *r, float std)
 
 /* Start the position table from the sinusoids of "Attention Is All You Need"
    (mha_positional_encoding), scaled to the same spread as the other tables
-   (each sin/cos pair has unit norm, so sqrt 2 * 0.02 gives an RMS of 0.02).
-   They stay trainable.  Offsets between positions are then linear maps of the
-   sinusoids from the first step, which a previous-token head needs; learned
-   from U(-a, a) alone the model sits longer on the pair-frequency plateau
-   (docs/training.md). */
+   (each sin/cos pair has unit norm, so sqrt 2 * 0.02 gives an RMS of 0.02);
+   they stay trainable (tiny_gpt train --pos sin).  Offsets between positions
+   are then linear maps of the sinusoids from the first step, which a
+   previous-token head needs.  Tried against the early plateau at the
+   pair-frequency loss; it did not shorten it (docs/training.md). */
 GPT__FN mha_status gpt_init_positions(gpt_model *M)
 {
     size_t n = (size_t)M->c.ctx * M->c.d_model, i;
