@@ -1,11 +1,12 @@
 /* tiny_gpt.c - a small GPT trained in C on real English text, with mha.h alone.
 
-     make train-gpt        # train from scratch (a few minutes), writes out/gpt/
+     make train-gpt        # train from scratch (5 wall-clock minutes on 2 threads), writes out/gpt/
      make demo             # load the committed checkpoint: val loss, a sample, the views
    or by hand:
      cc -std=c99 -O2 -march=native -fopenmp -I. -Iexamples -isystem /usr/include/stb \
         examples/tiny_gpt.c -o tiny_gpt -lm
-     ./tiny_gpt train  [--steps N] [--minutes M] [--out DIR] [--resume FILE] [--data DIR]
+     ./tiny_gpt train  [--minutes M] [--clock wall|cpu] [--out DIR] [--resume FILE] [--data DIR] ...
+                       (./tiny_gpt without arguments lists every option)
      ./tiny_gpt demo   [--ckpt FILE] [--out DIR] [--data DIR]
      ./tiny_gpt sample [--ckpt FILE] [--prompt TEXT] [--len N] [--temp T] [--top-k K] [--seed S]
 
@@ -244,10 +245,11 @@ static void write_curve_png(const char *path, const curve *c, const char *title)
 
 typedef struct {
     const char *cmd, *data, *out, *ckpt, *resume, *prompt;
-    long steps;
-    double minutes;
-    int len, top_k, batch;
-    float temp, lr;
+    long steps, warmup;
+    double minutes, save_every, copy;
+    int len, top_k, batch, cpu_clock, sin_pos, window;
+    float temp, lr, beta2, wd, qk_std;
+    gpt_config shape;
     unsigned long long seed;
 } args;
 
@@ -257,8 +259,15 @@ static void usage(void)
            "  --data DIR      fortune files (default " DEFAULT_DATA ")\n"
            "  --out DIR       where PNGs and checkpoints go (default out/gpt)\n"
            "  --ckpt FILE     checkpoint to load for demo/sample (default " DEFAULT_CKPT ")\n"
-           "  train: --steps N (default 1800)  --minutes M (stop after M minutes of CPU time; default 5)\n"
-           "         --batch B (default 8)  --lr X (default 3e-3)  --resume FILE\n"
+           "  train: --minutes M (wall-clock budget, default 5)  --clock wall|cpu (what M counts)\n"
+           "         --steps N (also stop at step N; default none)  --batch B (default 16)\n"
+           "         --lr X (default 3e-3)  --warmup N (steps, default 200)  --beta2 X (default 0.95)\n"
+           "         --wd X (weight decay on matrices, default 0.1)  --copy F (fraction of\n"
+           "         windows with a repeated stretch, default 0.1)  --save-every M (minutes)\n"
+           "         --pos sin|random (the position table's start)  --qk-std X (std of the\n"
+           "         query and key weights at the start; default 0.02 as the others)  --resume FILE\n"
+           "         --layers N --heads N --d N --ff N --ctx N (the shape)\n"
+           "         --window N (train on windows of N < ctx bytes; validation uses ctx)\n"
            "  sample: --prompt TEXT  --len N (default 400)  --temp T (default 0.8)\n"
            "          --top-k K (default 40)  --seed S\n");
 }
@@ -269,8 +278,10 @@ static int parse_args(int argc, char **argv, args *a)
     memset(a, 0, sizeof *a);
     a->data = DEFAULT_DATA; a->out = "out/gpt"; a->ckpt = DEFAULT_CKPT;
     a->prompt = "The meaning of life is";
-    a->steps = 1800; a->minutes = 5.0; a->len = 400; a->top_k = 40; a->temp = 0.8f;
-    a->batch = 8; a->lr = 3e-3f; a->seed = 1;
+    a->steps = 1L << 40; a->minutes = 5.0; a->len = 400; a->top_k = 40; a->temp = 0.8f;
+    a->batch = 16; a->lr = 3e-3f; a->seed = 1; a->warmup = 200; a->beta2 = 0.95f; a->wd = 0.1f;
+    a->copy = 0.1;
+    a->shape = GPT_DEFAULT;
     if (argc < 2) return -1;
     a->cmd = argv[1];
     if ((argc - 2) % 2 != 0) return -1;   /* options come in --name value pairs */
@@ -289,9 +300,33 @@ static int parse_args(int argc, char **argv, args *a)
         else if (!strcmp(k, "--temp")) a->temp = (float)atof(v);
         else if (!strcmp(k, "--lr")) a->lr = (float)atof(v);
         else if (!strcmp(k, "--seed")) a->seed = strtoull(v, NULL, 10);
+        else if (!strcmp(k, "--warmup")) a->warmup = atol(v);
+        else if (!strcmp(k, "--beta2")) a->beta2 = (float)atof(v);
+        else if (!strcmp(k, "--wd")) a->wd = (float)atof(v);
+        else if (!strcmp(k, "--copy")) a->copy = atof(v);
+        else if (!strcmp(k, "--qk-std")) a->qk_std = (float)atof(v);
+        else if (!strcmp(k, "--window")) a->window = atoi(v);
+        else if (!strcmp(k, "--pos")) {
+            if (strcmp(v, "sin") && strcmp(v, "random")) return -1;
+            a->sin_pos = !strcmp(v, "sin");
+        }
+        else if (!strcmp(k, "--save-every")) a->save_every = atof(v);
+        else if (!strcmp(k, "--clock")) {
+            if (strcmp(v, "cpu") && strcmp(v, "wall")) return -1;
+            a->cpu_clock = !strcmp(v, "cpu");
+        }
+        else if (!strcmp(k, "--layers")) a->shape.n_layer = atoi(v);
+        else if (!strcmp(k, "--heads")) a->shape.n_head = atoi(v);
+        else if (!strcmp(k, "--d")) a->shape.d_model = atoi(v);
+        else if (!strcmp(k, "--ff")) a->shape.d_ff = atoi(v);
+        else if (!strcmp(k, "--ctx")) a->shape.ctx = atoi(v);
         else return -1;
     }
-    if (a->steps < 1 || a->batch < 1 || a->len < 0 || !(a->lr > 0.0f)) return -1;
+    if (a->steps < 1 || a->batch < 1 || a->len < 0 || !(a->lr > 0.0f) || a->warmup < 1 ||
+        !(a->minutes > 0) || !(a->copy >= 0 && a->copy <= 1) || !(a->beta2 >= 0 && a->beta2 < 1) ||
+        !(a->wd >= 0) || a->save_every < 0 || !gpt_config_valid(&a->shape) || a->shape.ctx < 16 ||
+        a->shape.n_layer > GPT_MAX_LAYERS)
+        return -1;
     return 0;
 }
 
@@ -307,28 +342,47 @@ static void make_dirs(const char *path)
 
 /* ---------------------------------------------------------- train */
 
+/* The training checkpoint (with the AdamW moments, for --resume) and the
+   parameters alone (what demo and sample load). */
+static void save_checkpoints(const args *a, const gpt_model *M, long step)
+{
+    char path[1024];
+    gpt_ckpt_status cs;
+    snprintf(path, sizeof path, "%s/tiny_gpt.ckpt", a->out);
+    cs = gpt_ckpt_save(path, &M->c, (unsigned long long)step, M->p, M->m, M->v);
+    if (cs != GPT_CKPT_OK) fprintf(stderr, "tiny_gpt: %s: %s\n", path, gpt_ckpt_status_string(cs));
+    else printf("wrote %s (with AdamW moments, for --resume)\n", path);
+    snprintf(path, sizeof path, "%s/tiny_gpt_weights.ckpt", a->out);
+    cs = gpt_ckpt_save(path, &M->c, (unsigned long long)step, M->p, NULL, NULL);
+    if (cs != GPT_CKPT_OK) fprintf(stderr, "tiny_gpt: %s: %s\n", path, gpt_ckpt_status_string(cs));
+    else printf("wrote %s (parameters only)\n", path);
+}
+
 static int cmd_train(const args *a)
 {
     bytes train = {NULL, 0, 0}, val = {NULL, 0, 0};
-    gpt_config c = GPT_DEFAULT;
+    gpt_config c = a->shape;
     gpt_model M;
     mha_rng rng;
     mha_adamw opt;
     curve cv;
-    int B = a->batch, T = c.ctx, *tok, *tgt;
-    long step, first = 1, warmup = 100;
-    double t0, c0, elapsed = 0, cpu = 0, vloss = 0, tokens = 0;
+    int B = a->batch, T = a->window > 0 && a->window < c.ctx ? a->window : c.ctx, *tok, *tgt;
+    long step, first = 1;
+    double t0, c0, wall = 0, cpu = 0, used = 0, budget = a->minutes * 60.0, vloss = 0, tokens = 0;
+    double next_save = a->save_every > 0 ? a->save_every * 60.0 : 1e300;
     float loss = 0, smooth = -1;
     char path[1024];
 
     if (load_fortunes(a->data, &train, &val) != 0) return 1;
     check(gpt_alloc(&M, &c, B, 1), "allocating the model");
-    tok = (int *)malloc((size_t)B * T * sizeof(int));
-    tgt = (int *)malloc((size_t)B * T * sizeof(int));
+    tok = (int *)malloc((size_t)B * c.ctx * sizeof(int));   /* validation windows are ctx long */
+    tgt = (int *)malloc((size_t)B * c.ctx * sizeof(int));
     if (!tok || !tgt) check(MHA_ERR_OUT_OF_MEMORY, "batch");
     memset(&cv, 0, sizeof cv);
     mha_rng_seed(&rng, a->seed);
     gpt_init(&M, &rng);
+    if (a->sin_pos) check(gpt_init_positions(&M), "position table");
+    if (a->qk_std > 0.0f) gpt_init_qk(&M, &rng, a->qk_std);
     if (a->resume) {
         gpt_ckpt ck;
         gpt_ckpt_status cs = gpt_ckpt_load(a->resume, &c, &ck);
@@ -348,56 +402,58 @@ static int cmd_train(const args *a)
                ck.adam_m ? "" : " (no AdamW moments in it: they restart at zero)");
         gpt_ckpt_free(&ck);
     }
-    /* PyTorch's defaults, with beta2 0.95 as GPT training commonly uses */
     opt = mha_adamw_defaults();
-    opt.lr = a->lr;
-    opt.beta2 = 0.95f;
+    opt.beta2 = a->beta2;
+    opt.weight_decay = a->wd;
     printf("model: %d layers, %d heads, d=%d, ff=%d, context %d, vocab %d: %zu parameters\n",
            c.n_layer, c.n_head, c.d_model, c.d_ff, c.ctx, c.vocab, M.o.total);
-    printf("training: batch %d x %d bytes, AdamW lr %.1e (warm-up %ld, cosine to %ld), "
-           "at most %.1f minutes\n", B, T, a->lr, warmup, a->steps, a->minutes);
+    printf("training: batch %d x %d bytes, AdamW lr %.1e beta2 %.2f wd %.2g (matrices), warm-up %ld "
+           "steps, cosine to lr/10 over %.1f minutes of %s time; %.0f%% of windows repeat a stretch\n",
+           B, T, a->lr, a->beta2, a->wd, a->warmup, a->minutes, a->cpu_clock ? "CPU" : "wall",
+           100.0 * a->copy);
     make_dirs(a->out);
 
     t0 = now_seconds();
     c0 = (double)clock() / CLOCKS_PER_SEC;
     for (step = first; step <= a->steps; ++step) {
         int last;
-        opt.lr = gpt_lr(step, warmup, a->steps, a->lr, 0.1f * a->lr);
-        gpt_batch(train.p, train.n, B, T, &rng, tok, tgt);
+        /* the schedule follows whichever budget, steps or time, is nearer its end */
+        double progress = (double)(step - first) / (double)(a->steps - first + 1);
+        if (used / budget > progress) progress = used / budget;
+        opt.lr = gpt_lr_progress(step, a->warmup, progress, a->lr, 0.1f * a->lr);
+        gpt_batch_copy(train.p, train.n, B, T, a->copy, &rng, tok, tgt);
         check(gpt_train_step(&M, &opt, step, B, T, tok, tgt, 1.0f, &loss), "training step");
         tokens += (double)B * T;
         smooth = smooth < 0 ? loss : 0.95f * smooth + 0.05f * loss;
-        elapsed = now_seconds() - t0;
+        wall = now_seconds() - t0;
         cpu = (double)clock() / CLOCKS_PER_SEC - c0;
-        last = step == a->steps || cpu > a->minutes * 60.0;
+        used = a->cpu_clock ? cpu : wall;
+        last = step == a->steps || used >= budget;
         if (step % 10 == 0 || step == first || last) {
             float v = NAN;
             if (step % 100 == 0 || last) {
-                check(gpt_eval(&M, val.p, val.n, B, T, 64, tok, tgt, &vloss), "validation");
+                /* the same 64 windows (8 KB) of the validation split every time */
+                check(gpt_eval(&M, val.p, val.n, B, c.ctx, 64, tok, tgt, &vloss), "validation");
                 v = (float)vloss;
-                printf("step %5ld  loss %.4f  val %.4f  lr %.2e  %6.0f tok/s (CPU)  %5.1f s CPU  %5.1f s wall\n",
-                       step, smooth, v, opt.lr, tokens / cpu, cpu, elapsed);
+                printf("step %5ld  loss %.4f  val %.4f  lr %.2e  %6.0f tok/s  %6.1f s wall  %6.1f s CPU\n",
+                       step, smooth, v, opt.lr, tokens / wall, wall, cpu);
                 fflush(stdout);
             }
             curve_add(&cv, (float)step, smooth, v);
+        }
+        if (used >= next_save && !last) {
+            save_checkpoints(a, &M, step);
+            next_save += a->save_every * 60.0;
         }
         if (last) break;
     }
     if (step > a->steps) step = a->steps;
     /* the whole validation split once at the end */
-    check(gpt_eval(&M, val.p, val.n, B, T, 1 << 30, tok, tgt, &vloss), "validation");
-    printf("done: %ld steps, %.0f tokens in %.1f s CPU (%.0f tokens/s), %.1f s wall; validation loss "
-           "%.4f nats/byte (%.3f bits/byte) on all %zu val bytes\n", step, tokens, cpu, tokens / cpu,
-           elapsed, vloss, vloss / log(2.0), val.n);
-    snprintf(path, sizeof path, "%s/tiny_gpt.ckpt", a->out);
-    {
-        gpt_ckpt_status cs = gpt_ckpt_save(path, &c, (unsigned long long)step, M.p, M.m, M.v);
-        if (cs != GPT_CKPT_OK) fprintf(stderr, "tiny_gpt: %s: %s\n", path, gpt_ckpt_status_string(cs));
-        else printf("wrote %s (with AdamW moments, for --resume)\n", path);
-    }
-    snprintf(path, sizeof path, "%s/tiny_gpt_weights.ckpt", a->out);
-    if (gpt_ckpt_save(path, &c, (unsigned long long)step, M.p, NULL, NULL) == GPT_CKPT_OK)
-        printf("wrote %s (parameters only)\n", path);
+    check(gpt_eval(&M, val.p, val.n, B, c.ctx, 1 << 30, tok, tgt, &vloss), "validation");
+    printf("done: %ld steps, %.0f tokens in %.1f s wall (%.0f tokens/s), %.1f s CPU; validation loss "
+           "%.4f nats/byte (%.3f bits/byte) on all %zu val bytes\n", step, tokens, wall, tokens / wall,
+           cpu, vloss, vloss / log(2.0), val.n);
+    save_checkpoints(a, &M, step);
     snprintf(path, sizeof path, "%s/gpt_loss.png", a->out);
     {
         char title[128];
@@ -568,14 +624,16 @@ static void draw_heads(const gpt_model *M, const int *tok, int T, const float *a
 
 /* The detector scores of every head (examples/attn_inspect.h) on one
    sequence: printed as a table and drawn as five layers x heads maps, the
-   entropy divided by ln T so that every map reads 0..1. */
-static void detect_heads(const gpt_model *M, const int *tok, int T, const float *attn, const char *path)
+   entropy divided by ln T so that every map reads 0..1.  Returns the index
+   l * H + h of the head with the highest induction score past layer 0. */
+static int detect_heads(const gpt_model *M, const int *tok, int T, const float *attn, const char *path)
 {
     static const char *const names[5] = {"previous token", "duplicate token", "induction",
                                          "first token (sink)", "entropy / ln T"};
     static const char *const rows[] = {"L0", "L1", "L2", "L3", "L4", "L5", "L6", "L7"};
     static const char *const cols[] = {"H0", "H1", "H2", "H3", "H4", "H5", "H6", "H7"};
     int L = M->c.n_layer, H = M->c.n_head, n = L * H, l, h, k;
+    int first = L > 1 ? H : 0, best = first;
     mha_inspect_scores *sc = (mha_inspect_scores *)malloc((size_t)n * sizeof *sc);
     float *maps = (float *)malloc((size_t)5 * n * sizeof(float));
     mha_heatmap hm;
@@ -592,6 +650,8 @@ static void detect_heads(const gpt_model *M, const int *tok, int T, const float 
             printf("%5d %4d  %10.3f %10.3f %10.3f %12.3f %14.3f\n", l, h, s->prev_token,
                    s->duplicate_token, s->induction, s->first_token, s->entropy);
             for (k = 0; k < 5; ++k) maps[(size_t)k * n + l * H + h] = (float)v[k];
+            /* an induction head reads a previous-token head's output: layer 1 or later */
+            if (l * H + h > first && s->induction > sc[best].induction) best = l * H + h;
         }
     }
     if (L <= 8 && H <= 8) {   /* the row and column names above */
@@ -605,6 +665,7 @@ static void detect_heads(const gpt_model *M, const int *tok, int T, const float 
     }
     free(sc);
     free(maps);
+    return best;
 }
 
 /* Attention rollout (Abnar & Zuidema 2020) through all layers, one map [T, T]. */
@@ -682,7 +743,24 @@ static int cmd_demo(const args *a)
     snprintf(path, sizeof path, "%s/gpt_induction.png", a->out);
     draw_model_view(&M, tok, T, attn, path, title);
     snprintf(path, sizeof path, "%s/gpt_detectors.png", a->out);
-    detect_heads(&M, tok, T, attn, path);
+    i = detect_heads(&M, tok, T, attn, path);
+    {
+        /* the best induction head alone, every letter labelled */
+        int l = i / M.c.n_head, h = i % M.c.n_head;
+        byte_labels bl = make_labels(tok, T);
+        mha_heatmap hm;
+        mha_heatmap_style st;
+        memset(&hm, 0, sizeof hm);
+        memset(&st, 0, sizeof st);
+        snprintf(title, sizeof title, "layer %d head %d: the highest induction score (%.2f)", l, h,
+                 mha_inspect_induction(attn + (size_t)i * T * T, T, tok));
+        hm.weights = attn + (size_t)i * T * T; hm.heads = 1; hm.Lq = T; hm.Lk = T; hm.mask = bl.mask;
+        hm.q_labels = bl.labels; hm.k_labels = bl.labels; hm.title = title;
+        st.cell = 12;
+        snprintf(path, sizeof path, "%s/gpt_induction_head.png", a->out);
+        write_png(path, &hm, &st);
+        free_labels(&bl);
+    }
     free(attn);
 
     free(tok); free(tgt); free(train.p); free(val.p);

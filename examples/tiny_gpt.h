@@ -156,6 +156,73 @@ GPT__FN void gpt_init(gpt_model *M, mha_rng *r)
     for (i = 0; i < d; ++i) M->p[o->lnf_w + i] = 1.0f;
 }
 
+/* Redraw every layer's query and key projections (the first 2d rows of
+   in_proj_weight) as U(-a, a) with a = std sqrt 3 (tiny_gpt train --qk-std).
+   The attention logits are products of the two: from std 0.02 they start
+   near 0 and every head attends almost uniformly.  PyTorch's own
+   nn.MultiheadAttention draws in_proj_weight with Xavier's bound, std
+   sqrt(2 / (d + 3d)) = 0.0625 at d = 128.  Tried against the early plateau
+   at the pair-frequency loss; it did not shorten it (docs/training.md). */
+GPT__FN void gpt_init_qk(gpt_model *M, mha_rng *r, float std)
+{
+    size_t d = (size_t)M->c.d_model;
+    int l;
+    for (l = 0; l < M->c.n_layer; ++l)
+        mha_rng_fill(r, M->p + M->o.layer0 + (size_t)l * M->o.layer_stride + M->o.in_w, 2 * d * d,
+                     std * sqrtf(3.0f));
+}
+
+/* Start the position table from the sinusoids of "Attention Is All You Need"
+   (mha_positional_encoding), scaled to the same spread as the other tables
+   (each sin/cos pair has unit norm, so sqrt 2 * 0.02 gives an RMS of 0.02);
+   they stay trainable (tiny_gpt train --pos sin).  Offsets between positions
+   are then linear maps of the sinusoids from the first step, which a
+   previous-token head needs.  Tried against the early plateau at the
+   pair-frequency loss; it did not shorten it (docs/training.md). */
+GPT__FN mha_status gpt_init_positions(gpt_model *M)
+{
+    size_t n = (size_t)M->c.ctx * M->c.d_model, i;
+    float *pe = M->p + M->o.wpe;
+    mha_status st = mha_positional_encoding(M->c.ctx, M->c.d_model, pe);
+    if (st != MHA_OK) return st;
+    for (i = 0; i < n; ++i) pe[i] *= 0.02f * sqrtf(2.0f);
+    return MHA_OK;
+}
+
+/* Mean cross-entropy of n rows, and (dlogits not NULL) its gradient, in
+   fixed chunks of GPT_CE_ROWS rows shared among the OpenMP threads: the
+   exp of every logit is a good part of a step, and the chunks (not the
+   thread count) fix the result.  Each chunk's mha_cross_entropy is the mean
+   over its own rows; the chunk's share of the whole mean is rows / n.
+   Every target must be a byte (0..V-1): no ignored rows. */
+#define GPT_CE_ROWS 128
+GPT__FN mha_status gpt_cross_entropy(int n, int V, const float *logits, const int *targets, float *loss,
+                                     float *dlogits)
+{
+    int chunks = (n + GPT_CE_ROWS - 1) / GPT_CE_ROWS, c, bad = 0;
+    double total = 0;
+    float part[64];
+    if (chunks > 64) return mha_cross_entropy(n, V, logits, targets, loss, dlogits, NULL);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) reduction(+ : bad)
+#endif
+    for (c = 0; c < chunks; ++c) {
+        int r0 = c * GPT_CE_ROWS, rows = n - r0 < GPT_CE_ROWS ? n - r0 : GPT_CE_ROWS;
+        size_t at = (size_t)r0 * V, k;
+        float *dz = dlogits ? dlogits + at : NULL;
+        if (mha_cross_entropy(rows, V, logits + at, targets + r0, &part[c], dz, NULL) != MHA_OK) ++bad;
+        else if (dz && rows != n)
+            for (k = 0; k < (size_t)rows * V; ++k) dz[k] *= (float)rows / (float)n;
+    }
+    if (bad) return MHA_ERR_INVALID_ARGUMENT;
+    for (c = 0; c < chunks; ++c) {
+        int rows = n - c * GPT_CE_ROWS < GPT_CE_ROWS ? n - c * GPT_CE_ROWS : GPT_CE_ROWS;
+        total += (double)part[c] * rows;
+    }
+    *loss = (float)(total / n);
+    return MHA_OK;
+}
+
 /* Forward of B sequences of T <= ctx bytes.  targets (may be NULL): next bytes,
    giving *loss and, when M has training buffers, dlogits for the backward.
    attn (may be NULL): n_layer pointers, each NULL or [B, H, T, T] per-head weights. */
@@ -186,10 +253,11 @@ GPT__FN mha_status gpt_forward(gpt_model *M, int B, int T, const int *tokens, co
     st = mha_layernorm_forward(N, d, M->res + M->c.n_layer * nd, M->p + o->lnf_w, M->p + o->lnf_b,
                                0.0f, M->xf);
     if (st != MHA_OK) return st;
-    if ((st = mha_linear_forward(N, d, V, M->xf, M->p + o->wte, NULL, M->logits, NULL, 0)) != MHA_OK)
-        return st;
-    if (targets && loss)
-        st = mha_cross_entropy(N, V, M->logits, targets, loss, M->g ? M->dlogits : NULL, NULL);
+    /* logits = xf wte^T, on OpenMP's threads (mha_linear_forward runs on one) */
+    st = mha_gemm(MHA_NO_TRANS, MHA_TRANS, N, V, d, 1.0f, M->xf, d, M->p + o->wte, d, 0.0f, M->logits, V,
+                  NULL, 0);
+    if (st != MHA_OK) return st;
+    if (targets && loss) st = gpt_cross_entropy(N, V, M->logits, targets, loss, M->g ? M->dlogits : NULL);
     return st;
 }
 
@@ -204,11 +272,13 @@ GPT__FN mha_status gpt_backward(gpt_model *M, int B, int T, const int *tokens)
     float *dx = M->dx, *dy = M->dy, *swap;
     if (!M->g) return MHA_ERR_NULL_POINTER;
     memset(M->g, 0, o->total * sizeof(float));
-    memset(M->dxf, 0, nd * sizeof(float));
     memset(dy, 0, nd * sizeof(float));
-    /* logits = xf wte^T:  dxf = dlogits wte,  dwte += dlogits^T xf */
-    st = mha_linear_backward(N, d, V, M->xf, M->p + o->wte, M->dlogits, M->dxf, M->g + o->wte,
-                             NULL, NULL, 0);
+    /* logits = xf wte^T:  dxf = dlogits wte,  dwte = dlogits^T xf (the first gradient into wte) */
+    st = mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, N, d, V, 1.0f, M->dlogits, V, M->p + o->wte, d, 0.0f, M->dxf, d,
+                  NULL, 0);
+    if (st == MHA_OK)
+        st = mha_gemm(MHA_TRANS, MHA_NO_TRANS, V, d, N, 1.0f, M->dlogits, V, M->xf, d, 0.0f, M->g + o->wte, d,
+                      NULL, 0);
     if (st != MHA_OK) return st;
     st = mha_layernorm_backward(N, d, M->res + M->c.n_layer * nd, M->p + o->lnf_w, 0.0f, M->dxf, dy,
                                 M->g + o->lnf_w, M->g + o->lnf_b);
@@ -259,22 +329,83 @@ GPT__FN float gpt_lr(long step, long warmup, long total, float lr_max, float lr_
     return lr_min + (lr_max - lr_min) * 0.5f * (float)(1.0 + cos(3.14159265358979 * t));
 }
 
-/* B random windows of T + 1 bytes from text[0..n): inputs and next-byte targets. */
-GPT__FN void gpt_batch(const unsigned char *text, size_t n, int B, int T, mha_rng *r, int *tok, int *tgt)
+/* The same shape against the fraction of the budget used, progress in 0..1
+   (a run limited by time does not know its step count in advance):
+     lr = min(1, step / warmup) * (lr_min + (lr_max - lr_min) (1 + cos(pi progress)) / 2) */
+GPT__FN float gpt_lr_progress(long step, long warmup, double progress, float lr_max, float lr_min)
+{
+    double p = progress < 0 ? 0 : progress > 1 ? 1 : progress;
+    float w = step < warmup ? (float)step / (float)warmup : 1.0f;
+    return w * (lr_min + (lr_max - lr_min) * 0.5f * (float)(1.0 + cos(3.14159265358979 * p)));
+}
+
+/* B random windows of T + 1 bytes from text[0..n): inputs and next-byte targets.
+   A fraction `copy` of them (0..1) has a stretch of its own bytes written a
+   second time further on (the stretch 8..T/2 bytes long, both copies inside
+   the window): real text that repeats, so that predicting the second copy
+   rewards looking back at what followed the first (an induction head). */
+GPT__FN void gpt_batch_copy(const unsigned char *text, size_t n, int B, int T, double copy, mha_rng *r,
+                            int *tok, int *tgt)
 {
     int b, t;
     for (b = 0; b < B; ++b) {
-        size_t s = (size_t)(((unsigned long long)mha_rng_u32(r) << 32 | mha_rng_u32(r)) %
-                            (unsigned long long)(n - (size_t)T));
-        for (t = 0; t < T; ++t) {
-            tok[b * T + t] = text[s + t];
-            tgt[b * T + t] = text[s + t + 1];
+        const unsigned char *w = text + (size_t)(((unsigned long long)mha_rng_u32(r) << 32 | mha_rng_u32(r)) %
+                                                 (unsigned long long)(n - (size_t)T));
+        int S = 0, i = 0, j = 0;
+        if (copy > 0 && T >= 16 && mha_rng_uniform(r) < copy) {
+            /* bytes j..j+S-1 of the window become bytes i..i+S-1 again: i + S <= j, j + S <= T + 1 */
+            S = 8 + (int)(mha_rng_u32(r) % (unsigned)(T / 2 - 7));
+            i = (int)(mha_rng_u32(r) % (unsigned)(T + 2 - 2 * S));
+            j = i + S + (int)(mha_rng_u32(r) % (unsigned)(T + 2 - 2 * S - i));
+        }
+        for (t = 0; t <= T; ++t) {
+            int v = t >= j && t < j + S ? w[i + t - j] : w[t];
+            if (t < T) tok[b * T + t] = v;
+            if (t > 0) tgt[b * T + t - 1] = v;
         }
     }
 }
 
-/* One optimisation step on a batch: forward, backward, clip, AdamW.  *loss gets the
-   batch loss (before the update). */
+/* B random windows of T + 1 bytes from text[0..n), as they are. */
+GPT__FN void gpt_batch(const unsigned char *text, size_t n, int B, int T, mha_rng *r, int *tok, int *tgt)
+{
+    gpt_batch_copy(text, n, B, T, 0.0, r, tok, tgt);
+}
+
+/* AdamW over the whole parameter array, the weight decay applied to the
+   matrices only (wte, wpe and each layer's four weight matrices), not to
+   biases and layer-norm gains, as GPT training does. */
+GPT__FN mha_status gpt_adamw_step(gpt_model *M, const mha_adamw *opt, long step)
+{
+    const gpt_layout *o = &M->o;
+    size_t d = (size_t)M->c.d_model, F = (size_t)M->c.d_ff, at = 0, k;
+    /* per layer, in layout order: (offset, length, decayed) */
+    const size_t lay[4][2] = {{o->in_w, 3 * d * d}, {o->out_w, d * d}, {o->l1_w, F * d}, {o->l2_w, d * F}};
+    mha_adamw nd = *opt;
+    mha_status st;
+    int l, i;
+    nd.weight_decay = 0.0f;
+    /* one call per run of equal decay: [wte, wpe] decayed, then per layer */
+    if ((st = mha_adamw_step(opt, step, o->layer0, M->p, M->g, M->m, M->v)) != MHA_OK) return st;
+    at = o->layer0;
+    for (l = 0; l < M->c.n_layer; ++l) {
+        size_t base = o->layer0 + (size_t)l * o->layer_stride;
+        for (i = 0; i < 4; ++i) {
+            k = base + lay[i][0];
+            if (k > at && (st = mha_adamw_step(&nd, step, k - at, M->p + at, M->g + at, M->m + at,
+                                               M->v + at)) != MHA_OK)
+                return st;
+            if ((st = mha_adamw_step(opt, step, lay[i][1], M->p + k, M->g + k, M->m + k,
+                                     M->v + k)) != MHA_OK)
+                return st;
+            at = k + lay[i][1];
+        }
+    }
+    return mha_adamw_step(&nd, step, o->total - at, M->p + at, M->g + at, M->m + at, M->v + at);
+}
+
+/* One optimisation step on a batch: forward, backward, clip, AdamW (decay on
+   the matrices).  *loss gets the batch loss (before the update). */
 GPT__FN mha_status gpt_train_step(gpt_model *M, const mha_adamw *opt, long step, int B, int T,
                                  const int *tok, const int *tgt, float clip, float *loss)
 {
@@ -282,7 +413,7 @@ GPT__FN mha_status gpt_train_step(gpt_model *M, const mha_adamw *opt, long step,
     if ((st = gpt_forward(M, B, T, tok, tgt, loss, NULL)) != MHA_OK) return st;
     if ((st = gpt_backward(M, B, T, tok)) != MHA_OK) return st;
     gpt_clip_grad(M, clip);
-    return mha_adamw_step(opt, step, M->o.total, M->p, M->g, M->m, M->v);
+    return gpt_adamw_step(M, opt, step);
 }
 
 /* Mean loss over the whole of text[0..n) cut into windows of T + 1 bytes,

@@ -4,6 +4,10 @@
      - a 60-step training run on synthetic sentences: the loss starts at
        ln 256 and falls;
      - resuming from a checkpoint (with the AdamW moments) continues bit for bit;
+     - the chunked cross-entropy (gpt_cross_entropy) equals mha_cross_entropy;
+     - the training pieces of the example: windows with a repeated stretch
+       (gpt_batch_copy) hold one exactly when asked, AdamW decays the
+       matrices only (gpt_adamw_step), the time-based schedule (gpt_lr_progress);
      - gpt_next_logits equals the last row of the full forward, also past the
        context length, and the KV-cache decoder (gpt_decoder_feed, one prefill
        then one byte at a time) equals gpt_next_logits to 1e-5; greedy text
@@ -46,6 +50,19 @@ static double loss_at(gpt_model *M, const int *tok, const int *tgt)
     mha_status st = gpt_forward(M, B, T, tok, tgt, &l, NULL);
     CHECK(st == MHA_OK, "forward: %s", mha_status_string(st));
     return l;
+}
+
+/* 1 when w[0..n) holds a stretch of at least 8 bytes written again further on
+   (w[j..j+S) == w[i..i+S), i + S <= j, S >= 8) */
+static int has_repeat(const int *w, int n)
+{
+    int i, j, k;
+    for (i = 0; i + 16 <= n; ++i)
+        for (j = i + 8; j + 8 <= n; ++j) {
+            for (k = 0; k < 8 && w[i + k] == w[j + k]; ++k) {}
+            if (k == 8) return 1;
+        }
+    return 0;
 }
 
 int main(int argc, char **argv)
@@ -156,6 +173,97 @@ int main(int argc, char **argv)
         gpt_free(&R);
         remove(path);
     }
+
+    /* 3b. the training pieces of examples/tiny_gpt.c */
+    {
+        enum { W = 50, TT = 40 };
+        static unsigned char noise[5000];
+        static int bt[W * TT], bg[W * TT], ct[W * TT], cg[W * TT];
+        int seq[TT + 1], counts[3] = {0, 0, 0}, f, t, bad = 0, same;
+        const double frac[3] = {0.0, 0.5, 1.0};
+        mha_rng a, b;
+        /* random bytes: a stretch of 8 equal bytes never occurs by chance (2^-64) */
+        mha_rng_seed(&a, 11);
+        for (i = 0; i < sizeof noise; ++i) noise[i] = (unsigned char)(mha_rng_u32(&a) & 255u);
+        for (f = 0; f < 3; ++f) {
+            mha_rng_seed(&a, 5);
+            gpt_batch_copy(noise, sizeof noise, W, TT, frac[f], &a, bt, bg);
+            for (s = 0; s < W; ++s) {
+                for (t = 0; t < TT; ++t) seq[t] = bt[s * TT + t];
+                seq[TT] = bg[s * TT + TT - 1];
+                for (t = 0; t + 1 < TT; ++t) bad += bg[s * TT + t] != bt[s * TT + t + 1];
+                counts[f] += has_repeat(seq, TT + 1);
+            }
+        }
+        CHECK(bad == 0, "targets are the next bytes of the inputs (%d differ)", bad);
+        CHECK(counts[0] == 0 && counts[2] == W && counts[1] >= W / 5 && counts[1] <= 4 * W / 5,
+              "windows with a repeated stretch at copy 0, 0.5, 1: %d %d %d of %d", counts[0], counts[1],
+              counts[2], W);
+        mha_rng_seed(&a, 5);
+        mha_rng_seed(&b, 5);
+        gpt_batch(noise, sizeof noise, W, TT, &a, bt, bg);
+        gpt_batch_copy(noise, sizeof noise, W, TT, 0.0, &b, ct, cg);
+        same = !memcmp(bt, ct, sizeof bt) && !memcmp(bg, cg, sizeof bg) && a.state == b.state;
+        CHECK(same, "gpt_batch is gpt_batch_copy with copy 0 (same windows, same draws)");
+    }
+    {
+        /* zero gradient and moments: AdamW's step is 0, only the decay p *= 1 - lr wd moves p */
+        mha_adamw dec = mha_adamw_defaults();
+        float *p0 = (float *)malloc(M.o.total * sizeof(float));
+        int l, f, moved = 0, kept = 0;
+        size_t k;
+        unsigned char *is_mat = (unsigned char *)calloc(M.o.total, 1);
+        dec.lr = 0.1f;
+        dec.weight_decay = 0.5f;
+        CHECK(gpt_alloc(&R, &c, B, 1) == MHA_OK, "alloc");
+        mha_rng_seed(&rng, 3);
+        gpt_init(&R, &rng);
+        for (i = 0; i < R.o.total; ++i) R.p[i] += 0.5f;   /* no zero parameters */
+        memcpy(p0, R.p, R.o.total * sizeof(float));
+        for (i = 0; i < R.o.layer0; ++i) is_mat[i] = 1;  /* wte, wpe */
+        for (l = 0; l < c.n_layer; ++l) {
+            size_t base = R.o.layer0 + (size_t)l * R.o.layer_stride, d = 16, F = 24;
+            const size_t off[4] = {R.o.in_w, R.o.out_w, R.o.l1_w, R.o.l2_w}, len[4] = {3 * d * d, d * d, F * d, d * F};
+            for (f = 0; f < 4; ++f)
+                for (k = 0; k < len[f]; ++k) is_mat[base + off[f] + k] = 1;
+        }
+        CHECK(gpt_adamw_step(&R, &dec, 1) == MHA_OK, "gpt_adamw_step");
+        for (i = 0; i < R.o.total; ++i) {
+            float want = is_mat[i] ? p0[i] * (1.0f - dec.lr * dec.weight_decay) : p0[i];
+            if (R.p[i] == want) { if (is_mat[i]) ++moved; else ++kept; }
+        }
+        CHECK(moved + kept == (int)R.o.total, "decay on the matrices only: %d decayed, %d kept, of %zu",
+              moved, kept, R.o.total);
+        CHECK(kept == (int)(c.n_layer * (3 * 16 + 16 + 24 + 16 + 4 * 16) + 2 * 16),
+              "the biases and layer norms are %d floats", kept);
+        gpt_free(&R);
+        free(p0);
+        free(is_mat);
+    }
+    {
+        /* 300 rows: two full chunks of GPT_CE_ROWS and a short one */
+        enum { NR = 300, NV = 37 };
+        static float z[NR * NV], d1[NR * NV], d2[NR * NV];
+        static int y[NR];
+        double ref[NR * NV];
+        float l1, l2;
+        mha_rng_seed(&rng, 9);
+        for (i = 0; i < NR * NV; ++i) z[i] = 4.0f * (mha_rng_uniform(&rng) - 0.5f);
+        for (i = 0; i < NR; ++i) y[i] = (int)(mha_rng_u32(&rng) % NV);
+        CHECK(mha_cross_entropy(NR, NV, z, y, &l1, d1, NULL) == MHA_OK, "cross-entropy");
+        CHECK(gpt_cross_entropy(NR, NV, z, y, &l2, d2) == MHA_OK, "chunked cross-entropy");
+        for (i = 0; i < NR * NV; ++i) ref[i] = d1[i];
+        CHECK(fabsf(l1 - l2) <= 1e-6f * l1 && tu_rel_err(d2, ref, NR * NV) <= 1e-6,
+              "chunked loss %.7f vs %.7f, gradient rel err %.2e", l2, l1, tu_rel_err(d2, ref, NR * NV));
+        y[NR - 1] = NV;
+        CHECK(gpt_cross_entropy(NR, NV, z, y, &l2, d2) == MHA_ERR_INVALID_ARGUMENT, "a target out of range");
+    }
+    CHECK(gpt_lr_progress(5, 10, 0.0, 1.0f, 0.1f) == 0.5f && gpt_lr_progress(10, 10, 0.0, 1.0f, 0.1f) == 1.0f,
+          "linear warm-up");
+    CHECK(fabsf(gpt_lr_progress(50, 10, 0.5, 1.0f, 0.1f) - 0.55f) < 1e-6f &&
+          fabsf(gpt_lr_progress(50, 10, 1.0, 1.0f, 0.1f) - 0.1f) < 1e-6f &&
+          gpt_lr_progress(50, 10, 7.0, 1.0f, 0.1f) == gpt_lr_progress(50, 10, 1.0, 1.0f, 0.1f),
+          "cosine from lr_max to lr_min over the progress 0..1");
 
     /* 4. next_logits = last row of the full forward; past ctx it sees the last ctx bytes */
     {
