@@ -787,11 +787,14 @@ MHADEF void   mha_plan_destroy(mha_plan *plan);
 #include <omp.h>
 #endif
 
-/* the scalar references stay compiled even where a faster version is used */
+/* the scalar references stay compiled even where a faster version is used;
+   MHA__NOINLINE keeps a rarely taken branch's body out of a hot function */
 #if defined(__GNUC__) || defined(__clang__)
 #define MHA__UNUSED __attribute__((unused))
+#define MHA__NOINLINE __attribute__((noinline))
 #else
 #define MHA__UNUSED
+#define MHA__NOINLINE
 #endif
 
 #ifdef __cplusplus
@@ -2043,9 +2046,15 @@ static void mha__pv(int nr, int nc, int Dv, const float *p, size_t ldp, const fl
     }
 }
 
-/* ---- row statistics (mha_row_stats)
+/* ---- row statistics (mha_row_stats) */
 
-   Row idx of [B, H, Lq] from the online softmax's state: m the running max
+/* The fused path's accumulators of one row, besides its m and l (below). */
+typedef struct mha__racc {
+    double t, ld;      /* sum exp(s - m)(s - m) and sum exp(s - m), in double */
+    float km, s0;      /* the largest key score, key 0's score */
+} mha__racc;
+
+/* Row idx of [B, H, Lq] from the online softmax's state: m the running max
    (of the keys and the sink), l = sum exp(s - m) and t = sum exp(s - m)(s - m)
    over the keys and the sink, km the largest key score, s0 key 0's score
    (-inf: blocked or not seen).  With lse = m + log l and p = exp(s - lse):
@@ -2055,14 +2064,18 @@ static void mha__pv(int nr, int nc, int Dv, const float *p, size_t ldp, const fl
    float l of the kernel, summed over 16k keys, cost H about 1e-6 there).
    l = 0 (nothing allowed, no sink): lse = -inf and zeros.  Rounding can
    leave H a hair below 0 for a one-hot row: clamped.  */
-static void mha__put_row(const mha__attn *a, size_t idx, float m, float l, double t, double ld, float km,
-                         float s0)
+static void mha__put_row(const mha__attn *a, size_t idx, float m, float l, const mha__racc *r)
 {
-    float lse = l != 0.0f ? m + logf(l) : -INFINITY;
-    double lse_d = (double)m + log(ld), H;
-    if (a->lse) a->lse[idx] = lse;
-    if (a->lse2) a->lse2[idx] = lse;
+    double t = r->t, ld = r->ld;
+    float km = r->km, s0 = r->s0;
+    double lse_d, H;
+    if (a->lse || a->lse2) {
+        float lse = l != 0.0f ? m + logf(l) : -INFINITY;
+        if (a->lse) a->lse[idx] = lse;
+        if (a->lse2) a->lse2[idx] = lse;
+    }
     if (!a->stats) return;
+    lse_d = (double)m + log(ld);
     H = l != 0.0f ? log(ld) - t / ld : 0.0;
     if (a->ent) a->ent[idx] = H > 0.0 ? (float)H : 0.0f;
     if (a->maxw) a->maxw[idx] = l != 0.0f && km != -INFINITY ? (float)exp(km - lse_d) : 0.0f;
@@ -2240,9 +2253,9 @@ typedef struct mha__tileq {
     int narrow;        /* at most MHA__NARROW columns: vector products, no packing (decoding) */
     int t_lo, t_hi;    /* the real key tiles of this item (split-K), t_hi = -1: all */
     float *partial;    /* split-K: NULL, or [ncol][MHA__PART_W(Dv)]: unnormalised O, m, l,
-                          and the row statistics' km, s0, t, ld (doubles in two floats) */
+                          and the row statistics' mha__racc (6 floats' bytes) */
 } mha__tileq;
-#define MHA__PART_W(Dv) ((Dv) + 8)
+#define MHA__PART_W(Dv) ((Dv) + 2 + sizeof(mha__racc) / sizeof(float))
 
 /* Tiles with at most this many query columns (a decode step: Lq = 1 times
    the heads of a group) take the narrow path: S = K q and O += p V as dot
@@ -2324,8 +2337,8 @@ static void mha__mask_tile_t(const mha__attn *a, const mha__tileq *tq, int j0, i
    (mha__put_row turns them into the statistics).  s_j - m' is clamped at
    MHA__EXP_ZERO, where exp is exactly 0, so a blocked key adds 0, not NaN.
    Not called when no statistics are wanted: the tile loop pays one test.  */
-static void mha__fused_stats_tile(int nc, int nvp, int key0, const float *st, const float *m,
-                                  double *t, double *ld, float *km, float *s0)
+static MHA__NOINLINE void mha__fused_stats_tile(int nc, int nvp, int key0, const float *st,
+                                                const float *m, mha__racc *ra)
 {
     int i, p, u;
     const mha__vf floor_ = mha__vset1(MHA__EXP_ZERO);
@@ -2344,12 +2357,13 @@ static void mha__fused_stats_tile(int nc, int nvp, int key0, const float *st, co
         }
         mha__vstore(mx, vmax); mha__vstore(mr, mref); mha__vstore(sum, acc); mha__vstore(esum, el);
         for (u = 0; u < MHA__VW; ++u) {
+            mha__racc *r = ra + i + u;
             double dm = (double)m[i + u] - mr[u], c;    /* ld = t = 0 while m = -inf */
-            c = ld[i + u] != 0.0 ? exp(dm) : 0.0;
-            t[i + u] = (c != 0.0 ? c * (t[i + u] + ld[i + u] * dm) : 0.0) + sum[u];
-            ld[i + u] = c * ld[i + u] + esum[u];
-            if (mx[u] > km[i + u]) km[i + u] = mx[u];
-            if (key0) s0[i + u] = col[u];
+            c = r->ld != 0.0 ? exp(dm) : 0.0;
+            r->t = (c != 0.0 ? c * (r->t + r->ld * dm) : 0.0) + sum[u];
+            r->ld = c * r->ld + esum[u];
+            if (mx[u] > r->km) r->km = mx[u];
+            if (key0) r->s0 = col[u];
         }
     }
 }
@@ -2376,10 +2390,7 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
     float *m = ot + mha__round_floats(f->dvp * MHA__FBR);
     float *l = m + mha__round_floats(MHA__FBR);
     float *kedge = l + mha__round_floats(MHA__FBR);
-    double *tt = (double *)(void *)(kedge + mha__round_floats((size_t)MHA__MR * D));
-    double *ld = tt + mha__round_floats(MHA__FBR);
-    float *km = (float *)(void *)(ld + mha__round_floats(MHA__FBR));   /* (2 floats a double) */
-    float *s0 = km + mha__round_floats(MHA__FBR);
+    mha__racc *ra = (mha__racc *)(void *)(kedge + mha__round_floats((size_t)MHA__MR * D));
     const float *qrow[MHA__NARROW];
     const size_t ldo = MHA__FBR;
     /* O^T column c, feature d: ot[d * ldo + c]; narrow: row c, ot[c * Dv + d] */
@@ -2410,8 +2421,8 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
                        (!tq->partial || tq->t_lo == 0);     /* split-K: the first part has it */
         m[c] = has_sink ? a->sinks[tq->gh0 + c / nr] : -INFINITY;
         l[c] = has_sink ? 1.0f : 0.0f;
-        tt[c] = 0.0; ld[c] = l[c];                /* the sink adds exp(0) * 0 to t */
-        km[c] = s0[c] = -INFINITY;
+        ra[c].t = 0.0; ra[c].ld = l[c];          /* the sink adds exp(0) * 0 to t */
+        ra[c].km = ra[c].s0 = -INFINITY;
     }
     memset(ot, 0, f->dvp * ldo * sizeof(float));
     memset(st, 0, (size_t)MHA__FBC * nrp * sizeof(float));   /* lanes past ncol stay finite */
@@ -2453,7 +2464,7 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
               wholly inside every row's key range */
         if (!appended && (masked || (mha__limits(a) && (j0 < lo_last || j0 + nc - 1 > hi_first))))
             mha__mask_tile_t(a, tq, j0, nc, st);
-        if (a->stats) mha__fused_stats_tile(nc, nvp, j0 == 0 && !appended, st, m, tt, ld, km, s0);
+        if (a->stats) mha__fused_stats_tile(nc, nvp, j0 == 0 && !appended, st, m, ra);
 
         /* 3. online softmax, one vector of queries at a time, down the keys
               (lanes past the last whole vector of columns keep zero scores) */
@@ -2522,15 +2533,15 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
         if (tq->partial) {
             float *pr = tq->partial + (size_t)c * MHA__PART_W(Dv);
             for (d = 0; d < Dv; ++d) pr[d] = *MHA__OT(c, d);
-            pr[Dv] = m[c]; pr[Dv + 1] = l[c]; pr[Dv + 2] = km[c]; pr[Dv + 3] = s0[c];
-            memcpy(pr + Dv + 4, &tt[c], sizeof(double));
-            memcpy(pr + Dv + 6, &ld[c], sizeof(double));
+            pr[Dv] = m[c]; pr[Dv + 1] = l[c];
+            memcpy(pr + Dv + 2, &ra[c], sizeof(mha__racc));
         } else {
             float *orow = MHA__OROW(c);
             float inv = l[c] != 0.0f ? 1.0f / l[c] : 0.0f;
             for (d = 0; d < Dv; ++d) orow[d] = *MHA__OT(c, d) * inv;
-            mha__put_row(a, ((size_t)tq->gb * a->H + tq->gh0 + c / nr) * a->Lq + gi + c % nr,
-                         m[c], l[c], tt[c], ld[c], km[c], s0[c]);
+            if (a->lse || a->lse2 || a->stats)
+                mha__put_row(a, ((size_t)tq->gb * a->H + tq->gh0 + c / nr) * a->Lq + gi + c % nr,
+                             m[c], l[c], &ra[c]);
         }
     }
 #undef MHA__OT
@@ -2550,8 +2561,8 @@ static void mha__merge_partials(const mha__attn *a, int b, const mha__tileq *tq,
     for (c = 0; c < ncol; ++c) {
         float *orow = a->o + (size_t)b * a->o_bs + (size_t)(tq->gh0 + c / nr - a->h0) * a->o_hs +
                       (size_t)(tq->gi + c % nr - a->q0) * a->o_rs;
-        float M = -INFINITY, L = 0.0f, KM = -INFINITY, S0 = -INFINITY, inv;
-        double T = 0.0, LD = 0.0, tp, lp;
+        float M = -INFINITY, L = 0.0f, inv;
+        mha__racc R = { 0.0, 0.0, -INFINITY, -INFINITY }, rp;
         for (p = 0; p < nparts; ++p) {
             float mp = parts[(size_t)p * part_floats + (size_t)c * w + Dv];
             if (mp > M) M = mp;
@@ -2565,18 +2576,17 @@ static void mha__merge_partials(const mha__attn *a, int b, const mha__tileq *tq,
             L += e * pr[Dv + 1];
             mha__axpy(orow, e, pr, Dv);
             if (a->stats) {
-                memcpy(&tp, pr + Dv + 4, sizeof(double));
-                memcpy(&lp, pr + Dv + 6, sizeof(double));
-                T += exp((double)pr[Dv] - M) * (tp + lp * ((double)pr[Dv] - M));
-                LD += exp((double)pr[Dv] - M) * lp;
-                if (pr[Dv + 2] > KM) KM = pr[Dv + 2];
-                if (pr[Dv + 3] > S0) S0 = pr[Dv + 3];
+                memcpy(&rp, pr + Dv + 2, sizeof rp);
+                R.t += exp((double)pr[Dv] - M) * (rp.t + rp.ld * ((double)pr[Dv] - M));
+                R.ld += exp((double)pr[Dv] - M) * rp.ld;
+                if (rp.km > R.km) R.km = rp.km;
+                if (rp.s0 > R.s0) R.s0 = rp.s0;
             }
         }
         inv = L != 0.0f ? 1.0f / L : 0.0f;
         for (d = 0; d < Dv; ++d) orow[d] *= inv;
         mha__put_row(a, ((size_t)tq->gb * a->H + tq->gh0 + c / nr) * a->Lq + tq->gi + c % nr,
-                     M, L, T, LD, KM, S0);
+                     M, L, &R);
     }
 }
 
