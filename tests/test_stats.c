@@ -470,6 +470,42 @@ static void module(void)
     sb_free(&s); free(x); free(win); free(wout); free(out); free(w);
 }
 
+/* The module with its KV cache: a prefill of L - 1 tokens, then one decode
+   step with row_stats; its statistics against the last row of the full
+   causal mha_forward's per-head weights.  */
+static void module_cached(void)
+{
+    enum { L = 23, E = 24, H = 4, HKV = 2, D = E / H, EKV = HKV * D };
+    float *x = malloc(L * E * sizeof(float)), *win = malloc((E + 2 * EKV) * E * sizeof(float));
+    float *wout = malloc(E * E * sizeof(float)), *out = malloc(L * E * sizeof(float));
+    float *w = malloc(H * L * L * sizeof(float)), *kc = malloc(HKV * L * D * sizeof(float));
+    float *vc = malloc(HKV * L * D * sizeof(float));
+    tu_rng r = { 5 };
+    mha_module m;
+    mha_kv_cache c;
+    mha_options o;
+    statbuf s;
+    int len = 0, h, bad = 0;
+    tu_fill(&r, x, L * E, 1.0f); tu_fill(&r, win, (E + 2 * EKV) * E, 0.5f); tu_fill(&r, wout, E * E, 0.3f);
+    memset(&m, 0, sizeof m);
+    m.embed_dim = E; m.num_heads = H; m.num_kv_heads = HKV; m.in_proj_weight = win; m.out_proj_weight = wout;
+    memset(&c, 0, sizeof c);
+    c.B = 1; c.Hkv = HKV; c.D = D; c.capacity = L; c.k = kc; c.v = vc; c.len = &len;
+    memset(&o, 0, sizeof o);
+    o.causal = 1; o.per_head_weights = 1;
+    CHECK(mha_forward(&m, 1, L, L, x, x, x, &o, out, w, NULL, 0) == MHA_OK, "module cached: full forward");
+    CHECK(mha_forward_cached(&m, &c, L - 1, x, &o, out, NULL, 0) == MHA_OK, "module cached: prefill");
+    sb_make(&s, H);
+    o.row_stats = &s.rs;
+    CHECK(mha_forward_cached(&m, &c, 1, x + (size_t)(L - 1) * E, &o, out, NULL, 0) == MHA_OK,
+          "module cached: decode step");
+    for (h = 0; h < H; ++h)
+        bad += !row_ok("module cached", s.lse[h], s.ent[h], s.maxw[h], s.first[h],
+                       stats_of_weights(w + ((size_t)h * L + L - 1) * L, L, s.lse[h]), NULL);
+    CHECK(bad == 0, "module cached: %d heads' decode statistics off the full forward's weights", bad);
+    sb_free(&s); free(x); free(win); free(wout); free(out); free(w); free(kc); free(vc);
+}
+
 /* The KV cache: statistics of a rolling cache that has wrapped (n_keep 0
    and 3, sinks) against the float64 reference over the tokens it holds;
    key 0 is position 0, so a cache that overwrote it has first weight 0. */
@@ -626,6 +662,7 @@ int main(void)
     plans();
     module();
     kv_cache();
+    module_cached();
     bad_rows();
     long_rows(L);
     printf("worst vs float64: lse %.3g (rel), entropy %.3g, weights %.3g (abs); fused vs full weights %.3g\n",
