@@ -10,7 +10,7 @@ DEPS_DEMO  := gcc libstb-dev fortunes
 DEPS_BENCH := libopenblas-dev python3-torch python3-numpy
 DEPS_GOLD  := python3-torch python3-numpy
 
-.PHONY: all help test demo view bench bench-mha deps deps-demo deps-bench golden install uninstall clean train-gpt
+.PHONY: all help test demo view bench bench-mha profile-attn deps deps-demo deps-bench golden install uninstall clean train-gpt
 
 all: demo
 
@@ -92,7 +92,8 @@ $(BUILD)/mha_view: examples/mha_view.c examples/npy.h examples/heatmap.h | $(BUI
 # `make bench`: tuned build of bench/bench.c; OpenBLAS is timed side by side
 # when <cblas.h> and -lopenblas link (libopenblas-dev), else the bench runs alone.
 # `make bench BENCH_ARCH="-mavx2 -mfma"` measures the AVX2 kernels instead of
-# what -march=native selects (AVX-512 where the CPU has it).
+# what -march=native selects (AVX-512 where the CPU has it); the GEMM table is
+# always run a second time from an AVX2 build, against the AVX2 peak.
 BENCH_ARCH    ?= -march=native
 BENCH_CFLAGS  ?= -std=c99 -O3 $(BENCH_ARCH) -fopenmp
 HAVE_OPENBLAS  = $(shell printf '\043include <cblas.h>\nint main(void){openblas_set_num_threads(1);return 0;}\n' | \
@@ -104,6 +105,8 @@ BENCH_LIBS     = $(if $(HAVE_OPENBLAS),-lopenblas) -lm
 bench: | $(BUILD)
 	$(CC) $(BENCH_CFLAGS) $(BENCH_DEFS) -I. bench/bench.c -o $(BUILD)/bench $(BENCH_LIBS)
 	./$(BUILD)/bench
+	$(CC) -std=c99 -O3 -mavx2 -mfma -fopenmp $(BENCH_DEFS) -I. bench/bench.c -o $(BUILD)/bench_avx2 $(BENCH_LIBS)
+	./$(BUILD)/bench_avx2 gemm
 
 # MHA forward / attention-core tables and the PyTorch comparison
 # (bench/bench_mha.c, which runs bench/torch_mha.py); part of `make bench`,
@@ -117,6 +120,15 @@ bench-mha: deps-bench | $(BUILD)
 	$(CC) -std=c99 -O3 -mavx2 -mfma -fopenmp -I. bench/bench_mha.c -o $(BUILD)/bench_mha_avx2 -lm
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/bench_mha
 	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/bench_mha_avx2 --train
+
+# Where the fused attention core's cycles go, phase by phase (bench/profile_attn.c,
+# issue 12): the AVX-512 (or -march=native) build, then the AVX2 one.
+bench: profile-attn
+profile-attn: | $(BUILD)
+	$(CC) -std=c99 -O3 $(BENCH_ARCH) -I. bench/profile_attn.c -o $(BUILD)/profile_attn -lm
+	$(CC) -std=c99 -O3 -mavx2 -mfma -I. bench/profile_attn.c -o $(BUILD)/profile_attn_avx2 -lm
+	./$(BUILD)/profile_attn
+	./$(BUILD)/profile_attn_avx2
 
 $(BUILD)/train_reverse: examples/train_reverse.c examples/heatmap.h mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) -I. -Iexamples -isystem $(STB_INC) $< -o $@ -lm

@@ -48,6 +48,9 @@
        MHA_MALLOC(sz) / MHA_FREE(p)   allocator for the convenience paths
                            (define both or neither)
        MHA_ASSERT(x)       internal invariant checks (default: assert.h)
+       MHA_PROFILE_MARK(phase)  called as the fused attention core enters each
+                           phase (MHA_PHASE_* below; default: nothing);
+                           bench/profile_attn.c times the phases with it
      SIMD is chosen at compile time: AVX-512 when __AVX512F__ is defined,
      else AVX2 when __AVX2__ and __FMA__ are defined
      (-mavx2 -mfma or -march=native), NEON when __ARM_NEON is.  There is no
@@ -781,6 +784,19 @@ MHADEF void   mha_plan_destroy(mha_plan *plan);
 #ifndef MHA_ASSERT
 #include <assert.h>
 #define MHA_ASSERT(x) assert(x)
+#endif
+/* The phases of the fused attention core that MHA_PROFILE_MARK names: a
+   profiler adds the time since the last mark to the phase it left. */
+#define MHA_PHASE_OTHER   0   /* outside the core: projections, threads, ... */
+#define MHA_PHASE_QPACK   1   /* Q^T slivers of a query tile, O^T = 0 */
+#define MHA_PHASE_VPACK   2   /* V tiles packed once per (b, KV head) */
+#define MHA_PHASE_SCORES  3   /* S^T = scale K Q^T (micro-kernel), soft-cap */
+#define MHA_PHASE_MASK    4   /* masks, ALiBi, causal/window edges */
+#define MHA_PHASE_SOFTMAX 5   /* online softmax: max, exp, sum, rescale O^T */
+#define MHA_PHASE_PV      6   /* O^T += V^T P^T (micro-kernel) */
+#define MHA_PHASE_OUT     7   /* o = O / l, lse */
+#ifndef MHA_PROFILE_MARK
+#define MHA_PROFILE_MARK(phase) ((void)0)
 #endif
 
 #ifdef _OPENMP
@@ -2011,10 +2027,11 @@ static void mha__mask_cols(const mha__attn *a, int b, int h, int i, int j0, int 
             for (j = j0; j < jend; ++j) if (mha__mask_bool_blocks(m->kind, u[j])) s[j] = -INFINITY;
         }
     }
-    if (mha__limits(a)) {               /* keys outside [lo, hi] are blocked */
+    if (mha__limits(a)) {               /* keys outside [lo, hi] are blocked: two runs */
         ptrdiff_t lo, hi;
         mha__key_range(a, i, &lo, &hi);
-        for (j = j0; j < jend; ++j) if ((ptrdiff_t)j < lo || (ptrdiff_t)j > hi) s[j] = -INFINITY;
+        for (j = j0; j < jend && (ptrdiff_t)j < lo; ++j) s[j] = -INFINITY;
+        for (j = hi + 1 > (ptrdiff_t)j0 ? (int)(hi + 1) : j0; j < jend; ++j) s[j] = -INFINITY;
     }
 }
 
@@ -2229,6 +2246,7 @@ static void mha__fused_pack(const mha__attn *a, const mha__fused_dims *f, int b,
     int j0 = appended ? a->Lk : t * MHA__FBC;
     int nc = appended ? a->Lk_eff - a->Lk : (a->Lk - j0 < MHA__FBC ? a->Lk - j0 : MHA__FBC), j;
     mha__vf acc = mha__vzero();
+    MHA_PROFILE_MARK(MHA_PHASE_VPACK);
     mha__pack_a_block(1, v + (size_t)j0 * a->v.rs, a->v.rs, 0, a->Dv, 0, nc, pv);
     /* x - x is 0 for finite x and NaN otherwise; one NaN makes the sum NaN */
     for (j = 0; j < nc; ++j) {
@@ -2243,6 +2261,7 @@ static void mha__fused_pack(const mha__attn *a, const mha__fused_dims *f, int b,
         acc = mha__vadd(acc, mha__vset1(s));
     }
     *flag = mha__vhsum(acc) == 0.0f ? 1.0f : 0.0f;
+    MHA_PROFILE_MARK(MHA_PHASE_OTHER);
 }
 
 /* The queries of one fused tile: ng heads gh0.. (global, one KV group) times
@@ -2317,7 +2336,28 @@ static void mha__mask_tile_t(const mha__attn *a, const mha__tileq *tq, int j0, i
                     if (MHA__ST(st, nc, j - j0, i) != -INFINITY) MHA__ST(st, nc, j - j0, i) += add;
         }
     }
-    if (mha__limits(a)) {               /* causal and window: keys outside [lo, hi] of row i */
+    if (mha__limits(a) && Lk < (1 << 24)) {
+        /* causal and window, a vector of columns at a time: column c keeps
+           key j iff lo_c <= j <= hi_c (floats: exact below 2^24 keys).  The
+           lanes past the tile's columns keep every key (their scores stay 0). */
+        float lo[MHA__FBR], hi[MHA__FBR];
+        int ncol = tq->ng * nr, nrp = (ncol + MHA__NR - 1) / MHA__NR * MHA__NR;
+        for (i = 0; i < nrp; ++i) {
+            ptrdiff_t l = 0, h = Lk;
+            if (i < ncol) mha__key_range(a, tq->gi + i % nr, &l, &h);
+            lo[i] = l > Lk ? (float)Lk : (float)l;      /* l >= 0 */
+            hi[i] = h < -1 ? -1.0f : (float)h;          /* h <= Lk - 1 */
+        }
+        for (j = j0; j < jend; ++j) {
+            const mha__vf vj = mha__vset1((float)j), ninf = mha__vset1(-INFINITY);
+            for (i = 0; i < nrp; i += MHA__VW) {
+                float *s = &MHA__ST(st, nc, j - j0, i);
+                mha__vf x = mha__vload(s);
+                x = mha__vsel(mha__vlt(vj, mha__vload(lo + i)), ninf, x);
+                mha__vstore(s, mha__vsel(mha__vgt(vj, mha__vload(hi + i)), ninf, x));
+            }
+        }
+    } else if (mha__limits(a)) {        /* causal and window: keys outside [lo, hi] of row i */
         for (i = 0; i < nr; ++i) {
             ptrdiff_t lo, hi;
             mha__key_range(a, tq->gi + i, &lo, &hi);
@@ -2403,6 +2443,7 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
     /* Q^T as NR slivers (zero-padded past ncol), or the rows in place when
        narrow; O^T = 0; m = sink, l = 1 (the sink is a first key with score
        sink_h and a zero value), else m = -inf, l = 0 */
+    MHA_PROFILE_MARK(MHA_PHASE_QPACK);
     if (narrow) {
         for (c = 0; c < ncol; ++c) qrow[c] = MHA__QROW(c);
     } else if (tq->ng == 1) {
@@ -2447,6 +2488,7 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
         /* 1. S^T = scale K_t Q^T, one NR-wide sliver of queries at a time;
               K's rows are read where they are (narrow: one dot product per
               key and column); soft-capped */
+        MHA_PROFILE_MARK(MHA_PHASE_SCORES);
         if (narrow) {
             for (p = 0; p < nc; ++p) {
                 const float *kr = k + (size_t)(j0 + p) * a->k.rs;
@@ -2462,12 +2504,14 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
 
         /* 2. masks and ALiBi; causal and window only where the tile is not
               wholly inside every row's key range */
+        MHA_PROFILE_MARK(MHA_PHASE_MASK);
         if (!appended && (masked || (mha__limits(a) && (j0 < lo_last || j0 + nc - 1 > hi_first))))
             mha__mask_tile_t(a, tq, j0, nc, st);
         if (a->stats) mha__fused_stats_tile(nc, nvp, j0 == 0 && !appended, st, m, ra);
 
         /* 3. online softmax, one vector of queries at a time, down the keys
               (lanes past the last whole vector of columns keep zero scores) */
+        MHA_PROFILE_MARK(MHA_PHASE_SOFTMAX);
         for (i = 0; i < nvp; i += MHA__VW) {
             float *col = st + (size_t)(i / MHA__NR) * MHA__NR * nc + i % MHA__NR;
             mha__vf vmax = mha__vset1(-INFINITY), mold = mha__vload(m + i), mnew, mref, cc, sum = mha__vzero();
@@ -2505,6 +2549,7 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
         /* 4. O^T += V_t^T P^T; a zero weight times a NaN/Inf value would be
            NaN, so the narrow path and a tile whose V is not finite sum
            nonzero weights only */
+        MHA_PROFILE_MARK(MHA_PHASE_PV);
         if (narrow) {
             for (p = 0; p < nc; ++p) {
                 const float *vr = v + (size_t)(j0 + p) * a->v.rs;
@@ -2529,6 +2574,7 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
     /* 5. o = O / l; a row that met no allowed key (and no sink) has l = 0 and
           gets zeros; its log-sum-exp is m + log l (-inf then).  Split-K:
           O, m and l as they are, for the merge */
+    MHA_PROFILE_MARK(MHA_PHASE_OUT);
     for (c = 0; c < ncol; ++c) {
         if (tq->partial) {
             float *pr = tq->partial + (size_t)c * MHA__PART_W(Dv);
@@ -2544,6 +2590,7 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
                              m[c], l[c], &ra[c]);
         }
     }
+    MHA_PROFILE_MARK(MHA_PHASE_OTHER);
 #undef MHA__OT
 #undef MHA__QROW
 #undef MHA__OROW

@@ -497,14 +497,10 @@ static void train_row(const char *name, int kind, int B, int L, int t, double fl
     else printf(" %9s %7s\n", "-", "-");
 }
 
-static void train_table(int torch)
+/* The FMA peak of this run, GFLOP/s on 1 and 2 threads (0 if it failed). */
+static void measure_peak(double peak[2])
 {
-    double peak[2];
-    int s, t;
-    if (torch) {
-        printf("running bench/torch_mha.py --train (autograd, 1 and 2 threads)...\n");
-        run_torch_train();
-    }
+    int t;
     for (t = 1; t <= 2; ++t) {
         job jb;
         result r;
@@ -513,6 +509,17 @@ static void train_table(int torch)
         r = run_forked(&jb);
         peak[t - 1] = r.ok ? 1e3 / r.ms : 0.0;
     }
+}
+
+static void train_table(int torch)
+{
+    double peak[2];
+    int s, t;
+    if (torch) {
+        printf("running bench/torch_mha.py --train (autograd, 1 and 2 threads)...\n");
+        run_torch_train();
+    }
+    measure_peak(peak);
     printf("\n== training, E=%d, H=%d (%s build): FMA peak of this run %.1f GFLOP/s (1 thread), %.1f (2)\n",
            E_DIM, N_HEADS, MHA__SIMD_NAME, peak[0], peak[1]);
     printf("   fwd+bwd = mha_forward + mha_backward (dx, all weight gradients) vs torch autograd;\n");
@@ -584,6 +591,7 @@ static void decode_table(void)
 int main(int argc, char **argv)
 {
     int quick = 0, torch = 1, train_only = 0, a, s, t, f;
+    double peak[2];
     for (a = 1; a < argc; ++a) {
         if (!strcmp(argv[a], "--quick")) quick = 1;
         else if (!strcmp(argv[a], "--no-torch")) torch = 0;
@@ -605,12 +613,15 @@ int main(int argc, char **argv)
         run_torch();
     }
 
+    measure_peak(peak);
     printf("\n== MHA forward, E=%d, H=%d, self attention; median ms; ratio = torch ms / mha.h ms\n",
            E_DIM, N_HEADS);
+    printf("   %%peak = GFLOP/s / the FMA peak of this run: %.1f GFLOP/s (1 thread), %.1f (2)\n",
+           peak[0], peak[1]);
     printf("   fused = no weights (torch need_weights=False), unfused = averaged weights (need_weights=True)\n");
     printf("   1 thread: CPU time, 2 threads: wall clock; 2t/1t = speed-up of the 2-thread row\n");
-    printf("%-9s %-14s %3s %9s %8s %6s %9s %9s %7s\n", "B,L", "path", "thr", "ms", "GFLOP/s", "2t/1t",
-           "peak MiB", "torch ms", "ratio");
+    printf("%-9s %-14s %3s %9s %8s %6s %6s %9s %9s %7s\n", "B,L", "path", "thr", "ms", "GFLOP/s", "%peak",
+           "2t/1t", "peak MiB", "torch ms", "ratio");
     for (s = 0; s < NSHAPES; ++s)
         for (f = 3; f >= 0; --f) {   /* fused+packed, fused, unfused+packed, unfused */
             double ms1 = 0;
@@ -628,8 +639,9 @@ int main(int argc, char **argv)
                 if (!r.ok) { printf("%-9s %-14s %3d  failed\n", shape, path, t); continue; }
                 if (t == 1) { ms1 = r.ms; snprintf(speedup, sizeof speedup, "-"); }
                 else snprintf(speedup, sizeof speedup, "%.2fx", ms1 / r.ms);
-                printf("%-9s %-14s %3d %9.3f %8.1f %6s %9.1f", shape, path, t, r.ms,
-                       mha_flops(jb.B, jb.L, jb.E) / (r.ms * 1e6), speedup, r.rss_mib);
+                printf("%-9s %-14s %3d %9.3f %8.1f %5.1f%% %6s %9.1f", shape, path, t, r.ms,
+                       mha_flops(jb.B, jb.L, jb.E) / (r.ms * 1e6),
+                       100.0 * mha_flops(jb.B, jb.L, jb.E) / (r.ms * 1e6) / peak[t - 1], speedup, r.rss_mib);
                 if (tm > 0) printf(" %9.3f %6.2fx\n", tm, tm / r.ms);
                 else printf(" %9s %7s\n", "-", "-");
             }
@@ -637,7 +649,7 @@ int main(int argc, char **argv)
 
     printf("\n== attention core alone: mha_sdpa, B=1, H=8, D=64, no mask, fused\n");
     printf("   FLOPs 4 H L^2 D (QK^T and PV)\n");
-    printf("%-6s %3s %9s %8s %6s\n", "L", "thr", "ms", "GFLOP/s", "2t/1t");
+    printf("%-6s %3s %9s %8s %6s %6s\n", "L", "thr", "ms", "GFLOP/s", "%peak", "2t/1t");
     {
         static const int ls[] = {512, 1024, 2048, 4096};
         int i;
@@ -651,7 +663,8 @@ int main(int argc, char **argv)
                 jb.threads = t; jb.fused = 1; jb.min_time = 0.5; jb.max_reps = 30;
                 r = run_forked(&jb);
                 if (!r.ok) { printf("%-6d %3d  failed\n", ls[i], t); continue; }
-                printf("%-6d %3d %9.3f %8.1f", ls[i], t, r.ms, 4.0 * 8 * (double)ls[i] * ls[i] * 64 / (r.ms * 1e6));
+                printf("%-6d %3d %9.3f %8.1f %5.1f%%", ls[i], t, r.ms, 4.0 * 8 * (double)ls[i] * ls[i] * 64 / (r.ms * 1e6),
+                       100.0 * 4.0 * 8 * (double)ls[i] * ls[i] * 64 / (r.ms * 1e6) / peak[t - 1]);
                 if (t == 1) { ms1 = r.ms; printf(" %6s\n", "-"); }
                 else printf(" %5.2fx\n", ms1 / r.ms);
             }

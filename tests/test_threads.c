@@ -106,7 +106,7 @@ static void size_then_more_threads(void)
     const int B = 2, L = 300, E = 32, H = 2, D = E / H;
     tu_rng r;
     mha_module m;
-    size_t nx = (size_t)B * L * E, bs, bf, bfw, bb, bg;
+    size_t nx = (size_t)B * L * E, bs = 0, bf = 0, bfw = 0, bb = 0, bg = 0;
     float *w_in, *w_out, *x, *o1, *o2, *w1, *w2, *g1, *g2, *dout, *C1, *C2;
     void *ws;
     int saved = omp_get_max_threads();
