@@ -2507,11 +2507,12 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
         MHA_PROFILE_MARK(MHA_PHASE_MASK);
         if (!appended && (masked || (mha__limits(a) && (j0 < lo_last || j0 + nc - 1 > hi_first))))
             mha__mask_tile_t(a, tq, j0, nc, st);
-        if (a->stats) mha__fused_stats_tile(nc, nvp, j0 == 0 && !appended, st, m, ra);
 
         /* 3. online softmax, one vector of queries at a time, down the keys
-              (lanes past the last whole vector of columns keep zero scores) */
+              (lanes past the last whole vector of columns keep zero scores);
+              the row statistics' pass first, while m is still the old max */
         MHA_PROFILE_MARK(MHA_PHASE_SOFTMAX);
+        if (a->stats) mha__fused_stats_tile(nc, nvp, j0 == 0 && !appended, st, m, ra);
         for (i = 0; i < nvp; i += MHA__VW) {
             float *col = st + (size_t)(i / MHA__NR) * MHA__NR * nc + i % MHA__NR;
             mha__vf vmax = mha__vset1(-INFINITY), mold = mha__vload(m + i), mnew, mref, cc, sum = mha__vzero();
