@@ -73,8 +73,9 @@
      To look at a long sequence's attention without the L^2 weights, point
      opt.row_stats at an mha_row_stats: every row's lse, entropy, largest
      weight and weight on key 0 come out of the fused path, and
-     mha_sdpa_weights_rows recomputes the exact weights of chosen rows from
-     the lse (docs/visualisation.md, examples/long_attention.c).
+     mha_sdpa_weights_rows (mha_weights_rows for a module) recomputes the
+     exact weights of chosen rows from the lse (docs/visualisation.md,
+     examples/long_attention.c).
 
    DECODING (docs/decoding.md)
      Options for decoder models, all off when zero: grouped-query attention
@@ -467,6 +468,20 @@ MHADEF mha_status mha_forward_cached_workspace_size(const mha_module *m, const m
 MHADEF mha_status mha_forward_cached(const mha_module *m, mha_kv_cache *c, int Lq, const float *x,
                                      const mha_options *opt, float *out,
                                      void *workspace, size_t workspace_bytes);
+
+/* mha_sdpa_weights_rows for the module: the exact per-head weights of the
+   chosen query rows, [B, H, n_rows, Lk'] (Lk' with the appended keys), from
+   the lse [B, H, Lq] of an mha_forward with the same inputs and options
+   (opt.lse or row_stats.lse).  K is projected for every key, Q for the
+   chosen rows only (RoPE at their positions): the workspace,
+   mha_weights_rows_workspace_size() bytes or NULL, grows with Lk*E, never
+   with Lq*Lk.  Statuses as mha_sdpa_weights_rows, nothing written on error. */
+MHADEF mha_status mha_weights_rows_workspace_size(const mha_module *m, int B, int Lq, int Lk, int n_rows,
+                                                  const mha_options *opt, size_t *bytes);
+MHADEF mha_status mha_weights_rows(const mha_module *m, int B, int Lq, int Lk,
+                                   const float *query, const float *key, const float *lse,
+                                   int n_rows, const int *rows, const mha_options *opt,
+                                   float *weights, void *workspace, size_t workspace_bytes);
 
 /* Prepacked weights (optional).  mha_forward multiplies by Wq, Wk, Wv and Wo
    through the GEMM's packed panels; normally it packs them on every call
@@ -5594,6 +5609,120 @@ MHADEF mha_status mha_sdpa_weights_rows(int B, int H, int Lq, int Lk, int D,
         for (j = 0; j < Lk; ++j)
             w[j] = li == -INFINITY || w[j] == -INFINITY ? 0.0f : (float)exp((double)w[j] - li);
     }
+    return MHA_OK;
+}
+
+/* The module's weight rows: K of every key [B, Lk', Ekv], the chosen query
+   rows [B, n, E] and their Q, then a Linear's workspace; floats of each.  */
+typedef struct mha__wrows_layout { size_t kp, xq, lin, total; } mha__wrows_layout;
+static int mha__wrows_lay(const mha__mod *r, int B, int Lk, int n, mha__wrows_layout *L)
+{
+    size_t lk, lq;
+    if ((size_t)B * (size_t)n > (size_t)INT_MAX) return 0;
+    lk = mha_linear_workspace_size(Lk, r->kdim, r->Ekv);
+    lq = mha_linear_workspace_size(B * n, r->E, r->E);
+    if (!lk || !lq || !mha__mul3((size_t)B, (size_t)Lk + (size_t)r->extra, (size_t)r->Ekv, &L->kp) ||
+        !mha__mul3((size_t)B, (size_t)n, (size_t)r->E, &L->xq))
+        return 0;
+    L->kp = mha__round_floats(L->kp); L->xq = mha__round_floats(L->xq);
+    L->lin = mha__round_floats((lk > lq ? lk : lq) / sizeof(float) + 1);
+    L->total = L->kp + 2 * L->xq + L->lin + MHA__ALIGN_FLOATS;
+    return 1;
+}
+
+/* The checks both module calls share: the module, options and rows; the
+   plan (on the caller's stack) resolves the weights.  */
+static mha_status mha__wrows_begin(const mha_module *m, int B, int Lq, int Lk, int n_rows, const int *rows,
+                                   const mha_options *opt, mha_plan *p, mha_options *o, mha__wrows_layout *L)
+{
+    size_t extra, n;
+    mha_status st;
+    int r;
+    if ((st = mha__module_plan_make(m, B, Lq, Lk, opt, 0, MHA__PLAN_MODULE, p, &extra)) != MHA_OK) return st;
+    if ((st = mha__run_begin(p, MHA__PLAN_MODULE, Lq, Lk, NULL, NULL, o)) != MHA_OK) return st;
+    if (n_rows <= 0) return MHA_ERR_INVALID_SIZE;
+    for (r = 0; rows && r < n_rows; ++r) if (rows[r] < 0 || rows[r] >= Lq) return MHA_ERR_INVALID_ARGUMENT;
+    if (!mha__mul3((size_t)B * (size_t)p->mod.H, (size_t)n_rows, (size_t)Lk + (size_t)p->mod.extra, &n) ||
+        !mha__mul(n, sizeof(float), &n) || !mha__wrows_lay(&p->mod, B, Lk, n_rows, L))
+        return MHA_ERR_OVERFLOW;
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_weights_rows_workspace_size(const mha_module *m, int B, int Lq, int Lk, int n_rows,
+                                                  const mha_options *opt, size_t *bytes)
+{
+    mha_plan p;
+    mha_options o;
+    mha__wrows_layout L;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__wrows_begin(m, B, Lq, Lk, n_rows, NULL, opt, &p, &o, &L)) != MHA_OK) return st;
+    return mha__mul(L.total, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+}
+
+/* 1. K = Xk Wk^T + bk per batch, the appended keys after, RoPE on the real
+   ones (key j at offset + j); 2. Q of the chosen rows, RoPE at offset + i';
+   3. per (b, h, row) the forward's scores and exp(s - lse), as
+   mha_sdpa_weights_rows.  */
+MHADEF mha_status mha_weights_rows(const mha_module *m, int B, int Lq, int Lk,
+                                   const float *query, const float *key, const float *lse,
+                                   int n_rows, const int *rows, const mha_options *opt,
+                                   float *weights, void *workspace, size_t workspace_bytes)
+{
+    mha_plan p;
+    mha_options o;
+    mha__wrows_layout L;
+    mha__attn a;
+    const mha__mod *r;
+    void *owned;
+    float *ws, *kp, *xq, *qp, *lin;
+    size_t lin_bytes;
+    long t, items;
+    int b, i, Lke, E, Ekv, D, pos0;
+    mha_status st;
+    if (!query || !key || !lse || !rows || !weights) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__wrows_begin(m, B, Lq, Lk, n_rows, rows, opt, &p, &o, &L)) != MHA_OK) return st;
+    if ((st = mha__get_ws(workspace, workspace_bytes, L.total * sizeof(float), &owned, &ws)) != MHA_OK) return st;
+    r = &p.mod; Lke = Lk + r->extra; E = r->E; Ekv = r->Ekv; D = r->D;
+    kp = ws; xq = kp + L.kp; qp = xq + L.xq; lin = qp + L.xq; lin_bytes = L.lin * sizeof(float);
+    for (b = 0; b < B; ++b) {
+        float *kb = kp + (size_t)b * Lke * Ekv;
+        (void)mha_linear_forward(Lk, r->kdim, Ekv, key + (size_t)b * Lk * r->kdim, r->wk, r->bk, kb, lin, lin_bytes);
+        if (r->bias_k) memcpy(kb + (size_t)Lk * Ekv, r->bias_k, (size_t)Ekv * sizeof(float));
+        if (r->zero_attn) memset(kb + (size_t)(Lke - 1) * Ekv, 0, (size_t)Ekv * sizeof(float));
+        for (i = 0; i < n_rows; ++i)
+            memcpy(xq + ((size_t)b * n_rows + i) * E, query + ((size_t)b * Lq + rows[i]) * E, (size_t)E * sizeof(float));
+    }
+    mha__rope_apply(&r->rope, D, B, Lk, r->Hkv, (size_t)Lke * Ekv, (size_t)Ekv, (size_t)D, o.position_offset,
+                    NULL, 1.0f, kp);
+    (void)mha_linear_forward(B * n_rows, E, E, xq, r->wq, r->bq, qp, lin, lin_bytes);
+    pos0 = mha__query_pos0(&o, Lq, Lk);
+    for (b = 0; b < B; ++b)
+        for (i = 0; i < n_rows; ++i)
+            mha__rope_apply(&r->rope, D, 1, 1, r->H, 0, (size_t)E, (size_t)D, pos0 + rows[i], NULL, 1.0f,
+                            qp + ((size_t)b * n_rows + i) * E);
+    mha__attn_common(&a, &o, B, r->H, Lq, Lk, Lke, D, D);
+    a.Hkv = r->Hkv; a.group = r->H / r->Hkv;
+    items = (long)B * r->H * n_rows;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(a.nthreads)
+#endif
+    for (t = 0; t < items; ++t) {
+        int bb = (int)(t / ((long)r->H * n_rows)), h = (int)(t / n_rows % r->H), row = (int)(t % n_rows), j, d;
+        const float *qi = qp + ((size_t)bb * n_rows + row) * E + (size_t)h * D;
+        const float *kb = kp + (size_t)bb * Lke * Ekv + (size_t)(h / a.group) * D;
+        float *w = weights + (size_t)t * Lke, li = lse[((size_t)bb * r->H + h) * Lq + rows[row]];
+        for (j = 0; j < Lke; ++j) {
+            double dot = 0.0;
+            for (d = 0; d < D; ++d) dot += (double)qi[d] * kb[(size_t)j * Ekv + d];
+            w[j] = (float)(a.scale * dot);
+        }
+        if (a.softcap > 0.0f) mha__softcap(a.softcap, w, (size_t)Lke);
+        mha__mask_cols(&a, bb, h, rows[row], 0, Lke, w);
+        for (j = 0; j < Lke; ++j)
+            w[j] = li == -INFINITY || w[j] == -INFINITY ? 0.0f : (float)exp((double)w[j] - li);
+    }
+    if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
 

@@ -471,6 +471,61 @@ static void module(void)
     sb_free(&s); free(x); free(win); free(wout); free(out); free(w);
 }
 
+/* mha_weights_rows: the module's rows (GQA, bias_k, add_zero_attn, RoPE,
+   bottom-right causal, a position offset) against mha_forward's per-head
+   weights; bad rows and a short workspace write nothing.  */
+static void module_rows(void)
+{
+    enum { B = 2, LQ = 9, LK = 13, E = 24, H = 4, HKV = 2, D = E / H, EKV = HKV * D, LKE = LK + 2, NR = 3 };
+    float *x = malloc(B * LK * E * sizeof(float)), *win = malloc((E + 2 * EKV) * E * sizeof(float));
+    float *bin = malloc((E + 2 * EKV) * sizeof(float)), *bk = malloc(EKV * sizeof(float));
+    float *bv = malloc(EKV * sizeof(float)), *wout = malloc(E * E * sizeof(float));
+    float *out = malloc(B * LQ * E * sizeof(float)), *w = malloc(B * H * LQ * LKE * sizeof(float));
+    float *lse = malloc(B * H * LQ * sizeof(float)), *wr = malloc(B * H * NR * LKE * sizeof(float));
+    int rows[NR] = { LQ - 1, 0, 4 }, bad_rows[2] = { 1, LQ }, b, h, i, j, clean = 1;
+    double worst = 0;
+    tu_rng r = { 21 };
+    mha_module m;
+    mha_options o;
+    size_t need;
+    void *ws;
+    tu_fill(&r, x, B * LK * E, 1.0f); tu_fill(&r, win, (E + 2 * EKV) * E, 0.5f);
+    tu_fill(&r, bin, E + 2 * EKV, 0.2f); tu_fill(&r, bk, EKV, 0.5f); tu_fill(&r, bv, EKV, 0.5f);
+    tu_fill(&r, wout, E * E, 0.3f);
+    memset(&m, 0, sizeof m);
+    m.embed_dim = E; m.num_heads = H; m.num_kv_heads = HKV; m.in_proj_weight = win; m.in_proj_bias = bin;
+    m.out_proj_weight = wout; m.bias_k = bk; m.bias_v = bv; m.add_zero_attn = 1;
+    m.rope.kind = MHA_ROPE_HALF;
+    memset(&o, 0, sizeof o);
+    o.causal = 1; o.causal_align = MHA_CAUSAL_BOTTOM_RIGHT; o.position_offset = 3; o.per_head_weights = 1;
+    o.lse = lse;
+    CHECK(mha_forward(&m, B, LQ, LK, x + (LK - LQ) * E, x, x, &o, out, w, NULL, 0) == MHA_OK,
+          "module rows: forward");
+    o.lse = NULL;
+    CHECK(mha_weights_rows_workspace_size(&m, B, LQ, LK, NR, &o, &need) == MHA_OK, "module rows: size");
+    ws = malloc(need);
+    for (i = 0; i < B * H * NR * LKE; ++i) wr[i] = 7.0f;
+    CHECK(mha_weights_rows(&m, B, LQ, LK, x + (LK - LQ) * E, x, lse, 2, bad_rows, &o, wr, ws, need) ==
+          MHA_ERR_INVALID_ARGUMENT, "module rows: row Lq");
+    CHECK(mha_weights_rows(&m, B, LQ, LK, x + (LK - LQ) * E, x, lse, NR, rows, &o, wr, ws, need - 1) ==
+          MHA_ERR_WORKSPACE_TOO_SMALL, "module rows: workspace one byte short");
+    for (i = 0; i < B * H * NR * LKE; ++i) clean &= wr[i] == 7.0f;
+    CHECK(clean, "module rows wrote on error");
+    CHECK(mha_weights_rows(&m, B, LQ, LK, x + (LK - LQ) * E, x, lse, NR, rows, &o, wr, ws, need) == MHA_OK,
+          "module rows: call");
+    for (b = 0; b < B; ++b)   /* (the queries are the last LQ rows of x, bottom-right aligned) */
+        for (h = 0; h < H; ++h)
+            for (i = 0; i < NR; ++i)
+                for (j = 0; j < LKE; ++j) {
+                    double e = fabs(wr[(((size_t)b * H + h) * NR + i) * LKE + j] -
+                                    w[(((size_t)b * H + h) * LQ + rows[i]) * LKE + j]);
+                    if (!(e <= worst)) worst = e;
+                }
+    CHECK(worst <= TOL_W, "module rows: off the forward's weights by %.3g", worst);
+    if (worst > worst_full) worst_full = worst;
+    free(ws); free(x); free(win); free(bin); free(bk); free(bv); free(wout); free(out); free(w); free(lse); free(wr);
+}
+
 /* The module with its KV cache: a prefill of L - 1 tokens, then one decode
    step with row_stats; its statistics against the last row of the full
    causal mha_forward's per-head weights.  */
@@ -664,6 +719,7 @@ int main(void)
     module();
     kv_cache();
     module_cached();
+    module_rows();
     bad_rows();
     long_rows(L);
     printf("worst vs float64: lse %.3g (rel), entropy %.3g, weights %.3g (abs); fused vs full weights %.3g\n",
