@@ -1450,10 +1450,12 @@ static MHA__UNUSED int mha__softmax_row(float *s, int n)
 #define MHA__NRV 3
 #define MHA__FOR_I(X, Y) X(Y,0) X(Y,1) X(Y,2) X(Y,3) X(Y,4) X(Y,5) X(Y,6) X(Y,7)
 #define MHA__FOR_J(X, i) X(i,0) X(i,1) X(i,2)
-#define MHA__KC 256
-#define MHA__MC 128
-#define MHA__NC 4080
-#define MHA__NC2 504
+/* For a Cortex-A76 / Neoverse N1 (64 KiB L1D, 512 KiB-1 MiB L2; the
+   reasoning is in docs/performance.md), not measured on one: */
+#define MHA__KC 256    /* A + B slivers: 20 KiB, a third of L1D */
+#define MHA__MC 256    /* MC x KC block of A: 256 KiB, half of a 512 KiB L2 */
+#define MHA__NC 4080   /* KC x NC panel of B: 4 MiB, L3 */
+#define MHA__NC2 252   /* KC x NC2 chunk of the panel: 252 KiB, the other half */
 #else
 /* 4 x 4 scalars: 16 accumulators */
 #define MHA__MR 4
@@ -1468,12 +1470,15 @@ static MHA__UNUSED int mha__softmax_row(float *s, int n)
 #define MHA__NR (MHA__NRV * MHA__VW)
 /* k steps per loop trip.  With 16 registers (AVX2) a second copy of the
    step makes GCC spill accumulators, so only the 32-register ISAs unroll. */
-#if defined(MHA__SIMD_AVX512) || defined(MHA__SIMD_NEON)
+#if defined(MHA__SIMD_AVX512)
 #define MHA__KU 4
-#define MHA__K_UNROLLED MHA__K_STEP(0) MHA__K_STEP(1) MHA__K_STEP(2) MHA__K_STEP(3)
+#define MHA__K_UNROLL(S) S(0) S(1) S(2) S(3)
+#elif defined(MHA__SIMD_NEON)
+#define MHA__KU 2   /* 4 made GCC 12 spill accumulators; 2 does not */
+#define MHA__K_UNROLL(S) S(0) S(1)
 #else
 #define MHA__KU 1
-#define MHA__K_UNROLLED MHA__K_STEP(0)
+#define MHA__K_UNROLL(S) S(0)
 #endif
 #ifndef MHA__KPF
 #define MHA__KPF 16   /* prefetch packed A this many k steps ahead */
@@ -1582,6 +1587,19 @@ static void mha__pack_b(int tb, const float *B, size_t ldb, int p0, int kc, int 
 #define MHA__K_FMA(i, j) acc##i##_##j = mha__vfma(acc##i##_##j, a##i, b##j);
 #define MHA__K_ROW(u, i) { const mha__vf a##i = mha__vset1(MHA__K_A(u, i)); MHA__FOR_J(MHA__K_FMA, i) }
 #define MHA__K_STEP(u) { MHA__FOR_J(MHA__K_LOADB, u) MHA__FOR_I(MHA__K_ROW, u) }
+#if defined(MHA__SIMD_NEON)
+/* NEON with a packed A: the MR = 8 values of a k step are two q registers
+   and each FMA takes its A value by lane (fmla v.4s, v.4s, v.s[l]), so no
+   register holds a broadcast: 24 accumulators + 3 B + 2 A = 29 of 32.
+   (Broadcasting each value, GCC 12 spilled accumulators in the loop.) */
+#define MHA__K_FMAL(i, j) acc##i##_##j = vfmaq_laneq_f32(acc##i##_##j, b##j, (i) < 4 ? alo : ahi, (i) & 3);
+#define MHA__K_ROWL(u, i) MHA__FOR_J(MHA__K_FMAL, i)
+#define MHA__K_STEP_P(u) { MHA__FOR_J(MHA__K_LOADB, u) {                           \
+        const float32x4_t alo = vld1q_f32(a + (u) * MHA__MR), ahi = vld1q_f32(a + (u) * MHA__MR + 4); \
+        MHA__FOR_I(MHA__K_ROWL, u) } }
+#else
+#define MHA__K_STEP_P(u) MHA__K_STEP(u)   /* packed A: the same step */
+#endif
 #define MHA__K_STORE0(i, j) \
     mha__vstore(c + (i) * ldc + (j) * MHA__VW, mha__vmul(va, acc##i##_##j));
 #define MHA__K_STORE1(i, j) \
@@ -1602,12 +1620,12 @@ static void mha__kernel(int kc, const float *a, const float *b, float *c, size_t
     MHA__FOR_IJ(MHA__K_ZERO)
     for (; p + MHA__KU <= kc; p += MHA__KU) {    /* unrolled: less loop overhead per FMA */
         MHA__PREFETCH(a + MHA__KPF * MHA__MR);
-        MHA__K_UNROLLED
+        MHA__K_UNROLL(MHA__K_STEP_P)
         a += MHA__KU * MHA__MR;
         b += MHA__KU * MHA__NR;
     }
     for (; p < kc; ++p) {
-        MHA__K_STEP(0)
+        MHA__K_STEP_P(0)
         a += MHA__MR;
         b += MHA__NR;
     }
@@ -1632,7 +1650,7 @@ static void mha__kernel_rows(int kc, const float *a, size_t lda, const float *b,
     MHA__FOR_I(MHA__K_PREFETCH_C, 0)
     MHA__FOR_IJ(MHA__K_ZERO)
     for (; p + MHA__KU <= kc; p += MHA__KU) {
-        MHA__K_UNROLLED
+        MHA__K_UNROLL(MHA__K_STEP)
         b += MHA__KU * MHA__NR;
     }
     for (; p < kc; ++p) {

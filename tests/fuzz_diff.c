@@ -14,6 +14,8 @@
      - other rows (a NaN the row really attends to) are only required not to
        crash: IEEE arithmetic decides them.
    The fused path must give the same bits for 1 thread and for 2 or 3.
+   The decoder options are drawn too: grouped KV heads, a sliding window,
+   soft-capping, ALiBi (the paper's slopes or drawn ones) and sinks.
 
    Error bound for a row: scores carry |ds| <= c eps S with S = scale sum|q||k| +
    |mask|, a probability then moves by <= 2 |ds| relative, so
@@ -43,9 +45,10 @@ static float special(unsigned k)
 }
 
 typedef struct {
-    int B, H, Lq, Lk, D, Dv;
+    int B, H, Hkv, Lq, Lk, D, Dv;
     mha_options o;
     const float *q, *k, *v;
+    float slopes[3];   /* the ALiBi slopes in use */
 } problem;
 
 static int blocks(mha_mask_kind kind, unsigned char u) { return kind == MHA_MASK_BOOL ? u != 0 : u == 0; }
@@ -61,18 +64,21 @@ static int reference(const problem *P, int b, int h, int i, double *out, double 
     int Lk = P->Lk, D = P->D, Dv = P->Dv, j, d, any = 0, clean = 1;
     double scale = o->scale > 0 ? o->scale : 1.0 / sqrt((double)D), mx = -INFINITY, sum = 0, smax = 0, vmax = 0;
     size_t qrow = (((size_t)b * P->H + h) * P->Lq + i), arow = am && am->ndim == 2 ? (size_t)i : qrow;
+    size_t kvh = (size_t)b * P->Hkv + (size_t)h / (size_t)(P->H / P->Hkv);   /* grouped KV head */
+    long ip = i + (o->causal_align == MHA_CAUSAL_BOTTOM_RIGHT ? (long)Lk - P->Lq : 0);   /* i' */
     const float *q = P->q + qrow * D;
     double *s = w;   /* scores first, probabilities after */
     for (d = 0; d < D; ++d) clean &= isfinite(q[d]) != 0;
     for (j = 0; j < Lk; ++j) {
-        const float *k = P->k + (((size_t)b * P->H + h) * Lk + j) * D;
-        const float *v = P->v + (((size_t)b * P->H + h) * Lk + j) * Dv;
+        const float *k = P->k + (kvh * Lk + j) * D;
+        const float *v = P->v + (kvh * Lk + j) * Dv;
         double add = 0, dot = 0, dabs = 0;
-        int blocked = 0, poison = 0;
-        if (o->causal) {
-            long off = o->causal_align == MHA_CAUSAL_BOTTOM_RIGHT ? (long)Lk - P->Lq : 0;
-            blocked |= j > i + off;
-        }
+        int blocked = 0, poison = 0, limited;
+        /* causal and window limits: overwrite last, like a -inf */
+        limited = (o->causal && j > ip) ||
+                  (o->window && ((o->window_left >= 0 && j < ip - o->window_left) ||
+                                 (o->window_right >= 0 && j > ip + o->window_right)));
+        blocked |= limited;
         if (am) {
             if (am->kind == MHA_MASK_FLOAT) {
                 float f = ((const float *)am->data)[arow * Lk + j];
@@ -88,21 +94,32 @@ static int reference(const problem *P, int b, int h, int i, double *out, double 
         /* mha.h adds the key-padding float after the attention mask blocked a
            key, so a non-finite float there touches the score: not clean.
            Only causal overwrites last. */
-        if (poison && !(o->causal && j > i + (o->causal_align == MHA_CAUSAL_BOTTOM_RIGHT ? (long)Lk - P->Lq : 0)))
-            clean = 0;
+        if (poison && !limited) clean = 0;
         if (blocked) { s[j] = -INFINITY; continue; }
         any = 1;
         for (d = 0; d < D; ++d) { dot += (double)q[d] * k[d]; dabs += fabs((double)q[d] * k[d]); clean &= isfinite(k[d]) != 0; }
         for (d = 0; d < Dv; ++d) { clean &= isfinite(v[d]) != 0; if (fabs(v[d]) > vmax) vmax = fabs(v[d]); }
-        s[j] = dot * scale + add;
-        if (scale * dabs + fabs(add) > smax) smax = scale * dabs + fabs(add);
+        dot *= scale;
+        dabs *= scale;
+        if (o->softcap > 0) {   /* capped before masks and ALiBi; tanh's float error is 5e-7 relative */
+            dot = o->softcap * tanh(dot / o->softcap);
+            dabs = (dabs < o->softcap ? dabs : o->softcap) + 1e-6 * o->softcap;
+        }
+        if (o->alibi) add += P->slopes[h] * (double)(j - ip);
+        s[j] = dot + add;
+        if (dabs + fabs(add) > smax) smax = dabs + fabs(add);
         if (s[j] > mx) mx = s[j];
     }
     for (d = 0; d < Dv; ++d) out[d] = 0;
     if (!any) { for (j = 0; j < Lk; ++j) w[j] = 0; *bound = 0; return 2; }
+    if (o->sinks && o->sinks[h] > mx) mx = o->sinks[h];   /* the sink joins the denominator only */
+    if (o->sinks && o->sinks[h] != -INFINITY) {
+        sum += exp(o->sinks[h] - mx);
+        if (fabs(o->sinks[h]) > smax) smax = fabs(o->sinks[h]);
+    }
     for (j = 0; j < Lk; ++j) { w[j] = s[j] == -INFINITY ? 0 : exp(s[j] - mx); sum += w[j]; }
     for (j = 0; j < Lk; ++j) {
-        const float *v = P->v + (((size_t)b * P->H + h) * Lk + j) * Dv;
+        const float *v = P->v + (kvh * Lk + j) * Dv;
         w[j] /= sum;
         if (w[j] != 0) for (d = 0; d < Dv; ++d) out[d] += w[j] * v[d];
     }
@@ -112,10 +129,12 @@ static int reference(const problem *P, int b, int h, int i, double *out, double 
 
 static void fail(const problem *P, const char *what, int b, int h, int i, int d, double got, double want)
 {
-    fprintf(stderr, "fuzz_diff: %s at b%d h%d i%d [%d]: got %.9g want %.9g (B%d H%d Lq%d Lk%d D%d Dv%d "
-            "am%d/%d kp%d causal%d/%d scale %g thr %d)\n", what, b, h, i, d, got, want, P->B, P->H, P->Lq,
-            P->Lk, P->D, P->Dv, P->o.attn_mask.kind, P->o.attn_mask.ndim, P->o.key_padding_mask.kind,
-            P->o.causal, P->o.causal_align, P->o.scale, P->o.num_threads);
+    fprintf(stderr, "fuzz_diff: %s at b%d h%d i%d [%d]: got %.9g want %.9g (B%d H%d Hkv%d Lq%d Lk%d D%d Dv%d "
+            "am%d/%d kp%d causal%d/%d scale %g thr %d window %d %d/%d softcap %g alibi %d sinks %d)\n",
+            what, b, h, i, d, got, want, P->B, P->H, P->Hkv, P->Lq, P->Lk, P->D, P->Dv, P->o.attn_mask.kind,
+            P->o.attn_mask.ndim, P->o.key_padding_mask.kind, P->o.causal, P->o.causal_align, P->o.scale,
+            P->o.num_threads, P->o.window, P->o.window_left, P->o.window_right, P->o.softcap, P->o.alibi,
+            P->o.sinks != NULL);
     abort();
 }
 
@@ -143,7 +162,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     src s;
     problem P;
-    float *q, *k, *v, *o_f, *o_f1, *o_u, *w_u;
+    float *q, *k, *v, *o_f, *o_f1, *o_u, *w_u, sinks[3];
     void *am = NULL, *kp = NULL;
     size_t nq, nk, nv, no, nw, n;
     int big, npoison, t, b, h, i, j, d;
@@ -170,9 +189,31 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         P.o.scale = scales[take(&s) % 5];
         P.o.num_threads = (int)(take(&s) % 4);
     }
+    {   /* decoder options: one byte says which, then their values */
+        unsigned a = take(&s);
+        P.Hkv = (a & 1) && P.H > 1 ? 1 : P.H;                   /* GQA: one KV head for 2 or 3 */
+        P.o.num_kv_heads = P.Hkv == P.H && (a & 2) ? 0 : P.Hkv;  /* 0 means H */
+        if (a & 4) {
+            P.o.window = 1;
+            P.o.window_left = (int)(take(&s) % 8) - 1;          /* -1: unbounded */
+            P.o.window_right = (int)(take(&s) % 8) - 1;
+        }
+        if (a & 8) P.o.softcap = 0.5f + (float)(take(&s) % 40);
+        if (a & 16) {
+            P.o.alibi = 1;
+            if (a & 32) {
+                for (h = 0; h < P.H; ++h) P.slopes[h] = value(&s) / 4.0f;
+                P.o.alibi_slopes = P.slopes;
+            } else if (mha_alibi_slopes(P.H, P.slopes) != MHA_OK) abort();
+        }
+        if (a & 64) {
+            for (h = 0; h < P.H; ++h) { unsigned c = take(&s); sinks[h] = c < 32 ? -INFINITY : value(&s) * 2.0f; }
+            P.o.sinks = sinks;
+        }
+    }
     nq = (size_t)P.B * P.H * P.Lq * P.D;
-    nk = (size_t)P.B * P.H * P.Lk * P.D;
-    nv = (size_t)P.B * P.H * P.Lk * P.Dv;
+    nk = (size_t)P.B * P.Hkv * P.Lk * P.D;
+    nv = (size_t)P.B * P.Hkv * P.Lk * P.Dv;
     no = (size_t)P.B * P.H * P.Lq * P.Dv;
     nw = (size_t)P.B * P.H * P.Lq * P.Lk;
     q = (float *)malloc(nq * sizeof *q);
