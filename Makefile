@@ -50,10 +50,12 @@ test: deps
 # The heatmap example writes PNGs into $(OUT) and prints their paths.
 OUT := out
 
-demo: deps-demo $(BUILD)/demo_print $(BUILD)/attention_heatmaps $(BUILD)/train_reverse $(BUILD)/tiny_gpt
+demo: deps-demo $(BUILD)/demo_print $(BUILD)/attention_heatmaps $(BUILD)/train_reverse $(BUILD)/tiny_gpt \
+      $(BUILD)/long_attention
 	./$(BUILD)/demo_print
 	./$(BUILD)/attention_heatmaps $(OUT)
 	./$(BUILD)/train_reverse $(OUT)
+	OMP_WAIT_POLICY=passive ./$(BUILD)/long_attention $(OUT)
 	OMP_WAIT_POLICY=passive ./$(BUILD)/tiny_gpt demo --ckpt $(GPT_CKPT) --out $(OUT)/gpt --len 200
 
 # The tiny GPT (examples/tiny_gpt.c, docs/training.md): `make demo` loads the
@@ -70,6 +72,11 @@ train-gpt: deps-demo $(BUILD)/tiny_gpt
 
 $(BUILD)/tiny_gpt: examples/tiny_gpt.c examples/tiny_gpt.h examples/gpt_ckpt.h examples/heatmap.h examples/attn_inspect.h mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) $(GPT_ARCH) -fopenmp -I. -Iexamples -isystem $(STB_INC) $< -o $@ -lm
+
+# 16384 tokens without the L x L weights (docs/visualisation.md); about 1 s of
+# CPU with the machine's SIMD (-march=native), 12 s without, so built like the GPT
+$(BUILD)/long_attention: examples/long_attention.c examples/heatmap.h mha.h | $(BUILD)
+	$(CC) -std=c99 $(CFLAGS) $(GPT_ARCH) -fopenmp -I. -isystem $(STB_INC) $< -o $@ -lm
 
 $(BUILD)/demo_print: examples/print_forward.c mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) -I. $< -o $@ -lm

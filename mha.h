@@ -70,6 +70,12 @@
      of Wq, Wk, Wv and Wo.  An encoder plan without MHA_PLAN_TRAINING sizes
      for inference only: L*E, as the attention (training keeps [L, F]; the
      attention's backward is fused too and needs tiles only, never L^2).
+     To look at a long sequence's attention without the L^2 weights, point
+     opt.row_stats at an mha_row_stats: every row's lse, entropy, largest
+     weight and weight on key 0 come out of the fused path, and
+     mha_sdpa_weights_rows (mha_weights_rows for a module) recomputes the
+     exact weights of chosen rows from the lse (docs/visualisation.md,
+     examples/long_attention.c).
 
    DECODING (docs/decoding.md)
      Options for decoder models, all off when zero: grouped-query attention
@@ -215,6 +221,28 @@ typedef enum mha_causal_align {
     MHA_CAUSAL_BOTTOM_RIGHT    /* query i sees keys j <= i + Lk - Lq  (decoding with a cache) */
 } mha_causal_align;
 
+/* Statistics of each attention row, for looking at long sequences without
+   an [Lq, Lk] matrix (docs/visualisation.md).  Each pointer NULL (not
+   wanted) or [B, H, Lq]; they are written by every fused or unfused
+   attention call whose options point here.  With p_j the weights of row
+   (b, h, i) and p_s = exp(sink_h - lse) the sink's share (0 without sinks):
+     lse          log(sum_j exp(s_ij) + exp(sink_h)), as mha_options.lse
+     entropy      -sum_j p_j log p_j - p_s log p_s, in nats: the entropy of
+                  the row's whole softmax, sink included (0 <= H <= log(keys + 1))
+     max_weight   max_j p_j over the keys (the sink is not a key, but its
+                  logit is in the denominator)
+     first_weight p_0, the weight on key 0 (the first token: "attention sink"
+                  mass); 0 when a mask, the window or causality blocks it.
+                  KV cache: key 0 is the token at position 0, so a rolling
+                  cache with n_keep = 0 that has overwritten it gives 0.
+   A row whose keys are all blocked (and has no sink) gets lse = -inf and
+   entropy, max_weight and first_weight 0; no NaN.  Computing them costs
+   the fused path a second pass over each score tile; asking for none
+   costs nothing.  */
+typedef struct mha_row_stats {
+    float *lse, *entropy, *max_weight, *first_weight;
+} mha_row_stats;
+
 /* Options shared by mha_sdpa and mha_forward.  All-zero is the default. */
 typedef struct mha_options {
     mha_mask         attn_mask;        /* see mha_mask for shapes */
@@ -252,6 +280,9 @@ typedef struct mha_options {
     float       *sinks_grad;     /* backward calls: NULL or [H], += dLoss/dsinks */
     int          position_offset;/* the module's RoPE: key j is at position offset + j, query i
                                     at offset + i' (>= 0; negative: MHA_ERR_INVALID_ARGUMENT) */
+    const mha_row_stats *row_stats; /* output, NULL or the per-row statistics to write (its
+                                    arrays are read at each call; like lse, a plan made with
+                                    it writes every run's statistics to the same arrays) */
 } mha_options;
 
 /* The ALiBi slopes of the paper (Press et al.) for H heads, into slopes[H]:
@@ -278,6 +309,20 @@ MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
                            const float *q, const float *k, const float *v,
                            const mha_options *opt, float *out, float *attn_weights,
                            void *workspace, size_t workspace_bytes);
+
+/* The exact weights of chosen query rows, recomputed from the lse a fused
+   call saved (opt.lse or row_stats.lse of the same q, k and options):
+       weights[b, h, r, j] = exp(s_ij - lse[b, h, i]),   i = rows[r]
+   with s_ij the forward's scores (scale, softcap, ALiBi, masks, window and
+   causal alignment as in opt; k is [B, Hkv, Lk, D] with num_kv_heads).
+   weights [B, H, n_rows, Lk]; no [Lq, Lk] matrix and no workspace.  A row
+   index outside 0..Lq-1 is MHA_ERR_INVALID_ARGUMENT, n_rows <= 0
+   MHA_ERR_INVALID_SIZE; nothing is written then.  A row with lse = -inf
+   (every key blocked) gets zeros.  */
+MHADEF mha_status mha_sdpa_weights_rows(int B, int H, int Lq, int Lk, int D,
+                                        const float *q, const float *k, const float *lse,
+                                        int n_rows, const int *rows, const mha_options *opt,
+                                        float *weights);
 
 /* Merge attention results computed over disjoint sets of keys (flash-
    decoding's split-K, xformers' merge_attentions).  Part p gives out_p
@@ -426,6 +471,20 @@ MHADEF mha_status mha_forward_cached_workspace_size(const mha_module *m, const m
 MHADEF mha_status mha_forward_cached(const mha_module *m, mha_kv_cache *c, int Lq, const float *x,
                                      const mha_options *opt, float *out,
                                      void *workspace, size_t workspace_bytes);
+
+/* mha_sdpa_weights_rows for the module: the exact per-head weights of the
+   chosen query rows, [B, H, n_rows, Lk'] (Lk' with the appended keys), from
+   the lse [B, H, Lq] of an mha_forward with the same inputs and options
+   (opt.lse or row_stats.lse).  K is projected for every key, Q for the
+   chosen rows only (RoPE at their positions): the workspace,
+   mha_weights_rows_workspace_size() bytes or NULL, grows with Lk*E, never
+   with Lq*Lk.  Statuses as mha_sdpa_weights_rows, nothing written on error. */
+MHADEF mha_status mha_weights_rows_workspace_size(const mha_module *m, int B, int Lq, int Lk, int n_rows,
+                                                  const mha_options *opt, size_t *bytes);
+MHADEF mha_status mha_weights_rows(const mha_module *m, int B, int Lq, int Lk,
+                                   const float *query, const float *key, const float *lse,
+                                   int n_rows, const int *rows, const mha_options *opt,
+                                   float *weights, void *workspace, size_t workspace_bytes);
 
 /* Prepacked weights (optional).  mha_forward multiplies by Wq, Wk, Wv and Wo
    through the GEMM's packed panels; normally it packs them on every call
@@ -780,11 +839,14 @@ MHADEF void   mha_plan_destroy(mha_plan *plan);
 #include <omp.h>
 #endif
 
-/* the scalar references stay compiled even where a faster version is used */
+/* the scalar references stay compiled even where a faster version is used;
+   MHA__NOINLINE keeps a rarely taken branch's body out of a hot function */
 #if defined(__GNUC__) || defined(__clang__)
 #define MHA__UNUSED __attribute__((unused))
+#define MHA__NOINLINE __attribute__((noinline))
 #else
 #define MHA__UNUSED
+#define MHA__NOINLINE
 #endif
 
 #ifdef __cplusplus
@@ -1911,7 +1973,9 @@ typedef struct mha__attn {
     float softcap;                     /* 0 = off */
     int alibi; const float *slopes;    /* slopes NULL: the paper's */
     const float *sinks;                /* [H] or NULL */
-    float *lse;                        /* [B, H, Lq] output or NULL */
+    float *lse, *lse2;                 /* [B, H, Lq] outputs or NULL (opt.lse, row_stats->lse) */
+    float *ent, *maxw, *first;         /* the other row statistics, [B, H, Lq] or NULL */
+    int stats;                         /* some of ent, maxw, first is wanted */
     float *sinks_grad;                 /* backward: [H] or NULL */
 } mha__attn;
 
@@ -2053,6 +2117,60 @@ static void mha__pv(int nr, int nc, int Dv, const float *p, size_t ldp, const fl
     }
 }
 
+/* ---- row statistics (mha_row_stats) */
+
+/* The fused path's accumulators of one row, besides its m and l (below). */
+typedef struct mha__racc {
+    double t, ld;      /* sum exp(s - m)(s - m) and sum exp(s - m), in double */
+    float km, s0;      /* the largest key score, key 0's score */
+} mha__racc;
+
+/* Row idx of [B, H, Lq] from the online softmax's state: m the running max
+   (of the keys and the sink), l = sum exp(s - m) and t = sum exp(s - m)(s - m)
+   over the keys and the sink, km the largest key score, s0 key 0's score
+   (-inf: blocked or not seen).  With lse = m + log l and p = exp(s - lse):
+       H = -sum p log p = sum p (lse - s) = log l - t / l
+       max weight = exp(km - lse),      first weight = exp(s0 - lse)
+   The statistics take ld, the same l summed in double alongside t (the
+   float l of the kernel, summed over 16k keys, cost H about 1e-6 there).
+   l = 0 (nothing allowed, no sink): lse = -inf and zeros.  Rounding can
+   leave H a hair below 0 for a one-hot row: clamped.  */
+static void mha__put_row(const mha__attn *a, size_t idx, float m, float l, const mha__racc *r)
+{
+    double t = r->t, ld = r->ld;
+    float km = r->km, s0 = r->s0;
+    double lse_d, H;
+    if (a->lse || a->lse2) {
+        float lse = l != 0.0f ? m + logf(l) : -INFINITY;
+        if (a->lse) a->lse[idx] = lse;
+        if (a->lse2) a->lse2[idx] = lse;
+    }
+    if (!a->stats) return;
+    lse_d = (double)m + log(ld);
+    H = l != 0.0f ? log(ld) - t / ld : 0.0;
+    if (a->ent) a->ent[idx] = H > 0.0 ? (float)H : 0.0f;
+    if (a->maxw) a->maxw[idx] = l != 0.0f && km != -INFINITY ? (float)exp(km - lse_d) : 0.0f;
+    if (a->first) a->first[idx] = l != 0.0f && s0 != -INFINITY ? (float)exp(s0 - lse_d) : 0.0f;
+}
+
+/* The same from a row of weights p[0..n) and its lse (the unfused path):
+   the sink's share is p_s = exp(sink - lse), H = -sum p log p - p_s log p_s. */
+static void mha__put_row_p(const mha__attn *a, size_t idx, const float *p, int n, float sink, float lse)
+{
+    double H = 0.0, ps = sink != -INFINITY && lse != -INFINITY ? exp((double)sink - lse) : 0.0;
+    float mx = 0.0f;
+    int j;
+    if (!a->stats) return;
+    for (j = 0; j < n; ++j) {
+        if (p[j] > 0.0f) H -= (double)p[j] * log((double)p[j]);
+        if (p[j] > mx) mx = p[j];
+    }
+    if (ps > 0.0) H -= ps * log(ps);
+    if (a->ent) a->ent[idx] = H > 0.0 ? (float)H : 0.0f;
+    if (a->maxw) a->maxw[idx] = mx;
+    if (a->first) a->first[idx] = lse != -INFINITY ? p[0] : 0.0f;
+}
+
 /* ---- unfused path: the weights are wanted, so every score is kept */
 
 /* Rows i0..i0+nr of batch b, every head in order h = 0..H-1:
@@ -2080,6 +2198,8 @@ static void mha__attend_rows(const mha__attn *a, int b, int i0, int nr, float *s
             mha__mask_cols(a, gb, h, gi + r, 0, Lk, row);
             lse = mha__softmax_row_lse(row, Lk, sink);
             if (a->lse) a->lse[((size_t)gb * a->H + h) * a->Lq + gi + r] = lse;
+            if (a->lse2) a->lse2[((size_t)gb * a->H + h) * a->Lq + gi + r] = lse;
+            mha__put_row_p(a, ((size_t)gb * a->H + h) * a->Lq + gi + r, row, Lk, sink, lse);
         }
 
         /* 3. O = P V (q is fully read above, so o may alias it) */
@@ -2146,7 +2266,7 @@ typedef struct mha__fused_dims {
     size_t dvp;        /* Dv rounded up to MR: rows of packed V^T */
     size_t v_tile;     /* floats of one packed V^T tile */
     size_t packed;     /* packed V^T of one (b, h), plus a finite flag per tile */
-    size_t tiles;      /* Q^T slivers, S^T, O^T, m, l, the ragged K sliver */
+    size_t tiles;      /* Q^T slivers, S^T, O^T, m, l, the ragged K sliver, t, ld, km, s0 */
 } mha__fused_dims;
 
 static int mha__fused_sizes(int Lk, int Lk_eff, int D, int Dv, mha__fused_dims *f)
@@ -2163,7 +2283,8 @@ static int mha__fused_sizes(int Lk, int Lk_eff, int D, int Dv, mha__fused_dims *
                mha__round_floats((size_t)MHA__FBC * MHA__FBR) +     /* S^T */
                mha__round_floats(f->dvp * MHA__FBR) +               /* O^T */
                2 * mha__round_floats(MHA__FBR) +                    /* m, l */
-               mha__round_floats(t);                                /* K edge sliver */
+               mha__round_floats(t) +                               /* K edge sliver */
+               6 * mha__round_floats(MHA__FBR);                     /* row statistics */
     return 1;
 }
 
@@ -2204,8 +2325,10 @@ typedef struct mha__tileq {
     int gb, gh0, ng, gi, nr;
     int narrow;        /* at most MHA__NARROW columns: vector products, no packing (decoding) */
     int t_lo, t_hi;    /* the real key tiles of this item (split-K), t_hi = -1: all */
-    float *partial;    /* split-K: NULL, or [ncol][Dv + 2] for unnormalised O, m and l */
+    float *partial;    /* split-K: NULL, or [ncol][MHA__PART_W(Dv)]: unnormalised O, m, l,
+                          and the row statistics' mha__racc (6 floats' bytes) */
 } mha__tileq;
+#define MHA__PART_W(Dv) ((Dv) + 2 + sizeof(mha__racc) / sizeof(float))
 
 /* Tiles with at most this many query columns (a decode step: Lq = 1 times
    the heads of a group) take the narrow path: S = K q and O += p V as dot
@@ -2299,6 +2422,46 @@ static void mha__mask_tile_t(const mha__attn *a, const mha__tileq *tq, int j0, i
     }
 }
 
+/* Row statistics over one masked score tile (nc keys, nvp columns of st),
+   before step 3 of mha__attend_fused moves m.  Per column, with
+   m' = max(m, max_j s_j) as step 3 computes it:
+       t' = exp(m - m') (t + ld (m - m')) + sum_j exp(s_j - m') (s_j - m')
+       ld' = exp(m - m') ld + sum_j exp(s_j - m')        (step 3's l, in double)
+       km' = max(km, max_j s_j);   s0 = s of key 0 when the tile starts at it
+   (mha__put_row turns them into the statistics).  s_j - m' is clamped at
+   MHA__EXP_ZERO, where exp is exactly 0, so a blocked key adds 0, not NaN.
+   Not called when no statistics are wanted: the tile loop pays one test.  */
+static MHA__NOINLINE void mha__fused_stats_tile(int nc, int nvp, int key0, const float *st,
+                                                const float *m, mha__racc *ra)
+{
+    int i, p, u;
+    const mha__vf floor_ = mha__vset1(MHA__EXP_ZERO);
+    for (i = 0; i < nvp; i += MHA__VW) {
+        const float *col = st + (size_t)(i / MHA__NR) * MHA__NR * nc + i % MHA__NR;
+        mha__vf vmax = mha__vset1(-INFINITY), mref, acc = mha__vzero(), el = mha__vzero();
+        float mx[MHA__VW], mr[MHA__VW], sum[MHA__VW], esum[MHA__VW];
+        for (p = 0; p < nc; ++p) vmax = mha__vmax(vmax, mha__vload(col + (size_t)p * MHA__NR));
+        mref = mha__vmax(mha__vload(m + i), vmax);
+        mref = mha__vsel(mha__vgt(mref, mha__vset1(-INFINITY)), mref, mha__vzero());
+        for (p = 0; p < nc; ++p) {
+            mha__vf x = mha__vmax(floor_, mha__vsub(mha__vload(col + (size_t)p * MHA__NR), mref));
+            mha__vf e = mha__vexp_nonpos(x);
+            acc = mha__vfma(acc, e, x);
+            el = mha__vadd(el, e);
+        }
+        mha__vstore(mx, vmax); mha__vstore(mr, mref); mha__vstore(sum, acc); mha__vstore(esum, el);
+        for (u = 0; u < MHA__VW; ++u) {
+            mha__racc *r = ra + i + u;
+            double dm = (double)m[i + u] - mr[u], c;    /* ld = t = 0 while m = -inf */
+            c = r->ld != 0.0 ? exp(dm) : 0.0;
+            r->t = (c != 0.0 ? c * (r->t + r->ld * dm) : 0.0) + sum[u];
+            r->ld = c * r->ld + esum[u];
+            if (mx[u] > r->km) r->km = mx[u];
+            if (key0) r->s0 = col[u];
+        }
+    }
+}
+
 /* The columns of query tile tq of (b, local KV head kvh) against its packed
    keys, shared (not read on the narrow path); sc: the tile buffers.  With
    tq->partial the item covers key tiles t_lo..t_hi-1 only and leaves its
@@ -2321,6 +2484,7 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
     float *m = ot + mha__round_floats(f->dvp * MHA__FBR);
     float *l = m + mha__round_floats(MHA__FBR);
     float *kedge = l + mha__round_floats(MHA__FBR);
+    mha__racc *ra = (mha__racc *)(void *)(kedge + mha__round_floats((size_t)MHA__MR * D));
     const float *qrow[MHA__NARROW];
     const size_t ldo = MHA__FBR;
     /* O^T column c, feature d: ot[d * ldo + c]; narrow: row c, ot[c * Dv + d] */
@@ -2352,6 +2516,8 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
                        (!tq->partial || tq->t_lo == 0);     /* split-K: the first part has it */
         m[c] = has_sink ? a->sinks[tq->gh0 + c / nr] : -INFINITY;
         l[c] = has_sink ? 1.0f : 0.0f;
+        ra[c].t = 0.0; ra[c].ld = l[c];          /* the sink adds exp(0) * 0 to t */
+        ra[c].km = ra[c].s0 = -INFINITY;
     }
     memset(ot, 0, f->dvp * ldo * sizeof(float));
     memset(st, 0, (size_t)MHA__FBC * nrp * sizeof(float));   /* lanes past ncol stay finite */
@@ -2397,8 +2563,10 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
             mha__mask_tile_t(a, tq, j0, nc, st);
 
         /* 3. online softmax, one vector of queries at a time, down the keys
-              (lanes past the last whole vector of columns keep zero scores) */
+              (lanes past the last whole vector of columns keep zero scores);
+              the row statistics' pass first, while m is still the old max */
         MHA_PROFILE_MARK(MHA_PHASE_SOFTMAX);
+        if (a->stats) mha__fused_stats_tile(nc, nvp, j0 == 0 && !appended, st, m, ra);
         for (i = 0; i < nvp; i += MHA__VW) {
             float *col = st + (size_t)(i / MHA__NR) * MHA__NR * nc + i % MHA__NR;
             mha__vf vmax = mha__vset1(-INFINITY), mold = mha__vload(m + i), mnew, mref, cc, sum = mha__vzero();
@@ -2464,16 +2632,17 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
     MHA_PROFILE_MARK(MHA_PHASE_OUT);
     for (c = 0; c < ncol; ++c) {
         if (tq->partial) {
-            float *pr = tq->partial + (size_t)c * (Dv + 2);
+            float *pr = tq->partial + (size_t)c * MHA__PART_W(Dv);
             for (d = 0; d < Dv; ++d) pr[d] = *MHA__OT(c, d);
             pr[Dv] = m[c]; pr[Dv + 1] = l[c];
+            memcpy(pr + Dv + 2, &ra[c], sizeof(mha__racc));
         } else {
             float *orow = MHA__OROW(c);
             float inv = l[c] != 0.0f ? 1.0f / l[c] : 0.0f;
             for (d = 0; d < Dv; ++d) orow[d] = *MHA__OT(c, d) * inv;
-            if (a->lse)
-                a->lse[((size_t)tq->gb * a->H + tq->gh0 + c / nr) * a->Lq + gi + c % nr] =
-                    l[c] != 0.0f ? m[c] + logf(l[c]) : -INFINITY;
+            if (a->lse || a->lse2 || a->stats)
+                mha__put_row(a, ((size_t)tq->gb * a->H + tq->gh0 + c / nr) * a->Lq + gi + c % nr,
+                             m[c], l[c], &ra[c]);
         }
     }
     MHA_PROFILE_MARK(MHA_PHASE_OTHER);
@@ -2482,35 +2651,44 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
 #undef MHA__OROW
 }
 
-/* Split-K: the nparts partial results of tile tq (each [ncol][Dv + 2]: O, m,
-   l) merged in part order into its output rows and lse:
-       M = max_p m_p,  L = sum_p exp(m_p - M) l_p,  o = sum_p exp(m_p - M) O_p / L  */
+/* Split-K: the nparts partial results of tile tq (each [ncol][PART_W]: O,
+   m, l, km, s0, t, ld) merged in part order into its output rows and lse:
+       M = max_p m_p,  L = sum_p exp(m_p - M) l_p,  o = sum_p exp(m_p - M) O_p / L
+       T = sum_p exp(m_p - M) (t_p + ld_p (m_p - M)),  LD like L,  km, s0: the largest  */
 static void mha__merge_partials(const mha__attn *a, int b, const mha__tileq *tq, int nparts,
                                 const float *parts, size_t part_floats)
 {
     int nr = tq->nr, ncol = tq->ng * nr, c, p, d, Dv = a->Dv;
+    size_t w = MHA__PART_W((size_t)Dv);
     for (c = 0; c < ncol; ++c) {
         float *orow = a->o + (size_t)b * a->o_bs + (size_t)(tq->gh0 + c / nr - a->h0) * a->o_hs +
                       (size_t)(tq->gi + c % nr - a->q0) * a->o_rs;
         float M = -INFINITY, L = 0.0f, inv;
+        mha__racc R = { 0.0, 0.0, -INFINITY, -INFINITY }, rp;
         for (p = 0; p < nparts; ++p) {
-            float mp = parts[(size_t)p * part_floats + (size_t)c * (Dv + 2) + Dv];
+            float mp = parts[(size_t)p * part_floats + (size_t)c * w + Dv];
             if (mp > M) M = mp;
         }
         for (d = 0; d < Dv; ++d) orow[d] = 0.0f;
         for (p = 0; p < nparts; ++p) {
-            const float *pr = parts + (size_t)p * part_floats + (size_t)c * (Dv + 2);
-            float w;
+            const float *pr = parts + (size_t)p * part_floats + (size_t)c * w;
+            float e;
             if (pr[Dv + 1] == 0.0f) continue;            /* the part saw no allowed key */
-            w = expf(pr[Dv] - M);
-            L += w * pr[Dv + 1];
-            mha__axpy(orow, w, pr, Dv);
+            e = expf(pr[Dv] - M);
+            L += e * pr[Dv + 1];
+            mha__axpy(orow, e, pr, Dv);
+            if (a->stats) {
+                memcpy(&rp, pr + Dv + 2, sizeof rp);
+                R.t += exp((double)pr[Dv] - M) * (rp.t + rp.ld * ((double)pr[Dv] - M));
+                R.ld += exp((double)pr[Dv] - M) * rp.ld;
+                if (rp.km > R.km) R.km = rp.km;
+                if (rp.s0 > R.s0) R.s0 = rp.s0;
+            }
         }
         inv = L != 0.0f ? 1.0f / L : 0.0f;
         for (d = 0; d < Dv; ++d) orow[d] *= inv;
-        if (a->lse)
-            a->lse[((size_t)tq->gb * a->H + tq->gh0 + c / nr) * a->Lq + tq->gi + c % nr] =
-                L != 0.0f ? M + logf(L) : -INFINITY;
+        mha__put_row(a, ((size_t)tq->gb * a->H + tq->gh0 + c / nr) * a->Lq + tq->gi + c % nr,
+                     M, L, &R);
     }
 }
 
@@ -2528,10 +2706,10 @@ static int mha__split_parts(int Lk, int narrow, int nqt)
     if (!narrow || nqt != 1) return 1;
     return (real + MHA__SPLIT_TILES - 1) / MHA__SPLIT_TILES;
 }
-/* floats of one part's partial result: FBR columns of Dv + 2 (O, m, l) */
+/* floats of one part's partial result: FBR columns of MHA__PART_W(Dv) */
 static size_t mha__part_floats(int Dv)
 {
-    return mha__round_floats((size_t)MHA__FBR * ((size_t)Dv + 2));
+    return mha__round_floats((size_t)MHA__FBR * MHA__PART_W((size_t)Dv));
 }
 
 /* Scratch floats of one attention call.  Fused: per thread the tile
@@ -2768,6 +2946,18 @@ static mha_status mha__check_masks(const mha_options *opt, int B, int H, int Lq,
     return MHA_OK;
 }
 
+/* The row outputs of a call: lse, and the statistics rs points to (NULL:
+   none); rs->lse is written besides lse when they differ.  */
+static void mha__attn_stats(mha__attn *a, float *lse, const mha_row_stats *rs)
+{
+    a->lse = lse ? lse : rs ? rs->lse : NULL;
+    a->lse2 = lse && rs && rs->lse != lse ? rs->lse : NULL;
+    a->ent = rs ? rs->entropy : NULL;
+    a->maxw = rs ? rs->max_weight : NULL;
+    a->first = rs ? rs->first_weight : NULL;
+    a->stats = a->ent || a->maxw || a->first;
+}
+
 /* Fill the validated pieces shared by SDPA and the module. */
 static void mha__attn_common(mha__attn *a, const mha_options *opt, int B, int H, int Lq, int Lk,
                              int Lk_eff, int D, int Dv)
@@ -2787,7 +2977,7 @@ static void mha__attn_common(mha__attn *a, const mha_options *opt, int B, int H,
     a->softcap = opt->softcap;
     a->alibi = opt->alibi != 0; a->slopes = opt->alibi_slopes;
     a->sinks = opt->sinks;
-    a->lse = opt->lse;
+    mha__attn_stats(a, opt->lse, opt->row_stats);
     a->sinks_grad = opt->sinks_grad;
 }
 
@@ -5395,10 +5585,10 @@ MHADEF mha_status mha_kv_cache_append(mha_kv_cache *c, int n, const float *k_new
    keys up to capacity.  */
 /* A ring row is attended in up to three runs of slots with consecutive
    positions, merged by their log-sum-exp: [H, Lq, D] outputs and [H, Lq]
-   lse of each, after the attention scratch.  */
+   lse, entropy, max and first weight of each, after the attention scratch.  */
 static size_t mha__ring_floats(const mha_kv_cache *c, int H, int Lq)
 {
-    return c->ring ? 3 * mha__round_floats((size_t)H * Lq * ((size_t)c->D + 1)) : 0;
+    return c->ring ? 3 * mha__round_floats((size_t)H * Lq * ((size_t)c->D + 4)) : 0;
 }
 
 static mha_status mha__cache_attend_plan(const mha_kv_cache *c, int H, int Lq, const mha_options *opt,
@@ -5430,7 +5620,7 @@ static mha_status mha__cache_attend_plan(const mha_kv_cache *c, int H, int Lq, c
    and the window measure the same distance.  */
 static void mha__cache_run_part(const mha_kv_cache *c, int b, int H, int Lq, const mha_options *opt,
                                 const mha__view *q, float *o, size_t o_hs, size_t o_rs, float *lse,
-                                int s0, int n, int p0, int qpos0, int with_sinks, float *ws, size_t per_thread)
+                                const mha_row_stats *rs, int s0, int n, int p0, int qpos0, int with_sinks, float *ws, size_t per_thread)
 {
     mha__attn a;
     int D = c->D;
@@ -5443,10 +5633,39 @@ static void mha__cache_run_part(const mha_kv_cache *c, int b, int H, int Lq, con
     a.k.bs = a.v.bs = 0; a.k.hs = a.v.hs = (size_t)c->capacity * D; a.k.rs = a.v.rs = (size_t)D;
     a.o = o; a.o_bs = 0; a.o_hs = o_hs; a.o_rs = o_rs;
     a.weights = NULL; a.per_head = 1;
-    a.lse = lse;
+    mha__attn_stats(&a, lse, rs);
     if (!with_sinks) a.sinks = NULL;
     a.shared_pack = H < a.nthreads;
     mha__attend_all(&a, ws, per_thread);
+}
+
+/* The row statistics of np parts of a row's keys merged (the chain rule of
+   entropy), with w_p = exp(lse_p - lse) the share of part p:
+       H = sum_p w_p (H_p - log w_p),    max = max_p w_p max_p
+       first = w_0 first_0 when part 0 starts at key 0 (has_key0), else 0
+   part p's statistics are st[p][0..3][r] (lse, entropy, max, first).  */
+static void mha__merge_row_stats(int np, size_t rows, float *st[3][4], int has_key0,
+                                 const mha_row_stats *out, size_t off)
+{
+    size_t r;
+    int p;
+    for (r = 0; r < rows; ++r) {
+        double m = -INFINITY, sum = 0.0, lse, H = 0.0, mx = 0.0, first = 0.0;
+        for (p = 0; p < np; ++p) if (st[p][0][r] > m) m = st[p][0][r];
+        for (p = 0; p < np; ++p) if (st[p][0][r] != -INFINITY) sum += exp(st[p][0][r] - m);
+        lse = sum > 0.0 ? m + log(sum) : -INFINITY;
+        for (p = 0; p < np && sum > 0.0; ++p) {
+            double w = st[p][0][r] != -INFINITY ? exp(st[p][0][r] - lse) : 0.0;
+            if (w == 0.0) continue;
+            H += w * (st[p][1][r] - (st[p][0][r] - lse));
+            if (w * st[p][2][r] > mx) mx = w * st[p][2][r];
+            if (p == 0 && has_key0) first = w * st[0][3][r];
+        }
+        if (out->entropy) out->entropy[off + r] = H > 0.0 ? (float)H : 0.0f;
+        if (out->max_weight) out->max_weight[off + r] = (float)mx;
+        if (out->first_weight) out->first_weight[off + r] = (float)first;
+        if (out->lse) out->lse[off + r] = sum > 0.0 ? (float)lse : -INFINITY;
+    }
 }
 
 /* Run it: queries and outputs as views (b, h, i) -> p + b*bs + h*hs + i*rs.
@@ -5460,32 +5679,50 @@ static void mha__cache_attend_run(const mha_kv_cache *c, int H, int Lq, const mh
                                   float *ws, size_t per_thread, float *ring)
 {
     int b, D = c->D;
+    const mha_row_stats *rs = opt->row_stats;
     for (b = 0; b < c->B; ++b) {
-        int T = c->len[b], W = c->capacity - c->n_keep, np = 0, s_old, i, h, p;
-        size_t part = mha__round_floats((size_t)H * Lq * ((size_t)D + 1));
-        float *lse = opt->lse ? opt->lse + (size_t)b * H * Lq : NULL, *outs[3], *lses[3];
+        int T = c->len[b], W = c->capacity - c->n_keep, np = 0, s_old, i, h, p, x;
+        size_t part = mha__round_floats((size_t)H * Lq * ((size_t)D + 4)), rows = (size_t)H * Lq;
+        size_t off = (size_t)b * rows;
+        float *lse = opt->lse ? opt->lse + off : NULL, *outs[3], *lses[3], *st[3][4];
+        mha_row_stats row, parts[3];
+        if (rs) {   /* row b's slice of the caller's statistics */
+            row.lse = rs->lse ? rs->lse + off : NULL;
+            row.entropy = rs->entropy ? rs->entropy + off : NULL;
+            row.max_weight = rs->max_weight ? rs->max_weight + off : NULL;
+            row.first_weight = rs->first_weight ? rs->first_weight + off : NULL;
+        }
         if (!c->ring || T <= c->capacity) {
-            mha__cache_run_part(c, b, H, Lq, opt, q, o + (size_t)b * o_bs, o_hs, o_rs, lse, 0, T, 0, T - Lq, 1,
-                                ws, per_thread);
+            mha__cache_run_part(c, b, H, Lq, opt, q, o + (size_t)b * o_bs, o_hs, o_rs, lse, rs ? &row : NULL,
+                                0, T, 0, T - Lq, 1, ws, per_thread);
             continue;
         }
-        for (p = 0; p < 3; ++p) { outs[p] = ring + (size_t)p * part; lses[p] = outs[p] + (size_t)H * Lq * D; }
+        for (p = 0; p < 3; ++p) {
+            outs[p] = ring + (size_t)p * part;
+            for (x = 0; x < 4; ++x) st[p][x] = outs[p] + rows * ((size_t)D + (size_t)x);
+            lses[p] = st[p][0];
+            parts[p].lse = st[p][0]; parts[p].entropy = st[p][1];
+            parts[p].max_weight = st[p][2]; parts[p].first_weight = st[p][3];
+        }
         if (c->n_keep > 0) {           /* the kept first tokens: slots = positions 0..n_keep-1 */
-            mha__cache_run_part(c, b, H, Lq, opt, q, outs[np], (size_t)Lq * D, (size_t)D, lses[np], 0,
-                                c->n_keep, 0, T - Lq, 1, ws, per_thread);
+            mha__cache_run_part(c, b, H, Lq, opt, q, outs[np], (size_t)Lq * D, (size_t)D, lses[np],
+                                rs ? &parts[np] : NULL, 0, c->n_keep, 0, T - Lq, 1, ws, per_thread);
             ++np;
         }
         /* the rolling part holds positions T-W..T-1, the oldest at slot s_old */
         s_old = mha__cache_slot(c, T - W);
-        mha__cache_run_part(c, b, H, Lq, opt, q, outs[np], (size_t)Lq * D, (size_t)D, lses[np], s_old,
-                            c->capacity - s_old, T - W, T - Lq, np == 0, ws, per_thread);
+        mha__cache_run_part(c, b, H, Lq, opt, q, outs[np], (size_t)Lq * D, (size_t)D, lses[np],
+                            rs ? &parts[np] : NULL, s_old, c->capacity - s_old, T - W, T - Lq, np == 0,
+                            ws, per_thread);
         ++np;
         if (s_old > c->n_keep) {
-            mha__cache_run_part(c, b, H, Lq, opt, q, outs[np], (size_t)Lq * D, (size_t)D, lses[np], c->n_keep,
-                                s_old - c->n_keep, T - W + (c->capacity - s_old), T - Lq, 0, ws, per_thread);
+            mha__cache_run_part(c, b, H, Lq, opt, q, outs[np], (size_t)Lq * D, (size_t)D, lses[np],
+                                rs ? &parts[np] : NULL, c->n_keep, s_old - c->n_keep,
+                                T - W + (c->capacity - s_old), T - Lq, 0, ws, per_thread);
             ++np;
         }
-        (void)mha_attn_merge(np, (size_t)H * Lq, D, (const float *const *)outs, (const float *const *)lses,
+        if (rs) mha__merge_row_stats(np, rows, st, c->n_keep > 0, rs, off);
+        (void)mha_attn_merge(np, rows, D, (const float *const *)outs, (const float *const *)lses,
                              outs[0], lse);
         for (h = 0; h < H; ++h)
             for (i = 0; i < Lq; ++i)
@@ -5752,6 +5989,168 @@ static mha_status mha__sdpa_bwd_need(int B, int H, int Lq, int Lk, int D, int Dv
         return MHA_ERR_OVERFLOW;
     *bytes = f * sizeof(float);   /* what the backward call needs */
     if (pp) *pp = p;
+    return MHA_OK;
+}
+
+/* Rows recomputed from the saved lse: the forward's scores (q.k in double,
+   then the same soft-cap and mha__mask_cols as the unfused path), then
+   p_ij = exp(s_ij - lse_i).  Everything is checked before a row is written. */
+MHADEF mha_status mha_sdpa_weights_rows(int B, int H, int Lq, int Lk, int D,
+                                        const float *q, const float *k, const float *lse,
+                                        int n_rows, const int *rows, const mha_options *opt,
+                                        float *weights)
+{
+    mha_plan p;
+    mha_options o;
+    mha__attn a;
+    size_t n;
+    long t, items;
+    int r;
+    mha_status st;
+    if (!q || !k || !lse || !rows || !weights) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__sdpa_plan_make(B, H, Lq, Lk, D, D, opt, 0, &p)) != MHA_OK) return st;
+    if ((st = mha__run_begin(&p, MHA__PLAN_SDPA, Lq, Lk, NULL, NULL, &o)) != MHA_OK) return st;
+    if (n_rows <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!mha__mul3((size_t)B * (size_t)H, (size_t)n_rows, (size_t)Lk, &n) || !mha__mul(n, sizeof(float), &n) ||
+        (size_t)B * (size_t)H * (size_t)n_rows > LONG_MAX)
+        return MHA_ERR_OVERFLOW;
+    for (r = 0; r < n_rows; ++r) if (rows[r] < 0 || rows[r] >= Lq) return MHA_ERR_INVALID_ARGUMENT;
+    mha__attn_dense(&a, &o, B, H, Lq, Lk, D, D, q, k, k, weights);
+    items = (long)B * H * n_rows;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(a.nthreads)
+#endif
+    for (t = 0; t < items; ++t) {
+        int b = (int)(t / ((long)H * n_rows)), h = (int)(t / n_rows % H), i = rows[t % n_rows], j;
+        const float *qi = q + (((size_t)b * H + h) * Lq + i) * D;
+        const float *kb = k + ((size_t)b * a.Hkv + (size_t)h / a.group) * Lk * D;
+        float *w = weights + (size_t)t * Lk, li = lse[((size_t)b * H + h) * Lq + i];
+        for (j = 0; j < Lk; ++j) {           /* q.k summed in double: the forward's to rounding */
+            const float *kj = kb + (size_t)j * D;
+            double dot = 0.0;
+            int d;
+            for (d = 0; d < D; ++d) dot += (double)qi[d] * kj[d];
+            w[j] = (float)(a.scale * dot);
+        }
+        if (a.softcap > 0.0f) mha__softcap(a.softcap, w, (size_t)Lk);
+        mha__mask_cols(&a, b, h, i, 0, Lk, w);
+        for (j = 0; j < Lk; ++j)
+            w[j] = li == -INFINITY || w[j] == -INFINITY ? 0.0f : (float)exp((double)w[j] - li);
+    }
+    return MHA_OK;
+}
+
+/* The module's weight rows: K of every key [B, Lk', Ekv], the chosen query
+   rows [B, n, E] and their Q, then a Linear's workspace; floats of each.  */
+typedef struct mha__wrows_layout { size_t kp, xq, lin, total; } mha__wrows_layout;
+static int mha__wrows_lay(const mha__mod *r, int B, int Lk, int n, mha__wrows_layout *L)
+{
+    size_t lk, lq;
+    if ((size_t)B * (size_t)n > (size_t)INT_MAX) return 0;
+    lk = mha_linear_workspace_size(Lk, r->kdim, r->Ekv);
+    lq = mha_linear_workspace_size(B * n, r->E, r->E);
+    if (!lk || !lq || !mha__mul3((size_t)B, (size_t)Lk + (size_t)r->extra, (size_t)r->Ekv, &L->kp) ||
+        !mha__mul3((size_t)B, (size_t)n, (size_t)r->E, &L->xq))
+        return 0;
+    L->kp = mha__round_floats(L->kp); L->xq = mha__round_floats(L->xq);
+    L->lin = mha__round_floats((lk > lq ? lk : lq) / sizeof(float) + 1);
+    L->total = L->kp + 2 * L->xq + L->lin + MHA__ALIGN_FLOATS;
+    return 1;
+}
+
+/* The checks both module calls share: the module, options and rows; the
+   plan (on the caller's stack) resolves the weights.  */
+static mha_status mha__wrows_begin(const mha_module *m, int B, int Lq, int Lk, int n_rows, const int *rows,
+                                   const mha_options *opt, mha_plan *p, mha_options *o, mha__wrows_layout *L)
+{
+    size_t extra, n;
+    mha_status st;
+    int r;
+    if ((st = mha__module_plan_make(m, B, Lq, Lk, opt, 0, MHA__PLAN_MODULE, p, &extra)) != MHA_OK) return st;
+    if ((st = mha__run_begin(p, MHA__PLAN_MODULE, Lq, Lk, NULL, NULL, o)) != MHA_OK) return st;
+    if (n_rows <= 0) return MHA_ERR_INVALID_SIZE;
+    for (r = 0; rows && r < n_rows; ++r) if (rows[r] < 0 || rows[r] >= Lq) return MHA_ERR_INVALID_ARGUMENT;
+    if (!mha__mul3((size_t)B * (size_t)p->mod.H, (size_t)n_rows, (size_t)Lk + (size_t)p->mod.extra, &n) ||
+        !mha__mul(n, sizeof(float), &n) || !mha__wrows_lay(&p->mod, B, Lk, n_rows, L))
+        return MHA_ERR_OVERFLOW;
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_weights_rows_workspace_size(const mha_module *m, int B, int Lq, int Lk, int n_rows,
+                                                  const mha_options *opt, size_t *bytes)
+{
+    mha_plan p;
+    mha_options o;
+    mha__wrows_layout L;
+    mha_status st;
+    if (!bytes) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__wrows_begin(m, B, Lq, Lk, n_rows, NULL, opt, &p, &o, &L)) != MHA_OK) return st;
+    return mha__mul(L.total, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+}
+
+/* 1. K = Xk Wk^T + bk per batch, the appended keys after, RoPE on the real
+   ones (key j at offset + j); 2. Q of the chosen rows, RoPE at offset + i';
+   3. per (b, h, row) the forward's scores and exp(s - lse), as
+   mha_sdpa_weights_rows.  */
+MHADEF mha_status mha_weights_rows(const mha_module *m, int B, int Lq, int Lk,
+                                   const float *query, const float *key, const float *lse,
+                                   int n_rows, const int *rows, const mha_options *opt,
+                                   float *weights, void *workspace, size_t workspace_bytes)
+{
+    mha_plan p;
+    mha_options o;
+    mha__wrows_layout L;
+    mha__attn a;
+    const mha__mod *r;
+    void *owned;
+    float *ws, *kp, *xq, *qp, *lin;
+    size_t lin_bytes;
+    long t, items;
+    int b, i, Lke, E, Ekv, D, pos0;
+    mha_status st;
+    if (!query || !key || !lse || !rows || !weights) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__wrows_begin(m, B, Lq, Lk, n_rows, rows, opt, &p, &o, &L)) != MHA_OK) return st;
+    if ((st = mha__get_ws(workspace, workspace_bytes, L.total * sizeof(float), &owned, &ws)) != MHA_OK) return st;
+    r = &p.mod; Lke = Lk + r->extra; E = r->E; Ekv = r->Ekv; D = r->D;
+    kp = ws; xq = kp + L.kp; qp = xq + L.xq; lin = qp + L.xq; lin_bytes = L.lin * sizeof(float);
+    for (b = 0; b < B; ++b) {
+        float *kb = kp + (size_t)b * Lke * Ekv;
+        (void)mha_linear_forward(Lk, r->kdim, Ekv, key + (size_t)b * Lk * r->kdim, r->wk, r->bk, kb, lin, lin_bytes);
+        if (r->bias_k) memcpy(kb + (size_t)Lk * Ekv, r->bias_k, (size_t)Ekv * sizeof(float));
+        if (r->zero_attn) memset(kb + (size_t)(Lke - 1) * Ekv, 0, (size_t)Ekv * sizeof(float));
+        for (i = 0; i < n_rows; ++i)
+            memcpy(xq + ((size_t)b * n_rows + i) * E, query + ((size_t)b * Lq + rows[i]) * E, (size_t)E * sizeof(float));
+    }
+    mha__rope_apply(&r->rope, D, B, Lk, r->Hkv, (size_t)Lke * Ekv, (size_t)Ekv, (size_t)D, o.position_offset,
+                    NULL, 1.0f, kp);
+    (void)mha_linear_forward(B * n_rows, E, E, xq, r->wq, r->bq, qp, lin, lin_bytes);
+    pos0 = mha__query_pos0(&o, Lq, Lk);
+    for (b = 0; b < B; ++b)
+        for (i = 0; i < n_rows; ++i)
+            mha__rope_apply(&r->rope, D, 1, 1, r->H, 0, (size_t)E, (size_t)D, pos0 + rows[i], NULL, 1.0f,
+                            qp + ((size_t)b * n_rows + i) * E);
+    mha__attn_common(&a, &o, B, r->H, Lq, Lk, Lke, D, D);
+    a.Hkv = r->Hkv; a.group = r->H / r->Hkv;
+    items = (long)B * r->H * n_rows;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(a.nthreads)
+#endif
+    for (t = 0; t < items; ++t) {
+        int bb = (int)(t / ((long)r->H * n_rows)), h = (int)(t / n_rows % r->H), row = (int)(t % n_rows), j, d;
+        const float *qi = qp + ((size_t)bb * n_rows + row) * E + (size_t)h * D;
+        const float *kb = kp + (size_t)bb * Lke * Ekv + (size_t)(h / a.group) * D;
+        float *w = weights + (size_t)t * Lke, li = lse[((size_t)bb * r->H + h) * Lq + rows[row]];
+        for (j = 0; j < Lke; ++j) {
+            double dot = 0.0;
+            for (d = 0; d < D; ++d) dot += (double)qi[d] * kb[(size_t)j * Ekv + d];
+            w[j] = (float)(a.scale * dot);
+        }
+        if (a.softcap > 0.0f) mha__softcap(a.softcap, w, (size_t)Lke);
+        mha__mask_cols(&a, bb, h, rows[row], 0, Lke, w);
+        for (j = 0; j < Lke; ++j)
+            w[j] = li == -INFINITY || w[j] == -INFINITY ? 0.0f : (float)exp((double)w[j] - li);
+    }
+    if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
 

@@ -150,6 +150,7 @@ test_valgrind() {
     vg_run mha_view_bad_file 1 "$dir/mha_view" tests/data/npy/bad_fortran.npy -o "$dir/view"
     vg_run decode 0 "$dir/decode" 8 3
     vg_run decoding_masks 0 "$dir/decoding_masks" "$dir"
+    vg_run long_attention 0 "$dir/long_attention" "$dir" 192
     vg_run memcheck_fwd_bwd 0 "$dir/memcheck_fwd_bwd"
     [ "$(ls "$dir"/*.png 2>/dev/null | wc -l)" -ge 6 ] || fail_one "[valgrind] the examples wrote fewer PNGs than expected"
 }
