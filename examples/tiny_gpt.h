@@ -39,6 +39,13 @@ typedef struct gpt_model {
     float *logits, *dlogits;                     /* [cap, V] */
     void *ws;                                    /* encoder workspace */
     size_t ws_bytes;
+    /* training: one MHA_PLAN_TRAINING encoder plan and workspace per layer, for
+       batches of exactly cap / ctx sequences.  Each layer's forward leaves its
+       activations in its workspace and that layer's backward uses them instead
+       of recomputing the block (mha.h's saved forward). */
+    mha_plan *plan[GPT_MAX_LAYERS];
+    void *lws[GPT_MAX_LAYERS];
+    size_t lws_bytes;
 } gpt_model;
 
 /* layer l of the flat array p as an nn.TransformerEncoderLayer */
@@ -88,6 +95,8 @@ GPT__FN mha_options gpt_causal(void)
 
 GPT__FN void gpt_free(gpt_model *M)
 {
+    int l;
+    for (l = 0; l < GPT_MAX_LAYERS; ++l) { mha_plan_destroy(M->plan[l]); free(M->lws[l]); }
     free(M->p); free(M->g); free(M->m); free(M->v); free(M->res); free(M->xf);
     free(M->dxf); free(M->dx); free(M->dy); free(M->logits); free(M->dlogits); free(M->ws);
     memset(M, 0, sizeof *M);
@@ -129,8 +138,26 @@ GPT__FN mha_status gpt_alloc(gpt_model *M, const gpt_config *c, int max_batch, i
                          (training && (!M->g || !M->m || !M->v || !M->dxf || !M->dx || !M->dy ||
                                        !M->dlogits))))
         st = MHA_ERR_OUT_OF_MEMORY;
+    if (training && st == MHA_OK) {   /* the plans borrow the layers' weights inside M->p */
+        int l;
+        for (l = 0; l < c->n_layer && st == MHA_OK; ++l) {
+            ly = gpt_layer(M, M->p, l);
+            st = mha_encoder_plan(&ly, max_batch, c->ctx, &opt, MHA_PLAN_TRAINING, NULL, 0, &M->plan[l]);
+            if (st == MHA_OK) {
+                M->lws_bytes = mha_plan_workspace_size(M->plan[l]);
+                /* zeroed once: the backward reads a header the forward writes */
+                if (!(M->lws[l] = calloc(1, M->lws_bytes))) st = MHA_ERR_OUT_OF_MEMORY;
+            }
+        }
+    }
     if (st != MHA_OK) gpt_free(M);
     return st;
+}
+
+/* Does a batch of B sequences of T bytes run through the training plans? */
+GPT__FN int gpt_planned(const gpt_model *M, int B, int T)
+{
+    return M->plan[0] && B * M->c.ctx == M->cap && T <= M->c.ctx;
 }
 
 /* GPT-2's initialisation with uniform draws of the same spread: weights
@@ -246,8 +273,12 @@ GPT__FN mha_status gpt_forward(gpt_model *M, int B, int T, const int *tokens, co
         }
     for (l = 0; l < M->c.n_layer; ++l) {
         mha_encoder_layer ly = gpt_layer(M, M->p, l);
-        st = mha_encoder_forward(&ly, B, T, M->res + l * nd, &opt, M->res + (l + 1) * nd,
-                                 attn ? attn[l] : NULL, M->ws, M->ws_bytes);
+        if (gpt_planned(M, B, T) && !attn)
+            st = mha_encoder_run(M->plan[l], T, M->res + l * nd, NULL, NULL, M->res + (l + 1) * nd, NULL,
+                                 M->lws[l], M->lws_bytes);
+        else
+            st = mha_encoder_forward(&ly, B, T, M->res + l * nd, &opt, M->res + (l + 1) * nd,
+                                     attn ? attn[l] : NULL, M->ws, M->ws_bytes);
         if (st != MHA_OK) return st;
     }
     st = mha_layernorm_forward(N, d, M->res + M->c.n_layer * nd, M->p + o->lnf_w, M->p + o->lnf_b,
@@ -288,7 +319,11 @@ GPT__FN mha_status gpt_backward(gpt_model *M, int B, int T, const int *tokens)
         mha_encoder_layer ly = gpt_layer(M, M->p, l);
         mha_encoder_layer_grad gr = gpt_layer_grad(M, M->g, l);
         memset(dx, 0, nd * sizeof(float));
-        st = mha_encoder_backward(&ly, B, T, M->res + l * nd, &opt, dy, dx, &gr, M->ws, M->ws_bytes);
+        if (gpt_planned(M, B, T))   /* uses the activations its forward saved, if they still match */
+            st = mha_encoder_run_backward(M->plan[l], T, M->res + l * nd, dy, NULL, NULL, dx, &gr,
+                                          M->lws[l], M->lws_bytes);
+        else
+            st = mha_encoder_backward(&ly, B, T, M->res + l * nd, &opt, dy, dx, &gr, M->ws, M->ws_bytes);
         if (st != MHA_OK) return st;
         swap = dx; dx = dy; dy = swap;
     }
