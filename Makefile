@@ -102,14 +102,24 @@ BENCH_CFLAGS  ?= -std=c99 -O3 $(BENCH_ARCH) -fopenmp
 HAVE_OPENBLAS  = $(shell printf '\043include <cblas.h>\nint main(void){openblas_set_num_threads(1);return 0;}\n' | \
                    $(CC) -x c - -o /dev/null -lopenblas 2>/dev/null && echo 1)
 BENCH_DEFS     = $(if $(HAVE_OPENBLAS),-DMHA_BENCH_OPENBLAS)
+# OpenBLAS (and Debian's PyTorch, which calls it) chooses kernels by CPU model,
+# and a model newer than its table gets the generic SSE3 ones ("Prescott": a
+# Xeon of family 6 model 207 did, at a fifth of its speed).  The references are
+# pinned to the kernels of this CPU's ISA unless OPENBLAS_CORETYPE is set:
+# SkylakeX for AVX-512, Haswell for AVX2 (the AVX2 runs always use Haswell).
+CPU_CORETYPE  := $(shell grep -q ' avx512f ' /proc/cpuinfo 2>/dev/null && echo SkylakeX || \
+                   (grep -q ' avx2 ' /proc/cpuinfo 2>/dev/null && echo Haswell))
+BENCH_CORE     = $(or $(OPENBLAS_CORETYPE),$(CPU_CORETYPE))
+BENCH_ENV      = $(if $(BENCH_CORE),OPENBLAS_CORETYPE=$(BENCH_CORE))
+BENCH_ENV_AVX2 = $(if $(CPU_CORETYPE),OPENBLAS_CORETYPE=Haswell)
 BENCH_LIBS     = $(if $(HAVE_OPENBLAS),-lopenblas) -lm
 
 # (always rebuilt: the flags, not only the sources, decide what it measures)
 bench: | $(BUILD)
 	$(CC) $(BENCH_CFLAGS) $(BENCH_DEFS) -I. bench/bench.c -o $(BUILD)/bench $(BENCH_LIBS)
-	./$(BUILD)/bench
+	$(BENCH_ENV) ./$(BUILD)/bench
 	$(CC) -std=c99 -O3 -mavx2 -mfma -fopenmp $(BENCH_DEFS) -I. bench/bench.c -o $(BUILD)/bench_avx2 $(BENCH_LIBS)
-	./$(BUILD)/bench_avx2 gemm
+	$(BENCH_ENV_AVX2) ./$(BUILD)/bench_avx2 gemm
 
 # MHA forward / attention-core tables and the PyTorch comparison
 # (bench/bench_mha.c, which runs bench/torch_mha.py); part of `make bench`,
@@ -121,8 +131,8 @@ bench: bench-mha
 bench-mha: deps-bench | $(BUILD)
 	$(CC) $(BENCH_CFLAGS) -I. bench/bench_mha.c -o $(BUILD)/bench_mha -lm
 	$(CC) -std=c99 -O3 -mavx2 -mfma -fopenmp -I. bench/bench_mha.c -o $(BUILD)/bench_mha_avx2 -lm
-	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/bench_mha
-	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/bench_mha_avx2 --train
+	$(BENCH_ENV) OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/bench_mha
+	$(BENCH_ENV_AVX2) OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/bench_mha_avx2 --train
 
 # Where the fused attention core's cycles go, phase by phase (bench/profile_attn.c,
 # issue 12): the AVX-512 (or -march=native) build, then the AVX2 one.

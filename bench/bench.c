@@ -305,6 +305,13 @@ int main(int argc, char **argv)
            ""
 #endif
     );
+#ifdef MHA_BENCH_OPENBLAS
+    /* OpenBLAS picks its kernels from the CPU model; a model it does not know
+       gets its generic SSE3 ("Prescott") kernels, several times slower.  The
+       Makefile then sets OPENBLAS_CORETYPE from the CPU's flags. */
+    printf("# OpenBLAS kernels: %s (OPENBLAS_CORETYPE=%s)\n", openblas_get_corename(),
+           getenv("OPENBLAS_CORETYPE") ? getenv("OPENBLAS_CORETYPE") : "unset");
+#endif
     peak_table();   /* always: every other figure is a fraction of it */
     (void)want_peak;
     if (want_gemm) gemm_table();
