@@ -1,4 +1,4 @@
-/* mha.h - multi-head attention in one C header.                     v0.1.0
+/* mha.h - multi-head attention in one C header.                     v1.0.0
 
    Scaled dot-product and multi-head attention with the weight layout and
    mask semantics of PyTorch's torch.nn.MultiheadAttention, a cache-blocked
@@ -20,36 +20,95 @@
 
        mha_options opt = {0};       // zero = defaults: no mask, scale 1/sqrt(E/H)
        opt.causal = 1;              // query i sees keys 0..i
-       // x: [B, L, E] batch-first; out: [B, L, E]; weights: [B, L, L] head average
-       mha_status s = mha_forward(&m, B, L, L, x, x, x, &opt, out, weights, NULL, 0);
-       if (s != MHA_OK) fprintf(stderr, "mha: %s\n", mha_status_string(s));
+       mha_error err;               // optional: which argument was refused, and why
+       // x: [B, L, E] batch-first; out: [B, L, E]
+       mha_status s = mha_module_forward(&m, B, L, L, x, x, x, &opt, out, NULL, &err);
+       if (s != MHA_OK) fprintf(stderr, "%s\n", err.message);
 
-   PLANS (the same, made once and run many times; docs/api.md)
-       mha_plan *p;                 // B, the longest Lq and Lk, options, threads, flags
-       s = mha_module_plan(&m, B, Lmax, Lmax, &opt, MHA_PLAN_PACK, NULL, 0, &p);
-       size_t n = mha_plan_workspace_size(p);   // every run fits in n bytes
-       void *ws = malloc(n);        // one per thread: a plan runs from many at once
-       s = mha_module_forward(p, L, L, x, x, x, NULL, NULL, out, NULL, ws, n);  // L <= Lmax
+   THE SHAPE OF THE API (section 4; docs/api.md has every call)
+     Every object has the same verbs:
+         mha_<obj>_plan_size   the bytes of the plan, its workspace and its saved forward
+         mha_<obj>_plan        validate once, fix shapes, options, threads (and packed weights)
+         mha_<obj>_run_forward / mha_<obj>_run_backward     run the plan on new tensors
+         mha_plan_destroy      (one call for every kind of plan)
+     and a one-shot call per direction, mha_<obj>_forward / mha_<obj>_backward,
+     which is the plan on the caller's stack and one run.  <obj> is gemm
+     (forward only: mha_gemm, mha_gemm_run), sdpa, module or encoder.
+     What a run reads and writes besides its tensors is an argument of that
+     run, mha_run: the workspace, the saved forward, the KV cache, this run's
+     mask data and the optional outputs (attention weights, the log-sum-exp
+     and statistics of each row, the sinks' gradient).  A plan holds no
+     pointer a run writes through, so one plan runs from many threads at once.
+
+   PLANS (made once, run many times)
+       mha_plan *p;  mha_sizes n;   // B, the longest Lq and Lk, options, flags
+       s = mha_module_plan_size(&m, B, Lmax, Lmax, &opt, MHA_PLAN_PACK, &n, &err);
+       s = mha_module_plan(&m, B, Lmax, Lmax, &opt, MHA_PLAN_PACK, NULL, 0, &p, &err);
+       mha_run r = {0};
+       r.workspace = malloc(n.workspace);  r.workspace_bytes = n.workspace;  // one per thread
+       s = mha_module_run_forward(p, L, L, x, x, x, out, &r, &err);          // L <= Lmax
        mha_plan_destroy(p);
-     Plans exist for mha_gemm, mha_sdpa (forward, backward), the module
-     (forward, backward) and the encoder layer; every one-shot call above is
-     a plan made for that call and run once.
 
-   THE MATH  (X: [L, E]; W: [E_out, E_in] as PyTorch stores Linear weights)
-       Q = X_q Wq^T + bq     K = X_k Wk^T + bk     V = X_v Wv^T + bv
-       split E into H heads of D = E/H columns:  Q_h = Q[:, h*D:(h+1)*D]
-       A_h = softmax(Q_h K_h^T * scale + mask)     scale = 1/sqrt(D)
-       O   = concat_h(A_h V_h) Wo^T + bo
+   TRAINING (the saved forward is yours: section 4)
+       // p made with MHA_PLAN_TRAINING; n.saved bytes hold what its backward needs
+       r.saved = malloc(n.saved);  r.saved_bytes = n.saved;
+       s = mha_module_run_forward(p, L, L, x, x, x, out, &r, &err);    // fills r.saved
+       s = mha_module_run_backward(p, L, L, x, x, x, dout, dx, dx, dx, &grad, &r, &err);
+     The backward reads the saved forward as it is; with r.saved = NULL it
+     computes the forward again.  Nothing is hashed or guessed.
+
+   DECODING (section 7, docs/decoding.md)
+       mha_kv_cache c = {0};  ... B, Hkv, D, capacity, k, v, len
+       r.cache = &c;           // a module plan with Lk >= capacity
+       s = mha_module_run_forward(p, 1, 0, x, NULL, NULL, out, &r, &err);   // one token
+     projects the new token with the plan's (packed) weights, turns Q and K
+     by RoPE, appends K and V to the cache and attends to all of it.
+
+   SECTIONS (the implementation below follows the same numbers)
+     1. status and errors             mha_status, mha_error
+     2. matrix multiply               mha_gemm and its plan
+     3. options and masks             mha_options, mha_mask, mha_alibi_slopes
+     4. plans and runs                mha_plan, mha_sizes, mha_run, flags
+     5. scaled dot-product attention  mha_sdpa_*
+     6. the module                    mha_module, mha_module_*
+     7. decoding                      mha_kv_cache, RoPE, mha_attn_merge
+     8. the encoder layer             mha_encoder_layer, mha_encoder_*
+     9. training pieces               linear, layer norm, embedding, loss, optimizers
+
+   EVERY PUBLIC FUNCTION
+     1  mha_status_string          a sentence for a status (cannot fail)
+     2  mha_gemm                   C = alpha op(A) op(B) + beta C, one shot
+        mha_gemm_plan_size, mha_gemm_plan, mha_gemm_run
+     3  mha_alibi_slopes           the ALiBi paper's per-head slopes
+     4  mha_plan_sizes             plan, workspace and saved-forward bytes of a plan
+        mha_plan_repack            pack a PACK plan's weights again (after they changed)
+        mha_plan_destroy           free a plan made with mem = NULL (cannot fail)
+     5  mha_sdpa_forward, mha_sdpa_backward                  one shot
+        mha_sdpa_plan_size, mha_sdpa_plan, mha_sdpa_run_forward, mha_sdpa_run_backward
+     6  mha_module_forward, mha_module_backward              one shot
+        mha_module_plan_size, mha_module_plan, mha_module_run_forward, mha_module_run_backward
+     7  mha_kv_cache_append        append projected keys and values to a cache
+        mha_rope_forward, mha_rope_backward                  rotary position embedding
+        mha_attn_merge             merge attention over disjoint key sets by their lse
+     8  mha_encoder_forward, mha_encoder_backward            one shot
+        mha_encoder_plan_size, mha_encoder_plan, mha_encoder_run_forward,
+        mha_encoder_run_backward, mha_encoder_layer_defaults (cannot fail)
+     9  mha_linear_workspace_size, mha_linear_forward, mha_linear_backward,
+        mha_layernorm_forward, mha_layernorm_backward, mha_positional_encoding,
+        mha_embedding_forward, mha_embedding_backward, mha_cross_entropy,
+        mha_sgd_step, mha_adamw_step, mha_adamw_defaults (cannot fail)
+     Every function returns an mha_status except the four marked "cannot
+     fail"; sizes come back through out-parameters.
 
    CONFIGURATION (define before the implementation include)
        MHA_STATIC          make every function static (private to one file)
        MHA_NO_SIMD         use the portable scalar kernels even where AVX2/NEON exist
        MHA_NO_AVX512       use the AVX2 kernels even where AVX-512F is enabled
-       MHA_MALLOC(sz) / MHA_FREE(p)   allocator for the convenience paths
-                           (define both or neither)
+       MHA_MALLOC(sz) / MHA_FREE(p)   allocator for plans and workspaces made
+                           for the caller (define both or neither)
        MHA_ASSERT(x)       internal invariant checks (default: assert.h)
        MHA_PROFILE_MARK(phase)  called as the fused attention core enters each
-                           phase (MHA_PHASE_* below; default: nothing);
+                           phase (MHA_PHASE_*; default: nothing);
                            bench/profile_attn.c times the phases with it
      SIMD is chosen at compile time: AVX-512 when __AVX512F__ is defined,
      else AVX2 when __AVX2__ and __FMA__ are defined
@@ -58,53 +117,21 @@
      on a machine shared with other jobs run with OMP_WAIT_POLICY=passive
      (a waiting thread that spins on the core of a working one stalls it).
 
+   THE MATH  (X: [L, E]; W: [E_out, E_in] as PyTorch stores Linear weights)
+       Q = X_q Wq^T + bq     K = X_k Wk^T + bk     V = X_v Wv^T + bv
+       split E into H heads of D = E/H columns:  Q_h = Q[:, h*D:(h+1)*D]
+       A_h = softmax(Q_h K_h^T * scale + mask)     scale = 1/sqrt(D)
+       O   = concat_h(A_h V_h) Wo^T + bo
+
    MEMORY
-     Called without attn_weights (NULL), attention is fused: an online
-     softmax over tiles of keys, so the workspace grows with L*E, never with
-     L^2 (mha_forward at L = 16384, E = 512, H = 8: about 16 MiB).  Asking
-     for the weights costs their [B, Lq, Lk] output and rows of scores per
-     thread.  Both paths agree to float32 rounding, and no result depends on
-     the thread count.  A module run many times can have its projection
-     weights packed once (MHA_PLAN_PACK, or the older mha_module_pack and
-     m.packed): same results, and the short sequences skip the per-call copy
-     of Wq, Wk, Wv and Wo.  An encoder plan without MHA_PLAN_TRAINING sizes
-     for inference only: L*E, as the attention (training keeps [L, F]; the
-     attention's backward is fused too and needs tiles only, never L^2).
-     To look at a long sequence's attention without the L^2 weights, point
-     opt.row_stats at an mha_row_stats: every row's lse, entropy, largest
-     weight and weight on key 0 come out of the fused path, and
-     mha_sdpa_weights_rows (mha_weights_rows for a module) recomputes the
-     exact weights of chosen rows from the lse (docs/visualisation.md,
-     examples/long_attention.c).
-
-   DECODING (docs/decoding.md)
-     Options for decoder models, all off when zero: grouped-query attention
-     (num_kv_heads; query head h reads KV head h / (H / Hkv)), sliding
-     window, soft-capping, ALiBi, sink logits, the log-sum-exp of every row
-     and mha_attn_merge for attention split over key ranges.  mha_rope_*
-     (half-split or interleaved RoPE) and mha_module.rope; a caller-owned
-     KV cache (mha_kv_cache, [B, Hkv, capacity, D]) with mha_forward_cached
-     for prefill and one-token decode steps (examples/decode.c).
-
-   TRAINING (backward passes, docs/theory.md and docs/training.md)
-     mha_sdpa_backward / mha_backward give the gradients of the inputs and of
-     every weight in state_dict layout (mha_module_grad), recomputing the
-     attention probabilities instead of storing them.  A training plan's
-     forward run keeps what its backward needs in the workspace (the saved
-     forward: lse, O, the projections, the encoder's activations), so the
-     backward run on that workspace does not run the forward again.
-     mha_encoder_forward / _backward implement nn.TransformerEncoderLayer
-     (post- or pre-norm, ReLU or GELU); plus layer norm, linear, embedding, positional encoding, cross-
-     entropy, SGD and AdamW steps, and a seeded RNG.  Backward calls ADD into
-     their gradient buffers, so zero them before a step.
-
-   ERRORS
-     Every call returns an mha_status; mha_status_string() describes it.
-     On any status other than MHA_OK no output has been written.
-
-   WORKSPACES
-     A workspace may start at any byte address: each *_workspace_size
-     includes 64 bytes of slack, and the call aligns inside it.
+     Without attention weights, attention is fused: an online softmax over
+     tiles of keys, so workspaces grow with L*E, never with L^2 (a module
+     forward at L = 16384, E = 512, H = 8 needs about 16 MiB).  Asking for
+     the weights costs their [B, Lq, Lk] output and rows of scores per
+     thread; asking for the weights of a few rows (mha_run.rows) recomputes
+     just those from each row's log-sum-exp.  Both paths agree to float32
+     rounding, and no result depends on the thread count.  A workspace may
+     start at any byte address (each size includes 64 bytes of slack).
 
    MASKS (nn.MultiheadAttention semantics, see docs/api.md for the full table)
      bool masks:  nonzero = this key is NOT allowed    (MHA_MASK_BOOL)
@@ -113,9 +140,17 @@
      float masks: added to the scores; -inf blocks the key (MHA_MASK_FLOAT)
      A query whose keys are all blocked gets zero weights and a zero context
      vector (PyTorch gives NaN there).  Blocked keys are skipped, never
-     multiplied, so a NaN or Inf in a blocked key or value cannot leak.
+     multiplied, so a NaN or Inf in a blocked key or value cannot leak; a
+     NaN anywhere else comes out as NaN.
 
-   VERSION 0.1.0 (MHA_VERSION_MAJOR/MINOR/PATCH)
+   ERRORS
+     Every call returns an mha_status and, when its last argument (an
+     mha_error, may be NULL) is given, says which argument or field it
+     refused and why, in the caller's own struct: no global state.  On any
+     status other than MHA_OK no output has been written.
+
+   VERSION 1.0.0 (MHA_VERSION_MAJOR/MINOR/PATCH); docs/api.md has the table
+   of the names of 0.x and what replaced each.
    LICENSE  at the end of this file (MIT or public domain, your choice)
 */
 #ifndef MHA_H
@@ -123,8 +158,8 @@
 
 #include <stddef.h>
 
-#define MHA_VERSION_MAJOR 0
-#define MHA_VERSION_MINOR 1
+#define MHA_VERSION_MAJOR 1
+#define MHA_VERSION_MINOR 0
 #define MHA_VERSION_PATCH 0
 
 #ifndef MHADEF
@@ -143,7 +178,9 @@
 extern "C" {
 #endif
 
-/* ---------------------------------------------------------------- status */
+/* ====================================================================== 1
+   STATUS AND ERRORS
+   ====================================================================== */
 
 /* One list makes both the enum and the messages, so they cannot drift. */
 #define MHA_STATUS_LIST(X)                                                             \
@@ -151,17 +188,20 @@ extern "C" {
     X(MHA_ERR_NULL_POINTER,        "a required pointer argument is NULL")              \
     X(MHA_ERR_INVALID_SIZE,        "a size argument is zero or negative")              \
     X(MHA_ERR_HEADS_DIVIDE,        "embed_dim is not divisible by num_heads, or num_heads by num_kv_heads") \
-    X(MHA_ERR_OVERFLOW,            "the sizes are too large: a size product overflows")\
+    X(MHA_ERR_OVERFLOW,            "the sizes are too large: a size product or a position overflows") \
     X(MHA_ERR_MASK_SHAPE,          "a mask's shape does not fit the attention shape")  \
     X(MHA_ERR_INVALID_ARGUMENT,    "an argument has an invalid value (flag, number or weight combination)") \
     X(MHA_ERR_WORKSPACE_TOO_SMALL, "a workspace or buffer is smaller than its size query asked for") \
     X(MHA_ERR_OUT_OF_MEMORY,       "MHA_MALLOC returned NULL")                         \
-    X(MHA_ERR_PACK_MISMATCH,       "the packed buffer was made for another module shape, layout or build") \
-    X(MHA_ERR_STALE,               "the weights changed after the plan or pack was made: make it again") \
     X(MHA_ERR_BAD_ENUM,            "an enum argument holds a value outside its range") \
     X(MHA_ERR_MISALIGNED,          "a buffer is not aligned as the call requires")    \
-    X(MHA_ERR_EXCEEDS_PLAN,        "the run asks for more than its plan was made for (lengths, weights, masks or a backward)") \
-    X(MHA_ERR_CAPACITY,            "the KV cache has no room for the tokens being appended")
+    X(MHA_ERR_EXCEEDS_PLAN,        "the run asks for more than its plan was made for (lengths, outputs, masks or a backward)") \
+    X(MHA_ERR_CAPACITY,            "the KV cache has no room for the tokens being appended, or does not hold the queries") \
+    X(MHA_ERR_SAVED,               "the saved forward was not written by a forward of this plan's kind and shape") \
+    X(MHA_ERR_IO,                  "a file could not be opened, read or written")     \
+    X(MHA_ERR_FORMAT,              "a file's contents are malformed")                 \
+    X(MHA_ERR_NOT_FOUND,           "a named tensor or key is not in the file")        \
+    X(MHA_ERR_SHAPE,               "a tensor's shape or type is not the one the call expects")
 
 typedef enum mha_status {
 #define MHA__ENUM(name, msg) name,
@@ -173,29 +213,60 @@ typedef enum mha_status {
 /* A readable sentence for a status; never NULL, also for unknown values. */
 MHADEF const char *mha_status_string(mha_status s);
 
-/* ---------------------------------------------------------------- matmul */
+/* What a refusal was about.  Pass one as the last argument of any call
+   (NULL when you do not want it); on MHA_OK it is left as it was, on a
+   refusal it is filled:
+     status    the status the call returned
+     function  the public call that refused, e.g. "mha_module_plan"
+     field     the argument or struct field refused, as the caller wrote it:
+               "Lq", "opt->window_left", "m->num_kv_heads", "run->workspace_bytes",
+               "cache->Hkv", "path" (companion loaders), ...
+     message   one sentence with the function, the field, what was expected
+               and what was found: "mha_module_run_forward: cache->Hkv: is 4,
+               the plan's module has 2 KV heads".  Loaders add the file path
+               and the operating system's reason.
+   The struct is the caller's, so threads never share it: no global state. */
+typedef struct mha_error {
+    mha_status  status;
+    const char *function;
+    const char *field;
+    char        message[320];
+} mha_error;
+
+/* ====================================================================== 2
+   MATRIX MULTIPLY
+   C = alpha * op(A) * op(B) + beta * C, row-major, op(A) is M x K, op(B) is K x N.
+   A is stored M x K (lda >= K) when ta == MHA_NO_TRANS, K x M (lda >= M) when MHA_TRANS;
+   B likewise K x N (ldb >= N) or N x K (ldb >= K); C is M x N (ldc >= N).
+   When beta == 0, C is never read (NaN in C does not propagate).  The
+   result is bit-identical for any number of threads.
+   ====================================================================== */
 
 typedef enum mha_trans { MHA_NO_TRANS = 0, MHA_TRANS = 1 } mha_trans;
 
-/* C = alpha * op(A) * op(B) + beta * C, row-major, op(A) is M x K, op(B) is K x N.
-   A is stored M x K (lda >= K) when ta == MHA_NO_TRANS, K x M (lda >= M) when MHA_TRANS;
-   B likewise K x N (ldb >= N) or N x K (ldb >= K); C is M x N (ldc >= N).
-   When beta == 0, C is never read (NaN in C does not propagate).
-   workspace: packing buffers of mha_gemm_workspace_size() bytes, or NULL to
-   let the call allocate them through MHA_MALLOC.  The size is for
-   omp_get_max_threads() threads at the time of the query; the call runs on
-   OpenMP's count at its own time, or on fewer when the workspace holds
-   fewer (OpenMP's count may have grown in between), and a workspace too
-   small for one thread is MHA_ERR_WORKSPACE_TOO_SMALL.  mha_gemm_plan fixes
-   the thread count instead.  The result is bit-identical for any number of
-   threads.  The other one-shot calls (mha_sdpa, mha_forward, ...) follow the
-   same rule when their options' num_threads is 0.  */
-MHADEF size_t mha_gemm_workspace_size(int M, int N, int K);
+typedef struct mha_run mha_run;      /* section 4 */
+typedef struct mha_plan mha_plan;    /* section 4 */
+typedef struct mha_sizes mha_sizes;  /* section 4 */
+typedef struct mha_kv_cache mha_kv_cache;  /* section 7 */
+
+/* One shot.  run: NULL, or its workspace (the bytes mha_gemm_plan_size
+   gives for these sizes and num_threads 0); without one the call
+   allocates it through MHA_MALLOC. */
 MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, float alpha,
                            const float *A, int lda, const float *B, int ldb, float beta,
-                           float *C, int ldc, void *workspace, size_t workspace_bytes);
+                           float *C, int ldc, const mha_run *run, mha_error *err);
+/* The plan fixes the transposes, M, N, K and the thread count (0 = OpenMP's). */
+MHADEF mha_status mha_gemm_plan_size(mha_trans ta, mha_trans tb, int M, int N, int K,
+                                     int num_threads, mha_sizes *sizes, mha_error *err);
+MHADEF mha_status mha_gemm_plan(mha_trans ta, mha_trans tb, int M, int N, int K, int num_threads,
+                                void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err);
+MHADEF mha_status mha_gemm_run(const mha_plan *plan, float alpha, const float *A, int lda,
+                               const float *B, int ldb, float beta, float *C, int ldc,
+                               const mha_run *run, mha_error *err);
 
-/* ---------------------------------------------------------------- masks */
+/* ====================================================================== 3
+   OPTIONS AND MASKS: what every attention call reads (inputs only)
+   ====================================================================== */
 
 typedef enum mha_mask_kind {
     MHA_MASK_NONE = 0,   /* no mask (the zero default) */
@@ -208,7 +279,8 @@ typedef enum mha_mask_kind {
      attn_mask:        [Lq, Lk] (shared by all batches and heads), [B*H, Lq, Lk]
                        (index b*H + h, as nn.MultiheadAttention), or [B, H, Lq, Lk]
      key_padding_mask: [B, Lk]
-   Any other shape is MHA_ERR_MASK_SHAPE.  Data is dense and row-major.  */
+   Any other shape is MHA_ERR_MASK_SHAPE.  Data is dense and row-major; a
+   run may bring its own data for its lengths (mha_run.attn_mask).  */
 typedef struct mha_mask {
     mha_mask_kind kind;
     const void   *data;      /* unsigned char[] for the bool kinds, float[] for FLOAT */
@@ -221,45 +293,24 @@ typedef enum mha_causal_align {
     MHA_CAUSAL_BOTTOM_RIGHT    /* query i sees keys j <= i + Lk - Lq  (decoding with a cache) */
 } mha_causal_align;
 
-/* Statistics of each attention row, for looking at long sequences without
-   an [Lq, Lk] matrix (docs/visualisation.md).  Each pointer NULL (not
-   wanted) or [B, H, Lq]; they are written by every fused or unfused
-   attention call whose options point here.  With p_j the weights of row
-   (b, h, i) and p_s = exp(sink_h - lse) the sink's share (0 without sinks):
-     lse          log(sum_j exp(s_ij) + exp(sink_h)), as mha_options.lse
-     entropy      -sum_j p_j log p_j - p_s log p_s, in nats: the entropy of
-                  the row's whole softmax, sink included (0 <= H <= log(keys + 1))
-     max_weight   max_j p_j over the keys (the sink is not a key, but its
-                  logit is in the denominator)
-     first_weight p_0, the weight on key 0 (the first token: "attention sink"
-                  mass); 0 when a mask, the window or causality blocks it.
-                  KV cache: key 0 is the token at position 0, so a rolling
-                  cache with n_keep = 0 that has overwritten it gives 0.
-   A row whose keys are all blocked (and has no sink) gets lse = -inf and
-   entropy, max_weight and first_weight 0; no NaN.  Computing them costs
-   the fused path a second pass over each score tile; asking for none
-   costs nothing.  */
-typedef struct mha_row_stats {
-    float *lse, *entropy, *max_weight, *first_weight;
-} mha_row_stats;
-
-/* Options shared by mha_sdpa and mha_forward.  All-zero is the default. */
+/* Options of every attention call.  All-zero is PyTorch's default: no
+   mask, scale 1/sqrt(head_dim), head-averaged weights, OpenMP's threads.
+   They are inputs only: nothing a call writes is reached through them.  */
 typedef struct mha_options {
     mha_mask         attn_mask;        /* see mha_mask for shapes */
     mha_mask         key_padding_mask; /* [B, Lk]; BOOL: nonzero = ignore that key */
     int              causal;           /* nonzero: apply a causal mask (combined with the masks) */
-    mha_causal_align causal_align;
+    mha_causal_align causal_align;     /* also where a window or ALiBi measures from */
     float            scale;            /* 0 = 1/sqrt(head_dim) */
-    int              per_head_weights; /* attn_weights as [B,H,Lq,Lk] instead of the head
-                                          average [B,Lq,Lk] (nn.MHA average_attn_weights=False) */
+    int              per_head_weights; /* weights as [B,H,Lq,Lk] instead of the head average
+                                          [B,Lq,Lk] (nn.MHA average_attn_weights=False) */
     int              num_threads;      /* 0 = OpenMP's default; ignored without OpenMP */
 
     /* Decoder attention (docs/decoding.md).  Zero = off; i' below is the
        query's position on the key axis: i' = i (TOP_LEFT) or i + Lk - Lq
-       (BOTTOM_RIGHT), the alignment causal_align picks (also without causal).
-       The module's appended keys (bias_k, add_zero_attn) get no window,
-       ALiBi or mask.  */
-    int          num_kv_heads;   /* mha_sdpa: k, v are [B, Hkv, Lk, D]; 0 = H; H % Hkv == 0
+       (BOTTOM_RIGHT).  The module's appended keys (bias_k, add_zero_attn)
+       get no window, ALiBi or mask.  */
+    int          num_kv_heads;   /* SDPA: k, v are [B, Hkv, Lk, D]; 0 = H; H % Hkv == 0
                                     (else MHA_ERR_HEADS_DIVIDE).  Query head h reads KV head
                                     h / (H / Hkv): PyTorch's repeat_interleave grouping.  The
                                     module takes mha_module.num_kv_heads instead. */
@@ -275,147 +326,169 @@ typedef struct mha_options {
     const float *sinks;          /* [H] sink logit per head, or NULL: joins each row's softmax
                                     denominator with no value (gpt-oss); the weights of a row
                                     then sum to 1 - exp(sink_h - lse) */
-    float       *lse;            /* output, NULL or [B, H, Lq]: log sum_j exp(s_ij) of each row
-                                    over its allowed keys and the sink (-inf: none) */
-    float       *sinks_grad;     /* backward calls: NULL or [H], += dLoss/dsinks */
     int          position_offset;/* the module's RoPE: key j is at position offset + j, query i
-                                    at offset + i' (>= 0; negative: MHA_ERR_INVALID_ARGUMENT) */
-    const mha_row_stats *row_stats; /* output, NULL or the per-row statistics to write (its
-                                    arrays are read at each call; like lse, a plan made with
-                                    it writes every run's statistics to the same arrays) */
+                                    at offset + i'; offset + Lk must fit in an int */
 } mha_options;
 
 /* The ALiBi slopes of the paper (Press et al.) for H heads, into slopes[H]:
    with n = the largest power of two <= H, head h < n gets 2^(-8 (h+1) / n) and
    head n + m gets 2^(-4 (2m+1) / n) (every other slope of the 2n recipe).  */
-MHADEF mha_status mha_alibi_slopes(int H, float *slopes);
+MHADEF mha_status mha_alibi_slopes(int H, float *slopes, mha_error *err);
 
-/* The defaults, written out: PyTorch's (no mask, scale 1/sqrt(D), head-
-   averaged weights, OpenMP's threads).  All-zero means the same; start
-   from this when you prefer every value spelled out. */
-MHADEF mha_options mha_options_defaults(void);
+/* ====================================================================== 4
+   PLANS AND RUNS
+   A plan is made once from the shapes (B exactly, Lq and Lk as maxima),
+   the options (copied and validated once), the thread count
+   (opt->num_threads; 0 = OpenMP's default read now) and flags.  It borrows
+   the weight and mask pointers it was made with: keep them alive.
+   Memory: *_plan_size gives mha_sizes.plan; pass mem (8-byte aligned, that
+   many bytes) to build the plan there, or mem = NULL to have it allocated
+   with MHA_MALLOC (mha_plan_destroy frees it; a plan in your memory needs
+   no destroy).
 
-/* ---------------------------------------------------------------- SDPA */
+   A run takes its lengths (Lq <= the plan's, Lk <= the plan's; more is
+   MHA_ERR_EXCEEDS_PLAN), its tensors, and an mha_run: everything else it
+   reads or writes.  A run never writes its plan, so one plan may run from
+   any number of threads at once, each with its own mha_run.  Results are
+   bit-identical for any thread count, and each one-shot call equals the
+   run of its plan bit for bit (it is that plan, made on the stack).
 
-/* Scaled dot-product attention on heads that are already projected:
-     q [B,H,Lq,D], k [B,H,Lk,D], v [B,H,Lk,Dv]  ->  out [B,H,Lq,Dv]
-     attn_weights: NULL, or [B,H,Lq,Lk] (per_head_weights ignored here).
-   opt may be NULL.  workspace: mha_sdpa_workspace_size() bytes or NULL.
-   out may be q when D == Dv (in place); it must not overlap k or v.  */
-MHADEF mha_status mha_sdpa_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
-                                          const mha_options *opt, int need_weights,
-                                          size_t *bytes);
-MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
-                           const float *q, const float *k, const float *v,
-                           const mha_options *opt, float *out, float *attn_weights,
-                           void *workspace, size_t workspace_bytes);
+   THE SAVED FORWARD.  A plan made with MHA_PLAN_TRAINING says how many
+   bytes its saved forward takes (mha_sizes.saved).  A forward run given
+   run->saved writes there, and only there, what its backward needs (SDPA:
+   each row's log-sum-exp and the output; module: Q, K, V after RoPE, the
+   context and the lse; encoder: those and the layer's activations), with
+   a header that records the plan's kind and the run's shape.  A backward
+   run given run->saved reads it as it is: it does not look at whether the
+   inputs or weights changed since, so changing them in between is the
+   caller's choice (an optimizer step belongs after the backward).  A
+   backward given run->saved = NULL computes the forward again, in its
+   workspace.  A region that no forward of this plan's kind and shape wrote
+   is MHA_ERR_SAVED.  The region belongs to the caller: one per forward
+   whose backward is pending (a stack of layers keeps one per layer), and
+   it may start at any byte address.
+   ====================================================================== */
 
-/* The exact weights of chosen query rows, recomputed from the lse a fused
-   call saved (opt.lse or row_stats.lse of the same q, k and options):
-       weights[b, h, r, j] = exp(s_ij - lse[b, h, i]),   i = rows[r]
-   with s_ij the forward's scores (scale, softcap, ALiBi, masks, window and
-   causal alignment as in opt; k is [B, Hkv, Lk, D] with num_kv_heads).
-   weights [B, H, n_rows, Lk]; no [Lq, Lk] matrix and no workspace.  A row
-   index outside 0..Lq-1 is MHA_ERR_INVALID_ARGUMENT, n_rows <= 0
-   MHA_ERR_INVALID_SIZE; nothing is written then.  A row with lse = -inf
-   (every key blocked) gets zeros.  */
-MHADEF mha_status mha_sdpa_weights_rows(int B, int H, int Lq, int Lk, int D,
-                                        const float *q, const float *k, const float *lse,
-                                        int n_rows, const int *rows, const mha_options *opt,
-                                        float *weights);
+struct mha_sizes {
+    size_t plan;        /* bytes of the plan: its struct, and packed weights with MHA_PLAN_PACK */
+    size_t workspace;   /* bytes every run of the plan fits in (one per concurrent run) */
+    size_t saved;       /* bytes of a saved forward (MHA_PLAN_TRAINING; else 0) */
+};
 
-/* Merge attention results computed over disjoint sets of keys (flash-
-   decoding's split-K, xformers' merge_attentions).  Part p gives out_p
-   [rows, Dv] and lse_p [rows] (opt.lse of its call); the result over the
-   union of the keys is
-       lse = log sum_p exp(lse_p),     out = sum_p exp(lse_p - lse) out_p
-   For mha_sdpa outputs rows = B*H*Lq.  A row whose parts all have lse = -inf
-   (no key anywhere) gets zeros and -inf.  Sinks belong to one part only.
-   out may be outs[0] and lse any of lses[] (in place).  The parts are summed in order
-   p = 0, 1, ..., so a fixed split gives a fixed result.  */
-MHADEF mha_status mha_attn_merge(int nparts, size_t rows, int Dv, const float *const *outs,
-                                 const float *const *lses, float *out, float *lse);
+#define MHA_PLAN_WEIGHTS  1u  /* runs may ask for attention weights (mha_run.weights) */
+#define MHA_PLAN_TRAINING 2u  /* backward runs too; a forward can save what the backward needs */
+#define MHA_PLAN_PACK     4u  /* module and encoder: pack Wq, Wk, Wv, Wo into the plan's memory
+                                 (a copy: mha_plan_repack after the weights change) */
 
-/* ---------------------------------------------------------------- RoPE */
+/* Everything a run reads or writes besides its main tensors.  Zero-
+   initialise it and set what you use; a run given NULL uses none of it.
+   A field the call cannot honour is refused (its name in mha_error), never
+   silently ignored.  Each output is NULL (not wanted) or the caller's. */
+struct mha_run {
+    void  *workspace;              /* the plan's workspace bytes, or NULL: the run allocates */
+    size_t workspace_bytes;
+    void  *saved;                  /* the saved forward (see above), or NULL */
+    size_t saved_bytes;
+    const void *attn_mask;         /* this run's mask data for its lengths, dense ([Lq, Lk], ...) */
+    const void *key_padding_mask;  /* ([B, Lk]); NULL: the data of the plan's options */
+    mha_kv_cache *cache;           /* SDPA and module forward: attend to this KV cache (section 7) */
 
-/* Rotary position embedding (Su et al.).  The first R = rotary_dim features
-   of each head form R/2 pairs (a_m, b_m); pair m of a token at position p
-   turns by the angle p * theta^(-2m/R):
-       a' = a cos - b sin,    b' = b cos + a sin
-   The pairs are (x[m], x[m + R/2]) for MHA_ROPE_HALF (rotate_half: GPT-NeoX,
-   llama) and (x[2m], x[2m+1]) for MHA_ROPE_INTERLEAVED (GPT-J, RoFormer).
-   Features past R pass unchanged.  Angles are computed in double.  */
+    /* forward outputs */
+    float *weights;                /* attention weights (plan made with MHA_PLAN_WEIGHTS): SDPA
+                                      [B,H,Lq,Lk]; module, encoder [B,Lq,Lk'] head average or
+                                      [B,H,Lq,Lk'] with opt->per_head_weights, Lk' = Lk + the
+                                      appended keys; with rows, n_rows in place of Lq */
+    int        n_rows;             /* > 0: the weights of these query rows only, recomputed */
+    const int *rows;               /*   from each row's lse after the fused forward */
+    float *lse;                    /* [B, H, Lq]: log sum_j exp(s_ij) over the allowed keys
+                                      and the sink; -inf for a row with none */
+    float *entropy;                /* [B, H, Lq]: -sum_j p_j log p_j (- p_s log p_s with a sink) */
+    float *max_weight;             /* [B, H, Lq]: max_j p_j */
+    float *first_weight;           /* [B, H, Lq]: p_0, the weight on key 0 (0 when blocked) */
+
+    /* backward outputs */
+    float *sinks_grad;             /* [H], += dLoss/dsinks (opt->sinks set) */
+};
+
+/* The sizes of a plan that exists. */
+MHADEF mha_status mha_plan_sizes(const mha_plan *plan, mha_sizes *sizes, mha_error *err);
+/* A plan made with MHA_PLAN_PACK computes with the copy of the weights it
+   packed.  After the weights change (an optimizer step), repack: this
+   reads the module's weight pointers again.  It writes the plan, so no
+   run of it may be in flight.  A plan without MHA_PLAN_PACK reads the
+   weights at every run and needs nothing.  */
+MHADEF mha_status mha_plan_repack(mha_plan *plan, mha_error *err);
+MHADEF void       mha_plan_destroy(mha_plan *plan);
+
+/* ====================================================================== 5
+   SCALED DOT-PRODUCT ATTENTION on heads that are already projected:
+     q [B,H,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv]  ->  out [B,H,Lq,Dv]
+   (Hkv = opt->num_kv_heads or H.)  out may be q when D == Dv (in place); it
+   must not overlap k or v.  With run->cache, k and v are NULL and Lk is 0:
+   the queries, the newest Lq tokens of each row (appended already), attend
+   to the cache's keys with bottom-right alignment (plan: Lk >= capacity,
+   num_kv_heads = the cache's Hkv; no masks).
+   Backward: dout [B,H,Lq,Dv];  dq += dLoss/dq,  dk += ...,  dv += ...
+   (each may be NULL; mask values get no gradient).
+   ====================================================================== */
+
+MHADEF mha_status mha_sdpa_forward(int B, int H, int Lq, int Lk, int D, int Dv,
+                                   const float *q, const float *k, const float *v,
+                                   const mha_options *opt, float *out,
+                                   const mha_run *run, mha_error *err);
+MHADEF mha_status mha_sdpa_backward(int B, int H, int Lq, int Lk, int D, int Dv,
+                                    const float *q, const float *k, const float *v,
+                                    const float *dout, const mha_options *opt,
+                                    float *dq, float *dk, float *dv,
+                                    const mha_run *run, mha_error *err);
+MHADEF mha_status mha_sdpa_plan_size(int B, int H, int Lq, int Lk, int D, int Dv,
+                                     const mha_options *opt, unsigned flags,
+                                     mha_sizes *sizes, mha_error *err);
+MHADEF mha_status mha_sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
+                                const mha_options *opt, unsigned flags,
+                                void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err);
+MHADEF mha_status mha_sdpa_run_forward(const mha_plan *plan, int Lq, int Lk,
+                                       const float *q, const float *k, const float *v,
+                                       float *out, const mha_run *run, mha_error *err);
+MHADEF mha_status mha_sdpa_run_backward(const mha_plan *plan, int Lq, int Lk,
+                                        const float *q, const float *k, const float *v,
+                                        const float *dout, float *dq, float *dk, float *dv,
+                                        const mha_run *run, mha_error *err);
+
+/* ====================================================================== 6
+   THE MODULE: an nn.MultiheadAttention (batch_first=True)
+     query [B,Lq,E], key [B,Lk,kdim], value [B,Lk,vdim]  ->  out [B,Lq,E]
+   Masks are given for the Lk real keys; the appended keys (bias_k,
+   add_zero_attn) are never masked (PyTorch pads the masks the same way).
+   out may be the same buffer as query, key and/or value (in place).
+   Backward: dout [B,Lq,E]; dquery, dkey, dvalue (each may be NULL) and the
+   weight gradients (grad, may be NULL) are added to.  For self-attention
+   pass the same x three times and the same dx three times.
+   With run->cache (decoding, self-attention only): query holds the next Lq
+   tokens of every row, key and value are NULL (or query) and Lk is 0;
+   their keys and values are projected, turned by RoPE at positions
+   opt->position_offset + len[b] + i, appended, and the queries attend to
+   the whole cache (bottom-right; opt->causal for a prefill chunk, Lq > 1).
+   The cache needs Hkv = the module's KV heads, D = E / H, B = the plan's,
+   capacity <= the plan's Lk; kdim = vdim = E, no bias_k / add_zero_attn.
+   A row without room: MHA_ERR_CAPACITY, nothing written.
+   ====================================================================== */
+
+/* Rotary position embedding of Q and K (functions and the math: section 7). */
 typedef enum mha_rope_kind {
     MHA_ROPE_NONE = 0,       /* no rotation (the zero default) */
-    MHA_ROPE_HALF,
-    MHA_ROPE_INTERLEAVED
+    MHA_ROPE_HALF,           /* pairs (x[m], x[m + R/2]): rotate_half, GPT-NeoX, llama */
+    MHA_ROPE_INTERLEAVED     /* pairs (x[2m], x[2m+1]): GPT-J, RoFormer */
 } mha_rope_kind;
-
 typedef struct mha_rope {
     mha_rope_kind kind;      /* outside the enum: MHA_ERR_BAD_ENUM */
-    int   rotary_dim;        /* R: 0 = D; must be even and <= D (else MHA_ERR_INVALID_ARGUMENT) */
+    int   rotary_dim;        /* R: 0 = D; must be even and <= D */
     float theta;             /* base: 0 = 10000; negative or not finite: invalid */
 } mha_rope;
 
-/* x [B, H, L, D] (the mha_sdpa layout) rotated in place: token l of batch b
-   sits at position pos0 + l, or positions[b*L + l] when positions is not
-   NULL (ragged batches); positions must be >= 0.  The backward turns dx
-   by the opposite angles (the rotation's transpose), in place.  */
-MHADEF mha_status mha_rope_forward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
-                                   const int *positions, float *x);
-MHADEF mha_status mha_rope_backward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
-                                    const int *positions, float *dx);
-
-/* ---------------------------------------------------------------- KV cache */
-
-/* A caller-owned cache of projected keys and values (after RoPE), for
-   decoding.  Layout, plain memory that another engine can fill:
-       k, v   [B, Hkv, capacity, D]:  token t of batch row b, KV head g at
-              k[((b * Hkv + g) * capacity + t) * D]
-       len    [B]: the tokens row b holds, 0..capacity (rows may differ: ragged)
-   One batch row is itself a cache of B = 1 at k + b*Hkv*capacity*D, len + b.
-   Appending past capacity returns MHA_ERR_CAPACITY and writes nothing.
-   Rolling buffer (ring = 1, for sliding-window models; StreamingLLM with
-   n_keep > 0): len[b] counts every token appended (the next position), and
-   token t lives in slot t for t < n_keep, else in slot
-   n_keep + (t - n_keep) % (capacity - n_keep); a full row overwrites its
-   oldest tokens after the first n_keep.  Attention sees the tokens held
-   (the first n_keep and the last capacity - n_keep), masked by their true
-   positions.  A chunk that wraps and is longer than capacity - n_keep is
-   MHA_ERR_CAPACITY.  Prefill chunks that wrap hide from their first queries
-   the tokens the chunk overwrote: size the ring as window + chunk.
-   Zero the struct before filling it (ring and n_keep: 0 = off).  */
-typedef struct mha_kv_cache {
-    int B, Hkv, D, capacity;
-    float *k, *v;
-    int *len;
-    int ring;          /* nonzero: rolling buffer */
-    int n_keep;        /* ring: tokens 0..n_keep-1 are never overwritten; 0 <= n_keep < capacity */
-} mha_kv_cache;
-
-/* Append n tokens to every row: k_new, v_new [B, Hkv, n, D] (mha_sdpa layout,
-   RoPE already applied), written at slots len[b]..len[b]+n-1; len += n.  */
-MHADEF mha_status mha_kv_cache_append(mha_kv_cache *c, int n, const float *k_new, const float *v_new);
-
-/* Attention of q [B, H, Lq, D], the newest Lq tokens of each row (appended
-   already), against the cache: row b sees its len[b] keys with bottom-right
-   alignment, query i at position len[b] - Lq + i, whatever opt->causal_align
-   says.  opt as for mha_sdpa (causal, window, softcap, ALiBi, sinks, lse,
-   scale, threads); H % Hkv == 0 (opt->num_kv_heads is ignored: the cache's
-   Hkv counts); masks are not accepted here (MHA_ERR_INVALID_ARGUMENT).
-   out [B, H, Lq, D].  workspace: the size query's bytes, or NULL.  */
-MHADEF mha_status mha_kv_cache_attend_workspace_size(const mha_kv_cache *c, int H, int Lq,
-                                                     const mha_options *opt, size_t *bytes);
-MHADEF mha_status mha_kv_cache_attend(const mha_kv_cache *c, int H, int Lq, const float *q,
-                                      const mha_options *opt, float *out,
-                                      void *workspace, size_t workspace_bytes);
-
-/* ---------------------------------------------------------------- module */
-
-/* An nn.MultiheadAttention (batch_first=True).  Pointers are borrowed, in the
-   state_dict layout, so tensors can be copied in unchanged.  A NULL bias means
-   bias=False.  Either in_proj_weight (kdim == vdim == embed_dim) or the three
-   q/k/v_proj_weight must be set.  */
+/* Pointers are borrowed, in the state_dict layout, so tensors can be copied
+   in unchanged.  A NULL bias means bias=False.  Either in_proj_weight
+   (kdim == vdim == embed_dim) or the three q/k/v_proj_weight must be set. */
 typedef struct mha_module {
     int embed_dim;                 /* E */
     int num_heads;                 /* H, E % H == 0, head_dim D = E / H */
@@ -429,116 +502,15 @@ typedef struct mha_module {
     const float *out_proj_weight;  /* [E, E] */
     const float *out_proj_bias;    /* [E] or NULL */
     const float *bias_k, *bias_v;  /* [E] each (add_bias_kv=True), or both NULL */
-    const void  *packed;           /* NULL, or a buffer filled by mha_module_pack */
     int num_kv_heads;              /* GQA/MQA: Hkv, 0 = H; H % Hkv == 0.  The K and V projections
                                       then have Ekv = Hkv*D rows: k_proj_weight [Ekv, kdim],
                                       v_proj_weight [Ekv, vdim], or in_proj_weight [E + 2Ekv, E]
                                       (rows Wq, Wk, Wv) with in_proj_bias [E + 2Ekv], and
                                       bias_k, bias_v [Ekv].  Query head h reads KV head
-                                      h / (H / Hkv).  Not with m.packed. */
+                                      h / (H / Hkv). */
     mha_rope rope;                 /* RoPE on Q and K after their projections (kind 0 = none);
-                                      positions from mha_options.position_offset */
+                                      positions from opt->position_offset */
 } mha_module;
-
-/* query [B,Lq,E], key [B,Lk,kdim], value [B,Lk,vdim]  ->  out [B,Lq,E].
-   attn_weights: NULL, or [B,Lq,Lk'] (head average) / [B,H,Lq,Lk'] (per head),
-   where Lk' = Lk + (bias_k != NULL) + add_zero_attn, as PyTorch returns them.
-   Masks are given for the Lk real keys; the appended keys are never masked
-   (PyTorch pads the masks with zeros the same way).
-   out may be the same buffer as query, key and/or value (in place), with the
-   same result; on the long-sequence path (head by head) an input that
-   overlaps out is then copied through MHA_MALLOC (docs/api.md, Aliasing).  */
-MHADEF mha_status mha_forward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
-                                             const mha_options *opt, int need_weights,
-                                             size_t *bytes);
-MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
-                              const float *query, const float *key, const float *value,
-                              const mha_options *opt, float *out, float *attn_weights,
-                              void *workspace, size_t workspace_bytes);
-
-/* One decoding step of a self-attention module with its KV cache (B = c->B
-   rows): x [B, Lq, E] holds the next Lq tokens of every row.  Their keys and
-   values are projected (Hkv heads), turned by m->rope at positions
-   opt->position_offset + len[b] + i, appended to the cache, and the queries
-   (same positions) attend to the whole cache through mha_kv_cache_attend
-   (bottom-right alignment; set opt->causal for a prefill chunk, Lq > 1).
-   out [B, Lq, E].  Decode is Lq = 1.  The cache needs Hkv = the module's KV
-   heads and D = E / H; kdim = vdim = E; no bias_k / add_zero_attn; m->packed
-   is not read.  A row without room for Lq more tokens: MHA_ERR_CAPACITY,
-   and nothing is written, neither cache nor out.  */
-MHADEF mha_status mha_forward_cached_workspace_size(const mha_module *m, const mha_kv_cache *c, int Lq,
-                                                    const mha_options *opt, size_t *bytes);
-MHADEF mha_status mha_forward_cached(const mha_module *m, mha_kv_cache *c, int Lq, const float *x,
-                                     const mha_options *opt, float *out,
-                                     void *workspace, size_t workspace_bytes);
-
-/* mha_sdpa_weights_rows for the module: the exact per-head weights of the
-   chosen query rows, [B, H, n_rows, Lk'] (Lk' with the appended keys), from
-   the lse [B, H, Lq] of an mha_forward with the same inputs and options
-   (opt.lse or row_stats.lse).  K is projected for every key, Q for the
-   chosen rows only (RoPE at their positions): the workspace,
-   mha_weights_rows_workspace_size() bytes or NULL, grows with Lk*E, never
-   with Lq*Lk.  Statuses as mha_sdpa_weights_rows, nothing written on error. */
-MHADEF mha_status mha_weights_rows_workspace_size(const mha_module *m, int B, int Lq, int Lk, int n_rows,
-                                                  const mha_options *opt, size_t *bytes);
-MHADEF mha_status mha_weights_rows(const mha_module *m, int B, int Lq, int Lk,
-                                   const float *query, const float *key, const float *lse,
-                                   int n_rows, const int *rows, const mha_options *opt,
-                                   float *weights, void *workspace, size_t workspace_bytes);
-
-/* Prepacked weights (optional).  mha_forward multiplies by Wq, Wk, Wv and Wo
-   through the GEMM's packed panels; normally it packs them on every call
-   (at E = 512 about 9% of a forward at L = 128, 1-2% at 1024 query rows and
-   more; see docs/performance.md).  mha_module_pack stores them once, in
-   the panel order of this build's micro-kernel, into the caller's buffer of
-   mha_module_pack_size bytes (any address aligned for float; malloc is fine).
-   Set m->packed = buf, and mha_forward reads the panels instead of packing:
-   the results are bit-identical to the unpacked call.
-   The buffer starts with a header (format version, E, H, kdim, vdim, weight
-   layout, and the kernel's NR, KC and NC), checked by every mha_forward:
-   a buffer packed for another module shape, layout, or by a build with other
-   kernels, or for the weights of another module, is MHA_ERR_PACK_MISMATCH;
-   a buffer whose weights changed since (a sample of their values is kept)
-   is MHA_ERR_STALE: pack again.  The weight pointers stay required: the
-   backward's weight products and the long-sequence (head by head) forward
-   read them.  Superseded by plans: mha_module_plan with MHA_PLAN_PACK owns
-   its pack, checked once when made.  */
-MHADEF mha_status mha_module_pack_size(const mha_module *m, size_t *bytes);
-MHADEF mha_status mha_module_pack(const mha_module *m, void *buf, size_t bytes);
-
-/* ======================================================================
-   TRAINING: backward passes, a Transformer encoder layer, and the small
-   pieces a training loop needs (embedding, positional encoding,
-   cross-entropy, SGD, AdamW, a seeded RNG).  See docs/theory.md for the
-   formulas and docs/training.md for a worked example.
-
-   Every *_backward call ADDS its gradients into the buffers it is given,
-   the way PyTorch accumulates .grad: zero them before the first call of a
-   step.  A NULL gradient pointer means "not needed" (its work is skipped
-   where that is possible).  Backward calls take the same inputs as the
-   forward call.  The one-shot backward calls recompute the forward, so no
-   activations have to be kept between the two; the runs of a training plan
-   use the saved forward that the plan's forward run left in the same
-   workspace (see PLANS).  The attention's backward is fused
-   (FlashAttention-2: P recomputed tile by tile from each row's
-   log-sum-exp), so nothing of size L*L is stored.  The backward runs on
-   the plan's (or OpenMP's) threads: the projections through the threaded
-   GEMM, the attention over (batch, KV head) pairs; the gradients do not
-   depend on the thread count.
-   As in the forward, a NaN or Inf inside a blocked key or value does not
-   reach any gradient.
-   ====================================================================== */
-
-/* SDPA backward.  Same shapes as mha_sdpa; dout [B,H,Lq,Dv] is dLoss/dout.
-     dq [B,H,Lq,D] += dLoss/dq,  dk [B,H,Lk,D] += ...,  dv [B,H,Lk,Dv] += ...
-   Masks and causal as in mha_sdpa (mask values get no gradient).  */
-MHADEF mha_status mha_sdpa_backward_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
-                                                   const mha_options *opt, size_t *bytes);
-MHADEF mha_status mha_sdpa_backward(int B, int H, int Lq, int Lk, int D, int Dv,
-                                    const float *q, const float *k, const float *v,
-                                    const float *dout, const mha_options *opt,
-                                    float *dq, float *dk, float *dv,
-                                    void *workspace, size_t workspace_bytes);
 
 /* Gradients of an mha_module's weights, in the same (state_dict) layout.
    Any field may be NULL when that gradient is not wanted; fields whose
@@ -554,51 +526,117 @@ typedef struct mha_module_grad {
     float *bias_k, *bias_v;  /* [E] each  (add_bias_kv) */
 } mha_module_grad;
 
-/* Backward of mha_forward, for every module mha_forward accepts (packed or
-   separate projection weights, kdim/vdim, bias_k/bias_v, add_zero_attn).
-   dout [B,Lq,E];  dquery [B,Lq,E], dkey [B,Lk,kdim], dvalue [B,Lk,vdim] (each
-   may be NULL) and grad (may be NULL) are added to.  For self-attention pass
-   the same x three times and the same dx three times: the three
-   contributions add up in dx, as they should.  */
-MHADEF mha_status mha_backward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
-                                              const mha_options *opt, size_t *bytes);
-MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
-                               const float *query, const float *key, const float *value,
-                               const float *dout, const mha_options *opt,
-                               float *dquery, float *dkey, float *dvalue, mha_module_grad *grad,
-                               void *workspace, size_t workspace_bytes);
+MHADEF mha_status mha_module_forward(const mha_module *m, int B, int Lq, int Lk,
+                                     const float *query, const float *key, const float *value,
+                                     const mha_options *opt, float *out,
+                                     const mha_run *run, mha_error *err);
+MHADEF mha_status mha_module_backward(const mha_module *m, int B, int Lq, int Lk,
+                                      const float *query, const float *key, const float *value,
+                                      const float *dout, const mha_options *opt,
+                                      float *dquery, float *dkey, float *dvalue,
+                                      const mha_module_grad *grad, const mha_run *run,
+                                      mha_error *err);
+MHADEF mha_status mha_module_plan_size(const mha_module *m, int B, int Lq, int Lk,
+                                       const mha_options *opt, unsigned flags,
+                                       mha_sizes *sizes, mha_error *err);
+MHADEF mha_status mha_module_plan(const mha_module *m, int B, int Lq, int Lk,
+                                  const mha_options *opt, unsigned flags,
+                                  void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err);
+MHADEF mha_status mha_module_run_forward(const mha_plan *plan, int Lq, int Lk,
+                                         const float *query, const float *key, const float *value,
+                                         float *out, const mha_run *run, mha_error *err);
+MHADEF mha_status mha_module_run_backward(const mha_plan *plan, int Lq, int Lk,
+                                          const float *query, const float *key, const float *value,
+                                          const float *dout, float *dquery, float *dkey,
+                                          float *dvalue, const mha_module_grad *grad,
+                                          const mha_run *run, mha_error *err);
 
-/* y[rows, out] = x[rows, in] W^T + b   (nn.Linear; W [out, in], b [out] or NULL).
-   Backward: dx += dy W,  dW += dy^T x,  db += sum over rows of dy.  */
-MHADEF size_t mha_linear_workspace_size(int rows, int in, int out);
-MHADEF mha_status mha_linear_forward(int rows, int in, int out, const float *x, const float *W,
-                                     const float *b, float *y, void *workspace, size_t workspace_bytes);
-MHADEF mha_status mha_linear_backward(int rows, int in, int out, const float *x, const float *W,
-                                      const float *dy, float *dx, float *dW, float *db,
-                                      void *workspace, size_t workspace_bytes);
+/* ====================================================================== 7
+   DECODING: the KV cache, rotary positions, and merging split attention
+   ====================================================================== */
 
-/* y[rows, E] = (x - mean) / sqrt(var + eps) * w + b per row (nn.LayerNorm, biased var).
-   eps 0 = 1e-5.  Backward adds into dx, dw, db (each may be NULL).  */
-MHADEF mha_status mha_layernorm_forward(int rows, int E, const float *x, const float *w,
-                                        const float *b, float eps, float *y);
-MHADEF mha_status mha_layernorm_backward(int rows, int E, const float *x, const float *w,
-                                         float eps, const float *dy, float *dx, float *dw, float *db);
+/* A caller-owned cache of projected keys and values (after RoPE).  Layout,
+   plain memory that another engine can fill:
+       k, v   [B, Hkv, capacity, D]:  token t of batch row b, KV head g at
+              k[((b * Hkv + g) * capacity + t) * D]
+       len    [B]: the tokens row b holds, 0..capacity (rows may differ: ragged)
+   Appending past capacity returns MHA_ERR_CAPACITY and writes nothing.
+   Rolling buffer (ring = 1, for sliding-window models; StreamingLLM with
+   n_keep > 0): len[b] counts every token appended (the next position), and
+   token t lives in slot t for t < n_keep, else in slot
+   n_keep + (t - n_keep) % (capacity - n_keep); a full row overwrites its
+   oldest tokens after the first n_keep.  Attention sees the tokens held
+   (the first n_keep and the last capacity - n_keep), masked by their true
+   positions.  A chunk that wraps and is longer than capacity - n_keep is
+   MHA_ERR_CAPACITY.  Prefill chunks that wrap hide from their first queries
+   the tokens the chunk overwrote: size the ring as window + chunk.
+   Queries attend as the newest Lq tokens of each row: Lq > len[b] (no
+   ring) is MHA_ERR_CAPACITY.  Zero the struct before filling it.  */
+struct mha_kv_cache {
+    int B, Hkv, D, capacity;
+    float *k, *v;
+    int *len;
+    int ring;          /* nonzero: rolling buffer */
+    int n_keep;        /* ring: tokens 0..n_keep-1 are never overwritten; 0 <= n_keep < capacity */
+};
+
+/* Append n tokens to every row: k_new, v_new [B, Hkv, n, D] (the SDPA
+   layout, RoPE already applied), written at slots len[b]..len[b]+n-1;
+   len += n.  (A module run with run->cache appends for you.)  */
+MHADEF mha_status mha_kv_cache_append(mha_kv_cache *c, int n, const float *k_new,
+                                      const float *v_new, mha_error *err);
+
+/* Rotary position embedding (Su et al.).  The first R = rotary_dim features
+   of each head form R/2 pairs (a_m, b_m); pair m of a token at position p
+   turns by the angle p * theta^(-2m/R):
+       a' = a cos - b sin,    b' = b cos + a sin
+   The pairs are (x[m], x[m + R/2]) for MHA_ROPE_HALF (rotate_half: GPT-NeoX,
+   llama) and (x[2m], x[2m+1]) for MHA_ROPE_INTERLEAVED (GPT-J, RoFormer).
+   Features past R pass unchanged.  Angles are computed in double.
+   x [B, H, L, D] (the SDPA layout) is rotated in place: token l of batch b
+   sits at position pos0 + l, or positions[b*L + l] when positions is not
+   NULL (ragged batches); positions must be >= 0.  The backward turns dx
+   by the opposite angles (the rotation's transpose), in place.  */
+MHADEF mha_status mha_rope_forward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
+                                   const int *positions, float *x, mha_error *err);
+MHADEF mha_status mha_rope_backward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
+                                    const int *positions, float *dx, mha_error *err);
+
+/* Merge attention results computed over disjoint sets of keys (flash-
+   decoding's split-K, xformers' merge_attentions).  Part p gives out_p
+   [rows, Dv] and lse_p [rows] (run->lse of its call); the result over the
+   union of the keys is
+       lse = log sum_p exp(lse_p),     out = sum_p exp(lse_p - lse) out_p
+   A row whose parts all have lse = -inf (no key anywhere) gets zeros and
+   -inf; a NaN lse in any part gives that row NaN (out and lse).  Sinks
+   belong to one part only.  out may be outs[0] and lse any of lses[] (in
+   place).  The parts are summed in order p = 0, 1, ..., so a fixed split
+   gives a fixed result.  */
+MHADEF mha_status mha_attn_merge(int nparts, size_t rows, int Dv, const float *const *outs,
+                                 const float *const *lses, float *out, float *lse,
+                                 mha_error *err);
+
+/* ====================================================================== 8
+   THE ENCODER LAYER: an nn.TransformerEncoderLayer(batch_first=True) in
+   eval mode (no dropout).  Pointer fields follow its state_dict names:
+   self_attn.* go into self_attn, linear1.weight -> linear1_weight, ...
+     post-norm (norm_first = 0):  h = LN1(x + SA(x));   y = LN2(h + FF(h))
+     pre-norm  (norm_first = 1):  h = x + SA(LN1(x));   y = h + FF(LN2(h))
+     FF(z) = linear2(act(linear1(z)))
+   x, y, dy, dx: [B, L, E]; x and y must not overlap.  opt carries src_mask
+   (attn_mask), src_key_padding_mask and is_causal (causal).  An inference
+   plan (no MHA_PLAN_TRAINING) runs the feed-forward block a few rows at a
+   time, so its workspace grows with L*E, never L*F or L^2.
+   ====================================================================== */
 
 typedef enum mha_activation {
     MHA_ACT_RELU = 0,   /* max(0, x) (the zero default, as in PyTorch) */
     MHA_ACT_GELU        /* exact: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) */
 } mha_activation;
 
-/* An nn.TransformerEncoderLayer(batch_first=True) in eval mode (no dropout).
-   Pointer fields follow its state_dict names: self_attn.* go into self_attn,
-   linear1.weight -> linear1_weight, and so on.
-     post-norm (norm_first = 0):  h = LN1(x + SA(x));   y = LN2(h + FF(h))
-     pre-norm  (norm_first = 1):  h = x + SA(LN1(x));   y = h + FF(LN2(h))
-     FF(z) = linear2(act(linear1(z)))                                       */
 typedef struct mha_encoder_layer {
     mha_module     self_attn;        /* embed_dim = d_model, num_heads = nhead; kdim and vdim
-                                        0 or d_model (x is the key and value: anything else
-                                        is MHA_ERR_INVALID_ARGUMENT) */
+                                        0 or d_model */
     int            dim_feedforward;  /* F */
     mha_activation activation;
     int            norm_first;
@@ -609,41 +647,73 @@ typedef struct mha_encoder_layer {
     const float *norm2_weight, *norm2_bias;       /* [E], [E] */
 } mha_encoder_layer;
 
-/* nn.TransformerEncoderLayer's defaults for what is not a weight:
-   dim_feedforward 2048, ReLU, post-norm, layer_norm_eps 1e-5.  (A zero
-   layer_norm_eps also means 1e-5: an eps of 0 divides a constant row by 0.) */
-MHADEF mha_encoder_layer mha_encoder_layer_defaults(void);
-
 typedef struct mha_encoder_layer_grad {
     mha_module_grad self_attn;
     float *linear1_weight, *linear1_bias, *linear2_weight, *linear2_bias;
     float *norm1_weight, *norm1_bias, *norm2_weight, *norm2_bias;
 } mha_encoder_layer_grad;
 
-/* x, y, dy, dx: [B, L, E].  opt carries src_mask (attn_mask), src_key_padding_mask
-   and is_causal (causal).  attn_weights: NULL or as in mha_forward.
-   One workspace size serves both calls.  */
-MHADEF mha_status mha_encoder_workspace_size(const mha_encoder_layer *layer, int B, int L,
-                                             const mha_options *opt, size_t *bytes);
+/* nn.TransformerEncoderLayer's defaults for what is not a weight:
+   dim_feedforward 2048, ReLU, post-norm, layer_norm_eps 1e-5 (cannot fail). */
+MHADEF mha_encoder_layer mha_encoder_layer_defaults(void);
+
 MHADEF mha_status mha_encoder_forward(const mha_encoder_layer *layer, int B, int L,
                                       const float *x, const mha_options *opt, float *y,
-                                      float *attn_weights, void *workspace, size_t workspace_bytes);
+                                      const mha_run *run, mha_error *err);
 MHADEF mha_status mha_encoder_backward(const mha_encoder_layer *layer, int B, int L,
-                                       const float *x, const mha_options *opt, const float *dy,
-                                       float *dx, mha_encoder_layer_grad *grad,
-                                       void *workspace, size_t workspace_bytes);
+                                       const float *x, const float *dy, const mha_options *opt,
+                                       float *dx, const mha_encoder_layer_grad *grad,
+                                       const mha_run *run, mha_error *err);
+MHADEF mha_status mha_encoder_plan_size(const mha_encoder_layer *layer, int B, int L,
+                                        const mha_options *opt, unsigned flags,
+                                        mha_sizes *sizes, mha_error *err);
+MHADEF mha_status mha_encoder_plan(const mha_encoder_layer *layer, int B, int L,
+                                   const mha_options *opt, unsigned flags,
+                                   void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err);
+MHADEF mha_status mha_encoder_run_forward(const mha_plan *plan, int L, const float *x, float *y,
+                                          const mha_run *run, mha_error *err);
+MHADEF mha_status mha_encoder_run_backward(const mha_plan *plan, int L, const float *x,
+                                           const float *dy, float *dx,
+                                           const mha_encoder_layer_grad *grad,
+                                           const mha_run *run, mha_error *err);
+
+/* ====================================================================== 9
+   TRAINING PIECES (docs/theory.md has the formulas, docs/training.md a
+   worked example).  Every backward ADDS its gradients into the buffers it
+   is given, the way PyTorch accumulates .grad: zero them before a step.  A
+   NULL gradient pointer means "not needed".
+   ====================================================================== */
+
+/* y[rows, out] = x[rows, in] W^T + b   (nn.Linear; W [out, in], b [out] or NULL).
+   Backward: dx += dy W,  dW += dy^T x,  db += sum over rows of dy.
+   run: NULL or its workspace, of mha_linear_workspace_size bytes.  */
+MHADEF mha_status mha_linear_workspace_size(int rows, int in, int out, size_t *bytes,
+                                            mha_error *err);
+MHADEF mha_status mha_linear_forward(int rows, int in, int out, const float *x, const float *W,
+                                     const float *b, float *y, const mha_run *run, mha_error *err);
+MHADEF mha_status mha_linear_backward(int rows, int in, int out, const float *x, const float *W,
+                                      const float *dy, float *dx, float *dW, float *db,
+                                      const mha_run *run, mha_error *err);
+
+/* y[rows, E] = (x - mean) / sqrt(var + eps) * w + b per row (nn.LayerNorm, biased var).
+   eps 0 = 1e-5.  Backward adds into dx, dw, db (each may be NULL).  */
+MHADEF mha_status mha_layernorm_forward(int rows, int E, const float *x, const float *w,
+                                        const float *b, float eps, float *y, mha_error *err);
+MHADEF mha_status mha_layernorm_backward(int rows, int E, const float *x, const float *w,
+                                         float eps, const float *dy, float *dx, float *dw,
+                                         float *db, mha_error *err);
 
 /* Sinusoidal positional encoding, pe [L, d]:
      PE[pos, 2i] = sin(pos / 10000^(2i/d)),  PE[pos, 2i+1] = cos(pos / 10000^(2i/d))  */
-MHADEF mha_status mha_positional_encoding(int L, int d, float *pe);
+MHADEF mha_status mha_positional_encoding(int L, int d, float *pe, mha_error *err);
 
 /* Embedding lookup (nn.Embedding): out[n, d] = table[tokens[n], :], table [vocab, d].
    Backward: dtable[tokens[n], :] += dout[n, :].  A token outside [0, vocab) is
    MHA_ERR_INVALID_ARGUMENT.  */
 MHADEF mha_status mha_embedding_forward(int n, int vocab, int d, const int *tokens,
-                                        const float *table, float *out);
+                                        const float *table, float *out, mha_error *err);
 MHADEF mha_status mha_embedding_backward(int n, int vocab, int d, const int *tokens,
-                                         const float *dout, float *dtable);
+                                         const float *dout, float *dtable, mha_error *err);
 
 /* Mean cross-entropy of logits [n, V] against targets [n] (nn.CrossEntropyLoss):
      loss = -(1/N) sum_r log softmax(logits_r)[target_r],  N = rows with target >= 0
@@ -653,144 +723,26 @@ MHADEF mha_status mha_embedding_backward(int n, int vocab, int d, const int *tok
    With every target ignored (N = 0) the loss is 0 and dlogits all zero, so
    such a batch changes nothing; PyTorch's mean returns NaN there.  */
 MHADEF mha_status mha_cross_entropy(int n, int V, const float *logits, const int *targets,
-                                    float *loss, float *dlogits, int *correct);
+                                    float *loss, float *dlogits, int *correct, mha_error *err);
 
 /* Plain SGD (torch.optim.SGD without momentum): p -= lr * (g + weight_decay * p).
-   lr and weight_decay must be finite and >= 0: else MHA_ERR_INVALID_ARGUMENT,
-   p untouched.  */
-MHADEF mha_status mha_sgd_step(size_t n, float *p, const float *g, float lr, float weight_decay);
+   lr and weight_decay must be finite and >= 0.  */
+MHADEF mha_status mha_sgd_step(size_t n, float *p, const float *g, float lr, float weight_decay,
+                               mha_error *err);
 
 /* AdamW (torch.optim.AdamW).  Every field means exactly its value, zero
-   included (beta1 = 0 or weight_decay = 0 is what it says): start from
-   mha_adamw_defaults(), PyTorch's lr 1e-3, betas (0.9, 0.999), eps 1e-8,
-   weight_decay 0.01, and change what differs:
-       mha_adamw opt = mha_adamw_defaults();  opt.lr = 3e-3f;
+   included: start from mha_adamw_defaults(), PyTorch's lr 1e-3, betas
+   (0.9, 0.999), eps 1e-8, weight_decay 0.01, and change what differs.
    Every field must be finite, with lr, eps, weight_decay >= 0 and beta1,
-   beta2 in [0, 1): else MHA_ERR_INVALID_ARGUMENT and nothing is written.
-   step is the 1-based step count (for bias correction); m and v are the
-   caller's moment buffers of n floats, zero before the first step.  */
+   beta2 in [0, 1).  step is the 1-based step count (for bias correction);
+   m and v are the caller's moment buffers of n floats, zero before the
+   first step.  */
 typedef struct mha_adamw {
     float lr, beta1, beta2, eps, weight_decay;
 } mha_adamw;
 MHADEF mha_adamw  mha_adamw_defaults(void);
 MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, float *p,
-                                 const float *g, float *m, float *v);
-
-/* A small seeded generator (xorshift64*): same stream on every platform. */
-typedef struct mha_rng { unsigned long long state; } mha_rng;
-MHADEF void     mha_rng_seed(mha_rng *r, unsigned long long seed);
-MHADEF unsigned mha_rng_u32(mha_rng *r);
-MHADEF float    mha_rng_uniform(mha_rng *r);                  /* [0, 1) */
-MHADEF void     mha_rng_fill(mha_rng *r, float *x, size_t n, float a);  /* U(-a, a) */
-
-
-/* ======================================================================
-   PLANS: state fixed once, then run (FFTW, cuDNN and miniaudio style).
-   A plan is made once from the shapes (B and the largest Lq, Lk), the
-   options (mask kinds and shapes, causal, scale), the thread count
-   (opt->num_threads; 0 = OpenMP's default, read now and fixed) and flags;
-   making it validates everything, resolves (and with MHA_PLAN_PACK packs)
-   the weights and computes the exact workspace.  A run takes tensors and a
-   workspace of mha_plan_workspace_size() bytes and nothing else:
-     - any Lq <= planned Lq and Lk <= planned Lk (more: MHA_ERR_EXCEEDS_PLAN),
-       with the masks' data for those lengths ([Lq, Lk] / [B, Lk] dense);
-       a NULL mask pointer means the one in the options the plan was made with;
-     - exactly the plan's threads; results are bit-identical for any count,
-       and equal, bit for bit, to the one-shot call of the same lengths
-       (a module plan whose maxima chose the head-by-head path keeps it for
-       shorter runs: see docs/api.md);
-     - a run never writes the plan: one plan may run from many threads at
-       once, each with its own workspace.
-   Saved forward (MHA_PLAN_TRAINING): a forward run given a workspace leaves
-   there what the backward needs (SDPA: each row's log-sum-exp and O;
-   module: Q, K, V after RoPE, the context, the lse; encoder: those and the
-   layer's activations), stamped with a key of the plan, the lengths, the
-   input and mask pointers and contents, sinks, ALiBi slopes, a sample of
-   the weights, and a check sum of the saved data.  A backward run of the
-   same plan on the same workspace uses it when the key of its own
-   arguments matches, so it skips the forward's recomputation (its results
-   then agree with the one-shot backward to float32 rounding, not to the
-   bit); otherwise it recomputes the forward and equals the one-shot
-   backward bit for bit.  Either way the status is MHA_OK.  Change no input
-   or weight between the two (an optimizer step goes after the backward),
-   and run nothing else in the workspace in between.  The module's
-   head-by-head path (very long sequences) saves nothing.
-   Memory: *_plan_size gives the bytes; pass mem (8-byte aligned, that many
-   bytes) to build the plan there, or mem = NULL to have it allocated with
-   MHA_MALLOC.  mha_plan_destroy frees an allocated plan (and does nothing to
-   one in caller memory).  A plan borrows the weight and mask pointers it was
-   made with: keep them alive while it is used.  The workspace of a run may
-   be NULL: it is then allocated and freed by the run.
-   The one-shot calls above (mha_gemm, mha_sdpa, mha_forward, ...) are thin
-   wrappers: a plan on the stack, one run.
-   ====================================================================== */
-typedef struct mha_plan mha_plan;
-
-#define MHA_PLAN_WEIGHTS  1u  /* runs may ask for the attention weights */
-#define MHA_PLAN_TRAINING 2u  /* the backward runs too (the workspace covers both); the forward
-                                 run saves what the backward needs in the workspace */
-#define MHA_PLAN_PACK     4u  /* module/encoder: pack Wq, Wk, Wv, Wo into the plan's memory;
-                                 a run whose weights changed since is MHA_ERR_STALE */
-
-MHADEF mha_status mha_gemm_plan_size(mha_trans ta, mha_trans tb, int M, int N, int K,
-                                     int num_threads, size_t *plan_bytes);
-MHADEF mha_status mha_gemm_plan(mha_trans ta, mha_trans tb, int M, int N, int K, int num_threads,
-                                void *mem, size_t mem_bytes, mha_plan **plan);
-MHADEF mha_status mha_gemm_run(const mha_plan *plan, float alpha, const float *A, int lda,
-                               const float *B, int ldb, float beta, float *C, int ldc,
-                               void *workspace, size_t workspace_bytes);
-
-MHADEF mha_status mha_sdpa_plan_size(int B, int H, int Lq, int Lk, int D, int Dv,
-                                     const mha_options *opt, unsigned flags, size_t *plan_bytes);
-MHADEF mha_status mha_sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
-                                const mha_options *opt, unsigned flags,
-                                void *mem, size_t mem_bytes, mha_plan **plan);
-MHADEF mha_status mha_sdpa_run(const mha_plan *plan, int Lq, int Lk,
-                               const float *q, const float *k, const float *v,
-                               const void *attn_mask, const void *key_padding_mask,
-                               float *out, float *attn_weights, void *workspace, size_t workspace_bytes);
-MHADEF mha_status mha_sdpa_run_backward(const mha_plan *plan, int Lq, int Lk,
-                                        const float *q, const float *k, const float *v,
-                                        const float *dout, const void *attn_mask,
-                                        const void *key_padding_mask, float *dq, float *dk, float *dv,
-                                        void *workspace, size_t workspace_bytes);
-
-MHADEF mha_status mha_module_plan_size(const mha_module *m, int B, int Lq, int Lk,
-                                       const mha_options *opt, unsigned flags, size_t *plan_bytes);
-MHADEF mha_status mha_module_plan(const mha_module *m, int B, int Lq, int Lk,
-                                  const mha_options *opt, unsigned flags,
-                                  void *mem, size_t mem_bytes, mha_plan **plan);
-MHADEF mha_status mha_module_forward(const mha_plan *plan, int Lq, int Lk,
-                                     const float *query, const float *key, const float *value,
-                                     const void *attn_mask, const void *key_padding_mask,
-                                     float *out, float *attn_weights,
-                                     void *workspace, size_t workspace_bytes);
-MHADEF mha_status mha_module_backward(const mha_plan *plan, int Lq, int Lk,
-                                      const float *query, const float *key, const float *value,
-                                      const float *dout, const void *attn_mask,
-                                      const void *key_padding_mask, float *dquery, float *dkey,
-                                      float *dvalue, mha_module_grad *grad,
-                                      void *workspace, size_t workspace_bytes);
-
-/* Without MHA_PLAN_TRAINING an encoder plan sizes for inference only: the
-   feed-forward block runs a few rows at a time, so its workspace grows with
-   L*E (never L*F or L^2).  x and y must not overlap. */
-MHADEF mha_status mha_encoder_plan_size(const mha_encoder_layer *layer, int B, int L,
-                                        const mha_options *opt, unsigned flags, size_t *plan_bytes);
-MHADEF mha_status mha_encoder_plan(const mha_encoder_layer *layer, int B, int L,
-                                   const mha_options *opt, unsigned flags,
-                                   void *mem, size_t mem_bytes, mha_plan **plan);
-MHADEF mha_status mha_encoder_run(const mha_plan *plan, int L, const float *x,
-                                  const void *attn_mask, const void *key_padding_mask,
-                                  float *y, float *attn_weights, void *workspace, size_t workspace_bytes);
-MHADEF mha_status mha_encoder_run_backward(const mha_plan *plan, int L, const float *x, const float *dy,
-                                           const void *attn_mask, const void *key_padding_mask,
-                                           float *dx, mha_encoder_layer_grad *grad,
-                                           void *workspace, size_t workspace_bytes);
-
-/* Bytes of workspace every run of the plan needs (0 for a NULL plan). */
-MHADEF size_t mha_plan_workspace_size(const mha_plan *plan);
-MHADEF void   mha_plan_destroy(mha_plan *plan);
+                                 const float *g, float *m, float *v, mha_error *err);
 
 #ifdef __cplusplus
 }
@@ -808,6 +760,8 @@ MHADEF void   mha_plan_destroy(mha_plan *plan);
 #include <string.h>
 #include <stdint.h>
 #include <limits.h>
+#include <stdio.h>
+#include <stdarg.h>
 
 #if defined(MHA_MALLOC) != defined(MHA_FREE)
 #error "mha.h: define both MHA_MALLOC and MHA_FREE, or neither"
@@ -863,6 +817,70 @@ MHADEF const char *mha_status_string(mha_status s)
 #undef MHA__MSG
     default: return "unknown mha_status value";
     }
+}
+
+/* Refusals.  Every check that refuses says so through mha__fail: the
+   status, the field as the caller wrote it, and what was expected and
+   found (printf-style).  The public call then signs the message with its
+   name (mha__sign).  Internal calls of public functions pass err = NULL. */
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((format(printf, 4, 5)))
+#endif
+static mha_status mha__fail(mha_error *e, mha_status s, const char *field, const char *fmt, ...)
+{
+    va_list ap;
+    if (!e || e->status != MHA_OK) return s;   /* the first refusal is the one reported */
+    e->status = s;
+    e->field = field;
+    va_start(ap, fmt);
+    vsnprintf(e->message, sizeof e->message, fmt, ap);
+    va_end(ap);
+    return s;
+}
+/* At a public call's entry: a clean report (status MHA_OK, no field). */
+static void mha__begin(mha_error *e)
+{
+    if (!e) return;
+    e->status = MHA_OK;
+    e->function = NULL;
+    e->field = NULL;
+    e->message[0] = '\0';
+}
+/* Append src to the message being built in dst[cap] (truncating: a long
+   message keeps its start). */
+static void mha__cat(char *dst, size_t cap, size_t *len, const char *src)
+{
+    while (*src && *len + 1 < cap) dst[(*len)++] = *src++;
+    dst[*len] = '\0';
+}
+/* At its exit: a refusal's message becomes "function: field: detail" (a
+   check that gave no detail still gets the status's sentence). */
+static mha_status mha__sign(mha_error *e, const char *function, mha_status s)
+{
+    char detail[sizeof e->message];
+    size_t n = 0;
+    if (!e || s == MHA_OK) return s;
+    if (e->status == MHA_OK) {   /* refused without mha__fail */
+        e->status = s;
+        e->field = NULL;
+        e->message[0] = '\0';
+    }
+    memcpy(detail, e->message, sizeof detail);
+    e->function = function;
+    mha__cat(e->message, sizeof e->message, &n, function);
+    mha__cat(e->message, sizeof e->message, &n, ": ");
+    if (e->field) {
+        mha__cat(e->message, sizeof e->message, &n, e->field);
+        mha__cat(e->message, sizeof e->message, &n, ": ");
+    }
+    mha__cat(e->message, sizeof e->message, &n, detail[0] ? detail : mha_status_string(s));
+    return s;
+}
+/* NULL pointer arguments, the commonest refusal: the first NULL of the n
+   named pointers (a name list "q,k,v" matches the pointers in order). */
+static mha_status mha__need(mha_error *e, const char *name, const void *ptr)
+{
+    return ptr ? MHA_OK : mha__fail(e, MHA_ERR_NULL_POINTER, name, "is NULL");
 }
 
 /* -------------------------------------------------- size arithmetic */
@@ -2910,21 +2928,21 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
 
 /* Mask data pointers are checked by each run (a plan may be made before the
    masks exist); kinds, shapes and the other options here, once per plan. */
-static mha_status mha__check_mask_kind(const mha_mask *m)
+static mha_status mha__check_mask_kind(const mha_mask *m, const char *field, mha_error *e)
 {
-    if (m->kind == MHA_MASK_NONE) return MHA_OK;
-    if (m->kind != MHA_MASK_BOOL && m->kind != MHA_MASK_BOOL_KEEP && m->kind != MHA_MASK_FLOAT)
-        return MHA_ERR_BAD_ENUM;
-    return MHA_OK;
+    if (m->kind == MHA_MASK_NONE || m->kind == MHA_MASK_BOOL || m->kind == MHA_MASK_BOOL_KEEP ||
+        m->kind == MHA_MASK_FLOAT)
+        return MHA_OK;
+    return mha__fail(e, MHA_ERR_BAD_ENUM, field, "is %d, not an mha_mask_kind (0..3)", (int)m->kind);
 }
 
 /* Every planner validates its options here, against the planned maxima. */
-static mha_status mha__check_masks(const mha_options *opt, int B, int H, int Lq, int Lk)
+static mha_status mha__check_masks(const mha_options *opt, int B, int H, int Lq, int Lk, mha_error *e)
 {
     mha_status st;
     const mha_mask *am = &opt->attn_mask, *kp = &opt->key_padding_mask;
-    if ((st = mha__check_mask_kind(am)) != MHA_OK) return st;
-    if ((st = mha__check_mask_kind(kp)) != MHA_OK) return st;
+    if ((st = mha__check_mask_kind(am, "opt->attn_mask.kind", e)) != MHA_OK) return st;
+    if ((st = mha__check_mask_kind(kp, "opt->key_padding_mask.kind", e)) != MHA_OK) return st;
     if (am->kind != MHA_MASK_NONE) {
         int ok = 0;
         if (am->ndim == 2)
@@ -2933,22 +2951,40 @@ static mha_status mha__check_masks(const mha_options *opt, int B, int H, int Lq,
             ok = (size_t)am->shape[0] == (size_t)B * (size_t)H && am->shape[1] == Lq && am->shape[2] == Lk;
         else if (am->ndim == 4)
             ok = am->shape[0] == B && am->shape[1] == H && am->shape[2] == Lq && am->shape[3] == Lk;
-        if (!ok) return MHA_ERR_MASK_SHAPE;
+        if (am->ndim < 2 || am->ndim > 4)
+            return mha__fail(e, MHA_ERR_MASK_SHAPE, "opt->attn_mask.ndim", "is %d; expected 2, 3 or 4",
+                             am->ndim);
+        if (!ok)
+            return mha__fail(e, MHA_ERR_MASK_SHAPE, "opt->attn_mask.shape",
+                             "is [%d, %d%s%d%s%d]; expected [Lq, Lk] = [%d, %d], [B*H, Lq, Lk] or "
+                             "[B, H, Lq, Lk] with B %d, H %d",
+                             am->shape[0], am->shape[1], am->ndim > 2 ? ", " : "", am->ndim > 2 ? am->shape[2] : 0,
+                             am->ndim > 3 ? ", " : "", am->ndim > 3 ? am->shape[3] : 0, Lq, Lk, B, H);
     }
-    if (kp->kind != MHA_MASK_NONE) {
-        if (!(kp->ndim == 2 && kp->shape[0] == B && kp->shape[1] == Lk)) return MHA_ERR_MASK_SHAPE;
-    }
-    if (opt->causal && opt->causal_align != MHA_CAUSAL_TOP_LEFT &&
-        opt->causal_align != MHA_CAUSAL_BOTTOM_RIGHT)
-        return MHA_ERR_BAD_ENUM;
-    if (!(opt->scale >= 0.0f) || opt->scale == INFINITY || opt->num_threads < 0)
-        return MHA_ERR_INVALID_ARGUMENT;
+    if (kp->kind != MHA_MASK_NONE && !(kp->ndim == 2 && kp->shape[0] == B && kp->shape[1] == Lk))
+        return mha__fail(e, MHA_ERR_MASK_SHAPE, "opt->key_padding_mask.shape",
+                         "is %d-D [%d, %d]; expected [B, Lk] = [%d, %d]", kp->ndim, kp->shape[0],
+                         kp->shape[1], B, Lk);
+    /* the alignment also places windows and ALiBi, so it is checked with causal off too */
+    if (opt->causal_align != MHA_CAUSAL_TOP_LEFT && opt->causal_align != MHA_CAUSAL_BOTTOM_RIGHT)
+        return mha__fail(e, MHA_ERR_BAD_ENUM, "opt->causal_align", "is %d; expected MHA_CAUSAL_TOP_LEFT (0) "
+                         "or MHA_CAUSAL_BOTTOM_RIGHT (1)", (int)opt->causal_align);
+    if (!(opt->scale >= 0.0f) || opt->scale == INFINITY)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->scale", "is %g; expected 0 (default) or a "
+                         "positive finite number", (double)opt->scale);
+    if (opt->num_threads < 0)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->num_threads", "is %d; expected >= 0",
+                         opt->num_threads);
     return MHA_OK;
 }
 
-/* The row outputs of a call: lse, and the statistics rs points to (NULL:
-   none); rs->lse is written besides lse when they differ.  */
-static void mha__attn_stats(mha__attn *a, float *lse, const mha_row_stats *rs)
+/* The row outputs of a run (mha_run's lse and statistics), as views. */
+typedef struct mha__rowout { float *lse, *entropy, *max_weight, *first_weight; } mha__rowout;
+
+/* The row outputs of a call: lse (an internal buffer, e.g. a saved
+   forward's, or NULL) and the caller's rs (NULL: none); rs->lse is written
+   besides lse when they differ.  */
+static void mha__attn_stats(mha__attn *a, float *lse, const mha__rowout *rs)
 {
     a->lse = lse ? lse : rs ? rs->lse : NULL;
     a->lse2 = lse && rs && rs->lse != lse ? rs->lse : NULL;
@@ -2977,85 +3013,137 @@ static void mha__attn_common(mha__attn *a, const mha_options *opt, int B, int H,
     a->softcap = opt->softcap;
     a->alibi = opt->alibi != 0; a->slopes = opt->alibi_slopes;
     a->sinks = opt->sinks;
-    mha__attn_stats(a, opt->lse, opt->row_stats);
-    a->sinks_grad = opt->sinks_grad;
+    mha__attn_stats(a, NULL, NULL);   /* the run's outputs are set by the run */
+    a->sinks_grad = NULL;
 }
 
-/* RoPE settings: kind in the enum, rotary_dim even and <= D, theta >= 0 finite. */
-static mha_status mha__check_rope(const mha_rope *r, int D)
+/* RoPE settings: kind in the enum, rotary_dim even and <= D, theta >= 0 finite.
+   pre: how the caller names the struct ("rope->", "m->rope."). */
+static mha_status mha__check_rope(const mha_rope *r, int D, int module, mha_error *e)
 {
     if (r->kind != MHA_ROPE_NONE && r->kind != MHA_ROPE_HALF && r->kind != MHA_ROPE_INTERLEAVED)
-        return MHA_ERR_BAD_ENUM;
-    if (r->rotary_dim < 0 || r->rotary_dim % 2 != 0 || r->rotary_dim > D) return MHA_ERR_INVALID_ARGUMENT;
-    if (r->kind != MHA_ROPE_NONE && r->rotary_dim == 0 && D % 2 != 0) return MHA_ERR_INVALID_ARGUMENT;
-    if (!(r->theta >= 0.0f) || r->theta == INFINITY) return MHA_ERR_INVALID_ARGUMENT;
+        return mha__fail(e, MHA_ERR_BAD_ENUM, module ? "m->rope.kind" : "rope->kind",
+                         "is %d, not an mha_rope_kind (0..2)", (int)r->kind);
+    if (r->rotary_dim < 0 || r->rotary_dim % 2 != 0 || r->rotary_dim > D)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, module ? "m->rope.rotary_dim" : "rope->rotary_dim",
+                         "is %d; expected 0 or an even number <= the head dimension %d", r->rotary_dim, D);
+    if (r->kind != MHA_ROPE_NONE && r->rotary_dim == 0 && D % 2 != 0)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, module ? "m->rope.rotary_dim" : "rope->rotary_dim",
+                         "is 0 (all of D) but the head dimension %d is odd", D);
+    if (!(r->theta >= 0.0f) || r->theta == INFINITY)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, module ? "m->rope.theta" : "rope->theta",
+                         "is %g; expected 0 (10000) or a positive finite base", (double)r->theta);
     return MHA_OK;
 }
 
 /* The decoder options (checked where the masks are): the module's RoPE
-   (rope NULL for SDPA); position_offset >= 0; Hkv divides H; window sides
-   >= -1; softcap >= 0 and finite; caller slopes finite; sink logits finite
-   or -inf.  Hkv: the KV heads in use (the module's, or opt's). */
-static mha_status mha__check_decode(const mha_options *opt, int H, int Hkv, const mha_rope *rope, int D)
+   (rope NULL for SDPA); position_offset >= 0 and offset + Lk within int;
+   Hkv divides H; window sides >= -1; softcap >= 0 and finite; caller
+   slopes finite; sink logits finite or -inf.  Hkv: the KV heads in use
+   (the module's, or opt's); kv_field names where they came from. */
+static mha_status mha__check_decode(const mha_options *opt, int H, int Hkv, const char *kv_field,
+                                    const mha_rope *rope, int D, int Lk, mha_error *e)
 {
     int h;
     mha_status st;
-    if (rope && (st = mha__check_rope(rope, D)) != MHA_OK) return st;
-    if (opt->position_offset < 0) return MHA_ERR_INVALID_ARGUMENT;
-    if (Hkv < 0) return MHA_ERR_INVALID_SIZE;
+    if (rope && (st = mha__check_rope(rope, D, 1, e)) != MHA_OK) return st;
+    if (opt->position_offset < 0)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->position_offset", "is %d; expected >= 0",
+                         opt->position_offset);
+    /* key j sits at offset + j and a query at offset + i' <= offset + Lk: all ints */
+    if (opt->position_offset > INT_MAX - Lk)
+        return mha__fail(e, MHA_ERR_OVERFLOW, "opt->position_offset", "is %d; with %d keys the last "
+                         "position passes INT_MAX", opt->position_offset, Lk);
+    if (Hkv < 0) return mha__fail(e, MHA_ERR_INVALID_SIZE, kv_field, "is %d; expected >= 0", Hkv);
     if (Hkv == 0) Hkv = H;
-    if (Hkv > H || H % Hkv != 0) return MHA_ERR_HEADS_DIVIDE;
-    if (opt->window && (opt->window_left < -1 || opt->window_right < -1)) return MHA_ERR_INVALID_ARGUMENT;
-    if (!(opt->softcap >= 0.0f) || opt->softcap == INFINITY) return MHA_ERR_INVALID_ARGUMENT;
+    if (Hkv > H || H % Hkv != 0)
+        return mha__fail(e, MHA_ERR_HEADS_DIVIDE, kv_field, "is %d, which does not divide the %d query "
+                         "heads", Hkv, H);
+    if (opt->window && opt->window_left < -1)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->window_left", "is %d; expected -1 (unbounded) "
+                         "or >= 0", opt->window_left);
+    if (opt->window && opt->window_right < -1)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->window_right", "is %d; expected -1 (unbounded) "
+                         "or >= 0", opt->window_right);
+    if (!(opt->softcap >= 0.0f) || opt->softcap == INFINITY)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->softcap", "is %g; expected 0 (off) or a "
+                         "positive finite cap", (double)opt->softcap);
     for (h = 0; opt->alibi && opt->alibi_slopes && h < H; ++h)
-        if (!(opt->alibi_slopes[h] - opt->alibi_slopes[h] == 0.0f)) return MHA_ERR_INVALID_ARGUMENT;
+        if (!(opt->alibi_slopes[h] - opt->alibi_slopes[h] == 0.0f))
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->alibi_slopes", "[%d] is %g; expected a "
+                             "finite slope", h, (double)opt->alibi_slopes[h]);
     for (h = 0; opt->sinks && h < H; ++h)
-        if (!(opt->sinks[h] < INFINITY)) return MHA_ERR_INVALID_ARGUMENT;   /* NaN, +inf */
+        if (!(opt->sinks[h] < INFINITY))   /* NaN, +inf */
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->sinks", "[%d] is %g; expected a finite "
+                             "logit or -inf", h, (double)opt->sinks[h]);
     return MHA_OK;
 }
 
-
-
-MHADEF mha_status mha_alibi_slopes(int H, float *slopes)
+MHADEF mha_status mha_alibi_slopes(int H, float *slopes, mha_error *err)
 {
     int h;
-    if (!slopes) return MHA_ERR_NULL_POINTER;
-    if (H <= 0) return MHA_ERR_INVALID_SIZE;
+    mha__begin(err);
+    if (!slopes) return mha__sign(err, "mha_alibi_slopes", mha__need(err, "slopes", slopes));
+    if (H <= 0)
+        return mha__sign(err, "mha_alibi_slopes", mha__fail(err, MHA_ERR_INVALID_SIZE, "H", "is %d; expected >= 1", H));
     for (h = 0; h < H; ++h) slopes[h] = mha__alibi_slope(H, h);
     return MHA_OK;
 }
 
 
-MHADEF mha_status mha_attn_merge(int nparts, size_t rows, int Dv, const float *const *outs,
-                                 const float *const *lses, float *out, float *lse)
+/* The merge of one row (mha_attn_merge): a NaN lse anywhere makes the row
+   NaN (a NaN query must not vanish as "no key"); all -inf is "no key". */
+static void mha__merge_row(int nparts, size_t r, int Dv, const float *const *outs,
+                           const float *const *lses, float *o, float *lse)
 {
-    size_t r;
-    int p, d;
-    if (!outs || !lses || !out) return MHA_ERR_NULL_POINTER;
-    if (nparts <= 0 || Dv <= 0) return MHA_ERR_INVALID_SIZE;
-    for (p = 0; p < nparts; ++p) if (!outs[p] || !lses[p]) return MHA_ERR_NULL_POINTER;
-    for (r = 0; r < rows; ++r) {
-        /* m = max_p lse_p;  lse = m + log sum_p exp(lse_p - m);  w_p = exp(lse_p - lse) */
-        double m = -INFINITY, sum = 0.0, total;
-        float *o = out + r * Dv;
-        for (p = 0; p < nparts; ++p) if (lses[p][r] > m) m = lses[p][r];
-        if (m == -INFINITY) {
-            for (d = 0; d < Dv; ++d) o[d] = 0.0f;
-            if (lse) lse[r] = -INFINITY;
-            continue;
-        }
-        for (p = 0; p < nparts; ++p) sum += exp((double)lses[p][r] - m);
-        total = m + log(sum);
-        /* part 0 first, so out may be outs[0]; a part with weight 0 is skipped
-           (its out is zeros or, with no key at all, never read) */
-        for (p = 0; p < nparts; ++p) {
-            const float *op = outs[p] + r * Dv;
-            float w = (float)exp((double)lses[p][r] - total);
-            if (p == 0) for (d = 0; d < Dv; ++d) o[d] = w != 0.0f ? w * op[d] : 0.0f;
-            else if (w != 0.0f) for (d = 0; d < Dv; ++d) o[d] += w * op[d];
-        }
-        if (lse) lse[r] = (float)total;
+    /* m = max_p lse_p;  lse = m + log sum_p exp(lse_p - m);  w_p = exp(lse_p - lse) */
+    double m = -INFINITY, sum = 0.0, total;
+    int p, d, nan = 0;
+    for (p = 0; p < nparts; ++p) {
+        float l = lses[p][r];
+        if (l != l) nan = 1;
+        else if (l > m) m = l;
     }
+    if (nan) {
+        for (d = 0; d < Dv; ++d) o[d] = NAN;
+        if (lse) lse[r] = NAN;
+        return;
+    }
+    if (m == -INFINITY) {
+        for (d = 0; d < Dv; ++d) o[d] = 0.0f;
+        if (lse) lse[r] = -INFINITY;
+        return;
+    }
+    for (p = 0; p < nparts; ++p) sum += exp((double)lses[p][r] - m);
+    total = m + log(sum);
+    /* part 0 first, so out may be outs[0]; a part with weight 0 is skipped
+       (its out is zeros or, with no key at all, never read) */
+    for (p = 0; p < nparts; ++p) {
+        const float *op = outs[p] + r * Dv;
+        float w = (float)exp((double)lses[p][r] - total);
+        if (p == 0) for (d = 0; d < Dv; ++d) o[d] = w != 0.0f ? w * op[d] : 0.0f;
+        else if (w != 0.0f) for (d = 0; d < Dv; ++d) o[d] += w * op[d];
+    }
+    if (lse) lse[r] = (float)total;
+}
+
+MHADEF mha_status mha_attn_merge(int nparts, size_t rows, int Dv, const float *const *outs,
+                                 const float *const *lses, float *out, float *lse, mha_error *err)
+{
+    static const char fn[] = "mha_attn_merge";
+    size_t r;
+    int p;
+    mha__begin(err);
+    if (!outs || !lses || !out)
+        return mha__sign(err, fn, mha__fail(err, MHA_ERR_NULL_POINTER, !outs ? "outs" : !lses ? "lses" : "out",
+                                            "is NULL"));
+    if (nparts <= 0) return mha__sign(err, fn, mha__fail(err, MHA_ERR_INVALID_SIZE, "nparts", "is %d; expected >= 1", nparts));
+    if (Dv <= 0) return mha__sign(err, fn, mha__fail(err, MHA_ERR_INVALID_SIZE, "Dv", "is %d; expected >= 1", Dv));
+    for (p = 0; p < nparts; ++p)
+        if (!outs[p] || !lses[p])
+            return mha__sign(err, fn, mha__fail(err, MHA_ERR_NULL_POINTER, !outs[p] ? "outs[p]" : "lses[p]",
+                                                "part %d is NULL", p));
+    for (r = 0; r < rows; ++r) mha__merge_row(nparts, r, Dv, outs, lses, out + r * Dv, lse);
     return MHA_OK;
 }
 
@@ -3106,33 +3194,41 @@ static int mha__query_pos0(const mha_options *opt, int Lq, int Lk)
 }
 
 static mha_status mha__rope_public(const mha_rope *rope, int B, int H, int L, int D, int pos0,
-                                   const int *positions, float *x, float sign)
+                                   const int *positions, float *x, float sign, mha_error *e)
 {
     mha_status st;
     size_t n, i;
-    if (!rope || !x) return MHA_ERR_NULL_POINTER;
-    if (B <= 0 || H <= 0 || L <= 0 || D <= 0) return MHA_ERR_INVALID_SIZE;
+    if (!rope || !x) return mha__fail(e, MHA_ERR_NULL_POINTER, !rope ? "rope" : sign > 0 ? "x" : "dx", "is NULL");
+    if (B <= 0 || H <= 0 || L <= 0 || D <= 0)
+        return mha__fail(e, MHA_ERR_INVALID_SIZE, B <= 0 ? "B" : H <= 0 ? "H" : L <= 0 ? "L" : "D",
+                         "is %d; expected >= 1", B <= 0 ? B : H <= 0 ? H : L <= 0 ? L : D);
     if (!mha__mul3((size_t)B * (size_t)H, (size_t)L, (size_t)D, &n) || !mha__mul(n, sizeof(float), &n))
-        return MHA_ERR_OVERFLOW;
-    if ((st = mha__check_rope(rope, D)) != MHA_OK) return st;
-    if (pos0 < 0 || (!positions && pos0 > INT_MAX - L)) return MHA_ERR_INVALID_ARGUMENT;
-    for (i = 0; positions && i < (size_t)B * L; ++i) if (positions[i] < 0) return MHA_ERR_INVALID_ARGUMENT;
+        return mha__fail(e, MHA_ERR_OVERFLOW, "B", "B*H*L*D floats do not fit in size_t");
+    if ((st = mha__check_rope(rope, D, 0, e)) != MHA_OK) return st;
+    if (pos0 < 0) return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "pos0", "is %d; expected >= 0", pos0);
+    if (!positions && pos0 > INT_MAX - L)
+        return mha__fail(e, MHA_ERR_OVERFLOW, "pos0", "is %d; with L %d the last position passes INT_MAX", pos0, L);
+    for (i = 0; positions && i < (size_t)B * L; ++i)
+        if (positions[i] < 0)
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "positions", "[%lu] is %d; expected >= 0",
+                             (unsigned long)i, positions[i]);
     mha__rope_apply(rope, D, B, L, H, (size_t)H * L * D, (size_t)D, (size_t)L * D, pos0, positions, sign, x);
     return MHA_OK;
 }
 
 MHADEF mha_status mha_rope_forward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
-                                   const int *positions, float *x)
+                                   const int *positions, float *x, mha_error *err)
 {
-    return mha__rope_public(rope, B, H, L, D, pos0, positions, x, 1.0f);
+    mha__begin(err);
+    return mha__sign(err, "mha_rope_forward", mha__rope_public(rope, B, H, L, D, pos0, positions, x, 1.0f, err));
 }
 
 MHADEF mha_status mha_rope_backward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
-                                    const int *positions, float *dx)
+                                    const int *positions, float *dx, mha_error *err)
 {
-    return mha__rope_public(rope, B, H, L, D, pos0, positions, dx, -1.0f);
+    mha__begin(err);
+    return mha__sign(err, "mha_rope_backward", mha__rope_public(rope, B, H, L, D, pos0, positions, dx, -1.0f, err));
 }
-
 
 /* Whether n1 floats at a and n2 floats at b share memory. */
 static int mha__overlap(const float *a, size_t n1, const float *b, size_t n2)
@@ -3599,30 +3695,45 @@ static void mha__layernorm_backward(int rows, int E, const float *x, const float
     }
 }
 
-static mha_status mha__layernorm_check(int rows, int E, float eps)
+/* A size argument that must be >= 1. */
+static mha_status mha__pos(mha_error *e, const char *name, int v)
+{
+    return v >= 1 ? MHA_OK : mha__fail(e, MHA_ERR_INVALID_SIZE, name, "is %d; expected >= 1", v);
+}
+
+static mha_status mha__layernorm_check(int rows, int E, float eps, mha_error *e)
 {
     size_t n;
-    if (rows <= 0 || E <= 0) return MHA_ERR_INVALID_SIZE;
-    if (!(eps >= 0.0f) || eps == INFINITY) return MHA_ERR_INVALID_ARGUMENT;
-    return mha__mul3((size_t)rows, (size_t)E, sizeof(float), &n) ? MHA_OK : MHA_ERR_OVERFLOW;
+    mha_status st;
+    if ((st = mha__pos(e, "rows", rows)) != MHA_OK || (st = mha__pos(e, "E", E)) != MHA_OK) return st;
+    if (!(eps >= 0.0f) || eps == INFINITY)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "eps", "is %g; expected 0 (1e-5) or a positive finite "
+                         "number", (double)eps);
+    return mha__mul3((size_t)rows, (size_t)E, sizeof(float), &n)
+               ? MHA_OK : mha__fail(e, MHA_ERR_OVERFLOW, "rows", "rows*E floats do not fit in size_t");
 }
 
 MHADEF mha_status mha_layernorm_forward(int rows, int E, const float *x, const float *w,
-                                        const float *b, float eps, float *y)
+                                        const float *b, float eps, float *y, mha_error *err)
 {
     mha_status st;
-    if (!x || !y) return MHA_ERR_NULL_POINTER;
-    if ((st = mha__layernorm_check(rows, E, eps)) != MHA_OK) return st;
+    mha__begin(err);
+    if ((st = mha__need(err, "x", x)) != MHA_OK || (st = mha__need(err, "y", y)) != MHA_OK ||
+        (st = mha__layernorm_check(rows, E, eps, err)) != MHA_OK)
+        return mha__sign(err, "mha_layernorm_forward", st);
     mha__layernorm_forward(rows, E, x, w, b, eps > 0.0f ? eps : 1e-5f, y);
     return MHA_OK;
 }
 
 MHADEF mha_status mha_layernorm_backward(int rows, int E, const float *x, const float *w,
-                                         float eps, const float *dy, float *dx, float *dw, float *db)
+                                         float eps, const float *dy, float *dx, float *dw, float *db,
+                                         mha_error *err)
 {
     mha_status st;
-    if (!x || !dy) return MHA_ERR_NULL_POINTER;
-    if ((st = mha__layernorm_check(rows, E, eps)) != MHA_OK) return st;
+    mha__begin(err);
+    if ((st = mha__need(err, "x", x)) != MHA_OK || (st = mha__need(err, "dy", dy)) != MHA_OK ||
+        (st = mha__layernorm_check(rows, E, eps, err)) != MHA_OK)
+        return mha__sign(err, "mha_layernorm_backward", st);
     mha__layernorm_backward(rows, E, x, w, eps > 0.0f ? eps : 1e-5f, dy, dx, dw, db);
     return MHA_OK;
 }
@@ -3777,42 +3888,60 @@ typedef struct mha__mod {
     const float *bias_k, *bias_v;       /* the appended key and value row, or NULL */
     int zero_attn;                      /* then a zero key and value */
     const float *pq, *pk, *pv, *po;     /* W^T panels (mha__prepack_b), or NULL: pack per GEMM */
-    uint32_t values;                    /* mha__weights_sample when the panels were made */
 } mha__mod;
 
-static mha_status mha__check_module(const mha_module *m, mha__mod *r)
+static mha_status mha__check_module(const mha_module *m, mha__mod *r, mha_error *e)
 {
     size_t n;
     int E, widest;
-    if (!m) return MHA_ERR_NULL_POINTER;
-    if (m->embed_dim <= 0 || m->num_heads <= 0 || m->kdim < 0 || m->vdim < 0)
-        return MHA_ERR_INVALID_SIZE;
-    if (m->embed_dim % m->num_heads != 0) return MHA_ERR_HEADS_DIVIDE;
+    if (!m) return mha__fail(e, MHA_ERR_NULL_POINTER, "m", "is NULL");
+    if (m->embed_dim <= 0)
+        return mha__fail(e, MHA_ERR_INVALID_SIZE, "m->embed_dim", "is %d; expected >= 1", m->embed_dim);
+    if (m->num_heads <= 0)
+        return mha__fail(e, MHA_ERR_INVALID_SIZE, "m->num_heads", "is %d; expected >= 1", m->num_heads);
+    if (m->kdim < 0) return mha__fail(e, MHA_ERR_INVALID_SIZE, "m->kdim", "is %d; expected 0 (E) or >= 1", m->kdim);
+    if (m->vdim < 0) return mha__fail(e, MHA_ERR_INVALID_SIZE, "m->vdim", "is %d; expected 0 (E) or >= 1", m->vdim);
+    if (m->embed_dim % m->num_heads != 0)
+        return mha__fail(e, MHA_ERR_HEADS_DIVIDE, "m->num_heads", "is %d, which does not divide embed_dim %d",
+                         m->num_heads, m->embed_dim);
     memset(r, 0, sizeof *r);
     E = r->E = m->embed_dim; r->H = m->num_heads; r->D = E / r->H;
     r->kdim = m->kdim ? m->kdim : E;
     r->vdim = m->vdim ? m->vdim : E;
-    if (!m->out_proj_weight) return MHA_ERR_NULL_POINTER;
+    if (!m->out_proj_weight) return mha__fail(e, MHA_ERR_NULL_POINTER, "m->out_proj_weight", "is NULL");
     if (m->in_proj_weight) {
-        if (r->kdim != E || r->vdim != E) return MHA_ERR_INVALID_ARGUMENT;
+        if (r->kdim != E || r->vdim != E)
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, r->kdim != E ? "m->kdim" : "m->vdim",
+                             "is %d; in_proj_weight needs kdim = vdim = embed_dim %d (else set q/k/v_proj_weight)",
+                             r->kdim != E ? r->kdim : r->vdim, E);
     } else if (!m->q_proj_weight || !m->k_proj_weight || !m->v_proj_weight) {
-        return MHA_ERR_NULL_POINTER;
+        return mha__fail(e, MHA_ERR_NULL_POINTER, !m->q_proj_weight ? "m->q_proj_weight" :
+                         !m->k_proj_weight ? "m->k_proj_weight" : "m->v_proj_weight",
+                         "is NULL, and so is in_proj_weight: set one of the two layouts");
     }
-    if ((m->bias_k == NULL) != (m->bias_v == NULL)) return MHA_ERR_INVALID_ARGUMENT;
-    if (m->add_zero_attn != 0 && m->add_zero_attn != 1) return MHA_ERR_INVALID_ARGUMENT;
-    if (!mha__dim_ok(E) || !mha__dim_ok(r->kdim) || !mha__dim_ok(r->vdim)) return MHA_ERR_OVERFLOW;
+    if ((m->bias_k == NULL) != (m->bias_v == NULL))
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, m->bias_k ? "m->bias_v" : "m->bias_k",
+                         "is NULL but the other is set: add_bias_kv needs both");
+    if (m->add_zero_attn != 0 && m->add_zero_attn != 1)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "m->add_zero_attn", "is %d; expected 0 or 1", m->add_zero_attn);
+    if (!mha__dim_ok(E) || !mha__dim_ok(r->kdim) || !mha__dim_ok(r->vdim))
+        return mha__fail(e, MHA_ERR_OVERFLOW, "m->embed_dim", "embed_dim %d, kdim %d, vdim %d: above %d",
+                         E, r->kdim, r->vdim, MHA__INT_LIMIT);
     /* the KV heads are checked with the options (mha__check_decode); here only
        what the weight offsets need */
-    if (m->num_kv_heads < 0) return MHA_ERR_INVALID_SIZE;
+    if (m->num_kv_heads < 0)
+        return mha__fail(e, MHA_ERR_INVALID_SIZE, "m->num_kv_heads", "is %d; expected 0 (H) or >= 1", m->num_kv_heads);
     r->Hkv = m->num_kv_heads ? m->num_kv_heads : r->H;
-    if (r->Hkv > r->H || r->H % r->Hkv != 0) return MHA_ERR_HEADS_DIVIDE;
+    if (r->Hkv > r->H || r->H % r->Hkv != 0)
+        return mha__fail(e, MHA_ERR_HEADS_DIVIDE, "m->num_kv_heads", "is %d, which does not divide num_heads %d",
+                         r->Hkv, r->H);
     r->Ekv = r->Hkv * r->D;
     r->rope = m->rope;
     widest = r->kdim > r->vdim ? r->kdim : r->vdim;
     if (E > widest) widest = E;
     /* every weight's bytes, and a packed matrix's (at most (E + NR) x widest) */
     if (!mha__mul3((size_t)E + MHA__NR, (size_t)widest, 4 * sizeof(float), &n))
-        return MHA_ERR_OVERFLOW;
+        return mha__fail(e, MHA_ERR_OVERFLOW, "m->embed_dim", "a weight matrix's bytes do not fit in size_t");
     r->in_proj = m->in_proj_weight != NULL;
     if (r->in_proj) {
         r->wq = m->in_proj_weight;
@@ -3832,190 +3961,52 @@ static mha_status mha__check_module(const mha_module *m, mha__mod *r)
     return MHA_OK;
 }
 
-/* ------------------------------------------------ prepacked weights */
+/* ------------------------------------------------ packed weights */
 
-/* The buffer of mha_module_pack: a header of MHA__PK_WORDS 32-bit words
-   (64 bytes), then, from the first 64-byte boundary after it (the offset is
-   stored, so a copy of the buffer at another address still works, only its
-   loads may straddle cache lines), the four matrices prepacked as op(B) = W^T
-   (mha__prepack_b): Wq [E, E], Wk [E, kdim], Wv [E, vdim], Wo [E, E], each
-   starting on a 64-byte line relative to the data start.  The header names
-   the module (shape, layout, where its weights live), the build (the
-   kernel's NR, KC, NC) and holds a sample of the weight values.  */
-#define MHA__PK_MAGIC   0x5041484du   /* "MHAP" in a little-endian dump */
-#define MHA__PK_VERSION 2u
-#define MHA__PK_WORDS   16
-#define MHA__PK_BYTES   (MHA__PK_WORDS * 4)
-enum { MHA__PK_W_MAGIC, MHA__PK_W_VERSION, MHA__PK_W_E, MHA__PK_W_H, MHA__PK_W_KDIM,
-       MHA__PK_W_VDIM, MHA__PK_W_LAYOUT, MHA__PK_W_NR, MHA__PK_W_KC, MHA__PK_W_NC,
-       MHA__PK_W_DATA, MHA__PK_W_WHERE, MHA__PK_W_VALUES, MHA__PK_W_CHECK };
-#define MHA__PK_IN_PROJ  1u   /* Wq, Wk, Wv came from in_proj_weight */
-#define MHA__PK_SEPARATE 2u   /* ... from q/k/v_proj_weight */
-
+/* A plan made with MHA_PLAN_PACK keeps the four projection matrices
+   prepacked as op(B) = W^T (mha__prepack_b) after its struct: Wq [E, E],
+   Wk [Ekv, kdim], Wv [Ekv, vdim], Wo [E, E], each starting on a 64-byte
+   line.  The panels are a copy of the weights made when the plan was
+   made (or mha_plan_repack was called), in the panel order of this
+   build's micro-kernel: runs read them instead of packing the weights on
+   every call, with the same bits.  */
 typedef struct mha__pack_layout {
-    uint32_t hdr[MHA__PK_WORDS];     /* the header this module gets (DATA, VALUES left 0) */
-    size_t wq, wk, wv, wo, floats;   /* float offsets from the data start, total floats */
+    size_t wq, wk, wv, wo, floats;   /* float offsets from the (64-byte aligned) start, total */
 } mha__pack_layout;
-
-static uint32_t mha__fnv(uint32_t h, uint32_t w) { return (h ^ w) * 16777619u; }
-
-/* FNV-1a over the words before CHECK: a torn or overwritten header fails. */
-static uint32_t mha__pk_check(const uint32_t *w)
-{
-    uint32_t h = 2166136261u;
-    int i;
-    for (i = 0; i < MHA__PK_W_CHECK; ++i) h = mha__fnv(h, w[i]);
-    return h;
-}
-
-/* Where the four weight matrices live: a pack made for another module's
-   weights (or before they moved) is told apart from this module's. */
-static uint32_t mha__weights_where(const mha__mod *r)
-{
-    const float *w[4];
-    uint32_t h = 2166136261u;
-    int i;
-    w[0] = r->wq; w[1] = r->wk; w[2] = r->wv; w[3] = r->wo;
-    for (i = 0; i < 4; ++i) {
-        unsigned long long a = (unsigned long long)(uintptr_t)w[i];
-        h = mha__fnv(mha__fnv(h, (uint32_t)a), (uint32_t)(a >> 16 >> 16));
-    }
-    return h;
-}
-
-/* A sample of the weight values: MHA__SAMPLES of each matrix, evenly spread
-   (first and last included), their bits hashed.  Packed panels are a copy,
-   so a weight update after packing (a training step changes every value)
-   makes them stale; a sample catches that for a few cache lines per run.
-   A change to a few values can go unseen: after editing weights by hand,
-   pack or plan again.  */
-#define MHA__SAMPLES 16
-static uint32_t mha__weights_sample(const mha__mod *r)
-{
-    const float *w[4];
-    size_t n[4];
-    uint32_t h = 2166136261u, bits;
-    int i, s;
-    w[0] = r->wq; w[1] = r->wk; w[2] = r->wv; w[3] = r->wo;
-    n[0] = n[3] = (size_t)r->E * r->E; n[1] = (size_t)r->Ekv * r->kdim; n[2] = (size_t)r->Ekv * r->vdim;
-    for (i = 0; i < 4; ++i)
-        for (s = 0; s < MHA__SAMPLES; ++s) {
-            size_t at = (size_t)((unsigned long long)s * (n[i] - 1) / (MHA__SAMPLES - 1));
-            memcpy(&bits, w[i] + at, sizeof bits);
-            h = mha__fnv(h, bits);
-        }
-    return h;
-}
 
 static mha_status mha__pack_lay(const mha__mod *r, mha__pack_layout *P)
 {
     size_t cur = 0;
-    if (r->Hkv != r->H) return MHA_ERR_INVALID_ARGUMENT;   /* packs hold [E, .] projections */
     if (!mha__region(&cur, mha__prepacked_floats(r->E, r->E), &P->wq) ||
-        !mha__region(&cur, mha__prepacked_floats(r->E, r->kdim), &P->wk) ||
-        !mha__region(&cur, mha__prepacked_floats(r->E, r->vdim), &P->wv) ||
+        !mha__region(&cur, mha__prepacked_floats(r->Ekv, r->kdim), &P->wk) ||
+        !mha__region(&cur, mha__prepacked_floats(r->Ekv, r->vdim), &P->wv) ||
         !mha__region(&cur, mha__prepacked_floats(r->E, r->E), &P->wo))
         return MHA_ERR_OVERFLOW;
     P->floats = cur;
-    memset(P->hdr, 0, sizeof P->hdr);
-    P->hdr[MHA__PK_W_MAGIC] = MHA__PK_MAGIC;
-    P->hdr[MHA__PK_W_VERSION] = MHA__PK_VERSION;
-    P->hdr[MHA__PK_W_E] = (uint32_t)r->E;
-    P->hdr[MHA__PK_W_H] = (uint32_t)r->H;
-    P->hdr[MHA__PK_W_KDIM] = (uint32_t)r->kdim;
-    P->hdr[MHA__PK_W_VDIM] = (uint32_t)r->vdim;
-    P->hdr[MHA__PK_W_LAYOUT] = r->in_proj ? MHA__PK_IN_PROJ : MHA__PK_SEPARATE;
-    P->hdr[MHA__PK_W_NR] = MHA__NR;
-    P->hdr[MHA__PK_W_KC] = MHA__KC;
-    P->hdr[MHA__PK_W_NC] = MHA__NC;
-    P->hdr[MHA__PK_W_WHERE] = mha__weights_where(r);
     return MHA_OK;
 }
 
-/* Bytes of a pack: the header, up to 64 bytes to reach a line, the panels. */
-static mha_status mha__pack_bytes(const mha__mod *r, mha__pack_layout *P, size_t *bytes)
+/* Bytes of the panels, with room to align their start to a line. */
+static mha_status mha__pack_bytes(const mha__mod *r, size_t *bytes)
 {
-    mha_status st;
-    if ((st = mha__pack_lay(r, P)) != MHA_OK) return st;
-    if (!mha__mul(P->floats, sizeof(float), bytes) || !mha__add(*bytes, 2 * MHA__PK_BYTES, bytes))
+    mha__pack_layout P;
+    if (mha__pack_lay(r, &P) != MHA_OK || !mha__mul(P.floats, sizeof(float), bytes) ||
+        !mha__add(*bytes, 64, bytes))
         return MHA_ERR_OVERFLOW;
     return MHA_OK;
 }
 
-/* Point r's panels into buf, a pack of P's layout. */
-static void mha__pack_point(mha__mod *r, const mha__pack_layout *P, const void *buf, uint32_t data)
-{
-    const float *d = MHA__CAST(const float *, (const void *)(MHA__CAST(const char *, buf) + data));
-    r->pq = d + P->wq; r->pk = d + P->wk; r->pv = d + P->wv; r->po = d + P->wo;
-}
-
-/* Write the pack of r into buf (aligned for float, mha__pack_bytes long) and
-   point r's panels at it. */
-static void mha__pack_write(mha__mod *r, mha__pack_layout *P, void *buf)
-{
-    uintptr_t data = (uintptr_t)buf + MHA__PK_BYTES;
-    float *d;
-    data += (64 - data % 64) % 64;
-    d = MHA__CAST(float *, (void *)data);
-    mha__prepack_b(r->wq, r->E, r->E, d + P->wq);
-    mha__prepack_b(r->wk, r->E, r->kdim, d + P->wk);
-    mha__prepack_b(r->wv, r->E, r->vdim, d + P->wv);
-    mha__prepack_b(r->wo, r->E, r->E, d + P->wo);
-    P->hdr[MHA__PK_W_DATA] = (uint32_t)(data - (uintptr_t)buf);
-    P->hdr[MHA__PK_W_VALUES] = r->values = mha__weights_sample(r);
-    P->hdr[MHA__PK_W_CHECK] = mha__pk_check(P->hdr);
-    memcpy(buf, P->hdr, sizeof P->hdr);   /* memcpy: buf need not be aligned for uint32_t words */
-    mha__pack_point(r, P, buf, P->hdr[MHA__PK_W_DATA]);
-}
-
-/* Use m->packed after checking that its header is the one this module and
-   this build would write (else MHA_ERR_PACK_MISMATCH) and that the weights
-   still match its sample (else MHA_ERR_STALE).  */
-static mha_status mha__packed_use(mha__mod *r, const void *packed)
+/* Pack r's weights into buf (mha__pack_bytes long) and point r's panels there. */
+static void mha__pack_write(mha__mod *r, void *buf)
 {
     mha__pack_layout P;
-    uint32_t hdr[MHA__PK_WORDS];
-    mha_status st;
-    if (!packed) return MHA_OK;
-    if ((uintptr_t)packed % sizeof(float) != 0) return MHA_ERR_MISALIGNED;
-    if ((st = mha__pack_lay(r, &P)) != MHA_OK) return st;
-    memcpy(hdr, packed, sizeof hdr);
-    P.hdr[MHA__PK_W_DATA] = hdr[MHA__PK_W_DATA];
-    P.hdr[MHA__PK_W_VALUES] = hdr[MHA__PK_W_VALUES];
-    P.hdr[MHA__PK_W_CHECK] = mha__pk_check(P.hdr);
-    if (memcmp(hdr, P.hdr, sizeof hdr) != 0 ||
-        hdr[MHA__PK_W_DATA] < MHA__PK_BYTES || hdr[MHA__PK_W_DATA] >= 2 * MHA__PK_BYTES ||
-        hdr[MHA__PK_W_DATA] % sizeof(float) != 0)
-        return MHA_ERR_PACK_MISMATCH;
-    r->values = hdr[MHA__PK_W_VALUES];
-    if (mha__weights_sample(r) != r->values) return MHA_ERR_STALE;
-    mha__pack_point(r, &P, packed, hdr[MHA__PK_W_DATA]);
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_module_pack_size(const mha_module *m, size_t *bytes)
-{
-    mha__mod r;
-    mha__pack_layout P;
-    mha_status st;
-    if (!bytes) return MHA_ERR_NULL_POINTER;
-    if ((st = mha__check_module(m, &r)) != MHA_OK) return st;
-    return mha__pack_bytes(&r, &P, bytes);
-}
-
-MHADEF mha_status mha_module_pack(const mha_module *m, void *buf, size_t bytes)
-{
-    mha__mod r;
-    mha__pack_layout P;
-    mha_status st;
-    size_t need;
-    if (!buf) return MHA_ERR_NULL_POINTER;
-    if ((st = mha__check_module(m, &r)) != MHA_OK) return st;
-    if ((st = mha__pack_bytes(&r, &P, &need)) != MHA_OK) return st;
-    if (bytes < need) return MHA_ERR_WORKSPACE_TOO_SMALL;
-    if ((uintptr_t)buf % sizeof(float) != 0) return MHA_ERR_MISALIGNED;
-    mha__pack_write(&r, &P, buf);
-    return MHA_OK;
+    float *d = mha__align_ws(buf);
+    (void)mha__pack_lay(r, &P);   /* checked when the plan was sized */
+    mha__prepack_b(r->wq, r->E, r->E, d + P.wq);
+    mha__prepack_b(r->wk, r->Ekv, r->kdim, d + P.wk);
+    mha__prepack_b(r->wv, r->Ekv, r->vdim, d + P.wv);
+    mha__prepack_b(r->wo, r->E, r->E, d + P.wo);
+    r->pq = d + P.wq; r->pk = d + P.wk; r->pv = d + P.wv; r->po = d + P.wo;
 }
 
 /* ------------------------------------------------ workspace layouts */
@@ -4025,24 +4016,64 @@ MHADEF mha_status mha_module_pack(const mha_module *m, void *buf, size_t bytes)
    maxima: every region grows with Lq and Lk, so a run never needs more than
    its plan said.  Offsets are in floats from the aligned start. */
 
-/* The saved forward's header (magic, key): floats at the workspace's start
-   (see "saved forward" below). */
-#define MHA__SAVED_MAGIC 0x53415645444d4841ull   /* "AHMDEVAS" */
+/* The saved forward (section 4): the caller's region, aligned inside like a
+   workspace, starts with a header of MHA__SAVED_HDR floats that records
+   who wrote it (the magic, the plan's kind) and the shape of what follows
+   (B, the lengths and the widths), so a backward reads only a region laid
+   out as it expects.  The layouts of what follows are below (SDPA, module,
+   encoder); a backward without a saved forward recomputes into the same
+   layout inside its workspace.  */
+#define MHA__SAVED_MAGIC 0x53415645u   /* "EVAS" in a little-endian dump: "SAVE" */
 #define MHA__SAVED_HDR 16
+#define MHA__SAVED_WORDS 10
+static void mha__saved_header(const int *shape, uint32_t *w)
+{
+    int i;
+    w[0] = MHA__SAVED_MAGIC;
+    for (i = 1; i < MHA__SAVED_WORDS; ++i) w[i] = (uint32_t)shape[i - 1];
+}
+static void mha__saved_stamp(float *sv, const int *shape)
+{
+    uint32_t w[MHA__SAVED_WORDS];
+    mha__saved_header(shape, w);
+    memcpy(sv, w, sizeof w);
+}
+static const char *mha__kind_name(uint32_t kind);   /* (plans, below) */
+static mha_status mha__saved_check(const float *sv, const int *shape, mha_error *e)
+{
+    uint32_t want[MHA__SAVED_WORDS], got[MHA__SAVED_WORDS];
+    static const char *const what[MHA__SAVED_WORDS] = {
+        "magic", "kind", "B", "H", "Lq", "Lk", "width", "key width", "appended keys", "F"};
+    int i;
+    mha__saved_header(shape, want);
+    memcpy(got, sv, sizeof got);
+    if (got[0] != want[0])
+        return mha__fail(e, MHA_ERR_SAVED, "run->saved", "no forward wrote it (its header has no saved-forward "
+                         "magic)");
+    if (got[1] != want[1])
+        return mha__fail(e, MHA_ERR_SAVED, "run->saved", "was written by the forward of %s plan; this is %s "
+                         "plan's backward", mha__kind_name(got[1]), mha__kind_name(want[1]));
+    for (i = 2; i < MHA__SAVED_WORDS; ++i)
+        if (got[i] != want[i])
+            return mha__fail(e, MHA_ERR_SAVED, "run->saved", "was written by a forward with %s %u; this "
+                             "backward has %u", what[i], (unsigned)got[i], (unsigned)want[i]);
+    return MHA_OK;
+}
 
 /* The module forward.  Queries go through chunk_b batches x chunk_q rows
    at a time (mha__fwd_chunks); qp, kp, vp hold the projections, scratch the
-   attention's per-thread buffers and the projection GEMMs' packing. */
+   attention's per-thread buffers and the projection GEMMs' packing.  A
+   forward that saves keeps Q, K, V, C and the lse in the saved region
+   instead (offsets into it; the workspace then holds the scratch only). */
 typedef struct mha__fwd_layout {
     int chunk_b, chunk_q;
     size_t qp, kp, vp, scratch, per_thread, total_floats;
-    size_t ctx, lse;            /* saves: the context and the lse (Q is then [B*Lq, E]) */
+    size_t ctx, lse, saved_floats;   /* saves: the context and the lse (Q is then [B*Lq, E]) */
 } mha__fwd_layout;
 
-/* A training module plan's saved forward (p->saves), at the start of its
-   workspace for the forward and the backward alike: the header, Q
-   [B*Lq, E], K and V [B*Lke, Ekv] (after RoPE, appended rows included),
-   the context C [B*Lq, E] and the lse [B, H, Lq].  */
+/* A module's saved forward: the header, Q [B*Lq, E], K and V [B*Lke, Ekv]
+   (after RoPE, appended rows included), the context C [B*Lq, E] and the
+   lse [B, H, Lq].  */
 static int mha__mod_saved_at(const mha__mod *r, int B, int Lq, int Lk, size_t *cur, size_t *qp,
                              size_t *kp, size_t *vp, size_t *ctx, size_t *lse)
 {
@@ -4050,6 +4081,12 @@ static int mha__mod_saved_at(const mha__mod *r, int B, int Lq, int Lk, size_t *c
     return mha__region(cur, MHA__SAVED_HDR, &hdr) && mha__region(cur, nq, qp) &&
            mha__region(cur, nk, kp) && mha__region(cur, nk, vp) && mha__region(cur, nq, ctx) &&
            mha__region(cur, (size_t)B * r->H * Lq, lse);
+}
+/* The header's shape of a module's saved forward. */
+static void mha__mod_saved_shape(const mha__mod *r, int kind, int B, int Lq, int Lk, int F, int *shape)
+{
+    shape[0] = kind; shape[1] = B; shape[2] = r->H; shape[3] = Lq; shape[4] = Lk;
+    shape[5] = r->E; shape[6] = r->Ekv; shape[7] = r->extra; shape[8] = F;
 }
 
 /* Without weights, a forward whose Q, K and V would take at least this many
@@ -4059,7 +4096,9 @@ static int mha__mod_saved_at(const mha__mod *r, int B, int Lq, int Lk, size_t *c
    so the workspace is about 3 B L D floats instead of 2 B L E.  The price is
    H narrower projection GEMMs (N = D), which long sequences do not notice:
    their time is in the attention, O(L^2).  A plan decides this once, from
-   its maxima, so its shorter runs keep the path (and its rounding).  */
+   its maxima, so its shorter runs keep the path (and its rounding).  A
+   training plan never goes head by head: its backward keeps Q, K and V of
+   every head anyway.  */
 #ifndef MHA__BY_HEAD_FLOATS
 #define MHA__BY_HEAD_FLOATS ((size_t)1 << 23)
 #endif
@@ -4088,7 +4127,8 @@ static int mha__fwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int weig
     size_t cur = 0, scratch, g, g2;
     int Lke = Lk + r->extra, E = r->E, D = r->D, widest = r->kdim > r->vdim ? r->kdim : r->vdim;
     mha__fwd_chunks(B, Lq, weights, &L->chunk_b, &L->chunk_q);
-    if (by_head && !weights) {
+    L->ctx = L->lse = L->saved_floats = 0;
+    if (by_head && !weights && !saves) {
         g = mha__gemm_ws_floats_mt(B * Lq, D, E, nt);
         g2 = mha__gemm_ws_floats_mt(B * Lke, D, widest, nt); if (g2 > g) g = g2;
         g2 = mha__gemm_ws_floats_mt(B * Lq, E, D, nt);       if (g2 > g) g = g2;
@@ -4102,13 +4142,15 @@ static int mha__fwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int weig
     /* the projection GEMMs run on the scratch area too */
     g = mha__gemm_ws_floats_mt(B * Lq, E, E, nt);
     g2 = mha__gemm_ws_floats_mt(B * Lke, E, widest, nt); if (g2 > g) g = g2;
-    L->ctx = L->lse = 0;
-    if (saves)
-        return mha__mod_saved_at(r, B, Lq, Lk, &cur, &L->qp, &L->kp, &L->vp, &L->ctx, &L->lse) &&
+    if (saves) {   /* Q, K, V, C, lse: offsets into the saved region */
+        size_t sc = 0;
+        return mha__mod_saved_at(r, B, Lq, Lk, &sc, &L->qp, &L->kp, &L->vp, &L->ctx, &L->lse) &&
+               mha__add(sc, MHA__ALIGN_FLOATS, &L->saved_floats) &&
                mha__attn_scratch_floats(Lq, Lk, Lke, D, D, nt, weights, r->H < nt, &L->per_thread,
                                         &scratch) &&
                mha__region(&cur, scratch > g ? scratch : g, &L->scratch) &&
                mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
+    }
     return mha__region(&cur, (size_t)L->chunk_b * L->chunk_q * E, &L->qp) &&
            mha__region(&cur, (size_t)B * Lke * r->Ekv, &L->kp) &&
            mha__region(&cur, (size_t)B * Lke * r->Ekv, &L->vp) &&
@@ -4118,27 +4160,28 @@ static int mha__fwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int weig
            mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
 }
 
-/* The module backward.  K and V hold Lk + extra rows per batch. */
+/* The module backward.  K and V hold Lk + extra rows per batch.  qp, kp,
+   vp, ctx and lse are the saved forward's: offsets into the caller's saved
+   region (have_saved), or into a region at the workspace's start where the
+   backward recomputes them. */
 typedef struct mha__bwd_layout {
     size_t qp, kp, vp, ctx, lse, dctx, dqp, dkp, dvp, gws, total_floats;
 } mha__bwd_layout;
 
 /* gws: the projections' GEMM workspace, and the fused attention backward's
    scratch (the two are never in use at once). */
-static int mha__bwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int nt, int saves,
+static int mha__bwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int nt, int have_saved,
                               mha__bwd_layout *L)
 {
-    size_t cur = 0, g, t, nq = (size_t)B * Lq * r->E, nk;
+    size_t cur = 0, sc = 0, g, t, nq = (size_t)B * Lq * r->E, nk;
     int Lke = Lk + r->extra;
     nk = (size_t)B * Lke * r->Ekv;
     g = mha__linear_gws(B * Lq, r->E, r->E, nt);
     t = mha__linear_gws(B * Lk, r->kdim, r->E, nt);       if (t > g) g = t;
     t = mha__linear_gws(B * Lk, r->vdim, r->E, nt);       if (t > g) g = t;
     t = mha__fbwd_floats(B, r->H, r->Hkv, Lq, Lke, r->D, r->D, nt); if (t > g) g = t;
-    L->lse = 0;
-    return (saves ? mha__mod_saved_at(r, B, Lq, Lk, &cur, &L->qp, &L->kp, &L->vp, &L->ctx, &L->lse)
-                  : mha__region(&cur, nq, &L->qp) && mha__region(&cur, nk, &L->kp) &&
-                    mha__region(&cur, nk, &L->vp) && mha__region(&cur, nq, &L->ctx)) &&
+    return mha__mod_saved_at(r, B, Lq, Lk, have_saved ? &sc : &cur, &L->qp, &L->kp, &L->vp, &L->ctx,
+                             &L->lse) &&
            mha__region(&cur, nq, &L->dctx) && mha__region(&cur, nq, &L->dqp) &&
            mha__region(&cur, nk, &L->dkp) && mha__region(&cur, nk, &L->dvp) &&
            mha__region(&cur, g, &L->gws) && mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
@@ -4157,31 +4200,36 @@ static int mha__sdpa_bwd_floats(int B, int H, int Hkv, int Lq, int Lk, int D, in
 {
     return mha__add(mha__fbwd_floats(B, H, Hkv, Lq, Lk, D, Dv, nt), MHA__ALIGN_FLOATS, total);
 }
-/* A training SDPA plan's saved forward, at the start of the workspace:
-   header, lse [B, H, Lq], O [B, H, Lq, Dv]; the scratch follows. */
+/* An SDPA saved forward: header, lse [B, H, Lq], O [B, H, Lq, Dv]; total
+   includes the alignment slack. */
 static int mha__sdpa_saved_floats(int B, int H, int Lq, int Dv, size_t *lse, size_t *o, size_t *total)
 {
     size_t rows = (size_t)B * H * Lq, no;
     if (!mha__mul(rows, (size_t)Dv, &no)) return 0;
     *lse = MHA__SAVED_HDR;
     *o = *lse + mha__round_floats(rows);
-    return mha__add(*o, mha__round_floats(no), total);
+    return mha__add(*o, mha__round_floats(no), total) && mha__add(*total, MHA__ALIGN_FLOATS, total);
 }
 
-/* The encoder layer, N = B*L rows.  Training keeps every intermediate for
-   the backward:
+/* The encoder layer, N = B*L rows.  Its saved forward keeps every
+   intermediate for the backward, after its header and the self-
+   attention's own saved forward (mod):
      a   [N,E] attention output          t1  [N,E] x + a (post) / LN1(x) (pre)
      h   [N,E] after the first residual  z   [N,F] linear1 output
      g   [N,F] act(z)                    t2  [N,E] h + f (post) / LN2(h) (pre)
-     d1, d2 [N,E], dg [N,F]: backward only
-   Inference keeps only a (then h in place) and runs the feed-forward block
-   on MHA__FF_ROWS rows at a time: zc [rows,F], tc and fc [rows,E].
+   The backward's workspace adds d1, d2 [N,E], dg [N,F] (and, without a
+   saved forward, the saved layout itself to recompute into).  Inference
+   keeps only a (then h in place) and runs the feed-forward block on
+   MHA__FF_ROWS rows at a time: zc [rows,F], tc and fc [rows,E].
    sub: the self-attention's workspace (what its plan allows). */
 #ifndef MHA__FF_ROWS
 #define MHA__FF_ROWS 256
 #endif
 typedef struct mha__enc_layout {
-    size_t hdr, a, t1, h, z, g, t2, d1, d2, dg, gws, sub, total_floats;   /* hdr: saved forward */
+    /* in the saved layout (sv: the caller's saved region or the workspace) */
+    size_t mod, a, t1, h, z, g, t2, saved_floats;
+    /* in the workspace */
+    size_t sv, d1, d2, dg, gws, sub, total_floats;
     size_t zc, tc, fc, rows;                /* inference */
 } mha__enc_layout;
 
@@ -4190,6 +4238,17 @@ typedef struct mha__enc_layout {
 #define MHA__PLAN_MAGIC 0x4e4c504du   /* "MPLN" */
 enum { MHA__PLAN_GEMM = 1, MHA__PLAN_SDPA, MHA__PLAN_MODULE, MHA__PLAN_ENCODER };
 
+static const char *mha__kind_name(uint32_t kind)
+{
+    switch (kind) {
+    case MHA__PLAN_GEMM: return "a GEMM";
+    case MHA__PLAN_SDPA: return "an SDPA";
+    case MHA__PLAN_MODULE: return "a module";
+    case MHA__PLAN_ENCODER: return "an encoder";
+    default: return "an unknown";
+    }
+}
+
 struct mha_plan {
     uint32_t magic;
     int kind;
@@ -4197,16 +4256,17 @@ struct mha_plan {
     int nthreads;               /* every run uses exactly this many */
     int owned;                  /* made by MHA_MALLOC: mha_plan_destroy frees it */
     size_t ws_bytes;            /* the workspace every run needs */
+    size_t saved_bytes;         /* a saved forward (MHA_PLAN_TRAINING) */
+    size_t plan_bytes;          /* the struct and the packed panels */
     int B, H, Lq, Lk, D, Dv;    /* the planned maxima; module: H, D of the module */
-    int by_head;                /* module: long sequences go one head at a time */
+    int by_head;                /* module: long sequences go one head at a time (never training) */
+    int cache_ok;               /* module: the cache path fits it (self-attention, no appended keys) */
     mha_trans ta, tb;           /* GEMM: op(A) M x K, op(B) K x N */
     int M, N, K;
     mha_options opt;            /* the caller's, num_threads resolved */
     mha__mod mod;               /* module and encoder */
     mha_encoder_layer enc;      /* encoder (pointers borrowed) */
     size_t mod_floats;          /* encoder: the self-attention's part of the workspace */
-    int saves;                  /* training: the forward run leaves the saved forward in the
-                                   workspace for the backward (mha__saved_key) */
 };
 
 static size_t mha__plan_struct_bytes(void)
@@ -4216,7 +4276,7 @@ static size_t mha__plan_struct_bytes(void)
 
 /* Copy and check the options; resolve the thread count. */
 static mha_status mha__plan_begin(mha_plan *p, int kind, const mha_options *opt, unsigned flags,
-                                  unsigned allowed, int B, int H, int Lq, int Lk)
+                                  unsigned allowed, int B, int H, int Lq, int Lk, mha_error *e)
 {
     mha_status st;
     memset(p, 0, sizeof *p);
@@ -4224,96 +4284,157 @@ static mha_status mha__plan_begin(mha_plan *p, int kind, const mha_options *opt,
     p->kind = kind;
     p->flags = flags;
     if (opt) p->opt = *opt;
-    if (flags & ~allowed) return MHA_ERR_INVALID_ARGUMENT;
-    if ((st = mha__check_masks(&p->opt, B, H, Lq, Lk)) != MHA_OK) return st;
+    if (flags & ~allowed)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "flags", "is 0x%x; %s plan takes only 0x%x (MHA_PLAN_*)",
+                         flags, mha__kind_name((uint32_t)kind), allowed);
+    if ((st = mha__check_masks(&p->opt, B, H, Lq, Lk, e)) != MHA_OK) return st;
     p->nthreads = mha__max_threads(&p->opt);
     p->opt.num_threads = p->nthreads;
     p->B = B; p->H = H; p->Lq = Lq; p->Lk = Lk;
     return MHA_OK;
 }
 
-/* The plan's workspace in bytes: floats plus room to align the start. */
-static mha_status mha__plan_ws(mha_plan *p, size_t floats)
+/* The plan's workspace in bytes from its floats (which include the slack
+   to align the start). */
+static mha_status mha__plan_ws(mha_plan *p, size_t floats, size_t saved_floats, mha_error *e)
 {
-    return mha__mul(floats, sizeof(float), &p->ws_bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+    if (!mha__mul(floats, sizeof(float), &p->ws_bytes) || !mha__mul(saved_floats, sizeof(float), &p->saved_bytes))
+        return mha__fail(e, MHA_ERR_OVERFLOW, "Lq", "the workspace's bytes do not fit in size_t");
+    return MHA_OK;
 }
 
 static mha_status mha__gemm_plan_make(mha_trans ta, mha_trans tb, int M, int N, int K,
-                                      int num_threads, mha_plan *p)
+                                      int num_threads, mha_plan *p, mha_error *e)
 {
     mha_options o;
     size_t t;
+    mha_status st;
     memset(&o, 0, sizeof o);
     o.num_threads = num_threads;
     memset(p, 0, sizeof *p);
-    if (M <= 0 || N <= 0 || K <= 0) return MHA_ERR_INVALID_SIZE;
-    if (num_threads < 0) return MHA_ERR_INVALID_ARGUMENT;
-    if ((ta != MHA_NO_TRANS && ta != MHA_TRANS) || (tb != MHA_NO_TRANS && tb != MHA_TRANS))
-        return MHA_ERR_BAD_ENUM;
+    if ((st = mha__pos(e, "M", M)) != MHA_OK || (st = mha__pos(e, "N", N)) != MHA_OK ||
+        (st = mha__pos(e, "K", K)) != MHA_OK)
+        return st;
+    if (num_threads < 0)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "num_threads", "is %d; expected >= 0", num_threads);
+    if (ta != MHA_NO_TRANS && ta != MHA_TRANS)
+        return mha__fail(e, MHA_ERR_BAD_ENUM, "ta", "is %d; expected MHA_NO_TRANS (0) or MHA_TRANS (1)", (int)ta);
+    if (tb != MHA_NO_TRANS && tb != MHA_TRANS)
+        return mha__fail(e, MHA_ERR_BAD_ENUM, "tb", "is %d; expected MHA_NO_TRANS (0) or MHA_TRANS (1)", (int)tb);
     if (!mha__dim_ok(M) || !mha__dim_ok(N) || !mha__dim_ok(K) ||
         !mha__mul3((size_t)M, (size_t)K, sizeof(float), &t) ||
         !mha__mul3((size_t)K, (size_t)N, sizeof(float), &t) ||
         !mha__mul3((size_t)M, (size_t)N, sizeof(float), &t))
-        return MHA_ERR_OVERFLOW;
-    (void)mha__plan_begin(p, MHA__PLAN_GEMM, &o, 0, 0, 1, 1, 1, 1);   /* zero options: cannot fail */
+        return mha__fail(e, MHA_ERR_OVERFLOW, "M", "M %d, N %d, K %d: a matrix's bytes pass the limits", M, N, K);
+    (void)mha__plan_begin(p, MHA__PLAN_GEMM, &o, 0, 0, 1, 1, 1, 1, NULL);   /* zero options: cannot fail */
     p->ta = ta; p->tb = tb; p->M = M; p->N = N; p->K = K;
-    return mha__plan_ws(p, mha__gemm_ws_floats_mt(M, N, K, p->nthreads) + MHA__ALIGN_FLOATS);
+    return mha__plan_ws(p, mha__gemm_ws_floats_mt(M, N, K, p->nthreads) + MHA__ALIGN_FLOATS, 0, e);
 }
 
+/* (the KV cache's sizes, section 7) */
+static int mha__cache_attend_floats(int H, int Lq, int capacity, int D, int ring, int nt, size_t *per_thread,
+                                    size_t *total);
+static int mha__cached_floats(const mha__mod *r, int B, int Lq, int capacity, int ring, int nt,
+                              size_t *total);
+
 static mha_status mha__sdpa_plan_make(int B, int H, int Lq, int Lk, int D, int Dv,
-                                      const mha_options *opt, unsigned flags, mha_plan *p)
+                                      const mha_options *opt, unsigned flags, mha_plan *p, mha_error *e)
 {
-    size_t n, per_thread, f, f1;
+    size_t n, per_thread, f, f1, at_lse, at_o, saved = 0;
+    int Hkv;
     mha_status st;
     memset(p, 0, sizeof *p);
-    if (B <= 0 || H <= 0 || Lq <= 0 || Lk <= 0 || D <= 0 || Dv <= 0) return MHA_ERR_INVALID_SIZE;
-    /* every tensor's byte count must fit */
+    if ((st = mha__pos(e, "B", B)) != MHA_OK || (st = mha__pos(e, "H", H)) != MHA_OK ||
+        (st = mha__pos(e, "Lq", Lq)) != MHA_OK || (st = mha__pos(e, "Lk", Lk)) != MHA_OK ||
+        (st = mha__pos(e, "D", D)) != MHA_OK || (st = mha__pos(e, "Dv", Dv)) != MHA_OK)
+        return st;
+    /* every tensor's byte count must fit, and the int and long counts of
+       the int audit (size arithmetic, above) */
     if (!mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)(D > Dv ? D : Dv), &n) ||
         !mha__mul3((size_t)B * (size_t)H, (size_t)Lk, (size_t)(D > Dv ? D : Dv), &n) ||
         !mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)Lk, &n) ||
-        !mha__mul(n, sizeof(float), &n) || !mha__mul3((size_t)Lq, (size_t)Lk, 2 * sizeof(float), &n))
-        return MHA_ERR_OVERFLOW;
-    /* the int and long counts of the int audit (size arithmetic, above) */
-    if ((size_t)B * (size_t)H > MHA__INT_LIMIT || (size_t)B * (size_t)H * (size_t)Lq > LONG_MAX ||
+        !mha__mul(n, sizeof(float), &n) || !mha__mul3((size_t)Lq, (size_t)Lk, 2 * sizeof(float), &n) ||
+        (size_t)B * (size_t)H > MHA__INT_LIMIT || (size_t)B * (size_t)H * (size_t)Lq > LONG_MAX ||
         !mha__dim_ok(Lq) || !mha__dim_ok(Lk) || !mha__dim_ok(D) || !mha__dim_ok(Dv))
-        return MHA_ERR_OVERFLOW;
+        return mha__fail(e, MHA_ERR_OVERFLOW, "B", "B %d, H %d, Lq %d, Lk %d, D %d, Dv %d: a tensor passes the "
+                         "size limits", B, H, Lq, Lk, D, Dv);
     st = mha__plan_begin(p, MHA__PLAN_SDPA, opt, flags, MHA_PLAN_WEIGHTS | MHA_PLAN_TRAINING,
-                         B, H, Lq, Lk);
+                         B, H, Lq, Lk, e);
     if (st != MHA_OK) return st;
-    if ((st = mha__check_decode(&p->opt, H, p->opt.num_kv_heads, NULL, D)) != MHA_OK) return st;
+    if ((st = mha__check_decode(&p->opt, H, p->opt.num_kv_heads, "opt->num_kv_heads", NULL, D, Lk, e)) != MHA_OK)
+        return st;
+    Hkv = p->opt.num_kv_heads ? p->opt.num_kv_heads : H;
     p->D = D; p->Dv = Dv;
-    if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 0, p->nthreads, &per_thread, &f))
-        return MHA_ERR_OVERFLOW;
-    if (flags & MHA_PLAN_WEIGHTS) {
-        if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 1, p->nthreads, &per_thread, &f1))
-            return MHA_ERR_OVERFLOW;
+    if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 0, p->nthreads, &per_thread, &f)) goto overflow;
+    if (D == Dv) {   /* a run over a KV cache (ring buffers included) */
+        if (!mha__cache_attend_floats(H, Lq, Lk, D, 1, p->nthreads, &per_thread, &f1)) goto overflow;
+        if (f1 > f) f = f1;
+    }
+    if (flags & MHA_PLAN_WEIGHTS) {   /* all weights, or chosen rows after the fused path (lse first) */
+        if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 1, p->nthreads, &per_thread, &f1)) goto overflow;
+        if (f1 > f) f = f1;
+        if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 0, p->nthreads, &per_thread, &f1) ||
+            !mha__add(f1, mha__round_floats((size_t)B * H * Lq), &f1))
+            goto overflow;
         if (f1 > f) f = f1;
     }
     if (flags & MHA_PLAN_TRAINING) {
-        size_t at_lse, at_o, saved;
-        if (!mha__sdpa_bwd_floats(B, H, p->opt.num_kv_heads ? p->opt.num_kv_heads : H, Lq, Lk, D, Dv,
-                                  p->nthreads, &f1)) return MHA_ERR_OVERFLOW;
+        if (!mha__sdpa_bwd_floats(B, H, Hkv, Lq, Lk, D, Dv, p->nthreads, &f1)) goto overflow;
         if (f1 > f) f = f1;
-        if (!mha__sdpa_saved_floats(B, H, Lq, Dv, &at_lse, &at_o, &saved) || !mha__add(f, saved, &f))
-            return MHA_ERR_OVERFLOW;
-        p->saves = 1;
+        if (!mha__sdpa_saved_floats(B, H, Lq, Dv, &at_lse, &at_o, &saved)) goto overflow;
     }
-    return mha__plan_ws(p, f);
+    return mha__plan_ws(p, f, saved, e);
+overflow:
+    return mha__fail(e, MHA_ERR_OVERFLOW, "Lk", "the workspace's size does not fit in size_t");
 }
 
-/* Floats of the module's workspace at these lengths, for what plan p allows. */
+/* The module's weight rows (mha_run.rows): K of every key [B, Lk', Ekv],
+   the chosen query rows [B, n, E] and their Q, a Linear's workspace, and
+   a row of Lk' per thread for the head average; floats of each.  */
+typedef struct mha__wrows_layout { size_t kp, xq, qp, lin, avg, total; } mha__wrows_layout;
+static int mha__wrows_lay(const mha__mod *r, int B, int Lk, int n, int nt, mha__wrows_layout *L)
+{
+    size_t cur = 0, lk, lq;
+    if ((size_t)B * (size_t)n > (size_t)MHA__INT_LIMIT) return 0;
+    lk = mha__linear_gws(B * Lk, r->kdim, r->Ekv, 1);
+    lq = mha__linear_gws(B * n, r->E, r->E, 1);
+    return mha__region(&cur, (size_t)B * ((size_t)Lk + r->extra) * r->Ekv, &L->kp) &&
+           mha__region(&cur, (size_t)B * n * r->E, &L->xq) && mha__region(&cur, (size_t)B * n * r->E, &L->qp) &&
+           mha__region(&cur, lk > lq ? lk : lq, &L->lin) &&
+           mha__region(&cur, (size_t)nt * ((size_t)Lk + r->extra), &L->avg) &&
+           mha__add(cur, MHA__ALIGN_FLOATS, &L->total);
+}
+
+/* Floats of the module's workspace at these lengths, for what plan p
+   allows: the forward (its path, the weights, chosen rows, a KV cache),
+   and with MHA_PLAN_TRAINING the forward that saves and the backward. */
 static int mha__module_floats(const mha_plan *p, int Lq, int Lk, size_t *floats)
 {
     mha__fwd_layout F;
     mha__bwd_layout W;
-    if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 0, p->by_head, p->nthreads, p->saves, &F)) return 0;
+    mha__wrows_layout R;
+    size_t f;
+    if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 0, p->by_head, p->nthreads, 0, &F)) return 0;
     *floats = F.total_floats;
+    if (p->cache_ok) {
+        if (!mha__cached_floats(&p->mod, p->B, Lq, Lk, 1, p->nthreads, &f)) return 0;
+        if (f > *floats) *floats = f;
+    }
     if (p->flags & MHA_PLAN_WEIGHTS) {
-        if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 1, 0, p->nthreads, p->saves, &F)) return 0;
+        if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 1, 0, p->nthreads, 0, &F)) return 0;
         if (F.total_floats > *floats) *floats = F.total_floats;
+        /* rows: the lse, then the fused forward or the rows' recomputation */
+        if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 0, p->by_head, p->nthreads, 0, &F) ||
+            !mha__wrows_lay(&p->mod, p->B, Lk, Lq, p->nthreads, &R))
+            return 0;
+        f = F.total_floats > R.total ? F.total_floats : R.total;
+        if (!mha__add(f, mha__round_floats((size_t)p->B * p->mod.H * Lq), &f)) return 0;
+        if (f > *floats) *floats = f;
     }
     if (p->flags & MHA_PLAN_TRAINING) {
-        if (!mha__bwd_layout_at(&p->mod, p->B, Lq, Lk, p->nthreads, p->saves, &W)) return 0;
+        if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 0, 0, p->nthreads, 1, &F)) return 0;
+        if (F.total_floats > *floats) *floats = F.total_floats;
+        if (!mha__bwd_layout_at(&p->mod, p->B, Lq, Lk, p->nthreads, 0, &W)) return 0;
         if (W.total_floats > *floats) *floats = W.total_floats;
     }
     return 1;
@@ -4323,18 +4444,20 @@ static int mha__module_floats(const mha_plan *p, int Lq, int Lk, size_t *floats)
    *extra_bytes: what the plan needs after its struct (the packed panels). */
 static mha_status mha__module_plan_make(const mha_module *m, int B, int Lq, int Lk,
                                         const mha_options *opt, unsigned flags, int kind,
-                                        mha_plan *p, size_t *extra_bytes)
+                                        mha_plan *p, size_t *extra_bytes, mha_error *e)
 {
     mha__mod r;
-    mha__pack_layout P;
+    mha__fwd_layout F;
     size_t n, f;
     int widest, Lke;
     mha_status st;
     *extra_bytes = 0;
     memset(p, 0, sizeof *p);
-    if ((st = mha__check_module(m, &r)) != MHA_OK) return st;
-    if (B <= 0 || Lq <= 0 || Lk <= 0) return MHA_ERR_INVALID_SIZE;
-    if (!mha__dim_ok(Lk)) return MHA_ERR_OVERFLOW;
+    if ((st = mha__check_module(m, &r, e)) != MHA_OK) return st;
+    if ((st = mha__pos(e, "B", B)) != MHA_OK || (st = mha__pos(e, kind == MHA__PLAN_ENCODER ? "L" : "Lq", Lq)) != MHA_OK ||
+        (st = mha__pos(e, kind == MHA__PLAN_ENCODER ? "L" : "Lk", Lk)) != MHA_OK)
+        return st;
+    if (!mha__dim_ok(Lk)) goto overflow;
     Lke = Lk + r.extra;
     /* GEMM row counts (B*L) are ints; tensor byte counts must fit size_t */
     widest = r.kdim > r.vdim ? r.kdim : r.vdim;
@@ -4346,32 +4469,54 @@ static mha_status mha__module_plan_make(const mha_module *m, int B, int Lq, int 
         !mha__mul3((size_t)B * (size_t)r.H, (size_t)Lq, (size_t)Lke, &n) ||
         !mha__mul(n, sizeof(float), &n) ||
         !mha__mul3((size_t)Lq, (size_t)Lke, 2 * sizeof(float), &n))
-        return MHA_ERR_OVERFLOW;
+        goto overflow;
     st = mha__plan_begin(p, kind, opt, flags, MHA_PLAN_WEIGHTS | MHA_PLAN_TRAINING | MHA_PLAN_PACK,
-                         B, r.H, Lq, Lk);
+                         B, r.H, Lq, Lk, e);
     if (st != MHA_OK) return st;
-    if ((st = mha__check_decode(&p->opt, r.H, m->num_kv_heads, &m->rope, r.D)) != MHA_OK) return st;
-    p->D = p->Dv = r.D;
-    if (flags & MHA_PLAN_PACK) {
-        if ((st = mha__pack_bytes(&r, &P, extra_bytes)) != MHA_OK) return st;
-    } else if ((st = mha__packed_use(&r, m->packed)) != MHA_OK) {
+    if ((st = mha__check_decode(&p->opt, r.H, m->num_kv_heads, "m->num_kv_heads", &m->rope, r.D, Lk, e)) != MHA_OK)
         return st;
-    }
+    if (p->opt.num_kv_heads != 0 && p->opt.num_kv_heads != r.Hkv)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->num_kv_heads", "is %d; a module takes its KV heads "
+                         "from m->num_kv_heads (%d): leave it 0", p->opt.num_kv_heads, r.Hkv);
+    p->D = p->Dv = r.D;
+    if ((flags & MHA_PLAN_PACK) && mha__pack_bytes(&r, extra_bytes) != MHA_OK) goto overflow;
     p->mod = r;
-    p->by_head = (double)B * ((double)Lq + 2.0 * Lke) * r.E >= (double)MHA__BY_HEAD_FLOATS;
-    p->saves = (flags & MHA_PLAN_TRAINING) && !p->by_head;   /* head by head: Q, K, V do not fit */
-    if (!mha__module_floats(p, Lq, Lk, &f)) return MHA_ERR_OVERFLOW;
+    p->by_head = !(flags & MHA_PLAN_TRAINING) &&
+                 (double)B * ((double)Lq + 2.0 * Lke) * r.E >= (double)MHA__BY_HEAD_FLOATS;
+    p->cache_ok = r.kdim == r.E && r.vdim == r.E && r.extra == 0;
+    if (!mha__module_floats(p, Lq, Lk, &f)) goto overflow;
     p->mod_floats = f;
-    return mha__plan_ws(p, f);
+    if ((flags & MHA_PLAN_TRAINING) && !mha__fwd_layout_at(&r, B, Lq, Lk, 0, 0, p->nthreads, 1, &F)) goto overflow;
+    return mha__plan_ws(p, f, (flags & MHA_PLAN_TRAINING) ? F.saved_floats : 0, e);
+overflow:
+    return mha__fail(e, MHA_ERR_OVERFLOW, "Lk", "B %d, Lq %d, Lk %d with embed_dim %d: a tensor or the "
+                     "workspace passes the size limits", B, Lq, Lk, r.E);
 }
 
-static int mha__enc_layout_at(const mha_plan *p, int L, int train, mha__enc_layout *P)
+/* The floats of a module saved forward (its header included). */
+static size_t mha__mod_saved_floats(const mha__mod *r, int B, int Lq, int Lk)
 {
-    size_t cur = 0, ne, nf, g, t, sub;
+    size_t cur = 0, q, k, v, c, l;
+    (void)mha__mod_saved_at(r, B, Lq, Lk, &cur, &q, &k, &v, &c, &l);   /* checked by the plan */
+    return cur;
+}
+
+/* The encoder's layouts at length L: mode 0 inference, 1 a forward that
+   saves, 2 a backward (have_saved: the caller gives the saved forward). */
+static int mha__enc_layout_at(const mha_plan *p, int L, int mode, int have_saved, mha__enc_layout *P)
+{
+    size_t cur = 0, sc = 0, ne, nf, g, t, sub, hdr;
     int E = p->mod.E, F = p->enc.dim_feedforward, N = p->B * L;
     ne = (size_t)N * E; nf = (size_t)N * F;
     if (!mha__module_floats(p, L, L, &sub)) return 0;
-    if (!train) {
+    /* the saved layout (the caller's region or, recomputed, the workspace's) */
+    if (!(mha__region(&sc, MHA__SAVED_HDR, &hdr) &&
+          mha__region(&sc, mha__mod_saved_floats(&p->mod, p->B, L, L), &P->mod) &&
+          mha__region(&sc, ne, &P->a) && mha__region(&sc, ne, &P->t1) && mha__region(&sc, ne, &P->h) &&
+          mha__region(&sc, nf, &P->z) && mha__region(&sc, nf, &P->g) && mha__region(&sc, ne, &P->t2) &&
+          mha__add(sc, MHA__ALIGN_FLOATS, &P->saved_floats)))
+        return 0;
+    if (mode == 0) {
         int rows = N < MHA__FF_ROWS ? N : MHA__FF_ROWS;
         P->rows = (size_t)rows;
         g = mha__linear_gws(rows, E, F, p->nthreads);
@@ -4383,10 +4528,11 @@ static int mha__enc_layout_at(const mha_plan *p, int L, int train, mha__enc_layo
     }
     g = mha__linear_gws(N, E, F, p->nthreads);
     t = mha__linear_gws(N, F, E, p->nthreads); if (t > g) g = t;
-    return mha__region(&cur, MHA__SAVED_HDR, &P->hdr) &&
-           mha__region(&cur, ne, &P->a) && mha__region(&cur, ne, &P->t1) &&
-           mha__region(&cur, ne, &P->h) && mha__region(&cur, nf, &P->z) &&
-           mha__region(&cur, nf, &P->g) && mha__region(&cur, ne, &P->t2) &&
+    if (mode == 1)
+        return mha__region(&cur, g, &P->gws) && mha__region(&cur, sub, &P->sub) &&
+               mha__add(cur, MHA__ALIGN_FLOATS, &P->total_floats);
+    P->sv = 0;
+    return (have_saved || mha__region(&cur, sc, &P->sv)) &&
            mha__region(&cur, ne, &P->d1) && mha__region(&cur, ne, &P->d2) &&
            mha__region(&cur, nf, &P->dg) && mha__region(&cur, g, &P->gws) &&
            mha__region(&cur, sub, &P->sub) && mha__add(cur, MHA__ALIGN_FLOATS, &P->total_floats);
@@ -4394,38 +4540,52 @@ static int mha__enc_layout_at(const mha_plan *p, int L, int train, mha__enc_layo
 
 static mha_status mha__encoder_plan_make(const mha_encoder_layer *ly, int B, int L,
                                          const mha_options *opt, unsigned flags, mha_plan *p,
-                                         size_t *extra_bytes)
+                                         size_t *extra_bytes, mha_error *e)
 {
     mha__enc_layout P;
-    size_t n, f;
+    size_t n, f, saved = 0;
     mha_status st;
     *extra_bytes = 0;
     memset(p, 0, sizeof *p);
-    if (!ly) return MHA_ERR_NULL_POINTER;
-    if (!ly->linear1_weight || !ly->linear2_weight) return MHA_ERR_NULL_POINTER;
-    if (ly->dim_feedforward <= 0 || B <= 0 || L <= 0) return MHA_ERR_INVALID_SIZE;
-    if (ly->activation != MHA_ACT_RELU && ly->activation != MHA_ACT_GELU) return MHA_ERR_BAD_ENUM;
-    if ((ly->norm_first != 0 && ly->norm_first != 1) ||
-        !(ly->layer_norm_eps >= 0.0f) || ly->layer_norm_eps == INFINITY)
-        return MHA_ERR_INVALID_ARGUMENT;
+    if (!ly) return mha__fail(e, MHA_ERR_NULL_POINTER, "layer", "is NULL");
+    if (!ly->linear1_weight) return mha__fail(e, MHA_ERR_NULL_POINTER, "layer->linear1_weight", "is NULL");
+    if (!ly->linear2_weight) return mha__fail(e, MHA_ERR_NULL_POINTER, "layer->linear2_weight", "is NULL");
+    if ((st = mha__pos(e, "layer->dim_feedforward", ly->dim_feedforward)) != MHA_OK) return st;
+    if (ly->activation != MHA_ACT_RELU && ly->activation != MHA_ACT_GELU)
+        return mha__fail(e, MHA_ERR_BAD_ENUM, "layer->activation", "is %d; expected MHA_ACT_RELU (0) or "
+                         "MHA_ACT_GELU (1)", (int)ly->activation);
+    if (ly->norm_first != 0 && ly->norm_first != 1)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "layer->norm_first", "is %d; expected 0 or 1", ly->norm_first);
+    if (!(ly->layer_norm_eps >= 0.0f) || ly->layer_norm_eps == INFINITY)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "layer->layer_norm_eps", "is %g; expected 0 (1e-5) or a "
+                         "positive finite number", (double)ly->layer_norm_eps);
     /* x [B, L, E] is the key and the value too: kdim and vdim must be E */
-    if ((ly->self_attn.kdim != 0 && ly->self_attn.kdim != ly->self_attn.embed_dim) ||
-        (ly->self_attn.vdim != 0 && ly->self_attn.vdim != ly->self_attn.embed_dim))
-        return MHA_ERR_INVALID_ARGUMENT;
-    st = mha__module_plan_make(&ly->self_attn, B, L, L, opt, flags, MHA__PLAN_ENCODER, p, extra_bytes);
+    if (ly->self_attn.kdim != 0 && ly->self_attn.kdim != ly->self_attn.embed_dim)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "layer->self_attn.kdim", "is %d; an encoder layer attends "
+                         "to x itself: 0 or embed_dim %d", ly->self_attn.kdim, ly->self_attn.embed_dim);
+    if (ly->self_attn.vdim != 0 && ly->self_attn.vdim != ly->self_attn.embed_dim)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "layer->self_attn.vdim", "is %d; an encoder layer attends "
+                         "to x itself: 0 or embed_dim %d", ly->self_attn.vdim, ly->self_attn.embed_dim);
+    st = mha__module_plan_make(&ly->self_attn, B, L, L, opt, flags, MHA__PLAN_ENCODER, p, extra_bytes, e);
     if (st != MHA_OK) return st;
     if (!mha__mul3((size_t)p->B * L, (size_t)ly->dim_feedforward, sizeof(float), &n) ||
         !mha__mul3((size_t)ly->dim_feedforward, (size_t)p->mod.E, sizeof(float), &n) ||
         ly->dim_feedforward > INT_MAX / 2)
-        return MHA_ERR_OVERFLOW;
+        return mha__fail(e, MHA_ERR_OVERFLOW, "layer->dim_feedforward", "is %d; B*L*F passes the size limits",
+                         ly->dim_feedforward);
     p->enc = *ly;
-    if (!mha__enc_layout_at(p, L, 0, &P)) return MHA_ERR_OVERFLOW;
+    if (!mha__enc_layout_at(p, L, 0, 0, &P)) goto overflow;
     f = P.total_floats;
     if (flags & MHA_PLAN_TRAINING) {
-        if (!mha__enc_layout_at(p, L, 1, &P)) return MHA_ERR_OVERFLOW;
+        if (!mha__enc_layout_at(p, L, 1, 1, &P)) goto overflow;
         if (P.total_floats > f) f = P.total_floats;
+        if (!mha__enc_layout_at(p, L, 2, 0, &P)) goto overflow;
+        if (P.total_floats > f) f = P.total_floats;
+        saved = P.saved_floats;
     }
-    return mha__plan_ws(p, f);
+    return mha__plan_ws(p, f, saved, e);
+overflow:
+    return mha__fail(e, MHA_ERR_OVERFLOW, "L", "the workspace's size does not fit in size_t");
 }
 
 /* Plan memory: the caller's mem (aligned for the struct, at least need bytes),
@@ -4433,122 +4593,177 @@ static mha_status mha__encoder_plan_make(const mha_encoder_layer *ly, int B, int
    panels are written after it.  */
 #define MHA__PLAN_ALIGN 8
 static mha_status mha__plan_place(mha_plan *tmp, size_t extra, void *mem, size_t mem_bytes,
-                                   mha_plan **plan)
+                                  mha_plan **plan, mha_error *e)
 {
     size_t need;
     mha_plan *p;
-    if (!plan) return MHA_ERR_NULL_POINTER;
-    if (!mha__add(mha__plan_struct_bytes(), extra, &need)) return MHA_ERR_OVERFLOW;
+    if (!mha__add(mha__plan_struct_bytes(), extra, &need))
+        return mha__fail(e, MHA_ERR_OVERFLOW, "flags", "the plan's bytes do not fit in size_t");
     if (mem) {
-        if (mem_bytes < need) return MHA_ERR_WORKSPACE_TOO_SMALL;
-        if ((uintptr_t)mem % MHA__PLAN_ALIGN != 0) return MHA_ERR_MISALIGNED;
+        if (mem_bytes < need)
+            return mha__fail(e, MHA_ERR_WORKSPACE_TOO_SMALL, "mem_bytes", "is %lu; the plan needs %lu "
+                             "(mha_sizes.plan)", (unsigned long)mem_bytes, (unsigned long)need);
+        if ((uintptr_t)mem % MHA__PLAN_ALIGN != 0)
+            return mha__fail(e, MHA_ERR_MISALIGNED, "mem", "is not %d-byte aligned", MHA__PLAN_ALIGN);
         tmp->owned = 0;
     } else {
         mem = MHA_MALLOC(need);
-        if (!mem) return MHA_ERR_OUT_OF_MEMORY;
+        if (!mem) return mha__fail(e, MHA_ERR_OUT_OF_MEMORY, "mem", "MHA_MALLOC(%lu) returned NULL",
+                                   (unsigned long)need);
         tmp->owned = 1;
     }
     p = MHA__CAST(mha_plan *, mem);
+    tmp->plan_bytes = need;
     *p = *tmp;
-    if (extra) {
-        mha__pack_layout P;
-        (void)mha__pack_lay(&p->mod, &P);   /* checked by the plan */
-        mha__pack_write(&p->mod, &P, MHA__CAST(char *, mem) + mha__plan_struct_bytes());
-    }
+    if (extra) mha__pack_write(&p->mod, MHA__CAST(char *, mem) + mha__plan_struct_bytes());
     *plan = p;
     return MHA_OK;
 }
 
-/* The end of every planner: the status of its make, then the bytes of the
-   plan (plan_bytes, the *_plan_size calls) or the plan placed in memory. */
-static mha_status mha__plan_out(mha_status st, mha_plan *tmp, const size_t *extra, void *mem,
-                                size_t mem_bytes, mha_plan **plan, size_t *plan_bytes)
+/* The end of every planner: the status of its make, then the sizes of the
+   plan (the *_plan_size calls) or the plan placed in memory. */
+static mha_status mha__plan_out(mha_status st, mha_plan *tmp, size_t extra, void *mem,
+                                size_t mem_bytes, mha_plan **plan, mha_sizes *sizes, mha_error *e)
 {
-    size_t x = extra ? *extra : 0;   /* read after the make (st) has set it */
     if (st != MHA_OK) return st;
-    if (plan_bytes)
-        return mha__add(mha__plan_struct_bytes(), x, plan_bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
-    return mha__plan_place(tmp, x, mem, mem_bytes, plan);
+    if (sizes) {
+        if (!mha__add(mha__plan_struct_bytes(), extra, &sizes->plan))
+            return mha__fail(e, MHA_ERR_OVERFLOW, "flags", "the plan's bytes do not fit in size_t");
+        sizes->workspace = tmp->ws_bytes;
+        sizes->saved = tmp->saved_bytes;
+        return MHA_OK;
+    }
+    return mha__plan_place(tmp, extra, mem, mem_bytes, plan, e);
 }
 
 MHADEF mha_status mha_gemm_plan_size(mha_trans ta, mha_trans tb, int M, int N, int K,
-                                     int num_threads, size_t *plan_bytes)
+                                     int num_threads, mha_sizes *sizes, mha_error *err)
 {
     mha_plan p;
-    if (!plan_bytes) return MHA_ERR_NULL_POINTER;
-    return mha__plan_out(mha__gemm_plan_make(ta, tb, M, N, K, num_threads, &p), &p, NULL, NULL, 0,
-                         NULL, plan_bytes);
+    mha__begin(err);
+    if (!sizes) return mha__sign(err, "mha_gemm_plan_size", mha__need(err, "sizes", sizes));
+    return mha__sign(err, "mha_gemm_plan_size",
+                     mha__plan_out(mha__gemm_plan_make(ta, tb, M, N, K, num_threads, &p, err), &p, 0, NULL, 0,
+                                   NULL, sizes, err));
 }
 MHADEF mha_status mha_gemm_plan(mha_trans ta, mha_trans tb, int M, int N, int K, int num_threads,
-                                void *mem, size_t mem_bytes, mha_plan **plan)
+                                void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err)
 {
     mha_plan p;
-    if (!plan) return MHA_ERR_NULL_POINTER;
-    return mha__plan_out(mha__gemm_plan_make(ta, tb, M, N, K, num_threads, &p), &p, NULL, mem,
-                         mem_bytes, plan, NULL);
+    mha__begin(err);
+    if (!plan) return mha__sign(err, "mha_gemm_plan", mha__need(err, "plan", plan));
+    return mha__sign(err, "mha_gemm_plan",
+                     mha__plan_out(mha__gemm_plan_make(ta, tb, M, N, K, num_threads, &p, err), &p, 0, mem,
+                                   mem_bytes, plan, NULL, err));
 }
 
 MHADEF mha_status mha_sdpa_plan_size(int B, int H, int Lq, int Lk, int D, int Dv,
-                                     const mha_options *opt, unsigned flags, size_t *plan_bytes)
+                                     const mha_options *opt, unsigned flags, mha_sizes *sizes,
+                                     mha_error *err)
 {
     mha_plan p;
-    if (!plan_bytes) return MHA_ERR_NULL_POINTER;
-    return mha__plan_out(mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, flags, &p), &p, NULL, NULL, 0,
-                         NULL, plan_bytes);
+    mha__begin(err);
+    if (!sizes) return mha__sign(err, "mha_sdpa_plan_size", mha__need(err, "sizes", sizes));
+    return mha__sign(err, "mha_sdpa_plan_size",
+                     mha__plan_out(mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, flags, &p, err), &p, 0, NULL,
+                                   0, NULL, sizes, err));
 }
 MHADEF mha_status mha_sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
                                 const mha_options *opt, unsigned flags,
-                                void *mem, size_t mem_bytes, mha_plan **plan)
+                                void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err)
 {
     mha_plan p;
-    if (!plan) return MHA_ERR_NULL_POINTER;
-    return mha__plan_out(mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, flags, &p), &p, NULL, mem,
-                         mem_bytes, plan, NULL);
+    mha__begin(err);
+    if (!plan) return mha__sign(err, "mha_sdpa_plan", mha__need(err, "plan", plan));
+    return mha__sign(err, "mha_sdpa_plan",
+                     mha__plan_out(mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, flags, &p, err), &p, 0, mem,
+                                   mem_bytes, plan, NULL, err));
 }
 
 MHADEF mha_status mha_module_plan_size(const mha_module *m, int B, int Lq, int Lk,
-                                       const mha_options *opt, unsigned flags, size_t *plan_bytes)
+                                       const mha_options *opt, unsigned flags, mha_sizes *sizes,
+                                       mha_error *err)
 {
     mha_plan p;
-    size_t extra;
-    if (!plan_bytes) return MHA_ERR_NULL_POINTER;
-    return mha__plan_out(mha__module_plan_make(m, B, Lq, Lk, opt, flags, MHA__PLAN_MODULE, &p, &extra),
-                         &p, &extra, NULL, 0, NULL, plan_bytes);
+    size_t extra = 0;
+    mha_status st;
+    mha__begin(err);
+    if (!sizes) return mha__sign(err, "mha_module_plan_size", mha__need(err, "sizes", sizes));
+    st = mha__module_plan_make(m, B, Lq, Lk, opt, flags, MHA__PLAN_MODULE, &p, &extra, err);
+    return mha__sign(err, "mha_module_plan_size", mha__plan_out(st, &p, extra, NULL, 0, NULL, sizes, err));
 }
 MHADEF mha_status mha_module_plan(const mha_module *m, int B, int Lq, int Lk,
                                   const mha_options *opt, unsigned flags,
-                                  void *mem, size_t mem_bytes, mha_plan **plan)
+                                  void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err)
 {
     mha_plan p;
-    size_t extra;
-    if (!plan) return MHA_ERR_NULL_POINTER;
-    return mha__plan_out(mha__module_plan_make(m, B, Lq, Lk, opt, flags, MHA__PLAN_MODULE, &p, &extra),
-                         &p, &extra, mem, mem_bytes, plan, NULL);
+    size_t extra = 0;
+    mha_status st;
+    mha__begin(err);
+    if (!plan) return mha__sign(err, "mha_module_plan", mha__need(err, "plan", plan));
+    st = mha__module_plan_make(m, B, Lq, Lk, opt, flags, MHA__PLAN_MODULE, &p, &extra, err);
+    return mha__sign(err, "mha_module_plan", mha__plan_out(st, &p, extra, mem, mem_bytes, plan, NULL, err));
 }
 
 MHADEF mha_status mha_encoder_plan_size(const mha_encoder_layer *layer, int B, int L,
-                                        const mha_options *opt, unsigned flags, size_t *plan_bytes)
+                                        const mha_options *opt, unsigned flags, mha_sizes *sizes,
+                                        mha_error *err)
 {
     mha_plan p;
-    size_t extra;
-    if (!plan_bytes) return MHA_ERR_NULL_POINTER;
-    return mha__plan_out(mha__encoder_plan_make(layer, B, L, opt, flags, &p, &extra), &p, &extra,
-                         NULL, 0, NULL, plan_bytes);
+    size_t extra = 0;
+    mha_status st;
+    mha__begin(err);
+    if (!sizes) return mha__sign(err, "mha_encoder_plan_size", mha__need(err, "sizes", sizes));
+    st = mha__encoder_plan_make(layer, B, L, opt, flags, &p, &extra, err);
+    return mha__sign(err, "mha_encoder_plan_size", mha__plan_out(st, &p, extra, NULL, 0, NULL, sizes, err));
 }
 MHADEF mha_status mha_encoder_plan(const mha_encoder_layer *layer, int B, int L,
                                    const mha_options *opt, unsigned flags,
-                                   void *mem, size_t mem_bytes, mha_plan **plan)
+                                   void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err)
 {
     mha_plan p;
-    size_t extra;
-    if (!plan) return MHA_ERR_NULL_POINTER;
-    return mha__plan_out(mha__encoder_plan_make(layer, B, L, opt, flags, &p, &extra), &p, &extra,
-                         mem, mem_bytes, plan, NULL);
+    size_t extra = 0;
+    mha_status st;
+    mha__begin(err);
+    if (!plan) return mha__sign(err, "mha_encoder_plan", mha__need(err, "plan", plan));
+    st = mha__encoder_plan_make(layer, B, L, opt, flags, &p, &extra, err);
+    return mha__sign(err, "mha_encoder_plan", mha__plan_out(st, &p, extra, mem, mem_bytes, plan, NULL, err));
 }
 
-MHADEF size_t mha_plan_workspace_size(const mha_plan *plan)
+/* Is this a plan (and, kind > 0, of that kind)? */
+static mha_status mha__plan_ok(const mha_plan *p, int kind, mha_error *e)
 {
-    return plan && plan->magic == MHA__PLAN_MAGIC ? plan->ws_bytes : 0;
+    if (!p) return mha__fail(e, MHA_ERR_NULL_POINTER, "plan", "is NULL");
+    if (p->magic != MHA__PLAN_MAGIC)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "plan", "is not a plan (destroyed, or never made)");
+    if (kind && p->kind != kind)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "plan", "is %s plan; this call runs %s plan",
+                         mha__kind_name((uint32_t)p->kind), mha__kind_name((uint32_t)kind));
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_plan_sizes(const mha_plan *plan, mha_sizes *sizes, mha_error *err)
+{
+    mha_status st;
+    mha__begin(err);
+    if ((st = mha__need(err, "sizes", sizes)) != MHA_OK || (st = mha__plan_ok(plan, 0, err)) != MHA_OK)
+        return mha__sign(err, "mha_plan_sizes", st);
+    sizes->plan = plan->plan_bytes;
+    sizes->workspace = plan->ws_bytes;
+    sizes->saved = plan->saved_bytes;
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_plan_repack(mha_plan *plan, mha_error *err)
+{
+    mha_status st;
+    mha__begin(err);
+    if ((st = mha__plan_ok(plan, 0, err)) != MHA_OK) return mha__sign(err, "mha_plan_repack", st);
+    if (!(plan->flags & MHA_PLAN_PACK))
+        return mha__sign(err, "mha_plan_repack", mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "plan", "was made "
+                         "without MHA_PLAN_PACK: it reads the weights at every run and has nothing to repack"));
+    mha__pack_write(&plan->mod, MHA__CAST(char *, (void *)plan) + mha__plan_struct_bytes());
+    return MHA_OK;
 }
 
 MHADEF void mha_plan_destroy(mha_plan *plan)
@@ -4559,249 +4774,175 @@ MHADEF void mha_plan_destroy(mha_plan *plan)
     }
 }
 
-/* ------------------------------------------------------ saved forward
-
-   A training plan's forward run leaves in the caller's workspace what its
-   backward needs, so the backward does not compute the forward again:
-     SDPA      the log-sum-exp of every row [B, H, Lq] and O [B, H, Lq, Dv]
-     module    the projected Q, K, V (after RoPE), the context C and the lse
-     encoder   the module's, and the layer's activations (a, t1, h, z, g, t2)
-   The region starts with a header of MHA__SAVED_HDR floats: a magic number
-   and a 64-bit key of everything the forward's results depend on (the plan,
-   the lengths, the input and mask pointers and contents, sinks, ALiBi
-   slopes, a sample of the weights).  A backward run keys its own arguments
-   the same way and uses the saved forward only when the keys agree;
-   otherwise it recomputes the forward, as a one-shot backward does.  Runs
-   that write the region otherwise clear the header first.  */
-
-/* A 64-bit hash of n bytes, continuing from h: four lanes of
-   xor-multiply-xorshift over 8-byte words (a change to any bit of a word
-   changes its lane), then the lanes folded with the length. */
-static uint64_t mha__hash(uint64_t h, const void *p, size_t n)
-{
-    const unsigned char *c = MHA__CAST(const unsigned char *, p);
-    uint64_t a[4], w;
-    size_t i = 0;
-    int l;
-    for (l = 0; l < 4; ++l) a[l] = h + (uint64_t)(l + 1) * 0x9e3779b97f4a7c15ull;
-    for (; i + 32 <= n; i += 32)
-        for (l = 0; l < 4; ++l) {
-            memcpy(&w, c + i + 8 * l, 8);
-            a[l] = (a[l] ^ w) * 0xff51afd7ed558ccdull;
-            a[l] ^= a[l] >> 32;
-        }
-    for (; i < n; ++i) a[0] = (a[0] ^ c[i]) * 0xc4ceb9fe1a85ec53ull;
-    h = (uint64_t)n;
-    for (l = 0; l < 4; ++l) { h = (h ^ a[l]) * 0xff51afd7ed558ccdull; h ^= h >> 29; }
-    return h;
-}
-
-static size_t mha__mask_bytes(const mha_mask *m)
-{
-    size_t n = m->kind == MHA_MASK_FLOAT ? sizeof(float) : 1;
-    int d;
-    for (d = 0; d < m->ndim; ++d) n *= (size_t)m->shape[d];
-    return n;
-}
-
-/* h continued by MHA__SAMPLES evenly spread values of w[0..n) (n > 0), or
-   all of them when n is small; w may be NULL */
-static uint64_t mha__hash_sample(uint64_t h, const float *w, size_t n)
-{
-    float v[MHA__SAMPLES];
-    int s;
-    if (!w) return h;
-    if (n <= 4 * MHA__SAMPLES) return mha__hash(h, w, n * sizeof(float));
-    for (s = 0; s < MHA__SAMPLES; ++s)
-        v[s] = w[(size_t)((unsigned long long)s * (n - 1) / (MHA__SAMPLES - 1))];
-    return mha__hash(h, v, sizeof v);
-}
-
-/* The key of a run of plan p at lengths Lq, Lk with options o (the run's
-   masks) and inputs x[0..nx) of n[] floats (an input equal to the one
-   before it, e.g. self-attention's x, is hashed once).  */
-static uint64_t mha__saved_key(const mha_plan *p, const mha_options *o, int Lq, int Lk,
-                               const float *const *x, const size_t *n, int nx)
-{
-    const mha__mod *r = &p->mod;
-    const mha_encoder_layer *e = &p->enc;
-    int iv[32];
-    float fv[4];
-    const void *pv[24];
-    uint64_t h = MHA__SAVED_MAGIC;
-    int i, ni = 0, np = 0;
-    iv[ni++] = p->kind; iv[ni++] = (int)p->flags; iv[ni++] = p->B; iv[ni++] = p->H;
-    iv[ni++] = p->D; iv[ni++] = p->Dv; iv[ni++] = p->by_head; iv[ni++] = Lq; iv[ni++] = Lk;
-    iv[ni++] = o->causal; iv[ni++] = (int)o->causal_align; iv[ni++] = o->num_kv_heads;
-    iv[ni++] = o->window; iv[ni++] = o->window_left; iv[ni++] = o->window_right;
-    iv[ni++] = o->alibi; iv[ni++] = o->position_offset;
-    iv[ni++] = (int)o->attn_mask.kind; iv[ni++] = (int)o->key_padding_mask.kind;
-    iv[ni++] = r->E; iv[ni++] = r->kdim; iv[ni++] = r->vdim; iv[ni++] = r->Hkv; iv[ni++] = r->extra;
-    iv[ni++] = (int)r->rope.kind; iv[ni++] = r->rope.rotary_dim;
-    iv[ni++] = e->dim_feedforward; iv[ni++] = (int)e->activation; iv[ni++] = e->norm_first;
-    iv[ni++] = p->kind == MHA__PLAN_SDPA ? 0 : (int)mha__weights_sample(r);
-    fv[0] = o->scale; fv[1] = o->softcap; fv[2] = r->rope.theta; fv[3] = e->layer_norm_eps;
-    pv[np++] = p; pv[np++] = o->attn_mask.data; pv[np++] = o->key_padding_mask.data;
-    pv[np++] = o->alibi_slopes; pv[np++] = o->sinks;
-    pv[np++] = r->wq; pv[np++] = r->wk; pv[np++] = r->wv; pv[np++] = r->wo;
-    pv[np++] = r->bq; pv[np++] = r->bk; pv[np++] = r->bv; pv[np++] = r->bo;
-    pv[np++] = r->bias_k; pv[np++] = r->bias_v;
-    pv[np++] = e->linear1_weight; pv[np++] = e->linear1_bias; pv[np++] = e->linear2_weight;
-    pv[np++] = e->linear2_bias; pv[np++] = e->norm1_weight; pv[np++] = e->norm1_bias;
-    pv[np++] = e->norm2_weight; pv[np++] = e->norm2_bias;
-    h = mha__hash(h, iv, (size_t)ni * sizeof iv[0]);
-    h = mha__hash(h, fv, sizeof fv);
-    h = mha__hash(h, pv, (size_t)np * sizeof pv[0]);
-    for (i = 0; i < nx; ++i) {
-        h = mha__hash(h, &x[i], sizeof x[i]);
-        if (i == 0 || x[i] != x[i - 1] || n[i] != n[i - 1]) h = mha__hash(h, x[i], n[i] * sizeof(float));
-    }
-    if (o->attn_mask.kind != MHA_MASK_NONE) h = mha__hash(h, o->attn_mask.data, mha__mask_bytes(&o->attn_mask));
-    if (o->key_padding_mask.kind != MHA_MASK_NONE)
-        h = mha__hash(h, o->key_padding_mask.data, mha__mask_bytes(&o->key_padding_mask));
-    if (o->sinks) h = mha__hash(h, o->sinks, (size_t)p->H * sizeof(float));
-    if (o->alibi && o->alibi_slopes) h = mha__hash(h, o->alibi_slopes, (size_t)p->H * sizeof(float));
-    if (p->kind == MHA__PLAN_ENCODER) {   /* the feed-forward and norm weights, sampled too */
-        size_t ef = (size_t)r->E * e->dim_feedforward;
-        h = mha__hash_sample(h, e->linear1_weight, ef); h = mha__hash_sample(h, e->linear2_weight, ef);
-        h = mha__hash_sample(h, e->linear1_bias, (size_t)e->dim_feedforward);
-        h = mha__hash_sample(h, e->linear2_bias, (size_t)r->E);
-        h = mha__hash_sample(h, e->norm1_weight, (size_t)r->E); h = mha__hash_sample(h, e->norm1_bias, (size_t)r->E);
-        h = mha__hash_sample(h, e->norm2_weight, (size_t)r->E); h = mha__hash_sample(h, e->norm2_bias, (size_t)r->E);
-    }
-    return h;
-}
-
-/* A check sum of the saved forward itself, its k regions of n[i] floats at
-   ws + at[i]: per lane of 8-byte words a running sum and a sum of running
-   sums (Fletcher), so a region written over since the forward (a workspace
-   freed, reused by other allocations and handed out again) no longer
-   matches its header.  Two adds a word: cheap next to the key's hash.  */
-static uint64_t mha__saved_sum(const float *ws, const size_t *at, const size_t *n, int k)
-{
-    uint64_t s1[4] = {0, 0, 0, 0}, s2[4] = {0, 0, 0, 0}, w, h = 0;
-    uint32_t u;
-    int i, l;
-    for (i = 0; i < k; ++i) {
-        const void *region = ws + at[i];
-        const unsigned char *c = MHA__CAST(const unsigned char *, region);
-        size_t bytes = n[i] * sizeof(float), j = 0;
-        for (; j + 32 <= bytes; j += 32)
-            for (l = 0; l < 4; ++l) {
-                memcpy(&w, c + j + 8 * l, 8);
-                s1[l] += w;
-                s2[l] += s1[l];
-            }
-        for (; j < bytes; j += 4) {
-            memcpy(&u, c + j, 4);
-            s1[0] += u;
-            s2[0] += s1[0];
-        }
-    }
-    for (l = 0; l < 4; ++l) {
-        h = (h ^ s1[l]) * 0xff51afd7ed558ccdull;
-        h = (h ^ s2[l]) * 0xff51afd7ed558ccdull;
-    }
-    return h;
-}
-
-/* The header at hdr: mark the saved forward as made for key (after the
-   forward has written it; key combines the arguments' key and the saved
-   data's sum), clear it (before anything else writes the region), or ask
-   whether it holds key. */
-static void mha__saved_stamp(float *hdr, uint64_t key)
-{
-    uint64_t m = MHA__SAVED_MAGIC;
-    memcpy(hdr, &m, 8);
-    memcpy(hdr + 2, &key, 8);
-}
-static void mha__saved_clear(float *hdr) { memset(hdr, 0, 16); }
-static int mha__saved_magic(const float *hdr)   /* (checked first: keying costs O(L E)) */
-{
-    uint64_t m;
-    memcpy(&m, hdr, 8);
-    return m == MHA__SAVED_MAGIC;
-}
-static int mha__saved_holds(const float *hdr, uint64_t key)
-{
-    uint64_t m, k;
-    memcpy(&m, hdr, 8);
-    memcpy(&k, hdr + 2, 8);
-    return m == MHA__SAVED_MAGIC && k == key;
-}
-
 /* ------------------------------------------------------------- runs */
 
-/* The start of every run: the plan is one of this kind; the lengths fit;
-   the options are the plan's with this run's mask data (NULL: the pointer
-   the plan was made with) and mask shapes for its lengths; packed weights
-   still match their source.  (The workspace: mha__run_ws.)  */
-static mha_status mha__run_begin(const mha_plan *p, int kind, int Lq, int Lk, const void *attn_mask,
-                                 const void *kpm, mha_options *o)
+/* The fields of an mha_run a call may use; any other field that is set is
+   refused by name (a request the call cannot honour is never dropped). */
+#define MHA__RF_SAVED   1u
+#define MHA__RF_MASKS   2u
+#define MHA__RF_CACHE   4u
+#define MHA__RF_WEIGHTS 8u    /* weights, rows, n_rows */
+#define MHA__RF_STATS   16u   /* lse, entropy, max_weight, first_weight */
+#define MHA__RF_SINKS   32u   /* sinks_grad */
+static mha_status mha__run_fields(const mha_run *run, unsigned allowed, mha_error *e)
 {
-    mha_mask *am = &o->attn_mask, *kp = &o->key_padding_mask;
-    if (!p) return MHA_ERR_NULL_POINTER;
-    if (p->magic != MHA__PLAN_MAGIC || p->kind != kind) return MHA_ERR_INVALID_ARGUMENT;
-    *o = p->opt;
-    if (Lq <= 0 || Lk <= 0) return MHA_ERR_INVALID_SIZE;
-    if (Lq > p->Lq || Lk > p->Lk) return MHA_ERR_EXCEEDS_PLAN;
-    if ((attn_mask && am->kind == MHA_MASK_NONE) || (kpm && kp->kind == MHA_MASK_NONE))
-        return MHA_ERR_EXCEEDS_PLAN;
-    if (attn_mask) am->data = attn_mask;
-    if (kpm) kp->data = kpm;
-    if ((am->kind != MHA_MASK_NONE && !am->data) || (kp->kind != MHA_MASK_NONE && !kp->data))
-        return MHA_ERR_NULL_POINTER;
-    /* attn_mask ends in [Lq, Lk], key_padding_mask is [B, Lk] */
-    if (am->kind != MHA_MASK_NONE) { am->shape[am->ndim - 2] = Lq; am->shape[am->ndim - 1] = Lk; }
-    if (kp->kind != MHA_MASK_NONE) kp->shape[1] = Lk;
-    /* packed panels are a copy of the weights: they must still be theirs */
-    if (p->mod.pq && mha__weights_sample(&p->mod) != p->mod.values) return MHA_ERR_STALE;
+    const char *bad = NULL;
+    if (!run) return MHA_OK;
+    if (!(allowed & MHA__RF_SAVED) && run->saved) bad = "run->saved";
+    else if (!(allowed & MHA__RF_MASKS) && run->attn_mask) bad = "run->attn_mask";
+    else if (!(allowed & MHA__RF_MASKS) && run->key_padding_mask) bad = "run->key_padding_mask";
+    else if (!(allowed & MHA__RF_CACHE) && run->cache) bad = "run->cache";
+    else if (!(allowed & MHA__RF_WEIGHTS) && run->weights) bad = "run->weights";
+    else if (!(allowed & MHA__RF_WEIGHTS) && (run->rows || run->n_rows)) bad = run->rows ? "run->rows" : "run->n_rows";
+    else if (!(allowed & MHA__RF_STATS) && run->lse) bad = "run->lse";
+    else if (!(allowed & MHA__RF_STATS) && run->entropy) bad = "run->entropy";
+    else if (!(allowed & MHA__RF_STATS) && run->max_weight) bad = "run->max_weight";
+    else if (!(allowed & MHA__RF_STATS) && run->first_weight) bad = "run->first_weight";
+    else if (!(allowed & MHA__RF_SINKS) && run->sinks_grad) bad = "run->sinks_grad";
+    if (bad) return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, bad, "is set, but this call does not read or write it");
+    if (run->n_rows < 0 || (run->rows && run->n_rows == 0))
+        return mha__fail(e, MHA_ERR_INVALID_SIZE, "run->n_rows", "is %d; expected >= 1 with run->rows", run->n_rows);
+    if (run->n_rows > 0 && !run->rows) return mha__fail(e, MHA_ERR_NULL_POINTER, "run->rows", "is NULL with n_rows %d",
+                                                        run->n_rows);
+    if (run->n_rows > 0 && !run->weights)
+        return mha__fail(e, MHA_ERR_NULL_POINTER, "run->weights", "is NULL: rows choose which weights to write");
+    if (run->saved_bytes && !run->saved)
+        return mha__fail(e, MHA_ERR_NULL_POINTER, "run->saved", "is NULL with saved_bytes %lu",
+                         (unsigned long)run->saved_bytes);
     return MHA_OK;
 }
 
 /* The caller's workspace (at least need bytes), or an allocated one. */
-static mha_status mha__get_ws(void *workspace, size_t have, size_t need, void **owned, float **ws)
+static mha_status mha__get_ws(const mha_run *run, size_t need, void **owned, float **ws, mha_error *e)
 {
+    void *w = run ? run->workspace : NULL;
     *owned = NULL;
-    if (workspace) {
-        if (have < need) return MHA_ERR_WORKSPACE_TOO_SMALL;
+    if (w) {
+        if (run->workspace_bytes < need)
+            return mha__fail(e, MHA_ERR_WORKSPACE_TOO_SMALL, "run->workspace_bytes", "is %lu; this run needs %lu",
+                             (unsigned long)run->workspace_bytes, (unsigned long)need);
     } else {
-        workspace = *owned = MHA_MALLOC(need);
-        if (!workspace) return MHA_ERR_OUT_OF_MEMORY;
+        w = *owned = MHA_MALLOC(need);
+        if (!w) return mha__fail(e, MHA_ERR_OUT_OF_MEMORY, "run->workspace", "is NULL and MHA_MALLOC(%lu) "
+                                 "returned NULL", (unsigned long)need);
     }
-    *ws = mha__align_ws(workspace);
+    *ws = mha__align_ws(w);
     return MHA_OK;
 }
-/* A run's workspace: what this run needs (need_floats at its lengths, at
-   most the plan's size), from the caller or allocated. */
-static mha_status mha__run_ws(const mha_plan *p, void *workspace, size_t have, size_t need_floats,
-                              void **owned, float **ws)
+/* A run's workspace: need_floats at its lengths (at most the plan's). */
+static mha_status mha__run_ws(const mha_plan *p, const mha_run *run, size_t need_floats, void **owned,
+                              float **ws, mha_error *e)
 {
-    if (need_floats > p->ws_bytes / sizeof(float)) return MHA_ERR_EXCEEDS_PLAN;   /* cannot happen */
-    return mha__get_ws(workspace, have, need_floats * sizeof(float), owned, ws);
+    MHA_ASSERT(need_floats <= p->ws_bytes / sizeof(float));
+    (void)p;
+    return mha__get_ws(run, need_floats * sizeof(float), owned, ws, e);
+}
+/* The caller's saved region for need_floats at these lengths (aligned inside). */
+static mha_status mha__run_saved(const mha_plan *p, const mha_run *run, size_t need_floats, float **sv,
+                                 mha_error *e)
+{
+    *sv = NULL;
+    if (!run || !run->saved) return MHA_OK;
+    if (!(p->flags & MHA_PLAN_TRAINING))
+        return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, "run->saved", "is set, but the plan was made without "
+                         "MHA_PLAN_TRAINING");
+    if (run->saved_bytes < need_floats * sizeof(float))
+        return mha__fail(e, MHA_ERR_WORKSPACE_TOO_SMALL, "run->saved_bytes", "is %lu; this run saves %lu",
+                         (unsigned long)run->saved_bytes, (unsigned long)(need_floats * sizeof(float)));
+    *sv = mha__align_ws(run->saved);
+    return MHA_OK;
 }
 
-MHADEF mha_status mha_gemm_run(const mha_plan *p, float alpha, const float *A, int lda,
-                               const float *B, int ldb, float beta, float *C, int ldc,
-                               void *workspace, size_t workspace_bytes)
+/* The start of every run: the plan is one of this kind; the lengths fit
+   (with a cache, Lk is 0: the cache says how many keys); the options are
+   the plan's with this run's mask data (NULL: the plan's) and mask shapes
+   for its lengths; the run's fields are ones this call can honour. */
+static mha_status mha__run_begin(const mha_plan *p, int kind, int Lq, int Lk, const mha_run *run,
+                                 unsigned allowed, mha_options *o, mha_error *e)
+{
+    mha_mask *am = &o->attn_mask, *kp = &o->key_padding_mask;
+    const char *lq = kind == MHA__PLAN_ENCODER ? "L" : "Lq", *lk = kind == MHA__PLAN_ENCODER ? "L" : "Lk";
+    mha_status st;
+    if ((st = mha__plan_ok(p, kind, e)) != MHA_OK) return st;
+    *o = p->opt;
+    if ((st = mha__run_fields(run, allowed, e)) != MHA_OK) return st;
+    if ((st = mha__pos(e, lq, Lq)) != MHA_OK) return st;
+    if (Lq > p->Lq) return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, lq, "is %d; the plan's longest is %d", Lq, p->Lq);
+    if (run && run->cache) {
+        if (Lk != 0) return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "Lk", "is %d; with run->cache pass 0 (the "
+                                      "cache's len says how many keys)", Lk);
+    } else {
+        if ((st = mha__pos(e, lk, Lk)) != MHA_OK) return st;
+        if (Lk > p->Lk) return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, lk, "is %d; the plan's longest is %d", Lk, p->Lk);
+    }
+    if (run && run->attn_mask && am->kind == MHA_MASK_NONE)
+        return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, "run->attn_mask", "is set, but the plan's options have no "
+                         "attn_mask (plan one with its kind and shape)");
+    if (run && run->key_padding_mask && kp->kind == MHA_MASK_NONE)
+        return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, "run->key_padding_mask", "is set, but the plan's options have "
+                         "no key_padding_mask (plan one with its kind and shape)");
+    if (run && run->attn_mask) am->data = run->attn_mask;
+    if (run && run->key_padding_mask) kp->data = run->key_padding_mask;
+    if (am->kind != MHA_MASK_NONE && !am->data)
+        return mha__fail(e, MHA_ERR_NULL_POINTER, "run->attn_mask", "is NULL, and so is the plan's "
+                         "opt->attn_mask.data");
+    if (kp->kind != MHA_MASK_NONE && !kp->data)
+        return mha__fail(e, MHA_ERR_NULL_POINTER, "run->key_padding_mask", "is NULL, and so is the plan's "
+                         "opt->key_padding_mask.data");
+    /* attn_mask ends in [Lq, Lk], key_padding_mask is [B, Lk] */
+    if (am->kind != MHA_MASK_NONE) { am->shape[am->ndim - 2] = Lq; am->shape[am->ndim - 1] = Lk; }
+    if (kp->kind != MHA_MASK_NONE) kp->shape[1] = Lk;
+    return MHA_OK;
+}
+
+/* The row outputs a run asked for, as a view (NULL when none). */
+static const mha__rowout *mha__run_rowout(const mha_run *run, mha__rowout *ro)
+{
+    if (!run || !(run->lse || run->entropy || run->max_weight || run->first_weight)) return NULL;
+    ro->lse = run->lse; ro->entropy = run->entropy; ro->max_weight = run->max_weight;
+    ro->first_weight = run->first_weight;
+    return ro;
+}
+
+static mha_status mha__gemm_run(const mha_plan *p, float alpha, const float *A, int lda,
+                                const float *B, int ldb, float beta, float *C, int ldc,
+                                const mha_run *run, mha_error *err)
 {
     size_t tmp;
     void *owned;
     float *ws;
     mha_status st;
-    if (!p || !A || !B || !C) return MHA_ERR_NULL_POINTER;
-    if (p->magic != MHA__PLAN_MAGIC || p->kind != MHA__PLAN_GEMM) return MHA_ERR_INVALID_ARGUMENT;
-    if (lda < (p->ta ? p->M : p->K) || ldb < (p->tb ? p->K : p->N) || ldc < p->N) return MHA_ERR_INVALID_SIZE;
+    if ((st = mha__plan_ok(p, MHA__PLAN_GEMM, err)) != MHA_OK || (st = mha__need(err, "A", A)) != MHA_OK ||
+        (st = mha__need(err, "B", B)) != MHA_OK || (st = mha__need(err, "C", C)) != MHA_OK ||
+        (st = mha__run_fields(run, 0, err)) != MHA_OK)
+        return st;
+    if (lda < (p->ta ? p->M : p->K))
+        return mha__fail(err, MHA_ERR_INVALID_SIZE, "lda", "is %d; expected >= %d", lda,
+                                            p->ta ? p->M : p->K);
+    if (ldb < (p->tb ? p->K : p->N))
+        return mha__fail(err, MHA_ERR_INVALID_SIZE, "ldb", "is %d; expected >= %d", ldb,
+                                            p->tb ? p->K : p->N);
+    if (ldc < p->N)
+        return mha__fail(err, MHA_ERR_INVALID_SIZE, "ldc", "is %d; expected >= %d", ldc, p->N);
     if (!mha__mul((size_t)(p->ta ? p->K : p->M), (size_t)lda, &tmp) || !mha__mul(tmp, sizeof(float), &tmp) ||
         !mha__mul((size_t)(p->tb ? p->N : p->K), (size_t)ldb, &tmp) || !mha__mul(tmp, sizeof(float), &tmp) ||
         !mha__mul((size_t)p->M, (size_t)ldc, &tmp) || !mha__mul(tmp, sizeof(float), &tmp))
-        return MHA_ERR_OVERFLOW;
-    if ((st = mha__run_ws(p, workspace, workspace_bytes, p->ws_bytes / sizeof(float), &owned, &ws)) != MHA_OK)
+        return mha__fail(err, MHA_ERR_OVERFLOW, "lda", "a matrix's bytes with its leading "
+                                            "dimension do not fit in size_t");
+    if ((st = mha__run_ws(p, run, p->ws_bytes / sizeof(float), &owned, &ws, err)) != MHA_OK)
         return st;
     mha__gemm_mt(p->ta, p->tb, p->M, p->N, p->K, alpha, A, (size_t)lda, B, (size_t)ldb, beta, C,
                  (size_t)ldc, ws, p->nthreads);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
+}
+
+MHADEF mha_status mha_gemm_run(const mha_plan *p, float alpha, const float *A, int lda,
+                               const float *B, int ldb, float beta, float *C, int ldc,
+                               const mha_run *run, mha_error *err)
+{
+    mha__begin(err);
+    return mha__sign(err, "mha_gemm_run", mha__gemm_run(p, alpha, A, lda, B, ldb, beta, C, ldc, run, err));
 }
 
 /* The attention of SDPA's dense [B, H, L, D] tensors. */
@@ -4817,100 +4958,193 @@ static void mha__attn_dense(mha__attn *a, const mha_options *o, int B, int H, in
     a->shared_pack = (size_t)B * H < (size_t)a->nthreads;
 }
 
-/* The sum of an SDPA plan's saved forward at these lengths. */
-static uint64_t mha__sdpa_saved_sum(const mha_plan *p, int Lq, const float *ws)
+/* Weights of chosen query rows, recomputed from each row's lse through the
+   forward's own score path (q.k in double, the same soft-cap and
+   mha__mask_cols as the unfused path):
+       w[b, h, r, j] = exp(s_ij - lse[b, h, i]),   i = rows[r]
+   q row (b, h, i) at q + b*qbs + i*qrs + h*qhs, key j of KV head g at
+   k + b*kbs + j*krs + g*khs; out [B, H, n, Lk'] (per head) or [B, n, Lk']
+   (the head average, avg: a row of Lk' per thread).  */
+typedef struct mha__rows_args {
+    const float *q, *k, *lse;
+    size_t qbs, qrs, qhs, kbs, krs, khs;
+    int n, Lk, D;
+    const int *rows;
+    int qrow_of_r;      /* q holds the chosen rows only (row r at r), not all Lq */
+} mha__rows_args;
+static void mha__rows_weights(const mha__attn *a, const mha__rows_args *g, int per_head, float *out,
+                              float *avg)
 {
-    size_t at[2], n[2], total;
-    (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at[0], &at[1], &total);
-    n[0] = (size_t)p->B * p->H * Lq;
-    n[1] = n[0] * p->Dv;
-    return mha__saved_sum(ws, at, n, 2);
+    long t, items = (long)a->B * g->n;
+    int H = a->H;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(a->nthreads)
+#endif
+    for (t = 0; t < items; ++t) {
+        int b = (int)(t / g->n), r = (int)(t % g->n), i = g->rows[r], h, j, d;
+        float *acc = per_head ? NULL : out + (size_t)t * g->Lk;
+#ifdef _OPENMP
+        float *tmp = avg ? avg + (size_t)omp_get_thread_num() * g->Lk : NULL;
+#else
+        float *tmp = avg;
+#endif
+        if (acc) for (j = 0; j < g->Lk; ++j) acc[j] = 0.0f;
+        for (h = 0; h < H; ++h) {
+            const float *qi = g->q + (size_t)b * g->qbs + (size_t)(g->qrow_of_r ? r : i) * g->qrs + (size_t)h * g->qhs;
+            const float *kb = g->k + (size_t)b * g->kbs + (size_t)(h / a->group) * g->khs;
+            float li = g->lse[((size_t)b * H + h) * a->Lq + i];
+            float *w = per_head ? out + (((size_t)b * H + h) * g->n + r) * g->Lk : tmp;
+            for (j = 0; j < g->Lk; ++j) {   /* q.k summed in double: the forward's to rounding */
+                double dot = 0.0;
+                for (d = 0; d < g->D; ++d) dot += (double)qi[d] * kb[(size_t)j * g->krs + d];
+                w[j] = (float)(a->scale * dot);
+            }
+            if (a->softcap > 0.0f) mha__softcap(a->softcap, w, (size_t)g->Lk);
+            mha__mask_cols(a, b, h, i, 0, g->Lk, w);
+            for (j = 0; j < g->Lk; ++j)
+                w[j] = li == -INFINITY || w[j] == -INFINITY ? 0.0f : (float)exp((double)w[j] - li);
+            if (acc) for (j = 0; j < g->Lk; ++j) acc[j] += w[j] / (float)H;
+        }
+    }
 }
 
-/* The saved-forward key of an SDPA run. */
-static uint64_t mha__sdpa_key(const mha_plan *p, const mha_options *o, int Lq, int Lk,
-                              const float *q, const float *k, const float *v)
+/* The checks of rows: each in 0..Lq-1. */
+static mha_status mha__rows_ok(const mha_run *run, int Lq, mha_error *e)
 {
-    const float *x[3];
-    size_t n[3], rows = (size_t)p->B * p->H * Lq;
-    size_t keys = (size_t)p->B * (o->num_kv_heads ? o->num_kv_heads : p->H) * Lk;
-    x[0] = q; x[1] = k; x[2] = v;
-    n[0] = rows * p->D; n[1] = keys * p->D; n[2] = keys * p->Dv;
-    return mha__saved_key(p, o, Lq, Lk, x, n, 3);
+    int r;
+    for (r = 0; run && r < run->n_rows; ++r)
+        if (run->rows[r] < 0 || run->rows[r] >= Lq)
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "run->rows", "[%d] is %d; expected 0..Lq-1 = 0..%d", r,
+                             run->rows[r], Lq - 1);
+    return MHA_OK;
 }
 
-MHADEF mha_status mha_sdpa_run(const mha_plan *p, int Lq, int Lk,
-                               const float *q, const float *k, const float *v,
-                               const void *attn_mask, const void *key_padding_mask,
-                               float *out, float *attn_weights, void *workspace, size_t workspace_bytes)
+/* (the KV cache's attention, section 7) */
+static mha_status mha__sdpa_cache_forward(const mha_plan *p, int Lq, const float *q, float *out,
+                                          const mha_run *run, const mha_options *o, mha_error *e);
+
+static mha_status mha__sdpa_run_forward(const mha_plan *p, int Lq, int Lk,
+                                        const float *q, const float *k, const float *v,
+                                        float *out, const mha_run *run, mha_error *err)
 {
     mha_options o;
     mha__attn a;
-    size_t per_thread, total, at_lse = 0, at_o = 0, saved = 0;
+    mha__rowout ro;
+    const mha__rowout *rs;
+    size_t per_thread, total, at_lse = 0, at_o = 0, saved = 0, lse_region = 0;
     void *owned;
-    float *ws;
-    uint64_t key = 0;
+    float *ws, *sv = NULL, *lse = NULL;
+    int rows = run && run->n_rows > 0, weights = run && run->weights && !rows;
+    int shape[9];
     mha_status st;
-    if ((st = mha__run_begin(p, MHA__PLAN_SDPA, Lq, Lk, attn_mask, key_padding_mask, &o)) != MHA_OK)
+    st = mha__run_begin(p, MHA__PLAN_SDPA, Lq, Lk, run,
+                        MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_CACHE | MHA__RF_WEIGHTS | MHA__RF_STATS, &o, err);
+    if (st == MHA_OK) st = mha__need(err, "q", q);
+    if (st == MHA_OK) st = mha__need(err, "out", out);
+    if (st == MHA_OK && run && run->weights && !(p->flags & MHA_PLAN_WEIGHTS))
+        st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "run->weights", "is set, but the plan was made without "
+                       "MHA_PLAN_WEIGHTS");
+    if (st == MHA_OK && run && run->cache) {
+        if (k || v) st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, k ? "k" : "v", "is set; with run->cache the keys "
+                                   "and values are the cache's (pass NULL)");
+        else if (run->saved || run->weights)
+            st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, run->saved ? "run->saved" : "run->weights", "is set; a run "
+                           "over a KV cache neither saves a forward nor returns weights");
+        else st = mha__sdpa_cache_forward(p, Lq, q, out, run, &o, err);
         return st;
-    if (!q || !k || !v || !out) return MHA_ERR_NULL_POINTER;
-    if (attn_weights && !(p->flags & MHA_PLAN_WEIGHTS)) return MHA_ERR_EXCEEDS_PLAN;
-    (void)mha__sdpa_fwd_floats(p->B, p->H, Lq, Lk, p->D, p->Dv, attn_weights != NULL, p->nthreads,
-                               &per_thread, &total);   /* within the plan's */
-    if (p->saves) (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at_lse, &at_o, &saved);
-    if ((st = mha__run_ws(p, workspace, workspace_bytes, saved + total, &owned, &ws)) != MHA_OK)
-        return st;
+    }
+    if (st == MHA_OK) st = mha__need(err, "k", k);
+    if (st == MHA_OK) st = mha__need(err, "v", v);
+    if (st == MHA_OK) st = mha__rows_ok(run, Lq, err);
+    if (st != MHA_OK) return st;
+    (void)mha__sdpa_fwd_floats(p->B, p->H, Lq, Lk, p->D, p->Dv, weights, p->nthreads, &per_thread,
+                               &total);   /* within the plan's */
+    if (rows && !(run->lse) ) lse_region = mha__round_floats((size_t)p->B * p->H * Lq);
+    if (run && run->saved) {
+        (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at_lse, &at_o, &saved);
+        if ((st = mha__run_saved(p, run, saved, &sv, err)) != MHA_OK) return st;
+        lse_region = 0;
+    }
+    if ((st = mha__run_ws(p, run, lse_region + total, &owned, &ws, err)) != MHA_OK) return st;
     mha__attn_dense(&a, &o, p->B, p->H, Lq, Lk, p->D, p->Dv, q, k, v, out);
-    a.weights = attn_weights;
-    if (saved) {   /* the saved forward: lse there (and copied to o.lse), O copied after;
-                      keyed before out (which may be q) is written */
-        mha__saved_clear(ws);
-        a.lse = ws + at_lse;
-        if (!owned) key = mha__sdpa_key(p, &o, Lq, Lk, q, k, v);
+    a.weights = weights ? run->weights : NULL;
+    rs = mha__run_rowout(run, &ro);
+    /* the lse a backward or the rows need: the saved forward's, or a region */
+    lse = sv ? sv + at_lse : lse_region ? ws : NULL;
+    mha__attn_stats(&a, lse, rs);
+    mha__attend_all(&a, ws + lse_region, per_thread);
+    if (sv) {   /* O after the attention (out may be q) */
+        memcpy(sv + at_o, out, (size_t)p->B * p->H * Lq * p->Dv * sizeof(float));
+        shape[0] = MHA__PLAN_SDPA; shape[1] = p->B; shape[2] = p->H; shape[3] = Lq; shape[4] = Lk;
+        shape[5] = p->D; shape[6] = p->Dv; shape[7] = a.Hkv; shape[8] = 0;
+        mha__saved_stamp(sv, shape);
     }
-    mha__attend_all(&a, ws + saved, per_thread);
-    if (saved) {
-        size_t rows = (size_t)p->B * p->H * Lq;
-        if (o.lse) memcpy(o.lse, ws + at_lse, rows * sizeof(float));
-        if (!owned) {
-            memcpy(ws + at_o, out, rows * p->Dv * sizeof(float));
-            mha__saved_stamp(ws, key ^ mha__sdpa_saved_sum(p, Lq, ws));
-        }
+    if (rows) {   /* q [B, H, Lq, D], k [B, Hkv, Lk, D]; weights [B, H, n, Lk] */
+        mha__rows_args g;
+        g.q = q; g.k = k; g.lse = a.lse;
+        g.qbs = (size_t)p->H * Lq * p->D; g.qrs = (size_t)p->D; g.qhs = (size_t)Lq * p->D;
+        g.kbs = (size_t)a.Hkv * Lk * p->D; g.krs = (size_t)p->D; g.khs = (size_t)Lk * p->D;
+        g.n = run->n_rows; g.Lk = Lk; g.D = p->D; g.rows = run->rows; g.qrow_of_r = 0;
+        mha__rows_weights(&a, &g, 1, run->weights, NULL);
     }
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_sdpa_run_forward(const mha_plan *p, int Lq, int Lk,
+                                       const float *q, const float *k, const float *v,
+                                       float *out, const mha_run *run, mha_error *err)
+{
+    mha__begin(err);
+    return mha__sign(err, "mha_sdpa_run_forward", mha__sdpa_run_forward(p, Lq, Lk, q, k, v, out, run, err));
+}
+
+static mha_status mha__sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
+                                         const float *q, const float *k, const float *v,
+                                         const float *dout, float *dq, float *dk, float *dv,
+                                         const mha_run *run, mha_error *err)
+{
+    mha_options o;
+    mha__attn a;
+    void *owned;
+    float *ws, *sv = NULL;
+    size_t f = 0, at_lse = 0, at_o = 0, saved = 0;
+    int shape[9];
+    mha_status st;
+    st = mha__run_begin(p, MHA__PLAN_SDPA, Lq, Lk, run, MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_SINKS, &o, err);
+    if (st == MHA_OK) st = mha__need(err, "q", q);
+    if (st == MHA_OK) st = mha__need(err, "k", k);
+    if (st == MHA_OK) st = mha__need(err, "v", v);
+    if (st == MHA_OK) st = mha__need(err, "dout", dout);
+    if (st == MHA_OK && !(p->flags & MHA_PLAN_TRAINING))
+        st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "plan", "was made without MHA_PLAN_TRAINING: it has no backward");
+    if (st == MHA_OK && run && run->saved) {
+        (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at_lse, &at_o, &saved);
+        st = mha__run_saved(p, run, saved, &sv, err);
+        shape[0] = MHA__PLAN_SDPA; shape[1] = p->B; shape[2] = p->H; shape[3] = Lq; shape[4] = Lk;
+        shape[5] = p->D; shape[6] = p->Dv; shape[7] = o.num_kv_heads ? o.num_kv_heads : p->H; shape[8] = 0;
+        if (st == MHA_OK) st = mha__saved_check(sv, shape, err);
+    }
+    if (st != MHA_OK) return st;
+    (void)mha__sdpa_bwd_floats(p->B, p->H, o.num_kv_heads ? o.num_kv_heads : p->H, Lq, Lk, p->D,
+                               p->Dv, p->nthreads, &f);   /* within the plan's */
+    if ((st = mha__run_ws(p, run, f, &owned, &ws, err)) != MHA_OK) return st;
+    mha__attn_dense(&a, &o, p->B, p->H, Lq, Lk, p->D, p->Dv, q, k, v, NULL);
+    a.nthreads = p->nthreads;
+    a.sinks_grad = run ? run->sinks_grad : NULL;
+    if (sv) a.o = sv + at_o;
+    mha__attend_backward_fused(&a, dout, sv ? sv + at_lse : NULL, dq, dk, dv, ws);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
 
 MHADEF mha_status mha_sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
                                         const float *q, const float *k, const float *v,
-                                        const float *dout, const void *attn_mask,
-                                        const void *key_padding_mask, float *dq, float *dk, float *dv,
-                                        void *workspace, size_t workspace_bytes)
+                                        const float *dout, float *dq, float *dk, float *dv,
+                                        const mha_run *run, mha_error *err)
 {
-    mha_options o;
-    mha__attn a;
-    void *owned;
-    float *ws;
-    size_t f = 0, at_lse = 0, at_o = 0, saved = 0;
-    int use = 0;
-    mha_status st;
-    if ((st = mha__run_begin(p, MHA__PLAN_SDPA, Lq, Lk, attn_mask, key_padding_mask, &o)) != MHA_OK)
-        return st;
-    if (!q || !k || !v || !dout) return MHA_ERR_NULL_POINTER;
-    if (!(p->flags & MHA_PLAN_TRAINING)) return MHA_ERR_EXCEEDS_PLAN;
-    (void)mha__sdpa_bwd_floats(p->B, p->H, o.num_kv_heads ? o.num_kv_heads : p->H, Lq, Lk, p->D,
-                               p->Dv, p->nthreads, &f);   /* within the plan's */
-    if (p->saves) (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at_lse, &at_o, &saved);
-    if ((st = mha__run_ws(p, workspace, workspace_bytes, saved + f, &owned, &ws)) != MHA_OK) return st;
-    mha__attn_dense(&a, &o, p->B, p->H, Lq, Lk, p->D, p->Dv, q, k, v, NULL);
-    a.nthreads = p->nthreads;
-    /* did the forward of these very arguments leave lse and O here? */
-    if (saved && !owned && mha__saved_magic(ws))
-        use = mha__saved_holds(ws, mha__sdpa_key(p, &o, Lq, Lk, q, k, v) ^ mha__sdpa_saved_sum(p, Lq, ws));
-    if (use) a.o = ws + at_o;
-    mha__attend_backward_fused(&a, dout, use ? ws + at_lse : NULL, dq, dk, dv, ws + saved);
-    if (owned) MHA_FREE(owned);
-    return MHA_OK;
+    mha__begin(err);
+    return mha__sign(err, "mha_sdpa_run_backward", mha__sdpa_run_backward(p, Lq, Lk, q, k, v, dout, dq, dk, dv, run, err));
 }
 
 /* One run of a module plan, forward or backward: the one context its
@@ -4923,15 +5157,17 @@ typedef struct mha__run {
     const float *query, *key, *value;  /* [B,Lq,E], [B,Lk,kdim], [B,Lk,vdim] */
     const float *dout;                 /* backward: [B,Lq,E] */
     float *out, *weights;              /* forward */
+    const mha__rowout *rs;             /* forward: the caller's row outputs, or NULL */
+    float *lse;                        /* forward: an lse buffer of its own (rows), or NULL */
     float *dquery, *dkey, *dvalue;     /* backward, added to (each may be NULL) */
     const mha_module_grad *grad;       /* backward, added to */
+    float *sinks_grad;                 /* backward, added to, or NULL */
     float *ws;
-    int use_saved;                     /* backward: ws holds the saved forward of these inputs */
+    float *sv;                         /* the saved forward: the forward writes it (saves), the
+                                          backward reads it (use_saved) or recomputes into it */
+    int use_saved;
 } mha__run;
 
-/* The long-sequence forward (see MHA__BY_HEAD_FLOATS): for each head h,
-   project Q_h, K_h, V_h ([B, L, D]), attend (fused), and add O_h's share of
-   the output projection to out.  */
 static void mha__forward_by_head(const mha__run *c, const mha__fwd_layout *L)
 {
     const mha__mod *r = c->r;
@@ -4945,6 +5181,7 @@ static void mha__forward_by_head(const mha__run *c, const mha__fwd_layout *L)
         else memset(c->out + (size_t)i * E, 0, (size_t)E * sizeof(float));
     }
     mha__attn_common(&a, c->o, B, r->H, Lq, c->Lk, Lke, D, D);
+    mha__attn_stats(&a, c->lse, c->rs);
     a.Hkv = r->Hkv; a.group = r->H / r->Hkv;
     a.weights = NULL; a.per_head = 0;
     a.nh = 1;
@@ -4985,9 +5222,10 @@ static void mha__forward_chunks(const mha__run *c, const mha__fwd_layout *L)
     const mha__mod *r = c->r;
     mha__attn a;
     int E = r->E, Ekv = r->Ekv, B = c->B, Lq = c->Lq, Lke = c->Lke, nt = c->p->nthreads, b;
-    int saves = c->p->saves;
-    float *qp = c->ws + L->qp, *kp = c->ws + L->kp, *vp = c->ws + L->vp, *scratch = c->ws + L->scratch;
-    float *ctx = saves ? c->ws + L->ctx : NULL;
+    int saves = c->sv != NULL;
+    float *base = saves ? c->sv : c->ws;   /* Q, K, V (and C, lse) live in the saved forward */
+    float *qp = base + L->qp, *kp = base + L->kp, *vp = base + L->vp, *scratch = c->ws + L->scratch;
+    float *ctx = saves ? c->sv + L->ctx : NULL;
 
     /* 1. key and value projections, K = Xk Wk^T + bk, for all batches,
           Lke rows per batch (the appended keys after the Lk projected ones) */
@@ -5006,7 +5244,7 @@ static void mha__forward_chunks(const mha__run *c, const mha__fwd_layout *L)
     a.Hkv = r->Hkv; a.group = r->H / r->Hkv;
     a.weights = c->weights; a.per_head = c->o->per_head_weights != 0;
     a.shared_pack = r->H < a.nthreads;
-    if (saves) a.lse = c->ws + L->lse;   /* (copied to the caller's o->lse at the end) */
+    mha__attn_stats(&a, saves ? c->sv + L->lse : c->lse, c->rs);
     for (b = 0; b < B; b += L->chunk_b) {
         int q0;
         a.b0 = b;
@@ -5015,7 +5253,7 @@ static void mha__forward_chunks(const mha__run *c, const mha__fwd_layout *L)
             size_t first = ((size_t)b * Lq + q0) * E;   /* offset of the chunk in query/out */
             int rows;
             /* saving: Q and C of every row stay, each chunk at its rows */
-            float *qc = saves ? c->ws + L->qp + first : qp, *oc = saves ? ctx + first : qc;
+            float *qc = saves ? qp + first : qp, *oc = saves ? ctx + first : qc;
             a.q0 = q0;
             a.nq = Lq - q0 < L->chunk_q ? Lq - q0 : L->chunk_q;
             rows = a.nb * a.nq;
@@ -5041,14 +5279,13 @@ static void mha__forward_chunks(const mha__run *c, const mha__fwd_layout *L)
             mha__linear_pp(rows, E, E, oc, r->wo, r->bo, c->out + first, scratch, nt, r->po);
         }
     }
-    if (saves && c->o->lse) memcpy(c->o->lse, a.lse, (size_t)B * r->H * Lq * sizeof(float));
 }
 
 /* The layout of this run's lengths and path (within the plan's). */
 static void mha__fwd_layout_run(const mha__run *c, mha__fwd_layout *L)
 {
     (void)mha__fwd_layout_at(c->r, c->B, c->Lq, c->Lk, c->weights != NULL, c->p->by_head,
-                             c->p->nthreads, c->p->saves, L);
+                             c->p->nthreads, c->sv != NULL, L);
 }
 static void mha__module_forward(const mha__run *c)
 {
@@ -5071,14 +5308,15 @@ static void mha__module_backward(const mha__run *c)
     const mha_module_grad *grad = c->grad;
     mha__bwd_layout L;
     mha__attn a;
-    float *ws = c->ws, *qp, *kp, *vp, *ctx, *dctx, *dqp, *dkp, *dvp, *gws;
+    float *ws = c->ws, *sv, *qp, *kp, *vp, *ctx, *dctx, *dqp, *dkp, *dvp, *gws;
     float *gwq, *gwk, *gwv, *gbq, *gbk, *gbv;
     size_t nq, nk;
     int E = r->E, Ekv = r->Ekv, B = c->B, Lq = c->Lq, Lk = c->Lk, Lke = c->Lke, nt = c->p->nthreads;
 
-    (void)mha__bwd_layout_at(r, B, Lq, Lk, nt, c->p->saves, &L);
+    (void)mha__bwd_layout_at(r, B, Lq, Lk, nt, c->use_saved, &L);
     nq = (size_t)B * Lq * E; nk = (size_t)B * Lke * Ekv;
-    qp = ws + L.qp; kp = ws + L.kp; vp = ws + L.vp; ctx = ws + L.ctx; dctx = ws + L.dctx;
+    sv = c->use_saved ? c->sv : ws;   /* the saved forward, or the region it is recomputed into */
+    qp = sv + L.qp; kp = sv + L.kp; vp = sv + L.vp; ctx = sv + L.ctx; dctx = ws + L.dctx;
     dqp = ws + L.dqp; dkp = ws + L.dkp; dvp = ws + L.dvp; gws = ws + L.gws;
     /* the gradients in the layout the weights came in */
     if (r->in_proj) {
@@ -5120,7 +5358,8 @@ static void mha__module_backward(const mha__run *c)
     a.o = ctx;  a.o_rs = (size_t)E; a.o_hs = (size_t)r->D; a.o_bs = (size_t)Lq * E;
     a.weights = NULL; a.per_head = 0;
     a.nthreads = nt;
-    mha__attend_backward_fused(&a, dctx, c->use_saved ? ws + L.lse : NULL, dqp, dkp, dvp, gws);
+    a.sinks_grad = c->sinks_grad;
+    mha__attend_backward_fused(&a, dctx, c->use_saved ? sv + L.lse : NULL, dqp, dkp, dvp, gws);
 
     /* RoPE backward: the rotated Q and K's gradients turn back (the transpose) */
     mha__rope_apply(&r->rope, r->D, B, Lq, r->H, (size_t)Lq * E, (size_t)E, (size_t)r->D,
@@ -5142,119 +5381,201 @@ static void mha__module_backward(const mha__run *c)
 }
 
 /* Module runs start here: plan, lengths, masks, inputs (kind is MODULE or,
-   inside an encoder run, ENCODER). */
+   for an encoder run, ENCODER). */
 static mha_status mha__module_run_begin(const mha_plan *p, int kind, int Lq, int Lk,
                                         const float *query, const float *key, const float *value,
-                                        const void *attn_mask, const void *kpm, mha_options *o,
-                                        mha__run *c)
+                                        const mha_run *run, unsigned allowed, mha_options *o, mha__run *c,
+                                        mha_error *e)
 {
     mha_status st;
     memset(c, 0, sizeof *c);
-    if ((st = mha__run_begin(p, kind, Lq, Lk, attn_mask, kpm, o)) != MHA_OK) return st;
-    if (!query || !key || !value) return MHA_ERR_NULL_POINTER;
+    if ((st = mha__run_begin(p, kind, Lq, Lk, run, allowed, o, e)) != MHA_OK) return st;
+    if (kind == MHA__PLAN_ENCODER) {
+        if ((st = mha__need(e, "x", query)) != MHA_OK) return st;
+    } else if ((st = mha__need(e, "query", query)) != MHA_OK) {
+        return st;
+    } else if (!(run && run->cache) &&
+               ((st = mha__need(e, "key", key)) != MHA_OK || (st = mha__need(e, "value", value)) != MHA_OK)) {
+        return st;
+    }
     c->p = p; c->r = &p->mod; c->o = o;
     c->B = p->B; c->Lq = Lq; c->Lk = Lk; c->Lke = Lk + p->mod.extra;
     c->query = query; c->key = key; c->value = value;
     return MHA_OK;
 }
 
-/* The sum of a module run's saved forward (mha__mod_saved_at). */
-static uint64_t mha__module_saved_sum(const mha__run *c)
+/* The weights of the chosen rows (mha_run.rows) after a module forward
+   whose lse is at lse: K projected for every key, Q for the chosen rows
+   only (RoPE at their positions), then the forward's scores and
+   exp(s - lse) row by row (mha__rows_weights).  ws: a mha__wrows_layout. */
+static void mha__module_rows(const mha__run *c, const mha_run *run, const float *lse, float *ws)
 {
-    size_t at[5], n[5], cur = 0;
     const mha__mod *r = c->r;
-    (void)mha__mod_saved_at(r, c->B, c->Lq, c->Lk, &cur, &at[0], &at[1], &at[2], &at[3], &at[4]);
-    n[0] = n[3] = (size_t)c->B * c->Lq * r->E;
-    n[1] = n[2] = (size_t)c->B * c->Lke * r->Ekv;
-    n[4] = (size_t)c->B * r->H * c->Lq;
-    return mha__saved_sum(c->ws, at, n, 5);
+    mha__wrows_layout L;
+    mha__attn a;
+    mha__rows_args g;
+    int B = c->B, n = run->n_rows, E = r->E, Ekv = r->Ekv, D = r->D, nt = c->p->nthreads, b, i, pos0;
+    float *kp, *xq, *qp, *lin;
+    (void)mha__wrows_lay(r, B, c->Lk, n, nt, &L);
+    kp = ws + L.kp; xq = ws + L.xq; qp = ws + L.qp; lin = ws + L.lin;
+    /* 1. K = Xk Wk^T + bk with the appended rows; RoPE on the real keys */
+    mha__kv_project(B, c->Lk, r->kdim, Ekv, c->key, r->wk, r->bk, r->bias_k, r->zero_attn, kp, lin, 1, r->pk);
+    mha__rope_apply(&r->rope, D, B, c->Lk, r->Hkv, (size_t)c->Lke * Ekv, (size_t)Ekv, (size_t)D,
+                    c->o->position_offset, NULL, 1.0f, kp);
+    /* 2. Q of the chosen rows, RoPE at their positions offset + i' */
+    for (b = 0; b < B; ++b)
+        for (i = 0; i < n; ++i)
+            memcpy(xq + ((size_t)b * n + i) * E, c->query + ((size_t)b * c->Lq + run->rows[i]) * E,
+                   (size_t)E * sizeof(float));
+    mha__linear_pp(B * n, E, E, xq, r->wq, r->bq, qp, lin, 1, r->pq);
+    pos0 = mha__query_pos0(c->o, c->Lq, c->Lk);
+    for (b = 0; b < B; ++b)
+        for (i = 0; i < n; ++i)
+            mha__rope_apply(&r->rope, D, 1, 1, r->H, 0, (size_t)E, (size_t)D, pos0 + run->rows[i], NULL, 1.0f,
+                            qp + ((size_t)b * n + i) * E);
+    /* 3. the rows' weights, per head or averaged */
+    mha__attn_common(&a, c->o, B, r->H, c->Lq, c->Lk, c->Lke, D, D);
+    a.Hkv = r->Hkv; a.group = r->H / r->Hkv;
+    g.q = qp; g.k = kp; g.lse = lse;
+    g.qbs = (size_t)n * E; g.qrs = (size_t)E; g.qhs = (size_t)D;
+    g.kbs = (size_t)c->Lke * Ekv; g.krs = (size_t)Ekv; g.khs = (size_t)D;
+    g.n = n; g.Lk = c->Lke; g.D = D; g.rows = run->rows; g.qrow_of_r = 1;
+    mha__rows_weights(&a, &g, c->o->per_head_weights != 0, run->weights, ws + L.avg);
 }
 
-/* The saved-forward key of a module run: its plan, lengths, options, inputs. */
-static uint64_t mha__module_key(const mha__run *c)
-{
-    const float *x[3];
-    size_t n[3], rows = (size_t)c->B * c->Lq, keys = (size_t)c->B * c->Lk;
-    x[0] = c->query; x[1] = c->key; x[2] = c->value;
-    n[0] = rows * c->r->E; n[1] = keys * c->r->kdim; n[2] = keys * c->r->vdim;
-    return mha__saved_key(c->p, c->o, c->Lq, c->Lk, x, n, 3);
-}
+/* (the decoding step over a KV cache, section 7) */
+static mha_status mha__module_cached(const mha_plan *p, int Lq, const float *x, const float *key,
+                                     const float *value, float *out, const mha_run *run,
+                                     const mha_options *o, mha_error *e);
 
-MHADEF mha_status mha_module_forward(const mha_plan *p, int Lq, int Lk,
-                                     const float *query, const float *key, const float *value,
-                                     const void *attn_mask, const void *key_padding_mask,
-                                     float *out, float *attn_weights,
-                                     void *workspace, size_t workspace_bytes)
+/* Whether n1 floats at a and n2 floats at b share memory. */
+static int mha__overlap(const float *a, size_t n1, const float *b, size_t n2);
+static mha_status mha__copy_aliased(const float *out, size_t nout, const float **x, const size_t *n,
+                                    void **copy);
+
+static mha_status mha__module_run_forward(const mha_plan *p, int Lq, int Lk,
+                                          const float *query, const float *key, const float *value,
+                                          float *out, const mha_run *run, mha_error *err)
 {
     mha_options o;
     mha__fwd_layout L;
+    mha__wrows_layout R;
+    mha__rowout ro;
     mha__run c;
     void *owned, *copy = NULL;
-    uint64_t skey = 0;
+    size_t need, lse_region = 0, nq, nk, nv;
+    int rows = run && run->n_rows > 0;
+    float *ws;
     mha_status st;
-    st = mha__module_run_begin(p, MHA__PLAN_MODULE, Lq, Lk, query, key, value, attn_mask,
-                               key_padding_mask, &o, &c);
+    st = mha__module_run_begin(p, MHA__PLAN_MODULE, Lq, Lk, query, key, value, run,
+                               MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_CACHE | MHA__RF_WEIGHTS | MHA__RF_STATS,
+                               &o, &c, err);
+    if (st == MHA_OK) st = mha__need(err, "out", out);
+    if (st == MHA_OK && run && run->weights && !(p->flags & MHA_PLAN_WEIGHTS))
+        st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "run->weights", "is set, but the plan was made without "
+                       "MHA_PLAN_WEIGHTS");
+    if (st == MHA_OK && run && run->cache)
+        return mha__module_cached(p, Lq, query, key, value, out, run, &o, err);
+    if (st == MHA_OK) st = mha__rows_ok(run, Lq, err);
+    nq = (size_t)p->B * Lq * p->mod.E; nk = (size_t)p->B * Lk * p->mod.kdim; nv = (size_t)p->B * Lk * p->mod.vdim;
+    if (st == MHA_OK && rows && (mha__overlap(out, nq, query, nq) || mha__overlap(out, nq, key, nk)))
+        st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "run->rows", "are recomputed from query and key after the "
+                       "forward, but out overlaps %s", mha__overlap(out, nq, query, nq) ? "query" : "key");
     if (st != MHA_OK) return st;
-    if (!out) return MHA_ERR_NULL_POINTER;
-    if (attn_weights && !(p->flags & MHA_PLAN_WEIGHTS)) return MHA_ERR_EXCEEDS_PLAN;
-    c.out = out; c.weights = attn_weights;
+    c.out = out;
+    c.weights = rows ? NULL : run ? run->weights : NULL;
+    c.rs = mha__run_rowout(run, &ro);
+    if (run && run->saved) {
+        (void)mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, c.weights != NULL, 0, p->nthreads, 1, &L);
+        if ((st = mha__run_saved(p, run, L.saved_floats, &c.sv, err)) != MHA_OK) return st;
+    }
     mha__fwd_layout_run(&c, &L);
-    if ((st = mha__run_ws(p, workspace, workspace_bytes, L.total_floats, &owned, &c.ws)) != MHA_OK)
-        return st;
-    if (p->by_head && !attn_weights) {   /* out is written before the inputs are read */
+    need = L.total_floats;
+    if (rows) {
+        (void)mha__wrows_lay(&p->mod, p->B, Lk, run->n_rows, p->nthreads, &R);
+        if (R.total > need) need = R.total;
+        if (!run->lse && !c.sv) lse_region = mha__round_floats((size_t)p->B * p->mod.H * Lq);
+    }
+    if ((st = mha__run_ws(p, run, lse_region + need, &owned, &ws, err)) != MHA_OK) return st;
+    c.ws = ws + lse_region;
+    c.lse = lse_region ? ws : NULL;
+    if (p->by_head && !c.weights) {   /* out is written before the inputs are read */
         const float *x[3];
         size_t n[3];
         x[0] = query; x[1] = key; x[2] = value;
-        n[0] = (size_t)p->B * Lq * p->mod.E;
-        n[1] = (size_t)p->B * Lk * p->mod.kdim; n[2] = (size_t)p->B * Lk * p->mod.vdim;
+        n[0] = nq; n[1] = nk; n[2] = nv;
         if ((st = mha__copy_aliased(out, n[0], x, n, &copy)) != MHA_OK) {
             if (owned) MHA_FREE(owned);
-            return st;
+            return mha__fail(err, st, "out", "overlaps an input and its copy could not be "
+                                                "allocated");
         }
         c.query = x[0]; c.key = x[1]; c.value = x[2];
     }
-    if (p->saves) {   /* keyed before out (which may be an input) is written */
-        mha__saved_clear(c.ws);
-        skey = owned ? 0 : mha__module_key(&c);
-    }
     mha__module_forward(&c);
-    if (p->saves && !owned) mha__saved_stamp(c.ws, skey ^ mha__module_saved_sum(&c));
+    if (c.sv) {
+        int shape[9];
+        mha__mod_saved_shape(&p->mod, MHA__PLAN_MODULE, p->B, Lq, Lk, 0, shape);
+        mha__saved_stamp(c.sv, shape);
+    }
+    if (rows) mha__module_rows(&c, run, run->lse ? run->lse : c.sv ? c.sv + L.lse : ws, c.ws);
     if (copy) MHA_FREE(copy);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
 
-MHADEF mha_status mha_module_backward(const mha_plan *p, int Lq, int Lk,
-                                      const float *query, const float *key, const float *value,
-                                      const float *dout, const void *attn_mask,
-                                      const void *key_padding_mask, float *dquery, float *dkey,
-                                      float *dvalue, mha_module_grad *grad,
-                                      void *workspace, size_t workspace_bytes)
+MHADEF mha_status mha_module_run_forward(const mha_plan *p, int Lq, int Lk,
+                                         const float *query, const float *key, const float *value,
+                                         float *out, const mha_run *run, mha_error *err)
+{
+    mha__begin(err);
+    return mha__sign(err, "mha_module_run_forward", mha__module_run_forward(p, Lq, Lk, query, key, value, out, run, err));
+}
+
+static mha_status mha__module_run_backward(const mha_plan *p, int Lq, int Lk,
+                                           const float *query, const float *key, const float *value,
+                                           const float *dout, float *dquery, float *dkey,
+                                           float *dvalue, const mha_module_grad *grad,
+                                           const mha_run *run, mha_error *err)
 {
     mha_options o;
     mha_module_grad nog;
     mha__bwd_layout L;
+    mha__fwd_layout F;
     mha__run c;
     void *owned;
     mha_status st;
-    st = mha__module_run_begin(p, MHA__PLAN_MODULE, Lq, Lk, query, key, value, attn_mask,
-                               key_padding_mask, &o, &c);
-    if (st != MHA_OK) return st;
-    if (!dout) return MHA_ERR_NULL_POINTER;
-    if (!(p->flags & MHA_PLAN_TRAINING)) return MHA_ERR_EXCEEDS_PLAN;
-    if (!grad) { memset(&nog, 0, sizeof nog); grad = &nog; }
-    (void)mha__bwd_layout_at(&p->mod, p->B, Lq, Lk, p->nthreads, p->saves, &L);   /* within the plan's */
-    if ((st = mha__run_ws(p, workspace, workspace_bytes, L.total_floats, &owned, &c.ws)) != MHA_OK)
-        return st;
-    c.dout = dout; c.dquery = dquery; c.dkey = dkey; c.dvalue = dvalue; c.grad = grad;
-    if (p->saves && !owned) {   /* the saved forward of these inputs, or recompute over it */
-        c.use_saved = mha__saved_magic(c.ws) &&
-                      mha__saved_holds(c.ws, mha__module_key(&c) ^ mha__module_saved_sum(&c));
-        if (!c.use_saved) mha__saved_clear(c.ws);
+    st = mha__module_run_begin(p, MHA__PLAN_MODULE, Lq, Lk, query, key, value, run,
+                               MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_SINKS, &o, &c, err);
+    if (st == MHA_OK) st = mha__need(err, "dout", dout);
+    if (st == MHA_OK && !(p->flags & MHA_PLAN_TRAINING))
+        st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "plan", "was made without MHA_PLAN_TRAINING: it has no backward");
+    if (st == MHA_OK && run && run->saved) {
+        int shape[9];
+        (void)mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 0, 0, p->nthreads, 1, &F);
+        mha__mod_saved_shape(&p->mod, MHA__PLAN_MODULE, p->B, Lq, Lk, 0, shape);
+        if ((st = mha__run_saved(p, run, F.saved_floats, &c.sv, err)) == MHA_OK)
+            st = mha__saved_check(c.sv, shape, err);
     }
+    if (st != MHA_OK) return st;
+    if (!grad) { memset(&nog, 0, sizeof nog); grad = &nog; }
+    c.use_saved = c.sv != NULL;
+    (void)mha__bwd_layout_at(&p->mod, p->B, Lq, Lk, p->nthreads, c.use_saved, &L);   /* within the plan's */
+    if ((st = mha__run_ws(p, run, L.total_floats, &owned, &c.ws, err)) != MHA_OK) return st;
+    c.dout = dout; c.dquery = dquery; c.dkey = dkey; c.dvalue = dvalue; c.grad = grad;
+    c.sinks_grad = run ? run->sinks_grad : NULL;
     mha__module_backward(&c);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
+}
+
+MHADEF mha_status mha_module_run_backward(const mha_plan *p, int Lq, int Lk,
+                                          const float *query, const float *key, const float *value,
+                                          const float *dout, float *dquery, float *dkey,
+                                          float *dvalue, const mha_module_grad *grad,
+                                          const mha_run *run, mha_error *err)
+{
+    mha__begin(err);
+    return mha__sign(err, "mha_module_run_backward", mha__module_run_backward(p, Lq, Lk, query, key, value, dout, dquery, dkey, dvalue, grad, run, err));
 }
 
 /* ------------------------------------------------------ encoder layer */
@@ -5328,25 +5649,28 @@ static void mha__enc_infer(const mha_plan *p, const mha__run *c0, const float *x
     }
 }
 
-/* Training: the forward pass, leaving every intermediate in the workspace.
+/* Training: the forward pass, leaving every intermediate in the saved
+   layout at sv (the caller's saved forward, or the backward's workspace)
+   and the self-attention's saved forward inside it.
      post-norm:  a = SA(x);  t1 = x + a;  h = LN1(t1);  z = h W1^T + b1;  g = act(z);
                  f = g W2^T + b2;  t2 = h + f;  y = LN2(t2)
      pre-norm:   t1 = LN1(x);  a = SA(t1);  h = x + a;  t2 = LN2(h);  z = t2 W1^T + b1;
                  g = act(z);  f = g W2^T + b2;  y = h + f                          */
 static void mha__enc_forward(const mha_plan *p, const mha__run *c0, const float *x, float *y,
-                             const mha__enc_layout *P)
+                             const mha__enc_layout *P, float *ws, float *sv)
 {
     const mha_encoder_layer *ly = &p->enc;
     mha__run c = *c0;
     int E = p->mod.E, N = c.B * c.Lq, nt = p->nthreads;
     size_t ne = (size_t)N * E, i;
     float eps = ly->layer_norm_eps > 0.0f ? ly->layer_norm_eps : 1e-5f;
-    float *ws = c0->ws, *a = ws + P->a, *t1 = ws + P->t1, *h = ws + P->h, *z = ws + P->z;
-    float *g = ws + P->g, *t2 = ws + P->t2, *gws = ws + P->gws;
+    float *a = sv + P->a, *t1 = sv + P->t1, *h = sv + P->h, *z = sv + P->z;
+    float *g = sv + P->g, *t2 = sv + P->t2, *gws = ws + P->gws;
     const float *ffin;
 
-    /* 1. self-attention block (the weights when the run asks: c0's) */
+    /* 1. self-attention block (the weights and statistics when the run asks: c0's) */
     c.ws = ws + P->sub;
+    c.sv = sv + P->mod;
     c.out = a;
     if (!ly->norm_first) {
         c.query = c.key = c.value = x;
@@ -5368,53 +5692,54 @@ static void mha__enc_forward(const mha_plan *p, const mha__run *c0, const float 
     mha__enc_residual2(ly, N, E, eps, h, y, t2, y);
 }
 
-/* The saved-forward key of an encoder run (x is every input), and the sum
-   of its saved activations: t1, h, z, g, t2 and the self-attention's. */
-static uint64_t mha__enc_key(const mha__run *c, const float *x)
-{
-    size_t n = (size_t)c->B * c->Lq * c->r->E;
-    return mha__saved_key(c->p, c->o, c->Lq, c->Lk, &x, &n, 1);
-}
-static uint64_t mha__enc_saved_sum(const mha__run *c, const mha__enc_layout *P)
-{
-    mha__run sub = *c;
-    size_t at[5], n[5], ne = (size_t)c->B * c->Lq * c->r->E, nf = (size_t)c->B * c->Lq * c->p->enc.dim_feedforward;
-    at[0] = P->t1; at[1] = P->h; at[2] = P->z; at[3] = P->g; at[4] = P->t2;
-    n[0] = n[1] = n[4] = ne; n[2] = n[3] = nf;
-    sub.ws = c->ws + P->sub;
-    return mha__saved_sum(c->ws, at, n, 5) ^ mha__module_saved_sum(&sub);
-}
-
-MHADEF mha_status mha_encoder_run(const mha_plan *p, int L, const float *x,
-                                  const void *attn_mask, const void *key_padding_mask,
-                                  float *y, float *attn_weights, void *workspace, size_t workspace_bytes)
+static mha_status mha__encoder_run_forward(const mha_plan *p, int L, const float *x, float *y,
+                                           const mha_run *run, mha_error *err)
 {
     mha_options o;
     mha__enc_layout P;
+    mha__rowout ro;
     mha__run c;
     void *owned;
+    float *sv = NULL;
     mha_status st;
-    if ((st = mha__module_run_begin(p, MHA__PLAN_ENCODER, L, L, x, x, x, attn_mask, key_padding_mask,
-                                    &o, &c)) != MHA_OK)
-        return st;
-    if (!y) return MHA_ERR_NULL_POINTER;
-    if (attn_weights && !(p->flags & MHA_PLAN_WEIGHTS)) return MHA_ERR_EXCEEDS_PLAN;
-    (void)mha__enc_layout_at(p, L, p->saves, &P);   /* within the plan's */
-    if ((st = mha__run_ws(p, workspace, workspace_bytes, P.total_floats, &owned, &c.ws)) != MHA_OK)
-        return st;
-    c.weights = attn_weights;
-    if (p->saves && !owned) {   /* training: keep every activation for the backward */
-        uint64_t key;
-        mha__saved_clear(c.ws + P.hdr);
-        key = mha__enc_key(&c, x);
-        mha__enc_forward(p, &c, x, y, &P);
-        mha__saved_stamp(c.ws + P.hdr, key ^ mha__enc_saved_sum(&c, &P));
+    st = mha__module_run_begin(p, MHA__PLAN_ENCODER, L, L, x, x, x, run,
+                               MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_WEIGHTS | MHA__RF_STATS, &o, &c, err);
+    if (st == MHA_OK) st = mha__need(err, "y", y);
+    if (st == MHA_OK && run && run->weights && !(p->flags & MHA_PLAN_WEIGHTS))
+        st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "run->weights", "is set, but the plan was made without "
+                       "MHA_PLAN_WEIGHTS");
+    if (st == MHA_OK && run && run->n_rows)
+        st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "run->rows", "is set; an encoder run returns the whole "
+                       "weights (rows: run its self-attention as a module)");
+    if (st == MHA_OK && mha__overlap(x, (size_t)p->B * L * p->mod.E, y, (size_t)p->B * L * p->mod.E))
+        st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "y", "overlaps x; an encoder layer needs x after it "
+                       "writes y");
+    if (st == MHA_OK && run && run->saved) {
+        (void)mha__enc_layout_at(p, L, 1, 1, &P);
+        st = mha__run_saved(p, run, P.saved_floats, &sv, err);
+    }
+    if (st != MHA_OK) return st;
+    (void)mha__enc_layout_at(p, L, sv ? 1 : 0, 1, &P);   /* within the plan's */
+    if ((st = mha__run_ws(p, run, P.total_floats, &owned, &c.ws, err)) != MHA_OK) return st;
+    c.weights = run ? run->weights : NULL;
+    c.rs = mha__run_rowout(run, &ro);
+    if (sv) {   /* training: keep every activation for the backward */
+        int shape[9];
+        mha__enc_forward(p, &c, x, y, &P, c.ws, sv);
+        mha__mod_saved_shape(&p->mod, MHA__PLAN_ENCODER, p->B, L, L, p->enc.dim_feedforward, shape);
+        mha__saved_stamp(sv, shape);
     } else {
-        if (p->saves) (void)mha__enc_layout_at(p, L, 0, &P);   /* (nothing to keep: inference's) */
         mha__enc_infer(p, &c, x, y, &P);
     }
     if (owned) MHA_FREE(owned);
     return MHA_OK;
+}
+
+MHADEF mha_status mha_encoder_run_forward(const mha_plan *p, int L, const float *x, float *y,
+                                          const mha_run *run, mha_error *err)
+{
+    mha__begin(err);
+    return mha__sign(err, "mha_encoder_run_forward", mha__encoder_run_forward(p, L, x, y, run, err));
 }
 
 /* Backward: recompute the forward (into the workspace), then walk it in reverse.
@@ -5424,10 +5749,10 @@ MHADEF mha_status mha_encoder_run(const mha_plan *p, int L, const float *x,
                  dh += LN2'(dt2);  dx += dh;  dt1 = SA'(dh);  dx += LN1'(dt1)
    (LN' and SA' are the layer norm's and the self-attention's backward; the
    weight gradients are added on the way.)  */
-MHADEF mha_status mha_encoder_run_backward(const mha_plan *p, int L, const float *x, const float *dy,
-                                           const void *attn_mask, const void *key_padding_mask,
-                                           float *dx, mha_encoder_layer_grad *grad,
-                                           void *workspace, size_t workspace_bytes)
+static mha_status mha__encoder_run_backward(const mha_plan *p, int L, const float *x,
+                                            const float *dy, float *dx,
+                                            const mha_encoder_layer_grad *grad,
+                                            const mha_run *run, mha_error *err)
 {
     const mha_encoder_layer *ly;
     mha_options o;
@@ -5435,37 +5760,43 @@ MHADEF mha_status mha_encoder_run_backward(const mha_plan *p, int L, const float
     mha__enc_layout P;
     mha__run c;
     void *owned;
-    float *ws, *t1, *h, *z, *g, *t2, *d1, *d2, *dg, *gws, eps;
+    float *ws, *sv = NULL, *t1, *h, *z, *g, *t2, *d1, *d2, *dg, *gws, eps;
     size_t ne, nf, i;
     int E, F, N, nt;
     mha_status st;
-
-    if ((st = mha__module_run_begin(p, MHA__PLAN_ENCODER, L, L, x, x, x, attn_mask, key_padding_mask,
-                                    &o, &c)) != MHA_OK)
-        return st;
-    if (!dy) return MHA_ERR_NULL_POINTER;
-    if (!(p->flags & MHA_PLAN_TRAINING)) return MHA_ERR_EXCEEDS_PLAN;
+    st = mha__module_run_begin(p, MHA__PLAN_ENCODER, L, L, x, x, x, run,
+                               MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_SINKS, &o, &c, err);
+    if (st == MHA_OK) st = mha__need(err, "dy", dy);
+    if (st == MHA_OK && !(p->flags & MHA_PLAN_TRAINING))
+        st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "plan", "was made without MHA_PLAN_TRAINING: it has no backward");
+    if (st == MHA_OK && run && run->saved) {
+        int shape[9];
+        (void)mha__enc_layout_at(p, L, 2, 1, &P);
+        mha__mod_saved_shape(&p->mod, MHA__PLAN_ENCODER, p->B, L, L, p->enc.dim_feedforward, shape);
+        if ((st = mha__run_saved(p, run, P.saved_floats, &sv, err)) == MHA_OK) st = mha__saved_check(sv, shape, err);
+    }
+    if (st != MHA_OK) return st;
     if (!grad) { memset(&nog, 0, sizeof nog); grad = &nog; }
-    (void)mha__enc_layout_at(p, L, 1, &P);   /* within the plan's */
-    if ((st = mha__run_ws(p, workspace, workspace_bytes, P.total_floats, &owned, &ws)) != MHA_OK)
-        return st;
+    (void)mha__enc_layout_at(p, L, 2, sv != NULL, &P);   /* within the plan's */
+    if ((st = mha__run_ws(p, run, P.total_floats, &owned, &ws, err)) != MHA_OK) return st;
     ly = &p->enc;
     E = p->mod.E; F = ly->dim_feedforward; N = p->B * L; nt = p->nthreads;
     ne = (size_t)N * E; nf = (size_t)N * F;
     eps = ly->layer_norm_eps > 0.0f ? ly->layer_norm_eps : 1e-5f;
-    t1 = ws + P.t1; h = ws + P.h; z = ws + P.z; g = ws + P.g; t2 = ws + P.t2;
     d1 = ws + P.d1; d2 = ws + P.d2; dg = ws + P.dg; gws = ws + P.gws;
 
-    /* 1. the forward's activations: saved by the forward run in this
-          workspace (for this x), or recomputed (y itself is not needed, d1
-          holds it for now) */
-    c.ws = ws;
-    if (p->saves && !owned) {
-        c.use_saved = mha__saved_magic(ws + P.hdr) &&
-                      mha__saved_holds(ws + P.hdr, mha__enc_key(&c, x) ^ mha__enc_saved_sum(&c, &P));
-        if (!c.use_saved) mha__saved_clear(ws + P.hdr);
+    /* 1. the forward's activations: the caller's saved forward, or
+          recomputed into the workspace (y itself is not needed: d1 holds
+          it for now) */
+    if (!sv) {
+        sv = ws + P.sv;
+        c.ws = ws;
+        mha__enc_forward(p, &c, x, d1, &P, ws, sv);
     }
-    if (!c.use_saved) mha__enc_forward(p, &c, x, d1, &P);
+    t1 = sv + P.t1; h = sv + P.h; z = sv + P.z; g = sv + P.g; t2 = sv + P.t2;
+    c.sv = sv + P.mod;        /* the self-attention's saved forward, inside */
+    c.use_saved = 1;
+    c.sinks_grad = run ? run->sinks_grad : NULL;
     memset(d2, 0, ne * sizeof(float));
     memset(dg, 0, nf * sizeof(float));
     c.ws = ws + P.sub;
@@ -5516,20 +5847,38 @@ MHADEF mha_status mha_encoder_run_backward(const mha_plan *p, int L, const float
     return MHA_OK;
 }
 
+MHADEF mha_status mha_encoder_run_backward(const mha_plan *p, int L, const float *x,
+                                           const float *dy, float *dx,
+                                           const mha_encoder_layer_grad *grad,
+                                           const mha_run *run, mha_error *err)
+{
+    mha__begin(err);
+    return mha__sign(err, "mha_encoder_run_backward", mha__encoder_run_backward(p, L, x, dy, dx, grad, run, err));
+}
+
 /* --------------------------------------------------------- KV cache */
 
-static mha_status mha__check_cache(const mha_kv_cache *c)
+static mha_status mha__check_cache(const mha_kv_cache *c, mha_error *e)
 {
     size_t n;
     int b;
-    if (!c || !c->k || !c->v || !c->len) return MHA_ERR_NULL_POINTER;
-    if (c->B <= 0 || c->Hkv <= 0 || c->D <= 0 || c->capacity <= 0) return MHA_ERR_INVALID_SIZE;
+    mha_status st;
+    if (!c) return mha__fail(e, MHA_ERR_NULL_POINTER, "cache", "is NULL");
+    if (!c->k || !c->v || !c->len)
+        return mha__fail(e, MHA_ERR_NULL_POINTER, !c->k ? "cache->k" : !c->v ? "cache->v" : "cache->len", "is NULL");
+    if ((st = mha__pos(e, "cache->B", c->B)) != MHA_OK || (st = mha__pos(e, "cache->Hkv", c->Hkv)) != MHA_OK ||
+        (st = mha__pos(e, "cache->D", c->D)) != MHA_OK || (st = mha__pos(e, "cache->capacity", c->capacity)) != MHA_OK)
+        return st;
     if (!mha__mul3((size_t)c->B * (size_t)c->Hkv, (size_t)c->capacity, (size_t)c->D, &n) ||
         !mha__mul(n, sizeof(float), &n) || !mha__dim_ok(c->capacity) || !mha__dim_ok(c->D))
-        return MHA_ERR_OVERFLOW;
-    if (c->ring && (c->n_keep < 0 || c->n_keep >= c->capacity)) return MHA_ERR_INVALID_ARGUMENT;
+        return mha__fail(e, MHA_ERR_OVERFLOW, "cache->capacity", "B*Hkv*capacity*D floats pass the size limits");
+    if (c->ring && (c->n_keep < 0 || c->n_keep >= c->capacity))
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "cache->n_keep", "is %d; expected 0 <= n_keep < capacity %d",
+                         c->n_keep, c->capacity);
     for (b = 0; b < c->B; ++b)
-        if (c->len[b] < 0 || (!c->ring && c->len[b] > c->capacity)) return MHA_ERR_INVALID_ARGUMENT;
+        if (c->len[b] < 0 || (!c->ring && c->len[b] > c->capacity))
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "cache->len", "[%d] is %d; expected 0..capacity %d", b,
+                             c->len[b], c->capacity);
     return MHA_OK;
 }
 
@@ -5541,14 +5890,20 @@ static int mha__cache_slot(const mha_kv_cache *c, int t)
 }
 
 /* Room for n more tokens in every row? */
-static mha_status mha__cache_room(const mha_kv_cache *c, int n)
+static mha_status mha__cache_room(const mha_kv_cache *c, int n, mha_error *e)
 {
     int b;
-    for (b = 0; b < c->B; ++b) if (c->len[b] > INT_MAX - n) return MHA_ERR_OVERFLOW;
+    for (b = 0; b < c->B; ++b)
+        if (c->len[b] > INT_MAX - n)
+            return mha__fail(e, MHA_ERR_OVERFLOW, "cache->len", "[%d] is %d; %d more tokens pass INT_MAX", b,
+                             c->len[b], n);
     /* a ring takes any chunk that fits, or one that wraps but is no longer
        than its rolling part (else the chunk would overwrite itself) */
     for (b = 0; b < c->B; ++b)
-        if (n > c->capacity - c->len[b] && (!c->ring || n > c->capacity - c->n_keep)) return MHA_ERR_CAPACITY;
+        if (n > c->capacity - c->len[b] && (!c->ring || n > c->capacity - c->n_keep))
+            return mha__fail(e, MHA_ERR_CAPACITY, "cache->len", "[%d] is %d of capacity %d: no room for %d more "
+                             "tokens%s", b, c->len[b], c->capacity, n,
+                             c->ring ? " (a ring's chunk must fit its rolling part)" : "");
     return MHA_OK;
 }
 
@@ -5570,47 +5925,76 @@ static void mha__cache_write(mha_kv_cache *c, int n, const float *k, const float
     }
 }
 
-MHADEF mha_status mha_kv_cache_append(mha_kv_cache *c, int n, const float *k_new, const float *v_new)
+MHADEF mha_status mha_kv_cache_append(mha_kv_cache *cache, int n, const float *k_new, const float *v_new,
+                                      mha_error *err)
 {
     mha_status st;
-    if ((st = mha__check_cache(c)) != MHA_OK) return st;
-    if (!k_new || !v_new) return MHA_ERR_NULL_POINTER;
-    if (n <= 0) return MHA_ERR_INVALID_SIZE;
-    if ((st = mha__cache_room(c, n)) != MHA_OK) return st;
-    mha__cache_write(c, n, k_new, v_new, (size_t)c->Hkv * n * c->D, (size_t)n * c->D, (size_t)c->D);
+    mha__begin(err);
+    if ((st = mha__check_cache(cache, err)) != MHA_OK || (st = mha__need(err, "k_new", k_new)) != MHA_OK ||
+        (st = mha__need(err, "v_new", v_new)) != MHA_OK || (st = mha__pos(err, "n", n)) != MHA_OK ||
+        (st = mha__cache_room(cache, n, err)) != MHA_OK)
+        return mha__sign(err, "mha_kv_cache_append", st);
+    mha__cache_write(cache, n, k_new, v_new, (size_t)cache->Hkv * n * cache->D, (size_t)n * cache->D,
+                     (size_t)cache->D);
     return MHA_OK;
 }
 
-/* Checks and scratch of an attention over the cache: one row at a time, with
-   keys up to capacity.  */
 /* A ring row is attended in up to three runs of slots with consecutive
    positions, merged by their log-sum-exp: [H, Lq, D] outputs and [H, Lq]
    lse, entropy, max and first weight of each, after the attention scratch.  */
-static size_t mha__ring_floats(const mha_kv_cache *c, int H, int Lq)
+static size_t mha__ring_floats(int ring, int H, int Lq, int D)
 {
-    return c->ring ? 3 * mha__round_floats((size_t)H * Lq * ((size_t)c->D + 4)) : 0;
+    return ring ? 3 * mha__round_floats((size_t)H * Lq * ((size_t)D + 4)) : 0;
 }
 
-static mha_status mha__cache_attend_plan(const mha_kv_cache *c, int H, int Lq, const mha_options *opt,
-                                         size_t *per_thread, size_t *total_floats)
+/* The scratch of an attention over a cache of capacity keys, one batch
+   row at a time (the plan sizes it with ring = 1). */
+static int mha__cache_attend_floats(int H, int Lq, int capacity, int D, int ring, int nt, size_t *per_thread,
+                                    size_t *total)
+{
+    return mha__attn_scratch_floats(Lq, capacity, capacity, D, D, nt, 0, H < nt, per_thread, total) &&
+           mha__add(*total, mha__ring_floats(ring, H, Lq, D), total) &&
+           mha__add(*total, MHA__ALIGN_FLOATS, total);
+}
+
+/* What a run over a cache needs of it: the plan's batch, KV heads and head
+   width, a capacity within the plan's Lk, no masks, and each row holding
+   the Lq queries as its newest tokens (after the append, for a module). */
+static mha_status mha__cache_fits(const mha_plan *p, const mha_kv_cache *c, int Hkv, int Lq, const mha_options *o,
+                                  mha_error *e)
 {
     mha_status st;
-    int b, nt = mha__max_threads(opt);
-    if ((st = mha__check_cache(c)) != MHA_OK) return st;
-    if (H <= 0 || Lq <= 0) return MHA_ERR_INVALID_SIZE;
-    if (!mha__dim_ok(H) || !mha__dim_ok(Lq) || (size_t)H * (size_t)Lq > LONG_MAX) return MHA_ERR_OVERFLOW;
-    if (opt->attn_mask.kind != MHA_MASK_NONE || opt->key_padding_mask.kind != MHA_MASK_NONE)
-        return MHA_ERR_INVALID_ARGUMENT;
-    if ((st = mha__check_masks(opt, c->B, H, Lq, c->capacity)) != MHA_OK) return st;
-    if ((st = mha__check_decode(opt, H, c->Hkv, NULL, c->D)) != MHA_OK) return st;
-    for (b = 0; b < c->B; ++b) if (c->len[b] < 1) return MHA_ERR_INVALID_ARGUMENT;   /* no key */
-    for (b = 0; c->ring && b < c->B; ++b)   /* the newest Lq tokens must all be held */
-        if (c->len[b] > c->capacity && Lq > c->capacity - c->n_keep) return MHA_ERR_CAPACITY;
-    if (!mha__attn_scratch_floats(Lq, c->capacity, c->capacity, c->D, c->D, nt, 0, H < nt, per_thread,
-                                  total_floats) ||
-        !mha__add(*total_floats, mha__ring_floats(c, H, Lq), total_floats) ||
-        !mha__add(*total_floats, MHA__ALIGN_FLOATS, total_floats))
-        return MHA_ERR_OVERFLOW;
+    if ((st = mha__check_cache(c, e)) != MHA_OK) return st;
+    if (c->B != p->B) return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "cache->B", "is %d; the plan's B is %d", c->B, p->B);
+    if (c->Hkv != Hkv)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "cache->Hkv", "is %d; the plan has %d KV heads", c->Hkv, Hkv);
+    if (c->D != p->D || p->D != p->Dv)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "cache->D", "is %d; the plan's head width is %d (and Dv %d)",
+                         c->D, p->D, p->Dv);
+    if (c->capacity > p->Lk)
+        return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, "cache->capacity", "is %d; the plan's Lk (the most keys a run "
+                         "attends to) is %d", c->capacity, p->Lk);
+    if (o->attn_mask.kind != MHA_MASK_NONE || o->key_padding_mask.kind != MHA_MASK_NONE)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, o->attn_mask.kind != MHA_MASK_NONE ? "opt->attn_mask" :
+                         "opt->key_padding_mask", "is set; a run over a KV cache takes no masks (use causal, "
+                         "a window, or the cache's len)");
+    (void)Lq;
+    return MHA_OK;
+}
+
+/* Every row holds its Lq queries as its newest tokens: Lq <= len[b], and
+   a ring that wrapped still holds them all. */
+static mha_status mha__cache_holds(const mha_kv_cache *c, int Lq, mha_error *e)
+{
+    int b;
+    for (b = 0; b < c->B; ++b) {
+        if (c->len[b] < Lq)
+            return mha__fail(e, MHA_ERR_CAPACITY, "cache->len", "[%d] is %d; the %d queries must be the newest "
+                             "tokens of the row, appended already", b, c->len[b], Lq);
+        if (c->ring && c->len[b] > c->capacity && Lq > c->capacity - c->n_keep)
+            return mha__fail(e, MHA_ERR_CAPACITY, "cache->capacity", "is %d with n_keep %d; a wrapped ring holds "
+                             "fewer than the %d queries", c->capacity, c->n_keep, Lq);
+    }
     return MHA_OK;
 }
 
@@ -5620,7 +6004,7 @@ static mha_status mha__cache_attend_plan(const mha_kv_cache *c, int H, int Lq, c
    and the window measure the same distance.  */
 static void mha__cache_run_part(const mha_kv_cache *c, int b, int H, int Lq, const mha_options *opt,
                                 const mha__view *q, float *o, size_t o_hs, size_t o_rs, float *lse,
-                                const mha_row_stats *rs, int s0, int n, int p0, int qpos0, int with_sinks, float *ws, size_t per_thread)
+                                const mha__rowout *rs, int s0, int n, int p0, int qpos0, int with_sinks, float *ws, size_t per_thread)
 {
     mha__attn a;
     int D = c->D;
@@ -5645,7 +6029,7 @@ static void mha__cache_run_part(const mha_kv_cache *c, int b, int H, int Lq, con
        first = w_0 first_0 when part 0 starts at key 0 (has_key0), else 0
    part p's statistics are st[p][0..3][r] (lse, entropy, max, first).  */
 static void mha__merge_row_stats(int np, size_t rows, float *st[3][4], int has_key0,
-                                 const mha_row_stats *out, size_t off)
+                                 const mha__rowout *out, size_t off)
 {
     size_t r;
     int p;
@@ -5675,17 +6059,16 @@ static void mha__merge_row_stats(int np, size_t rows, float *st[3][4], int has_k
    attended one by one into ring and merged by their log-sum-exp (the sink
    goes with the first).  */
 static void mha__cache_attend_run(const mha_kv_cache *c, int H, int Lq, const mha_options *opt,
-                                  const mha__view *q, float *o, size_t o_bs, size_t o_hs, size_t o_rs,
+                                  const mha__rowout *rs, const mha__view *q, float *o, size_t o_bs, size_t o_hs, size_t o_rs,
                                   float *ws, size_t per_thread, float *ring)
 {
     int b, D = c->D;
-    const mha_row_stats *rs = opt->row_stats;
     for (b = 0; b < c->B; ++b) {
         int T = c->len[b], W = c->capacity - c->n_keep, np = 0, s_old, i, h, p, x;
         size_t part = mha__round_floats((size_t)H * Lq * ((size_t)D + 4)), rows = (size_t)H * Lq;
         size_t off = (size_t)b * rows;
-        float *lse = opt->lse ? opt->lse + off : NULL, *outs[3], *lses[3], *st[3][4];
-        mha_row_stats row, parts[3];
+        float *lse = rs && rs->lse ? rs->lse + off : NULL, *outs[3], *lses[3], *st[3][4];
+        mha__rowout row, parts[3];
         if (rs) {   /* row b's slice of the caller's statistics */
             row.lse = rs->lse ? rs->lse + off : NULL;
             row.entropy = rs->entropy ? rs->entropy + off : NULL;
@@ -5722,8 +6105,9 @@ static void mha__cache_attend_run(const mha_kv_cache *c, int H, int Lq, const mh
             ++np;
         }
         if (rs) mha__merge_row_stats(np, rows, st, c->n_keep > 0, rs, off);
-        (void)mha_attn_merge(np, rows, D, (const float *const *)outs, (const float *const *)lses,
-                             outs[0], lse);
+        for (x = 0; x < (int)rows; ++x)
+            mha__merge_row(np, (size_t)x, D, (const float *const *)outs, (const float *const *)lses,
+                           outs[0] + (size_t)x * D, lse);
         for (h = 0; h < H; ++h)
             for (i = 0; i < Lq; ++i)
                 memcpy(o + (size_t)b * o_bs + (size_t)h * o_hs + (size_t)i * o_rs,
@@ -5731,154 +6115,127 @@ static void mha__cache_attend_run(const mha_kv_cache *c, int H, int Lq, const mh
     }
 }
 
-MHADEF mha_status mha_kv_cache_attend_workspace_size(const mha_kv_cache *c, int H, int Lq,
-                                                     const mha_options *opt, size_t *bytes)
+/* An SDPA run over a cache: q [B, H, Lq, D] -> out [B, H, Lq, D]. */
+static mha_status mha__sdpa_cache_forward(const mha_plan *p, int Lq, const float *q, float *out,
+                                          const mha_run *run, const mha_options *o, mha_error *e)
 {
-    mha_options zero;
-    size_t per_thread, total;
-    mha_status st;
-    if (!bytes) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
-    if ((st = mha__cache_attend_plan(c, H, Lq, opt, &per_thread, &total)) != MHA_OK) return st;
-    return mha__mul(total, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
-}
-
-MHADEF mha_status mha_kv_cache_attend(const mha_kv_cache *c, int H, int Lq, const float *q,
-                                      const mha_options *opt, float *out,
-                                      void *workspace, size_t workspace_bytes)
-{
-    mha_options zero;
+    const mha_kv_cache *c = run->cache;
     mha__view qv;
-    size_t per_thread, total, need;
+    mha__rowout ro;
+    size_t per_thread, total;
     void *owned;
     float *ws;
+    int D = p->D;
     mha_status st;
-    int D;
-    if (!q || !out) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
-    if ((st = mha__cache_attend_plan(c, H, Lq, opt, &per_thread, &total)) != MHA_OK) return st;
-    if (!mha__mul(total, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
-    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
-    D = c->D;
-    qv.p = q; qv.bs = (size_t)H * Lq * D; qv.hs = (size_t)Lq * D; qv.rs = (size_t)D;
-    mha__cache_attend_run(c, H, Lq, opt, &qv, out, (size_t)H * Lq * D, (size_t)Lq * D, (size_t)D, ws, per_thread,
-                          ws + total - MHA__ALIGN_FLOATS - mha__ring_floats(c, H, Lq));
+    if ((st = mha__cache_fits(p, c, o->num_kv_heads ? o->num_kv_heads : p->H, Lq, o, e)) != MHA_OK ||
+        (st = mha__cache_holds(c, Lq, e)) != MHA_OK)
+        return st;
+    (void)mha__cache_attend_floats(p->H, Lq, c->capacity, D, c->ring, p->nthreads, &per_thread, &total);
+    if ((st = mha__run_ws(p, run, total, &owned, &ws, e)) != MHA_OK) return st;
+    qv.p = q; qv.bs = (size_t)p->H * Lq * D; qv.hs = (size_t)Lq * D; qv.rs = (size_t)D;
+    mha__cache_attend_run(c, p->H, Lq, o, mha__run_rowout(run, &ro), &qv, out, (size_t)p->H * Lq * D,
+                          (size_t)Lq * D, (size_t)D, ws, per_thread,
+                          ws + total - MHA__ALIGN_FLOATS - mha__ring_floats(c->ring, p->H, Lq, D));
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
 
-/* Workspace of mha_forward_cached: Q (then the context) [B*Lq, E], the new
-   K and V [B*Lq, Ekv], then scratch for the attention and the GEMMs.  */
+/* A module's decoding step: Q (then the context) [B*Lq, E], the new K and
+   V [B*Lq, Ekv], the ring's parts, then scratch for the attention and the
+   projection GEMMs.  */
 typedef struct mha__cached_layout {
-    mha__mod r;                        /* the module, weights resolved */
-    int E, H, D, Ekv;
     size_t qp, kn, vn, ring, scratch, per_thread, total_floats;
 } mha__cached_layout;
 
-static mha_status mha__cached_plan(const mha_module *m, const mha_kv_cache *c, int Lq, const mha_options *opt,
-                                   mha__cached_layout *L)
+static int mha__cached_lay(const mha__mod *r, int B, int Lq, int capacity, int ring, int nt,
+                           mha__cached_layout *L)
 {
-    int B, nt = mha__max_threads(opt);
     size_t attn, g, g2, cur = 0;
-    mha_status st;
-    if ((st = mha__check_cache(c)) != MHA_OK) return st;
-    B = c->B;
-    if ((st = mha__check_module(m, &L->r)) != MHA_OK) return st;
-    if (Lq <= 0) return MHA_ERR_INVALID_SIZE;
-    if (!mha__dim_ok(Lq)) return MHA_ERR_OVERFLOW;
-    L->E = L->r.E; L->H = L->r.H; L->D = L->r.D;
-    if (L->r.kdim != L->E || L->r.vdim != L->E || L->r.extra) return MHA_ERR_INVALID_ARGUMENT;
-    if (opt->attn_mask.kind != MHA_MASK_NONE || opt->key_padding_mask.kind != MHA_MASK_NONE)
-        return MHA_ERR_INVALID_ARGUMENT;
-    if ((st = mha__check_masks(opt, B, L->H, Lq, Lq)) != MHA_OK) return st;
-    if ((st = mha__check_decode(opt, L->H, m->num_kv_heads, &m->rope, L->D)) != MHA_OK) return st;
-    if ((m->num_kv_heads ? m->num_kv_heads : L->H) != c->Hkv || L->D != c->D) return MHA_ERR_INVALID_ARGUMENT;
-    if ((size_t)B * (size_t)Lq > MHA__INT_LIMIT) return MHA_ERR_OVERFLOW;   /* GEMM rows (int audit) */
-    L->Ekv = c->Hkv * L->D;
-    if ((st = mha__cache_room(c, Lq)) != MHA_OK) return st;
-    if (!mha__attn_scratch_floats(Lq, c->capacity, c->capacity, L->D, L->D, nt, 0, L->H < nt, &L->per_thread,
-                                  &attn))
-        return MHA_ERR_OVERFLOW;
-    g = mha__gemm_ws_floats_mt(B * Lq, L->E, L->E, nt);
-    g2 = mha__gemm_ws_floats_mt(B * Lq, L->Ekv, L->E, nt); if (g2 > g) g = g2;
-    if (!mha__region(&cur, (size_t)B * Lq * L->E, &L->qp) ||
-        !mha__region(&cur, (size_t)B * Lq * L->Ekv, &L->kn) ||
-        !mha__region(&cur, (size_t)B * Lq * L->Ekv, &L->vn) ||
-        !mha__region(&cur, mha__ring_floats(c, L->H, Lq), &L->ring) ||
-        !mha__region(&cur, attn > g ? attn : g, &L->scratch) ||
-        !mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats))
-        return MHA_ERR_OVERFLOW;
-    return MHA_OK;
+    if (!mha__attn_scratch_floats(Lq, capacity, capacity, r->D, r->D, nt, 0, r->H < nt, &L->per_thread, &attn))
+        return 0;
+    g = mha__gemm_ws_floats_mt(B * Lq, r->E, r->E, nt);
+    g2 = mha__gemm_ws_floats_mt(B * Lq, r->Ekv, r->E, nt); if (g2 > g) g = g2;
+    return mha__region(&cur, (size_t)B * Lq * r->E, &L->qp) &&
+           mha__region(&cur, (size_t)B * Lq * r->Ekv, &L->kn) &&
+           mha__region(&cur, (size_t)B * Lq * r->Ekv, &L->vn) &&
+           mha__region(&cur, mha__ring_floats(ring, r->H, Lq, r->D), &L->ring) &&
+           mha__region(&cur, attn > g ? attn : g, &L->scratch) &&
+           mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
 }
-
-MHADEF mha_status mha_forward_cached_workspace_size(const mha_module *m, const mha_kv_cache *c, int Lq,
-                                                    const mha_options *opt, size_t *bytes)
+static int mha__cached_floats(const mha__mod *r, int B, int Lq, int capacity, int ring, int nt, size_t *total)
 {
-    mha_options zero;
     mha__cached_layout L;
-    mha_status st;
-    if (!bytes) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
-    if ((st = mha__cached_plan(m, c, Lq, opt, &L)) != MHA_OK) return st;
-    return mha__mul(L.total_floats, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
+    if (!mha__cached_lay(r, B, Lq, capacity, ring, nt, &L)) return 0;
+    *total = L.total_floats;
+    return 1;
 }
 
-MHADEF mha_status mha_forward_cached(const mha_module *m, mha_kv_cache *c, int Lq, const float *x,
-                                     const mha_options *opt, float *out,
-                                     void *workspace, size_t workspace_bytes)
+/* One decoding step of the module (section 6): x [B, Lq, E] holds the next
+   Lq tokens of every row.
+     1. Q, K, V of the new tokens through the plan's (packed) weights
+     2. RoPE at positions offset + len[b] + i, then K and V appended
+     3. the queries attend to the whole cache (bottom-right)
+     4. out = C Wo^T + bo  */
+static mha_status mha__module_cached(const mha_plan *p, int Lq, const float *x, const float *key,
+                                     const float *value, float *out, const mha_run *run,
+                                     const mha_options *o, mha_error *e)
 {
-    mha_options zero;
+    mha_kv_cache *c = run->cache;
+    const mha__mod *r = &p->mod;
     mha__cached_layout L;
     mha__view qv;
+    mha__rowout ro;
     void *owned;
     float *ws, *qp, *kn, *vn, *scratch;
-    const mha__mod *r = &L.r;
-    size_t need;
-    int E, Ekv, B, b, nt;
+    int E = r->E, Ekv = r->Ekv, B = p->B, nt = p->nthreads, b;
     mha_status st;
-    if (!x || !out) return MHA_ERR_NULL_POINTER;
-    if (!opt) { memset(&zero, 0, sizeof zero); opt = &zero; }
-    if ((st = mha__cached_plan(m, c, Lq, opt, &L)) != MHA_OK) return st;
-    if (!mha__mul(L.total_floats, sizeof(float), &need)) return MHA_ERR_OVERFLOW;
-    if ((st = mha__get_ws(workspace, workspace_bytes, need, &owned, &ws)) != MHA_OK) return st;
-    E = L.E; Ekv = L.Ekv; B = c->B; nt = mha__max_threads(opt);
+    if (!p->cache_ok)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "run->cache", "is set, but the module is not plain "
+                         "self-attention (kdim and vdim must be embed_dim, no bias_k or add_zero_attn)");
+    if ((key && key != x) || (value && value != x))
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, key && key != x ? "key" : "value", "is not query or NULL; "
+                         "with run->cache the new tokens' keys and values come from query");
+    if (run->saved || run->weights)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, run->saved ? "run->saved" : "run->weights", "is set; a run "
+                         "over a KV cache neither saves a forward nor returns weights");
+    if ((st = mha__cache_fits(p, c, r->Hkv, Lq, o, e)) != MHA_OK || (st = mha__cache_room(c, Lq, e)) != MHA_OK)
+        return st;
+    for (b = 0; b < B; ++b)   /* every position offset + len[b] + i is an int */
+        if (c->len[b] > INT_MAX - Lq - o->position_offset)
+            return mha__fail(e, MHA_ERR_OVERFLOW, "cache->len", "[%d] is %d; with position_offset %d and %d new "
+                             "tokens the last position passes INT_MAX", b, c->len[b], o->position_offset, Lq);
+    if ((st = mha__need(e, "out", out)) != MHA_OK) return st;
+    (void)mha__cached_lay(r, B, Lq, c->capacity, c->ring, nt, &L);
+    if ((st = mha__run_ws(p, run, L.total_floats, &owned, &ws, e)) != MHA_OK) return st;
     qp = ws + L.qp; kn = ws + L.kn; vn = ws + L.vn; scratch = ws + L.scratch;
 
     /* 1. Q, K, V of the new tokens: [B*Lq, E], [B*Lq, Ekv] */
-    mha__linear(B * Lq, E, E, x, r->wq, r->bq, qp, scratch, nt);
-    mha__linear(B * Lq, E, Ekv, x, r->wk, r->bk, kn, scratch, nt);
-    mha__linear(B * Lq, E, Ekv, x, r->wv, r->bv, vn, scratch, nt);
+    mha__linear_pp(B * Lq, E, E, x, r->wq, r->bq, qp, scratch, nt, r->pq);
+    mha__linear_pp(B * Lq, E, Ekv, x, r->wk, r->bk, kn, scratch, nt, r->pk);
+    mha__linear_pp(B * Lq, E, Ekv, x, r->wv, r->bv, vn, scratch, nt, r->pv);
 
     /* 2. RoPE at positions offset + len[b] + i, then append K and V */
     for (b = 0; b < B; ++b) {
-        int pos0 = opt->position_offset + c->len[b];
-        mha__rope_apply(&m->rope, L.D, 1, Lq, L.H, 0, (size_t)E, (size_t)L.D, pos0, NULL, 1.0f,
+        int pos0 = o->position_offset + c->len[b];
+        mha__rope_apply(&r->rope, r->D, 1, Lq, r->H, 0, (size_t)E, (size_t)r->D, pos0, NULL, 1.0f,
                         qp + (size_t)b * Lq * E);
-        mha__rope_apply(&m->rope, L.D, 1, Lq, c->Hkv, 0, (size_t)Ekv, (size_t)L.D, pos0, NULL, 1.0f,
+        mha__rope_apply(&r->rope, r->D, 1, Lq, r->Hkv, 0, (size_t)Ekv, (size_t)r->D, pos0, NULL, 1.0f,
                         kn + (size_t)b * Lq * Ekv);
     }
-    mha__cache_write(c, Lq, kn, vn, (size_t)Lq * Ekv, (size_t)L.D, (size_t)Ekv);
+    mha__cache_write(c, Lq, kn, vn, (size_t)Lq * Ekv, (size_t)r->D, (size_t)Ekv);
 
     /* 3. attention over the cache; the context overwrites Q in place */
-    qv.p = qp; qv.bs = (size_t)Lq * E; qv.hs = (size_t)L.D; qv.rs = (size_t)E;
-    mha__cache_attend_run(c, L.H, Lq, opt, &qv, qp, (size_t)Lq * E, (size_t)L.D, (size_t)E, scratch,
-                          L.per_thread, ws + L.ring);
+    qv.p = qp; qv.bs = (size_t)Lq * E; qv.hs = (size_t)r->D; qv.rs = (size_t)E;
+    mha__cache_attend_run(c, r->H, Lq, o, mha__run_rowout(run, &ro), &qv, qp, (size_t)Lq * E, (size_t)r->D,
+                          (size_t)E, scratch, L.per_thread, ws + L.ring);
 
     /* 4. out = C Wo^T + bo */
-    mha__linear(B * Lq, E, E, qp, r->wo, r->bo, out, scratch, nt);
+    mha__linear_pp(B * Lq, E, E, qp, r->wo, r->bo, out, scratch, nt, r->po);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
 
-
 /* ------------------------------------------------- one-shot calls */
-
-MHADEF mha_options mha_options_defaults(void)
-{
-    mha_options o;
-    memset(&o, 0, sizeof o);   /* every default is the zero value */
-    return o;
-}
 
 MHADEF mha_encoder_layer mha_encoder_layer_defaults(void)
 {
@@ -5891,475 +6248,247 @@ MHADEF mha_encoder_layer mha_encoder_layer_defaults(void)
     return ly;
 }
 
-/* Each makes the plan of its one call on the stack (no PACK, so the plan
-   needs no memory beyond its struct) and runs it: the size query and the
-   call share the plan's layout.
+/* Each one-shot call is the plan of its arguments, made on the caller's
+   stack (no MHA_PLAN_PACK, so the plan needs no memory beyond its struct),
+   and one run of it: the two can never disagree.  The flags are what the
+   call asks for: MHA_PLAN_WEIGHTS when run->weights is set,
+   MHA_PLAN_TRAINING for a backward or a forward that saves. */
+typedef struct mha__shot {
+    int kind;
+    unsigned flags;
+    mha_trans ta, tb;
+    int M, N, K;
+    int B, H, Lq, Lk, D, Dv;
+    const mha_module *m;
+    const mha_encoder_layer *ly;
+} mha__shot;
 
-   One thing can still differ between a size query and a later one-shot call:
-   with num_threads 0 each takes OpenMP's thread count at its own time, and
-   that count may have grown in between.  Rather than fail, such a call runs
-   on as many threads as the caller's workspace holds; the result does not
-   depend on the thread count.  An explicit num_threads is kept as given, and
-   a plan always runs on exactly its own count.  mha__oneshot_fewer says
-   whether to plan again with one thread fewer (and fills *o for that).  */
-static int mha__oneshot_fewer(const mha_options *opt, int nthreads, const void *workspace,
-                              size_t have, size_t need, mha_options *o)
+static mha_status mha__shot_make(const mha__shot *s, const mha_options *opt, mha_plan *p, mha_error *e)
 {
-    if (!workspace || need <= have || nthreads <= 1 || (opt && opt->num_threads != 0)) return 0;
-    if (opt) *o = *opt; else memset(o, 0, sizeof *o);
-    o->num_threads = nthreads - 1;
-    return 1;
+    size_t extra;
+    switch (s->kind) {
+    case MHA__PLAN_GEMM:
+        return mha__gemm_plan_make(s->ta, s->tb, s->M, s->N, s->K, opt ? opt->num_threads : 0, p, e);
+    case MHA__PLAN_SDPA:
+        return mha__sdpa_plan_make(s->B, s->H, s->Lq, s->Lk, s->D, s->Dv, opt, s->flags, p, e);
+    case MHA__PLAN_MODULE:
+        return mha__module_plan_make(s->m, s->B, s->Lq, s->Lk, opt, s->flags, MHA__PLAN_MODULE, p, &extra, e);
+    default:
+        return mha__encoder_plan_make(s->ly, s->B, s->Lq, opt, s->flags, p, &extra, e);
+    }
 }
 
-MHADEF size_t mha_gemm_workspace_size(int M, int N, int K)
+/* One thing can differ between a size query and a later one-shot call:
+   with num_threads 0 each takes OpenMP's thread count at its own time, and
+   that count may have grown in between.  Rather than fail, such a call
+   runs on as many threads as the caller's workspace holds (the result does
+   not depend on the count).  An explicit num_threads is kept as given, and
+   a plan always runs on exactly its own count. */
+static mha_status mha__oneshot(const mha__shot *s, const mha_options *opt, const mha_run *run, mha_plan *p,
+                               mha_error *e)
 {
-    mha_plan p;
-    if (mha__gemm_plan_make(MHA_NO_TRANS, MHA_NO_TRANS, M, N, K, 0, &p) != MHA_OK) return 0;
-    return mha_plan_workspace_size(&p);
+    mha_options o;
+    mha_status st = mha__shot_make(s, opt, p, e);
+    if (st != MHA_OK || !run || !run->workspace || (opt && opt->num_threads != 0)) return st;
+    if (opt) o = *opt; else memset(&o, 0, sizeof o);
+    while (p->ws_bytes > run->workspace_bytes && p->nthreads > 1) {
+        o.num_threads = p->nthreads - 1;
+        if ((st = mha__shot_make(s, &o, p, e)) != MHA_OK) return st;
+    }
+    return MHA_OK;
+}
+
+/* The flags of a one-shot forward, and the planned Lk: with a cache the
+   run's Lk is 0 and the plan's the cache's capacity. */
+static unsigned mha__shot_flags(const mha_run *run)
+{
+    return (run && run->weights ? MHA_PLAN_WEIGHTS : 0u) | (run && run->saved ? MHA_PLAN_TRAINING : 0u);
+}
+static mha_status mha__shot_lk(const mha_run *run, int Lk, int *plan_lk, mha_error *e)
+{
+    mha_status st;
+    *plan_lk = Lk;
+    if (!run || !run->cache) return MHA_OK;
+    if (Lk != 0)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "Lk", "is %d; with run->cache pass 0 (the cache's len says "
+                         "how many keys)", Lk);
+    if ((st = mha__check_cache(run->cache, e)) != MHA_OK) return st;
+    *plan_lk = run->cache->capacity;
+    return MHA_OK;
 }
 
 MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, float alpha,
                            const float *A, int lda, const float *B, int ldb, float beta,
-                           float *C, int ldc, void *workspace, size_t workspace_bytes)
+                           float *C, int ldc, const mha_run *run, mha_error *err)
 {
     mha_plan p;
+    mha__shot s;
+    mha_status st;
+    mha__begin(err);
+    memset(&s, 0, sizeof s);
+    s.kind = MHA__PLAN_GEMM; s.ta = ta; s.tb = tb; s.M = M; s.N = N; s.K = K;
+    if ((st = mha__oneshot(&s, NULL, run, &p, err)) == MHA_OK)
+        st = mha__gemm_run(&p, alpha, A, lda, B, ldb, beta, C, ldc, run, err);
+    return mha__sign(err, "mha_gemm", st);
+}
+
+MHADEF mha_status mha_sdpa_forward(int B, int H, int Lq, int Lk, int D, int Dv,
+                                   const float *q, const float *k, const float *v,
+                                   const mha_options *opt, float *out,
+                                   const mha_run *run, mha_error *err)
+{
+    mha_plan p;
+    mha__shot s;
     mha_options o;
     mha_status st;
-    int t = 0;
-    if (!A || !B || !C) return MHA_ERR_NULL_POINTER;
-    while ((st = mha__gemm_plan_make(ta, tb, M, N, K, t, &p)) == MHA_OK &&
-           mha__oneshot_fewer(NULL, p.nthreads, workspace, workspace_bytes, mha_plan_workspace_size(&p), &o))
-        t = o.num_threads;
-    if (st != MHA_OK) return st;
-    return mha_gemm_run(&p, alpha, A, lda, B, ldb, beta, C, ldc, workspace, workspace_bytes);
-}
-
-/* The plan of one mha_sdpa call and the bytes that call needs. */
-static mha_status mha__sdpa_need(int B, int H, int Lq, int Lk, int D, int Dv, const mha_options *opt,
-                                 int need_weights, mha_plan *pp, size_t *bytes)
-{
-    mha_plan p;
-    size_t per_thread, total;
-    mha_status st;
-    st = mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, need_weights ? MHA_PLAN_WEIGHTS : 0, &p);
-    if (st != MHA_OK) return st;
-    if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, need_weights != 0, p.nthreads, &per_thread, &total))
-        return MHA_ERR_OVERFLOW;   /* (the plan checked it: kept so no path reads an unset size) */
-    *bytes = total * sizeof(float);   /* what the call with (or without) weights needs */
-    if (pp) *pp = p;
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_sdpa_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
-                                          const mha_options *opt, int need_weights,
-                                          size_t *bytes)
-{
-    if (!bytes) return MHA_ERR_NULL_POINTER;
-    return mha__sdpa_need(B, H, Lq, Lk, D, Dv, opt, need_weights, NULL, bytes);
-}
-
-MHADEF mha_status mha_sdpa(int B, int H, int Lq, int Lk, int D, int Dv,
-                           const float *q, const float *k, const float *v,
-                           const mha_options *opt, float *out, float *attn_weights,
-                           void *workspace, size_t workspace_bytes)
-{
-    mha_plan p;
-    mha_options o;
-    const mha_options *use = opt;
-    size_t need;
-    mha_status st;
-    if (!q || !k || !v || !out) return MHA_ERR_NULL_POINTER;
-    while ((st = mha__sdpa_need(B, H, Lq, Lk, D, Dv, use, attn_weights != NULL, &p, &need)) == MHA_OK &&
-           mha__oneshot_fewer(opt, p.nthreads, workspace, workspace_bytes, need, &o))
-        use = &o;
-    if (st != MHA_OK) return st;
-    return mha_sdpa_run(&p, Lq, Lk, q, k, v, NULL, NULL, out, attn_weights, workspace, workspace_bytes);
-}
-
-static mha_status mha__sdpa_bwd_need(int B, int H, int Lq, int Lk, int D, int Dv, const mha_options *opt,
-                                     mha_plan *pp, size_t *bytes)
-{
-    mha_plan p;
-    mha_status st;
-    size_t f = 0;
-    if ((st = mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, MHA_PLAN_TRAINING, &p)) != MHA_OK) return st;
-    p.saves = 0;   /* a one-shot backward has no forward before it: it recomputes */
-    if (!mha__sdpa_bwd_floats(B, H, p.opt.num_kv_heads ? p.opt.num_kv_heads : H, Lq, Lk, D, Dv,
-                              p.nthreads, &f))
-        return MHA_ERR_OVERFLOW;
-    *bytes = f * sizeof(float);   /* what the backward call needs */
-    if (pp) *pp = p;
-    return MHA_OK;
-}
-
-/* Rows recomputed from the saved lse: the forward's scores (q.k in double,
-   then the same soft-cap and mha__mask_cols as the unfused path), then
-   p_ij = exp(s_ij - lse_i).  Everything is checked before a row is written. */
-MHADEF mha_status mha_sdpa_weights_rows(int B, int H, int Lq, int Lk, int D,
-                                        const float *q, const float *k, const float *lse,
-                                        int n_rows, const int *rows, const mha_options *opt,
-                                        float *weights)
-{
-    mha_plan p;
-    mha_options o;
-    mha__attn a;
-    size_t n;
-    long t, items;
-    int r;
-    mha_status st;
-    if (!q || !k || !lse || !rows || !weights) return MHA_ERR_NULL_POINTER;
-    if ((st = mha__sdpa_plan_make(B, H, Lq, Lk, D, D, opt, 0, &p)) != MHA_OK) return st;
-    if ((st = mha__run_begin(&p, MHA__PLAN_SDPA, Lq, Lk, NULL, NULL, &o)) != MHA_OK) return st;
-    if (n_rows <= 0) return MHA_ERR_INVALID_SIZE;
-    if (!mha__mul3((size_t)B * (size_t)H, (size_t)n_rows, (size_t)Lk, &n) || !mha__mul(n, sizeof(float), &n) ||
-        (size_t)B * (size_t)H * (size_t)n_rows > LONG_MAX)
-        return MHA_ERR_OVERFLOW;
-    for (r = 0; r < n_rows; ++r) if (rows[r] < 0 || rows[r] >= Lq) return MHA_ERR_INVALID_ARGUMENT;
-    mha__attn_dense(&a, &o, B, H, Lq, Lk, D, D, q, k, k, weights);
-    items = (long)B * H * n_rows;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(a.nthreads)
-#endif
-    for (t = 0; t < items; ++t) {
-        int b = (int)(t / ((long)H * n_rows)), h = (int)(t / n_rows % H), i = rows[t % n_rows], j;
-        const float *qi = q + (((size_t)b * H + h) * Lq + i) * D;
-        const float *kb = k + ((size_t)b * a.Hkv + (size_t)h / a.group) * Lk * D;
-        float *w = weights + (size_t)t * Lk, li = lse[((size_t)b * H + h) * Lq + i];
-        for (j = 0; j < Lk; ++j) {           /* q.k summed in double: the forward's to rounding */
-            const float *kj = kb + (size_t)j * D;
-            double dot = 0.0;
-            int d;
-            for (d = 0; d < D; ++d) dot += (double)qi[d] * kj[d];
-            w[j] = (float)(a.scale * dot);
-        }
-        if (a.softcap > 0.0f) mha__softcap(a.softcap, w, (size_t)Lk);
-        mha__mask_cols(&a, b, h, i, 0, Lk, w);
-        for (j = 0; j < Lk; ++j)
-            w[j] = li == -INFINITY || w[j] == -INFINITY ? 0.0f : (float)exp((double)w[j] - li);
-    }
-    return MHA_OK;
-}
-
-/* The module's weight rows: K of every key [B, Lk', Ekv], the chosen query
-   rows [B, n, E] and their Q, then a Linear's workspace; floats of each.  */
-typedef struct mha__wrows_layout { size_t kp, xq, lin, total; } mha__wrows_layout;
-static int mha__wrows_lay(const mha__mod *r, int B, int Lk, int n, mha__wrows_layout *L)
-{
-    size_t lk, lq;
-    if ((size_t)B * (size_t)n > (size_t)INT_MAX) return 0;
-    lk = mha_linear_workspace_size(Lk, r->kdim, r->Ekv);
-    lq = mha_linear_workspace_size(B * n, r->E, r->E);
-    if (!lk || !lq || !mha__mul3((size_t)B, (size_t)Lk + (size_t)r->extra, (size_t)r->Ekv, &L->kp) ||
-        !mha__mul3((size_t)B, (size_t)n, (size_t)r->E, &L->xq))
-        return 0;
-    L->kp = mha__round_floats(L->kp); L->xq = mha__round_floats(L->xq);
-    L->lin = mha__round_floats((lk > lq ? lk : lq) / sizeof(float) + 1);
-    L->total = L->kp + 2 * L->xq + L->lin + MHA__ALIGN_FLOATS;
-    return 1;
-}
-
-/* The checks both module calls share: the module, options and rows; the
-   plan (on the caller's stack) resolves the weights.  */
-static mha_status mha__wrows_begin(const mha_module *m, int B, int Lq, int Lk, int n_rows, const int *rows,
-                                   const mha_options *opt, mha_plan *p, mha_options *o, mha__wrows_layout *L)
-{
-    size_t extra, n;
-    mha_status st;
-    int r;
-    if ((st = mha__module_plan_make(m, B, Lq, Lk, opt, 0, MHA__PLAN_MODULE, p, &extra)) != MHA_OK) return st;
-    if ((st = mha__run_begin(p, MHA__PLAN_MODULE, Lq, Lk, NULL, NULL, o)) != MHA_OK) return st;
-    if (n_rows <= 0) return MHA_ERR_INVALID_SIZE;
-    for (r = 0; rows && r < n_rows; ++r) if (rows[r] < 0 || rows[r] >= Lq) return MHA_ERR_INVALID_ARGUMENT;
-    if (!mha__mul3((size_t)B * (size_t)p->mod.H, (size_t)n_rows, (size_t)Lk + (size_t)p->mod.extra, &n) ||
-        !mha__mul(n, sizeof(float), &n) || !mha__wrows_lay(&p->mod, B, Lk, n_rows, L))
-        return MHA_ERR_OVERFLOW;
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_weights_rows_workspace_size(const mha_module *m, int B, int Lq, int Lk, int n_rows,
-                                                  const mha_options *opt, size_t *bytes)
-{
-    mha_plan p;
-    mha_options o;
-    mha__wrows_layout L;
-    mha_status st;
-    if (!bytes) return MHA_ERR_NULL_POINTER;
-    if ((st = mha__wrows_begin(m, B, Lq, Lk, n_rows, NULL, opt, &p, &o, &L)) != MHA_OK) return st;
-    return mha__mul(L.total, sizeof(float), bytes) ? MHA_OK : MHA_ERR_OVERFLOW;
-}
-
-/* 1. K = Xk Wk^T + bk per batch, the appended keys after, RoPE on the real
-   ones (key j at offset + j); 2. Q of the chosen rows, RoPE at offset + i';
-   3. per (b, h, row) the forward's scores and exp(s - lse), as
-   mha_sdpa_weights_rows.  */
-MHADEF mha_status mha_weights_rows(const mha_module *m, int B, int Lq, int Lk,
-                                   const float *query, const float *key, const float *lse,
-                                   int n_rows, const int *rows, const mha_options *opt,
-                                   float *weights, void *workspace, size_t workspace_bytes)
-{
-    mha_plan p;
-    mha_options o;
-    mha__wrows_layout L;
-    mha__attn a;
-    const mha__mod *r;
-    void *owned;
-    float *ws, *kp, *xq, *qp, *lin;
-    size_t lin_bytes;
-    long t, items;
-    int b, i, Lke, E, Ekv, D, pos0;
-    mha_status st;
-    if (!query || !key || !lse || !rows || !weights) return MHA_ERR_NULL_POINTER;
-    if ((st = mha__wrows_begin(m, B, Lq, Lk, n_rows, rows, opt, &p, &o, &L)) != MHA_OK) return st;
-    if ((st = mha__get_ws(workspace, workspace_bytes, L.total * sizeof(float), &owned, &ws)) != MHA_OK) return st;
-    r = &p.mod; Lke = Lk + r->extra; E = r->E; Ekv = r->Ekv; D = r->D;
-    kp = ws; xq = kp + L.kp; qp = xq + L.xq; lin = qp + L.xq; lin_bytes = L.lin * sizeof(float);
-    for (b = 0; b < B; ++b) {
-        float *kb = kp + (size_t)b * Lke * Ekv;
-        (void)mha_linear_forward(Lk, r->kdim, Ekv, key + (size_t)b * Lk * r->kdim, r->wk, r->bk, kb, lin, lin_bytes);
-        if (r->bias_k) memcpy(kb + (size_t)Lk * Ekv, r->bias_k, (size_t)Ekv * sizeof(float));
-        if (r->zero_attn) memset(kb + (size_t)(Lke - 1) * Ekv, 0, (size_t)Ekv * sizeof(float));
-        for (i = 0; i < n_rows; ++i)
-            memcpy(xq + ((size_t)b * n_rows + i) * E, query + ((size_t)b * Lq + rows[i]) * E, (size_t)E * sizeof(float));
-    }
-    mha__rope_apply(&r->rope, D, B, Lk, r->Hkv, (size_t)Lke * Ekv, (size_t)Ekv, (size_t)D, o.position_offset,
-                    NULL, 1.0f, kp);
-    (void)mha_linear_forward(B * n_rows, E, E, xq, r->wq, r->bq, qp, lin, lin_bytes);
-    pos0 = mha__query_pos0(&o, Lq, Lk);
-    for (b = 0; b < B; ++b)
-        for (i = 0; i < n_rows; ++i)
-            mha__rope_apply(&r->rope, D, 1, 1, r->H, 0, (size_t)E, (size_t)D, pos0 + rows[i], NULL, 1.0f,
-                            qp + ((size_t)b * n_rows + i) * E);
-    mha__attn_common(&a, &o, B, r->H, Lq, Lk, Lke, D, D);
-    a.Hkv = r->Hkv; a.group = r->H / r->Hkv;
-    items = (long)B * r->H * n_rows;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(a.nthreads)
-#endif
-    for (t = 0; t < items; ++t) {
-        int bb = (int)(t / ((long)r->H * n_rows)), h = (int)(t / n_rows % r->H), row = (int)(t % n_rows), j, d;
-        const float *qi = qp + ((size_t)bb * n_rows + row) * E + (size_t)h * D;
-        const float *kb = kp + (size_t)bb * Lke * Ekv + (size_t)(h / a.group) * D;
-        float *w = weights + (size_t)t * Lke, li = lse[((size_t)bb * r->H + h) * Lq + rows[row]];
-        for (j = 0; j < Lke; ++j) {
-            double dot = 0.0;
-            for (d = 0; d < D; ++d) dot += (double)qi[d] * kb[(size_t)j * Ekv + d];
-            w[j] = (float)(a.scale * dot);
-        }
-        if (a.softcap > 0.0f) mha__softcap(a.softcap, w, (size_t)Lke);
-        mha__mask_cols(&a, bb, h, rows[row], 0, Lke, w);
-        for (j = 0; j < Lke; ++j)
-            w[j] = li == -INFINITY || w[j] == -INFINITY ? 0.0f : (float)exp((double)w[j] - li);
-    }
-    if (owned) MHA_FREE(owned);
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_sdpa_backward_workspace_size(int B, int H, int Lq, int Lk, int D, int Dv,
-                                                   const mha_options *opt, size_t *bytes)
-{
-    if (!bytes) return MHA_ERR_NULL_POINTER;
-    return mha__sdpa_bwd_need(B, H, Lq, Lk, D, Dv, opt, NULL, bytes);
+    mha__begin(err);
+    memset(&s, 0, sizeof s);
+    s.kind = MHA__PLAN_SDPA; s.flags = mha__shot_flags(run);
+    s.B = B; s.H = H; s.Lq = Lq; s.D = D; s.Dv = Dv;
+    if (opt) o = *opt; else memset(&o, 0, sizeof o);
+    /* over a cache, the KV heads are the cache's unless the options say */
+    if (run && run->cache && !o.num_kv_heads && run->cache->Hkv > 0) o.num_kv_heads = run->cache->Hkv;
+    if ((st = mha__shot_lk(run, Lk, &s.Lk, err)) == MHA_OK && (st = mha__oneshot(&s, &o, run, &p, err)) == MHA_OK)
+        st = mha__sdpa_run_forward(&p, Lq, Lk, q, k, v, out, run, err);
+    return mha__sign(err, "mha_sdpa_forward", st);
 }
 
 MHADEF mha_status mha_sdpa_backward(int B, int H, int Lq, int Lk, int D, int Dv,
                                     const float *q, const float *k, const float *v,
                                     const float *dout, const mha_options *opt,
                                     float *dq, float *dk, float *dv,
-                                    void *workspace, size_t workspace_bytes)
+                                    const mha_run *run, mha_error *err)
 {
     mha_plan p;
-    mha_options o;
-    const mha_options *use = opt;
-    size_t need;
+    mha__shot s;
     mha_status st;
-    if (!q || !k || !v || !dout) return MHA_ERR_NULL_POINTER;
-    while ((st = mha__sdpa_bwd_need(B, H, Lq, Lk, D, Dv, use, &p, &need)) == MHA_OK &&
-           mha__oneshot_fewer(opt, p.nthreads, workspace, workspace_bytes, need, &o))
-        use = &o;
-    if (st != MHA_OK) return st;
-    return mha_sdpa_run_backward(&p, Lq, Lk, q, k, v, dout, NULL, NULL, dq, dk, dv, workspace,
-                                 workspace_bytes);
+    mha__begin(err);
+    memset(&s, 0, sizeof s);
+    s.kind = MHA__PLAN_SDPA; s.flags = MHA_PLAN_TRAINING;
+    s.B = B; s.H = H; s.Lq = Lq; s.Lk = Lk; s.D = D; s.Dv = Dv;
+    if ((st = mha__oneshot(&s, opt, run, &p, err)) == MHA_OK)
+        st = mha__sdpa_run_backward(&p, Lq, Lk, q, k, v, dout, dq, dk, dv, run, err);
+    return mha__sign(err, "mha_sdpa_backward", st);
 }
 
-static mha_status mha__forward_need(const mha_module *m, int B, int Lq, int Lk, const mha_options *opt,
-                                    int need_weights, mha_plan *pp, size_t *bytes)
+MHADEF mha_status mha_module_forward(const mha_module *m, int B, int Lq, int Lk,
+                                     const float *query, const float *key, const float *value,
+                                     const mha_options *opt, float *out,
+                                     const mha_run *run, mha_error *err)
 {
     mha_plan p;
-    mha__fwd_layout L;
-    size_t extra;
+    mha__shot s;
     mha_status st;
-    st = mha__module_plan_make(m, B, Lq, Lk, opt, need_weights ? MHA_PLAN_WEIGHTS : 0,
-                               MHA__PLAN_MODULE, &p, &extra);
-    if (st != MHA_OK) return st;
-    /* what the call with (or without) weights needs */
-    if (!mha__fwd_layout_at(&p.mod, B, Lq, Lk, need_weights != 0, p.by_head, p.nthreads, 0, &L))
-        return MHA_ERR_OVERFLOW;
-    *bytes = L.total_floats * sizeof(float);
-    if (pp) *pp = p;
-    return MHA_OK;
+    mha__begin(err);
+    memset(&s, 0, sizeof s);
+    s.kind = MHA__PLAN_MODULE; s.flags = mha__shot_flags(run); s.m = m; s.B = B; s.Lq = Lq;
+    if ((st = mha__shot_lk(run, Lk, &s.Lk, err)) == MHA_OK && (st = mha__oneshot(&s, opt, run, &p, err)) == MHA_OK)
+        st = mha__module_run_forward(&p, Lq, Lk, query, key, value, out, run, err);
+    return mha__sign(err, "mha_module_forward", st);
 }
 
-MHADEF mha_status mha_forward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
-                                             const mha_options *opt, int need_weights,
-                                             size_t *bytes)
-{
-    if (!bytes) return MHA_ERR_NULL_POINTER;
-    return mha__forward_need(m, B, Lq, Lk, opt, need_weights, NULL, bytes);
-}
-
-MHADEF mha_status mha_forward(const mha_module *m, int B, int Lq, int Lk,
-                              const float *query, const float *key, const float *value,
-                              const mha_options *opt, float *out, float *attn_weights,
-                              void *workspace, size_t workspace_bytes)
+MHADEF mha_status mha_module_backward(const mha_module *m, int B, int Lq, int Lk,
+                                      const float *query, const float *key, const float *value,
+                                      const float *dout, const mha_options *opt,
+                                      float *dquery, float *dkey, float *dvalue,
+                                      const mha_module_grad *grad, const mha_run *run,
+                                      mha_error *err)
 {
     mha_plan p;
-    mha_options o;
-    const mha_options *use = opt;
-    size_t need;
+    mha__shot s;
     mha_status st;
-    if (!query || !key || !value || !out) return MHA_ERR_NULL_POINTER;
-    while ((st = mha__forward_need(m, B, Lq, Lk, use, attn_weights != NULL, &p, &need)) == MHA_OK &&
-           mha__oneshot_fewer(opt, p.nthreads, workspace, workspace_bytes, need, &o))
-        use = &o;
-    if (st != MHA_OK) return st;
-    return mha_module_forward(&p, Lq, Lk, query, key, value, NULL, NULL, out, attn_weights,
-                              workspace, workspace_bytes);
-}
-
-static mha_status mha__backward_need(const mha_module *m, int B, int Lq, int Lk, const mha_options *opt,
-                                     mha_plan *pp, size_t *bytes)
-{
-    mha_plan p;
-    size_t extra;
-    mha_status st;
-    mha__bwd_layout L;
-    st = mha__module_plan_make(m, B, Lq, Lk, opt, MHA_PLAN_TRAINING, MHA__PLAN_MODULE, &p, &extra);
-    if (st != MHA_OK) return st;
-    p.saves = 0;   /* a one-shot backward has no forward before it: it recomputes */
-    if (!mha__bwd_layout_at(&p.mod, B, Lq, Lk, p.nthreads, 0, &L)) return MHA_ERR_OVERFLOW;
-    *bytes = L.total_floats * sizeof(float);   /* what the backward call needs */
-    if (pp) *pp = p;
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_backward_workspace_size(const mha_module *m, int B, int Lq, int Lk,
-                                              const mha_options *opt, size_t *bytes)
-{
-    if (!bytes) return MHA_ERR_NULL_POINTER;
-    return mha__backward_need(m, B, Lq, Lk, opt, NULL, bytes);
-}
-
-MHADEF mha_status mha_backward(const mha_module *m, int B, int Lq, int Lk,
-                               const float *query, const float *key, const float *value,
-                               const float *dout, const mha_options *opt,
-                               float *dquery, float *dkey, float *dvalue, mha_module_grad *grad,
-                               void *workspace, size_t workspace_bytes)
-{
-    mha_plan p;
-    mha_options o;
-    const mha_options *use = opt;
-    size_t need;
-    mha_status st;
-    if (!query || !key || !value || !dout) return MHA_ERR_NULL_POINTER;
-    while ((st = mha__backward_need(m, B, Lq, Lk, use, &p, &need)) == MHA_OK &&
-           mha__oneshot_fewer(opt, p.nthreads, workspace, workspace_bytes, need, &o))
-        use = &o;
-    if (st != MHA_OK) return st;
-    return mha_module_backward(&p, Lq, Lk, query, key, value, dout, NULL, NULL, dquery, dkey, dvalue,
-                               grad, workspace, workspace_bytes);
-}
-
-/* The one size serves both encoder calls: it is the training plan's, which
-   holds the forward's. */
-MHADEF mha_status mha_encoder_workspace_size(const mha_encoder_layer *layer, int B, int L,
-                                             const mha_options *opt, size_t *bytes)
-{
-    mha_plan p;
-    size_t extra;
-    mha_status st;
-    if (!bytes) return MHA_ERR_NULL_POINTER;
-    st = mha__encoder_plan_make(layer, B, L, opt, MHA_PLAN_TRAINING | MHA_PLAN_WEIGHTS, &p, &extra);
-    if (st != MHA_OK) return st;
-    *bytes = mha_plan_workspace_size(&p);
-    return MHA_OK;
+    mha__begin(err);
+    memset(&s, 0, sizeof s);
+    s.kind = MHA__PLAN_MODULE; s.flags = MHA_PLAN_TRAINING; s.m = m; s.B = B; s.Lq = Lq; s.Lk = Lk;
+    if ((st = mha__oneshot(&s, opt, run, &p, err)) == MHA_OK)
+        st = mha__module_run_backward(&p, Lq, Lk, query, key, value, dout, dquery, dkey, dvalue, grad, run, err);
+    return mha__sign(err, "mha_module_backward", st);
 }
 
 MHADEF mha_status mha_encoder_forward(const mha_encoder_layer *layer, int B, int L,
                                       const float *x, const mha_options *opt, float *y,
-                                      float *attn_weights, void *workspace, size_t workspace_bytes)
+                                      const mha_run *run, mha_error *err)
 {
     mha_plan p;
-    mha_options o;
-    const mha_options *use = opt;
-    size_t extra;
+    mha__shot s;
     mha_status st;
-    if (!x || !y) return MHA_ERR_NULL_POINTER;
-    while ((st = mha__encoder_plan_make(layer, B, L, use, attn_weights ? MHA_PLAN_WEIGHTS : 0, &p,
-                                        &extra)) == MHA_OK &&
-           mha__oneshot_fewer(opt, p.nthreads, workspace, workspace_bytes, mha_plan_workspace_size(&p), &o))
-        use = &o;
-    if (st != MHA_OK) return st;
-    return mha_encoder_run(&p, L, x, NULL, NULL, y, attn_weights, workspace, workspace_bytes);
+    mha__begin(err);
+    memset(&s, 0, sizeof s);
+    s.kind = MHA__PLAN_ENCODER; s.flags = mha__shot_flags(run); s.ly = layer; s.B = B; s.Lq = s.Lk = L;
+    if ((st = mha__oneshot(&s, opt, run, &p, err)) == MHA_OK)
+        st = mha__encoder_run_forward(&p, L, x, y, run, err);
+    return mha__sign(err, "mha_encoder_forward", st);
 }
 
 MHADEF mha_status mha_encoder_backward(const mha_encoder_layer *layer, int B, int L,
-                                       const float *x, const mha_options *opt, const float *dy,
-                                       float *dx, mha_encoder_layer_grad *grad,
-                                       void *workspace, size_t workspace_bytes)
+                                       const float *x, const float *dy, const mha_options *opt,
+                                       float *dx, const mha_encoder_layer_grad *grad,
+                                       const mha_run *run, mha_error *err)
 {
     mha_plan p;
-    mha_options o;
-    const mha_options *use = opt;
-    size_t extra;
+    mha__shot s;
     mha_status st;
-    if (!x || !dy) return MHA_ERR_NULL_POINTER;
-    while ((st = mha__encoder_plan_make(layer, B, L, use, MHA_PLAN_TRAINING, &p, &extra)) == MHA_OK &&
-           mha__oneshot_fewer(opt, p.nthreads, workspace, workspace_bytes, mha_plan_workspace_size(&p), &o))
-        use = &o;
-    if (st != MHA_OK) return st;
-    p.saves = 0;   /* a one-shot backward has no forward before it: it recomputes */
-    return mha_encoder_run_backward(&p, L, x, dy, NULL, NULL, dx, grad, workspace, workspace_bytes);
+    mha__begin(err);
+    memset(&s, 0, sizeof s);
+    s.kind = MHA__PLAN_ENCODER; s.flags = MHA_PLAN_TRAINING; s.ly = layer; s.B = B; s.Lq = s.Lk = L;
+    if ((st = mha__oneshot(&s, opt, run, &p, err)) == MHA_OK)
+        st = mha__encoder_run_backward(&p, L, x, dy, dx, grad, run, err);
+    return mha__sign(err, "mha_encoder_backward", st);
 }
 
 /* ------------------------------------------------------ public linear */
 
-static int mha__linear_sizes_ok(int rows, int in, int out)
+static mha_status mha__linear_sizes(int rows, int in, int out, mha_error *e)
 {
     size_t n;
-    return mha__dim_ok(rows) && mha__dim_ok(in) && mha__dim_ok(out) &&
-           mha__mul3((size_t)rows, (size_t)(in > out ? in : out), sizeof(float), &n) &&
-           mha__mul3((size_t)in, (size_t)out, sizeof(float), &n);
+    mha_status st;
+    if ((st = mha__pos(e, "rows", rows)) != MHA_OK || (st = mha__pos(e, "in", in)) != MHA_OK ||
+        (st = mha__pos(e, "out", out)) != MHA_OK)
+        return st;
+    if (!mha__dim_ok(rows) || !mha__dim_ok(in) || !mha__dim_ok(out) ||
+        !mha__mul3((size_t)rows, (size_t)(in > out ? in : out), sizeof(float), &n) ||
+        !mha__mul3((size_t)in, (size_t)out, sizeof(float), &n))
+        return mha__fail(e, MHA_ERR_OVERFLOW, "rows", "rows %d, in %d, out %d: a size passes the limits",
+                         rows, in, out);
+    return MHA_OK;
+}
+static size_t mha__linear_bytes(int rows, int in, int out)
+{
+    return (mha__linear_gws(rows, in, out, 1) + MHA__ALIGN_FLOATS) * sizeof(float);
 }
 
-MHADEF size_t mha_linear_workspace_size(int rows, int in, int out)
+MHADEF mha_status mha_linear_workspace_size(int rows, int in, int out, size_t *bytes, mha_error *err)
 {
-    size_t f = 0;
-    if (rows <= 0 || in <= 0 || out <= 0 || !mha__linear_sizes_ok(rows, in, out)) return 0;
-    f = mha__linear_gws(rows, in, out, 1);
-    return f ? (f + MHA__ALIGN_FLOATS) * sizeof(float) : 0;
+    mha_status st;
+    mha__begin(err);
+    if ((st = mha__need(err, "bytes", bytes)) != MHA_OK || (st = mha__linear_sizes(rows, in, out, err)) != MHA_OK)
+        return mha__sign(err, "mha_linear_workspace_size", st);
+    *bytes = mha__linear_bytes(rows, in, out);
+    return MHA_OK;
 }
 
 /* The checks and the workspace both public Linear calls share. */
-static mha_status mha__linear_begin(int rows, int in, int out, void *workspace, size_t have,
-                                    void **owned, float **ws)
+static mha_status mha__linear_begin(int rows, int in, int out, const mha_run *run, void **owned,
+                                    float **ws, mha_error *e)
 {
-    size_t need;
+    mha_status st;
     *owned = NULL; *ws = NULL;
-    if (rows <= 0 || in <= 0 || out <= 0) return MHA_ERR_INVALID_SIZE;
-    if (!mha__linear_sizes_ok(rows, in, out)) return MHA_ERR_OVERFLOW;
-    need = mha_linear_workspace_size(rows, in, out);
-    return need ? mha__get_ws(workspace, have, need, owned, ws) : MHA_OK;
+    if ((st = mha__linear_sizes(rows, in, out, e)) != MHA_OK) return st;
+    if ((st = mha__run_fields(run, 0, e)) != MHA_OK) return st;
+    return mha__get_ws(run, mha__linear_bytes(rows, in, out), owned, ws, e);
 }
 
 MHADEF mha_status mha_linear_forward(int rows, int in, int out, const float *x, const float *W,
-                                     const float *b, float *y, void *workspace, size_t workspace_bytes)
+                                     const float *b, float *y, const mha_run *run, mha_error *err)
 {
     void *owned;
     float *ws;
     mha_status st;
-    if (!x || !W || !y) return MHA_ERR_NULL_POINTER;
-    if ((st = mha__linear_begin(rows, in, out, workspace, workspace_bytes, &owned, &ws)) != MHA_OK)
-        return st;
+    mha__begin(err);
+    if ((st = mha__need(err, "x", x)) != MHA_OK || (st = mha__need(err, "W", W)) != MHA_OK ||
+        (st = mha__need(err, "y", y)) != MHA_OK ||
+        (st = mha__linear_begin(rows, in, out, run, &owned, &ws, err)) != MHA_OK)
+        return mha__sign(err, "mha_linear_forward", st);
     mha__linear(rows, in, out, x, W, b, y, ws, 1);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
@@ -6367,14 +6496,16 @@ MHADEF mha_status mha_linear_forward(int rows, int in, int out, const float *x, 
 
 MHADEF mha_status mha_linear_backward(int rows, int in, int out, const float *x, const float *W,
                                       const float *dy, float *dx, float *dW, float *db,
-                                      void *workspace, size_t workspace_bytes)
+                                      const mha_run *run, mha_error *err)
 {
     void *owned;
     float *ws;
     mha_status st;
-    if (!x || !W || !dy) return MHA_ERR_NULL_POINTER;
-    if ((st = mha__linear_begin(rows, in, out, workspace, workspace_bytes, &owned, &ws)) != MHA_OK)
-        return st;
+    mha__begin(err);
+    if ((st = mha__need(err, "x", x)) != MHA_OK || (st = mha__need(err, "W", W)) != MHA_OK ||
+        (st = mha__need(err, "dy", dy)) != MHA_OK ||
+        (st = mha__linear_begin(rows, in, out, run, &owned, &ws, err)) != MHA_OK)
+        return mha__sign(err, "mha_linear_backward", st);
     mha__linear_backward(rows, in, out, x, W, dy, dx, dW, db, ws, 1);
     if (owned) MHA_FREE(owned);
     return MHA_OK;
@@ -6384,13 +6515,18 @@ MHADEF mha_status mha_linear_backward(int rows, int in, int out, const float *x,
 
 /* PE[pos, 2i] = sin(pos * w_i),  PE[pos, 2i+1] = cos(pos * w_i),  w_i = 10000^(-2i/d).
    Even and odd columns share the frequency of their pair; computed in double. */
-MHADEF mha_status mha_positional_encoding(int L, int d, float *pe)
+MHADEF mha_status mha_positional_encoding(int L, int d, float *pe, mha_error *err)
 {
+    static const char fn[] = "mha_positional_encoding";
     int pos, c;
     size_t n;
-    if (!pe) return MHA_ERR_NULL_POINTER;
-    if (L <= 0 || d <= 0) return MHA_ERR_INVALID_SIZE;
-    if (!mha__mul3((size_t)L, (size_t)d, sizeof(float), &n)) return MHA_ERR_OVERFLOW;
+    mha_status st;
+    mha__begin(err);
+    if ((st = mha__need(err, "pe", pe)) != MHA_OK || (st = mha__pos(err, "L", L)) != MHA_OK ||
+        (st = mha__pos(err, "d", d)) != MHA_OK)
+        return mha__sign(err, fn, st);
+    if (!mha__mul3((size_t)L, (size_t)d, sizeof(float), &n))
+        return mha__sign(err, fn, mha__fail(err, MHA_ERR_OVERFLOW, "L", "L*d floats do not fit in size_t"));
     for (pos = 0; pos < L; ++pos)
         for (c = 0; c < d; ++c) {
             double w = pow(10000.0, -(double)(c - c % 2) / d);
@@ -6399,27 +6535,35 @@ MHADEF mha_status mha_positional_encoding(int L, int d, float *pe)
     return MHA_OK;
 }
 
-static mha_status mha__embedding_check(int n, int vocab, int d, const int *tokens)
+static mha_status mha__embedding_check(int n, int vocab, int d, const int *tokens, mha_error *e)
 {
     size_t t;
     int i;
-    if (n <= 0 || vocab <= 0 || d <= 0) return MHA_ERR_INVALID_SIZE;
+    mha_status st;
+    if ((st = mha__pos(e, "n", n)) != MHA_OK || (st = mha__pos(e, "vocab", vocab)) != MHA_OK ||
+        (st = mha__pos(e, "d", d)) != MHA_OK)
+        return st;
     if (!mha__mul3((size_t)n, (size_t)d, sizeof(float), &t) ||
         !mha__mul3((size_t)vocab, (size_t)d, sizeof(float), &t))
-        return MHA_ERR_OVERFLOW;
+        return mha__fail(e, MHA_ERR_OVERFLOW, "d", "n*d or vocab*d floats do not fit in size_t");
     for (i = 0; i < n; ++i)
-        if (tokens[i] < 0 || tokens[i] >= vocab) return MHA_ERR_INVALID_ARGUMENT;
+        if (tokens[i] < 0 || tokens[i] >= vocab)
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "tokens", "[%d] is %d; expected 0..%d", i, tokens[i],
+                             vocab - 1);
     return MHA_OK;
 }
 
 /* out[i, :] = table[tokens[i], :] */
 MHADEF mha_status mha_embedding_forward(int n, int vocab, int d, const int *tokens,
-                                        const float *table, float *out)
+                                        const float *table, float *out, mha_error *err)
 {
     mha_status st;
     int i;
-    if (!tokens || !table || !out) return MHA_ERR_NULL_POINTER;
-    if ((st = mha__embedding_check(n, vocab, d, tokens)) != MHA_OK) return st;
+    mha__begin(err);
+    if ((st = mha__need(err, "tokens", tokens)) != MHA_OK || (st = mha__need(err, "table", table)) != MHA_OK ||
+        (st = mha__need(err, "out", out)) != MHA_OK ||
+        (st = mha__embedding_check(n, vocab, d, tokens, err)) != MHA_OK)
+        return mha__sign(err, "mha_embedding_forward", st);
     for (i = 0; i < n; ++i)
         memcpy(out + (size_t)i * d, table + (size_t)tokens[i] * d, (size_t)d * sizeof(float));
     return MHA_OK;
@@ -6427,12 +6571,15 @@ MHADEF mha_status mha_embedding_forward(int n, int vocab, int d, const int *toke
 
 /* dtable[tokens[i], :] += dout[i, :]  (a token seen twice collects both) */
 MHADEF mha_status mha_embedding_backward(int n, int vocab, int d, const int *tokens,
-                                         const float *dout, float *dtable)
+                                         const float *dout, float *dtable, mha_error *err)
 {
     mha_status st;
     int i;
-    if (!tokens || !dout || !dtable) return MHA_ERR_NULL_POINTER;
-    if ((st = mha__embedding_check(n, vocab, d, tokens)) != MHA_OK) return st;
+    mha__begin(err);
+    if ((st = mha__need(err, "tokens", tokens)) != MHA_OK || (st = mha__need(err, "dout", dout)) != MHA_OK ||
+        (st = mha__need(err, "dtable", dtable)) != MHA_OK ||
+        (st = mha__embedding_check(n, vocab, d, tokens, err)) != MHA_OK)
+        return mha__sign(err, "mha_embedding_backward", st);
     for (i = 0; i < n; ++i) mha__axpy(dtable + (size_t)tokens[i] * d, 1.0f, dout + (size_t)i * d, d);
     return MHA_OK;
 }
@@ -6440,16 +6587,24 @@ MHADEF mha_status mha_embedding_backward(int n, int vocab, int d, const int *tok
 /* Per row r with target t:  loss_r = logsumexp(z_r) - z_r[t],
    d loss_r / d z_r = softmax(z_r) - onehot(t);  the mean divides both by N. */
 MHADEF mha_status mha_cross_entropy(int n, int V, const float *logits, const int *targets,
-                                    float *loss, float *dlogits, int *correct)
+                                    float *loss, float *dlogits, int *correct, mha_error *err)
 {
+    static const char fn[] = "mha_cross_entropy";
     double total = 0;
     size_t t;
     int r, j, counted = 0, right = 0;
-    if (!logits || !targets || !loss) return MHA_ERR_NULL_POINTER;
-    if (n <= 0 || V <= 0) return MHA_ERR_INVALID_SIZE;
-    if (!mha__mul3((size_t)n, (size_t)V, sizeof(float), &t)) return MHA_ERR_OVERFLOW;
+    mha_status st;
+    mha__begin(err);
+    if ((st = mha__need(err, "logits", logits)) != MHA_OK || (st = mha__need(err, "targets", targets)) != MHA_OK ||
+        (st = mha__need(err, "loss", loss)) != MHA_OK || (st = mha__pos(err, "n", n)) != MHA_OK ||
+        (st = mha__pos(err, "V", V)) != MHA_OK)
+        return mha__sign(err, fn, st);
+    if (!mha__mul3((size_t)n, (size_t)V, sizeof(float), &t))
+        return mha__sign(err, fn, mha__fail(err, MHA_ERR_OVERFLOW, "V", "n*V floats do not fit in size_t"));
     for (r = 0; r < n; ++r) {
-        if (targets[r] >= V) return MHA_ERR_INVALID_ARGUMENT;
+        if (targets[r] >= V)
+            return mha__sign(err, fn, mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "targets", "[%d] is %d; "
+                                                "expected < V = %d (negative: ignored)", r, targets[r], V));
         if (targets[r] >= 0) ++counted;
     }
     for (r = 0; r < n; ++r) {
@@ -6480,13 +6635,23 @@ MHADEF mha_status mha_cross_entropy(int n, int V, const float *logits, const int
 /* x - x is 0 exactly for finite x (NaN for NaN and +-Inf) */
 static int mha__finite(float x) { return x - x == 0.0f; }
 
+/* A hyperparameter that must be finite and >= 0. */
+static mha_status mha__nonneg(mha_error *e, const char *name, float v)
+{
+    return mha__finite(v) && v >= 0.0f
+               ? MHA_OK : mha__fail(e, MHA_ERR_INVALID_ARGUMENT, name, "is %g; expected finite and >= 0", (double)v);
+}
+
 /* p -= lr * (g + weight_decay * p) */
-MHADEF mha_status mha_sgd_step(size_t n, float *p, const float *g, float lr, float weight_decay)
+MHADEF mha_status mha_sgd_step(size_t n, float *p, const float *g, float lr, float weight_decay,
+                               mha_error *err)
 {
     size_t i;
-    if (!p || !g) return MHA_ERR_NULL_POINTER;
-    if (!mha__finite(lr) || !mha__finite(weight_decay) || lr < 0.0f || weight_decay < 0.0f)
-        return MHA_ERR_INVALID_ARGUMENT;
+    mha_status st;
+    mha__begin(err);
+    if ((st = mha__need(err, "p", p)) != MHA_OK || (st = mha__need(err, "g", g)) != MHA_OK ||
+        (st = mha__nonneg(err, "lr", lr)) != MHA_OK || (st = mha__nonneg(err, "weight_decay", weight_decay)) != MHA_OK)
+        return mha__sign(err, "mha_sgd_step", st);
     for (i = 0; i < n; ++i) p[i] -= lr * (g[i] + weight_decay * p[i]);
     return MHA_OK;
 }
@@ -6502,18 +6667,33 @@ MHADEF mha_adamw mha_adamw_defaults(void)
     return d;
 }
 
+/* A beta: finite, in [0, 1). */
+static mha_status mha__beta(mha_error *e, const char *name, float v)
+{
+    return v >= 0.0f && v < 1.0f
+               ? MHA_OK : mha__fail(e, MHA_ERR_INVALID_ARGUMENT, name, "is %g; expected 0 <= beta < 1", (double)v);
+}
+
 MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, float *p,
-                                 const float *g, float *m, float *v)
+                                 const float *g, float *m, float *v, mha_error *err)
 {
     float lr, b1, b2, eps, wd, c1, c2;
     size_t i;
-    if (!opt || !p || !g || !m || !v) return MHA_ERR_NULL_POINTER;
+    mha_status st;
+    mha__begin(err);
+    if ((st = mha__need(err, "opt", opt)) != MHA_OK || (st = mha__need(err, "p", p)) != MHA_OK ||
+        (st = mha__need(err, "g", g)) != MHA_OK || (st = mha__need(err, "m", m)) != MHA_OK ||
+        (st = mha__need(err, "v", v)) != MHA_OK)
+        return mha__sign(err, "mha_adamw_step", st);
     lr = opt->lr; b1 = opt->beta1; b2 = opt->beta2; eps = opt->eps; wd = opt->weight_decay;
     /* as torch.optim.AdamW checks them (NaN fails every comparison) */
-    if (step < 1 || !mha__finite(lr) || !mha__finite(eps) || !mha__finite(wd) ||
-        !(lr >= 0.0f) || !(eps >= 0.0f) || !(wd >= 0.0f) ||
-        !(b1 >= 0.0f && b1 < 1.0f) || !(b2 >= 0.0f && b2 < 1.0f))
-        return MHA_ERR_INVALID_ARGUMENT;
+    if (step < 1)
+        st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "step", "is %ld; expected >= 1 (1-based)", step);
+    else if ((st = mha__nonneg(err, "opt->lr", lr)) == MHA_OK && (st = mha__nonneg(err, "opt->eps", eps)) == MHA_OK &&
+             (st = mha__nonneg(err, "opt->weight_decay", wd)) == MHA_OK &&
+             (st = mha__beta(err, "opt->beta1", b1)) == MHA_OK)
+        st = mha__beta(err, "opt->beta2", b2);
+    if (st != MHA_OK) return mha__sign(err, "mha_adamw_step", st);
     c1 = (float)(1.0 - pow((double)b1, (double)step));
     c2 = (float)(1.0 - pow((double)b2, (double)step));
     for (i = 0; i < n; ++i) {
@@ -6523,35 +6703,6 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
         p[i] -= lr * (m[i] / c1) / (sqrtf(v[i] / c2) + eps);
     }
     return MHA_OK;
-}
-
-/* xorshift64*, seeded through splitmix64 so that nearby seeds give unrelated streams */
-MHADEF void mha_rng_seed(mha_rng *r, unsigned long long seed)
-{
-    unsigned long long z = seed + 0x9E3779B97F4A7C15ULL;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z ^= z >> 31;
-    r->state = z ? z : 1;   /* xorshift must not start at 0 */
-}
-
-MHADEF unsigned mha_rng_u32(mha_rng *r)
-{
-    unsigned long long s = r->state;
-    s ^= s >> 12; s ^= s << 25; s ^= s >> 27;
-    r->state = s;
-    return (unsigned)(((s * 2685821657736338717ULL) >> 32) & 0xFFFFFFFFu);
-}
-
-MHADEF float mha_rng_uniform(mha_rng *r)
-{
-    return (float)(mha_rng_u32(r) >> 8) * (1.0f / 16777216.0f);
-}
-
-MHADEF void mha_rng_fill(mha_rng *r, float *x, size_t n, float a)
-{
-    size_t i;
-    for (i = 0; i < n; ++i) x[i] = a * (2.0f * mha_rng_uniform(r) - 1.0f);
 }
 
 #endif /* MHA_IMPLEMENTATION_DONE */
