@@ -120,6 +120,9 @@ static void run_module(const gold_case *c)
     float *out, *w, *out2;
     void *ws;
     mha_status st;
+    mha_run run;
+    mha_sizes sizes = {0, 0, 0};
+    mha_error err;
 
     memset(&m, 0, sizeof m);
     m.embed_dim = E;
@@ -161,8 +164,10 @@ static void run_module(const gold_case *c)
     }
 
     /* 1. with attention weights, library-allocated workspace */
-    st = mha_forward(&m, B, Lq, Lk, query, key, value, &opt, out, w, NULL, 0);
-    CHECK(st == MHA_OK, "%s: mha_forward: %s", c->name, mha_status_string(st));
+    memset(&run, 0, sizeof run);
+    run.weights = w;
+    st = mha_module_forward(&m, B, Lq, Lk, query, key, value, &opt, out, &run, &err);
+    CHECK(st == MHA_OK, "%s: mha_module_forward: %s", c->name, err.message);
     if (st == MHA_OK) {
         compare(c, "out", out, gout, n_out, &worst_out, worst_out_case);
         compare(c, "weights", w, gw, n_w, &worst_w, worst_w_case);
@@ -171,12 +176,15 @@ static void run_module(const gold_case *c)
     }
 
     /* 2. no weights, caller workspace of the reported size */
-    st = mha_forward_workspace_size(&m, B, Lq, Lk, &opt, 0, &ws_bytes);
-    CHECK(st == MHA_OK, "%s: mha_forward_workspace_size: %s", c->name, mha_status_string(st));
+    st = mha_module_plan_size(&m, B, Lq, Lk, &opt, 0, &sizes, &err);
+    CHECK(st == MHA_OK, "%s: mha_module_plan_size: %s", c->name, err.message);
+    ws_bytes = sizes.workspace;
     ws = malloc(ws_bytes ? ws_bytes : 1);
     if (st == MHA_OK && ws) {
-        st = mha_forward(&m, B, Lq, Lk, query, key, value, &opt, out2, NULL, ws, ws_bytes);
-        CHECK(st == MHA_OK, "%s: mha_forward (no weights): %s", c->name, mha_status_string(st));
+        memset(&run, 0, sizeof run);
+        run.workspace = ws; run.workspace_bytes = ws_bytes;
+        st = mha_module_forward(&m, B, Lq, Lk, query, key, value, &opt, out2, &run, &err);
+        CHECK(st == MHA_OK, "%s: mha_module_forward (no weights): %s", c->name, err.message);
         if (st == MHA_OK) {
             compare(c, "out (no weights)", out2, gout, n_out, &worst_out, worst_out_case);
             if (gw->count == n_w)
@@ -192,8 +200,10 @@ static void run_module(const gold_case *c)
         s.k_proj_weight = m.in_proj_weight + (size_t)E * E;
         s.v_proj_weight = m.in_proj_weight + (size_t)2 * E * E;
         s.in_proj_weight = NULL;
-        st = mha_forward(&s, B, Lq, Lk, query, key, value, &opt, out2, w, NULL, 0);
-        CHECK(st == MHA_OK, "%s: mha_forward (split weights): %s", c->name, mha_status_string(st));
+        memset(&run, 0, sizeof run);
+        run.weights = w;
+        st = mha_module_forward(&s, B, Lq, Lk, query, key, value, &opt, out2, &run, &err);
+        CHECK(st == MHA_OK, "%s: mha_module_forward (split weights): %s", c->name, err.message);
         if (st == MHA_OK) {
             compare(c, "out (split q/k/v)", out2, gout, n_out, &worst_out, worst_out_case);
             compare(c, "weights (split)", w, gw, n_w, &worst_w, worst_w_case);
@@ -213,6 +223,9 @@ static void run_sdpa(const gold_case *c)
     float *out, *out2, *w;
     void *ws;
     mha_status st;
+    mha_run run;
+    mha_sizes sizes = {0, 0, 0};
+    mha_error err;
 
     memset(&opt, 0, sizeof opt);
     fill_mask(c, "attn_mask", c->p[GOLD_ATTN_KIND], &opt.attn_mask);
@@ -229,8 +242,10 @@ static void run_sdpa(const gold_case *c)
         free(out); free(out2); free(w);
         return;
     }
-    st = mha_sdpa(B, H, Lq, Lk, D, Dv, q, k, v, &opt, out, w, NULL, 0);
-    CHECK(st == MHA_OK, "%s: mha_sdpa: %s", c->name, mha_status_string(st));
+    memset(&run, 0, sizeof run);
+    run.weights = w;
+    st = mha_sdpa_forward(B, H, Lq, Lk, D, Dv, q, k, v, &opt, out, &run, &err);
+    CHECK(st == MHA_OK, "%s: mha_sdpa_forward: %s", c->name, err.message);
     if (st == MHA_OK) {
         compare(c, "out", out, gout, n_out, &worst_out, worst_out_case);
         compare(c, "weights", w, gw, n_w, &worst_w, worst_w_case);
@@ -238,12 +253,15 @@ static void run_sdpa(const gold_case *c)
         if (gw->count == n_w)
             check_empty_rows(c, w, gw->f64, B * H, 1, Lq, Lk, NULL, NULL, 0);
     }
-    st = mha_sdpa_workspace_size(B, H, Lq, Lk, D, Dv, &opt, 0, &ws_bytes);
-    CHECK(st == MHA_OK, "%s: mha_sdpa_workspace_size: %s", c->name, mha_status_string(st));
+    st = mha_sdpa_plan_size(B, H, Lq, Lk, D, Dv, &opt, 0, &sizes, &err);
+    CHECK(st == MHA_OK, "%s: mha_sdpa_plan_size: %s", c->name, err.message);
+    ws_bytes = sizes.workspace;
     ws = malloc(ws_bytes ? ws_bytes : 1);
     if (st == MHA_OK && ws) {
-        st = mha_sdpa(B, H, Lq, Lk, D, Dv, q, k, v, &opt, out2, NULL, ws, ws_bytes);
-        CHECK(st == MHA_OK, "%s: mha_sdpa (no weights): %s", c->name, mha_status_string(st));
+        memset(&run, 0, sizeof run);
+        run.workspace = ws; run.workspace_bytes = ws_bytes;
+        st = mha_sdpa_forward(B, H, Lq, Lk, D, Dv, q, k, v, &opt, out2, &run, &err);
+        CHECK(st == MHA_OK, "%s: mha_sdpa_forward (no weights): %s", c->name, err.message);
         if (st == MHA_OK) compare(c, "out (no weights)", out2, gout, n_out, &worst_out, worst_out_case);
     }
     free(ws); free(out); free(out2); free(w);
