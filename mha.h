@@ -968,32 +968,6 @@ static int mha__region(size_t *cursor, size_t nfloats, size_t *offset)
    computes the same thing faster; tests compare the two.
    ===================================================================== */
 
-/* y += alpha * x over n floats */
-static MHA__UNUSED void mha__axpy_ref(float *y, float alpha, const float *x, int n)
-{
-    int i;
-    for (i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-
-/* C = alpha op(A) op(B) + beta C, straight from the definition. */
-static MHA__UNUSED void mha__gemm_ref(int ta, int tb, int M, int N, int K, float alpha,
-                          const float *A, size_t lda, const float *B, size_t ldb,
-                          float beta, float *C, size_t ldc)
-{
-    int i, j, p;
-    for (i = 0; i < M; ++i) {
-        for (j = 0; j < N; ++j) {
-            float acc = 0.0f;
-            for (p = 0; p < K; ++p) {
-                float a = ta ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
-                float b = tb ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j];
-                acc += a * b;
-            }
-            C[(size_t)i * ldc + j] = alpha * acc + (beta == 0.0f ? 0.0f : beta * C[(size_t)i * ldc + j]);
-        }
-    }
-}
-
 /* Softmax over one row of scores, in place, skipping blocked keys.
    A blocked key has score -inf (the masking step writes it; it never adds it).
        m = max_j s_j over allowed j;   p_j = exp(s_j - m) / sum_k exp(s_k - m)
@@ -1361,7 +1335,7 @@ static inline float mha__dot(const float *a, const float *b, int n)
     return s;
 }
 
-/* y += alpha * x over n floats (mha__axpy_ref) */
+/* y += alpha * x over n floats */
 static inline void mha__axpy(float *y, float alpha, const float *x, int n)
 {
     const mha__vf va = mha__vset1(alpha);
@@ -1417,12 +1391,6 @@ static float mha__softmax_row_lse(float *s, int n, float sink)
     return m + logf(sum);
 }
 
-/* Softmax of one row in place (mha__softmax_row_ref is the definition), no
-   sink.  Returns 1 if some key was allowed.  */
-static MHA__UNUSED int mha__softmax_row(float *s, int n)
-{
-    return mha__softmax_row_lse(s, n, -INFINITY) != -INFINITY;
-}
 
 /* =====================================================================
    GEMM
@@ -3278,86 +3246,6 @@ static mha_status mha__copy_aliased(const float *out, size_t nout, const float *
 
 /* ------------------------------------------------ attention backward */
 
-/* Backward of one (batch, head) with its whole Lq x Lk P and dP in memory:
-   the readable definition, which the fused backward below (the one the
-   calls use) is tested against (tests/test_fused_backward.c).
-   Forward:   R = scale Q K^T;  S = cap tanh(R / cap) (softcap) + bias + mask;
-              P = softmax_row(S, sink);   O = P V
-   Backward, given dO:
-     dV    = P^T dO                                   [Lk, Dv]
-     dP    = dO V^T                                   [Lq, Lk]
-     c_i   = sum_k P_ik dP_ik;   dS_ij = P_ij (dP_ij - c_i)   softmax Jacobian
-     dR    = dS (1 - (S_cap / cap)^2)                 softcap (dR = dS without)
-     dQ    = scale dR K                               [Lq, D]
-     dK    = scale dR^T Q                             [Lk, D]
-     dsink = -sum_i P_sink,i c_i,  P_sink,i = exp(sink - lse_i)  (no value: dP = 0)
-   With GQA, K, V, dK and dV are those of head h's KV head.  dout is strided
-   like the output (a->o_*), dq/dk/dv like q/k/v; the gradients are added to.
-   When a->o is set, O is written there (the module needs it for the output
-   projection's weight gradient).
-   p, dp: Lq * Lk_eff floats each; capped: Lq * Lk_eff floats (softcap only);
-   psink: Lq floats; gws: GEMM workspace.  */
-static MHA__UNUSED void mha__attend_head_backward(const mha__attn *a, int b, int h, const float *dout,
-                                      float *dq, float *dk, float *dv,
-                                      float *p, float *dp, float *capped, float *psink, float *gws)
-{
-    size_t qo = (size_t)b * a->q.bs + (size_t)h * a->q.hs;
-    size_t ko = (size_t)b * a->k.bs + (size_t)mha__kvh(a, h) * a->k.hs;
-    size_t vo = (size_t)b * a->v.bs + (size_t)mha__kvh(a, h) * a->v.hs;
-    size_t oo = (size_t)b * a->o_bs + (size_t)h * a->o_hs;
-    const float *qh = a->q.p + qo, *kh = a->k.p + ko, *vh = a->v.p + vo, *doh = dout + oo;
-    int Lq = a->Lq, Lk = a->Lk_eff, D = a->D, Dv = a->Dv, i, j;
-    float sink = a->sinks ? a->sinks[h] : -INFINITY;
-    size_t n = (size_t)Lq * Lk, t;
-
-    /* 1. recompute P: S = scale Q K^T, soft-cap (kept), mask, softmax row by row */
-    mha__gemm(0, 1, Lq, Lk, D, a->scale, qh, a->q.rs, kh, a->k.rs, 0.0f, p, (size_t)Lk, gws);
-    if (a->softcap > 0.0f) {
-        mha__softcap(a->softcap, p, n);
-        memcpy(capped, p, n * sizeof(float));
-    }
-    for (i = 0; i < Lq; ++i) {
-        float *row = p + (size_t)i * Lk, lse;
-        mha__mask_cols(a, b, h, i, 0, Lk, row);
-        lse = mha__softmax_row_lse(row, Lk, sink);
-        psink[i] = sink == -INFINITY ? 0.0f : expf(sink - lse);
-    }
-
-    /* 2. O = P V, when the caller wants it */
-    if (a->o)
-        mha__gemm(0, 0, Lq, Dv, Lk, 1.0f, p, (size_t)Lk, vh, a->v.rs, 0.0f,
-                  a->o + oo, a->o_rs, gws);
-
-    /* 3. dV += P^T dO */
-    if (dv)
-        mha__gemm(1, 0, Lk, Dv, Lq, 1.0f, p, (size_t)Lk, doh, a->o_rs, 1.0f,
-                  dv + vo, a->v.rs, gws);
-    if (!dq && !dk && !a->sinks_grad) return;
-
-    /* 4. dP = dO V^T, then through the softmax: dS = P * (dP - rowsum(P * dP)).
-       A blocked key has P = 0, so it gets dS = 0 and passes no gradient on. */
-    mha__gemm(0, 1, Lq, Lk, Dv, 1.0f, doh, a->o_rs, vh, a->v.rs, 0.0f, dp, (size_t)Lk, gws);
-    for (i = 0; i < Lq; ++i) {
-        const float *pi = p + (size_t)i * Lk;
-        float *di = dp + (size_t)i * Lk;
-        double c = 0.0;
-        for (j = 0; j < Lk; ++j) if (pi[j] != 0.0f) c += (double)pi[j] * di[j];
-        for (j = 0; j < Lk; ++j) di[j] = pi[j] == 0.0f ? 0.0f : pi[j] * (di[j] - (float)c);
-        if (a->sinks_grad) a->sinks_grad[h] -= psink[i] * (float)c;
-    }
-    if (a->softcap > 0.0f) {            /* d cap tanh(r / cap) / dr = 1 - tanh^2 */
-        float inv = 1.0f / a->softcap;
-        for (t = 0; t < n; ++t) dp[t] *= 1.0f - (capped[t] * inv) * (capped[t] * inv);
-    }
-
-    /* 5. dQ += scale dS K,   dK += scale dS^T Q */
-    if (dq)
-        mha__gemm(0, 0, Lq, D, Lk, a->scale, dp, (size_t)Lk, kh, a->k.rs, 1.0f,
-                  dq + qo, a->q.rs, gws);
-    if (dk)
-        mha__gemm(1, 0, Lk, D, Lq, a->scale, dp, (size_t)Lk, qh, a->q.rs, 1.0f,
-                  dk + ko, a->k.rs, gws);
-}
 
 /* GEMM workspace floats the head backward needs (the largest of its five products). */
 static size_t mha__head_backward_gws(int Lq, int Lk, int D, int Dv)
