@@ -1,8 +1,10 @@
 /* gpt_ckpt.h - the tiny GPT's shape, its parameter layout, and its checkpoint file.
 
    Used by examples/tiny_gpt.c (and tests/test_ckpt.c, tests/test_gpt_train.c).
-   It does not need mha.h: it only knows sizes, offsets and bytes.  Every
-   function is static, so include it in each file that wants it.
+   It knows sizes, offsets and bytes; from mha.h it takes only the error
+   convention (mha_status, mha_error: the declarations, not the
+   implementation).  Every function is static, so include it in each file
+   that wants it.
 
    THE PARAMETERS  one flat float array, names as a PyTorch state_dict
      wte   [V, d]     token embedding; also the LM head (tied weights)
@@ -26,17 +28,21 @@
        64          payload: n_params floats, then (flag 0) n_params m, n_params v
    The file is exactly 64 + 4 * n_params * (1 or 3) bytes.  A file that is
    shorter, longer, has another magic or version, a shape out of range or
-   inconsistent, or a checksum that does not match is refused with its own
-   status; the caller's structure is only written on success.
+   inconsistent, or a checksum that does not match is refused with
+   MHA_ERR_FORMAT and a message that names the field and the path (below,
+   "errors"); the caller's structure is only written on success.
    Saving writes "<path>.tmp" and renames it, so an interrupted save leaves the
    previous checkpoint intact.
 */
 #ifndef GPT_CKPT_H
 #define GPT_CKPT_H
 
+#include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "mha.h"
 
 #if defined(__GNUC__) || defined(__clang__)
 #define GPT__FN static __attribute__((unused))
@@ -60,15 +66,22 @@ typedef struct gpt_layout {
     size_t lnf_w, lnf_b, total;
 } gpt_layout;
 
-/* 1 when every size is in 1..GPT_MAX_DIM and d_model divides into heads. */
-GPT__FN int gpt_config_valid(const gpt_config *c)
+/* The first field of a config that is out of range (every size in
+   1..GPT_MAX_DIM, n_layer <= 256, n_head dividing d_model), or NULL. */
+GPT__FN const char *gpt__config_fault(const gpt_config *c)
 {
+    static const char *const names[6] = {"n_layer", "n_head", "d_model", "d_ff", "ctx", "vocab"};
     const int f[6] = {c->n_layer, c->n_head, c->d_model, c->d_ff, c->ctx, c->vocab};
     int i;
     for (i = 0; i < 6; ++i)
-        if (f[i] < 1 || f[i] > GPT_MAX_DIM) return 0;
-    return c->d_model % c->n_head == 0 && c->n_layer <= 256;
+        if (f[i] < 1 || f[i] > GPT_MAX_DIM) return names[i];
+    if (c->n_layer > 256) return names[0];
+    if (c->d_model % c->n_head != 0) return names[1];
+    return NULL;
 }
+
+/* 1 when every size is in range and d_model divides into heads. */
+GPT__FN int gpt_config_valid(const gpt_config *c) { return gpt__config_fault(c) == NULL; }
 
 /* The layout of a valid config (sizes stay far below 2^62 under the bounds above). */
 GPT__FN gpt_layout gpt_layout_make(const gpt_config *c)
@@ -97,37 +110,50 @@ GPT__FN gpt_layout gpt_layout_make(const gpt_config *c)
 
 GPT__FN size_t gpt_param_count(const gpt_config *c) { return gpt_layout_make(c).total; }
 
-/* ---------------------------------------------------------- status */
+/* ---------------------------------------------------------- errors
 
-#define GPT_CKPT_STATUS_LIST(X)                                                        \
-    X(GPT_CKPT_OK,          "success")                                                 \
-    X(GPT_CKPT_ERR_ARGUMENT, "a NULL pointer or an invalid shape was passed in")       \
-    X(GPT_CKPT_ERR_OPEN,    "the file cannot be opened")                               \
-    X(GPT_CKPT_ERR_WRITE,   "writing the file failed (disk full or not writable)")     \
-    X(GPT_CKPT_ERR_TRUNCATED, "the file is shorter than its header says (truncated)")  \
-    X(GPT_CKPT_ERR_TRAILING, "the file is longer than its header says")                \
-    X(GPT_CKPT_ERR_MAGIC,   "not a tiny_gpt checkpoint (wrong magic bytes)")           \
-    X(GPT_CKPT_ERR_VERSION, "a checkpoint format version this program does not read")  \
-    X(GPT_CKPT_ERR_SIZES,   "the header's sizes are out of range or do not match its parameter count") \
-    X(GPT_CKPT_ERR_SHAPE,   "the checkpoint is for another model shape than the one asked for") \
-    X(GPT_CKPT_ERR_CHECKSUM, "checksum mismatch: the file is corrupted")               \
-    X(GPT_CKPT_ERR_MEMORY,  "out of memory")
+   mha.h's convention (issue 18): every call returns an mha_status and fills
+   the caller's mha_error (the last argument, may be NULL) on a refusal:
+     MHA_ERR_NULL_POINTER / MHA_ERR_INVALID_ARGUMENT   a bad argument
+     MHA_ERR_IO          the file cannot be opened, written or renamed:
+                         the path and the operating system's reason
+     MHA_ERR_FORMAT      the bytes are not a checkpoint this code reads; the
+                         field names what is wrong: "length" (truncated or
+                         trailing bytes), "magic", "version", "n_layer" ..
+                         "vocab", "flags", "n_params", "checksum"
+     MHA_ERR_SHAPE       a valid checkpoint of another shape than `want`
+     MHA_ERR_OUT_OF_MEMORY
+   The message reads "function: field: detail" with the path in the detail. */
 
-typedef enum gpt_ckpt_status {
-#define GPT__ENUM(name, msg) name,
-    GPT_CKPT_STATUS_LIST(GPT__ENUM)
-#undef GPT__ENUM
-    GPT_CKPT_STATUS_COUNT
-} gpt_ckpt_status;
-
-GPT__FN const char *gpt_ckpt_status_string(gpt_ckpt_status s)
+/* Reset *e at a call's entry, as mha.h's calls do. */
+GPT__FN void gpt__begin(mha_error *e)
 {
-    static const char *const msg[] = {
-#define GPT__MSG(name, text) text,
-        GPT_CKPT_STATUS_LIST(GPT__MSG)
-#undef GPT__MSG
-    };
-    return (unsigned)s < GPT_CKPT_STATUS_COUNT ? msg[s] : "unknown checkpoint status";
+    if (!e) return;
+    e->status = MHA_OK;
+    e->function = NULL;
+    e->field = NULL;
+    e->message[0] = '\0';
+}
+
+/* Fill *e with "function: field: detail" and return s. */
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((format(printf, 5, 6)))
+#endif
+GPT__FN mha_status gpt__fail(mha_error *e, const char *function, mha_status s, const char *field,
+                             const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+    if (!e) return s;
+    e->status = s;
+    e->function = function;
+    e->field = field;
+    n = snprintf(e->message, sizeof e->message, "%s: %s: ", function, field);
+    if (n < 0 || (size_t)n >= sizeof e->message) return s;
+    va_start(ap, fmt);
+    vsnprintf(e->message + n, sizeof e->message - (size_t)n, fmt, ap);
+    va_end(ap);
+    return s;
 }
 
 /* What a checkpoint holds.  adam_m / adam_v are NULL when it has no moments. */
@@ -193,18 +219,29 @@ GPT__FN void gpt__le_to_floats(const unsigned char *in, size_t n, float *x)
 /* ---------------------------------------------------------- save / load */
 
 /* Save params (and the AdamW moments when m and v are both non-NULL). */
-GPT__FN gpt_ckpt_status gpt_ckpt_save(const char *path, const gpt_config *c, unsigned long long step,
-                                      const float *params, const float *m, const float *v)
+GPT__FN mha_status gpt_ckpt_save(const char *path, const gpt_config *c, unsigned long long step,
+                                 const float *params, const float *m, const float *v, mha_error *err)
 {
+    static const char fn[] = "gpt_ckpt_save";
     unsigned char hdr[GPT_CKPT_HEADER], buf[4 * GPT__CHUNK];
     const float *parts[3];
+    const char *fault;
     char tmp[1024];
     size_t n, k, i;
-    int nparts = (m && v) ? 3 : 1, ok = 1, p;
+    int nparts = (m && v) ? 3 : 1, ok = 1, p, why = 0;
     unsigned long long h;
     FILE *f;
-    if (!path || !c || !params || !gpt_config_valid(c)) return GPT_CKPT_ERR_ARGUMENT;
-    if (strlen(path) + 5 > sizeof tmp) return GPT_CKPT_ERR_ARGUMENT;
+    gpt__begin(err);
+    if (!path) return gpt__fail(err, fn, MHA_ERR_NULL_POINTER, "path", "is NULL");
+    if (!c) return gpt__fail(err, fn, MHA_ERR_NULL_POINTER, "c", "is NULL");
+    if (!params) return gpt__fail(err, fn, MHA_ERR_NULL_POINTER, "params", "is NULL");
+    if ((fault = gpt__config_fault(c)) != NULL)
+        return gpt__fail(err, fn, MHA_ERR_INVALID_ARGUMENT, "c",
+                         "%s is out of range (n_layer %d, n_head %d, d_model %d, d_ff %d, ctx %d, vocab %d)",
+                         fault, c->n_layer, c->n_head, c->d_model, c->d_ff, c->ctx, c->vocab);
+    if (strlen(path) + 5 > sizeof tmp)
+        return gpt__fail(err, fn, MHA_ERR_INVALID_ARGUMENT, "path", "is %lu bytes long, at most %lu fit",
+                         (unsigned long)strlen(path), (unsigned long)(sizeof tmp - 5));
     n = gpt_param_count(c);
     parts[0] = params; parts[1] = m; parts[2] = v;
 
@@ -229,8 +266,11 @@ GPT__FN gpt_ckpt_status gpt_ckpt_save(const char *path, const gpt_config *c, uns
 
     memcpy(tmp, path, strlen(path));
     memcpy(tmp + strlen(path), ".tmp", 5);
+    errno = 0;
     f = fopen(tmp, "wb");
-    if (!f) return GPT_CKPT_ERR_OPEN;
+    if (!f)
+        return gpt__fail(err, fn, MHA_ERR_IO, "path", "cannot create '%s': %s", tmp,
+                         errno ? strerror(errno) : "fopen failed");
     ok = fwrite(hdr, 1, sizeof hdr, f) == sizeof hdr;
     for (p = 0; ok && p < nparts; ++p)
         for (i = 0; ok && i < n; i += k) {
@@ -238,50 +278,78 @@ GPT__FN gpt_ckpt_status gpt_ckpt_save(const char *path, const gpt_config *c, uns
             gpt__floats_to_le(parts[p] + i, k, buf);
             ok = fwrite(buf, 1, 4 * k, f) == 4 * k;
         }
-    if (fclose(f) != 0) ok = 0;
-    if (!ok || rename(tmp, path) != 0) {
+    if (!ok) why = errno;
+    if (fclose(f) != 0 && ok) { ok = 0; why = errno; }
+    if (ok && rename(tmp, path) != 0) {
+        why = errno;
         remove(tmp);
-        return GPT_CKPT_ERR_WRITE;
+        return gpt__fail(err, fn, MHA_ERR_IO, "path", "cannot rename '%s' to '%s': %s", tmp, path,
+                         why ? strerror(why) : "rename failed");
     }
-    return GPT_CKPT_OK;
+    if (!ok) {
+        remove(tmp);
+        return gpt__fail(err, fn, MHA_ERR_IO, "path", "writing '%s' failed: %s", tmp,
+                         why ? strerror(why) : "short write");
+    }
+    return MHA_OK;
 }
 
-/* Read a checkpoint from an open stream positioned at its first byte
-   (a file, or fmemopen'ed memory).  The stream's length is checked against
-   the header before anything is allocated, so a short file that claims a huge
-   model is "truncated", never "out of memory".  want and *out as below. */
-GPT__FN gpt_ckpt_status gpt_ckpt_read(FILE *f, const gpt_config *want, gpt_ckpt *out)
+/* The reader behind gpt_ckpt_read and gpt_ckpt_load: name is what the
+   messages call the stream (the path, or "stream"), fn the public call. */
+GPT__FN mha_status gpt__read(FILE *f, const char *name, const char *fn, const gpt_config *want,
+                             gpt_ckpt *out, mha_error *err)
 {
+    static const char *const names[6] = {"n_layer", "n_head", "d_model", "d_ff", "ctx", "vocab"};
     unsigned char hdr[GPT_CKPT_HEADER], buf[4 * GPT__CHUNK];
     gpt_ckpt ck;
-    gpt_ckpt_status st = GPT_CKPT_OK;
-    unsigned long long h, flags, n64;
+    mha_status st = MHA_OK;
+    unsigned long long h, flags, n64, fld[6];
+    const char *fault;
     float *parts[3];
-    size_t n, k, i;
+    size_t n, k, i, got;
     long start, end;
     int p, nparts;
-    if (!f || !out) return GPT_CKPT_ERR_ARGUMENT;
     memset(&ck, 0, sizeof ck);
     start = ftell(f);
-    if (fread(hdr, 1, sizeof hdr, f) != sizeof hdr) return GPT_CKPT_ERR_TRUNCATED;
-    if (memcmp(hdr, "MHAGPTck", 8) != 0) return GPT_CKPT_ERR_MAGIC;
-    if (gpt__get(hdr + 8, 4) != GPT_CKPT_VERSION) return GPT_CKPT_ERR_VERSION;
-    {
-        /* read as unsigned and bound before the int conversion */
-        unsigned long long fld[6];
-        for (i = 0; i < 6; ++i) {
-            fld[i] = gpt__get(hdr + 12 + 4 * i, 4);
-            if (fld[i] > GPT_MAX_DIM) return GPT_CKPT_ERR_SIZES;
-        }
-        ck.cfg.n_layer = (int)fld[0]; ck.cfg.n_head = (int)fld[1]; ck.cfg.d_model = (int)fld[2];
-        ck.cfg.d_ff = (int)fld[3];    ck.cfg.ctx = (int)fld[4];    ck.cfg.vocab = (int)fld[5];
+    if ((got = fread(hdr, 1, sizeof hdr, f)) != sizeof hdr)
+        return gpt__fail(err, fn, MHA_ERR_FORMAT, "length", "%s: truncated: %lu bytes, shorter than the "
+                         "%d-byte header", name, (unsigned long)got, GPT_CKPT_HEADER);
+    if (memcmp(hdr, "MHAGPTck", 8) != 0)
+        return gpt__fail(err, fn, MHA_ERR_FORMAT, "magic", "%s: not a tiny_gpt checkpoint (its first 8 "
+                         "bytes are not \"MHAGPTck\")", name);
+    if (gpt__get(hdr + 8, 4) != GPT_CKPT_VERSION)
+        return gpt__fail(err, fn, MHA_ERR_FORMAT, "version", "%s: format version %llu; this code reads "
+                         "version %u", name, gpt__get(hdr + 8, 4), GPT_CKPT_VERSION);
+    /* read as unsigned and bound before the int conversion */
+    for (i = 0; i < 6; ++i) {
+        fld[i] = gpt__get(hdr + 12 + 4 * i, 4);
+        if (fld[i] < 1 || fld[i] > GPT_MAX_DIM)
+            return gpt__fail(err, fn, MHA_ERR_FORMAT, names[i], "%s: %s is %llu, expected 1..%d", name,
+                             names[i], fld[i], GPT_MAX_DIM);
+    }
+    ck.cfg.n_layer = (int)fld[0]; ck.cfg.n_head = (int)fld[1]; ck.cfg.d_model = (int)fld[2];
+    ck.cfg.d_ff = (int)fld[3];    ck.cfg.ctx = (int)fld[4];    ck.cfg.vocab = (int)fld[5];
+    if ((fault = gpt__config_fault(&ck.cfg)) != NULL) {   /* in range, but inconsistent */
+        if (strcmp(fault, "n_layer") == 0)
+            return gpt__fail(err, fn, MHA_ERR_FORMAT, fault, "%s: n_layer is %d, at most 256", name,
+                             ck.cfg.n_layer);
+        return gpt__fail(err, fn, MHA_ERR_FORMAT, fault, "%s: n_head %d does not divide d_model %d", name,
+                         ck.cfg.n_head, ck.cfg.d_model);
     }
     flags = gpt__get(hdr + 36, 4);
     ck.step = gpt__get(hdr + 40, 8);
     n64 = gpt__get(hdr + 48, 8);
-    if (!gpt_config_valid(&ck.cfg) || flags > 1 || n64 != (unsigned long long)gpt_param_count(&ck.cfg))
-        return GPT_CKPT_ERR_SIZES;
-    if (want && memcmp(want, &ck.cfg, sizeof ck.cfg) != 0) return GPT_CKPT_ERR_SHAPE;
+    if (flags > 1)
+        return gpt__fail(err, fn, MHA_ERR_FORMAT, "flags", "%s: flags are %llu, only bit 0 (the AdamW "
+                         "moments) is defined", name, flags);
+    if (n64 != (unsigned long long)gpt_param_count(&ck.cfg))
+        return gpt__fail(err, fn, MHA_ERR_FORMAT, "n_params", "%s: n_params is %llu, the shape in the "
+                         "header has %llu", name, n64, (unsigned long long)gpt_param_count(&ck.cfg));
+    if (want && memcmp(want, &ck.cfg, sizeof ck.cfg) != 0)
+        return gpt__fail(err, fn, MHA_ERR_SHAPE, "want", "%s holds layers %d, heads %d, d_model %d, d_ff "
+                         "%d, ctx %d, vocab %d; asked for %d, %d, %d, %d, %d, %d", name, ck.cfg.n_layer,
+                         ck.cfg.n_head, ck.cfg.d_model, ck.cfg.d_ff, ck.cfg.ctx, ck.cfg.vocab,
+                         want->n_layer, want->n_head, want->d_model, want->d_ff, want->ctx, want->vocab);
     n = ck.n_params = (size_t)n64;
     nparts = flags ? 3 : 1;
 
@@ -290,9 +358,13 @@ GPT__FN gpt_ckpt_status gpt_ckpt_read(FILE *f, const gpt_config *want, gpt_ckpt 
     if (start >= 0 && fseek(f, 0, SEEK_END) == 0 && (end = ftell(f)) >= 0) {
         unsigned long long have = (unsigned long long)(end - start) - GPT_CKPT_HEADER;
         unsigned long long need = 4ull * n64 * (unsigned long long)nparts;
-        if (have < need) return GPT_CKPT_ERR_TRUNCATED;
-        if (have > need) return GPT_CKPT_ERR_TRAILING;
-        if (fseek(f, start + GPT_CKPT_HEADER, SEEK_SET) != 0) return GPT_CKPT_ERR_TRUNCATED;
+        if (have != need)
+            return gpt__fail(err, fn, MHA_ERR_FORMAT, "length", "%s: %s: the header says %llu payload "
+                             "bytes, the file has %llu", name, have < need ? "truncated" : "trailing bytes",
+                             need, have);
+        if (fseek(f, start + GPT_CKPT_HEADER, SEEK_SET) != 0)
+            return gpt__fail(err, fn, MHA_ERR_IO, "f", "%s: cannot seek back to the payload: %s", name,
+                             strerror(errno));
     }
 
     ck.params = (float *)malloc(n * sizeof(float));
@@ -300,37 +372,65 @@ GPT__FN gpt_ckpt_status gpt_ckpt_read(FILE *f, const gpt_config *want, gpt_ckpt 
         ck.adam_m = (float *)malloc(n * sizeof(float));
         ck.adam_v = (float *)malloc(n * sizeof(float));
     }
-    if (!ck.params || (nparts == 3 && (!ck.adam_m || !ck.adam_v))) st = GPT_CKPT_ERR_MEMORY;
+    if (!ck.params || (nparts == 3 && (!ck.adam_m || !ck.adam_v)))
+        st = gpt__fail(err, fn, MHA_ERR_OUT_OF_MEMORY, "n_params", "%s: %d arrays of %lu floats do not fit "
+                       "in memory", name, nparts, (unsigned long)n);
     parts[0] = ck.params; parts[1] = ck.adam_m; parts[2] = ck.adam_v;
     h = gpt_fnv1a(GPT_FNV_INIT, hdr, 56);
-    for (p = 0; st == GPT_CKPT_OK && p < nparts; ++p)
-        for (i = 0; st == GPT_CKPT_OK && i < n; i += k) {
+    for (p = 0; st == MHA_OK && p < nparts; ++p)
+        for (i = 0; st == MHA_OK && i < n; i += k) {
             k = n - i < GPT__CHUNK ? n - i : GPT__CHUNK;
-            if (fread(buf, 1, 4 * k, f) != 4 * k) { st = GPT_CKPT_ERR_TRUNCATED; break; }
+            if (fread(buf, 1, 4 * k, f) != 4 * k) {
+                st = gpt__fail(err, fn, MHA_ERR_FORMAT, "length", "%s: truncated: the payload ends inside "
+                               "float %lu of part %d", name, (unsigned long)i, p);
+                break;
+            }
             h = gpt_fnv1a(h, buf, 4 * k);
             gpt__le_to_floats(buf, k, parts[p] + i);
         }
-    if (st == GPT_CKPT_OK && fgetc(f) != EOF) st = GPT_CKPT_ERR_TRAILING;
-    if (st == GPT_CKPT_OK && h != gpt__get(hdr + 56, 8)) st = GPT_CKPT_ERR_CHECKSUM;
-    if (st != GPT_CKPT_OK) {
+    if (st == MHA_OK && fgetc(f) != EOF)
+        st = gpt__fail(err, fn, MHA_ERR_FORMAT, "length", "%s: trailing bytes after the %d-part payload",
+                       name, nparts);
+    if (st == MHA_OK && h != gpt__get(hdr + 56, 8))
+        st = gpt__fail(err, fn, MHA_ERR_FORMAT, "checksum", "%s: checksum mismatch (the file holds %016llx, "
+                       "its bytes give %016llx): the file is corrupted", name, gpt__get(hdr + 56, 8), h);
+    if (st != MHA_OK) {
         gpt_ckpt_free(&ck);
         return st;
     }
     *out = ck;
-    return GPT_CKPT_OK;
+    return MHA_OK;
+}
+
+/* Read a checkpoint from an open stream positioned at its first byte
+   (a file, or fmemopen'ed memory).  The stream's length is checked against
+   the header before anything is allocated, so a short file that claims a huge
+   model is "truncated", never "out of memory".  want and *out as below. */
+GPT__FN mha_status gpt_ckpt_read(FILE *f, const gpt_config *want, gpt_ckpt *out, mha_error *err)
+{
+    gpt__begin(err);
+    if (!f) return gpt__fail(err, "gpt_ckpt_read", MHA_ERR_NULL_POINTER, "f", "is NULL");
+    if (!out) return gpt__fail(err, "gpt_ckpt_read", MHA_ERR_NULL_POINTER, "out", "is NULL");
+    return gpt__read(f, "stream", "gpt_ckpt_read", want, out, err);
 }
 
 /* Load a checkpoint into *out (allocated; gpt_ckpt_free releases it).
-   want: NULL, or the shape the caller needs (GPT_CKPT_ERR_SHAPE otherwise).
-   *out is untouched unless the status is GPT_CKPT_OK. */
-GPT__FN gpt_ckpt_status gpt_ckpt_load(const char *path, const gpt_config *want, gpt_ckpt *out)
+   want: NULL, or the shape the caller needs (MHA_ERR_SHAPE otherwise).
+   *out is untouched unless the status is MHA_OK. */
+GPT__FN mha_status gpt_ckpt_load(const char *path, const gpt_config *want, gpt_ckpt *out,
+                                 mha_error *err)
 {
-    gpt_ckpt_status st;
+    mha_status st;
     FILE *f;
-    if (!path || !out) return GPT_CKPT_ERR_ARGUMENT;
+    gpt__begin(err);
+    if (!path) return gpt__fail(err, "gpt_ckpt_load", MHA_ERR_NULL_POINTER, "path", "is NULL");
+    if (!out) return gpt__fail(err, "gpt_ckpt_load", MHA_ERR_NULL_POINTER, "out", "is NULL");
+    errno = 0;
     f = fopen(path, "rb");
-    if (!f) return GPT_CKPT_ERR_OPEN;
-    st = gpt_ckpt_read(f, want, out);
+    if (!f)
+        return gpt__fail(err, "gpt_ckpt_load", MHA_ERR_IO, "path", "cannot open '%s': %s", path,
+                         errno ? strerror(errno) : "fopen failed");
+    st = gpt__read(f, path, "gpt_ckpt_load", want, out, err);
     fclose(f);
     return st;
 }
