@@ -20,7 +20,8 @@
    THE MODEL  examples/tiny_gpt.h (4 pre-norm causal blocks, 4 heads, d = 128,
    context 128, tied LM head); the checkpoint format is in examples/gpt_ckpt.h.
    Text is generated through mha.h's KV cache (one mha_kv_cache per layer,
-   mha_forward_cached), with temperature and top-k sampling.
+   and per layer a module plan with packed weights run with mha_run.cache),
+   with temperature and top-k sampling.
 */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200809L /* mkdir, opendir, clock_gettime */
@@ -47,10 +48,15 @@
 /* the shape trained by `make train-gpt` (and stored in the committed checkpoint) */
 static const gpt_config GPT_DEFAULT = {4, 4, 128, 512, 128, 256};
 
+/* The mha_error that every mha.h, tiny_gpt.h and gpt_ckpt.h call below fills
+   (the program calls them from one thread); check() prints its message:
+   which call refused, which argument, and why. */
+static mha_error err;
+
 static void check(mha_status s, const char *what)
 {
     if (s != MHA_OK) {
-        fprintf(stderr, "tiny_gpt: %s: %s\n", what, mha_status_string(s));
+        fprintf(stderr, "tiny_gpt: %s: %s\n", what, err.status == s ? err.message : mha_status_string(s));
         exit(2);
     }
 }
@@ -347,14 +353,13 @@ static void make_dirs(const char *path)
 static void save_checkpoints(const args *a, const gpt_model *M, long step)
 {
     char path[1024];
-    gpt_ckpt_status cs;
     snprintf(path, sizeof path, "%s/tiny_gpt.ckpt", a->out);
-    cs = gpt_ckpt_save(path, &M->c, (unsigned long long)step, M->p, M->m, M->v);
-    if (cs != GPT_CKPT_OK) fprintf(stderr, "tiny_gpt: %s: %s\n", path, gpt_ckpt_status_string(cs));
+    if (gpt_ckpt_save(path, &M->c, (unsigned long long)step, M->p, M->m, M->v, &err) != MHA_OK)
+        fprintf(stderr, "tiny_gpt: %s\n", err.message);
     else printf("wrote %s (with AdamW moments, for --resume)\n", path);
     snprintf(path, sizeof path, "%s/tiny_gpt_weights.ckpt", a->out);
-    cs = gpt_ckpt_save(path, &M->c, (unsigned long long)step, M->p, NULL, NULL);
-    if (cs != GPT_CKPT_OK) fprintf(stderr, "tiny_gpt: %s: %s\n", path, gpt_ckpt_status_string(cs));
+    if (gpt_ckpt_save(path, &M->c, (unsigned long long)step, M->p, NULL, NULL, &err) != MHA_OK)
+        fprintf(stderr, "tiny_gpt: %s\n", err.message);
     else printf("wrote %s (parameters only)\n", path);
 }
 
@@ -363,7 +368,7 @@ static int cmd_train(const args *a)
     bytes train = {NULL, 0, 0}, val = {NULL, 0, 0};
     gpt_config c = a->shape;
     gpt_model M;
-    mha_rng rng;
+    tiny_rng rng;
     mha_adamw opt;
     curve cv;
     int B = a->batch, T = a->window > 0 && a->window < c.ctx ? a->window : c.ctx, *tok, *tgt;
@@ -374,20 +379,19 @@ static int cmd_train(const args *a)
     char path[1024];
 
     if (load_fortunes(a->data, &train, &val) != 0) return 1;
-    check(gpt_alloc(&M, &c, B, 1), "allocating the model");
+    check(gpt_alloc(&M, &c, B, 1, &err), "allocating the model");
     tok = (int *)malloc((size_t)B * c.ctx * sizeof(int));   /* validation windows are ctx long */
     tgt = (int *)malloc((size_t)B * c.ctx * sizeof(int));
     if (!tok || !tgt) check(MHA_ERR_OUT_OF_MEMORY, "batch");
     memset(&cv, 0, sizeof cv);
-    mha_rng_seed(&rng, a->seed);
+    tiny_rng_seed(&rng, a->seed);
     gpt_init(&M, &rng);
-    if (a->sin_pos) check(gpt_init_positions(&M), "position table");
+    if (a->sin_pos) check(gpt_init_positions(&M, &err), "position table");
     if (a->qk_std > 0.0f) gpt_init_qk(&M, &rng, a->qk_std);
     if (a->resume) {
-        gpt_ckpt ck;
-        gpt_ckpt_status cs = gpt_ckpt_load(a->resume, &c, &ck);
-        if (cs != GPT_CKPT_OK) {
-            fprintf(stderr, "tiny_gpt: %s: %s\n", a->resume, gpt_ckpt_status_string(cs));
+        gpt_ckpt ck = {0};   /* written only on success */
+        if (gpt_ckpt_load(a->resume, &c, &ck, &err) != MHA_OK) {   /* the path and what is wrong */
+            fprintf(stderr, "tiny_gpt: --resume: %s\n", err.message);
             return 1;
         }
         memcpy(M.p, ck.params, M.o.total * sizeof(float));
@@ -397,7 +401,7 @@ static int cmd_train(const args *a)
         }
         first = (long)ck.step + 1;
         /* a different stream for the batches after a resume */
-        mha_rng_seed(&rng, a->seed + ck.step);
+        tiny_rng_seed(&rng, a->seed + ck.step);
         printf("resumed %s at step %llu%s\n", a->resume, ck.step,
                ck.adam_m ? "" : " (no AdamW moments in it: they restart at zero)");
         gpt_ckpt_free(&ck);
@@ -422,7 +426,7 @@ static int cmd_train(const args *a)
         if (used / budget > progress) progress = used / budget;
         opt.lr = gpt_lr_progress(step, a->warmup, progress, a->lr, 0.1f * a->lr);
         gpt_batch_copy(train.p, train.n, B, T, a->copy, &rng, tok, tgt);
-        check(gpt_train_step(&M, &opt, step, B, T, tok, tgt, 1.0f, &loss), "training step");
+        check(gpt_train_step(&M, &opt, step, B, T, tok, tgt, 1.0f, &loss, &err), "training step");
         tokens += (double)B * T;
         smooth = smooth < 0 ? loss : 0.95f * smooth + 0.05f * loss;
         wall = now_seconds() - t0;
@@ -433,7 +437,7 @@ static int cmd_train(const args *a)
             float v = NAN;
             if (step % 100 == 0 || last) {
                 /* the same 64 windows (8 KB) of the validation split every time */
-                check(gpt_eval(&M, val.p, val.n, B, c.ctx, 64, tok, tgt, &vloss), "validation");
+                check(gpt_eval(&M, val.p, val.n, B, c.ctx, 64, tok, tgt, &vloss, &err), "validation");
                 v = (float)vloss;
                 printf("step %5ld  loss %.4f  val %.4f  lr %.2e  %6.0f tok/s  %6.1f s wall  %6.1f s CPU\n",
                        step, smooth, v, opt.lr, tokens / wall, wall, cpu);
@@ -449,7 +453,7 @@ static int cmd_train(const args *a)
     }
     if (step > a->steps) step = a->steps;
     /* the whole validation split once at the end */
-    check(gpt_eval(&M, val.p, val.n, B, c.ctx, 1 << 30, tok, tgt, &vloss), "validation");
+    check(gpt_eval(&M, val.p, val.n, B, c.ctx, 1 << 30, tok, tgt, &vloss, &err), "validation");
     printf("done: %ld steps, %.0f tokens in %.1f s wall (%.0f tokens/s), %.1f s CPU; validation loss "
            "%.4f nats/byte (%.3f bits/byte) on all %zu val bytes\n", step, tokens, wall, tokens / wall,
            cpu, vloss, vloss / log(2.0), val.n);
@@ -470,13 +474,12 @@ static int cmd_train(const args *a)
 
 static int load_model(const char *path, gpt_model *M, int max_batch)
 {
-    gpt_ckpt ck;
-    gpt_ckpt_status cs = gpt_ckpt_load(path, NULL, &ck);
-    if (cs != GPT_CKPT_OK) {
-        fprintf(stderr, "tiny_gpt: %s: %s\n", path, gpt_ckpt_status_string(cs));
+    gpt_ckpt ck = {0};   /* written only on success */
+    if (gpt_ckpt_load(path, NULL, &ck, &err) != MHA_OK) {   /* the path and what is wrong */
+        fprintf(stderr, "tiny_gpt: %s\n", err.message);
         return -1;
     }
-    check(gpt_alloc(M, &ck.cfg, max_batch, 0), "allocating the model");
+    check(gpt_alloc(M, &ck.cfg, max_batch, 0, &err), "allocating the model");
     memcpy(M->p, ck.params, M->o.total * sizeof(float));
     printf("loaded %s: %d layers, %d heads, d=%d, context %d, %zu parameters, step %llu\n", path,
            ck.cfg.n_layer, ck.cfg.n_head, ck.cfg.d_model, ck.cfg.ctx, ck.n_params, ck.step);
@@ -491,13 +494,13 @@ static void generate(gpt_model *M, const char *prompt, int n, float temp, int to
     int *seq = (int *)malloc((np + (size_t)n + 1) * sizeof(int)), len = 0, i;
     float *logits = (float *)malloc((size_t)M->c.vocab * sizeof(float));
     gpt_decoder D;
-    mha_rng r;
+    tiny_rng r;
     if (!seq || !logits) check(MHA_ERR_OUT_OF_MEMORY, "generation");
-    check(gpt_decoder_init(&D, M), "KV caches");
-    mha_rng_seed(&r, seed);
+    check(gpt_decoder_init(&D, M, &err), "KV caches");
+    tiny_rng_seed(&r, seed);
     if (np == 0) seq[len++] = '\n';
     for (i = 0; i < (int)np; ++i) seq[len++] = (unsigned char)prompt[i];
-    check(gpt_generate(&D, seq, len, n, temp, top_k, &r, logits), "generation");
+    check(gpt_generate(&D, seq, len, n, temp, top_k, &r, logits, &err), "generation");
     fputs(prompt, stdout);
     for (i = len; i < len + n; ++i) putchar(seq[i]);
     putchar('\n');
@@ -537,7 +540,7 @@ static float *attention_of(gpt_model *M, const int *tok, int T)
     int l;
     if (!attn) check(MHA_ERR_OUT_OF_MEMORY, "attention weights");
     for (l = 0; l < M->c.n_layer; ++l) ptr[l] = attn + (size_t)l * per;
-    check(gpt_forward(M, 1, T, tok, NULL, NULL, ptr), "forward with weights");
+    check(gpt_forward(M, 1, T, tok, NULL, NULL, ptr, &err), "forward with weights");
     return attn;
 }
 
@@ -697,7 +700,7 @@ static int cmd_demo(const args *a)
     static const char sentence[] = "Whenever you find yourself on the side of the majority, pause.";
     bytes train = {NULL, 0, 0}, val = {NULL, 0, 0};
     gpt_model M;
-    mha_rng r;
+    tiny_rng r;
     int B = 8, *tok, *tgt, T, i;
     double vloss;
     float *attn;
@@ -712,7 +715,7 @@ static int cmd_demo(const args *a)
     make_dirs(a->out);
 
     /* 1. validation loss on a slice of the held-out fortunes */
-    check(gpt_eval(&M, val.p, val.n, B, T, 64, tok, tgt, &vloss), "validation");
+    check(gpt_eval(&M, val.p, val.n, B, T, 64, tok, tgt, &vloss, &err), "validation");
     printf("validation loss %.4f nats/byte (%.3f bits/byte) on %d windows of %d bytes "
            "(a uniform guess: ln 256 = 5.545)\n", vloss, vloss / log(2.0), 64, T);
 
@@ -735,9 +738,9 @@ static int cmd_demo(const args *a)
     /* 4. the induction prompt: 24 random letters, then the same 24 again.  On the
           second copy an induction head attends to the letter after the earlier
           copy of the current letter: a stripe 23 cells left of the diagonal. */
-    mha_rng_seed(&r, 2024);
+    tiny_rng_seed(&r, 2024);
     T = 48;
-    for (i = 0; i < 24; ++i) tok[i] = tok[i + 24] = 'a' + (int)(mha_rng_u32(&r) % 26);
+    for (i = 0; i < 24; ++i) tok[i] = tok[i + 24] = 'a' + (int)(tiny_rng_u32(&r) % 26);
     attn = attention_of(&M, tok, T);
     snprintf(title, sizeof title, "24 random letters twice: an induction head lights a stripe 23 left of the diagonal");
     snprintf(path, sizeof path, "%s/gpt_induction.png", a->out);
