@@ -236,7 +236,8 @@ int main(int argc, char **argv)
     mha_heatmap_style st;
     mha_module m;
     mha_options opt;
-    mha_status s;
+    mha_run run;
+    mha_error err;
     int L, bad = 0;
 
     memset(&st, 0, sizeof st);
@@ -255,16 +256,22 @@ int main(int argc, char **argv)
 
     /* 4. every word sees every word */
     memset(&opt, 0, sizeof opt);
+    memset(&run, 0, sizeof run);
     opt.per_head_weights = 1;
-    s = mha_forward(&m, 1, L, L, x, x, x, &opt, out, weights, NULL, 0);
-    if (s != MHA_OK) { fprintf(stderr, "mha_forward: %s\n", mha_status_string(s)); return 1; }
+    run.weights = weights;   /* [H, L, L]: what each head looks at */
+    if (mha_module_forward(&m, 1, L, L, x, x, x, &opt, out, &run, &err) != MHA_OK) {
+        fprintf(stderr, "%s\n", err.message);
+        return 1;
+    }
     printf("bidirectional attention:\n");
     bad |= draw_all(dir, "attn", "bidirectional", weights, L, tok, NULL, &st);
 
     /* 5. causal: word i sees words 0..i; the hidden cells are hatched */
     opt.causal = 1;
-    s = mha_forward(&m, 1, L, L, x, x, x, &opt, out, weights, NULL, 0);
-    if (s != MHA_OK) { fprintf(stderr, "mha_forward: %s\n", mha_status_string(s)); return 1; }
+    if (mha_module_forward(&m, 1, L, L, x, x, x, &opt, out, &run, &err) != MHA_OK) {
+        fprintf(stderr, "%s\n", err.message);
+        return 1;
+    }
     mha_heatmap_causal_mask(L, L, 0, causal);
     printf("causal attention:\n");
     bad |= draw_all(dir, "causal", "causal", weights, L, tok, causal, &st);

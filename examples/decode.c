@@ -8,12 +8,19 @@
    (rotate_half, theta 10000), random weights.  "Generating" feeds each
    step's output, scaled to unit RMS, back in as the next token's input, so
    every step depends on the one before, as in a real decoder.  The cache is
-   plain caller memory: k, v [B, Hkv, capacity, D] and len[B].  */
+   plain caller memory: k, v [B, Hkv, capacity, D] and len[B].
+
+   The layer is planned once (mha_module_plan with MHA_PLAN_PACK: shapes
+   checked, weights packed for the kernels) for up to P new tokens against a
+   cache of `capacity`; every step is then a run of that plan with
+   mha_run.cache set: project the new tokens, turn them by RoPE, append
+   their K and V to the cache and attend to all of it.  */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #endif
 #define MHA_IMPLEMENTATION
 #include "mha.h"
+#include "examples/tiny_rng.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -36,11 +43,13 @@ int main(int argc, char **argv)
     mha_module m = {0};
     mha_kv_cache cache = {0};
     mha_options opt = {0};
-    mha_rng rng;
+    mha_sizes sizes;
+    mha_plan *plan;
+    mha_run run = {0};
+    mha_error err;
+    tiny_rng rng;
     mha_status s;
     double t0, t1, total = 0;
-    void *ws;
-    size_t ws_bytes;
 
     if (P < 1 || N < 1) { fprintf(stderr, "usage: %s [prompt_len >= 1] [steps >= 1]\n", argv[0]); return 1; }
     cap = P + N;
@@ -49,27 +58,37 @@ int main(int argc, char **argv)
     x = malloc((size_t)P * E * sizeof(float)); y = malloc((size_t)P * E * sizeof(float));
     ck = malloc((size_t)Hkv * cap * D * sizeof(float)); cv = malloc((size_t)Hkv * cap * D * sizeof(float));
     if (!wq || !wk || !wv || !wo || !x || !y || !ck || !cv) { fprintf(stderr, "out of memory\n"); return 1; }
-    mha_rng_seed(&rng, 1);
-    mha_rng_fill(&rng, wq, (size_t)E * E, 0.05f); mha_rng_fill(&rng, wk, (size_t)Ekv * E, 0.05f);
-    mha_rng_fill(&rng, wv, (size_t)Ekv * E, 0.05f); mha_rng_fill(&rng, wo, (size_t)E * E, 0.05f);
-    mha_rng_fill(&rng, x, (size_t)P * E, 1.0f);
+    tiny_rng_seed(&rng, 1);
+    tiny_rng_fill(&rng, wq, (size_t)E * E, 0.05f); tiny_rng_fill(&rng, wk, (size_t)Ekv * E, 0.05f);
+    tiny_rng_fill(&rng, wv, (size_t)Ekv * E, 0.05f); tiny_rng_fill(&rng, wo, (size_t)E * E, 0.05f);
+    tiny_rng_fill(&rng, x, (size_t)P * E, 1.0f);
 
     m.embed_dim = E; m.num_heads = H; m.num_kv_heads = Hkv;
     m.q_proj_weight = wq; m.k_proj_weight = wk; m.v_proj_weight = wv; m.out_proj_weight = wo;
     m.rope.kind = MHA_ROPE_HALF;                      /* theta 0 = 10000, rotary_dim 0 = D */
     cache.B = 1; cache.Hkv = Hkv; cache.D = D; cache.capacity = cap;
     cache.k = ck; cache.v = cv; cache.len = &len;
-    opt.causal = 1;                                   /* the prompt attends causally */
+    opt.causal = 1;              /* the prompt attends causally; one new token sees the whole cache */
 
-    /* one workspace, sized for the largest call (the prompt), serves every step */
-    s = mha_forward_cached_workspace_size(&m, &cache, P, &opt, &ws_bytes);
-    if (s != MHA_OK || !(ws = malloc(ws_bytes))) { fprintf(stderr, "workspace: %s\n", mha_status_string(s)); return 1; }
+    /* plan once: up to P new tokens (the prompt) against `cap` cached ones,
+       the weights packed into the plan; one workspace serves every step */
+    if (mha_module_plan_size(&m, 1, P, cap, &opt, MHA_PLAN_PACK, &sizes, &err) != MHA_OK ||
+        mha_module_plan(&m, 1, P, cap, &opt, MHA_PLAN_PACK, NULL, 0, &plan, &err) != MHA_OK) {
+        fprintf(stderr, "plan: %s\n", err.message);
+        return 1;
+    }
+    run.cache = &cache;
+    run.workspace = malloc(sizes.workspace);
+    run.workspace_bytes = sizes.workspace;
+    if (!run.workspace) { fprintf(stderr, "out of memory\n"); return 1; }
+    printf("plan: %.1f KiB (packed weights), workspace %.1f KiB\n", sizes.plan / 1024.0,
+           sizes.workspace / 1024.0);
 
-    /* prefill: the whole prompt in one call */
+    /* prefill: the whole prompt in one run (Lk = 0: the keys are the cache's) */
     t0 = now();
-    s = mha_forward_cached(&m, &cache, P, x, &opt, y, ws, ws_bytes);
+    s = mha_module_run_forward(plan, P, 0, x, NULL, NULL, y, &run, &err);
     t1 = now();
-    if (s != MHA_OK) { fprintf(stderr, "prefill: %s\n", mha_status_string(s)); return 1; }
+    if (s != MHA_OK) { fprintf(stderr, "prefill: %s\n", err.message); return 1; }
     printf("prefill %d tokens: %.3f ms (%.1f us per token)\n", P, 1e3 * (t1 - t0), 1e6 * (t1 - t0) / P);
 
     /* decode: one token per step, the last output fed back in */
@@ -80,16 +99,17 @@ int main(int argc, char **argv)
         rms = sqrt(rms / E) + 1e-6;
         for (i = 0; i < E; ++i) x[i] = (float)(last[i] / rms);
         t0 = now();
-        s = mha_forward_cached(&m, &cache, 1, x, &opt, y, ws, ws_bytes);
+        s = mha_module_run_forward(plan, 1, 0, x, NULL, NULL, y, &run, &err);
         t1 = now();
-        if (s != MHA_OK) { fprintf(stderr, "step %d: %s\n", step, mha_status_string(s)); return 1; }
+        if (s != MHA_OK) { fprintf(stderr, "step %d: %s\n", step, err.message); return 1; }
         total += t1 - t0;
         printf("step %3d: cache %5d tokens, %.3f ms, out[0] = %+.5f\n", step, len, 1e3 * (t1 - t0), y[0]);
     }
     printf("%d steps: %.3f ms per step on average\n", N, 1e3 * total / N);
-    /* one more token than the cache holds: a status, nothing written */
-    s = mha_forward_cached(&m, &cache, 1, x, &opt, y, NULL, 0);
-    printf("token %d of a %d-token cache: %s\n", len + 1, cap, mha_status_string(s));
-    free(wq); free(wk); free(wv); free(wo); free(x); free(y); free(ck); free(cv); free(ws);
+    /* one more token than the cache holds: a status and why, nothing written */
+    s = mha_module_run_forward(plan, 1, 0, x, NULL, NULL, y, &run, &err);
+    printf("token %d of a %d-token cache: %s\n", len + 1, cap, s == MHA_OK ? "accepted?!" : err.message);
+    free(wq); free(wk); free(wv); free(wo); free(x); free(y); free(ck); free(cv); free(run.workspace);
+    mha_plan_destroy(plan);
     return 0;
 }

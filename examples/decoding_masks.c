@@ -3,9 +3,10 @@
      cc -std=c99 -O2 -I. -isystem /usr/include/stb examples/decoding_masks.c -o decoding_masks -lm
      ./decoding_masks [out-folder]
 
-   Every picture is the attention weights mha_sdpa returns when all scores
-   are equal (q = 0), so a row spreads its weight evenly over the keys it may
-   see and the mask's shape is all that shows; hatched cells are blocked.
+   Every picture is the attention weights mha_sdpa_forward returns (through
+   mha_run.weights) when all scores are equal (q = 0), so a row spreads its
+   weight evenly over the keys it may see and the mask's shape is all that
+   shows; hatched cells are blocked.
      decode_causal_br.png   causal, bottom-right: 4 new queries after 8 cached keys
      decode_window.png      sliding window (left 3, right 0) with causal, L = 12
      decode_alibi.png       ALiBi's bias slope_h (j - i) for 4 heads (paper slopes), causal
@@ -31,12 +32,18 @@ static int draw(const char *dir, const char *file, const char *title, int H, int
     char path[512];
     mha_heatmap hm;
     mha_heatmap_style st;
-    mha_status s;
+    mha_run run;
+    mha_error err;
     size_t i;
     int rc = 0;
     opt->num_kv_heads = 1;   /* one K/V head shared by all (MQA): the mask is what differs */
-    s = mha_sdpa(1, H, Lq, Lk, 4, 4, q, k, v, opt, out, w, NULL, 0);
-    if (s != MHA_OK) { fprintf(stderr, "%s: %s\n", file, mha_status_string(s)); rc = 1; goto done; }
+    memset(&run, 0, sizeof run);
+    run.weights = w;         /* [1, H, Lq, Lk] */
+    if (mha_sdpa_forward(1, H, Lq, Lk, 4, 4, q, k, v, opt, out, &run, &err) != MHA_OK) {
+        fprintf(stderr, "%s: %s\n", file, err.message);
+        rc = 1;
+        goto done;
+    }
     for (i = 0; i < (size_t)H * Lq * Lk; ++i) if (w[i] == 0.0f) w[i] = NAN;   /* blocked: hatched */
     memset(&hm, 0, sizeof hm);
     memset(&st, 0, sizeof st);

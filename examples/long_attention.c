@@ -13,12 +13,14 @@
    pos(i) holds 8 (sin, cos) pairs at frequencies w_k = 10000^(-k/8), so
    pos(i).pos(j) = sum_k cos((i - j) w_k), largest at i = j.
 
-   One fused mha_sdpa call with opt.row_stats gives, per query row, the
-   log-sum-exp, the entropy, the largest weight and the weight on key 0;
-   mha_sdpa_weights_rows then recomputes the exact weights of the last 64
-   rows from the saved log-sum-exp.  The program prints per-head means,
-   writes two PNGs (examples/heatmap.h) and compares the memory it used with
-   what the [H, L, L] weights would take.  */
+   One fused mha_sdpa_forward call gives, through its mha_run, per query
+   row the log-sum-exp, the entropy, the largest weight and the weight on
+   key 0 (run.lse, run.entropy, run.max_weight, run.first_weight), and the
+   exact weights of the last 64 rows only (run.weights with run.rows,
+   run.n_rows), recomputed from each row's log-sum-exp after the fused pass.
+   The program prints per-head means, writes two PNGs (examples/heatmap.h)
+   and compares the memory it used with what the [H, L, L] weights would
+   take.  */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200809L /* mkdir */
 #endif
@@ -74,9 +76,10 @@ int main(int argc, char **argv)
     char *lab = NULL;
     const char **ql = NULL, **kl = NULL, **bl = NULL;
     int rc = 1;
-    mha_row_stats rs;
-    mha_options opt = mha_options_defaults();
-    mha_status st = MHA_OK;
+    mha_options opt = {0};
+    mha_sizes sizes;
+    mha_run run = {0};
+    mha_error err;
     char path[512], title[160];
     if (L < 2 || L > 1 << 20) { fprintf(stderr, "L must be in 2..%d\n", 1 << 20); return 1; }
     nr = L < NR ? L : NR;
@@ -96,35 +99,37 @@ int main(int argc, char **argv)
     opt.causal = 1;
     opt.num_kv_heads = 1;
 
-    /* 2. one fused pass with the row statistics, [H, L] each */
+    /* 2. one fused pass: the row statistics, [H, L] each, and the exact
+          weights of the last 64 rows, [H, 64, L] (the plan behind the call
+          is made with MHA_PLAN_WEIGHTS because run.weights is set; the
+          workspace is sized for that) */
     stats = take((size_t)4 * H * L * sizeof(float));
-    rs.lse = stats; rs.entropy = stats + (size_t)H * L;
-    rs.max_weight = stats + (size_t)2 * H * L; rs.first_weight = stats + (size_t)3 * H * L;
-    opt.row_stats = &rs;
-    if ((st = mha_sdpa_workspace_size(1, H, L, L, D, D, &opt, 0, &ws_bytes)) != MHA_OK) goto fail;
-    ws = take(ws_bytes);
-    if ((st = mha_sdpa(1, H, L, L, D, D, q, k, v, &opt, out, NULL, ws, ws_bytes)) != MHA_OK) goto fail;
+    run.lse = stats; run.entropy = stats + (size_t)H * L;
+    run.max_weight = stats + (size_t)2 * H * L; run.first_weight = stats + (size_t)3 * H * L;
+    for (i = 0; i < nr; ++i) rows[i] = L - nr + i;
+    rows_floats = (size_t)H * nr * L;
+    w = take(rows_floats * sizeof(float));
+    run.weights = w; run.rows = rows; run.n_rows = nr;
+    if (mha_sdpa_plan_size(1, H, L, L, D, D, &opt, MHA_PLAN_WEIGHTS, &sizes, &err) != MHA_OK) goto fail;
+    ws_bytes = sizes.workspace;
+    run.workspace = ws = take(ws_bytes);
+    run.workspace_bytes = ws_bytes;
+    if (mha_sdpa_forward(1, H, L, L, D, D, q, k, v, &opt, out, &run, &err) != MHA_OK) goto fail;
 
     printf("L = %d tokens, %d causal heads of D = %d (one fused pass, row statistics on)\n", L, H, D);
     printf("%-16s %13s %15s %11s %12s\n", "head", "mean entropy", "uniform would", "mean max w", "mean sink w");
     for (h = 0; h < H; ++h) {
         double e = 0, u = 0, m = 0, f = 0;
         for (i = 0; i < L; ++i) {
-            e += rs.entropy[(size_t)h * L + i];
+            e += run.entropy[(size_t)h * L + i];
             u += log((double)i + 1.0);          /* a uniform row over its i + 1 keys */
-            m += rs.max_weight[(size_t)h * L + i];
-            f += rs.first_weight[(size_t)h * L + i];
+            m += run.max_weight[(size_t)h * L + i];
+            f += run.first_weight[(size_t)h * L + i];
         }
         printf("%d %-14s %13.3f %15.3f %11.3f %12.3f\n", h, jobs[h], e / L, u / L, m / L, f / L);
     }
 
-    /* 3. the exact weights of the last 64 rows, [H, 64, L], from the lse */
-    for (i = 0; i < nr; ++i) rows[i] = L - nr + i;
-    rows_floats = (size_t)H * nr * L;
-    w = take(rows_floats * sizeof(float));
-    if ((st = mha_sdpa_weights_rows(1, H, L, L, D, q, k, rs.lse, nr, rows, &opt, w)) != MHA_OK) goto fail;
-
-    /* 4. two pictures of those rows: the last 128 keys exactly, and the whole
+    /* 3. two pictures of those rows: the last 128 keys exactly, and the whole
           key axis in 128 bins (the mass of each bin's keys) */
     {
         int nw = L < WIN ? L : WIN, nb = L < BINS ? L : BINS;
@@ -174,14 +179,15 @@ int main(int argc, char **argv)
         printf("wrote %s\n", path);
     }
 
-    /* 5. memory: everything above against the [H, L, L] weights alone */
+    /* 4. memory: everything above against the [H, L, L] weights alone */
     printf("memory: %.1f MiB allocated in all (inputs, outputs, %.1f MiB workspace, statistics, "
            "%d rows); the [%d, %d, %d] weights alone would be %.1f MiB\n",
            (double)bytes_used / 1048576.0, (double)ws_bytes / 1048576.0, nr, H, L, L,
            (double)H * L * L * sizeof(float) / 1048576.0);
     rc = 0;
+    goto done;
 fail:
-    if (st != MHA_OK) fprintf(stderr, "mha: %s\n", mha_status_string(st));
+    fprintf(stderr, "%s\n", err.message);
 done:
     free(q); free(k); free(v); free(out); free(stats); free(ws); free(w);
     free(mask); free(win); free(bins); free(lab); free((void *)ql); free((void *)kl); free((void *)bl);

@@ -5,6 +5,7 @@
 #define MHA_IMPLEMENTATION
 #include "mha.h"
 #include <stdio.h>
+#include <stdlib.h>
 
 static void print_matrix(const char *name, const float *x, int rows, int cols)
 {
@@ -36,8 +37,11 @@ int main(void)
     };
     float out[L * E], per_head[H * L * L], avg[L * L];
     mha_module m = {0};
-    mha_options opt = {0};
-    mha_status s;
+    mha_options opt = {0};      /* zero = PyTorch's defaults */
+    mha_run run = {0};          /* what a run reads and writes besides its tensors */
+    mha_error err;              /* on a refusal: which argument, and why */
+    mha_sizes sizes;
+    mha_plan *plan;
 
     m.embed_dim = E;
     m.num_heads = H;
@@ -47,17 +51,36 @@ int main(void)
     m.out_proj_bias = b_out;
 
     print_matrix("input x", x, L, E);
+
+    /* 1. one call: the weights of every head come back through run.weights */
     opt.per_head_weights = 1;
-    s = mha_forward(&m, 1, L, L, x, x, x, &opt, out, per_head, NULL, 0);
-    if (s != MHA_OK) { fprintf(stderr, "mha_forward: %s\n", mha_status_string(s)); return 1; }
+    run.weights = per_head;
+    if (mha_module_forward(&m, 1, L, L, x, x, x, &opt, out, &run, &err) != MHA_OK) {
+        fprintf(stderr, "%s\n", err.message);
+        return 1;
+    }
     print_matrix("head 0 weights softmax(Q0 K0^T / sqrt(2))", per_head, L, L);
     print_matrix("head 1 weights", per_head + L * L, L, L);
 
+    /* 2. the same through a plan, made once (shapes, options, flags checked
+          here) and then run; a program that runs many times does this */
     opt.per_head_weights = 0;
     opt.causal = 1;
-    s = mha_forward(&m, 1, L, L, x, x, x, &opt, out, avg, NULL, 0);
-    if (s != MHA_OK) { fprintf(stderr, "mha_forward: %s\n", mha_status_string(s)); return 1; }
+    if (mha_module_plan_size(&m, 1, L, L, &opt, MHA_PLAN_WEIGHTS, &sizes, &err) != MHA_OK ||
+        mha_module_plan(&m, 1, L, L, &opt, MHA_PLAN_WEIGHTS, NULL, 0, &plan, &err) != MHA_OK) {
+        fprintf(stderr, "%s\n", err.message);
+        return 1;
+    }
+    run.weights = avg;          /* head-averaged now: [L, L] */
+    run.workspace = malloc(sizes.workspace);
+    run.workspace_bytes = sizes.workspace;
+    if (!run.workspace || mha_module_run_forward(plan, L, L, x, x, x, out, &run, &err) != MHA_OK) {
+        fprintf(stderr, "%s\n", run.workspace ? err.message : "out of memory");
+        return 1;
+    }
     print_matrix("causal, head-averaged weights", avg, L, L);
     print_matrix("output (causal)", out, L, E);
+    free(run.workspace);
+    mha_plan_destroy(plan);
     return 0;
 }

@@ -58,15 +58,21 @@ int main(void)
     const char *tok[MAXL];
     mha_module m;
     mha_options opt;
+    mha_run run;
+    mha_error err;
     int L = build_demo(words, tok, x, &m);
 
     CHECK(L == 12 && strcmp(tok[0], "the") == 0 && strcmp(tok[11], "soft") == 0, "12 words, got %d", L);
     memset(&opt, 0, sizeof opt);
+    memset(&run, 0, sizeof run);
     opt.per_head_weights = 1;
-    CHECK(mha_forward(&m, 1, L, L, x, x, x, &opt, out, w, NULL, 0) == MHA_OK, "forward");
+    run.weights = w;
+    CHECK(mha_module_forward(&m, 1, L, L, x, x, x, &opt, out, &run, &err) == MHA_OK, "forward: %s",
+          err.message);
     check_heads(w, L, 0);
     opt.causal = 1;
-    CHECK(mha_forward(&m, 1, L, L, x, x, x, &opt, out, w, NULL, 0) == MHA_OK, "causal forward");
+    CHECK(mha_module_forward(&m, 1, L, L, x, x, x, &opt, out, &run, &err) == MHA_OK, "causal forward: %s",
+          err.message);
     check_heads(w, L, 1);
     return tu_finish("test_demo_heads");
 }
