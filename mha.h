@@ -59,7 +59,7 @@
 
    DECODING (section 7, docs/decoding.md)
        mha_kv_cache c = {0};  ... B, Hkv, D, capacity, k, v, len
-       r.cache = &c;           // a module plan with Lk >= capacity
+       r.cache = &c;           // a plan made with MHA_PLAN_CACHE | MHA_PLAN_PACK, Lk >= capacity
        s = mha_module_run_forward(p, 1, 0, x, NULL, NULL, out, &r, &err);   // one token
      projects the new token with the plan's (packed) weights, turns Q and K
      by RoPE, appends K and V to the cache and attends to all of it.
@@ -150,8 +150,8 @@
      refused and why, in the caller's own struct: no global state.  On any
      status other than MHA_OK no output has been written.
 
-   VERSION 1.0.0 (MHA_VERSION_MAJOR/MINOR/PATCH); docs/api.md has the table
-   of the names of 0.x and what replaced each.
+   VERSION 1.0.0 (MHA_VERSION_MAJOR/MINOR/PATCH); docs/migration.md has the
+   table of the names of 0.x and what replaced each.
    LICENSE  at the end of this file (MIT or public domain, your choice)
 */
 #ifndef MHA_H
@@ -215,8 +215,8 @@ typedef enum mha_status {
 MHADEF const char *mha_status_string(mha_status s);
 
 /* What a refusal was about.  Pass one as the last argument of any call
-   (NULL when you do not want it); on MHA_OK it is left as it was, on a
-   refusal it is filled:
+   (NULL when you do not want it); a call that succeeds resets it (status
+   MHA_OK, function and field NULL, message empty), a refusal fills it:
      status    the status the call returned
      function  the public call that refused, e.g. "mha_module_plan"
      field     the argument or struct field refused, as the caller wrote it:
@@ -354,6 +354,9 @@ struct mha_sizes {
 #define MHA_PLAN_TRAINING 2u  /* backward runs too; a forward can save what the backward needs */
 #define MHA_PLAN_PACK     4u  /* module and encoder: pack Wq, Wk, Wv, Wo into the plan's memory
                                  (a copy: mha_plan_repack after the weights change) */
+#define MHA_PLAN_CACHE    8u  /* SDPA and module: runs may attend to a KV cache (mha_run.cache);
+                                 the plan's Lk is then the largest capacity, its Lq the
+                                 longest chunk of new tokens (1 for decoding) */
 
 /* Everything a run reads or writes besides its main tensors.  Zero-
    initialise it and set what you use; a run given NULL uses none of it.
@@ -366,7 +369,8 @@ struct mha_run {
     size_t saved_bytes;
     const void *attn_mask;         /* this run's mask data for its lengths, dense ([Lq, Lk], ...) */
     const void *key_padding_mask;  /* ([B, Lk]); NULL: the data of the plan's options */
-    mha_kv_cache *cache;           /* SDPA and module forward: attend to this KV cache (section 7) */
+    mha_kv_cache *cache;           /* SDPA and module forward (plan made with MHA_PLAN_CACHE):
+                                      attend to this KV cache (section 7) */
 
     /* forward outputs */
     float *weights;                /* attention weights (plan made with MHA_PLAN_WEIGHTS): SDPA
@@ -426,10 +430,11 @@ MHADEF mha_status mha_gemm_run(const mha_plan *plan, float alpha, const float *A
    SCALED DOT-PRODUCT ATTENTION on heads that are already projected:
      q [B,H,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv]  ->  out [B,H,Lq,Dv]
    (Hkv = opt->num_kv_heads or H.)  out may be q when D == Dv (in place); it
-   must not overlap k or v.  With run->cache, k and v are NULL and Lk is 0:
-   the queries, the newest Lq tokens of each row (appended already), attend
-   to the cache's keys with bottom-right alignment (plan: Lk >= capacity,
-   num_kv_heads = the cache's Hkv; no masks).
+   must not overlap k or v (nor, with run->rows, q).  With run->cache, k and
+   v are NULL and Lk is 0: the queries, the newest Lq tokens of each row
+   (appended already), attend to the cache's keys with bottom-right
+   alignment (plan: MHA_PLAN_CACHE, Lk >= capacity, num_kv_heads 0 or the
+   cache's Hkv; no masks).
    Backward: dout [B,H,Lq,Dv];  dq += dLoss/dq,  dk += ...,  dv += ...
    (each may be NULL; mask values get no gradient).
    ====================================================================== */
@@ -471,8 +476,9 @@ MHADEF mha_status mha_sdpa_run_backward(const mha_plan *plan, int Lq, int Lk,
    their keys and values are projected, turned by RoPE at positions
    opt->position_offset + len[b] + i, appended, and the queries attend to
    the whole cache (bottom-right; opt->causal for a prefill chunk, Lq > 1).
-   The cache needs Hkv = the module's KV heads, D = E / H, B = the plan's,
-   capacity <= the plan's Lk; kdim = vdim = E, no bias_k / add_zero_attn.
+   The plan needs MHA_PLAN_CACHE; the cache needs Hkv = the module's KV
+   heads, D = E / H, B = the plan's, capacity <= the plan's Lk; the module
+   kdim = vdim = E, no bias_k / add_zero_attn.
    A row without room: MHA_ERR_CAPACITY, nothing written.
    ====================================================================== */
 
@@ -861,7 +867,7 @@ static int mha__add(size_t a, size_t b, size_t *r)
      returned OK having done nothing);
    - B*Lq and B*Lk' (B*L in the encoder), the rows of the module's
      projection GEMMs: checked against MHA__INT_LIMIT by the module's plans
-     (mha_forward_cached's too), which the encoder runs before it forms
+     (the module's decoding step too), which the encoder runs before it forms
      N = B*L;
    - the KV cache: capacity and D are dimensions (checked with the cache),
      an attention over it runs one batch row at a time (H heads, nb = 1);
@@ -913,6 +919,13 @@ static int mha__region(size_t *cursor, size_t nfloats, size_t *offset)
 static size_t mha__round_floats(size_t n)
 {
     return (n + MHA__ALIGN_FLOATS - 1) / MHA__ALIGN_FLOATS * MHA__ALIGN_FLOATS;
+}
+
+/* Whether n1 floats at a and n2 floats at b share memory. */
+static int mha__overlap(const float *a, size_t n1, const float *b, size_t n2)
+{
+    uintptr_t pa = (uintptr_t)a, pb = (uintptr_t)b;
+    return pa < pb + n2 * sizeof(float) && pb < pa + n1 * sizeof(float);
 }
 
 /* ---- the scalar reference
@@ -1983,7 +1996,8 @@ static mha_status mha__oneshot(const mha__shot *s, const mha_options *opt, const
    run's Lk is 0 and the plan's the cache's capacity. */
 static unsigned mha__shot_flags(const mha_run *run)
 {
-    return (run && run->weights ? MHA_PLAN_WEIGHTS : 0u) | (run && run->saved ? MHA_PLAN_TRAINING : 0u);
+    return (run && run->weights ? MHA_PLAN_WEIGHTS : 0u) | (run && run->saved ? MHA_PLAN_TRAINING : 0u) |
+           (run && run->cache ? MHA_PLAN_CACHE : 0u);
 }
 
 /* (defined further on, where its section is) */
@@ -2396,7 +2410,7 @@ static void mha__pack_a_block(int ta, const float *A, size_t lda, int ic, int mc
         mha__pack_a(ta, A, lda, ic + ir, mha__imin(MHA__MR, mc - ir), pc, kc, pa + (size_t)ir * kc);
 }
 
-/* A prepacked B (mha_module_pack): op(B) = W^T for a row-major W [Ntot, K],
+/* A prepacked B (MHA_PLAN_PACK): op(B) = W^T for a row-major W [Ntot, K],
    packed once in exactly the order mha__gemm would pack it per call, so the
    GEMM reads it instead of packing and sums the same products in the same
    order (bit-identical results).  For each column block jc (NC columns,
@@ -2812,7 +2826,7 @@ typedef struct mha__attn {
     float softcap;                     /* 0 = off */
     int alibi; const float *slopes;    /* slopes NULL: the paper's */
     const float *sinks;                /* [H] or NULL */
-    float *lse, *lse2;                 /* [B, H, Lq] outputs or NULL (opt.lse, row_stats->lse) */
+    float *lse, *lse2;                 /* [B, H, Lq] outputs or NULL (an internal lse, run->lse) */
     float *ent, *maxw, *first;         /* the other row statistics, [B, H, Lq] or NULL */
     int stats;                         /* some of ent, maxw, first is wanted */
     float *sinks_grad;                 /* backward: [H] or NULL */
@@ -2942,7 +2956,7 @@ static void mha__pv(int nr, int nc, int Dv, const float *p, size_t ldp, const fl
     }
 }
 
-/* ---- row statistics (mha_row_stats) */
+/* ---- row statistics (mha_run's lse, entropy, max_weight, first_weight) */
 
 /* The fused path's accumulators of one row, besides its m and l (below). */
 typedef struct mha__racc {
@@ -4110,7 +4124,7 @@ static mha_status mha__sdpa_plan_make(int B, int H, int Lq, int Lk, int D, int D
         !mha__dim_ok(Lq) || !mha__dim_ok(Lk) || !mha__dim_ok(D) || !mha__dim_ok(Dv))
         return mha__fail(e, MHA_ERR_OVERFLOW, "B", "B %d, H %d, Lq %d, Lk %d, D %d, Dv %d: a tensor passes the "
                          "size limits", B, H, Lq, Lk, D, Dv);
-    st = mha__plan_begin(p, MHA__PLAN_SDPA, opt, flags, MHA_PLAN_WEIGHTS | MHA_PLAN_TRAINING,
+    st = mha__plan_begin(p, MHA__PLAN_SDPA, opt, flags, MHA_PLAN_WEIGHTS | MHA_PLAN_TRAINING | MHA_PLAN_CACHE,
                          B, H, Lq, Lk, e);
     if (st != MHA_OK) return st;
     if ((st = mha__check_decode(&p->opt, H, p->opt.num_kv_heads, "opt->num_kv_heads", NULL, D, Lk, e)) != MHA_OK)
@@ -4118,7 +4132,10 @@ static mha_status mha__sdpa_plan_make(int B, int H, int Lq, int Lk, int D, int D
     Hkv = p->opt.num_kv_heads ? p->opt.num_kv_heads : H;
     p->D = D; p->Dv = Dv;
     if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 0, p->nthreads, &per_thread, &f)) goto overflow;
-    if (D == Dv) {   /* a run over a KV cache (ring buffers included) */
+    if (flags & MHA_PLAN_CACHE) {   /* a run over a KV cache (ring buffers included) */
+        if (D != Dv)
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "flags", "has MHA_PLAN_CACHE, but a KV cache holds "
+                             "keys and values of one width: D %d, Dv %d", D, Dv);
         if (!mha__cache_attend_floats(H, Lq, Lk, D, 1, p->nthreads, &per_thread, &f1)) goto overflow;
         if (f1 > f) f = f1;
     }
@@ -4252,6 +4269,13 @@ static mha_status mha__sdpa_run_forward(const mha_plan *p, int Lq, int Lk,
     if (st == MHA_OK) st = mha__need(err, "k", k);
     if (st == MHA_OK) st = mha__need(err, "v", v);
     if (st == MHA_OK) st = mha__rows_ok(run, Lq, err);
+    if (st == MHA_OK && rows) {   /* rows are recomputed from q and k after out is written */
+        size_t nq = (size_t)p->B * p->H * Lq * p->D, no = (size_t)p->B * p->H * Lq * p->Dv;
+        size_t nk = (size_t)p->B * (o.num_kv_heads ? o.num_kv_heads : p->H) * Lk * p->D;
+        if (mha__overlap(out, no, q, nq) || mha__overlap(out, no, k, nk))
+            st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "run->rows", "are recomputed from q and k after the "
+                           "forward, but out overlaps %s", mha__overlap(out, no, q, nq) ? "q" : "k");
+    }
     if (st != MHA_OK) return st;
     (void)mha__sdpa_fwd_floats(p->B, p->H, Lq, Lk, p->D, p->Dv, weights, p->nthreads, &per_thread,
                                &total);   /* within the plan's */
@@ -4573,12 +4597,6 @@ static void mha__kv_project_backward(int B, int Lk, int extra, int in, int E, co
     }
 }
 
-/* Whether n1 floats at a and n2 floats at b share memory. */
-static int mha__overlap(const float *a, size_t n1, const float *b, size_t n2)
-{
-    uintptr_t pa = (uintptr_t)a, pb = (uintptr_t)b;
-    return pa < pb + n2 * sizeof(float) && pb < pa + n1 * sizeof(float);
-}
 
 /* The by-head path writes out from its first head on, and every head reads
    query, key and value again: each of the inputs x[0..2] (n[i] floats) that
@@ -4778,7 +4796,7 @@ static int mha__module_floats(const mha_plan *p, int Lq, int Lk, size_t *floats)
     size_t f;
     if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 0, p->by_head, p->nthreads, 0, &F)) return 0;
     *floats = F.total_floats;
-    if (p->cache_ok) {
+    if (p->flags & MHA_PLAN_CACHE) {
         if (!mha__cached_floats(&p->mod, p->B, Lq, Lk, 1, p->nthreads, &f)) return 0;
         if (f > *floats) *floats = f;
     }
@@ -4832,8 +4850,8 @@ static mha_status mha__module_plan_make(const mha_module *m, int B, int Lq, int 
         !mha__mul(n, sizeof(float), &n) ||
         !mha__mul3((size_t)Lq, (size_t)Lke, 2 * sizeof(float), &n))
         goto overflow;
-    st = mha__plan_begin(p, kind, opt, flags, MHA_PLAN_WEIGHTS | MHA_PLAN_TRAINING | MHA_PLAN_PACK,
-                         B, r.H, Lq, Lk, e);
+    st = mha__plan_begin(p, kind, opt, flags, MHA_PLAN_WEIGHTS | MHA_PLAN_TRAINING | MHA_PLAN_PACK |
+                         (kind == MHA__PLAN_MODULE ? MHA_PLAN_CACHE : 0u), B, r.H, Lq, Lk, e);
     if (st != MHA_OK) return st;
     if ((st = mha__check_decode(&p->opt, r.H, m->num_kv_heads, "m->num_kv_heads", &m->rope, r.D, Lk, e)) != MHA_OK)
         return st;
@@ -4846,6 +4864,9 @@ static mha_status mha__module_plan_make(const mha_module *m, int B, int Lq, int 
     p->by_head = !(flags & MHA_PLAN_TRAINING) &&
                  (double)B * ((double)Lq + 2.0 * Lke) * r.E >= (double)MHA__BY_HEAD_FLOATS;
     p->cache_ok = r.kdim == r.E && r.vdim == r.E && r.extra == 0;
+    if ((flags & MHA_PLAN_CACHE) && !p->cache_ok)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "flags", "has MHA_PLAN_CACHE, but a KV cache serves plain "
+                         "self-attention only: kdim and vdim must be embed_dim, no bias_k or add_zero_attn");
     if (!mha__module_floats(p, Lq, Lk, &f)) goto overflow;
     p->mod_floats = f;
     if ((flags & MHA_PLAN_TRAINING) && !mha__fwd_layout_at(&r, B, Lq, Lk, 0, 0, p->nthreads, 1, &F)) goto overflow;
@@ -5749,6 +5770,9 @@ static mha_status mha__sdpa_cache_forward(const mha_plan *p, int Lq, const float
     float *ws;
     int D = p->D;
     mha_status st;
+    if (!(p->flags & MHA_PLAN_CACHE))
+        return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, "run->cache", "is set, but the plan was made without "
+                         "MHA_PLAN_CACHE");
     if ((st = mha__cache_fits(p, c, o->num_kv_heads ? o->num_kv_heads : p->H, Lq, o, e)) != MHA_OK ||
         (st = mha__cache_holds(c, Lq, e)) != MHA_OK)
         return st;
@@ -5812,9 +5836,9 @@ static mha_status mha__module_cached(const mha_plan *p, int Lq, const float *x, 
     float *ws, *qp, *kn, *vn, *scratch;
     int E = r->E, Ekv = r->Ekv, B = p->B, nt = p->nthreads, b;
     mha_status st;
-    if (!p->cache_ok)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "run->cache", "is set, but the module is not plain "
-                         "self-attention (kdim and vdim must be embed_dim, no bias_k or add_zero_attn)");
+    if (!(p->flags & MHA_PLAN_CACHE))
+        return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, "run->cache", "is set, but the plan was made without "
+                         "MHA_PLAN_CACHE");
     if ((key && key != x) || (value && value != x))
         return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, key && key != x ? "key" : "value", "is not query or NULL; "
                          "with run->cache the new tokens' keys and values come from query");
@@ -6029,12 +6053,45 @@ typedef struct mha__enc_layout {
 
 /* The encoder's layouts at length L: mode 0 inference, 1 a forward that
    saves, 2 a backward (have_saved: the caller gives the saved forward). */
+/* The self-attention's workspace inside an encoder run of each mode: a
+   forward that does not save (with the weights when the plan allows
+   them), one that saves (scratch only: Q, K, V, C go to the saved
+   forward), and a backward, which always has the self-attention's saved
+   forward (the encoder's saved layout holds it, given or recomputed). */
+static int mha__enc_sub_floats(const mha_plan *p, int L, int mode, size_t *sub)
+{
+    mha__fwd_layout F;
+    mha__bwd_layout W;
+    const mha__mod *r = &p->mod;
+    if (mode == 0) {
+        if (!mha__fwd_layout_at(r, p->B, L, L, 0, p->by_head, p->nthreads, 0, &F)) return 0;
+        *sub = F.total_floats;
+        if (p->flags & MHA_PLAN_WEIGHTS) {
+            if (!mha__fwd_layout_at(r, p->B, L, L, 1, 0, p->nthreads, 0, &F)) return 0;
+            if (F.total_floats > *sub) *sub = F.total_floats;
+        }
+        return 1;
+    }
+    if (mode == 1) {
+        if (!mha__fwd_layout_at(r, p->B, L, L, (p->flags & MHA_PLAN_WEIGHTS) != 0, 0, p->nthreads, 1, &F)) return 0;
+        *sub = F.total_floats;
+        return 1;
+    }
+    /* the backward: and, when no saved forward is given, the forward it
+       recomputes first (into the same region) */
+    if (!mha__bwd_layout_at(r, p->B, L, L, p->nthreads, 1, &W) ||
+        !mha__fwd_layout_at(r, p->B, L, L, 0, 0, p->nthreads, 1, &F))
+        return 0;
+    *sub = W.total_floats > F.total_floats ? W.total_floats : F.total_floats;
+    return 1;
+}
+
 static int mha__enc_layout_at(const mha_plan *p, int L, int mode, int have_saved, mha__enc_layout *P)
 {
     size_t cur = 0, sc = 0, ne, nf, g, t, sub, hdr;
     int E = p->mod.E, F = p->enc.dim_feedforward, N = p->B * L;
     ne = (size_t)N * E; nf = (size_t)N * F;
-    if (!mha__module_floats(p, L, L, &sub)) return 0;
+    if (!mha__enc_sub_floats(p, L, mode, &sub)) return 0;
     /* the saved layout (the caller's region or, recomputed, the workspace's) */
     if (!(mha__region(&sc, MHA__SAVED_HDR, &hdr) &&
           mha__region(&sc, mha__mod_saved_floats(&p->mod, p->B, L, L), &P->mod) &&
