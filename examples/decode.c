@@ -10,9 +10,9 @@
    every step depends on the one before, as in a real decoder.  The cache is
    plain caller memory: k, v [B, Hkv, capacity, D] and len[B].
 
-   The layer is planned once (mha_module_plan with MHA_PLAN_PACK: shapes
-   checked, weights packed for the kernels) for up to P new tokens against a
-   cache of `capacity`; every step is then a run of that plan with
+   The layer is planned once (mha_module_plan with MHA_PLAN_CACHE |
+   MHA_PLAN_PACK: shapes checked, weights packed for the kernels) for up to P
+   new tokens against a cache of `capacity`; every step is then a run of that plan with
    mha_run.cache set: project the new tokens, turn them by RoPE, append
    their K and V to the cache and attend to all of it.  */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
@@ -72,8 +72,8 @@ int main(int argc, char **argv)
 
     /* plan once: up to P new tokens (the prompt) against `cap` cached ones,
        the weights packed into the plan; one workspace serves every step */
-    if (mha_module_plan_size(&m, 1, P, cap, &opt, MHA_PLAN_PACK, &sizes, &err) != MHA_OK ||
-        mha_module_plan(&m, 1, P, cap, &opt, MHA_PLAN_PACK, NULL, 0, &plan, &err) != MHA_OK) {
+    if (mha_module_plan_size(&m, 1, P, cap, &opt, MHA_PLAN_CACHE | MHA_PLAN_PACK, &sizes, &err) != MHA_OK ||
+        mha_module_plan(&m, 1, P, cap, &opt, MHA_PLAN_CACHE | MHA_PLAN_PACK, NULL, 0, &plan, &err) != MHA_OK) {
         fprintf(stderr, "plan: %s\n", err.message);
         return 1;
     }

@@ -599,10 +599,11 @@ GPT__FN mha_status gpt_next_logits(gpt_model *M, const int *ctx, int n, float *l
    the keys and values of every byte seen so far; gpt_decoder_feed runs only
    the new bytes through the blocks, their queries attending to the cache:
    a run of the layer's module plan with run.cache set.  Each plan is made
-   once, with MHA_PLAN_PACK and Lk = the cache's capacity, so the projection
-   weights are packed when the decoder is made, not at every byte.  (After
-   the model's parameters change, make the decoder again.)  The block is the
-   same pre-norm block as mha_encoder_forward computes, written out per row:
+   once, with MHA_PLAN_CACHE | MHA_PLAN_PACK and Lk = the cache's capacity,
+   so the projection weights are packed when the decoder is made, not at
+   every byte.  (After the model's parameters change, make the decoder
+   again.)  The block is the same pre-norm block as mha_encoder_forward
+   computes, written out per row:
        t = LN1(x);  x = x + SA_cached(t);  t = LN2(x);  x = x + W2 relu(W1 t + b1) + b2
    The position table ends at ctx: when the cache is full, gpt_generate starts
    it again from the last ctx/2 bytes (a prefill), so each byte still sees at
@@ -668,7 +669,8 @@ GPT__FN mha_status gpt_decoder_init(gpt_decoder *D, gpt_model *M, mha_error *err
     for (l = 0; l < M->c.n_layer && st == MHA_OK; ++l) {
         mha_encoder_layer ly = gpt_layer(M, M->p, l);
         mha_sizes sz = {0, 0, 0};
-        st = mha_module_plan(&ly.self_attn, 1, T, T, &opt, MHA_PLAN_PACK, NULL, 0, &D->plan[l], err);
+        st = mha_module_plan(&ly.self_attn, 1, T, T, &opt, MHA_PLAN_PACK | MHA_PLAN_CACHE, NULL, 0, &D->plan[l],
+                             err);
         if (st == MHA_OK) st = mha_plan_sizes(D->plan[l], &sz, err);
         if (st == MHA_OK && sz.workspace > D->ws_bytes) D->ws_bytes = sz.workspace;
     }

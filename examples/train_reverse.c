@@ -20,6 +20,13 @@
    "held-out" hash is 0 (one in eight) are never trained on; accuracy is
    measured on 2000 of them.
 
+   THE TRAINING STEP  the encoder layer is planned once for the training
+   batch (mha_encoder_plan with MHA_PLAN_TRAINING); each step's forward is a
+   run of that plan given a saved region (mha_run.saved, sizes.saved bytes):
+   it writes there what the backward needs, and the backward run given the
+   same region reads it instead of computing the layer again.  Evaluation
+   and the pictures use the one-shot call mha_encoder_forward.
+
    It writes the attention maps of the first held-out sequence before and after
    training: <out>/reverse_before.png and <out>/reverse_after.png.
 */
@@ -28,6 +35,7 @@
 #endif
 #define MHA_IMPLEMENTATION
 #include "mha.h"
+#include "tiny_rng.h"
 #define MHA_HEATMAP_IMPLEMENTATION
 #define STB_IMAGE_WRITE_IMPLEMENTATION
 #include "heatmap.h"
@@ -56,11 +64,14 @@ enum {
     SEED = 1234
 };
 
-/* Every mha.h call returns a status; a teaching example stops at the first error. */
+/* Every mha.h call returns a status and fills this mha_error when it refuses
+   (which call, which argument, why); a teaching example stops at the first error. */
+static mha_error err;
+
 static void check(mha_status s, const char *what)
 {
     if (s != MHA_OK) {
-        fprintf(stderr, "%s: %s\n", what, mha_status_string(s));
+        fprintf(stderr, "%s: %s\n", what, err.status == s ? err.message : mha_status_string(s));
         exit(2);
     }
 }
@@ -122,18 +133,18 @@ static mha_encoder_layer_grad grad_view(const layout *o, float *g)
 /* PyTorch's initialisation, roughly: Linear weights U(-1/sqrt(in), 1/sqrt(in)),
    the attention projections Xavier-uniform, biases zero, LayerNorm 1 and 0,
    the embedding U(-1, 1). */
-static void init_params(const layout *o, float *p, mha_rng *r)
+static void init_params(const layout *o, float *p, tiny_rng *r)
 {
     size_t i;
     memset(p, 0, o->total * sizeof(float));
-    mha_rng_fill(r, p + o->emb, V * E, 1.0f);
-    mha_rng_fill(r, p + o->in_w, 3 * E * E, sqrtf(6.0f / (E + 3 * E)));
-    mha_rng_fill(r, p + o->out_w, E * E, 1.0f / sqrtf((float)E));
-    mha_rng_fill(r, p + o->l1_w, F * E, 1.0f / sqrtf((float)E));
-    mha_rng_fill(r, p + o->l1_b, F, 1.0f / sqrtf((float)E));
-    mha_rng_fill(r, p + o->l2_w, E * F, 1.0f / sqrtf((float)F));
-    mha_rng_fill(r, p + o->l2_b, E, 1.0f / sqrtf((float)F));
-    mha_rng_fill(r, p + o->head_w, V * E, 1.0f / sqrtf((float)E));
+    tiny_rng_fill(r, p + o->emb, V * E, 1.0f);
+    tiny_rng_fill(r, p + o->in_w, 3 * E * E, sqrtf(6.0f / (E + 3 * E)));
+    tiny_rng_fill(r, p + o->out_w, E * E, 1.0f / sqrtf((float)E));
+    tiny_rng_fill(r, p + o->l1_w, F * E, 1.0f / sqrtf((float)E));
+    tiny_rng_fill(r, p + o->l1_b, F, 1.0f / sqrtf((float)E));
+    tiny_rng_fill(r, p + o->l2_w, E * F, 1.0f / sqrtf((float)F));
+    tiny_rng_fill(r, p + o->l2_b, E, 1.0f / sqrtf((float)F));
+    tiny_rng_fill(r, p + o->head_w, V * E, 1.0f / sqrtf((float)E));
     for (i = 0; i < E; ++i) p[o->n1_w + i] = p[o->n2_w + i] = 1.0f;
 }
 
@@ -148,13 +159,13 @@ static int held_out(const int *t)
     return (h >> 13) % 8 == 0;
 }
 
-static void make_batch(mha_rng *r, int n, int want_held_out, int *tokens, int *targets)
+static void make_batch(tiny_rng *r, int n, int want_held_out, int *tokens, int *targets)
 {
     int s, i;
     for (s = 0; s < n; ++s) {
         int *t = tokens + s * L;
         do {
-            for (i = 0; i < L; ++i) t[i] = (int)(mha_rng_u32(r) % V);
+            for (i = 0; i < L; ++i) t[i] = (int)(tiny_rng_u32(r) % V);
         } while (held_out(t) != want_held_out);
         for (i = 0; i < L; ++i) targets[s * L + i] = t[L - 1 - i];
     }
@@ -168,39 +179,54 @@ typedef struct {
     float *pe;                  /* [L, E] */
     float *x, *h, *logits;      /* activations of the largest batch */
     float *dlogits, *dh, *dx;
-    void *ws; size_t ws_bytes;  /* encoder workspace for the largest batch */
+    mha_plan *plan;             /* the encoder layer for training batches of B (MHA_PLAN_TRAINING) */
+    mha_run run;                /* its workspace, which also serves the one-shot calls */
+    void *saved;                /* the training forward's saved region: sizes.saved bytes */
+    size_t saved_bytes;
 } model;
 
-/* x = embed(tokens) + PE;  h = encoder(x);  logits = h Wout^T + bout */
-static void forward(model *M, int n, const int *tokens, float *attn)
+/* x = embed(tokens) + PE;  h = encoder(x);  logits = h Wout^T + bout.
+   training (a batch of B): through the plan, saving what the backward needs;
+   otherwise one shot, with the per-head weights in attn when it is not NULL. */
+static void forward(model *M, int n, const int *tokens, float *attn, int training)
 {
-    mha_encoder_layer ly = layer_view(&M->o, M->p);
-    mha_options opt;
+    mha_run run = M->run;       /* the workspace; this call's saved region or weights */
     int s, i;
-    memset(&opt, 0, sizeof opt);
-    opt.per_head_weights = 1;
-    check(mha_embedding_forward(n * L, V, E, tokens, M->p + M->o.emb, M->x), "embedding");
+    check(mha_embedding_forward(n * L, V, E, tokens, M->p + M->o.emb, M->x, &err), "embedding");
     for (s = 0; s < n; ++s)
         for (i = 0; i < L * E; ++i) M->x[(size_t)s * L * E + i] += M->pe[i];
-    check(mha_encoder_forward(&ly, n, L, M->x, &opt, M->h, attn, M->ws, M->ws_bytes), "encoder");
+    if (training) {
+        run.saved = M->saved;
+        run.saved_bytes = M->saved_bytes;
+        check(mha_encoder_run_forward(M->plan, L, M->x, M->h, &run, &err), "encoder");
+    } else {
+        mha_encoder_layer ly = layer_view(&M->o, M->p);
+        mha_options opt;
+        memset(&opt, 0, sizeof opt);
+        opt.per_head_weights = 1;
+        run.weights = attn;     /* [n, H, L, L] or NULL */
+        check(mha_encoder_forward(&ly, n, L, M->x, &opt, M->h, &run, &err), "encoder");
+    }
     check(mha_linear_forward(n * L, E, V, M->h, M->p + M->o.head_w, M->p + M->o.head_b, M->logits,
-                             NULL, 0), "output layer");
+                             NULL, &err), "output layer");
 }
 
-/* The same path backwards; dlogits is already filled by the loss. */
-static void backward(model *M, int n, const int *tokens)
+/* The same path backwards, after a training forward; dlogits is already
+   filled by the loss.  The encoder's backward reads the saved region. */
+static void backward(model *M, const int *tokens)
 {
-    mha_encoder_layer ly = layer_view(&M->o, M->p);
     mha_encoder_layer_grad gr = grad_view(&M->o, M->g);
+    mha_run run = M->run;
+    run.saved = M->saved;
+    run.saved_bytes = M->saved_bytes;
     memset(M->g, 0, M->o.total * sizeof(float));
-    memset(M->dh, 0, (size_t)n * L * E * sizeof(float));
-    memset(M->dx, 0, (size_t)n * L * E * sizeof(float));
-    check(mha_linear_backward(n * L, E, V, M->h, M->p + M->o.head_w, M->dlogits, M->dh,
-                              M->g + M->o.head_w, M->g + M->o.head_b, NULL, 0), "output layer backward");
-    check(mha_encoder_backward(&ly, n, L, M->x, NULL, M->dh, M->dx, &gr, M->ws, M->ws_bytes),
-          "encoder backward");
+    memset(M->dh, 0, (size_t)B * L * E * sizeof(float));
+    memset(M->dx, 0, (size_t)B * L * E * sizeof(float));
+    check(mha_linear_backward(B * L, E, V, M->h, M->p + M->o.head_w, M->dlogits, M->dh,
+                              M->g + M->o.head_w, M->g + M->o.head_b, NULL, &err), "output layer backward");
+    check(mha_encoder_run_backward(M->plan, L, M->x, M->dh, M->dx, &gr, &run, &err), "encoder backward");
     /* PE is a constant: the gradient of x goes to the embedding rows only */
-    check(mha_embedding_backward(n * L, V, E, tokens, M->dx, M->g + M->o.emb), "embedding backward");
+    check(mha_embedding_backward(B * L, V, E, tokens, M->dx, M->g + M->o.emb, &err), "embedding backward");
 }
 
 static float evaluate(model *M, const int *tokens, const int *targets, int n)
@@ -209,8 +235,8 @@ static float evaluate(model *M, const int *tokens, const int *targets, int n)
     for (done = 0; done < n; done += B) {
         int cnt = n - done < B ? n - done : B, correct;
         float loss;
-        forward(M, cnt, tokens + done * L, NULL);
-        check(mha_cross_entropy(cnt * L, V, M->logits, targets + done * L, &loss, NULL, &correct),
+        forward(M, cnt, tokens + done * L, NULL, 0);
+        check(mha_cross_entropy(cnt * L, V, M->logits, targets + done * L, &loss, NULL, &correct, &err),
               "loss");
         correct_total += correct;
     }
@@ -221,7 +247,7 @@ static float evaluate(model *M, const int *tokens, const int *targets, int n)
 static void print_example(model *M, const int *tokens)
 {
     int i, j;
-    forward(M, 1, tokens, NULL);
+    forward(M, 1, tokens, NULL, 0);
     printf("input ");
     for (i = 0; i < L; ++i) printf(" %d", tokens[i]);
     printf("   model ");
@@ -247,7 +273,7 @@ static void draw(model *M, const int *tokens, const char *dir, const char *name,
     mha_heatmap_result r;
     int i;
     float anti = 0.0f;
-    forward(M, 1, tokens, attn);
+    forward(M, 1, tokens, attn, 0);
     /* how much of each row sits where reversal needs it: key L-1-i for query i */
     for (i = 0; i < H * L; ++i) anti += attn[i * L + (L - 1 - i % L)];
     printf("%s: attention on the anti-diagonal %.0f%% (uniform would be %.0f%%)\n", when,
@@ -275,9 +301,11 @@ int main(int argc, char **argv)
     const int steps = argc > 2 && atoi(argv[2]) > 0 ? atoi(argv[2]) : STEPS;
     static int tok[B * L], tgt[B * L], eval_tok[EVAL_N * L], eval_tgt[EVAL_N * L];
     model M;
-    mha_rng rng, eval_rng;
+    tiny_rng rng, eval_rng;
     mha_adamw adam;
     mha_encoder_layer ly;
+    mha_options opt;
+    mha_sizes sizes, shot;
     clock_t t0 = clock();
     const int *pic;
     int step;
@@ -296,17 +324,28 @@ int main(int argc, char **argv)
     M.dx = (float *)malloc(B * L * E * sizeof(float));
     M.logits = (float *)malloc(B * L * V * sizeof(float));
     M.dlogits = (float *)malloc(B * L * V * sizeof(float));
-    check(mha_positional_encoding(L, E, M.pe), "positional encoding");
+    check(mha_positional_encoding(L, E, M.pe, &err), "positional encoding");
 
-    mha_rng_seed(&rng, SEED);
+    tiny_rng_seed(&rng, SEED);
     init_params(&M.o, M.p, &rng);
+    /* plan the layer once for training batches (the plan borrows the weight
+       pointers into M.p, which the optimizer updates in place); one workspace
+       for its runs and for the one-shot forwards with weights, and the saved
+       region its forward fills and its backward reads */
     ly = layer_view(&M.o, M.p);
-    check(mha_encoder_workspace_size(&ly, B, L, NULL, &M.ws_bytes), "workspace size");
-    M.ws = malloc(M.ws_bytes);
+    memset(&opt, 0, sizeof opt);
+    opt.per_head_weights = 1;
+    check(mha_encoder_plan_size(&ly, B, L, &opt, MHA_PLAN_TRAINING, &sizes, &err), "plan size");
+    check(mha_encoder_plan(&ly, B, L, &opt, MHA_PLAN_TRAINING, NULL, 0, &M.plan, &err), "plan");
+    check(mha_encoder_plan_size(&ly, B, L, &opt, MHA_PLAN_WEIGHTS, &shot, &err), "one-shot size");
+    M.run.workspace_bytes = sizes.workspace > shot.workspace ? sizes.workspace : shot.workspace;
+    M.run.workspace = malloc(M.run.workspace_bytes);
+    M.saved_bytes = sizes.saved;
+    M.saved = malloc(M.saved_bytes);
     if (!M.p || !M.g || !M.m || !M.v || !M.pe || !M.x || !M.h || !M.dh || !M.dx || !M.logits ||
-        !M.dlogits || !M.ws)
+        !M.dlogits || !M.run.workspace || !M.saved)
         check(MHA_ERR_OUT_OF_MEMORY, "malloc");
-    mha_rng_seed(&eval_rng, SEED + 1);
+    tiny_rng_seed(&eval_rng, SEED + 1);
     make_batch(&eval_rng, EVAL_N, 1, eval_tok, eval_tgt);
     make_dir(dir);
 
@@ -329,10 +368,10 @@ int main(int argc, char **argv)
         float loss;
         int correct;
         make_batch(&rng, B, 0, tok, tgt);
-        forward(&M, B, tok, NULL);
-        check(mha_cross_entropy(B * L, V, M.logits, tgt, &loss, M.dlogits, &correct), "loss");
-        backward(&M, B, tok);
-        check(mha_adamw_step(&adam, step, M.o.total, M.p, M.g, M.m, M.v), "AdamW");
+        forward(&M, B, tok, NULL, 1);   /* saves what the backward needs */
+        check(mha_cross_entropy(B * L, V, M.logits, tgt, &loss, M.dlogits, &correct, &err), "loss");
+        backward(&M, tok);              /* reads it */
+        check(mha_adamw_step(&adam, step, M.o.total, M.p, M.g, M.m, M.v, &err), "AdamW");
         if (step % 100 == 0 || step == 1) {
             acc = evaluate(&M, eval_tok, eval_tgt, EVAL_N);
             printf("step %5d  loss %.4f  batch acc %5.1f%%  held-out acc %6.2f%%  %.1fs\n", step, loss,
@@ -346,6 +385,7 @@ int main(int argc, char **argv)
     draw(&M, pic, dir, "reverse_after.png", "after training");
 
     free(M.p); free(M.g); free(M.m); free(M.v); free(M.pe); free(M.x); free(M.h);
-    free(M.dh); free(M.dx); free(M.logits); free(M.dlogits); free(M.ws);
+    free(M.dh); free(M.dx); free(M.logits); free(M.dlogits); free(M.run.workspace); free(M.saved);
+    mha_plan_destroy(M.plan);
     return acc >= 0.99f ? 0 : 1;
 }
