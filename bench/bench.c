@@ -171,14 +171,14 @@ static void fill(float *x, size_t n, unsigned seed)
 }
 
 /* One timed sample: repeat the call `reps` times, return seconds per call. */
-static double time_mha(const shape *s, const float *A, const float *B, float *C, void *ws,
-                       size_t wsb, int reps)
+static double time_mha(const shape *s, const float *A, const float *B, float *C, const mha_run *run,
+                       int reps)
 {
     double t0 = now(), w0 = wall_now();
     int r = 0;
     while (r < reps) {
         mha_gemm((mha_trans)s->ta, (mha_trans)s->tb, s->M, s->N, s->K, 1.0f, A, s->ta ? s->M : s->K,
-                 B, s->tb ? s->K : s->N, 0.0f, C, s->N, ws, wsb);
+                 B, s->tb ? s->K : s->N, 0.0f, C, s->N, run, NULL);
         ++r;
         if (over_budget(w0)) break;
     }
@@ -234,20 +234,22 @@ static void gemm_table(void)
         fill(B, nb, 7u + (unsigned)i);
         for (t = 1; t <= max_threads(); ++t) {
             double tm[SAMPLES], tb[SAMPLES], tp[SAMPLES], per;
-            size_t wsb;
-            void *ws;
+            mha_sizes sz;
+            mha_run run = {0};                               /* the workspace, allocated once */
             int reps, k;
             set_threads(t);
-            wsb = mha_gemm_workspace_size(s->M, s->N, s->K);
-            ws = malloc(wsb);
-            per = time_mha(s, A, B, C, ws, wsb, 1);          /* warm up, and size the samples */
+            if (mha_gemm_plan_size((mha_trans)s->ta, (mha_trans)s->tb, s->M, s->N, s->K, 0, &sz, NULL) != MHA_OK)
+                continue;
+            run.workspace = malloc(sz.workspace);
+            run.workspace_bytes = sz.workspace;
+            per = time_mha(s, A, B, C, &run, 1);             /* warm up, and size the samples */
             reps = (int)(SAMPLE_SECONDS / per) + 1;
 #ifdef MHA_BENCH_OPENBLAS
             time_blas(s, A, B, C, 1);
 #endif
             for (k = 0; k < SAMPLES; ++k) {                  /* interleaved: same conditions */
                 tp[k] = peak_sample(t, PEAK_ITERS / 8);     /* the ceiling, right now */
-                tm[k] = time_mha(s, A, B, C, ws, wsb, reps);
+                tm[k] = time_mha(s, A, B, C, &run, reps);
 #ifdef MHA_BENCH_OPENBLAS
                 pause_ms(5);
                 tb[k] = time_blas(s, A, B, C, reps);
@@ -270,7 +272,7 @@ static void gemm_table(void)
                 printf("\n");
                 fflush(stdout);
             }
-            free(ws);
+            free(run.workspace);
         }
         free(A); free(B); free(C);
     }

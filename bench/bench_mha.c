@@ -2,16 +2,17 @@
 
    Tables (medians of repeated runs, each configuration in its own forked
    process so its peak RSS is its own):
-     1. mha_forward, E = 512, H = 8, self attention, (B, L) as in the speed
-        issue: fused (no weights) and unfused (head-averaged weights), 1 and
-        2 threads; ms, GFLOP/s, peak RSS, and PyTorch's time for the same
-        call (bench/torch_mha.py) as a ratio torch_ms / mha_ms.  Rows
-        "+packed" run the same call on a module whose weights were packed
-        once beforehand (mha_module_pack, not timed).
-     2. the attention core alone (mha_sdpa, 8 heads of 64, fused).
+     1. mha_module_forward, E = 512, H = 8, self attention, (B, L) as in
+        the speed issue: fused (no weights) and unfused (head-averaged
+        weights, run.weights), 1 and 2 threads; ms, GFLOP/s, peak RSS, and
+        PyTorch's time for the same call (bench/torch_mha.py) as a ratio
+        torch_ms / mha_ms.  Rows "+packed" run a plan made once beforehand
+        with MHA_PLAN_PACK (the weights packed into it, not timed) instead
+        of the one-shot call.
+     2. the attention core alone (mha_sdpa_forward, 8 heads of 64, fused).
      3. long sequences: L = 16384 (E 512, H 8) and L = 65536 (one head of 64):
         peak RSS against the bytes of the inputs and outputs.
-     4. decoding (issue 9): one decode step (Lq = 1) of mha_sdpa with H = 32,
+     4. decoding (issue 9): one decode step (Lq = 1) of mha_sdpa_forward with H = 32,
         Hkv = 8, D = 128 against an fp32 cache of Lk = 4096 and 32768 keys:
         K+V bytes read per second against a STREAM-like read of as many
         bytes measured in the same run, and against a plain per-head C loop
@@ -24,7 +25,8 @@
    torch script does the same), so a busy machine slows only the 2-thread rows.
 
      5. training: the module's forward + backward (E 512, H 8; a training
-        plan, so the backward uses the saved forward) against PyTorch
+        plan whose forward run fills an explicit saved region, run.saved,
+        which the backward run reads) against PyTorch
         autograd, and one encoder-layer step (forward + backward + AdamW,
         B 8, L 128, d 512, F 2048) against nn.TransformerEncoderLayer +
         torch.optim.AdamW; each row with its % of the FMA peak measured by
@@ -98,9 +100,9 @@ enum { JOB_MHA = 0, JOB_DECODE, JOB_STREAM, JOB_NAIVE_DECODE, JOB_GQA_PREFILL, J
 typedef struct job {
     int kind;               /* JOB_MHA: tables 1-3; the others: table 4 (run_decode_job) */
     int Lk, Hkv, D, window; /* table 4 shapes; window: left size (0 = full causal) */
-    int sdpa;               /* 1: mha_sdpa on [B,H,L,D]; 0: mha_forward */
+    int sdpa;               /* 1: mha_sdpa_forward on [B,H,L,D]; 0: mha_module_forward */
     int B, L, E, H, threads, fused;
-    int packed;             /* mha_forward on a module packed with mha_module_pack */
+    int packed;             /* runs of a module plan made with MHA_PLAN_PACK */
     double min_time;        /* seconds of timed runs to aim for */
     int max_reps;
 } job;
@@ -151,11 +153,12 @@ static result run_decode_job(const job *jb)
     double times[64], t_start;
     int i, H = jb->H, Hkv = jb->Hkv, D = jb->D, Lk = jb->Lk, Lq = jb->kind == JOB_DECODE ||
                                                                   jb->kind == JOB_NAIVE_DECODE ? 1 : Lk;
-    size_t nkv = (size_t)Hkv * Lk * D, nq = (size_t)H * Lq * D, wsb = 0;
+    size_t nkv = (size_t)Hkv * Lk * D, nq = (size_t)H * Lq * D;
     float *q, *k, *v, *out, *att = NULL;
     volatile float sink = 0.0f;
-    void *ws = NULL;
     mha_options opt;
+    mha_sizes sz;
+    mha_run run = {0};
     memset(&r, 0, sizeof r);
     memset(&opt, 0, sizeof opt);
     opt.num_threads = jb->threads;
@@ -169,7 +172,10 @@ static result run_decode_job(const job *jb)
     fill(q, nq, 1, 1.0f); fill(k, nkv, 2, 1.0f); fill(v, nkv, 3, 1.0f);
     if (jb->kind == JOB_NAIVE_DECODE && !(att = (float *)malloc((size_t)H * Lk * sizeof(float)))) return r;
     if (jb->kind != JOB_STREAM && jb->kind != JOB_NAIVE_DECODE) {
-        if (mha_sdpa_workspace_size(1, H, Lq, Lk, D, D, &opt, 0, &wsb) != MHA_OK || !(ws = malloc(wsb))) return r;
+        if (mha_sdpa_plan_size(1, H, Lq, Lk, D, D, &opt, 0, &sz, NULL) != MHA_OK ||
+            !(run.workspace = malloc(sz.workspace)))
+            return r;
+        run.workspace_bytes = sz.workspace;
     }
     t_start = now_s(jb->threads);
     for (i = -1; i < jb->max_reps && i < 64; ++i) {
@@ -182,7 +188,7 @@ static result run_decode_job(const job *jb)
             for (u = 0; u < 16; ++u) sink += acc[u];
         } else if (jb->kind == JOB_NAIVE_DECODE) {
             naive_decode(H, Hkv, Lk, D, q, k, v, att, out, jb->threads);
-        } else if (mha_sdpa(1, H, Lq, Lk, D, D, q, k, v, &opt, out, NULL, ws, wsb) != MHA_OK) {
+        } else if (mha_sdpa_forward(1, H, Lq, Lk, D, D, q, k, v, &opt, out, &run, NULL) != MHA_OK) {
             return r;
         }
         t1 = now_s(jb->threads);
@@ -191,7 +197,8 @@ static result run_decode_job(const job *jb)
         if (r.reps >= 3 && t1 - t_start >= jb->min_time) break;
     }
     median_result(&r, times);
-    free(q); free(out); free(k); free(v); free(att); free(ws);
+    (void)sink;   /* written only so that the reads above cannot be dropped */
+    free(q); free(out); free(k); free(v); free(att); free(run.workspace);
     return r;
 }
 
@@ -230,6 +237,7 @@ static result run_peak_job(const job *jb)
         keep += acc;
         times[r.reps] = now_s(jb->threads) - t0;
     }
+    (void)keep;   /* written only so that the FMA chains cannot be dropped */
     qsort(times, (size_t)r.reps, sizeof(double), cmp_double);
     /* reported as the ms of a nominal 1 GFLOP, so GFLOP/s = 1e3 / ms */
     r.ms = 1e3 * times[r.reps / 2] / (24.0 * MHA__VW * (double)n * jb->threads * 1e-9);
@@ -240,8 +248,9 @@ static result run_peak_job(const job *jb)
 /* One training step's compute, in this process: the module's forward +
    backward (all weight gradients and dx), or the encoder layer's forward +
    backward + AdamW on all its parameters.  Through a training plan made
-   once (as PyTorch's modules are): its forward run leaves the saved forward
-   in the workspace, and the backward run uses it (docs/api.md). */
+   once (as PyTorch's modules are): its forward run writes the saved forward
+   into run.saved (sizes.saved bytes, allocated once) and the backward run
+   reads it from there (docs/api.md). */
 static result run_train_job(const job *jb)
 {
     result r;
@@ -259,9 +268,10 @@ static result run_train_job(const job *jb)
     mha_module *m = &enc.self_attn;
     mha_module_grad *mg = &eg.self_attn;
     mha_adamw aw = mha_adamw_defaults();
-    mha_options opt = mha_options_defaults();
-    size_t wsb = 0;
-    void *ws = NULL;
+    mha_options opt = {0};
+    mha_sizes sz;
+    mha_run run = {0};
+    mha_error err;
     mha_plan *plan = NULL;
     float *q;
     int i;
@@ -288,12 +298,16 @@ static result run_train_job(const job *jb)
         for (i = 0; i < E; ++i) q[i] = 1.0f;
         enc.norm2_weight = q; eg.norm2_weight = g + (q - par); q += E;
         enc.norm2_bias = q;   eg.norm2_bias = g + (q - par);
-        if (mha_encoder_plan(&enc, B, L, &opt, MHA_PLAN_TRAINING, NULL, 0, &plan) != MHA_OK) return r;
+        if (mha_encoder_plan(&enc, B, L, &opt, MHA_PLAN_TRAINING, NULL, 0, &plan, &err) != MHA_OK) goto fail;
     } else {
-        if (mha_module_plan(m, B, L, L, &opt, MHA_PLAN_TRAINING, NULL, 0, &plan) != MHA_OK) return r;
+        if (mha_module_plan(m, B, L, L, &opt, MHA_PLAN_TRAINING, NULL, 0, &plan, &err) != MHA_OK) goto fail;
     }
-    wsb = mha_plan_workspace_size(plan);
-    if (!(ws = malloc(wsb))) return r;
+    if (mha_plan_sizes(plan, &sz, &err) != MHA_OK) goto fail;
+    run.workspace = malloc(sz.workspace);
+    run.workspace_bytes = sz.workspace;
+    run.saved = malloc(sz.saved);   /* the forward writes it, the backward reads it */
+    run.saved_bytes = sz.saved;
+    if (!run.workspace || !run.saved) return r;
     t_start = now_s(jb->threads);
     for (i = -1; i < jb->max_reps && i < 64; ++i) {   /* i = -1: warm-up */
         double t0 = now_s(jb->threads), t1;
@@ -301,23 +315,26 @@ static result run_train_job(const job *jb)
         memset(g, 0, n_par * 4);
         memset(dx, 0, nx * 4);
         if (jb->kind == JOB_ENCSTEP) {
-            st = mha_encoder_run(plan, L, x, NULL, NULL, y, NULL, ws, wsb);
-            if (st == MHA_OK) st = mha_encoder_run_backward(plan, L, x, dy, NULL, NULL, dx, &eg, ws, wsb);
-            if (st == MHA_OK) st = mha_adamw_step(&aw, i + 2, n_par, par, g, am, av);
+            st = mha_encoder_run_forward(plan, L, x, y, &run, &err);
+            if (st == MHA_OK) st = mha_encoder_run_backward(plan, L, x, dy, dx, &eg, &run, &err);
+            if (st == MHA_OK) st = mha_adamw_step(&aw, i + 2, n_par, par, g, am, av, &err);
         } else {
-            st = mha_module_forward(plan, L, L, x, x, x, NULL, NULL, y, NULL, ws, wsb);
-            if (st == MHA_OK)
-                st = mha_module_backward(plan, L, L, x, x, x, dy, NULL, NULL, dx, dx, dx, mg, ws, wsb);
+            st = mha_module_run_forward(plan, L, L, x, x, x, y, &run, &err);
+            if (st == MHA_OK) st = mha_module_run_backward(plan, L, L, x, x, x, dy, dx, dx, dx, mg, &run, &err);
         }
         t1 = now_s(jb->threads);
-        if (st != MHA_OK) { fprintf(stderr, "bench: %s\n", mha_status_string(st)); return r; }
+        if (st != MHA_OK) goto fail;
         if (i >= 0) times[r.reps++] = t1 - t0;
         else t_start = t1;
         if (r.reps >= 3 && t1 - t_start >= jb->min_time) break;
     }
     median_result(&r, times);
-    free(x); free(y); free(dy); free(dx); free(par); free(g); free(am); free(av); free(ws);
+    free(x); free(y); free(dy); free(dx); free(par); free(g); free(am); free(av);
+    free(run.workspace); free(run.saved);
     mha_plan_destroy(plan);
+    return r;
+fail:
+    fprintf(stderr, "bench: %s\n", err.message);
     return r;
 }
 
@@ -328,11 +345,14 @@ static result run_job(const job *jb)
     double times[64];
     int E = jb->E, B = jb->B, L = jb->L, H = jb->H, D = E / H, i;
     size_t nx = (size_t)B * L * E, nw = jb->fused ? 0 : (size_t)B * (jb->sdpa ? H : 1) * L * L;
-    size_t wsb = 0;
     float *x, *k = NULL, *v = NULL, *out, *w = NULL, *w_in = NULL, *b_in = NULL, *w_out = NULL, *b_out = NULL;
-    void *ws, *pk = NULL;
+    const unsigned flags = jb->fused ? 0u : MHA_PLAN_WEIGHTS;
     mha_module m;
     mha_options opt;
+    mha_sizes sz;
+    mha_plan *plan = NULL;
+    mha_run run = {0};
+    mha_error err;
     double t_start;
     if (jb->kind == JOB_PEAK) return run_peak_job(jb);
     if (jb->kind == JOB_FWDBWD || jb->kind == JOB_ENCSTEP) return run_train_job(jb);
@@ -350,7 +370,7 @@ static result run_job(const job *jb)
         k = (float *)malloc(nx * sizeof(float));
         v = (float *)malloc(nx * sizeof(float));
         fill(k, nx, 2, 1.0f); fill(v, nx, 3, 1.0f);
-        if (mha_sdpa_workspace_size(B, H, L, L, D, D, &opt, !jb->fused, &wsb) != MHA_OK) return r;
+        if (mha_sdpa_plan_size(B, H, L, L, D, D, &opt, flags, &sz, &err) != MHA_OK) goto fail;
         r.io_mib = (3.0 * nx + nx + nw) * sizeof(float) / 1048576.0;
     } else {
         w_in = (float *)malloc((size_t)3 * E * E * sizeof(float));
@@ -361,26 +381,27 @@ static result run_job(const job *jb)
         fill(w_out, (size_t)E * E, 6, 0.05f); fill(b_out, (size_t)E, 7, 0.1f);
         m.embed_dim = E; m.num_heads = H;
         m.in_proj_weight = w_in; m.in_proj_bias = b_in; m.out_proj_weight = w_out; m.out_proj_bias = b_out;
-        if (mha_forward_workspace_size(&m, B, L, L, &opt, !jb->fused, &wsb) != MHA_OK) return r;
         if (jb->packed) {   /* once, like a model that is loaded once and run many times */
-            size_t pkb = 0;
-            if (mha_module_pack_size(&m, &pkb) != MHA_OK || !(pk = malloc(pkb)) ||
-                mha_module_pack(&m, pk, pkb) != MHA_OK)
-                return r;
-            m.packed = pk;
+            if (mha_module_plan(&m, B, L, L, &opt, flags | MHA_PLAN_PACK, NULL, 0, &plan, &err) != MHA_OK ||
+                mha_plan_sizes(plan, &sz, &err) != MHA_OK)
+                goto fail;
+        } else if (mha_module_plan_size(&m, B, L, L, &opt, flags, &sz, &err) != MHA_OK) {
+            goto fail;
         }
         r.io_mib = ((double)nx + nx + nw + 4.0 * E * E + 4.0 * E) * sizeof(float) / 1048576.0;
     }
-    ws = malloc(wsb);
-    if (!x || !out || (nw && !w) || !ws || (jb->sdpa && (!k || !v))) return r;
+    run.workspace = malloc(sz.workspace);
+    run.workspace_bytes = sz.workspace;
+    run.weights = w;   /* NULL on the fused rows */
+    if (!x || !out || (nw && !w) || !run.workspace || (jb->sdpa && (!k || !v))) return r;
     t_start = now_s(jb->threads);
     for (i = -1; i < jb->max_reps && i < 64; ++i) {   /* i = -1: warm-up, not timed */
         double t0 = now_s(jb->threads);
-        mha_status s = jb->sdpa
-            ? mha_sdpa(B, H, L, L, D, D, x, k, v, &opt, out, w, ws, wsb)
-            : mha_forward(&m, B, L, L, x, x, x, &opt, out, w, ws, wsb);
+        mha_status s = jb->sdpa ? mha_sdpa_forward(B, H, L, L, D, D, x, k, v, &opt, out, &run, &err)
+                       : plan   ? mha_module_run_forward(plan, L, L, x, x, x, out, &run, &err)
+                                : mha_module_forward(&m, B, L, L, x, x, x, &opt, out, &run, &err);
         double t1 = now_s(jb->threads);
-        if (s != MHA_OK) { fprintf(stderr, "bench: %s\n", mha_status_string(s)); return r; }
+        if (s != MHA_OK) goto fail;
         if (i >= 0) times[r.reps++] = t1 - t0;
         if (i < 0) t_start = t1;
         if (r.reps >= 3 && t1 - t_start >= jb->min_time) break;
@@ -391,6 +412,9 @@ static result run_job(const job *jb)
     r.ms = r.reps ? 1e3 * (r.reps % 2 ? times[r.reps / 2] : 0.5 * (times[r.reps / 2 - 1] + times[r.reps / 2])) : 0;
     r.rss_mib = peak_rss_mib();
     r.ok = r.reps > 0;
+    return r;   /* the child exits: its buffers and plan go with it */
+fail:
+    fprintf(stderr, "bench: %s\n", err.message);
     return r;
 }
 
@@ -526,8 +550,8 @@ static void train_table(int torch)
     measure_peak(peak);
     printf("\n== training, E=%d, H=%d (%s build): FMA peak of this run %.1f GFLOP/s (1 thread), %.1f (2)\n",
            E_DIM, N_HEADS, MHA__SIMD_NAME, peak[0], peak[1]);
-    printf("   fwd+bwd = training plan: mha_module_forward + mha_module_backward (dx, all weight gradients,\n"
-           "             the saved forward) vs torch autograd;\n");
+    printf("   fwd+bwd = training plan: mha_module_run_forward + mha_module_run_backward (dx, all weight\n"
+           "             gradients, the saved forward in run.saved) vs torch autograd;\n");
     printf("   enc step = encoder layer F=%d forward + backward + AdamW vs nn.TransformerEncoderLayer\n", 4 * E_DIM);
     printf("   + torch.optim.AdamW.  FLOPs = 3 x the forward's (AdamW not counted); ratio = torch / mha.h\n");
     printf("%-9s %-16s %3s %9s %8s %7s %9s %7s\n", "B,L", "what", "thr", "ms", "GFLOP/s", "%peak",
@@ -557,7 +581,7 @@ static void decode_table(void)
 {
     static const int lks[] = {4096, 32768};
     int i, t;
-    printf("\n== decoding: one step, Lq = 1, H = 32, Hkv = 8, D = 128, fp32 K/V cache (mha_sdpa, GQA)\n");
+    printf("\n== decoding: one step, Lq = 1, H = 32, Hkv = 8, D = 128, fp32 K/V cache (mha_sdpa_forward, GQA)\n");
     printf("   GB/s = K+V bytes / time; stream = a plain read of as many bytes, this run;\n");
     printf("   llama2.c = a plain per-head C loop (scores, softmax, weighted sum)\n");
     printf("%-6s %3s %9s %8s %9s %7s %12s %8s\n", "Lk", "thr", "ms", "GB/s", "stream", "%bw",
@@ -572,7 +596,7 @@ static void decode_table(void)
             printf("%-6d %3d %9.3f %8.2f %9.2f %6.0f%% %12.3f %7.2fx\n", lks[i], t, m.ms, bytes / (m.ms * 1e6),
                    bytes / (st.ms * 1e6), 100.0 * st.ms / m.ms, nv.ms, nv.ms / m.ms);
         }
-    printf("\n== prefill with GQA: mha_sdpa L = 2048, H = 8, D = 64, no mask; GFLOP/s = 4 H L^2 D / time\n");
+    printf("\n== prefill with GQA: mha_sdpa_forward L = 2048, H = 8, D = 64, no mask; GFLOP/s = 4 H L^2 D / time\n");
     printf("%-10s %3s %9s %8s\n", "Hkv", "thr", "ms", "GFLOP/s");
     for (i = 0; i < 2; ++i)
         for (t = 1; t <= 2; ++t) {
@@ -582,7 +606,7 @@ static void decode_table(void)
             printf("%-10s %3d %9.3f %8.1f\n", i == 0 ? "8 (MHA)" : "2 (GQA)", t, m.ms,
                    4.0 * 8 * 2048.0 * 2048 * 64 / (m.ms * 1e6));
         }
-    printf("\n== sliding window: mha_sdpa causal, L = 16384, one head of 64, 1 thread\n");
+    printf("\n== sliding window: mha_sdpa_forward causal, L = 16384, one head of 64, 1 thread\n");
     {
         result full = decode_row(JOB_WINDOW, 1, 1, 16384, 64, 0, 1, 0.0);
         result win = decode_row(JOB_WINDOW, 1, 1, 16384, 64, 256, 1, 0.3);
@@ -624,6 +648,7 @@ int main(int argc, char **argv)
     printf("   %%peak = GFLOP/s / the FMA peak of this run: %.1f GFLOP/s (1 thread), %.1f (2)\n",
            peak[0], peak[1]);
     printf("   fused = no weights (torch need_weights=False), unfused = averaged weights (need_weights=True)\n");
+    printf("   plain rows: the one-shot mha_module_forward; +packed: runs of a plan made with MHA_PLAN_PACK\n");
     printf("   1 thread: CPU time, 2 threads: wall clock; 2t/1t = speed-up of the 2-thread row\n");
     printf("%-9s %-14s %3s %9s %8s %6s %6s %9s %9s %7s\n", "B,L", "path", "thr", "ms", "GFLOP/s", "%peak",
            "2t/1t", "peak MiB", "torch ms", "ratio");
@@ -652,7 +677,7 @@ int main(int argc, char **argv)
             }
         }
 
-    printf("\n== attention core alone: mha_sdpa, B=1, H=8, D=64, no mask, fused\n");
+    printf("\n== attention core alone: mha_sdpa_forward, B=1, H=8, D=64, no mask, fused\n");
     printf("   FLOPs 4 H L^2 D (QK^T and PV)\n");
     printf("%-6s %3s %9s %8s %6s %6s\n", "L", "thr", "ms", "GFLOP/s", "%peak", "2t/1t");
     {

@@ -13,8 +13,8 @@ int main(void)
     size_t n = (size_t)B * H * L * D, rows = (size_t)B * H * L, i;
     float *q = malloc(n * 4), *k = malloc(n * 4), *v = malloc(n * 4), *o = malloc(n * 4);
     float *st = malloc(4 * rows * sizeof(float));
-    mha_row_stats rs;
-    mha_options opt = mha_options_defaults();
+    mha_run run = {0};          /* no workspace: the call allocates one, as 0.1's did */
+    mha_options opt = {0};
     unsigned s = 1;
     double sum = 0;
     for (i = 0; i < n; ++i) {
@@ -22,10 +22,11 @@ int main(void)
         s = s * 1664525u + 1013904223u; k[i] = (float)(s >> 9) / 8388608.0f - 1.0f;
         s = s * 1664525u + 1013904223u; v[i] = (float)(s >> 9) / 8388608.0f - 1.0f;
     }
-    rs.lse = st; rs.entropy = st + rows; rs.max_weight = st + 2 * rows; rs.first_weight = st + 3 * rows;
     opt.causal = 1; opt.num_threads = 1;
-    if (getenv("STATS")) opt.row_stats = &rs;
-    if (mha_sdpa(B, H, L, L, D, D, q, k, v, &opt, o, NULL, NULL, 0) != MHA_OK) return 1;
+    if (getenv("STATS")) {
+        run.lse = st; run.entropy = st + rows; run.max_weight = st + 2 * rows; run.first_weight = st + 3 * rows;
+    }
+    if (mha_sdpa_forward(B, H, L, L, D, D, q, k, v, &opt, o, &run, NULL) != MHA_OK) return 1;
     for (i = 0; i < n; ++i) sum += o[i];
     printf("checksum %.6f\n", sum);
     return 0;

@@ -4,7 +4,7 @@
    as the fused core enters each phase, and adds the time-stamp counter
    ticks since the previous mark to the phase it left.
 
-   Shape: mha_sdpa, B = 1, H = 8, D = 64, one thread, no mask and causal,
+   Shape: mha_sdpa_forward, B = 1, H = 8, D = 64, one thread, no mask and causal,
    L = 512 and 2048 (the issue's "fused attention core" row).  For each
    phase it prints its share of the core's ticks and, for the two matrix
    products, their FLOP rate as a share of the FMA peak measured in ticks in
@@ -85,17 +85,18 @@ int main(void)
     const int H = 8, D = 64, reps = 7;
     double peak = peak_flop_per_tick();
     int li, causal;
-    printf("== fused attention core, phase by phase: mha_sdpa B=1 H=8 D=64, 1 thread, %s\n",
+    printf("== fused attention core, phase by phase: mha_sdpa_forward B=1 H=8 D=64, 1 thread, %s\n",
            MHA__VW == 16 ? "AVX-512" : MHA__VW == 8 ? "AVX2" : MHA__VW == 4 ? "NEON" : "scalar");
     printf("   FMA peak %.1f FLOP per tick (time-stamp counter); medians of %d runs\n", peak, reps);
     for (li = 0; li < 2; ++li)
         for (causal = 0; causal <= 1; ++causal) {
             const int L = ls[li];
-            size_t n = (size_t)H * L * D, wsb = 0, i;
+            size_t n = (size_t)H * L * D, i;
             float *q = malloc(n * 4), *k = malloc(n * 4), *v = malloc(n * 4), *o = malloc(n * 4);
             unsigned long long per[NPHASE][16], med[NPHASE], total = 0;
-            mha_options opt = mha_options_defaults();
-            void *ws;
+            mha_options opt = {0};
+            mha_sizes sz;
+            mha_run run = {0};       /* the workspace, allocated once */
             unsigned s = 7;
             int r, p;
             /* pairs of live scores: causal does half the products */
@@ -107,13 +108,15 @@ int main(void)
             }
             opt.num_threads = 1;
             opt.causal = causal;
-            if (mha_sdpa_workspace_size(1, H, L, L, D, D, &opt, 0, &wsb) != MHA_OK || !(ws = malloc(wsb)))
+            if (mha_sdpa_plan_size(1, H, L, L, D, D, &opt, 0, &sz, NULL) != MHA_OK ||
+                !(run.workspace = malloc(sz.workspace)))
                 return 1;
+            run.workspace_bytes = sz.workspace;
             for (r = -1; r < reps; ++r) {              /* r = -1: warm-up */
                 memset(prof_ticks, 0, sizeof prof_ticks);
                 prof_phase = MHA_PHASE_OTHER;
                 prof_last = ticks();
-                if (mha_sdpa(1, H, L, L, D, D, q, k, v, &opt, o, NULL, ws, wsb) != MHA_OK) return 1;
+                if (mha_sdpa_forward(1, H, L, L, D, D, q, k, v, &opt, o, &run, NULL) != MHA_OK) return 1;
                 prof_mark(MHA_PHASE_OTHER);
                 if (r >= 0)
                     for (p = 0; p < NPHASE; ++p) per[p][r] = prof_ticks[p];
@@ -135,7 +138,7 @@ int main(void)
                     printf(" %5.1f%% of peak", 100.0 * 2.0 * D * scores / (double)med[p] / peak);
                 printf("\n");
             }
-            free(q); free(k); free(v); free(o); free(ws);
+            free(q); free(k); free(v); free(o); free(run.workspace);
         }
     return 0;
 }
