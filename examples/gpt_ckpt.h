@@ -115,7 +115,7 @@ GPT__FN size_t gpt_param_count(const gpt_config *c) { return gpt_layout_make(c).
    mha.h's convention (issue 18): every call returns an mha_status and fills
    the caller's mha_error (the last argument, may be NULL) on a refusal:
      MHA_ERR_NULL_POINTER / MHA_ERR_INVALID_ARGUMENT   a bad argument
-     MHA_ERR_IO          the file cannot be opened, written or renamed:
+     MHA_ERR_IO          the file cannot be opened, read, written or renamed:
                          the path and the operating system's reason
      MHA_ERR_FORMAT      the bytes are not a checkpoint this code reads; the
                          field names what is wrong: "length" (truncated or
@@ -295,9 +295,10 @@ GPT__FN mha_status gpt_ckpt_save(const char *path, const gpt_config *c, unsigned
 }
 
 /* The reader behind gpt_ckpt_read and gpt_ckpt_load: name is what the
-   messages call the stream (the path, or "stream"), fn the public call. */
-GPT__FN mha_status gpt__read(FILE *f, const char *name, const char *fn, const gpt_config *want,
-                             gpt_ckpt *out, mha_error *err)
+   messages call the stream (the path, or "stream"), fn the public call and
+   src its argument that names the stream ("path" or "f"). */
+GPT__FN mha_status gpt__read(FILE *f, const char *name, const char *fn, const char *src,
+                             const gpt_config *want, gpt_ckpt *out, mha_error *err)
 {
     static const char *const names[6] = {"n_layer", "n_head", "d_model", "d_ff", "ctx", "vocab"};
     unsigned char hdr[GPT_CKPT_HEADER], buf[4 * GPT__CHUNK];
@@ -311,9 +312,14 @@ GPT__FN mha_status gpt__read(FILE *f, const char *name, const char *fn, const gp
     int p, nparts;
     memset(&ck, 0, sizeof ck);
     start = ftell(f);
-    if ((got = fread(hdr, 1, sizeof hdr, f)) != sizeof hdr)
+    errno = 0;
+    if ((got = fread(hdr, 1, sizeof hdr, f)) != sizeof hdr) {
+        if (ferror(f))   /* the system refused the read (a folder, a device error): not the bytes */
+            return gpt__fail(err, fn, MHA_ERR_IO, src, "%s: cannot read: %s", name,
+                             errno ? strerror(errno) : "read error");
         return gpt__fail(err, fn, MHA_ERR_FORMAT, "length", "%s: truncated: %lu bytes, shorter than the "
                          "%d-byte header", name, (unsigned long)got, GPT_CKPT_HEADER);
+    }
     if (memcmp(hdr, "MHAGPTck", 8) != 0)
         return gpt__fail(err, fn, MHA_ERR_FORMAT, "magic", "%s: not a tiny_gpt checkpoint (its first 8 "
                          "bytes are not \"MHAGPTck\")", name);
@@ -363,7 +369,7 @@ GPT__FN mha_status gpt__read(FILE *f, const char *name, const char *fn, const gp
                              "bytes, the file has %llu", name, have < need ? "truncated" : "trailing bytes",
                              need, have);
         if (fseek(f, start + GPT_CKPT_HEADER, SEEK_SET) != 0)
-            return gpt__fail(err, fn, MHA_ERR_IO, "f", "%s: cannot seek back to the payload: %s", name,
+            return gpt__fail(err, fn, MHA_ERR_IO, src, "%s: cannot seek back to the payload: %s", name,
                              strerror(errno));
     }
 
@@ -380,9 +386,12 @@ GPT__FN mha_status gpt__read(FILE *f, const char *name, const char *fn, const gp
     for (p = 0; st == MHA_OK && p < nparts; ++p)
         for (i = 0; st == MHA_OK && i < n; i += k) {
             k = n - i < GPT__CHUNK ? n - i : GPT__CHUNK;
+            errno = 0;
             if (fread(buf, 1, 4 * k, f) != 4 * k) {
-                st = gpt__fail(err, fn, MHA_ERR_FORMAT, "length", "%s: truncated: the payload ends inside "
-                               "float %lu of part %d", name, (unsigned long)i, p);
+                st = ferror(f) ? gpt__fail(err, fn, MHA_ERR_IO, src, "%s: cannot read: %s", name,
+                                           errno ? strerror(errno) : "read error")
+                               : gpt__fail(err, fn, MHA_ERR_FORMAT, "length", "%s: truncated: the payload "
+                                           "ends inside float %lu of part %d", name, (unsigned long)i, p);
                 break;
             }
             h = gpt_fnv1a(h, buf, 4 * k);
@@ -411,7 +420,7 @@ GPT__FN mha_status gpt_ckpt_read(FILE *f, const gpt_config *want, gpt_ckpt *out,
     gpt__begin(err);
     if (!f) return gpt__fail(err, "gpt_ckpt_read", MHA_ERR_NULL_POINTER, "f", "is NULL");
     if (!out) return gpt__fail(err, "gpt_ckpt_read", MHA_ERR_NULL_POINTER, "out", "is NULL");
-    return gpt__read(f, "stream", "gpt_ckpt_read", want, out, err);
+    return gpt__read(f, "stream", "gpt_ckpt_read", "f", want, out, err);
 }
 
 /* Load a checkpoint into *out (allocated; gpt_ckpt_free releases it).
@@ -430,7 +439,7 @@ GPT__FN mha_status gpt_ckpt_load(const char *path, const gpt_config *want, gpt_c
     if (!f)
         return gpt__fail(err, "gpt_ckpt_load", MHA_ERR_IO, "path", "cannot open '%s': %s", path,
                          errno ? strerror(errno) : "fopen failed");
-    st = gpt__read(f, path, "gpt_ckpt_load", want, out, err);
+    st = gpt__read(f, path, "gpt_ckpt_load", "path", want, out, err);
     fclose(f);
     return st;
 }

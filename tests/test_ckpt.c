@@ -194,6 +194,10 @@ int main(int argc, char **argv)
         if (mkdir(dir, 0777) == 0) {
             CHECK(gpt_ckpt_save(dir, &c, 0, p, NULL, NULL, &err) == MHA_ERR_IO, "save onto a folder");
             check_err(&err, MHA_ERR_IO, "gpt_ckpt_save", "path", "cannot rename", "save onto a folder");
+            /* a folder opens for reading on Linux, and its read fails: the
+               system's refusal, not a truncated checkpoint */
+            CHECK(gpt_ckpt_load(dir, NULL, &ck, &err) == MHA_ERR_IO, "load a folder: %s", err.message);
+            check_err(&err, MHA_ERR_IO, "gpt_ckpt_load", "path", dir, "load a folder");
             rmdir(dir);
         }
     }
