@@ -70,7 +70,8 @@ train-gpt: deps-demo $(BUILD)/tiny_gpt
 	OMP_NUM_THREADS=$(GPT_THREADS) OMP_WAIT_POLICY=passive ./$(BUILD)/tiny_gpt train --minutes $(GPT_MINUTES) --out $(OUT)/gpt
 	./$(BUILD)/tiny_gpt demo --ckpt $(OUT)/gpt/tiny_gpt_weights.ckpt --out $(OUT)/gpt --len 200
 
-$(BUILD)/tiny_gpt: examples/tiny_gpt.c examples/tiny_gpt.h examples/gpt_ckpt.h examples/heatmap.h examples/attn_inspect.h mha.h | $(BUILD)
+$(BUILD)/tiny_gpt: examples/tiny_gpt.c examples/tiny_gpt.h examples/gpt_ckpt.h examples/tiny_rng.h examples/heatmap.h \
+                  examples/attn_inspect.h mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) $(GPT_ARCH) -fopenmp -I. -Iexamples -isystem $(STB_INC) $< -o $@ -lm
 
 # 16384 tokens without the L x L weights (docs/visualisation.md); about 1 s of
@@ -143,7 +144,7 @@ profile-attn: | $(BUILD)
 	./$(BUILD)/profile_attn
 	./$(BUILD)/profile_attn_avx2
 
-$(BUILD)/train_reverse: examples/train_reverse.c examples/heatmap.h mha.h | $(BUILD)
+$(BUILD)/train_reverse: examples/train_reverse.c examples/tiny_rng.h examples/heatmap.h mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) -I. -Iexamples -isystem $(STB_INC) $< -o $@ -lm
 
 golden:
