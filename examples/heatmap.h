@@ -22,7 +22,7 @@
      defines MHA_IMPLEMENTATION in one file as usual.
 
    USAGE
-       // w: [H, Lq, Lk] as mha_forward returns with per_head_weights = 1
+       // w: [H, Lq, Lk] as a forward writes run.weights with opt.per_head_weights = 1
        const char *tok[] = {"the", "cat", "sat"};
        mha_heatmap hm = {0};
        hm.weights = w;  hm.heads = H;  hm.Lq = 3;  hm.Lk = 3;
