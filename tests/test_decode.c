@@ -1,11 +1,13 @@
-/* Decoder attention in mha_sdpa: grouped-query attention, sliding window,
-   soft-capping, sinks, ALiBi, the log-sum-exp output and mha_attn_merge,
-   forward (fused and unfused paths) and backward, against a float64
+/* Decoder attention in the SDPA (mha_sdpa_forward / mha_sdpa_backward):
+   grouped-query attention, sliding window, soft-capping, sinks, ALiBi, the
+   log-sum-exp output (run.lse) and mha_attn_merge, forward (fused and
+   unfused paths) and backward (run.sinks_grad), against a float64
    reference written out below, against PyTorch (tests/golden/decode.bin,
    tests/gen_golden_decode.py), and through the properties of issue 9:
    Hkv = H is MHA, GQA equals MHA on repeated K/V, a window >= L is no
    window, merged key ranges equal one pass.  Gradients are checked against
-   central differences of the float64 reference.  */
+   central differences of the float64 reference.  Refusals name the option
+   (err.field).  */
 #define MHA_IMPLEMENTATION
 #include "mha.h"
 #include "testutil.h"
@@ -734,8 +736,9 @@ static void golden_rope(const gold_case *g)
     free(y); free(dx);
 }
 
-/* A decoder module (GQA projections, RoPE on Q and K, causal): mha_forward
-   and mha_backward against float64 torch ops with autograd */
+/* A decoder module (GQA projections, RoPE on Q and K, causal):
+   mha_module_forward and mha_module_backward against float64 torch ops
+   with autograd */
 static void golden_module(const gold_case *g)
 {
     int B = g->p[0], H = g->p[1], Hkv = g->p[2], L = g->p[3], E = g->p[4], pass;
