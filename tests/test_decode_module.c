@@ -8,7 +8,8 @@
    Decoding with a KV cache (a module run with run.cache): token by token,
    ragged rows, rings with n_keep, GQA, RoPE, window, soft-cap, ALiBi and
    sinks equal one causal forward; the one-shot call and a decoding plan
-   (MHA_PLAN_PACK, Lk = capacity) give the same bits, and the plan computes
+   (MHA_PLAN_PACK | MHA_PLAN_CACHE, Lk = capacity) give the same bits, and
+   the plan computes
    with its packed weights until mha_plan_repack.  The SDPA over a cache
    (mha_sdpa_forward with run.cache) equals the SDPA over the row's keys.  */
 #define MHA__BY_HEAD_FLOATS 20000   /* small, so the larger cases go head by head */
@@ -217,8 +218,8 @@ static double worst_cache;
 
 /* Decoding runs on two tracks that must agree bit for bit: the one-shot
    call (mha_module_forward with run.cache, Lk 0, key and value NULL) on
-   one cache, and the run of a plan made for decoding (MHA_PLAN_PACK, Lk =
-   the cache's capacity: its packed weights) on a second cache with the
+   one cache, and the run of a plan made for decoding (MHA_PLAN_PACK |
+   MHA_PLAN_CACHE, Lk = the cache's capacity: its packed weights) on a second cache with the
    same contents, given key = value = query as the header allows. */
 typedef struct track {
     mha_kv_cache c;        /* the one-shot track's cache */
@@ -263,7 +264,7 @@ static void dplan_make(dplan *d, const mha_module *m, int B, int Lq, int cap, co
     mha_sizes sz;
     mha_error err;
     memset(d, 0, sizeof *d);
-    CHECK(mha_module_plan(m, B, Lq, cap, o, MHA_PLAN_PACK, NULL, 0, &d->p, &err) == MHA_OK &&
+    CHECK(mha_module_plan(m, B, Lq, cap, o, MHA_PLAN_PACK | MHA_PLAN_CACHE, NULL, 0, &d->p, &err) == MHA_OK &&
           mha_plan_sizes(d->p, &sz, &err) == MHA_OK, "decoding plan (B %d, Lq %d, capacity %d): %s", B, Lq, cap,
           err.message);
     if (!d->p) return;
@@ -480,9 +481,10 @@ static void pack_is_used(void)
     o.causal = 1;
     memset(&c, 0, sizeof c);
     c.B = B; c.Hkv = HKV; c.D = D; c.capacity = CAP; c.k = k; c.v = v; c.len = len;
-    CHECK(mha_module_plan(&m, B, LQ, CAP, &o, MHA_PLAN_PACK, NULL, 0, &pp, &err) == MHA_OK, "pack plan: %s",
+    CHECK(mha_module_plan(&m, B, LQ, CAP, &o, MHA_PLAN_PACK | MHA_PLAN_CACHE, NULL, 0, &pp, &err) == MHA_OK,
+          "pack plan: %s", err.message);
+    CHECK(mha_module_plan(&m, B, LQ, CAP, &o, MHA_PLAN_CACHE, NULL, 0, &pn, &err) == MHA_OK, "plain plan: %s",
           err.message);
-    CHECK(mha_module_plan(&m, B, LQ, CAP, &o, 0, NULL, 0, &pn, &err) == MHA_OK, "plain plan: %s", err.message);
     if (!pp || !pn) { mha_plan_destroy(pp); mha_plan_destroy(pn); free(k); free(v); mod_free(&g); return; }
     memset(&run, 0, sizeof run);
     run.cache = &c;
@@ -559,8 +561,8 @@ static void cache_tests(void)
         CHECK(mha_module_forward(&m, 2, 2, 0, x, NULL, NULL, NULL, out, &run, &err) == MHA_ERR_CAPACITY &&
               !strcmp(err.field, "cache->len") && !strcmp(err.function, "mha_module_forward"),
               "capacity (module one-shot): %s", err.message);
-        CHECK(mha_module_plan(&m, 2, 3, 4, NULL, MHA_PLAN_PACK, NULL, 0, &p, &err) == MHA_OK, "plan: %s",
-              err.message);
+        CHECK(mha_module_plan(&m, 2, 3, 4, NULL, MHA_PLAN_PACK | MHA_PLAN_CACHE, NULL, 0, &p, &err) == MHA_OK,
+              "plan: %s", err.message);
         CHECK(p && mha_module_run_forward(p, 2, 0, x, NULL, NULL, out, &run, &err) == MHA_ERR_CAPACITY &&
               !strcmp(err.field, "cache->len") && !strcmp(err.function, "mha_module_run_forward"),
               "capacity (plan run): %s", err.message);
@@ -591,9 +593,16 @@ static void cache_tests(void)
         om.key_padding_mask.ndim = 2; om.key_padding_mask.shape[0] = 2; om.key_padding_mask.shape[1] = 4;
         CHECK(mha_module_forward(&m, 2, 1, 0, x, NULL, NULL, &om, out, &run, &err) == MHA_ERR_INVALID_ARGUMENT &&
               !strcmp(err.field, "opt->key_padding_mask"), "a mask with a cache: %s", err.message);
-        CHECK(mha_module_plan(&m, 2, 1, 3, NULL, MHA_PLAN_PACK, NULL, 0, &small, &err) == MHA_OK, "small plan");
+        CHECK(mha_module_plan(&m, 2, 1, 3, NULL, MHA_PLAN_PACK | MHA_PLAN_CACHE, NULL, 0, &small, &err) == MHA_OK,
+              "small plan: %s", err.message);
         CHECK(small && mha_module_run_forward(small, 1, 0, x, NULL, NULL, out, &run, &err) == MHA_ERR_EXCEEDS_PLAN &&
               !strcmp(err.field, "cache->capacity"), "a plan with Lk < capacity: %s", err.message);
+        mha_plan_destroy(small);
+        small = NULL;
+        CHECK(mha_module_plan(&m, 2, 1, 4, NULL, MHA_PLAN_PACK, NULL, 0, &small, &err) == MHA_OK,
+              "plan without MHA_PLAN_CACHE: %s", err.message);
+        CHECK(small && mha_module_run_forward(small, 1, 0, x, NULL, NULL, out, &run, &err) == MHA_ERR_EXCEEDS_PLAN &&
+              !strcmp(err.field, "run->cache"), "run.cache on a plan without MHA_PLAN_CACHE: %s", err.message);
         c.Hkv = 4;
         CHECK(mha_module_forward(&m, 2, 1, 0, x, NULL, NULL, NULL, out, &run, &err) == MHA_ERR_INVALID_ARGUMENT &&
               !strcmp(err.field, "cache->Hkv"), "cache Hkv != module: %s", err.message);
@@ -644,7 +653,8 @@ static void cache_sdpa(void)
     CHECK(mha_sdpa_forward(B, H, Lq, 0, D, D, q, NULL, NULL, &o, out, &run, &err) == MHA_OK, "cache attend: %s",
           err.message);
     o.num_kv_heads = Hkv;
-    CHECK(mha_sdpa_plan(B, H, Lq, cap, D, D, &o, 0, NULL, 0, &p, &err) == MHA_OK, "cache plan: %s", err.message);
+    CHECK(mha_sdpa_plan(B, H, Lq, cap, D, D, &o, MHA_PLAN_CACHE, NULL, 0, &p, &err) == MHA_OK, "cache plan: %s",
+          err.message);
     run.lse = lse2;
     CHECK(p && mha_sdpa_run_forward(p, Lq, 0, q, NULL, NULL, out2, &run, &err) == MHA_OK, "cache plan run: %s",
           err.message);
@@ -685,9 +695,15 @@ static void cache_sdpa(void)
     mha_plan_destroy(p);
     o.num_kv_heads = Hkv;
     p = NULL;
-    CHECK(mha_sdpa_plan(B, H, Lq, cap - 1, D, D, &o, 0, NULL, 0, &p, &err) == MHA_OK, "short plan: %s", err.message);
+    CHECK(mha_sdpa_plan(B, H, Lq, cap - 1, D, D, &o, MHA_PLAN_CACHE, NULL, 0, &p, &err) == MHA_OK, "short plan: %s",
+          err.message);
     CHECK(p && mha_sdpa_run_forward(p, Lq, 0, q, NULL, NULL, out2, &run, &err) == MHA_ERR_EXCEEDS_PLAN &&
           !strcmp(err.field, "cache->capacity"), "an SDPA plan with Lk < capacity: %s", err.message);
+    mha_plan_destroy(p);
+    p = NULL;
+    CHECK(mha_sdpa_plan(B, H, Lq, cap, D, D, &o, 0, NULL, 0, &p, &err) == MHA_OK, "plain plan: %s", err.message);
+    CHECK(p && mha_sdpa_run_forward(p, Lq, 0, q, NULL, NULL, out2, &run, &err) == MHA_ERR_EXCEEDS_PLAN &&
+          !strcmp(err.field, "run->cache"), "run.cache on an SDPA plan without MHA_PLAN_CACHE: %s", err.message);
     mha_plan_destroy(p);
     free(k); free(v); free(q); free(out); free(out2); free(ref); free(kk); free(vv);
 }

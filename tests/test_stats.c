@@ -541,7 +541,9 @@ static void module(void)
    offset; per head and head-averaged, against the full weights of a
    forward; the rows leave the fused output's bits alone; a plan's run and
    the one-shot call give the same rows; a bad row and a workspace one byte
-   short of what the run needs are refused by name and write nothing.  */
+   short of the plan's sizes.workspace (the least a run takes, found by
+   bisection: a caller's workspace holds the plan's bytes, whatever the
+   run) are refused by name and write nothing.  */
 static void module_rows(void)
 {
     enum { B = 2, LQ = 9, LK = 13, E = 24, H = 4, HKV = 2, D = E / H, EKV = HKV * D, LKE = LK + 2, NR = 3 };
@@ -593,7 +595,7 @@ static void module_rows(void)
         for (t = 0; t < (size_t)B * LQ * E; ++t) out[t] = 7.0f;
         CHECK(mha_module_run_forward(p, LQ, LK, q, x, x, out, &run, &err) == MHA_ERR_INVALID_ARGUMENT &&
               !strcmp(err.field, "run->rows"), "module rows: row Lq: %s", err.message);
-        /* the least workspace this run takes (bisection; the plan's size must do) */
+        /* the least workspace this run takes (bisection): the plan's size */
         run.rows = rows; run.n_rows = NR;
         lo = 0; hi = sz.workspace;
         CHECK(mha_module_run_forward(p, LQ, LK, q, x, x, out, &run, &err) == MHA_OK,
@@ -603,6 +605,8 @@ static void module_rows(void)
             run.workspace_bytes = mid;
             if (mha_module_run_forward(p, LQ, LK, q, x, x, out, &run, &err) == MHA_OK) hi = mid; else lo = mid;
         }
+        CHECK(hi == sz.workspace, "module rows: a workspace of %lu bytes was taken; the plan's is %lu",
+              (unsigned long)hi, (unsigned long)sz.workspace);
         for (t = 0; t < nwr; ++t) wr[t] = 7.0f;
         for (t = 0; t < (size_t)B * LQ * E; ++t) out[t] = 7.0f;
         run.workspace_bytes = hi - 1;
@@ -641,9 +645,9 @@ static void module_rows(void)
 
 /* The module with its KV cache: a prefill of L - 1 tokens, then one decode
    step that writes the statistics, by the one-shot call and by a decoding
-   plan (MHA_PLAN_PACK, Lk = capacity) on a copy of the cache: the same
-   bits, and each head's statistics against the last row of the full
-   causal forward's per-head weights.  */
+   plan (MHA_PLAN_PACK | MHA_PLAN_CACHE, Lk = capacity) on a copy of the
+   cache: the same bits, and each head's statistics against the last row of
+   the full causal forward's per-head weights.  */
 static void module_cached(void)
 {
     enum { L = 23, E = 24, H = 4, HKV = 2, D = E / H, EKV = HKV * D };
@@ -684,8 +688,8 @@ static void module_cached(void)
     run.cache = &c;
     CHECK(mha_module_forward(&m, 1, 1, 0, x + (size_t)(L - 1) * E, NULL, NULL, &o, out, &run, &err) == MHA_OK,
           "module cached: decode step: %s", err.message);
-    CHECK(mha_module_plan(&m, 1, 1, L, &o, MHA_PLAN_PACK, NULL, 0, &p, &err) == MHA_OK, "module cached: plan: %s",
-          err.message);
+    CHECK(mha_module_plan(&m, 1, 1, L, &o, MHA_PLAN_PACK | MHA_PLAN_CACHE, NULL, 0, &p, &err) == MHA_OK,
+          "module cached: plan: %s", err.message);
     run = sb_run(&s2);
     run.cache = &c2;
     CHECK(p && mha_module_run_forward(p, 1, 0, x + (size_t)(L - 1) * E, NULL, NULL, out2, &run, &err) == MHA_OK,
