@@ -476,8 +476,8 @@ static void plans(void)
     run = sb_run(&a);
     CHECK(mha_sdpa_forward(2, 3, 33, 70, 8, 8, P.q, P.k, v, &P.o, out, &run, &err) == MHA_OK, "plans: one-shot: %s",
           err.message);
-    for (flags = 0; flags < 3; ++flags) {   /* 0, MHA_PLAN_WEIGHTS, MHA_PLAN_TRAINING (saving when 2) */
-        unsigned f = flags == 0 ? 0u : flags == 1 ? MHA_PLAN_WEIGHTS : MHA_PLAN_TRAINING;
+    for (flags = 0; flags < 4; ++flags) {   /* 0, WEIGHTS, ROWS, TRAINING (saving) */
+        unsigned f = flags == 0 ? 0u : flags == 1 ? MHA_PLAN_WEIGHTS : flags == 2 ? MHA_PLAN_ROWS : MHA_PLAN_TRAINING;
         void *saved = NULL;
         sb_make(&s, n);
         CHECK(mha_sdpa_plan(2, 3, 40, 80, 8, 8, &P.o, f, NULL, 0, &pl, &err) == MHA_OK &&
@@ -538,9 +538,10 @@ static void module(void)
 
 /* The module's rows (a forward with run.weights, run.rows, run.n_rows):
    GQA, bias_k, add_zero_attn, RoPE, bottom-right causal, a position
-   offset; per head and head-averaged, against the full weights of a
-   forward; the rows leave the fused output's bits alone; a plan's run and
-   the one-shot call give the same rows; a bad row and a workspace one byte
+   offset; per head and head-averaged, on a MHA_PLAN_ROWS plan and on a
+   MHA_PLAN_WEIGHTS plan, against the full weights of a forward; the rows
+   leave the fused output's bits alone; a plan's run and the one-shot call
+   give the same rows; a bad row and a workspace one byte
    short of the plan's sizes.workspace (the least a run takes, found by
    bisection: a caller's workspace holds the plan's bytes, whatever the
    run) are refused by name and write nothing.  */
@@ -569,23 +570,25 @@ static void module_rows(void)
     m.rope.kind = MHA_ROPE_HALF;
     memset(&o, 0, sizeof o);
     o.causal = 1; o.causal_align = MHA_CAUSAL_BOTTOM_RIGHT; o.position_offset = 3;
-    for (per_head = 1; per_head >= 0; --per_head) {
-        int nh = per_head ? H : 1;   /* weights [B, nh, rows, LKE] */
+    for (per_head = 3; per_head >= 0; --per_head) {   /* 3, 2: per head; 1, 0: head average */
+        unsigned pf = per_head % 2 ? MHA_PLAN_ROWS : MHA_PLAN_WEIGHTS;   /* the plan's flag for rows */
+        int nh = per_head >= 2 ? H : 1;   /* weights [B, nh, rows, LKE] */
         size_t nwr = (size_t)B * nh * NR * LKE, t, lo, hi;
         double worst = 0;
         int clean = 1;
         mha_plan *p = NULL;
         mha_sizes sz;
         void *ws;
-        const char *how = per_head ? "per head" : "head average";
-        o.per_head_weights = per_head;
+        const char *how = per_head == 3 ? "per head, ROWS plan" : per_head == 2 ? "per head, WEIGHTS plan" :
+                          per_head == 1 ? "head average, ROWS plan" : "head average, WEIGHTS plan";
+        o.per_head_weights = per_head >= 2;
         run = no_run();
         CHECK(mha_module_forward(&m, B, LQ, LK, q, x, x, &o, out_f, &run, &err) == MHA_OK,
               "module rows (%s): fused forward: %s", how, err.message);
         run.weights = w;
         CHECK(mha_module_forward(&m, B, LQ, LK, q, x, x, &o, out, &run, &err) == MHA_OK,
               "module rows (%s): forward with weights: %s", how, err.message);
-        CHECK(mha_module_plan(&m, B, LQ, LK, &o, MHA_PLAN_WEIGHTS, NULL, 0, &p, &err) == MHA_OK &&
+        CHECK(mha_module_plan(&m, B, LQ, LK, &o, pf, NULL, 0, &p, &err) == MHA_OK &&
               mha_plan_sizes(p, &sz, &err) == MHA_OK, "module rows: plan: %s", err.message);
         if (!p) continue;
         ws = malloc(sz.workspace);
@@ -808,12 +811,23 @@ static void bad_rows(void)
     }
     CHECK(mha_sdpa_plan(1, 2, 3, 5, 4, 4, NULL, 0, NULL, 0, &p, &err) == MHA_OK, "plan: %s", err.message);
     CHECK(p && mha_sdpa_run_forward(p, 3, 5, q, k, v, out, &run, &err) == MHA_ERR_EXCEEDS_PLAN &&
-          !strcmp(err.field, "run->weights"), "rows on a plan without MHA_PLAN_WEIGHTS: %s", err.message);
+          !strcmp(err.field, "run->rows"), "rows on a plan without MHA_PLAN_ROWS or _WEIGHTS: %s", err.message);
     mha_plan_destroy(p);
+    p = NULL;
+    CHECK(mha_sdpa_plan(1, 2, 3, 5, 4, 4, NULL, MHA_PLAN_ROWS, NULL, 0, &p, &err) == MHA_OK, "rows plan: %s",
+          err.message);
+    run.rows = NULL; run.n_rows = 0;   /* whole weights */
+    CHECK(p && mha_sdpa_run_forward(p, 3, 5, q, k, v, out, &run, &err) == MHA_ERR_EXCEEDS_PLAN &&
+          !strcmp(err.field, "run->weights"), "whole weights on a MHA_PLAN_ROWS plan: %s", err.message);
+    mha_plan_destroy(p);
+    run.rows = rows_ok; run.n_rows = 2;
+    /* the rows are recomputed from q and k after the forward: out must not be q */
+    CHECK(mha_sdpa_forward(1, 2, 3, 5, 4, 4, q, k, v, NULL, q, &run, &err) == MHA_ERR_INVALID_ARGUMENT &&
+          !strcmp(err.field, "run->rows"), "rows with out == q: %s", err.message);
     CHECK(mha_sdpa_backward(1, 2, 3, 5, 4, 4, q, k, v, q, NULL, dq, NULL, NULL, &run, &err) ==
           MHA_ERR_INVALID_ARGUMENT && !strcmp(err.field, "run->weights"), "rows in a backward: %s", err.message);
     for (t = 0; t < 20; ++t) clean &= w[t] == 7.0f;
-    for (t = 0; t < 24; ++t) clean &= out[t] == 7.0f && dq[t] == 0.0f;
+    for (t = 0; t < 24; ++t) clean &= out[t] == 7.0f && dq[t] == 0.0f && q[t] == 0.0f;
     CHECK(clean, "a refused rows call wrote its output");
     CHECK(mha_sdpa_forward(1, 2, 3, 5, 4, 4, q, k, v, NULL, out, &run, &err) == MHA_OK, "rows: ok: %s", err.message);
     for (t = 0; t < 20; ++t) clean &= fabsf(w[t] - 0.2f) < 1e-7f;
@@ -848,6 +862,15 @@ static void long_rows(int L)
         o.sinks = sk;
         sb_make(&s, (size_t)H * L);
         for (i = 0; i < NR; ++i) rows[i] = L - NR + i;
+        {   /* a plan for chosen rows sizes the fused path, the lse and a row, not whole matrices */
+            mha_sizes zr, zw;
+            CHECK(mha_sdpa_plan_size(1, H, L, L, D, D, &o, MHA_PLAN_ROWS, &zr, &err) == MHA_OK &&
+                  mha_sdpa_plan_size(1, H, L, L, D, D, &o, MHA_PLAN_WEIGHTS, &zw, &err) == MHA_OK &&
+                  zr.workspace * 4 <= zw.workspace, "long: a MHA_PLAN_ROWS workspace of %lu bytes, "
+                  "MHA_PLAN_WEIGHTS %lu: %s", (unsigned long)zr.workspace, (unsigned long)zw.workspace, err.message);
+            printf("L = %d: workspace of a plan for rows %.1f MiB, for whole weights %.1f MiB\n", L,
+                   zr.workspace / 1048576.0, zw.workspace / 1048576.0);
+        }
         run = sb_run(&s);
         run.weights = wr; run.rows = rows; run.n_rows = NR;
         CHECK(mha_sdpa_forward(1, H, L, L, D, D, q, k, v, &o, out, &run, &err) == MHA_OK,
