@@ -100,8 +100,9 @@ int main(int argc, char **argv)
     opt.num_kv_heads = 1;
 
     /* 2. one fused pass: the row statistics, [H, L] each, and the exact
-          weights of the last 64 rows, [H, 64, L] (the plan behind the call
-          is made with MHA_PLAN_WEIGHTS because run.weights is set; the
+          weights of the last 64 rows, [H, 64, L], recomputed from each
+          row's lse (the plan behind the call is a MHA_PLAN_ROWS plan, since
+          run.rows is set: the fused path, the lse and a row of scores; the
           workspace is sized for that) */
     stats = take((size_t)4 * H * L * sizeof(float));
     run.lse = stats; run.entropy = stats + (size_t)H * L;
@@ -110,7 +111,7 @@ int main(int argc, char **argv)
     rows_floats = (size_t)H * nr * L;
     w = take(rows_floats * sizeof(float));
     run.weights = w; run.rows = rows; run.n_rows = nr;
-    if (mha_sdpa_plan_size(1, H, L, L, D, D, &opt, MHA_PLAN_WEIGHTS, &sizes, &err) != MHA_OK) goto fail;
+    if (mha_sdpa_plan_size(1, H, L, L, D, D, &opt, MHA_PLAN_ROWS, &sizes, &err) != MHA_OK) goto fail;
     ws_bytes = sizes.workspace;
     run.workspace = ws = take(ws_bytes);
     run.workspace_bytes = ws_bytes;
@@ -139,7 +140,7 @@ int main(int argc, char **argv)
         bl = take((size_t)nb * sizeof(char *));
         mha_heatmap hm;
         mha_heatmap_style sty;
-        mha_heatmap_result r;
+        mha_error herr;
         win = take((size_t)H * nr * nw * sizeof(float));
         bins = take((size_t)H * nr * nb * sizeof(float));
         c0 = L - nw;
@@ -151,7 +152,7 @@ int main(int argc, char **argv)
                 for (bin = 0; bin < nb; ++bin) bo[bin] = 0.0f;
                 for (j = 0; j < L; ++j) bo[(long)j * nb / L] += wr[j];
             }
-        mha_heatmap_causal_mask(nr, nw, 1, mask);
+        mha_heatmap_causal_mask(nr, nw, 1, mask, NULL);   /* cannot fail: nr, nw >= 1, mask holds them */
         for (i = 0; i < nr; ++i) { ql[i] = lab + (size_t)i * 12; snprintf(lab + (size_t)i * 12, 12, "%d", L - nr + i); }
         for (j = 0; j < nw; ++j) { kl[j] = lab + (size_t)(nr + j) * 12; snprintf(lab + (size_t)(nr + j) * 12, 12, "%d", c0 + j); }
         for (bin = 0; bin < nb; ++bin) {
@@ -166,15 +167,15 @@ int main(int argc, char **argv)
         hm.title = title;
         sty.cell = 3;
         snprintf(path, sizeof path, "%s/long_last_rows.png", dir);
-        if ((r = mha_heatmap_write_png(path, &hm, &sty)) != MHA_HEATMAP_OK) {
-            fprintf(stderr, "%s: %s\n", path, mha_heatmap_result_string(r)); goto done;
+        if (mha_heatmap_write_png(path, &hm, &sty, &herr) != MHA_OK) {
+            fprintf(stderr, "%s\n", herr.message); goto done;
         }
         printf("wrote %s\n", path);
         hm.weights = bins; hm.Lk = nb; hm.mask = NULL; hm.k_labels = bl;
         snprintf(title, sizeof title, "last %d queries x all %d keys in %d bins (weight mass per bin)", nr, L, nb);
         snprintf(path, sizeof path, "%s/long_key_bins.png", dir);
-        if ((r = mha_heatmap_write_png(path, &hm, &sty)) != MHA_HEATMAP_OK) {
-            fprintf(stderr, "%s: %s\n", path, mha_heatmap_result_string(r)); goto done;
+        if (mha_heatmap_write_png(path, &hm, &sty, &herr) != MHA_OK) {
+            fprintf(stderr, "%s\n", herr.message); goto done;
         }
         printf("wrote %s\n", path);
     }
