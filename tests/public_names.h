@@ -24,7 +24,7 @@ typedef struct pn_name { char name[64]; int kind, can_fail; } pn_name;
 typedef struct pn_list { pn_name *v; int n, cap; } pn_list;
 
 /* The whole file, NUL-terminated (NULL if it cannot be read). */
-static char *pn_read(const char *path)
+static TU_UNUSED char *pn_read(const char *path)
 {
     FILE *f = fopen(path, "rb");
     long n;
@@ -39,7 +39,7 @@ static char *pn_read(const char *path)
 }
 /* The first of a few relative paths that opens: the tests run from the
    repository's root (tests/run_all.sh), a developer may run one from tests/. */
-static char *pn_read_src(const char *rel, char *used, size_t cap)
+static TU_UNUSED char *pn_read_src(const char *rel, char *used, size_t cap)
 {
     static const char *const pre[] = {"", "../", "../../"};
     size_t i;
@@ -55,9 +55,9 @@ static char *pn_read_src(const char *rel, char *used, size_t cap)
     return NULL;
 }
 
-static int pn_ident(int c) { return isalnum((unsigned char)c) || c == '_'; }
+static TU_UNUSED int pn_ident(int c) { return isalnum((unsigned char)c) || c == '_'; }
 
-static void pn_add(pn_list *l, const char *s, size_t len, int kind, int can_fail)
+static TU_UNUSED void pn_add(pn_list *l, const char *s, size_t len, int kind, int can_fail)
 {
     int i;
     if (len == 0 || len >= sizeof l->v[0].name) return;
@@ -75,7 +75,7 @@ static void pn_add(pn_list *l, const char *s, size_t len, int kind, int can_fail
 }
 
 /* The identifier that starts at s (its length). */
-static size_t pn_word(const char *s)
+static TU_UNUSED size_t pn_word(const char *s)
 {
     size_t n = 0;
     while (pn_ident(s[n])) ++n;
@@ -84,7 +84,7 @@ static size_t pn_word(const char *s)
 
 /* Scan mha.h's text.  Returns 0 when the declaration part's end marker is
    missing (the header changed shape: the caller fails). */
-static int pn_scan(const char *src, pn_list *l)
+static TU_UNUSED int pn_scan(const char *src, pn_list *l)
 {
     const char *end = strstr(src, "#endif /* MHA_H */"), *line, *p;
     memset(l, 0, sizeof *l);
@@ -132,7 +132,7 @@ static int pn_scan(const char *src, pn_list *l)
 
 /* Is name in text as a whole word?  A family "MHA_PHASE_" (ending in '_')
    matches any word it starts. */
-static int pn_mentions(const char *text, const char *name)
+static TU_UNUSED int pn_mentions(const char *text, const char *name)
 {
     size_t n = strlen(name);
     const char *p = text;

@@ -485,8 +485,8 @@ static void test_position_overflow(void)
     c.B = 1; c.Hkv = 2; c.D = 4; c.capacity = CAP / 2; c.k = kc; c.v = vc; c.len = len;
     c.ring = 1;
     o.position_offset = 1000;
-    CHECK(mha_module_plan(&d.m, 1, 2, c.capacity, &o, MHA_PLAN_PACK, NULL, 0, &p, &e) == MHA_OK, "plan: %s",
-          e.message);
+    CHECK(mha_module_plan(&d.m, 1, 2, c.capacity, &o, MHA_PLAN_PACK | MHA_PLAN_CACHE, NULL, 0, &p, &e) == MHA_OK,
+          "plan: %s", e.message);
     memset(&r, 0, sizeof r);
     r.cache = &c;
     len[0] = INT_MAX - 1000 - 1;   /* the next two tokens would sit at INT_MAX - 1 and INT_MAX */
@@ -541,7 +541,7 @@ static void test_cache_too_few_tokens(void)
     /* row 1 holds one token, two queries asked */
     EC_REFUSE(MHA_ERR_CAPACITY, "mha_sdpa_forward", "cache->len",
               mha_sdpa_forward(2, H, 2, 0, D, D, q, NULL, NULL, &o, out, &r, ERR));
-    CHECK(mha_sdpa_plan(2, H, 3, CAP, D, D, &o, 0, NULL, 0, &p, &e) == MHA_OK, "plan: %s", e.message);
+    CHECK(mha_sdpa_plan(2, H, 3, CAP, D, D, &o, MHA_PLAN_CACHE, NULL, 0, &p, &e) == MHA_OK, "plan: %s", e.message);
     EC_REFUSE(MHA_ERR_CAPACITY, "mha_sdpa_run_forward", "cache->len",
               mha_sdpa_run_forward(p, 2, 0, q, NULL, NULL, out, &r, ERR));
     len[0] = 0; len[1] = 0;   /* an empty cache holds no query at all */

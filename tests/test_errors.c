@@ -107,11 +107,13 @@ static void test_null_pointers(void)
     EXPECT_FWD(MHA_ERR_NULL_POINTER, "m->v_proj_weight", &m, B, L, L, x, x, x, &o, out);
     setup(&m, &o);
     o.attn_mask.kind = MHA_MASK_BOOL; o.attn_mask.ndim = 2; o.attn_mask.shape[0] = L; o.attn_mask.shape[1] = L;
-    EXPECT_FWD(MHA_ERR_NULL_POINTER, NULL, &m, B, L, L, x, x, x, &o, out);   /* attn_mask data NULL */
+    /* a one-shot call has no plan and maybe no run: the data the caller
+       forgot is the options' */
+    EXPECT_FWD(MHA_ERR_NULL_POINTER, "opt->attn_mask.data", &m, B, L, L, x, x, x, &o, out);
     o.attn_mask.data = am;
     o.key_padding_mask.kind = MHA_MASK_FLOAT; o.key_padding_mask.ndim = 2;
     o.key_padding_mask.shape[0] = B; o.key_padding_mask.shape[1] = L;
-    EXPECT_FWD(MHA_ERR_NULL_POINTER, NULL, &m, B, L, L, x, x, x, &o, out);   /* key_padding_mask data NULL */
+    EXPECT_FWD(MHA_ERR_NULL_POINTER, "opt->key_padding_mask.data", &m, B, L, L, x, x, x, &o, out);
     EC_REFUSE(MHA_ERR_NULL_POINTER, "mha_module_plan_size", "sizes",
               mha_module_plan_size(&m, B, L, L, NULL, 0, NULL, ERR));
     EC_REFUSE(MHA_ERR_NULL_POINTER, "mha_module_plan_size", "m",
