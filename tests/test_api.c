@@ -33,7 +33,7 @@ static float w1[F * E], w2[E * F], n1[E], n2[E];
 static float x[B * L * E], x2[B * L * E], dout[B * L * E];
 static float out[B * L * E], wts[B * H * L * L], lse[B * H * L], dx[B * L * E];
 static float kc[B * H * CAP * D], vc[B * H * CAP * D];
-static int len[B];
+static int len[B + 1];   /* one more: a cache that claims B + 1 rows is read that far */
 
 static void fill(void)
 {
@@ -721,7 +721,7 @@ static void test_encoder(void)
     mha_sizes sz;
     mha_run r;
     mha_kv_cache c;
-    mha_plan *p, *pt;
+    mha_plan *p = NULL, *pt = NULL;
     mha_encoder_layer_grad g;
     memset(&o, 0, sizeof o);
     memset(&g, 0, sizeof g);
