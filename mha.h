@@ -1769,8 +1769,11 @@ static void mha__saved_stamp(float *sv, const int *shape)
 static mha_status mha__saved_check(const float *sv, const int *shape, mha_error *e)
 {
     uint32_t want[MHA__SAVED_WORDS], got[MHA__SAVED_WORDS];
-    static const char *const what[MHA__SAVED_WORDS] = {
-        "magic", "kind", "B", "H", "Lq", "Lk", "width", "key width", "appended keys", "F"};
+    static const char *const mod_words[MHA__SAVED_WORDS] = {
+        "magic", "kind", "B", "H", "Lq", "Lk", "embed_dim", "KV width", "appended keys", "F"};
+    static const char *const sdpa_words[MHA__SAVED_WORDS] = {
+        "magic", "kind", "B", "H", "Lq", "Lk", "D", "Dv", "KV heads", "(unused)"};
+    const char *const *what = shape[0] == MHA__PLAN_SDPA ? sdpa_words : mod_words;
     int i;
     mha__saved_header(shape, want);
     memcpy(got, sv, sizeof got);
@@ -1849,12 +1852,18 @@ static mha_status mha__get_ws(const mha_run *run, size_t need, void **owned, flo
     return MHA_OK;
 }
 
-/* A run's workspace: need_floats at its lengths (at most the plan's). */
+/* A run's workspace: the caller's holds the plan's bytes (what the size
+   query said, whatever this run's lengths: a buffer that passes a short
+   run must not fail a longer one later); one the run allocates holds what
+   this run needs (need_floats at its lengths, at most the plan's). */
 static mha_status mha__run_ws(const mha_plan *p, const mha_run *run, size_t need_floats, void **owned,
                               float **ws, mha_error *e)
 {
     MHA_ASSERT(need_floats <= p->ws_bytes / sizeof(float));
-    (void)p;
+    if (run && run->workspace && run->workspace_bytes < p->ws_bytes)
+        return mha__fail(e, MHA_ERR_WORKSPACE_TOO_SMALL, "run->workspace_bytes", "is %lu; the plan's runs need "
+                         "%lu (mha_sizes.workspace)", (unsigned long)run->workspace_bytes,
+                         (unsigned long)p->ws_bytes);
     return mha__get_ws(run, need_floats * sizeof(float), owned, ws, e);
 }
 
