@@ -8,6 +8,7 @@
 #define MHA_INSPECT_IMPLEMENTATION
 #include <mha/attn_inspect.h>
 #include <cstdio>
+#include <cstring>
 
 int main()
 {
@@ -15,8 +16,14 @@ int main()
     int pass = 0, fail = 0;
     mha_st_file f;
     char err[128];
+    mha_error e;
+    mha_sizes sz;
+    // TODO(companions): safetensors.h's 0.1 convention (char *err, errlen; 0 / -1);
+    // move to mha_status + mha_error with that header.
     OK(mha_st_open_mem("\0\0\0\0\0\0\0\0", 8, &f, err, sizeof err) == -1);
     OK(mha_status_string(MHA_OK) != nullptr);
+    OK(mha_gemm_plan_size(MHA_NO_TRANS, MHA_NO_TRANS, 0, 1, 1, 0, &sz, &e) == MHA_ERR_INVALID_SIZE &&
+       std::strcmp(e.field, "M") == 0);
     std::printf("consumer (C++): %d passed, %d failed\n", pass, fail);
     return fail != 0;
 }
