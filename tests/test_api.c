@@ -378,6 +378,16 @@ static void test_sdpa(void)
                                                                                        ERR));
     EC_REFUSE(MHA_ERR_INVALID_SIZE, "mha_sdpa_run_forward", "Lq", mha_sdpa_run_forward(pw, -3, L, x, x, x, out, &r,
                                                                                         ERR));
+    r.rows = rows; r.n_rows = 1;   /* chosen rows need MHA_PLAN_ROWS (or MHA_PLAN_WEIGHTS) */
+    EC_REFUSE(MHA_ERR_EXCEEDS_PLAN, "mha_sdpa_run_forward", "run->rows",
+              mha_sdpa_run_forward(p, L, L, x, x, x, out, &r, ERR));
+    {
+        mha_plan *pr = plan_sdpa(L, &o, MHA_PLAN_ROWS);
+        r.rows = NULL; r.n_rows = 0;   /* whole matrices need MHA_PLAN_WEIGHTS */
+        EC_REFUSE(MHA_ERR_EXCEEDS_PLAN, "mha_sdpa_run_forward", "run->weights",
+                  mha_sdpa_run_forward(pr, L, L, x, x, x, out, &r, ERR));
+        mha_plan_destroy(pr);
+    }
     r = no_run();
     r.saved = out; r.saved_bytes = sizeof out;
     EC_REFUSE(MHA_ERR_EXCEEDS_PLAN, "mha_sdpa_run_forward", "run->saved",   /* without MHA_PLAN_TRAINING */
@@ -547,6 +557,9 @@ static void test_module(void)
     r = no_run();
     r.weights = wts;
     EC_REFUSE(MHA_ERR_EXCEEDS_PLAN, "mha_module_run_forward", "run->weights",   /* without MHA_PLAN_WEIGHTS */
+              mha_module_run_forward(p, L, L, x, x, x, out, &r, ERR));
+    r.n_rows = 1; r.rows = &r.n_rows;   /* row 1 */
+    EC_REFUSE(MHA_ERR_EXCEEDS_PLAN, "mha_module_run_forward", "run->rows",   /* without MHA_PLAN_ROWS */
               mha_module_run_forward(p, L, L, x, x, x, out, &r, ERR));
     r = no_run();
     r.lse = lse;   /* allowed: the forward writes the row statistics; but not past the plan */
