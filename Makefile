@@ -95,8 +95,8 @@ view: deps-demo $(BUILD)/mha_view
 	@if [ -n "$(NPY)" ]; then ./$(BUILD)/mha_view $(NPY) $(VIEWFLAGS); \
 	else echo "built $(BUILD)/mha_view; run: $(BUILD)/mha_view WEIGHTS.npy [--labels tokens.txt] [--causal] (--help lists all)"; fi
 
-$(BUILD)/mha_view: examples/mha_view.c examples/npy.h examples/heatmap.h | $(BUILD)
-	$(CC) -std=c99 $(CFLAGS) -isystem $(STB_INC) $< -o $@ -lm
+$(BUILD)/mha_view: examples/mha_view.c examples/npy.h examples/heatmap.h mha.h | $(BUILD)
+	$(CC) -std=c99 $(CFLAGS) -I. -isystem $(STB_INC) $< -o $@ -lm
 
 # `make bench`: tuned build of bench/bench.c; OpenBLAS is timed side by side
 # when <cblas.h> and -lopenblas link (libopenblas-dev), else the bench runs alone.

@@ -172,11 +172,10 @@ static int build_demo(char *words, const char **tok, float *x, mha_module *m)
 static int save(const char *dir, const char *name, const mha_heatmap *hm, const mha_heatmap_style *st)
 {
     char path[1024];
-    mha_heatmap_result r;
+    mha_error err;
     snprintf(path, sizeof path, "%s/%s", dir, name);
-    r = mha_heatmap_write_png(path, hm, st);
-    if (r != MHA_HEATMAP_OK) {
-        fprintf(stderr, "attention_heatmaps: %s: %s\n", path, mha_heatmap_result_string(r));
+    if (mha_heatmap_write_png(path, hm, st, &err) != MHA_OK) {
+        fprintf(stderr, "attention_heatmaps: %s\n", err.message);   /* the path and the reason */
         return 1;
     }
     printf("  %s\n", path);
@@ -215,7 +214,7 @@ static int draw_all(const char *dir, const char *prefix, const char *what, const
     snprintf(name, sizeof name, "%s_grid.png", prefix);
     bad |= save(dir, name, &hm, st);
 
-    mha_heatmap_average(w, H, L, L, avg);
+    if (mha_heatmap_average(w, H, L, L, avg, NULL) != MHA_OK) return 1;
     hm.weights = avg;
     hm.heads = 1;
     hm.head_titles = NULL;
@@ -265,7 +264,7 @@ int main(int argc, char **argv)
     opt.causal = 1;
     s = mha_forward(&m, 1, L, L, x, x, x, &opt, out, weights, NULL, 0);
     if (s != MHA_OK) { fprintf(stderr, "mha_forward: %s\n", mha_status_string(s)); return 1; }
-    mha_heatmap_causal_mask(L, L, 0, causal);
+    mha_heatmap_causal_mask(L, L, 0, causal, NULL);   /* cannot fail: L >= 1, causal holds L x L */
     printf("causal attention:\n");
     bad |= draw_all(dir, "causal", "causal", weights, L, tok, causal, &st);
     return bad;

@@ -1,7 +1,7 @@
-/* attn_inspect.h - what does an attention head do?  Scores from its weights.   v0.1.0
+/* attn_inspect.h - what does an attention head do?  Scores from its weights.   v1.0.0
 
-   Functions a user calls on attention weights (from mha_forward's
-   attn_weights, or any [Lq, Lk] maps whose rows sum to 1), in the spirit of
+   Functions a user calls on attention weights (from a forward's
+   run.weights, or any [Lq, Lk] maps whose rows sum to 1), in the spirit of
    TransformerLens' detect_head and of attention rollout:
      previous-token   each query attends to the token just before it
      duplicate-token  ... to earlier copies of its own token
@@ -16,14 +16,27 @@
      In exactly one C or C++ file:
          #define MHA_INSPECT_IMPLEMENTATION
          #include "attn_inspect.h"
-     (or #define MHA_INSPECT_STATIC too, for a private copy per file)
+     (or #define MHA_INSPECT_STATIC too, for a private copy per file).  It
+     includes "mha.h" for mha_status and mha_error (compile with -I
+     pointing at the directory that holds mha.h); a program that calls
+     mha.h's functions defines MHA_IMPLEMENTATION in one file as usual.
 
    USAGE
        // A: one head's weights [L, L] of self-attention, tokens[L] its input
-       double prev = mha_inspect_prev_token(A, L);
-       double ind  = mha_inspect_induction(A, L, tokens);
+       double prev, ind;
+       mha_error err;
+       if (mha_inspect_prev_token(A, L, &prev, &err) != MHA_OK) fprintf(stderr, "%s\n", err.message);
+       mha_inspect_induction(A, L, tokens, &ind, NULL);
        mha_inspect_scores s[H];
-       mha_inspect_heads(W, H, L, tokens, s);     // W [H, L, L]: all of them
+       mha_inspect_heads(W, H, L, tokens, s, &err);   // W [H, L, L]: all of them
+
+   ERRORS (mha.h's convention)
+     Every call returns an mha_status and takes an mha_error last (NULL
+     allowed), filled on a refusal: status, function, field ("A", "L",
+     "tokens", ...) and a message "mha_inspect_induction: tokens: is NULL".
+     A NULL pointer is MHA_ERR_NULL_POINTER, a size < 1 MHA_ERR_INVALID_SIZE;
+     on a refusal nothing is written (*score, out, R).  A score is returned
+     through its out-parameter.
 
    SCORES
      A detector score is the attention mass that a query puts on the keys
@@ -39,8 +52,8 @@
      scores about ln(L)/L on previous-token).  Queries with no eligible key
      are left out rather than counted as failures: row 0 of a causal
      previous-token head has nowhere to go.  A score with no eligible query
-     at all is NaN (for example duplicate-token on distinct tokens), as is
-     any score of a bad argument (NULL, L < 1).
+     at all is NaN, with status MHA_OK: that is a result, not an error (for
+     example duplicate-token on distinct tokens, or previous-token at L = 1).
      Entropy: mean over rows of -sum_j A[i,j] ln A[i,j] (0 ln 0 = 0), in
      nats: 0 for a head that looks at one key, ln n for one that spreads
      evenly over n keys.
@@ -49,6 +62,8 @@
 */
 #ifndef MHA_INSPECT_H
 #define MHA_INSPECT_H
+
+#include "mha.h"
 
 #ifndef MHA_INSPECT_DEF
 #ifdef MHA_INSPECT_STATIC
@@ -66,30 +81,35 @@
 extern "C" {
 #endif
 
-/* A [L, L]: one head's self-attention weights, row i = query i. */
-MHA_INSPECT_DEF double mha_inspect_prev_token(const float *A, int L);
-MHA_INSPECT_DEF double mha_inspect_duplicate_token(const float *A, int L, const int *tokens);
-MHA_INSPECT_DEF double mha_inspect_induction(const float *A, int L, const int *tokens);
-MHA_INSPECT_DEF double mha_inspect_first_token(const float *A, int L);
-/* A [Lq, Lk]: mean row entropy in nats. */
-MHA_INSPECT_DEF double mha_inspect_entropy(const float *A, int Lq, int Lk);
+/* A [L, L]: one head's self-attention weights, row i = query i; *score
+   gets the detector's score (NaN when no query is eligible). */
+MHA_INSPECT_DEF mha_status mha_inspect_prev_token(const float *A, int L, double *score, mha_error *err);
+MHA_INSPECT_DEF mha_status mha_inspect_duplicate_token(const float *A, int L, const int *tokens, double *score,
+                                                       mha_error *err);
+MHA_INSPECT_DEF mha_status mha_inspect_induction(const float *A, int L, const int *tokens, double *score,
+                                                 mha_error *err);
+MHA_INSPECT_DEF mha_status mha_inspect_first_token(const float *A, int L, double *score, mha_error *err);
+/* A [Lq, Lk]: *entropy = the mean row entropy in nats. */
+MHA_INSPECT_DEF mha_status mha_inspect_entropy(const float *A, int Lq, int Lk, double *entropy, mha_error *err);
 
-/* Every score of H heads W [H, L, L] at once; tokens may be NULL (the
-   duplicate-token and induction scores are then NaN). */
+/* Every score of H heads W [H, L, L] at once into out[H]; tokens may be
+   NULL (the duplicate-token and induction scores are then NaN: no token
+   is eligible). */
 typedef struct mha_inspect_scores {
     double prev_token, duplicate_token, induction, first_token, entropy;
 } mha_inspect_scores;
-MHA_INSPECT_DEF void mha_inspect_heads(const float *W, int H, int L, const int *tokens,
-                                       mha_inspect_scores *out);
+MHA_INSPECT_DEF mha_status mha_inspect_heads(const float *W, int H, int L, const int *tokens,
+                                             mha_inspect_scores *out, mha_error *err);
 
 /* Attention rollout over n layers of self-attention weights
    A [n, H, L, L] (H = 1 for weights already averaged over heads):
        Abar_l = rownorm((mean_h A_l,h + I) / 2)
        R = Abar_n Abar_{n-1} ... Abar_1                       R [L, L]
    R[i, j] is how much of the input token j reaches position i after the
-   last layer.  work: 2 L L floats.  Returns 0, or -1 on a bad argument
-   (nothing written).  Cost n L^3: meant for the lengths one looks at. */
-MHA_INSPECT_DEF int mha_inspect_rollout(int n, int H, int L, const float *A, float *R, float *work);
+   last layer.  work: 2 L L floats of scratch.  Cost n L^3: meant for the
+   lengths one looks at. */
+MHA_INSPECT_DEF mha_status mha_inspect_rollout(int n, int H, int L, const float *A, float *R, float *work,
+                                               mha_error *err);
 
 #ifdef __cplusplus
 }
@@ -101,7 +121,52 @@ MHA_INSPECT_DEF int mha_inspect_rollout(int n, int H, int L, const float *A, flo
 #define MHA_INSPECT_IMPLEMENTATION_DONE
 
 #include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <string.h>
+
+/* Refusals, in mha.h's convention: the check that refuses fills the
+   caller's report (when there is one) with the status, the field and the
+   message "function: field: what was expected, what was found". */
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((format(printf, 5, 6)))
+#endif
+static mha_status mha_inspect__fail(mha_error *e, mha_status s, const char *function, const char *field,
+                                    const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+    if (!e) return s;
+    e->status = s;
+    e->function = function;
+    e->field = field;
+    n = snprintf(e->message, sizeof e->message, "%s: %s: ", function, field);
+    if (n < 0 || (size_t)n >= sizeof e->message) return s;
+    va_start(ap, fmt);
+    vsnprintf(e->message + n, sizeof e->message - (size_t)n, fmt, ap);
+    va_end(ap);
+    return s;
+}
+/* At a public call's entry: a clean report. */
+static void mha_inspect__begin(mha_error *e)
+{
+    if (!e) return;
+    e->status = MHA_OK;
+    e->function = NULL;
+    e->field = NULL;
+    e->message[0] = '\0';
+}
+/* The arguments every call has: the first NULL pointer or size < 1 by name. */
+static mha_status mha_inspect__args(mha_error *e, const char *function, const char *aname, const void *a,
+                                    const char *oname, const void *out, const char *l1, int v1, const char *l2,
+                                    int v2)
+{
+    if (!a) return mha_inspect__fail(e, MHA_ERR_NULL_POINTER, function, aname, "is NULL");
+    if (!out) return mha_inspect__fail(e, MHA_ERR_NULL_POINTER, function, oname, "is NULL");
+    if (v1 < 1) return mha_inspect__fail(e, MHA_ERR_INVALID_SIZE, function, l1, "is %d; expected >= 1", v1);
+    if (l2 && v2 < 1) return mha_inspect__fail(e, MHA_ERR_INVALID_SIZE, function, l2, "is %d; expected >= 1", v2);
+    return MHA_OK;
+}
 
 /* Which keys a detector names for query i (see SCORES). */
 typedef enum { MHA_INSPECT__PREV, MHA_INSPECT__DUP, MHA_INSPECT__IND, MHA_INSPECT__FIRST } mha_inspect__kind;
@@ -117,12 +182,14 @@ static int mha_inspect__target(mha_inspect__kind k, const int *tok, int i, int j
     return 0;
 }
 
-/* mean over eligible rows i of sum_{j in T(i)} A[i, j] */
+/* mean over eligible rows i of sum_{j in T(i)} A[i, j]; NaN when no row is
+   eligible (tok NULL: no row is, for the detectors that read tokens).  The
+   arguments are checked by the caller. */
 static double mha_inspect__score(const float *A, int L, const int *tok, mha_inspect__kind k)
 {
     double total = 0;
     int i, j, rows = 0;
-    if (!A || L < 1 || ((k == MHA_INSPECT__DUP || k == MHA_INSPECT__IND) && !tok)) return NAN;
+    if ((k == MHA_INSPECT__DUP || k == MHA_INSPECT__IND) && !tok) return NAN;
     for (i = 0; i < L; ++i) {
         const float *a = A + (size_t)i * L;
         double mass = 0;
@@ -134,29 +201,43 @@ static double mha_inspect__score(const float *A, int L, const int *tok, mha_insp
     return rows ? total / rows : NAN;
 }
 
-MHA_INSPECT_DEF double mha_inspect_prev_token(const float *A, int L)
+/* One detector as a public call: the arguments checked, then the score. */
+static mha_status mha_inspect__detector(const char *function, const float *A, int L, const int *tok, int need_tok,
+                                        mha_inspect__kind k, double *score, mha_error *err)
 {
-    return mha_inspect__score(A, L, NULL, MHA_INSPECT__PREV);
+    mha_status s;
+    mha_inspect__begin(err);
+    s = mha_inspect__args(err, function, "A", A, "score", score, "L", L, NULL, 0);
+    if (s == MHA_OK && need_tok && !tok)
+        s = mha_inspect__fail(err, MHA_ERR_NULL_POINTER, function, "tokens", "is NULL");
+    if (s == MHA_OK) *score = mha_inspect__score(A, L, tok, k);
+    return s;
 }
-MHA_INSPECT_DEF double mha_inspect_duplicate_token(const float *A, int L, const int *tokens)
+
+MHA_INSPECT_DEF mha_status mha_inspect_prev_token(const float *A, int L, double *score, mha_error *err)
 {
-    return mha_inspect__score(A, L, tokens, MHA_INSPECT__DUP);
+    return mha_inspect__detector("mha_inspect_prev_token", A, L, NULL, 0, MHA_INSPECT__PREV, score, err);
 }
-MHA_INSPECT_DEF double mha_inspect_induction(const float *A, int L, const int *tokens)
+MHA_INSPECT_DEF mha_status mha_inspect_duplicate_token(const float *A, int L, const int *tokens, double *score,
+                                                       mha_error *err)
 {
-    return mha_inspect__score(A, L, tokens, MHA_INSPECT__IND);
+    return mha_inspect__detector("mha_inspect_duplicate_token", A, L, tokens, 1, MHA_INSPECT__DUP, score, err);
 }
-MHA_INSPECT_DEF double mha_inspect_first_token(const float *A, int L)
+MHA_INSPECT_DEF mha_status mha_inspect_induction(const float *A, int L, const int *tokens, double *score,
+                                                 mha_error *err)
 {
-    return mha_inspect__score(A, L, NULL, MHA_INSPECT__FIRST);
+    return mha_inspect__detector("mha_inspect_induction", A, L, tokens, 1, MHA_INSPECT__IND, score, err);
+}
+MHA_INSPECT_DEF mha_status mha_inspect_first_token(const float *A, int L, double *score, mha_error *err)
+{
+    return mha_inspect__detector("mha_inspect_first_token", A, L, NULL, 0, MHA_INSPECT__FIRST, score, err);
 }
 
 /* mean_i  -sum_j a_ij ln a_ij   (a zero weight adds nothing: lim x ln x = 0) */
-MHA_INSPECT_DEF double mha_inspect_entropy(const float *A, int Lq, int Lk)
+static double mha_inspect__entropy(const float *A, int Lq, int Lk)
 {
     double total = 0;
     int i, j;
-    if (!A || Lq < 1 || Lk < 1) return NAN;
     for (i = 0; i < Lq; ++i) {
         const float *a = A + (size_t)i * Lk;
         double h = 0;
@@ -167,26 +248,46 @@ MHA_INSPECT_DEF double mha_inspect_entropy(const float *A, int Lq, int Lk)
     return total / Lq;
 }
 
-MHA_INSPECT_DEF void mha_inspect_heads(const float *W, int H, int L, const int *tokens,
-                                       mha_inspect_scores *out)
+MHA_INSPECT_DEF mha_status mha_inspect_entropy(const float *A, int Lq, int Lk, double *entropy, mha_error *err)
 {
-    int h;
-    if (!W || !out || H < 1 || L < 1) return;
-    for (h = 0; h < H; ++h) {
-        const float *A = W + (size_t)h * L * L;
-        out[h].prev_token = mha_inspect_prev_token(A, L);
-        out[h].duplicate_token = mha_inspect_duplicate_token(A, L, tokens);
-        out[h].induction = mha_inspect_induction(A, L, tokens);
-        out[h].first_token = mha_inspect_first_token(A, L);
-        out[h].entropy = mha_inspect_entropy(A, L, L);
-    }
+    mha_status s;
+    mha_inspect__begin(err);
+    s = mha_inspect__args(err, "mha_inspect_entropy", "A", A, "entropy", entropy, "Lq", Lq, "Lk", Lk);
+    if (s == MHA_OK) *entropy = mha_inspect__entropy(A, Lq, Lk);
+    return s;
 }
 
-MHA_INSPECT_DEF int mha_inspect_rollout(int n, int H, int L, const float *A, float *R, float *work)
+MHA_INSPECT_DEF mha_status mha_inspect_heads(const float *W, int H, int L, const int *tokens,
+                                             mha_inspect_scores *out, mha_error *err)
 {
+    mha_status s;
+    int h;
+    mha_inspect__begin(err);
+    s = mha_inspect__args(err, "mha_inspect_heads", "W", W, "out", out, "H", H, "L", L);
+    for (h = 0; s == MHA_OK && h < H; ++h) {
+        const float *A = W + (size_t)h * L * L;
+        out[h].prev_token = mha_inspect__score(A, L, NULL, MHA_INSPECT__PREV);
+        out[h].duplicate_token = mha_inspect__score(A, L, tokens, MHA_INSPECT__DUP);
+        out[h].induction = mha_inspect__score(A, L, tokens, MHA_INSPECT__IND);
+        out[h].first_token = mha_inspect__score(A, L, NULL, MHA_INSPECT__FIRST);
+        out[h].entropy = mha_inspect__entropy(A, L, L);
+    }
+    return s;
+}
+
+MHA_INSPECT_DEF mha_status mha_inspect_rollout(int n, int H, int L, const float *A, float *R, float *work,
+                                               mha_error *err)
+{
+    static const char fn[] = "mha_inspect_rollout";
     size_t LL = (size_t)L * L, l, i, j, k, h;
     float *bar = work, *prod = work ? work + (size_t)L * L : NULL;
-    if (!A || !R || !work || n < 1 || H < 1 || L < 1) return -1;
+    mha_status s;
+    mha_inspect__begin(err);
+    if (!R) return mha_inspect__fail(err, MHA_ERR_NULL_POINTER, fn, "R", "is NULL");
+    if (!work) return mha_inspect__fail(err, MHA_ERR_NULL_POINTER, fn, "work", "is NULL");
+    if (n < 1) return mha_inspect__fail(err, MHA_ERR_INVALID_SIZE, fn, "n", "is %d; expected >= 1", n);
+    s = mha_inspect__args(err, fn, "A", A, "R", R, "H", H, "L", L);
+    if (s != MHA_OK) return s;
     for (l = 0; l < (size_t)n; ++l) {
         const float *Al = A + l * (size_t)H * LL;
         /* 1. Abar = rownorm((mean_h A_h + I) / 2); a row with no weight at all
@@ -212,7 +313,7 @@ MHA_INSPECT_DEF int mha_inspect_rollout(int n, int H, int L, const float *A, flo
             }
         memcpy(R, prod, LL * sizeof(float));
     }
-    return 0;
+    return MHA_OK;
 }
 
 #endif /* MHA_INSPECT_IMPLEMENTATION_DONE */

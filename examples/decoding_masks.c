@@ -43,8 +43,11 @@ static int draw(const char *dir, const char *file, const char *title, int H, int
     hm.weights = w; hm.heads = H; hm.Lq = Lq; hm.Lk = Lk; hm.title = title;
     st.show_values = 1; st.cell = 40;
     snprintf(path, sizeof path, "%s/%s", dir, file);
-    if (mha_heatmap_write_png(path, &hm, &st) != MHA_HEATMAP_OK) { fprintf(stderr, "cannot write %s\n", path); rc = 1; }
-    else printf("%s\n", path);
+    {
+        mha_error herr;   /* heatmap.h's refusal: the path and the system's reason */
+        if (mha_heatmap_write_png(path, &hm, &st, &herr) != MHA_OK) { fprintf(stderr, "%s\n", herr.message); rc = 1; }
+        else printf("%s\n", path);
+    }
 done:
     free(q); free(k); free(v); free(out); free(w);
     return rc;

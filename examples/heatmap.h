@@ -1,4 +1,4 @@
-/* heatmap.h - attention weights as labelled heatmap images.          v0.1.0
+/* heatmap.h - attention weights as labelled heatmap images.          v1.0.0
 
    Draws one attention map, or every head of a layer in a grid, into an RGB
    buffer: one square cell per (query, key), a perceptually uniform colour map,
@@ -6,32 +6,62 @@
    per head, and a colour bar with its scale.  Masked cells (a causal triangle,
    padding) are hatched grey so they never look like a weight of zero.
    Text comes from stb_easy_font.h, the PNG from stb_image_write.h (both in
-   Debian's libstb-dev).  mha.h does not need this file and this file does not
-   need mha.h: it takes plain float arrays.
+   Debian's libstb-dev).  It takes plain float arrays; of mha.h it uses only
+   the types mha_status and mha_error, for its errors.
 
    BUILD
      In exactly one C or C++ file:
          #define MHA_HEATMAP_IMPLEMENTATION
          #define STB_IMAGE_WRITE_IMPLEMENTATION   // unless another file has it
          #include "heatmap.h"
-     and compile with the stb headers as system headers, so warnings about
-     them do not stop a -Werror build:
-         cc -std=c99 -isystem /usr/include/stb -Iexamples prog.c -lm
+     and compile with -I pointing at the directory that holds mha.h (which
+     heatmap.h includes) and the stb headers as system headers, so warnings
+     about them do not stop a -Werror build:
+         cc -std=c99 -I. -isystem /usr/include/stb -Iexamples prog.c -lm
+     A program that calls mha.h's functions, mha_status_string among them,
+     defines MHA_IMPLEMENTATION in one file as usual.
 
    USAGE
-       // w: [H, Lq, Lk] as mha_forward returns with per_head_weights = 1
+       // w: [H, Lq, Lk] as a forward writes run.weights with opt.per_head_weights = 1
        const char *tok[] = {"the", "cat", "sat"};
        mha_heatmap hm = {0};
        hm.weights = w;  hm.heads = H;  hm.Lq = 3;  hm.Lk = 3;
        hm.q_labels = tok;  hm.k_labels = tok;  hm.title = "layer 0";
        mha_heatmap_style st = {0};            // zero = viridis, range 0..1, auto size
-       if (mha_heatmap_write_png("heads.png", &hm, &st) != MHA_HEATMAP_OK) ...
+       mha_error err;
+       if (mha_heatmap_write_png("heads.png", &hm, &st, &err) != MHA_OK)
+           fprintf(stderr, "%s\n", err.message);   // e.g. the path and the system's reason
 
        // or into memory: the layout first, then the pixels
        mha_heatmap_layout lay;
-       mha_heatmap_measure(&hm, &st, &lay);
-       unsigned char *rgb = malloc((size_t)lay.width * lay.height * 3);
-       mha_heatmap_render(&hm, &st, rgb, lay.width, lay.height);
+       if (mha_heatmap_measure(&hm, &st, &lay, &err) == MHA_OK) {
+           unsigned char *rgb = malloc((size_t)lay.width * lay.height * 3);
+           mha_heatmap_render(&hm, &st, rgb, lay.width, lay.height, &err);
+       }
+
+   ERRORS (mha.h's convention)
+     Every call that can fail returns an mha_status and takes an mha_error
+     last (NULL allowed), filled on a refusal: status, function
+     ("mha_heatmap_measure"), field (the argument or struct field refused:
+     "hm->Lq", "style->cmap", "width", "path") and a message
+     "mha_heatmap_measure: hm->Lq: what was expected, what was found".
+       MHA_ERR_NULL_POINTER     a NULL map, weights, output or path
+       MHA_ERR_INVALID_SIZE     a size <= 0 (Lq, Lk, heads < 0, an image side)
+       MHA_ERR_BAD_ENUM         style->cmap or style->range outside its enum
+       MHA_ERR_INVALID_ARGUMENT style->cell or style->cols < 0; a render
+                                buffer whose size is not the measured one
+       MHA_ERR_OVERFLOW         the image would exceed MHA_HEATMAP_MAX_SIDE
+                                pixels a side
+       MHA_ERR_OUT_OF_MEMORY    the allocator returned NULL
+       MHA_ERR_IO               the PNG cannot be written: the message has the
+                                path and the operating system's reason
+     On a refusal nothing is written to the caller's outputs (layout, rgb,
+     width, height, out, mask, lo, hi); a PNG whose writing fails half-way
+     is left as far as it got (the path might not name a file of ours to
+     delete: a device, a pipe).
+     The colour lookups, the panel and cell geometry and the text helpers
+     cannot fail and return their value (the text helpers draw or measure
+     nothing for NULL text).
 
    DATA CONVENTIONS
      weights[(h * Lq + i) * Lk + j] is head h, query i (a row), key j (a column).
@@ -57,6 +87,7 @@
 #define MHA_HEATMAP_H
 
 #include <stddef.h>
+#include "mha.h"
 
 #ifndef MHA_HEATMAP_DEF
 #ifdef MHA_HEATMAP_STATIC
@@ -73,15 +104,6 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-typedef enum mha_heatmap_result {
-    MHA_HEATMAP_OK = 0,
-    MHA_HEATMAP_ERR_ARGUMENT,   /* NULL pointer, size <= 0, or an unknown enum value */
-    MHA_HEATMAP_ERR_TOO_LARGE,  /* the image would exceed MHA_HEATMAP_MAX_SIDE pixels a side */
-    MHA_HEATMAP_ERR_BUFFER,     /* render: width/height differ from mha_heatmap_measure's */
-    MHA_HEATMAP_ERR_MEMORY,     /* the allocator returned NULL */
-    MHA_HEATMAP_ERR_WRITE       /* the PNG could not be written */
-} mha_heatmap_result;
 
 /* Largest image side in pixels: bounds every allocation the renderer makes. */
 #define MHA_HEATMAP_MAX_SIDE 16384
@@ -160,10 +182,8 @@ typedef struct mha_heatmap_layout {
 #define MHA_HEATMAP_HATCH_G 150
 #define MHA_HEATMAP_HATCH_B 150
 
-/* A sentence for a result code; never NULL. */
-MHA_HEATMAP_DEF const char *mha_heatmap_result_string(mha_heatmap_result r);
-
-/* The colour of t in [0, 1] (clamped; NaN gives the mask colour). */
+/* The colour of t in [0, 1] (clamped; NaN gives the mask colour; an
+   unknown cmap is viridis). */
 MHA_HEATMAP_DEF void mha_heatmap_color(mha_heatmap_cmap cmap, float t, unsigned char rgb[3]);
 /* "viridis", "magma", ... and back; parse returns -1 for an unknown name. */
 MHA_HEATMAP_DEF const char *mha_heatmap_cmap_name(mha_heatmap_cmap cmap);
@@ -171,20 +191,22 @@ MHA_HEATMAP_DEF int mha_heatmap_cmap_parse(const char *name);
 
 /* The values that the two ends of the colour map stand for under st->range
    (the colour bar's scale): what a renderer of its own, a terminal one for
-   instance, needs to colour the cells as the PNG does. */
-MHA_HEATMAP_DEF void mha_heatmap_value_range(const mha_heatmap *hm, const mha_heatmap_style *st,
-                                             float *lo, float *hi);
+   instance, needs to colour the cells as the PNG does.  st may be NULL
+   (the defaults); hm is checked as mha_heatmap_measure checks it. */
+MHA_HEATMAP_DEF mha_status mha_heatmap_value_range(const mha_heatmap *hm, const mha_heatmap_style *st,
+                                                   float *lo, float *hi, mha_error *err);
 
 /* out[i*Lk + j] = mean over h of w[(h*Lq + i)*Lk + j]; a NaN stays NaN (masked). */
-MHA_HEATMAP_DEF void mha_heatmap_average(const float *w, int heads, int Lq, int Lk, float *out);
+MHA_HEATMAP_DEF mha_status mha_heatmap_average(const float *w, int heads, int Lq, int Lk, float *out,
+                                               mha_error *err);
 /* mask[i*Lk + j] = 1 where key j is after query i (j > i + Lk - Lq when
    bottom_right, else j > i): the cells a causal model never looks at. */
-MHA_HEATMAP_DEF void mha_heatmap_causal_mask(int Lq, int Lk, int bottom_right, unsigned char *mask);
+MHA_HEATMAP_DEF mha_status mha_heatmap_causal_mask(int Lq, int Lk, int bottom_right, unsigned char *mask,
+                                                   mha_error *err);
 
 /* Compute the layout (and so the image size) without drawing. */
-MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,
-                                                       const mha_heatmap_style *style,
-                                                       mha_heatmap_layout *layout);
+MHA_HEATMAP_DEF mha_status mha_heatmap_measure(const mha_heatmap *hm, const mha_heatmap_style *style,
+                                               mha_heatmap_layout *layout, mha_error *err);
 /* The parts of a panel, for mha_heatmap_panel. */
 typedef enum mha_heatmap_part {
     MHA_HEATMAP_CELLS = 0,     /* the map */
@@ -199,14 +221,13 @@ MHA_HEATMAP_DEF mha_heatmap_rect mha_heatmap_panel(const mha_heatmap_layout *lay
 MHA_HEATMAP_DEF mha_heatmap_rect mha_heatmap_cell(const mha_heatmap_layout *layout, int head,
                                                   int i, int j);
 /* Draw into rgb [height][width][3]; width and height must be the measured ones. */
-MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_render(const mha_heatmap *hm,
-                                                      const mha_heatmap_style *style,
-                                                      unsigned char *rgb, int width, int height);
-/* Measure, allocate (MHA_HEATMAP_MALLOC) and render; free with MHA_HEATMAP_FREE
-   (free() by default).  NULL on failure, with *result set when result != NULL. */
-MHA_HEATMAP_DEF unsigned char *mha_heatmap_draw(const mha_heatmap *hm,
-                                                const mha_heatmap_style *style, int *width,
-                                                int *height, mha_heatmap_result *result);
+MHA_HEATMAP_DEF mha_status mha_heatmap_render(const mha_heatmap *hm, const mha_heatmap_style *style,
+                                              unsigned char *rgb, int width, int height, mha_error *err);
+/* Measure, allocate (MHA_HEATMAP_MALLOC) and render into *rgb; free it with
+   MHA_HEATMAP_FREE (free() by default).  width, height: NULL, or they get
+   the image's size. */
+MHA_HEATMAP_DEF mha_status mha_heatmap_draw(const mha_heatmap *hm, const mha_heatmap_style *style,
+                                            unsigned char **rgb, int *width, int *height, mha_error *err);
 /* Draw text into an RGB image with stb_easy_font: (x, y) is the top-left of
    the text, each font pixel becomes scale x scale; rotated = reads bottom to
    top with (x, y) the bottom-left.  Handy for composing several maps. */
@@ -218,12 +239,12 @@ MHA_HEATMAP_DEF int mha_heatmap_text_width(const char *text, int scale);
 
 #ifndef MHA_HEATMAP_NO_PNG
 /* Render and write a PNG. */
-MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_write_png(const char *path, const mha_heatmap *hm,
-                                                         const mha_heatmap_style *style);
-/* Write any RGB buffer as a PNG (stbi_write_png). */
-MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_write_rgb_png(const char *path,
-                                                             const unsigned char *rgb,
-                                                             int width, int height);
+MHA_HEATMAP_DEF mha_status mha_heatmap_write_png(const char *path, const mha_heatmap *hm,
+                                                 const mha_heatmap_style *style, mha_error *err);
+/* Write any RGB buffer, at most MHA_HEATMAP_MAX_SIDE pixels a side, as a
+   PNG (stb_image_write's encoder). */
+MHA_HEATMAP_DEF mha_status mha_heatmap_write_rgb_png(const char *path, const unsigned char *rgb,
+                                                     int width, int height, mha_error *err);
 #endif
 
 #ifdef __cplusplus
@@ -238,7 +259,9 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_write_rgb_png(const char *path,
 #ifndef MHA_HEATMAP_IMPLEMENTATION_DONE
 #define MHA_HEATMAP_IMPLEMENTATION_DONE
 
+#include <errno.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include "stb_easy_font.h"
@@ -261,17 +284,70 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_write_rgb_png(const char *path,
 #define MHA_HM__CAST(T, x) ((T)(x))
 #endif
 
-MHA_HEATMAP_DEF const char *mha_heatmap_result_string(mha_heatmap_result r)
+/* Refusals, in mha.h's convention.  Inside, every function takes a
+   non-NULL mha_error (the public call lends its own when the caller passed
+   NULL) and returns 0 or -1; a check that refuses records its status, the
+   field and what was expected and found (printf-style) with mha_hm__fail;
+   the public call then signs the message with its name (mha_hm__end):
+   "mha_heatmap_measure: hm->Lq: ...".  The first refusal is the one
+   reported. */
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((format(printf, 4, 5)))
+#endif
+static int mha_hm__fail(mha_error *e, mha_status s, const char *field, const char *fmt, ...)
 {
-    switch (r) {
-    case MHA_HEATMAP_OK: return "success";
-    case MHA_HEATMAP_ERR_ARGUMENT: return "invalid argument (NULL pointer, size <= 0 or unknown enum)";
-    case MHA_HEATMAP_ERR_TOO_LARGE: return "the image would be too large";
-    case MHA_HEATMAP_ERR_BUFFER: return "the buffer size differs from the measured image size";
-    case MHA_HEATMAP_ERR_MEMORY: return "out of memory";
-    case MHA_HEATMAP_ERR_WRITE: return "the PNG file could not be written";
+    va_list ap;
+    if (e->status != MHA_OK) return -1;
+    e->status = s;
+    e->field = field;
+    va_start(ap, fmt);
+    vsnprintf(e->message, sizeof e->message, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+/* At a public call's entry: the caller's report, or a local one. */
+static mha_error *mha_hm__begin(mha_error *err, mha_error *local)
+{
+    mha_error *e = err ? err : local;
+    e->status = MHA_OK;
+    e->function = NULL;
+    e->field = NULL;
+    e->message[0] = '\0';
+    return e;
+}
+/* Append src to dst[cap] at *len, cutting what does not fit. */
+static void mha_hm__cat(char *dst, size_t cap, size_t *len, const char *src)
+{
+    while (*src && *len + 1 < cap) dst[(*len)++] = *src++;
+    dst[*len] = '\0';
+}
+/* At its exit: the status, and on a refusal the message becomes
+   "function: field: detail". */
+static mha_status mha_hm__end(mha_error *e, const char *function)
+{
+    char detail[sizeof e->message];
+    size_t n = 0;
+    if (e->status == MHA_OK) return MHA_OK;
+    memcpy(detail, e->message, sizeof detail);
+    e->function = function;
+    mha_hm__cat(e->message, sizeof e->message, &n, function);
+    mha_hm__cat(e->message, sizeof e->message, &n, ": ");
+    if (e->field) {
+        mha_hm__cat(e->message, sizeof e->message, &n, e->field);
+        mha_hm__cat(e->message, sizeof e->message, &n, ": ");
     }
-    return "unknown heatmap result";
+    mha_hm__cat(e->message, sizeof e->message, &n, detail);
+    return e->status;
+}
+/* A NULL pointer argument: the first of them by name. */
+static int mha_hm__need(mha_error *e, const char *field, const void *p)
+{
+    return p ? 0 : mha_hm__fail(e, MHA_ERR_NULL_POINTER, field, "is NULL");
+}
+/* A size argument that must be >= 1. */
+static int mha_hm__size(mha_error *e, const char *field, int v)
+{
+    return v >= 1 ? 0 : mha_hm__fail(e, MHA_ERR_INVALID_SIZE, field, "is %d; expected >= 1", v);
 }
 
 /* ---------------------------------------------------------------- colour */
@@ -355,25 +431,36 @@ MHA_HEATMAP_DEF void mha_heatmap_color(mha_heatmap_cmap cmap, float t, unsigned 
     }
 }
 
-MHA_HEATMAP_DEF void mha_heatmap_average(const float *w, int heads, int Lq, int Lk, float *out)
+MHA_HEATMAP_DEF mha_status mha_heatmap_average(const float *w, int heads, int Lq, int Lk, float *out,
+                                               mha_error *err)
 {
+    mha_error local, *e = mha_hm__begin(err, &local);
     size_t n, i;
     int h;
-    if (!w || !out || heads <= 0 || Lq <= 0 || Lk <= 0) return;
+    if (mha_hm__need(e, "w", w) || mha_hm__need(e, "out", out) || mha_hm__size(e, "heads", heads) ||
+        mha_hm__size(e, "Lq", Lq) || mha_hm__size(e, "Lk", Lk))
+        return mha_hm__end(e, "mha_heatmap_average");
+    /* out_ij = (1/heads) sum_h w_hij, summed in double: the mean of many
+       heads stays exact to float rounding */
     n = (size_t)Lq * (size_t)Lk;
     for (i = 0; i < n; ++i) {
-        double s = 0;  /* double: the mean of many heads stays exact to float rounding */
+        double s = 0;
         for (h = 0; h < heads; ++h) s += (double)w[(size_t)h * n + i];
         out[i] = (float)(s / heads);
     }
+    return MHA_OK;
 }
 
-MHA_HEATMAP_DEF void mha_heatmap_causal_mask(int Lq, int Lk, int bottom_right, unsigned char *mask)
+MHA_HEATMAP_DEF mha_status mha_heatmap_causal_mask(int Lq, int Lk, int bottom_right, unsigned char *mask,
+                                                   mha_error *err)
 {
+    mha_error local, *e = mha_hm__begin(err, &local);
     int i, j, shift = bottom_right ? Lk - Lq : 0;
-    if (!mask || Lq <= 0 || Lk <= 0) return;
+    if (mha_hm__size(e, "Lq", Lq) || mha_hm__size(e, "Lk", Lk) || mha_hm__need(e, "mask", mask))
+        return mha_hm__end(e, "mha_heatmap_causal_mask");
     for (i = 0; i < Lq; ++i)
         for (j = 0; j < Lk; ++j) mask[(size_t)i * Lk + j] = (unsigned char)(j > i + shift);
+    return MHA_OK;
 }
 
 /* ---------------------------------------------------------------- pixels */
@@ -644,30 +731,61 @@ static void mha_hm__range(const mha_heatmap *hm, const mha_heatmap_style *st, fl
     *lo = a; *hi = b;
 }
 
-MHA_HEATMAP_DEF void mha_heatmap_value_range(const mha_heatmap *hm, const mha_heatmap_style *st,
-                                             float *lo, float *hi)
+/* NULL style: the defaults (all zero). */
+static const mha_heatmap_style mha_hm__default_style = {MHA_HEATMAP_VIRIDIS, MHA_HEATMAP_RANGE_UNIT, 0, 0, 0, 0,
+                                                        0, 0};
+
+/* What every drawing call checks of the map and its style: pointers, sizes,
+   enums, and the limits that keep the image inside MHA_HEATMAP_MAX_SIDE. */
+static int mha_hm__check(const mha_heatmap *hm, const mha_heatmap_style *st, mha_error *e)
 {
-    mha_hm__range(hm, st, lo, hi);
+    if (mha_hm__need(e, "hm", hm) || mha_hm__need(e, "hm->weights", hm->weights) ||
+        mha_hm__size(e, "hm->Lq", hm->Lq) || mha_hm__size(e, "hm->Lk", hm->Lk))
+        return -1;
+    if (hm->heads < 0)
+        return mha_hm__fail(e, MHA_ERR_INVALID_SIZE, "hm->heads", "is %d; expected >= 0 (0 counts as 1)", hm->heads);
+    if ((int)st->cmap < 0 || st->cmap >= MHA_HEATMAP_CMAP_COUNT)
+        return mha_hm__fail(e, MHA_ERR_BAD_ENUM, "style->cmap", "is %d; expected 0..%d (MHA_HEATMAP_VIRIDIS.."
+                            "MHA_HEATMAP_CIVIDIS)", (int)st->cmap, MHA_HEATMAP_CMAP_COUNT - 1);
+    if ((int)st->range < 0 || st->range > MHA_HEATMAP_RANGE_FIXED)
+        return mha_hm__fail(e, MHA_ERR_BAD_ENUM, "style->range", "is %d; expected 0..%d (MHA_HEATMAP_RANGE_UNIT.."
+                            "MHA_HEATMAP_RANGE_FIXED)", (int)st->range, (int)MHA_HEATMAP_RANGE_FIXED);
+    if (st->cell < 0)
+        return mha_hm__fail(e, MHA_ERR_INVALID_ARGUMENT, "style->cell", "is %d; expected >= 0 (0 = automatic)",
+                            st->cell);
+    if (st->cols < 0)
+        return mha_hm__fail(e, MHA_ERR_INVALID_ARGUMENT, "style->cols", "is %d; expected >= 0 (0 = automatic)",
+                            st->cols);
+    if (hm->Lq > MHA_HEATMAP_MAX_SIDE || hm->Lk > MHA_HEATMAP_MAX_SIDE)
+        return mha_hm__fail(e, MHA_ERR_OVERFLOW, hm->Lq > MHA_HEATMAP_MAX_SIDE ? "hm->Lq" : "hm->Lk",
+                            "is %d; a map of more than %d tokens a side does not fit an image of at most %d "
+                            "pixels a side", hm->Lq > MHA_HEATMAP_MAX_SIDE ? hm->Lq : hm->Lk,
+                            MHA_HEATMAP_MAX_SIDE, MHA_HEATMAP_MAX_SIDE);
+    if (hm->heads > 4096)
+        return mha_hm__fail(e, MHA_ERR_OVERFLOW, "hm->heads", "is %d; at most 4096 panels are drawn", hm->heads);
+    return 0;
 }
 
-MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,
-                                                       const mha_heatmap_style *style,
-                                                       mha_heatmap_layout *L)
+MHA_HEATMAP_DEF mha_status mha_heatmap_value_range(const mha_heatmap *hm, const mha_heatmap_style *st,
+                                                   float *lo, float *hi, mha_error *err)
 {
-    static const mha_heatmap_style defaults = {MHA_HEATMAP_VIRIDIS, MHA_HEATMAP_RANGE_UNIT, 0, 0, 0, 0, 0, 0};
-    const mha_heatmap_style *st = style ? style : &defaults;
+    mha_error local, *e = mha_hm__begin(err, &local);
+    if (!st) st = &mha_hm__default_style;
+    if (mha_hm__need(e, "lo", lo) == 0 && mha_hm__need(e, "hi", hi) == 0 && mha_hm__check(hm, st, e) == 0)
+        mha_hm__range(hm, st, lo, hi);
+    return mha_hm__end(e, "mha_heatmap_value_range");
+}
+
+/* The layout into L (the caller's local: filled only here). */
+static int mha_hm__measure(const mha_heatmap *hm, const mha_heatmap_style *st, mha_heatmap_layout *L,
+                           mha_error *e)
+{
     int H, cell, s, text_h, qw, kw, kh, cap_top = 0, cap_left = 0, head_h = 0, head_w = 0, h;
     int title_w = 0, title_h = 0, grid_w, grid_h, cells_w, cells_h, panel_w, panel_h, x_cells, y_cells;
     int bar_right = 0, bottom;
     char buf[MHA_HEATMAP_MAX_TITLE + 32];
 
-    if (!hm || !L || !hm->weights || hm->Lq <= 0 || hm->Lk <= 0 || hm->heads < 0)
-        return MHA_HEATMAP_ERR_ARGUMENT;
-    if ((int)st->cmap < 0 || st->cmap >= MHA_HEATMAP_CMAP_COUNT || (int)st->range < 0 ||
-        st->range > MHA_HEATMAP_RANGE_FIXED || st->cell < 0 || st->cols < 0)
-        return MHA_HEATMAP_ERR_ARGUMENT;
-    if (hm->Lq > MHA_HEATMAP_MAX_SIDE || hm->Lk > MHA_HEATMAP_MAX_SIDE || hm->heads > 4096)
-        return MHA_HEATMAP_ERR_TOO_LARGE;
+    if (mha_hm__check(hm, st, e)) return -1;
     memset(L, 0, sizeof *L);
     H = mha_hm__heads(hm);
 
@@ -683,7 +801,9 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,
         if (st->show_values && hm->Lq <= 24 && hm->Lk <= 24) cell = 40;
         if (cell < 4) cell = 4;
     }
-    if (cell > MHA_HEATMAP_MAX_SIDE) return MHA_HEATMAP_ERR_TOO_LARGE;
+    if (cell > MHA_HEATMAP_MAX_SIDE)
+        return mha_hm__fail(e, MHA_ERR_OVERFLOW, "style->cell", "is %d; at most %d pixels (MHA_HEATMAP_MAX_SIDE)",
+                            cell, MHA_HEATMAP_MAX_SIDE);
     L->cell = cell;
 
     /* 2. labels: twice the font size when a row is tall enough, and only
@@ -710,8 +830,13 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,
         }
         head_h = MHA_HM__FONT_H * MHA_HM__HEAD_SCALE + 8;
     }
-    if ((size_t)hm->Lk * cell > MHA_HEATMAP_MAX_SIDE || (size_t)hm->Lq * cell > MHA_HEATMAP_MAX_SIDE)
-        return MHA_HEATMAP_ERR_TOO_LARGE;
+    if ((size_t)hm->Lk * cell > MHA_HEATMAP_MAX_SIDE || (size_t)hm->Lq * cell > MHA_HEATMAP_MAX_SIDE) {
+        int wide = (size_t)hm->Lk * cell > MHA_HEATMAP_MAX_SIDE;
+        return mha_hm__fail(e, MHA_ERR_OVERFLOW, wide ? "hm->Lk" : "hm->Lq",
+                            "%d %s x %d-pixel cells is %lu pixels; an image has at most %d a side",
+                            wide ? hm->Lk : hm->Lq, wide ? "keys" : "queries", cell,
+                            (unsigned long)(wide ? hm->Lk : hm->Lq) * (unsigned long)cell, MHA_HEATMAP_MAX_SIDE);
+    }
     cells_w = hm->Lk * cell;
     cells_h = hm->Lq * cell;
     x_cells = cap_left + qw + MHA_HM__GAP;
@@ -743,7 +868,10 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,
     grid_h = L->rows * panel_h + (L->rows - 1) * MHA_HM__PANEL_GAP_Y;
     /* every later loop over the weights is bounded by the image size:
        at least 4 x 4 pixels a cell */
-    if (grid_w > MHA_HEATMAP_MAX_SIDE || grid_h > MHA_HEATMAP_MAX_SIDE) return MHA_HEATMAP_ERR_TOO_LARGE;
+    if (grid_w > MHA_HEATMAP_MAX_SIDE || grid_h > MHA_HEATMAP_MAX_SIDE)
+        return mha_hm__fail(e, MHA_ERR_OVERFLOW, "hm->heads", "%d panels in a %d x %d grid take %d x %d pixels; "
+                            "an image has at most %d a side", H, L->cols, L->rows, grid_w, grid_h,
+                            MHA_HEATMAP_MAX_SIDE);
     mha_hm__range(hm, st, &L->vmin, &L->vmax);
 
     /* 5. title, then everything placed from the top-left */
@@ -823,8 +951,20 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_measure(const mha_heatmap *hm,
     if (L->width < title_w + 2 * MHA_HM__MARGIN) L->width = title_w + 2 * MHA_HM__MARGIN;
     L->height = bottom + MHA_HM__MARGIN;
     if (L->width > MHA_HEATMAP_MAX_SIDE || L->height > MHA_HEATMAP_MAX_SIDE)
-        return MHA_HEATMAP_ERR_TOO_LARGE;
-    return MHA_HEATMAP_OK;
+        return mha_hm__fail(e, MHA_ERR_OVERFLOW, "hm", "the image would be %d x %d pixels; at most %d a side",
+                            L->width, L->height, MHA_HEATMAP_MAX_SIDE);
+    return 0;
+}
+
+MHA_HEATMAP_DEF mha_status mha_heatmap_measure(const mha_heatmap *hm, const mha_heatmap_style *style,
+                                               mha_heatmap_layout *layout, mha_error *err)
+{
+    mha_error local, *e = mha_hm__begin(err, &local);
+    mha_heatmap_layout L;
+    if (mha_hm__need(e, "layout", layout) == 0 &&
+        mha_hm__measure(hm, style ? style : &mha_hm__default_style, &L, e) == 0)
+        *layout = L;
+    return mha_hm__end(e, "mha_heatmap_measure");
 }
 
 MHA_HEATMAP_DEF mha_heatmap_rect mha_heatmap_panel(const mha_heatmap_layout *L, int head,
@@ -943,23 +1083,21 @@ static void mha_hm__panel(mha_hm__img *im, const mha_heatmap *hm, const mha_heat
     }
 }
 
-MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_render(const mha_heatmap *hm,
-                                                      const mha_heatmap_style *style,
-                                                      unsigned char *rgb, int width, int height)
+/* Measure again, check the buffer against the layout, draw. */
+static int mha_hm__render(const mha_heatmap *hm, const mha_heatmap_style *st, unsigned char *rgb, int width,
+                          int height, mha_error *e)
 {
-    static const mha_heatmap_style defaults = {MHA_HEATMAP_VIRIDIS, MHA_HEATMAP_RANGE_UNIT, 0, 0, 0, 0, 0, 0};
-    const mha_heatmap_style *st = style ? style : &defaults;
     static const unsigned char white[3] = {255, 255, 255};
     mha_heatmap_layout L;
-    mha_heatmap_result r;
     mha_hm__img im;
     int h;
     char title[MHA_HEATMAP_MAX_TITLE + 1];
 
-    if (!rgb) return MHA_HEATMAP_ERR_ARGUMENT;
-    r = mha_heatmap_measure(hm, st, &L);
-    if (r != MHA_HEATMAP_OK) return r;
-    if (width != L.width || height != L.height) return MHA_HEATMAP_ERR_BUFFER;
+    if (mha_hm__need(e, "rgb", rgb) || mha_hm__measure(hm, st, &L, e)) return -1;
+    if (width != L.width || height != L.height)
+        return mha_hm__fail(e, MHA_ERR_INVALID_ARGUMENT, width != L.width ? "width" : "height",
+                            "is %d; mha_heatmap_measure gives %d x %d for this map and style",
+                            width != L.width ? width : height, L.width, L.height);
     im.p = rgb; im.w = width; im.h = height;
     mha_hm__fill(&im, 0, 0, width, height, white);
 
@@ -1000,54 +1138,126 @@ MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_render(const mha_heatmap *hm,
         mha_heatmap_text(rgb, width, height, g.x + g.w + 6, g.y + (g.h - 14) / 2, "masked", 2, 0,
                          mha_hm__ink);
     }
-    return MHA_HEATMAP_OK;
+    return 0;
 }
 
-MHA_HEATMAP_DEF unsigned char *mha_heatmap_draw(const mha_heatmap *hm,
-                                                const mha_heatmap_style *style, int *width,
-                                                int *height, mha_heatmap_result *result)
+MHA_HEATMAP_DEF mha_status mha_heatmap_render(const mha_heatmap *hm, const mha_heatmap_style *style,
+                                              unsigned char *rgb, int width, int height, mha_error *err)
+{
+    mha_error local, *e = mha_hm__begin(err, &local);
+    mha_hm__render(hm, style ? style : &mha_hm__default_style, rgb, width, height, e);
+    return mha_hm__end(e, "mha_heatmap_render");
+}
+
+/* Measure, allocate, render: *rgb and the size only when all went well. */
+static int mha_hm__draw(const mha_heatmap *hm, const mha_heatmap_style *st, unsigned char **rgb, int *width,
+                        int *height, mha_error *e)
 {
     mha_heatmap_layout L;
-    mha_heatmap_result r = mha_heatmap_measure(hm, style, &L);
-    unsigned char *rgb = NULL;
-    if (r == MHA_HEATMAP_OK) {
-        rgb = MHA_HM__CAST(unsigned char *, MHA_HEATMAP_MALLOC((size_t)L.width * L.height * 3));
-        if (!rgb) r = MHA_HEATMAP_ERR_MEMORY;
+    unsigned char *p;
+    if (mha_hm__need(e, "rgb", rgb) || mha_hm__measure(hm, st, &L, e)) return -1;
+    p = MHA_HM__CAST(unsigned char *, MHA_HEATMAP_MALLOC((size_t)L.width * L.height * 3));
+    if (!p)
+        return mha_hm__fail(e, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory for a %d x %d image", L.width,
+                            L.height);
+    if (mha_hm__render(hm, st, p, L.width, L.height, e)) {
+        MHA_HEATMAP_FREE(p);
+        return -1;
     }
-    if (r == MHA_HEATMAP_OK) {
-        r = mha_heatmap_render(hm, style, rgb, L.width, L.height);
-        if (r != MHA_HEATMAP_OK) { MHA_HEATMAP_FREE(rgb); rgb = NULL; }
-    }
-    if (result) *result = r;
-    if (rgb) {
-        if (width) *width = L.width;
-        if (height) *height = L.height;
-    }
-    return rgb;
+    *rgb = p;
+    if (width) *width = L.width;
+    if (height) *height = L.height;
+    return 0;
+}
+
+MHA_HEATMAP_DEF mha_status mha_heatmap_draw(const mha_heatmap *hm, const mha_heatmap_style *style,
+                                            unsigned char **rgb, int *width, int *height, mha_error *err)
+{
+    mha_error local, *e = mha_hm__begin(err, &local);
+    mha_hm__draw(hm, style ? style : &mha_hm__default_style, rgb, width, height, e);
+    return mha_hm__end(e, "mha_heatmap_draw");
 }
 
 #ifndef MHA_HEATMAP_NO_PNG
-MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_write_rgb_png(const char *path,
-                                                             const unsigned char *rgb,
-                                                             int width, int height)
+/* The PNG goes through our own FILE, so that a failure of the system (no
+   such directory, no permission, a full disk) is told with its reason. */
+typedef struct mha_hm__sink {
+    FILE *fp;
+    int why;   /* errno of the first failed write, -1 for a failure without one */
+} mha_hm__sink;
+
+static void mha_hm__put(void *ctx, void *data, int size)
 {
-    if (!path || !rgb || width <= 0 || height <= 0) return MHA_HEATMAP_ERR_ARGUMENT;
-    return stbi_write_png(path, width, height, 3, rgb, width * 3) ? MHA_HEATMAP_OK
-                                                                  : MHA_HEATMAP_ERR_WRITE;
+    mha_hm__sink *k = MHA_HM__CAST(mha_hm__sink *, ctx);
+    if (k->why || size <= 0) return;
+    errno = 0;
+    if (fwrite(data, 1, (size_t)size, k->fp) != (size_t)size) k->why = errno ? errno : -1;
 }
 
-MHA_HEATMAP_DEF mha_heatmap_result mha_heatmap_write_png(const char *path, const mha_heatmap *hm,
-                                                         const mha_heatmap_style *style)
+/* A path for a message: its last 160 bytes (the file name is at the end). */
+static const char *mha_hm__path(const char *path, const char **ellipsis)
 {
+    size_t n = strlen(path);
+    *ellipsis = n > 160 ? "..." : "";
+    return n > 160 ? path + n - 160 : path;
+}
+
+static int mha_hm__write_rgb_png(const char *path, const unsigned char *rgb, int width, int height, mha_error *e)
+{
+    mha_hm__sink k;
+    const char *dots, *shown;
+    int encoded;
+    if (mha_hm__need(e, "path", path) || mha_hm__need(e, "rgb", rgb) || mha_hm__size(e, "width", width) ||
+        mha_hm__size(e, "height", height))
+        return -1;
+    /* stb_image_write counts the PNG's bytes in int: a side of at most
+       MHA_HEATMAP_MAX_SIDE keeps (3 width + 1) height far below INT_MAX */
+    if (width > MHA_HEATMAP_MAX_SIDE || height > MHA_HEATMAP_MAX_SIDE)
+        return mha_hm__fail(e, MHA_ERR_OVERFLOW, width > MHA_HEATMAP_MAX_SIDE ? "width" : "height",
+                            "is %d; at most %d pixels (MHA_HEATMAP_MAX_SIDE)",
+                            width > MHA_HEATMAP_MAX_SIDE ? width : height, MHA_HEATMAP_MAX_SIDE);
+    shown = mha_hm__path(path, &dots);
+    errno = 0;
+    k.fp = fopen(path, "wb");
+    if (!k.fp) {
+        k.why = errno;
+        return mha_hm__fail(e, MHA_ERR_IO, "path", "cannot create '%s%s': %s", dots, shown,
+                            k.why ? strerror(k.why) : "fopen failed");
+    }
+    k.why = 0;
+    encoded = stbi_write_png_to_func(mha_hm__put, &k, width, height, 3, rgb, width * 3);
+    errno = 0;
+    if (fclose(k.fp) != 0 && !k.why) k.why = errno ? errno : -1;
+    if (encoded && !k.why) return 0;
+    /* what was written stays: path may name something that is not ours to
+       delete (a device, a pipe) */
+    if (!encoded)
+        return mha_hm__fail(e, MHA_ERR_OUT_OF_MEMORY, NULL, "stb_image_write could not encode the %d x %d PNG for "
+                            "'%s%s' (out of memory)", width, height, dots, shown);
+    return mha_hm__fail(e, MHA_ERR_IO, "path", "cannot write '%s%s': %s", dots, shown,
+                        k.why > 0 ? strerror(k.why) : "the write failed");
+}
+
+MHA_HEATMAP_DEF mha_status mha_heatmap_write_rgb_png(const char *path, const unsigned char *rgb, int width,
+                                                     int height, mha_error *err)
+{
+    mha_error local, *e = mha_hm__begin(err, &local);
+    mha_hm__write_rgb_png(path, rgb, width, height, e);
+    return mha_hm__end(e, "mha_heatmap_write_rgb_png");
+}
+
+MHA_HEATMAP_DEF mha_status mha_heatmap_write_png(const char *path, const mha_heatmap *hm,
+                                                 const mha_heatmap_style *style, mha_error *err)
+{
+    mha_error local, *e = mha_hm__begin(err, &local);
+    unsigned char *rgb = NULL;
     int w = 0, h = 0;
-    mha_heatmap_result r;
-    unsigned char *rgb;
-    if (!path) return MHA_HEATMAP_ERR_ARGUMENT;
-    rgb = mha_heatmap_draw(hm, style, &w, &h, &r);
-    if (!rgb) return r;
-    r = mha_heatmap_write_rgb_png(path, rgb, w, h);
-    MHA_HEATMAP_FREE(rgb);
-    return r;
+    if (mha_hm__need(e, "path", path) == 0 &&
+        mha_hm__draw(hm, style ? style : &mha_hm__default_style, &rgb, &w, &h, e) == 0) {
+        mha_hm__write_rgb_png(path, rgb, w, h, e);
+        MHA_HEATMAP_FREE(rgb);
+    }
+    return mha_hm__end(e, "mha_heatmap_write_png");
 }
 #endif
 

@@ -134,7 +134,7 @@ int main(int argc, char **argv)
         bl = take((size_t)nb * sizeof(char *));
         mha_heatmap hm;
         mha_heatmap_style sty;
-        mha_heatmap_result r;
+        mha_error herr;
         win = take((size_t)H * nr * nw * sizeof(float));
         bins = take((size_t)H * nr * nb * sizeof(float));
         c0 = L - nw;
@@ -146,7 +146,7 @@ int main(int argc, char **argv)
                 for (bin = 0; bin < nb; ++bin) bo[bin] = 0.0f;
                 for (j = 0; j < L; ++j) bo[(long)j * nb / L] += wr[j];
             }
-        mha_heatmap_causal_mask(nr, nw, 1, mask);
+        mha_heatmap_causal_mask(nr, nw, 1, mask, NULL);   /* cannot fail: nr, nw >= 1, mask holds them */
         for (i = 0; i < nr; ++i) { ql[i] = lab + (size_t)i * 12; snprintf(lab + (size_t)i * 12, 12, "%d", L - nr + i); }
         for (j = 0; j < nw; ++j) { kl[j] = lab + (size_t)(nr + j) * 12; snprintf(lab + (size_t)(nr + j) * 12, 12, "%d", c0 + j); }
         for (bin = 0; bin < nb; ++bin) {
@@ -161,15 +161,15 @@ int main(int argc, char **argv)
         hm.title = title;
         sty.cell = 3;
         snprintf(path, sizeof path, "%s/long_last_rows.png", dir);
-        if ((r = mha_heatmap_write_png(path, &hm, &sty)) != MHA_HEATMAP_OK) {
-            fprintf(stderr, "%s: %s\n", path, mha_heatmap_result_string(r)); goto done;
+        if (mha_heatmap_write_png(path, &hm, &sty, &herr) != MHA_OK) {
+            fprintf(stderr, "%s\n", herr.message); goto done;
         }
         printf("wrote %s\n", path);
         hm.weights = bins; hm.Lk = nb; hm.mask = NULL; hm.k_labels = bl;
         snprintf(title, sizeof title, "last %d queries x all %d keys in %d bins (weight mass per bin)", nr, L, nb);
         snprintf(path, sizeof path, "%s/long_key_bins.png", dir);
-        if ((r = mha_heatmap_write_png(path, &hm, &sty)) != MHA_HEATMAP_OK) {
-            fprintf(stderr, "%s: %s\n", path, mha_heatmap_result_string(r)); goto done;
+        if (mha_heatmap_write_png(path, &hm, &sty, &herr) != MHA_OK) {
+            fprintf(stderr, "%s\n", herr.message); goto done;
         }
         printf("wrote %s\n", path);
     }

@@ -1,7 +1,7 @@
 /* mha_view.c - attention weights saved by NumPy or PyTorch, drawn as heatmap PNGs.
      make view            (builds build/mha_view)
-   or by hand:
-     cc -std=c99 -O2 -isystem /usr/include/stb examples/mha_view.c -o mha_view -lm
+   or by hand (-I. for mha.h, whose types the companion headers use):
+     cc -std=c99 -O2 -I. -isystem /usr/include/stb examples/mha_view.c -o mha_view -lm
 
    Save the weights from Python:
      _, w = mha(x, x, x, average_attn_weights=False)      # [B, H, L, L]
@@ -21,12 +21,15 @@
    coloured cells (24-bit colour when COLORTERM is truecolor or 24bit, the
    xterm 256-colour palette otherwise), for a look over ssh.
 */
+#define MHA_IMPLEMENTATION
+#include "mha.h"
 #define MHA_NPY_IMPLEMENTATION
 #include "npy.h"
 #define MHA_HEATMAP_IMPLEMENTATION
 #define STB_IMAGE_WRITE_IMPLEMENTATION
 #include "heatmap.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -75,7 +78,7 @@ static int mha_view_read_labels(const char *path, mha_view_labels *l, char *err,
     size_t n = 0, cap = 4096, i;
     int lines = 0, k;
     memset(l, 0, sizeof *l);
-    if (!f) { snprintf(err, errlen, "cannot open the labels file"); return -1; }
+    if (!f) { snprintf(err, errlen, "cannot open the labels file: %s", strerror(errno)); return -1; }
     l->text = (char *)malloc(cap + 1);
     while (l->text) {
         size_t got = fread(l->text + n, 1, cap - n, f);
@@ -141,9 +144,9 @@ static int mha_view_parse_int(const char *s, int lo, int hi, int *out)
 
 static int mha_view_save(const char *path, const mha_heatmap *hm, const mha_heatmap_style *st)
 {
-    mha_heatmap_result r = mha_heatmap_write_png(path, hm, st);
-    if (r != MHA_HEATMAP_OK) {
-        fprintf(stderr, "mha_view: %s: %s\n", path, mha_heatmap_result_string(r));
+    mha_error err;
+    if (mha_heatmap_write_png(path, hm, st, &err) != MHA_OK) {
+        fprintf(stderr, "mha_view: %s\n", err.message);   /* names the path and the reason */
         return 1;
     }
     printf("%s\n", path);
@@ -206,15 +209,21 @@ static int mha_view_label_width(const char *s)
 /* One map (hm->heads == 1) as text: a title line, the key labels written
    downwards above their columns, one line per query (its label, then one
    cell per key: two spaces on the colour of the weight; masked or NaN
-   cells "//" on the PNG's mask grey), and a colour bar with its two ends.  */
-static void mha_view_ansi(FILE *out, const mha_heatmap *hm, const mha_heatmap_style *st, int truecolor)
+   cells "//" on the PNG's mask grey), and a colour bar with its two ends.
+   Returns the exit status: 1, with the reason on stderr, for a map that
+   heatmap.h refuses. */
+static int mha_view_ansi(FILE *out, const mha_heatmap *hm, const mha_heatmap_style *st, int truecolor)
 {
     static const unsigned char masked[3] = {MHA_HEATMAP_MASK_R, MHA_HEATMAP_MASK_G, MHA_HEATMAP_MASK_B};
     float lo, hi;
     int i, j, r, lw = 1, kl = 1;
     char idx[16];
     unsigned char rgb[3];
-    mha_heatmap_value_range(hm, st, &lo, &hi);
+    mha_error e;
+    if (mha_heatmap_value_range(hm, st, &lo, &hi, &e) != MHA_OK) {
+        fprintf(stderr, "mha_view: %s\n", e.message);
+        return 1;
+    }
     for (i = 0; i < hm->Lq; ++i) {
         int w;
         if (hm->q_labels) w = mha_view_label_width(hm->q_labels[i]);
@@ -274,6 +283,7 @@ static void mha_view_ansi(FILE *out, const mha_heatmap *hm, const mha_heatmap_st
         fputc(' ', out);
     }
     fprintf(out, "\033[0m %.3g\n", hi);
+    return 0;
 }
 
 /* The viewer as a function, so the tests can call it; returns the exit status. */
@@ -284,6 +294,7 @@ static int mha_view_main(int argc, char **argv)
     int batch = 0, causal = 0, zeros_masked = 0, ansi = 0, i, status = 0;
     int B, H, Lq, Lk, h;
     char err[512], prefix[1024], path[1200], title[512];
+    mha_error e;
     mha_heatmap_style st;
     mha_npy a;
     mha_view_labels ql, kl;
@@ -346,8 +357,8 @@ static int mha_view_main(int argc, char **argv)
     }
 
     /* 1. the array and its shape */
-    if (mha_npy_load(in, &a, err, sizeof err) != 0) {
-        fprintf(stderr, "mha_view: %s: %s\n", in, err);
+    if (mha_npy_load(in, &a, &e) != MHA_OK) {
+        fprintf(stderr, "mha_view: %s: %s\n", in, e.message);
         return 1;
     }
     if (a.ndim < 2 || a.ndim > 4) {
@@ -437,7 +448,7 @@ static int mha_view_main(int argc, char **argv)
         mask = (unsigned char *)malloc((size_t)Lq * Lk);
         if (!mask) { fprintf(stderr, "mha_view: out of memory\n"); status = 1; goto done; }
         /* PyTorch's causal mask for Lq != Lk is top-left aligned as well */
-        mha_heatmap_causal_mask(Lq, Lk, 0, mask);
+        mha_heatmap_causal_mask(Lq, Lk, 0, mask, NULL);   /* Lq, Lk >= 1 and mask checked above */
     }
     memset(&hm, 0, sizeof hm);
     hm.Lq = Lq;
@@ -454,7 +465,7 @@ static int mha_view_main(int argc, char **argv)
             hm.weights = w + (size_t)h * Lq * Lk;
             if (a.ndim == 2) snprintf(t, sizeof t, "%s", title);
             else snprintf(t, sizeof t, "%s, head %d", title, h);
-            mha_view_ansi(stdout, &hm, &st, truecolor);
+            status |= mha_view_ansi(stdout, &hm, &st, truecolor);
         }
         goto done;
     }
@@ -481,7 +492,7 @@ static int mha_view_main(int argc, char **argv)
         status |= mha_view_save(path, &hm, &st);
         avg = (float *)malloc(sizeof(float) * (size_t)Lq * Lk);
         if (!avg) { fprintf(stderr, "mha_view: out of memory\n"); status = 1; goto done; }
-        mha_heatmap_average(w, H, Lq, Lk, avg);
+        mha_heatmap_average(w, H, Lq, Lk, avg, NULL);   /* sizes >= 1, buffers checked */
         hm.weights = avg;
         hm.heads = 1;
         snprintf(t, sizeof t, "%s, average of %d heads", title, H);

@@ -1,4 +1,4 @@
-/* safetensors.h - read PyTorch weights saved as .safetensors.      v0.1.0
+/* safetensors.h - read PyTorch weights saved as .safetensors.      v1.0.0
 
    A companion of mha.h: open a .safetensors file (from memory, or a file
    that is memory-mapped where the system allows it), find tensors by their
@@ -7,23 +7,44 @@
    Strict: every way a file can be wrong is refused with its own message.
 
    BUILD
-     In exactly one C or C++ file, after (or instead of) mha.h's own include:
+     In exactly one C or C++ file:
+         #define MHA_IMPLEMENTATION        // once in the program, for mha.h itself
+         #include "mha.h"
          #define MHA_ST_IMPLEMENTATION
-         #include "safetensors.h"      (installed: <mha/safetensors.h>)
-     It includes "mha.h" for the module types; compile with -I pointing at
-     the directory that holds mha.h.
+         #include "safetensors.h"          (installed: <mha/safetensors.h>)
+     It includes "mha.h" for the module types and mha_status / mha_error;
+     compile with -I pointing at the directory that holds mha.h.
 
    USAGE
-       mha_st_file f;
+       mha_st_file f = {0};
        mha_encoder_layer layer = {0};
-       char err[256];
-       if (mha_st_open("model.safetensors", &f, err, sizeof err) != 0 ||
-           mha_st_encoder_layer(&f, "layers.0.", 8, &layer, err, sizeof err) != 0) {
-           fprintf(stderr, "model.safetensors: %s\n", err);
+       mha_error err;
+       if (mha_st_open("model.safetensors", &f, &err) != MHA_OK ||
+           mha_st_encoder_layer(&f, "layers.0.", 8, &layer, &err) != MHA_OK) {
+           fprintf(stderr, "%s\n", err.message);
            ...
        }
        // layer points into f: run mha_encoder_forward, then
        mha_st_close(&f);
+
+   ERRORS (mha.h's convention)
+     Every call that can fail returns an mha_status and takes an mha_error
+     last (NULL allowed), filled on a refusal: status, function ("mha_st_open"),
+     field (the argument, the part of the file or the state_dict key refused:
+     "path", "data_offsets", "out_proj.bias", ...) and a message
+     "mha_st_open: field: what was expected, what was found".
+       MHA_ERR_IO             the file cannot be opened or read; the message
+                              has the path and the operating system's reason
+       MHA_ERR_FORMAT         the bytes are not a valid .safetensors file
+       MHA_ERR_NOT_FOUND      a tensor a call needs is not in the file
+       MHA_ERR_SHAPE          a tensor's shape or dtype is not the one needed;
+                              the message has the tensor's name, the rule, and
+                              the expected and found shape and dtype
+       MHA_ERR_HEADS_DIVIDE   num_heads does not divide embed_dim
+       MHA_ERR_NULL_POINTER, MHA_ERR_INVALID_SIZE, MHA_ERR_INVALID_ARGUMENT,
+       MHA_ERR_OUT_OF_MEMORY  as in mha.h
+     On a refusal nothing is written to the caller's structs (f, m, layer,
+     *out): a zeroed f stays zeroed, and mha_st_close on it is harmless.
 
    THE FORMAT (as Hugging Face's safetensors defines it)
        8 bytes     N, the header length, unsigned 64-bit little-endian
@@ -32,7 +53,7 @@
                       ..., "__metadata__": {"key": "string value", ...}}
        the rest    the data section: raw little-endian values, C order;
                    data_offsets are [begin, end) byte offsets into it
-   WHAT IS CHECKED (each gets its own error message)
+   WHAT IS CHECKED (each gets its own error message, MHA_ERR_FORMAT)
      the file is at least 8 bytes; N is at most MHA_ST_MAX_HEADER and fits
      in the file; the header is valid UTF-8 and valid JSON (a single object,
      only spaces after it); every tensor has exactly the fields dtype, shape
@@ -42,7 +63,7 @@
      do not overlap, leave no hole and cover it to its end (as the format
      requires); no name appears twice; __metadata__ maps strings to strings.
      Tensors of other dtypes (I64, BOOL, ...) are listed, their bytes checked,
-     but converting them is an error.
+     but converting them is refused (MHA_ERR_SHAPE).
 
    LIMITS  MHA_ST_MAX_HEADER (100 MB, as the reference reader), MHA_ST_MAX_DIMS 8.
    CONFIG  MHA_ST_MALLOC / MHA_ST_FREE (both or neither), MHA_ST_STATIC,
@@ -69,6 +90,8 @@
 
 #define MHA_ST_MAX_DIMS 8
 #define MHA_ST_MAX_HEADER 100000000u
+/* The longest state_dict prefix mha_st_module / mha_st_encoder_layer take. */
+#define MHA_ST_MAX_PREFIX 400
 
 #ifdef __cplusplus
 extern "C" {
@@ -108,44 +131,50 @@ typedef struct mha_st_file {
 
 /* Open a .safetensors held in memory (buf must outlive f), or a file
    (mmap'd where possible; mha_st_open_read always reads it into memory).
-   0 on success; otherwise a sentence in err, f zeroed, and -1. */
-MHA_ST_DEF int mha_st_open_mem(const void *buf, size_t n, mha_st_file *f, char *err, size_t errlen);
-MHA_ST_DEF int mha_st_open(const char *path, mha_st_file *f, char *err, size_t errlen);
-MHA_ST_DEF int mha_st_open_read(const char *path, mha_st_file *f, char *err, size_t errlen);
-/* Frees everything; every pointer taken from f dies.  Safe on a zeroed f. */
+   On a refusal f is left as it was. */
+MHA_ST_DEF mha_status mha_st_open_mem(const void *buf, size_t n, mha_st_file *f, mha_error *err);
+MHA_ST_DEF mha_status mha_st_open(const char *path, mha_st_file *f, mha_error *err);
+MHA_ST_DEF mha_status mha_st_open_read(const char *path, mha_st_file *f, mha_error *err);
+/* Frees everything; every pointer taken from f dies.  Safe on a zeroed f
+   (cannot fail). */
 MHA_ST_DEF void mha_st_close(mha_st_file *f);
 
-/* The tensor of that name, or NULL (binary search). */
+/* Queries (cannot fail): the tensor of that name, or NULL (binary search);
+   a __metadata__ value, or NULL; a dtype's name, "F32", "BF16", ... ("?"
+   outside the enum). */
 MHA_ST_DEF const mha_st_tensor *mha_st_find(const mha_st_file *f, const char *name);
-/* A __metadata__ value, or NULL. */
 MHA_ST_DEF const char *mha_st_metadata(const mha_st_file *f, const char *key);
-/* "F32", "BF16", ... */
 MHA_ST_DEF const char *mha_st_dtype_name(mha_st_dtype d);
 
-/* Convert a tensor of a read dtype into dst (count values): 0, or -1 with err. */
-MHA_ST_DEF int mha_st_read_f32(const mha_st_tensor *t, float *dst, size_t count, char *err, size_t errlen);
-MHA_ST_DEF int mha_st_read_f64(const mha_st_tensor *t, double *dst, size_t count, char *err, size_t errlen);
+/* Convert a tensor of a read dtype into dst, which holds count values:
+   count must be the tensor's (else MHA_ERR_SHAPE, as for a dtype that is
+   not read). */
+MHA_ST_DEF mha_status mha_st_read_f32(const mha_st_tensor *t, float *dst, size_t count, mha_error *err);
+MHA_ST_DEF mha_status mha_st_read_f64(const mha_st_tensor *t, double *dst, size_t count, mha_error *err);
 
-/* The tensor `name` as float32, converted once and kept until mha_st_close.
-   ndim/shape: the expected shape (ndim < 0: any).  NULL with err naming the
-   tensor when it is missing, misshaped or of a dtype that is not read. */
-MHA_ST_DEF const float *mha_st_floats(mha_st_file *f, const char *name, int ndim, const size_t *shape,
-                                      char *err, size_t errlen);
+/* *out = the tensor `name` as float32, converted once and kept until
+   mha_st_close.  ndim/shape: the expected shape (ndim < 0: any).
+   MHA_ERR_NOT_FOUND when it is missing, MHA_ERR_SHAPE when its shape
+   differs or its dtype is not read. */
+MHA_ST_DEF mha_status mha_st_floats(mha_st_file *f, const char *name, int ndim, const size_t *shape,
+                                    const float **out, mha_error *err);
 
 /* Fill m from the state_dict of an nn.MultiheadAttention under prefix
    ("" or e.g. "layers.0.self_attn."): embed_dim from out_proj.weight,
    in_proj_weight or q/k/v_proj_weight (kdim, vdim from their shapes),
    optional in_proj_bias, out_proj.bias, bias_k/bias_v.  num_heads is not in
-   a state_dict: pass it.  add_zero_attn and packed are left as they were.
-   On error m is untouched and err names the missing or misshaped tensor. */
-MHA_ST_DEF int mha_st_module(mha_st_file *f, const char *prefix, int num_heads, mha_module *m,
-                             char *err, size_t errlen);
+   a state_dict: pass it.  Everything else in m (add_zero_attn,
+   num_kv_heads, rope) is left as it was.  On a refusal m is untouched and
+   err names the missing or misshaped tensor (field: its key without the
+   prefix, "out_proj.bias"). */
+MHA_ST_DEF mha_status mha_st_module(mha_st_file *f, const char *prefix, int num_heads, mha_module *m,
+                                    mha_error *err);
 /* Fill an nn.TransformerEncoderLayer's tensors (self_attn.*, linear1/2, norm1/2)
    under prefix (e.g. "layers.0.").  activation, norm_first, layer_norm_eps
    and self_attn.add_zero_attn are not in the state_dict and are left as
-   they were.  On error layer is untouched. */
-MHA_ST_DEF int mha_st_encoder_layer(mha_st_file *f, const char *prefix, int nhead,
-                                    mha_encoder_layer *layer, char *err, size_t errlen);
+   they were.  On a refusal layer is untouched. */
+MHA_ST_DEF mha_status mha_st_encoder_layer(mha_st_file *f, const char *prefix, int nhead,
+                                           mha_encoder_layer *layer, mha_error *err);
 
 #ifdef __cplusplus
 }
@@ -156,6 +185,7 @@ MHA_ST_DEF int mha_st_encoder_layer(mha_st_file *f, const char *prefix, int nhea
 #ifndef MHA_ST_IMPLEMENTATION_DONE
 #define MHA_ST_IMPLEMENTATION_DONE
 
+#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -185,15 +215,67 @@ MHA_ST_DEF int mha_st_encoder_layer(mha_st_file *f, const char *prefix, int nhea
 #define MHA_ST__CAST(T, x) ((T)(x))
 #endif
 
-static int mha_st__fail(char *err, size_t errlen, const char *fmt, ...)
+/* Refusals, in mha.h's convention.  Inside, every function takes a
+   non-NULL mha_error (the public call lends its own when the caller passed
+   NULL) and returns 0 or -1; a check that refuses records its status, the
+   field and what was expected and found (printf-style) with mha_st__fail;
+   the public call then signs the message with its name (mha_st__end):
+   "mha_st_open: data_offsets: tensor 'a': ...".  The first refusal is the
+   one reported. */
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((format(printf, 4, 5)))
+#endif
+static int mha_st__fail(mha_error *e, mha_status s, const char *field, const char *fmt, ...)
 {
     va_list ap;
-    if (err && errlen) {
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
+    if (e->status != MHA_OK) return -1;
+    e->status = s;
+    e->field = field;
+    va_start(ap, fmt);
+    vsnprintf(e->message, sizeof e->message, fmt, ap);
+    va_end(ap);
     return -1;
+}
+/* At a public call's entry: the caller's report, or a local one. */
+static mha_error *mha_st__begin(mha_error *err, mha_error *local)
+{
+    mha_error *e = err ? err : local;
+    e->status = MHA_OK;
+    e->function = NULL;
+    e->field = NULL;
+    e->message[0] = '\0';
+    return e;
+}
+/* Append src to dst[cap] at *len, cutting what does not fit. */
+static void mha_st__cat(char *dst, size_t cap, size_t *len, const char *src)
+{
+    while (*src && *len + 1 < cap) dst[(*len)++] = *src++;
+    dst[*len] = '\0';
+}
+/* At its exit: the status, and on a refusal the message becomes
+   "function: field: detail". */
+static mha_status mha_st__end(mha_error *e, const char *function)
+{
+    char detail[sizeof e->message];
+    size_t n = 0;
+    if (e->status == MHA_OK) return MHA_OK;
+    memcpy(detail, e->message, sizeof detail);
+    e->function = function;
+    mha_st__cat(e->message, sizeof e->message, &n, function);
+    mha_st__cat(e->message, sizeof e->message, &n, ": ");
+    if (e->field) {
+        mha_st__cat(e->message, sizeof e->message, &n, e->field);
+        mha_st__cat(e->message, sizeof e->message, &n, ": ");
+    }
+    mha_st__cat(e->message, sizeof e->message, &n, detail);
+    return e->status;
+}
+/* A path for a message: its last 160 bytes (the file name is at the end). */
+static const char *mha_st__path(const char *path, const char **ellipsis)
+{
+    size_t n = strlen(path);
+    *ellipsis = n > 160 ? "..." : "";
+    return n > 160 ? path + n - 160 : path;
 }
 
 static const char *const mha_st__dtype_names[MHA_ST_DTYPE_COUNT] = {
@@ -235,13 +317,12 @@ static size_t mha_st__bad_utf8(const unsigned char *s, size_t n)
 typedef struct {
     const char *p, *begin, *end;
     char *out;       /* decoded strings are appended here */
-    char *err;
-    size_t errlen;
+    mha_error *err;
 } mha_st__json;
 
 static int mha_st__jfail(mha_st__json *j, const char *what)
 {
-    return mha_st__fail(j->err, j->errlen, "JSON syntax error in the header at byte %lu: %s",
+    return mha_st__fail(j->err, MHA_ERR_FORMAT, "header", "JSON syntax error in the header at byte %lu: %s",
                         (unsigned long)(j->p - j->begin), what);
 }
 static void mha_st__ws(mha_st__json *j)
@@ -328,38 +409,40 @@ static int mha_st__string(mha_st__json *j, const char **s)
     return 0;
 }
 /* A non-negative JSON integer (no sign, fraction, exponent or leading zero). */
-static int mha_st__uint(mha_st__json *j, size_t *v, const char *what)
+static int mha_st__uint(mha_st__json *j, size_t *v, const char *field, const char *what)
 {
     size_t x = 0;
     int digits = 0;
     mha_st__ws(j);
     if (j->p < j->end && *j->p == '-')
-        return mha_st__fail(j->err, j->errlen, "%s holds a negative number", what);
+        return mha_st__fail(j->err, MHA_ERR_FORMAT, field, "%s holds a negative number", what);
     while (j->p < j->end && *j->p >= '0' && *j->p <= '9') {
         size_t d = (size_t)(*j->p - '0');
         if (digits == 1 && x == 0) return mha_st__jfail(j, "number with a leading zero");
         if (x > (SIZE_MAX - d) / 10)
-            return mha_st__fail(j->err, j->errlen, "%s holds a number too large for this machine", what);
+            return mha_st__fail(j->err, MHA_ERR_FORMAT, field, "%s holds a number too large for this machine", what);
         x = x * 10 + d;
         ++digits;
         ++j->p;
     }
     if (!digits) return mha_st__jfail(j, "expected a non-negative integer");
     if (j->p < j->end && (*j->p == '.' || *j->p == 'e' || *j->p == 'E'))
-        return mha_st__fail(j->err, j->errlen, "%s holds a number that is not an integer", what);
+        return mha_st__fail(j->err, MHA_ERR_FORMAT, field, "%s holds a number that is not an integer", what);
     *v = x;
     return 0;
 }
 /* [n, n, ...] into v (at most cap values); *count gets how many */
-static int mha_st__uint_array(mha_st__json *j, size_t *v, int cap, int *count, const char *what)
+static int mha_st__uint_array(mha_st__json *j, size_t *v, int cap, int *count, const char *field,
+                              const char *what)
 {
     int n = 0;
     if (!mha_st__eat(j, '[')) return mha_st__jfail(j, "expected '['");
     if (!mha_st__eat(j, ']')) {
         for (;;) {
             size_t x = 0;
-            if (mha_st__uint(j, &x, what)) return -1;
-            if (n >= cap) return mha_st__fail(j->err, j->errlen, "%s has more than %d entries", what, cap);
+            if (mha_st__uint(j, &x, field, what)) return -1;
+            if (n >= cap)
+                return mha_st__fail(j->err, MHA_ERR_FORMAT, field, "%s has more than %d entries", what, cap);
             v[n++] = x;
             if (mha_st__eat(j, ']')) break;
             if (!mha_st__eat(j, ',')) return mha_st__jfail(j, "expected ',' or ']'");
@@ -384,30 +467,33 @@ static int mha_st__tensor_info(mha_st__json *j, mha_st_tensor *t)
         if (!mha_st__eat(j, ':')) return mha_st__jfail(j, "expected ':'");
         if (strcmp(key, "dtype") == 0) {
             int d;
-            if (have_dtype++) return mha_st__fail(j->err, j->errlen, "%s: dtype given twice", what);
+            if (have_dtype++) return mha_st__fail(j->err, MHA_ERR_FORMAT, "dtype", "%s: dtype given twice", what);
             if (mha_st__string(j, &val)) return -1;
             for (d = 0; d < MHA_ST_DTYPE_COUNT; ++d)
                 if (strcmp(val, mha_st__dtype_names[d]) == 0) break;
             if (d == MHA_ST_DTYPE_COUNT)
-                return mha_st__fail(j->err, j->errlen, "%s: unknown dtype '%.20s'", what, val);
+                return mha_st__fail(j->err, MHA_ERR_FORMAT, "dtype", "%s: unknown dtype '%.20s'", what, val);
             t->dtype = (mha_st_dtype)d;
         } else if (strcmp(key, "shape") == 0) {
             char w[200];
-            if (have_shape++) return mha_st__fail(j->err, j->errlen, "%s: shape given twice", what);
+            if (have_shape++) return mha_st__fail(j->err, MHA_ERR_FORMAT, "shape", "%s: shape given twice", what);
             snprintf(w, sizeof w, "%s: shape", what);
-            if (mha_st__uint_array(j, t->shape, MHA_ST_MAX_DIMS, &t->ndim, w)) return -1;
+            if (mha_st__uint_array(j, t->shape, MHA_ST_MAX_DIMS, &t->ndim, "shape", w)) return -1;
         } else if (strcmp(key, "data_offsets") == 0) {
             size_t off[2];
-            int n;
+            int n = 0;
             char w[200];
-            if (have_off++) return mha_st__fail(j->err, j->errlen, "%s: data_offsets given twice", what);
+            if (have_off++)
+                return mha_st__fail(j->err, MHA_ERR_FORMAT, "data_offsets", "%s: data_offsets given twice", what);
             snprintf(w, sizeof w, "%s: data_offsets", what);
-            if (mha_st__uint_array(j, off, 2, &n, w)) return -1;
-            if (n != 2) return mha_st__fail(j->err, j->errlen, "%s: data_offsets must be [begin, end]", what);
+            if (mha_st__uint_array(j, off, 2, &n, "data_offsets", w)) return -1;
+            if (n != 2)
+                return mha_st__fail(j->err, MHA_ERR_FORMAT, "data_offsets", "%s: data_offsets must be [begin, end]",
+                                    what);
             t->begin = off[0];
             t->end = off[1];
         } else {
-            return mha_st__fail(j->err, j->errlen, "%s: unknown field '%.40s'", what, key);
+            return mha_st__fail(j->err, MHA_ERR_FORMAT, "header", "%s: unknown field '%.40s'", what, key);
         }
         j->out = mark;   /* keys and the dtype string are not kept */
         if (mha_st__eat(j, '}')) break;
@@ -415,8 +501,8 @@ static int mha_st__tensor_info(mha_st__json *j, mha_st_tensor *t)
     }
 done:
     if (!have_dtype || !have_shape || !have_off)
-        return mha_st__fail(j->err, j->errlen, "%s: missing %s", what,
-                            !have_dtype ? "dtype" : !have_shape ? "shape" : "data_offsets");
+        return mha_st__fail(j->err, MHA_ERR_FORMAT, !have_dtype ? "dtype" : !have_shape ? "shape" : "data_offsets",
+                            "%s: missing %s", what, !have_dtype ? "dtype" : !have_shape ? "shape" : "data_offsets");
     return 0;
 }
 
@@ -445,7 +531,7 @@ static void *mha_st__grow(void *old, size_t used, size_t size, size_t *cap)
 }
 
 /* The header and the layout of the data section.  f->bytes/size are set. */
-static int mha_st__parse(mha_st_file *f, char *err, size_t errlen)
+static int mha_st__parse(mha_st_file *f, mha_error *err)
 {
     const unsigned char *b = f->bytes;
     size_t n = f->size, cap = 0, meta_cap = 0, i, bad, data_size;
@@ -454,28 +540,32 @@ static int mha_st__parse(mha_st_file *f, char *err, size_t errlen)
     int k, seen_meta = 0;
     mha_st__json j;
 
-    if (n < 8) return mha_st__fail(err, errlen, "truncated: %lu bytes, fewer than the 8 of the header length",
-                                   (unsigned long)n);
+    if (n < 8)
+        return mha_st__fail(err, MHA_ERR_FORMAT, "header length",
+                            "truncated: %lu bytes, fewer than the 8 of the header length", (unsigned long)n);
     for (k = 7; k >= 0; --k) hlen = hlen << 8 | b[k];
     if (hlen > MHA_ST_MAX_HEADER)
-        return mha_st__fail(err, errlen, "header length %llu is larger than the %u allowed",
+        return mha_st__fail(err, MHA_ERR_FORMAT, "header length", "header length %llu is larger than the %u allowed",
                             hlen, (unsigned)MHA_ST_MAX_HEADER);
     if (hlen > n - 8)
-        return mha_st__fail(err, errlen, "header length %llu runs past the end of the file (%lu bytes after it)",
+        return mha_st__fail(err, MHA_ERR_FORMAT, "header length",
+                            "header length %llu runs past the end of the file (%lu bytes after it)",
                             hlen, (unsigned long)(n - 8));
     if (hlen < 2 || b[8] != '{')
-        return mha_st__fail(err, errlen, "the header does not start with '{': not a safetensors file");
+        return mha_st__fail(err, MHA_ERR_FORMAT, "header",
+                            "the header does not start with '{': not a safetensors file");
     bad = mha_st__bad_utf8(b + 8, (size_t)hlen);
-    if (bad) return mha_st__fail(err, errlen, "the header is not valid UTF-8 (byte %lu)", (unsigned long)(bad - 1));
+    if (bad)
+        return mha_st__fail(err, MHA_ERR_FORMAT, "header", "the header is not valid UTF-8 (byte %lu)",
+                            (unsigned long)(bad - 1));
     data_size = n - 8 - (size_t)hlen;
 
     f->strings = MHA_ST__CAST(char *, MHA_ST_MALLOC((size_t)hlen));
-    if (!f->strings) return mha_st__fail(err, errlen, "out of memory");
+    if (!f->strings) return mha_st__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory for the header");
     j.begin = j.p = MHA_ST__CAST(const char *, MHA_ST__CAST(const void *, b + 8));
     j.end = j.p + hlen;
     j.out = f->strings;
     j.err = err;
-    j.errlen = errlen;
 
     if (!mha_st__eat(&j, '{')) return mha_st__jfail(&j, "expected '{'");
     if (!mha_st__eat(&j, '}')) {
@@ -486,22 +576,25 @@ static int mha_st__parse(mha_st_file *f, char *err, size_t errlen)
             if (!mha_st__eat(&j, ':')) return mha_st__jfail(&j, "expected ':' after a name");
             if (strcmp(name, "__metadata__") == 0) {
                 j.out = mark;   /* the name itself is not kept */
-                if (seen_meta++) return mha_st__fail(err, errlen, "duplicate name '__metadata__'");
-                if (!mha_st__eat(&j, '{')) return mha_st__fail(err, errlen, "__metadata__ is not an object");
+                if (seen_meta++)
+                    return mha_st__fail(err, MHA_ERR_FORMAT, "__metadata__", "duplicate name '__metadata__'");
+                if (!mha_st__eat(&j, '{'))
+                    return mha_st__fail(err, MHA_ERR_FORMAT, "__metadata__", "__metadata__ is not an object");
                 if (!mha_st__eat(&j, '}')) {
                     for (;;) {
                         const char *key, *val;
                         if ((size_t)f->meta_count + 2 > meta_cap) {
                             const char **m = MHA_ST__CAST(const char **,
                                 mha_st__grow((void *)f->meta, (size_t)f->meta_count, sizeof *f->meta, &meta_cap));
-                            if (!m) return mha_st__fail(err, errlen, "out of memory");
+                            if (!m) return mha_st__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory");
                             f->meta = m;
                         }
                         if (mha_st__string(&j, &key)) return -1;
                         if (!mha_st__eat(&j, ':')) return mha_st__jfail(&j, "expected ':'");
                         mha_st__ws(&j);
                         if (j.p < j.end && *j.p != '"')
-                            return mha_st__fail(err, errlen, "__metadata__ value of '%.60s' is not a string", key);
+                            return mha_st__fail(err, MHA_ERR_FORMAT, "__metadata__",
+                                                "__metadata__ value of '%.60s' is not a string", key);
                         if (mha_st__string(&j, &val)) return -1;
                         f->meta[f->meta_count] = key;
                         f->meta[f->meta_count + 1] = val;
@@ -516,7 +609,7 @@ static int mha_st__parse(mha_st_file *f, char *err, size_t errlen)
                 if ((size_t)f->count >= cap) {
                     mha_st_tensor *nt = MHA_ST__CAST(mha_st_tensor *,
                         mha_st__grow(f->tensors, (size_t)f->count, sizeof *nt, &cap));
-                    if (!nt) return mha_st__fail(err, errlen, "out of memory");
+                    if (!nt) return mha_st__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory");
                     f->tensors = nt;
                 }
                 t = &f->tensors[f->count++];
@@ -535,7 +628,7 @@ static int mha_st__parse(mha_st_file *f, char *err, size_t errlen)
     if (f->count > 1) qsort(f->tensors, (size_t)f->count, sizeof *f->tensors, mha_st__by_name);
     for (k = 1; k < f->count; ++k)
         if (strcmp(f->tensors[k - 1].name, f->tensors[k].name) == 0)
-            return mha_st__fail(err, errlen, "duplicate name '%.100s'", f->tensors[k].name);
+            return mha_st__fail(err, MHA_ERR_FORMAT, "header", "duplicate name '%.100s'", f->tensors[k].name);
 
     /* each tensor: offsets in order, inside the data, the size its dtype and shape give */
     for (k = 0; k < f->count; ++k) {
@@ -544,44 +637,50 @@ static int mha_st__parse(mha_st_file *f, char *err, size_t errlen)
         int d;
         for (d = 0; d < t->ndim; ++d) {
             if (t->shape[d] && count > SIZE_MAX / t->shape[d])
-                return mha_st__fail(err, errlen, "tensor '%.100s': the shape's product overflows", t->name);
+                return mha_st__fail(err, MHA_ERR_FORMAT, "shape", "tensor '%.100s': the shape's product overflows",
+                                    t->name);
             count *= t->shape[d];
         }
         if (count > SIZE_MAX / mha_st__dtype_size[t->dtype])
-            return mha_st__fail(err, errlen, "tensor '%.100s': the shape's byte size overflows", t->name);
+            return mha_st__fail(err, MHA_ERR_FORMAT, "shape", "tensor '%.100s': the shape's byte size overflows",
+                                t->name);
         bytes = count * mha_st__dtype_size[t->dtype];
         t->count = count;
         if (t->begin > t->end)
-            return mha_st__fail(err, errlen, "tensor '%.100s': data_offsets [%lu, %lu] end before they begin",
+            return mha_st__fail(err, MHA_ERR_FORMAT, "data_offsets",
+                                "tensor '%.100s': data_offsets [%lu, %lu] end before they begin",
                                 t->name, (unsigned long)t->begin, (unsigned long)t->end);
         if (t->end > data_size)
-            return mha_st__fail(err, errlen, "tensor '%.100s': data_offsets [%lu, %lu] run past the data "
-                                "section (%lu bytes)", t->name, (unsigned long)t->begin,
-                                (unsigned long)t->end, (unsigned long)data_size);
+            return mha_st__fail(err, MHA_ERR_FORMAT, "data_offsets",
+                                "tensor '%.100s': data_offsets [%lu, %lu] run past the data section (%lu bytes)",
+                                t->name, (unsigned long)t->begin, (unsigned long)t->end, (unsigned long)data_size);
         if (t->end - t->begin != bytes)
-            return mha_st__fail(err, errlen, "tensor '%.100s': data_offsets span %lu bytes, but %s x %lu "
-                                "values need %lu", t->name, (unsigned long)(t->end - t->begin),
-                                mha_st__dtype_names[t->dtype], (unsigned long)count, (unsigned long)bytes);
+            return mha_st__fail(err, MHA_ERR_FORMAT, "data_offsets",
+                                "tensor '%.100s': data_offsets span %lu bytes, but %s x %lu values need %lu",
+                                t->name, (unsigned long)(t->end - t->begin), mha_st__dtype_names[t->dtype],
+                                (unsigned long)count, (unsigned long)bytes);
         t->raw = b + 8 + hlen + t->begin;
     }
     /* the data section: tensors back to back from 0 to its end */
     if (f->count > 0) {
         size_t at = 0;
         order = MHA_ST__CAST(const mha_st_tensor **, MHA_ST_MALLOC((size_t)f->count * sizeof *order));
-        if (!order) return mha_st__fail(err, errlen, "out of memory");
+        if (!order) return mha_st__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory");
         for (k = 0; k < f->count; ++k) order[k] = &f->tensors[k];
         qsort(order, (size_t)f->count, sizeof *order, mha_st__by_begin);
         for (i = 0; i < (size_t)f->count; ++i) {
             const mha_st_tensor *t = order[i];
             if (t->begin < at) {
-                mha_st__fail(err, errlen, "tensor '%.100s' overlaps tensor '%.100s' in the data section",
+                mha_st__fail(err, MHA_ERR_FORMAT, "data_offsets",
+                             "tensor '%.100s' overlaps tensor '%.100s' in the data section",
                              t->name, order[i - 1]->name);
                 MHA_ST_FREE(order);
                 return -1;
             }
             if (t->begin > at) {
-                mha_st__fail(err, errlen, "a hole of %lu bytes before tensor '%.100s': the data section "
-                             "must be covered without gaps", (unsigned long)(t->begin - at), t->name);
+                mha_st__fail(err, MHA_ERR_FORMAT, "data_offsets",
+                             "a hole of %lu bytes before tensor '%.100s': the data section must be covered "
+                             "without gaps", (unsigned long)(t->begin - at), t->name);
                 MHA_ST_FREE(order);
                 return -1;
             }
@@ -589,17 +688,18 @@ static int mha_st__parse(mha_st_file *f, char *err, size_t errlen)
         }
         MHA_ST_FREE(order);
         if (at != data_size)
-            return mha_st__fail(err, errlen, "%lu bytes after the last tensor's data: the data section must "
-                                "be covered to its end", (unsigned long)(data_size - at));
+            return mha_st__fail(err, MHA_ERR_FORMAT, "data_offsets",
+                                "%lu bytes after the last tensor's data: the data section must be covered to its end",
+                                (unsigned long)(data_size - at));
     } else if (data_size) {
-        return mha_st__fail(err, errlen, "%lu bytes of data but no tensors", (unsigned long)data_size);
+        return mha_st__fail(err, MHA_ERR_FORMAT, "data_offsets", "%lu bytes of data but no tensors",
+                            (unsigned long)data_size);
     }
-    f->f32 = MHA_ST__CAST(float **, MHA_ST_MALLOC((size_t)(f->count ? f->count : 1) * sizeof *f->f32));
-    if (!f->f32) return mha_st__fail(err, errlen, "out of memory");
+    f->f32 = MHA_ST__CAST(float **, MHA_ST_MALLOC((size_t)(f->count > 0 ? f->count : 1) * sizeof *f->f32));
+    if (!f->f32) return mha_st__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory");
     for (k = 0; k < f->count; ++k) f->f32[k] = NULL;
     return 0;
 }
-
 MHA_ST_DEF void mha_st_close(mha_st_file *f)
 {
     int k;
@@ -617,77 +717,133 @@ MHA_ST_DEF void mha_st_close(mha_st_file *f)
     memset(f, 0, sizeof *f);
 }
 
-MHA_ST_DEF int mha_st_open_mem(const void *buf, size_t n, mha_st_file *f, char *err, size_t errlen)
+/* ---- opening: parse into a local file, hand it over only when it is good */
+
+static int mha_st__open_mem(const void *buf, size_t n, mha_st_file *f, mha_error *e)
 {
-    if (!f) return mha_st__fail(err, errlen, "internal: NULL file");
-    memset(f, 0, sizeof *f);
-    if (!buf) return mha_st__fail(err, errlen, "internal: NULL buffer");
-    f->bytes = MHA_ST__CAST(const unsigned char *, buf);
-    f->size = n;
-    if (mha_st__parse(f, err, errlen) != 0) {
-        mha_st_close(f);
+    mha_st_file g;
+    memset(&g, 0, sizeof g);
+    g.bytes = MHA_ST__CAST(const unsigned char *, buf);
+    g.size = n;
+    if (mha_st__parse(&g, e) != 0) {
+        mha_st_close(&g);
         return -1;
     }
+    *f = g;
     return 0;
 }
 
-MHA_ST_DEF int mha_st_open_read(const char *path, mha_st_file *f, char *err, size_t errlen)
+MHA_ST_DEF mha_status mha_st_open_mem(const void *buf, size_t n, mha_st_file *f, mha_error *err)
+{
+    mha_error local, *e = mha_st__begin(err, &local);
+    if (!f || !buf) mha_st__fail(e, MHA_ERR_NULL_POINTER, !f ? "f" : "buf", "is NULL");
+    else mha_st__open_mem(buf, n, f, e);
+    return mha_st__end(e, "mha_st_open_mem");
+}
+
+/* The whole file into memory.  A failure of the system says which file and
+   the system's reason (errno is read right after the call that failed). */
+static int mha_st__open_read(const char *path, mha_st_file *f, mha_error *e)
 {
     FILE *fp;
     long len;
+    size_t got;
     unsigned char *buf;
-    int rc;
-    if (!f) return mha_st__fail(err, errlen, "internal: NULL file");
-    memset(f, 0, sizeof *f);
-    if (!path) return mha_st__fail(err, errlen, "internal: NULL path");
+    const char *dots, *shown = mha_st__path(path, &dots);
+    int c, why;
     fp = fopen(path, "rb");
-    if (!fp) return mha_st__fail(err, errlen, "cannot open the file");
-    if (fseek(fp, 0, SEEK_END) != 0 || (len = ftell(fp)) < 0 || fseek(fp, 0, SEEK_SET) != 0) {
+    if (!fp) {
+        why = errno;
+        return mha_st__fail(e, MHA_ERR_IO, "path", "cannot open '%s%s': %s", dots, shown, strerror(why));
+    }
+    /* one byte first: a directory opens, but only a read says what it is
+       (and the size a seek gives it means nothing) */
+    errno = 0;
+    c = getc(fp);
+    if (c == EOF && ferror(fp)) {
+        why = errno;
         fclose(fp);
-        return mha_st__fail(err, errlen, "cannot find the file's size");
+        return mha_st__fail(e, MHA_ERR_IO, "path", "cannot read '%s%s': %s", dots, shown, strerror(why));
+    }
+    errno = 0;
+    if (fseek(fp, 0, SEEK_END) != 0 || (len = ftell(fp)) < 0 || fseek(fp, 0, SEEK_SET) != 0) {
+        why = errno;
+        fclose(fp);
+        return mha_st__fail(e, MHA_ERR_IO, "path", "cannot find the size of '%s%s': %s", dots, shown,
+                            why ? strerror(why) : "the stream cannot seek");
     }
     buf = MHA_ST__CAST(unsigned char *, MHA_ST_MALLOC(len ? (size_t)len : 1));
-    if (!buf) { fclose(fp); return mha_st__fail(err, errlen, "out of memory for %ld bytes", len); }
-    if (fread(buf, 1, (size_t)len, fp) != (size_t)len) {
+    if (!buf) {
+        fclose(fp);
+        return mha_st__fail(e, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory for the %ld bytes of '%s%s'", len,
+                            dots, shown);
+    }
+    errno = 0;
+    got = fread(buf, 1, (size_t)len, fp);
+    if (got != (size_t)len) {
+        why = ferror(fp) ? errno : 0;
         fclose(fp);
         MHA_ST_FREE(buf);
-        return mha_st__fail(err, errlen, "read error");
+        if (why)
+            return mha_st__fail(e, MHA_ERR_IO, "path", "cannot read '%s%s': %s", dots, shown, strerror(why));
+        return mha_st__fail(e, MHA_ERR_IO, "path", "'%s%s' ended after %lu of its %ld bytes (did it change "
+                            "while being read?)", dots, shown, (unsigned long)got, len);
     }
     fclose(fp);
-    rc = mha_st_open_mem(buf, (size_t)len, f, err, errlen);
-    if (rc != 0) { MHA_ST_FREE(buf); return -1; }
+    if (mha_st__open_mem(buf, (size_t)len, f, e) != 0) {
+        MHA_ST_FREE(buf);
+        return -1;
+    }
     f->owned = buf;
     return 0;
 }
 
-MHA_ST_DEF int mha_st_open(const char *path, mha_st_file *f, char *err, size_t errlen)
+MHA_ST_DEF mha_status mha_st_open_read(const char *path, mha_st_file *f, mha_error *err)
+{
+    mha_error local, *e = mha_st__begin(err, &local);
+    if (!f || !path) mha_st__fail(e, MHA_ERR_NULL_POINTER, !f ? "f" : "path", "is NULL");
+    else mha_st__open_read(path, f, e);
+    return mha_st__end(e, "mha_st_open_read");
+}
+
+static int mha_st__open(const char *path, mha_st_file *f, mha_error *e)
 {
 #ifdef MHA_ST__MMAP
-    int fd;
+    int fd, why;
     struct stat st;
     void *p;
-    if (!f) return mha_st__fail(err, errlen, "internal: NULL file");
-    memset(f, 0, sizeof *f);
-    if (!path) return mha_st__fail(err, errlen, "internal: NULL path");
+    const char *dots, *shown = mha_st__path(path, &dots);
     fd = open(path, O_RDONLY);
-    if (fd < 0) return mha_st__fail(err, errlen, "cannot open the file");
+    if (fd < 0) {
+        why = errno;
+        return mha_st__fail(e, MHA_ERR_IO, "path", "cannot open '%s%s': %s", dots, shown, strerror(why));
+    }
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size == 0) {
         close(fd);
-        return mha_st_open_read(path, f, err, errlen);   /* empty, a pipe, ...: read it */
+        return mha_st__open_read(path, f, e);   /* empty, a pipe, a directory ...: read says why */
     }
     p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
-    if (p == MAP_FAILED) return mha_st_open_read(path, f, err, errlen);
-    if (mha_st_open_mem(p, (size_t)st.st_size, f, err, errlen) != 0) {
+    if (p == MAP_FAILED) return mha_st__open_read(path, f, e);
+    if (mha_st__open_mem(p, (size_t)st.st_size, f, e) != 0) {
         munmap(p, (size_t)st.st_size);
         return -1;
     }
     f->map = p;
     return 0;
 #else
-    return mha_st_open_read(path, f, err, errlen);
+    return mha_st__open_read(path, f, e);
 #endif
 }
+
+MHA_ST_DEF mha_status mha_st_open(const char *path, mha_st_file *f, mha_error *err)
+{
+    mha_error local, *e = mha_st__begin(err, &local);
+    if (!f || !path) mha_st__fail(e, MHA_ERR_NULL_POINTER, !f ? "f" : "path", "is NULL");
+    else mha_st__open(path, f, e);
+    return mha_st__end(e, "mha_st_open");
+}
+
 
 MHA_ST_DEF const mha_st_tensor *mha_st_find(const mha_st_file *f, const char *name)
 {
@@ -747,37 +903,8 @@ static double mha_st__value(const mha_st_tensor *t, size_t i)
     }
 }
 
-static int mha_st__check_read(const mha_st_tensor *t, size_t count, char *err, size_t errlen)
-{
-    if (!t) return mha_st__fail(err, errlen, "internal: NULL tensor");
-    if (t->dtype > MHA_ST_F64)
-        return mha_st__fail(err, errlen, "tensor '%.100s' has dtype %s; only F32, F16, BF16 and F64 are read",
-                            t->name, mha_st__dtype_names[t->dtype]);
-    if (count != t->count)
-        return mha_st__fail(err, errlen, "tensor '%.100s' has %lu values, not %lu", t->name,
-                            (unsigned long)t->count, (unsigned long)count);
-    return 0;
-}
 
-MHA_ST_DEF int mha_st_read_f32(const mha_st_tensor *t, float *dst, size_t count, char *err, size_t errlen)
-{
-    size_t i;
-    if (mha_st__check_read(t, count, err, errlen)) return -1;
-    if (!dst && count) return mha_st__fail(err, errlen, "internal: NULL destination");
-    for (i = 0; i < count; ++i) dst[i] = (float)mha_st__value(t, i);
-    return 0;
-}
-
-MHA_ST_DEF int mha_st_read_f64(const mha_st_tensor *t, double *dst, size_t count, char *err, size_t errlen)
-{
-    size_t i;
-    if (mha_st__check_read(t, count, err, errlen)) return -1;
-    if (!dst && count) return mha_st__fail(err, errlen, "internal: NULL destination");
-    for (i = 0; i < count; ++i) dst[i] = mha_st__value(t, i);
-    return 0;
-}
-
-/* "[3, 4]" into buf */
+/* "3, 4" into buf */
 static void mha_st__shape_str(char *buf, size_t cap, int ndim, const size_t *shape)
 {
     size_t used = 0;
@@ -787,149 +914,254 @@ static void mha_st__shape_str(char *buf, size_t cap, int ndim, const size_t *sha
         used += (size_t)snprintf(buf + used, cap - used, "%s%lu", d ? ", " : "", (unsigned long)shape[d]);
 }
 
-MHA_ST_DEF const float *mha_st_floats(mha_st_file *f, const char *name, int ndim, const size_t *shape,
-                                      char *err, size_t errlen)
+/* A tensor that is not what the call needs (MHA_ERR_SHAPE): its name, what
+   was expected (the dtypes read and `want`, a shape or "of any shape"), the
+   rule that gave it when there is one, and the dtype and shape found. */
+static int mha_st__refuse(mha_error *e, const char *field, const mha_st_tensor *t, const char *want,
+                          const char *rule)
 {
-    const mha_st_tensor *t;
-    int d, k;
-    float *p;
-    if (!f || !name) { mha_st__fail(err, errlen, "internal: NULL argument"); return NULL; }
-    t = mha_st_find(f, name);
-    if (!t) { mha_st__fail(err, errlen, "tensor '%.100s' is missing", name); return NULL; }
-    if (ndim >= 0) {
-        int same = t->ndim == ndim;
-        for (d = 0; same && d < ndim; ++d) same = t->shape[d] == shape[d];
-        if (!same) {
-            char want[128], got[128];
-            mha_st__shape_str(want, sizeof want, ndim, shape);
-            mha_st__shape_str(got, sizeof got, t->ndim, t->shape);
-            mha_st__fail(err, errlen, "tensor '%.100s' has shape [%s], expected [%s]", name, got, want);
-            return NULL;
-        }
+    char got[128];
+    mha_st__shape_str(got, sizeof got, t->ndim, t->shape);
+    return mha_st__fail(e, MHA_ERR_SHAPE, field, "tensor '%.100s': expected F32, F16, BF16 or F64 %s%s%s%s, "
+                        "found %s [%s]", t->name, want, rule ? " (" : "", rule ? rule : "", rule ? ")" : "",
+                        mha_st_dtype_name(t->dtype), got);
+}
+
+static int mha_st__check_read(const mha_st_tensor *t, const void *dst, size_t count, mha_error *e)
+{
+    if (!t || (!dst && count)) return mha_st__fail(e, MHA_ERR_NULL_POINTER, !t ? "t" : "dst", "is NULL");
+    if ((unsigned)t->dtype > MHA_ST_F64) return mha_st__refuse(e, "t", t, "of any shape", "the dtypes read");
+    if (count != t->count) {
+        char got[128];
+        mha_st__shape_str(got, sizeof got, t->ndim, t->shape);
+        return mha_st__fail(e, MHA_ERR_SHAPE, "count", "tensor '%.100s': expected %lu values (count), found %s [%s], "
+                            "%lu values", t->name, (unsigned long)count, mha_st_dtype_name(t->dtype), got,
+                            (unsigned long)t->count);
     }
-    if (mha_st__check_read(t, t->count, err, errlen)) return NULL;
-    k = (int)(t - f->tensors);
+    return 0;
+}
+
+MHA_ST_DEF mha_status mha_st_read_f32(const mha_st_tensor *t, float *dst, size_t count, mha_error *err)
+{
+    mha_error local, *e = mha_st__begin(err, &local);
+    size_t i;
+    if (mha_st__check_read(t, dst, count, e) == 0)
+        for (i = 0; i < count; ++i) dst[i] = (float)mha_st__value(t, i);
+    return mha_st__end(e, "mha_st_read_f32");
+}
+
+MHA_ST_DEF mha_status mha_st_read_f64(const mha_st_tensor *t, double *dst, size_t count, mha_error *err)
+{
+    mha_error local, *e = mha_st__begin(err, &local);
+    size_t i;
+    if (mha_st__check_read(t, dst, count, e) == 0)
+        for (i = 0; i < count; ++i) dst[i] = mha_st__value(t, i);
+    return mha_st__end(e, "mha_st_read_f64");
+}
+
+/* Tensor t of f as float32 into *out, its shape checked when ndim >= 0;
+   converted once, kept in f until mha_st_close.  rule: why this shape (or
+   NULL), for the message. */
+static int mha_st__floats(mha_st_file *f, const mha_st_tensor *t, const char *field, int ndim,
+                          const size_t *shape, const char *rule, const float **out, mha_error *e)
+{
+    int d, same = 1, k = (int)(t - f->tensors);
+    if (ndim >= 0) {
+        same = t->ndim == ndim;
+        for (d = 0; same && d < ndim; ++d) same = t->shape[d] == shape[d];
+    }
+    if (!same || (unsigned)t->dtype > MHA_ST_F64) {
+        char want[132];
+        if (ndim >= 0) {
+            want[0] = '[';
+            mha_st__shape_str(want + 1, sizeof want - 2, ndim, shape);
+            strcat(want, "]");
+        } else {
+            strcpy(want, "of any shape");
+        }
+        return mha_st__refuse(e, field, t, want, rule ? rule : ndim >= 0 ? NULL : "the dtypes read");
+    }
     if (!f->f32[k]) {
-        p = MHA_ST__CAST(float *, MHA_ST_MALLOC(t->count ? t->count * sizeof(float) : 1));
-        if (!p) { mha_st__fail(err, errlen, "out of memory"); return NULL; }
-        mha_st_read_f32(t, p, t->count, err, errlen);
+        float *p = MHA_ST__CAST(float *, MHA_ST_MALLOC(t->count ? t->count * sizeof(float) : 1));
+        size_t i;
+        if (!p)
+            return mha_st__fail(e, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory for the %lu values of '%.100s'",
+                                (unsigned long)t->count, t->name);
+        for (i = 0; i < t->count; ++i) p[i] = (float)mha_st__value(t, i);
         f->f32[k] = p;
     }
-    return f->f32[k];
+    *out = f->f32[k];
+    return 0;
 }
 
-/* prefix + name, checked against its expected shape; NULL with err when
-   it is absent (optional: err untouched) or wrong. */
-static const float *mha_st__get(mha_st_file *f, const char *prefix, const char *name, int optional,
-                                int ndim, size_t d0, size_t d1, size_t d2, int *failed,
-                                char *err, size_t errlen)
+MHA_ST_DEF mha_status mha_st_floats(mha_st_file *f, const char *name, int ndim, const size_t *shape,
+                                    const float **out, mha_error *err)
 {
-    char key[512];
-    size_t shape[3];
-    const float *p;
-    if (*failed) return NULL;
-    shape[0] = d0; shape[1] = d1; shape[2] = d2;
-    if ((size_t)snprintf(key, sizeof key, "%s%s", prefix, name) >= sizeof key) {
-        *failed = mha_st__fail(err, errlen, "the prefix '%.100s' is too long", prefix);
-        return NULL;
-    }
-    if (optional && !mha_st_find(f, key)) return NULL;
-    p = mha_st_floats(f, key, ndim, shape, err, errlen);
-    if (!p) *failed = -1;
-    return p;
+    mha_error local, *e = mha_st__begin(err, &local);
+    const mha_st_tensor *t = NULL;
+    if (!f || !name || !out || (ndim > 0 && !shape))
+        mha_st__fail(e, MHA_ERR_NULL_POINTER, !f ? "f" : !name ? "name" : !out ? "out" : "shape", "is NULL");
+    else if (ndim > MHA_ST_MAX_DIMS)
+        mha_st__fail(e, MHA_ERR_INVALID_ARGUMENT, "ndim", "is %d; a tensor has at most %d dimensions", ndim,
+                     MHA_ST_MAX_DIMS);
+    else if (!(t = mha_st_find(f, name)))
+        mha_st__fail(e, MHA_ERR_NOT_FOUND, "name", "tensor '%.100s' is missing", name);
+    else
+        mha_st__floats(f, t, "name", ndim, shape, NULL, out, e);
+    return mha_st__end(e, "mha_st_floats");
 }
 
-MHA_ST_DEF int mha_st_module(mha_st_file *f, const char *prefix, int num_heads, mha_module *m,
-                             char *err, size_t errlen)
+/* prefix + name as float32 into *out, of shape [d0, d1, d2][:ndim]: NULL
+   when it is absent and optional; refused when it is absent and required
+   or misshaped.  The field of a refusal is name (no prefix); sym and why
+   make the rule: "out_proj.bias is [E], E = 16 from out_proj.weight".
+   After an earlier refusal it does nothing, so a run of them reports the
+   first. */
+static int mha_st__get(mha_st_file *f, const char *prefix, const char *name, int optional, int ndim,
+                       size_t d0, size_t d1, size_t d2, const char *sym, const char *why,
+                       const float **out, mha_error *e)
+{
+    char key[MHA_ST_MAX_PREFIX + 64], rule[200];
+    size_t shape[3];
+    const mha_st_tensor *t;
+    if (e->status != MHA_OK) return -1;
+    shape[0] = d0; shape[1] = d1; shape[2] = d2;
+    snprintf(key, sizeof key, "%s%s", prefix, name);
+    t = mha_st_find(f, key);
+    if (!t) {
+        *out = NULL;
+        return optional ? 0 : mha_st__fail(e, MHA_ERR_NOT_FOUND, name, "tensor '%.100s' is missing", key);
+    }
+    snprintf(rule, sizeof rule, "%s is %s, %s", name, sym, why);
+    return mha_st__floats(f, t, name, ndim, shape, rule, out, e);
+}
+
+static int mha_st__module(mha_st_file *f, const char *prefix, int num_heads, mha_module *m, mha_error *e)
 {
     const mha_st_tensor *t;
-    char key[512];
+    char key[MHA_ST_MAX_PREFIX + 64], why[120];
     mha_module r;
     size_t E;
-    int bad = 0;
-    if (!f || !m) return mha_st__fail(err, errlen, "internal: NULL argument");
-    if (!prefix) prefix = "";
     snprintf(key, sizeof key, "%sout_proj.weight", prefix);
     t = mha_st_find(f, key);
-    if (!t) return mha_st__fail(err, errlen, "tensor '%.100s' is missing", key);
+    if (!t) return mha_st__fail(e, MHA_ERR_NOT_FOUND, "out_proj.weight", "tensor '%.100s' is missing", key);
     if (t->ndim != 2 || t->shape[0] != t->shape[1] || t->shape[0] == 0 || t->shape[0] > INT32_MAX)
-        return mha_st__fail(err, errlen, "tensor '%.100s' is not a square [E, E] matrix", key);
+        return mha_st__refuse(e, "out_proj.weight", t, "[E, E]", "a square matrix, 1 <= E <= 2147483647");
     E = t->shape[0];
-    if (num_heads <= 0 || E % (size_t)num_heads)
-        return mha_st__fail(err, errlen, "num_heads %d does not divide embed_dim %lu (from '%.100s')",
-                            num_heads, (unsigned long)E, key);
+    if (num_heads <= 0)
+        return mha_st__fail(e, MHA_ERR_INVALID_SIZE, "num_heads", "is %d; expected >= 1", num_heads);
+    if (E % (size_t)num_heads)
+        return mha_st__fail(e, MHA_ERR_HEADS_DIVIDE, "num_heads",
+                            "num_heads %d does not divide embed_dim %lu (from '%.100s')", num_heads,
+                            (unsigned long)E, key);
     r = *m;
     r.embed_dim = (int)E;
     r.num_heads = num_heads;
     r.kdim = r.vdim = 0;
     r.in_proj_weight = r.q_proj_weight = r.k_proj_weight = r.v_proj_weight = NULL;
-    r.out_proj_weight = mha_st__get(f, prefix, "out_proj.weight", 0, 2, E, E, 0, &bad, err, errlen);
-    r.out_proj_bias = mha_st__get(f, prefix, "out_proj.bias", 1, 1, E, 0, 0, &bad, err, errlen);
+    snprintf(why, sizeof why, "E = %lu from out_proj.weight", (unsigned long)E);
+    mha_st__get(f, prefix, "out_proj.weight", 0, 2, E, E, 0, "[E, E]", why, &r.out_proj_weight, e);
+    mha_st__get(f, prefix, "out_proj.bias", 1, 1, E, 0, 0, "[E]", why, &r.out_proj_bias, e);
     snprintf(key, sizeof key, "%sin_proj_weight", prefix);
     if (mha_st_find(f, key)) {
-        r.in_proj_weight = mha_st__get(f, prefix, "in_proj_weight", 0, 2, 3 * E, E, 0, &bad, err, errlen);
+        mha_st__get(f, prefix, "in_proj_weight", 0, 2, 3 * E, E, 0, "[3E, E]", why, &r.in_proj_weight, e);
     } else {
         const mha_st_tensor *tk, *tv;
+        char whyk[160], whyv[160];
         snprintf(key, sizeof key, "%sk_proj_weight", prefix);
         tk = mha_st_find(f, key);
         snprintf(key, sizeof key, "%sv_proj_weight", prefix);
         tv = mha_st_find(f, key);
         if (!tk || !tv) {
             snprintf(key, sizeof key, "%s%s", prefix, tk ? "v_proj_weight" : "k_proj_weight");
-            return mha_st__fail(err, errlen, "tensor '%.100sin_proj_weight' is missing, and so is '%.100s'",
-                                prefix, key);
+            return mha_st__fail(e, MHA_ERR_NOT_FOUND, "in_proj_weight",
+                                "tensor '%.100sin_proj_weight' is missing, and so is '%.100s'", prefix, key);
         }
+        /* kdim and vdim are what the file says; only E is checked against them */
         if (tk->ndim == 2 && tk->shape[1] > 0 && tk->shape[1] <= INT32_MAX) r.kdim = (int)tk->shape[1];
         if (tv->ndim == 2 && tv->shape[1] > 0 && tv->shape[1] <= INT32_MAX) r.vdim = (int)tv->shape[1];
-        r.q_proj_weight = mha_st__get(f, prefix, "q_proj_weight", 0, 2, E, E, 0, &bad, err, errlen);
-        r.k_proj_weight = mha_st__get(f, prefix, "k_proj_weight", 0, 2, E, (size_t)r.kdim, 0, &bad, err, errlen);
-        r.v_proj_weight = mha_st__get(f, prefix, "v_proj_weight", 0, 2, E, (size_t)r.vdim, 0, &bad, err, errlen);
+        snprintf(whyk, sizeof whyk, "%s, kdim >= 1 its second dimension", why);
+        snprintf(whyv, sizeof whyv, "%s, vdim >= 1 its second dimension", why);
+        mha_st__get(f, prefix, "q_proj_weight", 0, 2, E, E, 0, "[E, E]", why, &r.q_proj_weight, e);
+        mha_st__get(f, prefix, "k_proj_weight", 0, 2, E, (size_t)r.kdim, 0, "[E, kdim]", whyk, &r.k_proj_weight, e);
+        mha_st__get(f, prefix, "v_proj_weight", 0, 2, E, (size_t)r.vdim, 0, "[E, vdim]", whyv, &r.v_proj_weight, e);
     }
-    r.in_proj_bias = mha_st__get(f, prefix, "in_proj_bias", 1, 1, 3 * E, 0, 0, &bad, err, errlen);
-    r.bias_k = mha_st__get(f, prefix, "bias_k", 1, 3, 1, 1, E, &bad, err, errlen);
-    r.bias_v = mha_st__get(f, prefix, "bias_v", 1, 3, 1, 1, E, &bad, err, errlen);
-    if (bad) return -1;
+    mha_st__get(f, prefix, "in_proj_bias", 1, 1, 3 * E, 0, 0, "[3E]", why, &r.in_proj_bias, e);
+    mha_st__get(f, prefix, "bias_k", 1, 3, 1, 1, E, "[1, 1, E]", why, &r.bias_k, e);
+    mha_st__get(f, prefix, "bias_v", 1, 3, 1, 1, E, "[1, 1, E]", why, &r.bias_v, e);
+    if (e->status != MHA_OK) return -1;
     if (!r.bias_k != !r.bias_v)
-        return mha_st__fail(err, errlen, "tensor '%.100s%s' is missing (bias_k and bias_v come together)",
-                            prefix, r.bias_k ? "bias_v" : "bias_k");
+        return mha_st__fail(e, MHA_ERR_NOT_FOUND, r.bias_k ? "bias_v" : "bias_k",
+                            "tensor '%.100s%s' is missing (bias_k and bias_v come together)", prefix,
+                            r.bias_k ? "bias_v" : "bias_k");
     *m = r;
     return 0;
 }
 
-MHA_ST_DEF int mha_st_encoder_layer(mha_st_file *f, const char *prefix, int nhead,
-                                    mha_encoder_layer *layer, char *err, size_t errlen)
+/* The prefix as given, or "" for NULL; refused when too long to make keys of. */
+static int mha_st__prefix(const char **prefix, mha_error *e)
 {
-    char sa[512];
+    size_t n;
+    if (!*prefix) *prefix = "";
+    n = strlen(*prefix);
+    if (n > MHA_ST_MAX_PREFIX)
+        return mha_st__fail(e, MHA_ERR_INVALID_ARGUMENT, "prefix", "is %lu bytes long; at most %d are taken",
+                            (unsigned long)n, MHA_ST_MAX_PREFIX);
+    return 0;
+}
+
+MHA_ST_DEF mha_status mha_st_module(mha_st_file *f, const char *prefix, int num_heads, mha_module *m,
+                                    mha_error *err)
+{
+    mha_error local, *e = mha_st__begin(err, &local);
+    if (!f || !m) mha_st__fail(e, MHA_ERR_NULL_POINTER, !f ? "f" : "m", "is NULL");
+    else if (mha_st__prefix(&prefix, e) == 0) mha_st__module(f, prefix, num_heads, m, e);
+    return mha_st__end(e, "mha_st_module");
+}
+
+static int mha_st__encoder_layer(mha_st_file *f, const char *prefix, int nhead, mha_encoder_layer *layer,
+                                 mha_error *e)
+{
+    char sa[MHA_ST_MAX_PREFIX + 64], why[200];
     const mha_st_tensor *t;
     mha_encoder_layer r;
     size_t E, F;
-    int bad = 0;
-    if (!f || !layer) return mha_st__fail(err, errlen, "internal: NULL argument");
-    if (!prefix) prefix = "";
-    if ((size_t)snprintf(sa, sizeof sa, "%sself_attn.", prefix) >= sizeof sa)
-        return mha_st__fail(err, errlen, "the prefix '%.100s' is too long", prefix);
+    snprintf(sa, sizeof sa, "%sself_attn.", prefix);
     r = *layer;
-    if (mha_st_module(f, sa, nhead, &r.self_attn, err, errlen)) return -1;
+    if (mha_st__module(f, sa, nhead, &r.self_attn, e)) return -1;
     E = (size_t)r.self_attn.embed_dim;
     snprintf(sa, sizeof sa, "%slinear1.weight", prefix);
     t = mha_st_find(f, sa);
-    if (!t) return mha_st__fail(err, errlen, "tensor '%.100s' is missing", sa);
-    if (t->ndim != 2 || t->shape[1] != E || t->shape[0] == 0 || t->shape[0] > INT32_MAX)
-        return mha_st__fail(err, errlen, "tensor '%.100s' is not a [dim_feedforward, %lu] matrix", sa,
-                            (unsigned long)E);
+    if (!t) return mha_st__fail(e, MHA_ERR_NOT_FOUND, "linear1.weight", "tensor '%.100s' is missing", sa);
+    if (t->ndim != 2 || t->shape[1] != E || t->shape[0] == 0 || t->shape[0] > INT32_MAX) {
+        snprintf(why, sizeof why, "[F, %lu]", (unsigned long)E);
+        return mha_st__refuse(e, "linear1.weight", t, why, "linear1.weight is [dim_feedforward, E], "
+                              "E from self_attn.out_proj.weight, 1 <= dim_feedforward <= 2147483647");
+    }
     F = t->shape[0];
     r.dim_feedforward = (int)F;
-    r.linear1_weight = mha_st__get(f, prefix, "linear1.weight", 0, 2, F, E, 0, &bad, err, errlen);
-    r.linear1_bias = mha_st__get(f, prefix, "linear1.bias", 1, 1, F, 0, 0, &bad, err, errlen);
-    r.linear2_weight = mha_st__get(f, prefix, "linear2.weight", 0, 2, E, F, 0, &bad, err, errlen);
-    r.linear2_bias = mha_st__get(f, prefix, "linear2.bias", 1, 1, E, 0, 0, &bad, err, errlen);
-    r.norm1_weight = mha_st__get(f, prefix, "norm1.weight", 0, 1, E, 0, 0, &bad, err, errlen);
-    r.norm1_bias = mha_st__get(f, prefix, "norm1.bias", 0, 1, E, 0, 0, &bad, err, errlen);
-    r.norm2_weight = mha_st__get(f, prefix, "norm2.weight", 0, 1, E, 0, 0, &bad, err, errlen);
-    r.norm2_bias = mha_st__get(f, prefix, "norm2.bias", 0, 1, E, 0, 0, &bad, err, errlen);
-    if (bad) return -1;
+    snprintf(why, sizeof why, "E = %lu from self_attn.out_proj.weight, F = %lu from linear1.weight",
+             (unsigned long)E, (unsigned long)F);
+    mha_st__get(f, prefix, "linear1.weight", 0, 2, F, E, 0, "[F, E]", why, &r.linear1_weight, e);
+    mha_st__get(f, prefix, "linear1.bias", 1, 1, F, 0, 0, "[F]", why, &r.linear1_bias, e);
+    mha_st__get(f, prefix, "linear2.weight", 0, 2, E, F, 0, "[E, F]", why, &r.linear2_weight, e);
+    mha_st__get(f, prefix, "linear2.bias", 1, 1, E, 0, 0, "[E]", why, &r.linear2_bias, e);
+    mha_st__get(f, prefix, "norm1.weight", 0, 1, E, 0, 0, "[E]", why, &r.norm1_weight, e);
+    mha_st__get(f, prefix, "norm1.bias", 0, 1, E, 0, 0, "[E]", why, &r.norm1_bias, e);
+    mha_st__get(f, prefix, "norm2.weight", 0, 1, E, 0, 0, "[E]", why, &r.norm2_weight, e);
+    mha_st__get(f, prefix, "norm2.bias", 0, 1, E, 0, 0, "[E]", why, &r.norm2_bias, e);
+    if (e->status != MHA_OK) return -1;
     *layer = r;
     return 0;
+}
+
+MHA_ST_DEF mha_status mha_st_encoder_layer(mha_st_file *f, const char *prefix, int nhead,
+                                           mha_encoder_layer *layer, mha_error *err)
+{
+    mha_error local, *e = mha_st__begin(err, &local);
+    if (!f || !layer) mha_st__fail(e, MHA_ERR_NULL_POINTER, !f ? "f" : "layer", "is NULL");
+    else if (mha_st__prefix(&prefix, e) == 0) mha_st__encoder_layer(f, prefix, nhead, layer, e);
+    return mha_st__end(e, "mha_st_encoder_layer");
 }
 
 #endif /* MHA_ST_IMPLEMENTATION_DONE */

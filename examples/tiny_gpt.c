@@ -236,8 +236,11 @@ static void write_curve_png(const char *path, const curve *c, const char *title)
     mha_heatmap_text(rgb, W, H, X0, 10, title, 2, 0, black);
     mha_heatmap_text(rgb, W, H, X0 + PW - 260, Y0 + 10, "train (batch)", 2, 0, blue);
     mha_heatmap_text(rgb, W, H, X0 + PW - 260, Y0 + 32, "validation", 2, 0, orange);
-    if (mha_heatmap_write_rgb_png(path, rgb, W, H) == MHA_HEATMAP_OK) printf("wrote %s\n", path);
-    else fprintf(stderr, "tiny_gpt: cannot write %s\n", path);
+    {
+        mha_error herr;   /* heatmap.h's refusal: the path and the system's reason */
+        if (mha_heatmap_write_rgb_png(path, rgb, W, H, &herr) == MHA_OK) printf("wrote %s\n", path);
+        else fprintf(stderr, "tiny_gpt: %s\n", herr.message);
+    }
     free(rgb);
 }
 
@@ -543,8 +546,8 @@ static float *attention_of(gpt_model *M, const int *tok, int T)
 
 static void write_png(const char *path, const mha_heatmap *hm, const mha_heatmap_style *st)
 {
-    mha_heatmap_result r = mha_heatmap_write_png(path, hm, st);
-    if (r != MHA_HEATMAP_OK) fprintf(stderr, "tiny_gpt: %s: %s\n", path, mha_heatmap_result_string(r));
+    mha_error herr;
+    if (mha_heatmap_write_png(path, hm, st, &herr) != MHA_OK) fprintf(stderr, "tiny_gpt: %s\n", herr.message);
     else printf("wrote %s\n", path);
 }
 
@@ -564,7 +567,7 @@ static byte_labels make_labels(const int *tok, int T)
     b.mask = (unsigned char *)malloc((size_t)T * T);
     if (!b.lab || !b.labels || !b.mask) check(MHA_ERR_OUT_OF_MEMORY, "labels");
     for (i = 0; i < T; ++i) { byte_label(tok[i], b.lab[i]); b.labels[i] = b.lab[i]; }
-    mha_heatmap_causal_mask(T, T, 0, b.mask);
+    check(mha_heatmap_causal_mask(T, T, 0, b.mask, NULL), "causal mask");
     return b;
 }
 
@@ -642,7 +645,7 @@ static int detect_heads(const gpt_model *M, const int *tok, int T, const float *
     printf("head scores (attn_inspect.h) on the repeated string:\n"
            "layer head  prev-token  duplicate  induction  first-token  entropy(nats)\n");
     for (l = 0; l < L; ++l) {
-        mha_inspect_heads(attn + (size_t)l * H * T * T, H, T, tok, sc + l * H);
+        check(mha_inspect_heads(attn + (size_t)l * H * T * T, H, T, tok, sc + l * H, NULL), "head scores");
         for (h = 0; h < H; ++h) {
             const mha_inspect_scores *s = &sc[l * H + h];
             const double v[5] = {s->prev_token, s->duplicate_token, s->induction, s->first_token,
@@ -677,8 +680,7 @@ static void draw_rollout(const gpt_model *M, const int *tok, int T, const float 
     mha_heatmap hm;
     mha_heatmap_style st;
     if (!R || !work) check(MHA_ERR_OUT_OF_MEMORY, "rollout");
-    if (mha_inspect_rollout(M->c.n_layer, M->c.n_head, T, attn, R, work) != 0)
-        check(MHA_ERR_INVALID_ARGUMENT, "rollout");
+    check(mha_inspect_rollout(M->c.n_layer, M->c.n_head, T, attn, R, work, NULL), "rollout");
     memset(&hm, 0, sizeof hm);
     memset(&st, 0, sizeof st);
     hm.weights = R; hm.heads = 1; hm.Lq = T; hm.Lk = T; hm.mask = bl.mask;
@@ -750,10 +752,11 @@ static int cmd_demo(const args *a)
         byte_labels bl = make_labels(tok, T);
         mha_heatmap hm;
         mha_heatmap_style st;
+        double score;
         memset(&hm, 0, sizeof hm);
         memset(&st, 0, sizeof st);
-        snprintf(title, sizeof title, "layer %d head %d: the highest induction score (%.2f)", l, h,
-                 mha_inspect_induction(attn + (size_t)i * T * T, T, tok));
+        check(mha_inspect_induction(attn + (size_t)i * T * T, T, tok, &score, NULL), "induction score");
+        snprintf(title, sizeof title, "layer %d head %d: the highest induction score (%.2f)", l, h, score);
         hm.weights = attn + (size_t)i * T * T; hm.heads = 1; hm.Lq = T; hm.Lk = T; hm.mask = bl.mask;
         hm.q_labels = bl.labels; hm.k_labels = bl.labels; hm.title = title;
         st.cell = 12;

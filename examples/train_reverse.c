@@ -244,7 +244,7 @@ static void draw(model *M, const int *tokens, const char *dir, const char *name,
     char path[512], title[128];
     mha_heatmap hm;
     mha_heatmap_style st;
-    mha_heatmap_result r;
+    mha_error herr;
     int i;
     float anti = 0.0f;
     forward(M, 1, tokens, attn);
@@ -264,8 +264,7 @@ static void draw(model *M, const int *tokens, const char *dir, const char *name,
     hm.weights = attn; hm.heads = H; hm.Lq = L; hm.Lk = L;
     hm.q_labels = q; hm.k_labels = k; hm.title = title;
     snprintf(path, sizeof path, "%s/%s", dir, name);
-    r = mha_heatmap_write_png(path, &hm, &st);
-    if (r != MHA_HEATMAP_OK) fprintf(stderr, "%s: %s\n", path, mha_heatmap_result_string(r));
+    if (mha_heatmap_write_png(path, &hm, &st, &herr) != MHA_OK) fprintf(stderr, "%s\n", herr.message);
     else printf("wrote %s\n", path);
 }
 

@@ -1,9 +1,10 @@
 /* fuzz_safetensors.c - libFuzzer harness for examples/safetensors.h: any
-   bytes must open or be refused with a message, never crash or read past the
-   buffer (allocated to its exact size).  An opened file must keep the
-   reader's promises: names sorted and unique, every tensor's bytes inside
-   the data section and equal to dtype x shape, lookups that find each
-   tensor, conversions and the module helpers that succeed or explain.
+   bytes must open or be refused (MHA_ERR_FORMAT, a message signed
+   "mha_st_open_mem: field: ...", the file struct untouched), never crash or
+   read past the buffer (allocated to its exact size).  An opened file must
+   keep the reader's promises: names sorted and unique, every tensor's bytes
+   inside the data section and equal to dtype x shape, lookups that find
+   each tensor, conversions and the module helpers that succeed or explain.
 
      clang -g -O1 -fsanitize=fuzzer,address,undefined -I. tests/fuzz_safetensors.c -lm
      ./a.out -runs=1000000 -dict=tests/fuzz_safetensors.dict tests/data/safetensors   */
@@ -15,17 +16,33 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* A refusal as the convention has it: status, function, a field, and the
+   message "function: field: detail" with a detail. */
+static int signed_refusal(mha_status s, const mha_error *e, const char *function)
+{
+    size_t n = strlen(function);
+    if (s == MHA_OK || e->status != s || !e->function || strcmp(e->function, function) != 0) return 0;
+    if (strncmp(e->message, function, n) != 0 || strncmp(e->message + n, ": ", 2) != 0) return 0;
+    if (e->field && (strncmp(e->message + n + 2, e->field, strlen(e->field)) != 0)) return 0;
+    return strlen(e->message) > n + 2 + (e->field ? strlen(e->field) + 2 : 0);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     unsigned char *buf = (unsigned char *)malloc(size ? size : 1);
-    char err[256];
-    mha_st_file f;
-    int k, rc;
+    mha_error err;
+    mha_st_file f, before;
+    int k;
+    mha_status rc;
     memcpy(buf, data, size);
-    err[0] = 0;
-    rc = mha_st_open_mem(buf, size, &f, err, sizeof err);
-    if (rc != 0) {
-        if (rc != -1 || err[0] == 0 || f.tensors != NULL || f.count != 0) abort();
+    memset(&f, 0x5A, sizeof f);
+    before = f;
+    rc = mha_st_open_mem(buf, size, &f, &err);
+    if (rc != MHA_OK) {
+        /* a malformed file, or out of memory; nothing written to f */
+        if ((rc != MHA_ERR_FORMAT && rc != MHA_ERR_OUT_OF_MEMORY) || !signed_refusal(rc, &err, "mha_st_open_mem") ||
+            (rc == MHA_ERR_FORMAT && !err.field) || memcmp(&f, &before, sizeof f) != 0)
+            abort();
     } else {
         size_t covered = 0;
         for (k = 0; k < f.count; ++k) {
@@ -41,12 +58,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (t->dtype <= MHA_ST_F64 && t->count <= 4096) {
                 float *x = (float *)malloc(t->count * sizeof *x + 1);
                 double *y = (double *)malloc(t->count * sizeof *y + 1);
-                if (mha_st_read_f32(t, x, t->count, err, sizeof err) != 0) abort();
-                if (mha_st_read_f64(t, y, t->count, err, sizeof err) != 0) abort();
+                if (mha_st_read_f32(t, x, t->count, &err) != MHA_OK) abort();
+                if (mha_st_read_f64(t, y, t->count, &err) != MHA_OK) abort();
                 free(x);
                 free(y);
-            } else if (t->dtype > MHA_ST_F64 && mha_st_floats(&f, t->name, -1, NULL, err, sizeof err)) {
-                abort();   /* a dtype that is not read must be refused */
+            } else if (t->dtype > MHA_ST_F64) {
+                const float *p = NULL;
+                rc = mha_st_floats(&f, t->name, -1, NULL, &p, &err);
+                if (rc != MHA_ERR_SHAPE || p || !signed_refusal(rc, &err, "mha_st_floats"))
+                    abort();   /* a dtype that is not read must be refused */
             }
         }
         /* the data section is covered exactly */
@@ -55,12 +75,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         for (k = 0; k < f.meta_count; ++k)
             if (mha_st_metadata(&f, f.meta[2 * k]) == NULL) abort();
         {
-            mha_module m;
-            mha_encoder_layer l;
+            mha_module m, m0;
+            mha_encoder_layer l, l0;
             memset(&m, 0, sizeof m);
             memset(&l, 0, sizeof l);
-            if (mha_st_module(&f, "", 1, &m, err, sizeof err) != 0 && err[0] == 0) abort();
-            if (mha_st_encoder_layer(&f, "", 1, &l, err, sizeof err) != 0 && err[0] == 0) abort();
+            m0 = m;
+            l0 = l;
+            rc = mha_st_module(&f, "", 1, &m, &err);
+            if (rc != MHA_OK && (!signed_refusal(rc, &err, "mha_st_module") || memcmp(&m, &m0, sizeof m) != 0))
+                abort();
+            rc = mha_st_encoder_layer(&f, "", 1, &l, &err);
+            if (rc != MHA_OK && (!signed_refusal(rc, &err, "mha_st_encoder_layer") || memcmp(&l, &l0, sizeof l) != 0))
+                abort();
         }
         mha_st_close(&f);
     }

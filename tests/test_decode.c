@@ -1,11 +1,13 @@
-/* Decoder attention in mha_sdpa: grouped-query attention, sliding window,
-   soft-capping, sinks, ALiBi, the log-sum-exp output and mha_attn_merge,
-   forward (fused and unfused paths) and backward, against a float64
+/* Decoder attention in the SDPA (mha_sdpa_forward / mha_sdpa_backward):
+   grouped-query attention, sliding window, soft-capping, sinks, ALiBi, the
+   log-sum-exp output (run.lse) and mha_attn_merge, forward (fused and
+   unfused paths) and backward (run.sinks_grad), against a float64
    reference written out below, against PyTorch (tests/golden/decode.bin,
    tests/gen_golden_decode.py), and through the properties of issue 9:
    Hkv = H is MHA, GQA equals MHA on repeated K/V, a window >= L is no
    window, merged key ranges equal one pass.  Gradients are checked against
-   central differences of the float64 reference.  */
+   central differences of the float64 reference.  Refusals name the option
+   (err.field).  */
 #define MHA_IMPLEMENTATION
 #include "mha.h"
 #include "testutil.h"
@@ -35,6 +37,32 @@ typedef struct prob {
     cfg c;
     float *q, *k, *v, *slopes, *sinks, *kpm;
 } prob;
+
+/* One SDPA forward through the one-shot call: out, and the weights and the
+   lse when they are given (NULL: not wanted).  The error, when there is
+   one, is in *err (its message goes into the failure lines). */
+static mha_status sdpa_fwd(int B, int H, int Lq, int Lk, int D, int Dv, const float *q, const float *k,
+                           const float *v, const mha_options *o, float *out, float *w, float *lse,
+                           mha_error *err)
+{
+    mha_run run;
+    memset(&run, 0, sizeof run);
+    run.weights = w;
+    run.lse = lse;
+    err->message[0] = 0;
+    return mha_sdpa_forward(B, H, Lq, Lk, D, Dv, q, k, v, o, out, &run, err);
+}
+/* One SDPA backward; sinks_grad (may be NULL) gets dLoss/dsinks added. */
+static mha_status sdpa_bwd(int B, int H, int Lq, int Lk, int D, int Dv, const float *q, const float *k,
+                           const float *v, const float *dout, const mha_options *o, float *dq, float *dk,
+                           float *dv, float *sinks_grad, mha_error *err)
+{
+    mha_run run;
+    memset(&run, 0, sizeof run);
+    run.sinks_grad = sinks_grad;
+    err->message[0] = 0;
+    return mha_sdpa_backward(B, H, Lq, Lk, D, Dv, q, k, v, dout, o, dq, dk, dv, &run, err);
+}
 
 static void prob_make(prob *p, const cfg *c, unsigned long long seed)
 {
@@ -204,9 +232,9 @@ static void check_forward(const cfg *c, unsigned long long seed, int threads)
     for (pass = 0; pass < 2; ++pass) {   /* fused (no weights), then unfused */
         const char *path = pass ? "unfused" : "fused";
         float *po = pass ? out2 : out, *pl = pass ? lse2 : lse;
-        o.lse = pl;
-        st = mha_sdpa(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, p.q, p.k, p.v, &o, po, pass ? w : NULL, NULL, 0);
-        CHECK(st == MHA_OK, "%s: status %d (%s)", path, (int)st, name);
+        mha_error err;
+        st = sdpa_fwd(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, p.q, p.k, p.v, &o, po, pass ? w : NULL, pl, &err);
+        CHECK(st == MHA_OK, "%s: status %d (%s): %s", path, (int)st, name, err.message);
         e = tu_rel_err(po, ro, n_o(c));
         CHECK(e <= TOL, "%s out err %.3g (%s)", path, e, name);
         if (e > worst_fwd) worst_fwd = e;
@@ -238,6 +266,7 @@ static void check_backward(const cfg *c, unsigned long long seed)
     char name[256];
     int a;
     mha_status st;
+    mha_error err;
     prob_make(&p, c, seed);
     describe(c, name, sizeof name);
     qd = to_d(p.q, nq); kd = to_d(p.k, nk); vd = to_d(p.v, nv); sd = to_d(p.sinks, (size_t)c->H);
@@ -246,9 +275,9 @@ static void check_backward(const cfg *c, unsigned long long seed)
     dq = calloc(nq, sizeof(float)); dk = calloc(nk, sizeof(float)); dv = calloc(nv, sizeof(float));
     dsink = calloc((size_t)c->H, sizeof(float));
     o = prob_opt(&p);
-    o.sinks_grad = c->sinks ? dsink : NULL;
-    st = mha_sdpa_backward(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, p.q, p.k, p.v, dout, &o, dq, dk, dv, NULL, 0);
-    CHECK(st == MHA_OK, "backward status %d (%s)", (int)st, name);
+    st = sdpa_bwd(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, p.q, p.k, p.v, dout, &o, dq, dk, dv,
+                  c->sinks ? dsink : NULL, &err);
+    CHECK(st == MHA_OK, "backward status %d (%s): %s", (int)st, name, err.message);
     arrays[0] = qd; arrays[1] = kd; arrays[2] = vd; arrays[3] = sd;
     got[0] = dq; got[1] = dk; got[2] = dv; got[3] = dsink;
     sizes[0] = nq; sizes[1] = nk; sizes[2] = nv; sizes[3] = c->sinks ? (size_t)c->H : 0;
@@ -345,14 +374,17 @@ static void split_threads(void)
     float l1[16], l2[16];
     float sinks[8] = { 1, 2, 3, -1, 0, 0.5f, -2, 4 };
     int th;
+    mha_error err;
     prob_make(&p, &c, 31);
     o = prob_opt(&p);
     o.sinks = sinks; o.softcap = 10.0f; o.alibi = 1; o.causal = 1; o.causal_align = MHA_CAUSAL_BOTTOM_RIGHT;
-    o.num_threads = 1; o.lse = l1;
-    CHECK(mha_sdpa(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, p.k, p.v, &o, o1, NULL, NULL, 0) == MHA_OK, "split 1t");
+    o.num_threads = 1;
+    CHECK(sdpa_fwd(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, p.k, p.v, &o, o1, NULL, l1, &err) == MHA_OK,
+          "split 1t: %s", err.message);
     for (th = 2; th <= 3; ++th) {
-        o.num_threads = th; o.lse = l2;
-        CHECK(mha_sdpa(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, p.k, p.v, &o, o2, NULL, NULL, 0) == MHA_OK, "split");
+        o.num_threads = th;
+        CHECK(sdpa_fwd(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, p.k, p.v, &o, o2, NULL, l2, &err) == MHA_OK,
+              "split: %s", err.message);
         CHECK(memcmp(o1, o2, n_o(&c) * sizeof(float)) == 0 && memcmp(l1, l2, sizeof l1) == 0,
               "split-K decode: %d threads give the bits of 1", th);
     }
@@ -392,6 +424,7 @@ static void properties(void)
     float *w1 = malloc(n_r(&c) * c.Lk * sizeof(float)), *w2 = malloc(n_r(&c) * c.Lk * sizeof(float));
     float *kr = malloc(nk * 3 * sizeof(float)), *vr = malloc(nk * 3 * sizeof(float));
     int b, h, pass;
+    mha_error err;
     prob_make(&p, &c, 77);
     for (pass = 0; pass < 2; ++pass) {
         float *w_a = pass ? w1 : NULL, *w_b = pass ? w2 : NULL;
@@ -404,21 +437,21 @@ static void properties(void)
                        (size_t)c.Lk * c.Dv * sizeof(float));
             }
         o = prob_opt(&p); o.causal = 1; o.causal_align = MHA_CAUSAL_BOTTOM_RIGHT;
-        CHECK(mha_sdpa(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, p.k, p.v, &o, a1, w_a, NULL, 0) == MHA_OK, "gqa");
+        CHECK(sdpa_fwd(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, p.k, p.v, &o, a1, w_a, NULL, &err) == MHA_OK, "gqa" ": %s", err.message);
         o.num_kv_heads = 0;
-        CHECK(mha_sdpa(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, kr, vr, &o, a2, w_b, NULL, 0) == MHA_OK, "mha");
+        CHECK(sdpa_fwd(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, kr, vr, &o, a2, w_b, NULL, &err) == MHA_OK, "mha" ": %s", err.message);
         CHECK(memcmp(a1, a2, no * sizeof(float)) == 0, "GQA == MHA on repeated K/V (pass %d)", pass);
         if (pass) CHECK(memcmp(w1, w2, n_r(&c) * c.Lk * sizeof(float)) == 0, "GQA weights == MHA weights");
         /* Hkv = H given explicitly is MHA */
         o.num_kv_heads = c.H;
-        CHECK(mha_sdpa(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, kr, vr, &o, a1, w_a, NULL, 0) == MHA_OK, "hkv=h");
+        CHECK(sdpa_fwd(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, kr, vr, &o, a1, w_a, NULL, &err) == MHA_OK, "hkv=h" ": %s", err.message);
         CHECK(memcmp(a1, a2, no * sizeof(float)) == 0, "num_kv_heads = H is MHA (pass %d)", pass);
         /* a window wider than the keys is no window */
         o.window = 1; o.window_left = c.Lk; o.window_right = c.Lk + 5;
-        CHECK(mha_sdpa(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, kr, vr, &o, a1, w_a, NULL, 0) == MHA_OK, "window");
+        CHECK(sdpa_fwd(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, kr, vr, &o, a1, w_a, NULL, &err) == MHA_OK, "window" ": %s", err.message);
         CHECK(memcmp(a1, a2, no * sizeof(float)) == 0, "window >= L is no window (pass %d)", pass);
         o.window_left = -1; o.window_right = -1;
-        CHECK(mha_sdpa(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, kr, vr, &o, a1, w_a, NULL, 0) == MHA_OK, "window");
+        CHECK(sdpa_fwd(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, kr, vr, &o, a1, w_a, NULL, &err) == MHA_OK, "window" ": %s", err.message);
         CHECK(memcmp(a1, a2, no * sizeof(float)) == 0, "window (-1, -1) is no window (pass %d)", pass);
     }
     /* the paper's slopes, also for head counts that are not powers of two */
@@ -427,7 +460,7 @@ static void properties(void)
         double r[12];
         int n;
         for (n = 1; n <= 12; ++n) {
-            CHECK(mha_alibi_slopes(n, s) == MHA_OK, "slopes");
+            CHECK(mha_alibi_slopes(n, s, &err) == MHA_OK, "slopes: %s", err.message);
             paper_slopes(n, r);
             for (i = 0; i < (size_t)n; ++i)
                 CHECK(fabs(s[i] - r[i]) <= 1e-7 * r[i], "alibi slope n=%d h=%d: %g vs %g", n, (int)i, s[i], r[i]);
@@ -451,11 +484,12 @@ static void merge_property(void)
     float *mo = malloc(n_o(&c) * sizeof(float)), *ml = malloc(n_r(&c) * sizeof(float));
     double *od, *ld;
     int i, h;
+    mha_error err;
     c.softcap = 3.0f; c.sinks = 1;
     prob_make(&p, &c, 5);
     o = prob_opt(&p);
-    o.lse = one_lse;
-    CHECK(mha_sdpa(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, p.k, p.v, &o, one, NULL, NULL, 0) == MHA_OK, "one pass");
+    CHECK(sdpa_fwd(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, p.k, p.v, &o, one, NULL, one_lse, &err) == MHA_OK,
+          "one pass: %s", err.message);
     for (i = 0; i < np; ++i) {
         int j0 = cuts[i], n = cuts[i + 1] - cuts[i];
         parts[i] = malloc(n_o(&c) * sizeof(float)); lses[i] = malloc(n_r(&c) * sizeof(float));
@@ -465,24 +499,27 @@ static void merge_property(void)
         }
         o = prob_opt(&p);
         o.sinks = i == 2 ? p.sinks : NULL;      /* the sink in one part only */
-        o.lse = lses[i];
-        CHECK(mha_sdpa(c.B, c.H, c.Lq, n, c.D, c.Dv, p.q, kk, vv, &o, parts[i], NULL, NULL, 0) == MHA_OK, "part");
+        CHECK(sdpa_fwd(c.B, c.H, c.Lq, n, c.D, c.Dv, p.q, kk, vv, &o, parts[i], NULL, lses[i], &err) == MHA_OK,
+              "part: %s", err.message);
     }
-    CHECK(mha_attn_merge(np, n_r(&c), c.Dv, (const float *const *)parts, (const float *const *)lses, mo, ml) == MHA_OK, "merge");
+    CHECK(mha_attn_merge(np, n_r(&c), c.Dv, (const float *const *)parts, (const float *const *)lses, mo, ml, &err) == MHA_OK, "merge: %s", err.message);
     od = to_d(one, n_o(&c)); ld = to_d(one_lse, n_r(&c));
     CHECK(tu_rel_err(mo, od, n_o(&c)) <= 1e-6, "merged split == one pass: %.3g", tu_rel_err(mo, od, n_o(&c)));
     CHECK(tu_rel_err(ml, ld, n_r(&c)) <= 1e-6, "merged lse == one pass: %.3g", tu_rel_err(ml, ld, n_r(&c)));
     /* in place into part 0 */
-    CHECK(mha_attn_merge(np, n_r(&c), c.Dv, (const float *const *)parts, (const float *const *)lses, parts[0], lses[0]) == MHA_OK, "merge");
+    CHECK(mha_attn_merge(np, n_r(&c), c.Dv, (const float *const *)parts, (const float *const *)lses, parts[0], lses[0], NULL) == MHA_OK, "merge");
     CHECK(memcmp(parts[0], mo, n_o(&c) * sizeof(float)) == 0, "merge in place");
-    CHECK(mha_attn_merge(0, 1, 1, (const float *const *)parts, (const float *const *)lses, mo, ml) == MHA_ERR_INVALID_SIZE, "merge n=0");
-    CHECK(mha_attn_merge(1, 1, 1, NULL, (const float *const *)lses, mo, ml) == MHA_ERR_NULL_POINTER, "merge NULL");
+    CHECK(mha_attn_merge(0, 1, 1, (const float *const *)parts, (const float *const *)lses, mo, ml, &err) ==
+          MHA_ERR_INVALID_SIZE && err.status == MHA_ERR_INVALID_SIZE && !strcmp(err.field, "nparts"),
+          "merge n=0: %s", err.message);
+    CHECK(mha_attn_merge(1, 1, 1, NULL, (const float *const *)lses, mo, ml, &err) == MHA_ERR_NULL_POINTER &&
+          !strcmp(err.field, "outs"), "merge NULL: %s", err.message);
     /* a row with no key anywhere */
     {
         float o0[2] = { 5, 5 }, l0 = -INFINITY, l1 = -INFINITY, o1[2] = { 7, 7 }, r[2], rl;
         const float *os[2], *ls[2];
         os[0] = o0; os[1] = o1; ls[0] = &l0; ls[1] = &l1;
-        CHECK(mha_attn_merge(2, 1, 2, os, ls, r, &rl) == MHA_OK && r[0] == 0 && r[1] == 0 && rl == -INFINITY,
+        CHECK(mha_attn_merge(2, 1, 2, os, ls, r, &rl, NULL) == MHA_OK && r[0] == 0 && r[1] == 0 && rl == -INFINITY,
               "empty row merges to zeros, -inf");
     }
     for (i = 0; i < np; ++i) { free(parts[i]); free(lses[i]); }
@@ -498,33 +535,43 @@ static void errors(void)
     mha_options o;
     float out[48], lse[12], dq[48], dk[40], dv[40], dout[48];
     float nan_sinks[4] = { 0, NAN, 0, 0 }, inf_slopes[4] = { 1, 1, INFINITY, 1 };
-    size_t i, bytes;
+    size_t i;
     int bad;
+    mha_sizes sizes;
+    mha_error err, err_ws, err_bwd;
     prob_make(&p, &c, 9);
     for (i = 0; i < 48; ++i) dout[i] = 1.0f;
     for (bad = 0; bad < 9; ++bad) {
         mha_status want = MHA_ERR_INVALID_ARGUMENT, got, got_bwd, got_ws;
+        const char *field = "";
         o = prob_opt(&p);
         switch (bad) {
-        case 0: o.num_kv_heads = 3; want = MHA_ERR_HEADS_DIVIDE; break;
-        case 1: o.num_kv_heads = 8; want = MHA_ERR_HEADS_DIVIDE; break;
-        case 2: o.num_kv_heads = -1; want = MHA_ERR_INVALID_SIZE; break;
-        case 3: o.window = 1; o.window_left = -2; break;
-        case 4: o.window = 1; o.window_right = -5; break;
-        case 5: o.softcap = -1.0f; break;
-        case 6: o.softcap = NAN; break;
-        case 7: o.sinks = nan_sinks; break;
-        case 8: o.alibi = 1; o.alibi_slopes = inf_slopes; break;
+        case 0: o.num_kv_heads = 3; want = MHA_ERR_HEADS_DIVIDE; field = "opt->num_kv_heads"; break;
+        case 1: o.num_kv_heads = 8; want = MHA_ERR_HEADS_DIVIDE; field = "opt->num_kv_heads"; break;
+        case 2: o.num_kv_heads = -1; want = MHA_ERR_INVALID_SIZE; field = "opt->num_kv_heads"; break;
+        case 3: o.window = 1; o.window_left = -2; field = "opt->window_left"; break;
+        case 4: o.window = 1; o.window_right = -5; field = "opt->window_right"; break;
+        case 5: o.softcap = -1.0f; field = "opt->softcap"; break;
+        case 6: o.softcap = NAN; field = "opt->softcap"; break;
+        case 7: o.sinks = nan_sinks; field = "opt->sinks"; break;
+        case 8: o.alibi = 1; o.alibi_slopes = inf_slopes; field = "opt->alibi_slopes"; break;
         }
         for (i = 0; i < 48; ++i) { out[i] = 12345.0f; dq[i] = 0.0f; }
         for (i = 0; i < 40; ++i) dk[i] = dv[i] = 0.0f;
         for (i = 0; i < 12; ++i) lse[i] = 12345.0f;
-        o.lse = lse;
-        got = mha_sdpa(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, p.k, p.v, &o, out, NULL, NULL, 0);
-        got_ws = mha_sdpa_workspace_size(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, &o, 0, &bytes);
-        got_bwd = mha_sdpa_backward(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, p.k, p.v, dout, &o, dq, dk, dv, NULL, 0);
+        got = sdpa_fwd(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, p.k, p.v, &o, out, NULL, lse, &err);
+        got_ws = mha_sdpa_plan_size(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, &o, 0, &sizes, &err_ws);
+        got_bwd = sdpa_bwd(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, p.k, p.v, dout, &o, dq, dk, dv, NULL, &err_bwd);
         CHECK(got == want && got_ws == want && got_bwd == want, "bad case %d: %d %d %d, want %d",
               bad, (int)got, (int)got_ws, (int)got_bwd, (int)want);
+        /* each refusal names the option: "mha_sdpa_forward: opt->softcap: ..." */
+        CHECK(got == want && err.status == want && err.field && !strcmp(err.field, field) &&
+              err.function && !strcmp(err.function, "mha_sdpa_forward") && strstr(err.message, field) &&
+              got_ws == want && err_ws.field && !strcmp(err_ws.field, field) &&
+              got_bwd == want && err_bwd.field && !strcmp(err_bwd.field, field) &&
+              err_bwd.function && !strcmp(err_bwd.function, "mha_sdpa_backward"),
+              "bad case %d: want field %s; got \"%s\" / \"%s\" / \"%s\"", bad, field, err.message,
+              err_ws.message, err_bwd.message);
         for (i = 0; i < 48; ++i) if (out[i] != 12345.0f || dq[i] != 0.0f) break;
         CHECK(i == 48, "bad case %d wrote its output", bad);
         for (i = 0; i < 12; ++i) if (lse[i] != 12345.0f) break;
@@ -532,9 +579,11 @@ static void errors(void)
     }
     /* a window with -1 on both sides and softcap 0 are valid (off) */
     o = prob_opt(&p); o.window = 1; o.window_left = -1; o.window_right = -1; o.softcap = 0.0f;
-    CHECK(mha_sdpa(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, p.k, p.v, &o, out, NULL, NULL, 0) == MHA_OK, "-1/-1 ok");
-    CHECK(mha_alibi_slopes(0, out) == MHA_ERR_INVALID_SIZE && mha_alibi_slopes(3, NULL) == MHA_ERR_NULL_POINTER,
-          "alibi_slopes arguments");
+    CHECK(sdpa_fwd(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, p.q, p.k, p.v, &o, out, NULL, NULL, &err) == MHA_OK,
+          "-1/-1 ok: %s", err.message);
+    CHECK(mha_alibi_slopes(0, out, &err) == MHA_ERR_INVALID_SIZE && !strcmp(err.field, "H") &&
+          mha_alibi_slopes(3, NULL, &err_ws) == MHA_ERR_NULL_POINTER && !strcmp(err_ws.field, "slopes"),
+          "alibi_slopes arguments: %s / %s", err.message, err_ws.message);
     prob_free(&p);
 }
 
@@ -577,19 +626,19 @@ static void rope_tests(void)
             ref_rope(&r, D, (double)pos0 + l, x + o, ref + o);
         }
         memcpy(y, x, n * sizeof(float));
-        CHECK(mha_rope_forward(&r, B, H, L, D, pos0, NULL, y) == MHA_OK, "rope status");
+        CHECK(mha_rope_forward(&r, B, H, L, D, pos0, NULL, y, NULL) == MHA_OK, "rope status");
         e = tu_rel_err(y, ref, n);
         CHECK(e <= 1e-6, "rope %d vs float64 reference: %.3g", ci, e);
         if (e > worst_fwd) worst_fwd = e;
         /* backward is the transpose: <R x, z> = <x, R^T z> */
         tu_fill(&rg, z, n, 1.0f);
         for (t = 0; t < n; ++t) dot1 += (double)y[t] * z[t];
-        CHECK(mha_rope_backward(&r, B, H, L, D, pos0, NULL, z) == MHA_OK, "rope bwd status");
+        CHECK(mha_rope_backward(&r, B, H, L, D, pos0, NULL, z, NULL) == MHA_OK, "rope bwd status");
         for (t = 0; t < n; ++t) dot2 += (double)x[t] * z[t];
         CHECK(fabs(dot1 - dot2) <= 1e-5 * (fabs(dot1) + 1), "rope backward is the transpose: %g vs %g", dot1, dot2);
         /* and undoes the forward */
         memcpy(z, y, n * sizeof(float));
-        mha_rope_backward(&r, B, H, L, D, pos0, NULL, z);
+        mha_rope_backward(&r, B, H, L, D, pos0, NULL, z, NULL);
         CHECK(tu_rel_err_ff(z, x, n) <= 1e-6, "rope backward(forward(x)) == x: %.3g", tu_rel_err_ff(z, x, n));
         /* offset p == a sequence that starts p tokens in (rows pos0.. of a longer one
            rotated from position 0), when pos0 fits */
@@ -599,7 +648,7 @@ static void rope_tests(void)
                 if (l >= pos0 && l < pos0 + L) memcpy(dst, x + (((size_t)b * H + h) * L + l - pos0) * D, (size_t)D * sizeof(float));
                 else memset(dst, 0, (size_t)D * sizeof(float));
             }
-            mha_rope_forward(&r, B, H, big, D, 0, NULL, xl);
+            mha_rope_forward(&r, B, H, big, D, 0, NULL, xl, NULL);
             for (b = 0, t = 0; b < B; ++b) for (h = 0; h < H; ++h) for (l = 0; l < L; ++l)
                 t += memcmp(xl + (((size_t)b * H + h) * big + pos0 + l) * D, y + (((size_t)b * H + h) * L + l) * D,
                             (size_t)D * sizeof(float)) != 0;
@@ -608,7 +657,7 @@ static void rope_tests(void)
         /* per-token positions (ragged batches): positions[b*L + l] */
         for (b = 0; b < B; ++b) for (l = 0; l < L; ++l) pos[b * L + l] = pos0 + l + 3 * b;
         memcpy(z, x, n * sizeof(float));
-        mha_rope_forward(&r, B, H, L, D, 0, pos, z);
+        mha_rope_forward(&r, B, H, L, D, 0, pos, z, NULL);
         for (b = 0; b < B; ++b) for (h = 0; h < H; ++h) for (l = 0; l < L; ++l) {
             size_t o = (((size_t)b * H + h) * L + l) * D;
             ref_rope(&r, D, (double)pos0 + l + 3 * b, x + o, ref + o);
@@ -622,19 +671,27 @@ static void rope_tests(void)
         float x[24];
         int pos[2] = { 0, -1 }, i, ok = 1;
         for (i = 0; i < 24; ++i) x[i] = 1.0f;
+        mha_error e;
         r.kind = MHA_ROPE_HALF; r.rotary_dim = 3; r.theta = 0;
-        CHECK(mha_rope_forward(&r, 1, 2, 2, 6, 0, NULL, x) == MHA_ERR_INVALID_ARGUMENT, "odd rotary dim");
+        CHECK(mha_rope_forward(&r, 1, 2, 2, 6, 0, NULL, x, &e) == MHA_ERR_INVALID_ARGUMENT, "odd rotary dim");
+        CHECK(e.status == MHA_ERR_INVALID_ARGUMENT && e.field && strstr(e.field, "rotary_dim") &&
+              !strcmp(e.function, "mha_rope_forward"), "odd rotary dim names rope->rotary_dim: %s", e.message);
         r.rotary_dim = 8;
-        CHECK(mha_rope_forward(&r, 1, 2, 2, 6, 0, NULL, x) == MHA_ERR_INVALID_ARGUMENT, "rotary dim > D");
+        CHECK(mha_rope_forward(&r, 1, 2, 2, 6, 0, NULL, x, &e) == MHA_ERR_INVALID_ARGUMENT, "rotary dim > D");
         r.rotary_dim = 0;
-        CHECK(mha_rope_forward(&r, 1, 2, 2, 5, 0, NULL, x) == MHA_ERR_INVALID_ARGUMENT, "odd D, full rotary");
-        CHECK(mha_rope_forward(&r, 1, 2, 2, 6, -1, NULL, x) == MHA_ERR_INVALID_ARGUMENT, "negative pos0");
-        CHECK(mha_rope_forward(&r, 1, 2, 2, 6, 0, pos, x) == MHA_ERR_INVALID_ARGUMENT, "negative position");
+        CHECK(mha_rope_forward(&r, 1, 2, 2, 5, 0, NULL, x, &e) == MHA_ERR_INVALID_ARGUMENT, "odd D, full rotary");
+        CHECK(mha_rope_forward(&r, 1, 2, 2, 6, -1, NULL, x, &e) == MHA_ERR_INVALID_ARGUMENT &&
+              e.field && !strcmp(e.field, "pos0"), "negative pos0: %s", e.message);
+        CHECK(mha_rope_forward(&r, 1, 2, 2, 6, 0, pos, x, &e) == MHA_ERR_INVALID_ARGUMENT &&
+              e.field && strstr(e.field, "positions"), "negative position: %s", e.message);
         r.theta = -2.0f;
-        CHECK(mha_rope_backward(&r, 1, 2, 2, 6, 0, NULL, x) == MHA_ERR_INVALID_ARGUMENT, "negative theta");
+        CHECK(mha_rope_backward(&r, 1, 2, 2, 6, 0, NULL, x, &e) == MHA_ERR_INVALID_ARGUMENT &&
+              e.field && strstr(e.field, "theta"), "negative theta: %s", e.message);
         r.theta = 0.0f; r.kind = (mha_rope_kind)9;
-        CHECK(mha_rope_forward(&r, 1, 2, 2, 6, 0, NULL, x) == MHA_ERR_BAD_ENUM, "bad rope kind");
-        CHECK(mha_rope_forward(NULL, 1, 2, 2, 6, 0, NULL, x) == MHA_ERR_NULL_POINTER, "NULL rope");
+        CHECK(mha_rope_forward(&r, 1, 2, 2, 6, 0, NULL, x, &e) == MHA_ERR_BAD_ENUM &&
+              e.field && strstr(e.field, "kind"), "bad rope kind: %s", e.message);
+        CHECK(mha_rope_forward(NULL, 1, 2, 2, 6, 0, NULL, x, &e) == MHA_ERR_NULL_POINTER &&
+              e.field && !strcmp(e.field, "rope"), "NULL rope: %s", e.message);
         for (i = 0; i < 24; ++i) ok &= x[i] == 1.0f;
         CHECK(ok, "rope errors wrote nothing");
     }
@@ -670,8 +727,8 @@ static void golden_rope(const gold_case *g)
     if (!x || !dout || !th || !rout || !rdx) { CHECK(0, "%s: arrays missing", g->name); free(y); free(dx); return; }
     r.kind = (mha_rope_kind)g->p[DG_ROPE]; r.rotary_dim = g->p[4]; r.theta = th[0];
     memcpy(y, x, n * sizeof(float)); memcpy(dx, dout, n * sizeof(float));
-    CHECK(mha_rope_forward(&r, B, H, L, D, g->p[5], NULL, y) == MHA_OK, "%s: rope status", g->name);
-    CHECK(mha_rope_backward(&r, B, H, L, D, g->p[5], NULL, dx) == MHA_OK, "%s: rope bwd status", g->name);
+    CHECK(mha_rope_forward(&r, B, H, L, D, g->p[5], NULL, y, NULL) == MHA_OK, "%s: rope status", g->name);
+    CHECK(mha_rope_backward(&r, B, H, L, D, g->p[5], NULL, dx, NULL) == MHA_OK, "%s: rope bwd status", g->name);
     e1 = tu_rel_err(y, rout, n); e2 = tu_rel_err(dx, rdx, n);
     CHECK(e1 <= TOL && e2 <= TOL_GRAD, "%s: rope out %.3g dx %.3g", g->name, e1, e2);
     if (e1 > worst_gold) worst_gold = e1;
@@ -679,8 +736,9 @@ static void golden_rope(const gold_case *g)
     free(y); free(dx);
 }
 
-/* A decoder module (GQA projections, RoPE on Q and K, causal): mha_forward
-   and mha_backward against float64 torch ops with autograd */
+/* A decoder module (GQA projections, RoPE on Q and K, causal):
+   mha_module_forward and mha_module_backward against float64 torch ops
+   with autograd */
 static void golden_module(const gold_case *g)
 {
     int B = g->p[0], H = g->p[1], Hkv = g->p[2], L = g->p[3], E = g->p[4], pass;
@@ -710,7 +768,12 @@ static void golden_module(const gold_case *g)
     for (pass = 0; pass < 2; ++pass) {
         float *wts = pass ? malloc((size_t)B * L * L * sizeof(float)) : NULL;
         double e;
-        CHECK(mha_forward(&m, B, L, L, x, x, x, &o, out, wts, NULL, 0) == MHA_OK, "%s: status", g->name);
+        mha_run run;
+        mha_error err;
+        memset(&run, 0, sizeof run);
+        run.weights = wts;
+        CHECK(mha_module_forward(&m, B, L, L, x, x, x, &o, out, &run, &err) == MHA_OK, "%s: status: %s", g->name,
+              err.message);
         e = tu_rel_err(out, rout, n);
         CHECK(e <= TOL, "%s (%s): out %.3g", g->name, pass ? "unfused" : "fused", e);
         if (e > worst_gold) worst_gold = e;
@@ -718,7 +781,11 @@ static void golden_module(const gold_case *g)
     }
     mg.q_proj_weight = gw[0]; mg.k_proj_weight = gw[1]; mg.v_proj_weight = gw[2]; mg.in_proj_bias = gw[3];
     mg.out_proj_weight = gw[4]; mg.out_proj_bias = gw[5];
-    CHECK(mha_backward(&m, B, L, L, x, x, x, dout, &o, dx, dx, dx, &mg, NULL, 0) == MHA_OK, "%s: bwd", g->name);
+    {
+        mha_error err;
+        CHECK(mha_module_backward(&m, B, L, L, x, x, x, dout, &o, dx, dx, dx, &mg, NULL, &err) == MHA_OK,
+              "%s: bwd: %s", g->name, err.message);
+    }
     {
         double e = tu_rel_err(dx, rdx, n);
         CHECK(e <= TOL_GRAD, "%s: dx %.3g", g->name, e);
@@ -775,9 +842,9 @@ static void golden(void)
         w = malloc(n_r(&c) * c.Lk * sizeof(float));
         for (pass = 0; pass < 2; ++pass) {
             double e1, e2;
-            o.lse = lse;
-            CHECK(mha_sdpa(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, q, k, v, &o, out, pass ? w : NULL, NULL, 0) == MHA_OK,
-                  "%s: status", g->name);
+            mha_error err;
+            CHECK(sdpa_fwd(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, q, k, v, &o, out, pass ? w : NULL, lse, &err) == MHA_OK,
+                  "%s: status: %s", g->name, err.message);
             e1 = tu_rel_err(out, rout, n_o(&c));
             e2 = lse_err(lse, rlse, n_r(&c));
             CHECK(e1 <= TOL && e2 <= TOL, "%s (%s): out %.3g lse %.3g", g->name, pass ? "unfused" : "fused", e1, e2);
@@ -797,9 +864,9 @@ static void golden(void)
             size_t n[4];
             const char *nm[4] = { "dq", "dk", "dv", "dsinks" };
             int a;
-            o.lse = NULL; o.sinks_grad = ds;
-            CHECK(mha_sdpa_backward(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, q, k, v, dout, &o, dq, dk, dv, NULL, 0) == MHA_OK,
-                  "%s: backward status", g->name);
+            mha_error err;
+            CHECK(sdpa_bwd(c.B, c.H, c.Lq, c.Lk, c.D, c.Dv, q, k, v, dout, &o, dq, dk, dv, ds, &err) == MHA_OK,
+                  "%s: backward status: %s", g->name, err.message);
             r[0] = gd(g, "dq"); r[1] = gd(g, "dk"); r[2] = gd(g, "dv"); r[3] = gd(g, "dsinks");
             got[0] = dq; got[1] = dk; got[2] = dv; got[3] = ds;
             n[0] = n_q(&c); n[1] = n_k(&c); n[2] = n_v(&c); n[3] = (size_t)c.H;

@@ -1,6 +1,9 @@
 /* test_heatmap.c - examples/heatmap.h checked pixel by pixel: the cells, the
    labels, the colour bar, the masked triangle, the grid, and a PNG that
-   comes back through stb_image.h with the size and pixels it went out with. */
+   comes back through stb_image.h with the size and pixels it went out with;
+   every refusal with its status, field and message, outputs untouched, and
+   a PNG that cannot be written named with the path and the system's reason.
+   Built without MHA_IMPLEMENTATION: heatmap.h needs only mha.h's types. */
 #define MHA_HEATMAP_IMPLEMENTATION
 #define STB_IMAGE_WRITE_IMPLEMENTATION
 #include "../examples/heatmap.h"
@@ -8,6 +11,7 @@
 #include "stb_image.h"
 #include "testutil.h"
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -16,15 +20,29 @@ typedef struct { unsigned char *p; int w, h; } image;
 static image draw(const mha_heatmap *hm, const mha_heatmap_style *st, mha_heatmap_layout *lay)
 {
     image im = {NULL, 0, 0};
-    mha_heatmap_result r = mha_heatmap_measure(hm, st, lay);
-    CHECK(r == MHA_HEATMAP_OK, "measure: %s", mha_heatmap_result_string(r));
-    if (r != MHA_HEATMAP_OK) return im;
+    mha_error err;
+    mha_status r = mha_heatmap_measure(hm, st, lay, &err);
+    CHECK(r == MHA_OK, "measure: %s", err.message);
+    if (r != MHA_OK) return im;
     im.w = lay->width;
     im.h = lay->height;
     im.p = (unsigned char *)malloc((size_t)im.w * im.h * 3);
-    r = mha_heatmap_render(hm, st, im.p, im.w, im.h);
-    CHECK(r == MHA_HEATMAP_OK, "render: %s", mha_heatmap_result_string(r));
+    r = mha_heatmap_render(hm, st, im.p, im.w, im.h, &err);
+    CHECK(r == MHA_OK && err.status == MHA_OK && err.message[0] == 0, "render: %s", err.message);
     return im;
+}
+
+/* A refusal as the convention has it: the status, the public function's
+   name, the field, and a message "function: field: ..." holding `says`. */
+static int refused(mha_status s, const mha_error *e, mha_status want, const char *function, const char *field,
+                   const char *says)
+{
+    char head[128];
+    if (s != want || e->status != want || !e->function || strcmp(e->function, function) != 0) return 0;
+    if (field ? !e->field || strcmp(e->field, field) != 0 : e->field != NULL) return 0;
+    if (field) snprintf(head, sizeof head, "%s: %s: ", function, field);
+    else snprintf(head, sizeof head, "%s: ", function);
+    return strncmp(e->message, head, strlen(head)) == 0 && (!says || strstr(e->message, says) != NULL);
 }
 
 static const unsigned char *px(const image *im, int x, int y) { return im->p + ((size_t)y * im->w + x) * 3; }
@@ -249,7 +267,7 @@ static void test_causal(void)
     image im;
     int i, j, bad_mask = 0, bad_open = 0, lines = 0;
 
-    mha_heatmap_causal_mask(Lq, Lk, 1, mask);
+    CHECK(mha_heatmap_causal_mask(Lq, Lk, 1, mask, NULL) == MHA_OK, "causal mask");
     for (i = 0; i < Lq; ++i)
         for (j = 0; j < Lk; ++j) {
             /* the mask: key j hidden from query i when j > i + 2 */
@@ -363,13 +381,13 @@ static void test_grid(void)
     free(im.p);
 
     /* the head average is the mean, NaN stays NaN */
-    mha_heatmap_average(w, Hh, L, L, avg);
+    CHECK(mha_heatmap_average(w, Hh, L, L, avg, NULL) == MHA_OK, "average");
     for (i = 0; i < L * L; ++i) {
         float m = (w[i] + w[L * L + i] + w[2 * L * L + i]) / 3.0f;
         CHECK(fabsf(avg[i] - m) < 1e-6f, "average %d: %g vs %g", i, avg[i], m);
     }
     w[L * L + 5] = (float)NAN;
-    mha_heatmap_average(w, Hh, L, L, avg);
+    CHECK(mha_heatmap_average(w, Hh, L, L, avg, NULL) == MHA_OK, "average");
     CHECK(avg[5] != avg[5], "NaN in one head stays masked in the average");
 }
 
@@ -421,8 +439,9 @@ static void test_png_roundtrip(void)
     static const char *const path = "build/tests/test_heatmap_roundtrip.png";
     mha_heatmap hm;
     mha_heatmap_style st;
-    mha_heatmap_result r;
-    unsigned char *rgb, *back;
+    mha_error err;
+    mha_status r;
+    unsigned char *rgb = NULL, *back;
     membuf mem = {NULL, 0, 0};
     int W = 0, Hh = 0, bw = 0, bh = 0, bn = 0;
 
@@ -430,8 +449,8 @@ static void test_png_roundtrip(void)
     memset(&st, 0, sizeof st);
     hm.weights = w; hm.Lq = 2; hm.Lk = 3; hm.title = "round trip";
     st.cmap = MHA_HEATMAP_INFERNO;
-    rgb = mha_heatmap_draw(&hm, &st, &W, &Hh, &r);
-    CHECK(rgb != NULL && r == MHA_HEATMAP_OK, "draw: %s", mha_heatmap_result_string(r));
+    r = mha_heatmap_draw(&hm, &st, &rgb, &W, &Hh, &err);
+    CHECK(rgb != NULL && r == MHA_OK, "draw: %s", err.message);
     if (!rgb) return;
     CHECK(stbi_write_png_to_func(to_mem, &mem, W, Hh, 3, rgb, W * 3) != 0 && mem.n > 8, "encode");
     back = stbi_load_from_memory(mem.p, (int)mem.n, &bw, &bh, &bn, 3);
@@ -442,50 +461,141 @@ static void test_png_roundtrip(void)
     }
     free(mem.p);
 
-    r = mha_heatmap_write_png(path, &hm, &st);
-    CHECK(r == MHA_HEATMAP_OK, "write %s: %s", path, mha_heatmap_result_string(r));
+    r = mha_heatmap_write_png(path, &hm, &st, &err);
+    CHECK(r == MHA_OK, "write %s: %s", path, err.message);
     back = stbi_load(path, &bw, &bh, &bn, 3);
     CHECK(back && bw == W && bh == Hh, "file decodes to %dx%d", bw, bh);
     if (back) {
         CHECK(memcmp(back, rgb, (size_t)W * Hh * 3) == 0, "file pixels match");
         stbi_image_free(back);
     }
+    /* the raw writer gives the same file */
     remove(path);
+    r = mha_heatmap_write_rgb_png(path, rgb, W, Hh, &err);
+    back = stbi_load(path, &bw, &bh, &bn, 3);
+    CHECK(r == MHA_OK && back && bw == W && bh == Hh && memcmp(back, rgb, (size_t)W * Hh * 3) == 0,
+          "write_rgb_png: %s", err.message);
+    if (back) stbi_image_free(back);
+    remove(path);
+    /* the system's refusals: the path and its reason */
+    {
+        char want[256];
+        r = mha_heatmap_write_png("no/such/folder/x.png", &hm, &st, &err);
+        snprintf(want, sizeof want, "cannot create 'no/such/folder/x.png': %s", strerror(ENOENT));
+        CHECK(refused(r, &err, MHA_ERR_IO, "mha_heatmap_write_png", "path", want), "missing folder: \"%s\"",
+              err.message);
+        r = mha_heatmap_write_rgb_png("build/tests", rgb, W, Hh, &err);
+        snprintf(want, sizeof want, "cannot create 'build/tests': %s", strerror(EISDIR));
+        CHECK(refused(r, &err, MHA_ERR_IO, "mha_heatmap_write_rgb_png", "path", want), "a directory: \"%s\"",
+              err.message);
+        {   /* a full disk: the write, not the open, fails (Linux's /dev/full) */
+            FILE *full = fopen("/dev/full", "wb");
+            if (full) {
+                fclose(full);
+                r = mha_heatmap_write_rgb_png("/dev/full", rgb, W, Hh, &err);
+                snprintf(want, sizeof want, "cannot write '/dev/full': %s", strerror(ENOSPC));
+                CHECK(refused(r, &err, MHA_ERR_IO, "mha_heatmap_write_rgb_png", "path", want), "full disk: \"%s\"",
+                      err.message);
+                full = fopen("/dev/full", "wb");
+                CHECK(full != NULL, "/dev/full is still there (a failed write removes nothing)");
+                if (full) fclose(full);
+            } else {
+                printf("NOTE test_heatmap: no /dev/full: the full-disk case is skipped\n");
+            }
+        }
+        CHECK(refused(mha_heatmap_write_rgb_png(NULL, rgb, W, Hh, &err), &err, MHA_ERR_NULL_POINTER,
+                      "mha_heatmap_write_rgb_png", "path", "is NULL"), "NULL path: %s", err.message);
+        CHECK(refused(mha_heatmap_write_rgb_png(path, rgb, 0, Hh, &err), &err, MHA_ERR_INVALID_SIZE,
+                      "mha_heatmap_write_rgb_png", "width", "is 0; expected >= 1"), "width 0: %s", err.message);
+        CHECK(refused(mha_heatmap_write_rgb_png(path, rgb, W, MHA_HEATMAP_MAX_SIDE + 1, &err), &err, MHA_ERR_OVERFLOW,
+                      "mha_heatmap_write_rgb_png", "height", "at most 16384"), "too tall: %s", err.message);
+        CHECK(mha_heatmap_write_png(NULL, &hm, &st, NULL) == MHA_ERR_NULL_POINTER, "err may be NULL");
+    }
     free(rgb);
-    CHECK(mha_heatmap_write_png("no/such/folder/x.png", &hm, &st) == MHA_HEATMAP_ERR_WRITE,
-          "unwritable path reported");
 }
 
 static void test_errors(void)
 {
     static float w[4] = {0, 0, 0, 0};
     static unsigned char buf[64];
+    static const char *const fn = "mha_heatmap_measure";
     mha_heatmap hm;
     mha_heatmap_style st;
-    mha_heatmap_layout lay;
-    mha_heatmap_result r;
-    int W, Hh;
+    mha_heatmap_layout lay, before;
+    mha_error err;
+    mha_status r;
+    unsigned char *rgb = (unsigned char *)buf;
+    int W = -7, Hh = -7;
+    float lo = -7, hi = -7, out4[4] = {-7, -7, -7, -7};
+    unsigned char mask[4] = {9, 9, 9, 9};
 
     memset(&hm, 0, sizeof hm);
     memset(&st, 0, sizeof st);
-    CHECK(mha_heatmap_measure(&hm, &st, &lay) == MHA_HEATMAP_ERR_ARGUMENT, "NULL weights");
-    CHECK(mha_heatmap_measure(NULL, &st, &lay) == MHA_HEATMAP_ERR_ARGUMENT, "NULL map");
+    memset(&lay, 0x5A, sizeof lay);
+    before = lay;
+    CHECK(refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_NULL_POINTER, fn, "hm->weights",
+                  "is NULL"), "NULL weights: %s", err.message);
+    CHECK(refused(mha_heatmap_measure(NULL, &st, &lay, &err), &err, MHA_ERR_NULL_POINTER, fn, "hm", "is NULL"),
+          "NULL map: %s", err.message);
     hm.weights = w; hm.Lq = 2; hm.Lk = 0;
-    CHECK(mha_heatmap_measure(&hm, &st, &lay) == MHA_HEATMAP_ERR_ARGUMENT, "Lk = 0");
+    CHECK(refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_INVALID_SIZE, fn, "hm->Lk",
+                  "is 0; expected >= 1"), "Lk = 0: %s", err.message);
     hm.Lk = 2;
-    CHECK(mha_heatmap_measure(&hm, NULL, &lay) == MHA_HEATMAP_OK, "NULL style = defaults");
+    hm.heads = -1;
+    CHECK(refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_INVALID_SIZE, fn, "hm->heads", "is -1"),
+          "heads -1: %s", err.message);
+    hm.heads = 0;
+    CHECK(memcmp(&lay, &before, sizeof lay) == 0, "the layout is untouched by every refusal");
+    CHECK(mha_heatmap_measure(&hm, NULL, &lay, &err) == MHA_OK && err.status == MHA_OK && lay.width > 0,
+          "NULL style = defaults");
+    before = lay;
     st.cmap = MHA_HEATMAP_CMAP_COUNT;
-    CHECK(mha_heatmap_measure(&hm, &st, &lay) == MHA_HEATMAP_ERR_ARGUMENT, "unknown colour map");
+    CHECK(refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_BAD_ENUM, fn, "style->cmap", "is 4"),
+          "unknown colour map: %s", err.message);
     st.cmap = MHA_HEATMAP_VIRIDIS;
-    CHECK(mha_heatmap_render(&hm, &st, buf, 4, 4) == MHA_HEATMAP_ERR_BUFFER, "wrong buffer size");
+    st.range = (mha_heatmap_range)3;
+    CHECK(refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_BAD_ENUM, fn, "style->range", "is 3"),
+          "unknown range: %s", err.message);
+    st.range = MHA_HEATMAP_RANGE_UNIT;
+    st.cols = -2;
+    CHECK(refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_INVALID_ARGUMENT, fn, "style->cols",
+                  "is -2"), "cols -2: %s", err.message);
+    st.cols = 0;
+    CHECK(refused(mha_heatmap_render(&hm, &st, buf, 4, 4, &err), &err, MHA_ERR_INVALID_ARGUMENT,
+                  "mha_heatmap_render", "width", "is 4; mha_heatmap_measure gives"), "wrong buffer size: %s",
+          err.message);
+    CHECK(buf[0] == 0 && buf[63] == 0, "a refused render draws nothing");
+    CHECK(refused(mha_heatmap_render(&hm, &st, NULL, 4, 4, &err), &err, MHA_ERR_NULL_POINTER, "mha_heatmap_render",
+                  "rgb", "is NULL"), "NULL rgb: %s", err.message);
     st.cell = 9000;
-    CHECK(mha_heatmap_measure(&hm, &st, &lay) == MHA_HEATMAP_ERR_TOO_LARGE, "18000-pixel map");
-    CHECK(mha_heatmap_draw(&hm, &st, &W, &Hh, &r) == NULL && r == MHA_HEATMAP_ERR_TOO_LARGE,
-          "draw refuses it too");
+    CHECK(refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_OVERFLOW, fn, "hm->Lk",
+                  "2 keys x 9000-pixel cells is 18000 pixels"), "18000-pixel map: %s", err.message);
+    r = mha_heatmap_draw(&hm, &st, &rgb, &W, &Hh, &err);
+    CHECK(refused(r, &err, MHA_ERR_OVERFLOW, "mha_heatmap_draw", "hm->Lk", "18000 pixels") &&
+          rgb == (unsigned char *)buf && W == -7 && Hh == -7, "draw refuses it too, writing nothing: %s", err.message);
     st.cell = 0;
     hm.Lq = 1000000;
-    CHECK(mha_heatmap_measure(&hm, &st, &lay) == MHA_HEATMAP_ERR_TOO_LARGE, "a million queries");
-    CHECK(strlen(mha_heatmap_result_string((mha_heatmap_result)99)) > 0, "unknown result has a string");
+    CHECK(refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_OVERFLOW, fn, "hm->Lq", "is 1000000"),
+          "a million queries: %s", err.message);
+    CHECK(memcmp(&lay, &before, sizeof lay) == 0, "the layout is untouched by every refusal");
+    CHECK(mha_heatmap_measure(&hm, &st, &lay, NULL) == MHA_ERR_OVERFLOW, "err may be NULL");
+    CHECK(refused(mha_heatmap_value_range(&hm, NULL, &lo, &hi, &err), &err, MHA_ERR_OVERFLOW,
+                  "mha_heatmap_value_range", "hm->Lq", NULL) && lo == -7 && hi == -7,
+          "value_range checks the map as measure does: %s", err.message);
+    hm.Lq = 2;
+    CHECK(mha_heatmap_value_range(&hm, NULL, &lo, &hi, &err) == MHA_OK && lo == 0 && hi == 1, "unit range");
+    CHECK(refused(mha_heatmap_value_range(&hm, NULL, NULL, &hi, &err), &err, MHA_ERR_NULL_POINTER,
+                  "mha_heatmap_value_range", "lo", "is NULL"), "NULL lo: %s", err.message);
+    CHECK(refused(mha_heatmap_average(w, 0, 2, 2, out4, &err), &err, MHA_ERR_INVALID_SIZE, "mha_heatmap_average",
+                  "heads", "is 0; expected >= 1") && out4[0] == -7, "average, 0 heads: %s", err.message);
+    CHECK(refused(mha_heatmap_average(NULL, 1, 2, 2, out4, &err), &err, MHA_ERR_NULL_POINTER, "mha_heatmap_average",
+                  "w", "is NULL"), "average, NULL w: %s", err.message);
+    CHECK(refused(mha_heatmap_causal_mask(2, 2, 0, NULL, &err), &err, MHA_ERR_NULL_POINTER,
+                  "mha_heatmap_causal_mask", "mask", "is NULL"), "mask NULL: %s", err.message);
+    CHECK(refused(mha_heatmap_causal_mask(2, -1, 0, mask, &err), &err, MHA_ERR_INVALID_SIZE,
+                  "mha_heatmap_causal_mask", "Lk", "is -1") && mask[0] == 9, "mask Lk -1: %s", err.message);
+    CHECK(mha_heatmap_causal_mask(2, 2, 0, mask, &err) == MHA_OK && mask[0] == 0 && mask[1] == 1 &&
+          err.status == MHA_OK && err.field == NULL, "a success leaves a clean report");
 }
 
 /* Many tokens: cells shrink, labels thin out to every n-th, still inside. */
@@ -521,16 +631,16 @@ static void test_layout_choices(void)
     memset(&hm, 0, sizeof hm);
     memset(&st, 0, sizeof st);
     hm.weights = w; hm.heads = 3; hm.Lq = 3; hm.Lk = 30;
-    CHECK(mha_heatmap_measure(&hm, &st, &lay) == MHA_HEATMAP_OK && lay.cols == 1 && lay.rows == 3,
+    CHECK(mha_heatmap_measure(&hm, &st, &lay, NULL) == MHA_OK && lay.cols == 1 && lay.rows == 3,
           "3 wide maps: %dx%d", lay.cols, lay.rows);
     hm.heads = 4; hm.Lq = 8; hm.Lk = 8;
-    CHECK(mha_heatmap_measure(&hm, &st, &lay) == MHA_HEATMAP_OK && lay.cols == 2 && lay.rows == 2,
+    CHECK(mha_heatmap_measure(&hm, &st, &lay, NULL) == MHA_OK && lay.cols == 2 && lay.rows == 2,
           "4 square maps: %dx%d", lay.cols, lay.rows);
     hm.heads = 1; hm.Lq = 2; hm.Lk = 2;
     hm.k_labels = longk;
-    CHECK(mha_heatmap_measure(&hm, &st, &lay) == MHA_HEATMAP_OK, "long label");
+    CHECK(mha_heatmap_measure(&hm, &st, &lay, NULL) == MHA_OK, "long label");
     hm.k_labels = cut;
-    CHECK(mha_heatmap_measure(&hm, &st, &lay2) == MHA_HEATMAP_OK && lay.k_labels.h == lay2.k_labels.h &&
+    CHECK(mha_heatmap_measure(&hm, &st, &lay2, NULL) == MHA_OK && lay.k_labels.h == lay2.k_labels.h &&
           lay.rotated_keys, "a long label takes the room of its first %d characters", MHA_HEATMAP_MAX_LABEL);
     {
         /* a 5000-character title is cut, not turned into a 90000-pixel image */
@@ -539,7 +649,7 @@ static void test_layout_choices(void)
         memset(cut_title, 'W', MHA_HEATMAP_MAX_TITLE - 2);
         strcpy(cut_title + MHA_HEATMAP_MAX_TITLE - 2, "..");
         hm.title = title;
-        CHECK(mha_heatmap_measure(&hm, &st, &lay) == MHA_HEATMAP_OK && lay.width < 2500 &&
+        CHECK(mha_heatmap_measure(&hm, &st, &lay, NULL) == MHA_OK && lay.width < 2500 &&
               lay.title.w == mha_heatmap_text_width(cut_title, 3),
               "long title: image %d wide, title %d", lay.width, lay.title.w);
     }

@@ -1,7 +1,9 @@
 /* test_inspect.c - examples/attn_inspect.h: each head detector on synthetic
    heads whose answer is known (a pure previous-token head scores 1, a
    uniform head scores what chance gives), on random heads against a brute
-   force written here, and attention rollout against a float64 reference. */
+   force written here, attention rollout against a float64 reference, and
+   every refusal with its status, field and message, nothing written.
+   Built without MHA_IMPLEMENTATION: attn_inspect.h needs only mha.h's types. */
 #include <stdlib.h>
 #include <string.h>
 #define MHA_INSPECT_IMPLEMENTATION
@@ -9,6 +11,61 @@
 #include "testutil.h"
 
 #define MAXL 40
+
+/* The scores of well-formed arguments: each call must succeed with a clean report. */
+static int clean(mha_status s, const mha_error *e) { return s == MHA_OK && e->status == MHA_OK && !e->field; }
+static double score_prev(const float *A, int L)
+{
+    double x = -1;
+    mha_error e;
+    mha_status s = mha_inspect_prev_token(A, L, &x, &e);
+    CHECK(clean(s, &e), "prev_token: %s", e.message);
+    return x;
+}
+static double score_first(const float *A, int L)
+{
+    double x = -1;
+    mha_error e;
+    mha_status s = mha_inspect_first_token(A, L, &x, &e);
+    CHECK(clean(s, &e), "first_token: %s", e.message);
+    return x;
+}
+static double score_dup(const float *A, int L, const int *tok)
+{
+    double x = -1;
+    mha_error e;
+    mha_status s = mha_inspect_duplicate_token(A, L, tok, &x, &e);
+    CHECK(clean(s, &e), "duplicate_token: %s", e.message);
+    return x;
+}
+static double score_ind(const float *A, int L, const int *tok)
+{
+    double x = -1;
+    mha_error e;
+    mha_status s = mha_inspect_induction(A, L, tok, &x, &e);
+    CHECK(clean(s, &e), "induction: %s", e.message);
+    return x;
+}
+static double score_ent(const float *A, int Lq, int Lk)
+{
+    double x = -1;
+    mha_error e;
+    mha_status s = mha_inspect_entropy(A, Lq, Lk, &x, &e);
+    CHECK(clean(s, &e), "entropy: %s", e.message);
+    return x;
+}
+
+/* A refusal as the convention has it: the status, the public function's
+   name, the field, and a message "function: field: ..." holding `says`. */
+static int refused(mha_status s, const mha_error *e, mha_status want, const char *function, const char *field,
+                   const char *says)
+{
+    char head[128];
+    if (s != want || e->status != want || !e->function || strcmp(e->function, function) != 0) return 0;
+    if (!e->field || strcmp(e->field, field) != 0) return 0;
+    snprintf(head, sizeof head, "%s: %s: ", function, field);
+    return strncmp(e->message, head, strlen(head)) == 0 && strstr(e->message, says) != NULL;
+}
 
 static void zero(float *A, int L) { memset(A, 0, sizeof(float) * (size_t)L * L); }
 
@@ -45,35 +102,34 @@ static void test_previous_and_first(void)
     zero(A, L);
     A[0] = 1.0f;
     for (i = 1; i < L; ++i) A[i * L + i - 1] = 1.0f;
-    CHECK(mha_inspect_prev_token(A, L) == 1.0, "pure previous-token head: %g", mha_inspect_prev_token(A, L));
-    CHECK(close_to(mha_inspect_first_token(A, L), 2.0 / L, 1e-12), "its first-token score 2/L: %g",
-          mha_inspect_first_token(A, L));
-    CHECK(mha_inspect_entropy(A, L, L) == 0.0, "one key per row: entropy 0");
+    CHECK(score_prev(A, L) == 1.0, "pure previous-token head: %g", score_prev(A, L));
+    CHECK(close_to(score_first(A, L), 2.0 / L, 1e-12), "its first-token score 2/L: %g",
+          score_first(A, L));
+    CHECK(score_ent(A, L, L) == 0.0, "one key per row: entropy 0");
     /* uniform causal head: previous-token mass 1/(i+1) in row i */
     causal_uniform(A, L);
     for (i = 1; i < L; ++i) chance += 1.0 / (i + 1);
     chance /= L - 1;
     for (i = 0; i < L; ++i) ent += log(i + 1.0);
     ent /= L;
-    CHECK(close_to(mha_inspect_prev_token(A, L), chance, 1e-6), "uniform head: %g, chance %g",
-          mha_inspect_prev_token(A, L), chance);
-    CHECK(mha_inspect_prev_token(A, L) < 0.25, "a uniform head scores low on previous-token");
-    CHECK(close_to(mha_inspect_entropy(A, L, L), ent, 1e-6), "uniform causal entropy %g, want %g",
-          mha_inspect_entropy(A, L, L), ent);
+    CHECK(close_to(score_prev(A, L), chance, 1e-6), "uniform head: %g, chance %g",
+          score_prev(A, L), chance);
+    CHECK(score_prev(A, L) < 0.25, "a uniform head scores low on previous-token");
+    CHECK(close_to(score_ent(A, L, L), ent, 1e-6), "uniform causal entropy %g, want %g",
+          score_ent(A, L, L), ent);
     /* sink head: every row on key 0 */
     zero(A, L);
     for (i = 0; i < L; ++i) A[i * L] = 1.0f;
-    CHECK(mha_inspect_first_token(A, L) == 1.0, "sink head scores 1 on first-token");
-    CHECK(close_to(mha_inspect_prev_token(A, L), 1.0 / (L - 1), 1e-12), "sink head on previous-token: 1/(L-1)");
+    CHECK(score_first(A, L) == 1.0, "sink head scores 1 on first-token");
+    CHECK(close_to(score_prev(A, L), 1.0 / (L - 1), 1e-12), "sink head on previous-token: 1/(L-1)");
     /* full (non-causal) uniform head over Lk keys: entropy ln Lk */
     {
         static float U[7 * 13];
         for (i = 0; i < 7 * 13; ++i) U[i] = 1.0f / 13;
-        CHECK(close_to(mha_inspect_entropy(U, 7, 13), log(13.0), 1e-6), "uniform over 13 keys: entropy %g",
-              mha_inspect_entropy(U, 7, 13));
+        CHECK(close_to(score_ent(U, 7, 13), log(13.0), 1e-6), "uniform over 13 keys: entropy %g",
+              score_ent(U, 7, 13));
     }
-    CHECK(isnan(mha_inspect_prev_token(NULL, L)) && isnan(mha_inspect_entropy(A, 0, 3)), "bad arguments: NaN");
-    CHECK(isnan(mha_inspect_prev_token(A, 1)), "L = 1: no query has a previous token: NaN");
+    CHECK(isnan(score_prev(A, 1)), "L = 1: no query has a previous token: NaN, and MHA_OK");
 }
 
 /* a random sequence of n distinct tokens repeated twice: the induction prompt */
@@ -103,33 +159,32 @@ static void test_induction_and_duplicate(void)
        no earlier copy and looks at itself */
     zero(A, L);
     for (i = 0; i < L; ++i) A[i * L + (i < n ? i : i - n + 1)] = 1.0f;
-    CHECK(mha_inspect_induction(A, L, tok) == 1.0, "pure induction head: %g", mha_inspect_induction(A, L, tok));
-    CHECK(mha_inspect_duplicate_token(A, L, tok) < 0.01, "... is no duplicate-token head: %g",
-          mha_inspect_duplicate_token(A, L, tok));
-    CHECK(mha_inspect_prev_token(A, L) < 0.1, "... nor previous-token: %g", mha_inspect_prev_token(A, L));
+    CHECK(score_ind(A, L, tok) == 1.0, "pure induction head: %g", score_ind(A, L, tok));
+    CHECK(score_dup(A, L, tok) < 0.01, "... is no duplicate-token head: %g",
+          score_dup(A, L, tok));
+    CHECK(score_prev(A, L) < 0.1, "... nor previous-token: %g", score_prev(A, L));
     /* pure duplicate-token head: the second copy looks at its earlier copy i-n */
     zero(A, L);
     for (i = 0; i < L; ++i) A[i * L + (i < n ? i : i - n)] = 1.0f;
-    CHECK(mha_inspect_duplicate_token(A, L, tok) == 1.0, "pure duplicate-token head: %g",
-          mha_inspect_duplicate_token(A, L, tok));
-    CHECK(mha_inspect_induction(A, L, tok) < 0.01, "... is no induction head: %g", mha_inspect_induction(A, L, tok));
+    CHECK(score_dup(A, L, tok) == 1.0, "pure duplicate-token head: %g",
+          score_dup(A, L, tok));
+    CHECK(score_ind(A, L, tok) < 0.01, "... is no induction head: %g", score_ind(A, L, tok));
     /* a uniform head: each eligible row of the second copy has 1 target among i+1 keys */
     causal_uniform(A, L);
     {
         double want = 0;
         for (i = n; i < L; ++i) want += 1.0 / (i + 1);
         want /= n;
-        CHECK(close_to(mha_inspect_induction(A, L, tok), want, 1e-6), "uniform head induction %g, chance %g",
-              mha_inspect_induction(A, L, tok), want);
-        CHECK(close_to(mha_inspect_duplicate_token(A, L, tok), want, 1e-6), "uniform head duplicate %g",
-              mha_inspect_duplicate_token(A, L, tok));
-        CHECK(mha_inspect_induction(A, L, tok) < 0.1, "a uniform head scores low on induction");
+        CHECK(close_to(score_ind(A, L, tok), want, 1e-6), "uniform head induction %g, chance %g",
+              score_ind(A, L, tok), want);
+        CHECK(close_to(score_dup(A, L, tok), want, 1e-6), "uniform head duplicate %g",
+              score_dup(A, L, tok));
+        CHECK(score_ind(A, L, tok) < 0.1, "a uniform head scores low on induction");
     }
     /* distinct tokens: no query has a duplicate, the scores are NaN (not 0, not 1) */
     for (i = 0; i < n; ++i) tok[n + i] = 5000 + i;
-    CHECK(isnan(mha_inspect_duplicate_token(A, L, tok)) && isnan(mha_inspect_induction(A, L, tok)),
-          "no duplicates anywhere: NaN");
-    CHECK(isnan(mha_inspect_induction(A, L, NULL)), "no tokens: NaN");
+    CHECK(isnan(score_dup(A, L, tok)) && isnan(score_ind(A, L, tok)),
+          "no duplicates anywhere: NaN, and MHA_OK");
 }
 
 /* Random heads and token sequences with repeats against a brute force that
@@ -146,7 +201,8 @@ static void test_random_heads(void)
         mha_inspect_scores s[3];
         for (i = 0; i < L; ++i) tok[i] = (int)(tu_next(&r) % 4);   /* 4 symbols: many repeats */
         for (h = 0; h < H; ++h) causal_random(&r, W + (size_t)h * L * L, L);
-        mha_inspect_heads(W, H, L, tok, s);
+        mha_error e;
+        CHECK(clean(mha_inspect_heads(W, H, L, tok, s, &e), &e), "heads: %s", e.message);
         for (h = 0; h < H; ++h) {
             const float *A = W + (size_t)h * L * L;
             double prev = 0, dup = 0, ind = 0, first = 0, ent = 0;
@@ -214,7 +270,7 @@ static void test_rollout(void)
         float *work = (float *)malloc(sizeof(float) * 2 * LL);
         double *ref = (double *)malloc(sizeof(double) * LL), e, rowdev = 0;
         for (l = 0; l < n * H; ++l) causal_random(&r, A + (size_t)l * LL, L);
-        CHECK(mha_inspect_rollout(n, H, L, A, R, work) == 0, "rollout call");
+        CHECK(mha_inspect_rollout(n, H, L, A, R, work, NULL) == MHA_OK, "rollout call");
         rollout_ref(n, H, L, A, ref);
         e = tu_rel_err(R, ref, LL);
         if (e > worst) worst = e;
@@ -230,11 +286,49 @@ static void test_rollout(void)
     printf("NOTE rollout worst rel err %.3g against float64\n", worst);
     {   /* one layer of the identity is the identity; a masked (all-zero) row becomes an identity row */
         float A[9] = {1, 0, 0, 0, 0, 0, 0, 0, 1}, R[9], work[18];
-        CHECK(mha_inspect_rollout(1, 1, 3, A, R, work) == 0 && R[0] == 1 && R[4] == 1 && R[8] == 1 &&
+        CHECK(mha_inspect_rollout(1, 1, 3, A, R, work, NULL) == MHA_OK && R[0] == 1 && R[4] == 1 && R[8] == 1 &&
               R[1] == 0 && R[3] == 0 && R[5] == 0, "identity rollout");
-        CHECK(mha_inspect_rollout(0, 1, 3, A, R, work) == -1 && mha_inspect_rollout(1, 1, 3, A, R, NULL) == -1,
-              "bad arguments refused");
     }
+}
+
+/* Bad arguments: refused by name, nothing written; "no eligible query" is
+   not among them (a NaN result with MHA_OK). */
+static void test_refusals(void)
+{
+    static float A[9] = {1, 0, 0, 0, 1, 0, 0, 0, 1};
+    static const int tok[3] = {1, 2, 1};
+    float R[9], work[18];
+    double x = -7;
+    mha_inspect_scores sc[2];
+    mha_error e;
+    int k;
+    CHECK(refused(mha_inspect_prev_token(NULL, 3, &x, &e), &e, MHA_ERR_NULL_POINTER, "mha_inspect_prev_token", "A",
+                  "is NULL"), "NULL A: %s", e.message);
+    CHECK(refused(mha_inspect_first_token(A, 0, &x, &e), &e, MHA_ERR_INVALID_SIZE, "mha_inspect_first_token", "L",
+                  "is 0; expected >= 1"), "L 0: %s", e.message);
+    CHECK(refused(mha_inspect_induction(A, 3, NULL, &x, &e), &e, MHA_ERR_NULL_POINTER, "mha_inspect_induction",
+                  "tokens", "is NULL"), "NULL tokens: %s", e.message);
+    CHECK(refused(mha_inspect_duplicate_token(A, 3, tok, NULL, &e), &e, MHA_ERR_NULL_POINTER,
+                  "mha_inspect_duplicate_token", "score", "is NULL"), "NULL score: %s", e.message);
+    CHECK(refused(mha_inspect_entropy(A, 3, -1, &x, &e), &e, MHA_ERR_INVALID_SIZE, "mha_inspect_entropy", "Lk",
+                  "is -1"), "Lk -1: %s", e.message);
+    CHECK(x == -7, "no score written by a refusal");
+    CHECK(mha_inspect_prev_token(NULL, 3, &x, NULL) == MHA_ERR_NULL_POINTER, "err may be NULL");
+    for (k = 0; k < 2; ++k) sc[k].prev_token = -7;
+    CHECK(refused(mha_inspect_heads(A, 0, 3, tok, sc, &e), &e, MHA_ERR_INVALID_SIZE, "mha_inspect_heads", "H",
+                  "is 0") && sc[0].prev_token == -7, "heads H 0: %s", e.message);
+    CHECK(refused(mha_inspect_heads(A, 1, 3, tok, NULL, &e), &e, MHA_ERR_NULL_POINTER, "mha_inspect_heads", "out",
+                  "is NULL"), "heads NULL out: %s", e.message);
+    /* no tokens for all heads: those two scores are NaN, the rest computed */
+    CHECK(clean(mha_inspect_heads(A, 1, 3, NULL, sc, &e), &e) && isnan(sc[0].duplicate_token) &&
+          isnan(sc[0].induction) && sc[0].first_token == 1.0 / 3, "heads without tokens: %s", e.message);
+    R[0] = -7;
+    CHECK(refused(mha_inspect_rollout(0, 1, 3, A, R, work, &e), &e, MHA_ERR_INVALID_SIZE, "mha_inspect_rollout",
+                  "n", "is 0"), "rollout n 0: %s", e.message);
+    CHECK(refused(mha_inspect_rollout(1, 1, 3, A, R, NULL, &e), &e, MHA_ERR_NULL_POINTER, "mha_inspect_rollout",
+                  "work", "is NULL"), "rollout NULL work: %s", e.message);
+    CHECK(refused(mha_inspect_rollout(1, 1, 3, NULL, R, work, &e), &e, MHA_ERR_NULL_POINTER, "mha_inspect_rollout",
+                  "A", "is NULL") && R[0] == -7, "rollout NULL A: %s", e.message);
 }
 
 int main(void)
@@ -243,5 +337,6 @@ int main(void)
     test_induction_and_duplicate();
     test_random_heads();
     test_rollout();
+    test_refusals();
     return tu_finish("inspect");
 }

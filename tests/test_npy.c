@@ -1,35 +1,55 @@
 /* test_npy.c - the .npy reader (examples/npy.h) and the viewer (examples/mha_view.c)
    on files NumPy and PyTorch wrote (tests/data/npy, made by make_fixtures.py)
-   and on broken files made here: each broken one must be refused with a
-   message and a non-zero status, never a crash (run under ASan too). */
+   and on broken files made here: each broken one must be refused with its
+   status, field and message, the array untouched, never a crash (run under
+   ASan too); the system's refusals name the path and the reason. */
 #include <stdarg.h>
 #define MHA_VIEW_NO_MAIN
-#include "../examples/mha_view.c"
+#include "../examples/mha_view.c"   /* defines MHA_IMPLEMENTATION: mha.h, npy.h, heatmap.h */
 #define STB_IMAGE_IMPLEMENTATION
 #include "stb_image.h"
 #include "testutil.h"
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/stat.h>
+#endif
 
 #define DATA "tests/data/npy/"
 #define TMP "build/tests/"
 
-static int loads(const char *path, mha_npy *a, char *err, size_t n)
+static mha_status loads(const char *path, mha_npy *a, mha_error *err)
 {
-    int rc = mha_npy_load(path, a, err, n);
-    if (rc != 0) printf("NOTE %s: %s\n", path, err);
+    mha_status rc;
+    memset(a, 0, sizeof *a);
+    rc = mha_npy_load(path, a, err);
+    if (rc != MHA_OK) printf("NOTE %s: %s\n", path, err->message);
     return rc;
+}
+
+/* A refusal as the convention has it: the status, the public function's
+   name, the field, and a message "function: field: ..." holding `says`. */
+static int refused(mha_status s, const mha_error *e, mha_status want, const char *function, const char *field,
+                   const char *says)
+{
+    char head[128];
+    if (s != want || e->status != want || !e->function || strcmp(e->function, function) != 0) return 0;
+    if (field ? !e->field || strcmp(e->field, field) != 0 : e->field != NULL) return 0;
+    if (field) snprintf(head, sizeof head, "%s: %s: ", function, field);
+    else snprintf(head, sizeof head, "%s: ", function);
+    return strncmp(e->message, head, strlen(head)) == 0 && (!says || strstr(e->message, says) != NULL);
 }
 
 /* The same ramp (value i/23 at flat index i, shape [2,3,4]) in every format. */
 static void test_good_files(void)
 {
     static const char *const files[] = {"ramp_f4.npy", "ramp_f8.npy", "ramp_v2.npy"};
-    char err[256], path[256];
+    char path[256];
+    mha_error err;
     size_t f, i;
     for (f = 0; f < 3; ++f) {
         mha_npy a;
         int bad = 0;
         snprintf(path, sizeof path, DATA "%s", files[f]);
-        CHECK(loads(path, &a, err, sizeof err) == 0, "%s loads", files[f]);
+        CHECK(loads(path, &a, &err) == MHA_OK && err.status == MHA_OK && err.message[0] == 0, "%s loads", files[f]);
         CHECK(a.ndim == 3 && a.shape[0] == 2 && a.shape[1] == 3 && a.shape[2] == 4 && a.count == 24,
               "%s: shape %d [%lu,%lu,%lu]", files[f], a.ndim, (unsigned long)a.shape[0],
               (unsigned long)a.shape[1], (unsigned long)a.shape[2]);
@@ -41,10 +61,10 @@ static void test_good_files(void)
     }
     {
         mha_npy a;
-        CHECK(loads(DATA "ramp_2d.npy", &a, err, sizeof err) == 0 && a.ndim == 2 && a.shape[0] == 3 &&
+        CHECK(loads(DATA "ramp_2d.npy", &a, &err) == MHA_OK && a.ndim == 2 && a.shape[0] == 3 &&
               a.shape[1] == 4 && a.data[5] == (float)(5.0 / 23.0), "2-D");
         mha_npy_free(&a);
-        CHECK(loads(DATA "ramp_4d.npy", &a, err, sizeof err) == 0 && a.ndim == 4 && a.shape[0] == 1 &&
+        CHECK(loads(DATA "ramp_4d.npy", &a, &err) == MHA_OK && a.ndim == 4 && a.shape[0] == 1 &&
               a.shape[3] == 4 && a.data[23] == 1.0f, "4-D");
         mha_npy_free(&a);
     }
@@ -55,11 +75,11 @@ static void test_good_files(void)
 static void test_torch_file(void)
 {
     mha_npy a, b;
-    char err[256];
+    mha_error err;
     size_t h, i, j;
     int L;
-    CHECK(loads(DATA "torch_causal_f4.npy", &a, err, sizeof err) == 0, "torch float32 loads");
-    CHECK(loads(DATA "torch_causal_f8.npy", &b, err, sizeof err) == 0, "torch float64 loads");
+    CHECK(loads(DATA "torch_causal_f4.npy", &a, &err) == MHA_OK, "torch float32 loads");
+    CHECK(loads(DATA "torch_causal_f8.npy", &b, &err) == MHA_OK, "torch float64 loads");
     if (!a.data || !b.data) { mha_npy_free(&a); mha_npy_free(&b); return; }
     CHECK(a.ndim == 4 && a.shape[0] == 1 && a.shape[1] == 2 && a.shape[2] == 5 && a.shape[3] == 5, "[1,2,5,5]");
     L = (int)a.shape[3];
@@ -79,28 +99,73 @@ static void test_torch_file(void)
     mha_npy_free(&b);
 }
 
-/* Files numpy/torch write that are not what we read: each refused, with a
-   message naming the problem. */
+/* Files numpy/torch write that are not what we read: each refused, with its
+   status, the field and a message naming the problem; the array untouched. */
 static void test_refused_files(void)
 {
-    static const struct { const char *file, *says; } bad[] = {
-        {"bad_fortran.npy", "fortran_order"},
-        {"bad_bigendian.npy", "big-endian"},
-        {"bad_int64.npy", "unsupported dtype '<i8'"},
-        {"bad_float16.npy", "unsupported dtype '<f2'"},
-        {"bad_empty.npy", "empty"},
-        {"bad_torch_save.pt", "zip"},
-        {"no_such_file.npy", "cannot open"},
+    static const struct { const char *file; mha_status status; const char *field, *says; } bad[] = {
+        {"bad_fortran.npy", MHA_ERR_SHAPE, "fortran_order", "fortran_order is True"},
+        {"bad_bigendian.npy", MHA_ERR_SHAPE, "descr", "big-endian"},
+        {"bad_int64.npy", MHA_ERR_SHAPE, "descr", "unsupported dtype '<i8': expected float32 ('<f4') or float64"},
+        {"bad_float16.npy", MHA_ERR_SHAPE, "descr", "unsupported dtype '<f2'"},
+        {"bad_empty.npy", MHA_ERR_SHAPE, "shape", "empty"},
+        {"bad_torch_save.pt", MHA_ERR_FORMAT, "magic", "zip"},
     };
     size_t k;
     for (k = 0; k < sizeof bad / sizeof bad[0]; ++k) {
-        char path[256], err[256] = "";
-        mha_npy a;
+        char path[256];
+        mha_error err;
+        mha_npy a, before;
+        mha_status rc;
         snprintf(path, sizeof path, DATA "%s", bad[k].file);
-        CHECK(mha_npy_load(path, &a, err, sizeof err) != 0, "%s refused", bad[k].file);
-        CHECK(strstr(err, bad[k].says) != NULL, "%s: message '%s' lacks '%s'", bad[k].file, err, bad[k].says);
-        CHECK(a.data == NULL, "%s: nothing left allocated", bad[k].file);
+        memset(&a, 0x5A, sizeof a);   /* a refusal must not write it */
+        before = a;
+        rc = mha_npy_load(path, &a, &err);
+        CHECK(refused(rc, &err, bad[k].status, "mha_npy_load", bad[k].field, bad[k].says),
+              "%s: got %d \"%s\", want %d, field %s, \"%s\"", bad[k].file, (int)rc, err.message, (int)bad[k].status,
+              bad[k].field, bad[k].says);
+        CHECK(memcmp(&a, &before, sizeof a) == 0, "%s: the array is untouched", bad[k].file);
     }
+}
+
+/* The system's refusals: MHA_ERR_IO with the path and the reason. */
+static void test_io(void)
+{
+    mha_npy a;
+    mha_error err;
+    char want[256];
+    memset(&a, 0, sizeof a);
+    snprintf(want, sizeof want, "cannot open '" DATA "no_such_file.npy': %s", strerror(ENOENT));
+    CHECK(refused(mha_npy_load(DATA "no_such_file.npy", &a, &err), &err, MHA_ERR_IO, "mha_npy_load", "path", want),
+          "missing file: \"%s\", want \"%s\"", err.message, want);
+    snprintf(want, sizeof want, "'" DATA "': %s", strerror(EISDIR));
+    CHECK(refused(mha_npy_load(DATA, &a, &err), &err, MHA_ERR_IO, "mha_npy_load", "path", want),
+          "a directory: \"%s\", want \"%s\"", err.message, want);
+    CHECK(a.data == NULL && a.count == 0, "nothing loaded");
+    CHECK(refused(mha_npy_load(NULL, &a, &err), &err, MHA_ERR_NULL_POINTER, "mha_npy_load", "path", "is NULL"),
+          "NULL path: %s", err.message);
+    CHECK(refused(mha_npy_load_mem(NULL, 0, &a, &err), &err, MHA_ERR_NULL_POINTER, "mha_npy_load_mem", "buf",
+                  "is NULL"), "NULL buffer: %s", err.message);
+    CHECK(mha_npy_load(DATA "no_such_file.npy", &a, NULL) == MHA_ERR_IO, "err may be NULL");
+#if defined(__unix__) || defined(__APPLE__)
+    {   /* a file without read permission (root reads it anyway: then skipped) */
+        const char *path = TMP "unreadable.npy";
+        FILE *w = fopen(path, "wb"), *r;
+        if (w) { fputs("x", w); fclose(w); }
+        if (!w || chmod(path, 0) != 0) {
+            CHECK(0, "cannot make %s", path);
+        } else if ((r = fopen(path, "rb")) != NULL) {
+            fclose(r);
+            printf("NOTE test_npy: running with the right to read any file (root?): the permission-denied case "
+                   "is skipped\n");
+        } else {
+            snprintf(want, sizeof want, "cannot open '%s': %s", path, strerror(EACCES));
+            CHECK(refused(mha_npy_load(path, &a, &err), &err, MHA_ERR_IO, "mha_npy_load", "path", want),
+                  "unreadable: \"%s\", want \"%s\"", err.message, want);
+        }
+        remove(path);
+    }
+#endif
 }
 
 /* ---- broken files made here */
@@ -121,62 +186,92 @@ static size_t make_npy(unsigned char *buf, int version, const char *header, cons
 
 static void test_broken_headers(void)
 {
-    static const struct { const char *header; size_t data; const char *says; } cases[] = {
-        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }\n", 24, NULL}, /* good */
-        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }\n", 20, "truncated"},
-        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }\n", 28, "after the data"},
-        {"{'descr': '<f4', 'fortran_order': False, 'shape': (), }\n", 4, "scalar"},
-        {"{'descr': '<f4', 'fortran_order': False, 'shape': (0, 3), }\n", 0, "empty"},
-        {"{'descr': '<f4', 'fortran_order': False, 'shape': (-2, 3), }\n", 24, "negative"},
-        {"{'descr': '<f4', 'fortran_order': False, 'shape': (100000, 100000), }\n", 0, "absurd shape"},
-        {"{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999, 2), }\n", 0, "absurd shape"},
-        {"{'descr': '<f4', 'fortran_order': False, 'shape': (1,1,1,1,1,1,1,1,1), }\n", 4, "dimensions"},
-        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3}\n", 24, "malformed"},
-        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, x), }\n", 24, "non-number"},
-        {"{'descr': '<f4', 'fortran_order': Maybe, 'shape': (2, 3), }\n", 24, "fortran_order"},
-        {"{'descr': '<f4', 'shape': (2, 3), }\n", 24, "missing fortran_order"},
-        {"{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (2,), }\n", 8, "structured"},
-        {"{'descr': '<c8', 'fortran_order': False, 'shape': (2, 3), }\n", 48, "unsupported dtype"},
-        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), 'x': 1}\n", 24, "unknown key"},
-        {"['descr', '<f4']\n", 24, "malformed"},
-        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3)", 24, "malformed"},
-        {"{'descr': '<f4\n", 24, "malformed"},
+    static const struct {
+        const char *header;
+        size_t data;
+        mha_status status;
+        const char *field, *says;
+    } cases[] = {
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }\n", 24, MHA_OK, NULL, NULL}, /* good */
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }\n", 20, MHA_ERR_FORMAT, "data", "truncated"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }\n", 28, MHA_ERR_FORMAT, "data", "after the data"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (), }\n", 4, MHA_ERR_SHAPE, "shape", "scalar"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (0, 3), }\n", 0, MHA_ERR_SHAPE, "shape", "empty"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (-2, 3), }\n", 24, MHA_ERR_FORMAT, "shape", "negative"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (100000, 100000), }\n", 0, MHA_ERR_SHAPE, "shape",
+         "absurd shape"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999, 2), }\n", 0, MHA_ERR_SHAPE, "shape",
+         "absurd shape"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (1,1,1,1,1,1,1,1,1), }\n", 4, MHA_ERR_SHAPE, "shape",
+         "dimensions"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3}\n", 24, MHA_ERR_FORMAT, "shape", "malformed"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, x), }\n", 24, MHA_ERR_FORMAT, "shape", "non-number"},
+        {"{'descr': '<f4', 'fortran_order': Maybe, 'shape': (2, 3), }\n", 24, MHA_ERR_FORMAT, "fortran_order",
+         "fortran_order"},
+        {"{'descr': '<f4', 'shape': (2, 3), }\n", 24, MHA_ERR_FORMAT, "fortran_order", "missing fortran_order"},
+        {"{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (2,), }\n", 8, MHA_ERR_FORMAT, "descr",
+         "structured"},
+        {"{'descr': '<c8', 'fortran_order': False, 'shape': (2, 3), }\n", 48, MHA_ERR_SHAPE, "descr",
+         "unsupported dtype"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), 'x': 1}\n", 24, MHA_ERR_FORMAT, "header",
+         "unknown key"},
+        {"['descr', '<f4']\n", 24, MHA_ERR_FORMAT, "header", "malformed"},
+        {"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3)", 24, MHA_ERR_FORMAT, "header", "malformed"},
+        {"{'descr': '<f4\n", 24, MHA_ERR_FORMAT, "descr", "malformed"},
     };
     static unsigned char buf[1024];
     static float zeros[16];
     size_t k;
     for (k = 0; k < sizeof cases / sizeof cases[0]; ++k) {
-        char err[256] = "";
-        mha_npy a;
+        mha_error err;
+        mha_npy a, zero;
         size_t n = make_npy(buf, 1, cases[k].header, zeros, cases[k].data);
-        int rc = mha_npy_load_mem(buf, n, &a, err, sizeof err);
+        mha_status rc;
+        memset(&a, 0, sizeof a);
+        zero = a;
+        rc = mha_npy_load_mem(buf, n, &a, &err);
         if (!cases[k].says) {
-            CHECK(rc == 0 && a.count == 6, "case %lu should load: %s", (unsigned long)k, err);
+            CHECK(rc == MHA_OK && a.count == 6, "case %lu should load: %s", (unsigned long)k, err.message);
         } else {
-            CHECK(rc != 0, "case %lu (%s) accepted", (unsigned long)k, cases[k].says);
-            CHECK(strstr(err, cases[k].says) != NULL, "case %lu: message '%s' lacks '%s'", (unsigned long)k, err,
-                  cases[k].says);
+            CHECK(refused(rc, &err, cases[k].status, "mha_npy_load_mem", cases[k].field, cases[k].says),
+                  "case %lu: got %d '%s', want %d, field %s, '%s'", (unsigned long)k, (int)rc, err.message,
+                  (int)cases[k].status, cases[k].field, cases[k].says);
+            CHECK(memcmp(&a, &zero, sizeof a) == 0, "case %lu: the array is untouched", (unsigned long)k);
         }
         mha_npy_free(&a);
     }
     /* the preamble itself */
     {
-        char err[256];
-        mha_npy a;
+        mha_error err;
+        mha_npy a, h;
+        size_t off = 0;
         size_t n = make_npy(buf, 1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }\n", zeros, 24);
+        memset(&a, 0, sizeof a);
         buf[0] = 0x92;
-        CHECK(mha_npy_load_mem(buf, n, &a, err, sizeof err) != 0 && strstr(err, "not a .npy"), "wrong magic: %s", err);
+        CHECK(refused(mha_npy_load_mem(buf, n, &a, &err), &err, MHA_ERR_FORMAT, "mha_npy_load_mem", "magic",
+                      "not a .npy"), "wrong magic: %s", err.message);
         buf[0] = 0x93;
         buf[6] = 9;
-        CHECK(mha_npy_load_mem(buf, n, &a, err, sizeof err) != 0 && strstr(err, "version 9"), "version 9: %s", err);
+        CHECK(refused(mha_npy_load_mem(buf, n, &a, &err), &err, MHA_ERR_FORMAT, "mha_npy_load_mem", "version",
+                      "version 9"), "version 9: %s", err.message);
         buf[6] = 1;
-        CHECK(mha_npy_load_mem(buf, 8, &a, err, sizeof err) != 0 && strstr(err, "truncated"), "8 bytes: %s", err);
-        CHECK(mha_npy_load_mem(buf, 0, &a, err, sizeof err) != 0, "0 bytes");
-        CHECK(mha_npy_load_mem(buf, 30, &a, err, sizeof err) != 0 && strstr(err, "truncated"), "cut header: %s", err);
+        CHECK(refused(mha_npy_load_mem(buf, 8, &a, &err), &err, MHA_ERR_FORMAT, "mha_npy_load_mem", "header length",
+                      "truncated"), "8 bytes: %s", err.message);
+        CHECK(mha_npy_load_mem(buf, 0, &a, &err) == MHA_ERR_FORMAT, "0 bytes");
+        CHECK(refused(mha_npy_load_mem(buf, 30, &a, &err), &err, MHA_ERR_FORMAT, "mha_npy_load_mem", "header length",
+                      "truncated"), "cut header: %s", err.message);
+        /* the header alone: its offset, nothing allocated */
+        memset(&h, 0, sizeof h);
+        CHECK(mha_npy_parse_header(buf, n, &h, &off, &err) == MHA_OK && h.count == 6 && h.data == NULL &&
+              off == n - 24, "parse_header: %s", err.message);
+        CHECK(refused(mha_npy_parse_header(buf, n, &h, NULL, &err), &err, MHA_ERR_NULL_POINTER,
+                      "mha_npy_parse_header", "data_offset", "is NULL"), "NULL data_offset: %s", err.message);
         /* a version-2 header length of 4 GiB */
         n = make_npy(buf, 2, "{}", NULL, 0);
         buf[8] = buf[9] = buf[10] = buf[11] = 0xff;
-        CHECK(mha_npy_load_mem(buf, n, &a, err, sizeof err) != 0 && strstr(err, "absurd"), "4 GiB header: %s", err);
+        CHECK(refused(mha_npy_load_mem(buf, n, &a, &err), &err, MHA_ERR_FORMAT, "mha_npy_load_mem", "header length",
+                      "absurd"), "4 GiB header: %s", err.message);
+        CHECK(a.data == NULL && a.count == 0, "nothing loaded");
     }
 }
 
@@ -190,24 +285,26 @@ static void test_truncation_and_noise(void)
     size_t n = make_npy(good, 1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }\n", vals, 24);
     size_t cut;
     int it, accepted_prefix = 0, ok = 0, failed_quietly = 0;
-    char err[256];
+    mha_error err;
     mha_npy a;
+    memset(&a, 0, sizeof a);
     for (cut = 0; cut < n; ++cut) {
-        err[0] = 0;
-        if (mha_npy_load_mem(good, cut, &a, err, sizeof err) == 0) ++accepted_prefix;
-        else if (!err[0]) ++failed_quietly;
+        mha_status rc = mha_npy_load_mem(good, cut, &a, &err);
+        if (rc == MHA_OK) ++accepted_prefix;
+        else if (rc != MHA_ERR_FORMAT || !err.field || !strstr(err.message, "mha_npy_load_mem: ")) ++failed_quietly;
         mha_npy_free(&a);
     }
     CHECK(accepted_prefix == 0, "%d truncated prefixes accepted", accepted_prefix);
-    CHECK(mha_npy_load_mem(good, n, &a, err, sizeof err) == 0 && a.data[5] == 0.6f, "the whole file loads");
+    CHECK(mha_npy_load_mem(good, n, &a, &err) == MHA_OK && a.data[5] == 0.6f, "the whole file loads");
     mha_npy_free(&a);
     for (it = 0; it < 3000; ++it) {
         int flips = 1 + (int)(tu_next(&r) % 4), f;
+        mha_status rc;
         memcpy(buf, good, n);
         for (f = 0; f < flips; ++f) buf[tu_next(&r) % (n - 24)] = (unsigned char)tu_next(&r);
-        err[0] = 0;
-        if (mha_npy_load_mem(buf, n, &a, err, sizeof err) == 0) ++ok;
-        else if (!err[0]) ++failed_quietly;
+        rc = mha_npy_load_mem(buf, n, &a, &err);
+        if (rc == MHA_OK) ++ok;
+        else if ((rc != MHA_ERR_FORMAT && rc != MHA_ERR_SHAPE) || !err.field || strlen(err.message) < 24) ++failed_quietly;
         mha_npy_free(&a);
     }
     CHECK(failed_quietly == 0, "%d failures without a message", failed_quietly);
@@ -275,14 +372,14 @@ static void test_viewer(void)
         mha_heatmap_layout lay;
         mha_heatmap hm;
         mha_npy a;
-        char err[256];
+        mha_error err;
         CHECK(p != NULL, "zeros-masked png");
         /* find the upper-right cell with the same layout the viewer used */
-        if (p && mha_npy_load(DATA "torch_causal_f4.npy", &a, err, sizeof err) == 0) {
+        if (p && loads(DATA "torch_causal_f4.npy", &a, &err) == MHA_OK) {
             memset(&hm, 0, sizeof hm);
             hm.weights = a.data; hm.Lq = 5; hm.Lk = 5; hm.title = "torch_causal_f4.npy, batch 0, head 0";
             a.data[4] = (float)NAN; /* so the legend, and so the layout, match */
-            if (mha_heatmap_measure(&hm, NULL, &lay) == MHA_HEATMAP_OK && lay.width == w && lay.height == h) {
+            if (mha_heatmap_measure(&hm, NULL, &lay, &err) == MHA_OK && lay.width == w && lay.height == h) {
                 mha_heatmap_rect c = mha_heatmap_cell(&lay, 0, 0, 4), d = mha_heatmap_cell(&lay, 0, 4, 0);
                 const unsigned char *m = p + ((size_t)(c.y + 1) * w + c.x + 2) * 3;
                 const unsigned char *o = p + ((size_t)(d.y + 1) * w + d.x + 2) * 3;
@@ -293,7 +390,7 @@ static void test_viewer(void)
                 {
                     mha_npy b;
                     int i, j, wrong = 0;
-                    if (mha_npy_load(DATA "torch_causal_f4.npy", &b, err, sizeof err) == 0) {
+                    if (loads(DATA "torch_causal_f4.npy", &b, &err) == MHA_OK) {
                         for (i = 0; i < 5; ++i)
                             for (j = 0; j <= i; ++j) {
                                 unsigned char want[3];
@@ -382,6 +479,7 @@ int main(void)
     test_good_files();
     test_torch_file();
     test_refused_files();
+    test_io();
     test_broken_headers();
     test_truncation_and_noise();
     test_viewer();

@@ -2,17 +2,25 @@
    files written from PyTorch by tests/gen_safetensors.py (tests/data/safetensors):
    a 2-layer nn.TransformerEncoder loaded by name and run with
    mha_encoder_forward against PyTorch's output, an nn.MultiheadAttention with
-   kdim/vdim/add_bias_kv, F16/BF16/F64 conversion, and one broken file per
-   check of the reader, each refused with its own message. */
+   kdim/vdim/add_bias_kv, F16/BF16/F64 conversion, one broken file per check
+   of the reader, each refused with its own status, field and message, the
+   refusals of the system (a missing file, a directory, an unreadable file:
+   the path and the operating system's reason), and the tensor rules (the
+   name, the rule, the expected and found shape and dtype). */
 #define MHA_IMPLEMENTATION
 #include "mha.h"
 #define MHA_ST_IMPLEMENTATION
 #include "../examples/safetensors.h"
 #include "testutil.h"
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/stat.h>
+#endif
 
 #define DATA "tests/data/safetensors/"
+#define TMP "build/tests/"
 
 static unsigned char *slurp(const char *path, size_t *n)
 {
@@ -30,13 +38,29 @@ static unsigned char *slurp(const char *path, size_t *n)
     return b;
 }
 
+/* A refusal as the convention has it: the status, the public function's
+   name, the field, and a message "function: field: ..." holding `says`. */
+static int refused(mha_status s, const mha_error *e, mha_status want, const char *function, const char *field,
+                   const char *says)
+{
+    char head[128];
+    if (s != want || e->status != want || !e->function || strcmp(e->function, function) != 0) return 0;
+    if (field ? !e->field || strcmp(e->field, field) != 0 : e->field != NULL) return 0;
+    if (field) snprintf(head, sizeof head, "%s: %s: ", function, field);
+    else snprintf(head, sizeof head, "%s: ", function);
+    return strncmp(e->message, head, strlen(head)) == 0 && (!says || strstr(e->message, says) != NULL);
+}
+
 /* rel error of a float32 result against a float32 tensor of the file */
 static double err_vs(mha_st_file *f, const char *name, const float *got, size_t n)
 {
-    char err[256];
-    const float *ref = mha_st_floats(f, name, -1, NULL, err, sizeof err);
+    mha_error err;
+    const float *ref = NULL;
     const mha_st_tensor *t = mha_st_find(f, name);
-    if (!ref || !t || t->count != n) { printf("NOTE %s: %s\n", name, ref ? "size" : err); return 1e30; }
+    if (mha_st_floats(f, name, -1, NULL, &ref, &err) != MHA_OK || !t || t->count != n) {
+        printf("NOTE %s: %s\n", name, ref ? "size" : err.message);
+        return 1e30;
+    }
     return tu_rel_err_ff(got, ref, n);
 }
 
@@ -44,22 +68,27 @@ static double err_vs(mha_st_file *f, const char *name, const float *got, size_t 
 static void test_encoder(int how)
 {
     static const char *const hows[] = {"mmap", "read", "memory"};
+    static const char *const fns[] = {"mha_st_open", "mha_st_open_read", "mha_st_open_mem"};
     mha_st_file f;
     mha_encoder_layer layer[2];
-    char err[256];
+    mha_error err;
     unsigned char *buf = NULL;
     size_t n = 0;
-    int rc, l, causal;
+    int l, causal;
+    mha_status rc;
     const mha_st_tensor *tx;
     memset(layer, 0, sizeof layer);
-    if (how == 0) rc = mha_st_open(DATA "encoder.safetensors", &f, err, sizeof err);
-    else if (how == 1) rc = mha_st_open_read(DATA "encoder.safetensors", &f, err, sizeof err);
+    memset(&f, 0, sizeof f);
+    if (how == 0) rc = mha_st_open(DATA "encoder.safetensors", &f, &err);
+    else if (how == 1) rc = mha_st_open_read(DATA "encoder.safetensors", &f, &err);
     else {
         buf = slurp(DATA "encoder.safetensors", &n);
-        rc = buf ? mha_st_open_mem(buf, n, &f, err, sizeof err) : -1;
+        rc = buf ? mha_st_open_mem(buf, n, &f, &err) : MHA_ERR_IO;
     }
-    CHECK(rc == 0, "encoder.safetensors opens (%s): %s", hows[how], rc ? err : "");
+    CHECK(rc == MHA_OK, "encoder.safetensors opens (%s): %s", hows[how], rc ? err.message : "");
     if (rc) { free(buf); return; }
+    CHECK(err.status == MHA_OK && err.field == NULL && err.message[0] == 0, "%s: a success leaves a clean report",
+          fns[how]);
     CHECK(how != 0 || f.map != NULL, "the file is mapped");
     CHECK(f.count == 27, "24 encoder tensors + 3 test tensors, got %d", f.count);
     CHECK(f.meta_count == 2 && mha_st_metadata(&f, "nhead") && strcmp(mha_st_metadata(&f, "nhead"), "4") == 0 &&
@@ -68,8 +97,8 @@ static void test_encoder(int how)
     for (l = 0; l < 2; ++l) {
         char prefix[32];
         snprintf(prefix, sizeof prefix, "layers.%d.", l);
-        rc = mha_st_encoder_layer(&f, prefix, 4, &layer[l], err, sizeof err);
-        CHECK(rc == 0, "layer %d fills: %s", l, rc ? err : "");
+        rc = mha_st_encoder_layer(&f, prefix, 4, &layer[l], &err);
+        CHECK(rc == MHA_OK, "layer %d fills: %s", l, rc ? err.message : "");
         CHECK(layer[l].self_attn.embed_dim == 16 && layer[l].self_attn.num_heads == 4 &&
               layer[l].dim_feedforward == 24 && layer[l].self_attn.in_proj_weight &&
               layer[l].self_attn.in_proj_bias && layer[l].linear2_bias && layer[l].norm2_bias,
@@ -78,16 +107,20 @@ static void test_encoder(int how)
     tx = mha_st_find(&f, "test.x");
     CHECK(tx && tx->ndim == 3 && tx->shape[0] == 2 && tx->shape[1] == 5 && tx->shape[2] == 16, "test.x [2,5,16]");
     for (causal = 0; tx && causal < 2 && !rc; ++causal) {
-        const float *x = mha_st_floats(&f, "test.x", 3, tx->shape, err, sizeof err);
+        const float *x = NULL;
         float h[160], y[160];
         mha_options o;
-        mha_status s0, s1;
+        mha_status s0, s1 = MHA_OK;
         double e;
+        rc = mha_st_floats(&f, "test.x", 3, tx->shape, &x, &err);
+        CHECK(rc == MHA_OK && x != NULL, "test.x as float32: %s", rc ? err.message : "");
+        if (rc) break;
         memset(&o, 0, sizeof o);
         o.causal = causal;
-        s0 = mha_encoder_forward(&layer[0], 2, 5, x, &o, h, NULL, NULL, 0);
-        s1 = mha_encoder_forward(&layer[1], 2, 5, h, &o, y, NULL, NULL, 0);
-        CHECK(s0 == MHA_OK && s1 == MHA_OK, "forward: %s / %s", mha_status_string(s0), mha_status_string(s1));
+        s0 = mha_encoder_forward(&layer[0], 2, 5, x, &o, h, NULL, &err);
+        if (s0 == MHA_OK) s1 = mha_encoder_forward(&layer[1], 2, 5, h, &o, y, NULL, &err);
+        CHECK(s0 == MHA_OK && s1 == MHA_OK, "forward: %s", err.message);
+        if (s0 != MHA_OK || s1 != MHA_OK) break;
         e = err_vs(&f, causal ? "test.y_causal" : "test.y", y, 160);
         CHECK(e <= 1e-5, "2-layer encoder (%s%s) vs PyTorch: rel err %.3g", hows[how], causal ? ", causal" : "", e);
         if (how == 0) printf("worst encoder%s rel err vs PyTorch: %.3g\n", causal ? " (causal)" : "", e);
@@ -95,11 +128,31 @@ static void test_encoder(int how)
     /* a prefix that is not there: the error names the first tensor looked for */
     {
         mha_encoder_layer before = layer[0];
-        rc = mha_st_encoder_layer(&f, "layers.2.", 4, &layer[0], err, sizeof err);
-        CHECK(rc == -1 && strstr(err, "'layers.2.self_attn.out_proj.weight' is missing"), "missing layer: %s", err);
+        rc = mha_st_encoder_layer(&f, "layers.2.", 4, &layer[0], &err);
+        CHECK(refused(rc, &err, MHA_ERR_NOT_FOUND, "mha_st_encoder_layer", "out_proj.weight",
+                      "tensor 'layers.2.self_attn.out_proj.weight' is missing"), "missing layer: %s", err.message);
         CHECK(memcmp(&before, &layer[0], sizeof before) == 0, "layer untouched on error");
-        rc = mha_st_encoder_layer(&f, "layers.0.", 3, &layer[0], err, sizeof err);
-        CHECK(rc == -1 && strstr(err, "num_heads 3 does not divide embed_dim 16"), "nhead 3: %s", err);
+        rc = mha_st_encoder_layer(&f, "layers.0.", 3, &layer[0], &err);
+        CHECK(refused(rc, &err, MHA_ERR_HEADS_DIVIDE, "mha_st_encoder_layer", "num_heads",
+                      "num_heads 3 does not divide embed_dim 16"), "nhead 3: %s", err.message);
+        rc = mha_st_encoder_layer(&f, "layers.0.", 0, &layer[0], &err);
+        CHECK(refused(rc, &err, MHA_ERR_INVALID_SIZE, "mha_st_encoder_layer", "num_heads", "is 0; expected >= 1"),
+              "nhead 0: %s", err.message);
+        CHECK(memcmp(&before, &layer[0], sizeof before) == 0, "layer untouched on error");
+        CHECK(mha_st_encoder_layer(&f, "layers.2.", 4, &layer[0], NULL) == MHA_ERR_NOT_FOUND,
+              "err may be NULL: the status alone");
+        CHECK(mha_st_module(&f, "layers.0.", 4, NULL, &err) == MHA_ERR_NULL_POINTER &&
+              refused(err.status, &err, MHA_ERR_NULL_POINTER, "mha_st_module", "m", "is NULL"), "NULL module: %s",
+              err.message);
+    }
+    /* a prefix too long to make keys of is refused, not cut */
+    {
+        char longp[MHA_ST_MAX_PREFIX + 2];
+        memset(longp, 'a', sizeof longp - 1);
+        longp[sizeof longp - 1] = 0;
+        rc = mha_st_encoder_layer(&f, longp, 4, &layer[0], &err);
+        CHECK(refused(rc, &err, MHA_ERR_INVALID_ARGUMENT, "mha_st_encoder_layer", "prefix", "401 bytes long"),
+              "long prefix: %s", err.message);
     }
     mha_st_close(&f);
     CHECK(f.count == 0 && f.tensors == NULL && f.map == NULL, "close zeroes");
@@ -112,26 +165,37 @@ static void test_mha_kv(void)
 {
     mha_st_file f;
     mha_module m;
-    char err[256];
+    mha_error err;
     float out[72];
-    int rc;
-    mha_status s;
+    const float *q = NULL, *k = NULL, *v = NULL;
+    mha_status rc;
     memset(&m, 0, sizeof m);
-    rc = mha_st_open(DATA "mha_kv.safetensors", &f, err, sizeof err);
-    CHECK(rc == 0, "mha_kv.safetensors opens: %s", rc ? err : "");
+    rc = mha_st_open(DATA "mha_kv.safetensors", &f, &err);
+    CHECK(rc == MHA_OK, "mha_kv.safetensors opens: %s", rc ? err.message : "");
     if (rc) return;
-    rc = mha_st_module(&f, "attn.", 3, &m, err, sizeof err);
-    CHECK(rc == 0, "module fills: %s", rc ? err : "");
+    rc = mha_st_module(&f, "attn.", 3, &m, &err);
+    CHECK(rc == MHA_OK, "module fills: %s", rc ? err.message : "");
     CHECK(m.embed_dim == 12 && m.kdim == 5 && m.vdim == 7 && !m.in_proj_weight && m.q_proj_weight &&
           m.bias_k && m.bias_v, "E 12, kdim 5, vdim 7, bias_k/v");
-    s = mha_forward(&m, 2, 3, 4, mha_st_floats(&f, "test.q", -1, NULL, err, sizeof err),
-                    mha_st_floats(&f, "test.k", -1, NULL, err, sizeof err),
-                    mha_st_floats(&f, "test.v", -1, NULL, err, sizeof err), NULL, out, NULL, NULL, 0);
-    CHECK(s == MHA_OK, "forward: %s", mha_status_string(s));
-    {
+    rc = mha_st_floats(&f, "test.q", -1, NULL, &q, &err);
+    if (rc == MHA_OK) rc = mha_st_floats(&f, "test.k", -1, NULL, &k, &err);
+    if (rc == MHA_OK) rc = mha_st_floats(&f, "test.v", -1, NULL, &v, &err);
+    CHECK(rc == MHA_OK, "test.q/k/v: %s", err.message);
+    if (rc == MHA_OK) rc = mha_module_forward(&m, 2, 3, 4, q, k, v, NULL, out, NULL, &err);
+    CHECK(rc == MHA_OK, "forward: %s", err.message);
+    if (rc == MHA_OK) {
         double e = err_vs(&f, "test.out", out, 72);
         CHECK(e <= 1e-5, "MultiheadAttention(kdim, vdim, add_bias_kv) vs PyTorch: rel err %.3g", e);
         printf("worst mha_kv rel err vs PyTorch: %.3g\n", e);
+    }
+    /* kdim and vdim come from the file; a caller's wrong guess does not matter */
+    {
+        mha_module m2;
+        memset(&m2, 0, sizeof m2);
+        m2.kdim = 99;
+        m2.add_zero_attn = 1;
+        rc = mha_st_module(&f, "attn.", 3, &m2, &err);
+        CHECK(rc == MHA_OK && m2.kdim == 5 && m2.add_zero_attn == 1, "kdim from the file, add_zero_attn kept");
     }
     mha_st_close(&f);
 }
@@ -147,132 +211,255 @@ static void test_dtypes(void)
                                             {"double", "double.as_f32"}};
     static const double dbl[6] = {0.1, -1e300, 1e-300, 3.0, INFINITY, 12345.678901234};
     mha_st_file f;
-    char err[256];
-    int rc, p;
+    mha_error err;
+    mha_status rc;
+    int p;
     size_t i;
     const mha_st_tensor *t;
-    rc = mha_st_open(DATA "dtypes.safetensors", &f, err, sizeof err);
-    CHECK(rc == 0, "dtypes.safetensors opens: %s", rc ? err : "");
+    const float *x = NULL;
+    rc = mha_st_open(DATA "dtypes.safetensors", &f, &err);
+    CHECK(rc == MHA_OK, "dtypes.safetensors opens: %s", rc ? err.message : "");
     if (rc) return;
     for (p = 0; p < 3; ++p) {
         const mha_st_tensor *a = mha_st_find(&f, pairs[p][0]);
-        const float *got = mha_st_floats(&f, pairs[p][0], -1, NULL, err, sizeof err);
-        const float *want = mha_st_floats(&f, pairs[p][1], -1, NULL, err, sizeof err);
+        const float *got = NULL, *want = NULL;
         int bad = 0;
-        CHECK(a && got && want && a->dtype == (mha_st_dtype)(p + 1), "%s found, dtype %s", pairs[p][0],
-              a ? mha_st_dtype_name(a->dtype) : "-");
+        rc = mha_st_floats(&f, pairs[p][0], -1, NULL, &got, &err);
+        if (rc == MHA_OK) rc = mha_st_floats(&f, pairs[p][1], -1, NULL, &want, &err);
+        CHECK(rc == MHA_OK && a && got && want && a->dtype == (mha_st_dtype)(p + 1), "%s found, dtype %s: %s",
+              pairs[p][0], a ? mha_st_dtype_name(a->dtype) : "-", rc ? err.message : "");
         for (i = 0; a && got && want && i < a->count; ++i) bad += !same_float(got[i], want[i]);
         CHECK(a && bad == 0, "%s -> float32 equals PyTorch's .float() bit for bit (%d differ)", pairs[p][0], bad);
     }
     {
         double d[6];
         t = mha_st_find(&f, "double");
-        rc = mha_st_read_f64(t, d, 6, err, sizeof err);
-        CHECK(rc == 0 && memcmp(d, dbl, sizeof d) == 0, "F64 read as double exactly");
-        CHECK(mha_st_read_f64(t, d, 5, err, sizeof err) == -1 && strstr(err, "has 6 values, not 5"),
-              "wrong count: %s", err);
+        rc = mha_st_read_f64(t, d, 6, &err);
+        CHECK(rc == MHA_OK && memcmp(d, dbl, sizeof d) == 0, "F64 read as double exactly");
+        memset(d, 0, sizeof d);
+        rc = mha_st_read_f64(t, d, 5, &err);
+        CHECK(refused(rc, &err, MHA_ERR_SHAPE, "mha_st_read_f64", "count",
+                      "tensor 'double': expected 5 values (count), found F64 [2, 3], 6 values"), "wrong count: %s",
+              err.message);
+        CHECK(d[0] == 0, "nothing converted on a refusal");
+        rc = mha_st_read_f32(t, NULL, 6, &err);
+        CHECK(refused(rc, &err, MHA_ERR_NULL_POINTER, "mha_st_read_f32", "dst", "is NULL"), "NULL dst: %s",
+              err.message);
     }
     t = mha_st_find(&f, "scalar");
-    CHECK(t && t->ndim == 0 && t->count == 1 && mha_st_floats(&f, "scalar", 0, NULL, err, sizeof err)[0] == 7.5f,
-          "scalar: shape [], one value");
+    rc = mha_st_floats(&f, "scalar", 0, NULL, &x, &err);
+    CHECK(t && t->ndim == 0 && t->count == 1 && rc == MHA_OK && x && x[0] == 7.5f, "scalar: shape [], one value");
     t = mha_st_find(&f, "empty");
     CHECK(t && t->ndim == 2 && t->count == 0 && t->begin == t->end, "empty [0, 3]");
+    /* the tensor rules: name, rule, expected and found shape and dtype */
     t = mha_st_find(&f, "steps");
     CHECK(t && t->dtype == MHA_ST_I64 && t->count == 5, "I64 tensor listed");
-    CHECK(mha_st_floats(&f, "steps", -1, NULL, err, sizeof err) == NULL &&
-          strstr(err, "'steps' has dtype I64; only F32, F16, BF16 and F64 are read"), "I64 refused: %s", err);
+    x = NULL;
+    rc = mha_st_floats(&f, "steps", -1, NULL, &x, &err);
+    CHECK(refused(rc, &err, MHA_ERR_SHAPE, "mha_st_floats", "name",
+                  "tensor 'steps': expected F32, F16, BF16 or F64 of any shape (the dtypes read), found I64 [5]") &&
+          x == NULL, "I64 refused: %s", err.message);
+    {
+        int64_t raw[5];
+        rc = mha_st_read_f32(t, (float *)raw, 5, &err);
+        CHECK(refused(rc, &err, MHA_ERR_SHAPE, "mha_st_read_f32", "t", "found I64 [5]"), "I64 read refused: %s",
+              err.message);
+    }
     CHECK(mha_st_find(&f, "n\xc3\xa9" "e \"quoted\"") != NULL, "a name with \\u00e9 and \\\" escapes decodes");
     CHECK(mha_st_find(&f, "nope") == NULL && mha_st_find(&f, "") == NULL, "absent names are NULL");
+    rc = mha_st_floats(&f, "nope", -1, NULL, &x, &err);
+    CHECK(refused(rc, &err, MHA_ERR_NOT_FOUND, "mha_st_floats", "name", "tensor 'nope' is missing"), "missing: %s",
+          err.message);
     CHECK(mha_st_metadata(&f, "note") && strcmp(mha_st_metadata(&f, "note"), "tab\there") == 0, "metadata escape");
     {
         size_t sh[2] = {3, 5};
-        CHECK(mha_st_floats(&f, "half", 2, sh, err, sizeof err) == NULL &&
-              strstr(err, "'half' has shape [3, 4], expected [3, 5]"), "shape check: %s", err);
+        rc = mha_st_floats(&f, "half", 2, sh, &x, &err);
+        CHECK(refused(rc, &err, MHA_ERR_SHAPE, "mha_st_floats", "name",
+                      "tensor 'half': expected F32, F16, BF16 or F64 [3, 5], found F16 [3, 4]"), "shape check: %s",
+              err.message);
+        rc = mha_st_floats(&f, "half", 2, NULL, &x, &err);
+        CHECK(refused(rc, &err, MHA_ERR_NULL_POINTER, "mha_st_floats", "shape", "is NULL"), "NULL shape: %s",
+              err.message);
+        rc = mha_st_floats(&f, "half", 9, sh, &x, &err);
+        CHECK(refused(rc, &err, MHA_ERR_INVALID_ARGUMENT, "mha_st_floats", "ndim", "is 9"), "ndim 9: %s",
+              err.message);
     }
+    CHECK(strcmp(mha_st_dtype_name(MHA_ST_BF16), "BF16") == 0 && strcmp(mha_st_dtype_name(MHA_ST_DTYPE_COUNT), "?") == 0,
+          "dtype names");
     mha_st_close(&f);
 }
 
-/* Each broken file and the words its error must contain. */
+/* Each broken file, the field refused and the words its message must contain. */
 static void test_bad_files(void)
 {
-    static const char *const cases[][2] = {
-        {"bad_short", "truncated: 4 bytes"},
-        {"bad_header_past_end", "header length 1000 runs past the end of the file"},
-        {"bad_header_huge", "is larger than the 100000000 allowed"},
-        {"bad_not_json", "does not start with '{'"},
-        {"bad_json_unclosed", "JSON syntax error in the header at byte 53: expected ',' or '}'"},
-        {"bad_json_trailing_comma", "JSON syntax error in the header at byte 54: expected a string"},
-        {"bad_json_escape", "unknown escape in a string"},
-        {"bad_json_control", "control character inside a string"},
-        {"bad_json_after", "bytes after the closing '}'"},
-        {"bad_json_leading_zero", "number with a leading zero"},
-        {"bad_utf8", "not valid UTF-8 (byte 3)"},
-        {"bad_negative_dim", "tensor 'a': shape holds a negative number"},
-        {"bad_float_dim", "tensor 'a': shape holds a number that is not an integer"},
-        {"bad_too_many_dims", "tensor 'a': shape has more than 8 entries"},
-        {"bad_dtype", "tensor 'a': unknown dtype 'F33'"},
-        {"bad_missing_field", "tensor 'a': missing shape"},
-        {"bad_unknown_field", "tensor 'a': unknown field 'x'"},
-        {"bad_offsets_three", "data_offsets has more than 2 entries"},
-        {"bad_offsets_reversed", "data_offsets [8, 0] end before they begin"},
-        {"bad_offsets_past_end", "data_offsets [0, 8] run past the data section (4 bytes)"},
-        {"bad_offsets_size", "data_offsets span 8 bytes, but F32 x 3 values need 12"},
-        {"bad_overlap", "tensor 'b' overlaps tensor 'a'"},
-        {"bad_hole", "a hole of 4 bytes before tensor 'a'"},
-        {"bad_trailing_data", "4 bytes after the last tensor's data"},
-        {"bad_duplicate", "duplicate name 'a'"},
-        {"bad_metadata_value", "__metadata__ value of 'n' is not a string"},
-        {"bad_shape_overflow", "tensor 'a': the shape's"},
+    static const char *const cases[][3] = {
+        {"bad_short", "header length", "truncated: 4 bytes"},
+        {"bad_header_past_end", "header length", "header length 1000 runs past the end of the file"},
+        {"bad_header_huge", "header length", "is larger than the 100000000 allowed"},
+        {"bad_not_json", "header", "does not start with '{'"},
+        {"bad_json_unclosed", "header", "JSON syntax error in the header at byte 53: expected ',' or '}'"},
+        {"bad_json_trailing_comma", "header", "JSON syntax error in the header at byte 54: expected a string"},
+        {"bad_json_escape", "header", "unknown escape in a string"},
+        {"bad_json_control", "header", "control character inside a string"},
+        {"bad_json_after", "header", "bytes after the closing '}'"},
+        {"bad_json_leading_zero", "header", "number with a leading zero"},
+        {"bad_utf8", "header", "not valid UTF-8 (byte 3)"},
+        {"bad_negative_dim", "shape", "tensor 'a': shape holds a negative number"},
+        {"bad_float_dim", "shape", "tensor 'a': shape holds a number that is not an integer"},
+        {"bad_too_many_dims", "shape", "tensor 'a': shape has more than 8 entries"},
+        {"bad_dtype", "dtype", "tensor 'a': unknown dtype 'F33'"},
+        {"bad_missing_field", "shape", "tensor 'a': missing shape"},
+        {"bad_unknown_field", "header", "tensor 'a': unknown field 'x'"},
+        {"bad_offsets_three", "data_offsets", "data_offsets has more than 2 entries"},
+        {"bad_offsets_reversed", "data_offsets", "data_offsets [8, 0] end before they begin"},
+        {"bad_offsets_past_end", "data_offsets", "data_offsets [0, 8] run past the data section (4 bytes)"},
+        {"bad_offsets_size", "data_offsets", "data_offsets span 8 bytes, but F32 x 3 values need 12"},
+        {"bad_overlap", "data_offsets", "tensor 'b' overlaps tensor 'a'"},
+        {"bad_hole", "data_offsets", "a hole of 4 bytes before tensor 'a'"},
+        {"bad_trailing_data", "data_offsets", "4 bytes after the last tensor's data"},
+        {"bad_duplicate", "header", "duplicate name 'a'"},
+        {"bad_metadata_value", "__metadata__", "__metadata__ value of 'n' is not a string"},
+        {"bad_shape_overflow", "shape", "tensor 'a': the shape's"},
     };
     size_t c, n = 0;
     for (c = 0; c < sizeof cases / sizeof cases[0]; ++c) {
-        char path[256], err[256] = "", err2[256] = "";
-        mha_st_file f, zero;
+        char path[256];
+        mha_error err, err2;
+        mha_st_file f, before;
         unsigned char *buf;
-        int rc;
+        mha_status rc;
         snprintf(path, sizeof path, DATA "%s.safetensors", cases[c][0]);
-        rc = mha_st_open(path, &f, err, sizeof err);
-        memset(&zero, 0, sizeof zero);
-        CHECK(rc == -1 && strstr(err, cases[c][1]) != NULL, "%s: got \"%s\", want \"%s\"", cases[c][0], err, cases[c][1]);
-        CHECK(memcmp(&f, &zero, sizeof f) == 0, "%s: the file struct is zeroed on error", cases[c][0]);
+        memset(&f, 0xA5, sizeof f);   /* not a file: a refusal must not write it */
+        before = f;
+        rc = mha_st_open(path, &f, &err);
+        CHECK(refused(rc, &err, MHA_ERR_FORMAT, "mha_st_open", cases[c][1], cases[c][2]),
+              "%s: got %d \"%s\", want MHA_ERR_FORMAT, field %s, \"%s\"", cases[c][0], (int)rc, err.message,
+              cases[c][1], cases[c][2]);
+        CHECK(memcmp(&f, &before, sizeof f) == 0, "%s: the file struct is untouched on error", cases[c][0]);
+        rc = mha_st_open_read(path, &f, &err2);
+        CHECK(refused(rc, &err2, MHA_ERR_FORMAT, "mha_st_open_read", cases[c][1], cases[c][2]) &&
+              strcmp(strchr(err.message, ':'), strchr(err2.message, ':')) == 0,
+              "%s: open and open_read give the same refusal: \"%s\"", cases[c][0], err2.message);
         buf = slurp(path, &n);
-        rc = buf ? mha_st_open_mem(buf, n, &f, err2, sizeof err2) : 0;
-        CHECK(rc == -1 && strcmp(err, err2) == 0, "%s: memory and file give the same error", cases[c][0]);
+        rc = buf ? mha_st_open_mem(buf, n, &f, &err2) : MHA_ERR_IO;
+        CHECK(refused(rc, &err2, MHA_ERR_FORMAT, "mha_st_open_mem", cases[c][1], cases[c][2]) &&
+              strcmp(strchr(err.message, ':'), strchr(err2.message, ':')) == 0,
+              "%s: memory and file give the same refusal: \"%s\"", cases[c][0], err2.message);
+        CHECK(memcmp(&f, &before, sizeof f) == 0, "%s: untouched by open_read and open_mem", cases[c][0]);
         free(buf);
     }
     {
         mha_st_file f;
-        char err[256];
-        CHECK(mha_st_open(DATA "no_such_file.safetensors", &f, err, sizeof err) == -1 &&
-              strstr(err, "cannot open"), "missing file: %s", err);
-        CHECK(mha_st_open_mem(NULL, 0, &f, err, sizeof err) == -1, "NULL buffer");
-        CHECK(mha_st_open_mem("", 0, &f, NULL, 0) == -1, "err may be NULL");
+        mha_error err;
+        memset(&f, 0, sizeof f);
+        CHECK(refused(mha_st_open_mem(NULL, 0, &f, &err), &err, MHA_ERR_NULL_POINTER, "mha_st_open_mem", "buf",
+                      "is NULL"), "NULL buffer: %s", err.message);
+        CHECK(refused(mha_st_open(DATA "encoder.safetensors", NULL, &err), &err, MHA_ERR_NULL_POINTER,
+                      "mha_st_open", "f", "is NULL"), "NULL file: %s", err.message);
+        CHECK(refused(mha_st_open_read(NULL, &f, &err), &err, MHA_ERR_NULL_POINTER, "mha_st_open_read", "path",
+                      "is NULL"), "NULL path: %s", err.message);
+        CHECK(mha_st_open_mem("", 0, &f, NULL) == MHA_ERR_FORMAT, "err may be NULL");
     }
 }
 
-/* Files that load but whose tensors do not make a layer. */
+/* The system's refusals: the path and the operating system's reason, for
+   both file openers. */
+static void test_io(void)
+{
+    static const char *const fns[2] = {"mha_st_open", "mha_st_open_read"};
+    int k;
+    for (k = 0; k < 2; ++k) {
+        mha_st_file f;
+        mha_error err;
+        mha_status rc;
+        char want[256];
+        memset(&f, 0, sizeof f);
+        /* a file that is not there */
+        rc = k ? mha_st_open_read(DATA "no_such_file.safetensors", &f, &err)
+               : mha_st_open(DATA "no_such_file.safetensors", &f, &err);
+        snprintf(want, sizeof want, "cannot open '" DATA "no_such_file.safetensors': %s", strerror(ENOENT));
+        CHECK(refused(rc, &err, MHA_ERR_IO, fns[k], "path", want), "%s, missing file: \"%s\", want \"%s\"", fns[k],
+              err.message, want);
+        CHECK(f.count == 0 && f.tensors == NULL, "%s: nothing opened", fns[k]);
+        /* a directory opens on some systems; reading it says what it is */
+        rc = k ? mha_st_open_read("tests/data", &f, &err) : mha_st_open("tests/data", &f, &err);
+        snprintf(want, sizeof want, "'tests/data': %s", strerror(EISDIR));
+        CHECK(refused(rc, &err, MHA_ERR_IO, fns[k], "path", want), "%s, a directory: \"%s\", want \"%s\"", fns[k],
+              err.message, want);
+    }
+#if defined(__unix__) || defined(__APPLE__)
+    {   /* a file without read permission (root reads it anyway: then skipped) */
+        const char *path = TMP "unreadable.safetensors";
+        FILE *w = fopen(path, "wb"), *r;
+        if (w) { fputs("x", w); fclose(w); }
+        if (!w || chmod(path, 0) != 0) {
+            CHECK(0, "cannot make %s", path);
+        } else if ((r = fopen(path, "rb")) != NULL) {
+            fclose(r);
+            printf("NOTE test_safetensors: running with the right to read any file (root?): the "
+                   "permission-denied case is skipped\n");
+        } else {
+            mha_st_file f;
+            mha_error err;
+            char want[256];
+            memset(&f, 0, sizeof f);
+            snprintf(want, sizeof want, "cannot open '%s': %s", path, strerror(EACCES));
+            CHECK(refused(mha_st_open(path, &f, &err), &err, MHA_ERR_IO, "mha_st_open", "path", want),
+                  "unreadable: \"%s\", want \"%s\"", err.message, want);
+            CHECK(refused(mha_st_open_read(path, &f, &err), &err, MHA_ERR_IO, "mha_st_open_read", "path", want),
+                  "unreadable (read): \"%s\"", err.message);
+        }
+        remove(path);
+    }
+#endif
+    {   /* a long path keeps its end (the file name) and the reason */
+        char path[400];
+        mha_st_file f;
+        mha_error err;
+        size_t i;
+        memset(path, 'd', sizeof path);
+        memcpy(path, "build/", 6);
+        for (i = 100; i < sizeof path - 20; i += 100) path[i] = '/';   /* each name < NAME_MAX */
+        strcpy(path + sizeof path - 21, "/missing.safetensors");
+        CHECK(refused(mha_st_open(path, &f, &err), &err, MHA_ERR_IO, "mha_st_open", "path", "missing.safetenso") &&
+              strstr(err.message, "...") && strstr(err.message, strerror(ENOENT)) &&
+              strlen(err.message) < sizeof err.message - 1, "long path: \"%s\"", err.message);
+    }
+}
+
+/* Files that load but whose tensors do not make a layer: the rule and both shapes. */
 static void test_bad_modules(void)
 {
-    static const char *const cases[][2] = {
-        {"bad_module_shape", "tensor 'layers.0.self_attn.out_proj.bias' has shape [17], expected [16]"},
-        {"bad_module_missing", "tensor 'layers.0.linear2.weight' is missing"},
-        {"bad_module_dtype", "tensor 'layers.0.norm1.weight' has dtype I64"},
+    static const struct { const char *file; mha_status status; const char *field, *says[3]; } cases[] = {
+        {"bad_module_shape", MHA_ERR_SHAPE, "out_proj.bias",
+         {"tensor 'layers.0.self_attn.out_proj.bias': expected F32, F16, BF16 or F64 [16]",
+          "(out_proj.bias is [E], E = 16 from out_proj.weight)", "found F32 [17]"}},
+        {"bad_module_missing", MHA_ERR_NOT_FOUND, "linear2.weight",
+         {"tensor 'layers.0.linear2.weight' is missing", "", ""}},
+        {"bad_module_dtype", MHA_ERR_SHAPE, "norm1.weight",
+         {"tensor 'layers.0.norm1.weight': expected F32, F16, BF16 or F64 [16]",
+          "(norm1.weight is [E], E = 16 from self_attn.out_proj.weight, F = 24 from linear1.weight)",
+          "found I64 [16]"}},
     };
     size_t c;
-    for (c = 0; c < 3; ++c) {
-        char path[256], err[256] = "";
+    for (c = 0; c < sizeof cases / sizeof cases[0]; ++c) {
+        char path[256];
+        mha_error err;
         mha_st_file f;
         mha_encoder_layer layer, before;
-        int rc;
-        snprintf(path, sizeof path, DATA "%s.safetensors", cases[c][0]);
-        rc = mha_st_open(path, &f, err, sizeof err);
-        CHECK(rc == 0, "%s opens: %s", cases[c][0], err);
+        mha_status rc;
+        snprintf(path, sizeof path, DATA "%s.safetensors", cases[c].file);
+        rc = mha_st_open(path, &f, &err);
+        CHECK(rc == MHA_OK, "%s opens: %s", cases[c].file, err.message);
+        if (rc) continue;
         memset(&layer, 0, sizeof layer);
         layer.activation = MHA_ACT_GELU;
         before = layer;
-        rc = mha_st_encoder_layer(&f, "layers.0.", 4, &layer, err, sizeof err);
-        CHECK(rc == -1 && strstr(err, cases[c][1]) != NULL, "%s: got \"%s\"", cases[c][0], err);
-        CHECK(memcmp(&layer, &before, sizeof layer) == 0, "%s: layer untouched", cases[c][0]);
+        rc = mha_st_encoder_layer(&f, "layers.0.", 4, &layer, &err);
+        CHECK(refused(rc, &err, cases[c].status, "mha_st_encoder_layer", cases[c].field, cases[c].says[0]) &&
+              strstr(err.message, cases[c].says[1]) && strstr(err.message, cases[c].says[2]),
+              "%s: got %d \"%s\"", cases[c].file, (int)rc, err.message);
+        CHECK(memcmp(&layer, &before, sizeof layer) == 0, "%s: layer untouched", cases[c].file);
         mha_st_close(&f);
     }
 }
@@ -282,16 +469,16 @@ static void test_truncations(void)
 {
     size_t n = 0, len;
     unsigned char *buf = slurp(DATA "dtypes.safetensors", &n);
-    int refused = 0;
+    int refused_n = 0;
     if (!buf) { CHECK(0, "dtypes.safetensors readable"); return; }
     for (len = 0; len < n; ++len) {
         mha_st_file f;
         unsigned char *cut = (unsigned char *)malloc(len ? len : 1);
         memcpy(cut, buf, len);
-        refused += mha_st_open_mem(cut, len, &f, NULL, 0) == -1;
+        refused_n += mha_st_open_mem(cut, len, &f, NULL) == MHA_ERR_FORMAT;
         free(cut);
     }
-    CHECK(refused == (int)n, "all %d truncations refused (%d)", (int)n, refused);
+    CHECK(refused_n == (int)n, "all %d truncations refused as MHA_ERR_FORMAT (%d)", (int)n, refused_n);
     free(buf);
 }
 
@@ -302,6 +489,7 @@ int main(void)
     test_mha_kv();
     test_dtypes();
     test_bad_files();
+    test_io();
     test_bad_modules();
     test_truncations();
     return tu_finish("test_safetensors");

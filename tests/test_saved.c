@@ -1,29 +1,45 @@
-/* The saved forward: a training plan's forward run leaves in the caller's
-   workspace what its backward needs (lse and O; the module's Q, K, V and
-   context; the encoder's activations), and the backward run on that
-   workspace uses it instead of recomputing the forward.
-   1. SDPA, odd sizes (1, 3, 7, 17, 130) x every option the fused backward
-      takes (masks, fully blocked rows, causal in both alignments, windows,
-      softcap, ALiBi, sinks and their gradient, GQA): forward then backward
-      equals the one-shot backward (which recomputes) to float32 rounding,
-      bit-identical on 1, 2 and 3 threads; the forward's output is the one-
-      shot forward's, bit for bit; opt.lse is still written.  Scribbling on
-      the saved lse changes the gradients (so the backward reads it).
-   2. Stale or mismatched use recomputes, so the gradients equal the one-shot
-      backward of the backward's own arguments bit for bit: an input changed
-      in place, the same values at another address, a mask byte changed,
-      other lengths, another plan's forward, a forward without a workspace,
-      changed sinks; a second backward reuses the saved forward.
-   3. The module (packed or separate projection weights, kdim/vdim, biases,
-      bias_k/bias_v, add_zero_attn, GQA, RoPE, masks, causal, self-attention
-      with one x; also after a forward that returns the attention weights,
-      the unfused path): as 1; weights changed after the forward (an optimizer
-      step) recompute; an input changed recomputes.
-   4. The encoder layer (post- and pre-norm, ReLU and GELU, masks): a
-      training plan's run keeps the activations; forward then backward
-      equals the one-shot backward to float32 rounding, threads 1-3
-      bit-identical, y equal to the one-shot (inference) forward's bit for
-      bit, also past 256 rows; a changed x or linear1 weight recomputes. */
+/* The explicit saved forward (issue 18, item 1).  A forward run of a
+   MHA_PLAN_TRAINING plan given run.saved writes there what its backward
+   needs; a backward given run.saved reads that region as it is; a backward
+   given run.saved = NULL computes the forward again.
+   (a) SDPA, module and encoder layer, odd sizes (1, 3, 7, 17, 130) and
+       round ones, with masks (bool and float, fully blocked rows), causal
+       in both alignments, windows, softcap, ALiBi, sinks and their
+       gradient, GQA, RoPE, separate q/k/v weights with kdim/vdim, biases,
+       bias_k/bias_v, add_zero_attn, packed weights, pre- and post-norm,
+       ReLU and GELU: the backward given the saved forward of X equals the
+       one-shot backward at X within TOL (relative, each gradient array on
+       its own; the worst is printed), bit-identical on 1, 2 and 3 threads
+       (the region of the 3-thread run starts at an odd address); the
+       forward that saves gives the one-shot forward's output bit for bit;
+       the one-shot calls share a region too (mha_*_forward with run.saved,
+       then mha_*_backward with the same run.saved).
+   (b) The backward with run.saved = NULL gives the one-shot backward's bits.
+   (c) The region is read as it is, whatever changed since the forward:
+       SDPA: the saved lse raised by 1 scales every probability, so every
+       gradient, by exactly e^-1.  Module and encoder: after a bias change
+       (in_proj_bias's Q part + 1; the encoder's linear1_bias too) the
+       saved backward is the one-shot backward at the OLD weights (no
+       backward formula reads a bias, and the activations are the old
+       ones); after one element of Wq changes, every weight gradient is
+       still the old weights' (dWo = dout^T C reads only the saved C, the
+       others the saved Q, K, V) and only dquery = dQ Wq sees the new
+       matrix.  Either way the saved backward differs from the one that
+       recomputes with the new weights, and run.saved = NULL gives that
+       one's bits (the plan with MHA_PLAN_PACK after mha_plan_repack).
+   (d) Refusals, nothing written: a region no forward wrote, written by a
+       forward of another shape (Lq, Lk, KV heads, the encoder's L) or of
+       another kind of plan (SDPA, module, encoder) is MHA_ERR_SAVED naming
+       run->saved; one byte less than the run's least saved_bytes (found by
+       bisection; the plan's sizes.saved must do) is
+       MHA_ERR_WORKSPACE_TOO_SMALL naming run->saved_bytes; run.saved on a
+       plan without MHA_PLAN_TRAINING is MHA_ERR_EXCEEDS_PLAN.  A region
+       belongs to the shape, not to the plan: another training plan of the
+       same shape (other threads) reads it.
+   (e) A training plan's forward writes run.lse, entropy, max_weight and
+       first_weight whether it saves or not: the inference one-shot
+       forward's bits.  A forward that does not save leaves the region as
+       it was (a second backward from it gives the first one's bits).  */
 #define MHA_IMPLEMENTATION
 #include "mha.h"
 #include "testutil.h"
@@ -49,12 +65,64 @@ static double rel(const float *a, const float *b, size_t n)
     if (e > worst) worst = e;
     return e;
 }
-/* does the (aligned) workspace start with a saved forward's header? */
-static int has_saved(void *ws)
+static int field_is(const mha_error *e, const char *f) { return e->field && !strcmp(e->field, f); }
+static int all_zero(const float *a, size_t n)
 {
-    uint64_t m;
-    memcpy(&m, mha__align_ws(ws), 8);
-    return m == MHA__SAVED_MAGIC;
+    size_t i;
+    for (i = 0; i < n; ++i) if (a[i] != 0.0f) return 0;
+    return 1;
+}
+
+/* A run with a workspace and a saved region (either may be NULL). */
+static mha_run mkrun(void *ws, size_t wsb, void *saved, size_t saved_bytes)
+{
+    mha_run r;
+    memset(&r, 0, sizeof r);
+    r.workspace = ws; r.workspace_bytes = wsb;
+    r.saved = saved; r.saved_bytes = saved_bytes;
+    return r;
+}
+
+/* The row statistics of n rows (NaN until written). */
+typedef struct stats { float *lse, *ent, *maxw, *first; size_t n; } stats;
+static void stats_make(stats *s, size_t n)
+{
+    size_t i;
+    s->n = n;
+    s->lse = malloc(n * 4); s->ent = malloc(n * 4); s->maxw = malloc(n * 4); s->first = malloc(n * 4);
+    for (i = 0; i < n; ++i) s->lse[i] = s->ent[i] = s->maxw[i] = s->first[i] = NAN;
+}
+static void stats_free(stats *s) { free(s->lse); free(s->ent); free(s->maxw); free(s->first); }
+static void stats_into(mha_run *r, const stats *s)
+{
+    r->lse = s->lse; r->entropy = s->ent; r->max_weight = s->maxw; r->first_weight = s->first;
+}
+static int stats_same(const stats *a, const stats *b)
+{
+    return same(a->lse, b->lse, a->n) && same(a->ent, b->ent, a->n) && same(a->maxw, b->maxw, a->n) &&
+           same(a->first, b->first, a->n);
+}
+
+/* A caller's saved region of n bytes; odd: it starts at an odd address.
+   Filled with a pattern no forward writes (a region never written). */
+typedef struct region { unsigned char *buf; void *p; size_t n; } region;
+static void region_make(region *r, size_t n, int odd)
+{
+    r->buf = (unsigned char *)malloc(n + 8);
+    memset(r->buf, 0xA5, n + 8);
+    r->p = r->buf + (odd ? 3 : 0);
+    r->n = n;
+}
+static void region_free(region *r) { free(r->buf); }
+
+/* A training plan's sizes (workspace and saved bytes). */
+static mha_sizes plan_sizes(const mha_plan *p)
+{
+    mha_sizes sz = { 0, 0, 0 };
+    mha_error err;
+    memset(&sz, 0, sizeof sz);
+    CHECK(p && mha_plan_sizes(p, &sz, &err) == MHA_OK, "mha_plan_sizes: %s", p ? err.message : "no plan");
+    return sz;
 }
 
 /* a float key padding mask [B, Lk] and a bool attention mask [Lq, Lk], when given */
@@ -80,9 +148,9 @@ typedef struct scase {
 } scase;
 
 typedef struct sdata {
-    float *q, *k, *v, *dout, *kpm, *sinks, *lse;
+    float *q, *k, *v, *dout, *kpm, *sinks;
     unsigned char *mask;
-    size_t nq, nk, nv, no;
+    size_t nq, nk, nv, no, nr;
 } sdata;
 
 static void sdata_make(const scase *c, sdata *s)
@@ -90,9 +158,9 @@ static void sdata_make(const scase *c, sdata *s)
     int i;
     s->nq = (size_t)c->B * c->H * c->Lq * c->D; s->nk = (size_t)c->B * c->Hkv * c->Lk * c->D;
     s->nv = (size_t)c->B * c->Hkv * c->Lk * c->Dv; s->no = (size_t)c->B * c->H * c->Lq * c->Dv;
+    s->nr = (size_t)c->B * c->H * c->Lq;
     s->q = rnd(s->nq, 1.5f); s->k = rnd(s->nk, 1.5f); s->v = rnd(s->nv, 1.0f); s->dout = rnd(s->no, 1.0f);
     s->sinks = rnd((size_t)c->H, 1.5f);
-    s->lse = zeros((size_t)c->B * c->H * c->Lq);
     s->kpm = (float *)malloc((size_t)c->B * c->Lk * sizeof(float));
     for (i = 0; i < c->B * c->Lk; ++i) s->kpm[i] = tu_next(&rng) % 5 == 0 ? -INFINITY : 0.5f * tu_uniform(&rng);
     s->mask = (unsigned char *)malloc((size_t)c->Lq * c->Lk);
@@ -101,11 +169,10 @@ static void sdata_make(const scase *c, sdata *s)
 }
 static void sdata_free(sdata *s)
 {
-    free(s->q); free(s->k); free(s->v); free(s->dout); free(s->kpm); free(s->sinks); free(s->lse);
-    free(s->mask);
+    free(s->q); free(s->k); free(s->v); free(s->dout); free(s->kpm); free(s->sinks); free(s->mask);
 }
 
-static mha_options sopts(const scase *c, const sdata *s, int threads, float *sinks_grad)
+static mha_options sopts(const scase *c, const sdata *s, int threads)
 {
     mha_options o;
     memset(&o, 0, sizeof o);
@@ -114,7 +181,6 @@ static mha_options sopts(const scase *c, const sdata *s, int threads, float *sin
     o.num_kv_heads = c->Hkv == c->H ? 0 : c->Hkv;
     o.window = c->window; o.window_left = c->left; o.window_right = c->right;
     o.softcap = c->softcap; o.alibi = c->alibi; o.sinks = c->sinks ? s->sinks : NULL;
-    o.sinks_grad = c->sinks ? sinks_grad : NULL;
     o.num_threads = threads;
     set_masks(&o, c->B, c->Lq, c->Lk, c->kpm ? s->kpm : NULL, c->mask ? s->mask : NULL);
     return o;
@@ -131,6 +197,7 @@ static int sgrad_same(const scase *c, const sdata *s, const sgrad *a, const sgra
     return same(a->dq, b->dq, s->nq) && same(a->dk, b->dk, s->nk) && same(a->dv, b->dv, s->nv) &&
            same(a->sg, b->sg, (size_t)c->H);
 }
+/* the largest relative error over dq, dk, dv (and the sinks' gradient) */
 static double sgrad_err(const scase *c, const sdata *s, const sgrad *a, const sgrad *ref)
 {
     double e = rel(a->dq, ref->dq, s->nq), t;
@@ -140,34 +207,31 @@ static double sgrad_err(const scase *c, const sdata *s, const sgrad *a, const sg
     return e;
 }
 
-/* the one-shot backward of these arguments (recomputes; one thread) */
-static void sdpa_oneshot(const scase *c, const sdata *s, const float *q, sgrad *g)
+/* An SDPA backward: the one-shot call (p NULL) or a run of plan p; run
+   gives the workspace and the saved region (NULL: none). */
+static mha_status sdpa_bwd(const mha_plan *p, const scase *c, const sdata *s, const mha_options *o,
+                           const mha_run *run, sgrad *g, mha_error *err)
 {
-    mha_options o = sopts(c, s, 1, g->sg);
-    mha_status st = mha_sdpa_backward(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, q, s->k, s->v, s->dout, &o,
-                                      g->dq, g->dk, g->dv, NULL, 0);
-    CHECK(st == MHA_OK, "one-shot sdpa backward: %s", mha_status_string(st));
-}
-
-static mha_plan *splan(const scase *c, const sdata *s, int threads, float *sg, int with_lse)
-{
-    mha_options o = sopts(c, s, threads, sg);
-    mha_plan *p = NULL;
-    mha_status st;
-    if (with_lse) o.lse = s->lse;
-    st = mha_sdpa_plan(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, &o, MHA_PLAN_TRAINING, NULL, 0, &p);
-    CHECK(st == MHA_OK, "sdpa plan: %s", mha_status_string(st));
-    return p;
+    mha_run r;
+    if (run) r = *run; else memset(&r, 0, sizeof r);
+    r.sinks_grad = c->sinks ? g->sg : NULL;
+    if (p) return mha_sdpa_run_backward(p, c->Lq, c->Lk, s->q, s->k, s->v, s->dout, g->dq, g->dk, g->dv, &r, err);
+    return mha_sdpa_backward(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, s->q, s->k, s->v, s->dout, o, g->dq, g->dk,
+                             g->dv, &r, err);
 }
 
 static void sdpa_case(const scase *c)
 {
     sdata s;
     sgrad ref, g[4], x;
-    float *out_ref, *out, *lse_ref;
-    mha_options o1;
-    mha_plan *p, *p2;
-    size_t wsb;
+    stats st_ref, st;
+    float *out_ref, *out;
+    mha_options o1, o;
+    mha_plan *p;
+    mha_sizes sz = { 0, 0, 0 };
+    mha_run run;
+    mha_error err;
+    region R;
     void *ws;
     int t;
     char d[200];
@@ -175,155 +239,122 @@ static void sdpa_case(const scase *c)
              c->B, c->H, c->Hkv, c->Lq, c->Lk, c->D, c->Dv, c->causal, c->bottom_right ? "br" : "",
              c->window, c->left, c->right, c->softcap, c->alibi, c->sinks, c->kpm, c->mask);
     sdata_make(c, &s);
+    o1 = sopts(c, &s, 1);
     sgrad_make(c, &s, &ref);
-    sdpa_oneshot(c, &s, s.q, &ref);
-    out_ref = zeros(s.no); out = zeros(s.no); lse_ref = zeros((size_t)c->B * c->H * c->Lq);
-    o1 = sopts(c, &s, 1, NULL);
-    o1.lse = lse_ref;
-    CHECK(mha_sdpa(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, s.q, s.k, s.v, &o1, out_ref, NULL, NULL, 0) == MHA_OK,
-          "one-shot sdpa");
+    CHECK(sdpa_bwd(NULL, c, &s, &o1, NULL, &ref, &err) == MHA_OK, "%s: one-shot backward: %s", d, err.message);
+    out_ref = zeros(s.no); out = zeros(s.no);
+    stats_make(&st_ref, s.nr);
+    run = mkrun(NULL, 0, NULL, 0);
+    stats_into(&run, &st_ref);
+    CHECK(mha_sdpa_forward(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, s.q, s.k, s.v, &o1, out_ref, &run, &err) == MHA_OK,
+          "%s: one-shot forward: %s", d, err.message);
 
-    /* 1. forward then backward on 1, 2, 3 threads */
+    /* (a), (b), (e) on a training plan of 1, 2, 3 threads */
     for (t = 1; t <= 3; ++t) {
-        mha_status st;
         double e;
+        o = sopts(c, &s, t);
         sgrad_make(c, &s, &g[t]);
-        p = splan(c, &s, t, g[t].sg, t == 2);
+        p = NULL;
+        CHECK(mha_sdpa_plan(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, &o, MHA_PLAN_TRAINING, NULL, 0, &p, &err) ==
+              MHA_OK, "%s: plan: %s", d, err.message);
         if (!p) continue;
-        wsb = mha_plan_workspace_size(p);
-        ws = malloc(wsb);
-        st = mha_sdpa_run(p, c->Lq, c->Lk, s.q, s.k, s.v, NULL, NULL, out, NULL, ws, wsb);
-        CHECK(st == MHA_OK && same(out, out_ref, s.no), "%s: training forward != one-shot (threads %d)", d, t);
-        CHECK(has_saved(ws), "%s: the forward left no saved forward", d);
-        if (t == 2) CHECK(same(s.lse, lse_ref, (size_t)c->B * c->H * c->Lq), "%s: opt.lse not written", d);
-        st = mha_sdpa_run_backward(p, c->Lq, c->Lk, s.q, s.k, s.v, s.dout, NULL, NULL, g[t].dq, g[t].dk,
-                                   g[t].dv, ws, wsb);
+        sz = plan_sizes(p);
+        ws = malloc(sz.workspace);
+        region_make(&R, sz.saved, t == 3);
+        stats_make(&st, s.nr);
+        run = mkrun(ws, sz.workspace, R.p, R.n);
+        stats_into(&run, &st);
+        CHECK(mha_sdpa_run_forward(p, c->Lq, c->Lk, s.q, s.k, s.v, out, &run, &err) == MHA_OK &&
+              same(out, out_ref, s.no), "%s: the forward that saves != one-shot (threads %d): %s", d, t, err.message);
+        CHECK(stats_same(&st, &st_ref), "%s: (e) the statistics of a forward that saves != one-shot's (threads %d)",
+              d, t);
+        run = mkrun(ws, sz.workspace, R.p, R.n);
+        CHECK(sdpa_bwd(p, c, &s, &o, &run, &g[t], &err) == MHA_OK, "%s: saved backward: %s", d, err.message);
         e = sgrad_err(c, &s, &g[t], &ref);
-        CHECK(st == MHA_OK && e <= TOL, "%s: saved backward vs one-shot rel err %.3g (threads %d)", d, e, t);
-        if (t > 1) CHECK(sgrad_same(c, &s, &g[t], &g[1]), "%s: threads %d != 1 thread", d, t);
-        if (t == 1) {   /* a second backward reuses the same saved forward: the same bits */
-            float sg1[8];
-            int h;
-            memcpy(sg1, g[1].sg, (size_t)c->H * sizeof(float));
-            memset(g[1].sg, 0, (size_t)c->H * sizeof(float));   /* (the plan's sinks_grad) */
-            sgrad_make(c, &s, &x);
-            (void)mha_sdpa_run_backward(p, c->Lq, c->Lk, s.q, s.k, s.v, s.dout, NULL, NULL, x.dq, x.dk,
-                                        x.dv, ws, wsb);
-            CHECK(same(x.dq, g[1].dq, s.nq) && same(x.dk, g[1].dk, s.nk) && same(x.dv, g[1].dv, s.nv),
-                  "%s: a second backward != the first", d);
-            for (h = 0; h < c->H; ++h) CHECK(g[1].sg[h] == sg1[h], "%s: second sink gradient", d);
-            sgrad_free(&x);
-        }
-        mha_plan_destroy(p);
-        free(ws);
-    }
-
-    /* 1b. the saved lse shifted by one: the check sum sees it and the
-       backward recomputes (= one-shot); stamped again as if the forward had
-       made it, the backward reads it and the gradients move */
-    if (c->Lk > 1) {
-        float *w;
-        size_t i, rows = (size_t)c->B * c->H * c->Lq;
-        double e;
-        int again;
-        mha_options ob;
-        for (again = 0; again < 2; ++again) {
-            sgrad_make(c, &s, &x);
-            p = splan(c, &s, 1, x.sg, 0);
-            wsb = mha_plan_workspace_size(p);
-            ws = malloc(wsb);
-            (void)mha_sdpa_run(p, c->Lq, c->Lk, s.q, s.k, s.v, NULL, NULL, out, NULL, ws, wsb);
-            w = mha__align_ws(ws);
-            for (i = 0; i < rows; ++i) w[MHA__SAVED_HDR + i] += 1.0f;
-            if (again) {
-                CHECK(mha__run_begin(p, MHA__PLAN_SDPA, c->Lq, c->Lk, NULL, NULL, &ob) == MHA_OK, "run begin");
-                mha__saved_stamp(w, mha__sdpa_key(p, &ob, c->Lq, c->Lk, s.q, s.k, s.v) ^
-                                    mha__sdpa_saved_sum(p, c->Lq, w));
-            }
-            (void)mha_sdpa_run_backward(p, c->Lq, c->Lk, s.q, s.k, s.v, s.dout, NULL, NULL, x.dq, x.dk,
-                                        x.dv, ws, wsb);
-            e = tu_rel_err_ff(x.dv, ref.dv, s.nv);
-            if (again) CHECK(e > 1e-2, "%s: a shifted saved lse left dv unchanged (rel %.3g)", d, e);
-            else CHECK(sgrad_same(c, &s, &x, &ref), "%s: a scribbled saved forward was used", d);
-            sgrad_free(&x);
-            mha_plan_destroy(p);
-            free(ws);
-        }
-    }
-
-    /* 2. stale or mismatched: the backward recomputes, = one-shot bit for bit */
-    {
-        float *q2 = (float *)malloc(s.nq * sizeof(float)), keep;
-        sgrad r2;
-        int kind;
-        for (kind = 0; kind < 6; ++kind) {
-            const float *qb = s.q;
-            void *fws;
-            if (kind == 3 && !c->mask) continue;
-            if (kind == 4 && !c->sinks) continue;
-            sgrad_make(c, &s, &x);
-            p = splan(c, &s, 2, x.sg, 0);
-            p2 = splan(c, &s, 2, x.sg, 0);   /* 0: the forward was this other plan's */
-            wsb = mha_plan_workspace_size(p);
-            ws = calloc(wsb, 1);   /* (a new block may hold an old header: 5 wants none) */
-            fws = kind == 5 ? NULL : ws;   /* 5: the forward got no workspace */
-            (void)mha_sdpa_run(kind == 0 ? p2 : p, c->Lq, c->Lk, s.q, s.k, s.v, NULL, NULL, out, NULL, fws, wsb);
-            CHECK(has_saved(ws) == (kind != 5), "%s: saved header after the forward (case %d)", d, kind);
-            if (kind == 1) { memcpy(q2, s.q, s.nq * sizeof(float)); qb = q2; }    /* same values elsewhere */
-            keep = s.q[s.nq / 2];
-            if (kind == 2) s.q[s.nq / 2] += 0.25f;                                /* an input changed */
-            if (kind == 3) s.mask[(size_t)c->Lq * c->Lk / 2] ^= 1;                /* a mask byte changed */
-            if (kind == 4) s.sinks[0] += 0.5f;                                    /* a sink changed */
-            (void)mha_sdpa_run_backward(p, c->Lq, c->Lk, qb, s.k, s.v, s.dout, NULL, NULL, x.dq, x.dk, x.dv,
-                                        ws, wsb);
-            sgrad_make(c, &s, &r2);
-            sdpa_oneshot(c, &s, qb, &r2);
-            CHECK(sgrad_same(c, &s, &x, &r2), "%s: stale use %d did not recompute", d, kind);
-            s.q[s.nq / 2] = keep;
-            if (kind == 3) s.mask[(size_t)c->Lq * c->Lk / 2] ^= 1;
-            if (kind == 4) s.sinks[0] -= 0.5f;
-            sgrad_free(&x); sgrad_free(&r2);
-            mha_plan_destroy(p);
-            mha_plan_destroy(p2);
-            free(ws);
-        }
-        free(q2);
-    }
-    /* 2b. shorter lengths than the forward's: recompute */
-    if (c->Lq > 1) {
-        scase c2 = *c;
-        sgrad r2;
+        CHECK(e <= TOL, "%s: (a) saved backward vs one-shot rel err %.3g (threads %d)", d, e, t);
+        if (t > 1) CHECK(sgrad_same(c, &s, &g[t], &g[1]), "%s: saved backward, threads %d != 1 thread", d, t);
+        /* (b) */
         sgrad_make(c, &s, &x);
-        p = splan(c, &s, 2, x.sg, 0);
-        wsb = mha_plan_workspace_size(p);
-        ws = malloc(wsb);
-        (void)mha_sdpa_run(p, c->Lq, c->Lk, s.q, s.k, s.v, NULL, NULL, out, NULL, ws, wsb);
-        c2.Lq = c->Lq - 1;
-        c2.mask = 0;   /* (the mask's data is laid out for Lq) */
-        if (!c->mask) {
-            sdata s2 = s;
-            s2.nq = (size_t)c->B * c->H * c2.Lq * c->D; s2.no = (size_t)c->B * c->H * c2.Lq * c->Dv;
-            /* the first rows of each head: q and dout as [B, H, Lq-1, D] views of new buffers */
-            s2.q = rnd(s2.nq, 1.0f); s2.dout = rnd(s2.no, 1.0f);
-            (void)mha_sdpa_run_backward(p, c2.Lq, c->Lk, s2.q, s.k, s.v, s2.dout, NULL, NULL, x.dq, x.dk,
-                                        x.dv, ws, wsb);
-            sgrad_make(&c2, &s2, &r2);
-            sdpa_oneshot(&c2, &s2, s2.q, &r2);
-            CHECK(same(x.dq, r2.dq, s2.nq) && same(x.dk, r2.dk, s.nk) && same(x.dv, r2.dv, s.nv),
-                  "%s: a backward at Lq-1 != one-shot", d);
-            sgrad_free(&r2);
-            free(s2.q); free(s2.dout);
-        }
+        run = mkrun(ws, sz.workspace, NULL, 0);
+        CHECK(sdpa_bwd(p, c, &s, &o, &run, &x, &err) == MHA_OK && sgrad_same(c, &s, &x, &ref),
+              "%s: (b) backward without the saved forward != one-shot (threads %d): %s", d, t, err.message);
         sgrad_free(&x);
-        mha_plan_destroy(p);
+        /* (e) a forward that does not save writes the statistics too, and
+           leaves the region alone: a second backward gives the first's bits */
+        stats_free(&st);
+        stats_make(&st, s.nr);
+        run = mkrun(ws, sz.workspace, NULL, 0);
+        stats_into(&run, &st);
+        memset(out, 0, s.no * sizeof(float));
+        CHECK(mha_sdpa_run_forward(p, c->Lq, c->Lk, s.q, s.k, s.v, out, &run, &err) == MHA_OK &&
+              same(out, out_ref, s.no) && stats_same(&st, &st_ref),
+              "%s: (e) a training plan's forward without saving: output or statistics != one-shot: %s", d,
+              err.message);
+        sgrad_make(c, &s, &x);
+        run = mkrun(ws, sz.workspace, R.p, R.n);
+        CHECK(sdpa_bwd(p, c, &s, &o, &run, &x, &err) == MHA_OK && sgrad_same(c, &s, &x, &g[t]),
+              "%s: a second backward from the region != the first (threads %d): %s", d, t, err.message);
+        sgrad_free(&x);
+        stats_free(&st);
+        region_free(&R);
         free(ws);
+        mha_plan_destroy(p);
     }
+
+    /* (a) the one-shot calls share a region: forward with run.saved, then backward with it */
+    CHECK(mha_sdpa_plan_size(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, &o1, MHA_PLAN_TRAINING, &sz, &err) == MHA_OK,
+          "%s: plan_size: %s", d, err.message);
+    region_make(&R, sz.saved, 1);
+    run = mkrun(NULL, 0, R.p, R.n);
+    memset(out, 0, s.no * sizeof(float));
+    CHECK(mha_sdpa_forward(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, s.q, s.k, s.v, &o1, out, &run, &err) == MHA_OK &&
+          same(out, out_ref, s.no), "%s: one-shot forward that saves: %s", d, err.message);
+    sgrad_make(c, &s, &x);
+    CHECK(sdpa_bwd(NULL, c, &s, &o1, &run, &x, &err) == MHA_OK && sgrad_same(c, &s, &x, &g[1]),
+          "%s: one-shot backward from the one-shot forward's region != the plan's (rel %.3g): %s", d,
+          sgrad_err(c, &s, &x, &ref), err.message);
+    sgrad_free(&x);
+
+    /* (c) the region is read as it is: the saved lse + 1 multiplies every
+       p_ij = exp(s_ij - lse_i) (and the sink's share) by e^-1, and the
+       gradients are linear in them (dV = P^T dO, dS = P o (dP - delta)
+       with delta = rowsum(dO o O) from the saved O): all scale by e^-1 */
+    {
+        size_t at_lse, at_o, total, i;
+        float *sv = mha__align_ws(R.p);
+        double *scaled[4];
+        const float *refs[4];
+        size_t n[4];
+        const float *got[4];
+        double e = 0;
+        (void)mha__sdpa_saved_floats(c->B, c->H, c->Lq, c->Dv, &at_lse, &at_o, &total);
+        for (i = 0; i < s.nr; ++i) sv[at_lse + i] += 1.0f;
+        sgrad_make(c, &s, &x);
+        CHECK(sdpa_bwd(NULL, c, &s, &o1, &run, &x, &err) == MHA_OK, "%s: backward from a shifted lse: %s", d,
+              err.message);
+        refs[0] = ref.dq; refs[1] = ref.dk; refs[2] = ref.dv; refs[3] = ref.sg;
+        got[0] = x.dq; got[1] = x.dk; got[2] = x.dv; got[3] = x.sg;
+        n[0] = s.nq; n[1] = s.nk; n[2] = s.nv; n[3] = c->sinks ? (size_t)c->H : 0;
+        for (t = 0; t < 4; ++t) {
+            double et;
+            scaled[t] = (double *)malloc((n[t] ? n[t] : 1) * sizeof(double));
+            for (i = 0; i < n[t]; ++i) scaled[t][i] = exp(-1.0) * refs[t][i];
+            et = tu_rel_err(got[t], scaled[t], n[t]);
+            if (et > e) e = et;
+            free(scaled[t]);
+        }
+        if (e > worst) worst = e;
+        CHECK(e <= TOL, "%s: (c) the saved lse + 1 should scale every gradient by e^-1: rel err %.3g", d, e);
+        sgrad_free(&x);
+    }
+    region_free(&R);
+
     for (t = 1; t <= 3; ++t) sgrad_free(&g[t]);
     sgrad_free(&ref);
-    free(out_ref); free(out); free(lse_ref);
+    stats_free(&st_ref);
+    free(out_ref); free(out);
     sdata_free(&s);
 }
-
 
 /* ----------------------------------------------------------- module */
 
@@ -336,7 +367,7 @@ typedef struct mdata {
     mha_module m;
     float *w[8], *q, *k, *v, *dout, *kpm;
     unsigned char *mask;
-    size_t nq, nk, nv, nwin, nwo, nb, nw[4];   /* nw: floats of w[0..3] */
+    size_t nq, nk, nv, nwin, nwo, nb;
 } mdata;
 
 static void mdata_make(const mcase *c, mdata *s)
@@ -350,14 +381,12 @@ static void mdata_make(const mcase *c, mdata *s)
         s->m.k_proj_weight = s->w[1] = rnd((size_t)Ekv * c->kd, 0.5f);
         s->m.v_proj_weight = s->w[2] = rnd((size_t)Ekv * c->vd, 0.5f);
         s->nwin = (size_t)c->E * c->E;
-        s->nw[1] = (size_t)Ekv * c->kd; s->nw[2] = (size_t)Ekv * c->vd;
     } else {
         s->m.in_proj_weight = s->w[0] = rnd((size_t)(c->E + 2 * Ekv) * c->E, 0.5f);
         s->nwin = (size_t)(c->E + 2 * Ekv) * c->E;
     }
     s->m.out_proj_weight = s->w[3] = rnd((size_t)c->E * c->E, 0.5f);
     s->nwo = (size_t)c->E * c->E;
-    s->nw[0] = s->nwin; s->nw[3] = s->nwo;
     s->nb = (size_t)c->E + 2 * Ekv;
     if (c->bias) {
         s->m.in_proj_bias = s->w[4] = rnd(s->nb, 0.2f);
@@ -396,129 +425,263 @@ static mha_options mopts(const mcase *c, const mdata *s, int threads)
     return o;
 }
 
-/* every gradient of a module backward, flat: dquery, dkey, dvalue, the
-   input projection weights (in_proj or q/k/v), in_proj_bias, out_proj
-   weight and bias, bias_k, bias_v */
-typedef struct mgrad { float *buf; size_t n; float *dq, *dk, *dv; mha_module_grad g; } mgrad;
+/* Every gradient of a backward in one buffer, as named segments (each is
+   compared on its own: a small array off by much cannot hide behind a
+   large one). */
+#define MAXSEG 16
+typedef struct grads {
+    float *buf;
+    size_t n;
+    int nseg;
+    size_t off[MAXSEG], len[MAXSEG];
+    const char *name[MAXSEG];
+} grads;
+static float *take(grads *g, size_t cnt, const char *name)
+{
+    float *p = g->buf + g->n;
+    g->off[g->nseg] = g->n; g->len[g->nseg] = cnt; g->name[g->nseg] = name;
+    ++g->nseg;
+    g->n += cnt;
+    return p;
+}
+/* the largest relative error over the segments; *which: its name */
+static double grads_err(const grads *a, const grads *ref, const char **which)
+{
+    double e = 0;
+    int i;
+    *which = "";
+    for (i = 0; i < a->nseg; ++i) {
+        double t = rel(a->buf + a->off[i], ref->buf + ref->off[i], a->len[i]);
+        if (t > e || !(t == t)) { e = t; *which = a->name[i]; }
+    }
+    return e;
+}
+/* the largest relative difference over the segments (not counted as an error) */
+static double grads_diff(const grads *a, const grads *ref)
+{
+    double e = 0;
+    int i;
+    for (i = 0; i < a->nseg; ++i) {
+        double t = tu_rel_err_ff(a->buf + a->off[i], ref->buf + ref->off[i], a->len[i]);
+        if (t > e) e = t;
+    }
+    return e;
+}
+static int grads_same(const grads *a, const grads *b) { return a->n == b->n && same(a->buf, b->buf, a->n); }
+
+/* a module backward's gradients: dquery, dkey, dvalue, then its weights' */
+typedef struct mgrad { grads g; float *dq, *dk, *dv; mha_module_grad mg; int first_weight_seg; } mgrad;
 static void mgrad_make(const mcase *c, const mdata *s, mgrad *g)
 {
     int Ekv = c->E / c->H * c->Hkv;
-    size_t nkw = (size_t)Ekv * c->kd, nvw = (size_t)Ekv * c->vd, at = 0;
+    size_t nkw = (size_t)Ekv * c->kd, nvw = (size_t)Ekv * c->vd;
+    size_t total = s->nq + (c->self ? 0 : s->nk + s->nv) + s->nwin + (c->sep ? nkw + nvw : 0) + s->nb + s->nwo +
+                   (size_t)c->E + 2 * (size_t)Ekv;
     memset(g, 0, sizeof *g);
-    g->n = s->nq + (c->self ? 0 : s->nk + s->nv) + s->nwin + (c->sep ? nkw + nvw : 0) + s->nb + s->nwo +
-           (size_t)c->E + 2 * (size_t)Ekv;
-    g->buf = zeros(g->n);
-#define TAKE(ptr, cnt) do { ptr = g->buf + at; at += (cnt); } while (0)
-    TAKE(g->dq, s->nq);
-    if (c->self) { g->dk = g->dv = g->dq; } else { TAKE(g->dk, s->nk); TAKE(g->dv, s->nv); }
+    g->g.buf = zeros(total);
+    g->dq = take(&g->g, s->nq, c->self ? "dx" : "dquery");
+    if (c->self) { g->dk = g->dv = g->dq; }
+    else { g->dk = take(&g->g, s->nk, "dkey"); g->dv = take(&g->g, s->nv, "dvalue"); }
+    g->first_weight_seg = g->g.nseg;
     if (c->sep) {
-        TAKE(g->g.q_proj_weight, s->nwin); TAKE(g->g.k_proj_weight, nkw); TAKE(g->g.v_proj_weight, nvw);
+        g->mg.q_proj_weight = take(&g->g, s->nwin, "q_proj_weight");
+        g->mg.k_proj_weight = take(&g->g, nkw, "k_proj_weight");
+        g->mg.v_proj_weight = take(&g->g, nvw, "v_proj_weight");
     } else {
-        TAKE(g->g.in_proj_weight, s->nwin);
+        g->mg.in_proj_weight = take(&g->g, s->nwin, "in_proj_weight");
     }
-    TAKE(g->g.in_proj_bias, s->nb); TAKE(g->g.out_proj_weight, s->nwo); TAKE(g->g.out_proj_bias, (size_t)c->E);
-    TAKE(g->g.bias_k, (size_t)Ekv); TAKE(g->g.bias_v, (size_t)Ekv);
-#undef TAKE
+    if (c->bias) {
+        g->mg.in_proj_bias = take(&g->g, s->nb, "in_proj_bias");
+        g->mg.out_proj_bias = take(&g->g, (size_t)c->E, "out_proj.bias");
+    }
+    g->mg.out_proj_weight = take(&g->g, s->nwo, "out_proj.weight");
+    if (c->bkv) {
+        g->mg.bias_k = take(&g->g, (size_t)Ekv, "bias_k");
+        g->mg.bias_v = take(&g->g, (size_t)Ekv, "bias_v");
+    }
 }
-static void module_oneshot(const mcase *c, const mdata *s, mgrad *g)
+/* the weights' part of the gradients only (segments from first_weight_seg) */
+static double mgrad_weights_err(const mgrad *a, const mgrad *ref, const char **which)
 {
-    mha_options o = mopts(c, s, 1);
-    mha_status st = mha_backward(&s->m, c->B, c->Lq, c->Lk, s->q, s->k, s->v, s->dout, &o, g->dq, g->dk,
-                                 g->dv, &g->g, NULL, 0);
-    CHECK(st == MHA_OK, "one-shot module backward: %s", mha_status_string(st));
+    grads wa = a->g, wr = ref->g;
+    int i, k = a->first_weight_seg;
+    for (i = k; i < a->g.nseg; ++i) {
+        wa.off[i - k] = a->g.off[i]; wa.len[i - k] = a->g.len[i]; wa.name[i - k] = a->g.name[i];
+        wr.off[i - k] = ref->g.off[i]; wr.len[i - k] = ref->g.len[i];
+    }
+    wa.nseg = wr.nseg = a->g.nseg - k;
+    return grads_err(&wa, &wr, which);
+}
+
+/* A module backward: the one-shot call (p NULL) or a run of plan p. */
+static mha_status module_bwd(const mha_plan *p, const mcase *c, const mdata *s, const mha_options *o,
+                             const mha_run *run, mgrad *g, mha_error *err)
+{
+    if (p) return mha_module_run_backward(p, c->Lq, c->Lk, s->q, s->k, s->v, s->dout, g->dq, g->dk, g->dv, &g->mg,
+                                          run, err);
+    return mha_module_backward(&s->m, c->B, c->Lq, c->Lk, s->q, s->k, s->v, s->dout, o, g->dq, g->dk, g->dv,
+                               &g->mg, run, err);
 }
 
 static void module_case(const mcase *c)
 {
     mdata s;
     mgrad ref, g[5], x;
+    stats st_ref, st;
     float *out, *out_ref, *attw;
-    mha_options o;
+    mha_options o1, o;
     mha_plan *p;
-    size_t wsb;
+    mha_sizes sz = { 0, 0, 0 };
+    mha_run run;
+    mha_error err;
+    region R;
     void *ws;
-    int t, kind;
+    const char *which;
+    unsigned pack = c->pack ? MHA_PLAN_PACK : 0u;
+    size_t nr = (size_t)c->B * c->H * c->Lq;
+    int t, variant, Lke = c->Lk + c->bkv + c->zero;
+    double e;
     char d[200];
     snprintf(d, sizeof d, "module E%d H%d/%d B%d Lq%d Lk%d sep%d(%d,%d) bias%d bkv%d zero%d rope%d causal%d mask%d kpm%d self%d pack%d",
              c->E, c->H, c->Hkv, c->B, c->Lq, c->Lk, c->sep, c->kd, c->vd, c->bias, c->bkv, c->zero, c->rope,
              c->causal, c->mask, c->kpm, c->self, c->pack);
     mdata_make(c, &s);
+    o1 = mopts(c, &s, 1);
     mgrad_make(c, &s, &ref);
-    module_oneshot(c, &s, &ref);
+    CHECK(module_bwd(NULL, c, &s, &o1, NULL, &ref, &err) == MHA_OK, "%s: one-shot backward: %s", d, err.message);
     out = zeros(s.nq); out_ref = zeros(s.nq);
-    attw = zeros((size_t)c->B * c->Lq * (c->Lk + c->bkv + c->zero));
-    o = mopts(c, &s, 1);
-    CHECK(mha_forward(&s.m, c->B, c->Lq, c->Lk, s.q, s.k, s.v, &o, out_ref, NULL, NULL, 0) == MHA_OK,
-          "one-shot forward");
+    attw = zeros((size_t)c->B * c->Lq * Lke);
+    stats_make(&st_ref, nr);
+    run = mkrun(NULL, 0, NULL, 0);
+    stats_into(&run, &st_ref);
+    CHECK(mha_module_forward(&s.m, c->B, c->Lq, c->Lk, s.q, s.k, s.v, &o1, out_ref, &run, &err) == MHA_OK,
+          "%s: one-shot forward: %s", d, err.message);
 
-    /* 1. forward then backward on 1, 2, 3 threads; 4: on 2 threads, a
-          forward that also returns the attention weights (the unfused path,
-          equal to the fused one to float32 rounding, saves too) */
+    /* (a), (b), (e) on 1, 2, 3 threads; 4: on 2 threads, a forward that also
+       returns the attention weights (the unfused path, equal to the fused
+       one to float32 rounding) saves too */
     for (t = 1; t <= 4; ++t) {
-        mha_status st;
-        double e;
         o = mopts(c, &s, t < 4 ? t : 2);
         mgrad_make(c, &s, &g[t]);
-        st = mha_module_plan(&s.m, c->B, c->Lq, c->Lk, &o, MHA_PLAN_TRAINING | (c->pack ? MHA_PLAN_PACK : 0) |
-                             (t == 4 ? MHA_PLAN_WEIGHTS : 0), NULL, 0, &p);
-        CHECK(st == MHA_OK, "%s: plan: %s", d, mha_status_string(st));
-        if (st != MHA_OK) continue;
-        wsb = mha_plan_workspace_size(p);
-        ws = malloc(wsb);
-        st = mha_module_forward(p, c->Lq, c->Lk, s.q, s.k, s.v, NULL, NULL, out, t == 4 ? attw : NULL, ws, wsb);
-        if (t < 4) CHECK(st == MHA_OK && same(out, out_ref, s.nq), "%s: training forward != one-shot (threads %d)", d, t);
-        else CHECK(st == MHA_OK && rel(out, out_ref, s.nq) <= TOL, "%s: forward with weights vs one-shot", d);
-        CHECK(has_saved(ws), "%s: no saved forward", d);
-        st = mha_module_backward(p, c->Lq, c->Lk, s.q, s.k, s.v, s.dout, NULL, NULL, g[t].dq, g[t].dk,
-                                 g[t].dv, &g[t].g, ws, wsb);
-        e = rel(g[t].buf, ref.buf, ref.n);
-        CHECK(st == MHA_OK && e <= TOL, "%s: saved backward vs one-shot rel err %.3g (threads %d)", d, e, t);
-        if (t > 1 && t < 4) CHECK(same(g[t].buf, g[1].buf, ref.n), "%s: threads %d != 1 thread", d, t);
-        mha_plan_destroy(p);
+        p = NULL;
+        CHECK(mha_module_plan(&s.m, c->B, c->Lq, c->Lk, &o, MHA_PLAN_TRAINING | pack | (t == 4 ? MHA_PLAN_WEIGHTS : 0u),
+                              NULL, 0, &p, &err) == MHA_OK, "%s: plan: %s", d, err.message);
+        if (!p) continue;
+        sz = plan_sizes(p);
+        ws = malloc(sz.workspace);
+        region_make(&R, sz.saved, t == 3);
+        stats_make(&st, nr);
+        run = mkrun(ws, sz.workspace, R.p, R.n);
+        if (t < 4) stats_into(&run, &st);
+        else run.weights = attw;
+        CHECK(mha_module_run_forward(p, c->Lq, c->Lk, s.q, s.k, s.v, out, &run, &err) == MHA_OK,
+              "%s: the forward that saves (threads %d): %s", d, t, err.message);
+        if (t < 4) {
+            CHECK(same(out, out_ref, s.nq), "%s: the forward that saves != one-shot (threads %d)", d, t);
+            CHECK(stats_same(&st, &st_ref), "%s: (e) statistics of the forward that saves != one-shot's (threads %d)",
+                  d, t);
+        } else {
+            CHECK(tu_rel_err_ff(out, out_ref, s.nq) <= TOL, "%s: the unfused forward that saves vs one-shot: %.3g",
+                  d, tu_rel_err_ff(out, out_ref, s.nq));
+        }
+        run = mkrun(ws, sz.workspace, R.p, R.n);
+        CHECK(module_bwd(p, c, &s, &o, &run, &g[t], &err) == MHA_OK, "%s: saved backward: %s", d, err.message);
+        e = grads_err(&g[t].g, &ref.g, &which);
+        CHECK(e <= TOL, "%s: (a) saved backward vs one-shot: %s rel err %.3g (threads %d)", d, which, e, t);
+        if (t == 2 || t == 3) CHECK(grads_same(&g[t].g, &g[1].g), "%s: saved backward, threads %d != 1", d, t);
+        /* (b) */
+        mgrad_make(c, &s, &x);
+        run = mkrun(ws, sz.workspace, NULL, 0);
+        CHECK(module_bwd(p, c, &s, &o, &run, &x, &err) == MHA_OK && grads_same(&x.g, &ref.g),
+              "%s: (b) backward without the saved forward != one-shot (threads %d, rel %.3g): %s", d, t,
+              grads_diff(&x.g, &ref.g), err.message);
+        free(x.g.buf);
+        /* (e) without saving: the statistics, and the region left alone */
+        if (t < 4) {
+            stats_free(&st);
+            stats_make(&st, nr);
+            run = mkrun(ws, sz.workspace, NULL, 0);
+            stats_into(&run, &st);
+            CHECK(mha_module_run_forward(p, c->Lq, c->Lk, s.q, s.k, s.v, out, &run, &err) == MHA_OK &&
+                  same(out, out_ref, s.nq) && stats_same(&st, &st_ref),
+                  "%s: (e) a training plan's forward without saving: output or statistics != one-shot: %s", d,
+                  err.message);
+            mgrad_make(c, &s, &x);
+            run = mkrun(ws, sz.workspace, R.p, R.n);
+            CHECK(module_bwd(p, c, &s, &o, &run, &x, &err) == MHA_OK && grads_same(&x.g, &g[t].g),
+                  "%s: a second backward from the region != the first (threads %d): %s", d, t, err.message);
+            free(x.g.buf);
+        }
+        stats_free(&st);
+        region_free(&R);
         free(ws);
+        mha_plan_destroy(p);
     }
 
-    /* 2. stale: 0 an input changed in place, 1 the weights changed (an
-       optimizer step; a packed plan says STALE), 2 the backward at other
-       lengths: the backward recomputes, = one-shot bit for bit */
-    for (kind = 0; kind < 3; ++kind) {
-        mha_status st;
-        mcase c2 = *c;
-        int i;
-        if (kind == 2 && (c->Lq < 2 || c->mask)) continue;
+    /* (a) the one-shot calls share a region */
+    CHECK(mha_module_plan_size(&s.m, c->B, c->Lq, c->Lk, &o1, MHA_PLAN_TRAINING, &sz, &err) == MHA_OK,
+          "%s: plan_size: %s", d, err.message);
+    region_make(&R, sz.saved, 1);
+    run = mkrun(NULL, 0, R.p, R.n);
+    memset(out, 0, s.nq * sizeof(float));
+    CHECK(mha_module_forward(&s.m, c->B, c->Lq, c->Lk, s.q, s.k, s.v, &o1, out, &run, &err) == MHA_OK &&
+          same(out, out_ref, s.nq), "%s: one-shot forward that saves: %s", d, err.message);
+    mgrad_make(c, &s, &x);
+    CHECK(module_bwd(NULL, c, &s, &o1, &run, &x, &err) == MHA_OK && grads_same(&x.g, &g[1].g),
+          "%s: one-shot backward from the one-shot forward's region != the plan's (rel %.3g): %s", d,
+          grads_diff(&x.g, &g[1].g), err.message);
+    free(x.g.buf);
+    region_free(&R);
+
+    /* (c) weights changed between the forward and the backward: 0 the Q
+       part of in_proj_bias + 1 (with biases), 1 one element of Wq + 0.5 */
+    for (variant = 0; variant < 2; ++variant) {
+        float *wchg = variant ? s.w[0] + (size_t)(c->E / 2) * c->E + c->E / 3 : s.w[4];
+        size_t nchg = variant ? 1 : (size_t)c->E, i;
+        float delta = variant ? 0.5f : 1.0f;
+        mgrad gs, gn, rn;
+        if (variant == 0 && !c->bias) continue;
         o = mopts(c, &s, 2);
-        st = mha_module_plan(&s.m, c->B, c->Lq, c->Lk, &o, MHA_PLAN_TRAINING | (c->pack ? MHA_PLAN_PACK : 0),
-                             NULL, 0, &p);
-        if (st != MHA_OK) continue;
-        wsb = mha_plan_workspace_size(p);
-        ws = malloc(wsb);
-        (void)mha_module_forward(p, c->Lq, c->Lk, s.q, s.k, s.v, NULL, NULL, out, NULL, ws, wsb);
-        if (kind == 0) s.q[s.nq / 3] += 0.5f;
-        if (kind == 1)
-            for (i = 0; i < 4; ++i) {
-                size_t j;
-                if (s.w[i]) for (j = 0; j < s.nw[i]; ++j) s.w[i][j] *= 0.99f;
-            }
-        if (kind == 2) c2.Lq = c->Lq - 1;
-        mgrad_make(&c2, &s, &x);
-        st = mha_module_backward(p, c2.Lq, c->Lk, s.q, s.k, s.v, s.dout, NULL, NULL, x.dq, x.dk, x.dv, &x.g,
-                                 ws, wsb);
-        if (kind == 1 && c->pack) {
-            CHECK(st == MHA_ERR_STALE, "%s: packed plan after a weight update: %s", d, mha_status_string(st));
+        p = NULL;
+        CHECK(mha_module_plan(&s.m, c->B, c->Lq, c->Lk, &o, MHA_PLAN_TRAINING | pack, NULL, 0, &p, &err) == MHA_OK,
+              "%s: plan: %s", d, err.message);
+        if (!p) continue;
+        sz = plan_sizes(p);
+        region_make(&R, sz.saved, 0);
+        run = mkrun(NULL, 0, R.p, R.n);
+        CHECK(mha_module_run_forward(p, c->Lq, c->Lk, s.q, s.k, s.v, out, &run, &err) == MHA_OK, "%s: forward: %s",
+              d, err.message);
+        for (i = 0; i < nchg; ++i) wchg[i] += delta;   /* the caller's choice: a step before the backward */
+        if (pack) CHECK(mha_plan_repack(p, &err) == MHA_OK, "%s: repack: %s", d, err.message);
+        mgrad_make(c, &s, &gs); mgrad_make(c, &s, &gn); mgrad_make(c, &s, &rn);
+        CHECK(module_bwd(p, c, &s, &o, &run, &gs, &err) == MHA_OK, "%s: saved backward: %s", d, err.message);
+        run = mkrun(NULL, 0, NULL, 0);
+        CHECK(module_bwd(p, c, &s, &o, &run, &gn, &err) == MHA_OK, "%s: recomputing backward: %s", d, err.message);
+        CHECK(module_bwd(NULL, c, &s, &o1, NULL, &rn, &err) == MHA_OK, "%s: one-shot backward: %s", d, err.message);
+        CHECK(grads_same(&gn.g, &rn.g), "%s: (c%d) run.saved = NULL did not recompute with the new weights (rel %.3g)",
+              d, variant, grads_diff(&gn.g, &rn.g));
+        /* with one key per row the softmax is 1 whatever Q is: nothing to tell apart */
+        if (Lke > 1)
+            CHECK(grads_diff(&gs.g, &rn.g) > 1e-3, "%s: (c%d) the saved backward equals the recomputing one (rel %.3g)",
+                  d, variant, grads_diff(&gs.g, &rn.g));
+        if (variant == 0) {
+            e = grads_err(&gs.g, &ref.g, &which);
+            CHECK(e <= TOL, "%s: (c0) after a bias change the saved backward != the old weights' one-shot: %s %.3g",
+                  d, which, e);
         } else {
-            mgrad r2;
-            mgrad_make(&c2, &s, &r2);
-            module_oneshot(&c2, &s, &r2);
-            CHECK(st == MHA_OK && same(x.buf, r2.buf, r2.n), "%s: stale use %d did not recompute", d, kind);
-            free(r2.buf);
+            e = mgrad_weights_err(&gs, &ref, &which);
+            CHECK(e <= TOL, "%s: (c1) after a Wq change the weight gradients of the saved backward != the old "
+                  "weights' (%s %.3g)", d, which, e);
         }
-        free(x.buf);
-        if (kind == 0) s.q[s.nq / 3] -= 0.5f;
+        for (i = 0; i < nchg; ++i) wchg[i] -= delta;
+        free(gs.g.buf); free(gn.g.buf); free(rn.g.buf);
+        region_free(&R);
         mha_plan_destroy(p);
-        free(ws);
     }
-    for (t = 1; t <= 4; ++t) free(g[t].buf);
-    free(ref.buf); free(out); free(out_ref); free(attw);
+
+    for (t = 1; t <= 4; ++t) free(g[t].g.buf);
+    free(ref.g.buf); free(out); free(out_ref); free(attw);
+    stats_free(&st_ref);
     mdata_free(c, &s);
 }
 
@@ -526,108 +689,436 @@ static void module_case(const mcase *c)
 
 typedef struct ecase { int E, H, F, B, L, pre, gelu, causal, kpm; } ecase;
 
-static void encoder_case(const ecase *c)
-{
+typedef struct edata {
     mcase mc;
     mdata s;
-    mha_encoder_layer ly = mha_encoder_layer_defaults();
-    float *w[8], *x, *dy, *y, *y_ref, *kpm;
-    size_t n = (size_t)c->B * c->L * c->E, nf = (size_t)c->F * c->E, ng, i;
-    size_t wn[8];
-    float *ref, *g[4];
+    mha_encoder_layer ly;
+    float *w[8], *x, *dy, *kpm;
+    size_t n, nf;
+} edata;
+
+static void edata_make(const ecase *c, edata *e)
+{
+    size_t wn[8], i;
+    memset(e, 0, sizeof *e);
+    e->mc.E = c->E; e->mc.H = e->mc.Hkv = c->H; e->mc.B = c->B; e->mc.Lq = e->mc.Lk = c->L;
+    e->mc.kd = e->mc.vd = c->E; e->mc.bias = 1;
+    mdata_make(&e->mc, &e->s);
+    e->ly = mha_encoder_layer_defaults();
+    e->ly.self_attn = e->s.m;
+    e->ly.dim_feedforward = c->F;
+    e->ly.activation = c->gelu ? MHA_ACT_GELU : MHA_ACT_RELU;
+    e->ly.norm_first = c->pre;
+    e->n = (size_t)c->B * c->L * c->E; e->nf = (size_t)c->F * c->E;
+    wn[0] = wn[2] = e->nf; wn[1] = (size_t)c->F; wn[3] = wn[4] = wn[5] = wn[6] = wn[7] = (size_t)c->E;
+    for (i = 0; i < 8; ++i) e->w[i] = rnd(wn[i], i < 4 ? 0.3f : 0.5f);
+    for (i = 4; i < 8; i += 2) { size_t j; for (j = 0; j < (size_t)c->E; ++j) e->w[i][j] += 1.0f; }
+    e->ly.linear1_weight = e->w[0]; e->ly.linear1_bias = e->w[1];
+    e->ly.linear2_weight = e->w[2]; e->ly.linear2_bias = e->w[3];
+    e->ly.norm1_weight = e->w[4]; e->ly.norm1_bias = e->w[5]; e->ly.norm2_weight = e->w[6]; e->ly.norm2_bias = e->w[7];
+    e->x = rnd(e->n, 1.0f); e->dy = rnd(e->n, 1.0f);
+    e->kpm = (float *)malloc((size_t)c->B * c->L * sizeof(float));
+    for (i = 0; i < (size_t)c->B * c->L; ++i) e->kpm[i] = i % 5 == 3 ? -INFINITY : 0.0f;
+}
+static void edata_free(edata *e)
+{
+    int i;
+    for (i = 0; i < 8; ++i) free(e->w[i]);
+    free(e->x); free(e->dy); free(e->kpm);
+    mdata_free(&e->mc, &e->s);
+}
+
+typedef struct egrad { grads g; float *dx; mha_encoder_layer_grad lg; } egrad;
+static void egrad_make(const ecase *c, const edata *e, egrad *g)
+{
+    size_t total = e->n + 2 * e->nf + (size_t)c->F + 5 * (size_t)c->E + e->s.nwin + e->s.nb + e->s.nwo + (size_t)c->E;
+    memset(g, 0, sizeof *g);
+    g->g.buf = zeros(total);
+    g->dx = take(&g->g, e->n, "dx");
+    g->lg.linear1_weight = take(&g->g, e->nf, "linear1.weight");
+    g->lg.linear2_weight = take(&g->g, e->nf, "linear2.weight");
+    g->lg.linear1_bias = take(&g->g, (size_t)c->F, "linear1.bias");
+    g->lg.linear2_bias = take(&g->g, (size_t)c->E, "linear2.bias");
+    g->lg.norm1_weight = take(&g->g, (size_t)c->E, "norm1.weight");
+    g->lg.norm1_bias = take(&g->g, (size_t)c->E, "norm1.bias");
+    g->lg.norm2_weight = take(&g->g, (size_t)c->E, "norm2.weight");
+    g->lg.norm2_bias = take(&g->g, (size_t)c->E, "norm2.bias");
+    g->lg.self_attn.in_proj_weight = take(&g->g, e->s.nwin, "self_attn.in_proj_weight");
+    g->lg.self_attn.in_proj_bias = take(&g->g, e->s.nb, "self_attn.in_proj_bias");
+    g->lg.self_attn.out_proj_weight = take(&g->g, e->s.nwo, "self_attn.out_proj.weight");
+    g->lg.self_attn.out_proj_bias = take(&g->g, (size_t)c->E, "self_attn.out_proj.bias");
+}
+
+static mha_status enc_bwd(const mha_plan *p, const ecase *c, const edata *e, const mha_options *o,
+                          const mha_run *run, egrad *g, mha_error *err)
+{
+    if (p) return mha_encoder_run_backward(p, c->L, e->x, e->dy, g->dx, &g->lg, run, err);
+    return mha_encoder_backward(&e->ly, c->B, c->L, e->x, e->dy, o, g->dx, &g->lg, run, err);
+}
+
+static void encoder_case(const ecase *c)
+{
+    edata E;
+    egrad ref, g[4], x, gs, gn, rn;
+    stats st_ref, st;
+    float *y, *y_ref;
     mha_options o;
     mha_plan *p;
+    mha_sizes sz = { 0, 0, 0 };
+    mha_run run;
+    mha_error err;
+    region R;
     void *ws;
-    size_t wsb;
-    int t, kind;
+    const char *which;
+    size_t nr = (size_t)c->B * c->H * c->L, i;
+    int t;
+    double e;
     char d[160];
     snprintf(d, sizeof d, "encoder E%d H%d F%d B%d L%d pre%d gelu%d causal%d kpm%d", c->E, c->H, c->F, c->B,
              c->L, c->pre, c->gelu, c->causal, c->kpm);
-    memset(&mc, 0, sizeof mc);
-    mc.E = c->E; mc.H = mc.Hkv = c->H; mc.B = c->B; mc.Lq = mc.Lk = c->L; mc.kd = mc.vd = c->E; mc.bias = 1;
-    mdata_make(&mc, &s);
-    ly.self_attn = s.m;
-    ly.dim_feedforward = c->F;
-    ly.activation = c->gelu ? MHA_ACT_GELU : MHA_ACT_RELU;
-    ly.norm_first = c->pre;
-    wn[0] = wn[2] = nf; wn[1] = (size_t)c->F; wn[3] = wn[4] = wn[5] = wn[6] = wn[7] = (size_t)c->E;
-    for (i = 0; i < 8; ++i) w[i] = rnd(wn[i], i < 4 ? 0.3f : 0.5f);
-    for (i = 4; i < 8; i += 2) { size_t j; for (j = 0; j < (size_t)c->E; ++j) w[i][j] += 1.0f; }
-    ly.linear1_weight = w[0]; ly.linear1_bias = w[1]; ly.linear2_weight = w[2]; ly.linear2_bias = w[3];
-    ly.norm1_weight = w[4]; ly.norm1_bias = w[5]; ly.norm2_weight = w[6]; ly.norm2_bias = w[7];
-    x = rnd(n, 1.0f); dy = rnd(n, 1.0f); y = zeros(n); y_ref = zeros(n);
-    kpm = (float *)malloc((size_t)c->B * c->L * sizeof(float));
-    for (i = 0; i < (size_t)c->B * c->L; ++i) kpm[i] = i % 5 == 3 ? -INFINITY : 0.0f;
-    /* every gradient in one buffer: dx, then the layer's weights in their order */
-    ng = n + 2 * nf + (size_t)c->F + 5 * (size_t)c->E + s.nwin + s.nb + s.nwo + (size_t)c->E;
-    ref = zeros(ng);
-#define GRADS(buf, gr) do { float *at_ = (buf) + n; memset(&(gr), 0, sizeof(gr)); \
-        (gr).linear1_weight = at_; at_ += nf; (gr).linear2_weight = at_; at_ += nf;          \
-        (gr).linear1_bias = at_; at_ += c->F; (gr).linear2_bias = at_; at_ += c->E;            \
-        (gr).norm1_weight = at_; at_ += c->E; (gr).norm1_bias = at_; at_ += c->E;              \
-        (gr).norm2_weight = at_; at_ += c->E; (gr).norm2_bias = at_; at_ += c->E;              \
-        (gr).self_attn.in_proj_weight = at_; at_ += s.nwin; (gr).self_attn.in_proj_bias = at_; \
-        at_ += s.nb; (gr).self_attn.out_proj_weight = at_; at_ += s.nwo;                       \
-        (gr).self_attn.out_proj_bias = at_; } while (0)
+    edata_make(c, &E);
+    y = zeros(E.n); y_ref = zeros(E.n);
     memset(&o, 0, sizeof o);
     o.causal = c->causal;
-    set_masks(&o, c->B, c->L, c->L, c->kpm ? kpm : NULL, NULL);
-    {
-        mha_encoder_layer_grad gr;
-        o.num_threads = 1;
-        GRADS(ref, gr);
-        CHECK(mha_encoder_backward(&ly, c->B, c->L, x, &o, dy, ref, &gr, NULL, 0) == MHA_OK, "%s: one-shot", d);
-        CHECK(mha_encoder_forward(&ly, c->B, c->L, x, &o, y_ref, NULL, NULL, 0) == MHA_OK, "%s: one-shot fwd", d);
-    }
+    o.num_threads = 1;
+    set_masks(&o, c->B, c->L, c->L, c->kpm ? E.kpm : NULL, NULL);
+    egrad_make(c, &E, &ref);
+    CHECK(enc_bwd(NULL, c, &E, &o, NULL, &ref, &err) == MHA_OK, "%s: one-shot backward: %s", d, err.message);
+    stats_make(&st_ref, nr);
+    run = mkrun(NULL, 0, NULL, 0);
+    stats_into(&run, &st_ref);
+    CHECK(mha_encoder_forward(&E.ly, c->B, c->L, E.x, &o, y_ref, &run, &err) == MHA_OK, "%s: one-shot forward: %s",
+          d, err.message);
+
     for (t = 1; t <= 3; ++t) {
-        mha_encoder_layer_grad gr;
-        mha_status st;
-        double e;
         o.num_threads = t;
-        g[t] = zeros(ng);
-        GRADS(g[t], gr);
-        st = mha_encoder_plan(&ly, c->B, c->L, &o, MHA_PLAN_TRAINING, NULL, 0, &p);
-        CHECK(st == MHA_OK, "%s: plan: %s", d, mha_status_string(st));
-        if (st != MHA_OK) continue;
-        wsb = mha_plan_workspace_size(p);
-        ws = malloc(wsb);
-        st = mha_encoder_run(p, c->L, x, NULL, NULL, y, NULL, ws, wsb);
-        CHECK(st == MHA_OK && same(y, y_ref, n), "%s: training forward != one-shot (inference) forward", d);
-        CHECK(has_saved(ws), "%s: no saved forward", d);
-        st = mha_encoder_run_backward(p, c->L, x, dy, NULL, NULL, g[t], &gr, ws, wsb);
-        e = rel(g[t], ref, ng);
-        CHECK(st == MHA_OK && e <= TOL, "%s: saved backward vs one-shot rel err %.3g (threads %d)", d, e, t);
-        if (t > 1) CHECK(same(g[t], g[1], ng), "%s: threads %d != 1 thread", d, t);
-        mha_plan_destroy(p);
+        egrad_make(c, &E, &g[t]);
+        p = NULL;
+        CHECK(mha_encoder_plan(&E.ly, c->B, c->L, &o, MHA_PLAN_TRAINING, NULL, 0, &p, &err) == MHA_OK,
+              "%s: plan: %s", d, err.message);
+        if (!p) continue;
+        sz = plan_sizes(p);
+        ws = malloc(sz.workspace);
+        region_make(&R, sz.saved, t == 3);
+        stats_make(&st, nr);
+        run = mkrun(ws, sz.workspace, R.p, R.n);
+        stats_into(&run, &st);
+        CHECK(mha_encoder_run_forward(p, c->L, E.x, y, &run, &err) == MHA_OK && same(y, y_ref, E.n),
+              "%s: the forward that saves != the one-shot (inference) forward (threads %d): %s", d, t, err.message);
+        CHECK(stats_same(&st, &st_ref), "%s: (e) statistics of the forward that saves != one-shot's (threads %d)",
+              d, t);
+        run = mkrun(ws, sz.workspace, R.p, R.n);
+        CHECK(enc_bwd(p, c, &E, &o, &run, &g[t], &err) == MHA_OK, "%s: saved backward: %s", d, err.message);
+        e = grads_err(&g[t].g, &ref.g, &which);
+        CHECK(e <= TOL, "%s: (a) saved backward vs one-shot: %s rel err %.3g (threads %d)", d, which, e, t);
+        if (t > 1) CHECK(grads_same(&g[t].g, &g[1].g), "%s: saved backward, threads %d != 1", d, t);
+        /* (b) */
+        egrad_make(c, &E, &x);
+        run = mkrun(ws, sz.workspace, NULL, 0);
+        CHECK(enc_bwd(p, c, &E, &o, &run, &x, &err) == MHA_OK && grads_same(&x.g, &ref.g),
+              "%s: (b) backward without the saved forward != one-shot (threads %d, rel %.3g): %s", d, t,
+              grads_diff(&x.g, &ref.g), err.message);
+        free(x.g.buf);
+        /* (e) without saving */
+        stats_free(&st);
+        stats_make(&st, nr);
+        run = mkrun(ws, sz.workspace, NULL, 0);
+        stats_into(&run, &st);
+        CHECK(mha_encoder_run_forward(p, c->L, E.x, y, &run, &err) == MHA_OK && same(y, y_ref, E.n) &&
+              stats_same(&st, &st_ref), "%s: (e) a training plan's forward without saving: output or statistics "
+              "!= one-shot: %s", d, err.message);
+        egrad_make(c, &E, &x);
+        run = mkrun(ws, sz.workspace, R.p, R.n);
+        CHECK(enc_bwd(p, c, &E, &o, &run, &x, &err) == MHA_OK && grads_same(&x.g, &g[t].g),
+              "%s: a second backward from the region != the first (threads %d): %s", d, t, err.message);
+        free(x.g.buf);
+        stats_free(&st);
+        region_free(&R);
         free(ws);
-    }
-    /* stale: 0 x changed in place, 1 linear1's weights changed: recompute */
-    for (kind = 0; kind < 2; ++kind) {
-        mha_encoder_layer_grad gr;
-        float *gs = zeros(ng), *r2 = zeros(ng);
-        o.num_threads = 2;
-        if (mha_encoder_plan(&ly, c->B, c->L, &o, MHA_PLAN_TRAINING, NULL, 0, &p) != MHA_OK) continue;
-        wsb = mha_plan_workspace_size(p);
-        ws = malloc(wsb);
-        (void)mha_encoder_run(p, c->L, x, NULL, NULL, y, NULL, ws, wsb);
-        if (kind == 0) x[n / 2] += 0.5f;
-        else for (i = 0; i < nf; ++i) w[0][i] *= 0.99f;
-        GRADS(gs, gr);
-        (void)mha_encoder_run_backward(p, c->L, x, dy, NULL, NULL, gs, &gr, ws, wsb);
-        GRADS(r2, gr);
-        o.num_threads = 1;
-        (void)mha_encoder_backward(&ly, c->B, c->L, x, &o, dy, r2, &gr, NULL, 0);
-        CHECK(same(gs, r2, ng), "%s: stale use %d did not recompute", d, kind);
-        if (kind == 0) x[n / 2] -= 0.5f;
-        free(gs); free(r2);
         mha_plan_destroy(p);
-        free(ws);
     }
-#undef GRADS
-    for (t = 1; t <= 3; ++t) free(g[t]);
-    for (i = 0; i < 8; ++i) free(w[i]);
-    free(ref); free(x); free(dy); free(y); free(y_ref); free(kpm);
-    mdata_free(&mc, &s);
+    o.num_threads = 1;
+
+    /* (a) the one-shot calls share a region */
+    CHECK(mha_encoder_plan_size(&E.ly, c->B, c->L, &o, MHA_PLAN_TRAINING, &sz, &err) == MHA_OK, "%s: plan_size: %s",
+          d, err.message);
+    region_make(&R, sz.saved, 1);
+    run = mkrun(NULL, 0, R.p, R.n);
+    CHECK(mha_encoder_forward(&E.ly, c->B, c->L, E.x, &o, y, &run, &err) == MHA_OK && same(y, y_ref, E.n),
+          "%s: one-shot forward that saves: %s", d, err.message);
+    egrad_make(c, &E, &x);
+    CHECK(enc_bwd(NULL, c, &E, &o, &run, &x, &err) == MHA_OK && grads_same(&x.g, &g[1].g),
+          "%s: one-shot backward from the one-shot forward's region != the plan's (rel %.3g): %s", d,
+          grads_diff(&x.g, &g[1].g), err.message);
+    free(x.g.buf);
+
+    /* (c) linear1's bias + 0.5 and the attention's Q bias + 1 after the
+       forward: the backward from the region is the old weights' (no
+       backward formula reads a bias); NULL recomputes with the new ones */
+    for (i = 0; i < (size_t)c->F; ++i) E.w[1][i] += 0.5f;
+    for (i = 0; i < (size_t)c->E; ++i) E.s.w[4][i] += 1.0f;
+    egrad_make(c, &E, &gs); egrad_make(c, &E, &gn); egrad_make(c, &E, &rn);
+    CHECK(enc_bwd(NULL, c, &E, &o, &run, &gs, &err) == MHA_OK, "%s: saved backward: %s", d, err.message);
+    run = mkrun(NULL, 0, NULL, 0);
+    CHECK(enc_bwd(NULL, c, &E, &o, &run, &gn, &err) == MHA_OK, "%s: recomputing backward: %s", d, err.message);
+    p = NULL;
+    CHECK(mha_encoder_plan(&E.ly, c->B, c->L, &o, MHA_PLAN_TRAINING, NULL, 0, &p, &err) == MHA_OK, "%s: plan: %s",
+          d, err.message);
+    CHECK(p && enc_bwd(p, c, &E, &o, NULL, &rn, &err) == MHA_OK, "%s: plan backward: %s", d, err.message);
+    mha_plan_destroy(p);
+    e = grads_err(&gs.g, &ref.g, &which);
+    CHECK(e <= TOL, "%s: (c) after the bias changes the saved backward != the old weights' one-shot: %s %.3g", d,
+          which, e);
+    CHECK(grads_same(&gn.g, &rn.g), "%s: (c) run.saved = NULL != a plan's backward at the new weights", d);
+    CHECK(grads_diff(&gs.g, &gn.g) > 1e-3, "%s: (c) the saved backward equals the recomputing one (rel %.3g)", d,
+          grads_diff(&gs.g, &gn.g));
+    for (i = 0; i < (size_t)c->F; ++i) E.w[1][i] -= 0.5f;
+    for (i = 0; i < (size_t)c->E; ++i) E.s.w[4][i] -= 1.0f;
+    free(gs.g.buf); free(gn.g.buf); free(rn.g.buf);
+    region_free(&R);
+
+    for (t = 1; t <= 3; ++t) free(g[t].g.buf);
+    free(ref.g.buf); free(y); free(y_ref);
+    stats_free(&st_ref);
+    edata_free(&E);
+}
+
+/* ---------------------------------------------------------- refusals */
+
+/* (d) A refused backward names run->saved (or run->saved_bytes) and writes
+   no gradient; a refused forward writes no output and no region. */
+static void refusals(void)
+{
+    /* SDPA: B 2, H 4 (KV 2), Lq 5, Lk 7, D 3, Dv 4, causal, sinks */
+    static const scase sc = { 2, 4, 2, 5, 7, 3, 4, 1, 0, 0, 0, 0, 0.0f, 0, 1, 0, 0 };
+    static const mcase mc = { 12, 3, 3, 2, 5, 7, 0, 12, 12, 1, 1, 0, 1, 1, 0, 0, 0, 0 };
+    static const ecase ec = { 8, 2, 12, 2, 6, 0, 1, 1, 0 };
+    sdata s;
+    mdata m;
+    edata en;
+    sgrad sg, zero_s;
+    mgrad mg, zero_m;
+    egrad eg, zero_e;
+    mha_options so, mo, eo, o;
+    mha_plan *sp = NULL, *sp4 = NULL, *sp3 = NULL, *spb = NULL, *sph = NULL, *sinf = NULL, *mp = NULL, *mp4 = NULL;
+    mha_plan *ep = NULL, *ep5 = NULL;
+    mha_sizes ssz, msz, esz, isz;
+    mha_run run;
+    mha_error err;
+    region big, R;
+    size_t nbig, lo, hi;
+    float *out, *y, *k4, *v4;
+    unsigned char *snap;
+    int clean;
+
+    sdata_make(&sc, &s);
+    mdata_make(&mc, &m);
+    edata_make(&ec, &en);
+    so = sopts(&sc, &s, 0); mo = mopts(&mc, &m, 0);
+    memset(&eo, 0, sizeof eo);
+    eo.causal = 1;
+    CHECK(mha_sdpa_plan(2, 4, 5, 7, 3, 4, &so, MHA_PLAN_TRAINING, NULL, 0, &sp, &err) == MHA_OK, "sdpa plan: %s",
+          err.message);
+    o = so; o.num_threads = 3;
+    CHECK(mha_sdpa_plan(2, 4, 5, 7, 3, 4, &o, MHA_PLAN_TRAINING, NULL, 0, &sp3, &err) == MHA_OK, "sdpa plan 3t: %s",
+          err.message);
+    o = so; o.num_kv_heads = 4;
+    CHECK(mha_sdpa_plan(2, 4, 5, 7, 3, 4, &o, MHA_PLAN_TRAINING, NULL, 0, &sp4, &err) == MHA_OK, "sdpa plan H4: %s",
+          err.message);
+    CHECK(mha_sdpa_plan(2, 4, 5, 7, 3, 4, &so, 0, NULL, 0, &sinf, &err) == MHA_OK, "sdpa inference plan: %s",
+          err.message);
+    CHECK(mha_sdpa_plan(1, 4, 5, 7, 3, 4, &so, MHA_PLAN_TRAINING, NULL, 0, &spb, &err) == MHA_OK, "sdpa plan B1: %s",
+          err.message);
+    o = so; o.num_kv_heads = 0;   /* 2 heads, 2 KV heads: q, k, v are prefixes of the 4-head ones */
+    CHECK(mha_sdpa_plan(2, 2, 5, 7, 3, 4, &o, MHA_PLAN_TRAINING, NULL, 0, &sph, &err) == MHA_OK, "sdpa plan H2: %s",
+          err.message);
+    CHECK(mha_module_plan(&m.m, 2, 5, 7, &mo, MHA_PLAN_TRAINING, NULL, 0, &mp, &err) == MHA_OK, "module plan: %s",
+          err.message);
+    CHECK(mha_module_plan(&m.m, 2, 4, 7, &mo, 0, NULL, 0, &mp4, &err) == MHA_OK, "module inference plan: %s",
+          err.message);
+    CHECK(mha_encoder_plan(&en.ly, 2, 6, &eo, MHA_PLAN_TRAINING, NULL, 0, &ep, &err) == MHA_OK, "encoder plan: %s",
+          err.message);
+    CHECK(mha_encoder_plan(&en.ly, 2, 5, &eo, MHA_PLAN_TRAINING, NULL, 0, &ep5, &err) == MHA_OK,
+          "encoder plan L5: %s", err.message);
+    if (!sp || !sp3 || !sp4 || !spb || !sph || !sinf || !mp || !mp4 || !ep || !ep5) goto done;
+    ssz = plan_sizes(sp); msz = plan_sizes(mp); esz = plan_sizes(ep);
+    isz = plan_sizes(sinf);
+    CHECK(isz.saved == 0 && ssz.saved > 0 && msz.saved > 0 && esz.saved > 0,
+          "sizes.saved: %lu without MHA_PLAN_TRAINING, %lu / %lu / %lu with", (unsigned long)isz.saved,
+          (unsigned long)ssz.saved, (unsigned long)msz.saved, (unsigned long)esz.saved);
+    /* one region large enough for any of the three, so only the header can refuse */
+    nbig = ssz.saved > msz.saved ? ssz.saved : msz.saved;
+    if (esz.saved > nbig) nbig = esz.saved;
+    region_make(&big, nbig, 1);
+    out = zeros(s.no > m.nq ? s.no : m.nq);
+    y = zeros(en.n);
+    k4 = rnd((size_t)2 * 4 * 7 * 3, 1.0f); v4 = rnd((size_t)2 * 4 * 7 * 4, 1.0f);   /* K, V of 4 heads */
+    snap = (unsigned char *)malloc(nbig);
+    sgrad_make(&sc, &s, &sg); sgrad_make(&sc, &s, &zero_s);
+    mgrad_make(&mc, &m, &mg); mgrad_make(&mc, &m, &zero_m);
+    egrad_make(&ec, &en, &eg); egrad_make(&ec, &en, &zero_e);
+
+#define SDPA_REFUSED(what) do {                                                                     \
+        run = mkrun(NULL, 0, big.p, big.n);                                                         \
+        CHECK(sdpa_bwd(sp, &sc, &s, &so, &run, &sg, &err) == MHA_ERR_SAVED && field_is(&err, "run->saved") && \
+              !strcmp(err.function, "mha_sdpa_run_backward") && sgrad_same(&sc, &s, &sg, &zero_s),  \
+              "SDPA backward from %s: want MHA_ERR_SAVED naming run->saved: %s", what, err.message); \
+    } while (0)
+#define MODULE_REFUSED(what) do {                                                                   \
+        run = mkrun(NULL, 0, big.p, big.n);                                                         \
+        CHECK(module_bwd(mp, &mc, &m, &mo, &run, &mg, &err) == MHA_ERR_SAVED && field_is(&err, "run->saved") && \
+              grads_same(&mg.g, &zero_m.g), "module backward from %s: want MHA_ERR_SAVED: %s", what, err.message); \
+    } while (0)
+#define ENCODER_REFUSED(what) do {                                                                  \
+        run = mkrun(NULL, 0, big.p, big.n);                                                         \
+        CHECK(enc_bwd(ep, &ec, &en, &eo, &run, &eg, &err) == MHA_ERR_SAVED && field_is(&err, "run->saved") && \
+              grads_same(&eg.g, &zero_e.g), "encoder backward from %s: want MHA_ERR_SAVED: %s", what, err.message); \
+    } while (0)
+
+    /* a region no forward wrote (a pattern, then zeros) */
+    SDPA_REFUSED("a region never written");
+    MODULE_REFUSED("a region never written");
+    ENCODER_REFUSED("a region never written");
+    memset(big.buf, 0, nbig + 8);
+    SDPA_REFUSED("a zeroed region");
+
+    /* SDPA: another shape (Lq 4, Lk 6, other KV heads), another kind */
+    run = mkrun(NULL, 0, big.p, big.n);
+    CHECK(mha_sdpa_run_forward(sp, 4, 7, s.q, s.k, s.v, out, &run, &err) == MHA_OK, "sdpa forward Lq 4: %s",
+          err.message);
+    SDPA_REFUSED("a forward at Lq 4");
+    CHECK(mha_sdpa_run_forward(sp, 5, 6, s.q, s.k, s.v, out, &run, &err) == MHA_OK, "sdpa forward Lk 6: %s",
+          err.message);
+    SDPA_REFUSED("a forward at Lk 6");
+    CHECK(mha_sdpa_run_forward(sp4, 5, 7, s.q, k4, v4, out, &run, &err) == MHA_OK, "sdpa forward H4: %s",
+          err.message);
+    SDPA_REFUSED("a forward with 4 KV heads (this plan: 2)");
+    CHECK(mha_sdpa_run_forward(spb, 5, 7, s.q, s.k, s.v, out, &run, &err) == MHA_OK, "sdpa forward B 1: %s",
+          err.message);
+    SDPA_REFUSED("a forward with B 1 (this plan: 2)");
+    CHECK(mha_sdpa_run_forward(sph, 5, 7, s.q, s.k, s.v, out, &run, &err) == MHA_OK, "sdpa forward H 2: %s",
+          err.message);
+    SDPA_REFUSED("a forward with 2 heads (this plan: 4)");
+    CHECK(module_bwd(mp, &mc, &m, &mo, &run, &mg, &err) == MHA_ERR_SAVED && field_is(&err, "run->saved") &&
+          grads_same(&mg.g, &zero_m.g), "module backward from an SDPA forward: %s", err.message);
+    CHECK(enc_bwd(ep, &ec, &en, &eo, &run, &eg, &err) == MHA_ERR_SAVED && field_is(&err, "run->saved") &&
+          grads_same(&eg.g, &zero_e.g), "encoder backward from an SDPA forward: %s", err.message);
+    /* the region belongs to the shape: another training plan of it (3 threads) reads it */
+    CHECK(mha_sdpa_run_forward(sp, 5, 7, s.q, s.k, s.v, out, &run, &err) == MHA_OK, "sdpa forward: %s", err.message);
+    {
+        sgrad a, b;
+        sgrad_make(&sc, &s, &a); sgrad_make(&sc, &s, &b);
+        CHECK(sdpa_bwd(sp3, &sc, &s, &so, &run, &a, &err) == MHA_OK, "another plan of the shape reads the region: %s",
+              err.message);
+        CHECK(sdpa_bwd(sp, &sc, &s, &so, &run, &b, &err) == MHA_OK && sgrad_same(&sc, &s, &a, &b),
+              "the 3-thread plan's backward from the region != the writer plan's");
+        sgrad_free(&a); sgrad_free(&b);
+    }
+
+    /* module: another shape, another kind */
+    CHECK(mha_module_run_forward(mp, 4, 7, m.q, m.k, m.v, out, &run, &err) == MHA_OK, "module forward Lq 4: %s",
+          err.message);
+    MODULE_REFUSED("a forward at Lq 4");
+    SDPA_REFUSED("a module forward");
+    ENCODER_REFUSED("a module forward");
+    /* encoder: another L, and its region to a module backward */
+    CHECK(mha_encoder_run_forward(ep5, 5, en.x, y, &run, &err) == MHA_OK, "encoder forward L 5: %s", err.message);
+    ENCODER_REFUSED("a forward at L 5");
+    CHECK(mha_encoder_run_forward(ep, 6, en.x, y, &run, &err) == MHA_OK, "encoder forward: %s", err.message);
+    MODULE_REFUSED("an encoder forward");
+    SDPA_REFUSED("an encoder forward");
+
+    /* too small: the least saved_bytes a forward takes (bisection; the plan's
+       size must do), then one byte less for the forward and the backward */
+    region_make(&R, ssz.saved, 0);
+    run = mkrun(NULL, 0, R.p, R.n);
+    CHECK(mha_sdpa_run_forward(sp, 5, 7, s.q, s.k, s.v, out, &run, &err) == MHA_OK,
+          "sizes.saved does not hold the forward: %s", err.message);
+    lo = 0; hi = ssz.saved;
+    while (hi - lo > 1) {
+        size_t mid = lo + (hi - lo) / 2;
+        run.saved_bytes = mid;
+        if (mha_sdpa_run_forward(sp, 5, 7, s.q, s.k, s.v, out, &run, &err) == MHA_OK) hi = mid; else lo = mid;
+    }
+    memcpy(snap, R.p, ssz.saved);
+    memset(out, 0, s.no * sizeof(float));
+    run.saved_bytes = hi - 1;
+    clean = mha_sdpa_run_forward(sp, 5, 7, s.q, s.k, s.v, out, &run, &err) == MHA_ERR_WORKSPACE_TOO_SMALL &&
+            field_is(&err, "run->saved_bytes");
+    CHECK(clean, "SDPA forward, saved_bytes one short of %lu: %s", (unsigned long)hi, err.message);
+    CHECK(memcmp(snap, R.p, ssz.saved) == 0 && all_zero(out, s.no), "a refused forward wrote its output or the region");
+    CHECK(sdpa_bwd(sp, &sc, &s, &so, &run, &sg, &err) == MHA_ERR_WORKSPACE_TOO_SMALL &&
+          field_is(&err, "run->saved_bytes") && sgrad_same(&sc, &s, &sg, &zero_s),
+          "SDPA backward, saved_bytes one short: %s", err.message);
+    run.saved_bytes = hi;
+    CHECK(sdpa_bwd(sp, &sc, &s, &so, &run, &sg, &err) == MHA_OK, "SDPA backward at the least saved_bytes: %s",
+          err.message);
+    memset(sg.dq, 0, s.nq * 4); memset(sg.dk, 0, s.nk * 4); memset(sg.dv, 0, s.nv * 4); memset(sg.sg, 0, 4 * 4);
+    region_free(&R);
+    /* the module's and the encoder's too (one byte less than the plan's size
+       at the plan's lengths; the run's least is what its backward reads) */
+    region_make(&R, msz.saved, 0);
+    run = mkrun(NULL, 0, R.p, R.n);
+    lo = 0; hi = msz.saved;
+    while (hi - lo > 1) {
+        size_t mid = lo + (hi - lo) / 2;
+        run.saved_bytes = mid;
+        if (mha_module_run_forward(mp, 5, 7, m.q, m.k, m.v, out, &run, &err) == MHA_OK) hi = mid; else lo = mid;
+    }
+    run.saved_bytes = hi - 1;
+    CHECK(mha_module_run_forward(mp, 5, 7, m.q, m.k, m.v, out, &run, &err) == MHA_ERR_WORKSPACE_TOO_SMALL &&
+          field_is(&err, "run->saved_bytes"), "module forward, saved_bytes one short: %s", err.message);
+    CHECK(module_bwd(mp, &mc, &m, &mo, &run, &mg, &err) == MHA_ERR_WORKSPACE_TOO_SMALL &&
+          field_is(&err, "run->saved_bytes") && grads_same(&mg.g, &zero_m.g),
+          "module backward, saved_bytes one short: %s", err.message);
+    region_free(&R);
+    region_make(&R, esz.saved, 0);
+    run = mkrun(NULL, 0, R.p, R.n);
+    lo = 0; hi = esz.saved;
+    while (hi - lo > 1) {
+        size_t mid = lo + (hi - lo) / 2;
+        run.saved_bytes = mid;
+        if (mha_encoder_run_forward(ep, 6, en.x, y, &run, &err) == MHA_OK) hi = mid; else lo = mid;
+    }
+    run.saved_bytes = hi - 1;
+    CHECK(mha_encoder_run_forward(ep, 6, en.x, y, &run, &err) == MHA_ERR_WORKSPACE_TOO_SMALL &&
+          field_is(&err, "run->saved_bytes"), "encoder forward, saved_bytes one short: %s", err.message);
+    CHECK(enc_bwd(ep, &ec, &en, &eo, &run, &eg, &err) == MHA_ERR_WORKSPACE_TOO_SMALL &&
+          field_is(&err, "run->saved_bytes") && grads_same(&eg.g, &zero_e.g),
+          "encoder backward, saved_bytes one short: %s", err.message);
+    region_free(&R);
+
+    /* a plan without MHA_PLAN_TRAINING: run.saved exceeds it (and it has no backward) */
+    run = mkrun(NULL, 0, big.p, big.n);
+    memcpy(snap, big.p, nbig);
+    CHECK(mha_sdpa_run_forward(sinf, 5, 7, s.q, s.k, s.v, out, &run, &err) == MHA_ERR_EXCEEDS_PLAN &&
+          field_is(&err, "run->saved") && memcmp(snap, big.p, nbig) == 0,
+          "run.saved on an SDPA plan without MHA_PLAN_TRAINING: %s", err.message);
+    CHECK(mha_module_run_forward(mp4, 4, 7, m.q, m.k, m.v, out, &run, &err) == MHA_ERR_EXCEEDS_PLAN &&
+          field_is(&err, "run->saved") && memcmp(snap, big.p, nbig) == 0,
+          "run.saved on a module plan without MHA_PLAN_TRAINING: %s", err.message);
+    run = mkrun(NULL, 0, NULL, 0);
+    CHECK(sdpa_bwd(sinf, &sc, &s, &so, &run, &sg, &err) == MHA_ERR_EXCEEDS_PLAN && field_is(&err, "plan"),
+          "a backward of a plan without MHA_PLAN_TRAINING: %s", err.message);
+    /* saved_bytes without a region */
+    run = mkrun(NULL, 0, NULL, 64);
+    CHECK(mha_sdpa_run_forward(sp, 5, 7, s.q, s.k, s.v, out, &run, &err) == MHA_ERR_NULL_POINTER &&
+          field_is(&err, "run->saved"), "saved_bytes with saved NULL: %s", err.message);
+
+    free(out); free(y); free(k4); free(v4); free(snap);
+    region_free(&big);
+    sgrad_free(&sg); sgrad_free(&zero_s);
+    free(mg.g.buf); free(zero_m.g.buf); free(eg.g.buf); free(zero_e.g.buf);
+#undef SDPA_REFUSED
+#undef MODULE_REFUSED
+#undef ENCODER_REFUSED
+done:
+    mha_plan_destroy(sp); mha_plan_destroy(sp3); mha_plan_destroy(sp4); mha_plan_destroy(spb);
+    mha_plan_destroy(sph); mha_plan_destroy(sinf);
+    mha_plan_destroy(mp); mha_plan_destroy(mp4); mha_plan_destroy(ep); mha_plan_destroy(ep5);
+    sdata_free(&s);
+    mdata_free(&mc, &m);
+    edata_free(&en);
 }
 
 int main(void)
@@ -652,6 +1143,7 @@ int main(void)
         {24, 4, 4, 1, 130, 130, 0, 24, 24, 1, 0, 0, 0, 1, 0, 1, 1, 1},
         {16, 4, 1, 3, 17, 130, 1, 7, 3, 0, 0, 1, 1, 0, 0, 1, 0, 0},
         {16, 2, 2, 2, 130, 7, 0, 16, 16, 1, 1, 0, 0, 0, 1, 0, 0, 1},
+        {16, 4, 2, 2, 7, 3, 0, 16, 16, 1, 1, 1, 1, 1, 0, 1, 0, 1},
         {64, 8, 8, 2, 130, 130, 0, 64, 64, 1, 0, 0, 0, 0, 0, 0, 1, 0},
     };
     static const ecase ecases[] = {
@@ -666,6 +1158,8 @@ int main(void)
     for (i = 0; i < sizeof ecases / sizeof ecases[0]; ++i) encoder_case(&ecases[i]);
     for (i = 0; i < sizeof cases / sizeof cases[0]; ++i) sdpa_case(&cases[i]);
     for (i = 0; i < sizeof mcases / sizeof mcases[0]; ++i) module_case(&mcases[i]);
-    printf("worst saved vs recomputed backward rel err %.3g (tolerance %g)\n", worst, TOL);
+    refusals();
+    printf("worst saved vs recomputed backward rel err %.3g (tolerance %g, each gradient array on its own)\n",
+           worst, TOL);
     return tu_finish("saved");
 }

@@ -1,12 +1,14 @@
-/* Row statistics (mha_row_stats: lse, entropy, max weight, first-key
-   weight) and the recomputed weight rows (mha_sdpa_weights_rows), checked
-   against a float64 reference written out below and against the full
-   weights that mha_sdpa / mha_forward return with need_weights: every mask
-   kind, causal (both alignments), window, soft-cap, ALiBi, sinks, GQA,
-   fully blocked rows, split-K decoding, the KV cache (rolling, n_keep),
-   plans, threads, odd and round sizes, bad row indices, and one long row
-   set (L = 16384; 2048 where the build is slow: NEON under qemu,
-   sanitizers, or STATS_QUICK=1 in the environment).  */
+/* Row statistics (run.lse, run.entropy, run.max_weight, run.first_weight)
+   and the recomputed weight rows (a forward with run.weights, run.rows,
+   run.n_rows), checked against a float64 reference written out below and
+   against the full weights that mha_sdpa_forward / mha_module_forward
+   return in run.weights: every mask kind, causal (both alignments),
+   window, soft-cap, ALiBi, sinks, GQA, fully blocked rows, split-K
+   decoding, the KV cache (rolling, n_keep; SDPA and a module's decoding
+   plan), plans, threads, odd and round sizes, the module's rows per head
+   and head-averaged, bad row lists, and one long row set (L = 16384; 2048
+   where the build is slow: NEON under qemu, sanitizers, or STATS_QUICK=1
+   in the environment).  */
 #define MHA_IMPLEMENTATION
 #include "mha.h"
 #include "testutil.h"
@@ -142,7 +144,7 @@ static refrow ref_row(const cfg *c, const mha_options *o, const float *q, const 
     const float *qi = q + (((size_t)b * c->H + h) * c->Lq + i) * c->D;
     const float *kb = k + ((size_t)b * Hkv + h / g) * c->Lk * c->D;
     float slopes[64];
-    if (o->alibi && !o->alibi_slopes) mha_alibi_slopes(c->H, slopes);
+    if (o->alibi && !o->alibi_slopes) mha_alibi_slopes(c->H, slopes, NULL);
     for (j = 0; j < c->Lk; ++j) {
         double s = 0;
         int blocked = 0;
@@ -210,15 +212,34 @@ static refrow stats_of_weights(const float *w, int n, float lse)
 
 /* ------------------------------------------------------------ checks */
 
-typedef struct statbuf { float *lse, *ent, *maxw, *first; mha_row_stats rs; } statbuf;
+typedef struct statbuf { float *lse, *ent, *maxw, *first; } statbuf;
 
 static void sb_make(statbuf *s, size_t n)
 {
     size_t t;
     s->lse = malloc(n * sizeof(float)); s->ent = malloc(n * sizeof(float));
     s->maxw = malloc(n * sizeof(float)); s->first = malloc(n * sizeof(float));
-    for (t = 0; t < n; ++t) s->lse[t] = s->ent[t] = s->maxw[t] = s->first[t] = NAN;
-    s->rs.lse = s->lse; s->rs.entropy = s->ent; s->rs.max_weight = s->maxw; s->rs.first_weight = s->first;
+    for (t = 0; t < n; ++t) s->lse[t] = s->ent[t] = s->maxw[t] = s->first[t] = NAN;   /* unwritten: NaN */
+}
+/* A run that writes the four statistics into s (workspace: the run's own). */
+static mha_run sb_run(const statbuf *s)
+{
+    mha_run r;
+    memset(&r, 0, sizeof r);
+    r.lse = s->lse; r.entropy = s->ent; r.max_weight = s->maxw; r.first_weight = s->first;
+    return r;
+}
+static mha_run no_run(void)
+{
+    mha_run r;
+    memset(&r, 0, sizeof r);
+    return r;
+}
+/* The four statistics of n rows are the same bits in a and b. */
+static int sb_same(const statbuf *a, const statbuf *b, size_t n)
+{
+    return memcmp(a->lse, b->lse, n * 4) == 0 && memcmp(a->ent, b->ent, n * 4) == 0 &&
+           memcmp(a->maxw, b->maxw, n * 4) == 0 && memcmp(a->first, b->first, n * 4) == 0;
 }
 static void sb_free(statbuf *s) { free(s->lse); free(s->ent); free(s->maxw); free(s->first); }
 
@@ -266,32 +287,45 @@ static void note_worst(const double *w)
 static void check_case(const char *name, const cfg *c, unsigned long long seed)
 {
     prob P;
-    statbuf fu, un;
-    size_t rows = (size_t)c->B * c->H * c->Lq, nw = rows * c->Lk, t;
-    float *out, *w, *wr;
+    statbuf fu, un, ro;
+    size_t rows = (size_t)c->B * c->H * c->Lq, nw = rows * c->Lk, no = rows * c->D, t;
+    float *out, *out_f, *w, *wr, *wr2;
     double *p, wf[3] = { 0, 0, 0 }, wu[3] = { 0, 0, 0 }, wfull[3] = { 0, 0, 0 }, wrow = 0, wrow_full = 0;
     int *idx, b, h, i, j, bad = 0, badu = 0, badfull = 0, badrows = 0, nan = 0;
-    mha_options o;
+    mha_run run;
+    mha_error err;
     prob_make(&P, c, seed);
-    sb_make(&fu, rows); sb_make(&un, rows);
-    out = malloc(rows * c->D * sizeof(float)); w = malloc(nw * sizeof(float));
-    wr = malloc(nw * sizeof(float)); p = malloc((size_t)c->Lk * sizeof(double));
+    sb_make(&fu, rows); sb_make(&un, rows); sb_make(&ro, rows);
+    out = malloc(no * sizeof(float)); out_f = malloc(no * sizeof(float)); w = malloc(nw * sizeof(float));
+    wr = malloc(nw * sizeof(float)); wr2 = malloc(nw * sizeof(float)); p = malloc((size_t)c->Lk * sizeof(double));
     idx = malloc((size_t)c->Lq * sizeof(int));
     for (i = 0; i < c->Lq; ++i) idx[i] = c->Lq - 1 - i;   /* every row, backwards */
     {
         float *v = malloc((size_t)c->B * c->Hkv * c->Lk * c->D * sizeof(float));
         tu_rng r = { seed ^ 77 };
         tu_fill(&r, v, (size_t)c->B * c->Hkv * c->Lk * c->D, 1.0f);
-        o = P.o; o.row_stats = &fu.rs;
-        CHECK(mha_sdpa(c->B, c->H, c->Lq, c->Lk, c->D, c->D, P.q, P.k, v, &o, out, NULL, NULL, 0) == MHA_OK,
-              "%s: fused sdpa", name);
-        o.row_stats = &un.rs;
-        CHECK(mha_sdpa(c->B, c->H, c->Lq, c->Lk, c->D, c->D, P.q, P.k, v, &o, out, w, NULL, 0) == MHA_OK,
-              "%s: sdpa with weights", name);
+        run = sb_run(&fu);
+        CHECK(mha_sdpa_forward(c->B, c->H, c->Lq, c->Lk, c->D, c->D, P.q, P.k, v, &P.o, out_f, &run, &err) ==
+              MHA_OK, "%s: fused sdpa: %s", name, err.message);
+        run = sb_run(&un);
+        run.weights = w;
+        CHECK(mha_sdpa_forward(c->B, c->H, c->Lq, c->Lk, c->D, c->D, P.q, P.k, v, &P.o, out, &run, &err) ==
+              MHA_OK, "%s: sdpa with weights: %s", name, err.message);
+        /* the rows: recomputed from the lse of a fused forward kept in the
+           workspace, and (wr2) from the run's own lse with the statistics */
+        run = no_run();
+        run.weights = wr; run.rows = idx; run.n_rows = c->Lq;
+        CHECK(mha_sdpa_forward(c->B, c->H, c->Lq, c->Lk, c->D, c->D, P.q, P.k, v, &P.o, out, &run, &err) ==
+              MHA_OK, "%s: rows: %s", name, err.message);
+        CHECK(memcmp(out, out_f, no * sizeof(float)) == 0, "%s: a forward with rows != the fused forward", name);
+        run = sb_run(&ro);
+        run.weights = wr2; run.rows = idx; run.n_rows = c->Lq;
+        CHECK(mha_sdpa_forward(c->B, c->H, c->Lq, c->Lk, c->D, c->D, P.q, P.k, v, &P.o, out, &run, &err) ==
+              MHA_OK, "%s: rows with statistics: %s", name, err.message);
+        CHECK(memcmp(wr, wr2, nw * sizeof(float)) == 0 && sb_same(&ro, &fu, rows),
+              "%s: rows (or statistics) with run.lse != without", name);
         free(v);
     }
-    CHECK(mha_sdpa_weights_rows(c->B, c->H, c->Lq, c->Lk, c->D, P.q, P.k, fu.lse, c->Lq, idx, &P.o, wr) == MHA_OK,
-          "%s: weights_rows", name);
     for (b = 0; b < c->B; ++b)
         for (h = 0; h < c->H; ++h)
             for (i = 0; i < c->Lq; ++i) {
@@ -325,7 +359,8 @@ static void check_case(const char *name, const cfg *c, unsigned long long seed)
     if (wfull[2] > worst_full) worst_full = wfull[2];
     if (wrow_full > worst_full) worst_full = wrow_full;
     (void)t;
-    sb_free(&fu); sb_free(&un); free(out); free(w); free(wr); free(p); free(idx); prob_free(&P);
+    sb_free(&fu); sb_free(&un); sb_free(&ro);
+    free(out); free(out_f); free(w); free(wr); free(wr2); free(p); free(idx); prob_free(&P);
 }
 
 static cfg base(int B, int H, int Hkv, int Lq, int Lk, int D)
@@ -384,11 +419,14 @@ static void blocked_rows(void)
     memset(P.bkpm, 1, 5);                    /* every key padded */
     for (pass = 0; pass < 4; ++pass) {
         mha_options o = P.o;
+        mha_run run;
+        mha_error err;
         sb_make(&s, 6);
-        o.row_stats = &s.rs;
+        run = sb_run(&s);
+        run.weights = pass % 2 ? w : NULL;
         if (pass >= 2) o.sinks = P.sinks;     /* head 0 has a sink, head 1 none */
-        CHECK(mha_sdpa(1, 2, 3, 5, 4, 4, P.q, P.k, v, &o, out, pass % 2 ? w : NULL, NULL, 0) == MHA_OK,
-              "blocked rows: call %d", pass);
+        CHECK(mha_sdpa_forward(1, 2, 3, 5, 4, 4, P.q, P.k, v, &o, out, &run, &err) == MHA_OK,
+              "blocked rows: call %d: %s", pass, err.message);
         for (r = 0; r < 6; ++r) {
             int sunk = pass >= 2 && r < 3;
             CHECK(s.ent[r] == 0.0f && s.maxw[r] == 0.0f && s.first[r] == 0.0f,
@@ -414,30 +452,52 @@ static void split_k(void)
     check_case("split-K decode, window, kpm, key 0 blocked", &c, 44);
 }
 
-/* Plans: a plan made with row_stats writes them on every run (and the
-   statistics equal the one-shot call's, bit for bit). */
+/* Plans: a run given the statistics' buffers writes them, on a plan made
+   for longer lengths and on a training plan (with and without a saved
+   forward), and they equal the one-shot call's bit for bit; a run of the
+   same plan without them is not changed by them (the output's bits). */
 static void plans(void)
 {
     cfg c = base(2, 3, 3, 33, 70, 8);
     prob P;
     statbuf a, s;
-    mha_plan *pl;
-    mha_options o;
+    mha_plan *pl = NULL;
+    mha_run run;
+    mha_error err;
+    mha_sizes sz = { 0, 0, 0 };
     size_t n = 2 * 3 * 33;
     float *v = calloc((size_t)2 * 3 * 70 * 8, sizeof(float)), *out = malloc(n * 8 * sizeof(float));
+    float *out2 = malloc(n * 8 * sizeof(float));
+    unsigned flags;
     c.causal = 1; c.sinks = 1;
     prob_make(&P, &c, 9);
-    sb_make(&a, n); sb_make(&s, n);
-    o = P.o; o.row_stats = &a.rs;
-    CHECK(mha_sdpa(2, 3, 33, 70, 8, 8, P.q, P.k, v, &o, out, NULL, NULL, 0) == MHA_OK, "plans: one-shot");
-    o.row_stats = &s.rs;
-    CHECK(mha_sdpa_plan(2, 3, 40, 80, 8, 8, &o, 0, NULL, 0, &pl) == MHA_OK, "plans: plan");
-    CHECK(mha_sdpa_run(pl, 33, 70, P.q, P.k, v, NULL, NULL, out, NULL, NULL, 0) == MHA_OK, "plans: run");
-    CHECK(memcmp(a.ent, s.ent, n * 4) == 0 && memcmp(a.maxw, s.maxw, n * 4) == 0 &&
-          memcmp(a.first, s.first, n * 4) == 0 && memcmp(a.lse, s.lse, n * 4) == 0,
-          "plans: the run's statistics differ from the one-shot call's");
-    mha_plan_destroy(pl);
-    sb_free(&a); sb_free(&s); free(v); free(out); prob_free(&P);
+    { tu_rng r = { 99 }; tu_fill(&r, v, (size_t)2 * 3 * 70 * 8, 1.0f); }
+    sb_make(&a, n);
+    run = sb_run(&a);
+    CHECK(mha_sdpa_forward(2, 3, 33, 70, 8, 8, P.q, P.k, v, &P.o, out, &run, &err) == MHA_OK, "plans: one-shot: %s",
+          err.message);
+    for (flags = 0; flags < 4; ++flags) {   /* 0, WEIGHTS, ROWS, TRAINING (saving) */
+        unsigned f = flags == 0 ? 0u : flags == 1 ? MHA_PLAN_WEIGHTS : flags == 2 ? MHA_PLAN_ROWS : MHA_PLAN_TRAINING;
+        void *saved = NULL;
+        sb_make(&s, n);
+        CHECK(mha_sdpa_plan(2, 3, 40, 80, 8, 8, &P.o, f, NULL, 0, &pl, &err) == MHA_OK &&
+              mha_plan_sizes(pl, &sz, &err) == MHA_OK, "plans: plan: %s", err.message);
+        if (!pl) { sb_free(&s); continue; }
+        run = sb_run(&s);
+        if (f == MHA_PLAN_TRAINING) { saved = malloc(sz.saved); run.saved = saved; run.saved_bytes = sz.saved; }
+        CHECK(mha_sdpa_run_forward(pl, 33, 70, P.q, P.k, v, out2, &run, &err) == MHA_OK, "plans: run: %s",
+              err.message);
+        CHECK(sb_same(&a, &s, n), "plans: the run's statistics differ from the one-shot call's (flags %u)", f);
+        CHECK(memcmp(out, out2, n * 8 * sizeof(float)) == 0, "plans: the run's output != the one-shot's (flags %u)", f);
+        run = no_run();
+        CHECK(mha_sdpa_run_forward(pl, 33, 70, P.q, P.k, v, out2, &run, &err) == MHA_OK &&
+              memcmp(out, out2, n * 8 * sizeof(float)) == 0, "plans: without statistics, other bits (flags %u)", f);
+        mha_plan_destroy(pl);
+        pl = NULL;
+        free(saved);
+        sb_free(&s);
+    }
+    sb_free(&a); free(v); free(out); free(out2); prob_free(&P);
 }
 
 /* The module: mha_forward's statistics against its per-head weights. */
@@ -451,6 +511,8 @@ static void module(void)
     mha_module m;
     mha_options o;
     statbuf s;
+    mha_run run;
+    mha_error err;
     int t, bad = 0;
     double worst[3] = { 0, 0, 0 };
     tu_fill(&r, x, B * L * E, 1.0f); tu_fill(&r, win, 3 * E * E, 0.4f); tu_fill(&r, wout, E * E, 0.3f);
@@ -459,10 +521,13 @@ static void module(void)
     memset(&o, 0, sizeof o);
     o.causal = 1; o.per_head_weights = 1;
     sb_make(&s, B * H * L);
-    o.row_stats = &s.rs;
-    CHECK(mha_forward(&m, B, L, L, x, x, x, &o, out, NULL, NULL, 0) == MHA_OK, "module: fused forward");
-    o.row_stats = NULL;
-    CHECK(mha_forward(&m, B, L, L, x, x, x, &o, out, w, NULL, 0) == MHA_OK, "module: forward with weights");
+    run = sb_run(&s);
+    CHECK(mha_module_forward(&m, B, L, L, x, x, x, &o, out, &run, &err) == MHA_OK, "module: fused forward: %s",
+          err.message);
+    run = no_run();
+    run.weights = w;
+    CHECK(mha_module_forward(&m, B, L, L, x, x, x, &o, out, &run, &err) == MHA_OK,
+          "module: forward with weights: %s", err.message);
     for (t = 0; t < B * H * L; ++t)
         bad += !row_ok("module", s.lse[t], s.ent[t], s.maxw[t], s.first[t],
                        stats_of_weights(w + (size_t)t * L, L, s.lse[t]), worst);
@@ -471,24 +536,31 @@ static void module(void)
     sb_free(&s); free(x); free(win); free(wout); free(out); free(w);
 }
 
-/* mha_weights_rows: the module's rows (GQA, bias_k, add_zero_attn, RoPE,
-   bottom-right causal, a position offset) against mha_forward's per-head
-   weights; bad rows and a short workspace write nothing.  */
+/* The module's rows (a forward with run.weights, run.rows, run.n_rows):
+   GQA, bias_k, add_zero_attn, RoPE, bottom-right causal, a position
+   offset; per head and head-averaged, on a MHA_PLAN_ROWS plan and on a
+   MHA_PLAN_WEIGHTS plan, against the full weights of a forward; the rows
+   leave the fused output's bits alone; a plan's run and the one-shot call
+   give the same rows; a bad row and a workspace one byte
+   short of the plan's sizes.workspace (the least a run takes, found by
+   bisection: a caller's workspace holds the plan's bytes, whatever the
+   run) are refused by name and write nothing.  */
 static void module_rows(void)
 {
     enum { B = 2, LQ = 9, LK = 13, E = 24, H = 4, HKV = 2, D = E / H, EKV = HKV * D, LKE = LK + 2, NR = 3 };
     float *x = malloc(B * LK * E * sizeof(float)), *win = malloc((E + 2 * EKV) * E * sizeof(float));
     float *bin = malloc((E + 2 * EKV) * sizeof(float)), *bk = malloc(EKV * sizeof(float));
     float *bv = malloc(EKV * sizeof(float)), *wout = malloc(E * E * sizeof(float));
-    float *out = malloc(B * LQ * E * sizeof(float)), *w = malloc(B * H * LQ * LKE * sizeof(float));
-    float *lse = malloc(B * H * LQ * sizeof(float)), *wr = malloc(B * H * NR * LKE * sizeof(float));
-    int rows[NR] = { LQ - 1, 0, 4 }, bad_rows[2] = { 1, LQ }, b, h, i, j, clean = 1;
-    double worst = 0;
+    float *out = malloc(B * LQ * E * sizeof(float)), *out_f = malloc(B * LQ * E * sizeof(float));
+    float *w = malloc(B * H * LQ * LKE * sizeof(float));
+    float *wr = malloc(B * H * NR * LKE * sizeof(float)), *wr1 = malloc(B * H * NR * LKE * sizeof(float));
+    int rows[NR] = { LQ - 1, 0, 4 }, bad_rows[2] = { 1, LQ }, b, h, i, j, per_head;
     tu_rng r = { 21 };
     mha_module m;
     mha_options o;
-    size_t need;
-    void *ws;
+    mha_run run;
+    mha_error err;
+    const float *q = x + (LK - LQ) * E;   /* the queries are the last LQ rows of x, bottom-right aligned */
     tu_fill(&r, x, B * LK * E, 1.0f); tu_fill(&r, win, (E + 2 * EKV) * E, 0.5f);
     tu_fill(&r, bin, E + 2 * EKV, 0.2f); tu_fill(&r, bk, EKV, 0.5f); tu_fill(&r, bv, EKV, 0.5f);
     tu_fill(&r, wout, E * E, 0.3f);
@@ -497,51 +569,106 @@ static void module_rows(void)
     m.out_proj_weight = wout; m.bias_k = bk; m.bias_v = bv; m.add_zero_attn = 1;
     m.rope.kind = MHA_ROPE_HALF;
     memset(&o, 0, sizeof o);
-    o.causal = 1; o.causal_align = MHA_CAUSAL_BOTTOM_RIGHT; o.position_offset = 3; o.per_head_weights = 1;
-    o.lse = lse;
-    CHECK(mha_forward(&m, B, LQ, LK, x + (LK - LQ) * E, x, x, &o, out, w, NULL, 0) == MHA_OK,
-          "module rows: forward");
-    o.lse = NULL;
-    CHECK(mha_weights_rows_workspace_size(&m, B, LQ, LK, NR, &o, &need) == MHA_OK, "module rows: size");
-    ws = malloc(need);
-    for (i = 0; i < B * H * NR * LKE; ++i) wr[i] = 7.0f;
-    CHECK(mha_weights_rows(&m, B, LQ, LK, x + (LK - LQ) * E, x, lse, 2, bad_rows, &o, wr, ws, need) ==
-          MHA_ERR_INVALID_ARGUMENT, "module rows: row Lq");
-    CHECK(mha_weights_rows(&m, B, LQ, LK, x + (LK - LQ) * E, x, lse, NR, rows, &o, wr, ws, need - 1) ==
-          MHA_ERR_WORKSPACE_TOO_SMALL, "module rows: workspace one byte short");
-    for (i = 0; i < B * H * NR * LKE; ++i) clean &= wr[i] == 7.0f;
-    CHECK(clean, "module rows wrote on error");
-    CHECK(mha_weights_rows(&m, B, LQ, LK, x + (LK - LQ) * E, x, lse, NR, rows, &o, wr, ws, need) == MHA_OK,
-          "module rows: call");
-    for (b = 0; b < B; ++b)   /* (the queries are the last LQ rows of x, bottom-right aligned) */
-        for (h = 0; h < H; ++h)
-            for (i = 0; i < NR; ++i)
-                for (j = 0; j < LKE; ++j) {
-                    double e = fabs(wr[(((size_t)b * H + h) * NR + i) * LKE + j] -
-                                    w[(((size_t)b * H + h) * LQ + rows[i]) * LKE + j]);
-                    if (!(e <= worst)) worst = e;
-                }
-    CHECK(worst <= TOL_W, "module rows: off the forward's weights by %.3g", worst);
-    if (worst > worst_full) worst_full = worst;
-    free(ws); free(x); free(win); free(bin); free(bk); free(bv); free(wout); free(out); free(w); free(lse); free(wr);
+    o.causal = 1; o.causal_align = MHA_CAUSAL_BOTTOM_RIGHT; o.position_offset = 3;
+    for (per_head = 3; per_head >= 0; --per_head) {   /* 3, 2: per head; 1, 0: head average */
+        unsigned pf = per_head % 2 ? MHA_PLAN_ROWS : MHA_PLAN_WEIGHTS;   /* the plan's flag for rows */
+        int nh = per_head >= 2 ? H : 1;   /* weights [B, nh, rows, LKE] */
+        size_t nwr = (size_t)B * nh * NR * LKE, t, lo, hi;
+        double worst = 0;
+        int clean = 1;
+        mha_plan *p = NULL;
+        mha_sizes sz;
+        void *ws;
+        const char *how = per_head == 3 ? "per head, ROWS plan" : per_head == 2 ? "per head, WEIGHTS plan" :
+                          per_head == 1 ? "head average, ROWS plan" : "head average, WEIGHTS plan";
+        o.per_head_weights = per_head >= 2;
+        run = no_run();
+        CHECK(mha_module_forward(&m, B, LQ, LK, q, x, x, &o, out_f, &run, &err) == MHA_OK,
+              "module rows (%s): fused forward: %s", how, err.message);
+        run.weights = w;
+        CHECK(mha_module_forward(&m, B, LQ, LK, q, x, x, &o, out, &run, &err) == MHA_OK,
+              "module rows (%s): forward with weights: %s", how, err.message);
+        CHECK(mha_module_plan(&m, B, LQ, LK, &o, pf, NULL, 0, &p, &err) == MHA_OK &&
+              mha_plan_sizes(p, &sz, &err) == MHA_OK, "module rows: plan: %s", err.message);
+        if (!p) continue;
+        ws = malloc(sz.workspace);
+        run = no_run();
+        run.weights = wr; run.rows = bad_rows; run.n_rows = 2; run.workspace = ws; run.workspace_bytes = sz.workspace;
+        for (t = 0; t < nwr; ++t) wr[t] = 7.0f;
+        for (t = 0; t < (size_t)B * LQ * E; ++t) out[t] = 7.0f;
+        CHECK(mha_module_run_forward(p, LQ, LK, q, x, x, out, &run, &err) == MHA_ERR_INVALID_ARGUMENT &&
+              !strcmp(err.field, "run->rows"), "module rows: row Lq: %s", err.message);
+        /* the least workspace this run takes (bisection): the plan's size */
+        run.rows = rows; run.n_rows = NR;
+        lo = 0; hi = sz.workspace;
+        CHECK(mha_module_run_forward(p, LQ, LK, q, x, x, out, &run, &err) == MHA_OK,
+              "module rows: the plan's workspace size does not do: %s", err.message);
+        while (hi - lo > 1) {
+            size_t mid = lo + (hi - lo) / 2;
+            run.workspace_bytes = mid;
+            if (mha_module_run_forward(p, LQ, LK, q, x, x, out, &run, &err) == MHA_OK) hi = mid; else lo = mid;
+        }
+        CHECK(hi == sz.workspace, "module rows: a workspace of %lu bytes was taken; the plan's is %lu",
+              (unsigned long)hi, (unsigned long)sz.workspace);
+        for (t = 0; t < nwr; ++t) wr[t] = 7.0f;
+        for (t = 0; t < (size_t)B * LQ * E; ++t) out[t] = 7.0f;
+        run.workspace_bytes = hi - 1;
+        CHECK(mha_module_run_forward(p, LQ, LK, q, x, x, out, &run, &err) == MHA_ERR_WORKSPACE_TOO_SMALL &&
+              !strcmp(err.field, "run->workspace_bytes"), "module rows: workspace one byte short: %s", err.message);
+        for (t = 0; t < nwr; ++t) clean &= wr[t] == 7.0f;
+        for (t = 0; t < (size_t)B * LQ * E; ++t) clean &= out[t] == 7.0f;
+        CHECK(clean, "module rows wrote on error");
+        run.workspace_bytes = hi;
+        CHECK(mha_module_run_forward(p, LQ, LK, q, x, x, out, &run, &err) == MHA_OK, "module rows: run: %s",
+              err.message);
+        CHECK(memcmp(out, out_f, (size_t)B * LQ * E * sizeof(float)) == 0,
+              "module rows (%s): the output of a forward with rows != the fused forward's", how);
+        for (b = 0; b < B; ++b)
+            for (h = 0; h < nh; ++h)
+                for (i = 0; i < NR; ++i)
+                    for (j = 0; j < LKE; ++j) {
+                        double e = fabs(wr[(((size_t)b * nh + h) * NR + i) * LKE + j] -
+                                        w[(((size_t)b * nh + h) * LQ + rows[i]) * LKE + j]);
+                        if (!(e <= worst)) worst = e;
+                    }
+        CHECK(worst <= TOL_W, "module rows (%s): off the forward's weights by %.3g", how, worst);
+        if (worst > worst_full) worst_full = worst;
+        /* the one-shot call with the same rows: the plan's bits */
+        run = no_run();
+        run.weights = wr1; run.rows = rows; run.n_rows = NR;
+        CHECK(mha_module_forward(&m, B, LQ, LK, q, x, x, &o, out, &run, &err) == MHA_OK &&
+              memcmp(wr1, wr, nwr * sizeof(float)) == 0, "module rows (%s): one-shot != plan run: %s", how,
+              err.message);
+        mha_plan_destroy(p);
+        free(ws);
+    }
+    free(x); free(win); free(bin); free(bk); free(bv); free(wout); free(out); free(out_f); free(w);
+    free(wr); free(wr1);
 }
 
 /* The module with its KV cache: a prefill of L - 1 tokens, then one decode
-   step with row_stats; its statistics against the last row of the full
-   causal mha_forward's per-head weights.  */
+   step that writes the statistics, by the one-shot call and by a decoding
+   plan (MHA_PLAN_PACK | MHA_PLAN_CACHE, Lk = capacity) on a copy of the
+   cache: the same bits, and each head's statistics against the last row of
+   the full causal forward's per-head weights.  */
 static void module_cached(void)
 {
     enum { L = 23, E = 24, H = 4, HKV = 2, D = E / H, EKV = HKV * D };
     float *x = malloc(L * E * sizeof(float)), *win = malloc((E + 2 * EKV) * E * sizeof(float));
     float *wout = malloc(E * E * sizeof(float)), *out = malloc(L * E * sizeof(float));
-    float *w = malloc(H * L * L * sizeof(float)), *kc = malloc(HKV * L * D * sizeof(float));
-    float *vc = malloc(HKV * L * D * sizeof(float));
+    float *out2 = malloc(E * sizeof(float));
+    float *w = malloc(H * L * L * sizeof(float)), *kc = calloc(HKV * L * D, sizeof(float));
+    float *vc = calloc(HKV * L * D, sizeof(float)), *kc2 = malloc(HKV * L * D * sizeof(float));
+    float *vc2 = malloc(HKV * L * D * sizeof(float));
     tu_rng r = { 5 };
     mha_module m;
-    mha_kv_cache c;
+    mha_kv_cache c, c2;
     mha_options o;
-    statbuf s;
-    int len = 0, h, bad = 0;
+    mha_run run;
+    mha_error err;
+    mha_plan *p = NULL;
+    statbuf s, s2;
+    int len = 0, len2, h, bad = 0;
     tu_fill(&r, x, L * E, 1.0f); tu_fill(&r, win, (E + 2 * EKV) * E, 0.5f); tu_fill(&r, wout, E * E, 0.3f);
     memset(&m, 0, sizeof m);
     m.embed_dim = E; m.num_heads = H; m.num_kv_heads = HKV; m.in_proj_weight = win; m.out_proj_weight = wout;
@@ -549,22 +676,42 @@ static void module_cached(void)
     c.B = 1; c.Hkv = HKV; c.D = D; c.capacity = L; c.k = kc; c.v = vc; c.len = &len;
     memset(&o, 0, sizeof o);
     o.causal = 1; o.per_head_weights = 1;
-    CHECK(mha_forward(&m, 1, L, L, x, x, x, &o, out, w, NULL, 0) == MHA_OK, "module cached: full forward");
-    CHECK(mha_forward_cached(&m, &c, L - 1, x, &o, out, NULL, 0) == MHA_OK, "module cached: prefill");
-    sb_make(&s, H);
-    o.row_stats = &s.rs;
-    CHECK(mha_forward_cached(&m, &c, 1, x + (size_t)(L - 1) * E, &o, out, NULL, 0) == MHA_OK,
-          "module cached: decode step");
+    run = no_run();
+    run.weights = w;
+    CHECK(mha_module_forward(&m, 1, L, L, x, x, x, &o, out, &run, &err) == MHA_OK, "module cached: full forward: %s",
+          err.message);
+    run = no_run();
+    run.cache = &c;
+    CHECK(mha_module_forward(&m, 1, L - 1, 0, x, NULL, NULL, &o, out, &run, &err) == MHA_OK,
+          "module cached: prefill: %s", err.message);
+    c2 = c; c2.k = kc2; c2.v = vc2; c2.len = &len2;
+    memcpy(kc2, kc, HKV * L * D * sizeof(float)); memcpy(vc2, vc, HKV * L * D * sizeof(float)); len2 = len;
+    sb_make(&s, H); sb_make(&s2, H);
+    run = sb_run(&s);
+    run.cache = &c;
+    CHECK(mha_module_forward(&m, 1, 1, 0, x + (size_t)(L - 1) * E, NULL, NULL, &o, out, &run, &err) == MHA_OK,
+          "module cached: decode step: %s", err.message);
+    CHECK(mha_module_plan(&m, 1, 1, L, &o, MHA_PLAN_PACK | MHA_PLAN_CACHE, NULL, 0, &p, &err) == MHA_OK,
+          "module cached: plan: %s", err.message);
+    run = sb_run(&s2);
+    run.cache = &c2;
+    CHECK(p && mha_module_run_forward(p, 1, 0, x + (size_t)(L - 1) * E, NULL, NULL, out2, &run, &err) == MHA_OK,
+          "module cached: the plan's decode step: %s", err.message);
+    CHECK(sb_same(&s, &s2, H) && memcmp(out, out2, E * sizeof(float)) == 0,
+          "module cached: the decoding plan's statistics or output != the one-shot's");
     for (h = 0; h < H; ++h)
         bad += !row_ok("module cached", s.lse[h], s.ent[h], s.maxw[h], s.first[h],
                        stats_of_weights(w + ((size_t)h * L + L - 1) * L, L, s.lse[h]), NULL);
     CHECK(bad == 0, "module cached: %d heads' decode statistics off the full forward's weights", bad);
-    sb_free(&s); free(x); free(win); free(wout); free(out); free(w); free(kc); free(vc);
+    mha_plan_destroy(p);
+    sb_free(&s); sb_free(&s2);
+    free(x); free(win); free(wout); free(out); free(out2); free(w); free(kc); free(vc); free(kc2); free(vc2);
 }
 
 /* The KV cache: statistics of a rolling cache that has wrapped (n_keep 0
    and 3, sinks) against the float64 reference over the tokens it holds;
-   key 0 is position 0, so a cache that overwrote it has first weight 0. */
+   key 0 is position 0, so a cache that overwrote it has first weight 0.
+   (mha_sdpa_forward with run.cache: k = v = NULL, Lk 0.)  */
 static void kv_cache(void)
 {
     enum { H = 4, Hkv = 2, D = 8, CAP = 24, T = 61, LQ = 3 };
@@ -577,6 +724,8 @@ static void kv_cache(void)
             int len = 0, held[CAP], nh = 0, bad = 0;
             mha_kv_cache c;
             mha_options o;
+            mha_run run;
+            mha_error err;
             statbuf s;
             tu_rng r = { 11u + (unsigned)keep };
             double worst[3] = { 0, 0, 0 };
@@ -587,13 +736,15 @@ static void kv_cache(void)
             for (i = 0; i < T; ++i) {   /* one token at a time */
                 float kn[Hkv * D];
                 for (h = 0; h < Hkv; ++h) memcpy(kn + h * D, kall + ((size_t)h * T + i) * D, D * sizeof(float));
-                CHECK(mha_kv_cache_append(&c, 1, kn, kn) == MHA_OK, "kv cache: append");
+                CHECK(mha_kv_cache_append(&c, 1, kn, kn, &err) == MHA_OK, "kv cache: append: %s", err.message);
             }
             memset(&o, 0, sizeof o);
             o.causal = 1; o.sinks = step ? sinks : NULL;
             sb_make(&s, H * LQ);
-            o.row_stats = &s.rs;
-            CHECK(mha_kv_cache_attend(&c, H, LQ, q, &o, out, NULL, 0) == MHA_OK, "kv cache: attend");
+            run = sb_run(&s);
+            run.cache = &c;
+            CHECK(mha_sdpa_forward(1, H, LQ, 0, D, D, q, NULL, NULL, &o, out, &run, &err) == MHA_OK,
+                  "kv cache: attend: %s", err.message);
             /* held positions, in order: 0..keep-1 and T-(CAP-keep)..T-1 */
             for (i = 0; i < keep; ++i) held[nh++] = i;
             for (i = T - (CAP - keep); i < T; ++i) held[nh++] = i;
@@ -602,7 +753,7 @@ static void kv_cache(void)
                 float *kd = malloc((size_t)Hkv * nh * D * sizeof(float));
                 double p[CAP];
                 mha_options od = o;
-                od.num_kv_heads = Hkv; od.causal_align = MHA_CAUSAL_BOTTOM_RIGHT; od.row_stats = NULL;
+                od.num_kv_heads = Hkv; od.causal_align = MHA_CAUSAL_BOTTOM_RIGHT;
                 for (h = 0; h < Hkv; ++h)
                     for (j = 0; j < nh; ++j)
                         memcpy(kd + ((size_t)h * nh + j) * D, kall + ((size_t)h * T + held[j]) * D, D * sizeof(float));
@@ -622,39 +773,71 @@ static void kv_cache(void)
     }
 }
 
-/* Bad row lists: a documented status and nothing written. */
+/* Bad row lists: a documented status naming the field, and nothing written. */
 static void bad_rows(void)
 {
-    float q[2 * 3 * 4] = { 0 }, k[2 * 5 * 4] = { 0 }, lse[2 * 3] = { 0 }, w[2 * 2 * 5];
+    float q[2 * 3 * 4] = { 0 }, k[2 * 5 * 4] = { 0 }, v[2 * 5 * 4] = { 0 }, w[2 * 2 * 5], out[2 * 3 * 4];
+    float dq[2 * 3 * 4] = { 0 };
     int rows_bad[2] = { 0, 3 }, rows_neg[1] = { -1 }, rows_ok[2] = { 2, 0 }, t, clean = 1;
-    const struct { int Lq, n; const int *rows; const float *lse; mha_status want; const char *what; } cases[] = {
-        { 3, 2, rows_bad, lse, MHA_ERR_INVALID_ARGUMENT, "row Lq" },
-        { 3, 1, rows_neg, lse, MHA_ERR_INVALID_ARGUMENT, "row -1" },
-        { 3, 0, rows_ok, lse, MHA_ERR_INVALID_SIZE, "no rows" },
-        { 3, 2, NULL, lse, MHA_ERR_NULL_POINTER, "rows NULL" },
-        { 3, 2, rows_ok, NULL, MHA_ERR_NULL_POINTER, "lse NULL" },
-        { 0, 2, rows_ok, lse, MHA_ERR_INVALID_SIZE, "Lq 0" },
+    mha_run run;
+    mha_error err;
+    mha_plan *p = NULL;
+    const struct { int Lq, n; const int *rows; int weights; mha_status want; const char *field, *what; } cases[] = {
+        { 3, 2, rows_bad, 1, MHA_ERR_INVALID_ARGUMENT, "run->rows", "row Lq" },
+        { 3, 1, rows_neg, 1, MHA_ERR_INVALID_ARGUMENT, "run->rows", "row -1" },
+        { 3, 0, rows_ok, 1, MHA_ERR_INVALID_SIZE, "run->n_rows", "no rows" },
+        { 3, -1, NULL, 1, MHA_ERR_INVALID_SIZE, "run->n_rows", "n_rows -1" },
+        { 3, 2, NULL, 1, MHA_ERR_NULL_POINTER, "run->rows", "rows NULL" },
+        { 3, 2, rows_ok, 0, MHA_ERR_NULL_POINTER, "run->weights", "weights NULL" },
+        { 0, 2, rows_ok, 1, MHA_ERR_INVALID_SIZE, "Lq", "Lq 0" },
     };
     for (t = 0; t < 20; ++t) w[t] = 7.0f;
-    for (t = 0; t < (int)(sizeof cases / sizeof cases[0]); ++t)
-        CHECK(mha_sdpa_weights_rows(1, 2, cases[t].Lq, 5, 4, q, k, cases[t].lse, cases[t].n, cases[t].rows, NULL, w) ==
-              cases[t].want, "weights_rows: %s", cases[t].what);
+    for (t = 0; t < 24; ++t) out[t] = 7.0f;
+    for (t = 0; t < (int)(sizeof cases / sizeof cases[0]); ++t) {
+        run = no_run();
+        run.rows = cases[t].rows; run.n_rows = cases[t].n; run.weights = cases[t].weights ? w : NULL;
+        CHECK(mha_sdpa_forward(1, 2, cases[t].Lq, 5, 4, 4, q, k, v, NULL, out, &run, &err) == cases[t].want &&
+              err.status == cases[t].want && err.field && !strcmp(err.field, cases[t].field),
+              "rows: %s: want field %s: %s", cases[t].what, cases[t].field, err.message);
+    }
+    run = no_run();
+    run.rows = rows_ok; run.n_rows = 2; run.weights = w;
     {
         mha_options o;
         memset(&o, 0, sizeof o);
         o.num_kv_heads = 3;
-        CHECK(mha_sdpa_weights_rows(1, 2, 3, 5, 4, q, k, lse, 2, rows_ok, &o, w) == MHA_ERR_HEADS_DIVIDE,
-              "weights_rows: Hkv does not divide H");
+        CHECK(mha_sdpa_forward(1, 2, 3, 5, 4, 4, q, k, v, &o, out, &run, &err) == MHA_ERR_HEADS_DIVIDE &&
+              !strcmp(err.field, "opt->num_kv_heads"), "rows: Hkv does not divide H: %s", err.message);
     }
+    CHECK(mha_sdpa_plan(1, 2, 3, 5, 4, 4, NULL, 0, NULL, 0, &p, &err) == MHA_OK, "plan: %s", err.message);
+    CHECK(p && mha_sdpa_run_forward(p, 3, 5, q, k, v, out, &run, &err) == MHA_ERR_EXCEEDS_PLAN &&
+          !strcmp(err.field, "run->rows"), "rows on a plan without MHA_PLAN_ROWS or _WEIGHTS: %s", err.message);
+    mha_plan_destroy(p);
+    p = NULL;
+    CHECK(mha_sdpa_plan(1, 2, 3, 5, 4, 4, NULL, MHA_PLAN_ROWS, NULL, 0, &p, &err) == MHA_OK, "rows plan: %s",
+          err.message);
+    run.rows = NULL; run.n_rows = 0;   /* whole weights */
+    CHECK(p && mha_sdpa_run_forward(p, 3, 5, q, k, v, out, &run, &err) == MHA_ERR_EXCEEDS_PLAN &&
+          !strcmp(err.field, "run->weights"), "whole weights on a MHA_PLAN_ROWS plan: %s", err.message);
+    mha_plan_destroy(p);
+    run.rows = rows_ok; run.n_rows = 2;
+    /* the rows are recomputed from q and k after the forward: out must not be q */
+    CHECK(mha_sdpa_forward(1, 2, 3, 5, 4, 4, q, k, v, NULL, q, &run, &err) == MHA_ERR_INVALID_ARGUMENT &&
+          !strcmp(err.field, "run->rows"), "rows with out == q: %s", err.message);
+    CHECK(mha_sdpa_backward(1, 2, 3, 5, 4, 4, q, k, v, q, NULL, dq, NULL, NULL, &run, &err) ==
+          MHA_ERR_INVALID_ARGUMENT && !strcmp(err.field, "run->weights"), "rows in a backward: %s", err.message);
     for (t = 0; t < 20; ++t) clean &= w[t] == 7.0f;
-    CHECK(clean, "weights_rows wrote on error");
-    CHECK(mha_sdpa_weights_rows(1, 2, 3, 5, 4, q, k, lse, 2, rows_ok, NULL, w) == MHA_OK, "weights_rows: ok");
-    CHECK(fabsf(w[0] - 1.0f) < 1e-6f, "weights_rows: zero scores, lse 0 give weight 1, got %g", w[0]);
+    for (t = 0; t < 24; ++t) clean &= out[t] == 7.0f && dq[t] == 0.0f && q[t] == 0.0f;
+    CHECK(clean, "a refused rows call wrote its output");
+    CHECK(mha_sdpa_forward(1, 2, 3, 5, 4, 4, q, k, v, NULL, out, &run, &err) == MHA_OK, "rows: ok: %s", err.message);
+    for (t = 0; t < 20; ++t) clean &= fabsf(w[t] - 0.2f) < 1e-7f;
+    CHECK(clean, "rows: zero scores over 5 keys give weights 1/5, got %g", w[0]);
 }
 
 /* The long case: L keys, every query row's statistics of one head (and a
-   GQA pair) from the fused path, the last 64 rows recomputed; a float64
-   reference for 96 rows (the last 64 and 32 spread over the rest).  */
+   GQA pair) from the fused path, the last 64 rows recomputed in the same
+   forward (run.rows); a float64 reference for 96 rows (the last 64 and 32
+   spread over the rest).  */
 static void long_rows(int L)
 {
     enum { H = 2, D = 16, NR = 64 };
@@ -665,6 +848,8 @@ static void long_rows(int L)
     int rows[NR], h, i, j, bad = 0, badw = 0;
     statbuf s;
     mha_options o;
+    mha_run run;
+    mha_error err;
     tu_rng r = { 16384 };
     cfg c = base(1, H, 1, L, L, D);
     c.causal = 1; c.sinks = 1;
@@ -676,10 +861,20 @@ static void long_rows(int L)
         float sk[H] = { 1.0f, -INFINITY };
         o.sinks = sk;
         sb_make(&s, (size_t)H * L);
-        o.row_stats = &s.rs;
-        CHECK(mha_sdpa(1, H, L, L, D, D, q, k, v, &o, out, NULL, NULL, 0) == MHA_OK, "long: fused sdpa L %d", L);
         for (i = 0; i < NR; ++i) rows[i] = L - NR + i;
-        CHECK(mha_sdpa_weights_rows(1, H, L, L, D, q, k, s.lse, NR, rows, &o, wr) == MHA_OK, "long: rows");
+        {   /* a plan for chosen rows sizes the fused path, the lse and a row, not whole matrices */
+            mha_sizes zr, zw;
+            CHECK(mha_sdpa_plan_size(1, H, L, L, D, D, &o, MHA_PLAN_ROWS, &zr, &err) == MHA_OK &&
+                  mha_sdpa_plan_size(1, H, L, L, D, D, &o, MHA_PLAN_WEIGHTS, &zw, &err) == MHA_OK &&
+                  zr.workspace * 4 <= zw.workspace, "long: a MHA_PLAN_ROWS workspace of %lu bytes, "
+                  "MHA_PLAN_WEIGHTS %lu: %s", (unsigned long)zr.workspace, (unsigned long)zw.workspace, err.message);
+            printf("L = %d: workspace of a plan for rows %.1f MiB, for whole weights %.1f MiB\n", L,
+                   zr.workspace / 1048576.0, zw.workspace / 1048576.0);
+        }
+        run = sb_run(&s);
+        run.weights = wr; run.rows = rows; run.n_rows = NR;
+        CHECK(mha_sdpa_forward(1, H, L, L, D, D, q, k, v, &o, out, &run, &err) == MHA_OK,
+              "long: fused sdpa L %d with rows: %s", L, err.message);
         for (h = 0; h < H; ++h)
             for (i = 0; i < NR + 32; ++i) {
                 int row = i < NR ? rows[i] : (int)((long)(i - NR) * (L - NR) / 32);
