@@ -151,8 +151,7 @@ static void encoder_pass(tu_rng *r, const char *path)
     mha_st_file f;
     mha_encoder_layer ly;
     mha_encoder_layer_grad g;
-    char err[256];
-    const float *x;
+    const float *x = NULL;
     float y[2 * 5 * 16], dy[2 * 5 * 16], dx[2 * 5 * 16], *gw, logits[2 * 5 * V], dlog[2 * 5 * V];
     float table[V * 16], emb[4 * 16], pe[5 * 16], mom[V * 16], var[V * 16];
     int tok[4] = {0, 3, 5, 1}, tgt[10] = {1, 2, 3, 4, 5, 0, 1, -1, 2, 3}, correct, layer_ok;
@@ -165,13 +164,15 @@ static void encoder_pass(tu_rng *r, const char *path)
     memset(&ly, 0, sizeof ly);
     memset(&g, 0, sizeof g);
     adam = mha_adamw_defaults();
-    /* TODO(companions): these mha_st_* calls follow examples/safetensors.h's
-       0.1 convention (char *err, size_t errlen; 0 / -1); move them to
-       mha_status + mha_error with that header. */
-    layer_ok = mha_st_open(path, &f, err, sizeof err) == 0 && mha_st_encoder_layer(&f, "layers.0.", 4, &ly, err, sizeof err) == 0;
-    CHECK(layer_ok, "encoder layer from %s: %s", path, layer_ok ? "" : err);
+    layer_ok = mha_st_open(path, &f, &e) == MHA_OK;
+    if (layer_ok && mha_st_encoder_layer(&f, "layers.0.", 4, &ly, &e) != MHA_OK) {
+        layer_ok = 0;
+        mha_st_close(&f);
+    }
+    CHECK(layer_ok, "encoder layer from %s: %s", path, layer_ok ? "" : e.message);
     if (!layer_ok) return;
-    x = mha_st_floats(&f, "test.x", -1, NULL, err, sizeof err);
+    CHECK(mha_st_floats(&f, "test.x", -1, NULL, &x, &e) == MHA_OK, "test.x: %s", e.message);
+    if (!x) { mha_st_close(&f); return; }
     tu_fill(r, dy, 160, 1.0f);
     gw = zeros(24 * 16);
     g.linear1_weight = gw;
@@ -207,13 +208,12 @@ static void encoder_pass(tu_rng *r, const char *path)
 static void npy_pass(void)
 {
     mha_npy a;
-    char err[256];
-    /* TODO(companions): examples/npy.h's 0.1 convention (char *err, errlen;
-       0 / -1); move to mha_status + mha_error with that header. */
-    CHECK(mha_npy_load("tests/data/npy/torch_causal_f8.npy", &a, err, sizeof err) == 0 && touch(a.data, a.count) > 0,
+    mha_error e;
+    CHECK(mha_npy_load("tests/data/npy/torch_causal_f8.npy", &a, &e) == MHA_OK && touch(a.data, a.count) > 0,
           "npy load");
     mha_npy_free(&a);
-    CHECK(mha_npy_load("tests/data/npy/bad_fortran.npy", &a, err, sizeof err) == -1, "bad npy refused");
+    CHECK(mha_npy_load("tests/data/npy/bad_fortran.npy", &a, &e) != MHA_OK && e.message[0] != '\0',
+          "bad npy refused with a message");
 }
 
 int main(int argc, char **argv)
