@@ -60,28 +60,39 @@ run_prog() {
     note "[$cfg] $line"
 }
 
-# build_and_run CONFIG CC "FLAGS" "LIBS" [runner...]: every tests/test_*.c
-# (or the programs named in $SRCS; $TESTS narrows either), compiled
-# $MHA_JOBS at a time (compiling the header is most of a test's time), then
-# run one after the other in order
-build_and_run() {
-    local cfg=$1 cc=$2 flags=$3 libs=$4; shift 4
+# Compiling the header is most of a test's time, so the compiles run
+# $MHA_JOBS at a time (default 1), in one pool that build_set calls share;
+# the programs then run one after the other, in order (run_set).
+pool_running=0
+declare -A set_names
+pool_slot() {
+    while [ "$pool_running" -ge "${MHA_JOBS:-1}" ]; do wait -n; pool_running=$((pool_running - 1)); done
+}
+pool_drain() { wait; pool_running=0; }
+
+# build_set CONFIG CC "FLAGS" "LIBS": start compiling every tests/test_*.c
+# (or the programs named in $SRCS; $TESTS narrows either) into $OUT/CONFIG
+build_set() {
+    local cfg=$1 cc=$2 flags=$3 libs=$4 src name list=""
     mkdir -p "$OUT/$cfg"
-    local src name names=() running=0
     for src in ${SRCS:-tests/test_*.c}; do
         [ -f "$src" ] || src="tests/$src.c"
         name=$(basename "$src" .c)
         # TESTS="test_a test_b" limits a run to those programs (while developing)
         if [ -n "${TESTS:-}" ] && ! grep -qw -- "$name" <<<"$TESTS"; then continue; fi
-        names+=("$name")
+        list="$list $name"
         rm -f "$OUT/$cfg/$name" "$OUT/$cfg/$name.built"
+        pool_slot
         ( $cc $flags $STB -Itests -I. "$src" -o "$OUT/$cfg/$name" $libs 2>"$OUT/$cfg/$name.build.log" &&
           touch "$OUT/$cfg/$name.built" ) &
-        running=$((running + 1))
-        if [ "$running" -ge "${MHA_JOBS:-1}" ]; then wait -n; running=$((running - 1)); fi
+        pool_running=$((pool_running + 1))
     done
-    wait
-    for name in "${names[@]}"; do
+    set_names[$cfg]=$list
+}
+# run_set CONFIG [runner...]: after pool_drain, run what build_set built
+run_set() {
+    local cfg=$1 name; shift
+    for name in ${set_names[$cfg]}; do
         if [ ! -f "$OUT/$cfg/$name.built" ]; then
             fail_one "[$cfg] $name: build failed:"
             head -20 "$OUT/$cfg/$name.build.log"
@@ -89,6 +100,14 @@ build_and_run() {
         fi
         run_prog "$cfg" "$OUT/$cfg/$name" "$@"
     done
+}
+# build_and_run CONFIG CC "FLAGS" "LIBS" [runner...]
+build_and_run() {
+    local cfg=$1
+    build_set "$1" "$2" "$3" "$4"
+    shift 4
+    pool_drain
+    run_set "$cfg" "$@"
 }
 
 # fuzz_one NAME RUNS "EXTRA_CFLAGS" [libFuzzer args / seed dirs...]: build
@@ -241,13 +260,19 @@ for cfg in "${configs[@]}"; do
         # the core tests under ASan+UBSan; two compilers at a time
         export MHA_JOBS=${MHA_JOBS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
         export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1
+        # (one pool of compiles for both builds, the slow ASan ones first)
         if have_avx2; then
-            OMP_NUM_THREADS=2 build_and_run avx2 gcc "-std=c99 -O2 -mavx2 -mfma -fopenmp $WARN" "-lm"
-            OMP_NUM_THREADS=2 SRCS=$CHECK_SAN_TESTS build_and_run asan-avx2 clang \
-                "-std=c99 $SAN -mavx2 -mfma -fopenmp $WARN" "-lm"
+            SRCS=$CHECK_SAN_TESTS build_set asan-avx2 clang "-std=c99 $SAN -mavx2 -mfma -fopenmp $WARN" "-lm"
+            build_set avx2 gcc "-std=c99 -O2 -mavx2 -mfma -fopenmp $WARN" "-lm"
+            pool_drain
+            OMP_NUM_THREADS=2 run_set avx2
+            OMP_NUM_THREADS=2 run_set asan-avx2
         else
-            build_and_run scalar gcc "-std=c99 -O2 -DMHA_NO_SIMD $WARN" "-lm"
-            SRCS=$CHECK_SAN_TESTS build_and_run asan-scalar clang "-std=c99 $SAN -DMHA_NO_SIMD $WARN" "-lm"
+            SRCS=$CHECK_SAN_TESTS build_set asan-scalar clang "-std=c99 $SAN -DMHA_NO_SIMD $WARN" "-lm"
+            build_set scalar gcc "-std=c99 -O2 -DMHA_NO_SIMD $WARN" "-lm"
+            pool_drain
+            run_set scalar
+            run_set asan-scalar
         fi ;;
     tsan)
         # one plan from several pthreads at once, each with its own mha_run:
