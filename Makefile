@@ -10,7 +10,7 @@ DEPS_DEMO  := gcc libstb-dev fortunes
 DEPS_BENCH := libopenblas-dev python3-torch python3-numpy
 DEPS_GOLD  := python3-torch python3-numpy
 
-.PHONY: all help test demo view bench bench-mha profile-attn deps deps-demo deps-bench golden install uninstall clean train-gpt
+.PHONY: all help test check demo view bench bench-mha profile-attn deps deps-demo deps-bench golden install uninstall clean train-gpt
 
 all: demo
 
@@ -18,7 +18,8 @@ help:
 	@echo "make demo   - build and run the examples (heatmap PNGs, the trained tiny GPT's views and a sample)"
 	@echo "make train-gpt - train the tiny GPT from scratch on the fortunes text (5 minutes, 2 threads)"
 	@echo "make view   - build the .npy viewer; make view NPY=attn.npy VIEWFLAGS='--labels tok.txt' runs it"
-	@echo "make test   - every test under scalar, AVX2, clang, ASan+UBSan, NEON (qemu), C++; install, valgrind, fuzz"
+	@echo "make test   - every test under scalar, AVX2, clang, ASan+UBSan, TSan, NEON (qemu), C++; install, valgrind, fuzz"
+	@echo "make check  - the edit loop, about 2 minutes: every test once (AVX2+OpenMP, else scalar), the core under ASan+UBSan"
 	@echo "make bench  - GEMM and attention benchmarks against OpenBLAS and PyTorch"
 	@echo "make install PREFIX=/usr/local [DESTDIR=...] - mha.h, mha/*.h, mha.pc, CMake config (uninstall too)"
 	@echo "make deps   - install the Debian packages the tests need (root, apt-get)"
@@ -46,6 +47,11 @@ deps-bench:
 
 test: deps
 	bash tests/run_all.sh
+
+# A subset of `make test` for the edit loop (tests/run_all.sh, mode check):
+# the same build logic, two compilers at a time.
+check: deps
+	bash tests/run_all.sh check
 
 # The heatmap example writes PNGs into $(OUT) and prints their paths.
 OUT := out

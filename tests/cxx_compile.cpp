@@ -1,7 +1,10 @@
-// The header compiled as C++ (C++11, -Wall -Wextra -Wpedantic -Werror) and used.
+// The header compiled as C++ (C++11, -Wall -Wextra -Wpedantic -Werror) and used:
+// a one-shot forward, the same through a packed plan in caller memory, and a
+// refusal read back through mha_error.
 #define MHA_IMPLEMENTATION
 #include "mha.h"
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 int main()
@@ -18,23 +21,35 @@ int main()
     m.out_proj_weight = w_out.data();
     mha_options opt = {};
     opt.causal = 1;
-    mha_status s = mha_forward(&m, 1, L, L, x.data(), x.data(), x.data(), &opt, out.data(), w.data(), nullptr, 0);
+    mha_run run = {};
+    run.weights = w.data();
+    mha_error err;
+    mha_status s = mha_module_forward(&m, 1, L, L, x.data(), x.data(), x.data(), &opt, out.data(), &run, &err);
     int pass = 0, fail = 0;
     (s == MHA_OK ? pass : fail)++;
     (w[0] == 1.0f && w[1] == 0.0f ? pass : fail)++;   // causal: first query sees only key 0
     // the same through a plan (caller memory for the plan, a workspace per run)
-    size_t plan_bytes = 0;
-    mha_module_plan_size(&m, 1, L, L, &opt, MHA_PLAN_PACK | MHA_PLAN_WEIGHTS, &plan_bytes);
-    std::vector<double> mem(plan_bytes / sizeof(double) + 1);
+    mha_sizes sz = {};
+    s = mha_module_plan_size(&m, 1, L, L, &opt, MHA_PLAN_PACK | MHA_PLAN_WEIGHTS, &sz, &err);
+    (s == MHA_OK ? pass : fail)++;
+    std::vector<double> mem(sz.plan / sizeof(double) + 1);
     mha_plan *p = nullptr;
     std::vector<float> out2(L * E), w2(L * L);
-    s = mha_module_plan(&m, 1, L, L, &opt, MHA_PLAN_PACK | MHA_PLAN_WEIGHTS, mem.data(), plan_bytes, &p);
-    std::vector<char> ws(mha_plan_workspace_size(p));
-    if (s == MHA_OK)
-        s = mha_module_forward(p, L, L, x.data(), x.data(), x.data(), nullptr, nullptr, out2.data(), w2.data(),
-                               ws.data(), ws.size());
+    s = mha_module_plan(&m, 1, L, L, &opt, MHA_PLAN_PACK | MHA_PLAN_WEIGHTS, mem.data(), sz.plan, &p, &err);
+    std::vector<char> ws(sz.workspace);
+    mha_run r2 = {};
+    r2.workspace = ws.data();
+    r2.workspace_bytes = ws.size();
+    r2.weights = w2.data();
+    if (s == MHA_OK) s = mha_module_run_forward(p, L, L, x.data(), x.data(), x.data(), out2.data(), &r2, &err);
     (s == MHA_OK && out2 == out && w2 == w ? pass : fail)++;   // bit for bit
     mha_plan_destroy(p);
+    // a refusal names the function and the field
+    m.num_heads = 4;
+    s = mha_module_forward(&m, 1, L, L, x.data(), x.data(), x.data(), &opt, out.data(), nullptr, &err);
+    (s == MHA_ERR_HEADS_DIVIDE && err.status == s && std::strcmp(err.function, "mha_module_forward") == 0 &&
+     std::strcmp(err.field, "m->num_heads") == 0 && std::strncmp(err.message, "mha_module_forward: m->num_heads: ", 34) == 0
+         ? pass : fail)++;
     std::printf("cxx: %d passed, %d failed\n", pass, fail);
     return fail != 0;
 }

@@ -3,7 +3,10 @@
    and Inf.  Every buffer is allocated exactly as large as the caller's
    declared shapes say, so ASan catches any read or write past them.  The call
    must return a status, never crash; with MHA_OK the outputs must be written
-   and a NaN may only appear when an input held a non-finite value.
+   and a NaN may only appear when an input held a non-finite value.  A
+   refusal must fill the mha_error as the header says: its status, the
+   function "mha_module_forward", a field, and a message "function: field:
+   ..." (NUL-terminated within the struct).
 
      clang -g -O1 -fsanitize=fuzzer,address,undefined -I. tests/fuzz_forward.c -lm
      ./a.out -runs=200000                                                          */
@@ -89,6 +92,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     void *am, *kpm;
     long nw;
     mha_status st;
+    mha_error err;
+    mha_run run;
     int good[4];
 
     s.p = data; s.n = size;
@@ -145,7 +150,22 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     nw = (long)B * (o.per_head_weights ? H : 1) * Lq * Lk_eff;
     w = want_w ? floats(&s, nw) : NULL;
 
-    st = mha_forward(&m, B, Lq, Lk, q, k, v, &o, out, w, NULL, 0);
+    memset(&run, 0, sizeof run);
+    run.weights = w;
+    memset(&err, 0x5a, sizeof err);   /* junk: the call must overwrite what it reports */
+    st = mha_module_forward(&m, B, Lq, Lk, q, k, v, &o, out, &run, (take(&s) & 1) ? &err : NULL);
+    if (st != MHA_OK && err.status == st) {
+        /* the report: function, field, "function: field: ..." */
+        size_t fl;
+        if (memchr(err.message, '\0', sizeof err.message) == NULL) abort();
+        if (!err.function || strcmp(err.function, "mha_module_forward") != 0 || !err.field) abort();
+        fl = strlen(err.field);
+        if (strncmp(err.message, "mha_module_forward: ", 20) != 0 || strncmp(err.message + 20, err.field, fl) != 0 ||
+            strncmp(err.message + 20 + fl, ": ", 2) != 0)
+            abort();
+    } else if (st != MHA_OK && err.status != (mha_status)0x5a5a5a5a) {
+        abort();   /* err given but not filled with this status */
+    }
     if (st == MHA_OK && w) {
         /* weights are probabilities (or 0 for fully masked rows) unless inputs held NaN */
         for (i = 0; i < nw; ++i)

@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # Builds every tests/test_*.c under each configuration and runs it; adds up the
-# "N passed, N failed" lines and closes with the total.  Used by `make test`.
+# "N passed, N failed" lines and closes with the total.  Used by `make test`
+# (every configuration) and `make check` (the edit loop, about two minutes).
 #
 #   tests/run_all.sh [config ...]      default: all configurations, in two lanes at once
+#   tests/run_all.sh check             every test once (AVX2+OpenMP, or scalar), and
+#                                      the core tests under ASan+UBSan
 #   TESTS="test_x test_y" tests/run_all.sh scalar neon    only those programs
+#   MHA_JOBS=2 tests/run_all.sh avx2   compile two programs at a time (check: 2)
 #
 # Configurations: scalar (gcc, MHA_NO_SIMD), avx2 (gcc, AVX2+FMA, OpenMP),
 # avx512 (gcc, AVX-512F, OpenMP; skipped on CPUs without it),
 # clang (clang, AVX2+FMA), sanitize (clang ASan+UBSan, AVX2 and scalar),
-# neon (aarch64 cross-compiler, run under qemu-aarch64), cxx (C++ compile of the
-# header + the two-translation-unit link test), fuzz (bounded libFuzzer runs
-# of the four tests/fuzz_*.c harnesses), install (make install + consumer
-# builds with pkg-config and CMake), valgrind (memcheck of every example
-# and of tests/memcheck_fwd_bwd.c).
+# tsan (clang ThreadSanitizer, no OpenMP: the programs that run one plan
+# from several pthreads), neon (aarch64 cross-compiler, run under
+# qemu-aarch64), cxx (C++ compile of the header + the two-translation-unit
+# link test), fuzz (bounded libFuzzer runs of the five tests/fuzz_*.c
+# harnesses), install (make install + consumer builds with pkg-config and
+# CMake), valgrind (memcheck of every example and of
+# tests/memcheck_fwd_bwd.c).  A sanitizer report in any program's output
+# fails it, whatever its counts say.
 set -u
 cd "$(dirname "$0")/.."
 OUT=build/tests
@@ -32,6 +39,11 @@ run_prog() {
     "$@" "$bin" >"$log" 2>&1
     local rc=$?
     grep -E '^(FAIL|NOTE|worst)' "$log" | head -40
+    # a sanitizer's report fails the program even where it recovers and exits 0
+    if grep -qE 'WARNING: ThreadSanitizer|ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:' "$log"; then
+        fail_one "[$cfg] $(basename "$bin"): sanitizer report:"
+        grep -E 'WARNING: ThreadSanitizer|ERROR: |SUMMARY: |runtime error:' "$log" | head -10
+    fi
     local line
     line=$(grep -E '[0-9]+ passed, [0-9]+ failed' "$log" | tail -1)
     if [ -z "$line" ]; then
@@ -48,22 +60,54 @@ run_prog() {
     note "[$cfg] $line"
 }
 
-# build_and_run CONFIG CC "FLAGS" "LIBS" [runner...]
-build_and_run() {
-    local cfg=$1 cc=$2 flags=$3 libs=$4; shift 4
+# Compiling the header is most of a test's time, so the compiles run
+# $MHA_JOBS at a time (default 1), in one pool that build_set calls share;
+# the programs then run one after the other, in order (run_set).
+pool_running=0
+declare -A set_names
+pool_slot() {
+    while [ "$pool_running" -ge "${MHA_JOBS:-1}" ]; do wait -n; pool_running=$((pool_running - 1)); done
+}
+pool_drain() { wait; pool_running=0; }
+
+# build_set CONFIG CC "FLAGS" "LIBS": start compiling every tests/test_*.c
+# (or the programs named in $SRCS; $TESTS narrows either) into $OUT/CONFIG
+build_set() {
+    local cfg=$1 cc=$2 flags=$3 libs=$4 src name list=""
     mkdir -p "$OUT/$cfg"
-    local src name
-    for src in tests/test_*.c; do
+    for src in ${SRCS:-tests/test_*.c}; do
+        [ -f "$src" ] || src="tests/$src.c"
         name=$(basename "$src" .c)
         # TESTS="test_a test_b" limits a run to those programs (while developing)
         if [ -n "${TESTS:-}" ] && ! grep -qw -- "$name" <<<"$TESTS"; then continue; fi
-        if ! $cc $flags $STB -Itests -I. "$src" -o "$OUT/$cfg/$name" $libs 2>"$OUT/$cfg/$name.build.log"; then
+        list="$list $name"
+        rm -f "$OUT/$cfg/$name" "$OUT/$cfg/$name.built"
+        pool_slot
+        ( $cc $flags $STB -Itests -I. "$src" -o "$OUT/$cfg/$name" $libs 2>"$OUT/$cfg/$name.build.log" &&
+          touch "$OUT/$cfg/$name.built" ) &
+        pool_running=$((pool_running + 1))
+    done
+    set_names[$cfg]=$list
+}
+# run_set CONFIG [runner...]: after pool_drain, run what build_set built
+run_set() {
+    local cfg=$1 name; shift
+    for name in ${set_names[$cfg]}; do
+        if [ ! -f "$OUT/$cfg/$name.built" ]; then
             fail_one "[$cfg] $name: build failed:"
             head -20 "$OUT/$cfg/$name.build.log"
             continue
         fi
         run_prog "$cfg" "$OUT/$cfg/$name" "$@"
     done
+}
+# build_and_run CONFIG CC "FLAGS" "LIBS" [runner...]
+build_and_run() {
+    local cfg=$1
+    build_set "$1" "$2" "$3" "$4"
+    shift 4
+    pool_drain
+    run_set "$cfg" "$@"
 }
 
 # fuzz_one NAME RUNS "EXTRA_CFLAGS" [libFuzzer args / seed dirs...]: build
@@ -157,6 +201,21 @@ test_valgrind() {
 
 have_avx2() { grep -q ' avx2 ' /proc/cpuinfo && grep -q ' fma ' /proc/cpuinfo; }
 
+SAN="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all"
+# The programs that run one plan from several pthreads; the tsan
+# configuration builds them without OpenMP (whose runtime TSan cannot see
+# into), so every thread is one of theirs.
+TSAN_TESTS="test_concurrency test_plans"
+# The core of `make check`'s ASan+UBSan build.  Compiling is most of a
+# test's time (about 10 s of CPU each under ASan, 3.5 s with -O2), so the
+# AVX2 build of all 44 programs and these 8 come to about 2 minutes on 2
+# cores: every refusal and its cleanup, allocation failures included (api,
+# errors), the defects' regressions (defects), forward against float64
+# (core), backward and the saved forward (backward, saved), plans and their
+# runs at every length (plans), and the KV cache with its rings (decode).
+# make test runs every program under ASan+UBSan, twice.
+CHECK_SAN_TESTS="test_api test_errors test_defects test_core test_backward test_saved test_plans test_decode"
+
 configs=("$@")
 
 # No configuration named: all of them, in two lanes at once (the machines here
@@ -164,7 +223,7 @@ configs=("$@")
 # are done, then the sum of their totals.
 if [ ${#configs[@]} -eq 0 ]; then
     export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}   # a spinning OpenMP thread stalls the other lane
-    bash "$0" scalar avx2 avx512 clang cxx install valgrind >"$OUT/lane1.log" 2>&1 &
+    bash "$0" scalar avx2 avx512 clang tsan cxx install valgrind >"$OUT/lane1.log" 2>&1 &
     lane1=$!
     bash "$0" sanitize neon fuzz >"$OUT/lane2.log" 2>&1
     wait "$lane1"
@@ -196,8 +255,33 @@ for cfg in "${configs[@]}"; do
         if have_avx2; then
             build_and_run clang clang "-std=c99 -O2 -mavx2 -mfma $WARN" "-lm"
         else build_and_run clang clang "-std=c99 -O2 $WARN" "-lm"; fi ;;
+    check)
+        # the edit loop: every test once in the build most users run, then
+        # the core tests under ASan+UBSan; two compilers at a time
+        export MHA_JOBS=${MHA_JOBS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
+        export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1
+        # (one pool of compiles for both builds, the slow ASan ones first)
+        if have_avx2; then
+            SRCS=$CHECK_SAN_TESTS build_set asan-avx2 clang "-std=c99 $SAN -mavx2 -mfma -fopenmp $WARN" "-lm"
+            build_set avx2 gcc "-std=c99 -O2 -mavx2 -mfma -fopenmp $WARN" "-lm"
+            pool_drain
+            OMP_NUM_THREADS=2 run_set avx2
+            OMP_NUM_THREADS=2 run_set asan-avx2
+        else
+            SRCS=$CHECK_SAN_TESTS build_set asan-scalar clang "-std=c99 $SAN -DMHA_NO_SIMD $WARN" "-lm"
+            build_set scalar gcc "-std=c99 -O2 -DMHA_NO_SIMD $WARN" "-lm"
+            pool_drain
+            run_set scalar
+            run_set asan-scalar
+        fi ;;
+    tsan)
+        # one plan from several pthreads at once, each with its own mha_run:
+        # any race inside mha.h is a ThreadSanitizer report, which fails
+        if command -v clang >/dev/null; then
+            TSAN_OPTIONS=halt_on_error=0:exitcode=66 SRCS=$TSAN_TESTS build_and_run tsan clang \
+                "-std=c99 -O1 -g -fsanitize=thread -pthread $WARN" "-lm"
+        else fail_one "tsan: clang missing (make deps installs it)"; fi ;;
     sanitize)
-        SAN="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all"
         export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1
         build_and_run asan-scalar clang "-std=c99 $SAN -DMHA_NO_SIMD $WARN" "-lm"
         # with OpenMP: a thread count the workspace was not sized for shows up here

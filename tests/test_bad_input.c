@@ -1,6 +1,7 @@
 /* test_bad_input.c - value-level bad input (NaN, Inf, masks that block
    everything) on both attention paths, for the bad-input catalogue in
-   docs/api.md; the status-level cases are in test_errors.c.
+   docs/api.md; the status-level cases are in test_errors.c, and which
+   field each public function names when it refuses in test_api.c.
 
    The first case is the regression for what fuzz_diff found
    (tests/data/fuzz/diff/bool_blocked_float_kpm_nan): a float
@@ -23,11 +24,15 @@ static void fill(void)
     tu_fill(&r, v, sizeof v / sizeof v[0], 1.0f);
 }
 
-/* out [B,H,LQ,D] of the fused (w == NULL) or the unfused path */
+/* out [B,H,LQ,D] of the fused (no weights) or the unfused path (the run
+   asks for the weights) */
 static mha_status run(const mha_options *o, int fused, float *out)
 {
     static float w[B * H * LQ * LK];
-    return mha_sdpa(B, H, LQ, LK, D, D, q, k, v, o, out, fused ? NULL : w, NULL, 0);
+    mha_run r;
+    memset(&r, 0, sizeof r);
+    r.weights = fused ? NULL : w;
+    return mha_sdpa_forward(B, H, LQ, LK, D, D, q, k, v, o, out, &r, NULL);
 }
 
 static int all_finite(const float *x, size_t n)

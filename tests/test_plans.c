@@ -1,14 +1,18 @@
-/* Plans (mha_*_plan, runs, one-shot calls as wrappers).
+/* Plans (mha_*_plan, runs, one-shot calls as the plan on the stack).
    1. Property test: random shapes x thread counts 1-4 x options x weights on
       and off (x packed weights for the module): make the plan for the
-      maxima, allocate exactly mha_plan_workspace_size bytes, run at random
-      lengths up to the maxima.  Every run succeeds and equals the one-shot
-      call of its lengths (on one thread) bit for bit: SDPA forward and
-      backward, module forward and backward, encoder layer.
+      maxima, allocate exactly mha_sizes.workspace bytes, run at random
+      lengths up to the maxima with this run's mask data in mha_run.  Every
+      run succeeds and equals the one-shot call of its lengths (on one
+      thread) bit for bit: SDPA forward and backward, module forward and
+      backward, encoder layer.
    2. One plan run from 4 pthreads at once (each with its own workspace)
-      equals a serial run bit for bit, also with packed weights.
-   3. Every status the plans brought (EXCEEDS_PLAN, STALE, PACK_MISMATCH,
-      BAD_ENUM, MISALIGNED), reached on purpose, leaves the outputs as they were.
+      equals a serial run bit for bit, also with packed weights
+      (test_concurrency.c runs every per-run output that way).
+   3. Every status the plans brought (EXCEEDS_PLAN, MISALIGNED, BAD_ENUM,
+      a plan of another kind), reached on purpose, names its field and
+      leaves the outputs as they were; a packed plan computes with its copy
+      of the weights until mha_plan_repack.
    4. The encoder's inference plan at L = 16384, E = 512: plan plus workspace
       within the size of its input and output (peak <= 2 x inputs and
       outputs), where training keeps [L, F] activations; a run at L = 2048 through a
@@ -42,6 +46,7 @@ static void count_free(void *q)
 #define MHA_IMPLEMENTATION
 #include "mha.h"
 #include "testutil.h"
+#include "errcheck.h"
 
 static tu_rng rng = {0x9E3779B97F4A7C15ULL};
 static int irand(int lo, int hi) { return lo + (int)(tu_next(&rng) % (unsigned)(hi - lo + 1)); }
@@ -53,9 +58,23 @@ static float *rnd(size_t n, float a)
 }
 static float *zeros(size_t n) { return (float *)calloc(n ? n : 1, sizeof(float)); }
 static int same(const float *a, const float *b, size_t n) { return memcmp(a, b, n * sizeof(float)) == 0; }
-static const float SENT = 777.0f;
-static void poison(float *x, size_t n) { size_t i; for (i = 0; i < n; ++i) x[i] = SENT; }
-static int untouched(const float *x, size_t n) { size_t i; for (i = 0; i < n; ++i) if (x[i] != SENT) return 0; return 1; }
+/* the workspace bytes of a plan (0 when the call is refused: checked) */
+static size_t ws_bytes(const mha_plan *p)
+{
+    mha_sizes sz = {0, 0, 0};
+    mha_error e;
+    if (mha_plan_sizes(p, &sz, &e) != MHA_OK) { CHECK(0, "mha_plan_sizes: %s", e.message); return 0; }
+    return sz.workspace;
+}
+/* an mha_run with a workspace of n bytes and this run's masks */
+static mha_run run_with(void *ws, size_t n, const void *am, const void *kp)
+{
+    mha_run r;
+    memset(&r, 0, sizeof r);
+    r.workspace = ws; r.workspace_bytes = n;
+    r.attn_mask = am; r.key_padding_mask = kp;
+    return r;
+}
 
 /* Masks for one run: attn_mask [Lq, Lk] bool, key_padding_mask [B, Lk] float
    (-inf or a small value), as the kinds say; data packed for these lengths. */
@@ -110,16 +129,17 @@ static void sdpa_case(void)
     masks mk;
     size_t wsb;
     void *ws;
+    mha_error e;
     mha_status st;
     random_options(&o, threads);
     make_masks(&mk, am_on, kp_on, B, Lqm, Lkm);
     set_masks(&o, &mk, B, Lqm, Lkm);   /* kinds and shapes for the maxima; data given per run */
     o.attn_mask.data = NULL; o.key_padding_mask.data = NULL;
     free_masks(&mk);
-    st = mha_sdpa_plan(B, H, Lqm, Lkm, D, Dv, &o, flags, NULL, 0, &p);
-    CHECK(st == MHA_OK, "sdpa plan: %s", mha_status_string(st));
+    st = mha_sdpa_plan(B, H, Lqm, Lkm, D, Dv, &o, flags, NULL, 0, &p, &e);
+    CHECK(st == MHA_OK, "sdpa plan: %s", e.message);
     if (st != MHA_OK) return;
-    wsb = mha_plan_workspace_size(p);
+    wsb = ws_bytes(p);
     ws = malloc(wsb);
     for (rep = 0; rep < 2; ++rep) {
         int Lq = rep ? irand(1, Lqm) : Lqm, Lk = rep ? irand(1, Lkm) : Lkm;
@@ -129,18 +149,25 @@ static void sdpa_case(void)
         float *o_p = zeros(no), *o_1 = zeros(no), *w_p = weights ? zeros(nw) : NULL, *w_1 = weights ? zeros(nw) : NULL;
         float *dq_p = zeros(nq), *dk_p = zeros(nk), *dv_p = zeros(nv);
         float *dq_1 = zeros(nq), *dk_1 = zeros(nk), *dv_1 = zeros(nv);
+        mha_run r, r1;
         make_masks(&mk, am_on, kp_on, B, Lq, Lk);
-        st = mha_sdpa_run(p, Lq, Lk, q, k, v, mk.am, mk.kp, o_p, w_p, ws, wsb);
-        CHECK(st == MHA_OK, "sdpa run Lq %d/%d Lk %d/%d: %s", Lq, Lqm, Lk, Lkm, mha_status_string(st));
-        /* no workspace: the backward recomputes the forward, as the one-shot does
-           (after the forward in ws it would use the saved forward: test_saved.c) */
-        st = mha_sdpa_run_backward(p, Lq, Lk, q, k, v, dout, mk.am, mk.kp, dq_p, dk_p, dv_p, NULL, 0);
-        CHECK(st == MHA_OK, "sdpa run backward: %s", mha_status_string(st));
+        r = run_with(ws, wsb, mk.am, mk.kp);
+        r.weights = w_p;
+        st = mha_sdpa_run_forward(p, Lq, Lk, q, k, v, o_p, &r, &e);
+        CHECK(st == MHA_OK, "sdpa run Lq %d/%d Lk %d/%d: %s", Lq, Lqm, Lk, Lkm, e.message);
+        /* no saved forward: the backward recomputes the forward, as the
+           one-shot does (the saved forward: test_saved.c) */
+        r.weights = NULL;
+        st = mha_sdpa_run_backward(p, Lq, Lk, q, k, v, dout, dq_p, dk_p, dv_p, &r, &e);
+        CHECK(st == MHA_OK, "sdpa run backward: %s", e.message);
         o1 = o; o1.num_threads = 1;
         set_masks(&o1, &mk, B, Lq, Lk);
-        CHECK(mha_sdpa(B, H, Lq, Lk, D, Dv, q, k, v, &o1, o_1, w_1, NULL, 0) == MHA_OK, "sdpa one-shot");
-        CHECK(mha_sdpa_backward(B, H, Lq, Lk, D, Dv, q, k, v, dout, &o1, dq_1, dk_1, dv_1, NULL, 0) == MHA_OK,
-              "sdpa backward one-shot");
+        memset(&r1, 0, sizeof r1);
+        r1.weights = w_1;
+        CHECK(mha_sdpa_forward(B, H, Lq, Lk, D, Dv, q, k, v, &o1, o_1, &r1, &e) == MHA_OK, "sdpa one-shot: %s",
+              e.message);
+        CHECK(mha_sdpa_backward(B, H, Lq, Lk, D, Dv, q, k, v, dout, &o1, dq_1, dk_1, dv_1, NULL, &e) == MHA_OK,
+              "sdpa backward one-shot: %s", e.message);
         CHECK(same(o_p, o_1, no) && (!weights || same(w_p, w_1, nw)),
               "sdpa plan run != one-shot (B%d H%d D%d Dv%d Lq %d/%d Lk %d/%d threads %d weights %d)",
               B, H, D, Dv, Lq, Lqm, Lk, Lkm, threads, weights);
@@ -199,6 +226,8 @@ static void module_case(void)
     masks mk;
     size_t wsb, pb = 0;
     void *ws, *mem;
+    mha_sizes sz;
+    mha_error e;
     mha_status st;
     do H = irand(1, E); while (E % H);
     make_module(&w, E, H, sep, irand(0, 1), bkv, zero);
@@ -210,13 +239,15 @@ static void module_case(void)
     free_masks(&mk);
     flags = (weights ? MHA_PLAN_WEIGHTS : 0) | (pack ? MHA_PLAN_PACK : 0) | MHA_PLAN_TRAINING;
     /* the preallocated form: the plan in caller memory of exactly its size */
-    st = mha_module_plan_size(&w.m, B, Lqm, Lkm, &o, flags, &pb);
-    CHECK(st == MHA_OK && pb >= sizeof(void *), "module plan size: %s", mha_status_string(st));
+    st = mha_module_plan_size(&w.m, B, Lqm, Lkm, &o, flags, &sz, &e);
+    pb = sz.plan;
+    CHECK(st == MHA_OK && pb >= sizeof(void *), "module plan size: %s", e.message);
     mem = malloc(pb);
-    st = mha_module_plan(&w.m, B, Lqm, Lkm, &o, flags, mem, pb, &p);
-    CHECK(st == MHA_OK && (void *)p == mem, "module plan: %s", mha_status_string(st));
+    st = mha_module_plan(&w.m, B, Lqm, Lkm, &o, flags, mem, pb, &p, &e);
+    CHECK(st == MHA_OK && (void *)p == mem, "module plan: %s", e.message);
     if (st != MHA_OK) { free(mem); free_module(&w); return; }
-    wsb = mha_plan_workspace_size(p);
+    wsb = ws_bytes(p);
+    CHECK(wsb == sz.workspace, "mha_plan_sizes says %zu workspace bytes, the size query %zu", wsb, sz.workspace);
     ws = malloc(wsb);
     for (rep = 0; rep < 2; ++rep) {
         int Lq = rep ? irand(1, Lqm) : Lqm, Lk = rep ? irand(1, Lkm) : Lkm;
@@ -233,17 +264,24 @@ static void module_case(void)
         if (sep) { g_p.q_proj_weight = gw_p; g_1.q_proj_weight = gw_1; }
         else { g_p.in_proj_weight = gw_p; g_1.in_proj_weight = gw_1; }
         g_p.out_proj_weight = go_p; g_1.out_proj_weight = go_1;
+        mha_run r, r1;
         make_masks(&mk, am_on, kp_on, B, Lq, Lk);
-        st = mha_module_forward(p, Lq, Lk, q, k, v, mk.am, mk.kp, o_p, w_p, ws, wsb);
-        CHECK(st == MHA_OK, "module run Lq %d/%d Lk %d/%d: %s", Lq, Lqm, Lk, Lkm, mha_status_string(st));
-        /* no workspace: recompute, as the one-shot (the saved forward: test_saved.c) */
-        st = mha_module_backward(p, Lq, Lk, q, k, v, dout, mk.am, mk.kp, dq_p, dk_p, dv_p, &g_p, NULL, 0);
-        CHECK(st == MHA_OK, "module run backward: %s", mha_status_string(st));
+        r = run_with(ws, wsb, mk.am, mk.kp);
+        r.weights = w_p;
+        st = mha_module_run_forward(p, Lq, Lk, q, k, v, o_p, &r, &e);
+        CHECK(st == MHA_OK, "module run Lq %d/%d Lk %d/%d: %s", Lq, Lqm, Lk, Lkm, e.message);
+        /* no saved forward: recompute, as the one-shot (the saved forward: test_saved.c) */
+        r.weights = NULL;
+        st = mha_module_run_backward(p, Lq, Lk, q, k, v, dout, dq_p, dk_p, dv_p, &g_p, &r, &e);
+        CHECK(st == MHA_OK, "module run backward: %s", e.message);
         o1 = o; o1.num_threads = 1;
         set_masks(&o1, &mk, B, Lq, Lk);
-        CHECK(mha_forward(&w.m, B, Lq, Lk, q, k, v, &o1, o_1, w_1, NULL, 0) == MHA_OK, "module one-shot");
-        CHECK(mha_backward(&w.m, B, Lq, Lk, q, k, v, dout, &o1, dq_1, dk_1, dv_1, &g_1, NULL, 0) == MHA_OK,
-              "module backward one-shot");
+        memset(&r1, 0, sizeof r1);
+        r1.weights = w_1;
+        CHECK(mha_module_forward(&w.m, B, Lq, Lk, q, k, v, &o1, o_1, &r1, &e) == MHA_OK, "module one-shot: %s",
+              e.message);
+        CHECK(mha_module_backward(&w.m, B, Lq, Lk, q, k, v, dout, &o1, dq_1, dk_1, dv_1, &g_1, NULL, &e) == MHA_OK,
+              "module backward one-shot: %s", e.message);
         CHECK(same(o_p, o_1, nq) && (!weights || same(w_p, w_1, nw)),
               "module plan run != one-shot (E%d H%d B%d Lq %d/%d Lk %d/%d sep%d bkv%d zero%d threads %d "
               "weights %d pack %d)", E, H, B, Lq, Lqm, Lk, Lkm, sep, bkv, zero, threads, weights, pack);
@@ -296,7 +334,10 @@ static void encoder_case(void)
     masks mk;
     float *x, *y_p, *y_1, *dy, *dx_p, *dx_1;
     void *ws;
+    size_t wsb;
     mha_encoder_layer_grad g_p, g_1;
+    mha_run r;
+    mha_error er;
     mha_status st;
     make_encoder(&e, E, H, F);
     random_options(&o, threads);
@@ -305,24 +346,27 @@ static void encoder_case(void)
     set_masks(&o, &mk, B, Lm, Lm);
     o.key_padding_mask.data = NULL;
     free_masks(&mk);
-    st = mha_encoder_plan(&e.ly, B, Lm, &o, MHA_PLAN_TRAINING, NULL, 0, &p);
-    CHECK(st == MHA_OK, "encoder plan: %s", mha_status_string(st));
+    st = mha_encoder_plan(&e.ly, B, Lm, &o, MHA_PLAN_TRAINING, NULL, 0, &p, &er);
+    CHECK(st == MHA_OK, "encoder plan: %s", er.message);
     if (st != MHA_OK) { free_encoder(&e); return; }
-    ws = malloc(mha_plan_workspace_size(p));
+    wsb = ws_bytes(p);
+    ws = malloc(wsb);
     x = rnd(n, 1); dy = rnd(n, 1);
     y_p = zeros(n); y_1 = zeros(n); dx_p = zeros(n); dx_1 = zeros(n);
     memset(&g_p, 0, sizeof g_p); memset(&g_1, 0, sizeof g_1);
     g_p.linear1_weight = zeros((size_t)F * E); g_1.linear1_weight = zeros((size_t)F * E);
     make_masks(&mk, 0, kp_on, B, L, L);
-    st = mha_encoder_run(p, L, x, NULL, mk.kp, y_p, NULL, ws, mha_plan_workspace_size(p));
-    CHECK(st == MHA_OK, "encoder run: %s", mha_status_string(st));
-    /* no workspace: recompute, as the one-shot (the saved forward: test_saved.c) */
-    st = mha_encoder_run_backward(p, L, x, dy, NULL, mk.kp, dx_p, &g_p, NULL, 0);
-    CHECK(st == MHA_OK, "encoder run backward: %s", mha_status_string(st));
+    r = run_with(ws, wsb, NULL, mk.kp);
+    st = mha_encoder_run_forward(p, L, x, y_p, &r, &er);
+    CHECK(st == MHA_OK, "encoder run: %s", er.message);
+    /* no saved forward: recompute, as the one-shot (the saved forward: test_saved.c) */
+    st = mha_encoder_run_backward(p, L, x, dy, dx_p, &g_p, &r, &er);
+    CHECK(st == MHA_OK, "encoder run backward: %s", er.message);
     o1 = o; o1.num_threads = 1;
     set_masks(&o1, &mk, B, L, L);
-    CHECK(mha_encoder_forward(&e.ly, B, L, x, &o1, y_1, NULL, NULL, 0) == MHA_OK, "encoder one-shot");
-    CHECK(mha_encoder_backward(&e.ly, B, L, x, &o1, dy, dx_1, &g_1, NULL, 0) == MHA_OK, "encoder backward one-shot");
+    CHECK(mha_encoder_forward(&e.ly, B, L, x, &o1, y_1, NULL, &er) == MHA_OK, "encoder one-shot: %s", er.message);
+    CHECK(mha_encoder_backward(&e.ly, B, L, x, dy, &o1, dx_1, &g_1, NULL, &er) == MHA_OK,
+          "encoder backward one-shot: %s", er.message);
     CHECK(same(y_p, y_1, n) && same(dx_p, dx_1, n) && same(g_p.linear1_weight, g_1.linear1_weight, (size_t)F * E),
           "encoder plan != one-shot (E%d H%d F%d B%d L %d/%d threads %d pre%d)", E, H, F, B, L, Lm, threads,
           e.ly.norm_first);
@@ -346,28 +390,30 @@ static void encoder_chunks(void)
         make_encoder(&e, E, H, F);
         e.ly.norm_first = pre;
         e.ly.activation = MHA_ACT_GELU;
-        CHECK(mha_encoder_forward(&e.ly, B, L, x, NULL, y, NULL, NULL, 0) == MHA_OK, "encoder forward");
+        int ok = 1;
+        CHECK(mha_encoder_forward(&e.ly, B, L, x, NULL, y, NULL, NULL) == MHA_OK, "encoder forward");
         /* post: h = LN1(x + SA(x)); y = LN2(h + FF(h))   pre: h = x + SA(LN1 x); y = h + FF(LN2 h) */
         if (!pre) {
-            mha_forward(&e.ly.self_attn, B, L, L, x, x, x, NULL, a, NULL, NULL, 0);
+            ok &= mha_module_forward(&e.ly.self_attn, B, L, L, x, x, x, NULL, a, NULL, NULL) == MHA_OK;
             for (i = 0; i < n; ++i) t[i] = x[i] + a[i];
-            mha_layernorm_forward(N, E, t, e.ly.norm1_weight, e.ly.norm1_bias, 0, h);
+            ok &= mha_layernorm_forward(N, E, t, e.ly.norm1_weight, e.ly.norm1_bias, 0, h, NULL) == MHA_OK;
             memcpy(t, h, n * sizeof(float));
         } else {
-            mha_layernorm_forward(N, E, x, e.ly.norm1_weight, e.ly.norm1_bias, 0, t);
-            mha_forward(&e.ly.self_attn, B, L, L, t, t, t, NULL, a, NULL, NULL, 0);
+            ok &= mha_layernorm_forward(N, E, x, e.ly.norm1_weight, e.ly.norm1_bias, 0, t, NULL) == MHA_OK;
+            ok &= mha_module_forward(&e.ly.self_attn, B, L, L, t, t, t, NULL, a, NULL, NULL) == MHA_OK;
             for (i = 0; i < n; ++i) h[i] = x[i] + a[i];
-            mha_layernorm_forward(N, E, h, e.ly.norm2_weight, e.ly.norm2_bias, 0, t);
+            ok &= mha_layernorm_forward(N, E, h, e.ly.norm2_weight, e.ly.norm2_bias, 0, t, NULL) == MHA_OK;
         }
-        mha_linear_forward(N, E, F, t, e.ly.linear1_weight, e.ly.linear1_bias, z, NULL, 0);
+        ok &= mha_linear_forward(N, E, F, t, e.ly.linear1_weight, e.ly.linear1_bias, z, NULL, NULL) == MHA_OK;
         for (i = 0; i < nf; ++i) z[i] = 0.5f * z[i] * (1.0f + erff(z[i] * 0.70710678118654752f));
-        mha_linear_forward(N, F, E, z, e.ly.linear2_weight, e.ly.linear2_bias, a, NULL, 0);
+        ok &= mha_linear_forward(N, F, E, z, e.ly.linear2_weight, e.ly.linear2_bias, a, NULL, NULL) == MHA_OK;
         if (!pre) {
             for (i = 0; i < n; ++i) t[i] = h[i] + a[i];
-            mha_layernorm_forward(N, E, t, e.ly.norm2_weight, e.ly.norm2_bias, 0, ref);
+            ok &= mha_layernorm_forward(N, E, t, e.ly.norm2_weight, e.ly.norm2_bias, 0, ref, NULL) == MHA_OK;
         } else {
             for (i = 0; i < n; ++i) ref[i] = h[i] + a[i];
         }
+        CHECK(ok, "the composed layer's calls succeed");
         CHECK(same(y, ref, n), "chunked inference encoder != composed layer (pre-norm %d, N %d)", pre, N);
         free(x); free(y); free(a); free(h); free(t); free(z); free(ref);
         free_encoder(&e);
@@ -386,11 +432,12 @@ typedef struct job {
 static void *run_job(void *arg)
 {
     job *j = (job *)arg;
-    size_t wsb = mha_plan_workspace_size(j->p);
+    size_t wsb = ws_bytes(j->p);
     void *ws = malloc(wsb);   /* each thread its own workspace (plain malloc: not counted) */
-    int r;
-    for (r = 0; r < 3 && (j->st = mha_module_forward(j->p, j->Lq, j->Lk, j->x, j->x, j->x, NULL, NULL,
-                                                      j->out, NULL, ws, wsb)) == MHA_OK; ++r) {}
+    mha_run r = run_with(ws, wsb, NULL, NULL);
+    int k;
+    for (k = 0; k < 3 && (j->st = mha_module_run_forward(j->p, j->Lq, j->Lk, j->x, j->x, j->x, j->out, &r,
+                                                          NULL)) == MHA_OK; ++k) {}
     free(ws);
     return NULL;
 }
@@ -405,16 +452,17 @@ static void concurrent(void)
         float *x = rnd(n, 1), *serial = zeros(n);
         pthread_t th[4];
         job jobs[4];
+        mha_error e;
         make_module(&w, E, H, 0, 1, 0, 0);
         memset(&o, 0, sizeof o);
         o.causal = 1;
         o.num_threads = 2;   /* each run is itself an OpenMP team of 2 where built with OpenMP */
-        CHECK(mha_module_plan(&w.m, B, L, L, &o, pk ? MHA_PLAN_PACK : 0, NULL, 0, &p) == MHA_OK, "plan");
-        CHECK(mha_module_forward(p, L, L, x, x, x, NULL, NULL, serial, NULL, NULL, 0) == MHA_OK, "serial run");
+        CHECK(mha_module_plan(&w.m, B, L, L, &o, pk ? MHA_PLAN_PACK : 0, NULL, 0, &p, &e) == MHA_OK, "plan: %s",
+              e.message);
+        CHECK(mha_module_run_forward(p, L, L, x, x, x, serial, NULL, &e) == MHA_OK, "serial run: %s", e.message);
         for (t = 0; t < 4; ++t) {
-            jobs[t].p = p; jobs[t].Lq = L - 30 * (t % 2); jobs[t].Lk = L; jobs[t].x = x;
+            jobs[t].p = p; jobs[t].Lq = L; jobs[t].Lk = L; jobs[t].x = x;
             jobs[t].out = zeros(n); jobs[t].st = MHA_ERR_INVALID_ARGUMENT;
-            if (t % 2) jobs[t].Lq = L;   /* same lengths, so each equals the serial run */
             CHECK(pthread_create(&th[t], NULL, run_job, &jobs[t]) == 0, "pthread_create");
         }
         for (t = 0; t < 4; ++t) {
@@ -435,108 +483,124 @@ static void concurrent(void)
 static void statuses(void)
 {
     int E = 8, H = 2, B = 2, L = 6;
-    size_t n = (size_t)B * L * E, nw = (size_t)B * L * L, pb, wsb;
-    modw w, w2;
+    size_t n = (size_t)B * L * E, nw = (size_t)B * L * L, wsb;
+    modw w;
     mha_options o;
     mha_plan *p = NULL, *pt = NULL, *pp = NULL;
     float *x = rnd(n, 1), *out = zeros(n), *wts = zeros(nw), *dx = zeros(n);
+    float *ref = zeros(n), *got = zeros(n);
     unsigned char am[6 * 6] = {0};
-    void *ws, *mem, *buf;
-    mha_status st;
+    void *ws, *mem, *saved;
+    mha_sizes sz;
+    mha_run r;
+    mha_error e;
     make_module(&w, E, H, 0, 1, 0, 0);
-    make_module(&w2, E, H, 0, 1, 0, 0);
     memset(&o, 0, sizeof o);
-    CHECK(mha_module_plan(&w.m, B, L, L, &o, 0, NULL, 0, &p) == MHA_OK, "plan");
-    CHECK(mha_module_plan(&w.m, B, L, L, &o, MHA_PLAN_TRAINING, NULL, 0, &pt) == MHA_OK, "training plan");
-    wsb = mha_plan_workspace_size(pt);
+    CHECK(mha_module_plan(&w.m, B, L, L, &o, 0, NULL, 0, &p, &e) == MHA_OK, "plan: %s", e.message);
+    CHECK(mha_module_plan(&w.m, B, L, L, &o, MHA_PLAN_TRAINING, NULL, 0, &pt, &e) == MHA_OK, "training plan: %s",
+          e.message);
+    CHECK(mha_plan_sizes(pt, &sz, &e) == MHA_OK, "sizes: %s", e.message);
+    wsb = sz.workspace;
     ws = malloc(wsb);
+    saved = malloc(sz.saved);
+    ec_watch(out, n * sizeof(float), 1);
+    ec_watch(wts, nw * sizeof(float), 1);
+    ec_watch(dx, n * sizeof(float), 1);
 
-#define UNTOUCHED(what, call, want)                                                           \
-    do {                                                                                      \
-        poison(out, n); poison(wts, nw); poison(dx, n);                                       \
-        st = (call);                                                                          \
-        CHECK(st == (want) && untouched(out, n) && untouched(wts, nw) && untouched(dx, n),    \
-              "%s: got '%s', want '%s'", what, mha_status_string(st), mha_status_string(want)); \
-    } while (0)
+    /* EXCEEDS_PLAN: longer than planned, weights, a saved forward, a
+       backward or a mask the plan did not allow */
+    r = run_with(ws, wsb, NULL, NULL);
+    EC_REFUSE(MHA_ERR_EXCEEDS_PLAN, "mha_module_run_forward", "Lq",
+              mha_module_run_forward(p, L + 1, L, x, x, x, out, &r, ERR));
+    EC_REFUSE(MHA_ERR_EXCEEDS_PLAN, "mha_module_run_forward", "Lk",
+              mha_module_run_forward(p, L, L + 1, x, x, x, out, &r, ERR));
+    r.weights = wts;
+    EC_REFUSE(MHA_ERR_EXCEEDS_PLAN, "mha_module_run_forward", "run->weights",
+              mha_module_run_forward(p, L, L, x, x, x, out, &r, ERR));
+    r.weights = NULL; r.saved = saved; r.saved_bytes = sz.saved;
+    EC_REFUSE(MHA_ERR_EXCEEDS_PLAN, "mha_module_run_forward", "run->saved",
+              mha_module_run_forward(p, L, L, x, x, x, out, &r, ERR));
+    r.saved = NULL; r.saved_bytes = 0;
+    EC_REFUSE(MHA_ERR_EXCEEDS_PLAN, "mha_module_run_backward", "plan",
+              mha_module_run_backward(p, L, L, x, x, x, x, dx, NULL, NULL, NULL, &r, ERR));
+    r.attn_mask = am;
+    EC_REFUSE(MHA_ERR_EXCEEDS_PLAN, "mha_module_run_forward", "run->attn_mask",
+              mha_module_run_forward(p, L, L, x, x, x, out, &r, ERR));
+    r.attn_mask = NULL;
+    CHECK(mha_plan_sizes(p, &sz, &e) == MHA_OK, "sizes: %s", e.message);
+    r.workspace_bytes = sz.workspace - 1;
+    EC_REFUSE(MHA_ERR_WORKSPACE_TOO_SMALL, "mha_module_run_forward", "run->workspace_bytes",
+              mha_module_run_forward(p, L, L, x, x, x, out, &r, ERR));
+    r.workspace_bytes = wsb;
+    EC_REFUSE(MHA_ERR_INVALID_ARGUMENT, "mha_encoder_run_forward", "plan",   /* a plan of another kind */
+              mha_encoder_run_forward(p, L, x, out, &r, ERR));
+    EC_REFUSE(MHA_ERR_INVALID_ARGUMENT, "mha_sdpa_run_forward", "plan",
+              mha_sdpa_run_forward(p, L, L, x, x, x, out, &r, ERR));
+    EC_REFUSE(MHA_ERR_INVALID_ARGUMENT, "mha_gemm_run", "plan",
+              mha_gemm_run(p, 1.0f, x, E, x, E, 0.0f, out, E, &r, ERR));
+    EC_REFUSE(MHA_ERR_INVALID_ARGUMENT, "mha_module_plan", "flags",   /* an unknown flag */
+              mha_module_plan(&w.m, B, L, L, &o, 64u, NULL, 0, &pp, ERR));
+    EC_REFUSE(MHA_ERR_INVALID_ARGUMENT, "mha_sdpa_plan", "flags",     /* SDPA has no weights to pack */
+              mha_sdpa_plan(B, H, L, L, 4, 4, &o, MHA_PLAN_PACK, NULL, 0, &pp, ERR));
 
-    /* EXCEEDS_PLAN: longer than planned, weights or a backward or a mask the plan did not allow */
-    UNTOUCHED("Lq above the plan", mha_module_forward(p, L + 1, L, x, x, x, NULL, NULL, out, NULL, ws, wsb),
-              MHA_ERR_EXCEEDS_PLAN);
-    UNTOUCHED("Lk above the plan", mha_module_forward(p, L, L + 1, x, x, x, NULL, NULL, out, NULL, ws, wsb),
-              MHA_ERR_EXCEEDS_PLAN);
-    UNTOUCHED("weights not planned", mha_module_forward(p, L, L, x, x, x, NULL, NULL, out, wts, ws, wsb),
-              MHA_ERR_EXCEEDS_PLAN);
-    UNTOUCHED("backward not planned",
-              mha_module_backward(p, L, L, x, x, x, x, NULL, NULL, dx, NULL, NULL, NULL, ws, wsb),
-              MHA_ERR_EXCEEDS_PLAN);
-    UNTOUCHED("mask not planned", mha_module_forward(p, L, L, x, x, x, am, NULL, out, NULL, ws, wsb),
-              MHA_ERR_EXCEEDS_PLAN);
-    UNTOUCHED("workspace one byte short", mha_module_forward(p, L, L, x, x, x, NULL, NULL, out, NULL, ws,
-                                                             mha_plan_workspace_size(p) - 1),
-              MHA_ERR_WORKSPACE_TOO_SMALL);
-    UNTOUCHED("a plan of another kind", mha_encoder_run(p, L, x, NULL, NULL, out, NULL, ws, wsb),
-              MHA_ERR_INVALID_ARGUMENT);
-    CHECK(mha_module_plan(&w.m, B, L, L, &o, 64u, NULL, 0, &pp) == MHA_ERR_INVALID_ARGUMENT, "unknown flag");
-
-    /* STALE: packed weights that changed after the plan, and after mha_module_pack */
-    CHECK(mha_module_plan(&w.m, B, L, L, &o, MHA_PLAN_PACK, NULL, 0, &pp) == MHA_OK, "packed plan");
-    CHECK(mha_module_forward(pp, L, L, x, x, x, NULL, NULL, out, NULL, ws, wsb) == MHA_OK, "packed run");
+    /* a packed plan computes with its copy of the weights: a change of the
+       weights shows in a plan without MHA_PLAN_PACK at once, in the packed
+       plan only after mha_plan_repack (and then bit for bit the same) */
+    CHECK(mha_module_plan(&w.m, B, L, L, &o, MHA_PLAN_PACK, NULL, 0, &pp, &e) == MHA_OK, "packed plan: %s", e.message);
+    CHECK(mha_module_run_forward(pp, L, L, x, x, x, ref, &r, &e) == MHA_OK, "packed run: %s", e.message);
+    CHECK(mha_module_run_forward(p, L, L, x, x, x, got, &r, &e) == MHA_OK && same(ref, got, n),
+          "packed and unpacked plans agree bit for bit");
     {
         float keep = w.w[0][0];
-        w.w[0][0] += 1.0f;
-        UNTOUCHED("packed plan, weights changed",
-                  mha_module_forward(pp, L, L, x, x, x, NULL, NULL, out, NULL, ws, wsb), MHA_ERR_STALE);
+        w.w[0][0] += 1.0f;   /* Wq[0][0] */
+        CHECK(mha_module_run_forward(pp, L, L, x, x, x, got, &r, &e) == MHA_OK && same(ref, got, n),
+              "packed plan, weights changed, no repack: the packed copy is used (%s)", e.message);
+        CHECK(mha_module_run_forward(p, L, L, x, x, x, ref, &r, &e) == MHA_OK && !same(ref, got, n),
+              "unpacked plan reads the changed weights");
+        CHECK(mha_plan_repack(pp, &e) == MHA_OK, "repack: %s", e.message);
+        CHECK(mha_module_run_forward(pp, L, L, x, x, x, got, &r, &e) == MHA_OK && same(ref, got, n),
+              "after mha_plan_repack the packed plan equals the unpacked one bit for bit");
         w.w[0][0] = keep;
+        CHECK(mha_plan_repack(pp, &e) == MHA_OK, "repack: %s", e.message);
     }
-    CHECK(mha_module_forward(pp, L, L, x, x, x, NULL, NULL, out, NULL, ws, wsb) == MHA_OK, "restored weights");
+    EC_REFUSE(MHA_ERR_INVALID_ARGUMENT, "mha_plan_repack", "plan", mha_plan_repack(p, ERR));   /* not packed */
+    EC_REFUSE(MHA_ERR_NULL_POINTER, "mha_plan_repack", "plan", mha_plan_repack(NULL, ERR));
     mha_plan_destroy(pp);
-    CHECK(mha_module_pack_size(&w.m, &pb) == MHA_OK, "pack size");
-    buf = malloc(pb + 8);
-    CHECK(mha_module_pack(&w.m, buf, pb) == MHA_OK, "pack");
-    w.m.packed = buf;
-    CHECK(mha_forward(&w.m, B, L, L, x, x, x, NULL, out, NULL, NULL, 0) == MHA_OK, "packed forward");
-    {
-        float keep = w.w[3][E * E - 1];
-        w.w[3][E * E - 1] = keep + 1.0f;   /* the last value of Wo: sampled */
-        UNTOUCHED("m.packed, weights changed", mha_forward(&w.m, B, L, L, x, x, x, NULL, out, NULL, NULL, 0),
-                  MHA_ERR_STALE);
-        w.w[3][E * E - 1] = keep;
-    }
-    /* PACK_MISMATCH: the pack of another module of the same shape */
-    w2.m.packed = buf;
-    UNTOUCHED("the pack of another module", mha_forward(&w2.m, B, L, L, x, x, x, NULL, out, NULL, NULL, 0),
-              MHA_ERR_PACK_MISMATCH);
-    /* MISALIGNED: a pack buffer, a plan's memory */
-    CHECK(mha_module_pack(&w.m, (char *)buf + 2, pb) == MHA_ERR_MISALIGNED, "pack into an odd address");
-    st = mha_module_pack(&w.m, buf, pb - 1);
-    CHECK(st == MHA_ERR_WORKSPACE_TOO_SMALL && !strstr(mha_status_string(st), "workspace_size"),
-          "short pack buffer: '%s'", mha_status_string(st));
-    w.m.packed = NULL;
-    CHECK(mha_module_plan_size(&w.m, B, L, L, &o, 0, &pb) == MHA_OK, "plan size");
-    mem = malloc(pb + 16);
-    CHECK(mha_module_plan(&w.m, B, L, L, &o, 0, (char *)mem + 4, pb, &pp) == MHA_ERR_MISALIGNED,
-          "plan in misaligned memory");
-    CHECK(mha_module_plan(&w.m, B, L, L, &o, 0, mem, pb - 1, &pp) == MHA_ERR_WORKSPACE_TOO_SMALL,
-          "plan memory one byte short");
+    pp = NULL;
+
+    /* MISALIGNED and short: a plan's caller memory */
+    CHECK(mha_module_plan_size(&w.m, B, L, L, &o, 0, &sz, &e) == MHA_OK, "plan size: %s", e.message);
+    mem = malloc(sz.plan + 16);
+    EC_REFUSE(MHA_ERR_MISALIGNED, "mha_module_plan", "mem",
+              mha_module_plan(&w.m, B, L, L, &o, 0, (char *)mem + 4, sz.plan, &pp, ERR));
+    EC_REFUSE(MHA_ERR_WORKSPACE_TOO_SMALL, "mha_module_plan", "mem_bytes",
+              mha_module_plan(&w.m, B, L, L, &o, 0, mem, sz.plan - 1, &pp, ERR));
+    CHECK(pp == NULL, "a refused plan leaves *plan alone");
     free(mem);
     /* BAD_ENUM: mask kind, causal alignment, transpose flag, activation */
     o.attn_mask.kind = (mha_mask_kind)9; o.attn_mask.ndim = 2; o.attn_mask.shape[0] = L; o.attn_mask.shape[1] = L;
-    CHECK(mha_module_plan(&w.m, B, L, L, &o, 0, NULL, 0, &pp) == MHA_ERR_BAD_ENUM, "mask kind 9");
+    EC_REFUSE(MHA_ERR_BAD_ENUM, "mha_module_plan", "opt->attn_mask.kind",
+              mha_module_plan(&w.m, B, L, L, &o, 0, NULL, 0, &pp, ERR));
     memset(&o, 0, sizeof o);
     o.causal = 1; o.causal_align = (mha_causal_align)5;
-    CHECK(mha_sdpa_plan(B, H, L, L, 4, 4, &o, 0, NULL, 0, &pp) == MHA_ERR_BAD_ENUM, "causal_align 5");
-    CHECK(mha_gemm_plan((mha_trans)2, MHA_NO_TRANS, 4, 4, 4, 1, NULL, 0, &pp) == MHA_ERR_BAD_ENUM, "mha_trans 2");
+    EC_REFUSE(MHA_ERR_BAD_ENUM, "mha_sdpa_plan", "opt->causal_align",
+              mha_sdpa_plan(B, H, L, L, 4, 4, &o, 0, NULL, 0, &pp, ERR));
+    EC_REFUSE(MHA_ERR_BAD_ENUM, "mha_gemm_plan", "ta",
+              mha_gemm_plan((mha_trans)2, MHA_NO_TRANS, 4, 4, 4, 1, NULL, 0, &pp, ERR));
     {
-        encw e;
-        make_encoder(&e, E, H, 8);
-        e.ly.activation = (mha_activation)7;
-        UNTOUCHED("activation 7", mha_encoder_forward(&e.ly, B, L, x, NULL, out, NULL, NULL, 0), MHA_ERR_BAD_ENUM);
-        free_encoder(&e);
+        encw en;
+        make_encoder(&en, E, H, 8);
+        en.ly.activation = (mha_activation)7;
+        EC_REFUSE(MHA_ERR_BAD_ENUM, "mha_encoder_forward", "layer->activation",
+                  mha_encoder_forward(&en.ly, B, L, x, NULL, out, NULL, ERR));
+        free_encoder(&en);
     }
-    free(buf); free(ws);
+    CHECK(pp == NULL, "refused plans leave *plan alone");
+    ec_clear();
+    free(ws); free(saved);
     mha_plan_destroy(p); mha_plan_destroy(pt);
-    free(x); free(out); free(wts); free(dx);
-    free_module(&w); free_module(&w2);
+    free(x); free(out); free(wts); free(dx); free(ref); free(got);
+    free_module(&w);
 }
 
 /* ------------------------------------------------- GEMM: no shrinking */
@@ -548,17 +612,23 @@ static void gemm_plan(void)
     mha_plan *p;
     size_t wsb;
     void *ws;
-    CHECK(mha_gemm_plan(MHA_NO_TRANS, MHA_NO_TRANS, M, N, K, 1, NULL, 0, &p) == MHA_OK, "gemm plan");
-    CHECK(mha_gemm_run(p, 1.0f, A, K, Bm, N, 0.0f, C1, N, NULL, 0) == MHA_OK, "gemm run");
+    mha_run r;
+    mha_error e;
+    CHECK(mha_gemm_plan(MHA_NO_TRANS, MHA_NO_TRANS, M, N, K, 1, NULL, 0, &p, &e) == MHA_OK, "gemm plan: %s", e.message);
+    CHECK(mha_gemm_run(p, 1.0f, A, K, Bm, N, 0.0f, C1, N, NULL, &e) == MHA_OK, "gemm run: %s", e.message);
     mha_plan_destroy(p);
     for (t = 2; t <= 4; ++t) {
-        CHECK(mha_gemm_plan(MHA_NO_TRANS, MHA_NO_TRANS, M, N, K, t, NULL, 0, &p) == MHA_OK, "gemm plan");
-        wsb = mha_plan_workspace_size(p);
+        CHECK(mha_gemm_plan(MHA_NO_TRANS, MHA_NO_TRANS, M, N, K, t, NULL, 0, &p, &e) == MHA_OK, "gemm plan: %s",
+              e.message);
+        wsb = ws_bytes(p);
         ws = malloc(wsb);
-        poison(Ct, (size_t)M * N);
-        CHECK(mha_gemm_run(p, 1.0f, A, K, Bm, N, 0.0f, Ct, N, ws, wsb - 1) == MHA_ERR_WORKSPACE_TOO_SMALL &&
-              untouched(Ct, (size_t)M * N), "gemm: a workspace short of the plan's is refused, not shrunk");
-        CHECK(mha_gemm_run(p, 1.0f, A, K, Bm, N, 0.0f, Ct, N, ws, wsb) == MHA_OK && same(C1, Ct, (size_t)M * N),
+        r = run_with(ws, wsb - 1, NULL, NULL);
+        ec_watch(Ct, (size_t)M * N * sizeof(float), 1);
+        EC_REFUSE(MHA_ERR_WORKSPACE_TOO_SMALL, "mha_gemm_run", "run->workspace_bytes",   /* refused, not shrunk */
+                  mha_gemm_run(p, 1.0f, A, K, Bm, N, 0.0f, Ct, N, &r, ERR));
+        ec_clear();
+        r.workspace_bytes = wsb;
+        CHECK(mha_gemm_run(p, 1.0f, A, K, Bm, N, 0.0f, Ct, N, &r, &e) == MHA_OK && same(C1, Ct, (size_t)M * N),
               "gemm on %d threads differs from 1", t);
         free(ws);
         mha_plan_destroy(p);
@@ -572,56 +642,61 @@ static void encoder_memory(void)
 {
     encw e;
     mha_options o;
-    size_t pb = 0, ws_inf = 0, ws_train = 0, io;
+    mha_sizes inf, train;
+    size_t io;
     int L = 16384, E = 512;
     mha_plan *p = NULL;
+    mha_error er;
     make_encoder(&e, 8, 2, 8);   /* weights of a small layer; the shapes below are declared */
     e.ly.self_attn.embed_dim = E; e.ly.self_attn.num_heads = 8; e.ly.dim_feedforward = 2048;
     memset(&o, 0, sizeof o);
     o.num_threads = 2;
-    CHECK(mha_encoder_plan_size(&e.ly, 1, L, &o, 0, &pb) == MHA_OK, "encoder plan size");
-    CHECK(mha_encoder_plan(&e.ly, 1, L, &o, 0, NULL, 0, &p) == MHA_OK, "encoder inference plan");
-    ws_inf = mha_plan_workspace_size(p);
-    mha_plan_destroy(p);
-    CHECK(mha_encoder_workspace_size(&e.ly, 1, L, &o, &ws_train) == MHA_OK, "training size");
+    CHECK(mha_encoder_plan_size(&e.ly, 1, L, &o, 0, &inf, &er) == MHA_OK, "encoder plan size: %s", er.message);
+    CHECK(inf.saved == 0, "an inference plan has no saved forward (%zu B)", inf.saved);
+    CHECK(mha_encoder_plan_size(&e.ly, 1, L, &o, MHA_PLAN_TRAINING, &train, &er) == MHA_OK, "training size: %s",
+          er.message);
     io = (size_t)2 * L * E * sizeof(float);   /* x and y */
     printf("NOTE encoder L=%d E=%d F=2048 H=8: inference plan %zu B + workspace %.1f MiB, x + y %.1f MiB; "
-           "training workspace %.1f MiB\n", L, E, pb, ws_inf / 1048576.0, io / 1048576.0, ws_train / 1048576.0);
-    CHECK(pb + ws_inf <= io, "encoder inference memory %zu > x + y %zu (peak above 2x inputs and outputs)",
-          pb + ws_inf, io);
-    CHECK(ws_train > 8 * ws_inf, "training sizes for the backward: %zu vs %zu", ws_train, ws_inf);
+           "training workspace %.1f MiB + saved forward %.1f MiB\n", L, E, inf.plan, inf.workspace / 1048576.0,
+           io / 1048576.0, train.workspace / 1048576.0, train.saved / 1048576.0);
+    CHECK(inf.plan + inf.workspace <= io, "encoder inference memory %zu > x + y %zu (peak above 2x inputs and outputs)",
+          inf.plan + inf.workspace, io);
+    /* training keeps the [L, F] activations for the backward */
+    CHECK(train.saved > (size_t)L * 2048 * sizeof(float) && train.workspace + train.saved > 8 * inf.workspace,
+          "training sizes for the backward: %zu + %zu vs %zu", train.workspace, train.saved, inf.workspace);
     free_encoder(&e);
     /* a real run at L = 2048 (E = 32): all the one-shot call allocates is
        its plan's workspace (at this small E the per-thread tiles, not L E,
        dominate it) */
     {
         int Lr = 2048, Er = 32;
-        size_t n = (size_t)Lr * Er, base;
+        size_t n = (size_t)Lr * Er, base, wsb;
         float *x, *y;
         make_encoder(&e, Er, 4, 64);
         x = rnd(n, 1); y = zeros(n);
-        CHECK(mha_encoder_plan(&e.ly, 1, Lr, &o, 0, NULL, 0, &p) == MHA_OK, "plan");
-        ws_inf = mha_plan_workspace_size(p);
+        CHECK(mha_encoder_plan(&e.ly, 1, Lr, &o, 0, NULL, 0, &p, &er) == MHA_OK, "plan: %s", er.message);
+        wsb = ws_bytes(p);
         base = peak_bytes = live_bytes;
-        CHECK(mha_encoder_forward(&e.ly, 1, Lr, x, &o, y, NULL, NULL, 0) == MHA_OK, "encoder forward L=2048");
+        CHECK(mha_encoder_forward(&e.ly, 1, Lr, x, &o, y, NULL, &er) == MHA_OK, "encoder forward L=2048: %s",
+              er.message);
         printf("NOTE encoder L=%d E=%d: peak MHA_MALLOC %zu B, plan workspace %zu B\n", Lr, Er,
-               peak_bytes - base, ws_inf);
-        CHECK(peak_bytes - base <= ws_inf, "encoder forward allocated %zu B (plan %zu)", peak_bytes - base, ws_inf);
+               peak_bytes - base, wsb);
+        CHECK(peak_bytes - base <= wsb, "encoder forward allocated %zu B (plan %zu)", peak_bytes - base, wsb);
         mha_plan_destroy(p);
         free(x); free(y);
         free_encoder(&e);
     }
 }
 
-/* The defaults functions spell out what zero means. */
+/* The defaults functions spell out what zero does not. */
 static void defaults(void)
 {
-    mha_options o = mha_options_defaults(), z;
     mha_encoder_layer ly = mha_encoder_layer_defaults();
-    memset(&z, 0, sizeof z);
-    CHECK(memcmp(&o, &z, sizeof o) == 0, "mha_options_defaults is the zero options");
+    mha_adamw a = mha_adamw_defaults();
     CHECK(ly.dim_feedforward == 2048 && ly.activation == MHA_ACT_RELU && ly.norm_first == 0 &&
-          ly.layer_norm_eps == 1e-5f && !ly.linear1_weight, "mha_encoder_layer_defaults");
+          ly.layer_norm_eps == 1e-5f && !ly.linear1_weight && !ly.self_attn.in_proj_weight, "mha_encoder_layer_defaults");
+    CHECK(a.lr == 1e-3f && a.beta1 == 0.9f && a.beta2 == 0.999f && a.eps == 1e-8f && a.weight_decay == 0.01f,
+          "mha_adamw_defaults: PyTorch's");
 }
 
 int main(void)

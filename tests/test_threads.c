@@ -20,8 +20,28 @@ static float *rnd(tu_rng *r, size_t n, float amp)
 static mha_status fwd(const mha_module *m, int B, int Lq, int Lk, const float *x, const float *kv,
                       mha_options opt, int t, float *out, float *w)
 {
+    mha_run r;
+    memset(&r, 0, sizeof r);
+    r.weights = w;
     opt.num_threads = t;
-    return mha_forward(m, B, Lq, Lk, x, kv, kv, &opt, out, w, NULL, 0);
+    return mha_module_forward(m, B, Lq, Lk, x, kv, kv, &opt, out, &r, NULL);
+}
+/* SDPA forward, with the weights when w is set */
+static mha_status sdpa(int B, int H, int Lq, int Lk, int D, const float *q, const float *k, const float *v,
+                       const mha_options *opt, float *out, float *w, void *ws, size_t ws_bytes)
+{
+    mha_run r;
+    memset(&r, 0, sizeof r);
+    r.weights = w; r.workspace = ws; r.workspace_bytes = ws_bytes;
+    return mha_sdpa_forward(B, H, Lq, Lk, D, D, q, k, v, opt, out, &r, NULL);
+}
+/* the run of a caller's workspace (NULL: none) */
+static TU_UNUSED mha_run ws_run(void *ws, size_t n, float *w)
+{
+    mha_run r;
+    memset(&r, 0, sizeof r);
+    r.workspace = ws; r.workspace_bytes = n; r.weights = w;
+    return r;
 }
 
 static void module_case(int B, int Lq, int Lk, int E, int H, int causal, int per_head, int with_kpm,
@@ -81,14 +101,14 @@ static void sdpa_case(int B, int H, int Lq, int Lk, int D, int causal, unsigned 
     memset(&opt, 0, sizeof opt);
     opt.causal = causal;
     opt.num_threads = 1;
-    CHECK(mha_sdpa(B, H, Lq, Lk, D, D, q, k, v, &opt, o1, NULL, NULL, 0) == MHA_OK, "sdpa");
+    CHECK(sdpa(B, H, Lq, Lk, D, q, k, v, &opt, o1, NULL, NULL, 0) == MHA_OK, "sdpa");
     opt.num_threads = 2;
-    CHECK(mha_sdpa(B, H, Lq, Lk, D, D, q, k, v, &opt, o2, NULL, NULL, 0) == MHA_OK, "sdpa");
+    CHECK(sdpa(B, H, Lq, Lk, D, q, k, v, &opt, o2, NULL, NULL, 0) == MHA_OK, "sdpa");
     CHECK(memcmp(o1, o2, nq * sizeof(float)) == 0, "sdpa fused out differs (B%d H%d Lq%d Lk%d)", B, H, Lq, Lk);
     opt.num_threads = 1;
-    CHECK(mha_sdpa(B, H, Lq, Lk, D, D, q, k, v, &opt, o1, w1, NULL, 0) == MHA_OK, "sdpa");
+    CHECK(sdpa(B, H, Lq, Lk, D, q, k, v, &opt, o1, w1, NULL, 0) == MHA_OK, "sdpa");
     opt.num_threads = 2;
-    CHECK(mha_sdpa(B, H, Lq, Lk, D, D, q, k, v, &opt, o2, w2, NULL, 0) == MHA_OK, "sdpa");
+    CHECK(sdpa(B, H, Lq, Lk, D, q, k, v, &opt, o2, w2, NULL, 0) == MHA_OK, "sdpa");
     CHECK(memcmp(o1, o2, nq * sizeof(float)) == 0 && memcmp(w1, w2, nw * sizeof(float)) == 0,
           "sdpa unfused out/weights differ (B%d H%d Lq%d Lk%d)", B, H, Lq, Lk);
     free(q); free(k); free(v); free(o1); free(o2); free(w1); free(w2);
@@ -109,6 +129,8 @@ static void size_then_more_threads(void)
     size_t nx = (size_t)B * L * E, bs = 0, bf = 0, bfw = 0, bb = 0, bg = 0;
     float *w_in, *w_out, *x, *o1, *o2, *w1, *w2, *g1, *g2, *dout, *C1, *C2;
     void *ws;
+    mha_sizes sz[5];
+    mha_run run;
     int saved = omp_get_max_threads();
     r.s = 0x9e3779b97f4a7c15ULL;
     memset(&m, 0, sizeof m);
@@ -122,30 +144,36 @@ static void size_then_more_threads(void)
     C1 = (float *)malloc((size_t)L * L * sizeof(float)); C2 = (float *)malloc((size_t)L * L * sizeof(float));
 
     omp_set_num_threads(1);
-    CHECK(mha_sdpa_workspace_size(B, H, L, L, D, D, NULL, 0, &bs) == MHA_OK &&
-          mha_forward_workspace_size(&m, B, L, L, NULL, 0, &bf) == MHA_OK &&
-          mha_forward_workspace_size(&m, B, L, L, NULL, 1, &bfw) == MHA_OK &&
-          mha_backward_workspace_size(&m, B, L, L, NULL, &bb) == MHA_OK, "sizes at 1 thread");
-    bg = mha_gemm_workspace_size(L, L, E);
+    CHECK(mha_sdpa_plan_size(B, H, L, L, D, D, NULL, 0, &sz[0], NULL) == MHA_OK &&
+          mha_module_plan_size(&m, B, L, L, NULL, 0, &sz[1], NULL) == MHA_OK &&
+          mha_module_plan_size(&m, B, L, L, NULL, MHA_PLAN_WEIGHTS, &sz[2], NULL) == MHA_OK &&
+          mha_module_plan_size(&m, B, L, L, NULL, MHA_PLAN_TRAINING, &sz[3], NULL) == MHA_OK &&
+          mha_gemm_plan_size(MHA_NO_TRANS, MHA_TRANS, L, L, E, 0, &sz[4], NULL) == MHA_OK, "sizes at 1 thread");
+    bs = sz[0].workspace; bf = sz[1].workspace; bfw = sz[2].workspace; bb = sz[3].workspace; bg = sz[4].workspace;
     omp_set_num_threads(2);
     ws = malloc(bfw > bb ? (bfw > bs ? bfw : bs) : (bb > bs ? bb : bs));
     if (bg > bfw) { free(ws); ws = malloc(bg); }
 
-    CHECK(mha_sdpa(B, H, L, L, D, D, x, x, x, NULL, o1, NULL, ws, bs) == MHA_OK &&
-          mha_sdpa(B, H, L, L, D, D, x, x, x, NULL, o2, NULL, NULL, 0) == MHA_OK &&
+    CHECK(sdpa(B, H, L, L, D, x, x, x, NULL, o1, NULL, ws, bs) == MHA_OK &&
+          sdpa(B, H, L, L, D, x, x, x, NULL, o2, NULL, NULL, 0) == MHA_OK &&
           memcmp(o1, o2, nx * sizeof(float)) == 0, "sdpa: 1-thread workspace at 2 threads, same bits");
-    CHECK(mha_forward(&m, B, L, L, x, x, x, NULL, o1, NULL, ws, bf) == MHA_OK &&
-          mha_forward(&m, B, L, L, x, x, x, NULL, o2, NULL, NULL, 0) == MHA_OK &&
+    run = ws_run(ws, bf, NULL);
+    CHECK(mha_module_forward(&m, B, L, L, x, x, x, NULL, o1, &run, NULL) == MHA_OK &&
+          mha_module_forward(&m, B, L, L, x, x, x, NULL, o2, NULL, NULL) == MHA_OK &&
           memcmp(o1, o2, nx * sizeof(float)) == 0, "forward: 1-thread workspace at 2 threads, same bits");
-    CHECK(mha_forward(&m, B, L, L, x, x, x, NULL, o1, w1, ws, bfw) == MHA_OK &&
-          mha_forward(&m, B, L, L, x, x, x, NULL, o2, w2, NULL, 0) == MHA_OK &&
+    run = ws_run(ws, bfw, w1);
+    CHECK(mha_module_forward(&m, B, L, L, x, x, x, NULL, o1, &run, NULL) == MHA_OK, "forward, weights, ws");
+    run = ws_run(NULL, 0, w2);
+    CHECK(mha_module_forward(&m, B, L, L, x, x, x, NULL, o2, &run, NULL) == MHA_OK &&
           memcmp(o1, o2, nx * sizeof(float)) == 0 && memcmp(w1, w2, (size_t)B * L * L * sizeof(float)) == 0,
           "forward with weights: 1-thread workspace at 2 threads, same bits");
-    CHECK(mha_backward(&m, B, L, L, x, x, x, dout, NULL, g1, NULL, NULL, NULL, ws, bb) == MHA_OK &&
-          mha_backward(&m, B, L, L, x, x, x, dout, NULL, g2, NULL, NULL, NULL, NULL, 0) == MHA_OK &&
+    run = ws_run(ws, bb, NULL);
+    CHECK(mha_module_backward(&m, B, L, L, x, x, x, dout, NULL, g1, NULL, NULL, NULL, &run, NULL) == MHA_OK &&
+          mha_module_backward(&m, B, L, L, x, x, x, dout, NULL, g2, NULL, NULL, NULL, NULL, NULL) == MHA_OK &&
           memcmp(g1, g2, nx * sizeof(float)) == 0, "backward: 1-thread workspace at 2 threads, same bits");
-    CHECK(mha_gemm(MHA_NO_TRANS, MHA_TRANS, L, L, E, 1.0f, x, E, x, E, 0.0f, C1, L, ws, bg) == MHA_OK &&
-          mha_gemm(MHA_NO_TRANS, MHA_TRANS, L, L, E, 1.0f, x, E, x, E, 0.0f, C2, L, NULL, 0) == MHA_OK &&
+    run = ws_run(ws, bg, NULL);
+    CHECK(mha_gemm(MHA_NO_TRANS, MHA_TRANS, L, L, E, 1.0f, x, E, x, E, 0.0f, C1, L, &run, NULL) == MHA_OK &&
+          mha_gemm(MHA_NO_TRANS, MHA_TRANS, L, L, E, 1.0f, x, E, x, E, 0.0f, C2, L, NULL, NULL) == MHA_OK &&
           memcmp(C1, C2, (size_t)L * L * sizeof(float)) == 0, "gemm: 1-thread workspace at 2 threads, same bits");
     omp_set_num_threads(saved);
     free(ws); free(w_in); free(w_out); free(x); free(dout); free(o1); free(o2); free(w1); free(w2);
@@ -158,16 +186,19 @@ int main(void)
     /* per-thread scratch: a workspace sized for one thread is too small for two */
     {
         mha_options opt;
+        mha_sizes s1, s2;
         size_t one = 0, two = 0;
         static float buf[1];
         memset(&opt, 0, sizeof opt);
         opt.num_threads = 1;
-        CHECK(mha_sdpa_workspace_size(1, 2, 300, 300, 16, 16, &opt, 0, &one) == MHA_OK, "size");
+        CHECK(mha_sdpa_plan_size(1, 2, 300, 300, 16, 16, &opt, 0, &s1, NULL) == MHA_OK, "size");
         opt.num_threads = 2;
-        CHECK(mha_sdpa_workspace_size(1, 2, 300, 300, 16, 16, &opt, 0, &two) == MHA_OK, "size");
+        CHECK(mha_sdpa_plan_size(1, 2, 300, 300, 16, 16, &opt, 0, &s2, NULL) == MHA_OK, "size");
+        one = s1.workspace; two = s2.workspace;
 #ifdef _OPENMP
         CHECK(two > one, "workspace for 2 threads (%zu) not larger than for 1 (%zu)", two, one);
-        CHECK(mha_sdpa(1, 2, 300, 300, 16, 16, buf, buf, buf, &opt, buf, NULL, buf, one) ==
+        /* an explicit thread count is kept: the call refuses, it does not shrink */
+        CHECK(sdpa(1, 2, 300, 300, 16, buf, buf, buf, &opt, buf, NULL, buf, one) ==
               MHA_ERR_WORKSPACE_TOO_SMALL, "2-thread call accepted a 1-thread workspace");
 #else
         (void)buf;
