@@ -1510,7 +1510,7 @@ static mha_status mha__check_masks(const mha_options *opt, int B, int H, int Lq,
 }
 
 /* (defined further on, where its section is) */
-static mha_status mha__check_rope(const mha_rope *r, int D, int module, mha_error *e);
+static mha_status mha__check_rope(const mha_rope *r, int D, int who, mha_error *e);
 
 /* The decoder options (checked where the masks are): the module's RoPE
    (rope NULL for SDPA); position_offset >= 0 and offset + Lk within int;
@@ -1518,11 +1518,11 @@ static mha_status mha__check_rope(const mha_rope *r, int D, int module, mha_erro
    slopes finite; sink logits finite or -inf.  Hkv: the KV heads in use
    (the module's, or opt's); kv_field names where they came from. */
 static mha_status mha__check_decode(const mha_options *opt, int H, int Hkv, const char *kv_field,
-                                    const mha_rope *rope, int D, int Lk, mha_error *e)
+                                    const mha_rope *rope, int who, int D, int Lk, mha_error *e)
 {
     int h;
     mha_status st;
-    if (rope && (st = mha__check_rope(rope, D, 1, e)) != MHA_OK) return st;
+    if (rope && (st = mha__check_rope(rope, D, who, e)) != MHA_OK) return st;
     if (opt->position_offset < 0)
         return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->position_offset", "is %d; expected >= 0",
                          opt->position_offset);
@@ -1634,6 +1634,7 @@ struct mha_plan {
     int B, H, Lq, Lk, D, Dv;    /* the planned maxima; module: H, D of the module */
     int by_head;                /* module: long sequences go one head at a time (never training) */
     int cache_ok;               /* module: the cache path fits it (self-attention, no appended keys) */
+    int oneshot;                /* made on the stack by a one-shot call (refusals name its fields) */
     mha_trans ta, tb;           /* GEMM: op(A) M x K, op(B) K x N */
     int M, N, K;
     mha_options opt;            /* the caller's, num_threads resolved */
@@ -1922,11 +1923,17 @@ static mha_status mha__run_begin(const mha_plan *p, int kind, int Lq, int Lk, co
     if (run && run->attn_mask) am->data = run->attn_mask;
     if (run && run->key_padding_mask) kp->data = run->key_padding_mask;
     if (am->kind != MHA_MASK_NONE && !am->data)
-        return mha__fail(e, MHA_ERR_NULL_POINTER, "run->attn_mask", "is NULL, and so is the plan's "
-                         "opt->attn_mask.data");
+        return p->oneshot ? mha__fail(e, MHA_ERR_NULL_POINTER, "opt->attn_mask.data", "is NULL with a mask kind set")
+                          : mha__fail(e, MHA_ERR_NULL_POINTER, "run->attn_mask", "is NULL, and so is the plan's "
+                                      "opt->attn_mask.data");
     if (kp->kind != MHA_MASK_NONE && !kp->data)
-        return mha__fail(e, MHA_ERR_NULL_POINTER, "run->key_padding_mask", "is NULL, and so is the plan's "
-                         "opt->key_padding_mask.data");
+        return p->oneshot ? mha__fail(e, MHA_ERR_NULL_POINTER, "opt->key_padding_mask.data", "is NULL with a mask "
+                                      "kind set")
+                          : mha__fail(e, MHA_ERR_NULL_POINTER, "run->key_padding_mask", "is NULL, and so is the "
+                                      "plan's opt->key_padding_mask.data");
+    if (run && run->sinks_grad && !o->sinks)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "run->sinks_grad", "is set, but opt->sinks is NULL: there is "
+                         "no sink to differentiate");
     /* attn_mask ends in [Lq, Lk], key_padding_mask is [B, Lk] */
     if (am->kind != MHA_MASK_NONE) { am->shape[am->ndim - 2] = Lq; am->shape[am->ndim - 1] = Lk; }
     if (kp->kind != MHA_MASK_NONE) kp->shape[1] = Lk;
@@ -2017,13 +2024,15 @@ static mha_status mha__oneshot(const mha__shot *s, const mha_options *opt, const
 {
     mha_options o;
     mha_status st = mha__shot_make(s, opt, p, e);
-    if (st != MHA_OK || !run || !run->workspace || (opt && opt->num_threads != 0)) return st;
-    if (opt) o = *opt; else memset(&o, 0, sizeof o);
-    while (p->ws_bytes > run->workspace_bytes && p->nthreads > 1) {
-        o.num_threads = p->nthreads - 1;
-        if ((st = mha__shot_make(s, &o, p, e)) != MHA_OK) return st;
+    if (st == MHA_OK && run && run->workspace && !(opt && opt->num_threads != 0)) {
+        if (opt) o = *opt; else memset(&o, 0, sizeof o);
+        while (st == MHA_OK && p->ws_bytes > run->workspace_bytes && p->nthreads > 1) {
+            o.num_threads = p->nthreads - 1;
+            st = mha__shot_make(s, &o, p, e);
+        }
     }
-    return MHA_OK;
+    p->oneshot = 1;
+    return st;
 }
 
 /* The flags of a one-shot forward, and the planned Lk: with a cache the
@@ -4164,7 +4173,7 @@ static mha_status mha__sdpa_plan_make(int B, int H, int Lq, int Lk, int D, int D
                          MHA_PLAN_WEIGHTS | MHA_PLAN_ROWS | MHA_PLAN_TRAINING | MHA_PLAN_CACHE,
                          B, H, Lq, Lk, e);
     if (st != MHA_OK) return st;
-    if ((st = mha__check_decode(&p->opt, H, p->opt.num_kv_heads, "opt->num_kv_heads", NULL, D, Lk, e)) != MHA_OK)
+    if ((st = mha__check_decode(&p->opt, H, p->opt.num_kv_heads, "opt->num_kv_heads", NULL, 0, D, Lk, e)) != MHA_OK)
         return st;
     Hkv = p->opt.num_kv_heads ? p->opt.num_kv_heads : H;
     p->D = D; p->Dv = Dv;
@@ -4478,50 +4487,54 @@ MHADEF mha_status mha_sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
    and the module's plan and runs.
    ====================================================================== */
 
-static mha_status mha__check_module(const mha_module *m, mha__mod *r, mha_error *e)
+/* A module field as the caller wrote it: "m->x" for a module call,
+   "layer->self_attn.x" inside an encoder layer's (who: 1 module, 2 encoder). */
+#define MHA__MF(who, name) ((who) == 2 ? "layer->self_attn." name : "m->" name)
+
+static mha_status mha__check_module(const mha_module *m, mha__mod *r, int who, mha_error *e)
 {
     size_t n;
     int E, widest;
     if (!m) return mha__fail(e, MHA_ERR_NULL_POINTER, "m", "is NULL");
     if (m->embed_dim <= 0)
-        return mha__fail(e, MHA_ERR_INVALID_SIZE, "m->embed_dim", "is %d; expected >= 1", m->embed_dim);
+        return mha__fail(e, MHA_ERR_INVALID_SIZE, MHA__MF(who, "embed_dim"), "is %d; expected >= 1", m->embed_dim);
     if (m->num_heads <= 0)
-        return mha__fail(e, MHA_ERR_INVALID_SIZE, "m->num_heads", "is %d; expected >= 1", m->num_heads);
-    if (m->kdim < 0) return mha__fail(e, MHA_ERR_INVALID_SIZE, "m->kdim", "is %d; expected 0 (E) or >= 1", m->kdim);
-    if (m->vdim < 0) return mha__fail(e, MHA_ERR_INVALID_SIZE, "m->vdim", "is %d; expected 0 (E) or >= 1", m->vdim);
+        return mha__fail(e, MHA_ERR_INVALID_SIZE, MHA__MF(who, "num_heads"), "is %d; expected >= 1", m->num_heads);
+    if (m->kdim < 0) return mha__fail(e, MHA_ERR_INVALID_SIZE, MHA__MF(who, "kdim"), "is %d; expected 0 (E) or >= 1", m->kdim);
+    if (m->vdim < 0) return mha__fail(e, MHA_ERR_INVALID_SIZE, MHA__MF(who, "vdim"), "is %d; expected 0 (E) or >= 1", m->vdim);
     if (m->embed_dim % m->num_heads != 0)
-        return mha__fail(e, MHA_ERR_HEADS_DIVIDE, "m->num_heads", "is %d, which does not divide embed_dim %d",
+        return mha__fail(e, MHA_ERR_HEADS_DIVIDE, MHA__MF(who, "num_heads"), "is %d, which does not divide embed_dim %d",
                          m->num_heads, m->embed_dim);
     memset(r, 0, sizeof *r);
     E = r->E = m->embed_dim; r->H = m->num_heads; r->D = E / r->H;
     r->kdim = m->kdim ? m->kdim : E;
     r->vdim = m->vdim ? m->vdim : E;
-    if (!m->out_proj_weight) return mha__fail(e, MHA_ERR_NULL_POINTER, "m->out_proj_weight", "is NULL");
+    if (!m->out_proj_weight) return mha__fail(e, MHA_ERR_NULL_POINTER, MHA__MF(who, "out_proj_weight"), "is NULL");
     if (m->in_proj_weight) {
         if (r->kdim != E || r->vdim != E)
-            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, r->kdim != E ? "m->kdim" : "m->vdim",
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, r->kdim != E ? MHA__MF(who, "kdim") : MHA__MF(who, "vdim"),
                              "is %d; in_proj_weight needs kdim = vdim = embed_dim %d (else set q/k/v_proj_weight)",
                              r->kdim != E ? r->kdim : r->vdim, E);
     } else if (!m->q_proj_weight || !m->k_proj_weight || !m->v_proj_weight) {
-        return mha__fail(e, MHA_ERR_NULL_POINTER, !m->q_proj_weight ? "m->q_proj_weight" :
-                         !m->k_proj_weight ? "m->k_proj_weight" : "m->v_proj_weight",
+        return mha__fail(e, MHA_ERR_NULL_POINTER, !m->q_proj_weight ? MHA__MF(who, "q_proj_weight") :
+                         !m->k_proj_weight ? MHA__MF(who, "k_proj_weight") : MHA__MF(who, "v_proj_weight"),
                          "is NULL, and so is in_proj_weight: set one of the two layouts");
     }
     if ((m->bias_k == NULL) != (m->bias_v == NULL))
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, m->bias_k ? "m->bias_v" : "m->bias_k",
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, m->bias_k ? MHA__MF(who, "bias_v") : MHA__MF(who, "bias_k"),
                          "is NULL but the other is set: add_bias_kv needs both");
     if (m->add_zero_attn != 0 && m->add_zero_attn != 1)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "m->add_zero_attn", "is %d; expected 0 or 1", m->add_zero_attn);
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, MHA__MF(who, "add_zero_attn"), "is %d; expected 0 or 1", m->add_zero_attn);
     if (!mha__dim_ok(E) || !mha__dim_ok(r->kdim) || !mha__dim_ok(r->vdim))
-        return mha__fail(e, MHA_ERR_OVERFLOW, "m->embed_dim", "embed_dim %d, kdim %d, vdim %d: above %d",
+        return mha__fail(e, MHA_ERR_OVERFLOW, MHA__MF(who, "embed_dim"), "embed_dim %d, kdim %d, vdim %d: above %d",
                          E, r->kdim, r->vdim, MHA__INT_LIMIT);
     /* the KV heads are checked with the options (mha__check_decode); here only
        what the weight offsets need */
     if (m->num_kv_heads < 0)
-        return mha__fail(e, MHA_ERR_INVALID_SIZE, "m->num_kv_heads", "is %d; expected 0 (H) or >= 1", m->num_kv_heads);
+        return mha__fail(e, MHA_ERR_INVALID_SIZE, MHA__MF(who, "num_kv_heads"), "is %d; expected 0 (H) or >= 1", m->num_kv_heads);
     r->Hkv = m->num_kv_heads ? m->num_kv_heads : r->H;
     if (r->Hkv > r->H || r->H % r->Hkv != 0)
-        return mha__fail(e, MHA_ERR_HEADS_DIVIDE, "m->num_kv_heads", "is %d, which does not divide num_heads %d",
+        return mha__fail(e, MHA_ERR_HEADS_DIVIDE, MHA__MF(who, "num_kv_heads"), "is %d, which does not divide num_heads %d",
                          r->Hkv, r->H);
     r->Ekv = r->Hkv * r->D;
     r->rope = m->rope;
@@ -4529,7 +4542,7 @@ static mha_status mha__check_module(const mha_module *m, mha__mod *r, mha_error 
     if (E > widest) widest = E;
     /* every weight's bytes, and a packed matrix's (at most (E + NR) x widest) */
     if (!mha__mul3((size_t)E + MHA__NR, (size_t)widest, 4 * sizeof(float), &n))
-        return mha__fail(e, MHA_ERR_OVERFLOW, "m->embed_dim", "a weight matrix's bytes do not fit in size_t");
+        return mha__fail(e, MHA_ERR_OVERFLOW, MHA__MF(who, "embed_dim"), "a weight matrix's bytes do not fit in size_t");
     r->in_proj = m->in_proj_weight != NULL;
     if (r->in_proj) {
         r->wq = m->in_proj_weight;
@@ -4874,7 +4887,7 @@ static mha_status mha__module_plan_make(const mha_module *m, int B, int Lq, int 
     flags &= ~MHA__FLAG_SHOT;
     *extra_bytes = 0;
     memset(p, 0, sizeof *p);
-    if ((st = mha__check_module(m, &r, e)) != MHA_OK) return st;
+    if ((st = mha__check_module(m, &r, kind == MHA__PLAN_ENCODER ? 2 : 1, e)) != MHA_OK) return st;
     if ((st = mha__pos(e, "B", B)) != MHA_OK || (st = mha__pos(e, kind == MHA__PLAN_ENCODER ? "L" : "Lq", Lq)) != MHA_OK ||
         (st = mha__pos(e, kind == MHA__PLAN_ENCODER ? "L" : "Lk", Lk)) != MHA_OK)
         return st;
@@ -4894,7 +4907,8 @@ static mha_status mha__module_plan_make(const mha_module *m, int B, int Lq, int 
     st = mha__plan_begin(p, kind, opt, flags, MHA_PLAN_WEIGHTS | MHA_PLAN_TRAINING | MHA_PLAN_PACK |
                          (kind == MHA__PLAN_MODULE ? MHA_PLAN_CACHE | MHA_PLAN_ROWS : 0u), B, r.H, Lq, Lk, e);
     if (st != MHA_OK) return st;
-    if ((st = mha__check_decode(&p->opt, r.H, m->num_kv_heads, "m->num_kv_heads", &m->rope, r.D, Lk, e)) != MHA_OK)
+    if ((st = mha__check_decode(&p->opt, r.H, m->num_kv_heads, MHA__MF(kind == MHA__PLAN_ENCODER ? 2 : 1, "num_kv_heads"),
+                                &m->rope, kind == MHA__PLAN_ENCODER ? 2 : 1, r.D, Lk, e)) != MHA_OK)
         return st;
     if (p->opt.num_kv_heads != 0 && p->opt.num_kv_heads != r.Hkv)
         return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->num_kv_heads", "is %d; a module takes its KV heads "
@@ -5430,20 +5444,21 @@ MHADEF mha_status mha_module_run_backward(const mha_plan *p, int Lq, int Lk,
 /* ------------------------------------------------------------ RoPE */
 
 /* RoPE settings: kind in the enum, rotary_dim even and <= D, theta >= 0 finite.
-   pre: how the caller names the struct ("rope->", "m->rope."). */
-static mha_status mha__check_rope(const mha_rope *r, int D, int module, mha_error *e)
+   who: how the caller names the struct (0 "rope->", 1 "m->rope.",
+   2 "layer->self_attn.rope."). */
+static mha_status mha__check_rope(const mha_rope *r, int D, int who, mha_error *e)
 {
     if (r->kind != MHA_ROPE_NONE && r->kind != MHA_ROPE_HALF && r->kind != MHA_ROPE_INTERLEAVED)
-        return mha__fail(e, MHA_ERR_BAD_ENUM, module ? "m->rope.kind" : "rope->kind",
+        return mha__fail(e, MHA_ERR_BAD_ENUM, who == 2 ? "layer->self_attn.rope.kind" : who ? "m->rope.kind" : "rope->kind",
                          "is %d, not an mha_rope_kind (0..2)", (int)r->kind);
     if (r->rotary_dim < 0 || r->rotary_dim % 2 != 0 || r->rotary_dim > D)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, module ? "m->rope.rotary_dim" : "rope->rotary_dim",
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, who == 2 ? "layer->self_attn.rope.rotary_dim" : who ? "m->rope.rotary_dim" : "rope->rotary_dim",
                          "is %d; expected 0 or an even number <= the head dimension %d", r->rotary_dim, D);
     if (r->kind != MHA_ROPE_NONE && r->rotary_dim == 0 && D % 2 != 0)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, module ? "m->rope.rotary_dim" : "rope->rotary_dim",
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, who == 2 ? "layer->self_attn.rope.rotary_dim" : who ? "m->rope.rotary_dim" : "rope->rotary_dim",
                          "is 0 (all of D) but the head dimension %d is odd", D);
     if (!(r->theta >= 0.0f) || r->theta == INFINITY)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, module ? "m->rope.theta" : "rope->theta",
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, who == 2 ? "layer->self_attn.rope.theta" : who ? "m->rope.theta" : "rope->theta",
                          "is %g; expected 0 (10000) or a positive finite base", (double)r->theta);
     return MHA_OK;
 }
