@@ -25,7 +25,7 @@
        mha_status s = mha_module_forward(&m, B, L, L, x, x, x, &opt, out, NULL, &err);
        if (s != MHA_OK) fprintf(stderr, "%s\n", err.message);
 
-   THE SHAPE OF THE API (section 4; docs/api.md has every call)
+   THE SHAPE OF THE API (section 3; docs/api.md has every call)
      Every object has the same verbs:
          mha_<obj>_plan_size   the bytes of the plan, its workspace and its saved forward
          mha_<obj>_plan        validate once, fix shapes, options, threads (and packed weights)
@@ -49,7 +49,7 @@
        s = mha_module_run_forward(p, L, L, x, x, x, out, &r, &err);          // L <= Lmax
        mha_plan_destroy(p);
 
-   TRAINING (the saved forward is yours: section 4)
+   TRAINING (the saved forward is yours: section 3)
        // p made with MHA_PLAN_TRAINING; n.saved bytes hold what its backward needs
        r.saved = malloc(n.saved);  r.saved_bytes = n.saved;
        s = mha_module_run_forward(p, L, L, x, x, x, out, &r, &err);    // fills r.saved
@@ -59,16 +59,17 @@
 
    DECODING (section 7, docs/decoding.md)
        mha_kv_cache c = {0};  ... B, Hkv, D, capacity, k, v, len
-       r.cache = &c;           // a module plan with Lk >= capacity
+       r.cache = &c;           // a plan made with MHA_PLAN_CACHE | MHA_PLAN_PACK, Lk >= capacity
        s = mha_module_run_forward(p, 1, 0, x, NULL, NULL, out, &r, &err);   // one token
      projects the new token with the plan's (packed) weights, turns Q and K
      by RoPE, appends K and V to the cache and attends to all of it.
 
    SECTIONS (the implementation below follows the same numbers)
+     0. foundations (implementation only: sizes, the SIMD layer)
      1. status and errors             mha_status, mha_error
-     2. matrix multiply               mha_gemm and its plan
-     3. options and masks             mha_options, mha_mask, mha_alibi_slopes
-     4. plans and runs                mha_plan, mha_sizes, mha_run, flags
+     2. options and masks             mha_options, mha_mask, mha_alibi_slopes
+     3. plans and runs                mha_plan, mha_sizes, mha_run, flags
+     4. matrix multiply               mha_gemm and its plan
      5. scaled dot-product attention  mha_sdpa_*
      6. the module                    mha_module, mha_module_*
      7. decoding                      mha_kv_cache, RoPE, mha_attn_merge
@@ -77,12 +78,12 @@
 
    EVERY PUBLIC FUNCTION
      1  mha_status_string          a sentence for a status (cannot fail)
-     2  mha_gemm                   C = alpha op(A) op(B) + beta C, one shot
-        mha_gemm_plan_size, mha_gemm_plan, mha_gemm_run
-     3  mha_alibi_slopes           the ALiBi paper's per-head slopes
-     4  mha_plan_sizes             plan, workspace and saved-forward bytes of a plan
+     2  mha_alibi_slopes           the ALiBi paper's per-head slopes
+     3  mha_plan_sizes             plan, workspace and saved-forward bytes of a plan
         mha_plan_repack            pack a PACK plan's weights again (after they changed)
         mha_plan_destroy           free a plan made with mem = NULL (cannot fail)
+     4  mha_gemm                   C = alpha op(A) op(B) + beta C, one shot
+        mha_gemm_plan_size, mha_gemm_plan, mha_gemm_run
      5  mha_sdpa_forward, mha_sdpa_backward                  one shot
         mha_sdpa_plan_size, mha_sdpa_plan, mha_sdpa_run_forward, mha_sdpa_run_backward
      6  mha_module_forward, mha_module_backward              one shot
@@ -149,8 +150,8 @@
      refused and why, in the caller's own struct: no global state.  On any
      status other than MHA_OK no output has been written.
 
-   VERSION 1.0.0 (MHA_VERSION_MAJOR/MINOR/PATCH); docs/api.md has the table
-   of the names of 0.x and what replaced each.
+   VERSION 1.0.0 (MHA_VERSION_MAJOR/MINOR/PATCH); docs/migration.md has the
+   table of the names of 0.x and what replaced each.
    LICENSE  at the end of this file (MIT or public domain, your choice)
 */
 #ifndef MHA_H
@@ -214,8 +215,8 @@ typedef enum mha_status {
 MHADEF const char *mha_status_string(mha_status s);
 
 /* What a refusal was about.  Pass one as the last argument of any call
-   (NULL when you do not want it); on MHA_OK it is left as it was, on a
-   refusal it is filled:
+   (NULL when you do not want it); a call that succeeds resets it (status
+   MHA_OK, function and field NULL, message empty), a refusal fills it:
      status    the status the call returned
      function  the public call that refused, e.g. "mha_module_plan"
      field     the argument or struct field refused, as the caller wrote it:
@@ -234,37 +235,6 @@ typedef struct mha_error {
 } mha_error;
 
 /* ====================================================================== 2
-   MATRIX MULTIPLY
-   C = alpha * op(A) * op(B) + beta * C, row-major, op(A) is M x K, op(B) is K x N.
-   A is stored M x K (lda >= K) when ta == MHA_NO_TRANS, K x M (lda >= M) when MHA_TRANS;
-   B likewise K x N (ldb >= N) or N x K (ldb >= K); C is M x N (ldc >= N).
-   When beta == 0, C is never read (NaN in C does not propagate).  The
-   result is bit-identical for any number of threads.
-   ====================================================================== */
-
-typedef enum mha_trans { MHA_NO_TRANS = 0, MHA_TRANS = 1 } mha_trans;
-
-typedef struct mha_run mha_run;      /* section 4 */
-typedef struct mha_plan mha_plan;    /* section 4 */
-typedef struct mha_sizes mha_sizes;  /* section 4 */
-typedef struct mha_kv_cache mha_kv_cache;  /* section 7 */
-
-/* One shot.  run: NULL, or its workspace (the bytes mha_gemm_plan_size
-   gives for these sizes and num_threads 0); without one the call
-   allocates it through MHA_MALLOC. */
-MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, float alpha,
-                           const float *A, int lda, const float *B, int ldb, float beta,
-                           float *C, int ldc, const mha_run *run, mha_error *err);
-/* The plan fixes the transposes, M, N, K and the thread count (0 = OpenMP's). */
-MHADEF mha_status mha_gemm_plan_size(mha_trans ta, mha_trans tb, int M, int N, int K,
-                                     int num_threads, mha_sizes *sizes, mha_error *err);
-MHADEF mha_status mha_gemm_plan(mha_trans ta, mha_trans tb, int M, int N, int K, int num_threads,
-                                void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err);
-MHADEF mha_status mha_gemm_run(const mha_plan *plan, float alpha, const float *A, int lda,
-                               const float *B, int ldb, float beta, float *C, int ldc,
-                               const mha_run *run, mha_error *err);
-
-/* ====================================================================== 3
    OPTIONS AND MASKS: what every attention call reads (inputs only)
    ====================================================================== */
 
@@ -335,7 +305,7 @@ typedef struct mha_options {
    head n + m gets 2^(-4 (2m+1) / n) (every other slope of the 2n recipe).  */
 MHADEF mha_status mha_alibi_slopes(int H, float *slopes, mha_error *err);
 
-/* ====================================================================== 4
+/* ====================================================================== 3
    PLANS AND RUNS
    A plan is made once from the shapes (B exactly, Lq and Lk as maxima),
    the options (copied and validated once), the thread count
@@ -369,6 +339,11 @@ MHADEF mha_status mha_alibi_slopes(int H, float *slopes, mha_error *err);
    it may start at any byte address.
    ====================================================================== */
 
+typedef struct mha_plan mha_plan;        /* opaque: made by the planners of sections 4-8 */
+typedef struct mha_sizes mha_sizes;
+typedef struct mha_run mha_run;
+typedef struct mha_kv_cache mha_kv_cache;  /* section 7 */
+
 struct mha_sizes {
     size_t plan;        /* bytes of the plan: its struct, and packed weights with MHA_PLAN_PACK */
     size_t workspace;   /* bytes every run of the plan fits in (one per concurrent run) */
@@ -379,6 +354,9 @@ struct mha_sizes {
 #define MHA_PLAN_TRAINING 2u  /* backward runs too; a forward can save what the backward needs */
 #define MHA_PLAN_PACK     4u  /* module and encoder: pack Wq, Wk, Wv, Wo into the plan's memory
                                  (a copy: mha_plan_repack after the weights change) */
+#define MHA_PLAN_CACHE    8u  /* SDPA and module: runs may attend to a KV cache (mha_run.cache);
+                                 the plan's Lk is then the largest capacity, its Lq the
+                                 longest chunk of new tokens (1 for decoding) */
 
 /* Everything a run reads or writes besides its main tensors.  Zero-
    initialise it and set what you use; a run given NULL uses none of it.
@@ -391,7 +369,8 @@ struct mha_run {
     size_t saved_bytes;
     const void *attn_mask;         /* this run's mask data for its lengths, dense ([Lq, Lk], ...) */
     const void *key_padding_mask;  /* ([B, Lk]); NULL: the data of the plan's options */
-    mha_kv_cache *cache;           /* SDPA and module forward: attend to this KV cache (section 7) */
+    mha_kv_cache *cache;           /* SDPA and module forward (plan made with MHA_PLAN_CACHE):
+                                      attend to this KV cache (section 7) */
 
     /* forward outputs */
     float *weights;                /* attention weights (plan made with MHA_PLAN_WEIGHTS): SDPA
@@ -420,14 +399,42 @@ MHADEF mha_status mha_plan_sizes(const mha_plan *plan, mha_sizes *sizes, mha_err
 MHADEF mha_status mha_plan_repack(mha_plan *plan, mha_error *err);
 MHADEF void       mha_plan_destroy(mha_plan *plan);
 
+/* ====================================================================== 4
+   MATRIX MULTIPLY
+   C = alpha * op(A) * op(B) + beta * C, row-major, op(A) is M x K, op(B) is K x N.
+   A is stored M x K (lda >= K) when ta == MHA_NO_TRANS, K x M (lda >= M) when MHA_TRANS;
+   B likewise K x N (ldb >= N) or N x K (ldb >= K); C is M x N (ldc >= N).
+   When beta == 0, C is never read (NaN in C does not propagate).  The
+   result is bit-identical for any number of threads.
+   ====================================================================== */
+
+typedef enum mha_trans { MHA_NO_TRANS = 0, MHA_TRANS = 1 } mha_trans;
+
+
+/* One shot.  run: NULL, or its workspace (the bytes mha_gemm_plan_size
+   gives for these sizes and num_threads 0); without one the call
+   allocates it through MHA_MALLOC. */
+MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, float alpha,
+                           const float *A, int lda, const float *B, int ldb, float beta,
+                           float *C, int ldc, const mha_run *run, mha_error *err);
+/* The plan fixes the transposes, M, N, K and the thread count (0 = OpenMP's). */
+MHADEF mha_status mha_gemm_plan_size(mha_trans ta, mha_trans tb, int M, int N, int K,
+                                     int num_threads, mha_sizes *sizes, mha_error *err);
+MHADEF mha_status mha_gemm_plan(mha_trans ta, mha_trans tb, int M, int N, int K, int num_threads,
+                                void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err);
+MHADEF mha_status mha_gemm_run(const mha_plan *plan, float alpha, const float *A, int lda,
+                               const float *B, int ldb, float beta, float *C, int ldc,
+                               const mha_run *run, mha_error *err);
+
 /* ====================================================================== 5
    SCALED DOT-PRODUCT ATTENTION on heads that are already projected:
      q [B,H,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv]  ->  out [B,H,Lq,Dv]
    (Hkv = opt->num_kv_heads or H.)  out may be q when D == Dv (in place); it
-   must not overlap k or v.  With run->cache, k and v are NULL and Lk is 0:
-   the queries, the newest Lq tokens of each row (appended already), attend
-   to the cache's keys with bottom-right alignment (plan: Lk >= capacity,
-   num_kv_heads = the cache's Hkv; no masks).
+   must not overlap k or v (nor, with run->rows, q).  With run->cache, k and
+   v are NULL and Lk is 0: the queries, the newest Lq tokens of each row
+   (appended already), attend to the cache's keys with bottom-right
+   alignment (plan: MHA_PLAN_CACHE, Lk >= capacity, num_kv_heads 0 or the
+   cache's Hkv; no masks).
    Backward: dout [B,H,Lq,Dv];  dq += dLoss/dq,  dk += ...,  dv += ...
    (each may be NULL; mask values get no gradient).
    ====================================================================== */
@@ -469,8 +476,9 @@ MHADEF mha_status mha_sdpa_run_backward(const mha_plan *plan, int Lq, int Lk,
    their keys and values are projected, turned by RoPE at positions
    opt->position_offset + len[b] + i, appended, and the queries attend to
    the whole cache (bottom-right; opt->causal for a prefill chunk, Lq > 1).
-   The cache needs Hkv = the module's KV heads, D = E / H, B = the plan's,
-   capacity <= the plan's Lk; kdim = vdim = E, no bias_k / add_zero_attn.
+   The plan needs MHA_PLAN_CACHE; the cache needs Hkv = the module's KV
+   heads, D = E / H, B = the plan's, capacity <= the plan's Lk; the module
+   kdim = vdim = E, no bias_k / add_zero_attn.
    A row without room: MHA_ERR_CAPACITY, nothing written.
    ====================================================================== */
 
@@ -756,6 +764,11 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
 #ifndef MHA_IMPLEMENTATION_DONE
 #define MHA_IMPLEMENTATION_DONE
 
+/* The implementation follows the sections of the declarations above, by
+   number (0 holds the foundations every section uses); each section's
+   internals come first, then its public functions in the order they are
+   declared.  */
+
 #include <math.h>
 #include <string.h>
 #include <stdint.h>
@@ -766,15 +779,18 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
 #if defined(MHA_MALLOC) != defined(MHA_FREE)
 #error "mha.h: define both MHA_MALLOC and MHA_FREE, or neither"
 #endif
+
 #ifndef MHA_MALLOC
 #include <stdlib.h>
 #define MHA_MALLOC(sz) malloc(sz)
 #define MHA_FREE(p) free(p)
 #endif
+
 #ifndef MHA_ASSERT
 #include <assert.h>
 #define MHA_ASSERT(x) assert(x)
 #endif
+
 /* The phases of the fused attention core that MHA_PROFILE_MARK names: a
    profiler adds the time since the last mark to the phase it left. */
 #define MHA_PHASE_OTHER   0   /* outside the core: projections, threads, ... */
@@ -785,6 +801,7 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
 #define MHA_PHASE_SOFTMAX 5   /* online softmax: max, exp, sum, rescale O^T */
 #define MHA_PHASE_PV      6   /* O^T += V^T P^T (micro-kernel) */
 #define MHA_PHASE_OUT     7   /* o = O / l, lse */
+
 #ifndef MHA_PROFILE_MARK
 #define MHA_PROFILE_MARK(phase) ((void)0)
 #endif
@@ -809,81 +826,13 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
 #define MHA__CAST(T, x) ((T)(x))
 #endif
 
-MHADEF const char *mha_status_string(mha_status s)
-{
-    switch (s) {
-#define MHA__MSG(name, msg) case name: return msg;
-        MHA_STATUS_LIST(MHA__MSG)
-#undef MHA__MSG
-    default: return "unknown mha_status value";
-    }
-}
+/* ====================================================================== 0
+   FOUNDATIONS
+   Size arithmetic that cannot overflow, workspace regions, the scalar
+   reference of the softmax, and the SIMD layer every kernel is written in.
+   ====================================================================== */
 
-/* Refusals.  Every check that refuses says so through mha__fail: the
-   status, the field as the caller wrote it, and what was expected and
-   found (printf-style).  The public call then signs the message with its
-   name (mha__sign).  Internal calls of public functions pass err = NULL. */
-#if defined(__GNUC__) || defined(__clang__)
-__attribute__((format(printf, 4, 5)))
-#endif
-static mha_status mha__fail(mha_error *e, mha_status s, const char *field, const char *fmt, ...)
-{
-    va_list ap;
-    if (!e || e->status != MHA_OK) return s;   /* the first refusal is the one reported */
-    e->status = s;
-    e->field = field;
-    va_start(ap, fmt);
-    vsnprintf(e->message, sizeof e->message, fmt, ap);
-    va_end(ap);
-    return s;
-}
-/* At a public call's entry: a clean report (status MHA_OK, no field). */
-static void mha__begin(mha_error *e)
-{
-    if (!e) return;
-    e->status = MHA_OK;
-    e->function = NULL;
-    e->field = NULL;
-    e->message[0] = '\0';
-}
-/* Append src to the message being built in dst[cap] (truncating: a long
-   message keeps its start). */
-static void mha__cat(char *dst, size_t cap, size_t *len, const char *src)
-{
-    while (*src && *len + 1 < cap) dst[(*len)++] = *src++;
-    dst[*len] = '\0';
-}
-/* At its exit: a refusal's message becomes "function: field: detail" (a
-   check that gave no detail still gets the status's sentence). */
-static mha_status mha__sign(mha_error *e, const char *function, mha_status s)
-{
-    char detail[sizeof e->message];
-    size_t n = 0;
-    if (!e || s == MHA_OK) return s;
-    if (e->status == MHA_OK) {   /* refused without mha__fail */
-        e->status = s;
-        e->field = NULL;
-        e->message[0] = '\0';
-    }
-    memcpy(detail, e->message, sizeof detail);
-    e->function = function;
-    mha__cat(e->message, sizeof e->message, &n, function);
-    mha__cat(e->message, sizeof e->message, &n, ": ");
-    if (e->field) {
-        mha__cat(e->message, sizeof e->message, &n, e->field);
-        mha__cat(e->message, sizeof e->message, &n, ": ");
-    }
-    mha__cat(e->message, sizeof e->message, &n, detail[0] ? detail : mha_status_string(s));
-    return s;
-}
-/* NULL pointer arguments, the commonest refusal: the first NULL of the n
-   named pointers (a name list "q,k,v" matches the pointers in order). */
-static mha_status mha__need(mha_error *e, const char *name, const void *ptr)
-{
-    return ptr ? MHA_OK : mha__fail(e, MHA_ERR_NULL_POINTER, name, "is NULL");
-}
-
-/* -------------------------------------------------- size arithmetic */
+/* ------------------------------------------------- size arithmetic */
 
 /* a*b into *r; returns 0 when the product does not fit in size_t. */
 static int mha__mul(size_t a, size_t b, size_t *r)
@@ -892,11 +841,13 @@ static int mha__mul(size_t a, size_t b, size_t *r)
     *r = a * b;
     return 1;
 }
+
 static int mha__mul3(size_t a, size_t b, size_t c, size_t *r)
 {
     size_t t;
     return mha__mul(a, b, &t) && mha__mul(t, c, r);
 }
+
 static int mha__add(size_t a, size_t b, size_t *r)
 {
     if (b > SIZE_MAX - a) return 0;
@@ -916,7 +867,7 @@ static int mha__add(size_t a, size_t b, size_t *r)
      returned OK having done nothing);
    - B*Lq and B*Lk' (B*L in the encoder), the rows of the module's
      projection GEMMs: checked against MHA__INT_LIMIT by the module's plans
-     (mha_forward_cached's too), which the encoder runs before it forms
+     (the module's decoding step too), which the encoder runs before it forms
      N = B*L;
    - the KV cache: capacity and D are dimensions (checked with the cache),
      an attention over it runs one batch row at a time (H heads, nb = 1);
@@ -928,6 +879,7 @@ static int mha__add(size_t a, size_t b, size_t *r)
    - everything else that is multiplied (offsets, strides, mask rows, the
      GEMM's split and the by-head threshold) is size_t, ptrdiff_t or double. */
 #define MHA__INT_LIMIT (INT_MAX / 2)
+
 static int mha__dim_ok(int n) { return n <= MHA__INT_LIMIT; }
 
 static int mha__max_threads(const mha_options *opt)
@@ -953,6 +905,7 @@ static float *mha__align_ws(void *ws)
     size_t skip = (line - (size_t)((uintptr_t)ws % line)) % line;
     return MHA__CAST(float *, (void *)(MHA__CAST(unsigned char *, ws) + skip));
 }
+
 static int mha__region(size_t *cursor, size_t nfloats, size_t *offset)
 {
     size_t padded;
@@ -962,12 +915,22 @@ static int mha__region(size_t *cursor, size_t nfloats, size_t *offset)
     return mha__add(*cursor, padded, cursor);
 }
 
-/* =====================================================================
-   SCALAR REFERENCE
-   The readable definition of each operation.  The SIMD layer below
-   computes the same thing faster; tests compare the two.
-   ===================================================================== */
+/* n floats rounded up to whole 64-byte lines */
+static size_t mha__round_floats(size_t n)
+{
+    return (n + MHA__ALIGN_FLOATS - 1) / MHA__ALIGN_FLOATS * MHA__ALIGN_FLOATS;
+}
 
+/* Whether n1 floats at a and n2 floats at b share memory. */
+static int mha__overlap(const float *a, size_t n1, const float *b, size_t n2)
+{
+    uintptr_t pa = (uintptr_t)a, pb = (uintptr_t)b;
+    return pa < pb + n2 * sizeof(float) && pb < pa + n1 * sizeof(float);
+}
+
+/* ---- the scalar reference
+   The readable definition of each operation.  The SIMD layer below
+   computes the same thing faster; tests compare the two. */
 /* Softmax over one row of scores, in place, skipping blocked keys.
    A blocked key has score -inf (the masking step writes it; it never adds it).
        m = max_j s_j over allowed j;   p_j = exp(s_j - m) / sum_k exp(s_k - m)
@@ -993,17 +956,14 @@ static MHA__UNUSED int mha__softmax_row_ref(float *s, int n)
     return 1;
 }
 
-/* =====================================================================
-   SIMD LAYER
+/* ---- the SIMD layer
    One thin vector type so each kernel is written once (the ggml idea).
    mha__vf holds MHA__VW floats:  AVX-512 16 lanes, AVX2+FMA 8 lanes,
    NEON 4 lanes, scalar 1.
    Loads and stores are unaligned.  mha__vfma(acc, a, b) = acc + a*b.
    mha__vm is a lane mask from a comparison, used only by mha__vsel.
    mha__vtranspose(r) transposes the MHA__VW x MHA__VW block held in r[].
-   The choice is made once, here, at compile time; MHA_NO_SIMD wins.
-   ===================================================================== */
-
+   The choice is made once, here, at compile time; MHA_NO_SIMD wins. */
 #if !defined(MHA_NO_SIMD) && !defined(MHA_NO_AVX512) && defined(__AVX512F__)
 #define MHA__SIMD_AVX512 1
 #elif !defined(MHA_NO_SIMD) && defined(__AVX2__) && defined(__FMA__)
@@ -1264,7 +1224,9 @@ static inline void mha__vtranspose(mha__vf *r) { (void)r; }   /* 1 x 1 */
    Below MHA__EXP_LO (the result would be subnormal) the result is exactly 0,
    so exp(-inf) = 0; above MHA__EXP_HI it is +inf; NaN gives NaN.  */
 #define MHA__EXP_LO (-87.3365402f)   /* smallest float with exp(x) >= FLT_MIN */
+
 #define MHA__EXP_HI 88.7228317f      /* largest float with exp(x) <= FLT_MAX  */
+
 /* The shared core: for a finite xc, returns exp(r) and sets *n, where
    xc = n ln2 + r.  Both exp variants below are this plus their own 2^n. */
 static inline mha__vf mha__vexp_core(mha__vf xc, mha__vf *n_out)
@@ -1284,6 +1246,7 @@ static inline mha__vf mha__vexp_core(mha__vf xc, mha__vf *n_out)
     *n_out = n;
     return p;
 }
+
 static inline mha__vf mha__vexp(mha__vf x)
 {
     const mha__vf lo = mha__vset1(MHA__EXP_LO), hi = mha__vset1(MHA__EXP_HI);
@@ -1391,9 +1354,709 @@ static float mha__softmax_row_lse(float *s, int n, float sink)
     return m + logf(sum);
 }
 
+/* ====================================================================== 1
+   STATUS AND ERRORS
+   mha_status_string, and the refusal helpers every check uses: mha__fail
+   names the field and what was wrong, mha__sign adds the public call's name.
+   ====================================================================== */
 
-/* =====================================================================
-   GEMM
+MHADEF const char *mha_status_string(mha_status s)
+{
+    switch (s) {
+#define MHA__MSG(name, msg) case name: return msg;
+        MHA_STATUS_LIST(MHA__MSG)
+#undef MHA__MSG
+    default: return "unknown mha_status value";
+    }
+}
+
+/* Refusals.  Every check that refuses says so through mha__fail: the
+   status, the field as the caller wrote it, and what was expected and
+   found (printf-style).  The public call then signs the message with its
+   name (mha__sign).  Internal calls of public functions pass err = NULL. */
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((format(printf, 4, 5)))
+#endif
+
+static mha_status mha__fail(mha_error *e, mha_status s, const char *field, const char *fmt, ...)
+{
+    va_list ap;
+    if (!e || e->status != MHA_OK) return s;   /* the first refusal is the one reported */
+    e->status = s;
+    e->field = field;
+    va_start(ap, fmt);
+    vsnprintf(e->message, sizeof e->message, fmt, ap);
+    va_end(ap);
+    return s;
+}
+
+/* At a public call's entry: a clean report (status MHA_OK, no field). */
+static void mha__begin(mha_error *e)
+{
+    if (!e) return;
+    e->status = MHA_OK;
+    e->function = NULL;
+    e->field = NULL;
+    e->message[0] = '\0';
+}
+
+/* Append src to the message being built in dst[cap] (truncating: a long
+   message keeps its start). */
+static void mha__cat(char *dst, size_t cap, size_t *len, const char *src)
+{
+    while (*src && *len + 1 < cap) dst[(*len)++] = *src++;
+    dst[*len] = '\0';
+}
+
+/* At its exit: a refusal's message becomes "function: field: detail" (a
+   check that gave no detail still gets the status's sentence). */
+static mha_status mha__sign(mha_error *e, const char *function, mha_status s)
+{
+    char detail[sizeof e->message];
+    size_t n = 0;
+    if (!e || s == MHA_OK) return s;
+    if (e->status == MHA_OK) {   /* refused without mha__fail */
+        e->status = s;
+        e->field = NULL;
+        e->message[0] = '\0';
+    }
+    memcpy(detail, e->message, sizeof detail);
+    e->function = function;
+    mha__cat(e->message, sizeof e->message, &n, function);
+    mha__cat(e->message, sizeof e->message, &n, ": ");
+    if (e->field) {
+        mha__cat(e->message, sizeof e->message, &n, e->field);
+        mha__cat(e->message, sizeof e->message, &n, ": ");
+    }
+    mha__cat(e->message, sizeof e->message, &n, detail[0] ? detail : mha_status_string(s));
+    return s;
+}
+
+/* NULL pointer arguments, the commonest refusal: the first NULL of the n
+   named pointers (a name list "q,k,v" matches the pointers in order). */
+static mha_status mha__need(mha_error *e, const char *name, const void *ptr)
+{
+    return ptr ? MHA_OK : mha__fail(e, MHA_ERR_NULL_POINTER, name, "is NULL");
+}
+
+/* A size argument that must be >= 1. */
+static mha_status mha__pos(mha_error *e, const char *name, int v)
+{
+    return v >= 1 ? MHA_OK : mha__fail(e, MHA_ERR_INVALID_SIZE, name, "is %d; expected >= 1", v);
+}
+
+/* ====================================================================== 2
+   OPTIONS AND MASKS
+   Every planner validates its options here, once, against the planned
+   maxima; mask data pointers are checked by each run (a plan may be made
+   before the masks exist).
+   ====================================================================== */
+
+/* Mask data pointers are checked by each run (a plan may be made before the
+   masks exist); kinds, shapes and the other options here, once per plan. */
+static mha_status mha__check_mask_kind(const mha_mask *m, const char *field, mha_error *e)
+{
+    if (m->kind == MHA_MASK_NONE || m->kind == MHA_MASK_BOOL || m->kind == MHA_MASK_BOOL_KEEP ||
+        m->kind == MHA_MASK_FLOAT)
+        return MHA_OK;
+    return mha__fail(e, MHA_ERR_BAD_ENUM, field, "is %d, not an mha_mask_kind (0..3)", (int)m->kind);
+}
+
+/* Every planner validates its options here, against the planned maxima. */
+static mha_status mha__check_masks(const mha_options *opt, int B, int H, int Lq, int Lk, mha_error *e)
+{
+    mha_status st;
+    const mha_mask *am = &opt->attn_mask, *kp = &opt->key_padding_mask;
+    if ((st = mha__check_mask_kind(am, "opt->attn_mask.kind", e)) != MHA_OK) return st;
+    if ((st = mha__check_mask_kind(kp, "opt->key_padding_mask.kind", e)) != MHA_OK) return st;
+    if (am->kind != MHA_MASK_NONE) {
+        int ok = 0;
+        if (am->ndim == 2)
+            ok = am->shape[0] == Lq && am->shape[1] == Lk;
+        else if (am->ndim == 3)
+            ok = (size_t)am->shape[0] == (size_t)B * (size_t)H && am->shape[1] == Lq && am->shape[2] == Lk;
+        else if (am->ndim == 4)
+            ok = am->shape[0] == B && am->shape[1] == H && am->shape[2] == Lq && am->shape[3] == Lk;
+        if (am->ndim < 2 || am->ndim > 4)
+            return mha__fail(e, MHA_ERR_MASK_SHAPE, "opt->attn_mask.ndim", "is %d; expected 2, 3 or 4",
+                             am->ndim);
+        if (!ok)
+            return mha__fail(e, MHA_ERR_MASK_SHAPE, "opt->attn_mask.shape",
+                             "is [%d, %d%s%d%s%d]; expected [Lq, Lk] = [%d, %d], [B*H, Lq, Lk] or "
+                             "[B, H, Lq, Lk] with B %d, H %d",
+                             am->shape[0], am->shape[1], am->ndim > 2 ? ", " : "", am->ndim > 2 ? am->shape[2] : 0,
+                             am->ndim > 3 ? ", " : "", am->ndim > 3 ? am->shape[3] : 0, Lq, Lk, B, H);
+    }
+    if (kp->kind != MHA_MASK_NONE && !(kp->ndim == 2 && kp->shape[0] == B && kp->shape[1] == Lk))
+        return mha__fail(e, MHA_ERR_MASK_SHAPE, "opt->key_padding_mask.shape",
+                         "is %d-D [%d, %d]; expected [B, Lk] = [%d, %d]", kp->ndim, kp->shape[0],
+                         kp->shape[1], B, Lk);
+    /* the alignment also places windows and ALiBi, so it is checked with causal off too */
+    if (opt->causal_align != MHA_CAUSAL_TOP_LEFT && opt->causal_align != MHA_CAUSAL_BOTTOM_RIGHT)
+        return mha__fail(e, MHA_ERR_BAD_ENUM, "opt->causal_align", "is %d; expected MHA_CAUSAL_TOP_LEFT (0) "
+                         "or MHA_CAUSAL_BOTTOM_RIGHT (1)", (int)opt->causal_align);
+    if (!(opt->scale >= 0.0f) || opt->scale == INFINITY)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->scale", "is %g; expected 0 (default) or a "
+                         "positive finite number", (double)opt->scale);
+    if (opt->num_threads < 0)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->num_threads", "is %d; expected >= 0",
+                         opt->num_threads);
+    return MHA_OK;
+}
+
+/* (defined further on, where its section is) */
+static mha_status mha__check_rope(const mha_rope *r, int D, int module, mha_error *e);
+
+/* The decoder options (checked where the masks are): the module's RoPE
+   (rope NULL for SDPA); position_offset >= 0 and offset + Lk within int;
+   Hkv divides H; window sides >= -1; softcap >= 0 and finite; caller
+   slopes finite; sink logits finite or -inf.  Hkv: the KV heads in use
+   (the module's, or opt's); kv_field names where they came from. */
+static mha_status mha__check_decode(const mha_options *opt, int H, int Hkv, const char *kv_field,
+                                    const mha_rope *rope, int D, int Lk, mha_error *e)
+{
+    int h;
+    mha_status st;
+    if (rope && (st = mha__check_rope(rope, D, 1, e)) != MHA_OK) return st;
+    if (opt->position_offset < 0)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->position_offset", "is %d; expected >= 0",
+                         opt->position_offset);
+    /* key j sits at offset + j and a query at offset + i' <= offset + Lk: all ints */
+    if (opt->position_offset > INT_MAX - Lk)
+        return mha__fail(e, MHA_ERR_OVERFLOW, "opt->position_offset", "is %d; with %d keys the last "
+                         "position passes INT_MAX", opt->position_offset, Lk);
+    if (Hkv < 0) return mha__fail(e, MHA_ERR_INVALID_SIZE, kv_field, "is %d; expected >= 0", Hkv);
+    if (Hkv == 0) Hkv = H;
+    if (Hkv > H || H % Hkv != 0)
+        return mha__fail(e, MHA_ERR_HEADS_DIVIDE, kv_field, "is %d, which does not divide the %d query "
+                         "heads", Hkv, H);
+    if (opt->window && opt->window_left < -1)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->window_left", "is %d; expected -1 (unbounded) "
+                         "or >= 0", opt->window_left);
+    if (opt->window && opt->window_right < -1)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->window_right", "is %d; expected -1 (unbounded) "
+                         "or >= 0", opt->window_right);
+    if (!(opt->softcap >= 0.0f) || opt->softcap == INFINITY)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->softcap", "is %g; expected 0 (off) or a "
+                         "positive finite cap", (double)opt->softcap);
+    for (h = 0; opt->alibi && opt->alibi_slopes && h < H; ++h)
+        if (!(opt->alibi_slopes[h] - opt->alibi_slopes[h] == 0.0f))
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->alibi_slopes", "[%d] is %g; expected a "
+                             "finite slope", h, (double)opt->alibi_slopes[h]);
+    for (h = 0; opt->sinks && h < H; ++h)
+        if (!(opt->sinks[h] < INFINITY))   /* NaN, +inf */
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->sinks", "[%d] is %g; expected a finite "
+                             "logit or -inf", h, (double)opt->sinks[h]);
+    return MHA_OK;
+}
+
+/* ALiBi slope of global query head h (mha_alibi_slopes is the definition) */
+static float mha__alibi_slope(int H, int h)
+{
+    int n = 1;
+    while (n * 2 <= H) n *= 2;
+    return h < n ? (float)pow(2.0, -8.0 * (h + 1) / n) : (float)pow(2.0, -4.0 * (2 * (h - n) + 1) / n);
+}
+
+MHADEF mha_status mha_alibi_slopes(int H, float *slopes, mha_error *err)
+{
+    int h;
+    mha__begin(err);
+    if (!slopes) return mha__sign(err, "mha_alibi_slopes", mha__need(err, "slopes", slopes));
+    if (H <= 0)
+        return mha__sign(err, "mha_alibi_slopes", mha__fail(err, MHA_ERR_INVALID_SIZE, "H", "is %d; expected >= 1", H));
+    for (h = 0; h < H; ++h) slopes[h] = mha__alibi_slope(H, h);
+    return MHA_OK;
+}
+
+/* ====================================================================== 3
+   PLANS AND RUNS
+   A plan fixes once what every run of it shares: the shapes (B and the
+   largest Lq, Lk), the options, the thread count, what the runs may ask for
+   (weights, a backward) and, for a module, its weights resolved and maybe
+   packed.  Making it validates everything and computes the exact
+   workspace; a run then only checks its lengths and its mha_run against the
+   plan and reads the plan, so one plan may run from many threads at once.
+   The one-shot calls make the plan of their arguments on the stack and run
+   it once (mha__oneshot, below).
+   ====================================================================== */
+
+/* ----------------------------------------------- what a plan holds */
+
+/* A module after its checks, every weight resolved once: the projections
+   whether they came from in_proj_* or q/k/v_proj_*, the appended keys, and
+   the prepacked panels when there are some.  */
+typedef struct mha__mod {
+    int E, H, D, kdim, vdim;
+    int Hkv, Ekv;                       /* KV heads (GQA) and their width Hkv * D */
+    mha_rope rope;                      /* on Q and K after their projections */
+    int extra;                          /* appended keys: (bias_k) + (add_zero_attn) */
+    int in_proj;                        /* Wq, Wk, Wv are rows of in_proj_weight */
+    const float *wq, *wk, *wv, *wo;     /* [E,E], [Ekv,kdim], [Ekv,vdim], [E,E] */
+    const float *bq, *bk, *bv, *bo;     /* [E], [Ekv], [Ekv], [E], or NULL */
+    const float *bias_k, *bias_v;       /* the appended key and value row, or NULL */
+    int zero_attn;                      /* then a zero key and value */
+    const float *pq, *pk, *pv, *po;     /* W^T panels (mha__prepack_b), or NULL: pack per GEMM */
+} mha__mod;
+
+#define MHA__PLAN_MAGIC 0x4e4c504du   /* "MPLN" */
+
+enum { MHA__PLAN_GEMM = 1, MHA__PLAN_SDPA, MHA__PLAN_MODULE, MHA__PLAN_ENCODER };
+
+static const char *mha__kind_name(uint32_t kind)
+{
+    switch (kind) {
+    case MHA__PLAN_GEMM: return "a GEMM";
+    case MHA__PLAN_SDPA: return "an SDPA";
+    case MHA__PLAN_MODULE: return "a module";
+    case MHA__PLAN_ENCODER: return "an encoder";
+    default: return "an unknown";
+    }
+}
+
+struct mha_plan {
+    uint32_t magic;
+    int kind;
+    unsigned flags;             /* MHA_PLAN_* */
+    int nthreads;               /* every run uses exactly this many */
+    int owned;                  /* made by MHA_MALLOC: mha_plan_destroy frees it */
+    size_t ws_bytes;            /* the workspace every run needs */
+    size_t saved_bytes;         /* a saved forward (MHA_PLAN_TRAINING) */
+    size_t plan_bytes;          /* the struct and the packed panels */
+    int B, H, Lq, Lk, D, Dv;    /* the planned maxima; module: H, D of the module */
+    int by_head;                /* module: long sequences go one head at a time (never training) */
+    int cache_ok;               /* module: the cache path fits it (self-attention, no appended keys) */
+    mha_trans ta, tb;           /* GEMM: op(A) M x K, op(B) K x N */
+    int M, N, K;
+    mha_options opt;            /* the caller's, num_threads resolved */
+    mha__mod mod;               /* module and encoder */
+    mha_encoder_layer enc;      /* encoder (pointers borrowed) */
+    size_t mod_floats;          /* encoder: the self-attention's part of the workspace */
+};
+
+static size_t mha__plan_struct_bytes(void)
+{
+    return (sizeof(struct mha_plan) + 63) / 64 * 64;
+}
+
+/* Copy and check the options; resolve the thread count. */
+static mha_status mha__plan_begin(mha_plan *p, int kind, const mha_options *opt, unsigned flags,
+                                  unsigned allowed, int B, int H, int Lq, int Lk, mha_error *e)
+{
+    mha_status st;
+    memset(p, 0, sizeof *p);
+    p->magic = MHA__PLAN_MAGIC;
+    p->kind = kind;
+    p->flags = flags;
+    if (opt) p->opt = *opt;
+    if (flags & ~allowed)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "flags", "is 0x%x; %s plan takes only 0x%x (MHA_PLAN_*)",
+                         flags, mha__kind_name((uint32_t)kind), allowed);
+    if ((st = mha__check_masks(&p->opt, B, H, Lq, Lk, e)) != MHA_OK) return st;
+    p->nthreads = mha__max_threads(&p->opt);
+    p->opt.num_threads = p->nthreads;
+    p->B = B; p->H = H; p->Lq = Lq; p->Lk = Lk;
+    return MHA_OK;
+}
+
+/* The plan's workspace in bytes from its floats (which include the slack
+   to align the start). */
+static mha_status mha__plan_ws(mha_plan *p, size_t floats, size_t saved_floats, mha_error *e)
+{
+    if (!mha__mul(floats, sizeof(float), &p->ws_bytes) || !mha__mul(saved_floats, sizeof(float), &p->saved_bytes))
+        return mha__fail(e, MHA_ERR_OVERFLOW, "Lq", "the workspace's bytes do not fit in size_t");
+    return MHA_OK;
+}
+
+/* Plan memory: the caller's mem (aligned for the struct, at least need bytes),
+   or MHA_MALLOC's.  The plan made on the stack is copied in; with PACK the
+   panels are written after it.  */
+#define MHA__PLAN_ALIGN 8
+
+/* (defined further on, where its section is) */
+static void mha__pack_write(mha__mod *r, void *buf);
+
+static mha_status mha__plan_place(mha_plan *tmp, size_t extra, void *mem, size_t mem_bytes,
+                                  mha_plan **plan, mha_error *e)
+{
+    size_t need;
+    mha_plan *p;
+    if (!mha__add(mha__plan_struct_bytes(), extra, &need))
+        return mha__fail(e, MHA_ERR_OVERFLOW, "flags", "the plan's bytes do not fit in size_t");
+    if (mem) {
+        if (mem_bytes < need)
+            return mha__fail(e, MHA_ERR_WORKSPACE_TOO_SMALL, "mem_bytes", "is %lu; the plan needs %lu "
+                             "(mha_sizes.plan)", (unsigned long)mem_bytes, (unsigned long)need);
+        if ((uintptr_t)mem % MHA__PLAN_ALIGN != 0)
+            return mha__fail(e, MHA_ERR_MISALIGNED, "mem", "is not %d-byte aligned", MHA__PLAN_ALIGN);
+        tmp->owned = 0;
+    } else {
+        mem = MHA_MALLOC(need);
+        if (!mem) return mha__fail(e, MHA_ERR_OUT_OF_MEMORY, "mem", "MHA_MALLOC(%lu) returned NULL",
+                                   (unsigned long)need);
+        tmp->owned = 1;
+    }
+    p = MHA__CAST(mha_plan *, mem);
+    tmp->plan_bytes = need;
+    *p = *tmp;
+    if (extra) mha__pack_write(&p->mod, MHA__CAST(char *, mem) + mha__plan_struct_bytes());
+    *plan = p;
+    return MHA_OK;
+}
+
+/* The end of every planner: the status of its make, then the sizes of the
+   plan (the *_plan_size calls) or the plan placed in memory. */
+static mha_status mha__plan_out(mha_status st, mha_plan *tmp, size_t extra, void *mem,
+                                size_t mem_bytes, mha_plan **plan, mha_sizes *sizes, mha_error *e)
+{
+    if (st != MHA_OK) return st;
+    if (sizes) {
+        if (!mha__add(mha__plan_struct_bytes(), extra, &sizes->plan))
+            return mha__fail(e, MHA_ERR_OVERFLOW, "flags", "the plan's bytes do not fit in size_t");
+        sizes->workspace = tmp->ws_bytes;
+        sizes->saved = tmp->saved_bytes;
+        return MHA_OK;
+    }
+    return mha__plan_place(tmp, extra, mem, mem_bytes, plan, e);
+}
+
+/* Is this a plan (and, kind > 0, of that kind)? */
+static mha_status mha__plan_ok(const mha_plan *p, int kind, mha_error *e)
+{
+    if (!p) return mha__fail(e, MHA_ERR_NULL_POINTER, "plan", "is NULL");
+    if (p->magic != MHA__PLAN_MAGIC)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "plan", "is not a plan (destroyed, or never made)");
+    if (kind && p->kind != kind)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "plan", "is %s plan; this call runs %s plan",
+                         mha__kind_name((uint32_t)p->kind), mha__kind_name((uint32_t)kind));
+    return MHA_OK;
+}
+
+/* ----------------------------------------------- the saved forward */
+
+/* Each run lays its workspace out for its own lengths with the layout
+   functions below, and its plan took the same functions at the planned
+   maxima: every region grows with Lq and Lk, so a run never needs more than
+   its plan said.  Offsets are in floats from the aligned start. */
+
+/* The saved forward (section 3): the caller's region, aligned inside like a
+   workspace, starts with a header of MHA__SAVED_HDR floats that records
+   who wrote it (the magic, the plan's kind) and the shape of what follows
+   (B, the lengths and the widths), so a backward reads only a region laid
+   out as it expects.  The layouts of what follows are below (SDPA, module,
+   encoder); a backward without a saved forward recomputes into the same
+   layout inside its workspace.  */
+#define MHA__SAVED_MAGIC 0x53415645u   /* "EVAS" in a little-endian dump: "SAVE" */
+
+#define MHA__SAVED_HDR 16
+
+#define MHA__SAVED_WORDS 10
+
+static void mha__saved_header(const int *shape, uint32_t *w)
+{
+    int i;
+    w[0] = MHA__SAVED_MAGIC;
+    for (i = 1; i < MHA__SAVED_WORDS; ++i) w[i] = (uint32_t)shape[i - 1];
+}
+
+static void mha__saved_stamp(float *sv, const int *shape)
+{
+    uint32_t w[MHA__SAVED_WORDS];
+    mha__saved_header(shape, w);
+    memcpy(sv, w, sizeof w);
+}
+
+static mha_status mha__saved_check(const float *sv, const int *shape, mha_error *e)
+{
+    uint32_t want[MHA__SAVED_WORDS], got[MHA__SAVED_WORDS];
+    static const char *const what[MHA__SAVED_WORDS] = {
+        "magic", "kind", "B", "H", "Lq", "Lk", "width", "key width", "appended keys", "F"};
+    int i;
+    mha__saved_header(shape, want);
+    memcpy(got, sv, sizeof got);
+    if (got[0] != want[0])
+        return mha__fail(e, MHA_ERR_SAVED, "run->saved", "no forward wrote it (its header has no saved-forward "
+                         "magic)");
+    if (got[1] != want[1])
+        return mha__fail(e, MHA_ERR_SAVED, "run->saved", "was written by the forward of %s plan; this is %s "
+                         "plan's backward", mha__kind_name(got[1]), mha__kind_name(want[1]));
+    for (i = 2; i < MHA__SAVED_WORDS; ++i)
+        if (got[i] != want[i])
+            return mha__fail(e, MHA_ERR_SAVED, "run->saved", "was written by a forward with %s %u; this "
+                             "backward has %u", what[i], (unsigned)got[i], (unsigned)want[i]);
+    return MHA_OK;
+}
+
+/* -------------------------------------- what a run brings: mha_run */
+
+/* The fields of an mha_run a call may use; any other field that is set is
+   refused by name (a request the call cannot honour is never dropped). */
+#define MHA__RF_SAVED   1u
+
+#define MHA__RF_MASKS   2u
+
+#define MHA__RF_CACHE   4u
+
+#define MHA__RF_WEIGHTS 8u    /* weights, rows, n_rows */
+
+#define MHA__RF_STATS   16u   /* lse, entropy, max_weight, first_weight */
+
+#define MHA__RF_SINKS   32u   /* sinks_grad */
+
+static mha_status mha__run_fields(const mha_run *run, unsigned allowed, mha_error *e)
+{
+    const char *bad = NULL;
+    if (!run) return MHA_OK;
+    if (!(allowed & MHA__RF_SAVED) && run->saved) bad = "run->saved";
+    else if (!(allowed & MHA__RF_MASKS) && run->attn_mask) bad = "run->attn_mask";
+    else if (!(allowed & MHA__RF_MASKS) && run->key_padding_mask) bad = "run->key_padding_mask";
+    else if (!(allowed & MHA__RF_CACHE) && run->cache) bad = "run->cache";
+    else if (!(allowed & MHA__RF_WEIGHTS) && run->weights) bad = "run->weights";
+    else if (!(allowed & MHA__RF_WEIGHTS) && (run->rows || run->n_rows)) bad = run->rows ? "run->rows" : "run->n_rows";
+    else if (!(allowed & MHA__RF_STATS) && run->lse) bad = "run->lse";
+    else if (!(allowed & MHA__RF_STATS) && run->entropy) bad = "run->entropy";
+    else if (!(allowed & MHA__RF_STATS) && run->max_weight) bad = "run->max_weight";
+    else if (!(allowed & MHA__RF_STATS) && run->first_weight) bad = "run->first_weight";
+    else if (!(allowed & MHA__RF_SINKS) && run->sinks_grad) bad = "run->sinks_grad";
+    if (bad) return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, bad, "is set, but this call does not read or write it");
+    if (run->n_rows < 0 || (run->rows && run->n_rows == 0))
+        return mha__fail(e, MHA_ERR_INVALID_SIZE, "run->n_rows", "is %d; expected >= 1 with run->rows", run->n_rows);
+    if (run->n_rows > 0 && !run->rows) return mha__fail(e, MHA_ERR_NULL_POINTER, "run->rows", "is NULL with n_rows %d",
+                                                        run->n_rows);
+    if (run->n_rows > 0 && !run->weights)
+        return mha__fail(e, MHA_ERR_NULL_POINTER, "run->weights", "is NULL: rows choose which weights to write");
+    if (run->saved_bytes && !run->saved)
+        return mha__fail(e, MHA_ERR_NULL_POINTER, "run->saved", "is NULL with saved_bytes %lu",
+                         (unsigned long)run->saved_bytes);
+    return MHA_OK;
+}
+
+/* The caller's workspace (at least need bytes), or an allocated one. */
+static mha_status mha__get_ws(const mha_run *run, size_t need, void **owned, float **ws, mha_error *e)
+{
+    void *w = run ? run->workspace : NULL;
+    *owned = NULL;
+    if (w) {
+        if (run->workspace_bytes < need)
+            return mha__fail(e, MHA_ERR_WORKSPACE_TOO_SMALL, "run->workspace_bytes", "is %lu; this run needs %lu",
+                             (unsigned long)run->workspace_bytes, (unsigned long)need);
+    } else {
+        w = *owned = MHA_MALLOC(need);
+        if (!w) return mha__fail(e, MHA_ERR_OUT_OF_MEMORY, "run->workspace", "is NULL and MHA_MALLOC(%lu) "
+                                 "returned NULL", (unsigned long)need);
+    }
+    *ws = mha__align_ws(w);
+    return MHA_OK;
+}
+
+/* A run's workspace: need_floats at its lengths (at most the plan's). */
+static mha_status mha__run_ws(const mha_plan *p, const mha_run *run, size_t need_floats, void **owned,
+                              float **ws, mha_error *e)
+{
+    MHA_ASSERT(need_floats <= p->ws_bytes / sizeof(float));
+    (void)p;
+    return mha__get_ws(run, need_floats * sizeof(float), owned, ws, e);
+}
+
+/* The caller's saved region for need_floats at these lengths (aligned inside). */
+static mha_status mha__run_saved(const mha_plan *p, const mha_run *run, size_t need_floats, float **sv,
+                                 mha_error *e)
+{
+    *sv = NULL;
+    if (!run || !run->saved) return MHA_OK;
+    if (!(p->flags & MHA_PLAN_TRAINING))
+        return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, "run->saved", "is set, but the plan was made without "
+                         "MHA_PLAN_TRAINING");
+    if (run->saved_bytes < need_floats * sizeof(float))
+        return mha__fail(e, MHA_ERR_WORKSPACE_TOO_SMALL, "run->saved_bytes", "is %lu; this run saves %lu",
+                         (unsigned long)run->saved_bytes, (unsigned long)(need_floats * sizeof(float)));
+    *sv = mha__align_ws(run->saved);
+    return MHA_OK;
+}
+
+/* The start of every run: the plan is one of this kind; the lengths fit
+   (with a cache, Lk is 0: the cache says how many keys); the options are
+   the plan's with this run's mask data (NULL: the plan's) and mask shapes
+   for its lengths; the run's fields are ones this call can honour. */
+static mha_status mha__run_begin(const mha_plan *p, int kind, int Lq, int Lk, const mha_run *run,
+                                 unsigned allowed, mha_options *o, mha_error *e)
+{
+    mha_mask *am = &o->attn_mask, *kp = &o->key_padding_mask;
+    const char *lq = kind == MHA__PLAN_ENCODER ? "L" : "Lq", *lk = kind == MHA__PLAN_ENCODER ? "L" : "Lk";
+    mha_status st;
+    if ((st = mha__plan_ok(p, kind, e)) != MHA_OK) return st;
+    *o = p->opt;
+    if ((st = mha__run_fields(run, allowed, e)) != MHA_OK) return st;
+    if ((st = mha__pos(e, lq, Lq)) != MHA_OK) return st;
+    if (Lq > p->Lq) return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, lq, "is %d; the plan's longest is %d", Lq, p->Lq);
+    if (run && run->cache) {
+        if (Lk != 0) return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "Lk", "is %d; with run->cache pass 0 (the "
+                                      "cache's len says how many keys)", Lk);
+    } else {
+        if ((st = mha__pos(e, lk, Lk)) != MHA_OK) return st;
+        if (Lk > p->Lk) return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, lk, "is %d; the plan's longest is %d", Lk, p->Lk);
+    }
+    if (run && run->attn_mask && am->kind == MHA_MASK_NONE)
+        return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, "run->attn_mask", "is set, but the plan's options have no "
+                         "attn_mask (plan one with its kind and shape)");
+    if (run && run->key_padding_mask && kp->kind == MHA_MASK_NONE)
+        return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, "run->key_padding_mask", "is set, but the plan's options have "
+                         "no key_padding_mask (plan one with its kind and shape)");
+    if (run && run->attn_mask) am->data = run->attn_mask;
+    if (run && run->key_padding_mask) kp->data = run->key_padding_mask;
+    if (am->kind != MHA_MASK_NONE && !am->data)
+        return mha__fail(e, MHA_ERR_NULL_POINTER, "run->attn_mask", "is NULL, and so is the plan's "
+                         "opt->attn_mask.data");
+    if (kp->kind != MHA_MASK_NONE && !kp->data)
+        return mha__fail(e, MHA_ERR_NULL_POINTER, "run->key_padding_mask", "is NULL, and so is the plan's "
+                         "opt->key_padding_mask.data");
+    /* attn_mask ends in [Lq, Lk], key_padding_mask is [B, Lk] */
+    if (am->kind != MHA_MASK_NONE) { am->shape[am->ndim - 2] = Lq; am->shape[am->ndim - 1] = Lk; }
+    if (kp->kind != MHA_MASK_NONE) kp->shape[1] = Lk;
+    return MHA_OK;
+}
+
+/* The row outputs of a run (mha_run's lse and statistics), as views. */
+typedef struct mha__rowout { float *lse, *entropy, *max_weight, *first_weight; } mha__rowout;
+
+/* The row outputs a run asked for, as a view (NULL when none). */
+static const mha__rowout *mha__run_rowout(const mha_run *run, mha__rowout *ro)
+{
+    if (!run || !(run->lse || run->entropy || run->max_weight || run->first_weight)) return NULL;
+    ro->lse = run->lse; ro->entropy = run->entropy; ro->max_weight = run->max_weight;
+    ro->first_weight = run->first_weight;
+    return ro;
+}
+
+/* -------------- one-shot calls: the plan of one call, on the stack */
+
+/* Each one-shot call is the plan of its arguments, made on the caller's
+   stack (no MHA_PLAN_PACK, so the plan needs no memory beyond its struct),
+   and one run of it: the two can never disagree.  The flags are what the
+   call asks for: MHA_PLAN_WEIGHTS when run->weights is set,
+   MHA_PLAN_TRAINING for a backward or a forward that saves. */
+typedef struct mha__shot {
+    int kind;
+    unsigned flags;
+    mha_trans ta, tb;
+    int M, N, K;
+    int B, H, Lq, Lk, D, Dv;
+    const mha_module *m;
+    const mha_encoder_layer *ly;
+} mha__shot;
+
+/* (defined further on, where its section is) */
+static mha_status mha__gemm_plan_make(mha_trans ta, mha_trans tb, int M, int N, int K,
+                                      int num_threads, mha_plan *p, mha_error *e);
+static mha_status mha__sdpa_plan_make(int B, int H, int Lq, int Lk, int D, int Dv,
+                                      const mha_options *opt, unsigned flags, mha_plan *p, mha_error *e);
+static mha_status mha__module_plan_make(const mha_module *m, int B, int Lq, int Lk,
+                                        const mha_options *opt, unsigned flags, int kind,
+                                        mha_plan *p, size_t *extra_bytes, mha_error *e);
+static mha_status mha__encoder_plan_make(const mha_encoder_layer *ly, int B, int L,
+                                         const mha_options *opt, unsigned flags, mha_plan *p,
+                                         size_t *extra_bytes, mha_error *e);
+
+static mha_status mha__shot_make(const mha__shot *s, const mha_options *opt, mha_plan *p, mha_error *e)
+{
+    size_t extra;
+    switch (s->kind) {
+    case MHA__PLAN_GEMM:
+        return mha__gemm_plan_make(s->ta, s->tb, s->M, s->N, s->K, opt ? opt->num_threads : 0, p, e);
+    case MHA__PLAN_SDPA:
+        return mha__sdpa_plan_make(s->B, s->H, s->Lq, s->Lk, s->D, s->Dv, opt, s->flags, p, e);
+    case MHA__PLAN_MODULE:
+        return mha__module_plan_make(s->m, s->B, s->Lq, s->Lk, opt, s->flags, MHA__PLAN_MODULE, p, &extra, e);
+    default:
+        return mha__encoder_plan_make(s->ly, s->B, s->Lq, opt, s->flags, p, &extra, e);
+    }
+}
+
+/* One thing can differ between a size query and a later one-shot call:
+   with num_threads 0 each takes OpenMP's thread count at its own time, and
+   that count may have grown in between.  Rather than fail, such a call
+   runs on as many threads as the caller's workspace holds (the result does
+   not depend on the count).  An explicit num_threads is kept as given, and
+   a plan always runs on exactly its own count. */
+static mha_status mha__oneshot(const mha__shot *s, const mha_options *opt, const mha_run *run, mha_plan *p,
+                               mha_error *e)
+{
+    mha_options o;
+    mha_status st = mha__shot_make(s, opt, p, e);
+    if (st != MHA_OK || !run || !run->workspace || (opt && opt->num_threads != 0)) return st;
+    if (opt) o = *opt; else memset(&o, 0, sizeof o);
+    while (p->ws_bytes > run->workspace_bytes && p->nthreads > 1) {
+        o.num_threads = p->nthreads - 1;
+        if ((st = mha__shot_make(s, &o, p, e)) != MHA_OK) return st;
+    }
+    return MHA_OK;
+}
+
+/* The flags of a one-shot forward, and the planned Lk: with a cache the
+   run's Lk is 0 and the plan's the cache's capacity. */
+static unsigned mha__shot_flags(const mha_run *run)
+{
+    return (run && run->weights ? MHA_PLAN_WEIGHTS : 0u) | (run && run->saved ? MHA_PLAN_TRAINING : 0u) |
+           (run && run->cache ? MHA_PLAN_CACHE : 0u);
+}
+
+/* (defined further on, where its section is) */
+static mha_status mha__check_cache(const mha_kv_cache *c, mha_error *e);
+
+static mha_status mha__shot_lk(const mha_run *run, int Lk, int *plan_lk, mha_error *e)
+{
+    mha_status st;
+    *plan_lk = Lk;
+    if (!run || !run->cache) return MHA_OK;
+    if (Lk != 0)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "Lk", "is %d; with run->cache pass 0 (the cache's len says "
+                         "how many keys)", Lk);
+    if ((st = mha__check_cache(run->cache, e)) != MHA_OK) return st;
+    *plan_lk = run->cache->capacity;
+    return MHA_OK;
+}
+
+/* ------------------------------------- public: plans of every kind */
+
+MHADEF mha_status mha_plan_sizes(const mha_plan *plan, mha_sizes *sizes, mha_error *err)
+{
+    mha_status st;
+    mha__begin(err);
+    if ((st = mha__need(err, "sizes", sizes)) != MHA_OK || (st = mha__plan_ok(plan, 0, err)) != MHA_OK)
+        return mha__sign(err, "mha_plan_sizes", st);
+    sizes->plan = plan->plan_bytes;
+    sizes->workspace = plan->ws_bytes;
+    sizes->saved = plan->saved_bytes;
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_plan_repack(mha_plan *plan, mha_error *err)
+{
+    mha_status st;
+    mha__begin(err);
+    if ((st = mha__plan_ok(plan, 0, err)) != MHA_OK) return mha__sign(err, "mha_plan_repack", st);
+    if (!(plan->flags & MHA_PLAN_PACK))
+        return mha__sign(err, "mha_plan_repack", mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "plan", "was made "
+                         "without MHA_PLAN_PACK: it reads the weights at every run and has nothing to repack"));
+    mha__pack_write(&plan->mod, MHA__CAST(char *, (void *)plan) + mha__plan_struct_bytes());
+    return MHA_OK;
+}
+
+MHADEF void mha_plan_destroy(mha_plan *plan)
+{
+    if (plan && plan->magic == MHA__PLAN_MAGIC && plan->owned) {
+        plan->magic = 0;
+        MHA_FREE(plan);
+    }
+}
+
+/* ====================================================================== 4
+   MATRIX MULTIPLY
+   The blocked GEMM underneath everything, its threaded form, the Linear
+   layer on it (y = x W^T + b and its backward), and the GEMM's plan.
+   ====================================================================== */
+
+/* ---- the blocked GEMM
    C = alpha op(A) op(B) + beta C, in the BLIS structure: five loops around
    an MR x NR register micro-kernel (the B panel's columns are walked once
    more in L2-sized chunks, jj, inside the fifth).
@@ -1415,9 +2078,7 @@ static float mha__softmax_row_lse(float *s, int n, float sink)
    beta is applied with the first KC block (pc = 0) and then 1 is used, so
    it is applied exactly once; beta == 0 writes C without reading it.
    Every C element is summed over k in the same order whatever the thread
-   count, so the threaded GEMM gives bit-identical results.
-   ===================================================================== */
-
+   count, so the threaded GEMM gives bit-identical results. */
 /* Register tile MR x NR (NR = NRV vectors) and cache blocking per ISA.
    MHA__FOR_I / MHA__FOR_J list the rows and vector columns of the tile so
    the micro-kernel below is spelled out in full, with its accumulators in
@@ -1474,7 +2135,9 @@ static float mha__softmax_row_lse(float *s, int n, float sink)
 #define MHA__NC 2048
 #define MHA__NC2 512
 #endif
+
 #define MHA__NR (MHA__NRV * MHA__VW)
+
 /* k steps per loop trip.  With 16 registers (AVX2) a second copy of the
    step makes GCC spill accumulators, so only the 32-register ISAs unroll. */
 #if defined(MHA__SIMD_AVX512)
@@ -1487,14 +2150,18 @@ static float mha__softmax_row_lse(float *s, int n, float sink)
 #define MHA__KU 1
 #define MHA__K_UNROLL(S) S(0)
 #endif
+
 #ifndef MHA__KPF
 #define MHA__KPF 16   /* prefetch packed A this many k steps ahead */
 #endif
+
 /* X(i, j) for every accumulator of the tile */
 #define MHA__ROW_J(X, i) MHA__FOR_J(X, i)
+
 #define MHA__FOR_IJ(X) MHA__FOR_I(MHA__ROW_J, X)
 
 static size_t mha__round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+
 static int mha__imin(int a, int b) { return a < b ? a : b; }
 
 /* K is cut into equal blocks of at most KC (300 -> 150 + 150, not 256 + 44). */
@@ -1510,17 +2177,20 @@ static size_t mha__gemm_b_floats(int N, int K)
     size_t nc = mha__round_up((size_t)mha__imin(N, MHA__NC), MHA__NR);
     return mha__round_up(nc * (size_t)mha__gemm_kc(K), MHA__ALIGN_FLOATS);
 }
+
 static size_t mha__gemm_a_floats(int M, int K)
 {
     size_t mc = mha__round_up((size_t)mha__imin(M, MHA__MC), MHA__MR);
     return mha__round_up(mc * (size_t)mha__gemm_kc(K), MHA__ALIGN_FLOATS);
 }
+
 /* Packing-buffer floats one single-threaded GEMM call of this shape needs. */
 static size_t mha__gemm_ws_floats(int M, int N, int K)
 {
     if (M <= 0 || N <= 0 || K <= 0) return 0;
     return mha__gemm_b_floats(N, K) + mha__gemm_a_floats(M, K);
 }
+
 /* Pack rows i0..i0+mr of op(A), columns p0..p0+kc, as one sliver:
    dst[p*MR + i] = op(A)[i0+i, p0+p], zero for i >= mr.  */
 static void mha__pack_a(int ta, const float *A, size_t lda, int i0, int mr, int p0, int kc,
@@ -1590,10 +2260,15 @@ static void mha__pack_b(int tb, const float *B, size_t ldb, int p0, int kc, int 
    B once, broadcasts the MR values of A and issues MR*NRV independent fused
    multiply-adds: enough to keep both FMA pipes busy through their latency. */
 #define MHA__K_ZERO(i, j) mha__vf acc##i##_##j = mha__vzero();
+
 #define MHA__K_LOADB(u, j) const mha__vf b##j = mha__vload(b + (u) * MHA__NR + (j) * MHA__VW);
+
 #define MHA__K_FMA(i, j) acc##i##_##j = mha__vfma(acc##i##_##j, a##i, b##j);
+
 #define MHA__K_ROW(u, i) { const mha__vf a##i = mha__vset1(MHA__K_A(u, i)); MHA__FOR_J(MHA__K_FMA, i) }
+
 #define MHA__K_STEP(u) { MHA__FOR_J(MHA__K_LOADB, u) MHA__FOR_I(MHA__K_ROW, u) }
+
 #if defined(MHA__SIMD_NEON)
 /* NEON with a packed A: the MR = 8 values of a k step are two q registers
    and each FMA takes its A value by lane (fmla v.4s, v.4s, v.s[l]), so no
@@ -1607,18 +2282,24 @@ static void mha__pack_b(int tb, const float *B, size_t ldb, int p0, int kc, int 
 #else
 #define MHA__K_STEP_P(u) MHA__K_STEP(u)   /* packed A: the same step */
 #endif
+
 #define MHA__K_STORE0(i, j) \
     mha__vstore(c + (i) * ldc + (j) * MHA__VW, mha__vmul(va, acc##i##_##j));
+
 #define MHA__K_STORE1(i, j) \
     mha__vstore(c + (i) * ldc + (j) * MHA__VW, \
                 mha__vfma(mha__vmul(va, acc##i##_##j), vb, mha__vload(c + (i) * ldc + (j) * MHA__VW)));
+
 #if defined(__GNUC__) || defined(__clang__)
 #define MHA__PREFETCH(p) __builtin_prefetch(p)
 #else
 #define MHA__PREFETCH(p) ((void)0)
 #endif
+
 #define MHA__K_PREFETCH_C(u, i) MHA__PREFETCH(c + (i) * ldc); MHA__PREFETCH(c + (i) * ldc + MHA__NR - 1);
+
 #define MHA__K_A(u, i) a[(u) * MHA__MR + (i)]     /* packed: MR values per k */
+
 static void mha__kernel(int kc, const float *a, const float *b, float *c, size_t ldc,
                         float alpha, float beta)
 {
@@ -1642,13 +2323,16 @@ static void mha__kernel(int kc, const float *a, const float *b, float *c, size_t
         else              { MHA__FOR_IJ(MHA__K_STORE1) }
     }
 }
+
 #undef MHA__K_A
 
 /* The same micro-kernel reading A unpacked: MR rows of a row-major A, lda
    apart (no copy when each A value meets only a few B slivers, as in
    P V with its 64 columns).  Same sums in the same order as mha__kernel. */
 #define MHA__K_A(u, i) ar##i[p + (u)]
+
 #define MHA__K_AROW(u, i) const float *ar##i = a + (size_t)(i) * lda;
+
 static void mha__kernel_rows(int kc, const float *a, size_t lda, const float *b, float *c,
                              size_t ldc, float alpha, float beta)
 {
@@ -1670,6 +2354,7 @@ static void mha__kernel_rows(int kc, const float *a, size_t lda, const float *b,
         else              { MHA__FOR_IJ(MHA__K_STORE1) }
     }
 }
+
 #undef MHA__K_A
 
 /* The inner loops over one A block (mc x kc) and packed B panel (kc x nc).
@@ -1725,7 +2410,7 @@ static void mha__pack_a_block(int ta, const float *A, size_t lda, int ic, int mc
         mha__pack_a(ta, A, lda, ic + ir, mha__imin(MHA__MR, mc - ir), pc, kc, pa + (size_t)ir * kc);
 }
 
-/* A prepacked B (mha_module_pack): op(B) = W^T for a row-major W [Ntot, K],
+/* A prepacked B (MHA_PLAN_PACK): op(B) = W^T for a row-major W [Ntot, K],
    packed once in exactly the order mha__gemm would pack it per call, so the
    GEMM reads it instead of packing and sums the same products in the same
    order (bit-identical results).  For each column block jc (NC columns,
@@ -1740,6 +2425,7 @@ static size_t mha__prepacked_floats(int Ntot, int K)
         n += mha__round_up((size_t)mha__imin(MHA__NC, Ntot - jc), MHA__NR) * (size_t)K;
     return n;
 }
+
 static void mha__prepack_b(const float *W, int Ntot, int K, float *dst)
 {
     int kcb = mha__gemm_kc(K), jc, pc, jr;
@@ -1754,6 +2440,7 @@ static void mha__prepack_b(const float *W, int Ntot, int K, float *dst)
         }
     }
 }
+
 /* Where the panel of columns col.. (a multiple of NR), K block pc (kc rows
    long: its slivers are NR x kc), starts. */
 static const float *mha__prepacked_at(const float *pp, int Ntot, int K, int col, int pc, int kc)
@@ -1813,6 +2500,7 @@ static void mha__gemm_pp(int ta, int tb, int M, int N, int K, float alpha,
         }
     }
 }
+
 static void mha__gemm(int ta, int tb, int M, int N, int K, float alpha,
                       const float *A, size_t lda, const float *B, size_t ldb,
                       float beta, float *C, size_t ldc, float *ws)
@@ -1917,6 +2605,10 @@ static void mha__gemm_mt_pp(int ta, int tb, int M, int N, int K, float alpha,
     (void)nthreads;
     mha__gemm_pp(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ws, pp, 0, N, rows_a);
 }
+
+/* (defined further on, where its section is) */
+static size_t mha__linear_gws(int rows, int in, int out, int nthreads);
+
 static void mha__gemm_mt(int ta, int tb, int M, int N, int K, float alpha,
                          const float *A, size_t lda, const float *B, size_t ldb,
                          float beta, float *C, size_t ldc, float *ws, int nthreads)
@@ -1924,9 +2616,184 @@ static void mha__gemm_mt(int ta, int tb, int M, int N, int K, float alpha,
     mha__gemm_mt_pp(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ws, nthreads, NULL, 0);
 }
 
-/* =====================================================================
-   ATTENTION
-   ===================================================================== */
+/* ------------------------------------------------ the Linear layer */
+
+/* ------------------------------------------------------ linear */
+
+/* Y[rows, out] = X[rows, in] W^T + b  (nn.Linear; W [out, in] as PyTorch
+   stores it, b [out] or NULL) on nthreads threads: the one Linear of the
+   forward and backward passes.
+   gws: mha__linear_gws(rows, in, out, nthreads) floats.
+   pw: NULL, or W prepacked (mha__prepack_b of this whole W).
+   X is read in place, not packed: an MR-row sliver of it (MR x KC floats)
+   stays in L1 while it meets all out/NR slivers of W, and skipping its copy
+   made the forward at L = 128..512, E = 512 2-5% faster (AVX-512, one
+   thread, CPU time, alternating runs); the sums are those of a packed X.  */
+static void mha__linear_pp(int rows, int in, int out, const float *X, const float *W,
+                           const float *b, float *Y, float *gws, int nthreads, const float *pw)
+{
+    if (b) {
+        int r;
+        for (r = 0; r < rows; ++r) memcpy(Y + (size_t)r * out, b, (size_t)out * sizeof(float));
+    }
+    mha__gemm_mt_pp(0, 1, rows, out, in, 1.0f, X, (size_t)in, W, (size_t)in, b ? 1.0f : 0.0f,
+                    Y, (size_t)out, gws, nthreads, pw, 1);
+}
+
+static void mha__linear(int rows, int in, int out, const float *X, const float *W,
+                        const float *b, float *Y, float *gws, int nthreads)
+{
+    mha__linear_pp(rows, in, out, X, W, b, Y, gws, nthreads, NULL);
+}
+
+/* Backward of Y[rows, out] = X[rows, in] W^T + b   (W [out, in]):
+     dX += dY W          [rows, in]
+     dW += dY^T X        [out, in]
+     db += sum_r dY[r]   [out]
+   Any of dX, dW, db may be NULL.  */
+static void mha__linear_backward(int rows, int in, int out, const float *X, const float *W,
+                                 const float *dY, float *dX, float *dW, float *db, float *gws,
+                                 int nthreads)
+{
+    if (dX)
+        mha__gemm_mt(0, 0, rows, in, out, 1.0f, dY, (size_t)out, W, (size_t)in, 1.0f,
+                     dX, (size_t)in, gws, nthreads);
+    if (dW)
+        mha__gemm_mt(1, 0, out, in, rows, 1.0f, dY, (size_t)out, X, (size_t)in, 1.0f,
+                     dW, (size_t)in, gws, nthreads);
+    if (db) {
+        int r, j;
+        for (r = 0; r < rows; ++r)
+            for (j = 0; j < out; ++j) db[j] += dY[(size_t)r * out + j];
+    }
+}
+
+/* GEMM workspace floats of a Linear's forward and backward products. */
+static size_t mha__linear_gws(int rows, int in, int out, int nthreads)
+{
+    size_t g = mha__gemm_ws_floats_mt(rows, out, in, nthreads), t;
+    t = mha__gemm_ws_floats_mt(rows, in, out, nthreads); if (t > g) g = t;
+    t = mha__gemm_ws_floats_mt(out, in, rows, nthreads); if (t > g) g = t;
+    return g;
+}
+
+/* ---------------------------------------------------- public: GEMM */
+
+static mha_status mha__gemm_plan_make(mha_trans ta, mha_trans tb, int M, int N, int K,
+                                      int num_threads, mha_plan *p, mha_error *e)
+{
+    mha_options o;
+    size_t t;
+    mha_status st;
+    memset(&o, 0, sizeof o);
+    o.num_threads = num_threads;
+    memset(p, 0, sizeof *p);
+    if ((st = mha__pos(e, "M", M)) != MHA_OK || (st = mha__pos(e, "N", N)) != MHA_OK ||
+        (st = mha__pos(e, "K", K)) != MHA_OK)
+        return st;
+    if (num_threads < 0)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "num_threads", "is %d; expected >= 0", num_threads);
+    if (ta != MHA_NO_TRANS && ta != MHA_TRANS)
+        return mha__fail(e, MHA_ERR_BAD_ENUM, "ta", "is %d; expected MHA_NO_TRANS (0) or MHA_TRANS (1)", (int)ta);
+    if (tb != MHA_NO_TRANS && tb != MHA_TRANS)
+        return mha__fail(e, MHA_ERR_BAD_ENUM, "tb", "is %d; expected MHA_NO_TRANS (0) or MHA_TRANS (1)", (int)tb);
+    if (!mha__dim_ok(M) || !mha__dim_ok(N) || !mha__dim_ok(K) ||
+        !mha__mul3((size_t)M, (size_t)K, sizeof(float), &t) ||
+        !mha__mul3((size_t)K, (size_t)N, sizeof(float), &t) ||
+        !mha__mul3((size_t)M, (size_t)N, sizeof(float), &t))
+        return mha__fail(e, MHA_ERR_OVERFLOW, "M", "M %d, N %d, K %d: a matrix's bytes pass the limits", M, N, K);
+    (void)mha__plan_begin(p, MHA__PLAN_GEMM, &o, 0, 0, 1, 1, 1, 1, NULL);   /* zero options: cannot fail */
+    p->ta = ta; p->tb = tb; p->M = M; p->N = N; p->K = K;
+    return mha__plan_ws(p, mha__gemm_ws_floats_mt(M, N, K, p->nthreads) + MHA__ALIGN_FLOATS, 0, e);
+}
+
+static mha_status mha__gemm_run(const mha_plan *p, float alpha, const float *A, int lda,
+                                const float *B, int ldb, float beta, float *C, int ldc,
+                                const mha_run *run, mha_error *err)
+{
+    size_t tmp;
+    void *owned;
+    float *ws;
+    mha_status st;
+    if ((st = mha__plan_ok(p, MHA__PLAN_GEMM, err)) != MHA_OK || (st = mha__need(err, "A", A)) != MHA_OK ||
+        (st = mha__need(err, "B", B)) != MHA_OK || (st = mha__need(err, "C", C)) != MHA_OK ||
+        (st = mha__run_fields(run, 0, err)) != MHA_OK)
+        return st;
+    if (lda < (p->ta ? p->M : p->K))
+        return mha__fail(err, MHA_ERR_INVALID_SIZE, "lda", "is %d; expected >= %d", lda,
+                                            p->ta ? p->M : p->K);
+    if (ldb < (p->tb ? p->K : p->N))
+        return mha__fail(err, MHA_ERR_INVALID_SIZE, "ldb", "is %d; expected >= %d", ldb,
+                                            p->tb ? p->K : p->N);
+    if (ldc < p->N)
+        return mha__fail(err, MHA_ERR_INVALID_SIZE, "ldc", "is %d; expected >= %d", ldc, p->N);
+    if (!mha__mul((size_t)(p->ta ? p->K : p->M), (size_t)lda, &tmp) || !mha__mul(tmp, sizeof(float), &tmp) ||
+        !mha__mul((size_t)(p->tb ? p->N : p->K), (size_t)ldb, &tmp) || !mha__mul(tmp, sizeof(float), &tmp) ||
+        !mha__mul((size_t)p->M, (size_t)ldc, &tmp) || !mha__mul(tmp, sizeof(float), &tmp))
+        return mha__fail(err, MHA_ERR_OVERFLOW, "lda", "a matrix's bytes with its leading "
+                                            "dimension do not fit in size_t");
+    if ((st = mha__run_ws(p, run, p->ws_bytes / sizeof(float), &owned, &ws, err)) != MHA_OK)
+        return st;
+    mha__gemm_mt(p->ta, p->tb, p->M, p->N, p->K, alpha, A, (size_t)lda, B, (size_t)ldb, beta, C,
+                 (size_t)ldc, ws, p->nthreads);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, float alpha,
+                           const float *A, int lda, const float *B, int ldb, float beta,
+                           float *C, int ldc, const mha_run *run, mha_error *err)
+{
+    mha_plan p;
+    mha__shot s;
+    mha_status st;
+    mha__begin(err);
+    memset(&s, 0, sizeof s);
+    s.kind = MHA__PLAN_GEMM; s.ta = ta; s.tb = tb; s.M = M; s.N = N; s.K = K;
+    if ((st = mha__oneshot(&s, NULL, run, &p, err)) == MHA_OK)
+        st = mha__gemm_run(&p, alpha, A, lda, B, ldb, beta, C, ldc, run, err);
+    return mha__sign(err, "mha_gemm", st);
+}
+
+MHADEF mha_status mha_gemm_plan_size(mha_trans ta, mha_trans tb, int M, int N, int K,
+                                     int num_threads, mha_sizes *sizes, mha_error *err)
+{
+    mha_plan p;
+    mha__begin(err);
+    if (!sizes) return mha__sign(err, "mha_gemm_plan_size", mha__need(err, "sizes", sizes));
+    return mha__sign(err, "mha_gemm_plan_size",
+                     mha__plan_out(mha__gemm_plan_make(ta, tb, M, N, K, num_threads, &p, err), &p, 0, NULL, 0,
+                                   NULL, sizes, err));
+}
+
+MHADEF mha_status mha_gemm_plan(mha_trans ta, mha_trans tb, int M, int N, int K, int num_threads,
+                                void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err)
+{
+    mha_plan p;
+    mha__begin(err);
+    if (!plan) return mha__sign(err, "mha_gemm_plan", mha__need(err, "plan", plan));
+    return mha__sign(err, "mha_gemm_plan",
+                     mha__plan_out(mha__gemm_plan_make(ta, tb, M, N, K, num_threads, &p, err), &p, 0, mem,
+                                   mem_bytes, plan, NULL, err));
+}
+
+MHADEF mha_status mha_gemm_run(const mha_plan *p, float alpha, const float *A, int lda,
+                               const float *B, int ldb, float beta, float *C, int ldc,
+                               const mha_run *run, mha_error *err)
+{
+    mha__begin(err);
+    return mha__sign(err, "mha_gemm_run", mha__gemm_run(p, alpha, A, lda, B, ldb, beta, C, ldc, run, err));
+}
+
+/* ====================================================================== 5
+   SCALED DOT-PRODUCT ATTENTION
+   The attention core every path shares: views of q, k, v and o, masks and
+   decoder options applied to tiles of scores, the unfused path (weights
+   kept) and the fused one (online softmax over key tiles), then the fused
+   backward (FlashAttention-2), then the SDPA plan and runs.
+   ====================================================================== */
+
+/* ---------------------------------------------- the attention core */
 
 /* A strided view of [B, H, L, D] activations: element (b,h,i,d) lives at
    p[b*bs + h*hs + i*rs + d].  SDPA inputs are dense [B,H,L,D]; the module's
@@ -1959,7 +2826,7 @@ typedef struct mha__attn {
     float softcap;                     /* 0 = off */
     int alibi; const float *slopes;    /* slopes NULL: the paper's */
     const float *sinks;                /* [H] or NULL */
-    float *lse, *lse2;                 /* [B, H, Lq] outputs or NULL (opt.lse, row_stats->lse) */
+    float *lse, *lse2;                 /* [B, H, Lq] outputs or NULL (an internal lse, run->lse) */
     float *ent, *maxw, *first;         /* the other row statistics, [B, H, Lq] or NULL */
     int stats;                         /* some of ent, maxw, first is wanted */
     float *sinks_grad;                 /* backward: [H] or NULL */
@@ -1969,14 +2836,6 @@ typedef struct mha__attn {
 static int mha__kvh(const mha__attn *a, int h)
 {
     return (a->h0 + h) / a->group - a->h0 / a->group;
-}
-
-/* ALiBi slope of global query head h (mha_alibi_slopes is the definition) */
-static float mha__alibi_slope(int H, int h)
-{
-    int n = 1;
-    while (n * 2 <= H) n *= 2;
-    return h < n ? (float)pow(2.0, -8.0 * (h + 1) / n) : (float)pow(2.0, -4.0 * (2 * (h - n) + 1) / n);
 }
 
 /* Keys row i (global) may see by causal and window: [*lo, *hi], clipped to
@@ -2005,12 +2864,6 @@ static int mha__unfused_rows(int Lq)
 {
     int r = Lq / 4 / 32 * 32;
     return r < 32 ? (Lq < 32 ? Lq : 32) : (r > 256 ? 256 : r);
-}
-
-/* n floats rounded up to whole 64-byte lines */
-static size_t mha__round_floats(size_t n)
-{
-    return (n + MHA__ALIGN_FLOATS - 1) / MHA__ALIGN_FLOATS * MHA__ALIGN_FLOATS;
 }
 
 static int mha__mask_bool_blocks(mha_mask_kind kind, unsigned char v)
@@ -2103,7 +2956,7 @@ static void mha__pv(int nr, int nc, int Dv, const float *p, size_t ldp, const fl
     }
 }
 
-/* ---- row statistics (mha_row_stats) */
+/* ---- row statistics (mha_run's lse, entropy, max_weight, first_weight) */
 
 /* The fused path's accumulators of one row, besides its m and l (below). */
 typedef struct mha__racc {
@@ -2235,6 +3088,7 @@ static void mha__attend_rows(const mha__attn *a, int b, int i0, int nr, float *s
    x < -87.34 is lost only as an absolute error below 1.2e-38.  NaN passes
    max() as the second operand and stays NaN.  */
 #define MHA__EXP_ZERO (-88.0f)
+
 static inline mha__vf mha__vexp_nonpos(mha__vf x)
 {
     mha__vf n, p = mha__vexp_core(mha__vmax(mha__vset1(MHA__EXP_ZERO), x), &n);
@@ -2245,6 +3099,7 @@ static inline mha__vf mha__vexp_nonpos(mha__vf x)
    keys (a multiple of MR: only the last tile has a ragged sliver), query
    tiles MHA__FBR queries (a multiple of NR, whole slivers).  */
 #define MHA__FBC ((128 + MHA__MR - 1) / MHA__MR * MHA__MR)
+
 #define MHA__FBR ((64 + MHA__NR - 1) / MHA__NR * MHA__NR)
 
 typedef struct mha__fused_dims {
@@ -2314,6 +3169,7 @@ typedef struct mha__tileq {
     float *partial;    /* split-K: NULL, or [ncol][MHA__PART_W(Dv)]: unnormalised O, m, l,
                           and the row statistics' mha__racc (6 floats' bytes) */
 } mha__tileq;
+
 #define MHA__PART_W(Dv) ((Dv) + 2 + sizeof(mha__racc) / sizeof(float))
 
 /* Tiles with at most this many query columns (a decode step: Lq = 1 times
@@ -2326,6 +3182,7 @@ typedef struct mha__tileq {
 /* Masks on a transposed score tile: st holds key p, column c of the tile at
    st[(c / NR) * NR * nc + p * NR + c % NR].  Same rules as mha__mask_cols. */
 #define MHA__ST(st, nc, p, i) ((st)[(size_t)((i) / MHA__NR) * MHA__NR * (nc) + (size_t)(p) * MHA__NR + (i) % MHA__NR])
+
 static void mha__mask_tile_t(const mha__attn *a, const mha__tileq *tq, int j0, int nc, float *st)
 {
     int Lk = a->Lk, jend = j0 + nc < Lk ? j0 + nc : Lk, nr = tq->nr, g, i, j;
@@ -2686,12 +3543,14 @@ static void mha__merge_partials(const mha__attn *a, int b, const mha__tileq *tq,
    thread count, so neither does the result.  Returns the number of parts
    (1: no split).  */
 #define MHA__SPLIT_TILES 16
+
 static int mha__split_parts(int Lk, int narrow, int nqt)
 {
     int real = (Lk + MHA__FBC - 1) / MHA__FBC;
     if (!narrow || nqt != 1) return 1;
     return (real + MHA__SPLIT_TILES - 1) / MHA__SPLIT_TILES;
 }
+
 /* floats of one part's partial result: FBR columns of MHA__PART_W(Dv) */
 static size_t mha__part_floats(int Dv)
 {
@@ -2742,6 +3601,7 @@ static int mha__head_blocks(const mha__attn *a, int *per_group, int *gmax)
     *per_group = (G + *gmax - 1) / *gmax;
     return a->nh / G * *per_group;
 }
+
 static void mha__head_block(const mha__attn *a, int k, int per_group, int gmax, int *gh0, int *ng)
 {
     int G = a->nh == 1 ? 1 : a->group, in = (k % per_group) * gmax;
@@ -2892,63 +3752,6 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
     }
 }
 
-/* ------------------------------------------------- validation helpers */
-
-/* Mask data pointers are checked by each run (a plan may be made before the
-   masks exist); kinds, shapes and the other options here, once per plan. */
-static mha_status mha__check_mask_kind(const mha_mask *m, const char *field, mha_error *e)
-{
-    if (m->kind == MHA_MASK_NONE || m->kind == MHA_MASK_BOOL || m->kind == MHA_MASK_BOOL_KEEP ||
-        m->kind == MHA_MASK_FLOAT)
-        return MHA_OK;
-    return mha__fail(e, MHA_ERR_BAD_ENUM, field, "is %d, not an mha_mask_kind (0..3)", (int)m->kind);
-}
-
-/* Every planner validates its options here, against the planned maxima. */
-static mha_status mha__check_masks(const mha_options *opt, int B, int H, int Lq, int Lk, mha_error *e)
-{
-    mha_status st;
-    const mha_mask *am = &opt->attn_mask, *kp = &opt->key_padding_mask;
-    if ((st = mha__check_mask_kind(am, "opt->attn_mask.kind", e)) != MHA_OK) return st;
-    if ((st = mha__check_mask_kind(kp, "opt->key_padding_mask.kind", e)) != MHA_OK) return st;
-    if (am->kind != MHA_MASK_NONE) {
-        int ok = 0;
-        if (am->ndim == 2)
-            ok = am->shape[0] == Lq && am->shape[1] == Lk;
-        else if (am->ndim == 3)
-            ok = (size_t)am->shape[0] == (size_t)B * (size_t)H && am->shape[1] == Lq && am->shape[2] == Lk;
-        else if (am->ndim == 4)
-            ok = am->shape[0] == B && am->shape[1] == H && am->shape[2] == Lq && am->shape[3] == Lk;
-        if (am->ndim < 2 || am->ndim > 4)
-            return mha__fail(e, MHA_ERR_MASK_SHAPE, "opt->attn_mask.ndim", "is %d; expected 2, 3 or 4",
-                             am->ndim);
-        if (!ok)
-            return mha__fail(e, MHA_ERR_MASK_SHAPE, "opt->attn_mask.shape",
-                             "is [%d, %d%s%d%s%d]; expected [Lq, Lk] = [%d, %d], [B*H, Lq, Lk] or "
-                             "[B, H, Lq, Lk] with B %d, H %d",
-                             am->shape[0], am->shape[1], am->ndim > 2 ? ", " : "", am->ndim > 2 ? am->shape[2] : 0,
-                             am->ndim > 3 ? ", " : "", am->ndim > 3 ? am->shape[3] : 0, Lq, Lk, B, H);
-    }
-    if (kp->kind != MHA_MASK_NONE && !(kp->ndim == 2 && kp->shape[0] == B && kp->shape[1] == Lk))
-        return mha__fail(e, MHA_ERR_MASK_SHAPE, "opt->key_padding_mask.shape",
-                         "is %d-D [%d, %d]; expected [B, Lk] = [%d, %d]", kp->ndim, kp->shape[0],
-                         kp->shape[1], B, Lk);
-    /* the alignment also places windows and ALiBi, so it is checked with causal off too */
-    if (opt->causal_align != MHA_CAUSAL_TOP_LEFT && opt->causal_align != MHA_CAUSAL_BOTTOM_RIGHT)
-        return mha__fail(e, MHA_ERR_BAD_ENUM, "opt->causal_align", "is %d; expected MHA_CAUSAL_TOP_LEFT (0) "
-                         "or MHA_CAUSAL_BOTTOM_RIGHT (1)", (int)opt->causal_align);
-    if (!(opt->scale >= 0.0f) || opt->scale == INFINITY)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->scale", "is %g; expected 0 (default) or a "
-                         "positive finite number", (double)opt->scale);
-    if (opt->num_threads < 0)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->num_threads", "is %d; expected >= 0",
-                         opt->num_threads);
-    return MHA_OK;
-}
-
-/* The row outputs of a run (mha_run's lse and statistics), as views. */
-typedef struct mha__rowout { float *lse, *entropy, *max_weight, *first_weight; } mha__rowout;
-
 /* The row outputs of a call: lse (an internal buffer, e.g. a saved
    forward's, or NULL) and the caller's rs (NULL: none); rs->lse is written
    besides lse when they differ.  */
@@ -2985,264 +3788,7 @@ static void mha__attn_common(mha__attn *a, const mha_options *opt, int B, int H,
     a->sinks_grad = NULL;
 }
 
-/* RoPE settings: kind in the enum, rotary_dim even and <= D, theta >= 0 finite.
-   pre: how the caller names the struct ("rope->", "m->rope."). */
-static mha_status mha__check_rope(const mha_rope *r, int D, int module, mha_error *e)
-{
-    if (r->kind != MHA_ROPE_NONE && r->kind != MHA_ROPE_HALF && r->kind != MHA_ROPE_INTERLEAVED)
-        return mha__fail(e, MHA_ERR_BAD_ENUM, module ? "m->rope.kind" : "rope->kind",
-                         "is %d, not an mha_rope_kind (0..2)", (int)r->kind);
-    if (r->rotary_dim < 0 || r->rotary_dim % 2 != 0 || r->rotary_dim > D)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, module ? "m->rope.rotary_dim" : "rope->rotary_dim",
-                         "is %d; expected 0 or an even number <= the head dimension %d", r->rotary_dim, D);
-    if (r->kind != MHA_ROPE_NONE && r->rotary_dim == 0 && D % 2 != 0)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, module ? "m->rope.rotary_dim" : "rope->rotary_dim",
-                         "is 0 (all of D) but the head dimension %d is odd", D);
-    if (!(r->theta >= 0.0f) || r->theta == INFINITY)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, module ? "m->rope.theta" : "rope->theta",
-                         "is %g; expected 0 (10000) or a positive finite base", (double)r->theta);
-    return MHA_OK;
-}
-
-/* The decoder options (checked where the masks are): the module's RoPE
-   (rope NULL for SDPA); position_offset >= 0 and offset + Lk within int;
-   Hkv divides H; window sides >= -1; softcap >= 0 and finite; caller
-   slopes finite; sink logits finite or -inf.  Hkv: the KV heads in use
-   (the module's, or opt's); kv_field names where they came from. */
-static mha_status mha__check_decode(const mha_options *opt, int H, int Hkv, const char *kv_field,
-                                    const mha_rope *rope, int D, int Lk, mha_error *e)
-{
-    int h;
-    mha_status st;
-    if (rope && (st = mha__check_rope(rope, D, 1, e)) != MHA_OK) return st;
-    if (opt->position_offset < 0)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->position_offset", "is %d; expected >= 0",
-                         opt->position_offset);
-    /* key j sits at offset + j and a query at offset + i' <= offset + Lk: all ints */
-    if (opt->position_offset > INT_MAX - Lk)
-        return mha__fail(e, MHA_ERR_OVERFLOW, "opt->position_offset", "is %d; with %d keys the last "
-                         "position passes INT_MAX", opt->position_offset, Lk);
-    if (Hkv < 0) return mha__fail(e, MHA_ERR_INVALID_SIZE, kv_field, "is %d; expected >= 0", Hkv);
-    if (Hkv == 0) Hkv = H;
-    if (Hkv > H || H % Hkv != 0)
-        return mha__fail(e, MHA_ERR_HEADS_DIVIDE, kv_field, "is %d, which does not divide the %d query "
-                         "heads", Hkv, H);
-    if (opt->window && opt->window_left < -1)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->window_left", "is %d; expected -1 (unbounded) "
-                         "or >= 0", opt->window_left);
-    if (opt->window && opt->window_right < -1)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->window_right", "is %d; expected -1 (unbounded) "
-                         "or >= 0", opt->window_right);
-    if (!(opt->softcap >= 0.0f) || opt->softcap == INFINITY)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->softcap", "is %g; expected 0 (off) or a "
-                         "positive finite cap", (double)opt->softcap);
-    for (h = 0; opt->alibi && opt->alibi_slopes && h < H; ++h)
-        if (!(opt->alibi_slopes[h] - opt->alibi_slopes[h] == 0.0f))
-            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->alibi_slopes", "[%d] is %g; expected a "
-                             "finite slope", h, (double)opt->alibi_slopes[h]);
-    for (h = 0; opt->sinks && h < H; ++h)
-        if (!(opt->sinks[h] < INFINITY))   /* NaN, +inf */
-            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->sinks", "[%d] is %g; expected a finite "
-                             "logit or -inf", h, (double)opt->sinks[h]);
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_alibi_slopes(int H, float *slopes, mha_error *err)
-{
-    int h;
-    mha__begin(err);
-    if (!slopes) return mha__sign(err, "mha_alibi_slopes", mha__need(err, "slopes", slopes));
-    if (H <= 0)
-        return mha__sign(err, "mha_alibi_slopes", mha__fail(err, MHA_ERR_INVALID_SIZE, "H", "is %d; expected >= 1", H));
-    for (h = 0; h < H; ++h) slopes[h] = mha__alibi_slope(H, h);
-    return MHA_OK;
-}
-
-
-/* The merge of one row (mha_attn_merge): a NaN lse anywhere makes the row
-   NaN (a NaN query must not vanish as "no key"); all -inf is "no key". */
-static void mha__merge_row(int nparts, size_t r, int Dv, const float *const *outs,
-                           const float *const *lses, float *o, float *lse)
-{
-    /* m = max_p lse_p;  lse = m + log sum_p exp(lse_p - m);  w_p = exp(lse_p - lse) */
-    double m = -INFINITY, sum = 0.0, total;
-    int p, d, nan = 0;
-    for (p = 0; p < nparts; ++p) {
-        float l = lses[p][r];
-        if (l != l) nan = 1;
-        else if (l > m) m = l;
-    }
-    if (nan) {
-        for (d = 0; d < Dv; ++d) o[d] = NAN;
-        if (lse) lse[r] = NAN;
-        return;
-    }
-    if (m == -INFINITY) {
-        for (d = 0; d < Dv; ++d) o[d] = 0.0f;
-        if (lse) lse[r] = -INFINITY;
-        return;
-    }
-    for (p = 0; p < nparts; ++p) sum += exp((double)lses[p][r] - m);
-    total = m + log(sum);
-    /* part 0 first, so out may be outs[0]; a part with weight 0 is skipped
-       (its out is zeros or, with no key at all, never read) */
-    for (p = 0; p < nparts; ++p) {
-        const float *op = outs[p] + r * Dv;
-        float w = (float)exp((double)lses[p][r] - total);
-        if (p == 0) for (d = 0; d < Dv; ++d) o[d] = w != 0.0f ? w * op[d] : 0.0f;
-        else if (w != 0.0f) for (d = 0; d < Dv; ++d) o[d] += w * op[d];
-    }
-    if (lse) lse[r] = (float)total;
-}
-
-MHADEF mha_status mha_attn_merge(int nparts, size_t rows, int Dv, const float *const *outs,
-                                 const float *const *lses, float *out, float *lse, mha_error *err)
-{
-    static const char fn[] = "mha_attn_merge";
-    size_t r;
-    int p;
-    mha__begin(err);
-    if (!outs || !lses || !out)
-        return mha__sign(err, fn, mha__fail(err, MHA_ERR_NULL_POINTER, !outs ? "outs" : !lses ? "lses" : "out",
-                                            "is NULL"));
-    if (nparts <= 0) return mha__sign(err, fn, mha__fail(err, MHA_ERR_INVALID_SIZE, "nparts", "is %d; expected >= 1", nparts));
-    if (Dv <= 0) return mha__sign(err, fn, mha__fail(err, MHA_ERR_INVALID_SIZE, "Dv", "is %d; expected >= 1", Dv));
-    for (p = 0; p < nparts; ++p)
-        if (!outs[p] || !lses[p])
-            return mha__sign(err, fn, mha__fail(err, MHA_ERR_NULL_POINTER, !outs[p] ? "outs[p]" : "lses[p]",
-                                                "part %d is NULL", p));
-    for (r = 0; r < rows; ++r) mha__merge_row(nparts, r, Dv, outs, lses, out + r * Dv, lse);
-    return MHA_OK;
-}
-
-/* ------------------------------------------------------------- RoPE */
-
-/* Rotate tokens in place: token t of batch b, head h at
-   x + b*bs + t*ts + h*hs (D features), position positions[b*L + t] or
-   pos0 + t; sign -1 turns backwards (the backward pass).  The angles of a
-   token are made once, 64 pairs at a time, for all its heads.  */
-static void mha__rope_apply(const mha_rope *r, int D, int B, int L, int nh, size_t bs, size_t ts,
-                            size_t hs, int pos0, const int *positions, float sign, float *x)
-{
-    int R = r->rotary_dim ? r->rotary_dim : D, half = R / 2, b, t, h, m0, m;
-    double lnb = log(r->theta > 0.0f ? (double)r->theta : 10000.0);
-    float cs[64], sn[64];
-    if (r->kind == MHA_ROPE_NONE) return;
-    for (b = 0; b < B; ++b)
-        for (t = 0; t < L; ++t) {
-            double pos = positions ? positions[(size_t)b * L + t] : (double)pos0 + t;
-            for (m0 = 0; m0 < half; m0 += 64) {
-                int nm = half - m0 < 64 ? half - m0 : 64;
-                for (m = 0; m < nm; ++m) {   /* angle = pos * theta^(-2m/R) */
-                    double ang = pos * exp(-2.0 * (m0 + m) / R * lnb);
-                    cs[m] = (float)cos(ang);
-                    sn[m] = sign * (float)sin(ang);
-                }
-                for (h = 0; h < nh; ++h) {
-                    float *xh = x + (size_t)b * bs + (size_t)t * ts + (size_t)h * hs;
-                    /* pair m: (x[m], x[m + R/2]) half-split, (x[2m], x[2m+1]) interleaved */
-                    float *pa = r->kind == MHA_ROPE_HALF ? xh + m0 : xh + 2 * m0;
-                    float *pb = r->kind == MHA_ROPE_HALF ? xh + m0 + half : xh + 2 * m0 + 1;
-                    int step = r->kind == MHA_ROPE_HALF ? 1 : 2;
-                    for (m = 0; m < nm; ++m) {
-                        float a = pa[m * step], bb = pb[m * step];
-                        pa[m * step] = a * cs[m] - bb * sn[m];
-                        pb[m * step] = bb * cs[m] + a * sn[m];
-                    }
-                }
-            }
-        }
-}
-
-/* The module's RoPE position of query 0: offset + i' at i = 0 (the alignment). */
-static int mha__query_pos0(const mha_options *opt, int Lq, int Lk)
-{
-    int off = opt->causal_align == MHA_CAUSAL_BOTTOM_RIGHT ? Lk - Lq : 0;
-    return opt->position_offset + (off > 0 ? off : 0);
-}
-
-static mha_status mha__rope_public(const mha_rope *rope, int B, int H, int L, int D, int pos0,
-                                   const int *positions, float *x, float sign, mha_error *e)
-{
-    mha_status st;
-    size_t n, i;
-    if (!rope || !x) return mha__fail(e, MHA_ERR_NULL_POINTER, !rope ? "rope" : sign > 0 ? "x" : "dx", "is NULL");
-    if (B <= 0 || H <= 0 || L <= 0 || D <= 0)
-        return mha__fail(e, MHA_ERR_INVALID_SIZE, B <= 0 ? "B" : H <= 0 ? "H" : L <= 0 ? "L" : "D",
-                         "is %d; expected >= 1", B <= 0 ? B : H <= 0 ? H : L <= 0 ? L : D);
-    if (!mha__mul3((size_t)B * (size_t)H, (size_t)L, (size_t)D, &n) || !mha__mul(n, sizeof(float), &n))
-        return mha__fail(e, MHA_ERR_OVERFLOW, "B", "B*H*L*D floats do not fit in size_t");
-    if ((st = mha__check_rope(rope, D, 0, e)) != MHA_OK) return st;
-    if (pos0 < 0) return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "pos0", "is %d; expected >= 0", pos0);
-    if (!positions && pos0 > INT_MAX - L)
-        return mha__fail(e, MHA_ERR_OVERFLOW, "pos0", "is %d; with L %d the last position passes INT_MAX", pos0, L);
-    for (i = 0; positions && i < (size_t)B * L; ++i)
-        if (positions[i] < 0)
-            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "positions", "[%lu] is %d; expected >= 0",
-                             (unsigned long)i, positions[i]);
-    mha__rope_apply(rope, D, B, L, H, (size_t)H * L * D, (size_t)D, (size_t)L * D, pos0, positions, sign, x);
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_rope_forward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
-                                   const int *positions, float *x, mha_error *err)
-{
-    mha__begin(err);
-    return mha__sign(err, "mha_rope_forward", mha__rope_public(rope, B, H, L, D, pos0, positions, x, 1.0f, err));
-}
-
-MHADEF mha_status mha_rope_backward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
-                                    const int *positions, float *dx, mha_error *err)
-{
-    mha__begin(err);
-    return mha__sign(err, "mha_rope_backward", mha__rope_public(rope, B, H, L, D, pos0, positions, dx, -1.0f, err));
-}
-
-/* Whether n1 floats at a and n2 floats at b share memory. */
-static int mha__overlap(const float *a, size_t n1, const float *b, size_t n2)
-{
-    uintptr_t pa = (uintptr_t)a, pb = (uintptr_t)b;
-    return pa < pb + n2 * sizeof(float) && pb < pa + n1 * sizeof(float);
-}
-
-/* The by-head path writes out from its first head on, and every head reads
-   query, key and value again: each of the inputs x[0..2] (n[i] floats) that
-   overlaps out (nout floats) is copied, and x[i] pointed at the copy.  An
-   input given twice (self-attention) is copied once.  *copy: the one
-   allocation, for the caller to free (NULL when nothing overlaps).  */
-static mha_status mha__copy_aliased(const float *out, size_t nout, const float **x, const size_t *n,
-                                    void **copy)
-{
-    size_t off[3], total = 0;
-    int i, j, src[3];
-    float *c;
-    *copy = NULL;
-    for (i = 0; i < 3; ++i) {
-        src[i] = -1;   /* -1: read in place; i: copy it; j < i: share x[j]'s copy */
-        if (!mha__overlap(out, nout, x[i], n[i])) continue;
-        src[i] = i;
-        for (j = 0; j < i; ++j) if (src[j] == j && x[j] == x[i] && n[j] == n[i]) src[i] = j;
-        if (src[i] == i) { off[i] = total; total += n[i]; }
-    }
-    if (total == 0) return MHA_OK;
-    *copy = MHA_MALLOC(total * sizeof(float));
-    if (!*copy) return MHA_ERR_OUT_OF_MEMORY;
-    c = MHA__CAST(float *, *copy);
-    for (i = 0; i < 3; ++i)
-        if (src[i] == i) memcpy(c + off[i], x[i], n[i] * sizeof(float));
-    for (i = 0; i < 3; ++i)
-        if (src[i] >= 0) x[i] = c + off[src[i]];
-    return MHA_OK;
-}
-
-
-/* =====================================================================
-   TRAINING
-   Backward passes, the encoder layer and the training pieces.  Each stage
-   has a forward and a backward function; the math sits above its loop.
-   Shapes: B batch, H heads, L / Lq / Lk sequence lengths, E model width,
-   D = E / H head width, F feed-forward width, N = B * L rows.
-   ===================================================================== */
+/* ---------------------------------------------- the fused backward */
 
 /* ------------------------------------------------ attention backward */
 
@@ -3286,6 +3832,7 @@ static size_t mha__head_backward_gws(int Lq, int Lk, int D, int Dv)
 #define MHA__FBWR 64    /* 128: 5% fewer instructions without a mask, 12% more causal
                                  (callgrind, docs/performance.md) */
 #endif
+
 #ifndef MHA__FBWC
 #define MHA__FBWC 64
 #endif
@@ -3321,12 +3868,14 @@ static size_t mha__fbwd_thread_floats(int Lq, int Lk, int D, int Dv)
            mha__round_floats(2 * (size_t)((Lk + bc - 1) / bc)) +
            mha__round_floats(mha__head_backward_gws(br, bc, D, Dv));
 }
+
 static size_t mha__fbwd_flags_at(int Lq, int Lk, int Dv)
 {
     int br = mha__imin(MHA__FBWR, Lq), bc = mha__imin(MHA__FBWC, Lk);
     return 3 * mha__round_floats((size_t)br * bc) + mha__round_floats((size_t)br * Dv) +
            4 * mha__round_floats((size_t)br);
 }
+
 /* ... and of a call on nthreads threads: one scratch per thread that can
    get an item, then the sink partial sums [B, H]. */
 static size_t mha__fbwd_floats(int B, int H, int Hkv, int Lq, int Lk, int D, int Dv, int nthreads)
@@ -3522,261 +4071,374 @@ static void mha__attend_backward_fused(const mha__attn *a, const float *dout, co
             for (b = 0; b < a->B; ++b) a->sinks_grad[h] += sinkp[(size_t)b * a->H + h];
 }
 
-/* -------------------------------------------------------- layer norm */
+/* --------------------------------------------- SDPA plans and runs */
 
-/* Mean and 1/sqrt(var + eps) of one row (biased variance, as nn.LayerNorm),
-   summed in double so long rows keep their precision. */
-static void mha__row_stats(const float *x, int E, float eps, float *mean, float *rstd)
+/* SDPA forward (per-thread scratch) and backward (P and dP of one head). */
+static int mha__sdpa_fwd_floats(int B, int H, int Lq, int Lk, int D, int Dv, int weights, int nt,
+                                size_t *per_thread, size_t *total)
 {
-    double s = 0, ss = 0, m;
-    int j;
-    for (j = 0; j < E; ++j) s += x[j];
-    m = s / E;
-    for (j = 0; j < E; ++j) ss += ((double)x[j] - m) * ((double)x[j] - m);
-    *mean = (float)m;
-    *rstd = (float)(1.0 / sqrt(ss / E + (double)eps));
+    return mha__attn_scratch_floats(Lq, Lk, Lk, D, Dv, nt, weights, (size_t)B * H < (size_t)nt,
+                                    per_thread, total) &&
+           mha__add(*total, MHA__ALIGN_FLOATS, total);
 }
 
-/* y = xhat * w + b,   xhat = (x - mean) * rstd      (w, b NULL = 1, 0) */
-static void mha__layernorm_forward(int rows, int E, const float *x, const float *w,
-                                   const float *b, float eps, float *y)
+static int mha__sdpa_bwd_floats(int B, int H, int Hkv, int Lq, int Lk, int D, int Dv, int nt,
+                                size_t *total)
 {
-    int r, j;
-    for (r = 0; r < rows; ++r) {
-        const float *xr = x + (size_t)r * E;
-        float *yr = y + (size_t)r * E, mean, rstd;
-        mha__row_stats(xr, E, eps, &mean, &rstd);
-        for (j = 0; j < E; ++j) {
-            float xhat = (xr[j] - mean) * rstd;
-            yr[j] = xhat * (w ? w[j] : 1.0f) + (b ? b[j] : 0.0f);
-        }
+    return mha__add(mha__fbwd_floats(B, H, Hkv, Lq, Lk, D, Dv, nt), MHA__ALIGN_FLOATS, total);
+}
+
+/* An SDPA saved forward: header, lse [B, H, Lq], O [B, H, Lq, Dv]; total
+   includes the alignment slack. */
+static int mha__sdpa_saved_floats(int B, int H, int Lq, int Dv, size_t *lse, size_t *o, size_t *total)
+{
+    size_t rows = (size_t)B * H * Lq, no;
+    if (!mha__mul(rows, (size_t)Dv, &no)) return 0;
+    *lse = MHA__SAVED_HDR;
+    *o = *lse + mha__round_floats(rows);
+    return mha__add(*o, mha__round_floats(no), total) && mha__add(*total, MHA__ALIGN_FLOATS, total);
+}
+
+/* (defined further on, where its section is) */
+static int mha__cache_attend_floats(int H, int Lq, int capacity, int D, int ring, int nt, size_t *per_thread,
+                                    size_t *total);
+
+static mha_status mha__sdpa_plan_make(int B, int H, int Lq, int Lk, int D, int Dv,
+                                      const mha_options *opt, unsigned flags, mha_plan *p, mha_error *e)
+{
+    size_t n, per_thread, f, f1, at_lse, at_o, saved = 0;
+    int Hkv;
+    mha_status st;
+    memset(p, 0, sizeof *p);
+    if ((st = mha__pos(e, "B", B)) != MHA_OK || (st = mha__pos(e, "H", H)) != MHA_OK ||
+        (st = mha__pos(e, "Lq", Lq)) != MHA_OK || (st = mha__pos(e, "Lk", Lk)) != MHA_OK ||
+        (st = mha__pos(e, "D", D)) != MHA_OK || (st = mha__pos(e, "Dv", Dv)) != MHA_OK)
+        return st;
+    /* every tensor's byte count must fit, and the int and long counts of
+       the int audit (size arithmetic, above) */
+    if (!mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)(D > Dv ? D : Dv), &n) ||
+        !mha__mul3((size_t)B * (size_t)H, (size_t)Lk, (size_t)(D > Dv ? D : Dv), &n) ||
+        !mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)Lk, &n) ||
+        !mha__mul(n, sizeof(float), &n) || !mha__mul3((size_t)Lq, (size_t)Lk, 2 * sizeof(float), &n) ||
+        (size_t)B * (size_t)H > MHA__INT_LIMIT || (size_t)B * (size_t)H * (size_t)Lq > LONG_MAX ||
+        !mha__dim_ok(Lq) || !mha__dim_ok(Lk) || !mha__dim_ok(D) || !mha__dim_ok(Dv))
+        return mha__fail(e, MHA_ERR_OVERFLOW, "B", "B %d, H %d, Lq %d, Lk %d, D %d, Dv %d: a tensor passes the "
+                         "size limits", B, H, Lq, Lk, D, Dv);
+    st = mha__plan_begin(p, MHA__PLAN_SDPA, opt, flags, MHA_PLAN_WEIGHTS | MHA_PLAN_TRAINING | MHA_PLAN_CACHE,
+                         B, H, Lq, Lk, e);
+    if (st != MHA_OK) return st;
+    if ((st = mha__check_decode(&p->opt, H, p->opt.num_kv_heads, "opt->num_kv_heads", NULL, D, Lk, e)) != MHA_OK)
+        return st;
+    Hkv = p->opt.num_kv_heads ? p->opt.num_kv_heads : H;
+    p->D = D; p->Dv = Dv;
+    if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 0, p->nthreads, &per_thread, &f)) goto overflow;
+    if (flags & MHA_PLAN_CACHE) {   /* a run over a KV cache (ring buffers included) */
+        if (D != Dv)
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "flags", "has MHA_PLAN_CACHE, but a KV cache holds "
+                             "keys and values of one width: D %d, Dv %d", D, Dv);
+        if (!mha__cache_attend_floats(H, Lq, Lk, D, 1, p->nthreads, &per_thread, &f1)) goto overflow;
+        if (f1 > f) f = f1;
     }
+    if (flags & MHA_PLAN_WEIGHTS) {   /* all weights, or chosen rows after the fused path (lse first) */
+        if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 1, p->nthreads, &per_thread, &f1)) goto overflow;
+        if (f1 > f) f = f1;
+        if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 0, p->nthreads, &per_thread, &f1) ||
+            !mha__add(f1, mha__round_floats((size_t)B * H * Lq), &f1))
+            goto overflow;
+        if (f1 > f) f = f1;
+    }
+    if (flags & MHA_PLAN_TRAINING) {
+        if (!mha__sdpa_bwd_floats(B, H, Hkv, Lq, Lk, D, Dv, p->nthreads, &f1)) goto overflow;
+        if (f1 > f) f = f1;
+        if (!mha__sdpa_saved_floats(B, H, Lq, Dv, &at_lse, &at_o, &saved)) goto overflow;
+    }
+    return mha__plan_ws(p, f, saved, e);
+overflow:
+    return mha__fail(e, MHA_ERR_OVERFLOW, "Lk", "the workspace's size does not fit in size_t");
 }
 
-/* Backward, recomputing mean and rstd from x.  With g = dy * w:
-     dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
-     dw += dy * xhat,   db += dy                     (all added to)  */
-static void mha__layernorm_backward(int rows, int E, const float *x, const float *w, float eps,
-                                    const float *dy, float *dx, float *dw, float *db)
+/* The attention of SDPA's dense [B, H, L, D] tensors. */
+static void mha__attn_dense(mha__attn *a, const mha_options *o, int B, int H, int Lq, int Lk, int D,
+                            int Dv, const float *q, const float *k, const float *v, float *out)
 {
-    int r, j;
-    for (r = 0; r < rows; ++r) {
-        const float *xr = x + (size_t)r * E, *dyr = dy + (size_t)r * E;
-        float mean, rstd;
-        double mg = 0, mgx = 0;
-        mha__row_stats(xr, E, eps, &mean, &rstd);
-        for (j = 0; j < E; ++j) {
-            float xhat = (xr[j] - mean) * rstd, g = dyr[j] * (w ? w[j] : 1.0f);
-            mg += g;
-            mgx += (double)g * xhat;
-            if (dw) dw[j] += dyr[j] * xhat;
-            if (db) db[j] += dyr[j];
-        }
-        mg /= E; mgx /= E;
-        if (dx) {
-            float *dxr = dx + (size_t)r * E;
-            for (j = 0; j < E; ++j) {
-                float xhat = (xr[j] - mean) * rstd, g = dyr[j] * (w ? w[j] : 1.0f);
-                dxr[j] += rstd * (g - (float)mg - xhat * (float)mgx);
+    mha__attn_common(a, o, B, H, Lq, Lk, Lk, D, Dv);
+    a->q.p = q; a->q.rs = (size_t)D;  a->q.hs = (size_t)Lq * D;  a->q.bs = (size_t)H * Lq * D;
+    a->k.p = k; a->k.rs = (size_t)D;  a->k.hs = (size_t)Lk * D;  a->k.bs = (size_t)a->Hkv * Lk * D;
+    a->v.p = v; a->v.rs = (size_t)Dv; a->v.hs = (size_t)Lk * Dv; a->v.bs = (size_t)a->Hkv * Lk * Dv;
+    a->o = out; a->o_rs = (size_t)Dv; a->o_hs = (size_t)Lq * Dv; a->o_bs = (size_t)H * Lq * Dv;
+    a->weights = NULL; a->per_head = 1;
+    a->shared_pack = (size_t)B * H < (size_t)a->nthreads;
+}
+
+/* Weights of chosen query rows, recomputed from each row's lse through the
+   forward's own score path (q.k in double, the same soft-cap and
+   mha__mask_cols as the unfused path):
+       w[b, h, r, j] = exp(s_ij - lse[b, h, i]),   i = rows[r]
+   q row (b, h, i) at q + b*qbs + i*qrs + h*qhs, key j of KV head g at
+   k + b*kbs + j*krs + g*khs; out [B, H, n, Lk'] (per head) or [B, n, Lk']
+   (the head average, avg: a row of Lk' per thread).  */
+typedef struct mha__rows_args {
+    const float *q, *k, *lse;
+    size_t qbs, qrs, qhs, kbs, krs, khs;
+    int n, Lk, D;
+    const int *rows;
+    int qrow_of_r;      /* q holds the chosen rows only (row r at r), not all Lq */
+} mha__rows_args;
+
+static void mha__rows_weights(const mha__attn *a, const mha__rows_args *g, int per_head, float *out,
+                              float *avg)
+{
+    long t, items = (long)a->B * g->n;
+    int H = a->H;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(a->nthreads)
+#endif
+    for (t = 0; t < items; ++t) {
+        int b = (int)(t / g->n), r = (int)(t % g->n), i = g->rows[r], h, j, d;
+        float *acc = per_head ? NULL : out + (size_t)t * g->Lk;
+#ifdef _OPENMP
+        float *tmp = avg ? avg + (size_t)omp_get_thread_num() * g->Lk : NULL;
+#else
+        float *tmp = avg;
+#endif
+        if (acc) for (j = 0; j < g->Lk; ++j) acc[j] = 0.0f;
+        for (h = 0; h < H; ++h) {
+            const float *qi = g->q + (size_t)b * g->qbs + (size_t)(g->qrow_of_r ? r : i) * g->qrs + (size_t)h * g->qhs;
+            const float *kb = g->k + (size_t)b * g->kbs + (size_t)(h / a->group) * g->khs;
+            float li = g->lse[((size_t)b * H + h) * a->Lq + i];
+            float *w = per_head ? out + (((size_t)b * H + h) * g->n + r) * g->Lk : tmp;
+            for (j = 0; j < g->Lk; ++j) {   /* q.k summed in double: the forward's to rounding */
+                double dot = 0.0;
+                for (d = 0; d < g->D; ++d) dot += (double)qi[d] * kb[(size_t)j * g->krs + d];
+                w[j] = (float)(a->scale * dot);
             }
+            if (a->softcap > 0.0f) mha__softcap(a->softcap, w, (size_t)g->Lk);
+            mha__mask_cols(a, b, h, i, 0, g->Lk, w);
+            for (j = 0; j < g->Lk; ++j)
+                w[j] = li == -INFINITY || w[j] == -INFINITY ? 0.0f : (float)exp((double)w[j] - li);
+            if (acc) for (j = 0; j < g->Lk; ++j) acc[j] += w[j] / (float)H;
         }
     }
 }
 
-/* A size argument that must be >= 1. */
-static mha_status mha__pos(mha_error *e, const char *name, int v)
+/* The checks of rows: each in 0..Lq-1. */
+static mha_status mha__rows_ok(const mha_run *run, int Lq, mha_error *e)
 {
-    return v >= 1 ? MHA_OK : mha__fail(e, MHA_ERR_INVALID_SIZE, name, "is %d; expected >= 1", v);
-}
-
-static mha_status mha__layernorm_check(int rows, int E, float eps, mha_error *e)
-{
-    size_t n;
-    mha_status st;
-    if ((st = mha__pos(e, "rows", rows)) != MHA_OK || (st = mha__pos(e, "E", E)) != MHA_OK) return st;
-    if (!(eps >= 0.0f) || eps == INFINITY)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "eps", "is %g; expected 0 (1e-5) or a positive finite "
-                         "number", (double)eps);
-    return mha__mul3((size_t)rows, (size_t)E, sizeof(float), &n)
-               ? MHA_OK : mha__fail(e, MHA_ERR_OVERFLOW, "rows", "rows*E floats do not fit in size_t");
-}
-
-MHADEF mha_status mha_layernorm_forward(int rows, int E, const float *x, const float *w,
-                                        const float *b, float eps, float *y, mha_error *err)
-{
-    mha_status st;
-    mha__begin(err);
-    if ((st = mha__need(err, "x", x)) != MHA_OK || (st = mha__need(err, "y", y)) != MHA_OK ||
-        (st = mha__layernorm_check(rows, E, eps, err)) != MHA_OK)
-        return mha__sign(err, "mha_layernorm_forward", st);
-    mha__layernorm_forward(rows, E, x, w, b, eps > 0.0f ? eps : 1e-5f, y);
+    int r;
+    for (r = 0; run && r < run->n_rows; ++r)
+        if (run->rows[r] < 0 || run->rows[r] >= Lq)
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "run->rows", "[%d] is %d; expected 0..Lq-1 = 0..%d", r,
+                             run->rows[r], Lq - 1);
     return MHA_OK;
 }
 
-MHADEF mha_status mha_layernorm_backward(int rows, int E, const float *x, const float *w,
-                                         float eps, const float *dy, float *dx, float *dw, float *db,
-                                         mha_error *err)
+/* (defined further on, where its section is) */
+static mha_status mha__sdpa_cache_forward(const mha_plan *p, int Lq, const float *q, float *out,
+                                          const mha_run *run, const mha_options *o, mha_error *e);
+
+static mha_status mha__sdpa_run_forward(const mha_plan *p, int Lq, int Lk,
+                                        const float *q, const float *k, const float *v,
+                                        float *out, const mha_run *run, mha_error *err)
 {
+    mha_options o;
+    mha__attn a;
+    mha__rowout ro;
+    const mha__rowout *rs;
+    size_t per_thread, total, at_lse = 0, at_o = 0, saved = 0, lse_region = 0;
+    void *owned;
+    float *ws, *sv = NULL, *lse = NULL;
+    int rows = run && run->n_rows > 0, weights = run && run->weights && !rows;
+    int shape[9];
     mha_status st;
-    mha__begin(err);
-    if ((st = mha__need(err, "x", x)) != MHA_OK || (st = mha__need(err, "dy", dy)) != MHA_OK ||
-        (st = mha__layernorm_check(rows, E, eps, err)) != MHA_OK)
-        return mha__sign(err, "mha_layernorm_backward", st);
-    mha__layernorm_backward(rows, E, x, w, eps > 0.0f ? eps : 1e-5f, dy, dx, dw, db);
+    st = mha__run_begin(p, MHA__PLAN_SDPA, Lq, Lk, run,
+                        MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_CACHE | MHA__RF_WEIGHTS | MHA__RF_STATS, &o, err);
+    if (st == MHA_OK) st = mha__need(err, "q", q);
+    if (st == MHA_OK) st = mha__need(err, "out", out);
+    if (st == MHA_OK && run && run->weights && !(p->flags & MHA_PLAN_WEIGHTS))
+        st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "run->weights", "is set, but the plan was made without "
+                       "MHA_PLAN_WEIGHTS");
+    if (st == MHA_OK && run && run->cache) {
+        if (k || v) st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, k ? "k" : "v", "is set; with run->cache the keys "
+                                   "and values are the cache's (pass NULL)");
+        else if (run->saved || run->weights)
+            st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, run->saved ? "run->saved" : "run->weights", "is set; a run "
+                           "over a KV cache neither saves a forward nor returns weights");
+        else st = mha__sdpa_cache_forward(p, Lq, q, out, run, &o, err);
+        return st;
+    }
+    if (st == MHA_OK) st = mha__need(err, "k", k);
+    if (st == MHA_OK) st = mha__need(err, "v", v);
+    if (st == MHA_OK) st = mha__rows_ok(run, Lq, err);
+    if (st == MHA_OK && rows) {   /* rows are recomputed from q and k after out is written */
+        size_t nq = (size_t)p->B * p->H * Lq * p->D, no = (size_t)p->B * p->H * Lq * p->Dv;
+        size_t nk = (size_t)p->B * (o.num_kv_heads ? o.num_kv_heads : p->H) * Lk * p->D;
+        if (mha__overlap(out, no, q, nq) || mha__overlap(out, no, k, nk))
+            st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "run->rows", "are recomputed from q and k after the "
+                           "forward, but out overlaps %s", mha__overlap(out, no, q, nq) ? "q" : "k");
+    }
+    if (st != MHA_OK) return st;
+    (void)mha__sdpa_fwd_floats(p->B, p->H, Lq, Lk, p->D, p->Dv, weights, p->nthreads, &per_thread,
+                               &total);   /* within the plan's */
+    if (rows && !(run->lse) ) lse_region = mha__round_floats((size_t)p->B * p->H * Lq);
+    if (run && run->saved) {
+        (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at_lse, &at_o, &saved);
+        if ((st = mha__run_saved(p, run, saved, &sv, err)) != MHA_OK) return st;
+        lse_region = 0;
+    }
+    if ((st = mha__run_ws(p, run, lse_region + total, &owned, &ws, err)) != MHA_OK) return st;
+    mha__attn_dense(&a, &o, p->B, p->H, Lq, Lk, p->D, p->Dv, q, k, v, out);
+    a.weights = weights ? run->weights : NULL;
+    rs = mha__run_rowout(run, &ro);
+    /* the lse a backward or the rows need: the saved forward's, or a region */
+    lse = sv ? sv + at_lse : lse_region ? ws : NULL;
+    mha__attn_stats(&a, lse, rs);
+    mha__attend_all(&a, ws + lse_region, per_thread);
+    if (sv) {   /* O after the attention (out may be q) */
+        memcpy(sv + at_o, out, (size_t)p->B * p->H * Lq * p->Dv * sizeof(float));
+        shape[0] = MHA__PLAN_SDPA; shape[1] = p->B; shape[2] = p->H; shape[3] = Lq; shape[4] = Lk;
+        shape[5] = p->D; shape[6] = p->Dv; shape[7] = a.Hkv; shape[8] = 0;
+        mha__saved_stamp(sv, shape);
+    }
+    if (rows) {   /* q [B, H, Lq, D], k [B, Hkv, Lk, D]; weights [B, H, n, Lk] */
+        mha__rows_args g;
+        g.q = q; g.k = k; g.lse = a.lse;
+        g.qbs = (size_t)p->H * Lq * p->D; g.qrs = (size_t)p->D; g.qhs = (size_t)Lq * p->D;
+        g.kbs = (size_t)a.Hkv * Lk * p->D; g.krs = (size_t)p->D; g.khs = (size_t)Lk * p->D;
+        g.n = run->n_rows; g.Lk = Lk; g.D = p->D; g.rows = run->rows; g.qrow_of_r = 0;
+        mha__rows_weights(&a, &g, 1, run->weights, NULL);
+    }
+    if (owned) MHA_FREE(owned);
     return MHA_OK;
 }
 
-/* -------------------------------------------------------- activations */
-
-/* g = act(z):  ReLU max(0, z);   GELU z * Phi(z) = 0.5 z (1 + erf(z / sqrt 2)) */
-static void mha__activation_forward(mha_activation act, size_t n, const float *z, float *g)
+static mha_status mha__sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
+                                         const float *q, const float *k, const float *v,
+                                         const float *dout, float *dq, float *dk, float *dv,
+                                         const mha_run *run, mha_error *err)
 {
-    size_t i;
-    if (act == MHA_ACT_RELU)
-        for (i = 0; i < n; ++i) g[i] = z[i] > 0.0f ? z[i] : 0.0f;
-    else
-        for (i = 0; i < n; ++i) g[i] = 0.5f * z[i] * (1.0f + erff(z[i] * 0.70710678118654752f));
-}
-
-/* dz = dg * act'(z), in place over dg:
-     ReLU' = [z > 0];   GELU' = Phi(z) + z phi(z),  phi(z) = exp(-z^2/2) / sqrt(2 pi) */
-static void mha__activation_backward(mha_activation act, size_t n, const float *z, float *dg)
-{
-    size_t i;
-    if (act == MHA_ACT_RELU) {
-        for (i = 0; i < n; ++i) if (!(z[i] > 0.0f)) dg[i] = 0.0f;
-    } else {
-        for (i = 0; i < n; ++i) {
-            float cdf = 0.5f * (1.0f + erff(z[i] * 0.70710678118654752f));
-            float pdf = 0.39894228040143268f * expf(-0.5f * z[i] * z[i]);
-            dg[i] *= cdf + z[i] * pdf;
-        }
+    mha_options o;
+    mha__attn a;
+    void *owned;
+    float *ws, *sv = NULL;
+    size_t f = 0, at_lse = 0, at_o = 0, saved = 0;
+    int shape[9];
+    mha_status st;
+    st = mha__run_begin(p, MHA__PLAN_SDPA, Lq, Lk, run, MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_SINKS, &o, err);
+    if (st == MHA_OK) st = mha__need(err, "q", q);
+    if (st == MHA_OK) st = mha__need(err, "k", k);
+    if (st == MHA_OK) st = mha__need(err, "v", v);
+    if (st == MHA_OK) st = mha__need(err, "dout", dout);
+    if (st == MHA_OK && !(p->flags & MHA_PLAN_TRAINING))
+        st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "plan", "was made without MHA_PLAN_TRAINING: it has no backward");
+    if (st == MHA_OK && run && run->saved) {
+        (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at_lse, &at_o, &saved);
+        st = mha__run_saved(p, run, saved, &sv, err);
+        shape[0] = MHA__PLAN_SDPA; shape[1] = p->B; shape[2] = p->H; shape[3] = Lq; shape[4] = Lk;
+        shape[5] = p->D; shape[6] = p->Dv; shape[7] = o.num_kv_heads ? o.num_kv_heads : p->H; shape[8] = 0;
+        if (st == MHA_OK) st = mha__saved_check(sv, shape, err);
     }
+    if (st != MHA_OK) return st;
+    (void)mha__sdpa_bwd_floats(p->B, p->H, o.num_kv_heads ? o.num_kv_heads : p->H, Lq, Lk, p->D,
+                               p->Dv, p->nthreads, &f);   /* within the plan's */
+    if ((st = mha__run_ws(p, run, f, &owned, &ws, err)) != MHA_OK) return st;
+    mha__attn_dense(&a, &o, p->B, p->H, Lq, Lk, p->D, p->Dv, q, k, v, NULL);
+    a.nthreads = p->nthreads;
+    a.sinks_grad = run ? run->sinks_grad : NULL;
+    if (sv) a.o = sv + at_o;
+    mha__attend_backward_fused(&a, dout, sv ? sv + at_lse : NULL, dq, dk, dv, ws);
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
 }
 
-/* =====================================================================
-   PLANS
-   A plan fixes once what every run of it shares: the shapes (B and the
-   largest Lq, Lk), the options, the thread count, what the runs may ask for
-   (weights, a backward) and, for a module, its weights resolved and maybe
-   packed.  Making it validates everything and computes the exact
-   workspace; a run then only checks its lengths against the plan and reads
-   it, so one plan may run from many threads at once, each with its own
-   workspace.  The one-shot calls (mha_sdpa, mha_forward, ...) make a plan
-   on the stack and run it once.
-   ===================================================================== */
+/* ---------------------------------------------------- public: SDPA */
 
-/* ------------------------------------------------------ linear */
-
-/* Y[rows, out] = X[rows, in] W^T + b  (nn.Linear; W [out, in] as PyTorch
-   stores it, b [out] or NULL) on nthreads threads: the one Linear of the
-   forward and backward passes.
-   gws: mha__linear_gws(rows, in, out, nthreads) floats.
-   pw: NULL, or W prepacked (mha__prepack_b of this whole W).
-   X is read in place, not packed: an MR-row sliver of it (MR x KC floats)
-   stays in L1 while it meets all out/NR slivers of W, and skipping its copy
-   made the forward at L = 128..512, E = 512 2-5% faster (AVX-512, one
-   thread, CPU time, alternating runs); the sums are those of a packed X.  */
-static void mha__linear_pp(int rows, int in, int out, const float *X, const float *W,
-                           const float *b, float *Y, float *gws, int nthreads, const float *pw)
+MHADEF mha_status mha_sdpa_forward(int B, int H, int Lq, int Lk, int D, int Dv,
+                                   const float *q, const float *k, const float *v,
+                                   const mha_options *opt, float *out,
+                                   const mha_run *run, mha_error *err)
 {
-    if (b) {
-        int r;
-        for (r = 0; r < rows; ++r) memcpy(Y + (size_t)r * out, b, (size_t)out * sizeof(float));
-    }
-    mha__gemm_mt_pp(0, 1, rows, out, in, 1.0f, X, (size_t)in, W, (size_t)in, b ? 1.0f : 0.0f,
-                    Y, (size_t)out, gws, nthreads, pw, 1);
+    mha_plan p;
+    mha__shot s;
+    mha_options o;
+    mha_status st;
+    mha__begin(err);
+    memset(&s, 0, sizeof s);
+    s.kind = MHA__PLAN_SDPA; s.flags = mha__shot_flags(run);
+    s.B = B; s.H = H; s.Lq = Lq; s.D = D; s.Dv = Dv;
+    if (opt) o = *opt; else memset(&o, 0, sizeof o);
+    /* over a cache, the KV heads are the cache's unless the options say */
+    if (run && run->cache && !o.num_kv_heads && run->cache->Hkv > 0) o.num_kv_heads = run->cache->Hkv;
+    if ((st = mha__shot_lk(run, Lk, &s.Lk, err)) == MHA_OK && (st = mha__oneshot(&s, &o, run, &p, err)) == MHA_OK)
+        st = mha__sdpa_run_forward(&p, Lq, Lk, q, k, v, out, run, err);
+    return mha__sign(err, "mha_sdpa_forward", st);
 }
-static void mha__linear(int rows, int in, int out, const float *X, const float *W,
-                        const float *b, float *Y, float *gws, int nthreads)
+
+MHADEF mha_status mha_sdpa_backward(int B, int H, int Lq, int Lk, int D, int Dv,
+                                    const float *q, const float *k, const float *v,
+                                    const float *dout, const mha_options *opt,
+                                    float *dq, float *dk, float *dv,
+                                    const mha_run *run, mha_error *err)
 {
-    mha__linear_pp(rows, in, out, X, W, b, Y, gws, nthreads, NULL);
+    mha_plan p;
+    mha__shot s;
+    mha_status st;
+    mha__begin(err);
+    memset(&s, 0, sizeof s);
+    s.kind = MHA__PLAN_SDPA; s.flags = MHA_PLAN_TRAINING;
+    s.B = B; s.H = H; s.Lq = Lq; s.Lk = Lk; s.D = D; s.Dv = Dv;
+    if ((st = mha__oneshot(&s, opt, run, &p, err)) == MHA_OK)
+        st = mha__sdpa_run_backward(&p, Lq, Lk, q, k, v, dout, dq, dk, dv, run, err);
+    return mha__sign(err, "mha_sdpa_backward", st);
 }
 
-/* Backward of Y[rows, out] = X[rows, in] W^T + b   (W [out, in]):
-     dX += dY W          [rows, in]
-     dW += dY^T X        [out, in]
-     db += sum_r dY[r]   [out]
-   Any of dX, dW, db may be NULL.  */
-static void mha__linear_backward(int rows, int in, int out, const float *X, const float *W,
-                                 const float *dY, float *dX, float *dW, float *db, float *gws,
-                                 int nthreads)
+MHADEF mha_status mha_sdpa_plan_size(int B, int H, int Lq, int Lk, int D, int Dv,
+                                     const mha_options *opt, unsigned flags, mha_sizes *sizes,
+                                     mha_error *err)
 {
-    if (dX)
-        mha__gemm_mt(0, 0, rows, in, out, 1.0f, dY, (size_t)out, W, (size_t)in, 1.0f,
-                     dX, (size_t)in, gws, nthreads);
-    if (dW)
-        mha__gemm_mt(1, 0, out, in, rows, 1.0f, dY, (size_t)out, X, (size_t)in, 1.0f,
-                     dW, (size_t)in, gws, nthreads);
-    if (db) {
-        int r, j;
-        for (r = 0; r < rows; ++r)
-            for (j = 0; j < out; ++j) db[j] += dY[(size_t)r * out + j];
-    }
+    mha_plan p;
+    mha__begin(err);
+    if (!sizes) return mha__sign(err, "mha_sdpa_plan_size", mha__need(err, "sizes", sizes));
+    return mha__sign(err, "mha_sdpa_plan_size",
+                     mha__plan_out(mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, flags, &p, err), &p, 0, NULL,
+                                   0, NULL, sizes, err));
 }
 
-/* GEMM workspace floats of a Linear's forward and backward products. */
-static size_t mha__linear_gws(int rows, int in, int out, int nthreads)
+MHADEF mha_status mha_sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
+                                const mha_options *opt, unsigned flags,
+                                void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err)
 {
-    size_t g = mha__gemm_ws_floats_mt(rows, out, in, nthreads), t;
-    t = mha__gemm_ws_floats_mt(rows, in, out, nthreads); if (t > g) g = t;
-    t = mha__gemm_ws_floats_mt(out, in, rows, nthreads); if (t > g) g = t;
-    return g;
+    mha_plan p;
+    mha__begin(err);
+    if (!plan) return mha__sign(err, "mha_sdpa_plan", mha__need(err, "plan", plan));
+    return mha__sign(err, "mha_sdpa_plan",
+                     mha__plan_out(mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, flags, &p, err), &p, 0, mem,
+                                   mem_bytes, plan, NULL, err));
 }
 
-/* K or V of every batch, Lk + extra rows each: X W^T + b for the Lk real
-   keys, then the appended row app (bias_k or bias_v), then a zero row
-   (add_zero_attn; zeros after the head split are one zero row before it),
-   as nn.MultiheadAttention builds them.  width is E, or D for one head's
-   columns (W, b and app then start at that head).  */
-static void mha__kv_project(int B, int Lk, int in, int width, const float *X, const float *W,
-                            const float *b, const float *app, int zero_row, float *Y, float *gws,
-                            int nthreads, const float *pw)
+MHADEF mha_status mha_sdpa_run_forward(const mha_plan *p, int Lq, int Lk,
+                                       const float *q, const float *k, const float *v,
+                                       float *out, const mha_run *run, mha_error *err)
 {
-    int extra = (app != NULL) + zero_row, bb;
-    if (!extra) { mha__linear_pp(B * Lk, in, width, X, W, b, Y, gws, nthreads, pw); return; }
-    for (bb = 0; bb < B; ++bb) {
-        float *Yb = Y + (size_t)bb * (Lk + extra) * width;
-        int r = Lk;
-        mha__linear_pp(Lk, in, width, X + (size_t)bb * Lk * in, W, b, Yb, gws, nthreads, pw);
-        if (app) memcpy(Yb + (size_t)r++ * width, app, (size_t)width * sizeof(float));
-        if (zero_row) memset(Yb + (size_t)r * width, 0, (size_t)width * sizeof(float));
-    }
+    mha__begin(err);
+    return mha__sign(err, "mha_sdpa_run_forward", mha__sdpa_run_forward(p, Lq, Lk, q, k, v, out, run, err));
 }
 
-/* ... and its backward: the real rows go through the Linear, the appended
-   row's gradient is summed over the batches into dapp, the zero row has none. */
-static void mha__kv_project_backward(int B, int Lk, int extra, int in, int E, const float *X,
-                                     const float *W, const float *dY, float *dX, float *dW,
-                                     float *db, float *dapp, float *gws, int nthreads)
+MHADEF mha_status mha_sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
+                                        const float *q, const float *k, const float *v,
+                                        const float *dout, float *dq, float *dk, float *dv,
+                                        const mha_run *run, mha_error *err)
 {
-    int bb;
-    if (!extra) { mha__linear_backward(B * Lk, in, E, X, W, dY, dX, dW, db, gws, nthreads); return; }
-    for (bb = 0; bb < B; ++bb) {
-        const float *dYb = dY + (size_t)bb * (Lk + extra) * E;
-        mha__linear_backward(Lk, in, E, X + (size_t)bb * Lk * in, W, dYb,
-                             dX ? dX + (size_t)bb * Lk * in : NULL, dW, db, gws, nthreads);
-        if (dapp) mha__axpy(dapp, 1.0f, dYb + (size_t)Lk * E, E);
-    }
+    mha__begin(err);
+    return mha__sign(err, "mha_sdpa_run_backward", mha__sdpa_run_backward(p, Lq, Lk, q, k, v, dout, dq, dk, dv, run, err));
 }
 
-/* ------------------------------------------------------ the module */
-
-/* A module after its checks, every weight resolved once: the projections
-   whether they came from in_proj_* or q/k/v_proj_*, the appended keys, and
-   the prepacked panels when there are some.  */
-typedef struct mha__mod {
-    int E, H, D, kdim, vdim;
-    int Hkv, Ekv;                       /* KV heads (GQA) and their width Hkv * D */
-    mha_rope rope;                      /* on Q and K after their projections */
-    int extra;                          /* appended keys: (bias_k) + (add_zero_attn) */
-    int in_proj;                        /* Wq, Wk, Wv are rows of in_proj_weight */
-    const float *wq, *wk, *wv, *wo;     /* [E,E], [Ekv,kdim], [Ekv,vdim], [E,E] */
-    const float *bq, *bk, *bv, *bo;     /* [E], [Ekv], [Ekv], [E], or NULL */
-    const float *bias_k, *bias_v;       /* the appended key and value row, or NULL */
-    int zero_attn;                      /* then a zero key and value */
-    const float *pq, *pk, *pv, *po;     /* W^T panels (mha__prepack_b), or NULL: pack per GEMM */
-} mha__mod;
+/* ====================================================================== 6
+   THE MODULE
+   nn.MultiheadAttention: its weights resolved and checked, packed when the
+   plan asks, the projections, the forward (by chunks of queries, or head
+   by head for very long sequences), the backward, chosen rows of weights,
+   and the module's plan and runs.
+   ====================================================================== */
 
 static mha_status mha__check_module(const mha_module *m, mha__mod *r, mha_error *e)
 {
@@ -3849,7 +4511,7 @@ static mha_status mha__check_module(const mha_module *m, mha__mod *r, mha_error 
     return MHA_OK;
 }
 
-/* ------------------------------------------------ packed weights */
+/* -------------------------------------------------- packed weights */
 
 /* A plan made with MHA_PLAN_PACK keeps the four projection matrices
    prepacked as op(B) = W^T (mha__prepack_b) after its struct: Wq [E, E],
@@ -3897,56 +4559,81 @@ static void mha__pack_write(mha__mod *r, void *buf)
     r->pq = d + P.wq; r->pk = d + P.wk; r->pv = d + P.wv; r->po = d + P.wo;
 }
 
-/* ------------------------------------------------ workspace layouts */
+/* ----------------------------------------------------- projections */
+
+/* K or V of every batch, Lk + extra rows each: X W^T + b for the Lk real
+   keys, then the appended row app (bias_k or bias_v), then a zero row
+   (add_zero_attn; zeros after the head split are one zero row before it),
+   as nn.MultiheadAttention builds them.  width is E, or D for one head's
+   columns (W, b and app then start at that head).  */
+static void mha__kv_project(int B, int Lk, int in, int width, const float *X, const float *W,
+                            const float *b, const float *app, int zero_row, float *Y, float *gws,
+                            int nthreads, const float *pw)
+{
+    int extra = (app != NULL) + zero_row, bb;
+    if (!extra) { mha__linear_pp(B * Lk, in, width, X, W, b, Y, gws, nthreads, pw); return; }
+    for (bb = 0; bb < B; ++bb) {
+        float *Yb = Y + (size_t)bb * (Lk + extra) * width;
+        int r = Lk;
+        mha__linear_pp(Lk, in, width, X + (size_t)bb * Lk * in, W, b, Yb, gws, nthreads, pw);
+        if (app) memcpy(Yb + (size_t)r++ * width, app, (size_t)width * sizeof(float));
+        if (zero_row) memset(Yb + (size_t)r * width, 0, (size_t)width * sizeof(float));
+    }
+}
+
+/* ... and its backward: the real rows go through the Linear, the appended
+   row's gradient is summed over the batches into dapp, the zero row has none. */
+static void mha__kv_project_backward(int B, int Lk, int extra, int in, int E, const float *X,
+                                     const float *W, const float *dY, float *dX, float *dW,
+                                     float *db, float *dapp, float *gws, int nthreads)
+{
+    int bb;
+    if (!extra) { mha__linear_backward(B * Lk, in, E, X, W, dY, dX, dW, db, gws, nthreads); return; }
+    for (bb = 0; bb < B; ++bb) {
+        const float *dYb = dY + (size_t)bb * (Lk + extra) * E;
+        mha__linear_backward(Lk, in, E, X + (size_t)bb * Lk * in, W, dYb,
+                             dX ? dX + (size_t)bb * Lk * in : NULL, dW, db, gws, nthreads);
+        if (dapp) mha__axpy(dapp, 1.0f, dYb + (size_t)Lk * E, E);
+    }
+}
+
+
+/* The by-head path writes out from its first head on, and every head reads
+   query, key and value again: each of the inputs x[0..2] (n[i] floats) that
+   overlaps out (nout floats) is copied, and x[i] pointed at the copy.  An
+   input given twice (self-attention) is copied once.  *copy: the one
+   allocation, for the caller to free (NULL when nothing overlaps).  */
+static mha_status mha__copy_aliased(const float *out, size_t nout, const float **x, const size_t *n,
+                                    void **copy)
+{
+    size_t off[3], total = 0;
+    int i, j, src[3];
+    float *c;
+    *copy = NULL;
+    for (i = 0; i < 3; ++i) {
+        src[i] = -1;   /* -1: read in place; i: copy it; j < i: share x[j]'s copy */
+        if (!mha__overlap(out, nout, x[i], n[i])) continue;
+        src[i] = i;
+        for (j = 0; j < i; ++j) if (src[j] == j && x[j] == x[i] && n[j] == n[i]) src[i] = j;
+        if (src[i] == i) { off[i] = total; total += n[i]; }
+    }
+    if (total == 0) return MHA_OK;
+    *copy = MHA_MALLOC(total * sizeof(float));
+    if (!*copy) return MHA_ERR_OUT_OF_MEMORY;
+    c = MHA__CAST(float *, *copy);
+    for (i = 0; i < 3; ++i)
+        if (src[i] == i) memcpy(c + off[i], x[i], n[i] * sizeof(float));
+    for (i = 0; i < 3; ++i)
+        if (src[i] >= 0) x[i] = c + off[src[i]];
+    return MHA_OK;
+}
+
+/* ----------------------------------------------- workspace layouts */
 
 /* Each run lays its workspace out for its own lengths with the layout
    functions below, and its plan took the same functions at the planned
    maxima: every region grows with Lq and Lk, so a run never needs more than
    its plan said.  Offsets are in floats from the aligned start. */
-
-/* The saved forward (section 4): the caller's region, aligned inside like a
-   workspace, starts with a header of MHA__SAVED_HDR floats that records
-   who wrote it (the magic, the plan's kind) and the shape of what follows
-   (B, the lengths and the widths), so a backward reads only a region laid
-   out as it expects.  The layouts of what follows are below (SDPA, module,
-   encoder); a backward without a saved forward recomputes into the same
-   layout inside its workspace.  */
-#define MHA__SAVED_MAGIC 0x53415645u   /* "EVAS" in a little-endian dump: "SAVE" */
-#define MHA__SAVED_HDR 16
-#define MHA__SAVED_WORDS 10
-static void mha__saved_header(const int *shape, uint32_t *w)
-{
-    int i;
-    w[0] = MHA__SAVED_MAGIC;
-    for (i = 1; i < MHA__SAVED_WORDS; ++i) w[i] = (uint32_t)shape[i - 1];
-}
-static void mha__saved_stamp(float *sv, const int *shape)
-{
-    uint32_t w[MHA__SAVED_WORDS];
-    mha__saved_header(shape, w);
-    memcpy(sv, w, sizeof w);
-}
-static const char *mha__kind_name(uint32_t kind);   /* (plans, below) */
-static mha_status mha__saved_check(const float *sv, const int *shape, mha_error *e)
-{
-    uint32_t want[MHA__SAVED_WORDS], got[MHA__SAVED_WORDS];
-    static const char *const what[MHA__SAVED_WORDS] = {
-        "magic", "kind", "B", "H", "Lq", "Lk", "width", "key width", "appended keys", "F"};
-    int i;
-    mha__saved_header(shape, want);
-    memcpy(got, sv, sizeof got);
-    if (got[0] != want[0])
-        return mha__fail(e, MHA_ERR_SAVED, "run->saved", "no forward wrote it (its header has no saved-forward "
-                         "magic)");
-    if (got[1] != want[1])
-        return mha__fail(e, MHA_ERR_SAVED, "run->saved", "was written by the forward of %s plan; this is %s "
-                         "plan's backward", mha__kind_name(got[1]), mha__kind_name(want[1]));
-    for (i = 2; i < MHA__SAVED_WORDS; ++i)
-        if (got[i] != want[i])
-            return mha__fail(e, MHA_ERR_SAVED, "run->saved", "was written by a forward with %s %u; this "
-                             "backward has %u", what[i], (unsigned)got[i], (unsigned)want[i]);
-    return MHA_OK;
-}
 
 /* The module forward.  Queries go through chunk_b batches x chunk_q rows
    at a time (mha__fwd_chunks); qp, kp, vp hold the projections, scratch the
@@ -3970,6 +4657,7 @@ static int mha__mod_saved_at(const mha__mod *r, int B, int Lq, int Lk, size_t *c
            mha__region(cur, nk, kp) && mha__region(cur, nk, vp) && mha__region(cur, nq, ctx) &&
            mha__region(cur, (size_t)B * r->H * Lq, lse);
 }
+
 /* The header's shape of a module's saved forward. */
 static void mha__mod_saved_shape(const mha__mod *r, int kind, int B, int Lq, int Lk, int F, int *shape)
 {
@@ -3999,6 +4687,7 @@ static void mha__mod_saved_shape(const mha__mod *r, int kind, int B, int Lq, int
 #ifndef MHA__QCHUNK
 #define MHA__QCHUNK 4096
 #endif
+
 static void mha__fwd_chunks(int B, int Lq, int need_weights, int *chunk_b, int *chunk_q)
 {
     int rows = MHA__QCHUNK / MHA__FBR * MHA__FBR;
@@ -4075,211 +4764,11 @@ static int mha__bwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int nt, 
            mha__region(&cur, g, &L->gws) && mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
 }
 
-/* SDPA forward (per-thread scratch) and backward (P and dP of one head). */
-static int mha__sdpa_fwd_floats(int B, int H, int Lq, int Lk, int D, int Dv, int weights, int nt,
-                                size_t *per_thread, size_t *total)
-{
-    return mha__attn_scratch_floats(Lq, Lk, Lk, D, Dv, nt, weights, (size_t)B * H < (size_t)nt,
-                                    per_thread, total) &&
-           mha__add(*total, MHA__ALIGN_FLOATS, total);
-}
-static int mha__sdpa_bwd_floats(int B, int H, int Hkv, int Lq, int Lk, int D, int Dv, int nt,
-                                size_t *total)
-{
-    return mha__add(mha__fbwd_floats(B, H, Hkv, Lq, Lk, D, Dv, nt), MHA__ALIGN_FLOATS, total);
-}
-/* An SDPA saved forward: header, lse [B, H, Lq], O [B, H, Lq, Dv]; total
-   includes the alignment slack. */
-static int mha__sdpa_saved_floats(int B, int H, int Lq, int Dv, size_t *lse, size_t *o, size_t *total)
-{
-    size_t rows = (size_t)B * H * Lq, no;
-    if (!mha__mul(rows, (size_t)Dv, &no)) return 0;
-    *lse = MHA__SAVED_HDR;
-    *o = *lse + mha__round_floats(rows);
-    return mha__add(*o, mha__round_floats(no), total) && mha__add(*total, MHA__ALIGN_FLOATS, total);
-}
-
-/* The encoder layer, N = B*L rows.  Its saved forward keeps every
-   intermediate for the backward, after its header and the self-
-   attention's own saved forward (mod):
-     a   [N,E] attention output          t1  [N,E] x + a (post) / LN1(x) (pre)
-     h   [N,E] after the first residual  z   [N,F] linear1 output
-     g   [N,F] act(z)                    t2  [N,E] h + f (post) / LN2(h) (pre)
-   The backward's workspace adds d1, d2 [N,E], dg [N,F] (and, without a
-   saved forward, the saved layout itself to recompute into).  Inference
-   keeps only a (then h in place) and runs the feed-forward block on
-   MHA__FF_ROWS rows at a time: zc [rows,F], tc and fc [rows,E].
-   sub: the self-attention's workspace (what its plan allows). */
-#ifndef MHA__FF_ROWS
-#define MHA__FF_ROWS 256
-#endif
-typedef struct mha__enc_layout {
-    /* in the saved layout (sv: the caller's saved region or the workspace) */
-    size_t mod, a, t1, h, z, g, t2, saved_floats;
-    /* in the workspace */
-    size_t sv, d1, d2, dg, gws, sub, total_floats;
-    size_t zc, tc, fc, rows;                /* inference */
-} mha__enc_layout;
-
-/* ------------------------------------------------------------ plans */
-
-#define MHA__PLAN_MAGIC 0x4e4c504du   /* "MPLN" */
-enum { MHA__PLAN_GEMM = 1, MHA__PLAN_SDPA, MHA__PLAN_MODULE, MHA__PLAN_ENCODER };
-
-static const char *mha__kind_name(uint32_t kind)
-{
-    switch (kind) {
-    case MHA__PLAN_GEMM: return "a GEMM";
-    case MHA__PLAN_SDPA: return "an SDPA";
-    case MHA__PLAN_MODULE: return "a module";
-    case MHA__PLAN_ENCODER: return "an encoder";
-    default: return "an unknown";
-    }
-}
-
-struct mha_plan {
-    uint32_t magic;
-    int kind;
-    unsigned flags;             /* MHA_PLAN_* */
-    int nthreads;               /* every run uses exactly this many */
-    int owned;                  /* made by MHA_MALLOC: mha_plan_destroy frees it */
-    size_t ws_bytes;            /* the workspace every run needs */
-    size_t saved_bytes;         /* a saved forward (MHA_PLAN_TRAINING) */
-    size_t plan_bytes;          /* the struct and the packed panels */
-    int B, H, Lq, Lk, D, Dv;    /* the planned maxima; module: H, D of the module */
-    int by_head;                /* module: long sequences go one head at a time (never training) */
-    int cache_ok;               /* module: the cache path fits it (self-attention, no appended keys) */
-    mha_trans ta, tb;           /* GEMM: op(A) M x K, op(B) K x N */
-    int M, N, K;
-    mha_options opt;            /* the caller's, num_threads resolved */
-    mha__mod mod;               /* module and encoder */
-    mha_encoder_layer enc;      /* encoder (pointers borrowed) */
-    size_t mod_floats;          /* encoder: the self-attention's part of the workspace */
-};
-
-static size_t mha__plan_struct_bytes(void)
-{
-    return (sizeof(struct mha_plan) + 63) / 64 * 64;
-}
-
-/* Copy and check the options; resolve the thread count. */
-static mha_status mha__plan_begin(mha_plan *p, int kind, const mha_options *opt, unsigned flags,
-                                  unsigned allowed, int B, int H, int Lq, int Lk, mha_error *e)
-{
-    mha_status st;
-    memset(p, 0, sizeof *p);
-    p->magic = MHA__PLAN_MAGIC;
-    p->kind = kind;
-    p->flags = flags;
-    if (opt) p->opt = *opt;
-    if (flags & ~allowed)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "flags", "is 0x%x; %s plan takes only 0x%x (MHA_PLAN_*)",
-                         flags, mha__kind_name((uint32_t)kind), allowed);
-    if ((st = mha__check_masks(&p->opt, B, H, Lq, Lk, e)) != MHA_OK) return st;
-    p->nthreads = mha__max_threads(&p->opt);
-    p->opt.num_threads = p->nthreads;
-    p->B = B; p->H = H; p->Lq = Lq; p->Lk = Lk;
-    return MHA_OK;
-}
-
-/* The plan's workspace in bytes from its floats (which include the slack
-   to align the start). */
-static mha_status mha__plan_ws(mha_plan *p, size_t floats, size_t saved_floats, mha_error *e)
-{
-    if (!mha__mul(floats, sizeof(float), &p->ws_bytes) || !mha__mul(saved_floats, sizeof(float), &p->saved_bytes))
-        return mha__fail(e, MHA_ERR_OVERFLOW, "Lq", "the workspace's bytes do not fit in size_t");
-    return MHA_OK;
-}
-
-static mha_status mha__gemm_plan_make(mha_trans ta, mha_trans tb, int M, int N, int K,
-                                      int num_threads, mha_plan *p, mha_error *e)
-{
-    mha_options o;
-    size_t t;
-    mha_status st;
-    memset(&o, 0, sizeof o);
-    o.num_threads = num_threads;
-    memset(p, 0, sizeof *p);
-    if ((st = mha__pos(e, "M", M)) != MHA_OK || (st = mha__pos(e, "N", N)) != MHA_OK ||
-        (st = mha__pos(e, "K", K)) != MHA_OK)
-        return st;
-    if (num_threads < 0)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "num_threads", "is %d; expected >= 0", num_threads);
-    if (ta != MHA_NO_TRANS && ta != MHA_TRANS)
-        return mha__fail(e, MHA_ERR_BAD_ENUM, "ta", "is %d; expected MHA_NO_TRANS (0) or MHA_TRANS (1)", (int)ta);
-    if (tb != MHA_NO_TRANS && tb != MHA_TRANS)
-        return mha__fail(e, MHA_ERR_BAD_ENUM, "tb", "is %d; expected MHA_NO_TRANS (0) or MHA_TRANS (1)", (int)tb);
-    if (!mha__dim_ok(M) || !mha__dim_ok(N) || !mha__dim_ok(K) ||
-        !mha__mul3((size_t)M, (size_t)K, sizeof(float), &t) ||
-        !mha__mul3((size_t)K, (size_t)N, sizeof(float), &t) ||
-        !mha__mul3((size_t)M, (size_t)N, sizeof(float), &t))
-        return mha__fail(e, MHA_ERR_OVERFLOW, "M", "M %d, N %d, K %d: a matrix's bytes pass the limits", M, N, K);
-    (void)mha__plan_begin(p, MHA__PLAN_GEMM, &o, 0, 0, 1, 1, 1, 1, NULL);   /* zero options: cannot fail */
-    p->ta = ta; p->tb = tb; p->M = M; p->N = N; p->K = K;
-    return mha__plan_ws(p, mha__gemm_ws_floats_mt(M, N, K, p->nthreads) + MHA__ALIGN_FLOATS, 0, e);
-}
-
-/* (the KV cache's sizes, section 7) */
-static int mha__cache_attend_floats(int H, int Lq, int capacity, int D, int ring, int nt, size_t *per_thread,
-                                    size_t *total);
-static int mha__cached_floats(const mha__mod *r, int B, int Lq, int capacity, int ring, int nt,
-                              size_t *total);
-
-static mha_status mha__sdpa_plan_make(int B, int H, int Lq, int Lk, int D, int Dv,
-                                      const mha_options *opt, unsigned flags, mha_plan *p, mha_error *e)
-{
-    size_t n, per_thread, f, f1, at_lse, at_o, saved = 0;
-    int Hkv;
-    mha_status st;
-    memset(p, 0, sizeof *p);
-    if ((st = mha__pos(e, "B", B)) != MHA_OK || (st = mha__pos(e, "H", H)) != MHA_OK ||
-        (st = mha__pos(e, "Lq", Lq)) != MHA_OK || (st = mha__pos(e, "Lk", Lk)) != MHA_OK ||
-        (st = mha__pos(e, "D", D)) != MHA_OK || (st = mha__pos(e, "Dv", Dv)) != MHA_OK)
-        return st;
-    /* every tensor's byte count must fit, and the int and long counts of
-       the int audit (size arithmetic, above) */
-    if (!mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)(D > Dv ? D : Dv), &n) ||
-        !mha__mul3((size_t)B * (size_t)H, (size_t)Lk, (size_t)(D > Dv ? D : Dv), &n) ||
-        !mha__mul3((size_t)B * (size_t)H, (size_t)Lq, (size_t)Lk, &n) ||
-        !mha__mul(n, sizeof(float), &n) || !mha__mul3((size_t)Lq, (size_t)Lk, 2 * sizeof(float), &n) ||
-        (size_t)B * (size_t)H > MHA__INT_LIMIT || (size_t)B * (size_t)H * (size_t)Lq > LONG_MAX ||
-        !mha__dim_ok(Lq) || !mha__dim_ok(Lk) || !mha__dim_ok(D) || !mha__dim_ok(Dv))
-        return mha__fail(e, MHA_ERR_OVERFLOW, "B", "B %d, H %d, Lq %d, Lk %d, D %d, Dv %d: a tensor passes the "
-                         "size limits", B, H, Lq, Lk, D, Dv);
-    st = mha__plan_begin(p, MHA__PLAN_SDPA, opt, flags, MHA_PLAN_WEIGHTS | MHA_PLAN_TRAINING,
-                         B, H, Lq, Lk, e);
-    if (st != MHA_OK) return st;
-    if ((st = mha__check_decode(&p->opt, H, p->opt.num_kv_heads, "opt->num_kv_heads", NULL, D, Lk, e)) != MHA_OK)
-        return st;
-    Hkv = p->opt.num_kv_heads ? p->opt.num_kv_heads : H;
-    p->D = D; p->Dv = Dv;
-    if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 0, p->nthreads, &per_thread, &f)) goto overflow;
-    if (D == Dv) {   /* a run over a KV cache (ring buffers included) */
-        if (!mha__cache_attend_floats(H, Lq, Lk, D, 1, p->nthreads, &per_thread, &f1)) goto overflow;
-        if (f1 > f) f = f1;
-    }
-    if (flags & MHA_PLAN_WEIGHTS) {   /* all weights, or chosen rows after the fused path (lse first) */
-        if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 1, p->nthreads, &per_thread, &f1)) goto overflow;
-        if (f1 > f) f = f1;
-        if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 0, p->nthreads, &per_thread, &f1) ||
-            !mha__add(f1, mha__round_floats((size_t)B * H * Lq), &f1))
-            goto overflow;
-        if (f1 > f) f = f1;
-    }
-    if (flags & MHA_PLAN_TRAINING) {
-        if (!mha__sdpa_bwd_floats(B, H, Hkv, Lq, Lk, D, Dv, p->nthreads, &f1)) goto overflow;
-        if (f1 > f) f = f1;
-        if (!mha__sdpa_saved_floats(B, H, Lq, Dv, &at_lse, &at_o, &saved)) goto overflow;
-    }
-    return mha__plan_ws(p, f, saved, e);
-overflow:
-    return mha__fail(e, MHA_ERR_OVERFLOW, "Lk", "the workspace's size does not fit in size_t");
-}
-
 /* The module's weight rows (mha_run.rows): K of every key [B, Lk', Ekv],
    the chosen query rows [B, n, E] and their Q, a Linear's workspace, and
    a row of Lk' per thread for the head average; floats of each.  */
 typedef struct mha__wrows_layout { size_t kp, xq, qp, lin, avg, total; } mha__wrows_layout;
+
 static int mha__wrows_lay(const mha__mod *r, int B, int Lk, int n, int nt, mha__wrows_layout *L)
 {
     size_t cur = 0, lk, lq;
@@ -4293,6 +4782,9 @@ static int mha__wrows_lay(const mha__mod *r, int B, int Lk, int n, int nt, mha__
            mha__add(cur, MHA__ALIGN_FLOATS, &L->total);
 }
 
+/* (defined further on, where its section is) */
+static int mha__cached_floats(const mha__mod *r, int B, int Lq, int capacity, int ring, int nt, size_t *total);
+
 /* Floats of the module's workspace at these lengths, for what plan p
    allows: the forward (its path, the weights, chosen rows, a KV cache),
    and with MHA_PLAN_TRAINING the forward that saves and the backward. */
@@ -4304,7 +4796,7 @@ static int mha__module_floats(const mha_plan *p, int Lq, int Lk, size_t *floats)
     size_t f;
     if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 0, p->by_head, p->nthreads, 0, &F)) return 0;
     *floats = F.total_floats;
-    if (p->cache_ok) {
+    if (p->flags & MHA_PLAN_CACHE) {
         if (!mha__cached_floats(&p->mod, p->B, Lq, Lk, 1, p->nthreads, &f)) return 0;
         if (f > *floats) *floats = f;
     }
@@ -4358,8 +4850,8 @@ static mha_status mha__module_plan_make(const mha_module *m, int B, int Lq, int 
         !mha__mul(n, sizeof(float), &n) ||
         !mha__mul3((size_t)Lq, (size_t)Lke, 2 * sizeof(float), &n))
         goto overflow;
-    st = mha__plan_begin(p, kind, opt, flags, MHA_PLAN_WEIGHTS | MHA_PLAN_TRAINING | MHA_PLAN_PACK,
-                         B, r.H, Lq, Lk, e);
+    st = mha__plan_begin(p, kind, opt, flags, MHA_PLAN_WEIGHTS | MHA_PLAN_TRAINING | MHA_PLAN_PACK |
+                         (kind == MHA__PLAN_MODULE ? MHA_PLAN_CACHE : 0u), B, r.H, Lq, Lk, e);
     if (st != MHA_OK) return st;
     if ((st = mha__check_decode(&p->opt, r.H, m->num_kv_heads, "m->num_kv_heads", &m->rope, r.D, Lk, e)) != MHA_OK)
         return st;
@@ -4372,6 +4864,9 @@ static mha_status mha__module_plan_make(const mha_module *m, int B, int Lq, int 
     p->by_head = !(flags & MHA_PLAN_TRAINING) &&
                  (double)B * ((double)Lq + 2.0 * Lke) * r.E >= (double)MHA__BY_HEAD_FLOATS;
     p->cache_ok = r.kdim == r.E && r.vdim == r.E && r.extra == 0;
+    if ((flags & MHA_PLAN_CACHE) && !p->cache_ok)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "flags", "has MHA_PLAN_CACHE, but a KV cache serves plain "
+                         "self-attention only: kdim and vdim must be embed_dim, no bias_k or add_zero_attn");
     if (!mha__module_floats(p, Lq, Lk, &f)) goto overflow;
     p->mod_floats = f;
     if ((flags & MHA_PLAN_TRAINING) && !mha__fwd_layout_at(&r, B, Lq, Lk, 0, 0, p->nthreads, 1, &F)) goto overflow;
@@ -4389,651 +4884,7 @@ static size_t mha__mod_saved_floats(const mha__mod *r, int B, int Lq, int Lk)
     return cur;
 }
 
-/* The encoder's layouts at length L: mode 0 inference, 1 a forward that
-   saves, 2 a backward (have_saved: the caller gives the saved forward). */
-static int mha__enc_layout_at(const mha_plan *p, int L, int mode, int have_saved, mha__enc_layout *P)
-{
-    size_t cur = 0, sc = 0, ne, nf, g, t, sub, hdr;
-    int E = p->mod.E, F = p->enc.dim_feedforward, N = p->B * L;
-    ne = (size_t)N * E; nf = (size_t)N * F;
-    if (!mha__module_floats(p, L, L, &sub)) return 0;
-    /* the saved layout (the caller's region or, recomputed, the workspace's) */
-    if (!(mha__region(&sc, MHA__SAVED_HDR, &hdr) &&
-          mha__region(&sc, mha__mod_saved_floats(&p->mod, p->B, L, L), &P->mod) &&
-          mha__region(&sc, ne, &P->a) && mha__region(&sc, ne, &P->t1) && mha__region(&sc, ne, &P->h) &&
-          mha__region(&sc, nf, &P->z) && mha__region(&sc, nf, &P->g) && mha__region(&sc, ne, &P->t2) &&
-          mha__add(sc, MHA__ALIGN_FLOATS, &P->saved_floats)))
-        return 0;
-    if (mode == 0) {
-        int rows = N < MHA__FF_ROWS ? N : MHA__FF_ROWS;
-        P->rows = (size_t)rows;
-        g = mha__linear_gws(rows, E, F, p->nthreads);
-        t = mha__linear_gws(rows, F, E, p->nthreads); if (t > g) g = t;
-        return mha__region(&cur, ne, &P->a) && mha__region(&cur, sub, &P->sub) &&
-               mha__region(&cur, (size_t)rows * F, &P->zc) && mha__region(&cur, (size_t)rows * E, &P->tc) &&
-               mha__region(&cur, (size_t)rows * E, &P->fc) && mha__region(&cur, g, &P->gws) &&
-               mha__add(cur, MHA__ALIGN_FLOATS, &P->total_floats);
-    }
-    g = mha__linear_gws(N, E, F, p->nthreads);
-    t = mha__linear_gws(N, F, E, p->nthreads); if (t > g) g = t;
-    if (mode == 1)
-        return mha__region(&cur, g, &P->gws) && mha__region(&cur, sub, &P->sub) &&
-               mha__add(cur, MHA__ALIGN_FLOATS, &P->total_floats);
-    P->sv = 0;
-    return (have_saved || mha__region(&cur, sc, &P->sv)) &&
-           mha__region(&cur, ne, &P->d1) && mha__region(&cur, ne, &P->d2) &&
-           mha__region(&cur, nf, &P->dg) && mha__region(&cur, g, &P->gws) &&
-           mha__region(&cur, sub, &P->sub) && mha__add(cur, MHA__ALIGN_FLOATS, &P->total_floats);
-}
-
-static mha_status mha__encoder_plan_make(const mha_encoder_layer *ly, int B, int L,
-                                         const mha_options *opt, unsigned flags, mha_plan *p,
-                                         size_t *extra_bytes, mha_error *e)
-{
-    mha__enc_layout P;
-    size_t n, f, saved = 0;
-    mha_status st;
-    *extra_bytes = 0;
-    memset(p, 0, sizeof *p);
-    if (!ly) return mha__fail(e, MHA_ERR_NULL_POINTER, "layer", "is NULL");
-    if (!ly->linear1_weight) return mha__fail(e, MHA_ERR_NULL_POINTER, "layer->linear1_weight", "is NULL");
-    if (!ly->linear2_weight) return mha__fail(e, MHA_ERR_NULL_POINTER, "layer->linear2_weight", "is NULL");
-    if ((st = mha__pos(e, "layer->dim_feedforward", ly->dim_feedforward)) != MHA_OK) return st;
-    if (ly->activation != MHA_ACT_RELU && ly->activation != MHA_ACT_GELU)
-        return mha__fail(e, MHA_ERR_BAD_ENUM, "layer->activation", "is %d; expected MHA_ACT_RELU (0) or "
-                         "MHA_ACT_GELU (1)", (int)ly->activation);
-    if (ly->norm_first != 0 && ly->norm_first != 1)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "layer->norm_first", "is %d; expected 0 or 1", ly->norm_first);
-    if (!(ly->layer_norm_eps >= 0.0f) || ly->layer_norm_eps == INFINITY)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "layer->layer_norm_eps", "is %g; expected 0 (1e-5) or a "
-                         "positive finite number", (double)ly->layer_norm_eps);
-    /* x [B, L, E] is the key and the value too: kdim and vdim must be E */
-    if (ly->self_attn.kdim != 0 && ly->self_attn.kdim != ly->self_attn.embed_dim)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "layer->self_attn.kdim", "is %d; an encoder layer attends "
-                         "to x itself: 0 or embed_dim %d", ly->self_attn.kdim, ly->self_attn.embed_dim);
-    if (ly->self_attn.vdim != 0 && ly->self_attn.vdim != ly->self_attn.embed_dim)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "layer->self_attn.vdim", "is %d; an encoder layer attends "
-                         "to x itself: 0 or embed_dim %d", ly->self_attn.vdim, ly->self_attn.embed_dim);
-    st = mha__module_plan_make(&ly->self_attn, B, L, L, opt, flags, MHA__PLAN_ENCODER, p, extra_bytes, e);
-    if (st != MHA_OK) return st;
-    if (!mha__mul3((size_t)p->B * L, (size_t)ly->dim_feedforward, sizeof(float), &n) ||
-        !mha__mul3((size_t)ly->dim_feedforward, (size_t)p->mod.E, sizeof(float), &n) ||
-        ly->dim_feedforward > INT_MAX / 2)
-        return mha__fail(e, MHA_ERR_OVERFLOW, "layer->dim_feedforward", "is %d; B*L*F passes the size limits",
-                         ly->dim_feedforward);
-    p->enc = *ly;
-    if (!mha__enc_layout_at(p, L, 0, 0, &P)) goto overflow;
-    f = P.total_floats;
-    if (flags & MHA_PLAN_TRAINING) {
-        if (!mha__enc_layout_at(p, L, 1, 1, &P)) goto overflow;
-        if (P.total_floats > f) f = P.total_floats;
-        if (!mha__enc_layout_at(p, L, 2, 0, &P)) goto overflow;
-        if (P.total_floats > f) f = P.total_floats;
-        saved = P.saved_floats;
-    }
-    return mha__plan_ws(p, f, saved, e);
-overflow:
-    return mha__fail(e, MHA_ERR_OVERFLOW, "L", "the workspace's size does not fit in size_t");
-}
-
-/* Plan memory: the caller's mem (aligned for the struct, at least need bytes),
-   or MHA_MALLOC's.  The plan made on the stack is copied in; with PACK the
-   panels are written after it.  */
-#define MHA__PLAN_ALIGN 8
-static mha_status mha__plan_place(mha_plan *tmp, size_t extra, void *mem, size_t mem_bytes,
-                                  mha_plan **plan, mha_error *e)
-{
-    size_t need;
-    mha_plan *p;
-    if (!mha__add(mha__plan_struct_bytes(), extra, &need))
-        return mha__fail(e, MHA_ERR_OVERFLOW, "flags", "the plan's bytes do not fit in size_t");
-    if (mem) {
-        if (mem_bytes < need)
-            return mha__fail(e, MHA_ERR_WORKSPACE_TOO_SMALL, "mem_bytes", "is %lu; the plan needs %lu "
-                             "(mha_sizes.plan)", (unsigned long)mem_bytes, (unsigned long)need);
-        if ((uintptr_t)mem % MHA__PLAN_ALIGN != 0)
-            return mha__fail(e, MHA_ERR_MISALIGNED, "mem", "is not %d-byte aligned", MHA__PLAN_ALIGN);
-        tmp->owned = 0;
-    } else {
-        mem = MHA_MALLOC(need);
-        if (!mem) return mha__fail(e, MHA_ERR_OUT_OF_MEMORY, "mem", "MHA_MALLOC(%lu) returned NULL",
-                                   (unsigned long)need);
-        tmp->owned = 1;
-    }
-    p = MHA__CAST(mha_plan *, mem);
-    tmp->plan_bytes = need;
-    *p = *tmp;
-    if (extra) mha__pack_write(&p->mod, MHA__CAST(char *, mem) + mha__plan_struct_bytes());
-    *plan = p;
-    return MHA_OK;
-}
-
-/* The end of every planner: the status of its make, then the sizes of the
-   plan (the *_plan_size calls) or the plan placed in memory. */
-static mha_status mha__plan_out(mha_status st, mha_plan *tmp, size_t extra, void *mem,
-                                size_t mem_bytes, mha_plan **plan, mha_sizes *sizes, mha_error *e)
-{
-    if (st != MHA_OK) return st;
-    if (sizes) {
-        if (!mha__add(mha__plan_struct_bytes(), extra, &sizes->plan))
-            return mha__fail(e, MHA_ERR_OVERFLOW, "flags", "the plan's bytes do not fit in size_t");
-        sizes->workspace = tmp->ws_bytes;
-        sizes->saved = tmp->saved_bytes;
-        return MHA_OK;
-    }
-    return mha__plan_place(tmp, extra, mem, mem_bytes, plan, e);
-}
-
-MHADEF mha_status mha_gemm_plan_size(mha_trans ta, mha_trans tb, int M, int N, int K,
-                                     int num_threads, mha_sizes *sizes, mha_error *err)
-{
-    mha_plan p;
-    mha__begin(err);
-    if (!sizes) return mha__sign(err, "mha_gemm_plan_size", mha__need(err, "sizes", sizes));
-    return mha__sign(err, "mha_gemm_plan_size",
-                     mha__plan_out(mha__gemm_plan_make(ta, tb, M, N, K, num_threads, &p, err), &p, 0, NULL, 0,
-                                   NULL, sizes, err));
-}
-MHADEF mha_status mha_gemm_plan(mha_trans ta, mha_trans tb, int M, int N, int K, int num_threads,
-                                void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err)
-{
-    mha_plan p;
-    mha__begin(err);
-    if (!plan) return mha__sign(err, "mha_gemm_plan", mha__need(err, "plan", plan));
-    return mha__sign(err, "mha_gemm_plan",
-                     mha__plan_out(mha__gemm_plan_make(ta, tb, M, N, K, num_threads, &p, err), &p, 0, mem,
-                                   mem_bytes, plan, NULL, err));
-}
-
-MHADEF mha_status mha_sdpa_plan_size(int B, int H, int Lq, int Lk, int D, int Dv,
-                                     const mha_options *opt, unsigned flags, mha_sizes *sizes,
-                                     mha_error *err)
-{
-    mha_plan p;
-    mha__begin(err);
-    if (!sizes) return mha__sign(err, "mha_sdpa_plan_size", mha__need(err, "sizes", sizes));
-    return mha__sign(err, "mha_sdpa_plan_size",
-                     mha__plan_out(mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, flags, &p, err), &p, 0, NULL,
-                                   0, NULL, sizes, err));
-}
-MHADEF mha_status mha_sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
-                                const mha_options *opt, unsigned flags,
-                                void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err)
-{
-    mha_plan p;
-    mha__begin(err);
-    if (!plan) return mha__sign(err, "mha_sdpa_plan", mha__need(err, "plan", plan));
-    return mha__sign(err, "mha_sdpa_plan",
-                     mha__plan_out(mha__sdpa_plan_make(B, H, Lq, Lk, D, Dv, opt, flags, &p, err), &p, 0, mem,
-                                   mem_bytes, plan, NULL, err));
-}
-
-MHADEF mha_status mha_module_plan_size(const mha_module *m, int B, int Lq, int Lk,
-                                       const mha_options *opt, unsigned flags, mha_sizes *sizes,
-                                       mha_error *err)
-{
-    mha_plan p;
-    size_t extra = 0;
-    mha_status st;
-    mha__begin(err);
-    if (!sizes) return mha__sign(err, "mha_module_plan_size", mha__need(err, "sizes", sizes));
-    st = mha__module_plan_make(m, B, Lq, Lk, opt, flags, MHA__PLAN_MODULE, &p, &extra, err);
-    return mha__sign(err, "mha_module_plan_size", mha__plan_out(st, &p, extra, NULL, 0, NULL, sizes, err));
-}
-MHADEF mha_status mha_module_plan(const mha_module *m, int B, int Lq, int Lk,
-                                  const mha_options *opt, unsigned flags,
-                                  void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err)
-{
-    mha_plan p;
-    size_t extra = 0;
-    mha_status st;
-    mha__begin(err);
-    if (!plan) return mha__sign(err, "mha_module_plan", mha__need(err, "plan", plan));
-    st = mha__module_plan_make(m, B, Lq, Lk, opt, flags, MHA__PLAN_MODULE, &p, &extra, err);
-    return mha__sign(err, "mha_module_plan", mha__plan_out(st, &p, extra, mem, mem_bytes, plan, NULL, err));
-}
-
-MHADEF mha_status mha_encoder_plan_size(const mha_encoder_layer *layer, int B, int L,
-                                        const mha_options *opt, unsigned flags, mha_sizes *sizes,
-                                        mha_error *err)
-{
-    mha_plan p;
-    size_t extra = 0;
-    mha_status st;
-    mha__begin(err);
-    if (!sizes) return mha__sign(err, "mha_encoder_plan_size", mha__need(err, "sizes", sizes));
-    st = mha__encoder_plan_make(layer, B, L, opt, flags, &p, &extra, err);
-    return mha__sign(err, "mha_encoder_plan_size", mha__plan_out(st, &p, extra, NULL, 0, NULL, sizes, err));
-}
-MHADEF mha_status mha_encoder_plan(const mha_encoder_layer *layer, int B, int L,
-                                   const mha_options *opt, unsigned flags,
-                                   void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err)
-{
-    mha_plan p;
-    size_t extra = 0;
-    mha_status st;
-    mha__begin(err);
-    if (!plan) return mha__sign(err, "mha_encoder_plan", mha__need(err, "plan", plan));
-    st = mha__encoder_plan_make(layer, B, L, opt, flags, &p, &extra, err);
-    return mha__sign(err, "mha_encoder_plan", mha__plan_out(st, &p, extra, mem, mem_bytes, plan, NULL, err));
-}
-
-/* Is this a plan (and, kind > 0, of that kind)? */
-static mha_status mha__plan_ok(const mha_plan *p, int kind, mha_error *e)
-{
-    if (!p) return mha__fail(e, MHA_ERR_NULL_POINTER, "plan", "is NULL");
-    if (p->magic != MHA__PLAN_MAGIC)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "plan", "is not a plan (destroyed, or never made)");
-    if (kind && p->kind != kind)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "plan", "is %s plan; this call runs %s plan",
-                         mha__kind_name((uint32_t)p->kind), mha__kind_name((uint32_t)kind));
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_plan_sizes(const mha_plan *plan, mha_sizes *sizes, mha_error *err)
-{
-    mha_status st;
-    mha__begin(err);
-    if ((st = mha__need(err, "sizes", sizes)) != MHA_OK || (st = mha__plan_ok(plan, 0, err)) != MHA_OK)
-        return mha__sign(err, "mha_plan_sizes", st);
-    sizes->plan = plan->plan_bytes;
-    sizes->workspace = plan->ws_bytes;
-    sizes->saved = plan->saved_bytes;
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_plan_repack(mha_plan *plan, mha_error *err)
-{
-    mha_status st;
-    mha__begin(err);
-    if ((st = mha__plan_ok(plan, 0, err)) != MHA_OK) return mha__sign(err, "mha_plan_repack", st);
-    if (!(plan->flags & MHA_PLAN_PACK))
-        return mha__sign(err, "mha_plan_repack", mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "plan", "was made "
-                         "without MHA_PLAN_PACK: it reads the weights at every run and has nothing to repack"));
-    mha__pack_write(&plan->mod, MHA__CAST(char *, (void *)plan) + mha__plan_struct_bytes());
-    return MHA_OK;
-}
-
-MHADEF void mha_plan_destroy(mha_plan *plan)
-{
-    if (plan && plan->magic == MHA__PLAN_MAGIC && plan->owned) {
-        plan->magic = 0;
-        MHA_FREE(plan);
-    }
-}
-
-/* ------------------------------------------------------------- runs */
-
-/* The fields of an mha_run a call may use; any other field that is set is
-   refused by name (a request the call cannot honour is never dropped). */
-#define MHA__RF_SAVED   1u
-#define MHA__RF_MASKS   2u
-#define MHA__RF_CACHE   4u
-#define MHA__RF_WEIGHTS 8u    /* weights, rows, n_rows */
-#define MHA__RF_STATS   16u   /* lse, entropy, max_weight, first_weight */
-#define MHA__RF_SINKS   32u   /* sinks_grad */
-static mha_status mha__run_fields(const mha_run *run, unsigned allowed, mha_error *e)
-{
-    const char *bad = NULL;
-    if (!run) return MHA_OK;
-    if (!(allowed & MHA__RF_SAVED) && run->saved) bad = "run->saved";
-    else if (!(allowed & MHA__RF_MASKS) && run->attn_mask) bad = "run->attn_mask";
-    else if (!(allowed & MHA__RF_MASKS) && run->key_padding_mask) bad = "run->key_padding_mask";
-    else if (!(allowed & MHA__RF_CACHE) && run->cache) bad = "run->cache";
-    else if (!(allowed & MHA__RF_WEIGHTS) && run->weights) bad = "run->weights";
-    else if (!(allowed & MHA__RF_WEIGHTS) && (run->rows || run->n_rows)) bad = run->rows ? "run->rows" : "run->n_rows";
-    else if (!(allowed & MHA__RF_STATS) && run->lse) bad = "run->lse";
-    else if (!(allowed & MHA__RF_STATS) && run->entropy) bad = "run->entropy";
-    else if (!(allowed & MHA__RF_STATS) && run->max_weight) bad = "run->max_weight";
-    else if (!(allowed & MHA__RF_STATS) && run->first_weight) bad = "run->first_weight";
-    else if (!(allowed & MHA__RF_SINKS) && run->sinks_grad) bad = "run->sinks_grad";
-    if (bad) return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, bad, "is set, but this call does not read or write it");
-    if (run->n_rows < 0 || (run->rows && run->n_rows == 0))
-        return mha__fail(e, MHA_ERR_INVALID_SIZE, "run->n_rows", "is %d; expected >= 1 with run->rows", run->n_rows);
-    if (run->n_rows > 0 && !run->rows) return mha__fail(e, MHA_ERR_NULL_POINTER, "run->rows", "is NULL with n_rows %d",
-                                                        run->n_rows);
-    if (run->n_rows > 0 && !run->weights)
-        return mha__fail(e, MHA_ERR_NULL_POINTER, "run->weights", "is NULL: rows choose which weights to write");
-    if (run->saved_bytes && !run->saved)
-        return mha__fail(e, MHA_ERR_NULL_POINTER, "run->saved", "is NULL with saved_bytes %lu",
-                         (unsigned long)run->saved_bytes);
-    return MHA_OK;
-}
-
-/* The caller's workspace (at least need bytes), or an allocated one. */
-static mha_status mha__get_ws(const mha_run *run, size_t need, void **owned, float **ws, mha_error *e)
-{
-    void *w = run ? run->workspace : NULL;
-    *owned = NULL;
-    if (w) {
-        if (run->workspace_bytes < need)
-            return mha__fail(e, MHA_ERR_WORKSPACE_TOO_SMALL, "run->workspace_bytes", "is %lu; this run needs %lu",
-                             (unsigned long)run->workspace_bytes, (unsigned long)need);
-    } else {
-        w = *owned = MHA_MALLOC(need);
-        if (!w) return mha__fail(e, MHA_ERR_OUT_OF_MEMORY, "run->workspace", "is NULL and MHA_MALLOC(%lu) "
-                                 "returned NULL", (unsigned long)need);
-    }
-    *ws = mha__align_ws(w);
-    return MHA_OK;
-}
-/* A run's workspace: need_floats at its lengths (at most the plan's). */
-static mha_status mha__run_ws(const mha_plan *p, const mha_run *run, size_t need_floats, void **owned,
-                              float **ws, mha_error *e)
-{
-    MHA_ASSERT(need_floats <= p->ws_bytes / sizeof(float));
-    (void)p;
-    return mha__get_ws(run, need_floats * sizeof(float), owned, ws, e);
-}
-/* The caller's saved region for need_floats at these lengths (aligned inside). */
-static mha_status mha__run_saved(const mha_plan *p, const mha_run *run, size_t need_floats, float **sv,
-                                 mha_error *e)
-{
-    *sv = NULL;
-    if (!run || !run->saved) return MHA_OK;
-    if (!(p->flags & MHA_PLAN_TRAINING))
-        return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, "run->saved", "is set, but the plan was made without "
-                         "MHA_PLAN_TRAINING");
-    if (run->saved_bytes < need_floats * sizeof(float))
-        return mha__fail(e, MHA_ERR_WORKSPACE_TOO_SMALL, "run->saved_bytes", "is %lu; this run saves %lu",
-                         (unsigned long)run->saved_bytes, (unsigned long)(need_floats * sizeof(float)));
-    *sv = mha__align_ws(run->saved);
-    return MHA_OK;
-}
-
-/* The start of every run: the plan is one of this kind; the lengths fit
-   (with a cache, Lk is 0: the cache says how many keys); the options are
-   the plan's with this run's mask data (NULL: the plan's) and mask shapes
-   for its lengths; the run's fields are ones this call can honour. */
-static mha_status mha__run_begin(const mha_plan *p, int kind, int Lq, int Lk, const mha_run *run,
-                                 unsigned allowed, mha_options *o, mha_error *e)
-{
-    mha_mask *am = &o->attn_mask, *kp = &o->key_padding_mask;
-    const char *lq = kind == MHA__PLAN_ENCODER ? "L" : "Lq", *lk = kind == MHA__PLAN_ENCODER ? "L" : "Lk";
-    mha_status st;
-    if ((st = mha__plan_ok(p, kind, e)) != MHA_OK) return st;
-    *o = p->opt;
-    if ((st = mha__run_fields(run, allowed, e)) != MHA_OK) return st;
-    if ((st = mha__pos(e, lq, Lq)) != MHA_OK) return st;
-    if (Lq > p->Lq) return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, lq, "is %d; the plan's longest is %d", Lq, p->Lq);
-    if (run && run->cache) {
-        if (Lk != 0) return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "Lk", "is %d; with run->cache pass 0 (the "
-                                      "cache's len says how many keys)", Lk);
-    } else {
-        if ((st = mha__pos(e, lk, Lk)) != MHA_OK) return st;
-        if (Lk > p->Lk) return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, lk, "is %d; the plan's longest is %d", Lk, p->Lk);
-    }
-    if (run && run->attn_mask && am->kind == MHA_MASK_NONE)
-        return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, "run->attn_mask", "is set, but the plan's options have no "
-                         "attn_mask (plan one with its kind and shape)");
-    if (run && run->key_padding_mask && kp->kind == MHA_MASK_NONE)
-        return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, "run->key_padding_mask", "is set, but the plan's options have "
-                         "no key_padding_mask (plan one with its kind and shape)");
-    if (run && run->attn_mask) am->data = run->attn_mask;
-    if (run && run->key_padding_mask) kp->data = run->key_padding_mask;
-    if (am->kind != MHA_MASK_NONE && !am->data)
-        return mha__fail(e, MHA_ERR_NULL_POINTER, "run->attn_mask", "is NULL, and so is the plan's "
-                         "opt->attn_mask.data");
-    if (kp->kind != MHA_MASK_NONE && !kp->data)
-        return mha__fail(e, MHA_ERR_NULL_POINTER, "run->key_padding_mask", "is NULL, and so is the plan's "
-                         "opt->key_padding_mask.data");
-    /* attn_mask ends in [Lq, Lk], key_padding_mask is [B, Lk] */
-    if (am->kind != MHA_MASK_NONE) { am->shape[am->ndim - 2] = Lq; am->shape[am->ndim - 1] = Lk; }
-    if (kp->kind != MHA_MASK_NONE) kp->shape[1] = Lk;
-    return MHA_OK;
-}
-
-/* The row outputs a run asked for, as a view (NULL when none). */
-static const mha__rowout *mha__run_rowout(const mha_run *run, mha__rowout *ro)
-{
-    if (!run || !(run->lse || run->entropy || run->max_weight || run->first_weight)) return NULL;
-    ro->lse = run->lse; ro->entropy = run->entropy; ro->max_weight = run->max_weight;
-    ro->first_weight = run->first_weight;
-    return ro;
-}
-
-static mha_status mha__gemm_run(const mha_plan *p, float alpha, const float *A, int lda,
-                                const float *B, int ldb, float beta, float *C, int ldc,
-                                const mha_run *run, mha_error *err)
-{
-    size_t tmp;
-    void *owned;
-    float *ws;
-    mha_status st;
-    if ((st = mha__plan_ok(p, MHA__PLAN_GEMM, err)) != MHA_OK || (st = mha__need(err, "A", A)) != MHA_OK ||
-        (st = mha__need(err, "B", B)) != MHA_OK || (st = mha__need(err, "C", C)) != MHA_OK ||
-        (st = mha__run_fields(run, 0, err)) != MHA_OK)
-        return st;
-    if (lda < (p->ta ? p->M : p->K))
-        return mha__fail(err, MHA_ERR_INVALID_SIZE, "lda", "is %d; expected >= %d", lda,
-                                            p->ta ? p->M : p->K);
-    if (ldb < (p->tb ? p->K : p->N))
-        return mha__fail(err, MHA_ERR_INVALID_SIZE, "ldb", "is %d; expected >= %d", ldb,
-                                            p->tb ? p->K : p->N);
-    if (ldc < p->N)
-        return mha__fail(err, MHA_ERR_INVALID_SIZE, "ldc", "is %d; expected >= %d", ldc, p->N);
-    if (!mha__mul((size_t)(p->ta ? p->K : p->M), (size_t)lda, &tmp) || !mha__mul(tmp, sizeof(float), &tmp) ||
-        !mha__mul((size_t)(p->tb ? p->N : p->K), (size_t)ldb, &tmp) || !mha__mul(tmp, sizeof(float), &tmp) ||
-        !mha__mul((size_t)p->M, (size_t)ldc, &tmp) || !mha__mul(tmp, sizeof(float), &tmp))
-        return mha__fail(err, MHA_ERR_OVERFLOW, "lda", "a matrix's bytes with its leading "
-                                            "dimension do not fit in size_t");
-    if ((st = mha__run_ws(p, run, p->ws_bytes / sizeof(float), &owned, &ws, err)) != MHA_OK)
-        return st;
-    mha__gemm_mt(p->ta, p->tb, p->M, p->N, p->K, alpha, A, (size_t)lda, B, (size_t)ldb, beta, C,
-                 (size_t)ldc, ws, p->nthreads);
-    if (owned) MHA_FREE(owned);
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_gemm_run(const mha_plan *p, float alpha, const float *A, int lda,
-                               const float *B, int ldb, float beta, float *C, int ldc,
-                               const mha_run *run, mha_error *err)
-{
-    mha__begin(err);
-    return mha__sign(err, "mha_gemm_run", mha__gemm_run(p, alpha, A, lda, B, ldb, beta, C, ldc, run, err));
-}
-
-/* The attention of SDPA's dense [B, H, L, D] tensors. */
-static void mha__attn_dense(mha__attn *a, const mha_options *o, int B, int H, int Lq, int Lk, int D,
-                            int Dv, const float *q, const float *k, const float *v, float *out)
-{
-    mha__attn_common(a, o, B, H, Lq, Lk, Lk, D, Dv);
-    a->q.p = q; a->q.rs = (size_t)D;  a->q.hs = (size_t)Lq * D;  a->q.bs = (size_t)H * Lq * D;
-    a->k.p = k; a->k.rs = (size_t)D;  a->k.hs = (size_t)Lk * D;  a->k.bs = (size_t)a->Hkv * Lk * D;
-    a->v.p = v; a->v.rs = (size_t)Dv; a->v.hs = (size_t)Lk * Dv; a->v.bs = (size_t)a->Hkv * Lk * Dv;
-    a->o = out; a->o_rs = (size_t)Dv; a->o_hs = (size_t)Lq * Dv; a->o_bs = (size_t)H * Lq * Dv;
-    a->weights = NULL; a->per_head = 1;
-    a->shared_pack = (size_t)B * H < (size_t)a->nthreads;
-}
-
-/* Weights of chosen query rows, recomputed from each row's lse through the
-   forward's own score path (q.k in double, the same soft-cap and
-   mha__mask_cols as the unfused path):
-       w[b, h, r, j] = exp(s_ij - lse[b, h, i]),   i = rows[r]
-   q row (b, h, i) at q + b*qbs + i*qrs + h*qhs, key j of KV head g at
-   k + b*kbs + j*krs + g*khs; out [B, H, n, Lk'] (per head) or [B, n, Lk']
-   (the head average, avg: a row of Lk' per thread).  */
-typedef struct mha__rows_args {
-    const float *q, *k, *lse;
-    size_t qbs, qrs, qhs, kbs, krs, khs;
-    int n, Lk, D;
-    const int *rows;
-    int qrow_of_r;      /* q holds the chosen rows only (row r at r), not all Lq */
-} mha__rows_args;
-static void mha__rows_weights(const mha__attn *a, const mha__rows_args *g, int per_head, float *out,
-                              float *avg)
-{
-    long t, items = (long)a->B * g->n;
-    int H = a->H;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(a->nthreads)
-#endif
-    for (t = 0; t < items; ++t) {
-        int b = (int)(t / g->n), r = (int)(t % g->n), i = g->rows[r], h, j, d;
-        float *acc = per_head ? NULL : out + (size_t)t * g->Lk;
-#ifdef _OPENMP
-        float *tmp = avg ? avg + (size_t)omp_get_thread_num() * g->Lk : NULL;
-#else
-        float *tmp = avg;
-#endif
-        if (acc) for (j = 0; j < g->Lk; ++j) acc[j] = 0.0f;
-        for (h = 0; h < H; ++h) {
-            const float *qi = g->q + (size_t)b * g->qbs + (size_t)(g->qrow_of_r ? r : i) * g->qrs + (size_t)h * g->qhs;
-            const float *kb = g->k + (size_t)b * g->kbs + (size_t)(h / a->group) * g->khs;
-            float li = g->lse[((size_t)b * H + h) * a->Lq + i];
-            float *w = per_head ? out + (((size_t)b * H + h) * g->n + r) * g->Lk : tmp;
-            for (j = 0; j < g->Lk; ++j) {   /* q.k summed in double: the forward's to rounding */
-                double dot = 0.0;
-                for (d = 0; d < g->D; ++d) dot += (double)qi[d] * kb[(size_t)j * g->krs + d];
-                w[j] = (float)(a->scale * dot);
-            }
-            if (a->softcap > 0.0f) mha__softcap(a->softcap, w, (size_t)g->Lk);
-            mha__mask_cols(a, b, h, i, 0, g->Lk, w);
-            for (j = 0; j < g->Lk; ++j)
-                w[j] = li == -INFINITY || w[j] == -INFINITY ? 0.0f : (float)exp((double)w[j] - li);
-            if (acc) for (j = 0; j < g->Lk; ++j) acc[j] += w[j] / (float)H;
-        }
-    }
-}
-
-/* The checks of rows: each in 0..Lq-1. */
-static mha_status mha__rows_ok(const mha_run *run, int Lq, mha_error *e)
-{
-    int r;
-    for (r = 0; run && r < run->n_rows; ++r)
-        if (run->rows[r] < 0 || run->rows[r] >= Lq)
-            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "run->rows", "[%d] is %d; expected 0..Lq-1 = 0..%d", r,
-                             run->rows[r], Lq - 1);
-    return MHA_OK;
-}
-
-/* (the KV cache's attention, section 7) */
-static mha_status mha__sdpa_cache_forward(const mha_plan *p, int Lq, const float *q, float *out,
-                                          const mha_run *run, const mha_options *o, mha_error *e);
-
-static mha_status mha__sdpa_run_forward(const mha_plan *p, int Lq, int Lk,
-                                        const float *q, const float *k, const float *v,
-                                        float *out, const mha_run *run, mha_error *err)
-{
-    mha_options o;
-    mha__attn a;
-    mha__rowout ro;
-    const mha__rowout *rs;
-    size_t per_thread, total, at_lse = 0, at_o = 0, saved = 0, lse_region = 0;
-    void *owned;
-    float *ws, *sv = NULL, *lse = NULL;
-    int rows = run && run->n_rows > 0, weights = run && run->weights && !rows;
-    int shape[9];
-    mha_status st;
-    st = mha__run_begin(p, MHA__PLAN_SDPA, Lq, Lk, run,
-                        MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_CACHE | MHA__RF_WEIGHTS | MHA__RF_STATS, &o, err);
-    if (st == MHA_OK) st = mha__need(err, "q", q);
-    if (st == MHA_OK) st = mha__need(err, "out", out);
-    if (st == MHA_OK && run && run->weights && !(p->flags & MHA_PLAN_WEIGHTS))
-        st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "run->weights", "is set, but the plan was made without "
-                       "MHA_PLAN_WEIGHTS");
-    if (st == MHA_OK && run && run->cache) {
-        if (k || v) st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, k ? "k" : "v", "is set; with run->cache the keys "
-                                   "and values are the cache's (pass NULL)");
-        else if (run->saved || run->weights)
-            st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, run->saved ? "run->saved" : "run->weights", "is set; a run "
-                           "over a KV cache neither saves a forward nor returns weights");
-        else st = mha__sdpa_cache_forward(p, Lq, q, out, run, &o, err);
-        return st;
-    }
-    if (st == MHA_OK) st = mha__need(err, "k", k);
-    if (st == MHA_OK) st = mha__need(err, "v", v);
-    if (st == MHA_OK) st = mha__rows_ok(run, Lq, err);
-    if (st != MHA_OK) return st;
-    (void)mha__sdpa_fwd_floats(p->B, p->H, Lq, Lk, p->D, p->Dv, weights, p->nthreads, &per_thread,
-                               &total);   /* within the plan's */
-    if (rows && !(run->lse) ) lse_region = mha__round_floats((size_t)p->B * p->H * Lq);
-    if (run && run->saved) {
-        (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at_lse, &at_o, &saved);
-        if ((st = mha__run_saved(p, run, saved, &sv, err)) != MHA_OK) return st;
-        lse_region = 0;
-    }
-    if ((st = mha__run_ws(p, run, lse_region + total, &owned, &ws, err)) != MHA_OK) return st;
-    mha__attn_dense(&a, &o, p->B, p->H, Lq, Lk, p->D, p->Dv, q, k, v, out);
-    a.weights = weights ? run->weights : NULL;
-    rs = mha__run_rowout(run, &ro);
-    /* the lse a backward or the rows need: the saved forward's, or a region */
-    lse = sv ? sv + at_lse : lse_region ? ws : NULL;
-    mha__attn_stats(&a, lse, rs);
-    mha__attend_all(&a, ws + lse_region, per_thread);
-    if (sv) {   /* O after the attention (out may be q) */
-        memcpy(sv + at_o, out, (size_t)p->B * p->H * Lq * p->Dv * sizeof(float));
-        shape[0] = MHA__PLAN_SDPA; shape[1] = p->B; shape[2] = p->H; shape[3] = Lq; shape[4] = Lk;
-        shape[5] = p->D; shape[6] = p->Dv; shape[7] = a.Hkv; shape[8] = 0;
-        mha__saved_stamp(sv, shape);
-    }
-    if (rows) {   /* q [B, H, Lq, D], k [B, Hkv, Lk, D]; weights [B, H, n, Lk] */
-        mha__rows_args g;
-        g.q = q; g.k = k; g.lse = a.lse;
-        g.qbs = (size_t)p->H * Lq * p->D; g.qrs = (size_t)p->D; g.qhs = (size_t)Lq * p->D;
-        g.kbs = (size_t)a.Hkv * Lk * p->D; g.krs = (size_t)p->D; g.khs = (size_t)Lk * p->D;
-        g.n = run->n_rows; g.Lk = Lk; g.D = p->D; g.rows = run->rows; g.qrow_of_r = 0;
-        mha__rows_weights(&a, &g, 1, run->weights, NULL);
-    }
-    if (owned) MHA_FREE(owned);
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_sdpa_run_forward(const mha_plan *p, int Lq, int Lk,
-                                       const float *q, const float *k, const float *v,
-                                       float *out, const mha_run *run, mha_error *err)
-{
-    mha__begin(err);
-    return mha__sign(err, "mha_sdpa_run_forward", mha__sdpa_run_forward(p, Lq, Lk, q, k, v, out, run, err));
-}
-
-static mha_status mha__sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
-                                         const float *q, const float *k, const float *v,
-                                         const float *dout, float *dq, float *dk, float *dv,
-                                         const mha_run *run, mha_error *err)
-{
-    mha_options o;
-    mha__attn a;
-    void *owned;
-    float *ws, *sv = NULL;
-    size_t f = 0, at_lse = 0, at_o = 0, saved = 0;
-    int shape[9];
-    mha_status st;
-    st = mha__run_begin(p, MHA__PLAN_SDPA, Lq, Lk, run, MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_SINKS, &o, err);
-    if (st == MHA_OK) st = mha__need(err, "q", q);
-    if (st == MHA_OK) st = mha__need(err, "k", k);
-    if (st == MHA_OK) st = mha__need(err, "v", v);
-    if (st == MHA_OK) st = mha__need(err, "dout", dout);
-    if (st == MHA_OK && !(p->flags & MHA_PLAN_TRAINING))
-        st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "plan", "was made without MHA_PLAN_TRAINING: it has no backward");
-    if (st == MHA_OK && run && run->saved) {
-        (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at_lse, &at_o, &saved);
-        st = mha__run_saved(p, run, saved, &sv, err);
-        shape[0] = MHA__PLAN_SDPA; shape[1] = p->B; shape[2] = p->H; shape[3] = Lq; shape[4] = Lk;
-        shape[5] = p->D; shape[6] = p->Dv; shape[7] = o.num_kv_heads ? o.num_kv_heads : p->H; shape[8] = 0;
-        if (st == MHA_OK) st = mha__saved_check(sv, shape, err);
-    }
-    if (st != MHA_OK) return st;
-    (void)mha__sdpa_bwd_floats(p->B, p->H, o.num_kv_heads ? o.num_kv_heads : p->H, Lq, Lk, p->D,
-                               p->Dv, p->nthreads, &f);   /* within the plan's */
-    if ((st = mha__run_ws(p, run, f, &owned, &ws, err)) != MHA_OK) return st;
-    mha__attn_dense(&a, &o, p->B, p->H, Lq, Lk, p->D, p->Dv, q, k, v, NULL);
-    a.nthreads = p->nthreads;
-    a.sinks_grad = run ? run->sinks_grad : NULL;
-    if (sv) a.o = sv + at_o;
-    mha__attend_backward_fused(&a, dout, sv ? sv + at_lse : NULL, dq, dk, dv, ws);
-    if (owned) MHA_FREE(owned);
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
-                                        const float *q, const float *k, const float *v,
-                                        const float *dout, float *dq, float *dk, float *dv,
-                                        const mha_run *run, mha_error *err)
-{
-    mha__begin(err);
-    return mha__sign(err, "mha_sdpa_run_backward", mha__sdpa_run_backward(p, Lq, Lk, q, k, v, dout, dq, dk, dv, run, err));
-}
+/* -------------------------------------------- forward and backward */
 
 /* One run of a module plan, forward or backward: the one context its
    internal stages share. */
@@ -5055,6 +4906,11 @@ typedef struct mha__run {
                                           backward reads it (use_saved) or recomputes into it */
     int use_saved;
 } mha__run;
+
+/* (defined further on, where its section is) */
+static void mha__rope_apply(const mha_rope *r, int D, int B, int L, int nh, size_t bs, size_t ts,
+                            size_t hs, int pos0, const int *positions, float sign, float *x);
+static int mha__query_pos0(const mha_options *opt, int Lq, int Lk);
 
 static void mha__forward_by_head(const mha__run *c, const mha__fwd_layout *L)
 {
@@ -5175,6 +5031,7 @@ static void mha__fwd_layout_run(const mha__run *c, mha__fwd_layout *L)
     (void)mha__fwd_layout_at(c->r, c->B, c->Lq, c->Lk, c->weights != NULL, c->p->by_head,
                              c->p->nthreads, c->sv != NULL, L);
 }
+
 static void mha__module_forward(const mha__run *c)
 {
     mha__fwd_layout L;
@@ -5331,15 +5188,10 @@ static void mha__module_rows(const mha__run *c, const mha_run *run, const float 
     mha__rows_weights(&a, &g, c->o->per_head_weights != 0, run->weights, ws + L.avg);
 }
 
-/* (the decoding step over a KV cache, section 7) */
+/* (defined further on, where its section is) */
 static mha_status mha__module_cached(const mha_plan *p, int Lq, const float *x, const float *key,
                                      const float *value, float *out, const mha_run *run,
                                      const mha_options *o, mha_error *e);
-
-/* Whether n1 floats at a and n2 floats at b share memory. */
-static int mha__overlap(const float *a, size_t n1, const float *b, size_t n2);
-static mha_status mha__copy_aliased(const float *out, size_t nout, const float **x, const size_t *n,
-                                    void **copy);
 
 static mha_status mha__module_run_forward(const mha_plan *p, int Lq, int Lk,
                                           const float *query, const float *key, const float *value,
@@ -5411,14 +5263,6 @@ static mha_status mha__module_run_forward(const mha_plan *p, int Lq, int Lk,
     return MHA_OK;
 }
 
-MHADEF mha_status mha_module_run_forward(const mha_plan *p, int Lq, int Lk,
-                                         const float *query, const float *key, const float *value,
-                                         float *out, const mha_run *run, mha_error *err)
-{
-    mha__begin(err);
-    return mha__sign(err, "mha_module_run_forward", mha__module_run_forward(p, Lq, Lk, query, key, value, out, run, err));
-}
-
 static mha_status mha__module_run_backward(const mha_plan *p, int Lq, int Lk,
                                            const float *query, const float *key, const float *value,
                                            const float *dout, float *dquery, float *dkey,
@@ -5456,6 +5300,76 @@ static mha_status mha__module_run_backward(const mha_plan *p, int Lq, int Lk,
     return MHA_OK;
 }
 
+/* ---------------------------------------------- public: the module */
+
+MHADEF mha_status mha_module_forward(const mha_module *m, int B, int Lq, int Lk,
+                                     const float *query, const float *key, const float *value,
+                                     const mha_options *opt, float *out,
+                                     const mha_run *run, mha_error *err)
+{
+    mha_plan p;
+    mha__shot s;
+    mha_status st;
+    mha__begin(err);
+    memset(&s, 0, sizeof s);
+    s.kind = MHA__PLAN_MODULE; s.flags = mha__shot_flags(run); s.m = m; s.B = B; s.Lq = Lq;
+    if ((st = mha__shot_lk(run, Lk, &s.Lk, err)) == MHA_OK && (st = mha__oneshot(&s, opt, run, &p, err)) == MHA_OK)
+        st = mha__module_run_forward(&p, Lq, Lk, query, key, value, out, run, err);
+    return mha__sign(err, "mha_module_forward", st);
+}
+
+MHADEF mha_status mha_module_backward(const mha_module *m, int B, int Lq, int Lk,
+                                      const float *query, const float *key, const float *value,
+                                      const float *dout, const mha_options *opt,
+                                      float *dquery, float *dkey, float *dvalue,
+                                      const mha_module_grad *grad, const mha_run *run,
+                                      mha_error *err)
+{
+    mha_plan p;
+    mha__shot s;
+    mha_status st;
+    mha__begin(err);
+    memset(&s, 0, sizeof s);
+    s.kind = MHA__PLAN_MODULE; s.flags = MHA_PLAN_TRAINING; s.m = m; s.B = B; s.Lq = Lq; s.Lk = Lk;
+    if ((st = mha__oneshot(&s, opt, run, &p, err)) == MHA_OK)
+        st = mha__module_run_backward(&p, Lq, Lk, query, key, value, dout, dquery, dkey, dvalue, grad, run, err);
+    return mha__sign(err, "mha_module_backward", st);
+}
+
+MHADEF mha_status mha_module_plan_size(const mha_module *m, int B, int Lq, int Lk,
+                                       const mha_options *opt, unsigned flags, mha_sizes *sizes,
+                                       mha_error *err)
+{
+    mha_plan p;
+    size_t extra = 0;
+    mha_status st;
+    mha__begin(err);
+    if (!sizes) return mha__sign(err, "mha_module_plan_size", mha__need(err, "sizes", sizes));
+    st = mha__module_plan_make(m, B, Lq, Lk, opt, flags, MHA__PLAN_MODULE, &p, &extra, err);
+    return mha__sign(err, "mha_module_plan_size", mha__plan_out(st, &p, extra, NULL, 0, NULL, sizes, err));
+}
+
+MHADEF mha_status mha_module_plan(const mha_module *m, int B, int Lq, int Lk,
+                                  const mha_options *opt, unsigned flags,
+                                  void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err)
+{
+    mha_plan p;
+    size_t extra = 0;
+    mha_status st;
+    mha__begin(err);
+    if (!plan) return mha__sign(err, "mha_module_plan", mha__need(err, "plan", plan));
+    st = mha__module_plan_make(m, B, Lq, Lk, opt, flags, MHA__PLAN_MODULE, &p, &extra, err);
+    return mha__sign(err, "mha_module_plan", mha__plan_out(st, &p, extra, mem, mem_bytes, plan, NULL, err));
+}
+
+MHADEF mha_status mha_module_run_forward(const mha_plan *p, int Lq, int Lk,
+                                         const float *query, const float *key, const float *value,
+                                         float *out, const mha_run *run, mha_error *err)
+{
+    mha__begin(err);
+    return mha__sign(err, "mha_module_run_forward", mha__module_run_forward(p, Lq, Lk, query, key, value, out, run, err));
+}
+
 MHADEF mha_status mha_module_run_backward(const mha_plan *p, int Lq, int Lk,
                                           const float *query, const float *key, const float *value,
                                           const float *dout, float *dquery, float *dkey,
@@ -5466,285 +5380,140 @@ MHADEF mha_status mha_module_run_backward(const mha_plan *p, int Lq, int Lk,
     return mha__sign(err, "mha_module_run_backward", mha__module_run_backward(p, Lq, Lk, query, key, value, dout, dquery, dkey, dvalue, grad, run, err));
 }
 
-/* ------------------------------------------------------ encoder layer */
+/* ====================================================================== 7
+   DECODING
+   Rotary position embedding, the caller's KV cache (append, rolling
+   buffers, attention over it as SDPA and as the module's decoding step),
+   and merging attention computed over disjoint key sets.
+   ====================================================================== */
 
-/* The feed-forward block on rows rows: f = act(in W1^T + b1) W2^T + b2
-   (z = in W1^T + b1, g = act(z); g may be z). */
-static void mha__enc_ff(const mha_encoder_layer *ly, int rows, int E, const float *in, float *z,
-                        float *g, float *f, float *gws, int nt)
+/* ------------------------------------------------------------ RoPE */
+
+/* RoPE settings: kind in the enum, rotary_dim even and <= D, theta >= 0 finite.
+   pre: how the caller names the struct ("rope->", "m->rope."). */
+static mha_status mha__check_rope(const mha_rope *r, int D, int module, mha_error *e)
 {
-    int F = ly->dim_feedforward;
-    mha__linear(rows, E, F, in, ly->linear1_weight, ly->linear1_bias, z, gws, nt);
-    mha__activation_forward(ly->activation, (size_t)rows * F, z, g);
-    mha__linear(rows, F, E, g, ly->linear2_weight, ly->linear2_bias, f, gws, nt);
+    if (r->kind != MHA_ROPE_NONE && r->kind != MHA_ROPE_HALF && r->kind != MHA_ROPE_INTERLEAVED)
+        return mha__fail(e, MHA_ERR_BAD_ENUM, module ? "m->rope.kind" : "rope->kind",
+                         "is %d, not an mha_rope_kind (0..2)", (int)r->kind);
+    if (r->rotary_dim < 0 || r->rotary_dim % 2 != 0 || r->rotary_dim > D)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, module ? "m->rope.rotary_dim" : "rope->rotary_dim",
+                         "is %d; expected 0 or an even number <= the head dimension %d", r->rotary_dim, D);
+    if (r->kind != MHA_ROPE_NONE && r->rotary_dim == 0 && D % 2 != 0)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, module ? "m->rope.rotary_dim" : "rope->rotary_dim",
+                         "is 0 (all of D) but the head dimension %d is odd", D);
+    if (!(r->theta >= 0.0f) || r->theta == INFINITY)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, module ? "m->rope.theta" : "rope->theta",
+                         "is %g; expected 0 (10000) or a positive finite base", (double)r->theta);
+    return MHA_OK;
 }
-/* The second residual: y = LN2(h + f) (post-norm; t holds h + f, t may be
-   f) or y = h + f (pre-norm; f may be y). */
-static void mha__enc_residual2(const mha_encoder_layer *ly, int rows, int E, float eps,
-                               const float *h, const float *f, float *t, float *y)
-{
-    size_t n = (size_t)rows * E, i;
-    if (!ly->norm_first) {
-        for (i = 0; i < n; ++i) t[i] = h[i] + f[i];
-        mha__layernorm_forward(rows, E, t, ly->norm2_weight, ly->norm2_bias, eps, y);
-    } else {
-        for (i = 0; i < n; ++i) y[i] = h[i] + f[i];
-    }
-}
 
-/* Inference: the feed-forward block runs on a few rows at a time, so no
-   [N, F] buffer exists and the workspace grows with L E, as the attention's.
-     post-norm:  a = SA(x);  h = LN1(x + a) (in a);  per rows:
-                 f = act(h W1^T + b1) W2^T + b2;  y = LN2(h + f)
-     pre-norm:   y = LN1(x) (y holds it until the rows are reached);
-                 a = SA(y);  h = x + a (in a);  per rows:
-                 t = LN2(h);  f = act(t W1^T + b1) W2^T + b2;  y = h + f      */
-static void mha__enc_infer(const mha_plan *p, const mha__run *c0, const float *x, float *y,
-                           const mha__enc_layout *P)
+/* Rotate tokens in place: token t of batch b, head h at
+   x + b*bs + t*ts + h*hs (D features), position positions[b*L + t] or
+   pos0 + t; sign -1 turns backwards (the backward pass).  The angles of a
+   token are made once, 64 pairs at a time, for all its heads.  */
+static void mha__rope_apply(const mha_rope *r, int D, int B, int L, int nh, size_t bs, size_t ts,
+                            size_t hs, int pos0, const int *positions, float sign, float *x)
 {
-    const mha_encoder_layer *ly = &p->enc;
-    mha__run c = *c0;
-    int E = p->mod.E, N = c.B * c.Lq, nt = p->nthreads, r0;
-    size_t ne = (size_t)N * E, i;
-    float eps = ly->layer_norm_eps > 0.0f ? ly->layer_norm_eps : 1e-5f;
-    float *a = c0->ws + P->a, *zc = c0->ws + P->zc, *tc = c0->ws + P->tc, *fc = c0->ws + P->fc;
-    float *gws = c0->ws + P->gws;
-
-    /* 1. self-attention block, h into a */
-    c.ws = c0->ws + P->sub;
-    c.out = a;
-    if (!ly->norm_first) {
-        c.query = c.key = c.value = x;
-        mha__module_forward(&c);
-        for (i = 0; i < ne; ++i) a[i] += x[i];
-        mha__layernorm_forward(N, E, a, ly->norm1_weight, ly->norm1_bias, eps, a);
-    } else {
-        mha__layernorm_forward(N, E, x, ly->norm1_weight, ly->norm1_bias, eps, y);
-        c.query = c.key = c.value = y;
-        mha__module_forward(&c);
-        for (i = 0; i < ne; ++i) a[i] += x[i];
-    }
-    /* 2. feed-forward and the second residual, rows r0.. at a time */
-    for (r0 = 0; r0 < N; r0 += (int)P->rows) {
-        int rows = N - r0 < (int)P->rows ? N - r0 : (int)P->rows;
-        const float *h = a + (size_t)r0 * E, *ffin = h;
-        if (ly->norm_first) {
-            mha__layernorm_forward(rows, E, h, ly->norm2_weight, ly->norm2_bias, eps, tc);
-            ffin = tc;
+    int R = r->rotary_dim ? r->rotary_dim : D, half = R / 2, b, t, h, m0, m;
+    double lnb = log(r->theta > 0.0f ? (double)r->theta : 10000.0);
+    float cs[64], sn[64];
+    if (r->kind == MHA_ROPE_NONE) return;
+    for (b = 0; b < B; ++b)
+        for (t = 0; t < L; ++t) {
+            double pos = positions ? positions[(size_t)b * L + t] : (double)pos0 + t;
+            for (m0 = 0; m0 < half; m0 += 64) {
+                int nm = half - m0 < 64 ? half - m0 : 64;
+                for (m = 0; m < nm; ++m) {   /* angle = pos * theta^(-2m/R) */
+                    double ang = pos * exp(-2.0 * (m0 + m) / R * lnb);
+                    cs[m] = (float)cos(ang);
+                    sn[m] = sign * (float)sin(ang);
+                }
+                for (h = 0; h < nh; ++h) {
+                    float *xh = x + (size_t)b * bs + (size_t)t * ts + (size_t)h * hs;
+                    /* pair m: (x[m], x[m + R/2]) half-split, (x[2m], x[2m+1]) interleaved */
+                    float *pa = r->kind == MHA_ROPE_HALF ? xh + m0 : xh + 2 * m0;
+                    float *pb = r->kind == MHA_ROPE_HALF ? xh + m0 + half : xh + 2 * m0 + 1;
+                    int step = r->kind == MHA_ROPE_HALF ? 1 : 2;
+                    for (m = 0; m < nm; ++m) {
+                        float a = pa[m * step], bb = pb[m * step];
+                        pa[m * step] = a * cs[m] - bb * sn[m];
+                        pb[m * step] = bb * cs[m] + a * sn[m];
+                    }
+                }
+            }
         }
-        mha__enc_ff(ly, rows, E, ffin, zc, zc, fc, gws, nt);
-        mha__enc_residual2(ly, rows, E, eps, h, fc, fc, y + (size_t)r0 * E);
-    }
 }
 
-/* Training: the forward pass, leaving every intermediate in the saved
-   layout at sv (the caller's saved forward, or the backward's workspace)
-   and the self-attention's saved forward inside it.
-     post-norm:  a = SA(x);  t1 = x + a;  h = LN1(t1);  z = h W1^T + b1;  g = act(z);
-                 f = g W2^T + b2;  t2 = h + f;  y = LN2(t2)
-     pre-norm:   t1 = LN1(x);  a = SA(t1);  h = x + a;  t2 = LN2(h);  z = t2 W1^T + b1;
-                 g = act(z);  f = g W2^T + b2;  y = h + f                          */
-static void mha__enc_forward(const mha_plan *p, const mha__run *c0, const float *x, float *y,
-                             const mha__enc_layout *P, float *ws, float *sv)
+/* The module's RoPE position of query 0: offset + i' at i = 0 (the alignment). */
+static int mha__query_pos0(const mha_options *opt, int Lq, int Lk)
 {
-    const mha_encoder_layer *ly = &p->enc;
-    mha__run c = *c0;
-    int E = p->mod.E, N = c.B * c.Lq, nt = p->nthreads;
-    size_t ne = (size_t)N * E, i;
-    float eps = ly->layer_norm_eps > 0.0f ? ly->layer_norm_eps : 1e-5f;
-    float *a = sv + P->a, *t1 = sv + P->t1, *h = sv + P->h, *z = sv + P->z;
-    float *g = sv + P->g, *t2 = sv + P->t2, *gws = ws + P->gws;
-    const float *ffin;
-
-    /* 1. self-attention block (the weights and statistics when the run asks: c0's) */
-    c.ws = ws + P->sub;
-    c.sv = sv + P->mod;
-    c.out = a;
-    if (!ly->norm_first) {
-        c.query = c.key = c.value = x;
-        mha__module_forward(&c);
-        for (i = 0; i < ne; ++i) t1[i] = x[i] + a[i];
-        mha__layernorm_forward(N, E, t1, ly->norm1_weight, ly->norm1_bias, eps, h);
-        ffin = h;
-    } else {
-        mha__layernorm_forward(N, E, x, ly->norm1_weight, ly->norm1_bias, eps, t1);
-        c.query = c.key = c.value = t1;
-        mha__module_forward(&c);
-        for (i = 0; i < ne; ++i) h[i] = x[i] + a[i];
-        mha__layernorm_forward(N, E, h, ly->norm2_weight, ly->norm2_bias, eps, t2);
-        ffin = t2;
-    }
-
-    /* 2. feed-forward block, f into y; 3. second residual (and norm) */
-    mha__enc_ff(ly, N, E, ffin, z, g, y, gws, nt);
-    mha__enc_residual2(ly, N, E, eps, h, y, t2, y);
+    int off = opt->causal_align == MHA_CAUSAL_BOTTOM_RIGHT ? Lk - Lq : 0;
+    return opt->position_offset + (off > 0 ? off : 0);
 }
 
-static mha_status mha__encoder_run_forward(const mha_plan *p, int L, const float *x, float *y,
-                                           const mha_run *run, mha_error *err)
+static mha_status mha__rope_public(const mha_rope *rope, int B, int H, int L, int D, int pos0,
+                                   const int *positions, float *x, float sign, mha_error *e)
 {
-    mha_options o;
-    mha__enc_layout P;
-    mha__rowout ro;
-    mha__run c;
-    void *owned;
-    float *sv = NULL;
     mha_status st;
-    st = mha__module_run_begin(p, MHA__PLAN_ENCODER, L, L, x, x, x, run,
-                               MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_WEIGHTS | MHA__RF_STATS, &o, &c, err);
-    if (st == MHA_OK) st = mha__need(err, "y", y);
-    if (st == MHA_OK && run && run->weights && !(p->flags & MHA_PLAN_WEIGHTS))
-        st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "run->weights", "is set, but the plan was made without "
-                       "MHA_PLAN_WEIGHTS");
-    if (st == MHA_OK && run && run->n_rows)
-        st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "run->rows", "is set; an encoder run returns the whole "
-                       "weights (rows: run its self-attention as a module)");
-    if (st == MHA_OK && mha__overlap(x, (size_t)p->B * L * p->mod.E, y, (size_t)p->B * L * p->mod.E))
-        st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "y", "overlaps x; an encoder layer needs x after it "
-                       "writes y");
-    if (st == MHA_OK && run && run->saved) {
-        (void)mha__enc_layout_at(p, L, 1, 1, &P);
-        st = mha__run_saved(p, run, P.saved_floats, &sv, err);
-    }
-    if (st != MHA_OK) return st;
-    (void)mha__enc_layout_at(p, L, sv ? 1 : 0, 1, &P);   /* within the plan's */
-    if ((st = mha__run_ws(p, run, P.total_floats, &owned, &c.ws, err)) != MHA_OK) return st;
-    c.weights = run ? run->weights : NULL;
-    c.rs = mha__run_rowout(run, &ro);
-    if (sv) {   /* training: keep every activation for the backward */
-        int shape[9];
-        mha__enc_forward(p, &c, x, y, &P, c.ws, sv);
-        mha__mod_saved_shape(&p->mod, MHA__PLAN_ENCODER, p->B, L, L, p->enc.dim_feedforward, shape);
-        mha__saved_stamp(sv, shape);
-    } else {
-        mha__enc_infer(p, &c, x, y, &P);
-    }
-    if (owned) MHA_FREE(owned);
+    size_t n, i;
+    if (!rope || !x) return mha__fail(e, MHA_ERR_NULL_POINTER, !rope ? "rope" : sign > 0 ? "x" : "dx", "is NULL");
+    if (B <= 0 || H <= 0 || L <= 0 || D <= 0)
+        return mha__fail(e, MHA_ERR_INVALID_SIZE, B <= 0 ? "B" : H <= 0 ? "H" : L <= 0 ? "L" : "D",
+                         "is %d; expected >= 1", B <= 0 ? B : H <= 0 ? H : L <= 0 ? L : D);
+    if (!mha__mul3((size_t)B * (size_t)H, (size_t)L, (size_t)D, &n) || !mha__mul(n, sizeof(float), &n))
+        return mha__fail(e, MHA_ERR_OVERFLOW, "B", "B*H*L*D floats do not fit in size_t");
+    if ((st = mha__check_rope(rope, D, 0, e)) != MHA_OK) return st;
+    if (pos0 < 0) return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "pos0", "is %d; expected >= 0", pos0);
+    if (!positions && pos0 > INT_MAX - L)
+        return mha__fail(e, MHA_ERR_OVERFLOW, "pos0", "is %d; with L %d the last position passes INT_MAX", pos0, L);
+    for (i = 0; positions && i < (size_t)B * L; ++i)
+        if (positions[i] < 0)
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "positions", "[%lu] is %d; expected >= 0",
+                             (unsigned long)i, positions[i]);
+    mha__rope_apply(rope, D, B, L, H, (size_t)H * L * D, (size_t)D, (size_t)L * D, pos0, positions, sign, x);
     return MHA_OK;
 }
 
-MHADEF mha_status mha_encoder_run_forward(const mha_plan *p, int L, const float *x, float *y,
-                                          const mha_run *run, mha_error *err)
+/* ----------------------------------------- merging split attention */
+
+/* The merge of one row (mha_attn_merge): a NaN lse anywhere makes the row
+   NaN (a NaN query must not vanish as "no key"); all -inf is "no key". */
+static void mha__merge_row(int nparts, size_t r, int Dv, const float *const *outs,
+                           const float *const *lses, float *o, float *lse)
 {
-    mha__begin(err);
-    return mha__sign(err, "mha_encoder_run_forward", mha__encoder_run_forward(p, L, x, y, run, err));
+    /* m = max_p lse_p;  lse = m + log sum_p exp(lse_p - m);  w_p = exp(lse_p - lse) */
+    double m = -INFINITY, sum = 0.0, total;
+    int p, d, nan = 0;
+    for (p = 0; p < nparts; ++p) {
+        float l = lses[p][r];
+        if (l != l) nan = 1;
+        else if (l > m) m = l;
+    }
+    if (nan) {
+        for (d = 0; d < Dv; ++d) o[d] = NAN;
+        if (lse) lse[r] = NAN;
+        return;
+    }
+    if (m == -INFINITY) {
+        for (d = 0; d < Dv; ++d) o[d] = 0.0f;
+        if (lse) lse[r] = -INFINITY;
+        return;
+    }
+    for (p = 0; p < nparts; ++p) sum += exp((double)lses[p][r] - m);
+    total = m + log(sum);
+    /* part 0 first, so out may be outs[0]; a part with weight 0 is skipped
+       (its out is zeros or, with no key at all, never read) */
+    for (p = 0; p < nparts; ++p) {
+        const float *op = outs[p] + r * Dv;
+        float w = (float)exp((double)lses[p][r] - total);
+        if (p == 0) for (d = 0; d < Dv; ++d) o[d] = w != 0.0f ? w * op[d] : 0.0f;
+        else if (w != 0.0f) for (d = 0; d < Dv; ++d) o[d] += w * op[d];
+    }
+    if (lse) lse[r] = (float)total;
 }
 
-/* Backward: recompute the forward (into the workspace), then walk it in reverse.
-     post-norm:  dt2 = LN2'(dy);  dh = dt2;  df = dt2;  dg = df W2;  dz = dg act'(z);
-                 dh += dz W1;  dt1 = LN1'(dh);  dx += dt1;  dx += SA'(dt1)
-     pre-norm:   dh = dy;  df = dy;  dg = df W2;  dz = dg act'(z);  dt2 = dz W1;
-                 dh += LN2'(dt2);  dx += dh;  dt1 = SA'(dh);  dx += LN1'(dt1)
-   (LN' and SA' are the layer norm's and the self-attention's backward; the
-   weight gradients are added on the way.)  */
-static mha_status mha__encoder_run_backward(const mha_plan *p, int L, const float *x,
-                                            const float *dy, float *dx,
-                                            const mha_encoder_layer_grad *grad,
-                                            const mha_run *run, mha_error *err)
-{
-    const mha_encoder_layer *ly;
-    mha_options o;
-    mha_encoder_layer_grad nog;
-    mha__enc_layout P;
-    mha__run c;
-    void *owned;
-    float *ws, *sv = NULL, *t1, *h, *z, *g, *t2, *d1, *d2, *dg, *gws, eps;
-    size_t ne, nf, i;
-    int E, F, N, nt;
-    mha_status st;
-    st = mha__module_run_begin(p, MHA__PLAN_ENCODER, L, L, x, x, x, run,
-                               MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_SINKS, &o, &c, err);
-    if (st == MHA_OK) st = mha__need(err, "dy", dy);
-    if (st == MHA_OK && !(p->flags & MHA_PLAN_TRAINING))
-        st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "plan", "was made without MHA_PLAN_TRAINING: it has no backward");
-    if (st == MHA_OK && run && run->saved) {
-        int shape[9];
-        (void)mha__enc_layout_at(p, L, 2, 1, &P);
-        mha__mod_saved_shape(&p->mod, MHA__PLAN_ENCODER, p->B, L, L, p->enc.dim_feedforward, shape);
-        if ((st = mha__run_saved(p, run, P.saved_floats, &sv, err)) == MHA_OK) st = mha__saved_check(sv, shape, err);
-    }
-    if (st != MHA_OK) return st;
-    if (!grad) { memset(&nog, 0, sizeof nog); grad = &nog; }
-    (void)mha__enc_layout_at(p, L, 2, sv != NULL, &P);   /* within the plan's */
-    if ((st = mha__run_ws(p, run, P.total_floats, &owned, &ws, err)) != MHA_OK) return st;
-    ly = &p->enc;
-    E = p->mod.E; F = ly->dim_feedforward; N = p->B * L; nt = p->nthreads;
-    ne = (size_t)N * E; nf = (size_t)N * F;
-    eps = ly->layer_norm_eps > 0.0f ? ly->layer_norm_eps : 1e-5f;
-    d1 = ws + P.d1; d2 = ws + P.d2; dg = ws + P.dg; gws = ws + P.gws;
-
-    /* 1. the forward's activations: the caller's saved forward, or
-          recomputed into the workspace (y itself is not needed: d1 holds
-          it for now) */
-    if (!sv) {
-        sv = ws + P.sv;
-        c.ws = ws;
-        mha__enc_forward(p, &c, x, d1, &P, ws, sv);
-    }
-    t1 = sv + P.t1; h = sv + P.h; z = sv + P.z; g = sv + P.g; t2 = sv + P.t2;
-    c.sv = sv + P.mod;        /* the self-attention's saved forward, inside */
-    c.use_saved = 1;
-    c.sinks_grad = run ? run->sinks_grad : NULL;
-    memset(d2, 0, ne * sizeof(float));
-    memset(dg, 0, nf * sizeof(float));
-    c.ws = ws + P.sub;
-    c.grad = &grad->self_attn;
-
-    if (!ly->norm_first) {
-        /* 2. dt2 = LN2'(dy) -> d1; it flows into both h and f */
-        memset(d1, 0, ne * sizeof(float));
-        mha__layernorm_backward(N, E, t2, ly->norm2_weight, eps, dy, d1,
-                                ly->norm2_weight ? grad->norm2_weight : NULL,
-                                ly->norm2_bias ? grad->norm2_bias : NULL);
-        /* 3. feed-forward: dg = df W2, dz = dg act'(z), dh += dz W1 (d1 is dh now) */
-        mha__linear_backward(N, F, E, g, ly->linear2_weight, d1, dg, grad->linear2_weight,
-                             ly->linear2_bias ? grad->linear2_bias : NULL, gws, nt);
-        mha__activation_backward(ly->activation, nf, z, dg);
-        mha__linear_backward(N, E, F, h, ly->linear1_weight, dg, d1, grad->linear1_weight,
-                             ly->linear1_bias ? grad->linear1_bias : NULL, gws, nt);
-        /* 4. dt1 = LN1'(dh) -> d2; the residual passes it to x, the attention too */
-        mha__layernorm_backward(N, E, t1, ly->norm1_weight, eps, d1, d2,
-                                ly->norm1_weight ? grad->norm1_weight : NULL,
-                                ly->norm1_bias ? grad->norm1_bias : NULL);
-        if (dx) for (i = 0; i < ne; ++i) dx[i] += d2[i];
-        c.dout = d2; c.dquery = c.dkey = c.dvalue = dx;
-        mha__module_backward(&c);
-    } else {
-        /* 2. feed-forward on t2 = LN2(h): dg = dy W2, dz, dt2 = dz W1 -> d2 */
-        mha__linear_backward(N, F, E, g, ly->linear2_weight, dy, dg, grad->linear2_weight,
-                             ly->linear2_bias ? grad->linear2_bias : NULL, gws, nt);
-        mha__activation_backward(ly->activation, nf, z, dg);
-        mha__linear_backward(N, E, F, t2, ly->linear1_weight, dg, d2, grad->linear1_weight,
-                             ly->linear1_bias ? grad->linear1_bias : NULL, gws, nt);
-        /* 3. dh = dy + LN2'(dt2) -> d1 */
-        memcpy(d1, dy, ne * sizeof(float));
-        mha__layernorm_backward(N, E, h, ly->norm2_weight, eps, d2, d1,
-                                ly->norm2_weight ? grad->norm2_weight : NULL,
-                                ly->norm2_bias ? grad->norm2_bias : NULL);
-        /* 4. the residual passes dh to x; the attention's input t1 = LN1(x) gets dt1 -> d2 */
-        if (dx) for (i = 0; i < ne; ++i) dx[i] += d1[i];
-        memset(d2, 0, ne * sizeof(float));
-        c.query = c.key = c.value = t1;
-        c.dout = d1; c.dquery = c.dkey = c.dvalue = d2;
-        mha__module_backward(&c);
-        mha__layernorm_backward(N, E, x, ly->norm1_weight, eps, d2, dx,
-                                ly->norm1_weight ? grad->norm1_weight : NULL,
-                                ly->norm1_bias ? grad->norm1_bias : NULL);
-    }
-    if (owned) MHA_FREE(owned);
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_encoder_run_backward(const mha_plan *p, int L, const float *x,
-                                           const float *dy, float *dx,
-                                           const mha_encoder_layer_grad *grad,
-                                           const mha_run *run, mha_error *err)
-{
-    mha__begin(err);
-    return mha__sign(err, "mha_encoder_run_backward", mha__encoder_run_backward(p, L, x, dy, dx, grad, run, err));
-}
-
-/* --------------------------------------------------------- KV cache */
+/* ---------------------------------------------------- the KV cache */
 
 static mha_status mha__check_cache(const mha_kv_cache *c, mha_error *e)
 {
@@ -5811,20 +5580,6 @@ static void mha__cache_write(mha_kv_cache *c, int n, const float *k, const float
             }
         c->len[b] += n;
     }
-}
-
-MHADEF mha_status mha_kv_cache_append(mha_kv_cache *cache, int n, const float *k_new, const float *v_new,
-                                      mha_error *err)
-{
-    mha_status st;
-    mha__begin(err);
-    if ((st = mha__check_cache(cache, err)) != MHA_OK || (st = mha__need(err, "k_new", k_new)) != MHA_OK ||
-        (st = mha__need(err, "v_new", v_new)) != MHA_OK || (st = mha__pos(err, "n", n)) != MHA_OK ||
-        (st = mha__cache_room(cache, n, err)) != MHA_OK)
-        return mha__sign(err, "mha_kv_cache_append", st);
-    mha__cache_write(cache, n, k_new, v_new, (size_t)cache->Hkv * n * cache->D, (size_t)n * cache->D,
-                     (size_t)cache->D);
-    return MHA_OK;
 }
 
 /* A ring row is attended in up to three runs of slots with consecutive
@@ -6015,6 +5770,9 @@ static mha_status mha__sdpa_cache_forward(const mha_plan *p, int Lq, const float
     float *ws;
     int D = p->D;
     mha_status st;
+    if (!(p->flags & MHA_PLAN_CACHE))
+        return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, "run->cache", "is set, but the plan was made without "
+                         "MHA_PLAN_CACHE");
     if ((st = mha__cache_fits(p, c, o->num_kv_heads ? o->num_kv_heads : p->H, Lq, o, e)) != MHA_OK ||
         (st = mha__cache_holds(c, Lq, e)) != MHA_OK)
         return st;
@@ -6050,6 +5808,7 @@ static int mha__cached_lay(const mha__mod *r, int B, int Lq, int capacity, int r
            mha__region(&cur, attn > g ? attn : g, &L->scratch) &&
            mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
 }
+
 static int mha__cached_floats(const mha__mod *r, int B, int Lq, int capacity, int ring, int nt, size_t *total)
 {
     mha__cached_layout L;
@@ -6077,9 +5836,9 @@ static mha_status mha__module_cached(const mha_plan *p, int Lq, const float *x, 
     float *ws, *qp, *kn, *vn, *scratch;
     int E = r->E, Ekv = r->Ekv, B = p->B, nt = p->nthreads, b;
     mha_status st;
-    if (!p->cache_ok)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "run->cache", "is set, but the module is not plain "
-                         "self-attention (kdim and vdim must be embed_dim, no bias_k or add_zero_attn)");
+    if (!(p->flags & MHA_PLAN_CACHE))
+        return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, "run->cache", "is set, but the plan was made without "
+                         "MHA_PLAN_CACHE");
     if ((key && key != x) || (value && value != x))
         return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, key && key != x ? "key" : "value", "is not query or NULL; "
                          "with run->cache the new tokens' keys and values come from query");
@@ -6123,7 +5882,559 @@ static mha_status mha__module_cached(const mha_plan *p, int Lq, const float *x, 
     return MHA_OK;
 }
 
-/* ------------------------------------------------- one-shot calls */
+/* ------------------------------------------------ public: decoding */
+
+MHADEF mha_status mha_kv_cache_append(mha_kv_cache *cache, int n, const float *k_new, const float *v_new,
+                                      mha_error *err)
+{
+    mha_status st;
+    mha__begin(err);
+    if ((st = mha__check_cache(cache, err)) != MHA_OK || (st = mha__need(err, "k_new", k_new)) != MHA_OK ||
+        (st = mha__need(err, "v_new", v_new)) != MHA_OK || (st = mha__pos(err, "n", n)) != MHA_OK ||
+        (st = mha__cache_room(cache, n, err)) != MHA_OK)
+        return mha__sign(err, "mha_kv_cache_append", st);
+    mha__cache_write(cache, n, k_new, v_new, (size_t)cache->Hkv * n * cache->D, (size_t)n * cache->D,
+                     (size_t)cache->D);
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_rope_forward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
+                                   const int *positions, float *x, mha_error *err)
+{
+    mha__begin(err);
+    return mha__sign(err, "mha_rope_forward", mha__rope_public(rope, B, H, L, D, pos0, positions, x, 1.0f, err));
+}
+
+MHADEF mha_status mha_rope_backward(const mha_rope *rope, int B, int H, int L, int D, int pos0,
+                                    const int *positions, float *dx, mha_error *err)
+{
+    mha__begin(err);
+    return mha__sign(err, "mha_rope_backward", mha__rope_public(rope, B, H, L, D, pos0, positions, dx, -1.0f, err));
+}
+
+MHADEF mha_status mha_attn_merge(int nparts, size_t rows, int Dv, const float *const *outs,
+                                 const float *const *lses, float *out, float *lse, mha_error *err)
+{
+    static const char fn[] = "mha_attn_merge";
+    size_t r;
+    int p;
+    mha__begin(err);
+    if (!outs || !lses || !out)
+        return mha__sign(err, fn, mha__fail(err, MHA_ERR_NULL_POINTER, !outs ? "outs" : !lses ? "lses" : "out",
+                                            "is NULL"));
+    if (nparts <= 0) return mha__sign(err, fn, mha__fail(err, MHA_ERR_INVALID_SIZE, "nparts", "is %d; expected >= 1", nparts));
+    if (Dv <= 0) return mha__sign(err, fn, mha__fail(err, MHA_ERR_INVALID_SIZE, "Dv", "is %d; expected >= 1", Dv));
+    for (p = 0; p < nparts; ++p)
+        if (!outs[p] || !lses[p])
+            return mha__sign(err, fn, mha__fail(err, MHA_ERR_NULL_POINTER, !outs[p] ? "outs[p]" : "lses[p]",
+                                                "part %d is NULL", p));
+    for (r = 0; r < rows; ++r) mha__merge_row(nparts, r, Dv, outs, lses, out + r * Dv, lse);
+    return MHA_OK;
+}
+
+/* ====================================================================== 8
+   THE ENCODER LAYER
+   nn.TransformerEncoderLayer: activations and layer norm, the layer's
+   layouts (inference, a forward that saves, the backward), its plan, and
+   the forward and backward walks.
+   ====================================================================== */
+
+/* -------------------------------------- activations and layer norm */
+
+/* g = act(z):  ReLU max(0, z);   GELU z * Phi(z) = 0.5 z (1 + erf(z / sqrt 2)) */
+static void mha__activation_forward(mha_activation act, size_t n, const float *z, float *g)
+{
+    size_t i;
+    if (act == MHA_ACT_RELU)
+        for (i = 0; i < n; ++i) g[i] = z[i] > 0.0f ? z[i] : 0.0f;
+    else
+        for (i = 0; i < n; ++i) g[i] = 0.5f * z[i] * (1.0f + erff(z[i] * 0.70710678118654752f));
+}
+
+/* dz = dg * act'(z), in place over dg:
+     ReLU' = [z > 0];   GELU' = Phi(z) + z phi(z),  phi(z) = exp(-z^2/2) / sqrt(2 pi) */
+static void mha__activation_backward(mha_activation act, size_t n, const float *z, float *dg)
+{
+    size_t i;
+    if (act == MHA_ACT_RELU) {
+        for (i = 0; i < n; ++i) if (!(z[i] > 0.0f)) dg[i] = 0.0f;
+    } else {
+        for (i = 0; i < n; ++i) {
+            float cdf = 0.5f * (1.0f + erff(z[i] * 0.70710678118654752f));
+            float pdf = 0.39894228040143268f * expf(-0.5f * z[i] * z[i]);
+            dg[i] *= cdf + z[i] * pdf;
+        }
+    }
+}
+
+/* Mean and 1/sqrt(var + eps) of one row (biased variance, as nn.LayerNorm),
+   summed in double so long rows keep their precision. */
+static void mha__row_stats(const float *x, int E, float eps, float *mean, float *rstd)
+{
+    double s = 0, ss = 0, m;
+    int j;
+    for (j = 0; j < E; ++j) s += x[j];
+    m = s / E;
+    for (j = 0; j < E; ++j) ss += ((double)x[j] - m) * ((double)x[j] - m);
+    *mean = (float)m;
+    *rstd = (float)(1.0 / sqrt(ss / E + (double)eps));
+}
+
+/* y = xhat * w + b,   xhat = (x - mean) * rstd      (w, b NULL = 1, 0) */
+static void mha__layernorm_forward(int rows, int E, const float *x, const float *w,
+                                   const float *b, float eps, float *y)
+{
+    int r, j;
+    for (r = 0; r < rows; ++r) {
+        const float *xr = x + (size_t)r * E;
+        float *yr = y + (size_t)r * E, mean, rstd;
+        mha__row_stats(xr, E, eps, &mean, &rstd);
+        for (j = 0; j < E; ++j) {
+            float xhat = (xr[j] - mean) * rstd;
+            yr[j] = xhat * (w ? w[j] : 1.0f) + (b ? b[j] : 0.0f);
+        }
+    }
+}
+
+/* Backward, recomputing mean and rstd from x.  With g = dy * w:
+     dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+     dw += dy * xhat,   db += dy                     (all added to)  */
+static void mha__layernorm_backward(int rows, int E, const float *x, const float *w, float eps,
+                                    const float *dy, float *dx, float *dw, float *db)
+{
+    int r, j;
+    for (r = 0; r < rows; ++r) {
+        const float *xr = x + (size_t)r * E, *dyr = dy + (size_t)r * E;
+        float mean, rstd;
+        double mg = 0, mgx = 0;
+        mha__row_stats(xr, E, eps, &mean, &rstd);
+        for (j = 0; j < E; ++j) {
+            float xhat = (xr[j] - mean) * rstd, g = dyr[j] * (w ? w[j] : 1.0f);
+            mg += g;
+            mgx += (double)g * xhat;
+            if (dw) dw[j] += dyr[j] * xhat;
+            if (db) db[j] += dyr[j];
+        }
+        mg /= E; mgx /= E;
+        if (dx) {
+            float *dxr = dx + (size_t)r * E;
+            for (j = 0; j < E; ++j) {
+                float xhat = (xr[j] - mean) * rstd, g = dyr[j] * (w ? w[j] : 1.0f);
+                dxr[j] += rstd * (g - (float)mg - xhat * (float)mgx);
+            }
+        }
+    }
+}
+
+/* ----------------------------------------------- layouts and plans */
+
+/* The encoder layer, N = B*L rows.  Its saved forward keeps every
+   intermediate for the backward, after its header and the self-
+   attention's own saved forward (mod):
+     a   [N,E] attention output          t1  [N,E] x + a (post) / LN1(x) (pre)
+     h   [N,E] after the first residual  z   [N,F] linear1 output
+     g   [N,F] act(z)                    t2  [N,E] h + f (post) / LN2(h) (pre)
+   The backward's workspace adds d1, d2 [N,E], dg [N,F] (and, without a
+   saved forward, the saved layout itself to recompute into).  Inference
+   keeps only a (then h in place) and runs the feed-forward block on
+   MHA__FF_ROWS rows at a time: zc [rows,F], tc and fc [rows,E].
+   sub: the self-attention's workspace (what its plan allows). */
+#ifndef MHA__FF_ROWS
+#define MHA__FF_ROWS 256
+#endif
+
+typedef struct mha__enc_layout {
+    /* in the saved layout (sv: the caller's saved region or the workspace) */
+    size_t mod, a, t1, h, z, g, t2, saved_floats;
+    /* in the workspace */
+    size_t sv, d1, d2, dg, gws, sub, total_floats;
+    size_t zc, tc, fc, rows;                /* inference */
+} mha__enc_layout;
+
+/* The encoder's layouts at length L: mode 0 inference, 1 a forward that
+   saves, 2 a backward (have_saved: the caller gives the saved forward). */
+/* The self-attention's workspace inside an encoder run of each mode: a
+   forward that does not save (with the weights when the plan allows
+   them), one that saves (scratch only: Q, K, V, C go to the saved
+   forward), and a backward, which always has the self-attention's saved
+   forward (the encoder's saved layout holds it, given or recomputed). */
+static int mha__enc_sub_floats(const mha_plan *p, int L, int mode, size_t *sub)
+{
+    mha__fwd_layout F;
+    mha__bwd_layout W;
+    const mha__mod *r = &p->mod;
+    if (mode == 0) {
+        if (!mha__fwd_layout_at(r, p->B, L, L, 0, p->by_head, p->nthreads, 0, &F)) return 0;
+        *sub = F.total_floats;
+        if (p->flags & MHA_PLAN_WEIGHTS) {
+            if (!mha__fwd_layout_at(r, p->B, L, L, 1, 0, p->nthreads, 0, &F)) return 0;
+            if (F.total_floats > *sub) *sub = F.total_floats;
+        }
+        return 1;
+    }
+    if (mode == 1) {
+        if (!mha__fwd_layout_at(r, p->B, L, L, (p->flags & MHA_PLAN_WEIGHTS) != 0, 0, p->nthreads, 1, &F)) return 0;
+        *sub = F.total_floats;
+        return 1;
+    }
+    /* the backward: and, when no saved forward is given, the forward it
+       recomputes first (into the same region) */
+    if (!mha__bwd_layout_at(r, p->B, L, L, p->nthreads, 1, &W) ||
+        !mha__fwd_layout_at(r, p->B, L, L, 0, 0, p->nthreads, 1, &F))
+        return 0;
+    *sub = W.total_floats > F.total_floats ? W.total_floats : F.total_floats;
+    return 1;
+}
+
+static int mha__enc_layout_at(const mha_plan *p, int L, int mode, int have_saved, mha__enc_layout *P)
+{
+    size_t cur = 0, sc = 0, ne, nf, g, t, sub, hdr;
+    int E = p->mod.E, F = p->enc.dim_feedforward, N = p->B * L;
+    ne = (size_t)N * E; nf = (size_t)N * F;
+    if (!mha__enc_sub_floats(p, L, mode, &sub)) return 0;
+    /* the saved layout (the caller's region or, recomputed, the workspace's) */
+    if (!(mha__region(&sc, MHA__SAVED_HDR, &hdr) &&
+          mha__region(&sc, mha__mod_saved_floats(&p->mod, p->B, L, L), &P->mod) &&
+          mha__region(&sc, ne, &P->a) && mha__region(&sc, ne, &P->t1) && mha__region(&sc, ne, &P->h) &&
+          mha__region(&sc, nf, &P->z) && mha__region(&sc, nf, &P->g) && mha__region(&sc, ne, &P->t2) &&
+          mha__add(sc, MHA__ALIGN_FLOATS, &P->saved_floats)))
+        return 0;
+    if (mode == 0) {
+        int rows = N < MHA__FF_ROWS ? N : MHA__FF_ROWS;
+        P->rows = (size_t)rows;
+        g = mha__linear_gws(rows, E, F, p->nthreads);
+        t = mha__linear_gws(rows, F, E, p->nthreads); if (t > g) g = t;
+        return mha__region(&cur, ne, &P->a) && mha__region(&cur, sub, &P->sub) &&
+               mha__region(&cur, (size_t)rows * F, &P->zc) && mha__region(&cur, (size_t)rows * E, &P->tc) &&
+               mha__region(&cur, (size_t)rows * E, &P->fc) && mha__region(&cur, g, &P->gws) &&
+               mha__add(cur, MHA__ALIGN_FLOATS, &P->total_floats);
+    }
+    g = mha__linear_gws(N, E, F, p->nthreads);
+    t = mha__linear_gws(N, F, E, p->nthreads); if (t > g) g = t;
+    if (mode == 1)
+        return mha__region(&cur, g, &P->gws) && mha__region(&cur, sub, &P->sub) &&
+               mha__add(cur, MHA__ALIGN_FLOATS, &P->total_floats);
+    P->sv = 0;
+    return (have_saved || mha__region(&cur, sc, &P->sv)) &&
+           mha__region(&cur, ne, &P->d1) && mha__region(&cur, ne, &P->d2) &&
+           mha__region(&cur, nf, &P->dg) && mha__region(&cur, g, &P->gws) &&
+           mha__region(&cur, sub, &P->sub) && mha__add(cur, MHA__ALIGN_FLOATS, &P->total_floats);
+}
+
+static mha_status mha__encoder_plan_make(const mha_encoder_layer *ly, int B, int L,
+                                         const mha_options *opt, unsigned flags, mha_plan *p,
+                                         size_t *extra_bytes, mha_error *e)
+{
+    mha__enc_layout P;
+    size_t n, f, saved = 0;
+    mha_status st;
+    *extra_bytes = 0;
+    memset(p, 0, sizeof *p);
+    if (!ly) return mha__fail(e, MHA_ERR_NULL_POINTER, "layer", "is NULL");
+    if (!ly->linear1_weight) return mha__fail(e, MHA_ERR_NULL_POINTER, "layer->linear1_weight", "is NULL");
+    if (!ly->linear2_weight) return mha__fail(e, MHA_ERR_NULL_POINTER, "layer->linear2_weight", "is NULL");
+    if ((st = mha__pos(e, "layer->dim_feedforward", ly->dim_feedforward)) != MHA_OK) return st;
+    if (ly->activation != MHA_ACT_RELU && ly->activation != MHA_ACT_GELU)
+        return mha__fail(e, MHA_ERR_BAD_ENUM, "layer->activation", "is %d; expected MHA_ACT_RELU (0) or "
+                         "MHA_ACT_GELU (1)", (int)ly->activation);
+    if (ly->norm_first != 0 && ly->norm_first != 1)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "layer->norm_first", "is %d; expected 0 or 1", ly->norm_first);
+    if (!(ly->layer_norm_eps >= 0.0f) || ly->layer_norm_eps == INFINITY)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "layer->layer_norm_eps", "is %g; expected 0 (1e-5) or a "
+                         "positive finite number", (double)ly->layer_norm_eps);
+    /* x [B, L, E] is the key and the value too: kdim and vdim must be E */
+    if (ly->self_attn.kdim != 0 && ly->self_attn.kdim != ly->self_attn.embed_dim)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "layer->self_attn.kdim", "is %d; an encoder layer attends "
+                         "to x itself: 0 or embed_dim %d", ly->self_attn.kdim, ly->self_attn.embed_dim);
+    if (ly->self_attn.vdim != 0 && ly->self_attn.vdim != ly->self_attn.embed_dim)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "layer->self_attn.vdim", "is %d; an encoder layer attends "
+                         "to x itself: 0 or embed_dim %d", ly->self_attn.vdim, ly->self_attn.embed_dim);
+    st = mha__module_plan_make(&ly->self_attn, B, L, L, opt, flags, MHA__PLAN_ENCODER, p, extra_bytes, e);
+    if (st != MHA_OK) return st;
+    if (!mha__mul3((size_t)p->B * L, (size_t)ly->dim_feedforward, sizeof(float), &n) ||
+        !mha__mul3((size_t)ly->dim_feedforward, (size_t)p->mod.E, sizeof(float), &n) ||
+        ly->dim_feedforward > INT_MAX / 2)
+        return mha__fail(e, MHA_ERR_OVERFLOW, "layer->dim_feedforward", "is %d; B*L*F passes the size limits",
+                         ly->dim_feedforward);
+    p->enc = *ly;
+    if (!mha__enc_layout_at(p, L, 0, 0, &P)) goto overflow;
+    f = P.total_floats;
+    if (flags & MHA_PLAN_TRAINING) {
+        if (!mha__enc_layout_at(p, L, 1, 1, &P)) goto overflow;
+        if (P.total_floats > f) f = P.total_floats;
+        if (!mha__enc_layout_at(p, L, 2, 0, &P)) goto overflow;
+        if (P.total_floats > f) f = P.total_floats;
+        saved = P.saved_floats;
+    }
+    return mha__plan_ws(p, f, saved, e);
+overflow:
+    return mha__fail(e, MHA_ERR_OVERFLOW, "L", "the workspace's size does not fit in size_t");
+}
+
+/* -------------------------------------------- forward and backward */
+
+/* The feed-forward block on rows rows: f = act(in W1^T + b1) W2^T + b2
+   (z = in W1^T + b1, g = act(z); g may be z). */
+static void mha__enc_ff(const mha_encoder_layer *ly, int rows, int E, const float *in, float *z,
+                        float *g, float *f, float *gws, int nt)
+{
+    int F = ly->dim_feedforward;
+    mha__linear(rows, E, F, in, ly->linear1_weight, ly->linear1_bias, z, gws, nt);
+    mha__activation_forward(ly->activation, (size_t)rows * F, z, g);
+    mha__linear(rows, F, E, g, ly->linear2_weight, ly->linear2_bias, f, gws, nt);
+}
+
+/* The second residual: y = LN2(h + f) (post-norm; t holds h + f, t may be
+   f) or y = h + f (pre-norm; f may be y). */
+static void mha__enc_residual2(const mha_encoder_layer *ly, int rows, int E, float eps,
+                               const float *h, const float *f, float *t, float *y)
+{
+    size_t n = (size_t)rows * E, i;
+    if (!ly->norm_first) {
+        for (i = 0; i < n; ++i) t[i] = h[i] + f[i];
+        mha__layernorm_forward(rows, E, t, ly->norm2_weight, ly->norm2_bias, eps, y);
+    } else {
+        for (i = 0; i < n; ++i) y[i] = h[i] + f[i];
+    }
+}
+
+/* Inference: the feed-forward block runs on a few rows at a time, so no
+   [N, F] buffer exists and the workspace grows with L E, as the attention's.
+     post-norm:  a = SA(x);  h = LN1(x + a) (in a);  per rows:
+                 f = act(h W1^T + b1) W2^T + b2;  y = LN2(h + f)
+     pre-norm:   y = LN1(x) (y holds it until the rows are reached);
+                 a = SA(y);  h = x + a (in a);  per rows:
+                 t = LN2(h);  f = act(t W1^T + b1) W2^T + b2;  y = h + f      */
+static void mha__enc_infer(const mha_plan *p, const mha__run *c0, const float *x, float *y,
+                           const mha__enc_layout *P)
+{
+    const mha_encoder_layer *ly = &p->enc;
+    mha__run c = *c0;
+    int E = p->mod.E, N = c.B * c.Lq, nt = p->nthreads, r0;
+    size_t ne = (size_t)N * E, i;
+    float eps = ly->layer_norm_eps > 0.0f ? ly->layer_norm_eps : 1e-5f;
+    float *a = c0->ws + P->a, *zc = c0->ws + P->zc, *tc = c0->ws + P->tc, *fc = c0->ws + P->fc;
+    float *gws = c0->ws + P->gws;
+
+    /* 1. self-attention block, h into a */
+    c.ws = c0->ws + P->sub;
+    c.out = a;
+    if (!ly->norm_first) {
+        c.query = c.key = c.value = x;
+        mha__module_forward(&c);
+        for (i = 0; i < ne; ++i) a[i] += x[i];
+        mha__layernorm_forward(N, E, a, ly->norm1_weight, ly->norm1_bias, eps, a);
+    } else {
+        mha__layernorm_forward(N, E, x, ly->norm1_weight, ly->norm1_bias, eps, y);
+        c.query = c.key = c.value = y;
+        mha__module_forward(&c);
+        for (i = 0; i < ne; ++i) a[i] += x[i];
+    }
+    /* 2. feed-forward and the second residual, rows r0.. at a time */
+    for (r0 = 0; r0 < N; r0 += (int)P->rows) {
+        int rows = N - r0 < (int)P->rows ? N - r0 : (int)P->rows;
+        const float *h = a + (size_t)r0 * E, *ffin = h;
+        if (ly->norm_first) {
+            mha__layernorm_forward(rows, E, h, ly->norm2_weight, ly->norm2_bias, eps, tc);
+            ffin = tc;
+        }
+        mha__enc_ff(ly, rows, E, ffin, zc, zc, fc, gws, nt);
+        mha__enc_residual2(ly, rows, E, eps, h, fc, fc, y + (size_t)r0 * E);
+    }
+}
+
+/* Training: the forward pass, leaving every intermediate in the saved
+   layout at sv (the caller's saved forward, or the backward's workspace)
+   and the self-attention's saved forward inside it.
+     post-norm:  a = SA(x);  t1 = x + a;  h = LN1(t1);  z = h W1^T + b1;  g = act(z);
+                 f = g W2^T + b2;  t2 = h + f;  y = LN2(t2)
+     pre-norm:   t1 = LN1(x);  a = SA(t1);  h = x + a;  t2 = LN2(h);  z = t2 W1^T + b1;
+                 g = act(z);  f = g W2^T + b2;  y = h + f                          */
+static void mha__enc_forward(const mha_plan *p, const mha__run *c0, const float *x, float *y,
+                             const mha__enc_layout *P, float *ws, float *sv)
+{
+    const mha_encoder_layer *ly = &p->enc;
+    mha__run c = *c0;
+    int E = p->mod.E, N = c.B * c.Lq, nt = p->nthreads;
+    size_t ne = (size_t)N * E, i;
+    float eps = ly->layer_norm_eps > 0.0f ? ly->layer_norm_eps : 1e-5f;
+    float *a = sv + P->a, *t1 = sv + P->t1, *h = sv + P->h, *z = sv + P->z;
+    float *g = sv + P->g, *t2 = sv + P->t2, *gws = ws + P->gws;
+    const float *ffin;
+
+    /* 1. self-attention block (the weights and statistics when the run asks: c0's) */
+    c.ws = ws + P->sub;
+    c.sv = sv + P->mod;
+    c.out = a;
+    if (!ly->norm_first) {
+        c.query = c.key = c.value = x;
+        mha__module_forward(&c);
+        for (i = 0; i < ne; ++i) t1[i] = x[i] + a[i];
+        mha__layernorm_forward(N, E, t1, ly->norm1_weight, ly->norm1_bias, eps, h);
+        ffin = h;
+    } else {
+        mha__layernorm_forward(N, E, x, ly->norm1_weight, ly->norm1_bias, eps, t1);
+        c.query = c.key = c.value = t1;
+        mha__module_forward(&c);
+        for (i = 0; i < ne; ++i) h[i] = x[i] + a[i];
+        mha__layernorm_forward(N, E, h, ly->norm2_weight, ly->norm2_bias, eps, t2);
+        ffin = t2;
+    }
+
+    /* 2. feed-forward block, f into y; 3. second residual (and norm) */
+    mha__enc_ff(ly, N, E, ffin, z, g, y, gws, nt);
+    mha__enc_residual2(ly, N, E, eps, h, y, t2, y);
+}
+
+static mha_status mha__encoder_run_forward(const mha_plan *p, int L, const float *x, float *y,
+                                           const mha_run *run, mha_error *err)
+{
+    mha_options o;
+    mha__enc_layout P;
+    mha__rowout ro;
+    mha__run c;
+    void *owned;
+    float *sv = NULL;
+    mha_status st;
+    st = mha__module_run_begin(p, MHA__PLAN_ENCODER, L, L, x, x, x, run,
+                               MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_WEIGHTS | MHA__RF_STATS, &o, &c, err);
+    if (st == MHA_OK) st = mha__need(err, "y", y);
+    if (st == MHA_OK && run && run->weights && !(p->flags & MHA_PLAN_WEIGHTS))
+        st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "run->weights", "is set, but the plan was made without "
+                       "MHA_PLAN_WEIGHTS");
+    if (st == MHA_OK && run && run->n_rows)
+        st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "run->rows", "is set; an encoder run returns the whole "
+                       "weights (rows: run its self-attention as a module)");
+    if (st == MHA_OK && mha__overlap(x, (size_t)p->B * L * p->mod.E, y, (size_t)p->B * L * p->mod.E))
+        st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "y", "overlaps x; an encoder layer needs x after it "
+                       "writes y");
+    if (st == MHA_OK && run && run->saved) {
+        (void)mha__enc_layout_at(p, L, 1, 1, &P);
+        st = mha__run_saved(p, run, P.saved_floats, &sv, err);
+    }
+    if (st != MHA_OK) return st;
+    (void)mha__enc_layout_at(p, L, sv ? 1 : 0, 1, &P);   /* within the plan's */
+    if ((st = mha__run_ws(p, run, P.total_floats, &owned, &c.ws, err)) != MHA_OK) return st;
+    c.weights = run ? run->weights : NULL;
+    c.rs = mha__run_rowout(run, &ro);
+    if (sv) {   /* training: keep every activation for the backward */
+        int shape[9];
+        mha__enc_forward(p, &c, x, y, &P, c.ws, sv);
+        mha__mod_saved_shape(&p->mod, MHA__PLAN_ENCODER, p->B, L, L, p->enc.dim_feedforward, shape);
+        mha__saved_stamp(sv, shape);
+    } else {
+        mha__enc_infer(p, &c, x, y, &P);
+    }
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+/* Backward: recompute the forward (into the workspace), then walk it in reverse.
+     post-norm:  dt2 = LN2'(dy);  dh = dt2;  df = dt2;  dg = df W2;  dz = dg act'(z);
+                 dh += dz W1;  dt1 = LN1'(dh);  dx += dt1;  dx += SA'(dt1)
+     pre-norm:   dh = dy;  df = dy;  dg = df W2;  dz = dg act'(z);  dt2 = dz W1;
+                 dh += LN2'(dt2);  dx += dh;  dt1 = SA'(dh);  dx += LN1'(dt1)
+   (LN' and SA' are the layer norm's and the self-attention's backward; the
+   weight gradients are added on the way.)  */
+static mha_status mha__encoder_run_backward(const mha_plan *p, int L, const float *x,
+                                            const float *dy, float *dx,
+                                            const mha_encoder_layer_grad *grad,
+                                            const mha_run *run, mha_error *err)
+{
+    const mha_encoder_layer *ly;
+    mha_options o;
+    mha_encoder_layer_grad nog;
+    mha__enc_layout P;
+    mha__run c;
+    void *owned;
+    float *ws, *sv = NULL, *t1, *h, *z, *g, *t2, *d1, *d2, *dg, *gws, eps;
+    size_t ne, nf, i;
+    int E, F, N, nt;
+    mha_status st;
+    st = mha__module_run_begin(p, MHA__PLAN_ENCODER, L, L, x, x, x, run,
+                               MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_SINKS, &o, &c, err);
+    if (st == MHA_OK) st = mha__need(err, "dy", dy);
+    if (st == MHA_OK && !(p->flags & MHA_PLAN_TRAINING))
+        st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "plan", "was made without MHA_PLAN_TRAINING: it has no backward");
+    if (st == MHA_OK && run && run->saved) {
+        int shape[9];
+        (void)mha__enc_layout_at(p, L, 2, 1, &P);
+        mha__mod_saved_shape(&p->mod, MHA__PLAN_ENCODER, p->B, L, L, p->enc.dim_feedforward, shape);
+        if ((st = mha__run_saved(p, run, P.saved_floats, &sv, err)) == MHA_OK) st = mha__saved_check(sv, shape, err);
+    }
+    if (st != MHA_OK) return st;
+    if (!grad) { memset(&nog, 0, sizeof nog); grad = &nog; }
+    (void)mha__enc_layout_at(p, L, 2, sv != NULL, &P);   /* within the plan's */
+    if ((st = mha__run_ws(p, run, P.total_floats, &owned, &ws, err)) != MHA_OK) return st;
+    ly = &p->enc;
+    E = p->mod.E; F = ly->dim_feedforward; N = p->B * L; nt = p->nthreads;
+    ne = (size_t)N * E; nf = (size_t)N * F;
+    eps = ly->layer_norm_eps > 0.0f ? ly->layer_norm_eps : 1e-5f;
+    d1 = ws + P.d1; d2 = ws + P.d2; dg = ws + P.dg; gws = ws + P.gws;
+
+    /* 1. the forward's activations: the caller's saved forward, or
+          recomputed into the workspace (y itself is not needed: d1 holds
+          it for now) */
+    if (!sv) {
+        sv = ws + P.sv;
+        c.ws = ws;
+        mha__enc_forward(p, &c, x, d1, &P, ws, sv);
+    }
+    t1 = sv + P.t1; h = sv + P.h; z = sv + P.z; g = sv + P.g; t2 = sv + P.t2;
+    c.sv = sv + P.mod;        /* the self-attention's saved forward, inside */
+    c.use_saved = 1;
+    c.sinks_grad = run ? run->sinks_grad : NULL;
+    memset(d2, 0, ne * sizeof(float));
+    memset(dg, 0, nf * sizeof(float));
+    c.ws = ws + P.sub;
+    c.grad = &grad->self_attn;
+
+    if (!ly->norm_first) {
+        /* 2. dt2 = LN2'(dy) -> d1; it flows into both h and f */
+        memset(d1, 0, ne * sizeof(float));
+        mha__layernorm_backward(N, E, t2, ly->norm2_weight, eps, dy, d1,
+                                ly->norm2_weight ? grad->norm2_weight : NULL,
+                                ly->norm2_bias ? grad->norm2_bias : NULL);
+        /* 3. feed-forward: dg = df W2, dz = dg act'(z), dh += dz W1 (d1 is dh now) */
+        mha__linear_backward(N, F, E, g, ly->linear2_weight, d1, dg, grad->linear2_weight,
+                             ly->linear2_bias ? grad->linear2_bias : NULL, gws, nt);
+        mha__activation_backward(ly->activation, nf, z, dg);
+        mha__linear_backward(N, E, F, h, ly->linear1_weight, dg, d1, grad->linear1_weight,
+                             ly->linear1_bias ? grad->linear1_bias : NULL, gws, nt);
+        /* 4. dt1 = LN1'(dh) -> d2; the residual passes it to x, the attention too */
+        mha__layernorm_backward(N, E, t1, ly->norm1_weight, eps, d1, d2,
+                                ly->norm1_weight ? grad->norm1_weight : NULL,
+                                ly->norm1_bias ? grad->norm1_bias : NULL);
+        if (dx) for (i = 0; i < ne; ++i) dx[i] += d2[i];
+        c.dout = d2; c.dquery = c.dkey = c.dvalue = dx;
+        mha__module_backward(&c);
+    } else {
+        /* 2. feed-forward on t2 = LN2(h): dg = dy W2, dz, dt2 = dz W1 -> d2 */
+        mha__linear_backward(N, F, E, g, ly->linear2_weight, dy, dg, grad->linear2_weight,
+                             ly->linear2_bias ? grad->linear2_bias : NULL, gws, nt);
+        mha__activation_backward(ly->activation, nf, z, dg);
+        mha__linear_backward(N, E, F, t2, ly->linear1_weight, dg, d2, grad->linear1_weight,
+                             ly->linear1_bias ? grad->linear1_bias : NULL, gws, nt);
+        /* 3. dh = dy + LN2'(dt2) -> d1 */
+        memcpy(d1, dy, ne * sizeof(float));
+        mha__layernorm_backward(N, E, h, ly->norm2_weight, eps, d2, d1,
+                                ly->norm2_weight ? grad->norm2_weight : NULL,
+                                ly->norm2_bias ? grad->norm2_bias : NULL);
+        /* 4. the residual passes dh to x; the attention's input t1 = LN1(x) gets dt1 -> d2 */
+        if (dx) for (i = 0; i < ne; ++i) dx[i] += d1[i];
+        memset(d2, 0, ne * sizeof(float));
+        c.query = c.key = c.value = t1;
+        c.dout = d1; c.dquery = c.dkey = c.dvalue = d2;
+        mha__module_backward(&c);
+        mha__layernorm_backward(N, E, x, ly->norm1_weight, eps, d2, dx,
+                                ly->norm1_weight ? grad->norm1_weight : NULL,
+                                ly->norm1_bias ? grad->norm1_bias : NULL);
+    }
+    if (owned) MHA_FREE(owned);
+    return MHA_OK;
+}
+
+/* --------------------------------------- public: the encoder layer */
 
 MHADEF mha_encoder_layer mha_encoder_layer_defaults(void)
 {
@@ -6134,163 +6445,6 @@ MHADEF mha_encoder_layer mha_encoder_layer_defaults(void)
     ly.norm_first = 0;
     ly.layer_norm_eps = 1e-5f;
     return ly;
-}
-
-/* Each one-shot call is the plan of its arguments, made on the caller's
-   stack (no MHA_PLAN_PACK, so the plan needs no memory beyond its struct),
-   and one run of it: the two can never disagree.  The flags are what the
-   call asks for: MHA_PLAN_WEIGHTS when run->weights is set,
-   MHA_PLAN_TRAINING for a backward or a forward that saves. */
-typedef struct mha__shot {
-    int kind;
-    unsigned flags;
-    mha_trans ta, tb;
-    int M, N, K;
-    int B, H, Lq, Lk, D, Dv;
-    const mha_module *m;
-    const mha_encoder_layer *ly;
-} mha__shot;
-
-static mha_status mha__shot_make(const mha__shot *s, const mha_options *opt, mha_plan *p, mha_error *e)
-{
-    size_t extra;
-    switch (s->kind) {
-    case MHA__PLAN_GEMM:
-        return mha__gemm_plan_make(s->ta, s->tb, s->M, s->N, s->K, opt ? opt->num_threads : 0, p, e);
-    case MHA__PLAN_SDPA:
-        return mha__sdpa_plan_make(s->B, s->H, s->Lq, s->Lk, s->D, s->Dv, opt, s->flags, p, e);
-    case MHA__PLAN_MODULE:
-        return mha__module_plan_make(s->m, s->B, s->Lq, s->Lk, opt, s->flags, MHA__PLAN_MODULE, p, &extra, e);
-    default:
-        return mha__encoder_plan_make(s->ly, s->B, s->Lq, opt, s->flags, p, &extra, e);
-    }
-}
-
-/* One thing can differ between a size query and a later one-shot call:
-   with num_threads 0 each takes OpenMP's thread count at its own time, and
-   that count may have grown in between.  Rather than fail, such a call
-   runs on as many threads as the caller's workspace holds (the result does
-   not depend on the count).  An explicit num_threads is kept as given, and
-   a plan always runs on exactly its own count. */
-static mha_status mha__oneshot(const mha__shot *s, const mha_options *opt, const mha_run *run, mha_plan *p,
-                               mha_error *e)
-{
-    mha_options o;
-    mha_status st = mha__shot_make(s, opt, p, e);
-    if (st != MHA_OK || !run || !run->workspace || (opt && opt->num_threads != 0)) return st;
-    if (opt) o = *opt; else memset(&o, 0, sizeof o);
-    while (p->ws_bytes > run->workspace_bytes && p->nthreads > 1) {
-        o.num_threads = p->nthreads - 1;
-        if ((st = mha__shot_make(s, &o, p, e)) != MHA_OK) return st;
-    }
-    return MHA_OK;
-}
-
-/* The flags of a one-shot forward, and the planned Lk: with a cache the
-   run's Lk is 0 and the plan's the cache's capacity. */
-static unsigned mha__shot_flags(const mha_run *run)
-{
-    return (run && run->weights ? MHA_PLAN_WEIGHTS : 0u) | (run && run->saved ? MHA_PLAN_TRAINING : 0u);
-}
-static mha_status mha__shot_lk(const mha_run *run, int Lk, int *plan_lk, mha_error *e)
-{
-    mha_status st;
-    *plan_lk = Lk;
-    if (!run || !run->cache) return MHA_OK;
-    if (Lk != 0)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "Lk", "is %d; with run->cache pass 0 (the cache's len says "
-                         "how many keys)", Lk);
-    if ((st = mha__check_cache(run->cache, e)) != MHA_OK) return st;
-    *plan_lk = run->cache->capacity;
-    return MHA_OK;
-}
-
-MHADEF mha_status mha_gemm(mha_trans ta, mha_trans tb, int M, int N, int K, float alpha,
-                           const float *A, int lda, const float *B, int ldb, float beta,
-                           float *C, int ldc, const mha_run *run, mha_error *err)
-{
-    mha_plan p;
-    mha__shot s;
-    mha_status st;
-    mha__begin(err);
-    memset(&s, 0, sizeof s);
-    s.kind = MHA__PLAN_GEMM; s.ta = ta; s.tb = tb; s.M = M; s.N = N; s.K = K;
-    if ((st = mha__oneshot(&s, NULL, run, &p, err)) == MHA_OK)
-        st = mha__gemm_run(&p, alpha, A, lda, B, ldb, beta, C, ldc, run, err);
-    return mha__sign(err, "mha_gemm", st);
-}
-
-MHADEF mha_status mha_sdpa_forward(int B, int H, int Lq, int Lk, int D, int Dv,
-                                   const float *q, const float *k, const float *v,
-                                   const mha_options *opt, float *out,
-                                   const mha_run *run, mha_error *err)
-{
-    mha_plan p;
-    mha__shot s;
-    mha_options o;
-    mha_status st;
-    mha__begin(err);
-    memset(&s, 0, sizeof s);
-    s.kind = MHA__PLAN_SDPA; s.flags = mha__shot_flags(run);
-    s.B = B; s.H = H; s.Lq = Lq; s.D = D; s.Dv = Dv;
-    if (opt) o = *opt; else memset(&o, 0, sizeof o);
-    /* over a cache, the KV heads are the cache's unless the options say */
-    if (run && run->cache && !o.num_kv_heads && run->cache->Hkv > 0) o.num_kv_heads = run->cache->Hkv;
-    if ((st = mha__shot_lk(run, Lk, &s.Lk, err)) == MHA_OK && (st = mha__oneshot(&s, &o, run, &p, err)) == MHA_OK)
-        st = mha__sdpa_run_forward(&p, Lq, Lk, q, k, v, out, run, err);
-    return mha__sign(err, "mha_sdpa_forward", st);
-}
-
-MHADEF mha_status mha_sdpa_backward(int B, int H, int Lq, int Lk, int D, int Dv,
-                                    const float *q, const float *k, const float *v,
-                                    const float *dout, const mha_options *opt,
-                                    float *dq, float *dk, float *dv,
-                                    const mha_run *run, mha_error *err)
-{
-    mha_plan p;
-    mha__shot s;
-    mha_status st;
-    mha__begin(err);
-    memset(&s, 0, sizeof s);
-    s.kind = MHA__PLAN_SDPA; s.flags = MHA_PLAN_TRAINING;
-    s.B = B; s.H = H; s.Lq = Lq; s.Lk = Lk; s.D = D; s.Dv = Dv;
-    if ((st = mha__oneshot(&s, opt, run, &p, err)) == MHA_OK)
-        st = mha__sdpa_run_backward(&p, Lq, Lk, q, k, v, dout, dq, dk, dv, run, err);
-    return mha__sign(err, "mha_sdpa_backward", st);
-}
-
-MHADEF mha_status mha_module_forward(const mha_module *m, int B, int Lq, int Lk,
-                                     const float *query, const float *key, const float *value,
-                                     const mha_options *opt, float *out,
-                                     const mha_run *run, mha_error *err)
-{
-    mha_plan p;
-    mha__shot s;
-    mha_status st;
-    mha__begin(err);
-    memset(&s, 0, sizeof s);
-    s.kind = MHA__PLAN_MODULE; s.flags = mha__shot_flags(run); s.m = m; s.B = B; s.Lq = Lq;
-    if ((st = mha__shot_lk(run, Lk, &s.Lk, err)) == MHA_OK && (st = mha__oneshot(&s, opt, run, &p, err)) == MHA_OK)
-        st = mha__module_run_forward(&p, Lq, Lk, query, key, value, out, run, err);
-    return mha__sign(err, "mha_module_forward", st);
-}
-
-MHADEF mha_status mha_module_backward(const mha_module *m, int B, int Lq, int Lk,
-                                      const float *query, const float *key, const float *value,
-                                      const float *dout, const mha_options *opt,
-                                      float *dquery, float *dkey, float *dvalue,
-                                      const mha_module_grad *grad, const mha_run *run,
-                                      mha_error *err)
-{
-    mha_plan p;
-    mha__shot s;
-    mha_status st;
-    mha__begin(err);
-    memset(&s, 0, sizeof s);
-    s.kind = MHA__PLAN_MODULE; s.flags = MHA_PLAN_TRAINING; s.m = m; s.B = B; s.Lq = Lq; s.Lk = Lk;
-    if ((st = mha__oneshot(&s, opt, run, &p, err)) == MHA_OK)
-        st = mha__module_run_backward(&p, Lq, Lk, query, key, value, dout, dquery, dkey, dvalue, grad, run, err);
-    return mha__sign(err, "mha_module_backward", st);
 }
 
 MHADEF mha_status mha_encoder_forward(const mha_encoder_layer *layer, int B, int L,
@@ -6324,7 +6478,53 @@ MHADEF mha_status mha_encoder_backward(const mha_encoder_layer *layer, int B, in
     return mha__sign(err, "mha_encoder_backward", st);
 }
 
-/* ------------------------------------------------------ public linear */
+MHADEF mha_status mha_encoder_plan_size(const mha_encoder_layer *layer, int B, int L,
+                                        const mha_options *opt, unsigned flags, mha_sizes *sizes,
+                                        mha_error *err)
+{
+    mha_plan p;
+    size_t extra = 0;
+    mha_status st;
+    mha__begin(err);
+    if (!sizes) return mha__sign(err, "mha_encoder_plan_size", mha__need(err, "sizes", sizes));
+    st = mha__encoder_plan_make(layer, B, L, opt, flags, &p, &extra, err);
+    return mha__sign(err, "mha_encoder_plan_size", mha__plan_out(st, &p, extra, NULL, 0, NULL, sizes, err));
+}
+
+MHADEF mha_status mha_encoder_plan(const mha_encoder_layer *layer, int B, int L,
+                                   const mha_options *opt, unsigned flags,
+                                   void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err)
+{
+    mha_plan p;
+    size_t extra = 0;
+    mha_status st;
+    mha__begin(err);
+    if (!plan) return mha__sign(err, "mha_encoder_plan", mha__need(err, "plan", plan));
+    st = mha__encoder_plan_make(layer, B, L, opt, flags, &p, &extra, err);
+    return mha__sign(err, "mha_encoder_plan", mha__plan_out(st, &p, extra, mem, mem_bytes, plan, NULL, err));
+}
+
+MHADEF mha_status mha_encoder_run_forward(const mha_plan *p, int L, const float *x, float *y,
+                                          const mha_run *run, mha_error *err)
+{
+    mha__begin(err);
+    return mha__sign(err, "mha_encoder_run_forward", mha__encoder_run_forward(p, L, x, y, run, err));
+}
+
+MHADEF mha_status mha_encoder_run_backward(const mha_plan *p, int L, const float *x,
+                                           const float *dy, float *dx,
+                                           const mha_encoder_layer_grad *grad,
+                                           const mha_run *run, mha_error *err)
+{
+    mha__begin(err);
+    return mha__sign(err, "mha_encoder_run_backward", mha__encoder_run_backward(p, L, x, dy, dx, grad, run, err));
+}
+
+/* ====================================================================== 9
+   TRAINING PIECES
+   The public Linear layer, layer norm, positional encoding, embedding,
+   cross-entropy, SGD and AdamW.  Each refuses bad input by name.
+   ====================================================================== */
 
 static mha_status mha__linear_sizes(int rows, int in, int out, mha_error *e)
 {
@@ -6340,6 +6540,7 @@ static mha_status mha__linear_sizes(int rows, int in, int out, mha_error *e)
                          rows, in, out);
     return MHA_OK;
 }
+
 static size_t mha__linear_bytes(int rows, int in, int out)
 {
     return (mha__linear_gws(rows, in, out, 1) + MHA__ALIGN_FLOATS) * sizeof(float);
@@ -6399,7 +6600,42 @@ MHADEF mha_status mha_linear_backward(int rows, int in, int out, const float *x,
     return MHA_OK;
 }
 
-/* ------------------------------------------------ training pieces */
+static mha_status mha__layernorm_check(int rows, int E, float eps, mha_error *e)
+{
+    size_t n;
+    mha_status st;
+    if ((st = mha__pos(e, "rows", rows)) != MHA_OK || (st = mha__pos(e, "E", E)) != MHA_OK) return st;
+    if (!(eps >= 0.0f) || eps == INFINITY)
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "eps", "is %g; expected 0 (1e-5) or a positive finite "
+                         "number", (double)eps);
+    return mha__mul3((size_t)rows, (size_t)E, sizeof(float), &n)
+               ? MHA_OK : mha__fail(e, MHA_ERR_OVERFLOW, "rows", "rows*E floats do not fit in size_t");
+}
+
+MHADEF mha_status mha_layernorm_forward(int rows, int E, const float *x, const float *w,
+                                        const float *b, float eps, float *y, mha_error *err)
+{
+    mha_status st;
+    mha__begin(err);
+    if ((st = mha__need(err, "x", x)) != MHA_OK || (st = mha__need(err, "y", y)) != MHA_OK ||
+        (st = mha__layernorm_check(rows, E, eps, err)) != MHA_OK)
+        return mha__sign(err, "mha_layernorm_forward", st);
+    mha__layernorm_forward(rows, E, x, w, b, eps > 0.0f ? eps : 1e-5f, y);
+    return MHA_OK;
+}
+
+MHADEF mha_status mha_layernorm_backward(int rows, int E, const float *x, const float *w,
+                                         float eps, const float *dy, float *dx, float *dw, float *db,
+                                         mha_error *err)
+{
+    mha_status st;
+    mha__begin(err);
+    if ((st = mha__need(err, "x", x)) != MHA_OK || (st = mha__need(err, "dy", dy)) != MHA_OK ||
+        (st = mha__layernorm_check(rows, E, eps, err)) != MHA_OK)
+        return mha__sign(err, "mha_layernorm_backward", st);
+    mha__layernorm_backward(rows, E, x, w, eps > 0.0f ? eps : 1e-5f, dy, dx, dw, db);
+    return MHA_OK;
+}
 
 /* PE[pos, 2i] = sin(pos * w_i),  PE[pos, 2i+1] = cos(pos * w_i),  w_i = 10000^(-2i/d).
    Even and odd columns share the frequency of their pair; computed in double. */
