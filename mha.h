@@ -350,13 +350,17 @@ struct mha_sizes {
     size_t saved;       /* bytes of a saved forward (MHA_PLAN_TRAINING; else 0) */
 };
 
-#define MHA_PLAN_WEIGHTS  1u  /* runs may ask for attention weights (mha_run.weights) */
+#define MHA_PLAN_WEIGHTS  1u  /* runs may ask for attention weights (mha_run.weights), whole
+                                 matrices or chosen rows */
 #define MHA_PLAN_TRAINING 2u  /* backward runs too; a forward can save what the backward needs */
 #define MHA_PLAN_PACK     4u  /* module and encoder: pack Wq, Wk, Wv, Wo into the plan's memory
                                  (a copy: mha_plan_repack after the weights change) */
 #define MHA_PLAN_CACHE    8u  /* SDPA and module: runs may attend to a KV cache (mha_run.cache);
                                  the plan's Lk is then the largest capacity, its Lq the
                                  longest chunk of new tokens (1 for decoding) */
+#define MHA_PLAN_ROWS    16u  /* SDPA and module: runs may ask for the weights of chosen query
+                                 rows only (mha_run.rows): the fused path, each row's lse and
+                                 a row of scores, far less than MHA_PLAN_WEIGHTS needs */
 
 /* Everything a run reads or writes besides its main tensors.  Zero-
    initialise it and set what you use; a run given NULL uses none of it.
@@ -373,7 +377,8 @@ struct mha_run {
                                       attend to this KV cache (section 7) */
 
     /* forward outputs */
-    float *weights;                /* attention weights (plan made with MHA_PLAN_WEIGHTS): SDPA
+    float *weights;                /* attention weights (plan made with MHA_PLAN_WEIGHTS, or
+                                      MHA_PLAN_ROWS for rows): SDPA
                                       [B,H,Lq,Lk]; module, encoder [B,Lq,Lk'] head average or
                                       [B,H,Lq,Lk'] with opt->per_head_weights, Lk' = Lk + the
                                       appended keys; with rows, n_rows in place of Lq */
@@ -1600,6 +1605,9 @@ typedef struct mha__mod {
 } mha__mod;
 
 #define MHA__PLAN_MAGIC 0x4e4c504du   /* "MPLN" */
+/* A planner's flags bit that says "a one-shot call set these flags from its
+   mha_run", so a refusal names the run's field rather than "flags". */
+#define MHA__FLAG_SHOT 0x80000000u
 
 enum { MHA__PLAN_GEMM = 1, MHA__PLAN_SDPA, MHA__PLAN_MODULE, MHA__PLAN_ENCODER };
 
@@ -1769,8 +1777,11 @@ static void mha__saved_stamp(float *sv, const int *shape)
 static mha_status mha__saved_check(const float *sv, const int *shape, mha_error *e)
 {
     uint32_t want[MHA__SAVED_WORDS], got[MHA__SAVED_WORDS];
-    static const char *const what[MHA__SAVED_WORDS] = {
-        "magic", "kind", "B", "H", "Lq", "Lk", "width", "key width", "appended keys", "F"};
+    static const char *const mod_words[MHA__SAVED_WORDS] = {
+        "magic", "kind", "B", "H", "Lq", "Lk", "embed_dim", "KV width", "appended keys", "F"};
+    static const char *const sdpa_words[MHA__SAVED_WORDS] = {
+        "magic", "kind", "B", "H", "Lq", "Lk", "D", "Dv", "KV heads", "(unused)"};
+    const char *const *what = shape[0] == MHA__PLAN_SDPA ? sdpa_words : mod_words;
     int i;
     mha__saved_header(shape, want);
     memcpy(got, sv, sizeof got);
@@ -1849,12 +1860,18 @@ static mha_status mha__get_ws(const mha_run *run, size_t need, void **owned, flo
     return MHA_OK;
 }
 
-/* A run's workspace: need_floats at its lengths (at most the plan's). */
+/* A run's workspace: the caller's holds the plan's bytes (what the size
+   query said, whatever this run's lengths: a buffer that passes a short
+   run must not fail a longer one later); one the run allocates holds what
+   this run needs (need_floats at its lengths, at most the plan's). */
 static mha_status mha__run_ws(const mha_plan *p, const mha_run *run, size_t need_floats, void **owned,
                               float **ws, mha_error *e)
 {
     MHA_ASSERT(need_floats <= p->ws_bytes / sizeof(float));
-    (void)p;
+    if (run && run->workspace && run->workspace_bytes < p->ws_bytes)
+        return mha__fail(e, MHA_ERR_WORKSPACE_TOO_SMALL, "run->workspace_bytes", "is %lu; the plan's runs need "
+                         "%lu (mha_sizes.workspace)", (unsigned long)run->workspace_bytes,
+                         (unsigned long)p->ws_bytes);
     return mha__get_ws(run, need_floats * sizeof(float), owned, ws, e);
 }
 
@@ -1919,6 +1936,21 @@ static mha_status mha__run_begin(const mha_plan *p, int kind, int Lq, int Lk, co
 /* The row outputs of a run (mha_run's lse and statistics), as views. */
 typedef struct mha__rowout { float *lse, *entropy, *max_weight, *first_weight; } mha__rowout;
 
+/* Weights a run asks for need the plan's flag: whole matrices
+   MHA_PLAN_WEIGHTS, chosen rows MHA_PLAN_ROWS (or MHA_PLAN_WEIGHTS). */
+static mha_status mha__run_weights_ok(const mha_plan *p, const mha_run *run, mha_error *e)
+{
+    if (!run || !run->weights) return MHA_OK;
+    if (run->n_rows > 0 && !(p->flags & (MHA_PLAN_WEIGHTS | MHA_PLAN_ROWS)))
+        return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, "run->rows", "are set, but the plan was made without "
+                         "MHA_PLAN_ROWS or MHA_PLAN_WEIGHTS");
+    if (run->n_rows == 0 && !(p->flags & MHA_PLAN_WEIGHTS))
+        return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, "run->weights", "is set, but the plan was made without "
+                         "MHA_PLAN_WEIGHTS%s", p->flags & MHA_PLAN_ROWS ? " (MHA_PLAN_ROWS allows chosen rows "
+                         "only)" : "");
+    return MHA_OK;
+}
+
 /* The row outputs a run asked for, as a view (NULL when none). */
 static const mha__rowout *mha__run_rowout(const mha_run *run, mha__rowout *ro)
 {
@@ -1933,7 +1965,8 @@ static const mha__rowout *mha__run_rowout(const mha_run *run, mha__rowout *ro)
 /* Each one-shot call is the plan of its arguments, made on the caller's
    stack (no MHA_PLAN_PACK, so the plan needs no memory beyond its struct),
    and one run of it: the two can never disagree.  The flags are what the
-   call asks for: MHA_PLAN_WEIGHTS when run->weights is set,
+   call asks for: MHA_PLAN_WEIGHTS when run->weights is set (MHA_PLAN_ROWS
+   when only chosen rows are),
    MHA_PLAN_TRAINING for a backward or a forward that saves. */
 typedef struct mha__shot {
     int kind;
@@ -1964,9 +1997,10 @@ static mha_status mha__shot_make(const mha__shot *s, const mha_options *opt, mha
     case MHA__PLAN_GEMM:
         return mha__gemm_plan_make(s->ta, s->tb, s->M, s->N, s->K, opt ? opt->num_threads : 0, p, e);
     case MHA__PLAN_SDPA:
-        return mha__sdpa_plan_make(s->B, s->H, s->Lq, s->Lk, s->D, s->Dv, opt, s->flags, p, e);
+        return mha__sdpa_plan_make(s->B, s->H, s->Lq, s->Lk, s->D, s->Dv, opt, s->flags | MHA__FLAG_SHOT, p, e);
     case MHA__PLAN_MODULE:
-        return mha__module_plan_make(s->m, s->B, s->Lq, s->Lk, opt, s->flags, MHA__PLAN_MODULE, p, &extra, e);
+        return mha__module_plan_make(s->m, s->B, s->Lq, s->Lk, opt, s->flags | MHA__FLAG_SHOT, MHA__PLAN_MODULE,
+                                     p, &extra, e);
     default:
         return mha__encoder_plan_make(s->ly, s->B, s->Lq, opt, s->flags, p, &extra, e);
     }
@@ -1996,7 +2030,8 @@ static mha_status mha__oneshot(const mha__shot *s, const mha_options *opt, const
    run's Lk is 0 and the plan's the cache's capacity. */
 static unsigned mha__shot_flags(const mha_run *run)
 {
-    return (run && run->weights ? MHA_PLAN_WEIGHTS : 0u) | (run && run->saved ? MHA_PLAN_TRAINING : 0u) |
+    unsigned w = !run || !run->weights ? 0u : run->n_rows > 0 ? MHA_PLAN_ROWS : MHA_PLAN_WEIGHTS;
+    return w | (run && run->saved ? MHA_PLAN_TRAINING : 0u) |
            (run && run->cache ? MHA_PLAN_CACHE : 0u);
 }
 
@@ -2713,7 +2748,7 @@ static mha_status mha__gemm_run(const mha_plan *p, float alpha, const float *A, 
 {
     size_t tmp;
     void *owned;
-    float *ws;
+    float *ws = NULL;
     mha_status st;
     if ((st = mha__plan_ok(p, MHA__PLAN_GEMM, err)) != MHA_OK || (st = mha__need(err, "A", A)) != MHA_OK ||
         (st = mha__need(err, "B", B)) != MHA_OK || (st = mha__need(err, "C", C)) != MHA_OK ||
@@ -4107,8 +4142,9 @@ static mha_status mha__sdpa_plan_make(int B, int H, int Lq, int Lk, int D, int D
                                       const mha_options *opt, unsigned flags, mha_plan *p, mha_error *e)
 {
     size_t n, per_thread, f, f1, at_lse, at_o, saved = 0;
-    int Hkv;
+    int Hkv, shot = (flags & MHA__FLAG_SHOT) != 0;
     mha_status st;
+    flags &= ~MHA__FLAG_SHOT;
     memset(p, 0, sizeof *p);
     if ((st = mha__pos(e, "B", B)) != MHA_OK || (st = mha__pos(e, "H", H)) != MHA_OK ||
         (st = mha__pos(e, "Lq", Lq)) != MHA_OK || (st = mha__pos(e, "Lk", Lk)) != MHA_OK ||
@@ -4124,7 +4160,8 @@ static mha_status mha__sdpa_plan_make(int B, int H, int Lq, int Lk, int D, int D
         !mha__dim_ok(Lq) || !mha__dim_ok(Lk) || !mha__dim_ok(D) || !mha__dim_ok(Dv))
         return mha__fail(e, MHA_ERR_OVERFLOW, "B", "B %d, H %d, Lq %d, Lk %d, D %d, Dv %d: a tensor passes the "
                          "size limits", B, H, Lq, Lk, D, Dv);
-    st = mha__plan_begin(p, MHA__PLAN_SDPA, opt, flags, MHA_PLAN_WEIGHTS | MHA_PLAN_TRAINING | MHA_PLAN_CACHE,
+    st = mha__plan_begin(p, MHA__PLAN_SDPA, opt, flags,
+                         MHA_PLAN_WEIGHTS | MHA_PLAN_ROWS | MHA_PLAN_TRAINING | MHA_PLAN_CACHE,
                          B, H, Lq, Lk, e);
     if (st != MHA_OK) return st;
     if ((st = mha__check_decode(&p->opt, H, p->opt.num_kv_heads, "opt->num_kv_heads", NULL, D, Lk, e)) != MHA_OK)
@@ -4134,14 +4171,17 @@ static mha_status mha__sdpa_plan_make(int B, int H, int Lq, int Lk, int D, int D
     if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 0, p->nthreads, &per_thread, &f)) goto overflow;
     if (flags & MHA_PLAN_CACHE) {   /* a run over a KV cache (ring buffers included) */
         if (D != Dv)
-            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "flags", "has MHA_PLAN_CACHE, but a KV cache holds "
-                             "keys and values of one width: D %d, Dv %d", D, Dv);
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, shot ? "run->cache" : "flags", "%s, but a KV cache "
+                             "holds keys and values of one width: D %d, Dv %d",
+                             shot ? "is set" : "has MHA_PLAN_CACHE", D, Dv);
         if (!mha__cache_attend_floats(H, Lq, Lk, D, 1, p->nthreads, &per_thread, &f1)) goto overflow;
         if (f1 > f) f = f1;
     }
-    if (flags & MHA_PLAN_WEIGHTS) {   /* all weights, or chosen rows after the fused path (lse first) */
+    if (flags & MHA_PLAN_WEIGHTS) {   /* all weights: the unfused path */
         if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 1, p->nthreads, &per_thread, &f1)) goto overflow;
         if (f1 > f) f = f1;
+    }
+    if (flags & (MHA_PLAN_WEIGHTS | MHA_PLAN_ROWS)) {   /* chosen rows after the fused path (lse first) */
         if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 0, p->nthreads, &per_thread, &f1) ||
             !mha__add(f1, mha__round_floats((size_t)B * H * Lq), &f1))
             goto overflow;
@@ -4246,7 +4286,7 @@ static mha_status mha__sdpa_run_forward(const mha_plan *p, int Lq, int Lk,
     const mha__rowout *rs;
     size_t per_thread, total, at_lse = 0, at_o = 0, saved = 0, lse_region = 0;
     void *owned;
-    float *ws, *sv = NULL, *lse = NULL;
+    float *ws = NULL, *sv = NULL, *lse = NULL;
     int rows = run && run->n_rows > 0, weights = run && run->weights && !rows;
     int shape[9];
     mha_status st;
@@ -4254,9 +4294,7 @@ static mha_status mha__sdpa_run_forward(const mha_plan *p, int Lq, int Lk,
                         MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_CACHE | MHA__RF_WEIGHTS | MHA__RF_STATS, &o, err);
     if (st == MHA_OK) st = mha__need(err, "q", q);
     if (st == MHA_OK) st = mha__need(err, "out", out);
-    if (st == MHA_OK && run && run->weights && !(p->flags & MHA_PLAN_WEIGHTS))
-        st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "run->weights", "is set, but the plan was made without "
-                       "MHA_PLAN_WEIGHTS");
+    if (st == MHA_OK) st = mha__run_weights_ok(p, run, err);
     if (st == MHA_OK && run && run->cache) {
         if (k || v) st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, k ? "k" : "v", "is set; with run->cache the keys "
                                    "and values are the cache's (pass NULL)");
@@ -4319,7 +4357,7 @@ static mha_status mha__sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
     mha_options o;
     mha__attn a;
     void *owned;
-    float *ws, *sv = NULL;
+    float *ws = NULL, *sv = NULL;
     size_t f = 0, at_lse = 0, at_o = 0, saved = 0;
     int shape[9];
     mha_status st;
@@ -4800,9 +4838,11 @@ static int mha__module_floats(const mha_plan *p, int Lq, int Lk, size_t *floats)
         if (!mha__cached_floats(&p->mod, p->B, Lq, Lk, 1, p->nthreads, &f)) return 0;
         if (f > *floats) *floats = f;
     }
-    if (p->flags & MHA_PLAN_WEIGHTS) {
+    if (p->flags & MHA_PLAN_WEIGHTS) {   /* all weights: the unfused path */
         if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 1, 0, p->nthreads, 0, &F)) return 0;
         if (F.total_floats > *floats) *floats = F.total_floats;
+    }
+    if (p->flags & (MHA_PLAN_WEIGHTS | MHA_PLAN_ROWS)) {
         /* rows: the lse, then the fused forward or the rows' recomputation */
         if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 0, p->by_head, p->nthreads, 0, &F) ||
             !mha__wrows_lay(&p->mod, p->B, Lk, Lq, p->nthreads, &R))
@@ -4829,8 +4869,9 @@ static mha_status mha__module_plan_make(const mha_module *m, int B, int Lq, int 
     mha__mod r;
     mha__fwd_layout F;
     size_t n, f;
-    int widest, Lke;
+    int widest, Lke, shot = (flags & MHA__FLAG_SHOT) != 0;
     mha_status st;
+    flags &= ~MHA__FLAG_SHOT;
     *extra_bytes = 0;
     memset(p, 0, sizeof *p);
     if ((st = mha__check_module(m, &r, e)) != MHA_OK) return st;
@@ -4851,7 +4892,7 @@ static mha_status mha__module_plan_make(const mha_module *m, int B, int Lq, int 
         !mha__mul3((size_t)Lq, (size_t)Lke, 2 * sizeof(float), &n))
         goto overflow;
     st = mha__plan_begin(p, kind, opt, flags, MHA_PLAN_WEIGHTS | MHA_PLAN_TRAINING | MHA_PLAN_PACK |
-                         (kind == MHA__PLAN_MODULE ? MHA_PLAN_CACHE : 0u), B, r.H, Lq, Lk, e);
+                         (kind == MHA__PLAN_MODULE ? MHA_PLAN_CACHE | MHA_PLAN_ROWS : 0u), B, r.H, Lq, Lk, e);
     if (st != MHA_OK) return st;
     if ((st = mha__check_decode(&p->opt, r.H, m->num_kv_heads, "m->num_kv_heads", &m->rope, r.D, Lk, e)) != MHA_OK)
         return st;
@@ -4865,8 +4906,9 @@ static mha_status mha__module_plan_make(const mha_module *m, int B, int Lq, int 
                  (double)B * ((double)Lq + 2.0 * Lke) * r.E >= (double)MHA__BY_HEAD_FLOATS;
     p->cache_ok = r.kdim == r.E && r.vdim == r.E && r.extra == 0;
     if ((flags & MHA_PLAN_CACHE) && !p->cache_ok)
-        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "flags", "has MHA_PLAN_CACHE, but a KV cache serves plain "
-                         "self-attention only: kdim and vdim must be embed_dim, no bias_k or add_zero_attn");
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, shot ? "run->cache" : "flags", "%s, but a KV cache serves "
+                         "plain self-attention only: kdim and vdim must be embed_dim, no bias_k or add_zero_attn",
+                         shot ? "is set" : "has MHA_PLAN_CACHE");
     if (!mha__module_floats(p, Lq, Lk, &f)) goto overflow;
     p->mod_floats = f;
     if ((flags & MHA_PLAN_TRAINING) && !mha__fwd_layout_at(&r, B, Lq, Lk, 0, 0, p->nthreads, 1, &F)) goto overflow;
@@ -5205,15 +5247,13 @@ static mha_status mha__module_run_forward(const mha_plan *p, int Lq, int Lk,
     void *owned, *copy = NULL;
     size_t need, lse_region = 0, nq, nk, nv;
     int rows = run && run->n_rows > 0;
-    float *ws;
+    float *ws = NULL;
     mha_status st;
     st = mha__module_run_begin(p, MHA__PLAN_MODULE, Lq, Lk, query, key, value, run,
                                MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_CACHE | MHA__RF_WEIGHTS | MHA__RF_STATS,
                                &o, &c, err);
     if (st == MHA_OK) st = mha__need(err, "out", out);
-    if (st == MHA_OK && run && run->weights && !(p->flags & MHA_PLAN_WEIGHTS))
-        st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "run->weights", "is set, but the plan was made without "
-                       "MHA_PLAN_WEIGHTS");
+    if (st == MHA_OK) st = mha__run_weights_ok(p, run, err);
     if (st == MHA_OK && run && run->cache)
         return mha__module_cached(p, Lq, query, key, value, out, run, &o, err);
     if (st == MHA_OK) st = mha__rows_ok(run, Lq, err);
@@ -5767,7 +5807,7 @@ static mha_status mha__sdpa_cache_forward(const mha_plan *p, int Lq, const float
     mha__rowout ro;
     size_t per_thread, total;
     void *owned;
-    float *ws;
+    float *ws = NULL;
     int D = p->D;
     mha_status st;
     if (!(p->flags & MHA_PLAN_CACHE))
@@ -6299,9 +6339,7 @@ static mha_status mha__encoder_run_forward(const mha_plan *p, int L, const float
     st = mha__module_run_begin(p, MHA__PLAN_ENCODER, L, L, x, x, x, run,
                                MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_WEIGHTS | MHA__RF_STATS, &o, &c, err);
     if (st == MHA_OK) st = mha__need(err, "y", y);
-    if (st == MHA_OK && run && run->weights && !(p->flags & MHA_PLAN_WEIGHTS))
-        st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "run->weights", "is set, but the plan was made without "
-                       "MHA_PLAN_WEIGHTS");
+    if (st == MHA_OK) st = mha__run_weights_ok(p, run, err);
     if (st == MHA_OK && run && run->n_rows)
         st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "run->rows", "is set; an encoder run returns the whole "
                        "weights (rows: run its self-attention as a module)");
@@ -6347,7 +6385,7 @@ static mha_status mha__encoder_run_backward(const mha_plan *p, int L, const floa
     mha__enc_layout P;
     mha__run c;
     void *owned;
-    float *ws, *sv = NULL, *t1, *h, *z, *g, *t2, *d1, *d2, *dg, *gws, eps;
+    float *ws = NULL, *sv = NULL, *t1, *h, *z, *g, *t2, *d1, *d2, *dg, *gws, eps;
     size_t ne, nf, i;
     int E, F, N, nt;
     mha_status st;
@@ -6571,7 +6609,7 @@ MHADEF mha_status mha_linear_forward(int rows, int in, int out, const float *x, 
                                      const float *b, float *y, const mha_run *run, mha_error *err)
 {
     void *owned;
-    float *ws;
+    float *ws = NULL;
     mha_status st;
     mha__begin(err);
     if ((st = mha__need(err, "x", x)) != MHA_OK || (st = mha__need(err, "W", W)) != MHA_OK ||
@@ -6588,7 +6626,7 @@ MHADEF mha_status mha_linear_backward(int rows, int in, int out, const float *x,
                                       const mha_run *run, mha_error *err)
 {
     void *owned;
-    float *ws;
+    float *ws = NULL;
     mha_status st;
     mha__begin(err);
     if ((st = mha__need(err, "x", x)) != MHA_OK || (st = mha__need(err, "W", W)) != MHA_OK ||
