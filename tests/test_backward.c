@@ -287,9 +287,8 @@ static void test_mha(int B, int Lq, int Lk, int E, int H, int self, int has_bias
     CHECK(st == MHA_OK, "mha_module_backward: %s", err.message);
     /* too small a workspace is refused before anything is written (on one
        thread, explicitly: with num_threads 0 a one-shot call would run on
-       fewer threads when the workspace holds fewer).  The plan's size
-       covers every run of it (the forward that saves, too), so a backward
-       alone may fit in less: 64 bytes fit none. */
+       fewer threads when the workspace holds fewer): a caller's workspace
+       holds the plan's bytes, one byte less is refused */
     {
         mha_options one = opt;
         mha_sizes s1;
@@ -298,7 +297,7 @@ static void test_mha(int B, int Lq, int Lk, int E, int H, int self, int has_bias
         one.num_threads = 1;
         st = mha_module_plan_size(&mod, B, Lq, Lk, &one, MHA_PLAN_TRAINING, &s1, &err);
         CHECK(st == MHA_OK && s1.workspace <= sz.workspace, "1-thread size: %s", err.message);
-        run.workspace_bytes = 64;
+        run.workspace_bytes = st == MHA_OK ? s1.workspace - 1 : 0;
         st = mha_module_backward(&mod, B, Lq, Lk, xq, xk, xv, g, &one, dxq, dxk, dxv, &gr, &run, &err);
         CHECK(st == MHA_ERR_WORKSPACE_TOO_SMALL && err.field && strcmp(err.field, "run->workspace_bytes") == 0,
               "small workspace: status %d, %s", (int)st, err.message);
