@@ -154,11 +154,13 @@ static void test_sdpa(int B, int H, int Lq, int Lk, int D, int Dv, int use_float
 {
     tu_rng r; masks m; mha_options opt; sdpa_case c;
     size_t nq = (size_t)B * H * Lq * D, nk = (size_t)B * H * Lk * D, nv = (size_t)B * H * Lk * Dv;
-    size_t no = (size_t)B * H * Lq * Dv, bytes = 0;
+    size_t no = (size_t)B * H * Lq * Dv;
     float *q = falloc(nq), *k = falloc(nk), *v = falloc(nv), *g = falloc(no);
     float *dq = falloc(nq), *dk = falloc(nk), *dv = falloc(nv);
     double *rq = dalloc(nq), *rk = dalloc(nk), *rv = dalloc(nv);
-    void *ws;
+    mha_sizes sz;
+    mha_run run;
+    mha_error err;
     char what[128];
     mha_status st;
 
@@ -167,15 +169,18 @@ static void test_sdpa(int B, int H, int Lq, int Lk, int D, int Dv, int use_float
     make_masks(&r, &m, B, Lq, Lk, use_float, use_kpm, causal, bottom_right);
     set_options(&m, B, Lq, Lk, &opt);
 
-    CHECK(mha_sdpa_backward_workspace_size(B, H, Lq, Lk, D, Dv, &opt, &bytes) == MHA_OK, "ws size");
-    ws = malloc(bytes);
+    st = mha_sdpa_plan_size(B, H, Lq, Lk, D, Dv, &opt, MHA_PLAN_TRAINING, &sz, &err);
+    CHECK(st == MHA_OK, "mha_sdpa_plan_size: %s", err.message);
+    memset(&run, 0, sizeof run);
+    run.workspace = malloc(st == MHA_OK ? sz.workspace : 1);
+    run.workspace_bytes = st == MHA_OK ? sz.workspace : 0;
     /* start from a nonzero gradient: the call must add to it */
     tu_fill(&r, dq, nq, 1.0f);
     {
         float *dq0 = falloc(nq);
         memcpy(dq0, dq, nq * sizeof(float));
-        st = mha_sdpa_backward(B, H, Lq, Lk, D, Dv, q, k, v, g, &opt, dq, dk, dv, ws, bytes);
-        CHECK(st == MHA_OK, "sdpa_backward: %s", mha_status_string(st));
+        st = mha_sdpa_backward(B, H, Lq, Lk, D, Dv, q, k, v, g, &opt, dq, dk, dv, &run, &err);
+        CHECK(st == MHA_OK, "mha_sdpa_backward: %s", err.message);
         { size_t i; for (i = 0; i < nq; ++i) dq[i] -= dq0[i]; }
         free(dq0);
     }
@@ -195,7 +200,7 @@ static void test_sdpa(int B, int H, int Lq, int Lk, int D, int Dv, int use_float
         snprintf(w2, sizeof w2, "%s dv", what); check_grad(w2, dv, rv, nv, &worst_sdpa);
     }
     free(q); free(k); free(v); free(g); free(dq); free(dk); free(dv); free(rq); free(rk); free(rv);
-    free(c.q); free(c.k); free(c.v); free(c.g); free(c.o); free(ws);
+    free(c.q); free(c.k); free(c.v); free(c.g); free(c.o); free(run.workspace);
 }
 
 /* ---------------------------------------------------------------- module */
@@ -245,13 +250,15 @@ static void test_mha(int B, int Lq, int Lk, int E, int H, int self, int has_bias
                      int use_float, int use_kpm, int causal, unsigned seed)
 {
     tu_rng r; masks m; mha_options opt; mha_case c; mha_module mod; mha_module_grad gr;
-    size_t nq = (size_t)B * Lq * E, nk = (size_t)B * Lk * E, EE = (size_t)E * E, bytes = 0;
+    size_t nq = (size_t)B * Lq * E, nk = (size_t)B * Lk * E, EE = (size_t)E * E;
     float *xq = falloc(nq), *xk = falloc(nk), *xv = falloc(nk), *g = falloc(nq);
     float *w_in = falloc(3 * EE), *b_in = falloc(3 * (size_t)E), *w_out = falloc(EE), *b_out = falloc((size_t)E);
     float *dxq = falloc(nq), *dxk = falloc(nk), *dxv = falloc(nk);
     float *dw_in = falloc(3 * EE), *db_in = falloc(3 * (size_t)E), *dw_out = falloc(EE), *db_out = falloc((size_t)E);
     double *ref = dalloc(3 * EE + nq + 2 * nk);
-    void *ws;
+    mha_sizes sz;
+    mha_run run;
+    mha_error err;
     char what[160];
     mha_status st;
 
@@ -268,23 +275,34 @@ static void test_mha(int B, int Lq, int Lk, int E, int H, int self, int has_bias
     if (has_bias) { mod.in_proj_bias = b_in; mod.out_proj_bias = b_out; }
     gr.in_proj_weight = dw_in; gr.in_proj_bias = db_in; gr.out_proj_weight = dw_out; gr.out_proj_bias = db_out;
 
-    CHECK(mha_backward_workspace_size(&mod, B, Lq, Lk, &opt, &bytes) == MHA_OK, "ws size");
-    ws = malloc(bytes);
+    st = mha_module_plan_size(&mod, B, Lq, Lk, &opt, MHA_PLAN_TRAINING, &sz, &err);
+    CHECK(st == MHA_OK, "mha_module_plan_size: %s", err.message);
+    memset(&run, 0, sizeof run);
+    run.workspace = malloc(st == MHA_OK ? sz.workspace : 1);
+    run.workspace_bytes = st == MHA_OK ? sz.workspace : 0;
     if (self)
-        st = mha_backward(&mod, B, Lq, Lq, xq, xq, xq, g, &opt, dxq, dxq, dxq, &gr, ws, bytes);
+        st = mha_module_backward(&mod, B, Lq, Lq, xq, xq, xq, g, &opt, dxq, dxq, dxq, &gr, &run, &err);
     else
-        st = mha_backward(&mod, B, Lq, Lk, xq, xk, xv, g, &opt, dxq, dxk, dxv, &gr, ws, bytes);
-    CHECK(st == MHA_OK, "mha_backward: %s", mha_status_string(st));
+        st = mha_module_backward(&mod, B, Lq, Lk, xq, xk, xv, g, &opt, dxq, dxk, dxv, &gr, &run, &err);
+    CHECK(st == MHA_OK, "mha_module_backward: %s", err.message);
     /* too small a workspace is refused before anything is written (on one
        thread, explicitly: with num_threads 0 a one-shot call would run on
-       fewer threads when the workspace holds fewer) */
+       fewer threads when the workspace holds fewer): a caller's workspace
+       holds the plan's bytes, one byte less is refused */
     {
         mha_options one = opt;
-        size_t b1 = 0;
+        mha_sizes s1;
+        float *dq_before = falloc(nq);
+        memcpy(dq_before, dxq, nq * sizeof(float));
         one.num_threads = 1;
-        CHECK(mha_backward_workspace_size(&mod, B, Lq, Lk, &one, &b1) == MHA_OK && b1 <= bytes, "1-thread size");
-        CHECK(mha_backward(&mod, B, Lq, Lk, xq, xk, xv, g, &one, dxq, dxk, dxv, &gr, ws, b1 - 1)
-              == MHA_ERR_WORKSPACE_TOO_SMALL, "small workspace");
+        st = mha_module_plan_size(&mod, B, Lq, Lk, &one, MHA_PLAN_TRAINING, &s1, &err);
+        CHECK(st == MHA_OK && s1.workspace <= sz.workspace, "1-thread size: %s", err.message);
+        run.workspace_bytes = st == MHA_OK ? s1.workspace - 1 : 0;
+        st = mha_module_backward(&mod, B, Lq, Lk, xq, xk, xv, g, &one, dxq, dxk, dxv, &gr, &run, &err);
+        CHECK(st == MHA_ERR_WORKSPACE_TOO_SMALL && err.field && strcmp(err.field, "run->workspace_bytes") == 0,
+              "small workspace: status %d, %s", (int)st, err.message);
+        CHECK(memcmp(dq_before, dxq, nq * sizeof(float)) == 0, "small workspace: dquery written");
+        free(dq_before);
     }
 
     memset(&c, 0, sizeof c);
@@ -320,7 +338,7 @@ static void test_mha(int B, int Lq, int Lk, int E, int H, int self, int has_bias
     free(dxq); free(dxk); free(dxv); free(dw_in); free(db_in); free(dw_out); free(db_out); free(ref);
     free(c.xq); if (!self) { free(c.xk); free(c.xv); }
     free(c.w_in); free(c.b_in); free(c.w_out); free(c.b_out); free(c.g);
-    free(c.Q); free(c.K); free(c.V); free(c.C); free(c.Y); free(ws);
+    free(c.Q); free(c.K); free(c.V); free(c.C); free(c.Y); free(run.workspace);
 }
 
 /* The module in its other configurations: separate q/k/v weights with kdim and
@@ -371,6 +389,7 @@ static void test_mha_general(int B, int Lq, int Lk, int E, int H, int kdim, int 
     tu_rng r; masks m; mha_options opt; mha_module mod; mha_module_grad mg; mha2_case c;
     int Lke = Lk + bias_kv + zero_attn, i;
     size_t nq = (size_t)B * Lq * E, maxn = 0;
+    mha_error err;
     mha_status st;
 
     sz[XQ] = nq; sz[XK] = (size_t)B * Lk * kdim; sz[XV] = (size_t)B * Lk * vdim;
@@ -400,8 +419,8 @@ static void test_mha_general(int B, int Lq, int Lk, int E, int H, int kdim, int 
     mg.bias_k = gr[BK]; mg.bias_v = gr[BV];
     mg.in_proj_weight = gr[WQ];   /* ignored: this module has separate weights */
 
-    st = mha_backward(&mod, B, Lq, Lk, f[XQ], f[XK], f[XV], g, &opt, gr[XQ], gr[XK], gr[XV], &mg, NULL, 0);
-    CHECK(st == MHA_OK, "mha_backward (general): %s", mha_status_string(st));
+    st = mha_module_backward(&mod, B, Lq, Lk, f[XQ], f[XK], f[XV], g, &opt, gr[XQ], gr[XK], gr[XV], &mg, NULL, &err);
+    CHECK(st == MHA_OK, "mha_module_backward (general): %s", err.message);
     {
         /* the forward of the library agrees with the reference */
         float *out = falloc(nq);
@@ -414,7 +433,8 @@ static void test_mha_general(int B, int Lq, int Lk, int E, int H, int kdim, int 
         c.g = dalloc(nq); to_double(g, c.g, nq);
         c.Q = dalloc(nq); c.K = dalloc((size_t)B * Lke * E); c.V = dalloc((size_t)B * Lke * E);
         c.C = dalloc(nq); c.Y = dalloc(nq);
-        CHECK(mha_forward(&mod, B, Lq, Lk, f[XQ], f[XK], f[XV], &opt, out, NULL, NULL, 0) == MHA_OK, "fwd");
+        st = mha_module_forward(&mod, B, Lq, Lk, f[XQ], f[XK], f[XV], &opt, out, NULL, &err);
+        CHECK(st == MHA_OK, "mha_module_forward: %s", err.message);
         mha2_loss(&c);
         yd = c.Y;
         CHECK(tu_rel_err(out, yd, nq) <= 1e-5, "general forward rel err %.3g", tu_rel_err(out, yd, nq));
@@ -438,28 +458,38 @@ static void test_mha_general(int B, int Lq, int Lk, int E, int H, int kdim, int 
     free(g); free(ref); free(c.g); free(c.Q); free(c.K); free(c.V); free(c.C); free(c.Y);
 }
 
+/* A refusal: the status and the field mha_error names. */
+static void refused(mha_status st, mha_status want, const mha_error *err, const char *field, const char *what)
+{
+    CHECK(st == want && err->field && strcmp(err->field, field) == 0,
+          "%s: status %d (want %d), field %s (want %s): %s", what, (int)st, (int)want,
+          err->field ? err->field : "(null)", field, err->message);
+}
+
 static void test_validation(void)
 {
     float x[12] = {0}, w[48] = {0};
     mha_module mod;
-    size_t bytes;
+    mha_sizes sz;
+    mha_error err;
     memset(&mod, 0, sizeof mod);
     mod.embed_dim = 2; mod.num_heads = 1; mod.in_proj_weight = w; mod.out_proj_weight = w;
-    CHECK(mha_backward(&mod, 1, 1, 1, x, x, x, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0)
-          == MHA_ERR_NULL_POINTER, "NULL dout");
+    refused(mha_module_backward(&mod, 1, 1, 1, x, x, x, NULL, NULL, NULL, NULL, NULL, NULL, NULL, &err),
+            MHA_ERR_NULL_POINTER, &err, "dout", "NULL dout");
     mod.add_zero_attn = 2;
-    CHECK(mha_backward_workspace_size(&mod, 1, 1, 1, NULL, &bytes) == MHA_ERR_INVALID_ARGUMENT,
-          "add_zero_attn is 0 or 1");
+    refused(mha_module_plan_size(&mod, 1, 1, 1, NULL, MHA_PLAN_TRAINING, &sz, &err), MHA_ERR_INVALID_ARGUMENT,
+            &err, "m->add_zero_attn", "add_zero_attn is 0 or 1");
     mod.add_zero_attn = 0; mod.bias_k = w;
-    CHECK(mha_backward_workspace_size(&mod, 1, 1, 1, NULL, &bytes) == MHA_ERR_INVALID_ARGUMENT,
-          "bias_k without bias_v");
+    refused(mha_module_plan_size(&mod, 1, 1, 1, NULL, MHA_PLAN_TRAINING, &sz, &err), MHA_ERR_INVALID_ARGUMENT,
+            &err, "m->bias_v", "bias_k without bias_v");
     mod.bias_k = NULL; mod.kdim = 3;
-    CHECK(mha_backward_workspace_size(&mod, 1, 1, 1, NULL, &bytes) == MHA_ERR_INVALID_ARGUMENT,
-          "kdim != E with in_proj_weight");
+    refused(mha_module_plan_size(&mod, 1, 1, 1, NULL, MHA_PLAN_TRAINING, &sz, &err), MHA_ERR_INVALID_ARGUMENT,
+            &err, "m->kdim", "kdim != E with in_proj_weight");
     mod.kdim = 0; mod.num_heads = 3;
-    CHECK(mha_backward_workspace_size(&mod, 1, 1, 1, NULL, &bytes) == MHA_ERR_HEADS_DIVIDE, "E %% H");
-    CHECK(mha_sdpa_backward(1, 1, 0, 1, 1, 1, x, x, x, x, NULL, x, x, x, NULL, 0) == MHA_ERR_INVALID_SIZE,
-          "Lq = 0");
+    refused(mha_module_plan_size(&mod, 1, 1, 1, NULL, MHA_PLAN_TRAINING, &sz, &err), MHA_ERR_HEADS_DIVIDE,
+            &err, "m->num_heads", "E %% H");
+    refused(mha_sdpa_backward(1, 1, 0, 1, 1, 1, x, x, x, x, NULL, x, x, x, NULL, &err), MHA_ERR_INVALID_SIZE,
+            &err, "Lq", "Lq = 0");
 }
 
 /* ---------------------------------------------------------------- encoder */
@@ -544,10 +574,12 @@ static void test_encoder(int B, int L, int E, int H, int F, int gelu, int norm_f
         "d norm2.weight", "d norm2.bias"};
     tu_rng r; masks m; mha_options opt; enc_case c; param p[NP];
     mha_encoder_layer ly; mha_encoder_layer_grad gr;
-    size_t N = (size_t)B * L, ne = N * E, bytes = 0, k;
-    float *g = falloc(ne), *y = falloc(ne);
+    size_t N = (size_t)B * L, ne = N * E, k;
+    float *g = falloc(ne), *y = falloc(ne), *dx2 = falloc(ne);
     double *ref;
-    void *ws;
+    mha_sizes sz;
+    mha_run run;
+    mha_error err;
     mha_status st;
     int i;
 
@@ -593,12 +625,27 @@ static void test_encoder(int B, int L, int E, int H, int F, int gelu, int norm_f
     gr.norm1_weight = p[N1W].grad; gr.norm1_bias = p[N1B].grad;
     gr.norm2_weight = p[N2W].grad; gr.norm2_bias = p[N2B].grad;
 
-    CHECK(mha_encoder_workspace_size(&ly, B, L, &opt, &bytes) == MHA_OK, "encoder ws size");
-    ws = malloc(bytes);
-    st = mha_encoder_forward(&ly, B, L, p[X].f, &opt, y, NULL, ws, bytes);
-    CHECK(st == MHA_OK, "encoder forward: %s", mha_status_string(st));
-    st = mha_encoder_backward(&ly, B, L, p[X].f, &opt, g, p[X].grad, &gr, ws, bytes);
-    CHECK(st == MHA_OK, "encoder backward: %s", mha_status_string(st));
+    /* the forward saves what the backward needs (run.saved); the backward reads it */
+    st = mha_encoder_plan_size(&ly, B, L, &opt, MHA_PLAN_TRAINING, &sz, &err);
+    CHECK(st == MHA_OK && sz.saved > 0, "mha_encoder_plan_size: %s", err.message);
+    memset(&run, 0, sizeof run);
+    run.workspace = malloc(st == MHA_OK ? sz.workspace : 1);
+    run.workspace_bytes = st == MHA_OK ? sz.workspace : 0;
+    run.saved = malloc(st == MHA_OK ? sz.saved : 1);
+    run.saved_bytes = st == MHA_OK ? sz.saved : 0;
+    st = mha_encoder_forward(&ly, B, L, p[X].f, &opt, y, &run, &err);
+    CHECK(st == MHA_OK, "mha_encoder_forward (saving): %s", err.message);
+    st = mha_encoder_backward(&ly, B, L, p[X].f, g, &opt, p[X].grad, &gr, &run, &err);
+    CHECK(st == MHA_OK, "mha_encoder_backward (saved forward): %s", err.message);
+    /* without the saved forward the backward computes it again: the same dx */
+    {
+        mha_run again = run;
+        again.saved = NULL; again.saved_bytes = 0;
+        st = mha_encoder_backward(&ly, B, L, p[X].f, g, &opt, dx2, NULL, &again, &err);
+        CHECK(st == MHA_OK, "mha_encoder_backward (recompute): %s", err.message);
+        CHECK(tu_rel_err_ff(dx2, p[X].grad, ne) <= 1e-6, "encoder dx: recomputed forward vs saved %.3g",
+              tu_rel_err_ff(dx2, p[X].grad, ne));
+    }
 
     memset(&c, 0, sizeof c);
     c.sa.B = B; c.sa.Lq = c.sa.Lk = L; c.sa.E = E; c.sa.H = H; c.sa.has_bias = 1; c.sa.m = &m;
@@ -629,7 +676,7 @@ static void test_encoder(int B, int L, int E, int H, int F, int gelu, int norm_f
     }
     free(ref);
     for (k = 0; k < NP; ++k) param_free(&p[k]);
-    free(g); free(y); free(ws);
+    free(g); free(y); free(dx2); free(run.workspace); free(run.saved);
     free(c.sa.Q); free(c.sa.K); free(c.sa.V); free(c.sa.C); free(c.sa.Y); free(c.g);
     free(c.t1); free(c.h); free(c.z); free(c.t2); free(c.y);
 }

@@ -1,6 +1,8 @@
-/* test_core.c - mha_forward and mha_sdpa against a float64 reference written
-   plainly here, on many random shapes, masks and options; plus the documented
-   edge behaviour (fully masked rows, NaN in masked keys, large logits). */
+/* test_core.c - mha_module_forward and mha_sdpa_forward against a float64
+   reference written plainly here, on many random shapes, masks and options,
+   with and without the attention weights (run.weights) and with a caller's
+   workspace; plus the documented edge behaviour (fully masked rows, NaN in
+   masked keys, large logits). */
 #define MHA_IMPLEMENTATION
 #include "mha.h"
 #include "testutil.h"
@@ -225,8 +227,8 @@ static void run_case(tu_rng *r, int B, int Lq, int Lk, int E, int H, int kdim, i
     float *out2 = (float *)malloc(nout * sizeof(float));
     double *rout = (double *)malloc(nout * sizeof(double)), *rw = (double *)malloc(nw_head * sizeof(double));
     double *rw_use = rw;
-    void *ws = NULL;
-    size_t ws_bytes = 0;
+    mha_run run;
+    mha_error err;
     mha_status st;
     double e_out, e_w, e_out2;
 
@@ -279,13 +281,17 @@ static void run_case(tu_rng *r, int B, int Lq, int Lk, int E, int H, int kdim, i
     o.causal_align = (mha_causal_align)align;
     o.per_head_weights = per_head;
 
+    memset(&run, 0, sizeof run);
+    run.weights = w;
     if (use_ws) {
-        st = mha_forward_workspace_size(&m, B, Lq, Lk, &o, 1, &ws_bytes);
-        CHECK(st == MHA_OK, "workspace size: %s", mha_status_string(st));
-        ws = malloc(ws_bytes);
+        mha_sizes sz;
+        st = mha_module_plan_size(&m, B, Lq, Lk, &o, MHA_PLAN_WEIGHTS, &sz, &err);
+        CHECK(st == MHA_OK, "mha_module_plan_size: %s", err.message);
+        run.workspace = malloc(st == MHA_OK ? sz.workspace : 1);
+        run.workspace_bytes = st == MHA_OK ? sz.workspace : 0;
     }
-    st = mha_forward(&m, B, Lq, Lk, c.query, c.key, c.value, &o, out, w, ws, ws_bytes);
-    CHECK(st == MHA_OK, "forward: %s", mha_status_string(st));
+    st = mha_module_forward(&m, B, Lq, Lk, c.query, c.key, c.value, &o, out, &run, &err);
+    CHECK(st == MHA_OK, "mha_module_forward: %s", err.message);
 
     ref_mha(&m, B, Lq, Lk, c.query, c.key, c.value, &o, rout, rw);
     if (!per_head) {
@@ -306,14 +312,14 @@ static void run_case(tu_rng *r, int B, int Lq, int Lk, int E, int H, int kdim, i
           "per_head=%d: rel err out %.3g weights %.3g", B, Lq, Lk, E, H, kdim, vdim, bias, bias_kv,
           zero_attn, am_kind, am_ndim, kpm_kind, causal, align, per_head, e_out, e_w);
 
-    /* without weights (the fused path once it exists) the output is the same */
-    st = mha_forward(&m, B, Lq, Lk, c.query, c.key, c.value, &o, out2, NULL, NULL, 0);
+    /* without weights (the fused path) the output is the same */
+    st = mha_module_forward(&m, B, Lq, Lk, c.query, c.key, c.value, &o, out2, NULL, &err);
     e_out2 = tu_rel_err(out2, rout, nout);
     if (e_out2 > worst_out) worst_out = e_out2;
-    CHECK(st == MHA_OK && e_out2 <= TOL, "no-weights path: %s rel err %.3g", mha_status_string(st), e_out2);
+    CHECK(st == MHA_OK && e_out2 <= TOL, "no-weights path: %s rel err %.3g", st ? err.message : "ok", e_out2);
 
     if (rw_use != rw) free(rw_use);
-    free(ws); free(out); free(out2); free(w); free(rout); free(rw);
+    free(run.workspace); free(out); free(out2); free(w); free(rout); free(rw);
     free_bufs(&c);
 }
 
@@ -372,6 +378,8 @@ static void test_random_sdpa(void)
         void *mask = NULL;
         mha_options opt;
         ref_view qv, kv, vv;
+        mha_run run;
+        mha_error err;
         mha_status st;
         double eo, ew;
         memset(&opt, 0, sizeof opt);
@@ -387,8 +395,10 @@ static void test_random_sdpa(void)
         opt.causal = (tu_next(&r) % 3) == 0;
         opt.causal_align = (mha_causal_align)(tu_next(&r) & 1);
         if (tu_next(&r) & 1) opt.scale = 0.05f + 0.3f * (tu_uniform(&r) + 1.0f);
-        st = mha_sdpa(B, H, Lq, Lk, D, Dv, q, k, v, &opt, o, w, NULL, 0);
-        CHECK(st == MHA_OK, "sdpa: %s", mha_status_string(st));
+        memset(&run, 0, sizeof run);
+        run.weights = w;
+        st = mha_sdpa_forward(B, H, Lq, Lk, D, Dv, q, k, v, &opt, o, &run, &err);
+        CHECK(st == MHA_OK, "mha_sdpa_forward: %s", err.message);
         qv.p = dq; qv.rs = D; qv.hs = (size_t)Lq * D; qv.bs = (size_t)H * Lq * D;
         kv.p = dk; kv.rs = D; kv.hs = (size_t)Lk * D; kv.bs = (size_t)H * Lk * D;
         vv.p = dv; vv.rs = Dv; vv.hs = (size_t)Lk * Dv; vv.bs = (size_t)H * Lk * Dv;
@@ -401,9 +411,9 @@ static void test_random_sdpa(void)
         CHECK(eo <= TOL && ew <= TOL, "sdpa B=%d H=%d Lq=%d Lk=%d D=%d Dv=%d mask=%d causal=%d: %.3g %.3g",
               B, H, Lq, Lk, D, Dv, (int)opt.attn_mask.kind, opt.causal, eo, ew);
         /* and without weights */
-        st = mha_sdpa(B, H, Lq, Lk, D, Dv, q, k, v, &opt, o, NULL, NULL, 0);
+        st = mha_sdpa_forward(B, H, Lq, Lk, D, Dv, q, k, v, &opt, o, NULL, &err);
         eo = tu_rel_err(o, ro, no);
-        CHECK(st == MHA_OK && eo <= TOL, "sdpa without weights: %.3g", eo);
+        CHECK(st == MHA_OK && eo <= TOL, "sdpa without weights: %s %.3g", st ? err.message : "ok", eo);
         free(q); free(k); free(v); free(o); free(w); free(dq); free(dk); free(dv);
         free(ro); free(rw); free(mask);
     }
@@ -426,6 +436,20 @@ static void ident4_init(ident4 *t)
     t->m.embed_dim = 4; t->m.num_heads = 1;
     t->m.in_proj_weight = t->w_in; t->m.in_proj_bias = t->b_in;
     t->m.out_proj_weight = t->w_out; t->m.out_proj_bias = t->b_out;
+}
+
+/* mha_module_forward with the weights (w, may be NULL) in a run; a refusal is printed */
+static mha_status fwd(const mha_module *m, int B, int Lq, int Lk, const float *q, const float *k,
+                      const float *v, const mha_options *o, float *out, float *w)
+{
+    mha_run run;
+    mha_error err;
+    mha_status st;
+    memset(&run, 0, sizeof run);
+    run.weights = w;
+    st = mha_module_forward(m, B, Lq, Lk, q, k, v, o, out, &run, &err);
+    if (st != MHA_OK) printf("mha_module_forward: %s\n", err.message);
+    return st;
 }
 
 static int all_finite(const float *x, size_t n)
@@ -452,7 +476,7 @@ static void test_fully_masked_rows(void)
     o.attn_mask.shape[0] = 3; o.attn_mask.shape[1] = 3;
     o.key_padding_mask.kind = MHA_MASK_BOOL; o.key_padding_mask.data = kpm; o.key_padding_mask.ndim = 2;
     o.key_padding_mask.shape[0] = 2; o.key_padding_mask.shape[1] = 3;
-    CHECK(mha_forward(&t.m, 2, 3, 3, x, x, x, &o, out, w, NULL, 0) == MHA_OK, "forward");
+    CHECK(fwd(&t.m, 2, 3, 3, x, x, x, &o, out, w) == MHA_OK, "forward");
     CHECK(all_finite(out, 24) && all_finite(w, 18), "no NaN from fully masked rows");
     for (i = 0; i < 4; ++i) ok_row &= out[1 * 4 + i] == t.b_out[i];
     for (i = 0; i < 3; ++i) ok_row &= w[3 + i] == 0.0f;
@@ -462,7 +486,7 @@ static void test_fully_masked_rows(void)
     CHECK(ok_pad, "a fully padded batch element gives out = out_proj.bias everywhere");
     /* the same through the path without weights */
     memset(out, 0, sizeof out);
-    CHECK(mha_forward(&t.m, 2, 3, 3, x, x, x, &o, out, NULL, NULL, 0) == MHA_OK && out[4] == t.b_out[0] &&
+    CHECK(fwd(&t.m, 2, 3, 3, x, x, x, &o, out, NULL) == MHA_OK && out[4] == t.b_out[0] &&
           out[12] == t.b_out[0], "fully masked rows without weights");
     /* float mask of all -inf rows */
     {
@@ -471,7 +495,7 @@ static void test_fully_masked_rows(void)
         memset(&o, 0, sizeof o);
         o.attn_mask.kind = MHA_MASK_FLOAT; o.attn_mask.data = fm; o.attn_mask.ndim = 2;
         o.attn_mask.shape[0] = 3; o.attn_mask.shape[1] = 3;
-        CHECK(mha_forward(&t.m, 1, 3, 3, x, x, x, &o, out, w, NULL, 0) == MHA_OK &&
+        CHECK(fwd(&t.m, 1, 3, 3, x, x, x, &o, out, w) == MHA_OK &&
               w[6] == 0 && w[7] == 0 && w[8] == 0 && out[8] == t.b_out[0] && all_finite(out, 12),
               "float mask row of -inf gives zero weights");
     }
@@ -494,24 +518,24 @@ static void test_nan_in_masked_key(void)
     /* clean runs of both paths (with and without weights).  With a non-finite
        value row a path may switch to summing only nonzero weights, which rounds
        differently from the GEMM, so "no leak" means finite and within 1e-6. */
-    CHECK(mha_forward(&t.m, 1, 3, 3, x, kv, kv, &o, out_ref, NULL, NULL, 0) == MHA_OK, "clean");
-    CHECK(mha_forward(&t.m, 1, 3, 3, x, kv, kv, &o, out_ref_w, w, NULL, 0) == MHA_OK, "clean, weights");
+    CHECK(fwd(&t.m, 1, 3, 3, x, kv, kv, &o, out_ref, NULL) == MHA_OK, "clean");
+    CHECK(fwd(&t.m, 1, 3, 3, x, kv, kv, &o, out_ref_w, w) == MHA_OK, "clean, weights");
     kv[8] = NAN; kv[9] = INFINITY; kv[11] = -INFINITY;
-    CHECK(mha_forward(&t.m, 1, 3, 3, x, kv, kv, &o, out, w, NULL, 0) == MHA_OK, "nan key");
+    CHECK(fwd(&t.m, 1, 3, 3, x, kv, kv, &o, out, w) == MHA_OK, "nan key");
     CHECK(all_finite(out, 12) && tu_rel_err_ff(out, out_ref_w, 12) <= 1e-6,
           "NaN/Inf in a masked key and value do not leak (weights path)");
     CHECK(w[2] == 0 && w[5] == 0 && w[8] == 0, "masked key has weight 0");
-    CHECK(mha_forward(&t.m, 1, 3, 3, x, kv, kv, &o, out, NULL, NULL, 0) == MHA_OK &&
+    CHECK(fwd(&t.m, 1, 3, 3, x, kv, kv, &o, out, NULL) == MHA_OK &&
           all_finite(out, 12) && tu_rel_err_ff(out, out_ref, 12) <= 1e-6,
           "NaN/Inf in a masked key and value do not leak (no-weights path)");
     /* the documented other half: NaN in an unmasked key reaches the rows that see it */
     kpm[2] = 0;
-    CHECK(mha_forward(&t.m, 1, 3, 3, x, kv, kv, &o, out, NULL, NULL, 0) == MHA_OK && isnan(out[0]),
+    CHECK(fwd(&t.m, 1, 3, 3, x, kv, kv, &o, out, NULL) == MHA_OK && isnan(out[0]),
           "NaN in an unmasked key propagates to the output (documented)");
     /* causal: query 0 never sees key 2 even when key 2 is NaN */
     memset(&o, 0, sizeof o);
     o.causal = 1;
-    CHECK(mha_forward(&t.m, 1, 3, 3, x, kv, kv, &o, out, w, NULL, 0) == MHA_OK &&
+    CHECK(fwd(&t.m, 1, 3, 3, x, kv, kv, &o, out, w) == MHA_OK &&
           all_finite(out, 8) && isnan(out[8]), "causal: rows 0,1 finite, row 2 sees the NaN");
 }
 
@@ -527,11 +551,11 @@ static void test_causal_alignment(void)
     tu_fill(&r, kv, 16, 1.0f);
     memset(&o, 0, sizeof o);
     o.causal = 1;
-    CHECK(mha_forward(&t.m, 1, 2, 4, q, kv, kv, &o, out, w, NULL, 0) == MHA_OK &&
+    CHECK(fwd(&t.m, 1, 2, 4, q, kv, kv, &o, out, w) == MHA_OK &&
           w[0] == 1.0f && w[1] == 0 && w[2] == 0 && w[3] == 0 && w[4] > 0 && w[5] > 0 && w[6] == 0 && w[7] == 0,
           "top-left causal alignment");
     o.causal_align = MHA_CAUSAL_BOTTOM_RIGHT;
-    CHECK(mha_forward(&t.m, 1, 2, 4, q, kv, kv, &o, out, w, NULL, 0) == MHA_OK &&
+    CHECK(fwd(&t.m, 1, 2, 4, q, kv, kv, &o, out, w) == MHA_OK &&
           w[0] > 0 && w[2] > 0 && w[3] == 0 && w[7] > 0,
           "bottom-right causal alignment");
     /* Lq > Lk, bottom-right: the first query rows see no key at all -> zero rows */
@@ -539,7 +563,7 @@ static void test_causal_alignment(void)
     {
         float q4[4 * 4], w2[4 * 2], o4[4 * 4];
         tu_fill(&r, q4, 16, 1.0f);
-        CHECK(mha_forward(&t.m, 1, 4, 2, q4, kv, kv, &o, o4, w2, NULL, 0) == MHA_OK &&
+        CHECK(fwd(&t.m, 1, 4, 2, q4, kv, kv, &o, o4, w2) == MHA_OK &&
               w2[0] == 0 && w2[1] == 0 && w2[2] == 0 && w2[3] == 0 && w2[4] == 1.0f && o4[0] == t.b_out[0],
               "bottom-right with Lq > Lk: leading queries are fully masked");
     }

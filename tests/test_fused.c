@@ -174,6 +174,17 @@ static int has_nonfinite(const float *x, size_t n)
 
 static double worst_fused = 0, worst_unfused = 0, worst_pair = 0;
 
+/* the workspace bytes of an SDPA plan of case c at lengths Lq, Lk (flags 0: fused) */
+static mha_status sdpa_ws(const cfg *c, int Lq, int Lk, const mha_options *o, unsigned flags, size_t *bytes)
+{
+    mha_sizes sz = {0, 0, 0};
+    mha_error err;
+    mha_status st = mha_sdpa_plan_size(c->B, c->H, Lq, Lk, c->D, c->Dv, o, flags, &sz, &err);
+    CHECK(st == MHA_OK, "mha_sdpa_plan_size: %s", err.message);
+    *bytes = st == MHA_OK ? sz.workspace : 0;
+    return st;
+}
+
 static void run_sdpa_case(const cfg *c, unsigned seed)
 {
     tu_rng r;
@@ -189,6 +200,8 @@ static void run_sdpa_case(const cfg *c, unsigned seed)
     double e1, e2, e3, e4;
     size_t ws_fused = 0, ws_unfused = 0;
     mha_status s1, s2;
+    mha_run run;
+    mha_error err;
     int b, h, j, d;
     r.s = 0x9e3779b97f4a7c15ULL ^ (seed * 7919u + 1);
     tu_fill(&r, q, nq, 2.0f); tu_fill(&r, k, nk, 2.0f); tu_fill(&r, v, nv, 1.0f);
@@ -207,9 +220,12 @@ static void run_sdpa_case(const cfg *c, unsigned seed)
     ref_sdpa(c, &m, q, k, v, ro, rw);
     memset(of, 0xff, no * sizeof(float));   /* NaN: every element must be written */
     memset(ou, 0xff, no * sizeof(float));
-    s1 = mha_sdpa(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, q, k, v, &m.opt, of, NULL, NULL, 0);
-    s2 = mha_sdpa(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, q, k, v, &m.opt, ou, w, NULL, 0);
-    CHECK(s1 == MHA_OK && s2 == MHA_OK, "status %d %d", s1, s2);
+    s1 = mha_sdpa_forward(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, q, k, v, &m.opt, of, NULL, &err);
+    CHECK(s1 == MHA_OK, "fused mha_sdpa_forward: %s", err.message);
+    memset(&run, 0, sizeof run);
+    run.weights = w;
+    s2 = mha_sdpa_forward(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, q, k, v, &m.opt, ou, &run, &err);
+    CHECK(s2 == MHA_OK, "unfused mha_sdpa_forward: %s", err.message);
     e1 = tu_rel_err(of, ro, no);
     e2 = tu_rel_err(ou, ro, no);
     e3 = tu_rel_err_ff(of, ou, no);
@@ -224,18 +240,24 @@ static void run_sdpa_case(const cfg *c, unsigned seed)
           c->causal, c->align, c->poison, e1, e2, e3, e4);
     CHECK(!has_nonfinite(of, no) && !has_nonfinite(ou, no), "non-finite output (poison %d)", c->poison);
     /* the fused workspace is per-thread tiles plus the packed keys and
-       values of one (b, h): independent of Lq, linear in Lk; the unfused
-       score rows grow with Lk too, and there is no Lq x Lk block in either */
+       values of one (b, h): independent of Lq, linear in Lk.  A plan with
+       MHA_PLAN_WEIGHTS holds the fused path too (runs may skip the
+       weights, or ask for rows) and the unfused score rows, which grow with
+       Lk, at most linearly: there is no Lq x Lk block in either.  (Where the
+       unfused rows outgrow the fused tiles, test_memory.c checks they grow.) */
     {
         mha_options o = m.opt;
         size_t big_q = 0, big_k = 0, big_unfused = 0;
+        mha_status st;
         memset(&o.attn_mask, 0, sizeof o.attn_mask); memset(&o.key_padding_mask, 0, sizeof o.key_padding_mask);
-        mha_sdpa_workspace_size(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, &o, 0, &ws_fused);
-        mha_sdpa_workspace_size(c->B, c->H, c->Lq, c->Lk, c->D, c->Dv, &o, 1, &ws_unfused);
-        mha_sdpa_workspace_size(c->B, c->H, 16 * c->Lq, c->Lk, c->D, c->Dv, &o, 0, &big_q);
-        mha_sdpa_workspace_size(c->B, c->H, c->Lq, 16 * c->Lk, c->D, c->Dv, &o, 0, &big_k);
-        mha_sdpa_workspace_size(c->B, c->H, c->Lq, 16 * c->Lk, c->D, c->Dv, &o, 1, &big_unfused);
-        CHECK(ws_fused > 0 && big_q == ws_fused && big_k <= 16 * ws_fused && big_unfused > ws_unfused,
+        st = sdpa_ws(c, c->Lq, c->Lk, &o, 0, &ws_fused);
+        st |= sdpa_ws(c, c->Lq, c->Lk, &o, MHA_PLAN_WEIGHTS, &ws_unfused);
+        st |= sdpa_ws(c, 16 * c->Lq, c->Lk, &o, 0, &big_q);
+        st |= sdpa_ws(c, c->Lq, 16 * c->Lk, &o, 0, &big_k);
+        st |= sdpa_ws(c, c->Lq, 16 * c->Lk, &o, MHA_PLAN_WEIGHTS, &big_unfused);
+        CHECK(st == MHA_OK && ws_fused > 0 && big_q == ws_fused && big_k <= 16 * ws_fused &&
+              ws_unfused >= ws_fused && big_unfused >= big_k && big_unfused >= ws_unfused &&
+              big_unfused <= 16 * ws_unfused,
               "workspace fused %zu (16 Lq: %zu, 16 Lk: %zu), unfused %zu -> %zu",
               ws_fused, big_q, big_k, ws_unfused, big_unfused);
     }
@@ -317,6 +339,9 @@ static void run_module_case(int B, int Lq, int Lk, int E, int H, int bias_kv, in
     float *of = (float *)malloc(nx * sizeof(float)), *ou = (float *)malloc(nx * sizeof(float)), *w;
     double *ro = (double *)malloc(nx * sizeof(double));
     double e1, e2, e3;
+    mha_run run;
+    mha_error err;
+    mha_status st;
     r.s = 0x243f6a8885a308d3ULL ^ (seed * 104729u + 3);
     tu_fill(&r, w_in, (size_t)3 * E * E, 0.4f); tu_fill(&r, b_in, 3 * E, 0.1f);
     tu_fill(&r, w_out, (size_t)E * E, 0.3f); tu_fill(&r, b_out, E, 0.1f);
@@ -334,8 +359,12 @@ static void run_module_case(int B, int Lq, int Lk, int E, int H, int bias_kv, in
     nw = (size_t)B * Lq * Lke;
     w = (float *)malloc(nw * sizeof(float));
     ref_module(&mod, &c, &m, x, kv, ro);
-    CHECK(mha_forward(&mod, B, Lq, Lk, x, kv, kv, &m.opt, of, NULL, NULL, 0) == MHA_OK, "fused forward");
-    CHECK(mha_forward(&mod, B, Lq, Lk, x, kv, kv, &m.opt, ou, w, NULL, 0) == MHA_OK, "unfused forward");
+    st = mha_module_forward(&mod, B, Lq, Lk, x, kv, kv, &m.opt, of, NULL, &err);
+    CHECK(st == MHA_OK, "fused mha_module_forward: %s", err.message);
+    memset(&run, 0, sizeof run);
+    run.weights = w;
+    st = mha_module_forward(&mod, B, Lq, Lk, x, kv, kv, &m.opt, ou, &run, &err);
+    CHECK(st == MHA_OK, "unfused mha_module_forward: %s", err.message);
     e1 = tu_rel_err(of, ro, nx); e2 = tu_rel_err(ou, ro, nx); e3 = tu_rel_err_ff(of, ou, nx);
     if (e1 > worst_fused) worst_fused = e1;
     if (e3 > worst_pair) worst_pair = e3;

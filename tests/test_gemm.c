@@ -1,29 +1,17 @@
-/* GEMM against a float64 reference: every transpose, odd and prime sizes,
-   alpha/beta (beta = 0 must not read C), leading dimensions above the
-   minimum, the workspace contract, argument errors, and bit-identical
-   results for any thread count. */
+/* GEMM against a float64 reference (ref_gemm, tests/ref.h): every
+   transpose, odd and prime sizes, alpha/beta (beta = 0 must not read C),
+   leading dimensions above the minimum, the workspace contract, argument
+   errors (with the field they name), the plan, and bit-identical results
+   for any thread count.  The blocked kernel, the threaded GEMM, the
+   prepacked B and the projection helper are tested white box through
+   their internals (mha__gemm, mha__gemm_mt_pp, mha__prepack_b,
+   mha__linear, ...). */
 #define MHA_IMPLEMENTATION
 #include "mha.h"
 #include "testutil.h"
+#include "ref.h"
 #include <stdlib.h>
 #include <string.h>
-
-/* C = alpha op(A) op(B) + beta C0 in double; C0 is ignored when beta == 0 */
-static void ref_gemm(int ta, int tb, int M, int N, int K, double alpha, const float *A, int lda,
-                     const float *B, int ldb, double beta, const float *C0, int ldc, double *R)
-{
-    int i, j, p;
-    for (i = 0; i < M; ++i)
-        for (j = 0; j < N; ++j) {
-            double acc = 0.0;
-            for (p = 0; p < K; ++p) {
-                double a = ta ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
-                double b = tb ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j];
-                acc += a * b;
-            }
-            R[(size_t)i * N + j] = alpha * acc + (beta == 0.0 ? 0.0 : beta * C0[(size_t)i * ldc + j]);
-        }
-}
 
 static tu_rng rng = {0x9e3779b97f4a7c15ULL};
 static double worst = 0.0;
@@ -41,15 +29,17 @@ static void check(int ta, int tb, int M, int N, int K, float alpha, float beta, 
     size_t i;
     int r, ok_pad = 1, finite = 1;
     double e;
+    mha_error err;
+    mha_status st;
     tu_fill(&rng, A, na, 1.0f);
     tu_fill(&rng, B, nb, 1.0f);
     tu_fill(&rng, C, nc, 1.0f);
     if (beta == 0.0f) for (i = 0; i < nc; i += 3) C[i] = NAN;   /* must never be read */
     for (r = 0; r < M; ++r) for (i = (size_t)N; i < (size_t)ldc; ++i) C[(size_t)r * ldc + i] = 1234.5f;
     memcpy(C0, C, nc * sizeof(float));
-    ref_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C0, ldc, R);
-    CHECK(mha_gemm((mha_trans)ta, (mha_trans)tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, NULL, 0) == MHA_OK,
-          "mha_gemm status");
+    ref_gemm(ta, tb, M, N, K, alpha, A, (size_t)lda, B, (size_t)ldb, beta, C0, (size_t)ldc, R);
+    st = mha_gemm((mha_trans)ta, (mha_trans)tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, NULL, &err);
+    CHECK(st == MHA_OK, "mha_gemm: %s", err.message);
     for (r = 0; r < M; ++r) {
         memcpy(got + (size_t)r * N, C + (size_t)r * ldc, (size_t)N * sizeof(float));
         for (i = (size_t)N; i < (size_t)ldc; ++i) ok_pad &= C[(size_t)r * ldc + i] == 1234.5f;
@@ -92,33 +82,90 @@ static void test_shapes(void)
     printf("NOTE gemm (%s, MR=%d NR=%d): worst relative error %.3g\n", MHA__SIMD_NAME, MHA__MR, MHA__NR, worst);
 }
 
+/* A refused call: its status, and the field its error names (mha_gemm's
+   unless what starts with "size": mha_gemm_plan_size's). */
+static void refused(mha_status got, mha_status want, const mha_error *err, const char *field, const char *what)
+{
+    const char *fn = strncmp(what, "size", 4) == 0 ? "mha_gemm_plan_size" : "mha_gemm";
+    CHECK(got == want && err->status == want && err->field && strcmp(err->field, field) == 0 &&
+          err->function && strcmp(err->function, fn) == 0,
+          "%s: status %d (want %d), field %s (want %s): %s", what, (int)got, (int)want,
+          err->field ? err->field : "(null)", field, err->message);
+}
+
 static void test_workspace_and_errors(void)
 {
-    float A[6 * 5], B[5 * 4], C[6 * 4], C2[6 * 4];
-    size_t need = mha_gemm_workspace_size(6, 4, 5), one = (mha__gemm_ws_floats(6, 4, 5) + MHA__ALIGN_FLOATS) * sizeof(float);
-    void *ws = malloc(need);
+    float A[6 * 5], B[5 * 4], C[6 * 4], C2[6 * 4], C3[6 * 4];
+    size_t need, one = (mha__gemm_ws_floats(6, 4, 5) + MHA__ALIGN_FLOATS) * sizeof(float);
+    mha_sizes sz;
+    mha_run run;
+    mha_error err;
+    mha_status st;
+    mha_plan *p = NULL;
+    void *ws, *mem;
     int i;
+#define GEMM(a_, lda_, c_, ldc_, run_) \
+    mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, a_, lda_, B, 4, 0, c_, ldc_, run_, &err)
     tu_fill(&rng, A, 30, 1.0f);
     tu_fill(&rng, B, 20, 1.0f);
-    for (i = 0; i < 24; ++i) C[i] = C2[i] = (float)i;
-    CHECK(need >= one && one > 0, "workspace size %zu (one thread %zu)", need, one);
-    CHECK(mha_gemm_workspace_size(0, 4, 5) == 0 && mha_gemm_workspace_size(6, 4, -1) == 0, "size of empty");
-    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, ws, one - 1) == MHA_ERR_WORKSPACE_TOO_SMALL,
-          "short workspace accepted");
-    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, ws, 1) == MHA_ERR_WORKSPACE_TOO_SMALL,
-          "1-byte workspace accepted");
+    for (i = 0; i < 24; ++i) C[i] = C2[i] = C3[i] = (float)i;
+    st = mha_gemm_plan_size(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 0, &sz, &err);
+    CHECK(st == MHA_OK, "mha_gemm_plan_size: %s", err.message);
+    need = sz.workspace;
+    CHECK(need >= one && one > 0 && sz.saved == 0 && sz.plan > 0,
+          "workspace size %zu (one thread %zu), saved %zu, plan %zu", need, one, sz.saved, sz.plan);
+    ws = malloc(need);
+    memset(&run, 0, sizeof run);
+    run.workspace = ws;
+    st = mha_gemm_plan_size(MHA_NO_TRANS, MHA_NO_TRANS, 0, 4, 5, 0, &sz, &err);
+    refused(st, MHA_ERR_INVALID_SIZE, &err, "M", "size of M = 0");
+    st = mha_gemm_plan_size(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, -1, 0, &sz, &err);
+    refused(st, MHA_ERR_INVALID_SIZE, &err, "K", "size of K = -1");
+    run.workspace_bytes = one - 1;
+    refused(GEMM(A, 5, C, 4, &run), MHA_ERR_WORKSPACE_TOO_SMALL, &err, "run->workspace_bytes", "short workspace");
+    run.workspace_bytes = 1;
+    refused(GEMM(A, 5, C, 4, &run), MHA_ERR_WORKSPACE_TOO_SMALL, &err, "run->workspace_bytes", "1-byte workspace");
     CHECK(memcmp(C, C2, sizeof C) == 0, "C written on error");
-    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, ws, need) == MHA_OK, "exact workspace");
-    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C2, 4, ws, one) == MHA_OK, "one-thread workspace");
+    run.workspace_bytes = need;
+    st = GEMM(A, 5, C, 4, &run);
+    CHECK(st == MHA_OK, "exact workspace: %s", err.message);
+    run.workspace_bytes = one;
+    st = GEMM(A, 5, C2, 4, &run);
+    CHECK(st == MHA_OK, "one-thread workspace: %s", err.message);
     CHECK(memcmp(C, C2, sizeof C) == 0, "result depends on the workspace size");
-    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 0, 4, 5, 1, A, 5, B, 4, 0, C, 4, NULL, 0) == MHA_ERR_INVALID_SIZE, "M=0");
-    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 4, B, 4, 0, C, 4, NULL, 0) == MHA_ERR_INVALID_SIZE, "lda<K");
-    CHECK(mha_gemm(MHA_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, NULL, 0) == MHA_ERR_INVALID_SIZE, "lda<M");
-    CHECK(mha_gemm(MHA_NO_TRANS, MHA_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, NULL, 0) == MHA_ERR_INVALID_SIZE, "ldb<K");
-    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 3, NULL, 0) == MHA_ERR_INVALID_SIZE, "ldc<N");
-    CHECK(mha_gemm((mha_trans)2, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, NULL, 0) == MHA_ERR_BAD_ENUM, "ta=2");
-    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, NULL, 5, B, 4, 0, C, 4, NULL, 0) == MHA_ERR_NULL_POINTER, "A NULL");
-    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, NULL, 4, NULL, 0) == MHA_ERR_NULL_POINTER, "C NULL");
+    /* the plan in the caller's memory, run with the workspace: the one shot's bits */
+    st = mha_gemm_plan_size(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, &sz, &err);
+    CHECK(st == MHA_OK, "mha_gemm_plan_size (1 thread): %s", err.message);
+    mem = malloc(sz.plan);
+    st = mha_gemm_plan(MHA_NO_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, mem, sz.plan, &p, &err);
+    CHECK(st == MHA_OK, "mha_gemm_plan: %s", err.message);
+    run.workspace_bytes = sz.workspace;
+    if (st == MHA_OK) {
+        st = mha_gemm_run(p, 1, A, 5, B, 4, 0, C3, 4, &run, &err);
+        CHECK(st == MHA_OK && memcmp(C, C3, sizeof C) == 0, "plan run differs from the one shot (%s)", err.message);
+        st = mha_gemm_run(p, 1, A, 4, B, 4, 0, C3, 4, &run, &err);
+        CHECK(st == MHA_ERR_INVALID_SIZE && err.field && strcmp(err.field, "lda") == 0 &&
+              strcmp(err.function, "mha_gemm_run") == 0, "plan run with lda < K: %s", err.message);
+    }
+    free(mem);
+    refused(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 0, 4, 5, 1, A, 5, B, 4, 0, C, 4, NULL, &err), MHA_ERR_INVALID_SIZE,
+            &err, "M", "M = 0");
+    refused(GEMM(A, 4, C, 4, NULL), MHA_ERR_INVALID_SIZE, &err, "lda", "lda < K");
+    refused(mha_gemm(MHA_TRANS, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, NULL, &err), MHA_ERR_INVALID_SIZE,
+            &err, "lda", "lda < M");
+    refused(mha_gemm(MHA_NO_TRANS, MHA_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, NULL, &err), MHA_ERR_INVALID_SIZE,
+            &err, "ldb", "ldb < K");
+    refused(GEMM(A, 5, C, 3, NULL), MHA_ERR_INVALID_SIZE, &err, "ldc", "ldc < N");
+    refused(mha_gemm((mha_trans)2, MHA_NO_TRANS, 6, 4, 5, 1, A, 5, B, 4, 0, C, 4, NULL, &err), MHA_ERR_BAD_ENUM,
+            &err, "ta", "ta = 2");
+    refused(GEMM(NULL, 5, C, 4, NULL), MHA_ERR_NULL_POINTER, &err, "A", "A NULL");
+    refused(GEMM(A, 5, NULL, 4, NULL), MHA_ERR_NULL_POINTER, &err, "C", "C NULL");
+    run.workspace_bytes = need;
+    run.lse = C3;   /* a field a GEMM cannot honour */
+    refused(GEMM(A, 5, C, 4, &run), MHA_ERR_INVALID_ARGUMENT, &err, "run->lse", "run->lse on a GEMM");
+    CHECK(mha_gemm(MHA_NO_TRANS, MHA_NO_TRANS, 0, 4, 5, 1, A, 5, B, 4, 0, C, 4, NULL, NULL) == MHA_ERR_INVALID_SIZE,
+          "refused without an error struct");
+#undef GEMM
     free(ws);
 }
 
@@ -172,8 +219,9 @@ static void test_threads(void)
     }
 }
 
-/* The blocked GEMM against the scalar reference mha__gemm_ref (the readable
-   definition in mha.h), float against float. */
+/* The blocked single-threaded kernel itself (mha__gemm, white box: the
+   public call may thread it) against the float64 reference, with alpha and
+   a nonzero beta. */
 static void test_vs_reference(void)
 {
     static const int shapes[][3] = {{1, 1, 1}, {13, 37, 29}, {70, 33, 130}};
@@ -184,18 +232,20 @@ static void test_vs_reference(void)
                 int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
                 size_t nA = (size_t)M * K, nB = (size_t)K * N, nC = (size_t)M * N;
                 float *A = (float *)malloc(nA * 4), *B = (float *)malloc(nB * 4);
-                float *C = (float *)malloc(nC * 4), *R = (float *)malloc(nC * 4);
+                float *C = (float *)malloc(nC * 4), *C0 = (float *)malloc(nC * 4);
+                double *R = (double *)malloc(nC * sizeof(double));
                 float *ws = (float *)malloc(mha__gemm_ws_floats(M, N, K) * 4 + 64);
                 float *w = ws + (16 - ((uintptr_t)ws / 4) % 16) % 16;
                 tu_fill(&rng, A, nA, 1.0f);
                 tu_fill(&rng, B, nB, 1.0f);
                 tu_fill(&rng, C, nC, 1.0f);
-                memcpy(R, C, nC * 4);
+                memcpy(C0, C, nC * 4);
                 mha__gemm(ta, tb, M, N, K, 1.5f, A, ta ? M : K, B, tb ? K : N, -0.5f, C, N, w);
-                mha__gemm_ref(ta, tb, M, N, K, 1.5f, A, ta ? M : K, B, tb ? K : N, -0.5f, R, N);
-                CHECK(tu_rel_err_ff(C, R, nC) <= 1e-5, "vs mha__gemm_ref: M=%d N=%d K=%d ta=%d tb=%d: %.3g",
-                      M, N, K, ta, tb, tu_rel_err_ff(C, R, nC));
-                free(A); free(B); free(C); free(R); free(ws);
+                ref_gemm(ta, tb, M, N, K, 1.5, A, (size_t)(ta ? M : K), B, (size_t)(tb ? K : N), -0.5, C0,
+                         (size_t)N, R);
+                CHECK(tu_rel_err(C, R, nC) <= 1e-5, "mha__gemm vs float64: M=%d N=%d K=%d ta=%d tb=%d: %.3g",
+                      M, N, K, ta, tb, tu_rel_err(C, R, nC));
+                free(A); free(B); free(C); free(C0); free(R); free(ws);
             }
 }
 

@@ -1,5 +1,6 @@
-/* Memory of the fused path: workspace sizes only (nothing this large is run
-   here; bench/bench_mha.c measures the peak RSS of real runs).
+/* Memory of the fused path: the workspace sizes of plans (mha_*_plan_size)
+   only (nothing this large is run here; bench/bench_mha.c measures the
+   peak RSS of real runs).
    Without weights the forward workspace must grow like B*L*E, never L^2:
    the projected K and V, one chunk of Q, one head's packed K and V and
    per-thread tiles. */
@@ -8,20 +9,38 @@
 #include "mha.h"
 #include "testutil.h"
 
+/* the workspace of a module plan (causal, 2 threads) for a forward with or
+   without the attention weights */
 static size_t fwd_ws(int B, int L, int E, int H, int need_weights)
 {
     static float dummy[1];
     mha_module m;
     mha_options opt;
-    size_t bytes = 0;
+    mha_sizes sz;
+    mha_error err;
+    mha_status st;
     memset(&m, 0, sizeof m);
     memset(&opt, 0, sizeof opt);
     m.embed_dim = E; m.num_heads = H; m.in_proj_weight = dummy; m.out_proj_weight = dummy;
     opt.causal = 1;
     opt.num_threads = 2;
-    CHECK(mha_forward_workspace_size(&m, B, L, L, &opt, need_weights, &bytes) == MHA_OK,
-          "workspace size B%d L%d E%d H%d", B, L, E, H);
-    return bytes;
+    st = mha_module_plan_size(&m, B, L, L, &opt, need_weights ? MHA_PLAN_WEIGHTS : 0u, &sz, &err);
+    CHECK(st == MHA_OK, "workspace size B%d L%d E%d H%d: %s", B, L, E, H, err.message);
+    return st == MHA_OK ? sz.workspace : 0;
+}
+
+/* the workspace of an SDPA plan (2 threads) */
+static size_t sdpa_ws(int B, int H, int Lq, int Lk, int D, int Dv, unsigned flags)
+{
+    mha_options opt;
+    mha_sizes sz;
+    mha_error err;
+    mha_status st;
+    memset(&opt, 0, sizeof opt);
+    opt.num_threads = 2;
+    st = mha_sdpa_plan_size(B, H, Lq, Lk, D, Dv, &opt, flags, &sz, &err);
+    CHECK(st == MHA_OK, "sdpa size B%d H%d Lq%d Lk%d: %s", B, H, Lq, Lk, err.message);
+    return st == MHA_OK ? sz.workspace : 0;
 }
 
 int main(void)
@@ -68,14 +87,23 @@ int main(void)
        V: linear in L (16x the keys: at most 16x the bytes), below 3 rows of
        D floats per key and thread */
     {
-        size_t s1 = 0, s2 = 0;
-        mha_options opt;
-        memset(&opt, 0, sizeof opt);
-        opt.num_threads = 2;
-        CHECK(mha_sdpa_workspace_size(1, 8, 16384, 16384, 64, 64, &opt, 0, &s1) == MHA_OK, "sdpa size");
-        CHECK(mha_sdpa_workspace_size(1, 8, 1024, 1024, 64, 64, &opt, 0, &s2) == MHA_OK, "sdpa size");
+        size_t s1 = sdpa_ws(1, 8, 16384, 16384, 64, 64, 0), s2 = sdpa_ws(1, 8, 1024, 1024, 64, 64, 0);
         CHECK(s1 <= 16 * s2 && s1 < (size_t)2 * 3 * 16384 * 64 * sizeof(float),
               "sdpa fused workspace %zu (L=16384) vs %zu (L=1024)", s1, s2);
+    }
+    /* SDPA with the weights: score rows of Lk per thread, which outgrow the
+       fused tiles and grow with Lk (4x the keys: more, at most 4x the
+       bytes), never with Lq (rows are taken a block at a time) */
+    {
+        size_t f = sdpa_ws(1, 8, 1024, 16384, 64, 64, 0);
+        size_t w4 = sdpa_ws(1, 8, 1024, 4096, 64, 64, MHA_PLAN_WEIGHTS);
+        size_t w16 = sdpa_ws(1, 8, 1024, 16384, 64, 64, MHA_PLAN_WEIGHTS);
+        size_t wq = sdpa_ws(1, 8, 16384, 16384, 64, 64, MHA_PLAN_WEIGHTS);
+        CHECK(w16 > f && w16 > w4 && w16 <= 4 * w4, "sdpa weights workspace %zu (Lk 4096) -> %zu (Lk 16384), "
+              "fused %zu", w4, w16, f);
+        /* 16x the queries add at most their lse (B*H*Lq floats, for chosen rows) */
+        CHECK(wq <= w16 + (size_t)8 * 16384 * sizeof(float) + 64,
+              "sdpa weights workspace grows with Lq: %zu (Lq 1024) -> %zu (Lq 16384)", w16, wq);
     }
     return tu_finish("memory");
 }

@@ -1,7 +1,8 @@
 /* test_optim.c - SGD and AdamW: every hyperparameter means its value (zero
    included), impossible values are refused with nothing written, and
-   several steps agree with a float64 reference written here.  (PyTorch's
-   own numbers are checked in test_train_golden.c.) */
+   several steps agree with a float64 reference written here; a refusal
+   names the field (mha_error).  (PyTorch's own numbers are checked in
+   test_train_golden.c.) */
 #include <string.h>
 #define MHA_IMPLEMENTATION
 #include "mha.h"
@@ -35,7 +36,7 @@ static double run_adamw(const mha_adamw *o, const float *p0, const float *g)
     double ref[N];
     int t, ok = 1;
     memcpy(p, p0, sizeof p);
-    for (t = 1; t <= STEPS; ++t) ok &= mha_adamw_step(o, t, N, p, g + (t - 1) * N, m, v) == MHA_OK;
+    for (t = 1; t <= STEPS; ++t) ok &= mha_adamw_step(o, t, N, p, g + (t - 1) * N, m, v, NULL) == MHA_OK;
     CHECK(ok, "adamw steps return OK");
     adamw_ref(o, STEPS, p0, g, ref);
     return tu_rel_err(p, ref, N);
@@ -68,7 +69,7 @@ static void test_adamw(void)
         float p[N], m[N] = {0}, v[N] = {0};
         memcpy(p, p0, sizeof p);
         o = d; o.lr = 0.0f;
-        CHECK(mha_adamw_step(&o, 1, N, p, g, m, v) == MHA_OK && memcmp(p, p0, sizeof p) == 0, "lr = 0");
+        CHECK(mha_adamw_step(&o, 1, N, p, g, m, v, NULL) == MHA_OK && memcmp(p, p0, sizeof p) == 0, "lr = 0");
     }
 }
 
@@ -78,7 +79,10 @@ static void test_adamw_refused(void)
     static const float bad[] = {-0.5f, 1.0f, 1.5f, -1e-30f};
     const float qnan = NAN, inf = INFINITY;
     float p[3] = {1, -2, 3}, g[3] = {0.5f, 0.5f, -1}, m[3] = {7, 7, 7}, v[3] = {8, 8, 8};
+    static const char *const names[5] = {"opt->lr", "opt->beta1", "opt->beta2", "opt->eps", "opt->weight_decay"};
     mha_adamw d = mha_adamw_defaults(), o;
+    mha_error err;
+    mha_status st;
     size_t i;
     int field, refused = 0, cases = 0;
     for (field = 0; field < 5; ++field) {
@@ -93,15 +97,19 @@ static void test_adamw_refused(void)
             o = d;
             *f = vals[k];
             ++cases;
-            if (mha_adamw_step(&o, 1, 3, p, g, m, v) == MHA_ERR_INVALID_ARGUMENT) ++refused;
-            else printf("FAIL detail: field %d value %g accepted\n", field, vals[k]);
+            st = mha_adamw_step(&o, 1, 3, p, g, m, v, &err);
+            if (st == MHA_ERR_INVALID_ARGUMENT && err.field && strcmp(err.field, names[field]) == 0) ++refused;
+            else printf("FAIL detail: %s = %g: status %d, field %s\n", names[field], vals[k], (int)st,
+                        st ? err.field : "(accepted)");
         }
     }
     CHECK(refused == cases, "adamw: %d of %d impossible values refused", refused, cases);
     CHECK(p[0] == 1 && p[1] == -2 && p[2] == 3 && m[0] == 7 && m[2] == 7 && v[0] == 8 && v[2] == 8,
           "adamw: nothing written on refusal");
-    CHECK(mha_adamw_step(&d, 0, 3, p, g, m, v) == MHA_ERR_INVALID_ARGUMENT, "step 0");
-    CHECK(mha_adamw_step(NULL, 1, 3, p, g, m, v) == MHA_ERR_NULL_POINTER, "NULL options");
+    st = mha_adamw_step(&d, 0, 3, p, g, m, v, &err);
+    CHECK(st == MHA_ERR_INVALID_ARGUMENT && strcmp(err.field, "step") == 0, "step 0: %s", err.message);
+    st = mha_adamw_step(NULL, 1, 3, p, g, m, v, &err);
+    CHECK(st == MHA_ERR_NULL_POINTER && strcmp(err.field, "opt") == 0, "NULL options: %s", err.message);
 }
 
 static void test_sgd(void)
@@ -110,18 +118,23 @@ static void test_sgd(void)
     float p[3] = {1, -2, 3}, g[3] = {0.5f, 0.5f, -1};
     double ref[3];
     int i;
+    mha_error err;
     /* p -= lr (g + wd p), lr 0.1, wd 0.2 */
     for (i = 0; i < 3; ++i) ref[i] = p[i] - 0.1 * ((double)g[i] + 0.2 * p[i]);
-    CHECK(mha_sgd_step(3, p, g, 0.1f, 0.2f) == MHA_OK, "sgd");
+    CHECK(mha_sgd_step(3, p, g, 0.1f, 0.2f, &err) == MHA_OK, "sgd: %s", err.message);
     CHECK(tu_rel_err(p, ref, 3) < 1e-7, "sgd with weight decay: rel err %.3g", tu_rel_err(p, ref, 3));
     for (i = 0; i < 3; ++i) ref[i] = p[i];
-    CHECK(mha_sgd_step(3, p, g, qnan, 0.0f) == MHA_ERR_INVALID_ARGUMENT, "sgd lr NaN");
-    CHECK(mha_sgd_step(3, p, g, -0.1f, 0.0f) == MHA_ERR_INVALID_ARGUMENT, "sgd lr < 0");
-    CHECK(mha_sgd_step(3, p, g, inf, 0.0f) == MHA_ERR_INVALID_ARGUMENT, "sgd lr Inf");
-    CHECK(mha_sgd_step(3, p, g, 0.1f, -0.5f) == MHA_ERR_INVALID_ARGUMENT, "sgd wd < 0");
-    CHECK(mha_sgd_step(3, p, g, 0.1f, qnan) == MHA_ERR_INVALID_ARGUMENT, "sgd wd NaN");
+#define SGD_REFUSED(lr, wd, fld, what)                                                            \
+    CHECK(mha_sgd_step(3, p, g, lr, wd, &err) == MHA_ERR_INVALID_ARGUMENT && strcmp(err.field, fld) == 0, \
+          "%s: %s", what, err.message)
+    SGD_REFUSED(qnan, 0.0f, "lr", "sgd lr NaN");
+    SGD_REFUSED(-0.1f, 0.0f, "lr", "sgd lr < 0");
+    SGD_REFUSED(inf, 0.0f, "lr", "sgd lr Inf");
+    SGD_REFUSED(0.1f, -0.5f, "weight_decay", "sgd wd < 0");
+    SGD_REFUSED(0.1f, qnan, "weight_decay", "sgd wd NaN");
+#undef SGD_REFUSED
     CHECK(p[0] == (float)ref[0] && p[1] == (float)ref[1] && p[2] == (float)ref[2], "sgd: nothing written on refusal");
-    CHECK(mha_sgd_step(3, p, g, 0.0f, 0.0f) == MHA_OK && p[0] == (float)ref[0], "sgd lr 0 is a no-op");
+    CHECK(mha_sgd_step(3, p, g, 0.0f, 0.0f, NULL) == MHA_OK && p[0] == (float)ref[0], "sgd lr 0 is a no-op");
 }
 
 int main(void)

@@ -1,10 +1,13 @@
-/* The vector layer: exp's error bound, softmax, dot and axpy against float64.
+/* The vector layer (white box: the mha__v* functions, mha__dot, mha__axpy,
+   mha__softmax_row_lse): exp's error bound, softmax, dot and axpy against
+   float64.
    Runs on every configuration (scalar, AVX2, NEON under qemu).
    `test_simd --exhaustive` checks exp on every float of [MHA__EXP_LO, MHA__EXP_HI]
    (about 2.2e9 values; a minute natively, not part of the suite). */
 #define MHA_IMPLEMENTATION
 #include "mha.h"
 #include "testutil.h"
+#include "ref.h"
 #include <string.h>
 
 static float f_of_bits(uint32_t u) { float f; memcpy(&f, &u, sizeof f); return f; }
@@ -166,46 +169,62 @@ static void test_dot_axpy(void)
     }
 }
 
+/* The vector softmax of one row, mha__softmax_row_lse (white box: the SIMD
+   layer), against the float64 ref_softmax_row (tests/ref.h): the weights,
+   the log-sum-exp it returns, and with a sink logit in the denominator. */
 static void test_softmax(void)
 {
     tu_rng rng = {0xabcdefu};
     float s[200], r[200];
     double want[200];
-    int n, i, pat;
-    for (pat = 0; pat < 4; ++pat) {
-        for (n = 1; n <= 200; n += (n < 34 ? 1 : 83)) {
-            double m = -INFINITY, sum = 0.0, tot = 0.0;
-            tu_fill(&rng, s, (size_t)n, pat == 3 ? 40.0f : 4.0f);
-            for (i = 0; i < n; ++i) {
-                if (pat == 1 && i % 3 == 1) s[i] = -INFINITY;          /* some blocked */
-                if (pat == 2 && i != n / 2) s[i] = -INFINITY;          /* one allowed */
+    int n, i, pat, with_sink;
+    for (with_sink = 0; with_sink < 2; ++with_sink)
+        for (pat = 0; pat < 4; ++pat) {
+            for (n = 1; n <= 200; n += (n < 34 ? 1 : 83)) {
+                double tot = 0.0, wlse, sum_want = 0.0;
+                float lse, sink = with_sink ? 3.0f * tu_uniform(&rng) : -INFINITY;
+                tu_fill(&rng, s, (size_t)n, pat == 3 ? 40.0f : 4.0f);
+                for (i = 0; i < n; ++i) {
+                    if (pat == 1 && i % 3 == 1) s[i] = -INFINITY;          /* some blocked */
+                    if (pat == 2 && i != n / 2) s[i] = -INFINITY;          /* one allowed */
+                }
+                memcpy(r, s, sizeof(float) * (size_t)n);
+                wlse = ref_softmax_row(s, n, sink, want);
+                lse = mha__softmax_row_lse(s, n, sink);
+                CHECK(fabs(lse - wlse) <= 1e-6 * (fabs(wlse) > 1 ? fabs(wlse) : 1),
+                      "softmax n=%d pattern %d sink %d: lse %.9g, float64 %.9g", n, pat, with_sink, lse, wlse);
+                CHECK(tu_rel_err(s, want, (size_t)n) <= 1e-6, "softmax n=%d pattern %d sink %d: err %g", n, pat,
+                      with_sink, tu_rel_err(s, want, (size_t)n));
+                for (i = 0; i < n; ++i) {
+                    tot += s[i];
+                    sum_want += want[i];
+                    if (r[i] == -INFINITY) CHECK(s[i] == 0.0f, "blocked key %d of %d got %g", i, n, s[i]);
+                }
+                /* the weights sum to 1, or to 1 - exp(sink - lse) with a sink */
+                CHECK(fabs(tot - sum_want) <= 1e-5 && (with_sink || fabs(tot - 1.0) <= 1e-5),
+                      "softmax n=%d sink %d sums to %.9g, float64 %.9g", n, with_sink, tot, sum_want);
+                if (!with_sink) {   /* the scalar definition the library keeps */
+                    mha__softmax_row_ref(r, n);
+                    CHECK(tu_rel_err_ff(s, r, (size_t)n) <= 1e-6, "softmax vs mha__softmax_row_ref n=%d", n);
+                }
             }
-            memcpy(r, s, sizeof(float) * (size_t)n);
-            for (i = 0; i < n; ++i) if (s[i] > m) m = s[i];
-            for (i = 0; i < n; ++i) { want[i] = s[i] == -INFINITY ? 0.0 : exp((double)s[i] - m); sum += want[i]; }
-            for (i = 0; i < n; ++i) want[i] /= sum;
-            CHECK(mha__softmax_row(s, n) == 1, "softmax returns 1, n=%d", n);
-            CHECK(tu_rel_err(s, want, (size_t)n) <= 1e-6, "softmax n=%d pattern %d: err %g", n, pat,
-                  tu_rel_err(s, want, (size_t)n));
-            for (i = 0; i < n; ++i) {
-                tot += s[i];
-                if (r[i] == -INFINITY) CHECK(s[i] == 0.0f, "blocked key %d of %d got %g", i, n, s[i]);
-            }
-            CHECK(fabs(tot - 1.0) <= 1e-5, "softmax n=%d sums to %.9g", n, tot);
-            mha__softmax_row_ref(r, n);
-            CHECK(tu_rel_err_ff(s, r, (size_t)n) <= 1e-6, "softmax vs reference n=%d", n);
         }
-    }
-    /* all blocked: zeros, and 0 returned */
+    /* all blocked: zeros, and -inf returned; with a sink the lse is the sink */
     for (n = 1; n <= 19; n += 6) {
+        float lse;
         for (i = 0; i < n; ++i) s[i] = -INFINITY;
-        CHECK(mha__softmax_row(s, n) == 0, "all-blocked row returns 0");
+        lse = mha__softmax_row_lse(s, n, -INFINITY);
+        CHECK(lse == -INFINITY, "all-blocked row returns %g, not -inf", lse);
         for (i = 0; i < n; ++i) CHECK(s[i] == 0.0f, "all-blocked row n=%d not zero at %d", n, i);
+        for (i = 0; i < n; ++i) s[i] = -INFINITY;
+        lse = mha__softmax_row_lse(s, n, 1.25f);
+        CHECK(lse == 1.25f, "all-blocked row with sink 1.25 returns %g", lse);
+        for (i = 0; i < n; ++i) CHECK(s[i] == 0.0f, "all-blocked row with a sink n=%d not zero at %d", n, i);
     }
     /* a NaN score poisons its row, as in the reference */
     for (i = 0; i < 11; ++i) s[i] = (float)i;
     s[5] = NAN;
-    mha__softmax_row(s, 11);
+    mha__softmax_row_lse(s, 11, -INFINITY);
     CHECK(s[0] != s[0] && s[10] != s[10], "NaN score did not propagate");
 }
 

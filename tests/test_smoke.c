@@ -10,9 +10,12 @@ int main(void)
     static const float x[2] = {0.5f, -0.25f};
     float out[2] = {0, 0};
     mha_module m = {0};
+    mha_error err;
+    mha_status st;
     m.embed_dim = 2; m.num_heads = 2;
     m.in_proj_weight = w_in; m.out_proj_weight = w_out;
-    CHECK(mha_forward(&m, 1, 1, 1, x, x, x, NULL, out, NULL, NULL, 0) == MHA_OK, "forward");
+    st = mha_module_forward(&m, 1, 1, 1, x, x, x, NULL, out, NULL, &err);
+    CHECK(st == MHA_OK, "mha_module_forward: %s", err.message);
     /* one key: softmax is 1, context = V = (2*0.5, 3*-0.25) */
     CHECK(out[0] == 1.0f && out[1] == -0.75f, "out = %g %g", out[0], out[1]);
     return tu_finish("smoke");

@@ -27,11 +27,15 @@ int main(void)
     static const double dK_doc[12] = {0.0472, 0, 0.0472, 0,   -0.0758, 0, -0.0758, 0,   0.0286, 0, 0.0286, 0};
     static const double dV_doc[6] = {0.5065, 0,   0.1863, 0,   0.3072, 0};
     float P[6], O[4], dQ[8] = {0}, dK[12] = {0}, dV[6] = {0};
+    mha_run run = {0};
+    mha_error err;
 
-    CHECK(mha_sdpa(1, 1, 2, 3, 4, 2, Q, K, V, NULL, O, P, NULL, 0) == MHA_OK, "sdpa");
+    run.weights = P;
+    CHECK(mha_sdpa_forward(1, 1, 2, 3, 4, 2, Q, K, V, NULL, O, &run, &err) == MHA_OK, "sdpa: %s", err.message);
     expect("P", P, P_doc, 6);
     expect("O", O, O_doc, 4);
-    CHECK(mha_sdpa_backward(1, 1, 2, 3, 4, 2, Q, K, V, dO, NULL, dQ, dK, dV, NULL, 0) == MHA_OK, "backward");
+    CHECK(mha_sdpa_backward(1, 1, 2, 3, 4, 2, Q, K, V, dO, NULL, dQ, dK, dV, NULL, &err) == MHA_OK, "backward: %s",
+          err.message);
     expect("dQ", dQ, dQ_doc, 8);
     expect("dK", dK, dK_doc, 12);
     expect("dV", dV, dV_doc, 6);
@@ -41,7 +45,7 @@ int main(void)
         static const float x[4] = {1, 2, 3, 6};
         static const double y_doc[4] = {-1.0690, -0.5345, 0, 1.6036};
         float y[4];
-        CHECK(mha_layernorm_forward(1, 4, x, NULL, NULL, 0, y) == MHA_OK, "layernorm");
+        CHECK(mha_layernorm_forward(1, 4, x, NULL, NULL, 0, y, &err) == MHA_OK, "layernorm: %s", err.message);
         expect("layernorm", y, y_doc, 4);
     }
     /* cross-entropy of logits (2, 1, 0) with target 0 */
@@ -50,7 +54,7 @@ int main(void)
         static const int t[1] = {0};
         static const double loss_doc[1] = {0.4076}, dz_doc[3] = {-0.3348, 0.2447, 0.0900};
         float loss, dz[3];
-        CHECK(mha_cross_entropy(1, 3, z, t, &loss, dz, NULL) == MHA_OK, "cross-entropy");
+        CHECK(mha_cross_entropy(1, 3, z, t, &loss, dz, NULL, &err) == MHA_OK, "cross-entropy: %s", err.message);
         expect("loss", &loss, loss_doc, 1);
         expect("dlogits", dz, dz_doc, 3);
     }
@@ -58,7 +62,7 @@ int main(void)
     {
         static const double pe_doc[8] = {0, 1, 0, 1,   0.8415, 0.5403, 0.0100, 1.0000};
         float pe[8];
-        CHECK(mha_positional_encoding(2, 4, pe) == MHA_OK, "pe");
+        CHECK(mha_positional_encoding(2, 4, pe, &err) == MHA_OK, "pe: %s", err.message);
         expect("PE", pe, pe_doc, 8);
     }
     return tu_finish("theory");

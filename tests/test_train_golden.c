@@ -115,6 +115,8 @@ static void run_mha(const gcase *c)
     mha_module m; mha_module_grad g; mha_options opt;
     int self = get(c, "grad.key", 2, 0) == NULL;   /* self-attention: one input, one gradient */
     int have;
+    mha_error err;
+    mha_status st;
 
     memset(&m, 0, sizeof m); memset(&g, 0, sizeof g);
     m.embed_dim = E; m.num_heads = H; m.add_zero_attn = zero_attn;
@@ -142,15 +144,15 @@ static void run_mha(const gcase *c)
     CHECK(have, "%s: arrays missing", c->name);
     if (!have) return;
 
-    CHECK(mha_forward(&m, B, Lq, Lk, q, k, v, &opt, out, NULL, NULL, 0) == MHA_OK, "%s: forward", c->name);
+    st = mha_module_forward(&m, B, Lq, Lk, q, k, v, &opt, out, NULL, &err);
+    CHECK(st == MHA_OK, "%s: mha_module_forward: %s", c->name, err.message);
     compare(c, "out", out, "out", nq, TOL_FWD, &worst_fwd);
     /* self-attention is one input used three times: PyTorch's grad.query is the sum */
     if (self)
-        CHECK(mha_backward(&m, B, Lq, Lk, q, q, q, dout, &opt, dq, dq, dq, &g, NULL, 0) == MHA_OK,
-              "%s: backward", c->name);
+        st = mha_module_backward(&m, B, Lq, Lk, q, q, q, dout, &opt, dq, dq, dq, &g, NULL, &err);
     else
-        CHECK(mha_backward(&m, B, Lq, Lk, q, k, v, dout, &opt, dq, dk, dv, &g, NULL, 0) == MHA_OK,
-              "%s: backward", c->name);
+        st = mha_module_backward(&m, B, Lq, Lk, q, k, v, dout, &opt, dq, dk, dv, &g, NULL, &err);
+    CHECK(st == MHA_OK, "%s: mha_module_backward: %s", c->name, err.message);
     compare(c, "grad.query", dq, "grad.query", nq, TOL_GRAD, &worst_grad);
     if (!self) {
         compare(c, "grad.key", dk, "grad.key", nk, TOL_GRAD, &worst_grad);
@@ -186,6 +188,8 @@ static void run_encoder(const gcase *c)
     const float *x = getf(c, "x", ne), *dout = getf(c, "dout", ne);
     float *y = zeros(ne), *dx = zeros(ne);
     int ok = x && dout;
+    mha_error err;
+    mha_status st;
 
     memset(&ly, 0, sizeof ly); memset(&g, 0, sizeof g);
     ly.self_attn.embed_dim = E; ly.self_attn.num_heads = H;
@@ -213,9 +217,11 @@ static void run_encoder(const gcase *c)
     CHECK(ok, "%s: arrays missing", c->name);
     set_masks(c, B, L, L, &opt);
     if (ok) {
-        CHECK(mha_encoder_forward(&ly, B, L, x, &opt, y, NULL, NULL, 0) == MHA_OK, "%s: forward", c->name);
+        st = mha_encoder_forward(&ly, B, L, x, &opt, y, NULL, &err);
+        CHECK(st == MHA_OK, "%s: mha_encoder_forward: %s", c->name, err.message);
         compare(c, "out", y, "out", ne, TOL_FWD, &worst_fwd);
-        CHECK(mha_encoder_backward(&ly, B, L, x, &opt, dout, dx, &g, NULL, 0) == MHA_OK, "%s: backward", c->name);
+        st = mha_encoder_backward(&ly, B, L, x, dout, &opt, dx, &g, NULL, &err);
+        CHECK(st == MHA_OK, "%s: mha_encoder_backward: %s", c->name, err.message);
         compare(c, "grad.x", dx, "grad.x", ne, TOL_GRAD, &worst_grad);
         for (i = 0; i < 12; ++i) {
             char nm[64];
@@ -234,8 +240,10 @@ static void run_xent(const gcase *c)
     const int *t = (const int *)get(c, "targets", 3, (size_t)n);
     float loss = 0, *dz = zeros((size_t)n * V);
     int correct = -1;
+    mha_error err;
     if (z && t) {
-        CHECK(mha_cross_entropy(n, V, z, t, &loss, dz, &correct) == MHA_OK, "%s: call", c->name);
+        CHECK(mha_cross_entropy(n, V, z, t, &loss, dz, &correct, &err) == MHA_OK, "%s: mha_cross_entropy: %s",
+              c->name, err.message);
         compare(c, "loss", &loss, "loss", 1, TOL_FWD, &worst_fwd);
         compare(c, "dlogits", dz, "dlogits", (size_t)n * V, TOL_GRAD, &worst_grad);
         CHECK(correct >= 0 && correct < n, "%s: correct = %d", c->name, correct);
@@ -250,6 +258,7 @@ static void run_adamw(const gcase *c)
     const float *p0 = getf(c, "p0", (size_t)n), *gr = getf(c, "grads", (size_t)steps * n);
     float *p = zeros((size_t)n), *m = zeros((size_t)n), *v = zeros((size_t)n);
     mha_adamw opt = mha_adamw_defaults();
+    mha_error err;
     if (hy && p0 && gr) {
         if (c->p[3])   /* PyTorch's defaults: mha_adamw_defaults() as it stands */
             CHECK(opt.lr == (float)hy[0] && opt.beta1 == (float)hy[1] && opt.beta2 == (float)hy[2] &&
@@ -261,7 +270,8 @@ static void run_adamw(const gcase *c)
         }
         memcpy(p, p0, (size_t)n * sizeof(float));
         for (s = 0; s < steps; ++s)
-            CHECK(mha_adamw_step(&opt, s + 1, (size_t)n, p, gr + (size_t)s * n, m, v) == MHA_OK, "adamw");
+            CHECK(mha_adamw_step(&opt, s + 1, (size_t)n, p, gr + (size_t)s * n, m, v, &err) == MHA_OK,
+                  "%s: mha_adamw_step: %s", c->name, err.message);
         compare(c, "p after AdamW", p, "p", (size_t)n, TOL_OPT, &worst_opt);
     }
     free(p); free(m); free(v);
@@ -273,10 +283,12 @@ static void run_sgd(const gcase *c)
     const double *hy = getd(c, "hyper", 2);
     const float *p0 = getf(c, "p0", (size_t)n), *gr = getf(c, "grads", (size_t)steps * n);
     float *p = zeros((size_t)n);
+    mha_error err;
     if (hy && p0 && gr) {
         memcpy(p, p0, (size_t)n * sizeof(float));
         for (s = 0; s < steps; ++s)
-            CHECK(mha_sgd_step((size_t)n, p, gr + (size_t)s * n, (float)hy[0], (float)hy[1]) == MHA_OK, "sgd");
+            CHECK(mha_sgd_step((size_t)n, p, gr + (size_t)s * n, (float)hy[0], (float)hy[1], &err) == MHA_OK,
+                  "%s: mha_sgd_step: %s", c->name, err.message);
         compare(c, "p after SGD", p, "p", (size_t)n, TOL_OPT, &worst_opt);
     }
     free(p);
