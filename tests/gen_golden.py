@@ -24,7 +24,7 @@ FILE FORMAT (all integers and floats little-endian; tests/golden.h reads it)
                u32 shape[4]          unused dimensions are 0
                data                  prod(shape) elements, row-major, no padding
 
-    p[0]  KIND          0 = module (mha_forward), 1 = sdpa (mha_sdpa)
+    p[0]  KIND          0 = module (mha_module_forward), 1 = sdpa (mha_sdpa_forward)
     p[1]  B             p[2] H         p[3] Lq        p[4] Lk
     p[5]  E (module) or D (sdpa)       p[6] kdim (module) or Dv (sdpa)
     p[7]  vdim (module)

@@ -1,4 +1,4 @@
-/* Golden vectors: mha_forward and mha_sdpa against PyTorch's float64 results.
+/* Golden vectors: mha_module_forward and mha_sdpa_forward against PyTorch's float64 results.
 
    tests/golden/golden.bin holds float32 inputs and weights of
    torch.nn.MultiheadAttention (and of plain scaled dot-product attention) with

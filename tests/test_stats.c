@@ -500,7 +500,7 @@ static void plans(void)
     sb_free(&a); free(v); free(out); free(out2); prob_free(&P);
 }
 
-/* The module: mha_forward's statistics against its per-head weights. */
+/* The module: mha_module_forward's statistics against its per-head weights. */
 static void module(void)
 {
     enum { B = 2, L = 19, E = 24, H = 3 };
