@@ -774,6 +774,31 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
    internals come first, then its public functions in the order they are
    declared.  */
 
+/* THE INTERNAL TESTING HOOK.  Every test goes through the public API
+   except the white-box tests of the kernels and of two layouts, which
+   include the implementation and use these internals by name (renaming
+   one breaks them, on purpose; nothing else may rely on them):
+     SIMD layer   tests/test_simd.c, test_fused.c (and bench/, for the FMA
+                  peak): mha__vf, mha__vload, mha__vstore, mha__vset1,
+                  mha__vzero, mha__vadd, mha__vsub, mha__vfma, mha__vmax,
+                  mha__vhsum, mha__vhmax, mha__vtranspose, mha__vexp,
+                  mha__vexp_nonpos, MHA__VW, MHA__EXP_LO, MHA__EXP_HI,
+                  MHA__SIMD_NAME
+     softmax      test_simd.c: mha__softmax_row_lse, mha__softmax_row_ref,
+                  mha__dot, mha__axpy
+     GEMM         tests/test_gemm.c, test_pack.c: mha__gemm, mha__gemm_pp,
+                  mha__gemm_mt, mha__gemm_mt_pp, mha__gemm_ws_floats,
+                  mha__gemm_ws_floats_mt, mha__prepack_b,
+                  mha__prepacked_floats, mha__linear, mha__align_ws,
+                  MHA__MR, MHA__NR, MHA__MC, MHA__KC, MHA__NC,
+                  MHA__ALIGN_FLOATS (bench/kernel_disasm.c: mha__kernel)
+     thresholds   overridden before the include to reach a path at small
+                  sizes: MHA__QCHUNK (test_fused.c), MHA__BY_HEAD_FLOATS
+                  (test_by_head.c, test_memory.c, test_defects.c,
+                  test_decode_module.c), MHA__FF_ROWS (test_plans.c)
+     saved layout tests/test_saved.c: mha__sdpa_saved_floats (to edit a
+                  saved lse and see the backward read it as it is)  */
+
 #include <math.h>
 #include <string.h>
 #include <stdint.h>
