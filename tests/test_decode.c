@@ -59,7 +59,7 @@ static mha_status sdpa_bwd(int B, int H, int Lq, int Lk, int D, int Dv, const fl
 {
     mha_run run;
     memset(&run, 0, sizeof run);
-    run.sinks_grad = sinks_grad;
+    run.sinks_grad = o && o->sinks ? sinks_grad : NULL;   /* asked for only where there are sinks */
     err->message[0] = 0;
     return mha_sdpa_backward(B, H, Lq, Lk, D, Dv, q, k, v, dout, o, dq, dk, dv, &run, err);
 }
