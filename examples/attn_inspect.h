@@ -18,8 +18,10 @@
          #include "attn_inspect.h"
      (or #define MHA_INSPECT_STATIC too, for a private copy per file).  It
      includes "mha.h" for mha_status and mha_error (compile with -I
-     pointing at the directory that holds mha.h); a program that calls
-     mha.h's functions defines MHA_IMPLEMENTATION in one file as usual.
+     pointing at the directory that holds mha.h), and its implementation
+     "mha_report.h" (the error helpers the companion headers share), which
+     stays next to attn_inspect.h.  A program that calls mha.h's functions
+     defines MHA_IMPLEMENTATION in one file as usual.
 
    USAGE
        // A: one head's weights [L, L] of self-attention, tokens[L] its input
@@ -121,52 +123,13 @@ MHA_INSPECT_DEF mha_status mha_inspect_rollout(int n, int H, int L, const float 
 #define MHA_INSPECT_IMPLEMENTATION_DONE
 
 #include <math.h>
-#include <stdarg.h>
-#include <stdio.h>
 #include <string.h>
+#include "mha_report.h"
 
-/* Refusals, in mha.h's convention: the check that refuses fills the
-   caller's report (when there is one) with the status, the field and the
-   message "function: field: what was expected, what was found". */
-#if defined(__GNUC__) || defined(__clang__)
-__attribute__((format(printf, 5, 6)))
-#endif
-static mha_status mha_inspect__fail(mha_error *e, mha_status s, const char *function, const char *field,
-                                    const char *fmt, ...)
-{
-    va_list ap;
-    int n;
-    if (!e) return s;
-    e->status = s;
-    e->function = function;
-    e->field = field;
-    n = snprintf(e->message, sizeof e->message, "%s: %s: ", function, field);
-    if (n < 0 || (size_t)n >= sizeof e->message) return s;
-    va_start(ap, fmt);
-    vsnprintf(e->message + n, sizeof e->message - (size_t)n, fmt, ap);
-    va_end(ap);
-    return s;
-}
-/* At a public call's entry: a clean report. */
-static void mha_inspect__begin(mha_error *e)
-{
-    if (!e) return;
-    e->status = MHA_OK;
-    e->function = NULL;
-    e->field = NULL;
-    e->message[0] = '\0';
-}
-/* The arguments every call has: the first NULL pointer or size < 1 by name. */
-static mha_status mha_inspect__args(mha_error *e, const char *function, const char *aname, const void *a,
-                                    const char *oname, const void *out, const char *l1, int v1, const char *l2,
-                                    int v2)
-{
-    if (!a) return mha_inspect__fail(e, MHA_ERR_NULL_POINTER, function, aname, "is NULL");
-    if (!out) return mha_inspect__fail(e, MHA_ERR_NULL_POINTER, function, oname, "is NULL");
-    if (v1 < 1) return mha_inspect__fail(e, MHA_ERR_INVALID_SIZE, function, l1, "is %d; expected >= 1", v1);
-    if (l2 && v2 < 1) return mha_inspect__fail(e, MHA_ERR_INVALID_SIZE, function, l2, "is %d; expected >= 1", v2);
-    return MHA_OK;
-}
+/* Refusals, in mha.h's convention (mha_report.h): the checks record the
+   first refusal in a report that is never NULL (the public call lends its
+   own when the caller passed NULL), and the public call signs it with its
+   name: "mha_inspect_induction: tokens: is NULL". */
 
 /* Which keys a detector names for query i (see SCORES). */
 typedef enum { MHA_INSPECT__PREV, MHA_INSPECT__DUP, MHA_INSPECT__IND, MHA_INSPECT__FIRST } mha_inspect__kind;
@@ -205,13 +168,11 @@ static double mha_inspect__score(const float *A, int L, const int *tok, mha_insp
 static mha_status mha_inspect__detector(const char *function, const float *A, int L, const int *tok, int need_tok,
                                         mha_inspect__kind k, double *score, mha_error *err)
 {
-    mha_status s;
-    mha_inspect__begin(err);
-    s = mha_inspect__args(err, function, "A", A, "score", score, "L", L, NULL, 0);
-    if (s == MHA_OK && need_tok && !tok)
-        s = mha_inspect__fail(err, MHA_ERR_NULL_POINTER, function, "tokens", "is NULL");
-    if (s == MHA_OK) *score = mha_inspect__score(A, L, tok, k);
-    return s;
+    mha_error local, *e = mha_report__begin(err, &local);
+    if (mha_report__need(e, "A", A) == 0 && mha_report__need(e, "score", score) == 0 &&
+        mha_report__size(e, "L", L) == 0 && (!need_tok || mha_report__need(e, "tokens", tok) == 0))
+        *score = mha_inspect__score(A, L, tok, k);
+    return mha_report__end(e, function);
 }
 
 MHA_INSPECT_DEF mha_status mha_inspect_prev_token(const float *A, int L, double *score, mha_error *err)
@@ -250,21 +211,22 @@ static double mha_inspect__entropy(const float *A, int Lq, int Lk)
 
 MHA_INSPECT_DEF mha_status mha_inspect_entropy(const float *A, int Lq, int Lk, double *entropy, mha_error *err)
 {
-    mha_status s;
-    mha_inspect__begin(err);
-    s = mha_inspect__args(err, "mha_inspect_entropy", "A", A, "entropy", entropy, "Lq", Lq, "Lk", Lk);
-    if (s == MHA_OK) *entropy = mha_inspect__entropy(A, Lq, Lk);
-    return s;
+    mha_error local, *e = mha_report__begin(err, &local);
+    if (mha_report__need(e, "A", A) == 0 && mha_report__need(e, "entropy", entropy) == 0 &&
+        mha_report__size(e, "Lq", Lq) == 0 && mha_report__size(e, "Lk", Lk) == 0)
+        *entropy = mha_inspect__entropy(A, Lq, Lk);
+    return mha_report__end(e, "mha_inspect_entropy");
 }
 
 MHA_INSPECT_DEF mha_status mha_inspect_heads(const float *W, int H, int L, const int *tokens,
                                              mha_inspect_scores *out, mha_error *err)
 {
-    mha_status s;
+    mha_error local, *e = mha_report__begin(err, &local);
     int h;
-    mha_inspect__begin(err);
-    s = mha_inspect__args(err, "mha_inspect_heads", "W", W, "out", out, "H", H, "L", L);
-    for (h = 0; s == MHA_OK && h < H; ++h) {
+    if (mha_report__need(e, "W", W) || mha_report__need(e, "out", out) || mha_report__size(e, "H", H) ||
+        mha_report__size(e, "L", L))
+        return mha_report__end(e, "mha_inspect_heads");
+    for (h = 0; h < H; ++h) {
         const float *A = W + (size_t)h * L * L;
         out[h].prev_token = mha_inspect__score(A, L, NULL, MHA_INSPECT__PREV);
         out[h].duplicate_token = mha_inspect__score(A, L, tokens, MHA_INSPECT__DUP);
@@ -272,22 +234,18 @@ MHA_INSPECT_DEF mha_status mha_inspect_heads(const float *W, int H, int L, const
         out[h].first_token = mha_inspect__score(A, L, NULL, MHA_INSPECT__FIRST);
         out[h].entropy = mha_inspect__entropy(A, L, L);
     }
-    return s;
+    return MHA_OK;
 }
 
 MHA_INSPECT_DEF mha_status mha_inspect_rollout(int n, int H, int L, const float *A, float *R, float *work,
                                                mha_error *err)
 {
-    static const char fn[] = "mha_inspect_rollout";
+    mha_error local, *e = mha_report__begin(err, &local);
     size_t LL = (size_t)L * L, l, i, j, k, h;
     float *bar = work, *prod = work ? work + (size_t)L * L : NULL;
-    mha_status s;
-    mha_inspect__begin(err);
-    if (!R) return mha_inspect__fail(err, MHA_ERR_NULL_POINTER, fn, "R", "is NULL");
-    if (!work) return mha_inspect__fail(err, MHA_ERR_NULL_POINTER, fn, "work", "is NULL");
-    if (n < 1) return mha_inspect__fail(err, MHA_ERR_INVALID_SIZE, fn, "n", "is %d; expected >= 1", n);
-    s = mha_inspect__args(err, fn, "A", A, "R", R, "H", H, "L", L);
-    if (s != MHA_OK) return s;
+    if (mha_report__need(e, "R", R) || mha_report__need(e, "work", work) || mha_report__size(e, "n", n) ||
+        mha_report__need(e, "A", A) || mha_report__size(e, "H", H) || mha_report__size(e, "L", L))
+        return mha_report__end(e, "mha_inspect_rollout");
     for (l = 0; l < (size_t)n; ++l) {
         const float *Al = A + l * (size_t)H * LL;
         /* 1. Abar = rownorm((mean_h A_h + I) / 2); a row with no weight at all

@@ -3,8 +3,8 @@
    Used by examples/tiny_gpt.c (and tests/test_ckpt.c, tests/test_gpt_train.c).
    It knows sizes, offsets and bytes; from mha.h it takes only the error
    convention (mha_status, mha_error: the declarations, not the
-   implementation).  Every function is static, so include it in each file
-   that wants it.
+   implementation), filled with the helpers of mha_report.h.  Every
+   function is static, so include it in each file that wants it.
 
    THE PARAMETERS  one flat float array, names as a PyTorch state_dict
      wte   [V, d]     token embedding; also the LM head (tied weights)
@@ -38,11 +38,11 @@
 #define GPT_CKPT_H
 
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "mha.h"
+#include "mha_report.h"
 
 #if defined(__GNUC__) || defined(__clang__)
 #define GPT__FN static __attribute__((unused))
@@ -125,36 +125,9 @@ GPT__FN size_t gpt_param_count(const gpt_config *c) { return gpt_layout_make(c).
      MHA_ERR_OUT_OF_MEMORY
    The message reads "function: field: detail" with the path in the detail. */
 
-/* Reset *e at a call's entry, as mha.h's calls do. */
-GPT__FN void gpt__begin(mha_error *e)
-{
-    if (!e) return;
-    e->status = MHA_OK;
-    e->function = NULL;
-    e->field = NULL;
-    e->message[0] = '\0';
-}
-
-/* Fill *e with "function: field: detail" and return s. */
-#if defined(__GNUC__) || defined(__clang__)
-__attribute__((format(printf, 5, 6)))
-#endif
-GPT__FN mha_status gpt__fail(mha_error *e, const char *function, mha_status s, const char *field,
-                             const char *fmt, ...)
-{
-    va_list ap;
-    int n;
-    if (!e) return s;
-    e->status = s;
-    e->function = function;
-    e->field = field;
-    n = snprintf(e->message, sizeof e->message, "%s: %s: ", function, field);
-    if (n < 0 || (size_t)n >= sizeof e->message) return s;
-    va_start(ap, fmt);
-    vsnprintf(e->message + n, sizeof e->message - (size_t)n, fmt, ap);
-    va_end(ap);
-    return s;
-}
+/* The helpers are mha_report.h's: mha_report__clear(err) at a call's
+   entry, and mha_report__sign(err, function, status, field, ...) where a
+   check refuses (err may be NULL; the report is filled at once). */
 
 /* What a checkpoint holds.  adam_m / adam_v are NULL when it has no moments. */
 typedef struct gpt_ckpt {
@@ -231,17 +204,17 @@ GPT__FN mha_status gpt_ckpt_save(const char *path, const gpt_config *c, unsigned
     int nparts = (m && v) ? 3 : 1, ok = 1, p, why = 0;
     unsigned long long h;
     FILE *f;
-    gpt__begin(err);
-    if (!path) return gpt__fail(err, fn, MHA_ERR_NULL_POINTER, "path", "is NULL");
-    if (!c) return gpt__fail(err, fn, MHA_ERR_NULL_POINTER, "c", "is NULL");
-    if (!params) return gpt__fail(err, fn, MHA_ERR_NULL_POINTER, "params", "is NULL");
+    mha_report__clear(err);
+    if (!path) return mha_report__sign(err, fn, MHA_ERR_NULL_POINTER, "path", "is NULL");
+    if (!c) return mha_report__sign(err, fn, MHA_ERR_NULL_POINTER, "c", "is NULL");
+    if (!params) return mha_report__sign(err, fn, MHA_ERR_NULL_POINTER, "params", "is NULL");
     if ((fault = gpt__config_fault(c)) != NULL)
-        return gpt__fail(err, fn, MHA_ERR_INVALID_ARGUMENT, "c",
-                         "%s is out of range (n_layer %d, n_head %d, d_model %d, d_ff %d, ctx %d, vocab %d)",
-                         fault, c->n_layer, c->n_head, c->d_model, c->d_ff, c->ctx, c->vocab);
+        return mha_report__sign(err, fn, MHA_ERR_INVALID_ARGUMENT, "c",
+                                "%s is out of range (n_layer %d, n_head %d, d_model %d, d_ff %d, ctx %d, vocab %d)",
+                                fault, c->n_layer, c->n_head, c->d_model, c->d_ff, c->ctx, c->vocab);
     if (strlen(path) + 5 > sizeof tmp)
-        return gpt__fail(err, fn, MHA_ERR_INVALID_ARGUMENT, "path", "is %lu bytes long, at most %lu fit",
-                         (unsigned long)strlen(path), (unsigned long)(sizeof tmp - 5));
+        return mha_report__sign(err, fn, MHA_ERR_INVALID_ARGUMENT, "path", "is %lu bytes long, at most %lu fit",
+                                (unsigned long)strlen(path), (unsigned long)(sizeof tmp - 5));
     n = gpt_param_count(c);
     parts[0] = params; parts[1] = m; parts[2] = v;
 
@@ -269,8 +242,8 @@ GPT__FN mha_status gpt_ckpt_save(const char *path, const gpt_config *c, unsigned
     errno = 0;
     f = fopen(tmp, "wb");
     if (!f)
-        return gpt__fail(err, fn, MHA_ERR_IO, "path", "cannot create '%s': %s", tmp,
-                         errno ? strerror(errno) : "fopen failed");
+        return mha_report__sign(err, fn, MHA_ERR_IO, "path", "cannot create '%s': %s", tmp,
+                                mha_report__reason(errno, "fopen failed"));
     ok = fwrite(hdr, 1, sizeof hdr, f) == sizeof hdr;
     for (p = 0; ok && p < nparts; ++p)
         for (i = 0; ok && i < n; i += k) {
@@ -283,13 +256,13 @@ GPT__FN mha_status gpt_ckpt_save(const char *path, const gpt_config *c, unsigned
     if (ok && rename(tmp, path) != 0) {
         why = errno;
         remove(tmp);
-        return gpt__fail(err, fn, MHA_ERR_IO, "path", "cannot rename '%s' to '%s': %s", tmp, path,
-                         why ? strerror(why) : "rename failed");
+        return mha_report__sign(err, fn, MHA_ERR_IO, "path", "cannot rename '%s' to '%s': %s", tmp, path,
+                                mha_report__reason(why, "rename failed"));
     }
     if (!ok) {
         remove(tmp);
-        return gpt__fail(err, fn, MHA_ERR_IO, "path", "writing '%s' failed: %s", tmp,
-                         why ? strerror(why) : "short write");
+        return mha_report__sign(err, fn, MHA_ERR_IO, "path", "writing '%s' failed: %s", tmp,
+                                mha_report__reason(why, "short write"));
     }
     return MHA_OK;
 }
@@ -315,47 +288,47 @@ GPT__FN mha_status gpt__read(FILE *f, const char *name, const char *fn, const ch
     errno = 0;
     if ((got = fread(hdr, 1, sizeof hdr, f)) != sizeof hdr) {
         if (ferror(f))   /* the system refused the read (a folder, a device error): not the bytes */
-            return gpt__fail(err, fn, MHA_ERR_IO, src, "%s: cannot read: %s", name,
-                             errno ? strerror(errno) : "read error");
-        return gpt__fail(err, fn, MHA_ERR_FORMAT, "length", "%s: truncated: %lu bytes, shorter than the "
-                         "%d-byte header", name, (unsigned long)got, GPT_CKPT_HEADER);
+            return mha_report__sign(err, fn, MHA_ERR_IO, src, "%s: cannot read: %s", name,
+                                    mha_report__reason(errno, "read error"));
+        return mha_report__sign(err, fn, MHA_ERR_FORMAT, "length", "%s: truncated: %lu bytes, shorter than the "
+                                "%d-byte header", name, (unsigned long)got, GPT_CKPT_HEADER);
     }
     if (memcmp(hdr, "MHAGPTck", 8) != 0)
-        return gpt__fail(err, fn, MHA_ERR_FORMAT, "magic", "%s: not a tiny_gpt checkpoint (its first 8 "
-                         "bytes are not \"MHAGPTck\")", name);
+        return mha_report__sign(err, fn, MHA_ERR_FORMAT, "magic", "%s: not a tiny_gpt checkpoint (its first 8 "
+                                "bytes are not \"MHAGPTck\")", name);
     if (gpt__get(hdr + 8, 4) != GPT_CKPT_VERSION)
-        return gpt__fail(err, fn, MHA_ERR_FORMAT, "version", "%s: format version %llu; this code reads "
-                         "version %u", name, gpt__get(hdr + 8, 4), GPT_CKPT_VERSION);
+        return mha_report__sign(err, fn, MHA_ERR_FORMAT, "version", "%s: format version %llu; this code reads "
+                                "version %u", name, gpt__get(hdr + 8, 4), GPT_CKPT_VERSION);
     /* read as unsigned and bound before the int conversion */
     for (i = 0; i < 6; ++i) {
         fld[i] = gpt__get(hdr + 12 + 4 * i, 4);
         if (fld[i] < 1 || fld[i] > GPT_MAX_DIM)
-            return gpt__fail(err, fn, MHA_ERR_FORMAT, names[i], "%s: %s is %llu, expected 1..%d", name,
-                             names[i], fld[i], GPT_MAX_DIM);
+            return mha_report__sign(err, fn, MHA_ERR_FORMAT, names[i], "%s: %s is %llu, expected 1..%d", name,
+                                    names[i], fld[i], GPT_MAX_DIM);
     }
     ck.cfg.n_layer = (int)fld[0]; ck.cfg.n_head = (int)fld[1]; ck.cfg.d_model = (int)fld[2];
     ck.cfg.d_ff = (int)fld[3];    ck.cfg.ctx = (int)fld[4];    ck.cfg.vocab = (int)fld[5];
     if ((fault = gpt__config_fault(&ck.cfg)) != NULL) {   /* in range, but inconsistent */
         if (strcmp(fault, "n_layer") == 0)
-            return gpt__fail(err, fn, MHA_ERR_FORMAT, fault, "%s: n_layer is %d, at most 256", name,
-                             ck.cfg.n_layer);
-        return gpt__fail(err, fn, MHA_ERR_FORMAT, fault, "%s: n_head %d does not divide d_model %d", name,
-                         ck.cfg.n_head, ck.cfg.d_model);
+            return mha_report__sign(err, fn, MHA_ERR_FORMAT, fault, "%s: n_layer is %d, at most 256", name,
+                                    ck.cfg.n_layer);
+        return mha_report__sign(err, fn, MHA_ERR_FORMAT, fault, "%s: n_head %d does not divide d_model %d", name,
+                                ck.cfg.n_head, ck.cfg.d_model);
     }
     flags = gpt__get(hdr + 36, 4);
     ck.step = gpt__get(hdr + 40, 8);
     n64 = gpt__get(hdr + 48, 8);
     if (flags > 1)
-        return gpt__fail(err, fn, MHA_ERR_FORMAT, "flags", "%s: flags are %llu, only bit 0 (the AdamW "
-                         "moments) is defined", name, flags);
+        return mha_report__sign(err, fn, MHA_ERR_FORMAT, "flags", "%s: flags are %llu, only bit 0 (the AdamW "
+                                "moments) is defined", name, flags);
     if (n64 != (unsigned long long)gpt_param_count(&ck.cfg))
-        return gpt__fail(err, fn, MHA_ERR_FORMAT, "n_params", "%s: n_params is %llu, the shape in the "
-                         "header has %llu", name, n64, (unsigned long long)gpt_param_count(&ck.cfg));
+        return mha_report__sign(err, fn, MHA_ERR_FORMAT, "n_params", "%s: n_params is %llu, the shape in the "
+                                "header has %llu", name, n64, (unsigned long long)gpt_param_count(&ck.cfg));
     if (want && memcmp(want, &ck.cfg, sizeof ck.cfg) != 0)
-        return gpt__fail(err, fn, MHA_ERR_SHAPE, "want", "%s holds layers %d, heads %d, d_model %d, d_ff "
-                         "%d, ctx %d, vocab %d; asked for %d, %d, %d, %d, %d, %d", name, ck.cfg.n_layer,
-                         ck.cfg.n_head, ck.cfg.d_model, ck.cfg.d_ff, ck.cfg.ctx, ck.cfg.vocab,
-                         want->n_layer, want->n_head, want->d_model, want->d_ff, want->ctx, want->vocab);
+        return mha_report__sign(err, fn, MHA_ERR_SHAPE, "want", "%s holds layers %d, heads %d, d_model %d, d_ff "
+                                "%d, ctx %d, vocab %d; asked for %d, %d, %d, %d, %d, %d", name, ck.cfg.n_layer,
+                                ck.cfg.n_head, ck.cfg.d_model, ck.cfg.d_ff, ck.cfg.ctx, ck.cfg.vocab,
+                                want->n_layer, want->n_head, want->d_model, want->d_ff, want->ctx, want->vocab);
     n = ck.n_params = (size_t)n64;
     nparts = flags ? 3 : 1;
 
@@ -365,12 +338,12 @@ GPT__FN mha_status gpt__read(FILE *f, const char *name, const char *fn, const ch
         unsigned long long have = (unsigned long long)(end - start) - GPT_CKPT_HEADER;
         unsigned long long need = 4ull * n64 * (unsigned long long)nparts;
         if (have != need)
-            return gpt__fail(err, fn, MHA_ERR_FORMAT, "length", "%s: %s: the header says %llu payload "
-                             "bytes, the file has %llu", name, have < need ? "truncated" : "trailing bytes",
-                             need, have);
+            return mha_report__sign(err, fn, MHA_ERR_FORMAT, "length", "%s: %s: the header says %llu payload "
+                                    "bytes, the file has %llu", name, have < need ? "truncated" : "trailing bytes",
+                                    need, have);
         if (fseek(f, start + GPT_CKPT_HEADER, SEEK_SET) != 0)
-            return gpt__fail(err, fn, MHA_ERR_IO, src, "%s: cannot seek back to the payload: %s", name,
-                             strerror(errno));
+            return mha_report__sign(err, fn, MHA_ERR_IO, src, "%s: cannot seek back to the payload: %s", name,
+                                    mha_report__reason(errno, "the stream cannot seek"));
     }
 
     ck.params = (float *)malloc(n * sizeof(float));
@@ -379,8 +352,8 @@ GPT__FN mha_status gpt__read(FILE *f, const char *name, const char *fn, const ch
         ck.adam_v = (float *)malloc(n * sizeof(float));
     }
     if (!ck.params || (nparts == 3 && (!ck.adam_m || !ck.adam_v)))
-        st = gpt__fail(err, fn, MHA_ERR_OUT_OF_MEMORY, "n_params", "%s: %d arrays of %lu floats do not fit "
-                       "in memory", name, nparts, (unsigned long)n);
+        st = mha_report__sign(err, fn, MHA_ERR_OUT_OF_MEMORY, "n_params", "%s: %d arrays of %lu floats do not fit "
+                              "in memory", name, nparts, (unsigned long)n);
     parts[0] = ck.params; parts[1] = ck.adam_m; parts[2] = ck.adam_v;
     h = gpt_fnv1a(GPT_FNV_INIT, hdr, 56);
     for (p = 0; st == MHA_OK && p < nparts; ++p)
@@ -388,21 +361,21 @@ GPT__FN mha_status gpt__read(FILE *f, const char *name, const char *fn, const ch
             k = n - i < GPT__CHUNK ? n - i : GPT__CHUNK;
             errno = 0;
             if (fread(buf, 1, 4 * k, f) != 4 * k) {
-                st = ferror(f) ? gpt__fail(err, fn, MHA_ERR_IO, src, "%s: cannot read: %s", name,
-                                           errno ? strerror(errno) : "read error")
-                               : gpt__fail(err, fn, MHA_ERR_FORMAT, "length", "%s: truncated: the payload "
-                                           "ends inside float %lu of part %d", name, (unsigned long)i, p);
+                st = ferror(f) ? mha_report__sign(err, fn, MHA_ERR_IO, src, "%s: cannot read: %s", name,
+                                                  mha_report__reason(errno, "read error"))
+                               : mha_report__sign(err, fn, MHA_ERR_FORMAT, "length", "%s: truncated: the payload "
+                                                  "ends inside float %lu of part %d", name, (unsigned long)i, p);
                 break;
             }
             h = gpt_fnv1a(h, buf, 4 * k);
             gpt__le_to_floats(buf, k, parts[p] + i);
         }
     if (st == MHA_OK && fgetc(f) != EOF)
-        st = gpt__fail(err, fn, MHA_ERR_FORMAT, "length", "%s: trailing bytes after the %d-part payload",
-                       name, nparts);
+        st = mha_report__sign(err, fn, MHA_ERR_FORMAT, "length", "%s: trailing bytes after the %d-part payload",
+                              name, nparts);
     if (st == MHA_OK && h != gpt__get(hdr + 56, 8))
-        st = gpt__fail(err, fn, MHA_ERR_FORMAT, "checksum", "%s: checksum mismatch (the file holds %016llx, "
-                       "its bytes give %016llx): the file is corrupted", name, gpt__get(hdr + 56, 8), h);
+        st = mha_report__sign(err, fn, MHA_ERR_FORMAT, "checksum", "%s: checksum mismatch (the file holds %016llx, "
+                              "its bytes give %016llx): the file is corrupted", name, gpt__get(hdr + 56, 8), h);
     if (st != MHA_OK) {
         gpt_ckpt_free(&ck);
         return st;
@@ -417,9 +390,9 @@ GPT__FN mha_status gpt__read(FILE *f, const char *name, const char *fn, const ch
    model is "truncated", never "out of memory".  want and *out as below. */
 GPT__FN mha_status gpt_ckpt_read(FILE *f, const gpt_config *want, gpt_ckpt *out, mha_error *err)
 {
-    gpt__begin(err);
-    if (!f) return gpt__fail(err, "gpt_ckpt_read", MHA_ERR_NULL_POINTER, "f", "is NULL");
-    if (!out) return gpt__fail(err, "gpt_ckpt_read", MHA_ERR_NULL_POINTER, "out", "is NULL");
+    mha_report__clear(err);
+    if (!f) return mha_report__sign(err, "gpt_ckpt_read", MHA_ERR_NULL_POINTER, "f", "is NULL");
+    if (!out) return mha_report__sign(err, "gpt_ckpt_read", MHA_ERR_NULL_POINTER, "out", "is NULL");
     return gpt__read(f, "stream", "gpt_ckpt_read", "f", want, out, err);
 }
 
@@ -431,14 +404,14 @@ GPT__FN mha_status gpt_ckpt_load(const char *path, const gpt_config *want, gpt_c
 {
     mha_status st;
     FILE *f;
-    gpt__begin(err);
-    if (!path) return gpt__fail(err, "gpt_ckpt_load", MHA_ERR_NULL_POINTER, "path", "is NULL");
-    if (!out) return gpt__fail(err, "gpt_ckpt_load", MHA_ERR_NULL_POINTER, "out", "is NULL");
+    mha_report__clear(err);
+    if (!path) return mha_report__sign(err, "gpt_ckpt_load", MHA_ERR_NULL_POINTER, "path", "is NULL");
+    if (!out) return mha_report__sign(err, "gpt_ckpt_load", MHA_ERR_NULL_POINTER, "out", "is NULL");
     errno = 0;
     f = fopen(path, "rb");
     if (!f)
-        return gpt__fail(err, "gpt_ckpt_load", MHA_ERR_IO, "path", "cannot open '%s': %s", path,
-                         errno ? strerror(errno) : "fopen failed");
+        return mha_report__sign(err, "gpt_ckpt_load", MHA_ERR_IO, "path", "cannot open '%s': %s", path,
+                                mha_report__reason(errno, "fopen failed"));
     st = gpt__read(f, path, "gpt_ckpt_load", "path", want, out, err);
     fclose(f);
     return st;

@@ -18,6 +18,8 @@
      heatmap.h includes) and the stb headers as system headers, so warnings
      about them do not stop a -Werror build:
          cc -std=c99 -I. -isystem /usr/include/stb -Iexamples prog.c -lm
+     The implementation also includes "mha_report.h" (the error helpers
+     the companion headers share), which stays next to heatmap.h.
      A program that calls mha.h's functions, mha_status_string among them,
      defines MHA_IMPLEMENTATION in one file as usual.
 
@@ -261,9 +263,9 @@ MHA_HEATMAP_DEF mha_status mha_heatmap_write_rgb_png(const char *path, const uns
 
 #include <errno.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include "mha_report.h"
 #include "stb_easy_font.h"
 #ifndef MHA_HEATMAP_NO_PNG
 #include "stb_image_write.h"
@@ -284,71 +286,11 @@ MHA_HEATMAP_DEF mha_status mha_heatmap_write_rgb_png(const char *path, const uns
 #define MHA_HM__CAST(T, x) ((T)(x))
 #endif
 
-/* Refusals, in mha.h's convention.  Inside, every function takes a
-   non-NULL mha_error (the public call lends its own when the caller passed
-   NULL) and returns 0 or -1; a check that refuses records its status, the
-   field and what was expected and found (printf-style) with mha_hm__fail;
-   the public call then signs the message with its name (mha_hm__end):
-   "mha_heatmap_measure: hm->Lq: ...".  The first refusal is the one
-   reported. */
-#if defined(__GNUC__) || defined(__clang__)
-__attribute__((format(printf, 4, 5)))
-#endif
-static int mha_hm__fail(mha_error *e, mha_status s, const char *field, const char *fmt, ...)
-{
-    va_list ap;
-    if (e->status != MHA_OK) return -1;
-    e->status = s;
-    e->field = field;
-    va_start(ap, fmt);
-    vsnprintf(e->message, sizeof e->message, fmt, ap);
-    va_end(ap);
-    return -1;
-}
-/* At a public call's entry: the caller's report, or a local one. */
-static mha_error *mha_hm__begin(mha_error *err, mha_error *local)
-{
-    mha_error *e = err ? err : local;
-    e->status = MHA_OK;
-    e->function = NULL;
-    e->field = NULL;
-    e->message[0] = '\0';
-    return e;
-}
-/* Append src to dst[cap] at *len, cutting what does not fit. */
-static void mha_hm__cat(char *dst, size_t cap, size_t *len, const char *src)
-{
-    while (*src && *len + 1 < cap) dst[(*len)++] = *src++;
-    dst[*len] = '\0';
-}
-/* At its exit: the status, and on a refusal the message becomes
-   "function: field: detail". */
-static mha_status mha_hm__end(mha_error *e, const char *function)
-{
-    char detail[sizeof e->message];
-    size_t n = 0;
-    if (e->status == MHA_OK) return MHA_OK;
-    memcpy(detail, e->message, sizeof detail);
-    e->function = function;
-    mha_hm__cat(e->message, sizeof e->message, &n, function);
-    mha_hm__cat(e->message, sizeof e->message, &n, ": ");
-    if (e->field) {
-        mha_hm__cat(e->message, sizeof e->message, &n, e->field);
-        mha_hm__cat(e->message, sizeof e->message, &n, ": ");
-    }
-    mha_hm__cat(e->message, sizeof e->message, &n, detail);
-    return e->status;
-}
-/* A NULL pointer argument: the first of them by name. */
-static int mha_hm__need(mha_error *e, const char *field, const void *p)
-{
-    return p ? 0 : mha_hm__fail(e, MHA_ERR_NULL_POINTER, field, "is NULL");
-}
-/* A size argument that must be >= 1. */
-static int mha_hm__size(mha_error *e, const char *field, int v)
-{
-    return v >= 1 ? 0 : mha_hm__fail(e, MHA_ERR_INVALID_SIZE, field, "is %d; expected >= 1", v);
-}
+/* Refusals, in mha.h's convention (mha_report.h): inside, every function
+   takes a non-NULL mha_error (the public call lends its own when the
+   caller passed NULL) and returns 0 or -1; the check that refuses first
+   is the one reported, and the public call signs the message with its
+   name: "mha_heatmap_measure: hm->Lq: ...". */
 
 /* ---------------------------------------------------------------- colour */
 
@@ -434,12 +376,12 @@ MHA_HEATMAP_DEF void mha_heatmap_color(mha_heatmap_cmap cmap, float t, unsigned 
 MHA_HEATMAP_DEF mha_status mha_heatmap_average(const float *w, int heads, int Lq, int Lk, float *out,
                                                mha_error *err)
 {
-    mha_error local, *e = mha_hm__begin(err, &local);
+    mha_error local, *e = mha_report__begin(err, &local);
     size_t n, i;
     int h;
-    if (mha_hm__need(e, "w", w) || mha_hm__need(e, "out", out) || mha_hm__size(e, "heads", heads) ||
-        mha_hm__size(e, "Lq", Lq) || mha_hm__size(e, "Lk", Lk))
-        return mha_hm__end(e, "mha_heatmap_average");
+    if (mha_report__need(e, "w", w) || mha_report__need(e, "out", out) || mha_report__size(e, "heads", heads) ||
+        mha_report__size(e, "Lq", Lq) || mha_report__size(e, "Lk", Lk))
+        return mha_report__end(e, "mha_heatmap_average");
     /* out_ij = (1/heads) sum_h w_hij, summed in double: the mean of many
        heads stays exact to float rounding */
     n = (size_t)Lq * (size_t)Lk;
@@ -454,10 +396,10 @@ MHA_HEATMAP_DEF mha_status mha_heatmap_average(const float *w, int heads, int Lq
 MHA_HEATMAP_DEF mha_status mha_heatmap_causal_mask(int Lq, int Lk, int bottom_right, unsigned char *mask,
                                                    mha_error *err)
 {
-    mha_error local, *e = mha_hm__begin(err, &local);
+    mha_error local, *e = mha_report__begin(err, &local);
     int i, j, shift = bottom_right ? Lk - Lq : 0;
-    if (mha_hm__size(e, "Lq", Lq) || mha_hm__size(e, "Lk", Lk) || mha_hm__need(e, "mask", mask))
-        return mha_hm__end(e, "mha_heatmap_causal_mask");
+    if (mha_report__size(e, "Lq", Lq) || mha_report__size(e, "Lk", Lk) || mha_report__need(e, "mask", mask))
+        return mha_report__end(e, "mha_heatmap_causal_mask");
     for (i = 0; i < Lq; ++i)
         for (j = 0; j < Lk; ++j) mask[(size_t)i * Lk + j] = (unsigned char)(j > i + shift);
     return MHA_OK;
@@ -739,41 +681,42 @@ static const mha_heatmap_style mha_hm__default_style = {MHA_HEATMAP_VIRIDIS, MHA
    enums, and the limits that keep the image inside MHA_HEATMAP_MAX_SIDE. */
 static int mha_hm__check(const mha_heatmap *hm, const mha_heatmap_style *st, mha_error *e)
 {
-    if (mha_hm__need(e, "hm", hm) || mha_hm__need(e, "hm->weights", hm->weights) ||
-        mha_hm__size(e, "hm->Lq", hm->Lq) || mha_hm__size(e, "hm->Lk", hm->Lk))
+    if (mha_report__need(e, "hm", hm) || mha_report__need(e, "hm->weights", hm->weights) ||
+        mha_report__size(e, "hm->Lq", hm->Lq) || mha_report__size(e, "hm->Lk", hm->Lk))
         return -1;
     if (hm->heads < 0)
-        return mha_hm__fail(e, MHA_ERR_INVALID_SIZE, "hm->heads", "is %d; expected >= 0 (0 counts as 1)", hm->heads);
+        return mha_report__fail(e, MHA_ERR_INVALID_SIZE, "hm->heads", "is %d; expected >= 0 (0 counts as 1)",
+                                hm->heads);
     if ((int)st->cmap < 0 || st->cmap >= MHA_HEATMAP_CMAP_COUNT)
-        return mha_hm__fail(e, MHA_ERR_BAD_ENUM, "style->cmap", "is %d; expected 0..%d (MHA_HEATMAP_VIRIDIS.."
-                            "MHA_HEATMAP_CIVIDIS)", (int)st->cmap, MHA_HEATMAP_CMAP_COUNT - 1);
+        return mha_report__fail(e, MHA_ERR_BAD_ENUM, "style->cmap", "is %d; expected 0..%d (MHA_HEATMAP_VIRIDIS.."
+                                "MHA_HEATMAP_CIVIDIS)", (int)st->cmap, MHA_HEATMAP_CMAP_COUNT - 1);
     if ((int)st->range < 0 || st->range > MHA_HEATMAP_RANGE_FIXED)
-        return mha_hm__fail(e, MHA_ERR_BAD_ENUM, "style->range", "is %d; expected 0..%d (MHA_HEATMAP_RANGE_UNIT.."
-                            "MHA_HEATMAP_RANGE_FIXED)", (int)st->range, (int)MHA_HEATMAP_RANGE_FIXED);
+        return mha_report__fail(e, MHA_ERR_BAD_ENUM, "style->range", "is %d; expected 0..%d (MHA_HEATMAP_RANGE_UNIT.."
+                                "MHA_HEATMAP_RANGE_FIXED)", (int)st->range, (int)MHA_HEATMAP_RANGE_FIXED);
     if (st->cell < 0)
-        return mha_hm__fail(e, MHA_ERR_INVALID_ARGUMENT, "style->cell", "is %d; expected >= 0 (0 = automatic)",
-                            st->cell);
+        return mha_report__fail(e, MHA_ERR_INVALID_ARGUMENT, "style->cell", "is %d; expected >= 0 (0 = automatic)",
+                                st->cell);
     if (st->cols < 0)
-        return mha_hm__fail(e, MHA_ERR_INVALID_ARGUMENT, "style->cols", "is %d; expected >= 0 (0 = automatic)",
-                            st->cols);
+        return mha_report__fail(e, MHA_ERR_INVALID_ARGUMENT, "style->cols", "is %d; expected >= 0 (0 = automatic)",
+                                st->cols);
     if (hm->Lq > MHA_HEATMAP_MAX_SIDE || hm->Lk > MHA_HEATMAP_MAX_SIDE)
-        return mha_hm__fail(e, MHA_ERR_OVERFLOW, hm->Lq > MHA_HEATMAP_MAX_SIDE ? "hm->Lq" : "hm->Lk",
-                            "is %d; a map of more than %d tokens a side does not fit an image of at most %d "
-                            "pixels a side", hm->Lq > MHA_HEATMAP_MAX_SIDE ? hm->Lq : hm->Lk,
-                            MHA_HEATMAP_MAX_SIDE, MHA_HEATMAP_MAX_SIDE);
+        return mha_report__fail(e, MHA_ERR_OVERFLOW, hm->Lq > MHA_HEATMAP_MAX_SIDE ? "hm->Lq" : "hm->Lk",
+                                "is %d; a map of more than %d tokens a side does not fit an image of at most %d "
+                                "pixels a side", hm->Lq > MHA_HEATMAP_MAX_SIDE ? hm->Lq : hm->Lk,
+                                MHA_HEATMAP_MAX_SIDE, MHA_HEATMAP_MAX_SIDE);
     if (hm->heads > 4096)
-        return mha_hm__fail(e, MHA_ERR_OVERFLOW, "hm->heads", "is %d; at most 4096 panels are drawn", hm->heads);
+        return mha_report__fail(e, MHA_ERR_OVERFLOW, "hm->heads", "is %d; at most 4096 panels are drawn", hm->heads);
     return 0;
 }
 
 MHA_HEATMAP_DEF mha_status mha_heatmap_value_range(const mha_heatmap *hm, const mha_heatmap_style *st,
                                                    float *lo, float *hi, mha_error *err)
 {
-    mha_error local, *e = mha_hm__begin(err, &local);
+    mha_error local, *e = mha_report__begin(err, &local);
     if (!st) st = &mha_hm__default_style;
-    if (mha_hm__need(e, "lo", lo) == 0 && mha_hm__need(e, "hi", hi) == 0 && mha_hm__check(hm, st, e) == 0)
+    if (mha_report__need(e, "lo", lo) == 0 && mha_report__need(e, "hi", hi) == 0 && mha_hm__check(hm, st, e) == 0)
         mha_hm__range(hm, st, lo, hi);
-    return mha_hm__end(e, "mha_heatmap_value_range");
+    return mha_report__end(e, "mha_heatmap_value_range");
 }
 
 /* The layout into L (the caller's local: filled only here). */
@@ -802,8 +745,8 @@ static int mha_hm__measure(const mha_heatmap *hm, const mha_heatmap_style *st, m
         if (cell < 4) cell = 4;
     }
     if (cell > MHA_HEATMAP_MAX_SIDE)
-        return mha_hm__fail(e, MHA_ERR_OVERFLOW, "style->cell", "is %d; at most %d pixels (MHA_HEATMAP_MAX_SIDE)",
-                            cell, MHA_HEATMAP_MAX_SIDE);
+        return mha_report__fail(e, MHA_ERR_OVERFLOW, "style->cell", "is %d; at most %d pixels (MHA_HEATMAP_MAX_SIDE)",
+                                cell, MHA_HEATMAP_MAX_SIDE);
     L->cell = cell;
 
     /* 2. labels: twice the font size when a row is tall enough, and only
@@ -832,10 +775,10 @@ static int mha_hm__measure(const mha_heatmap *hm, const mha_heatmap_style *st, m
     }
     if ((size_t)hm->Lk * cell > MHA_HEATMAP_MAX_SIDE || (size_t)hm->Lq * cell > MHA_HEATMAP_MAX_SIDE) {
         int wide = (size_t)hm->Lk * cell > MHA_HEATMAP_MAX_SIDE;
-        return mha_hm__fail(e, MHA_ERR_OVERFLOW, wide ? "hm->Lk" : "hm->Lq",
-                            "%d %s x %d-pixel cells is %lu pixels; an image has at most %d a side",
-                            wide ? hm->Lk : hm->Lq, wide ? "keys" : "queries", cell,
-                            (unsigned long)(wide ? hm->Lk : hm->Lq) * (unsigned long)cell, MHA_HEATMAP_MAX_SIDE);
+        return mha_report__fail(e, MHA_ERR_OVERFLOW, wide ? "hm->Lk" : "hm->Lq",
+                                "%d %s x %d-pixel cells is %lu pixels; an image has at most %d a side",
+                                wide ? hm->Lk : hm->Lq, wide ? "keys" : "queries", cell,
+                                (unsigned long)(wide ? hm->Lk : hm->Lq) * (unsigned long)cell, MHA_HEATMAP_MAX_SIDE);
     }
     cells_w = hm->Lk * cell;
     cells_h = hm->Lq * cell;
@@ -869,9 +812,9 @@ static int mha_hm__measure(const mha_heatmap *hm, const mha_heatmap_style *st, m
     /* every later loop over the weights is bounded by the image size:
        at least 4 x 4 pixels a cell */
     if (grid_w > MHA_HEATMAP_MAX_SIDE || grid_h > MHA_HEATMAP_MAX_SIDE)
-        return mha_hm__fail(e, MHA_ERR_OVERFLOW, "hm->heads", "%d panels in a %d x %d grid take %d x %d pixels; "
-                            "an image has at most %d a side", H, L->cols, L->rows, grid_w, grid_h,
-                            MHA_HEATMAP_MAX_SIDE);
+        return mha_report__fail(e, MHA_ERR_OVERFLOW, "hm->heads", "%d panels in a %d x %d grid take %d x %d pixels; "
+                                "an image has at most %d a side", H, L->cols, L->rows, grid_w, grid_h,
+                                MHA_HEATMAP_MAX_SIDE);
     mha_hm__range(hm, st, &L->vmin, &L->vmax);
 
     /* 5. title, then everything placed from the top-left */
@@ -951,20 +894,20 @@ static int mha_hm__measure(const mha_heatmap *hm, const mha_heatmap_style *st, m
     if (L->width < title_w + 2 * MHA_HM__MARGIN) L->width = title_w + 2 * MHA_HM__MARGIN;
     L->height = bottom + MHA_HM__MARGIN;
     if (L->width > MHA_HEATMAP_MAX_SIDE || L->height > MHA_HEATMAP_MAX_SIDE)
-        return mha_hm__fail(e, MHA_ERR_OVERFLOW, "hm", "the image would be %d x %d pixels; at most %d a side",
-                            L->width, L->height, MHA_HEATMAP_MAX_SIDE);
+        return mha_report__fail(e, MHA_ERR_OVERFLOW, "hm", "the image would be %d x %d pixels; at most %d a side",
+                                L->width, L->height, MHA_HEATMAP_MAX_SIDE);
     return 0;
 }
 
 MHA_HEATMAP_DEF mha_status mha_heatmap_measure(const mha_heatmap *hm, const mha_heatmap_style *style,
                                                mha_heatmap_layout *layout, mha_error *err)
 {
-    mha_error local, *e = mha_hm__begin(err, &local);
+    mha_error local, *e = mha_report__begin(err, &local);
     mha_heatmap_layout L;
-    if (mha_hm__need(e, "layout", layout) == 0 &&
+    if (mha_report__need(e, "layout", layout) == 0 &&
         mha_hm__measure(hm, style ? style : &mha_hm__default_style, &L, e) == 0)
         *layout = L;
-    return mha_hm__end(e, "mha_heatmap_measure");
+    return mha_report__end(e, "mha_heatmap_measure");
 }
 
 MHA_HEATMAP_DEF mha_heatmap_rect mha_heatmap_panel(const mha_heatmap_layout *L, int head,
@@ -1093,11 +1036,11 @@ static int mha_hm__render(const mha_heatmap *hm, const mha_heatmap_style *st, un
     int h;
     char title[MHA_HEATMAP_MAX_TITLE + 1];
 
-    if (mha_hm__need(e, "rgb", rgb) || mha_hm__measure(hm, st, &L, e)) return -1;
+    if (mha_report__need(e, "rgb", rgb) || mha_hm__measure(hm, st, &L, e)) return -1;
     if (width != L.width || height != L.height)
-        return mha_hm__fail(e, MHA_ERR_INVALID_ARGUMENT, width != L.width ? "width" : "height",
-                            "is %d; mha_heatmap_measure gives %d x %d for this map and style",
-                            width != L.width ? width : height, L.width, L.height);
+        return mha_report__fail(e, MHA_ERR_INVALID_ARGUMENT, width != L.width ? "width" : "height",
+                                "is %d; mha_heatmap_measure gives %d x %d for this map and style",
+                                width != L.width ? width : height, L.width, L.height);
     im.p = rgb; im.w = width; im.h = height;
     mha_hm__fill(&im, 0, 0, width, height, white);
 
@@ -1144,9 +1087,9 @@ static int mha_hm__render(const mha_heatmap *hm, const mha_heatmap_style *st, un
 MHA_HEATMAP_DEF mha_status mha_heatmap_render(const mha_heatmap *hm, const mha_heatmap_style *style,
                                               unsigned char *rgb, int width, int height, mha_error *err)
 {
-    mha_error local, *e = mha_hm__begin(err, &local);
+    mha_error local, *e = mha_report__begin(err, &local);
     mha_hm__render(hm, style ? style : &mha_hm__default_style, rgb, width, height, e);
-    return mha_hm__end(e, "mha_heatmap_render");
+    return mha_report__end(e, "mha_heatmap_render");
 }
 
 /* Measure, allocate, render: *rgb and the size only when all went well. */
@@ -1155,11 +1098,11 @@ static int mha_hm__draw(const mha_heatmap *hm, const mha_heatmap_style *st, unsi
 {
     mha_heatmap_layout L;
     unsigned char *p;
-    if (mha_hm__need(e, "rgb", rgb) || mha_hm__measure(hm, st, &L, e)) return -1;
+    if (mha_report__need(e, "rgb", rgb) || mha_hm__measure(hm, st, &L, e)) return -1;
     p = MHA_HM__CAST(unsigned char *, MHA_HEATMAP_MALLOC((size_t)L.width * L.height * 3));
     if (!p)
-        return mha_hm__fail(e, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory for a %d x %d image", L.width,
-                            L.height);
+        return mha_report__fail(e, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory for a %d x %d image", L.width,
+                                L.height);
     if (mha_hm__render(hm, st, p, L.width, L.height, e)) {
         MHA_HEATMAP_FREE(p);
         return -1;
@@ -1173,9 +1116,9 @@ static int mha_hm__draw(const mha_heatmap *hm, const mha_heatmap_style *st, unsi
 MHA_HEATMAP_DEF mha_status mha_heatmap_draw(const mha_heatmap *hm, const mha_heatmap_style *style,
                                             unsigned char **rgb, int *width, int *height, mha_error *err)
 {
-    mha_error local, *e = mha_hm__begin(err, &local);
+    mha_error local, *e = mha_report__begin(err, &local);
     mha_hm__draw(hm, style ? style : &mha_hm__default_style, rgb, width, height, e);
-    return mha_hm__end(e, "mha_heatmap_draw");
+    return mha_report__end(e, "mha_heatmap_draw");
 }
 
 #ifndef MHA_HEATMAP_NO_PNG
@@ -1194,36 +1137,23 @@ static void mha_hm__put(void *ctx, void *data, int size)
     if (fwrite(data, 1, (size_t)size, k->fp) != (size_t)size) k->why = errno ? errno : -1;
 }
 
-/* A path for a message: its last 160 bytes (the file name is at the end). */
-static const char *mha_hm__path(const char *path, const char **ellipsis)
-{
-    size_t n = strlen(path);
-    *ellipsis = n > 160 ? "..." : "";
-    return n > 160 ? path + n - 160 : path;
-}
-
 static int mha_hm__write_rgb_png(const char *path, const unsigned char *rgb, int width, int height, mha_error *e)
 {
     mha_hm__sink k;
     const char *dots, *shown;
     int encoded;
-    if (mha_hm__need(e, "path", path) || mha_hm__need(e, "rgb", rgb) || mha_hm__size(e, "width", width) ||
-        mha_hm__size(e, "height", height))
+    if (mha_report__need(e, "path", path) || mha_report__need(e, "rgb", rgb) ||
+        mha_report__size(e, "width", width) || mha_report__size(e, "height", height))
         return -1;
     /* stb_image_write counts the PNG's bytes in int: a side of at most
        MHA_HEATMAP_MAX_SIDE keeps (3 width + 1) height far below INT_MAX */
     if (width > MHA_HEATMAP_MAX_SIDE || height > MHA_HEATMAP_MAX_SIDE)
-        return mha_hm__fail(e, MHA_ERR_OVERFLOW, width > MHA_HEATMAP_MAX_SIDE ? "width" : "height",
-                            "is %d; at most %d pixels (MHA_HEATMAP_MAX_SIDE)",
-                            width > MHA_HEATMAP_MAX_SIDE ? width : height, MHA_HEATMAP_MAX_SIDE);
-    shown = mha_hm__path(path, &dots);
+        return mha_report__fail(e, MHA_ERR_OVERFLOW, width > MHA_HEATMAP_MAX_SIDE ? "width" : "height",
+                                "is %d; at most %d pixels (MHA_HEATMAP_MAX_SIDE)",
+                                width > MHA_HEATMAP_MAX_SIDE ? width : height, MHA_HEATMAP_MAX_SIDE);
     errno = 0;
     k.fp = fopen(path, "wb");
-    if (!k.fp) {
-        k.why = errno;
-        return mha_hm__fail(e, MHA_ERR_IO, "path", "cannot create '%s%s': %s", dots, shown,
-                            k.why ? strerror(k.why) : "fopen failed");
-    }
+    if (!k.fp) return mha_report__io(e, "cannot create", path, errno, "fopen failed");
     k.why = 0;
     encoded = stbi_write_png_to_func(mha_hm__put, &k, width, height, 3, rgb, width * 3);
     errno = 0;
@@ -1231,33 +1161,34 @@ static int mha_hm__write_rgb_png(const char *path, const unsigned char *rgb, int
     if (encoded && !k.why) return 0;
     /* what was written stays: path may name something that is not ours to
        delete (a device, a pipe) */
-    if (!encoded)
-        return mha_hm__fail(e, MHA_ERR_OUT_OF_MEMORY, NULL, "stb_image_write could not encode the %d x %d PNG for "
-                            "'%s%s' (out of memory)", width, height, dots, shown);
-    return mha_hm__fail(e, MHA_ERR_IO, "path", "cannot write '%s%s': %s", dots, shown,
-                        k.why > 0 ? strerror(k.why) : "the write failed");
+    if (!encoded) {
+        shown = mha_report__tail(path, &dots);
+        return mha_report__fail(e, MHA_ERR_OUT_OF_MEMORY, NULL, "stb_image_write could not encode the %d x %d "
+                                "PNG for '%s%s' (out of memory)", width, height, dots, shown);
+    }
+    return mha_report__io(e, "cannot write", path, k.why, "the write failed");
 }
 
 MHA_HEATMAP_DEF mha_status mha_heatmap_write_rgb_png(const char *path, const unsigned char *rgb, int width,
                                                      int height, mha_error *err)
 {
-    mha_error local, *e = mha_hm__begin(err, &local);
+    mha_error local, *e = mha_report__begin(err, &local);
     mha_hm__write_rgb_png(path, rgb, width, height, e);
-    return mha_hm__end(e, "mha_heatmap_write_rgb_png");
+    return mha_report__end(e, "mha_heatmap_write_rgb_png");
 }
 
 MHA_HEATMAP_DEF mha_status mha_heatmap_write_png(const char *path, const mha_heatmap *hm,
                                                  const mha_heatmap_style *style, mha_error *err)
 {
-    mha_error local, *e = mha_hm__begin(err, &local);
+    mha_error local, *e = mha_report__begin(err, &local);
     unsigned char *rgb = NULL;
     int w = 0, h = 0;
-    if (mha_hm__need(e, "path", path) == 0 &&
+    if (mha_report__need(e, "path", path) == 0 &&
         mha_hm__draw(hm, style ? style : &mha_hm__default_style, &rgb, &w, &h, e) == 0) {
         mha_hm__write_rgb_png(path, rgb, w, h, e);
         MHA_HEATMAP_FREE(rgb);
     }
-    return mha_hm__end(e, "mha_heatmap_write_png");
+    return mha_report__end(e, "mha_heatmap_write_png");
 }
 #endif
 

@@ -9,9 +9,11 @@
          #define MHA_NPY_IMPLEMENTATION
          #include "npy.h"
      It includes "mha.h" for mha_status and mha_error (compile with -I
-     pointing at the directory that holds mha.h); a program that calls
-     mha.h's functions, mha_status_string among them, defines
-     MHA_IMPLEMENTATION in one file as usual.
+     pointing at the directory that holds mha.h), and its implementation
+     "mha_report.h" (the error helpers the companion headers share), which
+     stays next to npy.h.  A program that calls mha.h's functions,
+     mha_status_string among them, defines MHA_IMPLEMENTATION in one file
+     as usual.
 
    USAGE
        mha_npy a = {0};
@@ -116,10 +118,10 @@ MHA_NPY_DEF void mha_npy_free(mha_npy *a);
 #define MHA_NPY_IMPLEMENTATION_DONE
 
 #include <errno.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include "mha_report.h"
 
 #if defined(MHA_NPY_MALLOC) != defined(MHA_NPY_FREE)
 #error "npy.h: define both MHA_NPY_MALLOC and MHA_NPY_FREE, or neither"
@@ -130,67 +132,11 @@ MHA_NPY_DEF void mha_npy_free(mha_npy *a);
 #define MHA_NPY_FREE(p) free(p)
 #endif
 
-/* Refusals, in mha.h's convention.  Inside, every function takes a
-   non-NULL mha_error (the public call lends its own when the caller passed
-   NULL) and returns 0 or -1; a check that refuses records its status, the
-   field and what was expected and found (printf-style) with mha_npy__fail;
-   the public call then signs the message with its name (mha_npy__end):
-   "mha_npy_load: descr: ...".  The first refusal is the one reported. */
-#if defined(__GNUC__) || defined(__clang__)
-__attribute__((format(printf, 4, 5)))
-#endif
-static int mha_npy__fail(mha_error *e, mha_status s, const char *field, const char *fmt, ...)
-{
-    va_list ap;
-    if (e->status != MHA_OK) return -1;
-    e->status = s;
-    e->field = field;
-    va_start(ap, fmt);
-    vsnprintf(e->message, sizeof e->message, fmt, ap);
-    va_end(ap);
-    return -1;
-}
-/* At a public call's entry: the caller's report, or a local one. */
-static mha_error *mha_npy__begin(mha_error *err, mha_error *local)
-{
-    mha_error *e = err ? err : local;
-    e->status = MHA_OK;
-    e->function = NULL;
-    e->field = NULL;
-    e->message[0] = '\0';
-    return e;
-}
-/* Append src to dst[cap] at *len, cutting what does not fit. */
-static void mha_npy__cat(char *dst, size_t cap, size_t *len, const char *src)
-{
-    while (*src && *len + 1 < cap) dst[(*len)++] = *src++;
-    dst[*len] = '\0';
-}
-/* At its exit: the status, and on a refusal the message becomes
-   "function: field: detail". */
-static mha_status mha_npy__end(mha_error *e, const char *function)
-{
-    char detail[sizeof e->message];
-    size_t n = 0;
-    if (e->status == MHA_OK) return MHA_OK;
-    memcpy(detail, e->message, sizeof detail);
-    e->function = function;
-    mha_npy__cat(e->message, sizeof e->message, &n, function);
-    mha_npy__cat(e->message, sizeof e->message, &n, ": ");
-    if (e->field) {
-        mha_npy__cat(e->message, sizeof e->message, &n, e->field);
-        mha_npy__cat(e->message, sizeof e->message, &n, ": ");
-    }
-    mha_npy__cat(e->message, sizeof e->message, &n, detail);
-    return e->status;
-}
-/* A path for a message: its last 160 bytes (the file name is at the end). */
-static const char *mha_npy__path(const char *path, const char **ellipsis)
-{
-    size_t n = strlen(path);
-    *ellipsis = n > 160 ? "..." : "";
-    return n > 160 ? path + n - 160 : path;
-}
+/* Refusals, in mha.h's convention (mha_report.h): inside, every function
+   takes a non-NULL mha_error (the public call lends its own when the
+   caller passed NULL) and returns 0 or -1; the check that refuses first
+   is the one reported, and the public call signs the message with its
+   name: "mha_npy_load: descr: ...". */
 
 /* ---- a tiny reader for the header's dict literal */
 
@@ -246,109 +192,111 @@ static int mha_npy__header(const unsigned char *buf, size_t n, mha_npy *a, size_
 
     memset(a, 0, sizeof *a);
     if (n >= 4 && buf[0] == 'P' && buf[1] == 'K' && buf[2] == 3 && buf[3] == 4)
-        return mha_npy__fail(err, MHA_ERR_FORMAT, "magic",
-                             "this is a zip archive (torch.save or numpy.savez), not a .npy file; "
-                             "save with numpy.save(path, tensor.numpy())");
+        return mha_report__fail(err, MHA_ERR_FORMAT, "magic",
+                                "this is a zip archive (torch.save or numpy.savez), not a .npy file; "
+                                "save with numpy.save(path, tensor.numpy())");
     if (n < 6 || memcmp(buf, magic, 6) != 0)
-        return mha_npy__fail(err, MHA_ERR_FORMAT, "magic", "not a .npy file (it does not start with \\x93NUMPY)");
+        return mha_report__fail(err, MHA_ERR_FORMAT, "magic", "not a .npy file (it does not start with \\x93NUMPY)");
     if (n < 10)
-        return mha_npy__fail(err, MHA_ERR_FORMAT, "header length",
-                             "truncated: the file ends inside the .npy preamble");
+        return mha_report__fail(err, MHA_ERR_FORMAT, "header length",
+                                "truncated: the file ends inside the .npy preamble");
     major = buf[6];
     if (major == 1) {
         hlen = (size_t)buf[8] | (size_t)buf[9] << 8;
         start = 10;
     } else if (major == 2 || major == 3) {
         if (n < 12)
-            return mha_npy__fail(err, MHA_ERR_FORMAT, "header length",
-                                 "truncated: the file ends inside the .npy preamble");
+            return mha_report__fail(err, MHA_ERR_FORMAT, "header length",
+                                    "truncated: the file ends inside the .npy preamble");
         hlen = (size_t)buf[8] | (size_t)buf[9] << 8 | (size_t)buf[10] << 16 | (size_t)buf[11] << 24;
         start = 12;
     } else {
-        return mha_npy__fail(err, MHA_ERR_FORMAT, "version",
-                             "unsupported .npy format version %d.%d (1.0, 2.0 and 3.0 are read)", major, buf[7]);
+        return mha_report__fail(err, MHA_ERR_FORMAT, "version",
+                                "unsupported .npy format version %d.%d (1.0, 2.0 and 3.0 are read)", major, buf[7]);
     }
     if (hlen > MHA_NPY_MAX_HEADER)
-        return mha_npy__fail(err, MHA_ERR_FORMAT, "header length", "header length %lu is absurd (more than %d bytes)",
-                             (unsigned long)hlen, MHA_NPY_MAX_HEADER);
+        return mha_report__fail(err, MHA_ERR_FORMAT, "header length",
+                                "header length %lu is absurd (more than %d bytes)", (unsigned long)hlen,
+                                MHA_NPY_MAX_HEADER);
     if (n < start + hlen)
-        return mha_npy__fail(err, MHA_ERR_FORMAT, "header length",
-                             "truncated: the header says %lu bytes, the file has %lu after the preamble",
-                             (unsigned long)hlen, (unsigned long)(n - start));
+        return mha_report__fail(err, MHA_ERR_FORMAT, "header length",
+                                "truncated: the header says %lu bytes, the file has %lu after the preamble",
+                                (unsigned long)hlen, (unsigned long)(n - start));
 
     /* {'key': value, ...} */
     c.p = (const char *)buf + start;
     c.end = c.p + hlen;
-    if (!mha_npy__eat(&c, '{')) return mha_npy__fail(err, MHA_ERR_FORMAT, "header", "malformed header: no '{'");
+    if (!mha_npy__eat(&c, '{')) return mha_report__fail(err, MHA_ERR_FORMAT, "header", "malformed header: no '{'");
     for (;;) {
         if (mha_npy__eat(&c, '}')) break;
         if ((str = mha_npy__string(&c, key, sizeof key)) < 0)
-            return mha_npy__fail(err, MHA_ERR_FORMAT, "header",
-                                 "malformed header: a key holds a NUL or control byte");
+            return mha_report__fail(err, MHA_ERR_FORMAT, "header",
+                                    "malformed header: a key holds a NUL or control byte");
         if (!str || !mha_npy__eat(&c, ':'))
-            return mha_npy__fail(err, MHA_ERR_FORMAT, "header", "malformed header: expected 'key': value");
+            return mha_report__fail(err, MHA_ERR_FORMAT, "header", "malformed header: expected 'key': value");
         if (strcmp(key, "descr") == 0) {
             if ((str = mha_npy__string(&c, descr, sizeof descr)) < 0)
-                return mha_npy__fail(err, MHA_ERR_FORMAT, "descr",
-                                     "malformed header: descr holds a NUL or control byte");
+                return mha_report__fail(err, MHA_ERR_FORMAT, "descr",
+                                        "malformed header: descr holds a NUL or control byte");
             if (!str)
-                return mha_npy__fail(err, MHA_ERR_FORMAT, "descr",
-                                     "malformed header: descr is not a simple type string "
-                                     "(structured arrays are not supported)");
+                return mha_report__fail(err, MHA_ERR_FORMAT, "descr",
+                                        "malformed header: descr is not a simple type string "
+                                        "(structured arrays are not supported)");
             have_descr = 1;
         } else if (strcmp(key, "fortran_order") == 0) {
             if (mha_npy__word(&c, "True"))
-                return mha_npy__fail(err, MHA_ERR_SHAPE, "fortran_order",
-                                     "fortran_order is True: save a C-ordered array "
-                                     "(numpy.ascontiguousarray) instead");
+                return mha_report__fail(err, MHA_ERR_SHAPE, "fortran_order",
+                                        "fortran_order is True: save a C-ordered array "
+                                        "(numpy.ascontiguousarray) instead");
             if (!mha_npy__word(&c, "False"))
-                return mha_npy__fail(err, MHA_ERR_FORMAT, "fortran_order",
-                                     "malformed header: fortran_order is neither True nor False");
+                return mha_report__fail(err, MHA_ERR_FORMAT, "fortran_order",
+                                        "malformed header: fortran_order is neither True nor False");
             have_order = 1;
         } else if (strcmp(key, "shape") == 0) {
             if (!mha_npy__eat(&c, '('))
-                return mha_npy__fail(err, MHA_ERR_FORMAT, "shape", "malformed header: shape is not a tuple");
+                return mha_report__fail(err, MHA_ERR_FORMAT, "shape", "malformed header: shape is not a tuple");
             a->ndim = 0;
             while (!mha_npy__eat(&c, ')')) {
                 size_t v = 0;
                 int digits = 0;
                 mha_npy__ws(&c);
                 if (c.p < c.end && *c.p == '-')
-                    return mha_npy__fail(err, MHA_ERR_FORMAT, "shape", "malformed header: negative dimension");
+                    return mha_report__fail(err, MHA_ERR_FORMAT, "shape", "malformed header: negative dimension");
                 while (c.p < c.end && *c.p >= '0' && *c.p <= '9') {
                     if (v > (SIZE_MAX - 9) / 10 || ++digits > 12)
-                        return mha_npy__fail(err, MHA_ERR_SHAPE, "shape",
-                                             "absurd shape: a dimension has more than 12 digits");
+                        return mha_report__fail(err, MHA_ERR_SHAPE, "shape",
+                                                "absurd shape: a dimension has more than 12 digits");
                     v = v * 10 + (size_t)(*c.p++ - '0');
                 }
                 if (!digits)
-                    return mha_npy__fail(err, MHA_ERR_FORMAT, "shape", "malformed header: shape holds a non-number");
+                    return mha_report__fail(err, MHA_ERR_FORMAT, "shape",
+                                            "malformed header: shape holds a non-number");
                 if (c.p < c.end && *c.p == 'L') ++c.p; /* Python 2 long */
                 if (a->ndim >= MHA_NPY_MAX_DIMS)
-                    return mha_npy__fail(err, MHA_ERR_SHAPE, "shape", "absurd shape: more than %d dimensions",
-                                         MHA_NPY_MAX_DIMS);
+                    return mha_report__fail(err, MHA_ERR_SHAPE, "shape", "absurd shape: more than %d dimensions",
+                                            MHA_NPY_MAX_DIMS);
                 a->shape[a->ndim++] = v;
                 if (!mha_npy__eat(&c, ',')) {
                     if (!mha_npy__eat(&c, ')'))
-                        return mha_npy__fail(err, MHA_ERR_FORMAT, "shape",
-                                             "malformed header: shape tuple not closed");
+                        return mha_report__fail(err, MHA_ERR_FORMAT, "shape",
+                                                "malformed header: shape tuple not closed");
                     break;
                 }
             }
             have_shape = 1;
         } else {
-            return mha_npy__fail(err, MHA_ERR_FORMAT, "header", "malformed header: unknown key '%s'", key);
+            return mha_report__fail(err, MHA_ERR_FORMAT, "header", "malformed header: unknown key '%s'", key);
         }
         if (!mha_npy__eat(&c, ',')) {
             if (!mha_npy__eat(&c, '}'))
-                return mha_npy__fail(err, MHA_ERR_FORMAT, "header", "malformed header: expected ',' or '}'");
+                return mha_report__fail(err, MHA_ERR_FORMAT, "header", "malformed header: expected ',' or '}'");
             break;
         }
     }
     if (!have_descr || !have_order || !have_shape)
-        return mha_npy__fail(err, MHA_ERR_FORMAT, !have_descr ? "descr" : !have_order ? "fortran_order" : "shape",
-                             "malformed header: missing %s",
-                             !have_descr ? "descr" : !have_order ? "fortran_order" : "shape");
+        return mha_report__fail(err, MHA_ERR_FORMAT, !have_descr ? "descr" : !have_order ? "fortran_order" : "shape",
+                                "malformed header: missing %s",
+                                !have_descr ? "descr" : !have_order ? "fortran_order" : "shape");
 
     /* the type: little-endian IEEE float of 4 or 8 bytes */
     if ((descr[0] == '<' || descr[0] == '=' || descr[0] == '|') && strcmp(descr + 1, "f4") == 0) {
@@ -356,24 +304,24 @@ static int mha_npy__header(const unsigned char *buf, size_t n, mha_npy *a, size_
     } else if ((descr[0] == '<' || descr[0] == '=' || descr[0] == '|') && strcmp(descr + 1, "f8") == 0) {
         a->itemsize = 8;
     } else if (descr[0] == '>' && (strcmp(descr + 1, "f4") == 0 || strcmp(descr + 1, "f8") == 0)) {
-        return mha_npy__fail(err, MHA_ERR_SHAPE, "descr",
-                             "dtype '%s' is big-endian; expected '<f4' or '<f8' (save with arr.astype('<f4'))",
-                             descr);
+        return mha_report__fail(err, MHA_ERR_SHAPE, "descr",
+                                "dtype '%s' is big-endian; expected '<f4' or '<f8' (save with arr.astype('<f4'))",
+                                descr);
     } else {
-        return mha_npy__fail(err, MHA_ERR_SHAPE, "descr",
-                             "unsupported dtype '%s': expected float32 ('<f4') or float64 ('<f8') "
-                             "(convert with arr.astype('float32'))", descr);
+        return mha_report__fail(err, MHA_ERR_SHAPE, "descr",
+                                "unsupported dtype '%s': expected float32 ('<f4') or float64 ('<f8') "
+                                "(convert with arr.astype('float32'))", descr);
     }
 
     /* the shape: no zero dimension, a product that fits */
     if (a->ndim == 0)
-        return mha_npy__fail(err, MHA_ERR_SHAPE, "shape", "the array is a scalar (shape ()), not a map");
+        return mha_report__fail(err, MHA_ERR_SHAPE, "shape", "the array is a scalar (shape ()), not a map");
     for (d = 0; d < a->ndim; ++d) {
         if (a->shape[d] == 0)
-            return mha_npy__fail(err, MHA_ERR_SHAPE, "shape", "the array is empty (dimension %d is 0)", d);
+            return mha_report__fail(err, MHA_ERR_SHAPE, "shape", "the array is empty (dimension %d is 0)", d);
         if (a->shape[d] > MHA_NPY_MAX_ELEMENTS || total > MHA_NPY_MAX_ELEMENTS / a->shape[d])
-            return mha_npy__fail(err, MHA_ERR_SHAPE, "shape", "absurd shape: more than %lu values",
-                                 (unsigned long)MHA_NPY_MAX_ELEMENTS);
+            return mha_report__fail(err, MHA_ERR_SHAPE, "shape", "absurd shape: more than %lu values",
+                                    (unsigned long)MHA_NPY_MAX_ELEMENTS);
         total *= a->shape[d];
     }
     a->count = total;
@@ -384,16 +332,15 @@ static int mha_npy__header(const unsigned char *buf, size_t n, mha_npy *a, size_
 MHA_NPY_DEF mha_status mha_npy_parse_header(const unsigned char *buf, size_t n, mha_npy *a,
                                             size_t *data_offset, mha_error *err)
 {
-    mha_error local, *e = mha_npy__begin(err, &local);
+    mha_error local, *e = mha_report__begin(err, &local);
     mha_npy h;
     size_t off = 0;
-    if (!buf || !a || !data_offset)
-        mha_npy__fail(e, MHA_ERR_NULL_POINTER, !buf ? "buf" : !a ? "a" : "data_offset", "is NULL");
-    else if (mha_npy__header(buf, n, &h, &off, e) == 0) {
+    if (mha_report__need(e, "buf", buf) == 0 && mha_report__need(e, "a", a) == 0 &&
+        mha_report__need(e, "data_offset", data_offset) == 0 && mha_npy__header(buf, n, &h, &off, e) == 0) {
         *a = h;
         *data_offset = off;
     }
-    return mha_npy__end(e, "mha_npy_parse_header");
+    return mha_report__end(e, "mha_npy_parse_header");
 }
 
 /* Little-endian bytes to float, whatever this machine's order is. */
@@ -419,8 +366,8 @@ static int mha_npy__convert(const unsigned char *raw, mha_npy *a, mha_error *err
     size_t i;
     a->data = (float *)MHA_NPY_MALLOC(a->count * sizeof(float));
     if (!a->data)
-        return mha_npy__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory for %lu values",
-                             (unsigned long)a->count);
+        return mha_report__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory for %lu values",
+                                (unsigned long)a->count);
     for (i = 0; i < a->count; ++i)
         a->data[i] = a->itemsize == 4 ? mha_npy__f4(raw + 4 * i) : mha_npy__f8(raw + 8 * i);
     return 0;
@@ -428,24 +375,24 @@ static int mha_npy__convert(const unsigned char *raw, mha_npy *a, mha_error *err
 
 MHA_NPY_DEF mha_status mha_npy_load_mem(const unsigned char *buf, size_t n, mha_npy *a, mha_error *err)
 {
-    mha_error local, *e = mha_npy__begin(err, &local);
+    mha_error local, *e = mha_report__begin(err, &local);
     mha_npy h;
     size_t off = 0, need;
-    if (!buf || !a) {
-        mha_npy__fail(e, MHA_ERR_NULL_POINTER, !buf ? "buf" : "a", "is NULL");
-    } else if (mha_npy__header(buf, n, &h, &off, e) == 0) {
+    if (mha_report__need(e, "buf", buf) == 0 && mha_report__need(e, "a", a) == 0 &&
+        mha_npy__header(buf, n, &h, &off, e) == 0) {
         need = h.count * (size_t)h.itemsize;
         if (n - off < need)
-            mha_npy__fail(e, MHA_ERR_FORMAT, "data", "truncated: the shape needs %lu bytes of data, the file has %lu",
-                          (unsigned long)need, (unsigned long)(n - off));
+            mha_report__fail(e, MHA_ERR_FORMAT, "data",
+                             "truncated: the shape needs %lu bytes of data, the file has %lu",
+                             (unsigned long)need, (unsigned long)(n - off));
         else if (n - off > need)
-            mha_npy__fail(e, MHA_ERR_FORMAT, "data",
-                          "%lu bytes after the data the shape describes: not one .npy array",
-                          (unsigned long)(n - off - need));
+            mha_report__fail(e, MHA_ERR_FORMAT, "data",
+                             "%lu bytes after the data the shape describes: not one .npy array",
+                             (unsigned long)(n - off - need));
         else if (mha_npy__convert(buf + off, &h, e) == 0)
             *a = h;
     }
-    return mha_npy__end(e, "mha_npy_load_mem");
+    return mha_report__end(e, "mha_npy_load_mem");
 }
 
 /* The file's size into *size, keeping the read position at pos: 1, or 0
@@ -473,45 +420,40 @@ static int mha_npy__load(const char *path, mha_npy *a, mha_error *err)
     const size_t first = 12 + MHA_NPY_MAX_HEADER;
     unsigned char *head = NULL, *data = NULL;
     size_t got, off = 0, need = 0, have, more, size = 0;
-    int rc, sized, why;
-    const char *dots, *shown = mha_npy__path(path, &dots);
+    int rc, sized;
+    const char *dots, *shown = mha_report__tail(path, &dots);
     mha_npy h;
     FILE *f;
     memset(&h, 0, sizeof h);
+    errno = 0;
     f = fopen(path, "rb");
-    if (!f) {
-        why = errno;
-        return mha_npy__fail(err, MHA_ERR_IO, "path", "cannot open '%s%s': %s", dots, shown, strerror(why));
-    }
+    if (!f) return mha_report__io(err, "cannot open", path, errno, "fopen failed");
     head = (unsigned char *)MHA_NPY_MALLOC(first);
-    if (!head) { fclose(f); return mha_npy__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory"); }
+    if (!head) { fclose(f); return mha_report__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory"); }
     errno = 0;
     got = fread(head, 1, first, f);
-    if (got < first && ferror(f)) {   /* a directory opens, but reading it fails */
-        why = errno;
-        rc = mha_npy__fail(err, MHA_ERR_IO, "path", "cannot read '%s%s': %s", dots, shown, strerror(why));
-    } else {
+    if (got < first && ferror(f))   /* a directory opens, but reading it fails */
+        rc = mha_report__io(err, "cannot read", path, errno, "the read failed");
+    else
         rc = mha_npy__header(head, got, &h, &off, err);
-    }
     if (rc == 0) {
         need = h.count * (size_t)h.itemsize;
         errno = 0;
         sized = mha_npy__file_size(f, got, &size);
         if (sized < 0) {
-            why = errno;
-            rc = mha_npy__fail(err, MHA_ERR_IO, "path", "cannot seek back in '%s%s' after measuring it: %s", dots,
-                               shown, why ? strerror(why) : "the stream lost its position");
+            rc = mha_report__fail(err, MHA_ERR_IO, "path", "cannot seek back in '%s%s' after measuring it: %s",
+                                  dots, shown, mha_report__reason(errno, "the stream lost its position"));
         } else if (sized > 0 && size - off < need) {
-            rc = mha_npy__fail(err, MHA_ERR_FORMAT, "data",
-                               "truncated: the shape needs %lu bytes of data, the file has %lu",
-                               (unsigned long)need, (unsigned long)(size - off));
+            rc = mha_report__fail(err, MHA_ERR_FORMAT, "data",
+                                  "truncated: the shape needs %lu bytes of data, the file has %lu",
+                                  (unsigned long)need, (unsigned long)(size - off));
         }
     }
     if (rc == 0) {
         data = (unsigned char *)MHA_NPY_MALLOC(need + 1);
         if (!data)
-            rc = mha_npy__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory for %lu bytes",
-                               (unsigned long)need);
+            rc = mha_report__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory for %lu bytes",
+                                  (unsigned long)need);
     }
     if (rc == 0) {
         have = got - off;               /* data bytes that came with the first read */
@@ -520,15 +462,14 @@ static int mha_npy__load(const char *path, mha_npy *a, mha_error *err)
         errno = 0;
         more = have <= need ? fread(data + have, 1, need + 1 - have, f) : 0;
         if (have + more <= need && ferror(f)) {
-            why = errno;
-            rc = mha_npy__fail(err, MHA_ERR_IO, "path", "cannot read '%s%s': %s", dots, shown, strerror(why));
+            rc = mha_report__io(err, "cannot read", path, errno, "the read failed");
         } else if (have + more < need) {
-            rc = mha_npy__fail(err, MHA_ERR_FORMAT, "data",
-                               "truncated: the shape needs %lu bytes of data, the file has %lu",
-                               (unsigned long)need, (unsigned long)(have + more));
+            rc = mha_report__fail(err, MHA_ERR_FORMAT, "data",
+                                  "truncated: the shape needs %lu bytes of data, the file has %lu",
+                                  (unsigned long)need, (unsigned long)(have + more));
         } else if (have + more > need) {
-            rc = mha_npy__fail(err, MHA_ERR_FORMAT, "data",
-                               "there are bytes after the data the shape describes: not a single .npy array");
+            rc = mha_report__fail(err, MHA_ERR_FORMAT, "data",
+                                  "there are bytes after the data the shape describes: not a single .npy array");
         } else {
             rc = mha_npy__convert(data, &h, err);
         }
@@ -543,10 +484,9 @@ static int mha_npy__load(const char *path, mha_npy *a, mha_error *err)
 
 MHA_NPY_DEF mha_status mha_npy_load(const char *path, mha_npy *a, mha_error *err)
 {
-    mha_error local, *e = mha_npy__begin(err, &local);
-    if (!path || !a) mha_npy__fail(e, MHA_ERR_NULL_POINTER, !path ? "path" : "a", "is NULL");
-    else mha_npy__load(path, a, e);
-    return mha_npy__end(e, "mha_npy_load");
+    mha_error local, *e = mha_report__begin(err, &local);
+    if (mha_report__need(e, "path", path) == 0 && mha_report__need(e, "a", a) == 0) mha_npy__load(path, a, e);
+    return mha_report__end(e, "mha_npy_load");
 }
 
 MHA_NPY_DEF void mha_npy_free(mha_npy *a)

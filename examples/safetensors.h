@@ -13,7 +13,9 @@
          #define MHA_ST_IMPLEMENTATION
          #include "safetensors.h"          (installed: <mha/safetensors.h>)
      It includes "mha.h" for the module types and mha_status / mha_error;
-     compile with -I pointing at the directory that holds mha.h.
+     compile with -I pointing at the directory that holds mha.h.  Its
+     implementation includes "mha_report.h" (the error helpers the
+     companion headers share), which stays next to safetensors.h.
 
    USAGE
        mha_st_file f = {0};
@@ -187,11 +189,11 @@ MHA_ST_DEF mha_status mha_st_encoder_layer(mha_st_file *f, const char *prefix, i
 
 #include <errno.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "mha_report.h"
 
 #if defined(MHA_ST_MALLOC) != defined(MHA_ST_FREE)
 #error "safetensors.h: define both MHA_ST_MALLOC and MHA_ST_FREE, or neither"
@@ -215,68 +217,11 @@ MHA_ST_DEF mha_status mha_st_encoder_layer(mha_st_file *f, const char *prefix, i
 #define MHA_ST__CAST(T, x) ((T)(x))
 #endif
 
-/* Refusals, in mha.h's convention.  Inside, every function takes a
-   non-NULL mha_error (the public call lends its own when the caller passed
-   NULL) and returns 0 or -1; a check that refuses records its status, the
-   field and what was expected and found (printf-style) with mha_st__fail;
-   the public call then signs the message with its name (mha_st__end):
-   "mha_st_open: data_offsets: tensor 'a': ...".  The first refusal is the
-   one reported. */
-#if defined(__GNUC__) || defined(__clang__)
-__attribute__((format(printf, 4, 5)))
-#endif
-static int mha_st__fail(mha_error *e, mha_status s, const char *field, const char *fmt, ...)
-{
-    va_list ap;
-    if (e->status != MHA_OK) return -1;
-    e->status = s;
-    e->field = field;
-    va_start(ap, fmt);
-    vsnprintf(e->message, sizeof e->message, fmt, ap);
-    va_end(ap);
-    return -1;
-}
-/* At a public call's entry: the caller's report, or a local one. */
-static mha_error *mha_st__begin(mha_error *err, mha_error *local)
-{
-    mha_error *e = err ? err : local;
-    e->status = MHA_OK;
-    e->function = NULL;
-    e->field = NULL;
-    e->message[0] = '\0';
-    return e;
-}
-/* Append src to dst[cap] at *len, cutting what does not fit. */
-static void mha_st__cat(char *dst, size_t cap, size_t *len, const char *src)
-{
-    while (*src && *len + 1 < cap) dst[(*len)++] = *src++;
-    dst[*len] = '\0';
-}
-/* At its exit: the status, and on a refusal the message becomes
-   "function: field: detail". */
-static mha_status mha_st__end(mha_error *e, const char *function)
-{
-    char detail[sizeof e->message];
-    size_t n = 0;
-    if (e->status == MHA_OK) return MHA_OK;
-    memcpy(detail, e->message, sizeof detail);
-    e->function = function;
-    mha_st__cat(e->message, sizeof e->message, &n, function);
-    mha_st__cat(e->message, sizeof e->message, &n, ": ");
-    if (e->field) {
-        mha_st__cat(e->message, sizeof e->message, &n, e->field);
-        mha_st__cat(e->message, sizeof e->message, &n, ": ");
-    }
-    mha_st__cat(e->message, sizeof e->message, &n, detail);
-    return e->status;
-}
-/* A path for a message: its last 160 bytes (the file name is at the end). */
-static const char *mha_st__path(const char *path, const char **ellipsis)
-{
-    size_t n = strlen(path);
-    *ellipsis = n > 160 ? "..." : "";
-    return n > 160 ? path + n - 160 : path;
-}
+/* Refusals, in mha.h's convention (mha_report.h): inside, every function
+   takes a non-NULL mha_error (the public call lends its own when the
+   caller passed NULL) and returns 0 or -1; the check that refuses first
+   is the one reported, and the public call signs the message with its
+   name: "mha_st_open: data_offsets: tensor 'a': ...". */
 
 static const char *const mha_st__dtype_names[MHA_ST_DTYPE_COUNT] = {
     "F32", "F16", "BF16", "F64", "BOOL", "U8", "I8", "I16", "U16", "I32", "U32",
@@ -322,8 +267,8 @@ typedef struct {
 
 static int mha_st__jfail(mha_st__json *j, const char *what)
 {
-    return mha_st__fail(j->err, MHA_ERR_FORMAT, "header", "JSON syntax error in the header at byte %lu: %s",
-                        (unsigned long)(j->p - j->begin), what);
+    return mha_report__fail(j->err, MHA_ERR_FORMAT, "header", "JSON syntax error in the header at byte %lu: %s",
+                            (unsigned long)(j->p - j->begin), what);
 }
 static void mha_st__ws(mha_st__json *j)
 {
@@ -415,19 +360,20 @@ static int mha_st__uint(mha_st__json *j, size_t *v, const char *field, const cha
     int digits = 0;
     mha_st__ws(j);
     if (j->p < j->end && *j->p == '-')
-        return mha_st__fail(j->err, MHA_ERR_FORMAT, field, "%s holds a negative number", what);
+        return mha_report__fail(j->err, MHA_ERR_FORMAT, field, "%s holds a negative number", what);
     while (j->p < j->end && *j->p >= '0' && *j->p <= '9') {
         size_t d = (size_t)(*j->p - '0');
         if (digits == 1 && x == 0) return mha_st__jfail(j, "number with a leading zero");
         if (x > (SIZE_MAX - d) / 10)
-            return mha_st__fail(j->err, MHA_ERR_FORMAT, field, "%s holds a number too large for this machine", what);
+            return mha_report__fail(j->err, MHA_ERR_FORMAT, field, "%s holds a number too large for this machine",
+                                    what);
         x = x * 10 + d;
         ++digits;
         ++j->p;
     }
     if (!digits) return mha_st__jfail(j, "expected a non-negative integer");
     if (j->p < j->end && (*j->p == '.' || *j->p == 'e' || *j->p == 'E'))
-        return mha_st__fail(j->err, MHA_ERR_FORMAT, field, "%s holds a number that is not an integer", what);
+        return mha_report__fail(j->err, MHA_ERR_FORMAT, field, "%s holds a number that is not an integer", what);
     *v = x;
     return 0;
 }
@@ -442,7 +388,7 @@ static int mha_st__uint_array(mha_st__json *j, size_t *v, int cap, int *count, c
             size_t x = 0;
             if (mha_st__uint(j, &x, field, what)) return -1;
             if (n >= cap)
-                return mha_st__fail(j->err, MHA_ERR_FORMAT, field, "%s has more than %d entries", what, cap);
+                return mha_report__fail(j->err, MHA_ERR_FORMAT, field, "%s has more than %d entries", what, cap);
             v[n++] = x;
             if (mha_st__eat(j, ']')) break;
             if (!mha_st__eat(j, ',')) return mha_st__jfail(j, "expected ',' or ']'");
@@ -467,16 +413,16 @@ static int mha_st__tensor_info(mha_st__json *j, mha_st_tensor *t)
         if (!mha_st__eat(j, ':')) return mha_st__jfail(j, "expected ':'");
         if (strcmp(key, "dtype") == 0) {
             int d;
-            if (have_dtype++) return mha_st__fail(j->err, MHA_ERR_FORMAT, "dtype", "%s: dtype given twice", what);
+            if (have_dtype++) return mha_report__fail(j->err, MHA_ERR_FORMAT, "dtype", "%s: dtype given twice", what);
             if (mha_st__string(j, &val)) return -1;
             for (d = 0; d < MHA_ST_DTYPE_COUNT; ++d)
                 if (strcmp(val, mha_st__dtype_names[d]) == 0) break;
             if (d == MHA_ST_DTYPE_COUNT)
-                return mha_st__fail(j->err, MHA_ERR_FORMAT, "dtype", "%s: unknown dtype '%.20s'", what, val);
+                return mha_report__fail(j->err, MHA_ERR_FORMAT, "dtype", "%s: unknown dtype '%.20s'", what, val);
             t->dtype = (mha_st_dtype)d;
         } else if (strcmp(key, "shape") == 0) {
             char w[200];
-            if (have_shape++) return mha_st__fail(j->err, MHA_ERR_FORMAT, "shape", "%s: shape given twice", what);
+            if (have_shape++) return mha_report__fail(j->err, MHA_ERR_FORMAT, "shape", "%s: shape given twice", what);
             snprintf(w, sizeof w, "%s: shape", what);
             if (mha_st__uint_array(j, t->shape, MHA_ST_MAX_DIMS, &t->ndim, "shape", w)) return -1;
         } else if (strcmp(key, "data_offsets") == 0) {
@@ -484,25 +430,26 @@ static int mha_st__tensor_info(mha_st__json *j, mha_st_tensor *t)
             int n = 0;
             char w[200];
             if (have_off++)
-                return mha_st__fail(j->err, MHA_ERR_FORMAT, "data_offsets", "%s: data_offsets given twice", what);
+                return mha_report__fail(j->err, MHA_ERR_FORMAT, "data_offsets", "%s: data_offsets given twice", what);
             snprintf(w, sizeof w, "%s: data_offsets", what);
             if (mha_st__uint_array(j, off, 2, &n, "data_offsets", w)) return -1;
             if (n != 2)
-                return mha_st__fail(j->err, MHA_ERR_FORMAT, "data_offsets", "%s: data_offsets must be [begin, end]",
-                                    what);
+                return mha_report__fail(j->err, MHA_ERR_FORMAT, "data_offsets",
+                                        "%s: data_offsets must be [begin, end]", what);
             t->begin = off[0];
             t->end = off[1];
         } else {
-            return mha_st__fail(j->err, MHA_ERR_FORMAT, "header", "%s: unknown field '%.40s'", what, key);
+            return mha_report__fail(j->err, MHA_ERR_FORMAT, "header", "%s: unknown field '%.40s'", what, key);
         }
         j->out = mark;   /* keys and the dtype string are not kept */
         if (mha_st__eat(j, '}')) break;
         if (!mha_st__eat(j, ',')) return mha_st__jfail(j, "expected ',' or '}'");
     }
 done:
-    if (!have_dtype || !have_shape || !have_off)
-        return mha_st__fail(j->err, MHA_ERR_FORMAT, !have_dtype ? "dtype" : !have_shape ? "shape" : "data_offsets",
-                            "%s: missing %s", what, !have_dtype ? "dtype" : !have_shape ? "shape" : "data_offsets");
+    if (!have_dtype || !have_shape || !have_off) {
+        const char *missing = !have_dtype ? "dtype" : !have_shape ? "shape" : "data_offsets";
+        return mha_report__fail(j->err, MHA_ERR_FORMAT, missing, "%s: missing %s", what, missing);
+    }
     return 0;
 }
 
@@ -541,27 +488,27 @@ static int mha_st__parse(mha_st_file *f, mha_error *err)
     mha_st__json j;
 
     if (n < 8)
-        return mha_st__fail(err, MHA_ERR_FORMAT, "header length",
-                            "truncated: %lu bytes, fewer than the 8 of the header length", (unsigned long)n);
+        return mha_report__fail(err, MHA_ERR_FORMAT, "header length",
+                                "truncated: %lu bytes, fewer than the 8 of the header length", (unsigned long)n);
     for (k = 7; k >= 0; --k) hlen = hlen << 8 | b[k];
     if (hlen > MHA_ST_MAX_HEADER)
-        return mha_st__fail(err, MHA_ERR_FORMAT, "header length", "header length %llu is larger than the %u allowed",
-                            hlen, (unsigned)MHA_ST_MAX_HEADER);
+        return mha_report__fail(err, MHA_ERR_FORMAT, "header length",
+                                "header length %llu is larger than the %u allowed", hlen, (unsigned)MHA_ST_MAX_HEADER);
     if (hlen > n - 8)
-        return mha_st__fail(err, MHA_ERR_FORMAT, "header length",
-                            "header length %llu runs past the end of the file (%lu bytes after it)",
-                            hlen, (unsigned long)(n - 8));
+        return mha_report__fail(err, MHA_ERR_FORMAT, "header length",
+                                "header length %llu runs past the end of the file (%lu bytes after it)",
+                                hlen, (unsigned long)(n - 8));
     if (hlen < 2 || b[8] != '{')
-        return mha_st__fail(err, MHA_ERR_FORMAT, "header",
-                            "the header does not start with '{': not a safetensors file");
+        return mha_report__fail(err, MHA_ERR_FORMAT, "header",
+                                "the header does not start with '{': not a safetensors file");
     bad = mha_st__bad_utf8(b + 8, (size_t)hlen);
     if (bad)
-        return mha_st__fail(err, MHA_ERR_FORMAT, "header", "the header is not valid UTF-8 (byte %lu)",
-                            (unsigned long)(bad - 1));
+        return mha_report__fail(err, MHA_ERR_FORMAT, "header", "the header is not valid UTF-8 (byte %lu)",
+                                (unsigned long)(bad - 1));
     data_size = n - 8 - (size_t)hlen;
 
     f->strings = MHA_ST__CAST(char *, MHA_ST_MALLOC((size_t)hlen));
-    if (!f->strings) return mha_st__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory for the header");
+    if (!f->strings) return mha_report__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory for the header");
     j.begin = j.p = MHA_ST__CAST(const char *, MHA_ST__CAST(const void *, b + 8));
     j.end = j.p + hlen;
     j.out = f->strings;
@@ -577,24 +524,24 @@ static int mha_st__parse(mha_st_file *f, mha_error *err)
             if (strcmp(name, "__metadata__") == 0) {
                 j.out = mark;   /* the name itself is not kept */
                 if (seen_meta++)
-                    return mha_st__fail(err, MHA_ERR_FORMAT, "__metadata__", "duplicate name '__metadata__'");
+                    return mha_report__fail(err, MHA_ERR_FORMAT, "__metadata__", "duplicate name '__metadata__'");
                 if (!mha_st__eat(&j, '{'))
-                    return mha_st__fail(err, MHA_ERR_FORMAT, "__metadata__", "__metadata__ is not an object");
+                    return mha_report__fail(err, MHA_ERR_FORMAT, "__metadata__", "__metadata__ is not an object");
                 if (!mha_st__eat(&j, '}')) {
                     for (;;) {
                         const char *key, *val;
                         if ((size_t)f->meta_count + 2 > meta_cap) {
                             const char **m = MHA_ST__CAST(const char **,
                                 mha_st__grow((void *)f->meta, (size_t)f->meta_count, sizeof *f->meta, &meta_cap));
-                            if (!m) return mha_st__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory");
+                            if (!m) return mha_report__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory");
                             f->meta = m;
                         }
                         if (mha_st__string(&j, &key)) return -1;
                         if (!mha_st__eat(&j, ':')) return mha_st__jfail(&j, "expected ':'");
                         mha_st__ws(&j);
                         if (j.p < j.end && *j.p != '"')
-                            return mha_st__fail(err, MHA_ERR_FORMAT, "__metadata__",
-                                                "__metadata__ value of '%.60s' is not a string", key);
+                            return mha_report__fail(err, MHA_ERR_FORMAT, "__metadata__",
+                                                    "__metadata__ value of '%.60s' is not a string", key);
                         if (mha_st__string(&j, &val)) return -1;
                         f->meta[f->meta_count] = key;
                         f->meta[f->meta_count + 1] = val;
@@ -609,7 +556,7 @@ static int mha_st__parse(mha_st_file *f, mha_error *err)
                 if ((size_t)f->count >= cap) {
                     mha_st_tensor *nt = MHA_ST__CAST(mha_st_tensor *,
                         mha_st__grow(f->tensors, (size_t)f->count, sizeof *nt, &cap));
-                    if (!nt) return mha_st__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory");
+                    if (!nt) return mha_report__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory");
                     f->tensors = nt;
                 }
                 t = &f->tensors[f->count++];
@@ -628,7 +575,7 @@ static int mha_st__parse(mha_st_file *f, mha_error *err)
     if (f->count > 1) qsort(f->tensors, (size_t)f->count, sizeof *f->tensors, mha_st__by_name);
     for (k = 1; k < f->count; ++k)
         if (strcmp(f->tensors[k - 1].name, f->tensors[k].name) == 0)
-            return mha_st__fail(err, MHA_ERR_FORMAT, "header", "duplicate name '%.100s'", f->tensors[k].name);
+            return mha_report__fail(err, MHA_ERR_FORMAT, "header", "duplicate name '%.100s'", f->tensors[k].name);
 
     /* each tensor: offsets in order, inside the data, the size its dtype and shape give */
     for (k = 0; k < f->count; ++k) {
@@ -637,50 +584,51 @@ static int mha_st__parse(mha_st_file *f, mha_error *err)
         int d;
         for (d = 0; d < t->ndim; ++d) {
             if (t->shape[d] && count > SIZE_MAX / t->shape[d])
-                return mha_st__fail(err, MHA_ERR_FORMAT, "shape", "tensor '%.100s': the shape's product overflows",
-                                    t->name);
+                return mha_report__fail(err, MHA_ERR_FORMAT, "shape",
+                                        "tensor '%.100s': the shape's product overflows", t->name);
             count *= t->shape[d];
         }
         if (count > SIZE_MAX / mha_st__dtype_size[t->dtype])
-            return mha_st__fail(err, MHA_ERR_FORMAT, "shape", "tensor '%.100s': the shape's byte size overflows",
-                                t->name);
+            return mha_report__fail(err, MHA_ERR_FORMAT, "shape", "tensor '%.100s': the shape's byte size overflows",
+                                    t->name);
         bytes = count * mha_st__dtype_size[t->dtype];
         t->count = count;
         if (t->begin > t->end)
-            return mha_st__fail(err, MHA_ERR_FORMAT, "data_offsets",
-                                "tensor '%.100s': data_offsets [%lu, %lu] end before they begin",
-                                t->name, (unsigned long)t->begin, (unsigned long)t->end);
+            return mha_report__fail(err, MHA_ERR_FORMAT, "data_offsets",
+                                    "tensor '%.100s': data_offsets [%lu, %lu] end before they begin",
+                                    t->name, (unsigned long)t->begin, (unsigned long)t->end);
         if (t->end > data_size)
-            return mha_st__fail(err, MHA_ERR_FORMAT, "data_offsets",
-                                "tensor '%.100s': data_offsets [%lu, %lu] run past the data section (%lu bytes)",
-                                t->name, (unsigned long)t->begin, (unsigned long)t->end, (unsigned long)data_size);
+            return mha_report__fail(err, MHA_ERR_FORMAT, "data_offsets",
+                                    "tensor '%.100s': data_offsets [%lu, %lu] run past the data section "
+                                    "(%lu bytes)",
+                                    t->name, (unsigned long)t->begin, (unsigned long)t->end, (unsigned long)data_size);
         if (t->end - t->begin != bytes)
-            return mha_st__fail(err, MHA_ERR_FORMAT, "data_offsets",
-                                "tensor '%.100s': data_offsets span %lu bytes, but %s x %lu values need %lu",
-                                t->name, (unsigned long)(t->end - t->begin), mha_st__dtype_names[t->dtype],
-                                (unsigned long)count, (unsigned long)bytes);
+            return mha_report__fail(err, MHA_ERR_FORMAT, "data_offsets",
+                                    "tensor '%.100s': data_offsets span %lu bytes, but %s x %lu values need %lu",
+                                    t->name, (unsigned long)(t->end - t->begin), mha_st__dtype_names[t->dtype],
+                                    (unsigned long)count, (unsigned long)bytes);
         t->raw = b + 8 + hlen + t->begin;
     }
     /* the data section: tensors back to back from 0 to its end */
     if (f->count > 0) {
         size_t at = 0;
         order = MHA_ST__CAST(const mha_st_tensor **, MHA_ST_MALLOC((size_t)f->count * sizeof *order));
-        if (!order) return mha_st__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory");
+        if (!order) return mha_report__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory");
         for (k = 0; k < f->count; ++k) order[k] = &f->tensors[k];
         qsort(order, (size_t)f->count, sizeof *order, mha_st__by_begin);
         for (i = 0; i < (size_t)f->count; ++i) {
             const mha_st_tensor *t = order[i];
             if (t->begin < at) {
-                mha_st__fail(err, MHA_ERR_FORMAT, "data_offsets",
-                             "tensor '%.100s' overlaps tensor '%.100s' in the data section",
-                             t->name, order[i - 1]->name);
+                mha_report__fail(err, MHA_ERR_FORMAT, "data_offsets",
+                                 "tensor '%.100s' overlaps tensor '%.100s' in the data section",
+                                 t->name, order[i - 1]->name);
                 MHA_ST_FREE(order);
                 return -1;
             }
             if (t->begin > at) {
-                mha_st__fail(err, MHA_ERR_FORMAT, "data_offsets",
-                             "a hole of %lu bytes before tensor '%.100s': the data section must be covered "
-                             "without gaps", (unsigned long)(t->begin - at), t->name);
+                mha_report__fail(err, MHA_ERR_FORMAT, "data_offsets",
+                                 "a hole of %lu bytes before tensor '%.100s': the data section must be covered "
+                                 "without gaps", (unsigned long)(t->begin - at), t->name);
                 MHA_ST_FREE(order);
                 return -1;
             }
@@ -688,15 +636,16 @@ static int mha_st__parse(mha_st_file *f, mha_error *err)
         }
         MHA_ST_FREE(order);
         if (at != data_size)
-            return mha_st__fail(err, MHA_ERR_FORMAT, "data_offsets",
-                                "%lu bytes after the last tensor's data: the data section must be covered to its end",
-                                (unsigned long)(data_size - at));
+            return mha_report__fail(err, MHA_ERR_FORMAT, "data_offsets",
+                                    "%lu bytes after the last tensor's data: the data section must be covered "
+                                    "to its end",
+                                    (unsigned long)(data_size - at));
     } else if (data_size) {
-        return mha_st__fail(err, MHA_ERR_FORMAT, "data_offsets", "%lu bytes of data but no tensors",
-                            (unsigned long)data_size);
+        return mha_report__fail(err, MHA_ERR_FORMAT, "data_offsets", "%lu bytes of data but no tensors",
+                                (unsigned long)data_size);
     }
     f->f32 = MHA_ST__CAST(float **, MHA_ST_MALLOC((size_t)(f->count > 0 ? f->count : 1) * sizeof *f->f32));
-    if (!f->f32) return mha_st__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory");
+    if (!f->f32) return mha_report__fail(err, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory");
     for (k = 0; k < f->count; ++k) f->f32[k] = NULL;
     return 0;
 }
@@ -735,10 +684,10 @@ static int mha_st__open_mem(const void *buf, size_t n, mha_st_file *f, mha_error
 
 MHA_ST_DEF mha_status mha_st_open_mem(const void *buf, size_t n, mha_st_file *f, mha_error *err)
 {
-    mha_error local, *e = mha_st__begin(err, &local);
-    if (!f || !buf) mha_st__fail(e, MHA_ERR_NULL_POINTER, !f ? "f" : "buf", "is NULL");
+    mha_error local, *e = mha_report__begin(err, &local);
+    if (!f || !buf) mha_report__fail(e, MHA_ERR_NULL_POINTER, !f ? "f" : "buf", "is NULL");
     else mha_st__open_mem(buf, n, f, e);
-    return mha_st__end(e, "mha_st_open_mem");
+    return mha_report__end(e, "mha_st_open_mem");
 }
 
 /* The whole file into memory.  A failure of the system says which file and
@@ -749,13 +698,11 @@ static int mha_st__open_read(const char *path, mha_st_file *f, mha_error *e)
     long len;
     size_t got;
     unsigned char *buf;
-    const char *dots, *shown = mha_st__path(path, &dots);
+    const char *dots, *shown = mha_report__tail(path, &dots);
     int c, why;
+    errno = 0;
     fp = fopen(path, "rb");
-    if (!fp) {
-        why = errno;
-        return mha_st__fail(e, MHA_ERR_IO, "path", "cannot open '%s%s': %s", dots, shown, strerror(why));
-    }
+    if (!fp) return mha_report__io(e, "cannot open", path, errno, "fopen failed");
     /* one byte first: a directory opens, but only a read says what it is
        (and the size a seek gives it means nothing) */
     errno = 0;
@@ -763,20 +710,19 @@ static int mha_st__open_read(const char *path, mha_st_file *f, mha_error *e)
     if (c == EOF && ferror(fp)) {
         why = errno;
         fclose(fp);
-        return mha_st__fail(e, MHA_ERR_IO, "path", "cannot read '%s%s': %s", dots, shown, strerror(why));
+        return mha_report__io(e, "cannot read", path, why, "the read failed");
     }
     errno = 0;
     if (fseek(fp, 0, SEEK_END) != 0 || (len = ftell(fp)) < 0 || fseek(fp, 0, SEEK_SET) != 0) {
         why = errno;
         fclose(fp);
-        return mha_st__fail(e, MHA_ERR_IO, "path", "cannot find the size of '%s%s': %s", dots, shown,
-                            why ? strerror(why) : "the stream cannot seek");
+        return mha_report__io(e, "cannot find the size of", path, why, "the stream cannot seek");
     }
     buf = MHA_ST__CAST(unsigned char *, MHA_ST_MALLOC(len ? (size_t)len : 1));
     if (!buf) {
         fclose(fp);
-        return mha_st__fail(e, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory for the %ld bytes of '%s%s'", len,
-                            dots, shown);
+        return mha_report__fail(e, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory for the %ld bytes of '%s%s'", len,
+                                dots, shown);
     }
     errno = 0;
     got = fread(buf, 1, (size_t)len, fp);
@@ -784,10 +730,9 @@ static int mha_st__open_read(const char *path, mha_st_file *f, mha_error *e)
         why = ferror(fp) ? errno : 0;
         fclose(fp);
         MHA_ST_FREE(buf);
-        if (why)
-            return mha_st__fail(e, MHA_ERR_IO, "path", "cannot read '%s%s': %s", dots, shown, strerror(why));
-        return mha_st__fail(e, MHA_ERR_IO, "path", "'%s%s' ended after %lu of its %ld bytes (did it change "
-                            "while being read?)", dots, shown, (unsigned long)got, len);
+        if (why) return mha_report__io(e, "cannot read", path, why, "the read failed");
+        return mha_report__fail(e, MHA_ERR_IO, "path", "'%s%s' ended after %lu of its %ld bytes (did it change "
+                                "while being read?)", dots, shown, (unsigned long)got, len);
     }
     fclose(fp);
     if (mha_st__open_mem(buf, (size_t)len, f, e) != 0) {
@@ -800,24 +745,21 @@ static int mha_st__open_read(const char *path, mha_st_file *f, mha_error *e)
 
 MHA_ST_DEF mha_status mha_st_open_read(const char *path, mha_st_file *f, mha_error *err)
 {
-    mha_error local, *e = mha_st__begin(err, &local);
-    if (!f || !path) mha_st__fail(e, MHA_ERR_NULL_POINTER, !f ? "f" : "path", "is NULL");
+    mha_error local, *e = mha_report__begin(err, &local);
+    if (!f || !path) mha_report__fail(e, MHA_ERR_NULL_POINTER, !f ? "f" : "path", "is NULL");
     else mha_st__open_read(path, f, e);
-    return mha_st__end(e, "mha_st_open_read");
+    return mha_report__end(e, "mha_st_open_read");
 }
 
 static int mha_st__open(const char *path, mha_st_file *f, mha_error *e)
 {
 #ifdef MHA_ST__MMAP
-    int fd, why;
+    int fd;
     struct stat st;
     void *p;
-    const char *dots, *shown = mha_st__path(path, &dots);
+    errno = 0;
     fd = open(path, O_RDONLY);
-    if (fd < 0) {
-        why = errno;
-        return mha_st__fail(e, MHA_ERR_IO, "path", "cannot open '%s%s': %s", dots, shown, strerror(why));
-    }
+    if (fd < 0) return mha_report__io(e, "cannot open", path, errno, "open failed");
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size == 0) {
         close(fd);
         return mha_st__open_read(path, f, e);   /* empty, a pipe, a directory ...: read says why */
@@ -838,10 +780,10 @@ static int mha_st__open(const char *path, mha_st_file *f, mha_error *e)
 
 MHA_ST_DEF mha_status mha_st_open(const char *path, mha_st_file *f, mha_error *err)
 {
-    mha_error local, *e = mha_st__begin(err, &local);
-    if (!f || !path) mha_st__fail(e, MHA_ERR_NULL_POINTER, !f ? "f" : "path", "is NULL");
+    mha_error local, *e = mha_report__begin(err, &local);
+    if (!f || !path) mha_report__fail(e, MHA_ERR_NULL_POINTER, !f ? "f" : "path", "is NULL");
     else mha_st__open(path, f, e);
-    return mha_st__end(e, "mha_st_open");
+    return mha_report__end(e, "mha_st_open");
 }
 
 
@@ -922,41 +864,41 @@ static int mha_st__refuse(mha_error *e, const char *field, const mha_st_tensor *
 {
     char got[128];
     mha_st__shape_str(got, sizeof got, t->ndim, t->shape);
-    return mha_st__fail(e, MHA_ERR_SHAPE, field, "tensor '%.100s': expected F32, F16, BF16 or F64 %s%s%s%s, "
-                        "found %s [%s]", t->name, want, rule ? " (" : "", rule ? rule : "", rule ? ")" : "",
-                        mha_st_dtype_name(t->dtype), got);
+    return mha_report__fail(e, MHA_ERR_SHAPE, field, "tensor '%.100s': expected F32, F16, BF16 or F64 %s%s%s%s, "
+                            "found %s [%s]", t->name, want, rule ? " (" : "", rule ? rule : "", rule ? ")" : "",
+                            mha_st_dtype_name(t->dtype), got);
 }
 
 static int mha_st__check_read(const mha_st_tensor *t, const void *dst, size_t count, mha_error *e)
 {
-    if (!t || (!dst && count)) return mha_st__fail(e, MHA_ERR_NULL_POINTER, !t ? "t" : "dst", "is NULL");
+    if (!t || (!dst && count)) return mha_report__fail(e, MHA_ERR_NULL_POINTER, !t ? "t" : "dst", "is NULL");
     if ((unsigned)t->dtype > MHA_ST_F64) return mha_st__refuse(e, "t", t, "of any shape", "the dtypes read");
     if (count != t->count) {
         char got[128];
         mha_st__shape_str(got, sizeof got, t->ndim, t->shape);
-        return mha_st__fail(e, MHA_ERR_SHAPE, "count", "tensor '%.100s': expected %lu values (count), found %s [%s], "
-                            "%lu values", t->name, (unsigned long)count, mha_st_dtype_name(t->dtype), got,
-                            (unsigned long)t->count);
+        return mha_report__fail(e, MHA_ERR_SHAPE, "count", "tensor '%.100s': expected %lu values (count), found "
+                                "%s [%s], %lu values", t->name, (unsigned long)count, mha_st_dtype_name(t->dtype),
+                                got, (unsigned long)t->count);
     }
     return 0;
 }
 
 MHA_ST_DEF mha_status mha_st_read_f32(const mha_st_tensor *t, float *dst, size_t count, mha_error *err)
 {
-    mha_error local, *e = mha_st__begin(err, &local);
+    mha_error local, *e = mha_report__begin(err, &local);
     size_t i;
     if (mha_st__check_read(t, dst, count, e) == 0)
         for (i = 0; i < count; ++i) dst[i] = (float)mha_st__value(t, i);
-    return mha_st__end(e, "mha_st_read_f32");
+    return mha_report__end(e, "mha_st_read_f32");
 }
 
 MHA_ST_DEF mha_status mha_st_read_f64(const mha_st_tensor *t, double *dst, size_t count, mha_error *err)
 {
-    mha_error local, *e = mha_st__begin(err, &local);
+    mha_error local, *e = mha_report__begin(err, &local);
     size_t i;
     if (mha_st__check_read(t, dst, count, e) == 0)
         for (i = 0; i < count; ++i) dst[i] = mha_st__value(t, i);
-    return mha_st__end(e, "mha_st_read_f64");
+    return mha_report__end(e, "mha_st_read_f64");
 }
 
 /* Tensor t of f as float32 into *out, its shape checked when ndim >= 0;
@@ -985,8 +927,8 @@ static int mha_st__floats(mha_st_file *f, const mha_st_tensor *t, const char *fi
         float *p = MHA_ST__CAST(float *, MHA_ST_MALLOC(t->count ? t->count * sizeof(float) : 1));
         size_t i;
         if (!p)
-            return mha_st__fail(e, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory for the %lu values of '%.100s'",
-                                (unsigned long)t->count, t->name);
+            return mha_report__fail(e, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory for the %lu values of '%.100s'",
+                                    (unsigned long)t->count, t->name);
         for (i = 0; i < t->count; ++i) p[i] = (float)mha_st__value(t, i);
         f->f32[k] = p;
     }
@@ -997,18 +939,18 @@ static int mha_st__floats(mha_st_file *f, const mha_st_tensor *t, const char *fi
 MHA_ST_DEF mha_status mha_st_floats(mha_st_file *f, const char *name, int ndim, const size_t *shape,
                                     const float **out, mha_error *err)
 {
-    mha_error local, *e = mha_st__begin(err, &local);
+    mha_error local, *e = mha_report__begin(err, &local);
     const mha_st_tensor *t = NULL;
     if (!f || !name || !out || (ndim > 0 && !shape))
-        mha_st__fail(e, MHA_ERR_NULL_POINTER, !f ? "f" : !name ? "name" : !out ? "out" : "shape", "is NULL");
+        mha_report__fail(e, MHA_ERR_NULL_POINTER, !f ? "f" : !name ? "name" : !out ? "out" : "shape", "is NULL");
     else if (ndim > MHA_ST_MAX_DIMS)
-        mha_st__fail(e, MHA_ERR_INVALID_ARGUMENT, "ndim", "is %d; a tensor has at most %d dimensions", ndim,
-                     MHA_ST_MAX_DIMS);
+        mha_report__fail(e, MHA_ERR_INVALID_ARGUMENT, "ndim", "is %d; a tensor has at most %d dimensions", ndim,
+                         MHA_ST_MAX_DIMS);
     else if (!(t = mha_st_find(f, name)))
-        mha_st__fail(e, MHA_ERR_NOT_FOUND, "name", "tensor '%.100s' is missing", name);
+        mha_report__fail(e, MHA_ERR_NOT_FOUND, "name", "tensor '%.100s' is missing", name);
     else
         mha_st__floats(f, t, "name", ndim, shape, NULL, out, e);
-    return mha_st__end(e, "mha_st_floats");
+    return mha_report__end(e, "mha_st_floats");
 }
 
 /* prefix + name as float32 into *out, of shape [d0, d1, d2][:ndim]: NULL
@@ -1030,7 +972,7 @@ static int mha_st__get(mha_st_file *f, const char *prefix, const char *name, int
     t = mha_st_find(f, key);
     if (!t) {
         *out = NULL;
-        return optional ? 0 : mha_st__fail(e, MHA_ERR_NOT_FOUND, name, "tensor '%.100s' is missing", key);
+        return optional ? 0 : mha_report__fail(e, MHA_ERR_NOT_FOUND, name, "tensor '%.100s' is missing", key);
     }
     snprintf(rule, sizeof rule, "%s is %s, %s", name, sym, why);
     return mha_st__floats(f, t, name, ndim, shape, rule, out, e);
@@ -1044,16 +986,16 @@ static int mha_st__module(mha_st_file *f, const char *prefix, int num_heads, mha
     size_t E;
     snprintf(key, sizeof key, "%sout_proj.weight", prefix);
     t = mha_st_find(f, key);
-    if (!t) return mha_st__fail(e, MHA_ERR_NOT_FOUND, "out_proj.weight", "tensor '%.100s' is missing", key);
+    if (!t) return mha_report__fail(e, MHA_ERR_NOT_FOUND, "out_proj.weight", "tensor '%.100s' is missing", key);
     if (t->ndim != 2 || t->shape[0] != t->shape[1] || t->shape[0] == 0 || t->shape[0] > INT32_MAX)
         return mha_st__refuse(e, "out_proj.weight", t, "[E, E]", "a square matrix, 1 <= E <= 2147483647");
     E = t->shape[0];
     if (num_heads <= 0)
-        return mha_st__fail(e, MHA_ERR_INVALID_SIZE, "num_heads", "is %d; expected >= 1", num_heads);
+        return mha_report__fail(e, MHA_ERR_INVALID_SIZE, "num_heads", "is %d; expected >= 1", num_heads);
     if (E % (size_t)num_heads)
-        return mha_st__fail(e, MHA_ERR_HEADS_DIVIDE, "num_heads",
-                            "num_heads %d does not divide embed_dim %lu (from '%.100s')", num_heads,
-                            (unsigned long)E, key);
+        return mha_report__fail(e, MHA_ERR_HEADS_DIVIDE, "num_heads",
+                                "num_heads %d does not divide embed_dim %lu (from '%.100s')", num_heads,
+                                (unsigned long)E, key);
     r = *m;
     r.embed_dim = (int)E;
     r.num_heads = num_heads;
@@ -1074,8 +1016,8 @@ static int mha_st__module(mha_st_file *f, const char *prefix, int num_heads, mha
         tv = mha_st_find(f, key);
         if (!tk || !tv) {
             snprintf(key, sizeof key, "%s%s", prefix, tk ? "v_proj_weight" : "k_proj_weight");
-            return mha_st__fail(e, MHA_ERR_NOT_FOUND, "in_proj_weight",
-                                "tensor '%.100sin_proj_weight' is missing, and so is '%.100s'", prefix, key);
+            return mha_report__fail(e, MHA_ERR_NOT_FOUND, "in_proj_weight",
+                                    "tensor '%.100sin_proj_weight' is missing, and so is '%.100s'", prefix, key);
         }
         /* kdim and vdim are what the file says; only E is checked against them */
         if (tk->ndim == 2 && tk->shape[1] > 0 && tk->shape[1] <= INT32_MAX) r.kdim = (int)tk->shape[1];
@@ -1091,9 +1033,9 @@ static int mha_st__module(mha_st_file *f, const char *prefix, int num_heads, mha
     mha_st__get(f, prefix, "bias_v", 1, 3, 1, 1, E, "[1, 1, E]", why, &r.bias_v, e);
     if (e->status != MHA_OK) return -1;
     if (!r.bias_k != !r.bias_v)
-        return mha_st__fail(e, MHA_ERR_NOT_FOUND, r.bias_k ? "bias_v" : "bias_k",
-                            "tensor '%.100s%s' is missing (bias_k and bias_v come together)", prefix,
-                            r.bias_k ? "bias_v" : "bias_k");
+        return mha_report__fail(e, MHA_ERR_NOT_FOUND, r.bias_k ? "bias_v" : "bias_k",
+                                "tensor '%.100s%s' is missing (bias_k and bias_v come together)", prefix,
+                                r.bias_k ? "bias_v" : "bias_k");
     *m = r;
     return 0;
 }
@@ -1105,18 +1047,18 @@ static int mha_st__prefix(const char **prefix, mha_error *e)
     if (!*prefix) *prefix = "";
     n = strlen(*prefix);
     if (n > MHA_ST_MAX_PREFIX)
-        return mha_st__fail(e, MHA_ERR_INVALID_ARGUMENT, "prefix", "is %lu bytes long; at most %d are taken",
-                            (unsigned long)n, MHA_ST_MAX_PREFIX);
+        return mha_report__fail(e, MHA_ERR_INVALID_ARGUMENT, "prefix", "is %lu bytes long; at most %d are taken",
+                                (unsigned long)n, MHA_ST_MAX_PREFIX);
     return 0;
 }
 
 MHA_ST_DEF mha_status mha_st_module(mha_st_file *f, const char *prefix, int num_heads, mha_module *m,
                                     mha_error *err)
 {
-    mha_error local, *e = mha_st__begin(err, &local);
-    if (!f || !m) mha_st__fail(e, MHA_ERR_NULL_POINTER, !f ? "f" : "m", "is NULL");
+    mha_error local, *e = mha_report__begin(err, &local);
+    if (!f || !m) mha_report__fail(e, MHA_ERR_NULL_POINTER, !f ? "f" : "m", "is NULL");
     else if (mha_st__prefix(&prefix, e) == 0) mha_st__module(f, prefix, num_heads, m, e);
-    return mha_st__end(e, "mha_st_module");
+    return mha_report__end(e, "mha_st_module");
 }
 
 static int mha_st__encoder_layer(mha_st_file *f, const char *prefix, int nhead, mha_encoder_layer *layer,
@@ -1132,7 +1074,7 @@ static int mha_st__encoder_layer(mha_st_file *f, const char *prefix, int nhead, 
     E = (size_t)r.self_attn.embed_dim;
     snprintf(sa, sizeof sa, "%slinear1.weight", prefix);
     t = mha_st_find(f, sa);
-    if (!t) return mha_st__fail(e, MHA_ERR_NOT_FOUND, "linear1.weight", "tensor '%.100s' is missing", sa);
+    if (!t) return mha_report__fail(e, MHA_ERR_NOT_FOUND, "linear1.weight", "tensor '%.100s' is missing", sa);
     if (t->ndim != 2 || t->shape[1] != E || t->shape[0] == 0 || t->shape[0] > INT32_MAX) {
         snprintf(why, sizeof why, "[F, %lu]", (unsigned long)E);
         return mha_st__refuse(e, "linear1.weight", t, why, "linear1.weight is [dim_feedforward, E], "
@@ -1158,10 +1100,10 @@ static int mha_st__encoder_layer(mha_st_file *f, const char *prefix, int nhead, 
 MHA_ST_DEF mha_status mha_st_encoder_layer(mha_st_file *f, const char *prefix, int nhead,
                                            mha_encoder_layer *layer, mha_error *err)
 {
-    mha_error local, *e = mha_st__begin(err, &local);
-    if (!f || !layer) mha_st__fail(e, MHA_ERR_NULL_POINTER, !f ? "f" : "layer", "is NULL");
+    mha_error local, *e = mha_report__begin(err, &local);
+    if (!f || !layer) mha_report__fail(e, MHA_ERR_NULL_POINTER, !f ? "f" : "layer", "is NULL");
     else if (mha_st__prefix(&prefix, e) == 0) mha_st__encoder_layer(f, prefix, nhead, layer, e);
-    return mha_st__end(e, "mha_st_encoder_layer");
+    return mha_report__end(e, "mha_st_encoder_layer");
 }
 
 #endif /* MHA_ST_IMPLEMENTATION_DONE */

@@ -147,16 +147,17 @@ GPT__FN mha_status gpt_alloc(gpt_model *M, const gpt_config *c, int max_batch, i
     mha_options opt = gpt_causal();
     mha_status st = MHA_OK;
     const char *fault;
-    gpt__begin(err);
+    mha_report__clear(err);
     memset(M, 0, sizeof *M);
-    if (!c) return gpt__fail(err, "gpt_alloc", MHA_ERR_NULL_POINTER, "c", "is NULL");
+    if (!c) return mha_report__sign(err, "gpt_alloc", MHA_ERR_NULL_POINTER, "c", "is NULL");
     if ((fault = gpt__config_fault(c)) != NULL)
-        return gpt__fail(err, "gpt_alloc", MHA_ERR_INVALID_SIZE, "c", "%s is out of range", fault);
+        return mha_report__sign(err, "gpt_alloc", MHA_ERR_INVALID_SIZE, "c", "%s is out of range", fault);
     if (max_batch < 1)
-        return gpt__fail(err, "gpt_alloc", MHA_ERR_INVALID_SIZE, "max_batch", "is %d, expected >= 1", max_batch);
+        return mha_report__sign(err, "gpt_alloc", MHA_ERR_INVALID_SIZE, "max_batch", "is %d, expected >= 1",
+                                max_batch);
     if (training && c->n_layer > GPT_MAX_LAYERS)
-        return gpt__fail(err, "gpt_alloc", MHA_ERR_INVALID_SIZE, "c", "n_layer is %d; training keeps a plan "
-                         "per layer for at most %d", c->n_layer, GPT_MAX_LAYERS);
+        return mha_report__sign(err, "gpt_alloc", MHA_ERR_INVALID_SIZE, "c", "n_layer is %d; training keeps a plan "
+                                "per layer for at most %d", c->n_layer, GPT_MAX_LAYERS);
     M->c = *c;
     M->o = gpt_layout_make(c);
     M->cap = max_batch * c->ctx;
@@ -191,9 +192,9 @@ GPT__FN mha_status gpt_alloc(gpt_model *M, const gpt_config *c, int max_batch, i
             st = mha_encoder_plan(&ly, max_batch, c->ctx, &opt, MHA_PLAN_TRAINING, NULL, 0, &M->plan[l], err);
             if (st == MHA_OK) st = mha_plan_sizes(M->plan[l], &sz, err);
             if (st == MHA_OK && sz.workspace > M->ws_bytes)   /* sized above; never expected */
-                st = gpt__fail(err, "gpt_alloc", MHA_ERR_WORKSPACE_TOO_SMALL, "M->ws",
-                               "the plan of layer %d needs %lu bytes, %lu were sized", l,
-                               (unsigned long)sz.workspace, (unsigned long)M->ws_bytes);
+                st = mha_report__sign(err, "gpt_alloc", MHA_ERR_WORKSPACE_TOO_SMALL, "M->ws",
+                                      "the plan of layer %d needs %lu bytes, %lu were sized", l,
+                                      (unsigned long)sz.workspace, (unsigned long)M->ws_bytes);
             /* the saved forward: one region per layer, since every layer's
                backward is pending when the last forward is done */
             if (st == MHA_OK) {
@@ -203,8 +204,8 @@ GPT__FN mha_status gpt_alloc(gpt_model *M, const gpt_config *c, int max_batch, i
         }
     }
     if (st == MHA_ERR_OUT_OF_MEMORY && err && err->status == MHA_OK)
-        gpt__fail(err, "gpt_alloc", st, "max_batch", "the buffers of %d sequences of %d bytes do not fit "
-                  "in memory", max_batch, c->ctx);
+        mha_report__sign(err, "gpt_alloc", st, "max_batch", "the buffers of %d sequences of %d bytes do not fit "
+                         "in memory", max_batch, c->ctx);
     if (st != MHA_OK) gpt_free(M);
     return st;
 }
@@ -285,7 +286,7 @@ GPT__FN mha_status gpt_cross_entropy(int n, int V, const float *logits, const in
     double total = 0;
     float part[64];
     mha_status st;
-    gpt__begin(err);
+    mha_report__clear(err);
     if (chunks > 64) return mha_cross_entropy(n, V, logits, targets, loss, dlogits, NULL, err);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) reduction(+ : bad)
@@ -302,10 +303,10 @@ GPT__FN mha_status gpt_cross_entropy(int n, int V, const float *logits, const in
     if (bad) {   /* say which target, or let one call over all rows say what it refuses */
         for (c = 0; targets && c < n; ++c)
             if (targets[c] >= V)
-                return gpt__fail(err, "gpt_cross_entropy", MHA_ERR_INVALID_ARGUMENT, "targets",
-                                 "targets[%d] is %d, expected 0..%d", c, targets[c], V - 1);
+                return mha_report__sign(err, "gpt_cross_entropy", MHA_ERR_INVALID_ARGUMENT, "targets",
+                                        "targets[%d] is %d, expected 0..%d", c, targets[c], V - 1);
         if ((st = mha_cross_entropy(n, V, logits, targets, loss, NULL, NULL, err)) != MHA_OK) return st;
-        return gpt__fail(err, "gpt_cross_entropy", MHA_ERR_INVALID_ARGUMENT, "targets", "a chunk was refused");
+        return mha_report__sign(err, "gpt_cross_entropy", MHA_ERR_INVALID_ARGUMENT, "targets", "a chunk was refused");
     }
     for (c = 0; c < chunks; ++c) {
         int rows = n - c * GPT_CE_ROWS < GPT_CE_ROWS ? n - c * GPT_CE_ROWS : GPT_CE_ROWS;
@@ -329,11 +330,11 @@ GPT__FN mha_status gpt_forward(gpt_model *M, int B, int T, const int *tokens, co
     mha_options opt = gpt_causal();
     mha_run run = {0};
     mha_status st;
-    gpt__begin(err);
+    mha_report__clear(err);
     if (B < 1 || T < 1 || T > M->c.ctx || N > M->cap)
-        return gpt__fail(err, "gpt_forward", MHA_ERR_INVALID_SIZE, B < 1 || N > M->cap ? "B" : "T",
-                         "B = %d sequences of T = %d bytes; the model takes T in 1..%d and B*T <= %d", B, T,
-                         M->c.ctx, M->cap);
+        return mha_report__sign(err, "gpt_forward", MHA_ERR_INVALID_SIZE, B < 1 || N > M->cap ? "B" : "T",
+                                "B = %d sequences of T = %d bytes; the model takes T in 1..%d and B*T <= %d", B, T,
+                                M->c.ctx, M->cap);
     run.workspace = M->ws;
     run.workspace_bytes = M->ws_bytes;
     /* x0 = wte[tok] + wpe[pos] */
@@ -388,13 +389,13 @@ GPT__FN mha_status gpt_backward(gpt_model *M, int B, int T, const int *tokens, m
     mha_run run = {0};
     mha_status st;
     float *dx = M->dx, *dy = M->dy, *swap;
-    gpt__begin(err);
-    if (!M->g) return gpt__fail(err, "gpt_backward", MHA_ERR_NULL_POINTER, "M->g", "is NULL: the model "
-                                "was allocated without training buffers");
+    mha_report__clear(err);
+    if (!M->g) return mha_report__sign(err, "gpt_backward", MHA_ERR_NULL_POINTER, "M->g", "is NULL: the model "
+                                       "was allocated without training buffers");
     if (B < 1 || T < 1 || T > M->c.ctx || N > M->cap)
-        return gpt__fail(err, "gpt_backward", MHA_ERR_INVALID_SIZE, B < 1 || N > M->cap ? "B" : "T",
-                         "B = %d sequences of T = %d bytes; the model takes T in 1..%d and B*T <= %d", B, T,
-                         M->c.ctx, M->cap);
+        return mha_report__sign(err, "gpt_backward", MHA_ERR_INVALID_SIZE, B < 1 || N > M->cap ? "B" : "T",
+                                "B = %d sequences of T = %d bytes; the model takes T in 1..%d and B*T <= %d", B, T,
+                                M->c.ctx, M->cap);
     run.workspace = M->ws;
     run.workspace_bytes = M->ws_bytes;
     memset(M->g, 0, o->total * sizeof(float));
@@ -559,11 +560,11 @@ GPT__FN mha_status gpt_eval(gpt_model *M, const unsigned char *text, size_t n, i
     double total = 0;
     int b, t, count = 0;
     mha_status st;
-    gpt__begin(err);
+    mha_report__clear(err);
     if (windows == 0 || max_windows < 1)
-        return gpt__fail(err, "gpt_eval", MHA_ERR_INVALID_SIZE, windows == 0 ? "n" : "max_windows",
-                         "%lu bytes of text hold %lu windows of T + 1 = %d bytes; max_windows %d",
-                         (unsigned long)n, (unsigned long)windows, T + 1, max_windows);
+        return mha_report__sign(err, "gpt_eval", MHA_ERR_INVALID_SIZE, windows == 0 ? "n" : "max_windows",
+                                "%lu bytes of text hold %lu windows of T + 1 = %d bytes; max_windows %d",
+                                (unsigned long)n, (unsigned long)windows, T + 1, max_windows);
     stride = windows > (size_t)max_windows ? windows / (size_t)max_windows : 1;
     for (w = 0; w < windows && count < max_windows;) {
         float l;
@@ -586,8 +587,8 @@ GPT__FN mha_status gpt_next_logits(gpt_model *M, const int *ctx, int n, float *l
 {
     int T = n < M->c.ctx ? n : M->c.ctx;
     mha_status st;
-    gpt__begin(err);
-    if (n < 1) return gpt__fail(err, "gpt_next_logits", MHA_ERR_INVALID_SIZE, "n", "is %d, expected >= 1", n);
+    mha_report__clear(err);
+    if (n < 1) return mha_report__sign(err, "gpt_next_logits", MHA_ERR_INVALID_SIZE, "n", "is %d, expected >= 1", n);
     if ((st = gpt_forward(M, 1, T, ctx + (n - T), NULL, NULL, NULL, err)) != MHA_OK) return st;
     memcpy(logits, M->logits + (size_t)(T - 1) * M->c.vocab, (size_t)M->c.vocab * sizeof(float));
     return MHA_OK;
@@ -644,11 +645,11 @@ GPT__FN mha_status gpt_decoder_init(gpt_decoder *D, gpt_model *M, mha_error *err
     mha_options opt = gpt_causal();
     const int lin[3][3] = {{T, d, F}, {T, F, d}, {1, d, V}};   /* W1, W2, the LM head */
     mha_status st = MHA_OK;
-    gpt__begin(err);
+    mha_report__clear(err);
     memset(D, 0, sizeof *D);
     if (M->c.n_layer > GPT_MAX_LAYERS)
-        return gpt__fail(err, "gpt_decoder_init", MHA_ERR_INVALID_SIZE, "M->c.n_layer", "is %d; the decoder "
-                         "holds at most %d caches", M->c.n_layer, GPT_MAX_LAYERS);
+        return mha_report__sign(err, "gpt_decoder_init", MHA_ERR_INVALID_SIZE, "M->c.n_layer", "is %d; the decoder "
+                                "holds at most %d caches", M->c.n_layer, GPT_MAX_LAYERS);
     opt.num_threads = 1;
     D->M = M;
     D->kv = (float *)malloc(per * 2 * (size_t)M->c.n_layer * sizeof(float));
@@ -680,8 +681,8 @@ GPT__FN mha_status gpt_decoder_init(gpt_decoder *D, gpt_model *M, mha_error *err
             D->ws_bytes = bytes;
     if (st == MHA_OK) D->ws = malloc(D->ws_bytes);
     if (st == MHA_OK && (!D->kv || !D->x || !D->t || !D->a || !D->z || !D->ws))
-        st = gpt__fail(err, "gpt_decoder_init", MHA_ERR_OUT_OF_MEMORY, "M", "the caches of %d layers of %d "
-                       "bytes do not fit in memory", M->c.n_layer, T);
+        st = mha_report__sign(err, "gpt_decoder_init", MHA_ERR_OUT_OF_MEMORY, "M", "the caches of %d layers of %d "
+                              "bytes do not fit in memory", M->c.n_layer, T);
     if (st != MHA_OK) gpt_decoder_free(D);
     return st;
 }
@@ -696,13 +697,13 @@ GPT__FN mha_status gpt_decoder_feed(gpt_decoder *D, const int *tok, int n, float
     size_t nd = (size_t)n * d, k;
     mha_run run = {0};
     mha_status st;
-    gpt__begin(err);
+    mha_report__clear(err);
     if (!tok || !logits)
-        return gpt__fail(err, "gpt_decoder_feed", MHA_ERR_NULL_POINTER, tok ? "logits" : "tok", "is NULL");
-    if (n < 1) return gpt__fail(err, "gpt_decoder_feed", MHA_ERR_INVALID_SIZE, "n", "is %d, expected >= 1", n);
+        return mha_report__sign(err, "gpt_decoder_feed", MHA_ERR_NULL_POINTER, tok ? "logits" : "tok", "is NULL");
+    if (n < 1) return mha_report__sign(err, "gpt_decoder_feed", MHA_ERR_INVALID_SIZE, "n", "is %d, expected >= 1", n);
     if (D->pos + n > M->c.ctx)
-        return gpt__fail(err, "gpt_decoder_feed", MHA_ERR_CAPACITY, "n", "%d more bytes do not fit: the "
-                         "caches hold %d of %d", n, D->pos, M->c.ctx);
+        return mha_report__sign(err, "gpt_decoder_feed", MHA_ERR_CAPACITY, "n", "%d more bytes do not fit: the "
+                                "caches hold %d of %d", n, D->pos, M->c.ctx);
     run.workspace = D->ws;
     run.workspace_bytes = D->ws_bytes;
     if ((st = mha_embedding_forward(n, M->c.vocab, d, tok, M->p + o->wte, D->x, err)) != MHA_OK) return st;
@@ -777,9 +778,9 @@ GPT__FN mha_status gpt_generate(gpt_decoder *D, int *seq, int len, int n, float 
 {
     int ctx = D->M->c.ctx, keep, i;
     mha_status st;
-    gpt__begin(err);
-    if (len < 1) return gpt__fail(err, "gpt_generate", MHA_ERR_INVALID_SIZE, "len", "is %d: the prompt needs "
-                                  "at least one byte", len);
+    mha_report__clear(err);
+    if (len < 1) return mha_report__sign(err, "gpt_generate", MHA_ERR_INVALID_SIZE, "len", "is %d: the prompt needs "
+                                         "at least one byte", len);
     keep = len < ctx ? len : ctx;
     gpt_decoder_reset(D);
     if ((st = gpt_decoder_feed(D, seq + len - keep, keep, logits, err)) != MHA_OK) return st;
