@@ -77,18 +77,18 @@ train-gpt: deps-demo $(BUILD)/tiny_gpt
 	./$(BUILD)/tiny_gpt demo --ckpt $(OUT)/gpt/tiny_gpt_weights.ckpt --out $(OUT)/gpt --len 200
 
 $(BUILD)/tiny_gpt: examples/tiny_gpt.c examples/tiny_gpt.h examples/gpt_ckpt.h examples/tiny_rng.h examples/heatmap.h \
-                  examples/attn_inspect.h mha.h | $(BUILD)
+                  examples/attn_inspect.h examples/mha_report.h mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) $(GPT_ARCH) -fopenmp -I. -Iexamples -isystem $(STB_INC) $< -o $@ -lm
 
 # 16384 tokens without the L x L weights (docs/visualisation.md); about 1 s of
 # CPU with the machine's SIMD (-march=native), 12 s without, so built like the GPT
-$(BUILD)/long_attention: examples/long_attention.c examples/heatmap.h mha.h | $(BUILD)
+$(BUILD)/long_attention: examples/long_attention.c examples/heatmap.h examples/mha_report.h mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) $(GPT_ARCH) -fopenmp -I. -isystem $(STB_INC) $< -o $@ -lm
 
 $(BUILD)/demo_print: examples/print_forward.c mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) -I. $< -o $@ -lm
 
-$(BUILD)/attention_heatmaps: examples/attention_heatmaps.c examples/heatmap.h mha.h | $(BUILD)
+$(BUILD)/attention_heatmaps: examples/attention_heatmaps.c examples/heatmap.h examples/mha_report.h mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) -I. -isystem $(STB_INC) $< -o $@ -lm
 
 # Attention weights saved with numpy.save -> PNGs (docs/visualisation.md).
@@ -96,7 +96,7 @@ view: deps-demo $(BUILD)/mha_view
 	@if [ -n "$(NPY)" ]; then ./$(BUILD)/mha_view $(NPY) $(VIEWFLAGS); \
 	else echo "built $(BUILD)/mha_view; run: $(BUILD)/mha_view WEIGHTS.npy [--labels tokens.txt] [--causal] (--help lists all)"; fi
 
-$(BUILD)/mha_view: examples/mha_view.c examples/npy.h examples/heatmap.h mha.h | $(BUILD)
+$(BUILD)/mha_view: examples/mha_view.c examples/npy.h examples/heatmap.h examples/mha_report.h mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) -I. -isystem $(STB_INC) $< -o $@ -lm
 
 # `make bench`: tuned build of bench/bench.c; OpenBLAS is timed side by side
@@ -150,7 +150,8 @@ profile-attn: | $(BUILD)
 	./$(BUILD)/profile_attn
 	./$(BUILD)/profile_attn_avx2
 
-$(BUILD)/train_reverse: examples/train_reverse.c examples/tiny_rng.h examples/heatmap.h mha.h | $(BUILD)
+$(BUILD)/train_reverse: examples/train_reverse.c examples/tiny_rng.h examples/heatmap.h examples/mha_report.h \
+                       mha.h | $(BUILD)
 	$(CC) -std=c99 $(CFLAGS) -I. -Iexamples -isystem $(STB_INC) $< -o $@ -lm
 
 golden:
@@ -161,13 +162,15 @@ golden:
 	/usr/bin/python3 tests/gen_safetensors.py
 
 # `make install`: headers under $(PREFIX)/include (mha.h, and the companion
-# headers as mha/safetensors.h, mha/npy.h, mha/heatmap.h, mha/attn_inspect.h), pkg-config's mha.pc
+# headers as mha/safetensors.h, mha/npy.h, mha/heatmap.h, mha/attn_inspect.h, with
+# mha/mha_report.h, the error helpers they include), pkg-config's mha.pc
 # and CMake's mhaConfig.cmake under $(PREFIX)/share.  DESTDIR stages the tree.
 # CMakeLists.txt installs the same files (cmake --install).
 PREFIX     ?= /usr/local
 INCLUDEDIR  = $(DESTDIR)$(PREFIX)/include
 DATADIR     = $(DESTDIR)$(PREFIX)/share
-COMPANIONS := examples/safetensors.h examples/npy.h examples/heatmap.h examples/attn_inspect.h
+COMPANIONS := examples/safetensors.h examples/npy.h examples/heatmap.h examples/attn_inspect.h \
+              examples/mha_report.h
 MHA_V       = $(shell sed -n 's/^\#define MHA_VERSION_$(1) \([0-9]*\).*/\1/p' mha.h)
 SUBST       = sed -e 's/@MHA_VERSION@/$(call MHA_V,MAJOR).$(call MHA_V,MINOR).$(call MHA_V,PATCH)/' \
                   -e 's/@MHA_VERSION_MAJOR@/$(call MHA_V,MAJOR)/' -e 's/@MHA_VERSION_MINOR@/$(call MHA_V,MINOR)/'

@@ -160,6 +160,7 @@ test_install() {
         sh -c "cmake -S . -B '$dir/self' && cmake --install '$dir/self' --prefix '$abs/prefix2' && diff -r '$abs/prefix' '$abs/prefix2'"
     install_step "DESTDIR staging and uninstall" "$dir/destdir.log" sh -c \
         "make -s install DESTDIR='$abs/stage' PREFIX=/usr && test -f '$abs/stage/usr/include/mha/safetensors.h' &&
+         test -f '$abs/stage/usr/include/mha/mha_report.h' &&
          test -f '$abs/stage/usr/share/cmake/mha/mhaConfigVersion.cmake' &&
          make -s uninstall DESTDIR='$abs/stage' PREFIX=/usr && test -z \"\$(find '$abs/stage' -type f)\""
     note "[install] make install, pkg-config, CMake find_package/add_subdirectory/FetchContent, DESTDIR"
