@@ -10,6 +10,7 @@
 #define STB_IMAGE_IMPLEMENTATION
 #include "stb_image.h"
 #include "testutil.h"
+#include "errcheck.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -30,19 +31,6 @@ static image draw(const mha_heatmap *hm, const mha_heatmap_style *st, mha_heatma
     r = mha_heatmap_render(hm, st, im.p, im.w, im.h, &err);
     CHECK(r == MHA_OK && err.status == MHA_OK && err.message[0] == 0, "render: %s", err.message);
     return im;
-}
-
-/* A refusal as the convention has it: the status, the public function's
-   name, the field, and a message "function: field: ..." holding `says`. */
-static int refused(mha_status s, const mha_error *e, mha_status want, const char *function, const char *field,
-                   const char *says)
-{
-    char head[128];
-    if (s != want || e->status != want || !e->function || strcmp(e->function, function) != 0) return 0;
-    if (field ? !e->field || strcmp(e->field, field) != 0 : e->field != NULL) return 0;
-    if (field) snprintf(head, sizeof head, "%s: %s: ", function, field);
-    else snprintf(head, sizeof head, "%s: ", function);
-    return strncmp(e->message, head, strlen(head)) == 0 && (!says || strstr(e->message, says) != NULL);
 }
 
 static const unsigned char *px(const image *im, int x, int y) { return im->p + ((size_t)y * im->w + x) * 3; }
@@ -482,11 +470,11 @@ static void test_png_roundtrip(void)
         char want[256];
         r = mha_heatmap_write_png("no/such/folder/x.png", &hm, &st, &err);
         snprintf(want, sizeof want, "cannot create 'no/such/folder/x.png': %s", strerror(ENOENT));
-        CHECK(refused(r, &err, MHA_ERR_IO, "mha_heatmap_write_png", "path", want), "missing folder: \"%s\"",
+        CHECK(ec_refused(r, &err, MHA_ERR_IO, "mha_heatmap_write_png", "path", want), "missing folder: \"%s\"",
               err.message);
         r = mha_heatmap_write_rgb_png("build/tests", rgb, W, Hh, &err);
         snprintf(want, sizeof want, "cannot create 'build/tests': %s", strerror(EISDIR));
-        CHECK(refused(r, &err, MHA_ERR_IO, "mha_heatmap_write_rgb_png", "path", want), "a directory: \"%s\"",
+        CHECK(ec_refused(r, &err, MHA_ERR_IO, "mha_heatmap_write_rgb_png", "path", want), "a directory: \"%s\"",
               err.message);
         {   /* a full disk: the write, not the open, fails (Linux's /dev/full) */
             FILE *full = fopen("/dev/full", "wb");
@@ -494,7 +482,7 @@ static void test_png_roundtrip(void)
                 fclose(full);
                 r = mha_heatmap_write_rgb_png("/dev/full", rgb, W, Hh, &err);
                 snprintf(want, sizeof want, "cannot write '/dev/full': %s", strerror(ENOSPC));
-                CHECK(refused(r, &err, MHA_ERR_IO, "mha_heatmap_write_rgb_png", "path", want), "full disk: \"%s\"",
+                CHECK(ec_refused(r, &err, MHA_ERR_IO, "mha_heatmap_write_rgb_png", "path", want), "full disk: \"%s\"",
                       err.message);
                 full = fopen("/dev/full", "wb");
                 CHECK(full != NULL, "/dev/full is still there (a failed write removes nothing)");
@@ -503,12 +491,13 @@ static void test_png_roundtrip(void)
                 printf("NOTE test_heatmap: no /dev/full: the full-disk case is skipped\n");
             }
         }
-        CHECK(refused(mha_heatmap_write_rgb_png(NULL, rgb, W, Hh, &err), &err, MHA_ERR_NULL_POINTER,
-                      "mha_heatmap_write_rgb_png", "path", "is NULL"), "NULL path: %s", err.message);
-        CHECK(refused(mha_heatmap_write_rgb_png(path, rgb, 0, Hh, &err), &err, MHA_ERR_INVALID_SIZE,
-                      "mha_heatmap_write_rgb_png", "width", "is 0; expected >= 1"), "width 0: %s", err.message);
-        CHECK(refused(mha_heatmap_write_rgb_png(path, rgb, W, MHA_HEATMAP_MAX_SIDE + 1, &err), &err, MHA_ERR_OVERFLOW,
-                      "mha_heatmap_write_rgb_png", "height", "at most 16384"), "too tall: %s", err.message);
+        CHECK(ec_refused(mha_heatmap_write_rgb_png(NULL, rgb, W, Hh, &err), &err, MHA_ERR_NULL_POINTER,
+                         "mha_heatmap_write_rgb_png", "path", "is NULL"), "NULL path: %s", err.message);
+        CHECK(ec_refused(mha_heatmap_write_rgb_png(path, rgb, 0, Hh, &err), &err, MHA_ERR_INVALID_SIZE,
+                         "mha_heatmap_write_rgb_png", "width", "is 0; expected >= 1"), "width 0: %s", err.message);
+        CHECK(ec_refused(mha_heatmap_write_rgb_png(path, rgb, W, MHA_HEATMAP_MAX_SIDE + 1, &err), &err,
+                         MHA_ERR_OVERFLOW, "mha_heatmap_write_rgb_png", "height", "at most 16384"),
+              "too tall: %s", err.message);
         CHECK(mha_heatmap_write_png(NULL, &hm, &st, NULL) == MHA_ERR_NULL_POINTER, "err may be NULL");
     }
     free(rgb);
@@ -533,16 +522,16 @@ static void test_errors(void)
     memset(&st, 0, sizeof st);
     memset(&lay, 0x5A, sizeof lay);
     before = lay;
-    CHECK(refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_NULL_POINTER, fn, "hm->weights",
-                  "is NULL"), "NULL weights: %s", err.message);
-    CHECK(refused(mha_heatmap_measure(NULL, &st, &lay, &err), &err, MHA_ERR_NULL_POINTER, fn, "hm", "is NULL"),
+    CHECK(ec_refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_NULL_POINTER, fn, "hm->weights",
+                     "is NULL"), "NULL weights: %s", err.message);
+    CHECK(ec_refused(mha_heatmap_measure(NULL, &st, &lay, &err), &err, MHA_ERR_NULL_POINTER, fn, "hm", "is NULL"),
           "NULL map: %s", err.message);
     hm.weights = w; hm.Lq = 2; hm.Lk = 0;
-    CHECK(refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_INVALID_SIZE, fn, "hm->Lk",
-                  "is 0; expected >= 1"), "Lk = 0: %s", err.message);
+    CHECK(ec_refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_INVALID_SIZE, fn, "hm->Lk",
+                     "is 0; expected >= 1"), "Lk = 0: %s", err.message);
     hm.Lk = 2;
     hm.heads = -1;
-    CHECK(refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_INVALID_SIZE, fn, "hm->heads", "is -1"),
+    CHECK(ec_refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_INVALID_SIZE, fn, "hm->heads", "is -1"),
           "heads -1: %s", err.message);
     hm.heads = 0;
     CHECK(memcmp(&lay, &before, sizeof lay) == 0, "the layout is untouched by every refusal");
@@ -550,50 +539,50 @@ static void test_errors(void)
           "NULL style = defaults");
     before = lay;
     st.cmap = MHA_HEATMAP_CMAP_COUNT;
-    CHECK(refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_BAD_ENUM, fn, "style->cmap", "is 4"),
+    CHECK(ec_refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_BAD_ENUM, fn, "style->cmap", "is 4"),
           "unknown colour map: %s", err.message);
     st.cmap = MHA_HEATMAP_VIRIDIS;
     st.range = (mha_heatmap_range)3;
-    CHECK(refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_BAD_ENUM, fn, "style->range", "is 3"),
+    CHECK(ec_refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_BAD_ENUM, fn, "style->range", "is 3"),
           "unknown range: %s", err.message);
     st.range = MHA_HEATMAP_RANGE_UNIT;
     st.cols = -2;
-    CHECK(refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_INVALID_ARGUMENT, fn, "style->cols",
-                  "is -2"), "cols -2: %s", err.message);
+    CHECK(ec_refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_INVALID_ARGUMENT, fn, "style->cols",
+                     "is -2"), "cols -2: %s", err.message);
     st.cols = 0;
-    CHECK(refused(mha_heatmap_render(&hm, &st, buf, 4, 4, &err), &err, MHA_ERR_INVALID_ARGUMENT,
-                  "mha_heatmap_render", "width", "is 4; mha_heatmap_measure gives"), "wrong buffer size: %s",
+    CHECK(ec_refused(mha_heatmap_render(&hm, &st, buf, 4, 4, &err), &err, MHA_ERR_INVALID_ARGUMENT,
+                     "mha_heatmap_render", "width", "is 4; mha_heatmap_measure gives"), "wrong buffer size: %s",
           err.message);
     CHECK(buf[0] == 0 && buf[63] == 0, "a refused render draws nothing");
-    CHECK(refused(mha_heatmap_render(&hm, &st, NULL, 4, 4, &err), &err, MHA_ERR_NULL_POINTER, "mha_heatmap_render",
-                  "rgb", "is NULL"), "NULL rgb: %s", err.message);
+    CHECK(ec_refused(mha_heatmap_render(&hm, &st, NULL, 4, 4, &err), &err, MHA_ERR_NULL_POINTER, "mha_heatmap_render",
+                     "rgb", "is NULL"), "NULL rgb: %s", err.message);
     st.cell = 9000;
-    CHECK(refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_OVERFLOW, fn, "hm->Lk",
-                  "2 keys x 9000-pixel cells is 18000 pixels"), "18000-pixel map: %s", err.message);
+    CHECK(ec_refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_OVERFLOW, fn, "hm->Lk",
+                     "2 keys x 9000-pixel cells is 18000 pixels"), "18000-pixel map: %s", err.message);
     r = mha_heatmap_draw(&hm, &st, &rgb, &W, &Hh, &err);
-    CHECK(refused(r, &err, MHA_ERR_OVERFLOW, "mha_heatmap_draw", "hm->Lk", "18000 pixels") &&
+    CHECK(ec_refused(r, &err, MHA_ERR_OVERFLOW, "mha_heatmap_draw", "hm->Lk", "18000 pixels") &&
           rgb == (unsigned char *)buf && W == -7 && Hh == -7, "draw refuses it too, writing nothing: %s", err.message);
     st.cell = 0;
     hm.Lq = 1000000;
-    CHECK(refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_OVERFLOW, fn, "hm->Lq", "is 1000000"),
+    CHECK(ec_refused(mha_heatmap_measure(&hm, &st, &lay, &err), &err, MHA_ERR_OVERFLOW, fn, "hm->Lq", "is 1000000"),
           "a million queries: %s", err.message);
     CHECK(memcmp(&lay, &before, sizeof lay) == 0, "the layout is untouched by every refusal");
     CHECK(mha_heatmap_measure(&hm, &st, &lay, NULL) == MHA_ERR_OVERFLOW, "err may be NULL");
-    CHECK(refused(mha_heatmap_value_range(&hm, NULL, &lo, &hi, &err), &err, MHA_ERR_OVERFLOW,
-                  "mha_heatmap_value_range", "hm->Lq", NULL) && lo == -7 && hi == -7,
+    CHECK(ec_refused(mha_heatmap_value_range(&hm, NULL, &lo, &hi, &err), &err, MHA_ERR_OVERFLOW,
+                     "mha_heatmap_value_range", "hm->Lq", NULL) && lo == -7 && hi == -7,
           "value_range checks the map as measure does: %s", err.message);
     hm.Lq = 2;
     CHECK(mha_heatmap_value_range(&hm, NULL, &lo, &hi, &err) == MHA_OK && lo == 0 && hi == 1, "unit range");
-    CHECK(refused(mha_heatmap_value_range(&hm, NULL, NULL, &hi, &err), &err, MHA_ERR_NULL_POINTER,
-                  "mha_heatmap_value_range", "lo", "is NULL"), "NULL lo: %s", err.message);
-    CHECK(refused(mha_heatmap_average(w, 0, 2, 2, out4, &err), &err, MHA_ERR_INVALID_SIZE, "mha_heatmap_average",
-                  "heads", "is 0; expected >= 1") && out4[0] == -7, "average, 0 heads: %s", err.message);
-    CHECK(refused(mha_heatmap_average(NULL, 1, 2, 2, out4, &err), &err, MHA_ERR_NULL_POINTER, "mha_heatmap_average",
-                  "w", "is NULL"), "average, NULL w: %s", err.message);
-    CHECK(refused(mha_heatmap_causal_mask(2, 2, 0, NULL, &err), &err, MHA_ERR_NULL_POINTER,
-                  "mha_heatmap_causal_mask", "mask", "is NULL"), "mask NULL: %s", err.message);
-    CHECK(refused(mha_heatmap_causal_mask(2, -1, 0, mask, &err), &err, MHA_ERR_INVALID_SIZE,
-                  "mha_heatmap_causal_mask", "Lk", "is -1") && mask[0] == 9, "mask Lk -1: %s", err.message);
+    CHECK(ec_refused(mha_heatmap_value_range(&hm, NULL, NULL, &hi, &err), &err, MHA_ERR_NULL_POINTER,
+                     "mha_heatmap_value_range", "lo", "is NULL"), "NULL lo: %s", err.message);
+    CHECK(ec_refused(mha_heatmap_average(w, 0, 2, 2, out4, &err), &err, MHA_ERR_INVALID_SIZE, "mha_heatmap_average",
+                     "heads", "is 0; expected >= 1") && out4[0] == -7, "average, 0 heads: %s", err.message);
+    CHECK(ec_refused(mha_heatmap_average(NULL, 1, 2, 2, out4, &err), &err, MHA_ERR_NULL_POINTER, "mha_heatmap_average",
+                     "w", "is NULL"), "average, NULL w: %s", err.message);
+    CHECK(ec_refused(mha_heatmap_causal_mask(2, 2, 0, NULL, &err), &err, MHA_ERR_NULL_POINTER,
+                     "mha_heatmap_causal_mask", "mask", "is NULL"), "mask NULL: %s", err.message);
+    CHECK(ec_refused(mha_heatmap_causal_mask(2, -1, 0, mask, &err), &err, MHA_ERR_INVALID_SIZE,
+                     "mha_heatmap_causal_mask", "Lk", "is -1") && mask[0] == 9, "mask Lk -1: %s", err.message);
     CHECK(mha_heatmap_causal_mask(2, 2, 0, mask, &err) == MHA_OK && mask[0] == 0 && mask[1] == 1 &&
           err.status == MHA_OK && err.field == NULL, "a success leaves a clean report");
 }

@@ -9,6 +9,7 @@
 #define MHA_INSPECT_IMPLEMENTATION
 #include "../examples/attn_inspect.h"
 #include "testutil.h"
+#include "errcheck.h"
 
 #define MAXL 40
 
@@ -53,18 +54,6 @@ static double score_ent(const float *A, int Lq, int Lk)
     mha_status s = mha_inspect_entropy(A, Lq, Lk, &x, &e);
     CHECK(clean(s, &e), "entropy: %s", e.message);
     return x;
-}
-
-/* A refusal as the convention has it: the status, the public function's
-   name, the field, and a message "function: field: ..." holding `says`. */
-static int refused(mha_status s, const mha_error *e, mha_status want, const char *function, const char *field,
-                   const char *says)
-{
-    char head[128];
-    if (s != want || e->status != want || !e->function || strcmp(e->function, function) != 0) return 0;
-    if (!e->field || strcmp(e->field, field) != 0) return 0;
-    snprintf(head, sizeof head, "%s: %s: ", function, field);
-    return strncmp(e->message, head, strlen(head)) == 0 && strstr(e->message, says) != NULL;
 }
 
 static void zero(float *A, int L) { memset(A, 0, sizeof(float) * (size_t)L * L); }
@@ -302,33 +291,33 @@ static void test_refusals(void)
     mha_inspect_scores sc[2];
     mha_error e;
     int k;
-    CHECK(refused(mha_inspect_prev_token(NULL, 3, &x, &e), &e, MHA_ERR_NULL_POINTER, "mha_inspect_prev_token", "A",
-                  "is NULL"), "NULL A: %s", e.message);
-    CHECK(refused(mha_inspect_first_token(A, 0, &x, &e), &e, MHA_ERR_INVALID_SIZE, "mha_inspect_first_token", "L",
-                  "is 0; expected >= 1"), "L 0: %s", e.message);
-    CHECK(refused(mha_inspect_induction(A, 3, NULL, &x, &e), &e, MHA_ERR_NULL_POINTER, "mha_inspect_induction",
-                  "tokens", "is NULL"), "NULL tokens: %s", e.message);
-    CHECK(refused(mha_inspect_duplicate_token(A, 3, tok, NULL, &e), &e, MHA_ERR_NULL_POINTER,
-                  "mha_inspect_duplicate_token", "score", "is NULL"), "NULL score: %s", e.message);
-    CHECK(refused(mha_inspect_entropy(A, 3, -1, &x, &e), &e, MHA_ERR_INVALID_SIZE, "mha_inspect_entropy", "Lk",
-                  "is -1"), "Lk -1: %s", e.message);
+    CHECK(ec_refused(mha_inspect_prev_token(NULL, 3, &x, &e), &e, MHA_ERR_NULL_POINTER, "mha_inspect_prev_token", "A",
+                     "is NULL"), "NULL A: %s", e.message);
+    CHECK(ec_refused(mha_inspect_first_token(A, 0, &x, &e), &e, MHA_ERR_INVALID_SIZE, "mha_inspect_first_token", "L",
+                     "is 0; expected >= 1"), "L 0: %s", e.message);
+    CHECK(ec_refused(mha_inspect_induction(A, 3, NULL, &x, &e), &e, MHA_ERR_NULL_POINTER, "mha_inspect_induction",
+                     "tokens", "is NULL"), "NULL tokens: %s", e.message);
+    CHECK(ec_refused(mha_inspect_duplicate_token(A, 3, tok, NULL, &e), &e, MHA_ERR_NULL_POINTER,
+                     "mha_inspect_duplicate_token", "score", "is NULL"), "NULL score: %s", e.message);
+    CHECK(ec_refused(mha_inspect_entropy(A, 3, -1, &x, &e), &e, MHA_ERR_INVALID_SIZE, "mha_inspect_entropy", "Lk",
+                     "is -1"), "Lk -1: %s", e.message);
     CHECK(x == -7, "no score written by a refusal");
     CHECK(mha_inspect_prev_token(NULL, 3, &x, NULL) == MHA_ERR_NULL_POINTER, "err may be NULL");
     for (k = 0; k < 2; ++k) sc[k].prev_token = -7;
-    CHECK(refused(mha_inspect_heads(A, 0, 3, tok, sc, &e), &e, MHA_ERR_INVALID_SIZE, "mha_inspect_heads", "H",
-                  "is 0") && sc[0].prev_token == -7, "heads H 0: %s", e.message);
-    CHECK(refused(mha_inspect_heads(A, 1, 3, tok, NULL, &e), &e, MHA_ERR_NULL_POINTER, "mha_inspect_heads", "out",
-                  "is NULL"), "heads NULL out: %s", e.message);
+    CHECK(ec_refused(mha_inspect_heads(A, 0, 3, tok, sc, &e), &e, MHA_ERR_INVALID_SIZE, "mha_inspect_heads", "H",
+                     "is 0") && sc[0].prev_token == -7, "heads H 0: %s", e.message);
+    CHECK(ec_refused(mha_inspect_heads(A, 1, 3, tok, NULL, &e), &e, MHA_ERR_NULL_POINTER, "mha_inspect_heads", "out",
+                     "is NULL"), "heads NULL out: %s", e.message);
     /* no tokens for all heads: those two scores are NaN, the rest computed */
     CHECK(clean(mha_inspect_heads(A, 1, 3, NULL, sc, &e), &e) && isnan(sc[0].duplicate_token) &&
           isnan(sc[0].induction) && sc[0].first_token == 1.0 / 3, "heads without tokens: %s", e.message);
     R[0] = -7;
-    CHECK(refused(mha_inspect_rollout(0, 1, 3, A, R, work, &e), &e, MHA_ERR_INVALID_SIZE, "mha_inspect_rollout",
-                  "n", "is 0"), "rollout n 0: %s", e.message);
-    CHECK(refused(mha_inspect_rollout(1, 1, 3, A, R, NULL, &e), &e, MHA_ERR_NULL_POINTER, "mha_inspect_rollout",
-                  "work", "is NULL"), "rollout NULL work: %s", e.message);
-    CHECK(refused(mha_inspect_rollout(1, 1, 3, NULL, R, work, &e), &e, MHA_ERR_NULL_POINTER, "mha_inspect_rollout",
-                  "A", "is NULL") && R[0] == -7, "rollout NULL A: %s", e.message);
+    CHECK(ec_refused(mha_inspect_rollout(0, 1, 3, A, R, work, &e), &e, MHA_ERR_INVALID_SIZE, "mha_inspect_rollout",
+                     "n", "is 0"), "rollout n 0: %s", e.message);
+    CHECK(ec_refused(mha_inspect_rollout(1, 1, 3, A, R, NULL, &e), &e, MHA_ERR_NULL_POINTER, "mha_inspect_rollout",
+                     "work", "is NULL"), "rollout NULL work: %s", e.message);
+    CHECK(ec_refused(mha_inspect_rollout(1, 1, 3, NULL, R, work, &e), &e, MHA_ERR_NULL_POINTER, "mha_inspect_rollout",
+                     "A", "is NULL") && R[0] == -7, "rollout NULL A: %s", e.message);
 }
 
 int main(void)

@@ -9,9 +9,7 @@
 #define STB_IMAGE_IMPLEMENTATION
 #include "stb_image.h"
 #include "testutil.h"
-#if defined(__unix__) || defined(__APPLE__)
-#include <sys/stat.h>
-#endif
+#include "errcheck.h"
 
 #define DATA "tests/data/npy/"
 #define TMP "build/tests/"
@@ -23,19 +21,6 @@ static mha_status loads(const char *path, mha_npy *a, mha_error *err)
     rc = mha_npy_load(path, a, err);
     if (rc != MHA_OK) printf("NOTE %s: %s\n", path, err->message);
     return rc;
-}
-
-/* A refusal as the convention has it: the status, the public function's
-   name, the field, and a message "function: field: ..." holding `says`. */
-static int refused(mha_status s, const mha_error *e, mha_status want, const char *function, const char *field,
-                   const char *says)
-{
-    char head[128];
-    if (s != want || e->status != want || !e->function || strcmp(e->function, function) != 0) return 0;
-    if (field ? !e->field || strcmp(e->field, field) != 0 : e->field != NULL) return 0;
-    if (field) snprintf(head, sizeof head, "%s: %s: ", function, field);
-    else snprintf(head, sizeof head, "%s: ", function);
-    return strncmp(e->message, head, strlen(head)) == 0 && (!says || strstr(e->message, says) != NULL);
 }
 
 /* The same ramp (value i/23 at flat index i, shape [2,3,4]) in every format. */
@@ -121,7 +106,7 @@ static void test_refused_files(void)
         memset(&a, 0x5A, sizeof a);   /* a refusal must not write it */
         before = a;
         rc = mha_npy_load(path, &a, &err);
-        CHECK(refused(rc, &err, bad[k].status, "mha_npy_load", bad[k].field, bad[k].says),
+        CHECK(ec_refused(rc, &err, bad[k].status, "mha_npy_load", bad[k].field, bad[k].says),
               "%s: got %d \"%s\", want %d, field %s, \"%s\"", bad[k].file, (int)rc, err.message, (int)bad[k].status,
               bad[k].field, bad[k].says);
         CHECK(memcmp(&a, &before, sizeof a) == 0, "%s: the array is untouched", bad[k].file);
@@ -136,31 +121,23 @@ static void test_io(void)
     char want[256];
     memset(&a, 0, sizeof a);
     snprintf(want, sizeof want, "cannot open '" DATA "no_such_file.npy': %s", strerror(ENOENT));
-    CHECK(refused(mha_npy_load(DATA "no_such_file.npy", &a, &err), &err, MHA_ERR_IO, "mha_npy_load", "path", want),
+    CHECK(ec_refused(mha_npy_load(DATA "no_such_file.npy", &a, &err), &err, MHA_ERR_IO, "mha_npy_load", "path", want),
           "missing file: \"%s\", want \"%s\"", err.message, want);
     snprintf(want, sizeof want, "'" DATA "': %s", strerror(EISDIR));
-    CHECK(refused(mha_npy_load(DATA, &a, &err), &err, MHA_ERR_IO, "mha_npy_load", "path", want),
+    CHECK(ec_refused(mha_npy_load(DATA, &a, &err), &err, MHA_ERR_IO, "mha_npy_load", "path", want),
           "a directory: \"%s\", want \"%s\"", err.message, want);
     CHECK(a.data == NULL && a.count == 0, "nothing loaded");
-    CHECK(refused(mha_npy_load(NULL, &a, &err), &err, MHA_ERR_NULL_POINTER, "mha_npy_load", "path", "is NULL"),
+    CHECK(ec_refused(mha_npy_load(NULL, &a, &err), &err, MHA_ERR_NULL_POINTER, "mha_npy_load", "path", "is NULL"),
           "NULL path: %s", err.message);
-    CHECK(refused(mha_npy_load_mem(NULL, 0, &a, &err), &err, MHA_ERR_NULL_POINTER, "mha_npy_load_mem", "buf",
-                  "is NULL"), "NULL buffer: %s", err.message);
+    CHECK(ec_refused(mha_npy_load_mem(NULL, 0, &a, &err), &err, MHA_ERR_NULL_POINTER, "mha_npy_load_mem", "buf",
+                     "is NULL"), "NULL buffer: %s", err.message);
     CHECK(mha_npy_load(DATA "no_such_file.npy", &a, NULL) == MHA_ERR_IO, "err may be NULL");
 #if defined(__unix__) || defined(__APPLE__)
     {   /* a file without read permission (root reads it anyway: then skipped) */
         const char *path = TMP "unreadable.npy";
-        FILE *w = fopen(path, "wb"), *r;
-        if (w) { fputs("x", w); fclose(w); }
-        if (!w || chmod(path, 0) != 0) {
-            CHECK(0, "cannot make %s", path);
-        } else if ((r = fopen(path, "rb")) != NULL) {
-            fclose(r);
-            printf("NOTE test_npy: running with the right to read any file (root?): the permission-denied case "
-                   "is skipped\n");
-        } else {
+        if (tu_unreadable_file(path, "test_npy")) {
             snprintf(want, sizeof want, "cannot open '%s': %s", path, strerror(EACCES));
-            CHECK(refused(mha_npy_load(path, &a, &err), &err, MHA_ERR_IO, "mha_npy_load", "path", want),
+            CHECK(ec_refused(mha_npy_load(path, &a, &err), &err, MHA_ERR_IO, "mha_npy_load", "path", want),
                   "unreadable: \"%s\", want \"%s\"", err.message, want);
         }
         remove(path);
@@ -233,7 +210,7 @@ static void test_broken_headers(void)
         if (!cases[k].says) {
             CHECK(rc == MHA_OK && a.count == 6, "case %lu should load: %s", (unsigned long)k, err.message);
         } else {
-            CHECK(refused(rc, &err, cases[k].status, "mha_npy_load_mem", cases[k].field, cases[k].says),
+            CHECK(ec_refused(rc, &err, cases[k].status, "mha_npy_load_mem", cases[k].field, cases[k].says),
                   "case %lu: got %d '%s', want %d, field %s, '%s'", (unsigned long)k, (int)rc, err.message,
                   (int)cases[k].status, cases[k].field, cases[k].says);
             CHECK(memcmp(&a, &zero, sizeof a) == 0, "case %lu: the array is untouched", (unsigned long)k);
@@ -248,29 +225,29 @@ static void test_broken_headers(void)
         size_t n = make_npy(buf, 1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }\n", zeros, 24);
         memset(&a, 0, sizeof a);
         buf[0] = 0x92;
-        CHECK(refused(mha_npy_load_mem(buf, n, &a, &err), &err, MHA_ERR_FORMAT, "mha_npy_load_mem", "magic",
-                      "not a .npy"), "wrong magic: %s", err.message);
+        CHECK(ec_refused(mha_npy_load_mem(buf, n, &a, &err), &err, MHA_ERR_FORMAT, "mha_npy_load_mem", "magic",
+                         "not a .npy"), "wrong magic: %s", err.message);
         buf[0] = 0x93;
         buf[6] = 9;
-        CHECK(refused(mha_npy_load_mem(buf, n, &a, &err), &err, MHA_ERR_FORMAT, "mha_npy_load_mem", "version",
-                      "version 9"), "version 9: %s", err.message);
+        CHECK(ec_refused(mha_npy_load_mem(buf, n, &a, &err), &err, MHA_ERR_FORMAT, "mha_npy_load_mem", "version",
+                         "version 9"), "version 9: %s", err.message);
         buf[6] = 1;
-        CHECK(refused(mha_npy_load_mem(buf, 8, &a, &err), &err, MHA_ERR_FORMAT, "mha_npy_load_mem", "header length",
-                      "truncated"), "8 bytes: %s", err.message);
+        CHECK(ec_refused(mha_npy_load_mem(buf, 8, &a, &err), &err, MHA_ERR_FORMAT, "mha_npy_load_mem", "header length",
+                         "truncated"), "8 bytes: %s", err.message);
         CHECK(mha_npy_load_mem(buf, 0, &a, &err) == MHA_ERR_FORMAT, "0 bytes");
-        CHECK(refused(mha_npy_load_mem(buf, 30, &a, &err), &err, MHA_ERR_FORMAT, "mha_npy_load_mem", "header length",
-                      "truncated"), "cut header: %s", err.message);
+        CHECK(ec_refused(mha_npy_load_mem(buf, 30, &a, &err), &err, MHA_ERR_FORMAT, "mha_npy_load_mem",
+                         "header length", "truncated"), "cut header: %s", err.message);
         /* the header alone: its offset, nothing allocated */
         memset(&h, 0, sizeof h);
         CHECK(mha_npy_parse_header(buf, n, &h, &off, &err) == MHA_OK && h.count == 6 && h.data == NULL &&
               off == n - 24, "parse_header: %s", err.message);
-        CHECK(refused(mha_npy_parse_header(buf, n, &h, NULL, &err), &err, MHA_ERR_NULL_POINTER,
-                      "mha_npy_parse_header", "data_offset", "is NULL"), "NULL data_offset: %s", err.message);
+        CHECK(ec_refused(mha_npy_parse_header(buf, n, &h, NULL, &err), &err, MHA_ERR_NULL_POINTER,
+                         "mha_npy_parse_header", "data_offset", "is NULL"), "NULL data_offset: %s", err.message);
         /* a version-2 header length of 4 GiB */
         n = make_npy(buf, 2, "{}", NULL, 0);
         buf[8] = buf[9] = buf[10] = buf[11] = 0xff;
-        CHECK(refused(mha_npy_load_mem(buf, n, &a, &err), &err, MHA_ERR_FORMAT, "mha_npy_load_mem", "header length",
-                      "absurd"), "4 GiB header: %s", err.message);
+        CHECK(ec_refused(mha_npy_load_mem(buf, n, &a, &err), &err, MHA_ERR_FORMAT, "mha_npy_load_mem", "header length",
+                         "absurd"), "4 GiB header: %s", err.message);
         CHECK(a.data == NULL && a.count == 0, "nothing loaded");
     }
 }

@@ -12,12 +12,10 @@
 #define MHA_ST_IMPLEMENTATION
 #include "../examples/safetensors.h"
 #include "testutil.h"
+#include "errcheck.h"
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__unix__) || defined(__APPLE__)
-#include <sys/stat.h>
-#endif
 
 #define DATA "tests/data/safetensors/"
 #define TMP "build/tests/"
@@ -36,19 +34,6 @@ static unsigned char *slurp(const char *path, size_t *n)
     fclose(f);
     *n = (size_t)len;
     return b;
-}
-
-/* A refusal as the convention has it: the status, the public function's
-   name, the field, and a message "function: field: ..." holding `says`. */
-static int refused(mha_status s, const mha_error *e, mha_status want, const char *function, const char *field,
-                   const char *says)
-{
-    char head[128];
-    if (s != want || e->status != want || !e->function || strcmp(e->function, function) != 0) return 0;
-    if (field ? !e->field || strcmp(e->field, field) != 0 : e->field != NULL) return 0;
-    if (field) snprintf(head, sizeof head, "%s: %s: ", function, field);
-    else snprintf(head, sizeof head, "%s: ", function);
-    return strncmp(e->message, head, strlen(head)) == 0 && (!says || strstr(e->message, says) != NULL);
 }
 
 /* rel error of a float32 result against a float32 tensor of the file */
@@ -129,20 +114,20 @@ static void test_encoder(int how)
     {
         mha_encoder_layer before = layer[0];
         rc = mha_st_encoder_layer(&f, "layers.2.", 4, &layer[0], &err);
-        CHECK(refused(rc, &err, MHA_ERR_NOT_FOUND, "mha_st_encoder_layer", "out_proj.weight",
-                      "tensor 'layers.2.self_attn.out_proj.weight' is missing"), "missing layer: %s", err.message);
+        CHECK(ec_refused(rc, &err, MHA_ERR_NOT_FOUND, "mha_st_encoder_layer", "out_proj.weight",
+                         "tensor 'layers.2.self_attn.out_proj.weight' is missing"), "missing layer: %s", err.message);
         CHECK(memcmp(&before, &layer[0], sizeof before) == 0, "layer untouched on error");
         rc = mha_st_encoder_layer(&f, "layers.0.", 3, &layer[0], &err);
-        CHECK(refused(rc, &err, MHA_ERR_HEADS_DIVIDE, "mha_st_encoder_layer", "num_heads",
-                      "num_heads 3 does not divide embed_dim 16"), "nhead 3: %s", err.message);
+        CHECK(ec_refused(rc, &err, MHA_ERR_HEADS_DIVIDE, "mha_st_encoder_layer", "num_heads",
+                         "num_heads 3 does not divide embed_dim 16"), "nhead 3: %s", err.message);
         rc = mha_st_encoder_layer(&f, "layers.0.", 0, &layer[0], &err);
-        CHECK(refused(rc, &err, MHA_ERR_INVALID_SIZE, "mha_st_encoder_layer", "num_heads", "is 0; expected >= 1"),
+        CHECK(ec_refused(rc, &err, MHA_ERR_INVALID_SIZE, "mha_st_encoder_layer", "num_heads", "is 0; expected >= 1"),
               "nhead 0: %s", err.message);
         CHECK(memcmp(&before, &layer[0], sizeof before) == 0, "layer untouched on error");
         CHECK(mha_st_encoder_layer(&f, "layers.2.", 4, &layer[0], NULL) == MHA_ERR_NOT_FOUND,
               "err may be NULL: the status alone");
         CHECK(mha_st_module(&f, "layers.0.", 4, NULL, &err) == MHA_ERR_NULL_POINTER &&
-              refused(err.status, &err, MHA_ERR_NULL_POINTER, "mha_st_module", "m", "is NULL"), "NULL module: %s",
+              ec_refused(err.status, &err, MHA_ERR_NULL_POINTER, "mha_st_module", "m", "is NULL"), "NULL module: %s",
               err.message);
     }
     /* a prefix too long to make keys of is refused, not cut */
@@ -151,7 +136,7 @@ static void test_encoder(int how)
         memset(longp, 'a', sizeof longp - 1);
         longp[sizeof longp - 1] = 0;
         rc = mha_st_encoder_layer(&f, longp, 4, &layer[0], &err);
-        CHECK(refused(rc, &err, MHA_ERR_INVALID_ARGUMENT, "mha_st_encoder_layer", "prefix", "401 bytes long"),
+        CHECK(ec_refused(rc, &err, MHA_ERR_INVALID_ARGUMENT, "mha_st_encoder_layer", "prefix", "401 bytes long"),
               "long prefix: %s", err.message);
     }
     mha_st_close(&f);
@@ -238,12 +223,12 @@ static void test_dtypes(void)
         CHECK(rc == MHA_OK && memcmp(d, dbl, sizeof d) == 0, "F64 read as double exactly");
         memset(d, 0, sizeof d);
         rc = mha_st_read_f64(t, d, 5, &err);
-        CHECK(refused(rc, &err, MHA_ERR_SHAPE, "mha_st_read_f64", "count",
-                      "tensor 'double': expected 5 values (count), found F64 [2, 3], 6 values"), "wrong count: %s",
+        CHECK(ec_refused(rc, &err, MHA_ERR_SHAPE, "mha_st_read_f64", "count",
+                         "tensor 'double': expected 5 values (count), found F64 [2, 3], 6 values"), "wrong count: %s",
               err.message);
         CHECK(d[0] == 0, "nothing converted on a refusal");
         rc = mha_st_read_f32(t, NULL, 6, &err);
-        CHECK(refused(rc, &err, MHA_ERR_NULL_POINTER, "mha_st_read_f32", "dst", "is NULL"), "NULL dst: %s",
+        CHECK(ec_refused(rc, &err, MHA_ERR_NULL_POINTER, "mha_st_read_f32", "dst", "is NULL"), "NULL dst: %s",
               err.message);
     }
     t = mha_st_find(&f, "scalar");
@@ -256,32 +241,32 @@ static void test_dtypes(void)
     CHECK(t && t->dtype == MHA_ST_I64 && t->count == 5, "I64 tensor listed");
     x = NULL;
     rc = mha_st_floats(&f, "steps", -1, NULL, &x, &err);
-    CHECK(refused(rc, &err, MHA_ERR_SHAPE, "mha_st_floats", "name",
-                  "tensor 'steps': expected F32, F16, BF16 or F64 of any shape (the dtypes read), found I64 [5]") &&
+    CHECK(ec_refused(rc, &err, MHA_ERR_SHAPE, "mha_st_floats", "name",
+                     "tensor 'steps': expected F32, F16, BF16 or F64 of any shape (the dtypes read), found I64 [5]") &&
           x == NULL, "I64 refused: %s", err.message);
     {
         int64_t raw[5];
         rc = mha_st_read_f32(t, (float *)raw, 5, &err);
-        CHECK(refused(rc, &err, MHA_ERR_SHAPE, "mha_st_read_f32", "t", "found I64 [5]"), "I64 read refused: %s",
+        CHECK(ec_refused(rc, &err, MHA_ERR_SHAPE, "mha_st_read_f32", "t", "found I64 [5]"), "I64 read refused: %s",
               err.message);
     }
     CHECK(mha_st_find(&f, "n\xc3\xa9" "e \"quoted\"") != NULL, "a name with \\u00e9 and \\\" escapes decodes");
     CHECK(mha_st_find(&f, "nope") == NULL && mha_st_find(&f, "") == NULL, "absent names are NULL");
     rc = mha_st_floats(&f, "nope", -1, NULL, &x, &err);
-    CHECK(refused(rc, &err, MHA_ERR_NOT_FOUND, "mha_st_floats", "name", "tensor 'nope' is missing"), "missing: %s",
+    CHECK(ec_refused(rc, &err, MHA_ERR_NOT_FOUND, "mha_st_floats", "name", "tensor 'nope' is missing"), "missing: %s",
           err.message);
     CHECK(mha_st_metadata(&f, "note") && strcmp(mha_st_metadata(&f, "note"), "tab\there") == 0, "metadata escape");
     {
         size_t sh[2] = {3, 5};
         rc = mha_st_floats(&f, "half", 2, sh, &x, &err);
-        CHECK(refused(rc, &err, MHA_ERR_SHAPE, "mha_st_floats", "name",
-                      "tensor 'half': expected F32, F16, BF16 or F64 [3, 5], found F16 [3, 4]"), "shape check: %s",
+        CHECK(ec_refused(rc, &err, MHA_ERR_SHAPE, "mha_st_floats", "name",
+                         "tensor 'half': expected F32, F16, BF16 or F64 [3, 5], found F16 [3, 4]"), "shape check: %s",
               err.message);
         rc = mha_st_floats(&f, "half", 2, NULL, &x, &err);
-        CHECK(refused(rc, &err, MHA_ERR_NULL_POINTER, "mha_st_floats", "shape", "is NULL"), "NULL shape: %s",
+        CHECK(ec_refused(rc, &err, MHA_ERR_NULL_POINTER, "mha_st_floats", "shape", "is NULL"), "NULL shape: %s",
               err.message);
         rc = mha_st_floats(&f, "half", 9, sh, &x, &err);
-        CHECK(refused(rc, &err, MHA_ERR_INVALID_ARGUMENT, "mha_st_floats", "ndim", "is 9"), "ndim 9: %s",
+        CHECK(ec_refused(rc, &err, MHA_ERR_INVALID_ARGUMENT, "mha_st_floats", "ndim", "is 9"), "ndim 9: %s",
               err.message);
     }
     CHECK(strcmp(mha_st_dtype_name(MHA_ST_BF16), "BF16") == 0 && strcmp(mha_st_dtype_name(MHA_ST_DTYPE_COUNT), "?") == 0,
@@ -332,17 +317,17 @@ static void test_bad_files(void)
         memset(&f, 0xA5, sizeof f);   /* not a file: a refusal must not write it */
         before = f;
         rc = mha_st_open(path, &f, &err);
-        CHECK(refused(rc, &err, MHA_ERR_FORMAT, "mha_st_open", cases[c][1], cases[c][2]),
+        CHECK(ec_refused(rc, &err, MHA_ERR_FORMAT, "mha_st_open", cases[c][1], cases[c][2]),
               "%s: got %d \"%s\", want MHA_ERR_FORMAT, field %s, \"%s\"", cases[c][0], (int)rc, err.message,
               cases[c][1], cases[c][2]);
         CHECK(memcmp(&f, &before, sizeof f) == 0, "%s: the file struct is untouched on error", cases[c][0]);
         rc = mha_st_open_read(path, &f, &err2);
-        CHECK(refused(rc, &err2, MHA_ERR_FORMAT, "mha_st_open_read", cases[c][1], cases[c][2]) &&
+        CHECK(ec_refused(rc, &err2, MHA_ERR_FORMAT, "mha_st_open_read", cases[c][1], cases[c][2]) &&
               strcmp(strchr(err.message, ':'), strchr(err2.message, ':')) == 0,
               "%s: open and open_read give the same refusal: \"%s\"", cases[c][0], err2.message);
         buf = slurp(path, &n);
         rc = buf ? mha_st_open_mem(buf, n, &f, &err2) : MHA_ERR_IO;
-        CHECK(refused(rc, &err2, MHA_ERR_FORMAT, "mha_st_open_mem", cases[c][1], cases[c][2]) &&
+        CHECK(ec_refused(rc, &err2, MHA_ERR_FORMAT, "mha_st_open_mem", cases[c][1], cases[c][2]) &&
               strcmp(strchr(err.message, ':'), strchr(err2.message, ':')) == 0,
               "%s: memory and file give the same refusal: \"%s\"", cases[c][0], err2.message);
         CHECK(memcmp(&f, &before, sizeof f) == 0, "%s: untouched by open_read and open_mem", cases[c][0]);
@@ -352,12 +337,12 @@ static void test_bad_files(void)
         mha_st_file f;
         mha_error err;
         memset(&f, 0, sizeof f);
-        CHECK(refused(mha_st_open_mem(NULL, 0, &f, &err), &err, MHA_ERR_NULL_POINTER, "mha_st_open_mem", "buf",
-                      "is NULL"), "NULL buffer: %s", err.message);
-        CHECK(refused(mha_st_open(DATA "encoder.safetensors", NULL, &err), &err, MHA_ERR_NULL_POINTER,
-                      "mha_st_open", "f", "is NULL"), "NULL file: %s", err.message);
-        CHECK(refused(mha_st_open_read(NULL, &f, &err), &err, MHA_ERR_NULL_POINTER, "mha_st_open_read", "path",
-                      "is NULL"), "NULL path: %s", err.message);
+        CHECK(ec_refused(mha_st_open_mem(NULL, 0, &f, &err), &err, MHA_ERR_NULL_POINTER, "mha_st_open_mem", "buf",
+                         "is NULL"), "NULL buffer: %s", err.message);
+        CHECK(ec_refused(mha_st_open(DATA "encoder.safetensors", NULL, &err), &err, MHA_ERR_NULL_POINTER,
+                         "mha_st_open", "f", "is NULL"), "NULL file: %s", err.message);
+        CHECK(ec_refused(mha_st_open_read(NULL, &f, &err), &err, MHA_ERR_NULL_POINTER, "mha_st_open_read", "path",
+                         "is NULL"), "NULL path: %s", err.message);
         CHECK(mha_st_open_mem("", 0, &f, NULL) == MHA_ERR_FORMAT, "err may be NULL");
     }
 }
@@ -378,35 +363,27 @@ static void test_io(void)
         rc = k ? mha_st_open_read(DATA "no_such_file.safetensors", &f, &err)
                : mha_st_open(DATA "no_such_file.safetensors", &f, &err);
         snprintf(want, sizeof want, "cannot open '" DATA "no_such_file.safetensors': %s", strerror(ENOENT));
-        CHECK(refused(rc, &err, MHA_ERR_IO, fns[k], "path", want), "%s, missing file: \"%s\", want \"%s\"", fns[k],
+        CHECK(ec_refused(rc, &err, MHA_ERR_IO, fns[k], "path", want), "%s, missing file: \"%s\", want \"%s\"", fns[k],
               err.message, want);
         CHECK(f.count == 0 && f.tensors == NULL, "%s: nothing opened", fns[k]);
         /* a directory opens on some systems; reading it says what it is */
         rc = k ? mha_st_open_read("tests/data", &f, &err) : mha_st_open("tests/data", &f, &err);
         snprintf(want, sizeof want, "'tests/data': %s", strerror(EISDIR));
-        CHECK(refused(rc, &err, MHA_ERR_IO, fns[k], "path", want), "%s, a directory: \"%s\", want \"%s\"", fns[k],
+        CHECK(ec_refused(rc, &err, MHA_ERR_IO, fns[k], "path", want), "%s, a directory: \"%s\", want \"%s\"", fns[k],
               err.message, want);
     }
 #if defined(__unix__) || defined(__APPLE__)
     {   /* a file without read permission (root reads it anyway: then skipped) */
         const char *path = TMP "unreadable.safetensors";
-        FILE *w = fopen(path, "wb"), *r;
-        if (w) { fputs("x", w); fclose(w); }
-        if (!w || chmod(path, 0) != 0) {
-            CHECK(0, "cannot make %s", path);
-        } else if ((r = fopen(path, "rb")) != NULL) {
-            fclose(r);
-            printf("NOTE test_safetensors: running with the right to read any file (root?): the "
-                   "permission-denied case is skipped\n");
-        } else {
+        if (tu_unreadable_file(path, "test_safetensors")) {
             mha_st_file f;
             mha_error err;
             char want[256];
             memset(&f, 0, sizeof f);
             snprintf(want, sizeof want, "cannot open '%s': %s", path, strerror(EACCES));
-            CHECK(refused(mha_st_open(path, &f, &err), &err, MHA_ERR_IO, "mha_st_open", "path", want),
+            CHECK(ec_refused(mha_st_open(path, &f, &err), &err, MHA_ERR_IO, "mha_st_open", "path", want),
                   "unreadable: \"%s\", want \"%s\"", err.message, want);
-            CHECK(refused(mha_st_open_read(path, &f, &err), &err, MHA_ERR_IO, "mha_st_open_read", "path", want),
+            CHECK(ec_refused(mha_st_open_read(path, &f, &err), &err, MHA_ERR_IO, "mha_st_open_read", "path", want),
                   "unreadable (read): \"%s\"", err.message);
         }
         remove(path);
@@ -421,7 +398,7 @@ static void test_io(void)
         memcpy(path, "build/", 6);
         for (i = 100; i < sizeof path - 20; i += 100) path[i] = '/';   /* each name < NAME_MAX */
         strcpy(path + sizeof path - 21, "/missing.safetensors");
-        CHECK(refused(mha_st_open(path, &f, &err), &err, MHA_ERR_IO, "mha_st_open", "path", "missing.safetenso") &&
+        CHECK(ec_refused(mha_st_open(path, &f, &err), &err, MHA_ERR_IO, "mha_st_open", "path", "missing.safetenso") &&
               strstr(err.message, "...") && strstr(err.message, strerror(ENOENT)) &&
               strlen(err.message) < sizeof err.message - 1, "long path: \"%s\"", err.message);
     }
@@ -456,7 +433,7 @@ static void test_bad_modules(void)
         layer.activation = MHA_ACT_GELU;
         before = layer;
         rc = mha_st_encoder_layer(&f, "layers.0.", 4, &layer, &err);
-        CHECK(refused(rc, &err, cases[c].status, "mha_st_encoder_layer", cases[c].field, cases[c].says[0]) &&
+        CHECK(ec_refused(rc, &err, cases[c].status, "mha_st_encoder_layer", cases[c].field, cases[c].says[0]) &&
               strstr(err.message, cases[c].says[1]) && strstr(err.message, cases[c].says[2]),
               "%s: got %d \"%s\"", cases[c].file, (int)rc, err.message);
         CHECK(memcmp(&layer, &before, sizeof layer) == 0, "%s: layer untouched", cases[c].file);

@@ -74,4 +74,29 @@ static TU_UNUSED double tu_rel_err_ff(const float *a, const float *b, size_t n)
     if (den == 0) return sqrt(num);
     return sqrt(num / den);
 }
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/stat.h>
+/* The permission-denied case of a loader's tests: make path a one-byte file
+   that no one may read (mode 0).  1: reading it is refused, run the case;
+   0: this process reads it anyway (root), and a NOTE from `test` says the
+   case is skipped; a file that cannot be made fails a check.  The caller
+   removes path afterwards. */
+static TU_UNUSED int tu_unreadable_file(const char *path, const char *test)
+{
+    FILE *w = fopen(path, "wb"), *r;
+    if (w) { fputs("x", w); fclose(w); }
+    if (!w || chmod(path, 0) != 0) {
+        CHECK(0, "cannot make %s", path);
+        return 0;
+    }
+    if ((r = fopen(path, "rb")) != NULL) {
+        fclose(r);
+        printf("NOTE %s: running with the right to read any file (root?): the permission-denied case is "
+               "skipped\n", test);
+        return 0;
+    }
+    return 1;
+}
+#endif
 #endif
