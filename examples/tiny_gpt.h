@@ -316,6 +316,19 @@ GPT__FN mha_status gpt_cross_entropy(int n, int V, const float *logits, const in
     return MHA_OK;
 }
 
+/* A step's batch: B sequences of T bytes, T within the context, B*T rows
+   within what the model was allocated for. */
+GPT__FN int gpt__batch_fits(const gpt_model *M, int B, int T)
+{
+    return B >= 1 && T >= 1 && T <= M->c.ctx && (size_t)B * T <= (size_t)M->cap;
+}
+GPT__FN mha_status gpt__batch_refused(const gpt_model *M, int B, int T, const char *fn, mha_error *err)
+{
+    return mha_report__sign(err, fn, MHA_ERR_INVALID_SIZE, B < 1 || (size_t)B * T > (size_t)M->cap ? "B" : "T",
+                            "B = %d sequences of T = %d bytes; the model takes T in 1..%d and B*T <= %d", B, T,
+                            M->c.ctx, M->cap);
+}
+
 /* Forward of B sequences of T <= ctx bytes.  targets (may be NULL): next bytes,
    giving *loss and, when M has training buffers, dlogits for the backward.
    attn (may be NULL): n_layer pointers, each NULL or [B, H, T, T] per-head weights.
@@ -331,10 +344,7 @@ GPT__FN mha_status gpt_forward(gpt_model *M, int B, int T, const int *tokens, co
     mha_run run = {0};
     mha_status st;
     mha_report__clear(err);
-    if (B < 1 || T < 1 || T > M->c.ctx || N > M->cap)
-        return mha_report__sign(err, "gpt_forward", MHA_ERR_INVALID_SIZE, B < 1 || N > M->cap ? "B" : "T",
-                                "B = %d sequences of T = %d bytes; the model takes T in 1..%d and B*T <= %d", B, T,
-                                M->c.ctx, M->cap);
+    if (!gpt__batch_fits(M, B, T)) return gpt__batch_refused(M, B, T, "gpt_forward", err);
     run.workspace = M->ws;
     run.workspace_bytes = M->ws_bytes;
     /* x0 = wte[tok] + wpe[pos] */
@@ -392,10 +402,7 @@ GPT__FN mha_status gpt_backward(gpt_model *M, int B, int T, const int *tokens, m
     mha_report__clear(err);
     if (!M->g) return mha_report__sign(err, "gpt_backward", MHA_ERR_NULL_POINTER, "M->g", "is NULL: the model "
                                        "was allocated without training buffers");
-    if (B < 1 || T < 1 || T > M->c.ctx || N > M->cap)
-        return mha_report__sign(err, "gpt_backward", MHA_ERR_INVALID_SIZE, B < 1 || N > M->cap ? "B" : "T",
-                                "B = %d sequences of T = %d bytes; the model takes T in 1..%d and B*T <= %d", B, T,
-                                M->c.ctx, M->cap);
+    if (!gpt__batch_fits(M, B, T)) return gpt__batch_refused(M, B, T, "gpt_backward", err);
     run.workspace = M->ws;
     run.workspace_bytes = M->ws_bytes;
     memset(M->g, 0, o->total * sizeof(float));
