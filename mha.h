@@ -354,7 +354,8 @@ struct mha_sizes {
                                  matrices or chosen rows */
 #define MHA_PLAN_TRAINING 2u  /* backward runs too; a forward can save what the backward needs */
 #define MHA_PLAN_PACK     4u  /* module and encoder: pack Wq, Wk, Wv, Wo into the plan's memory
-                                 (a copy: mha_plan_repack after the weights change) */
+                                 (a copy: mha_plan_repack after the matrices change; biases
+                                 and every other weight are still read at each run) */
 #define MHA_PLAN_CACHE    8u  /* SDPA and module: runs may attend to a KV cache (mha_run.cache);
                                  the plan's Lk is then the largest capacity, its Lq the
                                  longest chunk of new tokens (1 for decoding) */
