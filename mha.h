@@ -4953,9 +4953,12 @@ static mha_status mha__module_plan_make(const mha_module *m, int B, int Lq, int 
     p->mod_floats = f;
     if ((flags & MHA_PLAN_TRAINING) && !mha__fwd_layout_at(&r, B, Lq, Lk, 0, 0, p->nthreads, 1, &F)) goto overflow;
     return mha__plan_ws(p, f, (flags & MHA_PLAN_TRAINING) ? F.saved_floats : 0, e);
-overflow:
-    return mha__fail(e, MHA_ERR_OVERFLOW, "Lk", "B %d, Lq %d, Lk %d with embed_dim %d: a tensor or the "
-                     "workspace passes the size limits", B, Lq, Lk, r.E);
+overflow:   /* name the length (or the batch) that takes the sizes past the limits */
+    return mha__fail(e, MHA_ERR_OVERFLOW,
+                     (size_t)B * (size_t)Lq > MHA__INT_LIMIT || !mha__dim_ok(Lq) ? (kind == MHA__PLAN_ENCODER ? "L" : "Lq")
+                     : !mha__dim_ok(Lk) || (size_t)B * ((size_t)Lk + r.extra) > MHA__INT_LIMIT ? (kind == MHA__PLAN_ENCODER ? "L" : "Lk")
+                     : "B", "B %d, Lq %d, Lk %d with embed_dim %d: a tensor or the workspace passes the size limits "
+                     "(rows B*L at most %d)", B, Lq, Lk, r.E, MHA__INT_LIMIT);
 }
 
 /* The floats of a module saved forward (its header included). */
