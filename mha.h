@@ -297,7 +297,7 @@ typedef struct mha_options {
                                     denominator with no value (gpt-oss); the weights of a row
                                     then sum to 1 - exp(sink_h - lse) */
     int          position_offset;/* the module's RoPE: key j is at position offset + j, query i
-                                    at offset + i'; offset + Lk must fit in an int */
+                                    at offset + i'; offset + max(Lq, Lk) must fit in an int */
 } mha_options;
 
 /* The ALiBi slopes of the paper (Press et al.) for H heads, into slopes[H]:
@@ -1539,12 +1539,12 @@ static mha_status mha__check_masks(const mha_options *opt, int B, int H, int Lq,
 static mha_status mha__check_rope(const mha_rope *r, int D, int who, mha_error *e);
 
 /* The decoder options (checked where the masks are): the module's RoPE
-   (rope NULL for SDPA); position_offset >= 0 and offset + Lk within int;
+   (rope NULL for SDPA); position_offset >= 0 and offset + max(Lq, Lk) within int;
    Hkv divides H; window sides >= -1; softcap >= 0 and finite; caller
    slopes finite; sink logits finite or -inf.  Hkv: the KV heads in use
    (the module's, or opt's); kv_field names where they came from. */
 static mha_status mha__check_decode(const mha_options *opt, int H, int Hkv, const char *kv_field,
-                                    const mha_rope *rope, int who, int D, int Lk, mha_error *e)
+                                    const mha_rope *rope, int who, int D, int Lq, int Lk, mha_error *e)
 {
     int h;
     mha_status st;
@@ -1552,10 +1552,11 @@ static mha_status mha__check_decode(const mha_options *opt, int H, int Hkv, cons
     if (opt->position_offset < 0)
         return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->position_offset", "is %d; expected >= 0",
                          opt->position_offset);
-    /* key j sits at offset + j and a query at offset + i' <= offset + Lk: all ints */
-    if (opt->position_offset > INT_MAX - Lk)
-        return mha__fail(e, MHA_ERR_OVERFLOW, "opt->position_offset", "is %d; with %d keys the last "
-                         "position passes INT_MAX", opt->position_offset, Lk);
+    /* key j sits at offset + j and query i at offset + i' with i' <= max(Lq, Lk):
+       all of them ints */
+    if (opt->position_offset > INT_MAX - (Lq > Lk ? Lq : Lk))
+        return mha__fail(e, MHA_ERR_OVERFLOW, "opt->position_offset", "is %d; with %d queries and %d keys the "
+                         "last position passes INT_MAX", opt->position_offset, Lq, Lk);
     if (Hkv < 0) return mha__fail(e, MHA_ERR_INVALID_SIZE, kv_field, "is %d; expected >= 0", Hkv);
     if (Hkv == 0) Hkv = H;
     if (Hkv > H || H % Hkv != 0)
@@ -4021,7 +4022,10 @@ static void mha__fbwd_tile(const mha__attn *a, int b, int h, int i0, int br, con
             mha__fbwd_scores(a, b, h, i0, br, j0, bc, qt, kh + (size_t)j0 * a->k.rs, s, NULL, gws);
             for (r = 0; r < br; ++r) {
                 float *sr = s + (size_t)r * bc, mt = m[r], corr;
-                for (c = 0; c < bc; ++c) if (sr[c] > mt) mt = sr[c];
+                /* the row's max; a NaN score (a NaN in the query, or in a key it
+                   attends to) sticks, so the row comes out NaN as in the forward,
+                   never as "every key blocked" */
+                for (c = 0; c < bc; ++c) if (!(sr[c] <= mt) && mt == mt) mt = sr[c];
                 if (mt == -INFINITY) { memset(sr, 0, (size_t)bc * sizeof(float)); continue; }
                 corr = m[r] == -INFINITY ? 0.0f : expf(m[r] - mt);
                 l[r] = l[r] * corr + mha__exp_shift(sr, bc, mt);
@@ -4036,7 +4040,7 @@ static void mha__fbwd_tile(const mha__attn *a, int b, int h, int i0, int br, con
                         (size_t)Dv, gws);
         }
         for (r = 0; r < br; ++r) {     /* the sink joins the sum; normalise; delta */
-            float mm = m[r] > sink ? m[r] : sink, f, sum;
+            float mm = m[r] != m[r] || m[r] > sink ? m[r] : sink, f, sum;   /* (a NaN max stays) */
             float *orow = o + (size_t)r * Dv;
             const float *dor = dot + (size_t)r * a->o_rs;
             double d = 0.0;
@@ -4199,7 +4203,7 @@ static mha_status mha__sdpa_plan_make(int B, int H, int Lq, int Lk, int D, int D
                          MHA_PLAN_WEIGHTS | MHA_PLAN_ROWS | MHA_PLAN_TRAINING | MHA_PLAN_CACHE,
                          B, H, Lq, Lk, e);
     if (st != MHA_OK) return st;
-    if ((st = mha__check_decode(&p->opt, H, p->opt.num_kv_heads, "opt->num_kv_heads", NULL, 0, D, Lk, e)) != MHA_OK)
+    if ((st = mha__check_decode(&p->opt, H, p->opt.num_kv_heads, "opt->num_kv_heads", NULL, 0, D, Lq, Lk, e)) != MHA_OK)
         return st;
     Hkv = p->opt.num_kv_heads ? p->opt.num_kv_heads : H;
     p->D = D; p->Dv = Dv;
@@ -4934,7 +4938,7 @@ static mha_status mha__module_plan_make(const mha_module *m, int B, int Lq, int 
                          (kind == MHA__PLAN_MODULE ? MHA_PLAN_CACHE | MHA_PLAN_ROWS : 0u), B, r.H, Lq, Lk, e);
     if (st != MHA_OK) return st;
     if ((st = mha__check_decode(&p->opt, r.H, m->num_kv_heads, MHA__MF(kind == MHA__PLAN_ENCODER ? 2 : 1, "num_kv_heads"),
-                                &m->rope, kind == MHA__PLAN_ENCODER ? 2 : 1, r.D, Lk, e)) != MHA_OK)
+                                &m->rope, kind == MHA__PLAN_ENCODER ? 2 : 1, r.D, Lq, Lk, e)) != MHA_OK)
         return st;
     if (p->opt.num_kv_heads != 0 && p->opt.num_kv_heads != r.Hkv)
         return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->num_kv_heads", "is %d; a module takes its KV heads "
