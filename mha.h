@@ -1786,7 +1786,7 @@ static mha_status mha__plan_ok(const mha_plan *p, int kind, mha_error *e)
 
 #define MHA__SAVED_HDR 16
 
-#define MHA__SAVED_WORDS 10
+#define MHA__SAVED_WORDS 12
 
 static void mha__saved_header(const int *shape, uint32_t *w)
 {
@@ -1806,9 +1806,10 @@ static mha_status mha__saved_check(const float *sv, const int *shape, mha_error 
 {
     uint32_t want[MHA__SAVED_WORDS], got[MHA__SAVED_WORDS];
     static const char *const mod_words[MHA__SAVED_WORDS] = {
-        "magic", "kind", "B", "H", "Lq", "Lk", "embed_dim", "KV width", "appended keys", "F"};
+        "magic", "kind", "B", "H", "Lq", "Lk", "embed_dim", "KV width", "appended keys", "F",
+        "norm_first + 2 activation", "layer_norm_eps (bits)"};
     static const char *const sdpa_words[MHA__SAVED_WORDS] = {
-        "magic", "kind", "B", "H", "Lq", "Lk", "D", "Dv", "KV heads", "(unused)"};
+        "magic", "kind", "B", "H", "Lq", "Lk", "D", "Dv", "KV heads", "(unused)", "(unused)", "(unused)"};
     const char *const *what = shape[0] == MHA__PLAN_SDPA ? sdpa_words : mod_words;
     int i;
     mha__saved_header(shape, want);
@@ -1947,6 +1948,16 @@ static mha_status mha__run_begin(const mha_plan *p, int kind, int Lq, int Lk, co
     if (run && run->key_padding_mask && kp->kind == MHA_MASK_NONE)
         return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, "run->key_padding_mask", "is set, but the plan's options have "
                          "no key_padding_mask (plan one with its kind and shape)");
+    /* the plan's own mask data is dense for its maxima: a shorter run brings its own
+       (a run over a KV cache refuses masks altogether, below) */
+    if (am->kind != MHA_MASK_NONE && !(run && (run->attn_mask || run->cache)) &&
+        (am->shape[am->ndim - 2] != Lq || am->shape[am->ndim - 1] != Lk))
+        return mha__fail(e, MHA_ERR_MASK_SHAPE, "run->attn_mask", "is NULL, and the plan's opt->attn_mask.data "
+                         "is for Lq %d, Lk %d: a run of Lq %d, Lk %d brings its own mask data",
+                         am->shape[am->ndim - 2], am->shape[am->ndim - 1], Lq, Lk);
+    if (kp->kind != MHA_MASK_NONE && !(run && (run->key_padding_mask || run->cache)) && kp->shape[1] != Lk)
+        return mha__fail(e, MHA_ERR_MASK_SHAPE, "run->key_padding_mask", "is NULL, and the plan's "
+                         "opt->key_padding_mask.data is for Lk %d: a run of Lk %d brings its own", kp->shape[1], Lk);
     if (run && run->attn_mask) am->data = run->attn_mask;
     if (run && run->key_padding_mask) kp->data = run->key_padding_mask;
     if (am->kind != MHA_MASK_NONE && !am->data)
@@ -3043,24 +3054,27 @@ typedef struct mha__racc {
        max weight = exp(km - lse),      first weight = exp(s0 - lse)
    The statistics take ld, the same l summed in double alongside t (the
    float l of the kernel, summed over 16k keys, cost H about 1e-6 there).
-   l = 0 (nothing allowed, no sink): lse = -inf and zeros.  Rounding can
-   leave H a hair below 0 for a one-hot row: clamped.  */
+   l = 0 (nothing allowed, no sink): lse = -inf and zeros.  A NaN row (a
+   NaN score: m or l NaN) gets NaN in every statistic, never the zeros of
+   a row with no key.  Rounding can leave H a hair below 0 for a one-hot
+   row: clamped.  */
 static void mha__put_row(const mha__attn *a, size_t idx, float m, float l, const mha__racc *r)
 {
     double t = r->t, ld = r->ld;
     float km = r->km, s0 = r->s0;
     double lse_d, H;
+    int nan = m != m || l != l;
     if (a->lse || a->lse2) {
-        float lse = l != 0.0f ? m + logf(l) : -INFINITY;
+        float lse = nan ? NAN : l != 0.0f ? m + logf(l) : -INFINITY;
         if (a->lse) a->lse[idx] = lse;
         if (a->lse2) a->lse2[idx] = lse;
     }
     if (!a->stats) return;
     lse_d = (double)m + log(ld);
     H = l != 0.0f ? log(ld) - t / ld : 0.0;
-    if (a->ent) a->ent[idx] = H > 0.0 ? (float)H : 0.0f;
-    if (a->maxw) a->maxw[idx] = l != 0.0f && km != -INFINITY ? (float)exp(km - lse_d) : 0.0f;
-    if (a->first) a->first[idx] = l != 0.0f && s0 != -INFINITY ? (float)exp(s0 - lse_d) : 0.0f;
+    if (a->ent) a->ent[idx] = nan ? NAN : H > 0.0 ? (float)H : 0.0f;
+    if (a->maxw) a->maxw[idx] = nan ? NAN : l != 0.0f && km != -INFINITY ? (float)exp(km - lse_d) : 0.0f;
+    if (a->first) a->first[idx] = nan ? NAN : l != 0.0f && s0 != -INFINITY ? (float)exp(s0 - lse_d) : 0.0f;
 }
 
 /* The same from a row of weights p[0..n) and its lse (the unfused path):
@@ -3069,16 +3083,17 @@ static void mha__put_row_p(const mha__attn *a, size_t idx, const float *p, int n
 {
     double H = 0.0, ps = sink != -INFINITY && lse != -INFINITY ? exp((double)sink - lse) : 0.0;
     float mx = 0.0f;
-    int j;
+    int j, nan = lse != lse;   /* a NaN row: NaN statistics, as its weights */
     if (!a->stats) return;
     for (j = 0; j < n; ++j) {
+        if (p[j] != p[j]) nan = 1;
         if (p[j] > 0.0f) H -= (double)p[j] * log((double)p[j]);
         if (p[j] > mx) mx = p[j];
     }
     if (ps > 0.0) H -= ps * log(ps);
-    if (a->ent) a->ent[idx] = H > 0.0 ? (float)H : 0.0f;
-    if (a->maxw) a->maxw[idx] = mx;
-    if (a->first) a->first[idx] = lse != -INFINITY ? p[0] : 0.0f;
+    if (a->ent) a->ent[idx] = nan ? NAN : H > 0.0 ? (float)H : 0.0f;
+    if (a->maxw) a->maxw[idx] = nan ? NAN : mx;
+    if (a->first) a->first[idx] = nan ? NAN : lse != -INFINITY ? p[0] : 0.0f;
 }
 
 /* ---- unfused path: the weights are wanted, so every score is kept */
@@ -4304,6 +4319,9 @@ static void mha__rows_weights(const mha__attn *a, const mha__rows_args *g, int p
 static mha_status mha__rows_ok(const mha_run *run, int Lq, mha_error *e)
 {
     int r;
+    if (run && run->n_rows > Lq)   /* (the plan sized the rows' buffers for at most Lq) */
+        return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "run->n_rows", "is %d; a run returns at most Lq = %d rows",
+                         run->n_rows, Lq);
     for (r = 0; run && r < run->n_rows; ++r)
         if (run->rows[r] < 0 || run->rows[r] >= Lq)
             return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "run->rows", "[%d] is %d; expected 0..Lq-1 = 0..%d", r,
@@ -4327,7 +4345,7 @@ static mha_status mha__sdpa_run_forward(const mha_plan *p, int Lq, int Lk,
     void *owned;
     float *ws = NULL, *sv = NULL, *lse = NULL;
     int rows = run && run->n_rows > 0, weights = run && run->weights && !rows;
-    int shape[9];
+    int shape[MHA__SAVED_WORDS - 1];
     mha_status st;
     st = mha__run_begin(p, MHA__PLAN_SDPA, Lq, Lk, run,
                         MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_CACHE | MHA__RF_WEIGHTS | MHA__RF_STATS, &o, err);
@@ -4373,7 +4391,7 @@ static mha_status mha__sdpa_run_forward(const mha_plan *p, int Lq, int Lk,
     if (sv) {   /* O after the attention (out may be q) */
         memcpy(sv + at_o, out, (size_t)p->B * p->H * Lq * p->Dv * sizeof(float));
         shape[0] = MHA__PLAN_SDPA; shape[1] = p->B; shape[2] = p->H; shape[3] = Lq; shape[4] = Lk;
-        shape[5] = p->D; shape[6] = p->Dv; shape[7] = a.Hkv; shape[8] = 0;
+        shape[5] = p->D; shape[6] = p->Dv; shape[7] = a.Hkv; shape[8] = shape[9] = shape[10] = 0;
         mha__saved_stamp(sv, shape);
     }
     if (rows) {   /* q [B, H, Lq, D], k [B, Hkv, Lk, D]; weights [B, H, n, Lk] */
@@ -4398,7 +4416,7 @@ static mha_status mha__sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
     void *owned;
     float *ws = NULL, *sv = NULL;
     size_t f = 0, at_lse = 0, at_o = 0, saved = 0;
-    int shape[9];
+    int shape[MHA__SAVED_WORDS - 1];
     mha_status st;
     st = mha__run_begin(p, MHA__PLAN_SDPA, Lq, Lk, run, MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_SINKS, &o, err);
     if (st == MHA_OK) st = mha__need(err, "q", q);
@@ -4411,7 +4429,8 @@ static mha_status mha__sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
         (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at_lse, &at_o, &saved);
         st = mha__run_saved(p, run, saved, &sv, err);
         shape[0] = MHA__PLAN_SDPA; shape[1] = p->B; shape[2] = p->H; shape[3] = Lq; shape[4] = Lk;
-        shape[5] = p->D; shape[6] = p->Dv; shape[7] = o.num_kv_heads ? o.num_kv_heads : p->H; shape[8] = 0;
+        shape[5] = p->D; shape[6] = p->Dv; shape[7] = o.num_kv_heads ? o.num_kv_heads : p->H;
+        shape[8] = shape[9] = shape[10] = 0;
         if (st == MHA_OK) st = mha__saved_check(sv, shape, err);
     }
     if (st != MHA_OK) return st;
@@ -4443,8 +4462,14 @@ MHADEF mha_status mha_sdpa_forward(int B, int H, int Lq, int Lk, int D, int Dv,
     s.kind = MHA__PLAN_SDPA; s.flags = mha__shot_flags(run);
     s.B = B; s.H = H; s.Lq = Lq; s.D = D; s.Dv = Dv;
     if (opt) o = *opt; else memset(&o, 0, sizeof o);
-    /* over a cache, the KV heads are the cache's unless the options say */
-    if (run && run->cache && !o.num_kv_heads && run->cache->Hkv > 0) o.num_kv_heads = run->cache->Hkv;
+    /* over a cache, the KV heads are the cache's unless the options say (then
+       a cache whose heads do not divide H is the cache's fault, named so) */
+    if (run && run->cache && !o.num_kv_heads && run->cache->Hkv > 0) {
+        if (H > 0 && (run->cache->Hkv > H || H % run->cache->Hkv != 0))
+            return mha__sign(err, "mha_sdpa_forward", mha__fail(err, MHA_ERR_HEADS_DIVIDE, "cache->Hkv", "is %d, "
+                             "which does not divide the %d query heads", run->cache->Hkv, H));
+        o.num_kv_heads = run->cache->Hkv;
+    }
     if ((st = mha__shot_lk(run, Lk, &s.Lk, err)) == MHA_OK && (st = mha__oneshot(&s, &o, run, &p, err)) == MHA_OK)
         st = mha__sdpa_run_forward(&p, Lq, Lk, q, k, v, out, run, err);
     return mha__sign(err, "mha_sdpa_forward", st);
@@ -4743,7 +4768,7 @@ static int mha__mod_saved_at(const mha__mod *r, int B, int Lq, int Lk, size_t *c
 static void mha__mod_saved_shape(const mha__mod *r, int kind, int B, int Lq, int Lk, int F, int *shape)
 {
     shape[0] = kind; shape[1] = B; shape[2] = r->H; shape[3] = Lq; shape[4] = Lk;
-    shape[5] = r->E; shape[6] = r->Ekv; shape[7] = r->extra; shape[8] = F;
+    shape[5] = r->E; shape[6] = r->Ekv; shape[7] = r->extra; shape[8] = F; shape[9] = shape[10] = 0;
 }
 
 /* Without weights, a forward whose Q, K and V would take at least this many
@@ -4963,6 +4988,16 @@ overflow:   /* name the length (or the batch) that takes the sizes past the limi
                      : !mha__dim_ok(Lk) || (size_t)B * ((size_t)Lk + r.extra) > MHA__INT_LIMIT ? (kind == MHA__PLAN_ENCODER ? "L" : "Lk")
                      : "B", "B %d, Lq %d, Lk %d with embed_dim %d: a tensor or the workspace passes the size limits "
                      "(rows B*L at most %d)", B, Lq, Lk, r.E, MHA__INT_LIMIT);
+}
+
+/* The header's shape of an encoder's saved forward: the module's, F, and the
+   layer's configuration (a post-norm region is not a pre-norm layer's). */
+static void mha__enc_saved_shape(const mha_plan *p, int L, int *shape)
+{
+    float eps = p->enc.layer_norm_eps > 0.0f ? p->enc.layer_norm_eps : 1e-5f;
+    mha__mod_saved_shape(&p->mod, MHA__PLAN_ENCODER, p->B, L, L, p->enc.dim_feedforward, shape);
+    shape[9] = p->enc.norm_first + 2 * (int)p->enc.activation;
+    memcpy(&shape[10], &eps, sizeof eps);
 }
 
 /* The floats of a module saved forward (its header included). */
@@ -5340,7 +5375,7 @@ static mha_status mha__module_run_forward(const mha_plan *p, int Lq, int Lk,
     }
     mha__module_forward(&c);
     if (c.sv) {
-        int shape[9];
+        int shape[MHA__SAVED_WORDS - 1];
         mha__mod_saved_shape(&p->mod, MHA__PLAN_MODULE, p->B, Lq, Lk, 0, shape);
         mha__saved_stamp(c.sv, shape);
     }
@@ -5369,7 +5404,7 @@ static mha_status mha__module_run_backward(const mha_plan *p, int Lq, int Lk,
     if (st == MHA_OK && !(p->flags & MHA_PLAN_TRAINING))
         st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "plan", "was made without MHA_PLAN_TRAINING: it has no backward");
     if (st == MHA_OK && run && run->saved) {
-        int shape[9];
+        int shape[MHA__SAVED_WORDS - 1];
         (void)mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 0, 0, p->nthreads, 1, &F);
         mha__mod_saved_shape(&p->mod, MHA__PLAN_MODULE, p->B, Lq, Lk, 0, shape);
         if ((st = mha__run_saved(p, run, F.saved_floats, &c.sv, err)) == MHA_OK)
@@ -5766,6 +5801,15 @@ static void mha__merge_row_stats(int np, size_t rows, float *st[3][4], int has_k
     int p;
     for (r = 0; r < rows; ++r) {
         double m = -INFINITY, sum = 0.0, lse, H = 0.0, mx = 0.0, first = 0.0;
+        int nan = 0;
+        for (p = 0; p < np; ++p) nan |= st[p][0][r] != st[p][0][r];
+        if (nan) {   /* a NaN part makes the row NaN (as mha__merge_row does its out and lse) */
+            if (out->entropy) out->entropy[off + r] = NAN;
+            if (out->max_weight) out->max_weight[off + r] = NAN;
+            if (out->first_weight) out->first_weight[off + r] = NAN;
+            if (out->lse) out->lse[off + r] = NAN;
+            continue;
+        }
         for (p = 0; p < np; ++p) if (st[p][0][r] > m) m = st[p][0][r];
         for (p = 0; p < np; ++p) if (st[p][0][r] != -INFINITY) sum += exp(st[p][0][r] - m);
         lse = sum > 0.0 ? m + log(sum) : -INFINITY;
@@ -6160,9 +6204,13 @@ static int mha__enc_sub_floats(const mha_plan *p, int L, int mode, size_t *sub)
         }
         return 1;
     }
-    if (mode == 1) {
-        if (!mha__fwd_layout_at(r, p->B, L, L, (p->flags & MHA_PLAN_WEIGHTS) != 0, 0, p->nthreads, 1, &F)) return 0;
+    if (mode == 1) {   /* the fused path, and the weights' path when the plan allows it */
+        if (!mha__fwd_layout_at(r, p->B, L, L, 0, 0, p->nthreads, 1, &F)) return 0;
         *sub = F.total_floats;
+        if (p->flags & MHA_PLAN_WEIGHTS) {
+            if (!mha__fwd_layout_at(r, p->B, L, L, 1, 0, p->nthreads, 1, &F)) return 0;
+            if (F.total_floats > *sub) *sub = F.total_floats;
+        }
         return 1;
     }
     /* the backward: and, when no saved forward is given, the forward it
@@ -6404,9 +6452,9 @@ static mha_status mha__encoder_run_forward(const mha_plan *p, int L, const float
     c.weights = run ? run->weights : NULL;
     c.rs = mha__run_rowout(run, &ro);
     if (sv) {   /* training: keep every activation for the backward */
-        int shape[9];
+        int shape[MHA__SAVED_WORDS - 1];
         mha__enc_forward(p, &c, x, y, &P, c.ws, sv);
-        mha__mod_saved_shape(&p->mod, MHA__PLAN_ENCODER, p->B, L, L, p->enc.dim_feedforward, shape);
+        mha__enc_saved_shape(p, L, shape);
         mha__saved_stamp(sv, shape);
     } else {
         mha__enc_infer(p, &c, x, y, &P);
@@ -6443,9 +6491,9 @@ static mha_status mha__encoder_run_backward(const mha_plan *p, int L, const floa
     if (st == MHA_OK && !(p->flags & MHA_PLAN_TRAINING))
         st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "plan", "was made without MHA_PLAN_TRAINING: it has no backward");
     if (st == MHA_OK && run && run->saved) {
-        int shape[9];
+        int shape[MHA__SAVED_WORDS - 1];
         (void)mha__enc_layout_at(p, L, 2, 1, &P);
-        mha__mod_saved_shape(&p->mod, MHA__PLAN_ENCODER, p->B, L, L, p->enc.dim_feedforward, shape);
+        mha__enc_saved_shape(p, L, shape);
         if ((st = mha__run_saved(p, run, P.saved_floats, &sv, err)) == MHA_OK) st = mha__saved_check(sv, shape, err);
     }
     if (st != MHA_OK) return st;
@@ -6543,7 +6591,12 @@ MHADEF mha_status mha_encoder_forward(const mha_encoder_layer *layer, int B, int
     mha__begin(err);
     memset(&s, 0, sizeof s);
     s.kind = MHA__PLAN_ENCODER; s.flags = mha__shot_flags(run); s.ly = layer; s.B = B; s.Lq = s.Lk = L;
-    if ((st = mha__oneshot(&s, opt, run, &p, err)) == MHA_OK)
+    /* what an encoder run cannot honour, named as the caller wrote it (not as plan flags) */
+    st = mha__run_fields(run, MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_WEIGHTS | MHA__RF_STATS, err);
+    if (st == MHA_OK && run && run->n_rows)
+        st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "run->rows", "is set; an encoder run returns the whole "
+                       "weights (rows: run its self-attention as a module)");
+    if (st == MHA_OK && (st = mha__oneshot(&s, opt, run, &p, err)) == MHA_OK)
         st = mha__encoder_run_forward(&p, L, x, y, run, err);
     return mha__sign(err, "mha_encoder_forward", st);
 }
