@@ -1463,8 +1463,7 @@ static mha_status mha__sign(mha_error *e, const char *function, mha_status s)
     return s;
 }
 
-/* NULL pointer arguments, the commonest refusal: the first NULL of the n
-   named pointers (a name list "q,k,v" matches the pointers in order). */
+/* A NULL pointer argument, the commonest refusal, named as the caller wrote it. */
 static mha_status mha__need(mha_error *e, const char *name, const void *ptr)
 {
     return ptr ? MHA_OK : mha__fail(e, MHA_ERR_NULL_POINTER, name, "is NULL");
@@ -4333,6 +4332,13 @@ static mha_status mha__rows_ok(const mha_run *run, int Lq, mha_error *e)
 static mha_status mha__sdpa_cache_forward(const mha_plan *p, int Lq, const float *q, float *out,
                                           const mha_run *run, const mha_options *o, mha_error *e);
 
+/* The header's shape of an SDPA saved forward. */
+static void mha__sdpa_saved_shape(const mha_plan *p, int Lq, int Lk, int Hkv, int *shape)
+{
+    shape[0] = MHA__PLAN_SDPA; shape[1] = p->B; shape[2] = p->H; shape[3] = Lq; shape[4] = Lk;
+    shape[5] = p->D; shape[6] = p->Dv; shape[7] = Hkv; shape[8] = shape[9] = shape[10] = 0;
+}
+
 static mha_status mha__sdpa_run_forward(const mha_plan *p, int Lq, int Lk,
                                         const float *q, const float *k, const float *v,
                                         float *out, const mha_run *run, mha_error *err)
@@ -4374,11 +4380,11 @@ static mha_status mha__sdpa_run_forward(const mha_plan *p, int Lq, int Lk,
     if (st != MHA_OK) return st;
     (void)mha__sdpa_fwd_floats(p->B, p->H, Lq, Lk, p->D, p->Dv, weights, p->nthreads, &per_thread,
                                &total);   /* within the plan's */
-    if (rows && !(run->lse) ) lse_region = mha__round_floats((size_t)p->B * p->H * Lq);
     if (run && run->saved) {
         (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at_lse, &at_o, &saved);
         if ((st = mha__run_saved(p, run, saved, &sv, err)) != MHA_OK) return st;
-        lse_region = 0;
+    } else if (rows && !run->lse) {   /* the rows need each row's lse: a region of its own */
+        lse_region = mha__round_floats((size_t)p->B * p->H * Lq);
     }
     if ((st = mha__run_ws(p, run, lse_region + total, &owned, &ws, err)) != MHA_OK) return st;
     mha__attn_dense(&a, &o, p->B, p->H, Lq, Lk, p->D, p->Dv, q, k, v, out);
@@ -4390,8 +4396,7 @@ static mha_status mha__sdpa_run_forward(const mha_plan *p, int Lq, int Lk,
     mha__attend_all(&a, ws + lse_region, per_thread);
     if (sv) {   /* O after the attention (out may be q) */
         memcpy(sv + at_o, out, (size_t)p->B * p->H * Lq * p->Dv * sizeof(float));
-        shape[0] = MHA__PLAN_SDPA; shape[1] = p->B; shape[2] = p->H; shape[3] = Lq; shape[4] = Lk;
-        shape[5] = p->D; shape[6] = p->Dv; shape[7] = a.Hkv; shape[8] = shape[9] = shape[10] = 0;
+        mha__sdpa_saved_shape(p, Lq, Lk, a.Hkv, shape);
         mha__saved_stamp(sv, shape);
     }
     if (rows) {   /* q [B, H, Lq, D], k [B, Hkv, Lk, D]; weights [B, H, n, Lk] */
@@ -4428,9 +4433,7 @@ static mha_status mha__sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
     if (st == MHA_OK && run && run->saved) {
         (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at_lse, &at_o, &saved);
         st = mha__run_saved(p, run, saved, &sv, err);
-        shape[0] = MHA__PLAN_SDPA; shape[1] = p->B; shape[2] = p->H; shape[3] = Lq; shape[4] = Lk;
-        shape[5] = p->D; shape[6] = p->Dv; shape[7] = o.num_kv_heads ? o.num_kv_heads : p->H;
-        shape[8] = shape[9] = shape[10] = 0;
+        mha__sdpa_saved_shape(p, Lq, Lk, o.num_kv_heads ? o.num_kv_heads : p->H, shape);
         if (st == MHA_OK) st = mha__saved_check(sv, shape, err);
     }
     if (st != MHA_OK) return st;
@@ -5347,11 +5350,10 @@ static mha_status mha__module_run_forward(const mha_plan *p, int Lq, int Lk,
     c.out = out;
     c.weights = rows ? NULL : run ? run->weights : NULL;
     c.rs = mha__run_rowout(run, &ro);
-    if (run && run->saved) {
-        (void)mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, c.weights != NULL, 0, p->nthreads, 1, &L);
-        if ((st = mha__run_saved(p, run, L.saved_floats, &c.sv, err)) != MHA_OK) return st;
-    }
-    mha__fwd_layout_run(&c, &L);
+    /* this run's layout: its path, and Q, K, V, C, lse in the saved forward when it saves */
+    (void)mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, c.weights != NULL, p->by_head, p->nthreads,
+                             run && run->saved, &L);   /* within the plan's */
+    if (run && run->saved && (st = mha__run_saved(p, run, L.saved_floats, &c.sv, err)) != MHA_OK) return st;
     need = L.total_floats;
     if (rows) {
         (void)mha__wrows_lay(&p->mod, p->B, Lk, run->n_rows, p->nthreads, &R);
@@ -5368,8 +5370,7 @@ static mha_status mha__module_run_forward(const mha_plan *p, int Lq, int Lk,
         n[0] = nq; n[1] = nk; n[2] = nv;
         if ((st = mha__copy_aliased(out, n[0], x, n, &copy)) != MHA_OK) {
             if (owned) MHA_FREE(owned);
-            return mha__fail(err, st, "out", "overlaps an input and its copy could not be "
-                                                "allocated");
+            return mha__fail(err, st, "out", "overlaps an input and its copy could not be allocated");
         }
         c.query = x[0]; c.key = x[1]; c.value = x[2];
     }
@@ -5726,7 +5727,7 @@ static int mha__cache_attend_floats(int H, int Lq, int capacity, int D, int ring
 /* What a run over a cache needs of it: the plan's batch, KV heads and head
    width, a capacity within the plan's Lk, no masks, and each row holding
    the Lq queries as its newest tokens (after the append, for a module). */
-static mha_status mha__cache_fits(const mha_plan *p, const mha_kv_cache *c, int Hkv, int Lq, const mha_options *o,
+static mha_status mha__cache_fits(const mha_plan *p, const mha_kv_cache *c, int Hkv, const mha_options *o,
                                   mha_error *e)
 {
     mha_status st;
@@ -5744,7 +5745,6 @@ static mha_status mha__cache_fits(const mha_plan *p, const mha_kv_cache *c, int 
         return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, o->attn_mask.kind != MHA_MASK_NONE ? "opt->attn_mask" :
                          "opt->key_padding_mask", "is set; a run over a KV cache takes no masks (use causal, "
                          "a window, or the cache's len)");
-    (void)Lq;
     return MHA_OK;
 }
 
@@ -5905,7 +5905,7 @@ static mha_status mha__sdpa_cache_forward(const mha_plan *p, int Lq, const float
     if (!(p->flags & MHA_PLAN_CACHE))
         return mha__fail(e, MHA_ERR_EXCEEDS_PLAN, "run->cache", "is set, but the plan was made without "
                          "MHA_PLAN_CACHE");
-    if ((st = mha__cache_fits(p, c, o->num_kv_heads ? o->num_kv_heads : p->H, Lq, o, e)) != MHA_OK ||
+    if ((st = mha__cache_fits(p, c, o->num_kv_heads ? o->num_kv_heads : p->H, o, e)) != MHA_OK ||
         (st = mha__cache_holds(c, Lq, e)) != MHA_OK)
         return st;
     (void)mha__cache_attend_floats(p->H, Lq, c->capacity, D, c->ring, p->nthreads, &per_thread, &total);
@@ -5977,7 +5977,7 @@ static mha_status mha__module_cached(const mha_plan *p, int Lq, const float *x, 
     if (run->saved || run->weights)
         return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, run->saved ? "run->saved" : "run->weights", "is set; a run "
                          "over a KV cache neither saves a forward nor returns weights");
-    if ((st = mha__cache_fits(p, c, r->Hkv, Lq, o, e)) != MHA_OK || (st = mha__cache_room(c, Lq, e)) != MHA_OK)
+    if ((st = mha__cache_fits(p, c, r->Hkv, o, e)) != MHA_OK || (st = mha__cache_room(c, Lq, e)) != MHA_OK)
         return st;
     for (b = 0; b < B; ++b)   /* every position offset + len[b] + i is an int */
         if (c->len[b] > INT_MAX - Lq - o->position_offset)
@@ -6422,6 +6422,18 @@ static void mha__enc_forward(const mha_plan *p, const mha__run *c0, const float 
     mha__enc_residual2(ly, N, E, eps, h, y, t2, y);
 }
 
+/* The mha_run fields an encoder forward takes, and no chosen rows (its
+   weights come whole). */
+#define MHA__RF_ENCODER_FWD (MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_WEIGHTS | MHA__RF_STATS)
+static mha_status mha__enc_run_fields(const mha_run *run, mha_error *e)
+{
+    mha_status st = mha__run_fields(run, MHA__RF_ENCODER_FWD, e);
+    if (st == MHA_OK && run && run->n_rows)
+        st = mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "run->rows", "is set; an encoder run returns the whole "
+                       "weights (rows: run its self-attention as a module)");
+    return st;
+}
+
 static mha_status mha__encoder_run_forward(const mha_plan *p, int L, const float *x, float *y,
                                            const mha_run *run, mha_error *err)
 {
@@ -6432,22 +6444,17 @@ static mha_status mha__encoder_run_forward(const mha_plan *p, int L, const float
     void *owned;
     float *sv = NULL;
     mha_status st;
-    st = mha__module_run_begin(p, MHA__PLAN_ENCODER, L, L, x, x, x, run,
-                               MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_WEIGHTS | MHA__RF_STATS, &o, &c, err);
+    st = mha__module_run_begin(p, MHA__PLAN_ENCODER, L, L, x, x, x, run, MHA__RF_ENCODER_FWD, &o, &c, err);
     if (st == MHA_OK) st = mha__need(err, "y", y);
     if (st == MHA_OK) st = mha__run_weights_ok(p, run, err);
-    if (st == MHA_OK && run && run->n_rows)
-        st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "run->rows", "is set; an encoder run returns the whole "
-                       "weights (rows: run its self-attention as a module)");
+    if (st == MHA_OK) st = mha__enc_run_fields(run, err);
     if (st == MHA_OK && mha__overlap(x, (size_t)p->B * L * p->mod.E, y, (size_t)p->B * L * p->mod.E))
         st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "y", "overlaps x; an encoder layer needs x after it "
                        "writes y");
-    if (st == MHA_OK && run && run->saved) {
-        (void)mha__enc_layout_at(p, L, 1, 1, &P);
-        st = mha__run_saved(p, run, P.saved_floats, &sv, err);
-    }
     if (st != MHA_OK) return st;
-    (void)mha__enc_layout_at(p, L, sv ? 1 : 0, 1, &P);   /* within the plan's */
+    /* inference's layout, or the one that keeps every activation in the saved forward */
+    (void)mha__enc_layout_at(p, L, run && run->saved ? 1 : 0, 1, &P);   /* within the plan's */
+    if (run && run->saved && (st = mha__run_saved(p, run, P.saved_floats, &sv, err)) != MHA_OK) return st;
     if ((st = mha__run_ws(p, run, P.total_floats, &owned, &c.ws, err)) != MHA_OK) return st;
     c.weights = run ? run->weights : NULL;
     c.rs = mha__run_rowout(run, &ro);
@@ -6490,15 +6497,16 @@ static mha_status mha__encoder_run_backward(const mha_plan *p, int L, const floa
     if (st == MHA_OK) st = mha__need(err, "dy", dy);
     if (st == MHA_OK && !(p->flags & MHA_PLAN_TRAINING))
         st = mha__fail(err, MHA_ERR_EXCEEDS_PLAN, "plan", "was made without MHA_PLAN_TRAINING: it has no backward");
-    if (st == MHA_OK && run && run->saved) {
+    if (st != MHA_OK) return st;
+    /* the backward's layout: with the caller's saved forward, or a region to recompute it into */
+    (void)mha__enc_layout_at(p, L, 2, run && run->saved, &P);   /* within the plan's */
+    if (run && run->saved) {
         int shape[MHA__SAVED_WORDS - 1];
-        (void)mha__enc_layout_at(p, L, 2, 1, &P);
         mha__enc_saved_shape(p, L, shape);
         if ((st = mha__run_saved(p, run, P.saved_floats, &sv, err)) == MHA_OK) st = mha__saved_check(sv, shape, err);
+        if (st != MHA_OK) return st;
     }
-    if (st != MHA_OK) return st;
     if (!grad) { memset(&nog, 0, sizeof nog); grad = &nog; }
-    (void)mha__enc_layout_at(p, L, 2, sv != NULL, &P);   /* within the plan's */
     if ((st = mha__run_ws(p, run, P.total_floats, &owned, &ws, err)) != MHA_OK) return st;
     ly = &p->enc;
     E = p->mod.E; F = ly->dim_feedforward; N = p->B * L; nt = p->nthreads;
@@ -6591,11 +6599,9 @@ MHADEF mha_status mha_encoder_forward(const mha_encoder_layer *layer, int B, int
     mha__begin(err);
     memset(&s, 0, sizeof s);
     s.kind = MHA__PLAN_ENCODER; s.flags = mha__shot_flags(run); s.ly = layer; s.B = B; s.Lq = s.Lk = L;
-    /* what an encoder run cannot honour, named as the caller wrote it (not as plan flags) */
-    st = mha__run_fields(run, MHA__RF_SAVED | MHA__RF_MASKS | MHA__RF_WEIGHTS | MHA__RF_STATS, err);
-    if (st == MHA_OK && run && run->n_rows)
-        st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "run->rows", "is set; an encoder run returns the whole "
-                       "weights (rows: run its self-attention as a module)");
+    /* what an encoder run cannot honour, named as the caller wrote it (not as the
+       plan flags the one-shot would derive from it) */
+    st = mha__enc_run_fields(run, err);
     if (st == MHA_OK && (st = mha__oneshot(&s, opt, run, &p, err)) == MHA_OK)
         st = mha__encoder_run_forward(&p, L, x, y, run, err);
     return mha__sign(err, "mha_encoder_forward", st);
