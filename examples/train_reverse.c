@@ -180,7 +180,8 @@ typedef struct {
     float *x, *h, *logits;      /* activations of the largest batch */
     float *dlogits, *dh, *dx;
     mha_plan *plan;             /* the encoder layer for training batches of B (MHA_PLAN_TRAINING) */
-    mha_run run;                /* its workspace, which also serves the one-shot calls */
+    mha_run run;                /* its workspace, which also serves the one-shot calls and the
+                                   output layer's Linear */
     void *saved;                /* the training forward's saved region: sizes.saved bytes */
     size_t saved_bytes;
 } model;
@@ -208,7 +209,7 @@ static void forward(model *M, int n, const int *tokens, float *attn, int trainin
         check(mha_encoder_forward(&ly, n, L, M->x, &opt, M->h, &run, &err), "encoder");
     }
     check(mha_linear_forward(n * L, E, V, M->h, M->p + M->o.head_w, M->p + M->o.head_b, M->logits,
-                             NULL, &err), "output layer");
+                             &M->run, &err), "output layer");
 }
 
 /* The same path backwards, after a training forward; dlogits is already
@@ -223,7 +224,7 @@ static void backward(model *M, const int *tokens)
     memset(M->dh, 0, (size_t)B * L * E * sizeof(float));
     memset(M->dx, 0, (size_t)B * L * E * sizeof(float));
     check(mha_linear_backward(B * L, E, V, M->h, M->p + M->o.head_w, M->dlogits, M->dh,
-                              M->g + M->o.head_w, M->g + M->o.head_b, NULL, &err), "output layer backward");
+                              M->g + M->o.head_w, M->g + M->o.head_b, &M->run, &err), "output layer backward");
     check(mha_encoder_run_backward(M->plan, L, M->x, M->dh, M->dx, &gr, &run, &err), "encoder backward");
     /* PE is a constant: the gradient of x goes to the embedding rows only */
     check(mha_embedding_backward(B * L, V, E, tokens, M->dx, M->g + M->o.emb, &err), "embedding backward");
@@ -305,6 +306,7 @@ int main(int argc, char **argv)
     mha_encoder_layer ly;
     mha_options opt;
     mha_sizes sizes, shot;
+    size_t head_bytes;
     clock_t t0 = clock();
     const int *pic;
     int step;
@@ -329,15 +331,18 @@ int main(int argc, char **argv)
     init_params(&M.o, M.p, &rng);
     /* plan the layer once for training batches (the plan borrows the weight
        pointers into M.p, which the optimizer updates in place); one workspace
-       for its runs and for the one-shot forwards with weights, and the saved
-       region its forward fills and its backward reads */
+       for its runs, the one-shot forwards with weights and the output layer,
+       so that a step allocates nothing, and the saved region its forward
+       fills and its backward reads */
     ly = layer_view(&M.o, M.p);
     memset(&opt, 0, sizeof opt);
     opt.per_head_weights = 1;
     check(mha_encoder_plan_size(&ly, B, L, &opt, MHA_PLAN_TRAINING, &sizes, &err), "plan size");
     check(mha_encoder_plan(&ly, B, L, &opt, MHA_PLAN_TRAINING, NULL, 0, &M.plan, &err), "plan");
     check(mha_encoder_plan_size(&ly, B, L, &opt, MHA_PLAN_WEIGHTS, &shot, &err), "one-shot size");
+    check(mha_linear_workspace_size(B * L, E, V, &head_bytes, &err), "output layer size");
     M.run.workspace_bytes = sizes.workspace > shot.workspace ? sizes.workspace : shot.workspace;
+    if (head_bytes > M.run.workspace_bytes) M.run.workspace_bytes = head_bytes;
     M.run.workspace = malloc(M.run.workspace_bytes);
     M.saved_bytes = sizes.saved;
     M.saved = malloc(M.saved_bytes);
