@@ -10,7 +10,7 @@ DEPS_DEMO  := gcc libstb-dev fortunes
 DEPS_BENCH := libopenblas-dev python3-torch python3-numpy
 DEPS_GOLD  := python3-torch python3-numpy
 
-.PHONY: all help test check demo view bench bench-mha profile-attn deps deps-demo deps-bench golden install uninstall clean train-gpt
+.PHONY: all help test check demo view bench bench-tiers bench-mha profile-attn deps deps-demo deps-bench golden install uninstall clean train-gpt
 
 all: demo
 
@@ -105,7 +105,9 @@ $(BUILD)/mha_view: examples/mha_view.c examples/npy.h examples/heatmap.h example
 # what -march=native selects (AVX-512 where the CPU has it); the GEMM table is
 # always run a second time from an AVX2 build, against the AVX2 peak.
 BENCH_ARCH    ?= -march=native
-BENCH_CFLAGS  ?= -std=c99 -O3 $(BENCH_ARCH) -fopenmp
+# The tables name the kernels of the flags they were built with, so these
+# builds pin them (MHA_NO_DISPATCH); bench-tiers measures the run-time choice.
+BENCH_CFLAGS  ?= -std=c99 -O3 $(BENCH_ARCH) -DMHA_NO_DISPATCH -fopenmp
 HAVE_OPENBLAS  = $(shell printf '\043include <cblas.h>\nint main(void){openblas_set_num_threads(1);return 0;}\n' | \
                    $(CC) -x c - -o /dev/null -lopenblas 2>/dev/null && echo 1)
 BENCH_DEFS     = $(if $(HAVE_OPENBLAS),-DMHA_BENCH_OPENBLAS)
@@ -125,8 +127,30 @@ BENCH_LIBS     = $(if $(HAVE_OPENBLAS),-lopenblas) -lm
 bench: | $(BUILD)
 	$(CC) $(BENCH_CFLAGS) $(BENCH_DEFS) -I. bench/bench.c -o $(BUILD)/bench $(BENCH_LIBS)
 	$(BENCH_ENV) ./$(BUILD)/bench
-	$(CC) -std=c99 -O3 -mavx2 -mfma -fopenmp $(BENCH_DEFS) -I. bench/bench.c -o $(BUILD)/bench_avx2 $(BENCH_LIBS)
+	$(CC) -std=c99 -O3 -mavx2 -mfma -DMHA_NO_DISPATCH -fopenmp $(BENCH_DEFS) -I. bench/bench.c -o $(BUILD)/bench_avx2 $(BENCH_LIBS)
 	$(BENCH_ENV_AVX2) ./$(BUILD)/bench_avx2 gemm
+
+# The kernels a no-flags build runs (chosen at run time, mha.h "the kernel
+# tiers") against the build with the flags: bench/bench_tiers.c built with no
+# SIMD flags and with -march=native, run A B B A; then the AVX2 tier of the
+# no-flags build (capped by the MHA__FORCE_TIER hook) against -mavx2 -mfma.
+# Prints each case's ms (mean of the runs' medians) and no-flags / flags.
+bench: bench-tiers
+bench-tiers: | $(BUILD)
+	$(CC) -std=c99 -O3 -I. bench/bench_tiers.c -o $(BUILD)/bench_tiers_plain -lm
+	$(CC) -std=c99 -O3 -march=native -DMHA_NO_DISPATCH -I. bench/bench_tiers.c -o $(BUILD)/bench_tiers_native -lm
+	$(CC) -std=c99 -O3 -DMHA__FORCE_TIER=1 -I. bench/bench_tiers.c -o $(BUILD)/bench_tiers_plain2 -lm
+	$(CC) -std=c99 -O3 -mavx2 -mfma -DMHA_NO_DISPATCH -I. bench/bench_tiers.c -o $(BUILD)/bench_tiers_avx2 -lm
+	@cd $(BUILD) && rm -f tiers_*.txt && for b in native plain plain native native plain plain native plain2 avx2 avx2 plain2 plain2 avx2 avx2 plain2; do \
+	  ./bench_tiers_$$b >> tiers_$$b.txt || exit 1; done && \
+	for pair in "native plain" "avx2 plain2"; do set -- $$pair; \
+	  echo; echo "== no SIMD flags ($$(sed -n 's/^kernels //p' tiers_$$2.txt | head -1) kernels, chosen at run time) vs $$1 flags, 1 thread, ms"; \
+	  awk -v A=$$1 -v B=$$2 '$$1 == "case" { s[FILENAME, $$2] += $$3; n[FILENAME, $$2]++; if (!seen[$$2]++) order[++k] = $$2 } \
+	    END { printf "%-28s %10s %10s %8s\n", "case", A, "no flags", "ratio"; \
+	          for (i = 1; i <= k; ++i) { c = order[i]; a = s["tiers_" A ".txt", c] / n["tiers_" A ".txt", c]; \
+	            b = s["tiers_" B ".txt", c] / n["tiers_" B ".txt", c]; printf "%-28s %10.3f %10.3f %8.3f\n", c, a, b, b / a; \
+	            lg += log(b / a) } printf "%-28s %10s %10s %8.3f\n", "geometric mean", "", "", exp(lg / k) }' \
+	    tiers_$$1.txt tiers_$$2.txt; done
 
 # MHA forward / attention-core tables and the PyTorch comparison
 # (bench/bench_mha.c, which runs bench/torch_mha.py); part of `make bench`,
@@ -137,7 +161,7 @@ bench: | $(BUILD)
 bench: bench-mha
 bench-mha: deps-bench | $(BUILD)
 	$(CC) $(BENCH_CFLAGS) -I. bench/bench_mha.c -o $(BUILD)/bench_mha -lm
-	$(CC) -std=c99 -O3 -mavx2 -mfma -fopenmp -I. bench/bench_mha.c -o $(BUILD)/bench_mha_avx2 -lm
+	$(CC) -std=c99 -O3 -mavx2 -mfma -DMHA_NO_DISPATCH -fopenmp -I. bench/bench_mha.c -o $(BUILD)/bench_mha_avx2 -lm
 	$(BENCH_ENV) OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/bench_mha
 	$(BENCH_ENV_AVX2) OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/bench_mha_avx2 --train
 
@@ -145,8 +169,8 @@ bench-mha: deps-bench | $(BUILD)
 # issue 12): the AVX-512 (or -march=native) build, then the AVX2 one.
 bench: profile-attn
 profile-attn: | $(BUILD)
-	$(CC) -std=c99 -O3 $(BENCH_ARCH) -I. bench/profile_attn.c -o $(BUILD)/profile_attn -lm
-	$(CC) -std=c99 -O3 -mavx2 -mfma -I. bench/profile_attn.c -o $(BUILD)/profile_attn_avx2 -lm
+	$(CC) -std=c99 -O3 $(BENCH_ARCH) -DMHA_NO_DISPATCH -I. bench/profile_attn.c -o $(BUILD)/profile_attn -lm
+	$(CC) -std=c99 -O3 -mavx2 -mfma -DMHA_NO_DISPATCH -I. bench/profile_attn.c -o $(BUILD)/profile_attn_avx2 -lm
 	./$(BUILD)/profile_attn
 	./$(BUILD)/profile_attn_avx2
 

@@ -78,6 +78,7 @@
 
    EVERY PUBLIC FUNCTION
      1  mha_status_string          a sentence for a status (cannot fail)
+        mha_kernels                the kernels this process runs (cannot fail)
      2  mha_alibi_slopes           the ALiBi paper's per-head slopes
      3  mha_plan_sizes             plan, workspace and saved-forward bytes of a plan
         mha_plan_repack            pack a PACK plan's weights again (after they changed)
@@ -98,23 +99,30 @@
         mha_layernorm_forward, mha_layernorm_backward, mha_positional_encoding,
         mha_embedding_forward, mha_embedding_backward, mha_cross_entropy,
         mha_sgd_step, mha_adamw_step, mha_adamw_defaults (cannot fail)
-     Every function returns an mha_status except the four marked "cannot
+     Every function returns an mha_status except the five marked "cannot
      fail"; sizes come back through out-parameters.
 
    CONFIGURATION (define before the implementation include)
        MHA_STATIC          make every function static (private to one file)
        MHA_NO_SIMD         use the portable scalar kernels even where AVX2/NEON exist
-       MHA_NO_AVX512       use the AVX2 kernels even where AVX-512F is enabled
+       MHA_NO_AVX512       never use the AVX-512 kernels (AVX2 where the CPU has it)
+       MHA_NO_DISPATCH     run only the kernels the compiler flags enable (no
+                           run-time choice; see below)
        MHA_MALLOC(sz) / MHA_FREE(p)   allocator for plans and workspaces made
                            for the caller (define both or neither)
        MHA_ASSERT(x)       internal invariant checks (default: assert.h)
        MHA_PROFILE_MARK(phase)  called as the fused attention core enters each
                            phase (MHA_PHASE_*; default: nothing);
                            bench/profile_attn.c times the phases with it
-     SIMD is chosen at compile time: AVX-512 when __AVX512F__ is defined,
-     else AVX2 when __AVX2__ and __FMA__ are defined
-     (-mavx2 -mfma or -march=native), NEON when __ARM_NEON is.  There is no
-     run-time CPU detection.  Threads come from OpenMP when built with -fopenmp;
+     Kernels: on x86-64 with GCC 12+ or clang, a build with no SIMD flags
+     carries scalar, AVX2+FMA and AVX-512 kernels and runs the best the CPU
+     has (checked through __builtin_cpu_supports; mha_kernels() names it), so
+     `cc app.c -lm` is as fast as -march=native on that CPU.  With
+     -mavx2 -mfma the AVX-512 kernels are still added; with -march=native on
+     an AVX-512 CPU, with MHA_NO_DISPATCH, or on aarch64 (NEON) only the
+     compiled-for kernels exist.  The header finds itself by __FILE_NAME__
+     for this: if you paste it into another file, define MHA_NO_DISPATCH.
+     Threads come from OpenMP when built with -fopenmp;
      on a machine shared with other jobs run with OMP_WAIT_POLICY=passive
      (a waiting thread that spins on the core of a working one stalls it).
 
@@ -150,8 +158,8 @@
      refused and why, in the caller's own struct: no global state.  On any
      status other than MHA_OK no output has been written.
 
-   VERSION 1.0.0 (MHA_VERSION_MAJOR/MINOR/PATCH); docs/migration.md has the
-   table of the names of 0.x and what replaced each.
+   VERSION 1.1.0 (MHA_VERSION_MAJOR/MINOR/PATCH); docs/migration.md has the
+   table of the names of 0.x and what replaced each, and what 1.1 added.
    LICENSE  at the end of this file (MIT or public domain, your choice)
 */
 #ifndef MHA_H
@@ -160,7 +168,7 @@
 #include <stddef.h>
 
 #define MHA_VERSION_MAJOR 1
-#define MHA_VERSION_MINOR 0
+#define MHA_VERSION_MINOR 1
 #define MHA_VERSION_PATCH 0
 
 #ifndef MHADEF
@@ -213,6 +221,11 @@ typedef enum mha_status {
 
 /* A readable sentence for a status; never NULL, also for unknown values. */
 MHADEF const char *mha_status_string(mha_status s);
+
+/* The kernels this process runs: "avx512", "avx2", "neon" or "scalar".  On
+   x86-64 a build without SIMD flags also carries the AVX2 and AVX-512
+   kernels and runs the best the CPU has (CONFIGURATION, above). */
+MHADEF const char *mha_kernels(void);
 
 /* What a refusal was about.  Pass one as the last argument of any call
    (NULL when you do not want it); a call that succeeds resets it (status
@@ -767,7 +780,8 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
 /*                              IMPLEMENTATION                              */
 /* ======================================================================== */
 #ifdef MHA_IMPLEMENTATION
-#ifndef MHA_IMPLEMENTATION_DONE
+#if !defined(MHA_IMPLEMENTATION_DONE) || defined(MHA__TIER_PASS)
+#ifndef MHA__TIER_PASS   /* the main pass (a kernel tier's pass compiles only the SIMD layer and section 4-5 kernels: THE KERNEL TIERS) */
 #define MHA_IMPLEMENTATION_DONE
 
 /* The implementation follows the sections of the declarations above, by
@@ -987,6 +1001,71 @@ static MHA__UNUSED int mha__softmax_row_ref(float *s, int n)
     return 1;
 }
 
+/* ---- the kernel tiers
+   The kernels (the SIMD layer below, the GEMM of section 4 and the
+   attention core of section 5) are compiled once per tier of x86 vector
+   instructions, and each call runs the best tier the CPU has:
+       tier 0   what the compiler flags enable: AVX-512 (-mavx512f or
+                -march=native on such a CPU), AVX2+FMA (-mavx2 -mfma), NEON
+                (aarch64), or the portable scalar kernels (no flags)
+       tier 1   AVX2+FMA, compiled when tier 0 is scalar
+       tier 2   AVX-512F, compiled when tier 0 is not AVX-512 (not with
+                MHA_NO_AVX512)
+   so a build with no flags runs AVX-512 or AVX2 kernels where the CPU has
+   them.  How: after the main pass, the header includes itself once per
+   tier (MHA__PASS_DRIVER at the end); such a pass compiles only the kernel
+   regions (marked "kernels: one copy per tier"), under the tier's target
+   pragma, with every kernel name given the tier's suffix (mha__gemm_avx2).
+   The rest of the library calls the kernels through the table of the tier
+   mha__tier() picks, via __builtin_cpu_supports (libgcc reads the CPU once,
+   at start-up; nothing here is stored).  A pass finds the header by
+   __FILE_NAME__, so dispatch needs GCC 12+ or clang 9+ on x86-64; elsewhere,
+   with MHA_NO_DISPATCH, with MHA_NO_SIMD, or when tier 0 is already the
+   best, the kernels are compiled once, in place, and run as compiled.
+   mha_kernels() names the tier that runs. */
+#if !defined(MHA_NO_DISPATCH) && !defined(MHA_NO_SIMD) && defined(__x86_64__) && \
+    (defined(__GNUC__) || defined(__clang__)) && defined(__FILE_NAME__)
+#if !defined(__AVX2__) || !defined(__FMA__)
+#define MHA__TIER1_AVX2 1     /* tier 0 is scalar: compile an AVX2 tier */
+#endif
+#if !defined(MHA_NO_AVX512) && !defined(__AVX512F__)
+#define MHA__TIER2_AVX512 1   /* tier 0 is not AVX-512: compile an AVX-512 tier */
+#endif
+#if defined(MHA__TIER1_AVX2) || defined(MHA__TIER2_AVX512)
+#define MHA__DISPATCH 1
+#include <immintrin.h>        /* before any target pragma: the intrinsics of every tier */
+#endif
+#endif
+
+/* The widest register tile of any tier (AVX-512: 32 columns), for bounds
+   that must hold whatever tier runs. */
+#define MHA__NR_MAX 32
+
+/* The tier this process runs: 0, 1 or 2 as above (tier 0 only, without
+   dispatch).  MHA__FORCE_TIER (a testing hook) caps it. */
+static int mha__tier(void)
+{
+    int t = 0;
+#if defined(MHA__DISPATCH)
+    __builtin_cpu_init();
+#if defined(MHA__TIER2_AVX512)
+    if (__builtin_cpu_supports("avx512f")) t = 2;
+#endif
+#if defined(MHA__TIER1_AVX2)
+    if (!t && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) t = 1;
+#endif
+#if defined(MHA__FORCE_TIER)
+    if (t > MHA__FORCE_TIER) t = MHA__FORCE_TIER;
+#if defined(MHA__TIER2_AVX512) && !defined(MHA__TIER1_AVX2)
+    if (t == 1) t = 0;   /* no tier 1 in this build: tier 0 is AVX2 */
+#endif
+#endif
+#endif
+    return t;
+}
+
+#endif /* main pass */
+
 /* ---- the SIMD layer
    One thin vector type so each kernel is written once (the ggml idea).
    mha__vf holds MHA__VW floats:  AVX-512 16 lanes, AVX2+FMA 8 lanes,
@@ -994,8 +1073,20 @@ static MHA__UNUSED int mha__softmax_row_ref(float *s, int n)
    Loads and stores are unaligned.  mha__vfma(acc, a, b) = acc + a*b.
    mha__vm is a lane mask from a comparison, used only by mha__vsel.
    mha__vtranspose(r) transposes the MHA__VW x MHA__VW block held in r[].
-   The choice is made once, here, at compile time; MHA_NO_SIMD wins. */
-#if !defined(MHA_NO_SIMD) && !defined(MHA_NO_AVX512) && defined(__AVX512F__)
+   Tier 0 is chosen here from the compiler's flags (MHA_NO_SIMD wins); a
+   tier's pass names its own (the kernel tiers, above). */
+#undef MHA__SIMD_AVX512       /* a previous pass's choice */
+#undef MHA__SIMD_AVX2
+#undef MHA__SIMD_NEON
+#undef MHA__SIMD_SCALAR
+#undef MHA__SIMD_NAME
+#undef MHA__VW
+#undef MHA__ALL16
+#if defined(MHA__PASS_TIER) && MHA__PASS_TIER == 2
+#define MHA__SIMD_AVX512 1
+#elif defined(MHA__PASS_TIER) && MHA__PASS_TIER == 1
+#define MHA__SIMD_AVX2 1
+#elif !defined(MHA_NO_SIMD) && !defined(MHA_NO_AVX512) && defined(__AVX512F__)
 #define MHA__SIMD_AVX512 1
 #elif !defined(MHA_NO_SIMD) && defined(__AVX2__) && defined(__FMA__)
 #define MHA__SIMD_AVX2 1
@@ -1348,7 +1439,7 @@ static inline void mha__axpy(float *y, float alpha, const float *x, int n)
    exp(-inf - m) = 0 gives it weight 0 with no branch.  The last partial
    vector is done in a small buffer padded with -inf, so every element goes
    through the same vexp.  */
-static float mha__softmax_row_lse(float *s, int n, float sink)
+static MHA__UNUSED float mha__softmax_row_lse(float *s, int n, float sink)
 {
     float tail[MHA__VW], m, inv, sum;
     mha__vf vm = mha__vset1(-INFINITY), vsum = mha__vzero(), vinv;
@@ -1385,6 +1476,8 @@ static float mha__softmax_row_lse(float *s, int n, float sink)
     return m + logf(sum);
 }
 
+#ifndef MHA__TIER_PASS   /* main pass */
+
 /* ====================================================================== 1
    STATUS AND ERRORS
    mha_status_string, and the refusal helpers every check uses: mha__fail
@@ -1398,6 +1491,15 @@ MHADEF const char *mha_status_string(mha_status s)
         MHA_STATUS_LIST(MHA__MSG)
 #undef MHA__MSG
     default: return "unknown mha_status value";
+    }
+}
+
+MHADEF const char *mha_kernels(void)
+{
+    switch (mha__tier()) {
+    case 1: return "avx2";
+    case 2: return "avx512";
+    default: return MHA__SIMD_NAME;   /* tier 0: the compiler's flags */
     }
 }
 
@@ -2137,6 +2239,44 @@ MHADEF void mha_plan_destroy(mha_plan *plan)
    layer on it (y = x W^T + b and its backward), and the GEMM's plan.
    ====================================================================== */
 
+static size_t mha__round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+
+static int mha__imin(int a, int b) { return a < b ? a : b; }
+
+#if defined(MHA__DISPATCH)
+/* What the rest of the library calls of a tier's GEMM: one table per tier
+   (MHA__TIER_TABLES), reached through these names. */
+typedef struct mha__gtab {
+    void (*gemm)(int ta, int tb, int M, int N, int K, float alpha, const float *A, size_t lda,
+                 const float *B, size_t ldb, float beta, float *C, size_t ldc, float *ws);
+    void (*gemm_pp)(int ta, int tb, int M, int N, int K, float alpha, const float *A, size_t lda,
+                    const float *B, size_t ldb, float beta, float *C, size_t ldc, float *ws,
+                    const float *pp, int col0, int Ntot, int rows_a);
+    void (*gemm_mt)(int ta, int tb, int M, int N, int K, float alpha, const float *A, size_t lda,
+                    const float *B, size_t ldb, float beta, float *C, size_t ldc, float *ws,
+                    int nthreads);
+    void (*gemm_mt_pp)(int ta, int tb, int M, int N, int K, float alpha, const float *A, size_t lda,
+                       const float *B, size_t ldb, float beta, float *C, size_t ldc, float *ws,
+                       int nthreads, const float *pp, int rows_a);
+    size_t (*gemm_ws_floats)(int M, int N, int K);
+    size_t (*gemm_ws_floats_mt)(int M, int N, int K, int nthreads);
+    void (*prepack_b)(const float *W, int Ntot, int K, float *dst);
+    size_t (*prepacked_floats)(int Ntot, int K);
+} mha__gtab;
+static const mha__gtab *mha__gk(void);
+#define mha__gemm (mha__gk()->gemm)
+#define mha__gemm_pp (mha__gk()->gemm_pp)
+#define mha__gemm_mt (mha__gk()->gemm_mt)
+#define mha__gemm_mt_pp (mha__gk()->gemm_mt_pp)
+#define mha__gemm_ws_floats (mha__gk()->gemm_ws_floats)
+#define mha__gemm_ws_floats_mt (mha__gk()->gemm_ws_floats_mt)
+#define mha__prepack_b (mha__gk()->prepack_b)
+#define mha__prepacked_floats (mha__gk()->prepacked_floats)
+#endif
+#endif /* main pass */
+
+#if defined(MHA__TIER_PASS) || !defined(MHA__DISPATCH)   /* kernels: one copy per tier */
+
 /* ---- the blocked GEMM
    C = alpha op(A) op(B) + beta C, in the BLIS structure: five loops around
    an MR x NR register micro-kernel (the B panel's columns are walked once
@@ -2164,6 +2304,16 @@ MHADEF void mha_plan_destroy(mha_plan *plan)
    MHA__FOR_I / MHA__FOR_J list the rows and vector columns of the tile so
    the micro-kernel below is spelled out in full, with its accumulators in
    named registers, at any optimisation level. */
+#undef MHA__MR                /* a previous pass's tile and blocking */
+#undef MHA__NRV
+#undef MHA__FOR_I
+#undef MHA__FOR_J
+#undef MHA__KC
+#undef MHA__MC
+#undef MHA__NC
+#undef MHA__NC2
+#undef MHA__KU
+#undef MHA__K_UNROLL
 #if defined(MHA__SIMD_AVX512)
 /* 8 x 32: 16 zmm accumulators (twice the 4-cycle x 2-pipe FMA latency) + 2
    for B.  As fast as 12 x 32 on large products and without the partial row
@@ -2180,9 +2330,7 @@ MHADEF void mha_plan_destroy(mha_plan *plan)
 #define MHA__KC 512    /* KC x NR sliver of B: 64 KiB */
 #define MHA__MC 256    /* MC x KC block of A: 512 KiB, stays in L2 */
 #define MHA__NC 4096   /* KC x NC panel of B: 8 MiB, lives in L3 */
-#ifndef MHA__NC2
 #define MHA__NC2 256   /* KC x NC2 chunk of the panel: 512 KiB, stays in L2 */
-#endif
 #elif defined(MHA__SIMD_AVX2)
 /* 6 x 16: 12 ymm accumulators + 2 for B + 1 broadcast of A = 15 of 16 */
 #define MHA__MR 6
@@ -2240,10 +2388,6 @@ MHADEF void mha_plan_destroy(mha_plan *plan)
 #define MHA__ROW_J(X, i) MHA__FOR_J(X, i)
 
 #define MHA__FOR_IJ(X) MHA__FOR_I(MHA__ROW_J, X)
-
-static size_t mha__round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
-
-static int mha__imin(int a, int b) { return a < b ? a : b; }
 
 /* K is cut into equal blocks of at most KC (300 -> 150 + 150, not 256 + 44). */
 static int mha__gemm_kc(int K)
@@ -2687,15 +2831,15 @@ static void mha__gemm_mt_pp(int ta, int tb, int M, int N, int K, float alpha,
     mha__gemm_pp(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ws, pp, 0, N, rows_a);
 }
 
-/* (defined further on, where its section is) */
-static size_t mha__linear_gws(int rows, int in, int out, int nthreads);
-
 static void mha__gemm_mt(int ta, int tb, int M, int N, int K, float alpha,
                          const float *A, size_t lda, const float *B, size_t ldb,
                          float beta, float *C, size_t ldc, float *ws, int nthreads)
 {
     mha__gemm_mt_pp(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, ws, nthreads, NULL, 0);
 }
+
+#endif /* kernels */
+#ifndef MHA__TIER_PASS   /* main pass */
 
 /* ------------------------------------------------ the Linear layer */
 
@@ -2952,16 +3096,6 @@ static int mha__mask_bool_blocks(mha_mask_kind kind, unsigned char v)
     return kind == MHA_MASK_BOOL ? v != 0 : v == 0;
 }
 
-/* Soft-capping of n scores: s = cap tanh(s / cap), before any mask (Gemma-2). */
-static void mha__softcap(float cap, float *s, size_t n)
-{
-    const mha__vf vc = mha__vset1(cap), vi = mha__vset1(1.0f / cap);
-    size_t j = 0;
-    for (; j + MHA__VW <= n; j += MHA__VW)
-        mha__vstore(s + j, mha__vmul(vc, mha__vtanh(mha__vmul(mha__vload(s + j), vi))));
-    for (; j < n; ++j) s[j] = cap * tanhf(s[j] / cap);
-}
-
 /* Mask the scaled (and capped) scores s[0..n) of query i in (b, h) against
    keys j0..j0+n: blocked keys get -inf written over whatever the score was
    (so NaN from a blocked key is discarded); float masks and the ALiBi bias
@@ -3014,27 +3148,6 @@ static int mha__all_finite(const float *x, int n)
     int i;
     for (i = 0; i < n; ++i) if (!(x[i] - x[i] == 0.0f)) return 0;
     return 1;
-}
-
-/* O[r, :] (+)= sum_j P[r, j] V[j, :] over nc keys.  A zero weight times a
-   NaN/Inf value would be NaN, so when some value row is not finite, sum over
-   the keys with nonzero weight only.  beta is 0 (overwrite) or 1 (accumulate).  */
-static void mha__pv(int nr, int nc, int Dv, const float *p, size_t ldp, const float *v,
-                    size_t ldv, float beta, float *o, size_t ldo, float *gws)
-{
-    int i, j, v_finite = 1;
-    for (j = 0; j < nc && v_finite; ++j) v_finite = mha__all_finite(v + (size_t)j * ldv, Dv);
-    if (v_finite) {
-        mha__gemm(0, 0, nr, Dv, nc, 1.0f, p, ldp, v, ldv, beta, o, ldo, gws);
-        return;
-    }
-    for (i = 0; i < nr; ++i) {
-        float *oi = o + (size_t)i * ldo;
-        const float *pi = p + (size_t)i * ldp;
-        if (beta == 0.0f) for (j = 0; j < Dv; ++j) oi[j] = 0.0f;
-        for (j = 0; j < nc; ++j)
-            if (pi[j] != 0.0f) mha__axpy(oi, pi[j], v + (size_t)j * ldv, Dv);
-    }
 }
 
 /* ---- row statistics (mha_run's lse, entropy, max_weight, first_weight) */
@@ -3095,7 +3208,64 @@ static void mha__put_row_p(const mha__attn *a, size_t idx, const float *p, int n
     if (a->first) a->first[idx] = nan ? NAN : lse != -INFINITY ? p[0] : 0.0f;
 }
 
+#if defined(MHA__DISPATCH)
+/* What the rest of the library calls of a tier's attention core. */
+typedef struct mha__atab {
+    void (*softcap)(float cap, float *s, size_t n);
+    void (*attend_all)(const mha__attn *a, float *ws, size_t per_thread);
+    void (*attend_backward_fused)(const mha__attn *a, const float *dout, const float *lse_saved,
+                                  float *dq, float *dk, float *dv, float *ws);
+    int (*attn_scratch_floats)(int Lq, int Lk, int Lk_eff, int D, int Dv, int nthreads,
+                               int need_weights, int shared_pack, size_t *per_thread, size_t *total);
+    size_t (*fbwd_floats)(int B, int H, int Hkv, int Lq, int Lk, int D, int Dv, int nthreads);
+    int fbr;   /* MHA__FBR: query-tile columns of the fused forward */
+} mha__atab;
+static const mha__atab *mha__ak(void);
+#define MHA__FBR_RUN (mha__ak()->fbr)
+#define mha__softcap (mha__ak()->softcap)
+#define mha__attend_all (mha__ak()->attend_all)
+#define mha__attend_backward_fused (mha__ak()->attend_backward_fused)
+#define mha__attn_scratch_floats (mha__ak()->attn_scratch_floats)
+#define mha__fbwd_floats (mha__ak()->fbwd_floats)
+#else
+#define MHA__FBR_RUN MHA__FBR
+#endif
+#endif /* main pass */
+
+#if defined(MHA__TIER_PASS) || !defined(MHA__DISPATCH)   /* kernels: one copy per tier */
+
 /* ---- unfused path: the weights are wanted, so every score is kept */
+
+/* Soft-capping of n scores: s = cap tanh(s / cap), before any mask (Gemma-2). */
+static void mha__softcap(float cap, float *s, size_t n)
+{
+    const mha__vf vc = mha__vset1(cap), vi = mha__vset1(1.0f / cap);
+    size_t j = 0;
+    for (; j + MHA__VW <= n; j += MHA__VW)
+        mha__vstore(s + j, mha__vmul(vc, mha__vtanh(mha__vmul(mha__vload(s + j), vi))));
+    for (; j < n; ++j) s[j] = cap * tanhf(s[j] / cap);
+}
+
+/* O[r, :] (+)= sum_j P[r, j] V[j, :] over nc keys.  A zero weight times a
+   NaN/Inf value would be NaN, so when some value row is not finite, sum over
+   the keys with nonzero weight only.  beta is 0 (overwrite) or 1 (accumulate).  */
+static void mha__pv(int nr, int nc, int Dv, const float *p, size_t ldp, const float *v,
+                    size_t ldv, float beta, float *o, size_t ldo, float *gws)
+{
+    int i, j, v_finite = 1;
+    for (j = 0; j < nc && v_finite; ++j) v_finite = mha__all_finite(v + (size_t)j * ldv, Dv);
+    if (v_finite) {
+        mha__gemm(0, 0, nr, Dv, nc, 1.0f, p, ldp, v, ldv, beta, o, ldo, gws);
+        return;
+    }
+    for (i = 0; i < nr; ++i) {
+        float *oi = o + (size_t)i * ldo;
+        const float *pi = p + (size_t)i * ldp;
+        if (beta == 0.0f) for (j = 0; j < Dv; ++j) oi[j] = 0.0f;
+        for (j = 0; j < nc; ++j)
+            if (pi[j] != 0.0f) mha__axpy(oi, pi[j], v + (size_t)j * ldv, Dv);
+    }
+}
 
 /* Rows i0..i0+nr of batch b, every head in order h = 0..H-1:
    S = scale Q K^T; mask; softmax; O = P V; hand out the weights.
@@ -3187,6 +3357,8 @@ static inline mha__vf mha__vexp_nonpos(mha__vf x)
 
 #define MHA__FBR ((64 + MHA__NR - 1) / MHA__NR * MHA__NR)
 
+#endif /* kernels */
+#ifndef MHA__TIER_PASS   /* main pass: a type, defined once */
 typedef struct mha__fused_dims {
     int ntiles;        /* key tiles: ceil(Lk / FBC) real ones, + 1 for appended keys */
     size_t dvp;        /* Dv rounded up to MR: rows of packed V^T */
@@ -3194,6 +3366,8 @@ typedef struct mha__fused_dims {
     size_t packed;     /* packed V^T of one (b, h), plus a finite flag per tile */
     size_t tiles;      /* Q^T slivers, S^T, O^T, m, l, the ragged K sliver, t, ld, km, s0 */
 } mha__fused_dims;
+#endif /* main pass */
+#if defined(MHA__TIER_PASS) || !defined(MHA__DISPATCH)   /* kernels: one copy per tier */
 
 static int mha__fused_sizes(int Lk, int Lk_eff, int D, int Dv, mha__fused_dims *f)
 {
@@ -3247,6 +3421,8 @@ static void mha__fused_pack(const mha__attn *a, const mha__fused_dims *f, int b,
 /* The queries of one fused tile: ng heads gh0.. (global, one KV group) times
    nr rows gi.. (global) each; tile column c is head gh0 + c / nr, row
    gi + c % nr.  Grouped heads share every K tile and packed V tile.  */
+#endif /* kernels */
+#ifndef MHA__TIER_PASS   /* main pass: a type, defined once */
 typedef struct mha__tileq {
     int gb, gh0, ng, gi, nr;
     int narrow;        /* at most MHA__NARROW columns: vector products, no packing (decoding) */
@@ -3254,6 +3430,8 @@ typedef struct mha__tileq {
     float *partial;    /* split-K: NULL, or [ncol][MHA__PART_W(Dv)]: unnormalised O, m, l,
                           and the row statistics' mha__racc (6 floats' bytes) */
 } mha__tileq;
+#endif /* main pass */
+#if defined(MHA__TIER_PASS) || !defined(MHA__DISPATCH)   /* kernels: one copy per tier */
 
 #define MHA__PART_W(Dv) ((Dv) + 2 + sizeof(mha__racc) / sizeof(float))
 
@@ -3837,6 +4015,8 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
     }
 }
 
+#endif /* kernels */
+#ifndef MHA__TIER_PASS   /* main pass: no kernel here */
 /* The row outputs of a call: lse (an internal buffer, e.g. a saved
    forward's, or NULL) and the caller's rs (NULL: none); rs->lse is written
    besides lse when they differ.  */
@@ -3872,6 +4052,9 @@ static void mha__attn_common(mha__attn *a, const mha_options *opt, int B, int H,
     mha__attn_stats(a, NULL, NULL);   /* the run's outputs are set by the run */
     a->sinks_grad = NULL;
 }
+
+#endif /* main pass */
+#if defined(MHA__TIER_PASS) || !defined(MHA__DISPATCH)   /* kernels: one copy per tier */
 
 /* ---------------------------------------------- the fused backward */
 
@@ -4158,6 +4341,19 @@ static void mha__attend_backward_fused(const mha__attn *a, const float *dout, co
         for (h = 0; h < a->H; ++h)
             for (b = 0; b < a->B; ++b) a->sinks_grad[h] += sinkp[(size_t)b * a->H + h];
 }
+
+#if defined(MHA__TIER_PASS)
+/* this tier's tables (the names are this pass's: mha__gemm is mha__gemm_avx2 ...) */
+static const mha__gtab MHA__T(gtab) = {
+    mha__gemm, mha__gemm_pp, mha__gemm_mt, mha__gemm_mt_pp, mha__gemm_ws_floats, mha__gemm_ws_floats_mt, mha__prepack_b, mha__prepacked_floats
+};
+static const mha__atab MHA__T(atab) = {
+    mha__softcap, mha__attend_all, mha__attend_backward_fused, mha__attn_scratch_floats, mha__fbwd_floats,
+    MHA__FBR
+};
+#endif
+#endif /* kernels */
+#ifndef MHA__TIER_PASS   /* main pass */
 
 /* --------------------------------------------- SDPA plans and runs */
 
@@ -4599,7 +4795,7 @@ static mha_status mha__check_module(const mha_module *m, mha__mod *r, int who, m
     widest = r->kdim > r->vdim ? r->kdim : r->vdim;
     if (E > widest) widest = E;
     /* every weight's bytes, and a packed matrix's (at most (E + NR) x widest) */
-    if (!mha__mul3((size_t)E + MHA__NR, (size_t)widest, 4 * sizeof(float), &n))
+    if (!mha__mul3((size_t)E + MHA__NR_MAX, (size_t)widest, 4 * sizeof(float), &n))
         return mha__fail(e, MHA_ERR_OVERFLOW, MHA__MF(who, "embed_dim"), "a weight matrix's bytes do not fit in size_t");
     r->in_proj = m->in_proj_weight != NULL;
     if (r->in_proj) {
@@ -4799,8 +4995,8 @@ static void mha__mod_saved_shape(const mha__mod *r, int kind, int B, int Lq, int
 
 static void mha__fwd_chunks(int B, int Lq, int need_weights, int *chunk_b, int *chunk_q)
 {
-    int rows = MHA__QCHUNK / MHA__FBR * MHA__FBR;
-    if (rows < MHA__FBR) rows = MHA__FBR;
+    int rows = MHA__QCHUNK / MHA__FBR_RUN * MHA__FBR_RUN;
+    if (rows < MHA__FBR_RUN) rows = MHA__FBR_RUN;
     if (need_weights) { *chunk_b = B; *chunk_q = Lq; return; }   /* weights are O(L^2) anyway */
     if (Lq >= rows) { *chunk_b = 1; *chunk_q = rows; return; }
     *chunk_q = Lq;
@@ -6974,7 +7170,163 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
     return MHA_OK;
 }
 
-#endif /* MHA_IMPLEMENTATION_DONE */
+#if defined(MHA__DISPATCH)
+/* ---- THE KERNEL TIERS: the passes (see "the kernel tiers", section 0)
+   Each pass includes this file again with MHA__TIER_PASS defined: it skips
+   everything but the SIMD layer and the kernel regions, which it compiles
+   under its tier's target with each name below given the tier's suffix.
+   After the passes the suffix is empty, and each name means itself again
+   (a macro does not expand inside its own expansion). */
+#define MHA__TIER_PASS 1
+#define MHA__T(name) MHA__T2(name, MHA__TIER_SFX)
+#define MHA__T2(name, sfx) MHA__T3(name, sfx)
+#define MHA__T3(name, sfx) mha__##name##sfx
+/* a tier's target for the functions of its pass (GCC: a pragma; clang: an attribute) */
+#define MHA__STR(x) #x
+#if defined(__clang__)
+#define MHA__TARGET_BEGIN(isa) _Pragma(MHA__STR(clang attribute push(__attribute__((target(isa))), apply_to = function)))
+#define MHA__TARGET_END _Pragma("clang attribute pop")
+#else
+#define MHA__TARGET_BEGIN(isa) _Pragma("GCC push_options") _Pragma(MHA__STR(GCC target(isa)))
+#define MHA__TARGET_END _Pragma("GCC pop_options")
+#endif
+#undef mha__gemm
+#undef mha__gemm_pp
+#undef mha__gemm_mt
+#undef mha__gemm_mt_pp
+#undef mha__gemm_ws_floats
+#undef mha__gemm_ws_floats_mt
+#undef mha__prepack_b
+#undef mha__prepacked_floats
+#undef mha__softcap
+#undef mha__attend_all
+#undef mha__attend_backward_fused
+#undef mha__attn_scratch_floats
+#undef mha__fbwd_floats
+#define mha__vf MHA__T(vf)
+#define mha__vm MHA__T(vm)
+#define mha__vload MHA__T(vload)
+#define mha__vstore MHA__T(vstore)
+#define mha__vset1 MHA__T(vset1)
+#define mha__vzero MHA__T(vzero)
+#define mha__vadd MHA__T(vadd)
+#define mha__vsub MHA__T(vsub)
+#define mha__vmul MHA__T(vmul)
+#define mha__vdiv MHA__T(vdiv)
+#define mha__vmax MHA__T(vmax)
+#define mha__vmin MHA__T(vmin)
+#define mha__vfma MHA__T(vfma)
+#define mha__vhalves MHA__T(vhalves)
+#define mha__vhsum MHA__T(vhsum)
+#define mha__vhmax MHA__T(vhmax)
+#define mha__vround MHA__T(vround)
+#define mha__vpow2i MHA__T(vpow2i)
+#define mha__vlt MHA__T(vlt)
+#define mha__vgt MHA__T(vgt)
+#define mha__visnan MHA__T(visnan)
+#define mha__vsel MHA__T(vsel)
+#define mha__vtranspose MHA__T(vtranspose)
+#define mha__vexp_core MHA__T(vexp_core)
+#define mha__vexp MHA__T(vexp)
+#define mha__vtanh MHA__T(vtanh)
+#define mha__dot MHA__T(dot)
+#define mha__axpy MHA__T(axpy)
+#define mha__softmax_row_lse MHA__T(softmax_row_lse)
+#define mha__gemm_kc MHA__T(gemm_kc)
+#define mha__gemm_b_floats MHA__T(gemm_b_floats)
+#define mha__gemm_a_floats MHA__T(gemm_a_floats)
+#define mha__gemm_ws_floats MHA__T(gemm_ws_floats)
+#define mha__pack_a MHA__T(pack_a)
+#define mha__pack_b MHA__T(pack_b)
+#define mha__kernel MHA__T(kernel)
+#define mha__kernel_rows MHA__T(kernel_rows)
+#define mha__macro_kernel MHA__T(macro_kernel)
+#define mha__pack_a_block MHA__T(pack_a_block)
+#define mha__prepacked_floats MHA__T(prepacked_floats)
+#define mha__prepack_b MHA__T(prepack_b)
+#define mha__prepacked_at MHA__T(prepacked_at)
+#define mha__gemm_block MHA__T(gemm_block)
+#define mha__gemm_pp MHA__T(gemm_pp)
+#define mha__gemm MHA__T(gemm)
+#define mha__gemm_threads MHA__T(gemm_threads)
+#define mha__gemm_ws_floats_mt MHA__T(gemm_ws_floats_mt)
+#define mha__gemm_mt_pp MHA__T(gemm_mt_pp)
+#define mha__gemm_mt MHA__T(gemm_mt)
+#define mha__softcap MHA__T(softcap)
+#define mha__pv MHA__T(pv)
+#define mha__attend_rows MHA__T(attend_rows)
+#define mha__vexp_nonpos MHA__T(vexp_nonpos)
+#define mha__fused_sizes MHA__T(fused_sizes)
+#define mha__fused_pack MHA__T(fused_pack)
+#define mha__mask_tile_t MHA__T(mask_tile_t)
+#define mha__fused_stats_tile MHA__T(fused_stats_tile)
+#define mha__attend_fused MHA__T(attend_fused)
+#define mha__merge_partials MHA__T(merge_partials)
+#define mha__split_parts MHA__T(split_parts)
+#define mha__part_floats MHA__T(part_floats)
+#define mha__attn_scratch_floats MHA__T(attn_scratch_floats)
+#define mha__head_blocks MHA__T(head_blocks)
+#define mha__head_block MHA__T(head_block)
+#define mha__attend_all MHA__T(attend_all)
+#define mha__head_backward_gws MHA__T(head_backward_gws)
+#define mha__exp_shift MHA__T(exp_shift)
+#define mha__fbwd_thread_floats MHA__T(fbwd_thread_floats)
+#define mha__fbwd_flags_at MHA__T(fbwd_flags_at)
+#define mha__fbwd_floats MHA__T(fbwd_floats)
+#define mha__fbwd_scores MHA__T(fbwd_scores)
+#define mha__fbwd_skip MHA__T(fbwd_skip)
+#define mha__fbwd_tile MHA__T(fbwd_tile)
+#define mha__attend_backward_fused MHA__T(attend_backward_fused)
+
+#if defined(MHA__TIER1_AVX2)
+#define MHA__TIER_SFX _avx2
+#define MHA__PASS_TIER 1
+MHA__TARGET_BEGIN("avx2,fma")
+#include __FILE_NAME__
+MHA__TARGET_END
+#undef MHA__TIER_SFX
+#undef MHA__PASS_TIER
+#endif
+
+#if defined(MHA__TIER2_AVX512)
+#define MHA__TIER_SFX _avx512
+#define MHA__PASS_TIER 2
+MHA__TARGET_BEGIN("avx512f,avx2,fma")
+#include __FILE_NAME__
+MHA__TARGET_END
+#undef MHA__TIER_SFX
+#undef MHA__PASS_TIER
+#endif
+
+/* tier 0 last, so that the SIMD layer's and the GEMM's macros (MHA__VW,
+   MHA__MR, ...) end as the main pass set them */
+#define MHA__TIER_SFX _t0   /* tier 0: the compiler's flags */
+#define MHA__PASS_TIER 0
+#include __FILE_NAME__
+#undef MHA__TIER_SFX
+#undef MHA__PASS_TIER
+
+#undef MHA__TIER_PASS
+#define MHA__TIER_SFX   /* empty: every renamed name means itself again */
+
+/* The tables of the tiers, by mha__tier() (a tier not compiled runs tier 0's). */
+#if defined(MHA__TIER1_AVX2)
+#define MHA__TIER1_TAB(t) &mha__##t##_avx2
+#else
+#define MHA__TIER1_TAB(t) &mha__##t##_t0
+#endif
+#if defined(MHA__TIER2_AVX512)
+#define MHA__TIER2_TAB(t) &mha__##t##_avx512
+#else
+#define MHA__TIER2_TAB(t) &mha__##t##_t0
+#endif
+static const mha__gtab *const mha__gtabs[3] = {&mha__gtab_t0, MHA__TIER1_TAB(gtab), MHA__TIER2_TAB(gtab)};
+static const mha__atab *const mha__atabs[3] = {&mha__atab_t0, MHA__TIER1_TAB(atab), MHA__TIER2_TAB(atab)};
+static const mha__gtab *mha__gk(void) { return mha__gtabs[mha__tier()]; }
+static const mha__atab *mha__ak(void) { return mha__atabs[mha__tier()]; }
+#endif /* MHA__DISPATCH */
+#endif /* main pass */
+#endif /* MHA_IMPLEMENTATION_DONE || MHA__TIER_PASS */
 #endif /* MHA_IMPLEMENTATION */
 
 /*

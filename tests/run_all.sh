@@ -10,8 +10,10 @@
 #   MHA_JOBS=2 tests/run_all.sh avx2   compile two programs at a time (check: 2)
 #
 # Configurations: scalar (gcc, MHA_NO_SIMD), avx2 (gcc, AVX2+FMA, OpenMP),
-# avx512 (gcc, AVX-512F, OpenMP; skipped on CPUs without it),
-# clang (clang, AVX2+FMA), sanitize (clang ASan+UBSan, AVX2 and scalar),
+# avx512 (gcc, AVX-512F, OpenMP; skipped on CPUs without it), dispatch
+# (gcc with no SIMD flags, as a user builds: every test once per kernel tier
+# the CPU has, the tier capped through tests/tier_env.h), clang (clang,
+# AVX2+FMA, and its no-flags dispatch build on the numeric tests), sanitize (clang ASan+UBSan, AVX2 and scalar),
 # tsan (clang ThreadSanitizer, no OpenMP: the programs that run one plan
 # from several pthreads), neon (aarch64 cross-compiler, run under
 # qemu-aarch64), cxx (C++ compile of the header + the two-translation-unit
@@ -90,6 +92,7 @@ build_set() {
     set_names[$cfg]=$list
 }
 # run_set CONFIG [runner...]: after pool_drain, run what build_set built
+# (reported as $LABEL when set)
 run_set() {
     local cfg=$1 name; shift
     for name in ${set_names[$cfg]}; do
@@ -98,7 +101,7 @@ run_set() {
             head -20 "$OUT/$cfg/$name.build.log"
             continue
         fi
-        run_prog "$cfg" "$OUT/$cfg/$name" "$@"
+        run_prog "${LABEL:-$cfg}" "$OUT/$cfg/$name" "$@"
     done
 }
 # build_and_run CONFIG CC "FLAGS" "LIBS" [runner...]
@@ -202,6 +205,17 @@ test_valgrind() {
 
 have_avx2() { grep -q ' avx2 ' /proc/cpuinfo && grep -q ' fma ' /proc/cpuinfo; }
 
+# The configurations named after a kernel tier pin it (MHA_NO_DISPATCH):
+# without, an -mavx2 build on an AVX-512 CPU would run the AVX-512 kernels.
+PIN="-DMHA_NO_DISPATCH"
+# The dispatch configuration builds as a user with no flags does, and caps
+# the tier at run time (tests/tier_env.h) to run each one the CPU has.
+TIER_ENV="-include tests/tier_env.h -DMHA__FORCE_TIER=mha_test_tier()"
+# clang compiles the tiers through its target attribute, not GCC's pragma:
+# the numeric tests of every kernel region, at the CPU's best tier
+DISPATCH_CLANG_TESTS="test_tiers test_golden test_core test_backward test_fused_backward test_decode test_threads test_train_golden"
+cpu_tiers() { echo 0; have_avx2 && echo 1; grep -q ' avx512f ' /proc/cpuinfo && echo 2; }
+
 SAN="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all"
 # The programs that run one plan from several pthreads; the tsan
 # configuration builds them without OpenMP (whose runtime TSan cannot see
@@ -226,7 +240,7 @@ if [ ${#configs[@]} -eq 0 ]; then
     export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}   # a spinning OpenMP thread stalls the other lane
     bash "$0" scalar avx2 avx512 clang tsan cxx install valgrind >"$OUT/lane1.log" 2>&1 &
     lane1=$!
-    bash "$0" sanitize neon fuzz >"$OUT/lane2.log" 2>&1
+    bash "$0" sanitize neon fuzz dispatch >"$OUT/lane2.log" 2>&1
     wait "$lane1"
     for lane in lane1 lane2; do
         grep -v '^total: ' "$OUT/$lane.log"
@@ -246,7 +260,7 @@ for cfg in "${configs[@]}"; do
         build_and_run scalar gcc "-std=c99 -O2 -DMHA_NO_SIMD $WARN" "-lm" ;;
     avx2)
         if have_avx2; then
-            OMP_NUM_THREADS=2 build_and_run avx2 gcc "-std=c99 -O2 -mavx2 -mfma -fopenmp $WARN" "-lm"
+            OMP_NUM_THREADS=2 build_and_run avx2 gcc "-std=c99 -O2 -mavx2 -mfma $PIN -fopenmp $WARN" "-lm"
         else note "NOTE avx2: this CPU has no AVX2+FMA; configuration skipped"; fi ;;
     avx512)
         if grep -q ' avx512f ' /proc/cpuinfo; then
@@ -254,8 +268,17 @@ for cfg in "${configs[@]}"; do
         else note "NOTE avx512: this CPU has no AVX-512F; configuration skipped"; fi ;;
     clang)
         if have_avx2; then
-            build_and_run clang clang "-std=c99 -O2 -mavx2 -mfma $WARN" "-lm"
-        else build_and_run clang clang "-std=c99 -O2 $WARN" "-lm"; fi ;;
+            build_and_run clang clang "-std=c99 -O2 -mavx2 -mfma $PIN $WARN" "-lm"
+        else build_and_run clang clang "-std=c99 -O2 $WARN" "-lm"; fi
+        # clang's dispatch (its target attribute, not GCC's pragma), at the CPU's best tier
+        OMP_NUM_THREADS=2 SRCS=$DISPATCH_CLANG_TESTS build_and_run clang-dispatch clang "-std=c99 -O2 -fopenmp $WARN" "-lm" ;;
+    dispatch)
+        # as a user builds: no SIMD flags; each test runs once per tier this CPU has
+        build_set dispatch gcc "-std=c99 -O2 -fopenmp $TIER_ENV $WARN" "-lm"
+        pool_drain
+        for tier in $(cpu_tiers); do
+            LABEL=dispatch-tier$tier OMP_NUM_THREADS=2 run_set dispatch env MHA_TEST_TIER=$tier
+        done ;;
     check)
         # the edit loop: every test once in the build most users run, then
         # the core tests under ASan+UBSan; two compilers at a time
@@ -263,10 +286,10 @@ for cfg in "${configs[@]}"; do
         export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1
         # (one pool of compiles for both builds, the slow ASan ones first)
         if have_avx2; then
-            SRCS=$CHECK_SAN_TESTS build_set asan-avx2 clang "-std=c99 $SAN -mavx2 -mfma -fopenmp $WARN" "-lm"
-            build_set avx2 gcc "-std=c99 -O2 -mavx2 -mfma -fopenmp $WARN" "-lm"
+            SRCS=$CHECK_SAN_TESTS build_set asan-avx2 clang "-std=c99 $SAN -mavx2 -mfma $PIN -fopenmp $WARN" "-lm"
+            build_set dispatch gcc "-std=c99 -O2 -fopenmp $WARN" "-lm"
             pool_drain
-            OMP_NUM_THREADS=2 run_set avx2
+            OMP_NUM_THREADS=2 run_set dispatch
             OMP_NUM_THREADS=2 run_set asan-avx2
         else
             SRCS=$CHECK_SAN_TESTS build_set asan-scalar clang "-std=c99 $SAN -DMHA_NO_SIMD $WARN" "-lm"
@@ -286,7 +309,7 @@ for cfg in "${configs[@]}"; do
         export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1
         build_and_run asan-scalar clang "-std=c99 $SAN -DMHA_NO_SIMD $WARN" "-lm"
         # with OpenMP: a thread count the workspace was not sized for shows up here
-        have_avx2 && OMP_NUM_THREADS=2 build_and_run asan-avx2 clang "-std=c99 $SAN -mavx2 -mfma -fopenmp $WARN" "-lm" ;;
+        have_avx2 && OMP_NUM_THREADS=2 build_and_run asan-avx2 clang "-std=c99 $SAN -mavx2 -mfma $PIN -fopenmp $WARN" "-lm" ;;
     neon)
         if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null; then
             build_and_run neon aarch64-linux-gnu-gcc "-std=c99 -O2 -static $WARN" "-lm" qemu-aarch64
@@ -330,7 +353,7 @@ for cfg in "${configs[@]}"; do
         done
         note "[examples] examples/*.c build with gcc and clang, $WARN"
         # the benchmarks are not run here, only kept compiling (without OpenBLAS)
-        for bn in bench bench_mha profile_attn callgrind_backward; do
+        for bn in bench bench_mha bench_tiers profile_attn callgrind_backward; do
             if gcc -std=c99 $WARN -O1 -fopenmp $(have_avx2 && echo -mavx2 -mfma) -I. "bench/$bn.c" \
                    -o "$OUT/cxx/$bn" -lm 2>"$OUT/cxx/$bn.log"; then
                 total_pass=$((total_pass + 1))

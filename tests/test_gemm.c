@@ -6,6 +6,9 @@
    prepacked B and the projection helper are tested white box through
    their internals (mha__gemm, mha__gemm_mt_pp, mha__prepack_b,
    mha__linear, ...). */
+/* white-box: this test names the kernels of the compile-time tier (the
+   kernel tiers, mha.h section 0), so it pins them */
+#define MHA_NO_DISPATCH
 #define MHA_IMPLEMENTATION
 #include "mha.h"
 #include "testutil.h"

@@ -13,6 +13,9 @@
    are read at every run); the GEMM on prepacked column ranges; refusals. */
 #include <stdlib.h>
 #include <string.h>
+/* white-box: this test names the kernels of the compile-time tier (the
+   kernel tiers, mha.h section 0), so it pins them */
+#define MHA_NO_DISPATCH
 #define MHA_IMPLEMENTATION
 #include "mha.h"
 #include "testutil.h"
