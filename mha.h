@@ -812,7 +812,13 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
                   (test_by_head.c, test_memory.c, test_defects.c,
                   test_decode_module.c), MHA__FF_ROWS (test_plans.c)
      saved layout tests/test_saved.c: mha__sdpa_saved_floats (to edit a
-                  saved lse and see the backward read it as it is)  */
+                  saved lse and see the backward read it as it is)
+     kernel tiers MHA__FORCE_TIER (an int expression) caps the tier that
+                  runs (tests/tier_env.h, bench/bench_tiers.c via the
+                  Makefile).  The GEMM and fused white-box tests name the
+                  kernels of the compile-time tier, so they define
+                  MHA_NO_DISPATCH; the SIMD layer's names (above) are always
+                  tier 0's.  */
 
 #include <math.h>
 #include <string.h>

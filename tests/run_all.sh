@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Builds every tests/test_*.c under each configuration and runs it; adds up the
 # "N passed, N failed" lines and closes with the total.  Used by `make test`
-# (every configuration) and `make check` (the edit loop, about two minutes).
+# (every configuration) and `make check` (the edit loop, about 2.5 minutes).
 #
 #   tests/run_all.sh [config ...]      default: all configurations, in two lanes at once
-#   tests/run_all.sh check             every test once (AVX2+OpenMP, or scalar), and
+#   tests/run_all.sh check             every test once (no SIMD flags: the kernels this CPU runs), and
 #                                      the core tests under ASan+UBSan
 #   TESTS="test_x test_y" tests/run_all.sh scalar neon    only those programs
 #   MHA_JOBS=2 tests/run_all.sh avx2   compile two programs at a time (check: 2)
@@ -222,9 +222,9 @@ SAN="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-r
 # into), so every thread is one of theirs.
 TSAN_TESTS="test_concurrency test_plans"
 # The core of `make check`'s ASan+UBSan build.  Compiling is most of a
-# test's time (about 10 s of CPU each under ASan, 3.5 s with -O2), so the
-# AVX2 build of all 44 programs and these 8 come to about 2 minutes on 2
-# cores: every refusal and its cleanup, allocation failures included (api,
+# test's time (about 10 s of CPU each under ASan, 6 s with -O2 and every
+# kernel tier), so the no-flags build of all 45 programs and these 8 come to
+# about 2.5 minutes on 2 cores: every refusal and its cleanup, allocation failures included (api,
 # errors), the defects' regressions (defects), forward against float64
 # (core), backward and the saved forward (backward, saved), plans and their
 # runs at every length (plans), and the KV cache with its rings (decode).

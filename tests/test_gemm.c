@@ -8,7 +8,9 @@
    mha__linear, ...). */
 /* white-box: this test names the kernels of the compile-time tier (the
    kernel tiers, mha.h section 0), so it pins them */
+#ifndef MHA_NO_DISPATCH
 #define MHA_NO_DISPATCH
+#endif
 #define MHA_IMPLEMENTATION
 #include "mha.h"
 #include "testutil.h"
