@@ -50,6 +50,8 @@ int main(void)
     m.out_proj_weight = w_out;
     m.out_proj_bias = b_out;
 
+    /* which kernels this build runs on this CPU (no SIMD flags needed on x86-64) */
+    printf("mha.h %d.%d.%d, %s kernels\n", MHA_VERSION_MAJOR, MHA_VERSION_MINOR, MHA_VERSION_PATCH, mha_kernels());
     print_matrix("input x", x, L, E);
 
     /* 1. one call: the weights of every head come back through run.weights */
