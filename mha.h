@@ -1028,7 +1028,12 @@ static MHA__UNUSED int mha__softmax_row_ref(float *s, int n)
    __FILE_NAME__, so dispatch needs GCC 12+ or clang 9+ on x86-64; elsewhere,
    with MHA_NO_DISPATCH, with MHA_NO_SIMD, or when tier 0 is already the
    best, the kernels are compiled once, in place, and run as compiled.
-   mha_kernels() names the tier that runs. */
+   mha_kernels() names the tier that runs.
+   A rule for the kernel regions: the body of an OpenMP parallel region
+   there only calls functions.  clang (14) does not give the outlined body
+   its tier's target, so vector code written directly inside it does not
+   compile in a clang dispatch build ("AVX vector return ... changes the
+   ABI"); GCC does.  */
 #if !defined(MHA_NO_DISPATCH) && !defined(MHA_NO_SIMD) && defined(__x86_64__) && \
     (defined(__GNUC__) || defined(__clang__)) && defined(__FILE_NAME__)
 #if !defined(__AVX2__) || !defined(__FMA__)
