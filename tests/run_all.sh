@@ -222,7 +222,7 @@ SAN="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-r
 # into), so every thread is one of theirs.
 TSAN_TESTS="test_concurrency test_plans"
 # The core of `make check`'s ASan+UBSan build.  Compiling is most of a
-# test's time (about 10 s of CPU each under ASan, 6 s with -O2 and every
+# test's time (about 10 s of CPU each under ASan, 5.3 s with -O2 and every
 # kernel tier), so the no-flags build of all 45 programs and these 8 come to
 # about 2.5 minutes on 2 cores: every refusal and its cleanup, allocation failures included (api,
 # errors), the defects' regressions (defects), forward against float64
