@@ -183,6 +183,7 @@ golden:
 	/usr/bin/python3 tests/gen_golden.py
 	/usr/bin/python3 tests/gen_golden_train.py
 	/usr/bin/python3 tests/gen_golden_decode.py
+	/usr/bin/python3 tests/gen_golden_dtype.py
 	/usr/bin/python3 tests/gen_safetensors.py
 
 # `make install`: headers under $(PREFIX)/include (mha.h, and the companion

@@ -1,4 +1,4 @@
-/* mha.h - multi-head attention in one C header.                     v1.0.0
+/* mha.h - multi-head attention in one C header.                     v1.2.0
 
    Scaled dot-product and multi-head attention with the weight layout and
    mask semantics of PyTorch's torch.nn.MultiheadAttention, a cache-blocked
@@ -58,7 +58,9 @@
      computes the forward again.  Nothing is hashed or guessed.
 
    DECODING (section 7, docs/decoding.md)
-       mha_kv_cache c = {0};  ... B, Hkv, D, capacity, k, v, len
+       mha_kv_cache c = {0};  ... B, Hkv, D, capacity, k, v, len (dtype: MHA_F16
+                              or MHA_BF16 keeps it in half the bytes; the plan's
+                              opt.kv_dtype names the same type)
        r.cache = &c;           // a plan made with MHA_PLAN_CACHE | MHA_PLAN_PACK, Lk >= capacity
        s = mha_module_run_forward(p, 1, 0, x, NULL, NULL, out, &r, &err);   // one token
      projects the new token with the plan's (packed) weights, turns Q and K
@@ -67,7 +69,8 @@
    SECTIONS (the implementation below follows the same numbers)
      0. foundations (implementation only: sizes, the SIMD layer)
      1. status and errors             mha_status, mha_error
-     2. options and masks             mha_options, mha_mask, mha_alibi_slopes
+     2. options and masks             mha_options, mha_mask, mha_alibi_slopes,
+                                      storage types (mha_dtype, mha_convert)
      3. plans and runs                mha_plan, mha_sizes, mha_run, flags
      4. matrix multiply               mha_gemm and its plan
      5. scaled dot-product attention  mha_sdpa_*
@@ -79,7 +82,9 @@
    EVERY PUBLIC FUNCTION
      1  mha_status_string          a sentence for a status (cannot fail)
         mha_kernels                the kernels this process runs (cannot fail)
-     2  mha_alibi_slopes           the ALiBi paper's per-head slopes
+     2  mha_dtype_size             bytes of an element of a storage type (cannot fail)
+        mha_convert                float32 <-> F16 / BF16, rounded to nearest even
+        mha_alibi_slopes           the ALiBi paper's per-head slopes
      3  mha_plan_sizes             plan, workspace and saved-forward bytes of a plan
         mha_plan_repack            pack a PACK plan's weights again (after they changed)
         mha_plan_destroy           free a plan made with mem = NULL (cannot fail)
@@ -99,7 +104,7 @@
         mha_layernorm_forward, mha_layernorm_backward, mha_positional_encoding,
         mha_embedding_forward, mha_embedding_backward, mha_cross_entropy,
         mha_sgd_step, mha_adamw_step, mha_adamw_defaults (cannot fail)
-     Every function returns an mha_status except the five marked "cannot
+     Every function returns an mha_status except the six marked "cannot
      fail"; sizes come back through out-parameters.
 
    CONFIGURATION (define before the implementation include)
@@ -158,8 +163,9 @@
      refused and why, in the caller's own struct: no global state.  On any
      status other than MHA_OK no output has been written.
 
-   VERSION 1.1.0 (MHA_VERSION_MAJOR/MINOR/PATCH); docs/migration.md has the
-   table of the names of 0.x and what replaced each, and what 1.1 added.
+   VERSION 1.2.0 (MHA_VERSION_MAJOR/MINOR/PATCH); docs/migration.md has the
+   table of the names of 0.x and what replaced each, and what 1.1 and 1.2
+   added.
    LICENSE  at the end of this file (MIT or public domain, your choice)
 */
 #ifndef MHA_H
@@ -168,7 +174,7 @@
 #include <stddef.h>
 
 #define MHA_VERSION_MAJOR 1
-#define MHA_VERSION_MINOR 1
+#define MHA_VERSION_MINOR 2
 #define MHA_VERSION_PATCH 0
 
 #ifndef MHADEF
@@ -210,7 +216,8 @@ extern "C" {
     X(MHA_ERR_IO,                  "a file could not be opened, read or written")     \
     X(MHA_ERR_FORMAT,              "a file's contents are malformed")                 \
     X(MHA_ERR_NOT_FOUND,           "a named tensor or key is not in the file")        \
-    X(MHA_ERR_SHAPE,               "a tensor's shape or type is not the one the call expects")
+    X(MHA_ERR_SHAPE,               "a tensor's shape or type is not the one the call expects") \
+    X(MHA_ERR_DTYPE,               "a tensor's element type is not the one the plan or cache was made for")
 
 typedef enum mha_status {
 #define MHA__ENUM(name, msg) name,
@@ -250,6 +257,32 @@ typedef struct mha_error {
 /* ====================================================================== 2
    OPTIONS AND MASKS: what every attention call reads (inputs only)
    ====================================================================== */
+
+/* Storage types.  Float32 is the type of every computation; keys and
+   values (SDPA's inputs and the KV cache) may be stored in 16 bits, read
+   and widened to float32 as the kernels load them.
+     MHA_F16   IEEE binary16: 1 sign, 5 exponent, 10 fraction bits (torch.float16)
+     MHA_BF16  bfloat16: the top 16 bits of a float32 (torch.bfloat16)
+   Narrowing rounds to nearest, ties to even, as PyTorch's .half() and
+   .bfloat16() do: a float32 beyond the 16-bit range becomes +-inf (F16:
+   |x| >= 65520), never a clamped finite value; NaN stays NaN (quiet, its
+   sign and top payload bits kept); F16 subnormals are exact.  Widening is
+   exact.  Every kernel tier gives the same bits (F16C, AVX-512, NEON, or
+   the scalar definition).  16-bit elements are uint16_t-sized, in the
+   machine's byte order. */
+typedef enum mha_dtype {
+    MHA_F32 = 0,   /* float (the zero default) */
+    MHA_F16,       /* IEEE half */
+    MHA_BF16       /* bfloat16 */
+} mha_dtype;
+
+/* Bytes of one element: 4, 2, 2; 0 for a value outside the enum (cannot fail). */
+MHADEF size_t mha_dtype_size(mha_dtype t);
+/* dst[i] = src[i] converted, i < n, between any two of the types (F16 to
+   BF16 rounds once: widening is exact).  src and dst must not overlap
+   unless they are the same pointer with the same type.  */
+MHADEF mha_status mha_convert(size_t n, mha_dtype from, const void *src, mha_dtype to, void *dst,
+                              mha_error *err);
 
 typedef enum mha_mask_kind {
     MHA_MASK_NONE = 0,   /* no mask (the zero default) */
@@ -311,6 +344,10 @@ typedef struct mha_options {
                                     then sum to 1 - exp(sink_h - lse) */
     int          position_offset;/* the module's RoPE: key j is at position offset + j, query i
                                     at offset + i'; offset + max(Lq, Lk) must fit in an int */
+    mha_dtype    kv_dtype;       /* how keys and values are stored: SDPA's k and v, and the KV
+                                    cache a plan made with MHA_PLAN_CACHE attends to (module:
+                                    the cache's type; its own K and V are float32).  16-bit
+                                    types are forward only (not with MHA_PLAN_TRAINING). */
 } mha_options;
 
 /* The ALiBi slopes of the paper (Press et al.) for H heads, into slopes[H]:
@@ -448,7 +485,9 @@ MHADEF mha_status mha_gemm_run(const mha_plan *plan, float alpha, const float *A
 /* ====================================================================== 5
    SCALED DOT-PRODUCT ATTENTION on heads that are already projected:
      q [B,H,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv]  ->  out [B,H,Lq,Dv]
-   (Hkv = opt->num_kv_heads or H.)  out may be q when D == Dv (in place); it
+   (Hkv = opt->num_kv_heads or H.)  k and v hold opt->kv_dtype elements:
+   float (the default), or MHA_F16 / MHA_BF16 (forward only; the backward
+   takes float32 k and v).  out may be q when D == Dv (in place); it
    must not overlap k or v (nor, with run->rows, q).  With run->cache, k and
    v are NULL and Lk is 0: the queries, the newest Lq tokens of each row
    (appended already), attend to the cache's keys with bottom-right
@@ -459,7 +498,7 @@ MHADEF mha_status mha_gemm_run(const mha_plan *plan, float alpha, const float *A
    ====================================================================== */
 
 MHADEF mha_status mha_sdpa_forward(int B, int H, int Lq, int Lk, int D, int Dv,
-                                   const float *q, const float *k, const float *v,
+                                   const float *q, const void *k, const void *v,
                                    const mha_options *opt, float *out,
                                    const mha_run *run, mha_error *err);
 MHADEF mha_status mha_sdpa_backward(int B, int H, int Lq, int Lk, int D, int Dv,
@@ -474,7 +513,7 @@ MHADEF mha_status mha_sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
                                 const mha_options *opt, unsigned flags,
                                 void *mem, size_t mem_bytes, mha_plan **plan, mha_error *err);
 MHADEF mha_status mha_sdpa_run_forward(const mha_plan *plan, int Lq, int Lk,
-                                       const float *q, const float *k, const float *v,
+                                       const float *q, const void *k, const void *v,
                                        float *out, const mha_run *run, mha_error *err);
 MHADEF mha_status mha_sdpa_run_backward(const mha_plan *plan, int Lq, int Lk,
                                         const float *q, const float *k, const float *v,
@@ -598,18 +637,25 @@ MHADEF mha_status mha_module_run_backward(const mha_plan *plan, int Lq, int Lk,
    MHA_ERR_CAPACITY.  Prefill chunks that wrap hide from their first queries
    the tokens the chunk overwrote: size the ring as window + chunk.
    Queries attend as the newest Lq tokens of each row: Lq > len[b] (no
-   ring) is MHA_ERR_CAPACITY.  Zero the struct before filling it.  */
+   ring) is MHA_ERR_CAPACITY.  Zero the struct before filling it.
+   Storage (dtype): float32, or MHA_F16 / MHA_BF16 at half the bytes (an
+   element is then a uint16_t); appends convert float32 keys and values to
+   it (rounded as mha_convert), the attention widens them as it reads, and
+   a plan attends only to caches of its opt->kv_dtype (else MHA_ERR_DTYPE).
+   k and v are void pointers since 1.2: cast them to read the elements.  */
 struct mha_kv_cache {
     int B, Hkv, D, capacity;
-    float *k, *v;
+    void *k, *v;       /* capacity * D elements of dtype per (b, g) */
     int *len;
     int ring;          /* nonzero: rolling buffer */
     int n_keep;        /* ring: tokens 0..n_keep-1 are never overwritten; 0 <= n_keep < capacity */
+    mha_dtype dtype;   /* the elements of k and v: MHA_F32 (zero), MHA_F16 or MHA_BF16 */
 };
 
-/* Append n tokens to every row: k_new, v_new [B, Hkv, n, D] (the SDPA
-   layout, RoPE already applied), written at slots len[b]..len[b]+n-1;
-   len += n.  (A module run with run->cache appends for you.)  */
+/* Append n tokens to every row: k_new, v_new [B, Hkv, n, D] float32 (the
+   SDPA layout, RoPE already applied), written at slots len[b]..len[b]+n-1
+   in the cache's dtype; len += n.  (A module run with run->cache appends
+   for you.)  */
 MHADEF mha_status mha_kv_cache_append(mha_kv_cache *c, int n, const float *k_new,
                                       const float *v_new, mha_error *err);
 
@@ -1007,6 +1053,67 @@ static MHA__UNUSED int mha__softmax_row_ref(float *s, int n)
     return 1;
 }
 
+/* ---- 16-bit storage: the scalar definitions (mha_dtype)
+   Every vector conversion of the SIMD layer gives these bits.  */
+
+static float mha__bits_f32(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+static uint32_t mha__f32_bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+
+/* binary16 -> float32, exact.  h = s eeeee ffffffffff:  e = 0: (-1)^s f 2^-24
+   (subnormal); e = 31: inf (f = 0) or NaN (quieted, payload kept in the top
+   fraction bits, as F16C and NEON do); else (-1)^s (1 + f/1024) 2^(e-15),
+   i.e. the exponent rebiased by 127 - 15 = 112 and f moved up 13 bits.  */
+static float mha__f16_to_f32(uint16_t h)
+{
+    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, f = h & 0x3ffu;
+    if (e == 0x1f) return mha__bits_f32(s | 0x7f800000u | (f ? 0x00400000u : 0u) | (f << 13));
+    if (e) return mha__bits_f32(s | ((e + 112u) << 23) | (f << 13));
+    return mha__bits_f32(s | mha__f32_bits((float)f * 5.9604644775390625e-8f));   /* f 2^-24: exact */
+}
+
+/* float32 -> binary16, rounded to nearest, ties to even.  |x| >= 65520
+   (halfway past the largest half, 65504) becomes inf; NaN a quiet NaN with
+   its sign and top 9 payload bits.  Normal halves: rebias the exponent
+   (subtract 112 << 23) and round away the low 13 fraction bits; below
+   2^-14 the result is a subnormal q 2^-24 with q the significand m (24
+   bits, value m 2^(e-150)) shifted right by 126 - e, rounded.  */
+static uint16_t mha__f32_to_f16(float x)
+{
+    uint32_t u = mha__f32_bits(x), s = (u >> 16) & 0x8000u, a = u & 0x7fffffffu, r, m, q, rem, half;
+    int sh;
+    if (a > 0x7f800000u) return (uint16_t)(s | 0x7e00u | ((a >> 13) & 0x3ffu));
+    if (a >= 0x477ff000u) return (uint16_t)(s | 0x7c00u);
+    if (a >= 0x38800000u) {
+        r = a - 0x38000000u;
+        r += 0xfffu + ((r >> 13) & 1u);
+        return (uint16_t)(s | (r >> 13));
+    }
+    if (a < 0x33000000u) return (uint16_t)s;               /* |x| <= 2^-25: rounds to 0 */
+    m = (a & 0x7fffffu) | 0x800000u;
+    sh = 126 - (int)(a >> 23);                             /* 14..24 */
+    q = m >> sh; rem = m & ((1u << sh) - 1u); half = 1u << (sh - 1);
+    if (rem > half || (rem == half && (q & 1u))) ++q;
+    return (uint16_t)(s | q);
+}
+
+/* bfloat16 -> float32: the 16 bits on top of 16 zero bits (exact). */
+static float mha__bf16_to_f32(uint16_t h) { return mha__bits_f32((uint32_t)h << 16); }
+
+/* float32 -> bfloat16, rounded to nearest, ties to even: add 0x7fff plus
+   the lowest kept bit and drop 16 bits (a carry into the exponent is the
+   rounding up; past the largest finite it gives inf).  NaN: the top bits
+   with the quiet bit set, so the payload cannot round to inf.  */
+static uint16_t mha__f32_to_bf16(float x)
+{
+    uint32_t u = mha__f32_bits(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* One 16-bit element of type dt (MHA_F16 or MHA_BF16), widened / narrowed. */
+static float mha__h2f(uint16_t h, int dt) { return dt == MHA_F16 ? mha__f16_to_f32(h) : mha__bf16_to_f32(h); }
+static uint16_t mha__f2h(float x, int dt) { return dt == MHA_F16 ? mha__f32_to_f16(x) : mha__f32_to_bf16(x); }
+
 /* ---- the kernel tiers
    The kernels (the SIMD layer below, the GEMM of section 4 and the
    attention core of section 5) are compiled once per tier of x86 vector
@@ -1063,7 +1170,14 @@ static int mha__tier(void)
     if (__builtin_cpu_supports("avx512f")) t = 2;
 #endif
 #if defined(MHA__TIER1_AVX2)
+    /* F16C too (its 16-bit loads); clang 14 cannot ask, and no CPU has
+       AVX2 and FMA without it */
+#if defined(__clang__)
     if (!t && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) t = 1;
+#else
+    if (!t && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) t = 1;
+#endif
 #endif
 #if defined(MHA__FORCE_TIER)
     if (t > MHA__FORCE_TIER) t = MHA__FORCE_TIER;
@@ -1194,6 +1308,33 @@ static inline void mha__vtranspose(mha__vf *r)
         r[12 + c] = _mm512_maskz_shuffle_f32x4(MHA__ALL16, u[1], u[3], 0xDD);
     }
 }
+/* 16-bit storage (the scalar definitions are mha__f16_to_f32 and friends):
+   F16 by AVX-512F's vcvtph2ps / vcvtps2ph with round-to-nearest-even;
+   BF16 by integer shifts (AVX-512 BF16's vcvtneps2bf16 flushes subnormal
+   inputs to zero, so it is not used) */
+static inline mha__vf mha__vload_f16(const uint16_t *p)
+{
+    return _mm512_maskz_cvtph_ps(MHA__ALL16, _mm256_loadu_si256((const __m256i *)(const void *)p));
+}
+static inline void mha__vstore_f16(uint16_t *p, mha__vf x)
+{
+    _mm256_storeu_si256((__m256i *)(void *)p,
+                        _mm512_maskz_cvtps_ph(MHA__ALL16, x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+static inline mha__vf mha__vload_bf16(const uint16_t *p)
+{
+    __m512i w = _mm512_maskz_cvtepu16_epi32(MHA__ALL16, _mm256_loadu_si256((const __m256i *)(const void *)p));
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(MHA__ALL16, w, 16));
+}
+static inline void mha__vstore_bf16(uint16_t *p, mha__vf x)
+{
+    __m512i u = _mm512_castps_si512(x), hi = _mm512_maskz_srli_epi32(MHA__ALL16, u, 16);
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                                 _mm512_and_si512(hi, _mm512_set1_epi32(1)));
+    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_maskz_srli_epi32(MHA__ALL16, r, 16),
+                                _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+    _mm256_storeu_si256((__m256i *)(void *)p, _mm512_maskz_cvtepi32_epi16(MHA__ALL16, r));
+}
 
 #elif defined(MHA__SIMD_AVX2)
 #include <immintrin.h>
@@ -1260,6 +1401,50 @@ static inline void mha__vtranspose(mha__vf *r)
         r[4 + g] = _mm256_permute2f128_ps(t[g], t[4 + g], 0x31);
     }
 }
+/* 16-bit storage: F16 by F16C (every AVX2 CPU has it; the AVX2 tier is
+   compiled for it), else lane by lane through the scalar definition (an
+   -mavx2 -mfma build without -mf16c); BF16 by integer shifts */
+#if defined(__F16C__) || (defined(MHA__PASS_TIER) && MHA__PASS_TIER == 1)
+static inline mha__vf mha__vload_f16(const uint16_t *p)
+{
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p));
+}
+static inline void mha__vstore_f16(uint16_t *p, mha__vf x)
+{
+    _mm_storeu_si128((__m128i *)(void *)p, _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#else
+static inline mha__vf mha__vload_f16(const uint16_t *p)
+{
+    float t[8];
+    int i;
+    for (i = 0; i < 8; ++i) t[i] = mha__f16_to_f32(p[i]);
+    return _mm256_loadu_ps(t);
+}
+static inline void mha__vstore_f16(uint16_t *p, mha__vf x)
+{
+    float t[8];
+    int i;
+    _mm256_storeu_ps(t, x);
+    for (i = 0; i < 8; ++i) p[i] = mha__f32_to_f16(t[i]);
+}
+#endif
+static inline mha__vf mha__vload_bf16(const uint16_t *p)
+{
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(const void *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+static inline void mha__vstore_bf16(uint16_t *p, mha__vf x)
+{
+    __m256i u = _mm256_castps_si256(x), hi = _mm256_srli_epi32(u, 16);
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                                 _mm256_and_si256(hi, _mm256_set1_epi32(1)));
+    r = _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), _mm256_or_si256(hi, _mm256_set1_epi32(0x40)),
+                           _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+    /* every lane is <= 0xffff, so the unsigned saturating pack is exact */
+    _mm_storeu_si128((__m128i *)(void *)p,
+                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
 
 #elif defined(MHA__SIMD_NEON)
 #include <arm_neon.h>
@@ -1297,6 +1482,18 @@ static inline void mha__vtranspose(mha__vf *r)
     r[1] = vcombine_f32(vget_low_f32(p01.val[1]), vget_low_f32(p23.val[1]));
     r[2] = vcombine_f32(vget_high_f32(p01.val[0]), vget_high_f32(p23.val[0]));
     r[3] = vcombine_f32(vget_high_f32(p01.val[1]), vget_high_f32(p23.val[1]));
+}
+/* 16-bit storage: F16 by fcvtl / fcvtn (base AArch64; FPCR's default
+   round-to-nearest-even), BF16 by integer shifts */
+static inline mha__vf mha__vload_f16(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+static inline void mha__vstore_f16(uint16_t *p, mha__vf x) { vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(x))); }
+static inline mha__vf mha__vload_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+static inline void mha__vstore_bf16(uint16_t *p, mha__vf x)
+{
+    uint32x4_t u = vreinterpretq_u32_f32(x);
+    uint32x4_t r = vaddq_u32(vaddq_u32(u, vdupq_n_u32(0x7fff)), vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1)));
+    uint16x4_t nan = vmovn_u32(vmvnq_u32(vceqq_f32(x, x)));
+    vst1_u16(p, vbsl_u16(nan, vorr_u16(vshrn_n_u32(u, 16), vdup_n_u16(0x40)), vshrn_n_u32(r, 16)));
 }
 
 #else /* scalar: one lane, plain C */
@@ -1340,6 +1537,10 @@ static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return a > b; }
 static inline mha__vm mha__visnan(mha__vf a) { return a != a; }
 static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return m ? a : b; }
 static inline void mha__vtranspose(mha__vf *r) { (void)r; }   /* 1 x 1 */
+static inline mha__vf mha__vload_f16(const uint16_t *p) { return mha__f16_to_f32(*p); }
+static inline void mha__vstore_f16(uint16_t *p, mha__vf x) { *p = mha__f32_to_f16(x); }
+static inline mha__vf mha__vload_bf16(const uint16_t *p) { return mha__bf16_to_f32(*p); }
+static inline void mha__vstore_bf16(uint16_t *p, mha__vf x) { *p = mha__f32_to_bf16(x); }
 #endif
 
 /* exp(x), lane by lane.
@@ -1439,6 +1640,28 @@ static inline void mha__axpy(float *y, float alpha, const float *x, int n)
     for (; i + MHA__VW <= n; i += MHA__VW)
         mha__vstore(y + i, mha__vfma(mha__vload(y + i), va, mha__vload(x + i)));
     for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+/* dst[i] = src[i] widened from dt (MHA_F16 or MHA_BF16), i < n: exact */
+static inline void mha__cvt_from16(float *dst, const uint16_t *src, int dt, size_t n)
+{
+    size_t i = 0;
+    if (dt == MHA_F16)
+        for (; i + MHA__VW <= n; i += MHA__VW) mha__vstore(dst + i, mha__vload_f16(src + i));
+    else
+        for (; i + MHA__VW <= n; i += MHA__VW) mha__vstore(dst + i, mha__vload_bf16(src + i));
+    for (; i < n; ++i) dst[i] = mha__h2f(src[i], dt);
+}
+
+/* dst[i] = src[i] narrowed to dt, rounded to nearest even, i < n */
+static inline void mha__cvt_to16(uint16_t *dst, const float *src, int dt, size_t n)
+{
+    size_t i = 0;
+    if (dt == MHA_F16)
+        for (; i + MHA__VW <= n; i += MHA__VW) mha__vstore_f16(dst + i, mha__vload(src + i));
+    else
+        for (; i + MHA__VW <= n; i += MHA__VW) mha__vstore_bf16(dst + i, mha__vload(src + i));
+    for (; i < n; ++i) dst[i] = mha__f2h(src[i], dt);
 }
 
 /* Softmax of one row in place (mha__softmax_row_ref is the definition),
@@ -1702,6 +1925,41 @@ static float mha__alibi_slope(int H, int h)
     return h < n ? (float)pow(2.0, -8.0 * (h + 1) / n) : (float)pow(2.0, -4.0 * (2 * (h - n) + 1) / n);
 }
 
+MHADEF size_t mha_dtype_size(mha_dtype t)
+{
+    return t == MHA_F32 ? 4 : t == MHA_F16 || t == MHA_BF16 ? 2 : 0;
+}
+
+/* (defined further on, after the kernel tiers' tables: it runs the best tier's loops) */
+static void mha__convert(size_t n, int from, const void *src, int to, void *dst);
+
+MHADEF mha_status mha_convert(size_t n, mha_dtype from, const void *src, mha_dtype to, void *dst,
+                              mha_error *err)
+{
+    static const char fn[] = "mha_convert";
+    mha_status st;
+    size_t sb, db;
+    uintptr_t ps = (uintptr_t)src, pd = (uintptr_t)dst;
+    mha__begin(err);
+    if ((int)from < MHA_F32 || (int)from > MHA_BF16 || (int)to < MHA_F32 || (int)to > MHA_BF16)
+        return mha__sign(err, fn, mha__fail(err, MHA_ERR_BAD_ENUM, (int)from < MHA_F32 || (int)from > MHA_BF16 ?
+                         "from" : "to", "is %d; expected MHA_F32 (0), MHA_F16 (1) or MHA_BF16 (2)",
+                         (int)from < MHA_F32 || (int)from > MHA_BF16 ? (int)from : (int)to));
+    if (n == 0) return MHA_OK;
+    if ((st = mha__need(err, "src", src)) != MHA_OK || (st = mha__need(err, "dst", dst)) != MHA_OK)
+        return mha__sign(err, fn, st);
+    if (n > SIZE_MAX / 4)
+        return mha__sign(err, fn, mha__fail(err, MHA_ERR_OVERFLOW, "n", "is %lu; n * 4 bytes pass SIZE_MAX",
+                                            (unsigned long)n));
+    sb = n * mha_dtype_size(from); db = n * mha_dtype_size(to);
+    /* in place only between the two 16-bit types (each element is read before it is written) */
+    if (ps < pd + db && pd < ps + sb && !(ps == pd && sb == db))
+        return mha__sign(err, fn, mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "dst", "overlaps src; only a "
+                         "conversion between types of one size may be in place (dst == src)"));
+    mha__convert(n, (int)from, src, (int)to, dst);
+    return MHA_OK;
+}
+
 MHADEF mha_status mha_alibi_slopes(int H, float *slopes, mha_error *err)
 {
     int h;
@@ -1749,6 +2007,11 @@ typedef struct mha__mod {
 #define MHA__FLAG_SHOT 0x80000000u
 
 enum { MHA__PLAN_GEMM = 1, MHA__PLAN_SDPA, MHA__PLAN_MODULE, MHA__PLAN_ENCODER };
+
+static const char *mha__dtype_name(mha_dtype t)
+{
+    return t == MHA_F32 ? "MHA_F32" : t == MHA_F16 ? "MHA_F16" : t == MHA_BF16 ? "MHA_BF16" : "outside mha_dtype";
+}
 
 static const char *mha__kind_name(uint32_t kind)
 {
@@ -1801,6 +2064,20 @@ static mha_status mha__plan_begin(mha_plan *p, int kind, const mha_options *opt,
         return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "flags", "is 0x%x; %s plan takes only 0x%x (MHA_PLAN_*)",
                          flags, mha__kind_name((uint32_t)kind), allowed);
     if ((st = mha__check_masks(&p->opt, B, H, Lq, Lk, e)) != MHA_OK) return st;
+    /* 16-bit keys and values: SDPA's, or a module's KV cache; forward only */
+    if ((int)p->opt.kv_dtype < MHA_F32 || (int)p->opt.kv_dtype > MHA_BF16)
+        return mha__fail(e, MHA_ERR_BAD_ENUM, "opt->kv_dtype", "is %d; expected MHA_F32 (0), MHA_F16 (1) or "
+                         "MHA_BF16 (2)", (int)p->opt.kv_dtype);
+    if (p->opt.kv_dtype != MHA_F32) {
+        if (flags & MHA_PLAN_TRAINING)
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->kv_dtype", "is %s with MHA_PLAN_TRAINING; 16-bit "
+                             "keys and values are forward only (a backward takes float32 k and v)",
+                             mha__dtype_name(p->opt.kv_dtype));
+        if (kind == MHA__PLAN_ENCODER || (kind == MHA__PLAN_MODULE && !(flags & MHA_PLAN_CACHE)))
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->kv_dtype", "is %s; %s plan's keys and values are "
+                             "its own float32 projections (a module's kv_dtype is its KV cache's, with "
+                             "MHA_PLAN_CACHE)", mha__dtype_name(p->opt.kv_dtype), mha__kind_name((uint32_t)kind));
+    }
     p->nthreads = mha__max_threads(&p->opt);
     p->opt.num_threads = p->nthreads;
     p->B = B; p->H = H; p->Lq = Lq; p->Lk = Lk;
@@ -3037,6 +3314,8 @@ MHADEF mha_status mha_gemm_run(const mha_plan *p, float alpha, const float *A, i
 typedef struct mha__view {
     const float *p;
     size_t bs, hs, rs;
+    const uint16_t *h;   /* keys and values stored in 16 bits: the elements, p NULL */
+    int dt;              /* their mha_dtype (0: float32 at p) */
 } mha__view;
 
 /* Everything one attention call needs, after validation.  A call may cover
@@ -3227,8 +3506,11 @@ typedef struct mha__atab {
     void (*attend_backward_fused)(const mha__attn *a, const float *dout, const float *lse_saved,
                                   float *dq, float *dk, float *dv, float *ws);
     int (*attn_scratch_floats)(int Lq, int Lk, int Lk_eff, int D, int Dv, int nthreads,
-                               int need_weights, int shared_pack, size_t *per_thread, size_t *total);
+                               int need_weights, int shared_pack, int kv16, size_t *per_thread,
+                               size_t *total);
     size_t (*fbwd_floats)(int B, int H, int Hkv, int Lq, int Lk, int D, int Dv, int nthreads);
+    void (*cvt_from16)(float *dst, const uint16_t *src, int dt, size_t n);
+    void (*cvt_to16)(uint16_t *dst, const float *src, int dt, size_t n);
     int fbr;   /* MHA__FBR: query-tile columns of the fused forward */
 } mha__atab;
 static const mha__atab *mha__ak(void);
@@ -3238,6 +3520,8 @@ static const mha__atab *mha__ak(void);
 #define mha__attend_backward_fused (mha__ak()->attend_backward_fused)
 #define mha__attn_scratch_floats (mha__ak()->attn_scratch_floats)
 #define mha__fbwd_floats (mha__ak()->fbwd_floats)
+#define mha__cvt_from16 (mha__ak()->cvt_from16)
+#define mha__cvt_to16 (mha__ak()->cvt_to16)
 #else
 #define MHA__FBR_RUN MHA__FBR
 #endif
@@ -3281,20 +3565,32 @@ static void mha__pv(int nr, int nc, int Dv, const float *p, size_t ldp, const fl
 /* Rows i0..i0+nr of batch b, every head in order h = 0..H-1:
    S = scale Q K^T; mask; softmax; O = P V; hand out the weights.
    s: nr*Lk_eff floats of scratch.  Summing the head average in this item,
-   head by head, fixes its order whatever the thread count.  */
-static void mha__attend_rows(const mha__attn *a, int b, int i0, int nr, float *s, float *gws)
+   head by head, fixes its order whatever the thread count.  16-bit K and
+   V (SDPA) are widened into kv (Lk (D + Dv) floats) per KV head.  */
+static void mha__attend_rows(const mha__attn *a, int b, int i0, int nr, float *s, float *gws, float *kv)
 {
-    int Lk = a->Lk_eff, h, r, gb = a->b0 + b, gi = a->q0 + i0;   /* global batch, row */
+    int Lk = a->Lk_eff, h, r, j, gb = a->b0 + b, gi = a->q0 + i0, kv_prev = -1;   /* global batch, row */
     size_t n = (size_t)nr * Lk, t;
     for (h = 0; h < a->H; ++h) {
         const float *q = a->q.p + (size_t)b * a->q.bs + (size_t)h * a->q.hs + (size_t)i0 * a->q.rs;
-        const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)mha__kvh(a, h) * a->k.hs;
-        const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)mha__kvh(a, h) * a->v.hs;
+        int g = mha__kvh(a, h);
+        size_t koff = (size_t)b * a->k.bs + (size_t)g * a->k.hs, voff = (size_t)b * a->v.bs + (size_t)g * a->v.hs;
+        size_t ldk = a->k.dt ? (size_t)a->D : a->k.rs, ldv = a->v.dt ? (size_t)a->Dv : a->v.rs;
+        const float *k = a->k.dt ? kv : a->k.p + koff;
+        const float *v = a->v.dt ? kv + (size_t)Lk * a->D : a->v.p + voff;
         float *o = a->o + (size_t)b * a->o_bs + (size_t)h * a->o_hs + (size_t)i0 * a->o_rs;
         float sink = a->sinks ? a->sinks[h] : -INFINITY;
+        if (a->k.dt && g != kv_prev) {   /* (SDPA: no appended keys, Lk_eff = Lk) */
+            for (j = 0; j < Lk; ++j) {
+                mha__cvt_from16(kv + (size_t)j * a->D, a->k.h + koff + (size_t)j * a->k.rs, a->k.dt, (size_t)a->D);
+                mha__cvt_from16(kv + (size_t)Lk * a->D + (size_t)j * a->Dv, a->v.h + voff + (size_t)j * a->v.rs,
+                                a->v.dt, (size_t)a->Dv);
+            }
+            kv_prev = g;
+        }
 
         /* 1. scores S[i,j] = scale * q_i . k_j, soft-capped */
-        mha__gemm(0, 1, nr, Lk, a->D, a->scale, q, a->q.rs, k, a->k.rs, 0.0f, s, (size_t)Lk, gws);
+        mha__gemm(0, 1, nr, Lk, a->D, a->scale, q, a->q.rs, k, ldk, 0.0f, s, (size_t)Lk, gws);
         if (a->softcap > 0.0f) mha__softcap(a->softcap, s, n);
 
         /* 2. mask and softmax (with the sink), row by row */
@@ -3308,7 +3604,7 @@ static void mha__attend_rows(const mha__attn *a, int b, int i0, int nr, float *s
         }
 
         /* 3. O = P V (q is fully read above, so o may alias it) */
-        mha__pv(nr, Lk, a->Dv, s, (size_t)Lk, v, a->v.rs, 0.0f, o, a->o_rs, gws);
+        mha__pv(nr, Lk, a->Dv, s, (size_t)Lk, v, ldv, 0.0f, o, a->o_rs, gws);
 
         /* 4. the weights: per head, or the head average w = sum_h P_h / H */
         if (a->per_head) {
@@ -3375,12 +3671,14 @@ typedef struct mha__fused_dims {
     size_t dvp;        /* Dv rounded up to MR: rows of packed V^T */
     size_t v_tile;     /* floats of one packed V^T tile */
     size_t packed;     /* packed V^T of one (b, h), plus a finite flag per tile */
-    size_t tiles;      /* Q^T slivers, S^T, O^T, m, l, the ragged K sliver, t, ld, km, s0 */
+    size_t tiles;      /* Q^T slivers, S^T, O^T, m, l, the ragged K sliver, t, ld, km, s0,
+                          and conv */
+    size_t conv;       /* 16-bit K/V: a tile of keys or values widened to float32 (else 0) */
 } mha__fused_dims;
 #endif /* main pass */
 #if defined(MHA__TIER_PASS) || !defined(MHA__DISPATCH)   /* kernels: one copy per tier */
 
-static int mha__fused_sizes(int Lk, int Lk_eff, int D, int Dv, mha__fused_dims *f)
+static int mha__fused_sizes(int Lk, int Lk_eff, int D, int Dv, int kv16, mha__fused_dims *f)
 {
     size_t t, s;
     f->ntiles = (Lk + MHA__FBC - 1) / MHA__FBC + (Lk_eff > Lk);
@@ -3396,26 +3694,46 @@ static int mha__fused_sizes(int Lk, int Lk_eff, int D, int Dv, mha__fused_dims *
                2 * mha__round_floats(MHA__FBR) +                    /* m, l */
                mha__round_floats(t) +                               /* K edge sliver */
                6 * mha__round_floats(MHA__FBR);                     /* row statistics */
+    f->conv = kv16 ? mha__round_floats((size_t)MHA__FBC * (size_t)(D > Dv ? D : Dv)) : 0;
+    f->tiles += f->conv;
     return 1;
+}
+
+/* The conversion buffer of a thread's tile buffers sc: their last part. */
+static float *mha__fused_conv(const mha__fused_dims *f, float *sc)
+{
+    return sc + f->tiles - f->conv;
 }
 
 /* Pack key tile t of (b, KV head kvh): V rows j0..j0+nc transposed as MR
    slivers of Dv (A of O^T), and whether every V value of the tile is
-   finite.  Tile ntiles-1 holds the appended keys when there are any.  */
+   finite.  Tile ntiles-1 holds the appended keys when there are any.
+   16-bit V is widened first, into the conversion buffer of the thread's
+   tile buffers sc.  */
 static void mha__fused_pack(const mha__attn *a, const mha__fused_dims *f, int b, int kvh, int t,
-                            float *shared)
+                            float *shared, float *sc)
 {
-    const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)kvh * a->v.hs;
+    size_t voff = (size_t)b * a->v.bs + (size_t)kvh * a->v.hs, ld = a->v.rs;
+    const float *vt;   /* row 0 of the tile */
     float *pv = shared + (size_t)t * f->v_tile, *flag = shared + (size_t)f->ntiles * f->v_tile + t;
     int appended = a->Lk_eff > a->Lk && t == f->ntiles - 1;
     int j0 = appended ? a->Lk : t * MHA__FBC;
     int nc = appended ? a->Lk_eff - a->Lk : (a->Lk - j0 < MHA__FBC ? a->Lk - j0 : MHA__FBC), j;
     mha__vf acc = mha__vzero();
     MHA_PROFILE_MARK(MHA_PHASE_VPACK);
-    mha__pack_a_block(1, v + (size_t)j0 * a->v.rs, a->v.rs, 0, a->Dv, 0, nc, pv);
+    if (a->v.dt) {   /* 16 bits: the tile's rows widened into conv, ld Dv */
+        float *conv = mha__fused_conv(f, sc);
+        for (j = 0; j < nc; ++j)
+            mha__cvt_from16(conv + (size_t)j * a->Dv, a->v.h + voff + (size_t)(j0 + j) * a->v.rs, a->v.dt,
+                            (size_t)a->Dv);
+        vt = conv; ld = (size_t)a->Dv;
+    } else {
+        vt = a->v.p + voff + (size_t)j0 * ld;
+    }
+    mha__pack_a_block(1, vt, ld, 0, a->Dv, 0, nc, pv);
     /* x - x is 0 for finite x and NaN otherwise; one NaN makes the sum NaN */
     for (j = 0; j < nc; ++j) {
-        const float *vr = v + (size_t)(j0 + j) * a->v.rs;
+        const float *vr = vt + (size_t)j * ld;
         int d = 0;
         float s = 0.0f;
         for (; d + MHA__VW <= a->Dv; d += MHA__VW) {
@@ -3586,8 +3904,12 @@ static MHA__NOINLINE void mha__fused_stats_tile(int nc, int nvp, int key0, const
 static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int b, int kvh,
                               const mha__tileq *tq, const float *shared, float *sc)
 {
-    const float *k = a->k.p + (size_t)b * a->k.bs + (size_t)kvh * a->k.hs;
-    const float *v = a->v.p + (size_t)b * a->v.bs + (size_t)kvh * a->v.hs;
+    /* K and V of (b, kvh): float32 at k, v, or 16-bit at k16, v16, whose
+       rows are widened into conv as they are used */
+    size_t koff = (size_t)b * a->k.bs + (size_t)kvh * a->k.hs, voff = (size_t)b * a->v.bs + (size_t)kvh * a->v.hs;
+    const float *k = a->k.dt ? NULL : a->k.p + koff, *v = a->v.dt ? NULL : a->v.p + voff;
+    const uint16_t *k16 = a->k.dt ? a->k.h + koff : NULL, *v16 = a->v.dt ? a->v.h + voff : NULL;
+    float *conv = mha__fused_conv(f, sc);
     const float *pv = shared, *flags = pv ? pv + (size_t)f->ntiles * f->v_tile : NULL;
     int Dv = a->Dv, D = a->D, Lk = a->Lk, nr = tq->nr, gi = tq->gi, narrow = tq->narrow;
     int ncol = tq->ng * nr;                                 /* tile columns */
@@ -3662,14 +3984,23 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
         MHA_PROFILE_MARK(MHA_PHASE_SCORES);
         if (narrow) {
             for (p = 0; p < nc; ++p) {
-                const float *kr = k + (size_t)(j0 + p) * a->k.rs;
+                const float *kr;
+                if (k16) {
+                    mha__cvt_from16(conv, k16 + (size_t)(j0 + p) * a->k.rs, a->k.dt, (size_t)D);
+                    kr = conv;
+                } else {
+                    kr = k + (size_t)(j0 + p) * a->k.rs;
+                }
                 for (c = 0; c < ncol; ++c) MHA__ST(st, nc, p, c) = a->scale * mha__dot(kr, qrow[c], D);
             }
         } else {
+            const float *kt = k16 ? conv : k + (size_t)j0 * a->k.rs;
+            size_t ldk = k16 ? (size_t)D : a->k.rs;
+            for (p = 0; k16 && p < nc; ++p)   /* the tile's keys widened, ld D */
+                mha__cvt_from16(conv + (size_t)p * D, k16 + (size_t)(j0 + p) * a->k.rs, a->k.dt, (size_t)D);
             for (j = 0; j < ncol; j += MHA__NR)
                 mha__macro_kernel(nc, ncol - j < MHA__NR ? ncol - j : MHA__NR, D, a->scale, 0.0f,
-                                  k + (size_t)j0 * a->k.rs, a->k.rs, kedge, qt + (size_t)j * D,
-                                  st + (size_t)j * nc, MHA__NR);
+                                  kt, ldk, kedge, qt + (size_t)j * D, st + (size_t)j * nc, MHA__NR);
         }
         if (a->softcap > 0.0f) mha__softcap(a->softcap, st, (size_t)nrp * nc);
 
@@ -3724,17 +4055,24 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
         MHA_PROFILE_MARK(MHA_PHASE_PV);
         if (narrow) {
             for (p = 0; p < nc; ++p) {
-                const float *vr = v + (size_t)(j0 + p) * a->v.rs;
+                const float *vr = v16 ? conv : v + (size_t)(j0 + p) * a->v.rs;
+                int widened = 0;
                 for (c = 0; c < ncol; ++c) {
                     float w = MHA__ST(st, nc, p, c);
-                    if (w != 0.0f) mha__axpy(MHA__OT(c, 0), w, vr, Dv);
+                    if (w == 0.0f) continue;
+                    if (v16 && !widened) {
+                        mha__cvt_from16(conv, v16 + (size_t)(j0 + p) * a->v.rs, a->v.dt, (size_t)Dv);
+                        widened = 1;
+                    }
+                    mha__axpy(MHA__OT(c, 0), w, vr, Dv);
                 }
             }
         } else if (flags[t] != 0.0f) {
             mha__macro_kernel(Dv, ncol, nc, 1.0f, 1.0f, pv + (size_t)t * f->v_tile, 0, NULL, st, ot, ldo);
         } else {
             for (p = 0; p < nc; ++p) {
-                const float *vr = v + (size_t)(j0 + p) * a->v.rs;
+                const float *vr = v16 ? conv : v + (size_t)(j0 + p) * a->v.rs;
+                if (v16) mha__cvt_from16(conv, v16 + (size_t)(j0 + p) * a->v.rs, a->v.dt, (size_t)Dv);
                 for (c = 0; c < ncol; ++c) {
                     float w = MHA__ST(st, nc, p, c);
                     if (w != 0.0f) for (d = 0; d < Dv; ++d) ot[(size_t)d * ldo + c] += w * vr[d];
@@ -3836,10 +4174,10 @@ static size_t mha__part_floats(int Dv)
    shared_pack one packed K and V after the threads' parts.  Unfused: per
    thread a [mha__unfused_rows(Lq), Lk_eff] score block and GEMM packing.  */
 static int mha__attn_scratch_floats(int Lq, int Lk, int Lk_eff, int D, int Dv, int nthreads,
-                                    int need_weights, int shared_pack, size_t *per_thread,
+                                    int need_weights, int shared_pack, int kv16, size_t *per_thread,
                                     size_t *total)
 {
-    size_t s, g1, g2, g;
+    size_t s, g1, g2, g, kv = 0;
     if (need_weights) {
         int br = mha__unfused_rows(Lq);
         if (!mha__mul((size_t)br, (size_t)Lk_eff, &s)) return 0;
@@ -3847,14 +4185,16 @@ static int mha__attn_scratch_floats(int Lq, int Lk, int Lk_eff, int D, int Dv, i
         g1 = mha__gemm_ws_floats(br, Lk_eff, D);
         g2 = mha__gemm_ws_floats(br, Dv, Lk_eff);
         g = g1 > g2 ? g1 : g2;
-        if (!mha__add(s, g, per_thread) || !mha__add(*per_thread, 2 * MHA__ALIGN_FLOATS, per_thread))
+        if (kv16 && !mha__mul((size_t)Lk_eff, (size_t)D + (size_t)Dv, &kv)) return 0;   /* widened K, V */
+        if (!mha__add(s, g, per_thread) || !mha__add(*per_thread, 2 * MHA__ALIGN_FLOATS, per_thread) ||
+            !mha__add(*per_thread, mha__round_floats(kv), per_thread))
             return 0;
         *per_thread = mha__round_floats(*per_thread);
         return mha__mul(*per_thread, (size_t)nthreads, total);
     } else {
         mha__fused_dims f;
         size_t parts;
-        if (!mha__fused_sizes(Lk, Lk_eff, D, Dv, &f)) return 0;
+        if (!mha__fused_sizes(Lk, Lk_eff, D, Dv, kv16, &f)) return 0;
         *per_thread = shared_pack ? f.tiles : f.tiles + f.packed;
         /* split-K partial results after the shared pack (mha__split_parts) */
         if (!mha__mul((size_t)mha__split_parts(Lk, 1, 1), mha__part_floats(Dv), &parts)) return 0;
@@ -3902,6 +4242,7 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
     if (a->weights) {
         int br = mha__unfused_rows(a->Lq), nqt = (a->nq + br - 1) / br;
         long items = (long)a->nb * nqt, t;
+        size_t kvf = a->k.dt ? mha__round_floats((size_t)a->Lk_eff * ((size_t)a->D + (size_t)a->Dv)) : 0;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(a->nthreads)
 #endif
@@ -3913,7 +4254,8 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
             tid = omp_get_thread_num();
 #endif
             sc = ws + (size_t)tid * per_thread;
-            mha__attend_rows(a, (int)(t / nqt), i0, nr, sc, sc + mha__round_floats((size_t)nr * a->Lk_eff));
+            mha__attend_rows(a, (int)(t / nqt), i0, nr, sc, sc + mha__round_floats((size_t)nr * a->Lk_eff),
+                             sc + per_thread - kvf);
         }
     } else {
         mha__fused_dims f;
@@ -3922,7 +4264,7 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
         int nqt = (a->nq + rows - 1) / rows;
         int narrow = (a->nq < rows ? a->nq : rows) * gmax <= MHA__NARROW;
         int nparts = mha__split_parts(a->Lk, narrow, nqt);
-        (void)mha__fused_sizes(a->Lk, a->Lk_eff, a->D, a->Dv, &f);   /* checked by the plan */
+        (void)mha__fused_sizes(a->Lk, a->Lk_eff, a->D, a->Dv, a->k.dt != 0, &f);   /* checked by the plan */
         if (nparts > 1) {
             /* per (b, head block): the threads share out the key parts, then one merges */
             size_t pf = mha__part_floats(a->Dv);
@@ -3979,7 +4321,8 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-                        for (t = 0; t < f.ntiles; ++t) mha__fused_pack(a, &f, b, kvh, t, shared);
+                        for (t = 0; t < f.ntiles; ++t)
+                            mha__fused_pack(a, &f, b, kvh, t, shared, ws + (size_t)tid * per_thread);
                         kv_prev = kv_key;
                     }
 #ifdef _OPENMP
@@ -4016,7 +4359,7 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
                     q.nr = a->nq - i0 < rows ? a->nq - i0 : rows;
                     q.narrow = narrow; q.t_lo = 0; q.t_hi = -1; q.partial = NULL;
                     if ((long)b * a->Hkv + kvh != packed && !narrow) {
-                        for (kt = 0; kt < f.ntiles; ++kt) mha__fused_pack(a, &f, b, kvh, kt, sc);
+                        for (kt = 0; kt < f.ntiles; ++kt) mha__fused_pack(a, &f, b, kvh, kt, sc, sc + f.packed);
                         packed = (long)b * a->Hkv + kvh;
                     }
                     mha__attend_fused(a, &f, b, kvh, &q, sc, sc + f.packed);
@@ -4047,6 +4390,7 @@ static void mha__attn_common(mha__attn *a, const mha_options *opt, int B, int H,
 {
     a->B = B; a->H = H; a->Lq = Lq; a->Lk = Lk; a->Lk_eff = Lk_eff; a->D = D; a->Dv = Dv;
     a->b0 = 0; a->nb = B; a->q0 = 0; a->nq = Lq; a->h0 = 0; a->nh = H; a->shared_pack = 0;
+    a->q.h = a->k.h = a->v.h = NULL; a->q.dt = a->k.dt = a->v.dt = 0;
     a->scale = opt->scale > 0.0f ? opt->scale : 1.0f / sqrtf((float)D);
     a->attn_mask = opt->attn_mask.kind != MHA_MASK_NONE ? &opt->attn_mask : NULL;
     a->kpm = opt->key_padding_mask.kind != MHA_MASK_NONE ? &opt->key_padding_mask : NULL;
@@ -4360,7 +4704,7 @@ static const mha__gtab MHA__T(gtab) = {
 };
 static const mha__atab MHA__T(atab) = {
     mha__softcap, mha__attend_all, mha__attend_backward_fused, mha__attn_scratch_floats, mha__fbwd_floats,
-    MHA__FBR
+    mha__cvt_from16, mha__cvt_to16, MHA__FBR
 };
 #endif
 #endif /* kernels */
@@ -4369,10 +4713,10 @@ static const mha__atab MHA__T(atab) = {
 /* --------------------------------------------- SDPA plans and runs */
 
 /* SDPA forward (per-thread scratch) and backward (P and dP of one head). */
-static int mha__sdpa_fwd_floats(int B, int H, int Lq, int Lk, int D, int Dv, int weights, int nt,
+static int mha__sdpa_fwd_floats(int B, int H, int Lq, int Lk, int D, int Dv, int weights, int nt, int kv16,
                                 size_t *per_thread, size_t *total)
 {
-    return mha__attn_scratch_floats(Lq, Lk, Lk, D, Dv, nt, weights, (size_t)B * H < (size_t)nt,
+    return mha__attn_scratch_floats(Lq, Lk, Lk, D, Dv, nt, weights, (size_t)B * H < (size_t)nt, kv16,
                                     per_thread, total) &&
            mha__add(*total, MHA__ALIGN_FLOATS, total);
 }
@@ -4395,14 +4739,14 @@ static int mha__sdpa_saved_floats(int B, int H, int Lq, int Dv, size_t *lse, siz
 }
 
 /* (defined further on, where its section is) */
-static int mha__cache_attend_floats(int H, int Lq, int capacity, int D, int ring, int nt, size_t *per_thread,
+static int mha__cache_attend_floats(int H, int Lq, int capacity, int D, int ring, int nt, int kv16, size_t *per_thread,
                                     size_t *total);
 
 static mha_status mha__sdpa_plan_make(int B, int H, int Lq, int Lk, int D, int Dv,
                                       const mha_options *opt, unsigned flags, mha_plan *p, mha_error *e)
 {
     size_t n, per_thread, f, f1, at_lse, at_o, saved = 0;
-    int Hkv, shot = (flags & MHA__FLAG_SHOT) != 0;
+    int Hkv, kv16, shot = (flags & MHA__FLAG_SHOT) != 0;
     mha_status st;
     flags &= ~MHA__FLAG_SHOT;
     memset(p, 0, sizeof *p);
@@ -4427,22 +4771,23 @@ static mha_status mha__sdpa_plan_make(int B, int H, int Lq, int Lk, int D, int D
     if ((st = mha__check_decode(&p->opt, H, p->opt.num_kv_heads, "opt->num_kv_heads", NULL, 0, D, Lq, Lk, e)) != MHA_OK)
         return st;
     Hkv = p->opt.num_kv_heads ? p->opt.num_kv_heads : H;
+    kv16 = p->opt.kv_dtype != MHA_F32;
     p->D = D; p->Dv = Dv;
-    if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 0, p->nthreads, &per_thread, &f)) goto overflow;
+    if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 0, p->nthreads, kv16, &per_thread, &f)) goto overflow;
     if (flags & MHA_PLAN_CACHE) {   /* a run over a KV cache (ring buffers included) */
         if (D != Dv)
             return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, shot ? "run->cache" : "flags", "%s, but a KV cache "
                              "holds keys and values of one width: D %d, Dv %d",
                              shot ? "is set" : "has MHA_PLAN_CACHE", D, Dv);
-        if (!mha__cache_attend_floats(H, Lq, Lk, D, 1, p->nthreads, &per_thread, &f1)) goto overflow;
+        if (!mha__cache_attend_floats(H, Lq, Lk, D, 1, p->nthreads, kv16, &per_thread, &f1)) goto overflow;
         if (f1 > f) f = f1;
     }
     if (flags & MHA_PLAN_WEIGHTS) {   /* all weights: the unfused path */
-        if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 1, p->nthreads, &per_thread, &f1)) goto overflow;
+        if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 1, p->nthreads, kv16, &per_thread, &f1)) goto overflow;
         if (f1 > f) f = f1;
     }
     if (flags & (MHA_PLAN_WEIGHTS | MHA_PLAN_ROWS)) {   /* chosen rows after the fused path (lse first) */
-        if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 0, p->nthreads, &per_thread, &f1) ||
+        if (!mha__sdpa_fwd_floats(B, H, Lq, Lk, D, Dv, 0, p->nthreads, kv16, &per_thread, &f1) ||
             !mha__add(f1, mha__round_floats((size_t)B * H * Lq), &f1))
             goto overflow;
         if (f1 > f) f = f1;
@@ -4459,12 +4804,19 @@ overflow:
 
 /* The attention of SDPA's dense [B, H, L, D] tensors. */
 static void mha__attn_dense(mha__attn *a, const mha_options *o, int B, int H, int Lq, int Lk, int D,
-                            int Dv, const float *q, const float *k, const float *v, float *out)
+                            int Dv, const float *q, const void *k, const void *v, float *out)
 {
     mha__attn_common(a, o, B, H, Lq, Lk, Lk, D, Dv);
     a->q.p = q; a->q.rs = (size_t)D;  a->q.hs = (size_t)Lq * D;  a->q.bs = (size_t)H * Lq * D;
-    a->k.p = k; a->k.rs = (size_t)D;  a->k.hs = (size_t)Lk * D;  a->k.bs = (size_t)a->Hkv * Lk * D;
-    a->v.p = v; a->v.rs = (size_t)Dv; a->v.hs = (size_t)Lk * Dv; a->v.bs = (size_t)a->Hkv * Lk * Dv;
+    a->k.rs = (size_t)D;  a->k.hs = (size_t)Lk * D;  a->k.bs = (size_t)a->Hkv * Lk * D;
+    a->v.rs = (size_t)Dv; a->v.hs = (size_t)Lk * Dv; a->v.bs = (size_t)a->Hkv * Lk * Dv;
+    if (o->kv_dtype != MHA_F32) {   /* 16-bit keys and values: the kernels widen them */
+        a->k.p = a->v.p = NULL;
+        a->k.h = MHA__CAST(const uint16_t *, k); a->v.h = MHA__CAST(const uint16_t *, v);
+        a->k.dt = a->v.dt = (int)o->kv_dtype;
+    } else {
+        a->k.p = MHA__CAST(const float *, k); a->v.p = MHA__CAST(const float *, v);
+    }
     a->o = out; a->o_rs = (size_t)Dv; a->o_hs = (size_t)Lq * Dv; a->o_bs = (size_t)H * Lq * Dv;
     a->weights = NULL; a->per_head = 1;
     a->shared_pack = (size_t)B * H < (size_t)a->nthreads;
@@ -4479,6 +4831,7 @@ static void mha__attn_dense(mha__attn *a, const mha_options *o, int B, int H, in
    (the head average, avg: a row of Lk' per thread).  */
 typedef struct mha__rows_args {
     const float *q, *k, *lse;
+    const uint16_t *k16; int kdt;   /* 16-bit keys (SDPA's kv_dtype), k NULL */
     size_t qbs, qrs, qhs, kbs, krs, khs;
     int n, Lk, D;
     const int *rows;
@@ -4504,12 +4857,16 @@ static void mha__rows_weights(const mha__attn *a, const mha__rows_args *g, int p
         if (acc) for (j = 0; j < g->Lk; ++j) acc[j] = 0.0f;
         for (h = 0; h < H; ++h) {
             const float *qi = g->q + (size_t)b * g->qbs + (size_t)(g->qrow_of_r ? r : i) * g->qrs + (size_t)h * g->qhs;
-            const float *kb = g->k + (size_t)b * g->kbs + (size_t)(h / a->group) * g->khs;
             float li = g->lse[((size_t)b * H + h) * a->Lq + i];
             float *w = per_head ? out + (((size_t)b * H + h) * g->n + r) * g->Lk : tmp;
+            size_t ko = (size_t)b * g->kbs + (size_t)(h / a->group) * g->khs;
             for (j = 0; j < g->Lk; ++j) {   /* q.k summed in double: the forward's to rounding */
                 double dot = 0.0;
-                for (d = 0; d < g->D; ++d) dot += (double)qi[d] * kb[(size_t)j * g->krs + d];
+                if (g->k16)
+                    for (d = 0; d < g->D; ++d)
+                        dot += (double)qi[d] * mha__h2f(g->k16[ko + (size_t)j * g->krs + d], g->kdt);
+                else
+                    for (d = 0; d < g->D; ++d) dot += (double)qi[d] * g->k[ko + (size_t)j * g->krs + d];
                 w[j] = (float)(a->scale * dot);
             }
             if (a->softcap > 0.0f) mha__softcap(a->softcap, w, (size_t)g->Lk);
@@ -4547,7 +4904,7 @@ static void mha__sdpa_saved_shape(const mha_plan *p, int Lq, int Lk, int Hkv, in
 }
 
 static mha_status mha__sdpa_run_forward(const mha_plan *p, int Lq, int Lk,
-                                        const float *q, const float *k, const float *v,
+                                        const float *q, const void *k, const void *v,
                                         float *out, const mha_run *run, mha_error *err)
 {
     mha_options o;
@@ -4580,13 +4937,15 @@ static mha_status mha__sdpa_run_forward(const mha_plan *p, int Lq, int Lk,
     if (st == MHA_OK && rows) {   /* rows are recomputed from q and k after out is written */
         size_t nq = (size_t)p->B * p->H * Lq * p->D, no = (size_t)p->B * p->H * Lq * p->Dv;
         size_t nk = (size_t)p->B * (o.num_kv_heads ? o.num_kv_heads : p->H) * Lk * p->D;
-        if (mha__overlap(out, no, q, nq) || mha__overlap(out, no, k, nk))
+        const float *kf = MHA__CAST(const float *, k);
+        nk = (nk * mha_dtype_size(o.kv_dtype) + sizeof(float) - 1) / sizeof(float);   /* in floats */
+        if (mha__overlap(out, no, q, nq) || mha__overlap(out, no, kf, nk))
             st = mha__fail(err, MHA_ERR_INVALID_ARGUMENT, "run->rows", "are recomputed from q and k after the "
                            "forward, but out overlaps %s", mha__overlap(out, no, q, nq) ? "q" : "k");
     }
     if (st != MHA_OK) return st;
-    (void)mha__sdpa_fwd_floats(p->B, p->H, Lq, Lk, p->D, p->Dv, weights, p->nthreads, &per_thread,
-                               &total);   /* within the plan's */
+    (void)mha__sdpa_fwd_floats(p->B, p->H, Lq, Lk, p->D, p->Dv, weights, p->nthreads, p->opt.kv_dtype != MHA_F32,
+                               &per_thread, &total);   /* within the plan's */
     if (run && run->saved) {
         (void)mha__sdpa_saved_floats(p->B, p->H, Lq, p->Dv, &at_lse, &at_o, &saved);
         if ((st = mha__run_saved(p, run, saved, &sv, err)) != MHA_OK) return st;
@@ -4608,7 +4967,7 @@ static mha_status mha__sdpa_run_forward(const mha_plan *p, int Lq, int Lk,
     }
     if (rows) {   /* q [B, H, Lq, D], k [B, Hkv, Lk, D]; weights [B, H, n, Lk] */
         mha__rows_args g;
-        g.q = q; g.k = k; g.lse = a.lse;
+        g.q = q; g.k = a.k.p; g.k16 = a.k.h; g.kdt = a.k.dt; g.lse = a.lse;
         g.qbs = (size_t)p->H * Lq * p->D; g.qrs = (size_t)p->D; g.qhs = (size_t)Lq * p->D;
         g.kbs = (size_t)a.Hkv * Lk * p->D; g.krs = (size_t)p->D; g.khs = (size_t)Lk * p->D;
         g.n = run->n_rows; g.Lk = Lk; g.D = p->D; g.rows = run->rows; g.qrow_of_r = 0;
@@ -4659,7 +5018,7 @@ static mha_status mha__sdpa_run_backward(const mha_plan *p, int Lq, int Lk,
 /* ---------------------------------------------------- public: SDPA */
 
 MHADEF mha_status mha_sdpa_forward(int B, int H, int Lq, int Lk, int D, int Dv,
-                                   const float *q, const float *k, const float *v,
+                                   const float *q, const void *k, const void *v,
                                    const mha_options *opt, float *out,
                                    const mha_run *run, mha_error *err)
 {
@@ -4680,6 +5039,8 @@ MHADEF mha_status mha_sdpa_forward(int B, int H, int Lq, int Lk, int D, int Dv,
                              "which does not divide the %d query heads", run->cache->Hkv, H));
         o.num_kv_heads = run->cache->Hkv;
     }
+    /* and its storage type, unless the options name another (refused below) */
+    if (run && run->cache && o.kv_dtype == MHA_F32) o.kv_dtype = run->cache->dtype;
     if ((st = mha__shot_lk(run, Lk, &s.Lk, err)) == MHA_OK && (st = mha__oneshot(&s, &o, run, &p, err)) == MHA_OK)
         st = mha__sdpa_run_forward(&p, Lq, Lk, q, k, v, out, run, err);
     return mha__sign(err, "mha_sdpa_forward", st);
@@ -4728,7 +5089,7 @@ MHADEF mha_status mha_sdpa_plan(int B, int H, int Lq, int Lk, int D, int Dv,
 }
 
 MHADEF mha_status mha_sdpa_run_forward(const mha_plan *p, int Lq, int Lk,
-                                       const float *q, const float *k, const float *v,
+                                       const float *q, const void *k, const void *v,
                                        float *out, const mha_run *run, mha_error *err)
 {
     mha__begin(err);
@@ -5028,7 +5389,7 @@ static int mha__fwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int weig
         return mha__region(&cur, (size_t)B * Lq * D, &L->qp) &&
                mha__region(&cur, (size_t)B * Lke * D, &L->kp) &&
                mha__region(&cur, (size_t)B * Lke * D, &L->vp) &&
-               mha__attn_scratch_floats(Lq, Lk, Lke, D, D, nt, 0, B < nt, &L->per_thread, &scratch) &&
+               mha__attn_scratch_floats(Lq, Lk, Lke, D, D, nt, 0, B < nt, 0, &L->per_thread, &scratch) &&
                mha__region(&cur, scratch > g ? scratch : g, &L->scratch) &&
                mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
     }
@@ -5039,7 +5400,7 @@ static int mha__fwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int weig
         size_t sc = 0;
         return mha__mod_saved_at(r, B, Lq, Lk, &sc, &L->qp, &L->kp, &L->vp, &L->ctx, &L->lse) &&
                mha__add(sc, MHA__ALIGN_FLOATS, &L->saved_floats) &&
-               mha__attn_scratch_floats(Lq, Lk, Lke, D, D, nt, weights, r->H < nt, &L->per_thread,
+               mha__attn_scratch_floats(Lq, Lk, Lke, D, D, nt, weights, r->H < nt, 0, &L->per_thread,
                                         &scratch) &&
                mha__region(&cur, scratch > g ? scratch : g, &L->scratch) &&
                mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
@@ -5047,7 +5408,7 @@ static int mha__fwd_layout_at(const mha__mod *r, int B, int Lq, int Lk, int weig
     return mha__region(&cur, (size_t)L->chunk_b * L->chunk_q * E, &L->qp) &&
            mha__region(&cur, (size_t)B * Lke * r->Ekv, &L->kp) &&
            mha__region(&cur, (size_t)B * Lke * r->Ekv, &L->vp) &&
-           mha__attn_scratch_floats(Lq, Lk, Lke, D, D, nt, weights, r->H < nt, &L->per_thread,
+           mha__attn_scratch_floats(Lq, Lk, Lke, D, D, nt, weights, r->H < nt, 0, &L->per_thread,
                                     &scratch) &&
            mha__region(&cur, scratch > g ? scratch : g, &L->scratch) &&
            mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
@@ -5099,7 +5460,7 @@ static int mha__wrows_lay(const mha__mod *r, int B, int Lk, int n, int nt, mha__
 }
 
 /* (defined further on, where its section is) */
-static int mha__cached_floats(const mha__mod *r, int B, int Lq, int capacity, int ring, int nt, size_t *total);
+static int mha__cached_floats(const mha__mod *r, int B, int Lq, int capacity, int ring, int nt, int kv16, size_t *total);
 
 /* Floats of the module's workspace at these lengths, for what plan p
    allows: the forward (its path, the weights, chosen rows, a KV cache),
@@ -5113,7 +5474,7 @@ static int mha__module_floats(const mha_plan *p, int Lq, int Lk, size_t *floats)
     if (!mha__fwd_layout_at(&p->mod, p->B, Lq, Lk, 0, p->by_head, p->nthreads, 0, &F)) return 0;
     *floats = F.total_floats;
     if (p->flags & MHA_PLAN_CACHE) {
-        if (!mha__cached_floats(&p->mod, p->B, Lq, Lk, 1, p->nthreads, &f)) return 0;
+        if (!mha__cached_floats(&p->mod, p->B, Lq, Lk, 1, p->nthreads, p->opt.kv_dtype != 0, &f)) return 0;
         if (f > *floats) *floats = f;
     }
     if (p->flags & MHA_PLAN_WEIGHTS) {   /* all weights: the unfused path */
@@ -5515,7 +5876,7 @@ static void mha__module_rows(const mha__run *c, const mha_run *run, const float 
     /* 3. the rows' weights, per head or averaged */
     mha__attn_common(&a, c->o, B, r->H, c->Lq, c->Lk, c->Lke, D, D);
     a.Hkv = r->Hkv; a.group = r->H / r->Hkv;
-    g.q = qp; g.k = kp; g.lse = lse;
+    g.q = qp; g.k = kp; g.k16 = NULL; g.kdt = 0; g.lse = lse;
     g.qbs = (size_t)n * E; g.qrs = (size_t)E; g.qhs = (size_t)D;
     g.kbs = (size_t)c->Lke * Ekv; g.krs = (size_t)Ekv; g.khs = (size_t)D;
     g.n = n; g.Lk = c->Lke; g.D = D; g.rows = run->rows; g.qrow_of_r = 1;
@@ -5846,6 +6207,29 @@ static void mha__merge_row(int nparts, size_t r, int Dv, const float *const *out
 
 /* ---------------------------------------------------- the KV cache */
 
+/* mha_convert's loops: float32 <-> 16 bits by the tier's vector
+   conversions; between the two 16-bit types through float32, a block at
+   a time (widening is exact, so this rounds once; in place is safe, as
+   each block is read whole before it is written). */
+static void mha__convert(size_t n, int from, const void *src, int to, void *dst)
+{
+    float buf[256];
+    size_t i, m;
+    if (from == to) {
+        if (src != dst) memcpy(dst, src, n * mha_dtype_size((mha_dtype)from));
+    } else if (from == MHA_F32) {
+        mha__cvt_to16(MHA__CAST(uint16_t *, dst), MHA__CAST(const float *, src), to, n);
+    } else if (to == MHA_F32) {
+        mha__cvt_from16(MHA__CAST(float *, dst), MHA__CAST(const uint16_t *, src), from, n);
+    } else {
+        for (i = 0; i < n; i += m) {
+            m = n - i < 256 ? n - i : 256;
+            mha__cvt_from16(buf, MHA__CAST(const uint16_t *, src) + i, from, m);
+            mha__cvt_to16(MHA__CAST(uint16_t *, dst) + i, buf, to, m);
+        }
+    }
+}
+
 static mha_status mha__check_cache(const mha_kv_cache *c, mha_error *e)
 {
     size_t n;
@@ -5857,6 +6241,9 @@ static mha_status mha__check_cache(const mha_kv_cache *c, mha_error *e)
     if ((st = mha__pos(e, "cache->B", c->B)) != MHA_OK || (st = mha__pos(e, "cache->Hkv", c->Hkv)) != MHA_OK ||
         (st = mha__pos(e, "cache->D", c->D)) != MHA_OK || (st = mha__pos(e, "cache->capacity", c->capacity)) != MHA_OK)
         return st;
+    if ((int)c->dtype < MHA_F32 || (int)c->dtype > MHA_BF16)
+        return mha__fail(e, MHA_ERR_BAD_ENUM, "cache->dtype", "is %d; expected MHA_F32 (0), MHA_F16 (1) or "
+                         "MHA_BF16 (2)", (int)c->dtype);
     if (!mha__mul3((size_t)c->B * (size_t)c->Hkv, (size_t)c->capacity, (size_t)c->D, &n) ||
         !mha__mul(n, sizeof(float), &n) || !mha__dim_ok(c->capacity) || !mha__dim_ok(c->D))
         return mha__fail(e, MHA_ERR_OVERFLOW, "cache->capacity", "B*Hkv*capacity*D floats pass the size limits");
@@ -5895,8 +6282,9 @@ static mha_status mha__cache_room(const mha_kv_cache *c, int n, mha_error *e)
     return MHA_OK;
 }
 
-/* Copy n tokens of every row into the cache at len[b]; token t of row b, KV
-   head g is at k + b*bs + g*hs + t*ts.  len += n.  */
+/* Copy n tokens of every row into the cache at len[b], converted to its
+   dtype; token t of row b, KV head g is at k + b*bs + g*hs + t*ts.
+   len += n.  */
 static void mha__cache_write(mha_kv_cache *c, int n, const float *k, const float *v, size_t bs, size_t hs,
                              size_t ts)
 {
@@ -5906,8 +6294,13 @@ static void mha__cache_write(mha_kv_cache *c, int n, const float *k, const float
             for (t = 0; t < n; ++t) {
                 size_t dst = (((size_t)b * c->Hkv + g) * c->capacity + mha__cache_slot(c, c->len[b] + t)) * D;
                 size_t src = (size_t)b * bs + (size_t)g * hs + (size_t)t * ts;
-                memcpy(c->k + dst, k + src, (size_t)D * sizeof(float));
-                memcpy(c->v + dst, v + src, (size_t)D * sizeof(float));
+                if (c->dtype != MHA_F32) {
+                    mha__cvt_to16(MHA__CAST(uint16_t *, c->k) + dst, k + src, (int)c->dtype, (size_t)D);
+                    mha__cvt_to16(MHA__CAST(uint16_t *, c->v) + dst, v + src, (int)c->dtype, (size_t)D);
+                } else {
+                    memcpy(MHA__CAST(float *, c->k) + dst, k + src, (size_t)D * sizeof(float));
+                    memcpy(MHA__CAST(float *, c->v) + dst, v + src, (size_t)D * sizeof(float));
+                }
             }
         c->len[b] += n;
     }
@@ -5923,10 +6316,10 @@ static size_t mha__ring_floats(int ring, int H, int Lq, int D)
 
 /* The scratch of an attention over a cache of capacity keys, one batch
    row at a time (the plan sizes it with ring = 1). */
-static int mha__cache_attend_floats(int H, int Lq, int capacity, int D, int ring, int nt, size_t *per_thread,
+static int mha__cache_attend_floats(int H, int Lq, int capacity, int D, int ring, int nt, int kv16, size_t *per_thread,
                                     size_t *total)
 {
-    return mha__attn_scratch_floats(Lq, capacity, capacity, D, D, nt, 0, H < nt, per_thread, total) &&
+    return mha__attn_scratch_floats(Lq, capacity, capacity, D, D, nt, 0, H < nt, kv16, per_thread, total) &&
            mha__add(*total, mha__ring_floats(ring, H, Lq, D), total) &&
            mha__add(*total, MHA__ALIGN_FLOATS, total);
 }
@@ -5940,6 +6333,9 @@ static mha_status mha__cache_fits(const mha_plan *p, const mha_kv_cache *c, int 
     mha_status st;
     if ((st = mha__check_cache(c, e)) != MHA_OK) return st;
     if (c->B != p->B) return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "cache->B", "is %d; the plan's B is %d", c->B, p->B);
+    if (c->dtype != p->opt.kv_dtype)
+        return mha__fail(e, MHA_ERR_DTYPE, "cache->dtype", "is %s; the plan was made for a cache of %s "
+                         "(opt->kv_dtype)", mha__dtype_name(c->dtype), mha__dtype_name(p->opt.kv_dtype));
     if (c->Hkv != Hkv)
         return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "cache->Hkv", "is %d; the plan has %d KV heads", c->Hkv, Hkv);
     if (c->D != p->D || p->D != p->Dv)
@@ -5985,8 +6381,15 @@ static void mha__cache_run_part(const mha_kv_cache *c, int b, int H, int Lq, con
     a.causal_off = (ptrdiff_t)qpos0 - p0;
     a.Hkv = c->Hkv; a.group = H / c->Hkv;
     a.q.p = q->p + (size_t)b * q->bs; a.q.bs = 0; a.q.hs = q->hs; a.q.rs = q->rs;
-    a.k.p = c->k + ((size_t)b * c->Hkv * c->capacity + s0) * D;
-    a.v.p = c->v + ((size_t)b * c->Hkv * c->capacity + s0) * D;
+    if (c->dtype != MHA_F32) {   /* 16 bits: the kernels widen as they read */
+        a.k.h = MHA__CAST(const uint16_t *, c->k) + ((size_t)b * c->Hkv * c->capacity + s0) * D;
+        a.v.h = MHA__CAST(const uint16_t *, c->v) + ((size_t)b * c->Hkv * c->capacity + s0) * D;
+        a.k.p = a.v.p = NULL;
+        a.k.dt = a.v.dt = (int)c->dtype;
+    } else {
+        a.k.p = MHA__CAST(const float *, c->k) + ((size_t)b * c->Hkv * c->capacity + s0) * D;
+        a.v.p = MHA__CAST(const float *, c->v) + ((size_t)b * c->Hkv * c->capacity + s0) * D;
+    }
     a.k.bs = a.v.bs = 0; a.k.hs = a.v.hs = (size_t)c->capacity * D; a.k.rs = a.v.rs = (size_t)D;
     a.o = o; a.o_bs = 0; a.o_hs = o_hs; a.o_rs = o_rs;
     a.weights = NULL; a.per_head = 1;
@@ -6115,7 +6518,7 @@ static mha_status mha__sdpa_cache_forward(const mha_plan *p, int Lq, const float
     if ((st = mha__cache_fits(p, c, o->num_kv_heads ? o->num_kv_heads : p->H, o, e)) != MHA_OK ||
         (st = mha__cache_holds(c, Lq, e)) != MHA_OK)
         return st;
-    (void)mha__cache_attend_floats(p->H, Lq, c->capacity, D, c->ring, p->nthreads, &per_thread, &total);
+    (void)mha__cache_attend_floats(p->H, Lq, c->capacity, D, c->ring, p->nthreads, c->dtype != 0, &per_thread, &total);
     if ((st = mha__run_ws(p, run, total, &owned, &ws, e)) != MHA_OK) return st;
     qv.p = q; qv.bs = (size_t)p->H * Lq * D; qv.hs = (size_t)Lq * D; qv.rs = (size_t)D;
     mha__cache_attend_run(c, p->H, Lq, o, mha__run_rowout(run, &ro), &qv, out, (size_t)p->H * Lq * D,
@@ -6132,11 +6535,11 @@ typedef struct mha__cached_layout {
     size_t qp, kn, vn, ring, scratch, per_thread, total_floats;
 } mha__cached_layout;
 
-static int mha__cached_lay(const mha__mod *r, int B, int Lq, int capacity, int ring, int nt,
+static int mha__cached_lay(const mha__mod *r, int B, int Lq, int capacity, int ring, int nt, int kv16,
                            mha__cached_layout *L)
 {
     size_t attn, g, g2, cur = 0;
-    if (!mha__attn_scratch_floats(Lq, capacity, capacity, r->D, r->D, nt, 0, r->H < nt, &L->per_thread, &attn))
+    if (!mha__attn_scratch_floats(Lq, capacity, capacity, r->D, r->D, nt, 0, r->H < nt, kv16, &L->per_thread, &attn))
         return 0;
     g = mha__gemm_ws_floats_mt(B * Lq, r->E, r->E, nt);
     g2 = mha__gemm_ws_floats_mt(B * Lq, r->Ekv, r->E, nt); if (g2 > g) g = g2;
@@ -6148,10 +6551,10 @@ static int mha__cached_lay(const mha__mod *r, int B, int Lq, int capacity, int r
            mha__add(cur, MHA__ALIGN_FLOATS, &L->total_floats);
 }
 
-static int mha__cached_floats(const mha__mod *r, int B, int Lq, int capacity, int ring, int nt, size_t *total)
+static int mha__cached_floats(const mha__mod *r, int B, int Lq, int capacity, int ring, int nt, int kv16, size_t *total)
 {
     mha__cached_layout L;
-    if (!mha__cached_lay(r, B, Lq, capacity, ring, nt, &L)) return 0;
+    if (!mha__cached_lay(r, B, Lq, capacity, ring, nt, kv16, &L)) return 0;
     *total = L.total_floats;
     return 1;
 }
@@ -6191,7 +6594,7 @@ static mha_status mha__module_cached(const mha_plan *p, int Lq, const float *x, 
             return mha__fail(e, MHA_ERR_OVERFLOW, "cache->len", "[%d] is %d; with position_offset %d and %d new "
                              "tokens the last position passes INT_MAX", b, c->len[b], o->position_offset, Lq);
     if ((st = mha__need(e, "out", out)) != MHA_OK) return st;
-    (void)mha__cached_lay(r, B, Lq, c->capacity, c->ring, nt, &L);
+    (void)mha__cached_lay(r, B, Lq, c->capacity, c->ring, nt, c->dtype != 0, &L);
     if ((st = mha__run_ws(p, run, L.total_floats, &owned, &ws, e)) != MHA_OK) return st;
     qp = ws + L.qp; kn = ws + L.kn; vn = ws + L.vn; scratch = ws + L.scratch;
 
@@ -7214,6 +7617,8 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
 #undef mha__attend_backward_fused
 #undef mha__attn_scratch_floats
 #undef mha__fbwd_floats
+#undef mha__cvt_from16
+#undef mha__cvt_to16
 #define mha__vf MHA__T(vf)
 #define mha__vm MHA__T(vm)
 #define mha__vload MHA__T(vload)
@@ -7237,11 +7642,17 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
 #define mha__visnan MHA__T(visnan)
 #define mha__vsel MHA__T(vsel)
 #define mha__vtranspose MHA__T(vtranspose)
+#define mha__vload_f16 MHA__T(vload_f16)
+#define mha__vstore_f16 MHA__T(vstore_f16)
+#define mha__vload_bf16 MHA__T(vload_bf16)
+#define mha__vstore_bf16 MHA__T(vstore_bf16)
 #define mha__vexp_core MHA__T(vexp_core)
 #define mha__vexp MHA__T(vexp)
 #define mha__vtanh MHA__T(vtanh)
 #define mha__dot MHA__T(dot)
 #define mha__axpy MHA__T(axpy)
+#define mha__cvt_from16 MHA__T(cvt_from16)
+#define mha__cvt_to16 MHA__T(cvt_to16)
 #define mha__softmax_row_lse MHA__T(softmax_row_lse)
 #define mha__gemm_kc MHA__T(gemm_kc)
 #define mha__gemm_b_floats MHA__T(gemm_b_floats)
@@ -7268,6 +7679,7 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
 #define mha__attend_rows MHA__T(attend_rows)
 #define mha__vexp_nonpos MHA__T(vexp_nonpos)
 #define mha__fused_sizes MHA__T(fused_sizes)
+#define mha__fused_conv MHA__T(fused_conv)
 #define mha__fused_pack MHA__T(fused_pack)
 #define mha__mask_tile_t MHA__T(mask_tile_t)
 #define mha__fused_stats_tile MHA__T(fused_stats_tile)
@@ -7292,7 +7704,7 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
 #if defined(MHA__TIER1_AVX2)
 #define MHA__TIER_SFX _avx2
 #define MHA__PASS_TIER 1
-MHA__TARGET_BEGIN("avx2,fma")
+MHA__TARGET_BEGIN("avx2,fma,f16c")
 #include __FILE_NAME__
 MHA__TARGET_END
 #undef MHA__TIER_SFX

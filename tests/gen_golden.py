@@ -19,7 +19,8 @@ FILE FORMAT (all integers and floats little-endian; tests/golden.h reads it)
                u32 narrays
                array*
     array   := char name[24]         NUL-padded, e.g. "query", "out_proj.weight"
-               u32 dtype             0 = float32, 1 = uint8, 2 = float64
+               u32 dtype             0 = float32, 1 = uint8, 2 = float64, 3 = uint16
+                                     (16-bit storage bits: tests/gen_golden_dtype.py)
                u32 ndim              1..4
                u32 shape[4]          unused dimensions are 0
                data                  prod(shape) elements, row-major, no padding
@@ -75,12 +76,23 @@ def pack_array(name, a):
         code = 1
     elif a.dtype == np.float64:
         code = 2
+    elif a.dtype == np.uint16:
+        code = 3
     else:
         raise TypeError(f"{name}: unsupported dtype {a.dtype}")
     assert 1 <= a.ndim <= 4, name
     shape = list(a.shape) + [0] * (4 - a.ndim)
     head = struct.pack("<24sII4I", name.encode(), code, a.ndim, *shape)
     return head + a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def write_golden(path, blobs):
+    """The file: magic, version 1, the case count, then the packed cases."""
+    data = b"MHAGOLD1" + struct.pack("<II", 1, len(blobs)) + b"".join(blobs)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    print(f"wrote {path}: {len(blobs)} cases, {len(data)} bytes")
 
 
 def pack_case(name, params, scale, arrays):

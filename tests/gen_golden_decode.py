@@ -46,7 +46,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gen_golden import pack_array  # noqa: E402  (same array encoding)
+from gen_golden import pack_array, write_golden  # noqa: E402  (same encoding)
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "decode.bin")
 
@@ -233,12 +233,7 @@ def cases():
 
 
 def main():
-    blobs = list(cases())
-    data = b"MHAGOLD1" + struct.pack("<II", 1, len(blobs)) + b"".join(blobs)
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT, "wb") as f:
-        f.write(data)
-    print(f"wrote {OUT}: {len(blobs)} cases, {len(data)} bytes")
+    write_golden(OUT, list(cases()))
 
 
 if __name__ == "__main__":

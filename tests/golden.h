@@ -35,7 +35,7 @@ enum {
     GOLD_NAN_FIXED, GOLD_NPARAMS = 16
 };
 enum { GOLD_KIND_MODULE = 0, GOLD_KIND_SDPA = 1 };
-enum { GOLD_F32 = 0, GOLD_U8 = 1, GOLD_F64 = 2 };
+enum { GOLD_F32 = 0, GOLD_U8 = 1, GOLD_F64 = 2, GOLD_U16 = 3 };
 #define GOLD_D GOLD_E      /* SDPA: head dim in the E slot */
 #define GOLD_DV GOLD_KDIM  /* SDPA: value head dim in the kdim slot */
 
@@ -46,6 +46,7 @@ typedef struct gold_array {
     float *f32;            /* exactly one of these is set, by dtype */
     unsigned char *u8;
     double *f64;
+    uint16_t *u16;         /* the bits of F16 / BF16 elements */
 } gold_array;
 
 #define GOLD_MAX_ARRAYS 24
@@ -97,7 +98,7 @@ static GOLD_UNUSED void gold_free(gold_file *g)
     for (i = 0; i < g->ncases; ++i)
         for (j = 0; j < g->cases[i].narrays; ++j) {
             gold_array *a = &g->cases[i].arrays[j];
-            free(a->f32); free(a->u8); free(a->f64);
+            free(a->f32); free(a->u8); free(a->f64); free(a->u16);
         }
     free(g->cases);
     g->cases = NULL;
@@ -114,7 +115,7 @@ static int gold__array(gold__cur *c, gold_array *a, char *err, size_t errlen)
     a->dtype = (int)v;
     if (!gold__u32(c, &v)) goto truncated;
     a->ndim = (int)v;
-    if (a->dtype < GOLD_F32 || a->dtype > GOLD_F64 || a->ndim < 1 || a->ndim > 4) {
+    if (a->dtype < GOLD_F32 || a->dtype > GOLD_U16 || a->ndim < 1 || a->ndim > 4) {
         snprintf(err, errlen, "array '%s': bad dtype %d or ndim %d", a->name, a->dtype, a->ndim);
         return 0;
     }
@@ -130,7 +131,14 @@ static int gold__array(gold__cur *c, gold_array *a, char *err, size_t errlen)
         }
     }
     a->count = n;
-    if (a->dtype == GOLD_U8) {
+    if (a->dtype == GOLD_U16) {
+        unsigned char b[2];
+        if (!(a->u16 = (uint16_t *)malloc(n * sizeof(uint16_t)))) goto truncated;
+        for (k = 0; k < n; ++k) {
+            if (!gold__take(c, b, 2)) goto truncated;
+            a->u16[k] = (uint16_t)(b[0] | b[1] << 8);
+        }
+    } else if (a->dtype == GOLD_U8) {
         if (!(a->u8 = (unsigned char *)malloc(n)) || !gold__take(c, a->u8, n)) goto truncated;
     } else if (a->dtype == GOLD_F32) {
         if (!(a->f32 = (float *)malloc(n * sizeof(float)))) goto truncated;

@@ -354,6 +354,13 @@ static void test_sdpa(void)
     EC_REFUSE(MHA_ERR_INVALID_ARGUMENT, "mha_sdpa_plan_size", "flags",   /* a cache holds D-wide values */
               mha_sdpa_plan_size(B, H, L, L, D, D + 1, &o, MHA_PLAN_CACHE, &sz, ERR));
     EC_REFUSE(MHA_ERR_NULL_POINTER, "mha_sdpa_plan", "plan", mha_sdpa_plan(B, H, L, L, D, D, &o, 0, NULL, 0, NULL, ERR));
+    o.kv_dtype = (mha_dtype)3;
+    EC_REFUSE(MHA_ERR_BAD_ENUM, "mha_sdpa_plan_size", "opt->kv_dtype",
+              mha_sdpa_plan_size(B, H, L, L, D, D, &o, 0, &sz, ERR));
+    o.kv_dtype = MHA_BF16;   /* 16-bit K/V are forward only */
+    EC_REFUSE(MHA_ERR_INVALID_ARGUMENT, "mha_sdpa_plan_size", "opt->kv_dtype",
+              mha_sdpa_plan_size(B, H, L, L, D, D, &o, MHA_PLAN_TRAINING, &sz, ERR));
+    o.kv_dtype = MHA_F32;
     o.window = 1; o.window_left = 0; o.window_right = -5;
     {
         mha_plan *q = NULL;
@@ -417,7 +424,10 @@ static void test_sdpa(void)
     c.capacity = CAP; c.Hkv = 2;
     EC_REFUSE(MHA_ERR_INVALID_ARGUMENT, "mha_sdpa_run_forward", "cache->Hkv",
               mha_sdpa_run_forward(pc, 1, 0, x, NULL, NULL, out, &r, ERR));
-    c.Hkv = 1;
+    c.Hkv = 1; c.dtype = MHA_BF16;   /* a BF16 cache for a plan of float32 keys and values */
+    EC_REFUSE(MHA_ERR_DTYPE, "mha_sdpa_run_forward", "cache->dtype",
+              mha_sdpa_run_forward(pc, 1, 0, x, NULL, NULL, out, &r, ERR));
+    c.dtype = MHA_F32;
     EC_REFUSE(MHA_ERR_CAPACITY, "mha_sdpa_run_forward", "cache->len",   /* 4 queries, 3 tokens */
               mha_sdpa_run_forward(pc, 4, 0, x, NULL, NULL, out, &r, ERR));
     r.saved = out; r.saved_bytes = sizeof out;
@@ -535,6 +545,10 @@ static void test_module(void)
     EC_REFUSE(MHA_ERR_INVALID_ARGUMENT, "mha_module_plan_size", "flags",
               mha_module_plan_size(&m2, B, L, L, &o, MHA_PLAN_CACHE, &sz, ERR));
     EC_REFUSE(MHA_ERR_NULL_POINTER, "mha_module_plan", "plan", mha_module_plan(&m, B, L, L, &o, 0, NULL, 0, NULL, ERR));
+    o.kv_dtype = MHA_F16;   /* a module's K/V are its own float32 projections, but for a cache */
+    EC_REFUSE(MHA_ERR_INVALID_ARGUMENT, "mha_module_plan_size", "opt->kv_dtype",
+              mha_module_plan_size(&m, B, L, L, &o, 0, &sz, ERR));
+    o.kv_dtype = MHA_F32;
     o.softcap = NAN;
     {
         mha_plan *q = NULL;
@@ -684,6 +698,25 @@ static void test_decoding_pieces(void)
     EC_REFUSE(MHA_ERR_INVALID_ARGUMENT, "mha_kv_cache_append", "cache->n_keep", mha_kv_cache_append(&c, 1, kn, kn, ERR));
     c.n_keep = 2;   /* a wrapping chunk longer than the rolling part (6 - 2) */
     EC_REFUSE(MHA_ERR_CAPACITY, "mha_kv_cache_append", "cache->len", mha_kv_cache_append(&c, 5, kn, kn, ERR));
+    c.ring = 0; c.n_keep = 0; c.dtype = (mha_dtype)-1;
+    EC_REFUSE(MHA_ERR_BAD_ENUM, "mha_kv_cache_append", "cache->dtype", mha_kv_cache_append(&c, 1, kn, kn, ERR));
+    c.dtype = MHA_F32;
+
+    {   /* 16-bit storage conversions */
+        unsigned short h[8];
+        float f[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+        ec_clear();
+        ec_watch(h, sizeof h, 1);
+        ec_watch(f, sizeof f, 0);
+        EC_REFUSE(MHA_ERR_BAD_ENUM, "mha_convert", "to", mha_convert(8, MHA_F32, f, (mha_dtype)3, h, ERR));
+        EC_REFUSE(MHA_ERR_BAD_ENUM, "mha_convert", "from", mha_convert(8, (mha_dtype)-2, f, MHA_F16, h, ERR));
+        EC_REFUSE(MHA_ERR_NULL_POINTER, "mha_convert", "dst", mha_convert(8, MHA_F32, f, MHA_F16, NULL, ERR));
+        EC_REFUSE(MHA_ERR_NULL_POINTER, "mha_convert", "src", mha_convert(8, MHA_F32, NULL, MHA_BF16, h, ERR));
+        EC_REFUSE(MHA_ERR_OVERFLOW, "mha_convert", "n", mha_convert((size_t)-1 / 2, MHA_F32, f, MHA_BF16, h, ERR));
+        EC_REFUSE(MHA_ERR_INVALID_ARGUMENT, "mha_convert", "dst",   /* float32 to 16 bits over itself */
+                  mha_convert(8, MHA_F32, f, MHA_F16, (void *)(f + 1), ERR));
+        ec_clear();
+    }
 
     ec_clear();
     tu_fill(&(tu_rng){5}, xr, sizeof xr / sizeof *xr, 1.0f);

@@ -253,8 +253,8 @@ static void track_row(const track *t, int b, track *row)
     size_t off = (size_t)b * t->c.Hkv * t->c.capacity * t->c.D;
     *row = *t;
     row->c.B = row->cp.B = 1;
-    row->c.k += off; row->c.v += off; row->c.len += b;
-    row->cp.k += off; row->cp.v += off; row->cp.len += b;
+    row->c.k = (float *)row->c.k + off; row->c.v = (float *)row->c.v + off; row->c.len += b;
+    row->cp.k = (float *)row->cp.k + off; row->cp.v = (float *)row->cp.v + off; row->cp.len += b;
 }
 
 /* A decoding plan: PACK, B, the longest chunk Lq, Lk = capacity; its own workspace. */
