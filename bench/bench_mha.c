@@ -13,10 +13,11 @@
      3. long sequences: L = 16384 (E 512, H 8) and L = 65536 (one head of 64):
         peak RSS against the bytes of the inputs and outputs.
      4. decoding (issue 9): one decode step (Lq = 1) of mha_sdpa_forward with H = 32,
-        Hkv = 8, D = 128 against an fp32 cache of Lk = 4096 and 32768 keys:
-        K+V bytes read per second against a STREAM-like read of as many
-        bytes measured in the same run, and against a plain per-head C loop
-        of the kind llama2.c uses; prefill with GQA (L = 2048, H = 8, Hkv = 2,
+        Hkv = 8, D = 128 against a cache of Lk = 4096 and 32768 keys stored
+        as f32, f16 and bf16 (opt.kv_dtype): K+V bytes read per second
+        against a STREAM-like read of as many bytes measured in the same
+        run, and (f32) against a plain per-head C loop of the kind llama2.c
+        uses; prefill with GQA (L = 2048, H = 8, Hkv = 2,
         D = 64) against the MHA core at the same shape; a sliding window
         W = 256 at L = 16384 (one head of 64, causal) against full causal
         attention, against the share of keys a window leaves, 2 (W + 1) / (L + 1),
@@ -101,6 +102,7 @@ enum { JOB_MHA = 0, JOB_DECODE, JOB_STREAM, JOB_NAIVE_DECODE, JOB_GQA_PREFILL, J
 typedef struct job {
     int kind;               /* JOB_MHA: tables 1-3; the others: table 4 (run_decode_job) */
     int Lk, Hkv, D, window; /* table 4 shapes; window: left size (0 = full causal) */
+    mha_dtype kv_dtype;     /* table 4 decode: K/V storage (stream: reads as many bytes) */
     int sdpa;               /* 1: mha_sdpa_forward on [B,H,L,D]; 0: mha_module_forward */
     int B, L, E, H, threads, fused;
     int packed;             /* runs of a module plan made with MHA_PLAN_PACK */
@@ -155,7 +157,10 @@ static result run_decode_job(const job *jb)
     int i, H = jb->H, Hkv = jb->Hkv, D = jb->D, Lk = jb->Lk, Lq = jb->kind == JOB_DECODE ||
                                                                   jb->kind == JOB_NAIVE_DECODE ? 1 : Lk;
     size_t nkv = (size_t)Hkv * Lk * D, nq = (size_t)H * Lq * D;
+    size_t nread = nkv * mha_dtype_size(jb->kv_dtype) / sizeof(float);   /* stream: floats of K, of V */
     float *q, *k, *v, *out, *att = NULL;
+    const void *kx, *vx;
+    void *kh = NULL, *vh = NULL;
     volatile float sink = 0.0f;
     mha_options opt;
     mha_sizes sz;
@@ -171,6 +176,15 @@ static result run_decode_job(const job *jb)
     k = (float *)malloc(nkv * sizeof(float)); v = (float *)malloc(nkv * sizeof(float));
     if (!q || !out || !k || !v) return r;
     fill(q, nq, 1, 1.0f); fill(k, nkv, 2, 1.0f); fill(v, nkv, 3, 1.0f);
+    kx = k; vx = v;
+    opt.kv_dtype = jb->kind == JOB_DECODE ? jb->kv_dtype : MHA_F32;
+    if (opt.kv_dtype != MHA_F32) {   /* the cache in 16 bits */
+        if (!(kh = malloc(nkv * 2)) || !(vh = malloc(nkv * 2)) ||
+            mha_convert(nkv, MHA_F32, k, opt.kv_dtype, kh, NULL) != MHA_OK ||
+            mha_convert(nkv, MHA_F32, v, opt.kv_dtype, vh, NULL) != MHA_OK)
+            return r;
+        kx = kh; vx = vh;
+    }
     if (jb->kind == JOB_NAIVE_DECODE && !(att = (float *)malloc((size_t)H * Lk * sizeof(float)))) return r;
     if (jb->kind != JOB_STREAM && jb->kind != JOB_NAIVE_DECODE) {
         if (mha_sdpa_plan_size(1, H, Lq, Lk, D, D, &opt, 0, &sz, NULL) != MHA_OK ||
@@ -185,11 +199,11 @@ static result run_decode_job(const job *jb)
             float acc[16] = {0};
             size_t j;
             int u;
-            for (j = 0; j + 16 <= nkv; j += 16) for (u = 0; u < 16; ++u) acc[u] += k[j + u] + v[j + u];
+            for (j = 0; j + 16 <= nread; j += 16) for (u = 0; u < 16; ++u) acc[u] += k[j + u] + v[j + u];
             for (u = 0; u < 16; ++u) sink += acc[u];
         } else if (jb->kind == JOB_NAIVE_DECODE) {
             naive_decode(H, Hkv, Lk, D, q, k, v, att, out, jb->threads);
-        } else if (mha_sdpa_forward(1, H, Lq, Lk, D, D, q, k, v, &opt, out, &run, NULL) != MHA_OK) {
+        } else if (mha_sdpa_forward(1, H, Lq, Lk, D, D, q, kx, vx, &opt, out, &run, NULL) != MHA_OK) {
             return r;
         }
         t1 = now_s(jb->threads);
@@ -199,7 +213,7 @@ static result run_decode_job(const job *jb)
     }
     median_result(&r, times);
     (void)sink;   /* written only so that the reads above cannot be dropped */
-    free(q); free(out); free(k); free(v); free(att); free(run.workspace);
+    free(q); free(out); free(k); free(v); free(att); free(run.workspace); free(kh); free(vh);
     return r;
 }
 
@@ -569,34 +583,45 @@ static void train_table(int torch)
 }
 
 /* Table 4: decoding, prefill with GQA, sliding window. */
-static result decode_row(int kind, int H, int Hkv, int Lk, int D, int window, int threads, double min_time)
+static result decode_row_t(int kind, mha_dtype t, int H, int Hkv, int Lk, int D, int window, int threads,
+                           double min_time)
 {
     job jb;
     memset(&jb, 0, sizeof jb);
-    jb.kind = kind; jb.H = H; jb.Hkv = Hkv; jb.Lk = Lk; jb.D = D; jb.window = window;
+    jb.kind = kind; jb.kv_dtype = t; jb.H = H; jb.Hkv = Hkv; jb.Lk = Lk; jb.D = D; jb.window = window;
     jb.threads = threads; jb.min_time = min_time; jb.max_reps = 30;
     return run_forked(&jb);
+}
+static result decode_row(int kind, int H, int Hkv, int Lk, int D, int window, int threads, double min_time)
+{
+    return decode_row_t(kind, MHA_F32, H, Hkv, Lk, D, window, threads, min_time);
 }
 
 static void decode_table(void)
 {
     static const int lks[] = {4096, 32768};
-    int i, t;
-    printf("\n== decoding: one step, Lq = 1, H = 32, Hkv = 8, D = 128, fp32 K/V cache (mha_sdpa_forward, GQA)\n");
-    printf("   GB/s = K+V bytes / time; stream = a plain read of as many bytes, this run;\n");
-    printf("   llama2.c = a plain per-head C loop (scores, softmax, weighted sum)\n");
-    printf("%-6s %3s %9s %8s %9s %7s %12s %8s\n", "Lk", "thr", "ms", "GB/s", "stream", "%bw",
+    static const mha_dtype types[] = {MHA_F32, MHA_F16, MHA_BF16};
+    static const char *const tnames[] = {"f32", "f16", "bf16"};
+    int i, t, y;
+    printf("\n== decoding: one step, Lq = 1, H = 32, Hkv = 8, D = 128, K/V cache of f32, f16, bf16\n");
+    printf("   (mha_sdpa_forward, GQA, opt.kv_dtype); GB/s = K+V bytes / time; stream = a plain read\n");
+    printf("   of as many bytes, this run; llama2.c = a plain per-head C loop over f32 (scores,\n");
+    printf("   softmax, weighted sum)\n");
+    printf("%-5s %-6s %3s %9s %8s %9s %7s %12s %8s\n", "K/V", "Lk", "thr", "ms", "GB/s", "stream", "%bw",
            "llama2.c ms", "speed-up");
-    for (i = 0; i < 2; ++i)
-        for (t = 1; t <= 2; ++t) {
-            double bytes = 2.0 * 8 * lks[i] * 128 * sizeof(float);
-            result m = decode_row(JOB_DECODE, 32, 8, lks[i], 128, 0, t, 0.5);
-            result st = decode_row(JOB_STREAM, 32, 8, lks[i], 128, 0, 1, 0.3);
-            result nv = decode_row(JOB_NAIVE_DECODE, 32, 8, lks[i], 128, 0, t, 0.5);
-            if (!m.ok || !st.ok || !nv.ok) { printf("%-6d %3d  failed\n", lks[i], t); continue; }
-            printf("%-6d %3d %9.3f %8.2f %9.2f %6.0f%% %12.3f %7.2fx\n", lks[i], t, m.ms, bytes / (m.ms * 1e6),
-                   bytes / (st.ms * 1e6), 100.0 * st.ms / m.ms, nv.ms, nv.ms / m.ms);
-        }
+    for (y = 0; y < 3; ++y)
+        for (i = 0; i < 2; ++i)
+            for (t = 1; t <= 2; ++t) {
+                double bytes = 2.0 * 8 * lks[i] * 128 * (double)mha_dtype_size(types[y]);
+                result m = decode_row_t(JOB_DECODE, types[y], 32, 8, lks[i], 128, 0, t, 0.5);
+                result st = decode_row_t(JOB_STREAM, types[y], 32, 8, lks[i], 128, 0, 1, 0.3);
+                result nv = y ? m : decode_row(JOB_NAIVE_DECODE, 32, 8, lks[i], 128, 0, t, 0.5);
+                if (!m.ok || !st.ok || !nv.ok) { printf("%-5s %-6d %3d  failed\n", tnames[y], lks[i], t); continue; }
+                printf("%-5s %-6d %3d %9.3f %8.2f %9.2f %6.0f%%", tnames[y], lks[i], t, m.ms, bytes / (m.ms * 1e6),
+                       bytes / (st.ms * 1e6), 100.0 * st.ms / m.ms);
+                if (y) printf("\n");
+                else printf(" %12.3f %7.2fx\n", nv.ms, nv.ms / m.ms);
+            }
     printf("\n== prefill with GQA: mha_sdpa_forward L = 2048, H = 8, D = 64, no mask; GFLOP/s = 4 H L^2 D / time\n");
     printf("%-10s %3s %9s %8s\n", "Hkv", "thr", "ms", "GFLOP/s");
     for (i = 0; i < 2; ++i)
