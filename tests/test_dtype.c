@@ -518,6 +518,68 @@ static void test_golden_attention(const gold_file *g)
            cost[1], cost[2]);
 }
 
+/* The held-out checks of issue 9 (tests/golden/decode.bin: PyTorch's
+   float64 attention with GQA, windows, soft-capping, ALiBi, sinks) run
+   with K and V stored in each 16-bit type, against the float32 reference
+   at the type's tolerance: 4 u, u the unit roundoff of the type (F16
+   2^-11, BF16 2^-8).  Rounding each K and V element by at most u moves
+   each score and each value by at most u relatively, so the output moves
+   by a small multiple of u; 4 u leaves room for the sums of the cases
+   (measured: printed as a NOTE).  Fused and unfused paths both. */
+static void test_heldout_decode(void)
+{
+    static const double tol[3] = {0.0, 4.0 / 2048.0, 4.0 / 256.0};
+    double worst[3] = {0, 0, 0};
+    gold_file gf;
+    char err[256];
+    int ci, ty, n = 0;
+    if (!gold_load("tests/golden/decode.bin", &gf, err, sizeof err)) { CHECK(0, "%s", err); return; }
+    for (ci = 0; ci < gf.ncases; ++ci) {
+        const gold_case *g = &gf.cases[ci];
+        const int *p = g->p;   /* B H Hkv Lq Lk D Dv causal window left right alibi sinks grad kind */
+        const gold_array *q = gold_find(g, "q"), *k = gold_find(g, "k"), *v = gold_find(g, "v");
+        const gold_array *out = gold_find(g, "out"), *cap = gold_find(g, "softcap");
+        const gold_array *sl = gold_find(g, "slopes"), *sk = gold_find(g, "sinks");
+        if (p[14] != 0) continue;   /* attention cases only */
+        if (!q || !k || !v || !out) { CHECK(0, "%s: arrays missing", g->name); continue; }
+        for (ty = 1; ty <= 2; ++ty) {
+            uint16_t *k16 = (uint16_t *)malloc(k->count * 2), *v16 = (uint16_t *)malloc(v->count * 2);
+            float *o = alloc_f(out->count), *w = alloc_f((size_t)p[0] * p[1] * p[3] * p[4]);
+            mha_options opt;
+            mha_run run;
+            int pass;
+            memset(&opt, 0, sizeof opt);
+            opt.kv_dtype = (mha_dtype)ty; opt.num_kv_heads = p[2];
+            opt.causal = p[7] == 1 || p[7] == 2;
+            opt.causal_align = p[7] >= 2 ? MHA_CAUSAL_BOTTOM_RIGHT : MHA_CAUSAL_TOP_LEFT;
+            opt.window = p[8]; opt.window_left = p[9]; opt.window_right = p[10];
+            opt.softcap = cap ? cap->f32[0] : 0.0f;
+            opt.alibi = p[11] != 0; opt.alibi_slopes = p[11] == 2 && sl ? sl->f32 : NULL;
+            opt.sinks = p[12] && sk ? sk->f32 : NULL;
+            opt.scale = g->scale;
+            (void)mha_convert(k->count, MHA_F32, k->f32, (mha_dtype)ty, k16, NULL);
+            (void)mha_convert(v->count, MHA_F32, v->f32, (mha_dtype)ty, v16, NULL);
+            for (pass = 0; pass < 2; ++pass) {   /* fused, then with the weights (unfused) */
+                double e;
+                memset(&run, 0, sizeof run);
+                run.weights = pass ? w : NULL;
+                CHECK(mha_sdpa_forward(p[0], p[1], p[3], p[4], p[5], p[6], q->f32, k16, v16, &opt, o, &run,
+                                       NULL) == MHA_OK, "%s: forward", g->name);
+                e = tu_rel_err(o, out->f64, out->count);
+                if (e > worst[ty]) worst[ty] = e;
+                CHECK(e <= tol[ty], "%s with %s K/V (%s): %.2e > %.2e", g->name, ty == 1 ? "F16" : "BF16",
+                      pass ? "unfused" : "fused", e, tol[ty]);
+            }
+            free(k16); free(v16); free(o); free(w);
+        }
+        ++n;
+    }
+    CHECK(n >= 10, "%d held-out attention cases", n);
+    printf("NOTE held-out decoder cases (%d, PyTorch float64 on float32 K/V) with 16-bit K/V: F16 %.2e "
+           "(tolerance %.1e), BF16 %.2e (tolerance %.1e)\n", n, worst[1], tol[1], worst[2], tol[2]);
+    gold_free(&gf);
+}
+
 /* Refusals name the field; nothing is written. */
 static void test_refusals(void)
 {
@@ -574,6 +636,7 @@ int main(void)
     test_cache();
     test_module_decode();
     test_refusals();
+    test_heldout_decode();
     if (gold_load("tests/golden/dtype.bin", &g, err, sizeof err)) {
         CHECK(g.ncases == 11 && g.cases[0].p[0] == 0, "dtype.bin: %d cases", g.ncases);
         test_golden_conversions(&g.cases[0]);
