@@ -153,6 +153,13 @@ MHA_ST_DEF const char *mha_st_dtype_name(mha_st_dtype d);
    not read). */
 MHA_ST_DEF mha_status mha_st_read_f32(const mha_st_tensor *t, float *dst, size_t count, mha_error *err);
 MHA_ST_DEF mha_status mha_st_read_f64(const mha_st_tensor *t, double *dst, size_t count, mha_error *err);
+/* The tensor as 16-bit elements of mha.h's type `to` (MHA_F16 or MHA_BF16)
+   into dst, count uint16_t in the host's byte order: a tensor of that type
+   is copied bit for bit, an F32 one or one of the other 16-bit type is
+   rounded as mha_convert rounds (to nearest even).  F64 tensors are
+   refused (MHA_ERR_SHAPE: two roundings through float32 could differ from
+   one), as is a `to` that is not a 16-bit type (MHA_ERR_INVALID_ARGUMENT). */
+MHA_ST_DEF mha_status mha_st_read16(const mha_st_tensor *t, mha_dtype to, void *dst, size_t count, mha_error *err);
 
 /* *out = the tensor `name` as float32, converted once and kept until
    mha_st_close.  ndim/shape: the expected shape (ndim < 0: any).
@@ -899,6 +906,37 @@ MHA_ST_DEF mha_status mha_st_read_f64(const mha_st_tensor *t, double *dst, size_
     if (mha_st__check_read(t, dst, count, e) == 0)
         for (i = 0; i < count; ++i) dst[i] = mha_st__value(t, i);
     return mha_report__end(e, "mha_st_read_f64");
+}
+
+MHA_ST_DEF mha_status mha_st_read16(const mha_st_tensor *t, mha_dtype to, void *dst, size_t count, mha_error *err)
+{
+    mha_error local, *e = mha_report__begin(err, &local);
+    if (to != MHA_F16 && to != MHA_BF16) {
+        mha_report__fail(e, MHA_ERR_INVALID_ARGUMENT, "to", "is %d; expected MHA_F16 (1) or MHA_BF16 (2)", (int)to);
+    } else if (mha_st__check_read(t, dst, count, e) == 0) {
+        if (t->dtype == MHA_ST_F64) {
+            mha_st__refuse(e, "t", t, "of any shape", "F64 would be rounded twice");
+        } else {
+            uint16_t *d = MHA_ST__CAST(uint16_t *, dst);
+            float buf[256];
+            size_t i, m, k;
+            mha_dtype from = t->dtype == MHA_ST_F16 ? MHA_F16 : t->dtype == MHA_ST_BF16 ? MHA_BF16 : MHA_F32;
+            for (i = 0; i < count; i += m) {   /* a block at a time: read little-endian, then convert */
+                m = count - i < 256 ? count - i : 256;
+                if (from == MHA_F32) {
+                    for (k = 0; k < m; ++k) buf[k] = (float)mha_st__value(t, i + k);
+                    (void)mha_convert(m, MHA_F32, buf, to, d + i, NULL);
+                } else {
+                    for (k = 0; k < m; ++k) {
+                        const unsigned char *b = t->raw + (i + k) * 2;
+                        d[i + k] = (uint16_t)(b[0] | b[1] << 8);
+                    }
+                    if (from != to) (void)mha_convert(m, from, d + i, to, d + i, NULL);   /* in place */
+                }
+            }
+        }
+    }
+    return mha_report__end(e, "mha_st_read16");
 }
 
 /* Tensor t of f as float32 into *out, its shape checked when ndim >= 0;

@@ -231,6 +231,37 @@ static void test_dtypes(void)
         CHECK(ec_refused(rc, &err, MHA_ERR_NULL_POINTER, "mha_st_read_f32", "dst", "is NULL"), "NULL dst: %s",
               err.message);
     }
+    {   /* kept in 16 bits: the same type bit for bit, the other type and F32 rounded as mha_convert */
+        uint16_t h[12], w[12];
+        float fl[12];
+        const mha_st_tensor *hf = mha_st_find(&f, "half"), *bf = mha_st_find(&f, "bf16");
+        const mha_st_tensor *f32 = mha_st_find(&f, "half.as_f32");
+        int ok = 1;
+        rc = mha_st_read16(hf, MHA_F16, h, 12, &err);
+        for (i = 0; rc == MHA_OK && i < 12; ++i) ok &= h[i] == (uint16_t)(hf->raw[2 * i] | hf->raw[2 * i + 1] << 8);
+        CHECK(rc == MHA_OK && ok, "F16 kept as F16 bit for bit: %s", rc ? err.message : "");
+        rc = mha_st_read16(bf, MHA_BF16, h, 12, &err);
+        for (i = 0, ok = 1; rc == MHA_OK && i < 12; ++i) ok &= h[i] == (uint16_t)(bf->raw[2 * i] | bf->raw[2 * i + 1] << 8);
+        CHECK(rc == MHA_OK && ok, "BF16 kept as BF16 bit for bit: %s", rc ? err.message : "");
+        rc = mha_st_read16(hf, MHA_BF16, h, 12, &err);
+        (void)mha_st_read16(hf, MHA_F16, w, 12, NULL);
+        (void)mha_convert(12, MHA_F16, w, MHA_BF16, w, NULL);
+        CHECK(rc == MHA_OK && memcmp(h, w, sizeof h) == 0, "F16 read as BF16 = mha_convert's rounding");
+        rc = mha_st_read16(f32, MHA_F16, h, 12, &err);
+        (void)mha_st_read_f32(f32, fl, 12, NULL);
+        (void)mha_convert(12, MHA_F32, fl, MHA_F16, w, NULL);
+        CHECK(rc == MHA_OK && memcmp(h, w, sizeof h) == 0, "F32 read as F16 = mha_convert's rounding");
+        memset(h, 0, sizeof h);
+        rc = mha_st_read16(mha_st_find(&f, "double"), MHA_F16, h, 6, &err);
+        CHECK(ec_refused(rc, &err, MHA_ERR_SHAPE, "mha_st_read16", "t", "F64 would be rounded twice") && h[0] == 0,
+              "F64 read in 16 bits refused: %s", err.message);
+        rc = mha_st_read16(hf, MHA_F32, h, 12, &err);
+        CHECK(ec_refused(rc, &err, MHA_ERR_INVALID_ARGUMENT, "mha_st_read16", "to", "expected MHA_F16 (1) or MHA_BF16")
+              && h[0] == 0, "to F32 refused: %s", err.message);
+        rc = mha_st_read16(hf, MHA_F16, h, 11, &err);
+        CHECK(ec_refused(rc, &err, MHA_ERR_SHAPE, "mha_st_read16", "count", "expected 11 values") && h[0] == 0,
+              "wrong count refused: %s", err.message);
+    }
     t = mha_st_find(&f, "scalar");
     rc = mha_st_floats(&f, "scalar", 0, NULL, &x, &err);
     CHECK(t && t->ndim == 0 && t->count == 1 && rc == MHA_OK && x && x[0] == 7.5f, "scalar: shape [], one value");
