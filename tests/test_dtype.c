@@ -408,19 +408,20 @@ static void test_cache(void)
         }
 }
 
-/* The module decoding over a 16-bit cache (plan: kv_dtype = the cache's),
-   against a float64 reference written here: q = x Wq^T + bq, the cache's
-   keys and values widened by the definition, out = ctx Wo^T + bo. */
+/* The module decoding over a 16-bit cache (plan: kv_dtype = the cache's):
+   a prefill chunk of 5 tokens (causal: the non-narrow, tiled path), then
+   one token a step (the narrow path), against a float64 reference written
+   here: q = x Wq^T + bq, the cache's keys and values widened by the
+   definition, out = ctx Wo^T + bo.  Also an SDPA chunk over the cache. */
 static void test_module_decode(void)
 {
-    enum { E = 32, H = 4, HKV = 2, D = E / H, EKV = HKV * D, CAP = 20, B = 1 };
-    float win[(E + 2 * EKV) * E], bin[E + 2 * EKV], wo[E * E], bo[E], x[E], out[E];
+    enum { E = 32, H = 4, HKV = 2, D = E / H, EKV = HKV * D, CAP = 20, B = 1, CH = 5 };
+    float win[(E + 2 * EKV) * E], bin[E + 2 * EKV], wo[E * E], bo[E], x[CH * E], out[CH * E];
     mha_module m;
     mha_options o;
     mha_plan *p = NULL;
     mha_kv_cache c;
     int t, ty_i;
-    double worst = 0;
     tu_rng r = {31};
     tu_fill(&r, win, sizeof win / 4, 0.3f); tu_fill(&r, bin, sizeof bin / 4, 0.1f);
     tu_fill(&r, wo, sizeof wo / 4, 0.3f); tu_fill(&r, bo, sizeof bo / 4, 0.1f);
@@ -429,51 +430,81 @@ static void test_module_decode(void)
     m.in_proj_weight = win; m.in_proj_bias = bin; m.out_proj_weight = wo; m.out_proj_bias = bo;
     for (ty_i = 0; ty_i < 2; ++ty_i) {
         mha_dtype ty = ty_i ? MHA_BF16 : MHA_F16;
+        double worst = 0;
         mha_run run;
+        int n;
         memset(&o, 0, sizeof o);
-        o.kv_dtype = ty;
-        CHECK(mha_module_plan(&m, B, 1, CAP, &o, MHA_PLAN_CACHE | MHA_PLAN_PACK, NULL, 0, &p, NULL) == MHA_OK,
+        o.kv_dtype = ty; o.causal = 1; o.num_threads = 2;
+        CHECK(mha_module_plan(&m, B, CH, CAP, &o, MHA_PLAN_CACHE | MHA_PLAN_PACK, NULL, 0, &p, NULL) == MHA_OK,
               "module plan with a 16-bit cache");
         cache_init(&c, B, HKV, D, CAP, ty, 0, 0);
         memset(&run, 0, sizeof run);
         run.cache = &c;
-        for (t = 0; t < CAP; ++t) {
-            double qd[E], ctx[E], ref[E], s[CAP], mx, sum;
-            int h, j, d, i;
-            tu_fill(&r, x, E, 1.0f);
-            CHECK(mha_module_run_forward(p, 1, 0, x, NULL, NULL, out, &run, NULL) == MHA_OK, "decode step");
-            for (i = 0; i < E; ++i) {
-                qd[i] = bin[i];
-                for (d = 0; d < E; ++d) qd[i] += (double)win[i * E + d] * x[d];
-            }
-            for (h = 0; h < H; ++h) {
-                int g = h / (H / HKV);
-                const uint16_t *kc = (const uint16_t *)c.k + (size_t)g * CAP * D;
-                const uint16_t *vc = (const uint16_t *)c.v + (size_t)g * CAP * D;
-                mx = -INFINITY;
-                for (j = 0; j <= t; ++j) {
-                    s[j] = 0;
-                    for (d = 0; d < D; ++d) s[j] += qd[h * D + d] * ref_value(kc[j * D + d], ty);
-                    s[j] /= sqrt((double)D);
-                    if (s[j] > mx) mx = s[j];
+        for (t = 0; t < CAP; t += n) {
+            int i0;
+            n = t == 0 ? CH : 1;
+            tu_fill(&r, x, (size_t)n * E, 1.0f);
+            CHECK(mha_module_run_forward(p, n, 0, x, NULL, NULL, out, &run, NULL) == MHA_OK, "step at %d", t);
+            for (i0 = 0; i0 < n; ++i0) {   /* token t + i0 sees keys 0..t + i0 */
+                double qd[E], ctx[E], ref[E], s[CAP], mx, sum, e;
+                int h, j, d, i, last = t + i0;
+                for (i = 0; i < E; ++i) {
+                    qd[i] = bin[i];
+                    for (d = 0; d < E; ++d) qd[i] += (double)win[i * E + d] * x[i0 * E + d];
                 }
-                for (sum = 0, j = 0; j <= t; ++j) sum += (s[j] = exp(s[j] - mx));
-                for (d = 0; d < D; ++d) {
-                    ctx[h * D + d] = 0;
-                    for (j = 0; j <= t; ++j) ctx[h * D + d] += s[j] / sum * ref_value(vc[j * D + d], ty);
+                for (h = 0; h < H; ++h) {
+                    int g = h / (H / HKV);
+                    const uint16_t *kc = (const uint16_t *)c.k + (size_t)g * CAP * D;
+                    const uint16_t *vc = (const uint16_t *)c.v + (size_t)g * CAP * D;
+                    mx = -INFINITY;
+                    for (j = 0; j <= last; ++j) {
+                        s[j] = 0;
+                        for (d = 0; d < D; ++d) s[j] += qd[h * D + d] * ref_value(kc[j * D + d], ty);
+                        s[j] /= sqrt((double)D);
+                        if (s[j] > mx) mx = s[j];
+                    }
+                    for (sum = 0, j = 0; j <= last; ++j) sum += (s[j] = exp(s[j] - mx));
+                    for (d = 0; d < D; ++d) {
+                        ctx[h * D + d] = 0;
+                        for (j = 0; j <= last; ++j) ctx[h * D + d] += s[j] / sum * ref_value(vc[j * D + d], ty);
+                    }
                 }
-            }
-            for (i = 0; i < E; ++i) {
-                ref[i] = bo[i];
-                for (d = 0; d < E; ++d) ref[i] += (double)wo[i * E + d] * ctx[d];
-            }
-            {
-                double e = tu_rel_err(out, ref, E);
+                for (i = 0; i < E; ++i) {
+                    ref[i] = bo[i];
+                    for (d = 0; d < E; ++d) ref[i] += (double)wo[i * E + d] * ctx[d];
+                }
+                e = tu_rel_err(out + i0 * E, ref, E);
                 if (e > worst) worst = e;
             }
         }
-        CHECK(worst <= TOL, "%s module decoding against float64: %.2e", ty == MHA_F16 ? "F16" : "BF16", worst);
+        CHECK(worst <= TOL, "%s module prefill and decoding against float64: %.2e", ty == MHA_F16 ? "F16" : "BF16",
+              worst);
         mha_plan_destroy(p);
+        /* an SDPA chunk of 7 queries over the full cache (the tiled path), against float32 K/V of the same values */
+        {
+            enum { LQ = 7 };
+            float q[H * LQ * D], o16[H * LQ * D], o32[H * LQ * D];
+            float *kw = alloc_f((size_t)HKV * CAP * D), *vw = alloc_f((size_t)HKV * CAP * D);
+            size_t i;
+            mha_options so;
+            mha_run sr;
+            tu_fill(&r, q, sizeof q / 4, 1.0f);
+            for (i = 0; i < (size_t)HKV * CAP * D; ++i) {
+                kw[i] = (float)ref_value(((const uint16_t *)c.k)[i], ty);
+                vw[i] = (float)ref_value(((const uint16_t *)c.v)[i], ty);
+            }
+            memset(&so, 0, sizeof so);
+            so.causal = 1; so.num_threads = 2;   /* one shot: the cache's type */
+            memset(&sr, 0, sizeof sr);
+            sr.cache = &c;
+            CHECK(mha_sdpa_forward(B, H, LQ, 0, D, D, q, NULL, NULL, &so, o16, &sr, NULL) == MHA_OK, "sdpa chunk");
+            so.num_kv_heads = HKV; so.causal_align = MHA_CAUSAL_BOTTOM_RIGHT;
+            CHECK(mha_sdpa_forward(B, H, LQ, CAP, D, D, q, kw, vw, &so, o32, NULL, NULL) == MHA_OK, "sdpa dense");
+            CHECK(tu_rel_err_ff(o16, o32, sizeof o16 / 4) <= 1e-6, "%s: an SDPA chunk over the cache against dense "
+                  "float32 K/V of the same values: %.2e", ty == MHA_F16 ? "F16" : "BF16",
+                  tu_rel_err_ff(o16, o32, sizeof o16 / 4));
+            free(kw); free(vw);
+        }
         cache_free(&c);
     }
 }
