@@ -1,7 +1,7 @@
 /* decode.c - prefill a prompt, then generate tokens one at a time through a
    KV cache, printing the time per step (docs/decoding.md).
      cc -std=c99 -O2 -march=native -I. examples/decode.c -o decode -lm
-     ./decode [prompt_len] [steps]
+     ./decode [prompt_len] [steps] [f32|f16|bf16]
 
    The model is one attention layer in the shape of a small llama block:
    E = 512, H = 8 query heads, Hkv = 2 KV heads (GQA), D = 64, RoPE
@@ -14,7 +14,11 @@
    MHA_PLAN_PACK: shapes checked, weights packed for the kernels) for up to P
    new tokens against a cache of `capacity`; every step is then a run of that plan with
    mha_run.cache set: project the new tokens, turn them by RoPE, append
-   their K and V to the cache and attend to all of it.  */
+   their K and V to the cache and attend to all of it.  The third argument
+   stores the cache in 16 bits (cache.dtype and the plan's opt.kv_dtype):
+   half the memory, keys and values rounded to nearest even as they are
+   appended; the outputs then differ from a float32 cache's by about the
+   type's rounding (out[0] is printed to compare).  */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #endif
@@ -25,6 +29,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 static double now(void)
@@ -38,8 +43,11 @@ int main(int argc, char **argv)
 {
     const int E = 512, H = 8, Hkv = 2, D = E / H, Ekv = Hkv * D;
     int P = argc > 1 ? atoi(argv[1]) : 100, N = argc > 2 ? atoi(argv[2]) : 20;
+    const char *type = argc > 3 ? argv[3] : "f32";
+    mha_dtype dt = !strcmp(type, "f16") ? MHA_F16 : !strcmp(type, "bf16") ? MHA_BF16 : MHA_F32;
     int cap, step, i, len = 0;
-    float *wq, *wk, *wv, *wo, *x, *y, *ck, *cv;
+    float *wq, *wk, *wv, *wo, *x, *y;
+    void *ck, *cv;
     mha_module m = {0};
     mha_kv_cache cache = {0};
     mha_options opt = {0};
@@ -51,12 +59,15 @@ int main(int argc, char **argv)
     mha_status s;
     double t0, t1, total = 0;
 
-    if (P < 1 || N < 1) { fprintf(stderr, "usage: %s [prompt_len >= 1] [steps >= 1]\n", argv[0]); return 1; }
+    if (P < 1 || N < 1 || (dt == MHA_F32 && strcmp(type, "f32"))) {
+        fprintf(stderr, "usage: %s [prompt_len >= 1] [steps >= 1] [f32|f16|bf16]\n", argv[0]);
+        return 1;
+    }
     cap = P + N;
     wq = malloc((size_t)E * E * sizeof(float)); wk = malloc((size_t)Ekv * E * sizeof(float));
     wv = malloc((size_t)Ekv * E * sizeof(float)); wo = malloc((size_t)E * E * sizeof(float));
     x = malloc((size_t)P * E * sizeof(float)); y = malloc((size_t)P * E * sizeof(float));
-    ck = malloc((size_t)Hkv * cap * D * sizeof(float)); cv = malloc((size_t)Hkv * cap * D * sizeof(float));
+    ck = malloc((size_t)Hkv * cap * D * mha_dtype_size(dt)); cv = malloc((size_t)Hkv * cap * D * mha_dtype_size(dt));
     if (!wq || !wk || !wv || !wo || !x || !y || !ck || !cv) { fprintf(stderr, "out of memory\n"); return 1; }
     tiny_rng_seed(&rng, 1);
     tiny_rng_fill(&rng, wq, (size_t)E * E, 0.05f); tiny_rng_fill(&rng, wk, (size_t)Ekv * E, 0.05f);
@@ -68,6 +79,7 @@ int main(int argc, char **argv)
     m.rope.kind = MHA_ROPE_HALF;                      /* theta 0 = 10000, rotary_dim 0 = D */
     cache.B = 1; cache.Hkv = Hkv; cache.D = D; cache.capacity = cap;
     cache.k = ck; cache.v = cv; cache.len = &len;
+    cache.dtype = dt; opt.kv_dtype = dt;   /* the cache's storage, and the plan's: the same */
     opt.causal = 1;              /* the prompt attends causally; one new token sees the whole cache */
 
     /* plan once: up to P new tokens (the prompt) against `cap` cached ones,
@@ -81,8 +93,8 @@ int main(int argc, char **argv)
     run.workspace = malloc(sizes.workspace);
     run.workspace_bytes = sizes.workspace;
     if (!run.workspace) { fprintf(stderr, "out of memory\n"); return 1; }
-    printf("plan: %.1f KiB (packed weights), workspace %.1f KiB\n", sizes.plan / 1024.0,
-           sizes.workspace / 1024.0);
+    printf("plan: %.1f KiB (packed weights), workspace %.1f KiB, %s cache %.1f KiB\n", sizes.plan / 1024.0,
+           sizes.workspace / 1024.0, type, 2.0 * Hkv * cap * D * (double)mha_dtype_size(dt) / 1024.0);
 
     /* prefill: the whole prompt in one run (Lk = 0: the keys are the cache's) */
     t0 = now();

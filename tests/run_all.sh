@@ -197,6 +197,7 @@ test_valgrind() {
     vg_run mha_view 0 "$dir/mha_view" tests/data/npy/torch_causal_f4.npy --labels tests/data/npy/tokens5.txt -o "$dir/view"
     vg_run mha_view_bad_file 1 "$dir/mha_view" tests/data/npy/bad_fortran.npy -o "$dir/view"
     vg_run decode 0 "$dir/decode" 8 3
+    vg_run decode_f16 0 "$dir/decode" 8 3 f16
     vg_run decoding_masks 0 "$dir/decoding_masks" "$dir"
     vg_run long_attention 0 "$dir/long_attention" "$dir" 192
     vg_run memcheck_fwd_bwd 0 "$dir/memcheck_fwd_bwd"
