@@ -66,6 +66,13 @@
      projects the new token with the plan's (packed) weights, turns Q and K
      by RoPE, appends K and V to the cache and attends to all of it.
 
+   16-BIT STORAGE (section 2, docs/api.md "Storage types")
+     Keys and values (SDPA's k, v with opt.kv_dtype; the KV cache's dtype)
+     and a module's projection weights (m.weight_dtype, with MHA_PLAN_PACK)
+     may be MHA_F16 or MHA_BF16; every computation stays float32 and gives
+     the bits of float32 inputs holding the same values.  mha_convert
+     rounds to nearest even, as PyTorch's .half() and .bfloat16().
+
    SECTIONS (the implementation below follows the same numbers)
      0. foundations (implementation only: sizes, the SIMD layer)
      1. status and errors             mha_status, mha_error
@@ -554,18 +561,21 @@ typedef struct mha_rope {
 
 /* Pointers are borrowed, in the state_dict layout, so tensors can be copied
    in unchanged.  A NULL bias means bias=False.  Either in_proj_weight
-   (kdim == vdim == embed_dim) or the three q/k/v_proj_weight must be set. */
+   (kdim == vdim == embed_dim) or the three q/k/v_proj_weight must be set.
+   The five weight matrices hold weight_dtype elements (float by default;
+   they are void pointers since 1.2 for that, and a float * converts to
+   them as before); biases and the rest are float.  */
 typedef struct mha_module {
     int embed_dim;                 /* E */
     int num_heads;                 /* H, E % H == 0, head_dim D = E / H */
     int kdim, vdim;                /* 0 = E */
     int add_zero_attn;             /* append a zero key and value after the head split */
-    const float *in_proj_weight;   /* [3E, E]: rows Wq, then Wk, then Wv */
-    const float *q_proj_weight;    /* [E, E]    (used when in_proj_weight is NULL) */
-    const float *k_proj_weight;    /* [E, kdim] */
-    const float *v_proj_weight;    /* [E, vdim] */
+    const void  *in_proj_weight;   /* [3E, E]: rows Wq, then Wk, then Wv */
+    const void  *q_proj_weight;    /* [E, E]    (used when in_proj_weight is NULL) */
+    const void  *k_proj_weight;    /* [E, kdim] */
+    const void  *v_proj_weight;    /* [E, vdim] */
     const float *in_proj_bias;     /* [3E] or NULL */
-    const float *out_proj_weight;  /* [E, E] */
+    const void  *out_proj_weight;  /* [E, E] */
     const float *out_proj_bias;    /* [E] or NULL */
     const float *bias_k, *bias_v;  /* [E] each (add_bias_kv=True), or both NULL */
     int num_kv_heads;              /* GQA/MQA: Hkv, 0 = H; H % Hkv == 0.  The K and V projections
@@ -576,6 +586,11 @@ typedef struct mha_module {
                                       h / (H / Hkv). */
     mha_rope rope;                 /* RoPE on Q and K after their projections (kind 0 = none);
                                       positions from opt->position_offset */
+    mha_dtype weight_dtype;        /* the five weight matrices' elements: MHA_F32 (zero), or
+                                      MHA_F16 / MHA_BF16 (a checkpoint's own tensors): widened
+                                      to float32 as a plan made with MHA_PLAN_PACK packs them,
+                                      so it needs that flag (a one-shot call has none) and is
+                                      forward only (not MHA_PLAN_TRAINING, not in an encoder) */
 } mha_module;
 
 /* Gradients of an mha_module's weights, in the same (state_dict) layout.
@@ -1999,6 +2014,8 @@ typedef struct mha__mod {
     const float *bias_k, *bias_v;       /* the appended key and value row, or NULL */
     int zero_attn;                      /* then a zero key and value */
     const float *pq, *pk, *pv, *po;     /* W^T panels (mha__prepack_b), or NULL: pack per GEMM */
+    int wdt;                            /* 16-bit weights (mha_dtype): wq.. are NULL, the */
+    const uint16_t *hq, *hk, *hv, *ho;  /*   matrices are here, read only by the packing */
 } mha__mod;
 
 #define MHA__PLAN_MAGIC 0x4e4c504du   /* "MPLN" */
@@ -2550,6 +2567,7 @@ typedef struct mha__gtab {
     size_t (*gemm_ws_floats_mt)(int M, int N, int K, int nthreads);
     void (*prepack_b)(const float *W, int Ntot, int K, float *dst);
     size_t (*prepacked_floats)(int Ntot, int K);
+    void (*prepack_b16)(const uint16_t *W, int dt, int Ntot, int K, float *dst);
 } mha__gtab;
 static const mha__gtab *mha__gk(void);
 #define mha__gemm (mha__gk()->gemm)
@@ -2559,6 +2577,7 @@ static const mha__gtab *mha__gk(void);
 #define mha__gemm_ws_floats (mha__gk()->gemm_ws_floats)
 #define mha__gemm_ws_floats_mt (mha__gk()->gemm_ws_floats_mt)
 #define mha__prepack_b (mha__gk()->prepack_b)
+#define mha__prepack_b16 (mha__gk()->prepack_b16)
 #define mha__prepacked_floats (mha__gk()->prepacked_floats)
 #endif
 #endif /* main pass */
@@ -2950,6 +2969,29 @@ static void mha__prepack_b(const float *W, int Ntot, int K, float *dst)
             for (jr = 0; jr < nc; jr += MHA__NR)
                 mha__pack_b(1, W, (size_t)K, pc, kc, jc + jr, mha__imin(MHA__NR, nc - jr),
                             dst + (size_t)jc * K + ncr * pc + (size_t)jr * kc);
+        }
+    }
+}
+
+/* The same panels from a W of 16-bit elements (mha_dtype dt), each
+   widened exactly: the bits mha__prepack_b gives for W in float32.  Made
+   once per plan, so a plain loop.  */
+static void mha__prepack_b16(const uint16_t *W, int dt, int Ntot, int K, float *dst)
+{
+    int kcb = mha__gemm_kc(K), jc, pc, jr, j, p;
+    for (jc = 0; jc < Ntot; jc += MHA__NC) {
+        int nc = mha__imin(MHA__NC, Ntot - jc);
+        size_t ncr = mha__round_up((size_t)nc, MHA__NR);
+        for (pc = 0; pc < K; pc += kcb) {
+            int kc = mha__imin(kcb, K - pc);
+            for (jr = 0; jr < nc; jr += MHA__NR) {
+                int nr = mha__imin(MHA__NR, nc - jr);
+                float *d = dst + (size_t)jc * K + ncr * pc + (size_t)jr * kc;
+                for (p = 0; p < kc; ++p)   /* sliver: d[p NR + j] = W[jc + jr + j, pc + p], zero past nr */
+                    for (j = 0; j < MHA__NR; ++j)
+                        d[(size_t)p * MHA__NR + j] =
+                            j < nr ? mha__h2f(W[(size_t)(jc + jr + j) * K + pc + p], dt) : 0.0f;
+            }
         }
     }
 }
@@ -4700,7 +4742,8 @@ static void mha__attend_backward_fused(const mha__attn *a, const float *dout, co
 #if defined(MHA__TIER_PASS)
 /* this tier's tables (the names are this pass's: mha__gemm is mha__gemm_avx2 ...) */
 static const mha__gtab MHA__T(gtab) = {
-    mha__gemm, mha__gemm_pp, mha__gemm_mt, mha__gemm_mt_pp, mha__gemm_ws_floats, mha__gemm_ws_floats_mt, mha__prepack_b, mha__prepacked_floats
+    mha__gemm, mha__gemm_pp, mha__gemm_mt, mha__gemm_mt_pp, mha__gemm_ws_floats, mha__gemm_ws_floats_mt, mha__prepack_b, mha__prepacked_floats,
+    mha__prepack_b16
 };
 static const mha__atab MHA__T(atab) = {
     mha__softcap, mha__attend_all, mha__attend_backward_fused, mha__attn_scratch_floats, mha__fbwd_floats,
@@ -5170,14 +5213,31 @@ static mha_status mha__check_module(const mha_module *m, mha__mod *r, int who, m
     if (!mha__mul3((size_t)E + MHA__NR_MAX, (size_t)widest, 4 * sizeof(float), &n))
         return mha__fail(e, MHA_ERR_OVERFLOW, MHA__MF(who, "embed_dim"), "a weight matrix's bytes do not fit in size_t");
     r->in_proj = m->in_proj_weight != NULL;
-    if (r->in_proj) {
-        r->wq = m->in_proj_weight;
+    if ((int)m->weight_dtype < MHA_F32 || (int)m->weight_dtype > MHA_BF16)
+        return mha__fail(e, MHA_ERR_BAD_ENUM, MHA__MF(who, "weight_dtype"), "is %d; expected MHA_F32 (0), MHA_F16 (1) "
+                         "or MHA_BF16 (2)", (int)m->weight_dtype);
+    r->wdt = (int)m->weight_dtype;
+    if (r->wdt) {   /* 16 bits: only mha__pack_write reads them, widening */
+        if (r->in_proj) {
+            r->hq = MHA__CAST(const uint16_t *, m->in_proj_weight);
+            r->hk = r->hq + (size_t)E * E;
+            r->hv = r->hk + (size_t)r->Ekv * E;
+        } else {
+            r->hq = MHA__CAST(const uint16_t *, m->q_proj_weight);
+            r->hk = MHA__CAST(const uint16_t *, m->k_proj_weight);
+            r->hv = MHA__CAST(const uint16_t *, m->v_proj_weight);
+        }
+        r->ho = MHA__CAST(const uint16_t *, m->out_proj_weight);
+    } else if (r->in_proj) {
+        r->wq = MHA__CAST(const float *, m->in_proj_weight);
         r->wk = r->wq + (size_t)E * E;
         r->wv = r->wk + (size_t)r->Ekv * E;
     } else {
-        r->wq = m->q_proj_weight; r->wk = m->k_proj_weight; r->wv = m->v_proj_weight;
+        r->wq = MHA__CAST(const float *, m->q_proj_weight);
+        r->wk = MHA__CAST(const float *, m->k_proj_weight);
+        r->wv = MHA__CAST(const float *, m->v_proj_weight);
     }
-    r->wo = m->out_proj_weight;
+    if (!r->wdt) r->wo = MHA__CAST(const float *, m->out_proj_weight);
     r->bq = m->in_proj_bias;
     r->bk = r->bq ? r->bq + E : NULL;
     r->bv = r->bq ? r->bq + E + r->Ekv : NULL;
@@ -5229,10 +5289,17 @@ static void mha__pack_write(mha__mod *r, void *buf)
     mha__pack_layout P;
     float *d = mha__align_ws(buf);
     (void)mha__pack_lay(r, &P);   /* checked when the plan was sized */
-    mha__prepack_b(r->wq, r->E, r->E, d + P.wq);
-    mha__prepack_b(r->wk, r->Ekv, r->kdim, d + P.wk);
-    mha__prepack_b(r->wv, r->Ekv, r->vdim, d + P.wv);
-    mha__prepack_b(r->wo, r->E, r->E, d + P.wo);
+    if (r->wdt) {                 /* 16-bit weights, widened into the same panels */
+        mha__prepack_b16(r->hq, r->wdt, r->E, r->E, d + P.wq);
+        mha__prepack_b16(r->hk, r->wdt, r->Ekv, r->kdim, d + P.wk);
+        mha__prepack_b16(r->hv, r->wdt, r->Ekv, r->vdim, d + P.wv);
+        mha__prepack_b16(r->ho, r->wdt, r->E, r->E, d + P.wo);
+    } else {
+        mha__prepack_b(r->wq, r->E, r->E, d + P.wq);
+        mha__prepack_b(r->wk, r->Ekv, r->kdim, d + P.wk);
+        mha__prepack_b(r->wv, r->Ekv, r->vdim, d + P.wv);
+        mha__prepack_b(r->wo, r->E, r->E, d + P.wo);
+    }
     r->pq = d + P.wq; r->pk = d + P.wk; r->pv = d + P.wv; r->po = d + P.wo;
 }
 
@@ -5540,9 +5607,21 @@ static mha_status mha__module_plan_make(const mha_module *m, int B, int Lq, int 
         return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, "opt->num_kv_heads", "is %d; a module takes its KV heads "
                          "from m->num_kv_heads (%d): leave it 0", p->opt.num_kv_heads, r.Hkv);
     p->D = p->Dv = r.D;
+    if (r.wdt) {   /* 16-bit weights are read once, widened into the packed panels */
+        const char *fw = MHA__MF(kind == MHA__PLAN_ENCODER ? 2 : 1, "weight_dtype");
+        if (kind == MHA__PLAN_ENCODER)
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, fw, "is %s; an encoder layer takes float32 weights",
+                             mha__dtype_name((mha_dtype)r.wdt));
+        if (!(flags & MHA_PLAN_PACK) || (flags & MHA_PLAN_TRAINING))
+            return mha__fail(e, MHA_ERR_INVALID_ARGUMENT, fw, "is %s; 16-bit weights are widened as a plan packs "
+                             "them: %s", mha__dtype_name((mha_dtype)r.wdt), (flags & MHA_PLAN_TRAINING) ?
+                             "forward only (not with MHA_PLAN_TRAINING)" : shot ? "a one-shot call packs nothing; "
+                             "make a plan with MHA_PLAN_PACK" : "make the plan with MHA_PLAN_PACK");
+    }
     if ((flags & MHA_PLAN_PACK) && mha__pack_bytes(&r, extra_bytes) != MHA_OK) goto overflow;
     p->mod = r;
-    p->by_head = !(flags & MHA_PLAN_TRAINING) &&
+    /* (head by head reads the weights unpacked: not for 16-bit ones) */
+    p->by_head = !(flags & MHA_PLAN_TRAINING) && !r.wdt &&
                  (double)B * ((double)Lq + 2.0 * Lke) * r.E >= (double)MHA__BY_HEAD_FLOATS;
     p->cache_ok = r.kdim == r.E && r.vdim == r.E && r.extra == 0;
     if ((flags & MHA_PLAN_CACHE) && !p->cache_ok)
@@ -7611,6 +7690,7 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
 #undef mha__gemm_ws_floats
 #undef mha__gemm_ws_floats_mt
 #undef mha__prepack_b
+#undef mha__prepack_b16
 #undef mha__prepacked_floats
 #undef mha__softcap
 #undef mha__attend_all
@@ -7666,6 +7746,7 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
 #define mha__pack_a_block MHA__T(pack_a_block)
 #define mha__prepacked_floats MHA__T(prepacked_floats)
 #define mha__prepack_b MHA__T(prepack_b)
+#define mha__prepack_b16 MHA__T(prepack_b16)
 #define mha__prepacked_at MHA__T(prepacked_at)
 #define mha__gemm_block MHA__T(gemm_block)
 #define mha__gemm_pp MHA__T(gemm_pp)

@@ -1021,6 +1021,7 @@ static int mha_st__module(mha_st_file *f, const char *prefix, int num_heads, mha
     const mha_st_tensor *t;
     char key[MHA_ST_MAX_PREFIX + 64], why[120];
     mha_module r;
+    const float *w = NULL;   /* a weight as read (the module's weight fields are const void *) */
     size_t E;
     snprintf(key, sizeof key, "%sout_proj.weight", prefix);
     t = mha_st_find(f, key);
@@ -1040,11 +1041,13 @@ static int mha_st__module(mha_st_file *f, const char *prefix, int num_heads, mha
     r.kdim = r.vdim = 0;
     r.in_proj_weight = r.q_proj_weight = r.k_proj_weight = r.v_proj_weight = NULL;
     snprintf(why, sizeof why, "E = %lu from out_proj.weight", (unsigned long)E);
-    mha_st__get(f, prefix, "out_proj.weight", 0, 2, E, E, 0, "[E, E]", why, &r.out_proj_weight, e);
+    mha_st__get(f, prefix, "out_proj.weight", 0, 2, E, E, 0, "[E, E]", why, &w, e);
+    r.out_proj_weight = w;
     mha_st__get(f, prefix, "out_proj.bias", 1, 1, E, 0, 0, "[E]", why, &r.out_proj_bias, e);
     snprintf(key, sizeof key, "%sin_proj_weight", prefix);
     if (mha_st_find(f, key)) {
-        mha_st__get(f, prefix, "in_proj_weight", 0, 2, 3 * E, E, 0, "[3E, E]", why, &r.in_proj_weight, e);
+        mha_st__get(f, prefix, "in_proj_weight", 0, 2, 3 * E, E, 0, "[3E, E]", why, &w, e);
+        r.in_proj_weight = w;
     } else {
         const mha_st_tensor *tk, *tv;
         char whyk[160], whyv[160];
@@ -1062,9 +1065,12 @@ static int mha_st__module(mha_st_file *f, const char *prefix, int num_heads, mha
         if (tv->ndim == 2 && tv->shape[1] > 0 && tv->shape[1] <= INT32_MAX) r.vdim = (int)tv->shape[1];
         snprintf(whyk, sizeof whyk, "%s, kdim >= 1 its second dimension", why);
         snprintf(whyv, sizeof whyv, "%s, vdim >= 1 its second dimension", why);
-        mha_st__get(f, prefix, "q_proj_weight", 0, 2, E, E, 0, "[E, E]", why, &r.q_proj_weight, e);
-        mha_st__get(f, prefix, "k_proj_weight", 0, 2, E, (size_t)r.kdim, 0, "[E, kdim]", whyk, &r.k_proj_weight, e);
-        mha_st__get(f, prefix, "v_proj_weight", 0, 2, E, (size_t)r.vdim, 0, "[E, vdim]", whyv, &r.v_proj_weight, e);
+        mha_st__get(f, prefix, "q_proj_weight", 0, 2, E, E, 0, "[E, E]", why, &w, e);
+        r.q_proj_weight = w;
+        mha_st__get(f, prefix, "k_proj_weight", 0, 2, E, (size_t)r.kdim, 0, "[E, kdim]", whyk, &w, e);
+        r.k_proj_weight = w;
+        mha_st__get(f, prefix, "v_proj_weight", 0, 2, E, (size_t)r.vdim, 0, "[E, vdim]", whyv, &w, e);
+        r.v_proj_weight = w;
     }
     mha_st__get(f, prefix, "in_proj_bias", 1, 1, 3 * E, 0, 0, "[3E]", why, &r.in_proj_bias, e);
     mha_st__get(f, prefix, "bias_k", 1, 3, 1, 1, E, "[1, 1, E]", why, &r.bias_k, e);

@@ -545,6 +545,15 @@ static void test_module(void)
     EC_REFUSE(MHA_ERR_INVALID_ARGUMENT, "mha_module_plan_size", "flags",
               mha_module_plan_size(&m2, B, L, L, &o, MHA_PLAN_CACHE, &sz, ERR));
     EC_REFUSE(MHA_ERR_NULL_POINTER, "mha_module_plan", "plan", mha_module_plan(&m, B, L, L, &o, 0, NULL, 0, NULL, ERR));
+    {   /* 16-bit weights: a value outside the enum, and a plan that does not pack them */
+        mha_module w = m;
+        w.weight_dtype = (mha_dtype)9;
+        EC_REFUSE(MHA_ERR_BAD_ENUM, "mha_module_plan_size", "m->weight_dtype",
+                  mha_module_plan_size(&w, B, L, L, &o, MHA_PLAN_PACK, &sz, ERR));
+        w.weight_dtype = MHA_BF16;
+        EC_REFUSE(MHA_ERR_INVALID_ARGUMENT, "mha_module_plan_size", "m->weight_dtype",
+                  mha_module_plan_size(&w, B, L, L, &o, 0, &sz, ERR));
+    }
     o.kv_dtype = MHA_F16;   /* a module's K/V are its own float32 projections, but for a cache */
     EC_REFUSE(MHA_ERR_INVALID_ARGUMENT, "mha_module_plan_size", "opt->kv_dtype",
               mha_module_plan_size(&m, B, L, L, &o, 0, &sz, ERR));

@@ -123,8 +123,10 @@ static void ref_mha(const mha_module *m, int B, int Lq, int Lk, const float *que
     int kdim = m->kdim ? m->kdim : E, vdim = m->vdim ? m->vdim : E;
     int extra = (m->bias_k != NULL) + m->add_zero_attn, Lk_eff = Lk + extra, b, r, c;
     const float *wq = m->in_proj_weight ? m->in_proj_weight : m->q_proj_weight;
-    const float *wk = m->in_proj_weight ? m->in_proj_weight + (size_t)E * E : m->k_proj_weight;
-    const float *wv = m->in_proj_weight ? m->in_proj_weight + (size_t)2 * E * E : m->v_proj_weight;
+    const float *wk = m->in_proj_weight ? (const float *)m->in_proj_weight + (size_t)E * E
+                                        : (const float *)m->k_proj_weight;
+    const float *wv = m->in_proj_weight ? (const float *)m->in_proj_weight + (size_t)2 * E * E
+                                        : (const float *)m->v_proj_weight;
     const float *bq = m->in_proj_bias, *bk = bq ? bq + E : NULL, *bv = bq ? bq + 2 * E : NULL;
     double *xq = to_double(query, (size_t)B * Lq * E);
     double *xk = to_double(key, (size_t)B * Lk * kdim);

@@ -557,16 +557,13 @@ static void test_golden_attention(const gold_file *g)
    each score and each value by at most u relatively, so the output moves
    by a small multiple of u; 4 u leaves room for the sums of the cases
    (measured: printed as a NOTE).  Fused and unfused paths both. */
-static void test_heldout_decode(void)
+static void test_heldout_decode(const gold_file *gf)
 {
     static const double tol[3] = {0.0, 4.0 / 2048.0, 4.0 / 256.0};
     double worst[3] = {0, 0, 0};
-    gold_file gf;
-    char err[256];
     int ci, ty, n = 0;
-    if (!gold_load("tests/golden/decode.bin", &gf, err, sizeof err)) { CHECK(0, "%s", err); return; }
-    for (ci = 0; ci < gf.ncases; ++ci) {
-        const gold_case *g = &gf.cases[ci];
+    for (ci = 0; ci < gf->ncases; ++ci) {
+        const gold_case *g = &gf->cases[ci];
         const int *p = g->p;   /* B H Hkv Lq Lk D Dv causal window left right alibi sinks grad kind */
         const gold_array *q = gold_find(g, "q"), *k = gold_find(g, "k"), *v = gold_find(g, "v");
         const gold_array *out = gold_find(g, "out"), *cap = gold_find(g, "softcap");
@@ -608,7 +605,187 @@ static void test_heldout_decode(void)
     CHECK(n >= 10, "%d held-out attention cases", n);
     printf("NOTE held-out decoder cases (%d, PyTorch float64 on float32 K/V) with 16-bit K/V: F16 %.2e "
            "(tolerance %.1e), BF16 %.2e (tolerance %.1e)\n", n, worst[1], tol[1], worst[2], tol[2]);
-    gold_free(&gf);
+}
+
+/* 16-bit weights: each weight rounded by at most u moves each projected
+   value by at most u times sum |w x| / |sum w x|, a few u for these
+   random inputs; the held-out modules run at 4u, as the K/V cases (F16
+   2.0e-3, BF16 1.6e-2), and measure under 1u (printed as a NOTE). */
+#define W16_TOL(ty) ((ty) == 1 ? 4.0 / 2048.0 : 4.0 / 256.0)
+/* ---- 16-bit projection weights (mha_module.weight_dtype) */
+
+/* A module plan of 16-bit weights (MHA_PLAN_PACK: widened as packed) runs
+   bit for bit as a plan of the float32 weights holding the widened values:
+   the fused forward, the weights (unfused), chosen rows, decoding over a
+   cache, and after mha_plan_repack. */
+static void test_weights16(void)
+{
+    enum { E = 48, H = 6, HKV = 2, D = E / H, EKV = HKV * D, B = 2, L = 13, NW = (E + 2 * EKV) * E + E * E };
+    float w32[NW], b_in[E + 2 * EKV], bo[E], x[B * L * E], o16[B * L * E], o32[B * L * E];
+    float wt16[B * L * L], wt32[B * L * L];
+    uint16_t w16[NW];
+    int ty_i, layout;
+    tu_rng r = {404};
+    tu_fill(&r, b_in, sizeof b_in / 4, 0.1f); tu_fill(&r, bo, sizeof bo / 4, 0.1f);
+    tu_fill(&r, x, sizeof x / 4, 1.0f);
+    for (ty_i = 0; ty_i < 2; ++ty_i)
+        for (layout = 0; layout < 2; ++layout) {
+            mha_dtype ty = ty_i ? MHA_BF16 : MHA_F16;
+            mha_module m16, m32;
+            mha_options o;
+            mha_plan *p16 = NULL, *p32 = NULL;
+            mha_run run;
+            int rows[2] = {0, L - 1}, same = 1;
+            size_t i, wo_at = (size_t)(E + 2 * EKV) * E;
+            unsigned flags = MHA_PLAN_PACK | MHA_PLAN_WEIGHTS | MHA_PLAN_ROWS;
+            tu_fill(&r, w32, NW, 0.3f);
+            (void)mha_convert(NW, MHA_F32, w32, ty, w16, NULL);
+            for (i = 0; i < NW; ++i) w32[i] = (float)ref_value(w16[i], ty);   /* the widened values */
+            memset(&m16, 0, sizeof m16);
+            m16.embed_dim = E; m16.num_heads = H; m16.num_kv_heads = HKV;
+            m16.in_proj_bias = b_in; m16.out_proj_bias = bo;
+            m32 = m16;
+            if (layout == 0) {
+                m16.in_proj_weight = w16; m32.in_proj_weight = w32;
+            } else {   /* separate q, k, v weights */
+                m16.q_proj_weight = w16; m16.k_proj_weight = w16 + (size_t)E * E;
+                m16.v_proj_weight = w16 + (size_t)(E + EKV) * E;
+                m32.q_proj_weight = w32; m32.k_proj_weight = w32 + (size_t)E * E;
+                m32.v_proj_weight = w32 + (size_t)(E + EKV) * E;
+            }
+            m16.out_proj_weight = w16 + wo_at; m32.out_proj_weight = w32 + wo_at;
+            m16.weight_dtype = ty;
+            memset(&o, 0, sizeof o);
+            o.causal = 1; o.num_threads = 2;
+            CHECK(mha_module_plan(&m16, B, L, L, &o, flags, NULL, 0, &p16, NULL) == MHA_OK &&
+                  mha_module_plan(&m32, B, L, L, &o, flags, NULL, 0, &p32, NULL) == MHA_OK, "plans");
+            if (!p16 || !p32) continue;
+            memset(&run, 0, sizeof run);
+            (void)mha_module_run_forward(p16, L, L, x, x, x, o16, &run, NULL);
+            (void)mha_module_run_forward(p32, L, L, x, x, x, o32, &run, NULL);
+            same &= memcmp(o16, o32, sizeof o16) == 0;
+            run.weights = wt16;
+            (void)mha_module_run_forward(p16, L, L, x, x, x, o16, &run, NULL);
+            run.weights = wt32;
+            (void)mha_module_run_forward(p32, L, L, x, x, x, o32, &run, NULL);
+            same &= memcmp(o16, o32, sizeof o16) == 0 && memcmp(wt16, wt32, sizeof wt16) == 0;
+            run.rows = rows; run.n_rows = 2; run.weights = wt16;
+            (void)mha_module_run_forward(p16, L, L, x, x, x, o16, &run, NULL);
+            run.weights = wt32;
+            (void)mha_module_run_forward(p32, L, L, x, x, x, o32, &run, NULL);
+            same &= memcmp(o16, o32, sizeof o16) == 0 && memcmp(wt16, wt32, (size_t)B * 2 * L * 4) == 0;
+            CHECK(same, "%s weights (%s): forward, weights and rows differ from float32 weights of the same values",
+                  ty == MHA_F16 ? "F16" : "BF16", layout ? "q/k/v_proj_weight" : "in_proj_weight");
+            /* the weights change: repack reads them again */
+            for (i = 0; i < NW; ++i) { w16[i] ^= 0x8000; w32[i] = -w32[i]; }
+            CHECK(mha_plan_repack(p16, NULL) == MHA_OK && mha_plan_repack(p32, NULL) == MHA_OK, "repack");
+            memset(&run, 0, sizeof run);
+            (void)mha_module_run_forward(p16, L, L, x, x, x, o16, &run, NULL);
+            (void)mha_module_run_forward(p32, L, L, x, x, x, o32, &run, NULL);
+            CHECK(memcmp(o16, o32, sizeof o16) == 0, "after mha_plan_repack");
+            mha_plan_destroy(p16); mha_plan_destroy(p32);
+            /* decoding: a 16-bit cache and 16-bit weights */
+            if (layout == 0) {
+                mha_kv_cache c16, c32;
+                int t;
+                o.kv_dtype = ty;
+                CHECK(mha_module_plan(&m16, 1, 1, 8, &o, MHA_PLAN_PACK | MHA_PLAN_CACHE, NULL, 0, &p16, NULL) == MHA_OK &&
+                      mha_module_plan(&m32, 1, 1, 8, &o, MHA_PLAN_PACK | MHA_PLAN_CACHE, NULL, 0, &p32, NULL) == MHA_OK,
+                      "decoding plans");
+                cache_init(&c16, 1, HKV, D, 8, ty, 0, 0);
+                cache_init(&c32, 1, HKV, D, 8, ty, 0, 0);
+                for (t = 0, same = 1; t < 8; ++t) {
+                    run.cache = &c16;
+                    (void)mha_module_run_forward(p16, 1, 0, x + t * E, NULL, NULL, o16, &run, NULL);
+                    run.cache = &c32;
+                    (void)mha_module_run_forward(p32, 1, 0, x + t * E, NULL, NULL, o32, &run, NULL);
+                    same &= memcmp(o16, o32, E * 4) == 0;
+                }
+                CHECK(same && c16.len[0] == 8, "%s weights: decoding differs from float32 weights of the same values",
+                      ty == MHA_F16 ? "F16" : "BF16");
+                cache_free(&c16); cache_free(&c32);
+                mha_plan_destroy(p16); mha_plan_destroy(p32);
+                o.kv_dtype = MHA_F32;
+            }
+            if (layout == 0 && ty_i == 0) {   /* refusals: the field is named, nothing is written */
+                mha_error e;
+                mha_encoder_layer ly = mha_encoder_layer_defaults();
+                mha_status s;
+                memcpy(o32, o16, sizeof o16);
+                s = mha_module_forward(&m16, B, L, L, x, x, x, &o, o16, NULL, &e);
+                CHECK(s == MHA_ERR_INVALID_ARGUMENT && e.field && !strcmp(e.field, "m->weight_dtype") &&
+                      memcmp(o16, o32, sizeof o16) == 0, "one shot with 16-bit weights: %s", e.message);
+                s = mha_module_plan(&m16, B, L, L, &o, MHA_PLAN_PACK | MHA_PLAN_TRAINING, NULL, 0, &p16, &e);
+                CHECK(s == MHA_ERR_INVALID_ARGUMENT && e.field && !strcmp(e.field, "m->weight_dtype"),
+                      "16-bit weights for training: %s", e.message);
+                m16.weight_dtype = (mha_dtype)5;
+                s = mha_module_plan(&m16, B, L, L, &o, MHA_PLAN_PACK, NULL, 0, &p16, &e);
+                CHECK(s == MHA_ERR_BAD_ENUM && e.field && !strcmp(e.field, "m->weight_dtype"), "weight_dtype 5: %s",
+                      e.message);
+                ly.self_attn = m16;
+                ly.self_attn.weight_dtype = MHA_F16;
+                ly.dim_feedforward = 4;   /* the rest is valid: the refusal is about the weights' type */
+                ly.linear1_weight = w32; ly.linear1_bias = w32; ly.linear2_weight = w32; ly.linear2_bias = w32;
+                ly.norm1_weight = w32; ly.norm1_bias = w32; ly.norm2_weight = w32; ly.norm2_bias = w32;
+                s = mha_encoder_forward(&ly, B, L, x, &o, o16, NULL, &e);
+                CHECK(s == MHA_ERR_INVALID_ARGUMENT && e.field && !strcmp(e.field, "layer->self_attn.weight_dtype"),
+                      "an encoder with 16-bit weights: %s", e.message);
+            }
+        }
+}
+
+/* Issue 9's decoder modules (decode.bin: GQA projections, RoPE, causal)
+   with their weights stored in 16 bits, against PyTorch's float64 on the
+   float32 weights: what storing weights in 16 bits costs. */
+static void test_heldout_weights16(const gold_file *gf)
+{
+    double worst[3] = {0, 0, 0};
+    int ci, ty, n = 0;
+    for (ci = 0; ci < gf->ncases; ++ci) {
+        const gold_case *g = &gf->cases[ci];
+        const int *p = g->p;   /* module cases: B H Hkv L E rotary_dim position_offset causal ... kind 2 */
+        static const char *wn[4] = {"q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"};
+        const gold_array *x = gold_find(g, "x"), *out = gold_find(g, "out"), *th = gold_find(g, "theta");
+        const gold_array *bi = gold_find(g, "in_proj_bias"), *bo = gold_find(g, "out_proj.bias"), *w[4];
+        int k, B, L, E;
+        if (p[14] != 2) continue;
+        for (k = 0; k < 4; ++k) w[k] = gold_find(g, wn[k]);
+        if (!x || !out || !bi || !bo || !w[0] || !w[1] || !w[2] || !w[3]) { CHECK(0, "%s: arrays", g->name); continue; }
+        B = p[0]; L = p[3]; E = p[4];
+        for (ty = 1; ty <= 2; ++ty) {
+            uint16_t *h[4];
+            float *o = alloc_f((size_t)B * L * E);
+            mha_module m;
+            mha_options opt;
+            mha_plan *pl = NULL;
+            double e;
+            for (k = 0; k < 4; ++k) {
+                h[k] = (uint16_t *)malloc(w[k]->count * 2);
+                (void)mha_convert(w[k]->count, MHA_F32, w[k]->f32, (mha_dtype)ty, h[k], NULL);
+            }
+            memset(&m, 0, sizeof m); memset(&opt, 0, sizeof opt);
+            m.embed_dim = E; m.num_heads = p[1]; m.num_kv_heads = p[2]; m.weight_dtype = (mha_dtype)ty;
+            m.q_proj_weight = h[0]; m.k_proj_weight = h[1]; m.v_proj_weight = h[2]; m.out_proj_weight = h[3];
+            m.in_proj_bias = bi->f32; m.out_proj_bias = bo->f32;
+            m.rope.kind = (mha_rope_kind)p[15]; m.rope.rotary_dim = p[5]; m.rope.theta = th ? th->f32[0] : 0.0f;
+            opt.position_offset = p[6];
+            opt.causal = 1; opt.causal_align = p[7] == 2 ? MHA_CAUSAL_BOTTOM_RIGHT : MHA_CAUSAL_TOP_LEFT;
+            CHECK(mha_module_plan(&m, B, L, L, &opt, MHA_PLAN_PACK, NULL, 0, &pl, NULL) == MHA_OK &&
+                  mha_module_run_forward(pl, L, L, x->f32, x->f32, x->f32, o, NULL, NULL) == MHA_OK,
+                  "%s: 16-bit weights forward", g->name);
+            e = tu_rel_err(o, out->f64, out->count);
+            if (e > worst[ty]) worst[ty] = e;
+            CHECK(e <= W16_TOL(ty), "%s with %s weights: %.2e > %.2e", g->name, ty == 1 ? "F16" : "BF16", e,
+                  W16_TOL(ty));
+            mha_plan_destroy(pl);
+            for (k = 0; k < 4; ++k) free(h[k]);
+            free(o);
+        }
+        ++n;
+    }
+    CHECK(n >= 3, "%d held-out module cases", n);
+    printf("NOTE held-out decoder modules (%d) with 16-bit weights, against PyTorch float64 on float32 weights: "
+           "F16 %.2e (tolerance %.1e), BF16 %.2e (tolerance %.1e)\n", n, worst[1], W16_TOL(1), worst[2], W16_TOL(2));
 }
 
 /* Refusals name the field; nothing is written. */
@@ -667,7 +844,14 @@ int main(void)
     test_cache();
     test_module_decode();
     test_refusals();
-    test_heldout_decode();
+    test_weights16();
+    if (gold_load("tests/golden/decode.bin", &g, err, sizeof err)) {   /* issue 9's held-out cases */
+        test_heldout_decode(&g);
+        test_heldout_weights16(&g);
+        gold_free(&g);
+    } else {
+        CHECK(0, "%s", err);
+    }
     if (gold_load("tests/golden/dtype.bin", &g, err, sizeof err)) {
         CHECK(g.ncases == 11 && g.cases[0].p[0] == 0, "dtype.bin: %d cases", g.ncases);
         test_golden_conversions(&g.cases[0]);

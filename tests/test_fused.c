@@ -321,7 +321,7 @@ static void ref_module(const mha_module *mod, const cfg *c, const masks *m, cons
         }
         for (i = 0; i < Lq; ++i) for (e = 0; e < E; ++e) {
             double a = mod->out_proj_bias ? mod->out_proj_bias[e] : 0;
-            for (f = 0; f < E; ++f) a += C[(size_t)i * E + f] * mod->out_proj_weight[(size_t)e * E + f];
+            for (f = 0; f < E; ++f) a += C[(size_t)i * E + f] * ((const float *)mod->out_proj_weight)[(size_t)e * E + f];
             out[((size_t)b * Lq + i) * E + e] = a;
         }
     }

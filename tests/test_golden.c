@@ -197,8 +197,8 @@ static void run_module(const gold_case *c)
     if (m.in_proj_weight) {
         mha_module s = m;
         s.q_proj_weight = m.in_proj_weight;
-        s.k_proj_weight = m.in_proj_weight + (size_t)E * E;
-        s.v_proj_weight = m.in_proj_weight + (size_t)2 * E * E;
+        s.k_proj_weight = (const float *)m.in_proj_weight + (size_t)E * E;
+        s.v_proj_weight = (const float *)m.in_proj_weight + (size_t)2 * E * E;
         s.in_proj_weight = NULL;
         memset(&run, 0, sizeof run);
         run.weights = w;

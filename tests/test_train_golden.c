@@ -185,6 +185,7 @@ static void run_encoder(const gcase *c)
     size_t ne = (size_t)B * L * E, EE = (size_t)E * E, i;
     mha_encoder_layer ly; mha_encoder_layer_grad g; mha_options opt;
     struct { const char *name; const float **w; float **g; size_t n; } t[12];
+    const float *w_in = NULL, *w_out = NULL;   /* the module's weight fields are const void * */
     const float *x = getf(c, "x", ne), *dout = getf(c, "dout", ne);
     float *y = zeros(ne), *dx = zeros(ne);
     int ok = x && dout;
@@ -196,9 +197,9 @@ static void run_encoder(const gcase *c)
     ly.dim_feedforward = Fd; ly.activation = c->p[7] ? MHA_ACT_GELU : MHA_ACT_RELU;
     ly.norm_first = c->p[8];
 #define T(k, nm, field, gfield, cnt) t[k].name = nm; t[k].w = &field; t[k].g = &gfield; t[k].n = cnt
-    T(0, "self_attn.in_proj_weight", ly.self_attn.in_proj_weight, g.self_attn.in_proj_weight, 3 * EE);
+    T(0, "self_attn.in_proj_weight", w_in, g.self_attn.in_proj_weight, 3 * EE);
     T(1, "self_attn.in_proj_bias", ly.self_attn.in_proj_bias, g.self_attn.in_proj_bias, 3 * (size_t)E);
-    T(2, "self_attn.out_proj.weight", ly.self_attn.out_proj_weight, g.self_attn.out_proj_weight, EE);
+    T(2, "self_attn.out_proj.weight", w_out, g.self_attn.out_proj_weight, EE);
     T(3, "self_attn.out_proj.bias", ly.self_attn.out_proj_bias, g.self_attn.out_proj_bias, (size_t)E);
     T(4, "linear1.weight", ly.linear1_weight, g.linear1_weight, (size_t)Fd * E);
     T(5, "linear1.bias", ly.linear1_bias, g.linear1_bias, (size_t)Fd);
@@ -214,6 +215,7 @@ static void run_encoder(const gcase *c)
         *t[i].g = zeros(t[i].n);
         ok &= *t[i].w != NULL;
     }
+    ly.self_attn.in_proj_weight = w_in; ly.self_attn.out_proj_weight = w_out;
     CHECK(ok, "%s: arrays missing", c->name);
     set_masks(c, B, L, L, &opt);
     if (ok) {
