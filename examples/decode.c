@@ -15,10 +15,13 @@
    new tokens against a cache of `capacity`; every step is then a run of that plan with
    mha_run.cache set: project the new tokens, turn them by RoPE, append
    their K and V to the cache and attend to all of it.  The third argument
-   stores the cache in 16 bits (cache.dtype and the plan's opt.kv_dtype):
-   half the memory, keys and values rounded to nearest even as they are
-   appended; the outputs then differ from a float32 cache's by about the
-   type's rounding (out[0] is printed to compare).  */
+   stores the weights and the cache in 16 bits, as a checkpoint and a
+   decoder runtime keep them: the weights given as F16 or BF16
+   (m.weight_dtype; the plan widens them as it packs them), the cache at
+   half the memory (cache.dtype and the plan's opt.kv_dtype; keys and
+   values rounded to nearest even as they are appended).  The outputs then
+   differ from float32's by about the type's rounding (out[0] is printed
+   to compare).  */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #endif
@@ -47,7 +50,7 @@ int main(int argc, char **argv)
     mha_dtype dt = !strcmp(type, "f16") ? MHA_F16 : !strcmp(type, "bf16") ? MHA_BF16 : MHA_F32;
     int cap, step, i, len = 0;
     float *wq, *wk, *wv, *wo, *x, *y;
-    void *ck, *cv;
+    void *ck, *cv, *w16 = NULL;
     mha_module m = {0};
     mha_kv_cache cache = {0};
     mha_options opt = {0};
@@ -76,6 +79,19 @@ int main(int argc, char **argv)
 
     m.embed_dim = E; m.num_heads = H; m.num_kv_heads = Hkv;
     m.q_proj_weight = wq; m.k_proj_weight = wk; m.v_proj_weight = wv; m.out_proj_weight = wo;
+    if (dt != MHA_F32) {   /* the weights as a 16-bit checkpoint holds them: Wq, Wk, Wv, Wo in one buffer */
+        size_t nq = (size_t)E * E, nk = (size_t)Ekv * E;
+        unsigned short *h = malloc((2 * nq + 2 * nk) * sizeof(unsigned short));
+        if (!h || mha_convert(nq, MHA_F32, wq, dt, h, &err) || mha_convert(nk, MHA_F32, wk, dt, h + nq, &err) ||
+            mha_convert(nk, MHA_F32, wv, dt, h + nq + nk, &err) ||
+            mha_convert(nq, MHA_F32, wo, dt, h + nq + 2 * nk, &err)) {
+            fprintf(stderr, "weights: out of memory or %s\n", err.message);
+            return 1;
+        }
+        m.q_proj_weight = h; m.k_proj_weight = h + nq; m.v_proj_weight = h + nq + nk; m.out_proj_weight = h + nq + 2 * nk;
+        m.weight_dtype = dt;
+        w16 = h;
+    }
     m.rope.kind = MHA_ROPE_HALF;                      /* theta 0 = 10000, rotary_dim 0 = D */
     cache.B = 1; cache.Hkv = Hkv; cache.D = D; cache.capacity = cap;
     cache.k = ck; cache.v = cv; cache.len = &len;
@@ -121,7 +137,7 @@ int main(int argc, char **argv)
     /* one more token than the cache holds: a status and why, nothing written */
     s = mha_module_run_forward(plan, 1, 0, x, NULL, NULL, y, &run, &err);
     printf("token %d of a %d-token cache: %s\n", len + 1, cap, s == MHA_OK ? "accepted?!" : err.message);
-    free(wq); free(wk); free(wv); free(wo); free(x); free(y); free(ck); free(cv); free(run.workspace);
+    free(wq); free(wk); free(wv); free(wo); free(x); free(y); free(ck); free(cv); free(run.workspace); free(w16);
     mha_plan_destroy(plan);
     return 0;
 }
