@@ -125,6 +125,7 @@ typedef struct mha_st_file {
     /* private */
     char *strings;                    /* decoded names and metadata */
     float **f32;                      /* converted copies, made on demand */
+    uint16_t **h16[2];                /* F16 and BF16 copies (mha_st_module's 16-bit weights) */
     const unsigned char *bytes;       /* the whole file */
     size_t size;
     void *owned;                      /* read into memory: freed at close */
@@ -173,7 +174,10 @@ MHA_ST_DEF mha_status mha_st_floats(mha_st_file *f, const char *name, int ndim, 
    in_proj_weight or q/k/v_proj_weight (kdim, vdim from their shapes),
    optional in_proj_bias, out_proj.bias, bias_k/bias_v.  num_heads is not in
    a state_dict: pass it.  Everything else in m (add_zero_attn,
-   num_kv_heads, rope) is left as it was.  On a refusal m is untouched and
+   num_kv_heads, rope, weight_dtype) is left as it was.  The weight
+   matrices come as m->weight_dtype asks: float32, or kept in F16 / BF16
+   (a checkpoint's own 16-bit tensors copied bit for bit, others rounded
+   as mha_convert; F64 refused) for a plan made with MHA_PLAN_PACK.  On a refusal m is untouched and
    err names the missing or misshaped tensor (field: its key without the
    prefix, "out_proj.bias"). */
 MHA_ST_DEF mha_status mha_st_module(mha_st_file *f, const char *prefix, int num_heads, mha_module *m,
@@ -658,11 +662,16 @@ static int mha_st__parse(mha_st_file *f, mha_error *err)
 }
 MHA_ST_DEF void mha_st_close(mha_st_file *f)
 {
-    int k;
+    int k, j;
     if (!f) return;
     if (f->f32)
         for (k = 0; k < f->count; ++k) MHA_ST_FREE(f->f32[k]);
     MHA_ST_FREE(f->f32);
+    for (j = 0; j < 2; ++j) {
+        if (f->h16[j])
+            for (k = 0; k < f->count; ++k) MHA_ST_FREE(f->h16[j][k]);
+        MHA_ST_FREE(f->h16[j]);
+    }
     MHA_ST_FREE(f->tensors);
     MHA_ST_FREE((void *)f->meta);
     MHA_ST_FREE(f->strings);
@@ -908,33 +917,36 @@ MHA_ST_DEF mha_status mha_st_read_f64(const mha_st_tensor *t, double *dst, size_
     return mha_report__end(e, "mha_st_read_f64");
 }
 
+/* t (F32, F16 or BF16) as t->count elements of `to` into d: a block at a
+   time, read little-endian, then converted (in place between 16-bit types). */
+static void mha_st__to16(const mha_st_tensor *t, mha_dtype to, uint16_t *d)
+{
+    float buf[256];
+    size_t i, m, k;
+    mha_dtype from = t->dtype == MHA_ST_F16 ? MHA_F16 : t->dtype == MHA_ST_BF16 ? MHA_BF16 : MHA_F32;
+    for (i = 0; i < t->count; i += m) {
+        m = t->count - i < 256 ? t->count - i : 256;
+        if (from == MHA_F32) {
+            for (k = 0; k < m; ++k) buf[k] = (float)mha_st__value(t, i + k);
+            (void)mha_convert(m, MHA_F32, buf, to, d + i, NULL);
+        } else {
+            for (k = 0; k < m; ++k) {
+                const unsigned char *b = t->raw + (i + k) * 2;
+                d[i + k] = (uint16_t)(b[0] | b[1] << 8);
+            }
+            if (from != to) (void)mha_convert(m, from, d + i, to, d + i, NULL);
+        }
+    }
+}
+
 MHA_ST_DEF mha_status mha_st_read16(const mha_st_tensor *t, mha_dtype to, void *dst, size_t count, mha_error *err)
 {
     mha_error local, *e = mha_report__begin(err, &local);
-    if (to != MHA_F16 && to != MHA_BF16) {
+    if (to != MHA_F16 && to != MHA_BF16)
         mha_report__fail(e, MHA_ERR_INVALID_ARGUMENT, "to", "is %d; expected MHA_F16 (1) or MHA_BF16 (2)", (int)to);
-    } else if (mha_st__check_read(t, dst, count, e) == 0) {
-        if (t->dtype == MHA_ST_F64) {
-            mha_st__refuse(e, "t", t, "of any shape", "F64 would be rounded twice");
-        } else {
-            uint16_t *d = MHA_ST__CAST(uint16_t *, dst);
-            float buf[256];
-            size_t i, m, k;
-            mha_dtype from = t->dtype == MHA_ST_F16 ? MHA_F16 : t->dtype == MHA_ST_BF16 ? MHA_BF16 : MHA_F32;
-            for (i = 0; i < count; i += m) {   /* a block at a time: read little-endian, then convert */
-                m = count - i < 256 ? count - i : 256;
-                if (from == MHA_F32) {
-                    for (k = 0; k < m; ++k) buf[k] = (float)mha_st__value(t, i + k);
-                    (void)mha_convert(m, MHA_F32, buf, to, d + i, NULL);
-                } else {
-                    for (k = 0; k < m; ++k) {
-                        const unsigned char *b = t->raw + (i + k) * 2;
-                        d[i + k] = (uint16_t)(b[0] | b[1] << 8);
-                    }
-                    if (from != to) (void)mha_convert(m, from, d + i, to, d + i, NULL);   /* in place */
-                }
-            }
-        }
+    else if (mha_st__check_read(t, dst, count, e) == 0) {
+        if (t->dtype == MHA_ST_F64) mha_st__refuse(e, "t", t, "of any shape", "F64 would be rounded twice");
+        else mha_st__to16(t, to, MHA_ST__CAST(uint16_t *, dst));
     }
     return mha_report__end(e, "mha_st_read16");
 }
@@ -942,10 +954,10 @@ MHA_ST_DEF mha_status mha_st_read16(const mha_st_tensor *t, mha_dtype to, void *
 /* Tensor t of f as float32 into *out, its shape checked when ndim >= 0;
    converted once, kept in f until mha_st_close.  rule: why this shape (or
    NULL), for the message. */
-static int mha_st__floats(mha_st_file *f, const mha_st_tensor *t, const char *field, int ndim,
-                          const size_t *shape, const char *rule, const float **out, mha_error *e)
+static int mha_st__shape_ok(const mha_st_tensor *t, const char *field, int ndim, const size_t *shape,
+                            const char *rule, mha_error *e)
 {
-    int d, same = 1, k = (int)(t - f->tensors);
+    int d, same = 1;
     if (ndim >= 0) {
         same = t->ndim == ndim;
         for (d = 0; same && d < ndim; ++d) same = t->shape[d] == shape[d];
@@ -961,6 +973,14 @@ static int mha_st__floats(mha_st_file *f, const mha_st_tensor *t, const char *fi
         }
         return mha_st__refuse(e, field, t, want, rule ? rule : ndim >= 0 ? NULL : "the dtypes read");
     }
+    return 0;
+}
+
+static int mha_st__floats(mha_st_file *f, const mha_st_tensor *t, const char *field, int ndim,
+                          const size_t *shape, const char *rule, const float **out, mha_error *e)
+{
+    int k = (int)(t - f->tensors);
+    if (mha_st__shape_ok(t, field, ndim, shape, rule, e) != 0) return -1;
     if (!f->f32[k]) {
         float *p = MHA_ST__CAST(float *, MHA_ST_MALLOC(t->count ? t->count * sizeof(float) : 1));
         size_t i;
@@ -1016,13 +1036,56 @@ static int mha_st__get(mha_st_file *f, const char *prefix, const char *name, int
     return mha_st__floats(f, t, name, ndim, shape, rule, out, e);
 }
 
+/* A weight matrix of the module as m->weight_dtype says: float32 through
+   mha_st__get, or F16 / BF16 kept in f (converted once; F64 refused). */
+static int mha_st__get_w(mha_st_file *f, const char *prefix, const char *name, size_t d0, size_t d1,
+                         const char *sym, const char *why, mha_dtype dt, const void **out, mha_error *e)
+{
+    char key[MHA_ST_MAX_PREFIX + 64], rule[200];
+    size_t shape[2];
+    const mha_st_tensor *t;
+    int k, j = dt == MHA_BF16;
+    if (dt == MHA_F32) {
+        const float *p = NULL;
+        int rc = mha_st__get(f, prefix, name, 0, 2, d0, d1, 0, sym, why, &p, e);
+        *out = p;
+        return rc;
+    }
+    if (e->status != MHA_OK) return -1;
+    shape[0] = d0; shape[1] = d1;
+    snprintf(key, sizeof key, "%s%s", prefix, name);
+    if (!(t = mha_st_find(f, key))) return mha_report__fail(e, MHA_ERR_NOT_FOUND, name, "tensor '%.100s' is missing", key);
+    snprintf(rule, sizeof rule, "%s is %s, %s", name, sym, why);
+    if (mha_st__shape_ok(t, name, 2, shape, rule, e) != 0) return -1;
+    if (t->dtype == MHA_ST_F64) return mha_st__refuse(e, name, t, sym, "F64 would be rounded twice into 16 bits");
+    k = (int)(t - f->tensors);
+    if (!f->h16[j]) {
+        f->h16[j] = MHA_ST__CAST(uint16_t **, MHA_ST_MALLOC((size_t)f->count * sizeof *f->h16[j]));
+        if (!f->h16[j]) return mha_report__fail(e, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory");
+        memset(f->h16[j], 0, (size_t)f->count * sizeof *f->h16[j]);
+    }
+    if (!f->h16[j][k]) {
+        uint16_t *p = MHA_ST__CAST(uint16_t *, MHA_ST_MALLOC(t->count ? t->count * 2 : 1));
+        if (!p)
+            return mha_report__fail(e, MHA_ERR_OUT_OF_MEMORY, NULL, "out of memory for the %lu values of '%.100s'",
+                                    (unsigned long)t->count, t->name);
+        mha_st__to16(t, dt, p);
+        f->h16[j][k] = p;
+    }
+    *out = f->h16[j][k];
+    return 0;
+}
+
 static int mha_st__module(mha_st_file *f, const char *prefix, int num_heads, mha_module *m, mha_error *e)
 {
     const mha_st_tensor *t;
     char key[MHA_ST_MAX_PREFIX + 64], why[120];
     mha_module r;
-    const float *w = NULL;   /* a weight as read (the module's weight fields are const void *) */
+    mha_dtype dt = m->weight_dtype;
     size_t E;
+    if ((int)dt < MHA_F32 || (int)dt > MHA_BF16)
+        return mha_report__fail(e, MHA_ERR_BAD_ENUM, "m->weight_dtype", "is %d; expected MHA_F32 (0), MHA_F16 (1) or "
+                                "MHA_BF16 (2)", (int)dt);
     snprintf(key, sizeof key, "%sout_proj.weight", prefix);
     t = mha_st_find(f, key);
     if (!t) return mha_report__fail(e, MHA_ERR_NOT_FOUND, "out_proj.weight", "tensor '%.100s' is missing", key);
@@ -1041,13 +1104,11 @@ static int mha_st__module(mha_st_file *f, const char *prefix, int num_heads, mha
     r.kdim = r.vdim = 0;
     r.in_proj_weight = r.q_proj_weight = r.k_proj_weight = r.v_proj_weight = NULL;
     snprintf(why, sizeof why, "E = %lu from out_proj.weight", (unsigned long)E);
-    mha_st__get(f, prefix, "out_proj.weight", 0, 2, E, E, 0, "[E, E]", why, &w, e);
-    r.out_proj_weight = w;
+    mha_st__get_w(f, prefix, "out_proj.weight", E, E, "[E, E]", why, dt, &r.out_proj_weight, e);
     mha_st__get(f, prefix, "out_proj.bias", 1, 1, E, 0, 0, "[E]", why, &r.out_proj_bias, e);
     snprintf(key, sizeof key, "%sin_proj_weight", prefix);
     if (mha_st_find(f, key)) {
-        mha_st__get(f, prefix, "in_proj_weight", 0, 2, 3 * E, E, 0, "[3E, E]", why, &w, e);
-        r.in_proj_weight = w;
+        mha_st__get_w(f, prefix, "in_proj_weight", 3 * E, E, "[3E, E]", why, dt, &r.in_proj_weight, e);
     } else {
         const mha_st_tensor *tk, *tv;
         char whyk[160], whyv[160];
@@ -1065,12 +1126,9 @@ static int mha_st__module(mha_st_file *f, const char *prefix, int num_heads, mha
         if (tv->ndim == 2 && tv->shape[1] > 0 && tv->shape[1] <= INT32_MAX) r.vdim = (int)tv->shape[1];
         snprintf(whyk, sizeof whyk, "%s, kdim >= 1 its second dimension", why);
         snprintf(whyv, sizeof whyv, "%s, vdim >= 1 its second dimension", why);
-        mha_st__get(f, prefix, "q_proj_weight", 0, 2, E, E, 0, "[E, E]", why, &w, e);
-        r.q_proj_weight = w;
-        mha_st__get(f, prefix, "k_proj_weight", 0, 2, E, (size_t)r.kdim, 0, "[E, kdim]", whyk, &w, e);
-        r.k_proj_weight = w;
-        mha_st__get(f, prefix, "v_proj_weight", 0, 2, E, (size_t)r.vdim, 0, "[E, vdim]", whyv, &w, e);
-        r.v_proj_weight = w;
+        mha_st__get_w(f, prefix, "q_proj_weight", E, E, "[E, E]", why, dt, &r.q_proj_weight, e);
+        mha_st__get_w(f, prefix, "k_proj_weight", E, (size_t)r.kdim, "[E, kdim]", whyk, dt, &r.k_proj_weight, e);
+        mha_st__get_w(f, prefix, "v_proj_weight", E, (size_t)r.vdim, "[E, vdim]", whyv, dt, &r.v_proj_weight, e);
     }
     mha_st__get(f, prefix, "in_proj_bias", 1, 1, 3 * E, 0, 0, "[3E]", why, &r.in_proj_bias, e);
     mha_st__get(f, prefix, "bias_k", 1, 3, 1, 1, E, "[1, 1, E]", why, &r.bias_k, e);

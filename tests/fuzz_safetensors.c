@@ -84,6 +84,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             rc = mha_st_module(&f, "", 1, &m, &err);
             if (rc != MHA_OK && (!signed_refusal(rc, &err, "mha_st_module") || memcmp(&m, &m0, sizeof m) != 0))
                 abort();
+            memset(&m, 0, sizeof m);   /* the weights kept in 16 bits */
+            m.weight_dtype = (size % 2) ? MHA_BF16 : MHA_F16;
+            m0 = m;
+            rc = mha_st_module(&f, "", 1, &m, &err);
+            if (rc != MHA_OK && (!signed_refusal(rc, &err, "mha_st_module") || memcmp(&m, &m0, sizeof m) != 0))
+                abort();
             rc = mha_st_encoder_layer(&f, "", 1, &l, &err);
             if (rc != MHA_OK && (!signed_refusal(rc, &err, "mha_st_encoder_layer") || memcmp(&l, &l0, sizeof l) != 0))
                 abort();

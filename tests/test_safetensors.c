@@ -173,6 +173,61 @@ static void test_mha_kv(void)
         CHECK(e <= 1e-5, "MultiheadAttention(kdim, vdim, add_bias_kv) vs PyTorch: rel err %.3g", e);
         printf("worst mha_kv rel err vs PyTorch: %.3g\n", e);
     }
+    /* the weights kept in 16 bits (m.weight_dtype on entry): the bits of mha_convert, and a PACK plan of
+       them runs as the float32 module of the widened values */
+    {
+        int ty;
+        for (ty = 1; ty <= 2; ++ty) {
+            mha_module m16, mw;
+            mha_plan *p16 = NULL, *pw = NULL;
+            float o16[72], ow[72], *wf[3];
+            const void *src[3];
+            size_t n[3], i;
+            int j, ok = 1;
+            memset(&m16, 0, sizeof m16);
+            m16.weight_dtype = (mha_dtype)ty;
+            rc = mha_st_module(&f, "attn.", 3, &m16, &err);
+            CHECK(rc == MHA_OK && m16.weight_dtype == (mha_dtype)ty && m16.q_proj_weight != m.q_proj_weight,
+                  "16-bit module fills: %s", rc ? err.message : "");
+            if (rc) continue;
+            src[0] = m16.q_proj_weight; src[1] = m16.k_proj_weight; src[2] = m16.v_proj_weight;
+            n[0] = 12 * 12; n[1] = 12 * 5; n[2] = 12 * 7;
+            mw = m;   /* the float32 module with the widened weights */
+            for (j = 0; j < 3; ++j) {
+                const float *f32 = j == 0 ? (const float *)m.q_proj_weight : j == 1 ? (const float *)m.k_proj_weight
+                                                                                   : (const float *)m.v_proj_weight;
+                uint16_t h[144];
+                wf[j] = (float *)malloc(n[j] * sizeof(float));
+                (void)mha_convert(n[j], MHA_F32, f32, (mha_dtype)ty, h, NULL);
+                ok &= memcmp(h, src[j], n[j] * 2) == 0;
+                (void)mha_convert(n[j], (mha_dtype)ty, src[j], MHA_F32, wf[j], NULL);
+            }
+            mw.q_proj_weight = wf[0]; mw.k_proj_weight = wf[1]; mw.v_proj_weight = wf[2];
+            {
+                float *wo = (float *)malloc(144 * sizeof(float));
+                (void)mha_convert(144, (mha_dtype)ty, m16.out_proj_weight, MHA_F32, wo, NULL);
+                mw.out_proj_weight = wo;
+            }
+            CHECK(ok, "16-bit weights are mha_convert's rounding of the file's float32");
+            rc = mha_module_plan(&m16, 2, 3, 4, NULL, MHA_PLAN_PACK, NULL, 0, &p16, &err);
+            if (rc == MHA_OK) rc = mha_module_plan(&mw, 2, 3, 4, NULL, MHA_PLAN_PACK, NULL, 0, &pw, &err);
+            if (rc == MHA_OK) rc = mha_module_run_forward(p16, 3, 4, q, k, v, o16, NULL, &err);
+            if (rc == MHA_OK) rc = mha_module_run_forward(pw, 3, 4, q, k, v, ow, NULL, &err);
+            CHECK(rc == MHA_OK && memcmp(o16, ow, sizeof o16) == 0, "a PACK plan of the 16-bit weights: %s",
+                  rc ? err.message : "same bits");
+            for (i = 0; i < 3; ++i) free(wf[i]);
+            free((void *)mw.out_proj_weight);
+            mha_plan_destroy(p16); mha_plan_destroy(pw);
+        }
+        {
+            mha_module mb;
+            memset(&mb, 0, sizeof mb);
+            mb.weight_dtype = (mha_dtype)4;
+            rc = mha_st_module(&f, "attn.", 3, &mb, &err);
+            CHECK(ec_refused(rc, &err, MHA_ERR_BAD_ENUM, "mha_st_module", "m->weight_dtype", "is 4") &&
+                  mb.embed_dim == 0, "weight_dtype 4 refused, m untouched: %s", err.message);
+        }
+    }
     /* kdim and vdim come from the file; a caller's wrong guess does not matter */
     {
         mha_module m2;
