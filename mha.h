@@ -2958,25 +2958,10 @@ static size_t mha__prepacked_floats(int Ntot, int K)
     return n;
 }
 
-static void mha__prepack_b(const float *W, int Ntot, int K, float *dst)
-{
-    int kcb = mha__gemm_kc(K), jc, pc, jr;
-    for (jc = 0; jc < Ntot; jc += MHA__NC) {
-        int nc = mha__imin(MHA__NC, Ntot - jc);
-        size_t ncr = mha__round_up((size_t)nc, MHA__NR);
-        for (pc = 0; pc < K; pc += kcb) {
-            int kc = mha__imin(kcb, K - pc);
-            for (jr = 0; jr < nc; jr += MHA__NR)
-                mha__pack_b(1, W, (size_t)K, pc, kc, jc + jr, mha__imin(MHA__NR, nc - jr),
-                            dst + (size_t)jc * K + ncr * pc + (size_t)jr * kc);
-        }
-    }
-}
-
-/* The same panels from a W of 16-bit elements (mha_dtype dt), each
-   widened exactly: the bits mha__prepack_b gives for W in float32.  Made
-   once per plan, so a plain loop.  */
-static void mha__prepack_b16(const uint16_t *W, int dt, int Ntot, int K, float *dst)
+/* The panels of a W of float32 (dt 0) or of 16-bit elements (mha_dtype
+   dt: each widened exactly, so the panels hold the bits float32 W of the
+   widened values gives; a plain loop, as weights are packed once).  */
+static void mha__prepack_b_any(const void *W, int dt, int Ntot, int K, float *dst)
 {
     int kcb = mha__gemm_kc(K), jc, pc, jr, j, p;
     for (jc = 0; jc < Ntot; jc += MHA__NC) {
@@ -2987,13 +2972,28 @@ static void mha__prepack_b16(const uint16_t *W, int dt, int Ntot, int K, float *
             for (jr = 0; jr < nc; jr += MHA__NR) {
                 int nr = mha__imin(MHA__NR, nc - jr);
                 float *d = dst + (size_t)jc * K + ncr * pc + (size_t)jr * kc;
+                const uint16_t *h = MHA__CAST(const uint16_t *, W);
+                if (!dt) {
+                    mha__pack_b(1, MHA__CAST(const float *, W), (size_t)K, pc, kc, jc + jr, nr, d);
+                    continue;
+                }
                 for (p = 0; p < kc; ++p)   /* sliver: d[p NR + j] = W[jc + jr + j, pc + p], zero past nr */
                     for (j = 0; j < MHA__NR; ++j)
                         d[(size_t)p * MHA__NR + j] =
-                            j < nr ? mha__h2f(W[(size_t)(jc + jr + j) * K + pc + p], dt) : 0.0f;
+                            j < nr ? mha__h2f(h[(size_t)(jc + jr + j) * K + pc + p], dt) : 0.0f;
             }
         }
     }
+}
+
+static void mha__prepack_b(const float *W, int Ntot, int K, float *dst)
+{
+    mha__prepack_b_any(W, 0, Ntot, K, dst);
+}
+
+static void mha__prepack_b16(const uint16_t *W, int dt, int Ntot, int K, float *dst)
+{
+    mha__prepack_b_any(W, dt, Ntot, K, dst);
 }
 
 /* Where the panel of columns col.. (a multiple of NR), K block pc (kc rows
@@ -7747,6 +7747,7 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
 #define mha__prepacked_floats MHA__T(prepacked_floats)
 #define mha__prepack_b MHA__T(prepack_b)
 #define mha__prepack_b16 MHA__T(prepack_b16)
+#define mha__prepack_b_any MHA__T(prepack_b_any)
 #define mha__prepacked_at MHA__T(prepacked_at)
 #define mha__gemm_block MHA__T(gemm_block)
 #define mha__gemm_pp MHA__T(gemm_pp)
