@@ -1,4 +1,4 @@
-/* mha.h - multi-head attention in one C header.                     v1.2.0
+/* mha.h - multi-head attention in one C header.                     v1.2.1
 
    Scaled dot-product and multi-head attention with the weight layout and
    mask semantics of PyTorch's torch.nn.MultiheadAttention, a cache-blocked
@@ -170,7 +170,7 @@
      refused and why, in the caller's own struct: no global state.  On any
      status other than MHA_OK no output has been written.
 
-   VERSION 1.2.0 (MHA_VERSION_MAJOR/MINOR/PATCH); docs/migration.md has the
+   VERSION 1.2.1 (MHA_VERSION_MAJOR/MINOR/PATCH); docs/migration.md has the
    table of the names of 0.x and what replaced each, and what 1.1 and 1.2
    added.
    LICENSE  at the end of this file (MIT or public domain, your choice)
@@ -182,7 +182,7 @@
 
 #define MHA_VERSION_MAJOR 1
 #define MHA_VERSION_MINOR 2
-#define MHA_VERSION_PATCH 0
+#define MHA_VERSION_PATCH 1
 
 #ifndef MHADEF
 #ifdef MHA_STATIC
@@ -931,6 +931,20 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
 #define MHA__UNUSED
 #define MHA__NOINLINE
 #endif
+/* MHA__SPECIAL: a kernel body written for constant parameters (a column
+   count, a storage type), inlined into each call with constants so that
+   its arrays of vectors become registers */
+/* MHA__UNROLL: unroll the next loop (constant trip count) completely */
+#if defined(__GNUC__) || defined(__clang__)
+#define MHA__SPECIAL static inline __attribute__((always_inline))
+#define MHA__UNROLL _Pragma("GCC unroll 16")
+#elif defined(_MSC_VER)
+#define MHA__SPECIAL static __forceinline
+#define MHA__UNROLL
+#else
+#define MHA__SPECIAL static inline
+#define MHA__UNROLL
+#endif
 
 #ifdef __cplusplus
 #define MHA__CAST(T, x) static_cast<T>(x)
@@ -1212,7 +1226,8 @@ static int mha__tier(void)
    NEON 4 lanes, scalar 1.
    Loads and stores are unaligned.  mha__vfma(acc, a, b) = acc + a*b.
    mha__vm is a lane mask from a comparison, used only by mha__vsel.
-   mha__vtranspose(r) transposes the MHA__VW x MHA__VW block held in r[].
+   mha__vtranspose(r) transposes the MHA__VW x MHA__VW block held in r[];
+   mha__vrowsums(r) is the vector of the MHA__VW rows' lane sums.
    Tier 0 is chosen here from the compiler's flags (MHA_NO_SIMD wins); a
    tier's pass names its own (the kernel tiers, above). */
 #undef MHA__SIMD_AVX512       /* a previous pass's choice */
@@ -1298,6 +1313,28 @@ static inline mha__vm mha__visnan(mha__vf a) { return _mm512_cmp_ps_mask(a, a, _
 static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return _mm512_mask_blend_ps(m, b, a); }
 /* r[0..15] := its transpose (r[i] lane j becomes r[j] lane i): 4x4
    transposes inside each 128-bit lane, then a 4x4 transpose of the lanes */
+/* lane u := the sum of r[u]'s lanes, u < 16: pairs of rows interleaved
+   and added (16 -> 8 vectors: each 128-bit lane holds 2 rows' partial sums
+   twice), again (8 -> 4: 4 rows per 128-bit lane), then the four 128-bit
+   lanes added across, rows 4m.. landing in lane m: 45 instructions where a
+   transpose and its adds take 79 */
+MHA__SPECIAL mha__vf mha__vrowsums(const mha__vf *r)
+{
+    __m512 x[8], y[4], s01, s23;
+    int k;
+    for (k = 0; k < 8; ++k)
+        x[k] = _mm512_add_ps(_mm512_maskz_unpacklo_ps(MHA__ALL16, r[2 * k], r[2 * k + 1]),
+                             _mm512_maskz_unpackhi_ps(MHA__ALL16, r[2 * k], r[2 * k + 1]));
+    for (k = 0; k < 4; ++k)
+        y[k] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * k], x[2 * k + 1], 0x44),
+                             _mm512_shuffle_ps(x[2 * k], x[2 * k + 1], 0xEE));
+    s01 = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(MHA__ALL16, y[0], y[1], 0x44),
+                        _mm512_maskz_shuffle_f32x4(MHA__ALL16, y[0], y[1], 0xEE));
+    s23 = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(MHA__ALL16, y[2], y[3], 0x44),
+                        _mm512_maskz_shuffle_f32x4(MHA__ALL16, y[2], y[3], 0xEE));
+    return _mm512_add_ps(_mm512_maskz_shuffle_f32x4(MHA__ALL16, s01, s23, 0x88),
+                         _mm512_maskz_shuffle_f32x4(MHA__ALL16, s01, s23, 0xDD));
+}
 static inline void mha__vtranspose(mha__vf *r)
 {
     __m512 t[16], u[16];
@@ -1399,6 +1436,17 @@ static inline mha__vm mha__visnan(mha__vf a) { return _mm256_cmp_ps(a, a, _CMP_U
 /* m ? a : b, lane by lane */
 static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return _mm256_blendv_ps(b, a, m); }
 /* r[0..7] := its transpose: 4x4 transposes in each 128-bit half, then swap halves */
+/* lane u := the sum of r[u]'s lanes, u < 8 (the AVX-512 tree, one level less) */
+MHA__SPECIAL mha__vf mha__vrowsums(const mha__vf *r)
+{
+    __m256 x[4], y[2];
+    int k;
+    for (k = 0; k < 4; ++k)
+        x[k] = _mm256_add_ps(_mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]), _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]));
+    for (k = 0; k < 2; ++k)
+        y[k] = _mm256_add_ps(_mm256_shuffle_ps(x[2 * k], x[2 * k + 1], 0x44), _mm256_shuffle_ps(x[2 * k], x[2 * k + 1], 0xEE));
+    return _mm256_add_ps(_mm256_permute2f128_ps(y[0], y[1], 0x20), _mm256_permute2f128_ps(y[0], y[1], 0x31));
+}
 static inline void mha__vtranspose(mha__vf *r)
 {
     __m256 t[8];
@@ -1490,6 +1538,11 @@ static inline mha__vm mha__vlt(mha__vf a, mha__vf b) { return vcltq_f32(a, b); }
 static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return vcgtq_f32(a, b); }
 static inline mha__vm mha__visnan(mha__vf a) { return vmvnq_u32(vceqq_f32(a, a)); }
 static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return vbslq_f32(m, a, b); }
+/* lane u := the sum of r[u]'s lanes, u < 4: pairwise adds */
+MHA__SPECIAL mha__vf mha__vrowsums(const mha__vf *r)
+{
+    return vpaddq_f32(vpaddq_f32(r[0], r[1]), vpaddq_f32(r[2], r[3]));
+}
 static inline void mha__vtranspose(mha__vf *r)
 {
     float32x4x2_t p01 = vtrnq_f32(r[0], r[1]), p23 = vtrnq_f32(r[2], r[3]);
@@ -1551,6 +1604,7 @@ static inline mha__vm mha__vlt(mha__vf a, mha__vf b) { return a < b; }
 static inline mha__vm mha__vgt(mha__vf a, mha__vf b) { return a > b; }
 static inline mha__vm mha__visnan(mha__vf a) { return a != a; }
 static inline mha__vf mha__vsel(mha__vm m, mha__vf a, mha__vf b) { return m ? a : b; }
+MHA__SPECIAL mha__vf mha__vrowsums(const mha__vf *r) { return r[0]; }   /* 1 x 1 */
 static inline void mha__vtranspose(mha__vf *r) { (void)r; }   /* 1 x 1 */
 static inline mha__vf mha__vload_f16(const uint16_t *p) { return mha__f16_to_f32(*p); }
 static inline void mha__vstore_f16(uint16_t *p, mha__vf x) { *p = mha__f32_to_f16(x); }
@@ -2621,6 +2675,7 @@ static const mha__gtab *mha__gk(void);
 #undef MHA__NC2
 #undef MHA__KU
 #undef MHA__K_UNROLL
+#undef MHA__NACC
 #if defined(MHA__SIMD_AVX512)
 /* 8 x 32: 16 zmm accumulators (twice the 4-cycle x 2-pipe FMA latency) + 2
    for B.  As fast as 12 x 32 on large products and without the partial row
@@ -2638,6 +2693,7 @@ static const mha__gtab *mha__gk(void);
 #define MHA__MC 256    /* MC x KC block of A: 512 KiB, stays in L2 */
 #define MHA__NC 4096   /* KC x NC panel of B: 8 MiB, lives in L3 */
 #define MHA__NC2 256   /* KC x NC2 chunk of the panel: 512 KiB, stays in L2 */
+#define MHA__NACC 16     /* narrow path: O accumulators of 32 zmm registers */
 #elif defined(MHA__SIMD_AVX2)
 /* 6 x 16: 12 ymm accumulators + 2 for B + 1 broadcast of A = 15 of 16 */
 #define MHA__MR 6
@@ -2648,6 +2704,7 @@ static const mha__gtab *mha__gk(void);
 #define MHA__MC 144    /* MC x KC block of A: 144 KiB, stays in L2 */
 #define MHA__NC 4080   /* KC x NC panel of B: 4 MiB, lives in L3 */
 #define MHA__NC2 1024  /* KC x NC2 chunk of the panel: 1 MiB, stays in L2 */
+#define MHA__NACC 8     /* narrow path: O accumulators of 16 ymm registers */
 #elif defined(MHA__SIMD_NEON)
 /* 8 x 12: 24 of the 32 q registers accumulate, 3 hold B */
 #define MHA__MR 8
@@ -2660,6 +2717,7 @@ static const mha__gtab *mha__gk(void);
 #define MHA__MC 256    /* MC x KC block of A: 256 KiB, half of a 512 KiB L2 */
 #define MHA__NC 4080   /* KC x NC panel of B: 4 MiB, L3 */
 #define MHA__NC2 252   /* KC x NC2 chunk of the panel: 252 KiB, the other half */
+#define MHA__NACC 16     /* narrow path: O accumulators of 32 q registers */
 #else
 /* 4 x 4 scalars: 16 accumulators */
 #define MHA__MR 4
@@ -2670,6 +2728,7 @@ static const mha__gtab *mha__gk(void);
 #define MHA__MC 128
 #define MHA__NC 2048
 #define MHA__NC2 512
+#define MHA__NACC 8
 #endif
 
 #define MHA__NR (MHA__NRV * MHA__VW)
@@ -3705,6 +3764,17 @@ static inline mha__vf mha__vexp_nonpos(mha__vf x)
 #define MHA__FBC ((128 + MHA__MR - 1) / MHA__MR * MHA__MR)
 
 #define MHA__FBR ((64 + MHA__NR - 1) / MHA__NR * MHA__NR)
+/* Tiles with at most this many query columns (a decode step: Lq = 1 times
+   the heads of a group) take the narrow path (mha__narrow_scores,
+   mha__narrow_pv): vector code on K and V where they lie, so each key and
+   value row is read once for all the group's heads and V is never packed;
+   the GEMM micro-kernel would compute NR columns (16-48) for these few.  */
+#define MHA__NARROW 8
+/* the narrow path's rows of scores: a key tile in whole vectors */
+#ifndef MHA__NSUB
+#define MHA__NSUB 32
+#endif
+#define MHA__NLDS ((size_t)(MHA__FBC + MHA__VW - 1) / MHA__VW * MHA__VW)
 
 #endif /* kernels */
 #ifndef MHA__TIER_PASS   /* main pass: a type, defined once */
@@ -3735,7 +3805,9 @@ static int mha__fused_sizes(int Lk, int Lk_eff, int D, int Dv, int kv16, mha__fu
                mha__round_floats(f->dvp * MHA__FBR) +               /* O^T */
                2 * mha__round_floats(MHA__FBR) +                    /* m, l */
                mha__round_floats(t) +                               /* K edge sliver */
-               6 * mha__round_floats(MHA__FBR);                     /* row statistics */
+               6 * mha__round_floats(MHA__FBR) +                    /* row statistics */
+               mha__round_floats((size_t)MHA__NARROW * MHA__NLDS) + /* narrow: scores, */
+               mha__round_floats((size_t)MHA__NARROW * MHA__VW * MHA__VW);   /* sums */
     f->conv = kv16 ? mha__round_floats((size_t)MHA__FBC * (size_t)(D > Dv ? D : Dv)) : 0;
     f->tiles += f->conv;
     return 1;
@@ -3806,12 +3878,6 @@ typedef struct mha__tileq {
 
 #define MHA__PART_W(Dv) ((Dv) + 2 + sizeof(mha__racc) / sizeof(float))
 
-/* Tiles with at most this many query columns (a decode step: Lq = 1 times
-   the heads of a group) take the narrow path: S = K q and O += p V as dot
-   products and axpys on K and V where they lie, so each key and value row
-   is read once for all the group's heads and V is never packed; the GEMM
-   micro-kernel would compute NR columns (16-48) for these few.  */
-#define MHA__NARROW 8
 
 /* Masks on a transposed score tile: st holds key p, column c of the tile at
    st[(c / NR) * NR * nc + p * NR + c % NR].  Same rules as mha__mask_cols. */
@@ -3939,6 +4005,216 @@ static MHA__NOINLINE void mha__fused_stats_tile(int nc, int nvp, int key0, const
     }
 }
 
+/* ---- The narrow path: a decoding step against K and V where they lie.
+   A decode step has at most MHA__NARROW query columns per KV head (Lq
+   times the heads of a group), too few for the GEMM micro-kernel, so each
+   key tile is met with vector code that reads every K and V row once for
+   all the columns:
+     scores   s_cp = scale q_c . K_p   each key row is loaded once and
+              multiplied into every column's accumulator; the accumulators
+              of MHA__VW keys are then summed lane-wise into one vector of
+              VW scores per column (mha__vrowsums): no horizontal sum per key
+     weights  the online softmax of mha__attend_fused, one column's row
+              of scores at a time (VW keys per exponential)
+     values   O_c += sum_p w_cp V_p  with a chunk of O's columns held in
+              registers while the tile's V rows stream past, each row
+              loaded once for every column
+   16-bit K and V are widened as they are loaded.  The bodies are written
+   for a constant column count NC and storage type DT (MHA__SPECIAL); the
+   dispatchers fix both, so the accumulators are registers.  */
+
+/* element i (and the MHA__VW from it) of a row of storage type dt, widened */
+MHA__SPECIAL mha__vf mha__vload_dt(int dt, const void *base, size_t i)
+{
+    if (dt == MHA_F16) return mha__vload_f16(MHA__CAST(const uint16_t *, base) + i);
+    if (dt == MHA_BF16) return mha__vload_bf16(MHA__CAST(const uint16_t *, base) + i);
+    return mha__vload(MHA__CAST(const float *, base) + i);
+}
+MHA__SPECIAL float mha__load_dt(int dt, const void *base, size_t i)
+{
+    return dt ? mha__h2f(MHA__CAST(const uint16_t *, base)[i], dt) : MHA__CAST(const float *, base)[i];
+}
+
+/* s[c lds + p] = scale q_c . K_p for the nc keys K_p = k + p rs (type DT)
+   and the NC query rows qrow[c]; s's rows hold whole vectors (lds and the
+   row's end rounded up to MHA__VW), the lanes past nc get 0.  part:
+   NC * VW * VW floats of scratch.  NC <= 4 (the dispatcher's groups).
+   Each key row is loaded once; each column keeps two accumulators (even
+   and odd vectors of D) for two FMA chains.  */
+MHA__SPECIAL void mha__nscores_nc(const int NC, const int DT, int D, float scale, const void *k, size_t rs,
+                                  int nc, const float *const *qrow, float *part, float *s, size_t lds)
+{
+    const int two = NC <= 4, Dvec = D / MHA__VW * MHA__VW;
+    int p0, u, c, d;
+    for (p0 = 0; p0 < nc; p0 += MHA__VW) {
+        const int nb = nc - p0 < MHA__VW ? nc - p0 : MHA__VW;
+        float tail[4][MHA__VW];
+        for (u = 0; u < MHA__VW; ++u) {
+            mha__vf acc[4], acc2[4];
+            MHA__UNROLL
+            for (c = 0; c < NC; ++c) { acc[c] = mha__vzero(); acc2[c] = mha__vzero(); tail[c][u] = 0.0f; }
+            if (u < nb) {
+                const size_t row = (size_t)(p0 + u) * rs;
+                d = 0;
+                if (two)
+                    for (; d + 2 * MHA__VW <= Dvec; d += 2 * MHA__VW) {
+                        const mha__vf k0 = mha__vload_dt(DT, k, row + d), k1 = mha__vload_dt(DT, k, row + d + MHA__VW);
+                        MHA__UNROLL
+                        for (c = 0; c < NC; ++c) {
+                            acc[c] = mha__vfma(acc[c], k0, mha__vload(qrow[c] + d));
+                            acc2[c] = mha__vfma(acc2[c], k1, mha__vload(qrow[c] + d + MHA__VW));
+                        }
+                    }
+                for (; d < Dvec; d += MHA__VW) {
+                    const mha__vf k0 = mha__vload_dt(DT, k, row + d);
+                    MHA__UNROLL
+                    for (c = 0; c < NC; ++c) acc[c] = mha__vfma(acc[c], k0, mha__vload(qrow[c] + d));
+                }
+                for (; d < D; ++d) {   /* D past the last whole vector */
+                    const float kd = mha__load_dt(DT, k, row + d);
+                    MHA__UNROLL
+                    for (c = 0; c < NC; ++c) tail[c][u] += kd * qrow[c][d];
+                }
+            }
+            MHA__UNROLL
+            for (c = 0; c < NC; ++c)
+                mha__vstore(part + ((size_t)c * MHA__VW + u) * MHA__VW, two ? mha__vadd(acc[c], acc2[c]) : acc[c]);
+        }
+        MHA__UNROLL
+        for (c = 0; c < NC; ++c) {   /* lane u: key u's score */
+            mha__vf r[MHA__VW], t;
+            MHA__UNROLL
+            for (u = 0; u < MHA__VW; ++u) r[u] = mha__vload(part + ((size_t)c * MHA__VW + u) * MHA__VW);
+            t = mha__vrowsums(r);
+            mha__vstore(s + (size_t)c * lds + p0, mha__vmul(mha__vset1(scale), mha__vadd(t, mha__vload(tail[c]))));
+        }
+    }
+}
+
+/* O_c[d0 .. d0 + CW VW) += sum_p w[c ldw + p] V_p, for the nc value rows
+   V_p = v + p rs (type DT); O_c = o + c Dv.  A weight of 0 adds nothing
+   (its value row may hold NaN or inf, as blocked keys' rows may).  */
+MHA__SPECIAL void mha__npv_chunk(const int NC, const int DT, const int CW, int d0, int Dv, const void *v, size_t rs,
+                                 int nc, const float *w, size_t ldw, float *o)
+{
+    mha__vf acc[4][8], x[8];
+    int p, c, i;
+    MHA__UNROLL
+    for (c = 0; c < NC; ++c)
+        MHA__UNROLL
+        for (i = 0; i < CW; ++i) acc[c][i] = mha__vload(o + (size_t)c * Dv + d0 + i * MHA__VW);
+    for (p = 0; p < nc; ++p) {
+        const size_t row = (size_t)p * rs + (size_t)d0;
+        int zero = 0;
+        MHA__UNROLL
+        for (c = 0; c < NC; ++c) zero |= w[(size_t)c * ldw + p] == 0.0f;
+        MHA__UNROLL
+        for (i = 0; i < CW; ++i) x[i] = mha__vload_dt(DT, v, row + (size_t)i * MHA__VW);
+        if (!zero) {
+            MHA__UNROLL
+            for (c = 0; c < NC; ++c) {
+                const mha__vf vw = mha__vset1(w[(size_t)c * ldw + p]);
+                MHA__UNROLL
+                for (i = 0; i < CW; ++i) acc[c][i] = mha__vfma(acc[c][i], vw, x[i]);
+            }
+        } else {
+            MHA__UNROLL
+            for (c = 0; c < NC; ++c) {
+                const mha__vf vw = mha__vset1(w[(size_t)c * ldw + p]);
+                if (w[(size_t)c * ldw + p] == 0.0f) continue;
+                MHA__UNROLL
+                for (i = 0; i < CW; ++i) acc[c][i] = mha__vfma(acc[c][i], vw, x[i]);
+            }
+        }
+    }
+    MHA__UNROLL
+    for (c = 0; c < NC; ++c)
+        MHA__UNROLL
+        for (i = 0; i < CW; ++i) mha__vstore(o + (size_t)c * Dv + d0 + i * MHA__VW, acc[c][i]);
+}
+
+/* one column, one vector: the chunk every column count shares for its last vectors */
+static void mha__npv_chunk1(int dt, int d0, int Dv, const void *v, size_t rs, int nc, const float *w, float *o)
+{
+    if (dt == MHA_F16) mha__npv_chunk(1, MHA_F16, 1, d0, Dv, v, rs, nc, w, 0, o);
+    else if (dt == MHA_BF16) mha__npv_chunk(1, MHA_BF16, 1, d0, Dv, v, rs, nc, w, 0, o);
+    else mha__npv_chunk(1, MHA_F32, 1, d0, Dv, v, rs, nc, w, 0, o);
+}
+
+/* O_c += sum_p w[c ldw + p] V_p over all of Dv: chunks of CW vectors,
+   NC * CW <= MHA__NACC accumulators (CW <= 8), then single vectors a
+   column at a time, then the features past the last whole vector */
+MHA__SPECIAL void mha__npv_nc(const int NC, const int DT, int Dv, const void *v, size_t rs, int nc,
+                              const float *w, size_t ldw, float *o)
+{
+    const int fit = MHA__NACC / NC;
+    const int CW = fit >= 8 ? 8 : fit >= 4 ? 4 : fit >= 2 ? 2 : 1;
+    const int Dvec = Dv / MHA__VW * MHA__VW;
+    int d0 = 0, p, c;
+    for (; d0 + CW * MHA__VW <= Dvec; d0 += CW * MHA__VW) mha__npv_chunk(NC, DT, CW, d0, Dv, v, rs, nc, w, ldw, o);
+    for (; d0 < Dvec; d0 += MHA__VW)   /* the last vectors, a column at a time */
+        for (c = 0; c < NC; ++c) mha__npv_chunk1(DT, d0, Dv, v, rs, nc, w + (size_t)c * ldw, o + (size_t)c * Dv);
+    for (; d0 < Dv; ++d0)
+        for (p = 0; p < nc; ++p) {
+            const float x = mha__load_dt(DT, v, (size_t)p * rs + (size_t)d0);
+            MHA__UNROLL
+            for (c = 0; c < NC; ++c)
+                if (w[(size_t)c * ldw + p] != 0.0f) o[(size_t)c * Dv + d0] += w[(size_t)c * ldw + p] * x;
+        }
+}
+
+/* The dispatchers: the columns in groups of 4, 2 or 1 (the largest that
+   is left: ncol = 7 is 4 + 2 + 1, 8 is 4 + 4, the later groups reading the
+   block's rows again from L1), each group's size and dt constants.  Groups
+   of 8 measured no faster (f16 from memory 1.2x slower, f32 in cache 1.1x
+   faster) and cost a quarter more compile time.  */
+#define MHA__NCASES(F, g, dt)                                                               \
+    switch (g) {                                                                            \
+    case 1: F(1, dt); break; case 2: F(2, dt); break;                                       \
+    default: F(4, dt); break;                                                               \
+    }
+#define MHA__NDT(F, g)                                                                      \
+    if (dt == MHA_F16) { MHA__NCASES(F, g, MHA_F16) }                                       \
+    else if (dt == MHA_BF16) { MHA__NCASES(F, g, MHA_BF16) }                                \
+    else { MHA__NCASES(F, g, MHA_F32) }
+#define MHA__NSCORES(NC, DT) mha__nscores_nc(NC, DT, D, scale, k, rs, nc, qrow + c0, part, s + (size_t)c0 * lds, lds)
+#define MHA__NPV(NC, DT) mha__npv_nc(NC, DT, Dv, v, rs, nc, w + (size_t)c0 * ldw, ldw, o + (size_t)c0 * Dv)
+static int mha__ngroup(int left, int gmax)
+{
+    int g = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+    return g < gmax ? g : gmax;
+}
+static void mha__narrow_scores(int ncol, int dt, int D, float scale, const void *k, size_t rs, int nc,
+                               const float *const *qrow, float *part, float *s, size_t lds)
+{
+    int c0, g;
+    MHA_ASSERT(ncol >= 1 && ncol <= MHA__NARROW);
+    for (c0 = 0; c0 < ncol; c0 += g) {
+        g = mha__ngroup(ncol - c0, 4);
+        MHA__NDT(MHA__NSCORES, g)
+    }
+}
+static void mha__narrow_pv(int ncol, int dt, int Dv, const void *v, size_t rs, int nc,
+                           const float *w, size_t ldw, float *o)
+{
+    /* rows of 8 vectors (D 128 with AVX-512): whole rows a pass, as many
+       columns as MHA__NACC holds, rather than halves of rows for all the
+       columns, so that the first pass reads each V row from memory in
+       order (measured: passes over every other half row defeat the
+       hardware prefetch) */
+    const int gmax = Dv != 8 * MHA__VW ? 4 : MHA__NACC / 8 > 1 ? MHA__NACC / 8 : 1;
+    int c0, g;
+    MHA_ASSERT(ncol >= 1 && ncol <= MHA__NARROW);
+    for (c0 = 0; c0 < ncol; c0 += g) {
+        g = mha__ngroup(ncol - c0, gmax);
+        MHA__NDT(MHA__NPV, g)
+    }
+}
+#undef MHA__NSCORES
+#undef MHA__NPV
+#undef MHA__NDT
+#undef MHA__NCASES
+
 /* The columns of query tile tq of (b, local KV head kvh) against its packed
    keys, shared (not read on the narrow path); sc: the tile buffers.  With
    tq->partial the item covers key tiles t_lo..t_hi-1 only and leaves its
@@ -3966,6 +4242,8 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
     float *l = m + mha__round_floats(MHA__FBR);
     float *kedge = l + mha__round_floats(MHA__FBR);
     mha__racc *ra = (mha__racc *)(void *)(kedge + mha__round_floats((size_t)MHA__MR * D));
+    float *sn = kedge + mha__round_floats((size_t)MHA__MR * D) + 6 * mha__round_floats(MHA__FBR);
+    float *npart = sn + mha__round_floats((size_t)MHA__NARROW * MHA__NLDS);
     const float *qrow[MHA__NARROW];
     const size_t ldo = MHA__FBR;
     /* O^T column c, feature d: ot[d * ldo + c]; narrow: row c, ot[c * Dv + d] */
@@ -4020,22 +4298,63 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
         if (appended ? tq->t_hi >= 0 && tq->t_hi < f->ntiles - (a->Lk_eff > Lk) : (t < t_begin || t >= t_end))
             continue;   /* (split-K: the appended keys belong to the last part) */
 
-        /* 1. S^T = scale K_t Q^T, one NR-wide sliver of queries at a time;
-              K's rows are read where they are (narrow: one dot product per
-              key and column); soft-capped */
-        MHA_PROFILE_MARK(MHA_PHASE_SCORES);
-        if (narrow) {
-            for (p = 0; p < nc; ++p) {
-                const float *kr;
-                if (k16) {
-                    mha__cvt_from16(conv, k16 + (size_t)(j0 + p) * a->k.rs, a->k.dt, (size_t)D);
-                    kr = conv;
-                } else {
-                    kr = k + (size_t)(j0 + p) * a->k.rs;
+        if (narrow) {   /* steps 1-4 of the narrow path, the same math, MHA__NSUB keys at a time */
+            const size_t lds = MHA__NLDS;
+            int jb;
+            MHA_ASSERT(nc <= MHA__FBC);
+            for (jb = j0; jb < j0 + nc; jb += MHA__NSUB) {
+                const int nb = nc - jb + j0 < MHA__NSUB ? nc - jb + j0 : MHA__NSUB;
+                int need_mask = !appended && (masked || (mha__limits(a) && (jb < lo_last || jb + nb - 1 > hi_first)));
+                MHA_PROFILE_MARK(MHA_PHASE_SCORES);
+                mha__narrow_scores(ncol, a->k.dt, D, a->scale,
+                                   k16 ? (const void *)(k16 + (size_t)jb * a->k.rs) : (const void *)(k + (size_t)jb * a->k.rs),
+                                   a->k.rs, nb, qrow, npart, sn, lds);
+                if (a->softcap > 0.0f)
+                    for (c = 0; c < ncol; ++c) mha__softcap(a->softcap, sn + (size_t)c * lds, (size_t)nb);
+                MHA_PROFILE_MARK(MHA_PHASE_MASK);
+                if (need_mask || a->stats) {   /* the general tile's layout, for its masks and statistics */
+                    for (p = 0; p < nb; ++p)
+                        for (c = 0; c < ncol; ++c) MHA__ST(st, nb, p, c) = sn[(size_t)c * lds + p];
+                    if (need_mask) mha__mask_tile_t(a, tq, jb, nb, st);
+                    if (a->stats) mha__fused_stats_tile(nb, nvp, jb == 0 && !appended, st, m, ra);
+                    for (p = 0; need_mask && p < nb; ++p)
+                        for (c = 0; c < ncol; ++c) sn[(size_t)c * lds + p] = MHA__ST(st, nb, p, c);
                 }
-                for (c = 0; c < ncol; ++c) MHA__ST(st, nc, p, c) = a->scale * mha__dot(kr, qrow[c], D);
+                /* online softmax of each column's row: m' = max(m, max_p s_p),
+                   w_p = exp(s_p - m'), l = exp(m - m') l + sum_p w_p, O *= exp(m - m') */
+                MHA_PROFILE_MARK(MHA_PHASE_SOFTMAX);
+                for (c = 0; c < ncol; ++c) {
+                    float *s = sn + (size_t)c * lds, ccs[MHA__VW], mnew;
+                    mha__vf vmax = mha__vset1(-INFINITY), sum = mha__vzero(), mref, cc;
+                    for (p = nb; p % MHA__VW; ++p) s[p] = -INFINITY;   /* lanes past the keys: weight 0 */
+                    for (p = 0; p < nb; p += MHA__VW) vmax = mha__vmax(vmax, mha__vload(s + p));
+                    mnew = mha__vhmax(vmax);
+                    if (m[c] > mnew) mnew = m[c];
+                    mref = mha__vset1(mnew > -INFINITY ? mnew : 0.0f);     /* no allowed key yet: exp against 0 */
+                    cc = mha__vexp_nonpos(mha__vsub(mha__vset1(m[c]), mref));
+                    for (p = 0; p < nb; p += MHA__VW) {
+                        mha__vf e = mha__vexp_nonpos(mha__vsub(mha__vload(s + p), mref));
+                        mha__vstore(s + p, e);
+                        sum = mha__vadd(sum, e);
+                    }
+                    mha__vstore(ccs, cc);
+                    l[c] = mha__vhsum(sum) + l[c] * ccs[0];
+                    if (ccs[0] != 1.0f)
+                        for (d = 0; d < Dv; ++d) ot[(size_t)c * Dv + d] *= ccs[0];
+                    m[c] = mnew;
+                }
+                MHA_PROFILE_MARK(MHA_PHASE_PV);
+                mha__narrow_pv(ncol, a->v.dt, Dv,
+                               v16 ? (const void *)(v16 + (size_t)jb * a->v.rs) : (const void *)(v + (size_t)jb * a->v.rs),
+                               a->v.rs, nb, sn, lds, ot);
             }
-        } else {
+            continue;
+        }
+
+        /* 1. S^T = scale K_t Q^T, one NR-wide sliver of queries at a time;
+              K's rows are read where they are; soft-capped */
+        MHA_PROFILE_MARK(MHA_PHASE_SCORES);
+        {
             const float *kt = k16 ? conv : k + (size_t)j0 * a->k.rs;
             size_t ldk = k16 ? (size_t)D : a->k.rs;
             for (p = 0; k16 && p < nc; ++p)   /* the tile's keys widened, ld D */
@@ -4074,42 +4393,18 @@ static void mha__attend_fused(const mha__attn *a, const mha__fused_dims *f, int 
             mha__vstore(l + i, mha__vfma(sum, mha__vload(l + i), cc));
             /* O^T *= c, unless c = 1 in every lane (no max moved); 1 - c is
                in [0, 1] and exact near 1, so its maximum is 0 just then */
-            if (mha__vhmax(mha__vsub(mha__vset1(1.0f), cc)) != 0.0f) {
-                if (narrow) {
-                    float cl[MHA__VW];
-                    int u;
-                    mha__vstore(cl, cc);
-                    for (u = 0; u < MHA__VW && i + u < ncol; ++u)
-                        for (d = 0; d < Dv; ++d) *MHA__OT(i + u, d) *= cl[u];
-                } else {
-                    for (d = 0; d < Dv; ++d) {
-                        float *o = ot + (size_t)d * ldo + i;
-                        mha__vstore(o, mha__vmul(mha__vload(o), cc));
-                    }
+            if (mha__vhmax(mha__vsub(mha__vset1(1.0f), cc)) != 0.0f)
+                for (d = 0; d < Dv; ++d) {
+                    float *o = ot + (size_t)d * ldo + i;
+                    mha__vstore(o, mha__vmul(mha__vload(o), cc));
                 }
-            }
             mha__vstore(m + i, mnew);
         }
 
         /* 4. O^T += V_t^T P^T; a zero weight times a NaN/Inf value would be
-           NaN, so the narrow path and a tile whose V is not finite sum
-           nonzero weights only */
+           NaN, so a tile whose V is not finite sums nonzero weights only */
         MHA_PROFILE_MARK(MHA_PHASE_PV);
-        if (narrow) {
-            for (p = 0; p < nc; ++p) {
-                const float *vr = v16 ? conv : v + (size_t)(j0 + p) * a->v.rs;
-                int widened = 0;
-                for (c = 0; c < ncol; ++c) {
-                    float w = MHA__ST(st, nc, p, c);
-                    if (w == 0.0f) continue;
-                    if (v16 && !widened) {
-                        mha__cvt_from16(conv, v16 + (size_t)(j0 + p) * a->v.rs, a->v.dt, (size_t)Dv);
-                        widened = 1;
-                    }
-                    mha__axpy(MHA__OT(c, 0), w, vr, Dv);
-                }
-            }
-        } else if (flags[t] != 0.0f) {
+        if (flags[t] != 0.0f) {
             mha__macro_kernel(Dv, ncol, nc, 1.0f, 1.0f, pv + (size_t)t * f->v_tile, 0, NULL, st, ot, ldo);
         } else {
             for (p = 0; p < nc; ++p) {
@@ -4205,10 +4500,23 @@ static int mha__split_parts(int Lk, int narrow, int nqt)
     return (real + MHA__SPLIT_TILES - 1) / MHA__SPLIT_TILES;
 }
 
-/* floats of one part's partial result: FBR columns of MHA__PART_W(Dv) */
+/* floats of one part's partial result: the columns of a narrow tile (the
+   only ones split), MHA__PART_W(Dv) each */
 static size_t mha__part_floats(int Dv)
 {
-    return mha__round_floats((size_t)MHA__FBR * MHA__PART_W((size_t)Dv));
+    return mha__round_floats((size_t)MHA__NARROW * MHA__PART_W((size_t)Dv));
+}
+
+/* Split-K runs the parts of up to MHA__SPLIT_BATCH / nparts head blocks
+   between two barriers (then merges them, one head block per item): a
+   barrier costs a wake-up of every waiting thread, tens of microseconds
+   with OpenMP's passive wait, against about 40 us of work per part (2048
+   keys of one KV head); one round per head block made 2 threads slower
+   than 1 on H 32, Lk 4096 (3.0 against 2.4 ms).  */
+#define MHA__SPLIT_BATCH 64
+static size_t mha__split_buffer_parts(int nparts)
+{
+    return nparts <= 1 ? 1 : nparts < MHA__SPLIT_BATCH ? MHA__SPLIT_BATCH : (size_t)nparts;
 }
 
 /* Scratch floats of one attention call.  Fused: per thread the tile
@@ -4239,7 +4547,7 @@ static int mha__attn_scratch_floats(int Lq, int Lk, int Lk_eff, int D, int Dv, i
         if (!mha__fused_sizes(Lk, Lk_eff, D, Dv, kv16, &f)) return 0;
         *per_thread = shared_pack ? f.tiles : f.tiles + f.packed;
         /* split-K partial results after the shared pack (mha__split_parts) */
-        if (!mha__mul((size_t)mha__split_parts(Lk, 1, 1), mha__part_floats(Dv), &parts)) return 0;
+        if (!mha__mul(mha__split_buffer_parts(mha__split_parts(Lk, 1, 1)), mha__part_floats(Dv), &parts)) return 0;
         return mha__mul(*per_thread, (size_t)nthreads, total) &&
                mha__add(*total, shared_pack ? f.packed : 0, total) && mha__add(*total, parts, total);
     }
@@ -4308,38 +4616,46 @@ static void mha__attend_all(const mha__attn *a, float *ws, size_t per_thread)
         int nparts = mha__split_parts(a->Lk, narrow, nqt);
         (void)mha__fused_sizes(a->Lk, a->Lk_eff, a->D, a->Dv, a->k.dt != 0, &f);   /* checked by the plan */
         if (nparts > 1) {
-            /* per (b, head block): the threads share out the key parts, then one merges */
+            /* rounds of `per` (b, head block)s: the threads share out their
+               key parts, then their merges (each in part order) */
             size_t pf = mha__part_floats(a->Dv);
             float *parts = ws + (size_t)a->nthreads * per_thread + (a->shared_pack ? f.packed : 0);
-            int nreal = (a->Lk + MHA__FBC - 1) / MHA__FBC;
+            int nreal = (a->Lk + MHA__FBC - 1) / MHA__FBC, nbk = a->nb * nblk;
+            int per = nparts < MHA__SPLIT_BATCH ? MHA__SPLIT_BATCH / nparts : 1;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(a->nthreads)
 #endif
             {
-                int bk, pt, tid = 0;
+                int r0, it, tid = 0;
 #ifdef _OPENMP
                 tid = omp_get_thread_num();
 #endif
-                for (bk = 0; bk < a->nb * nblk; ++bk) {
-                    int b = bk / nblk;
-                    mha__tileq tq;
-                    mha__head_block(a, bk % nblk, per_group, gmax, &tq.gh0, &tq.ng);
-                    tq.gb = a->b0 + b; tq.gi = a->q0; tq.nr = a->nq; tq.narrow = 1;
+                for (r0 = 0; r0 < nbk; r0 += per) {
+                    int nr = nbk - r0 < per ? nbk - r0 : per;
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
-                    for (pt = 0; pt < nparts; ++pt) {
-                        mha__tileq q = tq;
+                    for (it = 0; it < nr * nparts; ++it) {
+                        int bk = r0 + it / nparts, pt = it % nparts, b = bk / nblk;
+                        mha__tileq q;
+                        mha__head_block(a, bk % nblk, per_group, gmax, &q.gh0, &q.ng);
+                        q.gb = a->b0 + b; q.gi = a->q0; q.nr = a->nq; q.narrow = 1;
                         q.t_lo = pt * MHA__SPLIT_TILES;
                         q.t_hi = q.t_lo + MHA__SPLIT_TILES < nreal ? q.t_lo + MHA__SPLIT_TILES : nreal;
-                        q.partial = parts + (size_t)pt * pf;
-                        mha__attend_fused(a, &f, b, mha__kvh(a, tq.gh0 - a->h0), &q, NULL,
+                        q.partial = parts + (size_t)it * pf;
+                        mha__attend_fused(a, &f, b, mha__kvh(a, q.gh0 - a->h0), &q, NULL,
                                           ws + (size_t)tid * per_thread);
                     }
 #ifdef _OPENMP
-#pragma omp single
+#pragma omp for schedule(dynamic, 1)
 #endif
-                    mha__merge_partials(a, b, &tq, nparts, parts, pf);
+                    for (it = 0; it < nr; ++it) {
+                        int bk = r0 + it, b = bk / nblk;
+                        mha__tileq tq;
+                        mha__head_block(a, bk % nblk, per_group, gmax, &tq.gh0, &tq.ng);
+                        tq.gb = a->b0 + b; tq.gi = a->q0; tq.nr = a->nq; tq.narrow = 1;
+                        mha__merge_partials(a, b, &tq, nparts, parts + (size_t)it * nparts * pf, pf);
+                    }
                 }
             }
         } else if (a->shared_pack) {
@@ -7722,6 +8038,7 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
 #define mha__visnan MHA__T(visnan)
 #define mha__vsel MHA__T(vsel)
 #define mha__vtranspose MHA__T(vtranspose)
+#define mha__vrowsums MHA__T(vrowsums)
 #define mha__vload_f16 MHA__T(vload_f16)
 #define mha__vstore_f16 MHA__T(vstore_f16)
 #define mha__vload_bf16 MHA__T(vload_bf16)
@@ -7765,10 +8082,20 @@ MHADEF mha_status mha_adamw_step(const mha_adamw *opt, long step, size_t n, floa
 #define mha__fused_pack MHA__T(fused_pack)
 #define mha__mask_tile_t MHA__T(mask_tile_t)
 #define mha__fused_stats_tile MHA__T(fused_stats_tile)
+#define mha__vload_dt MHA__T(vload_dt)
+#define mha__load_dt MHA__T(load_dt)
+#define mha__nscores_nc MHA__T(nscores_nc)
+#define mha__npv_chunk MHA__T(npv_chunk)
+#define mha__npv_nc MHA__T(npv_nc)
+#define mha__npv_chunk1 MHA__T(npv_chunk1)
+#define mha__narrow_scores MHA__T(narrow_scores)
+#define mha__narrow_pv MHA__T(narrow_pv)
+#define mha__ngroup MHA__T(ngroup)
 #define mha__attend_fused MHA__T(attend_fused)
 #define mha__merge_partials MHA__T(merge_partials)
 #define mha__split_parts MHA__T(split_parts)
 #define mha__part_floats MHA__T(part_floats)
+#define mha__split_buffer_parts MHA__T(split_buffer_parts)
 #define mha__attn_scratch_floats MHA__T(attn_scratch_floats)
 #define mha__head_blocks MHA__T(head_blocks)
 #define mha__head_block MHA__T(head_block)
