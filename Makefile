@@ -10,7 +10,7 @@ DEPS_DEMO  := gcc libstb-dev fortunes
 DEPS_BENCH := libopenblas-dev python3-torch python3-numpy
 DEPS_GOLD  := python3-torch python3-numpy
 
-.PHONY: all help test check demo view bench bench-tiers bench-mha profile-attn deps deps-demo deps-bench golden install uninstall clean train-gpt
+.PHONY: all help test check demo view bench bench-tiers bench-mha bench-ggml profile-attn deps deps-demo deps-bench golden install uninstall clean train-gpt
 
 all: demo
 
@@ -20,7 +20,8 @@ help:
 	@echo "make view   - build the .npy viewer; make view NPY=attn.npy VIEWFLAGS='--labels tok.txt' runs it"
 	@echo "make test   - every test under scalar, AVX2, clang, ASan+UBSan, TSan, NEON (qemu), C++; install, valgrind, fuzz"
 	@echo "make check  - the edit loop, about 2.5 minutes: every test once (no SIMD flags, the kernels this CPU runs), the core under ASan+UBSan"
-	@echo "make bench  - GEMM and attention benchmarks against OpenBLAS and PyTorch; the no-flags build against -march=native"
+	@echo "make bench  - GEMM and attention benchmarks against OpenBLAS and PyTorch; the no-flags build against -march=native;"
+	@echo "              GGML=<ggml tree built outside the repo> adds decoding beside ggml (bench/bench_ggml.c)"
 	@echo "make install PREFIX=/usr/local [DESTDIR=...] - mha.h, mha/*.h, mha.pc, CMake config (uninstall too)"
 	@echo "make deps   - install the Debian packages the tests need (root, apt-get)"
 	@echo "make golden - regenerate tests/golden/*.bin and tests/data/safetensors with PyTorch (python3-torch)"
@@ -164,6 +165,21 @@ bench-mha: deps-bench | $(BUILD)
 	$(CC) -std=c99 -O3 -mavx2 -mfma -DMHA_NO_DISPATCH -fopenmp -I. bench/bench_mha.c -o $(BUILD)/bench_mha_avx2 -lm
 	$(BENCH_ENV) OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/bench_mha
 	$(BENCH_ENV_AVX2) OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/bench_mha_avx2 --train
+
+# One decoding step beside ggml's CPU flash attention (bench/bench_ggml.c,
+# issue 19): ggml is never fetched or built here.  Give GGML=<its source tree>
+# built outside this repository with its release settings (the commands are at
+# the top of bench/bench_ggml.c); `make bench` runs it when GGML is given and
+# says how otherwise.
+GGML ?=
+GGML_LIBS = $(GGML)/build/src/libggml.a $(GGML)/build/src/libggml-cpu.a $(GGML)/build/src/libggml-base.a
+bench: bench-ggml
+bench-ggml: | $(BUILD)
+	@if [ -z "$(GGML)" ]; then echo; echo "== ggml side by side: skipped (make bench GGML=<ggml tree built with cmake>; see bench/bench_ggml.c)"; \
+	elif [ ! -f $(GGML)/build/src/libggml-cpu.a ]; then echo "bench-ggml: $(GGML)/build/src/libggml-cpu.a not found: build ggml first (bench/bench_ggml.c)"; exit 1; \
+	else echo "== ggml $$(git -C $(GGML) rev-parse HEAD 2>/dev/null || echo '(commit unknown)')" && \
+	  $(CC) -std=c11 -O3 $(BENCH_ARCH) -DMHA_NO_DISPATCH -fopenmp -I. -I$(GGML)/include bench/bench_ggml.c -o $(BUILD)/bench_ggml \
+	    $(GGML_LIBS) -lstdc++ -lm -lpthread && OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-passive} ./$(BUILD)/bench_ggml; fi
 
 # Where the fused attention core's cycles go, phase by phase (bench/profile_attn.c,
 # issue 12): the AVX-512 (or -march=native) build, then the AVX2 one.
