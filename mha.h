@@ -4044,7 +4044,7 @@ MHA__SPECIAL float mha__load_dt(int dt, const void *base, size_t i)
 MHA__SPECIAL void mha__nscores_nc(const int NC, const int DT, int D, float scale, const void *k, size_t rs,
                                   int nc, const float *const *qrow, float *part, float *s, size_t lds)
 {
-    const int two = NC <= 4, Dvec = D / MHA__VW * MHA__VW;
+    const int Dvec = D / MHA__VW * MHA__VW;
     int p0, u, c, d;
     for (p0 = 0; p0 < nc; p0 += MHA__VW) {
         const int nb = nc - p0 < MHA__VW ? nc - p0 : MHA__VW;
@@ -4055,16 +4055,14 @@ MHA__SPECIAL void mha__nscores_nc(const int NC, const int DT, int D, float scale
             for (c = 0; c < NC; ++c) { acc[c] = mha__vzero(); acc2[c] = mha__vzero(); tail[c][u] = 0.0f; }
             if (u < nb) {
                 const size_t row = (size_t)(p0 + u) * rs;
-                d = 0;
-                if (two)
-                    for (; d + 2 * MHA__VW <= Dvec; d += 2 * MHA__VW) {
-                        const mha__vf k0 = mha__vload_dt(DT, k, row + d), k1 = mha__vload_dt(DT, k, row + d + MHA__VW);
-                        MHA__UNROLL
-                        for (c = 0; c < NC; ++c) {
-                            acc[c] = mha__vfma(acc[c], k0, mha__vload(qrow[c] + d));
-                            acc2[c] = mha__vfma(acc2[c], k1, mha__vload(qrow[c] + d + MHA__VW));
-                        }
+                for (d = 0; d + 2 * MHA__VW <= Dvec; d += 2 * MHA__VW) {
+                    const mha__vf k0 = mha__vload_dt(DT, k, row + d), k1 = mha__vload_dt(DT, k, row + d + MHA__VW);
+                    MHA__UNROLL
+                    for (c = 0; c < NC; ++c) {
+                        acc[c] = mha__vfma(acc[c], k0, mha__vload(qrow[c] + d));
+                        acc2[c] = mha__vfma(acc2[c], k1, mha__vload(qrow[c] + d + MHA__VW));
                     }
+                }
                 for (; d < Dvec; d += MHA__VW) {
                     const mha__vf k0 = mha__vload_dt(DT, k, row + d);
                     MHA__UNROLL
@@ -4078,7 +4076,7 @@ MHA__SPECIAL void mha__nscores_nc(const int NC, const int DT, int D, float scale
             }
             MHA__UNROLL
             for (c = 0; c < NC; ++c)
-                mha__vstore(part + ((size_t)c * MHA__VW + u) * MHA__VW, two ? mha__vadd(acc[c], acc2[c]) : acc[c]);
+                mha__vstore(part + ((size_t)c * MHA__VW + u) * MHA__VW, mha__vadd(acc[c], acc2[c]));
         }
         MHA__UNROLL
         for (c = 0; c < NC; ++c) {   /* lane u: key u's score */
